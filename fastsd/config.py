@@ -1,0 +1,89 @@
+"""Frozen model configs, with the SD1.5 presets and TINY presets for fast tests.
+
+Field names follow the original LDM / OpenAI CLIP configs (v1-inference.yaml), because module
+names mirror the LDM checkpoint keys; `from_diffusers_config` functions map diffusers' config.json.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12  # ViT-L/14 text tower: head dim 64
+    max_positions: int = 77
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407  # pooled output is taken at the first EOS (argmax of ids in SD1 tokenizers)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2  # encoder; the decoder has num_res_blocks + 1 per level
+    in_channels: int = 3
+    out_ch: int = 3
+    z_channels: int = 4
+    embed_dim: int = 4
+    norm_groups: int = 32
+    scale_factor: float = 0.18215  # v1-inference.yaml `scale_factor`: latents = z * 0.18215
+
+    @property
+    def downscale(self) -> int:  # 8 for SD1.5: pixels per latent along one side
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # 9 for inpainting checkpoints: [x, mask, masked-image latents]
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (True, True, True, False)  # levels with a SpatialTransformer
+    num_heads: int = 8  # SD1.x: 8 heads at every level (head dims 40, 80, 160)
+    context_dim: int = 768
+    norm_groups: int = 32
+
+    def __post_init__(self):
+        if len(self.attention_levels) != len(self.channel_mult):
+            raise ValueError("attention_levels needs one entry per channel_mult level")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The SD1.x training noise schedule (v1-inference.yaml; diffusers' scheduler_config.json)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # betas = linspace(sqrt(start), sqrt(end), T) ** 2
+    prediction_type: str = "epsilon"
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    clip: CLIPConfig = CLIPConfig()
+    vae: VAEConfig = VAEConfig()
+    unet: UNetConfig = UNetConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    clip_skip: int = 1  # A1111 convention: 1 = last layer, 2 = penultimate (diffusers' clip_skip + 1)
+
+
+SD15 = SDConfig()
+SD15_INPAINT = SDConfig(unet=UNetConfig(in_channels=9))
+
+# Small but with the real topology (several levels, attention and plain levels, multi-head attention),
+# following the SD1 conventions that the LDM loader infers configs by (CLIP head dim 64, 8 UNet heads).
+TINY = SDConfig(
+    clip=CLIPConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, False), context_dim=128),
+)
+TINY_INPAINT = SDConfig(clip=TINY.clip, vae=TINY.vae, unet=UNetConfig(**{**TINY.unet.__dict__, "in_channels": 9}))
+
+PRESETS = {"sd15": SD15, "sd15-inpainting": SD15_INPAINT, "tiny": TINY, "tiny-inpainting": TINY_INPAINT}
