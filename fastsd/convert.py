@@ -1,0 +1,191 @@
+"""Key rename rules diffusers -> LDM (fastsd's module names are the LDM names), and model configs read
+from a diffusers config.json or inferred from LDM tensor shapes."""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from fastsd.config import CLIPConfig, UNetConfig, VAEConfig
+from fastsd.tensorfile import CheckpointError, TensorRef
+
+Rule = tuple[str, "str | Callable[[re.Match], str]"]
+
+# Inside a resnet, diffusers name -> LDM name (UNet ResBlock, VAE ResnetBlock).
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+# VAE mid-block attention; query/key/value/proj_attn are the names of diffusers < 0.14 folders.
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+            "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+
+
+def _apply(key: str, rules: list[Rule]) -> str:
+    for pattern, repl in rules:
+        key, n = re.subn(pattern, repl, key, count=1)
+        if n:
+            return key
+    return key
+
+
+def unet_rules(cfg: UNetConfig) -> list[Rule]:
+    per = cfg.num_res_blocks + 1  # input blocks per level (resnets + downsample); output blocks per level
+    n = len(cfg.channel_mult)
+
+    def res(rest: str) -> str:
+        name, _, tail = rest.partition(".")
+        return f"{UNET_RESNET.get(name, name)}.{tail}"
+
+    def up_slot(i: int) -> int:  # the upsampler follows the resnet, and the attention if the level has one
+        return 2 if cfg.attention_levels[n - 1 - i] else 1
+
+    return [
+        (r"^time_embedding\.linear_1\.", "time_embed.0."),
+        (r"^time_embedding\.linear_2\.", "time_embed.2."),
+        (r"^conv_in\.", "input_blocks.0.0."),
+        (r"^conv_norm_out\.", "out.0."),
+        (r"^conv_out\.", "out.2."),
+        (r"^down_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.(?P<rest>.*)",
+         lambda m: f"input_blocks.{1 + int(m['i']) * per + int(m['j'])}.0.{res(m['rest'])}"),
+        (r"^down_blocks\.(?P<i>\d+)\.attentions\.(?P<j>\d+)\.",
+         lambda m: f"input_blocks.{1 + int(m['i']) * per + int(m['j'])}.1."),
+        (r"^down_blocks\.(?P<i>\d+)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{(int(m['i']) + 1) * per}.0.op."),
+        (r"^mid_block\.resnets\.(?P<j>\d+)\.(?P<rest>.*)", lambda m: f"middle_block.{2 * int(m['j'])}.{res(m['rest'])}"),
+        (r"^mid_block\.attentions\.0\.", "middle_block.1."),
+        (r"^up_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.(?P<rest>.*)",
+         lambda m: f"output_blocks.{int(m['i']) * per + int(m['j'])}.0.{res(m['rest'])}"),
+        (r"^up_blocks\.(?P<i>\d+)\.attentions\.(?P<j>\d+)\.",
+         lambda m: f"output_blocks.{int(m['i']) * per + int(m['j'])}.1."),
+        (r"^up_blocks\.(?P<i>\d+)\.upsamplers\.0\.", lambda m: f"output_blocks.{int(m['i']) * per + per - 1}."
+                                                             f"{up_slot(int(m['i']))}."),
+    ]
+
+
+def vae_rules(cfg: VAEConfig) -> list[Rule]:
+    n = len(cfg.ch_mult)
+
+    def resnet(rest: str) -> str:
+        return rest.replace("conv_shortcut.", "nin_shortcut.", 1)
+
+    def attn(m: re.Match) -> str:
+        name, leaf = m["rest"].rsplit(".", 1)
+        return f"{m['part']}.mid.attn_1.{VAE_ATTN.get(name, name)}.{leaf}"
+
+    return [
+        (r"^(?P<part>encoder|decoder)\.conv_norm_out\.", r"\g<part>.norm_out."),
+        (r"^encoder\.down_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.(?P<rest>.*)",
+         lambda m: f"encoder.down.{m['i']}.block.{m['j']}.{resnet(m['rest'])}"),
+        (r"^encoder\.down_blocks\.(?P<i>\d+)\.downsamplers\.0\.", r"encoder.down.\g<i>.downsample."),
+        (r"^decoder\.up_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.(?P<rest>.*)",
+         lambda m: f"decoder.up.{n - 1 - int(m['i'])}.block.{m['j']}.{resnet(m['rest'])}"),
+        (r"^decoder\.up_blocks\.(?P<i>\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n - 1 - int(m['i'])}.upsample."),
+        (r"^(?P<part>encoder|decoder)\.mid_block\.resnets\.(?P<j>\d+)\.(?P<rest>.*)",
+         lambda m: f"{m['part']}.mid.block_{int(m['j']) + 1}.{resnet(m['rest'])}"),
+        (r"^(?P<part>encoder|decoder)\.mid_block\.attentions\.0\.(?P<rest>.*)", attn),
+    ]
+
+
+def rename(refs: dict[str, TensorRef], rules: list[Rule]) -> dict[str, TensorRef]:
+    return {_apply(k, rules): v for k, v in refs.items()}
+
+
+def clip_keys(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """CLIP keys as `text_model.*`: the original SD1.x files (transformers < 4.22) and transformers >= 5
+    saves have no `text_model.` level; position_ids is a buffer some files carry and fastsd recomputes."""
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in refs.items()
+            if not k.endswith("position_ids")}
+
+
+def vae_attention_as_conv(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """diffusers stores the VAE attention projections as Linear (C, C); LDM as 1x1 conv (C, C, 1, 1)."""
+    out = {}
+    for k, ref in refs.items():
+        if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) and len(ref.shape) == 2:
+            ref = ref.map(lambda t: t.reshape(*t.shape, 1, 1), (*ref.shape, 1, 1))
+        out[k] = ref
+    return out
+
+
+# ---- configs from diffusers config.json --------------------------------------------------------------
+
+def _require(cond: bool, what: str) -> None:
+    if not cond:
+        raise CheckpointError(f"not an SD1.x model: {what}")
+
+
+def unet_config_from_diffusers(c: dict) -> UNetConfig:
+    _require(not c.get("use_linear_projection", False), "its UNet uses linear projections (SD2.x style)")
+    _require(c.get("addition_embed_type") is None and c.get("class_embed_type") is None,
+             "its UNet has extra conditioning embeddings (SDXL or another family)")
+    heads = c.get("attention_head_dim", 8)  # diffusers' legacy name: in SD1.x configs this is the head count
+    _require(isinstance(heads, int) or len(set(heads)) == 1, f"its UNet has per-level heads {heads} (SD2.x style)")
+    _require(c.get("transformer_layers_per_block", 1) in (1, None), "its UNet stacks several transformer layers")
+    blocks = c["block_out_channels"]
+    mc = blocks[0]
+    _require(all(b % mc == 0 for b in blocks), f"block_out_channels {blocks} are not multiples of the first")
+    return UNetConfig(
+        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=mc,
+        channel_mult=tuple(b // mc for b in blocks), num_res_blocks=c.get("layers_per_block", 2),
+        attention_levels=tuple(t.startswith("CrossAttn") for t in c["down_block_types"]),
+        num_heads=heads if isinstance(heads, int) else heads[0], context_dim=c.get("cross_attention_dim", 768),
+        norm_groups=c.get("norm_num_groups", 32))
+
+
+def vae_config_from_diffusers(c: dict) -> VAEConfig:
+    blocks = c["block_out_channels"]
+    return VAEConfig(ch=blocks[0], ch_mult=tuple(b // blocks[0] for b in blocks),
+                     num_res_blocks=c.get("layers_per_block", 2), in_channels=c.get("in_channels", 3),
+                     out_ch=c.get("out_channels", 3), z_channels=c.get("latent_channels", 4),
+                     embed_dim=c.get("latent_channels", 4), norm_groups=c.get("norm_num_groups", 32),
+                     scale_factor=c.get("scaling_factor", 0.18215))
+
+
+def clip_config_from_transformers(c: dict) -> CLIPConfig:
+    c = c.get("text_config", c)
+    _require(c.get("hidden_act", "quick_gelu") == "quick_gelu", f"its text encoder uses {c.get('hidden_act')} "
+             "(SD1.x's CLIP uses quick_gelu)")
+    eos = c.get("eos_token_id", 49407)
+    return CLIPConfig(vocab_size=c.get("vocab_size", 49408), hidden_size=c["hidden_size"],
+                      intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
+                      num_heads=c["num_attention_heads"], max_positions=c.get("max_position_embeddings", 77),
+                      layer_norm_eps=c.get("layer_norm_eps", 1e-5), eos_token_id=eos)
+
+
+# ---- configs inferred from LDM tensor shapes (SD1.x conventions: 8 UNet heads, CLIP head dim 64) -----
+
+def _count(refs: dict[str, TensorRef], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in refs if (m := rx.match(k))})
+
+
+def unet_config_from_ldm(refs: dict[str, TensorRef]) -> UNetConfig:
+    mc, cin = refs["input_blocks.0.0.weight"].shape[:2]
+    out_ch = refs["out.2.weight"].shape[0]
+    n_in = _count(refs, r"input_blocks\.(\d+)\.")
+    n_levels = _count(refs, r"input_blocks\.(\d+)\.0\.op\.") + 1
+    per = (n_in - 1 + 1) // n_levels  # resnets + downsample per level (the last level has no downsample)
+    nres = per - 1
+    mults, attn = [], []
+    for level in range(n_levels):
+        first = 1 + level * per
+        mults.append(refs[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        attn.append(f"input_blocks.{first}.1.proj_in.weight" in refs)
+    ctx = refs["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    return UNetConfig(in_channels=cin, out_channels=out_ch, model_channels=mc, channel_mult=tuple(mults),
+                      num_res_blocks=nres, attention_levels=tuple(attn), context_dim=ctx)
+
+
+def vae_config_from_ldm(refs: dict[str, TensorRef]) -> VAEConfig:
+    ch, cin = refs["encoder.conv_in.weight"].shape[:2]
+    n_levels = _count(refs, r"encoder\.down\.(\d+)\.")
+    nres = _count(refs, r"encoder\.down\.0\.block\.(\d+)\.")
+    mults = tuple(refs[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(n_levels))
+    return VAEConfig(ch=ch, ch_mult=mults, num_res_blocks=nres, in_channels=cin,
+                     out_ch=refs["decoder.conv_out.weight"].shape[0], z_channels=refs["post_quant_conv.weight"].shape[0],
+                     embed_dim=refs["post_quant_conv.weight"].shape[1])
+
+
+def clip_config_from_ldm(refs: dict[str, TensorRef]) -> CLIPConfig:
+    vocab, hidden = refs["text_model.embeddings.token_embedding.weight"].shape
+    return CLIPConfig(vocab_size=vocab, hidden_size=hidden,
+                      intermediate_size=refs["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                      num_layers=_count(refs, r"text_model\.encoder\.layers\.(\d+)\."), num_heads=max(1, hidden // 64),
+                      max_positions=refs["text_model.embeddings.position_embedding.weight"].shape[0])

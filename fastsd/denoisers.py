@@ -1,0 +1,158 @@
+"""k-diffusion-style denoiser wrappers: `denoiser(x, sigma, **extra) -> x0` (the "denoised" prediction).
+
+x is the k-space sample x = x0 + sigma * eps (see fastsd.schedules); sigma is a python float, a 0-d tensor,
+or a (B,) tensor (one noise level per sample, as k-diffusion samplers pass it).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from fastsd.schedules import Schedule, sigma_to_t, sigmas_from_alphas_cumprod
+
+
+def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.reshape(v.shape + (1,) * (ndim - v.dim()))
+
+
+class EpsDenoiser:
+    """Wraps an eps-prediction UNet, called as `unet_fn(x_in, t, **extra)`, into `denoiser(x, sigma, **extra)`.
+
+    x_in = x / sqrt(sigma^2 + 1) (= the VP latents diffusers feeds its UNet), t = the UNet timestep for sigma,
+    x0 = x - sigma * eps.
+
+    Timesteps: when a `schedule` is attached (constructor or `with_schedule`), a sigma that is one of the
+    schedule's sigmas gets exactly the schedule's timestep (diffusers' `scheduler.timesteps`: fractional for
+    Euler "linspace", rounded for DPM++ Karras). Any other sigma gets the fractional timestep from log-sigma
+    interpolation (diffusers' `_sigma_to_t`, k-diffusion's `sigma_to_t`), rounded if `quantize`.
+    t is passed as a float32 (B,) tensor on x's device (float32 keeps fractional timesteps exact; fp16 would not).
+
+    Extra args go through to unet_fn, except `c_concat` (inpainting: masked-image latents and mask), which is
+    concatenated to the scaled x on the channel dim, unscaled, as LDM's hybrid conditioning does.
+    """
+
+    def __init__(self, unet_fn: Callable[..., torch.Tensor], alphas_cumprod: torch.Tensor, *,
+                 schedule: Schedule | None = None, quantize: bool = False):
+        self.unet_fn = unet_fn
+        self.alphas_cumprod = alphas_cumprod
+        self.quantize = quantize
+        self.schedule = schedule
+        sig = sigmas_from_alphas_cumprod(torch.as_tensor(alphas_cumprod).detach().cpu())
+        self._log_sigmas = np.log(sig.numpy())
+        self.sigma_min = float(sig[0])
+        self.sigma_max = float(sig[-1])
+        if schedule is not None:
+            self._table = {float(s): float(t) for s, t in zip(schedule.sigmas[:-1].tolist(),
+                                                                schedule.timesteps.tolist())}
+            self._table_t = (schedule.sigmas[:-1].double(), schedule.timesteps.double())
+        else:
+            self._table, self._table_t = {}, None
+        self._dev_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def with_schedule(self, schedule: Schedule | None) -> "EpsDenoiser":
+        """The same model with `schedule`'s (sigma, timestep) pairs used for the sigma -> t conversion."""
+        return EpsDenoiser(self.unet_fn, self.alphas_cumprod, schedule=schedule, quantize=self.quantize)
+
+    # -- sigma -> timestep ------------------------------------------------------------------------------------
+
+    def t_for_sigma(self, sigma: float) -> float:
+        """Host-side conversion of one noise level."""
+        t = self._table.get(float(sigma))
+        if t is not None:
+            return t
+        t = float(sigma_to_t(np.float64(sigma), self._log_sigmas))
+        return float(round(t)) if self.quantize else t
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """(B,) sigma tensor -> (B,) float64 timesteps on sigma's device; sync-free when sigma is on a GPU."""
+        if sigma.device.type == "cpu" or self._table_t is None:
+            if sigma.device.type == "cpu":
+                return torch.tensor([self.t_for_sigma(s) for s in sigma.double().tolist()], dtype=torch.float64)
+        # Device path: continuous conversion in torch, then exact schedule matches override it.
+        log_sigmas = torch.as_tensor(self._log_sigmas, device=sigma.device, dtype=torch.float64)
+        ls = sigma.double().clamp_min(1e-10).log()
+        dists = ls - log_sigmas[:, None]
+        low_idx = dists.ge(0).cumsum(0).argmax(0).clamp(max=log_sigmas.shape[0] - 2)
+        low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
+        w = ((low - ls) / (low - high)).clamp(0, 1)
+        t = (1 - w) * low_idx + w * (low_idx + 1)
+        if self.quantize:
+            t = t.round()
+        if self._table_t is not None:
+            if sigma.device not in self._dev_cache:
+                self._dev_cache[sigma.device] = tuple(v.to(sigma.device) for v in self._table_t)
+            tab_s, tab_t = self._dev_cache[sigma.device]
+            match = sigma.double()[:, None] == tab_s[None, :]
+            t = torch.where(match.any(1), (match * tab_t[None, :]).sum(1), t)
+        return t
+
+    # -- call ---------------------------------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> torch.Tensor:
+        B = x.shape[0]
+        if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.numel() > 1:
+            sig = sigma.reshape(B)
+            c_in = _append_dims((sig.double() ** 2 + 1) ** -0.5, x.dim()).to(x.dtype)
+            t = self.sigma_to_t(sig).to(device=x.device, dtype=torch.float32)
+            s = _append_dims(sig, x.dim()).to(x.dtype)
+        else:  # one noise level for the whole batch: all scalars on the host
+            s = float(sigma)
+            c_in = (s * s + 1.0) ** -0.5
+            t = torch.full((B,), self.t_for_sigma(s), device=x.device, dtype=torch.float32)
+        x_in = x * c_in
+        c_concat = extra.pop("c_concat", None)
+        if c_concat is not None:
+            x_in = torch.cat([x_in, c_concat.to(x_in.dtype)], dim=1)
+        eps = self.unet_fn(x_in, t, **extra)
+        return x - eps.to(x.dtype) * s
+
+
+def _as_dict(c: torch.Tensor | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(c, torch.Tensor):
+        return {"context": c}
+    return dict(c)
+
+
+class CFGDenoiser:
+    """Classifier-free guidance: uncond + scale * (cond - uncond), with both halves in ONE batched call.
+
+    cond / uncond: a context tensor (B or 1, L, D), or a dict of per-branch extra args (e.g. {"context": ...}).
+    Extra args given at call time (e.g. `c_concat` for inpainting) are shared by both branches. The denoiser is
+    called on torch.cat([x, x]) with [uncond, cond] concatenated on the batch dim; batch-1 per-branch tensors are
+    broadcast to x's batch. Guidance in x0 space equals diffusers' guidance on eps (x0 = x - sigma*eps is affine
+    in eps). scale == 1 runs the cond branch only.
+    """
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], cond: torch.Tensor | Mapping[str, Any],
+                 uncond: torch.Tensor | Mapping[str, Any] | None, scale: float):
+        self.denoiser = denoiser
+        self.cond = _as_dict(cond)
+        self.uncond = None if uncond is None else _as_dict(uncond)
+        self.scale = float(scale)
+        if self.uncond is not None and set(self.uncond) != set(self.cond):
+            raise ValueError(f"cond and uncond need the same keys, got {sorted(self.cond)} and {sorted(self.uncond)}")
+        if self.uncond is None and self.scale != 1.0:
+            raise ValueError("guidance scale != 1 needs an uncond")
+
+    @staticmethod
+    def _batch(v: Any, B: int) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1 and B != 1:
+            return v.expand(B, *v.shape[1:])
+        return v
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> torch.Tensor:
+        B = x.shape[0]
+        if self.scale == 1.0:
+            kw = {k: self._batch(v, B) for k, v in self.cond.items()}
+            return self.denoiser(x, sigma, **kw, **extra)
+        kw: dict[str, Any] = {}
+        for k, c in self.cond.items():
+            kw[k] = torch.cat([self._batch(self.uncond[k], B), self._batch(c, B)])
+        for k, v in extra.items():
+            kw[k] = torch.cat([self._batch(v, B)] * 2) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+        if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.numel() > 1:
+            sigma = torch.cat([sigma.reshape(B)] * 2)
+        uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), sigma, **kw).chunk(2)
+        return uncond_x0 + (cond_x0 - uncond_x0) * self.scale

@@ -1,0 +1,87 @@
+"""The SD1.x UNet (LDM openaimodel.UNetModel). Names mirror `model.diffusion_model.*` checkpoint keys:
+input_blocks, middle_block, output_blocks, time_embed, out."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastsd.config import UNetConfig
+from fastsd.models.layers import Downsample, GroupNorm, ResBlock, SpatialTransformer, Upsample, timestep_embedding
+
+
+class TimestepSequential(nn.Sequential):
+    """One input/output block: layers that take (x, emb), (x, context) or x."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, groups, heads = cfg.model_channels, cfg.norm_groups, cfg.num_heads
+        emb_dim = 4 * mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, emb_dim, cout, groups)
+
+        def attn(c: int) -> SpatialTransformer:
+            return SpatialTransformer(c, heads, cfg.context_dim, groups)
+
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]  # channels of each input block's output, consumed in reverse by output_blocks
+        ch = mc
+        n_levels = len(cfg.channel_mult)
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mult * mc)]
+                ch = mult * mc
+                if cfg.attention_levels[level]:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_channels.append(ch)
+            if level != n_levels - 1:
+                self.input_blocks.append(TimestepSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepSequential(res(ch, ch), attn(ch), res(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(n_levels)):
+            mult = cfg.channel_mult[level]
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mult * mc)]
+                ch = mult * mc
+                if cfg.attention_levels[level]:
+                    layers.append(attn(ch))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepSequential(*layers))
+
+        self.out = nn.Sequential(GroupNorm(groups, ch, silu=True), nn.Identity(),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, h, w) latents; t (B,) or scalar timesteps (may be fractional);
+        context (B, 77*k, context_dim) -> eps prediction (B, out_channels, h, w)."""
+        dtype = self.time_embed[0].weight.dtype
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4*mc)
+        x, context = x.to(dtype), context.to(dtype)
+        hs = []
+        for block in self.input_blocks:
+            x = block(x, emb, context)
+            hs.append(x)
+        x = self.middle_block(x, emb, context)
+        for block in self.output_blocks:
+            x = block(torch.cat([x, hs.pop()], dim=1), emb, context)
+        return self.out(x)

@@ -1,0 +1,238 @@
+"""Noise schedules for SD1.x in k-diffusion's sigma parametrisation, matching diffusers' schedulers exactly.
+
+SD1.x is a discrete DDPM with T = 1000 training steps. Its noise level at step t is
+`sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])` (k-diffusion's "VE" view of the VP process):
+a sampler state `x = x0 + sigma * eps` ("k-space") relates to the VP latents diffusers' DDIM/DDPM/DPM-Solver
+carry by `x_vp = x / sqrt(1 + sigma^2)`; Euler/Euler a in diffusers already work in k-space.
+
+`schedule_for(sampler_name, steps)` returns a `Schedule`: the exact sigmas (descending, plus a final
+sigma) and the matching UNet timesteps diffusers' twin scheduler would use, built with
+`XScheduler.from_config(SD15)` and each class's own defaults:
+
+  ddpm             DDPMScheduler                 "leading" int timesteps (steps_offset=1), final sigma 0
+  ddim             DDIMScheduler                 "leading" int timesteps, final sigma = sigma[t=0]
+                                                  (set_alpha_to_one=False: the last step lands on alphas_cumprod[0])
+  euler, euler_a   Euler(Ancestral)Discrete      "linspace" float timesteps (fractional in general), sigma by
+                                                  linear interpolation in t of the 1000 sigmas, final sigma 0
+  dpmpp_2m         DPMSolverMultistepScheduler   its own "linspace": linspace(0, 999, n+1).round()[::-1][:-1]
+                                                  (int), final sigma 0 (final_sigmas_type="zero")
+  dpmpp_2m_karras  DPMSolverMultistep(use_karras_sigmas=True): Karras sigmas between sigma[0] and sigma[999];
+                                                  the UNet gets round(sigma_to_t(sigma)) (an int timestep whose
+                                                  own sigma differs slightly from the Karras sigma the solver uses)
+
+All arithmetic mirrors diffusers' dtypes (float32 betas/alphas_cumprod, numpy interpolation), so sigmas and
+timesteps come out bit-identical to diffusers' `scheduler.sigmas` / `scheduler.timesteps` (as float32 values;
+stored here as float64 tensors so host-side coefficient math loses nothing further).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastsd.config import SchedulerConfig
+
+_DEFAULT_CFG = SchedulerConfig()
+
+
+# --------------------------------------------------------------------------------------------- training schedule
+
+def betas_for(cfg: SchedulerConfig = _DEFAULT_CFG, *, ldm: bool = False) -> torch.Tensor:
+    """The training betas (T,) float32.
+
+    Default: exactly diffusers' `torch.linspace(sqrt(b0), sqrt(b1), T, dtype=float32) ** 2` (float32 linspace).
+    `ldm=True`: the CompVis/LDM (and so k-diffusion-with-LDM-model / A1111) way, linspace and square in
+    float64 then cast; the two differ by ~1 ulp in about half the entries (~1e-6 relative in alphas_cumprod).
+    """
+    T = cfg.num_train_timesteps
+    if cfg.beta_schedule == "scaled_linear":
+        if ldm:
+            return (torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, T, dtype=torch.float64) ** 2).float()
+        return torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, T, dtype=torch.float32) ** 2
+    if cfg.beta_schedule == "linear":
+        if ldm:
+            return torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64).float()
+        return torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float32)
+    raise ValueError(f"unsupported beta_schedule {cfg.beta_schedule!r} (expected 'scaled_linear' or 'linear')")
+
+
+def alphas_cumprod(cfg: SchedulerConfig = _DEFAULT_CFG, *, ldm: bool = False) -> torch.Tensor:
+    """(T,) float32 cumulative product of (1 - betas); float32 cumprod as diffusers (float64 then cast if ldm)."""
+    betas = betas_for(cfg, ldm=ldm)
+    if ldm:
+        return torch.cumprod(1.0 - betas.double(), 0).float()
+    return torch.cumprod(1.0 - betas, 0)
+
+
+def sigmas_from_alphas_cumprod(ac: torch.Tensor) -> torch.Tensor:
+    """k-diffusion sigmas ((1 - a) / a) ** 0.5, ascending in t; computed in ac's dtype (float32 as diffusers)."""
+    return ((1 - ac) / ac) ** 0.5
+
+
+# --------------------------------------------------------------------------------------------- timestep spacings
+
+def leading_timesteps(n: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> np.ndarray:
+    """DDIM/DDPM "leading": arange(n) * (T // n) + steps_offset, descending, int64 (n=10: 901, 801, ..., 1)."""
+    _check_steps(n, num_train_timesteps)
+    step_ratio = num_train_timesteps // n
+    return (np.arange(0, n) * step_ratio).round()[::-1].astype(np.int64) + steps_offset
+
+
+def linspace_timesteps(n: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Euler/Euler a "linspace": linspace(0, T-1, n) in float32, descending; fractional unless (T-1) % (n-1) == 0."""
+    _check_steps(n, num_train_timesteps)
+    return np.linspace(0, num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
+
+
+def dpm_linspace_timesteps(n: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """DPMSolverMultistep "linspace": linspace(0, T-1, n+1).round() (numpy half-to-even), descending, drop the 0."""
+    _check_steps(n, num_train_timesteps)
+    return np.linspace(0, num_train_timesteps - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+
+
+def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) noise levels, n values from sigma_max down to sigma_min (float64, no final zero)."""
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_at(timesteps, sigma_table: np.ndarray) -> np.ndarray:
+    """Sigma for (possibly fractional) timesteps: linear interpolation *in sigma* over integer t (diffusers'
+    `np.interp(timesteps, arange(T), sigmas)`), float64 out."""
+    sigma_table = np.asarray(sigma_table)
+    return np.interp(timesteps, np.arange(0, len(sigma_table)), sigma_table)
+
+
+def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional timestep for sigma: linear interpolation in log-sigma (diffusers' `_sigma_to_t`, which is also
+    k-diffusion's `DiscreteSchedule.sigma_to_t`). `log_sigmas` = log of the ascending (T,) sigma table."""
+    sigma = np.asarray(sigma)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low = log_sigmas[low_idx]
+    high = log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+def _check_steps(n: int, T: int) -> None:
+    if not 1 <= n <= T:
+        raise ValueError(f"number of steps must be in [1, {T}], got {n}")
+
+
+# --------------------------------------------------------------------------------------------- schedules
+
+@dataclass(frozen=True)
+class Schedule:
+    """Matching noise levels and UNet timesteps for one sampling run.
+
+    sigmas      (n+1,) float64, descending; step i goes from sigmas[i] to sigmas[i+1]; the last entry is the
+                final noise level (0, or sigma_min for DDIM with set_alpha_to_one=False).
+    timesteps   (n,) float64: the timestep the UNet is called with at sigmas[i] (integer-valued for
+                DDIM/DDPM/DPM, fractional for Euler "linspace"), as diffusers' `scheduler.timesteps`.
+    init_noise_sigma  txt2img start: x = randn * init_noise_sigma (k-space). sigma_max for Euler (diffusers'
+                init_noise_sigma), sqrt(1 + sigma_max^2) for the VP schedulers (diffusers starts those with
+                unit-variance latents x_vp = randn, i.e. x = randn / alpha).
+    order       diffusers' `scheduler.order` (1 for all SD samplers here), for img2img slicing.
+    """
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    init_noise_sigma: float
+    order: int = 1
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def out_scale(self) -> float:
+        """Multiply the sampler's final x by this to get diffusers' final latents (x_vp at the last sigma):
+        1 when the schedule ends at sigma 0; 1/sqrt(1 + sigma_min^2) = sqrt(alphas_cumprod[0]) for DDIM."""
+        s = float(self.sigmas[-1])
+        return 1.0 / math.sqrt(1.0 + s * s)
+
+    def img2img_start(self, strength: float) -> int:
+        """Index into sigmas/timesteps where img2img starts (see `img2img_start_index`)."""
+        return img2img_start_index(len(self), strength, self.order)
+
+    def tail(self, start: int) -> "Schedule":
+        """The schedule from step `start` on (img2img): sigmas[start:], timesteps[start:]; x0 is noised to
+        x = x0 + sigmas[start] * noise (what every diffusers scheduler's add_noise amounts to in k-space)."""
+        return Schedule(self.sigmas[start:], self.timesteps[start:], self.init_noise_sigma, self.order)
+
+
+def img2img_start_index(steps: int, strength: float, order: int = 1) -> int:
+    """diffusers' StableDiffusionImg2ImgPipeline.get_timesteps: init_timestep = min(int(steps * strength), steps),
+    t_start = max(steps - init_timestep, 0); the scheduler starts at index t_start * order. Equal to `steps`
+    (nothing to sample) when steps * strength < 1."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    return t_start * order
+
+
+# Schedule of each canonical sampler name: (kind, karras). kind names the diffusers scheduler class.
+SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
+    "ddpm": ("ddpm", False),
+    "ddim": ("ddim", False),
+    "euler": ("euler", False),
+    "euler_a": ("euler", False),
+    "dpmpp_2m": ("dpm", False),
+    "dpmpp_2m_karras": ("dpm", True),
+}
+
+
+def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *, karras: bool = False,
+                   steps_offset: int = 1) -> Schedule:
+    """The schedule diffusers' scheduler `kind` ("ddpm", "ddim", "euler" (also Euler a) or "dpm") sets with
+    `set_timesteps(steps)` when built from the SD1.5 scheduler config (steps_offset=1, set_alpha_to_one=False)."""
+    T = cfg.num_train_timesteps
+    ac = alphas_cumprod(cfg)
+    table = sigmas_from_alphas_cumprod(ac).numpy()  # float32, ascending in t
+    if karras and kind != "dpm":
+        raise ValueError("karras sigmas are only wired up for the DPM-Solver schedule")
+    if kind in ("ddpm", "ddim"):
+        ts = leading_timesteps(steps, T, steps_offset)
+        # Indexing the table reproduces diffusers, which indexes alphas_cumprod[t] directly.
+        sig = table[ts].astype(np.float64)
+        # DDPM's last step goes to alpha_prev = 1 (sigma 0); DDIM's to final_alpha_cumprod = alphas_cumprod[0].
+        final = 0.0 if kind == "ddpm" else float(table[0])
+        sigmas = np.concatenate([sig, [final]])
+        timesteps = ts.astype(np.float64)
+        init = math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    elif kind == "euler":
+        ts = linspace_timesteps(steps, T)
+        sig = sigma_at(ts, table)
+        sigmas = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
+        timesteps = ts.astype(np.float64)
+        init = float(sigmas.max())  # init_noise_sigma = sigmas.max() for "linspace" spacing
+    elif kind == "dpm":
+        if karras:
+            log_sigmas = np.log(table)
+            sig = get_sigmas_karras(steps, float(table[0]), float(table[-1]))
+            ts = np.array([sigma_to_t(s, log_sigmas) for s in sig]).round()
+        else:
+            ts = dpm_linspace_timesteps(steps, T)
+            sig = sigma_at(ts, table)
+        sigmas = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
+        timesteps = ts.astype(np.int64).astype(np.float64)
+        init = math.sqrt(1.0 + float(sigmas[0]) ** 2)  # init_noise_sigma = 1 in VP space
+    else:
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of 'ddpm', 'ddim', 'euler', 'dpm'")
+    return Schedule(torch.from_numpy(np.ascontiguousarray(sigmas)),
+                    torch.from_numpy(np.ascontiguousarray(timesteps)), init)
+
+
+def schedule_for(sampler: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG) -> Schedule:
+    """Schedule for a canonical sampler name (see SAMPLER_SCHEDULES; `fastsd.samplers.get_sampler` also
+    resolves A1111 aliases and has a `.schedule(steps)` shortcut)."""
+    key = sampler.lower()
+    if key not in SAMPLER_SCHEDULES:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLER_SCHEDULES)}")
+    kind, karras = SAMPLER_SCHEDULES[key]
+    return build_schedule(kind, steps, cfg, karras=karras)

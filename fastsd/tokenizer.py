@@ -1,0 +1,203 @@
+"""CLIP tokenizer for Stable Diffusion 1.x, plus AUTOMATIC1111-style prompt emphasis.
+
+The BPE vocabulary ships inside the package (``fastsd/assets/vocab.json`` and ``merges.txt``,
+derived from OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz`` by ``tools/derive_clip_vocab.py``),
+so nothing is ever downloaded. Tokenization itself is delegated to ``transformers.CLIPTokenizer``.
+
+Prompt emphasis follows A1111's ``modules/prompt_parser.py`` (``parse_prompt_attention``):
+
+* ``(text)`` multiplies the weight of ``text`` by 1.1, ``[text]`` divides it by 1.1.
+* ``(text:1.3)`` multiplies by the explicit number (spaces allowed around the number).
+* Nesting multiplies: ``((text))`` is 1.1 * 1.1. Multipliers are applied when a bracket closes,
+  innermost first, so floats match A1111 bit for bit (e.g. ``(((house:1.3)))`` is 1.573...04).
+* ``\\(``, ``\\)``, ``\\[``, ``\\]``, ``\\\\`` are literal characters; any other backslash is dropped.
+* A closing bracket with no matching opener, a ``:`` not followed by ``number)``, and
+  ``:number)`` with no open ``(`` are plain text. (A1111 raises on a malformed number such as
+  ``(a:1.2.3)``; here that ``:1.2.3)`` is plain text.) Brackets still open at the end of the prompt
+  apply their multiplier to everything after them. ``(`` and ``[`` are matched independently.
+* ``BREAK`` (a whole word, upper case) ends the current 75-token chunk; it is represented as
+  ``("BREAK", -1.0)``.
+* Adjacent pieces with equal weight are merged; an empty prompt gives ``[("", 1.0)]``.
+
+Deliberate deviation: in A1111 a ``BREAK`` inside brackets gets its marker weight multiplied
+(e.g. -1.1) and is then tokenized as the literal word "BREAK"; here a ``BREAK`` always breaks,
+and BREAK markers are never re-weighted or merged.
+
+Long prompts (A1111 rule): token ids are cut into chunks of 75; each chunk becomes
+``BOS + chunk + EOS`` padded with EOS to 77 tokens (pad = EOS for SD1). An empty prompt still
+gives one chunk. BOS, EOS and padding have weight 1.0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib.resources import as_file, files
+from pathlib import Path
+
+import torch
+from transformers import CLIPTokenizer
+
+BOS = 49406  # <|startoftext|>
+EOS = 49407  # <|endoftext|>
+PAD = EOS  # SD1 pads with <|endoftext|>
+MAX_LENGTH = 77
+CHUNK_LENGTH = MAX_LENGTH - 2  # 75 content tokens between BOS and EOS
+VOCAB_SIZE = 49408
+
+ROUND_MULTIPLIER = 1.1
+SQUARE_MULTIPLIER = 1 / 1.1
+BREAK = ("BREAK", -1.0)
+
+# One alternative per A1111 token kind: escapes, a lone backslash, openers, ":weight)",
+# closers, a run of plain text, a lone ':'.
+_ATTENTION_RE = re.compile(
+    r"""
+    \\[()\[\]\\]             # escaped bracket or backslash
+    | \\                     # any other backslash (dropped)
+    | [(\[]                  # opening bracket
+    | :\s*([+-]?[.\d]+)\s*\) # explicit weight closing a round bracket
+    | [)\]]                  # closing bracket
+    | [^\\()\[\]:]+          # plain text
+    | :                      # a colon that is not a weight
+    """,
+    re.X,
+)
+_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")  # what float() accepts of [+-]?[.\d]+
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """Split an A1111 prompt into ``(text, weight)`` pieces; see the module docstring."""
+    pieces: list[list | None] = []  # [text, weight] while brackets close; None marks a BREAK
+    round_open: list[int] = []  # indexes into ``pieces`` where each open bracket started
+    square_open: list[int] = []
+
+    def multiply_from(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            if piece is not None:
+                piece[1] *= factor
+
+    for m in _ATTENTION_RE.finditer(text):
+        token, weight = m.group(0), m.group(1)
+        if token.startswith("\\"):
+            pieces.append([token[1:], 1.0])
+        elif token == "(":
+            round_open.append(len(pieces))
+        elif token == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open and _NUMBER_RE.fullmatch(weight):
+            multiply_from(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            multiply_from(round_open.pop(), ROUND_MULTIPLIER)
+        elif token == "]" and square_open:
+            multiply_from(square_open.pop(), SQUARE_MULTIPLIER)
+        else:
+            for i, part in enumerate(_BREAK_RE.split(token)):
+                if i > 0:
+                    pieces.append(None)
+                pieces.append([part, 1.0])
+
+    for start in round_open:
+        multiply_from(start, ROUND_MULTIPLIER)
+    for start in square_open:
+        multiply_from(start, SQUARE_MULTIPLIER)
+
+    merged: list[tuple[str, float]] = []
+    for piece in pieces:
+        if piece is None:
+            merged.append(BREAK)
+        elif merged and merged[-1] is not BREAK and merged[-1][1] == piece[1]:
+            merged[-1] = (merged[-1][0] + piece[0], piece[1])
+        else:
+            merged.append((piece[0], piece[1]))
+    return merged or [("", 1.0)]
+
+
+def _wrap(chunk: list[int], chunk_len: int = CHUNK_LENGTH) -> list[int]:
+    """BOS + chunk + EOS, padded with PAD to ``chunk_len + 2`` tokens."""
+    return [BOS, *chunk, EOS] + [PAD] * (chunk_len - len(chunk))
+
+
+class Tokenizer:
+    """SD1 CLIP tokenizer: ids, fixed 77-token batches, 75-token chunks and weighted chunks."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        """Load ``vocab.json``/``merges.txt`` from ``path`` (e.g. a diffusers ``tokenizer/``
+        folder) or, by default, from the copy shipped in ``fastsd/assets``."""
+        root = files("fastsd") / "assets" if path is None else Path(path)
+        for name in ("vocab.json", "merges.txt"):
+            if not (root / name).is_file():
+                raise FileNotFoundError(f"no {name} in {root}")
+        with as_file(root / "vocab.json") as vocab, as_file(root / "merges.txt") as merges:
+            # Positional: transformers 4 names these vocab_file/merges_file, 5 names them
+            # vocab/merges (and silently ignores vocab_file=...).
+            self._tok = CLIPTokenizer(str(vocab), str(merges))
+        if len(self._tok) != VOCAB_SIZE or self._tok.convert_tokens_to_ids("<|startoftext|>") != BOS:
+            raise ValueError(f"{root} does not hold the SD1 CLIP vocabulary")
+        self.comma = self._tok.convert_tokens_to_ids(",</w>")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS and without truncation."""
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """(B, 77) LongTensor: BOS + ids[:75] + EOS, padded with EOS (diffusers' SD1 input)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [_wrap(ids[:CHUNK_LENGTH]) for ids in self.encode_batch(texts)]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), MAX_LENGTH)
+
+    @staticmethod
+    def chunks(ids: list[int], chunk_len: int = CHUNK_LENGTH) -> torch.Tensor:
+        """(n_chunks, chunk_len + 2) LongTensor: ``ids`` cut every ``chunk_len`` tokens, each
+        piece wrapped as BOS + piece + EOS + EOS padding. No ids gives one (empty) chunk."""
+        starts = range(0, max(len(ids), 1), chunk_len)
+        rows = [_wrap(ids[s : s + chunk_len], chunk_len) for s in starts]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def encode_weighted(self, text: str, comma_backtrack: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A1111 prompt -> (ids, weights), both (n_chunks, 77); ids long, weights float32.
+
+        Emphasis comes from :func:`parse_prompt_attention`; each piece is tokenized separately
+        (as A1111 does). ``BREAK`` closes the current chunk, padding it (a leading or repeated
+        BREAK therefore yields an empty chunk; a trailing one does not). ``comma_backtrack``
+        is A1111's "comma padding backtrack" setting (its default there is 20; 0 disables):
+        when a chunk is full and its last comma is at most that many tokens back, the tokens
+        after the comma move to the next chunk.
+        """
+        parsed = parse_prompt_attention(text)
+        chunks: list[list[tuple[int, float]]] = []
+        chunk: list[tuple[int, float]] = []
+        last_comma = -1
+
+        def close() -> None:
+            nonlocal chunk, last_comma
+            chunks.append(chunk)
+            chunk, last_comma = [], -1
+
+        for (piece, weight), ids in zip(parsed, self.encode_batch([p for p, _ in parsed])):
+            if (piece, weight) == BREAK:
+                close()
+                continue
+            for token in ids:
+                if token == self.comma:
+                    last_comma = len(chunk)
+                elif comma_backtrack and len(chunk) == CHUNK_LENGTH and last_comma != -1 \
+                        and len(chunk) - last_comma <= comma_backtrack:
+                    moved = chunk[last_comma + 1 :]
+                    chunk = chunk[: last_comma + 1]
+                    close()
+                    chunk = moved
+                if len(chunk) == CHUNK_LENGTH:
+                    close()
+                chunk.append((token, weight))
+        if chunk or not chunks:
+            close()
+
+        ids_rows = [_wrap([t for t, _ in c]) for c in chunks]
+        weight_rows = [[1.0] + [w for _, w in c] + [1.0] * (CHUNK_LENGTH + 1 - len(c)) for c in chunks]
+        return torch.tensor(ids_rows, dtype=torch.long), torch.tensor(weight_rows, dtype=torch.float32)
