@@ -1,4 +1,6 @@
 """fastsd: Stable Diffusion 1.x from scratch in PyTorch, with Triton kernels."""
-from fastsd.backend import set_backend
+from fastsd.backend import BackendError, set_backend
+from fastsd.pipeline import Pipeline, load_pipeline
+from fastsd.tensorfile import CheckpointError
 
-__all__ = ["set_backend"]
+__all__ = ["load_pipeline", "Pipeline", "set_backend", "BackendError", "CheckpointError"]

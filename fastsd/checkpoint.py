@@ -195,20 +195,21 @@ def _names(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_module(module: nn.Module, refs: dict[str, TensorRef], *, dtype: torch.dtype, device: torch.device,
-                what: str) -> nn.Module:
-    """Fill a module built on the meta device from `refs`, one tensor at a time; strict by name and shape."""
+def mismatches(module: nn.Module, refs: dict[str, TensorRef]) -> list[str]:
+    """Strict check by name and shape: what keeps `refs` from filling `module` ([] when it fits)."""
     expected = dict(module.named_parameters())
     missing = [k for k in expected if k not in refs]
     unexpected = [k for k in refs if k not in expected]
     wrong = [f"{k} {tuple(refs[k].shape)} vs {tuple(p.shape)}" for k, p in expected.items()
              if k in refs and tuple(refs[k].shape) != tuple(p.shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing ({_names(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({_names(unexpected)})" if unexpected else "",
-                 f"{len(wrong)} with the wrong shape (file vs model: {_names(wrong)})" if wrong else ""]
-        raise CheckpointError(f"{what} weights do not fit the model: " + "; ".join(p for p in parts if p))
-    for name in expected:
+    return [f"{len(missing)} missing ({_names(missing)})" if missing else "",
+            f"{len(unexpected)} unexpected ({_names(unexpected)})" if unexpected else "",
+            f"{len(wrong)} with the wrong shape (file vs model: {_names(wrong)})" if wrong else ""]
+
+
+def fill(module: nn.Module, refs: dict[str, TensorRef], *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Fill a module built on the meta device, reading one tensor at a time (never two copies of the model)."""
+    for name, _ in list(module.named_parameters()):
         owner, _, leaf = name.rpartition(".")
         t = refs[name].load().to(device=device, dtype=dtype)
         setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
@@ -219,15 +220,19 @@ def build_models(src: Checkpoint | SDConfig, *, dtype: torch.dtype, device: torc
     """(clip, vae, unet, config): from a Checkpoint, or with random weights from a preset SDConfig."""
     cfg = src.config if isinstance(src, Checkpoint) else src
     ctors = {"clip": (CLIPTextModel, cfg.clip), "vae": (AutoencoderKL, cfg.vae), "unet": (UNet, cfg.unet)}
-    models = {}
-    for name, (cls, sub) in ctors.items():
-        if isinstance(src, Checkpoint):
-            with torch.device("meta"):
-                m = cls(sub)
-            models[name] = load_module(m, getattr(src, name), dtype=dtype, device=device, what=f"{src.name}: {name}")
-        else:
-            torch.manual_seed(seed)
-            models[name] = cls(sub).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if not isinstance(src, Checkpoint):
+        torch.manual_seed(seed)
+        models = {n: cls(sub).to(device=device, dtype=dtype).eval().requires_grad_(False)
+                  for n, (cls, sub) in ctors.items()}
+        return models["clip"], models["vae"], models["unet"], cfg
+    with torch.device("meta"):
+        models = {n: cls(sub) for n, (cls, sub) in ctors.items()}
+    found = {n: [p for p in mismatches(m, getattr(src, n)) if p] for n, m in models.items()}
+    problems = [f"{n} weights do not fit the model: " + "; ".join(ps) for n, ps in found.items() if ps]
+    if problems:
+        raise CheckpointError(f"{src.name}: " + " | ".join(problems))
+    for n, m in models.items():
+        fill(m, getattr(src, n), dtype=dtype, device=device)
     return models["clip"], models["vae"], models["unet"], cfg
 
 

@@ -1,7 +1,9 @@
 """k-diffusion-style denoiser wrappers: `denoiser(x, sigma, **extra) -> x0` (the "denoised" prediction).
 
-x is the k-space sample x = x0 + sigma * eps (see fastsd.schedules); sigma is a python float, a 0-d tensor,
-or a (B,) tensor (one noise level per sample, as k-diffusion samplers pass it).
+x is the k-space sample x = x0 + sigma * eps (see fastsd.schedules). sigma is a python float or a 0-d tensor
+(one noise level for the whole batch: fastsd's samplers pass the schedule's 0-d CPU float64 sigmas[i], so all
+scalings and the timestep lookup stay on the host with no device sync), or a (B,) tensor (one level per sample,
+as k-diffusion's own samplers pass `sigmas[i] * s_in`).
 """
 from __future__ import annotations
 
@@ -67,9 +69,8 @@ class EpsDenoiser:
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """(B,) sigma tensor -> (B,) float64 timesteps on sigma's device; sync-free when sigma is on a GPU."""
-        if sigma.device.type == "cpu" or self._table_t is None:
-            if sigma.device.type == "cpu":
-                return torch.tensor([self.t_for_sigma(s) for s in sigma.double().tolist()], dtype=torch.float64)
+        if sigma.device.type == "cpu":
+            return torch.tensor([self.t_for_sigma(s) for s in sigma.double().tolist()], dtype=torch.float64)
         # Device path: continuous conversion in torch, then exact schedule matches override it.
         log_sigmas = torch.as_tensor(self._log_sigmas, device=sigma.device, dtype=torch.float64)
         ls = sigma.double().clamp_min(1e-10).log()

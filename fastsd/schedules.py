@@ -198,6 +198,9 @@ def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *
         raise ValueError("karras sigmas are only wired up for the DPM-Solver schedule")
     if kind in ("ddpm", "ddim"):
         ts = leading_timesteps(steps, T, steps_offset)
+        if ts[0] >= T:  # e.g. 1000 "leading" steps with steps_offset=1 (diffusers fails inside step() then)
+            raise ValueError(f"{steps} {kind.upper()} steps with steps_offset={steps_offset} reach timestep "
+                             f"{ts[0]} >= num_train_timesteps={T}; use at most {T - 1} steps")
         # Indexing the table reproduces diffusers, which indexes alphas_cumprod[t] directly.
         sig = table[ts].astype(np.float64)
         # DDPM's last step goes to alpha_prev = 1 (sigma 0); DDIM's to final_alpha_cumprod = alphas_cumprod[0].
