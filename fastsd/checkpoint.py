@@ -243,3 +243,24 @@ def ldm_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         for k, ref in getattr(ckpt, name).items():
             out[prefix + k] = ref.load().contiguous()
     return out
+
+
+SD1_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
+
+
+def sd1_models_in_hf_cache() -> list[str]:
+    """Repo ids in the local Hugging Face cache whose snapshot is an SD1.x diffusers pipeline."""
+    found = []
+    root = hf_cache_dir()
+    for d in sorted(root.glob("models--*")) if root.is_dir() else []:
+        repo = d.name[len("models--"):].replace("--", "/")
+        snap = find_in_hf_cache(repo)
+        index = Path(snap) / "model_index.json" if snap else None
+        if index is not None and index.exists():
+            try:
+                cls = json.loads(index.read_text()).get("_class_name")
+            except json.JSONDecodeError:
+                continue
+            if cls in SD1_PIPELINES:
+                found.append(repo)
+    return found

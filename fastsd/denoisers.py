@@ -71,7 +71,11 @@ class EpsDenoiser:
         """(B,) sigma tensor -> (B,) float64 timesteps on sigma's device; sync-free when sigma is on a GPU."""
         if sigma.device.type == "cpu":
             return torch.tensor([self.t_for_sigma(s) for s in sigma.double().tolist()], dtype=torch.float64)
-        # Device path: continuous conversion in torch, then exact schedule matches override it.
+        return self._sigma_to_t_torch(sigma)
+
+    def _sigma_to_t_torch(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Device-side twin of t_for_sigma: log-sigma interpolation in torch, overridden by exact schedule
+        matches (float32 sigmas match too: the schedule's sigmas are float32 values)."""
         log_sigmas = torch.as_tensor(self._log_sigmas, device=sigma.device, dtype=torch.float64)
         ls = sigma.double().clamp_min(1e-10).log()
         dists = ls - log_sigmas[:, None]
@@ -86,8 +90,8 @@ class EpsDenoiser:
                 self._dev_cache[sigma.device] = tuple(v.to(sigma.device) for v in self._table_t)
             tab_s, tab_t = self._dev_cache[sigma.device]
             match = sigma.double()[:, None] == tab_s[None, :]
-            t = torch.where(match.any(1), (match * tab_t[None, :]).sum(1), t)
-        return t
+            t = torch.where(match.any(1), (match * tab_t[None, :]).sum(1), t.double())
+        return t.double()
 
     # -- call ---------------------------------------------------------------------------------------------------
 
@@ -150,7 +154,12 @@ class CFGDenoiser:
             return self.denoiser(x, sigma, **kw, **extra)
         kw: dict[str, Any] = {}
         for k, c in self.cond.items():
-            kw[k] = torch.cat([self._batch(self.uncond[k], B), self._batch(c, B)])
+            if isinstance(c, torch.Tensor):
+                kw[k] = torch.cat([self._batch(self.uncond[k], B), self._batch(c, B)])
+            else:  # non-tensor options (flags, scales) must agree between the branches
+                if self.uncond[k] != c:
+                    raise ValueError(f"non-tensor arg {k!r} differs between cond and uncond")
+                kw[k] = c
         for k, v in extra.items():
             kw[k] = torch.cat([self._batch(v, B)] * 2) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
         if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.numel() > 1:

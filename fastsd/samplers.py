@@ -219,6 +219,11 @@ class SamplerSpec:
     karras: bool
     stochastic: bool  # takes generator / noise_sampler
 
+    @property
+    def spacing(self) -> str:
+        """diffusers' timestep_spacing of the twin scheduler (DPM's "linspace" takes n+1 rounded points)."""
+        return "leading" if self.schedule_kind in ("ddpm", "ddim") else "linspace"
+
     def schedule(self, steps: int, cfg: SchedulerConfig = SchedulerConfig()) -> Schedule:
         return schedule_for(self.name, steps, cfg)
 
@@ -240,6 +245,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m_karras": _spec("dpmpp_2m_karras", sample_dpmpp_2m,
                              "DPMSolverMultistepScheduler(use_karras_sigmas=True)", False),
 }
+
+# The names A1111 writes in its infotext ("Sampler: Euler a").
+A1111_NAMES: dict[str, str] = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "ddpm": "DDPM",
+                               "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
 
 # After normalisation (lower case, "++" -> "pp", runs of spaces/hyphens -> "_", leading "k_"/"sample_" dropped),
 # the A1111 names become canonical ("Euler a" -> euler_a, "DPM++ 2M Karras" -> dpmpp_2m_karras); a few more:

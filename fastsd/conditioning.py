@@ -1,0 +1,36 @@
+"""Prompts -> CLIP context, the A1111 way: 75-token chunks (each BOS + 75 + EOS, encoded separately and
+concatenated), emphasis weights `(word:1.2)` applied to the hidden states with the mean restored, and
+prompt / negative prompt padded to the same number of chunks."""
+from __future__ import annotations
+
+import torch
+
+from fastsd.models.clip import CLIPTextModel
+from fastsd.tokenizer import Tokenizer
+
+
+def _pad_chunks(ids: torch.Tensor, weights: torch.Tensor, n: int, empty: tuple[torch.Tensor, torch.Tensor]):
+    """Append empty chunks (BOS, EOS padding; weight 1) until there are n."""
+    k = n - ids.shape[0]
+    return (torch.cat([ids, empty[0].expand(k, -1)]), torch.cat([weights, empty[1].expand(k, -1)])) if k else (ids, weights)
+
+
+@torch.no_grad()
+def encode_prompts(clip: CLIPTextModel, tokenizer: Tokenizer, prompts: list[str], *, clip_skip: int = 1,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Prompts -> context (len(prompts), 77 * n_chunks, D); all rows get the same chunk count."""
+    parsed = [tokenizer.encode_weighted(p) for p in prompts]
+    n = max(ids.shape[0] for ids, _ in parsed)
+    empty = tokenizer.encode_weighted("")
+    device = device or clip.text_model.final_layer_norm.weight.device
+    out = []
+    for ids, weights in parsed:
+        ids, weights = _pad_chunks(ids, weights, n, empty)
+        z, _ = clip(ids.to(device), clip_skip=clip_skip)  # (n, 77, D)
+        if (weights != 1).any():  # A1111: scale by the weights, then restore each chunk's original mean
+            w = weights.to(device=device, dtype=z.dtype)[..., None]
+            mean = z.float().mean(dim=(1, 2), keepdim=True)
+            z = z * w
+            z = z * (mean / z.float().mean(dim=(1, 2), keepdim=True)).to(z.dtype)
+        out.append(z.reshape(1, -1, z.shape[-1]))
+    return torch.cat(out)

@@ -1,0 +1,389 @@
+"""Schedules, samplers and denoiser wrappers: parity with diffusers' schedulers, statistics of the stochastic
+samplers on Gaussian data, alias resolution and classifier-free guidance batching."""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fastsd.denoisers import CFGDenoiser, EpsDenoiser
+from fastsd.samplers import SAMPLERS, get_sampler, resolve_sampler_name, sampler_update
+from fastsd.schedules import alphas_cumprod, img2img_start_index, schedule_for, sigma_to_t, sigmas_from_alphas_cumprod
+
+diffusers = pytest.importorskip("diffusers")
+# diffusers' schedulers call np.array(tensor) in a way numpy 2 flags; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon")
+
+
+def make_scheduler(name: str):
+    """A fresh diffusers scheduler (deep copy of a cached prototype: from_config alone takes ~0.4 s)."""
+    return copy.deepcopy(_prototype_scheduler(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _prototype_scheduler(name: str):
+    d = diffusers
+    return {
+        "ddpm": lambda: d.DDPMScheduler.from_config(SD15),
+        "ddim": lambda: d.DDIMScheduler.from_config(SD15),
+        "euler": lambda: d.EulerDiscreteScheduler.from_config(SD15),
+        "euler_a": lambda: d.EulerAncestralDiscreteScheduler.from_config(SD15),
+        "dpmpp_2m": lambda: d.DPMSolverMultistepScheduler.from_config(SD15),
+        "dpmpp_2m_karras": lambda: d.DPMSolverMultistepScheduler.from_config(SD15, use_karras_sigmas=True),
+    }[name]()
+
+
+class FakeUNet:
+    """Deterministic eps model depending on x, t and the context; records the timesteps and batch sizes."""
+
+    def __init__(self):
+        self.ts: list[float] = []
+        self.batches: list[int] = []
+        g = torch.Generator().manual_seed(1234)
+        self.mix = torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.3
+
+    def __call__(self, x, t, context=None):
+        B = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(B)
+        self.ts.append(float(t[0]))
+        self.batches.append(B)
+        h = torch.einsum("oc,bchw->bohw", self.mix.to(x.dtype), x[:, :4])
+        eps = torch.tanh(0.5 * x[:, :4] + h + (t / 1000.0).to(x.dtype).view(B, 1, 1, 1))
+        if context is not None:
+            eps = eps + 0.1 * context.to(x.dtype).mean(dim=(1, 2)).view(B, 1, 1, 1)
+        if x.shape[1] > 4:  # inpainting-style extra channels
+            eps = eps + 0.05 * x[:, 4:].mean(dim=1, keepdim=True)
+        return eps
+
+
+def diffusers_loop(name, steps, latents, generator=None, step_kwargs=None, strength=None, init=None):
+    """Plain diffusers denoising loop (no CFG); txt2img from `latents` noise, or img2img from `init`."""
+    sched = make_scheduler(name)
+    sched.set_timesteps(steps)
+    unet = FakeUNet()
+    timesteps = sched.timesteps
+    if strength is None:
+        lat = latents * sched.init_noise_sigma
+    else:
+        timesteps, _ = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps(
+            SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+        lat = sched.add_noise(init, latents, timesteps[:1])
+    kw = dict(step_kwargs or {})
+    if generator is not None:
+        kw["generator"] = generator
+    for t in timesteps:
+        inp = sched.scale_model_input(lat, t)
+        eps = unet(inp, t)
+        lat = sched.step(eps, t, lat, **kw).prev_sample
+    return lat, unet.ts
+
+
+def fastsd_loop(name, steps, noise, generator=None, opts=None, strength=None, init=None):
+    spec = get_sampler(name)
+    sched = spec.schedule(steps)
+    unet = FakeUNet()
+    if strength is not None:
+        sched = sched.tail(sched.img2img_start(strength))
+        x = init + noise * sched.sigmas[0].item()
+    else:
+        x = noise * sched.init_noise_sigma
+    den = EpsDenoiser(unet, alphas_cumprod(), schedule=sched)
+    kw = dict(opts or {})
+    if generator is not None:
+        kw["generator"] = generator
+    x = spec(den, x, sched.sigmas, disable=True, **kw)
+    return x * sched.out_scale, unet.ts
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+SHAPE = (2, 4, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------- schedules
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("steps", [1, 7, 10, 25, 50])
+def test_schedule_matches_diffusers(name, steps):
+    sched = make_scheduler(name)
+    sched.set_timesteps(steps)
+    ours = schedule_for(name, steps)
+    assert torch.equal(sched.timesteps.double(), ours.timesteps)
+    if name in ("ddim", "ddpm"):
+        ac = sched.alphas_cumprod  # float32, indexed by the int timesteps in step()
+        assert torch.equal(((1 - ac[sched.timesteps]) / ac[sched.timesteps]).sqrt().double(), ours.sigmas[:-1])
+        final = 0.0 if name == "ddpm" else math.sqrt((1 - ac[0].item()) / ac[0].item())
+        assert ours.sigmas[-1].item() == pytest.approx(final, rel=1e-6)
+        assert ours.init_noise_sigma == pytest.approx(math.sqrt(1 + ours.sigmas[0].item() ** 2))
+    else:
+        assert torch.equal(sched.sigmas.double(), ours.sigmas)
+        init = float(sched.init_noise_sigma)
+        expected = init if name.startswith("euler") else math.sqrt(1 + ours.sigmas[0].item() ** 2)
+        assert ours.init_noise_sigma == pytest.approx(expected, rel=1e-7)
+
+
+def test_schedule_details():
+    # Euler "linspace" timesteps are fractional in general; DPM's Karras timesteps are rounded integers.
+    assert schedule_for("euler", 25).timesteps[1].item() == pytest.approx(999 - 999 / 24, abs=1e-4)
+    assert torch.equal(schedule_for("dpmpp_2m_karras", 25).timesteps,
+                       schedule_for("dpmpp_2m_karras", 25).timesteps.round())
+    assert schedule_for("ddim", 10).timesteps.tolist() == [901.0 - 100 * i for i in range(10)]
+    with pytest.raises(ValueError):
+        schedule_for("ddpm", 1000)  # "leading" + steps_offset=1 would reach t=1000
+    with pytest.raises(ValueError):
+        schedule_for("heun", 10)
+
+
+@pytest.mark.parametrize("steps", [7, 10, 25, 50])
+def test_img2img_start_index(steps):
+    ours = schedule_for("ddim", steps)
+    for strength in [0.0, 0.05, 0.3, 0.5, 0.75, 0.8, 0.99, 1.0]:
+        sched = make_scheduler("ddim")
+        sched.set_timesteps(steps)
+        timesteps, n = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps(
+            SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+        start = img2img_start_index(steps, strength)
+        assert start == steps - n == len(sched.timesteps) - len(timesteps)
+        assert ours.img2img_start(strength) == start
+        assert torch.equal(ours.tail(start).timesteps, timesteps.double())
+
+
+# --------------------------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_deterministic_parity(name, steps, dtype):
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    ref, ref_ts = diffusers_loop(name, steps, noise)
+    out, ts = fastsd_loop(name, steps, noise)
+    assert ts == ref_ts  # the UNet sees exactly diffusers' timesteps (fractional for Euler, rounded for Karras)
+    # Observed ~1e-7 (diffusers' Euler/DPM steps run in float32 even on float64 latents).
+    assert rel_err(out, ref) < 3e-6
+
+
+@pytest.mark.parametrize("name,opts", [("euler_a", {}), ("ddpm", {}), ("ddim", {"eta": 0.5})])
+@pytest.mark.parametrize("steps", [10, 25])
+def test_stochastic_parity_same_generator(name, opts, steps):
+    """With one seeded generator for the start noise and the step noise, the draws line up with diffusers'."""
+    g_ref, g = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    noise_ref = torch.randn(SHAPE, generator=g_ref, dtype=torch.float64)
+    noise = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    ref, ref_ts = diffusers_loop(name, steps, noise_ref, generator=g_ref, step_kwargs=opts)
+    out, ts = fastsd_loop(name, steps, noise, generator=g, opts=opts)
+    assert ts == ref_ts
+    assert rel_err(out, ref) < 3e-6
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("strength", [0.35, 0.8])
+def test_img2img_parity(name, strength):
+    g = torch.Generator().manual_seed(3)
+    init = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    noise = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    ref, ref_ts = diffusers_loop(name, 20, noise, strength=strength, init=init)
+    out, ts = fastsd_loop(name, 20, noise, strength=strength, init=init)
+    assert ts == ref_ts and len(ts) == int(20 * strength)
+    assert rel_err(out, ref) < 3e-6
+
+
+def test_eps_denoiser_sigma_to_t():
+    ac = alphas_cumprod()
+    table = sigmas_from_alphas_cumprod(ac).numpy()
+    sched = schedule_for("euler", 25)
+    unet = FakeUNet()
+    den = EpsDenoiser(unet, ac, schedule=sched)
+    # On-schedule sigmas: exactly the schedule's timesteps, for scalar and (B,) sigma.
+    for i in (0, 3, 24):
+        assert den.t_for_sigma(sched.sigmas[i].item()) == sched.timesteps[i].item()
+        sig = sched.sigmas[i].expand(3).float()
+        assert torch.equal(den.sigma_to_t(sig), sched.timesteps[i].expand(3))
+        assert torch.equal(den._sigma_to_t_torch(sig), sched.timesteps[i].expand(3))  # the GPU path
+    # Off-schedule: diffusers' log-sigma interpolation (not the schedule's linear-in-sigma inverse).
+    s = 3.3
+    assert den.t_for_sigma(s) == pytest.approx(float(sigma_to_t(np.float64(s), np.log(table))))
+    assert diffusers.EulerDiscreteScheduler.from_config(SD15)._sigma_to_t(np.array(s), np.log(table)) == \
+        pytest.approx(den.t_for_sigma(s), abs=1e-9)
+    off = torch.tensor([s, 0.5, 14.0, sched.sigmas[5].item()], dtype=torch.float64)
+    assert torch.allclose(den._sigma_to_t_torch(off), den.sigma_to_t(off), rtol=0, atol=1e-9)
+    # Per-sample sigmas give per-sample scalings: same result as separate scalar calls.
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    sig = torch.tensor([sched.sigmas[2].item(), 1.7], dtype=torch.float64)
+    both = den(x, sig)
+    assert torch.allclose(both[:1], den(x[:1], sig[0]), atol=1e-6)
+    assert torch.allclose(both[1:], den(x[1:], sig[1].item()), atol=1e-6)
+
+
+def test_eps_denoiser_c_concat():
+    seen = {}
+
+    def unet(x, t, context=None):
+        seen["shape"] = tuple(x.shape)
+        return torch.zeros_like(x[:, :4])
+
+    den = EpsDenoiser(unet, alphas_cumprod())
+    x = torch.randn(3, 4, 8, 8)
+    out = den(x, 2.0, c_concat=torch.randn(3, 5, 8, 8), context=torch.randn(3, 77, 16))
+    assert seen["shape"] == (3, 9, 8, 8)
+    assert torch.equal(out, x)  # eps = 0 -> x0 = x
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+MU = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)
+S2 = torch.linspace(0.6, 1.6, 8, dtype=torch.float64) ** 2
+
+
+def gaussian_denoiser(x, sigma, **_):
+    """Exact E[x0 | x] for x0 ~ N(MU, S2) per dimension, x = x0 + sigma * eps."""
+    s2 = float(sigma) ** 2
+    return (S2 * x + s2 * MU) / (S2 + s2)
+
+
+def exact_chain_variance(name, sigmas):
+    """Variance after the discrete chain, propagated in closed form from diffusers' own update formulas
+    (linear-Gaussian: x' = A x + const + std z), written independently of fastsd's k-space coefficients."""
+    s = sigmas.tolist()
+    var = S2 + s[0] ** 2
+    for i in range(len(s) - 1):
+        k = S2 / (S2 + s[i] ** 2)  # d x0_hat / d x
+        if name == "ddpm":  # VP posterior q(x_{t-1} | x_t, x0), fixed_small variance; x_vp = x / sqrt(1+s^2)
+            a_t, a_p = 1 / (1 + s[i] ** 2), 1 / (1 + s[i + 1] ** 2)
+            beta = 1 - a_t / a_p
+            c0 = math.sqrt(a_p) * beta / (1 - a_t)
+            c1 = math.sqrt(a_t / a_p) * (1 - a_p) / (1 - a_t)
+            std_vp = math.sqrt((1 - a_p) / (1 - a_t) * beta)
+            A = (c0 * k + c1 * math.sqrt(a_t)) / math.sqrt(a_p)  # in k-space, x = x_vp / sqrt(a)
+            std = std_vp / math.sqrt(a_p)
+        else:  # euler_a, as EulerAncestralDiscreteScheduler.step
+            up = math.sqrt(s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2)
+            down = math.sqrt(s[i + 1] ** 2 - up ** 2)
+            A = 1 + (down - s[i]) / s[i] * (1 - k)
+            std = up
+        var = A ** 2 * var + std ** 2
+    return var
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler_a"])
+def test_stochastic_samplers_gaussian_statistics(name):
+    n_samples, steps = 20000, 40
+    spec = get_sampler(name)
+    sched = spec.schedule(steps)
+    g = torch.Generator().manual_seed(11)
+    s0 = sched.sigmas[0].item()
+    x = MU + (S2 + s0 ** 2).sqrt() * torch.randn(n_samples, 8, generator=g, dtype=torch.float64)
+    out = spec(gaussian_denoiser, x, sched.sigmas, disable=True, generator=g)
+
+    expected_var = exact_chain_variance(name, sched.sigmas)
+    # The chain's own discretisation bias (largest for the narrowest dimension): < 20% at 40 steps, < 2% at 999.
+    assert ((expected_var / S2 - 1).abs() < 0.2).all()
+    many = exact_chain_variance(name, spec.schedule(999).sigmas)
+    assert ((many / S2 - 1).abs() < 0.02).all()
+
+    se_mean = (expected_var / n_samples).sqrt()
+    assert ((out.mean(0) - MU).abs() < 4.5 * se_mean).all()
+    ratio = out.var(0) / expected_var
+    se_ratio = math.sqrt(2 / (n_samples - 1))
+    assert ((ratio - 1).abs() < 4.5 * se_ratio).all()
+    assert abs(ratio.mean().item() - 1) < 4 * se_ratio / math.sqrt(8)  # pooled over the 8 dimensions
+
+    # A broken sampler (noise dropped) is far outside these tolerances.
+    broken = spec(gaussian_denoiser, x, sched.sigmas, disable=True,
+                  noise_sampler=lambda s, sn: torch.zeros_like(x))
+    assert ((broken.var(0) / expected_var - 1).abs() > 30 * se_ratio).all()
+    if name == "euler_a":  # even 10% too little noise fails the pooled check
+        g = torch.Generator().manual_seed(11)
+        x = MU + (S2 + s0 ** 2).sqrt() * torch.randn(n_samples, 8, generator=g, dtype=torch.float64)
+        weak = spec(gaussian_denoiser, x, sched.sigmas, disable=True, generator=g, eta=0.9)
+        assert abs((weak.var(0) / expected_var).mean().item() - 1) > 4 * se_ratio / math.sqrt(8)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+@pytest.mark.parametrize("alias,name", [
+    ("Euler", "euler"), ("Euler a", "euler_a"), ("euler A", "euler_a"), ("k_euler_a", "euler_a"),
+    ("k_euler", "euler"), ("euler_ancestral", "euler_a"), ("DDIM", "ddim"), ("DDPM", "ddpm"),
+    ("DPM++ 2M", "dpmpp_2m"), ("dpm++ 2m karras", "dpmpp_2m_karras"), ("k_dpmpp_2m_karras", "dpmpp_2m_karras"),
+    ("dpmpp_2m", "dpmpp_2m"), (" DPM++ 2M Karras ", "dpmpp_2m_karras"), ("sample_euler_ancestral", "euler_a"),
+])
+def test_aliases(alias, name):
+    assert resolve_sampler_name(alias) == name
+    assert get_sampler(alias) is SAMPLERS[name]
+
+
+def test_unknown_sampler_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        get_sampler("LMS Karras")
+    msg = str(e.value)
+    assert "LMS Karras" in msg and all(n in msg for n in SAMPLERS)
+
+
+def test_registry_schedules():
+    assert get_sampler("DPM++ 2M Karras").karras and not get_sampler("DPM++ 2M").karras
+    assert get_sampler("Euler a").schedule_kind == "euler" and get_sampler("DDIM").schedule_kind == "ddim"
+    assert torch.equal(get_sampler("Euler a").schedule(10).sigmas, schedule_for("euler", 10).sigmas)
+
+
+def test_sampler_update():
+    g = torch.Generator().manual_seed(0)
+    x, d, o, z = (torch.randn(2, 3, generator=g) for _ in range(4))
+    out = sampler_update(x, d, o, z, (0.5, 0.25, -0.125, 2.0))
+    assert torch.allclose(out, 0.5 * x + 0.25 * d - 0.125 * o + 2.0 * z)
+    assert torch.allclose(sampler_update(x, d, None, None, (0.0, 1.0, 0.0, 0.0)), d)
+    assert torch.equal(x, x.clone())  # inputs untouched
+
+
+# --------------------------------------------------------------------------------------------- CFG
+
+def _cfg_setup(B=3):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 4, 8, 8, generator=g, dtype=torch.float64)
+    cond = torch.randn(B, 77, 16, generator=g, dtype=torch.float64)
+    uncond = torch.randn(1, 77, 16, generator=g, dtype=torch.float64)  # broadcast to the batch
+    return x, cond, uncond
+
+
+def test_cfg_scale_one_is_plain_denoiser():
+    x, cond, uncond = _cfg_setup()
+    unet = FakeUNet()
+    den = EpsDenoiser(unet, alphas_cumprod())
+    cfg = CFGDenoiser(den, cond, uncond, 1.0)
+    out = cfg(x, torch.tensor(2.5, dtype=torch.float64))
+    assert unet.batches == [3]
+    assert torch.equal(out, den(x, 2.5, context=cond))
+
+
+def test_cfg_one_batched_call():
+    x, cond, uncond = _cfg_setup()
+    unet = FakeUNet()
+    den = EpsDenoiser(unet, alphas_cumprod())
+    c_concat = torch.randn(3, 5, 8, 8, dtype=torch.float64)
+    out = CFGDenoiser(den, {"context": cond}, {"context": uncond}, 7.5)(x, 2.5, c_concat=c_concat)
+    assert unet.batches == [6]
+    u = den(x, 2.5, context=uncond.expand(3, -1, -1), c_concat=c_concat)
+    c = den(x, 2.5, context=cond, c_concat=c_concat)
+    assert torch.allclose(out, u + 7.5 * (c - u), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler_a"])
+def test_cfg_sampling_one_call_per_step(name):
+    x, cond, uncond = _cfg_setup(B=2)
+    unet = FakeUNet()
+    spec = get_sampler(name)
+    sched = spec.schedule(8)
+    den = CFGDenoiser(EpsDenoiser(unet, alphas_cumprod(), schedule=sched), cond, uncond, 5.0)
+    opts = {"generator": torch.Generator().manual_seed(0)} if spec.stochastic else {}
+    out = spec(den, x * sched.init_noise_sigma, sched.sigmas, disable=True, **opts)
+    assert unet.batches == [4] * 8
+    assert unet.ts == sched.timesteps.tolist()
+    assert torch.isfinite(out).all()
