@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     import random
 
     from fastsd.backend import BackendError
-    from fastsd.image import load_image, save_png
+    from fastsd.image import check_mask, load_image, save_png
     from fastsd.pipeline import GenerationSettings, load_pipeline
     from fastsd.tensorfile import CheckpointError
 
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         paths = output_paths(args.out, args.num_images, seed)
         image = load_image(args.init_image, "--init-image") if args.init_image else None
         mask = load_image(args.mask, "--mask") if args.mask else None
+        check_mask(image, mask)
         pipe = load_pipeline(args.model or default_model(), device=args.device, dtype=args.dtype,
                              backend=args.backend)
         pipe.offload = args.offload

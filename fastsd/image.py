@@ -23,6 +23,12 @@ def load_image(path: str, what: str = "image") -> Image.Image:
         raise ValueError(f"{what} {path}: not a readable image ({e})") from None
 
 
+def check_mask(image: Image.Image | None, mask: Image.Image | None) -> None:
+    if mask is not None and image is not None and mask.size != image.size:
+        raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} differs from the image size "
+                         f"{image.size[0]}x{image.size[1]}")
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB image -> (1, 3, H, W) float32 in [-1, 1] (as diffusers' VaeImageProcessor)."""
     a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

@@ -15,7 +15,7 @@ from fastsd.checkpoint import Checkpoint, build_models, resolve
 from fastsd.conditioning import encode_prompts
 from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser
-from fastsd.image import file_hash, format_infotext, mask_to_tensor, pil_to_tensor, tensor_to_pil
+from fastsd.image import check_mask, file_hash, format_infotext, mask_to_tensor, pil_to_tensor, tensor_to_pil
 from fastsd.models.clip import CLIPTextModel
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
@@ -217,9 +217,7 @@ class Pipeline:
 
         init = mask_t = None
         if image is not None:
-            if mask is not None and mask.size != image.size:
-                raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} differs from the image size "
-                                 f"{image.size[0]}x{image.size[1]}")
+            check_mask(image, mask)
             s.width = s.width or image.width // 8 * 8
             s.height = s.height or image.height // 8 * 8
             size = (s.width, s.height)

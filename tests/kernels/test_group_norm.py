@@ -1,0 +1,114 @@
+"""kernels.group_norm vs the torch reference (fastsd.ops.group_norm_reference), under the Triton interpreter."""
+import pytest
+import torch
+
+from fastsd import backend, ops
+from fastsd.ops import group_norm_reference
+from kernels.group_norm import group_norm, group_norm_config
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP32_RTOL = 1e-4
+
+
+def _make(N, C, H, W, dtype, channels_last, seed=0, affine=True):
+    g = torch.Generator().manual_seed(seed)
+    # a per-channel offset larger than the spread: sum/sumsq statistics would cancel badly
+    x = (torch.randn(N, C, H, W, generator=g) * 2 + torch.randn(1, C, 1, 1, generator=g) * 8 + 5).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (torch.randn(C, generator=g) + 1) if affine else None
+    b = torch.randn(C, generator=g) if affine else None
+    return x, w, b
+
+
+def _check(x, G, w, b, eps, silu, **kw):
+    y = group_norm(x, G, w, b, eps=eps, silu=silu, **kw)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride()
+    ref = group_norm_reference(x.float(), G, w, b, eps=eps, silu=silu)
+    err = (y.float() - ref).abs().max().item()
+    if x.dtype == torch.float32:
+        assert err <= FP32_RTOL * ref.abs().max().item(), err
+    else:
+        torch_err = (group_norm_reference(x, G, w, b, eps=eps, silu=silu).float() - ref).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6 * ref.abs().max().item(), (err, torch_err)
+    return y
+
+
+# (N, C, H, W, dtype, silu, eps): SD1.5 UNet (320..2560, Cg 10..80) and VAE (128/256/512, Cg 4..16)
+CASES = [
+    (2, 320, 7, 9, "fp32", True, 1e-5),
+    (2, 640, 8, 8, "fp16", True, 1e-5),
+    (1, 960, 7, 9, "bf16", True, 1e-5),
+    (2, 1280, 4, 4, "fp16", False, 1e-6),
+    (1, 1920, 3, 5, "fp32", True, 1e-5),
+    (1, 2560, 2, 3, "bf16", True, 1e-5),
+    (1, 128, 33, 33, "fp16", True, 1e-6),
+    (1, 256, 17, 15, "fp32", False, 1e-6),
+    (2, 512, 9, 7, "bf16", True, 1e-6),
+    (1, 64, 1, 1, "fp32", True, 1e-5),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("N,C,H,W,dtype,silu,eps", CASES,
+                         ids=[f"N{c[0]}C{c[1]}-{c[2]}x{c[3]}-{c[4]}-{'silu' if c[5] else 'nosilu'}-eps{c[6]:g}" for c in CASES])
+def test_group_norm_matches_reference(N, C, H, W, dtype, silu, eps, channels_last):
+    x, w, b = _make(N, C, H, W, DTYPES[dtype], channels_last)
+    _check(x, 32, w, b, eps, silu)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_group_spans_many_programs(channels_last):
+    """Each group's statistics come from many stats programs (13 spatial splits x channel blocks)."""
+    x, w, b = _make(2, 128, 20, 21, torch.float32, channels_last, seed=1)
+    cfg = group_norm_config(2, 128, 420, 32, channels_last, sp_per_prog=33)
+    assert cfg.num_splits == 13
+    _check(x, 32, w, b, 1e-6, True, _sp_per_prog=33)
+
+
+def test_group_norm_default_split_heuristic():
+    """The default config splits big planes (VAE 512 px: 1M-element groups) over many programs and
+    keeps the finalize tile bounded."""
+    cfg = group_norm_config(1, 128, 512 * 512, 32, False)
+    assert cfg.num_splits >= 32 and cfg.BLOCK_CG * cfg.BLOCK_SPLIT <= 4096
+    assert cfg.sp_per_prog * cfg.num_splits >= 512 * 512
+    cfg = group_norm_config(1, 128, 512 * 512, 32, True)
+    assert cfg.num_splits >= 32 and cfg.BLOCK_CG * cfg.BLOCK_SPLIT <= 4096
+    # a default multi-split launch, end to end (NCHW, 80x80 = 6400 > 4 tiles of 1024)
+    x, w, b = _make(1, 128, 80, 80, torch.float16, False, seed=2)
+    assert group_norm_config(1, 128, 6400, 32, False).num_splits == 2
+    _check(x, 32, w, b, 1e-6, True)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_group_norm_no_affine_and_other_groups(dtype):
+    x, _, _ = _make(2, 48, 5, 6, DTYPES[dtype], False, seed=3, affine=False)
+    _check(x, 3, None, None, 1e-5, False)
+    _check(x, 48, None, torch.randn(48), 1e-5, True)  # Cg = 1, bias only
+
+
+def test_group_norm_half_weights_and_no_copy():
+    x, w, b = _make(1, 64, 6, 6, torch.float16, True, seed=4)
+    ptr = x.data_ptr()
+    _check(x, 32, w.half(), b.half(), 1e-5, True)
+    assert x.data_ptr() == ptr
+
+
+def test_group_norm_rejects_bad_inputs():
+    x = torch.randn(1, 30, 4, 4)
+    with pytest.raises(ValueError):
+        group_norm(x, 32, None, None)
+    with pytest.raises(ValueError):
+        group_norm(x[0], 3, None, None)
+    with pytest.raises(ValueError):
+        group_norm(x, 3, torch.ones(29), None)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_ops_group_norm_triton_backend_matches_torch(channels_last):
+    x, w, b = _make(2, 320, 6, 5, torch.float32, channels_last, seed=5)
+    with backend.use("torch"):
+        ref = ops.group_norm(x, 32, w, b, eps=1e-5, silu=True)
+    with backend.use("triton"):
+        out = ops.group_norm(x, 32, w, b, eps=1e-5, silu=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
