@@ -97,3 +97,27 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_png(img, str(tmp_path / "x.png"), "p")
     assert os.listdir(tmp_path) == []
+
+
+def test_default_model_from_env_or_the_one_sd1_model_in_hf_cache(tmp_path, monkeypatch):
+    import json
+
+    from fastsd.generate import default_model
+
+    monkeypatch.setenv("FASTSD_MODEL", "random:tiny")
+    assert default_model() == "random:tiny"
+    monkeypatch.delenv("FASTSD_MODEL")
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+
+    def add(repo, cls):
+        snap = hub / ("models--" + repo.replace("/", "--")) / "snapshots" / "c0ffee"
+        snap.mkdir(parents=True)
+        (snap / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+
+    add("org/sdxl", "StableDiffusionXLPipeline")
+    add("org/sd15", "StableDiffusionPipeline")
+    assert default_model() == "org/sd15"
+    add("org/sd15-inpaint", "StableDiffusionInpaintPipeline")
+    with pytest.raises(ValueError, match="found 2 in the local Hugging Face cache"):
+        default_model()
