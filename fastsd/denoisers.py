@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from fastsd.ops import cfg_guidance_reference
 from fastsd.schedules import Schedule, sigma_to_t, sigmas_from_alphas_cumprod
 
 
@@ -128,6 +129,9 @@ class CFGDenoiser:
     called on torch.cat([x, x]) with [uncond, cond] concatenated on the batch dim; batch-1 per-branch tensors are
     broadcast to x's batch. Guidance in x0 space equals diffusers' guidance on eps (x0 = x - sigma*eps is affine
     in eps). scale == 1 runs the cond branch only.
+
+    Samplers given a guided CFGDenoiser (not wrapped) call `branches` instead and fuse the guidance into their
+    update (`fastsd.ops.cfg_step`); calling the denoiser returns the guided prediction itself.
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], cond: torch.Tensor | Mapping[str, Any],
@@ -147,11 +151,17 @@ class CFGDenoiser:
             return v.expand(B, *v.shape[1:])
         return v
 
-    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> torch.Tensor:
+    @property
+    def guided(self) -> bool:
+        """True when a call runs both branches (an uncond and scale != 1)."""
+        return self.uncond is not None and self.scale != 1.0
+
+    def branches(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond_x0, cond_x0) from ONE batched denoiser call on torch.cat([x, x]): the two halves of its
+        output (views, no copy), for a sampler that fuses the guidance into its update (`fastsd.ops.cfg_step`)."""
+        if not self.guided:
+            raise ValueError("branches() needs guidance (an uncond and scale != 1)")
         B = x.shape[0]
-        if self.scale == 1.0:
-            kw = {k: self._batch(v, B) for k, v in self.cond.items()}
-            return self.denoiser(x, sigma, **kw, **extra)
         kw: dict[str, Any] = {}
         for k, c in self.cond.items():
             if isinstance(c, torch.Tensor):
@@ -165,4 +175,10 @@ class CFGDenoiser:
         if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.numel() > 1:
             sigma = torch.cat([sigma.reshape(B)] * 2)
         uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), sigma, **kw).chunk(2)
-        return uncond_x0 + (cond_x0 - uncond_x0) * self.scale
+        return uncond_x0, cond_x0
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> torch.Tensor:
+        if not self.guided:
+            kw = {k: self._batch(v, x.shape[0]) for k, v in self.cond.items()}
+            return self.denoiser(x, sigma, **kw, **extra)
+        return cfg_guidance_reference(*self.branches(x, sigma, **extra), self.scale)

@@ -16,7 +16,8 @@ what EpsDenoiser feeds the UNet (c_in = 1/sqrt(sigma^2+1)), so the model calls a
 
 Every update is a linear combination, with host-computed float coefficients (a, b, c, d):
     x_next = a * x + b * denoised + c * old_denoised + d * noise
-applied by `sampler_update` (the twin of a fused "cfg_step" kernel). Per sampler (s = sigmas[i], s' = sigmas[i+1]):
+applied with the CFG guidance by `fastsd.ops.cfg_step` (one fused kernel on the triton backend) through
+`denoise_and_step`, the one helper every sampler's step goes through. Per sampler (s = sigmas[i], s' = sigmas[i+1]):
 
   euler       a = s'/s, b = 1 - s'/s                                   (probability-flow ODE, Euler step)
   ddim(eta)   ancestral step: s_up = eta * s' * sqrt(s^2 - s'^2) / s, s_down = sqrt(s'^2 - s_up^2),
@@ -39,7 +40,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from fastsd import ops
 from fastsd.config import SchedulerConfig
+from fastsd.denoisers import CFGDenoiser
 from fastsd.schedules import SAMPLER_SCHEDULES, Schedule, schedule_for
 
 try:
@@ -57,14 +60,27 @@ NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def sampler_update(x: torch.Tensor, denoised: torch.Tensor, old_denoised: Optional[torch.Tensor],
                    noise: Optional[torch.Tensor], coeffs: Coeffs) -> torch.Tensor:
     """x_next = a*x + b*denoised + c*old_denoised + d*noise; terms with a zero coefficient are skipped
-    (old_denoised / noise may then be None)."""
-    a, b, c, d = coeffs
-    out = denoised * b if a == 0 else torch.add(denoised * b, x, alpha=a)
-    if c != 0:
-        out = out.add_(old_denoised, alpha=c)
-    if d != 0:
-        out = out.add_(noise, alpha=d)
-    return out
+    (old_denoised / noise may then be None). `fastsd.ops.cfg_step` without guidance."""
+    return ops.cfg_step(x, None, denoised, None, coeffs, old_denoised, noise)[0]
+
+
+def denoise_and_step(model, x: torch.Tensor, sigma: torch.Tensor, extra_args: dict, coeffs: Coeffs,
+                     old_denoised: Optional[torch.Tensor] = None,
+                     draw_noise: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampler step -> (x_next, denoised): the model call, then the update with `coeffs`.
+
+    A guided `CFGDenoiser` passed in directly (no wrapper around it) gives its two branch outputs from one
+    batched call and the guidance is fused into the update (`ops.cfg_step`: one kernel on the triton backend);
+    any other model (plain denoiser, CFG with scale 1, a wrapper such as the pipeline's KnownRegionDenoiser) is
+    called as `model(x, sigma, **extra_args)` and its output goes through the same op without guidance.
+    `draw_noise()` is called once, after the model call and only when coeffs' noise term is non-zero (the RNG
+    draw order of the unfused loop)."""
+    if isinstance(model, CFGDenoiser) and type(model).__call__ is CFGDenoiser.__call__ and model.guided:
+        uncond, cond, scale = *model.branches(x, sigma, **extra_args), model.scale
+    else:
+        uncond, cond, scale = None, model(x, sigma, **extra_args), None
+    noise = draw_noise() if coeffs[3] != 0 else None
+    return ops.cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise)
 
 
 # --------------------------------------------------------------------------------------------- step coefficients
@@ -145,9 +161,9 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     _no_opts("euler", opts)
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     for i in _trange(len(s) - 1, disable=disable):
-        denoised = model(x, sigmas[i], **extra_args)
+        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], s[i + 1]))
         _callback(callback, x, i, sigmas[i], denoised)
-        x = sampler_update(x, denoised, None, None, euler_coeffs(s[i], s[i + 1]))
+        x = x_next
     return x
 
 
@@ -155,11 +171,10 @@ def _sample_ancestral(coeff_fn, model, x, sigmas, extra_args, callback, disable,
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
     for i in _trange(len(s) - 1, disable=disable):
-        denoised = model(x, sigmas[i], **extra_args)
+        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, coeff_fn(s[i], s[i + 1]),
+                                            draw_noise=lambda: noise_sampler(sigmas[i], sigmas[i + 1]))
         _callback(callback, x, i, sigmas[i], denoised)
-        coeffs = coeff_fn(s[i], s[i + 1])
-        noise = noise_sampler(sigmas[i], sigmas[i + 1]) if coeffs[3] != 0 else None
-        x = sampler_update(x, denoised, None, noise, coeffs)
+        x = x_next
     return x
 
 
@@ -195,11 +210,10 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     old_denoised = None
     for i in _trange(len(s) - 1, disable=disable):
-        denoised = model(x, sigmas[i], **extra_args)
-        _callback(callback, x, i, sigmas[i], denoised)
         coeffs = dpmpp_2m_coeffs(None if old_denoised is None else s[i - 1], s[i], s[i + 1])
-        x = sampler_update(x, denoised, old_denoised, None, coeffs)
-        old_denoised = denoised
+        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, coeffs, old_denoised)
+        _callback(callback, x, i, sigmas[i], denoised)
+        x, old_denoised = x_next, denoised
     return x
 
 

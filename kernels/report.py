@@ -3,7 +3,8 @@
     python -m kernels.report [--arch 80,90] [--json] [--quick] [--unique] [--res 512,768] [--dtype fp16,bf16] [--jobs 2]
 
 Compiles every kernel launch SD1.5 makes at 512 px and 768 px (UNet batch 2 for CFG, VAE decoder
-batch 1 and 2) in fp16 and bf16 for each requested sm arch, exactly as the launchers would specialise
+batch 1 and 2) in fp16 and bf16 for each requested sm arch (cfg_step: fp32 latents of 1 and 2 images
+with an fp16/bf16/fp32 model output, every sampler flag combination), exactly as the launchers would specialise
 them (the launch plans are built from meta tensors and run through Triton's own argument
 specialisation), then reads registers, spills and shared memory with the bundled `cuobjdump
 -res-usage` and checks the attention PTX/SASS for tensor-core instructions (mma.sync / HMMA on sm_80,
@@ -56,6 +57,23 @@ def attention_shapes(res: int) -> list[tuple[str, int, int, int]]:
         out.append((f"self {where}", L, L, D))
         out.append((f"cross {where}", L, TEXT_LEN, D))
     return out
+
+
+LATENT_CHANNELS = 4
+CFG_BATCHES = (1, 2)  # images per prompt: the model output is (2B, 4, h, w) (uncond + cond halves)
+CFG_MODEL_DTYPES = ("fp16", "bf16", "fp32")  # the latents x are fp32; the model output any of these
+
+
+def cfg_step_patterns() -> list[tuple[str, tuple[float, float, float, float], bool, bool, bool]]:
+    """(label, coeffs, needs old_denoised, needs noise, guided): every flag combination the samplers launch, with
+    guidance (a bare CFGDenoiser) and without (scale 1, or a wrapped model such as 4-channel inpainting).
+    Only which coefficients are zero matters for the binary."""
+    steps = [("euler | dpmpp_2m 1st", (0.5, 0.5, 0.0, 0.0), False, False),
+             ("euler_a | ddpm | ddim eta>0", (0.5, 0.5, 0.0, 0.5), False, True),
+             ("dpmpp_2m", (0.5, 0.6, -0.1, 0.0), True, False),
+             ("dpmpp_2m last (a=0)", (0.0, 1.0, 0.0, 0.0), False, False)]
+    return [(f"{'cfg' if guided else 'no cfg'}: {lbl}", co, old, noise, guided)
+            for guided in (True, False) for lbl, co, old, noise in steps]
 
 
 def group_norm_shapes(res: int) -> list[tuple[str, int, int, int, float, bool]]:
@@ -128,6 +146,44 @@ def _fmt_config(constexprs, options, keys):
     return " ".join(parts + [f"w={options.get('num_warps', 4)}", f"s={options.get('num_stages', 3)}"])
 
 
+def _cfg_step_jobs(archs, dtypes, resolutions, quick) -> list[Job]:
+    """kernels.cfg_step at the SD1.5 latent shapes: fp32 latents, model output (2B, 4, h, w) in
+    CFG_MODEL_DTYPES (plus any other requested dtype), every sampler flag combination."""
+    CS = importlib.import_module("kernels.cfg_step")
+    meta = dict(device="meta")
+    f32 = dict(dtype=torch.float32, **meta)
+    all_dt = dict(DTYPES, fp32=torch.float32)
+    model_dtypes = [d for d in all_dt if d in CFG_MODEL_DTYPES or d in dtypes]
+    patterns = cfg_step_patterns()
+    batches = CFG_BATCHES
+    if quick:  # the guided patterns at one shape, fp16 model output
+        model_dtypes, patterns, batches, resolutions = ["fp16"], [p for p in patterns if p[4]], (1,), resolutions[:1]
+    jobs = []
+    for res in resolutions:
+        lat = res // 8
+        for B in batches:
+            shape = (B, LATENT_CHANNELS, lat, lat)
+            for dname in model_dtypes:
+                out = torch.empty((2 * B, *shape[1:]), dtype=all_dt[dname], **meta)
+                uncond, cond = out.chunk(2)
+                x, old, noise = (torch.empty(shape, **f32) for _ in range(3))
+                for arch in archs:
+                    for label, coeffs, has_old, has_noise, guided in patterns:
+                        x_out = torch.empty(shape, **f32)
+                        d_out = torch.empty(shape, **f32)
+                        fn, grid, args, cx, opts = CS.launch_plan(x, uncond if guided else None, cond,
+                                                                  old if has_old else None,
+                                                                  noise if has_noise else None, x_out, d_out,
+                                                                  7.5, coeffs)
+                        sig, consts, attrs = _signature(fn, args, cx)
+                        jobs.append(Job("kernels.cfg_step:_cfg_step_kernel", "cfg_step",
+                                        f"{res}px B{B} x fp32 {'x'.join(map(str, shape))}, model out "
+                                        f"{2 * B}x{'x'.join(map(str, shape[1:]))} ({label})",
+                                        dname, arch, sig, consts, attrs, opts,
+                                        _fmt_config(cx, opts, ("BLOCK",)) + f" grid={grid[0]}"))
+    return jobs
+
+
 def build_jobs(archs=ARCHS, dtypes=tuple(DTYPES), resolutions=(512, 768), quick=False) -> list[Job]:
     A = importlib.import_module("kernels.attention")
     GN = importlib.import_module("kernels.group_norm")
@@ -168,6 +224,7 @@ def build_jobs(archs=ARCHS, dtypes=tuple(DTYPES), resolutions=(512, 768), quick=
                                         + (" silu" if silu else ""), dname, arch, sig, consts, attrs, opts,
                                         _fmt_config(cx, opts, ("BLOCK_C", "BLOCK_S", "BLOCK_CG", "BLOCK_SPLIT"))
                                         + extra))
+    jobs += _cfg_step_jobs(archs, dtypes, resolutions, quick)
     for j in jobs:
         j.key = (j.kernel, j.arch, tuple(sorted(j.signature.items())), tuple(sorted((k, str(v)) for k, v in j.constexprs.items())),
                  tuple(sorted(j.attrs)), tuple(sorted(j.options.items())))

@@ -1,5 +1,5 @@
 """kernels.report: every kernel compiles ahead of time for sm_80 and sm_90 at every SD1.5 shape (fp16,
-bf16) with zero spills and tensor-core attention; plus backend errors without the interpreter.
+bf16; cfg_step: fp32 latents with an fp16/bf16/fp32 model output) with zero spills and tensor-core attention; plus backend errors without the interpreter.
 Compilation runs in a subprocess without TRITON_INTERPRET (run_report does that under pytest)."""
 import os
 import subprocess
@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from kernels.report import attention_shapes, group_norm_shapes, run_report
+from kernels.report import CFG_BATCHES, CFG_MODEL_DTYPES, attention_shapes, cfg_step_patterns, group_norm_shapes, run_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KERNELS = {"attention", "gn_partial_stats", "gn_finalize", "gn_apply"}
+KERNELS = {"attention", "gn_partial_stats", "gn_finalize", "gn_apply", "cfg_step"}
 
 
 def _clean_env():
@@ -26,10 +26,24 @@ def rows():
 
 def test_report_covers_every_kernel_dtype_arch(rows):
     seen = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
-    assert seen == {(k, d, a) for k in KERNELS for d in ("fp16", "bf16") for a in ("sm_80", "sm_90")}
+    archs = ("sm_80", "sm_90")
+    assert seen == ({(k, d, a) for k in KERNELS for d in ("fp16", "bf16") for a in archs}
+                    | {("cfg_step", d, a) for d in CFG_MODEL_DTYPES for a in archs})
     n_att = sum(len(attention_shapes(res)) for res in (512, 768))
     n_gn = sum(len(group_norm_shapes(res)) for res in (512, 768))
-    assert len(rows) == 4 * (n_att + 3 * n_gn)
+    n_cfg = 2 * len(CFG_BATCHES) * len(CFG_MODEL_DTYPES) * len(cfg_step_patterns())  # 2 resolutions
+    assert len(rows) == 4 * (n_att + 3 * n_gn) + 2 * n_cfg
+
+
+def test_report_cfg_step_every_sampler_pattern(rows):
+    """The fused CFG + sampler update at SD1.5 latents (1 and 2 images, 64x64 and 96x96), fp32 latents with an
+    fp16/bf16/fp32 model output, each flag combination; compiled (spills checked below) for both archs."""
+    cfg = [r for r in rows if r["kernel"] == "cfg_step"]
+    shapes = {r["shape"] for r in cfg}
+    for res, lat in ((512, 64), (768, 96)):
+        for B in CFG_BATCHES:
+            for label, *_ in cfg_step_patterns():
+                assert f"{res}px B{B} x fp32 {B}x4x{lat}x{lat}, model out {2 * B}x4x{lat}x{lat} ({label})" in shapes
 
 
 def test_report_every_launch_compiles_without_spills(rows):
@@ -58,7 +72,7 @@ def test_report_cli_under_interpreter_reexecs():
     p = subprocess.run([sys.executable, "-m", "kernels.report", "--quick", "--arch", "90", "--dtype", "fp16",
                         "--res", "512"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "attention" in p.stdout and "gn_apply" in p.stdout and "0 with spills" in p.stdout
+    assert "attention" in p.stdout and "gn_apply" in p.stdout and "cfg_step" in p.stdout and "0 with spills" in p.stdout
 
 
 BACKEND_SNIPPET = r"""

@@ -1,0 +1,197 @@
+"""kernels.cfg_step vs the torch reference (fastsd.ops.cfg_step_reference), under the Triton interpreter."""
+import pytest
+import torch
+
+from fastsd import backend, ops
+from fastsd.denoisers import CFGDenoiser
+from fastsd.ops import cfg_step_reference
+from fastsd.samplers import (SAMPLERS, ancestral_coeffs, ddpm_coeffs, denoise_and_step, dpmpp_2m_coeffs,
+                             euler_coeffs)
+from kernels.cfg_step import cfg_step, cfg_step_config
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP32_RTOL = 1e-6  # max abs error / max abs of the reference
+SCALE = 7.5
+
+# (name, coeffs, has_old, has_noise): each sampler's coefficient pattern (sigma 14.6 -> 9.7, prev 20.1)
+PATTERNS = [
+    ("euler", euler_coeffs(14.6, 9.7), False, False),
+    ("euler_a", ancestral_coeffs(14.6, 9.7, 1.0), False, True),
+    ("ddim_eta", ancestral_coeffs(14.6, 9.7, 0.5), False, True),
+    ("ddpm", ddpm_coeffs(14.6, 9.7), False, True),
+    ("dpmpp_2m_first", dpmpp_2m_coeffs(None, 14.6, 9.7), False, False),
+    ("dpmpp_2m", dpmpp_2m_coeffs(20.1, 14.6, 9.7), True, False),
+    ("dpmpp_2m_last", dpmpp_2m_coeffs(0.3, 0.1, 0.0), True, False),  # a = 0, c = 0: x and old not read
+]
+
+
+def _make(shape, model_dtype, x_dtype=torch.float32, seed=0):
+    """x, the batched (2B, ...) model output split in halves (views), old_denoised, noise."""
+    g = torch.Generator().manual_seed(seed)
+    B = shape[0]
+    x = (torch.randn(shape, generator=g) * 10).to(x_dtype)
+    out = (torch.randn((2 * B, *shape[1:]), generator=g) * 2).to(model_dtype)
+    uncond, cond = out.chunk(2)
+    old = torch.randn(shape, generator=g).to(x_dtype)
+    noise = torch.randn(shape, generator=g).to(x_dtype)
+    return x, uncond, cond, old, noise
+
+
+def _rel(a, ref):
+    return (a.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
+
+
+def _check(x, uncond, cond, old, noise, coeffs, scale=SCALE, all_half=False):
+    x_next, den = cfg_step(x, uncond, cond, scale, coeffs, old, noise)
+    assert x_next.dtype == x.dtype and x_next.shape == x.shape
+    f = lambda t: None if t is None else t.float()
+    ref_x, ref_d = cfg_step_reference(f(x), f(uncond), f(cond), scale, coeffs, f(old), f(noise))
+    if uncond is None:
+        assert den is cond
+    else:
+        assert den.dtype == torch.promote_types(x.dtype, cond.dtype)
+    if not all_half:  # fp32 math on (upcast) inputs: only fp32 rounding
+        assert _rel(x_next, ref_x) <= FP32_RTOL and _rel(den, ref_d) <= FP32_RTOL
+    else:  # everything in fp16/bf16: at most 2x torch's own error at that dtype
+        tx, td = cfg_step_reference(x, uncond, cond, scale, coeffs, old, noise)
+        for got, ref, tr in ((x_next, ref_x, tx), (den, ref_d, td)):
+            err, torch_err = _rel(got, ref), _rel(tr, ref)
+            assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+    return x_next, den
+
+
+@pytest.mark.parametrize("model_dtype", list(DTYPES))
+@pytest.mark.parametrize("name,coeffs,has_old,has_noise", PATTERNS, ids=[p[0] for p in PATTERNS])
+def test_cfg_step_sampler_patterns(name, coeffs, has_old, has_noise, model_dtype):
+    """fp32 latents, model output in any dtype; 1 x 4 x 13 x 11 = 572 elements (not a multiple of BLOCK)."""
+    x, uncond, cond, old, noise = _make((1, 4, 13, 11), DTYPES[model_dtype])
+    _check(x, uncond, cond, old if has_old else None, noise if has_noise else None, coeffs)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("name,coeffs,has_old,has_noise", PATTERNS, ids=[p[0] for p in PATTERNS])
+def test_cfg_step_all_half(name, coeffs, has_old, has_noise, dtype):
+    """x, model output, old and noise all fp16/bf16: the kernel rounds once (observed ~0.3-0.5x torch's
+    error), torch after every op."""
+    x, uncond, cond, old, noise = _make((2, 4, 9, 7), DTYPES[dtype], DTYPES[dtype], seed=1)
+    _check(x, uncond, cond, old if has_old else None, noise if has_noise else None, coeffs, all_half=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 4, 7, 9), (2, 4, 97, 89)])
+def test_cfg_step_odd_sizes_and_blocks(shape):
+    """Tails of 1, 252 (< one 256 block) and 69064 elements (BLOCK 512: 134 full programs + 456)."""
+    x, uncond, cond, old, noise = _make(shape, torch.float16, seed=2)
+    n = x.numel()
+    cfg = cfg_step_config(n)
+    if n > 10_000:
+        assert cfg.BLOCK == 512 and n % cfg.BLOCK
+    _check(x, uncond, cond, old, noise, (0.7, 0.3, -0.2, 1.5))
+
+
+def test_cfg_step_without_guidance_and_strided_inputs():
+    x, uncond, cond, old, noise = _make((2, 4, 6, 5), torch.float32, seed=3)
+    x_next, den = _check(x, None, cond, None, noise, ancestral_coeffs(3.0, 2.0))
+    assert den is cond
+    # non-contiguous views (a channels_last model output): copied once, same result
+    out_cl = torch.cat([uncond, cond]).to(memory_format=torch.channels_last)
+    _check(x, *out_cl.chunk(2), old, None, dpmpp_2m_coeffs(4.0, 3.0, 2.0))
+
+
+def test_cfg_step_config_rule():
+    assert cfg_step_config(4 * 64 * 64).BLOCK == 256  # SD1.5 512 px, one image: 64 programs
+    assert cfg_step_config(2 * 4 * 96 * 96) == cfg_step_config(73728)
+    assert cfg_step_config(73728).BLOCK == 512 and cfg_step_config(73728).num_warps == 4
+    assert cfg_step_config(10 ** 8).BLOCK == 2048 and cfg_step_config(10 ** 8).num_warps == 8
+
+
+def test_cfg_step_rejects_bad_inputs():
+    x, uncond, cond, old, noise = _make((1, 4, 3, 3), torch.float32)
+    with pytest.raises(ValueError):
+        cfg_step(x, uncond, cond, SCALE, (1.0, 0.5, 0.25, 0.0), None, None)  # c != 0 without old
+    with pytest.raises(ValueError):
+        cfg_step(x, uncond, cond, SCALE, (1.0, 0.5, 0.0, 0.1), None, None)  # d != 0 without noise
+    with pytest.raises(ValueError):
+        cfg_step(x, uncond, cond[:, :2], SCALE, (1.0, 0.5, 0.0, 0.0))
+    with pytest.raises(TypeError):
+        cfg_step(x, uncond, cond.double(), SCALE, (1.0, 0.5, 0.0, 0.0))
+
+
+class _FakeDenoiser:
+    """x0 = x * 0.9 + the context's mean per sample (so the branches differ); counts batched calls."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, sigma, context):
+        self.batches.append(x.shape[0])
+        return x * 0.9 + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+
+
+def test_denoise_and_step_fuses_only_a_bare_guided_cfg_denoiser():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 5, 5, generator=g)
+    cond, uncond = torch.randn(2, 7, 8, generator=g), torch.randn(1, 7, 8, generator=g)
+    noise = torch.randn(2, 4, 5, 5, generator=g)
+    coeffs = ancestral_coeffs(5.0, 3.0)
+    den = _FakeDenoiser()
+    cfg = CFGDenoiser(den, cond, uncond, SCALE)
+    wrapped = lambda x, sigma, **kw: cfg(x, sigma, **kw)
+    results = {}
+    for be in ("torch", "triton"):
+        with backend.use(be):
+            for kind, model in (("fused", cfg), ("wrapped", wrapped)):
+                draws = []
+                results[be, kind] = denoise_and_step(model, x, 5.0, {}, coeffs, draw_noise=lambda: draws.append(1) or noise)
+                assert draws == [1]
+    assert den.batches == [4] * 4  # one batched call each time
+    ref = results["torch", "wrapped"]
+    for key, (x_next, d) in results.items():
+        torch.testing.assert_close(x_next, ref[0], rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(d, ref[1], rtol=1e-6, atol=1e-5)
+    # torch backend, fused or not: bitwise the same (one torch implementation)
+    assert torch.equal(results["torch", "fused"][0], ref[0])
+
+
+def test_ops_cfg_step_routes_to_the_kernel(monkeypatch):
+    import kernels
+
+    x, uncond, cond, old, noise = _make((1, 4, 4, 4), torch.float32)
+    calls = []
+    real = kernels.cfg_step
+    monkeypatch.setattr(kernels, "cfg_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with backend.use("torch"):
+        ref = ops.cfg_step(x, uncond, cond, SCALE, (0.5, 0.5, 0.0, 0.0))
+    with backend.use("triton"):
+        out = ops.cfg_step(x, uncond, cond, SCALE, (0.5, 0.5, 0.0, 0.0))
+        ops.cfg_step(x.double(), None, cond.double(), None, (0.5, 0.5, 0.0, 0.0))  # fp64: reference path
+    assert calls == [1]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "ddpm", "dpmpp_2m"])
+def test_sampler_loops_triton_vs_torch(name, monkeypatch):
+    """Whole sampler loops (6 steps) with a guided CFGDenoiser: the fused kernel on every step under triton,
+    the same seeded noise stream (draw order unchanged), callbacks see the same denoised."""
+    import kernels
+
+    spec = SAMPLERS[name]
+    sched = spec.schedule(6)
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(1, 4, 6, 6, generator=g) * sched.init_noise_sigma
+    cond, uncond = torch.randn(1, 7, 8, generator=g), torch.randn(1, 7, 8, generator=g)
+    calls = []
+    real = kernels.cfg_step
+    monkeypatch.setattr(kernels, "cfg_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out, seen, gens = {}, {}, {}
+    for be in ("torch", "triton"):
+        gens[be] = torch.Generator().manual_seed(1)
+        opts = {"generator": gens[be]} if spec.stochastic else {}
+        seen[be] = []
+        with backend.use(be):
+            out[be] = spec(CFGDenoiser(_FakeDenoiser(), cond, uncond, SCALE), x0, sched.sigmas, disable=True,
+                           callback=lambda d: seen[be].append(d["denoised"]), **opts)
+    assert torch.equal(gens["torch"].get_state(), gens["triton"].get_state())  # same number of draws
+    assert len(calls) == 6
+    torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(seen["triton"], seen["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
