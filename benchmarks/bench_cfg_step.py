@@ -1,0 +1,20 @@
+"""The fused CFG + sampler update at SD1.5 latent shapes: torch reference vs kernels/cfg_step.py (CUDA
+only). Skipped as a whole while kernels/cfg_step.py does not exist.
+
+    pytest benchmarks/bench_cfg_step.py --benchmark-only
+"""
+import pytest
+
+from benchmarks import kernel_cases as K
+from benchmarks.microbench import BACKENDS, DTYPE, RES, ids, run
+
+if not K.module_available("cfg_step"):
+    pytest.skip("kernels/cfg_step.py does not exist (yet)", allow_module_level=True)
+
+SHAPES = K.cfg_step_shapes(RES, False, DTYPE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=ids(SHAPES))
+def test_cfg_step(benchmark, shape, backend):
+    run(benchmark, K.CASES["cfg_step"], shape, backend)

@@ -1,0 +1,183 @@
+"""The Triton kernels in kernels/, each with its torch reference, the SD1.5 shapes it runs at, and the
+FLOPs / bytes one call moves (for TFLOP/s and GB/s = work / measured time).
+
+Kernels are discovered at run time (`discover()`): a kernels/<op>.py module with a case here is
+benchmarked; a case whose module is missing (e.g. cfg_step before it lands) is reported as missing.
+Shapes come from kernels/report.py (`attention_shapes`, `group_norm_shapes`).
+
+FLOP / byte models (minimum traffic: every input read once, the output written once):
+  attention   4 * B*H*Lq*Lk*D FLOPs (QK^T and PV); bytes (B*H*(2*Lq*D + 2*Lk*D)) * itemsize
+  group_norm  ~8 FLOPs/element (+4 with SiLU), bytes 2 * N*C*HW * itemsize (+ weight, bias)
+  cfg_step    uncond + s*(cond - uncond), then a*x + b*den + c*old + d*noise: ~10 FLOPs/element,
+              bytes (inputs read + output written) * itemsize
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.common import REPO
+
+HEADS, TEXT_LEN, GROUPS, UNET_BATCH = 8, 77, 32, 2
+
+
+@dataclass
+class Shape:
+    label: str
+    args: tuple          # passed to the case's make()
+    flops: float
+    bytes_: float
+
+
+@dataclass
+class Case:
+    op: str
+    module: str                                         # kernels.<op>
+    shapes: Callable[[int, bool, torch.dtype], list[Shape]]
+    make: Callable[..., tuple[Callable[[], Any], Callable[[], Any]]]  # (ref_fn, triton_fn) for one shape
+
+
+def kernel_modules() -> list[str]:
+    """The ops with a module in kernels/ right now (kernels/<op>.py, not helpers)."""
+    d = os.path.join(REPO, "kernels")
+    out = []
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".py") and not f.startswith("_"):
+            with open(os.path.join(d, f)) as fh:
+                if "@triton.jit" in fh.read():  # a kernel module, not a tool (report.py, traffic.py)
+                    out.append(f[:-3])
+    return out
+
+
+def module_available(op: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"kernels.{op}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+def attention_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
+    from kernels.report import attention_shapes as shapes
+
+    rows = shapes(res)
+    if quick:  # top level self + cross, the middle block
+        rows = [rows[0], rows[1], rows[-2]]
+    el = torch.tensor([], dtype=dtype).element_size()
+    out = []
+    for where, lq, lk, d in rows:
+        b, h = UNET_BATCH, HEADS
+        out.append(Shape(f"{res}px {where} B{b} H{h} Lq{lq} Lk{lk} D{d}", (b, h, lq, lk, d),
+                         4.0 * b * h * lq * lk * d, el * b * h * (2 * lq * d + 2 * lk * d)))
+    return out
+
+
+def attention_make(args, dtype, device, seed=0):
+    from fastsd.ops import attention_reference
+
+    b, h, lq, lk, d = args
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    # the UNet's layout: to_q(x).view(B, L, H, D).transpose(1, 2)
+    q = torch.randn(b, lq, h, d, generator=g).to(device, dtype).transpose(1, 2)
+    k = torch.randn(b, lk, h, d, generator=g).to(device, dtype).transpose(1, 2)
+    v = torch.randn(b, lk, h, d, generator=g).to(device, dtype).transpose(1, 2)
+
+    def triton_fn():
+        return importlib.import_module("kernels.attention").attention(q, k, v)
+
+    return (lambda: attention_reference(q, k, v)), triton_fn
+
+
+# ------------------------------------------------------------------------------------------ group norm
+
+def group_norm_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
+    from kernels.report import group_norm_shapes as shapes
+
+    rows = shapes(res)
+    if quick:  # a UNet resblock norm, a transformer norm, a VAE decoder norm
+        rows = [rows[0], next(r for r in rows if r[0] == "unet transformer"), rows[-1]]
+    el = torch.tensor([], dtype=dtype).element_size()
+    out = []
+    for where, n, c, side, eps, silu in rows:
+        numel = n * c * side * side
+        out.append(Shape(f"{res}px {where} N{n} C{c} {side}x{side} G{GROUPS} eps{eps:g}" + (" silu" if silu else ""),
+                         (n, c, side, eps, silu), (12.0 if silu else 8.0) * numel, el * (2 * numel + 2 * c)))
+    return out
+
+
+def group_norm_make(args, dtype, device, seed=0):
+    from fastsd.ops import group_norm_reference
+
+    n, c, side, eps, silu = args
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, c, side, side, generator=g).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(c, generator=g)).to(device, dtype)
+    bias = (0.1 * torch.randn(c, generator=g)).to(device, dtype)
+
+    def triton_fn():
+        return importlib.import_module("kernels.group_norm").group_norm(x, GROUPS, w, bias, eps=eps, silu=silu)
+
+    return (lambda: group_norm_reference(x, GROUPS, w, bias, eps=eps, silu=silu)), triton_fn
+
+
+# ------------------------------------------------------------------------------------------ cfg step
+
+def cfg_step_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
+    el = torch.tensor([], dtype=dtype).element_size()
+    out = []
+    for batch in ((1,) if quick else (1, 4)):
+        lat = res // 8
+        numel = batch * 4 * lat * lat
+        # reads x, uncond, cond, old denoised, noise; writes x_next (and denoised)
+        out.append(Shape(f"{res}px latents B{batch} 4x{lat}x{lat}", (batch, lat), 10.0 * numel, el * 7 * numel))
+    return out
+
+
+def cfg_step_reference(x, uncond, cond, scale, coeffs, old_denoised=None, noise=None):
+    """Fallback reference when fastsd.ops has none: CFG mix, then fastsd.samplers.sampler_update."""
+    from fastsd.samplers import sampler_update
+
+    den = cond if uncond is None else uncond + scale * (cond - uncond)
+    return sampler_update(x, den, old_denoised, noise, coeffs), den
+
+
+def cfg_step_make(args, dtype, device, seed=0):
+    """cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise) -> (x_next, denoised), with every term
+    present (dpmpp_2m-like old_denoised and ancestral noise at once: the most traffic)."""
+    batch, lat = args
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x, uncond, cond, old, noise = [torch.randn(batch, 4, lat, lat, generator=g).to(device, dtype) for _ in range(5)]
+    scale, coeffs = 7.5, (0.9, 0.1, -0.05, 0.3)
+    ref = getattr(importlib.import_module("fastsd.ops"), "cfg_step_reference", cfg_step_reference)
+
+    def triton_fn():
+        return importlib.import_module("kernels.cfg_step").cfg_step(x, uncond, cond, scale, coeffs, old, noise)[0]
+
+    return (lambda: ref(x, uncond, cond, scale, coeffs, old, noise)[0]), triton_fn
+
+
+CASES = {
+    "attention": Case("attention", "kernels.attention", attention_shapes, attention_make),
+    "group_norm": Case("group_norm", "kernels.group_norm", group_norm_shapes, group_norm_make),
+    "cfg_step": Case("cfg_step", "kernels.cfg_step", cfg_step_shapes, cfg_step_make),
+}
+
+
+def discover() -> dict[str, str | None]:
+    """op -> None when benchmarkable, else why not (module missing / no case for it)."""
+    present = set(kernel_modules())
+    out = {}
+    for op in sorted(present | set(CASES)):
+        if op not in CASES:
+            out[op] = "no benchmark case in benchmarks/kernel_cases.py"
+        elif op not in present or not module_available(op):
+            out[op] = f"kernels/{op}.py does not exist (yet)"
+        else:
+            out[op] = None
+    return out

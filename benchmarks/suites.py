@@ -1,0 +1,339 @@
+"""What one worker process measures: one configuration of one suite (see benchmarks/run.py).
+
+A spec (dict) names suite, op, model, res, dtype, backend, batch, device, impls (["fastsd"],
+["diffusers"] or ["fastsd", "diffusers"]), mode ("time" or "memory"), warmup, repeat, steps, threads.
+`run(spec)` returns result rows without the run-wide fields (versions, command, ...), which the
+worker adds.
+
+- unet      one denoising step: batch 2*B (CFG: cond + uncond) at latents res/8, timestep 500
+- pipeline  txt2img end to end (text encode, `steps` Euler steps, VAE decode, to PIL), by stages
+- vae       decode (B latents) and encode (B images, the posterior mean)
+- clip      the text encoder on prompt + negative prompt (2*B x 77 tokens)
+- kernels   each Triton kernel against its torch reference at the SD1.5 shapes of `res`
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from benchmarks import common
+
+PROMPT, NEGATIVE = "a photo of an astronaut riding a horse, detailed", "blurry, lowres"
+OPS = {"unet": ["step"], "pipeline": ["txt2img"], "vae": ["decode", "encode"], "clip": ["encode"], "kernels": ["all"]}
+
+
+def _interp_note(spec) -> dict:
+    from fastsd import backend as B
+
+    return {"interpreter": spec["device"] == "cpu" and spec["backend"] in ("triton",) and B.interpreter_enabled()}
+
+
+# ------------------------------------------------------------------------------------------ model suites
+
+class Model:
+    """The fastsd pipeline and, when asked, its diffusers twins (same weights)."""
+
+    def __init__(self, spec):
+        import fastsd
+
+        self.spec = spec
+        self.pipe = fastsd.load_pipeline(spec["model"], device=spec["device"], dtype=spec["dtype"],
+                                         backend=spec["backend"], seed=spec.get("seed", 0))
+        self.twin: Any = None
+        if "diffusers" in spec["impls"]:
+            from benchmarks import twins
+
+            maker = {"unet": twins.unet_twin, "vae": twins.vae_twin, "clip": twins.clip_twin,
+                     "pipeline": twins.diffusers_pipeline}[spec["suite"]]
+            self.twin = maker(self.pipe)
+        # keep only what the suite runs, so the peak RSS of fastsd and of diffusers count the same models
+        keep = {"unet": ("unet",), "vae": ("vae",), "clip": ("clip",)}.get(spec["suite"], ("unet", "vae", "clip"))
+        for name in ("unet", "vae", "clip"):
+            if name not in keep or "fastsd" not in spec["impls"]:
+                setattr(self.pipe, name, None)
+        import gc
+
+        gc.collect()
+
+
+def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(callables per impl, row info) for the unet / vae / clip / pipeline suites."""
+    from fastsd import backend as fbackend
+
+    pipe, twin, dev = m.pipe, m.twin, torch.device(spec["device"])
+    dtype = pipe.dtype
+    cfg = pipe.config
+    B, res, suite, op = spec["batch"], spec["res"], spec["suite"], spec["op"]
+    f = cfg.vae.downscale
+    lat = res // f if res else None
+    g = torch.Generator().manual_seed(1234)
+    use = lambda: fbackend.use(spec["backend"])  # noqa: E731
+    fns: dict[str, Any] = {}
+    info: dict[str, Any] = {"latent": [lat, lat] if lat else None}
+
+    if suite == "unet":
+        n = 2 * B
+        x = torch.randn(n, cfg.unet.in_channels, lat, lat, generator=g).to(dev, dtype)
+        t = torch.full((n,), 500.0, device=dev)
+        ctx = torch.randn(n, 77, cfg.unet.context_dim, generator=g).to(dev, dtype)
+        info["shape"] = f"x {tuple(x.shape)} ctx {tuple(ctx.shape)}"
+        if pipe.unet is not None:
+            def fastsd_fn():
+                with use():
+                    return pipe.unet(x, t, ctx)
+            fns["fastsd"] = fastsd_fn
+        if twin is not None:
+            fns["diffusers"] = lambda: twin(x, t, encoder_hidden_states=ctx).sample
+    elif suite == "vae" and op == "decode":
+        z = torch.randn(B, cfg.vae.z_channels, lat, lat, generator=g).to(dev, dtype)
+        info["shape"] = f"z {tuple(z.shape)} -> ({B}, 3, {res}, {res})"
+        if pipe.vae is not None:
+            def fastsd_fn():
+                with use():
+                    return pipe.vae.decode(z)
+            fns["fastsd"] = fastsd_fn
+        if twin is not None:
+            fns["diffusers"] = lambda: twin.decode(z).sample
+    elif suite == "vae" and op == "encode":
+        img = (torch.rand(B, 3, res, res, generator=g) * 2 - 1).to(dev, dtype)
+        info["shape"] = f"image {tuple(img.shape)} -> ({B}, 4, {lat}, {lat}) mean"
+        if pipe.vae is not None:
+            def fastsd_fn():
+                with use():
+                    return pipe.vae.encode(img)[0]
+            fns["fastsd"] = fastsd_fn
+        if twin is not None:
+            fns["diffusers"] = lambda: twin.encode(img).latent_dist.mean
+    elif suite == "clip":
+        tok = pipe.tokenizer
+        ids = torch.cat([tok.encode_weighted(p)[0] for p in [PROMPT] * B + [NEGATIVE] * B]).to(dev)
+        info.update(shape=f"ids {tuple(ids.shape)}", latent=None)
+        if pipe.clip is not None:
+            def fastsd_fn():
+                with use():
+                    return pipe.clip(ids)[0]
+            fns["fastsd"] = fastsd_fn
+        if twin is not None:
+            fns["diffusers"] = lambda: twin(ids).last_hidden_state
+    elif suite == "pipeline":
+        latents = torch.randn(B, cfg.unet.out_channels, lat, lat, generator=g)
+        info["shape"] = f"{B} x {res}x{res}, {spec['steps']} euler steps, cfg 7.5"
+        if "fastsd" in spec["impls"]:
+            fns["fastsd"] = _fastsd_txt2img(spec, pipe, latents)
+            if twin is not None:  # diffusers' output is clamped to [-1, 1]; compare like with like
+                fns["fastsd_compare"] = lambda img: img.clamp(-1, 1)
+        if twin is not None:
+            def diffusers_fn():
+                out = twin(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=spec["steps"], guidance_scale=7.5,
+                           height=res, width=res, num_images_per_prompt=B, latents=latents.clone().to(dev, dtype),
+                           output_type="pt")
+                return out.images * 2 - 1  # [0, 1] -> [-1, 1], as fastsd's decode
+            fns["diffusers"] = diffusers_fn
+    else:
+        raise ValueError(f"unknown suite/op {suite}/{op}")
+    return fns, info
+
+
+def _fastsd_txt2img(spec, pipe, latents):
+    """txt2img from the pipeline's public pieces, timing each stage; the same computation as
+    Pipeline.generate(prompt, negative_prompt, sampler="euler", latents=...) (checked in the warm-up)."""
+    import time
+
+    from fastsd import backend as fbackend
+    from fastsd.conditioning import encode_prompts
+    from fastsd.denoisers import CFGDenoiser, EpsDenoiser
+    from fastsd.samplers import get_sampler
+    from fastsd.schedules import alphas_cumprod
+
+    dev = spec["device"]
+    stages: list[dict[str, float]] = []  # one entry per call
+
+    @torch.no_grad()
+    def run():
+        clock = lambda: (common.sync(dev), time.perf_counter())[1]  # noqa: E731
+        t0 = clock()
+        with fbackend.use(spec["backend"]):
+            ctx = encode_prompts(pipe.clip, pipe.tokenizer, [PROMPT, NEGATIVE], device=pipe.device)
+        t1 = clock()
+        spec_ = get_sampler("euler")
+        sched = spec_.schedule(spec["steps"], pipe.config.scheduler)
+        x = latents.float().to(pipe.device) * sched.init_noise_sigma
+        with fbackend.use(spec["backend"]):
+            den = EpsDenoiser(lambda x_in, t, context: pipe.unet(x_in, t, context),
+                              alphas_cumprod(pipe.config.scheduler), schedule=sched)
+            model = CFGDenoiser(den, ctx[:1], ctx[1:], 7.5)
+            x = spec_(model, x, sched.sigmas, disable=True)
+        x = x * sched.out_scale
+        t2 = clock()
+        img = pipe.decode_latents(x)
+        t3 = clock()
+        stages.append(dict(text_encode_s=t1 - t0, denoise_loop_s=t2 - t1, vae_decode_s=t3 - t2))
+        return img
+
+    run.stages = stages  # type: ignore[attr-defined]
+    return run
+
+
+def _check_generate(spec, pipe, latents_img) -> dict:
+    """Pipeline.generate with the same noise must give the image the piecewise run gave."""
+    import numpy as np
+
+    from fastsd.image import tensor_to_pil
+
+    g = torch.Generator().manual_seed(1234)
+    cfg = pipe.config
+    lat = spec["res"] // cfg.vae.downscale
+    latents = torch.randn(spec["batch"], cfg.unet.out_channels, lat, lat, generator=g)
+    ims = pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=spec["steps"], sampler="euler", width=spec["res"],
+                        height=spec["res"], num_images=spec["batch"], latents=latents, progress=False)
+    ours = tensor_to_pil(latents_img)
+    diff = max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+               for a, b in zip(ims, ours))
+    return {"check_vs_generate_max_abs_u8": diff}
+
+
+def run_model_suite(spec) -> list[dict]:
+    mem = common.Memory(spec["device"])
+    m = Model(spec)
+    fns, info = _cases(spec, m)
+    mem.mark_loaded()
+    dev, warmup, repeat = spec["device"], spec["warmup"], spec["repeat"]
+    if spec["mode"] == "memory":
+        warmup, repeat = max(1, min(warmup, 1)), 1
+    impls = [i for i in ("fastsd", "diffusers") if i in fns and i in spec["impls"]]
+    rows: dict[str, dict] = {i: {"impl": i, **info} for i in impls}
+    with torch.inference_mode():
+        if len(impls) == 2:
+            ta, tb, oa, ob = common.bench_alternating(fns["fastsd"], fns["diffusers"], dev, max(warmup, 1), repeat)
+            first = oa
+            ratios = [a / b for a, b in zip(ta, tb)]
+            err = common.max_rel_err(fns.get("fastsd_compare", lambda o: o)(oa), ob)
+            cmp = {"compare_impl": "diffusers", "ratios": ratios,
+                   "ratio_median": common.summary(ratios)["median"], "max_rel_err": err}
+            rows["fastsd"].update(times=common.summary(ta), **cmp)
+            rows["diffusers"].update(times=common.summary(tb), compare_impl="fastsd",
+                                     ratios=[1 / r for r in ratios],
+                                     ratio_median=common.summary([1 / r for r in ratios])["median"], max_rel_err=err)
+        else:
+            (impl,) = impls
+            times, first = common.bench(fns[impl], dev, warmup, repeat)
+            rows[impl]["times"] = common.summary(times)
+        if spec["suite"] == "pipeline" and "fastsd" in fns:
+            # median per stage over the timed calls (the last n)
+            timed = fns["fastsd"].stages[-rows["fastsd"]["times"]["n"]:]
+            rows["fastsd"]["stages_s"] = {k: common.summary([c[k] for c in timed])["median"] for k in timed[0]}
+            if spec["mode"] == "time":
+                with torch.no_grad():
+                    rows["fastsd"].update(_check_generate(spec, m.pipe, first))
+    memf = mem.fields()
+    out = []
+    for impl, row in rows.items():
+        med = row["times"]["median"]
+        steps = spec["steps"] if spec["suite"] == "pipeline" else 1
+        row.update(memf, time_s=med)
+        row["it_s"] = (1.0 / med if med else None)
+        if spec["suite"] == "pipeline":
+            row["s_per_image"] = med / spec["batch"] if med else None
+            st = row.get("stages_s", {})
+            row["it_s"] = steps / st["denoise_loop_s"] if st.get("denoise_loop_s") else None
+        row.update(_interp_note(spec))
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ kernels suite
+
+def _triton_can_run(device: str) -> str | None:
+    from fastsd import backend as B
+
+    return B.triton_unavailable_reason(torch.device(device))
+
+
+def run_kernels_suite(spec) -> list[dict]:
+    from benchmarks import kernel_cases as K
+    from fastsd import backend as B
+
+    mem = common.Memory(spec["device"])
+    mem.mark_loaded()
+    dev, dtype = spec["device"], {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec["dtype"]]
+    quick = spec.get("quick", False)
+    found = K.discover()
+    rows = []
+    why_not = _triton_can_run(dev)
+    interp = dev == "cpu" and B.interpreter_enabled() and why_not is None
+    if dev == "cpu" and interp and not quick:
+        why_not = "needs CUDA (the Triton interpreter would take hours at SD1.5 shapes; use --quick for tiny shapes)"
+    elif dev == "cpu" and why_not is not None:
+        why_not = "needs CUDA"
+    want_triton = "triton" in spec["backends"] or "auto" in spec["backends"]
+    for op, missing in found.items():
+        base = {"op": op, "impl": "fastsd", "latent": [spec["res"] // 8] * 2}
+        if missing:
+            rows.append({**base, "backend": "triton", "status": "missing", "reason": missing, "shape": None,
+                         "times": common.summary([])})
+            continue
+        case = K.CASES[op]
+        for shp in case.shapes(spec["res"], quick, dtype):
+            try:
+                ref_fn, tri_fn = case.make(shp.args, dtype, dev)
+            except Exception as e:  # a kernel whose API the case does not know
+                rows.append({**base, "backend": "triton", "status": "error", "reason": f"{type(e).__name__}: {e}",
+                             "shape": shp.label, "times": common.summary([])})
+                continue
+            variants = [("torch", ref_fn, None)]  # the reference, always
+            if want_triton:
+                variants.append(("triton", tri_fn, why_not))
+            ref_out = None
+            for backend, fn, skip in variants:
+                row = {**base, "backend": backend, "shape": shp.label, "flops": shp.flops, "bytes": shp.bytes_}
+                if skip:
+                    rows.append({**row, "status": "needs CUDA", "reason": skip, "times": common.summary([])})
+                    continue
+                try:
+                    with torch.inference_mode():
+                        times, out = _time_kernel(fn, dev, spec, interp and backend == "triton")
+                except Exception as e:
+                    rows.append({**row, "status": "error", "reason": f"{type(e).__name__}: {e}"[:500],
+                                 "times": common.summary([])})
+                    continue
+                if backend == "torch":
+                    ref_out = out
+                elif ref_out is not None:
+                    row["max_rel_err"] = common.max_rel_err(out, ref_out)
+                med = times["median"]
+                row.update(times=times, time_s=med, it_s=1 / med if med else None,
+                           tflops=shp.flops / med / 1e12 if med else None,
+                           gbps=shp.bytes_ / med / 1e9 if med else None,
+                           interpreter=interp and backend == "triton")
+                rows.append(row)
+    memf = mem.fields()
+    for r in rows:
+        r.update(memf)
+        r.setdefault("status", "ok")
+        r.setdefault("time_s", r["times"]["median"])
+        r.setdefault("it_s", None)
+    return rows
+
+
+def _time_kernel(fn, dev, spec, interpreted: bool):
+    """do_bench on CUDA (median/min/max from its quantiles); perf_counter warm-up + repeats on CPU
+    (one call under the interpreter)."""
+    if dev.startswith("cuda"):
+        import triton.testing
+
+        out = fn()
+        med, lo, hi = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.0, 1.0])
+        return {"min": lo / 1e3, "median": med / 1e3, "max": hi / 1e3, "n": None, "all": [],
+                "method": "triton.testing.do_bench"}, out
+    warmup, repeat = (1, 1) if interpreted else (max(spec["warmup"], 1), spec["repeat"])
+    times, out = common.bench(fn, dev, warmup, repeat)
+    return {**common.summary(times), "method": "perf_counter"}, out
+
+
+def run(spec) -> list[dict]:
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if spec["suite"] == "kernels":
+        return run_kernels_suite(spec)
+    return run_model_suite(spec)

@@ -1,0 +1,129 @@
+"""diffusers / transformers twins of a fastsd pipeline, holding fastsd's own weights.
+
+The twins are built from the fastsd config (the same mapping as tests/oracles.py, kept here so the
+harness does not import from tests/), and filled from fastsd's state dicts: fastsd's module names are
+the LDM checkpoint names, so `{LDM_PREFIXES[model] + key: tensor}` is an LDM single-file state dict,
+which diffusers' own converters (`convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint` /
+`convert_ldm_clip_checkpoint`) turn into diffusers names; `load_state_dict(strict=True)` then proves
+every weight found its place. Whatever random or loaded weights fastsd has, diffusers runs the same ones.
+
+The UNet and VAE twins are built on the meta device and take fastsd's tensors themselves
+(`load_state_dict(assign=True)`): no second copy of the weights in memory, and the twin's parameters
+ARE fastsd's (changing one changes the other; nothing here changes weights). The CLIP twin is small
+and gets a copy.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastsd.checkpoint import LDM_PREFIXES
+from fastsd.config import SDConfig
+
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon")
+
+
+def diffusers_unet(cfg: SDConfig):
+    from diffusers import UNet2DConditionModel
+
+    u = cfg.unet
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_levels]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_levels)]
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=u.in_channels, out_channels=u.out_channels,
+        block_out_channels=[u.model_channels * m for m in u.channel_mult], layers_per_block=u.num_res_blocks,
+        down_block_types=down, up_block_types=up, cross_attention_dim=u.context_dim,
+        attention_head_dim=u.num_heads, norm_num_groups=u.norm_groups)
+
+
+def diffusers_vae(cfg: SDConfig):
+    from diffusers import AutoencoderKL
+
+    v = cfg.vae
+    n = len(v.ch_mult)
+    return AutoencoderKL(
+        in_channels=v.in_channels, out_channels=v.out_ch, down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[v.ch * m for m in v.ch_mult],
+        layers_per_block=v.num_res_blocks, latent_channels=v.z_channels, norm_num_groups=v.norm_groups,
+        scaling_factor=v.scale_factor, sample_size=256)
+
+
+def transformers_clip(cfg: SDConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    c = cfg.clip
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, max_position_embeddings=c.max_positions,
+        hidden_act="quick_gelu", layer_norm_eps=c.layer_norm_eps, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=1, projection_dim=c.hidden_size))
+
+
+def ldm_state_dict(module: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """A fastsd model's weights under LDM single-file names (`name` in LDM_PREFIXES)."""
+    return {LDM_PREFIXES[name] + k: v for k, v in module.state_dict().items()}
+
+
+def _build(ctor, cfg: SDConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+    """Build on the meta device (no random init, no second copy) and take `sd`'s tensors strictly;
+    if anything stays on meta (a non-persistent buffer), build normally and copy instead."""
+    with torch.device("meta"):
+        model = ctor(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model = ctor(cfg)
+        model.load_state_dict(sd, strict=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def unet_twin(pipe):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    with torch.device("meta"):
+        config = dict(diffusers_unet(pipe.config).config)
+    sd = convert_ldm_unet_checkpoint(ldm_state_dict(pipe.unet, "unet"), config)
+    return _build(diffusers_unet, pipe.config, sd, pipe.dtype, pipe.device)
+
+
+def vae_twin(pipe):
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    with torch.device("meta"):
+        config = dict(diffusers_vae(pipe.config).config)
+    sd = convert_ldm_vae_checkpoint(ldm_state_dict(pipe.vae, "vae"), config)
+    return _build(diffusers_vae, pipe.config, sd, pipe.dtype, pipe.device)
+
+
+def clip_twin(pipe):
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+    sd = convert_ldm_clip_checkpoint(ldm_state_dict(pipe.clip, "clip"))
+    model = transformers_clip(pipe.config)  # small: built normally (its position_ids buffer must be real)
+    keys = set(model.state_dict())
+    if not any(k.startswith("text_model.") for k in keys):  # transformers >= 5 drops the text_model level
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if k in keys or not k.endswith("position_ids")}
+    model.load_state_dict(sd, strict=True)
+    return model.to(device=pipe.device, dtype=pipe.dtype).eval().requires_grad_(False)
+
+
+def tokenizer():
+    """transformers' CLIPTokenizer over fastsd's shipped vocabulary (pads with EOS, as SD1.x's does)."""
+    from importlib.resources import files
+
+    from transformers import CLIPTokenizer
+
+    assets = files("fastsd") / "assets"
+    return CLIPTokenizer(str(assets / "vocab.json"), str(assets / "merges.txt"), model_max_length=77)
+
+
+def diffusers_pipeline(pipe, unet=None, vae=None, clip=None):
+    """A StableDiffusionPipeline on fastsd's weights, with the Euler scheduler (fastsd's "euler" twin)."""
+    import diffusers
+
+    sp = diffusers.StableDiffusionPipeline(
+        vae=vae or vae_twin(pipe), text_encoder=clip or clip_twin(pipe), tokenizer=tokenizer(),
+        unet=unet or unet_twin(pipe), scheduler=diffusers.EulerDiscreteScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sp.set_progress_bar_config(disable=True)
+    return sp

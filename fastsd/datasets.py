@@ -1,0 +1,303 @@
+"""Small image datasets for training fastsd's UNet in pixel space, all local (nothing is downloaded).
+
+  digits   scikit-learn's bundled 8x8 handwritten digits (`load_digits`: 1,797 images, 10 classes, grey
+           levels 0..16), scaled to [-1, 1]. Held-out split: a fixed 20% of each class (numpy seed 0).
+  mnist    MNIST IDX files given by path: a folder holding train-images-idx3-ubyte[.gz] and
+           train-labels-idx1-ubyte[.gz] (also the "train-images.idx3-ubyte" spelling), or the images file
+           itself with the labels file beside it. Held-out: the t10k files when present, else a fixed 10%.
+  cifar10  CIFAR-10 "python version" batches given by path (the cifar-10-batches-py folder: data_batch_1..5,
+           optional test_batch and batches.meta). Held-out: test_batch when present, else a fixed 10%.
+  folder   a folder of images, one subfolder per class (class = subfolder name, classes sorted by name).
+           Held-out: a fixed 10% of each class. Greyscale images give a 1-channel dataset, else RGB.
+
+Every dataset is returned as float32 arrays (N, C, H, W) in [-1, 1] with int64 labels.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DATASETS = ("digits", "mnist", "cifar10", "folder")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset that can't be loaded; the message is one line, meant for the user."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_x: np.ndarray  # (N, C, H, W) float32 in [-1, 1]
+    train_y: np.ndarray  # (N,) int64
+    test_x: np.ndarray  # the fixed held-out split
+    test_y: np.ndarray
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[2])
+
+
+def check_path(name: str, path: str | None) -> str | None:
+    """A one-line reason why `path` can't hold dataset `name` (None when it may): for argparse's error()."""
+    if name not in DATASETS:
+        return f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}"
+    if name == "digits":
+        return None
+    if path is None:
+        return f"dataset {name!r} needs --data-path (nothing is downloaded)"
+    if not os.path.exists(path):
+        return f"--data-path {path}: no such file or folder"
+    return None
+
+
+def load_dataset(name: str, path: str | None = None, image_size: int | None = None,
+                 channels: int | None = None) -> Dataset:
+    """Load dataset `name` (see the module doc); `image_size` resizes (bilinear, antialiased when shrinking)
+    to a square side, `channels` (folder only) forces 1 or 3 channels."""
+    why = check_path(name, path)
+    if why:
+        raise DatasetError(why)
+    if name == "digits":
+        ds = load_digits_dataset()
+    elif name == "mnist":
+        ds = load_mnist(path)
+    elif name == "cifar10":
+        ds = load_cifar10(path)
+    else:
+        ds = load_image_folder(path, image_size or 32, channels)
+    if image_size is not None and image_size != ds.image_size:
+        ds.train_x, ds.test_x = resize(ds.train_x, image_size), resize(ds.test_x, image_size)
+    return ds
+
+
+def resize(x: np.ndarray, size: int) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(x)
+    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[2])
+    return out.clamp(-1, 1).numpy()
+
+
+def fixed_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx): `fraction` of each class held out (at least one image when a class has two
+    or more), chosen by a seeded permutation, so the split is the same on every run and machine."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        k = int(round(len(idx) * fraction))
+        k = max(k, 1) if len(idx) >= 2 else 0
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _to_unit(a: np.ndarray, max_value: float) -> np.ndarray:
+    return (a.astype(np.float32) / np.float32(max_value) * 2.0 - 1.0).astype(np.float32)
+
+
+def _split_dataset(name, x, y, class_names, fraction) -> Dataset:
+    tr, te = fixed_split(y, fraction)
+    return Dataset(name, x[tr], y[tr], x[te], y[te], class_names)
+
+
+# --------------------------------------------------------------------------------------------- digits
+
+def load_digits_dataset() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = _to_unit(d.images[:, None], 16.0)  # (1797, 1, 8, 8), grey levels 0..16
+    y = d.target.astype(np.int64)
+    return _split_dataset("digits", x, y, [str(i) for i in range(10)], 0.2)
+
+
+# --------------------------------------------------------------------------------------------- MNIST (IDX)
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (uint8 data, as MNIST's), optionally gzipped."""
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"{path}: can't read ({e})") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise DatasetError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    head = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", data[4:head])
+    if len(data) - head != int(np.prod(dims)):
+        raise DatasetError(f"{path}: IDX header says {dims} but the file holds {len(data) - head} bytes")
+    return np.frombuffer(data, np.uint8, offset=head).reshape(dims)
+
+
+def _find(folder: str, names: list[str]) -> str | None:
+    for n in names:
+        for cand in (n, n + ".gz"):
+            p = os.path.join(folder, cand)
+            if os.path.isfile(p):
+                return p
+    return None
+
+
+def _idx_pair(folder: str, prefix: str) -> tuple[str | None, str | None]:
+    return (_find(folder, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"]),
+            _find(folder, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"]))
+
+
+def _read_idx_pair(images: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise DatasetError(f"{images} / {labels}: expected (N, H, W) images and (N,) labels, got "
+                           f"{x.shape} and {y.shape}")
+    return _to_unit(x[:, None], 255.0), y.astype(np.int64)
+
+
+def load_mnist(path: str) -> Dataset:
+    if os.path.isdir(path):
+        folder = path
+        images, labels = _idx_pair(folder, "train")
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+        images = path
+        base = os.path.basename(path)
+        lab = base.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1")
+        labels = os.path.join(folder, lab) if lab != base and os.path.isfile(os.path.join(folder, lab)) else None
+    if images is None or labels is None:
+        raise DatasetError(f"--data-path {path}: no MNIST train-images-idx3-ubyte[.gz] with its "
+                           f"train-labels-idx1-ubyte[.gz] there")
+    x, y = _read_idx_pair(images, labels)
+    names = [str(i) for i in range(int(y.max()) + 1)]
+    t_images, t_labels = _idx_pair(folder, "t10k")
+    if t_images and t_labels and os.path.abspath(t_images) != os.path.abspath(images):
+        tx, ty = _read_idx_pair(t_images, t_labels)
+        return Dataset("mnist", x, y, tx, ty, names)
+    return _split_dataset("mnist", x, y, names, 0.1)
+
+
+# --------------------------------------------------------------------------------------------- CIFAR-10
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """The CIFAR-10 python batches are pickles (the official format). A pickle can name any importable
+    callable and so run code; this unpickler resolves only the few globals a dict of numpy arrays needs
+    (array reconstruction, dtype, and the bytes codec) and refuses every other one, so a crafted file fails
+    to load instead of running code. Only open files you trust all the same."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("_codecs", "encode"): ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        target = self.ALLOWED.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name} (only numpy arrays are allowed)")
+        try:
+            return super().find_class(*target)
+        except (ImportError, AttributeError):  # numpy < 2 has numpy.core, not numpy._core
+            return super().find_class(module.replace("numpy._core", "numpy.core"), name)
+
+
+def load_cifar_batch(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
+        raise DatasetError(f"{path}: not a CIFAR python batch ({e})") from None
+    if not isinstance(d, dict):
+        raise DatasetError(f"{path}: not a CIFAR python batch (no dict inside)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _cifar_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+    d = load_cifar_batch(path)
+    data, labels = d.get("data"), d.get("labels", d.get("fine_labels"))
+    if not isinstance(data, np.ndarray) or labels is None or data.ndim != 2 or data.shape[1] != 3072:
+        raise DatasetError(f"{path}: expected 'data' (N, 3072) uint8 and 'labels'")
+    y = np.asarray(labels, dtype=np.int64)
+    return _to_unit(data.reshape(-1, 3, 32, 32), 255.0), y
+
+
+def load_cifar10(path: str) -> Dataset:
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        batches = sorted(f for f in os.listdir(folder) if f.startswith("data_batch_"))
+        if not batches:
+            raise DatasetError(f"--data-path {path}: no CIFAR-10 data_batch_* files there")
+        files = [os.path.join(folder, f) for f in batches]
+    else:
+        files = [path]
+    parts = [_cifar_arrays(f) for f in files]
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    names = [str(i) for i in range(10)]
+    meta = os.path.join(folder, "batches.meta")
+    if os.path.isfile(meta):
+        m = load_cifar_batch(meta).get("label_names")
+        if isinstance(m, list) and len(m) == 10:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in m]
+    test = os.path.join(folder, "test_batch")
+    if os.path.isfile(test) and os.path.abspath(test) not in map(os.path.abspath, files):
+        tx, ty = _cifar_arrays(test)
+        return Dataset("cifar10", x, y, tx, ty, names)
+    return _split_dataset("cifar10", x, y, names, 0.1)
+
+
+# --------------------------------------------------------------------------------------------- image folder
+
+def load_image_folder(path: str, image_size: int = 32, channels: int | None = None) -> Dataset:
+    from PIL import Image
+
+    if not os.path.isdir(path):
+        raise DatasetError(f"--data-path {path}: an image-folder dataset is a folder with one subfolder per class")
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(path, c))):
+            if f.lower().endswith(IMAGE_EXTS):
+                files.append(os.path.join(path, c, f))
+                labels.append(i)
+    if not files:
+        raise DatasetError(f"--data-path {path}: no images in class subfolders (expected {path}/<class>/*.png)")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except (OSError, Image.UnidentifiedImageError) as e:
+            raise DatasetError(f"{f}: not a readable image ({e})") from None
+    if channels is None:
+        channels = 1 if all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in images) else 3
+    if channels not in (1, 3):
+        raise DatasetError(f"channels must be 1 or 3, got {channels}")
+    mode = "L" if channels == 1 else "RGB"
+    arrs = []
+    for im in images:
+        im = im.convert(mode)
+        if im.size != (image_size, image_size):
+            im = im.resize((image_size, image_size), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.uint8)
+        arrs.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
+    x = _to_unit(np.stack(arrs), 255.0)
+    y = np.asarray(labels, dtype=np.int64)
+    return _split_dataset("folder", x, y, classes, 0.1)

@@ -1,0 +1,100 @@
+"""The benchmark harness's --quick smoke run (what CI runs): it finishes, and every JSON row has every field.
+
+One `python -m benchmarks run --quick` invocation (random:tiny at 64 px, one thread) covers the UNet
+step with `--compare diffusers` (fastsd and its diffusers twin on the same weights, alternating, plus a
+fresh memory process per implementation), the triton backend (a "needs CUDA" row on CPU) and the kernels
+suite (torch references timed, triton rows marked).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.jsonl"
+    png = out.with_suffix(".png")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # tests/conftest.py sets it
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "benchmarks", "run", "--quick", "--suite", "unet,kernels", "--compare", "diffusers",
+           "--backend", "torch,triton", "--device", "cpu", "--json", str(out), "--plot", str(png)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return rows, p.stdout, png
+
+
+def test_rows_have_every_field(quick):
+    from benchmarks.common import ROW_FIELDS, TIME_FIELDS
+
+    rows, _, _ = quick
+    assert rows
+    for r in rows:
+        missing = [k for k in ROW_FIELDS if k not in r]
+        assert not missing, (r.get("name"), missing)
+        assert set(TIME_FIELDS) <= set(r["times"])
+        assert r["command"].startswith("python -m benchmarks run --quick")
+        assert r["git_commit"] and r["torch"] and r["device_name"] and r["threads"] == 1
+        assert r["status"] in ("ok", "needs CUDA", "missing"), (r["name"], r["status"], r.get("reason"))
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        t = r["times"]
+        assert t["n"] == len(t["all"]) >= 1 and 0 < t["min"] <= t["median"] <= t["max"]
+        assert r["time_s"] == t["median"] and r["rss_baseline_bytes"] > 0 and r["rss_peak_bytes"] > 0
+
+
+def test_compare_diffusers_row(quick):
+    rows, _, _ = quick
+    step = {r["impl"]: r for r in rows if r["name"] == "unet step" and r["status"] == "ok"}
+    assert set(step) == {"fastsd", "diffusers"}
+    f, d = step["fastsd"], step["diffusers"]
+    assert f["model"] == "random:tiny" and f["backend"] == "torch" and f["compare_impl"] == "diffusers"
+    assert len(f["ratios"]) == f["times"]["n"] == 3
+    assert math.isfinite(f["ratio_median"]) and f["ratio_median"] > 0
+    assert f["max_rel_err"] < 1e-4  # same weights, same inputs: the same function
+    assert f["it_s"] > 0 and d["it_s"] > 0
+    # peak memory of each implementation comes from its own fresh process
+    assert f["rss_isolated"] and d["rss_isolated"]
+    assert f["rss_peak_run_bytes"] >= f["rss_baseline_bytes"] and d["rss_peak_run_bytes"] >= d["rss_baseline_bytes"]
+
+
+def test_triton_rows_on_cpu_say_needs_cuda(quick):
+    rows, _, _ = quick
+    tri = [r for r in rows if r["backend"] == "triton"]
+    assert tri and all(r["status"] in ("needs CUDA", "missing") for r in tri)
+
+
+def test_kernels_suite_reports_throughput(quick):
+    rows, _, _ = quick
+    ref = [r for r in rows if r["suite"] == "kernels" and r["backend"] == "torch"]
+    assert {r["op"] for r in ref} >= {"attention", "group_norm"}
+    for r in ref:
+        assert r["status"] == "ok" and r["tflops"] > 0 and r["gbps"] > 0
+
+
+def test_markdown_table_and_plot(quick):
+    _, stdout, png = quick
+    assert "| unet step | random:tiny | fastsd | torch |" in stdout
+    assert "| kernel | shape |" in stdout
+    assert png.exists() and png.stat().st_size > 1000
+
+
+def test_microbenchmarks_collected_only_when_asked():
+    """bench_*.py are collected from benchmarks/ when asked (benchmarks/conftest.py), never by the default
+    run (testpaths = tests)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    asked = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                            "benchmarks/bench_attention.py", "benchmarks/bench_group_norm.py"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "bench_attention.py::test_attention" in asked.stdout, asked.stdout[-2000:] + asked.stderr[-2000:]
+    assert "bench_group_norm.py::test_group_norm" in asked.stdout
+    # the default run: testpaths = tests, where no bench_*.py lives
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert 'testpaths = ["tests"]' in f.read()
+    assert not [f for _, _, fs in os.walk(os.path.join(ROOT, "tests")) for f in fs if f.startswith("bench_")]
