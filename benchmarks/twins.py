@@ -1,7 +1,6 @@
 """diffusers / transformers twins of a fastsd pipeline, holding fastsd's own weights.
 
-The twins are built from the fastsd config (the same mapping as tests/oracles.py, kept here so the
-harness does not import from tests/), and filled from fastsd's state dicts: fastsd's module names are
+The twins are built from the fastsd config (tests/oracles.py uses these builders too), and filled from fastsd's state dicts: fastsd's module names are
 the LDM checkpoint names, so `{LDM_PREFIXES[model] + key: tensor}` is an LDM single-file state dict,
 which diffusers' own converters (`convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint` /
 `convert_ldm_clip_checkpoint`) turn into diffusers names; `load_state_dict(strict=True)` then proves

@@ -30,6 +30,8 @@ import time
 import numpy as np
 import torch
 
+from fastsd.train import usage_error
+
 HIDDEN = 64
 MAX_CLASSIFIER_TRAIN = 10000  # subsample big datasets (MNIST, CIFAR) for the scikit-learn classifier
 
@@ -199,17 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def _usage_error(parser: argparse.ArgumentParser, msg: str):
-    """argparse's error exit (status 2, "prog: error: msg") without the long usage block: one line."""
-    parser.exit(2, f"{parser.prog}: error: {msg}\n")
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not os.path.isdir(args.run):
-        _usage_error(parser, f"run folder {args.run}: no such folder")
+        usage_error(parser, f"run folder {args.run}: no such folder")
     if args.n_per_class < 2 or args.steps < 1 or args.fd_repeats < 1:
-        _usage_error(parser, "--n-per-class must be at least 2, --steps and --fd-repeats at least 1")
+        usage_error(parser, "--n-per-class must be at least 2, --steps and --fd-repeats at least 1")
     from fastsd.datasets import DatasetError
     from fastsd.samplers import get_sampler
     from fastsd.train import atomic_write

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from fastsd.train import MODEL_FILE, STATE_FILE, RunConfig, build_model, load_run_config, load_tensors
+from fastsd.train import MODEL_FILE, STATE_FILE, usage_error, RunConfig, build_model, load_run_config, load_tensors
 
 
 def load_run(run_dir: str, *, ema: bool = True):
@@ -139,22 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def _usage_error(parser: argparse.ArgumentParser, msg: str):
-    """argparse's error exit (status 2, "prog: error: msg") without the long usage block: one line."""
-    parser.exit(2, f"{parser.prog}: error: {msg}\n")
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not os.path.isdir(args.run):
-        _usage_error(parser, f"run folder {args.run}: no such folder")
+        usage_error(parser, f"run folder {args.run}: no such folder")
     if not args.out.lower().endswith(".png"):
-        _usage_error(parser, f"--out {args.out}: expected a .png path")
+        usage_error(parser, f"--out {args.out}: expected a .png path")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
-        _usage_error(parser, f"--out {args.out}: folder {folder} does not exist")
+        usage_error(parser, f"--out {args.out}: folder {folder} does not exist")
     if args.n < 1 or args.steps < 1:
-        _usage_error(parser, "--n and --steps must be at least 1")
+        usage_error(parser, "--n and --steps must be at least 1")
     from fastsd.image import save_png
     from fastsd.samplers import get_sampler
 

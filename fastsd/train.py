@@ -475,7 +475,7 @@ def check_config(run: RunConfig) -> None:
 
 
 
-def _usage_error(parser: argparse.ArgumentParser, msg: str):
+def usage_error(parser: argparse.ArgumentParser, msg: str):
     """argparse's error exit (status 2, "prog: error: msg") without the long usage block: one line."""
     parser.exit(2, f"{parser.prog}: error: {msg}\n")
 
@@ -484,9 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     why = check_path(args.dataset, args.data_path)
     if why:
-        _usage_error(parser, why)
+        usage_error(parser, why)
     if args.resume and not os.path.exists(os.path.join(args.out, STATE_FILE)):
-        _usage_error(parser, f"--resume: no {STATE_FILE} in {args.out}")
+        usage_error(parser, f"--resume: no {STATE_FILE} in {args.out}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -9,8 +9,7 @@ from fastsd import load_pipeline
 from fastsd.config import SD15, TINY
 from fastsd.image import parse_infotext
 
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon")
+from benchmarks.twins import SD15_SCHEDULER  # noqa: E402
 
 
 def psnr(a, b) -> float:
