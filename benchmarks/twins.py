@@ -72,7 +72,9 @@ def _build(ctor, cfg: SDConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype,
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         model = ctor(cfg)
         model.load_state_dict(sd, strict=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # diffusers as its users run it: NCHW weights (fastsd's CPU path keeps its own in channels_last)
+    model = model.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
+    return model.eval().requires_grad_(False)
 
 
 def unet_twin(pipe):

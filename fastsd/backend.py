@@ -4,7 +4,10 @@
 - "triton": the Triton kernels in `kernels/`. Needs CUDA tensors, or CPU tensors with the Triton
   interpreter (TRITON_INTERPRET=1 set before triton is imported). An explicit request that can't be
   met raises BackendError with the reason.
-- "auto" (default): triton when the tensor is on CUDA and triton imports, else torch, quietly.
+- "auto" (default): triton when the tensor is on CUDA and triton imports, else torch, quietly. On a
+  CPU, auto also takes the CPU-tuned torch paths (`cpu_tuned`): bf16 attention chunked over queries
+  (fastsd/cpu_attention.py) and the UNet/VAE convolutions in channels_last. "torch" never does: it
+  stays the plain reference.
 
 The setting is a context variable (not a module global): `use("triton")` scopes it, `set_backend`
 sets it for the current context; the env var FASTSD_BACKEND gives the default.
@@ -103,3 +106,15 @@ def wants_triton(device: torch.device, *, supported: bool = True) -> bool:
     if reason is not None:
         raise BackendError(f"backend 'triton' was requested but {reason}")
     return supported
+
+
+def cpu_tuned(device: torch.device, name: str | None = None) -> bool:
+    """Whether to lay models out for the CPU-tuned paths (channels_last, prepacked convolutions):
+    backend `name` (default: the current one) is auto and the device is a CPU."""
+    return _check(name or get_backend()) == "auto" and device.type == "cpu"
+
+
+def cpu_tuned_ops(device: torch.device) -> bool:
+    """Whether an op call takes its CPU-tuned path: cpu_tuned, and autograd is off (those paths write
+    into preallocated outputs, which autograd can't follow; training keeps the reference ops)."""
+    return cpu_tuned(device) and not torch.is_grad_enabled()

@@ -20,12 +20,17 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
               causal: bool = False) -> torch.Tensor:
     """Multi-head attention. The Triton kernel is non-causal with head dim <= 256; CLIP's causal
-    attention and the VAE's single 512-wide head always take the reference path."""
+    attention and the VAE's single 512-wide head take the torch paths. On a CPU under auto, bf16
+    takes the chunked attention of fastsd/cpu_attention.py (faster than SDPA there, as accurate)."""
     supported = not causal and q.shape[-1] <= KERNEL_MAX_HEAD_DIM
     if backend.wants_triton(q.device, supported=supported):
         import kernels
 
         return kernels.attention(q, k, v, scale=scale)
+    if not causal and q.dtype == torch.bfloat16 and backend.cpu_tuned_ops(q.device):
+        from fastsd.cpu_attention import attention_chunked
+
+        return attention_chunked(q, k, v, scale=scale)
     return attention_reference(q, k, v, scale=scale, causal=causal)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from fastsd import backend as _backend
 from fastsd.checkpoint import Checkpoint, build_models, resolve
 from fastsd.conditioning import encode_prompts
+from fastsd.cpu_pack import pack_weights
 from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser
 from fastsd.image import check_mask, file_hash, format_infotext, mask_to_tensor, pil_to_tensor, tensor_to_pil
@@ -100,6 +101,10 @@ class Pipeline:
         self.clip, self.vae, self.unet, self.config = clip, vae, unet, config
         self.device, self.dtype, self.backend = device, dtype, _backend._check(backend)
         self.name, self.kind, self.path = name, kind, path
+        if _backend.cpu_tuned(device, self.backend):
+            # activations in channels_last (oneDNN's native layout), conv and linear weights prepacked once
+            for model in (unet, vae, clip):
+                pack_weights(model.to(memory_format=torch.channels_last))
         self._tokenizer = tokenizer
         self.offload = False  # keep each model on the CPU except while it runs (CUDA only)
         self._hash: str | None = None

