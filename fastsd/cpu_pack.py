@@ -5,8 +5,9 @@ MKL's GEMM (fp32 sgemm at ~180 GFLOP/s on the 2-core EPYC, where oneDNN reaches 
 (`python -m benchmarks.cpu_paths`): conv 2560->1280 on 8x8 latents, batch 2, bf16: 18.1 ms plain, 7.9 ms
 prepacked (320 channels at 64x64: unchanged); linear 8192x320 -> 320: bf16 2.04 -> 1.53 ms, fp32 7.0 ->
 3.0 ms. `pack_weights` swaps in place: each Conv2d / Linear keeps its name, its `weight` becomes the
-packed (mkldnn) tensor - no second copy - and `state_dict()` gives the plain weight back. bf16 outputs
-are bit-identical to F.conv2d / F.linear; fp32 linears differ at rounding level (another GEMM kernel).
+packed (mkldnn) tensor - no second copy - and `state_dict()` gives the plain weight back. Outputs match
+F.conv2d / F.linear to rounding (the same oneDNN convolution; oneDNN's GEMM instead of MKL's for linears):
+tests/test_cpu_paths.py holds packed models to the unpacked ones.
 """
 from __future__ import annotations
 
