@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", type=int, default=1, help="A1111 clip skip: 1 = last CLIP layer, 2 = penultimate")
     p.add_argument("--out", default="outputs", help="output folder, or a .png path for a single image")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda; bf16 on a cpu with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
     p.add_argument("--tiled-vae", action="store_true", help="always decode/encode the VAE in tiles "

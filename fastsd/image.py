@@ -105,3 +105,10 @@ def save_png(image: Image.Image, path: str, infotext: str | None = None) -> None
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio in dB of two 8-bit images (PIL images or uint8 arrays, same shape)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))

@@ -31,9 +31,28 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bf16 in hardware (AVX512-BF16 or AMX-BF16 flags; Linux). CPUs
+    without it emulate bf16 GEMMs, slower than fp32."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA; on a CPU bf16 when it has native bf16 (SD1.5 UNet step there: 2.5 s vs 4.7 s in
+    fp32; 20-step 512 px image PSNR 50.7 dB against fp32, `python -m benchmarks.quality`), else fp32."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_native_bf16() else torch.float32
+
+
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:

@@ -75,14 +75,14 @@ def test_safetensors_ldm_file_in_low_precision(tiny, reference, tmp_path, dtype)
 def test_bare_ckpt_without_wrapper(tiny, reference, tmp_path):
     path = tmp_path / "bare.ckpt"
     torch.save(tiny[1], path)
-    got = _params(load_pipeline(str(path), device="cpu"))
+    got = _params(load_pipeline(str(path), device="cpu", dtype="fp32"))
     assert all(torch.equal(got[k], v) for k, v in reference.items())
 
 
 def test_diffusers_folder_with_bin_weights(tmp_path):
     save_diffusers_folder(TINY, tmp_path / "bin", safe_serialization=False)
     assert (tmp_path / "bin" / "unet" / "diffusion_pytorch_model.bin").exists()
-    pipe = load_pipeline(str(tmp_path / "bin"), device="cpu")
+    pipe = load_pipeline(str(tmp_path / "bin"), device="cpu", dtype="fp32")
     assert pipe.config.unet == TINY.unet
 
 
@@ -92,13 +92,13 @@ def test_repo_id_from_local_hf_cache(tiny, reference, tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    got = _params(load_pipeline("someone/tiny-sd", device="cpu"))
+    got = _params(load_pipeline("someone/tiny-sd", device="cpu", dtype="fp32"))
     assert all(torch.equal(got[k], v) for k, v in reference.items())
     _one_line_error("someone/other-model", "no such repo in the local Hugging Face cache")
 
 
 def test_random_presets():
-    pipe = load_pipeline("random:tiny", device="cpu")
+    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32")
     assert pipe.config == TINY and pipe.kind == "sd1"
     assert load_pipeline("random:tiny-inpainting", device="cpu").kind == "sd1-inpainting"
     _one_line_error("random:sd99", "unknown preset 'sd99'.*random:sd15")

@@ -69,7 +69,7 @@ def test_attention_dispatch_on_cpu():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_packed_weights_give_the_same_outputs_and_state_dict(dtype):
-    pipe = load_pipeline("random:tiny", device="cpu", backend="torch")
+    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
     models = {"unet": pipe.unet, "vae": pipe.vae, "clip": pipe.clip}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g)
@@ -116,8 +116,8 @@ def test_feed_forward_chunks_match_one_pass(monkeypatch):
 
 
 def test_pipeline_lays_out_models_per_backend():
-    auto = load_pipeline("random:tiny", device="cpu", backend="auto")
-    plain = load_pipeline("random:tiny", device="cpu", backend="torch")
+    auto = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="auto")
+    plain = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
     assert any(isinstance(m, PackedConv2d) for m in auto.unet.modules())
     assert any(isinstance(m, PackedLinear) for m in auto.clip.modules())
     assert not any(isinstance(m, (PackedConv2d, PackedLinear)) for m in plain.unet.modules())
@@ -125,3 +125,19 @@ def test_pipeline_lays_out_models_per_backend():
     a = np.asarray(auto.generate("a red cube", **kw)[0], dtype=np.float32)
     b = np.asarray(plain.generate("a red cube", **kw)[0], dtype=np.float32)
     assert a.std() > 5 and np.abs(a - b).max() <= 2  # fp32: the same image up to 8-bit rounding
+
+
+def test_default_dtype_follows_the_cpu(tmp_path, monkeypatch):
+    from fastsd import pipeline
+
+    with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert pipeline.cpu_native_bf16(str(with_bf16)) and not pipeline.cpu_native_bf16(str(without))
+    assert not pipeline.cpu_native_bf16(str(tmp_path / "missing"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(pipeline, "cpu_native_bf16", lambda: True)
+    assert pipeline.parse_dtype(None, cpu) == torch.bfloat16 and pipeline.parse_dtype(None, cuda) == torch.float16
+    assert pipeline.parse_dtype("fp32", cpu) == torch.float32
+    monkeypatch.setattr(pipeline, "cpu_native_bf16", lambda: False)
+    assert pipeline.parse_dtype(None, cpu) == torch.float32

@@ -7,15 +7,9 @@ from PIL import Image
 
 from fastsd import load_pipeline
 from fastsd.config import SD15, TINY
-from fastsd.image import parse_infotext
+from fastsd.image import parse_infotext, psnr
 
 from benchmarks.twins import SD15_SCHEDULER  # noqa: E402
-
-
-def psnr(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = ((a - b) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def scheduler(name):

@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from fastsd import backend, load_pipeline
+from fastsd.image import psnr
 from fastsd.denoisers import CFGDenoiser
 
 UNET_RTOL = 1e-4  # observed ~8e-7 (fp32)
@@ -20,7 +21,7 @@ MIN_PSNR = 40.0   # observed: identical 8-bit images
 
 @pytest.fixture(scope="module")
 def pipe():
-    return load_pipeline("random:tiny", device="cpu", dtype="fp32", seed=0)
+    return load_pipeline("random:tiny", device="cpu", dtype="fp32", seed=0, backend="torch")  # plain layout
 
 
 def _counting(monkeypatch, obj, name):
@@ -48,12 +49,6 @@ def test_tiny_unet_forward_triton_matches_torch(pipe, monkeypatch):
     assert rel < UNET_RTOL, rel
 
 
-def _psnr(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = ((a - b) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-
-
 @pytest.mark.parametrize("sampler,steps", [("euler_a", 2), pytest.param("dpmpp_2m", 3, marks=pytest.mark.slow)])
 def test_txt2img_triton_matches_torch(pipe, monkeypatch, sampler, steps):
     """euler_a x 2 steps: an ancestral step with noise (drawn from the pipeline's per-image generators), then the
@@ -70,10 +65,10 @@ def test_txt2img_triton_matches_torch(pipe, monkeypatch, sampler, steps):
         try:
             images[be] = pipe.generate(**kw)[0]
         finally:
-            pipe.backend = "auto"
+            pipe.backend = "torch"
         assert len(branches) == steps
         assert len(fused) == (steps if be == "triton" else 0)
     assert np.asarray(images["torch"]).std() > 5, "degenerate image: the comparison would prove nothing"
-    psnr = _psnr(images["triton"], images["torch"])
-    print(f"txt2img {sampler} x {steps} steps, triton vs torch: PSNR {psnr:.1f} dB")
-    assert psnr >= MIN_PSNR
+    db = psnr(images["triton"], images["torch"])
+    print(f"txt2img {sampler} x {steps} steps, triton vs torch: PSNR {db:.1f} dB")
+    assert db >= MIN_PSNR
