@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--suite", default="unet", help=f"comma-separated: {', '.join(SUITES)}, or all (default unet)")
     r.add_argument("--res", default=None, help="image sizes in px, comma-separated (default 512; --quick: 64)")
     r.add_argument("--dtype", default=None, help="fp32,fp16,bf16 (default fp16 on CUDA, fp32 on CPU)")
-    r.add_argument("--backend", default="torch", help="fastsd backends: torch,triton,auto (default torch)")
+    r.add_argument("--backend", default="auto", help="fastsd backends: torch,triton,auto (default auto, the default path)")
     r.add_argument("--compare", default=None, choices=["diffusers"], help="also time diffusers on the same weights")
     r.add_argument("--model", default=None, help="random:sd15 (default), random:tiny (--quick), or a checkpoint path")
     r.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")
