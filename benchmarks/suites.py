@@ -54,7 +54,10 @@ class Model:
                 setattr(self.pipe, name, None)
         import gc
 
+        from fastsd.cpu_pack import release_freed_memory
+
         gc.collect()
+        release_freed_memory()  # what the dropped models held, back to the OS, so RSS counts live memory only
 
 
 def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
