@@ -11,17 +11,17 @@ each chunk is three GEMMs and one softmax:
 
 The shift is what keeps it accurate: softmax is shift-invariant, and with the row max subtracted before
 rounding, the logits that matter (those near the max) are near 0 where bf16 is fine-grained. Rounding
-`q k^T` itself to bf16 (|logit| ~ 10 loses 0.03) gave ~2.4x torch's error against an fp32 reference; the
-shifted form stays within 1.2x (tests/test_cpu_attention.py). Measured on the 2-core EPYC, bf16, batch
-2 x 8 heads (`python -m benchmarks.cpu_paths`): 4096x4096 keys, D 40: SDPA 258 ms, this 188 ms;
-1024 tokens D 80: 27 vs 16 ms; VAE 4096 tokens D 512 (1 head): 152 vs 65 ms. In fp32 SDPA is faster
-(250 vs 350 ms at 4096, D 40), so fp32 keeps SDPA.
+`q k^T` itself to bf16 (|logit| ~ 10 loses up to 0.03) is well above torch's error against an fp32
+reference on sharp logits; the shifted form stays within 2x of torch's (tests/test_cpu_paths.py holds both). Measured on the 2-core EPYC, bf16, batch 2
+(`python -m benchmarks.cpu_paths`): 8 heads x 4096 tokens, D 40: SDPA 289 ms, this 214 ms; 8 x 1024, D 80:
+30 vs 18 ms; the VAE's 1 head x 4096, D 512: 320 vs 138 ms. In fp32 SDPA was the faster of the two in
+development, so fp32 keeps SDPA.
 """
 from __future__ import annotations
 
 import torch
 
-BLOCK_ELEMENTS = 1 << 21  # score elements per chunk: 2M (4 MiB in bf16); 1M..4M measured within 10% at 4096 tokens
+BLOCK_ELEMENTS = 1 << 21  # score elements per chunk: 2M (4 MiB in bf16); per bf16 UNet step, 1M was ~9% slower, 4M equal
 
 
 def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -41,7 +41,19 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
         kt_i, v_i = kt[i:i + heads], vv[i:i + heads]
         for j in range(0, lq, chunk):
             qc = qs[i:i + heads, j:j + chunk]
-            m = torch.bmm(qc, kt_i).amax(-1, keepdim=True)  # (heads, chunk, 1) row max of q k^T, bf16-rounded
+            m = rowmax_bf16(torch.bmm(qc, kt_i))  # (heads, chunk, 1) row max of q k^T, bf16-rounded
             s = torch.baddbmm(m.mul_(-scale), qc, kt_i, alpha=scale)  # (q k^T - m) * scale, rounded once
             torch.bmm(torch.softmax(s, -1), v_i, out=out[i:i + heads, j:j + chunk])
     return out.view(b, h, lq, d)
+
+
+def rowmax_bf16(s: torch.Tensor) -> torch.Tensor:
+    """s.amax(-1, keepdim=True) for bf16, exactly, through the int16 view of its bits: PyTorch's bf16 amax
+    is not vectorised on this CPU (175 us for 512x4096) while int16 amax + amin take 55 us together. As
+    int16, non-negative floats order as their bits; negative ones in reverse, so a row with no
+    non-negative entry has its float max at the int16 minimum."""
+    if s.dtype != torch.bfloat16:
+        return s.amax(-1, keepdim=True)
+    bits = s.view(torch.int16)
+    hi, lo = bits.amax(-1, keepdim=True), bits.amin(-1, keepdim=True)
+    return torch.where(hi >= 0, hi, lo).view(torch.bfloat16)

@@ -1,10 +1,10 @@
 """Weights prepacked in oneDNN's blocked layout, once, for the CPU path under backend auto.
 
 `F.conv2d` on a CPU reorders the weight into oneDNN's blocked layout on every call, and `F.linear` runs
-MKL's GEMM (fp32 sgemm at ~180 GFLOP/s on the 2-core EPYC, where oneDNN reaches ~440). Measured there
-(`python -m benchmarks.cpu_paths`): conv 2560->1280 on 8x8 latents, batch 2, bf16: 18.1 ms plain, 7.9 ms
-prepacked (320 channels at 64x64: unchanged); linear 8192x320 -> 320: bf16 2.04 -> 1.53 ms, fp32 7.0 ->
-3.0 ms. `pack_weights` swaps in place (3x3 convolutions and linears; not 1x1 convolutions, see
+MKL's GEMM (slow in fp32 on this AMD CPU). Measured on the 2-core EPYC (`python -m benchmarks.cpu_paths`):
+3x3 conv 2560->1280 on 8x8 latents, batch 2: bf16 24.2 ms plain, 9.6 ms prepacked, fp32 47.4 -> 19.0 ms
+(320 channels at 64x64: unchanged, 14.2 / 14.1 ms); linear 8192x320 -> 320: bf16 2.32 -> 1.72 ms, fp32
+7.79 -> 3.51 ms. `pack_weights` swaps in place (3x3 convolutions and linears; not 1x1 convolutions, see
 `_packable`): each Conv2d / Linear keeps its name, its `weight` becomes the
 packed (mkldnn) tensor - no second copy - and `state_dict()` gives the plain weight back. Outputs match
 F.conv2d / F.linear to rounding (the same oneDNN convolution; oneDNN's GEMM instead of MKL's for linears):
@@ -48,8 +48,8 @@ def _packable(m: nn.Module) -> bool:
         return False
     if type(m) is nn.Conv2d and (m.padding_mode != "zeros" or isinstance(m.padding, str)
                                  or m.kernel_size == (1, 1)):
-        return False  # 1x1: oneDNN's packed format depends on the input size (2560->1280 on 4x4 latents
-        # packed for 45x45: 68 ms a call instead of 0.9 ms); unpacked, their weight reorder is cheap
+        return False  # 1x1: oneDNN's packed format depends on the input size (torch profiler, bf16 UNet
+        # step at 32x32 latents: 2560->1280 on 4x4, packed for 45x45, 68 ms a call instead of 0.9 ms)
     return m.weight.device.type == "cpu" and m.weight.dtype in PACK_DTYPES and not m.weight.requires_grad
 
 

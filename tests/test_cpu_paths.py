@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastsd import backend, load_pipeline, ops
-from fastsd.cpu_attention import attention_chunked
+from fastsd.cpu_attention import attention_chunked, rowmax_bf16
 from fastsd.cpu_pack import PackedConv2d, PackedLinear, pack_weights
 from fastsd.models import layers
 
@@ -142,3 +142,13 @@ def test_default_dtype_follows_the_cpu(tmp_path, monkeypatch):
     assert pipeline.parse_dtype("fp32", cpu) == torch.float32
     monkeypatch.setattr(pipeline, "cpu_native_bf16", lambda: False)
     assert pipeline.parse_dtype(None, cpu) == torch.float32
+
+
+def test_rowmax_bf16_is_amax():
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(3, 70, 333, generator=g) * 5).bfloat16()
+    s[0] -= 100  # rows with no non-negative entry
+    s[1, :10] = 0.0
+    s[1, 10:20] = -0.0
+    s[2, :5] += 1000
+    assert torch.equal(rowmax_bf16(s), s.amax(-1, keepdim=True))

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastsd import backend, ops
 
-FF_CHUNK_TOKENS = 2048  # CPU path: tokens per feed-forward chunk (1024..2048 measured best at SD1.5 level 0)
+FF_CHUNK_TOKENS = 2048  # CPU path: tokens per feed-forward chunk (1024 and 2048 were best of 256..2048 tried)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -109,8 +109,8 @@ class BasicTransformerBlock(nn.Module):
 
     def _feed_forward_chunked(self, x: torch.Tensor) -> torch.Tensor:
         """x + ff(norm3(x)) over chunks of FF_CHUNK_TOKENS tokens (row-wise, so the same result): the
-        8*C-wide GEGLU hidden stays in cache. CPU path: SD1.5 level-0 feed-forward, 8192 tokens x 320,
-        bf16, 39.5 -> 26.4 ms (with GELU * x in place)."""
+        8*C-wide GEGLU hidden stays in cache. CPU path: SD1.5 level-0 feed-forward with its LayerNorm and
+        residual, 2 x 4096 tokens x 320, bf16: 42.2 -> 34.1 ms (`python -m benchmarks.cpu_paths`)."""
         flat = x.reshape(-1, x.shape[-1])  # (B*L, C)
         out = torch.empty_like(flat)
         for i in range(0, flat.shape[0], FF_CHUNK_TOKENS):
