@@ -5,9 +5,11 @@
   interpreter (TRITON_INTERPRET=1 set before triton is imported). An explicit request that can't be
   met raises BackendError with the reason.
 - "auto" (default): triton when the tensor is on CUDA and triton imports, else torch, quietly. On a
-  CPU, auto also takes the CPU-tuned torch paths (`cpu_tuned`): bf16 attention chunked over queries
-  (fastsd/cpu_attention.py) and the UNet/VAE convolutions in channels_last. "torch" never does: it
-  stays the plain reference.
+  CPU, auto also takes the CPU-tuned torch paths: a Pipeline built under auto lays its models out in
+  channels_last with prepacked oneDNN weights (`cpu_tuned`, fastsd/cpu_pack.py), and during inference
+  (`cpu_tuned_ops`) bf16 attention is chunked over queries (fastsd/cpu_attention.py), bf16 GroupNorm
+  skips the fp32 copies and the feed-forward runs in token chunks. "torch" never does: it stays the
+  plain reference.
 
 The setting is a context variable (not a module global): `use("triton")` scopes it, `set_backend`
 sets it for the current context; the env var FASTSD_BACKEND gives the default.
