@@ -1,7 +1,8 @@
 """Attention for bf16 tensors on a CPU, faster than PyTorch's CPU SDPA and as accurate.
 
-Why: PyTorch's `_scaled_dot_product_flash_attention_for_cpu` reaches only ~130 GFLOP/s in bf16 at SD1.5's
-shapes (head dim 40, 4096 tokens) - about half of a bf16 UNet step - while bf16 GEMMs reach ~700. Here the
+Why: PyTorch's `_scaled_dot_product_flash_attention_for_cpu` reaches only ~150 GFLOP/s in bf16 at SD1.5's
+shapes (head dim 40, 4096 tokens: 43 GFLOP in 289 ms) - about half of a bf16 UNet step - while bf16 GEMMs
+reach 700-1000 (`python -m benchmarks.cpu_paths`). Here the
 queries are cut into chunks whose score block (heads x queries x keys, ~2M elements) stays in cache, and
 each chunk is three GEMMs and one softmax:
 
