@@ -26,6 +26,7 @@ ROW_FIELDS = (
     "model", "res", "latent", "batch", "shape", "torch", "triton", "diffusers", "python", "git_commit",
     "timestamp", "command", "warmup", "times", "time_s", "it_s", "rss_baseline_bytes", "rss_peak_bytes",
     "rss_peak_run_bytes", "rss_isolated", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes",
+    "isa", "cpu_capability", "cpu_flags", "native_bf16", "isa_env", "cpu_tune", "cpu_tune_cached",
 )
 TIME_FIELDS = ("min", "median", "max", "n", "all")
 
@@ -33,14 +34,20 @@ TIME_FIELDS = ("min", "median", "max", "n", "all")
 # ------------------------------------------------------------------------------------------ the machine
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from fastsd.cpuinfo import cpu_model as model
+
+    return model()
+
+
+def isa_fields() -> dict[str, Any]:
+    """The ISA this process runs with (restrictions included) and the CPU-tuning state it starts from:
+    every result row carries them, since CPU numbers hold for one ISA only."""
+    from fastsd import cpu_tune, cpuinfo
+
+    d = cpuinfo.describe()
+    return {"isa": cpuinfo.isa_label(), "cpu_capability": d["aten_capability"], "cpu_flags": d["cpu_flags"],
+            "native_bf16": d["native_bf16"], "isa_env": d["isa_env"], "cpu_tune": cpu_tune.mode(),
+            "cpu_tune_cached": len(cpu_tune.tuner().entries())}
 
 
 def device_name(device: str) -> str:

@@ -3,8 +3,10 @@
     python -m benchmarks.cpu_paths [--repeat 5] [--threads 2]
 
 Rows: attention (SDPA vs fastsd/cpu_attention.py, bf16; SDPA in fp32 for reference), convolution and
-linear (plain F.conv2d / F.linear vs the prepacked weights of fastsd/cpu_pack.py), and the transformer
-feed-forward (one pass vs 2048-token chunks). Min of --repeat calls after one warm-up, in ms; the error
+linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/cpu_pack.py packs them), and the
+transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
+they say why). Under `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` it
+times the AVX2 paths of an AVX-512 machine. Min of --repeat calls after one warm-up, in ms; the error
 column is the relative (Frobenius) error of each path against an fp32 computation of the same inputs.
 """
 from __future__ import annotations
@@ -14,14 +16,16 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench, cpu_model
+from benchmarks.common import bench
 from fastsd import backend
 from fastsd.cpu_attention import attention_chunked
-from fastsd.cpu_pack import pack_weights
+from fastsd.cpu_pack import LINEAR_EXAMPLE_ROWS, packing_unavailable
+from fastsd.cpuinfo import cpu_model, isa_label, native_bf16
 from fastsd.models.layers import BasicTransformerBlock
 
 ATTENTION = [(4096, 4096, 40, 8), (1024, 1024, 80, 8), (256, 256, 160, 8), (4096, 77, 40, 8), (4096, 4096, 512, 1)]
-CONV = [(320, 320, 64), (640, 640, 32), (1280, 1280, 16), (1280, 1280, 8), (2560, 1280, 8)]
+CONV = [(320, 320, 64, 3), (640, 640, 32, 3), (1280, 1280, 16, 3), (1280, 1280, 8, 3), (2560, 1280, 8, 3),
+        (2560, 1280, 4, 3), (960, 320, 64, 3), (640, 320, 64, 1), (2560, 1280, 8, 1)]
 NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 LINEAR = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5120), (512, 1280, 10240)]
 
@@ -35,65 +39,91 @@ def _ms(fn, repeat: int) -> float:
     return min(times) * 1e3
 
 
-def rows(repeat: int):
+def _packed_rows(kind, shape, dtype, module, x, ref, repeat):
+    """plain vs prepacked (packed for this input shape, as the CPU path packs) for one conv / linear."""
+    dt = NAMES[dtype]
+    yield kind, shape, dt, "plain", _ms(lambda: module(x), repeat), _rel(module(x), ref)
+    why = packing_unavailable(dtype)
+    if why:
+        yield kind, shape, dt, "prepacked", None, why
+        return
+    w = module.weight.detach()
+    if kind == "conv":
+        wp = torch.ops.mkldnn._reorder_convolution_weight(w, list(module.padding), list(module.stride),
+                                                           list(module.dilation), module.groups, list(x.shape))
+        fn = lambda: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
+            x, wp, module.bias, list(module.padding), list(module.stride), list(module.dilation), module.groups,
+            "none", [], "")
+    else:
+        wp = torch.ops.mkldnn._reorder_linear_weight(w, LINEAR_EXAMPLE_ROWS)
+        fn = lambda: torch.ops.mkldnn._linear_pointwise(x, wp, module.bias, "none", [], "")  # noqa: E731
+    yield kind, shape, dt, "prepacked", _ms(fn, repeat), _rel(fn(), ref)
+
+
+def rows(repeat: int, all_dtypes: bool = False):
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    bf16 = native_bf16() or all_dtypes
+    no_bf16 = "bf16 is emulated on this CPU (the CPU path runs fp32 here); --all-dtypes times it anyway"
+    dtypes = (torch.bfloat16, torch.float32) if bf16 else (torch.float32,)
     for lq, lk, d, h in ATTENTION:
         q, k, v = rnd(2, h, lq, d) * 1.2, rnd(2, h, lk, d) * 1.2, rnd(2, h, lk, d)
         ref = F.scaled_dot_product_attention(q, k, v)
-        qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
         shape = f"2x{h} heads, {lq}x{lk} keys, D {d}"
-        yield ("attention", shape, "bf16", "SDPA", _ms(lambda: F.scaled_dot_product_attention(qb, kb, vb), repeat),
-               _rel(F.scaled_dot_product_attention(qb, kb, vb), ref))
-        yield ("attention", shape, "bf16", "chunked", _ms(lambda: attention_chunked(qb, kb, vb), repeat),
-               _rel(attention_chunked(qb, kb, vb), ref))
+        if bf16:
+            qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+            yield ("attention", shape, "bf16", "SDPA", _ms(lambda: F.scaled_dot_product_attention(qb, kb, vb), repeat),
+                   _rel(F.scaled_dot_product_attention(qb, kb, vb), ref))
+            yield ("attention", shape, "bf16", "chunked", _ms(lambda: attention_chunked(qb, kb, vb), repeat),
+                   _rel(attention_chunked(qb, kb, vb), ref))
+        else:
+            yield "attention", shape, "bf16", "chunked", None, no_bf16
         yield ("attention", shape, "fp32", "SDPA", _ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat), 0.0)
-    for cin, cout, side in CONV:
-        for dtype in (torch.bfloat16, torch.float32):
-            conv = torch.nn.Conv2d(cin, cout, 3, padding=1).requires_grad_(False)
+    for cin, cout, side, ksize in CONV:
+        for dtype in dtypes:
+            conv = torch.nn.Conv2d(cin, cout, ksize, padding=ksize // 2).requires_grad_(False)
             x = rnd(2, cin, side, side)
             ref = conv(x)
             conv = conv.to(dtype, memory_format=torch.channels_last)
             xd = x.to(dtype).contiguous(memory_format=torch.channels_last)
-            shape, dt = f"3x3 {cin}->{cout}, 2x{side}x{side}", NAMES[dtype]
-            yield "conv", shape, dt, "plain", _ms(lambda: conv(xd), repeat), _rel(conv(xd), ref)
-            pack_weights(conv)
-            yield "conv", shape, dt, "prepacked", _ms(lambda: conv(xd), repeat), _rel(conv(xd), ref)
+            yield from _packed_rows("conv", f"{ksize}x{ksize} {cin}->{cout}, 2x{side}x{side}", dtype, conv, xd, ref,
+                                    repeat)
     for m, kdim, n in LINEAR:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in dtypes:
             lin = torch.nn.Linear(kdim, n).requires_grad_(False)
             x = rnd(m, kdim)
             ref = lin(x)
-            lin, xd = lin.to(dtype), x.to(dtype)
-            shape, dt = f"{m}x{kdim} -> {n}", NAMES[dtype]
-            yield "linear", shape, dt, "plain", _ms(lambda: lin(xd), repeat), _rel(lin(xd), ref)
-            pack_weights(lin)
-            yield "linear", shape, dt, "prepacked", _ms(lambda: lin(xd), repeat), _rel(lin(xd), ref)
+            yield from _packed_rows("linear", f"{m}x{kdim} -> {n}", dtype, lin.to(dtype), x.to(dtype), ref, repeat)
     for tokens, c in ((4096, 320), (1024, 640)):
-        block = BasicTransformerBlock(c, 8, 768).requires_grad_(False)
-        x = rnd(2, tokens, c)
-        ref = x + block.ff.net(block.norm3(x))
-        block, xd = block.bfloat16(), x.bfloat16()
-        shape = f"2x{tokens} tokens x {c}"
-        with backend.use("torch"):
-            yield ("feed-forward", shape, "bf16", "one pass", _ms(lambda: xd + block.ff.net(block.norm3(xd)), repeat),
-                   _rel(xd + block.ff.net(block.norm3(xd)), ref))
-        yield ("feed-forward", shape, "bf16", "chunked", _ms(lambda: block._feed_forward_chunked(xd), repeat),
-               _rel(block._feed_forward_chunked(xd), ref))
+        for dtype in dtypes:
+            block = BasicTransformerBlock(c, 8, 768).requires_grad_(False)
+            x = rnd(2, tokens, c)
+            ref = x + block.ff.net(block.norm3(x))
+            block, xd = block.to(dtype), x.to(dtype)
+            shape, dt = f"2x{tokens} tokens x {c}", NAMES[dtype]
+            with backend.use("torch"):
+                yield ("feed-forward", shape, dt, "one pass", _ms(lambda: xd + block.ff.net(block.norm3(xd)), repeat),
+                       _rel(xd + block.ff.net(block.norm3(xd)), ref))
+            yield ("feed-forward", shape, dt, "chunked", _ms(lambda: block._feed_forward_chunked(xd), repeat),
+                   _rel(block._feed_forward_chunked(xd), ref))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--all-dtypes", action="store_true", help="time bf16 even where it is emulated (slow)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(f"{cpu_model()}, ISA {isa_label()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| op | shape | dtype | path | ms (min) | rel err vs fp32 |\n|---|---|---|---|---|---|")
     with torch.inference_mode():
-        for op, shape, dt, path, ms, err in rows(a.repeat):
-            print(f"| {op} | {shape} | {dt} | {path} | {ms:.2f} | {err:.2e} |", flush=True)
+        for op, shape, dt, path, ms, err in rows(a.repeat, a.all_dtypes):
+            if ms is None:  # a row this CPU can't run: err holds why
+                print(f"| {op} | {shape} | {dt} | {path} | not run: {err} | |", flush=True)
+            else:
+                print(f"| {op} | {shape} | {dt} | {path} | {ms:.2f} | {err:.2e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-memory-runs", action="store_true",
                    help="with --compare: skip the per-implementation memory processes")
     r.add_argument("--timeout", type=float, default=None, help="seconds per worker process (default none)")
+    r.add_argument("--isa", default="native", choices=["native", "avx2"],
+                   help="avx2: run the workers restricted to AVX2 (oneDNN, ATen and MKL), as on a CPU without "
+                   "AVX-512 (default native)")
     t = sub.add_parser("table", help="print the markdown table of a results file")
     t.add_argument("jsonl")
     t.add_argument("--plot", default=None)
@@ -108,7 +111,7 @@ def triton_skip_reason(a) -> str | None:
 def base_spec(a, suite: str, op: str, res: int | None, dtype: str) -> dict:
     return {"suite": suite, "op": op, "model": a.model, "res": res, "dtype": dtype, "batch": a.batch,
             "device": a.device, "warmup": a.warmup, "repeat": a.repeat, "steps": a.steps, "threads": a.threads,
-            "quick": a.quick, "seed": 0}
+            "quick": a.quick, "seed": 0, "isa": a.isa}
 
 
 def plan(a) -> list[dict]:
@@ -147,6 +150,10 @@ def run_worker(spec: dict, timeout: float | None = None) -> tuple[list[dict], st
     env = dict(os.environ)
     env["PYTHONPATH"] = common.REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TQDM_DISABLE", "1")
+    if spec.get("isa") == "avx2":
+        from fastsd.cpuinfo import AVX2_ENV
+
+        env.update(AVX2_ENV)
     try:
         p = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=common.REPO, env=env,
                            capture_output=True, text=True, timeout=timeout)
@@ -283,12 +290,13 @@ def markdown(rows: list[dict]) -> str:
     model_rows = [r for r in rows if r["suite"] != "kernels"]
     if model_rows:
         r0 = model_rows[0]
-        out.append(f"{r0['device_name']} ({r0['device']}), {r0['threads']} threads, torch {r0['torch']}, "
-                   f"diffusers {r0['diffusers']}, git {r0['git_commit']}")
+        isas = sorted({str(r.get("isa")) for r in model_rows})
+        out.append(f"{r0['device_name']} ({r0['device']}), ISA {' / '.join(isas)}, {r0['threads']} threads, "
+                   f"torch {r0['torch']}, diffusers {r0['diffusers']}, git {r0['git_commit']}")
         out.append("")
-        out.append("| bench | model | impl | backend | dtype | res | batch | median s | min s | max s | n | it/s "
+        out.append("| bench | model | impl | backend | ISA | dtype | res | batch | median s | min s | max s | n | it/s "
                    "| fastsd/diffusers | max rel err | peak RSS GiB | status |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in model_rows:
             t = r["times"] or {}
             ratio = ""
@@ -300,7 +308,8 @@ def markdown(rows: list[dict]) -> str:
             if r.get("stages_s"):
                 status += " — " + ", ".join(f"{k.removesuffix('_s')} {v:.3g}s" for k, v in r["stages_s"].items())
             out.append("| " + " | ".join([
-                r["name"], str(r["model"]), r["impl"], str(r["backend"] or "-"), r["dtype"], _f(r["res"], "{}"),
+                r["name"], str(r["model"]), r["impl"], str(r["backend"] or "-"), str(r.get("isa") or ""), r["dtype"],
+                _f(r["res"], "{}"),
                 str(r["batch"]), _f(t.get("median")), _f(t.get("min")), _f(t.get("max")), _f(t.get("n"), "{}"),
                 _f(r.get("it_s"), "{:.3g}"), ratio, _f(r.get("max_rel_err"), "{:.2e}"), _gib(r), status]) + " |")
         out.append("")

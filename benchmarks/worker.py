@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     run_wide = {"device": spec["device"], "device_name": common.device_name(spec["device"]),
-                "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), **common.versions()}
+                "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), **common.versions(),
+                **common.isa_fields()}
     for row in suites.run(spec):
         row = {**run_wide, **row}
         print(ROW_PREFIX + json.dumps(row), flush=True)

@@ -1,40 +1,177 @@
-"""Weights prepacked in oneDNN's blocked layout, once, for the CPU path under backend auto.
+"""Conv2d / Linear weights prepacked in oneDNN's blocked layout, where that is measured faster on this CPU.
 
-`F.conv2d` on a CPU reorders the weight into oneDNN's blocked layout on every call, and `F.linear` runs
-MKL's GEMM (slow in fp32 on this AMD CPU). Measured on the 2-core EPYC (`python -m benchmarks.cpu_paths`):
-3x3 conv 2560->1280 on 8x8 latents, batch 2: bf16 24.2 ms plain, 9.6 ms prepacked, fp32 47.4 -> 19.0 ms
-(320 channels at 64x64: unchanged, 14.2 / 14.1 ms); linear 8192x320 -> 320: bf16 2.32 -> 1.72 ms, fp32
-7.79 -> 3.51 ms. `pack_weights` swaps in place (3x3 convolutions and linears; not 1x1 convolutions, see
-`_packable`): each Conv2d / Linear keeps its name, its `weight` becomes the
-packed (mkldnn) tensor - no second copy - and `state_dict()` gives the plain weight back. Outputs match
-F.conv2d / F.linear to rounding (the same oneDNN convolution; oneDNN's GEMM instead of MKL's for linears):
-tests/test_cpu_paths.py holds packed models to the unpacked ones.
+`F.conv2d` on a CPU reorders the weight into oneDNN's blocked layout on every call; `F.linear` runs MKL's
+GEMM. A prepacked weight skips the reorder (and runs oneDNN's GEMM for linears). The blocked layout oneDNN
+wants depends on the ISA *and on the input shape*: on AVX2 a 3x3 convolution at 8x8 wants 24-row weight
+blocks where one at 45x45 wants 16, and a weight packed for the wrong shape is reordered again on every
+call by a slow generic reorder (a UNet step 5x slower than the plain path). So convolutions are packed
+for the exact input shape they are called with, lazily, and repacked when it changes (a UNet or VAE
+sees one shape per layer at a given resolution); linears pack once (their layout does not depend on the
+row count). Whether a layer packs at all is `cpu_tune.choose`'s measured choice per op and shape.
+
+`make_packable(model)` swaps each frozen CPU Conv2d / Linear's class in place (names and keys unchanged);
+`state_dict()` always gives the plain weight. The private oneDNN ops used here are checked once
+(`packing_unavailable`); where they are missing, renamed, or can't handle the dtype on this CPU (bf16
+without AVX512-BF16/AVX-NE-CONVERT), layers stay plain.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
+import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fastsd import cpu_tune
+
 PACK_DTYPES = (torch.float32, torch.bfloat16)
-EXAMPLE_ROWS = 2048  # the batch (tokens) / spatial size oneDNN picks a blocked format for; any size runs
+LINEAR_EXAMPLE_ROWS = 2048  # the row count linears are packed for (their blocked layout does not depend on it)
+PACKED = [0]  # weights packed in this process so far: a caller that sees it grow can release_freed_memory()
+_PRIVATE_OPS = ("_convolution_pointwise", "_linear_pointwise", "_reorder_convolution_weight", "_reorder_linear_weight")
 
 
-class PackedConv2d(nn.Conv2d):
-    """A Conv2d whose `weight` buffer is an mkldnn tensor; made by `pack_weights`."""
+_NO_CPU_SUPPORT = "oneDNN has no "
+
+
+def onednn_bf16_supported() -> bool:
+    """torch's own check before it packs bf16 weights (it reads the CPU's flags, not ISA restrictions)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def packing_unavailable(dtype: torch.dtype) -> str | None:
+    """Why weights of `dtype` can't be prepacked here (None when they can): no oneDNN, the private ops
+    missing or changed in this torch, bf16 not supported by this CPU, or a trial pack that fails or
+    disagrees with F.conv2d / F.linear."""
+    if dtype not in PACK_DTYPES:
+        return f"{dtype} weights are not prepacked"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch has no oneDNN"
+    missing = [op for op in _PRIVATE_OPS if not hasattr(torch.ops.mkldnn, op)]
+    if missing:
+        return f"this torch lacks torch.ops.mkldnn.{', '.join(missing)}"
+    if dtype == torch.bfloat16:
+        try:
+            if not onednn_bf16_supported():
+                return _NO_CPU_SUPPORT + "bf16 weight packing on this CPU (it needs AVX512-BF16 or AVX-NE-CONVERT)"
+        except Exception as e:  # the query itself is private
+            return f"the oneDNN bf16 capability query failed ({type(e).__name__})"
+    try:
+        _trial(dtype)
+    except Exception as e:
+        return f"a trial pack failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def _trial(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False).to(dtype)
+    lin = nn.Linear(8, 16).requires_grad_(False).to(dtype)
+    x = torch.randn(1, 8, 5, 5, generator=g).to(dtype)
+    want = (conv(x), lin(x[0, :, 0].T.contiguous()))
+    with torch.no_grad():
+        w = torch.ops.mkldnn._reorder_convolution_weight(conv.weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+        got_c = torch.ops.mkldnn._convolution_pointwise(x, w, conv.bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+        wl = torch.ops.mkldnn._reorder_linear_weight(lin.weight, 5)
+        got_l = torch.ops.mkldnn._linear_pointwise(x[0, :, 0].T.contiguous(), wl, lin.bias, "none", [], "")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for got, ref in ((got_c, want[0]), (got_l, want[1])):
+        if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol):
+            raise RuntimeError("packed result differs from the plain op")
+
+
+class _Packable:
+    """Shared state of PackableConv2d / PackableLinear: `weight` is the plain Parameter or, once packed,
+    a buffer holding the mkldnn tensor; `_packed_for` is the input shape it was packed for."""
+
+    _packed_for: tuple | None = None
+    _decided: dict
+
+    def _dense_weight(self) -> torch.Tensor:
+        w = self.weight
+        return w.to_dense() if w.is_mkldnn else w.detach()
+
+    def _set_weight(self, w: torch.Tensor, packed_for: tuple | None) -> None:
+        del self.weight
+        if w.is_mkldnn:
+            self.register_buffer("weight", w)
+        else:
+            self.weight = nn.Parameter(w, requires_grad=False)
+        self._packed_for = packed_for
+
+    def unpack(self) -> None:
+        if self.weight.is_mkldnn:
+            self._set_weight(self._dense_weight(), None)
+
+    def _use(self, key: tuple, x: torch.Tensor, pack_shape: tuple) -> bool:
+        """Whether to run packed at this key: the tuner's choice (measured on x when unknown), cached per
+        module so later calls at the key cost a dict lookup."""
+        use = self._decided.get(key)
+        if use is None:
+            dense = self._dense_weight()
+            packed = self._pack(dense, pack_shape)
+            candidates = {"packed": lambda: self._run_packed(x, packed), "plain": lambda: self._run_plain(x, dense)}
+            use = cpu_tune.tuner().choose(self._tune_key(x), candidates, default="packed") == "packed"
+            self._decided[key] = use
+            self._set_weight(packed if use else dense, pack_shape if use else None)
+            PACKED[0] += use
+            del packed, dense
+        return use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-            "none", [], "")
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype:
+            return self._run_plain(x, self._dense_weight())
+        key, pack_shape = self._shape_key(x)
+        if not self._use(key, x, pack_shape):
+            return self._run_plain(x, self.weight)
+        if self._packed_for != pack_shape:  # packed for another input shape: its layout may not fit this one
+            self._set_weight(self._pack(self._dense_weight(), pack_shape), pack_shape)
+            PACKED[0] += 1
+        return self._run_packed(x, self.weight)
 
 
-class PackedLinear(nn.Linear):
-    """A Linear whose `weight` buffer is an mkldnn tensor; made by `pack_weights`."""
+class PackableConv2d(_Packable, nn.Conv2d):
+    def _shape_key(self, x: torch.Tensor) -> tuple[tuple, tuple]:
+        """(decision key, shape to pack for): both the exact input shape."""
+        return tuple(x.shape), tuple(x.shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+    def _tune_key(self, x: torch.Tensor) -> str:
+        return (f"conv2d {str(self.weight.dtype)[6:]} w{tuple(self.weight.shape)} s{self.stride} p{self.padding} "
+                f"d{self.dilation} g{self.groups} x{tuple(x.shape)} t{torch.get_num_threads()}")
+
+    def _pack(self, w: torch.Tensor, shape: tuple) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            w, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(shape))
+
+    def _run_packed(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(x, w, self.bias, list(self.padding), list(self.stride),
+                                                       list(self.dilation), self.groups, "none", [], "")
+
+    def _run_plain(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class PackableLinear(_Packable, nn.Linear):
+    def _shape_key(self, x: torch.Tensor) -> tuple[tuple, tuple]:
+        """One decision per module, made at its first call (a linear sees one row count per model call;
+        chunked feed-forwards vary it, and switching layouts on every call would cost a reorder each)."""
+        return (), (LINEAR_EXAMPLE_ROWS,)
+
+    def _tune_key(self, x: torch.Tensor) -> str:
+        rows = x.numel() // x.shape[-1]
+        bucket = 1 << max(rows - 1, 0).bit_length()  # rows rounded up to a power of two
+        return f"linear {str(self.weight.dtype)[6:]} w{tuple(self.weight.shape)} rows<={bucket} t{torch.get_num_threads()}"
+
+    def _pack(self, w: torch.Tensor, shape: tuple) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(w, shape[0])
+
+    def _run_packed(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+
+    def _run_plain(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, self.bias)
 
 
 def _dense_state(module, state_dict, prefix, local_metadata) -> None:
@@ -43,48 +180,62 @@ def _dense_state(module, state_dict, prefix, local_metadata) -> None:
         state_dict[key] = state_dict[key].to_dense()
 
 
+_PACKABLE = {nn.Conv2d: PackableConv2d, nn.Linear: PackableLinear}
+
+
 def _packable(m: nn.Module) -> bool:
-    if type(m) not in (nn.Conv2d, nn.Linear):
+    if type(m) not in _PACKABLE:
         return False
-    if type(m) is nn.Conv2d and (m.padding_mode != "zeros" or isinstance(m.padding, str)
-                                 or m.kernel_size == (1, 1)):
-        return False  # 1x1: oneDNN's packed format depends on the input size (torch profiler, bf16 UNet
-        # step at 32x32 latents: 2560->1280 on 4x4, packed for 45x45, 68 ms a call instead of 0.9 ms)
-    return m.weight.device.type == "cpu" and m.weight.dtype in PACK_DTYPES and not m.weight.requires_grad
+    if type(m) is nn.Conv2d and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+        return False
+    return m.weight.device.type == "cpu" and not m.weight.requires_grad
 
 
-def _packed(m: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    if type(m) is nn.Linear:
-        return torch.ops.mkldnn._reorder_linear_weight(w, EXAMPLE_ROWS)
-    side = int(EXAMPLE_ROWS ** 0.5)
-    return torch.ops.mkldnn._reorder_convolution_weight(
-        w, list(m.padding), list(m.stride), list(m.dilation), m.groups, [2, m.in_channels, side, side])
-
-
-@torch.no_grad()
-def pack_weights(model: nn.Module) -> int:
-    """Prepack every plain CPU Conv2d and Linear of `model` (fp32/bf16, frozen) in place; returns how
-    many were packed (0 when this torch has no oneDNN)."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
+def make_packable(model: nn.Module) -> int:
+    """Let every plain frozen CPU Conv2d and Linear of `model` pack its weight at its first inference call
+    (where measured faster); returns how many can (0 when this torch/CPU can't pack the model's dtype).
+    Warns once, naming the reason, when oneDNN packing is unavailable for a dtype it should cover."""
     n = 0
     for m in list(model.modules()):
         if not _packable(m):
             continue
-        weight = _packed(m, m.weight.detach())
-        del m.weight
-        m.register_buffer("weight", weight)
-        m.__class__ = PackedConv2d if type(m) is nn.Conv2d else PackedLinear
+        why = packing_unavailable(m.weight.dtype)
+        if why is not None:
+            if m.weight.dtype in PACK_DTYPES and not why.startswith(_NO_CPU_SUPPORT):
+                _warn_once(why)  # e.g. a torch whose private ops changed; CPU limits are the caller's to report
+            continue
+        m.__class__ = _PACKABLE[type(m)]
+        m._decided = {}
+        m._packed_for = None
         m._register_state_dict_hook(_dense_state)
         n += 1
-    release_freed_memory()
     return n
 
 
+def make_plain(model: nn.Module) -> int:
+    """The inverse of make_packable: plain Conv2d / Linear with dense weights again (bit for bit)."""
+    n = 0
+    for m in list(model.modules()):
+        if isinstance(m, _Packable):
+            m.unpack()
+            m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+            for attr in ("_decided", "_packed_for"):
+                m.__dict__.pop(attr, None)
+            for k, hook in list(m._state_dict_hooks.items()):
+                if getattr(hook, "__wrapped__", hook) is _dense_state:
+                    del m._state_dict_hooks[k]
+            n += 1
+    return n
+
+
+@functools.cache
+def _warn_once(why: str) -> None:
+    warnings.warn(f"weights stay unpacked: {why}", stacklevel=3)
+
+
 def release_freed_memory() -> None:
-    """Hand the heap memory of the replaced dense weights back to the OS (glibc's malloc_trim; a no-op
-    elsewhere). glibc keeps freed chunks below its mmap threshold in the heap: without this, RSS after
-    loading random:sd15 in bf16 stayed 0.32 GiB above the unpacked model's (/proc/self/status VmRSS)."""
+    """Hand the heap memory of replaced dense weights back to the OS (glibc's malloc_trim; a no-op
+    elsewhere): glibc keeps freed chunks below its mmap threshold in the heap."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

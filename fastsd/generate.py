@@ -79,8 +79,15 @@ def output_paths(out: str, n: int, seed: int) -> list[str]:
     return paths
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning  # a user sees "warning: ...", not a source location
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastsd import backend
+from fastsd import backend, cpu_tune, cpuinfo
 
 KERNEL_MAX_HEAD_DIM = 256  # kernels.attention keeps one (BLOCK_M, D) accumulator in registers
 
@@ -27,10 +27,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         import kernels
 
         return kernels.attention(q, k, v, scale=scale)
-    if not causal and q.dtype == torch.bfloat16 and backend.cpu_tuned_ops(q.device):
+    if not causal and q.dtype == torch.bfloat16 and backend.cpu_tuned_ops(q.device) and cpuinfo.native_bf16():
         from fastsd.cpu_attention import attention_chunked
 
-        return attention_chunked(q, k, v, scale=scale)
+        key = (f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()}")
+        candidates = {"chunked": lambda: attention_chunked(q, k, v, scale=scale),
+                      "sdpa": lambda: attention_reference(q, k, v, scale=scale)}
+        return candidates[cpu_tune.tuner().choose(key, candidates, default="chunked")]()
     return attention_reference(q, k, v, scale=scale, causal=causal)
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from fastsd import backend as _backend
 from fastsd.checkpoint import Checkpoint, build_models, resolve
 from fastsd.conditioning import encode_prompts
-from fastsd.cpu_pack import pack_weights
+from fastsd import cpu_pack, cpuinfo
 from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser
 from fastsd.image import check_mask, file_hash, format_infotext, mask_to_tensor, pil_to_tensor, tensor_to_pil
@@ -31,24 +31,13 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU computes in bf16 in hardware (AVX512-BF16 or AMX-BF16 flags; Linux). CPUs
-    without it emulate bf16 GEMMs, slower than fp32."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA; on a CPU bf16 when it has native bf16, else fp32. On the 2-core EPYC (README
     "Performance"): SD1.5 UNet step at 64x64 latents 3.06 s in bf16 vs 4.59 s in fp32, and the bf16
     image of a seed is close to the fp32 one (PSNR from `python -m benchmarks.quality`)."""
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_native_bf16() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpuinfo.native_bf16() else torch.float32
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -122,9 +111,10 @@ class Pipeline:
         self.device, self.dtype, self.backend = device, dtype, _backend._check(backend)
         self.name, self.kind, self.path = name, kind, path
         if _backend.cpu_tuned(device, self.backend):
-            # activations in channels_last (oneDNN's native layout), conv and linear weights prepacked once
+            # activations in channels_last (oneDNN's native layout); conv and linear weights packed at their
+            # first call where measured faster (fastsd/cpu_pack.py)
             for model in (unet, vae, clip):
-                pack_weights(model.to(memory_format=torch.channels_last))
+                cpu_pack.make_packable(model.to(memory_format=torch.channels_last))
         self._tokenizer = tokenizer
         self.offload = False  # keep each model on the CPU except while it runs (CUDA only)
         self._hash: str | None = None
@@ -149,8 +139,11 @@ class Pipeline:
                 model.to("cpu")
                 torch.cuda.empty_cache()
         else:
+            packed = cpu_pack.PACKED[0]
             with _backend.use(self.backend):
                 yield model
+            if cpu_pack.PACKED[0] != packed:
+                cpu_pack.release_freed_memory()  # the dense weights that packing replaced
 
     def model_hash(self) -> str | None:
         """A1111's short model hash (sha256[:10] of the checkpoint file); None for folders and random weights."""
@@ -324,6 +317,9 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
     Hugging Face cache, or "random:sd15" / "random:tiny" (random weights from `seed`)."""
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpuinfo.native_bf16():
+        warnings.warn("bf16 is emulated on this CPU (no AVX512-BF16/AMX): it runs, but fp32 is faster here "
+                      "(--dtype fp32, the default on this CPU)", stacklevel=2)
     if _backend._check(backend) == "triton" and (why := _backend.triton_unavailable_reason(device)):
         raise _backend.BackendError(f"backend 'triton' was requested but {why}")
     src = resolve(source)

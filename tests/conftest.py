@@ -1,5 +1,10 @@
 import os
+import tempfile
 
 # Triton kernels run on CPU tensors only under the interpreter, which must be switched on before
 # triton is first imported. No test here has a GPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The CPU path's measured choices (fastsd/cpu_tune.py): tests take each piece's default unless a test
+# turns measuring on, and never touch the user's cache.
+os.environ.setdefault("FASTSD_CPU_TUNE", "0")
+os.environ.setdefault("FASTSD_CACHE_DIR", tempfile.mkdtemp(prefix="fastsd-test-cache-"))

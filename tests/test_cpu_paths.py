@@ -1,13 +1,21 @@
 """The CPU-tuned paths of backend auto (fastsd/cpu_attention.py, fastsd/cpu_pack.py, the chunked
-feed-forward) against the plain-torch reference that --backend torch runs."""
+feed-forward) against the plain-torch reference that --backend torch runs. The whole file runs again
+in a subprocess restricted to AVX2 (test_cpu_paths_restricted_to_avx2), whatever this machine's ISA."""
+import os
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from fastsd import backend, load_pipeline, ops
+from fastsd import backend, cpu_pack, cpuinfo, load_pipeline, ops
 from fastsd.cpu_attention import attention_chunked, rowmax_bf16
-from fastsd.cpu_pack import PackedConv2d, PackedLinear, pack_weights
+from fastsd.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
 from fastsd.models import layers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _qkv(B, H, Lq, Lk, D, sharpness=2.0, seed=0):
@@ -58,8 +66,8 @@ def test_attention_dispatch_on_cpu():
     with torch.no_grad():
         with backend.use("torch"):
             assert torch.equal(ops.attention(q, k, v), ref)  # the plain reference
-        with backend.use("auto"):
-            assert torch.equal(ops.attention(q, k, v), chunked)
+        with backend.use("auto"):  # chunked only where bf16 is native; emulated bf16 keeps SDPA
+            assert torch.equal(ops.attention(q, k, v), chunked if cpuinfo.native_bf16() else ref)
             assert torch.equal(ops.attention(q.float(), k.float(), v.float()),
                                ops.attention_reference(q.float(), k.float(), v.float()))  # fp32 keeps SDPA
     with backend.use("auto"):  # autograd on: reference ops (the chunked path writes into out= buffers)
@@ -67,15 +75,17 @@ def test_attention_dispatch_on_cpu():
         assert torch.equal(ops.attention(qg, k, v), ref)
 
 
+def _tiny_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 128, generator=g),
+            torch.randint(0, 1000, (2, 77), generator=g), torch.tensor([10.0, 500.0]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_packed_weights_give_the_same_outputs_and_state_dict(dtype):
     pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
     models = {"unet": pipe.unet, "vae": pipe.vae, "clip": pipe.clip}
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    ctx = torch.randn(2, 77, 128, generator=g)
-    ids = torch.randint(0, 1000, (2, 77), generator=g)
-    t = torch.tensor([10.0, 500.0])
+    x, ctx, ids, t = _tiny_inputs()
 
     def run():
         return (pipe.unet(x.to(dtype), t, ctx.to(dtype)), pipe.vae.decode(x.to(dtype)), pipe.clip(ids)[0])
@@ -83,16 +93,23 @@ def test_packed_weights_give_the_same_outputs_and_state_dict(dtype):
     with torch.no_grad(), backend.use("torch"):
         exact = run()  # fp32
         for m in models.values():
-            m.to(dtype)
+            m.to(dtype, memory_format=torch.channels_last)
         before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
         ref = run()
-        counts = [pack_weights(m) for m in models.values()]
-        out = run()
-    assert all(c > 0 for c in counts)
-    plain = [m for m in pipe.unet.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
-    assert plain and all(m.kernel_size == (1, 1) for m in plain)  # only 1x1 convolutions stay unpacked
+        counts = [make_packable(m) for m in models.values()]
+        out = run()  # packs at the first call, for the shapes it sees
+        out2 = run()
+    why = cpu_pack.packing_unavailable(dtype)
+    packed = [m for m in pipe.unet.modules() if isinstance(m, (PackableConv2d, PackableLinear)) and m.weight.is_mkldnn]
+    if why is not None:  # e.g. bf16 on a CPU without AVX512-BF16: nothing packs, nothing breaks
+        assert counts == [0, 0, 0] and not packed
+    else:
+        assert all(c > 0 for c in counts) and packed
+        plain = [m for m in pipe.unet.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+        assert not plain  # every conv and linear is packable (1x1 included: packed for their input shape)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    for o, r, e in zip(out, ref, exact):
+    for o, o2, r, e in zip(out, out2, ref, exact):
+        assert torch.equal(o, o2)  # the call that packs and the calls after it agree
         if dtype == torch.float32:  # oneDNN's fp32 GEMM instead of MKL's: rounding-level differences
             assert rel(o, r) < 1e-5
         else:  # bf16: as close to the fp32 result as the unpacked model is
@@ -101,6 +118,141 @@ def test_packed_weights_give_the_same_outputs_and_state_dict(dtype):
         after = m.state_dict()
         assert after.keys() == before[name].keys()
         assert all(torch.equal(after[k], before[name][k]) for k in after), name
+        make_plain(m)  # and back: plain modules, the original weights bit for bit
+        assert not any(isinstance(mod, (PackableConv2d, PackableLinear)) for mod in m.modules())
+        assert all(torch.equal(v, before[name][k]) for k, v in m.state_dict().items()), name
+
+
+def test_convolutions_pack_for_the_input_shape_they_see():
+    """oneDNN's blocked weight layout depends on the input shape on some ISAs (AVX2): a weight packed
+    for one shape is repacked when the layer is called with another, and the results stay exact."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 96, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
+    plain = torch.nn.Conv2d(64, 96, 3, padding=1).requires_grad_(False)
+    plain.load_state_dict(conv.state_dict())
+    assert make_packable(conv) == (cpu_pack.packing_unavailable(torch.float32) is None)
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+    with torch.no_grad():
+        for side in (8, 5, 8, 13):
+            x = torch.randn(2, 64, side, side).contiguous(memory_format=torch.channels_last)
+            assert torch.equal(conv(x), plain(x))  # the same oneDNN convolution, bit for bit
+            assert conv.weight.is_mkldnn and conv._packed_for == tuple(x.shape)
+        with torch.enable_grad():  # autograd: the plain op on the dense weight
+            y = conv(torch.randn(1, 64, 4, 4, requires_grad=True))
+        assert y.requires_grad
+
+
+def test_tuned_choice_is_measured_cached_and_honoured(tmp_path, monkeypatch):
+    """FASTSD_CPU_TUNE unset: the first call at a shape times plain vs packed and records the winner in
+    the cache file, which a new process reuses; a layer whose winner is plain keeps its dense weight."""
+    from fastsd import cpu_tune
+
+    monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
+    make_packable(conv)
+    x = torch.randn(1, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    timed = []
+    real_measure = cpu_tune.measure
+
+    def fake_measure(candidates):  # the real timing runs (the candidates are called), plain made the winner
+        timed.append(real_measure(candidates))
+        return {"packed": 2.0, "plain": 1.0}
+
+    monkeypatch.setattr(cpu_tune, "measure", fake_measure)
+    with torch.no_grad():
+        out = conv(x)
+        conv(x)
+    assert len(timed) == 1 and set(timed[0]) == {"packed", "plain"} and all(v > 0 for v in timed[0].values())
+    assert not conv.weight.is_mkldnn  # plain won
+    entries = cpu_tune.tuner().entries()
+    assert [e["choice"] for e in entries.values()] == ["plain"]
+    conv2 = torch.nn.Conv2d(32, 32, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
+    conv2.load_state_dict(conv.state_dict())
+    make_packable(conv2)
+    with torch.no_grad():
+        assert torch.equal(conv2(x), out)
+    assert len(timed) == 1 and not conv2.weight.is_mkldnn  # the cached choice, not measured again
+    assert cpu_tune.Tuner(cpu_tune.tuner().path).cached(next(iter(entries))) == "plain"  # a new process' view
+
+
+def test_tuner_margin_force_and_corrupt_cache(tmp_path, monkeypatch):
+    from fastsd import cpu_tune
+
+    monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
+    path = tmp_path / "tune.json"
+    t = cpu_tune.Tuner(path)
+    calls = {"a": 0, "b": 0}
+    cands = {"a": lambda: calls.__setitem__("a", calls["a"] + 1), "b": lambda: calls.__setitem__("b", calls["b"] + 1)}
+    times = {"a": 1.0, "b": 0.95}
+    monkeypatch.setattr(cpu_tune, "measure", lambda c: {k: times[k] for k in c})
+    assert t.choose("k1", cands, default="a") == "a"  # 5% faster is within the margin: the default stays
+    times["b"] = 0.5
+    assert t.choose("k2", cands, default="a") == "b"
+    assert t.choose("k1", cands, default="a") == "a"  # cached, not re-measured
+    monkeypatch.setenv("FASTSD_CPU_TUNE", "1")  # force: measure again once per key in this process
+    assert t.choose("k1", cands, default="a") == "b"
+    monkeypatch.setenv("FASTSD_CPU_TUNE", "0")  # off: the default, no measuring
+    assert cpu_tune.Tuner(path).choose("k9", cands, default="a") == "a"
+    path.write_text("{not json")  # a corrupt cache is ignored and rewritten
+    monkeypatch.delenv("FASTSD_CPU_TUNE")
+    fresh = cpu_tune.Tuner(path)
+    assert fresh.cached("k2") is None and fresh.choose("k2", cands, default="a") == "b"
+    assert cpu_tune.Tuner(path).cached("k2") == "b"
+    with pytest.raises(ValueError):
+        fresh.choose("k3", cands, default="c")
+
+
+def test_bf16_without_native_support_runs_unpacked(monkeypatch):
+    """A CPU without native bf16 (faked: torch's capability query and the CPU flags say no): --dtype bf16
+    loads with one warning, packs nothing, chunks no attention, and generates."""
+    monkeypatch.setattr(cpu_pack, "onednn_bf16_supported", lambda: False)
+    monkeypatch.setattr(cpuinfo, "native_bf16", lambda cpuinfo="": False)
+    cpu_pack.packing_unavailable.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = load_pipeline("random:tiny", device="cpu", dtype="bf16", backend="auto")
+        msgs = [str(w.message) for w in caught]
+        assert len(msgs) == 1 and "bf16 is emulated on this CPU" in msgs[0], msgs
+        assert pipe.dtype == torch.bfloat16
+        assert not any(isinstance(m, (PackableConv2d, PackableLinear)) for m in pipe.unet.modules())
+        img = pipe.generate("a cat", steps=2, width=64, height=64, seed=1, progress=False)[0]
+        assert np.asarray(img).std() > 0
+    finally:
+        cpu_pack.packing_unavailable.cache_clear()
+
+
+def test_cli_bf16_without_native_support_gives_an_image_and_one_warning_line(tmp_path):
+    code = ("import sys, fastsd.cpu_pack as p, fastsd.cpuinfo as c; p.onednn_bf16_supported = lambda: False; "
+            "c.native_bf16 = lambda cpuinfo='': False; from fastsd.generate import main; sys.exit(main(sys.argv[1:]))")
+    out = tmp_path / "x.png"
+    r = subprocess.run([sys.executable, "-c", code, "a cat", "--model", "random:tiny", "--dtype", "bf16", "--steps",
+                        "2", "--width", "64", "--height", "64", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.exists()
+    warning_lines = [ln for ln in r.stderr.splitlines() if "bf16" in ln]
+    assert len(warning_lines) == 1 and warning_lines[0].startswith("warning: "), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(bool(os.environ.get("ONEDNN_MAX_CPU_ISA")), reason="already restricted")
+def test_cpu_paths_restricted_to_avx2():
+    """This file again in a process restricted to AVX2 (oneDNN, ATen, MKL): the kernels and weight layouts
+    of a CPU without AVX-512, on any machine. (torch's bf16 packing check still reads the hardware's
+    flags; the no-native-bf16 case is faked above.)"""
+    env = {**os.environ, **cpuinfo.AVX2_ENV}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", "not restricted_to_avx2"], capture_output=True, text=True, cwd=REPO, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    check = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert check.stdout.strip() == "AVX2"
 
 
 def test_feed_forward_chunks_match_one_pass(monkeypatch):
@@ -116,16 +268,28 @@ def test_feed_forward_chunks_match_one_pass(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_pipeline_lays_out_models_per_backend():
+@pytest.mark.parametrize("tune", ["0", "measure"])
+def test_pipeline_lays_out_models_per_backend(tune, tmp_path, monkeypatch):
+    if tune == "measure":  # the measured choices, from an empty cache
+        monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path))
+        monkeypatch.delenv("FASTSD_CPU_TUNE")
     auto = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="auto")
     plain = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
-    assert any(isinstance(m, PackedConv2d) for m in auto.unet.modules())
-    assert any(isinstance(m, PackedLinear) for m in auto.clip.modules())
-    assert not any(isinstance(m, (PackedConv2d, PackedLinear)) for m in plain.unet.modules())
+    assert any(isinstance(m, PackableConv2d) for m in auto.unet.modules())
+    assert any(isinstance(m, PackableLinear) for m in auto.clip.modules())
+    assert not any(isinstance(m, (PackableConv2d, PackableLinear)) for m in plain.unet.modules())
     kw = dict(seed=7, steps=4, width=64, height=64, sampler="euler", progress=False)
     a = np.asarray(auto.generate("a red cube", **kw)[0], dtype=np.float32)
     b = np.asarray(plain.generate("a red cube", **kw)[0], dtype=np.float32)
     assert a.std() > 5 and np.abs(a - b).max() <= 2  # fp32: the same image up to 8-bit rounding
+    again = np.asarray(auto.generate("a red cube", **kw)[0], dtype=np.float32)
+    assert np.array_equal(a, again)  # the first (measuring, packing) run and later runs agree exactly
+    if tune == "0":  # defaults: everything packs at its first call
+        assert all(m.weight.is_mkldnn for m in auto.unet.modules() if isinstance(m, PackableConv2d))
+    else:
+        from fastsd import cpu_tune
+
+        assert len(cpu_tune.tuner().entries()) > 10  # the measured choices were recorded
 
 
 def test_default_dtype_follows_the_cpu(tmp_path, monkeypatch):
@@ -134,13 +298,19 @@ def test_default_dtype_follows_the_cpu(tmp_path, monkeypatch):
     with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
     without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
-    assert pipeline.cpu_native_bf16(str(with_bf16)) and not pipeline.cpu_native_bf16(str(without))
-    assert not pipeline.cpu_native_bf16(str(tmp_path / "missing"))
+    for k in cpuinfo.ISA_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert cpuinfo.native_bf16(str(with_bf16)) and not cpuinfo.native_bf16(str(without))
+    assert not cpuinfo.native_bf16(str(tmp_path / "missing"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # restricted below AVX512-BF16: not native any more
+    assert not cpuinfo.native_bf16(str(with_bf16))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert cpuinfo.native_bf16(str(with_bf16))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(pipeline, "cpu_native_bf16", lambda: True)
+    monkeypatch.setattr(cpuinfo, "native_bf16", lambda: True)
     assert pipeline.parse_dtype(None, cpu) == torch.bfloat16 and pipeline.parse_dtype(None, cuda) == torch.float16
     assert pipeline.parse_dtype("fp32", cpu) == torch.float32
-    monkeypatch.setattr(pipeline, "cpu_native_bf16", lambda: False)
+    monkeypatch.setattr(cpuinfo, "native_bf16", lambda: False)
     assert pipeline.parse_dtype(None, cpu) == torch.float32
 
 

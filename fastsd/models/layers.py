@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsd import backend, ops
+from fastsd import backend, cpu_tune, ops
 
 FF_CHUNK_TOKENS = 2048  # CPU path: tokens per feed-forward chunk (1024 and 2048 were best of 256..2048 tried)
 
@@ -105,8 +105,11 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        if backend.cpu_tuned_ops(x.device):
-            return self._feed_forward_chunked(x)
+        if backend.cpu_tuned_ops(x.device) and x.shape[0] * x.shape[1] > FF_CHUNK_TOKENS:
+            key = f"feed-forward {str(x.dtype)[6:]} x{tuple(x.shape)} t{torch.get_num_threads()}"
+            candidates = {"chunked": lambda: self._feed_forward_chunked(x),
+                          "one pass": lambda: x + self.ff.net(self.norm3(x))}
+            return candidates[cpu_tune.tuner().choose(key, candidates, default="chunked")]()
         return x + self.ff.net(self.norm3(x))
 
     def _feed_forward_chunked(self, x: torch.Tensor) -> torch.Tensor:

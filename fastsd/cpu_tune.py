@@ -1,0 +1,150 @@
+"""Choose between equivalent implementations of one op at one shape by timing them on this CPU, once.
+
+The CPU path's pieces (prepacked convolution/linear weights, chunked bf16 attention, the chunked
+feed-forward) are faster on some CPUs and shapes and slower on others: oneDNN picks its kernels and weight
+layouts per ISA and per shape. So each piece asks `choose(key, candidates, default)` at the first call
+with a new key (op, dtype, shapes, threads); the candidates are timed on the real inputs and the winner
+is kept in memory and in a JSON file per CPU (`cpuinfo.fingerprint()`: CPU model, ISA in effect, torch
+version) under `$FASTSD_CACHE_DIR`, else `$XDG_CACHE_HOME/fastsd`, else `~/.cache/fastsd`.
+
+`FASTSD_CPU_TUNE`: unset = measure what the cache lacks; `0` = never measure, take each piece's
+default (its rule, see README "The CPU path"); `1` = measure again and overwrite the cache.
+A candidate other than the default is chosen only when it is at least `MARGIN` faster, so close calls
+keep the default and a noisy timing cannot flip a choice that does not matter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from fastsd import cpuinfo
+
+MODE_ENV = "FASTSD_CPU_TUNE"
+MARGIN = 0.9  # a non-default candidate must take <= 0.9x the default's time
+BUDGET_S = 0.1  # after the warm-up round, timed rounds stop once the candidates have taken this long
+MAX_ROUNDS = 3
+
+
+def cache_dir() -> Path:
+    if os.environ.get("FASTSD_CACHE_DIR"):
+        return Path(os.environ["FASTSD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastsd"
+
+
+def mode() -> str:
+    """"measure" (default), "off" (FASTSD_CPU_TUNE=0) or "force" (FASTSD_CPU_TUNE=1)."""
+    v = os.environ.get(MODE_ENV, "").strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    if v in ("1", "force", "on", "true", "yes"):
+        return "force"
+    return "measure"
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class Tuner:
+    """Choices per key, measured once per CPU fingerprint; thread-safe."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_dir() / f"cpu-tune-{cpuinfo.fingerprint()}.json"
+        self._lock = threading.Lock()
+        self._choices: dict[str, dict] | None = None
+        self._forced: set[str] = set()  # keys measured again in this process under FASTSD_CPU_TUNE=1
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text())
+            entries = data.get("choices", {}) if isinstance(data, dict) else {}
+            return {k: v for k, v in entries.items() if isinstance(v, dict) and isinstance(v.get("choice"), str)}
+        except (OSError, ValueError):  # missing, unreadable or corrupt: measure again
+            return {}
+
+    def _save(self, key: str, entry: dict) -> None:
+        """Merge into the file (another process may have added keys) and replace it atomically."""
+        merged = self._load()
+        merged[key] = entry
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"fingerprint": cpuinfo.describe(), "choices": merged}, indent=1,
+                                      sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only home: the choice still holds for this process
+
+    def cached(self, key: str) -> str | None:
+        with self._lock:
+            if self._choices is None:
+                self._choices = self._load()
+            if mode() == "force" and key not in self._forced:
+                return None
+            entry = self._choices.get(key)
+            return entry["choice"] if entry else None
+
+    def choose(self, key: str, candidates: dict[str, Callable[[], Any]], default: str) -> str:
+        """The name of the candidate to use for `key`. Each candidate is a no-argument call doing the
+        op once; they are timed only when no choice is known (and tuning is not off)."""
+        if default not in candidates:
+            raise ValueError(f"default {default!r} is not a candidate ({', '.join(candidates)})")
+        if len(candidates) == 1 or mode() == "off":
+            return default
+        known = self.cached(key)
+        if known in candidates:
+            return known
+        times = measure(candidates)
+        best = min(times, key=times.get)
+        choice = best if times[best] <= MARGIN * times[default] else default
+        entry = {"choice": choice, "ms": {k: round(v * 1e3, 3) for k, v in times.items()}, "default": default}
+        with self._lock:
+            assert self._choices is not None
+            self._choices[key] = entry
+            if mode() == "force":
+                self._forced.add(key)
+        self._save(key, entry)
+        return choice
+
+    def entries(self) -> dict[str, dict]:
+        with self._lock:
+            if self._choices is None:
+                self._choices = self._load()
+            return dict(self._choices)
+
+
+def measure(candidates: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """Min seconds per candidate: one warm-up call each (layouts, primitive caches), then rounds of one
+    call each, alternating, until MAX_ROUNDS or BUDGET_S."""
+    for fn in candidates.values():
+        fn()
+    best = {name: float("inf") for name in candidates}
+    spent = 0.0
+    for _ in range(MAX_ROUNDS):
+        for name, fn in candidates.items():
+            t = _timed(fn)
+            best[name] = min(best[name], t)
+            spent += t
+        if spent >= BUDGET_S:
+            break
+    return best
+
+
+_tuner: Tuner | None = None
+_tuner_lock = threading.Lock()
+
+
+def tuner() -> Tuner:
+    """The process's tuner (its cache file follows $FASTSD_CACHE_DIR at first use)."""
+    global _tuner
+    with _tuner_lock:
+        if _tuner is None or _tuner.path.parent != cache_dir():
+            _tuner = Tuner()
+        return _tuner
