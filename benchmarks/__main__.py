@@ -1,6 +1,6 @@
-"""`python -m benchmarks run ...` / `python -m benchmarks table results.jsonl`: see benchmarks/run.py."""
+"""`python -m fastsd.benchmarks run ...` / `python -m fastsd.benchmarks table results.jsonl`: see benchmarks/run.py."""
 import sys
 
-from benchmarks.run import main
+from .run import main
 
 sys.exit(main())

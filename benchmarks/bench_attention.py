@@ -4,8 +4,8 @@
 """
 import pytest
 
-from benchmarks import kernel_cases as K
-from benchmarks.microbench import BACKENDS, DTYPE, RES, ids, run
+from . import kernel_cases as K
+from .microbench import BACKENDS, DTYPE, RES, ids, run
 
 SHAPES = K.attention_shapes(RES, True, DTYPE)  # self + cross at 64x64 latents, the middle block
 

@@ -5,8 +5,8 @@ only). Skipped as a whole while kernels/cfg_step.py does not exist.
 """
 import pytest
 
-from benchmarks import kernel_cases as K
-from benchmarks.microbench import BACKENDS, DTYPE, RES, ids, run
+from . import kernel_cases as K
+from .microbench import BACKENDS, DTYPE, RES, ids, run
 
 if not K.module_available("cfg_step"):
     pytest.skip("kernels/cfg_step.py does not exist (yet)", allow_module_level=True)

@@ -5,8 +5,8 @@ the Triton kernel (CUDA only).
 """
 import pytest
 
-from benchmarks import kernel_cases as K
-from benchmarks.microbench import BACKENDS, DTYPE, RES, ids, run
+from . import kernel_cases as K
+from .microbench import BACKENDS, DTYPE, RES, ids, run
 
 SHAPES = K.group_norm_shapes(RES, True, DTYPE)
 

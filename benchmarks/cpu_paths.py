@@ -1,6 +1,6 @@
 """The CPU paths of backend auto, op by op at SD1.5 shapes, against what --backend torch runs:
 
-    python -m benchmarks.cpu_paths [--repeat 5] [--threads 2]
+    python -m fastsd.benchmarks.cpu_paths [--repeat 5] [--threads 2]
 
 Rows: attention (SDPA vs fastsd/cpu_attention.py, bf16; SDPA in fp32 for reference), convolution and
 linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/cpu_pack.py packs them), and the
@@ -16,7 +16,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench
+from .common import bench
 from fastsd import backend
 from fastsd.cpu_attention import attention_chunked
 from fastsd.cpu_pack import LINEAR_EXAMPLE_ROWS, packing_unavailable

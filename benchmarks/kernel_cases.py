@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import REPO
+from .common import REPO
 
 HEADS, TEXT_LEN, GROUPS, UNET_BATCH = 8, 77, 32, 2
 
@@ -44,7 +44,9 @@ class Case:
 
 def kernel_modules() -> list[str]:
     """The ops with a module in kernels/ right now (kernels/<op>.py, not helpers)."""
-    d = os.path.join(REPO, "kernels")
+    import fastsd.kernels
+
+    d = os.path.dirname(os.path.abspath(fastsd.kernels.__file__))
     out = []
     for f in sorted(os.listdir(d)):
         if f.endswith(".py") and not f.startswith("_"):
@@ -56,7 +58,7 @@ def kernel_modules() -> list[str]:
 
 def module_available(op: str) -> bool:
     try:
-        return importlib.util.find_spec(f"kernels.{op}") is not None
+        return importlib.util.find_spec(f"fastsd.kernels.{op}") is not None
     except (ImportError, ValueError):
         return False
 
@@ -64,7 +66,7 @@ def module_available(op: str) -> bool:
 # ------------------------------------------------------------------------------------------ attention
 
 def attention_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
-    from kernels.report import attention_shapes as shapes
+    from fastsd.kernels.report import attention_shapes as shapes
 
     rows = shapes(res)
     if quick:  # top level self + cross, the middle block
@@ -89,7 +91,7 @@ def attention_make(args, dtype, device, seed=0):
     v = torch.randn(b, lk, h, d, generator=g).to(device, dtype).transpose(1, 2)
 
     def triton_fn():
-        return importlib.import_module("kernels.attention").attention(q, k, v)
+        return importlib.import_module("fastsd.kernels.attention").attention(q, k, v)
 
     return (lambda: attention_reference(q, k, v)), triton_fn
 
@@ -97,7 +99,7 @@ def attention_make(args, dtype, device, seed=0):
 # ------------------------------------------------------------------------------------------ group norm
 
 def group_norm_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
-    from kernels.report import group_norm_shapes as shapes
+    from fastsd.kernels.report import group_norm_shapes as shapes
 
     rows = shapes(res)
     if quick:  # a UNet resblock norm, a transformer norm, a VAE decoder norm
@@ -121,7 +123,7 @@ def group_norm_make(args, dtype, device, seed=0):
     bias = (0.1 * torch.randn(c, generator=g)).to(device, dtype)
 
     def triton_fn():
-        return importlib.import_module("kernels.group_norm").group_norm(x, GROUPS, w, bias, eps=eps, silu=silu)
+        return importlib.import_module("fastsd.kernels.group_norm").group_norm(x, GROUPS, w, bias, eps=eps, silu=silu)
 
     return (lambda: group_norm_reference(x, GROUPS, w, bias, eps=eps, silu=silu)), triton_fn
 
@@ -157,15 +159,15 @@ def cfg_step_make(args, dtype, device, seed=0):
     ref = getattr(importlib.import_module("fastsd.ops"), "cfg_step_reference", cfg_step_reference)
 
     def triton_fn():
-        return importlib.import_module("kernels.cfg_step").cfg_step(x, uncond, cond, scale, coeffs, old, noise)[0]
+        return importlib.import_module("fastsd.kernels.cfg_step").cfg_step(x, uncond, cond, scale, coeffs, old, noise)[0]
 
     return (lambda: ref(x, uncond, cond, scale, coeffs, old, noise)[0]), triton_fn
 
 
 CASES = {
-    "attention": Case("attention", "kernels.attention", attention_shapes, attention_make),
-    "group_norm": Case("group_norm", "kernels.group_norm", group_norm_shapes, group_norm_make),
-    "cfg_step": Case("cfg_step", "kernels.cfg_step", cfg_step_shapes, cfg_step_make),
+    "attention": Case("attention", "fastsd.kernels.attention", attention_shapes, attention_make),
+    "group_norm": Case("group_norm", "fastsd.kernels.group_norm", group_norm_shapes, group_norm_make),
+    "cfg_step": Case("cfg_step", "fastsd.kernels.cfg_step", cfg_step_shapes, cfg_step_make),
 }
 
 

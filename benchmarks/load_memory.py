@@ -1,7 +1,7 @@
 """Peak RSS while loading a full-size SD1.5 single file, against the loaded models' size.
 
-    python -m benchmarks.load_memory                # writes a random-weight SD1.5 fp16 file to a temp dir first
-    python -m benchmarks.load_memory --file model.safetensors --dtype fp16
+    python -m fastsd.benchmarks.load_memory                # writes a random-weight SD1.5 fp16 file to a temp dir first
+    python -m fastsd.benchmarks.load_memory --file model.safetensors --dtype fp16
 
 Each load runs in a fresh subprocess so that peaks don't mix; RSS is read from /proc (VmHWM), the
 baseline being the process after `import torch, fastsd` and before the load.
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         path = args.file
         if path is None:
             path = os.path.join(tmp, "sd15-random.safetensors")
-            subprocess.run([sys.executable, "-c", f"from benchmarks.load_memory import make_random_sd15_file as m; "
+            subprocess.run([sys.executable, "-c", f"from .load_memory import make_random_sd15_file as m; "
                             f"m({path!r}, {args.dtype!r})"], check=True)
         out = subprocess.run([sys.executable, "-c", CHILD, path, args.dtype], check=True, capture_output=True,
                              text=True).stdout

@@ -1,6 +1,6 @@
 """Quality guard for the fast dtypes: the image of one seed in a low precision against the fp32 image.
 
-    python -m benchmarks.quality --model random:sd15 --res 512 --steps 20 [--dtype bf16] [--compare diffusers]
+    python -m fastsd.benchmarks.quality --model random:sd15 --res 512 --steps 20 [--dtype bf16] [--compare diffusers]
 
 txt2img (Euler, CFG 7.5, the harness' prompt) from the same start noise in fp32 and in --dtype, with
 fastsd's default backend (auto); prints the PSNR of the low-precision image against the fp32 one, and,
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.suites import NEGATIVE, PROMPT
+from .suites import NEGATIVE, PROMPT
 
 
 def _fastsd(model: str, dtype: str, args) -> tuple:
@@ -34,7 +34,7 @@ def _fastsd(model: str, dtype: str, args) -> tuple:
 
 
 def _diffusers(pipe, args, latents) -> tuple:
-    from benchmarks.twins import diffusers_pipeline
+    from fastsd.testing import diffusers_pipeline
 
     sp = diffusers_pipeline(pipe)
     t0 = time.perf_counter()

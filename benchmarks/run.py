@@ -1,11 +1,11 @@
-"""The benchmark harness: `python -m benchmarks run ...` (see README "Performance").
+"""The benchmark harness: `python -m fastsd.benchmarks run ...` (see README "Performance").
 
-    python -m benchmarks run --suite unet --res 256,512 --dtype fp32,bf16 --backend torch,triton \\
+    python -m fastsd.benchmarks run --suite unet --res 256,512 --dtype fp32,bf16 --backend torch,triton \\
         --compare diffusers --warmup 1 --repeat 5 --json out.jsonl --plot out.png
-    python -m benchmarks run --quick                       # random:tiny, 64 px, a smoke test (< 1 min on CPU)
-    python -m benchmarks table out.jsonl [--plot out.png]  # the markdown table (and plot) of saved results
+    python -m fastsd.benchmarks run --quick                       # random:tiny, 64 px, a smoke test (< 1 min on CPU)
+    python -m fastsd.benchmarks table out.jsonl [--plot out.png]  # the markdown table (and plot) of saved results
 
-Each configuration (suite x op x res x dtype x backend) runs in a fresh `python -m benchmarks.worker`
+Each configuration (suite x op x res x dtype x backend) runs in a fresh `python -m fastsd.benchmarks.worker`
 process, so its peak RSS is its own. With `--compare diffusers` the timing process runs fastsd and its
 diffusers twin (same weights) alternately, A B A B, and reports fastsd/diffusers time per adjacent pair
 and their median; peak memory per implementation then comes from two more fresh processes, one per
@@ -21,9 +21,9 @@ import subprocess
 import sys
 import time
 
-from benchmarks import common
-from benchmarks.suites import OPS
-from benchmarks.worker import ROW_PREFIX
+from . import common
+from .suites import OPS
+from .worker import ROW_PREFIX
 
 SUITES = ("unet", "pipeline", "vae", "clip", "kernels")
 GIB = 2 ** 30
@@ -34,7 +34,7 @@ def _csv(s: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastsd.benchmarks", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run benchmarks")
     r.add_argument("--suite", default="unet", help=f"comma-separated: {', '.join(SUITES)}, or all (default unet)")
@@ -155,7 +155,7 @@ def run_worker(spec: dict, timeout: float | None = None) -> tuple[list[dict], st
 
         env.update(AVX2_ENV)
     try:
-        p = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=common.REPO, env=env,
+        p = subprocess.run([sys.executable, "-m", "fastsd.benchmarks.worker", json.dumps(spec)], cwd=common.REPO, env=env,
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return [], f"worker timed out after {timeout} s"
@@ -188,7 +188,7 @@ def complete(row: dict, spec: dict, run: dict) -> dict:
 def run_wide_fields(a, argv: list[str]) -> dict:
     import torch
 
-    return {"git_commit": common.git_commit(), "command": "python -m benchmarks " + shlex.join(argv),
+    return {"git_commit": common.git_commit(), "command": "python -m fastsd.benchmarks " + shlex.join(argv),
             "device": a.device, "device_name": common.device_name(a.device), "cpu_count": os.cpu_count(),
             "threads": a.threads or torch.get_num_threads(), **common.versions()}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
+from . import common
 
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse, detailed", "blurry, lowres"
 OPS = {"unet": ["step"], "pipeline": ["txt2img"], "vae": ["decode", "encode"], "clip": ["encode"], "kernels": ["all"]}
@@ -42,7 +42,7 @@ class Model:
                                          backend=spec["backend"], seed=spec.get("seed", 0))
         self.twin: Any = None
         if "diffusers" in spec["impls"]:
-            from benchmarks import twins
+            from fastsd import testing as twins
 
             maker = {"unet": twins.unet_twin, "vae": twins.vae_twin, "clip": twins.clip_twin,
                      "pipeline": twins.diffusers_pipeline}[spec["suite"]]
@@ -254,7 +254,7 @@ def _triton_can_run(device: str) -> str | None:
 
 
 def run_kernels_suite(spec) -> list[dict]:
-    from benchmarks import kernel_cases as K
+    from . import kernel_cases as K
     from fastsd import backend as B
 
     mem = common.Memory(spec["device"])

@@ -1,6 +1,6 @@
 """One benchmark configuration in a fresh process (so peak RSS belongs to it alone).
 
-    python -m benchmarks.worker '<spec as JSON>'
+    python -m fastsd.benchmarks.worker '<spec as JSON>'
 
 Prints one line per result row: the ROW_PREFIX, then the row as JSON. Started by benchmarks/run.py.
 """
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
     import torch
 
-    from benchmarks import common, suites
+    from . import common, suites
 
     import fastsd  # noqa: F401  (imports before the RSS baseline is read)
 

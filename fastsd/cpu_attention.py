@@ -2,7 +2,7 @@
 
 Why: PyTorch's `_scaled_dot_product_flash_attention_for_cpu` reaches only ~150 GFLOP/s in bf16 at SD1.5's
 shapes (head dim 40, 4096 tokens: 43 GFLOP in 289 ms) - about half of a bf16 UNet step - while bf16 GEMMs
-reach 700-1000 (`python -m benchmarks.cpu_paths`). Here the
+reach 700-1000 (`python -m fastsd.benchmarks.cpu_paths`). Here the
 queries are cut into chunks whose score block (heads x queries x keys, ~2M elements) stays in cache, and
 each chunk is three GEMMs and one softmax:
 
@@ -14,7 +14,7 @@ The shift is what keeps it accurate: softmax is shift-invariant, and with the ro
 rounding, the logits that matter (those near the max) are near 0 where bf16 is fine-grained. Rounding
 `q k^T` itself to bf16 (|logit| ~ 10 loses up to 0.03) is well above torch's error against an fp32
 reference on sharp logits; the shifted form stays within 2x of torch's (tests/test_cpu_paths.py holds both). Measured on the 2-core EPYC, bf16, batch 2
-(`python -m benchmarks.cpu_paths`): 8 heads x 4096 tokens, D 40: SDPA 289 ms, this 214 ms; 8 x 1024, D 80:
+(`python -m fastsd.benchmarks.cpu_paths`): 8 heads x 4096 tokens, D 40: SDPA 289 ms, this 214 ms; 8 x 1024, D 80:
 30 vs 18 ms; the VAE's 1 head x 4096, D 512: 320 vs 138 ms. In fp32 SDPA was the faster of the two in
 development, so fp32 keeps SDPA.
 """

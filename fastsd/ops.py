@@ -24,9 +24,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     takes the chunked attention of fastsd/cpu_attention.py (faster than SDPA there, as accurate)."""
     supported = not causal and q.shape[-1] <= KERNEL_MAX_HEAD_DIM
     if backend.wants_triton(q.device, supported=supported):
-        import kernels
+        from fastsd.kernels import attention as kernel
 
-        return kernels.attention(q, k, v, scale=scale)
+        return kernel.attention(q, k, v, scale=scale)
     if not causal and q.dtype == torch.bfloat16 and backend.cpu_tuned_ops(q.device) and cpuinfo.native_bf16():
         from fastsd.cpu_attention import attention_chunked
 
@@ -50,9 +50,9 @@ def group_norm_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                *, eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
     if backend.wants_triton(x.device, supported=x.dim() == 4):
-        import kernels
+        from fastsd.kernels import group_norm as kernel
 
-        return kernels.group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
+        return kernel.group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
     if x.dtype == torch.bfloat16 and backend.cpu_tuned_ops(x.device):
         # PyTorch's CPU kernel keeps bf16 statistics in fp32 itself; skipping the reference's fp32 copies
         # of the activation lowers the VAE's peak memory (its 128-channel 512x512 activations)
@@ -115,7 +115,7 @@ def cfg_step(x: torch.Tensor, uncond: torch.Tensor | None, cond: torch.Tensor, s
     tensors = [t for t in (x, uncond, cond, old_denoised, noise) if t is not None]
     supported = all(t.dtype in _KERNEL_DTYPES and t.shape == cond.shape and t.device == cond.device for t in tensors)
     if backend.wants_triton(cond.device, supported=supported):
-        import kernels
+        from fastsd.kernels import cfg_step as kernel
 
-        return kernels.cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise)
+        return kernel.cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise)
     return cfg_step_reference(x, uncond, cond, scale, coeffs, old_denoised, noise)

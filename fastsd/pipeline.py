@@ -34,7 +34,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA; on a CPU bf16 when it has native bf16, else fp32. On the 2-core EPYC (README
     "Performance"): SD1.5 UNet step at 64x64 latents 3.06 s in bf16 vs 4.59 s in fp32, and the bf16
-    image of a seed is close to the fp32 one (PSNR from `python -m benchmarks.quality`)."""
+    image of a seed is close to the fp32 one (PSNR from `python -m fastsd.benchmarks.quality`)."""
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpuinfo.native_bf16() else torch.float32

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import (cast_rtne, cdiv, check_dtype, interpreter_bf16_fix, interpreter_enabled, next_power_of_2,
+from ._utils import (cast_rtne, cdiv, check_dtype, interpreter_bf16_fix, interpreter_enabled, next_power_of_2,
                             round_up)
 
 __all__ = ["group_norm", "group_norm_config", "GroupNormConfig"]

@@ -1,6 +1,6 @@
 """Ahead-of-time compile report for the Triton kernels (no GPU needed).
 
-    python -m kernels.report [--arch 80,90] [--json] [--quick] [--unique] [--res 512,768] [--dtype fp16,bf16] [--jobs 2]
+    python -m fastsd.kernels.report [--arch 80,90] [--json] [--quick] [--unique] [--res 512,768] [--dtype fp16,bf16] [--jobs 2]
 
 Compiles every kernel launch SD1.5 makes at 512 px and 768 px (UNet batch 2 for CFG, VAE decoder
 batch 1 and 2) in fp16 and bf16 for each requested sm arch (cfg_step: fp32 latents of 1 and 2 images
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels._utils import interpreter_enabled
+from ._utils import interpreter_enabled
 
 ARCHS = (80, 90)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -149,7 +149,7 @@ def _fmt_config(constexprs, options, keys):
 def _cfg_step_jobs(archs, dtypes, resolutions, quick) -> list[Job]:
     """kernels.cfg_step at the SD1.5 latent shapes: fp32 latents, model output (2B, 4, h, w) in
     CFG_MODEL_DTYPES (plus any other requested dtype), every sampler flag combination."""
-    CS = importlib.import_module("kernels.cfg_step")
+    from . import cfg_step as CS
     meta = dict(device="meta")
     f32 = dict(dtype=torch.float32, **meta)
     all_dt = dict(DTYPES, fp32=torch.float32)
@@ -176,7 +176,7 @@ def _cfg_step_jobs(archs, dtypes, resolutions, quick) -> list[Job]:
                                                                   noise if has_noise else None, x_out, d_out,
                                                                   7.5, coeffs)
                         sig, consts, attrs = _signature(fn, args, cx)
-                        jobs.append(Job("kernels.cfg_step:_cfg_step_kernel", "cfg_step",
+                        jobs.append(Job(f"{__package__}.cfg_step:_cfg_step_kernel", "cfg_step",
                                         f"{res}px B{B} x fp32 {'x'.join(map(str, shape))}, model out "
                                         f"{2 * B}x{'x'.join(map(str, shape[1:]))} ({label})",
                                         dname, arch, sig, consts, attrs, opts,
@@ -185,8 +185,7 @@ def _cfg_step_jobs(archs, dtypes, resolutions, quick) -> list[Job]:
 
 
 def build_jobs(archs=ARCHS, dtypes=tuple(DTYPES), resolutions=(512, 768), quick=False) -> list[Job]:
-    A = importlib.import_module("kernels.attention")
-    GN = importlib.import_module("kernels.group_norm")
+    from . import attention as A, group_norm as GN
     meta = dict(device="meta")
     jobs = []
     for res in resolutions:
@@ -207,7 +206,7 @@ def build_jobs(archs=ARCHS, dtypes=tuple(DTYPES), resolutions=(512, 768), quick=
                     out = A.empty_output(q)
                     fn, grid, args, cx, opts = A.launch_plan(q, k, k, out, arch=arch)
                     sig, consts, attrs = _signature(fn, args, cx)
-                    jobs.append(Job("kernels.attention:_attn_fwd_kernel", "attention",
+                    jobs.append(Job(f"{__package__}.attention:_attn_fwd_kernel", "attention",
                                     f"{res}px {where} B{UNET_BATCH} H{HEADS} Lq{Lq} Lk{Lk} D{D} (C{C})",
                                     dname, arch, sig, consts, attrs, opts,
                                     _fmt_config(cx, opts, ("BLOCK_M", "BLOCK_N", "BLOCK_D")), check_tc=True))
@@ -314,7 +313,7 @@ def run_report(archs=ARCHS, dtypes=tuple(DTYPES), resolutions=(512, 768), quick=
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "kernels.report", "--json", "--arch", ",".join(map(str, archs)),
+    cmd = [sys.executable, "-m", f"{__package__}.report", "--json", "--arch", ",".join(map(str, archs)),
            "--dtype", ",".join(dtypes), "--res", ",".join(map(str, resolutions)), "--jobs", str(jobs)]
     if quick:
         cmd.append("--quick")
@@ -353,7 +352,7 @@ def format_table(rows: list[dict], unique: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastsd.kernels.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="80,90", help="comma-separated sm archs (default 80,90)")
     ap.add_argument("--dtype", default="fp16,bf16")
     ap.add_argument("--res", default="512,768", help="image sizes in px")

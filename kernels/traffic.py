@@ -1,6 +1,6 @@
 """Bytes moved per kernel vs the unfused torch op sequence it replaces, at SD1.5 512 px shapes.
 
-    python -m kernels.traffic [--res 512] [--dtype fp16]
+    python -m fastsd.kernels.traffic [--res 512] [--dtype fp16]
 
 COMPUTED from the launch configs and tensor shapes (nothing is measured: there is no GPU here). Bytes are
 global-memory requests counted at tensor granularity, with no cache model:
@@ -13,11 +13,10 @@ Both choices favour torch, so the ratios are conservative.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from dataclasses import dataclass
 
-from kernels._utils import cdiv
+from ._utils import cdiv
 
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 HEADS = 8
@@ -49,7 +48,7 @@ def _seq(ops):
 
 # ------------------------------------------------------------------------------------------------ attention
 def attention_rows(res: int, dtype: str) -> list[Row]:
-    A = importlib.import_module("kernels.attention")
+    from . import attention as A
     import torch
 
     e = ELEM[dtype]
@@ -77,8 +76,8 @@ def attention_rows(res: int, dtype: str) -> list[Row]:
 
 # ------------------------------------------------------------------------------------------------ group norm
 def group_norm_rows(res: int, dtype: str) -> list[Row]:
-    GN = importlib.import_module("kernels.group_norm")
-    from kernels.report import group_norm_shapes
+    from . import group_norm as GN
+    from .report import group_norm_shapes
 
     e = ELEM[dtype]
     rows, seen = [], set()
@@ -152,7 +151,7 @@ def all_rows(res: int = 512, dtype: str = "fp16") -> dict[str, list[Row]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.traffic", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastsd.kernels.traffic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     a = ap.parse_args(argv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.twins import diffusers_unet, diffusers_vae, transformers_clip  # noqa: F401  (the same twins)
+from fastsd.testing import diffusers_unet, diffusers_vae, transformers_clip  # noqa: F401  (the same twins)
 from fastsd.config import SDConfig
 
 

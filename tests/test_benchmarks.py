@@ -1,6 +1,6 @@
 """The benchmark harness's --quick smoke run (what CI runs): it finishes, and every JSON row has every field.
 
-One `python -m benchmarks run --quick` invocation (random:tiny at 64 px, one thread) covers the UNet
+One `python -m fastsd.benchmarks run --quick` invocation (random:tiny at 64 px, one thread) covers the UNet
 step with `--compare diffusers` (fastsd and its diffusers twin on the same weights, alternating, plus a
 fresh memory process per implementation), the triton backend (a "needs CUDA" row on CPU) and the kernels
 suite (torch references timed, triton rows marked).
@@ -22,7 +22,7 @@ def quick(tmp_path_factory):
     png = out.with_suffix(".png")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # tests/conftest.py sets it
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "benchmarks", "run", "--quick", "--suite", "unet,kernels", "--compare", "diffusers",
+    cmd = [sys.executable, "-m", "fastsd.benchmarks", "run", "--quick", "--suite", "unet,kernels", "--compare", "diffusers",
            "--backend", "torch,triton", "--device", "cpu", "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -31,7 +31,7 @@ def quick(tmp_path_factory):
 
 
 def test_rows_have_every_field(quick):
-    from benchmarks.common import ROW_FIELDS, TIME_FIELDS
+    from fastsd.benchmarks.common import ROW_FIELDS, TIME_FIELDS
 
     rows, _, _ = quick
     assert rows
@@ -39,7 +39,7 @@ def test_rows_have_every_field(quick):
         missing = [k for k in ROW_FIELDS if k not in r]
         assert not missing, (r.get("name"), missing)
         assert set(TIME_FIELDS) <= set(r["times"])
-        assert r["command"].startswith("python -m benchmarks run --quick")
+        assert r["command"].startswith("python -m fastsd.benchmarks run --quick")
         assert r["git_commit"] and r["torch"] and r["device_name"] and r["threads"] == 1
         assert r["status"] in ("ok", "needs CUDA", "missing"), (r["name"], r["status"], r.get("reason"))
     ok = [r for r in rows if r["status"] == "ok"]

@@ -9,7 +9,7 @@ from fastsd import load_pipeline
 from fastsd.config import SD15, TINY
 from fastsd.image import parse_infotext, psnr
 
-from benchmarks.twins import SD15_SCHEDULER  # noqa: E402
+from fastsd.testing import SD15_SCHEDULER  # noqa: E402
 
 
 def scheduler(name):

@@ -115,7 +115,7 @@ class BasicTransformerBlock(nn.Module):
     def _feed_forward_chunked(self, x: torch.Tensor) -> torch.Tensor:
         """x + ff(norm3(x)) over chunks of FF_CHUNK_TOKENS tokens (row-wise, so the same result): the
         8*C-wide GEGLU hidden stays in cache. CPU path: SD1.5 level-0 feed-forward with its LayerNorm and
-        residual, 2 x 4096 tokens x 320, bf16: 42.2 -> 34.1 ms (`python -m benchmarks.cpu_paths`, the one-pass
+        residual, 2 x 4096 tokens x 320, bf16: 42.2 -> 34.1 ms (`python -m fastsd.benchmarks.cpu_paths`, the one-pass
         row with GELU * x then not yet in place)."""
         flat = x.reshape(-1, x.shape[-1])  # (B*L, C)
         out = torch.empty_like(flat)

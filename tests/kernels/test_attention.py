@@ -6,7 +6,7 @@ import torch
 
 from fastsd import backend, ops
 from fastsd.ops import attention_reference
-from kernels.attention import attention, attention_config
+from fastsd.kernels.attention import attention, attention_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP32_RTOL = 1e-4  # max abs error / max abs of the reference

@@ -7,7 +7,7 @@ from fastsd.denoisers import CFGDenoiser
 from fastsd.ops import cfg_step_reference
 from fastsd.samplers import (SAMPLERS, ancestral_coeffs, ddpm_coeffs, denoise_and_step, dpmpp_2m_coeffs,
                              euler_coeffs)
-from kernels.cfg_step import cfg_step, cfg_step_config
+from fastsd.kernels.cfg_step import cfg_step, cfg_step_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP32_RTOL = 1e-6  # max abs error / max abs of the reference
@@ -153,7 +153,7 @@ def test_denoise_and_step_fuses_only_a_bare_guided_cfg_denoiser():
 
 
 def test_ops_cfg_step_routes_to_the_kernel(monkeypatch):
-    import kernels
+    from fastsd.kernels import cfg_step as kernels
 
     x, uncond, cond, old, noise = _make((1, 4, 4, 4), torch.float32)
     calls = []
@@ -172,7 +172,7 @@ def test_ops_cfg_step_routes_to_the_kernel(monkeypatch):
 def test_sampler_loops_triton_vs_torch(name, monkeypatch):
     """Whole sampler loops (6 steps) with a guided CFGDenoiser: the fused kernel on every step under triton,
     the same seeded noise stream (draw order unchanged), callbacks see the same denoised."""
-    import kernels
+    from fastsd.kernels import cfg_step as kernels
 
     spec = SAMPLERS[name]
     sched = spec.schedule(6)

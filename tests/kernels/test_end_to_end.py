@@ -4,13 +4,11 @@ step (fused CFG + update) runs a kernel; CLIP's causal attention stays on torch 
 
 Interpreter cost: a TINY UNet call at batch 2 takes ~10-30 s on this 2-core machine (mostly GroupNorm's finalize
 launches, one program per (image, group), ~4 ms each interpreted), so the runs are 2-3 steps."""
-import importlib
-
 import numpy as np
 import pytest
 import torch
 
-import kernels
+from fastsd.kernels import attention as k_attention, cfg_step as k_cfg_step, group_norm as k_group_norm
 from fastsd import backend, load_pipeline
 from fastsd.image import psnr
 from fastsd.denoisers import CFGDenoiser
@@ -36,7 +34,7 @@ def test_tiny_unet_forward_triton_matches_torch(pipe, monkeypatch):
     x = torch.randn(1, 4, 8, 8, generator=g)
     ctx = torch.randn(1, 77, pipe.config.unet.context_dim, generator=g)
     t = torch.tensor([321.5])
-    att, gn = _counting(monkeypatch, kernels, "attention"), _counting(monkeypatch, kernels, "group_norm")
+    att, gn = _counting(monkeypatch, k_attention, "attention"), _counting(monkeypatch, k_group_norm, "group_norm")
     with torch.no_grad():
         with backend.use("torch"):
             ref = pipe.unet(x, t, ctx)
@@ -60,7 +58,7 @@ def test_txt2img_triton_matches_torch(pipe, monkeypatch, sampler, steps):
     images = {}
     for be in ("torch", "triton"):
         pipe.backend = be
-        fused = _counting(monkeypatch, importlib.import_module("kernels.cfg_step"), "launch_plan")
+        fused = _counting(monkeypatch, k_cfg_step, "launch_plan")
         branches = _counting(monkeypatch, CFGDenoiser, "branches")
         try:
             images[be] = pipe.generate(**kw)[0]

@@ -4,7 +4,7 @@ import torch
 
 from fastsd import backend, ops
 from fastsd.ops import group_norm_reference
-from kernels.group_norm import group_norm, group_norm_config
+from fastsd.kernels.group_norm import group_norm, group_norm_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP32_RTOL = 1e-4

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kernels.report import CFG_BATCHES, CFG_MODEL_DTYPES, attention_shapes, cfg_step_patterns, group_norm_shapes, run_report
+from fastsd.kernels.report import CFG_BATCHES, CFG_MODEL_DTYPES, attention_shapes, cfg_step_patterns, group_norm_shapes, run_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = {"attention", "gn_partial_stats", "gn_finalize", "gn_apply", "cfg_step"}
@@ -67,9 +67,9 @@ def test_report_attention_uses_tensor_cores(rows):
 
 
 def test_report_cli_under_interpreter_reexecs():
-    """`python -m kernels.report` started with TRITON_INTERPRET=1 compiles in a clean subprocess."""
+    """`python -m fastsd.kernels.report` started with TRITON_INTERPRET=1 compiles in a clean subprocess."""
     env = dict(_clean_env(), TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-m", "kernels.report", "--quick", "--arch", "90", "--dtype", "fp16",
+    p = subprocess.run([sys.executable, "-m", "fastsd.kernels.report", "--quick", "--arch", "90", "--dtype", "fp16",
                         "--res", "512"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "attention" in p.stdout and "gn_apply" in p.stdout and "cfg_step" in p.stdout and "0 with spills" in p.stdout

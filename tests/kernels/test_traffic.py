@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from kernels.traffic import all_rows
+from fastsd.kernels.traffic import all_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,7 +26,7 @@ def test_traffic_numbers():
 
 
 def test_traffic_cli_prints_markdown():
-    p = subprocess.run([sys.executable, "-m", "kernels.traffic"], cwd=ROOT, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "fastsd.kernels.traffic"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "not measured" in p.stdout and "| cfg_step |" in p.stdout and "| group_norm+silu |" in p.stdout

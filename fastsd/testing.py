@@ -1,4 +1,5 @@
-"""diffusers / transformers twins of a fastsd pipeline, holding fastsd's own weights.
+"""Oracles for tests and benchmarks: diffusers / transformers twins of a fastsd pipeline, holding
+fastsd's own weights. Never imported by fastsd at run time (diffusers is a test extra).
 
 The twins are built from the fastsd config (tests/oracles.py uses these builders too), and filled from fastsd's state dicts: fastsd's module names are
 the LDM checkpoint names, so `{LDM_PREFIXES[model] + key: tensor}` is an LDM single-file state dict,

@@ -1,0 +1,104 @@
+"""The generation parameters, defined once: `Pipeline.generate`'s keywords, the CLI's options and the
+infotext all come from `GenerationSettings` (tests/test_settings.py holds the three together).
+
+Each field's metadata gives its CLI flag and help; `validate()` checks types and ranges before any model
+runs (TypeError / ValueError naming the argument).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+MAX_SIDE = 4096  # pixels; larger needs allow_large (--allow-large)
+MAX_STEPS = 1000
+MAX_IMAGES = 64
+SEED_LIMIT = 2**63
+
+
+def _opt(help: str, flag: str | None = None, **cli) -> dict:
+    return {"help": help, "flag": flag, "cli": cli}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    prompt: str = field(default="", metadata=_opt("the prompt; A1111 emphasis (word:1.2), (word), [word] and BREAK "
+                                                  "work", flag="prompt"))
+    negative_prompt: str = field(default="", metadata=_opt("what the image should not show"))
+    steps: int = field(default=20, metadata=_opt(f"sampling steps (1..{MAX_STEPS})"))
+    guidance_scale: float = field(default=7.5, metadata=_opt("classifier-free guidance scale; <= 1 runs no "
+                                                             "unconditional batch", flag="--cfg-scale"))
+    sampler: str = field(default="euler_a", metadata=_opt("euler_a, euler, ddim, ddpm, dpmpp_2m, dpmpp_2m_karras, "
+                                                          "lcm, or an A1111 name such as 'DPM++ 2M Karras'"))
+    seed: int | None = field(default=None, metadata=_opt("random when not given; image i of a batch uses seed + i"))
+    width: int | None = field(default=None, metadata=_opt("a multiple of 8; default: the init image's width, else "
+                                                          "512"))
+    height: int | None = field(default=None, metadata=_opt("a multiple of 8; default: the init image's height, "
+                                                           "else 512"))
+    num_images: int = field(default=1, metadata=_opt(f"images per run (1..{MAX_IMAGES})"))
+    strength: float = field(default=0.8, metadata=_opt("img2img: how much to change the init image, in (0, 1]"))
+    clip_skip: int = field(default=1, metadata=_opt("A1111 clip skip: 1 = last CLIP layer, 2 = penultimate"))
+
+    def validate(self, *, has_image: bool = False, has_mask: bool = False, allow_large: bool = False) -> None:
+        """TypeError / ValueError naming the argument; nothing is run."""
+        _check_str(self.prompt, "prompt")
+        _check_str(self.negative_prompt, "negative_prompt")
+        _check_int(self.steps, "steps", 1, MAX_STEPS)
+        _check_int(self.num_images, "num_images", 1, MAX_IMAGES)
+        _check_int(self.clip_skip, "clip_skip", 1, 11)
+        _check_float(self.guidance_scale, "guidance_scale")
+        _check_float(self.strength, "strength")
+        if not isinstance(self.sampler, str):
+            raise TypeError(f"sampler must be a string, got {type(self.sampler).__name__}")
+        limit = 1 << 20 if allow_large else MAX_SIDE
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            _check_int(v, name, 8, None)
+            if v % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+            if v > limit:
+                raise ValueError(f"{name} {v} is above {limit} px (allow_large / --allow-large lifts the limit)")
+        if has_image and not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if has_mask and not has_image:
+            raise ValueError("a mask needs an init image (the image to inpaint)")
+        if self.seed is not None:
+            _check_int(self.seed, "seed", 0, None)
+            if self.seed + self.num_images > SEED_LIMIT:
+                raise ValueError(f"seed + num_images must stay below 2**63, got seed {self.seed} with "
+                                 f"{self.num_images} images")
+        from fastsd.samplers import get_sampler
+
+        get_sampler(self.sampler)  # raises, listing the valid names
+
+    def replace(self, **changes) -> "GenerationSettings":
+        return dataclasses.replace(self, **changes)
+
+    def kwargs(self) -> dict:
+        """The keywords of Pipeline.generate these settings stand for."""
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(GenerationSettings)}
+
+
+def _check_str(v, name: str) -> None:
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a string, got {type(v).__name__}")
+
+
+def _check_int(v, name: str, lo: int | None, hi: int | None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an integer, got {v!r}")
+    if lo is not None and v < lo or hi is not None and v > hi:
+        rng = f"at least {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ValueError(f"{name} must be {rng}, got {v}")
+
+
+def _check_float(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
