@@ -42,7 +42,8 @@ def cpu_model() -> str:
 def isa_fields() -> dict[str, Any]:
     """The ISA this process runs with (restrictions included) and the CPU-tuning state it starts from:
     every result row carries them, since CPU numbers hold for one ISA only."""
-    from fastsd import cpu_tune, cpuinfo
+    from fastsd import cpuinfo
+    from fastsd.backends import cpu_tune
 
     d = cpuinfo.describe()
     return {"isa": cpuinfo.isa_label(), "cpu_capability": d["aten_capability"], "cpu_flags": d["cpu_flags"],

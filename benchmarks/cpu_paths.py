@@ -2,8 +2,8 @@
 
     python -m fastsd.benchmarks.cpu_paths [--repeat 5] [--threads 2]
 
-Rows: attention (SDPA vs fastsd/cpu_attention.py, bf16; SDPA in fp32 for reference), convolution and
-linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/cpu_pack.py packs them), and the
+Rows: attention (SDPA vs fastsd/backends/cpu_attention.py, bf16; SDPA in fp32 for reference), convolution and
+linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/backends/cpu_pack.py packs them), and the
 transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
 they say why). Under `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` it
 times the AVX2 paths of an AVX-512 machine. Min of --repeat calls after one warm-up, in ms; the error
@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from .common import bench
-from fastsd import backend
-from fastsd.cpu_attention import attention_chunked
-from fastsd.cpu_pack import LINEAR_EXAMPLE_ROWS, packing_unavailable
+from fastsd.backends import reference
+from fastsd.backends.cpu import feed_forward_chunked
+from fastsd.backends.cpu_attention import attention_chunked
+from fastsd.backends.cpu_pack import LINEAR_EXAMPLE_ROWS, packing_unavailable
 from fastsd.cpuinfo import cpu_model, isa_label, native_bf16
 from fastsd.models.layers import BasicTransformerBlock
 
@@ -101,11 +102,10 @@ def rows(repeat: int, all_dtypes: bool = False):
             ref = x + block.ff.net(block.norm3(x))
             block, xd = block.to(dtype), x.to(dtype)
             shape, dt = f"2x{tokens} tokens x {c}", NAMES[dtype]
-            with backend.use("torch"):
-                yield ("feed-forward", shape, dt, "one pass", _ms(lambda: xd + block.ff.net(block.norm3(xd)), repeat),
-                       _rel(xd + block.ff.net(block.norm3(xd)), ref))
-            yield ("feed-forward", shape, dt, "chunked", _ms(lambda: block._feed_forward_chunked(xd), repeat),
-                   _rel(block._feed_forward_chunked(xd), ref))
+            yield ("feed-forward", shape, dt, "one pass", _ms(lambda: reference.feed_forward(block, xd), repeat),
+                   _rel(reference.feed_forward(block, xd), ref))
+            yield ("feed-forward", shape, dt, "chunked", _ms(lambda: feed_forward_chunked(block, xd), repeat),
+                   _rel(feed_forward_chunked(block, xd), ref))
 
 
 def main(argv=None) -> None:

@@ -81,7 +81,7 @@ def attention_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
 
 
 def attention_make(args, dtype, device, seed=0):
-    from fastsd.ops import attention_reference
+    from fastsd.backends.reference import attention as attention_reference
 
     b, h, lq, lk, d = args
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -114,7 +114,7 @@ def group_norm_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
 
 
 def group_norm_make(args, dtype, device, seed=0):
-    from fastsd.ops import group_norm_reference
+    from fastsd.backends.reference import group_norm as group_norm_reference
 
     n, c, side, eps, silu = args
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -141,14 +141,6 @@ def cfg_step_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
     return out
 
 
-def cfg_step_reference(x, uncond, cond, scale, coeffs, old_denoised=None, noise=None):
-    """Fallback reference when fastsd.ops has none: CFG mix, then fastsd.samplers.sampler_update."""
-    from fastsd.samplers import sampler_update
-
-    den = cond if uncond is None else uncond + scale * (cond - uncond)
-    return sampler_update(x, den, old_denoised, noise, coeffs), den
-
-
 def cfg_step_make(args, dtype, device, seed=0):
     """cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise) -> (x_next, denoised), with every term
     present (dpmpp_2m-like old_denoised and ancestral noise at once: the most traffic)."""
@@ -156,7 +148,7 @@ def cfg_step_make(args, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     x, uncond, cond, old, noise = [torch.randn(batch, 4, lat, lat, generator=g).to(device, dtype) for _ in range(5)]
     scale, coeffs = 7.5, (0.9, 0.1, -0.05, 0.3)
-    ref = getattr(importlib.import_module("fastsd.ops"), "cfg_step_reference", cfg_step_reference)
+    from fastsd.backends.reference import cfg_step as ref
 
     def triton_fn():
         return importlib.import_module("fastsd.kernels.cfg_step").cfg_step(x, uncond, cond, scale, coeffs, old, noise)[0]

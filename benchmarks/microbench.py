@@ -19,7 +19,7 @@ def triton_skip_reason() -> str | None:
     """Triton timings only mean something on a GPU; under the CPU interpreter they'd be hours of nothing."""
     if not CUDA:
         return "triton variant needs CUDA (no GPU here; the Triton CPU interpreter is not a benchmark)"
-    from fastsd.backend import triton_import_error
+    from fastsd.backends.triton import import_error as triton_import_error
 
     err = triton_import_error()
     return f"triton does not import: {err}" if err else None

@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--suite", default="unet", help=f"comma-separated: {', '.join(SUITES)}, or all (default unet)")
     r.add_argument("--res", default=None, help="image sizes in px, comma-separated (default 512; --quick: 64)")
     r.add_argument("--dtype", default=None, help="fp32,fp16,bf16 (default fp16 on CUDA, fp32 on CPU)")
-    r.add_argument("--backend", default="auto", help="fastsd backends: torch,triton,auto (default auto, the default path)")
+    r.add_argument("--backend", default="auto", help="fastsd backends: torch,cpu,triton,auto (default auto, the default path)")
     r.add_argument("--compare", default=None, choices=["diffusers"], help="also time diffusers on the same weights")
     r.add_argument("--model", default=None, help="random:sd15 (default), random:tiny (--quick), or a checkpoint path")
     r.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")
@@ -88,8 +88,8 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
         if d not in ("fp32", "fp16", "bf16"):
             raise SystemExit(f"error: unknown dtype {d!r}; choose fp32, fp16, bf16")
     for b in a.backend:
-        if b not in ("torch", "triton", "auto"):
-            raise SystemExit(f"error: unknown backend {b!r}; choose torch, triton, auto")
+        if b not in ("torch", "cpu", "triton", "auto"):
+            raise SystemExit(f"error: unknown backend {b!r}; choose torch, cpu, triton, auto")
     if any(r % 8 or r < 8 for r in a.res):
         raise SystemExit("error: --res values must be positive multiples of 8")
     return a
@@ -101,11 +101,11 @@ def triton_skip_reason(a) -> str | None:
     suite times the interpreter at tiny shapes with --quick)."""
     import torch
 
-    from fastsd import backend as B
+    from fastsd.backends.triton import unavailable
 
     if a.device == "cpu":
         return "Triton kernels need a GPU; on CPU they run only under the (very slow) interpreter"
-    return B.triton_unavailable_reason(torch.device(a.device))
+    return unavailable(torch.device(a.device))
 
 
 def base_spec(a, suite: str, op: str, res: int | None, dtype: str) -> dict:

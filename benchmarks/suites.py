@@ -24,9 +24,9 @@ OPS = {"unet": ["step"], "pipeline": ["txt2img"], "vae": ["decode", "encode"], "
 
 
 def _interp_note(spec) -> dict:
-    from fastsd import backend as B
+    from fastsd.backends.triton import interpreter_enabled
 
-    return {"interpreter": spec["device"] == "cpu" and spec["backend"] in ("triton",) and B.interpreter_enabled()}
+    return {"interpreter": spec["device"] == "cpu" and spec["backend"] in ("triton",) and interpreter_enabled()}
 
 
 # ------------------------------------------------------------------------------------------ model suites
@@ -54,7 +54,7 @@ class Model:
                 setattr(self.pipe, name, None)
         import gc
 
-        from fastsd.cpu_pack import release_freed_memory
+        from fastsd.backends.cpu_pack import release_freed_memory
 
         gc.collect()
         release_freed_memory()  # what the dropped models held, back to the OS, so RSS counts live memory only
@@ -62,8 +62,6 @@ class Model:
 
 def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
     """(callables per impl, row info) for the unet / vae / clip / pipeline suites."""
-    from fastsd import backend as fbackend
-
     pipe, twin, dev = m.pipe, m.twin, torch.device(spec["device"])
     dtype = pipe.dtype
     cfg = pipe.config
@@ -71,7 +69,6 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
     f = cfg.vae.downscale
     lat = res // f if res else None
     g = torch.Generator().manual_seed(1234)
-    use = lambda: fbackend.use(spec["backend"])  # noqa: E731
     fns: dict[str, Any] = {}
     info: dict[str, Any] = {"latent": [lat, lat] if lat else None}
 
@@ -82,30 +79,21 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
         ctx = torch.randn(n, 77, cfg.unet.context_dim, generator=g).to(dev, dtype)
         info["shape"] = f"x {tuple(x.shape)} ctx {tuple(ctx.shape)}"
         if pipe.unet is not None:
-            def fastsd_fn():
-                with use():
-                    return pipe.unet(x, t, ctx)
-            fns["fastsd"] = fastsd_fn
+            fns["fastsd"] = lambda: pipe.unet(x, t, ctx)
         if twin is not None:
             fns["diffusers"] = lambda: twin(x, t, encoder_hidden_states=ctx).sample
     elif suite == "vae" and op == "decode":
         z = torch.randn(B, cfg.vae.z_channels, lat, lat, generator=g).to(dev, dtype)
         info["shape"] = f"z {tuple(z.shape)} -> ({B}, 3, {res}, {res})"
         if pipe.vae is not None:
-            def fastsd_fn():
-                with use():
-                    return pipe.vae.decode(z)
-            fns["fastsd"] = fastsd_fn
+            fns["fastsd"] = lambda: pipe.vae.decode(z)
         if twin is not None:
             fns["diffusers"] = lambda: twin.decode(z).sample
     elif suite == "vae" and op == "encode":
         img = (torch.rand(B, 3, res, res, generator=g) * 2 - 1).to(dev, dtype)
         info["shape"] = f"image {tuple(img.shape)} -> ({B}, 4, {lat}, {lat}) mean"
         if pipe.vae is not None:
-            def fastsd_fn():
-                with use():
-                    return pipe.vae.encode(img)[0]
-            fns["fastsd"] = fastsd_fn
+            fns["fastsd"] = lambda: pipe.vae.encode(img)[0]
         if twin is not None:
             fns["diffusers"] = lambda: twin.encode(img).latent_dist.mean
     elif suite == "clip":
@@ -113,10 +101,7 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
         ids = torch.cat([tok.encode_weighted(p)[0] for p in [PROMPT] * B + [NEGATIVE] * B]).to(dev)
         info.update(shape=f"ids {tuple(ids.shape)}", latent=None)
         if pipe.clip is not None:
-            def fastsd_fn():
-                with use():
-                    return pipe.clip(ids)[0]
-            fns["fastsd"] = fastsd_fn
+            fns["fastsd"] = lambda: pipe.clip(ids)[0]
         if twin is not None:
             fns["diffusers"] = lambda: twin(ids).last_hidden_state
     elif suite == "pipeline":
@@ -139,37 +124,29 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _fastsd_txt2img(spec, pipe, latents):
-    """txt2img from the pipeline's public pieces, timing each stage; the same computation as
-    Pipeline.generate(prompt, negative_prompt, sampler="euler", latents=...) (checked in the warm-up)."""
+    """txt2img through the pipeline's own stages (encode_prompt, prepare_latents + denoise, decode), timing
+    each; the same computation as Pipeline.generate(prompt, negative_prompt, sampler="euler", latents=...)
+    (checked after the timed calls by _check_generate)."""
     import time
 
-    from fastsd import backend as fbackend
-    from fastsd.conditioning import encode_prompts
-    from fastsd.denoisers import CFGDenoiser, EpsDenoiser
-    from fastsd.samplers import get_sampler
-    from fastsd.schedules import alphas_cumprod
+    from fastsd.settings import GenerationSettings
 
     dev = spec["device"]
     stages: list[dict[str, float]] = []  # one entry per call
+    s = GenerationSettings(PROMPT, NEGATIVE, spec["steps"], 7.5, "euler", 1234, spec["res"], spec["res"],
+                           spec["batch"])
+    seeds = [1234 + i for i in range(spec["batch"])]
 
     @torch.no_grad()
     def run():
         clock = lambda: (common.sync(dev), time.perf_counter())[1]  # noqa: E731
         t0 = clock()
-        with fbackend.use(spec["backend"]):
-            ctx = encode_prompts(pipe.clip, pipe.tokenizer, [PROMPT, NEGATIVE], device=pipe.device)
+        cond, uncond = pipe.encode_prompt([PROMPT], [NEGATIVE])
         t1 = clock()
-        spec_ = get_sampler("euler")
-        sched = spec_.schedule(spec["steps"], pipe.config.scheduler)
-        x = latents.float().to(pipe.device) * sched.init_noise_sigma
-        with fbackend.use(spec["backend"]):
-            den = EpsDenoiser(lambda x_in, t, context: pipe.unet(x_in, t, context),
-                              alphas_cumprod(pipe.config.scheduler), schedule=sched)
-            model = CFGDenoiser(den, ctx[:1], ctx[1:], 7.5)
-            x = spec_(model, x, sched.sigmas, disable=True)
-        x = x * sched.out_scale
+        p = pipe.prepare_latents(s, seeds, latents=latents)
+        x = pipe.denoise(p, cond, uncond, s, progress=False)
         t2 = clock()
-        img = pipe.decode_latents(x)
+        img = pipe.decode(x)
         t3 = clock()
         stages.append(dict(text_encode_s=t1 - t0, denoise_loop_s=t2 - t1, vae_decode_s=t3 - t2))
         return img
@@ -248,14 +225,14 @@ def run_model_suite(spec) -> list[dict]:
 # ------------------------------------------------------------------------------------------ kernels suite
 
 def _triton_can_run(device: str) -> str | None:
-    from fastsd import backend as B
+    from fastsd.backends.triton import unavailable
 
-    return B.triton_unavailable_reason(torch.device(device))
+    return unavailable(torch.device(device))
 
 
 def run_kernels_suite(spec) -> list[dict]:
     from . import kernel_cases as K
-    from fastsd import backend as B
+    from fastsd.backends.triton import interpreter_enabled
 
     mem = common.Memory(spec["device"])
     mem.mark_loaded()
@@ -264,7 +241,7 @@ def run_kernels_suite(spec) -> list[dict]:
     found = K.discover()
     rows = []
     why_not = _triton_can_run(dev)
-    interp = dev == "cpu" and B.interpreter_enabled() and why_not is None
+    interp = dev == "cpu" and interpreter_enabled() and why_not is None
     if dev == "cpu" and interp and not quick:
         why_not = "needs CUDA (the Triton interpreter would take hours at SD1.5 shapes; use --quick for tiny shapes)"
     elif dev == "cpu" and why_not is not None:

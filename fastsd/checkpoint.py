@@ -221,9 +221,10 @@ def build_models(src: Checkpoint | SDConfig, *, dtype: torch.dtype, device: torc
     cfg = src.config if isinstance(src, Checkpoint) else src
     ctors = {"clip": (CLIPTextModel, cfg.clip), "vae": (AutoencoderKL, cfg.vae), "unet": (UNet, cfg.unet)}
     if not isinstance(src, Checkpoint):
-        torch.manual_seed(seed)
-        models = {n: cls(sub).to(device=device, dtype=dtype).eval().requires_grad_(False)
-                  for n, (cls, sub) in ctors.items()}
+        with torch.random.fork_rng(devices=[]):  # random weights from `seed`; the caller's RNG state is left alone
+            torch.manual_seed(seed)
+            models = {n: cls(sub).to(device=device, dtype=dtype).eval().requires_grad_(False)
+                      for n, (cls, sub) in ctors.items()}
         return models["clip"], models["vae"], models["unet"], cfg
     with torch.device("meta"):
         models = {n: cls(sub) for n, (cls, sub) in ctors.items()}

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from fastsd.ops import cfg_guidance_reference
+from fastsd.backends import reference
 from fastsd.schedules import Schedule, sigma_to_t, sigmas_from_alphas_cumprod
 
 
@@ -43,7 +43,8 @@ class EpsDenoiser:
         self.quantize = quantize
         self.schedule = schedule
         sig = sigmas_from_alphas_cumprod(torch.as_tensor(alphas_cumprod).detach().cpu())
-        self._log_sigmas = np.log(sig.numpy())
+        # float32 log, as diffusers' np.log of its float32 table; float64 from there on
+        self._log_sigmas = torch.from_numpy(np.log(sig.float().numpy())).double()
         self.sigma_min = float(sig[0])
         self.sigma_max = float(sig[-1])
         if schedule is not None:
@@ -60,39 +61,28 @@ class EpsDenoiser:
 
     # -- sigma -> timestep ------------------------------------------------------------------------------------
 
+    def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Timesteps (float64, sigma's shape and device) for noise levels: the schedule's own timestep where
+        sigma is one of its sigmas (float32 sigmas match too: the schedule's are float32 values), else
+        log-sigma interpolation (`fastsd.schedules.sigma_to_t`), rounded if `quantize`. No device sync."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if sigma.device not in self._dev_cache:
+            tables = (self._log_sigmas,) + (self._table_t or ())
+            self._dev_cache[sigma.device] = tuple(v.to(sigma.device) for v in tables)
+        log_sigmas, *table = self._dev_cache[sigma.device]
+        t = sigma_to_t(sigma, log_sigmas)
+        if self.quantize:
+            t = t.round()
+        if table:
+            tab_s, tab_t = table
+            match = sigma.reshape(-1, 1) == tab_s[None, :]
+            t = torch.where(match.any(1), (match * tab_t[None, :]).sum(1), t.reshape(-1)).reshape(sigma.shape)
+        return t
+
     def t_for_sigma(self, sigma: float) -> float:
         """Host-side conversion of one noise level."""
         t = self._table.get(float(sigma))
-        if t is not None:
-            return t
-        t = float(sigma_to_t(np.float64(sigma), self._log_sigmas))
-        return float(round(t)) if self.quantize else t
-
-    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """(B,) sigma tensor -> (B,) float64 timesteps on sigma's device; sync-free when sigma is on a GPU."""
-        if sigma.device.type == "cpu":
-            return torch.tensor([self.t_for_sigma(s) for s in sigma.double().tolist()], dtype=torch.float64)
-        return self._sigma_to_t_torch(sigma)
-
-    def _sigma_to_t_torch(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Device-side twin of t_for_sigma: log-sigma interpolation in torch, overridden by exact schedule
-        matches (float32 sigmas match too: the schedule's sigmas are float32 values)."""
-        log_sigmas = torch.as_tensor(self._log_sigmas, device=sigma.device, dtype=torch.float64)
-        ls = sigma.double().clamp_min(1e-10).log()
-        dists = ls - log_sigmas[:, None]
-        low_idx = dists.ge(0).cumsum(0).argmax(0).clamp(max=log_sigmas.shape[0] - 2)
-        low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
-        w = ((low - ls) / (low - high)).clamp(0, 1)
-        t = (1 - w) * low_idx + w * (low_idx + 1)
-        if self.quantize:
-            t = t.round()
-        if self._table_t is not None:
-            if sigma.device not in self._dev_cache:
-                self._dev_cache[sigma.device] = tuple(v.to(sigma.device) for v in self._table_t)
-            tab_s, tab_t = self._dev_cache[sigma.device]
-            match = sigma.double()[:, None] == tab_s[None, :]
-            t = torch.where(match.any(1), (match * tab_t[None, :]).sum(1), t.double())
-        return t.double()
+        return t if t is not None else float(self.sigma_to_t(float(sigma)))
 
     # -- call ---------------------------------------------------------------------------------------------------
 
@@ -128,18 +118,21 @@ class CFGDenoiser:
     Extra args given at call time (e.g. `c_concat` for inpainting) are shared by both branches. The denoiser is
     called on torch.cat([x, x]) with [uncond, cond] concatenated on the batch dim; batch-1 per-branch tensors are
     broadcast to x's batch. Guidance in x0 space equals diffusers' guidance on eps (x0 = x - sigma*eps is affine
-    in eps). scale == 1 runs the cond branch only.
+    in eps). Without an uncond (guidance scale <= 1, as diffusers) only the cond branch runs.
 
-    Samplers given a guided CFGDenoiser (not wrapped) call `branches` instead and fuse the guidance into their
-    update (`fastsd.ops.cfg_step`); calling the denoiser returns the guided prediction itself.
+    The sampler protocol: `split_guidance(x, sigma, **extra)` gives (uncond_x0, cond_x0, scale) from one
+    batched call so a sampler can fuse the guidance into its update with `cfg_step` (the backend's op:
+    one kernel on the triton backend); None when unguided. Wrappers forward both (KnownRegionDenoiser).
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], cond: torch.Tensor | Mapping[str, Any],
-                 uncond: torch.Tensor | Mapping[str, Any] | None, scale: float):
+                 uncond: torch.Tensor | Mapping[str, Any] | None, scale: float,
+                 cfg_step: Callable = reference.cfg_step):
         self.denoiser = denoiser
         self.cond = _as_dict(cond)
         self.uncond = None if uncond is None else _as_dict(uncond)
         self.scale = float(scale)
+        self.cfg_step = cfg_step
         if self.uncond is not None and set(self.uncond) != set(self.cond):
             raise ValueError(f"cond and uncond need the same keys, got {sorted(self.cond)} and {sorted(self.uncond)}")
         if self.uncond is None and self.scale != 1.0:
@@ -158,7 +151,7 @@ class CFGDenoiser:
 
     def branches(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(uncond_x0, cond_x0) from ONE batched denoiser call on torch.cat([x, x]): the two halves of its
-        output (views, no copy), for a sampler that fuses the guidance into its update (`fastsd.ops.cfg_step`)."""
+        output (views, no copy)."""
         if not self.guided:
             raise ValueError("branches() needs guidance (an uncond and scale != 1)")
         B = x.shape[0]
@@ -177,8 +170,37 @@ class CFGDenoiser:
         uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), sigma, **kw).chunk(2)
         return uncond_x0, cond_x0
 
+    def split_guidance(self, x: torch.Tensor, sigma, **extra: Any):
+        """(uncond_x0, cond_x0, scale) for a sampler to fuse, or None when this call is unguided."""
+        return (*self.branches(x, sigma, **extra), self.scale) if self.guided else None
+
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> torch.Tensor:
         if not self.guided:
             kw = {k: self._batch(v, x.shape[0]) for k, v in self.cond.items()}
             return self.denoiser(x, sigma, **kw, **extra)
-        return cfg_guidance_reference(*self.branches(x, sigma, **extra), self.scale)
+        return reference.cfg_guidance(*self.branches(x, sigma, **extra), self.scale)
+
+
+class KnownRegionDenoiser:
+    """4-channel-model inpainting (A1111's way): after every model call the known region's prediction is
+    replaced by the image's own latents, so each step re-noises them from the sampler's current noise.
+    The replacement is affine, so it commutes with guidance: the guidance split is forwarded with both
+    branches blended, and a sampler still fuses the guidance into its update."""
+
+    def __init__(self, model, x0: torch.Tensor, mask: torch.Tensor):
+        self.model, self.x0, self.mask = model, x0, mask  # mask (1, 1, h, w): 1 = repaint
+        self.cfg_step = getattr(model, "cfg_step", reference.cfg_step)
+
+    def _blend(self, x0_pred: torch.Tensor) -> torch.Tensor:
+        return self.x0 * (1 - self.mask) + x0_pred * self.mask
+
+    def split_guidance(self, x: torch.Tensor, sigma, **extra: Any):
+        split = getattr(self.model, "split_guidance", None)
+        parts = split(x, sigma, **extra) if split is not None else None
+        if parts is None:
+            return None
+        uncond, cond, scale = parts
+        return self._blend(uncond), self._blend(cond), scale
+
+    def __call__(self, x: torch.Tensor, sigma, **extra: Any) -> torch.Tensor:
+        return self._blend(self.model(x, sigma, **extra))

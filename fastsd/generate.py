@@ -1,46 +1,60 @@
 """Command line: python -m fastsd.generate "a photo of a cat" --model PATH [options]
 
-Writes PNGs whose "parameters" text chunk is A1111's infotext, so A1111's "PNG Info" reads them back.
-User mistakes end with one line on stderr and exit status 2; no half-written file is left behind.
+Writes PNGs whose "parameters" text chunk is A1111's infotext, so A1111's "PNG Info" reads them back:
+into a folder with A1111's numbered names (`00012-SEED.png`, never overwriting), or to one .png path.
+User mistakes end with one `error:` line and exit status 2, checked before any model work where they can
+be; nothing half-written and no empty folder is left behind.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
+import typing
+
+from fastsd.cli import HelpFormatter, fail, one_line_warnings, positive_int, run_summary, set_threads
+from fastsd.settings import FIELDS, GenerationSettings
 
 MODEL_ENV = "FASTSD_MODEL"
+IMAGE_EXTS = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def _settings_options(p: argparse.ArgumentParser) -> None:
+    """One option per GenerationSettings field: flag, type, default and help from the field."""
+    hints = typing.get_type_hints(GenerationSettings)
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        typ = next(t for t in (int, float, str) if t in typing.get_args(hints[name]) or hints[name] is t)
+        if flag == "prompt":
+            p.add_argument("prompt", help=meta["help"])
+        else:
+            p.add_argument(flag, dest=name, type=typ, default=f.default, help=meta["help"])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastsd.generate", description="Stable Diffusion 1.x text-to-image, "
-                                "image-to-image and inpainting.")
-    p.add_argument("prompt", help="the prompt; A1111 emphasis (word:1.2), (word), [word] and BREAK work")
+    p = argparse.ArgumentParser(prog="python -m fastsd.generate", formatter_class=HelpFormatter,
+                                description="Stable Diffusion 1.x text-to-image, image-to-image and inpainting.")
+    _settings_options(p)
     p.add_argument("--model", help=f"LDM .safetensors/.ckpt, diffusers folder, repo id in the local HF cache, or "
-                   f"random:sd15 / random:tiny (random weights). Default: ${MODEL_ENV}, else the only SD1.x model "
+                   f"random:sd15 / random:tiny (random weights); default ${MODEL_ENV}, else the only SD1.x model "
                    "in the local HF cache")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg-scale", type=float, default=7.5)
-    p.add_argument("--sampler", default="euler_a", help="euler_a, euler, ddim, ddpm, dpmpp_2m, dpmpp_2m_karras or an "
-                   "A1111 name such as 'DPM++ 2M Karras'")
-    p.add_argument("--seed", type=int, default=None, help="default: random; image i of a batch uses seed + i")
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--init-image", help="image-to-image / inpainting source image")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image, in (0, 1]")
     p.add_argument("--mask", help="inpainting mask, same size as the init image; white = repaint")
-    p.add_argument("--clip-skip", type=int, default=1, help="A1111 clip skip: 1 = last CLIP layer, 2 = penultimate")
-    p.add_argument("--out", default="outputs", help="output folder, or a .png path for a single image")
+    p.add_argument("--out", default="outputs", help="output folder (numbered names NNNNN-SEED.png), or a .png path "
+                   "for a single image")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out FILE.png")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda; bf16 on a cpu with native bf16 (AVX512-BF16/AMX), else fp32")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default: fp16 on cuda; bf16 on a cpu with native bf16 (AVX512-BF16/AMX), else fp32")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                   help="auto: triton on cuda, the tuned cpu path on a cpu; torch: the plain reference")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the physical cores)")
     p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
     p.add_argument("--tiled-vae", action="store_true", help="always decode/encode the VAE in tiles "
                    "(automatic above 1024 px a side)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-large", action="store_true", help="allow width/height above 4096")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -58,36 +72,50 @@ def default_model() -> str:
                      f"{MODEL_ENV}, or use --model random:sd15 for random weights; {hint}")
 
 
-def output_paths(out: str, n: int, seed: int) -> list[str]:
-    """Check the destination before any work: a folder (created if missing) or one .png path."""
-    if out.lower().endswith(".png"):
+def check_out(out: str, n: int, overwrite: bool) -> tuple[str, str | None]:
+    """(folder, file or None) for --out, checked before any work: a .png path (one image; an existing file
+    only with --overwrite) or a folder this process can create files in."""
+    from fastsd.files import check_writable_folder
+
+    ext = os.path.splitext(out)[1].lower()
+    if ext in IMAGE_EXTS:
+        raise ValueError(f"--out {out}: fastsd writes PNG (the infotext lives in its text chunk); give a .png path "
+                         "or a folder")
+    if ext == ".png":
         if n != 1:
             raise ValueError(f"--out {out} names one file but --num-images is {n}; give a folder instead")
-        folder, paths = os.path.dirname(os.path.abspath(out)), [out]
-    else:
-        folder = out
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out {out}: can't create the folder ({e.strerror})") from None
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        paths = [os.path.join(folder, f"{stamp}-{seed + i}.png") for i in range(n)]
-    if not os.path.isdir(folder):
-        raise ValueError(f"--out {out}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"--out {out}: folder {folder} is not writable")
-    return paths
+        if os.path.isdir(out):
+            raise ValueError(f"--out {out}: is a folder")
+        if os.path.exists(out) and not overwrite:
+            raise ValueError(f"--out {out}: the file exists (--overwrite replaces it)")
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--out {out}: folder {folder} does not exist")
+        check_writable_folder(folder, f"--out {out}")
+        return folder, out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file, not a folder (a single image needs a .png path)")
+    check_writable_folder(out, f"--out {out}")
+    return out, None
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+def save(images, folder: str, file: str | None, overwrite: bool, seeds: list[int]) -> list[str]:
+    from fastsd.files import write_numbered
+    from fastsd.image import png_writer, save_png
+
+    if file is not None:
+        return [save_png(images[0], file, images[0].info["parameters"], overwrite=overwrite)]
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {folder}: can't create the folder ({e.strerror})") from None
+    return [write_numbered(folder, f"{seed}.png", png_writer(im, im.info["parameters"]))
+            for im, seed in zip(images, seeds)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _one_line_warning  # a user sees "warning: ...", not a source location
+    one_line_warnings()
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -96,35 +124,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import random
-
-    from fastsd.backend import BackendError
-    from fastsd.image import check_mask, load_image, save_png
-    from fastsd.pipeline import GenerationSettings, load_pipeline
-    from fastsd.tensorfile import CheckpointError
+    settings = GenerationSettings(**{name: getattr(args, name) for name in FIELDS})
+    try:
+        settings.validate(has_image=args.init_image is not None, has_mask=args.mask is not None,
+                          allow_large=args.allow_large)
+        folder, file = check_out(args.out, settings.num_images, args.overwrite)
+        model = args.model or default_model()
+    except (ValueError, TypeError) as e:
+        return fail(str(e))
+    from fastsd import BackendError, CheckpointError, load_pipeline  # torch is imported from here on
+    from fastsd.image import check_mask, load_image
 
     try:
-        seed = args.seed if args.seed is not None else random.randrange(2**32)
-        settings = GenerationSettings(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-            guidance_scale=args.cfg_scale, sampler=args.sampler, seed=seed, width=args.width, height=args.height,
-            num_images=args.num_images, strength=args.strength, clip_skip=args.clip_skip)
-        settings.validate(has_image=args.init_image is not None, has_mask=args.mask is not None)
-        paths = output_paths(args.out, args.num_images, seed)
         image = load_image(args.init_image, "--init-image") if args.init_image else None
         mask = load_image(args.mask, "--mask") if args.mask else None
         check_mask(image, mask)
-        pipe = load_pipeline(args.model or default_model(), device=args.device, dtype=args.dtype,
-                             backend=args.backend)
+        threads = set_threads(args.threads)
+        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend)
         pipe.offload = args.offload
-        images = pipe.generate(**settings.kwargs(), image=image, mask=mask, progress=not args.no_progress,
+        s = pipe.resolve(settings, image)
+        print(run_summary(pipe, threads, f", {s.width}x{s.height}, {s.steps} steps {s.sampler}, seed {s.seed}"),
+              file=sys.stderr)
+        images = pipe.generate(**s.kwargs(), image=image, mask=mask, progress=not args.no_progress,
                                tiled_vae=True if args.tiled_vae else None)
-        for i, (img, path) in enumerate(zip(images, paths)):
-            save_png(img, path, img.info["parameters"])
+        for path in save(images, folder, file, args.overwrite, [s.seed + i for i in range(s.num_images)]):
             print(path)
-    except (ValueError, CheckpointError, BackendError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except FileExistsError as e:
+        return fail(f"--out {e.filename}: the file appeared while generating; not replaced (--overwrite replaces it)")
+    except (ValueError, TypeError, CheckpointError, BackendError) as e:
+        return fail(str(e))
     return 0
 
 

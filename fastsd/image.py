@@ -3,24 +3,48 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from fastsd.files import atomic_write
 
-def load_image(path: str, what: str = "image") -> Image.Image:
+
+MAX_INPUT_PIXELS = 8192 * 8192  # an init image or mask above this is refused (decompression bombs included)
+
+
+def load_image(path: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """Read an image file; ValueError (one line) for a missing, unreadable or oversized file. Images with
+    more than 8 bits per channel are scaled down to 8 bits, not clipped."""
     try:
         with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise ValueError(f"{what} {path}: {im.width}x{im.height} pixels is above the limit of "
+                                 f"{max_pixels} pixels")
             im.load()
-            return im.copy()
+            return to_8bit(im.copy())
     except FileNotFoundError:
         raise ValueError(f"{what} {path}: no such file") from None
-    except (OSError, Image.UnidentifiedImageError) as e:
-        raise ValueError(f"{what} {path}: not a readable image ({e})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path}: is a folder, not an image") from None
+    except (OSError, SyntaxError, Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{what} {path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16- and 32-bit integer and float images -> 8-bit "L" scaled to their range (PIL's convert would clip
+    them to 255: a 16-bit PNG would turn almost white); other modes are returned as they are."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            top = 1.0 if a.size and a.max() <= 1.0 else 255.0
+        else:
+            top = 65535.0 if im.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+        return Image.fromarray(np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+    return im
 
 
 def check_mask(image: Image.Image | None, mask: Image.Image | None) -> None:
@@ -45,6 +69,18 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in ~[-1, 1] -> PIL images; rounding as diffusers' numpy_to_pil ((x/2+0.5)*255, round)."""
     a = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(im) for im in (a * 255).round().astype(np.uint8)]
+
+
+# SD1.x latent channels -> RGB, a least-squares fit of decoded colours to latents (the "approx cheap"
+# preview A1111 and ComfyUI use); good enough to watch an image form, not a decoder.
+LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
+                           [-0.184, -0.271, -0.473]])
+
+
+def latents_preview(latents: torch.Tensor) -> Image.Image:
+    """Unscaled latents (1, 4, h, w) -> an RGB preview image of h x w pixels."""
+    rgb = torch.einsum("chw,cr->rhw", latents[0].float().cpu(), LATENT_RGB)
+    return tensor_to_pil(rgb[None])[0]
 
 
 # ---- A1111 infotext ------------------------------------------------------------------------------
@@ -90,21 +126,18 @@ def file_hash(path: str) -> str:
     return h.hexdigest()[:10]
 
 
-def save_png(image: Image.Image, path: str, infotext: str | None = None) -> None:
-    """Write a PNG atomically (temp file in the same folder, then rename): an interrupted or failed
-    save leaves no half-written file. The infotext goes in the 'parameters' text chunk, as A1111's."""
+def png_writer(image: Image.Image, infotext: str | None = None) -> Callable[[str], None]:
+    """A writer of the PNG with the infotext in its 'parameters' text chunk (A1111's), for fastsd.files."""
     info = PngImagePlugin.PngInfo()
     if infotext:
         info.add_text("parameters", infotext)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastsd-", suffix=".png.part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    return lambda path: image.save(path, format="PNG", pnginfo=info)
+
+
+def save_png(image: Image.Image, path: str, infotext: str | None = None, *, overwrite: bool = True) -> str:
+    """Write a PNG atomically (fastsd.files.atomic_write): an interrupted or failed save leaves no
+    half-written file; overwrite=False refuses to replace an existing file (FileExistsError)."""
+    return atomic_write(path, png_writer(image, infotext), overwrite=overwrite)
 
 
 def psnr(a, b) -> float:

@@ -16,8 +16,10 @@ what EpsDenoiser feeds the UNet (c_in = 1/sqrt(sigma^2+1)), so the model calls a
 
 Every update is a linear combination, with host-computed float coefficients (a, b, c, d):
     x_next = a * x + b * denoised + c * old_denoised + d * noise
-applied with the CFG guidance by `fastsd.ops.cfg_step` (one fused kernel on the triton backend) through
-`denoise_and_step`, the one helper every sampler's step goes through. Per sampler (s = sigmas[i], s' = sigmas[i+1]):
+applied together with the CFG guidance by the model's `cfg_step` (the backend's op: one fused kernel on the
+triton backend) in `denoise_and_step`, the one helper every sampler's step goes through. A model that can
+split its guidance exposes `split_guidance(x, sigma, **extra) -> (uncond, cond, scale) | None` (see
+fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s = sigmas[i], s' = sigmas[i+1]):
 
   euler       a = s'/s, b = 1 - s'/s                                   (probability-flow ODE, Euler step)
   ddim(eta)   ancestral step: s_up = eta * s' * sqrt(s^2 - s'^2) / s, s_down = sqrt(s'^2 - s_up^2),
@@ -40,9 +42,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from fastsd import ops
+from fastsd.backends import reference
 from fastsd.config import SchedulerConfig
-from fastsd.denoisers import CFGDenoiser
 from fastsd.schedules import SAMPLER_SCHEDULES, Schedule, schedule_for
 
 try:
@@ -60,8 +61,8 @@ NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def sampler_update(x: torch.Tensor, denoised: torch.Tensor, old_denoised: Optional[torch.Tensor],
                    noise: Optional[torch.Tensor], coeffs: Coeffs) -> torch.Tensor:
     """x_next = a*x + b*denoised + c*old_denoised + d*noise; terms with a zero coefficient are skipped
-    (old_denoised / noise may then be None). `fastsd.ops.cfg_step` without guidance."""
-    return ops.cfg_step(x, None, denoised, None, coeffs, old_denoised, noise)[0]
+    (old_denoised / noise may then be None). The reference cfg_step without guidance."""
+    return reference.cfg_step(x, None, denoised, None, coeffs, old_denoised, noise)[0]
 
 
 def denoise_and_step(model, x: torch.Tensor, sigma: torch.Tensor, extra_args: dict, coeffs: Coeffs,
@@ -69,18 +70,17 @@ def denoise_and_step(model, x: torch.Tensor, sigma: torch.Tensor, extra_args: di
                      draw_noise: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampler step -> (x_next, denoised): the model call, then the update with `coeffs`.
 
-    A guided `CFGDenoiser` passed in directly (no wrapper around it) gives its two branch outputs from one
-    batched call and the guidance is fused into the update (`ops.cfg_step`: one kernel on the triton backend);
-    any other model (plain denoiser, CFG with scale 1, a wrapper such as the pipeline's KnownRegionDenoiser) is
-    called as `model(x, sigma, **extra_args)` and its output goes through the same op without guidance.
+    A model with `split_guidance` that returns its two branch outputs gets the guidance fused into the
+    update (its `cfg_step`); otherwise (no split, or an unguided call) it is called as
+    `model(x, sigma, **extra_args)` and the output goes through the same op without guidance.
     `draw_noise()` is called once, after the model call and only when coeffs' noise term is non-zero (the RNG
     draw order of the unfused loop)."""
-    if isinstance(model, CFGDenoiser) and type(model).__call__ is CFGDenoiser.__call__ and model.guided:
-        uncond, cond, scale = *model.branches(x, sigma, **extra_args), model.scale
-    else:
-        uncond, cond, scale = None, model(x, sigma, **extra_args), None
+    split = getattr(model, "split_guidance", None)
+    parts = split(x, sigma, **extra_args) if split is not None else None
+    uncond, cond, scale = parts if parts is not None else (None, model(x, sigma, **extra_args), None)
     noise = draw_noise() if coeffs[3] != 0 else None
-    return ops.cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise)
+    step = getattr(model, "cfg_step", reference.cfg_step)
+    return step(x, uncond, cond, scale, coeffs, old_denoised, noise)
 
 
 # --------------------------------------------------------------------------------------------- step coefficients
@@ -187,12 +187,10 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                              disable, generator, noise_sampler)
 
 
-@torch.no_grad()
-def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta: float = 0.0,
-                generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
-    """DDIM in sigma space (diffusers DDIMScheduler.step with this eta); eta = 0 is deterministic."""
-    return _sample_ancestral(lambda a, b: ancestral_coeffs(a, b, eta), model, x, sigmas, extra_args, callback,
-                             disable, generator, noise_sampler)
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta: float = 0.0, **opts):
+    """DDIM in sigma space (diffusers DDIMScheduler.step with this eta): the ancestral step with eta 0 by
+    default, i.e. deterministic."""
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, disable, eta=eta, **opts)
 
 
 @torch.no_grad()
@@ -228,15 +226,7 @@ def _no_opts(name, opts):
 class SamplerSpec:
     name: str  # canonical name
     fn: Callable[..., torch.Tensor]
-    diffusers_class: str  # the twin scheduler it matches
-    schedule_kind: str  # fastsd.schedules.build_schedule kind: timestep spacing / final sigma of that scheduler
-    karras: bool
     stochastic: bool  # takes generator / noise_sampler
-
-    @property
-    def spacing(self) -> str:
-        """diffusers' timestep_spacing of the twin scheduler (DPM's "linspace" takes n+1 rounded points)."""
-        return "leading" if self.schedule_kind in ("ddpm", "ddim") else "linspace"
 
     def schedule(self, steps: int, cfg: SchedulerConfig = SchedulerConfig()) -> Schedule:
         return schedule_for(self.name, steps, cfg)
@@ -245,20 +235,17 @@ class SamplerSpec:
         return self.fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **opts)
 
 
-def _spec(name, fn, cls, stochastic):
-    kind, karras = SAMPLER_SCHEDULES[name]
-    return SamplerSpec(name, fn, cls, kind, karras, stochastic)
-
-
-SAMPLERS: dict[str, SamplerSpec] = {
-    "euler": _spec("euler", sample_euler, "EulerDiscreteScheduler", False),
-    "euler_a": _spec("euler_a", sample_euler_ancestral, "EulerAncestralDiscreteScheduler", True),
-    "ddim": _spec("ddim", sample_ddim, "DDIMScheduler", True),
-    "ddpm": _spec("ddpm", sample_ddpm, "DDPMScheduler", True),
-    "dpmpp_2m": _spec("dpmpp_2m", sample_dpmpp_2m, "DPMSolverMultistepScheduler", False),
-    "dpmpp_2m_karras": _spec("dpmpp_2m_karras", sample_dpmpp_2m,
-                             "DPMSolverMultistepScheduler(use_karras_sigmas=True)", False),
-}
+# Each matches its diffusers twin built with from_config(SD1.5 scheduler config) (see README "Generating"):
+# euler EulerDiscreteScheduler, euler_a EulerAncestralDiscreteScheduler, ddim DDIMScheduler, ddpm DDPMScheduler,
+# dpmpp_2m DPMSolverMultistepScheduler, dpmpp_2m_karras the same with use_karras_sigmas=True.
+SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
+    SamplerSpec("euler", sample_euler, False),
+    SamplerSpec("euler_a", sample_euler_ancestral, True),
+    SamplerSpec("ddim", sample_ddim, True),
+    SamplerSpec("ddpm", sample_ddpm, True),
+    SamplerSpec("dpmpp_2m", sample_dpmpp_2m, False),
+    SamplerSpec("dpmpp_2m_karras", sample_dpmpp_2m, False),
+)}
 
 # The names A1111 writes in its infotext ("Sampler: Euler a").
 A1111_NAMES: dict[str, str] = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "ddpm": "DDPM",

@@ -107,18 +107,19 @@ def sigma_at(timesteps, sigma_table: np.ndarray) -> np.ndarray:
     return np.interp(timesteps, np.arange(0, len(sigma_table)), sigma_table)
 
 
-def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional timestep for sigma: linear interpolation in log-sigma (diffusers' `_sigma_to_t`, which is also
-    k-diffusion's `DiscreteSchedule.sigma_to_t`). `log_sigmas` = log of the ascending (T,) sigma table."""
-    sigma = np.asarray(sigma)
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high_idx = low_idx + 1
-    low = log_sigmas[low_idx]
-    high = log_sigmas[high_idx]
-    w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """Fractional timesteps for sigmas (any shape, float64): linear interpolation in log-sigma (diffusers'
+    `_sigma_to_t`, which is also k-diffusion's `DiscreteSchedule.sigma_to_t`). `log_sigmas` = log of the
+    ascending (T,) sigma table, on sigma's device."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    log_sigmas = torch.as_tensor(log_sigmas, dtype=torch.float64, device=sigma.device)
+    flat = sigma.reshape(-1)
+    ls = flat.clamp_min(1e-10).log()
+    dists = ls - log_sigmas[:, None]
+    low_idx = dists.ge(0).cumsum(0).argmax(0).clamp(max=log_sigmas.shape[0] - 2)
+    low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
+    w = ((low - ls) / (low - high)).clamp(0, 1)
+    return ((1 - w) * low_idx + w * (low_idx + 1)).reshape(sigma.shape)
 
 
 def _check_steps(n: int, T: int) -> None:
@@ -216,9 +217,9 @@ def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *
         init = float(sigmas.max())  # init_noise_sigma = sigmas.max() for "linspace" spacing
     elif kind == "dpm":
         if karras:
-            log_sigmas = np.log(table)
+            log_sigmas = torch.from_numpy(np.log(table).astype(np.float64))
             sig = get_sigmas_karras(steps, float(table[0]), float(table[-1]))
-            ts = np.array([sigma_to_t(s, log_sigmas) for s in sig]).round()
+            ts = sigma_to_t(torch.from_numpy(sig), log_sigmas).round().numpy()
         else:
             ts = dpm_linspace_timesteps(steps, T)
             sig = sigma_at(ts, table)

@@ -55,8 +55,8 @@ class GenerationSettings:
             v = getattr(self, name)
             if v is None:
                 continue
-            _check_int(v, name, 8, None)
-            if v % 8:
+            _check_int(v, name, None, None)
+            if v < 8 or v % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
             if v > limit:
                 raise ValueError(f"{name} {v} is above {limit} px (allow_large / --allow-large lifts the limit)")
@@ -92,9 +92,10 @@ def _check_str(v, name: str) -> None:
 def _check_int(v, name: str, lo: int | None, hi: int | None) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an integer, got {v!r}")
-    if lo is not None and v < lo or hi is not None and v > hi:
-        rng = f"at least {lo}" if hi is None else f"in {lo}..{hi}"
-        raise ValueError(f"{name} must be {rng}, got {v}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be at least {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be at most {hi}, got {v}")
 
 
 def _check_float(v, name: str) -> None:

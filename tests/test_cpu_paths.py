@@ -1,5 +1,5 @@
-"""The CPU-tuned paths of backend auto (fastsd/cpu_attention.py, fastsd/cpu_pack.py, the chunked
-feed-forward) against the plain-torch reference that --backend torch runs. The whole file runs again
+"""The cpu backend (fastsd/backends/cpu.py: packed weights, chunked bf16 attention and feed-forward, measured
+choices) against the plain-torch reference that --backend torch runs. The whole file runs again
 in a subprocess restricted to AVX2 (test_cpu_paths_restricted_to_avx2), whatever this machine's ISA."""
 import os
 import subprocess
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastsd import backend, cpu_pack, cpuinfo, load_pipeline, ops
-from fastsd.cpu_attention import attention_chunked, rowmax_bf16
-from fastsd.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
+from fastsd import backends, cpuinfo, load_pipeline
+from fastsd.backends import cpu, cpu_pack, cpu_tune, reference
+from fastsd.backends.cpu_attention import attention_chunked, rowmax_bf16
+from fastsd.backends.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
 from fastsd.models import layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,12 +38,12 @@ SHAPES = [(2, 8, 300, 300, 40), (2, 8, 300, 77, 40), (1, 4, 129, 129, 80), (2, 2
 def test_chunked_bf16_attention_is_as_accurate_as_torch(shape, block):
     B, H, Lq, Lk, D = shape
     q, k, v = _qkv(B, H, Lq, Lk, D)
-    ref = ops.attention_reference(q, k, v)  # fp32
+    ref = reference.attention(q, k, v)  # fp32
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
     out = attention_chunked(qb, kb, vb, block_elements=block)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
-    torch_err = rel(ops.attention_reference(qb, kb, vb))
+    torch_err = rel(reference.attention(qb, kb, vb))
     assert rel(out) <= 2 * torch_err, (rel(out), torch_err)
 
 
@@ -50,29 +51,28 @@ def test_chunked_attention_keeps_sharp_logits_accurate():
     """Logits of size ~30: rounding q k^T to bf16 before the softmax would lose ~0.1 per logit; the
     shift by the row max keeps the error near torch's."""
     q, k, v = _qkv(1, 2, 256, 256, 40, sharpness=60.0, seed=3)
-    ref = ops.attention_reference(q, k, v)
+    ref = reference.attention(q, k, v)
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
     rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
     naive = torch.softmax((qb @ kb.transpose(-1, -2)) * 40 ** -0.5, -1) @ vb  # unshifted bf16 logits
-    ours, torch_err = rel(attention_chunked(qb, kb, vb)), rel(ops.attention_reference(qb, kb, vb))
+    ours, torch_err = rel(attention_chunked(qb, kb, vb)), rel(reference.attention(qb, kb, vb))
     assert ours <= 1.5 * torch_err < rel(naive), (ours, torch_err, rel(naive))
 
 
 def test_attention_dispatch_on_cpu():
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, 64, 77, 40))
-    ref = ops.attention_reference(q, k, v)
+    ref = reference.attention(q, k, v)
     chunked = attention_chunked(q, k, v)
     assert not torch.equal(ref, chunked)  # the two paths are distinguishable
+    assert backends.get("auto", "cpu") is cpu.BACKEND
     with torch.no_grad():
-        with backend.use("torch"):
-            assert torch.equal(ops.attention(q, k, v), ref)  # the plain reference
-        with backend.use("auto"):  # chunked only where bf16 is native; emulated bf16 keeps SDPA
-            assert torch.equal(ops.attention(q, k, v), chunked if cpuinfo.native_bf16() else ref)
-            assert torch.equal(ops.attention(q.float(), k.float(), v.float()),
-                               ops.attention_reference(q.float(), k.float(), v.float()))  # fp32 keeps SDPA
-    with backend.use("auto"):  # autograd on: reference ops (the chunked path writes into out= buffers)
-        qg = q.clone().requires_grad_()
-        assert torch.equal(ops.attention(qg, k, v), ref)
+        assert torch.equal(reference.attention(q, k, v), ref)  # the plain reference
+        # chunked only where bf16 is native; emulated bf16 keeps SDPA
+        assert torch.equal(cpu.attention(q, k, v), chunked if cpuinfo.native_bf16() else ref)
+        assert torch.equal(cpu.attention(q.float(), k.float(), v.float()),
+                           reference.attention(q.float(), k.float(), v.float()))  # fp32 keeps SDPA
+    qg = q.clone().requires_grad_()  # autograd on: reference ops (the chunked path writes into out= buffers)
+    assert torch.equal(cpu.attention(qg, k, v), ref)
 
 
 def _tiny_inputs():
@@ -90,7 +90,7 @@ def test_packed_weights_give_the_same_outputs_and_state_dict(dtype):
     def run():
         return (pipe.unet(x.to(dtype), t, ctx.to(dtype)), pipe.vae.decode(x.to(dtype)), pipe.clip(ids)[0])
 
-    with torch.no_grad(), backend.use("torch"):
+    with torch.no_grad():
         exact = run()  # fp32
         for m in models.values():
             m.to(dtype, memory_format=torch.channels_last)
@@ -146,8 +146,6 @@ def test_convolutions_pack_for_the_input_shape_they_see():
 def test_tuned_choice_is_measured_cached_and_honoured(tmp_path, monkeypatch):
     """FASTSD_CPU_TUNE unset: the first call at a shape times plain vs packed and records the winner in
     the cache file, which a new process reuses; a layer whose winner is plain keeps its dense weight."""
-    from fastsd import cpu_tune
-
     monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
     if cpu_pack.packing_unavailable(torch.float32):
@@ -180,8 +178,6 @@ def test_tuned_choice_is_measured_cached_and_honoured(tmp_path, monkeypatch):
 
 
 def test_tuner_margin_force_and_corrupt_cache(tmp_path, monkeypatch):
-    from fastsd import cpu_tune
-
     monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
     path = tmp_path / "tune.json"
     t = cpu_tune.Tuner(path)
@@ -227,7 +223,7 @@ def test_bf16_without_native_support_runs_unpacked(monkeypatch):
 
 
 def test_cli_bf16_without_native_support_gives_an_image_and_one_warning_line(tmp_path):
-    code = ("import sys, fastsd.cpu_pack as p, fastsd.cpuinfo as c; p.onednn_bf16_supported = lambda: False; "
+    code = ("import sys, fastsd.backends.cpu_pack as p, fastsd.cpuinfo as c; p.onednn_bf16_supported = lambda: False; "
             "c.native_bf16 = lambda cpuinfo='': False; from fastsd.generate import main; sys.exit(main(sys.argv[1:]))")
     out = tmp_path / "x.png"
     r = subprocess.run([sys.executable, "-c", code, "a cat", "--model", "random:tiny", "--dtype", "bf16", "--steps",
@@ -260,12 +256,14 @@ def test_feed_forward_chunks_match_one_pass(monkeypatch):
     block = layers.BasicTransformerBlock(64, 2, 32).eval()
     x, ctx = torch.randn(2, 50, 64), torch.randn(2, 7, 32)
     with torch.no_grad():
-        with backend.use("torch"):
-            ref = block(x, ctx)
-        monkeypatch.setattr(layers, "FF_CHUNK_TOKENS", 16)  # 100 tokens: 7 chunks, the last one short
-        with backend.use("auto"):
-            out = block(x, ctx)
+        ref = block(x, ctx)  # reference ops
+        monkeypatch.setattr(cpu, "FF_CHUNK_TOKENS", 16)  # 100 tokens: 7 chunks, the last one short
+        cpu.BACKEND.prepare(block)
+        out = block(x, ctx)
+        assert torch.equal(cpu.feed_forward_chunked(block, x, 16), cpu.feed_forward_chunked(block, x, 1000))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    cpu.BACKEND.unprepare(block)
+    assert block.ops is reference.OPS and block.attn1.ops is reference.OPS
 
 
 @pytest.mark.parametrize("tune", ["0", "measure"])
@@ -287,13 +285,11 @@ def test_pipeline_lays_out_models_per_backend(tune, tmp_path, monkeypatch):
     if tune == "0":  # defaults: everything packs at its first call
         assert all(m.weight.is_mkldnn for m in auto.unet.modules() if isinstance(m, PackableConv2d))
     else:
-        from fastsd import cpu_tune
-
         assert len(cpu_tune.tuner().entries()) > 10  # the measured choices were recorded
 
 
 def test_default_dtype_follows_the_cpu(tmp_path, monkeypatch):
-    from fastsd import pipeline
+    from fastsd import load as pipeline
 
     with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")

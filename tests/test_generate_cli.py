@@ -77,7 +77,7 @@ def test_bad_model_and_out(tmp_path, capsys, monkeypatch):
     _fails(["--model", str(tmp_path / "missing.safetensors")], tmp_path, capsys, "no such file or folder")
     (tmp_path / "afile").write_text("x")
     err = _fails(["--out", str(tmp_path / "afile" / "sub")], tmp_path, capsys, "--out")
-    assert "can't create the folder" in err
+    assert "afile is not a folder" in err
     _fails(["--out", str(tmp_path / "nodir" / "x.png")], tmp_path, capsys, "does not exist")
     monkeypatch.delenv("FASTSD_MODEL", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "emptyhub"))
@@ -90,7 +90,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
 
     def broken_save(self, fp, *a, **k):
-        fp.write(b"\x89PNG half")
+        with open(fp, "wb") as f:  # a half-written file, then the failure
+            f.write(b"\x89PNG half")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)

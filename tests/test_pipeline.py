@@ -158,8 +158,8 @@ def test_inpainting_4_channel_keeps_the_known_region(tiny, monkeypatch):
     mask = np.zeros((64, 64), np.uint8)
     mask[:, 32:] = 255  # repaint the right half
     seen = []
-    decode = pipe.decode_latents
-    monkeypatch.setattr(pipe, "decode_latents", lambda lat, tiled_vae=None: seen.append(lat) or decode(lat))
+    decode = pipe.decode
+    monkeypatch.setattr(pipe, "decode", lambda lat, tiled_vae=None: seen.append(lat) or decode(lat))
     pipe.generate("x", image=img, mask=Image.fromarray(mask), strength=1.0, steps=3, seed=0, progress=False)
     x0 = pipe.encode_images(pil_to_tensor(img), [torch.Generator().manual_seed(0)])
     f = pipe.config.vae.downscale
@@ -192,8 +192,8 @@ def test_tiled_vae_blends_to_the_untiled_result_on_local_ops():
 def test_forced_tiled_decode_is_close_to_untiled(tiny):
     _, _, pipe = tiny
     lat = torch.randn(1, 4, 80, 80, generator=torch.Generator().manual_seed(0))
-    full = pipe.decode_latents(lat, tiled_vae=False)
-    tiles = pipe.decode_latents(lat, tiled_vae=True)
+    full = pipe.decode(lat, tiled_vae=False)
+    tiles = pipe.decode(lat, tiled_vae=True)
     assert tiles.shape == full.shape == (1, 3, 160, 160)
     assert (tiles - full).abs().mean() < 0.1 * full.abs().mean()
 
@@ -208,6 +208,6 @@ def test_fp16_vae_nan_is_redone_in_fp32(monkeypatch):
 
     monkeypatch.setattr(pipe.vae, "decode", flaky)
     with pytest.warns(UserWarning, match="decoding again in fp32"):
-        img = pipe.decode_latents(torch.randn(1, 4, 8, 8))
+        img = pipe.decode(torch.randn(1, 4, 8, 8))
     assert torch.isfinite(img).all()
     assert pipe.vae.dtype == torch.float16

@@ -13,7 +13,7 @@ import torch
 
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser
 from fastsd.samplers import SAMPLERS, get_sampler, resolve_sampler_name, sampler_update
-from fastsd.schedules import alphas_cumprod, img2img_start_index, schedule_for, sigma_to_t, sigmas_from_alphas_cumprod
+from fastsd.schedules import SAMPLER_SCHEDULES, alphas_cumprod, img2img_start_index, schedule_for, sigma_to_t, sigmas_from_alphas_cumprod
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers' schedulers call np.array(tensor) in a way numpy 2 flags; not ours to fix.
@@ -208,14 +208,15 @@ def test_eps_denoiser_sigma_to_t():
         assert den.t_for_sigma(sched.sigmas[i].item()) == sched.timesteps[i].item()
         sig = sched.sigmas[i].expand(3).float()
         assert torch.equal(den.sigma_to_t(sig), sched.timesteps[i].expand(3))
-        assert torch.equal(den._sigma_to_t_torch(sig), sched.timesteps[i].expand(3))  # the GPU path
     # Off-schedule: diffusers' log-sigma interpolation (not the schedule's linear-in-sigma inverse).
     s = 3.3
-    assert den.t_for_sigma(s) == pytest.approx(float(sigma_to_t(np.float64(s), np.log(table))))
+    assert den.t_for_sigma(s) == pytest.approx(float(sigma_to_t(torch.tensor(s), torch.from_numpy(np.log(table)))))
     assert diffusers.EulerDiscreteScheduler.from_config(SD15)._sigma_to_t(np.array(s), np.log(table)) == \
         pytest.approx(den.t_for_sigma(s), abs=1e-9)
     off = torch.tensor([s, 0.5, 14.0, sched.sigmas[5].item()], dtype=torch.float64)
-    assert torch.allclose(den._sigma_to_t_torch(off), den.sigma_to_t(off), rtol=0, atol=1e-9)
+    expected = [float(diffusers.EulerDiscreteScheduler.from_config(SD15)._sigma_to_t(np.array(v), np.log(table)))
+                for v in off[:3].tolist()] + [sched.timesteps[5].item()]
+    assert torch.allclose(den.sigma_to_t(off), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-9)
     # Per-sample sigmas give per-sample scalings: same result as separate scalar calls.
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     sig = torch.tensor([sched.sigmas[2].item(), 1.7], dtype=torch.float64)
@@ -329,8 +330,9 @@ def test_unknown_sampler_lists_valid_names():
 
 
 def test_registry_schedules():
-    assert get_sampler("DPM++ 2M Karras").karras and not get_sampler("DPM++ 2M").karras
-    assert get_sampler("Euler a").schedule_kind == "euler" and get_sampler("DDIM").schedule_kind == "ddim"
+    assert SAMPLER_SCHEDULES[get_sampler("DPM++ 2M Karras").name] == ("dpm", True)
+    assert SAMPLER_SCHEDULES[get_sampler("DPM++ 2M").name] == ("dpm", False)
+    assert torch.equal(get_sampler("DDIM").schedule(10).sigmas, schedule_for("ddim", 10).sigmas)
     assert torch.equal(get_sampler("Euler a").schedule(10).sigmas, schedule_for("euler", 10).sigmas)
 
 

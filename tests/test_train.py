@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastsd import datasets, evaluate, sample, train
+from fastsd.train import datasets, evaluate, sample, trainer as train
 
 TINY_ARGS = ["--model-channels", "16", "--num-res-blocks", "1", "--norm-groups", "4", "--num-heads", "2",
              "--context-dim", "16", "--batch-size", "16", "--log-every", "2", "--no-progress"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastsd import ops
+from fastsd.backends.reference import OPS
 from fastsd.config import CLIPConfig
 
 
@@ -14,6 +14,8 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
+    ops = OPS
+
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         d = cfg.hidden_size
@@ -23,7 +25,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = ops.attention(q, k, v, causal=True)  # (B, H, N, Dh); token i sees tokens <= i
+        out = self.ops.attention(q, k, v, causal=True)  # (B, H, N, Dh); token i sees tokens <= i
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 

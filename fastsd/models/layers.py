@@ -1,5 +1,7 @@
 """Building blocks shared by the UNet and the VAE. Attribute names mirror the LDM checkpoint keys
-(ldm/modules/diffusionmodules/openaimodel.py, ldm/modules/attention.py), so loading is near-identity."""
+(ldm/modules/diffusionmodules/openaimodel.py, ldm/modules/attention.py), so loading is near-identity.
+Modules whose work a backend can swap (attention, GroupNorm, the feed-forward) call it through their `ops`
+table: the reference ops until a backend's prepare() hands them its own."""
 from __future__ import annotations
 
 import math
@@ -8,20 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsd import backend, cpu_tune, ops
-
-FF_CHUNK_TOKENS = 2048  # CPU path: tokens per feed-forward chunk (1024 and 2048 were best of 256..2048 tried)
+from fastsd.backends.reference import OPS
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm through fastsd.ops (fp32 statistics, as LDM's GroupNorm32), optionally fused with SiLU."""
+    """GroupNorm through the ops table (fp32 statistics, as LDM's GroupNorm32), optionally fused with SiLU."""
+
+    ops = OPS
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False):
         super().__init__(num_groups, num_channels, eps)
         self.silu = silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps, silu=self.silu)
+        return self.ops.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps, silu=self.silu)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -55,6 +57,8 @@ class ResBlock(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention; self-attention when context is None. Keys: to_q, to_k, to_v, to_out.0."""
 
+    ops = OPS
+
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
         inner = heads * dim_head
@@ -71,7 +75,7 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, lq, self.heads, -1).transpose(1, 2)
         k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
-        out = ops.attention(q, k, v)  # (B, H, Lq, Dh)
+        out = self.ops.attention(q, k, v)  # (B, H, Lq, Dh)
         return self.to_out(out.transpose(1, 2).reshape(b, lq, -1))
 
 
@@ -84,13 +88,13 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled():
-            return x * F.gelu(gate)
-        return F.gelu(gate).mul_(x)  # inference: the same values, one (tokens x 4C) buffer fewer
+        return x * F.gelu(gate)
 
 
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention, GEGLU feed-forward (4x), each pre-LayerNorm with a residual."""
+
+    ops = OPS
 
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
@@ -105,24 +109,7 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        if backend.cpu_tuned_ops(x.device) and x.shape[0] * x.shape[1] > FF_CHUNK_TOKENS:
-            key = f"feed-forward {str(x.dtype)[6:]} x{tuple(x.shape)} t{torch.get_num_threads()}"
-            candidates = {"chunked": lambda: self._feed_forward_chunked(x),
-                          "one pass": lambda: x + self.ff.net(self.norm3(x))}
-            return candidates[cpu_tune.tuner().choose(key, candidates, default="chunked")]()
-        return x + self.ff.net(self.norm3(x))
-
-    def _feed_forward_chunked(self, x: torch.Tensor) -> torch.Tensor:
-        """x + ff(norm3(x)) over chunks of FF_CHUNK_TOKENS tokens (row-wise, so the same result): the
-        8*C-wide GEGLU hidden stays in cache. CPU path: SD1.5 level-0 feed-forward with its LayerNorm and
-        residual, 2 x 4096 tokens x 320, bf16: 42.2 -> 34.1 ms (`python -m fastsd.benchmarks.cpu_paths`, the one-pass
-        row with GELU * x then not yet in place)."""
-        flat = x.reshape(-1, x.shape[-1])  # (B*L, C)
-        out = torch.empty_like(flat)
-        for i in range(0, flat.shape[0], FF_CHUNK_TOKENS):
-            xi = flat[i:i + FF_CHUNK_TOKENS]
-            torch.add(xi, self.ff.net(self.norm3(xi)), out=out[i:i + FF_CHUNK_TOKENS])
-        return out.view(x.shape)
+        return self.ops.feed_forward(self, x)  # x + ff.net(norm3(x))
 
 
 class SpatialTransformer(nn.Module):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsd import ops
+from fastsd.backends.reference import OPS
 from fastsd.config import VAEConfig
 from fastsd.models.layers import GroupNorm, Upsample
 
@@ -29,6 +29,8 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over H*W positions with 1x1-conv projections (keys: norm, q, k, v, proj_out)."""
 
+    ops = OPS
+
     def __init__(self, c: int, groups: int):
         super().__init__()
         self.norm = GroupNorm(groups, c, eps=1e-6)
@@ -40,7 +42,7 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head as wide as the channels
         q, k, v = (p(y).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))
-        out = ops.attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
+        out = self.ops.attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
 

@@ -1,10 +1,10 @@
-"""kernels.cfg_step vs the torch reference (fastsd.ops.cfg_step_reference), under the Triton interpreter."""
+"""kernels.cfg_step vs the torch reference (fastsd.backends.reference.cfg_step), under the Triton interpreter."""
 import pytest
 import torch
 
-from fastsd import backend, ops
+from fastsd import backends
 from fastsd.denoisers import CFGDenoiser
-from fastsd.ops import cfg_step_reference
+from fastsd.backends.reference import cfg_step as cfg_step_reference
 from fastsd.samplers import (SAMPLERS, ancestral_coeffs, ddpm_coeffs, denoise_and_step, dpmpp_2m_coeffs,
                              euler_coeffs)
 from fastsd.kernels.cfg_step import cfg_step, cfg_step_config
@@ -127,18 +127,18 @@ class _FakeDenoiser:
         return x * 0.9 + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
 
 
-def test_denoise_and_step_fuses_only_a_bare_guided_cfg_denoiser():
+def test_denoise_and_step_fuses_a_denoiser_that_splits_its_guidance():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 4, 5, 5, generator=g)
     cond, uncond = torch.randn(2, 7, 8, generator=g), torch.randn(1, 7, 8, generator=g)
     noise = torch.randn(2, 4, 5, 5, generator=g)
     coeffs = ancestral_coeffs(5.0, 3.0)
     den = _FakeDenoiser()
-    cfg = CFGDenoiser(den, cond, uncond, SCALE)
-    wrapped = lambda x, sigma, **kw: cfg(x, sigma, **kw)
     results = {}
     for be in ("torch", "triton"):
-        with backend.use(be):
+        cfg = CFGDenoiser(den, cond, uncond, SCALE, cfg_step=backends.get(be).ops.cfg_step)
+        wrapped = lambda x, sigma, **kw: cfg(x, sigma, **kw)  # noqa: E731  (no split_guidance: unfused)
+        if True:
             for kind, model in (("fused", cfg), ("wrapped", wrapped)):
                 draws = []
                 results[be, kind] = denoise_and_step(model, x, 5.0, {}, coeffs, draw_noise=lambda: draws.append(1) or noise)
@@ -159,11 +159,10 @@ def test_ops_cfg_step_routes_to_the_kernel(monkeypatch):
     calls = []
     real = kernels.cfg_step
     monkeypatch.setattr(kernels, "cfg_step", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with backend.use("torch"):
-        ref = ops.cfg_step(x, uncond, cond, SCALE, (0.5, 0.5, 0.0, 0.0))
-    with backend.use("triton"):
-        out = ops.cfg_step(x, uncond, cond, SCALE, (0.5, 0.5, 0.0, 0.0))
-        ops.cfg_step(x.double(), None, cond.double(), None, (0.5, 0.5, 0.0, 0.0))  # fp64: reference path
+    ref = backends.get("torch").ops.cfg_step(x, uncond, cond, SCALE, (0.5, 0.5, 0.0, 0.0))
+    ops = backends.get("triton").ops
+    out = ops.cfg_step(x, uncond, cond, SCALE, (0.5, 0.5, 0.0, 0.0))
+    ops.cfg_step(x.double(), None, cond.double(), None, (0.5, 0.5, 0.0, 0.0))  # fp64: reference path
     assert calls == [1]
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
@@ -187,9 +186,9 @@ def test_sampler_loops_triton_vs_torch(name, monkeypatch):
         gens[be] = torch.Generator().manual_seed(1)
         opts = {"generator": gens[be]} if spec.stochastic else {}
         seen[be] = []
-        with backend.use(be):
-            out[be] = spec(CFGDenoiser(_FakeDenoiser(), cond, uncond, SCALE), x0, sched.sigmas, disable=True,
-                           callback=lambda d: seen[be].append(d["denoised"]), **opts)
+        model = CFGDenoiser(_FakeDenoiser(), cond, uncond, SCALE, cfg_step=backends.get(be).ops.cfg_step)
+        out[be] = spec(model, x0, sched.sigmas, disable=True, callback=lambda d: seen[be].append(d["denoised"]),
+                       **opts)
     assert torch.equal(gens["torch"].get_state(), gens["triton"].get_state())  # same number of draws
     assert len(calls) == 6
     torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-5)

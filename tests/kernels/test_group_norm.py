@@ -1,9 +1,9 @@
-"""kernels.group_norm vs the torch reference (fastsd.ops.group_norm_reference), under the Triton interpreter."""
+"""kernels.group_norm vs the torch reference (fastsd.backends.reference.group_norm), under the Triton interpreter."""
 import pytest
 import torch
 
-from fastsd import backend, ops
-from fastsd.ops import group_norm_reference
+from fastsd import backends
+from fastsd.backends.reference import group_norm as group_norm_reference
 from fastsd.kernels.group_norm import group_norm, group_norm_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,8 +107,6 @@ def test_group_norm_rejects_bad_inputs():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_ops_group_norm_triton_backend_matches_torch(channels_last):
     x, w, b = _make(2, 320, 6, 5, torch.float32, channels_last, seed=5)
-    with backend.use("torch"):
-        ref = ops.group_norm(x, 32, w, b, eps=1e-5, silu=True)
-    with backend.use("triton"):
-        out = ops.group_norm(x, 32, w, b, eps=1e-5, silu=True)
+    ref = backends.get("torch").ops.group_norm(x, 32, w, b, eps=1e-5, silu=True)
+    out = backends.get("triton").ops.group_norm(x, 32, w, b, eps=1e-5, silu=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsd import cpu_tune
+from fastsd.backends import cpu_tune
 
 PACK_DTYPES = (torch.float32, torch.bfloat16)
 LINEAR_EXAMPLE_ROWS = 2048  # the row count linears are packed for (their blocked layout does not depend on it)

@@ -1,7 +1,7 @@
 """Evaluate a fastsd.train run: does a classifier recognise the generated classes, and how far are the
 samples from real images in that classifier's feature space?
 
-    python -m fastsd.evaluate run/ [--cfg-scale 3] [--sampler ddim --steps 50] [--n-per-class 100]
+    python -m fastsd.train.evaluate run/ [--cfg-scale 3] [--sampler ddim --steps 50] [--n-per-class 100]
 
 1. A classifier is trained on the REAL training split of the run's dataset: scikit-learn's MLPClassifier
    with one hidden layer of 64 ReLU units on the raw pixels in [-1, 1] (a few seconds on digits). Its
@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from fastsd.train import usage_error
+from fastsd.cli import usage_error
 
 HIDDEN = 64
 MAX_CLASSIFIER_TRAIN = 10000  # subsample big datasets (MNIST, CIFAR) for the scikit-learn classifier
@@ -111,8 +111,8 @@ def fd_with_floor(real: np.ndarray, gen: np.ndarray, repeats: int = 10, seed: in
 def evaluate(run_dir: str, *, cfg_scales=(3.0,), sampler: str = "ddim", steps: int = 50, n_per_class: int = 100,
              seed: int = 0, fd_repeats: int = 10, clip: bool = True, progress: bool = False,
              grid: str | None = None) -> dict:
-    from fastsd.datasets import load_dataset
-    from fastsd.sample import generate, load_run, make_grid
+    from fastsd.train.datasets import load_dataset
+    from fastsd.train.sample import generate, load_run, make_grid
 
     model, run = load_run(run_dir)
     tc = run.train
@@ -184,7 +184,7 @@ def markdown(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastsd.evaluate", description="Classifier accuracy and Frechet "
+    p = argparse.ArgumentParser(prog="python -m fastsd.train.evaluate", description="Classifier accuracy and Frechet "
                                 "distance of a fastsd.train run's samples.")
     p.add_argument("run", help="run folder written by python -m fastsd.train")
     p.add_argument("--cfg-scale", type=float, nargs="+", default=[3.0], help="one or more guidance scales")
@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         usage_error(parser, f"run folder {args.run}: no such folder")
     if args.n_per_class < 2 or args.steps < 1 or args.fd_repeats < 1:
         usage_error(parser, "--n-per-class must be at least 2, --steps and --fd-repeats at least 1")
-    from fastsd.datasets import DatasetError
+    from fastsd.train.datasets import DatasetError
     from fastsd.samplers import get_sampler
-    from fastsd.train import atomic_write
+    from fastsd.files import atomic_write
 
     try:
         sampler = get_sampler(args.sampler).name

@@ -1,7 +1,7 @@
 """Sample a model trained by fastsd.train with fastsd's samplers, and write a grid PNG.
 
-    python -m fastsd.sample run/ --class 7 --cfg-scale 3 --sampler ddpm --steps 50 --n 16 --out grid.png
-    python -m fastsd.sample run/ --class all --n 10 --out grid.png      # one row of --n samples per class
+    python -m fastsd.train.sample run/ --class 7 --cfg-scale 3 --sampler ddpm --steps 50 --n 16 --out grid.png
+    python -m fastsd.train.sample run/ --class all --n 10 --out grid.png      # one row of --n samples per class
 
 The trained UNet is wrapped exactly as the SD pipeline wraps its UNet: EpsDenoiser (eps -> x0 in
 k-diffusion's sigma space, on the run's noise schedule) inside CFGDenoiser, whose cond is the class
@@ -18,7 +18,8 @@ import sys
 import numpy as np
 import torch
 
-from fastsd.train import MODEL_FILE, STATE_FILE, usage_error, RunConfig, build_model, load_run_config, load_tensors
+from fastsd.cli import usage_error
+from fastsd.train.trainer import MODEL_FILE, STATE_FILE, RunConfig, build_model, load_run_config, load_tensors
 
 
 def load_run(run_dir: str, *, ema: bool = True):
@@ -121,7 +122,7 @@ def parse_class(value: str | None, run: RunConfig) -> list[int | None] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastsd.sample", description="Sample a fastsd.train run into a grid PNG.")
+    p = argparse.ArgumentParser(prog="python -m fastsd.train.sample", description="Sample a fastsd.train run into a grid PNG.")
     p.add_argument("run", help="run folder written by python -m fastsd.train")
     p.add_argument("--class", dest="klass", default=None, help="class id or name, or 'all' for one row per class "
                    "(default: all for a conditional run)")

@@ -1,28 +1,23 @@
-"""Attention for bf16 tensors on a CPU, faster than PyTorch's CPU SDPA and as accurate.
+"""Attention for bf16 tensors on a CPU: as accurate as PyTorch's CPU SDPA, and faster where bf16 is native
+(README "The CPU path" has the numbers, from `python -m fastsd.benchmarks.cpu_paths`).
 
-Why: PyTorch's `_scaled_dot_product_flash_attention_for_cpu` reaches only ~150 GFLOP/s in bf16 at SD1.5's
-shapes (head dim 40, 4096 tokens: 43 GFLOP in 289 ms) - about half of a bf16 UNet step - while bf16 GEMMs
-reach 700-1000 (`python -m fastsd.benchmarks.cpu_paths`). Here the
-queries are cut into chunks whose score block (heads x queries x keys, ~2M elements) stays in cache, and
+The queries are cut into chunks whose score block (heads x queries x keys, ~2M elements) stays in cache;
 each chunk is three GEMMs and one softmax:
 
     m   = rowmax(q k^T)                  (bf16 GEMM, only for the row max)
     s   = scale * q k^T - scale * m      (baddbmm: fp32 accumulation, scale and shift before the one rounding)
     out = softmax(s) v                   (softmax in fp32 inside, p rounded to bf16 for the GEMM)
 
-The shift is what keeps it accurate: softmax is shift-invariant, and with the row max subtracted before
-rounding, the logits that matter (those near the max) are near 0 where bf16 is fine-grained. Rounding
-`q k^T` itself to bf16 (|logit| ~ 10 loses up to 0.03) is well above torch's error against an fp32
-reference on sharp logits; the shifted form stays within 2x of torch's (tests/test_cpu_paths.py holds both). Measured on the 2-core EPYC, bf16, batch 2
-(`python -m fastsd.benchmarks.cpu_paths`): 8 heads x 4096 tokens, D 40: SDPA 289 ms, this 214 ms; 8 x 1024, D 80:
-30 vs 18 ms; the VAE's 1 head x 4096, D 512: 320 vs 138 ms. In fp32 SDPA was the faster of the two in
-development, so fp32 keeps SDPA.
+The shift keeps it accurate: softmax is shift-invariant, and with the row max subtracted before rounding,
+the logits that matter (those near the max) are near 0, where bf16 is fine-grained. Rounding q k^T itself
+to bf16 is well above torch's error on sharp logits; the shifted form stays within 2x of torch's
+(tests/test_cpu_paths.py holds both).
 """
 from __future__ import annotations
 
 import torch
 
-BLOCK_ELEMENTS = 1 << 21  # score elements per chunk: 2M (4 MiB in bf16); per bf16 UNet step, 1M was ~9% slower, 4M equal
+BLOCK_ELEMENTS = 1 << 21  # score elements per chunk: 2M (4 MiB in bf16); 1M and 4M were no faster
 
 
 def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -49,10 +44,9 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
 
 
 def rowmax_bf16(s: torch.Tensor) -> torch.Tensor:
-    """s.amax(-1, keepdim=True) for bf16, exactly, through the int16 view of its bits: PyTorch's bf16 amax
-    is not vectorised on this CPU (175 us for 512x4096) while int16 amax + amin take 55 us together. As
-    int16, non-negative floats order as their bits; negative ones in reverse, so a row with no
-    non-negative entry has its float max at the int16 minimum."""
+    """s.amax(-1, keepdim=True) for bf16, exactly, through the int16 view of its bits (PyTorch's bf16 amax is
+    not vectorised; int16 amax + amin together are ~3x faster). As int16, non-negative floats order as their
+    bits; negative ones in reverse, so a row with no non-negative entry has its float max at the int16 minimum."""
     if s.dtype != torch.bfloat16:
         return s.amax(-1, keepdim=True)
     bits = s.view(torch.int16)

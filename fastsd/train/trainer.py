@@ -11,7 +11,7 @@ null class (an unconditional model).
 
 Run folder (--out):
   config.json             frozen configs (UNetConfig, SchedulerConfig, TrainConfig) and the dataset's facts
-  model.safetensors       EMA weights (what fastsd.sample / fastsd.evaluate use)
+  model.safetensors       EMA weights (what fastsd.train.sample / fastsd.train.evaluate use)
   train_state.safetensors everything to resume: weights, EMA, AdamW moments, RNG states, data order; the
                           step, loss history and timings sit in its metadata, so one atomic file is the state
   loss.png                the loss curve
@@ -28,7 +28,6 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -36,7 +35,9 @@ import numpy as np
 import torch
 
 from fastsd.config import SchedulerConfig, UNetConfig
-from fastsd.datasets import DATASETS, Dataset, DatasetError, check_path, load_dataset
+from fastsd.cli import usage_error
+from fastsd.files import atomic_write
+from fastsd.train.datasets import DATASETS, Dataset, DatasetError, check_path, load_dataset
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -146,29 +147,12 @@ def load_run_config(run_dir: str) -> RunConfig:
 
 
 def build_model(run: RunConfig):
-    from fastsd.models.classcond import ClassConditionedUNet
+    from fastsd.train.classcond import ClassConditionedUNet
 
     return ClassConditionedUNet(run.unet, run.num_classes)
 
 
-# --------------------------------------------------------------------------------------------- atomic files
-
-def atomic_write(path: str, write) -> None:
-    """write(tmp_path) then rename onto path; nothing half-written survives an interruption."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastsd-", suffix=".part", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+# --------------------------------------------------------------------------------------------- files
 
 def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
@@ -475,9 +459,6 @@ def check_config(run: RunConfig) -> None:
 
 
 
-def usage_error(parser: argparse.ArgumentParser, msg: str):
-    """argparse's error exit (status 2, "prog: error: msg") without the long usage block: one line."""
-    parser.exit(2, f"{parser.prog}: error: {msg}\n")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()

@@ -1,0 +1,114 @@
+"""Backends: the implementations of the swappable ops, one module each, chosen once per pipeline.
+
+  torch   reference.py  plain PyTorch (SDPA, fp32-statistics GroupNorm, the torch sampler update):
+                        the path every other backend is tested against
+  cpu     cpu.py        PyTorch tuned for oneDNN on a CPU: channels_last, prepacked weights, chunked bf16
+                        attention and feed-forward, each piece where it is measured faster on this CPU
+  triton  triton.py     the Triton kernels of fastsd.kernels (CUDA, or a CPU under the interpreter)
+  auto                  triton on CUDA, cpu on a CPU
+
+A `Backend` is an op table (`Ops`) plus `prepare(model)` / `unprepare(model)`: prepare puts the table on
+every module that calls ops and lays the model out for the backend; unprepare gives the plain model back.
+This package imports no backend module until `get` asks for it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+NAMES = ("auto", "torch", "cpu", "triton")
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The ops a backend swaps. Signatures (the reference implementations in reference.py define them):
+    attention(q, k, v, *, scale=None, causal=False); group_norm(x, num_groups, weight, bias, *, eps, silu);
+    feed_forward(block, x) -> x + block.ff.net(block.norm3(x)); cfg_step(x, uncond, cond, scale, coeffs,
+    old_denoised=None, noise=None) -> (x_next, denoised)."""
+
+    attention: Callable[..., torch.Tensor]
+    group_norm: Callable[..., torch.Tensor]
+    feed_forward: Callable[..., torch.Tensor]
+    cfg_step: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def set_ops(model: nn.Module, ops: Ops) -> None:
+    """Give every module of `model` that calls ops (it has an `ops` table) this one."""
+    for m in model.modules():
+        if isinstance(getattr(m, "ops", None), Ops):
+            m.ops = ops
+
+
+class Backend:
+    """An op table and the model preparation that goes with it; the base prepares nothing but the ops."""
+
+    name = "torch"
+
+    def __init__(self, ops: Ops):
+        self.ops = ops
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        set_ops(model, self.ops)
+        return model
+
+    def unprepare(self, model: nn.Module) -> nn.Module:
+        from fastsd.backends.reference import OPS
+
+        set_ops(model, OPS)
+        return model
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """Wraps each model run (a backend may tidy up after it)."""
+        return contextlib.nullcontext()
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+def check_name(name: str) -> str:
+    if name not in NAMES:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The backend `name` stands for on `device`: auto -> triton on CUDA (when triton imports), cpu on a
+    CPU, else torch."""
+    name = check_name(name)
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        from fastsd.backends.triton import unavailable
+
+        return "triton" if unavailable(device) is None else "torch"
+    return "cpu" if device.type == "cpu" else "torch"
+
+
+def get(name: str, device: torch.device | str = "cpu") -> Backend:
+    """The backend `name` ("auto" resolved for `device`); BackendError when it can't run there."""
+    device = torch.device(device)
+    name = resolve(name, device)
+    if name == "torch":
+        from fastsd.backends.reference import BACKEND
+
+        return BACKEND
+    if name == "cpu":
+        if device.type != "cpu":
+            raise BackendError(f"backend 'cpu' runs on a CPU, not on {device.type}")
+        from fastsd.backends.cpu import BACKEND
+
+        return BACKEND
+    from fastsd.backends.triton import BACKEND, unavailable
+
+    why = unavailable(device)
+    if why is not None:
+        raise BackendError(f"backend 'triton' was requested but {why}")
+    return BACKEND

@@ -1,0 +1,96 @@
+"""The cpu backend: PyTorch tuned for oneDNN, for inference on a CPU (`auto` picks it there).
+
+- layout: channels_last activations; every frozen Conv2d / Linear packs its weight in oneDNN's blocked
+  layout at its first call (cpu_pack.py);
+- attention: bf16 chunked over queries (cpu_attention.py), only where bf16 is native;
+- feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache, GELU * x in place;
+- group_norm: bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).
+
+Each piece that can lose on some CPU (packing, chunked attention, chunked feed-forward) is used where
+`cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: always, the rule measured on
+AVX-512 and AVX2, see README). With autograd on, the reference ops run (these write into preallocated
+buffers). `unprepare` gives back the plain model, weights bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from fastsd import cpuinfo
+from fastsd.backends import Backend, Ops, reference
+from fastsd.backends.cpu_attention import attention_chunked
+from fastsd.backends.cpu_pack import PACKED, make_packable, make_plain, release_freed_memory
+from fastsd.backends.cpu_tune import tuner
+
+FF_CHUNK_TOKENS = 2048  # tokens per feed-forward chunk (1024 and 2048 were best of 256..2048 tried)
+
+
+def attention(q, k, v, *, scale=None, causal=False):
+    if causal or q.dtype != torch.bfloat16 or torch.is_grad_enabled() or not cpuinfo.native_bf16():
+        return reference.attention(q, k, v, scale=scale, causal=causal)
+    key = f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()}"
+    candidates = {"chunked": lambda: attention_chunked(q, k, v, scale=scale),
+                  "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
+    return candidates[tuner().choose(key, candidates, default="chunked")]()
+
+
+def group_norm(x, num_groups, weight, bias, *, eps=1e-5, silu=False):
+    if x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        return reference.group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
+    # PyTorch's CPU kernel keeps bf16 statistics in fp32 itself; skipping the reference's fp32 copies of the
+    # activation lowers the VAE's peak memory (its 128-channel 512x512 activations)
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y, inplace=True) if silu else y
+
+
+def feed_forward(block, x):
+    if torch.is_grad_enabled() or x.shape[0] * x.shape[1] <= FF_CHUNK_TOKENS:
+        return reference.feed_forward(block, x)
+    key = f"feed-forward {str(x.dtype)[6:]} x{tuple(x.shape)} t{torch.get_num_threads()}"
+    candidates = {"chunked": lambda: feed_forward_chunked(block, x), "one pass": lambda: _ff_in_place(block, x)}
+    return candidates[tuner().choose(key, candidates, default="chunked")]()
+
+
+def _ff_in_place(block, x, out=None):
+    """x + ff(norm3(x)), the GEGLU's GELU(gate) * x in place (one tokens x 4C buffer fewer)."""
+    geglu, _, out_proj = block.ff.net
+    h, gate = geglu.proj(block.norm3(x)).chunk(2, dim=-1)
+    return torch.add(x, out_proj(F.gelu(gate).mul_(h)), out=out)
+
+
+def feed_forward_chunked(block, x, chunk: int | None = None):
+    """x + ff(norm3(x)) over chunks of `chunk` (default FF_CHUNK_TOKENS) tokens (row-wise, so the same result)."""
+    chunk = chunk or FF_CHUNK_TOKENS
+    flat = x.reshape(-1, x.shape[-1])  # (B*L, C)
+    out = torch.empty_like(flat)
+    for i in range(0, flat.shape[0], chunk):
+        _ff_in_place(block, flat[i:i + chunk], out=out[i:i + chunk])
+    return out.view(x.shape)
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+
+    def prepare(self, model):
+        model.to(memory_format=torch.channels_last)
+        make_packable(model)
+        return super().prepare(model)
+
+    def unprepare(self, model):
+        make_plain(model)
+        model.to(memory_format=torch.contiguous_format)
+        return super().unprepare(model)
+
+    @contextlib.contextmanager
+    def running(self):
+        """After a run that packed weights, hand the memory of the dense weights they replaced to the OS."""
+        before = PACKED[0]
+        yield
+        if PACKED[0] != before:
+            release_freed_memory()
+
+
+OPS = Ops(attention=attention, group_norm=group_norm, feed_forward=feed_forward, cfg_step=reference.cfg_step)
+BACKEND = CPUBackend(OPS)

@@ -1,0 +1,78 @@
+"""load_pipeline: a model source, a device, a dtype and a backend -> a ready Pipeline.
+
+Device and dtype defaults: CUDA when available; fp16 on CUDA, on a CPU bf16 where it is native
+(AVX512-BF16/AMX, fastsd.cpuinfo) else fp32. bf16 asked for on a CPU without native bf16 runs (slowly)
+with one warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from fastsd import backends, cpuinfo
+from fastsd.checkpoint import Checkpoint, build_models, resolve
+from fastsd.pipeline import Pipeline
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA; on a CPU bf16 where bf16 is native, else fp32 (README "Performance" has the numbers)."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpuinfo.native_bf16() else torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; choose fp32, fp16 or bf16")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, fp16, bf16")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e})") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device {device.type!r} is not supported; choose cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but this PyTorch sees no CUDA GPU")
+    return device
+
+
+def load_pipeline(source: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                  backend: str = "auto", seed: int = 0) -> Pipeline:
+    """Load an SD1.x model: an LDM .safetensors/.ckpt file, a diffusers folder, a repo id in the local
+    Hugging Face cache, or "random:sd15" / "random:tiny" (random weights from `seed`)."""
+    if not isinstance(source, str):
+        raise TypeError(f"source must be a string (a path, a repo id or random:<preset>), got {type(source).__name__}")
+    device = parse_device(device)
+    dtype = parse_dtype(dtype, device)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpuinfo.native_bf16():
+        warnings.warn("bf16 is emulated on this CPU (no AVX512-BF16/AMX): it runs, but fp32 is faster here "
+                      "(--dtype fp32, the default on this CPU)", stacklevel=2)
+    backends.get(backend, device)  # an unknown or unavailable backend fails before any loading
+    src = resolve(source)
+    clip, vae, unet, cfg = build_models(src, dtype=dtype, device=device, seed=seed)
+    if isinstance(src, Checkpoint):
+        tokenizer = None
+        if src.tokenizer_dir is not None:
+            from fastsd.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer(src.tokenizer_dir)
+        return Pipeline(clip, vae, unet, cfg, tokenizer=tokenizer, device=device, dtype=dtype, backend=backend,
+                        name=src.name, kind=src.kind, path=src.path)
+    return Pipeline(clip, vae, unet, cfg, device=device, dtype=dtype, backend=backend, name=source,
+                    kind="sd1-inpainting" if cfg.unet.in_channels == 9 else "sd1")

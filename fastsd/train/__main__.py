@@ -1,0 +1,5 @@
+import sys
+
+from fastsd.train.trainer import main
+
+sys.exit(main())

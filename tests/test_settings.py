@@ -1,0 +1,66 @@
+"""GenerationSettings is the one definition of the generation parameters: Pipeline.generate's keywords and
+the CLI's options are checked against it here; validation names the argument and runs before any model."""
+import inspect
+import re
+
+import pytest
+
+from fastsd.generate import build_parser
+from fastsd.pipeline import Pipeline
+from fastsd.settings import FIELDS, GenerationSettings
+
+
+def test_generate_signature_is_the_settings():
+    params = inspect.signature(Pipeline.generate).parameters
+    for name, f in FIELDS.items():
+        assert name in params, name
+        if name != "prompt":
+            assert params[name].default == f.default, name
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_cli_options_are_the_settings():
+    p = build_parser()
+    dests = {a.dest: a for a in p._actions}
+    for name, f in FIELDS.items():
+        assert name in dests, name
+        if name != "prompt":
+            assert dests[name].default == f.default, name
+            assert dests[name].help == f.metadata["help"]
+    assert "--cfg-scale" in dests["guidance_scale"].option_strings
+    assert dests["width"].default is None  # None = the init image's size (img2img keeps it), else 512
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(prompt=None), TypeError, "prompt must be a string"),
+    (dict(steps=2.5), TypeError, "steps must be an integer"),
+    (dict(steps=True), TypeError, "steps must be an integer"),
+    (dict(width="512"), TypeError, "width must be an integer"),
+    (dict(steps=1001), ValueError, "steps must be at most 1000"),
+    (dict(width=100000), ValueError, "above 4096"),
+    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite number"),
+    (dict(guidance_scale=float("inf")), ValueError, "guidance_scale must be a finite number"),
+    (dict(seed=2**63 - 1, num_images=2), ValueError, "seed + num_images must stay below 2**63"),
+    (dict(seed=-1), ValueError, "seed must be at least 0"),
+    (dict(sampler=3), TypeError, "sampler must be a string"),
+])
+def test_validation_names_the_argument(kw, err, match):
+    s = GenerationSettings(**{"prompt": "a cat", **kw})
+    with pytest.raises(err, match=re.escape(match)):
+        s.validate()
+
+
+def test_large_sizes_need_allow_large():
+    s = GenerationSettings("a", width=8192, height=512)
+    with pytest.raises(ValueError):
+        s.validate()
+    s.validate(allow_large=True)
+
+
+def test_resolve_returns_a_copy():
+    from PIL import Image
+
+    s = GenerationSettings("a cat")
+    r = Pipeline.resolve(None, s, Image.new("RGB", (100, 60)))
+    assert (r.width, r.height) == (96, 56) and r.seed is not None
+    assert s.width is None and s.seed is None  # the caller's settings are untouched
