@@ -32,19 +32,22 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
   dpmpp_2m    h = log(s/s'); first step and the step to s' = 0: a = s'/s, b = 1 - e^-h; otherwise with
               r = log(s_prev/s)/h: a = s'/s, b = (1 - e^-h)(1 + 1/(2r)), c = -(1 - e^-h)/(2r)
               (diffusers' DPMSolverMultistep dpmsolver++ midpoint order 2, lower_order_final, final sigma 0).
+  lcm         t = the timestep of s, c_skip = 0.25/((10t)^2+0.25), c_out = 10t/sqrt((10t)^2+0.25):
+              a = c_skip/sqrt(1+s^2), b = c_out, d = s' (fresh noise; none after the last step) (LCMScheduler)
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from fastsd.backends import reference
 from fastsd.config import SchedulerConfig
-from fastsd.schedules import SAMPLER_SCHEDULES, Schedule, schedule_for
+from fastsd.schedules import Schedule, alphas_cumprod, schedule_for, sigma_to_t, sigmas_from_alphas_cumprod
 
 try:
     from tqdm.auto import trange as _trange
@@ -113,6 +116,17 @@ def ddpm_coeffs(sigma: float, sigma_next: float) -> Coeffs:
     sqrt(a_t) x) this is x' = (s'^2/s^2) x + (1 - s'^2/s^2) x0 + (s' sqrt(s^2 - s'^2)/s) z."""
     r2 = (sigma_next / sigma) ** 2
     return (r2, 1.0 - r2, 0.0, sigma_next * math.sqrt(max(sigma ** 2 - sigma_next ** 2, 0.0)) / sigma)
+
+
+def lcm_coeffs(sigma: float, sigma_next: float, t: float, timestep_scaling: float = 10.0) -> Coeffs:
+    """LCM step (diffusers LCMScheduler): the consistency boundary condition
+    denoised = c_out * x0 + c_skip * x_vp with c_skip = 0.25 / ((10t)^2 + 0.25), c_out = 10t / sqrt((10t)^2 + 0.25)
+    (sigma_data 0.5, timestep_scaling 10), then fresh noise to sigma_next. In k-space (x_vp = x / sqrt(1+s^2)):
+    x' = c_skip / sqrt(1+s^2) * x + c_out * x0 + s' * noise."""
+    st = t * timestep_scaling
+    c_skip = 0.25 / (st * st + 0.25)
+    c_out = st / math.sqrt(st * st + 0.25)
+    return (c_skip / math.sqrt(1.0 + sigma * sigma), c_out, 0.0, sigma_next)
 
 
 def dpmpp_2m_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float) -> Coeffs:
@@ -215,6 +229,26 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+               generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None,
+               timestep_scaling: float = 10.0, scheduler: SchedulerConfig = SchedulerConfig()):
+    """Latent Consistency Model sampling (diffusers LCMScheduler): each step maps x to the model's consistency
+    estimate and re-noises it to the next sigma with fresh noise (none after the last step). The boundary
+    condition needs the discrete timestep of each sigma: taken from `scheduler`'s sigma table (rounded)."""
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    table = sigmas_from_alphas_cumprod(alphas_cumprod(scheduler)).numpy()
+    ts = sigma_to_t(sigmas[:-1], torch.from_numpy(np.log(table)).double()).round().tolist()
+    for i in _trange(len(s) - 1, disable=disable):
+        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args,
+                                            lcm_coeffs(s[i], s[i + 1], ts[i], timestep_scaling),
+                                            draw_noise=lambda: noise_sampler(sigmas[i], sigmas[i + 1]))
+        _callback(callback, x, i, sigmas[i], denoised)
+        x = x_next
+    return x
+
+
 def _no_opts(name, opts):
     if opts:
         raise TypeError(f"sample_{name} got unexpected options {sorted(opts)}")
@@ -237,7 +271,7 @@ class SamplerSpec:
 
 # Each matches its diffusers twin built with from_config(SD1.5 scheduler config) (see README "Generating"):
 # euler EulerDiscreteScheduler, euler_a EulerAncestralDiscreteScheduler, ddim DDIMScheduler, ddpm DDPMScheduler,
-# dpmpp_2m DPMSolverMultistepScheduler, dpmpp_2m_karras the same with use_karras_sigmas=True.
+# dpmpp_2m DPMSolverMultistepScheduler, dpmpp_2m_karras the same with use_karras_sigmas=True, lcm LCMScheduler.
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("euler", sample_euler, False),
     SamplerSpec("euler_a", sample_euler_ancestral, True),
@@ -245,11 +279,12 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("ddpm", sample_ddpm, True),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, False),
     SamplerSpec("dpmpp_2m_karras", sample_dpmpp_2m, False),
+    SamplerSpec("lcm", sample_lcm, True),
 )}
 
 # The names A1111 writes in its infotext ("Sampler: Euler a").
 A1111_NAMES: dict[str, str] = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "ddpm": "DDPM",
-                               "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
+                               "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM"}
 
 # After normalisation (lower case, "++" -> "pp", runs of spaces/hyphens -> "_", leading "k_"/"sample_" dropped),
 # the A1111 names become canonical ("Euler a" -> euler_a, "DPM++ 2M Karras" -> dpmpp_2m_karras); a few more:

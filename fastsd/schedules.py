@@ -92,6 +92,19 @@ def dpm_linspace_timesteps(n: int, num_train_timesteps: int = 1000) -> np.ndarra
     return np.linspace(0, num_train_timesteps - 1, n + 1).round()[::-1][:-1].astype(np.int64)
 
 
+LCM_ORIGINAL_STEPS = 50  # diffusers' LCMScheduler original_inference_steps: the distillation schedule's length
+
+
+def lcm_timesteps(n: int, num_train_timesteps: int = 1000, original_steps: int = LCM_ORIGINAL_STEPS) -> np.ndarray:
+    """diffusers' LCMScheduler.set_timesteps(n): n of the distillation schedule's `original_steps` timesteps
+    (k - 1, 2k - 1, ..., T - 1 with k = T / original_steps), evenly picked from the top, descending."""
+    if not 1 <= n <= original_steps:
+        raise ValueError(f"LCM takes 1 to {original_steps} steps, got {n}")
+    k = num_train_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    return origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+
+
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022) noise levels, n values from sigma_max down to sigma_min (float64, no final zero)."""
     ramp = np.linspace(0, 1, n)
@@ -185,6 +198,7 @@ SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
     "euler_a": ("euler", False),
     "dpmpp_2m": ("dpm", False),
     "dpmpp_2m_karras": ("dpm", True),
+    "lcm": ("lcm", False),
 }
 
 
@@ -215,6 +229,11 @@ def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *
         sigmas = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
         timesteps = ts.astype(np.float64)
         init = float(sigmas.max())  # init_noise_sigma = sigmas.max() for "linspace" spacing
+    elif kind == "lcm":
+        ts = lcm_timesteps(steps, T)
+        sigmas = np.concatenate([table[ts].astype(np.float64), [0.0]])
+        timesteps = ts.astype(np.float64)
+        init = math.sqrt(1.0 + float(sigmas[0]) ** 2)  # LCMScheduler's init_noise_sigma = 1 in VP space
     elif kind == "dpm":
         if karras:
             log_sigmas = torch.from_numpy(np.log(table).astype(np.float64))
@@ -227,7 +246,7 @@ def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *
         timesteps = ts.astype(np.int64).astype(np.float64)
         init = math.sqrt(1.0 + float(sigmas[0]) ** 2)  # init_noise_sigma = 1 in VP space
     else:
-        raise ValueError(f"unknown schedule kind {kind!r}; expected one of 'ddpm', 'ddim', 'euler', 'dpm'")
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of 'ddpm', 'ddim', 'euler', 'dpm', 'lcm'")
     return Schedule(torch.from_numpy(np.ascontiguousarray(sigmas)),
                     torch.from_numpy(np.ascontiguousarray(timesteps)), init)
 

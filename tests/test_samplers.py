@@ -38,6 +38,7 @@ def _prototype_scheduler(name: str):
         "euler_a": lambda: d.EulerAncestralDiscreteScheduler.from_config(SD15),
         "dpmpp_2m": lambda: d.DPMSolverMultistepScheduler.from_config(SD15),
         "dpmpp_2m_karras": lambda: d.DPMSolverMultistepScheduler.from_config(SD15, use_karras_sigmas=True),
+        "lcm": lambda: d.LCMScheduler.from_config(SD15),
     }[name]()
 
 
@@ -113,13 +114,18 @@ SHAPE = (2, 4, 8, 8)
 # --------------------------------------------------------------------------------------------- schedules
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
-@pytest.mark.parametrize("steps", [1, 7, 10, 25, 50])
+@pytest.mark.parametrize("steps", [1, 4, 7, 10, 25, 50])
 def test_schedule_matches_diffusers(name, steps):
     sched = make_scheduler(name)
     sched.set_timesteps(steps)
     ours = schedule_for(name, steps)
     assert torch.equal(sched.timesteps.double(), ours.timesteps)
-    if name in ("ddim", "ddpm"):
+    if name == "lcm":  # VP scheduler without sigmas: the table at its timesteps, then 0 (no noise after the last)
+        ac = sched.alphas_cumprod
+        assert torch.equal(((1 - ac[sched.timesteps]) / ac[sched.timesteps]).sqrt().double(), ours.sigmas[:-1])
+        assert ours.sigmas[-1].item() == 0.0 and ours.init_noise_sigma == pytest.approx(
+            math.sqrt(1 + ours.sigmas[0].item() ** 2) * float(sched.init_noise_sigma))
+    elif name in ("ddim", "ddpm"):
         ac = sched.alphas_cumprod  # float32, indexed by the int timesteps in step()
         assert torch.equal(((1 - ac[sched.timesteps]) / ac[sched.timesteps]).sqrt().double(), ours.sigmas[:-1])
         final = 0.0 if name == "ddpm" else math.sqrt((1 - ac[0].item()) / ac[0].item())
@@ -172,8 +178,8 @@ def test_deterministic_parity(name, steps, dtype):
     assert rel_err(out, ref) < 3e-6
 
 
-@pytest.mark.parametrize("name,opts", [("euler_a", {}), ("ddpm", {}), ("ddim", {"eta": 0.5})])
-@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("name,opts", [("euler_a", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("lcm", {})])
+@pytest.mark.parametrize("steps", [4, 10, 25])
 def test_stochastic_parity_same_generator(name, opts, steps):
     """With one seeded generator for the start noise and the step noise, the draws line up with diffusers'."""
     g_ref, g = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
