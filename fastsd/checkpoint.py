@@ -121,8 +121,21 @@ def _json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else 'nested too deeply'})") from None
+
+
+def _config(path: Path, parse):
+    """A model config from a config.json; CheckpointError naming the file when it lacks what SD1.x needs."""
+    data = _json(path)
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        return parse(data)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x config (no {e.args[0]!r})") from None
+    except (TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x config ({e})") from None
 
 
 def from_diffusers_folder(path: str) -> Checkpoint:
@@ -134,9 +147,9 @@ def from_diffusers_folder(path: str) -> Checkpoint:
             cls = _json(index).get("_class_name", "?")
             raise CheckpointError(f"{path}: a diffusers {cls} folder; fastsd loads Stable Diffusion 1.x only")
         raise CheckpointError(f"{path}: not a complete diffusers folder (missing {', '.join(d + '/' for d in missing)})")
-    ucfg = convert.unet_config_from_diffusers(_json(root / "unet" / "config.json"))
-    vcfg = convert.vae_config_from_diffusers(_json(root / "vae" / "config.json"))
-    ccfg = convert.clip_config_from_transformers(_json(root / "text_encoder" / "config.json"))
+    ucfg = _config(root / "unet" / "config.json", convert.unet_config_from_diffusers)
+    vcfg = _config(root / "vae" / "config.json", convert.vae_config_from_diffusers)
+    ccfg = _config(root / "text_encoder" / "config.json", convert.clip_config_from_transformers)
     if ucfg.context_dim != ccfg.hidden_size:
         raise CheckpointError(f"{path}: UNet cross-attention width {ucfg.context_dim} does not match the text "
                               f"encoder's {ccfg.hidden_size}")

@@ -40,32 +40,74 @@ class TensorRef:
         return TensorRef(shape, lambda: fn(self.load()))
 
 
+MAX_HEADER_BYTES = 100_000_000
+ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in SAFETENSORS_DTYPES.values()}
+
+
 def read_safetensors(path: str) -> dict[str, TensorRef]:
+    """The tensors of a .safetensors file, its header checked against the format before any data is read."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
+        if n > min(size - 8, MAX_HEADER_BYTES):
             raise CheckpointError(f"{path}: not a valid safetensors file (header length {n} past the file's end)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file (header is not JSON: {e})") from None
-    header.pop("__metadata__", None)
-    base = 8 + n
-    refs = {}
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: not a valid safetensors file (header is not JSON: {why})") from None
+    entries = _check_header(path, header, size - 8 - n)
+    return {name: TensorRef(shape, _safetensors_reader(path, 8 + n + start, end - start, dtype, shape))
+            for name, (dtype, shape, start, end) in entries.items()}
+
+
+def _check_header(path: str, header, data_bytes: int) -> dict[str, tuple]:
+    """{name: (dtype, shape, start, end)} after checking the header against the safetensors format: an object
+    of entries {dtype, shape, data_offsets}, each tensor's bytes = elements x element size, the tensors
+    covering the data block exactly (sorted by offset: no overlap, no hole, nothing past the end)."""
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid safetensors file ({msg})")
+
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ must map names to strings")
+    entries = {}
     for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which fastsd does not read")
-        if base + end > size:
-            raise CheckpointError(f"{path}: file is truncated ({size} bytes; tensor {name} ends at byte {base + end})")
-        refs[name] = TensorRef(tuple(info["shape"]), _safetensors_reader(path, base + start, end - start,
-                                                                         dtype, tuple(info["shape"])))
-    return refs
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"entry {name!r} is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str):
+            raise bad(f"entry {name!r} has a dtype that is not a string")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which fastsd does not read")
+        if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise bad(f"entry {name!r} has a malformed shape or data_offsets")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * ELEMENT_SIZE[SAFETENSORS_DTYPES[dtype]] != offsets[1] - offsets[0]:
+            raise bad(f"tensor {name}: {offsets[1] - offsets[0]} bytes for shape {tuple(shape)} of {dtype}")
+        entries[name] = (SAFETENSORS_DTYPES[dtype], tuple(shape), offsets[0], offsets[1])
+    at = 0
+    for name, (_, _, start, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if start != at:
+            raise bad(f"tensor {name} starts at byte {start} of the data, expected {at} (overlap or hole)")
+        at = end
+    if at > data_bytes:
+        raise CheckpointError(f"{path}: file is truncated ({data_bytes} bytes of data; the tensors need {at})")
+    if at != data_bytes:
+        raise bad(f"{data_bytes - at} bytes of data after the last tensor")
+    return entries
+
+
+def _ints(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
 
 
 def _safetensors_reader(path: str, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]):
@@ -82,12 +124,17 @@ def _safetensors_reader(path: str, offset: int, nbytes: int, dtype: torch.dtype,
 
 def read_pickle_checkpoint(path: str) -> dict[str, TensorRef]:
     """A torch pickle (.ckpt, .pt, .bin), loaded with weights_only=True: code in the pickle is never run."""
+    mmap_ok = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format can't be memory-mapped
+    if not mmap_ok:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # a legacy torch file starts with a pickle protocol 2+ opcode
+                raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
     try:
-        mmap_ok = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format can't be memory-mapped
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: the pickle asks for more than tensors ({first}); "
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Unsupported" in ln or "global" in ln.lower()), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: refused to load: the pickle asks for more than tensors ({why[:200]}); "
                               "fastsd only loads checkpoints with torch.load(weights_only=True) — "
                               "convert it to .safetensors from a source you trust") from None
     except Exception as e:  # truncated zip, not a pickle at all, ...

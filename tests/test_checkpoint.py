@@ -194,3 +194,30 @@ def test_sd2_style_diffusers_folder(tiny, tmp_path):
     cfg.update(use_linear_projection=True, attention_head_dim=[5, 10])
     cfg_path.write_text(json.dumps(cfg))
     _one_line_error(tmp_path / "f", "not an SD1.x model: its UNet uses linear projections")
+
+
+@pytest.mark.parametrize("part,content,match", [
+    ("unet", "{}", r"unet/config.json: not a Stable Diffusion 1.x config \(no 'block_out_channels'\)"),
+    ("vae", "[1, 2]", r"vae/config.json: not a Stable Diffusion 1.x config \(a JSON list"),
+    ("text_encoder", "{\"hidden_size\": \"wide\"}", r"text_encoder/config.json: not a Stable Diffusion 1.x config"),
+    ("unet", "[" * 100000, r"unet/config.json: not valid JSON"),
+])
+def test_diffusers_folder_with_a_broken_config(tiny, tmp_path, part, content, match):
+    shutil.copytree(tiny[0], tmp_path / "f")
+    (tmp_path / "f" / part / "config.json").write_text(content)
+    _one_line_error(tmp_path / "f", match)
+
+
+def test_text_file_named_ckpt_is_not_called_a_pickle(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_text("these are my notes, not a model\n")
+    err = _one_line_error(path, "not a torch checkpoint \\(neither a zip archive nor a pickle\\)")
+    assert "weights_only" not in err and "False" not in err  # no advice to load unsafely
+
+
+def test_unsupported_devices_are_refused_before_loading():
+    from fastsd import load_pipeline
+
+    for device in ("mps", "meta", "xla", "nonsense"):
+        with pytest.raises(ValueError, match="device"):
+            load_pipeline("random:tiny", device=device)
