@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import torch
 
-from .common import REPO
 
 HEADS, TEXT_LEN, GROUPS, UNET_BATCH = 8, 77, 32, 2
 

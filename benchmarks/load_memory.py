@@ -32,12 +32,11 @@ def make_random_sd15_file(path: str, dtype: str) -> None:
     import safetensors.torch
     import torch
 
-    from fastsd.checkpoint import LDM_PREFIXES
-    from fastsd.pipeline import load_pipeline
+    from fastsd import load_pipeline
+    from fastsd.checkpoint import ldm_state_dict
 
-    pipe = load_pipeline("random:sd15", device="cpu", dtype=dtype)
-    sd = {LDM_PREFIXES[n] + k: v.contiguous() for n in ("unet", "vae", "clip")
-          for k, v in getattr(pipe, n).state_dict().items()}
+    pipe = load_pipeline("random:sd15", device="cpu", dtype=dtype, backend="torch")
+    sd = ldm_state_dict(pipe)
     safetensors.torch.save_file(sd, path)
     del pipe, sd
     torch.cuda.empty_cache() if torch.cuda.is_available() else None

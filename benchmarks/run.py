@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--repeat", type=int, default=None, help="timed calls (default 5; --quick 3)")
     r.add_argument("--batch", type=int, default=1, help="images per prompt (the UNet runs 2x this for CFG)")
     r.add_argument("--steps", type=int, default=None, help="pipeline suite: sampling steps (default 20; --quick 4)")
+    r.add_argument("--sampler", default="euler", help="pipeline suite: the sampler (default euler; e.g. lcm)")
+    r.add_argument("--cfg", type=float, default=7.5, help="pipeline suite: guidance scale (<= 1: no uncond batch)")
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker")
     r.add_argument("--quick", action="store_true", help="random:tiny at 64 px, few repeats: a CI smoke test")
     r.add_argument("--json", default=None, help="JSON-lines output (default benchmarks/results/<timestamp>.jsonl)")
@@ -111,7 +113,7 @@ def triton_skip_reason(a) -> str | None:
 def base_spec(a, suite: str, op: str, res: int | None, dtype: str) -> dict:
     return {"suite": suite, "op": op, "model": a.model, "res": res, "dtype": dtype, "batch": a.batch,
             "device": a.device, "warmup": a.warmup, "repeat": a.repeat, "steps": a.steps, "threads": a.threads,
-            "quick": a.quick, "seed": 0, "isa": a.isa}
+            "quick": a.quick, "seed": 0, "isa": a.isa, "sampler": a.sampler, "cfg": a.cfg}
 
 
 def plan(a) -> list[dict]:
@@ -383,8 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
     if a.cmd == "table":
-        with open(a.jsonl) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        try:
+            with open(a.jsonl) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"error: {a.jsonl}: not a readable results file ({getattr(e, 'strerror', None) or e})",
+                  file=sys.stderr)
+            return 2
         print(markdown(rows))
         if a.plot:
             plot(rows, a.plot)

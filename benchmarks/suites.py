@@ -45,8 +45,8 @@ class Model:
             from fastsd import testing as twins
 
             maker = {"unet": twins.unet_twin, "vae": twins.vae_twin, "clip": twins.clip_twin,
-                     "pipeline": twins.diffusers_pipeline}[spec["suite"]]
-            self.twin = maker(self.pipe)
+                     "pipeline": lambda p: twins.diffusers_pipeline(p, sampler=spec.get("sampler", "euler"))}
+            self.twin = maker[spec["suite"]](self.pipe)
         # keep only what the suite runs, so the peak RSS of fastsd and of diffusers count the same models
         keep = {"unet": ("unet",), "vae": ("vae",), "clip": ("clip",)}.get(spec["suite"], ("unet", "vae", "clip"))
         for name in ("unet", "vae", "clip"):
@@ -106,14 +106,16 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
             fns["diffusers"] = lambda: twin(ids).last_hidden_state
     elif suite == "pipeline":
         latents = torch.randn(B, cfg.unet.out_channels, lat, lat, generator=g)
-        info["shape"] = f"{B} x {res}x{res}, {spec['steps']} euler steps, cfg 7.5"
+        sampler, cfg = spec.get("sampler", "euler"), spec.get("cfg", 7.5)
+        info["shape"] = f"{B} x {res}x{res}, {spec['steps']} {sampler} steps, cfg {cfg}"
         if "fastsd" in spec["impls"]:
             fns["fastsd"] = _fastsd_txt2img(spec, pipe, latents)
             if twin is not None:  # diffusers' output is clamped to [-1, 1]; compare like with like
                 fns["fastsd_compare"] = lambda img: img.clamp(-1, 1)
         if twin is not None:
             def diffusers_fn():
-                out = twin(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=spec["steps"], guidance_scale=7.5,
+                out = twin(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=spec["steps"], guidance_scale=cfg,
+                           generator=torch.Generator().manual_seed(1234),
                            height=res, width=res, num_images_per_prompt=B, latents=latents.clone().to(dev, dtype),
                            output_type="pt")
                 return out.images * 2 - 1  # [0, 1] -> [-1, 1], as fastsd's decode
@@ -133,8 +135,8 @@ def _fastsd_txt2img(spec, pipe, latents):
 
     dev = spec["device"]
     stages: list[dict[str, float]] = []  # one entry per call
-    s = GenerationSettings(PROMPT, NEGATIVE, spec["steps"], 7.5, "euler", 1234, spec["res"], spec["res"],
-                           spec["batch"])
+    s = GenerationSettings(PROMPT, NEGATIVE, spec["steps"], spec.get("cfg", 7.5), spec.get("sampler", "euler"), 1234,
+                           spec["res"], spec["res"], spec["batch"])
     seeds = [1234 + i for i in range(spec["batch"])]
 
     @torch.no_grad()
@@ -165,7 +167,8 @@ def _check_generate(spec, pipe, latents_img) -> dict:
     cfg = pipe.config
     lat = spec["res"] // cfg.vae.downscale
     latents = torch.randn(spec["batch"], cfg.unet.out_channels, lat, lat, generator=g)
-    ims = pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=spec["steps"], sampler="euler", width=spec["res"],
+    ims = pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=spec["steps"], sampler=spec.get("sampler", "euler"),
+                        guidance_scale=spec.get("cfg", 7.5), seed=1234, width=spec["res"],
                         height=spec["res"], num_images=spec["batch"], latents=latents, progress=False)
     ours = tensor_to_pil(latents_img)
     diff = max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())

@@ -250,12 +250,14 @@ def build_models(src: Checkpoint | SDConfig, *, dtype: torch.dtype, device: torc
     return models["clip"], models["vae"], models["unet"], cfg
 
 
-def ldm_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """The checkpoint as one LDM single-file state dict (reads every tensor: meant for conversion)."""
+def ldm_state_dict(src, parts: tuple[str, ...] = ("unet", "vae", "clip")) -> dict[str, torch.Tensor]:
+    """An LDM single-file state dict of a Checkpoint (reads every tensor: meant for conversion) or of anything
+    holding the models as attributes (a Pipeline): `parts` under their LDM prefixes."""
     out = {}
-    for name, prefix in LDM_PREFIXES.items():
-        for k, ref in getattr(ckpt, name).items():
-            out[prefix + k] = ref.load().contiguous()
+    for name in parts:
+        part = getattr(src, name)
+        items = part.state_dict().items() if isinstance(part, nn.Module) else ((k, r.load()) for k, r in part.items())
+        out.update({LDM_PREFIXES[name] + k: v.contiguous() for k, v in items})
     return out
 
 

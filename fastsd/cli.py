@@ -19,6 +19,35 @@ def usage_error(parser: argparse.ArgumentParser, msg: str):
     parser.exit(2, f"{parser.prog}: error: {msg}\n")
 
 
+def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a training-run command (its first argument is a run folder, which must exist)."""
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.run):
+        usage_error(parser, f"run folder {args.run}: no such folder")
+    return args
+
+
+def add_run_sampling_args(p: argparse.ArgumentParser, *, sampler: str) -> None:
+    """The options that sample a training run: run folder, sampler, steps, seed, clipping, progress."""
+    p.add_argument("run", help="run folder written by python -m fastsd.train")
+    p.add_argument("--sampler", default=sampler, help="euler_a, euler, ddim, ddpm, dpmpp_2m, dpmpp_2m_karras")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-clip", action="store_true", help="don't clip predicted x0 to [-1, 1] while sampling")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def require(module: str, extra: str) -> None:
+    """ImportError as a one-line ValueError naming the extra to install (e.g. scikit-learn for training)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"this needs the '{extra}' extra ({module} is not installed): "
+                         f"pip install -e \".[{extra}]\"") from None
+
+
 def fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2

@@ -33,4 +33,8 @@ def encode_prompts(clip: CLIPTextModel, tokenizer: Tokenizer, prompts: list[str]
             z = z * w
             z = z * (mean / z.float().mean(dim=(1, 2), keepdim=True)).to(z.dtype)
         out.append(z.reshape(1, -1, z.shape[-1]))
-    return torch.cat(out)
+    ctx = torch.cat(out)
+    if not torch.isfinite(ctx).all():  # e.g. (word:1e30): the image would come out black
+        raise ValueError("the prompt's emphasis weights overflow the text encoding; use weights of a sane size "
+                         "(A1111's usual range is 0.5 to 1.5)")
+    return ctx

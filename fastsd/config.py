@@ -81,7 +81,7 @@ SD15_INPAINT = SDConfig(unet=UNetConfig(in_channels=9))
 # following the SD1 conventions that the LDM loader infers configs by (CLIP head dim 64, 8 UNet heads).
 TINY = SDConfig(
     clip=CLIPConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),  # 8x, as SD: 512 px = 64x64 latents
     unet=UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, False), context_dim=128),
 )
 TINY_INPAINT = SDConfig(clip=TINY.clip, vae=TINY.vae, unet=UNetConfig(**{**TINY.unet.__dict__, "in_channels": 9}))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fastsd.checkpoint import LDM_PREFIXES
+from fastsd.checkpoint import ldm_state_dict
 from fastsd.config import SDConfig
 
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -59,11 +59,6 @@ def transformers_clip(cfg: SDConfig):
         pad_token_id=1, projection_dim=c.hidden_size))
 
 
-def ldm_state_dict(module: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """A fastsd model's weights under LDM single-file names (`name` in LDM_PREFIXES)."""
-    return {LDM_PREFIXES[name] + k: v for k, v in module.state_dict().items()}
-
-
 def _build(ctor, cfg: SDConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
     """Build on the meta device (no random init, no second copy) and take `sd`'s tensors strictly;
     if anything stays on meta (a non-persistent buffer), build normally and copy instead."""
@@ -83,7 +78,7 @@ def unet_twin(pipe):
 
     with torch.device("meta"):
         config = dict(diffusers_unet(pipe.config).config)
-    sd = convert_ldm_unet_checkpoint(ldm_state_dict(pipe.unet, "unet"), config)
+    sd = convert_ldm_unet_checkpoint(ldm_state_dict(pipe, ("unet",)), config)
     return _build(diffusers_unet, pipe.config, sd, pipe.dtype, pipe.device)
 
 
@@ -92,14 +87,14 @@ def vae_twin(pipe):
 
     with torch.device("meta"):
         config = dict(diffusers_vae(pipe.config).config)
-    sd = convert_ldm_vae_checkpoint(ldm_state_dict(pipe.vae, "vae"), config)
+    sd = convert_ldm_vae_checkpoint(ldm_state_dict(pipe, ("vae",)), config)
     return _build(diffusers_vae, pipe.config, sd, pipe.dtype, pipe.device)
 
 
 def clip_twin(pipe):
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
-    sd = convert_ldm_clip_checkpoint(ldm_state_dict(pipe.clip, "clip"))
+    sd = convert_ldm_clip_checkpoint(ldm_state_dict(pipe, ("clip",)))
     model = transformers_clip(pipe.config)  # small: built normally (its position_ids buffer must be real)
     keys = set(model.state_dict())
     if not any(k.startswith("text_model.") for k in keys):  # transformers >= 5 drops the text_model level
@@ -119,13 +114,31 @@ def tokenizer():
     return CLIPTokenizer(str(assets / "vocab.json"), str(assets / "merges.txt"), model_max_length=77)
 
 
-def diffusers_pipeline(pipe, unet=None, vae=None, clip=None):
-    """A StableDiffusionPipeline on fastsd's weights, with the Euler scheduler (fastsd's "euler" twin)."""
+# fastsd sampler -> its diffusers twin scheduler (class name, from_config extras)
+DIFFUSERS_SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}), "ddim": ("DDIMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}), "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}), "lcm": ("LCMScheduler", {}),
+}
+
+
+def diffusers_scheduler(sampler: str):
+    """The diffusers scheduler that fastsd's `sampler` matches, from the SD1.5 scheduler config."""
+    import diffusers
+
+    from fastsd.samplers import resolve_sampler_name
+
+    cls, extra = DIFFUSERS_SCHEDULERS[resolve_sampler_name(sampler)]
+    return getattr(diffusers, cls).from_config(SD15_SCHEDULER, **extra)
+
+
+def diffusers_pipeline(pipe, unet=None, vae=None, clip=None, sampler: str = "euler"):
+    """A StableDiffusionPipeline on fastsd's weights, with the twin scheduler of fastsd's `sampler`."""
     import diffusers
 
     sp = diffusers.StableDiffusionPipeline(
         vae=vae or vae_twin(pipe), text_encoder=clip or clip_twin(pipe), tokenizer=tokenizer(),
-        unet=unet or unet_twin(pipe), scheduler=diffusers.EulerDiscreteScheduler.from_config(SD15_SCHEDULER),
+        unet=unet or unet_twin(pipe), scheduler=diffusers_scheduler(sampler),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     sp.set_progress_bar_config(disable=True)
     return sp

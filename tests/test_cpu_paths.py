@@ -318,3 +318,23 @@ def test_rowmax_bf16_is_amax():
     s[1, 10:20] = -0.0
     s[2, :5] += 1000
     assert torch.equal(rowmax_bf16(s), s.amax(-1, keepdim=True))
+
+
+def test_changed_private_ops_fall_back_to_plain_with_one_warning(monkeypatch):
+    """A torch whose private oneDNN ops are renamed or gone: nothing packs, one warning, the model runs."""
+    monkeypatch.setattr(cpu_pack, "_PRIVATE_OPS", cpu_pack._PRIVATE_OPS + ("_renamed_in_a_later_torch",))
+    cpu_pack.packing_unavailable.cache_clear()
+    cpu_pack._warn_once.cache_clear()
+    try:
+        pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            counts = [make_packable(m) for m in pipe.models()]
+        assert counts == [0, 0, 0]
+        msgs = [str(w.message) for w in caught]
+        assert len(msgs) == 1 and "_renamed_in_a_later_torch" in msgs[0], msgs
+        img = pipe.generate("a cat", steps=1, width=64, height=64, seed=0, progress=False)[0]
+        assert img.size == (64, 64)
+    finally:
+        cpu_pack.packing_unavailable.cache_clear()
+        cpu_pack._warn_once.cache_clear()

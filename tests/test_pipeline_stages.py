@@ -2,7 +2,6 @@
 interrupts, no unconditional batch at guidance <= 1, and a backend switched on a live pipeline."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import fastsd

@@ -235,3 +235,18 @@ def test_frechet_distance():
     scaled = a * 2  # |mu|^2 + Tr(S + 4S - 2 sqrt(4 S^2)) = |mu|^2 + Tr(S)
     expected = (a.mean(0) ** 2).sum() + np.var(a, axis=0, ddof=1).sum()
     assert evaluate.frechet_distance(a, scaled) == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("module", ["fastsd.train.trainer", "fastsd.train.evaluate"])
+def test_missing_train_extra_is_one_line(tmp_path, module):
+    """Without scikit-learn (the `train` extra): one error line naming the extra, no traceback."""
+    import subprocess
+    import sys
+
+    args = ["--dataset", "digits", "--steps", "1", "--out", str(tmp_path)] if module.endswith("trainer") else \
+        [str(tmp_path)]
+    code = (f"import sys; sys.modules['sklearn'] = None; from {module} import main; "
+            f"sys.exit(main({args!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "pip install -e \".[train]\"" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,3 +1,4 @@
+"""python -m fastsd.train: the trainer's command line (fastsd/train/trainer.py)."""
 import sys
 
 from fastsd.train.trainer import main

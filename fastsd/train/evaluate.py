@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from fastsd.cli import usage_error
+from fastsd.cli import HelpFormatter, add_run_sampling_args, parse_run_args, require, usage_error
 
 HIDDEN = 64
 MAX_CLASSIFIER_TRAIN = 10000  # subsample big datasets (MNIST, CIFAR) for the scikit-learn classifier
@@ -185,27 +185,20 @@ def markdown(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastsd.train.evaluate", description="Classifier accuracy and Frechet "
-                                "distance of a fastsd.train run's samples.")
-    p.add_argument("run", help="run folder written by python -m fastsd.train")
+                                "distance of a fastsd.train run's samples.", formatter_class=HelpFormatter)
+    add_run_sampling_args(p, sampler="ddim")
     p.add_argument("--cfg-scale", type=float, nargs="+", default=[3.0], help="one or more guidance scales")
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--n-per-class", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fd-repeats", type=int, default=10)
-    p.add_argument("--no-clip", action="store_true", help="don't clip predicted x0 to [-1, 1] while sampling")
     p.add_argument("--json", default=None, help="JSON output path (default: RUN/eval.json)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of (up to 16 per class) evaluated samples")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.run):
-        usage_error(parser, f"run folder {args.run}: no such folder")
+    args = parse_run_args(parser, argv)
     if args.n_per_class < 2 or args.steps < 1 or args.fd_repeats < 1:
         usage_error(parser, "--n-per-class must be at least 2, --steps and --fd-repeats at least 1")
     from fastsd.train.datasets import DatasetError
@@ -213,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastsd.files import atomic_write
 
     try:
+        require("sklearn", "train")
         sampler = get_sampler(args.sampler).name
         result = evaluate(args.run, cfg_scales=tuple(args.cfg_scale), sampler=sampler, steps=args.steps,
                           n_per_class=args.n_per_class, seed=args.seed, fd_repeats=args.fd_repeats,

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from fastsd.cli import usage_error
+from fastsd.cli import HelpFormatter, add_run_sampling_args, parse_run_args, usage_error
 from fastsd.train.trainer import MODEL_FILE, STATE_FILE, RunConfig, build_model, load_run_config, load_tensors
 
 
@@ -122,29 +122,23 @@ def parse_class(value: str | None, run: RunConfig) -> list[int | None] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastsd.train.sample", description="Sample a fastsd.train run into a grid PNG.")
-    p.add_argument("run", help="run folder written by python -m fastsd.train")
+    p = argparse.ArgumentParser(prog="python -m fastsd.train.sample", description="Sample a fastsd.train run into a "
+                                "grid PNG.", formatter_class=HelpFormatter)
+    add_run_sampling_args(p, sampler="ddpm")
     p.add_argument("--class", dest="klass", default=None, help="class id or name, or 'all' for one row per class "
                    "(default: all for a conditional run)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (1 = no guidance)")
-    p.add_argument("--sampler", default="ddpm", help="euler_a, euler, ddim, ddpm, dpmpp_2m, dpmpp_2m_karras")
-    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--n", type=int, default=16, help="number of samples (per class with --class all)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="grid.png", help="PNG path (written atomically)")
     p.add_argument("--scale", type=int, default=None, help="enlarge each pixel (default: to >= 32 px per image)")
-    p.add_argument("--no-clip", action="store_true", help="don't clip predicted x0 to [-1, 1]")
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.run):
-        usage_error(parser, f"run folder {args.run}: no such folder")
+    args = parse_run_args(parser, argv)
     if not args.out.lower().endswith(".png"):
         usage_error(parser, f"--out {args.out}: expected a .png path")
     folder = os.path.dirname(os.path.abspath(args.out))

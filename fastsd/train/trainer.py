@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fastsd.config import SchedulerConfig, UNetConfig
-from fastsd.cli import usage_error
+from fastsd.cli import require, usage_error
 from fastsd.files import atomic_write
 from fastsd.train.datasets import DATASETS, Dataset, DatasetError, check_path, load_dataset
 
@@ -471,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        require("sklearn", "train")
+        require("matplotlib", "train")
         data = load_dataset(args.dataset, args.data_path, args.image_size, args.channels)
         run = config_from_args(args, data)
         check_config(run)

@@ -1,0 +1,144 @@
+"""python -m fastsd.generate with the inputs new users get wrong (issue 13): output files and names, limits,
+bad numbers, unreadable images, run summary, fast --help. Each mistake: one `error:` line, exit 2, nothing
+written, checked before any model work where it can be."""
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastsd.generate import main
+
+TINY = ["--model", "random:tiny", "--steps", "1", "--width", "64", "--height", "64", "--no-progress", "--threads", "1"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fastsd.generate", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def _one_error(capsys, code, match):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if not ln.startswith("fastsd: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+    return lines[0]
+
+
+def test_files_follow_the_umask_and_numbered_names_never_collide(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        procs = [subprocess.Popen([sys.executable, "-m", "fastsd.generate", "a cat", *TINY, "--seed", "5", "--out",
+                                   str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        os.umask(old)
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = sorted(o.strip() for o, _ in outs)
+    assert len(set(paths)) == 2 and sorted(os.listdir(out)) == ["00000-5.png", "00001-5.png"]  # both kept
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644
+    a, b = (np.asarray(Image.open(p)) for p in paths)
+    assert np.array_equal(a, b)  # the same seed: the same image, twice
+
+
+def test_an_existing_png_is_kept_unless_overwrite(tmp_path, capsys):
+    target = tmp_path / "x.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(target)
+    os.chmod(target, 0o640)
+    _one_error(capsys, main(["a cat", *TINY, "--out", str(target)]), "the file exists (--overwrite replaces it)")
+    assert Image.open(target).size == (8, 8)
+    assert main(["a cat", *TINY, "--out", str(target), "--overwrite"]) == 0
+    assert Image.open(target).size == (64, 64)
+
+
+@pytest.mark.parametrize("out,match", [
+    ("castle.jpg", "fastsd writes PNG"),
+    ("castle.webp", "fastsd writes PNG"),
+    ("/proc/x.png", "can't write in /proc"),
+    ("/proc/sub", "can't write in /proc"),
+])
+def test_bad_out_is_refused_before_any_work(tmp_path, capsys, out, match):
+    out = out if out.startswith("/") else str(tmp_path / out)
+    t0 = time.perf_counter()
+    _one_error(capsys, main(["a cat", "--model", "random:sd15", "--out", out]), match)
+    assert time.perf_counter() - t0 < 20  # refused before the (large) model was built
+    assert not os.path.exists(out) or out.startswith("/proc")
+
+
+def test_out_that_is_a_folder_named_png_and_no_empty_folder_after_a_failure(tmp_path, capsys):
+    (tmp_path / "dir.png").mkdir()
+    _one_error(capsys, main(["a cat", *TINY, "--out", str(tmp_path / "dir.png")]), "is a folder")
+    new = tmp_path / "new" / "deeper"
+    _one_error(capsys, main(["a cat", *TINY, "--model", str(tmp_path / "missing.safetensors"), "--out", str(new)]),
+               "no such file or folder")
+    assert not (tmp_path / "new").exists()  # the failed run left no folder behind
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--width", "100000"], "width 100000 is above 4096 px"),
+    (["--height", "8192"], "height 8192 is above 4096 px"),
+    (["--steps", "1001"], "steps must be at most 1000"),
+    (["--cfg-scale", "nan"], "guidance_scale must be a finite number"),
+    (["--cfg-scale", "inf"], "guidance_scale must be a finite number"),
+    (["--strength", "nan", "--init-image", "x.png"], "strength must be a finite number"),
+    (["--seed", str(2 ** 63 - 1), "--num-images", "2"], "seed + num_images must stay below 2**63"),
+    (["--device", "mps"], "device 'mps' is not supported"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+])
+def test_limits_and_bad_numbers(tmp_path, capsys, args, match):
+    _one_error(capsys, main(["a cat", *TINY, "--out", str(tmp_path / "o"), *args]), match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_overflowing_prompt_weight_is_an_error_not_a_black_image(tmp_path, capsys):
+    _one_error(capsys, main(["a (cat:1e30)", *TINY, "--out", str(tmp_path / "o")]), "emphasis weights overflow")
+    assert not (tmp_path / "o").exists()
+
+
+def test_decompression_bomb_and_16_bit_init_images(tmp_path, capsys):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (10000, 10000)).save(bomb)  # 100 Mpixel, a few KB on disk
+    _one_error(capsys, main(["a cat", *TINY, "--init-image", str(bomb), "--out", str(tmp_path / "o")]),
+               "above the limit")
+    from fastsd.image import load_image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit grayscale PNG
+    got = np.asarray(load_image(str(tmp_path / "deep.png")).convert("L"), dtype=np.float64)
+    want = np.round(ramp / 65535.0 * 255.0)
+    assert np.abs(got - want).max() <= 1 and (got >= 255).mean() < 0.01  # scaled, not clipped to white
+
+
+def test_run_summary_and_threads(tmp_path):
+    r = _cli("a cat", *TINY[:-2], "--threads", "1", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 0, r.stderr
+    summary = [ln for ln in r.stderr.splitlines() if ln.startswith("fastsd: ")]
+    assert len(summary) == 1
+    s = summary[0]
+    for part in ("model random:tiny", "cpu", "float32" if "bf16" not in s else "bfloat16", "ISA ", "backend cpu",
+                 "1 threads", "64x64", "1 steps"):
+        assert part in s, s
+
+
+def test_help_shows_defaults_and_does_not_import_torch():
+    code = ("import sys, contextlib, io\nfrom fastsd.generate import main\nbuf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n    try:\n        main(['--help'])\n    except SystemExit:\n"
+            "        pass\nassert 'torch' not in sys.modules, 'torch imported'\nprint(buf.getvalue())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "(default: 20)" in r.stdout and "(default: euler_a)" in r.stdout and "--threads" in r.stdout
+
+
+def test_benchmark_table_of_a_missing_file():
+    r = subprocess.run([sys.executable, "-m", "fastsd.benchmarks", "table", "missing.jsonl"], capture_output=True,
+                       text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
