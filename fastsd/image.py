@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -20,12 +21,14 @@ def load_image(path: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXEL
     """Read an image file; ValueError (one line) for a missing, unreadable or oversized file. Images with
     more than 8 bits per channel are scaled down to 8 bits, not clipped."""
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                raise ValueError(f"{what} {path}: {im.width}x{im.height} pixels is above the limit of "
-                                 f"{max_pixels} pixels")
-            im.load()
-            return to_8bit(im.copy())
+        with warnings.catch_warnings():  # the size is checked here, not by PIL's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > max_pixels:
+                    raise ValueError(f"{what} {path}: {im.width}x{im.height} pixels is above the limit of "
+                                     f"{max_pixels} pixels")
+                im.load()
+                return to_8bit(im.copy())
     except FileNotFoundError:
         raise ValueError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
