@@ -90,6 +90,11 @@ def main_server() -> Server:
     return shared(*MAIN_ARGS)
 
 
+def auth_server() -> Server:
+    """A server that wants credentials: HTTP basic alice:s3cret, or the bearer token tok123."""
+    return shared("--model", "random:tiny", "--api-auth", "alice:s3cret", "--token", "tok123")
+
+
 def decode(b64: str) -> Image.Image:
     im = Image.open(io.BytesIO(base64.b64decode(b64)))
     im.load()

@@ -15,7 +15,7 @@ from PIL import Image
 from fastsd.generate import main as generate_main
 from fastsd.image import parse_infotext
 from fastsd.serve.__main__ import main as serve_main
-from serve_server import decode, info, main_server, png_b64, shared
+from serve_server import auth_server, decode, info, main_server, png_b64
 
 FIXTURES = Path(__file__).parent / "fixtures" / "a1111"
 
@@ -89,6 +89,13 @@ def test_random_seed_n_iter_clip_skip_and_unhonoured_fields(client):
     notes = " | ".join(meta["warnings"])
     assert "enable_hr: hires fix is not supported" in notes and "override_settings.sd_vae" in notes
     assert "some_extension_field" not in notes  # unknown fields are ignored, as A1111 does
+
+
+def test_disable_extra_networks_drops_the_lora_tags(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat <lora:detail:0.7>", "disable_extra_networks": True,
+                                               "steps": 1, "width": 64, "height": 64})
+    assert r.status_code == 200, r.text
+    assert parse_infotext(info(r)["infotexts"][0])[0] == "a cat"
 
 
 def test_img2img_docs_body_with_mask(client):
@@ -187,13 +194,8 @@ def test_body_above_the_limit_is_413_and_the_server_still_serves(client):
     assert r.status_code == 200 and len(r.json()["images"]) == 1
 
 
-@pytest.fixture(scope="module")
-def auth_server():
-    return shared("--model", "random:tiny", "--api-auth", "alice:s3cret", "--token", "tok123")
-
-
-def test_auth_basic_and_token(auth_server):
-    with auth_server.client() as c:
+def test_auth_basic_and_token():
+    with auth_server().client() as c:
         r = c.get("/sdapi/v1/sd-models")
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
         assert "authentication required" in r.json()["detail"]

@@ -8,7 +8,7 @@ import tempfile
 import pytest
 
 from fastsd.image import parse_infotext
-from serve_server import main_server
+from serve_server import auth_server, main_server
 
 CHROMIUM = os.environ.get("FASTSD_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -77,3 +77,15 @@ def test_page_shows_a_refused_request(page):
     page.click("#generate")
     page.wait_for_selector("#error:not([hidden])")
     assert "422: width 100000 is above this server's limit of 2048" in page.inner_text("#error")
+
+
+def test_page_asks_for_credentials_on_a_server_with_api_auth(page):
+    server = auth_server()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#auth-row:not([hidden])")  # the API answered 401: the page asks
+    assert "401: authentication required" in page.inner_text("#error")
+    page.fill("#auth", "alice:s3cret")
+    page.dispatch_event("#auth", "change")
+    page.wait_for_function("document.querySelectorAll('#sampler option').length > 3")
+    assert page.locator("#model option").all_inner_texts() == ["random:tiny"]
+    assert page.locator("#error").is_hidden()

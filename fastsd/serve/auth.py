@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from fastapi import HTTPException, Request
 
 
+PAGE_HEADER = "x-fastsd-page"  # sent by the page's own API calls (static/app.js)
+
+
 @dataclass(frozen=True, eq=False)  # hashed by identity: FastAPI caches dependencies by it
 class Auth:
     users: dict[str, str] = field(default_factory=dict)
@@ -51,8 +54,10 @@ class Auth:
         """A FastAPI dependency: 401 unless the request carries valid credentials."""
         if not self._ok(request.headers.get("authorization", "")):
             challenge = 'Basic realm="fastsd"' if self.users else "Bearer"
+            # no challenge to fastsd's own page: a browser would hold its fetch behind a login dialog
+            headers = {} if request.headers.get(PAGE_HEADER) else {"WWW-Authenticate": challenge}
             raise HTTPException(401, "authentication required (this server was started with "
-                                f"{'--api-auth' if self.users else '--token'})", headers={"WWW-Authenticate": challenge})
+                                f"{'--api-auth' if self.users else '--token'})", headers=headers)
 
 
 def is_loopback(host: str) -> bool:

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from fastsd.samplers import A1111_NAMES, resolve_sampler_name
 from fastsd.serve.limits import BadRequest, Limits
+from fastsd.serve.networks import strip_lora_tags
 from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
 from fastsd.settings import GenerationSettings
 
@@ -79,17 +80,20 @@ def _overrides(req, server, warnings: list[str]):
     return model, clip_skip
 
 
-def _images(req: Img2ImgRequest, limits: Limits, warnings: list[str]):
+def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int]):
+    """The init image and mask, resized to the output size here (A1111's resize_mode 0, the same LANCZOS /
+    NEAREST resizes the pipeline would do), so a job waiting in the queue holds no more than that."""
     if not req.init_images:
         raise BadRequest("init_images: img2img needs at least one base64 image")
     image = limits.decode_image(req.init_images[0], "init_images[0]")
+    image = image.resize(size, Image.LANCZOS) if image.size != size else image
     mask = None
     if req.mask:
         mask = limits.decode_image(req.mask, "mask").convert("L")
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
-        if mask.size != image.size:  # A1111 resizes the mask with the image
-            mask = mask.resize(image.size, Image.NEAREST)
+        mask = mask.resize(size, Image.NEAREST) if mask.size != size else mask
+    req.init_images, req.mask = None, None  # the base64 text is not kept while the job waits
     return image, mask
 
 
@@ -115,22 +119,18 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
                         f"{ETA[sampler]}")
     model, clip_skip = _overrides(req, server, warnings)
-    loras = () if req.disable_extra_networks else server.networks.parse(req.prompt)
+    prompt = strip_lora_tags(req.prompt) if req.disable_extra_networks else req.prompt
+    loras = server.networks.parse(prompt)
     warnings += server.networks.embedding_notes(req.prompt, req.negative_prompt)
-    image = mask = None
-    strength = 0.8
-    if kind == "img2img":
-        image, mask = _images(req, limits, warnings)
-        strength = req.denoising_strength
-    s = GenerationSettings(req.prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
-                           size["height"], req.batch_size, strength, clip_skip)
+    img2img = kind == "img2img"
+    s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
+                           size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip)
     try:
-        s.validate(has_image=image is not None, has_mask=mask is not None)
+        s.validate(has_image=img2img, has_mask=img2img and bool(req.mask))
     except (TypeError, ValueError) as e:
         raise BadRequest(a1111_names(str(e))) from None
-    params = req.model_dump()
-    if kind == "img2img" and not req.include_init_images:
-        params["init_images"], params["mask"] = None, None
+    image, mask = _images(req, limits, (s.width, s.height)) if img2img else (None, None)  # last: after the cheap checks
+    params = req.model_dump()  # init_images and mask are not echoed (A1111 sends them back only on request)
     return Plan(kind, model, s, req.n_iter, image, mask, loras, tuple(warnings), req.send_images, params)
 
 

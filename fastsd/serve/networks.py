@@ -17,6 +17,11 @@ EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
 _TAG = re.compile(r"<lora:([^:>]*)(?::([^:>]*))?(?::[^>]*)?>")  # A1111: <lora:name>, <lora:name:w>, <lora:name:w:w2>
 
 
+def strip_lora_tags(prompt: str) -> str:
+    """The prompt without its <lora:...> tags (A1111's disable_extra_networks)."""
+    return _TAG.sub("", prompt)
+
+
 def scan(folder: str | None, exts: tuple[str, ...]) -> dict[str, str]:
     """{stem: path} of the files with one of `exts` in `folder` and its subfolders (A1111 searches them too),
     sorted by name; the first of two files with the same stem wins."""

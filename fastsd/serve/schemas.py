@@ -147,6 +147,8 @@ class Img2ImgRequest(_Request):
             notes.append("initial_noise_multiplier: not supported, ignored")
         if self.latent_mask:
             notes.append("latent_mask: not supported, ignored")
+        if self.include_init_images:
+            notes.append("include_init_images: the init images are not sent back")
         return notes
 
 

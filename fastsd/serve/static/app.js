@@ -12,7 +12,7 @@ function authHeader() {
 }
 
 async function api(path, body) {
-  const opts = { headers: { ...authHeader() } };
+  const opts = { headers: { "X-Fastsd-Page": "1", ...authHeader() } };  // no login dialog on a 401
   if (body !== undefined) {
     opts.method = "POST";
     opts.headers["Content-Type"] = "application/json";
