@@ -81,8 +81,24 @@ def _stop_all() -> None:
 LORA_DIR = tempfile.mkdtemp(prefix="fastsd-serve-loras-")
 for _name in ("detail.safetensors", "style.pt"):
     open(os.path.join(LORA_DIR, _name), "wb").close()
+EMBEDDINGS_DIR = tempfile.mkdtemp(prefix="fastsd-serve-embeddings-")
+
+
+def _write_embedding() -> None:
+    """An A1111 .safetensors embedding (`emb_params`, 2 vectors) as wide as random:tiny's text encoder."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fastsd.config import TINY
+
+    gen = torch.Generator().manual_seed(0)
+    save_file({"emb_params": torch.randn(2, TINY.clip.hidden_size, generator=gen)},
+              os.path.join(EMBEDDINGS_DIR, "shinystyle.safetensors"))
+
+
+_write_embedding()
 MAIN_ARGS = ("--model", "random:tiny", "--model", "random:tiny-inpainting", "--max-queue", "16",
-             "--lora-dir", LORA_DIR)
+             "--lora-dir", LORA_DIR, "--embeddings-dir", EMBEDDINGS_DIR)
 
 
 def main_server() -> Server:
