@@ -17,7 +17,7 @@ import httpx
 from PIL import Image
 
 STARTUP_TIMEOUT = 240  # s; loading random:tiny takes a few seconds on free cores
-_running: dict[tuple[str, ...], "Server"] = {}
+_running: dict[tuple[str, ...], Server] = {}
 
 
 class Server:

@@ -2,7 +2,6 @@
 from A1111's API docs in tests/fixtures/a1111/), seeds, infotexts, the CLI's image for the same seed, the
 model switch, and the bad requests each answered with a 4xx and a one-line detail."""
 import base64
-import io
 import json
 import struct
 import zlib
@@ -11,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from serve_server import auth_server, decode, info, main_server, png_b64
 
 from fastsd.generate import main as generate_main
 from fastsd.image import parse_infotext
 from fastsd.pipeline import Pipeline
 from fastsd.serve.__main__ import main as serve_main
 from fastsd.serve.networks import lora_support
-from serve_server import auth_server, decode, info, main_server, png_b64
 
 FIXTURES = Path(__file__).parent / "fixtures" / "a1111"
 

@@ -6,9 +6,9 @@ import shutil
 import tempfile
 
 import pytest
+from serve_server import auth_server, main_server
 
 from fastsd.image import parse_infotext
-from serve_server import auth_server, main_server
 
 CHROMIUM = os.environ.get("FASTSD_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

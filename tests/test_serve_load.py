@@ -8,7 +8,6 @@ import time
 
 import httpx
 import numpy as np
-
 from serve_server import decode, info, main_server
 
 STORM = {"prompt": "a lighthouse at night", "steps": 2, "cfg_scale": 1, "width": 64, "height": 64, "seed": 5}

@@ -4,8 +4,6 @@ traceback in the server's log, never in the response)."""
 from __future__ import annotations
 
 import asyncio
-import io
-import base64
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from fastsd.serve.auth import Auth
-from fastsd.serve.generation import a1111_names, build_plan, run_plan
+from fastsd.serve.generation import a1111_names, build_plan, encode_png, run_plan
 from fastsd.serve.jobqueue import Job, JobQueue, QueueFull
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.networks import Networks
@@ -104,12 +102,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": f"internal error ({type(e).__name__}); the server log has the details"}, 500)
 
 
-def png_base64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 async def _wait(state: ServerState, job: Job, request: Request):
     """The job's result; if the client goes away first, the job is cancelled (dropped if it waits, stopped at
     its next step if it runs) so the worker moves on."""
@@ -185,7 +177,7 @@ def _progress(state: ServerState, skip_image: bool) -> dict:
               sampling_step=job.step, sampling_steps=job.steps)
     preview = job.preview
     return {"progress": min(done, 1.0), "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": st,
-            "current_image": png_base64(preview) if preview is not None and not skip_image else None,
+            "current_image": encode_png(preview) if preview is not None and not skip_image else None,
             "textinfo": f"step {job.step} of {job.steps}, image batch {job.iteration + 1} of {job.iterations}"}
 
 

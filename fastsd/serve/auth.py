@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from fastapi import HTTPException, Request
 
-
 PAGE_HEADER = "x-fastsd-page"  # sent by the page's own API calls (static/app.js)
 
 
@@ -21,7 +20,7 @@ class Auth:
     token: str | None = None
 
     @classmethod
-    def parse(cls, api_auth: str | None, token: str | None) -> "Auth | None":
+    def parse(cls, api_auth: str | None, token: str | None) -> Auth | None:
         """None when neither is given; ValueError (one line) for a malformed --api-auth."""
         users = {}
         for pair in (api_auth or "").split(","):

@@ -135,7 +135,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
 
 
 def encode_png(image: Image.Image) -> str:
-    """Base64 PNG with the infotext in its 'parameters' chunk (what A1111's API sends)."""
+    """Base64 PNG with the image's infotext, if it has one, in its 'parameters' chunk (as A1111's API sends)."""
     from fastsd.image import png_writer
 
     buf = io.BytesIO()

@@ -13,8 +13,9 @@ import concurrent.futures
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
@@ -28,7 +29,7 @@ class QueueFull(Exception):
 @dataclass(eq=False)
 class Job:
     kind: str                                  # "txt2img" / "img2img": A1111's state "job"
-    run: Callable[["Job"], Any]                # called on the worker thread; its result resolves `future`
+    run: Callable[[Job], Any]                # called on the worker thread; its result resolves `future`
     steps: int = 0                             # sampler steps per iteration (for progress)
     iterations: int = 1
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)

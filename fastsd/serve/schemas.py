@@ -7,10 +7,9 @@ those lines under "warnings".
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
 
 # k-diffusion's sampler options: values that change nothing (None = A1111's default) are not reported.
 K_DIFFUSION_DEFAULTS = {"s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_tmin": (None, 0.0),
@@ -22,44 +21,44 @@ class _Request(BaseModel):
 
     prompt: str = ""
     negative_prompt: str = ""
-    styles: Optional[list[str]] = None
+    styles: list[str] | None = None
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
-    sampler_name: Optional[str] = None
-    sampler_index: Optional[str] = "Euler"
-    scheduler: Optional[str] = None
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
     batch_size: int = 1
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
     width: int = 512
     height: int = 512
-    restore_faces: Optional[bool] = None
-    tiling: Optional[bool] = None
+    restore_faces: bool | None = None
+    tiling: bool | None = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
-    eta: Optional[float] = None
-    s_min_uncond: Optional[float] = None
-    s_churn: Optional[float] = None
-    s_tmax: Optional[float] = None
-    s_tmin: Optional[float] = None
-    s_noise: Optional[float] = None
-    override_settings: Optional[dict[str, Any]] = None
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
-    refiner_checkpoint: Optional[str] = None
-    refiner_switch_at: Optional[float] = None
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
     disable_extra_networks: bool = False
-    comments: Optional[dict[str, Any]] = None
-    script_name: Optional[str] = None
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
     script_args: list = Field(default_factory=list)
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict = Field(default_factory=dict)
-    force_task_id: Optional[str] = None
-    infotext: Optional[str] = None
+    force_task_id: str | None = None
+    infotext: str | None = None
 
     def unhonoured(self) -> list[str]:
         """One line per field set to something fastsd does not do."""
@@ -90,17 +89,17 @@ class _Request(BaseModel):
 
 class Txt2ImgRequest(_Request):
     enable_hr: bool = False
-    denoising_strength: Optional[float] = None
+    denoising_strength: float | None = None
     firstphase_width: int = 0
     firstphase_height: int = 0
     hr_scale: float = 2.0
-    hr_upscaler: Optional[str] = None
+    hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
-    hr_checkpoint_name: Optional[str] = None
-    hr_sampler_name: Optional[str] = None
-    hr_scheduler: Optional[str] = None
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
 
@@ -112,20 +111,20 @@ class Txt2ImgRequest(_Request):
 
 
 class Img2ImgRequest(_Request):
-    init_images: Optional[list] = None
+    init_images: list | None = None
     resize_mode: int = 0
-    image_cfg_scale: Optional[float] = None
-    mask: Optional[str] = None
+    image_cfg_scale: float | None = None
+    mask: str | None = None
     mask_blur_x: int = 4
     mask_blur_y: int = 4
-    mask_blur: Optional[int] = None
+    mask_blur: int | None = None
     mask_round: bool = True
     inpainting_fill: int = 0
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
-    initial_noise_multiplier: Optional[float] = None
-    latent_mask: Optional[str] = None
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
     include_init_images: bool = False
     denoising_strength: float = 0.75
 
@@ -155,5 +154,5 @@ class Img2ImgRequest(_Request):
 class OptionsRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    sd_model_checkpoint: Optional[str] = None
-    CLIP_stop_at_last_layers: Optional[int] = None
+    sd_model_checkpoint: str | None = None
+    CLIP_stop_at_last_layers: int | None = None
