@@ -98,10 +98,16 @@ class Networks:
         if self._merged.get(id(pipe)):
             pipe.unload_loras()
         self._merged[id(pipe)] = ()
+        from fastsd import CheckpointError
+
+        path = None
         try:
             for path, weight in loras:
                 pipe.load_lora(path, weight)
-        except BaseException:  # a LoRA file that fails to load: the model goes back to no LoRA at all
+        except (CheckpointError, ValueError, OSError) as e:  # a bad LoRA file: named by its file, not the folder
+            pipe.unload_loras()
+            raise BadRequest(str(e).replace(path, os.path.basename(path)).splitlines()[0]) from None
+        except BaseException:  # anything else: the model goes back to no LoRA at all, the error goes on
             pipe.unload_loras()
             raise
         self._merged[id(pipe)] = loras
