@@ -6,6 +6,7 @@ import shutil
 import tempfile
 
 import pytest
+from PIL import Image
 from serve_server import auth_server, main_server
 
 from fastsd.image import parse_infotext
@@ -66,6 +67,24 @@ def test_page_generates_an_image_with_progress(page):
     print(f"screenshot: {shot}")
     if os.environ.get("FASTSD_SCREENSHOT"):  # e.g. FASTSD_SCREENSHOT=docs/serve.png refreshes README's picture
         shutil.copy(shot, os.environ["FASTSD_SCREENSHOT"])
+
+
+def test_page_img2img_upload(page, tmp_path):
+    server = main_server()
+    Image.new("RGB", (96, 80), (30, 120, 220)).save(tmp_path / "init.png")
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#sampler option').length > 3")
+    page.fill("#prompt", "a blue sky")
+    for field, value in (("#steps", "4"), ("#seed", "99"), ("#width", "64"), ("#height", "64")):
+        page.fill(field, value)
+    page.set_input_files("#init-image", str(tmp_path / "init.png"))
+    page.wait_for_selector("#init-preview:not([hidden])")
+    page.eval_on_selector("#strength", "e => { e.value = '0.5'; e.dispatchEvent(new Event('input')); }")
+    assert page.inner_text("#strength-value") == "0.5"
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure img", timeout=180_000)
+    params = parse_infotext(page.inner_text("#gallery .infotext"))[2]
+    assert params["Denoising strength"] == "0.5" and params["Seed"] == "99" and params["Size"] == "64x64"
 
 
 def test_page_shows_a_refused_request(page):

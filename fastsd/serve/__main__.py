@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 
 from fastsd.cli import HelpFormatter, fail, one_line_warnings, positive_int, run_summary, set_threads
 from fastsd.serve.limits import Limits
@@ -114,6 +115,10 @@ def _start(args, limits: Limits, auth, sources: list[str]):
     from fastsd.serve.registry import Registry, load_entries
 
     threads = set_threads(args.threads)
+    from PIL import Image
+
+    # request images are checked against --max-image-pixels before decoding; PIL's own warning adds nothing
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     registry = Registry(load_entries(sources, device=args.device, dtype=args.dtype, backend=args.backend))
     for e in registry.entries:
         print(run_summary(e.pipe, threads), file=sys.stderr)

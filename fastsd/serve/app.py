@@ -115,7 +115,10 @@ async def _wait(state: ServerState, job: Job, request: Request):
         raise HTTPException(503, "the server is shutting down")
     try:
         return fut.result()
-    except user_errors() as e:
+    except BadRequest:
+        raise
+    except user_errors() as e:  # the pipeline refused what was asked (checked there, not here): still a 4xx
+        log.info("job refused: %s: %s", type(e).__name__, e)
         raise BadRequest(a1111_names(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
 
 
