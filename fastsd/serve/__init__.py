@@ -1,0 +1,8 @@
+"""python -m fastsd.serve: an AUTOMATIC1111-compatible HTTP API and a web page (README "Serving").
+
+app.py        the FastAPI app: routes, errors, body limit     schemas.py   A1111's request shapes
+generation.py request -> checked Plan -> images -> response   jobqueue.py  the bounded FIFO and its worker
+registry.py   the --model models and the current one          networks.py  LoRAs / embeddings by name
+limits.py     per-request limits and base64 image decoding    auth.py      --api-auth / --token
+static/       the page (plain HTML/JS/CSS, no build step)
+"""

@@ -1,0 +1,245 @@
+"""The FastAPI app: A1111's /sdapi/v1 endpoints, the web page at /, and the error answers (every refused
+request gets a 4xx whose `detail` is one line; an unexpected failure a 500 naming only its type, with the
+traceback in the server's log, never in the response)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from fastsd.serve.auth import Auth
+from fastsd.serve.generation import a1111_names, build_plan, encode_png, run_plan
+from fastsd.serve.jobqueue import Job, JobQueue, QueueFull
+from fastsd.serve.limits import BadRequest, Limits
+from fastsd.serve.networks import Networks
+from fastsd.serve.registry import Registry
+from fastsd.serve.schemas import Img2ImgRequest, OptionsRequest, Txt2ImgRequest
+
+STATIC = Path(__file__).with_name("static")
+log = logging.getLogger("fastsd.serve")
+
+
+@dataclass
+class ServerState:
+    registry: Registry
+    networks: Networks
+    limits: Limits
+    queue: JobQueue
+    auth: Auth | None = None
+    clip_skip: int = 1                      # A1111's CLIP_stop_at_last_layers option
+    started: float = field(default_factory=time.time)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions a job raises for what a request asked (not a server fault): answered 422."""
+    from fastsd import CheckpointError
+
+    return BadRequest, ValueError, TypeError, CheckpointError
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body above `max_body` bytes, by Content-Length or while it streams."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = f"request body above this server's limit of {self.max_body} bytes (--max-body-mb)"
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await JSONResponse({"detail": too_big}, 413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise HTTPException(413, too_big)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _one_line(e: RequestValidationError) -> str:
+    errors = e.errors()
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"invalid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+    loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{loc}: {first.get('msg')}{more}".replace("\n", " ")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        return JSONResponse({"detail": _one_line(e)}, 422)
+
+    @app.exception_handler(BadRequest)
+    async def bad(request, e: BadRequest):
+        return JSONResponse({"detail": str(e)}, e.status)
+
+    @app.exception_handler(QueueFull)
+    async def full(request, e: QueueFull):
+        return JSONResponse({"detail": str(e)}, 503, headers={"Retry-After": str(e.retry_after)})
+
+    @app.exception_handler(Exception)
+    async def failed(request, e: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(e).__name__}); the server log has the details"}, 500)
+
+
+async def _wait(state: ServerState, job: Job, request: Request):
+    """The job's result; if the client goes away first, the job is cancelled (dropped if it waits, stopped at
+    its next step if it runs) so the worker moves on."""
+    fut = asyncio.wrap_future(job.future)
+    while not fut.done():
+        await asyncio.wait({fut}, timeout=0.25)
+        if not fut.done() and await request.is_disconnected():
+            state.queue.cancel(job)
+            return JSONResponse({"detail": "client disconnected"}, 499)
+    if fut.cancelled():
+        raise HTTPException(503, "the server is shutting down")
+    try:
+        return fut.result()
+    except BadRequest:
+        raise
+    except user_errors() as e:  # the pipeline refused what was asked (checked there, not here): still a 4xx
+        log.info("job refused: %s: %s", type(e).__name__, e)
+        raise BadRequest(a1111_names(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="fastsd", description="AUTOMATIC1111-compatible API of fastsd", docs_url=None,
+                  redoc_url=None)  # Swagger/ReDoc pages load their scripts from a CDN; /openapi.json stays
+    app.state.fastsd = state
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_body=state.limits.max_body)
+    api = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(state.auth)] if state.auth else [])
+    _generation_routes(api, state)
+    _info_routes(api, state)
+    app.include_router(api)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    return app
+
+
+def _generation_routes(api: APIRouter, state: ServerState) -> None:
+    async def generate(kind: str, req, request: Request):
+        plan = await run_in_threadpool(build_plan, req, kind, state)
+        job = state.queue.submit(Job(kind, lambda job: run_plan(plan, job, state.networks), plan.settings.steps,
+                                     plan.n_iter))
+        return await _wait(state, job, request)
+
+    @api.post("/txt2img")
+    async def txt2img(req: Txt2ImgRequest, request: Request):
+        return await generate("txt2img", req, request)
+
+    @api.post("/img2img")
+    async def img2img(req: Img2ImgRequest, request: Request):
+        return await generate("img2img", req, request)
+
+    @api.post("/interrupt")
+    async def interrupt():
+        state.queue.interrupt()
+        return {}
+
+    @api.get("/progress")
+    async def progress(skip_current_image: bool = False):
+        return _progress(state, skip_current_image)
+
+
+def _progress(state: ServerState, skip_image: bool) -> dict:
+    """A1111's ProgressResponse for the running job (progress 0..1 over all its iterations)."""
+    job, waiting = state.queue.snapshot()
+    st = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": waiting,
+          "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+          "queued": waiting, "fastsd": dict(state.queue.counts)}
+    if job is None or job.started is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": st, "current_image": None, "textinfo": None}
+    done = (job.iteration + job.step / max(1, job.steps)) / max(1, job.iterations)
+    elapsed = time.monotonic() - job.started
+    st.update(interrupted=job.stopped, job=job.kind, job_count=waiting + 1, job_no=job.iteration,
+              sampling_step=job.step, sampling_steps=job.steps)
+    preview = job.preview
+    return {"progress": min(done, 1.0), "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": st,
+            "current_image": encode_png(preview) if preview is not None and not skip_image else None,
+            "textinfo": f"step {job.step} of {job.steps}, image batch {job.iteration + 1} of {job.iterations}"}
+
+
+def _info_routes(api: APIRouter, state: ServerState) -> None:
+    from fastsd.samplers import A1111_NAMES, SAMPLERS
+
+    @api.get("/samplers")
+    async def samplers():
+        return [{"name": A1111_NAMES.get(k, k), "aliases": [k, f"k_{k}"], "options": {}} for k in SAMPLERS]
+
+    @api.get("/schedulers")
+    async def schedulers():
+        return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+                 "need_inner_model": False},
+                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+
+    @api.get("/sd-models")
+    async def sd_models():
+        return [e.a1111() for e in state.registry.entries]
+
+    @api.get("/loras")
+    async def loras():
+        return [{"name": n, "alias": n, "path": Path(p).name, "metadata": {}} for n, p in state.networks.loras().items()]
+
+    @api.post("/refresh-loras")
+    async def refresh_loras():
+        return None  # the folder is read on every request
+
+    @api.get("/embeddings")
+    async def embeddings():
+        item = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768, "vectors": 1}
+        got = state.networks.loaded_embeddings
+        return {"loaded": {n: item for n, ok in got.items() if ok}, "skipped": {n: item for n, ok in got.items()
+                                                                                 if not ok}}
+
+    for empty in ("/upscalers", "/latent-upscale-modes", "/sd-vae", "/hypernetworks", "/face-restorers",
+                  "/prompt-styles"):
+        api.add_api_route(empty, _empty_list, methods=["GET"])
+
+    @api.get("/options")
+    async def get_options():
+        cur = state.registry.current
+        return {"sd_model_checkpoint": cur.title, "sd_checkpoint_hash": cur.hash,
+                "CLIP_stop_at_last_layers": state.clip_skip, "samples_format": "png"}
+
+    @api.post("/options")
+    async def set_options(req: OptionsRequest):
+        """A1111 answers null; fastsd says what it applied and what it ignored."""
+        if req.CLIP_stop_at_last_layers is not None and not 1 <= req.CLIP_stop_at_last_layers <= 11:
+            raise BadRequest(f"CLIP_stop_at_last_layers must be in 1..11, got {req.CLIP_stop_at_last_layers}")
+        applied = {}
+        if req.sd_model_checkpoint is not None:
+            applied["sd_model_checkpoint"] = state.registry.switch(req.sd_model_checkpoint).title
+        if req.CLIP_stop_at_last_layers is not None:
+            state.clip_skip = applied["CLIP_stop_at_last_layers"] = req.CLIP_stop_at_last_layers
+        return {"applied": applied, "ignored": sorted(req.model_extra or {})}
+
+
+async def _empty_list():
+    """Endpoints of A1111 features fastsd does not have (upscalers, VAEs, ...): empty lists, for clients that
+    list them at start."""
+    return []

@@ -1,0 +1,186 @@
+"""An A1111 request -> a checked `Plan` (on the request side, before the job is queued: every mistake is a
+BadRequest then) -> images on the worker thread (`run_plan`) -> A1111's response body.
+
+A1111's batches: `batch_size` images per iteration, `n_iter` iterations, image i of the request uses
+seed + i (A1111's all_seeds), so each iteration is one Pipeline.generate call with seed + it * batch_size.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from fastsd.samplers import A1111_NAMES, resolve_sampler_name
+from fastsd.serve.limits import BadRequest, Limits
+from fastsd.serve.networks import strip_lora_tags
+from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
+from fastsd.settings import GenerationSettings
+
+SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
+
+# A1111's separate `scheduler` field (1.9+): names that leave the sampler's own schedule (accepted quietly)
+# and the (sampler, scheduler) pairs fastsd has as one sampler.
+DEFAULT_SCHEDULERS = {"", "automatic"}
+SCHEDULED = {("dpmpp_2m", "karras"): "dpmpp_2m_karras"}
+ETA = {"euler_a": 1.0, "ddpm": 1.0, "ddim": 0.0}  # the samplers eta applies to, and the eta fastsd runs them with
+A1111_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str                               # txt2img | img2img
+    model: object                           # registry.ModelEntry
+    settings: GenerationSettings            # one iteration: num_images = batch_size, seed of the first image
+    n_iter: int
+    image: Image.Image | None
+    mask: Image.Image | None
+    loras: tuple[tuple[str, float], ...]    # (path, weight) from --lora-dir
+    warnings: tuple[str, ...]
+    send_images: bool
+    parameters: dict                        # the request as understood, echoed as A1111 does
+
+
+def a1111_names(message: str) -> str:
+    """A GenerationSettings message with A1111's field names (cfg_scale, not guidance_scale)."""
+    for ours, theirs in A1111_FIELDS.items():
+        message = re.sub(rf"\b{ours}\b", theirs, message)
+    return message
+
+
+def _sampler(req, warnings: list[str]) -> str:
+    name = req.sampler_name or req.sampler_index or "Euler"
+    try:
+        sampler = resolve_sampler_name(name)
+    except ValueError as e:
+        raise BadRequest(f"sampler_name: {e}") from None
+    sched = (req.scheduler or "").strip().lower()
+    if sched in DEFAULT_SCHEDULERS:
+        return sampler
+    if (sampler, sched) in SCHEDULED:
+        return SCHEDULED[sampler, sched]
+    warnings.append(f"scheduler {req.scheduler!r}: not supported with {A1111_NAMES.get(sampler, sampler)}; the "
+                    "sampler's own schedule was used")
+    return sampler
+
+
+def _overrides(req, server, warnings: list[str]):
+    """(model entry, clip_skip) from override_settings, else the server's options."""
+    over = dict(req.override_settings or {})
+    model = server.registry.find(over.pop("sd_model_checkpoint")) if "sd_model_checkpoint" in over \
+        else server.registry.current
+    clip_skip = over.pop("CLIP_stop_at_last_layers", server.clip_skip)
+    for key in sorted(over):
+        warnings.append(f"override_settings.{key}: not supported, ignored")
+    return model, clip_skip
+
+
+def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int]):
+    """The init image and mask, resized to the output size here (A1111's resize_mode 0, the same LANCZOS /
+    NEAREST resizes the pipeline would do), so a job waiting in the queue holds no more than that."""
+    if not req.init_images:
+        raise BadRequest("init_images: img2img needs at least one base64 image")
+    image = limits.decode_image(req.init_images[0], "init_images[0]")
+    image = image.resize(size, Image.LANCZOS) if image.size != size else image
+    mask = None
+    if req.mask:
+        mask = limits.decode_image(req.mask, "mask").convert("L")
+        if req.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        mask = mask.resize(size, Image.NEAREST) if mask.size != size else mask
+    req.init_images, req.mask = None, None  # the base64 text is not kept while the job waits
+    return image, mask
+
+
+def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
+    """Everything checked before the job is queued; BadRequest names the field."""
+    limits: Limits = server.limits
+    warnings = req.unhonoured()
+    limits.check_prompt("prompt", req.prompt)
+    limits.check_prompt("negative_prompt", req.negative_prompt)
+    limits.check_steps(req.steps)
+    limits.check_images(req.batch_size, req.n_iter)
+    size = {}
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        size[name] = limits.check_size(name, v)
+        if size[name] != v:
+            warnings.append(f"{name} {v}: rounded down to {size[name]} (a multiple of 8)")
+    if req.seed < -1:
+        raise BadRequest(f"seed must be -1 (random) or at least 0, got {req.seed}")
+    seed = random.randrange(SEED_RANGE) if req.seed == -1 else req.seed
+    sampler = _sampler(req, warnings)
+    if req.eta is not None and req.eta != ETA.get(sampler, req.eta):
+        warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
+                        f"{ETA[sampler]}")
+    model, clip_skip = _overrides(req, server, warnings)
+    prompt = strip_lora_tags(req.prompt) if req.disable_extra_networks else req.prompt
+    loras = server.networks.parse(prompt)
+    warnings += server.networks.embedding_notes(req.prompt, req.negative_prompt)
+    img2img = kind == "img2img"
+    s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
+                           size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip)
+    try:
+        s.validate(has_image=img2img, has_mask=img2img and bool(req.mask))
+    except (TypeError, ValueError) as e:
+        raise BadRequest(a1111_names(str(e))) from None
+    image, mask = _images(req, limits, (s.width, s.height)) if img2img else (None, None)  # last: after the cheap checks
+    params = req.model_dump()  # init_images and mask are not echoed (A1111 sends them back only on request)
+    return Plan(kind, model, s, req.n_iter, image, mask, loras, tuple(warnings), req.send_images, params)
+
+
+def encode_png(image: Image.Image) -> str:
+    """Base64 PNG with the image's infotext, if it has one, in its 'parameters' chunk (as A1111's API sends)."""
+    from fastsd.image import png_writer
+
+    buf = io.BytesIO()
+    png_writer(image, image.info.get("parameters"))(buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def run_plan(plan: Plan, job, networks) -> dict:
+    """On the worker thread: the n_iter generations, stopping at the next step when the job is stopped.
+    Returns A1111's response body (images finished before an interrupt are returned)."""
+    from fastsd import Interrupted
+
+    pipe = plan.model.pipe
+    networks.apply(pipe, plan.loras)
+    s, images, stopped_at = plan.settings, [], None
+    for it in range(plan.n_iter):
+        job.iteration, job.step = it, 0
+        try:
+            images += pipe.generate(**s.replace(seed=s.seed + it * s.num_images).kwargs(), image=plan.image,
+                                    mask=plan.mask, progress=False, on_step=job.on_step)
+        except Interrupted:
+            stopped_at = (it, job.step)
+            break
+    return response(plan, images, stopped_at)
+
+
+def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int] | None) -> dict:
+    s, entry = plan.settings, plan.model
+    seeds = [s.seed + i for i in range(s.num_images * plan.n_iter)]
+    warnings = list(plan.warnings)
+    if stopped_at is not None:
+        warnings.append(f"interrupted at step {stopped_at[1]} of iteration {stopped_at[0] + 1}; {len(images)} "
+                        "finished images returned")
+    infotexts = [im.info.get("parameters", "") for im in images]
+    info = {"prompt": s.prompt, "all_prompts": [s.prompt] * len(seeds), "negative_prompt": s.negative_prompt,
+            "all_negative_prompts": [s.negative_prompt] * len(seeds), "seed": s.seed, "all_seeds": seeds,
+            "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0, "width": s.width,
+            "height": s.height, "sampler_name": A1111_NAMES.get(s.sampler, s.sampler), "cfg_scale": s.guidance_scale,
+            "steps": s.steps, "batch_size": s.num_images, "restore_faces": False, "face_restoration_model": None,
+            "sd_model_name": entry.name, "sd_model_hash": entry.hash, "sd_vae_name": None, "sd_vae_hash": None,
+            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": s.strength if plan.kind == "img2img" else None, "extra_generation_params": {},
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp":
+            time.strftime("%Y%m%d%H%M%S"), "clip_skip": s.clip_skip, "is_using_inpainting_conditioning":
+            plan.mask is not None and entry.pipe.config.unet.in_channels == 9, "version": "fastsd",
+            "interrupted": stopped_at is not None, "warnings": warnings}
+    return {"images": [encode_png(im) for im in images] if plan.send_images else [], "parameters": plan.parameters,
+            "info": json.dumps(info)}

@@ -1,0 +1,96 @@
+"""What one request may ask of the server (sizes, steps, images, body bytes), and decoding of the base64
+images a request carries under those limits: every violation is a `BadRequest` with a one-line message."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+
+from PIL import Image
+
+
+class BadRequest(Exception):
+    """A request the server refuses: answered with `status` and the one-line message as `detail`."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Defaults protect a small machine; each has a command-line flag (python -m fastsd.serve --help)."""
+
+    max_side: int = 2048               # --max-size: width and height, pixels
+    max_steps: int = 150               # --max-steps
+    max_images: int = 8                # --max-batch: batch_size x n_iter per request
+    max_body: int = 32 * 1024 * 1024   # --max-body-mb: request body, bytes
+    max_image_pixels: int = 4096 * 4096  # --max-image-pixels: a decoded init image or mask
+    max_prompt_chars: int = 8000       # prompt and negative prompt, each
+    max_queue: int = 16                # --max-queue: jobs waiting behind the running one
+
+    def check_size(self, name: str, value: int) -> int:
+        """A width/height within 8..max_side, rounded down to a multiple of 8 (A1111 does the same)."""
+        if value < 8:
+            raise BadRequest(f"{name} must be at least 8, got {value}")
+        if value > self.max_side:
+            raise BadRequest(f"{name} {value} is above this server's limit of {self.max_side} px (--max-size)")
+        return value // 8 * 8
+
+    def check_steps(self, steps: int) -> None:
+        if steps < 1:
+            raise BadRequest(f"steps must be at least 1, got {steps}")
+        if steps > self.max_steps:
+            raise BadRequest(f"steps {steps} is above this server's limit of {self.max_steps} (--max-steps)")
+
+    def check_images(self, batch_size: int, n_iter: int) -> None:
+        for name, v in (("batch_size", batch_size), ("n_iter", n_iter)):
+            if v < 1:
+                raise BadRequest(f"{name} must be at least 1, got {v}")
+        if batch_size * n_iter > self.max_images:
+            raise BadRequest(f"batch_size {batch_size} x n_iter {n_iter} = {batch_size * n_iter} images is above this "
+                             f"server's limit of {self.max_images} per request (--max-batch)")
+
+    def check_prompt(self, name: str, text: str) -> None:
+        if len(text) > self.max_prompt_chars:
+            raise BadRequest(f"{name} has {len(text)} characters, above this server's limit of {self.max_prompt_chars}")
+
+    def decode_image(self, data: str, what: str) -> Image.Image:
+        """A base64 image (optionally a data: URL) -> PIL image, refused above max_image_pixels before its
+        pixels are decoded (decompression bombs). URLs are refused: the server fetches nothing."""
+        from fastsd.image import to_8bit  # torch comes with it: not at import, so --help stays quick
+
+        if not isinstance(data, str):
+            raise BadRequest(f"{what} must be a base64 string, got {type(data).__name__}")
+        if data.startswith(("http://", "https://")):
+            raise BadRequest(f"{what}: image URLs are not fetched; send the image as base64")
+        if data.startswith("data:"):
+            data = data.partition(",")[2]
+        try:
+            raw = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"{what} is not valid base64") from None
+        try:
+            im = Image.open(io.BytesIO(raw))
+        except Image.DecompressionBombError as e:
+            raise BadRequest(f"{what} refused: {e}") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise _unreadable(what, e) from None
+        with im:
+            if im.width * im.height > self.max_image_pixels:
+                raise BadRequest(f"{what} is {im.width}x{im.height} pixels, above this server's limit of "
+                                 f"{self.max_image_pixels} pixels (--max-image-pixels)")
+            try:
+                im.load()
+            except (OSError, SyntaxError, ValueError) as e:
+                raise _unreadable(what, e) from None
+            return to_8bit(im.copy())
+
+
+def _unreadable(what: str, e: Exception) -> BadRequest:
+    if isinstance(e, Image.UnidentifiedImageError):
+        reason = "not an image format PIL reads"
+    else:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return BadRequest(f"{what} is not a readable image ({reason})")

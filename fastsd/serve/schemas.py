@@ -1,0 +1,158 @@
+"""A1111's API request and response shapes (field names, types and defaults as in A1111's
+modules/api/models.py, which derives them from its processing classes).
+
+Unknown fields are ignored, as A1111's pydantic models do. Fields fastsd knows but cannot honour are not
+dropped silently: `unhonoured()` names each one set to a non-default value, and the response's info carries
+those lines under "warnings".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# k-diffusion's sampler options: values that change nothing (None = A1111's default) are not reported.
+K_DIFFUSION_DEFAULTS = {"s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_tmin": (None, 0.0),
+                        "s_tmax": (None, 0.0, float("inf")), "s_noise": (None, 1.0)}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict = Field(default_factory=dict)
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+    def unhonoured(self) -> list[str]:
+        """One line per field set to something fastsd does not do."""
+        notes = []
+        for name in ("restore_faces", "tiling", "save_images"):
+            if getattr(self, name):
+                notes.append(f"{name}: not supported, ignored" + ("; the server saves no files" if name == "save_images"
+                                                                   else ""))
+        if self.styles:
+            notes.append("styles: saved prompt styles are not supported, ignored")
+        if self.subseed_strength:
+            notes.append("subseed_strength: variation seeds are not supported, ignored")
+        if self.seed_resize_from_h > 0 or self.seed_resize_from_w > 0:
+            notes.append("seed_resize_from_w/h: not supported, ignored")
+        for name, defaults in K_DIFFUSION_DEFAULTS.items():
+            if getattr(self, name) not in defaults:
+                notes.append(f"{name} {getattr(self, name)}: not supported (fastsd uses {defaults[1]}), ignored")
+        if self.refiner_checkpoint:
+            notes.append("refiner_checkpoint: refiners are not supported, ignored")
+        if self.script_name or self.script_args:
+            notes.append(f"script_name {self.script_name!r}: scripts are not supported, ignored")
+        if self.alwayson_scripts:
+            notes.append(f"alwayson_scripts {sorted(self.alwayson_scripts)}: scripts are not supported, ignored")
+        if self.infotext:
+            notes.append("infotext: not parsed; the request's own fields are used")
+        return notes
+
+
+class Txt2ImgRequest(_Request):
+    enable_hr: bool = False
+    denoising_strength: float | None = None
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+    def unhonoured(self) -> list[str]:
+        notes = super().unhonoured()
+        if self.enable_hr:
+            notes.append("enable_hr: hires fix is not supported; the image is generated at width x height")
+        return notes
+
+
+class Img2ImgRequest(_Request):
+    init_images: list | None = None
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+    denoising_strength: float = 0.75
+
+    def unhonoured(self) -> list[str]:
+        notes = super().unhonoured()
+        if self.resize_mode != 0:
+            notes.append(f"resize_mode {self.resize_mode}: only 0 (just resize) is supported; the image was resized")
+        if self.init_images and len(self.init_images) > 1:
+            notes.append(f"init_images: {len(self.init_images)} given, the first one is used")
+        if self.mask is not None:
+            if (self.mask_blur if self.mask_blur is not None else max(self.mask_blur_x, self.mask_blur_y)) > 0:
+                notes.append("mask_blur: not applied; fastsd repaints where the mask is >= 50% white")
+            if self.inpainting_fill != 1:
+                notes.append(f"inpainting_fill {self.inpainting_fill}: fastsd starts from the image's own content "
+                             "(A1111's 1, 'original')")
+            if self.inpaint_full_res:
+                notes.append("inpaint_full_res: not supported; the whole picture is inpainted at width x height")
+        if self.initial_noise_multiplier not in (None, 1.0):
+            notes.append("initial_noise_multiplier: not supported, ignored")
+        if self.latent_mask:
+            notes.append("latent_mask: not supported, ignored")
+        if self.include_init_images:
+            notes.append("include_init_images: the init images are not sent back")
+        return notes
+
+
+class OptionsRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str | None = None
+    CLIP_stop_at_last_layers: int | None = None

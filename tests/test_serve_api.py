@@ -1,0 +1,240 @@
+"""python -m fastsd.serve through a real HTTP client: A1111's request and response shapes (request bodies
+from A1111's API docs in tests/fixtures/a1111/), seeds, infotexts, the CLI's image for the same seed, the
+model switch, and the bad requests each answered with a 4xx and a one-line detail."""
+import base64
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from serve_server import auth_server, decode, info, main_server, png_b64
+
+from fastsd.generate import main as generate_main
+from fastsd.image import parse_infotext
+from fastsd.pipeline import Pipeline
+from fastsd.serve.__main__ import main as serve_main
+from fastsd.serve.networks import lora_support
+
+FIXTURES = Path(__file__).parent / "fixtures" / "a1111"
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def client():
+    with main_server().client() as c:
+        yield c
+
+
+def test_lists_in_a1111_shapes(client):
+    samplers = client.get("/sdapi/v1/samplers").json()
+    names = [s["name"] for s in samplers]
+    assert {"Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras"} <= set(names)
+    assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert [m["model_name"] for m in models] == ["random:tiny", "random:tiny-inpainting"]
+    assert set(models[0]) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+    loras = client.get("/sdapi/v1/loras").json()
+    assert [lo["name"] for lo in loras] == ["detail", "style"]
+    assert all("/" not in lo["path"] for lo in loras)  # names and file names, never the server's paths
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "random:tiny"
+    idle = client.get("/sdapi/v1/progress").json()
+    assert set(idle) == {"progress", "eta_relative", "state", "current_image", "textinfo"}
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    assert client.get("/sdapi/v1/upscalers").json() == []
+
+
+def test_txt2img_docs_body_images_infotext_and_the_cli_image(client, tmp_path):
+    body = fixture("txt2img_docs.json")
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    data, meta = r.json(), info(r)
+    assert set(data) == {"images", "parameters", "info"}
+    assert data["parameters"]["prompt"] == "a photo of a cat" and data["parameters"]["batch_size"] == 2
+    assert meta["all_seeds"] == [42, 43] and meta["seed"] == 42 and meta["sampler_name"] == "Euler a"
+    assert meta["warnings"] == [] and meta["interrupted"] is False
+    images = [decode(b) for b in data["images"]]
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    for im, text, seed in zip(images, meta["infotexts"], meta["all_seeds"]):
+        assert im.text["parameters"] == text  # each PNG carries its own infotext, as A1111's do
+        prompt, negative, params = parse_infotext(text)
+        assert (prompt, negative) == ("a photo of a cat", "blurry")
+        assert params["Seed"] == str(seed) and params["Steps"] == "3" and params["Sampler"] == "Euler a"
+        assert params["Size"] == "64x64" and params["CFG scale"] == "7.0"
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    # the CLI with the same settings (and the server's one thread) makes the same pixels for seed 43
+    out = tmp_path / "cli.png"
+    assert generate_main(["a photo of a cat", "--negative-prompt", "blurry", "--model", "random:tiny", "--steps", "3",
+                          "--cfg-scale", "7", "--sampler", "Euler a", "--seed", "43", "--width", "64", "--height", "64",
+                          "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    with Image.open(out) as cli:
+        assert np.array_equal(np.asarray(cli), np.asarray(images[1]))
+        assert cli.text["parameters"] == meta["infotexts"][1]
+
+
+def test_random_seed_n_iter_clip_skip_and_unhonoured_fields(client):
+    r = client.post("/sdapi/v1/txt2img", json=fixture("txt2img_wiki.json"))
+    assert r.status_code == 200, r.text
+    meta = info(r)
+    seed = meta["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**32 and meta["all_seeds"] == [seed, seed + 1]
+    assert len(r.json()["images"]) == 2 and meta["clip_skip"] == 2
+    params = [parse_infotext(t)[2] for t in meta["infotexts"]]
+    assert [p["Seed"] for p in params] == [str(seed), str(seed + 1)] and params[0]["Clip skip"] == "2"
+    assert params[0]["Sampler"] == "Euler"  # A1111's default sampler_index
+    notes = " | ".join(meta["warnings"])
+    assert "enable_hr: hires fix is not supported" in notes and "override_settings.sd_vae" in notes
+    assert "some_extension_field" not in notes  # unknown fields are ignored, as A1111 does
+
+
+def test_loras_and_embeddings_by_name_from_their_folders(client):
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat <lora:detail:0.7>"})
+    assert r.status_code == 422  # detail.safetensors is an empty file
+    if lora_support():
+        assert "detail.safetensors" in r.json()["detail"], r.text  # the LoRA loader's one-line error
+    else:
+        assert "this fastsd build cannot apply LoRAs yet" in r.json()["detail"], r.text
+    listed = client.get("/sdapi/v1/embeddings").json()
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat, shinystyle"})
+    assert r.status_code == 200, r.text
+    if hasattr(Pipeline, "load_embeddings"):
+        assert list(listed["loaded"]) == ["shinystyle"] and listed["skipped"] == {}
+        assert not any("shinystyle" in w for w in info(r)["warnings"])
+    else:
+        assert listed["loaded"] == {} and list(listed["skipped"]) == ["shinystyle"]
+        assert "embedding 'shinystyle': not loaded" in " ".join(info(r)["warnings"])
+
+
+def test_disable_extra_networks_drops_the_lora_tags(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat <lora:detail:0.7>", "disable_extra_networks": True,
+                                               "steps": 1, "width": 64, "height": 64})
+    assert r.status_code == 200, r.text
+    assert parse_infotext(info(r)["infotexts"][0])[0] == "a cat"
+
+
+def test_img2img_docs_body_with_mask(client):
+    body = fixture("img2img_docs.json")
+    init = Image.new("RGB", (80, 72), (200, 30, 30))
+    mask = Image.new("L", (80, 72), 0)
+    mask.paste(255, (20, 20, 60, 52))
+    body["init_images"], body["mask"] = [png_b64(init)], "data:image/png;base64," + png_b64(mask)
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    meta = info(r)
+    out = decode(r.json()["images"][0])
+    assert out.size == (64, 64) and meta["denoising_strength"] == 0.75
+    params = parse_infotext(meta["infotexts"][0])[2]
+    assert params["Sampler"] == "DPM++ 2M Karras" and params["Denoising strength"] == "0.75"
+    assert any(w.startswith("mask_blur") for w in meta["warnings"])
+    assert r.json()["parameters"]["init_images"] is None  # not echoed back (include_init_images false)
+
+
+def test_model_switch_via_options_and_override(client):
+    try:
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "random:tiny-inpainting", "foo": 1})
+        assert r.status_code == 200 and r.json()["ignored"] == ["foo"]
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "random:tiny-inpainting"
+        small = {"prompt": "x", "steps": 1, "width": 64, "height": 64, "seed": 1}
+        r = client.post("/sdapi/v1/txt2img", json=small)
+        assert parse_infotext(info(r)["infotexts"][0])[2]["Model"] == "random:tiny-inpainting"
+        r = client.post("/sdapi/v1/txt2img", json={**small, "override_settings": {"sd_model_checkpoint": "random:tiny"}})
+        assert parse_infotext(info(r)["infotexts"][0])[2]["Model"] == "random:tiny"
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope", "CLIP_stop_at_last_layers": 2})
+        assert r.status_code == 422 and "unknown model 'nope'" in r.json()["detail"]
+        options = client.get("/sdapi/v1/options").json()  # nothing of the refused change was applied
+        assert options["sd_model_checkpoint"] == "random:tiny-inpainting" and options["CLIP_stop_at_last_layers"] == 1
+    finally:
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "random:tiny"})
+
+
+def png_bomb(side: int) -> bytes:
+    """A side x side 1-bit PNG of zeros, written row by row: a few hundred kB that would decode to side^2 pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + (side + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+SMALL = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64}
+BAD = [  # (endpoint, body or raw bytes, expected status, words the detail must contain)
+    ("txt2img", b'{"prompt": "a cat", ', 422, "invalid JSON"),
+    ("txt2img", {"steps": "many"}, 422, "steps: Input should be a valid integer"),
+    ("txt2img", {"prompt": ["a", "list"]}, 422, "prompt: Input should be a valid string"),
+    ("txt2img", [1, 2], 422, "body: Input should be a valid dictionary"),
+    ("txt2img", {**SMALL, "width": 100001}, 422, "width 100001 is above this server's limit of 2048"),
+    ("txt2img", {**SMALL, "steps": 10**6}, 422, "steps 1000000 is above this server's limit of 150"),
+    ("txt2img", {**SMALL, "batch_size": 10**4}, 422, "10000 images is above this server's limit of 8"),
+    ("txt2img", {**SMALL, "cfg_scale": "nan"}, 422, "cfg_scale must be a finite number"),
+    ("txt2img", {**SMALL, "seed": -7}, 422, "seed must be -1 (random) or at least 0"),
+    ("txt2img", {**SMALL, "sampler_name": "Heun++"}, 422, "unknown sampler 'Heun++'"),
+    ("txt2img", {**SMALL, "prompt": "<lora:../../etc/passwd:1>"}, 422, "refused: LoRAs are chosen by name"),
+    ("txt2img", {**SMALL, "prompt": "<lora:/etc/passwd>"}, 422, "refused: LoRAs are chosen by name"),
+    ("txt2img", {**SMALL, "prompt": "<lora:missing:0.5>"}, 422, "unknown LoRA; this server has: detail, style"),
+    ("txt2img", {**SMALL, "override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 422, "unknown model"),
+    ("img2img", {**SMALL}, 422, "init_images: img2img needs at least one base64 image"),
+    ("img2img", {**SMALL, "init_images": ["@@not base64@@"]}, 422, "init_images[0] is not valid base64"),
+    ("img2img", {**SMALL, "init_images": [base64.b64encode(b"GIF89a garbage").decode()]}, 422,
+     "init_images[0] is not a readable image"),
+    ("img2img", {**SMALL, "init_images": ["https://example.com/cat.png"]}, 422, "image URLs are not fetched"),
+    ("img2img", {**SMALL, "init_images": [base64.b64encode(png_bomb(20000)).decode()]}, 422,
+     "init_images[0] refused: Image size (400000000 pixels) exceeds limit"),
+    ("img2img", {**SMALL, "init_images": [base64.b64encode(png_bomb(5000)).decode()]}, 422,
+     "5000x5000 pixels, above this server's limit of 16777216 pixels"),
+    ("img2img", {**SMALL, "denoising_strength": 1.5, "init_images": [png_b64(Image.new("RGB", (64, 64)))]}, 422,
+     "denoising_strength must be in (0, 1]"),
+    ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers must be in 1..11"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,words", BAD, ids=[f"{i}-{b[3][:30]}" for i, b in enumerate(BAD)])
+def test_bad_request_gets_a_4xx_with_one_line(client, endpoint, body, status, words):
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = client.post(f"/sdapi/v1/{endpoint}", **kw)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail
+    assert words in detail, detail
+
+
+def test_body_above_the_limit_is_413_and_the_server_still_serves(client):
+    r = client.post("/sdapi/v1/txt2img", content=b"{" + b" " * (33 << 20) + b"}",
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "above this server's limit" in r.json()["detail"]
+    r = client.post("/sdapi/v1/txt2img", json=SMALL)
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+
+
+def test_auth_basic_and_token():
+    with auth_server().client() as c:
+        r = c.get("/sdapi/v1/sd-models")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
+        assert "authentication required" in r.json()["detail"]
+        assert c.post("/sdapi/v1/txt2img", json=SMALL).status_code == 401
+        assert c.get("/sdapi/v1/sd-models", auth=("alice", "wrong")).status_code == 401
+        assert c.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.get("/sdapi/v1/sd-models", auth=("alice", "s3cret")).status_code == 200
+        assert c.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer tok123"}).status_code == 200
+        assert c.get("/").status_code == 200  # the page itself holds nothing; its API calls need the credentials
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 is not a loopback address"),
+    (["--host", "0.0.0.0", "--api-auth", "nopassword"], "--api-auth takes USER:PASS"),
+    (["--lora-dir", "/nonexistent/loras"], "--lora-dir /nonexistent/loras: not a folder"),
+    (["--model", "/nonexistent/model.safetensors"], "/nonexistent/model.safetensors"),
+])
+def test_command_line_mistakes_end_with_one_line_and_never_listen(args, words, capsys):
+    argv = ["--port", "0", *(["--model", "random:tiny"] if "--model" not in args else []), *args]
+    assert serve_main(argv) == 2
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
+    assert "listening" not in out

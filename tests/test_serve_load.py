@@ -1,0 +1,137 @@
+"""The queue under load: 40 concurrent txt2img requests against --max-queue 16 (each gets its images or a
+503 with Retry-After, none hangs, the server's RSS comes back, it still generates); /interrupt stops the
+running job at its next step; a client that goes away mid-generation or while queued frees the worker."""
+import concurrent.futures
+import gc
+import threading
+import time
+
+import httpx
+import numpy as np
+from serve_server import decode, info, main_server
+
+STORM = {"prompt": "a lighthouse at night", "steps": 2, "cfg_scale": 1, "width": 64, "height": 64, "seed": 5}
+LONG = {"prompt": "a long job", "steps": 150, "width": 64, "height": 64, "seed": 1}
+REQUEST_TIMEOUT = 300  # s: the storm's last accepted job waits for the 16 before it
+
+
+def wait_idle(client: httpx.Client, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = client.get("/sdapi/v1/progress").json()
+        if p["state"]["job_count"] == 0:
+            return p
+        time.sleep(0.1)
+    raise AssertionError(f"the server is still busy after {timeout} s: {p}")
+
+
+def wait_running(client: httpx.Client, min_step: int = 1, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = client.get("/sdapi/v1/progress").json()
+        if p["state"]["job"] and p["state"]["sampling_step"] >= min_step:
+            return p
+        time.sleep(0.05)
+    raise AssertionError(f"no job reached step {min_step} in {timeout} s")
+
+
+def test_storm_of_40_requests_with_max_queue_16():
+    server = main_server()
+    with server.client() as c:
+        for _ in range(3):  # warm-up: allocator, oneDNN primitives, PNG encoder
+            assert c.post("/sdapi/v1/txt2img", json=STORM).status_code == 200
+        wait_idle(c)
+        rss_warm = server.rss_kib()
+
+    def one(i: int):
+        t = time.monotonic()
+        with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT) as c:
+            r = c.post("/sdapi/v1/txt2img", json={**STORM, "seed": 100 + i})
+        return r, time.monotonic() - t
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(one, range(40)))
+    ok = [r for r, _ in results if r.status_code == 200]
+    busy = [r for r, _ in results if r.status_code == 503]
+    assert len(ok) + len(busy) == 40, [r.status_code for r, _ in results]
+    assert len(ok) >= 17 and busy, (len(ok), len(busy))  # the running job + 16 waiting at least; the rest refused
+    for r in busy:
+        assert int(r.headers["Retry-After"]) >= 1 and "the queue is full" in r.json()["detail"]
+    for r in ok:
+        seed = info(r)["seed"]
+        assert decode(r.json()["images"][0]).size == (64, 64) and 100 <= seed < 140
+    print(f"storm: {len(ok)} served, {len(busy)} refused with 503; slowest answer "
+          f"{max(t for _, t in results):.1f} s")
+
+    with server.client() as c:
+        wait_idle(c)
+        gc.collect()
+        time.sleep(0.5)
+        rss_after = server.rss_kib()
+        print(f"server RSS: {rss_warm / 1024:.0f} MiB after warm-up, {rss_after / 1024:.0f} MiB after the storm")
+        assert rss_after <= 1.10 * rss_warm, (rss_warm, rss_after)
+        r = c.post("/sdapi/v1/txt2img", json=STORM)  # still generating after the storm
+        assert r.status_code == 200 and decode(r.json()["images"][0]).size == (64, 64)
+
+
+def test_interrupt_stops_the_running_job_with_live_previews():
+    server = main_server()
+    out = {}
+    with server.client() as c:
+        wait_idle(c)
+        def post():
+            with server.client() as own:
+                out["r"] = own.post("/sdapi/v1/txt2img", json=LONG)
+
+        t = threading.Thread(target=post, daemon=True)
+        t.start()
+        p = wait_running(c, min_step=2)
+        assert 0 < p["progress"] < 1 and p["state"]["sampling_steps"] == 150 and p["eta_relative"] > 0
+        preview = decode(p["current_image"])  # the live preview: latents -> RGB, at latent size
+        assert preview.size[0] == preview.size[1] < 64 and np.asarray(preview).std() > 0
+        assert c.post("/sdapi/v1/interrupt").json() == {}
+        t.join(timeout=60)
+        assert not t.is_alive(), "the interrupted request did not return"
+        r = out["r"]
+        assert r.status_code == 200 and r.json()["images"] == []
+        meta = info(r)
+        assert meta["interrupted"] is True and any("interrupted at step" in w for w in meta["warnings"])
+        done = wait_idle(c)["state"]["fastsd"]
+        assert done["interrupted"] >= 1
+        assert c.post("/sdapi/v1/txt2img", json=STORM).status_code == 200  # the next job runs normally
+
+
+def test_client_that_disconnects_frees_the_worker():
+    server = main_server()
+    with server.client() as c:
+        counts = wait_idle(c)["state"]["fastsd"]
+        dropped, cancelled = counts.get("dropped", 0), counts.get("cancelled", 0)
+
+        def gone(timeout: float):
+            try:
+                with httpx.Client(base_url=server.url, timeout=timeout) as quitter:
+                    quitter.post("/sdapi/v1/txt2img", json=LONG)
+            except httpx.TimeoutException:
+                pass  # the client gives up and closes its connection
+
+        running = threading.Thread(target=gone, args=(30,), daemon=True)
+        running.start()
+        wait_running(c, min_step=1)
+        gone(1.0)  # a second client whose job is still queued behind the first when it leaves
+        time.sleep(1.0)  # the server looks for gone clients every 0.25 s
+        c.post("/sdapi/v1/interrupt")  # let the first job end; its own client then finds it done
+        running.join(timeout=60)
+        counts = wait_idle(c)["state"]["fastsd"]
+        assert counts.get("dropped", 0) == dropped + 1  # the queued job was dropped, never run
+        assert counts.get("cancelled", 0) == cancelled
+
+        leaving = threading.Thread(target=gone, args=(3.0,), daemon=True)  # one that leaves mid-generation
+        leaving.start()
+        seen = wait_running(c, min_step=1)["state"]["sampling_step"]
+        leaving.join()
+        t = time.monotonic()
+        counts = wait_idle(c, timeout=60)["state"]["fastsd"]
+        assert counts.get("cancelled", 0) == cancelled + 1, counts  # stopped by its on_step, before step 150
+        print(f"client gone (job seen at step {seen} of 150): the worker was free {time.monotonic() - t:.1f} s later")
+        r = c.post("/sdapi/v1/txt2img", json=STORM)
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
