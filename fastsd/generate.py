@@ -194,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         if embeddings_dir is not None:
             pipe.load_embeddings(embeddings_dir)
         s = pipe.resolve(settings, image)
+        if pipe.embeddings is not None:  # read the embeddings the prompts name now: a bad one fails before any work
+            pipe.embeddings.used([s.prompt, s.negative_prompt])
         vae = f", vae {pipe.vae_name}" if pipe.vae_name else ""
         print(run_summary(pipe, threads, f"{vae}, {s.width}x{s.height}, {s.steps} steps {s.sampler}, seed {s.seed}"),
               file=sys.stderr)
