@@ -82,5 +82,5 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
     pipe = Pipeline(clip, kl, unet, cfg, tokenizer=tokenizer, device=device, dtype=dtype, backend=backend,
                     name=name, kind=kind, path=path)
     if vae_src is not None:
-        pipe.set_vae(vae_src.build(dtype=dtype, device=device), vae_src)
+        pipe.set_vae(vae_src.build(dtype=dtype, device=device), vae_src.name, vae_src.path)
     return pipe

@@ -75,13 +75,13 @@ class Pipeline:
 
     # ---- the VAE and the embeddings -----------------------------------------------------------------------
 
-    def set_vae(self, vae: AutoencoderKL | TAESD, source) -> None:
-        """Replace the VAE by a built one; `source` (a fastsd.vae_files.VAESource) names it in the infotext.
-        A TAESD takes the place of the KL VAE (decode, encode, previews)."""
+    def set_vae(self, vae: AutoencoderKL | TAESD, name: str | None = None, path: str | None = None) -> None:
+        """Replace the VAE by a built one, named in the infotext by `name` ("VAE") and the hash of the file
+        `path` ("VAE hash"). A TAESD takes the place of the KL VAE (decode, encode, previews)."""
         self._backend.prepare(vae)
         self.vae = vae
         self.config = dataclasses.replace(self.config, vae=vae.cfg)  # config.vae: the VAE that runs
-        self.vae_name, self._vae_file, self._vae_hash = source.name, source.path, None
+        self.vae_name, self._vae_file, self._vae_hash = name, path, None
 
     def load_vae(self, spec: str) -> None:
         """What load_pipeline's vae= takes (an LDM VAE file, a diffusers VAE folder, taesd:PATH), checked, then
@@ -89,7 +89,7 @@ class Pipeline:
         from fastsd.vae_files import resolve_vae
 
         src = resolve_vae(spec, self.config)
-        self.set_vae(src.build(dtype=self.dtype, device=self.device), src)
+        self.set_vae(src.build(dtype=self.dtype, device=self.device), src.name, src.path)
 
     def check_can_encode(self, image: Image.Image | None) -> None:
         """ValueError when this run must encode (an init image, a 9-channel model) but the VAE has no encoder

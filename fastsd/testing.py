@@ -77,7 +77,8 @@ def taesd_twin(model):
     if model.encoder is None:  # decoder only: the twin's encoder keeps its own (unused) weights
         sd.update({k: v for k, v in twin.state_dict().items() if k.startswith("encoder.")})
     twin.load_state_dict(sd, strict=True)
-    return twin.to(dtype=model.dtype, memory_format=torch.contiguous_format).eval().requires_grad_(False)
+    device = next(model.parameters()).device
+    return twin.to(device=device, dtype=model.dtype, memory_format=torch.contiguous_format).eval().requires_grad_(False)
 
 
 def transformers_clip(cfg: SDConfig):

@@ -10,6 +10,7 @@ import safetensors.torch
 import torch
 from oracles import rel_err, save_diffusers_folder
 from PIL import Image
+from test_generate_cli import _fails  # one-line error, exit 2, nothing written
 
 from fastsd import CheckpointError, load_pipeline
 from fastsd.config import TINY, TAESDConfig
@@ -248,17 +249,6 @@ def test_cli_taesd_with_previews(files, tmp_path, capsys):
     with Image.open(prev) as p:
         assert p.size == (64, 64)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["cat.png", "preview.png"]  # no temp files left
-
-
-def _fails(args, tmp_path, capsys, match):
-    out = tmp_path / "out"
-    code = main(["a cat", *TINY_CLI, "--out", str(out), *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert match in err, err
-    assert not out.exists() or not any(out.iterdir())
-    return err
 
 
 def test_cli_bad_vae_and_preview(files, tmp_path, capsys):
