@@ -90,6 +90,8 @@ def resolve_vae(spec: str, model: SDConfig) -> VAESource:
 def _from_folder(root: Path, taesd: bool, model: SDConfig) -> VAESource:
     if (root / "config.json").exists():
         cfg = _json(root / "config.json")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{root / 'config.json'}: a JSON {type(cfg).__name__}, not a diffusers config")
         cls = cfg.get("_class_name")
         if cls == "AutoencoderTiny":
             return _taesd_diffusers_folder(root, cfg)
@@ -113,8 +115,11 @@ def _taesd_diffusers_folder(root: Path, cfg: dict) -> VAESource:
                       ("shift_factor", 0.0)):
         if (cfg.get(key) or want) != want:
             raise CheckpointError(f"{root}: an AutoencoderTiny with {key} {cfg[key]!r}; fastsd runs TAESD's {want!r}")
+    scale = cfg.get("scaling_factor") or 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise CheckpointError(f"{root}: scaling_factor {scale!r} in config.json is not a number")
     refs = convert.rename(_folder_weights(root, ("diffusion_pytorch_model",)), convert.TAESD_RULES)
-    return _taesd_source(refs, root.name, None, str(root), scale=float(cfg.get("scaling_factor") or 1.0))
+    return _taesd_source(refs, root.name, None, str(root), scale=float(scale))
 
 
 def _first_file(folder: Path, stem: str) -> str | None:

@@ -126,7 +126,7 @@ def bad_dir(tmp_path):
     ("xlthing", "an SDXL embedding (clip_l / clip_g)"),
     ("twothings", "not a textual-inversion embedding"),
     ("toolong", "80 vectors; an embedding must fit in one 75-token chunk"),
-    ("junk", "junk.pt: refused to load"),
+    ("junk", "junk.pt: not a torch checkpoint"),
 ])
 def test_bad_embeddings_used_in_a_prompt_are_one_line_errors(bad_dir, word, match):
     pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32")
