@@ -98,7 +98,8 @@ class Embeddings:
         self._lookup: dict[int, list[tuple[tuple[int, ...], str]]] = {}  # first id -> [(ids, name)], longest first
 
     def add(self, path: str) -> list[str]:
-        """Index a folder (recursively; empty files skipped, as A1111) or one file. Returns the names added."""
+        """Index a folder (recursively; empty files skipped, as A1111) or one file; a name indexed before is
+        replaced. Returns the names added."""
         if os.path.isdir(path):
             found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in EXTS and p.is_file()
                            and p.stat().st_size > 0)
@@ -107,14 +108,16 @@ class Embeddings:
         else:
             raise CheckpointError(f"{path}: no such file or folder")
         names = [_name(p) for p in found]
+        added: set[str] = set()
         for name, p, ids in zip(names, found, self.tokenizer.encode_batch(names)):
-            if not ids:
+            if not ids or name in added:  # of two files with one name, the first in sorted order (as fastsd.serve)
                 continue
+            added.add(name)
             self.files[name] = p
             self._loaded.pop(name, None)
             rest = [e for e in self._lookup.get(ids[0], []) if e[1] != name]
             self._lookup[ids[0]] = sorted(rest + [(tuple(ids), name)], key=lambda e: len(e[0]), reverse=True)
-        return names
+        return sorted(added)
 
     def get(self, name: str) -> Embedding:
         if name not in self._loaded:

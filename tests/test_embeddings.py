@@ -85,8 +85,11 @@ def test_longest_name_wins_and_names_are_token_sequences(tmp_path):
     pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32")
     safetensors.torch.save_file({"emb_params": vectors(1, 4)}, str(tmp_path / "bad-hands.safetensors"))
     safetensors.torch.save_file({"emb_params": vectors(2, 5)}, str(tmp_path / "bad-hands-5.safetensors"))
-    pipe.load_embeddings(str(tmp_path))
+    (tmp_path / "z").mkdir()
+    safetensors.torch.save_file({"emb_params": vectors(3, 6)}, str(tmp_path / "z" / "bad-hands.safetensors"))
+    assert pipe.load_embeddings(str(tmp_path)) == ["bad-hands", "bad-hands-5"]
     emb = pipe.embeddings
+    assert emb.get("bad-hands").path == str(tmp_path / "bad-hands.safetensors")  # one name: the first file
     assert [e.name for e in emb.used(["bad-hands-5, a cat"])] == ["bad-hands-5"]
     assert [e.name for e in emb.used(["bad-hands, a cat"])] == ["bad-hands"]
     assert [e.name for e in emb.used(["Bad-Hands"])] == ["bad-hands"]  # CLIP lower-cases, as in A1111
@@ -172,8 +175,9 @@ def test_sd15_size_prompt_embeddings_match_diffusers(tmp_path):
     from fastsd.testing import diffusers_pipeline
 
     pipe = load_pipeline("random:sd15", device="cpu", dtype="fp32", backend="torch")
-    torch.save({"string_to_param": {"*": torch.randn(4, 768, generator=torch.Generator().manual_seed(0))}},
-               tmp_path / "sdstyle.pt")
+    torch.save({"string_to_token": {"*": 265}, "name": "sdstyle", "step": 100,
+                "string_to_param": {"*": torch.randn(4, 768, generator=torch.Generator().manual_seed(0))}},
+               tmp_path / "sdstyle.pt")  # A1111's layout (diffusers reads a one-key dict as {token: tensor})
     pipe.load_embeddings(str(tmp_path))
     sp = diffusers_pipeline(pipe)
     sp.load_textual_inversion(str(tmp_path / "sdstyle.pt"), token="sdstyle")
