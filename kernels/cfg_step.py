@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rtne, cdiv, check_dtype, interpreter_bf16_fix, interpreter_enabled, next_power_of_2
+from ._utils import cast_rtne, cdiv, check_dtype, check_runnable, interpreter_bf16_fix, launch, next_power_of_2
 
 __all__ = ["cfg_step", "cfg_step_config", "CFGStepConfig"]
 
@@ -99,8 +99,8 @@ def launch_plan(x, uncond, cond, old, noise, x_out, d_out, scale, coeffs):
     args = (absent(x, has_x), absent(uncond, has_unc), cond, absent(old, has_old), absent(noise, has_noise),
             x_out, d_out if has_unc else x_out, n, float(scale) if has_unc else 1.0, a, b, c, d)
     constexprs = dict(HAS_X=has_x, HAS_UNCOND=has_unc, HAS_OLD=has_old, HAS_NOISE=has_noise, BLOCK=cfg.BLOCK,
-                      BF16_FIX_X=interpreter_bf16_fix(x_out.dtype),
-                      BF16_FIX_D=has_unc and interpreter_bf16_fix(d_out.dtype))
+                      BF16_FIX_X=interpreter_bf16_fix(x_out.dtype, x_out.device),
+                      BF16_FIX_D=has_unc and interpreter_bf16_fix(d_out.dtype, d_out.device))
     return _cfg_step_kernel, (cdiv(n, cfg.BLOCK),), args, constexprs, dict(num_warps=cfg.num_warps, num_stages=1)
 
 
@@ -128,8 +128,7 @@ def cfg_step(x: torch.Tensor, uncond: torch.Tensor | None, cond: torch.Tensor, s
             raise ValueError(f"{name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    if x.device.type == "cpu" and not interpreter_enabled():
-        raise RuntimeError("kernels.cfg_step on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
+    check_runnable("cfg_step", x.device)
     x_dt, d_dt = result_dtypes(x, uncond, cond)
     x_out = torch.empty(x.shape, dtype=x_dt, device=x.device)
     d_out = torch.empty(x.shape, dtype=d_dt, device=x.device) if uncond is not None else cond
@@ -137,9 +136,5 @@ def cfg_step(x: torch.Tensor, uncond: torch.Tensor | None, cond: torch.Tensor, s
         return x_out, d_out
     x, cond = _flat(x), _flat(cond)
     uncond, old_denoised, noise = (None if t is None else _flat(t) for t in (uncond, old_denoised, noise))
-    kernel, grid, args, constexprs, options = launch_plan(x, uncond, cond, old_denoised, noise, x_out, d_out,
-                                                          scale, coeffs)
-    if interpreter_enabled():
-        options = {}
-    kernel[grid](*args, **constexprs, **options)
+    launch(launch_plan(x, uncond, cond, old_denoised, noise, x_out, d_out, scale, coeffs), x.device)
     return x_out, d_out

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (cast_rtne, cdiv, check_dtype, interpreter_bf16_fix, interpreter_enabled, next_power_of_2,
-                            round_up)
+from ._utils import (cast_rtne, cdiv, check_dtype, check_runnable, interpreter_bf16_fix, launch, next_power_of_2,
+                     round_up)
 
 __all__ = ["group_norm", "group_norm_config", "GroupNormConfig"]
 
@@ -218,7 +218,7 @@ def launch_plan(x, y, weight, bias, num_groups, eps, silu, *, sp_per_prog=None):
              (x, y, x if weight is None else weight, x if bias is None else bias, mean, rstd,
               C, HW, G, C // G, *xs, *ys),
              dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
-                  BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, BF16_FIX=interpreter_bf16_fix(y.dtype)), opts)
+                  BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, BF16_FIX=interpreter_bf16_fix(y.dtype, y.device)), opts)
     return [stats, fin, apply], cfg
 
 
@@ -236,8 +236,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.dim() != 1 or t.numel() != C):
             raise ValueError(f"{name} must have shape ({C},), got {tuple(t.shape)}")
-    if x.device.type == "cpu" and not interpreter_enabled():
-        raise RuntimeError("kernels.group_norm on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
+    check_runnable("group_norm", x.device)
     if x.numel() == 0:
         return torch.empty_like(x)
     if _plane_strides(x) is None:  # neither NCHW- nor NHWC-like (an odd view): one copy, documented
@@ -248,8 +247,6 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     if _plane_strides(y) is None:
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
     launches, _ = launch_plan(x, y, weight, bias, num_groups, eps, silu, sp_per_prog=_sp_per_prog)
-    for kernel, grid, args, constexprs, options in launches:
-        if interpreter_enabled():
-            options = {}
-        kernel[grid](*args, **constexprs, **options)
+    for plan in launches:
+        launch(plan, x.device)
     return y
