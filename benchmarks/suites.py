@@ -279,7 +279,8 @@ def run_kernels_suite(spec) -> list[dict]:
                 variants.append(("triton", tri_fn, why_not))
             ref_out = None
             for backend, fn, skip in variants:
-                row = {**base, "backend": backend, "shape": shp.label, "flops": shp.flops, "bytes": shp.bytes_}
+                row = {**base, "backend": backend, "shape": shp.label, "shape_key": shp.key, "flops": shp.flops,
+                       "bytes": shp.bytes_}
                 if skip:
                     rows.append({**row, "status": "needs CUDA", "reason": skip, "times": common.summary([])})
                     continue
@@ -306,7 +307,31 @@ def run_kernels_suite(spec) -> list[dict]:
         r.setdefault("status", "ok")
         r.setdefault("time_s", r["times"]["median"])
         r.setdefault("it_s", None)
+    if dev.startswith("cuda") and want_triton:
+        _record_verdicts(rows, dev)
     return rows
+
+
+def _record_verdicts(rows, dev) -> None:
+    """On a GPU: which of torch / triton was faster per op and shape, merged into the verdict file that backend
+    auto follows (kernels/verdicts.py); the path goes into the rows."""
+    from fastsd.kernels import dispatch, verdicts
+
+    device = torch.device(dev)
+    path = verdicts.record(verdicts.entries_from_rows(rows), arch=dispatch.device_arch(device),
+                           device=torch.cuda.get_device_name(device),
+                           versions={"torch": torch.__version__, "triton": _triton_version()})
+    for r in rows:
+        r["verdict_file"] = str(path)
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None
 
 
 def _time_kernel(fn, dev, spec, interpreted: bool):

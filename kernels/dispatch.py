@@ -61,13 +61,21 @@ def _attention(q, k, v, causal=False, **_):
         return f"head dim {D} > {MAX_HEAD_DIM}"
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != D or min(q.shape[2], k.shape[2]) < 1:
         return "q, k, v shapes don't match"
-    if q.dtype == torch.float32 and q.device.type == "cuda":
+    if q.device.type == "cuda":
+        return gpu_attention_reason(D, q.dtype)
+    return None
+
+
+def gpu_attention_reason(head_dim: int, dtype: torch.dtype) -> str | None:
+    """The GPU-only attention rule (also used by kernels.report to route those launches): fp32 at a padded head
+    dim > 128 spills in every kernel config tried on at least one arch, so it runs SDPA."""
+    if dtype == torch.float32:
         from .attention import head_dim_chunks
 
-        d0, d1 = head_dim_chunks(D)
+        d0, d1 = head_dim_chunks(head_dim)
         if d0 + d1 > 128:
-            return (f"fp32 attention at head dim {D} (padded {d0 + d1}) spills in every kernel config on at least "
-                    "one arch: SDPA")
+            return (f"fp32 attention at head dim {head_dim} (padded {d0 + d1}) spills in every kernel config on "
+                    "at least one arch: SDPA")
     return None
 
 

@@ -45,7 +45,7 @@ def _gn_fused_kernel(
     C, HW, G, CG, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, EVEN_C: tl.constexpr, EVEN_S: tl.constexpr,
-    BF16_FIX: tl.constexpr,
+    BF16_FIX: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """One program per (image, group): statistics pass, then the normalise pass, over the group's
     (Cg channels) x (HW positions) in (BLOCK_C, BLOCK_S) tiles."""
@@ -64,7 +64,7 @@ def _gn_fused_kernel(
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for c0 in range(0, CG, BLOCK_C):
         offs_c = c0 + rc
-        for s0 in range(0, HW, BLOCK_S):
+        for s0 in tl.range(0, HW, BLOCK_S, num_stages=NUM_STAGES):  # cp.async pipelining
             offs_s = s0 + rs
             ptrs = x_base + offs_c[:, None] * stride_xc + offs_s[None, :] * stride_xs
             if EVEN_C and EVEN_S:
@@ -96,7 +96,7 @@ def _gn_fused_kernel(
         b = -g_mean * a
         if HAS_BIAS:
             b = b + tl.load(B + c_start + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        for s0 in range(0, HW, BLOCK_S):
+        for s0 in tl.range(0, HW, BLOCK_S, num_stages=NUM_STAGES):  # cp.async pipelining
             offs_s = s0 + rs
             ptrs = x_base + offs_c[:, None] * stride_xc + offs_s[None, :] * stride_xs
             out = y_base + offs_c[:, None] * stride_yc + offs_s[None, :] * stride_ys
@@ -133,7 +133,7 @@ def _gn_partial_stats_kernel(
     count = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for s0 in range(sp_start, sp_end, BLOCK_S):
+    for s0 in tl.range(sp_start, sp_end, BLOCK_S, num_stages=2):  # cp.async double buffering
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < sp_end)[None, :]
         x = tl.load(x_base + offs_c[:, None] * stride_xc + offs_s[None, :] * stride_xs,
@@ -338,7 +338,7 @@ def launch_plan(x, y, weight, bias, num_groups, eps, silu, *, sp_per_prog=None):
         fused = (_gn_fused_kernel, (N * G,),
                  (x, y, w_arg, b_arg, C, HW, G, cg, *xs, *ys, float(eps)),
                  dict(**affine, BLOCK_C=fcfg.BLOCK_C, BLOCK_S=fcfg.BLOCK_S, EVEN_C=cg % fcfg.BLOCK_C == 0,
-                      EVEN_S=HW % fcfg.BLOCK_S == 0, BF16_FIX=bf16_fix),
+                      EVEN_S=HW % fcfg.BLOCK_S == 0, BF16_FIX=bf16_fix, NUM_STAGES=2),
                  dict(num_warps=fcfg.num_warps, num_stages=2))
         return [fused], fcfg
     cfg = group_norm_config(N, C, HW, G, cl, sp_per_prog)
