@@ -121,3 +121,36 @@ def test_tiny_pipeline_compiled_gives_the_eager_images():
     compiled = np.asarray(pipe.generate(**kw)[0]).astype(np.int16)
     assert eager.std() > 5
     assert np.abs(compiled - eager).max() <= 1  # fp32 reassociation may move a value across a rounding boundary
+
+
+def test_tiny_unet_under_backend_triton_traces_with_no_graph_breaks():
+    """The fastsd UNet (TINY config) with backend triton's op table: torch.compile(fullgraph=True) (which raises on
+    any graph break) traces it into one graph with every attention and GroupNorm a registered fastsd:: op.
+    Tracing only: the recording backend returns zeros of the traced output shapes instead of running the graph
+    (the Triton interpreter would take minutes here; test_fullgraph_compile_gives_eager_outputs_and_gradients
+    runs one)."""
+    from fastsd import backends
+    from fastsd.config import TINY
+    from fastsd.models.unet import UNet
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        vals = [o.meta["example_value"] for o in outs]
+        return lambda *args: tuple(torch.zeros(v.shape, dtype=v.dtype) for v in vals)
+
+    torch.manual_seed(0)
+    unet = backends.get("triton").prepare(UNet(TINY.unet).eval())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, TINY.unet.context_dim, generator=g)
+    t = torch.tensor([321.0, 321.0])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(unet, fullgraph=True, backend=record)(x, t, ctx)
+    assert out.shape == x.shape and len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count("fastsd.attention.default") == 12  # 6 SpatialTransformers x (self + cross)
+    assert targets.count("fastsd.group_norm.default") > 20
