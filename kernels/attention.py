@@ -378,7 +378,7 @@ def _autotuned_kernel(arch: int, head_dim: int, lq: int, lk: int, dtype: torch.d
     """`triton.autotune` over this launch's candidates only (GPU). Keyed by (head dim, Lq bucket, Lk bucket)
     plus the argument dtypes (Triton adds them to the key)."""
     cands = attention_candidates(head_dim, lq, lk, dtype, arch)
-    key = (arch, head_dim, lq_bucket(lq), lk_bucket(lk), dtype)
+    key = (arch, tuple(cands))  # one autotuner per candidate set (Lq of one bucket may drop a padding-heavy one)
     if key not in _AUTOTUNED:
         configs = [triton.Config(dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), num_warps=c.num_warps,
                                  num_stages=c.num_stages) for c in cands]

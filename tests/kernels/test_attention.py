@@ -209,3 +209,18 @@ def test_attention_opcheck():
     q, k, v = _make(1, 2, 9, 20, 16, torch.float32, "blhd", seed=11)
     torch.library.opcheck(attention_op, (q, k, v, 0.25))
     torch.library.opcheck(attention_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.25))
+
+
+def test_gpu_autotuner_over_the_arch_candidates_only():
+    """On a GPU `attention` launches through triton.autotune over this launch's candidates (keys: head dim, Lq
+    bucket, Lk bucket, plus the dtypes Triton adds), with TAIL_N derived per config. Built here, not run."""
+    from fastsd.kernels.attention import _autotuned_kernel, lk_bucket, lq_bucket
+
+    tuned, cands = _autotuned_kernel(90, 40, 4096, 4096, torch.float16)
+    assert cands == attention_candidates(40, 4096, 4096, torch.float16, 90) and len(cands) == 2
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned.configs] == \
+        [(c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) for c in cands]
+    assert tuned.keys == ["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET"]
+    assert _autotuned_kernel(90, 40, 4096, 4096, torch.float16)[0] is tuned  # one autotuner per candidate set
+    assert (lq_bucket(64), lq_bucket(256), lq_bucket(1024), lq_bucket(4096)) == (0, 1, 2, 3)
+    assert (lk_bucket(77), lk_bucket(4096)) == (0, 1)
