@@ -296,7 +296,7 @@ def fused_config(C: int, HW: int, num_groups: int, channels_last: bool) -> Fused
     """Tile of the one-launch kernel, or None when the group is too big for one program (split path).
     Tiles divide the group exactly where they can (no masks): NCHW BLOCK_S = the largest power of two dividing
     HW (<= 2048; 9216 -> 1024), BLOCK_C = the largest power of two dividing Cg that keeps the tile <= 2048
-    (masked next_pow2(Cg) rows when that tile would be < 512 elements); NHWC channels first. Odd sizes fall
+    (masked next_pow2(Cg) rows, tile <= 1024, when that tile would be < 512 elements); NHWC channels first. Odd sizes fall
     back to masked next-power-of-two tiles. num_warps = tile / 256: 8 elements (16 bytes at fp16) per thread."""
     cg = C // num_groups
     if cg * HW > FUSED_MAX_GROUP:
@@ -308,8 +308,8 @@ def fused_config(C: int, HW: int, num_groups: int, channels_last: bool) -> Fused
         block_s = min(_tile_len(HW), FUSED_TILE)
         cap = max(1, FUSED_TILE // block_s)
         block_c = min(_pow2_divisor(cg), cap)
-        if block_c * block_s < 512:  # tiny exact tiles (12x12 levels): masked channel rows instead
-            block_c = min(next_power_of_2(cg), cap)
+        if block_c * block_s < 512:  # tiny exact tiles (12x12 levels): masked channel rows instead, in tiles of
+            block_c = min(next_power_of_2(cg), max(1, FUSED_TILE // 2 // block_s))  # <= 1024 (fp32: no spills)
     tile = block_c * block_s
     return FusedConfig(block_c, block_s, max(1, min(8, tile // 256)))
 
@@ -351,7 +351,7 @@ def launch_plan(x, y, weight, bias, num_groups, eps, silu, *, sp_per_prog=None):
     opts = dict(num_warps=cfg.num_warps, num_stages=1)
     stats = (_gn_partial_stats_kernel, (cfg.num_splits, c_blocks, N),
              (x, part_mean, part_m2, C, HW, *xs, cfg.sp_per_prog, cfg.num_splits),
-             dict(BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S), opts)
+             dict(BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S), dict(opts, num_stages=2))  # cp.async double buffer
     fin = (_gn_finalize_kernel, (N * G,),
            (part_mean, part_m2, mean, rstd, C, HW, G, C // G, cfg.sp_per_prog, cfg.num_splits, float(eps)),
            dict(BLOCK_CG=cfg.BLOCK_CG, BLOCK_SPLIT=cfg.BLOCK_SPLIT),
