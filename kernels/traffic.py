@@ -236,7 +236,11 @@ def main(argv=None) -> int:
         if name == "attention":
             k = sum(r.kernel_bytes * r.per_call for r in rows)
             t = sum(r.torch_bytes * r.per_call for r in rows)
-            print(f"\nPer UNet call (all {sum(r.per_call for r in rows)} attention launches): kernel {_mb(k)} MiB, unfused torch {_mb(t)} MiB "
+            useful = sum(r.flops * r.per_call for r in rows)
+            executed = sum(r.flops * r.waste * r.per_call for r in rows)
+            print(f"\nPer UNet call: attention tensor-core work {executed / 1e9:,.0f} GFLOP executed for "
+                  f"{useful / 1e9:,.0f} useful ({executed / useful:.2f}x padding waste, default configs).")
+            print(f"Per UNet call (all {sum(r.per_call for r in rows)} attention launches): kernel {_mb(k)} MiB, unfused torch {_mb(t)} MiB "
                   f"({t / k:.1f}x).")
         print("\nunfused sequences counted:")
         for seq in dict.fromkeys(r.torch_ops for r in rows):
