@@ -264,9 +264,10 @@ def attention_candidates(head_dim: int, lq: int, lk: int, dtype: torch.dtype, ar
       d <= 160 (D160): 64 x 32, 4 warps, 2 stages (wgmma on sm_90) and 16 x 64 with 2 warps, which 4x the
         grid: first when 64-row blocks would leave SMs idle (the 16x16 and 8x8 levels: 64 and 16 programs).
       d > 160 (up to 256): 64 x 32, 8 warps, 2 stages.
-    fp32 ("ieee" FMA dots, no tensor cores), d <= 128: 32 x 32, 4 warps, 2 stages. fp32 at d > 128 spills in
-      every config tried (M16-32 x N16-32, 2-8 warps) on at least one arch: `kernels.dispatch.supports` sends
-      it to SDPA on a GPU; the interpreter (CPU) runs the 16 x 16 config below.
+    fp32 ("ieee" FMA dots, no tensor cores), d <= 128: 32 x 32, 4 warps, 2 stages. fp32 at d > 128: no config was found
+      clean at every SD1.5 shape on all four archs (of M16-32 x N16-32 with 2-8 warps, each one checked
+      spilled somewhere), so `kernels.dispatch.supports` sends it to SDPA on a GPU; the interpreter (CPU) runs
+      the 16 x 16 config below.
     """
     d0, d1 = head_dim_chunks(head_dim)
     d = d0 + d1

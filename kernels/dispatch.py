@@ -2,8 +2,8 @@
 these inputs on this device, dtype and arch, and which of torch / triton `auto` should take.
 
 - `supports(op, *tensors, **kw) -> str | None`: None when the kernel covers the call, else the reason. fp32 on a
-  GPU never reaches a config that spills (attention at padded head dim > 128 in fp32: every config tried spills
-  on at least one arch, so it goes to SDPA); CUDA archs other than the report-checked sm_80/86/89/90 are not
+  GPU never reaches a config that spills (attention at padded head dim > 128 in fp32: no config was found
+  that compiles clean at every SD1.5 shape on all four archs, so it goes to SDPA); CUDA archs other than the report-checked sm_80/86/89/90 are not
   covered. Inputs that require grad are covered: the ops are registered with a backward.
 - `shape_key(op, *tensors, **kw) -> str`: the key of the verdict file (kernels/verdicts.py).
 - `auto_prefers_triton(op, *tensors, path=None, **kw) -> bool`: what backend `auto` does on a GPU: the kernel
@@ -68,14 +68,15 @@ def _attention(q, k, v, causal=False, **_):
 
 def gpu_attention_reason(head_dim: int, dtype: torch.dtype) -> str | None:
     """The GPU-only attention rule (also used by kernels.report to route those launches): fp32 at a padded head
-    dim > 128 spills in every kernel config tried on at least one arch, so it runs SDPA."""
+    dim > 128 runs SDPA: no kernel config was found that compiles without spills at every SD1.5 shape on all
+    four archs."""
     if dtype == torch.float32:
         from .attention import head_dim_chunks
 
         d0, d1 = head_dim_chunks(head_dim)
         if d0 + d1 > 128:
-            return (f"fp32 attention at head dim {head_dim} (padded {d0 + d1}) spills in every kernel config on "
-                    "at least one arch: SDPA")
+            return (f"fp32 attention at head dim {head_dim} (padded {d0 + d1}) has no kernel config free of spills "
+                    "on every arch: SDPA")
     return None
 
 
