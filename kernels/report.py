@@ -379,7 +379,9 @@ def compile_one(kernel: str, arch: int, signature: dict, constexprs: dict, attrs
         path = f.name
     try:
         res = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+        sass = ""  # disassembling is the slow part of a warm run: only attention's tensor-core check needs it
+        if name == "_attn_fwd_kernel":
+            sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(path)
     m = _RES_RE.search(res)
