@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: fp16 on cuda; bf16 on a cpu with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
                    help="auto: triton on cuda, the tuned cpu path on a cpu; torch: the plain reference")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (CUDA: CUDA graphs; "
+                   "CPU: Inductor C++); the first image pays the compile time")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the physical cores)")
     p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
     p.add_argument("--tiled-vae", action="store_true", help="always decode/encode the VAE in tiles "
@@ -188,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         mask = load_image(args.mask, "--mask") if args.mask else None
         check_mask(image, mask)
         threads = set_threads(args.threads)
-        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=args.vae)
+        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=args.vae,
+                             compile=args.compile)
         pipe.offload = args.offload
         pipe.check_can_encode(image)
         if embeddings_dir is not None:

@@ -54,12 +54,14 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_pipeline(source: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                  backend: str = "auto", seed: int = 0, vae: str | None = None) -> Pipeline:
+                  backend: str = "auto", seed: int = 0, vae: str | None = None, compile: bool = False) -> Pipeline:
     """Load an SD1.x model: an LDM .safetensors/.ckpt file, a diffusers folder, a repo id in the local
     Hugging Face cache, or "random:sd15" / "random:tiny" (random weights from `seed`).
 
     vae: what --vae takes (fastsd/vae_files.py): an LDM VAE file, a diffusers VAE folder, or taesd:PATH; it
-    replaces the model's VAE, which is then not read at all. It is found and checked before the model loads."""
+    replaces the model's VAE, which is then not read at all. It is found and checked before the model loads.
+    compile: torch.compile the UNet and VAE decoder (fastsd.kernels.compile: CUDA graphs on CUDA, Inductor's C++
+    path on a CPU); the first call at each new shape pays the compile time."""
     if not isinstance(source, str):
         raise TypeError(f"source must be a string (a path, a repo id or random:<preset>), got {type(source).__name__}")
     device = parse_device(device)
@@ -83,4 +85,8 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
                     name=name, kind=kind, path=path)
     if vae_src is not None:
         pipe.set_vae(vae_src.build(dtype=dtype, device=device), vae_src.name, vae_src.path)
+    if compile:
+        from fastsd.kernels.compile import compile_pipeline
+
+        compile_pipeline(pipe)
     return pipe

@@ -15,9 +15,10 @@ Arguments per op (tensors positional, as the kernel functions take them; None fo
 """
 from __future__ import annotations
 
-import os
 
 import torch
+
+from fastsd.backends.triton import interpreter_enabled
 
 from . import verdicts
 
@@ -25,10 +26,6 @@ OPS = ("attention", "group_norm", "cfg_step")
 ARCHS = (80, 86, 89, 90)   # the archs kernels.report compiles and checks
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-
-
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def device_arch(device: torch.device) -> int | None:
@@ -46,7 +43,7 @@ def _device_reason(device: torch.device) -> str | None:
             return (f"sm_{arch} is not one of the archs the kernels' configs are checked for "
                     f"({', '.join(f'sm_{a}' for a in ARCHS)})")
         return None
-    if device.type == "cpu" and _interpreter():
+    if device.type == "cpu" and interpreter_enabled():
         return None
     return f"triton kernels need a CUDA device or, on CPU, the interpreter (tensors are on {device.type})"
 

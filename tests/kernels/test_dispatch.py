@@ -100,3 +100,25 @@ def test_auto_follows_a_synthetic_verdict_file(tmp_path):
 def test_auto_never_on_cpu():
     q = torch.randn(1, 2, 5, 40)
     assert dispatch.auto_prefers_triton("attention", q, q, q) is False
+
+
+def test_backend_triton_op_tables_route_through_dispatch(monkeypatch):
+    """Backend triton takes the registered kernel op wherever `supports` covers the call, gradients included; the
+    table backend auto uses on CUDA also asks the verdicts (never the kernel on a CPU); unsupported calls take
+    the reference."""
+    from fastsd.backends import reference
+    from fastsd.backends.triton import AUTO_BACKEND, BACKEND
+
+    q = torch.randn(1, 2, 5, 40, requires_grad=True)
+    out = BACKEND.ops.attention(q, q, q)
+    assert "fastsd_attention" in out.grad_fn.name()  # the registered op's backward, not SDPA's
+    out.sum().backward()
+    ref_q = q.detach().clone().requires_grad_(True)
+    reference.attention(ref_q, ref_q, ref_q).sum().backward()
+    torch.testing.assert_close(q.grad, ref_q.grad, rtol=1e-4, atol=1e-5)
+
+    calls = []
+    monkeypatch.setattr(reference, "attention", lambda *a, **k: calls.append("reference") or a[0])
+    BACKEND.ops.attention(q.detach(), q.detach(), q.detach(), causal=True)  # outside the kernel's contract
+    AUTO_BACKEND.ops.attention(q.detach(), q.detach(), q.detach())  # auto never takes the interpreter
+    assert calls == ["reference", "reference"]
