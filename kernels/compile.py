@@ -40,7 +40,11 @@ def compile_module(module: nn.Module, device: torch.device | str | None = None, 
 
 def compile_pipeline(pipe, **overrides):
     """Compile a fastsd Pipeline's UNet and VAE decoder in place (what `load_pipeline(..., compile=True)` does);
-    returns the pipeline."""
+    returns the pipeline. The cpu backend's prepacked oneDNN weights are not Inductor graph inputs it can
+    lower, and Inductor lays out and packs weights itself: a pipeline on the cpu backend is switched to the
+    torch op table first."""
+    if pipe.backend.name == "cpu":
+        pipe.backend = "torch"
     compile_module(pipe.unet, **overrides)
     if getattr(pipe, "vae", None) is not None:
         compile_module(pipe.vae.decoder, **overrides)

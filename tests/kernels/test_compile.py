@@ -154,3 +154,16 @@ def test_tiny_unet_under_backend_triton_traces_with_no_graph_breaks():
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert targets.count("fastsd.attention.default") == 12  # 6 SpatialTransformers x (self + cross)
     assert targets.count("fastsd.group_norm.default") > 20
+
+
+def test_compile_pipeline_on_the_cpu_backend_takes_the_torch_op_table():
+    """load_pipeline(compile=True) on a CPU: Inductor can't lower the cpu backend's prepacked oneDNN weights, so the
+    pipeline runs the torch op table (Inductor packs weights itself); UNet and VAE decoder are compiled in place
+    (compilation itself happens at the first call, not tested here: see the slow test above)."""
+    from fastsd import load_pipeline
+
+    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="auto", compile=True)
+    assert pipe.backend.name == "torch"
+    assert getattr(pipe.unet, "_compiled_call_impl", None) is not None
+    assert getattr(pipe.vae.decoder, "_compiled_call_impl", None) is not None
+    assert getattr(pipe.clip, "_compiled_call_impl", None) is None
