@@ -19,6 +19,7 @@ from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser
 from fastsd.image import (check_mask, file_hash, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
                           tensor_to_pil)
+from fastsd.lora import LoraSet, strip_tags
 from fastsd.models.clip import CLIPTextModel
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
@@ -66,6 +67,7 @@ class Pipeline:
         self._tokenizer = tokenizer
         self.offload = False  # keep each model on the CPU except while it runs (CUDA only)
         self._hash: str | None = None
+        self._loras = LoraSet()
 
     # ---- backend ----------------------------------------------------------------------------------------
 
@@ -101,6 +103,22 @@ class Pipeline:
             with self._backend.running():
                 yield model
 
+    # ---- LoRA (fastsd/lora.py) --------------------------------------------------------------------------
+
+    def load_lora(self, path: str, weight: float = 1.0) -> None:
+        """Merge a LoRA file (kohya/A1111, LoCon, diffusers/PEFT) into the UNet and text encoder weights. The
+        file is checked whole first: a bad one raises CheckpointError and leaves the model unchanged."""
+        self._loras.load(self, path, weight)
+
+    def unload_loras(self) -> None:
+        """Give back the weights as they were before any LoRA, bit for bit."""
+        self._loras.unload(self)
+
+    @property
+    def loras(self) -> list:
+        """The merged LoRAs (name, path, weight), in load order."""
+        return list(self._loras.loaded)
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -120,19 +138,21 @@ class Pipeline:
                   "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(), "Model": self.name,
                   "Denoising strength": s.strength if img2img else None,
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None}
-        return format_infotext(s.prompt, s.negative_prompt, params)
+        prompt, params["Lora hashes"] = self._loras.infotext(s.prompt)
+        return format_infotext(prompt, s.negative_prompt, params)
 
     # ---- stage 1: text ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str], clip_skip: int = 1
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond), each (B, 77 * chunks, D); prompts and negatives padded to the same chunk count."""
+        """(cond, uncond), each (B, 77 * chunks, D); prompts and negatives padded to the same chunk count.
+        <lora:...> tags are taken out of the prompts (the LoRAs themselves are merged by load_lora)."""
         if len(prompts) != len(negative_prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
         with self._running(self.clip) as clip:
-            ctx = encode_prompts(clip, self.tokenizer, list(prompts) + list(negative_prompts), clip_skip=clip_skip,
-                                 device=self.device)
+            ctx = encode_prompts(clip, self.tokenizer, [strip_tags(p) for p in prompts] + list(negative_prompts),
+                                 clip_skip=clip_skip, device=self.device)
         return ctx[:len(prompts)], ctx[len(prompts):]
 
     # ---- stage 2: latents -------------------------------------------------------------------------------
@@ -308,6 +328,7 @@ class Pipeline:
                                num_images, strength, clip_skip)
         _check_inputs(image, mask, latents, on_step)
         s.validate(has_image=image is not None, has_mask=mask is not None)
+        self._loras.check_prompt(s.prompt)
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt], s.clip_skip)
