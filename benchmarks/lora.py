@@ -6,7 +6,8 @@
 Two random LoRAs of rank `--rank` on every UNet layer of the input, middle and output blocks (attention,
 resnets with LoCon on the 3x3 convolutions, down/upsamplers) and every text encoder linear are written
 as fp16 kohya .safetensors files to a temp folder (so they are in the page cache, as a LoRA used twice is).
-The pipeline runs one small generation first, so the CPU path's weights are packed as in a warm process.
+The pipeline runs one small generation and two UNet calls at `--res` first, so the CPU path's weights are
+packed (and its per-shape choices made) as in a warm process.
 Timed: `load_lora` (read + check + merge), `unload_loras`, a switch (unload A + load B), and the first UNet
 call after a switch against the next one (the CPU path packs the changed weights again at their first call).
 """
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     threads = set_threads(args.threads)
     pipe = fastsd.load_pipeline(args.model, device="cpu", dtype=args.dtype, backend=args.backend)
     pipe.generate("warm up", steps=1, width=64, height=64, guidance_scale=1, progress=False)  # packs the weights
+    for _ in range(2 if args.res else 0):  # packed (and tuned) for the timed UNet calls' shapes too
+        _unet_call(pipe, args.res)
     layers = [n for n in layers_of(pipe.unet) if n.startswith(("input_blocks.", "middle_block.", "output_blocks."))
               and n != "input_blocks.0.0"]
     with tempfile.TemporaryDirectory() as tmp:

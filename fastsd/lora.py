@@ -37,6 +37,7 @@ from fastsd.tensorfile import CheckpointError, TensorRef, read_header, read_tens
 
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
 LORA_DIR_ENV = "FASTSD_LORA_DIR"
+MERGE_BLOCK_BYTES = 1 << 20  # fp32 scratch per block of output rows while merging (about an L2 cache)
 
 # The key of one tensor = <layer><suffix>; the suffix tells which factor it is.
 PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
@@ -184,7 +185,7 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
 
 
 def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dict, peft: dict) -> LoraLayer:
-    down, up = parts["down"].load(), parts["up"].load()
+    down, up = parts["down"].load().float(), parts["up"].load().float()
     rank = down.shape[0]
     if "alpha" in parts:
         alpha = parts["alpha"].load()
@@ -195,8 +196,8 @@ def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dic
         cfg = peft.get("unet" if target[0] == "unet" else "text_encoder", {})
         scale = None if layer.startswith("lora_") else _peft_scale(cfg, target[1])  # kohya files have no PEFT config
         scale = 1.0 if scale is None else scale
-    if not math.isfinite(scale) or not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-        raise CheckpointError(f"{path}: {layer} holds NaN or infinite values")
+    if not (math.isfinite(scale) and torch.isfinite(down.sum()) and torch.isfinite(up.sum())):  # sums: fast
+        raise CheckpointError(f"{path}: {layer} holds NaN, infinite or absurdly large values")
     return LoraLayer(target[0], name, layer, down, up, scale)
 
 
@@ -246,13 +247,25 @@ def _names(names: list[str], limit: int = 5) -> str:
 # ---- merging -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float) -> torch.Tensor:
-    """weight + multiplier * scale * up @ down in fp32, rounded once to weight's dtype (any weight layout)."""
-    w = weight.contiguous()
-    up = layer.up.reshape(layer.up.shape[0], -1).to(device=w.device, dtype=torch.float32)
-    down = layer.down.reshape(layer.down.shape[0], -1).to(device=w.device, dtype=torch.float32)
-    out = torch.addmm(w.reshape(w.shape[0], -1).float(), up, down, alpha=multiplier * layer.scale)
-    return out.reshape(w.shape).to(w.dtype)
+def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """weight + multiplier * scale * up @ down in fp32, rounded once to weight's dtype, laid out in
+    `memory_format` (4-d weights). A block of output rows at a time, in an fp32 scratch that stays in
+    cache, so a bf16 weight is read once and written once instead of going through full fp32 copies."""
+    w = weight.contiguous().view(weight.shape[0], -1)
+    up = layer.up.reshape(layer.up.shape[0], -1).to(w.device)
+    down = layer.down.reshape(layer.down.shape[0], -1).to(w.device)
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=w.device, memory_format=memory_format)
+    nhwc = weight.dim() == 4 and memory_format == torch.channels_last
+    out_rows = out.permute(0, 2, 3, 1) if nhwc else out  # the output's rows in memory order
+    rows = max(1, MERGE_BLOCK_BYTES // (4 * w.shape[1]))
+    scratch = torch.empty(min(rows, w.shape[0]), w.shape[1], device=w.device)
+    for i in range(0, w.shape[0], rows):
+        block = scratch[: min(rows, w.shape[0] - i)]
+        block.copy_(w[i:i + rows]).addmm_(up[i:i + rows], down, alpha=multiplier * layer.scale)
+        block = block.view(-1, *weight.shape[1:])
+        out_rows[i:i + rows].copy_(block.permute(0, 2, 3, 1) if nhwc else block)
+    return out
 
 
 @dataclass
@@ -294,6 +307,7 @@ class LoraSet:
         path = os.fspath(path)
         models = {"unet": pipe.unet, "clip": pipe.clip}
         lora = read_lora(path, models)
+        layout = _conv_layout(pipe.backend)
         done = []  # (module, key, previous weight Parameter, first change of this layer)
         try:
             for layer in lora.layers:
@@ -305,7 +319,8 @@ class LoraSet:
                 done.append((module, key, prev, first))
                 if first:
                     self._originals[key] = prev
-                module.weight = nn.Parameter(merged_weight(prev, layer, float(weight)), requires_grad=False)
+                merged = merged_weight(prev, layer, float(weight), layout if prev.dim() == 4 else torch.contiguous_format)
+                module.weight = nn.Parameter(merged, requires_grad=False)
                 pipe.backend.prepare(module)
         except BaseException:
             for module, key, prev, first in reversed(done):
@@ -345,6 +360,15 @@ class LoraSet:
                 prompt += f" <lora:{x.name}:{x.weight:g}>"
         hashes = {x.name.translate(str.maketrans("", "", ":,")): x.short_hash() for x in self.loaded}
         return prompt, ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None
+
+
+def _conv_layout(backend) -> torch.memory_format:
+    """The memory format `backend.prepare` gives convolution weights, so merged weights are written in it
+    directly (not converted afterwards): asked of a small probe convolution."""
+    probe = backend.prepare(nn.Conv2d(2, 2, 2).requires_grad_(False))
+    nhwc = probe.weight.is_contiguous(memory_format=torch.channels_last) and not probe.weight.is_contiguous()
+    backend.unprepare(probe)
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def _put(backend, module: nn.Module, weight: nn.Parameter) -> None:
