@@ -54,7 +54,8 @@ def read_safetensors(path: str) -> dict[str, TensorRef]:
 
 def safetensors_metadata(path: str) -> dict[str, str]:
     """The header's `__metadata__` (string -> string; {} when there is none)."""
-    meta = read_header(path)[0].get("__metadata__")
+    header = read_header(path)[0]
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else {}
 
 
