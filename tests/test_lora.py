@@ -385,3 +385,17 @@ def test_cli_bad_lora_one_line_exit_2(tmp_path, capsys, monkeypatch, prompt, arg
     assert err[-1].startswith("error: ") and match in err[-1], err
     assert not [line for line in err if "Traceback" in line]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_benchmark_script_runs(tmp_path, capsys):
+    """python -m fastsd.benchmarks.lora at tiny size (a smoke run: its numbers are not checked)."""
+    import json
+
+    from fastsd.benchmarks.lora import main
+
+    out = tmp_path / "lora.jsonl"
+    main(["--model", "random:tiny", "--res", "64", "--repeat", "2", "--threads", "1", "--json", str(out)])
+    row = json.loads(out.read_text())
+    assert row["layers"] > 0 and len(row["load_s"]) == 2 and len(row["switch_s"]) == 2 and row["isa"]
+    assert row["originals_kept_bytes"] > 0 and row["unet_first_call_after_switch_s"] > 0
+    assert "load + merge" in capsys.readouterr().out
