@@ -2,8 +2,10 @@
 FLOPs / bytes one call moves (for TFLOP/s and GB/s = work / measured time).
 
 Kernels are discovered at run time (`discover()`): a kernels/<op>.py module with a case here is
-benchmarked; a case whose module is missing (e.g. cfg_step before it lands) is reported as missing.
-Shapes come from kernels/report.py (`attention_shapes`, `group_norm_shapes`).
+benchmarked; a case whose module is missing is reported as missing.
+Shapes come from kernels/shapes.py (the one source of SD1.5 launch shapes, derived from fastsd.config.SD15);
+each Shape carries the verdict-file key (kernels/dispatch.py `shape_key`) under which a GPU run records which
+of torch / triton was faster (kernels/verdicts.py).
 
 FLOP / byte models (minimum traffic: every input read once, the output written once):
   attention   4 * B*H*Lq*Lk*D FLOPs (QK^T and PV); bytes (B*H*(2*Lq*D + 2*Lk*D)) * itemsize
@@ -22,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 
-HEADS, TEXT_LEN, GROUPS, UNET_BATCH = 8, 77, 32, 2
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Shape:
     args: tuple          # passed to the case's make()
     flops: float
     bytes_: float
+    key: str = ""        # kernels.dispatch.shape_key of the call (verdict file)
 
 
 @dataclass
@@ -65,17 +68,18 @@ def module_available(op: str) -> bool:
 # ------------------------------------------------------------------------------------------ attention
 
 def attention_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
-    from fastsd.kernels.report import attention_shapes as shapes
+    from fastsd.kernels.shapes import unet_attention_calls
 
-    rows = shapes(res)
-    if quick:  # top level self + cross, the middle block
-        rows = [rows[0], rows[1], rows[-2]]
+    calls = unet_attention_calls(res, 1)
+    if quick:  # top level self + cross, the middle block's cross
+        calls = [calls[0], calls[1], calls[-1]]
     el = torch.tensor([], dtype=dtype).element_size()
+    dn = DTYPE_NAMES[dtype]
     out = []
-    for where, lq, lk, d in rows:
-        b, h = UNET_BATCH, HEADS
-        out.append(Shape(f"{res}px {where} B{b} H{h} Lq{lq} Lk{lk} D{d}", (b, h, lq, lk, d),
-                         4.0 * b * h * lq * lk * d, el * b * h * (2 * lq * d + 2 * lk * d)))
+    for c in calls:
+        b, h, lq, lk, d = c.B, c.H, c.Lq, c.Lk, c.D
+        out.append(Shape(f"{res}px {c.label}", (b, h, lq, lk, d), 4.0 * b * h * lq * lk * d,
+                         el * b * h * (2 * lq * d + 2 * lk * d), f"{dn} B{b} H{h} Lq{lq} Lk{lk} D{d}"))
     return out
 
 
@@ -98,18 +102,23 @@ def attention_make(args, dtype, device, seed=0):
 # ------------------------------------------------------------------------------------------ group norm
 
 def group_norm_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
-    from fastsd.kernels.report import group_norm_shapes as shapes
+    from fastsd.kernels.shapes import unet_group_norm_calls, vae_decoder_group_norm_calls
 
-    rows = shapes(res)
+    calls = list(dict.fromkeys(unet_group_norm_calls(res, 1) + vae_decoder_group_norm_calls(res, 1)))
     if quick:  # a UNet resblock norm, a transformer norm, a VAE decoder norm
-        rows = [rows[0], next(r for r in rows if r[0] == "unet transformer"), rows[-1]]
+        calls = [calls[0], next(c for c in calls if c.where == "unet transformer"), calls[-1]]
     el = torch.tensor([], dtype=dtype).element_size()
+    dn = DTYPE_NAMES[dtype]
     out = []
-    for where, n, c, side, eps, silu in rows:
-        numel = n * c * side * side
-        out.append(Shape(f"{res}px {where} N{n} C{c} {side}x{side} G{GROUPS} eps{eps:g}" + (" silu" if silu else ""),
-                         (n, c, side, eps, silu), (12.0 if silu else 8.0) * numel, el * (2 * numel + 2 * c)))
+    for c in calls:
+        numel = c.N * c.C * c.H * c.W
+        key = f"{dn} N{c.N} C{c.C} {c.H}x{c.W} G{c.groups}" + (" silu" if c.silu else "")
+        out.append(Shape(f"{res}px {c.label}", (c.N, c.C, c.H, c.eps, c.silu), (12.0 if c.silu else 8.0) * numel,
+                         el * (2 * numel + 2 * c.C), key))
     return out
+
+
+GROUPS = 32
 
 
 def group_norm_make(args, dtype, device, seed=0):
@@ -130,13 +139,16 @@ def group_norm_make(args, dtype, device, seed=0):
 # ------------------------------------------------------------------------------------------ cfg step
 
 def cfg_step_shapes(res: int, quick: bool, dtype: torch.dtype) -> list[Shape]:
+    from fastsd.kernels.shapes import latent_shape
+
     el = torch.tensor([], dtype=dtype).element_size()
     out = []
     for batch in ((1,) if quick else (1, 4)):
-        lat = res // 8
-        numel = batch * 4 * lat * lat
+        shape = latent_shape(res, batch)
+        numel = shape[0] * shape[1] * shape[2] * shape[3]
         # reads x, uncond, cond, old denoised, noise; writes x_next (and denoised)
-        out.append(Shape(f"{res}px latents B{batch} 4x{lat}x{lat}", (batch, lat), 10.0 * numel, el * 7 * numel))
+        out.append(Shape(f"{res}px latents B{batch} {'x'.join(map(str, shape[1:]))}", (batch, shape[2]),
+                         10.0 * numel, el * 7 * numel, f"{DTYPE_NAMES[dtype]} {'x'.join(map(str, shape))} cfg old noise"))
     return out
 
 

@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 2; --quick 1)")
     r.add_argument("--repeat", type=int, default=None, help="timed calls (default 5; --quick 3)")
     r.add_argument("--batch", type=int, default=1, help="images per prompt (the UNet runs 2x this for CFG)")
+    r.add_argument("--vae", default="kl", choices=["kl", "taesd"], help="vae and pipeline suites: the KL VAE, or "
+                   "TAESD (SD1.5's architecture, random weights; diffusers' AutoencoderTiny with --compare)")
     r.add_argument("--steps", type=int, default=None, help="pipeline suite: sampling steps (default 20; --quick 4)")
     r.add_argument("--sampler", default="euler", help="pipeline suite: the sampler (default euler; e.g. lcm)")
     r.add_argument("--cfg", type=float, default=7.5, help="pipeline suite: guidance scale (<= 1: no uncond batch)")
@@ -113,7 +115,7 @@ def triton_skip_reason(a) -> str | None:
 def base_spec(a, suite: str, op: str, res: int | None, dtype: str) -> dict:
     return {"suite": suite, "op": op, "model": a.model, "res": res, "dtype": dtype, "batch": a.batch,
             "device": a.device, "warmup": a.warmup, "repeat": a.repeat, "steps": a.steps, "threads": a.threads,
-            "quick": a.quick, "seed": 0, "isa": a.isa, "sampler": a.sampler, "cfg": a.cfg}
+            "quick": a.quick, "seed": 0, "isa": a.isa, "sampler": a.sampler, "cfg": a.cfg, "vae": a.vae}
 
 
 def plan(a) -> list[dict]:
@@ -180,6 +182,8 @@ def complete(row: dict, spec: dict, run: dict) -> dict:
            "status": "ok", "latent": None, "shape": None, "rss_isolated": True, **run}
     out.update(row)
     out["name"] = _name(out["suite"], out["op"])
+    if spec.get("vae") == "taesd" and spec["suite"] in ("vae", "pipeline"):
+        out["name"] += " (taesd)"
     for k in common.ROW_FIELDS:
         out.setdefault(k, None)
     if out["times"] is None:

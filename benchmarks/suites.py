@@ -7,7 +7,8 @@ worker adds.
 
 - unet      one denoising step: batch 2*B (CFG: cond + uncond) at latents res/8, timestep 500
 - pipeline  txt2img end to end (text encode, `steps` Euler steps, VAE decode, to PIL), by stages
-- vae       decode (B latents) and encode (B images, the posterior mean)
+- vae       decode (B latents) and encode (B images, the posterior mean); spec "vae": "taesd" (--vae taesd)
+            times a TAESD (SD1.5's architecture) instead, against diffusers' AutoencoderTiny (vae and pipeline)
 - clip      the text encoder on prompt + negative prompt (2*B x 77 tokens)
 - kernels   each Triton kernel against its torch reference at the SD1.5 shapes of `res`
 """
@@ -41,11 +42,19 @@ class Model:
         self.pipe = fastsd.load_pipeline(spec["model"], device=spec["device"], dtype=spec["dtype"],
                                          backend=spec["backend"], seed=spec.get("seed", 0))
         self.twin: Any = None
+        if spec.get("vae") == "taesd":  # SD1.5's TAESD, random weights from the seed
+            from fastsd.models.taesd import TAESD
+
+            torch.manual_seed(spec.get("seed", 0))
+            taesd = TAESD().to(device=spec["device"], dtype=self.pipe.dtype).eval().requires_grad_(False)
+            self.pipe.set_vae(taesd, "taesd (random)")
         if "diffusers" in spec["impls"]:
             from fastsd import testing as twins
 
-            maker = {"unet": twins.unet_twin, "vae": twins.vae_twin, "clip": twins.clip_twin,
-                     "pipeline": lambda p: twins.diffusers_pipeline(p, sampler=spec.get("sampler", "euler"))}
+            tiny = twins.taesd_twin(self.pipe.vae) if spec.get("vae") == "taesd" else None  # AutoencoderTiny
+            maker = {"unet": twins.unet_twin, "vae": lambda p: twins.vae_twin(p) if tiny is None else tiny,
+                     "clip": twins.clip_twin,
+                     "pipeline": lambda p: twins.diffusers_pipeline(p, vae=tiny, sampler=spec.get("sampler", "euler"))}
             self.twin = maker[spec["suite"]](self.pipe)
         # keep only what the suite runs, so the peak RSS of fastsd and of diffusers count the same models
         keep = {"unet": ("unet",), "vae": ("vae",), "clip": ("clip",)}.get(spec["suite"], ("unet", "vae", "clip"))
@@ -83,7 +92,7 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
         if twin is not None:
             fns["diffusers"] = lambda: twin(x, t, encoder_hidden_states=ctx).sample
     elif suite == "vae" and op == "decode":
-        z = torch.randn(B, cfg.vae.z_channels, lat, lat, generator=g).to(dev, dtype)
+        z = torch.randn(B, cfg.unet.out_channels, lat, lat, generator=g).to(dev, dtype)
         info["shape"] = f"z {tuple(z.shape)} -> ({B}, 3, {res}, {res})"
         if pipe.vae is not None:
             fns["fastsd"] = lambda: pipe.vae.decode(z)
@@ -92,10 +101,11 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
     elif suite == "vae" and op == "encode":
         img = (torch.rand(B, 3, res, res, generator=g) * 2 - 1).to(dev, dtype)
         info["shape"] = f"image {tuple(img.shape)} -> ({B}, 4, {lat}, {lat}) mean"
+        taesd = spec.get("vae") == "taesd"  # TAESD's encode gives the latents; the KL VAE's the posterior
         if pipe.vae is not None:
-            fns["fastsd"] = lambda: pipe.vae.encode(img)[0]
+            fns["fastsd"] = (lambda: pipe.vae.encode(img)) if taesd else (lambda: pipe.vae.encode(img)[0])
         if twin is not None:
-            fns["diffusers"] = lambda: twin.encode(img).latent_dist.mean
+            fns["diffusers"] = (lambda: twin.encode(img).latents) if taesd else (lambda: twin.encode(img).latent_dist.mean)
     elif suite == "clip":
         tok = pipe.tokenizer
         ids = torch.cat([tok.encode_weighted(p)[0] for p in [PROMPT] * B + [NEGATIVE] * B]).to(dev)
@@ -269,7 +279,8 @@ def run_kernels_suite(spec) -> list[dict]:
                 variants.append(("triton", tri_fn, why_not))
             ref_out = None
             for backend, fn, skip in variants:
-                row = {**base, "backend": backend, "shape": shp.label, "flops": shp.flops, "bytes": shp.bytes_}
+                row = {**base, "backend": backend, "shape": shp.label, "shape_key": shp.key, "flops": shp.flops,
+                       "bytes": shp.bytes_}
                 if skip:
                     rows.append({**row, "status": "needs CUDA", "reason": skip, "times": common.summary([])})
                     continue
@@ -296,7 +307,31 @@ def run_kernels_suite(spec) -> list[dict]:
         r.setdefault("status", "ok")
         r.setdefault("time_s", r["times"]["median"])
         r.setdefault("it_s", None)
+    if dev.startswith("cuda") and want_triton:
+        _record_verdicts(rows, dev)
     return rows
+
+
+def _record_verdicts(rows, dev) -> None:
+    """On a GPU: which of torch / triton was faster per op and shape, merged into the verdict file that backend
+    auto follows (kernels/verdicts.py); the path goes into the rows."""
+    from fastsd.kernels import dispatch, verdicts
+
+    device = torch.device(dev)
+    path = verdicts.record(verdicts.entries_from_rows(rows), arch=dispatch.device_arch(device),
+                           device=torch.cuda.get_device_name(device),
+                           versions={"torch": torch.__version__, "triton": _triton_version()})
+    for r in rows:
+        r["verdict_file"] = str(path)
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None
 
 
 def _time_kernel(fn, dev, spec, interpreted: bool):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastsd import convert
-from fastsd.config import PRESETS, SDConfig
+from fastsd.config import PRESETS, SDConfig, VAEConfig
 from fastsd.models.clip import CLIPTextModel
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
@@ -36,7 +36,10 @@ OTHER_FAMILIES = [
     (r"^model\.diffusion_model\.joint_blocks\.", "Stable Diffusion 3"),
     (r"^(model\.diffusion_model\.)?double_blocks\.", "FLUX"),
     (r"^lora_(unet|te)_|\.lora_(up|down)\.", "a LoRA (not a full model)"),
-    (r"^(encoder|decoder)\.(down|up|mid)", "a standalone VAE (not a full model)"),
+    (r"^(encoder|decoder)\.(down|up|mid)", "a standalone VAE (not a full model; "
+     "load it with --vae / vae=)"),
+    (r"^((encoder|decoder)\.layers\.\d+|\d+\.conv\.\d+)\.weight$", "a TAESD tiny autoencoder (not a full model; "
+     "load it with --vae taesd:FILE / vae=)"),
 ]
 
 
@@ -86,6 +89,9 @@ def from_ldm_file(path: str) -> Checkpoint:
         else:
             unexpected.append(k)
     parts["clip"] = convert.clip_keys(parts["clip"])
+    if not parts["unet"] and parts["vae"] and not parts["clip"]:
+        raise CheckpointError(f"{path}: this is a standalone VAE (first_stage_model.* only), not a full model; load "
+                              "it with --vae / vae=")
     if not parts["unet"]:
         sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights; "
@@ -148,19 +154,24 @@ def from_diffusers_folder(path: str) -> Checkpoint:
             raise CheckpointError(f"{path}: a diffusers {cls} folder; fastsd loads Stable Diffusion 1.x only")
         raise CheckpointError(f"{path}: not a complete diffusers folder (missing {', '.join(d + '/' for d in missing)})")
     ucfg = _config(root / "unet" / "config.json", convert.unet_config_from_diffusers)
-    vcfg = _config(root / "vae" / "config.json", convert.vae_config_from_diffusers)
+    vcfg, vae = diffusers_vae(root / "vae")
     ccfg = _config(root / "text_encoder" / "config.json", convert.clip_config_from_transformers)
     if ucfg.context_dim != ccfg.hidden_size:
         raise CheckpointError(f"{path}: UNet cross-attention width {ucfg.context_dim} does not match the text "
                               f"encoder's {ccfg.hidden_size}")
     cfg = SDConfig(clip=ccfg, vae=vcfg, unet=ucfg)
     unet = convert.rename(_folder_weights(root / "unet", ("diffusion_pytorch_model",)), convert.unet_rules(ucfg))
-    vae = convert.vae_attention_as_conv(
-        convert.rename(_folder_weights(root / "vae", ("diffusion_pytorch_model",)), convert.vae_rules(vcfg)))
     clip = convert.clip_keys(_folder_weights(root / "text_encoder", ("model", "pytorch_model")))
     tok = root / "tokenizer"
     return Checkpoint(cfg, unet, vae, clip, _kind(cfg), root.name,
                       tokenizer_dir=str(tok) if (tok / "vocab.json").exists() else None)
+
+
+def diffusers_vae(folder: Path) -> tuple[VAEConfig, dict[str, TensorRef]]:
+    """A diffusers AutoencoderKL folder (config.json + weights): its config and its weights under LDM names."""
+    cfg = _config(folder / "config.json", convert.vae_config_from_diffusers)
+    refs = convert.rename(_folder_weights(folder, ("diffusion_pytorch_model",)), convert.vae_rules(cfg))
+    return cfg, convert.vae_attention_as_conv(refs)
 
 
 def hf_cache_dir() -> Path:
@@ -229,16 +240,20 @@ def fill(module: nn.Module, refs: dict[str, TensorRef], *, dtype: torch.dtype, d
     return module.eval()
 
 
-def build_models(src: Checkpoint | SDConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """(clip, vae, unet, config): from a Checkpoint, or with random weights from a preset SDConfig."""
+def build_models(src: Checkpoint | SDConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 with_vae: bool = True):
+    """(clip, vae, unet, config): from a Checkpoint, or with random weights from a preset SDConfig.
+    with_vae=False: the VAE is neither checked nor built (None; another VAE replaces it)."""
     cfg = src.config if isinstance(src, Checkpoint) else src
     ctors = {"clip": (CLIPTextModel, cfg.clip), "vae": (AutoencoderKL, cfg.vae), "unet": (UNet, cfg.unet)}
     if not isinstance(src, Checkpoint):
         with torch.random.fork_rng(devices=[]):  # random weights from `seed`; the caller's RNG state is left alone
             torch.manual_seed(seed)
             models = {n: cls(sub).to(device=device, dtype=dtype).eval().requires_grad_(False)
-                      for n, (cls, sub) in ctors.items()}
-        return models["clip"], models["vae"], models["unet"], cfg
+                      for n, (cls, sub) in ctors.items()}  # all three, so the others' weights don't depend on vae
+        return models["clip"], models["vae"] if with_vae else None, models["unet"], cfg
+    if not with_vae:
+        del ctors["vae"]
     with torch.device("meta"):
         models = {n: cls(sub) for n, (cls, sub) in ctors.items()}
     found = {n: [p for p in mismatches(m, getattr(src, n)) if p] for n, m in models.items()}
@@ -247,7 +262,7 @@ def build_models(src: Checkpoint | SDConfig, *, dtype: torch.dtype, device: torc
         raise CheckpointError(f"{src.name}: " + " | ".join(problems))
     for n, m in models.items():
         fill(m, getattr(src, n), dtype=dtype, device=device)
-    return models["clip"], models["vae"], models["unet"], cfg
+    return models["clip"], models.get("vae"), models["unet"], cfg
 
 
 def ldm_state_dict(src, parts: tuple[str, ...] = ("unet", "vae", "clip")) -> dict[str, torch.Tensor]:

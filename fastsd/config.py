@@ -38,6 +38,24 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
+class TAESDConfig:
+    """Tiny autoencoder (TAESD / diffusers AutoencoderTiny): conv stages of `channels` channels, each stage
+    a stride-2 conv (encoder) or 2x nearest upsample + conv (decoder) around `*_blocks[i]` residual Blocks."""
+
+    channels: int = 64
+    latent_channels: int = 4
+    image_channels: int = 3
+    encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)  # diffusers' num_encoder_blocks
+    decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)  # diffusers' num_decoder_blocks
+    # diffusers' scaling_factor: TAESD works on the UNet's latents as they are (1.0 for SD1.x's taesd)
+    scale_factor: float = 1.0
+
+    @property
+    def downscale(self) -> int:  # pixels per latent along one side (8 for SD's TAESD)
+        return 2 ** (len(self.decoder_blocks) - 1)
+
+
+@dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 4  # 9 for inpainting checkpoints: [x, mask, masked-image latents]
     out_channels: int = 4
@@ -68,7 +86,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class SDConfig:
     clip: CLIPConfig = CLIPConfig()
-    vae: VAEConfig = VAEConfig()
+    vae: VAEConfig | TAESDConfig = VAEConfig()  # TAESDConfig when a TAESD replaced the VAE (Pipeline.set_vae)
     unet: UNetConfig = UNetConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     clip_skip: int = 1  # A1111 convention: 1 = last layer, 2 = penultimate (diffusers' clip_skip + 1)

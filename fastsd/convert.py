@@ -2,10 +2,11 @@
 from a diffusers config.json or inferred from LDM tensor shapes."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable
 
-from fastsd.config import CLIPConfig, UNetConfig, VAEConfig
+from fastsd.config import CLIPConfig, TAESDConfig, UNetConfig, VAEConfig
 from fastsd.tensorfile import CheckpointError, TensorRef
 
 Rule = tuple[str, "str | Callable[[re.Match], str]"]
@@ -91,6 +92,14 @@ def vae_rules(cfg: VAEConfig) -> list[Rule]:
          lambda m: f"{m['part']}.mid.block_{int(m['j']) + 1}.{resnet(m['rest'])}"),
         (r"^(?P<part>encoder|decoder)\.mid_block\.attentions\.0\.(?P<rest>.*)", attn),
     ]
+
+
+# TAESD: diffusers' AutoencoderTiny names -> the original files' nn.Sequential indices (fastsd's names). The
+# original decoder has a parameter-free Clamp at index 0, which diffusers folds into forward().
+TAESD_RULES: list[Rule] = [
+    (r"^encoder\.layers\.(?P<i>\d+)\.", r"encoder.\g<i>."),
+    (r"^decoder\.layers\.(?P<i>\d+)\.", lambda m: f"decoder.{int(m['i']) + 1}."),
+]
 
 
 def rename(refs: dict[str, TensorRef], rules: list[Rule]) -> dict[str, TensorRef]:
@@ -199,3 +208,31 @@ def clip_config_from_ldm(refs: dict[str, TensorRef]) -> CLIPConfig:
                       intermediate_size=refs["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
                       num_layers=_count(refs, r"text_model\.encoder\.layers\.(\d+)\."), num_heads=max(1, hidden // 64),
                       max_positions=refs["text_model.embeddings.position_embedding.weight"].shape[0])
+
+
+def _taesd_stages(refs: dict[str, TensorRef], part: str) -> tuple[list[int], list[int]]:
+    """(indices of the plain convs, Blocks between each two of them) of TAESD's `part` Sequential."""
+    convs = sorted({int(m[1]) for k in refs if (m := re.fullmatch(rf"{part}\.(\d+)\.weight", k))})
+    blocks = [int(m[1]) for k in refs if (m := re.fullmatch(rf"{part}\.(\d+)\.conv\.0\.weight", k))]
+    return convs, [sum(a < b < c for b in blocks) for a, c in zip(convs, convs[1:])]
+
+
+def taesd_config_from_keys(refs: dict[str, TensorRef], scale_factor: float = 1.0) -> TAESDConfig:
+    """The TAESD architecture of fastsd-named keys (`decoder.N...`, and `encoder.N...` when present): the
+    stage sizes are the Block counts between consecutive plain convs; widths from the conv shapes."""
+    dconv, dblocks = _taesd_stages(refs, "decoder")
+    if len(dconv) < 2:
+        raise CheckpointError("no TAESD decoder weights (decoder.N.weight)")
+    c, latent = refs[f"decoder.{dconv[0]}.weight"].shape[:2]
+    cfg = TAESDConfig(channels=c, latent_channels=latent, image_channels=refs[f"decoder.{dconv[-1]}.weight"].shape[0],
+                      decoder_blocks=tuple(dblocks), encoder_blocks=(1,) + (3,) * (len(dblocks) - 1),
+                      scale_factor=scale_factor)
+    econv, eblocks = _taesd_stages(refs, "encoder")
+    if econv:
+        ec, img = refs[f"encoder.{econv[0]}.weight"].shape[:2]
+        elatent = refs[f"encoder.{econv[-1]}.weight"].shape[0]
+        if (ec, elatent, len(eblocks)) != (c, latent, len(dblocks)):
+            raise CheckpointError(f"TAESD encoder ({ec} channels, {elatent} latent channels, {len(eblocks)} stages) "
+                                  f"does not match its decoder ({c}, {latent}, {len(dblocks)})")
+        cfg = dataclasses.replace(cfg, encoder_blocks=tuple(eblocks), image_channels=img)
+    return cfg

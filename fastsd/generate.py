@@ -16,6 +16,7 @@ from fastsd.cli import HelpFormatter, fail, one_line_warnings, positive_int, run
 from fastsd.settings import FIELDS, GenerationSettings
 
 MODEL_ENV = "FASTSD_MODEL"
+EMBEDDINGS_ENV = "FASTSD_EMBEDDINGS_DIR"
 IMAGE_EXTS = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -39,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"LDM .safetensors/.ckpt, diffusers folder, repo id in the local HF cache, or "
                    f"random:sd15 / random:tiny (random weights); default ${MODEL_ENV}, else the only SD1.x model "
                    "in the local HF cache")
+    p.add_argument("--vae", help="replace the model's VAE: an LDM VAE .safetensors/.ckpt (e.g. "
+                   "vae-ft-mse-840000-ema-pruned), a diffusers VAE folder, or taesd:PATH (a TAESD decoder file, its "
+                   "encoder found beside it, or a diffusers AutoencoderTiny folder)")
+    p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings (.pt/.safetensors/.bin, "
+                   f"searched recursively): a prompt word equal to a file's name uses it; default ${EMBEDDINGS_ENV}")
+    p.add_argument("--preview", default=None, help="a .png file rewritten (atomically) with a preview of the image "
+                   "while it forms: TAESD-decoded with a TAESD --vae, else a latent-to-RGB approximation")
+    p.add_argument("--preview-every", type=positive_int, default=1, help="steps between --preview updates")
     p.add_argument("--init-image", help="image-to-image / inpainting source image")
     p.add_argument("--mask", help="inpainting mask, same size as the init image; white = repaint")
     p.add_argument("--out", default="outputs", help="output folder (numbered names NNNNN-SEED.png), or a .png path "
@@ -49,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: fp16 on cuda; bf16 on a cpu with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
                    help="auto: triton on cuda, the tuned cpu path on a cpu; torch: the plain reference")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (CUDA: CUDA graphs; "
+                   "CPU: Inductor C++); the first image pays the compile time")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the physical cores)")
     p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
     p.add_argument("--tiled-vae", action="store_true", help="always decode/encode the VAE in tiles "
@@ -104,6 +115,44 @@ def check_out(out: str, n: int, overwrite: bool) -> tuple[str, str | None]:
     return out, None
 
 
+def check_extras(args: argparse.Namespace, out_file: str | None) -> str | None:
+    """Checks of --preview and --embeddings-dir before any work; returns the embeddings folder (or None)."""
+    if args.preview is not None:
+        if not args.preview.lower().endswith(".png"):
+            raise ValueError(f"--preview {args.preview}: give a .png path")
+        if os.path.isdir(args.preview):
+            raise ValueError(f"--preview {args.preview}: is a folder")
+        if out_file is not None and os.path.abspath(out_file) == os.path.abspath(args.preview):
+            raise ValueError(f"--preview {args.preview}: is the --out file")
+        folder = os.path.dirname(os.path.abspath(args.preview))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--preview {args.preview}: folder {folder} does not exist")
+        from fastsd.files import check_writable_folder
+
+        check_writable_folder(folder, f"--preview {args.preview}")
+    elif args.preview_every != 1:
+        raise ValueError("--preview-every needs --preview FILE")
+    emb = args.embeddings_dir or os.environ.get(EMBEDDINGS_ENV) or None
+    if emb is not None and not os.path.isdir(emb):
+        what = "--embeddings-dir" if args.embeddings_dir else f"${EMBEDDINGS_ENV}"
+        raise ValueError(f"{what} {emb}: no such folder")
+    return emb
+
+
+def preview_writer(path: str | None):
+    """The on_step callback that rewrites the --preview file (atomically) whenever a preview comes."""
+    if path is None:
+        return None
+    from fastsd.files import atomic_write
+    from fastsd.image import png_writer
+
+    def on_step(step: int, total: int, preview) -> None:
+        if preview is not None:
+            atomic_write(path, png_writer(preview))
+
+    return on_step
+
+
 def save(images, folder: str, file: str | None, overwrite: bool, seeds: list[int]) -> list[str]:
     from fastsd.files import write_numbered
     from fastsd.image import png_writer, save_png
@@ -146,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         settings.validate(has_image=args.init_image is not None, has_mask=args.mask is not None,
                           allow_large=args.allow_large)
         folder, file = check_out(args.out, settings.num_images, args.overwrite)
+        embeddings_dir = check_extras(args, file)
         model = args.model or default_model()
     except (ValueError, TypeError) as e:
         return fail(str(e))
@@ -158,15 +208,23 @@ def run(args: argparse.Namespace) -> int:
         check_mask(image, mask)
         loras = lora_files(args, settings.prompt)
         threads = set_threads(args.threads)
-        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend)
+        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=args.vae,
+                             compile=args.compile)
         pipe.offload = args.offload
         for path, weight in loras:
             pipe.load_lora(path, weight)
+        pipe.check_can_encode(image)
+        if embeddings_dir is not None:
+            pipe.load_embeddings(embeddings_dir)
         s = pipe.resolve(settings, image)
-        print(run_summary(pipe, threads, f", {s.width}x{s.height}, {s.steps} steps {s.sampler}, seed {s.seed}"),
+        if pipe.embeddings is not None:  # read the embeddings the prompts name now: a bad one fails before any work
+            pipe.embeddings.used([s.prompt, s.negative_prompt])
+        vae = f", vae {pipe.vae_name}" if pipe.vae_name else ""
+        print(run_summary(pipe, threads, f"{vae}, {s.width}x{s.height}, {s.steps} steps {s.sampler}, seed {s.seed}"),
               file=sys.stderr)
         images = pipe.generate(**s.kwargs(), image=image, mask=mask, progress=not args.no_progress,
-                               tiled_vae=True if args.tiled_vae else None)
+                               tiled_vae=True if args.tiled_vae else None, on_step=preview_writer(args.preview),
+                               preview_every=args.preview_every)
         for path in save(images, folder, file, args.overwrite, [s.seed + i for i in range(s.num_images)]):
             print(path)
     except FileExistsError as e:

@@ -13,6 +13,7 @@ import torch
 from fastsd import backends, cpuinfo
 from fastsd.checkpoint import Checkpoint, build_models, resolve
 from fastsd.pipeline import Pipeline
+from fastsd.vae_files import resolve_vae
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -53,9 +54,14 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_pipeline(source: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                  backend: str = "auto", seed: int = 0) -> Pipeline:
+                  backend: str = "auto", seed: int = 0, vae: str | None = None, compile: bool = False) -> Pipeline:
     """Load an SD1.x model: an LDM .safetensors/.ckpt file, a diffusers folder, a repo id in the local
-    Hugging Face cache, or "random:sd15" / "random:tiny" (random weights from `seed`)."""
+    Hugging Face cache, or "random:sd15" / "random:tiny" (random weights from `seed`).
+
+    vae: what --vae takes (fastsd/vae_files.py): an LDM VAE file, a diffusers VAE folder, or taesd:PATH; it
+    replaces the model's VAE, which is then not read at all. It is found and checked before the model loads.
+    compile: torch.compile the UNet and VAE decoder (fastsd.kernels.compile: CUDA graphs on CUDA, Inductor's C++
+    path on a CPU); the first call at each new shape pays the compile time."""
     if not isinstance(source, str):
         raise TypeError(f"source must be a string (a path, a repo id or random:<preset>), got {type(source).__name__}")
     device = parse_device(device)
@@ -65,14 +71,22 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
                       "(--dtype fp32, the default on this CPU)", stacklevel=2)
     backends.get(backend, device)  # an unknown or unavailable backend fails before any loading
     src = resolve(source)
-    clip, vae, unet, cfg = build_models(src, dtype=dtype, device=device, seed=seed)
-    if isinstance(src, Checkpoint):
-        tokenizer = None
-        if src.tokenizer_dir is not None:
-            from fastsd.tokenizer import Tokenizer
+    cfg = src.config if isinstance(src, Checkpoint) else src
+    vae_src = resolve_vae(vae, cfg) if vae is not None else None
+    clip, kl, unet, cfg = build_models(src, dtype=dtype, device=device, seed=seed, with_vae=vae_src is None)
+    tokenizer = None
+    if isinstance(src, Checkpoint) and src.tokenizer_dir is not None:
+        from fastsd.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer(src.tokenizer_dir)
-        return Pipeline(clip, vae, unet, cfg, tokenizer=tokenizer, device=device, dtype=dtype, backend=backend,
-                        name=src.name, kind=src.kind, path=src.path)
-    return Pipeline(clip, vae, unet, cfg, device=device, dtype=dtype, backend=backend, name=source,
-                    kind="sd1-inpainting" if cfg.unet.in_channels == 9 else "sd1")
+        tokenizer = Tokenizer(src.tokenizer_dir)
+    name, kind, path = ((src.name, src.kind, src.path) if isinstance(src, Checkpoint) else
+                        (source, "sd1-inpainting" if cfg.unet.in_channels == 9 else "sd1", None))
+    pipe = Pipeline(clip, kl, unet, cfg, tokenizer=tokenizer, device=device, dtype=dtype, backend=backend,
+                    name=name, kind=kind, path=path)
+    if vae_src is not None:
+        pipe.set_vae(vae_src.build(dtype=dtype, device=device), vae_src.name, vae_src.path)
+    if compile:
+        from fastsd.kernels.compile import compile_pipeline
+
+        compile_pipeline(pipe)
+    return pipe

@@ -5,6 +5,7 @@ img2img and inpainting (callers such as the benchmark suite or a batch runner ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from fastsd.image import (check_mask, file_hash, format_infotext, latents_previe
                           tensor_to_pil)
 from fastsd.lora import LoraSet, strip_tags
 from fastsd.models.clip import CLIPTextModel
+from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
 from fastsd.samplers import A1111_NAMES, get_sampler
@@ -55,7 +57,7 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, clip: CLIPTextModel, vae: AutoencoderKL, unet: UNet, config: SDConfig, *,
+    def __init__(self, clip: CLIPTextModel, vae: AutoencoderKL | TAESD, unet: UNet, config: SDConfig, *,
                  tokenizer=None, device: torch.device, dtype: torch.dtype, backend: str = "auto",
                  name: str = "", kind: str = "sd1", path: str | None = None):
         self.clip, self.vae, self.unet, self.config = clip, vae, unet, config
@@ -68,6 +70,43 @@ class Pipeline:
         self.offload = False  # keep each model on the CPU except while it runs (CUDA only)
         self._hash: str | None = None
         self._loras = LoraSet()
+        self.vae_name: str | None = None  # a VAE that replaced the model's (set_vae): infotext "VAE"
+        self._vae_file: str | None = None
+        self._vae_hash: str | None = None
+        self.embeddings = None  # fastsd.embeddings.Embeddings: textual inversions named in prompts (load_embeddings)
+
+    # ---- the VAE and the embeddings -----------------------------------------------------------------------
+
+    def set_vae(self, vae: AutoencoderKL | TAESD, name: str | None = None, path: str | None = None) -> None:
+        """Replace the VAE by a built one, named in the infotext by `name` ("VAE") and the hash of the file
+        `path` ("VAE hash"). A TAESD takes the place of the KL VAE (decode, encode, previews)."""
+        self._backend.prepare(vae)
+        self.vae = vae
+        self.config = dataclasses.replace(self.config, vae=vae.cfg)  # config.vae: the VAE that runs
+        self.vae_name, self._vae_file, self._vae_hash = name, path, None
+
+    def load_vae(self, spec: str) -> None:
+        """What load_pipeline's vae= takes (an LDM VAE file, a diffusers VAE folder, taesd:PATH), checked, then
+        swapped in; on any error the current VAE stays."""
+        from fastsd.vae_files import resolve_vae
+
+        src = resolve_vae(spec, self.config)
+        self.set_vae(src.build(dtype=self.dtype, device=self.device), src.name, src.path)
+
+    def check_can_encode(self, image: Image.Image | None) -> None:
+        """ValueError when this run must encode (an init image, a 9-channel model) but the VAE has no encoder
+        (a decoder-only TAESD), so it fails before any work."""
+        if (image is not None or self.config.unet.in_channels == 9) and getattr(self.vae, "encoder", 0) is None:
+            raise ValueError(NO_ENCODER)
+
+    def load_embeddings(self, path: str) -> list[str]:
+        """Make the textual-inversion embeddings of a folder (searched recursively, as A1111) or of one file
+        usable in prompts by their file names (A1111's rule). Returns the names added."""
+        from fastsd.embeddings import Embeddings
+
+        if self.embeddings is None:
+            self.embeddings = Embeddings(self.tokenizer, self.config.clip.hidden_size)
+        return self.embeddings.add(path)
 
     # ---- backend ----------------------------------------------------------------------------------------
 
@@ -133,12 +172,21 @@ class Pipeline:
             self._hash = file_hash(self.path)
         return self._hash
 
+    def vae_hash(self) -> str | None:
+        """A1111's "VAE hash" (sha256[:10] of the VAE file) of a VAE that replaced the model's; None otherwise."""
+        if self._vae_hash is None and self._vae_file is not None:
+            self._vae_hash = file_hash(self._vae_file)
+        return self._vae_hash
+
     def infotext(self, s: GenerationSettings, seed: int, img2img: bool = False) -> str:
         params = {"Steps": s.steps, "Sampler": A1111_NAMES[get_sampler(s.sampler).name], "CFG scale": s.guidance_scale,
                   "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(), "Model": self.name,
+                  "VAE hash": self.vae_hash(), "VAE": self.vae_name,
                   "Denoising strength": s.strength if img2img else None,
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None}
         prompt, params["Lora hashes"] = self._loras.infotext(s.prompt)
+        if self.embeddings is not None:  # A1111's "TI hashes": name: sha256[:12] of each embedding the prompts use
+            params["TI hashes"] = self.embeddings.infotext([s.prompt, s.negative_prompt])
         return format_infotext(prompt, s.negative_prompt, params)
 
     # ---- stage 1: text ----------------------------------------------------------------------------------
@@ -152,7 +200,7 @@ class Pipeline:
             raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
         with self._running(self.clip) as clip:
             ctx = encode_prompts(clip, self.tokenizer, [strip_tags(p) for p in prompts] + list(negative_prompts),
-                                 clip_skip=clip_skip, device=self.device)
+                                 clip_skip=clip_skip, device=self.device, embeddings=self.embeddings)
         return ctx[:len(prompts)], ctx[len(prompts):]
 
     # ---- stage 2: latents -------------------------------------------------------------------------------
@@ -221,11 +269,11 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, p: Prepared, cond: torch.Tensor, uncond: torch.Tensor | None, s: GenerationSettings, *,
-                on_step: OnStep | None = None, progress: bool = True) -> torch.Tensor:
+                on_step: OnStep | None = None, progress: bool = True, preview_every: int = 1) -> torch.Tensor:
         """Run the sampler from p.x to the final latents (diffusers' scale). guidance_scale <= 1 runs no
         unconditional batch (as diffusers and A1111). `on_step(step, total, preview)` after each step, with
-        a cheap preview image of the first image's current prediction; an exception it raises (e.g.
-        `Interrupted`) stops the loop."""
+        a preview image of the first image's current prediction (`preview`) every `preview_every` steps and
+        at the last, None at the others; an exception it raises (e.g. `Interrupted`) stops the loop."""
         spec = get_sampler(s.sampler)
         sched = p.schedule
         guided = s.guidance_scale > 1 and uncond is not None
@@ -240,19 +288,30 @@ class Pipeline:
             if spec.stochastic:
                 opts["noise_sampler"] = lambda sigma, sigma_next: seeded_noise(p.generators, p.x.shape[1:], self.device)
             x = spec(model, p.x, sched.sigmas, extra_args=p.extra, disable=not progress,
-                     callback=self._step_callback(on_step, len(sched)), **opts)
+                     callback=self._step_callback(on_step, len(sched), preview_every), **opts)
         x = x * sched.out_scale
         if p.mask is not None and self.config.unet.in_channels != 9:
             x = p.x0 * (1 - p.mask) + x * p.mask
         return x
 
-    def _step_callback(self, on_step: OnStep | None, total: int):
+    def _step_callback(self, on_step: OnStep | None, total: int, every: int):
         if on_step is None:
             return None
-        return lambda info: on_step(info["i"] + 1, total, self.preview(info["denoised"][:1]))
 
+        def callback(info) -> None:
+            step = info["i"] + 1
+            show = step % every == 0 or step == total
+            on_step(step, total, self.preview(info["denoised"][:1]) if show else None)
+
+        return callback
+
+    @torch.no_grad()
     def preview(self, latents: torch.Tensor) -> Image.Image:
-        """A cheap image of scaled latents (1, 4, h, w): the linear latent-to-RGB approximation, at latent size."""
+        """A cheap image of scaled latents (1, 4, h, w): decoded by TAESD when it is the VAE (full size), else
+        the linear latent-to-RGB approximation (latent size)."""
+        if isinstance(self.vae, TAESD):
+            with self._running(self.vae) as vae:
+                return tensor_to_pil(vae.decode(latents.to(self.device) / self.config.vae.scale_factor).float())[0]
         return latents_preview(latents / self.config.vae.scale_factor)
 
     # ---- stage 4: images --------------------------------------------------------------------------------
@@ -264,10 +323,15 @@ class Pipeline:
     def encode_images(self, images: torch.Tensor, generators: list[torch.Generator] | None,
                       tiled_vae: bool | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents; sampled from the posterior with each image's generator
-        (as diffusers' retrieve_latents), or its mean when generators is None."""
+        (as diffusers' retrieve_latents), or its mean when generators is None. TAESD has no posterior: its
+        latents, which draw nothing from the generators (as diffusers' AutoencoderTiny)."""
         f = self.config.vae.downscale
         with self._running(self.vae) as vae:
             x = images.to(self.device)
+            if isinstance(vae, TAESD):
+                tile = self._tile(tiled_vae, x.shape[3], x.shape[2])
+                z = tiled(vae.encode, x, tile=512, overlap=64, scale=1 / f) if tile else vae.encode(x).float()
+                return z * self.config.vae.scale_factor
             if self._tile(tiled_vae, x.shape[3], x.shape[2]):
                 moments = tiled(lambda t: torch.cat(vae.encode(t), 1), x, tile=512, overlap=64, scale=1 / f)
                 mean, logvar = moments.chunk(2, dim=1)
@@ -317,30 +381,32 @@ class Pipeline:
                  height: int | None = None, num_images: int = 1, strength: float = 0.8, clip_skip: int = 1,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, progress: bool = True, tiled_vae: bool | None = None,
-                 on_step: OnStep | None = None) -> list[Image.Image]:
+                 on_step: OnStep | None = None, preview_every: int = 1) -> list[Image.Image]:
         """txt2img; img2img when `image` is given; inpainting when `mask` is given too (white = repaint).
 
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
         any image can be made again alone. `latents` are unit-variance start noise (num_images, 4, H/8, W/8),
         scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
-        int(steps * strength) steps from the matching point."""
+        int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
+        each step; `preview` is an image every `preview_every` steps and at the last, else None."""
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip)
-        _check_inputs(image, mask, latents, on_step)
+        _check_inputs(image, mask, latents, on_step, preview_every)
         s.validate(has_image=image is not None, has_mask=mask is not None)
         self._loras.check_prompt(s.prompt)
+        self.check_can_encode(image)
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt], s.clip_skip)
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae)
-        x = self.denoise(p, cond, uncond, s, on_step=on_step, progress=progress)
+        x = self.denoise(p, cond, uncond, s, on_step=on_step, progress=progress, preview_every=preview_every)
         images = tensor_to_pil(self.decode(x, tiled_vae))
         for im, seed in zip(images, seeds):  # as A1111: each image carries its own infotext (seed + i)
             im.info["parameters"] = self.infotext(s, seed, img2img=image is not None)
         return images
 
 
-def _check_inputs(image, mask, latents, on_step) -> None:
+def _check_inputs(image, mask, latents, on_step, preview_every) -> None:
     for name, v in (("image", image), ("mask", mask)):
         if v is not None and not isinstance(v, Image.Image):
             raise TypeError(f"{name} must be a PIL image (fastsd.image.load_image reads a file), got {type(v).__name__}")
@@ -348,6 +414,8 @@ def _check_inputs(image, mask, latents, on_step) -> None:
         raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
     if on_step is not None and not callable(on_step):
         raise TypeError("on_step must be callable: on_step(step, total, preview)")
+    if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 1:
+        raise ValueError(f"preview_every must be a positive integer, got {preview_every!r}")
 
 
 __all__ = ["Pipeline", "Prepared", "Interrupted", "seeded_noise"]

@@ -135,8 +135,9 @@ def _safetensors_reader(path: str, offset: int, nbytes: int, dtype: torch.dtype,
     return load
 
 
-def read_pickle_checkpoint(path: str) -> dict[str, TensorRef]:
-    """A torch pickle (.ckpt, .pt, .bin), loaded with weights_only=True: code in the pickle is never run."""
+def torch_load(path: str):
+    """A torch pickle (.ckpt, .pt, .bin) loaded with weights_only=True: code in the pickle is never run.
+    What it holds (tensors, dicts, lists, numbers, strings) as it is; CheckpointError when it can't be read."""
     mmap_ok = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format can't be memory-mapped
     if not mmap_ok:
         with open(path, "rb") as f:
@@ -153,6 +154,12 @@ def read_pickle_checkpoint(path: str) -> dict[str, TensorRef]:
     except Exception as e:  # truncated zip, not a pickle at all, ...
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    return sd
+
+
+def read_pickle_checkpoint(path: str) -> dict[str, TensorRef]:
+    """A torch pickle's state dict (a `state_dict` wrapper is looked into), via torch_load."""
+    sd = torch_load(path)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastsd.checkpoint import ldm_state_dict
-from fastsd.config import SDConfig
+from fastsd.config import SDConfig, TAESDConfig
 
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon")
@@ -46,6 +46,39 @@ def diffusers_vae(cfg: SDConfig):
         up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[v.ch * m for m in v.ch_mult],
         layers_per_block=v.num_res_blocks, latent_channels=v.z_channels, norm_num_groups=v.norm_groups,
         scaling_factor=v.scale_factor, sample_size=256)
+
+
+def diffusers_taesd(cfg: TAESDConfig = TAESDConfig()):
+    """diffusers' AutoencoderTiny of a fastsd TAESDConfig (the default: SD1.5's TAESD, madebyollin/taesd)."""
+    from diffusers import AutoencoderTiny
+
+    n_enc, n_dec = len(cfg.encoder_blocks), len(cfg.decoder_blocks)
+    return AutoencoderTiny(
+        in_channels=cfg.image_channels, out_channels=cfg.image_channels, latent_channels=cfg.latent_channels,
+        encoder_block_out_channels=[cfg.channels] * n_enc, decoder_block_out_channels=[cfg.channels] * n_dec,
+        num_encoder_blocks=list(cfg.encoder_blocks), num_decoder_blocks=list(cfg.decoder_blocks),
+        scaling_factor=cfg.scale_factor)
+
+
+def taesd_diffusers_state_dict(model) -> dict[str, torch.Tensor]:
+    """A fastsd TAESD's weights under AutoencoderTiny's names: the original decoder's index 0 is its Clamp,
+    which diffusers has no module for, so decoder index N is diffusers' layers.N-1."""
+    out = {}
+    for k, v in model.state_dict().items():
+        part, idx, rest = k.split(".", 2)
+        out[f"{part}.layers.{int(idx) - (part == 'decoder')}.{rest}"] = v
+    return out
+
+
+def taesd_twin(model):
+    """diffusers' AutoencoderTiny holding a fastsd TAESD's weights (a copy), strictly loaded."""
+    twin = diffusers_taesd(model.cfg)
+    sd = taesd_diffusers_state_dict(model)
+    if model.encoder is None:  # decoder only: the twin's encoder keeps its own (unused) weights
+        sd.update({k: v for k, v in twin.state_dict().items() if k.startswith("encoder.")})
+    twin.load_state_dict(sd, strict=True)
+    device = next(model.parameters()).device
+    return twin.to(device=device, dtype=model.dtype, memory_format=torch.contiguous_format).eval().requires_grad_(False)
 
 
 def transformers_clip(cfg: SDConfig):

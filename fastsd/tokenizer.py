@@ -169,9 +169,19 @@ class Tokenizer:
         when a chunk is full and its last comma is at most that many tokens back, the tokens
         after the comma move to the next chunk.
         """
+        ids, weights, _ = self.encode_with_embeddings(text, None, comma_backtrack)
+        return ids, weights
+
+    def encode_with_embeddings(self, text: str, embeddings, comma_backtrack: int = 0
+                               ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, object, int]]]:
+        """`encode_weighted` with textual-inversion embeddings (A1111's rule): where the ids of a piece
+        continue with the ids of an embedding's name (``embeddings.find``, fastsd/embeddings.py), its n
+        vectors take n token slots (placeholder id 0, the piece's weight); an embedding that does not fit
+        in the rest of a chunk starts the next. Returns (ids, weights, fixes), fixes = [(chunk, position in
+        the 77-token row, embedding, k)]: that token embedding is to be replaced by the embedding's vector k."""
         parsed = parse_prompt_attention(text)
-        chunks: list[list[tuple[int, float]]] = []
-        chunk: list[tuple[int, float]] = []
+        chunks: list[list[tuple[int, float, tuple | None]]] = []  # (id, weight, (embedding, k) or None)
+        chunk: list[tuple[int, float, tuple | None]] = []
         last_comma = -1
 
         def close() -> None:
@@ -183,7 +193,9 @@ class Tokenizer:
             if (piece, weight) == BREAK:
                 close()
                 continue
-            for token in ids:
+            pos = 0
+            while pos < len(ids):
+                token = ids[pos]
                 if token == self.comma:
                     last_comma = len(chunk)
                 elif comma_backtrack and len(chunk) == CHUNK_LENGTH and last_comma != -1 \
@@ -194,10 +206,20 @@ class Tokenizer:
                     chunk = moved
                 if len(chunk) == CHUNK_LENGTH:
                     close()
-                chunk.append((token, weight))
+                found = embeddings.find(ids, pos) if embeddings is not None else None
+                if found is None:
+                    chunk.append((token, weight, None))
+                    pos += 1
+                    continue
+                emb, n_ids = found
+                if len(chunk) + len(emb.vectors) > CHUNK_LENGTH:
+                    close()
+                chunk += [(0, weight, (emb, k)) for k in range(len(emb.vectors))]
+                pos += n_ids
         if chunk or not chunks:
             close()
 
-        ids_rows = [_wrap([t for t, _ in c]) for c in chunks]
-        weight_rows = [[1.0] + [w for _, w in c] + [1.0] * (CHUNK_LENGTH + 1 - len(c)) for c in chunks]
-        return torch.tensor(ids_rows, dtype=torch.long), torch.tensor(weight_rows, dtype=torch.float32)
+        ids_rows = [_wrap([t for t, _, _ in c]) for c in chunks]
+        weight_rows = [[1.0] + [w for _, w, _ in c] + [1.0] * (CHUNK_LENGTH + 1 - len(c)) for c in chunks]
+        fixes = [(i, 1 + j, *fix) for i, c in enumerate(chunks) for j, (_, _, fix) in enumerate(c) if fix is not None]
+        return torch.tensor(ids_rows, dtype=torch.long), torch.tensor(weight_rows, dtype=torch.float32), fixes

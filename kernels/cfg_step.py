@@ -1,6 +1,5 @@
-"""Fused classifier-free guidance + sampler update, the Triton stand-in for `fastsd.ops.cfg_step`.
-
-Torch reference: `fastsd.ops.cfg_step_reference`.
+"""Fused classifier-free guidance + sampler update, the Triton stand-in for the torch reference
+(`kernels._reference.cfg_step`), registered as `fastsd::cfg_step`.
 
 Every sampler step in `fastsd.samplers` is one linear combination with host-computed coefficients
 (a, b, c, d), and with CFG the denoised prediction is the guided mix of the two halves of the
@@ -30,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rtne, cdiv, check_dtype, interpreter_bf16_fix, interpreter_enabled, next_power_of_2
+from ._utils import cast_rtne, cdiv, check_dtype, check_runnable, interpreter_bf16_fix, launch, next_power_of_2
 
-__all__ = ["cfg_step", "cfg_step_config", "CFGStepConfig"]
+__all__ = ["cfg_step", "cfg_step_config", "CFGStepConfig", "cfg_step_op"]
 
 
 @triton.jit
@@ -99,8 +98,8 @@ def launch_plan(x, uncond, cond, old, noise, x_out, d_out, scale, coeffs):
     args = (absent(x, has_x), absent(uncond, has_unc), cond, absent(old, has_old), absent(noise, has_noise),
             x_out, d_out if has_unc else x_out, n, float(scale) if has_unc else 1.0, a, b, c, d)
     constexprs = dict(HAS_X=has_x, HAS_UNCOND=has_unc, HAS_OLD=has_old, HAS_NOISE=has_noise, BLOCK=cfg.BLOCK,
-                      BF16_FIX_X=interpreter_bf16_fix(x_out.dtype),
-                      BF16_FIX_D=has_unc and interpreter_bf16_fix(d_out.dtype))
+                      BF16_FIX_X=interpreter_bf16_fix(x_out.dtype, x_out.device),
+                      BF16_FIX_D=has_unc and interpreter_bf16_fix(d_out.dtype, d_out.device))
     return _cfg_step_kernel, (cdiv(n, cfg.BLOCK),), args, constexprs, dict(num_warps=cfg.num_warps, num_stages=1)
 
 
@@ -108,10 +107,63 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _forward(x, uncond, cond, scale, coeffs, old_denoised, noise):
+    x_dt, d_dt = result_dtypes(x, uncond, cond)
+    x_out = torch.empty(x.shape, dtype=x_dt, device=x.device)
+    d_out = torch.empty(x.shape if uncond is not None else (0,), dtype=d_dt, device=x.device)
+    if x.numel() == 0:
+        return x_out, d_out
+    x, cond = _flat(x), _flat(cond)
+    uncond, old_denoised, noise = (None if t is None else _flat(t) for t in (uncond, old_denoised, noise))
+    launch(launch_plan(x, uncond, cond, old_denoised, noise, x_out, d_out, scale, coeffs), x.device)
+    return x_out, d_out
+
+
+# ---------------------------------------------------------------------------------------------- registered op
+@torch.library.custom_op("fastsd::cfg_step", mutates_args=())
+def cfg_step_op(x: torch.Tensor, uncond: torch.Tensor | None, cond: torch.Tensor, scale: float | None,
+                coeffs: list[float], old_denoised: torch.Tensor | None,
+                noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_next, denoised); without guidance denoised is `cond` itself, which an op may not return (outputs
+    never alias inputs): the op then returns an empty second output and `cfg_step` hands back `cond`."""
+    return _forward(x, uncond, cond, scale, coeffs, old_denoised, noise)
+
+
+@cfg_step_op.register_fake
+def _cfg_step_fake(x, uncond, cond, scale, coeffs, old_denoised, noise):
+    x_dt, d_dt = result_dtypes(x, uncond, cond)
+    return (torch.empty(x.shape, dtype=x_dt, device=x.device),
+            torch.empty(x.shape if uncond is not None else (0,), dtype=d_dt, device=x.device))
+
+
+def _cfg_setup(ctx, inputs, output):
+    x, uncond, cond, scale, coeffs, old, noise = inputs
+    ctx.meta = [(t.dtype if t is not None else None) for t in (x, uncond, cond, old, noise)]
+    ctx.scale, ctx.coeffs = scale, tuple(coeffs)
+
+
+def _cfg_backward(ctx, g_x, g_den):
+    """The update is linear: x_next = a x + b den + c old + d noise, den = (1 - s) uncond + s cond."""
+    a, b, c, d = ctx.coeffs
+    x_dt, unc_dt, cond_dt, old_dt, noise_dt = ctx.meta
+    gx = g_x.float()
+    g_total = gx * b
+    if unc_dt is not None and g_den is not None and g_den.numel():
+        g_total = g_total + g_den.float()
+    cast = lambda t, dt: None if dt is None else t.to(dt)
+    s = ctx.scale if unc_dt is not None else 1.0
+    return (cast(gx * a, x_dt), cast(g_total * (1 - s), unc_dt), cast(g_total * s, cond_dt), None, None,
+            cast(gx * c, old_dt), cast(gx * d, noise_dt))
+
+
+cfg_step_op.register_autograd(_cfg_backward, setup_context=_cfg_setup)
+
+
 def cfg_step(x: torch.Tensor, uncond: torch.Tensor | None, cond: torch.Tensor, scale: float | None,
              coeffs: tuple[float, float, float, float], old_denoised: torch.Tensor | None = None,
              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_next, denoised); see the module docstring and `fastsd.ops.cfg_step` for the contract."""
+    """(x_next, denoised); see the module docstring and the reference's contract. Differentiable (through
+    `fastsd::cfg_step`'s registered backward)."""
     a, b, c, d = coeffs
     if c != 0 and old_denoised is None:
         raise ValueError("coeffs c != 0 needs old_denoised")
@@ -128,18 +180,7 @@ def cfg_step(x: torch.Tensor, uncond: torch.Tensor | None, cond: torch.Tensor, s
             raise ValueError(f"{name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    if x.device.type == "cpu" and not interpreter_enabled():
-        raise RuntimeError("kernels.cfg_step on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
-    x_dt, d_dt = result_dtypes(x, uncond, cond)
-    x_out = torch.empty(x.shape, dtype=x_dt, device=x.device)
-    d_out = torch.empty(x.shape, dtype=d_dt, device=x.device) if uncond is not None else cond
-    if x.numel() == 0:
-        return x_out, d_out
-    x, cond = _flat(x), _flat(cond)
-    uncond, old_denoised, noise = (None if t is None else _flat(t) for t in (uncond, old_denoised, noise))
-    kernel, grid, args, constexprs, options = launch_plan(x, uncond, cond, old_denoised, noise, x_out, d_out,
-                                                          scale, coeffs)
-    if interpreter_enabled():
-        options = {}
-    kernel[grid](*args, **constexprs, **options)
-    return x_out, d_out
+    check_runnable("cfg_step", x.device)
+    x_next, den = cfg_step_op(x, uncond, cond, None if scale is None else float(scale),
+                              [float(v) for v in coeffs], old_denoised if c != 0 else None, noise if d != 0 else None)
+    return x_next, (den if uncond is not None else cond)

@@ -5,7 +5,8 @@
   cpu     cpu.py        PyTorch tuned for oneDNN on a CPU: channels_last, prepacked weights, chunked bf16
                         attention and feed-forward, each piece where it is measured faster on this CPU
   triton  triton.py     the Triton kernels of fastsd.kernels (CUDA, or a CPU under the interpreter)
-  auto                  triton on CUDA, cpu on a CPU
+  auto                  on CUDA the kernels where supported and not measured slower (kernels/verdicts.py),
+                        cpu on a CPU
 
 A `Backend` is an op table (`Ops`) plus `prepare(model)` / `unprepare(model)`: prepare puts the table on
 every module that calls ops and lays the model out for the backend; unprepare gives the plain model back.
@@ -95,7 +96,7 @@ def resolve(name: str, device: torch.device) -> str:
 def get(name: str, device: torch.device | str = "cpu") -> Backend:
     """The backend `name` ("auto" resolved for `device`); BackendError when it can't run there."""
     device = torch.device(device)
-    name = resolve(name, device)
+    requested, name = name, resolve(name, device)
     if name == "torch":
         from fastsd.backends.reference import BACKEND
 
@@ -106,9 +107,9 @@ def get(name: str, device: torch.device | str = "cpu") -> Backend:
         from fastsd.backends.cpu import BACKEND
 
         return BACKEND
-    from fastsd.backends.triton import BACKEND, unavailable
+    from fastsd.backends.triton import AUTO_BACKEND, BACKEND, unavailable
 
     why = unavailable(device)
     if why is not None:
         raise BackendError(f"backend 'triton' was requested but {why}")
-    return BACKEND
+    return AUTO_BACKEND if requested == "auto" else BACKEND

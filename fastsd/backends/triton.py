@@ -1,8 +1,14 @@
-"""The triton backend: the kernels of fastsd.kernels (one per op) where their contract covers the call,
-the reference ops elsewhere (CLIP's causal attention, the VAE's 512-wide head, autograd, other dtypes).
+"""The triton backend: the kernels of fastsd.kernels (registered ops `fastsd::attention`, `fastsd::group_norm`,
+`fastsd::cfg_step`, with a backward) wherever `fastsd.kernels.dispatch.supports` says their contract covers the
+call (device, arch, dtype, shapes), the reference ops elsewhere (CLIP's causal attention, the VAE's 512-wide head,
+fp32 attention at a padded head dim > 128 on a GPU, float64).
 
-Runs on CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton
-is imported). Models keep their layout (prepare only hands them this op table).
+Two op tables: `triton` takes the kernel wherever it is supported; `auto` on CUDA also follows the verdict file
+written by the kernels benchmark suite on that GPU (kernels/verdicts.py): where torch was measured faster at a
+shape, torch runs there.
+
+Runs on CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
+imported). Models keep their layout (prepare only hands them this op table).
 """
 from __future__ import annotations
 
@@ -12,9 +18,6 @@ import os
 import torch
 
 from fastsd.backends import Backend, Ops, reference
-
-KERNEL_MAX_HEAD_DIM = 256  # the attention kernel keeps one (BLOCK_M, D) accumulator in registers
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -43,42 +46,49 @@ def unavailable(device: torch.device) -> str | None:
             "under the Triton interpreter (set TRITON_INTERPRET=1 before starting Python)")
 
 
-def _autograd(*tensors: torch.Tensor | None) -> bool:
-    """The kernels have no backward: calls that autograd must follow take the reference ops."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _takes_kernel(follow_verdicts: bool, op: str, *tensors, **kw) -> bool:
+    from fastsd.kernels import dispatch
+
+    if follow_verdicts:
+        return dispatch.auto_prefers_triton(op, *tensors, **kw)
+    return dispatch.supports(op, *tensors, **kw) is None
 
 
-def attention(q, k, v, *, scale=None, causal=False):
-    if causal or q.shape[-1] > KERNEL_MAX_HEAD_DIM or _autograd(q, k, v):
-        return reference.attention(q, k, v, scale=scale, causal=causal)
-    from fastsd.kernels import attention as kernel
+def make_ops(follow_verdicts: bool) -> Ops:
+    """The op table: the kernel where it is supported (and, with `follow_verdicts`, not measured slower)."""
 
-    return kernel.attention(q, k, v, scale=scale)
+    def attention(q, k, v, *, scale=None, causal=False):
+        if not _takes_kernel(follow_verdicts, "attention", q, k, v, causal=causal):
+            return reference.attention(q, k, v, scale=scale, causal=causal)
+        from fastsd.kernels import attention as kernel
 
+        return kernel.attention(q, k, v, scale=scale)
 
-def group_norm(x, num_groups, weight, bias, *, eps=1e-5, silu=False):
-    if x.dim() != 4 or _autograd(x, weight, bias):
-        return reference.group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
-    from fastsd.kernels import group_norm as kernel
+    def group_norm(x, num_groups, weight, bias, *, eps=1e-5, silu=False):
+        if not _takes_kernel(follow_verdicts, "group_norm", x, weight, bias, num_groups=num_groups, silu=silu):
+            return reference.group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
+        from fastsd.kernels import group_norm as kernel
 
-    return kernel.group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
+        return kernel.group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
 
+    def cfg_step(x, uncond, cond, scale, coeffs, old_denoised=None, noise=None):
+        if not _takes_kernel(follow_verdicts, "cfg_step", x, uncond, cond, old_denoised, noise):
+            return reference.cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise)
+        from fastsd.kernels import cfg_step as kernel
 
-def cfg_step(x, uncond, cond, scale, coeffs, old_denoised=None, noise=None):
-    """The fused kernel for fp32/fp16/bf16 tensors of one shape and device; anything else (e.g. the
-    float64 sampler tests) takes the reference."""
-    tensors = [t for t in (x, uncond, cond, old_denoised, noise) if t is not None]
-    if not all(t.dtype in KERNEL_DTYPES and t.shape == cond.shape and t.device == cond.device for t in tensors) \
-            or _autograd(*tensors):
-        return reference.cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise)
-    from fastsd.kernels import cfg_step as kernel
+        return kernel.cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise)
 
-    return kernel.cfg_step(x, uncond, cond, scale, coeffs, old_denoised, noise)
+    return Ops(attention=attention, group_norm=group_norm, feed_forward=reference.feed_forward, cfg_step=cfg_step)
 
 
 class TritonBackend(Backend):
     name = "triton"
 
 
-OPS = Ops(attention=attention, group_norm=group_norm, feed_forward=reference.feed_forward, cfg_step=cfg_step)
+class AutoTritonBackend(TritonBackend):
+    name = "auto:triton"
+
+
+OPS = make_ops(follow_verdicts=False)
 BACKEND = TritonBackend(OPS)
+AUTO_BACKEND = AutoTritonBackend(make_ops(follow_verdicts=True))

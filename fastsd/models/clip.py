@@ -56,16 +56,19 @@ class CLIPTextModel(nn.Module):
         tm.encoder.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.num_layers)])
         tm.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, N<=77) -> (hidden (B, N, D), pooled (B, D)).
 
         clip_skip follows A1111: 1 uses the last layer, k uses the output of layer -k; the final
-        LayerNorm is applied either way (as A1111 and diffusers do)."""
+        LayerNorm is applied either way (as A1111 and diffusers do). token_embeds (B, N, D): used instead of
+        token_embedding(ids) (textual inversion puts its vectors there); ids still place the pooled EOS."""
         if not 1 <= clip_skip <= self.cfg.num_layers:
             raise ValueError(f"clip_skip must be in 1..{self.cfg.num_layers}, got {clip_skip}")
         tm = self.text_model
         pos = torch.arange(ids.shape[1], device=ids.device)
-        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding(pos)[None]
+        tok = tm.embeddings.token_embedding(ids) if token_embeds is None else token_embeds
+        x = tok + tm.embeddings.position_embedding(pos)[None]
         for layer in tm.encoder.layers[: len(tm.encoder.layers) - (clip_skip - 1)]:
             x = layer(x)
         x = tm.final_layer_norm(x)

@@ -1,10 +1,12 @@
-"""kernels.group_norm vs the torch reference (fastsd.backends.reference.group_norm), under the Triton interpreter."""
+"""kernels.group_norm vs the torch reference (kernels._reference.group_norm), under the Triton interpreter:
+the one-launch kernel and the split-statistics path, gradients through the registered op, opcheck."""
 import pytest
 import torch
 
 from fastsd import backends
-from fastsd.backends.reference import group_norm as group_norm_reference
-from fastsd.kernels.group_norm import group_norm, group_norm_config
+from fastsd.kernels import shapes
+from fastsd.kernels._reference import group_norm as group_norm_reference
+from fastsd.kernels.group_norm import fused_config, group_norm, group_norm_config, group_norm_op, launch_count
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP32_RTOL = 1e-4
@@ -77,7 +79,7 @@ def test_group_norm_default_split_heuristic():
     # a default multi-split launch, end to end (NCHW, 80x80 = 6400 > 4 tiles of 1024)
     x, w, b = _make(1, 128, 80, 80, torch.float16, False, seed=2)
     assert group_norm_config(1, 128, 6400, 32, False).num_splits == 2
-    _check(x, 32, w, b, 1e-6, True)
+    _check(x, 32, w, b, 1e-6, True, _sp_per_prog=group_norm_config(1, 128, 6400, 32, False).sp_per_prog)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -110,3 +112,71 @@ def test_ops_group_norm_triton_backend_matches_torch(channels_last):
     ref = backends.get("torch").ops.group_norm(x, 32, w, b, eps=1e-5, silu=True)
     out = backends.get("triton").ops.group_norm(x, 32, w, b, eps=1e-5, silu=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_group_norm_one_launch_at_every_unet_shape():
+    """Issue #14: one launch per call for every UNet norm (512 and 768 px) and the 512 px VAE decoder's 64x64
+    level; split statistics only for the big VAE levels. 61 UNet launches per step (was 183)."""
+    for res in (512, 768):
+        for c in shapes.unet_group_norm_calls(res, 2):
+            assert launch_count(c.N, c.C, c.H, c.W, c.groups) == 1, c
+    vae = shapes.vae_decoder_group_norm_calls(512)
+    assert all(launch_count(c.N, c.C, c.H, c.W, c.groups) == 1 for c in vae if c.H <= 64)
+    assert any(launch_count(c.N, c.C, c.H, c.W, c.groups) == 3 for c in vae if c.H == 512)
+    assert sum(c.count * launch_count(c.N, c.C, c.H, c.W, c.groups) for c in shapes.unet_group_norm_calls(512)) == 61
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("N,C,H,W,dtype", [(2, 640, 12, 12, "fp16"), (1, 96, 9, 16, "bf16"), (2, 64, 33, 31, "fp32")])
+def test_group_norm_fused_tiles(N, C, H, W, dtype, channels_last):
+    """The one-launch kernel's tile choices: exact tiles (12x12 = 9 x 16), masked channel rows, odd planes."""
+    assert fused_config(C, H * W, 32, channels_last) is not None
+    x, w, b = _make(N, C, H, W, DTYPES[dtype], channels_last, seed=12)
+    _check(x, 32, w, b, 1e-5, True)
+
+
+def test_group_norm_non_contiguous_view():
+    """A view that is neither NCHW- nor NHWC-like (a spatial crop): copied once, same result."""
+    x, w, b = _make(1, 64, 10, 12, torch.float32, False, seed=13)
+    view = x[:, :, 1:8, 2:9]
+    assert not view.is_contiguous()
+    y = group_norm(view, 32, w, b, eps=1e-5, silu=True)
+    torch.testing.assert_close(y, group_norm_reference(view, 32, w, b, eps=1e-5, silu=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,channels_last,affine,silu", [("fp32", False, True, True), ("fp32", True, False, False),
+                                                             ("bf16", False, True, True), ("fp16", True, True, False)])
+def test_group_norm_gradients_match_reference(dtype, channels_last, affine, silu):
+    """dx, dweight, dbias through fastsd::group_norm's registered backward vs autograd through the reference;
+    fp16/bf16 within 2x the reference's own error against fp32."""
+    x, w, b = _make(2, 64, 5, 7, DTYPES[dtype], channels_last, seed=14, affine=affine)
+    if affine:
+        w, b = w.to(x.dtype), b.to(x.dtype)
+    gout = torch.randn(x.shape, generator=torch.Generator().manual_seed(15)).to(x.dtype)
+
+    def grads(fn, tensors):
+        leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+        fn(*leaves).backward(gout.to(leaves[0].dtype))
+        return [None if t is None else t.grad for t in leaves]
+
+    f = lambda a, c, d: group_norm(a, 32, c, d, eps=1e-5, silu=silu)
+    r = lambda a, c, d: group_norm_reference(a, 32, c, d, eps=1e-5, silu=silu)
+    up = lambda t: None if t is None else t.float()
+    got, ref, ref32 = grads(f, (x, w, b)), grads(r, (x, w, b)), grads(r, (up(x), up(w), up(b)))
+    for a, rr, r32 in zip(got, ref, ref32):
+        if r32 is None:
+            assert a is None
+            continue
+        err = (a.float() - r32).abs().max().item()
+        scale = r32.abs().max().item()
+        if dtype == "fp32":
+            assert err <= 1e-4 * scale, err
+        else:
+            assert err <= 2 * (rr.float() - r32).abs().max().item() + 1e-6 * scale, err
+
+
+def test_group_norm_opcheck():
+    x, w, b = _make(1, 32, 3, 5, torch.float32, False, seed=16)
+    torch.library.opcheck(group_norm_op, (x, 8, w, b, 1e-5, True))
+    torch.library.opcheck(group_norm_op, (x.to(memory_format=torch.channels_last).requires_grad_(), 8, None, None,
+                                          1e-6, False))

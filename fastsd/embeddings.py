@@ -1,0 +1,145 @@
+"""Textual-inversion embeddings, used the A1111 way: a prompt word equal to an embedding file's name (its
+stem) stands for the embedding's vectors.
+
+Files: A1111's `.pt` (`string_to_param: {"*": (n, 768)}`, read with torch.load(weights_only=True)), its
+`.safetensors` (`emb_params`), and diffusers' `learned_embeds.bin` / `.safetensors` (`{token: (768,) or
+(n, 768)}`; named by their folder, as the name learned_embeds says nothing). A folder is searched recursively; files are indexed by name at once but read only when a
+prompt uses them, so a broken file that no prompt names costs nothing, and one that a prompt names is a
+one-line CheckpointError (wrong width, SDXL's clip_l/clip_g, not an embedding at all).
+
+Matching is A1111's: on token ids. The name is tokenized like the prompt; where a prompt piece's ids
+continue with a name's ids (the longest name first) the embedding takes that place, n vectors in n token
+slots (fastsd/tokenizer.py `encode_with_embeddings`), and fastsd/conditioning.py puts the vectors in place
+of those token embeddings (the model's weights are never touched).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastsd.tensorfile import CheckpointError, read_safetensors, torch_load
+from fastsd.tokenizer import CHUNK_LENGTH
+
+EXTS = (".safetensors", ".pt", ".bin")
+
+
+@dataclass(frozen=True)
+class Embedding:
+    name: str
+    vectors: torch.Tensor  # (n, D) float32
+    path: str
+    hash: str  # A1111's short hash: sha256[:12] of the file (the infotext's "TI hashes")
+
+
+def read_embedding(path: str, name: str, width: int) -> Embedding:
+    """One embedding file -> Embedding, checked against the text encoder's `width`."""
+    if path.endswith(".safetensors"):
+        data = {k: ref.load() for k, ref in read_safetensors(path).items()}
+    else:
+        data = torch_load(path)
+    vec = _vectors(data, path)
+    if vec.ndim == 1:
+        vec = vec[None]
+    if vec.ndim != 2 or vec.shape[0] == 0:
+        raise CheckpointError(f"{path}: an embedding of shape {tuple(vec.shape)}; expected (vectors, {width})")
+    if vec.shape[1] != width:
+        hint = " (a Stable Diffusion 2.x embedding)" if vec.shape[1] == 1024 else ""
+        raise CheckpointError(f"{path}: an embedding of width {vec.shape[1]}{hint}; this model's text encoder "
+                              f"takes {width}")
+    if vec.shape[0] > CHUNK_LENGTH:
+        raise CheckpointError(f"{path}: {vec.shape[0]} vectors; an embedding must fit in one {CHUNK_LENGTH}-token "
+                              "chunk")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return Embedding(name, vec.detach().float().contiguous(), path, h.hexdigest()[:12])
+
+
+def _vectors(data, path: str) -> torch.Tensor:
+    """The (n, D) tensor of an A1111, A1111-safetensors or diffusers embedding file."""
+    if not isinstance(data, dict) or not data:
+        raise CheckpointError(f"{path}: not a textual-inversion embedding (holds a {type(data).__name__})")
+    if "string_to_param" in data:  # A1111 .pt: {"string_to_param": {"*": tensor}, "name": ..., "step": ...}
+        params = data["string_to_param"]
+        tensors = list(params.values()) if isinstance(params, dict) else []
+        if len(tensors) != 1 or not isinstance(tensors[0], torch.Tensor):
+            raise CheckpointError(f"{path}: string_to_param holds {len(tensors)} entries; an embedding has one")
+        return tensors[0]
+    if "emb_params" in data:  # A1111 .safetensors
+        return data["emb_params"]
+    if "clip_l" in data or "clip_g" in data:
+        raise CheckpointError(f"{path}: an SDXL embedding (clip_l / clip_g); fastsd runs Stable Diffusion 1.x")
+    tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+    if len(data) == 1 and len(tensors) == 1:  # diffusers: {token: tensor}
+        return tensors[0]
+    raise CheckpointError(f"{path}: not a textual-inversion embedding (no string_to_param or emb_params; keys "
+                          f"{', '.join(list(map(str, data))[:5])})")
+
+
+def _name(path: str) -> str:
+    """The prompt word of an embedding file: its stem (A1111), or for diffusers' learned_embeds.* (a concept
+    folder such as sd-concepts-library/cat-toy) its folder's name."""
+    p = Path(path)
+    return p.parent.name if p.stem == "learned_embeds" and p.parent.name else p.stem
+
+
+class Embeddings:
+    """The embeddings a pipeline's prompts may name: files indexed by name, read on first use."""
+
+    def __init__(self, tokenizer, width: int):
+        self.tokenizer, self.width = tokenizer, width
+        self.files: dict[str, str] = {}  # name -> path
+        self._loaded: dict[str, Embedding] = {}
+        self._lookup: dict[int, list[tuple[tuple[int, ...], str]]] = {}  # first id -> [(ids, name)], longest first
+
+    def add(self, path: str) -> list[str]:
+        """Index a folder (recursively; empty files skipped, as A1111) or one file; a name indexed before is
+        replaced. Returns the names added."""
+        if os.path.isdir(path):
+            found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in EXTS and p.is_file()
+                           and p.stat().st_size > 0)
+        elif os.path.isfile(path):
+            found = [path]
+        else:
+            raise CheckpointError(f"{path}: no such file or folder")
+        names = [_name(p) for p in found]
+        added: set[str] = set()
+        for name, p, ids in zip(names, found, self.tokenizer.encode_batch(names)):
+            if not ids or name in added:  # of two files with one name, the first in sorted order (as fastsd.serve)
+                continue
+            added.add(name)
+            self.files[name] = p
+            self._loaded.pop(name, None)
+            rest = [e for e in self._lookup.get(ids[0], []) if e[1] != name]
+            self._lookup[ids[0]] = sorted(rest + [(tuple(ids), name)], key=lambda e: len(e[0]), reverse=True)
+        return sorted(added)
+
+    def get(self, name: str) -> Embedding:
+        if name not in self._loaded:
+            self._loaded[name] = read_embedding(self.files[name], name, self.width)
+        return self._loaded[name]
+
+    def find(self, ids: list[int], pos: int) -> tuple[Embedding, int] | None:
+        """The embedding whose name's ids start at ids[pos] (the longest), and how many ids it covers."""
+        for name_ids, name in self._lookup.get(ids[pos], ()):
+            if tuple(ids[pos:pos + len(name_ids)]) == name_ids:
+                return self.get(name), len(name_ids)
+        return None
+
+    def used(self, texts: list[str]) -> list[Embedding]:
+        """The embeddings these prompts use (as encoding them would), in order of first use."""
+        seen: dict[str, Embedding] = {}
+        for text in texts:
+            for _, _, emb, _ in self.tokenizer.encode_with_embeddings(text, self)[2]:
+                seen.setdefault(emb.name, emb)
+        return list(seen.values())
+
+    def infotext(self, texts: list[str]) -> str | None:
+        """A1111's "TI hashes" value: "name: hash, name: hash" (':' and ',' taken out of names), or None."""
+        used = self.used(texts)
+        return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.hash}" for e in used) or None

@@ -1,0 +1,199 @@
+"""What `--vae` / `load_pipeline(vae=...)` names, found and checked before any weight is read.
+
+- An LDM VAE file (`.safetensors`, or `.ckpt`/`.pt` via torch.load(weights_only=True)): `encoder.*`,
+  `decoder.*`, `quant_conv.*`, `post_quant_conv.*`, with or without the `first_stage_model.` prefix. The
+  training leftovers of EMA files such as vae-ft-mse-840000-ema-pruned (`model_ema.decay`,
+  `model_ema.num_updates`, `loss.*`) are skipped, as A1111 does. A diffusers AutoencoderKL weights file
+  (`down_blocks` names) is renamed by the rules of fastsd/convert.py.
+- A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.*).
+- TAESD (`taesd:PATH`, or recognised by its keys): a decoder file (`taesd_decoder.safetensors` / `.pth`,
+  keys are nn.Sequential indices) with its encoder found beside it by name (`taesd_encoder.*`; without
+  one, TAESD decodes only); a folder holding them; a diffusers AutoencoderTiny folder or weights file
+  (`decoder.layers.N`).
+
+The VAE must make the UNet's latent channels, and a diffusers folder must use the model's latent scaling
+factor (an SDXL VAE folder says 0.13025). Loading is strict: missing, unexpected and wrong-shape keys are
+named. Every error is a one-line CheckpointError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastsd import convert
+from fastsd.checkpoint import _folder_weights, _json, _names, detect_family, diffusers_vae, fill, mismatches
+from fastsd.config import SDConfig, TAESDConfig, VAEConfig
+from fastsd.models.taesd import TAESD
+from fastsd.models.vae import AutoencoderKL
+from fastsd.tensorfile import CheckpointError, TensorRef, read_tensor_file
+
+TAESD_PREFIX = "taesd:"
+WEIGHT_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # safetensors first
+IGNORED = re.compile(r"^(loss|model_ema)\.")
+TAESD_KEY = re.compile(r"^((encoder|decoder)\.)?(layers\.)?\d+\.")
+
+
+@dataclass
+class VAESource:
+    """A VAE found and checked, not read yet."""
+
+    kind: str                          # "kl" (AutoencoderKL) or "taesd"
+    config: VAEConfig | TAESDConfig
+    refs: dict[str, TensorRef]         # under fastsd's module names
+    name: str                          # the infotext's "VAE": file name with extension, or folder name
+    path: str | None                   # the file behind the infotext's "VAE hash"; None for folders
+    origin: str                        # what the user named, for messages
+
+    def module(self) -> nn.Module:
+        """The model, built on the meta device (no memory) until `build` fills it."""
+        with torch.device("meta"):
+            if self.kind == "kl":
+                return AutoencoderKL(self.config)
+            return TAESD(self.config, with_encoder=any(k.startswith("encoder.") for k in self.refs))
+
+    def build(self, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        return fill(self.module(), self.refs, dtype=dtype, device=device).requires_grad_(False)
+
+
+def resolve_vae(spec: str, model: SDConfig) -> VAESource:
+    """Find what `spec` names (a file, a folder, or taesd:PATH) and check it fits `model`; reads headers only."""
+    if not isinstance(spec, str):
+        raise TypeError(f"vae must be a string (a file, a folder or taesd:PATH), got {type(spec).__name__}")
+    taesd = spec == "taesd" or spec.startswith(TAESD_PREFIX)
+    path = spec[len(TAESD_PREFIX):] if spec.startswith(TAESD_PREFIX) else ("" if taesd else spec)
+    if not path:
+        raise CheckpointError("taesd needs a path: --vae taesd:FILE (taesd_decoder.safetensors or .pth), or a folder")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    src = _from_folder(Path(path), taesd, model) if os.path.isdir(path) else _from_file(path, taesd)
+    latent = src.config.embed_dim if src.kind == "kl" else src.config.latent_channels
+    if latent != model.unet.out_channels:
+        raise CheckpointError(f"{path}: this VAE has {latent} latent channels but the model's UNet makes "
+                              f"{model.unet.out_channels} (a VAE for another model family?)")
+    if src.kind == "kl":  # the latents' scale belongs to the UNet's latent space: the model's
+        src.config = dataclasses.replace(src.config, scale_factor=model.vae.scale_factor)
+    problems = [p for p in mismatches(src.module(), src.refs) if p]
+    if problems:
+        what = "TAESD" if src.kind == "taesd" else "VAE"
+        raise CheckpointError(f"{path}: {what} weights do not fit the model: " + "; ".join(problems))
+    return src
+
+
+# ---- folders -------------------------------------------------------------------------------------------
+
+def _from_folder(root: Path, taesd: bool, model: SDConfig) -> VAESource:
+    if (root / "config.json").exists():
+        cfg = _json(root / "config.json")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{root / 'config.json'}: a JSON {type(cfg).__name__}, not a diffusers config")
+        cls = cfg.get("_class_name")
+        if cls == "AutoencoderTiny":
+            return _taesd_diffusers_folder(root, cfg)
+        if cls == "AutoencoderKL" and not taesd:
+            vcfg, refs = diffusers_vae(root)
+            if abs(vcfg.scale_factor - model.vae.scale_factor) > 1e-6:
+                raise CheckpointError(f"{root}: its scaling_factor {vcfg.scale_factor} is not the model's "
+                                      f"{model.vae.scale_factor} (an SDXL VAE? SD1.x VAEs use 0.18215)")
+            return VAESource("kl", vcfg, refs, root.name, None, str(root))
+        want = "a TAESD (AutoencoderTiny)" if taesd else "a VAE (AutoencoderKL or AutoencoderTiny)"
+        raise CheckpointError(f"{root}: a diffusers {cls} folder, not {want}")
+    decoder = _first_file(root, "taesd_decoder")
+    if decoder is not None:
+        return _taesd_files(decoder)
+    raise CheckpointError(f"{root}: no VAE in this folder (no config.json of a diffusers AutoencoderKL or "
+                          "AutoencoderTiny, no taesd_decoder.safetensors/.pth)")
+
+
+def _taesd_diffusers_folder(root: Path, cfg: dict) -> VAESource:
+    for key, want in (("act_fn", "relu"), ("upsample_fn", "nearest"), ("upsampling_scaling_factor", 2),
+                      ("shift_factor", 0.0)):
+        if (cfg.get(key) or want) != want:
+            raise CheckpointError(f"{root}: an AutoencoderTiny with {key} {cfg[key]!r}; fastsd runs TAESD's {want!r}")
+    scale = cfg.get("scaling_factor") or 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise CheckpointError(f"{root}: scaling_factor {scale!r} in config.json is not a number")
+    refs = convert.rename(_folder_weights(root, ("diffusion_pytorch_model",)), convert.TAESD_RULES)
+    return _taesd_source(refs, root.name, None, str(root), scale=float(scale))
+
+
+def _first_file(folder: Path, stem: str) -> str | None:
+    for ext in WEIGHT_EXTS:
+        if (folder / (stem + ext)).is_file():
+            return str(folder / (stem + ext))
+    return None
+
+
+# ---- files ---------------------------------------------------------------------------------------------
+
+def _from_file(path: str, taesd: bool) -> VAESource:
+    refs = read_tensor_file(path)
+    keys = list(refs)
+    if keys and (any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys)
+                 or all(TAESD_KEY.match(k) for k in keys)):
+        return _taesd_files(path, refs)
+    if taesd:
+        raise CheckpointError(f"{path}: not a TAESD file (tensors such as {_names(keys, 3)})")
+    return _kl_file(path, refs)
+
+
+def _taesd_files(path: str, refs: dict[str, TensorRef] | None = None) -> VAESource:
+    """A TAESD file: both halves in one (diffusers' or fastsd's names), or one half of the original pair,
+    whose other half is looked for beside it under the same name with encoder/decoder swapped."""
+    refs = read_tensor_file(path) if refs is None else refs
+    if any(k.startswith(("encoder.", "decoder.")) for k in refs):
+        return _taesd_source(convert.rename(refs, convert.TAESD_RULES), os.path.basename(path), path, path)
+    role = "encoder" if "0.weight" in refs else "decoder"  # the decoder's index 0 is the parameter-free Clamp
+    other = _partner(path, role)
+    if role == "encoder":
+        if other is None:
+            raise CheckpointError(f"{path}: a TAESD encoder, and no decoder beside it (the same name with "
+                                  "'decoder'); TAESD needs its decoder")
+        enc, dec, dec_path = refs, read_tensor_file(other), other
+    else:
+        enc, dec, dec_path = (read_tensor_file(other) if other else {}), refs, path
+    named = {**{"decoder." + k: v for k, v in dec.items()}, **{"encoder." + k: v for k, v in enc.items()}}
+    return _taesd_source(named, os.path.basename(dec_path), dec_path, path)
+
+
+def _partner(path: str, role: str) -> str | None:
+    folder, stem = os.path.dirname(path), Path(path).name
+    stem = stem[: -len(Path(stem).suffix)] if Path(stem).suffix else stem
+    if role not in stem:
+        return None
+    other = ("encoder" if role == "decoder" else "decoder").join(stem.rsplit(role, 1))
+    return _first_file(Path(folder), other)
+
+
+def _taesd_source(refs: dict[str, TensorRef], name: str, path: str | None, origin: str,
+                  scale: float = 1.0) -> VAESource:
+    try:
+        cfg = convert.taesd_config_from_keys(refs, scale)
+    except CheckpointError as e:
+        raise CheckpointError(f"{origin}: {e}") from None
+    return VAESource("taesd", cfg, refs, name, path, origin)
+
+
+def _kl_file(path: str, refs: dict[str, TensorRef]) -> VAESource:
+    keys = list(refs)
+    if any(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in keys):
+        raise CheckpointError(f"{path}: a full Stable Diffusion checkpoint, not a VAE file (use it as --model)")
+    vae = {k.removeprefix("first_stage_model."): v for k, v in refs.items()}
+    vae = {k: v for k, v in vae.items() if not IGNORED.match(k)}
+    if any(k.startswith("decoder.up_blocks.") for k in vae):  # a diffusers AutoencoderKL weights file
+        levels = convert._count(vae, r"decoder\.up_blocks\.(\d+)\.")
+        vae = convert.vae_attention_as_conv(convert.rename(vae, convert.vae_rules(VAEConfig(ch_mult=(1,) * levels))))
+    if "post_quant_conv.weight" not in vae or not any(k.startswith("decoder.") for k in vae):
+        family = detect_family(keys)
+        found = f"this is {family}" if family else f"tensors such as {_names(keys, 3)}"
+        raise CheckpointError(f"{path}: not a VAE file ({found})")
+    try:
+        cfg = convert.vae_config_from_ldm(vae)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: not a complete VAE (no {e.args[0]})") from None
+    return VAESource("kl", cfg, vae, os.path.basename(path), path, path)
