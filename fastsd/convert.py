@@ -19,7 +19,8 @@ VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out
             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
 
 
-def _apply(key: str, rules: list[Rule]) -> str:
+def rename_key(key: str, rules: list[Rule]) -> str:
+    """`key` renamed by the first rule whose pattern matches it (unchanged when none does)."""
     for pattern, repl in rules:
         key, n = re.subn(pattern, repl, key, count=1)
         if n:
@@ -60,6 +61,15 @@ def unet_rules(cfg: UNetConfig) -> list[Rule]:
     ]
 
 
+# kohya LoRA files write diffusers module paths with "_" for "." (lora_unet_down_blocks_1_attentions_0_proj_in):
+# these put back the dots of the block structure, so that unet_rules apply to them.
+UNDERSCORED_UNET_BLOCKS: list[Rule] = [
+    (r"^(down_blocks|up_blocks)_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_", r"\1.\2.\3.\4."),
+    (r"^mid_block_(attentions|resnets)_(\d+)_", r"mid_block.\1.\2."),
+    (r"^time_embedding_linear_(\d+)$", r"time_embedding.linear_\1"),
+]
+
+
 def vae_rules(cfg: VAEConfig) -> list[Rule]:
     n = len(cfg.ch_mult)
 
@@ -93,7 +103,7 @@ TAESD_RULES: list[Rule] = [
 
 
 def rename(refs: dict[str, TensorRef], rules: list[Rule]) -> dict[str, TensorRef]:
-    return {_apply(k, rules): v for k, v in refs.items()}
+    return {rename_key(k, rules): v for k, v in refs.items()}
 
 
 def clip_keys(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
     p.add_argument("--tiled-vae", action="store_true", help="always decode/encode the VAE in tiles "
                    "(automatic above 1024 px a side)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (kohya/A1111, LoCon, diffusers/PEFT .safetensors) with this weight (default 1); "
+                   "repeatable")
+    p.add_argument("--lora-dir", default=None, help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors "
+                   "(default $FASTSD_LORA_DIR)")
     p.add_argument("--allow-large", action="store_true", help="allow width/height above 4096")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -162,6 +167,18 @@ def save(images, folder: str, file: str | None, overwrite: bool, seeds: list[int
             for im, seed in zip(images, seeds)]
 
 
+def lora_files(args: argparse.Namespace, prompt: str) -> list[tuple[str, float]]:
+    """[(file, weight)] of --lora FILE[:WEIGHT] and of the prompt's <lora:NAME:WEIGHT> tags (found in --lora-dir)."""
+    from fastsd.lora import LORA_DIR_ENV, lora_path, parse_lora_arg, parse_prompt
+
+    found = [parse_lora_arg(a) for a in args.lora]
+    for path, _ in found:
+        if not os.path.isfile(path):
+            raise ValueError(f"--lora {path}: no such file")
+    folder = args.lora_dir or os.environ.get(LORA_DIR_ENV)
+    return found + [(lora_path(name, folder), weight) for name, weight in parse_prompt(prompt)[1]]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
@@ -189,10 +206,13 @@ def run(args: argparse.Namespace) -> int:
         image = load_image(args.init_image, "--init-image") if args.init_image else None
         mask = load_image(args.mask, "--mask") if args.mask else None
         check_mask(image, mask)
+        loras = lora_files(args, settings.prompt)
         threads = set_threads(args.threads)
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=args.vae,
                              compile=args.compile)
         pipe.offload = args.offload
+        for path, weight in loras:
+            pipe.load_lora(path, weight)
         pipe.check_can_encode(image)
         if embeddings_dir is not None:
             pipe.load_embeddings(embeddings_dir)

@@ -20,6 +20,7 @@ from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser
 from fastsd.image import (check_mask, file_hash, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
                           tensor_to_pil)
+from fastsd.lora import LoraSet, strip_tags
 from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
@@ -68,6 +69,7 @@ class Pipeline:
         self._tokenizer = tokenizer
         self.offload = False  # keep each model on the CPU except while it runs (CUDA only)
         self._hash: str | None = None
+        self._loras = LoraSet()
         self.vae_name: str | None = None  # a VAE that replaced the model's (set_vae): infotext "VAE"
         self._vae_file: str | None = None
         self._vae_hash: str | None = None
@@ -140,6 +142,22 @@ class Pipeline:
             with self._backend.running():
                 yield model
 
+    # ---- LoRA (fastsd/lora.py) --------------------------------------------------------------------------
+
+    def load_lora(self, path: str, weight: float = 1.0) -> None:
+        """Merge a LoRA file (kohya/A1111, LoCon, diffusers/PEFT) into the UNet and text encoder weights. The
+        file is checked whole first: a bad one raises CheckpointError and leaves the model unchanged."""
+        self._loras.load(self, path, weight)
+
+    def unload_loras(self) -> None:
+        """Give back the weights as they were before any LoRA, bit for bit."""
+        self._loras.unload(self)
+
+    @property
+    def loras(self) -> list:
+        """The merged LoRAs (name, path, weight), in load order."""
+        return list(self._loras.loaded)
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -166,21 +184,23 @@ class Pipeline:
                   "VAE hash": self.vae_hash(), "VAE": self.vae_name,
                   "Denoising strength": s.strength if img2img else None,
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None}
+        prompt, params["Lora hashes"] = self._loras.infotext(s.prompt)
         if self.embeddings is not None:  # A1111's "TI hashes": name: sha256[:12] of each embedding the prompts use
             params["TI hashes"] = self.embeddings.infotext([s.prompt, s.negative_prompt])
-        return format_infotext(s.prompt, s.negative_prompt, params)
+        return format_infotext(prompt, s.negative_prompt, params)
 
     # ---- stage 1: text ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str], clip_skip: int = 1
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond), each (B, 77 * chunks, D); prompts and negatives padded to the same chunk count."""
+        """(cond, uncond), each (B, 77 * chunks, D); prompts and negatives padded to the same chunk count.
+        <lora:...> tags are taken out of the prompts (the LoRAs themselves are merged by load_lora)."""
         if len(prompts) != len(negative_prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
         with self._running(self.clip) as clip:
-            ctx = encode_prompts(clip, self.tokenizer, list(prompts) + list(negative_prompts), clip_skip=clip_skip,
-                                 device=self.device, embeddings=self.embeddings)
+            ctx = encode_prompts(clip, self.tokenizer, [strip_tags(p) for p in prompts] + list(negative_prompts),
+                                 clip_skip=clip_skip, device=self.device, embeddings=self.embeddings)
         return ctx[:len(prompts)], ctx[len(prompts):]
 
     # ---- stage 2: latents -------------------------------------------------------------------------------
@@ -373,6 +393,7 @@ class Pipeline:
                                num_images, strength, clip_skip)
         _check_inputs(image, mask, latents, on_step, preview_every)
         s.validate(has_image=image is not None, has_mask=mask is not None)
+        self._loras.check_prompt(s.prompt)
         self.check_can_encode(image)
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]

@@ -46,6 +46,21 @@ ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in SAFETENSO
 
 def read_safetensors(path: str) -> dict[str, TensorRef]:
     """The tensors of a .safetensors file, its header checked against the format before any data is read."""
+    header, base, size = read_header(path)
+    entries = _check_header(path, header, size - base)
+    return {name: TensorRef(shape, _safetensors_reader(path, base + start, end - start, dtype, shape))
+            for name, (dtype, shape, start, end) in entries.items()}
+
+
+def safetensors_metadata(path: str) -> dict[str, str]:
+    """The header's `__metadata__` (string -> string; {} when there is none)."""
+    header = read_header(path)[0]
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_header(path: str) -> tuple[object, int, int]:
+    """(the parsed JSON header, not checked yet; the byte offset of the tensor data; the file size)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -60,9 +75,7 @@ def read_safetensors(path: str) -> dict[str, TensorRef]:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
         raise CheckpointError(f"{path}: not a valid safetensors file (header is not JSON: {why})") from None
-    entries = _check_header(path, header, size - 8 - n)
-    return {name: TensorRef(shape, _safetensors_reader(path, 8 + n + start, end - start, dtype, shape))
-            for name, (dtype, shape, start, end) in entries.items()}
+    return header, 8 + n, size
 
 
 def _check_header(path: str, header, data_bytes: int) -> dict[str, tuple]:

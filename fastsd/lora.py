@@ -1,0 +1,452 @@
+"""LoRA files: read them, map their layers onto fastsd's modules, merge them into the weights; A1111's
+`<lora:NAME:WEIGHT>` prompt syntax.
+
+Formats (`.safetensors`; `.pt` / `.ckpt` only through torch.load(weights_only=True)):
+- kohya / A1111: `lora_unet_<path>` / `lora_te_<path>` + `.lora_down.weight`, `.lora_up.weight`, `.alpha`, with
+  <path> a module path written with `_` for `.`, in LDM names (`input_blocks_7_1_proj_in`) or diffusers names
+  (`down_blocks_1_attentions_0_proj_in`); LyCORIS LoCon on convolutions: lora_down (r, in, k, k), lora_up
+  (out, r, 1, 1);
+- diffusers / PEFT: `unet.<path>` / `text_encoder.<path>` + `.lora_A.weight` / `.lora_B.weight`,
+  `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.down.weight`, and the first diffusers files'
+  `<path>.processor.to_q_lora.down.weight`; PEFT's alphas come from the `lora_adapter_metadata` header that
+  diffusers writes (without it alpha = rank).
+
+Names are mapped by rule: diffusers paths go through the loader's diffusers -> LDM rules (fastsd.convert), and
+every path is then compared with the model's own module names, `_` standing for `.`.
+
+Merging: W <- W + weight * scale * up @ down, scale = alpha / rank (1 without alpha), in fp32 and rounded once
+to the model's dtype, so generating costs nothing extra. The file is read and checked whole (every layer found,
+every shape right) before a weight changes; the weights a LoRA replaces are kept, so `unload` gives back the
+original tensors themselves, bit for bit, without reading the checkpoint again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastsd.convert import UNDERSCORED_UNET_BLOCKS, rename_key, unet_rules
+from fastsd.tensorfile import CheckpointError, TensorRef, read_header, read_tensor_file, safetensors_metadata
+
+LORA_EXTS = (".safetensors", ".pt", ".ckpt")
+LORA_DIR_ENV = "FASTSD_LORA_DIR"
+MERGE_BLOCK_BYTES = 1 << 20  # fp32 scratch per block of output rows while merging (about an L2 cache)
+
+# The key of one tensor = <layer><suffix>; the suffix tells which factor it is.
+PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
+         (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+         (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+         ("_lora.down.weight", "down"), ("_lora.up.weight", "up"), (".alpha", "alpha")]
+# <layer> = <prefix><path>: which model, and whether the path is kohya's (underscored) or dotted.
+PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("text_encoder.", "clip")]
+# The first diffusers LoRA files named attention processors, not layers (applied in order, each once).
+OLD_DIFFUSERS = [(r"\.processor\.to_(q|k|v|out)$", r".to_\1"), (r"\.to_out$", ".to_out.0"),
+                 (r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj"), (r"self_attn\.to_out\.0$", "self_attn.out_proj")]
+# What some other kinds of network files hold, for the error message.
+OTHER_KINDS = [(r"hada_w", "LyCORIS LoHa"), (r"lokr_w", "LyCORIS LoKr"), (r"lora_mid", "LyCORIS LoCon with a CP "
+               "(Tucker) middle factor"), (r"dora_scale|lora_magnitude_vector", "DoRA"), (r"\.diff(_b)?$", "a full "
+               "weight difference (LyCORIS 'full')"), (r"lora_B\.bias$", "LoRA biases"),
+               (r"^lora_te[12]_|^text_encoder_2\.|label_emb|add_embedding", "an SDXL LoRA"),
+               (r"^model\.diffusion_model\.|^first_stage_model\.", "a full model checkpoint, not a LoRA")]
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One layer's update: weight * scale * up @ down, on `module` of `model` ("unet" or "clip")."""
+
+    model: str
+    module: str          # fastsd (LDM) module name
+    key: str             # the file's name for it, for messages
+    down: torch.Tensor   # (r, in) or (r, in, kh, kw)
+    up: torch.Tensor     # (out, r) or (out, r, 1, 1)
+    scale: float
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    path: str
+    name: str            # the file stem: A1111's name for it in <lora:NAME:WEIGHT>
+    layers: tuple[LoraLayer, ...]
+
+
+# ---- reading and mapping -------------------------------------------------------------------------------
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for suffix, part in PARTS:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    return None
+
+
+def _target(layer: str) -> tuple[str, str] | None:
+    """(model, path) of a file's layer name; None when its prefix names no SD1.x model."""
+    for prefix, model in PREFIXES:
+        if layer.startswith(prefix):
+            return model, layer[len(prefix):]
+    if re.match(r"(down_blocks|mid_block|up_blocks)\.", layer):  # diffusers' first files had no prefix
+        return "unet", layer
+    return None
+
+
+def _module_name(model: str, path: str, rules) -> str:
+    """A path in any of the formats -> fastsd's module name with `_` for `.` (what `_index` is keyed by)."""
+    for pattern, repl in OLD_DIFFUSERS:
+        path = re.sub(pattern, repl, path)
+    if model == "clip":
+        name = path.replace(".", "_")
+        return name if name.startswith("text_model_") else "text_model_" + name
+    dotted = path if "." in path else rename_key(path, UNDERSCORED_UNET_BLOCKS)
+    return rename_key(dotted + ".", rules).rstrip(".").replace(".", "_")
+
+
+def _index(model: nn.Module) -> dict[str, str]:
+    """The LoRA-able layers (Linear, Conv2d) of a model: their name with `_` for `.` -> their name."""
+    return {n.replace(".", "_"): n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def _peft_scales(path: str) -> dict[str, dict]:
+    """PEFT's LoraConfig per model ("unet"/"text_encoder") from diffusers' `lora_adapter_metadata` header."""
+    if not path.endswith(".safetensors"):
+        return {}
+    raw = safetensors_metadata(path).get("lora_adapter_metadata")
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: its lora_adapter_metadata header is not JSON") from None
+    out: dict[str, dict] = {}
+    for k, v in meta.items():
+        model, _, field_ = k.partition(".")
+        out.setdefault(model, {})[field_] = v
+    return out
+
+
+def _peft_scale(cfg: dict, path: str) -> float | None:
+    """alpha / r of PEFT's config for the module at `path` (its alpha_pattern / rank_pattern matched as PEFT
+    does: the pattern ends the name at a dot boundary); None without a config."""
+    if "lora_alpha" not in cfg or "r" not in cfg:
+        return None
+
+    def pick(patterns: dict, default):
+        for pattern, value in (patterns or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", path):
+                return value
+        return default
+
+    alpha, r = pick(cfg.get("alpha_pattern"), cfg["lora_alpha"]), pick(cfg.get("rank_pattern"), cfg["r"])
+    return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
+    """Read a LoRA file and map every layer onto `models` ({"unet": UNet, "clip": CLIPTextModel}), checking
+    names and shapes; CheckpointError (one line, naming what was found) when anything does not fit."""
+    refs = read_tensor_file(path)
+    groups: dict[str, dict[str, TensorRef]] = {}
+    unknown = []
+    for key, ref in refs.items():
+        split = _split_key(key)
+        if split is None:
+            unknown.append(key)
+        else:
+            groups.setdefault(split[0], {})[split[1]] = ref
+    _check_kind(path, list(refs), unknown, groups)
+    peft = _peft_scales(path)
+    indexes = {m: _index(models[m]) for m in models}
+    rules = unet_rules(models["unet"].cfg)
+    layers, unmatched, bad, seen = [], [], [], {}
+    for layer, parts in groups.items():
+        target = _target(layer)
+        name = indexes[target[0]].get(_module_name(*target, rules)) if target else None
+        if name is None:
+            unmatched.append(layer)
+            continue
+        if "down" not in parts or "up" not in parts:
+            raise CheckpointError(f"{path}: {layer} has {' and '.join(sorted(parts))} but not both of down and up")
+        problem = _shape_problem(models[target[0]].get_submodule(name), parts["down"].shape, parts["up"].shape)
+        if problem:
+            bad.append(f"{layer}: {problem}")
+            continue
+        if (target[0], name) in seen:
+            raise CheckpointError(f"{path}: {layer} and {seen[target[0], name]} both change {target[0]} layer {name}")
+        seen[target[0], name] = layer
+        layers.append(_layer(path, target, name, layer, parts, peft))
+    if unmatched:
+        raise CheckpointError(f"{path}: {len(unmatched)} LoRA layers match no layer of this SD1.x model: "
+                              f"{_names(unmatched)}")
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} LoRA layers do not fit this model{_shape_hint(bad)}: {_names(bad, 3)}")
+    return LoraFile(path, Path(path).stem, tuple(layers))
+
+
+def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dict, peft: dict) -> LoraLayer:
+    down, up = parts["down"].load().float(), parts["up"].load().float()
+    rank = down.shape[0]
+    if "alpha" in parts:
+        alpha = parts["alpha"].load()
+        if alpha.numel() != 1:
+            raise CheckpointError(f"{path}: {layer}.alpha has shape {tuple(alpha.shape)}, not one number")
+        scale = float(alpha) / rank
+    else:
+        cfg = peft.get("unet" if target[0] == "unet" else "text_encoder", {})
+        scale = None if layer.startswith("lora_") else _peft_scale(cfg, target[1])  # kohya files have no PEFT config
+        scale = 1.0 if scale is None else scale
+    if not (math.isfinite(scale) and torch.isfinite(down.sum()) and torch.isfinite(up.sum())):  # sums: fast
+        raise CheckpointError(f"{path}: {layer} holds NaN, infinite or absurdly large values")
+    return LoraLayer(target[0], name, layer, down, up, scale)
+
+
+def _shape_problem(module: nn.Module, down: tuple, up: tuple) -> str | None:
+    """Why factors of these shapes can't update `module` (None when they can): down (r, in[, kh, kw]),
+    up (out, r[, 1, 1]); 1x1 convolutions and linears take either form."""
+    w = tuple(module.weight.shape)
+    k = w[2:]
+    ones = ((), (1, 1))
+    ok = (len(down) >= 2 and len(up) >= 2 and down[1] == w[1] and up[0] == w[0] and up[1] == down[0]
+          and (down[2:] == k or (down[2:] in ones and k in ones)) and up[2:] in ones)
+    return None if ok else f"down {down}, up {up} vs layer {w}"
+
+
+def _shape_hint(bad: list[str]) -> str:
+    """What the wrong shapes say about the file's model family."""
+    text = "\n".join(bad)
+    if re.search(r"(attn2[._]to_[kv]|^lora_te_|^text_encoder\.)\S*: down \(\d+, 1024\)", text, re.M):
+        return " (1024-wide text features: a Stable Diffusion 2.x LoRA)"
+    if re.search(r"attn2[._]to_[kv]\S*: down \(\d+, 2048\)", text):
+        return " (its cross-attention takes 2048-wide text features: an SDXL LoRA)"
+    m = re.search(r"(input_blocks_0_0|conv_in)\S*: down \(\d+, (\d+)", text)
+    if m:
+        return f" (its first convolution takes {m[2]} input channels: a LoRA for a {m[2]}-channel model)"
+    return ""
+
+
+def _check_kind(path: str, keys: list[str], unknown: list[str], groups: dict) -> None:
+    """CheckpointError for files that are no LoRA of a kind fastsd merges, naming what they are."""
+    for pattern, kind in OTHER_KINDS:
+        rx = re.compile(pattern)
+        found = next((k for k in keys if rx.search(k)), None)
+        if found is not None:
+            raise CheckpointError(f"{path}: this is {kind} (keys such as {found}); fastsd merges Stable Diffusion "
+                                  "1.x LoRAs (lora_down/lora_up, LoCon, lora_A/lora_B)")
+    if not any("down" in g or "up" in g for g in groups.values()):
+        raise CheckpointError(f"{path}: not a LoRA (no lora_down/lora_up or lora_A/lora_B tensors; {len(keys)} "
+                              f"tensors such as {_names(keys, 3)})")
+    if unknown:
+        raise CheckpointError(f"{path}: tensors of no LoRA layer: {_names(unknown)}")
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---- merging -------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """weight + multiplier * scale * up @ down in fp32, rounded once to weight's dtype, laid out in
+    `memory_format` (4-d weights). A block of output rows at a time, in an fp32 scratch that stays in
+    cache, so a bf16 weight is read once and written once instead of going through full fp32 copies."""
+    w = weight.contiguous().view(weight.shape[0], -1)
+    up = layer.up.reshape(layer.up.shape[0], -1).to(w.device)
+    down = layer.down.reshape(layer.down.shape[0], -1).to(w.device)
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=w.device, memory_format=memory_format)
+    nhwc = weight.dim() == 4 and memory_format == torch.channels_last
+    out_rows = out.permute(0, 2, 3, 1) if nhwc else out  # the output's rows in memory order
+    rows = max(1, MERGE_BLOCK_BYTES // (4 * w.shape[1]))
+    scratch = torch.empty(min(rows, w.shape[0]), w.shape[1], device=w.device)
+    for i in range(0, w.shape[0], rows):
+        block = scratch[: min(rows, w.shape[0] - i)]
+        block.copy_(w[i:i + rows]).addmm_(up[i:i + rows], down, alpha=multiplier * layer.scale)
+        block = block.view(-1, *weight.shape[1:])
+        out_rows[i:i + rows].copy_(block.permute(0, 2, 3, 1) if nhwc else block)
+    return out
+
+
+@dataclass
+class LoadedLora:
+    name: str
+    path: str
+    weight: float
+    layers: int
+    _hash: str | None = field(default=None, repr=False)
+
+    def short_hash(self) -> str:
+        """A1111's LoRA hash (its infotext's "Lora hashes"): the first 12 hex digits of the sha256 of a
+        .safetensors file's tensor data (after the header: the "addnet" hash) or of a whole .pt/.ckpt."""
+        if self._hash is None:
+            start = read_header(self.path)[1] if self.path.endswith(".safetensors") else 0
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            self._hash = h.hexdigest()[:12]
+        return self._hash
+
+
+class LoraSet:
+    """The LoRAs merged into a pipeline's weights, and the original weight of every layer they changed."""
+
+    def __init__(self):
+        self.loaded: list[LoadedLora] = []
+        self._originals: dict[tuple[str, str], nn.Parameter] = {}
+
+    def load(self, pipe, path: str, weight: float = 1.0) -> LoadedLora:
+        """Read, check, then merge `path` into pipe's UNet and text encoder. Everything is checked before a
+        weight changes; an interruption while merging puts back the weights as they were."""
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"LoRA weight must be a finite number, got {weight!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"LoRA path must be a string, got {type(path).__name__}")
+        path = os.fspath(path)
+        models = {"unet": pipe.unet, "clip": pipe.clip}
+        lora = read_lora(path, models)
+        layout = _conv_layout(pipe.backend)
+        done = []  # (module, key, previous weight Parameter, first change of this layer)
+        try:
+            for layer in lora.layers:
+                module = models[layer.model].get_submodule(layer.module)
+                key = (layer.model, layer.module)
+                pipe.backend.unprepare(module)
+                prev = module.weight
+                first = key not in self._originals
+                done.append((module, key, prev, first))
+                if first:
+                    self._originals[key] = prev
+                merged = merged_weight(prev, layer, float(weight), layout if prev.dim() == 4 else torch.contiguous_format)
+                module.weight = nn.Parameter(merged, requires_grad=False)
+                pipe.backend.prepare(module)
+        except BaseException:
+            for module, key, prev, first in reversed(done):
+                _put(pipe.backend, module, prev)
+                if first:
+                    del self._originals[key]
+            raise
+        entry = LoadedLora(lora.name, path, float(weight), len(lora.layers))
+        self.loaded.append(entry)
+        return entry
+
+    def unload(self, pipe) -> None:
+        """Every changed layer gets its original weight tensor back (bit for bit: the same tensor)."""
+        models = {"unet": pipe.unet, "clip": pipe.clip}
+        for (model, name), original in self._originals.items():
+            _put(pipe.backend, models[model].get_submodule(name), original)
+        self._originals.clear()
+        self.loaded.clear()
+
+    def check_prompt(self, prompt: str) -> None:
+        """ValueError when the prompt's <lora:NAME:WEIGHT> tags ask for a LoRA that is not loaded so."""
+        for name, weight in parse_prompt(prompt)[1]:
+            if not any(x.name == name and x.weight == weight for x in self.loaded):
+                have = ", ".join(f"{x.name}:{x.weight:g}" for x in self.loaded) or "none"
+                raise ValueError(f"the prompt asks for <lora:{name}:{weight:g}>, which is not loaded (loaded: {have}); "
+                                 "load it with pipe.load_lora, or give the CLI --lora-dir / $" + LORA_DIR_ENV)
+
+    def infotext(self, prompt: str) -> tuple[str, str | None]:
+        """(the prompt as the infotext records it, the "Lora hashes" value or None), as A1111 writes them: the
+        tags stay in the prompt (a LoRA loaded without a tag gets one appended, so the infotext reproduces
+        the image), and every LoRA's name (without ':' and ',') with its short hash."""
+        asked = parse_prompt(prompt)[1]
+        for x in self.loaded:
+            if (x.name, x.weight) in asked:
+                asked.remove((x.name, x.weight))
+            else:
+                prompt += f" <lora:{x.name}:{x.weight:g}>"
+        hashes = {x.name.translate(str.maketrans("", "", ":,")): x.short_hash() for x in self.loaded}
+        return prompt, ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None
+
+
+def _conv_layout(backend) -> torch.memory_format:
+    """The memory format `backend.prepare` gives convolution weights, so merged weights are written in it
+    directly (not converted afterwards): asked of a small probe convolution."""
+    probe = backend.prepare(nn.Conv2d(2, 2, 2).requires_grad_(False))
+    nhwc = probe.weight.is_contiguous(memory_format=torch.channels_last) and not probe.weight.is_contiguous()
+    backend.unprepare(probe)
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def _put(backend, module: nn.Module, weight: nn.Parameter) -> None:
+    backend.unprepare(module)
+    module.weight = weight
+    backend.prepare(module)
+
+
+# ---- the A1111 prompt syntax and the LoRA folder -------------------------------------------------------
+
+_TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network syntax <kind:args>
+
+
+def parse_prompt(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """(the prompt without its <lora:NAME:WEIGHT> tags, [(NAME, WEIGHT), ...]); <lora:NAME> has weight 1 and
+    <lyco:...> is read as <lora:...> (as A1111). ValueError for a malformed tag or another kind of network."""
+    found = []
+
+    def take(m: re.Match) -> str:
+        kind, args = m[1], m[2].split(":")
+        if kind not in ("lora", "lyco"):
+            raise ValueError(f"prompt: {m[0]}: fastsd reads <lora:NAME:WEIGHT> tags, not <{kind}:...>")
+        if len(args) > 2 or not args[0].strip() or any("=" in a for a in args):
+            raise ValueError(f"prompt: {m[0]}: expected <lora:NAME> or <lora:NAME:WEIGHT>")
+        try:
+            weight = float(args[1]) if len(args) == 2 else 1.0
+        except ValueError:
+            raise ValueError(f"prompt: {m[0]}: the weight {args[1]!r} is not a number") from None
+        if not math.isfinite(weight):
+            raise ValueError(f"prompt: {m[0]}: the weight must be finite")
+        found.append((args[0].strip(), weight))
+        return ""
+
+    return _TAG.sub(take, prompt), found
+
+
+def strip_tags(prompt: str) -> str:
+    """The prompt without its <lora:...> tags (what the text encoder sees)."""
+    return parse_prompt(prompt)[0]
+
+
+def list_loras(folder: str) -> dict[str, str]:
+    """{name: path} of the LoRA files directly in `folder` (name = file stem; .safetensors first)."""
+    found: dict[str, str] = {}
+    for ext in LORA_EXTS:
+        for p in sorted(Path(folder).glob("*" + ext)):
+            if p.is_file():
+                found.setdefault(p.stem, str(p))
+    return found
+
+
+def lora_path(name: str, folder: str | None) -> str:
+    """The file of <lora:NAME> in `folder`: NAME is a file stem there, never a path (no separators, no '..',
+    nothing absolute), so a prompt can't read files elsewhere. ValueError naming the problem."""
+    if not folder:
+        raise ValueError(f"<lora:{name}> needs a LoRA folder: --lora-dir DIR or ${LORA_DIR_ENV}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"LoRA folder {folder}: no such folder")
+    if name in (".", "..") or any(c in name for c in "/\\\0") or os.path.isabs(name):
+        raise ValueError(f"<lora:{name}>: a LoRA name is a file name in the LoRA folder, without a path")
+    for ext in LORA_EXTS:
+        p = os.path.join(folder, name + ext)
+        if os.path.isfile(p):
+            return p
+    have = sorted(list_loras(folder))
+    raise ValueError(f"<lora:{name}>: no {name}.safetensors, .pt or .ckpt in {folder} "
+                     f"(it has: {_names(have) if have else 'no LoRA files'})")
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """The CLI's FILE[:WEIGHT] -> (FILE, WEIGHT); a FILE whose name holds ':' needs the weight given."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return arg, 1.0
+        if not math.isfinite(weight):
+            raise ValueError(f"--lora {arg}: the weight must be finite")
+        return head, weight
+    return arg, 1.0

@@ -1,0 +1,93 @@
+"""Random LoRA files for tests and benchmarks, in each format fastsd reads (never imported at run time).
+
+Formats: "kohya_ldm" (`lora_unet_input_blocks_1_1_proj_in.lora_down.weight`, LDM paths), "kohya_diffusers"
+(`lora_unet_down_blocks_0_attentions_0_proj_in...`, what kohya's sd-scripts write for SD1.x), "peft"
+(`unet.<path>.lora_A.weight`, alphas in diffusers' `lora_adapter_metadata` header) and "diffusers"
+(`unet.<path>.lora.down.weight`, text encoder `...lora_linear_layer.down.weight`). Convolutions get LoCon
+factors: down (r, in, k, k), up (out, r, 1, 1). The diffusers paths come from diffusers' own converter
+(`diffusers_names`), never from fastsd's rules, so a test of those rules has an independent reference.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+FORMATS = ("kohya_ldm", "kohya_diffusers", "peft", "diffusers")
+
+
+def layers_of(model: nn.Module) -> list[str]:
+    """The names of a model's LoRA-able layers (Linear, Conv2d)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def diffusers_names(pipe) -> dict[str, str]:
+    """fastsd (LDM) UNet layer name -> diffusers layer name. The UNet twin (fastsd.testing.unet_twin: diffusers'
+    convert_ldm_unet_checkpoint over fastsd's state dict) holds fastsd's own tensors, so each layer is matched
+    by its weight's storage. Needs a pipeline whose weights the twin does not copy: backend "torch"."""
+    from fastsd.testing import unet_twin
+
+    twin = unet_twin(pipe)
+    by_ptr = {twin.get_submodule(n).weight.data_ptr(): n for n in layers_of(twin)}
+    out = {n: by_ptr.get(pipe.unet.get_submodule(n).weight.data_ptr()) for n in layers_of(pipe.unet)}
+    missing = [n for n, d in out.items() if d is None]
+    if missing:
+        raise RuntimeError(f"layers the diffusers twin copied instead of sharing (backend torch needed): {missing[:3]}")
+    return out
+
+
+def _factors(weight: torch.Tensor, rank: int, scale: float, strength: float, g: torch.Generator):
+    """Random (down, up) whose update scale * up @ down has about `strength` times the weight's spread."""
+    k = tuple(weight.shape[2:])
+    down = torch.randn(rank, weight.shape[1], *k, generator=g)
+    std = strength * weight.float().std().item() / (scale * rank ** 0.5)
+    up = torch.randn(weight.shape[0], rank, *((1, 1) if k else ()), generator=g) * std
+    return down, up
+
+
+def _keys(fmt: str, model: str, path: str) -> tuple[str, str, str | None]:
+    """(down key, up key, alpha key or None) of one layer; `path` as the format names it."""
+    if fmt.startswith("kohya"):
+        base = ("lora_unet_" if model == "unet" else "lora_te_") + path.replace(".", "_")
+        return base + ".lora_down.weight", base + ".lora_up.weight", base + ".alpha"
+    prefix = "unet." if model == "unet" else "text_encoder."
+    if fmt == "peft":
+        return f"{prefix}{path}.lora_A.weight", f"{prefix}{path}.lora_B.weight", None
+    mid = ".lora." if model == "unet" else ".lora_linear_layer."
+    return f"{prefix}{path}{mid}down.weight", f"{prefix}{path}{mid}up.weight", None
+
+
+def write_random_lora(path: str, pipe, *, fmt: str, rank: int = 4, alpha: float | None = None,
+                      layers: list[str] | None = None, text_encoder: bool = True, names: dict[str, str] | None = None,
+                      seed: int = 0, strength: float = 0.3, dtype: torch.dtype = torch.float32) -> int:
+    """Write a LoRA of random factors for pipe's UNet `layers` (fastsd names; default: all) and, with
+    `text_encoder`, every text encoder linear; alpha None writes no alpha (scale 1). "kohya_diffusers",
+    "peft" and "diffusers" need `names` = diffusers_names(pipe). Returns the number of layers written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; one of {FORMATS}")
+    g = torch.Generator().manual_seed(seed)
+    scale = 1.0 if alpha is None else alpha / rank
+    targets = [("unet", n) for n in (layers if layers is not None else layers_of(pipe.unet))]
+    if text_encoder:
+        targets += [("clip", n) for n in layers_of(pipe.clip)]
+    sd, meta, paths = {}, None, {"unet": [], "clip": []}
+    for model, name in targets:
+        weight = getattr(pipe, model).get_submodule(name).weight
+        weight = weight.to_dense() if weight.is_mkldnn else weight  # the CPU path's packed weights
+        down, up = _factors(weight, rank, scale, strength, g)
+        path_ = name if model == "clip" or fmt == "kohya_ldm" else names[name]
+        paths[model].append(path_.removeprefix("text_model."))  # PEFT matches name ends (transformers 5 has no text_model)
+        kd, ku, ka = _keys(fmt, model, path_)
+        sd[kd], sd[ku] = down.to(dtype).contiguous(), up.to(dtype).contiguous()
+        if ka is not None and alpha is not None:
+            sd[ka] = torch.tensor(float(alpha), dtype=dtype)
+    if fmt != "kohya_ldm" and fmt != "kohya_diffusers" and alpha is not None:
+        if fmt != "peft":
+            raise ValueError("the diffusers (non-PEFT) format has no alphas")
+        cfg = {f"{prefix}.{k}": v for model, prefix in (("unet", "unet"), ("clip", "text_encoder")) if paths[model]
+               for k, v in (("r", rank), ("lora_alpha", alpha), ("target_modules", paths[model]))}
+        meta = {"lora_adapter_metadata": json.dumps(cfg)}
+    save_file(sd, path, metadata=meta)
+    return len(targets)

@@ -1,0 +1,401 @@
+"""LoRA: every format against diffusers' load_lora_weights + fuse_lora on the same random weights (weights
+within 1e-5 relative, images >= 40 dB), unloading bit for bit on the CPU path, bf16/fp16, bad files, the
+A1111 prompt syntax and infotext."""
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+import torch
+from oracles import rel_err
+
+from fastsd import CheckpointError, load_pipeline
+from fastsd.image import parse_infotext, psnr
+from fastsd.lora import lora_path, list_loras, parse_lora_arg, parse_prompt
+from fastsd.testing import diffusers_pipeline
+from fastsd.testing_lora import diffusers_names, layers_of, write_random_lora
+
+GEN = dict(steps=4, sampler="euler", width=64, height=64, guidance_scale=7.5)
+PROMPT = "a photo of an astronaut riding a horse"
+
+
+def tiny(backend="torch", dtype="fp32", preset="tiny"):
+    return load_pipeline(f"random:{preset}", device="cpu", dtype=dtype, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def names():
+    return diffusers_names(tiny())
+
+
+@pytest.fixture(scope="module")
+def base_image():
+    return generate(tiny())
+
+
+def start_latents(pipe, size=64):
+    f = pipe.config.vae.downscale
+    return torch.randn(1, 4, size // f, size // f, generator=torch.Generator().manual_seed(3))
+
+
+def generate(pipe, prompt=PROMPT, **kw):
+    return np.asarray(pipe.generate(prompt, latents=start_latents(pipe), progress=False, **{**GEN, **kw})[0])
+
+
+def oracle_image(sp, pipe, size=64, steps=GEN["steps"]):
+    return sp(PROMPT, num_inference_steps=steps, guidance_scale=GEN["guidance_scale"], height=size, width=size,
+              latents=start_latents(pipe, size), output_type="np").images[0]
+
+
+def assert_matches_diffusers(pipe, sp, names, image_size=64, steps=GEN["steps"]):
+    """Every UNet and text encoder weight within 1e-5 relative of diffusers' fused one; the images >= 40 dB."""
+    for ours, theirs in names.items():
+        assert rel_err(pipe.unet.get_submodule(ours).weight, sp.unet.get_submodule(theirs).weight) <= 1e-5, ours
+    for n in layers_of(pipe.clip):
+        theirs = sp.text_encoder.get_submodule(n.removeprefix("text_model.")
+                                                if not hasattr(sp.text_encoder, "text_model") else n)
+        assert rel_err(pipe.clip.get_submodule(n).weight, theirs.weight) <= 1e-5, n
+    ours = pipe.generate(PROMPT, latents=start_latents(pipe, image_size), progress=False,
+                         **{**GEN, "width": image_size, "height": image_size, "steps": steps})[0]
+    ref = (oracle_image(sp, pipe, image_size, steps) * 255).round().astype(np.uint8)
+    assert np.asarray(ours).std() > 5
+    assert psnr(ours, ref) >= 40
+    return np.asarray(ours)
+
+
+def fuse_in_diffusers(sp, path, weight, ldm_names: bool):
+    sp.load_lora_weights(path, **({"unet_config": sp.unet.config} if ldm_names else {}))
+    sp.fuse_lora(components=["unet", "text_encoder"], lora_scale=weight)
+    sp.unload_lora_weights()  # the fused weights stay; the PEFT wrappers go
+
+
+# diffusers maps LDM-named (kohya SDXL-style) files through `_maybe_map_sgm_blocks_to_diffusers`, which takes
+# output_blocks.N.1 for an attention block; on a level without attention it is the upsampler (diffusers' bug)
+DIFFUSERS_CANT_MAP = {"kohya_ldm": {"output_blocks.2.1.conv"}}
+
+
+@pytest.mark.parametrize("fmt,rank,alpha,weight", [
+    ("kohya_ldm", 4, 2.0, 0.8), ("kohya_diffusers", 16, None, 1.0), ("kohya_diffusers", 32, 8.0, 0.6),
+    ("peft", 8, None, 1.0), ("peft", 32, 16.0, 0.7), ("diffusers", 4, None, 1.0)])
+def test_lora_matches_diffusers_fuse(tmp_path, names, base_image, fmt, rank, alpha, weight):
+    """UNet (attention, resnet LoCon 3x3 convs, 1x1 convs, time embedding, conv_in/out) + text encoder."""
+    pipe, ref = tiny(), tiny()
+    layers = [n for n in layers_of(pipe.unet) if n not in DIFFUSERS_CANT_MAP.get(fmt, ())]
+    path = str(tmp_path / f"{fmt}.safetensors")
+    n = write_random_lora(path, pipe, fmt=fmt, rank=rank, alpha=alpha, layers=layers, names=names, seed=rank)
+    sp = diffusers_pipeline(ref)
+    fuse_in_diffusers(sp, path, weight, fmt == "kohya_ldm")
+    pipe.load_lora(path, weight)
+    assert [(x.name, x.weight, x.layers) for x in pipe.loras] == [(fmt, weight, n)]
+    after = assert_matches_diffusers(pipe, sp, names)
+    assert psnr(after, base_image) < 35, "the LoRA should change the image"
+
+
+def test_formats_map_to_the_same_layers(tmp_path, names):
+    """The same factors under each format's names, and as a .pt (torch.load weights_only): equal weights."""
+    merged = []
+    for fmt in ("kohya_ldm", "kohya_diffusers", "peft", "diffusers", "pt"):
+        pipe = tiny()
+        path = str(tmp_path / f"{fmt}.safetensors")
+        write_random_lora(path, pipe, fmt="kohya_diffusers" if fmt == "pt" else fmt, rank=4, names=names, seed=7)
+        if fmt == "pt":
+            from safetensors.torch import load_file
+
+            tensors, path = load_file(path), str(tmp_path / "lora.pt")
+            torch.save(tensors, path)
+        pipe.load_lora(path, 0.5)
+        merged.append({**pipe.unet.state_dict(), **pipe.clip.state_dict()})
+    for other in merged[1:]:
+        assert all(torch.equal(merged[0][k], other[k]) for k in merged[0])
+
+
+def state(pipe):
+    return {k: v.clone() for m in (pipe.unet, pipe.clip) for k, v in m.state_dict().items()}
+
+
+def assert_same_state(pipe, ref_state):
+    now = state(pipe)
+    assert now.keys() == ref_state.keys()
+    assert all(torch.equal(now[k], ref_state[k]) and now[k].dtype == ref_state[k].dtype for k in now)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cpu_path_switch_and_unload_bit_for_bit(tmp_path, dtype):
+    """The CPU backend packs weights at their first call; a LoRA goes in and out of packed layers, switching
+    needs no reload, and after unloading the weights and the image are bit for bit those of before."""
+    from fastsd.backends.cpu_pack import packing_unavailable
+
+    pipe = tiny("cpu", dtype)
+    image0 = generate(pipe, steps=2)
+    packed = [n for n, m in pipe.unet.named_modules() if getattr(getattr(m, "weight", None), "is_mkldnn", False)]
+    if packing_unavailable(pipe.dtype) is None:
+        assert packed, "the first run should have packed weights"
+    state0 = state(pipe)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    write_random_lora(a, pipe, fmt="kohya_ldm", rank=8, alpha=4.0, seed=1)
+    write_random_lora(b, pipe, fmt="kohya_ldm", rank=16, seed=2, text_encoder=False)
+    pipe.load_lora(a, 1.0)
+    image_a = generate(pipe, steps=2)
+    pipe.unload_loras()
+    pipe.load_lora(b, 0.5)
+    image_b = generate(pipe, steps=2)
+    assert psnr(image_a, image0) < 35 and psnr(image_b, image0) < 35 and psnr(image_a, image_b) < 35
+    # stacking: both merged, then all of it undone
+    pipe.load_lora(a, 1.0)
+    assert [x.name for x in pipe.loras] == ["b", "a"]
+    pipe.unload_loras()
+    assert_same_state(pipe, state0)
+    assert np.array_equal(generate(pipe, steps=2), image0)
+    # the packed reference: the same LoRA merged into a fresh torch-backend pipeline gives the same image
+    ref = tiny("torch", dtype)
+    ref.load_lora(a, 1.0)
+    pipe.load_lora(a, 1.0)
+    assert_same_state(pipe, state(ref))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_merge_is_the_fp32_merge_rounded_once(tmp_path, dtype):
+    pipe32, pipe = tiny(), tiny(dtype=dtype)
+    path = str(tmp_path / "l.safetensors")
+    write_random_lora(path, pipe32, fmt="kohya_diffusers", rank=8, alpha=4.0, names=diffusers_names(pipe32))
+    # the fp32 merge of the half-precision original weights, rounded once, is what the merge must give
+    ref = tiny()
+    for model in (ref.unet, ref.clip):
+        model.to(pipe.dtype).float()
+    ref.load_lora(path, 0.9)
+    pipe.load_lora(path, 0.9)
+    got, want = state(pipe), state(ref)
+    assert all(torch.equal(got[k], want[k].to(pipe.dtype)) for k in got)
+    assert generate(pipe, steps=2).std() > 5
+
+
+# ---- bad files: one line, the model unchanged ----------------------------------------------------------
+
+def _kohya(pipe, path, extra: dict, valid=True, alpha=True):
+    """A kohya file with valid layers (when `valid`) and the `extra` tensors after them."""
+    from safetensors.torch import load_file, save_file
+
+    write_random_lora(path, pipe, fmt="kohya_ldm", rank=4, alpha=2.0 if alpha else None, seed=3)
+    sd = load_file(path) if valid else {}
+    sd.update(extra)
+    save_file(sd, path)
+
+
+def _pair(name, down, up):
+    return {f"{name}.lora_down.weight": torch.randn(*down), f"{name}.lora_up.weight": torch.randn(*up)}
+
+
+BAD = {
+    "sdxl": (_pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", (4, 768), (768, 4)), "SDXL LoRA"),
+    "sd2": (_pair("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k", (4, 1024), (32, 4)),
+            "Stable Diffusion 2.x"),
+    "no layer": (_pair("lora_unet_input_blocks_1_1_transformer_blocks_3_attn1_to_q", (4, 32), (32, 4)),
+                 "1 LoRA layers match no layer"),
+    "shape": (_pair("lora_unet_input_blocks_1_0_in_layers_2", (4, 32, 3, 3), (48, 4, 1, 1)), "do not fit"),
+    "inpainting": (_pair("lora_unet_conv_in", (4, 9, 3, 3), (32, 4, 1, 1)), "a LoRA for a 9-channel model"),
+    "loha": ({"lora_unet_conv_in.hada_w1_a": torch.randn(4, 4)}, "LyCORIS LoHa"),
+    "half pair": ({"lora_unet_conv_in.lora_down.weight": torch.randn(4, 4, 3, 3)}, "not both of down and up"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_lora_one_line_and_model_unchanged(tmp_path, case):
+    pipe = tiny("cpu")
+    generate(pipe, steps=1)  # weights packed
+    good = str(tmp_path / "good.safetensors")
+    write_random_lora(good, pipe, fmt="kohya_ldm", rank=4, seed=9, text_encoder=False)
+    pipe.load_lora(good)  # a LoRA already merged stays merged, untouched
+    state0 = state(pipe)
+    path = str(tmp_path / f"{case.replace(' ', '_')}.safetensors")
+    extra, match = BAD[case]
+    _kohya(pipe, path, extra)
+    with pytest.raises(CheckpointError, match=match) as e:
+        pipe.load_lora(path)
+    assert "\n" not in str(e.value)
+    assert_same_state(pipe, state0)
+    assert [x.name for x in pipe.loras] == ["good"]
+
+
+def test_not_a_lora_and_wrong_arguments(tmp_path):
+    from safetensors.torch import save_file
+
+    pipe = tiny()
+    state0 = state(pipe)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, tmp_path / "full.safetensors")
+    save_file({"weights": torch.zeros(2)}, tmp_path / "x.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    for name, match in (("full", "full model checkpoint"), ("x", "not a LoRA"), ("junk", "not a"),
+                        ("missing", "no such file")):
+        with pytest.raises(CheckpointError, match=match):
+            pipe.load_lora(str(tmp_path / f"{name}.safetensors"))
+    with pytest.raises(ValueError, match="finite"):
+        pipe.load_lora(str(tmp_path / "x.safetensors"), float("nan"))
+    assert_same_state(pipe, state0)
+    assert pipe.loras == []
+
+
+def test_interrupted_merge_rolls_back(tmp_path, monkeypatch):
+    """An exception in the middle of merging (here the 5th layer) puts every weight back."""
+    import fastsd.lora as lora_mod
+
+    pipe = tiny("cpu")
+    generate(pipe, steps=1)
+    path = str(tmp_path / "l.safetensors")
+    write_random_lora(path, pipe, fmt="kohya_ldm", rank=4, seed=5)
+    pipe.load_lora(path, 0.3)
+    state0 = state(pipe)
+    real, calls = lora_mod.merged_weight, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(lora_mod, "merged_weight", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.load_lora(path, 1.0)
+    assert_same_state(pipe, state0)
+    monkeypatch.setattr(lora_mod, "merged_weight", real)
+    pipe.unload_loras()
+    pipe.load_lora(path, 0.3)
+    assert_same_state(pipe, state0)
+
+
+# ---- prompt syntax, folder, infotext -------------------------------------------------------------------
+
+def test_parse_prompt():
+    assert parse_prompt("a cat <lora:style:0.8>, <lora:b> <lyco:c:-1>") == ("a cat ,  ", [("style", 0.8), ("b", 1.0),
+                                                                                       ("c", -1.0)])
+    assert parse_prompt("no tags (x:1.2)") == ("no tags (x:1.2)", [])
+    for bad, match in (("<lora:a:b>", "not a number"), ("<lora:a:1:2>", "expected"), ("<hypernet:a:1>", "not"),
+                       ("<lora:a:inf>", "finite"), ("<lora:a:unet=1>", "expected")):
+        with pytest.raises(ValueError, match=match):
+            parse_prompt(bad)
+    assert parse_lora_arg("x.safetensors:0.5") == ("x.safetensors", 0.5)
+    assert parse_lora_arg("C:/l/x.safetensors") == ("C:/l/x.safetensors", 1.0)
+    assert parse_lora_arg("x.safetensors") == ("x.safetensors", 1.0)
+
+
+def test_lora_names_stay_in_their_folder(tmp_path):
+    d = tmp_path / "loras"
+    d.mkdir()
+    (d / "style.safetensors").write_bytes(b"")
+    (d / "old.pt").write_bytes(b"")
+    (tmp_path / "secret.safetensors").write_bytes(b"")
+    assert lora_path("style", str(d)) == str(d / "style.safetensors")
+    assert list_loras(str(d)) == {"style": str(d / "style.safetensors"), "old": str(d / "old.pt")}
+    for name in ("../secret", str(tmp_path / "secret"), "..", "sub/style", "a\\b"):
+        with pytest.raises(ValueError, match="without a path"):
+            lora_path(name, str(d))
+    with pytest.raises(ValueError, match="it has: old, style"):
+        lora_path("nope", str(d))
+    with pytest.raises(ValueError, match="--lora-dir"):
+        lora_path("style", None)
+
+
+def addnet_hash(path):
+    """A1111's LoRA hash, computed here independently: sha256 of the bytes after the safetensors header."""
+    data = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + n:]).hexdigest()[:12]
+
+
+def test_prompt_tags_infotext_and_encoding(tmp_path):
+    pipe = tiny()
+    path = str(tmp_path / "my,style.safetensors")
+    write_random_lora(path, pipe, fmt="kohya_ldm", rank=4, seed=4)
+    with pytest.raises(ValueError, match="not loaded"):
+        pipe.generate("a cat <lora:my,style:0.5>", steps=1, width=32, height=32, progress=False)
+    pipe.load_lora(path, 0.5)
+    cond = pipe.encode_prompt(["a cat <lora:my,style:0.5>"], [""])[0]
+    assert torch.equal(cond, pipe.encode_prompt(["a cat"], [""])[0])  # the tag never reaches the text encoder
+    im = pipe.generate("a cat <lora:my,style:0.5>", steps=1, width=32, height=32, seed=1, progress=False)[0]
+    prompt, _, params = parse_infotext(im.info["parameters"])
+    assert prompt == "a cat <lora:my,style:0.5>"
+    assert params["Lora hashes"] == f"mystyle: {addnet_hash(path)}"  # A1111 drops ':' and ',' from the name
+    # a LoRA loaded without a tag is recorded with one, so the infotext makes the same image again
+    im = pipe.generate("a cat", steps=1, width=32, height=32, seed=1, progress=False)[0]
+    assert parse_infotext(im.info["parameters"])[0] == "a cat <lora:my,style:0.5>"
+
+
+@pytest.mark.slow
+def test_sd15_size_lora_matches_diffusers(tmp_path):
+    """SD1.5's architecture: a kohya (diffusers names) rank-32 LoRA with alpha on every UNet layer (LoCon on
+    the 3x3 convolutions) and the text encoder; 128 px, 4 steps."""
+    pipe, ref = tiny(preset="sd15"), tiny(preset="sd15")
+    names = diffusers_names(ref)
+    path = str(tmp_path / "sd15.safetensors")
+    write_random_lora(path, pipe, fmt="kohya_diffusers", rank=32, alpha=16.0, names=names, strength=0.1)
+    sp = diffusers_pipeline(ref)
+    fuse_in_diffusers(sp, path, 0.8, False)
+    pipe.load_lora(path, 0.8)
+    assert_matches_diffusers(pipe, sp, names, image_size=128, steps=4)
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+CLI = ["--model", "random:tiny", "--steps", "2", "--width", "32", "--height", "32", "--no-progress", "--seed", "5"]
+
+
+def test_cli_lora_file_and_prompt_tag(tmp_path, capsys, monkeypatch):
+    from fastsd.generate import main
+    from PIL import Image
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    pipe = tiny()
+    write_random_lora(str(loras / "ink.safetensors"), pipe, fmt="kohya_ldm", rank=4, seed=1)
+    write_random_lora(str(tmp_path / "extra.safetensors"), pipe, fmt="kohya_ldm", rank=4, seed=2)
+    monkeypatch.setenv("FASTSD_LORA_DIR", str(loras))
+    out = tmp_path / "a.png"
+    assert main(["a cat <lora:ink:0.7>", *CLI, "--lora", f"{tmp_path / 'extra.safetensors'}:0.4",
+                 "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        prompt, _, params = parse_infotext(im.text["parameters"])
+        with_loras = np.asarray(im.convert("RGB"))
+    assert prompt == "a cat <lora:ink:0.7> <lora:extra:0.4>"
+    assert params["Lora hashes"] == (f"extra: {addnet_hash(str(tmp_path / 'extra.safetensors'))}, "
+                                     f"ink: {addnet_hash(str(loras / 'ink.safetensors'))}")  # load order
+    assert main(["a cat", *CLI, "--out", str(tmp_path / "b.png")]) == 0
+    with Image.open(tmp_path / "b.png") as im:
+        assert psnr(np.asarray(im.convert("RGB")), with_loras) < 35
+
+
+@pytest.mark.parametrize("prompt,args,match", [
+    ("a cat <lora:../ink:1>", [], "without a path"),
+    ("a cat <lora:nope:1>", [], "no nope.safetensors"),
+    ("a cat <lora:ink:x>", [], "not a number"),
+    ("a cat", ["--lora", "missing.safetensors:0.5"], "no such file"),
+    ("a cat", ["--lora", "{bad}"], "do not fit this model"),
+])
+def test_cli_bad_lora_one_line_exit_2(tmp_path, capsys, monkeypatch, prompt, args, match):
+    from fastsd.generate import main
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    pipe = tiny()
+    write_random_lora(str(loras / "ink.safetensors"), pipe, fmt="kohya_ldm", rank=4)
+    _kohya(pipe, str(tmp_path / "bad.safetensors"), BAD["shape"][0])
+    args = [a.format(bad=tmp_path / "bad.safetensors") for a in args]
+    out = tmp_path / "out"
+    code = main([prompt, *CLI, "--lora-dir", str(loras), *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: ") and match in err[-1], err
+    assert not [line for line in err if "Traceback" in line]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_benchmark_script_runs(tmp_path, capsys):
+    """python -m fastsd.benchmarks.lora at tiny size (a smoke run: its numbers are not checked)."""
+    import json
+
+    from fastsd.benchmarks.lora import main
+
+    out = tmp_path / "lora.jsonl"
+    main(["--model", "random:tiny", "--res", "64", "--repeat", "2", "--threads", "1", "--json", str(out)])
+    row = json.loads(out.read_text())
+    assert row["layers"] > 0 and len(row["load_s"]) == 2 and len(row["switch_s"]) == 2 and row["isa"]
+    assert row["originals_kept_bytes"] > 0 and row["unet_first_call_after_switch_s"] > 0
+    assert "load + merge" in capsys.readouterr().out
