@@ -202,6 +202,16 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch
     _fails([jobs, "--model", "random:tiny", "--out", out], capsys, "its manifest is for model random:sd15")
 
 
+def test_ray_address_that_does_not_answer_is_one_line():
+    from fastsd.batch.ray_pool import _check_reachable
+
+    with pytest.raises(ValueError, match=r"^--ray 127.0.0.1:1: nothing answers at 127.0.0.1:1 \("):
+        _check_reachable("127.0.0.1:1")
+    with pytest.raises(ValueError, match="expected auto, HOST:PORT or ray://HOST:PORT"):
+        _check_reachable("somewhere")
+    _check_reachable("auto")
+
+
 def test_sigkill_then_resume_does_every_job_once(tmp_path):
     """A run killed with SIGKILL mid-batch, then the same command again: every job is in the manifest
     exactly once as done, every PNG is whole, no temp file is left."""

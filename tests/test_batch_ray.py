@@ -18,7 +18,7 @@ STRIP = ("seconds", "finished")
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -76,7 +76,7 @@ def test_killed_actor_its_jobs_run_elsewhere_each_once(cluster, tmp_path, capsys
     watcher = threading.Thread(target=kill_one_after_the_first_image, daemon=True)
     watcher.start()
     rows = run([{"prompt": f"a dog {i}", "seed": i} for i in range(n)], model="random:tiny", out=out,
-               defaults=Defaults(steps=4, width=64, height=64), ray="auto", workers=2, progress=False)
+               defaults=Defaults(steps=8, width=64, height=64), ray="auto", workers=2, progress=False)
     watcher.join(timeout=5)
     assert killed, "no actor was killed: the run ended first"
     assert "a Ray worker died" in capsys.readouterr().err

@@ -61,14 +61,23 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
     resolve(model)  # a wrong model fails here, before the output folder is created or a worker starts
     worker_kwargs = dict(model=model, device=device, dtype=dtype, backend=backend, threads=threads,
                          lora_dir=lora_dir, always_batch=always_batch)
-    with OutputFolder(out, model_label(model)) as folder:
-        return _drive(job_list, folder, worker_kwargs, ray=ray, batch=batch, workers=workers,
-                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, retry_failed=retry_failed,
-                      progress=progress, summary=summary if summary is not None else {})
+    pool, owns_ray = None, False
+    if ray not in (None, False):
+        from fastsd.batch import ray_pool
+
+        pool = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+        owns_ray = ray_pool.connect(None if ray is True else ray)  # a wrong address fails before the folder exists
+    try:
+        with OutputFolder(out, model_label(model)) as folder:
+            return _drive(job_list, folder, worker_kwargs, pool=pool, batch=batch, retry_failed=retry_failed,
+                          progress=progress, summary=summary if summary is not None else {})
+    finally:
+        if owns_ray:
+            ray_pool.disconnect()
 
 
-def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, ray, batch, workers, cpus_per_worker,
-           gpus_per_worker, retry_failed, progress, summary) -> list[dict]:
+def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, pool: dict | None, batch: int, retry_failed: bool,
+           progress: bool, summary: dict) -> list[dict]:
     from fastsd.batch.progress import Progress
 
     def wanted(j) -> bool:
@@ -84,7 +93,12 @@ def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, ray, batch, w
     t0 = time.perf_counter()
     try:
         if todo:
-            executor = _executor(worker_kwargs, ray, workers, cpus_per_worker, gpus_per_worker, bar.log)
+            if pool is None:
+                executor = LocalExecutor(worker_kwargs, bar.log)
+            else:
+                from fastsd.batch.ray_pool import RayPool
+
+                executor = RayPool(worker_kwargs, **pool, log=bar.log)
             tokenizer = getattr(executor, "tokenizer", None) or _default_tokenizer()
             for jobs, results in executor.run(plan_batches(todo, batch, tokenizer)):
                 for job, r in zip(jobs, results):
@@ -95,15 +109,6 @@ def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, ray, batch, w
         bar.close()
         summary.update(bar.counts(), seconds=time.perf_counter() - t0, left=sum(wanted(j) for j in todo))
     return [folder.rows[j.id] for j in job_list if j.id in folder.rows]
-
-
-def _executor(worker_kwargs, ray, workers, cpus_per_worker, gpus_per_worker, log):
-    if ray is None or ray is False:
-        return LocalExecutor(worker_kwargs, log)
-    from fastsd.batch.ray_pool import RayPool
-
-    return RayPool(worker_kwargs, address=None if ray is True else ray, workers=workers,
-                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, log=log)
 
 
 def _default_tokenizer():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import sys
 import time
 
@@ -37,7 +38,7 @@ class BatchWorker:
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
 
     def describe(self) -> dict:
-        return {"name": self.pipe.name, "device": self.pipe.device.type, "dtype": str(self.pipe.dtype)[6:],
+        return {"node": socket.gethostname(), "name": self.pipe.name, "device": self.pipe.device.type, "dtype": str(self.pipe.dtype)[6:],
                 "backend": self.pipe.backend.name, "threads": self.threads, "pid": os.getpid()}
 
     # ---- jobs -> results ------------------------------------------------------------------------------
