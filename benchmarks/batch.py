@@ -7,8 +7,9 @@ with 1 worker x 2 CPUs and 2 workers x 1 CPU.
 Each configuration runs `fastsd.batch.run` on the same jobs into a fresh folder. "steady" images/min counts
 from the first finished result to the last (model loading, Ray actor start-up and the batching probe
 excluded); "wall" is the whole run() call. The per-image Ray overhead is a 1-worker Ray run's steady seconds
-per image minus the in-process run's at the same thread count (ray1x2 - local, ray1x1 - local-t1). Local batches run with always_batch (batched whether or
-not the probe finds it faster; the probe's identity check still applies and its verdict is printed).
+per image minus the in-process run's at the same thread count (ray1x2 - local, ray1x1 - local-t1). Local
+batches run with always_batch (batched whether or not the probe finds it faster; the probe's identity check
+still applies and its verdict is printed).
 """
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Ray: no value = start a cluster on this machine, auto = the running cluster, or "
                    "host:6379 / ray://host:10001")
-    p.add_argument("--workers", type=positive_int, default=None, help="Ray actors; none given: as many as fit the cluster")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="Ray actors; none given: as many as fit the cluster")
     p.add_argument("--cpus-per-worker", type=_resources(True), default=1, help="Ray CPUs per actor (its threads)")
     p.add_argument("--gpus-per-worker", type=_resources(False), default=0, help="Ray GPUs per actor")
     p.add_argument("--device", default=None, help="cpu or cuda; none given: cuda when available")

@@ -219,7 +219,8 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
         steps=rec.get("steps", defaults.steps), guidance_scale=rec.get("cfg", defaults.guidance_scale),
         sampler=rec.get("sampler", defaults.sampler), seed=rec.get("seed"),
         width=_first(rec.get("width"), defaults.width, DEFAULT_SIDE),
-        height=_first(rec.get("height"), defaults.height, DEFAULT_SIDE), num_images=1, clip_skip=rec.get("clip_skip", defaults.clip_skip))
+        height=_first(rec.get("height"), defaults.height, DEFAULT_SIDE), num_images=1,
+        clip_skip=rec.get("clip_skip", defaults.clip_skip))
     s.validate(allow_large=allow_large)
     s = s.replace(sampler=resolve_sampler_name(s.sampler))
     content = json.dumps({**Job("", line, s, loras).manifest_settings(), "line": line}, sort_keys=True)
@@ -243,6 +244,8 @@ def _first(*values):
 def _canonical_fields(rec: dict) -> dict:
     out = {}
     for key, v in rec.items():
+        if v is None:  # JSON null = not given
+            continue
         name = ALIASES.get(key, key)
         if name not in FIELDS:
             raise ValueError(f"unknown field {key!r}; known: {', '.join(FIELDS)}")

@@ -100,7 +100,9 @@ class RayPool:
 
         self.log = log
         res = ray.cluster_resources()
-        fits = [res.get("CPU", 0) / cpus_per_worker] + ([res.get("GPU", 0) / gpus_per_worker] if gpus_per_worker else [])
+        fits = [res.get("CPU", 0) / cpus_per_worker]
+        if gpus_per_worker:
+            fits.append(res.get("GPU", 0) / gpus_per_worker)
         if workers is None:
             workers = max(1, int(min(fits)))
         elif workers > int(min(fits)):

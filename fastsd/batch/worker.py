@@ -38,8 +38,10 @@ class BatchWorker:
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
 
     def describe(self) -> dict:
-        return {"node": socket.gethostname(), "name": self.pipe.name, "device": self.pipe.device.type, "dtype": str(self.pipe.dtype)[6:],
-                "backend": self.pipe.backend.name, "threads": self.threads, "pid": os.getpid()}
+        """Where and how this worker runs (the Ray pool's readiness answer)."""
+        return {"node": socket.gethostname(), "pid": os.getpid(), "device": self.pipe.device.type,
+                "dtype": str(self.pipe.dtype).removeprefix("torch."), "backend": self.pipe.backend.name,
+                "threads": self.threads}
 
     # ---- jobs -> results ------------------------------------------------------------------------------
 
