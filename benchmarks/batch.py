@@ -16,19 +16,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 
-CONFIGS = {  # name -> run() keywords
-    "local": dict(threads=2),
-    "local-b2": dict(threads=2, batch=2, always_batch=True),
-    "local-b4": dict(threads=2, batch=4, always_batch=True),
-    "local-t1": dict(threads=1),
-    "ray1x1": dict(ray="auto", workers=1, cpus_per_worker=1),
-    "ray1x2": dict(ray="auto", workers=1, cpus_per_worker=2),
-    "ray2x1": dict(ray="auto", workers=2, cpus_per_worker=1),
-}
+DEFAULT_CONFIGS = "local,local-b2,local-b4,local-t1,local-t1-b2,local-t1-b4,ray1x1,ray1x2,ray2x1"
+
+
+def config(name: str) -> dict:
+    """run() keywords for a configuration name: local[-tTHREADS][-bBATCH] (2 threads unless -t; batched with
+    always_batch), or rayWORKERSxCPUS (a local Ray cluster, WORKERS actors of CPUS CPUs = threads)."""
+    m = re.fullmatch(r"local(?:-t(\d+))?(?:-b(\d+))?", name)
+    if m:
+        kw = {"threads": int(m.group(1) or 2)}
+        if m.group(2):
+            kw.update(batch=int(m.group(2)), always_batch=True)
+        return kw
+    m = re.fullmatch(r"ray(\d+)x(\d+)", name)
+    if m:
+        return {"ray": "auto", "workers": int(m.group(1)), "cpus_per_worker": int(m.group(2))}
+    raise ValueError(f"unknown config {name!r}: local[-tN][-bN] or rayWxC")
 
 
 def steady_rate(rows: list[dict]) -> float | None:
@@ -46,12 +54,12 @@ def measure(name: str, jobs: list[dict], args, folder: str) -> dict:
     defaults = Defaults(steps=args.steps, width=args.size, height=args.size)
     t0 = time.perf_counter()
     rows = run(jobs, model=args.model, out=os.path.join(folder, name), defaults=defaults, progress=False,
-               **CONFIGS[name])
+               **config(name))
     wall = time.perf_counter() - t0
     rate = steady_rate(rows)
     return {"config": name, "jobs": len(jobs), "done": sum(r["status"] == "done" for r in rows), "wall_s": wall,
             "steady_img_per_min": rate, "steady_s_per_img": 60 / rate if rate else None,
-            "wall_img_per_min": len(rows) / wall * 60, **CONFIGS[name]}
+            "wall_img_per_min": len(rows) / wall * 60, **config(name)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--jobs", type=int, default=24)
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated: local[-tTHREADS][-bBATCH] (2 threads "
+                   "unless -t), rayWORKERSxCPUS")
     p.add_argument("--json", default=None, help="append one JSON line per configuration here")
     args = p.parse_args(argv)
     names = args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        p.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    try:
+        [config(n) for n in names]
+    except ValueError as e:
+        p.error(str(e))
     from fastsd.benchmarks.common import git_commit, isa_fields, timestamp, versions
 
     jobs = [{"prompt": f"a photo of object number {i}", "seed": i} for i in range(args.jobs)]
@@ -79,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         run(jobs[:2], model=args.model, out=os.path.join(folder, "warmup"), progress=False, threads=2,
             defaults=Defaults(steps=2, width=args.size, height=args.size))  # imports, CPU tuning cache
         for name in names:
-            if CONFIGS[name].get("ray") and not _ray_started():
+            if config(name).get("ray") and not _ray_started():
                 import ray
 
                 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
