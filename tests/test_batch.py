@@ -14,7 +14,7 @@ from PIL import Image
 import fastsd
 from fastsd.batch import Defaults, run
 from fastsd.batch.__main__ import main
-from fastsd.batch.jobs import BadJob, Job, read_job_file
+from fastsd.batch.jobs import BadJob, Job, read_job_file, text_prompts
 from fastsd.batch.worker import BatchWorker
 from fastsd.image import parse_infotext, png_writer
 
@@ -46,6 +46,9 @@ def test_jsonl_csv_txt_defaults_ids_and_seeds(tmp_path):
     assert b.settings.seed == 101 and c.settings.seed == 102  # --seed + record index; A1111's -1 = not given
     assert b.settings.negative_prompt == "blur" and b.settings.steps == 3 and b.settings.sampler == "ddim"
     assert c.loras == (("x", 0.5), ("y", 1.0))
+    tagged = read_job_file(write(tmp_path / "t.jsonl", '{"prompt": "a <lora:z:0.3> cat", "loras": ["x"]}\n'), d)[0]
+    assert tagged.loras == (("x", 1.0), ("z", 0.3)) and tagged.settings.prompt == "a <lora:z:0.3> cat"
+    assert text_prompts(tagged) == ("a  cat", "")  # what the text encoder sees (as fastsd.serve)
     assert a.id.startswith("00001-") and read_job_file(jsonl, d)[0].id == a.id  # stable
     assert read_job_file(jsonl, Defaults(steps=4, width=64, height=64))[0].id != a.id  # defaults are content
     csv = write(tmp_path / "j.csv", 'prompt,steps,cfg\n"a cat, sitting",4,\n"two\nlines",,3.5\n')
@@ -56,6 +59,19 @@ def test_jsonl_csv_txt_defaults_ids_and_seeds(tmp_path):
     g, h = read_job_file(txt, Defaults())
     assert (g.line, h.line) == (2, 4) and g.id != h.id  # same prompt, other line: another job
     assert g.settings.seed != h.settings.seed and (g.settings.width, g.settings.height) == (512, 512)
+
+
+def test_every_settings_option_is_a_job_default():
+    """The CLI adds one option per GenerationSettings field (fastsd.generate's builder): each must reach the
+    jobs through Defaults, or a new field would be an option that silently does nothing."""
+    import dataclasses
+
+    from fastsd.batch.__main__ import build_parser
+    from fastsd.settings import FIELDS
+
+    per_job = {f.name for f in dataclasses.fields(Defaults)} - {"loras"}
+    assert per_job == set(FIELDS) - {"prompt", "num_images", "strength"}
+    assert per_job <= set(vars(build_parser().parse_args(["j.txt", "--out", "o"])))
 
 
 def test_bad_lines_become_failed_jobs_with_line_and_reason(tmp_path):

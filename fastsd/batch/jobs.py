@@ -212,6 +212,8 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
     loras = parse_loras(rec["loras"]) if "loras" in rec else defaults.loras
     if "prompt" not in rec:
         raise ValueError("no prompt")
+    if isinstance(rec["prompt"], str):
+        loras += prompt_loras(rec["prompt"])
     from fastsd.samplers import resolve_sampler_name
 
     s = GenerationSettings(
@@ -317,6 +319,21 @@ def parse_loras(v) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def prompt_loras(prompt: str) -> tuple[tuple[str, float], ...]:
+    """A1111's <lora:NAME:WEIGHT> tags of a prompt (the tags stay in the prompt for the infotext; the worker
+    encodes the prompt without them, as fastsd.serve does)."""
+    from fastsd.serve.networks import _TAG  # one tag grammar for the server and the batch runner
+
+    return tuple((name, _to_float(w or 1.0, f"<lora:{name}> weight")) for name, w in _TAG.findall(prompt))
+
+
+def text_prompts(job: "Job") -> tuple[str, str]:
+    """(prompt, negative prompt) as the text encoder sees them: without LoRA tags."""
+    from fastsd.serve.networks import strip_lora_tags
+
+    return strip_lora_tags(job.settings.prompt), job.settings.negative_prompt
+
+
 # ---- batching ----------------------------------------------------------------------------------------
 
 def batch_key(job: Job, chunks: int) -> tuple:
@@ -327,8 +344,7 @@ def batch_key(job: Job, chunks: int) -> tuple:
 
 
 def prompt_chunks(job: Job, tokenizer) -> int:
-    s = job.settings
-    return max(tokenizer.encode_weighted(p)[0].shape[0] for p in (s.prompt, s.negative_prompt))
+    return max(tokenizer.encode_weighted(p)[0].shape[0] for p in text_prompts(job))
 
 
 def plan_batches(jobs: list[Job], batch: int, tokenizer) -> list[list[Job]]:

@@ -17,10 +17,9 @@ import socket
 import sys
 import time
 
-from fastsd.batch.jobs import Job, batch_key, prompt_chunks
+from fastsd.batch.jobs import Job, batch_key, prompt_chunks, text_prompts
 
 MARGIN = 0.9  # a batch must take <= 0.9x the time of its jobs run one by one (as fastsd.backends.cpu_tune)
-LORA_EXTS = (".safetensors", ".pt", ".ckpt")
 
 
 class BatchWorker:
@@ -90,8 +89,8 @@ class BatchWorker:
         if steps is not None:
             s = s.replace(steps=steps, sampler=sampler)
         pipe = self.pipe
-        cond, uncond = pipe.encode_prompt([j.settings.prompt for j in jobs],
-                                          [j.settings.negative_prompt for j in jobs], s.clip_skip)
+        prompts, negatives = zip(*(text_prompts(j) for j in jobs))
+        cond, uncond = pipe.encode_prompt(list(prompts), list(negatives), s.clip_skip)
         p = pipe.prepare_latents(s, [j.settings.seed for j in jobs])
         t0 = time.perf_counter()
         x = pipe.denoise(p, cond, uncond, s, progress=False)
@@ -154,6 +153,8 @@ class BatchWorker:
 
 def find_lora(name: str, lora_dir: str | None) -> str:
     """A LoRA file: `name` as a path, else NAME(.safetensors|.pt|.ckpt) in `lora_dir` ($FASTSD_LORA_DIR)."""
+    from fastsd.serve.networks import LORA_EXTS
+
     if os.path.isfile(name):
         return name
     folder = lora_dir or os.environ.get("FASTSD_LORA_DIR")
