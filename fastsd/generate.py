@@ -20,10 +20,12 @@ EMBEDDINGS_ENV = "FASTSD_EMBEDDINGS_DIR"
 IMAGE_EXTS = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
-def _settings_options(p: argparse.ArgumentParser) -> None:
-    """One option per GenerationSettings field: flag, type, default and help from the field."""
+def _settings_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One option per GenerationSettings field (but `skip`): flag, type, default and help from the field."""
     hints = typing.get_type_hints(GenerationSettings)
     for name, f in FIELDS.items():
+        if name in skip:
+            continue
         meta = f.metadata
         flag = meta.get("flag") or "--" + name.replace("_", "-")
         typ = next(t for t in (int, float, str) if t in typing.get_args(hints[name]) or hints[name] is t)

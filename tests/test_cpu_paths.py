@@ -143,6 +143,28 @@ def test_convolutions_pack_for_the_input_shape_they_see():
         assert y.requires_grad
 
 
+def test_shapes_that_chose_plain_and_packed_alternate(monkeypatch):
+    """A layer packed at one input shape and measured faster plain at another runs both, alternating (a
+    batch runner switches batch sizes): the plain call gets the dense weight, not the packed one."""
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+
+    class Choice:  # packed at batch 2, plain at batch 4
+        def choose(self, key, candidates, default):
+            return "plain" if " x(4," in key else "packed"
+
+    monkeypatch.setattr(cpu_tune, "tuner", Choice)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    plain = torch.nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    plain.load_state_dict(conv.state_dict())
+    make_packable(conv)
+    with torch.no_grad():
+        for batch in (2, 4, 2, 4):
+            x = torch.randn(batch, 8, 6, 6)
+            torch.testing.assert_close(conv(x), plain(x))
+            assert conv.weight.is_mkldnn == (batch == 2)
+
+
 def test_tuned_choice_is_measured_cached_and_honoured(tmp_path, monkeypatch):
     """FASTSD_CPU_TUNE unset: the first call at a shape times plain vs packed and records the winner in
     the cache file, which a new process reuses; a layer whose winner is plain keeps its dense weight."""

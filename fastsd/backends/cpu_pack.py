@@ -125,6 +125,8 @@ class _Packable:
             return self._run_plain(x, self._dense_weight())
         key, pack_shape = self._shape_key(x)
         if not self._use(key, x, pack_shape):
+            if self.weight.is_mkldnn:  # still packed for another input shape, where packing won
+                self._set_weight(self._dense_weight(), None)
             return self._run_plain(x, self.weight)
         if self._packed_for != pack_shape:  # packed for another input shape: its layout may not fit this one
             self._set_weight(self._pack(self._dense_weight(), pack_shape), pack_shape)

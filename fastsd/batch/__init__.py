@@ -1,0 +1,13 @@
+"""Batch generation: many images from a job file, resumable, in this process or on a Ray cluster.
+
+    python -m fastsd.batch jobs.jsonl --model M --out DIR [--batch N] [--ray [ADDRESS]] [--workers N]
+    fastsd.batch.run("jobs.jsonl", model="random:tiny", out="out/")  # -> the manifest rows
+
+jobs.py: job files -> jobs (defaults, stable ids and seeds, bad lines); manifest.py: the output folder
+(lock, atomic PNGs, fsync'd manifest, resume); worker.py: one model, batches of compatible jobs;
+runner.py: the driver; ray_pool.py: the Ray actor pool; progress.py: the bar; __main__.py: the CLI.
+"""
+from fastsd.batch.jobs import Defaults
+from fastsd.batch.runner import run
+
+__all__ = ["run", "Defaults"]

@@ -1,0 +1,114 @@
+"""Command line: python -m fastsd.batch JOBS --model M --out DIR [--batch N] [--ray [ADDRESS]] [--workers N]
+
+Exit status: 0 when every job is done, 1 when some job failed (recorded in the manifest; --retry-failed
+runs them again), 2 for a usage error (one `error:` line, nothing written), 130 when interrupted (what
+finished is kept; the same command resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastsd.cli import HelpFormatter, fail, one_line_warnings, positive_int
+from fastsd.generate import _settings_options, default_model
+
+
+def _resources(positive: bool):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not (v > 0 if positive else v >= 0) or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if positive else '>='} 0, got {s}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastsd.batch", formatter_class=HelpFormatter,
+                                description="Many images from a job file, resumable; in this process or on a Ray "
+                                "cluster. A field a job leaves out takes the option's value below.")
+    p.add_argument("jobs", help=".jsonl (one JSON object a line), .csv (with a header) or .txt (one prompt a line)")
+    p.add_argument("--model", help="as python -m fastsd.generate --model; none given: $FASTSD_MODEL, else the only "
+                   "SD1.x model in the local HF cache")
+    p.add_argument("--out", required=True, help="output folder: ID.png per job and manifest.jsonl")
+    _settings_options(p, skip=("prompt", "num_images", "strength", "seed", "width", "height"))
+    p.add_argument("--seed", type=int, default=None, help="job i (0-based, in file order) uses seed + i; none given: "
+                   "each job's seed is derived from its line and content")
+    p.add_argument("--width", type=int, default=None, help="a multiple of 8; none given: 512")
+    p.add_argument("--height", type=int, default=None, help="a multiple of 8; none given: 512")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="LoRA for jobs without a "
+                   "'loras' field (repeatable)")
+    p.add_argument("--lora-dir", default=None, help="where LoRA names are looked up; none given: $FASTSD_LORA_DIR")
+    p.add_argument("--batch", type=positive_int, default=1, help="up to N compatible jobs in one UNet call, where "
+                   "measured identical and faster")
+    p.add_argument("--always-batch", action="store_true", help="batch wherever identical, even when not faster")
+    p.add_argument("--retry-failed", action="store_true", help="run again the jobs the manifest records as failed")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: no value = start a cluster on this machine, auto = the running cluster, or "
+                   "host:6379 / ray://host:10001")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="Ray actors; none given: as many as fit the cluster")
+    p.add_argument("--cpus-per-worker", type=_resources(True), default=1, help="Ray CPUs per actor (its threads)")
+    p.add_argument("--gpus-per-worker", type=_resources(False), default=0, help="Ray GPUs per actor")
+    p.add_argument("--device", default=None, help="cpu or cuda; none given: cuda when available")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="as python -m fastsd.generate")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process; none given: the "
+                   "physical cores, on Ray --cpus-per-worker")
+    p.add_argument("--allow-large", action="store_true", help="allow width/height above 4096")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    one_line_warnings()
+    if args.ray is not None:
+        from fastsd.batch.ray_pool import ray_missing
+
+        if (why := ray_missing()) is not None:
+            return fail(why)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted; finished jobs are kept: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fastsd.batch.jobs import Defaults, parse_loras
+    from fastsd.batch.manifest import OutputFolderError
+    from fastsd.batch.ray_pool import WorkersLost
+    from fastsd.batch.runner import print_summary, run
+
+    try:
+        defaults = Defaults(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                            sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,
+                            clip_skip=args.clip_skip, loras=parse_loras(args.lora))
+        model = args.model or default_model()
+    except (ValueError, TypeError) as e:
+        return fail(str(e))
+    from fastsd import BackendError, CheckpointError
+
+    summary: dict = {}
+    try:
+        rows = run(args.jobs, model=model, out=args.out, ray=args.ray, batch=args.batch, workers=args.workers,
+                   cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, defaults=defaults,
+                   retry_failed=args.retry_failed, progress=not args.no_progress, device=args.device,
+                   dtype=args.dtype, backend=args.backend, threads=args.threads, lora_dir=args.lora_dir,
+                   always_batch=args.always_batch, allow_large=args.allow_large, summary=summary)
+    except (ValueError, TypeError, CheckpointError, BackendError, OutputFolderError, WorkersLost) as e:
+        return fail(str(e).splitlines()[0])
+    print_summary(summary, args.out)
+    failed = sum(r["status"] == "failed" for r in rows)
+    if failed:
+        print(f"fastsd.batch: {failed} jobs are recorded as failed (--retry-failed runs them again)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

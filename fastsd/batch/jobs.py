@@ -1,0 +1,357 @@
+"""Job files -> jobs: JSONL, CSV with a header, or a prompts-only .txt; one job (one image) per record.
+
+A field a record leaves out takes the command line's default (`Defaults`). Each job gets a stable id: the
+record's `id`, or `LLLLL-<hash>` from its line number and its resolved settings, so the same file with the
+same defaults gives the same ids (and the same output names) on every run. A record that can't become a
+job (invalid JSON, unknown field, unknown sampler, bad size...) becomes a `BadJob` with its line number and
+a one-line reason; the rest of the file is unaffected.
+
+Seeds: the record's seed; else `--seed S` + the record's index in the file (A1111's "seed + i"); else one
+derived from the line number and the record's content (stable, so a resumed or retried job draws the same
+noise). A1111's seed -1 (random) counts as no seed.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from fastsd.settings import GenerationSettings
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DEFAULT_SIDE = 512  # as Pipeline.resolve
+
+# job field -> (settings field or "loras"/"id"/"size", type); A1111's API names are accepted as aliases
+FIELDS = {"id": "id", "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
+          "cfg": "guidance_scale", "sampler": "sampler", "width": "width", "height": "height", "size": "size",
+          "clip_skip": "clip_skip", "loras": "loras"}
+ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": "cfg", "sampler_name": "sampler"}
+INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a record leaves out (the command line's settings options); seed None = derived per job."""
+
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 7.5
+    sampler: str = "euler_a"
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    clip_skip: int = 1
+    loras: tuple[tuple[str, float], ...] = ()
+
+    def validate(self, allow_large: bool = False) -> None:
+        """ValueError / TypeError naming the option, as GenerationSettings.validate."""
+        GenerationSettings(negative_prompt=self.negative_prompt, steps=self.steps, guidance_scale=self.guidance_scale,
+                           sampler=self.sampler, seed=self.seed, width=self.width, height=self.height,
+                           clip_skip=self.clip_skip).validate(allow_large=allow_large)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    line: int
+    settings: GenerationSettings  # resolved: seed, width and height set, num_images 1
+    loras: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def file(self) -> str:
+        return f"{self.id}.png"
+
+    def manifest_settings(self) -> dict:
+        """The settings as the manifest records them (the job file's field names)."""
+        s = self.settings
+        return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed, "steps": s.steps,
+                "cfg": s.guidance_scale, "sampler": s.sampler, "width": s.width, "height": s.height,
+                "clip_skip": s.clip_skip, "loras": [f"{n}:{w:g}" for n, w in self.loras]}
+
+
+@dataclass(frozen=True)
+class BadJob:
+    id: str
+    line: int
+    error: str
+    raw: str = field(default="", repr=False)
+
+
+class JobFileError(ValueError):
+    """The job file as a whole can't be read (missing, unknown format, not UTF-8, no jobs)."""
+
+
+# ---- reading records ---------------------------------------------------------------------------------
+
+def read_job_file(path: str, defaults: Defaults, *, allow_large: bool = False) -> list[Job | BadJob]:
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise JobFileError(f"{path}: unknown job file type; use .jsonl (one JSON object a line), .csv (with a "
+                           "header) or .txt (one prompt a line)")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise JobFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise JobFileError(f"{path}: is a folder, not a job file") from None
+    except UnicodeDecodeError as e:
+        raise JobFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise JobFileError(f"{path}: can't read ({e.strerror})") from None
+    records = {"jsonl": _jsonl_records, "csv": _csv_records, "txt": _txt_records}[fmt](text)
+    jobs = make_jobs(records, defaults, allow_large=allow_large)
+    if not jobs:
+        raise JobFileError(f"{path}: no jobs in the file")
+    return jobs
+
+
+def _jsonl_records(text: str):
+    """(line, record dict | error str, raw line) per non-blank line."""
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            yield n, f"invalid JSON ({e.msg} at column {e.colno})", raw
+            continue
+        yield n, rec if isinstance(rec, dict) else f"a job line must be a JSON object, got {type(rec).__name__}", raw
+
+
+def _csv_records(text: str):
+    """CSV with a header row naming the fields; an empty cell takes the default."""
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except (StopIteration, csv.Error):
+        return
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, f"invalid CSV ({e})", ""
+            start = reader.line_num + 1
+            continue
+        line, start = start, reader.line_num + 1
+        if not any(cell.strip() for cell in row):
+            continue
+        raw = ",".join(row)
+        if len(row) != len(header):
+            yield line, f"{len(row)} cells but the header has {len(header)}", raw
+            continue
+        yield line, {k: v for k, v in zip(header, row) if v.strip() != ""}, raw
+
+
+def _txt_records(text: str):
+    """One prompt a line; blank lines and lines starting with '#' are skipped."""
+    for n, raw in enumerate(text.splitlines(), 1):
+        if raw.strip() and not raw.lstrip().startswith("#"):
+            yield n, {"prompt": raw.strip()}, raw
+
+
+def records_from_list(items) -> list[tuple[int, dict | str, str]]:
+    """The Python API's jobs: dicts (job records) or strings (prompts); item i is 'line' i + 1."""
+    out = []
+    for n, item in enumerate(items, 1):
+        if isinstance(item, str):
+            item = {"prompt": item}
+        rec = item if isinstance(item, dict) else f"a job must be a dict or a prompt string, got {type(item).__name__}"
+        out.append((n, rec, json.dumps(item, sort_keys=True, default=str) if isinstance(item, dict) else str(item)))
+    return out
+
+
+# ---- records -> jobs ---------------------------------------------------------------------------------
+
+def make_jobs(records, defaults: Defaults, *, allow_large: bool = False) -> list[Job | BadJob]:
+    """Jobs in file order; a duplicate id makes the later record a BadJob."""
+    jobs: list[Job | BadJob] = []
+    first_line: dict[str, int] = {}
+    for index, (line, rec, raw) in enumerate(records):
+        try:
+            if isinstance(rec, str):
+                raise ValueError(rec)
+            job = to_job(rec, line, index, defaults, allow_large=allow_large)
+        except (ValueError, TypeError) as e:
+            jobs.append(BadJob(_bad_id(line, raw), line, str(e).splitlines()[0], raw))
+            continue
+        if job.id in first_line:
+            jobs.append(BadJob(_bad_id(line, raw), line, f"duplicate id {job.id!r} (first on line "
+                               f"{first_line[job.id]})", raw))
+            continue
+        first_line[job.id] = line
+        jobs.append(job)
+    return jobs
+
+
+def _bad_id(line: int, raw: str) -> str:
+    return f"{line:05d}-bad-{hashlib.sha256(raw.encode()).hexdigest()[:10]}"
+
+
+def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large: bool = False) -> Job:
+    """One record -> a Job; ValueError / TypeError (one line, naming the field) when it can't be one."""
+    rec = _canonical_fields(rec)
+    for name in INT_FIELDS:
+        if name in rec:
+            rec[name] = _to_int(rec[name], name)
+    if "cfg" in rec:
+        rec["cfg"] = _to_float(rec["cfg"], "cfg")
+    if rec.get("seed") == -1:  # A1111: random
+        del rec["seed"]
+    if "size" in rec:
+        rec["width"], rec["height"] = _size(rec.pop("size"), rec)
+    loras = parse_loras(rec["loras"]) if "loras" in rec else defaults.loras
+    if "prompt" not in rec:
+        raise ValueError("no prompt")
+    if isinstance(rec["prompt"], str):
+        loras += prompt_loras(rec["prompt"])
+    from fastsd.samplers import resolve_sampler_name
+
+    s = GenerationSettings(
+        prompt=rec["prompt"], negative_prompt=rec.get("negative_prompt", defaults.negative_prompt),
+        steps=rec.get("steps", defaults.steps), guidance_scale=rec.get("cfg", defaults.guidance_scale),
+        sampler=rec.get("sampler", defaults.sampler), seed=rec.get("seed"),
+        width=_first(rec.get("width"), defaults.width, DEFAULT_SIDE),
+        height=_first(rec.get("height"), defaults.height, DEFAULT_SIDE), num_images=1,
+        clip_skip=rec.get("clip_skip", defaults.clip_skip))
+    s.validate(allow_large=allow_large)
+    s = s.replace(sampler=resolve_sampler_name(s.sampler))
+    content = json.dumps({**Job("", line, s, loras).manifest_settings(), "line": line}, sort_keys=True)
+    digest = hashlib.sha256(content.encode()).hexdigest()
+    if s.seed is None:
+        s = s.replace(seed=defaults.seed + index if defaults.seed is not None else int(digest[:8], 16))
+        s.validate(allow_large=allow_large)  # --seed S + index must stay in range
+    job_id = rec.get("id")
+    if job_id is None:
+        job_id = f"{line:05d}-{digest[:10]}"
+    elif not isinstance(job_id, str) or not ID_RE.fullmatch(job_id):
+        raise ValueError(f"id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-' (it names the PNG), "
+                         "not starting with '.', '_' or '-'")
+    return Job(job_id, line, s, loras)
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def _canonical_fields(rec: dict) -> dict:
+    out = {}
+    for key, v in rec.items():
+        if v is None:  # JSON null = not given
+            continue
+        name = ALIASES.get(key, key)
+        if name not in FIELDS:
+            raise ValueError(f"unknown field {key!r}; known: {', '.join(FIELDS)}")
+        if name in out:
+            raise ValueError(f"field {name!r} given twice (as {key!r} too)")
+        out[name] = v
+    return out
+
+
+def _to_int(v, name: str) -> int:
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an integer, got {v!r}")
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            pass
+    if isinstance(v, int):
+        return v
+    raise TypeError(f"{name} must be an integer, got {v!r}")
+
+
+def _to_float(v, name: str) -> float:
+    if isinstance(v, str):
+        try:
+            v = float(v.strip())
+        except ValueError:
+            raise TypeError(f"{name} must be a number, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _size(v, rec: dict) -> tuple[int, int]:
+    """'WxH' (or one number for a square) -> (width, height); may not contradict width/height."""
+    m = re.fullmatch(r"\s*(-?\d+)\s*(?:[xX]\s*(-?\d+)\s*)?", str(v)) if not isinstance(v, bool) else None
+    if m is None:
+        raise ValueError(f"size must be 'WIDTHxHEIGHT' such as '512x768', got {v!r}")
+    w, h = int(m.group(1)), int(m.group(2) or m.group(1))
+    for name, got in (("width", w), ("height", h)):
+        if name in rec and rec[name] != got:
+            raise ValueError(f"size {v!r} contradicts {name} {rec[name]}")
+    return w, h
+
+
+def parse_loras(v) -> tuple[tuple[str, float], ...]:
+    """LoRAs as a list of "NAME[:WEIGHT]" or {"name", "weight"}, a {NAME: WEIGHT} dict, or one string of
+    "NAME[:WEIGHT]" separated by ';' or spaces (CSV, --lora). Weight 1 when not given."""
+    if isinstance(v, str):
+        v = [p for p in re.split(r"[;\s]+", v) if p]
+    elif isinstance(v, dict):
+        v = [{"name": k, "weight": w} for k, w in v.items()]
+    if not isinstance(v, list):
+        raise TypeError(f"loras must be a list such as [\"name:0.8\"], got {v!r}")
+    out = []
+    for item in v:
+        if isinstance(item, dict):
+            name, weight = item.get("name"), item.get("weight", 1.0)
+        elif isinstance(item, str):
+            name, _, w = item.rpartition(":") if ":" in item else (item, "", "1")
+            weight = w
+        else:
+            raise TypeError(f"a LoRA must be \"name:weight\" or {{\"name\", \"weight\"}}, got {item!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a LoRA needs a name, got {item!r}")
+        out.append((name, _to_float(weight, f"LoRA {name!r} weight")))
+    return tuple(out)
+
+
+def prompt_loras(prompt: str) -> tuple[tuple[str, float], ...]:
+    """A1111's <lora:NAME:WEIGHT> tags of a prompt (the tags stay in the prompt for the infotext; the worker
+    encodes the prompt without them, as fastsd.serve does)."""
+    from fastsd.serve.networks import _TAG  # one tag grammar for the server and the batch runner
+
+    return tuple((name, _to_float(w or 1.0, f"<lora:{name}> weight")) for name, w in _TAG.findall(prompt))
+
+
+def text_prompts(job: "Job") -> tuple[str, str]:
+    """(prompt, negative prompt) as the text encoder sees them: without LoRA tags."""
+    from fastsd.serve.networks import strip_lora_tags
+
+    return strip_lora_tags(job.settings.prompt), job.settings.negative_prompt
+
+
+# ---- batching ----------------------------------------------------------------------------------------
+
+def batch_key(job: Job, chunks: int) -> tuple:
+    """Jobs with equal keys can share one UNet call: same size, steps, sampler, guidance, clip skip, LoRAs,
+    and the same number of 75-token prompt chunks (encode_prompt pads a batch to its longest prompt)."""
+    s = job.settings
+    return (s.width, s.height, s.steps, s.sampler, s.guidance_scale, s.clip_skip, chunks, job.loras)
+
+
+def prompt_chunks(job: Job, tokenizer) -> int:
+    return max(tokenizer.encode_weighted(p)[0].shape[0] for p in text_prompts(job))
+
+
+def plan_batches(jobs: list[Job], batch: int, tokenizer) -> list[list[Job]]:
+    """Jobs in groups of up to `batch` compatible ones, groups in the order of their first job."""
+    if batch <= 1:
+        return [[j] for j in jobs]
+    groups: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault(batch_key(j, prompt_chunks(j, tokenizer)), []).append(j)
+    return [g[i:i + batch] for g in groups.values() for i in range(0, len(g), batch)]

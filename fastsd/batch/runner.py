@@ -1,0 +1,138 @@
+"""`run()`: jobs -> PNGs and manifest rows, in this process (default) or on a Ray cluster.
+
+The driver reads the jobs, skips the ones the output folder's manifest has done (resume), records bad
+job lines as failed, plans batches of compatible jobs, and writes every result itself (PNG, then its
+fsync'd manifest line) as the executor hands it over: a `LocalExecutor` (one BatchWorker in this process) or
+a `RayPool` (one BatchWorker per actor).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from fastsd.batch.jobs import BadJob, Defaults, Job, make_jobs, plan_batches, read_job_file, records_from_list
+from fastsd.batch.manifest import OutputFolder
+
+
+class LocalExecutor:
+    def __init__(self, worker_kwargs: dict, log):
+        from fastsd.batch.worker import BatchWorker
+
+        self.worker = BatchWorker(**worker_kwargs, log=log)
+        self.tokenizer = self.worker.pipe.tokenizer
+
+    def run(self, batches):
+        for batch in batches:
+            yield batch, self.worker.run(batch)
+
+    def close(self) -> None:
+        pass
+
+
+def load_jobs(jobs, defaults: Defaults, allow_large: bool = False) -> list[Job | BadJob]:
+    """A job file path, or a list of job dicts / prompt strings."""
+    if isinstance(jobs, (str, os.PathLike)):
+        return read_job_file(os.fspath(jobs), defaults, allow_large=allow_large)
+    return make_jobs(records_from_list(jobs), defaults, allow_large=allow_large)
+
+
+def model_label(model: str) -> str:
+    """The model as the manifest records it: an absolute path for files and folders."""
+    return os.path.abspath(model) if os.path.exists(model) else model
+
+
+def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int = 1, workers: int | None = None,
+        cpus_per_worker: float = 1, gpus_per_worker: float = 0, defaults: Defaults | None = None,
+        retry_failed: bool = False, progress: bool = True, device=None, dtype=None, backend: str = "auto",
+        threads: int | None = None, lora_dir: str | None = None, always_batch: bool = False,
+        allow_large: bool = False, summary: dict | None = None) -> list[dict]:
+    """Run `jobs` (a .jsonl/.csv/.txt path, or a list of job dicts / prompts) with `model` into the folder
+    `out`; returns the manifest rows of these jobs (the last row per job, in job order), including jobs
+    finished by earlier runs. `ray`: None = this process; "local" / True = a new Ray cluster on this
+    machine; "auto" = the running cluster; or a cluster address. `batch`: up to this many compatible jobs
+    per UNet call, where measured identical and faster (fastsd.batch.worker). `summary`, when given, is
+    filled with counts and timings of this run."""
+    from fastsd.checkpoint import resolve
+
+    defaults = defaults or Defaults()
+    defaults.validate(allow_large)
+    job_list = load_jobs(jobs, defaults, allow_large)
+    resolve(model)  # a wrong model fails here, before the output folder is created or a worker starts
+    worker_kwargs = dict(model=model, device=device, dtype=dtype, backend=backend, threads=threads,
+                         lora_dir=lora_dir, always_batch=always_batch)
+    pool, owns_ray = None, False
+    if ray not in (None, False):
+        from fastsd.batch import ray_pool
+
+        pool = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+        owns_ray = ray_pool.connect(None if ray is True else ray)  # a wrong address fails before the folder exists
+    try:
+        with OutputFolder(out, model_label(model)) as folder:
+            return _drive(job_list, folder, worker_kwargs, pool=pool, batch=batch, retry_failed=retry_failed,
+                          progress=progress, summary=summary if summary is not None else {})
+    finally:
+        if owns_ray:
+            ray_pool.disconnect()
+
+
+def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, pool: dict | None, batch: int, retry_failed: bool,
+           progress: bool, summary: dict) -> list[dict]:
+    from fastsd.batch.progress import Progress
+
+    def wanted(j) -> bool:
+        return not folder.is_done(j.id) and (retry_failed or not folder.has_failed(j.id))
+
+    todo = [j for j in job_list if isinstance(j, Job) and wanted(j)]
+    bad = [j for j in job_list if isinstance(j, BadJob) and wanted(j)]
+    for j in bad:  # recorded before the bar starts: they take no time, so they don't count in its rate
+        print(f"fastsd.batch: line {j.line}: {j.error}", file=sys.stderr)
+        folder.append({"id": j.id, "line": j.line, "status": "failed", "error": j.error})
+    bar = Progress(len(job_list), len(job_list) - len(todo) - len(bad), failed=len(bad), enabled=progress)
+    executor = None
+    t0 = time.perf_counter()
+    try:
+        if todo:
+            if pool is None:
+                executor = LocalExecutor(worker_kwargs, bar.log)
+            else:
+                from fastsd.batch.ray_pool import RayPool
+
+                executor = RayPool(worker_kwargs, **pool, log=bar.log)
+            tokenizer = getattr(executor, "tokenizer", None) or _default_tokenizer()
+            for jobs, results in executor.run(plan_batches(todo, batch, tokenizer)):
+                for job, r in zip(jobs, results):
+                    _record(folder, job, r, bar)
+    finally:
+        if executor is not None:
+            executor.close()
+        bar.close()
+        summary.update(bar.counts(), seconds=time.perf_counter() - t0, left=sum(wanted(j) for j in todo))
+    return [folder.rows[j.id] for j in job_list if j.id in folder.rows]
+
+
+def _default_tokenizer():
+    from fastsd.tokenizer import Tokenizer
+
+    return Tokenizer()
+
+
+def _record(folder: OutputFolder, job: Job, r: dict, bar) -> None:
+    """One result: the PNG (atomic, fsync'd), then its manifest line (fsync'd)."""
+    row = {"id": job.id, "line": job.line}
+    if r["ok"]:
+        folder.write_png(job.file, r["png"])
+        row.update(status="done", file=job.file, seed=job.settings.seed, seconds=r["seconds"])
+    else:
+        bar.log(f"fastsd.batch: job {job.id} (line {job.line}) failed: {r['error']}")
+        row.update(status="failed", error=r["error"])
+    folder.append({**row, "settings": job.manifest_settings()})
+    bar.finished(ok=r["ok"])
+
+
+def print_summary(summary: dict, folder: str, file=sys.stderr) -> None:
+    s = summary
+    rate = f", {s['done'] / s['seconds'] * 60:.1f} images/min" if s["done"] and s["seconds"] else ""
+    print(f"fastsd.batch: {s['done']} done, {s['failed']} failed this run ({s['before']} finished before), "
+          f"{s['left']} left, {s['seconds']:.1f} s{rate}; manifest {os.path.join(folder, 'manifest.jsonl')}",
+          file=file)

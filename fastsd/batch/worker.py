@@ -1,0 +1,176 @@
+"""One model, many jobs: the worker a local run keeps in-process and a Ray run wraps as an actor.
+
+`BatchWorker.run(jobs)` takes jobs of one batch key (fastsd.batch.jobs.batch_key) and returns one result per
+job: the PNG bytes with infotext, or a one-line error. Jobs run in one UNet call through the Pipeline's
+stages when batching them is *identical and faster*, which the worker measures once per shape
+(`probe`): each job alone and all together for one deterministic step, twice (the first calls at a new
+shape pack weights / tune kernels), then the batch's rows must equal the lone runs bit for bit and take
+less than MARGIN of their time. Anything else runs one job at a time. The VAE always decodes one image
+at a time: torch's CPU convolutions sum differently at batch 1 and batch > 1, and a decode is per image
+anyway. So a job's PNG never depends on which jobs it was batched with.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+import time
+
+from fastsd.batch.jobs import Job, batch_key, prompt_chunks, text_prompts
+
+MARGIN = 0.9  # a batch must take <= 0.9x the time of its jobs run one by one (as fastsd.backends.cpu_tune)
+
+
+class BatchWorker:
+    def __init__(self, model: str, *, device=None, dtype=None, backend: str = "auto", threads: int | None = None,
+                 lora_dir: str | None = None, always_batch: bool = False, log=None):
+        from fastsd import load_pipeline
+        from fastsd.cli import set_threads
+
+        self.threads = set_threads(threads)
+        self.pipe = load_pipeline(model, device=device, dtype=dtype, backend=backend)
+        self.lora_dir = lora_dir
+        self.always_batch = always_batch
+        self._loras: tuple = ()
+        self._probed: dict[tuple, bool] = {}
+        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+
+    def describe(self) -> dict:
+        """Where and how this worker runs (the Ray pool's readiness answer)."""
+        return {"node": socket.gethostname(), "pid": os.getpid(), "device": self.pipe.device.type,
+                "dtype": str(self.pipe.dtype).removeprefix("torch."), "backend": self.pipe.backend.name,
+                "threads": self.threads}
+
+    # ---- jobs -> results ------------------------------------------------------------------------------
+
+    def run(self, jobs: list[Job]) -> list[dict]:
+        """One result per job, in order: {"id", "ok": True, "png": bytes, "seconds"} or {"id", "ok": False,
+        "error"}. Jobs are re-grouped by this worker's own tokenizer (its chunk counts decide batching)."""
+        groups: dict[tuple, list[Job]] = {}
+        for j in jobs:
+            groups.setdefault(batch_key(j, prompt_chunks(j, self.pipe.tokenizer)), []).append(j)
+        results = {}
+        for group in groups.values():
+            for r in self._run_group(group):
+                results[r["id"]] = r
+        return [results[j.id] for j in jobs]
+
+    def _run_group(self, jobs: list[Job]) -> list[dict]:
+        try:
+            self._use_loras(jobs[0].loras)
+        except Exception as e:  # noqa: BLE001 - any failure becomes the jobs' recorded error, one line each
+            return [_failed(j, e) for j in jobs]
+        if len(jobs) > 1:
+            try:
+                if self.batching_pays(jobs):
+                    return self._timed(jobs)
+            except Exception:  # noqa: BLE001 - run them one by one below: each job gets its own error
+                pass
+        out = []
+        for j in jobs:
+            try:
+                out += self._timed([j])
+            except Exception as e:  # noqa: BLE001
+                out.append(_failed(j, e))
+        return out
+
+    def _timed(self, jobs: list[Job]) -> list[dict]:
+        t0 = time.perf_counter()
+        pngs = self.generate(jobs)
+        per_job = (time.perf_counter() - t0) / len(jobs)
+        return [{"id": j.id, "ok": True, "png": png, "seconds": round(per_job, 3)} for j, png in zip(jobs, pngs)]
+
+    # ---- generation -----------------------------------------------------------------------------------
+
+    def _latents(self, jobs: list[Job], steps: int | None = None, sampler: str | None = None):
+        """The final latents of `jobs` (one batch key) from one batched run of the Pipeline's stages."""
+        s = jobs[0].settings.replace(num_images=len(jobs))
+        if steps is not None:
+            s = s.replace(steps=steps, sampler=sampler)
+        pipe = self.pipe
+        prompts, negatives = zip(*(text_prompts(j) for j in jobs))
+        cond, uncond = pipe.encode_prompt(list(prompts), list(negatives), s.clip_skip)
+        p = pipe.prepare_latents(s, [j.settings.seed for j in jobs])
+        t0 = time.perf_counter()
+        x = pipe.denoise(p, cond, uncond, s, progress=False)
+        return x, time.perf_counter() - t0
+
+    def generate(self, jobs: list[Job]) -> list[bytes]:
+        """PNG bytes (infotext in the 'parameters' chunk) per job; the decode is per image (see module doc)."""
+        from fastsd.image import png_writer, tensor_to_pil
+
+        x, _ = self._latents(jobs)
+        out = []
+        for i, j in enumerate(jobs):
+            image = tensor_to_pil(self.pipe.decode(x[i:i + 1]))[0]
+            buf = io.BytesIO()
+            png_writer(image, self.pipe.infotext(j.settings, j.settings.seed))(buf)
+            out.append(buf.getvalue())
+        return out
+
+    def batching_pays(self, jobs: list[Job]) -> bool:
+        """Whether `jobs` (one batch key) may share a UNet call: measured once per shape (module doc)."""
+        import torch
+
+        s = jobs[0].settings
+        shape = (s.width, s.height, s.guidance_scale > 1, prompt_chunks(jobs[0], self.pipe.tokenizer), len(jobs))
+        if shape not in self._probed:
+            for _ in range(2):  # the second round is the one that counts
+                alone = [self._latents([j], 1, "euler") for j in jobs]
+                together, t_batch = self._latents(jobs, 1, "euler")
+            t_alone = sum(t for _, t in alone)
+            same = all(torch.equal(x[0], together[i]) for i, (x, _) in enumerate(alone))
+            faster = t_batch <= MARGIN * t_alone
+            self._probed[shape] = same and (faster or self.always_batch)
+            verdict = "batching" if self._probed[shape] else "one at a time"
+            self._log(f"fastsd.batch: {len(jobs)} jobs at {s.width}x{s.height} in one UNet call: "
+                      f"{'identical' if same else 'NOT identical'} to one at a time, {t_batch / t_alone:.2f}x "
+                      f"their time -> {verdict}")
+        return self._probed[shape]
+
+    # ---- LoRAs ----------------------------------------------------------------------------------------
+
+    def _use_loras(self, loras: tuple) -> None:
+        """Make `loras` the applied set: every file is found before the weights change; a failed load
+        leaves none applied (never half of a set)."""
+        if loras == self._loras:
+            return
+        paths = [(find_lora(name, self.lora_dir), w) for name, w in loras]
+        if not hasattr(self.pipe, "load_lora"):
+            raise ValueError("LoRAs need Pipeline.load_lora, which this fastsd build does not have")
+        if self._loras:
+            self.pipe.unload_loras()
+            self._loras = ()
+        try:
+            for path, w in paths:
+                self.pipe.load_lora(path, w)
+        except BaseException:
+            self.pipe.unload_loras()
+            raise
+        self._loras = loras
+
+
+def find_lora(name: str, lora_dir: str | None) -> str:
+    """A LoRA file: `name` as a path, else NAME(.safetensors|.pt|.ckpt) in `lora_dir` ($FASTSD_LORA_DIR)."""
+    from fastsd.serve.networks import LORA_EXTS
+
+    if os.path.isfile(name):
+        return name
+    folder = lora_dir or os.environ.get("FASTSD_LORA_DIR")
+    if folder:
+        for ext in ("",) + LORA_EXTS:
+            path = os.path.join(folder, name + ext)
+            if os.path.isfile(path):
+                return path
+        raise ValueError(f"LoRA {name!r}: no such file in {folder}")
+    raise ValueError(f"LoRA {name!r}: no such file (give a path, or --lora-dir / $FASTSD_LORA_DIR)")
+
+
+def _failed(job: Job, e: BaseException) -> dict:
+    from fastsd.tensorfile import CheckpointError
+
+    msg = str(e).splitlines()[0] if str(e) else ""
+    if not isinstance(e, (ValueError, TypeError, CheckpointError)):
+        msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return {"id": job.id, "ok": False, "error": msg}

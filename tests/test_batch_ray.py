@@ -1,0 +1,86 @@
+"""fastsd.batch on a local 2-CPU Ray cluster (one per module: Ray takes a while to start on 2 cores): the
+same PNGs and manifest as a local run, and every job done exactly once when an actor is SIGKILLed."""
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from fastsd.batch import Defaults, run  # noqa: E402
+
+SMALL = Defaults(steps=2, width=64, height=64)
+STRIP = ("seconds", "finished")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def rows_by_id(folder):
+    with open(os.path.join(folder, "manifest.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows, {r["id"]: {k: v for k, v in r.items() if k not in STRIP} for r in rows}
+
+
+def pngs(folder):
+    return {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder) if n.endswith(".png")}
+
+
+def test_ray_run_matches_the_local_run(cluster, tmp_path):
+    jobs = [{"prompt": f"a cat number {i}", "seed": i} for i in range(4)] + [{"prompt": 3}]
+    local, remote = str(tmp_path / "local"), str(tmp_path / "ray")
+    run(jobs, model="random:tiny", out=local, defaults=SMALL, threads=1, progress=False)
+    out = run(jobs, model="random:tiny", out=remote, defaults=SMALL, ray="auto", workers=2, cpus_per_worker=1,
+              progress=False)
+    assert [r["status"] for r in out] == ["done"] * 4 + ["failed"]
+    assert out[4]["error"] == "prompt must be a string, got int" and out[4]["line"] == 5
+    assert pngs(local) == pngs(remote) and len(pngs(local)) == 4  # byte for byte (1 thread per process in both)
+    assert rows_by_id(local)[1] == rows_by_id(remote)[1]
+
+
+def _actor_pids():
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::BatchWorker"):
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def test_killed_actor_its_jobs_run_elsewhere_each_once(cluster, tmp_path, capsys):
+    n = 10
+    out = str(tmp_path / "out")
+    killed = []
+
+    def kill_one_after_the_first_image():
+        path = os.path.join(out, "manifest.jsonl")
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if os.path.exists(path) and '"done"' in open(path).read():
+                pids = _actor_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=kill_one_after_the_first_image, daemon=True)
+    watcher.start()
+    rows = run([{"prompt": f"a dog {i}", "seed": i} for i in range(n)], model="random:tiny", out=out,
+               defaults=Defaults(steps=8, width=64, height=64), ray="auto", workers=2, progress=False)
+    watcher.join(timeout=5)
+    assert killed, "no actor was killed: the run ended first"
+    assert "a Ray worker died" in capsys.readouterr().err
+    all_rows, _ = rows_by_id(out)
+    done = [r["id"] for r in all_rows if r["status"] == "done"]
+    assert len(done) == len(set(done)) == n and [r["status"] for r in rows] == ["done"] * n
+    assert sorted(pngs(out)) == sorted(f"{i}.png" for i in done)
