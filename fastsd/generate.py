@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: fp16 on cuda; bf16 on a cpu with native bf16 (AVX512-BF16/AMX), else fp32")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
-                   help="auto: triton on cuda, the tuned cpu path on a cpu; torch: the plain reference")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "openvino"],
+                   help="auto: triton on cuda, the tuned cpu path on a cpu (openvino where measured faster); "
+                   "torch: the plain reference; openvino: OpenVINO models on a cpu (the openvino extra)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the physical cores)")
     p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
     p.add_argument("--tiled-vae", action="store_true", help="always decode/encode the VAE in tiles "
