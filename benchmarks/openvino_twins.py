@@ -74,8 +74,8 @@ class OVTwin:
         if self.compiled is None:
             meta = {**ovb.base_meta(), "part": f"diffusers-{self.part}", "weights": ovb.fingerprint(self.module),
                     "config": repr(getattr(self.module, "config", None))}
-            model = ovb.converted(meta, lambda: self.graph(_f32(self.module)), inputs)
-            self.compiled = ovb.Compiled(model, self.hint)
+            self.compiled = ovb.Compiled(ovb.converted(meta, lambda: self.graph(_f32(self.module)), inputs),
+                                         self.hint)
         return self.compiled(*inputs)
 
 

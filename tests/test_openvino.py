@@ -141,8 +141,7 @@ def _small_run(meta, x):
     m = Small().eval()
     torch.manual_seed(0)
     nn.init.normal_(m.conv.weight)
-    model = ovb.converted(meta, lambda: m, (x,))
-    return ovb.Compiled(model, "f32")(x)[0], m(x)
+    return ovb.Compiled(ovb.converted(meta, lambda: m, (x,)), "f32")(x)[0], m(x)
 
 
 @needs_openvino

@@ -196,8 +196,8 @@ def entry_key(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load_entry(key: str):
-    """The cached ov.Model for `key`, or None (missing). A corrupt or mismatched entry is removed."""
+def load_entry(key: str) -> str | None:
+    """The IR path of the cache entry `key`, or None (missing). A corrupt or mismatched entry is removed."""
     folder = cache_root() / key
     if not folder.is_dir():
         return None
@@ -208,7 +208,8 @@ def load_entry(key: str):
         for name, want in record["files"].items():
             if _file_record(folder / name) != want:
                 raise ValueError(f"{name} does not match its record")
-        return core().read_model(str(folder / "model.xml"), str(folder / "model.bin"))
+        core().read_model(str(folder / "model.xml"))  # parses (the weights are mapped, not read)
+        return str(folder / "model.xml")
     except Exception as e:  # unreadable, truncated, edited: never trusted, rebuilt
         warnings.warn(f"openvino cache entry {folder} is damaged ({type(e).__name__}: {e}); converting again",
                       stacklevel=3)
@@ -255,15 +256,16 @@ def convert(graph: nn.Module, example: tuple[torch.Tensor, ...]):
 
 
 def converted(meta: dict, make_graph: Callable[[], nn.Module], example: tuple[torch.Tensor, ...]):
-    """The ov.Model for `meta` (which names the part, the weights and the versions): from the disk cache,
-    else converted now and saved."""
+    """The IR for `meta` (which names the part, the weights and the versions): the path of its disk cache
+    entry, converted now and saved if missing; an ov.Model in memory when the cache can't be written."""
     key = entry_key(meta)
-    model = load_entry(key)
-    if model is None:
+    path = load_entry(key)
+    if path is None:
         model = convert(make_graph(), example)
-        if save_entry(key, meta, model):
-            model = load_entry(key) or model  # read back: the weights then come from the mapped file
-    return model
+        if not save_entry(key, meta, model):
+            return model
+        path = load_entry(key)
+    return path
 
 
 def base_meta() -> dict:
@@ -279,11 +281,12 @@ def base_meta() -> dict:
 # ------------------------------------------------------------------------------------------ running
 
 class Compiled:
-    """One convertible graph: its ov.Model (dynamic shapes) and the last KEEP_COMPILED static-shape
-    compilations of it, each with its infer request."""
+    """One convertible graph: its IR (dynamic shapes; a cache path, read again for each new shape so the
+    mapped weights file is not held, or an ov.Model) and the last KEEP_COMPILED static-shape compilations
+    of it, each with its infer request."""
 
-    def __init__(self, model, hint: str):
-        self.model, self.hint = model, hint
+    def __init__(self, source, hint: str):
+        self.source, self.hint = source, hint
         self.shapes: OrderedDict[tuple, Any] = OrderedDict()
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -291,7 +294,7 @@ class Compiled:
         shape = tuple(a.shape for a in arrays) + (torch.get_num_threads(),)
         req = self.shapes.pop(shape, None)
         if req is None:
-            m = self.model.clone()
+            m = core().read_model(self.source) if isinstance(self.source, str) else self.source.clone()
             m.reshape({m.inputs[i]: list(a.shape) for i, a in enumerate(arrays)})
             req = core().compile_model(m, "CPU", compile_config(self.hint)).create_infer_request()
             while len(self.shapes) >= KEEP_COMPILED:
