@@ -9,6 +9,8 @@ The per-dtype comparisons (random:tiny and SD1.5 size, f32 and bf16) are slow:
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -171,6 +173,10 @@ def test_cache_entries_hit_miss_and_damaged_ones_are_rebuilt(tmp_path, monkeypat
                "no record": lambda e: (e / "entry.json").unlink(),
                "record of another key": lambda e: (e / "entry.json").write_text(
                    json.dumps({**json.loads((e / "entry.json").read_text()), "key": "x"}))}
+    stale, fresh = tmp_path / "openvino" / f".{entry.name}-killed", tmp_path / "openvino" / f".{entry.name}-running"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - 2 * ovb.STALE_TEMP_S,) * 2)  # a conversion killed long ago
     for what, damage in damages.items():
         damage(entry)
         conversions.clear()
@@ -179,7 +185,8 @@ def test_cache_entries_hit_miss_and_damaged_ones_are_rebuilt(tmp_path, monkeypat
         assert conversions == ["Small"], what
         assert torch.allclose(out, ref, atol=1e-5), what
         assert ovb.load_entry(entry.name) is not None, what  # rewritten whole
-    assert not [p for p in (tmp_path / "openvino").iterdir() if p.name.startswith(".")]  # no temp folders left
+    temps = [p for p in (tmp_path / "openvino").iterdir() if p.name.startswith(".")]
+    assert temps == [fresh]  # ours are renamed into place, a stale one removed, a recent one (a live run's) kept
 
 
 @needs_openvino

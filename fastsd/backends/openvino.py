@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -48,6 +49,7 @@ INSTALL = 'pip install -e ".[openvino]"'
 KEEP_COMPILED = 2  # compiled shapes kept per model: each holds its own copy of the weights
 FINGERPRINT_SAMPLES = 64  # elements hashed per tensor
 BIN_SAMPLES, BIN_CHUNK = 64, 1 << 18  # cache check: 64 chunks of 256 KiB of the weights file are hashed
+STALE_TEMP_S = 3600  # a temp folder of this age beside an entry is a killed conversion's
 UNET_KEY = "backend unet"  # cpu_tune key prefix of the auto choice between cpu and openvino
 
 
@@ -225,6 +227,9 @@ def save_entry(key: str, meta: dict, model) -> bool:
     root = cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f".{key}-*"):  # left by a conversion that was killed
+            if time.time() - stale.stat().st_mtime > STALE_TEMP_S:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     except OSError:
         return False
