@@ -27,6 +27,7 @@ ROW_FIELDS = (
     "timestamp", "command", "warmup", "times", "time_s", "it_s", "rss_baseline_bytes", "rss_peak_bytes",
     "rss_peak_run_bytes", "rss_isolated", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes",
     "isa", "cpu_capability", "cpu_flags", "native_bf16", "isa_env", "cpu_tune", "cpu_tune_cached",
+    "openvino", "ov_precision",
 )
 TIME_FIELDS = ("min", "median", "max", "n", "all")
 
@@ -69,6 +70,12 @@ def versions() -> dict[str, str | None]:
             out[name] = __import__(name).__version__
         except Exception:  # not installed, or broken
             out[name] = None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # from the metadata: importing openvino in every worker would move the RSS baseline
+        out["openvino"] = version("openvino")
+    except PackageNotFoundError:
+        out["openvino"] = None
     return out
 
 
@@ -193,19 +200,19 @@ def bench(fn: Callable[[], Any], device: str, warmup: int, repeat: int) -> tuple
     return times, first
 
 
-def bench_alternating(fa: Callable[[], Any], fb: Callable[[], Any], device: str, warmup: int, repeat: int):
-    """A B A B ...: warm-up pairs, then `repeat` timed pairs. Returns (times_a, times_b, out_a, out_b), the
-    outputs from the first call of each; ratio per adjacent pair = times_a[i] / times_b[i]."""
-    ta, tb, oa, ob = [], [], None, None
+def bench_alternating(fns: list[Callable[[], Any]], device: str, warmup: int, repeat: int):
+    """A B C A B C ...: warm-up rounds, then `repeat` timed rounds. Returns (times per fn, output of each
+    fn's first call); the ratio of two implementations per round = times_a[i] / times_b[i]."""
+    times: list[list[float]] = [[] for _ in fns]
+    outs: list[Any] = [None] * len(fns)
     for i in range(warmup + repeat):
-        t1, a = time_once(fa, device)
-        t2, b = time_once(fb, device)
-        if oa is None:
-            oa, ob = a, b
-        if i >= warmup:
-            ta.append(t1)
-            tb.append(t2)
-    return ta, tb, oa, ob
+        for j, fn in enumerate(fns):
+            t, out = time_once(fn, device)
+            if i == 0:
+                outs[j] = out
+            if i >= warmup:
+                times[j].append(t)
+    return times, outs
 
 
 def max_rel_err(a, ref) -> float:

@@ -2,14 +2,18 @@
 
     python -m fastsd.benchmarks run --suite unet --res 256,512 --dtype fp32,bf16 --backend torch,triton \\
         --compare diffusers --warmup 1 --repeat 5 --json out.jsonl --plot out.png
+    python -m fastsd.benchmarks run --suite unet,pipeline --dtype bf16 --backend openvino --compare diffusers,openvino
     python -m fastsd.benchmarks run --quick                       # random:tiny, 64 px, a smoke test (< 1 min on CPU)
     python -m fastsd.benchmarks table out.jsonl [--plot out.png]  # the markdown table (and plot) of saved results
 
 Each configuration (suite x op x res x dtype x backend) runs in a fresh `python -m fastsd.benchmarks.worker`
 process, so its peak RSS is its own. With `--compare diffusers` the timing process runs fastsd and its
 diffusers twin (same weights) alternately, A B A B, and reports fastsd/diffusers time per adjacent pair
-and their median; peak memory per implementation then comes from two more fresh processes, one per
-implementation (`rss_isolated`; skip them with --no-memory-runs).
+and their median; `--compare openvino` adds (or, alone, takes) "openvino-diffusers", plain OpenVINO
+models converted from the twins with the openvino backend's settings (benchmarks/openvino_twins.py):
+the implementations take turns, A B C A B C, with ratios per round against each other. Peak memory per
+implementation then comes from one more fresh process per implementation (`rss_isolated`; skip them
+with --no-memory-runs).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from .suites import OPS
 from .worker import ROW_PREFIX
 
 SUITES = ("unet", "pipeline", "vae", "clip", "kernels")
+COMPARE = {"diffusers": "diffusers", "openvino": "openvino-diffusers"}  # --compare name -> impl
 GIB = 2 ** 30
 
 
@@ -40,8 +45,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--suite", default="unet", help=f"comma-separated: {', '.join(SUITES)}, or all (default unet)")
     r.add_argument("--res", default=None, help="image sizes in px, comma-separated (default 512; --quick: 64)")
     r.add_argument("--dtype", default=None, help="fp32,fp16,bf16 (default fp16 on CUDA, fp32 on CPU)")
-    r.add_argument("--backend", default="auto", help="fastsd backends: torch,cpu,triton,auto (default auto, the default path)")
-    r.add_argument("--compare", default=None, choices=["diffusers"], help="also time diffusers on the same weights")
+    r.add_argument("--backend", default="auto",
+                   help="fastsd backends: torch,cpu,triton,openvino,auto (default auto, the default path)")
+    r.add_argument("--compare", default=None, help="also time, on the same weights: diffusers, openvino (plain "
+                   "OpenVINO models of the diffusers twins), or both: diffusers,openvino")
     r.add_argument("--model", default=None, help="random:sd15 (default), random:tiny (--quick), or a checkpoint path")
     r.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")
     r.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 2; --quick 1)")
@@ -92,8 +99,14 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
         if d not in ("fp32", "fp16", "bf16"):
             raise SystemExit(f"error: unknown dtype {d!r}; choose fp32, fp16, bf16")
     for b in a.backend:
-        if b not in ("torch", "cpu", "triton", "auto"):
-            raise SystemExit(f"error: unknown backend {b!r}; choose torch, cpu, triton, auto")
+        if b not in ("torch", "cpu", "triton", "openvino", "auto"):
+            raise SystemExit(f"error: unknown backend {b!r}; choose torch, cpu, triton, openvino, auto")
+    a.compare = _csv(a.compare or "")
+    for c in a.compare:
+        if c not in COMPARE:
+            raise SystemExit(f"error: unknown --compare {c!r}; choose diffusers, openvino or diffusers,openvino")
+    if "openvino" in a.compare and openvino_skip_reason(a):
+        raise SystemExit(f"error: --compare openvino: {openvino_skip_reason(a)}")
     if any(r % 8 or r < 8 for r in a.res):
         raise SystemExit("error: --res values must be positive multiples of 8")
     return a
@@ -112,6 +125,15 @@ def triton_skip_reason(a) -> str | None:
     return unavailable(torch.device(a.device))
 
 
+def openvino_skip_reason(a) -> str | None:
+    """Why OpenVINO can't be timed in this run (None when it can)."""
+    import torch
+
+    from fastsd.backends.openvino import unavailable
+
+    return unavailable(torch.device(a.device))
+
+
 def base_spec(a, suite: str, op: str, res: int | None, dtype: str) -> dict:
     return {"suite": suite, "op": op, "model": a.model, "res": res, "dtype": dtype, "batch": a.batch,
             "device": a.device, "warmup": a.warmup, "repeat": a.repeat, "steps": a.steps, "threads": a.threads,
@@ -121,7 +143,8 @@ def base_spec(a, suite: str, op: str, res: int | None, dtype: str) -> dict:
 def plan(a) -> list[dict]:
     """Work items: {"spec": ..., "kind": "time" | "memory" | "skip", ...}."""
     items = []
-    tri_skip = triton_skip_reason(a)
+    skips = {"triton": triton_skip_reason(a), "openvino": openvino_skip_reason(a)}
+    others = [COMPARE[c] for c in a.compare]
     for suite in a.suite:
         for dtype in a.dtype:
             for res in ([None] if suite == "clip" else a.res):
@@ -131,20 +154,22 @@ def plan(a) -> list[dict]:
                     items.append({"kind": "time", "spec": spec})
                     continue
                 for op in OPS[suite]:
-                    diff_mem_done = False
+                    other_mem_done = set()
                     for backend in a.backend:
                         spec = {**base_spec(a, suite, op, res, dtype), "backend": backend}
-                        if backend == "triton" and tri_skip:
-                            items.append({"kind": "skip", "spec": {**spec, "impls": ["fastsd"]}, "reason": tri_skip})
+                        if skips.get(backend):
+                            status = "needs CUDA" if backend == "triton" else "needs openvino"
+                            items.append({"kind": "skip", "spec": {**spec, "impls": ["fastsd"]},
+                                          "reason": skips[backend], "status": status})
                             continue
-                        impls = ["fastsd", "diffusers"] if a.compare == "diffusers" else ["fastsd"]
-                        items.append({"kind": "time", "spec": {**spec, "impls": impls, "mode": "time"}})
-                        if a.compare == "diffusers" and not a.no_memory_runs:
+                        items.append({"kind": "time", "spec": {**spec, "impls": ["fastsd", *others], "mode": "time"}})
+                        if others and not a.no_memory_runs:
                             items.append({"kind": "memory", "spec": {**spec, "impls": ["fastsd"], "mode": "memory"}})
-                            if not diff_mem_done:
-                                items.append({"kind": "memory",
-                                              "spec": {**spec, "impls": ["diffusers"], "mode": "memory"}})
-                                diff_mem_done = True
+                            for impl in others:
+                                if impl not in other_mem_done:
+                                    items.append({"kind": "memory",
+                                                  "spec": {**spec, "impls": [impl], "mode": "memory"}})
+                                    other_mem_done.add(impl)
     return items
 
 
@@ -201,8 +226,8 @@ def run_wide_fields(a, argv: list[str]) -> dict:
 
 def _finish(r: dict, spec: dict, run: dict, memory: dict) -> dict:
     row = complete(r, spec, run)
-    if row["impl"] == "diffusers":
-        row["backend"] = None  # diffusers' own attention / norms, whatever fastsd's backend
+    if row["impl"] != "fastsd":
+        row["backend"] = None  # diffusers' own attention / norms (or OpenVINO), whatever fastsd's backend
         row["fastsd_backend"] = spec.get("backend")
     key = (spec["suite"], spec["op"], spec["res"], spec["dtype"], row["impl"],
            spec["backend"] if row["impl"] == "fastsd" else None)
@@ -249,7 +274,7 @@ def execute(a, argv: list[str], log=sys.stderr, on_rows=None) -> list[dict]:
         stamp = common.timestamp()
         if item["kind"] == "skip":
             print(what + f": skipped ({item['reason']})", file=log, flush=True)
-            skipped.append(complete({"status": "needs CUDA", "reason": item["reason"], "timestamp": stamp}, spec, run))
+            skipped.append(complete({"status": item["status"], "reason": item["reason"], "timestamp": stamp}, spec, run))
             continue
         t0 = time.perf_counter()
         rows, err = run_worker(spec, a.timeout)
@@ -298,31 +323,38 @@ def markdown(rows: list[dict]) -> str:
         r0 = model_rows[0]
         isas = sorted({str(r.get("isa")) for r in model_rows})
         out.append(f"{r0['device_name']} ({r0['device']}), ISA {' / '.join(isas)}, {r0['threads']} threads, "
-                   f"torch {r0['torch']}, diffusers {r0['diffusers']}, git {r0['git_commit']}")
+                   f"torch {r0['torch']}, diffusers {r0['diffusers']}, openvino {r0.get('openvino')}, "
+                   f"git {r0['git_commit']}")
         out.append("")
         out.append("| bench | model | impl | backend | ISA | dtype | res | batch | median s | min s | max s | n | it/s "
-                   "| fastsd/diffusers | max rel err | peak RSS GiB | status |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                   "| fastsd/diffusers | fastsd/plain OV | max rel err | peak RSS GiB | status |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in model_rows:
             t = r["times"] or {}
-            ratio = ""
-            if r.get("ratio_median") is not None and r["impl"] == "fastsd":
-                ratio = f"{r['ratio_median']:.3f}"
+            ratio, vs_ov = "", ""
+            medians = r.get("ratio_medians") or {}
+            if r["impl"] == "fastsd":
+                ratio = _f(medians.get("diffusers", r.get("ratio_median") if r.get("compare_impl") == "diffusers"
+                                       else None), "{:.3f}")
+                vs_ov = _f(medians.get("openvino-diffusers"), "{:.3f}")
+            backend = str(r["backend"] or "-") + (f" ({r['ov_precision']})" if r.get("ov_precision") else "")
             status = _status(r)
             if r.get("interpreter"):
                 status += " (Triton interpreter)"
             if r.get("stages_s"):
                 status += " — " + ", ".join(f"{k.removesuffix('_s')} {v:.3g}s" for k, v in r["stages_s"].items())
             out.append("| " + " | ".join([
-                r["name"], str(r["model"]), r["impl"], str(r["backend"] or "-"), str(r.get("isa") or ""), r["dtype"],
+                r["name"], str(r["model"]), r["impl"], backend, str(r.get("isa") or ""), r["dtype"],
                 _f(r["res"], "{}"),
                 str(r["batch"]), _f(t.get("median")), _f(t.get("min")), _f(t.get("max")), _f(t.get("n"), "{}"),
-                _f(r.get("it_s"), "{:.3g}"), ratio, _f(r.get("max_rel_err"), "{:.2e}"), _gib(r), status]) + " |")
+                _f(r.get("it_s"), "{:.3g}"), ratio, vs_ov, _f(r.get("max_rel_err"), "{:.2e}"), _gib(r), status]) + " |")
         out.append("")
         out.append("it/s: UNet steps/s (unet; one step = batch 2B for CFG), sampling-loop steps/s (pipeline), "
                    "calls/s (vae, clip). fastsd/diffusers: median over adjacent A/B pairs of fastsd time / diffusers "
-                   "time (< 1: fastsd faster). Peak RSS: above the post-import baseline, while running "
-                   "(after the models were built), each implementation in its own process.")
+                   "time (< 1: fastsd faster); fastsd/plain OV likewise against openvino-diffusers (OpenVINO models of "
+                   "the diffusers twins; backend column: the OpenVINO precision hint). Peak RSS: above the "
+                   "post-import baseline, while running (after the models were built), each implementation in its "
+                   "own process.")
     k_rows = [r for r in rows if r["suite"] == "kernels"]
     if k_rows:
         out.append("")

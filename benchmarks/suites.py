@@ -1,7 +1,7 @@
 """What one worker process measures: one configuration of one suite (see benchmarks/run.py).
 
-A spec (dict) names suite, op, model, res, dtype, backend, batch, device, impls (["fastsd"],
-["diffusers"] or ["fastsd", "diffusers"]), mode ("time" or "memory"), warmup, repeat, steps, threads.
+A spec (dict) names suite, op, model, res, dtype, backend, batch, device, impls (any of "fastsd",
+"diffusers", "openvino-diffusers"; several take turns), mode ("time" or "memory"), warmup, repeat, steps, threads.
 `run(spec)` returns result rows without the run-wide fields (versions, command, ...), which the
 worker adds.
 
@@ -21,6 +21,8 @@ import torch
 from . import common
 
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse, detailed", "blurry, lowres"
+OVD = "openvino-diffusers"  # plain OpenVINO models of the diffusers twins (openvino_twins.py)
+IMPLS = ("fastsd", "diffusers", OVD)  # the order they take turns in
 OPS = {"unet": ["step"], "pipeline": ["txt2img"], "vae": ["decode", "encode"], "clip": ["encode"], "kernels": ["all"]}
 
 
@@ -48,14 +50,19 @@ class Model:
             torch.manual_seed(spec.get("seed", 0))
             taesd = TAESD().to(device=spec["device"], dtype=self.pipe.dtype).eval().requires_grad_(False)
             self.pipe.set_vae(taesd, "taesd (random)")
-        if "diffusers" in spec["impls"]:
+        self.ov_twin: Any = None  # the plain OpenVINO models of the twins (openvino_twins.py)
+        if "diffusers" in spec["impls"] or OVD in spec["impls"]:
             from fastsd import testing as twins
 
             tiny = twins.taesd_twin(self.pipe.vae) if spec.get("vae") == "taesd" else None  # AutoencoderTiny
             maker = {"unet": twins.unet_twin, "vae": lambda p: twins.vae_twin(p) if tiny is None else tiny,
                      "clip": twins.clip_twin,
-                     "pipeline": lambda p: twins.diffusers_pipeline(p, vae=tiny, sampler=spec.get("sampler", "euler"))}
-            self.twin = maker[spec["suite"]](self.pipe)
+                     "pipeline": lambda p: twins.diffusers_pipeline(p, vae=tiny, sampler=spec.get("sampler", "euler"))
+                     }[spec["suite"]]
+            if "diffusers" in spec["impls"]:
+                self.twin = maker(self.pipe)
+            if OVD in spec["impls"]:
+                self.ov_twin = _ov_twin(spec, maker, self.pipe)
         # keep only what the suite runs, so the peak RSS of fastsd and of diffusers count the same models
         keep = {"unet": ("unet",), "vae": ("vae",), "clip": ("clip",)}.get(spec["suite"], ("unet", "vae", "clip"))
         for name in ("unet", "vae", "clip"):
@@ -69,9 +76,21 @@ class Model:
         release_freed_memory()  # what the dropped models held, back to the OS, so RSS counts live memory only
 
 
+def _ov_twin(spec, maker, pipe):
+    from . import openvino_twins as ovt
+
+    suite = spec["suite"]
+    if suite == "pipeline":
+        return ovt.pipeline(pipe, sampler=spec.get("sampler", "euler"))
+    twin = maker(pipe)
+    if suite == "vae":
+        return {"decode": ovt.vae_decode(twin), "encode": ovt.vae_encode(twin)}
+    return ovt.unet(twin) if suite == "unet" else ovt.text(twin)
+
+
 def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
     """(callables per impl, row info) for the unet / vae / clip / pipeline suites."""
-    pipe, twin, dev = m.pipe, m.twin, torch.device(spec["device"])
+    pipe, twin, ov, dev = m.pipe, m.twin, m.ov_twin, torch.device(spec["device"])
     dtype = pipe.dtype
     cfg = pipe.config
     B, res, suite, op = spec["batch"], spec["res"], spec["suite"], spec["op"]
@@ -91,6 +110,10 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
             fns["fastsd"] = lambda: pipe.unet(x, t, ctx)
         if twin is not None:
             fns["diffusers"] = lambda: twin(x, t, encoder_hidden_states=ctx).sample
+        if ov is not None:
+            from .openvino_twins import unet_call
+
+            fns[OVD] = lambda: unet_call(ov, x, t, ctx)
     elif suite == "vae" and op == "decode":
         z = torch.randn(B, cfg.unet.out_channels, lat, lat, generator=g).to(dev, dtype)
         info["shape"] = f"z {tuple(z.shape)} -> ({B}, 3, {res}, {res})"
@@ -98,6 +121,8 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
             fns["fastsd"] = lambda: pipe.vae.decode(z)
         if twin is not None:
             fns["diffusers"] = lambda: twin.decode(z).sample
+        if ov is not None:
+            fns[OVD] = lambda: ov["decode"](z.float())[0]
     elif suite == "vae" and op == "encode":
         img = (torch.rand(B, 3, res, res, generator=g) * 2 - 1).to(dev, dtype)
         info["shape"] = f"image {tuple(img.shape)} -> ({B}, 4, {lat}, {lat}) mean"
@@ -106,6 +131,9 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
             fns["fastsd"] = (lambda: pipe.vae.encode(img)) if taesd else (lambda: pipe.vae.encode(img)[0])
         if twin is not None:
             fns["diffusers"] = (lambda: twin.encode(img).latents) if taesd else (lambda: twin.encode(img).latent_dist.mean)
+        if ov is not None:
+            fns[OVD] = (lambda: ov["encode"](img.float())[0]) if taesd else \
+                (lambda: ov["encode"](img.float())[0].chunk(2, dim=1)[0])
     elif suite == "clip":
         tok = pipe.tokenizer
         ids = torch.cat([tok.encode_weighted(p)[0] for p in [PROMPT] * B + [NEGATIVE] * B]).to(dev)
@@ -114,25 +142,32 @@ def _cases(spec, m: Model) -> tuple[dict[str, Any], dict[str, Any]]:
             fns["fastsd"] = lambda: pipe.clip(ids)[0]
         if twin is not None:
             fns["diffusers"] = lambda: twin(ids).last_hidden_state
+        if ov is not None:
+            fns[OVD] = lambda: ov(ids)[0]
     elif suite == "pipeline":
         latents = torch.randn(B, cfg.unet.out_channels, lat, lat, generator=g)
         sampler, cfg = spec.get("sampler", "euler"), spec.get("cfg", 7.5)
         info["shape"] = f"{B} x {res}x{res}, {spec['steps']} {sampler} steps, cfg {cfg}"
         if "fastsd" in spec["impls"]:
             fns["fastsd"] = _fastsd_txt2img(spec, pipe, latents)
-            if twin is not None:  # diffusers' output is clamped to [-1, 1]; compare like with like
+            if twin is not None or ov is not None:  # diffusers' output is clamped to [-1, 1]; compare like with like
                 fns["fastsd_compare"] = lambda img: img.clamp(-1, 1)
-        if twin is not None:
-            def diffusers_fn():
-                out = twin(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=spec["steps"], guidance_scale=cfg,
-                           generator=torch.Generator().manual_seed(1234),
-                           height=res, width=res, num_images_per_prompt=B, latents=latents.clone().to(dev, dtype),
-                           output_type="pt")
-                return out.images * 2 - 1  # [0, 1] -> [-1, 1], as fastsd's decode
-            fns["diffusers"] = diffusers_fn
+        for impl, sp in (("diffusers", twin), (OVD, ov)):
+            if sp is not None:
+                fns[impl] = _diffusers_txt2img(spec, sp, latents.clone().to(dev, dtype))
     else:
         raise ValueError(f"unknown suite/op {suite}/{op}")
     return fns, info
+
+
+def _diffusers_txt2img(spec, sp, latents):
+    def run():
+        out = sp(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=spec["steps"],
+                 guidance_scale=spec.get("cfg", 7.5), generator=torch.Generator().manual_seed(1234),
+                 height=spec["res"], width=spec["res"], num_images_per_prompt=spec["batch"], latents=latents,
+                 output_type="pt")
+        return out.images * 2 - 1  # [0, 1] -> [-1, 1], as fastsd's decode
+    return run
 
 
 def _fastsd_txt2img(spec, pipe, latents):
@@ -186,6 +221,26 @@ def _check_generate(spec, pipe, latents_img) -> dict:
     return {"check_vs_generate_max_abs_u8": diff}
 
 
+def _compare(rows: dict[str, dict], impls: list[str], times: list[list[float]], outs: list, fastsd_compare) -> None:
+    """Per implementation: its times, and against every other one the per-round time ratios (median in
+    `ratio_medians`) and the max relative error; `compare_impl` / `ratios` / `ratio_median` / `max_rel_err`
+    name one of them: diffusers for the others, fastsd for diffusers."""
+    outs = [fastsd_compare(o) if i == "fastsd" else o for i, o in zip(impls, outs)]
+    for a, impl in enumerate(impls):
+        row = rows[impl]
+        row["times"] = common.summary(times[a])
+        row["ratio_medians"], row["max_rel_errs"], per_round = {}, {}, {}
+        for b, other in enumerate(impls):
+            if b != a:
+                per_round[other] = [x / y for x, y in zip(times[a], times[b])]
+                row["ratio_medians"][other] = common.summary(per_round[other])["median"]
+                row["max_rel_errs"][other] = common.max_rel_err(outs[a], outs[b])
+        ref = "diffusers" if impl != "diffusers" and "diffusers" in impls else \
+            next(i for i in impls if i != impl)
+        row.update(compare_impl=ref, ratios=per_round[ref], ratio_median=row["ratio_medians"][ref],
+                   max_rel_err=row["max_rel_errs"][ref])
+
+
 def run_model_suite(spec) -> list[dict]:
     mem = common.Memory(spec["device"])
     m = Model(spec)
@@ -194,20 +249,13 @@ def run_model_suite(spec) -> list[dict]:
     dev, warmup, repeat = spec["device"], spec["warmup"], spec["repeat"]
     if spec["mode"] == "memory":
         warmup, repeat = max(1, min(warmup, 1)), 1
-    impls = [i for i in ("fastsd", "diffusers") if i in fns and i in spec["impls"]]
+    impls = [i for i in IMPLS if i in fns and i in spec["impls"]]
     rows: dict[str, dict] = {i: {"impl": i, **info} for i in impls}
     with torch.inference_mode():
-        if len(impls) == 2:
-            ta, tb, oa, ob = common.bench_alternating(fns["fastsd"], fns["diffusers"], dev, max(warmup, 1), repeat)
-            first = oa
-            ratios = [a / b for a, b in zip(ta, tb)]
-            err = common.max_rel_err(fns.get("fastsd_compare", lambda o: o)(oa), ob)
-            cmp = {"compare_impl": "diffusers", "ratios": ratios,
-                   "ratio_median": common.summary(ratios)["median"], "max_rel_err": err}
-            rows["fastsd"].update(times=common.summary(ta), **cmp)
-            rows["diffusers"].update(times=common.summary(tb), compare_impl="fastsd",
-                                     ratios=[1 / r for r in ratios],
-                                     ratio_median=common.summary([1 / r for r in ratios])["median"], max_rel_err=err)
+        if len(impls) > 1:
+            times, outs = common.bench_alternating([fns[i] for i in impls], dev, max(warmup, 1), repeat)
+            first = outs[0]
+            _compare(rows, impls, times, outs, fns.get("fastsd_compare", lambda o: o))
         else:
             (impl,) = impls
             times, first = common.bench(fns[impl], dev, warmup, repeat)
@@ -231,6 +279,10 @@ def run_model_suite(spec) -> list[dict]:
             st = row.get("stages_s", {})
             row["it_s"] = steps / st["denoise_loop_s"] if st.get("denoise_loop_s") else None
         row.update(_interp_note(spec))
+        if impl == OVD or impl == "fastsd" and spec["backend"] == "openvino":
+            from fastsd.backends.openvino import precision
+
+            row["ov_precision"] = precision(m.pipe.dtype)
         out.append(row)
     return out
 

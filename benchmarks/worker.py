@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import fastsd  # noqa: F401  (imports before the RSS baseline is read)
 
-    if "diffusers" in spec.get("impls", ()):
+    if {"diffusers", "openvino-diffusers"} & set(spec.get("impls", ())):
         import diffusers  # noqa: F401
         import transformers  # noqa: F401
     if spec.get("threads"):

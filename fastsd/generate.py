@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: fp16 on cuda; bf16 on a cpu with native bf16 (AVX512-BF16/AMX), else fp32")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
-                   help="auto: triton on cuda, the tuned cpu path on a cpu; torch: the plain reference")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "openvino"],
+                   help="auto: triton on cuda, the tuned cpu path on a cpu (openvino where measured faster); "
+                   "torch: the plain reference; openvino: OpenVINO models on a cpu (the openvino extra)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (CUDA: CUDA graphs; "
                    "CPU: Inductor C++); the first image pays the compile time")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the physical cores)")
@@ -198,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
                           allow_large=args.allow_large)
         folder, file = check_out(args.out, settings.num_images, args.overwrite)
         embeddings_dir = check_extras(args, file)
+        if args.compile and args.backend == "openvino":
+            raise ValueError("--compile: backend openvino compiles its own models; use --compile with torch, cpu "
+                             "or triton")
         model = args.model or default_model()
     except (ValueError, TypeError) as e:
         return fail(str(e))

@@ -69,7 +69,7 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpuinfo.native_bf16():
         warnings.warn("bf16 is emulated on this CPU (no AVX512-BF16/AMX): it runs, but fp32 is faster here "
                       "(--dtype fp32, the default on this CPU)", stacklevel=2)
-    backends.get(backend, device)  # an unknown or unavailable backend fails before any loading
+    backends.get(backend, device, dtype)  # an unknown or unavailable backend fails before any loading
     src = resolve(source)
     cfg = src.config if isinstance(src, Checkpoint) else src
     vae_src = resolve_vae(vae, cfg) if vae is not None else None

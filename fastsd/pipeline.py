@@ -63,7 +63,7 @@ class Pipeline:
         self.clip, self.vae, self.unet, self.config = clip, vae, unet, config
         self.device, self.dtype = device, dtype
         self.name, self.kind, self.path = name, kind, path
-        self._backend = backends.get(backend, device)
+        self._backend = backends.get(backend, device, dtype)
         for model in self.models():
             self._backend.prepare(model)
         self._tokenizer = tokenizer
@@ -120,7 +120,7 @@ class Pipeline:
     @backend.setter
     def backend(self, name: str) -> None:
         """Switch backend on a live pipeline: the models are unprepared for the old one, prepared for the new."""
-        new = backends.get(name, self.device)
+        new = backends.get(name, self.device, self.dtype)
         if new is self._backend:
             return
         for model in self.models():

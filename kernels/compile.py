@@ -43,6 +43,9 @@ def compile_pipeline(pipe, **overrides):
     returns the pipeline. The cpu backend's prepacked oneDNN weights are not Inductor graph inputs it can
     lower, and Inductor lays out and packs weights itself: a pipeline on the cpu backend is switched to the
     torch op table first."""
+    if pipe.backend.name == "openvino":
+        raise ValueError("compile: backend openvino runs OpenVINO's own compiled models; torch.compile is for the "
+                         "torch, cpu and triton backends")
     if pipe.backend.name == "cpu":
         pipe.backend = "torch"
     compile_module(pipe.unet, **overrides)

@@ -5,8 +5,9 @@
   cpu     cpu.py        PyTorch tuned for oneDNN on a CPU: channels_last, prepacked weights, chunked bf16
                         attention and feed-forward, each piece where it is measured faster on this CPU
   triton  triton.py     the Triton kernels of fastsd.kernels (CUDA, or a CPU under the interpreter)
-  auto                  on CUDA the kernels where supported and not measured slower (kernels/verdicts.py),
-                        cpu on a CPU
+  openvino openvino.py  the UNet, VAE and text encoder as compiled OpenVINO models (CPU; optional extra)
+  auto                  on CUDA triton where supported and not measured slower (kernels/verdicts.py); on a CPU openvino where it was measured faster here
+                        (python -m fastsd.backends.openvino_auto), else cpu
 
 A `Backend` is an op table (`Ops`) plus `prepare(model)` / `unprepare(model)`: prepare puts the table on
 every module that calls ops and lays the model out for the backend; unprepare gives the plain model back.
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-NAMES = ("auto", "torch", "cpu", "triton")
+NAMES = ("auto", "torch", "cpu", "triton", "openvino")
 
 
 class BackendError(RuntimeError):
@@ -80,9 +81,9 @@ def check_name(name: str) -> str:
     return name
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """The backend `name` stands for on `device`: auto -> triton on CUDA (when triton imports), cpu on a
-    CPU, else torch."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend `name` stands for on `device`: auto -> triton on CUDA (when triton imports); on a CPU
+    openvino where it was measured faster for `dtype` on this CPU, else cpu; else torch."""
     name = check_name(name)
     if name != "auto":
         return name
@@ -90,13 +91,18 @@ def resolve(name: str, device: torch.device) -> str:
         from fastsd.backends.triton import unavailable
 
         return "triton" if unavailable(device) is None else "torch"
-    return "cpu" if device.type == "cpu" else "torch"
+    if device.type != "cpu":
+        return "torch"
+    from fastsd.backends.openvino import auto_picks_openvino
+
+    return "openvino" if auto_picks_openvino(dtype) else "cpu"
 
 
-def get(name: str, device: torch.device | str = "cpu") -> Backend:
-    """The backend `name` ("auto" resolved for `device`); BackendError when it can't run there."""
+def get(name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Backend:
+    """The backend `name` ("auto" resolved for `device` and the models' `dtype`); BackendError when it
+    can't run there."""
     device = torch.device(device)
-    requested, name = name, resolve(name, device)
+    requested, name = name, resolve(name, device, dtype)
     if name == "torch":
         from fastsd.backends.reference import BACKEND
 
@@ -106,6 +112,13 @@ def get(name: str, device: torch.device | str = "cpu") -> Backend:
             raise BackendError(f"backend 'cpu' runs on a CPU, not on {device.type}")
         from fastsd.backends.cpu import BACKEND
 
+        return BACKEND
+    if name == "openvino":
+        from fastsd.backends.openvino import BACKEND, unavailable
+
+        why = unavailable(device)
+        if why is not None:
+            raise BackendError(f"backend 'openvino' was requested but {why}")
         return BACKEND
     from fastsd.backends.triton import AUTO_BACKEND, BACKEND, unavailable
 
