@@ -85,3 +85,18 @@ def check_writable_folder(folder: str, what: str) -> None:
         os.unlink(tmp)
     except OSError as e:
         raise ValueError(f"{what}: can't write in {probe} ({e.strerror})") from None
+
+
+def files_by_stem(folder: str | None, exts: tuple[str, ...]) -> dict[str, str]:
+    """{stem: path} of the files with one of `exts` (any case) in `folder` and its subfolders, hidden files
+    left out, sorted by stem; of two files with one stem the first in sorted path order wins."""
+    found: dict[str, str] = {}
+    if not folder:
+        return found
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for f in sorted(files):
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in exts and not f.startswith("."):
+                found.setdefault(stem, os.path.join(root, f))
+    return dict(sorted(found.items()))

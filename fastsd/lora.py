@@ -410,32 +410,39 @@ def strip_tags(prompt: str) -> str:
     return parse_prompt(prompt)[0]
 
 
+def drop_tags(prompt: str) -> str:
+    """The prompt without any extra-network tag <kind:...> (A1111's disable_extra_networks)."""
+    return _TAG.sub("", prompt)
+
+
 def list_loras(folder: str) -> dict[str, str]:
-    """{name: path} of the LoRA files directly in `folder` (name = file stem; .safetensors first)."""
-    found: dict[str, str] = {}
-    for ext in LORA_EXTS:
-        for p in sorted(Path(folder).glob("*" + ext)):
-            if p.is_file():
-                found.setdefault(p.stem, str(p))
-    return found
+    """{name: path} of the LoRA files in `folder` and its subfolders (as A1111 searches them), name = file
+    stem, sorted by name; of two files with one stem the first in sorted path order wins."""
+    from fastsd.files import files_by_stem
+
+    return files_by_stem(folder, LORA_EXTS)
+
+
+def check_lora_name(name: str) -> None:
+    """ValueError unless `name` is a bare file stem: no separators, no '..', nothing absolute or hidden, so a
+    prompt (or an HTTP request) can't name files outside the LoRA folder."""
+    if (not name or name.startswith(".") or ".." in name or any(c in name for c in "/\\\0")
+            or os.path.isabs(name)):
+        raise ValueError(f"<lora:{name}>: a LoRA name is a file name in the LoRA folder, without a path")
 
 
 def lora_path(name: str, folder: str | None) -> str:
-    """The file of <lora:NAME> in `folder`: NAME is a file stem there, never a path (no separators, no '..',
-    nothing absolute), so a prompt can't read files elsewhere. ValueError naming the problem."""
+    """The file of <lora:NAME> in `folder` (subfolders searched, as A1111). ValueError naming the problem."""
     if not folder:
         raise ValueError(f"<lora:{name}> needs a LoRA folder: --lora-dir DIR or ${LORA_DIR_ENV}")
     if not os.path.isdir(folder):
         raise ValueError(f"LoRA folder {folder}: no such folder")
-    if name in (".", "..") or any(c in name for c in "/\\\0") or os.path.isabs(name):
-        raise ValueError(f"<lora:{name}>: a LoRA name is a file name in the LoRA folder, without a path")
-    for ext in LORA_EXTS:
-        p = os.path.join(folder, name + ext)
-        if os.path.isfile(p):
-            return p
-    have = sorted(list_loras(folder))
+    check_lora_name(name)
+    have = list_loras(folder)
+    if name in have:
+        return have[name]
     raise ValueError(f"<lora:{name}>: no {name}.safetensors, .pt or .ckpt in {folder} "
-                     f"(it has: {_names(have) if have else 'no LoRA files'})")
+                     f"(it has: {_names(sorted(have)) if have else 'no LoRA files'})")
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:

@@ -210,7 +210,6 @@ def format_projection(gpu_name: str, res: int = 512, dtype: str = "fp16", batch:
              "#   python -m fastsd.benchmarks run --suite kernels,unet --device cuda --backend torch,triton", "",
              "| op | case | launches / UNet call | padding waste | Triton kernel us | SDPA us (best case) | unfused torch us |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    tot = dict(triton=0.0, sdpa=0.0, unfused=0.0)
     for r in rows:
         lines.append(f"| {r['op']} | {r['case']} | {r['per_call']} | {r['waste']:.2f} | {us(r['triton_s'])} | "
                      f"{us(r['sdpa_s'])} | {us(r['unfused_s'])} |")

@@ -14,9 +14,7 @@ from serve_server import auth_server, decode, info, main_server, png_b64
 
 from fastsd.generate import main as generate_main
 from fastsd.image import parse_infotext
-from fastsd.pipeline import Pipeline
 from fastsd.serve.__main__ import main as serve_main
-from fastsd.serve.networks import lora_support
 
 FIXTURES = Path(__file__).parent / "fixtures" / "a1111"
 
@@ -95,19 +93,12 @@ def test_random_seed_n_iter_clip_skip_and_unhonoured_fields(client):
 def test_loras_and_embeddings_by_name_from_their_folders(client):
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat <lora:detail:0.7>"})
     assert r.status_code == 422  # detail.safetensors is an empty file
-    if lora_support():
-        assert "detail.safetensors" in r.json()["detail"], r.text  # the LoRA loader's one-line error
-    else:
-        assert "this fastsd build cannot apply LoRAs yet" in r.json()["detail"], r.text
+    assert "detail.safetensors" in r.json()["detail"], r.text  # the LoRA loader's one-line error
     listed = client.get("/sdapi/v1/embeddings").json()
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat, shinystyle"})
     assert r.status_code == 200, r.text
-    if hasattr(Pipeline, "load_embeddings"):
-        assert list(listed["loaded"]) == ["shinystyle"] and listed["skipped"] == {}
-        assert not any("shinystyle" in w for w in info(r)["warnings"])
-    else:
-        assert listed["loaded"] == {} and list(listed["skipped"]) == ["shinystyle"]
-        assert "embedding 'shinystyle': not loaded" in " ".join(info(r)["warnings"])
+    assert list(listed["loaded"]) == ["shinystyle"] and listed["skipped"] == {}
+    assert not any("shinystyle" in w for w in info(r)["warnings"])
 
 
 def test_disable_extra_networks_drops_the_lora_tags(client):

@@ -4,7 +4,9 @@ import pytest
 
 from fastsd import CheckpointError
 from fastsd.serve.limits import BadRequest
-from fastsd.serve.networks import LORA_EXTS, Networks, scan
+from fastsd.files import files_by_stem
+from fastsd.lora import LORA_EXTS
+from fastsd.serve.networks import Networks
 
 
 @pytest.fixture
@@ -16,32 +18,30 @@ def loras(tmp_path):
 
 
 def test_scan_names_are_stems_of_the_folder_and_its_subfolders(loras):
-    found = scan(str(loras), LORA_EXTS)
+    found = files_by_stem(str(loras), LORA_EXTS)
     assert list(found) == ["a", "b", "c"]
     assert found["a"] == str(loras / "a.safetensors")  # the first of two files with one stem
-    assert scan(None, LORA_EXTS) == {}
+    assert files_by_stem(None, LORA_EXTS) == {}
+    assert Networks(str(loras), None).loras() == found  # the server lists what fastsd.lora finds
 
 
 @pytest.mark.parametrize("prompt,words", [
     ("x <lora:../a:1>", "refused"), ("x <lora:/etc/passwd>", "refused"), ("<lora:sub/c>", "refused"),
     ("<lora:..\\a>", "refused"), ("<lora:.hidden>", "refused"), ("<lora:zzz:1>", "unknown LoRA; this server has: a, b, c"),
-    ("<lora:a:heavy>", "the weight must be a number"),
+    ("<lora:a:heavy>", "the weight 'heavy' is not a number"), ("<hypernet:a:1>", "fastsd reads <lora:NAME:WEIGHT>"),
 ])
 def test_parse_refuses_paths_and_unknown_names(loras, prompt, words):
     nets = Networks(str(loras), None)
-    nets.can_merge = True
     with pytest.raises(BadRequest) as e:
         nets.parse(prompt)
     assert words in str(e.value) and e.value.status == 422
 
 
-def test_parse_without_a_folder_or_without_lora_support(loras):
+def test_parse_without_a_folder(loras):
     with pytest.raises(BadRequest, match="no LoRA folder"):
         Networks(None, None).parse("<lora:a>")
     nets = Networks(str(loras), None)
-    nets.can_merge = False
-    with pytest.raises(BadRequest, match="cannot apply LoRAs yet"):
-        nets.parse("<lora:a:0.5>")
+    assert nets.parse("<lora:a:0.5> <lyco:b>") == ((str(loras / "a.safetensors"), 0.5), (str(loras / "b.pt"), 1.0))
     assert nets.parse("no tags here") == ()
 
 
@@ -60,7 +60,6 @@ class FakePipe:
 
 def test_apply_merges_once_swaps_sets_and_undoes_a_failed_load(loras):
     nets = Networks(str(loras), None)
-    nets.can_merge = True
     pipe = FakePipe(bad=str(loras / "b.pt"))
     want = nets.parse("x <lora:a:0.5>")
     nets.apply(pipe, want)

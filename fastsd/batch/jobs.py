@@ -322,16 +322,16 @@ def parse_loras(v) -> tuple[tuple[str, float], ...]:
 def prompt_loras(prompt: str) -> tuple[tuple[str, float], ...]:
     """A1111's <lora:NAME:WEIGHT> tags of a prompt (the tags stay in the prompt for the infotext; the worker
     encodes the prompt without them, as fastsd.serve does)."""
-    from fastsd.serve.networks import _TAG  # one tag grammar for the server and the batch runner
+    from fastsd.lora import parse_prompt  # one tag grammar for the CLI, the server and the batch runner
 
-    return tuple((name, _to_float(w or 1.0, f"<lora:{name}> weight")) for name, w in _TAG.findall(prompt))
+    return tuple(parse_prompt(prompt)[1])
 
 
 def text_prompts(job: "Job") -> tuple[str, str]:
     """(prompt, negative prompt) as the text encoder sees them: without LoRA tags."""
-    from fastsd.serve.networks import strip_lora_tags
+    from fastsd.lora import strip_tags
 
-    return strip_lora_tags(job.settings.prompt), job.settings.negative_prompt
+    return strip_tags(job.settings.prompt), job.settings.negative_prompt
 
 
 # ---- batching ----------------------------------------------------------------------------------------

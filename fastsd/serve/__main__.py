@@ -124,11 +124,9 @@ def _start(args, limits: Limits, auth, sources: list[str]):
         print(run_summary(e.pipe, threads), file=sys.stderr)
     networks = Networks(args.lora_dir, args.embeddings_dir)
     networks.load_embeddings([e.pipe for e in registry.entries])
-    if networks.loras() and not networks.can_merge:
-        print("warning: this fastsd cannot apply LoRAs yet; prompts with <lora:...> are refused", file=sys.stderr)
-    if any(not ok for ok in networks.loaded_embeddings.values()):
-        print("warning: this fastsd cannot load textual-inversion embeddings yet; they are listed, not applied",
-              file=sys.stderr)
+    skipped = [n for n, ok in networks.loaded_embeddings.items() if not ok]
+    if skipped:
+        print(f"warning: embeddings not loaded (empty files): {', '.join(skipped)}", file=sys.stderr)
     return ServerState(registry, networks, limits, JobQueue(limits.max_queue, after_job=release_freed_memory), auth)
 
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from fastsd.samplers import A1111_NAMES, resolve_sampler_name
 from fastsd.serve.limits import BadRequest, Limits
-from fastsd.serve.networks import strip_lora_tags
+from fastsd.lora import drop_tags
 from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
 from fastsd.settings import GenerationSettings
 
@@ -119,7 +119,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
                         f"{ETA[sampler]}")
     model, clip_skip = _overrides(req, server, warnings)
-    prompt = strip_lora_tags(req.prompt) if req.disable_extra_networks else req.prompt
+    prompt = drop_tags(req.prompt) if req.disable_extra_networks else req.prompt
     loras = server.networks.parse(prompt)
     warnings += server.networks.embedding_notes(req.prompt, req.negative_prompt)
     img2img = kind == "img2img"

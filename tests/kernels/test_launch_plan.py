@@ -4,7 +4,6 @@ variable set (as here: tests/conftest.py sets it). Meta tensors stand in for CUD
 everything but the CPU is compiled); a CPU plan carries them (interpreter)."""
 import os
 
-import pytest
 import torch
 
 from fastsd.kernels import attention as A, cfg_step as CS, group_norm as GN
