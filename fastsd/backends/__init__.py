@@ -16,6 +16,8 @@ This package imports no backend module until `get` asks for it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,6 +75,16 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
+
+
+@functools.cache
+def package_import_error(package: str) -> str | None:
+    """None when `package` imports, else why not (an optional backend's package: triton, openvino)."""
+    try:
+        importlib.import_module(package)
+    except Exception as e:  # ImportError, or a broken install raising anything at import
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def check_name(name: str) -> str:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from fastsd import cpuinfo
-from fastsd.backends import Backend, reference
+from fastsd.backends import Backend, package_import_error, reference
 from fastsd.backends.cpu_tune import cache_dir
 
 INSTALL = 'pip install -e ".[openvino]"'
@@ -55,14 +55,9 @@ UNET_KEY = "backend unet"  # cpu_tune key prefix of the auto choice between cpu 
 
 # ------------------------------------------------------------------------------------------ the package
 
-@functools.cache
 def import_error() -> str | None:
     """None when openvino imports, else the reason it doesn't."""
-    try:
-        import openvino  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install raising anything at import
-        return f"{type(e).__name__}: {e}"
-    return None
+    return package_import_error("openvino")
 
 
 def unavailable(device: torch.device) -> str | None:

@@ -12,23 +12,16 @@ imported). Models keep their layout (prepare only hands them this op table).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from fastsd.backends import Backend, Ops, reference
+from fastsd.backends import Backend, Ops, package_import_error, reference
 
 
-@functools.cache
 def import_error() -> str | None:
     """None when triton imports, else the reason it doesn't."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install raising anything at import
-        return f"{type(e).__name__}: {e}"
-    return None
+    return package_import_error("triton.language")
 
 
 def interpreter_enabled() -> bool:
