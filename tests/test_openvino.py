@@ -70,6 +70,17 @@ def test_tiny_images_match_torch_in_f32(pipes, conversions):
 
 
 @needs_openvino
+def test_textual_inversion_vectors_reach_the_text_encoder(pipes):
+    """The IR takes token ids; a prompt using an embedding hands CLIP token_embeds: the torch forward runs them."""
+    ids = torch.randint(0, 1000, (1, 77))
+    emb = torch.randn(1, 77, pipes["torch"].config.clip.hidden_size)
+    ref = pipes["torch"].clip(ids, token_embeds=emb)[0]
+    out = pipes["openvino"].clip(ids, token_embeds=emb)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pipes["openvino"].clip(ids)[0], ref, atol=1e-3)  # the vectors made a difference
+
+
+@needs_openvino
 def test_cache_hit_in_a_new_pipeline_converts_nothing(pipes, ov_cache, conversions):
     pipes["openvino"].generate("a red cube", **GEN)  # the entries exist (whatever ran before)
     conversions.clear()

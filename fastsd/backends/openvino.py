@@ -363,9 +363,10 @@ def _install(model: nn.Module) -> None:
     elif isinstance(model, CLIPTextModel):
         part = Part(model, "clip")
 
-        def clip_forward(ids, clip_skip=1):
-            if not (isinstance(clip_skip, int) and 1 <= clip_skip <= model.cfg.num_layers):
-                return type(model).forward(model, ids, clip_skip)  # the model's own error
+        def clip_forward(ids, clip_skip=1, token_embeds=None):
+            if token_embeds is not None or not (isinstance(clip_skip, int) and 1 <= clip_skip <= model.cfg.num_layers):
+                # textual-inversion vectors (the IR takes ids), or the model's own error: the torch forward
+                return type(model).forward(model, ids, clip_skip, token_embeds)
             hidden, pooled = part.run(clip_skip, lambda m: CLIPGraph(m, clip_skip), ids.long())
             return hidden.to(device=ids.device, dtype=_dtype(model)), pooled.to(device=ids.device, dtype=_dtype(model))
 
