@@ -1,5 +1,5 @@
 """The fused CFG + sampler update at SD1.5 latent shapes: torch reference vs kernels/cfg_step.py (CUDA
-only). Skipped as a whole while kernels/cfg_step.py does not exist.
+only).
 
     pytest benchmarks/bench_cfg_step.py --benchmark-only
 """
@@ -7,9 +7,6 @@ import pytest
 
 from . import kernel_cases as K
 from .microbench import BACKENDS, DTYPE, RES, ids, run
-
-if not K.module_available("cfg_step"):
-    pytest.skip("kernels/cfg_step.py does not exist (yet)", allow_module_level=True)
 
 SHAPES = K.cfg_step_shapes(RES, False, DTYPE)
 

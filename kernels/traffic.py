@@ -110,7 +110,7 @@ PATTERNS = [("euler / dpmpp_2m 1st", True, False, False), ("euler_a / ddpm (nois
 
 def cfg_step_rows(res: int, model_dtype: str, images: int = 1) -> list[Row]:
     """Fused: read x, uncond, cond (+ old, + noise), write x_next and denoised. Unfused: the exact torch op
-    sequence of fastsd.ops.cfg_step_reference (guidance as CFGDenoiser did it, then the update)."""
+    sequence of fastsd.backends.reference.cfg_step (guidance as CFGDenoiser did it, then the update)."""
     n = images * 4 * (res // 8) ** 2
     em, ex = ELEM[model_dtype], 4  # latents fp32; denoised promoted to fp32
     rows = []
