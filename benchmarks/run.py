@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run benchmarks")
     r.add_argument("--suite", default="unet", help=f"comma-separated: {', '.join(SUITES)}, or all (default unet)")
     r.add_argument("--res", default=None, help="image sizes in px, comma-separated (default 512; --quick: 64)")
-    r.add_argument("--dtype", default=None, help="fp32,fp16,bf16 (default fp16 on CUDA, fp32 on CPU)")
+    r.add_argument("--dtype", default=None, help="fp32,fp16,bf16 (default: fastsd's default: fp16 on CUDA; on a CPU bf16 where it is "
+                   "native (AVX512-BF16/AMX) and --isa native, else fp32)")
     r.add_argument("--backend", default="auto",
                    help="fastsd backends: torch,cpu,triton,openvino,auto (default auto, the default path)")
     r.add_argument("--compare", default=None, help="also time, on the same weights: diffusers, openvino (plain "
@@ -77,13 +78,25 @@ def parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ configurations
 
+def default_dtype(device: str, isa: str) -> str:
+    """fastsd's default dtype for `device`, as the workers will run it (restricted to AVX2: no native bf16)."""
+    import torch
+
+    from fastsd.load import DTYPES, default_dtype as fastsd_default
+
+    if isa == "avx2" and not device.startswith("cuda"):
+        return "fp32"
+    dtype = fastsd_default(torch.device(device))
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     import torch
 
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.model = a.model or ("random:tiny" if a.quick else "random:sd15")
     a.res = [int(x) for x in _csv(a.res or ("64" if a.quick else "512"))]
-    a.dtype = _csv(a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32"))
+    a.dtype = _csv(a.dtype or default_dtype(a.device, a.isa))
     a.backend = _csv(a.backend)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     a.repeat = a.repeat if a.repeat is not None else (3 if a.quick else 5)
