@@ -23,7 +23,7 @@ def quick(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # tests/conftest.py sets it
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "fastsd.benchmarks", "run", "--quick", "--suite", "unet,kernels", "--compare", "diffusers",
-           "--backend", "torch,triton", "--device", "cpu", "--json", str(out), "--plot", str(png)]
+           "--backend", "torch,triton", "--device", "cpu", "--dtype", "fp32", "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
@@ -47,6 +47,15 @@ def test_rows_have_every_field(quick):
         t = r["times"]
         assert t["n"] == len(t["all"]) >= 1 and 0 < t["min"] <= t["median"] <= t["max"]
         assert r["time_s"] == t["median"] and r["rss_baseline_bytes"] > 0 and r["rss_peak_bytes"] > 0
+
+
+def test_default_dtype_is_fastsds_default_as_the_workers_run():
+    from fastsd.benchmarks.run import default_dtype
+    from fastsd.cpuinfo import native_bf16
+
+    assert default_dtype("cuda", "native") == "fp16"
+    assert default_dtype("cpu", "avx2") == "fp32"  # restricted to AVX2: no native bf16
+    assert default_dtype("cpu", "native") == ("bf16" if native_bf16() else "fp32")
 
 
 def test_compare_diffusers_row(quick):

@@ -152,19 +152,14 @@ class BatchWorker:
 
 
 def find_lora(name: str, lora_dir: str | None) -> str:
-    """A LoRA file: `name` as a path, else NAME(.safetensors|.pt|.ckpt) in `lora_dir` ($FASTSD_LORA_DIR)."""
-    from fastsd.serve.networks import LORA_EXTS
+    """A LoRA file: `name` as a path, else NAME (with or without its extension) in `lora_dir` or
+    $FASTSD_LORA_DIR, found as the CLI and the server find it (fastsd.lora.lora_path)."""
+    from fastsd.lora import LORA_DIR_ENV, LORA_EXTS, lora_path
 
     if os.path.isfile(name):
         return name
-    folder = lora_dir or os.environ.get("FASTSD_LORA_DIR")
-    if folder:
-        for ext in ("",) + LORA_EXTS:
-            path = os.path.join(folder, name + ext)
-            if os.path.isfile(path):
-                return path
-        raise ValueError(f"LoRA {name!r}: no such file in {folder}")
-    raise ValueError(f"LoRA {name!r}: no such file (give a path, or --lora-dir / $FASTSD_LORA_DIR)")
+    stem = next((name[: -len(ext)] for ext in LORA_EXTS if name.endswith(ext)), name)
+    return lora_path(stem, lora_dir or os.environ.get(LORA_DIR_ENV))
 
 
 def _failed(job: Job, e: BaseException) -> dict:
