@@ -247,24 +247,35 @@ def _names(names: list[str], limit: int = 5) -> str:
 # ---- merging -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(t as (out, -1) rows in its memory order, whether that order is channels_last): a view, no copy, for a
+    contiguous or channels_last tensor."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1), True
+    return t.contiguous().view(t.shape[0], -1), False
+
+
 def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """weight + multiplier * scale * up @ down in fp32, rounded once to weight's dtype, laid out in
     `memory_format` (4-d weights). A block of output rows at a time, in an fp32 scratch that stays in
-    cache, so a bf16 weight is read once and written once instead of going through full fp32 copies."""
-    w = weight.contiguous().view(weight.shape[0], -1)
+    cache, so a bf16 weight is read once and written once instead of going through full fp32 copies; a
+    channels_last weight is read in its own memory order (down's columns permuted to match)."""
+    w, nhwc = _rows(weight)
     up = layer.up.reshape(layer.up.shape[0], -1).to(w.device)
-    down = layer.down.reshape(layer.down.shape[0], -1).to(w.device)
+    down = layer.down.permute(0, 2, 3, 1) if nhwc and layer.down.dim() == 4 else layer.down
+    down = down.reshape(down.shape[0], -1).to(w.device)
     out = torch.empty(weight.shape, dtype=weight.dtype, device=w.device, memory_format=memory_format)
-    nhwc = weight.dim() == 4 and memory_format == torch.channels_last
-    out_rows = out.permute(0, 2, 3, 1) if nhwc else out  # the output's rows in memory order
     rows = max(1, MERGE_BLOCK_BYTES // (4 * w.shape[1]))
     scratch = torch.empty(min(rows, w.shape[0]), w.shape[1], device=w.device)
     for i in range(0, w.shape[0], rows):
         block = scratch[: min(rows, w.shape[0] - i)]
         block.copy_(w[i:i + rows]).addmm_(up[i:i + rows], down, alpha=multiplier * layer.scale)
-        block = block.view(-1, *weight.shape[1:])
-        out_rows[i:i + rows].copy_(block.permute(0, 2, 3, 1) if nhwc else block)
+        if weight.dim() == 4:  # back to (rows, C, kh, kw) indexing; copy_ writes out's own layout
+            kh, kw = weight.shape[2:]
+            block = block.view(-1, kh, kw, weight.shape[1]).permute(0, 3, 1, 2) if nhwc else \
+                block.view(-1, *weight.shape[1:])
+        out[i:i + rows].copy_(block)
     return out
 
 
@@ -313,7 +324,7 @@ class LoraSet:
             for layer in lora.layers:
                 module = models[layer.model].get_submodule(layer.module)
                 key = (layer.model, layer.module)
-                pipe.backend.unprepare(module)
+                pipe.backend.plain_weights(module)
                 prev = module.weight
                 first = key not in self._originals
                 done.append((module, key, prev, first))
@@ -372,7 +383,7 @@ def _conv_layout(backend) -> torch.memory_format:
 
 
 def _put(backend, module: nn.Module, weight: nn.Parameter) -> None:
-    backend.unprepare(module)
+    backend.plain_weights(module)
     module.weight = weight
     backend.prepare(module)
 

@@ -399,3 +399,20 @@ def test_benchmark_script_runs(tmp_path, capsys):
     assert row["layers"] > 0 and len(row["load_s"]) == 2 and len(row["switch_s"]) == 2 and row["isa"]
     assert row["originals_kept_bytes"] > 0 and row["unet_first_call_after_switch_s"] > 0
     assert "load + merge" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt_in", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("fmt_out", ["contiguous", "channels_last"])
+def test_conv_merge_reads_and_writes_either_layout(fmt_in, fmt_out):
+    """A channels_last weight (the CPU path's layout) is merged in its own memory order without a layout copy:
+    the same values as the plain formula, for LoCon's (r, in, 3, 3) down and (out, r, 1, 1) up."""
+    from fastsd.lora import LoraLayer, merged_weight
+
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, 3, 3, generator=g).contiguous(memory_format=fmt[fmt_in])
+    layer = LoraLayer("unet", "m", "k", torch.randn(4, 16, 3, 3, generator=g), torch.randn(24, 4, 1, 1, generator=g), 0.5)
+    want = w + 0.8 * 0.5 * (layer.up.reshape(24, -1) @ layer.down.reshape(4, -1)).reshape(24, 16, 3, 3)
+    out = merged_weight(w, layer, 0.8, fmt[fmt_out])
+    assert out.is_contiguous(memory_format=fmt[fmt_out])
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-5)

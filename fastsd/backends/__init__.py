@@ -69,6 +69,11 @@ class Backend:
         set_ops(model, OPS)
         return model
 
+    def plain_weights(self, model: nn.Module) -> nn.Module:
+        """Make `model`'s weights plain dense tensors that can be read and replaced (a LoRA merge), keeping
+        their memory layout; prepare(model) afterwards takes the model back. The base: unprepare."""
+        return self.unprepare(model)
+
     def running(self) -> contextlib.AbstractContextManager:
         """Wraps each model run (a backend may tidy up after it)."""
         return contextlib.nullcontext()

@@ -83,6 +83,11 @@ class CPUBackend(Backend):
         model.to(memory_format=torch.contiguous_format)
         return super().unprepare(model)
 
+    def plain_weights(self, model):
+        """Dense weights (packed ones unpacked) in their channels_last layout: no layout copy for a LoRA merge."""
+        make_plain(model)
+        return model
+
     @contextlib.contextmanager
     def running(self):
         """After a run that packed weights, hand the memory of the dense weights they replaced to the OS."""
