@@ -39,12 +39,22 @@ def unavailable(device: torch.device) -> str | None:
             "under the Triton interpreter (set TRITON_INTERPRET=1 before starting Python)")
 
 
-def _takes_kernel(follow_verdicts: bool, op: str, *tensors, **kw) -> bool:
-    from fastsd.kernels import dispatch
+_DECISIONS: dict[tuple, bool] = {}  # the routing of each distinct call signature, decided once per process
 
-    if follow_verdicts:
-        return dispatch.auto_prefers_triton(op, *tensors, **kw)
-    return dispatch.supports(op, *tensors, **kw) is None
+
+def _takes_kernel(follow_verdicts: bool, op: str, *tensors, **kw) -> bool:
+    """Whether this call runs the kernel. Decided once per (op, devices, dtypes, shapes, arguments): the checks
+    (and the verdict file) are not re-read on every one of a UNet step's ~100 op calls."""
+    key = (follow_verdicts, op, interpreter_enabled(), tuple(kw.items()),
+           tuple(None if t is None else (t.device, t.dtype, t.shape) for t in tensors))
+    take = _DECISIONS.get(key)
+    if take is None:
+        from fastsd.kernels import dispatch
+
+        take = (dispatch.auto_prefers_triton(op, *tensors, **kw) if follow_verdicts
+                else dispatch.supports(op, *tensors, **kw) is None)
+        _DECISIONS[key] = take
+    return take
 
 
 def make_ops(follow_verdicts: bool) -> Ops:
