@@ -107,3 +107,21 @@ def test_microbenchmarks_collected_only_when_asked():
     with open(os.path.join(ROOT, "pyproject.toml")) as f:
         assert 'testpaths = ["tests"]' in f.read()
     assert not [f for _, _, fs in os.walk(os.path.join(ROOT, "tests")) for f in fs if f.startswith("bench_")]
+
+
+def test_roofline_counts_each_stage_and_divides_by_the_measured_gemm_rate(tmp_path):
+    from fastsd.benchmarks import roofline
+
+    out = tmp_path / "roofline.jsonl"
+    for steps, cfg in ((1, 1.0), (3, 1.0), (1, 7.5)):
+        roofline.main(["--model", "random:tiny", "--res", "64", "--steps", str(steps), "--cfg", str(cfg),
+                       "--dtype", "fp32", "--threads", "1", "--repeat", "1", "--json", str(out)])
+    one, three, cfg = [json.loads(line) for line in out.read_text().splitlines()]
+    assert one["flops"]["unet"] > 0 and one["flops"]["decoder"] > 0 and one["flops"]["text encoder"] > 0
+    assert three["flops"]["unet"] == 3 * one["flops"]["unet"]  # per step
+    assert cfg["flops"]["unet"] == 2 * one["flops"]["unet"]  # CFG: batch 2
+    assert cfg["flops"]["text encoder"] == 2 * one["flops"]["text encoder"]  # and the negative prompt
+    assert one["flops_total"] == sum(one["flops"].values())
+    assert math.isclose(one["floor_s"], one["flops_total"] / one["gemm_flops_per_s"], rel_tol=1e-3, abs_tol=1e-4)
+    assert one["gemm_flops_per_s"] > 1e9  # a GEMM rate was measured (> 1 GFLOP/s on any CPU this runs on)
+    assert one["isa"] and one["dtype"] == "float32"

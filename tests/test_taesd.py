@@ -13,12 +13,15 @@ from PIL import Image
 from test_generate_cli import _fails  # one-line error, exit 2, nothing written
 
 from fastsd import CheckpointError, load_pipeline
+from fastsd.backends import openvino as ovb
 from fastsd.config import TINY, TAESDConfig
 from fastsd.generate import main
 from fastsd.image import parse_infotext
 from fastsd.testing import SD15_SCHEDULER, diffusers_taesd, tokenizer
 
 TOL = 1e-4  # max abs err / max abs ref, fp32
+OPENVINO = pytest.param("openvino", marks=pytest.mark.skipif(ovb.import_error() is not None,
+                                                             reason=f"openvino is not installed ({ovb.INSTALL})"))
 
 
 def original_layout(twin) -> tuple[dict, dict]:
@@ -73,7 +76,7 @@ def test_every_layout_loads_the_same_weights(files, layout):
     assert all(torch.equal(ours[k], v) for k, v in expected.items())
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])  # auto: channels_last, prepacked oneDNN weights
+@pytest.mark.parametrize("backend", ["torch", "auto", OPENVINO])  # auto: channels_last, prepacked oneDNN weights
 def test_decode_and_encode_match_autoencoder_tiny(files, backend):
     root, twin = files
     pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend=backend,
@@ -167,10 +170,11 @@ def test_previews_without_taesd_are_the_linear_approximation():
         pipe.generate("a cat", steps=1, width=32, height=32, preview_every=0)
 
 
-def test_decoder_only_taesd_decodes_and_refuses_img2img(files):
+@pytest.mark.parametrize("backend", ["auto", OPENVINO])
+def test_decoder_only_taesd_decodes_and_refuses_img2img(files, backend):
     root, twin = files
-    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", vae=f"taesd:{root}/dec_only/taesd_decoder"
-                                                                        ".safetensors")
+    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend=backend,
+                         vae=f"taesd:{root}/dec_only/taesd_decoder.safetensors")
     assert pipe.vae.encoder is None
     assert pipe.generate("a cat", steps=1, width=32, height=32, seed=0, progress=False)[0].size == (32, 32)
     with pytest.raises(ValueError, match="no encoder") as e:

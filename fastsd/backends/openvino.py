@@ -1,8 +1,8 @@
 """The openvino backend: fastsd's own UNet, VAE (encoder and decoder) and text encoder run as OpenVINO
 models on the CPU (optional extra: `pip install -e ".[openvino]"`).
 
-prepare(model) gives each of the three models a forward (the VAE: `encode` / `decode`) that runs a
-compiled OpenVINO model of that module; unprepare(model) takes it away (the torch forward is back, the
+prepare(model) gives each of the four models (UNet, VAE, TAESD, text encoder) a forward (the VAEs:
+`encode` / `decode`) that runs a compiled OpenVINO model of that module; unprepare(model) takes it away (the torch forward is back, the
 weights were never touched). Anything else (another VAE class, the sampler update) stays in PyTorch with
 the reference ops.
 
@@ -123,8 +123,11 @@ def weights_stamp(module: nn.Module) -> tuple:
 def f32_copy(model: nn.Module) -> nn.Module:
     """The same model class and config with f32 weights (the model's own tensors where they are f32
     already), without forward patches: what gets traced."""
+    from fastsd.models.taesd import TAESD
+
+    kw = {"with_encoder": model.encoder is not None} if isinstance(model, TAESD) else {}  # decoder-only TAESD
     with torch.device("meta"):
-        m = type(model)(model.cfg)
+        m = type(model)(model.cfg, **kw)
     m.load_state_dict({k: v.detach().float() for k, v in model.state_dict().items()}, strict=True, assign=True)
     return m.eval().requires_grad_(False)
 
@@ -156,6 +159,24 @@ class VAEEncodeGraph(nn.Module):
 
     def forward(self, x):
         return self.vae.encode(x)  # (mean, logvar)
+
+
+class TAESDDecodeGraph(nn.Module):
+    def __init__(self, taesd: nn.Module):
+        super().__init__()
+        self.taesd = taesd
+
+    def forward(self, z):
+        return self.taesd.decode(z)
+
+
+class TAESDEncodeGraph(nn.Module):
+    def __init__(self, taesd: nn.Module):
+        super().__init__()
+        self.taesd = taesd
+
+    def forward(self, x):
+        return self.taesd.encode(x)
 
 
 class CLIPGraph(nn.Module):
@@ -335,6 +356,7 @@ def _dtype(model: nn.Module) -> torch.dtype:
 
 def _install(model: nn.Module) -> None:
     from fastsd.models.clip import CLIPTextModel
+    from fastsd.models.taesd import TAESD
     from fastsd.models.unet import UNet
     from fastsd.models.vae import AutoencoderKL
 
@@ -360,6 +382,20 @@ def _install(model: nn.Module) -> None:
             return mean.to(device=x.device, dtype=_dtype(model)), logvar.to(device=x.device, dtype=_dtype(model))
 
         model.decode, model.encode = decode, encode
+    elif isinstance(model, TAESD):
+        part = Part(model, "taesd")
+
+        def taesd_decode(z):
+            (img,) = part.run("decode", TAESDDecodeGraph, z.float())
+            return img.to(device=z.device, dtype=_dtype(model))
+
+        def taesd_encode(x):
+            if model.encoder is None:  # the model's own one-line error
+                return type(model).encode(model, x)
+            (z,) = part.run("encode", TAESDEncodeGraph, x.float())
+            return z.to(device=x.device, dtype=_dtype(model))
+
+        model.decode, model.encode = taesd_decode, taesd_encode
     elif isinstance(model, CLIPTextModel):
         part = Part(model, "clip")
 
