@@ -37,6 +37,7 @@ from fastsd.tensorfile import CheckpointError, TensorRef, read_header, read_tens
 
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
 LORA_DIR_ENV = "FASTSD_LORA_DIR"
+Weight = float | tuple[float, float]  # a LoRA's multiplier for both models, or (text encoder, UNet)
 MERGE_BLOCK_BYTES = 1 << 20  # fp32 scratch per block of output rows while merging (about an L2 cache)
 
 # The key of one tensor = <layer><suffix>; the suffix tells which factor it is.
@@ -283,7 +284,7 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
 class LoadedLora:
     name: str
     path: str
-    weight: float
+    weight: Weight
     layers: int
     _hash: str | None = field(default=None, repr=False)
 
@@ -308,11 +309,12 @@ class LoraSet:
         self.loaded: list[LoadedLora] = []
         self._originals: dict[tuple[str, str], nn.Parameter] = {}
 
-    def load(self, pipe, path: str, weight: float = 1.0) -> LoadedLora:
-        """Read, check, then merge `path` into pipe's UNet and text encoder. Everything is checked before a
-        weight changes; an interruption while merging puts back the weights as they were."""
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"LoRA weight must be a finite number, got {weight!r}")
+    def load(self, pipe, path: str, weight: Weight = 1.0) -> LoadedLora:
+        """Read, check, then merge `path` into pipe's UNet and text encoder (`weight`: one number for both, or
+        (text encoder, UNet) as A1111's <lora:NAME:TE:UNET>). Everything is checked before a weight changes;
+        an interruption while merging puts back the weights as they were."""
+        weight = normalize_weight(weight)
+        te_weight, unet_weight = weight if isinstance(weight, tuple) else (weight, weight)
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"LoRA path must be a string, got {type(path).__name__}")
         path = os.fspath(path)
@@ -330,7 +332,8 @@ class LoraSet:
                 done.append((module, key, prev, first))
                 if first:
                     self._originals[key] = prev
-                merged = merged_weight(prev, layer, float(weight), layout if prev.dim() == 4 else torch.contiguous_format)
+                multiplier = unet_weight if layer.model == "unet" else te_weight
+                merged = merged_weight(prev, layer, multiplier, layout if prev.dim() == 4 else torch.contiguous_format)
                 module.weight = nn.Parameter(merged, requires_grad=False)
                 pipe.backend.prepare(module)
         except BaseException:
@@ -339,7 +342,7 @@ class LoraSet:
                 if first:
                     del self._originals[key]
             raise
-        entry = LoadedLora(lora.name, path, float(weight), len(lora.layers))
+        entry = LoadedLora(lora.name, path, weight, len(lora.layers))
         self.loaded.append(entry)
         return entry
 
@@ -355,8 +358,9 @@ class LoraSet:
         """ValueError when the prompt's <lora:NAME:WEIGHT> tags ask for a LoRA that is not loaded so."""
         for name, weight in parse_prompt(prompt)[1]:
             if not any(x.name == name and x.weight == weight for x in self.loaded):
-                have = ", ".join(f"{x.name}:{x.weight:g}" for x in self.loaded) or "none"
-                raise ValueError(f"the prompt asks for <lora:{name}:{weight:g}>, which is not loaded (loaded: {have}); "
+                have = ", ".join(f"{x.name}:{weight_text(x.weight)}" for x in self.loaded) or "none"
+                raise ValueError(f"the prompt asks for <lora:{name}:{weight_text(weight)}>, which is not loaded "
+                                 f"(loaded: {have}); "
                                  "load it with pipe.load_lora, or give the CLI --lora-dir / $" + LORA_DIR_ENV)
 
     def infotext(self, prompt: str) -> tuple[str, str | None]:
@@ -368,7 +372,7 @@ class LoraSet:
             if (x.name, x.weight) in asked:
                 asked.remove((x.name, x.weight))
             else:
-                prompt += f" <lora:{x.name}:{x.weight:g}>"
+                prompt += f" <lora:{x.name}:{weight_text(x.weight)}>"
         hashes = {x.name.translate(str.maketrans("", "", ":,")): x.short_hash() for x in self.loaded}
         return prompt, ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None
 
@@ -393,27 +397,56 @@ def _put(backend, module: nn.Module, weight: nn.Parameter) -> None:
 _TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network syntax <kind:args>
 
 
-def parse_prompt(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """(the prompt without its <lora:NAME:WEIGHT> tags, [(NAME, WEIGHT), ...]); <lora:NAME> has weight 1 and
-    <lyco:...> is read as <lora:...> (as A1111). ValueError for a malformed tag or another kind of network."""
+def parse_prompt(prompt: str) -> tuple[str, list[tuple[str, Weight]]]:
+    """(the prompt without its <lora:...> tags, [(NAME, WEIGHT), ...]) with A1111's tag grammar:
+    <lora:NAME>, <lora:NAME:W>, <lora:NAME:TE:UNET>, and the named forms te=W / unet=W (<lora:NAME:unet=0.5>);
+    the UNet's weight defaults to the text encoder's, both to 1. WEIGHT is a number, or (TE, UNET) when they
+    differ. <lyco:...> is read as <lora:...> (as A1111). ValueError for a malformed tag, DyLoRA's dyn= (not
+    supported), or another kind of network."""
     found = []
 
     def take(m: re.Match) -> str:
         kind, args = m[1], m[2].split(":")
         if kind not in ("lora", "lyco"):
             raise ValueError(f"prompt: {m[0]}: fastsd reads <lora:NAME:WEIGHT> tags, not <{kind}:...>")
-        if len(args) > 2 or not args[0].strip() or any("=" in a for a in args):
-            raise ValueError(f"prompt: {m[0]}: expected <lora:NAME> or <lora:NAME:WEIGHT>")
-        try:
-            weight = float(args[1]) if len(args) == 2 else 1.0
-        except ValueError:
-            raise ValueError(f"prompt: {m[0]}: the weight {args[1]!r} is not a number") from None
-        if not math.isfinite(weight):
-            raise ValueError(f"prompt: {m[0]}: the weight must be finite")
-        found.append((args[0].strip(), weight))
+        positional = [a for a in args if "=" not in a]
+        named = dict(a.split("=", 1) for a in args if "=" in a)
+        named = {k.strip(): v for k, v in named.items()}
+        if "dyn" in named or len(positional) > 3:
+            raise ValueError(f"prompt: {m[0]}: DyLoRA's dyn dimension is not supported")
+        if not positional or not positional[0].strip() or set(named) - {"te", "unet"}:
+            raise ValueError(f"prompt: {m[0]}: expected <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET> "
+                             "(or te=W, unet=W)")
+
+        def number(text: str) -> float:
+            try:
+                w = float(text)
+            except ValueError:
+                raise ValueError(f"prompt: {m[0]}: the weight {text!r} is not a number") from None
+            if not math.isfinite(w):
+                raise ValueError(f"prompt: {m[0]}: the weight must be finite")
+            return w
+
+        te = number(named.get("te", positional[1] if len(positional) > 1 else "1"))
+        unet = number(named["unet"]) if "unet" in named else number(positional[2]) if len(positional) > 2 else te
+        found.append((positional[0].strip(), normalize_weight((te, unet))))
         return ""
 
     return _TAG.sub(take, prompt), found
+
+
+def normalize_weight(weight) -> Weight:
+    """A float, or a (text encoder, UNet) pair of floats when they differ; ValueError for anything else."""
+    pair = weight if isinstance(weight, (tuple, list)) and len(weight) == 2 else (weight, weight)
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in pair):
+        raise ValueError(f"LoRA weight must be a finite number or a (text encoder, UNet) pair, got {weight!r}")
+    te, unet = float(pair[0]), float(pair[1])
+    return te if te == unet else (te, unet)
+
+
+def weight_text(weight: Weight) -> str:
+    """A weight as a tag writes it: "0.8", or "1:0.5" for (text encoder 1, UNet 0.5)."""
+    return f"{weight[0]:g}:{weight[1]:g}" if isinstance(weight, tuple) else f"{weight:g}"
 
 
 def strip_tags(prompt: str) -> str:

@@ -144,8 +144,9 @@ class Pipeline:
 
     # ---- LoRA (fastsd/lora.py) --------------------------------------------------------------------------
 
-    def load_lora(self, path: str, weight: float = 1.0) -> None:
-        """Merge a LoRA file (kohya/A1111, LoCon, diffusers/PEFT) into the UNet and text encoder weights. The
+    def load_lora(self, path: str, weight: float | tuple[float, float] = 1.0) -> None:
+        """Merge a LoRA file (kohya/A1111, LoCon, diffusers/PEFT) into the UNet and text encoder weights;
+        `weight` is one multiplier for both or (text encoder, UNet), as A1111's <lora:NAME:TE:UNET>. The
         file is checked whole first: a bad one raises CheckpointError and leaves the model unchanged."""
         self._loras.load(self, path, weight)
 

@@ -48,6 +48,10 @@ def test_jsonl_csv_txt_defaults_ids_and_seeds(tmp_path):
     assert c.loras == (("x", 0.5), ("y", 1.0))
     tagged = read_job_file(write(tmp_path / "t.jsonl", '{"prompt": "a <lora:z:0.3> cat", "loras": ["x"]}\n'), d)[0]
     assert tagged.loras == (("x", 1.0), ("z", 0.3)) and tagged.settings.prompt == "a <lora:z:0.3> cat"
+    pair = read_job_file(write(tmp_path / "p.jsonl", '{"prompt": "a <lora:z:1:0.5> cat", "loras": ["x:0.2:0.4", "w:1:1"]}\n'),
+                         d)[0]  # A1111's TE:UNET weights, in a tag and in the loras field
+    assert pair.loras == (("x", (0.2, 0.4)), ("w", 1.0), ("z", (1.0, 0.5)))
+    assert pair.manifest_settings()["loras"] == ["x:0.2:0.4", "w:1", "z:1:0.5"]
     assert text_prompts(tagged) == ("a  cat", "")  # what the text encoder sees (as fastsd.serve)
     assert a.id.startswith("00001-") and read_job_file(jsonl, d)[0].id == a.id  # stable
     assert read_job_file(jsonl, Defaults(steps=4, width=64, height=64))[0].id != a.id  # defaults are content

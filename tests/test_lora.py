@@ -228,8 +228,9 @@ def test_not_a_lora_and_wrong_arguments(tmp_path):
                         ("missing", "no such file")):
         with pytest.raises(CheckpointError, match=match):
             pipe.load_lora(str(tmp_path / f"{name}.safetensors"))
-    with pytest.raises(ValueError, match="finite"):
-        pipe.load_lora(str(tmp_path / "x.safetensors"), float("nan"))
+    for weight in (float("nan"), (1.0, float("inf")), (1.0, 2.0, 3.0), "1", True):
+        with pytest.raises(ValueError, match="finite"):
+            pipe.load_lora(str(tmp_path / "x.safetensors"), weight)
     assert_same_state(pipe, state0)
     assert pipe.loras == []
 
@@ -268,8 +269,12 @@ def test_parse_prompt():
     assert parse_prompt("a cat <lora:style:0.8>, <lora:b> <lyco:c:-1>") == ("a cat ,  ", [("style", 0.8), ("b", 1.0),
                                                                                        ("c", -1.0)])
     assert parse_prompt("no tags (x:1.2)") == ("no tags (x:1.2)", [])
-    for bad, match in (("<lora:a:b>", "not a number"), ("<lora:a:1:2>", "expected"), ("<hypernet:a:1>", "not"),
-                       ("<lora:a:inf>", "finite"), ("<lora:a:unet=1>", "expected")):
+    # A1111's <lora:NAME:TE:UNET> and te= / unet=: the UNet's weight defaults to the text encoder's
+    assert parse_prompt("<lora:a:1:0.5> <lora:b:0.7:0.7> <lora:c:unet=0.25> <lora:d:te=0.5:unet=2> <lora:e:0.3:te=1>")[1] \
+        == [("a", (1.0, 0.5)), ("b", 0.7), ("c", (1.0, 0.25)), ("d", (0.5, 2.0)), ("e", 1.0)]
+    for bad, match in (("<lora:a:b>", "not a number"), ("<lora:a:1:x>", "not a number"), ("<hypernet:a:1>", "not"),
+                       ("<lora:a:inf>", "finite"), ("<lora:a:foo=1>", "expected"), ("<lora:a:1:1:8>", "dyn"),
+                       ("<lora:a:dyn=8>", "dyn"), ("<lora:a:unet=nan>", "finite"), ("<lora::1>", "expected")):
         with pytest.raises(ValueError, match=match):
             parse_prompt(bad)
     assert parse_lora_arg("x.safetensors:0.5") == ("x.safetensors", 0.5)
@@ -317,6 +322,30 @@ def test_prompt_tags_infotext_and_encoding(tmp_path):
     # a LoRA loaded without a tag is recorded with one, so the infotext makes the same image again
     im = pipe.generate("a cat", steps=1, width=32, height=32, seed=1, progress=False)[0]
     assert parse_infotext(im.info["parameters"])[0] == "a cat <lora:my,style:0.5>"
+
+
+def test_text_encoder_and_unet_weights_apart(tmp_path):
+    """(TE, UNET) as A1111's <lora:NAME:TE:UNET>: each model gets its own multiplier; the infotext writes the pair."""
+    path = str(tmp_path / "style.safetensors")
+    merged = {}
+    for weight in (0.5, 1.5, (0.5, 1.5), (1.0, 0.0)):
+        pipe = tiny()
+        if not merged:
+            write_random_lora(path, pipe, fmt="kohya_ldm", rank=4, seed=5)
+            merged["none"] = state(pipe)
+        pipe.load_lora(path, weight)
+        merged[weight] = state(pipe)
+    unet_keys = set(pipe.unet.state_dict())
+    assert not unet_keys & set(pipe.clip.state_dict())  # state() keys name one model each
+    for k, v in merged[(0.5, 1.5)].items():
+        assert torch.equal(v, (merged[1.5] if k in unet_keys else merged[0.5])[k]), k
+    changed = [k for k in merged["none"] if not torch.equal(merged[(1.0, 0.0)][k], merged["none"][k])]
+    assert changed and not unet_keys & set(changed)  # UNet weight 0: only the text encoder moved
+    im = pipe.generate("a cat", steps=1, width=32, height=32, seed=1, progress=False)[0]
+    assert parse_infotext(im.info["parameters"])[0] == "a cat <lora:style:1:0>"
+    pipe.generate("a cat <lora:style:1:0>", steps=1, width=32, height=32, seed=1, progress=False)  # loaded so: runs
+    with pytest.raises(ValueError, match="not loaded"):
+        pipe.generate("a cat <lora:style:1>", steps=1, width=32, height=32, progress=False)
 
 
 @pytest.mark.slow

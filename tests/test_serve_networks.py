@@ -42,6 +42,7 @@ def test_parse_without_a_folder(loras):
         Networks(None, None).parse("<lora:a>")
     nets = Networks(str(loras), None)
     assert nets.parse("<lora:a:0.5> <lyco:b>") == ((str(loras / "a.safetensors"), 0.5), (str(loras / "b.pt"), 1.0))
+    assert nets.parse("<lora:a:1:0.5>") == ((str(loras / "a.safetensors"), (1.0, 0.5)),)  # A1111's TE:UNET
     assert nets.parse("no tags here") == ()
 
 

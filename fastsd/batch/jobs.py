@@ -61,7 +61,7 @@ class Job:
     id: str
     line: int
     settings: GenerationSettings  # resolved: seed, width and height set, num_images 1
-    loras: tuple[tuple[str, float], ...] = ()
+    loras: tuple[tuple[str, float | tuple[float, float]], ...] = ()  # weight: both models, or (text encoder, UNet)
 
     @property
     def file(self) -> str:
@@ -69,10 +69,12 @@ class Job:
 
     def manifest_settings(self) -> dict:
         """The settings as the manifest records them (the job file's field names)."""
+        from fastsd.lora import weight_text
+
         s = self.settings
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed, "steps": s.steps,
                 "cfg": s.guidance_scale, "sampler": s.sampler, "width": s.width, "height": s.height,
-                "clip_skip": s.clip_skip, "loras": [f"{n}:{w:g}" for n, w in self.loras]}
+                "clip_skip": s.clip_skip, "loras": [f"{n}:{weight_text(w)}" for n, w in self.loras]}
 
 
 @dataclass(frozen=True)
@@ -296,8 +298,8 @@ def _size(v, rec: dict) -> tuple[int, int]:
 
 
 def parse_loras(v) -> tuple[tuple[str, float], ...]:
-    """LoRAs as a list of "NAME[:WEIGHT]" or {"name", "weight"}, a {NAME: WEIGHT} dict, or one string of
-    "NAME[:WEIGHT]" separated by ';' or spaces (CSV, --lora). Weight 1 when not given."""
+    """LoRAs as a list of "NAME[:WEIGHT]" / "NAME:TE:UNET" or {"name", "weight"}, a {NAME: WEIGHT} dict, or one
+    string of those separated by ';' or spaces (CSV, --lora). Weight 1 when not given."""
     if isinstance(v, str):
         v = [p for p in re.split(r"[;\s]+", v) if p]
     elif isinstance(v, dict):
@@ -309,14 +311,28 @@ def parse_loras(v) -> tuple[tuple[str, float], ...]:
         if isinstance(item, dict):
             name, weight = item.get("name"), item.get("weight", 1.0)
         elif isinstance(item, str):
-            name, _, w = item.rpartition(":") if ":" in item else (item, "", "1")
-            weight = w
+            name, _, weight = item.rpartition(":") if ":" in item else (item, "", "1")
+            first, sep, te = name.rpartition(":")
+            if sep and first and _is_number(te):  # NAME:TE:UNET, as A1111's <lora:NAME:TE:UNET>
+                name, weight = first, (te, weight)
         else:
             raise TypeError(f"a LoRA must be \"name:weight\" or {{\"name\", \"weight\"}}, got {item!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"a LoRA needs a name, got {item!r}")
-        out.append((name, _to_float(weight, f"LoRA {name!r} weight")))
+        if isinstance(weight, (tuple, list)) and len(weight) == 2:
+            te, unet = (_to_float(w, f"LoRA {name!r} weight") for w in weight)
+            out.append((name, te if te == unet else (te, unet)))
+        else:
+            out.append((name, _to_float(weight, f"LoRA {name!r} weight")))
     return tuple(out)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def prompt_loras(prompt: str) -> tuple[tuple[str, float], ...]:
