@@ -170,6 +170,7 @@ def test_tuned_choice_is_measured_cached_and_honoured(tmp_path, monkeypatch):
     the cache file, which a new process reuses; a layer whose winner is plain keeps its dense weight."""
     monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
+    monkeypatch.setattr(cpu_tune, "machine_busy", lambda: False)  # whatever else runs on this machine now
     if cpu_pack.packing_unavailable(torch.float32):
         pytest.skip(cpu_pack.packing_unavailable(torch.float32))
     conv = torch.nn.Conv2d(32, 32, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
@@ -201,6 +202,7 @@ def test_tuned_choice_is_measured_cached_and_honoured(tmp_path, monkeypatch):
 
 def test_tuner_margin_force_and_corrupt_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
+    monkeypatch.setattr(cpu_tune, "machine_busy", lambda: False)  # whatever else runs on this machine now
     path = tmp_path / "tune.json"
     t = cpu_tune.Tuner(path)
     calls = {"a": 0, "b": 0}
@@ -222,6 +224,35 @@ def test_tuner_margin_force_and_corrupt_cache(tmp_path, monkeypatch):
     assert cpu_tune.Tuner(path).cached("k2") == "b"
     with pytest.raises(ValueError):
         fresh.choose("k3", cands, default="c")
+
+
+def test_choice_measured_on_a_busy_machine_is_not_kept(tmp_path, monkeypatch):
+    """More runnable tasks than CPUs while timing: the choice holds in this process, the file doesn't get it."""
+    monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
+    path = tmp_path / "tune.json"
+    busy = [True]
+    monkeypatch.setattr(cpu_tune, "machine_busy", lambda: busy[0])
+    monkeypatch.setattr(cpu_tune, "measure", lambda c: {"a": 1.0, "b": 0.5})
+    cands = {"a": lambda: None, "b": lambda: None}
+    t = cpu_tune.Tuner(path)
+    assert t.choose("k", cands, default="a") == "b" and t.cached("k") == "b" and t.entries()["k"]["busy"]
+    assert cpu_tune.Tuner(path).cached("k") is None  # a new process measures again
+    busy[0] = False
+    assert cpu_tune.Tuner(path).choose("k", cands, default="a") == "b"
+    assert cpu_tune.Tuner(path).cached("k") == "b"
+
+
+def test_machine_busy_reads_the_runnable_count(monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
+    cpus = len(os.sched_getaffinity(0))
+    for running, want in ((cpus, False), (cpus + 1, True)):
+        fake = tmp_path / f"loadavg{running}"
+        fake.write_text(f"1.00 1.00 1.00 {running}/300 12345\n")
+        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(fake if f == "/proc/loadavg" else f, *a, **k))
+        assert cpu_tune.machine_busy() is want
+        monkeypatch.setattr(builtins, "open", real_open)
 
 
 def test_bf16_without_native_support_runs_unpacked(monkeypatch):

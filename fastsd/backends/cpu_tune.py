@@ -10,7 +10,10 @@ version) under `$FASTSD_CACHE_DIR`, else `$XDG_CACHE_HOME/fastsd`, else `~/.cach
 `FASTSD_CPU_TUNE`: unset = measure what the cache lacks; `0` = never measure, take each piece's
 default (its rule, see README "The CPU path"); `1` = measure again and overwrite the cache.
 A candidate other than the default is chosen only when it is at least `MARGIN` faster, so close calls
-keep the default and a noisy timing cannot flip a choice that does not matter.
+keep the default and a noisy timing cannot flip a choice that does not matter. A choice measured while
+other work competed for the CPUs (more runnable tasks than CPUs, sampled from /proc/loadavg before and
+after the timing) holds for this process only and is not written to the file: the next process measures
+again, so a busy moment does not fix a slow choice for good.
 """
 from __future__ import annotations
 
@@ -44,6 +47,18 @@ def mode() -> str:
     if v in ("1", "force", "on", "true", "yes"):
         return "force"
     return "measure"
+
+
+def machine_busy() -> bool:
+    """Whether more tasks are runnable right now than this process has CPUs (Linux /proc/loadavg; the
+    count includes this process' own running threads). False where it can't be read."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return running > cpus
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -101,16 +116,21 @@ class Tuner:
         known = self.cached(key)
         if known in candidates:
             return known
+        busy = machine_busy()
         times = measure(candidates)
+        busy = busy or machine_busy()
         best = min(times, key=times.get)
         choice = best if times[best] <= MARGIN * times[default] else default
         entry = {"choice": choice, "ms": {k: round(v * 1e3, 3) for k, v in times.items()}, "default": default}
+        if busy:
+            entry["busy"] = True  # in this process only: not saved
         with self._lock:
             assert self._choices is not None
             self._choices[key] = entry
             if mode() == "force":
                 self._forced.add(key)
-        self._save(key, entry)
+        if not busy:
+            self._save(key, entry)
         return choice
 
     def entries(self) -> dict[str, dict]:

@@ -53,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         candidates = {name: (lambda p=p: p.unet(x, t, ctx)) for name, p in pipes.items()}
         choice = cpu_tune.tuner().choose(key, candidates, default="cpu")
-    ms = cpu_tune.tuner().entries()[key]["ms"]
+    entry = cpu_tune.tuner().entries()[key]
+    ms = entry["ms"]
+    kept = ("NOT cached: other work competed for the CPUs while timing; run it again on a quiet machine"
+            if entry.get("busy") else f"cached in {cpu_tune.tuner().path}")
     print(f"{key}: cpu {ms['cpu']:.0f} ms, openvino {ms['openvino']:.0f} ms per UNet step at {a.res} px -> "
-          f"auto takes {choice} (cached in {cpu_tune.tuner().path})")
+          f"auto takes {choice} ({kept})")
     return 0
 
 
