@@ -272,3 +272,33 @@ def test_images_match_torch_per_dtype(model, res, dtype, ov_cache, capsys):
     with capsys.disabled():
         print(f"\n{model} {res} px {dtype}: openvino vs torch PSNR {psnr(img, ref):.1f} dB")
     assert psnr(img, ref) >= (40 if dtype == "fp32" else 30)
+
+
+@needs_openvino
+def test_bf16_model_ir_keeps_f16_weights_and_the_same_outputs(tmp_path, monkeypatch):
+    """A bf16 model's IR is saved with f16 weights (every bf16 weight exactly): half the .bin of an f32
+    IR, and the UNet's output equal to the one compiled from an f32 IR of the same weights."""
+    monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path))
+    pipe = fastsd.load_pipeline("random:tiny", dtype="bf16", backend="openvino", seed=5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g).bfloat16()
+    ctx = torch.randn(1, 77, pipe.config.unet.context_dim, generator=g).bfloat16()
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        out16 = pipe.unet(x, t, ctx)
+        pipe.backend = "torch"
+        monkeypatch.setattr(ovb, "ir_weights", lambda model: "f32")
+        pipe.backend = "openvino"
+        out32 = pipe.unet(x, t, ctx)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "openvino").glob("*/entry.json")]
+    unet = {r["meta"]["ir_weights"]: r["files"]["model.bin"]["size"] for r in records if r["meta"]["part"] == "unet "}
+    assert set(unet) == {"f16", "f32"} and unet["f16"] < 0.6 * unet["f32"]
+    assert torch.equal(out16, out32)
+
+
+def test_ir_weights_f16_only_where_every_weight_fits():
+    m = nn.Linear(4, 4).bfloat16()
+    assert ovb.ir_weights(m) == "f16" and ovb.ir_weights(nn.Linear(4, 4)) == "f32"
+    with torch.no_grad():
+        m.weight[0, 0] = 1e5  # beyond f16's range
+    assert ovb.ir_weights(m) == "f32"

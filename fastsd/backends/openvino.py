@@ -7,7 +7,8 @@ weights were never touched). Anything else (another VAE class, the sampler updat
 the reference ops.
 
 - Conversion: `openvino.convert_model` of a TorchScript trace of fastsd's module (f32 weights, the
-  reference ops), once per weights; the IR keeps batch and spatial sizes dynamic. (Why not openvino's
+  reference ops), once per weights; the IR keeps batch and spatial sizes dynamic. Saved with f16 weights
+  for a bf16/fp16 model (exact for bf16 weights, see ir_weights), f32 for an f32 one. (Why not openvino's
   torch.compile backend: README "OpenVINO backend".)
 - Compilation: per input shape, the IR is reshaped to that static shape and compiled for the CPU with
   INFERENCE_PRECISION_HINT bf16 when the model is bf16 and bf16 is native here (AVX512-BF16/AMX), else
@@ -88,6 +89,21 @@ def precision(dtype: torch.dtype) -> str:
     """The INFERENCE_PRECISION_HINT for a model of `dtype`: bf16 where the model is bf16 and bf16 is native
     on this CPU, else f32 (OpenVINO's CPU plugin would otherwise pick bf16 on its own where it can)."""
     return "bf16" if dtype == torch.bfloat16 and cpuinfo.native_bf16() else "f32"
+
+
+F16_MAX = 65504.0
+
+
+def ir_weights(model: nn.Module) -> str:
+    """How the IR on disk stores `model`'s weights: f32 for an f32 model; f16 for a bf16 or fp16 one, which
+    holds each such weight exactly (bf16's 7 mantissa bits fit in f16's 10; only weights below f16's
+    normal range, |w| < 6.1e-5, lose bits) unless one is beyond f16's range: half the disk and half the
+    memory mapped while compiling."""
+    if _dtype(model) == torch.float32:
+        return "f32"
+    fits = all(bool(t.detach().abs().max() <= F16_MAX) for t in model.state_dict().values()
+               if t.is_floating_point() and t.numel())
+    return "f16" if fits else "f32"
 
 
 def compile_config(hint: str) -> dict[str, Any]:
@@ -250,7 +266,7 @@ def save_entry(key: str, meta: dict, model) -> bool:
     except OSError:
         return False
     try:
-        openvino.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        openvino.save_model(model, str(tmp / "model.xml"), compress_to_fp16=meta.get("ir_weights") == "f16")
         files = {name: _file_record(tmp / name) for name in ("model.xml", "model.bin")}
         (tmp / "entry.json").write_text(json.dumps({"key": key, "meta": meta, "files": files}, indent=1))
         os.rename(tmp, root / key)  # atomic; fails if another process put the entry there first
@@ -344,7 +360,7 @@ class Part:
             g = self.graphs.get(variant)
             if g is None:
                 meta = {**base_meta(), "part": f"{self.kind} {variant}", "weights": self.fp,
-                        "config": repr(self.model.cfg)}
+                        "config": repr(self.model.cfg), "ir_weights": ir_weights(self.model)}
                 g = self.graphs[variant] = Compiled(
                     converted(meta, lambda: make_graph(f32_copy(self.model)), inputs), precision(_dtype(self.model)))
             return g(*inputs)
