@@ -14,6 +14,9 @@ Formats (`.safetensors`; `.pt` / `.ckpt` only through torch.load(weights_only=Tr
 Names are mapped by rule: diffusers paths go through the loader's diffusers -> LDM rules (fastsd.convert), and
 every path is then compared with the model's own module names, `_` standing for `.`.
 
+- LyCORIS LoHa (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`) and LoKr (`lokr_w1` or `lokr_w1_a` / `_b`,
+  `lokr_w2` or `lokr_w2_a` / `_b`) under the kohya names, as A1111 merges them; not their CP (Tucker) cores.
+
 Merging: W <- W + weight * scale * up @ down, scale = alpha / rank (1 without alpha), in fp32 and rounded once
 to the model's dtype, so generating costs nothing extra. The file is read and checked whole (every layer found,
 every shape right) before a weight changes; the weights a LoRA replaces are kept, so `unload` gives back the
@@ -45,29 +48,53 @@ PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.wei
          (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
          (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
          ("_lora.down.weight", "down"), ("_lora.up.weight", "up"), (".alpha", "alpha")]
+HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # LyCORIS LoHa's factors
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # LyCORIS LoKr's (whole or a @ b)
+PARTS += [(f".{k}", k) for k in HADA + LOKR]
 # <layer> = <prefix><path>: which model, and whether the path is kohya's (underscored) or dotted.
 PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("text_encoder.", "clip")]
 # The first diffusers LoRA files named attention processors, not layers (applied in order, each once).
 OLD_DIFFUSERS = [(r"\.processor\.to_(q|k|v|out)$", r".to_\1"), (r"\.to_out$", ".to_out.0"),
                  (r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj"), (r"self_attn\.to_out\.0$", "self_attn.out_proj")]
 # What some other kinds of network files hold, for the error message.
-OTHER_KINDS = [(r"hada_w", "LyCORIS LoHa"), (r"lokr_w", "LyCORIS LoKr"), (r"lora_mid", "LyCORIS LoCon with a CP "
-               "(Tucker) middle factor"), (r"dora_scale|lora_magnitude_vector", "DoRA"), (r"\.diff(_b)?$", "a full "
-               "weight difference (LyCORIS 'full')"), (r"lora_B\.bias$", "LoRA biases"),
+OTHER_KINDS = [(r"\.(hada_t[12]|lokr_t[12])$", "LyCORIS LoHa/LoKr with a CP (Tucker) core"),
+               (r"lora_mid", "LyCORIS LoCon with a CP (Tucker) middle factor"),
+               (r"dora_scale|lora_magnitude_vector", "DoRA"),
+               (r"\.diff(_b)?$", "a full weight difference (LyCORIS 'full')"),
+               (r"lora_B\.bias$", "LoRA biases"),
                (r"^lora_te[12]_|^text_encoder_2\.|label_emb|add_embedding", "an SDXL LoRA"),
                (r"^model\.diffusion_model\.|^first_stage_model\.", "a full model checkpoint, not a LoRA")]
 
 
 @dataclass(frozen=True)
 class LoraLayer:
-    """One layer's update: weight * scale * up @ down, on `module` of `model` ("unet" or "clip")."""
+    """One layer's update, weight * scale * delta, on `module` of `model` ("unet" or "clip"). LoRA / LoCon:
+    delta = up @ down; LyCORIS LoHa: (w1_a @ w1_b) * (w2_a @ w2_b), elementwise; LoKr: kron(w1, w2), each
+    factor whole or as a @ b (`factors`, with down and up None)."""
 
     model: str
     module: str          # fastsd (LDM) module name
     key: str             # the file's name for it, for messages
-    down: torch.Tensor   # (r, in) or (r, in, kh, kw)
-    up: torch.Tensor     # (out, r) or (out, r, 1, 1)
+    down: torch.Tensor | None  # (r, in) or (r, in, kh, kw)
+    up: torch.Tensor | None    # (out, r) or (out, r, 1, 1)
     scale: float
+    kind: str = "lora"   # "lora", "loha" or "lokr"
+    factors: dict = field(default_factory=dict)  # LoHa / LoKr tensors by their key suffix (hada_w1_a, lokr_w1, ...)
+
+    def delta(self, shape: tuple) -> torch.Tensor:
+        """A LoHa / LoKr update as a full fp32 tensor of the layer's weight `shape`."""
+        f = self.factors
+        if self.kind == "loha":
+            prod = [_flat(f[f"hada_w{i}_a"]) @ _flat(f[f"hada_w{i}_b"]) for i in (1, 2)]
+            return (prod[0] * prod[1]).reshape(shape)
+        w1, w2 = (f[k] if k in f else _flat(f[k + "_a"]) @ _flat(f[k + "_b"]) for k in ("lokr_w1", "lokr_w2"))
+        if w2.dim() == 4:  # a whole convolution factor (c, d, kh, kw): w1's entries scale its blocks
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1, w2).reshape(shape)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
 
 
 @dataclass(frozen=True)
@@ -167,16 +194,18 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
         if name is None:
             unmatched.append(layer)
             continue
-        if "down" not in parts or "up" not in parts:
-            raise CheckpointError(f"{path}: {layer} has {' and '.join(sorted(parts))} but not both of down and up")
-        problem = _shape_problem(models[target[0]].get_submodule(name), parts["down"].shape, parts["up"].shape)
+        kind = _kind(path, layer, parts)
+        module = models[target[0]].get_submodule(name)
+        problem = (_shape_problem(module, parts["down"].shape, parts["up"].shape) if kind == "lora"
+                   else _delta_shape_problem(module, kind, {k: tuple(r.shape) for k, r in parts.items()}))
         if problem:
             bad.append(f"{layer}: {problem}")
             continue
         if (target[0], name) in seen:
             raise CheckpointError(f"{path}: {layer} and {seen[target[0], name]} both change {target[0]} layer {name}")
         seen[target[0], name] = layer
-        layers.append(_layer(path, target, name, layer, parts, peft))
+        layers.append(_layer(path, target, name, layer, parts, peft) if kind == "lora" else
+                      _lycoris_layer(path, target, name, layer, kind, parts))
     if unmatched:
         raise CheckpointError(f"{path}: {len(unmatched)} LoRA layers match no layer of this SD1.x model: "
                               f"{_names(unmatched)}")
@@ -200,6 +229,65 @@ def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dic
     if not (math.isfinite(scale) and torch.isfinite(down.sum()) and torch.isfinite(up.sum())):  # sums: fast
         raise CheckpointError(f"{path}: {layer} holds NaN, infinite or absurdly large values")
     return LoraLayer(target[0], name, layer, down, up, scale)
+
+
+def _kind(path: str, layer: str, parts: dict) -> str:
+    """"lora", "loha" or "lokr" from a layer's tensors; CheckpointError naming what is missing or mixed."""
+    have = set(parts) - {"alpha"}
+    kinds = {"lora": {"down", "up"}, "loha": set(HADA), "lokr": set(LOKR)}
+    kind = next((k for k, names in kinds.items() if have and have <= names), None)
+    if kind is None and have:
+        raise CheckpointError(f"{path}: {layer} mixes factors of different kinds: {', '.join(sorted(have))}")
+    kind = kind or "lora"
+    if kind == "lokr":
+        complete = all(k in have or {k + "_a", k + "_b"} <= have for k in ("lokr_w1", "lokr_w2"))
+        needed = "lokr_w1 or lokr_w1_a and _b, lokr_w2 or lokr_w2_a and _b"
+    else:
+        complete, needed = kinds[kind] <= have, " and ".join(sorted(kinds[kind]))
+    if not complete:
+        name = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}[kind]
+        raise CheckpointError(f"{path}: {layer} has {' and '.join(sorted(parts))} but not every factor of a {name} "
+                              f"({needed})")
+    return kind
+
+
+def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | None:
+    """Why LoHa / LoKr factors of these shapes can't update `module` (None when they can)."""
+    w = tuple(module.weight.shape)
+    numel = math.prod(w)
+    if kind == "loha":
+        ok = all(len(shapes[k]) >= 2 for k in HADA) and all(
+            shapes[f"hada_w{i}_a"][1] == shapes[f"hada_w{i}_b"][0] and shapes[f"hada_w{i}_a"][0] == w[0]
+            and math.prod(shapes[f"hada_w{i}_b"][1:]) * w[0] == numel for i in (1, 2))
+        return None if ok else "factors " + ", ".join(f"{k} {shapes[k]}" for k in HADA) + f" vs layer {w}"
+    dims = []
+    for k in ("lokr_w1", "lokr_w2"):
+        if k in shapes:
+            dims.append((shapes[k][0], math.prod(shapes[k][1:])) if len(shapes[k]) >= 2 else None)
+        else:
+            a, b = shapes[k + "_a"], shapes[k + "_b"]
+            dims.append((a[0], math.prod(b[1:])) if len(a) == 2 and len(b) >= 2 and a[1] == b[0] else None)
+    ok = None not in dims and dims[0][0] * dims[1][0] == w[0] and dims[0][1] * dims[1][1] * w[0] == numel
+    return None if ok else "factors " + ", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if k != "alpha") + \
+        f" vs layer {w}"
+
+
+def _lycoris_layer(path: str, target: tuple[str, str], name: str, layer: str, kind: str, parts: dict) -> LoraLayer:
+    """A LoHa / LoKr layer; scale = alpha / dim as A1111 (dim: hada_w1_b's rows; LoKr: lokr_w2_b's, else
+    lokr_w1_b's), 1 without an alpha or a dim."""
+    factors = {k: ref.load().float() for k, ref in parts.items() if k != "alpha"}
+    dim = (factors["hada_w1_b"].shape[0] if kind == "loha" else
+           factors["lokr_w2_b"].shape[0] if "lokr_w2_b" in factors else
+           factors["lokr_w1_b"].shape[0] if "lokr_w1_b" in factors else None)
+    scale = 1.0
+    if "alpha" in parts and dim:
+        alpha = parts["alpha"].load()
+        if alpha.numel() != 1:
+            raise CheckpointError(f"{path}: {layer}.alpha has shape {tuple(alpha.shape)}, not one number")
+        scale = float(alpha) / dim
+    if not (math.isfinite(scale) and all(torch.isfinite(t.sum()) for t in factors.values())):
+        raise CheckpointError(f"{path}: {layer} holds NaN, infinite or absurdly large values")
+    return LoraLayer(target[0], name, layer, None, None, scale, kind, factors)
 
 
 def _shape_problem(module: nn.Module, down: tuple, up: tuple) -> str | None:
@@ -233,8 +321,8 @@ def _check_kind(path: str, keys: list[str], unknown: list[str], groups: dict) ->
         found = next((k for k in keys if rx.search(k)), None)
         if found is not None:
             raise CheckpointError(f"{path}: this is {kind} (keys such as {found}); fastsd merges Stable Diffusion "
-                                  "1.x LoRAs (lora_down/lora_up, LoCon, lora_A/lora_B)")
-    if not any("down" in g or "up" in g for g in groups.values()):
+                                  "1.x LoRAs (lora_down/lora_up, LoCon, lora_A/lora_B, LyCORIS LoHa and LoKr)")
+    if not any(set(g) - {"alpha"} for g in groups.values()):
         raise CheckpointError(f"{path}: not a LoRA (no lora_down/lora_up or lora_A/lora_B tensors; {len(keys)} "
                               f"tensors such as {_names(keys, 3)})")
     if unknown:
@@ -263,15 +351,22 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
     cache, so a bf16 weight is read once and written once instead of going through full fp32 copies; a
     channels_last weight is read in its own memory order (down's columns permuted to match)."""
     w, nhwc = _rows(weight)
-    up = layer.up.reshape(layer.up.shape[0], -1).to(w.device)
-    down = layer.down.permute(0, 2, 3, 1) if nhwc and layer.down.dim() == 4 else layer.down
-    down = down.reshape(down.shape[0], -1).to(w.device)
+    alpha = multiplier * layer.scale
+    if layer.kind == "lora":
+        up = layer.up.reshape(layer.up.shape[0], -1).to(w.device)
+        down = layer.down.permute(0, 2, 3, 1) if nhwc and layer.down.dim() == 4 else layer.down
+        down = down.reshape(down.shape[0], -1).to(w.device)
+        update = lambda block, i: block.addmm_(up[i:i + len(block)], down, alpha=alpha)  # noqa: E731
+    else:  # LoHa / LoKr: the whole delta first (fp32, one layer), its rows in the weight's memory order
+        delta = layer.delta(tuple(weight.shape)).to(w.device)
+        delta = _rows(delta.contiguous(memory_format=torch.channels_last) if nhwc else delta)[0]
+        update = lambda block, i: block.add_(delta[i:i + len(block)], alpha=alpha)  # noqa: E731
     out = torch.empty(weight.shape, dtype=weight.dtype, device=w.device, memory_format=memory_format)
     rows = max(1, MERGE_BLOCK_BYTES // (4 * w.shape[1]))
     scratch = torch.empty(min(rows, w.shape[0]), w.shape[1], device=w.device)
     for i in range(0, w.shape[0], rows):
         block = scratch[: min(rows, w.shape[0] - i)]
-        block.copy_(w[i:i + rows]).addmm_(up[i:i + rows], down, alpha=multiplier * layer.scale)
+        update(block.copy_(w[i:i + rows]), i)
         if weight.dim() == 4:  # back to (rows, C, kh, kw) indexing; copy_ writes out's own layout
             kh, kw = weight.shape[2:]
             block = block.view(-1, kh, kw, weight.shape[1]).permute(0, 3, 1, 2) if nhwc else \

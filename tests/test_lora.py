@@ -2,6 +2,7 @@
 within 1e-5 relative, images >= 40 dB), unloading bit for bit on the CPU path, bf16/fp16, bad files, the
 A1111 prompt syntax and infotext."""
 import hashlib
+import math
 import struct
 
 import numpy as np
@@ -193,8 +194,14 @@ BAD = {
                  "1 LoRA layers match no layer"),
     "shape": (_pair("lora_unet_input_blocks_1_0_in_layers_2", (4, 32, 3, 3), (48, 4, 1, 1)), "do not fit"),
     "inpainting": (_pair("lora_unet_conv_in", (4, 9, 3, 3), (32, 4, 1, 1)), "a LoRA for a 9-channel model"),
-    "loha": ({"lora_unet_conv_in.hada_w1_a": torch.randn(4, 4)}, "LyCORIS LoHa"),
-    "half pair": ({"lora_unet_conv_in.lora_down.weight": torch.randn(4, 4, 3, 3)}, "not both of down and up"),
+    "loha part": ({"lora_unet_conv_in.hada_w1_a": torch.randn(4, 4)}, "not every factor of a LyCORIS LoHa"),
+    "loha tucker": ({f"lora_unet_conv_in.hada_{k}": torch.randn(4, 4) for k in ("w1_a", "w1_b", "w2_a", "w2_b", "t1")},
+                    "with a CP \\(Tucker\\) core"),
+    "lokr shape": ({"lora_unet_conv_in.lokr_w1": torch.randn(2, 2), "lora_unet_conv_in.lokr_w2": torch.randn(8, 8)},
+                   "do not fit"),
+    "mixed": ({"lora_unet_conv_in.lokr_w1": torch.randn(2, 2), "lora_unet_conv_in.lora_up.weight": torch.randn(4, 4)},
+              "mixes factors"),
+    "half pair": ({"lora_unet_conv_in.lora_down.weight": torch.randn(4, 4, 3, 3)}, "not every factor of a LoRA"),
 }
 
 
@@ -261,6 +268,65 @@ def test_interrupted_merge_rolls_back(tmp_path, monkeypatch):
     pipe.unload_loras()
     pipe.load_lora(path, 0.3)
     assert_same_state(pipe, state0)
+
+
+# ---- LyCORIS LoHa / LoKr ----------------------------------------------------------------------------------
+
+def _lycoris(pipe, kind, targets, g, whole_w2=False):
+    """A kohya-named LoHa / LoKr state dict for `targets` [(model, name)] and the delta each layer must get
+    (computed here from the definitions: Hadamard product of two low-rank products; Kronecker product as
+    an einsum), with alpha 2."""
+    sd, want = {}, {}
+    for model, name in targets:
+        w = getattr(pipe, model).get_submodule(name).weight
+        w = w.to_dense() if w.is_mkldnn else w
+        out, cin, k = w.shape[0], w.shape[1], tuple(w.shape[2:])
+        key = ("lora_unet_" if model == "unet" else "lora_te_") + name.replace(".", "_")
+        rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+        if kind == "loha":
+            f = {"w1_a": rnd(out, 4), "w1_b": rnd(4, w[0].numel()), "w2_a": rnd(out, 4), "w2_b": rnd(4, w[0].numel())}
+            delta = ((f["w1_a"] @ f["w1_b"]) * (f["w2_a"] @ f["w2_b"])).reshape(w.shape) * (2.0 / 4)
+            sd.update({f"{key}.hada_{n}": t for n, t in f.items()})
+        else:
+            a, b = 2, 2 if cin % 2 == 0 else 1
+            c, d = out // a, cin // b
+            w1 = rnd(a, b)
+            if whole_w2:
+                w2 = rnd(c, d, *k)
+                sd.update({f"{key}.lokr_w1": w1, f"{key}.lokr_w2": w2})
+                scale = 1.0  # no decomposed factor: no dim, alpha unused (A1111)
+            else:
+                w2a, w2b = rnd(c, 3), rnd(3, d * math.prod(k))
+                w2 = (w2a @ w2b).reshape(c, d, *k)
+                sd.update({f"{key}.lokr_w1": w1, f"{key}.lokr_w2_a": w2a, f"{key}.lokr_w2_b": w2b})
+                scale = 2.0 / 3
+            spatial = "xy"[:len(k)]
+            delta = torch.einsum(f"ij,kl{spatial}->ikjl{spatial}", w1, w2).reshape(w.shape) * scale
+        sd[f"{key}.alpha"] = torch.tensor(2.0)
+        want[(model, name)] = delta
+    return sd, want
+
+
+@pytest.mark.parametrize("kind,whole_w2", [("loha", False), ("lokr", False), ("lokr", True)])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_lycoris_loha_lokr_merge_by_their_definitions(tmp_path, kind, whole_w2, backend):
+    from safetensors.torch import save_file
+
+    pipe = tiny(backend)
+    generate(pipe, steps=1)  # the cpu backend's weights packed
+    targets = [("unet", "input_blocks.1.0.in_layers.2"), ("unet", "input_blocks.1.1.proj_in"),
+               ("unet", "input_blocks.1.1.transformer_blocks.0.attn1.to_q"), ("unet", "output_blocks.0.0.skip_connection"),
+               ("clip", "text_model.encoder.layers.0.mlp.fc1")]
+    before = {t: getattr(pipe, t[0]).get_submodule(t[1]).state_dict()["weight"].clone() for t in targets}
+    sd, want = _lycoris(pipe, kind, targets, torch.Generator().manual_seed(3), whole_w2)
+    path = str(tmp_path / f"{kind}.safetensors")
+    save_file(sd, path)
+    pipe.load_lora(path, 0.7)
+    for t in targets:
+        got = getattr(pipe, t[0]).get_submodule(t[1]).state_dict()["weight"]
+        assert rel_err(got - before[t], 0.7 * want[t]) <= 1e-5, t
+    pipe.unload_loras()
+    assert all(torch.equal(getattr(pipe, t[0]).get_submodule(t[1]).state_dict()["weight"], before[t]) for t in targets)
 
 
 # ---- prompt syntax, folder, infotext -------------------------------------------------------------------
