@@ -12,8 +12,9 @@ default (its rule, see README "The CPU path"); `1` = measure again and overwrite
 A candidate other than the default is chosen only when it is at least `MARGIN` faster, so close calls
 keep the default and a noisy timing cannot flip a choice that does not matter. A choice measured while
 other work competed for the CPUs (more runnable tasks than CPUs, sampled from /proc/loadavg before and
-after the timing) holds for this process only and is not written to the file: the next process measures
-again, so a busy moment does not fix a slow choice for good.
+after the timing) is saved marked "busy": it is used, and the first process that finds the machine quiet
+when it needs that choice measures it again, so a busy moment does not fix a slow choice for good (and a
+machine that is always busy does not pay for measuring in every process).
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ class Tuner:
         self._lock = threading.Lock()
         self._choices: dict[str, dict] | None = None
         self._forced: set[str] = set()  # keys measured again in this process under FASTSD_CPU_TUNE=1
+        self._settled: set[str] = set()  # keys whose busy-machine choice this process has checked or measured
 
     def _load(self) -> dict[str, dict]:
         try:
@@ -106,6 +108,16 @@ class Tuner:
             entry = self._choices.get(key)
             return entry["choice"] if entry else None
 
+    def _measure_again(self, key: str) -> bool:
+        """Whether a choice timed on a busy machine is to be measured now: once per process, at its first
+        use, when the machine is quiet."""
+        with self._lock:
+            entry = (self._choices or {}).get(key)
+            if not entry or not entry.get("busy") or key in self._settled:
+                return False
+            self._settled.add(key)
+        return not machine_busy()
+
     def choose(self, key: str, candidates: dict[str, Callable[[], Any]], default: str) -> str:
         """The name of the candidate to use for `key`. Each candidate is a no-argument call doing the
         op once; they are timed only when no choice is known (and tuning is not off)."""
@@ -114,7 +126,7 @@ class Tuner:
         if len(candidates) == 1 or mode() == "off":
             return default
         known = self.cached(key)
-        if known in candidates:
+        if known in candidates and not self._measure_again(key):
             return known
         busy = machine_busy()
         times = measure(candidates)
@@ -123,14 +135,14 @@ class Tuner:
         choice = best if times[best] <= MARGIN * times[default] else default
         entry = {"choice": choice, "ms": {k: round(v * 1e3, 3) for k, v in times.items()}, "default": default}
         if busy:
-            entry["busy"] = True  # in this process only: not saved
+            entry["busy"] = True  # kept and used, and measured again by a process that finds the machine quiet
         with self._lock:
             assert self._choices is not None
             self._choices[key] = entry
+            self._settled.add(key)
             if mode() == "force":
                 self._forced.add(key)
-        if not busy:
-            self._save(key, entry)
+        self._save(key, entry)
         return choice
 
     def entries(self) -> dict[str, dict]:

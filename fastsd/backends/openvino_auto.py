@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         choice = cpu_tune.tuner().choose(key, candidates, default="cpu")
     entry = cpu_tune.tuner().entries()[key]
     ms = entry["ms"]
-    kept = ("NOT cached: other work competed for the CPUs while timing; run it again on a quiet machine"
-            if entry.get("busy") else f"cached in {cpu_tune.tuner().path}")
+    kept = f"cached in {cpu_tune.tuner().path}" + (
+        "; other work competed for the CPUs while timing: run it again on a quiet machine" if entry.get("busy") else "")
     print(f"{key}: cpu {ms['cpu']:.0f} ms, openvino {ms['openvino']:.0f} ms per UNet step at {a.res} px -> "
           f"auto takes {choice} ({kept})")
     return 0
