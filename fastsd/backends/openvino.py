@@ -174,25 +174,7 @@ class VAEEncodeGraph(nn.Module):
         self.vae = vae
 
     def forward(self, x):
-        return self.vae.encode(x)  # (mean, logvar)
-
-
-class TAESDDecodeGraph(nn.Module):
-    def __init__(self, taesd: nn.Module):
-        super().__init__()
-        self.taesd = taesd
-
-    def forward(self, z):
-        return self.taesd.decode(z)
-
-
-class TAESDEncodeGraph(nn.Module):
-    def __init__(self, taesd: nn.Module):
-        super().__init__()
-        self.taesd = taesd
-
-    def forward(self, x):
-        return self.taesd.encode(x)
+        return self.vae.encode(x)  # AutoencoderKL: (mean, logvar); TAESD: the latents
 
 
 class CLIPGraph(nn.Module):
@@ -402,13 +384,13 @@ def _install(model: nn.Module) -> None:
         part = Part(model, "taesd")
 
         def taesd_decode(z):
-            (img,) = part.run("decode", TAESDDecodeGraph, z.float())
+            (img,) = part.run("decode", VAEDecodeGraph, z.float())
             return img.to(device=z.device, dtype=_dtype(model))
 
         def taesd_encode(x):
             if model.encoder is None:  # the model's own one-line error
                 return type(model).encode(model, x)
-            (z,) = part.run("encode", TAESDEncodeGraph, x.float())
+            (z,) = part.run("encode", VAEEncodeGraph, x.float())
             return z.to(device=x.device, dtype=_dtype(model))
 
         model.decode, model.encode = taesd_decode, taesd_encode
