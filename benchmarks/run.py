@@ -190,7 +190,9 @@ def plan(a) -> list[dict]:
 
 def run_worker(spec: dict, timeout: float | None = None) -> tuple[list[dict], str | None]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = common.REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # fastsd is installed; the checkout (cwd) stays off sys.path, where its kernels/ would shadow PyPI's `kernels`
+    # (imported by transformers and diffusers)
+    env["PYTHONSAFEPATH"] = "1"
     env.setdefault("TQDM_DISABLE", "1")
     if spec.get("isa") == "avx2":
         from fastsd.cpuinfo import AVX2_ENV

@@ -21,7 +21,6 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.jsonl"
     png = out.with_suffix(".png")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # tests/conftest.py sets it
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "fastsd.benchmarks", "run", "--quick", "--suite", "unet,kernels", "--compare", "diffusers",
            "--backend", "torch,triton", "--device", "cpu", "--dtype", "fp32", "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -20,7 +20,6 @@ KERNELS = {"attention", "gn_fused", "gn_partial_stats", "gn_finalize", "gn_apply
 
 def _clean_env():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 

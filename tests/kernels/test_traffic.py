@@ -46,7 +46,7 @@ def test_projection_is_labelled_and_adds_up():
 
 def test_traffic_cli_prints_markdown():
     p = subprocess.run([sys.executable, "-m", "fastsd.kernels.traffic"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "not measured" in p.stdout and "| cfg_step |" in p.stdout and "| group_norm+silu |" in p.stdout
     assert "| attention |" in p.stdout
