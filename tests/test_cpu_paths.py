@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastsd import backends, cpuinfo, load_pipeline
-from fastsd.backends import cpu, cpu_pack, cpu_tune, reference
+from fastsd.backends import cpu, cpu_pack, cpu_tune, cpu_winograd, reference
 from fastsd.backends.cpu_attention import attention_chunked, rowmax_bf16
 from fastsd.backends.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
 from fastsd.models import layers
@@ -163,6 +163,96 @@ def test_shapes_that_chose_plain_and_packed_alternate(monkeypatch):
             x = torch.randn(batch, 8, 6, 6)
             torch.testing.assert_close(conv(x), plain(x))
             assert conv.weight.is_mkldnn == (batch == 2)
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# (input shape, output channels, bias, channels_last): odd sizes (tiles cut by the border), 1x1, batch 2
+WINOGRAD_CASES = [((2, 5, 9, 11), 7, True, True), ((1, 3, 1, 1), 4, False, False), ((1, 64, 32, 32), 48, True, True),
+                  ((2, 16, 8, 12), 16, False, False), ((1, 320, 64, 64), 320, True, True)]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1]}")
+def test_winograd_conv3x3_matches_the_convolution(case):
+    """F(4x4, 3x3) against an fp64 convolution: fp32 rounding only (the transforms' factors up to 8 make it a
+    few times the direct convolution's: ~1e-6 relative), the result in channels_last."""
+    shape, k, with_bias, nhwc = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+    w = torch.randn(k, shape[1], 3, 3, generator=g) / (3 * shape[1] ** 0.5)
+    b = torch.randn(k, generator=g) if with_bias else None
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    y = cpu_winograd.conv3x3(x, cpu_winograd.weight_transform(w), b)
+    assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    direct = _rel(torch.nn.functional.conv2d(x, w, b, padding=1), ref)
+    assert _rel(y, ref) < 5e-6, (_rel(y, ref), direct)
+
+
+def test_winograd_applies_only_where_it_can(monkeypatch):
+    conv = lambda **kw: torch.nn.Conv2d(8, 8, kw.pop("k", 3), **{"padding": 1, **kw})  # noqa: E731
+    x = lambda side, dtype=torch.float32: torch.zeros(1, 8, side, side, dtype=dtype)  # noqa: E731
+    assert cpu_winograd.applies(conv(), x(32)) and cpu_winograd.applies(conv(), x(29))  # 8x8 tiles
+    assert not cpu_winograd.applies(conv(), x(28))  # 7x7 tiles < MIN_TILES
+    assert not cpu_winograd.applies(conv(), x(32, torch.bfloat16))
+    for other in (dict(stride=2), dict(k=1, padding=0), dict(groups=2), dict(dilation=2, padding=2), dict(padding=0)):
+        assert not cpu_winograd.applies(conv(**other), x(32)), other
+    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "0")  # the memory-for-time trade turned off
+    assert not cpu_winograd.applies(conv(), x(32))
+
+
+def test_layer_that_chose_winograd(monkeypatch):
+    """A packable 3x3 convolution whose measured choice is winograd: the same result as the plain layer, the
+    plain weight kept (state_dict bit for bit), the transformed weight dropped by make_plain and rebuilt from
+    a weight replaced meanwhile (a LoRA merge); at a shape it doesn't cover, the layer packs as before."""
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+
+    class Choice:
+        def choose(self, key, candidates, default):
+            return "winograd" if "winograd" in candidates else default
+
+    monkeypatch.setattr(cpu_tune, "tuner", Choice)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
+    plain = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False)
+    plain.load_state_dict(conv.state_dict())
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    make_packable(conv)
+    x = torch.randn(2, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = conv(x)
+        assert _rel(y, plain(x)) < 5e-6 and conv._winograd is not None and not conv.weight.is_mkldnn
+        assert torch.equal(conv(x), y)
+        small = torch.randn(2, 16, 8, 8)
+        torch.testing.assert_close(conv(small), plain(small))  # 4 tiles: not covered, packed
+        assert conv.weight.is_mkldnn and conv._winograd is not None  # still the choice at 32x32
+        assert torch.equal(conv(x), y) and not conv.weight.is_mkldnn
+    assert all(torch.equal(v, before[k]) for k, v in conv.state_dict().items())
+    make_plain(conv)
+    assert type(conv) is torch.nn.Conv2d and "_winograd" not in conv.__dict__
+    conv.weight = torch.nn.Parameter(conv.weight * 2, requires_grad=False)  # what a LoRA merge does
+    make_packable(conv)
+    with torch.no_grad():
+        assert _rel(conv(x) - conv.bias.view(1, -1, 1, 1), 2 * (y - conv.bias.view(1, -1, 1, 1))) < 5e-6
+
+
+def test_tuner_measures_again_when_a_candidate_is_new(tmp_path, monkeypatch):
+    """A choice cached before a candidate existed (an older fastsd's) is measured again with it."""
+    monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
+    monkeypatch.setattr(cpu_tune, "machine_busy", lambda: False)
+    times = {"a": 1.0, "b": 0.5, "c": 0.2}
+    measured = []
+    monkeypatch.setattr(cpu_tune, "measure", lambda c: measured.append(set(c)) or {k: times[k] for k in c})
+    path = tmp_path / "tune.json"
+    nop = lambda: None  # noqa: E731
+    assert cpu_tune.Tuner(path).choose("k", {"a": nop, "b": nop}, default="a") == "b"
+    assert cpu_tune.Tuner(path).choose("k", {"a": nop, "b": nop}, default="a") == "b" and len(measured) == 1
+    assert cpu_tune.Tuner(path).choose("k", {"a": nop, "b": nop, "c": nop}, default="a") == "c"
+    assert measured == [{"a", "b"}, {"a", "b", "c"}]
+    assert cpu_tune.Tuner(path).choose("k", {"a": nop, "b": nop, "c": nop}, default="a") == "c" and len(measured) == 2
 
 
 def test_tuned_choice_is_measured_cached_and_honoured(tmp_path, monkeypatch):

@@ -1,14 +1,15 @@
 """The cpu backend: PyTorch tuned for oneDNN, for inference on a CPU (`auto` picks it there).
 
 - layout: channels_last activations; every frozen Conv2d / Linear packs its weight in oneDNN's blocked
-  layout at its first call (cpu_pack.py);
+  layout at its first call (cpu_pack.py); fp32 3x3 convolutions at 32x32 and up may run as Winograd
+  F(4x4, 3x3) instead (cpu_winograd.py);
 - attention: bf16 chunked over queries (cpu_attention.py), only where bf16 is native;
 - feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache, GELU * x in place;
 - group_norm: bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).
 
-Each piece that can lose on some CPU (packing, chunked attention, chunked feed-forward) is used where
-`cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: always, the rule measured on
-AVX-512 and AVX2, see README). With autograd on, the reference ops run (these write into preallocated
+Each piece that can lose on some CPU (packing, Winograd, chunked attention, chunked feed-forward) is used where
+`cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing and chunking always,
+the rule measured on AVX-512 and AVX2, see README; Winograd never). With autograd on, the reference ops run (these write into preallocated
 buffers). `unprepare` gives back the plain model, weights bit for bit.
 """
 from __future__ import annotations

@@ -7,7 +7,8 @@ blocks where one at 45x45 wants 16, and a weight packed for the wrong shape is r
 call by a slow generic reorder (a UNet step 5x slower than the plain path). So convolutions are packed
 for the exact input shape they are called with, lazily, and repacked when it changes (a UNet or VAE
 sees one shape per layer at a given resolution); linears pack once (their layout does not depend on the
-row count). Whether a layer packs at all is `cpu_tune.choose`'s measured choice per op and shape.
+row count). Whether a layer packs at all is `cpu_tune.choose`'s measured choice per op and shape; an fp32
+3x3 convolution also has Winograd (cpu_winograd.py) among its choices, and then keeps its dense weight.
 
 `make_packable(model)` swaps each frozen CPU Conv2d / Linear's class in place (names and keys unchanged);
 `state_dict()` always gives the plain weight. The private oneDNN ops used here are checked once
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsd.backends import cpu_tune
+from fastsd.backends import cpu_tune, cpu_winograd
 
 PACK_DTYPES = (torch.float32, torch.bfloat16)
 LINEAR_EXAMPLE_ROWS = 2048  # the row count linears are packed for (their blocked layout does not depend on it)
@@ -105,36 +106,70 @@ class _Packable:
         if self.weight.is_mkldnn:
             self._set_weight(self._dense_weight(), None)
 
-    def _use(self, key: tuple, x: torch.Tensor, pack_shape: tuple) -> bool:
-        """Whether to run packed at this key: the tuner's choice (measured on x when unknown), cached per
-        module so later calls at the key cost a dict lookup."""
+    def _more_candidates(self, x: torch.Tensor, dense: torch.Tensor) -> dict:
+        """Other ways to run this layer at x's shape, beside packed and plain (none for a linear)."""
+        return {}
+
+    def _choice(self, key: tuple, x: torch.Tensor, pack_shape: tuple) -> str:
+        """How to run at this key ("packed", "plain" or a _more_candidates name): the tuner's choice (measured
+        on x when unknown), cached per module so later calls at the key cost a dict lookup."""
         use = self._decided.get(key)
         if use is None:
             dense = self._dense_weight()
             packed = self._pack(dense, pack_shape)
-            candidates = {"packed": lambda: self._run_packed(x, packed), "plain": lambda: self._run_plain(x, dense)}
-            use = cpu_tune.tuner().choose(self._tune_key(x), candidates, default="packed") == "packed"
+            candidates = {"packed": lambda: self._run_packed(x, packed), "plain": lambda: self._run_plain(x, dense),
+                          **self._more_candidates(x, dense)}
+            use = cpu_tune.tuner().choose(self._tune_key(x), candidates, default="packed")
             self._decided[key] = use
-            self._set_weight(packed if use else dense, pack_shape if use else None)
-            PACKED[0] += use
+            self._set_weight(packed if use == "packed" else dense, pack_shape if use == "packed" else None)
+            PACKED[0] += use == "packed"
+            self._chosen()
             del packed, dense
         return use
+
+    def _chosen(self) -> None:
+        """After a choice: drop what only a candidate that lost needed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return self._run_plain(x, self._dense_weight())
         key, pack_shape = self._shape_key(x)
-        if not self._use(key, x, pack_shape):
+        use = self._choice(key, x, pack_shape)
+        if use != "packed":
             if self.weight.is_mkldnn:  # still packed for another input shape, where packing won
                 self._set_weight(self._dense_weight(), None)
-            return self._run_plain(x, self.weight)
+            return self._run_other(use, x)
         if self._packed_for != pack_shape:  # packed for another input shape: its layout may not fit this one
             self._set_weight(self._pack(self._dense_weight(), pack_shape), pack_shape)
             PACKED[0] += 1
         return self._run_packed(x, self.weight)
 
+    def _run_other(self, use: str, x: torch.Tensor) -> torch.Tensor:
+        return self._run_plain(x, self.weight)
+
 
 class PackableConv2d(_Packable, nn.Conv2d):
+    _winograd: torch.Tensor | None = None  # cpu_winograd.weight_transform of the weight, while a shape uses it
+
+    def _more_candidates(self, x: torch.Tensor, dense: torch.Tensor) -> dict:
+        if not cpu_winograd.applies(self, x):
+            return {}
+        return {"winograd": lambda: cpu_winograd.conv3x3(x, self._winograd_weight(dense), self.bias)}
+
+    def _winograd_weight(self, dense: torch.Tensor | None = None) -> torch.Tensor:
+        if self._winograd is None:
+            self._winograd = cpu_winograd.weight_transform(self._dense_weight() if dense is None else dense)
+        return self._winograd
+
+    def _chosen(self) -> None:
+        if "winograd" not in self._decided.values():
+            self._winograd = None  # 4x the weight's size
+
+    def _run_other(self, use: str, x: torch.Tensor) -> torch.Tensor:
+        if use == "winograd":
+            return cpu_winograd.conv3x3(x, self._winograd_weight(), self.bias)
+        return self._run_plain(x, self.weight)
+
     def _shape_key(self, x: torch.Tensor) -> tuple[tuple, tuple]:
         """(decision key, shape to pack for): both the exact input shape."""
         return tuple(x.shape), tuple(x.shape)
@@ -221,7 +256,7 @@ def make_plain(model: nn.Module) -> int:
         if isinstance(m, _Packable):
             m.unpack()
             m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
-            for attr in ("_decided", "_packed_for"):
+            for attr in ("_decided", "_packed_for", "_winograd"):
                 m.__dict__.pop(attr, None)
             for k, hook in list(m._state_dict_hooks.items()):
                 if getattr(hook, "__wrapped__", hook) is _dense_state:

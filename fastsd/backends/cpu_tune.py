@@ -118,6 +118,12 @@ class Tuner:
             self._settled.add(key)
         return not machine_busy()
 
+    def _new_candidates(self, key: str, candidates: dict) -> bool:
+        """Whether `candidates` has one the cached choice was not measured against (a newer fastsd's)."""
+        with self._lock:
+            entry = (self._choices or {}).get(key) or {}
+        return not set(candidates) <= set(entry.get("ms", candidates))
+
     def choose(self, key: str, candidates: dict[str, Callable[[], Any]], default: str) -> str:
         """The name of the candidate to use for `key`. Each candidate is a no-argument call doing the
         op once; they are timed only when no choice is known (and tuning is not off)."""
@@ -126,7 +132,7 @@ class Tuner:
         if len(candidates) == 1 or mode() == "off":
             return default
         known = self.cached(key)
-        if known in candidates and not self._measure_again(key):
+        if known in candidates and not self._measure_again(key) and not self._new_candidates(key, candidates):
             return known
         busy = machine_busy()
         times = measure(candidates)
