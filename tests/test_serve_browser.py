@@ -41,7 +41,8 @@ def test_page_generates_an_image_with_progress(page):
     page.fill("#prompt", "a red fox in the snow")
     page.fill("#negative", "blurry")
     page.select_option("#sampler", "DPM++ 2M Karras")
-    for field, value in (("#steps", "24"), ("#seed", "1234"), ("#width", "64"), ("#height", "64")):
+    # long enough for the page's 4 polls a second to see the bar move on a fast CPU
+    for field, value in (("#steps", "24"), ("#seed", "1234"), ("#width", "128"), ("#height", "128")):
         page.fill(field, value)
     page.click("#generate")
     # the bar moves: a value strictly between 0 and 1 is shown while the job runs, with a live preview
@@ -58,7 +59,7 @@ def test_page_generates_an_image_with_progress(page):
     link = page.locator("#gallery a[download]")
     assert link.get_attribute("download") == "00000-1234.png"
     assert link.get_attribute("href").startswith("data:image/png;base64,")
-    assert page.eval_on_selector("#gallery figure img", "img => img.naturalWidth") == 64
+    assert page.eval_on_selector("#gallery figure img", "img => img.naturalWidth") == 128
     assert page.locator("#error").is_hidden()
     outside = [u for u in requests if not u.startswith((server.url, "data:"))]
     assert outside == []  # everything the page loads comes from the server

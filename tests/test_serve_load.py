@@ -11,7 +11,7 @@ import numpy as np
 from serve_server import decode, info, main_server
 
 STORM = {"prompt": "a lighthouse at night", "steps": 2, "cfg_scale": 1, "width": 64, "height": 64, "seed": 5}
-LONG = {"prompt": "a long job", "steps": 150, "width": 64, "height": 64, "seed": 1}
+LONG = {"prompt": "a long job", "steps": 150, "width": 256, "height": 256, "seed": 1}  # > 3 s on a fast CPU
 REQUEST_TIMEOUT = 300  # s: the storm's last accepted job waits for the 16 before it
 
 
