@@ -40,7 +40,7 @@ def _f64(rows) -> torch.Tensor:
 
 
 BT, G, AT = _f64(_BT), _f64(_G), _f64(_AT)
-W_T = torch.kron(G, G).t().float().contiguous()  # (9, 36): a flattened 3x3 kernel -> its transform
+W_T = torch.kron(G, G).float()  # (36, 9): a flattened 3x3 kernel (row-major) -> its transform
 IN_T = torch.kron(BT, BT).float()  # (36, 36): a flattened 6x6 tile -> its transform
 OUT_T = torch.kron(AT, AT).float()  # (16, 36): a transformed 6x6 product -> the 4x4 output tile
 
@@ -54,10 +54,11 @@ def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 
 def weight_transform(w: torch.Tensor) -> torch.Tensor:
-    """(K, C, 3, 3) fp32 weight -> (36, C, K): G g G^T per (K, C) pair, flattened."""
+    """(K, C, 3, 3) fp32 weight -> (36, C, K) G g G^T per (K, C) pair, flattened: a view of a (K, 36, C)
+    tensor (K GEMMs of (36, 9) x (9, C), no copy of the weight when it is channels_last; the batched GEMM
+    takes the transposed operand as it is)."""
     k, c = w.shape[:2]
-    u = torch.mm(w.detach().reshape(k * c, R * R), W_T)  # (k*c, 36)
-    return u.view(k, c, A * A).permute(2, 1, 0).contiguous()
+    return torch.matmul(W_T, w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c)).permute(1, 2, 0)
 
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
