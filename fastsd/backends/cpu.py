@@ -7,10 +7,10 @@
 - feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache, GELU * x in place;
 - group_norm: bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).
 
-Each piece that can lose on some CPU (packing, Winograd, chunked attention, chunked feed-forward) is used where
-`cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing and chunking always,
-the rule measured on AVX-512 and AVX2, see README; Winograd never). With autograd on, the reference ops run (these write into preallocated
-buffers). `unprepare` gives back the plain model, weights bit for bit.
+Each piece that can lose on some CPU (packing, Winograd, chunked attention, chunked feed-forward) is used
+where `cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing and chunking
+always, the rule measured on AVX-512 and AVX2, see README; Winograd never). With autograd on, the reference
+ops run (these write into preallocated buffers). `unprepare` gives back the plain model, weights bit for bit.
 """
 from __future__ import annotations
 

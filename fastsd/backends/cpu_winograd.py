@@ -15,6 +15,7 @@ stays for LoRA merges and state_dict) by a layer that `cpu_tune` measured faster
 """
 from __future__ import annotations
 
+import math
 import os
 from fractions import Fraction as Fr
 
@@ -48,9 +49,15 @@ OUT_T = torch.kron(AT, AT).float()  # (16, 36): a transformed 6x6 product -> the
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv` on `x` is a case this covers (fp32, 3x3, stride 1, padding 1, no dilation or groups)
     and worth a try (at least MIN_TILES output tiles per image), and FASTSD_CPU_WINOGRAD is not 0."""
-    return (os.environ.get(ENV) != "0" and x.dtype == torch.float32 and x.dim() == 4 and tuple(conv.kernel_size) == (R, R)
-            and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1)
-            and conv.groups == 1 and -(-x.shape[2] // M) * -(-x.shape[3] // M) >= MIN_TILES)
+    return (os.environ.get(ENV) != "0" and x.dtype == torch.float32 and x.dim() == 4
+            and tuple(conv.kernel_size) == (R, R) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
+            and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+            and math.prod(tile_counts(*x.shape[2:])) >= MIN_TILES)
+
+
+def tile_counts(h: int, w: int) -> tuple[int, int]:
+    """Output tiles per column and per row of an h x w output (the last ones cut by the border)."""
+    return -(-h // M), -(-w // M)
 
 
 def weight_transform(w: torch.Tensor) -> torch.Tensor:
@@ -66,7 +73,7 @@ def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torc
     tiles go through in chunks whose transformed tiles take <= CHUNK_BYTES (a VAE's 512x512 layers)."""
     n, c, h, w = x.shape
     k = u.shape[-1]
-    th, tw = -(-h // M), -(-w // M)  # tiles per column / row (the last ones padded)
+    th, tw = tile_counts(h, w)
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + tw * M - w, 1, 1 + th * M - h))  # NHWC, zero border
     out = torch.empty(n, th, M, tw, M, k, dtype=x.dtype)
     step = max(1, CHUNK_BYTES // (A * A * n * tw * max(c, k) * x.element_size()))  # tile rows per chunk
