@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -33,6 +34,17 @@ TIME_FIELDS = ("min", "median", "max", "n", "all")
 
 
 # ------------------------------------------------------------------------------------------ the machine
+
+def checkout_off_path() -> None:
+    """Take fastsd checkouts off sys.path (`python -m` and pytest put the working folder there): in one, kernels/
+    and benchmarks/ (installed as fastsd.kernels / fastsd.benchmarks) shadow PyPI's `kernels`, which transformers
+    (so diffusers too) imports, and `benchmarks`. Works on Python 3.10, which ignores PYTHONSAFEPATH."""
+    def is_checkout(p: str) -> bool:
+        root = os.path.abspath(p or os.curdir)
+        return all(os.path.isfile(os.path.join(root, f, "__init__.py")) for f in ("fastsd", "kernels", "benchmarks"))
+
+    sys.path[:] = [p for p in sys.path if not is_checkout(p)]
+
 
 def cpu_model() -> str:
     from fastsd.cpuinfo import cpu_model as model

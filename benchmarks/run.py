@@ -189,10 +189,7 @@ def plan(a) -> list[dict]:
 # ------------------------------------------------------------------------------------------ running
 
 def run_worker(spec: dict, timeout: float | None = None) -> tuple[list[dict], str | None]:
-    env = dict(os.environ)
-    # fastsd is installed; the checkout (cwd) stays off sys.path, where its kernels/ would shadow PyPI's `kernels`
-    # (imported by transformers and diffusers)
-    env["PYTHONSAFEPATH"] = "1"
+    env = dict(os.environ)  # the worker takes the checkout (its cwd) off sys.path itself
     env.setdefault("TQDM_DISABLE", "1")
     if spec.get("isa") == "avx2":
         from fastsd.cpuinfo import AVX2_ENV

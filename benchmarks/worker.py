@@ -15,9 +15,12 @@ ROW_PREFIX = "@@benchmark-row "
 
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    from . import common
+
+    common.checkout_off_path()  # the worker runs in the checkout (run.py); before anything imports transformers
     import torch
 
-    from . import common, suites
+    from . import suites
 
     import fastsd  # noqa: F401  (imports before the RSS baseline is read)
 

@@ -1,13 +1,10 @@
 import os
-import sys
 import tempfile
-from pathlib import Path
 
-# `python -m pytest` in the checkout puts the checkout on sys.path, where kernels/ and benchmarks/ (installed as
-# fastsd.kernels / fastsd.benchmarks) shadow PyPI's `kernels` (imported by transformers and diffusers) and
-# `benchmarks`. fastsd is installed (README), so the checkout itself comes off the path.
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
+from fastsd.benchmarks.common import checkout_off_path
+
+# `python -m pytest` in the checkout puts it on sys.path; fastsd is installed (README), so it comes off
+checkout_off_path()
 
 # Triton kernels run on CPU tensors only under the interpreter, which must be switched on before
 # triton is first imported. No test here has a GPU.

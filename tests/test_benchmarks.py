@@ -124,3 +124,14 @@ def test_roofline_counts_each_stage_and_divides_by_the_measured_gemm_rate(tmp_pa
     assert math.isclose(one["floor_s"], one["flops_total"] / one["gemm_flops_per_s"], rel_tol=1e-3, abs_tol=1e-4)
     assert one["gemm_flops_per_s"] > 1e9  # a GEMM rate was measured (> 1 GFLOP/s on any CPU this runs on)
     assert one["isa"] and one["dtype"] == "float32"
+
+
+def test_checkout_comes_off_sys_path(monkeypatch, tmp_path):
+    """In a checkout's root, its kernels/ would shadow PyPI's `kernels` (transformers imports it): workers and tests
+    take checkouts ('' when the working folder is one) off sys.path, other folders stay."""
+    from fastsd.benchmarks.common import REPO, checkout_off_path
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", ["", REPO, str(tmp_path), REPO + os.sep])
+    checkout_off_path()
+    assert sys.path == [str(tmp_path)]
