@@ -28,7 +28,7 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
     n = b * h
     scale = d ** -0.5 if scale is None else scale
     qs = q.reshape(n, lq, d)
-    kt = k.reshape(n, lk, d).transpose(1, 2)  # (n, D, Lk)
+    kt = k.reshape(n, lk, d).transpose(1, 2).contiguous()  # (n, D, Lk): oneDNN would copy a transposed view per GEMM
     vv = v.reshape(n, lk, d)
     out = torch.empty(n, lq, d, dtype=q.dtype, device=q.device)
     rows = max(1, block_elements // lk)  # query rows per chunk, over all heads of the chunk
