@@ -433,7 +433,7 @@ class LoraSet:
                 pipe.backend.prepare(module)
         except BaseException:
             for module, key, prev, first in reversed(done):
-                _put(pipe.backend, module, prev)
+                pipe.backend.replace_weight(module, prev)
                 if first:
                     del self._originals[key]
             raise
@@ -445,7 +445,7 @@ class LoraSet:
         """Every changed layer gets its original weight tensor back (bit for bit: the same tensor)."""
         models = {"unet": pipe.unet, "clip": pipe.clip}
         for (model, name), original in self._originals.items():
-            _put(pipe.backend, models[model].get_submodule(name), original)
+            pipe.backend.replace_weight(models[model].get_submodule(name), original)
         self._originals.clear()
         self.loaded.clear()
 
@@ -479,12 +479,6 @@ def _conv_layout(backend) -> torch.memory_format:
     nhwc = probe.weight.is_contiguous(memory_format=torch.channels_last) and not probe.weight.is_contiguous()
     backend.unprepare(probe)
     return torch.channels_last if nhwc else torch.contiguous_format
-
-
-def _put(backend, module: nn.Module, weight: nn.Parameter) -> None:
-    backend.plain_weights(module)
-    module.weight = weight
-    backend.prepare(module)
 
 
 # ---- the A1111 prompt syntax and the LoRA folder -------------------------------------------------------

@@ -123,6 +123,23 @@ def test_packed_weights_give_the_same_outputs_and_state_dict(dtype):
         assert all(torch.equal(v, before[name][k]) for k, v in m.state_dict().items()), name
 
 
+def test_replace_weight_drops_a_packed_weight_without_reordering_it_back(monkeypatch):
+    """A LoRA unload / switch puts an original weight back: the merged weight it replaces is dropped packed."""
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+    monkeypatch.setenv("FASTSD_CPU_TUNE", "0")  # packed by default
+    conv = cpu.BACKEND.prepare(torch.nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False))
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    new = torch.nn.Parameter(torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last), requires_grad=False)
+    with torch.no_grad():
+        conv(x)
+        assert conv.weight.is_mkldnn
+        monkeypatch.setattr(cpu_pack._Packable, "unpack", lambda self: pytest.fail("reordered back"))
+        cpu.BACKEND.replace_weight(conv, new)
+        assert conv.weight is new and isinstance(conv, PackableConv2d)
+        assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, new, conv.bias, padding=1), atol=1e-5)
+
+
 def test_convolutions_pack_for_the_input_shape_they_see():
     """oneDNN's blocked weight layout depends on the input shape on some ISAs (AVX2): a weight packed
     for one shape is repacked when the layer is called with another, and the results stay exact."""
@@ -284,9 +301,13 @@ def test_tuned_choice_is_measured_cached_and_honoured(tmp_path, monkeypatch):
     conv2 = torch.nn.Conv2d(32, 32, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
     conv2.load_state_dict(conv.state_dict())
     make_packable(conv2)
+    reorders = []
+    real_pack = cpu_pack.PackableConv2d._pack
+    monkeypatch.setattr(cpu_pack.PackableConv2d, "_pack", lambda *a: reorders.append(1) or real_pack(*a))
     with torch.no_grad():
         assert torch.equal(conv2(x), out)
     assert len(timed) == 1 and not conv2.weight.is_mkldnn  # the cached choice, not measured again
+    assert not reorders  # nor packed for nothing (a LoRA switch re-decides every layer it touched)
     assert cpu_tune.Tuner(cpu_tune.tuner().path).cached(next(iter(entries))) == "plain"  # a new process' view
 
 

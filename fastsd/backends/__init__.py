@@ -74,6 +74,12 @@ class Backend:
         their memory layout; prepare(model) afterwards takes the model back. The base: unprepare."""
         return self.unprepare(model)
 
+    def replace_weight(self, module: nn.Module, weight: nn.Parameter) -> None:
+        """Give `module` (one Conv2d / Linear) `weight` in place of its own, which is dropped, and prepare it."""
+        self.plain_weights(module)
+        module.weight = weight
+        self.prepare(module)
+
     def running(self) -> contextlib.AbstractContextManager:
         """Wraps each model run (a backend may tidy up after it)."""
         return contextlib.nullcontext()

@@ -89,6 +89,11 @@ class CPUBackend(Backend):
         make_plain(model)
         return model
 
+    def replace_weight(self, module, weight):
+        make_plain(module, unpack=False)  # its packed weight is dropped, not reordered back first
+        module.weight = weight
+        self.prepare(module)
+
     @contextlib.contextmanager
     def running(self):
         """After a run that packed weights, hand the memory of the dense weights they replaced to the OS."""

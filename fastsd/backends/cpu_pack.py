@@ -116,12 +116,12 @@ class _Packable:
         use = self._decided.get(key)
         if use is None:
             dense = self._dense_weight()
-            packed = self._pack(dense, pack_shape)
-            candidates = {"packed": lambda: self._run_packed(x, packed), "plain": lambda: self._run_plain(x, dense),
+            packed = functools.cache(lambda: self._pack(dense, pack_shape))  # no reorder for a known other choice
+            candidates = {"packed": lambda: self._run_packed(x, packed()), "plain": lambda: self._run_plain(x, dense),
                           **self._more_candidates(x, dense)}
             use = cpu_tune.tuner().choose(self._tune_key(x), candidates, default="packed")
             self._decided[key] = use
-            self._set_weight(packed if use == "packed" else dense, pack_shape if use == "packed" else None)
+            self._set_weight(packed() if use == "packed" else dense, pack_shape if use == "packed" else None)
             PACKED[0] += use == "packed"
             self._chosen()
             del packed, dense
@@ -249,12 +249,14 @@ def make_packable(model: nn.Module) -> int:
     return n
 
 
-def make_plain(model: nn.Module) -> int:
-    """The inverse of make_packable: plain Conv2d / Linear with dense weights again (bit for bit)."""
+def make_plain(model: nn.Module, unpack: bool = True) -> int:
+    """The inverse of make_packable: plain Conv2d / Linear with dense weights again (bit for bit). With
+    unpack=False a packed weight is left as it is, for a caller that replaces it (no reorder back)."""
     n = 0
     for m in list(model.modules()):
         if isinstance(m, _Packable):
-            m.unpack()
+            if unpack:
+                m.unpack()
             m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
             for attr in ("_decided", "_packed_for", "_winograd"):
                 m.__dict__.pop(attr, None)
