@@ -8,8 +8,9 @@ resnets with LoCon on the 3x3 convolutions, down/upsamplers) and every text enco
 as fp16 kohya .safetensors files to a temp folder (so they are in the page cache, as a LoRA used twice is).
 The pipeline runs one small generation and two UNet calls at `--res` first, so the CPU path's weights are
 packed (and its per-shape choices made) as in a warm process.
-Timed: `load_lora` (read + check + merge), `unload_loras`, a switch (unload A + load B), and the first UNet
-call after a switch against the next one (the CPU path packs the changed weights again at their first call).
+Timed: `load_lora` (read + check + merge), `unload_loras`, a switch (unload A + load B), the first UNet
+call after a switch against the next one (the CPU path packs the changed weights again at their first call),
+and switches with a UNet call before each (as between a user's images: the merged weights are packed then).
 """
 from __future__ import annotations
 
@@ -80,13 +81,18 @@ def main(argv: list[str] | None = None) -> None:
             switch.append(_timed(lambda: (pipe.unload_loras(), pipe.load_lora(b if i % 2 == 0 else a, 0.8))))
         kept = sum(p.numel() * p.element_size() for p in pipe._loras._originals.values())
         first = second = None
+        switch_run = []  # as between a user's images: the merged weights were packed by a run before the switch
         if args.res:
             pipe.unload_loras()
             pipe.load_lora(a, 0.8)
             first, second = _unet_call(pipe, args.res), _unet_call(pipe, args.res)
+            for i in range(args.repeat):
+                switch_run.append(_timed(lambda: (pipe.unload_loras(), pipe.load_lora(b if i % 2 == 0 else a, 0.8))))
+                _unet_call(pipe, args.res)
     row = {"suite": "lora", "model": args.model, "dtype": str(pipe.dtype).removeprefix("torch."),
            "backend": pipe.backend.name, "rank": args.rank, "layers": n, "file_bytes": file_bytes,
-           "load_s": load, "unload_s": unload, "switch_s": switch, "originals_kept_bytes": kept,
+           "load_s": load, "unload_s": unload, "switch_s": switch, "switch_after_run_s": switch_run,
+           "originals_kept_bytes": kept,
            "unet_first_call_after_switch_s": first, "unet_next_call_s": second, "res": args.res,
            "threads": threads, **isa_fields(), **versions(), "git_commit": git_commit(), "timestamp": timestamp(),
            "command": " ".join(["python -m fastsd.benchmarks.lora", *sys.argv[1:]])}
@@ -101,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
           f"unload {med(unload):.2f} s, switch A->B {med(switch):.2f} s; originals kept {kept / 2**30:.2f} GiB")
     if first is not None:
         print(f"UNet call at {args.res} px after a switch {first:.2f} s, the next one {second:.2f} s "
-              f"(the difference is the CPU path packing the changed weights again)")
+              f"(the difference is the CPU path packing the changed weights again); a switch after a UNet call "
+              f"{med(switch_run):.2f} s (all {', '.join(f'{t:.2f}' for t in switch_run)})")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def test_replace_weight_drops_a_packed_weight_without_reordering_it_back(monkeyp
     monkeypatch.setenv("FASTSD_CPU_TUNE", "0")  # packed by default
     conv = cpu.BACKEND.prepare(torch.nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False))
     x = torch.randn(1, 8, 9, 9).contiguous(memory_format=torch.channels_last)
-    new = torch.nn.Parameter(torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last), requires_grad=False)
+    new = torch.nn.Parameter(torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last),
+                             requires_grad=False)
     with torch.no_grad():
         conv(x)
         assert conv.weight.is_mkldnn

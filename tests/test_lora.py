@@ -493,6 +493,7 @@ def test_benchmark_script_runs(tmp_path, capsys):
     row = json.loads(out.read_text())
     assert row["layers"] > 0 and len(row["load_s"]) == 2 and len(row["switch_s"]) == 2 and row["isa"]
     assert row["originals_kept_bytes"] > 0 and row["unet_first_call_after_switch_s"] > 0
+    assert len(row["switch_after_run_s"]) == 2
     assert "load + merge" in capsys.readouterr().out
 
 
