@@ -72,13 +72,17 @@ def main(argv: list[str] | None = None) -> None:
         write_random_lora(b, pipe, fmt="kohya_ldm", rank=args.rank, alpha=args.rank / 2, layers=layers,
                           dtype=torch.float16, seed=2)
         file_bytes = os.path.getsize(a)
+
+        def timed_switch(i: int) -> float:  # unload, then load B and A in turn
+            return _timed(lambda: (pipe.unload_loras(), pipe.load_lora(b if i % 2 == 0 else a, 0.8)))
+
         load, unload, switch = [], [], []
         for _ in range(args.repeat):
             load.append(_timed(lambda: pipe.load_lora(a, 0.8)))
             unload.append(_timed(pipe.unload_loras))
         pipe.load_lora(a, 0.8)
         for i in range(args.repeat):
-            switch.append(_timed(lambda: (pipe.unload_loras(), pipe.load_lora(b if i % 2 == 0 else a, 0.8))))
+            switch.append(timed_switch(i))
         kept = sum(p.numel() * p.element_size() for p in pipe._loras._originals.values())
         first = second = None
         switch_run = []  # as between a user's images: the merged weights were packed by a run before the switch
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             pipe.load_lora(a, 0.8)
             first, second = _unet_call(pipe, args.res), _unet_call(pipe, args.res)
             for i in range(args.repeat):
-                switch_run.append(_timed(lambda: (pipe.unload_loras(), pipe.load_lora(b if i % 2 == 0 else a, 0.8))))
+                switch_run.append(timed_switch(i))
                 _unet_call(pipe, args.res)
     row = {"suite": "lora", "model": args.model, "dtype": str(pipe.dtype).removeprefix("torch."),
            "backend": pipe.backend.name, "rank": args.rank, "layers": n, "file_bytes": file_bytes,

@@ -91,8 +91,7 @@ class CPUBackend(Backend):
 
     def replace_weight(self, module, weight):
         make_plain(module, unpack=False)  # its packed weight is dropped, not reordered back first
-        module.weight = weight
-        self.prepare(module)
+        super().replace_weight(module, weight)
 
     @contextlib.contextmanager
     def running(self):

@@ -168,7 +168,7 @@ class PackableConv2d(_Packable, nn.Conv2d):
     def _run_other(self, use: str, x: torch.Tensor) -> torch.Tensor:
         if use == "winograd":
             return cpu_winograd.conv3x3(x, self._winograd_weight(), self.bias)
-        return self._run_plain(x, self.weight)
+        return super()._run_other(use, x)
 
     def _shape_key(self, x: torch.Tensor) -> tuple[tuple, tuple]:
         """(decision key, shape to pack for): both the exact input shape."""
