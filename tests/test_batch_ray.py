@@ -45,12 +45,14 @@ def test_ray_run_matches_the_local_run(cluster, tmp_path):
     assert rows_by_id(local)[1] == rows_by_id(remote)[1]
 
 
-def _actor_pids():
+def _actor_pids(title):
+    """Pids of the actor processes whose title (Ray sets `ray::Class.method` while a call runs, so a starting
+    actor reads `ray::BatchWorker.__init__`) starts with `title`."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::BatchWorker"):
+                if f.read().startswith(title):
                     pids.append(int(pid))
         except OSError:
             pass
@@ -67,7 +69,7 @@ def test_killed_actor_its_jobs_run_elsewhere_each_once(cluster, tmp_path, capsys
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if os.path.exists(path) and '"done"' in open(path).read():
-                pids = _actor_pids()
+                pids = _actor_pids(b"ray::BatchWorker.run")  # one at work, not one still starting
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     killed.append(pids[0])
