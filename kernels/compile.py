@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -42,11 +43,14 @@ def compile_pipeline(pipe, **overrides):
     """Compile a fastsd Pipeline's UNet and VAE decoder in place (what `load_pipeline(..., compile=True)` does);
     returns the pipeline. The cpu backend's prepacked oneDNN weights are not Inductor graph inputs it can
     lower, and Inductor lays out and packs weights itself: a pipeline on the cpu backend is switched to the
-    torch op table first."""
+    torch op table first, with a warning: on the CPUs measured, that is slower than the cpu backend uncompiled
+    (`python -m fastsd.kernels.compile --bench --preset sd15 --res 512 --batch 1 --baseline cpu`)."""
     if pipe.backend.name == "openvino":
         raise ValueError("compile: backend openvino runs OpenVINO's own compiled models; torch.compile is for the "
                          "torch, cpu and triton backends")
     if pipe.backend.name == "cpu":
+        warnings.warn("compile: Inductor's code replaces the cpu backend (prepacked weights, Winograd, chunked bf16 "
+                      "attention), which measured faster for the SD1.5 UNet (README, torch.compile)", stacklevel=2)
         pipe.backend = "torch"
     compile_module(pipe.unet, **overrides)
     if getattr(pipe, "vae", None) is not None:
@@ -55,13 +59,17 @@ def compile_pipeline(pipe, **overrides):
 
 
 # ---------------------------------------------------------------------------------------------- CPU measurement
-def bench_unet(preset: str = "tiny", res: int = 256, dtype: str = "fp32", pairs: int = 5, threads: int | None = None):
-    """Eager vs compiled UNet step (batch 2 = CFG) on the CPU, backend torch, random weights (fastsd.config preset):
-    compile time (the first compiled call), then `pairs` alternating eager / compiled calls (A B A B: robust on a
-    busy machine); median times and the median of the per-pair ratios, max relative difference of the outputs."""
+def bench_unet(preset: str = "tiny", res: int = 256, dtype: str = "fp32", pairs: int = 5, threads: int | None = None,
+               batch: int = 2, baseline: str = "torch"):
+    """Eager vs compiled UNet call on the CPU, random weights (fastsd.config preset), `batch` latents (2 = a CFG
+    step, 1 = guidance <= 1): the compiled UNet runs the torch op table (what `compile_pipeline` gives), the eager
+    one the `baseline` backend's (torch, or cpu: the default path on a CPU). Compile time (the first compiled
+    call), then `pairs` alternating eager / compiled calls (A B A B: robust on a busy machine); median times and
+    the median of the per-pair ratios, max relative difference of the outputs."""
     import copy
     import statistics
 
+    from fastsd.backends import get
     from fastsd.config import PRESETS
     from fastsd.models.unet import UNet
 
@@ -72,10 +80,11 @@ def bench_unet(preset: str = "tiny", res: int = 256, dtype: str = "fp32", pairs:
     torch.manual_seed(0)
     eager = UNet(cfg.unet).to(dt).eval()  # a new UNet holds the reference op table (backend torch)
     compiled = compile_module(copy.deepcopy(eager), "cpu")
+    get(baseline, "cpu", dt).prepare(eager)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, cfg.unet.in_channels, res // 8, res // 8, generator=g).to(dt)
-    ctx = torch.randn(2, 77, cfg.unet.context_dim, generator=g).to(dt)
-    t = torch.tensor([500.0, 500.0])
+    x = torch.randn(batch, cfg.unet.in_channels, res // 8, res // 8, generator=g).to(dt)
+    ctx = torch.randn(batch, 77, cfg.unet.context_dim, generator=g).to(dt)
+    t = torch.full((batch,), 500.0)
 
     def timed(m):
         t0 = time.perf_counter()
@@ -83,7 +92,8 @@ def bench_unet(preset: str = "tiny", res: int = 256, dtype: str = "fp32", pairs:
         return time.perf_counter() - t0, out
 
     with torch.inference_mode():
-        timed(eager)  # warm-up
+        for _ in range(2):  # warm-up (the cpu backend decides and packs each layer's weight in its first calls)
+            timed(eager)
         compile_s, out = timed(compiled)
         ref = eager(x, t, ctx)
         te, tc = [], []
@@ -91,8 +101,8 @@ def bench_unet(preset: str = "tiny", res: int = 256, dtype: str = "fp32", pairs:
             te.append(timed(eager)[0])
             tc.append(timed(compiled)[0])
     err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-    return dict(preset=preset, res=res, dtype=dtype, threads=torch.get_num_threads(), compile_s=compile_s,
-                eager_s=statistics.median(te), compiled_s=statistics.median(tc),
+    return dict(preset=preset, res=res, dtype=dtype, batch=batch, baseline=baseline, threads=torch.get_num_threads(),
+                compile_s=compile_s, eager_s=statistics.median(te), compiled_s=statistics.median(tc),
                 ratio=statistics.median([c / e for c, e in zip(tc, te)]), max_rel_diff=err)
 
 
@@ -103,23 +113,23 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="tiny", help="fastsd.config preset (tiny, sd15)")
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--batch", type=int, default=2, help="latents per UNet call (2: a CFG step; 1: guidance <= 1)")
+    ap.add_argument("--baseline", default="torch", choices=["torch", "cpu"],
+                    help="the eager side's backend: torch (what compile starts from) or cpu (the default on a CPU)")
     ap.add_argument("--pairs", type=int, default=5, help="alternating eager / compiled calls")
     ap.add_argument("--threads", type=int)
     a = ap.parse_args(argv)
     if not a.bench:
         ap.print_help()
         return 0
-    from fastsd.cpuinfo import native_bf16
+    from fastsd.cpuinfo import cpu_model, isa_label
 
-    r = bench_unet(a.preset, a.res, a.dtype, a.pairs, a.threads)
-    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
-    isa = "AVX-512" + (" with AVX512-BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags else (
-        "AVX2" if "avx2" in flags else "unknown ISA")
-    print(f"UNet {a.preset} step, batch 2, {a.res} px ({a.res // 8}x{a.res // 8} latents), {a.dtype}, "
-          f"{r['threads']} threads, CPU {isa} (native bf16: {native_bf16()}), torch {torch.__version__}")
+    r = bench_unet(a.preset, a.res, a.dtype, a.pairs, a.threads, a.batch, a.baseline)
+    print(f"UNet {a.preset} call, batch {a.batch}, {a.res} px ({a.res // 8}x{a.res // 8} latents), {a.dtype}, "
+          f"{r['threads']} threads, {cpu_model()} {isa_label()}, torch {torch.__version__}")
     print(f"compile (first call): {r['compile_s']:.1f} s; median of {a.pairs} alternating pairs: eager "
-          f"{r['eager_s'] * 1e3:.1f} ms/step, compiled {r['compiled_s'] * 1e3:.1f} ms/step, compiled/eager "
-          f"{r['ratio']:.3f}; max rel diff {r['max_rel_diff']:.1e}")
+          f"(backend {a.baseline}) {r['eager_s'] * 1e3:.1f} ms/call, compiled {r['compiled_s'] * 1e3:.1f} ms/call, "
+          f"compiled/eager {r['ratio']:.3f}; max rel diff {r['max_rel_diff']:.1e}")
     return 0
 
 
