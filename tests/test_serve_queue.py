@@ -9,14 +9,14 @@ from fastsd import Interrupted
 from fastsd.serve.jobqueue import Job, JobQueue, QueueFull
 
 
-def blocked_job(order: list, name: str, gate: threading.Event) -> Job:
-    return Job("txt2img", lambda job: (gate.wait(10), order.append(name), name)[2])
+def blocked_job(order: list, name: str, gate: threading.Event, started: threading.Event | None = None) -> Job:
+    return Job("txt2img", lambda job: (started and started.set(), gate.wait(10), order.append(name), name)[3])
 
 
 def test_fifo_bound_and_failures():
-    q, gate, order = JobQueue(max_queue=2), threading.Event(), []
-    jobs = [q.submit(blocked_job(order, "a", gate))]
-    time.sleep(0.1)  # "a" runs; two may wait behind it
+    q, gate, order, started = JobQueue(max_queue=2), threading.Event(), [], threading.Event()
+    jobs = [q.submit(blocked_job(order, "a", gate, started))]
+    assert started.wait(10)  # "a" runs; two may wait behind it
     jobs += [q.submit(blocked_job(order, n, gate)) for n in "bc"]
     with pytest.raises(QueueFull) as e:
         q.submit(blocked_job(order, "d", gate))
