@@ -141,6 +141,39 @@ def test_replace_weight_drops_a_packed_weight_without_reordering_it_back(monkeyp
         assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, new, conv.bias, padding=1), atol=1e-5)
 
 
+def test_first_call_hands_replaced_dense_weights_back_as_it_packs(monkeypatch):
+    """The call that packs every layer trims the heap each TRIM_BYTES of dense weights it replaced (else the dense
+    and the packed weights are held together until the run ends); layers that stay plain don't count."""
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+    monkeypatch.setenv("FASTSD_CPU_TUNE", "0")  # packed by default
+    trims = []
+    monkeypatch.setattr(cpu_pack, "release_freed_memory", lambda: trims.append(cpu_pack.PACKED[0]))
+    monkeypatch.setattr(cpu_pack, "_replaced", [0])
+    convs = [torch.nn.Conv2d(16, 16, 3, padding=1).requires_grad_(False) for _ in range(5)]
+    nbytes = convs[0].weight.nbytes
+    monkeypatch.setattr(cpu_pack, "TRIM_BYTES", 2 * nbytes)  # a trim after every second packed layer
+    model = cpu.BACKEND.prepare(torch.nn.Sequential(*convs))
+    x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    start = cpu_pack.PACKED[0]
+    with torch.no_grad():
+        model(x)
+        assert [n - start for n in trims] == [2, 4] and cpu_pack._replaced[0] == nbytes
+        model(x)  # packed already: nothing replaced, no trim
+    assert len(trims) == 2
+
+    class Plain:
+        def choose(self, key, candidates, default):
+            return "plain"
+
+    monkeypatch.setattr(cpu_tune, "tuner", Plain)
+    plain = cpu.BACKEND.prepare(torch.nn.Sequential(*[torch.nn.Conv2d(16, 16, 3, padding=1).requires_grad_(False)
+                                                      for _ in range(3)]))
+    with torch.no_grad():
+        plain(x)
+    assert len(trims) == 2 and cpu_pack._replaced[0] == nbytes
+
+
 def test_convolutions_pack_for_the_input_shape_they_see():
     """oneDNN's blocked weight layout depends on the input shape on some ISAs (AVX2): a weight packed
     for one shape is repacked when the layer is called with another, and the results stay exact."""

@@ -30,6 +30,8 @@ from fastsd.backends import cpu_tune, cpu_winograd
 PACK_DTYPES = (torch.float32, torch.bfloat16)
 LINEAR_EXAMPLE_ROWS = 2048  # the row count linears are packed for (their blocked layout does not depend on it)
 PACKED = [0]  # weights packed in this process so far: a caller that sees it grow can release_freed_memory()
+TRIM_BYTES = 128 << 20  # dense weight bytes replaced by packed copies between two malloc_trims within a run
+_replaced = [0]  # dense weight bytes replaced since the last trim
 _PRIVATE_OPS = ("_convolution_pointwise", "_linear_pointwise", "_reorder_convolution_weight", "_reorder_linear_weight")
 
 
@@ -124,7 +126,9 @@ class _Packable:
             self._set_weight(packed() if use == "packed" else dense, pack_shape if use == "packed" else None)
             PACKED[0] += use == "packed"
             self._chosen()
+            nbytes = dense.nbytes if use == "packed" else 0
             del packed, dense
+            _replaced_dense(nbytes)
         return use
 
     def _chosen(self) -> None:
@@ -270,6 +274,16 @@ def make_plain(model: nn.Module, unpack: bool = True) -> int:
 @functools.cache
 def _warn_once(why: str) -> None:
     warnings.warn(f"weights stay unpacked: {why}", stacklevel=3)
+
+
+def _replaced_dense(nbytes: int) -> None:
+    """A dense weight of `nbytes` was just replaced by its packed copy (and freed, unless something else holds it):
+    every TRIM_BYTES of those, hand the freed heap memory back, so that a first call, which packs every layer,
+    does not hold the dense and the packed weights at once until its end."""
+    _replaced[0] += nbytes
+    if _replaced[0] >= TRIM_BYTES:
+        _replaced[0] = 0
+        release_freed_memory()
 
 
 def release_freed_memory() -> None:
