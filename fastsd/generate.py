@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: triton on cuda, the tuned cpu path on a cpu (openvino where measured faster); "
                    "torch: the plain reference; openvino: OpenVINO models on a cpu (the openvino extra)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (CUDA: CUDA graphs; "
-                   "CPU: Inductor C++ instead of the cpu backend, measured slower there); the first image pays the compile time")
+                   "CPU: Inductor C++ instead of the cpu backend, measured slower there); the first image pays the "
+                   "compile time")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the physical cores)")
     p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
     p.add_argument("--tiled-vae", action="store_true", help="always decode/encode the VAE in tiles "
