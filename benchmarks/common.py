@@ -28,7 +28,7 @@ ROW_FIELDS = (
     "timestamp", "command", "warmup", "times", "time_s", "it_s", "rss_baseline_bytes", "rss_peak_bytes",
     "rss_peak_run_bytes", "rss_isolated", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes",
     "isa", "cpu_capability", "cpu_flags", "native_bf16", "isa_env", "cpu_tune", "cpu_tune_cached",
-    "openvino", "ov_precision",
+    "cpu_env", "openvino", "ov_precision",
 )
 TIME_FIELDS = ("min", "median", "max", "n", "all")
 
@@ -53,15 +53,21 @@ def cpu_model() -> str:
 
 
 def isa_fields() -> dict[str, Any]:
-    """The ISA this process runs with (restrictions included) and the CPU-tuning state it starts from:
-    every result row carries them, since CPU numbers hold for one ISA only."""
+    """The ISA this process runs with (restrictions included), the CPU-tuning state it starts from and the
+    FASTSD_CPU_* settings in effect (e.g. FASTSD_CPU_WINOGRAD=4x4): every result row carries them, since CPU
+    numbers hold for one ISA and one setting only."""
     from fastsd import cpuinfo
     from fastsd.backends import cpu_tune
 
     d = cpuinfo.describe()
     return {"isa": cpuinfo.isa_label(), "cpu_capability": d["aten_capability"], "cpu_flags": d["cpu_flags"],
             "native_bf16": d["native_bf16"], "isa_env": d["isa_env"], "cpu_tune": cpu_tune.mode(),
-            "cpu_tune_cached": len(cpu_tune.tuner().entries())}
+            "cpu_tune_cached": len(cpu_tune.tuner().entries()), "cpu_env": cpu_settings()}
+
+
+def cpu_settings() -> dict[str, str]:
+    """The FASTSD_CPU_* environment variables set in this process (they choose what the cpu backend runs)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTSD_CPU_")}
 
 
 def device_name(device: str) -> str:

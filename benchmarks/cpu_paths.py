@@ -4,7 +4,7 @@
 
 Rows: attention (SDPA vs fastsd/backends/cpu_attention.py, bf16; SDPA in fp32 for reference), convolution and
 linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3
-convolutions also as Winograd F(4x4, 3x3), fastsd/backends/cpu_winograd.py, where it applies), and the
+convolutions also as Winograd F(4x4) or F(2x2), fastsd/backends/cpu_winograd.py, where it applies), and the
 transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
 they say why). Under `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` it
 times the AVX2 paths of an AVX-512 machine. Min of --repeat calls after one warm-up, in ms; the error
@@ -90,10 +90,11 @@ def rows(repeat: int, all_dtypes: bool = False):
             xd = x.to(dtype).contiguous(memory_format=torch.channels_last)
             shape = f"{ksize}x{ksize} {cin}->{cout}, 2x{side}x{side}"
             yield from _packed_rows("conv", shape, dtype, conv, xd, ref, repeat)
-            if cpu_winograd.applies(conv, xd):
-                u = cpu_winograd.weight_transform(conv.weight)
-                fn = lambda: cpu_winograd.conv3x3(xd, u, conv.bias)  # noqa: E731
-                yield "conv", shape, NAMES[dtype], "winograd", _ms(fn, repeat), _rel(fn(), ref)
+            v = cpu_winograd.variant_for(conv, xd)
+            if v is not None:
+                u = cpu_winograd.weight_transform(conv.weight, v)
+                fn = lambda: cpu_winograd.conv3x3(xd, u, conv.bias, v)  # noqa: E731
+                yield "conv", shape, NAMES[dtype], f"Winograd F({v.m}x{v.m})", _ms(fn, repeat), _rel(fn(), ref)
     for m, kdim, n in LINEAR:
         for dtype in dtypes:
             lin = torch.nn.Linear(kdim, n).requires_grad_(False)

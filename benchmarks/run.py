@@ -233,7 +233,7 @@ def run_wide_fields(a, argv: list[str]) -> dict:
 
     return {"git_commit": common.git_commit(), "command": "python -m fastsd.benchmarks " + shlex.join(argv),
             "device": a.device, "device_name": common.device_name(a.device), "cpu_count": os.cpu_count(),
-            "threads": a.threads or torch.get_num_threads(), **common.versions()}
+            "threads": a.threads or torch.get_num_threads(), "cpu_env": common.cpu_settings(), **common.versions()}
 
 
 def _finish(r: dict, spec: dict, run: dict, memory: dict) -> dict:
@@ -336,7 +336,7 @@ def markdown(rows: list[dict]) -> str:
         isas = sorted({str(r.get("isa")) for r in model_rows})
         out.append(f"{r0['device_name']} ({r0['device']}), ISA {' / '.join(isas)}, {r0['threads']} threads, "
                    f"torch {r0['torch']}, diffusers {r0['diffusers']}, openvino {r0.get('openvino')}, "
-                   f"git {r0['git_commit']}")
+                   f"git {r0['git_commit']}" + "".join(f", {k}={v}" for k, v in (r0.get("cpu_env") or {}).items()))
         out.append("")
         out.append("| bench | model | impl | backend | ISA | dtype | res | batch | median s | min s | max s | n | it/s "
                    "| fastsd/diffusers | fastsd/plain OV | max rel err | peak RSS GiB | status |")

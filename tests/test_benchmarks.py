@@ -21,6 +21,7 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.jsonl"
     png = out.with_suffix(".png")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # tests/conftest.py sets it
+    env["FASTSD_CPU_WINOGRAD"] = "4x4"  # a CPU-path setting: rows and the table record it
     cmd = [sys.executable, "-m", "fastsd.benchmarks", "run", "--quick", "--suite", "unet,kernels", "--compare", "diffusers",
            "--backend", "torch,triton", "--device", "cpu", "--dtype", "fp32", "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -41,6 +42,7 @@ def test_rows_have_every_field(quick):
         assert r["command"].startswith("python -m fastsd.benchmarks run --quick")
         assert r["git_commit"] and r["torch"] and r["device_name"] and r["threads"] == 1
         assert r["status"] in ("ok", "needs CUDA", "missing"), (r["name"], r["status"], r.get("reason"))
+        assert r["cpu_env"]["FASTSD_CPU_WINOGRAD"] == "4x4", r["name"]
     ok = [r for r in rows if r["status"] == "ok"]
     for r in ok:
         t = r["times"]
@@ -89,6 +91,7 @@ def test_kernels_suite_reports_throughput(quick):
 def test_markdown_table_and_plot(quick):
     _, stdout, png = quick
     assert "| unet step | random:tiny | fastsd | torch |" in stdout
+    assert "FASTSD_CPU_WINOGRAD=4x4" in stdout.split("| bench |")[0]  # the setting, in the header line
     assert "| kernel | shape |" in stdout
     assert png.exists() and png.stat().st_size > 1000
 

@@ -225,10 +225,12 @@ WINOGRAD_CASES = [((2, 5, 9, 11), 7, True, True), ((1, 3, 1, 1), 4, False, False
                   ((2, 16, 8, 12), 16, False, False), ((1, 320, 64, 64), 320, True, True)]
 
 
+@pytest.mark.parametrize("v", [cpu_winograd.F4, cpu_winograd.F2], ids=lambda v: f"F{v.m}")
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1]}")
-def test_winograd_conv3x3_matches_the_convolution(case):
-    """F(4x4, 3x3) against an fp64 convolution: fp32 rounding only (the transforms' factors up to 8 make it a
-    few times the direct convolution's: ~1e-6 relative), the result in channels_last."""
+def test_winograd_conv3x3_matches_the_convolution(case, v):
+    """F(4x4, 3x3) and F(2x2, 3x3) against an fp64 convolution: fp32 rounding only (F(4x4)'s transform factors
+    up to 8 make it a few times the direct convolution's: ~1e-6 relative; F(2x2)'s are 1 and 1/2), the result
+    in channels_last."""
     shape, k, with_bias, nhwc = case
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g)
@@ -236,22 +238,28 @@ def test_winograd_conv3x3_matches_the_convolution(case):
     w = torch.randn(k, shape[1], 3, 3, generator=g) / (3 * shape[1] ** 0.5)
     b = torch.randn(k, generator=g) if with_bias else None
     ref = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
-    y = cpu_winograd.conv3x3(x, cpu_winograd.weight_transform(w), b)
+    y = cpu_winograd.conv3x3(x, cpu_winograd.weight_transform(w, v), b, v)
     assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
     direct = _rel(torch.nn.functional.conv2d(x, w, b, padding=1), ref)
-    assert _rel(y, ref) < 5e-6, (_rel(y, ref), direct)
+    assert _rel(y, ref) < (5e-6 if v is cpu_winograd.F4 else 1e-6), (_rel(y, ref), direct)
 
 
 def test_winograd_applies_only_where_it_can(monkeypatch):
+    """F(4x4) from 8x8 of its tiles (29-32 px) up, F(2x2) below that from 8x8 of its tiles (15-16 px) up, neither
+    for other convolutions or dtypes; FASTSD_CPU_WINOGRAD=4x4 leaves F(4x4) only, =0 neither."""
     conv = lambda **kw: torch.nn.Conv2d(8, 8, kw.pop("k", 3), **{"padding": 1, **kw})  # noqa: E731
     x = lambda side, dtype=torch.float32: torch.zeros(1, 8, side, side, dtype=dtype)  # noqa: E731
-    assert cpu_winograd.applies(conv(), x(32)) and cpu_winograd.applies(conv(), x(29))  # 8x8 tiles
-    assert not cpu_winograd.applies(conv(), x(28))  # 7x7 tiles < MIN_TILES
-    assert not cpu_winograd.applies(conv(), x(32, torch.bfloat16))
+    monkeypatch.delenv("FASTSD_CPU_WINOGRAD", raising=False)
+    variant = lambda side, **kw: cpu_winograd.variant_for(conv(**kw), x(side))  # noqa: E731
+    assert variant(64) is variant(32) is variant(29) is cpu_winograd.F4
+    assert variant(28) is variant(16) is variant(15) is cpu_winograd.F2 and variant(14) is None
+    assert cpu_winograd.variant_for(conv(), x(32, torch.bfloat16)) is None
     for other in (dict(stride=2), dict(k=1, padding=0), dict(groups=2), dict(dilation=2, padding=2), dict(padding=0)):
-        assert not cpu_winograd.applies(conv(**other), x(32)), other
-    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "0")  # the memory-for-time trade turned off
-    assert not cpu_winograd.applies(conv(), x(32))
+        assert variant(32, **other) is None and variant(16, **other) is None, other
+    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "4x4")  # F(2x2)'s memory-for-time trade turned off
+    assert variant(32) is cpu_winograd.F4 and variant(16) is None
+    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "0")  # both turned off
+    assert variant(32) is None and variant(16) is None
 
 
 def test_layer_that_chose_winograd(monkeypatch):
@@ -263,7 +271,7 @@ def test_layer_that_chose_winograd(monkeypatch):
 
     class Choice:
         def choose(self, key, candidates, default):
-            return "winograd" if "winograd" in candidates else default
+            return next((c for c in candidates if c.startswith("winograd")), default)
 
     monkeypatch.setattr(cpu_tune, "tuner", Choice)
     torch.manual_seed(0)
@@ -277,9 +285,12 @@ def test_layer_that_chose_winograd(monkeypatch):
         y = conv(x)
         assert _rel(y, plain(x)) < 5e-6 and conv._winograd is not None and not conv.weight.is_mkldnn
         assert torch.equal(conv(x), y)
+        assert set(conv._winograd) == {"winograd"}  # F(4x4) at 32x32
+        mid = torch.randn(2, 16, 16, 16)
+        assert _rel(conv(mid), plain(mid)) < 5e-6 and set(conv._winograd) == {"winograd", "winograd2"}  # F(2x2)
         small = torch.randn(2, 16, 8, 8)
         torch.testing.assert_close(conv(small), plain(small))  # 4 tiles: not covered, packed
-        assert conv.weight.is_mkldnn and conv._winograd is not None  # still the choice at 32x32
+        assert conv.weight.is_mkldnn and set(conv._winograd) == {"winograd", "winograd2"}  # still chosen there
         assert torch.equal(conv(x), y) and not conv.weight.is_mkldnn
     assert all(torch.equal(v, before[k]) for k, v in conv.state_dict().items())
     make_plain(conv)

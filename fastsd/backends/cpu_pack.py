@@ -153,25 +153,29 @@ class _Packable:
 
 
 class PackableConv2d(_Packable, nn.Conv2d):
-    _winograd: torch.Tensor | None = None  # cpu_winograd.weight_transform of the weight, while a shape uses it
+    _winograd: dict | None = None  # Winograd variant name -> the weight transformed for it, while a shape uses it
 
     def _more_candidates(self, x: torch.Tensor, dense: torch.Tensor) -> dict:
-        if not cpu_winograd.applies(self, x):
+        v = cpu_winograd.variant_for(self, x)
+        if v is None:
             return {}
-        return {"winograd": lambda: cpu_winograd.conv3x3(x, self._winograd_weight(dense), self.bias)}
+        return {v.name: lambda: cpu_winograd.conv3x3(x, self._winograd_weight(v, dense), self.bias, v)}
 
-    def _winograd_weight(self, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def _winograd_weight(self, v: cpu_winograd.Variant, dense: torch.Tensor | None = None) -> torch.Tensor:
         if self._winograd is None:
-            self._winograd = cpu_winograd.weight_transform(self._dense_weight() if dense is None else dense)
-        return self._winograd
+            self._winograd = {}
+        if v.name not in self._winograd:
+            self._winograd[v.name] = cpu_winograd.weight_transform(self._dense_weight() if dense is None else dense, v)
+        return self._winograd[v.name]
 
     def _chosen(self) -> None:
-        if "winograd" not in self._decided.values():
-            self._winograd = None  # 4x the weight's size
+        if self._winograd:  # 1.8-4x the weight's size: kept only for a variant some shape uses
+            self._winograd = {n: u for n, u in self._winograd.items() if n in self._decided.values()} or None
 
     def _run_other(self, use: str, x: torch.Tensor) -> torch.Tensor:
-        if use == "winograd":
-            return cpu_winograd.conv3x3(x, self._winograd_weight(), self.bias)
+        if use in cpu_winograd.VARIANTS:
+            v = cpu_winograd.VARIANTS[use]
+            return cpu_winograd.conv3x3(x, self._winograd_weight(v), self.bias, v)
         return super()._run_other(use, x)
 
     def _shape_key(self, x: torch.Tensor) -> tuple[tuple, tuple]:

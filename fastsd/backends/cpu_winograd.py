@@ -1,22 +1,29 @@
-"""3x3 convolutions (stride 1, padding 1) as Winograd F(4x4, 3x3) for fp32 on a CPU: a quarter of the
-multiplications of a direct convolution (36 per 4x4 output tile instead of 144), in 36 GEMMs.
+"""3x3 convolutions (stride 1, padding 1) as Winograd F(m x m, 3x3) for fp32 on a CPU: fewer multiplications
+than a direct convolution (144 per 4x4 output tile), in (m+2)^2 GEMMs. Two tile sizes:
 
-    y = A^T [ (G g G^T) . (B^T d B) ] A     (Lavin & Gray 2015; interpolation points 0, +-1, +-2, infinity)
+- F(4x4, 3x3) ("winograd"): 36 multiplications per 4x4 output tile, from 32x32 px up;
+- F(2x2, 3x3) ("winograd2"): 16 per 2x2 tile (64 per 4x4), from 16x16 px up to where F(4x4) takes over.
 
-The input tiles (6x6, overlapping by 2) are transformed with one small GEMM by kron(B^T, B^T), multiplied
-per transformed position (a batched GEMM against the weight transformed once, `weight_transform`), and
-transformed back with kron(A^T, A^T). All in fp32: the transforms grow values up to ~100x (the points +-2
-give factors 4, 5 and 8), so in fp32 the error is a few times a direct convolution's (tests/test_cpu_paths.py
-bounds it), and it is not used for bf16.
+    y = A^T [ (G g G^T) . (B^T d B) ] A     (Lavin & Gray 2015; F(4x4): points 0, +-1, +-2, infinity;
+                                               F(2x2): 0, +-1, infinity)
 
-It trades memory for time: the transformed weight is 4x the weight's size, kept beside the weight (which
-stays for LoRA merges and state_dict) by a layer that `cpu_tune` measured faster this way at its shape
-(cpu_pack.PackableConv2d), offered only from MIN_TILES output tiles up. FASTSD_CPU_WINOGRAD=0 never offers it.
+The input tiles (m+2 square, overlapping by 2) are transformed with one small GEMM by kron(B^T, B^T),
+multiplied per transformed position (a batched GEMM against the weight transformed once, `weight_transform`),
+and transformed back with kron(A^T, A^T). All in fp32: F(4x4)'s transforms grow values up to ~100x (the points
++-2 give factors 4, 5 and 8), so its error is a few times a direct convolution's; F(2x2)'s (factors 1 and 1/2)
+is below it (tests/test_cpu_paths.py bounds both). Not used for bf16.
+
+It trades memory for time: the transformed weight is (m+2)^2/9 the weight's size (4x for F(4x4), 1.8x for
+F(2x2)), kept beside the weight (which stays for LoRA merges and state_dict) by a layer that `cpu_tune`
+measured faster this way at its shape (cpu_pack.PackableConv2d), offered only from MIN_TILES output tiles
+up (F(2x2) where F(4x4) has fewer: its transforms move more data per output, and at 32x32 and up F(4x4) is
+the faster of the two). FASTSD_CPU_WINOGRAD=4x4 offers only F(4x4), FASTSD_CPU_WINOGRAD=0 neither.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from fractions import Fraction as Fr
 
 import torch
@@ -24,71 +31,103 @@ import torch.nn.functional as F
 from torch import nn
 
 ENV = "FASTSD_CPU_WINOGRAD"
-M, R = 4, 3  # output tile, kernel
-A = M + R - 1  # input tile (6)
+R = 3  # kernel
 CHUNK_BYTES = 32 << 20  # transformed input tiles per chunk
-MIN_TILES = 64  # output tiles per image (32x32 px and up): below, a 4x copy of the weight buys little time
-
-_BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-       [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
-_G = [[Fr(1, 4), 0, 0], [Fr(-1, 6), Fr(-1, 6), Fr(-1, 6)], [Fr(-1, 6), Fr(1, 6), Fr(-1, 6)],
-      [Fr(1, 24), Fr(1, 12), Fr(1, 6)], [Fr(1, 24), Fr(-1, 12), Fr(1, 6)], [0, 0, 1]]
-_AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+MIN_TILES = 64  # output tiles per image: below, a copy of the weight 1.8-4x its size buys little time
 
 
 def _f64(rows) -> torch.Tensor:
     return torch.tensor([[float(v) for v in r] for r in rows], dtype=torch.float64)
 
 
-BT, G, AT = _f64(_BT), _f64(_G), _f64(_AT)
-W_T = torch.kron(G, G).float()  # (36, 9): a flattened 3x3 kernel (row-major) -> its transform
-IN_T = torch.kron(BT, BT).float()  # (36, 36): a flattened 6x6 tile -> its transform
-OUT_T = torch.kron(AT, AT).float()  # (16, 36): a transformed 6x6 product -> the 4x4 output tile
+@dataclass(frozen=True, eq=False)
+class Variant:
+    """F(m x m, 3x3): its name among a layer's candidates and its transforms, flattened by kron."""
+    name: str
+    m: int  # output tile
+    w_t: torch.Tensor  # (a*a, 9): a flattened 3x3 kernel (row-major) -> its transform
+    in_t: torch.Tensor  # (a*a, a*a): a flattened a x a input tile -> its transform
+    out_t: torch.Tensor  # (m*m, a*a): a transformed product -> the m x m output tile
+
+    @property
+    def a(self) -> int:
+        """Input tile side."""
+        return self.m + R - 1
+
+    @classmethod
+    def build(cls, name: str, bt, g, at) -> Variant:
+        bt, g, at = _f64(bt), _f64(g), _f64(at)
+        return cls(name, at.shape[0], torch.kron(g, g).float(), torch.kron(bt, bt).float(), torch.kron(at, at).float())
 
 
-def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv` on `x` is a case this covers (fp32, 3x3, stride 1, padding 1, no dilation or groups)
-    and worth a try (at least MIN_TILES output tiles per image), and FASTSD_CPU_WINOGRAD is not 0."""
-    return (os.environ.get(ENV) != "0" and x.dtype == torch.float32 and x.dim() == 4
+F4 = Variant.build(
+    "winograd",
+    bt=[[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+    g=[[Fr(1, 4), 0, 0], [Fr(-1, 6), Fr(-1, 6), Fr(-1, 6)], [Fr(-1, 6), Fr(1, 6), Fr(-1, 6)],
+       [Fr(1, 24), Fr(1, 12), Fr(1, 6)], [Fr(1, 24), Fr(-1, 12), Fr(1, 6)], [0, 0, 1]],
+    at=[[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])
+F2 = Variant.build(
+    "winograd2",
+    bt=[[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    g=[[1, 0, 0], [Fr(1, 2), Fr(1, 2), Fr(1, 2)], [Fr(1, 2), Fr(-1, 2), Fr(1, 2)], [0, 0, 1]],
+    at=[[1, 1, 1, 0], [0, 1, -1, -1]])
+VARIANTS = {v.name: v for v in (F4, F2)}
+
+
+def variant_for(conv: nn.Conv2d, x: torch.Tensor) -> Variant | None:
+    """The Winograd variant to try for `conv` on `x`, if any: a case this covers (fp32, 3x3, stride 1,
+    padding 1, no dilation or groups) with at least MIN_TILES output tiles per image, F(4x4) where it has
+    them, else F(2x2); among the variants FASTSD_CPU_WINOGRAD allows (`offered`)."""
+    if not (x.dtype == torch.float32 and x.dim() == 4
             and tuple(conv.kernel_size) == (R, R) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
-            and tuple(conv.dilation) == (1, 1) and conv.groups == 1
-            and math.prod(tile_counts(*x.shape[2:])) >= MIN_TILES)
+            and tuple(conv.dilation) == (1, 1) and conv.groups == 1):
+        return None
+    return next((v for v in offered() if math.prod(tile_counts(*x.shape[2:], v)) >= MIN_TILES), None)
 
 
-def tile_counts(h: int, w: int) -> tuple[int, int]:
+def offered() -> tuple[Variant, ...]:
+    """FASTSD_CPU_WINOGRAD: unset = both variants; `4x4` = F(4x4) only (32x32 px and up: less memory);
+    `0` = neither (the least memory)."""
+    setting = os.environ.get(ENV, "").strip().lower()
+    return () if setting in ("0", "off", "no", "false") else (F4,) if setting == "4x4" else (F4, F2)
+
+
+def tile_counts(h: int, w: int, v: Variant = F4) -> tuple[int, int]:
     """Output tiles per column and per row of an h x w output (the last ones cut by the border)."""
-    return -(-h // M), -(-w // M)
+    return -(-h // v.m), -(-w // v.m)
 
 
-def weight_transform(w: torch.Tensor) -> torch.Tensor:
-    """(K, C, 3, 3) fp32 weight -> (36, C, K) G g G^T per (K, C) pair, flattened: a view of a (K, 36, C)
-    tensor (K GEMMs of (36, 9) x (9, C), no copy of the weight when it is channels_last; the batched GEMM
+def weight_transform(w: torch.Tensor, v: Variant = F4) -> torch.Tensor:
+    """(K, C, 3, 3) fp32 weight -> (a*a, C, K) G g G^T per (K, C) pair, flattened: a view of a (K, a*a, C)
+    tensor (K GEMMs of (a*a, 9) x (9, C), no copy of the weight when it is channels_last; the batched GEMM
     takes the transposed operand as it is)."""
     k, c = w.shape[:2]
-    return torch.matmul(W_T, w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c)).permute(1, 2, 0)
+    return torch.matmul(v.w_t, w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c)).permute(1, 2, 0)
 
 
-def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.conv2d(x, w, bias, padding=1) for u = weight_transform(w); the result is channels_last. Rows of
+def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant = F4) -> torch.Tensor:
+    """F.conv2d(x, w, bias, padding=1) for u = weight_transform(w, v); the result is channels_last. Rows of
     tiles go through in chunks whose transformed tiles take <= CHUNK_BYTES (a VAE's 512x512 layers)."""
     n, c, h, w = x.shape
     k = u.shape[-1]
-    th, tw = tile_counts(h, w)
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + tw * M - w, 1, 1 + th * M - h))  # NHWC, zero border
-    out = torch.empty(n, th, M, tw, M, k, dtype=x.dtype)
-    step = max(1, CHUNK_BYTES // (A * A * n * tw * max(c, k) * x.element_size()))  # tile rows per chunk
+    m, a = v.m, v.a
+    th, tw = tile_counts(h, w, v)
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + tw * m - w, 1, 1 + th * m - h))  # NHWC, zero border
+    out = torch.empty(n, th, m, tw, m, k, dtype=x.dtype)
+    step = max(1, CHUNK_BYTES // (a * a * n * tw * max(c, k) * x.element_size()))  # tile rows per chunk
     for r in range(0, th, step):
         rows = min(step, th - r)
-        tiles = xp[:, r * M:(r + rows) * M + R - 1].unfold(1, A, M).unfold(2, A, M)  # (n, rows, tw, c, 6, 6)
-        d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(A * A, -1)  # (36, n*rows*tw*c): the one gather copy
-        v = torch.mm(IN_T, d).view(A * A, -1, c)  # (36, tiles, c)
-        prod = torch.bmm(v, u)  # (36, tiles, k)
-        y = torch.mm(OUT_T, prod.view(A * A, -1)).view(M, M, n, rows, tw, k).permute(2, 3, 0, 4, 1, 5)
+        tiles = xp[:, r * m:(r + rows) * m + R - 1].unfold(1, a, m).unfold(2, a, m)  # (n, rows, tw, c, a, a)
+        d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(a * a, -1)  # (a*a, n*rows*tw*c): the one gather copy
+        t = torch.mm(v.in_t, d).view(a * a, -1, c)  # (a*a, tiles, c)
+        prod = torch.bmm(t, u)  # (a*a, tiles, k)
+        y = torch.mm(v.out_t, prod.view(a * a, -1)).view(m, m, n, rows, tw, k).permute(2, 3, 0, 4, 1, 5)
         if bias is not None:
             torch.add(y, bias, out=out[:, r:r + rows])
         else:
             out[:, r:r + rows] = y
-    out = out.view(n, th * M, tw * M, k)
-    if th * M != h or tw * M != w:
+    out = out.view(n, th * m, tw * m, k)
+    if th * m != h or tw * m != w:
         out = out[:, :h, :w].contiguous()
     return out.permute(0, 3, 1, 2)
