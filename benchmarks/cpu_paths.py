@@ -4,7 +4,8 @@
 
 Rows: attention (SDPA vs fastsd/backends/cpu_attention.py, bf16; SDPA in fp32 for reference), convolution and
 linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3
-convolutions also as Winograd F(4x4) or F(2x2), fastsd/backends/cpu_winograd.py, where it applies), and the
+convolutions also as Winograd F(4x4) and F(2x2), fastsd/backends/cpu_winograd.py, where each has enough tiles;
+* marks the one the cpu backend offers there), and the
 transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
 they say why). Under `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` it
 times the AVX2 paths of an AVX-512 machine. Min of --repeat calls after one warm-up, in ms; the error
@@ -26,7 +27,7 @@ from fastsd.cpuinfo import cpu_model, isa_label, native_bf16
 from fastsd.models.layers import BasicTransformerBlock
 
 ATTENTION = [(4096, 4096, 40, 8), (1024, 1024, 80, 8), (256, 256, 160, 8), (4096, 77, 40, 8), (4096, 4096, 512, 1)]
-CONV = [(320, 320, 64, 3), (640, 640, 32, 3), (1280, 1280, 32, 3), (1280, 1280, 16, 3), (1280, 1280, 8, 3),
+CONV = [(320, 320, 64, 3), (640, 640, 32, 3), (1280, 1280, 32, 3), (1280, 1280, 16, 3), (2560, 1280, 16, 3), (1280, 1280, 8, 3),
         (2560, 1280, 8, 3), (2560, 1280, 4, 3), (960, 320, 64, 3), (640, 320, 64, 1), (2560, 1280, 8, 1)]
 NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 LINEAR = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5120), (512, 1280, 10240)]
@@ -90,11 +91,13 @@ def rows(repeat: int, all_dtypes: bool = False):
             xd = x.to(dtype).contiguous(memory_format=torch.channels_last)
             shape = f"{ksize}x{ksize} {cin}->{cout}, 2x{side}x{side}"
             yield from _packed_rows("conv", shape, dtype, conv, xd, ref, repeat)
-            v = cpu_winograd.variant_for(conv, xd)
-            if v is not None:
-                u = cpu_winograd.weight_transform(conv.weight, v)
-                fn = lambda: cpu_winograd.conv3x3(xd, u, conv.bias, v)  # noqa: E731
-                yield "conv", shape, NAMES[dtype], f"Winograd F({v.m}x{v.m})", _ms(fn, repeat), _rel(fn(), ref)
+            offered = cpu_winograd.variant_for(conv, xd)
+            for v in cpu_winograd.VARIANTS.values():  # each variant with enough tiles here; "*": the one offered
+                if cpu_winograd.covers(conv, xd) and cpu_winograd.enough_tiles(xd, v):
+                    u = cpu_winograd.weight_transform(conv.weight, v)
+                    fn = lambda: cpu_winograd.conv3x3(xd, u, conv.bias, v)  # noqa: E731
+                    name = f"Winograd F({v.m}x{v.m})" + ("*" if v is offered else "")
+                    yield "conv", shape, NAMES[dtype], name, _ms(fn, repeat), _rel(fn(), ref)
     for m, kdim, n in LINEAR:
         for dtype in dtypes:
             lin = torch.nn.Linear(kdim, n).requires_grad_(False)

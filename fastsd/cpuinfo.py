@@ -15,6 +15,7 @@ import platform
 
 ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
 FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
                      "avx512_bf16", "avx512_fp16", "avx_vnni", "avx_ne_convert", "amx_tile", "amx_bf16",
                      "amx_int8", "asimd", "sve", "bf16")
@@ -69,6 +70,23 @@ def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     if onednn and onednn not in _ONEDNN_BF16_ISAS:
         return False
     return not os.environ.get("ATEN_CPU_CAPABILITY", "").lower().startswith(("avx2", "default", "zvector"))
+
+
+def memory_bytes() -> int | None:
+    """The RAM this process may use: the machine's, or its cgroup's limit when lower (a container); None
+    where neither can be read."""
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as f:
+                sizes.append(int(f.read().strip()))  # "max" (no limit): not a number
+        except (OSError, ValueError):
+            pass
+    return min(sizes) if sizes else None
 
 
 def describe() -> dict:

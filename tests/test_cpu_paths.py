@@ -246,10 +246,10 @@ def test_winograd_conv3x3_matches_the_convolution(case, v):
 
 def test_winograd_applies_only_where_it_can(monkeypatch):
     """F(4x4) from 8x8 of its tiles (29-32 px) up, F(2x2) below that from 8x8 of its tiles (15-16 px) up, neither
-    for other convolutions or dtypes; FASTSD_CPU_WINOGRAD=4x4 leaves F(4x4) only, =0 neither."""
+    for other convolutions or dtypes; FASTSD_CPU_WINOGRAD=all offers both, =4x4 F(4x4) only, =0 neither."""
     conv = lambda **kw: torch.nn.Conv2d(8, 8, kw.pop("k", 3), **{"padding": 1, **kw})  # noqa: E731
     x = lambda side, dtype=torch.float32: torch.zeros(1, 8, side, side, dtype=dtype)  # noqa: E731
-    monkeypatch.delenv("FASTSD_CPU_WINOGRAD", raising=False)
+    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "all")  # F(2x2) whatever this machine's RAM
     variant = lambda side, **kw: cpu_winograd.variant_for(conv(**kw), x(side))  # noqa: E731
     assert variant(64) is variant(32) is variant(29) is cpu_winograd.F4
     assert variant(28) is variant(16) is variant(15) is cpu_winograd.F2 and variant(14) is None
@@ -260,6 +260,29 @@ def test_winograd_applies_only_where_it_can(monkeypatch):
     assert variant(32) is cpu_winograd.F4 and variant(16) is None
     monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "0")  # both turned off
     assert variant(32) is None and variant(16) is None
+
+
+@pytest.mark.parametrize("setting", ["", "all", "4x4"])
+def test_winograd_f2_needs_the_memory_unless_asked_for(monkeypatch, setting):
+    """Unset, F(2x2) (+1.3 GiB for SD1.5 in fp32) is offered only where the process may use F2_MIN_MEMORY of
+    RAM (the machine's, or a container's limit); `all` offers it anyway, `4x4` never."""
+    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", setting)
+    for ram in (8 << 30, cpu_winograd.F2_MIN_MEMORY, None):  # None: not readable
+        monkeypatch.setattr(cpuinfo, "memory_bytes", lambda: ram)  # noqa: B023
+        want = setting == "all" or (setting == "" and ram is not None and ram >= cpu_winograd.F2_MIN_MEMORY)
+        assert (cpu_winograd.F2 in cpu_winograd.offered()) == want, (setting, ram)
+        assert cpu_winograd.F4 in cpu_winograd.offered()
+
+
+def test_memory_bytes_is_the_smaller_of_the_machine_and_its_cgroup(tmp_path, monkeypatch):
+    machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(cpuinfo, "CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
+    assert cpuinfo.memory_bytes() == machine  # no cgroup files
+    v2.write_text("max\n")  # no limit
+    assert cpuinfo.memory_bytes() == machine
+    v1.write_text(f"{machine // 4}\n")  # a container's limit
+    assert cpuinfo.memory_bytes() == machine // 4
 
 
 def test_layer_that_chose_winograd(monkeypatch):
@@ -274,6 +297,7 @@ def test_layer_that_chose_winograd(monkeypatch):
             return next((c for c in candidates if c.startswith("winograd")), default)
 
     monkeypatch.setattr(cpu_tune, "tuner", Choice)
+    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "all")  # F(2x2) at 16x16 whatever this machine's RAM
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
     plain = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False)

@@ -1,8 +1,8 @@
 """The cpu backend: PyTorch tuned for oneDNN, for inference on a CPU (`auto` picks it there).
 
 - layout: channels_last activations; every frozen Conv2d / Linear packs its weight in oneDNN's blocked
-  layout at its first call (cpu_pack.py); fp32 3x3 convolutions at 32x32 and up may run as Winograd
-  F(4x4, 3x3) instead (cpu_winograd.py);
+  layout at its first call (cpu_pack.py); fp32 3x3 convolutions at 16x16 and up may run as Winograd
+  F(2x2, 3x3) or, from 32x32, F(4x4, 3x3) instead (cpu_winograd.py);
 - attention: bf16 chunked over queries (cpu_attention.py), only where bf16 is native;
 - feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache, GELU * x in place;
 - group_norm: bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).

@@ -17,7 +17,8 @@ It trades memory for time: the transformed weight is (m+2)^2/9 the weight's size
 F(2x2)), kept beside the weight (which stays for LoRA merges and state_dict) by a layer that `cpu_tune`
 measured faster this way at its shape (cpu_pack.PackableConv2d), offered only from MIN_TILES output tiles
 up (F(2x2) where F(4x4) has fewer: its transforms move more data per output, and at 32x32 and up F(4x4) is
-the faster of the two). FASTSD_CPU_WINOGRAD=4x4 offers only F(4x4), FASTSD_CPU_WINOGRAD=0 neither.
+the faster of the two). F(2x2) is offered where the process may use >= F2_MIN_MEMORY of RAM (README has the
+memory each setting took); FASTSD_CPU_WINOGRAD=all offers both anyway, =4x4 only F(4x4), =0 neither.
 """
 from __future__ import annotations
 
@@ -30,10 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastsd import cpuinfo
+
 ENV = "FASTSD_CPU_WINOGRAD"
 R = 3  # kernel
 CHUNK_BYTES = 32 << 20  # transformed input tiles per chunk
 MIN_TILES = 64  # output tiles per image: below, a copy of the weight 1.8-4x its size buys little time
+F2_MIN_MEMORY = 12 << 30  # RAM below which F(2x2) is not offered unless asked for (SD1.5 fp32: +1.3 GiB peak)
 
 
 def _f64(rows) -> torch.Tensor:
@@ -79,18 +83,31 @@ def variant_for(conv: nn.Conv2d, x: torch.Tensor) -> Variant | None:
     """The Winograd variant to try for `conv` on `x`, if any: a case this covers (fp32, 3x3, stride 1,
     padding 1, no dilation or groups) with at least MIN_TILES output tiles per image, F(4x4) where it has
     them, else F(2x2); among the variants FASTSD_CPU_WINOGRAD allows (`offered`)."""
-    if not (x.dtype == torch.float32 and x.dim() == 4
-            and tuple(conv.kernel_size) == (R, R) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
-            and tuple(conv.dilation) == (1, 1) and conv.groups == 1):
+    if not covers(conv, x):
         return None
-    return next((v for v in offered() if math.prod(tile_counts(*x.shape[2:], v)) >= MIN_TILES), None)
+    return next((v for v in offered() if enough_tiles(x, v)), None)
+
+
+def covers(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv` on `x` is a convolution this computes: fp32, 3x3, stride 1, padding 1, no dilation or groups."""
+    return (x.dtype == torch.float32 and x.dim() == 4
+            and tuple(conv.kernel_size) == (R, R) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
+            and tuple(conv.dilation) == (1, 1) and conv.groups == 1)
+
+
+def enough_tiles(x: torch.Tensor, v: Variant) -> bool:
+    return math.prod(tile_counts(*x.shape[2:], v)) >= MIN_TILES
 
 
 def offered() -> tuple[Variant, ...]:
-    """FASTSD_CPU_WINOGRAD: unset = both variants; `4x4` = F(4x4) only (32x32 px and up: less memory);
-    `0` = neither (the least memory)."""
+    """FASTSD_CPU_WINOGRAD: unset = F(4x4), and F(2x2) too where this process may use >= F2_MIN_MEMORY of RAM;
+    `all` = both; `4x4` = F(4x4) only (32x32 px and up: less memory); `0` = neither (the least memory)."""
     setting = os.environ.get(ENV, "").strip().lower()
-    return () if setting in ("0", "off", "no", "false") else (F4,) if setting == "4x4" else (F4, F2)
+    if setting in ("0", "off", "no", "false"):
+        return ()
+    if setting == "4x4" or (setting != "all" and (cpuinfo.memory_bytes() or 0) < F2_MIN_MEMORY):
+        return (F4,)
+    return (F4, F2)
 
 
 def tile_counts(h: int, w: int, v: Variant = F4) -> tuple[int, int]:
