@@ -165,7 +165,8 @@ class PackableConv2d(_Packable, nn.Conv2d):
         if self._winograd is None:
             self._winograd = {}
         if v.name not in self._winograd:
-            self._winograd[v.name] = cpu_winograd.weight_transform(self._dense_weight() if dense is None else dense, v)
+            w = self._dense_weight() if dense is None else dense
+            self._winograd[v.name] = cpu_winograd.weight_transform(w, v)
         return self._winograd[v.name]
 
     def _chosen(self) -> None:
