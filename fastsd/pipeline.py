@@ -139,7 +139,7 @@ class Pipeline:
                 model.to("cpu")
                 torch.cuda.empty_cache()
         else:
-            with self._backend.running():
+            with self._backend.running(model):
                 yield model
 
     # ---- LoRA (fastsd/lora.py) --------------------------------------------------------------------------

@@ -325,6 +325,48 @@ def test_layer_that_chose_winograd(monkeypatch):
         assert _rel(conv(x) - conv.bias.view(1, -1, 1, 1), 2 * (y - conv.bias.view(1, -1, 1, 1))) < 5e-6
 
 
+def test_replaced_weight_reuses_the_winograd_memory(monkeypatch):
+    """A weight replaced through the cpu backend (a LoRA merge or unload) keeps the layer's transformed weight
+    aside, and the new weight's transform is written over it at the next call (no fresh memory): same result as
+    a plain layer with the new weight; unprepare drops what is kept aside."""
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+
+    class Choice:
+        def choose(self, key, candidates, default):
+            return next((c for c in candidates if c.startswith("winograd")), default)
+
+    monkeypatch.setattr(cpu_tune, "tuner", Choice)
+    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "all")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False)
+    cpu.BACKEND.prepare(conv)
+    x32, x16 = (torch.randn(2, 16, s, s).contiguous(memory_format=torch.channels_last) for s in (32, 16))
+    with torch.no_grad():
+        conv(x32), conv(x16)
+        ptrs = {n: u.data_ptr() for n, u in conv._winograd.items()}
+        assert set(ptrs) == {"winograd", "winograd2"}
+        new = torch.nn.Parameter(torch.randn_like(conv.weight), requires_grad=False)
+        cpu.BACKEND.replace_weight(conv, new)
+        assert conv._winograd is None and set(conv._winograd_spare) == {"winograd", "winograd2"}
+        plain = torch.nn.functional.conv2d
+        for x in (x32, x16):
+            assert _rel(conv(x), plain(x, new.detach(), conv.bias, padding=1)) < 5e-6
+        assert {n: u.data_ptr() for n, u in conv._winograd.items()} == ptrs  # written over, not allocated
+        assert not conv.__dict__.get("_winograd_spare")  # both used
+        cpu.BACKEND.replace_weight(conv, torch.nn.Parameter(new * 2, requires_grad=False))
+        small = torch.randn(1, 16, 4, 4)  # 1 tile: no Winograd at this shape; a run there leaves the spares unused
+        with cpu.BACKEND.running(conv):
+            torch.testing.assert_close(conv(small), plain(small, new * 2, conv.bias, padding=1))
+            assert set(conv._winograd_spare) == {"winograd", "winograd2"} and conv._winograd is None
+        assert "_winograd_spare" not in conv.__dict__  # dropped after the run
+        conv(x32)
+        cpu.BACKEND.replace_weight(conv, new)
+        assert "_winograd_spare" in conv.__dict__
+    cpu.BACKEND.unprepare(conv)
+    assert type(conv) is torch.nn.Conv2d and "_winograd_spare" not in conv.__dict__
+
+
 def test_tuner_measures_again_when_a_candidate_is_new(tmp_path, monkeypatch):
     """A choice cached before a candidate existed (an older fastsd's) is measured again with it."""
     monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)

@@ -80,8 +80,8 @@ class Backend:
         module.weight = weight
         self.prepare(module)
 
-    def running(self) -> contextlib.AbstractContextManager:
-        """Wraps each model run (a backend may tidy up after it)."""
+    def running(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Wraps each run of `model` (a backend may tidy up after it)."""
         return contextlib.nullcontext()
 
     def __repr__(self) -> str:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fastsd import cpuinfo
 from fastsd.backends import Backend, Ops, reference
 from fastsd.backends.cpu_attention import attention_chunked
-from fastsd.backends.cpu_pack import PACKED, make_packable, make_plain, release_freed_memory
+from fastsd.backends.cpu_pack import PACKED, drop_spares, make_packable, make_plain, release_freed_memory
 from fastsd.backends.cpu_tune import tuner
 
 FF_CHUNK_TOKENS = 2048  # tokens per feed-forward chunk (1024 and 2048 were best of 256..2048 tried)
@@ -85,19 +85,22 @@ class CPUBackend(Backend):
         return super().unprepare(model)
 
     def plain_weights(self, model):
-        """Dense weights (packed ones unpacked) in their channels_last layout: no layout copy for a LoRA merge."""
-        make_plain(model)
+        """Dense weights (packed ones unpacked) in their channels_last layout: no layout copy for a LoRA merge;
+        Winograd-transformed weights kept aside for the merged weights' transforms to write over."""
+        make_plain(model, spare=True)
         return model
 
     def replace_weight(self, module, weight):
-        make_plain(module, unpack=False)  # its packed weight is dropped, not reordered back first
+        make_plain(module, unpack=False, spare=True)  # its packed weight is dropped, not reordered back first
         super().replace_weight(module, weight)
 
     @contextlib.contextmanager
-    def running(self):
-        """After a run that packed weights, hand the memory of the dense weights they replaced to the OS."""
+    def running(self, model):
+        """After a run: Winograd weights kept aside by a weight replacement and not reused are dropped; after
+        a run that packed weights, the memory of the dense weights they replaced goes back to the OS."""
         before = PACKED[0]
         yield
+        drop_spares(model)
         if PACKED[0] != before:
             release_freed_memory()
 

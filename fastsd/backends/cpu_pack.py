@@ -166,7 +166,8 @@ class PackableConv2d(_Packable, nn.Conv2d):
             self._winograd = {}
         if v.name not in self._winograd:
             w = self._dense_weight() if dense is None else dense
-            self._winograd[v.name] = cpu_winograd.weight_transform(w, v)
+            spare = self.__dict__.get("_winograd_spare", {}).pop(v.name, None)  # the replaced weight's
+            self._winograd[v.name] = cpu_winograd.weight_transform(w, v, out=spare)
         return self._winograd[v.name]
 
     def _chosen(self) -> None:
@@ -258,15 +259,21 @@ def make_packable(model: nn.Module) -> int:
     return n
 
 
-def make_plain(model: nn.Module, unpack: bool = True) -> int:
+def make_plain(model: nn.Module, unpack: bool = True, spare: bool = False) -> int:
     """The inverse of make_packable: plain Conv2d / Linear with dense weights again (bit for bit). With
-    unpack=False a packed weight is left as it is, for a caller that replaces it (no reorder back)."""
+    unpack=False a packed weight is left as it is, for a caller that replaces it (no reorder back). With
+    spare=True a layer keeps its Winograd-transformed weights as `_winograd_spare`, for the transforms of the
+    weight that replaces it (a LoRA merge) to write over in the next run (`drop_spares` after it)."""
     n = 0
     for m in list(model.modules()):
+        if not spare:
+            m.__dict__.pop("_winograd_spare", None)
         if isinstance(m, _Packable):
             if unpack:
                 m.unpack()
             m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+            if spare and m.__dict__.get("_winograd"):
+                m._winograd_spare = {**m.__dict__.get("_winograd_spare", {}), **m._winograd}
             for attr in ("_decided", "_packed_for", "_winograd"):
                 m.__dict__.pop(attr, None)
             for k, hook in list(m._state_dict_hooks.items()):
@@ -274,6 +281,12 @@ def make_plain(model: nn.Module, unpack: bool = True) -> int:
                     del m._state_dict_hooks[k]
             n += 1
     return n
+
+
+def drop_spares(model: nn.Module) -> None:
+    """Drop the Winograd weights make_plain(spare=True) kept aside that the run since did not write over."""
+    for m in model.modules():
+        m.__dict__.pop("_winograd_spare", None)
 
 
 @functools.cache

@@ -115,12 +115,16 @@ def tile_counts(h: int, w: int, v: Variant = F4) -> tuple[int, int]:
     return -(-h // v.m), -(-w // v.m)
 
 
-def weight_transform(w: torch.Tensor, v: Variant = F4) -> torch.Tensor:
+def weight_transform(w: torch.Tensor, v: Variant = F4, out: torch.Tensor | None = None) -> torch.Tensor:
     """(K, C, 3, 3) fp32 weight -> (a*a, C, K) G g G^T per (K, C) pair, flattened: a view of a (K, a*a, C)
     tensor (K GEMMs of (a*a, 9) x (9, C), no copy of the weight when it is channels_last; the batched GEMM
-    takes the transposed operand as it is)."""
+    takes the transposed operand as it is). `out`, an earlier result of the same shape (a weight this one
+    replaces), is written over: memory already in use, not fresh pages to fault in."""
     k, c = w.shape[:2]
-    return torch.matmul(v.w_t, w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c)).permute(1, 2, 0)
+    base = None if out is None else out.permute(2, 0, 1)  # the (K, a*a, C) tensor `out` is a view of
+    if base is None or base.shape != (k, v.a * v.a, c) or base.dtype != w.dtype or not base.is_contiguous():
+        base = None
+    return torch.matmul(v.w_t, w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c), out=base).permute(1, 2, 0)
 
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant = F4) -> torch.Tensor:
