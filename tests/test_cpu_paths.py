@@ -285,10 +285,9 @@ def test_memory_bytes_is_the_smaller_of_the_machine_and_its_cgroup(tmp_path, mon
     assert cpuinfo.memory_bytes() == machine // 4
 
 
-def test_layer_that_chose_winograd(monkeypatch):
-    """A packable 3x3 convolution whose measured choice is winograd: the same result as the plain layer, the
-    plain weight kept (state_dict bit for bit), the transformed weight dropped by make_plain and rebuilt from
-    a weight replaced meanwhile (a LoRA merge); at a shape it doesn't cover, the layer packs as before."""
+@pytest.fixture
+def winograd_chosen(monkeypatch):
+    """Every layer's measured choice is Winograd where it is offered, F(2x2) too whatever this machine's RAM."""
     if cpu_pack.packing_unavailable(torch.float32):
         pytest.skip(cpu_pack.packing_unavailable(torch.float32))
 
@@ -297,7 +296,13 @@ def test_layer_that_chose_winograd(monkeypatch):
             return next((c for c in candidates if c.startswith("winograd")), default)
 
     monkeypatch.setattr(cpu_tune, "tuner", Choice)
-    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "all")  # F(2x2) at 16x16 whatever this machine's RAM
+    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "all")
+
+
+def test_layer_that_chose_winograd(winograd_chosen):
+    """A packable 3x3 convolution whose measured choice is winograd: the same result as the plain layer, the
+    plain weight kept (state_dict bit for bit), the transformed weight dropped by make_plain and rebuilt from
+    a weight replaced meanwhile (a LoRA merge); at a shape it doesn't cover, the layer packs as before."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
     plain = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False)
@@ -325,19 +330,10 @@ def test_layer_that_chose_winograd(monkeypatch):
         assert _rel(conv(x) - conv.bias.view(1, -1, 1, 1), 2 * (y - conv.bias.view(1, -1, 1, 1))) < 5e-6
 
 
-def test_replaced_weight_reuses_the_winograd_memory(monkeypatch):
+def test_replaced_weight_reuses_the_winograd_memory(winograd_chosen):
     """A weight replaced through the cpu backend (a LoRA merge or unload) keeps the layer's transformed weight
     aside, and the new weight's transform is written over it at the next call (no fresh memory): same result as
-    a plain layer with the new weight; unprepare drops what is kept aside."""
-    if cpu_pack.packing_unavailable(torch.float32):
-        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
-
-    class Choice:
-        def choose(self, key, candidates, default):
-            return next((c for c in candidates if c.startswith("winograd")), default)
-
-    monkeypatch.setattr(cpu_tune, "tuner", Choice)
-    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "all")
+    a plain layer with the new weight; a run that doesn't use it, or unprepare, drops what is kept aside."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False)
     cpu.BACKEND.prepare(conv)
