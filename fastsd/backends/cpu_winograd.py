@@ -110,12 +110,12 @@ def offered() -> tuple[Variant, ...]:
     return (F4, F2)
 
 
-def tile_counts(h: int, w: int, v: Variant = F4) -> tuple[int, int]:
+def tile_counts(h: int, w: int, v: Variant) -> tuple[int, int]:
     """Output tiles per column and per row of an h x w output (the last ones cut by the border)."""
     return -(-h // v.m), -(-w // v.m)
 
 
-def weight_transform(w: torch.Tensor, v: Variant = F4, out: torch.Tensor | None = None) -> torch.Tensor:
+def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = None) -> torch.Tensor:
     """(K, C, 3, 3) fp32 weight -> (a*a, C, K) G g G^T per (K, C) pair, flattened: a view of a (K, a*a, C)
     tensor (K GEMMs of (a*a, 9) x (9, C), no copy of the weight when it is channels_last; the batched GEMM
     takes the transposed operand as it is). `out`, an earlier result of the same shape (a weight this one
@@ -127,7 +127,7 @@ def weight_transform(w: torch.Tensor, v: Variant = F4, out: torch.Tensor | None 
     return torch.matmul(v.w_t, w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c), out=base).permute(1, 2, 0)
 
 
-def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant = F4) -> torch.Tensor:
+def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant) -> torch.Tensor:
     """F.conv2d(x, w, bias, padding=1) for u = weight_transform(w, v); the result is channels_last. Rows of
     tiles go through in chunks whose transformed tiles take <= CHUNK_BYTES (a VAE's 512x512 layers)."""
     n, c, h, w = x.shape
