@@ -48,11 +48,12 @@ def test_chunked_bf16_attention_is_as_accurate_as_torch(shape, block):
 
 
 def test_chunked_attention_keeps_sharp_logits_accurate():
-    """Logits of size ~30: rounding q k^T to bf16 before the softmax would lose ~0.1 per logit; the
-    shift by the row max keeps the error near torch's."""
+    """Logits with std ~60: rounding q k^T to bf16 before the softmax would lose ~0.1-1 per logit, and their
+    unshifted exp overflows; the shift by the row max keeps the error near torch's."""
     q, k, v = _qkv(1, 2, 256, 256, 40, sharpness=60.0, seed=3)
     ref = reference.attention(q, k, v)
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    assert torch.isinf(torch.exp((q @ k.transpose(-1, -2)) * 40 ** -0.5)).any()  # exp without the shift: inf
     rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
     naive = torch.softmax((qb @ kb.transpose(-1, -2)) * 40 ** -0.5, -1) @ vb  # unshifted bf16 logits
     ours, torch_err = rel(attention_chunked(qb, kb, vb)), rel(reference.attention(qb, kb, vb))
