@@ -593,6 +593,7 @@ def test_rowmax_bf16_is_amax():
     s[1, 10:20] = -0.0
     s[2, :5] += 1000
     assert torch.equal(rowmax_bf16(s), s.amax(-1, keepdim=True))
+    assert torch.equal(rowmax_bf16(s[1:]), s[1:].amax(-1, keepdim=True))  # every row has a non-negative entry
 
 
 def test_changed_private_ops_fall_back_to_plain_with_one_warning(monkeypatch):
