@@ -378,6 +378,14 @@ def test_tuner_measures_again_when_a_candidate_is_new(tmp_path, monkeypatch):
     assert cpu_tune.Tuner(path).choose("k", {"a": nop, "b": nop, "c": nop}, default="a") == "c"
     assert measured == [{"a", "b"}, {"a", "b", "c"}]
     assert cpu_tune.Tuner(path).choose("k", {"a": nop, "b": nop, "c": nop}, default="a") == "c" and len(measured) == 2
+    # fewer candidates than measured (a setting that offers fewer, e.g. FASTSD_CPU_WINOGRAD=4x4 after the
+    # default): the best of them from the cached times, nothing measured, the cached entry kept for the others
+    saved = path.read_text()
+    assert cpu_tune.Tuner(path).choose("k", {"a": nop, "b": nop}, default="a") == "b"
+    times["b"] = 0.95  # no longer 10% faster than the default (only in the cache; never measured at this time)
+    assert cpu_tune.Tuner(path).choose("k", {"a": nop, "b": nop}, default="a") == "b"
+    assert len(measured) == 2 and path.read_text() == saved
+    assert cpu_tune.Tuner(path).choose("k", {"a": nop, "b": nop, "c": nop}, default="a") == "c" and len(measured) == 2
 
 
 def test_tuned_choice_is_measured_cached_and_honoured(tmp_path, monkeypatch):

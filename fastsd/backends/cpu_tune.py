@@ -119,7 +119,8 @@ class Tuner:
         return not machine_busy()
 
     def _new_candidates(self, key: str, candidates: dict) -> bool:
-        """Whether `candidates` has one the cached choice was not measured against (a newer fastsd's)."""
+        """Whether `candidates` has one the cached choice was not measured against (a newer fastsd's, or one a
+        setting left out then)."""
         with self._lock:
             entry = (self._choices or {}).get(key) or {}
         return not set(candidates) <= set(entry.get("ms", candidates))
@@ -132,13 +133,17 @@ class Tuner:
         if len(candidates) == 1 or mode() == "off":
             return default
         known = self.cached(key)
-        if known in candidates and not self._measure_again(key) and not self._new_candidates(key, candidates):
-            return known
+        if known is not None and not self._new_candidates(key, candidates) and not self._measure_again(key):
+            if known in candidates:
+                return known
+            with self._lock:
+                ms = self._choices[key].get("ms")
+            if ms:  # measured against more candidates than offered now (FASTSD_CPU_WINOGRAD=4x4 after the
+                return pick({k: ms[k] for k in candidates}, default)  # default): their best, the entry kept as is
         busy = machine_busy()
         times = measure(candidates)
         busy = busy or machine_busy()
-        best = min(times, key=times.get)
-        choice = best if times[best] <= MARGIN * times[default] else default
+        choice = pick(times, default)
         entry = {"choice": choice, "ms": {k: round(v * 1e3, 3) for k, v in times.items()}, "default": default}
         if busy:
             entry["busy"] = True  # kept and used, and measured again by a process that finds the machine quiet
@@ -156,6 +161,12 @@ class Tuner:
             if self._choices is None:
                 self._choices = self._load()
             return dict(self._choices)
+
+
+def pick(times: dict[str, float], default: str) -> str:
+    """The fastest of `times`, if it beats the default by MARGIN; else the default."""
+    best = min(times, key=times.get)
+    return best if times[best] <= MARGIN * times[default] else default
 
 
 def measure(candidates: dict[str, Callable[[], Any]]) -> dict[str, float]:
