@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fastsd import cpuinfo
 from fastsd.backends import Backend, Ops, reference
-from fastsd.backends.cpu_attention import attention_chunked
+from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import PACKED, drop_spares, make_packable, make_plain, release_freed_memory
 from fastsd.backends.cpu_tune import tuner
 
@@ -31,7 +31,8 @@ FF_CHUNK_TOKENS = 2048  # tokens per feed-forward chunk (1024 and 2048 were best
 def attention(q, k, v, *, scale=None, causal=False):
     if causal or q.dtype != torch.bfloat16 or torch.is_grad_enabled() or not cpuinfo.native_bf16():
         return reference.attention(q, k, v, scale=scale, causal=causal)
-    key = f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()}"
+    key = (f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
+           f"chunked v{CHUNKED_VERSION}")
     candidates = {"chunked": lambda: attention_chunked(q, k, v, scale=scale),
                   "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
     return candidates[tuner().choose(key, candidates, default="chunked")]()

@@ -24,6 +24,7 @@ import torch
 BLOCK_ELEMENTS = 1 << 21  # score elements per chunk: 2M (4 MiB in bf16); smaller chunks were slower
 PAD = 16  # v's columns (head dim + the ones column) are padded to a multiple of this
 LOG2E = 1.4426950408889634
+VERSION = 2  # part of the tuner's key: choices timed against another version of this algorithm are measured again
 
 
 def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
