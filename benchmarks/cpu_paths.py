@@ -93,8 +93,9 @@ def rows(repeat: int, all_dtypes: bool = False):
             shape = f"{ksize}x{ksize} {cin}->{cout}, 2x{side}x{side}"
             yield from _packed_rows("conv", shape, dtype, conv, xd, ref, repeat)
             offered = cpu_winograd.variant_for(conv, xd)
+            covered = cpu_winograd.covers(conv, xd)
             for v in cpu_winograd.VARIANTS.values():  # each variant with enough tiles here; "*": the one offered
-                if cpu_winograd.covers(conv, xd) and cpu_winograd.enough_tiles(xd, v):
+                if covered and cpu_winograd.enough_tiles(xd, v):
                     u = cpu_winograd.weight_transform(conv.weight, v)
                     fn = lambda: cpu_winograd.conv3x3(xd, u, conv.bias, v)  # noqa: E731
                     name = f"Winograd F({v.m}x{v.m})" + ("*" if v is offered else "")

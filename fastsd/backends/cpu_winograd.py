@@ -122,7 +122,7 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
     replaces), is written over: memory already in use, not fresh pages to fault in."""
     k, c = w.shape[:2]
     base = None if out is None else out.permute(2, 0, 1)  # the (K, a*a, C) tensor `out` is a view of
-    if base is None or base.shape != (k, v.a * v.a, c) or base.dtype != w.dtype or not base.is_contiguous():
+    if base is not None and (base.shape != (k, v.a * v.a, c) or base.dtype != w.dtype or not base.is_contiguous()):
         base = None
     return torch.matmul(v.w_t, w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c), out=base).permute(1, 2, 0)
 
