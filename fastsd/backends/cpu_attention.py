@@ -2,20 +2,27 @@
 (README "The CPU path" has the numbers, from `python -m fastsd.benchmarks.cpu_paths`).
 
 The queries are cut into chunks whose score block (heads x queries x keys, ~2M elements) stays in cache;
-each chunk is three GEMMs and one exp, all written into two buffers made once per call:
+each chunk's buffers are made once per call. Per chunk:
 
     m   = rowmax(q k^T)                  (bf16 GEMM, only for the row max)
-    s   = c * q k^T - c * m              (baddbmm: fp32 accumulation, scale and shift before the one rounding;
-                                          c = scale * log2(e), so that exp2 gives exp: PyTorch's exp2 is faster)
-    p   = exp2(s)                        (in place; s <= ~0, so no overflow; rounded to bf16 for the GEMM)
-    out = (p [v, 1]) / (p 1)             (v with a column of ones, padded to 16 columns: one GEMM gives the
-                                          unnormalised output and the row sums of the rounded p)
+    s   = c * q k^T - c * m              (baddbmm: fp32 accumulation, scale and shift before the one rounding)
 
-The shift keeps it accurate: the logits that matter (those near the max) are near 0, where bf16 is
-fine-grained. Rounding q k^T itself to bf16 is well above torch's error on sharp logits; the shifted form stays
-within 2x of torch's (tests/test_cpu_paths.py holds both). Dividing by the row sums after the GEMM, instead of
-normalising p before it (softmax), saves softmax's max and normalisation passes over the score block; the
-padded GEMM is faster than the 40-column one SD1.5's 64x64 attention has.
+then, for narrow heads (head dim + 1 <= RESIDUAL_MAX_WIDTH: SD1.5's 64x64 level, D 40), with c = scale * log2(e):
+
+    p   = exp2(s)                        (in place; s <= ~0, so no overflow; PyTorch's exp2 is faster than exp)
+    o   = p [v, 1]                       (v with a column of ones, padded to 16 columns: the unnormalised output
+                                          and the row sums in one GEMM, rounded to bf16)
+    r   = p [v, 1] - o                   (baddbmm, beta -1: what that rounding lost)
+    out = (o + r)[:, :D] / (o + r)[:, D] (in fp32, rounded once)
+
+and for wider heads (c = scale): out = softmax(s) v (softmax in fp32 inside, p rounded to bf16 for the GEMM).
+
+The shift keeps the logits that matter (those near the max) near 0, where bf16 is fine-grained: rounding
+q k^T itself to bf16 is well above torch's error on sharp logits. The output must be rounded once, after the
+normalisation, as SDPA does: dividing the bf16-rounded p [v, 1] by its rounded row sums doubled torch's error
+(2.1-2.5x on sharp logits). The residual GEMM restores that precision and, for a 48-column v, costs less than
+softmax's passes over the score block; for wide heads it costs more (tests/test_cpu_paths.py holds both
+within 2x of SDPA's error against fp32 on the same bf16 inputs).
 """
 from __future__ import annotations
 
@@ -23,8 +30,9 @@ import torch
 
 BLOCK_ELEMENTS = 1 << 21  # score elements per chunk: 2M (4 MiB in bf16); smaller chunks were slower
 PAD = 16  # v's columns (head dim + the ones column) are padded to a multiple of this
+RESIDUAL_MAX_WIDTH = 48  # widest padded [v, 1] normalised after the GEMM (with the residual); softmax beyond
 LOG2E = 1.4426950408889634
-VERSION = 2  # part of the tuner's key: choices timed against another version of this algorithm are measured again
+VERSION = 3  # part of the tuner's key: choices timed against another version of this algorithm are measured again
 
 
 def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -33,27 +41,40 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
     b, h, lq, d = q.shape
     lk = k.shape[2]
     n = b * h
-    c = (d ** -0.5 if scale is None else scale) * LOG2E
+    scale = d ** -0.5 if scale is None else scale
+    width = -(-(d + 1) // PAD) * PAD
+    residual = width <= RESIDUAL_MAX_WIDTH
+    c = scale * LOG2E if residual else scale
     qs = q.reshape(n, lq, d)
     kt = k.reshape(n, lk, d).transpose(1, 2).contiguous()  # (n, D, Lk): oneDNN would copy a transposed view per GEMM
-    width = -(-(d + 1) // PAD) * PAD
-    v1 = torch.zeros(n, lk, width, dtype=v.dtype, device=v.device)  # [v, 1, 0...]
-    v1[..., :d] = v.reshape(n, lk, d)
-    v1[..., d] = 1
+    if residual:
+        vs = torch.zeros(n, lk, width, dtype=v.dtype, device=v.device)  # [v, 1, 0...]
+        vs[..., :d] = v.reshape(n, lk, d)
+        vs[..., d] = 1
+    else:
+        vs = v.reshape(n, lk, d)
     out = torch.empty(n, lq, d, dtype=q.dtype, device=q.device)
     rows = max(1, block_elements // lk)  # query rows per chunk, over all heads of the chunk
     heads, chunk = (max(1, min(n, rows // lq)), lq) if rows >= lq else (1, rows)
     s_buf = torch.empty(heads, chunk, lk, dtype=q.dtype, device=q.device)
-    o_buf = torch.empty(heads, chunk, width, dtype=q.dtype, device=q.device)
+    if residual:
+        o_buf, r_buf = (torch.empty(heads, chunk, width, dtype=q.dtype, device=q.device) for _ in range(2))
+        f_buf = torch.empty(heads, chunk, width, dtype=torch.float32, device=q.device)
     for i in range(0, n, heads):
-        kt_i, v_i = kt[i:i + heads], v1[i:i + heads]
+        kt_i, v_i = kt[i:i + heads], vs[i:i + heads]
         for j in range(0, lq, chunk):
             qc = qs[i:i + heads, j:j + chunk]
-            s, o = s_buf[:qc.shape[0], :qc.shape[1]], o_buf[:qc.shape[0], :qc.shape[1]]
+            s, dst = s_buf[:qc.shape[0], :qc.shape[1]], out[i:i + heads, j:j + chunk]
             m = rowmax_bf16(torch.bmm(qc, kt_i, out=s))  # (heads, chunk, 1) row max of q k^T, bf16-rounded
             torch.baddbmm(m.mul_(-c), qc, kt_i, alpha=c, out=s)  # (q k^T - m) * c, rounded once
+            if not residual:
+                torch.bmm(torch.softmax(s, -1), v_i, out=dst)
+                continue
+            o, r, f = (buf[:qc.shape[0], :qc.shape[1]] for buf in (o_buf, r_buf, f_buf))
             torch.bmm(s.exp2_(), v_i, out=o)
-            torch.div(o[..., :d], o[..., d:d + 1], out=out[i:i + heads, j:j + chunk])
+            torch.baddbmm(o, s, v_i, beta=-1, out=r)
+            f.copy_(o).add_(r)
+            torch.div(f[..., :d], f[..., d:d + 1], out=dst)
     return out.view(b, h, lq, d)
 
 
