@@ -48,10 +48,11 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
     c = scale * LOG2E if residual else scale
     qs = q.reshape(n, lq, d)
     ka = d + 2 if residual else d  # [k^T; 1; 0] (an even K, as bf16 GEMMs pair their inputs)
-    kt = torch.zeros(n, ka, lk, dtype=k.dtype, device=k.device)  # laid out once: oneDNN would copy a view per GEMM
+    kt = torch.empty(n, ka, lk, dtype=k.dtype, device=k.device)  # laid out once: oneDNN would copy a view per GEMM
     kt[:, :d] = k.reshape(n, lk, d).transpose(1, 2)
     if residual:
         kt[:, d] = 1
+        kt[:, d + 1] = 0
         vs = torch.zeros(n, lk, width, dtype=v.dtype, device=v.device)  # [v, 1, 0...]
         vs[..., :d] = v.reshape(n, lk, d)
         vs[..., d] = 1
