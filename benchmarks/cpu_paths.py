@@ -2,8 +2,8 @@
 
     python -m fastsd.benchmarks.cpu_paths [--repeat 5] [--threads 2]
 
-Rows: attention (SDPA vs fastsd/backends/cpu_attention.py, bf16; SDPA in fp32 for reference), convolution and
-linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3
+Rows: attention (SDPA vs fastsd/backends/cpu_attention.py and cpu_attention_native.py, bf16; SDPA in fp32 for
+reference), convolution and linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3
 convolutions also as Winograd F(4x4) and F(2x2), fastsd/backends/cpu_winograd.py, where each has enough tiles;
 * marks the one the cpu backend offers there), and the
 transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from .common import bench
-from fastsd.backends import cpu_winograd, reference
+from fastsd.backends import cpu_attention_native, cpu_winograd, reference
 from fastsd.backends.cpu import feed_forward_chunked
 from fastsd.backends.cpu_attention import attention_chunked
+from fastsd.backends.cpu_attention_native import attention_native
 from fastsd.backends.cpu_pack import LINEAR_EXAMPLE_ROWS, packing_unavailable
 from fastsd.cpuinfo import cpu_model, isa_label, native_bf16
 from fastsd.models.layers import BasicTransformerBlock
@@ -82,6 +83,12 @@ def rows(repeat: int, all_dtypes: bool = False):
                    _rel(F.scaled_dot_product_attention(qb, kb, vb), refb))
             yield ("attention", shape, "bf16", "chunked", _ms(lambda: attention_chunked(qb, kb, vb), repeat),
                    _rel(attention_chunked(qb, kb, vb), refb))
+            why = cpu_attention_native.unavailable()
+            if why:
+                yield "attention", shape, "bf16", "native", None, why
+            else:
+                yield ("attention", shape, "bf16", "native", _ms(lambda: attention_native(qb, kb, vb), repeat),
+                       _rel(attention_native(qb, kb, vb), refb))
         else:
             yield "attention", shape, "bf16", "chunked", None, no_bf16
         yield ("attention", shape, "fp32", "SDPA", _ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat), 0.0)

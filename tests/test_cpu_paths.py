@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastsd import backends, cpuinfo, load_pipeline
-from fastsd.backends import cpu, cpu_pack, cpu_tune, cpu_winograd, reference
+from fastsd.backends import cpu, cpu_attention_native, cpu_pack, cpu_tune, cpu_winograd, reference
 from fastsd.backends.cpu_attention import attention_chunked, rowmax_bf16
 from fastsd.backends.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
 from fastsd.models import layers
@@ -61,6 +61,83 @@ def test_chunked_attention_keeps_sharp_logits_accurate(D):
     assert ours <= 1.5 * torch_err < rel(naive), (ours, torch_err, rel(naive))
 
 
+NATIVE_WHY = cpu_attention_native.unavailable()
+needs_native = pytest.mark.skipif(NATIVE_WHY is not None, reason=f"native attention unavailable: {NATIVE_WHY}")
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_native_bf16_attention_is_as_accurate_as_torch(shape):
+    """SDPA's roundings (p and the output rounded once each): its error, not just within 2x of it; strided
+    (B, L, H, D) views in, odd key counts, query counts that don't fill a block."""
+    B, H, Lq, Lk, D = shape
+    qb, kb, vb = (t.bfloat16() for t in _qkv(B, H, Lq, Lk, D))
+    ref = reference.attention(qb.float(), kb.float(), vb.float())
+    out = cpu_attention_native.attention_native(qb, kb, vb)
+    assert out.shape == qb.shape and out.dtype == torch.bfloat16
+    rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert rel(out) <= 1.15 * rel(reference.attention(qb, kb, vb)), (rel(out), rel(reference.attention(qb, kb, vb)))
+    contiguous = cpu_attention_native.attention_native(qb.contiguous(), kb.contiguous(), vb.contiguous(), scale=0.3)
+    assert torch.equal(contiguous, cpu_attention_native.attention_native(qb, kb, vb, scale=0.3))  # strides only
+    assert not torch.equal(contiguous, out)  # the scale is used
+
+
+@needs_native
+def test_native_attention_keeps_sharp_logits_accurate():
+    q, k, v = _qkv(1, 2, 256, 255, 40, sharpness=60.0, seed=3)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    ref = reference.attention(qb.float(), kb.float(), vb.float())
+    rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert rel(cpu_attention_native.attention_native(qb, kb, vb)) <= 1.15 * rel(reference.attention(qb, kb, vb))
+
+
+def test_native_attention_build_failures_are_one_line_and_leave_nothing(tmp_path):
+    """No compiler, or a compiler that fails: RuntimeError with one line, no file left in the cache folder;
+    a built library is found again by its key, not rebuilt."""
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        cpu_attention_native.build(cxx="/nonexistent/g++", folder=tmp_path)
+    with pytest.raises(RuntimeError, match="^false failed") as e:
+        cpu_attention_native.build(cxx="false", folder=tmp_path)
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
+    if NATIVE_WHY is None:
+        path = cpu_attention_native.build(folder=tmp_path)
+        stamp = path.stat().st_mtime_ns
+        assert cpu_attention_native.build(folder=tmp_path) == path and path.stat().st_mtime_ns == stamp
+        assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_native_attention_can_be_turned_off_and_says_why():
+    code = ("import os, torch; from fastsd.backends import cpu, cpu_attention_native as n; "
+            "from fastsd.backends.cpu_attention import attention_chunked; "
+            "q = torch.randn(1, 2, 64, 40).bfloat16(); print(n.unavailable()); "
+            "torch.set_grad_enabled(False); print(torch.equal(cpu.attention(q, q, q), attention_chunked(q, q, q)))")
+    env = {**os.environ, "FASTSD_CPU_NATIVE": "0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["FASTSD_CPU_NATIVE=0", "True" if cpuinfo.native_bf16() else "False"]
+
+
+def test_native_attention_that_fails_to_build_warns_once_and_runs_chunked(monkeypatch):
+    """A bf16 pipeline on a native-bf16 CPU whose native kernel can't be built (no compiler here, faked):
+    one warning at load naming why, and the chunked path generates."""
+    monkeypatch.setattr(cpuinfo, "native_bf16", lambda cpuinfo="": True)
+    monkeypatch.setattr(cpu_attention_native, "_library", lambda: (None, "no C++ compiler (g++ not found; set CXX)"))
+    cpu._warn_native.cache_clear()
+    calls = []
+    real = cpu.attention_chunked
+    monkeypatch.setattr(cpu, "attention_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = load_pipeline("random:tiny", device="cpu", dtype="bf16", backend="cpu")
+        msgs = [str(w.message) for w in caught if "native" in str(w.message)]
+        assert len(msgs) == 1 and "no C++ compiler" in msgs[0], msgs
+        img = pipe.generate("a cat", steps=1, width=64, height=64, seed=0, progress=False)[0]
+        assert np.asarray(img).std() > 0 and calls
+    finally:
+        cpu._warn_native.cache_clear()
+
+
 def test_attention_dispatch_on_cpu():
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, 64, 77, 40))
     ref = reference.attention(q, k, v)
@@ -69,8 +146,19 @@ def test_attention_dispatch_on_cpu():
     assert backends.get("auto", "cpu") is cpu.BACKEND
     with torch.no_grad():
         assert torch.equal(reference.attention(q, k, v), ref)  # the plain reference
-        # chunked only where bf16 is native; emulated bf16 keeps SDPA
-        assert torch.equal(cpu.attention(q, k, v), chunked if cpuinfo.native_bf16() else ref)
+        # where bf16 is native: the native kernel where it builds (FASTSD_CPU_TUNE=0 here: the default), else
+        # chunked; emulated bf16 keeps SDPA
+        if not cpuinfo.native_bf16():
+            expected = ref
+        elif NATIVE_WHY is None:
+            expected = cpu_attention_native.attention_native(q, k, v)
+            assert not torch.equal(expected, chunked)
+        else:
+            expected = chunked
+        assert torch.equal(cpu.attention(q, k, v), expected)
+        q41, k41, v41 = (t.bfloat16() for t in _qkv(1, 2, 64, 77, 41))  # odd head dim: never native
+        assert torch.equal(cpu.attention(q41, k41, v41),
+                           attention_chunked(q41, k41, v41) if cpuinfo.native_bf16() else reference.attention(q41, k41, v41))
         assert torch.equal(cpu.attention(q.float(), k.float(), v.float()),
                            reference.attention(q.float(), k.float(), v.float()))  # fp32 keeps SDPA
     qg = q.clone().requires_grad_()  # autograd on: reference ops (the chunked path writes into out= buffers)

@@ -3,24 +3,29 @@
 - layout: channels_last activations; every frozen Conv2d / Linear packs its weight in oneDNN's blocked
   layout at its first call (cpu_pack.py); fp32 3x3 convolutions at 16x16 and up may run as Winograd
   F(2x2, 3x3) or, from 32x32, F(4x4, 3x3) instead (cpu_winograd.py);
-- attention: bf16 chunked over queries (cpu_attention.py), only where bf16 is native;
+- attention: bf16, only where bf16 is native: one native kernel (cpu_attention_native.py: C++ compiled at
+  first use, ATen's brgemm) where it builds and passes its self-test, else chunked over queries in torch
+  ops (cpu_attention.py);
 - feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache, GELU * x in place;
 - group_norm: bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).
 
-Each piece that can lose on some CPU (packing, Winograd, chunked attention, chunked feed-forward) is used
-where `cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing and chunking
-always, the rule measured on AVX-512 and AVX2, see README; Winograd never). With autograd on, the reference
-ops run (these write into preallocated buffers). `unprepare` gives back the plain model, weights bit for bit.
+Each piece that can lose on some CPU (packing, Winograd, native or chunked attention, chunked feed-forward) is
+used where `cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing, the native
+attention where it builds, chunking always: the rule measured on AVX-512 and AVX2, see README; Winograd
+never). With autograd on, the reference ops run (these write into preallocated buffers). `unprepare` gives
+back the plain model, weights bit for bit.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from fastsd import cpuinfo
-from fastsd.backends import Backend, Ops, reference
+from fastsd.backends import Backend, Ops, cpu_attention_native, reference
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import PACKED, drop_spares, make_packable, make_plain, release_freed_memory
 from fastsd.backends.cpu_tune import tuner
@@ -31,11 +36,14 @@ FF_CHUNK_TOKENS = 2048  # tokens per feed-forward chunk (1024 and 2048 were best
 def attention(q, k, v, *, scale=None, causal=False):
     if causal or q.dtype != torch.bfloat16 or torch.is_grad_enabled() or not cpuinfo.native_bf16():
         return reference.attention(q, k, v, scale=scale, causal=causal)
+    native = q.shape[-1] % 2 == 0 and cpu_attention_native.unavailable() is None
     key = (f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
-           f"chunked v{CHUNKED_VERSION}")
+           f"chunked v{CHUNKED_VERSION}" + (f" native v{cpu_attention_native.VERSION}" if native else ""))
     candidates = {"chunked": lambda: attention_chunked(q, k, v, scale=scale),
                   "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
-    return candidates[tuner().choose(key, candidates, default="chunked")]()
+    if native:
+        candidates["native"] = lambda: cpu_attention_native.attention_native(q, k, v, scale=scale)
+    return candidates[tuner().choose(key, candidates, default="native" if native else "chunked")]()
 
 
 def group_norm(x, num_groups, weight, bias, *, eps=1e-5, silu=False):
@@ -72,10 +80,20 @@ def feed_forward_chunked(block, x, chunk: int | None = None):
     return out.view(x.shape)
 
 
+@functools.cache
+def _warn_native(why: str) -> None:
+    warnings.warn(f"the native bf16 attention kernel is unavailable ({why}); using the chunked torch path "
+                  f"(set {cpu_attention_native.ENV}=0 to skip it)", stacklevel=3)
+
+
 class CPUBackend(Backend):
     name = "cpu"
 
     def prepare(self, model):
+        if cpuinfo.native_bf16() and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+            why = cpu_attention_native.unavailable()  # built (or found built) now, not in the first run
+            if why and why != f"{cpu_attention_native.ENV}=0":
+                _warn_native(why)
         model.to(memory_format=torch.channels_last)
         make_packable(model)
         return super().prepare(model)

@@ -1,0 +1,138 @@
+"""bf16 attention on a CPU as one native kernel (cpu_attention_native.cpp), where bf16 is native.
+
+PyTorch has no CPU bf16 GEMM with an fp32 output in Python (cpu_attention.py spends two extra GEMMs making
+up for that); ATen's C++ `cpublas::brgemm` (oneDNN's micro-kernel) has one. So the kernel is C++, compiled
+on this machine at first use with the C++ compiler (`$CXX`, else g++) against the installed torch's headers
+and libraries, and cached under the tuner's cache folder, keyed by its source, flags, torch and CPU. It is
+used only where it loads and passes a self-test against fp32 attention; otherwise `unavailable()` says why
+and the cpu backend keeps the chunked torch path. `FASTSD_CPU_NATIVE=0` never builds or uses it.
+`cpublas::brgemm` is a private ATen API: the build and the self-test are its capability check.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastsd import cpuinfo
+from fastsd.backends.cpu_tune import cache_dir
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+ENV = "FASTSD_CPU_NATIVE"
+VERSION = 1  # part of the tuner's key
+BLOCK_M, BLOCK_N = 64, 512  # query rows per block, keys per q k^T micro-kernel call (58-62 ms for any of
+#                             bm 32-128 x bn 256-4096 at SD1.5's 64x64 self-attention, batch 1; 75 at 16 x 64)
+# AVX-512 with bf16, the ISA this kernel runs on (native_bf16()), not -march=native: the library cached for
+# one CPU runs on any other with these flags
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffast-math",
+         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mtune=generic")
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGS = [_PTR, _I64, _I64, _I64] * 4 + [_I64] * 5 + [ctypes.c_float, _I64, _I64, ctypes.c_int]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _command(cxx: str, output: Path) -> list[str]:
+    torch_dir = Path(torch.__file__).parent
+    return [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-I{torch_dir / 'include'}", str(SOURCE), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10",
+            f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(output)]
+
+
+def build(cxx: str | None = None, folder: Path | None = None) -> Path:
+    """The compiled library, from the cache or compiled now; raises RuntimeError with one line on failure."""
+    cxx = cxx or _compiler()
+    if not cxx or not shutil.which(cxx):
+        raise RuntimeError(f"no C++ compiler ({cxx or 'g++'} not found; set CXX)")
+    folder = folder or cache_dir() / "native"
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(_command(cxx, Path("x"))).encode(),
+                                     torch.__version__.encode(), cpuinfo.fingerprint().encode()])).hexdigest()[:16]
+    path = folder / f"cpu_attention_native-{key}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")  # another process may build the same file at once
+    os.close(fd)
+    try:
+        done = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
+            raise RuntimeError(f"{Path(cxx).name} failed: {(errors or ['no output'])[0][:200]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.fastsd_attention_bf16.argtypes = _ARGS
+    lib.fastsd_attention_bf16.restype = ctypes.c_int
+    lib.fastsd_attention_error.restype = ctypes.c_char_p
+    return lib
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return None, f"{ENV}=0"
+    if not cpuinfo.native_bf16():
+        return None, "bf16 is not native on this CPU (or the ISA is restricted below it)"
+    try:
+        lib = _load(build())
+        _self_test(lib)
+    except Exception as e:  # a failed build, load or self-test: the capability check says no
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return lib, None
+
+
+def unavailable() -> str | None:
+    """Why the native kernel can't run here (None when it can). Builds it on the first call."""
+    return _library()[1]
+
+
+def _run(lib: ctypes.CDLL, q, k, v, scale: float | None) -> torch.Tensor:
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype or d % 2 or lk == 0:
+        raise ValueError("native attention takes bf16 q, k, v with an even head dim and at least one key")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, L, H, D) memory:
+    args = []  # the caller's transpose(1, 2).reshape(B, L, H*D) is then free
+    for t in (q, k, v, out):
+        args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
+    scale = d ** -0.5 if scale is None else scale
+    rc = lib.fastsd_attention_bf16(*args, b, h, lq, lk, d, scale, BLOCK_M, BLOCK_N, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native attention failed: {lib.fastsd_attention_error().decode(errors='replace')}")
+    return out
+
+
+def _self_test(lib: ctypes.CDLL) -> None:
+    """Odd key count, strided (B, L, H, D) views, more query rows than a block: within 2x of SDPA's bf16 error
+    against fp32 on the same inputs (the bound tests/test_cpu_paths.py holds every CPU path to)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, 40, generator=g).transpose(1, 2).bfloat16() for n in (BLOCK_M + 5, 77, 77))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+    ours, torch_err = rel(_run(lib, q, k, v, None)), rel(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    if not ours <= 2 * torch_err:
+        raise RuntimeError(f"the self-test failed (error {ours:.2e}, SDPA's {torch_err:.2e})")
+
+
+def attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """q (B, H, Lq, D), k/v (B, H, Lk, D), bf16, D even -> (B, H, Lq, D), non-causal; any strides."""
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"native attention unavailable: {why}")
+    return _run(lib, q, k, v, scale)
