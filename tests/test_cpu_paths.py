@@ -106,6 +106,20 @@ def test_native_attention_build_failures_are_one_line_and_leave_nothing(tmp_path
         assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+@needs_native
+def test_native_attention_refuses_what_it_cannot_run():
+    """Odd head dims never reach the kernel (the cpu backend sends them to the chunked path); the C entry point
+    itself answers bad arguments with an error code and a message, not a crash."""
+    q = torch.randn(1, 2, 8, 41).bfloat16()
+    with pytest.raises(ValueError, match="even head dim"):
+        cpu_attention_native.attention_native(q, q, q)
+    lib = cpu_attention_native._library()[0]
+    x = torch.zeros(8, dtype=torch.bfloat16)
+    ptrs = [x.data_ptr(), 0, 0, 0] * 4
+    assert lib.fastsd_attention_bf16(*ptrs, 1, 1, 1, 1, 3, 1.0, 64, 512, 1) == 1  # d = 3
+    assert b"head dim must be even" in lib.fastsd_attention_error()
+
+
 def test_native_attention_can_be_turned_off_and_says_why():
     code = ("import os, torch; from fastsd.backends import cpu, cpu_attention_native as n; "
             "from fastsd.backends.cpu_attention import attention_chunked; "

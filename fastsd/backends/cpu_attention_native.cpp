@@ -11,6 +11,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <new>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -55,15 +57,13 @@ struct View {
   const uint16_t* row(int64_t i, int64_t heads, int64_t r) const { return p + (i / heads) * sb + (i % heads) * sh + r * sl; }
 };
 
-std::string g_error;  // what the last failed call raised (read through fastsd_attention_error)
+thread_local std::string g_error;  // what this thread's last failed call raised (fastsd_attention_error)
 
 }  // namespace
 
 extern "C" const char* fastsd_attention_error() { return g_error.c_str(); }
 
-// q (b, h, lq, d), k and v (b, h, lk, d), out (b, h, lq, d): any strides with the last dimension contiguous;
-// d even. Returns 0, or 1 with the reason in fastsd_attention_error().
-extern "C" int fastsd_attention_bf16(
+static int attention_bf16(
     const uint16_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
     const uint16_t* k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
     const uint16_t* v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
@@ -79,8 +79,14 @@ extern "C" int fastsd_attention_bf16(
   const int64_t lkp = (lk + 1) & ~int64_t(1);  // keys padded to even: p v pairs them along its K
   const int64_t dv = (d + 15) / 16 * 16;  // v's columns padded with zeros: p v in whole 16-float vectors
   std::vector<uint16_t> kt(static_cast<size_t>(n * d * lkp)), vv(static_cast<size_t>(n * lkp * dv));
-  bool failed = false;
+  std::atomic<bool> failed{false};
   std::string error;
+  const auto fail = [&](const char* what) {
+#pragma omp critical
+    {
+      if (!failed.exchange(true)) error = what;
+    }
+  };
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {  // k^T as [d/2][lkp][2], v as [lkp/2][dv][2]; padding zero
     uint16_t* kp = kt.data() + i * d * lkp;
@@ -99,8 +105,16 @@ extern "C" int fastsd_attention_bf16(
   const int64_t blocks = (lq + block_m - 1) / block_m;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> s_buf(static_cast<size_t>(block_m * lkp)), o_buf(static_cast<size_t>(block_m * dv)), sums(block_m);
-    std::vector<uint16_t> p_buf(static_cast<size_t>(block_m * lkp));
+    std::vector<float> s_buf, o_buf, sums;
+    std::vector<uint16_t> p_buf;
+    try {  // nothing may leave a parallel region by an exception
+      s_buf.resize(static_cast<size_t>(block_m * lkp));
+      o_buf.resize(static_cast<size_t>(block_m * dv));
+      sums.resize(static_cast<size_t>(block_m));
+      p_buf.resize(static_cast<size_t>(block_m * lkp));
+    } catch (const std::exception& e) {
+      fail(e.what());
+    }
     auto block = [&](int64_t it) {
       const int64_t i = it / blocks, r0 = (it % blocks) * block_m, m = std::min(block_m, lq - r0);
       const uint16_t* kp = kt.data() + i * d * lkp;
@@ -142,11 +156,7 @@ extern "C" int fastsd_attention_bf16(
       try {
         block(it);
       } catch (const std::exception& e) {
-#pragma omp critical
-        {
-          failed = true;
-          error = e.what();
-        }
+        fail(e.what());
       }
     }
     try {
@@ -159,4 +169,22 @@ extern "C" int fastsd_attention_bf16(
     return 1;
   }
   return 0;
+}
+
+// q (b, h, lq, d), k and v (b, h, lk, d), out (b, h, lq, d): any strides with the last dimension contiguous;
+// d even. Returns 0, or 1 with the reason in fastsd_attention_error().
+extern "C" int fastsd_attention_bf16(
+    const uint16_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
+    const uint16_t* k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
+    const uint16_t* v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+    uint16_t* out, int64_t o_sb, int64_t o_sh, int64_t o_sl,
+    int64_t b, int64_t heads, int64_t lq, int64_t lk, int64_t d, float scale,
+    int64_t block_m, int64_t block_n, int threads) {
+  try {  // (the k^T / v layouts' allocation): no C++ exception crosses into ctypes
+    return attention_bf16(q, q_sb, q_sh, q_sl, k, k_sb, k_sh, k_sl, v, v_sb, v_sh, v_sl, out, o_sb, o_sh, o_sl,
+                          b, heads, lq, lk, d, scale, block_m, block_n, threads);
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return 1;
+  }
 }
