@@ -2,8 +2,8 @@
 
     python -m fastsd.benchmarks.cpu_paths [--repeat 5] [--threads 2]
 
-Rows: attention (SDPA vs fastsd/backends/cpu_attention.py and cpu_attention_native.py, bf16; SDPA in fp32 for
-reference), convolution and linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3
+Rows: attention (SDPA vs fastsd/backends/cpu_attention.py and cpu_attention_native.py, bf16; SDPA and the
+native kernel in fp32, head dims <= 160), convolution and linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3
 convolutions also as Winograd F(4x4) and F(2x2), fastsd/backends/cpu_winograd.py, where each has enough tiles;
 * marks the one the cpu backend offers there), and the
 transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
@@ -92,6 +92,14 @@ def rows(repeat: int, all_dtypes: bool = False):
         else:
             yield "attention", shape, "bf16", "chunked", None, no_bf16
         yield ("attention", shape, "fp32", "SDPA", _ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat), 0.0)
+        if d > cpu_attention_native.FP32_MAX_HEAD_DIM:
+            continue
+        why = cpu_attention_native.unavailable() or (None if cpu_attention_native.avx512() else "needs AVX-512")
+        if why:
+            yield "attention", shape, "fp32", "native", None, why
+        else:
+            yield ("attention", shape, "fp32", "native", _ms(lambda: attention_native(q, k, v), repeat),
+                   _rel(attention_native(q, k, v), ref))
     for cin, cout, side, ksize in CONV:
         for dtype in dtypes:
             conv = torch.nn.Conv2d(cin, cout, ksize, padding=ksize // 2).requires_grad_(False)

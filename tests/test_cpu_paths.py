@@ -91,6 +91,24 @@ def test_native_attention_keeps_sharp_logits_accurate():
     assert rel(cpu_attention_native.attention_native(qb, kb, vb)) <= 1.15 * rel(reference.attention(qb, kb, vb))
 
 
+needs_native_fp32 = pytest.mark.skipif(NATIVE_WHY is not None or not cpu_attention_native.avx512(),
+                                       reason=f"native fp32 attention not offered: {NATIVE_WHY or 'no AVX-512'}")
+
+
+@needs_native_fp32
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[-1] <= cpu_attention_native.FP32_MAX_HEAD_DIM] +
+                         [(1, 2, 256, 255, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_native_fp32_attention_is_as_accurate_as_torch(shape):
+    """fp32 against fp64 on the same inputs: SDPA's error (p v summed over blocks of keys; one long sum doubled it)."""
+    B, H, Lq, Lk, D = shape
+    q, k, v = _qkv(B, H, Lq, Lk, D, sharpness=60.0 if Lk == 255 else 2.0)
+    ref = reference.attention(q.double(), k.double(), v.double())
+    out = cpu_attention_native.attention_native(q, k, v)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    rel = lambda o: ((o.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert rel(out) <= 1.25 * rel(reference.attention(q, k, v)), (rel(out), rel(reference.attention(q, k, v)))
+
+
 def test_native_attention_build_failures_are_one_line_and_leave_nothing(tmp_path):
     """No compiler, or a compiler that fails: RuntimeError with one line, no file left in the cache folder;
     a built library is found again by its key, not rebuilt."""
@@ -116,8 +134,10 @@ def test_native_attention_refuses_what_it_cannot_run():
     lib = cpu_attention_native._library()[0]
     x = torch.zeros(8, dtype=torch.bfloat16)
     ptrs = [x.data_ptr(), 0, 0, 0] * 4
-    assert lib.fastsd_attention_bf16(*ptrs, 1, 1, 1, 1, 3, 1.0, 64, 512, 1) == 1  # d = 3
+    assert lib.fastsd_attention(1, *ptrs, 1, 1, 1, 1, 3, 1.0, 64, 512, 1) == 1  # bf16, d = 3
     assert b"head dim must be even" in lib.fastsd_attention_error()
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_attention_native.attention_native(q.half(), q.half(), q.half())
 
 
 def test_native_attention_can_be_turned_off_and_says_why():
@@ -173,8 +193,15 @@ def test_attention_dispatch_on_cpu():
         q41, k41, v41 = (t.bfloat16() for t in _qkv(1, 2, 64, 77, 41))  # odd head dim: never native
         assert torch.equal(cpu.attention(q41, k41, v41),
                            attention_chunked(q41, k41, v41) if cpuinfo.native_bf16() else reference.attention(q41, k41, v41))
-        assert torch.equal(cpu.attention(q.float(), k.float(), v.float()),
-                           reference.attention(q.float(), k.float(), v.float()))  # fp32 keeps SDPA
+        # fp32: the native kernel on AVX-512 for head dims <= 160, else SDPA
+        qf, kf, vf = q.float(), k.float(), v.float()
+        fp32_native = NATIVE_WHY is None and cpu_attention_native.avx512()
+        assert torch.equal(cpu.attention(qf, kf, vf), cpu_attention_native.attention_native(qf, kf, vf)
+                           if fp32_native else reference.attention(qf, kf, vf))
+        if fp32_native:
+            assert not torch.equal(cpu.attention(qf, kf, vf), reference.attention(qf, kf, vf))
+        wide = torch.randn(1, 1, 64, 512)  # the VAE's head: SDPA in fp32 (the kernel's error there is 1.9x SDPA's)
+        assert torch.equal(cpu.attention(wide, wide, wide), reference.attention(wide, wide, wide))
     qg = q.clone().requires_grad_()  # autograd on: reference ops (the chunked path writes into out= buffers)
     assert torch.equal(cpu.attention(qg, k, v), ref)
 

@@ -3,9 +3,9 @@
 - layout: channels_last activations; every frozen Conv2d / Linear packs its weight in oneDNN's blocked
   layout at its first call (cpu_pack.py); fp32 3x3 convolutions at 16x16 and up may run as Winograd
   F(2x2, 3x3) or, from 32x32, F(4x4, 3x3) instead (cpu_winograd.py);
-- attention: bf16, only where bf16 is native: one native kernel (cpu_attention_native.py: C++ compiled at
-  first use, ATen's brgemm) where it builds and passes its self-test, else chunked over queries in torch
-  ops (cpu_attention.py);
+- attention: bf16 where bf16 is native, and fp32 (head dims <= 160) on AVX-512: one native kernel
+  (cpu_attention_native.py: C++ compiled at first use, ATen's brgemm) where it builds and passes its
+  self-test; else bf16 chunked over queries in torch ops (cpu_attention.py), fp32 SDPA;
 - feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache, GELU * x in place;
 - group_norm: bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).
 
@@ -34,8 +34,25 @@ FF_CHUNK_TOKENS = 2048  # tokens per feed-forward chunk (1024 and 2048 were best
 
 
 def attention(q, k, v, *, scale=None, causal=False):
-    if causal or q.dtype != torch.bfloat16 or torch.is_grad_enabled() or not cpuinfo.native_bf16():
+    if causal or torch.is_grad_enabled():
         return reference.attention(q, k, v, scale=scale, causal=causal)
+    if q.dtype == torch.bfloat16 and cpuinfo.native_bf16():
+        return _attention_bf16(q, k, v, scale)
+    if q.dtype == torch.float32 and q.shape[-1] <= cpu_attention_native.FP32_MAX_HEAD_DIM and _native_fp32():
+        key = (f"attention fp32 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
+               f"native v{cpu_attention_native.VERSION}")
+        candidates = {"native": lambda: cpu_attention_native.attention_native(q, k, v, scale=scale),
+                      "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
+        return candidates[tuner().choose(key, candidates, default="native")]()
+    return reference.attention(q, k, v, scale=scale)
+
+
+def _native_fp32() -> bool:
+    """The fp32 native kernel is offered on AVX-512 only: restricted to AVX2 it was slower than SDPA."""
+    return cpu_attention_native.avx512() and cpu_attention_native.unavailable() is None
+
+
+def _attention_bf16(q, k, v, scale):
     native = q.shape[-1] % 2 == 0 and cpu_attention_native.unavailable() is None
     key = (f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
            f"chunked v{CHUNKED_VERSION}" + (f" native v{cpu_attention_native.VERSION}" if native else ""))
@@ -82,7 +99,7 @@ def feed_forward_chunked(block, x, chunk: int | None = None):
 
 @functools.cache
 def _warn_native(why: str) -> None:
-    warnings.warn(f"the native bf16 attention kernel is unavailable ({why}); using the chunked torch path "
+    warnings.warn(f"the native attention kernel is unavailable ({why}); using torch ops for attention "
                   f"(set {cpu_attention_native.ENV}=0 to skip it)", stacklevel=3)
 
 
@@ -90,7 +107,8 @@ class CPUBackend(Backend):
     name = "cpu"
 
     def prepare(self, model):
-        if cpuinfo.native_bf16() and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        dtypes = {p.dtype for p in model.parameters()}
+        if (torch.bfloat16 in dtypes and cpuinfo.native_bf16()) or (torch.float32 in dtypes and cpu_attention_native.avx512()):
             why = cpu_attention_native.unavailable()  # built (or found built) now, not in the first run
             if why and why != f"{cpu_attention_native.ENV}=0":
                 _warn_native(why)

@@ -1,18 +1,18 @@
-// bf16 attention on a CPU in one pass per block of query rows, built and loaded by cpu_attention_native.py.
+// bf16 (and fp32) attention on a CPU in one pass per block of query rows, built and loaded by
+// cpu_attention_native.py.
 //
-// Per (head, block of query rows): S = q k^T for all keys in fp32 (oneDNN's bf16 brgemm micro-kernel through
-// ATen's cpublas::brgemm, fp32 accumulation and output), row max, p = exp(scale * (S - max)) in fp32 with
-// its fp32 row sum, p rounded once to bf16, O = p v in fp32 (brgemm again), out = O / sum rounded once to
-// bf16: the roundings of PyTorch's own flash attention for bf16, without its online-softmax rescaling
-// (all of a block's scores fit in cache) and with k^T and v laid out once per call in the pair-interleaved
-// ("VNNI") layout the bf16 micro-kernel takes.
+// Per (head, block of query rows): S = q k^T for all keys in fp32 (oneDNN's brgemm micro-kernel through
+// ATen's cpublas::brgemm, fp32 accumulation and output, also for bf16 inputs), row max, p = exp(scale (S - max))
+// in fp32 with its fp32 row sum, p rounded once to bf16 (for bf16), O = p v in fp32 (brgemm again; for fp32
+// summed over blocks of keys), out = O / sum, rounded once to bf16: the roundings of PyTorch's own flash attention, without
+// its online-softmax rescaling (all of a block's scores fit in cache). k^T and v are laid out once per call as
+// the micro-kernel takes them: for bf16 pair-interleaved along the reduction ("VNNI").
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <atomic>
-#include <new>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -51,128 +51,177 @@ inline float exp2_neg(float x) {
 }
 
 // a (b, h, l, d) tensor's strides, last dimension contiguous
+template <typename T>
 struct View {
-  const uint16_t* p;
+  const T* p;
   int64_t sb, sh, sl;
-  const uint16_t* row(int64_t i, int64_t heads, int64_t r) const { return p + (i / heads) * sb + (i % heads) * sh + r * sl; }
+  const T* row(int64_t i, int64_t heads, int64_t r) const { return p + (i / heads) * sb + (i % heads) * sh + r * sl; }
 };
 
+// what differs between bf16 and fp32: the micro-kernel's element type and B layout, the roundings
+template <typename T>
+struct Elem;
+template <>
+struct Elem<uint16_t> {
+  using Brgemm = bf16;
+  static constexpr bool vnni = true;  // B as [K/2][N][2]: K (the head dim of q k^T, the keys of p v) paired
+  static uint16_t from_float(float f) { return round_bf16(f); }
+};
+template <>
+struct Elem<float> {
+  using Brgemm = float;
+  static constexpr bool vnni = false;  // B as [K][N]
+  static float from_float(float f) { return f; }
+};
+
+constexpr int64_t PV_KEYS_FP32 = 256;  // fp32 p v summed over blocks of this many keys: one accumulation over
+// all of them (4096) doubled SDPA's fp32 error; bf16 keeps one (the same error, a little faster)
+
 thread_local std::string g_error;  // what this thread's last failed call raised (fastsd_attention_error)
+
+template <typename T>
+int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, int64_t k_sb, int64_t k_sh,
+              int64_t k_sl, const T* v, int64_t v_sb, int64_t v_sh, int64_t v_sl, T* out, int64_t o_sb,
+              int64_t o_sh, int64_t o_sl, int64_t b, int64_t heads, int64_t lq, int64_t lk, int64_t d, float scale,
+              int64_t block_m, int64_t block_n, int threads) {
+  using E = Elem<T>;
+  using B = typename E::Brgemm;
+  constexpr int64_t pair = E::vnni ? 2 : 1;
+  if (d % pair || lk < 1 || block_m < 1 || block_n < 1 || threads < 1) {
+    g_error = "bad arguments (head dim must be even for bf16, at least one key)";
+    return 1;
+  }
+  const View<T> Q{q, q_sb, q_sh, q_sl}, K{k, k_sb, k_sh, k_sl}, V{v, v_sb, v_sh, v_sl};
+  const int64_t n = b * heads;
+  const int64_t lkp = (lk + pair - 1) / pair * pair;  // keys padded to pairs for bf16 (p v pairs them)
+  const int64_t dv = (d + 15) / 16 * 16;  // v's columns padded with zeros: p v in whole 16-float vectors
+  // k^T as [d/pair][lkp][pair], v as [lkp/pair][dv][pair]; padding zero
+  const auto kt_at = [&](int64_t c, int64_t j) { return (c / pair) * lkp * pair + j * pair + c % pair; };
+  const auto vv_at = [&](int64_t j, int64_t c) { return (j / pair) * dv * pair + c * pair + j % pair; };
+  std::vector<T> kt(static_cast<size_t>(n * d * lkp)), vv(static_cast<size_t>(n * lkp * dv));
+  std::atomic<bool> failed{false};
+  std::string error;
+  const auto fail = [&](const char* what) {
+#pragma omp critical
+    {
+      if (!failed.exchange(true)) error = what;
+    }
+  };
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    T* kp = kt.data() + i * d * lkp;
+    T* vp = vv.data() + i * lkp * dv;
+    for (int64_t j = 0; j < lkp; ++j) {
+      const bool pad = j >= lk;
+      const T* kr = pad ? nullptr : K.row(i, heads, j);
+      const T* vr = pad ? nullptr : V.row(i, heads, j);
+      for (int64_t c = 0; c < d; ++c) {
+        kp[kt_at(c, j)] = pad ? T(0) : kr[c];
+        vp[vv_at(j, c)] = pad ? T(0) : vr[c];
+      }
+      for (int64_t c = d; c < dv; ++c) vp[vv_at(j, c)] = T(0);
+    }
+  }
+  const int64_t blocks = (lq + block_m - 1) / block_m;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> s_buf, o_buf, part, sums;
+    std::vector<T> p_buf;
+    try {  // nothing may leave a parallel region by an exception
+      s_buf.resize(static_cast<size_t>(block_m * lkp));
+      o_buf.resize(static_cast<size_t>(block_m * dv));
+      part.resize(static_cast<size_t>(block_m * dv));
+      sums.resize(static_cast<size_t>(block_m));
+      p_buf.resize(static_cast<size_t>(block_m * lkp));
+    } catch (const std::exception& e) {
+      fail(e.what());
+    }
+    auto block = [&](int64_t it) {
+      const int64_t i = it / blocks, r0 = (it % blocks) * block_m, m = std::min(block_m, lq - r0);
+      const T* kp = kt.data() + i * d * lkp;
+      const T* vp = vv.data() + i * lkp * dv;
+      const B* qa = reinterpret_cast<const B*>(Q.row(i, heads, r0));
+      for (int64_t j = 0; j < lkp; j += block_n) {  // S = q k^T, fp32
+        at::native::cpublas::brgemm(m, std::min(block_n, lkp - j), d, Q.sl, lkp, lkp, false, qa,
+                                    reinterpret_cast<const B*>(kp + j * pair), s_buf.data() + j, E::vnni);
+      }
+      const float c = scale * 1.4426950408889634f;  // exp(scale (s - max)) = 2^(c (s - max))
+      for (int64_t r = 0; r < m; ++r) {
+        const float* s = s_buf.data() + r * lkp;
+        T* p = p_buf.data() + r * lkp;
+        float mx = -FLT_MAX;
+        for (int64_t j = 0; j < lk; ++j) mx = std::max(mx, s[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < lk; ++j) {
+          // below 2^-64 of the row's largest term nothing shows in an fp32 sum; the floor keeps p and p v away
+          // from denormal floats (a slow path in the micro-kernel)
+          const float e = exp2_neg(std::max((s[j] - mx) * c, -64.f));
+          p[j] = E::from_float(e);
+          sum += e;
+        }
+        for (int64_t j = lk; j < lkp; ++j) p[j] = T(0);
+        sums[r] = sum;
+      }
+      const int64_t pv_keys = E::vnni ? lkp : PV_KEYS_FP32;
+      for (int64_t j = 0; j < lkp; j += pv_keys) {  // O = p v, fp32
+        float* dst = j == 0 ? o_buf.data() : part.data();
+        at::native::cpublas::brgemm(m, dv, std::min(pv_keys, lkp - j), lkp, dv, dv, false,
+                                    reinterpret_cast<const B*>(p_buf.data() + j),
+                                    reinterpret_cast<const B*>(vp + j * dv), dst, E::vnni);
+        if (j > 0) {
+          for (int64_t e = 0; e < m * dv; ++e) o_buf[e] += part[e];
+        }
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        const float inv = 1.f / sums[r];
+        const float* o = o_buf.data() + r * dv;
+        T* dst = out + (i / heads) * o_sb + (i % heads) * o_sh + (r0 + r) * o_sl;
+        for (int64_t col = 0; col < d; ++col) dst[col] = E::from_float(o[col] * inv);
+      }
+    };
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < n * blocks; ++it) {
+      if (failed) continue;
+      try {
+        block(it);
+      } catch (const std::exception& e) {
+        fail(e.what());
+      }
+    }
+    try {
+      at::native::cpublas::brgemm_release(E::vnni);
+    } catch (const std::exception&) {
+    }
+  }
+  if (failed) {
+    g_error = error.substr(0, error.find('\n'));
+    return 1;
+  }
+  return 0;
+}
 
 }  // namespace
 
 extern "C" const char* fastsd_attention_error() { return g_error.c_str(); }
 
-// q (b, h, lq, d), k and v (b, h, lk, d), out (b, h, lq, d): any strides with the last dimension contiguous;
-// d even. Returns 0, or 1 with the reason in fastsd_attention_error(); no C++ exception crosses into the caller
-// (ctypes) or out of a parallel region.
-extern "C" int fastsd_attention_bf16(
-    const uint16_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
-    const uint16_t* k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
-    const uint16_t* v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
-    uint16_t* out, int64_t o_sb, int64_t o_sh, int64_t o_sl,
-    int64_t b, int64_t heads, int64_t lq, int64_t lk, int64_t d, float scale,
-    int64_t block_m, int64_t block_n, int threads) {
+// q (b, h, lq, d), k and v (b, h, lk, d), out (b, h, lq, d), all bf16 (bf16 != 0) or all fp32: any strides with
+// the last dimension contiguous; d even for bf16. Returns 0, or 1 with the reason in fastsd_attention_error();
+// no C++ exception crosses into the caller (ctypes) or out of a parallel region.
+extern "C" int fastsd_attention(int bf16, const void* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const void* k,
+                                int64_t k_sb, int64_t k_sh, int64_t k_sl, const void* v, int64_t v_sb, int64_t v_sh,
+                                int64_t v_sl, void* out, int64_t o_sb, int64_t o_sh, int64_t o_sl, int64_t b,
+                                int64_t heads, int64_t lq, int64_t lk, int64_t d, float scale, int64_t block_m,
+                                int64_t block_n, int threads) {
   try {  // the allocation of the k^T / v layouts may throw
-    if (d % 2 || lk < 1 || block_m < 1 || block_n < 1 || threads < 1) {
-      g_error = "bad arguments (head dim must be even, at least one key)";
-      return 1;
+    if (bf16) {
+      using U = uint16_t;
+      return attention<U>(static_cast<const U*>(q), q_sb, q_sh, q_sl, static_cast<const U*>(k), k_sb, k_sh, k_sl,
+                          static_cast<const U*>(v), v_sb, v_sh, v_sl, static_cast<U*>(out), o_sb, o_sh, o_sl, b,
+                          heads, lq, lk, d, scale, block_m, block_n, threads);
     }
-    const View Q{q, q_sb, q_sh, q_sl}, K{k, k_sb, k_sh, k_sl}, V{v, v_sb, v_sh, v_sl};
-    const int64_t n = b * heads;
-    const int64_t lkp = (lk + 1) & ~int64_t(1);  // keys padded to even: p v pairs them along its K
-    const int64_t dv = (d + 15) / 16 * 16;  // v's columns padded with zeros: p v in whole 16-float vectors
-    std::vector<uint16_t> kt(static_cast<size_t>(n * d * lkp)), vv(static_cast<size_t>(n * lkp * dv));
-    std::atomic<bool> failed{false};
-    std::string error;
-    const auto fail = [&](const char* what) {
-#pragma omp critical
-      {
-        if (!failed.exchange(true)) error = what;
-      }
-    };
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {  // k^T as [d/2][lkp][2], v as [lkp/2][dv][2]; padding zero
-      uint16_t* kp = kt.data() + i * d * lkp;
-      uint16_t* vp = vv.data() + i * lkp * dv;
-      for (int64_t j = 0; j < lkp; ++j) {
-        const bool pad = j >= lk;
-        const uint16_t* kr = pad ? nullptr : K.row(i, heads, j);
-        const uint16_t* vr = pad ? nullptr : V.row(i, heads, j);
-        for (int64_t c = 0; c < d; ++c) {
-          kp[(c >> 1) * lkp * 2 + j * 2 + (c & 1)] = pad ? 0 : kr[c];
-          vp[(j >> 1) * dv * 2 + c * 2 + (j & 1)] = pad ? 0 : vr[c];
-        }
-        for (int64_t c = d; c < dv; ++c) vp[(j >> 1) * dv * 2 + c * 2 + (j & 1)] = 0;
-      }
-    }
-    const int64_t blocks = (lq + block_m - 1) / block_m;
-#pragma omp parallel num_threads(threads)
-    {
-      std::vector<float> s_buf, o_buf, sums;
-      std::vector<uint16_t> p_buf;
-      try {  // nothing may leave a parallel region by an exception
-        s_buf.resize(static_cast<size_t>(block_m * lkp));
-        o_buf.resize(static_cast<size_t>(block_m * dv));
-        sums.resize(static_cast<size_t>(block_m));
-        p_buf.resize(static_cast<size_t>(block_m * lkp));
-      } catch (const std::exception& e) {
-        fail(e.what());
-      }
-      auto block = [&](int64_t it) {
-        const int64_t i = it / blocks, r0 = (it % blocks) * block_m, m = std::min(block_m, lq - r0);
-        const uint16_t* kp = kt.data() + i * d * lkp;
-        const uint16_t* vp = vv.data() + i * lkp * dv;
-        const bf16* qa = reinterpret_cast<const bf16*>(Q.row(i, heads, r0));
-        for (int64_t j = 0; j < lkp; j += block_n) {  // S = q k^T, fp32
-          at::native::cpublas::brgemm(m, std::min(block_n, lkp - j), d, Q.sl, lkp, lkp, false, qa,
-                                      reinterpret_cast<const bf16*>(kp + j * 2), s_buf.data() + j, true);
-        }
-        for (int64_t r = 0; r < m; ++r) {
-          const float* s = s_buf.data() + r * lkp;
-          uint16_t* p = p_buf.data() + r * lkp;
-          float mx = -FLT_MAX;
-          for (int64_t j = 0; j < lk; ++j) mx = std::max(mx, s[j]);
-          const float c = scale * 1.4426950408889634f;  // exp(scale (s - max)) = 2^(c (s - max))
-          float sum = 0.f;
-          for (int64_t j = 0; j < lk; ++j) {
-            // below 2^-64 of the row's largest term nothing shows in an fp32 sum; the floor keeps p and p v away
-            // from denormal floats (a slow path in the micro-kernel)
-            const float e = exp2_neg(std::max((s[j] - mx) * c, -64.f));
-            p[j] = round_bf16(e);
-            sum += e;
-          }
-          if (lkp > lk) p[lk] = 0;
-          sums[r] = sum;
-        }
-        at::native::cpublas::brgemm(m, dv, lkp, lkp, dv, dv, false, reinterpret_cast<const bf16*>(p_buf.data()),
-                                    reinterpret_cast<const bf16*>(vp), o_buf.data(), true);  // O = p v, fp32
-        for (int64_t r = 0; r < m; ++r) {
-          const float inv = 1.f / sums[r];
-          const float* o = o_buf.data() + r * dv;
-          uint16_t* dst = out + (i / heads) * o_sb + (i % heads) * o_sh + (r0 + r) * o_sl;
-          for (int64_t c = 0; c < d; ++c) dst[c] = round_bf16(o[c] * inv);
-        }
-      };
-#pragma omp for schedule(static)
-      for (int64_t it = 0; it < n * blocks; ++it) {
-        if (failed) continue;
-        try {
-          block(it);
-        } catch (const std::exception& e) {
-          fail(e.what());
-        }
-      }
-      try {
-        at::native::cpublas::brgemm_release(true);
-      } catch (const std::exception&) {
-      }
-    }
-    if (failed) {
-      g_error = error.substr(0, error.find('\n'));
-      return 1;
-    }
-    return 0;
+    return attention<float>(static_cast<const float*>(q), q_sb, q_sh, q_sl, static_cast<const float*>(k), k_sb, k_sh,
+                            k_sl, static_cast<const float*>(v), v_sb, v_sh, v_sl, static_cast<float*>(out), o_sb,
+                            o_sh, o_sl, b, heads, lq, lk, d, scale, block_m, block_n, threads);
   } catch (const std::exception& e) {
     g_error = e.what();
     return 1;

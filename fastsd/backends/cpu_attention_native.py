@@ -1,12 +1,14 @@
-"""bf16 attention on a CPU as one native kernel (cpu_attention_native.cpp), where bf16 is native.
+"""Attention on a CPU as one native kernel (cpu_attention_native.cpp): bf16 where bf16 is native, fp32 on
+AVX-512.
 
 PyTorch has no CPU bf16 GEMM with an fp32 output in Python (cpu_attention.py spends two extra GEMMs making
 up for that); ATen's C++ `cpublas::brgemm` (oneDNN's micro-kernel) has one. So the kernel is C++, compiled
 on this machine at first use with the C++ compiler (`$CXX`, else g++) against the installed torch's headers
 and libraries, and cached under the tuner's cache folder, keyed by its source, flags, torch and CPU. It is
-used only where it loads and passes a self-test against fp32 attention; otherwise `unavailable()` says why
-and the cpu backend keeps the chunked torch path. `FASTSD_CPU_NATIVE=0` never builds or uses it.
-`cpublas::brgemm` is a private ATen API: the build and the self-test are its capability check.
+used only where it loads and passes a self-test against fp32 (fp64) attention; otherwise `unavailable()`
+says why and the cpu backend keeps the chunked torch path (bf16) or SDPA (fp32). `FASTSD_CPU_NATIVE=0`
+never builds or uses it. `cpublas::brgemm` is a private ATen API: the build and the self-test are its
+capability check.
 """
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 ENV = "FASTSD_CPU_NATIVE"
 VERSION = 1  # part of the tuner's key: choices timed against another version are measured again
 BLOCK_M, BLOCK_N = 64, 512  # query rows per block, keys per q k^T micro-kernel call (best of 32-128 x 256-1024)
-# AVX-512 with bf16, the ISA this kernel runs on (native_bf16()), not -march=native: the library cached for
-# one CPU runs on any other with these flags
+FP32_MAX_HEAD_DIM = 160  # fp32 beyond (the VAE's 512): 2.2x SDPA's fp32 error (q k^T's long sums), SDPA kept
+# AVX-512 (every CPU this runs on: native bf16 implies it), not -march=native: the library cached for one CPU
+# runs on any other with these flags; no bf16 instructions are used (the micro-kernel picks its own)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffast-math",
-         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mtune=generic")
+         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mtune=generic")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGS = [_PTR, _I64, _I64, _I64] * 4 + [_I64] * 5 + [ctypes.c_float, _I64, _I64, ctypes.c_int]
+_ARGS = [ctypes.c_int] + [_PTR, _I64, _I64, _I64] * 4 + [_I64] * 5 + [ctypes.c_float, _I64, _I64, ctypes.c_int]
 
 
 def _compiler() -> str | None:
@@ -75,8 +78,8 @@ def build(cxx: str | None = None, folder: Path | None = None) -> Path:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.fastsd_attention_bf16.argtypes = _ARGS
-    lib.fastsd_attention_bf16.restype = ctypes.c_int
+    lib.fastsd_attention.argtypes = _ARGS
+    lib.fastsd_attention.restype = ctypes.c_int
     lib.fastsd_attention_error.restype = ctypes.c_char_p
     return lib
 
@@ -85,14 +88,19 @@ def _load(path: Path) -> ctypes.CDLL:
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no"):
         return None, f"{ENV}=0"
-    if not cpuinfo.native_bf16():
-        return None, "bf16 is not native on this CPU (or the ISA is restricted below it)"
+    if not cpuinfo.native_bf16() and not avx512():
+        return None, f"needs AVX-512 (this CPU runs {cpuinfo.aten_capability()})"
     try:
         lib = _load(build())
         _self_test(lib)
     except Exception as e:  # a failed build, load or self-test: the capability check says no
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
     return lib, None
+
+
+def avx512() -> bool:
+    """ATen runs AVX-512 here (not restricted below it): where the fp32 kernel is offered."""
+    return cpuinfo.aten_capability() == "AVX512" and "avx512f" in cpuinfo.cpu_flags()
 
 
 def unavailable() -> str | None:
@@ -103,34 +111,40 @@ def unavailable() -> str | None:
 def _run(lib: ctypes.CDLL, q, k, v, scale: float | None) -> torch.Tensor:
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype or d % 2 or lk == 0:
-        raise ValueError("native attention takes bf16 q, k, v with an even head dim and at least one key")
+    bf16 = q.dtype == torch.bfloat16
+    if q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype or lk == 0 \
+            or (bf16 and d % 2):
+        raise ValueError("native attention takes bf16 (even head dim) or fp32 q, k, v and at least one key")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, L, H, D) memory:
     args = []  # the caller's transpose(1, 2).reshape(B, L, H*D) is then free
     for t in (q, k, v, out):
         args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
     scale = d ** -0.5 if scale is None else scale
-    rc = lib.fastsd_attention_bf16(*args, b, h, lq, lk, d, scale, BLOCK_M, BLOCK_N, torch.get_num_threads())
+    rc = lib.fastsd_attention(int(bf16), *args, b, h, lq, lk, d, scale, BLOCK_M, BLOCK_N, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native attention failed: {lib.fastsd_attention_error().decode(errors='replace')}")
     return out
 
 
 def _self_test(lib: ctypes.CDLL) -> None:
-    """Odd key count, strided (B, L, H, D) views, more query rows than a block: within 2x of SDPA's bf16 error
-    against fp32 on the same inputs (the bound tests/test_cpu_paths.py holds every CPU path to)."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, n, 3, 40, generator=g).transpose(1, 2).bfloat16() for n in (BLOCK_M + 5, 77, 77))
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
-    ours, torch_err = rel(_run(lib, q, k, v, None)), rel(torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    if not ours <= 2 * torch_err:
-        raise RuntimeError(f"the self-test failed (error {ours:.2e}, SDPA's {torch_err:.2e})")
+    """Odd key count, strided (B, L, H, D) views, more query rows than a block, each dtype this CPU gets: within
+    2x of SDPA's error against a wider computation on the same inputs (fp32 for bf16, fp64 for fp32)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for dtype, wide in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
+        if dtype == torch.bfloat16 and not cpuinfo.native_bf16():
+            continue
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, n, 3, 40, generator=g).transpose(1, 2).to(dtype) for n in (BLOCK_M + 5, 77, 77))
+        ref = sdpa(q.to(wide), k.to(wide), v.to(wide))
+        rel = lambda o: ((o.to(wide) - ref).norm() / ref.norm()).item()  # noqa: E731
+        ours, torch_err = rel(_run(lib, q, k, v, None)), rel(sdpa(q, k, v))
+        if not ours <= 2 * torch_err:
+            raise RuntimeError(f"the {str(dtype)[6:]} self-test failed (error {ours:.2e}, SDPA's {torch_err:.2e})")
 
 
 def attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-    """q (B, H, Lq, D), k/v (B, H, Lk, D), bf16, D even -> (B, H, Lq, D), non-causal; any strides."""
+    """q (B, H, Lq, D), k/v (B, H, Lk, D), bf16 (D even) or fp32 -> (B, H, Lq, D), non-causal; any strides."""
     lib, why = _library()
     if lib is None:
         raise RuntimeError(f"native attention unavailable: {why}")
