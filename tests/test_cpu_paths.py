@@ -1,6 +1,7 @@
-"""The cpu backend (fastsd/backends/cpu.py: packed weights, chunked bf16 attention and feed-forward, measured
+"""The cpu backend (fastsd/backends/cpu.py: packed weights, native or chunked attention, chunked feed-forward, measured
 choices) against the plain-torch reference that --backend torch runs. The whole file runs again
-in a subprocess restricted to AVX2 (test_cpu_paths_restricted_to_avx2), whatever this machine's ISA."""
+in subprocesses restricted to AVX2 and to AVX-512 without BF16 (test_cpu_paths_restricted), whatever this
+machine's ISA."""
 import os
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def test_chunked_attention_keeps_sharp_logits_accurate(D):
 
 
 NATIVE_WHY = cpu_attention_native.unavailable()
-needs_native = pytest.mark.skipif(NATIVE_WHY is not None, reason=f"native attention unavailable: {NATIVE_WHY}")
+needs_native = pytest.mark.skipif(NATIVE_WHY is not None or not cpuinfo.native_bf16(),
+                                  reason=f"native bf16 attention unavailable: {NATIVE_WHY or 'no native bf16'}")
 
 
 @needs_native
@@ -649,19 +651,30 @@ def test_cli_bf16_without_native_support_gives_an_image_and_one_warning_line(tmp
     assert "Traceback" not in r.stderr
 
 
+RESTRICTIONS = {"avx2": (cpuinfo.AVX2_ENV, "AVX2"),
+                # AVX-512 without BF16 (Skylake to Ice Lake): fp32 the default, the fp32 native attention
+                "avx512-no-bf16": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "AVX512")}
+
+
 @pytest.mark.skipif(bool(os.environ.get("ONEDNN_MAX_CPU_ISA")), reason="already restricted")
-def test_cpu_paths_restricted_to_avx2():
+@pytest.mark.parametrize("isa", list(RESTRICTIONS))
+def test_cpu_paths_restricted(isa):
     """This file again in a process restricted to AVX2 (oneDNN, ATen, MKL): the kernels and weight layouts
-    of a CPU without AVX-512, on any machine. (torch's bf16 packing check still reads the hardware's
-    flags; the no-native-bf16 case is faked above.)"""
-    env = {**os.environ, **cpuinfo.AVX2_ENV}
+    of a CPU without AVX-512, on any machine; and restricted to AVX-512 without BF16 where the machine has
+    AVX-512. (torch's bf16 packing check still reads the hardware's flags; the no-native-bf16 case is faked
+    above.)"""
+    env_add, capability = RESTRICTIONS[isa]
+    if capability == "AVX512" and "avx512f" not in cpuinfo.cpu_flags():
+        pytest.skip("no AVX-512 on this machine")
+    env = {**os.environ, **env_add}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "not restricted_to_avx2"], capture_output=True, text=True, cwd=REPO, env=env,
+                        "-k", "not test_cpu_paths_restricted"], capture_output=True, text=True, cwd=REPO, env=env,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    check = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+    check = subprocess.run([sys.executable, "-c", "import torch; from fastsd import cpuinfo; "
+                            "print(torch.backends.cpu.get_cpu_capability(), cpuinfo.native_bf16())"],
                            capture_output=True, text=True, env=env, timeout=120)
-    assert check.stdout.strip() == "AVX2"
+    assert check.stdout.split() == [capability, "False"], check.stdout + check.stderr
 
 
 def test_feed_forward_chunks_match_one_pass(monkeypatch):

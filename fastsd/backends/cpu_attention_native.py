@@ -115,6 +115,8 @@ def _run(lib: ctypes.CDLL, q, k, v, scale: float | None) -> torch.Tensor:
     if q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype or lk == 0 \
             or (bf16 and d % 2):
         raise ValueError("native attention takes bf16 (even head dim) or fp32 q, k, v and at least one key")
+    if bf16 and not cpuinfo.native_bf16():  # oneDNN has no bf16 micro-kernel below AVX512-BF16
+        raise ValueError("native bf16 attention needs native bf16 (AVX512-BF16 or AMX, not restricted below it)")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, L, H, D) memory:
     args = []  # the caller's transpose(1, 2).reshape(B, L, H*D) is then free
