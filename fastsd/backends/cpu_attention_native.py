@@ -98,8 +98,10 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
+@functools.cache
 def avx512() -> bool:
-    """ATen runs AVX-512 here (not restricted below it): where the fp32 kernel is offered."""
+    """ATen runs AVX-512 here (not restricted below it): where the fp32 kernel is offered. (Fixed for the
+    process: ATen reads its restriction at start.)"""
     return cpuinfo.aten_capability() == "AVX512" and "avx512f" in cpuinfo.cpu_flags()
 
 
