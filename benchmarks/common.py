@@ -54,8 +54,8 @@ def cpu_model() -> str:
 
 def isa_fields() -> dict[str, Any]:
     """The ISA this process runs with (restrictions included), the CPU-tuning state it starts from, the
-    FASTSD_CPU_* settings in effect (e.g. FASTSD_CPU_WINOGRAD=4x4), whether the cpu backend's native bf16
-    attention runs ("on", else why not) and the RAM it may use (which decides whether Winograd F(2x2) is
+    FASTSD_CPU_* settings in effect (e.g. FASTSD_CPU_WINOGRAD=4x4), whether the cpu backend's native
+    attention kernel runs ("on", else why not) and the RAM it may use (which decides whether Winograd F(2x2) is
     offered): every result row carries them, since CPU numbers hold for one ISA and one setting only."""
     from fastsd import cpuinfo
     from fastsd.backends import cpu_attention_native, cpu_tune

@@ -3,10 +3,10 @@
     python -m fastsd.benchmarks.cpu_paths [--repeat 5] [--threads 2]
 
 Rows: attention (SDPA vs fastsd/backends/cpu_attention.py and cpu_attention_native.py, bf16; SDPA and the
-native kernel in fp32, head dims <= 160), convolution and linear (plain F.conv2d / F.linear vs weights prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3
-convolutions also as Winograd F(4x4) and F(2x2), fastsd/backends/cpu_winograd.py, where each has enough tiles;
-* marks the one the cpu backend offers there), and the
-transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
+native kernel in fp32, head dims <= 160), convolution and linear (plain F.conv2d / F.linear vs weights
+prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3 convolutions also as Winograd F(4x4) and F(2x2),
+fastsd/backends/cpu_winograd.py, where each has enough tiles; * marks the one the cpu backend offers there),
+and the transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
 they say why). Under `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` it
 times the AVX2 paths of an AVX-512 machine. Min of --repeat calls after one warm-up, in ms; the error
 column is the relative (Frobenius) error of each path against an fp32 computation: of the same bf16-rounded
@@ -66,6 +66,14 @@ def _packed_rows(kind, shape, dtype, module, x, ref, repeat):
     yield kind, shape, dt, "prepacked", _ms(fn, repeat), _rel(fn(), ref)
 
 
+def _native_row(shape, why, qkv, ref, repeat):
+    """The native attention kernel's row (its dtype is q's), or why it doesn't run here."""
+    dt = NAMES[qkv[0].dtype]
+    if why:
+        return "attention", shape, dt, "native", None, why
+    return "attention", shape, dt, "native", _ms(lambda: attention_native(*qkv), repeat), _rel(attention_native(*qkv), ref)
+
+
 def rows(repeat: int, all_dtypes: bool = False):
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -83,23 +91,12 @@ def rows(repeat: int, all_dtypes: bool = False):
                    _rel(F.scaled_dot_product_attention(qb, kb, vb), refb))
             yield ("attention", shape, "bf16", "chunked", _ms(lambda: attention_chunked(qb, kb, vb), repeat),
                    _rel(attention_chunked(qb, kb, vb), refb))
-            why = cpu_attention_native.unavailable()
-            if why:
-                yield "attention", shape, "bf16", "native", None, why
-            else:
-                yield ("attention", shape, "bf16", "native", _ms(lambda: attention_native(qb, kb, vb), repeat),
-                       _rel(attention_native(qb, kb, vb), refb))
+            yield _native_row(shape, cpu_attention_native.unavailable(), (qb, kb, vb), refb, repeat)
         else:
             yield "attention", shape, "bf16", "chunked", None, no_bf16
         yield ("attention", shape, "fp32", "SDPA", _ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat), 0.0)
-        if d > cpu_attention_native.FP32_MAX_HEAD_DIM:
-            continue
-        why = cpu_attention_native.unavailable() or (None if cpu_attention_native.avx512() else "needs AVX-512")
-        if why:
-            yield "attention", shape, "fp32", "native", None, why
-        else:
-            yield ("attention", shape, "fp32", "native", _ms(lambda: attention_native(q, k, v), repeat),
-                   _rel(attention_native(q, k, v), ref))
+        if d <= cpu_attention_native.FP32_MAX_HEAD_DIM:
+            yield _native_row(shape, cpu_attention_native.fp32_unavailable(), (q, k, v), ref, repeat)
     for cin, cout, side, ksize in CONV:
         for dtype in dtypes:
             conv = torch.nn.Conv2d(cin, cout, ksize, padding=ksize // 2).requires_grad_(False)

@@ -25,7 +25,21 @@ _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", 
                      "AVX10_2_512_AMX_2", "ALL", "DEFAULT")
 
 
+PROC_CPUINFO = "/proc/cpuinfo"
+
+
 def _cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
+    # the machine's own file is read once per process (native_bf16() runs on every bf16 attention call); a
+    # file given by a caller (tests) is read each time
+    return dict(_proc_cpuinfo_fields()) if cpuinfo == PROC_CPUINFO else _read_cpuinfo_fields(cpuinfo)
+
+
+@functools.cache
+def _proc_cpuinfo_fields() -> dict[str, str]:
+    return _read_cpuinfo_fields(PROC_CPUINFO)
+
+
+def _read_cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
     out: dict[str, str] = {}
     try:
         with open(cpuinfo) as f:
@@ -40,13 +54,13 @@ def _cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
     return out
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+def cpu_flags(cpuinfo: str = PROC_CPUINFO) -> set[str]:
     """The hardware's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     f = _cpuinfo_fields(cpuinfo)
     return set((f.get("flags") or f.get("Features") or "").split())
 
 
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+def cpu_model(cpuinfo: str = PROC_CPUINFO) -> str:
     return _cpuinfo_fields(cpuinfo).get("model name") or platform.processor() or platform.machine()
 
 

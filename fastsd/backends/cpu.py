@@ -38,18 +38,14 @@ def attention(q, k, v, *, scale=None, causal=False):
         return reference.attention(q, k, v, scale=scale, causal=causal)
     if q.dtype == torch.bfloat16 and cpuinfo.native_bf16():
         return _attention_bf16(q, k, v, scale)
-    if q.dtype == torch.float32 and q.shape[-1] <= cpu_attention_native.FP32_MAX_HEAD_DIM and _native_fp32():
+    if (q.dtype == torch.float32 and q.shape[-1] <= cpu_attention_native.FP32_MAX_HEAD_DIM
+            and cpu_attention_native.fp32_unavailable() is None):
         key = (f"attention fp32 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
                f"native v{cpu_attention_native.VERSION}")
         candidates = {"native": lambda: cpu_attention_native.attention_native(q, k, v, scale=scale),
                       "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
         return candidates[tuner().choose(key, candidates, default="native")]()
     return reference.attention(q, k, v, scale=scale)
-
-
-def _native_fp32() -> bool:
-    """The fp32 native kernel is offered on AVX-512 only: restricted to AVX2 it was slower than SDPA."""
-    return cpu_attention_native.avx512() and cpu_attention_native.unavailable() is None
 
 
 def _attention_bf16(q, k, v, scale):
@@ -108,7 +104,8 @@ class CPUBackend(Backend):
 
     def prepare(self, model):
         dtypes = {p.dtype for p in model.parameters()}
-        if (torch.bfloat16 in dtypes and cpuinfo.native_bf16()) or (torch.float32 in dtypes and cpu_attention_native.avx512()):
+        if ((torch.bfloat16 in dtypes and cpuinfo.native_bf16())
+                or (torch.float32 in dtypes and cpu_attention_native.avx512())):
             why = cpu_attention_native.unavailable()  # built (or found built) now, not in the first run
             if why and why != f"{cpu_attention_native.ENV}=0":
                 _warn_native(why)

@@ -110,6 +110,14 @@ def unavailable() -> str | None:
     return _library()[1]
 
 
+def fp32_unavailable() -> str | None:
+    """Why the cpu backend doesn't offer the fp32 kernel here (None when it does): AVX-512 only, as restricted to
+    AVX2 it was slower than SDPA."""
+    if not avx512():
+        return "fp32 is offered on AVX-512 only"
+    return unavailable()
+
+
 def _run(lib: ctypes.CDLL, q, k, v, scale: float | None) -> torch.Tensor:
     b, h, lq, d = q.shape
     lk = k.shape[2]
