@@ -142,6 +142,17 @@ def test_native_attention_refuses_what_it_cannot_run():
         cpu_attention_native.attention_native(q.half(), q.half(), q.half())
 
 
+@pytest.mark.skipif(NATIVE_WHY is not None, reason=f"native attention unavailable: {NATIVE_WHY}")
+def test_loading_the_native_library_leaves_denormals_alone():
+    """Loading the library changes no floating-point mode of the process (built with -ffast-math, GCC linked
+    crtfastmath.o, which set flush-to-zero / denormals-are-zero for every op once it loaded)."""
+    code = ("import torch; from fastsd.backends import cpu_attention_native as n; x = torch.tensor([1e-39]); "
+            "before = (x * 1.0).item(); lib, why = n._library(); print(lib is not None, before == (x * 1.0).item() > 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True"]
+
+
 def test_native_attention_can_be_turned_off_and_says_why():
     code = ("import os, torch; from fastsd.backends import cpu, cpu_attention_native as n; "
             "from fastsd.backends.cpu_attention import attention_chunked; "

@@ -32,8 +32,11 @@ VERSION = 1  # part of the tuner's key: choices timed against another version ar
 BLOCK_M, BLOCK_N = 64, 512  # query rows per block, keys per q k^T micro-kernel call (best of 32-128 x 256-1024)
 FP32_MAX_HEAD_DIM = 160  # fp32 beyond (the VAE's 512): 2.2x SDPA's fp32 error (q k^T's long sums), SDPA kept
 # AVX-512 (every CPU this runs on: native bf16 implies it), not -march=native: the library cached for one CPU
-# runs on any other with these flags; no bf16 instructions are used (the micro-kernel picks its own)
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffast-math",
+# runs on any other with these flags; no bf16 instructions are used (the micro-kernel picks its own). The parts
+# of -ffast-math the kernel needs (vectorised sums, floor), not -ffast-math itself: with it GCC links crtfastmath.o,
+# which turns on flush-to-zero / denormals-are-zero for the whole process when the library loads
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+         "-fassociative-math", "-fno-signed-zeros", "-freciprocal-math", "-ffinite-math-only",
          "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mtune=generic")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGS = [ctypes.c_int] + [_PTR, _I64, _I64, _I64] * 4 + [_I64] * 5 + [ctypes.c_float, _I64, _I64, ctypes.c_int]
