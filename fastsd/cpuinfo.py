@@ -112,10 +112,18 @@ def describe() -> dict:
             "isa_env": {k: os.environ[k] for k in ISA_ENV if os.environ.get(k)}}
 
 
+def amx(cpuinfo: str = PROC_CPUINFO) -> bool:
+    """Whether oneDNN may run bf16 on AMX tiles here: native bf16 with the amx_bf16 flag, and ONEDNN_MAX_CPU_ISA
+    unset or an AMX one."""
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return (native_bf16(cpuinfo) and "amx_bf16" in cpu_flags(cpuinfo)
+            and (not onednn or "AMX" in onednn or onednn in ("ALL", "DEFAULT")))
+
+
 def isa_label() -> str:
-    """A short name of the ISA in effect, e.g. "AVX512+BF16", "AVX2", "AVX2 (restricted)"."""
+    """A short name of the ISA in effect, e.g. "AVX512+BF16", "AVX512+BF16+AMX", "AVX2", "AVX2 (restricted)"."""
     d = describe()
-    label = d["aten_capability"] + ("+BF16" if d["native_bf16"] else "")
+    label = d["aten_capability"] + ("+BF16" if d["native_bf16"] else "") + ("+AMX" if amx() else "")
     return label + (" (restricted)" if d["isa_env"] else "")
 
 

@@ -114,9 +114,12 @@ def test_same_seed_same_image_and_batch_seed_rule(tiny):
     again = pipe.generate("a cat", seed=5, num_images=1, **kw)[0]
     third = pipe.generate("a cat", seed=7, num_images=1, **kw)[0]
     assert batch[0].size == (32, 48)
-    assert np.array_equal(batch[0], again)
-    assert np.array_equal(batch[2], third)  # image i of a batch = seed + i alone
-    assert not np.array_equal(batch[0], batch[1])
+    for in_batch, alone in ((batch[0], again), (batch[2], third)):  # image i of a batch = seed + i alone, up to
+        # rounding: bit-equal on the AMD VMs; on an Intel Xeon (AMX) one value of 4,608 was 1 apart (MKL/oneDNN
+        # round a batch of 3 and one of 1 differently there)
+        diff = np.abs(np.asarray(in_batch, dtype=int) - np.asarray(alone, dtype=int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    assert np.abs(np.asarray(batch[0], dtype=int) - np.asarray(batch[1], dtype=int)).mean() > 5  # seeds differ
     info = parse_infotext(batch[2].info["parameters"])
     assert info[2]["Seed"] == "7"
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from fastsd import cpuinfo
 from fastsd.backends import Backend, Ops, cpu_attention_native, reference
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
-from fastsd.backends.cpu_pack import PACKED, drop_spares, make_packable, make_plain, release_freed_memory
+from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, make_packable, make_plain,
+                                     release_freed_memory)
 from fastsd.backends.cpu_tune import tuner
 
 FF_CHUNK_TOKENS = 2048  # tokens per feed-forward chunk (1024 and 2048 were best of 256..2048 tried)
@@ -84,7 +85,8 @@ def _ff_in_place(block, x, out=None):
 
 
 def feed_forward_chunked(block, x, chunk: int | None = None):
-    """x + ff(norm3(x)) over chunks of `chunk` (default FF_CHUNK_TOKENS) tokens (row-wise, so the same result)."""
+    """x + ff(norm3(x)) over chunks of `chunk` (default FF_CHUNK_TOKENS) tokens (row-wise, so the same result
+    up to the GEMM's rounding, which may differ with the row count)."""
     chunk = chunk or FF_CHUNK_TOKENS
     flat = x.reshape(-1, x.shape[-1])  # (B*L, C)
     out = torch.empty_like(flat)
@@ -109,6 +111,7 @@ class CPUBackend(Backend):
             why = cpu_attention_native.unavailable()  # built (or found built) now, not in the first run
             if why and why != f"{cpu_attention_native.ENV}=0":
                 _warn_native(why)
+        keep_temporaries_mapped()
         model.to(memory_format=torch.channels_last)
         make_packable(model)
         return super().prepare(model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import warnings
 
 import torch
@@ -302,6 +303,32 @@ def _replaced_dense(nbytes: int) -> None:
     if _replaced[0] >= TRIM_BYTES:
         _replaced[0] = 0
         release_freed_memory()
+
+
+HEAP_ENV = "FASTSD_CPU_HEAP"
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to this come from the heap, not fresh mmap'd pages
+TRIM_THRESHOLD = 256 << 20  # free memory at the heap's top kept for the next call's temporaries
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+@functools.cache
+def keep_temporaries_mapped() -> bool:
+    """Have glibc keep a model call's large temporaries (Winograd tiles, feed-forward chunks: 20-35 MB each) in
+    the heap between calls instead of unmapping them and faulting fresh zeroed pages in at the next one. glibc
+    starts with a 128 KiB mmap/trim threshold and raises it only as such blocks are freed, so a layer's first
+    few calls fault its temporaries in every time: the tuner, which times candidates at a layer's first call,
+    saw a 52 ms Winograd convolution take 185 ms and kept a 147 ms one; later calls still faulted in
+    ~250-400 MB per UNet call. Once per process; not where FASTSD_CPU_HEAP=0, where GLIBC_TUNABLES already sets
+    these, or without glibc. release_freed_memory still hands freed memory back when asked."""
+    if os.environ.get(HEAP_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    if any(t in os.environ.get("GLIBC_TUNABLES", "") for t in ("mmap_threshold", "trim_threshold")):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def release_freed_memory() -> None:

@@ -30,7 +30,7 @@ from fastsd import cpuinfo
 MODE_ENV = "FASTSD_CPU_TUNE"
 MARGIN = 0.9  # a non-default candidate must take <= 0.9x the default's time
 BUDGET_S = 0.1  # after the warm-up round, timed rounds stop once the candidates have taken this long
-MAX_ROUNDS = 3
+MIN_ROUNDS, MAX_ROUNDS = 2, 3  # at least two: one slow sample (a VM's hiccup) is not taken as the op's time
 
 
 def cache_dir() -> Path:
@@ -171,17 +171,17 @@ def pick(times: dict[str, float], default: str) -> str:
 
 def measure(candidates: dict[str, Callable[[], Any]]) -> dict[str, float]:
     """Min seconds per candidate: one warm-up call each (layouts, primitive caches), then rounds of one
-    call each, alternating, until MAX_ROUNDS or BUDGET_S."""
+    call each, alternating, until MAX_ROUNDS, or BUDGET_S once MIN_ROUNDS are done."""
     for fn in candidates.values():
         fn()
     best = {name: float("inf") for name in candidates}
     spent = 0.0
-    for _ in range(MAX_ROUNDS):
+    for rounds in range(1, MAX_ROUNDS + 1):
         for name, fn in candidates.items():
             t = _timed(fn)
             best[name] = min(best[name], t)
             spent += t
-        if spent >= BUDGET_S:
+        if rounds >= MIN_ROUNDS and spent >= BUDGET_S:
             break
     return best
 
