@@ -158,16 +158,19 @@ def test_native_attention_can_be_turned_off_and_says_why():
             "from fastsd.backends.cpu_attention import attention_chunked; "
             "q = torch.randn(1, 2, 64, 40).bfloat16(); print(n.unavailable()); "
             "torch.set_grad_enabled(False); print(torch.equal(cpu.attention(q, q, q), attention_chunked(q, q, q)))")
-    env = {**os.environ, "FASTSD_CPU_NATIVE": "0"}
+    env = {**os.environ, "FASTSD_CPU_NATIVE": "0", "FASTSD_CPU_TUNE": "0"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["FASTSD_CPU_NATIVE=0", "True" if cpuinfo.native_bf16() else "False"]
+    # without it: chunked where bf16 is native, SDPA where it is emulated or AMX runs SDPA's GEMMs (the default there)
+    chunked = cpuinfo.native_bf16() and not cpuinfo.amx()
+    assert r.stdout.split() == ["FASTSD_CPU_NATIVE=0", "True" if chunked else "False"]
 
 
 def test_native_attention_that_fails_to_build_warns_once_and_runs_chunked(monkeypatch):
     """A bf16 pipeline on a native-bf16 CPU whose native kernel can't be built (no compiler here, faked):
     one warning at load naming why, and the chunked path generates."""
     monkeypatch.setattr(cpuinfo, "native_bf16", lambda cpuinfo="": True)
+    monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="": False)  # (with AMX the default is SDPA, not chunked)
     monkeypatch.setattr(cpu_attention_native, "_library", lambda: (None, "no C++ compiler (g++ not found; set CXX)"))
     cpu._warn_native.cache_clear()
     calls = []
@@ -194,8 +197,8 @@ def test_attention_dispatch_on_cpu():
     with torch.no_grad():
         assert torch.equal(reference.attention(q, k, v), ref)  # the plain reference
         # where bf16 is native: the native kernel where it builds (FASTSD_CPU_TUNE=0 here: the default), else
-        # chunked; emulated bf16 keeps SDPA
-        if not cpuinfo.native_bf16():
+        # chunked; with AMX, SDPA (the default there: its GEMMs run on AMX); emulated bf16 keeps SDPA
+        if not cpuinfo.native_bf16() or cpuinfo.amx():
             expected = ref
         elif NATIVE_WHY is None:
             expected = cpu_attention_native.attention_native(q, k, v)
@@ -205,7 +208,8 @@ def test_attention_dispatch_on_cpu():
         assert torch.equal(cpu.attention(q, k, v), expected)
         q41, k41, v41 = (t.bfloat16() for t in _qkv(1, 2, 64, 77, 41))  # odd head dim: never native
         assert torch.equal(cpu.attention(q41, k41, v41),
-                           attention_chunked(q41, k41, v41) if cpuinfo.native_bf16() else reference.attention(q41, k41, v41))
+                           attention_chunked(q41, k41, v41) if cpuinfo.native_bf16() and not cpuinfo.amx()
+                           else reference.attention(q41, k41, v41))
         # fp32: the native kernel on AVX-512 for head dims <= 160, else SDPA
         qf, kf, vf = q.float(), k.float(), v.float()
         fp32_native = NATIVE_WHY is None and cpu_attention_native.avx512()
@@ -505,6 +509,23 @@ def test_replaced_weight_reuses_the_winograd_memory(winograd_chosen):
         assert "_winograd_spare" in conv.__dict__
     cpu.BACKEND.unprepare(conv)
     assert type(conv) is torch.nn.Conv2d and "_winograd_spare" not in conv.__dict__
+
+
+def test_cached_choice_follows_a_new_default_without_measuring(tmp_path, monkeypatch):
+    """A choice cached under another default (a newer fastsd's rule, e.g. SDPA for bf16 attention with AMX) is
+    picked again from its cached times with the new default, nothing measured: 0.95x is not the 10% a
+    non-default candidate needs, so the default wins either way round."""
+    monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
+    monkeypatch.setattr(cpu_tune, "machine_busy", lambda: False)
+    measured = []
+    monkeypatch.setattr(cpu_tune, "measure", lambda c: measured.append(set(c)) or {"native": 1.0, "sdpa": 0.95})
+    path = tmp_path / "tune.json"
+    nop = lambda: None  # noqa: E731
+    assert cpu_tune.Tuner(path).choose("k", {"native": nop, "sdpa": nop}, default="native") == "native"
+    saved = path.read_text()
+    assert cpu_tune.Tuner(path).choose("k", {"native": nop, "sdpa": nop}, default="sdpa") == "sdpa"
+    assert cpu_tune.Tuner(path).choose("k", {"native": nop, "sdpa": nop}, default="native") == "native"
+    assert len(measured) == 1 and path.read_text() == saved
 
 
 def test_tuner_measures_again_when_a_candidate_is_new(tmp_path, monkeypatch):

@@ -134,12 +134,14 @@ class Tuner:
             return default
         known = self.cached(key)
         if known is not None and not self._new_candidates(key, candidates) and not self._measure_again(key):
-            if known in candidates:
-                return known
             with self._lock:
-                ms = self._choices[key].get("ms")
-            if ms:  # measured against more candidates than offered now (FASTSD_CPU_WINOGRAD=4x4 after the
-                return pick({k: ms[k] for k in candidates}, default)  # default): their best, the entry kept as is
+                entry = self._choices[key]
+            if known in candidates and entry.get("default", default) == default:
+                return known
+            ms = entry.get("ms")
+            if ms:  # measured against more candidates than offered now (FASTSD_CPU_WINOGRAD=4x4 after the default),
+                # or under another default (a newer fastsd's rule): picked again from its times, the entry kept as is
+                return pick({k: ms[k] for k in candidates}, default)
         busy = machine_busy()
         times = measure(candidates)
         busy = busy or machine_busy()
