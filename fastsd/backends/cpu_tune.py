@@ -5,7 +5,7 @@ feed-forward) are faster on some CPUs and shapes and slower on others: oneDNN pi
 layouts per ISA and per shape. So each piece asks `choose(key, candidates, default)` at the first call
 with a new key (op, dtype, shapes, threads); the candidates are timed on the real inputs and the winner
 is kept in memory and in a JSON file per CPU (`cpuinfo.fingerprint()`: CPU model, ISA in effect, torch
-version) under `$FASTSD_CACHE_DIR`, else `$XDG_CACHE_HOME/fastsd`, else `~/.cache/fastsd`.
+version) and timing METHOD under `$FASTSD_CACHE_DIR`, else `$XDG_CACHE_HOME/fastsd`, else `~/.cache/fastsd`.
 
 `FASTSD_CPU_TUNE`: unset = measure what the cache lacks; `0` = never measure, take each piece's
 default (its rule, see README "The CPU path"); `1` = measure again and overwrite the cache.
@@ -31,6 +31,10 @@ MODE_ENV = "FASTSD_CPU_TUNE"
 MARGIN = 0.9  # a non-default candidate must take <= 0.9x the default's time
 BUDGET_S = 0.1  # after the warm-up round, timed rounds stop once the candidates have taken this long
 MIN_ROUNDS, MAX_ROUNDS = 2, 3  # at least two: one slow sample (a VM's hiccup) is not taken as the op's time
+# how choices are timed, part of the cache file's name: files timed another way are not reused. 2: the heap kept
+# mapped (cpu_pack.keep_temporaries_mapped) and two timed rounds; method 1's first-call page faults made
+# memory-hungry candidates (Winograd) look up to 3.6x slower than they run
+METHOD = 2
 
 
 def cache_dir() -> Path:
@@ -72,7 +76,7 @@ class Tuner:
     """Choices per key, measured once per CPU fingerprint; thread-safe."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or cache_dir() / f"cpu-tune-{cpuinfo.fingerprint()}.json"
+        self.path = path or cache_dir() / f"cpu-tune-{cpuinfo.fingerprint()}-m{METHOD}.json"
         self._lock = threading.Lock()
         self._choices: dict[str, dict] | None = None
         self._forced: set[str] = set()  # keys measured again in this process under FASTSD_CPU_TUNE=1
