@@ -57,8 +57,8 @@ def _attention_bf16(q, k, v, scale):
                   "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
     if native:
         candidates["native"] = lambda: cpu_attention_native.attention_native(q, k, v, scale=scale)
-    # with AMX, SDPA's flash kernel runs its GEMMs on AMX tiles: faster than the native kernel at self-attention
-    # (47 against 65 ms at 64x64 D40 in steady state on a Xeon) though the first-call timing may not show 10%
+    # with AMX, SDPA's flash kernel runs its GEMMs on AMX tiles: faster than the native kernel at self-attention in
+    # steady state, by more than the first-call timing showed (README "The CPU path")
     default = "sdpa" if cpuinfo.amx() else "native" if native else "chunked"
     return candidates[tuner().choose(key, candidates, default=default)]()
 

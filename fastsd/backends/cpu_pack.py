@@ -316,10 +316,10 @@ def keep_temporaries_mapped() -> bool:
     """Have glibc keep a model call's large temporaries (Winograd tiles, feed-forward chunks: 20-35 MB each) in
     the heap between calls instead of unmapping them and faulting fresh zeroed pages in at the next one. glibc
     starts with a 128 KiB mmap/trim threshold and raises it only as such blocks are freed, so a layer's first
-    few calls fault its temporaries in every time: the tuner, which times candidates at a layer's first call,
-    saw a 52 ms Winograd convolution take 185 ms and kept a 147 ms one; later calls still faulted in
-    ~250-400 MB per UNet call. Once per process; not where FASTSD_CPU_HEAP=0, where GLIBC_TUNABLES already sets
-    these, or without glibc. release_freed_memory still hands freed memory back when asked."""
+    few calls fault its temporaries in every time, and later calls many of them (README "The CPU path" has the
+    numbers): slower calls, and a tuner that times candidates at a layer's first call and so saw memory-hungry
+    ones (Winograd) much slower than they run. Once per process; not where FASTSD_CPU_HEAP=0, where GLIBC_TUNABLES
+    already sets these, or without glibc. release_freed_memory still hands freed memory back when asked."""
     if os.environ.get(HEAP_ENV, "").strip().lower() in ("0", "off", "false", "no"):
         return False
     if any(t in os.environ.get("GLIBC_TUNABLES", "") for t in ("mmap_threshold", "trim_threshold")):

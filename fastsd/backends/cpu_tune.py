@@ -32,8 +32,8 @@ MARGIN = 0.9  # a non-default candidate must take <= 0.9x the default's time
 BUDGET_S = 0.1  # after the warm-up round, timed rounds stop once the candidates have taken this long
 MIN_ROUNDS, MAX_ROUNDS = 2, 3  # at least two: one slow sample (a VM's hiccup) is not taken as the op's time
 # how choices are timed, part of the cache file's name: files timed another way are not reused. 2: the heap kept
-# mapped (cpu_pack.keep_temporaries_mapped) and two timed rounds; method 1's first-call page faults made
-# memory-hungry candidates (Winograd) look up to 3.6x slower than they run
+# mapped (cpu_pack.keep_temporaries_mapped) and two timed rounds; under method 1 first-call page faults made
+# memory-hungry candidates (Winograd) look several times slower than they run
 METHOD = 2
 
 
