@@ -54,10 +54,18 @@ def _read_cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
     return out
 
 
-def cpu_flags(cpuinfo: str = PROC_CPUINFO) -> set[str]:
+def cpu_flags(cpuinfo: str = PROC_CPUINFO) -> frozenset[str]:
     """The hardware's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    f = _cpuinfo_fields(cpuinfo)
-    return set((f.get("flags") or f.get("Features") or "").split())
+    return _proc_flags() if cpuinfo == PROC_CPUINFO else _flags(_read_cpuinfo_fields(cpuinfo))
+
+
+@functools.cache
+def _proc_flags() -> frozenset[str]:  # parsed once: native_bf16() and amx() run on every bf16 attention call
+    return _flags(_proc_cpuinfo_fields())
+
+
+def _flags(fields: dict[str, str]) -> frozenset[str]:
+    return frozenset((fields.get("flags") or fields.get("Features") or "").split())
 
 
 def cpu_model(cpuinfo: str = PROC_CPUINFO) -> str:
