@@ -336,42 +336,40 @@ def _names(names: list[str], limit: int = 5) -> str:
 # ---- merging -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(t as (out, -1) rows in its memory order, whether that order is channels_last): a view, no copy, for a
-    contiguous or channels_last tensor."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1), True
-    return t.contiguous().view(t.shape[0], -1), False
-
-
 def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """weight + multiplier * scale * up @ down in fp32, rounded once to weight's dtype, laid out in
     `memory_format` (4-d weights). A block of output rows at a time, in an fp32 scratch that stays in
-    cache, so a bf16 weight is read once and written once instead of going through full fp32 copies; a
-    channels_last weight is read in its own memory order (down's columns permuted to match)."""
-    w, nhwc = _rows(weight)
+    cache, so a bf16 weight is read once and written once instead of going through full fp32 copies.
+    A convolution's rows are always computed in channels_last order, (kh, kw, C), down's columns permuted to
+    match, whatever the weight's layout and `memory_format`: a GEMM's rounding of an element can depend on
+    where it sits in a row (MKL's AVX2 kernels round the tail of a row differently), and one order gives
+    the same bits for the same LoRA on the same weights however they are laid out (dense from a packed
+    layer, channels_last after an unload, contiguous in the torch backend). It is the CPU path's own layout,
+    so there the rows are read and written without a transposition (a packed layer's dense weight, which
+    comes contiguous, is transposed a block at a time, in cache)."""
+    conv = weight.dim() == 4
+    rows_of = (lambda t: t.permute(0, 2, 3, 1)) if conv else (lambda t: t)  # noqa: E731 - (out, kh, kw, C) views
     alpha = multiplier * layer.scale
     if layer.kind == "lora":
-        up = layer.up.reshape(layer.up.shape[0], -1).to(w.device)
-        down = layer.down.permute(0, 2, 3, 1) if nhwc and layer.down.dim() == 4 else layer.down
-        down = down.reshape(down.shape[0], -1).to(w.device)
+        up = layer.up.reshape(layer.up.shape[0], -1).to(weight.device)
+        down = layer.down.reshape(layer.down.shape[0], *weight.shape[1:]) if conv else layer.down
+        down = rows_of(down).reshape(down.shape[0], -1).to(weight.device)
         update = lambda block, i: block.addmm_(up[i:i + len(block)], down, alpha=alpha)  # noqa: E731
-    else:  # LoHa / LoKr: the whole delta first (fp32, one layer), its rows in the weight's memory order
-        delta = layer.delta(tuple(weight.shape)).to(w.device)
-        delta = _rows(delta.contiguous(memory_format=torch.channels_last) if nhwc else delta)[0]
+    else:  # LoHa / LoKr: the whole delta first (fp32, one layer), its rows in the same order
+        delta = rows_of(layer.delta(tuple(weight.shape)).to(weight.device)).reshape(weight.shape[0], -1)
         update = lambda block, i: block.add_(delta[i:i + len(block)], alpha=alpha)  # noqa: E731
-    out = torch.empty(weight.shape, dtype=weight.dtype, device=w.device, memory_format=memory_format)
-    rows = max(1, MERGE_BLOCK_BYTES // (4 * w.shape[1]))
-    scratch = torch.empty(min(rows, w.shape[0]), w.shape[1], device=w.device)
-    for i in range(0, w.shape[0], rows):
-        block = scratch[: min(rows, w.shape[0] - i)]
-        update(block.copy_(w[i:i + rows]), i)
-        if weight.dim() == 4:  # back to (rows, C, kh, kw) indexing; copy_ writes out's own layout
-            kh, kw = weight.shape[2:]
-            block = block.view(-1, kh, kw, weight.shape[1]).permute(0, 3, 1, 2) if nhwc else \
-                block.view(-1, *weight.shape[1:])
-        out[i:i + rows].copy_(block)
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=memory_format)
+    src, dst = rows_of(weight), rows_of(out)
+    width = math.prod(weight.shape[1:])
+    rows = max(1, MERGE_BLOCK_BYTES // (4 * width))
+    scratch = torch.empty(min(rows, weight.shape[0]), width, device=weight.device)
+    for i in range(0, weight.shape[0], rows):
+        block = scratch[: min(rows, weight.shape[0] - i)]
+        shaped = block.view(-1, *src.shape[1:])
+        shaped.copy_(src[i:i + rows])
+        update(block, i)
+        dst[i:i + rows].copy_(shaped)
     return out
 
 

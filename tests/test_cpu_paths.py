@@ -867,3 +867,25 @@ def test_changed_private_ops_fall_back_to_plain_with_one_warning(monkeypatch):
     finally:
         cpu_pack.packing_unavailable.cache_clear()
         cpu_pack._warn_once.cache_clear()
+
+
+@pytest.mark.parametrize("shape", [(32, 4, 3, 3), (24, 5, 3, 3), (40, 3, 1, 1), (64, 64, 3, 3)])
+def test_lora_conv_merge_same_bits_in_any_layout(shape):
+    """A LoRA merged into a convolution gives the same bits whether its weight comes contiguous (a packed
+    layer's dense weight, the torch backend) or channels_last (the CPU path's, after an unload), for either
+    output layout: under the AVX2 restriction (test_cpu_paths_restricted) MKL rounded a row's tail
+    differently, which made re-loading a LoRA after unload_loras 1 ulp off the first merge."""
+    from fastsd.lora import LoraLayer, merged_weight
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=g)
+    for rank in (4, 7):
+        layer = LoraLayer("unet", "m", "k", torch.randn(rank, *shape[1:], generator=g),
+                          torch.randn(shape[0], rank, 1, 1, generator=g), 0.37)
+        outs = [merged_weight(w.contiguous(memory_format=fin), layer, 0.8, fout)
+                for fin in (torch.contiguous_format, torch.channels_last)
+                for fout in (torch.contiguous_format, torch.channels_last)]
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+        want = w.double() + 0.8 * 0.37 * (layer.up.double().reshape(shape[0], rank)
+                                          @ layer.down.double().reshape(rank, -1)).reshape(shape)
+        torch.testing.assert_close(outs[0].double(), want, rtol=1e-6, atol=1e-5)
