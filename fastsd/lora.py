@@ -343,7 +343,7 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
     cache, so a bf16 weight is read once and written once instead of going through full fp32 copies.
     A convolution's rows are always computed in channels_last order, (kh, kw, C), down's columns permuted to
     match, whatever the weight's layout and `memory_format`: a GEMM's rounding of an element can depend on
-    where it sits in a row (MKL's AVX2 kernels round the tail of a row differently), and one order gives
+    where it sits in a row (seen with MKL restricted to AVX2: conv_in's 36-wide rows), and one order gives
     the same bits for the same LoRA on the same weights however they are laid out (dense from a packed
     layer, channels_last after an unload, contiguous in the torch backend). It is the CPU path's own layout,
     so there the rows are read and written without a transposition (a packed layer's dense weight, which

@@ -873,8 +873,8 @@ def test_changed_private_ops_fall_back_to_plain_with_one_warning(monkeypatch):
 def test_lora_conv_merge_same_bits_in_any_layout(shape):
     """A LoRA merged into a convolution gives the same bits whether its weight comes contiguous (a packed
     layer's dense weight, the torch backend) or channels_last (the CPU path's, after an unload), for either
-    output layout: under the AVX2 restriction (test_cpu_paths_restricted) MKL rounded a row's tail
-    differently, which made re-loading a LoRA after unload_loras 1 ulp off the first merge."""
+    output layout: under the AVX2 restriction (test_cpu_paths_restricted) MKL rounded some elements
+    differently by their place in a row, which made re-loading a LoRA after unload_loras 1 ulp off the first merge."""
     from fastsd.lora import LoraLayer, merged_weight
 
     g = torch.Generator().manual_seed(1)
