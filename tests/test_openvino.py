@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fastsd
-from fastsd import backends
+from fastsd import backends, cpuinfo
 from fastsd.backends import BackendError, cpu_tune
 from fastsd.backends import openvino as ovb
 from fastsd.image import psnr
@@ -276,8 +276,11 @@ def test_images_match_torch_per_dtype(model, res, dtype, ov_cache, capsys):
 
 @needs_openvino
 def test_bf16_model_ir_keeps_f16_weights_and_the_same_outputs(tmp_path, monkeypatch):
-    """A bf16 model's IR is saved with f16 weights (every bf16 weight exactly): half the .bin of an f32
-    IR, and the UNet's output equal to the one compiled from an f32 IR of the same weights."""
+    """A bf16 model's IR is saved with f16 weights (every bf16 weight in f16's normal range exactly): half the
+    .bin of an f32 IR, and the UNet's output equal to the one compiled from an f32 IR of the same weights where
+    bf16 is native (bf16 inference). Elsewhere the plugin infers in f32 and runs f16-compressed weights through
+    other kernels: restricted to AVX2 on a Xeon 98 of 256 bf16 outputs moved by an ulp (0.25% apart; against an
+    fp32 torch UNet 0.23% and 0.18% off, torch's own bf16 UNet 1.1%), so there it is held to 1%."""
     monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path))
     pipe = fastsd.load_pipeline("random:tiny", dtype="bf16", backend="openvino", seed=5)
     g = torch.Generator().manual_seed(0)
@@ -293,7 +296,10 @@ def test_bf16_model_ir_keeps_f16_weights_and_the_same_outputs(tmp_path, monkeypa
     records = [json.loads(p.read_text()) for p in (tmp_path / "openvino").glob("*/entry.json")]
     unet = {r["meta"]["ir_weights"]: r["files"]["model.bin"]["size"] for r in records if r["meta"]["part"] == "unet "}
     assert set(unet) == {"f16", "f32"} and unet["f16"] < 0.6 * unet["f32"]
-    assert torch.equal(out16, out32)
+    if cpuinfo.native_bf16():
+        assert torch.equal(out16, out32)
+    else:
+        assert ((out16.float() - out32.float()).norm() / out32.float().norm()).item() <= 1e-2
 
 
 def test_ir_weights_f16_only_where_every_weight_fits():
