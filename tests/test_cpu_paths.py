@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastsd import backends, cpuinfo, load_pipeline
-from fastsd.backends import cpu, cpu_attention_native, cpu_pack, cpu_tune, cpu_winograd, reference
+from fastsd.backends import (cpu, cpu_attention_native, cpu_pack, cpu_tune, cpu_winograd, cpu_winograd_native,
+                             reference)
 from fastsd.backends.cpu_attention import attention_chunked, rowmax_bf16
 from fastsd.backends.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
 from fastsd.models import layers
@@ -184,6 +185,27 @@ def test_native_attention_that_fails_to_build_warns_once_and_runs_chunked(monkey
         assert len(msgs) == 1 and "no C++ compiler" in msgs[0], msgs
         img = pipe.generate("a cat", steps=1, width=64, height=64, seed=0, progress=False)[0]
         assert np.asarray(img).std() > 0 and calls
+    finally:
+        cpu._warn_native.cache_clear()
+
+
+def test_native_winograd_that_fails_to_build_warns_once_and_runs_torch_ops(monkeypatch):
+    """An fp32 pipeline where the native Winograd transforms can't be built (no compiler here, faked): one warning
+    at load naming why; Winograd convolutions run their torch-ops transforms, and the pipeline generates."""
+    monkeypatch.setattr(cpu_winograd_native, "_library", lambda: (None, "no C++ compiler (g++ not found; set CXX)"))
+    cpu._warn_native.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="cpu")
+        msgs = [str(w.message) for w in caught if "Winograd" in str(w.message)]
+        assert len(msgs) == 1 and "no C++ compiler" in msgs[0], msgs
+        assert cpu_winograd.implementation() == "torch"
+        x, _, b, u = _winograd_case(((1, 16, 20, 20), 8, True, True), cpu_winograd.F4)
+        assert torch.equal(cpu_winograd.conv3x3(x, u, b, cpu_winograd.F4),
+                           cpu_winograd.conv3x3_torch(x, u, b, cpu_winograd.F4))
+        img = pipe.generate("a cat", steps=1, width=64, height=64, seed=0, progress=False)[0]
+        assert np.asarray(img).std() > 0
     finally:
         cpu._warn_native.cache_clear()
 
@@ -373,23 +395,80 @@ WINOGRAD_CASES = [((2, 5, 9, 11), 7, True, True), ((1, 3, 1, 1), 4, False, False
                   ((2, 16, 8, 12), 16, False, False), ((1, 320, 64, 64), 320, True, True)]
 
 
-@pytest.mark.parametrize("v", [cpu_winograd.F4, cpu_winograd.F2], ids=lambda v: f"F{v.m}")
-@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1]}")
-def test_winograd_conv3x3_matches_the_convolution(case, v):
-    """F(4x4, 3x3) and F(2x2, 3x3) against an fp64 convolution: fp32 rounding only (F(4x4)'s transform factors
-    up to 8 make it a few times the direct convolution's: ~1e-6 relative; F(2x2)'s are 1 and 1/2), the result
-    in channels_last."""
+WINOGRAD_NATIVE_WHY = cpu_winograd_native.unavailable()
+needs_winograd_native = pytest.mark.skipif(WINOGRAD_NATIVE_WHY is not None,
+                                           reason=f"native Winograd transforms unavailable: {WINOGRAD_NATIVE_WHY}")
+WINOGRAD_IMPLEMENTATIONS = {
+    "torch": cpu_winograd.conv3x3_torch,
+    "native": lambda *a: cpu_winograd.conv3x3_native(cpu_winograd_native.library(), *a),
+    "native-split": lambda *a: cpu_winograd.conv3x3_native(cpu_winograd_native.library(), *a, pos_chunk=1),
+}
+
+
+def _winograd_case(case, v):
     shape, k, with_bias, nhwc = case
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g)
     x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
     w = torch.randn(k, shape[1], 3, 3, generator=g) / (3 * shape[1] ** 0.5)
     b = torch.randn(k, generator=g) if with_bias else None
+    return x, w, b, cpu_winograd.weight_transform(w, v)
+
+
+@pytest.mark.parametrize("impl", [pytest.param(name, marks=needs_winograd_native if name != "torch" else ())
+                                  for name in WINOGRAD_IMPLEMENTATIONS])
+@pytest.mark.parametrize("v", [cpu_winograd.F4, cpu_winograd.F2], ids=lambda v: f"F{v.m}")
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1]}")
+def test_winograd_conv3x3_matches_the_convolution(case, v, impl):
+    """F(4x4, 3x3) and F(2x2, 3x3) against an fp64 convolution: fp32 rounding only (F(4x4)'s transform factors
+    up to 8 make it a few times the direct convolution's: ~1e-6 relative; F(2x2)'s are 1 and 1/2), the result
+    in channels_last; with the torch-ops transforms, the native ones, and the native ones a row of transformed
+    positions at a time."""
+    x, w, b, u = _winograd_case(case, v)
     ref = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
-    y = cpu_winograd.conv3x3(x, cpu_winograd.weight_transform(w, v), b, v)
+    y = WINOGRAD_IMPLEMENTATIONS[impl](x, u, b, v)
     assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
     direct = _rel(torch.nn.functional.conv2d(x, w, b, padding=1), ref)
     assert _rel(y, ref) < (5e-6 if v is cpu_winograd.F4 else 1e-6), (_rel(y, ref), direct)
+
+
+@needs_winograd_native
+def test_native_winograd_is_what_conv3x3_runs_and_is_deterministic(monkeypatch):
+    """Where the native transforms load, conv3x3 runs them (the tuner's key for a Winograd layer says so): the
+    same bits every call and for every split of the positions (the GEMMs keep their shapes); split tile rows
+    (fewer GEMM rows: the BLAS may block its sums otherwise) within rounding; the C entry points refuse a tile size
+    or position range they have no code for."""
+    x, w, b, u = _winograd_case(((1, 72, 40, 36), 24, True, True), cpu_winograd.F4)
+    lib = cpu_winograd_native.library()
+    y = cpu_winograd.conv3x3(x, u, b, cpu_winograd.F4)
+    assert cpu_winograd.implementation() == f"native v{cpu_winograd_native.VERSION}"
+    assert torch.equal(y, cpu_winograd.conv3x3_native(lib, x, u, b, cpu_winograd.F4))
+    for pos_chunk in (1, 4):
+        assert torch.equal(y, cpu_winograd.conv3x3_native(lib, x, u, b, cpu_winograd.F4, pos_chunk=pos_chunk))
+    monkeypatch.setattr(cpu_winograd, "CHUNK_BYTES", 200_000)  # a few tile rows per chunk, then positions split
+    assert _rel(cpu_winograd.conv3x3_native(lib, x, u, b, cpu_winograd.F4), y) < 1e-6
+    conv = torch.nn.Conv2d(72, 24, 3, padding=1).requires_grad_(False)
+    if make_packable(conv):  # where oneDNN packing is available
+        assert conv._tune_key(x).endswith(f" winograd native v{cpu_winograd_native.VERSION}")
+        assert "winograd" not in conv._tune_key(x[..., :4, :4])  # too small: no Winograd candidate
+    t = torch.empty(8)
+    assert lib.fastsd_winograd_input(5, x.data_ptr(), 1, 1, 1, 1, 1, 1, 1, t.data_ptr(), 1, 0, 1, 0, 1,
+                                     t.data_ptr(), 1) == 1
+    assert lib.fastsd_winograd_input(6, x.data_ptr(), 1, 1, 1, 1, 1, 1, 1, t.data_ptr(), 1, 0, 1, 5, 2,
+                                     t.data_ptr(), 1) == 1  # positions 5..6 of 6
+    with pytest.raises(RuntimeError, match="no code for"):
+        cpu_winograd_native.input_transform(lib, x.permute(0, 2, 3, 1), cpu_winograd.F4, 9, 0, 1, 6, 1, t)
+
+
+def test_winograd_without_native_transforms_runs_the_torch_ops():
+    code = ("import torch; from fastsd.backends import cpu_winograd as W, cpu_winograd_native as n; "
+            "x = torch.randn(1, 8, 16, 16); w = torch.randn(4, 8, 3, 3); u = W.weight_transform(w, W.F4); "
+            "print(n.unavailable(), W.implementation(), torch.equal(W.conv3x3(x, u, None, W.F4), "
+            "W.conv3x3_torch(x, u, None, W.F4)))")
+    env = {**os.environ, "FASTSD_CPU_NATIVE": "0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["FASTSD_CPU_NATIVE=0", "torch", "True"]
 
 
 def test_winograd_applies_only_where_it_can(monkeypatch):

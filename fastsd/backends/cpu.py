@@ -2,7 +2,8 @@
 
 - layout: channels_last activations; every frozen Conv2d / Linear packs its weight in oneDNN's blocked
   layout at its first call (cpu_pack.py); fp32 3x3 convolutions at 16x16 and up may run as Winograd
-  F(2x2, 3x3) or, from 32x32, F(4x4, 3x3) instead (cpu_winograd.py);
+  F(2x2, 3x3) or, from 32x32, F(4x4, 3x3) instead (cpu_winograd.py; its transforms native code compiled at
+  first use, cpu_winograd_native.py, where that builds and passes its self-test);
 - attention: bf16 where bf16 is native, and fp32 (head dims <= 160) on AVX-512: one native kernel
   (cpu_attention_native.py: C++ compiled at first use, ATen's brgemm) where it builds and passes its
   self-test; else bf16 chunked over queries in torch ops (cpu_attention.py), fp32 SDPA;
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsd import cpuinfo
-from fastsd.backends import Backend, Ops, cpu_attention_native, reference
+from fastsd.backends import Backend, Ops, cpu_attention_native, cpu_winograd_native, reference
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, make_packable, make_plain,
                                      release_freed_memory)
@@ -99,8 +100,8 @@ def feed_forward_chunked(block, x, chunk: int | None = None):
 
 
 @functools.cache
-def _warn_native(why: str) -> None:
-    warnings.warn(f"the native attention kernel is unavailable ({why}); using torch ops for attention "
+def _warn_native(why: str, what: str = "attention kernel", instead: str = "attention") -> None:
+    warnings.warn(f"the native {what} is unavailable ({why}); using torch ops for {instead} "
                   f"(set {cpu_attention_native.ENV}=0 to skip it)", stacklevel=3)
 
 
@@ -114,6 +115,10 @@ class CPUBackend(Backend):
             why = cpu_attention_native.unavailable()  # built (or found built) now, not in the first run
             if why and why != f"{cpu_attention_native.ENV}=0":
                 _warn_native(why)
+        if torch.float32 in dtypes:
+            why = cpu_winograd_native.unavailable()  # built now, not inside the tuner's first timings
+            if why and why != f"{cpu_attention_native.ENV}=0":
+                _warn_native(why, "Winograd transforms", "Winograd convolutions")
         keep_temporaries_mapped()
         model.to(memory_format=torch.channels_last)
         make_packable(model)

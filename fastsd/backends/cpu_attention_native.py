@@ -3,8 +3,7 @@ AVX-512.
 
 PyTorch has no CPU bf16 GEMM with an fp32 output in Python (cpu_attention.py spends two extra GEMMs making
 up for that); ATen's C++ `cpublas::brgemm` (oneDNN's micro-kernel) has one. So the kernel is C++, compiled
-on this machine at first use with the C++ compiler (`$CXX`, else g++) against the installed torch's headers
-and libraries, and cached under the tuner's cache folder, keyed by its source, flags, torch and CPU. It is
+on this machine at first use against the installed torch's headers and libraries (cpu_native.py). It is
 used only where it loads and passes a self-test against fp32 (fp64) attention; otherwise `unavailable()`
 says why and the cpu backend keeps the chunked torch path (bf16) or SDPA (fp32). `FASTSD_CPU_NATIVE=0`
 never builds or uses it. `cpublas::brgemm` is a private ATen API: the build and the self-test are its
@@ -14,69 +13,28 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from fastsd import cpuinfo
-from fastsd.backends.cpu_tune import cache_dir
+from fastsd.backends import cpu_native
 
 SOURCE = Path(__file__).with_suffix(".cpp")
-ENV = "FASTSD_CPU_NATIVE"
+ENV = cpu_native.ENV
 VERSION = 1  # part of the tuner's key: choices timed against another version are measured again
 BLOCK_M, BLOCK_N = 64, 512  # query rows per block, keys per q k^T micro-kernel call (best of 32-128 x 256-1024)
 FP32_MAX_HEAD_DIM = 160  # fp32 beyond (the VAE's 512): 2.2x SDPA's fp32 error (q k^T's long sums), SDPA kept
-# AVX-512 (every CPU this runs on: native bf16 implies it), not -march=native: the library cached for one CPU
-# runs on any other with these flags; no bf16 instructions are used (the micro-kernel picks its own). The parts
-# of -ffast-math the kernel needs (vectorised sums, floor), not -ffast-math itself: with it GCC links crtfastmath.o,
-# which turns on flush-to-zero / denormals-are-zero for the whole process when the library loads
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-         "-fassociative-math", "-fno-signed-zeros", "-freciprocal-math", "-ffinite-math-only",
-         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mtune=generic")
+# AVX-512 (every CPU this runs on: native bf16 implies it), not the ISA in effect: the library cached for one CPU
+# runs on any other with these flags; no bf16 instructions are used (the micro-kernel picks its own)
+FLAGS = cpu_native.BASE_FLAGS + cpu_native.FAST_MATH + cpu_native.AVX512
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGS = [ctypes.c_int] + [_PTR, _I64, _I64, _I64] * 4 + [_I64] * 5 + [ctypes.c_float, _I64, _I64, ctypes.c_int]
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
-def _command(cxx: str, output: Path) -> list[str]:
-    torch_dir = Path(torch.__file__).parent
-    return [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            f"-I{torch_dir / 'include'}", str(SOURCE), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10",
-            f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(output)]
-
-
 def build(cxx: str | None = None, folder: Path | None = None) -> Path:
     """The compiled library, from the cache or compiled now; raises RuntimeError with one line on failure."""
-    cxx = cxx or _compiler()
-    if not cxx or not shutil.which(cxx):
-        raise RuntimeError(f"no C++ compiler ({cxx or 'g++'} not found; set CXX)")
-    folder = folder or cache_dir() / "native"
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(_command(cxx, Path("x"))).encode(),
-                                     torch.__version__.encode(), cpuinfo.fingerprint().encode()])).hexdigest()[:16]
-    path = folder / f"cpu_attention_native-{key}.so"
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")  # another process may build the same file at once
-    os.close(fd)
-    try:
-        done = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
-            raise RuntimeError(f"{Path(cxx).name} failed: {(errors or ['no output'])[0][:200]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return cpu_native.build(SOURCE, FLAGS, torch_api=True, cxx=cxx, folder=folder)
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -89,7 +47,7 @@ def _load(path: Path) -> ctypes.CDLL:
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
-    if os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no"):
+    if cpu_native.disabled():
         return None, f"{ENV}=0"
     if not cpuinfo.native_bf16() and not avx512():
         return None, f"needs AVX-512 (this CPU runs {cpuinfo.aten_capability()})"

@@ -186,8 +186,11 @@ class PackableConv2d(_Packable, nn.Conv2d):
         return tuple(x.shape), tuple(x.shape)
 
     def _tune_key(self, x: torch.Tensor) -> str:
+        """Op, shapes, threads, and for a layer with a Winograd candidate which transforms that runs (choices
+        timed against the other are measured again)."""
+        winograd = f" winograd {cpu_winograd.implementation()}" if cpu_winograd.variant_for(self, x) else ""
         return (f"conv2d {str(self.weight.dtype)[6:]} w{tuple(self.weight.shape)} s{self.stride} p{self.padding} "
-                f"d{self.dilation} g{self.groups} x{tuple(x.shape)} t{torch.get_num_threads()}")
+                f"d{self.dilation} g{self.groups} x{tuple(x.shape)} t{torch.get_num_threads()}{winograd}")
 
     def _pack(self, w: torch.Tensor, shape: tuple) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_convolution_weight(

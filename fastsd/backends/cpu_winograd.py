@@ -7,9 +7,10 @@ than a direct convolution (144 per 4x4 output tile), in (m+2)^2 GEMMs. Two tile 
     y = A^T [ (G g G^T) . (B^T d B) ] A     (Lavin & Gray 2015; F(4x4): points 0, +-1, +-2, infinity;
                                                F(2x2): 0, +-1, infinity)
 
-The input tiles (m+2 square, overlapping by 2) are transformed with one small GEMM by kron(B^T, B^T),
-multiplied per transformed position (a batched GEMM against the weight transformed once, `weight_transform`),
-and transformed back with kron(A^T, A^T). All in fp32: F(4x4)'s transforms grow values up to ~100x (the points
+The input tiles (m+2 square, overlapping by 2) are transformed, multiplied per transformed position (a batched
+GEMM against the weight transformed once, `weight_transform`), and transformed back: the transforms as one pass
+each of native code (cpu_winograd_native.py) where it builds, else in torch ops, one small GEMM each by
+kron(B^T, B^T) and kron(A^T, A^T). All in fp32: F(4x4)'s transforms grow values up to ~100x (the points
 +-2 give factors 4, 5 and 8), so its error is a few times a direct convolution's; F(2x2)'s (factors 1 and 1/2)
 is below it (tests/test_cpu_paths.py bounds both). Not used for bf16.
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsd import cpuinfo
+from fastsd.backends import cpu_winograd_native
 
 ENV = "FASTSD_CPU_WINOGRAD"
 R = 3  # kernel
@@ -52,6 +54,8 @@ class Variant:
     w_t: torch.Tensor  # (a*a, 9): a flattened 3x3 kernel (row-major) -> its transform
     in_t: torch.Tensor  # (a*a, a*a): a flattened a x a input tile -> its transform
     out_t: torch.Tensor  # (m*m, a*a): a transformed product -> the m x m output tile
+    bt: torch.Tensor  # (a, a) B^T and (m, a) A^T themselves, for the separable native transforms
+    at: torch.Tensor
 
     @property
     def a(self) -> int:
@@ -61,7 +65,8 @@ class Variant:
     @classmethod
     def build(cls, name: str, bt, g, at) -> Variant:
         bt, g, at = _f64(bt), _f64(g), _f64(at)
-        return cls(name, at.shape[0], torch.kron(g, g).float(), torch.kron(bt, bt).float(), torch.kron(at, at).float())
+        return cls(name, at.shape[0], torch.kron(g, g).float(), torch.kron(bt, bt).float(), torch.kron(at, at).float(),
+                   bt.float(), at.float())
 
 
 F4 = Variant.build(
@@ -128,8 +133,56 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
 
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant) -> torch.Tensor:
-    """F.conv2d(x, w, bias, padding=1) for u = weight_transform(w, v); the result is channels_last. Rows of
-    tiles go through in chunks whose transformed tiles take <= CHUNK_BYTES (a VAE's 512x512 layers)."""
+    """F.conv2d(x, w, bias, padding=1) for u = weight_transform(w, v); the result is channels_last. With the
+    native transforms where they are available (cpu_winograd_native.py), else in torch ops."""
+    lib = cpu_winograd_native.library()
+    return conv3x3_torch(x, u, bias, v) if lib is None else conv3x3_native(lib, x, u, bias, v)
+
+
+def implementation() -> str:
+    """Which transforms conv3x3 runs here: part of the tuner's key for a convolution with a Winograd candidate."""
+    return "torch" if cpu_winograd_native.library() is None else f"native v{cpu_winograd_native.VERSION}"
+
+
+def _balanced(total: int, most: int) -> int:
+    """The step that cuts `total` into as few parts of at most `most` as possible, of near-equal sizes."""
+    parts = -(-total // max(1, most))
+    return -(-total // parts)
+
+
+def conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant,
+                   pos_chunk: int | None = None) -> torch.Tensor:
+    """conv3x3 with the native transforms. Tile rows go through in chunks whose products (a*a, tiles, k) take
+    <= CHUNK_BYTES, and within a chunk the transformed tiles by rows of positions (all tiles each: the batched
+    GEMM keeps its row count, and reads each position's weight once) within CHUNK_BYTES too, or `pos_chunk`."""
+    n, c, h, w = x.shape
+    k = u.shape[-1]
+    a = v.a
+    th, tw = tile_counts(h, w, v)
+    xh = x.permute(0, 2, 3, 1)
+    if xh.stride(3) != 1:
+        xh = xh.contiguous()
+    out = torch.empty(n, h, w, k, dtype=x.dtype)
+    size = x.element_size()
+    step = _balanced(th, min(CHUNK_BYTES // (a * a * n * tw * k * size), CHUNK_BYTES // (a * n * tw * c * size)))
+    for r in range(0, th, step):
+        rows = min(step, th - r)
+        tiles = n * rows * tw
+        prod = torch.empty(a * a, tiles, k, dtype=x.dtype)
+        pos_step = pos_chunk or _balanced(a, CHUNK_BYTES // (a * tiles * c * size))
+        for i in range(0, a, pos_step):
+            ni = min(pos_step, a - i)
+            t = torch.empty(ni * a, tiles, c, dtype=x.dtype)
+            cpu_winograd_native.input_transform(lib, xh, v, tw, r, rows, i, ni, t)
+            torch.bmm(t, u[i * a:(i + ni) * a], out=prod[i * a:(i + ni) * a])
+            del t
+        cpu_winograd_native.output_transform(lib, prod, v, bias, out, tw, r, rows)
+    return out.permute(0, 3, 1, 2)
+
+
+def conv3x3_torch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant) -> torch.Tensor:
+    """conv3x3 in torch ops: the transforms as GEMMs by the kron matrices. Rows of tiles go through in chunks
+    whose transformed tiles take <= CHUNK_BYTES (a VAE's 512x512 layers)."""
     n, c, h, w = x.shape
     k = u.shape[-1]
     m, a = v.m, v.a
