@@ -5,7 +5,8 @@
 Rows: attention (SDPA vs fastsd/backends/cpu_attention.py and cpu_attention_native.py, bf16; SDPA and the
 native kernel in fp32, head dims <= 160), convolution and linear (plain F.conv2d / F.linear vs weights
 prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3 convolutions also as Winograd F(4x4) and F(2x2),
-fastsd/backends/cpu_winograd.py, where each has enough tiles; * marks the one the cpu backend offers there),
+fastsd/backends/cpu_winograd.py, where each has enough tiles, with its native transforms and in torch ops; * marks
+the variant the cpu backend offers there),
 and the transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
 they say why). Under `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` it
 times the AVX2 paths of an AVX-512 machine. Min of --repeat calls after one warm-up, in ms; the error
@@ -20,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from .common import bench
-from fastsd.backends import cpu_attention_native, cpu_winograd, reference
+from fastsd.backends import cpu_attention_native, cpu_winograd, cpu_winograd_native, reference
 from fastsd.backends.cpu import feed_forward_chunked
 from fastsd.backends.cpu_attention import attention_chunked
 from fastsd.backends.cpu_attention_native import attention_native
-from fastsd.backends.cpu_pack import LINEAR_EXAMPLE_ROWS, packing_unavailable
+from fastsd.backends.cpu_pack import LINEAR_EXAMPLE_ROWS, keep_temporaries_mapped, packing_unavailable
 from fastsd.cpuinfo import cpu_model, isa_label, native_bf16
 from fastsd.models.layers import BasicTransformerBlock
 
@@ -111,9 +112,15 @@ def rows(repeat: int, all_dtypes: bool = False):
             for v in cpu_winograd.VARIANTS.values():  # each variant with enough tiles here; "*": the one offered
                 if covered and cpu_winograd.enough_tiles(xd, v):
                     u = cpu_winograd.weight_transform(conv.weight, v)
-                    fn = lambda: cpu_winograd.conv3x3(xd, u, conv.bias, v)  # noqa: E731
                     name = f"Winograd F({v.m}x{v.m})" + ("*" if v is offered else "")
-                    yield "conv", shape, NAMES[dtype], name, _ms(fn, repeat), _rel(fn(), ref)
+                    lib = cpu_winograd_native.library()
+                    if lib is None:
+                        yield "conv", shape, NAMES[dtype], f"{name} native", None, cpu_winograd_native.unavailable()
+                    else:
+                        fn = lambda: cpu_winograd.conv3x3_native(lib, xd, u, conv.bias, v)  # noqa: E731
+                        yield "conv", shape, NAMES[dtype], f"{name} native", _ms(fn, repeat), _rel(fn(), ref)
+                    fn = lambda: cpu_winograd.conv3x3_torch(xd, u, conv.bias, v)  # noqa: E731
+                    yield "conv", shape, NAMES[dtype], f"{name} torch ops", _ms(fn, repeat), _rel(fn(), ref)
     for m, kdim, n in LINEAR:
         for dtype in dtypes:
             lin = torch.nn.Linear(kdim, n).requires_grad_(False)
@@ -141,6 +148,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    keep_temporaries_mapped()  # as the cpu backend's prepare() does: large temporaries stay in the heap
     print(f"{cpu_model()}, ISA {isa_label()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| op | shape | dtype | path | ms (min) | rel err vs fp32 |\n|---|---|---|---|---|---|")
     with torch.inference_mode():
