@@ -167,6 +167,16 @@ def test_native_attention_can_be_turned_off_and_says_why():
     assert r.stdout.split() == ["FASTSD_CPU_NATIVE=0", "True" if chunked else "False"]
 
 
+def _load_with_one_warning(dtype: str, what: str):
+    """A random:tiny cpu pipeline loaded with warnings recorded: exactly one about `what`, naming the faked reason."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline("random:tiny", device="cpu", dtype=dtype, backend="cpu")
+    msgs = [str(w.message) for w in caught if what in str(w.message)]
+    assert len(msgs) == 1 and "no C++ compiler" in msgs[0], msgs
+    return pipe
+
+
 def test_native_attention_that_fails_to_build_warns_once_and_runs_chunked(monkeypatch):
     """A bf16 pipeline on a native-bf16 CPU whose native kernel can't be built (no compiler here, faked):
     one warning at load naming why, and the chunked path generates."""
@@ -178,11 +188,7 @@ def test_native_attention_that_fails_to_build_warns_once_and_runs_chunked(monkey
     real = cpu.attention_chunked
     monkeypatch.setattr(cpu, "attention_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe = load_pipeline("random:tiny", device="cpu", dtype="bf16", backend="cpu")
-        msgs = [str(w.message) for w in caught if "native" in str(w.message)]
-        assert len(msgs) == 1 and "no C++ compiler" in msgs[0], msgs
+        pipe = _load_with_one_warning("bf16", "native attention")
         img = pipe.generate("a cat", steps=1, width=64, height=64, seed=0, progress=False)[0]
         assert np.asarray(img).std() > 0 and calls
     finally:
@@ -195,11 +201,7 @@ def test_native_winograd_that_fails_to_build_warns_once_and_runs_torch_ops(monke
     monkeypatch.setattr(cpu_winograd_native, "_library", lambda: (None, "no C++ compiler (g++ not found; set CXX)"))
     cpu._warn_native.cache_clear()
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="cpu")
-        msgs = [str(w.message) for w in caught if "Winograd" in str(w.message)]
-        assert len(msgs) == 1 and "no C++ compiler" in msgs[0], msgs
+        pipe = _load_with_one_warning("fp32", "native Winograd")
         assert cpu_winograd.implementation() == "torch"
         x, _, b, u = _winograd_case(((1, 16, 20, 20), 8, True, True), cpu_winograd.F4)
         assert torch.equal(cpu_winograd.conv3x3(x, u, b, cpu_winograd.F4),

@@ -101,7 +101,7 @@ def feed_forward_chunked(block, x, chunk: int | None = None):
 
 @functools.cache
 def _warn_native(why: str, what: str = "attention kernel", instead: str = "attention") -> None:
-    warnings.warn(f"the native {what} is unavailable ({why}); using torch ops for {instead} "
+    warnings.warn(f"the native {what} can't run here ({why}); using torch ops for {instead} "
                   f"(set {cpu_attention_native.ENV}=0 to skip it)", stacklevel=3)
 
 
