@@ -3,7 +3,7 @@
     python -m fastsd.benchmarks.cpu_paths [--repeat 5] [--threads 2]
 
 Rows: attention (SDPA vs fastsd/backends/cpu_attention.py and cpu_attention_native.py, bf16; SDPA and the
-native kernel in fp32, head dims <= 160), convolution and linear (plain F.conv2d / F.linear vs weights
+native kernel in fp32, head dims <= 160, and on AVX2 cpu_attention_avx2.py), convolution and linear (plain F.conv2d / F.linear vs weights
 prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3 convolutions also as Winograd F(4x4) and F(2x2),
 fastsd/backends/cpu_winograd.py, where each has enough tiles, with its native transforms and in torch ops; * marks
 the variant the cpu backend offers there),
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import bench
-from fastsd.backends import cpu_attention_native, cpu_winograd, cpu_winograd_native, reference
+from fastsd.backends import cpu_attention_avx2, cpu_attention_native, cpu_winograd, cpu_winograd_native, reference
 from fastsd.backends.cpu import feed_forward_chunked
 from fastsd.backends.cpu_attention import attention_chunked
 from fastsd.backends.cpu_attention_native import attention_native
@@ -67,12 +67,12 @@ def _packed_rows(kind, shape, dtype, module, x, ref, repeat):
     yield kind, shape, dt, "prepacked", _ms(fn, repeat), _rel(fn(), ref)
 
 
-def _native_row(shape, why, qkv, ref, repeat):
-    """The native attention kernel's row (its dtype is q's), or why it doesn't run here."""
+def _native_row(shape, why, qkv, ref, repeat, fn=attention_native, name="native"):
+    """A native attention kernel's row (its dtype is q's), or why it doesn't run here."""
     dt = NAMES[qkv[0].dtype]
     if why:
-        return "attention", shape, dt, "native", None, why
-    return "attention", shape, dt, "native", _ms(lambda: attention_native(*qkv), repeat), _rel(attention_native(*qkv), ref)
+        return "attention", shape, dt, name, None, why
+    return "attention", shape, dt, name, _ms(lambda: fn(*qkv), repeat), _rel(fn(*qkv), ref)
 
 
 def rows(repeat: int, all_dtypes: bool = False):
@@ -98,6 +98,9 @@ def rows(repeat: int, all_dtypes: bool = False):
         yield ("attention", shape, "fp32", "SDPA", _ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat), 0.0)
         if d <= cpu_attention_native.FP32_MAX_HEAD_DIM:
             yield _native_row(shape, cpu_attention_native.fp32_unavailable(), (q, k, v), ref, repeat)
+        if cpu_attention_avx2.covers(q):
+            yield _native_row(shape, cpu_attention_avx2.unavailable(), (q, k, v), ref, repeat,
+                              cpu_attention_avx2.attention_avx2, "AVX2 kernel")
     for cin, cout, side, ksize in CONV:
         for dtype in dtypes:
             conv = torch.nn.Conv2d(cin, cout, ksize, padding=ksize // 2).requires_grad_(False)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fastsd import backends, cpuinfo, load_pipeline
-from fastsd.backends import (cpu, cpu_attention_native, cpu_pack, cpu_tune, cpu_winograd, cpu_winograd_native,
-                             reference)
+from fastsd.backends import (cpu, cpu_attention_avx2, cpu_attention_native, cpu_pack, cpu_tune, cpu_winograd,
+                             cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import attention_chunked, rowmax_bf16
 from fastsd.backends.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
 from fastsd.models import layers
@@ -110,6 +110,54 @@ def test_native_fp32_attention_is_as_accurate_as_torch(shape):
     assert out.shape == q.shape and out.dtype == torch.float32
     rel = lambda o: ((o.double() - ref).norm() / ref.norm()).item()  # noqa: E731
     assert rel(out) <= 1.25 * rel(reference.attention(q, k, v)), (rel(out), rel(reference.attention(q, k, v)))
+
+
+AVX2_WHY = cpu_attention_avx2.unavailable()
+needs_avx2_kernel = pytest.mark.skipif(AVX2_WHY is not None, reason=f"fp32 AVX2 attention not offered: {AVX2_WHY}")
+
+
+@needs_avx2_kernel
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[-1] <= cpu_attention_avx2.MAX_HEAD_DIM] +
+                         [(1, 2, 256, 255, 40), (1, 3, 5, 1, 8), (2, 1, 97, 300, 24)], ids=lambda s: "x".join(map(str, s)))
+def test_fp32_avx2_attention_is_as_accurate_as_torch(shape):
+    """fp32 against fp64 on the same inputs: SDPA's error (p v summed per chunk of keys: one running sum over all
+    keys tripled it); a partial query block, partial key panels, one key, sharp logits."""
+    B, H, Lq, Lk, D = shape
+    q, k, v = _qkv(B, H, Lq, Lk, D, sharpness=60.0 if Lk == 255 else 2.0)
+    ref = reference.attention(q.double(), k.double(), v.double())
+    out = cpu_attention_avx2.attention_avx2(q, k, v)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    rel = lambda o: ((o.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    torch_err = rel(reference.attention(q, k, v))  # 0 with one key (out = v): then within fp32's rounding
+    assert rel(out) <= max(1.25 * torch_err, 1.2e-7), (rel(out), torch_err)
+    assert torch.equal(out, cpu_attention_avx2.attention_avx2(q.contiguous(), k.contiguous(), v.contiguous()))
+    ref3 = reference.attention(q.double(), k.double(), v.double(), scale=0.3)  # another scale
+    rel3 = lambda o: ((o.double() - ref3).norm() / ref3.norm()).item()  # noqa: E731
+    assert rel3(cpu_attention_avx2.attention_avx2(q, k, v, scale=0.3)) <= max(1.25 * rel3(
+        reference.attention(q, k, v, scale=0.3)), 1.2e-7)
+
+
+@needs_avx2_kernel
+def test_fp32_avx2_attention_refuses_what_it_cannot_run():
+    """Head dims off its multiples of 8 and other dtypes never reach the kernel; its C entry point answers bad
+    arguments with an error code, not a crash."""
+    q = torch.randn(1, 2, 8, 44)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        cpu_attention_avx2.attention_avx2(q, q, q)
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_attention_avx2.attention_avx2(q[..., :40].double(), q[..., :40].double(), q[..., :40].double())
+    lib = cpu_attention_avx2._library()[0]
+    x = torch.zeros(64)
+    ptrs = [x.data_ptr(), 0, 0, 0] * 4
+    assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 12, 1.0, 48, 128, 1) == 1  # d = 12
+    assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 8, 1.0, 50, 128, 1) == 1  # block not a multiple of 6
+
+
+def test_fp32_avx2_attention_is_offered_only_on_avx2():
+    why = cpu_attention_avx2.offered_here()
+    assert (why is None) == (cpuinfo.aten_capability() == "AVX2" and {"avx2", "fma"} <= set(cpuinfo.cpu_flags()))
+    if why is not None:
+        assert AVX2_WHY is not None
 
 
 def test_native_attention_build_failures_are_one_line_and_leave_nothing(tmp_path):
@@ -234,13 +282,18 @@ def test_attention_dispatch_on_cpu():
         assert torch.equal(cpu.attention(q41, k41, v41),
                            attention_chunked(q41, k41, v41) if cpuinfo.native_bf16() and not cpuinfo.amx()
                            else reference.attention(q41, k41, v41))
-        # fp32: the native kernel on AVX-512 for head dims <= 160, else SDPA
+        # fp32: the native kernel on AVX-512 for head dims <= 160, the AVX2 kernel on AVX2 (head dims multiples
+        # of 8 up to 160), else SDPA (FASTSD_CPU_TUNE=0 here: the defaults)
         qf, kf, vf = q.float(), k.float(), v.float()
         fp32_native = NATIVE_WHY is None and cpu_attention_native.avx512()
+        fp32_avx2 = AVX2_WHY is None
         assert torch.equal(cpu.attention(qf, kf, vf), cpu_attention_native.attention_native(qf, kf, vf)
-                           if fp32_native else reference.attention(qf, kf, vf))
-        if fp32_native:
+                           if fp32_native else cpu_attention_avx2.attention_avx2(qf, kf, vf) if fp32_avx2
+                           else reference.attention(qf, kf, vf))
+        if fp32_native or fp32_avx2:
             assert not torch.equal(cpu.attention(qf, kf, vf), reference.attention(qf, kf, vf))
+        for qo in (torch.randn(1, 2, 64, 44), torch.randn(1, 2, 64, 160)):  # no code for 44; SDPA the default at 160
+            assert fp32_native or torch.equal(cpu.attention(qo, qo, qo), reference.attention(qo, qo, qo))
         wide = torch.randn(1, 1, 64, 512)  # the VAE's head: SDPA in fp32 (the kernel's error there is 1.9x SDPA's)
         assert torch.equal(cpu.attention(wide, wide, wide), reference.attention(wide, wide, wide))
     qg = q.clone().requires_grad_()  # autograd on: reference ops (the chunked path writes into out= buffers)

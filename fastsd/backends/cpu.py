@@ -6,7 +6,8 @@
   first use, cpu_winograd_native.py, where that builds and passes its self-test);
 - attention: bf16 where bf16 is native, and fp32 (head dims <= 160) on AVX-512: one native kernel
   (cpu_attention_native.py: C++ compiled at first use, ATen's brgemm) where it builds and passes its
-  self-test; else bf16 chunked over queries in torch ops (cpu_attention.py), fp32 SDPA;
+  self-test; fp32 on AVX2 (head dims multiples of 8 up to 160): native micro-kernels (cpu_attention_avx2.py);
+  else bf16 chunked over queries in torch ops (cpu_attention.py), fp32 SDPA;
 - feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache, GELU * x in place;
 - group_norm: bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).
 
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsd import cpuinfo
-from fastsd.backends import Backend, Ops, cpu_attention_native, cpu_winograd_native, reference
+from fastsd.backends import (Backend, Ops, cpu_attention_avx2, cpu_attention_native, cpu_winograd_native,
+                             reference)
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, make_packable, make_plain,
                                      release_freed_memory)
@@ -47,6 +49,13 @@ def attention(q, k, v, *, scale=None, causal=False):
         candidates = {"native": lambda: cpu_attention_native.attention_native(q, k, v, scale=scale),
                       "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
         return candidates[tuner().choose(key, candidates, default="native")]()
+    if cpu_attention_avx2.covers(q) and cpu_attention_avx2.unavailable() is None:
+        key = (f"attention fp32 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
+               f"avx2 v{cpu_attention_avx2.VERSION}")
+        candidates = {"avx2": lambda: cpu_attention_avx2.attention_avx2(q, k, v, scale=scale),
+                      "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
+        default = "avx2" if q.shape[-1] <= cpu_attention_avx2.DEFAULT_MAX_HEAD_DIM else "sdpa"
+        return candidates[tuner().choose(key, candidates, default=default)]()
     return reference.attention(q, k, v, scale=scale)
 
 
@@ -115,10 +124,13 @@ class CPUBackend(Backend):
             why = cpu_attention_native.unavailable()  # built (or found built) now, not in the first run
             if why and why != f"{cpu_attention_native.ENV}=0":
                 _warn_native(why)
-        if torch.float32 in dtypes:
-            why = cpu_winograd_native.unavailable()  # built now, not inside the tuner's first timings
+        if torch.float32 in dtypes:  # built now, not inside the tuner's first timings
+            why = cpu_winograd_native.unavailable()
             if why and why != f"{cpu_attention_native.ENV}=0":
                 _warn_native(why, "Winograd transforms", "Winograd convolutions")
+            why = cpu_attention_avx2.unavailable()
+            if why and why != f"{cpu_attention_native.ENV}=0" and cpu_attention_avx2.offered_here() is None:
+                _warn_native(why, "fp32 AVX2 attention kernel", "attention")
         keep_temporaries_mapped()
         model.to(memory_format=torch.channels_last)
         make_packable(model)

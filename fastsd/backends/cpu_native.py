@@ -4,7 +4,7 @@ Each piece checks itself (a self-test) before the backend uses it, and the backe
 where a piece can't build, load or pass. `FASTSD_CPU_NATIVE=0` never builds or uses any of them.
 
 Linked against the installed torch's library folder: an OpenMP piece then shares torch's libgomp (one thread
-pool); one that uses ATen's C++ API (`torch=True`) also gets its headers and libraries.
+pool); one that uses ATen's C++ API (`torch_api=True`) also gets its headers and libraries.
 """
 from __future__ import annotations
 
