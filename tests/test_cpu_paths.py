@@ -103,13 +103,21 @@ needs_native_fp32 = pytest.mark.skipif(NATIVE_WHY is not None or not cpu_attenti
                          [(1, 2, 256, 255, 40)], ids=lambda s: "x".join(map(str, s)))
 def test_native_fp32_attention_is_as_accurate_as_torch(shape):
     """fp32 against fp64 on the same inputs: SDPA's error (p v summed over blocks of keys; one long sum doubled it)."""
+    _assert_fp32_attention_accuracy(cpu_attention_native.attention_native, shape)
+
+
+def _assert_fp32_attention_accuracy(kernel, shape):
+    """`kernel` on fp32 (B, L, H, D) views within 1.25x of SDPA's error against fp64 (or of fp32's rounding where
+    SDPA is exact: one key, out = v); sharp logits at 255 keys. Returns the inputs and the output."""
     B, H, Lq, Lk, D = shape
     q, k, v = _qkv(B, H, Lq, Lk, D, sharpness=60.0 if Lk == 255 else 2.0)
     ref = reference.attention(q.double(), k.double(), v.double())
-    out = cpu_attention_native.attention_native(q, k, v)
+    out = kernel(q, k, v)
     assert out.shape == q.shape and out.dtype == torch.float32
     rel = lambda o: ((o.double() - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert rel(out) <= 1.25 * rel(reference.attention(q, k, v)), (rel(out), rel(reference.attention(q, k, v)))
+    torch_err = rel(reference.attention(q, k, v))
+    assert rel(out) <= max(1.25 * torch_err, 1.2e-7), (rel(out), torch_err)
+    return (q, k, v), out
 
 
 AVX2_WHY = cpu_attention_avx2.unavailable()
@@ -122,14 +130,7 @@ needs_avx2_kernel = pytest.mark.skipif(AVX2_WHY is not None, reason=f"fp32 AVX2 
 def test_fp32_avx2_attention_is_as_accurate_as_torch(shape):
     """fp32 against fp64 on the same inputs: SDPA's error (p v summed per chunk of keys: one running sum over all
     keys tripled it); a partial query block, partial key panels, one key, sharp logits."""
-    B, H, Lq, Lk, D = shape
-    q, k, v = _qkv(B, H, Lq, Lk, D, sharpness=60.0 if Lk == 255 else 2.0)
-    ref = reference.attention(q.double(), k.double(), v.double())
-    out = cpu_attention_avx2.attention_avx2(q, k, v)
-    assert out.shape == q.shape and out.dtype == torch.float32
-    rel = lambda o: ((o.double() - ref).norm() / ref.norm()).item()  # noqa: E731
-    torch_err = rel(reference.attention(q, k, v))  # 0 with one key (out = v): then within fp32's rounding
-    assert rel(out) <= max(1.25 * torch_err, 1.2e-7), (rel(out), torch_err)
+    (q, k, v), out = _assert_fp32_attention_accuracy(cpu_attention_avx2.attention_avx2, shape)
     assert torch.equal(out, cpu_attention_avx2.attention_avx2(q.contiguous(), k.contiguous(), v.contiguous()))
     ref3 = reference.attention(q.double(), k.double(), v.double(), scale=0.3)  # another scale
     rel3 = lambda o: ((o.double() - ref3).norm() / ref3.norm()).item()  # noqa: E731

@@ -48,14 +48,12 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     why = offered_here()
     if why:
         return None, why
-    try:
-        lib = ctypes.CDLL(str(build()))
-        lib.fastsd_attention_fp32.argtypes = _ARGS
-        lib.fastsd_attention_fp32.restype = ctypes.c_int
-        _self_test(lib)
-    except Exception as e:  # a failed build, load or self-test: the capability check says no
-        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
-    return lib, None
+    return cpu_native.load_checked(build, _declare, _self_test)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.fastsd_attention_fp32.argtypes = _ARGS
+    lib.fastsd_attention_fp32.restype = ctypes.c_int
 
 
 def unavailable() -> str | None:

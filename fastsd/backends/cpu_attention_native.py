@@ -37,12 +37,10 @@ def build(cxx: str | None = None, folder: Path | None = None) -> Path:
     return cpu_native.build(SOURCE, FLAGS, torch_api=True, cxx=cxx, folder=folder)
 
 
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+def _declare(lib: ctypes.CDLL) -> None:
     lib.fastsd_attention.argtypes = _ARGS
     lib.fastsd_attention.restype = ctypes.c_int
     lib.fastsd_attention_error.restype = ctypes.c_char_p
-    return lib
 
 
 @functools.cache
@@ -51,12 +49,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"{ENV}=0"
     if not cpuinfo.native_bf16() and not avx512():
         return None, f"needs AVX-512 (this CPU runs {cpuinfo.aten_capability()})"
-    try:
-        lib = _load(build())
-        _self_test(lib)
-    except Exception as e:  # a failed build, load or self-test: the capability check says no
-        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
-    return lib, None
+    return cpu_native.load_checked(build, _declare, _self_test)
 
 
 @functools.cache

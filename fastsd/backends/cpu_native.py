@@ -8,12 +8,14 @@ pool); one that uses ATen's C++ API (`torch_api=True`) also gets its headers and
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -84,3 +86,16 @@ def build(source: Path, flags: tuple[str, ...], *, torch_api: bool, cxx: str | N
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def load_checked(build: Callable[[], Path], setup: Callable[[ctypes.CDLL], None],
+                 self_test: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL | None, str | None]:
+    """Build (or find) a library, load it, declare its entry points (`setup`) and run its self-test: the library
+    and None, or None and why not (the first line of what failed: the capability check says no)."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+        setup(lib)
+        self_test(lib)
+    except Exception as e:
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return lib, None

@@ -31,14 +31,12 @@ def build(cxx: str | None = None, folder: Path | None = None) -> Path:
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
     if cpu_native.disabled():
         return None, f"{cpu_native.ENV}=0"
-    try:
-        lib = ctypes.CDLL(str(build()))
-        lib.fastsd_winograd_input.argtypes = _INPUT_ARGS
-        lib.fastsd_winograd_output.argtypes = _OUTPUT_ARGS
-        _self_test(lib)
-    except Exception as e:  # a failed build, load or self-test: the capability check says no
-        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
-    return lib, None
+    return cpu_native.load_checked(build, _declare, _self_test)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.fastsd_winograd_input.argtypes = _INPUT_ARGS
+    lib.fastsd_winograd_output.argtypes = _OUTPUT_ARGS
 
 
 def unavailable() -> str | None:
