@@ -152,6 +152,8 @@ def test_fp32_avx2_attention_refuses_what_it_cannot_run():
     ptrs = [x.data_ptr(), 0, 0, 0] * 4
     assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 12, 1.0, 48, 128, 1) == 1  # d = 12
     assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 8, 1.0, 50, 128, 1) == 1  # block not a multiple of 6
+    k = torch.randn(1, 2, 5, 8)
+    assert cpu_attention_avx2.attention_avx2(torch.randn(1, 2, 0, 8), k, k).shape == (1, 2, 0, 8)  # no queries
 
 
 def test_fp32_avx2_attention_is_offered_only_on_avx2():

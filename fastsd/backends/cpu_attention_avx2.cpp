@@ -137,6 +137,7 @@ extern "C" int fastsd_attention_fp32(const float* q, int64_t qb, int64_t qh, int
                          int64_t oh, int64_t ol, int64_t b, int64_t h, int64_t lq, int64_t lk, int64_t d, float scale,
                          int64_t bm, int64_t kc, int threads) {
   if (d % 8 != 0 || d < 8 || bm % MR != 0 || bm < MR || bm > MAX_BM || kc < 1 || lk < 1) return 1;
+  if (b * h == 0 || lq == 0) return 0;  // nothing to compute
   const int64_t n = b * h, panels = (lk + NR - 1) / NR;
   const int64_t lds = panels * NR;  // scores row stride
   float* kp = alloc_floats(n * panels * d * NR);
