@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsd import cpuinfo
-from fastsd.backends import (Backend, Ops, cpu_attention_avx2, cpu_attention_native, cpu_winograd_native,
-                             reference)
+from fastsd.backends import (Backend, Ops, cpu_attention_avx2, cpu_attention_native, cpu_native,
+                             cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, make_packable, make_plain,
                                      release_freed_memory)
@@ -109,9 +109,11 @@ def feed_forward_chunked(block, x, chunk: int | None = None):
 
 
 @functools.cache
-def _warn_native(why: str, what: str = "attention kernel", instead: str = "attention") -> None:
+def _warn_native(why: str | None, what: str = "attention kernel", instead: str = "attention") -> None:
+    if why is None:  # it runs
+        return
     warnings.warn(f"the native {what} can't run here ({why}); using torch ops for {instead} "
-                  f"(set {cpu_attention_native.ENV}=0 to skip it)", stacklevel=3)
+                  f"(set {cpu_native.ENV}=0 to skip it)", stacklevel=3)
 
 
 class CPUBackend(Backend):
@@ -119,18 +121,14 @@ class CPUBackend(Backend):
 
     def prepare(self, model):
         dtypes = {p.dtype for p in model.parameters()}
-        if ((torch.bfloat16 in dtypes and cpuinfo.native_bf16())
-                or (torch.float32 in dtypes and cpu_attention_native.avx512())):
-            why = cpu_attention_native.unavailable()  # built (or found built) now, not in the first run
-            if why and why != f"{cpu_attention_native.ENV}=0":
-                _warn_native(why)
-        if torch.float32 in dtypes:  # built now, not inside the tuner's first timings
-            why = cpu_winograd_native.unavailable()
-            if why and why != f"{cpu_attention_native.ENV}=0":
-                _warn_native(why, "Winograd transforms", "Winograd convolutions")
-            why = cpu_attention_avx2.unavailable()
-            if why and why != f"{cpu_attention_native.ENV}=0" and cpu_attention_avx2.offered_here() is None:
-                _warn_native(why, "fp32 AVX2 attention kernel", "attention")
+        if not cpu_native.disabled():  # each native piece built (or found built) now, not in the first run's timings
+            if ((torch.bfloat16 in dtypes and cpuinfo.native_bf16())
+                    or (torch.float32 in dtypes and cpu_attention_native.avx512())):
+                _warn_native(cpu_attention_native.unavailable())
+            if torch.float32 in dtypes:
+                _warn_native(cpu_winograd_native.unavailable(), "Winograd transforms", "Winograd convolutions")
+                if cpu_attention_avx2.offered_here() is None:
+                    _warn_native(cpu_attention_avx2.unavailable(), "fp32 AVX2 attention kernel", "attention")
         keep_temporaries_mapped()
         model.to(memory_format=torch.channels_last)
         make_packable(model)
