@@ -188,7 +188,7 @@ def _fastsd_txt2img(spec, pipe, latents):
     def run():
         clock = lambda: (common.sync(dev), time.perf_counter())[1]  # noqa: E731
         t0 = clock()
-        cond, uncond = pipe.encode_prompt([PROMPT], [NEGATIVE])
+        cond, uncond = pipe.encode_prompt([PROMPT], [NEGATIVE] if s.guided else None)
         t1 = clock()
         p = pipe.prepare_latents(s, seeds, latents=latents)
         x = pipe.denoise(p, cond, uncond, s, progress=False)

@@ -193,16 +193,18 @@ class Pipeline:
     # ---- stage 1: text ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], negative_prompts: list[str], clip_skip: int = 1
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None, clip_skip: int = 1
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond, uncond), each (B, 77 * chunks, D); prompts and negatives padded to the same chunk count.
+        negative_prompts None (unguided: guidance scale <= 1): (cond, None), the negatives not encoded.
         <lora:...> tags are taken out of the prompts (the LoRAs themselves are merged by load_lora)."""
-        if len(prompts) != len(negative_prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+        negatives = [] if negative_prompts is None else list(negative_prompts)
+        if negative_prompts is not None and len(prompts) != len(negatives):
+            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         with self._running(self.clip) as clip:
-            ctx = encode_prompts(clip, self.tokenizer, [strip_tags(p) for p in prompts] + list(negative_prompts),
+            ctx = encode_prompts(clip, self.tokenizer, [strip_tags(p) for p in prompts] + negatives,
                                  clip_skip=clip_skip, device=self.device, embeddings=self.embeddings)
-        return ctx[:len(prompts)], ctx[len(prompts):]
+        return ctx[:len(prompts)], (ctx[len(prompts):] if negative_prompts is not None else None)
 
     # ---- stage 2: latents -------------------------------------------------------------------------------
 
@@ -277,7 +279,7 @@ class Pipeline:
         at the last, None at the others; an exception it raises (e.g. `Interrupted`) stops the loop."""
         spec = get_sampler(s.sampler)
         sched = p.schedule
-        guided = s.guidance_scale > 1 and uncond is not None
+        guided = s.guided and uncond is not None
         with self._running(self.unet) as unet:
             den = EpsDenoiser(lambda x_in, t, context: unet(x_in, t, context), alphas_cumprod(self.config.scheduler),
                               schedule=sched)
@@ -398,7 +400,7 @@ class Pipeline:
         self.check_can_encode(image)
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
-        cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt], s.clip_skip)
+        cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae)
         x = self.denoise(p, cond, uncond, s, on_step=on_step, progress=progress, preview_every=preview_every)
         images = tensor_to_pil(self.decode(x, tiled_vae))

@@ -39,6 +39,12 @@ class GenerationSettings:
     strength: float = field(default=0.8, metadata=_opt("img2img: how much to change the init image, in (0, 1]"))
     clip_skip: int = field(default=1, metadata=_opt("A1111 clip skip: 1 = last CLIP layer, 2 = penultimate"))
 
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance runs (scale > 1): only then is the negative prompt encoded and an
+        unconditional batch run (as diffusers)."""
+        return self.guidance_scale > 1
+
     def validate(self, *, has_image: bool = False, has_mask: bool = False, allow_large: bool = False) -> None:
         """TypeError / ValueError naming the argument; nothing is run."""
         _check_str(self.prompt, "prompt")

@@ -63,6 +63,22 @@ def test_guidance_at_most_one_runs_no_unconditional_batch(pipe, monkeypatch, sam
     assert batches == [2, 2, 2]  # cond + uncond in one call
 
 
+def test_guidance_at_most_one_encodes_no_negative_prompt(pipe, monkeypatch):
+    texts = []
+    real = pipe.clip.forward
+    monkeypatch.setattr(pipe.clip, "forward", lambda ids, *a, **k: texts.append(ids.shape[0]) or real(ids, *a, **k))
+    img = pipe.generate("a cat", negative_prompt="blurry, " * 60, guidance_scale=1.0, **KW)[0]
+    assert sum(texts) == 1  # the prompt alone (diffusers encodes no negative without guidance either)
+    assert "Negative prompt: blurry" in img.info["parameters"]  # still recorded
+    plain = pipe.generate("a cat", guidance_scale=1.0, **KW)[0]
+    assert np.array_equal(np.asarray(img), np.asarray(plain))  # a long negative pads nothing then
+    texts.clear()
+    pipe.generate("a cat", negative_prompt="blurry", guidance_scale=7.5, **KW)
+    assert sum(texts) == 2  # prompt and negative
+    cond, uncond = pipe.encode_prompt(["a cat"], None)
+    assert uncond is None and cond.shape[0] == 1
+
+
 def test_backend_switch_on_a_live_pipeline():
     p = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="auto")
     assert p.backend.name == "cpu"

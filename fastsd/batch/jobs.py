@@ -360,7 +360,9 @@ def batch_key(job: Job, chunks: int) -> tuple:
 
 
 def prompt_chunks(job: Job, tokenizer) -> int:
-    return max(tokenizer.encode_weighted(p)[0].shape[0] for p in text_prompts(job))
+    """75-token chunks of the prompt, and of the negative prompt when it is encoded (guided)."""
+    prompts = text_prompts(job) if job.settings.guided else text_prompts(job)[:1]
+    return max(tokenizer.encode_weighted(p)[0].shape[0] for p in prompts)
 
 
 def plan_batches(jobs: list[Job], batch: int, tokenizer) -> list[list[Job]]:

@@ -90,7 +90,7 @@ class BatchWorker:
             s = s.replace(steps=steps, sampler=sampler)
         pipe = self.pipe
         prompts, negatives = zip(*(text_prompts(j) for j in jobs))
-        cond, uncond = pipe.encode_prompt(list(prompts), list(negatives), s.clip_skip)
+        cond, uncond = pipe.encode_prompt(list(prompts), list(negatives) if s.guided else None, s.clip_skip)
         p = pipe.prepare_latents(s, [j.settings.seed for j in jobs])
         t0 = time.perf_counter()
         x = pipe.denoise(p, cond, uncond, s, progress=False)
@@ -114,7 +114,7 @@ class BatchWorker:
         import torch
 
         s = jobs[0].settings
-        shape = (s.width, s.height, s.guidance_scale > 1, prompt_chunks(jobs[0], self.pipe.tokenizer), len(jobs))
+        shape = (s.width, s.height, s.guided, prompt_chunks(jobs[0], self.pipe.tokenizer), len(jobs))
         if shape not in self._probed:
             for _ in range(2):  # the second round is the one that counts
                 alone = [self._latents([j], 1, "euler") for j in jobs]
