@@ -30,8 +30,8 @@ from fastsd import cpuinfo
 from fastsd.backends import (Backend, Ops, cpu_attention_avx2, cpu_attention_native, cpu_native,
                              cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
-from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, make_packable, make_plain,
-                                     release_freed_memory)
+from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, large_blocks_in_heap,
+                                     make_packable, make_plain, release_freed_memory)
 from fastsd.backends.cpu_tune import tuner
 
 FF_CHUNK_TOKENS = 2048  # tokens per feed-forward chunk (1024 and 2048 were best of 256..2048 tried)
@@ -151,10 +151,12 @@ class CPUBackend(Backend):
 
     @contextlib.contextmanager
     def running(self, model):
-        """After a run: Winograd weights kept aside by a weight replacement and not reused are dropped; after
-        a run that packed weights, the memory of the dense weights they replaced goes back to the OS."""
+        """During a run large blocks come from the heap (cpu_pack.large_blocks_in_heap); after it, Winograd
+        weights kept aside by a weight replacement and not reused are dropped, and after a run that packed
+        weights, the memory of the dense weights they replaced goes back to the OS."""
         before = PACKED[0]
-        yield
+        with large_blocks_in_heap():
+            yield
         drop_spares(model)
         if PACKED[0] != before:
             release_freed_memory()

@@ -17,9 +17,11 @@ without AVX512-BF16/AVX-NE-CONVERT), layers stay plain.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -310,8 +312,10 @@ def _replaced_dense(nbytes: int) -> None:
 
 HEAP_ENV = "FASTSD_CPU_HEAP"
 MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to this come from the heap, not fresh mmap'd pages
-TRIM_THRESHOLD = 256 << 20  # free memory at the heap's top kept for the next call's temporaries
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top kept for the next call's temporaries
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt parameters (malloc.h)
+GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX, restored after a run
+_in_heap = [0]  # runs under large_blocks_in_heap() now (nested or in other threads)
 
 
 @functools.cache
@@ -332,6 +336,33 @@ def keep_temporaries_mapped() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+@contextlib.contextmanager
+def large_blocks_in_heap():
+    """While a model runs, blocks above glibc's largest mmap threshold (32 MiB: a decoder's 512x512 activations,
+    67 MB and up) come from the heap too, and go back to it when freed, for the next run to reuse, instead of
+    fresh mmap'd pages each time, whose page faults can cost a VM more system time than the decode's own work
+    (README "The CPU path"). The heap keeps up to TRIM_THRESHOLD free at its top; release_freed_memory still
+    hands the rest back when asked. Only where keep_temporaries_mapped() took effect."""
+    if not keep_temporaries_mapped():
+        yield
+        return
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    with _heap_lock:
+        _in_heap[0] += 1
+        if _in_heap[0] == 1:
+            mallopt(_M_MMAP_MAX, 0)
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _in_heap[0] -= 1
+            if _in_heap[0] == 0:
+                mallopt(_M_MMAP_MAX, GLIBC_MMAP_MAX)
+
+
+_heap_lock = threading.Lock()
 
 
 def release_freed_memory() -> None:
