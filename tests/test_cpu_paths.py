@@ -83,6 +83,9 @@ def test_native_bf16_attention_is_as_accurate_as_torch(shape):
     contiguous = cpu_attention_native.attention_native(qb.contiguous(), kb.contiguous(), vb.contiguous(), scale=0.3)
     assert torch.equal(contiguous, cpu_attention_native.attention_native(qb, kb, vb, scale=0.3))  # strides only
     assert not torch.equal(contiguous, out)  # the scale is used
+    # p rounded to bf16 by integer rounding (a CPU without AVX512-BF16's conversion): the same bits
+    lib = cpu_attention_native._library()[0]
+    assert torch.equal(cpu_attention_native._run(lib, qb, kb, vb, None, bf16_cvt=False), out)
 
 
 @needs_native
@@ -213,7 +216,7 @@ def test_native_attention_can_be_turned_off_and_says_why():
     env = {**os.environ, "FASTSD_CPU_NATIVE": "0", "FASTSD_CPU_TUNE": "0"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    # without it: chunked where bf16 is native, SDPA where it is emulated or AMX runs SDPA's GEMMs (the default there)
+    # without it: chunked where bf16 is native, SDPA where it is emulated or AMX runs SDPA's GEMMs (the fallback there)
     chunked = cpuinfo.native_bf16() and not cpuinfo.amx()
     assert r.stdout.split() == ["FASTSD_CPU_NATIVE=0", "True" if chunked else "False"]
 
@@ -232,7 +235,7 @@ def test_native_attention_that_fails_to_build_warns_once_and_runs_chunked(monkey
     """A bf16 pipeline on a native-bf16 CPU whose native kernel can't be built (no compiler here, faked):
     one warning at load naming why, and the chunked path generates."""
     monkeypatch.setattr(cpuinfo, "native_bf16", lambda cpuinfo="": True)
-    monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="": False)  # (with AMX the default is SDPA, not chunked)
+    monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="": False)  # (with AMX the fallback is SDPA, not chunked)
     monkeypatch.setattr(cpu_attention_native, "_library", lambda: (None, "no C++ compiler (g++ not found; set CXX)"))
     cpu._warn_native.cache_clear()
     calls = []
@@ -272,14 +275,14 @@ def test_attention_dispatch_on_cpu():
     with torch.no_grad():
         assert torch.equal(reference.attention(q, k, v), ref)  # the plain reference
         # where bf16 is native: the native kernel where it builds (FASTSD_CPU_TUNE=0 here: the default), else
-        # chunked; with AMX, SDPA (the default there: its GEMMs run on AMX); emulated bf16 keeps SDPA
-        if not cpuinfo.native_bf16() or cpuinfo.amx():
+        # chunked, or with AMX SDPA (its GEMMs run on AMX); emulated bf16 keeps SDPA
+        if not cpuinfo.native_bf16():
             expected = ref
         elif NATIVE_WHY is None:
             expected = cpu_attention_native.attention_native(q, k, v)
-            assert not torch.equal(expected, chunked)
+            assert not torch.equal(expected, chunked) and not torch.equal(expected, ref)
         else:
-            expected = chunked
+            expected = ref if cpuinfo.amx() else chunked
         assert torch.equal(cpu.attention(q, k, v), expected)
         q41, k41, v41 = (t.bfloat16() for t in _qkv(1, 2, 64, 77, 41))  # odd head dim: never native
         assert torch.equal(cpu.attention(q41, k41, v41),

@@ -67,9 +67,9 @@ def _attention_bf16(q, k, v, scale):
                   "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
     if native:
         candidates["native"] = lambda: cpu_attention_native.attention_native(q, k, v, scale=scale)
-    # with AMX, SDPA's flash kernel runs its GEMMs on AMX tiles: faster than the native kernel at self-attention in
-    # steady state, by more than the first-call timing showed (README "The CPU path")
-    default = "sdpa" if cpuinfo.amx() else "native" if native else "chunked"
+    # the native kernel with AMX too, since its row strides stopped sharing cache sets; without it, with AMX SDPA
+    # (its flash kernel's GEMMs run on AMX tiles; README "The CPU path")
+    default = "native" if native else "sdpa" if cpuinfo.amx() else "chunked"
     return candidates[tuner().choose(key, candidates, default=default)]()
 
 

@@ -3,12 +3,14 @@
 //
 // Per (head, block of query rows): S = q k^T for all keys in fp32 (oneDNN's brgemm micro-kernel through
 // ATen's cpublas::brgemm, fp32 accumulation and output, also for bf16 inputs), row max, p = exp(scale (S - max))
-// in fp32 with its fp32 row sum, p rounded once to bf16 (for bf16), O = p v in fp32 (brgemm again; for fp32
+// in fp32 with its fp32 row sum (AVX-512, 16 keys at a time), p rounded once to bf16 (for bf16; by AVX512-BF16's
+// conversion where the CPU has it, else by integer rounding), O = p v in fp32 (brgemm again; for fp32
 // summed over blocks of keys), out = O / sum, rounded once to bf16: the roundings of PyTorch's own flash attention, without
 // its online-softmax rescaling (all of a block's scores fit in cache). k^T and v are laid out once per call as
 // the micro-kernel takes them: for bf16 pair-interleaved along the reduction ("VNNI").
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -50,6 +52,69 @@ inline float exp2_neg(float x) {
   return p * pow2;
 }
 
+// 16 lanes of exp2_neg (x in [-64, 0] here): the same polynomial, times 2^floor(x) by scalef
+inline __m512 exp2_neg16(__m512 x) {
+  const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, xi);
+  __m512 p = _mm512_set1_ps(1.8775767e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.9893397e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5826318e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015361e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315308e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999994e-1f));
+  return _mm512_scalef_ps(p, xi);
+}
+
+// 16 fp32 values stored as T: fp32 as they are; bf16 rounded to nearest even (as round_bf16), by AVX512-BF16's
+// conversion (CVT: compiled for that function alone, called only where the CPU has it) or integer rounding
+template <bool CVT>
+inline void store16(float* p, __m512 e) {
+  _mm512_storeu_ps(p, e);
+}
+__attribute__((target("avx512bf16"))) inline __m256i to_bf16_cvt(__m512 e) {
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e));
+}
+template <bool CVT>
+inline void store16(uint16_t* p, __m512 e) {
+  __m256i h;
+  if constexpr (CVT) {
+    h = to_bf16_cvt(e);
+  } else {
+    __m512i u = _mm512_castps_si512(e);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+}
+
+// one row of scores s (lk keys, p padded to lkp): p = 2^(c (s - max)) as T, returns the fp32 sum of the
+// unrounded terms. Below 2^-64 of the row's largest term nothing shows in an fp32 sum; the floor keeps p and p v
+// away from denormal floats (a slow path in the micro-kernel)
+template <typename T, bool CVT>
+float softmax_row(const float* s, T* p, int64_t lk, int64_t lkp, float c, T (*from_float)(float)) {
+  __m512 vm = _mm512_set1_ps(-FLT_MAX);
+  int64_t j = 0;
+  for (; j + 16 <= lk; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + j));
+  float mx = _mm512_reduce_max_ps(vm);
+  for (; j < lk; ++j) mx = std::max(mx, s[j]);
+  const __m512 vmx = _mm512_set1_ps(mx), vc = _mm512_set1_ps(c), lo = _mm512_set1_ps(-64.f);
+  __m512 acc = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= lk; j += 16) {
+    const __m512 e = exp2_neg16(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx), vc), lo));
+    store16<CVT>(p + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; j < lk; ++j) {
+    const float e = exp2_neg(std::max((s[j] - mx) * c, -64.f));
+    p[j] = from_float(e);
+    sum += e;
+  }
+  for (j = lk; j < lkp; ++j) p[j] = T(0);
+  return sum;
+}
+
 // a (b, h, l, d) tensor's strides, last dimension contiguous
 template <typename T>
 struct View {
@@ -74,6 +139,10 @@ struct Elem<float> {
   static float from_float(float f) { return f; }
 };
 
+// row strides of k^T (keys), the scores (fp32) and p (elements) padded past the multiple of 4 KiB that 4096 keys
+// give: rows 4 KiB apart share cache sets (the 20 rows of k^T a q k^T tile reads outnumber L1's ways); without
+// the padding the kernel ran much slower inside a UNet call than alone (README "The CPU path")
+constexpr int64_t KPAD = 16, PAD = 16;
 constexpr int64_t PV_KEYS_FP32 = 256;  // fp32 p v summed over blocks of this many keys: one accumulation over
 // all of them (4096) doubled SDPA's fp32 error; bf16 keeps one (the same error, a little faster)
 
@@ -83,7 +152,7 @@ template <typename T>
 int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, int64_t k_sb, int64_t k_sh,
               int64_t k_sl, const T* v, int64_t v_sb, int64_t v_sh, int64_t v_sl, T* out, int64_t o_sb,
               int64_t o_sh, int64_t o_sl, int64_t b, int64_t heads, int64_t lq, int64_t lk, int64_t d, float scale,
-              int64_t block_m, int64_t block_n, int threads) {
+              int64_t block_m, int64_t block_n, int threads, bool bf16_cvt) {
   using E = Elem<T>;
   using B = typename E::Brgemm;
   constexpr int64_t pair = E::vnni ? 2 : 1;
@@ -96,9 +165,10 @@ int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, 
   const int64_t lkp = (lk + pair - 1) / pair * pair;  // keys padded to pairs for bf16 (p v pairs them)
   const int64_t dv = (d + 15) / 16 * 16;  // v's columns padded with zeros: p v in whole 16-float vectors
   // k^T as [d/pair][lkp][pair], v as [lkp/pair][dv][pair]; padding zero
-  const auto kt_at = [&](int64_t c, int64_t j) { return (c / pair) * lkp * pair + j * pair + c % pair; };
+  const int64_t ldk = lkp + KPAD;  // k^T's row stride in keys
+  const auto kt_at = [&](int64_t c, int64_t j) { return (c / pair) * ldk * pair + j * pair + c % pair; };
   const auto vv_at = [&](int64_t j, int64_t c) { return (j / pair) * dv * pair + c * pair + j % pair; };
-  std::vector<T> kt(static_cast<size_t>(n * d * lkp)), vv(static_cast<size_t>(n * lkp * dv));
+  std::vector<T> kt(static_cast<size_t>(n * d * ldk)), vv(static_cast<size_t>(n * lkp * dv));
   std::atomic<bool> failed{false};
   std::string error;
   const auto fail = [&](const char* what) {
@@ -109,7 +179,7 @@ int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, 
   };
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    T* kp = kt.data() + i * d * lkp;
+    T* kp = kt.data() + i * d * ldk;
     T* vp = vv.data() + i * lkp * dv;
     for (int64_t j = 0; j < lkp; ++j) {
       const bool pad = j >= lk;
@@ -123,49 +193,41 @@ int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, 
     }
   }
   const int64_t blocks = (lq + block_m - 1) / block_m;
+  const int64_t lds = lkp + PAD, ldp = lkp + 2 * PAD;  // the scores' and p's row strides
+  const bool cvt = E::vnni && bf16_cvt && __builtin_cpu_supports("avx512bf16");
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> s_buf, o_buf, part, sums;
     std::vector<T> p_buf;
     try {  // nothing may leave a parallel region by an exception
-      s_buf.resize(static_cast<size_t>(block_m * lkp));
+      s_buf.resize(static_cast<size_t>(block_m * lds));
       o_buf.resize(static_cast<size_t>(block_m * dv));
       part.resize(static_cast<size_t>(block_m * dv));
       sums.resize(static_cast<size_t>(block_m));
-      p_buf.resize(static_cast<size_t>(block_m * lkp));
+      p_buf.resize(static_cast<size_t>(block_m * ldp));
     } catch (const std::exception& e) {
       fail(e.what());
     }
     auto block = [&](int64_t it) {
       const int64_t i = it / blocks, r0 = (it % blocks) * block_m, m = std::min(block_m, lq - r0);
-      const T* kp = kt.data() + i * d * lkp;
+      const T* kp = kt.data() + i * d * ldk;
       const T* vp = vv.data() + i * lkp * dv;
       const B* qa = reinterpret_cast<const B*>(Q.row(i, heads, r0));
       for (int64_t j = 0; j < lkp; j += block_n) {  // S = q k^T, fp32
-        at::native::cpublas::brgemm(m, std::min(block_n, lkp - j), d, Q.sl, lkp, lkp, false, qa,
+        at::native::cpublas::brgemm(m, std::min(block_n, lkp - j), d, Q.sl, ldk, lds, false, qa,
                                     reinterpret_cast<const B*>(kp + j * pair), s_buf.data() + j, E::vnni);
       }
       const float c = scale * 1.4426950408889634f;  // exp(scale (s - max)) = 2^(c (s - max))
       for (int64_t r = 0; r < m; ++r) {
-        const float* s = s_buf.data() + r * lkp;
-        T* p = p_buf.data() + r * lkp;
-        float mx = -FLT_MAX;
-        for (int64_t j = 0; j < lk; ++j) mx = std::max(mx, s[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < lk; ++j) {
-          // below 2^-64 of the row's largest term nothing shows in an fp32 sum; the floor keeps p and p v away
-          // from denormal floats (a slow path in the micro-kernel)
-          const float e = exp2_neg(std::max((s[j] - mx) * c, -64.f));
-          p[j] = E::from_float(e);
-          sum += e;
-        }
-        for (int64_t j = lk; j < lkp; ++j) p[j] = T(0);
-        sums[r] = sum;
+        const float* s = s_buf.data() + r * lds;
+        T* p = p_buf.data() + r * ldp;
+        sums[r] = cvt ? softmax_row<T, true>(s, p, lk, lkp, c, E::from_float)
+                      : softmax_row<T, false>(s, p, lk, lkp, c, E::from_float);
       }
       const int64_t pv_keys = E::vnni ? lkp : PV_KEYS_FP32;
       for (int64_t j = 0; j < lkp; j += pv_keys) {  // O = p v, fp32
         float* dst = j == 0 ? o_buf.data() : part.data();
-        at::native::cpublas::brgemm(m, dv, std::min(pv_keys, lkp - j), lkp, dv, dv, false,
+        at::native::cpublas::brgemm(m, dv, std::min(pv_keys, lkp - j), ldp, dv, dv, false,
                                     reinterpret_cast<const B*>(p_buf.data() + j),
                                     reinterpret_cast<const B*>(vp + j * dv), dst, E::vnni);
         if (j > 0) {
@@ -204,7 +266,8 @@ int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, 
 
 extern "C" const char* fastsd_attention_error() { return g_error.c_str(); }
 
-// q (b, h, lq, d), k and v (b, h, lk, d), out (b, h, lq, d), all bf16 (bf16 != 0) or all fp32: any strides with
+// q (b, h, lq, d), k and v (b, h, lk, d), out (b, h, lq, d), all bf16 (bf16 != 0; 2: p rounded to bf16 by integer
+// rounding even where the CPU has AVX512-BF16's conversion, the same result: for tests) or all fp32: any strides with
 // the last dimension contiguous; d even for bf16. Returns 0, or 1 with the reason in fastsd_attention_error();
 // no C++ exception crosses into the caller (ctypes) or out of a parallel region.
 extern "C" int fastsd_attention(int bf16, const void* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const void* k,
@@ -217,11 +280,11 @@ extern "C" int fastsd_attention(int bf16, const void* q, int64_t q_sb, int64_t q
       using U = uint16_t;
       return attention<U>(static_cast<const U*>(q), q_sb, q_sh, q_sl, static_cast<const U*>(k), k_sb, k_sh, k_sl,
                           static_cast<const U*>(v), v_sb, v_sh, v_sl, static_cast<U*>(out), o_sb, o_sh, o_sl, b,
-                          heads, lq, lk, d, scale, block_m, block_n, threads);
+                          heads, lq, lk, d, scale, block_m, block_n, threads, bf16 != 2);
     }
     return attention<float>(static_cast<const float*>(q), q_sb, q_sh, q_sl, static_cast<const float*>(k), k_sb, k_sh,
                             k_sl, static_cast<const float*>(v), v_sb, v_sh, v_sl, static_cast<float*>(out), o_sb,
-                            o_sh, o_sl, b, heads, lq, lk, d, scale, block_m, block_n, threads);
+                            o_sh, o_sl, b, heads, lq, lk, d, scale, block_m, block_n, threads, false);
   } catch (const std::exception& e) {
     g_error = e.what();
     return 1;

@@ -22,11 +22,12 @@ from fastsd.backends import cpu_native
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 ENV = cpu_native.ENV
-VERSION = 1  # part of the tuner's key: choices timed against another version are measured again
+VERSION = 2  # part of the tuner's key: choices timed against another version are measured again
 BLOCK_M, BLOCK_N = 64, 512  # query rows per block, keys per q k^T micro-kernel call (best of 32-128 x 256-1024)
 FP32_MAX_HEAD_DIM = 160  # fp32 beyond (the VAE's 512): 2.2x SDPA's fp32 error (q k^T's long sums), SDPA kept
 # AVX-512 (every CPU this runs on: native bf16 implies it), not the ISA in effect: the library cached for one CPU
-# runs on any other with these flags; no bf16 instructions are used (the micro-kernel picks its own)
+# runs on any other with these flags; bf16 instructions only in the conversion of p to bf16, which checks the CPU
+# itself (the micro-kernel picks its own)
 FLAGS = cpu_native.BASE_FLAGS + cpu_native.FAST_MATH + cpu_native.AVX512
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGS = [ctypes.c_int] + [_PTR, _I64, _I64, _I64] * 4 + [_I64] * 5 + [ctypes.c_float, _I64, _I64, ctypes.c_int]
@@ -72,7 +73,9 @@ def fp32_unavailable() -> str | None:
     return unavailable()
 
 
-def _run(lib: ctypes.CDLL, q, k, v, scale: float | None) -> torch.Tensor:
+def _run(lib: ctypes.CDLL, q, k, v, scale: float | None, bf16_cvt: bool = True) -> torch.Tensor:
+    """bf16_cvt=False: p rounded to bf16 by integer rounding even where the CPU has the conversion instruction
+    (the path of a CPU without it; the same result)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     bf16 = q.dtype == torch.bfloat16
@@ -87,7 +90,8 @@ def _run(lib: ctypes.CDLL, q, k, v, scale: float | None) -> torch.Tensor:
     for t in (q, k, v, out):
         args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
     scale = d ** -0.5 if scale is None else scale
-    rc = lib.fastsd_attention(int(bf16), *args, b, h, lq, lk, d, scale, BLOCK_M, BLOCK_N, torch.get_num_threads())
+    mode = (1 if bf16_cvt else 2) if bf16 else 0
+    rc = lib.fastsd_attention(mode, *args, b, h, lq, lk, d, scale, BLOCK_M, BLOCK_N, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native attention failed: {lib.fastsd_attention_error().decode(errors='replace')}")
     return out
