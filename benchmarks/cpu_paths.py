@@ -7,7 +7,8 @@ native kernel in fp32, head dims <= 160, and on AVX2 cpu_attention_avx2.py), con
 prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3 convolutions also as Winograd F(4x4) and F(2x2),
 fastsd/backends/cpu_winograd.py, where each has enough tiles, with its native transforms and in torch ops; * marks
 the variant the cpu backend offers there),
-and the transformer feed-forward (one pass vs 2048-token chunks). bf16 rows run only where bf16 is native (else
+the transformer feed-forward (one pass vs 2048-token chunks), and GroupNorm + SiLU on channels-last input (torch's
+ops as the cpu backend runs them vs fastsd/backends/cpu_group_norm.py). bf16 rows run only where bf16 is native (else
 they say why). Under `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` it
 times the AVX2 paths of an AVX-512 machine. Min of --repeat calls after one warm-up, in ms; the error
 column is the relative (Frobenius) error of each path against an fp32 computation: of the same bf16-rounded
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .common import bench
-from fastsd.backends import cpu_attention_avx2, cpu_attention_native, cpu_winograd, cpu_winograd_native, reference
-from fastsd.backends.cpu import feed_forward_chunked
+from fastsd.backends import (cpu_attention_avx2, cpu_attention_native, cpu_group_norm, cpu_winograd,
+                             cpu_winograd_native, reference)
+from fastsd.backends.cpu import _group_norm_torch, feed_forward_chunked
 from fastsd.backends.cpu_attention import attention_chunked
 from fastsd.backends.cpu_attention_native import attention_native
 from fastsd.backends.cpu_pack import LINEAR_EXAMPLE_ROWS, keep_temporaries_mapped, packing_unavailable
@@ -34,6 +36,7 @@ CONV = [(320, 320, 64, 3), (640, 640, 32, 3), (1280, 1280, 32, 3), (1280, 1280, 
         (1280, 1280, 8, 3), (2560, 1280, 8, 3), (2560, 1280, 4, 3), (960, 320, 64, 3), (640, 320, 64, 1),
         (2560, 1280, 8, 1)]
 NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+GROUP_NORM = [(320, 64), (640, 32), (1280, 16)]  # channels, side; 32 groups, with SiLU, batch 2
 LINEAR = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5120), (512, 1280, 10240)]
 
 
@@ -141,6 +144,21 @@ def rows(repeat: int, all_dtypes: bool = False):
                    _rel(reference.feed_forward(block, xd), ref))
             yield ("feed-forward", shape, dt, "chunked", _ms(lambda: feed_forward_chunked(block, xd), repeat),
                    _rel(feed_forward_chunked(block, xd), ref))
+    for c, side in GROUP_NORM:
+        x = rnd(2, c, side, side)
+        w, b = rnd(c), rnd(c)
+        ref = F.silu(F.group_norm(x, 32, w, b))
+        for dtype in dtypes:
+            xd = x.to(dtype).contiguous(memory_format=torch.channels_last)
+            wd, bd = w.to(dtype), b.to(dtype)
+            shape, dt = f"{c} ch, 2x{side}x{side}, 32 groups, + SiLU", NAMES[dtype]
+            fn = lambda: _group_norm_torch(xd, 32, wd, bd, 1e-5, True)  # noqa: E731
+            yield "group norm", shape, dt, "torch ops", _ms(fn, repeat), _rel(fn(), ref)
+            if cpu_group_norm.unavailable():
+                yield "group norm", shape, dt, "native", None, cpu_group_norm.unavailable()
+            else:
+                fn = lambda: cpu_group_norm.group_norm_native(xd, 32, wd, bd, silu=True)  # noqa: E731
+                yield "group norm", shape, dt, "native", _ms(fn, repeat), _rel(fn(), ref)
 
 
 def main(argv=None) -> None:

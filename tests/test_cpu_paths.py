@@ -10,10 +10,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastsd import backends, cpuinfo, load_pipeline
-from fastsd.backends import (cpu, cpu_attention_avx2, cpu_attention_native, cpu_pack, cpu_tune, cpu_winograd,
-                             cpu_winograd_native, reference)
+from fastsd.backends import (cpu, cpu_attention_avx2, cpu_attention_native, cpu_group_norm, cpu_pack, cpu_tune,
+                             cpu_winograd, cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import attention_chunked, rowmax_bf16
 from fastsd.backends.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
 from fastsd.models import layers
@@ -208,17 +209,67 @@ def test_loading_the_native_library_leaves_denormals_alone():
     assert r.stdout.split() == ["True", "True"]
 
 
+GN_WHY = cpu_group_norm.unavailable()
+
+
+@pytest.mark.skipif(GN_WHY is not None, reason=f"native GroupNorm unavailable: {GN_WHY}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [((2, 24, 7, 5), 4, True, True, 0.0), ((1, 320, 16, 16), 32, True, True, 0.0),
+                                  ((1, 64, 9, 1), 32, False, False, 0.0), ((3, 12, 5, 6), 3, True, True, 40.0),
+                                  ((1, 48, 1, 1), 6, False, True, 0.0)],
+                         ids=["odd", "unet", "no-affine", "large-mean", "one-pixel"])
+def test_native_group_norm_is_as_accurate_as_torch(dtype, case):
+    """GroupNorm (+ SiLU) of channels-last fp32/bf16 input: within 2x of PyTorch's own error against fp64, as every
+    native piece's self-test (odd sizes, one pixel per image, no weight, values far from zero; below PyTorch's own
+    at the UNet's shapes); what the cpu backend's op runs by default."""
+    shape, groups, silu, affine, offset = case
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(*shape, generator=g) * 2 + offset).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)) if affine else (None, None)
+    out = cpu_group_norm.group_norm_native(x, groups, w, b, eps=1e-5, silu=silu)
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    theirs = F.group_norm(x, groups, None if w is None else w.to(dtype), None if b is None else b.to(dtype), 1e-5)
+    theirs = F.silu(theirs) if silu else theirs
+    err = lambda o: cpu_group_norm.reference_error(o, x, groups, w, b, 1e-5, silu)  # noqa: E731
+    assert err(out) <= 2 * err(theirs), (err(out), err(theirs))
+    with torch.no_grad():  # the backend's op: the native kernel (FASTSD_CPU_TUNE=0 here: the default) ...
+        ws, bs = (None, None) if w is None else (w.to(dtype), b.to(dtype))
+        assert torch.equal(cpu.group_norm(x, groups, ws, bs, eps=1e-5, silu=silu),
+                           cpu_group_norm.group_norm_native(x, groups, ws, bs, eps=1e-5, silu=silu))
+        plain = x.contiguous()  # ... on channels-last input only; torch's ops otherwise
+        if not plain.is_contiguous(memory_format=torch.channels_last):
+            assert torch.equal(cpu.group_norm(plain, groups, ws, bs, eps=1e-5, silu=silu),
+                               cpu._group_norm_torch(plain, groups, ws, bs, 1e-5, silu))
+
+
+def test_native_build_key_covers_the_headers_a_source_includes():
+    """A change to cpu_exp2.h (included by the native sources) must rebuild them: its text is part of the key."""
+    from fastsd.backends import cpu_native
+    header = (cpu_group_norm.SOURCE.parent / "cpu_exp2.h").read_bytes()
+    for source in (cpu_group_norm.SOURCE, cpu_attention_native.SOURCE, cpu_attention_avx2.SOURCE):
+        assert header in cpu_native.sources(source)
+    assert cpu_native.sources(cpu_winograd_native.SOURCE) == [cpu_winograd_native.SOURCE.read_bytes()]
+
+
+def test_native_group_norm_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="channels-last"):
+        cpu_group_norm._run(None, torch.randn(1, 6, 4, 4), 4, None, None, 1e-5, False)  # 4 groups, 6 channels
+    with pytest.raises(ValueError, match="channels-last"):
+        cpu_group_norm._run(None, torch.randn(1, 8, 4, 4).half(), 4, None, None, 1e-5, False)
+
+
 def test_native_attention_can_be_turned_off_and_says_why():
     code = ("import os, torch; from fastsd.backends import cpu, cpu_attention_native as n; "
             "from fastsd.backends.cpu_attention import attention_chunked; "
-            "q = torch.randn(1, 2, 64, 40).bfloat16(); print(n.unavailable()); "
+            "from fastsd.backends import cpu_group_norm as gn; "
+            "q = torch.randn(1, 2, 64, 40).bfloat16(); print(n.unavailable()); print(gn.unavailable()); "
             "torch.set_grad_enabled(False); print(torch.equal(cpu.attention(q, q, q), attention_chunked(q, q, q)))")
     env = {**os.environ, "FASTSD_CPU_NATIVE": "0", "FASTSD_CPU_TUNE": "0"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     # without it: chunked where bf16 is native, SDPA where it is emulated or AMX runs SDPA's GEMMs (the fallback there)
     chunked = cpuinfo.native_bf16() and not cpuinfo.amx()
-    assert r.stdout.split() == ["FASTSD_CPU_NATIVE=0", "True" if chunked else "False"]
+    assert r.stdout.split() == ["FASTSD_CPU_NATIVE=0", "FASTSD_CPU_NATIVE=0", "True" if chunked else "False"]
 
 
 def _load_with_one_warning(dtype: str, what: str):

@@ -9,13 +9,14 @@
   self-test; fp32 on AVX2 (head dims multiples of 8 up to 160): native micro-kernels (cpu_attention_avx2.py);
   else bf16 chunked over queries in torch ops (cpu_attention.py), fp32 SDPA;
 - feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache, GELU * x in place;
-- group_norm: bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).
+- group_norm: GroupNorm + SiLU as one native kernel (cpu_group_norm.py) on channels-last fp32/bf16, where it
+  builds; else bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).
 
-Each piece that can lose on some CPU (packing, Winograd, native or chunked attention, chunked feed-forward) is
-used where `cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing, the native
-attention where it builds, chunking always: the rule measured on AVX-512 and AVX2, see README; Winograd
-never). With autograd on, the reference ops run (these write into preallocated buffers). `unprepare` gives
-back the plain model, weights bit for bit.
+Each piece that can lose on some CPU (packing, Winograd, native or chunked attention, native GroupNorm, chunked
+feed-forward) is used where `cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing,
+the native attention and GroupNorm where they build, chunking always: the rule measured on AVX-512 and AVX2, see
+README; Winograd never). With autograd on, the reference ops run (these write into preallocated buffers).
+`unprepare` gives back the plain model, weights bit for bit.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsd import cpuinfo
-from fastsd.backends import (Backend, Ops, cpu_attention_avx2, cpu_attention_native, cpu_native,
+from fastsd.backends import (Backend, Ops, cpu_attention_avx2, cpu_attention_native, cpu_group_norm, cpu_native,
                              cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, large_blocks_in_heap,
@@ -74,7 +75,20 @@ def _attention_bf16(q, k, v, scale):
 
 
 def group_norm(x, num_groups, weight, bias, *, eps=1e-5, silu=False):
-    if x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+    if torch.is_grad_enabled():
+        return reference.group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
+    if cpu_group_norm.covers(x, num_groups) and cpu_group_norm.unavailable() is None:
+        key = (f"group_norm {str(x.dtype)[6:]} x{tuple(x.shape)} g{num_groups} silu {silu} "
+               f"t{torch.get_num_threads()} native v{cpu_group_norm.VERSION}")
+        candidates = {"native": lambda: cpu_group_norm.group_norm_native(x, num_groups, weight, bias, eps=eps,
+                                                                          silu=silu),
+                      "torch": lambda: _group_norm_torch(x, num_groups, weight, bias, eps, silu)}
+        return candidates[tuner().choose(key, candidates, default="native")]()
+    return _group_norm_torch(x, num_groups, weight, bias, eps, silu)
+
+
+def _group_norm_torch(x, num_groups, weight, bias, eps, silu):
+    if x.dtype != torch.bfloat16:
         return reference.group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
     # PyTorch's CPU kernel keeps bf16 statistics in fp32 itself; skipping the reference's fp32 copies of the
     # activation lowers the VAE's peak memory (its 128-channel 512x512 activations)
@@ -125,6 +139,8 @@ class CPUBackend(Backend):
             if ((torch.bfloat16 in dtypes and cpuinfo.native_bf16())
                     or (torch.float32 in dtypes and cpu_attention_native.avx512())):
                 _warn_native(cpu_attention_native.unavailable())
+            if dtypes & {torch.float32, torch.bfloat16}:
+                _warn_native(cpu_group_norm.unavailable(), "GroupNorm kernel", "GroupNorm")
             if torch.float32 in dtypes:
                 _warn_native(cpu_winograd_native.unavailable(), "Winograd transforms", "Winograd convolutions")
                 if cpu_attention_avx2.offered_here() is None:

@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu_exp2.h"
+
 namespace {
 
 constexpr int MR = 6;
@@ -30,12 +32,13 @@ inline __m256 exp2_neg(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-126.0f));
   const __m256 xi = _mm256_floor_ps(x);
   const __m256 f = _mm256_sub_ps(x, xi);
-  __m256 p = _mm256_set1_ps(1.8775767e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.9893397e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5826318e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4015361e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9315308e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.9999994e-1f));
+  namespace k = fastsd_exp2;
+  __m256 p = _mm256_set1_ps(k::C5);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(k::C4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(k::C3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(k::C2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(k::C1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(k::C0));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(xi), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }

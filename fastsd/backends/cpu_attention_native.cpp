@@ -24,6 +24,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu_exp2.h"
+
 namespace {
 
 using bf16 = at::BFloat16;
@@ -35,33 +37,26 @@ inline uint16_t round_bf16(float f) {  // round to nearest even (inputs here are
   return static_cast<uint16_t>(u >> 16);
 }
 
-// 2^x for x in [-126, 0]: 2^floor(x) from the exponent bits times a degree-5 polynomial for 2^frac(x)
-// (relative error < 1e-7 on [0, 1)), vectorised by the compiler; faster here than libm's vectorised expf
+// 2^x for x in [-126, 0]: 2^floor(x) from the exponent bits times the polynomial for 2^frac(x) (cpu_exp2.h)
 inline float exp2_neg(float x) {
   const float xi = std::floor(x);
-  const float f = x - xi;
-  float p = 1.8775767e-3f;
-  p = p * f + 8.9893397e-3f;
-  p = p * f + 5.5826318e-2f;
-  p = p * f + 2.4015361e-1f;
-  p = p * f + 6.9315308e-1f;
-  p = p * f + 9.9999994e-1f;
   const int32_t bits = (static_cast<int32_t>(xi) + 127) << 23;
   float pow2;
   std::memcpy(&pow2, &bits, 4);
-  return p * pow2;
+  return fastsd_exp2::fraction(x - xi) * pow2;
 }
 
 // 16 lanes of exp2_neg (x in [-64, 0] here): the same polynomial, times 2^floor(x) by scalef
 inline __m512 exp2_neg16(__m512 x) {
   const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, xi);
-  __m512 p = _mm512_set1_ps(1.8775767e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.9893397e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5826318e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015361e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315308e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999994e-1f));
+  namespace k = fastsd_exp2;
+  __m512 p = _mm512_set1_ps(k::C5);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C0));
   return _mm512_scalef_ps(p, xi);
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -59,6 +60,13 @@ def command(cxx: str, source: Path, flags: tuple[str, ...], output: Path, torch_
     return [cxx, *flags, *api, str(source), f"-L{lib}", *link, f"-Wl,-rpath,{lib}", "-o", str(output)]
 
 
+def sources(source: Path) -> list[bytes]:
+    """The source's text and that of the local headers it includes (`#include "name.h"`): the build's cache key."""
+    text = source.read_bytes()
+    return [text] + [(source.parent / h.decode()).read_bytes()
+                     for h in re.findall(rb'^\s*#include\s+"([^"]+)"', text, re.M)]
+
+
 def build(source: Path, flags: tuple[str, ...], *, torch_api: bool, cxx: str | None = None,
           folder: Path | None = None) -> Path:
     """The compiled library, from the cache or compiled now; raises RuntimeError with one line on failure."""
@@ -66,7 +74,7 @@ def build(source: Path, flags: tuple[str, ...], *, torch_api: bool, cxx: str | N
     if not cxx or not shutil.which(cxx):
         raise RuntimeError(f"no C++ compiler ({cxx or 'g++'} not found; set CXX)")
     folder = folder or cache_dir() / "native"
-    key = hashlib.sha256(b"\0".join([source.read_bytes(),
+    key = hashlib.sha256(b"\0".join([*sources(source),
                                      " ".join(command(cxx, source, flags, Path("x"), torch_api)).encode(),
                                      torch.__version__.encode(), cpuinfo.fingerprint().encode()])).hexdigest()[:16]
     path = folder / f"{source.stem}-{key}.so"
@@ -91,7 +99,10 @@ def build(source: Path, flags: tuple[str, ...], *, torch_api: bool, cxx: str | N
 def load_checked(build: Callable[[], Path], setup: Callable[[ctypes.CDLL], None],
                  self_test: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL | None, str | None]:
     """Build (or find) a library, load it, declare its entry points (`setup`) and run its self-test: the library
-    and None, or None and why not (the first line of what failed: the capability check says no)."""
+    and None, or None and why not (the first line of what failed: the capability check says no). Nothing is
+    built where FASTSD_CPU_NATIVE=0."""
+    if disabled():
+        return None, f"{ENV}=0"
     try:
         lib = ctypes.CDLL(str(build()))
         setup(lib)

@@ -29,8 +29,6 @@ def build(cxx: str | None = None, folder: Path | None = None) -> Path:
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
-    if cpu_native.disabled():
-        return None, f"{cpu_native.ENV}=0"
     return cpu_native.load_checked(build, _declare, _self_test)
 
 

@@ -1,0 +1,17 @@
+// 2^f for f in [0, 1) as a degree-5 polynomial (relative error < 1e-7): the coefficients every native piece's
+// exponential uses (scalar here; the AVX2 and AVX-512 kernels evaluate the same ones in vector registers).
+#pragma once
+
+namespace fastsd_exp2 {
+constexpr float C5 = 1.8775767e-3f, C4 = 8.9893397e-3f, C3 = 5.5826318e-2f, C2 = 2.4015361e-1f, C1 = 6.9315308e-1f,
+                C0 = 9.9999994e-1f;
+
+inline float fraction(float f) {
+  float p = C5;
+  p = p * f + C4;
+  p = p * f + C3;
+  p = p * f + C2;
+  p = p * f + C1;
+  return p * f + C0;
+}
+}  // namespace fastsd_exp2
