@@ -317,6 +317,22 @@ def test_native_winograd_that_fails_to_build_warns_once_and_runs_torch_ops(monke
         cpu._warn_native.cache_clear()
 
 
+def test_native_group_norm_that_fails_to_build_warns_once_and_runs_torch_ops(monkeypatch):
+    """No compiler (faked): one warning at load naming why; GroupNorm runs torch's ops and the pipeline generates."""
+    monkeypatch.setattr(cpu_group_norm, "_library", lambda: (None, "no C++ compiler (g++ not found; set CXX)"))
+    cpu._warn_native.cache_clear()
+    try:
+        pipe = _load_with_one_warning("fp32", "native GroupNorm kernel")
+        x = torch.randn(1, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert torch.equal(cpu.group_norm(x, 32, None, None, silu=True),
+                               cpu._group_norm_torch(x, 32, None, None, 1e-5, True))
+        img = pipe.generate("a cat", steps=1, width=64, height=64, seed=0, progress=False)[0]
+        assert np.asarray(img).std() > 0
+    finally:
+        cpu._warn_native.cache_clear()
+
+
 def test_attention_dispatch_on_cpu():
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, 64, 77, 40))
     ref = reference.attention(q, k, v)
