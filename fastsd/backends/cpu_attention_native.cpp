@@ -83,33 +83,6 @@ inline void store16(uint16_t* p, __m512 e) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
 }
 
-// one row of scores s (lk keys, p padded to lkp): p = 2^(c (s - max)) as T, returns the fp32 sum of the
-// unrounded terms. Below 2^-64 of the row's largest term nothing shows in an fp32 sum; the floor keeps p and p v
-// away from denormal floats (a slow path in the micro-kernel)
-template <typename T, bool CVT>
-float softmax_row(const float* s, T* p, int64_t lk, int64_t lkp, float c, T (*from_float)(float)) {
-  __m512 vm = _mm512_set1_ps(-FLT_MAX);
-  int64_t j = 0;
-  for (; j + 16 <= lk; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + j));
-  float mx = _mm512_reduce_max_ps(vm);
-  for (; j < lk; ++j) mx = std::max(mx, s[j]);
-  const __m512 vmx = _mm512_set1_ps(mx), vc = _mm512_set1_ps(c), lo = _mm512_set1_ps(-64.f);
-  __m512 acc = _mm512_setzero_ps();
-  for (j = 0; j + 16 <= lk; j += 16) {
-    const __m512 e = exp2_neg16(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx), vc), lo));
-    store16<CVT>(p + j, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  float sum = _mm512_reduce_add_ps(acc);
-  for (; j < lk; ++j) {
-    const float e = exp2_neg(std::max((s[j] - mx) * c, -64.f));
-    p[j] = from_float(e);
-    sum += e;
-  }
-  for (j = lk; j < lkp; ++j) p[j] = T(0);
-  return sum;
-}
-
 // a (b, h, l, d) tensor's strides, last dimension contiguous
 template <typename T>
 struct View {
@@ -133,6 +106,33 @@ struct Elem<float> {
   static constexpr bool vnni = false;  // B as [K][N]
   static float from_float(float f) { return f; }
 };
+
+// one row of scores s (lk keys, p padded to lkp): p = 2^(c (s - max)) as T, returns the fp32 sum of the
+// unrounded terms. Below 2^-64 of the row's largest term nothing shows in an fp32 sum; the floor keeps p and p v
+// away from denormal floats (a slow path in the micro-kernel)
+template <typename T, bool CVT>
+float softmax_row(const float* s, T* p, int64_t lk, int64_t lkp, float c) {
+  __m512 vm = _mm512_set1_ps(-FLT_MAX);
+  int64_t j = 0;
+  for (; j + 16 <= lk; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + j));
+  float mx = _mm512_reduce_max_ps(vm);
+  for (; j < lk; ++j) mx = std::max(mx, s[j]);
+  const __m512 vmx = _mm512_set1_ps(mx), vc = _mm512_set1_ps(c), lo = _mm512_set1_ps(-64.f);
+  __m512 acc = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= lk; j += 16) {
+    const __m512 e = exp2_neg16(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx), vc), lo));
+    store16<CVT>(p + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; j < lk; ++j) {
+    const float e = exp2_neg(std::max((s[j] - mx) * c, -64.f));
+    p[j] = Elem<T>::from_float(e);
+    sum += e;
+  }
+  for (j = lk; j < lkp; ++j) p[j] = T(0);
+  return sum;
+}
 
 // row strides of k^T (keys), the scores (fp32) and p (elements) padded past the multiple of 4 KiB that 4096 keys
 // give: rows 4 KiB apart share cache sets (the 20 rows of k^T a q k^T tile reads outnumber L1's ways); without
@@ -216,8 +216,7 @@ int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, 
       for (int64_t r = 0; r < m; ++r) {
         const float* s = s_buf.data() + r * lds;
         T* p = p_buf.data() + r * ldp;
-        sums[r] = cvt ? softmax_row<T, true>(s, p, lk, lkp, c, E::from_float)
-                      : softmax_row<T, false>(s, p, lk, lkp, c, E::from_float);
+        sums[r] = cvt ? softmax_row<T, true>(s, p, lk, lkp, c) : softmax_row<T, false>(s, p, lk, lkp, c);
       }
       const int64_t pv_keys = E::vnni ? lkp : PV_KEYS_FP32;
       for (int64_t j = 0; j < lkp; j += pv_keys) {  // O = p v, fp32
