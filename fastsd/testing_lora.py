@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from fastsd.backends.cpu_pack import dense_weight
+
 FORMATS = ("kohya_ldm", "kohya_diffusers", "peft", "diffusers")
 
 
@@ -74,8 +76,7 @@ def write_random_lora(path: str, pipe, *, fmt: str, rank: int = 4, alpha: float 
         targets += [("clip", n) for n in layers_of(pipe.clip)]
     sd, meta, paths = {}, None, {"unet": [], "clip": []}
     for model, name in targets:
-        weight = getattr(pipe, model).get_submodule(name).weight
-        weight = weight.to_dense() if weight.is_mkldnn else weight  # the CPU path's packed weights
+        weight = dense_weight(getattr(pipe, model).get_submodule(name))  # the CPU path's may be packed
         down, up = _factors(weight, rank, scale, strength, g)
         path_ = name if model == "clip" or fmt == "kohya_ldm" else names[name]
         paths[model].append(path_.removeprefix("text_model."))  # PEFT matches name ends (transformers 5 has no text_model)

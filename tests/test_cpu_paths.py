@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsd import backends, cpuinfo, load_pipeline
-from fastsd.backends import (cpu, cpu_attention_avx2, cpu_attention_native, cpu_group_norm, cpu_pack, cpu_tune,
+from fastsd.backends import (cpu, cpu_attention_avx2, cpu_attention_native, cpu_geglu, cpu_group_norm, cpu_pack, cpu_tune,
                              cpu_winograd, cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import attention_chunked, rowmax_bf16
 from fastsd.backends.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
@@ -242,11 +242,48 @@ def test_native_group_norm_is_as_accurate_as_torch(dtype, case):
                                cpu._group_norm_torch(plain, groups, ws, bs, 1e-5, silu))
 
 
+GEGLU_WHY = cpu_geglu.unavailable()
+
+
+@pytest.mark.skipif(GEGLU_WHY is not None, reason=f"native GEGLU unavailable: {GEGLU_WHY}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [(3, 7, 2 * 13), (1, 2048, 2560), (2, 5, 2 * 1029), (64, 2 * 9)],
+                         ids=["odd", "unet-chunk", "wide-rows", "narrow"])
+def test_native_geglu_is_as_accurate_as_torch(dtype, case):
+    """h * GELU(gate) of fp32/bf16 rows (odd widths, more columns than a work item, GELU's tails): within 2x of
+    PyTorch's own error against fp64 (its vectorised erf is the formula the kernel uses; its scalar tail, libm's
+    erf, is more accurate: a few values alone are no comparison); what the cpu backend's op runs by default, also
+    on rows a stride apart."""
+    g = torch.Generator().manual_seed(2)
+    p = torch.randn(*case, generator=g) * 3
+    if case[-1] >= 18:
+        p[..., case[-1] // 2:][..., :9] = torch.linspace(-8, 8, 9)  # GELU's tails among the gates
+    p = p.to(dtype)
+    out = cpu_geglu.geglu_native(p)
+    assert out.dtype == dtype and out.shape == (*case[:-1], case[-1] // 2) and out.is_contiguous()
+    err = lambda o: cpu_geglu.reference_error(o, p)  # noqa: E731
+    assert err(out) <= 2 * err(cpu_geglu.geglu_torch(p)), (err(out), err(cpu_geglu.geglu_torch(p)))
+    assert torch.equal(cpu._geglu(p), out)  # FASTSD_CPU_TUNE=0 here: the default
+    wide = torch.cat([p, p[..., :4]], dim=-1)[..., :case[-1]]  # rows 4 values further apart
+    assert wide.stride(-2) != wide.shape[-1] or wide.shape[-2] == 1
+    assert torch.equal(cpu_geglu.geglu_native(wide), out)
+
+
+def test_native_geglu_refuses_what_it_cannot_run():
+    for bad in (torch.randn(4, 7), torch.randn(4, 8).half(), torch.randn(8, 4).t()):
+        assert not cpu_geglu.covers(bad)
+        with pytest.raises(ValueError, match="even width"):
+            cpu_geglu._run(None, bad)
+    with torch.no_grad():
+        x = torch.randn(3, 8).half()
+        torch.testing.assert_close(cpu._geglu(x), cpu_geglu.geglu_torch(x))  # torch's ops for what it can't run
+
+
 def test_native_build_key_covers_the_headers_a_source_includes():
     """A change to cpu_exp2.h (included by the native sources) must rebuild them: its text is part of the key."""
     from fastsd.backends import cpu_native
     header = (cpu_group_norm.SOURCE.parent / "cpu_exp2.h").read_bytes()
-    for source in (cpu_group_norm.SOURCE, cpu_attention_native.SOURCE, cpu_attention_avx2.SOURCE):
+    for source in (cpu_group_norm.SOURCE, cpu_geglu.SOURCE, cpu_attention_native.SOURCE, cpu_attention_avx2.SOURCE):
         assert header in cpu_native.sources(source)
     assert cpu_native.sources(cpu_winograd_native.SOURCE) == [cpu_winograd_native.SOURCE.read_bytes()]
 
@@ -311,6 +348,20 @@ def test_native_winograd_that_fails_to_build_warns_once_and_runs_torch_ops(monke
         x, _, b, u = _winograd_case(((1, 16, 20, 20), 8, True, True), cpu_winograd.F4)
         assert torch.equal(cpu_winograd.conv3x3(x, u, b, cpu_winograd.F4),
                            cpu_winograd.conv3x3_torch(x, u, b, cpu_winograd.F4))
+        img = pipe.generate("a cat", steps=1, width=64, height=64, seed=0, progress=False)[0]
+        assert np.asarray(img).std() > 0
+    finally:
+        cpu._warn_native.cache_clear()
+
+
+def test_native_geglu_that_fails_to_build_warns_once_and_runs_torch_ops(monkeypatch):
+    """No compiler (faked): one warning at load naming why; GEGLU runs torch's ops and the pipeline generates."""
+    monkeypatch.setattr(cpu_geglu, "_library", lambda: (None, "no C++ compiler (g++ not found; set CXX)"))
+    cpu._warn_native.cache_clear()
+    try:
+        pipe = _load_with_one_warning("fp32", "native GEGLU kernel")
+        p = torch.randn(5, 16)
+        assert torch.equal(cpu._geglu(p), cpu_geglu.geglu_torch(p))
         img = pipe.generate("a cat", steps=1, width=64, height=64, seed=0, progress=False)[0]
         assert np.asarray(img).std() > 0
     finally:
@@ -514,6 +565,43 @@ def test_shapes_that_chose_plain_and_packed_alternate(monkeypatch):
             assert conv.weight.is_mkldnn == (batch == 2)
 
 
+def test_pointwise_convolution_runs_as_a_packed_linear_where_chosen(monkeypatch):
+    """A 1x1 convolution has a third choice, "linear": oneDNN's packed linear over the pixels of channels-last
+    input, its weight packed as a (K, C) linear's. Chosen at one shape and "packed" at another, both agree with the
+    plain layer; its state_dict and make_plain give the weight back bit for bit; other convolutions never get it."""
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+    offered = {}
+
+    class Choice:  # linear at batch 1, packed at batch 2
+        def choose(self, key, candidates, default):
+            offered[key] = set(candidates)
+            return "linear" if " x(1," in key and "linear" in candidates else "packed"
+
+    monkeypatch.setattr(cpu_tune, "tuner", Choice)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 40, 1).requires_grad_(False).to(memory_format=torch.channels_last)
+    conv3 = torch.nn.Conv2d(24, 40, 3, padding=1).requires_grad_(False)
+    plain = torch.nn.Conv2d(24, 40, 1).requires_grad_(False)
+    plain.load_state_dict(conv.state_dict())
+    original = conv.weight.detach().clone()
+    make_packable(conv), make_packable(conv3)
+    with torch.no_grad():
+        for batch in (1, 2, 1):
+            x = torch.randn(batch, 24, 7, 5).contiguous(memory_format=torch.channels_last)
+            y = conv(x)
+            assert conv.weight.is_mkldnn and conv._form == ("linear" if batch == 1 else "packed")
+            assert y.shape == (batch, 40, 7, 5) and y.is_contiguous(memory_format=torch.channels_last)
+            assert _rel(y, plain(x)) < 1e-6
+        conv3(torch.randn(1, 24, 7, 5))
+    assert {k.endswith(" linear") for k in offered} == {True, False}  # the 1x1 layer's keys only
+    assert all(("linear" in c) == k.endswith(" linear") for k, c in offered.items())
+    assert tuple(cpu_pack.dense_weight(conv).shape) == (40, 24, 1, 1)
+    assert torch.equal(conv.state_dict()["weight"], original)
+    make_plain(conv)
+    assert type(conv) is torch.nn.Conv2d and torch.equal(conv.weight, original) and conv.weight.shape == (40, 24, 1, 1)
+
+
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -560,6 +648,27 @@ def test_winograd_conv3x3_matches_the_convolution(case, v, impl):
     assert _rel(y, ref) < (5e-6 if v is cpu_winograd.F4 else 1e-6), (_rel(y, ref), direct)
 
 
+@pytest.mark.parametrize("from_k", [16, 10_000], ids=["contiguous", "view"])
+def test_winograd_weight_layout_by_output_channels(monkeypatch, from_k):
+    """From CONTIGUOUS_FROM_K output channels the transformed weight is a contiguous (a*a, C, K) tensor, below it a
+    view of a (K, a*a, C) one: the same values, the same convolution with either transforms, and a replaced
+    weight's transform written over the earlier one in its layout."""
+    monkeypatch.setattr(cpu_winograd, "CONTIGUOUS_FROM_K", from_k)
+    x, w, b, u = _winograd_case(((1, 24, 20, 20), 16, True, True), cpu_winograd.F4)
+    assert u.shape == (36, 24, 16) and u.is_contiguous() == (from_k <= 16)
+    assert u.permute(2, 0, 1).is_contiguous() == (from_k > 16)
+    monkeypatch.setattr(cpu_winograd, "CONTIGUOUS_FROM_K", 10_000 if from_k <= 16 else 16)
+    assert torch.equal(u, cpu_winograd.weight_transform(w, cpu_winograd.F4))  # the other layout
+    ref = torch.nn.functional.conv2d(x, w, b, padding=1)
+    impls = [cpu_winograd.conv3x3_torch] + ([WINOGRAD_IMPLEMENTATIONS["native"]] if WINOGRAD_NATIVE_WHY is None else [])
+    for impl in impls:
+        assert _rel(impl(x, u, b, cpu_winograd.F4), ref) < 5e-6
+    monkeypatch.setattr(cpu_winograd, "CONTIGUOUS_FROM_K", from_k)
+    u2 = cpu_winograd.weight_transform(w * 2, cpu_winograd.F4, out=u)
+    assert u2.data_ptr() == u.data_ptr() and u2.stride() == u.stride()
+    assert torch.equal(u2, cpu_winograd.weight_transform(w * 2, cpu_winograd.F4))
+
+
 @needs_winograd_native
 def test_native_winograd_is_what_conv3x3_runs_and_is_deterministic(monkeypatch):
     """Where the native transforms load, conv3x3 runs them (the tuner's key for a Winograd layer says so): the
@@ -568,6 +677,7 @@ def test_native_winograd_is_what_conv3x3_runs_and_is_deterministic(monkeypatch):
     or position range they have no code for."""
     x, w, b, u = _winograd_case(((1, 72, 40, 36), 24, True, True), cpu_winograd.F4)
     lib = cpu_winograd_native.library()
+    real_out = cpu_winograd_native.output_transform
     y = cpu_winograd.conv3x3(x, u, b, cpu_winograd.F4)
     assert cpu_winograd.implementation() == f"native v{cpu_winograd_native.VERSION}"
     assert torch.equal(y, cpu_winograd.conv3x3_native(lib, x, u, b, cpu_winograd.F4))
@@ -575,14 +685,19 @@ def test_native_winograd_is_what_conv3x3_runs_and_is_deterministic(monkeypatch):
         assert torch.equal(y, cpu_winograd.conv3x3_native(lib, x, u, b, cpu_winograd.F4, pos_chunk=pos_chunk))
     monkeypatch.setattr(cpu_winograd, "CHUNK_BYTES", 200_000)  # a few tile rows per chunk, then positions split
     assert _rel(cpu_winograd.conv3x3_native(lib, x, u, b, cpu_winograd.F4), y) < 1e-6
+    monkeypatch.setattr(cpu_winograd, "SMALL_CHUNK_BYTES", 260_000)  # tiles and products of 2 tile rows together
+    monkeypatch.setattr(cpu_winograd, "MIN_CHUNK_TILES", 16)
+    calls = []
+    monkeypatch.setattr(cpu_winograd_native, "output_transform", lambda *a: calls.append(a[7]) or real_out(*a))
+    assert _rel(cpu_winograd.conv3x3_native(lib, x, u, b, cpu_winograd.F4), y) < 1e-6
+    assert calls == [2] * 5  # 10 tile rows, 9 tiles each
     conv = torch.nn.Conv2d(72, 24, 3, padding=1).requires_grad_(False)
     if make_packable(conv):  # where oneDNN packing is available
         assert conv._tune_key(x).endswith(f" winograd native v{cpu_winograd_native.VERSION}")
         assert "winograd" not in conv._tune_key(x[..., :4, :4])  # too small: no Winograd candidate
     t = torch.empty(8)
-    assert lib.fastsd_winograd_input(5, x.data_ptr(), 1, 1, 1, 1, 1, 1, 1, t.data_ptr(), 1, 0, 1, 0, 1,
-                                     t.data_ptr(), 1) == 1
-    assert lib.fastsd_winograd_input(6, x.data_ptr(), 1, 1, 1, 1, 1, 1, 1, t.data_ptr(), 1, 0, 1, 5, 2,
+    assert lib.fastsd_winograd_input(5, x.data_ptr(), 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1, t.data_ptr(), 1) == 1
+    assert lib.fastsd_winograd_input(6, x.data_ptr(), 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 5, 2,
                                      t.data_ptr(), 1) == 1  # positions 5..6 of 6
     with pytest.raises(RuntimeError, match="no code for"):
         cpu_winograd_native.input_transform(lib, x.permute(0, 2, 3, 1), cpu_winograd.F4, 9, 0, 1, 6, 1, t)

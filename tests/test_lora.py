@@ -11,6 +11,7 @@ import torch
 from oracles import rel_err
 
 from fastsd import CheckpointError, load_pipeline
+from fastsd.backends.cpu_pack import dense_weight
 from fastsd.image import parse_infotext, psnr
 from fastsd.lora import lora_path, list_loras, parse_lora_arg, parse_prompt
 from fastsd.testing import diffusers_pipeline
@@ -278,8 +279,7 @@ def _lycoris(pipe, kind, targets, g, whole_w2=False):
     an einsum), with alpha 2."""
     sd, want = {}, {}
     for model, name in targets:
-        w = getattr(pipe, model).get_submodule(name).weight
-        w = w.to_dense() if w.is_mkldnn else w
+        w = dense_weight(getattr(pipe, model).get_submodule(name))
         out, cin, k = w.shape[0], w.shape[1], tuple(w.shape[2:])
         key = ("lora_unet_" if model == "unet" else "lora_te_") + name.replace(".", "_")
         rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731

@@ -8,13 +8,14 @@
   (cpu_attention_native.py: C++ compiled at first use, ATen's brgemm) where it builds and passes its
   self-test; fp32 on AVX2 (head dims multiples of 8 up to 160): native micro-kernels (cpu_attention_avx2.py);
   else bf16 chunked over queries in torch ops (cpu_attention.py), fp32 SDPA;
-- feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache, GELU * x in place;
+- feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache; h * GELU(gate) as one native pass
+  (cpu_geglu.py) where it builds, else GELU(gate) * h in place;
 - group_norm: GroupNorm + SiLU as one native kernel (cpu_group_norm.py) on channels-last fp32/bf16, where it
   builds; else bf16 without the reference's fp32 activation copies (PyTorch keeps the statistics in fp32).
 
-Each piece that can lose on some CPU (packing, Winograd, native or chunked attention, native GroupNorm, chunked
-feed-forward) is used where `cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing,
-the native attention and GroupNorm where they build, chunking always: the rule measured on AVX-512 and AVX2, see
+Each piece that can lose on some CPU (packing, Winograd, native or chunked attention, native GroupNorm and GEGLU,
+chunked feed-forward) is used where `cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing,
+the native attention, GroupNorm and GEGLU where they build, chunking always: the rule measured on AVX-512 and AVX2, see
 README; Winograd never). With autograd on, the reference ops run (these write into preallocated buffers).
 `unprepare` gives back the plain model, weights bit for bit.
 """
@@ -28,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsd import cpuinfo
-from fastsd.backends import (Backend, Ops, cpu_attention_avx2, cpu_attention_native, cpu_group_norm, cpu_native,
-                             cpu_winograd_native, reference)
+from fastsd.backends import (Backend, Ops, cpu_attention_avx2, cpu_attention_native, cpu_geglu, cpu_group_norm,
+                             cpu_native, cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, large_blocks_in_heap,
                                      make_packable, make_plain, release_freed_memory)
@@ -97,18 +98,27 @@ def _group_norm_torch(x, num_groups, weight, bias, eps, silu):
 
 
 def feed_forward(block, x):
-    if torch.is_grad_enabled() or x.shape[0] * x.shape[1] <= FF_CHUNK_TOKENS:
+    if torch.is_grad_enabled():
         return reference.feed_forward(block, x)
+    if x.shape[0] * x.shape[1] <= FF_CHUNK_TOKENS:
+        return _ff_in_place(block, x)
     key = f"feed-forward {str(x.dtype)[6:]} x{tuple(x.shape)} t{torch.get_num_threads()}"
     candidates = {"chunked": lambda: feed_forward_chunked(block, x), "one pass": lambda: _ff_in_place(block, x)}
     return candidates[tuner().choose(key, candidates, default="chunked")]()
 
 
 def _ff_in_place(block, x, out=None):
-    """x + ff(norm3(x)), the GEGLU's GELU(gate) * x in place (one tokens x 4C buffer fewer)."""
+    """x + ff(norm3(x)), the GEGLU's h * GELU(gate) in one pass (native) or GELU(gate) * h in place."""
     geglu, _, out_proj = block.ff.net
-    h, gate = geglu.proj(block.norm3(x)).chunk(2, dim=-1)
-    return torch.add(x, out_proj(F.gelu(gate).mul_(h)), out=out)
+    return torch.add(x, out_proj(_geglu(geglu.proj(block.norm3(x)))), out=out)
+
+
+def _geglu(p):
+    if cpu_geglu.covers(p) and cpu_geglu.unavailable() is None:
+        key = (f"geglu {str(p.dtype)[6:]} x{tuple(p.shape)} t{torch.get_num_threads()} native v{cpu_geglu.VERSION}")
+        candidates = {"native": lambda: cpu_geglu.geglu_native(p), "torch": lambda: cpu_geglu.geglu_torch(p)}
+        return candidates[tuner().choose(key, candidates, default="native")]()
+    return cpu_geglu.geglu_torch(p)
 
 
 def feed_forward_chunked(block, x, chunk: int | None = None):
@@ -141,6 +151,7 @@ class CPUBackend(Backend):
                 _warn_native(cpu_attention_native.unavailable())
             if dtypes & {torch.float32, torch.bfloat16}:
                 _warn_native(cpu_group_norm.unavailable(), "GroupNorm kernel", "GroupNorm")
+                _warn_native(cpu_geglu.unavailable(), "GEGLU kernel", "GEGLU")
             if torch.float32 in dtypes:
                 _warn_native(cpu_winograd_native.unavailable(), "Winograd transforms", "Winograd convolutions")
                 if cpu_attention_avx2.offered_here() is None:

@@ -14,37 +14,12 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_elem.h"
 #include "cpu_exp2.h"
 
 namespace {
 
 constexpr int64_t ROWS = 64, SUB = 4;  // pixels per work item of the statistics pass, per fp32 partial sum
-
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-  const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);  // nearest even (values here are finite)
-  p[i] = static_cast<uint16_t>(u >> 16);
-}
-
-// e^x, x clamped to +-126 ln 2: 2^floor from the exponent bits times the polynomial for 2^frac, vectorised by
-// the compiler
-inline float exp_clamped(float x) {
-  const float t = std::min(std::max(x * 1.4426950408889634f, -126.f), 126.f);
-  const float ti = std::floor(t);
-  const int32_t bits = (static_cast<int32_t>(ti) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, 4);
-  return fastsd_exp2::fraction(t - ti) * s;
-}
 
 template <typename T>
 void group_norm(const T* x, const float* w, const float* b, T* out, int64_t n, int64_t hw, int64_t c, int64_t g,
@@ -128,7 +103,7 @@ void group_norm(const T* x, const float* w, const float* b, T* out, int64_t n, i
 #pragma omp simd
       for (int64_t ch = 0; ch < c; ++ch) {
         const float y = (load(xr, ch) - mc[ch]) * sc[ch] + sh[ch];
-        store(o, ch, y / (1.f + exp_clamped(-y)));
+        store(o, ch, y / (1.f + fastsd_exp2::exp_clamped(-y)));
       }
     } else {
 #pragma omp simd

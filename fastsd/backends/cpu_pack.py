@@ -90,47 +90,65 @@ def _trial(dtype: torch.dtype) -> None:
 
 class _Packable:
     """Shared state of PackableConv2d / PackableLinear: `weight` is the plain Parameter or, once packed,
-    a buffer holding the mkldnn tensor; `_packed_for` is the input shape it was packed for."""
+    a buffer holding the mkldnn tensor; `_form` is which packed form ("packed", or a 1x1 convolution's
+    "linear") and `_packed_for` the input shape it was packed for."""
 
     _packed_for: tuple | None = None
+    _form: str | None = None
     _decided: dict
 
     def _dense_weight(self) -> torch.Tensor:
         w = self.weight
         return w.to_dense() if w.is_mkldnn else w.detach()
 
-    def _set_weight(self, w: torch.Tensor, packed_for: tuple | None) -> None:
+    def _set_weight(self, w: torch.Tensor, packed_for: tuple | None, form: str | None = None) -> None:
         del self.weight
         if w.is_mkldnn:
             self.register_buffer("weight", w)
         else:
             self.weight = nn.Parameter(w, requires_grad=False)
         self._packed_for = packed_for
+        self._form = form if w.is_mkldnn else None
 
     def unpack(self) -> None:
         if self.weight.is_mkldnn:
             self._set_weight(self._dense_weight(), None)
+
+    def _forms(self, x: torch.Tensor) -> tuple[str, ...]:
+        """The choices at x's shape that run a packed form of the weight (its own mkldnn tensor), the default
+        first."""
+        return ("packed",)
+
+    def _make_form(self, form: str, w: torch.Tensor, shape: tuple) -> torch.Tensor:
+        return self._pack(w, shape)
+
+    def _run_form(self, form: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._run_packed(x, w)
 
     def _more_candidates(self, x: torch.Tensor, dense: torch.Tensor) -> dict:
         """Other ways to run this layer at x's shape, beside packed and plain (none for a linear)."""
         return {}
 
     def _choice(self, key: tuple, x: torch.Tensor, pack_shape: tuple) -> str:
-        """How to run at this key ("packed", "plain" or a _more_candidates name): the tuner's choice (measured
-        on x when unknown), cached per module so later calls at the key cost a dict lookup."""
+        """How to run at this key ("plain", a packed form or a _more_candidates name): the tuner's choice
+        (measured on x when unknown), cached per module so later calls at the key cost a dict lookup."""
         use = self._decided.get(key)
         if use is None:
             dense = self._dense_weight()
-            packed = functools.cache(lambda: self._pack(dense, pack_shape))  # no reorder for a known other choice
-            candidates = {"packed": lambda: self._run_packed(x, packed()), "plain": lambda: self._run_plain(x, dense),
-                          **self._more_candidates(x, dense)}
-            use = cpu_tune.tuner().choose(self._tune_key(x), candidates, default="packed")
+            forms = {f: functools.cache(functools.partial(self._make_form, f, dense, pack_shape))  # made when run
+                     for f in self._forms(x)}
+            candidates = {**{f: (lambda f=f: self._run_form(f, x, forms[f]())) for f in forms},
+                          "plain": lambda: self._run_plain(x, dense), **self._more_candidates(x, dense)}
+            use = cpu_tune.tuner().choose(self._tune_key(x), candidates, default=self._forms(x)[0])
             self._decided[key] = use
-            self._set_weight(packed() if use == "packed" else dense, pack_shape if use == "packed" else None)
-            PACKED[0] += use == "packed"
+            if use in forms:
+                self._set_weight(forms[use](), pack_shape, use)
+            else:
+                self._set_weight(dense, None)
+            PACKED[0] += use in forms
             self._chosen()
-            nbytes = dense.nbytes if use == "packed" else 0
-            del packed, dense
+            nbytes = dense.nbytes if use in forms else 0
+            del forms, candidates, dense
             _replaced_dense(nbytes)
         return use
 
@@ -142,14 +160,14 @@ class _Packable:
             return self._run_plain(x, self._dense_weight())
         key, pack_shape = self._shape_key(x)
         use = self._choice(key, x, pack_shape)
-        if use != "packed":
+        if use not in self._forms(x):
             if self.weight.is_mkldnn:  # still packed for another input shape, where packing won
                 self._set_weight(self._dense_weight(), None)
             return self._run_other(use, x)
-        if self._packed_for != pack_shape:  # packed for another input shape: its layout may not fit this one
-            self._set_weight(self._pack(self._dense_weight(), pack_shape), pack_shape)
+        if self._form != use or self._packed_for != pack_shape:  # another form, or packed for another input
+            self._set_weight(self._make_form(use, self._dense_weight(), pack_shape), pack_shape, use)  # shape
             PACKED[0] += 1
-        return self._run_packed(x, self.weight)
+        return self._run_form(use, x, self.weight)
 
     def _run_other(self, use: str, x: torch.Tensor) -> torch.Tensor:
         return self._run_plain(x, self.weight)
@@ -157,6 +175,35 @@ class _Packable:
 
 class PackableConv2d(_Packable, nn.Conv2d):
     _winograd: dict | None = None  # Winograd variant name -> the weight transformed for it, while a shape uses it
+
+    def _pointwise(self) -> bool:
+        """A 1x1 convolution (stride 1, no padding, dilation or groups): a GEMM over the pixels of channels-last
+        input, which oneDNN's packed linear may run faster than its convolution (the "linear" form)."""
+        return (tuple(self.kernel_size) == (1, 1) and tuple(self.stride) == (1, 1) and tuple(self.padding) == (0, 0)
+                and tuple(self.dilation) == (1, 1) and self.groups == 1)
+
+    def _forms(self, x: torch.Tensor) -> tuple[str, ...]:
+        """fp32 1x1 convolutions: "linear" the default (faster at each of the UNet's 1x1 shapes on AVX2, level on
+        AVX-512: README "The CPU path"); bf16 ones keep "packed" (AMX: the linear up to 1.6x slower)."""
+        if not (self._pointwise() and x.dim() == 4):
+            return ("packed",)
+        return ("linear", "packed") if x.dtype == torch.float32 else ("packed", "linear")
+
+    def _make_form(self, form: str, w: torch.Tensor, shape: tuple) -> torch.Tensor:
+        if form == "linear":
+            return torch.ops.mkldnn._reorder_linear_weight(w.reshape(w.shape[0], -1), LINEAR_EXAMPLE_ROWS)
+        return self._pack(w, shape)
+
+    def _run_form(self, form: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if form != "linear":
+            return self._run_packed(x, w)
+        n, c, h, wd = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1).reshape(-1, c), w, self.bias, "none", [], "")
+        return y.view(n, h, wd, -1).permute(0, 3, 1, 2)  # channels_last
+
+    def _dense_weight(self) -> torch.Tensor:
+        w = super()._dense_weight()
+        return w.view(*w.shape, 1, 1) if w.dim() == 2 else w  # the "linear" form's (K, C) -> (K, C, 1, 1)
 
     def _more_candidates(self, x: torch.Tensor, dense: torch.Tensor) -> dict:
         v = cpu_winograd.variant_for(self, x)
@@ -191,8 +238,10 @@ class PackableConv2d(_Packable, nn.Conv2d):
         """Op, shapes, threads, and for a layer with a Winograd candidate which transforms that runs (choices
         timed against the other are measured again)."""
         winograd = f" winograd {cpu_winograd.implementation()}" if cpu_winograd.variant_for(self, x) else ""
-        return (f"conv2d {str(self.weight.dtype)[6:]} w{tuple(self.weight.shape)} s{self.stride} p{self.padding} "
-                f"d{self.dilation} g{self.groups} x{tuple(x.shape)} t{torch.get_num_threads()}{winograd}")
+        linear = " linear" if "linear" in self._forms(x) else ""
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)  # (the "linear" form: 2-D)
+        return (f"conv2d {str(self.weight.dtype)[6:]} w{shape} s{self.stride} p{self.padding} "
+                f"d{self.dilation} g{self.groups} x{tuple(x.shape)} t{torch.get_num_threads()}{winograd}{linear}")
 
     def _pack(self, w: torch.Tensor, shape: tuple) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_convolution_weight(
@@ -230,7 +279,12 @@ class PackableLinear(_Packable, nn.Linear):
 def _dense_state(module, state_dict, prefix, local_metadata) -> None:
     key = prefix + "weight"
     if key in state_dict and state_dict[key].is_mkldnn:
-        state_dict[key] = state_dict[key].to_dense()
+        state_dict[key] = module._dense_weight()
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A Conv2d / Linear's weight as a dense tensor of its own shape, whether or not this module packed it."""
+    return module._dense_weight() if isinstance(module, _Packable) else module.weight.detach()
 
 
 _PACKABLE = {nn.Conv2d: PackableConv2d, nn.Linear: PackableLinear}
@@ -280,7 +334,7 @@ def make_plain(model: nn.Module, unpack: bool = True, spare: bool = False) -> in
             m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
             if spare and m.__dict__.get("_winograd"):
                 m._winograd_spare = {**m.__dict__.get("_winograd_spare", {}), **m._winograd}
-            for attr in ("_decided", "_packed_for", "_winograd"):
+            for attr in ("_decided", "_packed_for", "_form", "_winograd"):
                 m.__dict__.pop(attr, None)
             for k, hook in list(m._state_dict_hooks.items()):
                 if getattr(hook, "__wrapped__", hook) is _dense_state:

@@ -38,7 +38,10 @@ from fastsd.backends import cpu_winograd_native
 ENV = "FASTSD_CPU_WINOGRAD"
 R = 3  # kernel
 CHUNK_BYTES = 32 << 20  # transformed input tiles per chunk
+SMALL_CHUNK_BYTES = 16 << 20  # transformed tiles and products per chunk, where that leaves MIN_CHUNK_TILES
+MIN_CHUNK_TILES = 512  # output tiles per chunk below which the GEMMs run slower than the cache saves
 MIN_TILES = 64  # output tiles per image: below, a copy of the weight 1.8-4x its size buys little time
+CONTIGUOUS_FROM_K = 1280  # output channels from which the transformed weight is laid out (a*a, C, K)
 F2_MIN_MEMORY = 12 << 30  # RAM below which F(2x2) is not offered unless asked for (SD1.5 fp32: +1.3 GiB peak)
 
 
@@ -54,8 +57,6 @@ class Variant:
     w_t: torch.Tensor  # (a*a, 9): a flattened 3x3 kernel (row-major) -> its transform
     in_t: torch.Tensor  # (a*a, a*a): a flattened a x a input tile -> its transform
     out_t: torch.Tensor  # (m*m, a*a): a transformed product -> the m x m output tile
-    bt: torch.Tensor  # (a, a) B^T and (m, a) A^T themselves, for the separable native transforms
-    at: torch.Tensor
 
     @property
     def a(self) -> int:
@@ -65,8 +66,7 @@ class Variant:
     @classmethod
     def build(cls, name: str, bt, g, at) -> Variant:
         bt, g, at = _f64(bt), _f64(g), _f64(at)
-        return cls(name, at.shape[0], torch.kron(g, g).float(), torch.kron(bt, bt).float(), torch.kron(at, at).float(),
-                   bt.float(), at.float())
+        return cls(name, at.shape[0], torch.kron(g, g).float(), torch.kron(bt, bt).float(), torch.kron(at, at).float())
 
 
 F4 = Variant.build(
@@ -121,15 +121,24 @@ def tile_counts(h: int, w: int, v: Variant) -> tuple[int, int]:
 
 
 def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(K, C, 3, 3) fp32 weight -> (a*a, C, K) G g G^T per (K, C) pair, flattened: a view of a (K, a*a, C)
-    tensor (K GEMMs of (a*a, 9) x (9, C), no copy of the weight when it is channels_last; the batched GEMM
-    takes the transposed operand as it is). `out`, an earlier result of the same shape (a weight this one
-    replaces), is written over: memory already in use, not fresh pages to fault in."""
+    """(K, C, 3, 3) fp32 weight -> (a*a, C, K) G g G^T per (K, C) pair, flattened: K GEMMs of (a*a, 9) x (9, C)
+    into a (K, a*a, C) tensor (no copy of the weight when it is channels_last), returned as a view (the batched
+    GEMM takes the transposed operand as it is) below CONTIGUOUS_FROM_K output channels and as a contiguous copy
+    from there (README "The CPU path": MKL's GEMMs of 64-256 rows run faster on it there, slower below). `out`,
+    an earlier result of the same shape (a weight this one replaces), is written over: memory already in use, not
+    fresh pages to fault in."""
     k, c = w.shape[:2]
+    flat = w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c)
+    shape = (v.a * v.a, c, k)
+    if out is not None and (out.shape != shape or out.dtype != w.dtype):
+        out = None
+    if k >= CONTIGUOUS_FROM_K:
+        u = torch.matmul(v.w_t, flat).permute(1, 2, 0)
+        return u.contiguous() if out is None or not out.is_contiguous() else out.copy_(u)
     base = None if out is None else out.permute(2, 0, 1)  # the (K, a*a, C) tensor `out` is a view of
-    if base is not None and (base.shape != (k, v.a * v.a, c) or base.dtype != w.dtype or not base.is_contiguous()):
+    if base is not None and not base.is_contiguous():
         base = None
-    return torch.matmul(v.w_t, w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c), out=base).permute(1, 2, 0)
+    return torch.matmul(v.w_t, flat, out=base).permute(1, 2, 0)
 
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant) -> torch.Tensor:
@@ -152,9 +161,12 @@ def _balanced(total: int, most: int) -> int:
 
 def conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant,
                    pos_chunk: int | None = None) -> torch.Tensor:
-    """conv3x3 with the native transforms. Tile rows go through in chunks whose products (a*a, tiles, k) take
-    <= CHUNK_BYTES, and within a chunk the transformed tiles by rows of positions (all tiles each: the batched
-    GEMM keeps its row count, and reads each position's weight once) within CHUNK_BYTES too, or `pos_chunk`."""
+    """conv3x3 with the native transforms, by chunks of tile rows: transformed tiles and products of a chunk
+    together within SMALL_CHUNK_BYTES where that still leaves MIN_CHUNK_TILES tiles to a GEMM (few channels at
+    many pixels: a VAE's, TAESD's; the chunk stays in cache between the passes), else each within CHUNK_BYTES;
+    within a chunk the transformed tiles by rows of positions (all tiles each: the batched GEMM keeps its row
+    count, and reads each position's weight once) within CHUNK_BYTES too, or `pos_chunk`. The buffers are
+    allocated once per call."""
     n, c, h, w = x.shape
     k = u.shape[-1]
     a = v.a
@@ -164,18 +176,23 @@ def conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
         xh = xh.contiguous()
     out = torch.empty(n, h, w, k, dtype=x.dtype)
     size = x.element_size()
-    step = _balanced(th, min(CHUNK_BYTES // (a * a * n * tw * k * size), CHUNK_BYTES // (a * n * tw * c * size)))
+    small = SMALL_CHUNK_BYTES // (a * a * n * tw * (c + k) * size)  # tile rows
+    if small * n * tw < MIN_CHUNK_TILES:
+        small = min(CHUNK_BYTES // (a * a * n * tw * k * size), CHUNK_BYTES // (a * n * tw * c * size))
+    step = _balanced(th, small)
+    most = n * min(step, th) * tw  # tiles in the largest chunk
+    pos_step = pos_chunk or _balanced(a, CHUNK_BYTES // (a * most * c * size))
+    prod_buf = torch.empty(a * a * most * k, dtype=x.dtype)
+    t_buf = torch.empty(min(pos_step, a) * a * most * c, dtype=x.dtype)
     for r in range(0, th, step):
         rows = min(step, th - r)
         tiles = n * rows * tw
-        prod = torch.empty(a * a, tiles, k, dtype=x.dtype)
-        pos_step = pos_chunk or _balanced(a, CHUNK_BYTES // (a * tiles * c * size))
+        prod = prod_buf[:a * a * tiles * k].view(a * a, tiles, k)
         for i in range(0, a, pos_step):
             ni = min(pos_step, a - i)
-            t = torch.empty(ni * a, tiles, c, dtype=x.dtype)
+            t = t_buf[:ni * a * tiles * c].view(ni * a, tiles, c)
             cpu_winograd_native.input_transform(lib, xh, v, tw, r, rows, i, ni, t)
             torch.bmm(t, u[i * a:(i + ni) * a], out=prod[i * a:(i + ni) * a])
-            del t
         cpu_winograd_native.output_transform(lib, prod, v, bias, out, tw, r, rows)
     return out.permute(0, 3, 1, 2)
 

@@ -5,12 +5,9 @@
 // t[position][tile][channel], the batched GEMM's operand (the transformed rows i0..i0+ni only: the caller may
 // split the positions to bound t's size). Output: each tile's a x a products P (prod[position][tile][channel])
 // go to A^T P A plus the bias, written into the NHWC output, the border's extra rows and columns dropped. Both
-// separable (two passes of a small matrix) over a block of channels at a time, in L1; the matrices come from
-// Python (the one place they are written down), their zero entries skipped.
+// separable (two passes of a small matrix) over a block of channels at a time, in L1; the matrices written out
+// below (`Transforms`), checked against the Python ones by the self-test.
 #include <omp.h>
-#ifdef __AVX__
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -20,89 +17,106 @@ namespace {
 
 constexpr int64_t CB = 64;  // channels per block: a tile's block (a*a*CB floats, twice) stays in L1
 
-// dst[i][j] = sum_k mat[(r0 + i) * K + k] * src[k][j] for i < rows, j < COLS: a pass along the first index
-// (rows r0.. of `mat`); each entry a block of cb channels
-template <int K, int COLS>
-inline void first_pass(const float* mat, int r0, int rows, const float* src, float* dst, int64_t cb) {
-  for (int i = 0; i < rows; ++i) {
-    for (int j = 0; j < COLS; ++j) {
-      float* d = dst + (i * COLS + j) * CB;
-      std::fill(d, d + cb, 0.0f);
-      for (int k = 0; k < K; ++k) {
-        const float b = mat[(r0 + i) * K + k];
-        if (b == 0.0f) continue;
-        const float* s = src + (k * COLS + j) * CB;
-#pragma omp simd
-        for (int64_t c = 0; c < cb; ++c) d[c] += b * s[c];
-      }
-    }
-  }
+inline float fmadd(float a, float b, float c) {  // a * b + c, one rounding where the CPU has FMA
+#ifdef __FMA__
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
 }
 
-// dst[i][j] = sum_k mat[j * K + k] * src[i][k] for i < rows, j < COLS: the pass along the second index
-template <int K, int COLS>
-inline void second_pass(const float* mat, int rows, const float* src, float* dst, int64_t cb) {
-  for (int i = 0; i < rows; ++i) {
-    for (int j = 0; j < COLS; ++j) {
-      float* d = dst + (i * COLS + j) * CB;
-      std::fill(d, d + cb, 0.0f);
-      for (int k = 0; k < K; ++k) {
-        const float b = mat[j * K + k];
-        if (b == 0.0f) continue;
-        const float* s = src + (i * K + k) * CB;
+// The transforms along one index: n values s[0], s[ss], .. -> d[0], d[ds], .., each a block of cb channels.
+// The matrices of cpu_winograd.py (F4 = "winograd", F2 = "winograd2") written out, their zeros and common terms
+// skipped; the self-test holds them to the torch-ops transforms, which use those matrices.
+template <int A>
+struct Transforms;
+
+template <>
+struct Transforms<6> {  // B^T (6x6) and A^T (4x6) of F(4x4, 3x3)
+  static void input(const float* s, int64_t ss, float* d, int64_t ds, int64_t cb) {
 #pragma omp simd
-        for (int64_t c = 0; c < cb; ++c) d[c] += b * s[c];
-      }
+    for (int64_t c = 0; c < cb; ++c) {
+      const float d0 = s[c], d1 = s[ss + c], d2 = s[2 * ss + c], d3 = s[3 * ss + c], d4 = s[4 * ss + c],
+                  d5 = s[5 * ss + c];
+      const float t1 = fmadd(-4.0f, d2, d4), t2 = fmadd(-4.0f, d1, d3);  // d4 - 4 d2, d3 - 4 d1
+      const float t3 = d4 - d2, t4 = 2.0f * (d3 - d1);
+      d[c] = fmadd(-5.0f, d2, fmadd(4.0f, d0, d4));  // 4 d0 - 5 d2 + d4
+      d[ds + c] = t1 + t2;
+      d[2 * ds + c] = t1 - t2;
+      d[3 * ds + c] = t3 + t4;
+      d[4 * ds + c] = t3 - t4;
+      d[5 * ds + c] = fmadd(-5.0f, d3, fmadd(4.0f, d1, d5));  // 4 d1 - 5 d3 + d5
     }
   }
-}
+  static void output(const float* s, int64_t ss, float* d, int64_t ds, int64_t cb) {
+#pragma omp simd
+    for (int64_t c = 0; c < cb; ++c) {
+      const float p0 = s[c], p1 = s[ss + c], p2 = s[2 * ss + c], p3 = s[3 * ss + c], p4 = s[4 * ss + c],
+                  p5 = s[5 * ss + c];
+      const float s1 = p1 + p2, d1 = p1 - p2, s2 = p3 + p4, d2 = p3 - p4;
+      d[c] = p0 + s1 + s2;
+      d[ds + c] = fmadd(2.0f, d2, d1);
+      d[2 * ds + c] = fmadd(4.0f, s2, s1);
+      d[3 * ds + c] = fmadd(8.0f, d2, d1 + p5);
+    }
+  }
+};
+
+template <>
+struct Transforms<4> {  // B^T (4x4) and A^T (2x4) of F(2x2, 3x3)
+  static void input(const float* s, int64_t ss, float* d, int64_t ds, int64_t cb) {
+#pragma omp simd
+    for (int64_t c = 0; c < cb; ++c) {
+      const float d0 = s[c], d1 = s[ss + c], d2 = s[2 * ss + c], d3 = s[3 * ss + c];
+      d[c] = d0 - d2;
+      d[ds + c] = d1 + d2;
+      d[2 * ds + c] = d2 - d1;
+      d[3 * ds + c] = d1 - d3;
+    }
+  }
+  static void output(const float* s, int64_t ss, float* d, int64_t ds, int64_t cb) {
+#pragma omp simd
+    for (int64_t c = 0; c < cb; ++c) {
+      const float p0 = s[c], p1 = s[ss + c], p2 = s[2 * ss + c], p3 = s[3 * ss + c];
+      d[c] = p0 + p1 + p2;
+      d[ds + c] = p1 - p2 - p3;
+    }
+  }
+};
 
 // x: (n, h, w, c) with strides sn, sh, sw (channel stride 1); the tiles of tile rows row0..row0+rows, all tw columns
 template <int A>
 void input(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t sn, int64_t sh, int64_t sw,
-           const float* bt, int64_t tw, int64_t row0, int64_t rows, int i0, int ni, float* t, int threads) {
+           int64_t tw, int64_t row0, int64_t rows, int i0, int ni, float* t, int threads) {
   constexpr int M = A - 2;
   const int64_t tiles = n * rows * tw, blocks = (c + CB - 1) / CB;
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < tiles * blocks; ++item) {
-      alignas(64) float d[A * A * CB], u[A * A * CB];
-      const int64_t tile = item / blocks, c0 = (item % blocks) * CB, cb = std::min(CB, c - c0);
-      const int64_t img = tile / (rows * tw), ty = row0 + (tile / tw) % rows, tx = tile % tw;
-      for (int i = 0; i < A; ++i) {
-        const int64_t y = ty * M - 1 + i;
-        for (int j = 0; j < A; ++j) {
-          const int64_t xx = tx * M - 1 + j;
-          float* dst = d + (i * A + j) * CB;
-          if (y < 0 || y >= h || xx < 0 || xx >= w) {
-            std::fill(dst, dst + cb, 0.0f);
-          } else {
-            std::memcpy(dst, x + img * sn + y * sh + xx * sw + c0, cb * sizeof(float));
-          }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t item = 0; item < tiles * blocks; ++item) {
+    alignas(64) float d[A * A * CB], u[A * A * CB];
+    const int64_t tile = item / blocks, c0 = (item % blocks) * CB, cb = std::min(CB, c - c0);
+    const int64_t img = tile / (rows * tw), ty = row0 + (tile / tw) % rows, tx = tile % tw;
+    for (int i = 0; i < A; ++i) {
+      const int64_t y = ty * M - 1 + i;
+      for (int j = 0; j < A; ++j) {
+        const int64_t xx = tx * M - 1 + j;
+        float* dst = d + (i * A + j) * CB;
+        if (y < 0 || y >= h || xx < 0 || xx >= w) {
+          std::fill(dst, dst + cb, 0.0f);
+        } else {
+          std::memcpy(dst, x + img * sn + y * sh + xx * sw + c0, cb * sizeof(float));
         }
       }
-      first_pass<A, A>(bt, i0, ni, d, u, cb);  // B^T d, rows i0..
-      second_pass<A, A>(bt, ni, u, d, cb);     // (B^T d) B
-      float* dst = t + tile * c + c0;
-#ifdef __AVX__
-      if (cb == CB && (reinterpret_cast<uintptr_t>(dst) & 31) == 0 && (tiles * c) % 8 == 0) {
-        for (int p = 0; p < ni * A; ++p)  // past the cache: only the GEMM reads t, after all of it is written
-          for (int64_t q = 0; q < CB; q += 8) _mm256_stream_ps(dst + p * tiles * c + q, _mm256_load_ps(d + p * CB + q));
-        continue;
-      }
-#endif
-      for (int p = 0; p < ni * A; ++p) std::memcpy(dst + p * tiles * c, d + p * CB, cb * sizeof(float));
     }
-#ifdef __AVX__
-    _mm_sfence();  // this thread's streamed stores done before another thread's GEMM reads them
-#endif
+    for (int j = 0; j < A; ++j) Transforms<A>::input(d + j * CB, A * CB, u + j * CB, A * CB, cb);  // B^T d
+    float* dst = t + tile * c + c0;
+    for (int i = 0; i < ni; ++i)  // (B^T d) B, its rows i0..i0+ni, into t
+      Transforms<A>::input(u + (i0 + i) * A * CB, CB, dst + i * A * tiles * c, tiles * c, cb);
   }
 }
 
 // prod: (a*a, tiles, k); out: (n, h, w, k) contiguous; bias: k floats or null
 template <int A>
-void output(const float* prod, int64_t k, const float* at, const float* bias, float* out, int64_t n, int64_t h,
+void output(const float* prod, int64_t k, const float* bias, float* out, int64_t n, int64_t h,
             int64_t w, int64_t tw, int64_t row0, int64_t rows, int threads) {
   constexpr int M = A - 2;
   const int64_t tiles = n * rows * tw, blocks = (k + CB - 1) / CB;
@@ -112,8 +126,8 @@ void output(const float* prod, int64_t k, const float* at, const float* bias, fl
     const int64_t tile = item / blocks, k0 = (item % blocks) * CB, kb = std::min(CB, k - k0);
     const int64_t img = tile / (rows * tw), ty = row0 + (tile / tw) % rows, tx = tile % tw;
     for (int q = 0; q < A * A; ++q) std::memcpy(p + q * CB, prod + (q * tiles + tile) * k + k0, kb * sizeof(float));
-    first_pass<A, A>(at, 0, M, p, u, kb);  // A^T P
-    second_pass<A, M>(at, M, u, y, kb);    // (A^T P) A
+    for (int j = 0; j < A; ++j) Transforms<A>::output(p + j * CB, A * CB, u + j * CB, A * CB, kb);  // A^T P
+    for (int i = 0; i < M; ++i) Transforms<A>::output(u + i * A * CB, CB, y + i * M * CB, CB, kb);  // (A^T P) A
     for (int i = 0; i < M && ty * M + i < h; ++i) {
       for (int j = 0; j < M && tx * M + j < w; ++j) {
         float* dst = out + ((img * h + ty * M + i) * w + tx * M + j) * k + k0;
@@ -135,19 +149,19 @@ extern "C" {
 
 // 0 on success, 1 for a tile size this library has no code for
 int fastsd_winograd_input(int a, const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t sn, int64_t sh,
-                          int64_t sw, const float* bt, int64_t tw, int64_t row0, int64_t rows, int64_t i0, int64_t ni,
+                          int64_t sw, int64_t tw, int64_t row0, int64_t rows, int64_t i0, int64_t ni,
                           float* t, int threads) {
   if (i0 < 0 || ni < 1 || i0 + ni > a) return 1;
-  if (a == 6) input<6>(x, n, h, w, c, sn, sh, sw, bt, tw, row0, rows, i0, ni, t, threads);
-  else if (a == 4) input<4>(x, n, h, w, c, sn, sh, sw, bt, tw, row0, rows, i0, ni, t, threads);
+  if (a == 6) input<6>(x, n, h, w, c, sn, sh, sw, tw, row0, rows, i0, ni, t, threads);
+  else if (a == 4) input<4>(x, n, h, w, c, sn, sh, sw, tw, row0, rows, i0, ni, t, threads);
   else return 1;
   return 0;
 }
 
-int fastsd_winograd_output(int a, const float* prod, int64_t k, const float* at, const float* bias, float* out,
+int fastsd_winograd_output(int a, const float* prod, int64_t k, const float* bias, float* out,
                            int64_t n, int64_t h, int64_t w, int64_t tw, int64_t row0, int64_t rows, int threads) {
-  if (a == 6) output<6>(prod, k, at, bias, out, n, h, w, tw, row0, rows, threads);
-  else if (a == 4) output<4>(prod, k, at, bias, out, n, h, w, tw, row0, rows, threads);
+  if (a == 6) output<6>(prod, k, bias, out, n, h, w, tw, row0, rows, threads);
+  else if (a == 4) output<4>(prod, k, bias, out, n, h, w, tw, row0, rows, threads);
   else return 1;
   return 0;
 }

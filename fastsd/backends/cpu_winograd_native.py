@@ -1,7 +1,7 @@
 """Winograd's input and output transforms (cpu_winograd.py) as native code (cpu_winograd_native.cpp): one pass each
 over the data, separable, a block of channels at a time, instead of PyTorch's pad + gather copy + kron GEMM
-(input) and kron GEMM + bias add + crop copy (output); the transformed tiles are streamed past the cache (the
-batched GEMM reads them after all are written). Plain C++ and OpenMP, compiled for the vector ISA ATen runs
+(input) and kron GEMM + bias add + crop copy (output); the matrices written out with their common terms, not
+multiplied entry by entry. Plain C++ and OpenMP, compiled for the vector ISA ATen runs
 (cpu_native.py), used where it builds and its self-test matches the torch-ops transforms; else `unavailable()`
 says why and cpu_winograd keeps those. `FASTSD_CPU_NATIVE=0` never builds or uses it.
 """
@@ -16,10 +16,10 @@ import torch
 from fastsd.backends import cpu_native
 
 SOURCE = Path(__file__).with_suffix(".cpp")
-VERSION = 1  # part of the tuner's key for convolutions with a Winograd candidate
+VERSION = 2  # part of the tuner's key for convolutions with a Winograd candidate
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-_INPUT_ARGS = [_INT, _PTR] + [_I64] * 7 + [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _INT]
-_OUTPUT_ARGS = [_INT, _PTR, _I64, _PTR, _PTR, _PTR] + [_I64] * 6 + [_INT]
+_INPUT_ARGS = [_INT, _PTR] + [_I64] * 12 + [_PTR, _INT]
+_OUTPUT_ARGS = [_INT, _PTR, _I64, _PTR, _PTR] + [_I64] * 6 + [_INT]
 
 
 def build(cxx: str | None = None, folder: Path | None = None) -> Path:
@@ -53,7 +53,7 @@ def input_transform(lib, xh: torch.Tensor, v, tw: int, row0: int, rows: int, pos
     tile rows row0..row0+rows (all tw columns, every image), for the transformed rows i in pos0..pos0+pos_rows.
     xh: NHWC fp32, channel stride 1; t: contiguous (pos_rows * a, n * rows * tw, c)."""
     n, h, w, c = xh.shape
-    _check(lib.fastsd_winograd_input(v.a, xh.data_ptr(), n, h, w, c, *xh.stride()[:3], v.bt.data_ptr(), tw, row0,
+    _check(lib.fastsd_winograd_input(v.a, xh.data_ptr(), n, h, w, c, *xh.stride()[:3], tw, row0,
                                      rows, pos0, pos_rows, t.data_ptr(), torch.get_num_threads()))
 
 
@@ -62,7 +62,7 @@ def output_transform(lib, prod: torch.Tensor, v, bias: torch.Tensor | None, out:
     """out[img, y, x, :] (+ bias) for the output pixels of tile rows row0..row0+rows from prod (a*a, tiles, k):
     A^T P A per tile, the pixels beyond out's border dropped. out: contiguous NHWC fp32."""
     n, h, w, k = out.shape
-    _check(lib.fastsd_winograd_output(v.a, prod.data_ptr(), k, v.at.data_ptr(),
+    _check(lib.fastsd_winograd_output(v.a, prod.data_ptr(), k,
                                       None if bias is None else bias.data_ptr(), out.data_ptr(), n, h, w, tw, row0,
                                       rows, torch.get_num_threads()))
 
