@@ -8,7 +8,9 @@ call by a slow generic reorder (a UNet step 5x slower than the plain path). So c
 for the exact input shape they are called with, lazily, and repacked when it changes (a UNet or VAE
 sees one shape per layer at a given resolution); linears pack once (their layout does not depend on the
 row count). Whether a layer packs at all is `cpu_tune.choose`'s measured choice per op and shape; an fp32
-3x3 convolution also has Winograd (cpu_winograd.py) among its choices, and then keeps its dense weight.
+3x3 convolution also has Winograd (cpu_winograd.py) among its choices, and then keeps its dense weight; a 1x1
+convolution may pack its weight as a linear's instead and run oneDNN's packed linear over the channels-last
+pixels (the "linear" form, fp32's default).
 
 `make_packable(model)` swaps each frozen CPU Conv2d / Linear's class in place (names and keys unchanged);
 `state_dict()` always gives the plain weight. The private oneDNN ops used here are checked once
