@@ -41,6 +41,7 @@ _PRIVATE_OPS = ("_convolution_pointwise", "_linear_pointwise", "_reorder_convolu
 
 
 _NO_CPU_SUPPORT = "oneDNN has no "
+FORMS = ("packed", "linear")  # choices that run a packed (mkldnn) form of the weight: _Packable._forms
 
 
 def onednn_bf16_supported() -> bool:
@@ -162,7 +163,7 @@ class _Packable:
             return self._run_plain(x, self._dense_weight())
         key, pack_shape = self._shape_key(x)
         use = self._choice(key, x, pack_shape)
-        if use not in self._forms(x):
+        if use not in FORMS:  # (names no other candidate takes: no need to work out this layer's forms per call)
             if self.weight.is_mkldnn:  # still packed for another input shape, where packing won
                 self._set_weight(self._dense_weight(), None)
             return self._run_other(use, x)
