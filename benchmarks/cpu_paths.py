@@ -17,6 +17,7 @@ inputs for bf16 attention (as tests/kernels), of the fp32 inputs and weights for
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -123,9 +124,10 @@ def rows(repeat: int, all_dtypes: bool = False):
                     if lib is None:
                         yield "conv", shape, NAMES[dtype], f"{name} native", None, cpu_winograd_native.unavailable()
                     else:
-                        fn = lambda: cpu_winograd.conv3x3_native(lib, xd, u, conv.bias, v)  # noqa: E731
+                        fn = lambda: cpu_winograd.in_fp32(functools.partial(cpu_winograd.conv3x3_native, lib),  # noqa: E731
+                                                          xd, u, conv.bias, v)
                         yield "conv", shape, NAMES[dtype], f"{name} native", _ms(fn, repeat), _rel(fn(), ref)
-                    fn = lambda: cpu_winograd.conv3x3_torch(xd, u, conv.bias, v)  # noqa: E731
+                    fn = lambda: cpu_winograd.in_fp32(cpu_winograd.conv3x3_torch, xd, u, conv.bias, v)  # noqa: E731
                     yield "conv", shape, NAMES[dtype], f"{name} torch ops", _ms(fn, repeat), _rel(fn(), ref)
     for m, kdim, n in LINEAR:
         for dtype in dtypes:

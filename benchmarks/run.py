@@ -25,12 +25,15 @@ import subprocess
 import sys
 import time
 
+from fastsd import cpuinfo
+
 from . import common
 from .suites import OPS
 from .worker import ROW_PREFIX
 
 SUITES = ("unet", "pipeline", "vae", "clip", "kernels")
 COMPARE = {"diffusers": "diffusers", "openvino": "openvino-diffusers"}  # --compare name -> impl
+ISA_ENVS = {"avx2": cpuinfo.AVX2_ENV, "avx512-bf16": cpuinfo.NO_AMX_ENV}  # --isa name -> the workers' environment
 GIB = 2 ** 30
 
 
@@ -67,9 +70,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-memory-runs", action="store_true",
                    help="with --compare: skip the per-implementation memory processes")
     r.add_argument("--timeout", type=float, default=None, help="seconds per worker process (default none)")
-    r.add_argument("--isa", default="native", choices=["native", "avx2"],
+    r.add_argument("--isa", default="native", choices=["native", *ISA_ENVS],
                    help="avx2: run the workers restricted to AVX2 (oneDNN, ATen and MKL), as on a CPU without "
-                   "AVX-512 (default native)")
+                   "AVX-512; avx512-bf16: oneDNN held below AMX on a CPU that has it, as on one with AVX512-BF16 "
+                   "and no AMX (default native)")
     t = sub.add_parser("table", help="print the markdown table of a results file")
     t.add_argument("jsonl")
     t.add_argument("--plot", default=None)
@@ -122,6 +126,8 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"error: --compare openvino: {openvino_skip_reason(a)}")
     if any(r % 8 or r < 8 for r in a.res):
         raise SystemExit("error: --res values must be positive multiples of 8")
+    if a.isa == "avx512-bf16" and "amx_bf16" not in cpuinfo.cpu_flags():
+        raise SystemExit("error: --isa avx512-bf16 hides AMX from a CPU that has it; this one has none (run --isa native)")
     return a
 
 
@@ -191,10 +197,7 @@ def plan(a) -> list[dict]:
 def run_worker(spec: dict, timeout: float | None = None) -> tuple[list[dict], str | None]:
     env = dict(os.environ)  # the worker takes the checkout (its cwd) off sys.path itself
     env.setdefault("TQDM_DISABLE", "1")
-    if spec.get("isa") == "avx2":
-        from fastsd.cpuinfo import AVX2_ENV
-
-        env.update(AVX2_ENV)
+    env.update(ISA_ENVS.get(spec.get("isa"), {}))
     try:
         p = subprocess.run([sys.executable, "-m", "fastsd.benchmarks.worker", json.dumps(spec)], cwd=common.REPO, env=env,
                            capture_output=True, text=True, timeout=timeout)

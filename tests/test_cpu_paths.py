@@ -2,6 +2,7 @@
 choices) against the plain-torch reference that --backend torch runs. The whole file runs again
 in subprocesses restricted to AVX2 and to AVX-512 without BF16 (test_cpu_paths_restricted), whatever this
 machine's ISA."""
+import copy
 import os
 import subprocess
 import sys
@@ -648,6 +649,26 @@ def test_winograd_conv3x3_matches_the_convolution(case, v, impl):
     assert _rel(y, ref) < (5e-6 if v is cpu_winograd.F4 else 1e-6), (_rel(y, ref), direct)
 
 
+@pytest.mark.parametrize("impl", [pytest.param(name, marks=needs_winograd_native if name != "torch" else ())
+                                  for name in ("torch", "native")])
+@pytest.mark.parametrize("v", [cpu_winograd.F4, cpu_winograd.F2], ids=lambda v: f"F{v.m}")
+@pytest.mark.parametrize("case", WINOGRAD_CASES[2:], ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1]}")
+def test_winograd_of_a_bf16_layer_keeps_torch_bf16_error(case, v, impl):
+    """A bf16 layer's Winograd runs in fp32 and rounds once: against an fp64 convolution of the fp32 data its error
+    is torch's own bf16 convolution's (within 2x: the kernels' rule; it measures ~1x, where bf16 operands in the
+    GEMMs would give 1.6x for F(2x2) and 8x for F(4x4)), the result bf16 and channels_last."""
+    x, w, b, _ = _winograd_case(case, v)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16()
+    torch_err = _rel(torch.nn.functional.conv2d(xb, wb, bb, padding=1), ref)
+    y = cpu_winograd.in_fp32(WINOGRAD_IMPLEMENTATIONS[impl], xb, cpu_winograd.weight_transform(wb, v), bb, v)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(y, ref) <= 2 * torch_err, (_rel(y, ref), torch_err)
+    if impl == "native":
+        with pytest.raises(ValueError, match="fp32"):  # the native transforms never read bf16 memory as fp32
+            cpu_winograd.conv3x3_native(cpu_winograd_native.library(), xb, cpu_winograd.weight_transform(wb, v), bb, v)
+
+
 @pytest.mark.parametrize("from_k", [16, 10_000], ids=["contiguous", "view"])
 def test_winograd_weight_layout_by_output_channels(monkeypatch, from_k):
     """From CONTIGUOUS_FROM_K output channels the transformed weight is a contiguous (a*a, C, K) tensor, below it a
@@ -716,14 +737,20 @@ def test_winograd_without_native_transforms_runs_the_torch_ops():
 
 def test_winograd_applies_only_where_it_can(monkeypatch):
     """F(4x4) from 8x8 of its tiles (29-32 px) up, F(2x2) below that from 8x8 of its tiles (15-16 px) up, neither
-    for other convolutions or dtypes; FASTSD_CPU_WINOGRAD=all offers both, =4x4 F(4x4) only, =0 neither."""
+    for other convolutions or dtypes; bf16 only without AMX; FASTSD_CPU_WINOGRAD=all offers both, =4x4 F(4x4) only,
+    =0 neither."""
     conv = lambda **kw: torch.nn.Conv2d(8, 8, kw.pop("k", 3), **{"padding": 1, **kw})  # noqa: E731
     x = lambda side, dtype=torch.float32: torch.zeros(1, 8, side, side, dtype=dtype)  # noqa: E731
     monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "all")  # F(2x2) whatever this machine's RAM
     variant = lambda side, **kw: cpu_winograd.variant_for(conv(**kw), x(side))  # noqa: E731
     assert variant(64) is variant(32) is variant(29) is cpu_winograd.F4
     assert variant(28) is variant(16) is variant(15) is cpu_winograd.F2 and variant(14) is None
-    assert cpu_winograd.variant_for(conv(), x(32, torch.bfloat16)) is None
+    monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="": False)
+    assert cpu_winograd.variant_for(conv(), x(32, torch.bfloat16)) is cpu_winograd.F4
+    assert cpu_winograd.variant_for(conv(), x(16, torch.bfloat16)) is cpu_winograd.F2
+    assert cpu_winograd.variant_for(conv(), x(32, torch.float16)) is None
+    monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="": True)  # AMX's bf16 convolution is the faster
+    assert cpu_winograd.variant_for(conv(), x(32, torch.bfloat16)) is None and variant(32) is cpu_winograd.F4
     for other in (dict(stride=2), dict(k=1, padding=0), dict(groups=2), dict(dilation=2, padding=2), dict(padding=0)):
         assert variant(32, **other) is None and variant(16, **other) is None, other
     monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "4x4")  # F(2x2)'s memory-for-time trade turned off
@@ -798,6 +825,32 @@ def test_layer_that_chose_winograd(winograd_chosen):
     make_packable(conv)
     with torch.no_grad():
         assert _rel(conv(x) - conv.bias.view(1, -1, 1, 1), 2 * (y - conv.bias.view(1, -1, 1, 1))) < 5e-6
+
+
+def test_bf16_layer_that_chose_winograd(winograd_chosen, monkeypatch):
+    """Without AMX a bf16 3x3 convolution is offered Winograd (in fp32): chosen, its result is within twice the
+    error of the plain bf16 layer, bf16, and its bf16 weight stays as it was (state_dict bit for bit); with AMX it is
+    not offered and the layer packs."""
+    if cpu_pack.packing_unavailable(torch.bfloat16):
+        pytest.skip(cpu_pack.packing_unavailable(torch.bfloat16))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False)
+    ref_conv = torch.nn.Conv2d(16, 24, 3, padding=1).requires_grad_(False).double()
+    ref_conv.load_state_dict(conv.state_dict())
+    conv = conv.bfloat16()
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    x = torch.randn(2, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = ref_conv(x.double())
+        plain_err = _rel(conv(x.bfloat16()), ref)
+        for amx in (False, True):
+            monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="", amx=amx: amx)
+            layer = copy.deepcopy(conv)
+            make_packable(layer)
+            y = layer(x.bfloat16())
+            assert y.dtype == torch.bfloat16 and _rel(y, ref) <= 2 * plain_err, (amx, _rel(y, ref), plain_err)
+            assert (layer._winograd is None) == amx and layer.weight.is_mkldnn == amx
+            assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
 
 
 def test_replaced_weight_reuses_the_winograd_memory(winograd_chosen):
@@ -1126,30 +1179,33 @@ def test_cli_bf16_without_native_support_gives_an_image_and_one_warning_line(tmp
     assert "Traceback" not in r.stderr
 
 
-RESTRICTIONS = {"avx2": (cpuinfo.AVX2_ENV, "AVX2"),
+RESTRICTIONS = {"avx2": (cpuinfo.AVX2_ENV, "AVX2", False, "avx2"),
                 # AVX-512 without BF16 (Skylake to Ice Lake): fp32 the default, the fp32 native attention
-                "avx512-no-bf16": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "AVX512")}
+                "avx512-no-bf16": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "AVX512", False, "avx512f"),
+                # AVX512-BF16 without AMX (Zen 4/5, Cooper Lake) on a CPU with AMX: bf16 the default, Winograd
+                # offered to bf16 convolutions
+                "avx512-bf16-no-amx": (cpuinfo.NO_AMX_ENV, "AVX512", True, "amx_bf16")}
 
 
 @pytest.mark.skipif(bool(os.environ.get("ONEDNN_MAX_CPU_ISA")), reason="already restricted")
 @pytest.mark.parametrize("isa", list(RESTRICTIONS))
 def test_cpu_paths_restricted(isa):
     """This file again in a process restricted to AVX2 (oneDNN, ATen, MKL): the kernels and weight layouts
-    of a CPU without AVX-512, on any machine; and restricted to AVX-512 without BF16 where the machine has
-    AVX-512. (torch's bf16 packing check still reads the hardware's flags; the no-native-bf16 case is faked
-    above.)"""
-    env_add, capability = RESTRICTIONS[isa]
-    if capability == "AVX512" and "avx512f" not in cpuinfo.cpu_flags():
-        pytest.skip("no AVX-512 on this machine")
+    of a CPU without AVX-512, on any machine; restricted to AVX-512 without BF16 where the machine has AVX-512;
+    and with oneDNN held below AMX where the machine has AMX. (torch's bf16 packing check still reads the
+    hardware's flags; the no-native-bf16 case is faked above.)"""
+    env_add, capability, bf16, needs = RESTRICTIONS[isa]
+    if needs not in cpuinfo.cpu_flags():
+        pytest.skip(f"no {needs} on this machine")
     env = {**os.environ, **env_add}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
                         "-k", "not test_cpu_paths_restricted"], capture_output=True, text=True, cwd=REPO, env=env,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     check = subprocess.run([sys.executable, "-c", "import torch; from fastsd import cpuinfo; "
-                            "print(torch.backends.cpu.get_cpu_capability(), cpuinfo.native_bf16())"],
+                            "print(torch.backends.cpu.get_cpu_capability(), cpuinfo.native_bf16(), cpuinfo.amx())"],
                            capture_output=True, text=True, env=env, timeout=120)
-    assert check.stdout.split() == [capability, "False"], check.stdout + check.stderr
+    assert check.stdout.split() == [capability, str(bf16), "False"], check.stdout + check.stderr
 
 
 def test_feed_forward_chunks_match_one_pass(monkeypatch):

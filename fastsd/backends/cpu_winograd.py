@@ -12,7 +12,14 @@ GEMM against the weight transformed once, `weight_transform`), and transformed b
 each of native code (cpu_winograd_native.py) where it builds, else in torch ops, one small GEMM each by
 kron(B^T, B^T) and kron(A^T, A^T). All in fp32: F(4x4)'s transforms grow values up to ~100x (the points
 +-2 give factors 4, 5 and 8), so its error is a few times a direct convolution's; F(2x2)'s (factors 1 and 1/2)
-is below it (tests/test_cpu_paths.py bounds both). Not used for bf16.
+is below it (tests/test_cpu_paths.py bounds both).
+
+bf16 layers are offered it too on CPUs without AMX, computed the same way in fp32 from the bf16 input and rounded
+to bf16 once at the end (so with the error of oneDNN's bf16 convolution, which also sums in fp32): there a bf16
+GEMM runs at most about twice fp32's rate (AVX512-BF16's dot products), so a half to a quarter of the
+multiplications in fp32 can win; the tuner measures it per layer. bf16 operands in the GEMMs (transformed tiles
+and weights rounded) would add error beyond torch's own. With AMX the bf16 convolution is the faster (README
+"The CPU path" has both measurements).
 
 It trades memory for time: the transformed weight is (m+2)^2/9 the weight's size (4x for F(4x4), 1.8x for
 F(2x2)), kept beside the weight (which stays for LoRA merges and state_dict) by a layer that `cpu_tune`
@@ -23,6 +30,7 @@ memory each setting took); FASTSD_CPU_WINOGRAD=all offers both anyway, =4x4 only
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -85,17 +93,18 @@ VARIANTS = {v.name: v for v in (F4, F2)}
 
 
 def variant_for(conv: nn.Conv2d, x: torch.Tensor) -> Variant | None:
-    """The Winograd variant to try for `conv` on `x`, if any: a case this covers (fp32, 3x3, stride 1,
-    padding 1, no dilation or groups) with at least MIN_TILES output tiles per image, F(4x4) where it has
-    them, else F(2x2); among the variants FASTSD_CPU_WINOGRAD allows (`offered`)."""
-    if not covers(conv, x):
+    """The Winograd variant to try for `conv` on `x`, if any: a case this covers (fp32, or bf16 where oneDNN
+    has no AMX; 3x3, stride 1, padding 1, no dilation or groups) with at least MIN_TILES output tiles per image,
+    F(4x4) where it has them, else F(2x2); among the variants FASTSD_CPU_WINOGRAD allows (`offered`)."""
+    if not covers(conv, x) or (x.dtype == torch.bfloat16 and cpuinfo.amx()):
         return None
     return next((v for v in offered() if enough_tiles(x, v)), None)
 
 
 def covers(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv` on `x` is a convolution this computes: fp32, 3x3, stride 1, padding 1, no dilation or groups."""
-    return (x.dtype == torch.float32 and x.dim() == 4
+    """Whether `conv` on `x` is a convolution this computes: fp32 or bf16, 3x3, stride 1, padding 1, no dilation or
+    groups."""
+    return (x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
             and tuple(conv.kernel_size) == (R, R) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
             and tuple(conv.dilation) == (1, 1) and conv.groups == 1)
 
@@ -121,16 +130,16 @@ def tile_counts(h: int, w: int, v: Variant) -> tuple[int, int]:
 
 
 def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(K, C, 3, 3) fp32 weight -> (a*a, C, K) G g G^T per (K, C) pair, flattened: K GEMMs of (a*a, 9) x (9, C)
+    """(K, C, 3, 3) weight -> (a*a, C, K) fp32 G g G^T per (K, C) pair, flattened: K GEMMs of (a*a, 9) x (9, C)
     into a (K, a*a, C) tensor (no copy of the weight when it is channels_last), returned as a view (the batched
     GEMM takes the transposed operand as it is) below CONTIGUOUS_FROM_K output channels and as a contiguous copy
     from there (README "The CPU path": MKL's GEMMs of 64-256 rows run faster on it there, slower below). `out`,
     an earlier result of the same shape (a weight this one replaces), is written over: memory already in use, not
     fresh pages to fault in."""
     k, c = w.shape[:2]
-    flat = w.detach().permute(0, 2, 3, 1).reshape(k, R * R, c)
+    flat = w.detach().float().permute(0, 2, 3, 1).reshape(k, R * R, c)
     shape = (v.a * v.a, c, k)
-    if out is not None and (out.shape != shape or out.dtype != w.dtype):
+    if out is not None and (out.shape != shape or out.dtype != torch.float32):
         out = None
     if k >= CONTIGUOUS_FROM_K:
         u = torch.matmul(v.w_t, flat).permute(1, 2, 0)
@@ -142,10 +151,19 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
 
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant) -> torch.Tensor:
-    """F.conv2d(x, w, bias, padding=1) for u = weight_transform(w, v); the result is channels_last. With the
-    native transforms where they are available (cpu_winograd_native.py), else in torch ops."""
+    """F.conv2d(x, w, bias, padding=1) for u = weight_transform(w, v); the result is channels_last, x's dtype (bf16:
+    computed in fp32). With the native transforms where they are available (cpu_winograd_native.py), else in torch
+    ops."""
     lib = cpu_winograd_native.library()
-    return conv3x3_torch(x, u, bias, v) if lib is None else conv3x3_native(lib, x, u, bias, v)
+    return in_fp32(conv3x3_torch if lib is None else functools.partial(conv3x3_native, lib), x, u, bias, v)
+
+
+def in_fp32(run, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant) -> torch.Tensor:
+    """run(x, u, bias, v) (conv3x3_torch, or conv3x3_native with its library) for fp32 x; for bf16 x on fp32 copies
+    of x and bias, the result rounded to bf16 once."""
+    if x.dtype == torch.float32:
+        return run(x, u, bias, v)
+    return run(x.float(), u, None if bias is None else bias.float(), v).to(x.dtype)
 
 
 def implementation() -> str:

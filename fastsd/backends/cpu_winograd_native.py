@@ -47,11 +47,17 @@ def _check(rc: int) -> None:
         raise RuntimeError("native Winograd transform: a tile size or range it has no code for")
 
 
+def _fp32(*tensors: torch.Tensor) -> None:
+    if any(t.dtype != torch.float32 for t in tensors):
+        raise ValueError("the native Winograd transforms take fp32 tensors (cpu_winograd.in_fp32 runs bf16 layers)")
+
+
 def input_transform(lib, xh: torch.Tensor, v, tw: int, row0: int, rows: int, pos0: int, pos_rows: int,
                     t: torch.Tensor) -> None:
     """t[(i - pos0) * a + j, tile, c] = (B^T d B)[i, j] of each input tile d (zero beyond the border) of the
     tile rows row0..row0+rows (all tw columns, every image), for the transformed rows i in pos0..pos0+pos_rows.
     xh: NHWC fp32, channel stride 1; t: contiguous (pos_rows * a, n * rows * tw, c)."""
+    _fp32(xh, t)
     n, h, w, c = xh.shape
     _check(lib.fastsd_winograd_input(v.a, xh.data_ptr(), n, h, w, c, *xh.stride()[:3], tw, row0,
                                      rows, pos0, pos_rows, t.data_ptr(), torch.get_num_threads()))
@@ -61,6 +67,7 @@ def output_transform(lib, prod: torch.Tensor, v, bias: torch.Tensor | None, out:
                      rows: int) -> None:
     """out[img, y, x, :] (+ bias) for the output pixels of tile rows row0..row0+rows from prod (a*a, tiles, k):
     A^T P A per tile, the pixels beyond out's border dropped. out: contiguous NHWC fp32."""
+    _fp32(prod, out, *(() if bias is None else (bias,)))
     n, h, w, k = out.shape
     _check(lib.fastsd_winograd_output(v.a, prod.data_ptr(), k,
                                       None if bias is None else bias.data_ptr(), out.data_ptr(), n, h, w, tw, row0,
