@@ -385,6 +385,33 @@ def test_native_group_norm_that_fails_to_build_warns_once_and_runs_torch_ops(mon
         cpu._warn_native.cache_clear()
 
 
+@pytest.mark.parametrize("d", [40, 44, 200])  # the fp32 native kernel (where offered), SDPA beyond its head dims
+def test_bf16_attention_in_fp32_is_a_candidate_without_amx(monkeypatch, d):
+    """Without AMX the tuner also times bf16 attention computed in fp32 (rounded to bf16 once): within SDPA's bf16
+    error against fp64; with AMX it is not among the candidates."""
+    if not cpuinfo.native_bf16():
+        pytest.skip("bf16 is not native here: bf16 attention runs SDPA")
+    q, k, v = (t.bfloat16() for t in _qkv(1, 2, 70, 77, d))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    seen = {}
+
+    class Record:
+        def choose(self, key, candidates, default):
+            seen[key] = set(candidates)
+            return "fp32" if "fp32" in candidates else default
+
+    monkeypatch.setattr(cpu, "tuner", Record)
+    for amx in (False, True):
+        monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="", amx=amx: amx)
+        with torch.no_grad():
+            out = cpu.attention(q, k, v)
+        key = list(seen)[-1]
+        assert ("fp32" in seen[key]) == (not amx) and key.endswith(" fp32") == (not amx)
+        if not amx:
+            assert out.dtype == torch.bfloat16
+            assert _rel(out, ref) <= 2 * _rel(reference.attention(q, k, v), ref)
+
+
 def test_attention_dispatch_on_cpu():
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, 64, 77, 40))
     ref = reference.attention(q, k, v)

@@ -63,16 +63,28 @@ def attention(q, k, v, *, scale=None, causal=False):
 
 def _attention_bf16(q, k, v, scale):
     native = q.shape[-1] % 2 == 0 and cpu_attention_native.unavailable() is None
+    in_fp32 = not cpuinfo.amx()
     key = (f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
-           f"chunked v{CHUNKED_VERSION}" + (f" native v{cpu_attention_native.VERSION}" if native else ""))
+           f"chunked v{CHUNKED_VERSION}" + (f" native v{cpu_attention_native.VERSION}" if native else "")
+           + (" fp32" if in_fp32 else ""))
     candidates = {"chunked": lambda: attention_chunked(q, k, v, scale=scale),
                   "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
     if native:
         candidates["native"] = lambda: cpu_attention_native.attention_native(q, k, v, scale=scale)
+    if in_fp32:  # without AMX a bf16 GEMM runs at 0.65-2x fp32's (README "The CPU path")
+        candidates["fp32"] = lambda: _bf16_attention_in_fp32(q, k, v, scale)
     # the native kernel with AMX too, since its row strides stopped sharing cache sets; without it, with AMX SDPA
     # (its flash kernel's GEMMs run on AMX tiles; README "The CPU path")
     default = "native" if native else "sdpa" if cpuinfo.amx() else "chunked"
     return candidates[tuner().choose(key, candidates, default=default)]()
+
+
+def _bf16_attention_in_fp32(q, k, v, scale):
+    """bf16 attention computed in fp32 (the fp32 native kernel where it is offered, else SDPA), rounded to bf16 once."""
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    if q.shape[-1] <= cpu_attention_native.FP32_MAX_HEAD_DIM and cpu_attention_native.fp32_unavailable() is None:
+        return cpu_attention_native.attention_native(q32, k32, v32, scale=scale).to(q.dtype)
+    return reference.attention(q32, k32, v32, scale=scale).to(q.dtype)
 
 
 def group_norm(x, num_groups, weight, bias, *, eps=1e-5, silu=False):
