@@ -33,7 +33,8 @@ from .worker import ROW_PREFIX
 
 SUITES = ("unet", "pipeline", "vae", "clip", "kernels")
 COMPARE = {"diffusers": "diffusers", "openvino": "openvino-diffusers"}  # --compare name -> impl
-ISA_ENVS = {"avx2": cpuinfo.AVX2_ENV, "avx512-bf16": cpuinfo.NO_AMX_ENV}  # --isa name -> the workers' environment
+ISA_ENVS = {"avx2": cpuinfo.AVX2_ENV, "avx512": cpuinfo.NO_BF16_ENV,  # --isa name -> the workers' environment
+            "avx512-bf16": cpuinfo.NO_AMX_ENV}
 GIB = 2 ** 30
 
 
@@ -72,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=None, help="seconds per worker process (default none)")
     r.add_argument("--isa", default="native", choices=["native", *ISA_ENVS],
                    help="avx2: run the workers restricted to AVX2 (oneDNN, ATen and MKL), as on a CPU without "
-                   "AVX-512; avx512-bf16: oneDNN held below AMX on a CPU that has it, as on one with AVX512-BF16 "
-                   "and no AMX (default native)")
+                   "AVX-512; avx512: oneDNN and MKL held at AVX-512 without BF16 (Skylake-SP to Ice Lake; fp32 the "
+                   "default); avx512-bf16: oneDNN and MKL held below AMX on a CPU that has it, as on one with "
+                   "AVX512-BF16 and no AMX (default native)")
     t = sub.add_parser("table", help="print the markdown table of a results file")
     t.add_argument("jsonl")
     t.add_argument("--plot", default=None)
@@ -83,12 +85,12 @@ def parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ configurations
 
 def default_dtype(device: str, isa: str) -> str:
-    """fastsd's default dtype for `device`, as the workers will run it (restricted to AVX2: no native bf16)."""
+    """fastsd's default dtype for `device`, as the workers will run it (restricted below AVX512-BF16: fp32)."""
     import torch
 
     from fastsd.load import DTYPES, default_dtype as fastsd_default
 
-    if isa == "avx2" and not device.startswith("cuda"):
+    if isa in ("avx2", "avx512") and not device.startswith("cuda"):
         return "fp32"
     dtype = fastsd_default(torch.device(device))
     return next(name for name, d in DTYPES.items() if d == dtype)
@@ -128,6 +130,8 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("error: --res values must be positive multiples of 8")
     if a.isa == "avx512-bf16" and "amx_bf16" not in cpuinfo.cpu_flags():
         raise SystemExit("error: --isa avx512-bf16 hides AMX from a CPU that has it; this one has none (run --isa native)")
+    if a.isa == "avx512" and "avx512f" not in cpuinfo.cpu_flags():
+        raise SystemExit("error: --isa avx512 holds an AVX-512 CPU below BF16; this one has no AVX-512")
     return a
 
 

@@ -1208,7 +1208,7 @@ def test_cli_bf16_without_native_support_gives_an_image_and_one_warning_line(tmp
 
 RESTRICTIONS = {"avx2": (cpuinfo.AVX2_ENV, "AVX2", False, "avx2"),
                 # AVX-512 without BF16 (Skylake to Ice Lake): fp32 the default, the fp32 native attention
-                "avx512-no-bf16": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "AVX512", False, "avx512f"),
+                "avx512-no-bf16": (cpuinfo.NO_BF16_ENV, "AVX512", False, "avx512f"),
                 # AVX512-BF16 without AMX (Zen 4/5, Cooper Lake) on a CPU with AMX: bf16 the default, Winograd
                 # offered to bf16 convolutions
                 "avx512-bf16-no-amx": (cpuinfo.NO_AMX_ENV, "AVX512", True, "amx_bf16")}
