@@ -11,7 +11,8 @@ version) and timing METHOD under `$FASTSD_CACHE_DIR`, else `$XDG_CACHE_HOME/fast
 default (its rule, see README "The CPU path"); `1` = measure again and overwrite the cache.
 A candidate other than the default is chosen only when it is at least `MARGIN` faster, so close calls
 keep the default and a noisy timing cannot flip a choice that does not matter, and only when it still is after
-the two are timed again. A choice measured while
+the two are timed again; a candidate that loses but comes within `CLOSE` of the default is timed again with it too
+(a slow stretch over its own samples can't keep it out). A choice measured while
 other work competed for the CPUs (more runnable tasks than CPUs, sampled from /proc/loadavg before and
 after the timing) is saved marked "busy": it is used, and the first process that finds the machine quiet
 when it needs that choice measures it again, so a busy moment does not fix a slow choice for good (and a
@@ -37,7 +38,10 @@ MIN_ROUNDS, MAX_ROUNDS = 2, 3  # at least two: one slow sample (a VM's hiccup) i
 # memory-hungry candidates (Winograd) look several times slower than they run
 # 3: a candidate other than the default that wins is timed again against the default before it is taken (a VM's
 # slow stretch over the default's samples had kept MKL's linear where oneDNN's packed one ran 12% faster)
-METHOD = 3
+# 4: a candidate that loses within CLOSE of the default is timed again against it too (AVX-512 without BF16: a
+# 2560->1280 F(2x2) Winograd timed at 74.7 ms against 59.3 packed, where it runs 23.7 against 63.3)
+METHOD = 4
+CLOSE = 1.5  # a losing candidate within this factor of the default's time is timed again against it
 
 
 def cache_dir() -> Path:
@@ -152,9 +156,10 @@ class Tuner:
         busy = machine_busy()
         times = measure(candidates)
         choice = pick(times, default)
-        if choice != default:  # confirmed: the two timed again, the faster time of each kept (a slow stretch of the
-            again = measure({n: candidates[n] for n in (default, choice)})  # default's first samples can't decide)
-            times = {n: min(t, again.get(n, t)) for n, t in times.items()}
+        rival = choice if choice != default else min((n for n in times if n != default), key=times.get)
+        if choice != default or times[rival] <= CLOSE * times[default]:  # the two timed again, the faster time
+            again = measure({n: candidates[n] for n in (default, rival)})  # of each kept: a slow stretch over
+            times = {n: min(t, again.get(n, t)) for n, t in times.items()}  # either's first samples can't decide
             choice = pick(times, default)
         busy = busy or machine_busy()
         entry = {"choice": choice, "ms": {k: round(v * 1e3, 3) for k, v in times.items()}, "default": default}
