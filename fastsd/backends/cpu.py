@@ -1,13 +1,15 @@
 """The cpu backend: PyTorch tuned for oneDNN, for inference on a CPU (`auto` picks it there).
 
 - layout: channels_last activations; every frozen Conv2d / Linear packs its weight in oneDNN's blocked
-  layout at its first call (cpu_pack.py); fp32 3x3 convolutions at 16x16 and up may run as Winograd
-  F(2x2, 3x3) or, from 32x32, F(4x4, 3x3) instead (cpu_winograd.py; its transforms native code compiled at
-  first use, cpu_winograd_native.py, where that builds and passes its self-test);
+  layout at its first call (cpu_pack.py); 3x3 convolutions at 16x16 and up (fp32; bf16 where oneDNN has no AMX,
+  computed in fp32) may run as Winograd F(2x2, 3x3) or, from 32x32, F(4x4, 3x3) instead (cpu_winograd.py; its
+  transforms native code compiled at first use, cpu_winograd_native.py, where that builds and passes its
+  self-test);
 - attention: bf16 where bf16 is native, and fp32 (head dims <= 160) on AVX-512: one native kernel
   (cpu_attention_native.py: C++ compiled at first use, ATen's brgemm) where it builds and passes its
   self-test; fp32 on AVX2 (head dims multiples of 8 up to 160): native micro-kernels (cpu_attention_avx2.py);
-  else bf16 chunked over queries in torch ops (cpu_attention.py), fp32 SDPA;
+  else bf16 chunked over queries in torch ops (cpu_attention.py), fp32 SDPA; bf16 without AMX may also run in
+  fp32 (rounded once);
 - feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache; h * GELU(gate) as one native pass
   (cpu_geglu.py) where it builds, else GELU(gate) * h in place;
 - group_norm: GroupNorm + SiLU as one native kernel (cpu_group_norm.py) on channels-last fp32/bf16, where it
