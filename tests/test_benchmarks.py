@@ -56,7 +56,29 @@ def test_default_dtype_is_fastsds_default_as_the_workers_run():
 
     assert default_dtype("cuda", "native") == "fp16"
     assert default_dtype("cpu", "avx2") == "fp32"  # restricted to AVX2: no native bf16
+    assert default_dtype("cpu", "avx512") == "fp32"  # held below AVX512-BF16
     assert default_dtype("cpu", "native") == ("bf16" if native_bf16() else "fp32")
+
+
+@pytest.mark.parametrize("isa, flags, error", [
+    ("avx512-bf16", {"avx2", "avx512f", "avx512_bf16"}, "this one has none"),  # no AMX to hide
+    ("avx512", {"avx2", "fma"}, "this one has no AVX-512"),
+    ("avx2", {"avx2", "fma"}, None)])
+def test_isa_restrictions_the_cpu_cannot_take_are_one_line_errors(monkeypatch, isa, flags, error):
+    """--isa avx512-bf16 needs AMX to hide, --isa avx512 AVX-512 to hold: asked elsewhere, one line and no run;
+    each restriction's environment reaches the workers (ISA_ENVS)."""
+    from fastsd import cpuinfo
+    from fastsd.benchmarks import run
+
+    monkeypatch.setattr(cpuinfo, "cpu_flags", lambda cpuinfo="": frozenset(flags))
+    a = run.parser().parse_args(["run", "--suite", "unet", "--device", "cpu", "--isa", isa])
+    if error is None:
+        assert run.resolve_defaults(a).isa == isa
+    else:
+        with pytest.raises(SystemExit, match=error) as e:
+            run.resolve_defaults(a)
+        assert str(e.value).startswith("error: --isa ") and "\n" not in str(e.value)
+    assert run.ISA_ENVS[isa]["ONEDNN_MAX_CPU_ISA"] in ("AVX2", "AVX512_CORE", "AVX512_CORE_BF16")
 
 
 def test_compare_diffusers_row(quick):
