@@ -65,19 +65,19 @@ def attention(q, k, v, *, scale=None, causal=False):
 
 def _attention_bf16(q, k, v, scale):
     native = q.shape[-1] % 2 == 0 and cpu_attention_native.unavailable() is None
-    in_fp32 = not cpuinfo.amx()
+    amx = cpuinfo.amx()
     key = (f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
            f"chunked v{CHUNKED_VERSION}" + (f" native v{cpu_attention_native.VERSION}" if native else "")
-           + (" fp32" if in_fp32 else ""))
+           + ("" if amx else " fp32"))
     candidates = {"chunked": lambda: attention_chunked(q, k, v, scale=scale),
                   "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
     if native:
         candidates["native"] = lambda: cpu_attention_native.attention_native(q, k, v, scale=scale)
-    if in_fp32:  # without AMX a bf16 GEMM runs at 0.65-2x fp32's (README "The CPU path")
+    if not amx:  # without AMX a bf16 GEMM runs at 0.65-2x fp32's (README "The CPU path")
         candidates["fp32"] = lambda: _bf16_attention_in_fp32(q, k, v, scale)
     # the native kernel with AMX too, since its row strides stopped sharing cache sets; without it, with AMX SDPA
     # (its flash kernel's GEMMs run on AMX tiles; README "The CPU path")
-    default = "native" if native else "sdpa" if cpuinfo.amx() else "chunked"
+    default = "native" if native else "sdpa" if amx else "chunked"
     return candidates[tuner().choose(key, candidates, default=default)]()
 
 
