@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 from fastsd.benchmarks.common import checkout_off_path
@@ -12,4 +14,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # The CPU path's measured choices (fastsd/cpu_tune.py): tests take each piece's default unless a test
 # turns measuring on, and never touch the user's cache.
 os.environ.setdefault("FASTSD_CPU_TUNE", "0")
-os.environ.setdefault("FASTSD_CACHE_DIR", tempfile.mkdtemp(prefix="fastsd-test-cache-"))
+if "FASTSD_CACHE_DIR" not in os.environ:
+    os.environ["FASTSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastsd-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FASTSD_CACHE_DIR"], ignore_errors=True)

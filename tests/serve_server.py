@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def shared(*args: str) -> Server:
 def _stop_all() -> None:
     for server in _running.values():
         server.stop()
+    for folder in (LORA_DIR, EMBEDDINGS_DIR):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 LORA_DIR = tempfile.mkdtemp(prefix="fastsd-serve-loras-")

@@ -3,7 +3,6 @@ download), driven by Playwright's Python API. It types a prompt, clicks Generate
 with a live preview and an image with its infotext appear; the screenshot is kept as a test artifact."""
 import os
 import shutil
-import tempfile
 
 import pytest
 from PIL import Image
@@ -31,7 +30,7 @@ def page():
             browser.close()
 
 
-def test_page_generates_an_image_with_progress(page):
+def test_page_generates_an_image_with_progress(page, tmp_path):
     server = main_server()
     requests = []
     page.on("request", lambda r: requests.append(r.url))
@@ -63,7 +62,7 @@ def test_page_generates_an_image_with_progress(page):
     assert page.locator("#error").is_hidden()
     outside = [u for u in requests if not u.startswith((server.url, "data:"))]
     assert outside == []  # everything the page loads comes from the server
-    shot = os.path.join(tempfile.mkdtemp(prefix="fastsd-serve-browser-"), "serve-page.png")
+    shot = str(tmp_path / "serve-page.png")
     page.screenshot(path=shot, full_page=True)
     print(f"screenshot: {shot}")
     if os.environ.get("FASTSD_SCREENSHOT"):  # e.g. FASTSD_SCREENSHOT=docs/serve.png refreshes README's picture
