@@ -3,7 +3,8 @@
     python -m fastsd.benchmarks.cpu_paths [--repeat 5] [--threads 2]
 
 Rows: attention (SDPA vs fastsd/backends/cpu_attention.py and cpu_attention_native.py, bf16; SDPA and the
-native kernel in fp32, head dims <= 160, and on AVX2 cpu_attention_avx2.py), convolution and linear (plain F.conv2d / F.linear vs weights
+native kernel in fp32, head dims <= 160, and the micro-kernel of the ISA in effect, cpu_attention_fp32.py), convolution
+and linear (plain F.conv2d / F.linear vs weights
 prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3 convolutions also as Winograd F(4x4) and F(2x2),
 fastsd/backends/cpu_winograd.py, where each has enough tiles, with its native transforms and in torch ops; * marks
 the variant the cpu backend offers there),
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import bench
-from fastsd.backends import (cpu_attention_avx2, cpu_attention_native, cpu_group_norm, cpu_winograd,
+from fastsd.backends import (cpu_attention_fp32, cpu_attention_native, cpu_group_norm, cpu_winograd,
                              cpu_winograd_native, reference)
 from fastsd.backends.cpu import _group_norm_torch, feed_forward_chunked
 from fastsd.backends.cpu_attention import attention_chunked
@@ -102,9 +103,9 @@ def rows(repeat: int, all_dtypes: bool = False):
         yield ("attention", shape, "fp32", "SDPA", _ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat), 0.0)
         if d <= cpu_attention_native.FP32_MAX_HEAD_DIM:
             yield _native_row(shape, cpu_attention_native.fp32_unavailable(), (q, k, v), ref, repeat)
-        if cpu_attention_avx2.covers(q):
-            yield _native_row(shape, cpu_attention_avx2.unavailable(), (q, k, v), ref, repeat,
-                              cpu_attention_avx2.attention_avx2, "AVX2 kernel")
+        if cpu_attention_fp32.covers(q):
+            yield _native_row(shape, cpu_attention_fp32.unavailable(), (q, k, v), ref, repeat,
+                              cpu_attention_fp32.attention_fp32, f"{(cpu_attention_fp32.isa() or 'micro').upper()} kernel")
     for cin, cout, side, ksize in CONV:
         for dtype in dtypes:
             conv = torch.nn.Conv2d(cin, cout, ksize, padding=ksize // 2).requires_grad_(False)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsd import backends, cpuinfo, load_pipeline
-from fastsd.backends import (cpu, cpu_attention_avx2, cpu_attention_native, cpu_geglu, cpu_group_norm, cpu_pack, cpu_tune,
+from fastsd.backends import (cpu, cpu_attention_fp32, cpu_attention_native, cpu_geglu, cpu_group_norm, cpu_pack, cpu_tune,
                              cpu_winograd, cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import attention_chunked, rowmax_bf16
 from fastsd.backends.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
@@ -125,47 +125,53 @@ def _assert_fp32_attention_accuracy(kernel, shape):
     return (q, k, v), out
 
 
-AVX2_WHY = cpu_attention_avx2.unavailable()
-needs_avx2_kernel = pytest.mark.skipif(AVX2_WHY is not None, reason=f"fp32 AVX2 attention not offered: {AVX2_WHY}")
+MICRO_WHY = cpu_attention_fp32.unavailable()
+needs_micro_kernel = pytest.mark.skipif(MICRO_WHY is not None, reason=f"fp32 attention kernel not offered: {MICRO_WHY}")
 
 
-@needs_avx2_kernel
-@pytest.mark.parametrize("shape", [s for s in SHAPES if s[-1] <= cpu_attention_avx2.MAX_HEAD_DIM] +
-                         [(1, 2, 256, 255, 40), (1, 3, 5, 1, 8), (2, 1, 97, 300, 24)], ids=lambda s: "x".join(map(str, s)))
-def test_fp32_avx2_attention_is_as_accurate_as_torch(shape):
-    """fp32 against fp64 on the same inputs: SDPA's error (p v summed per chunk of keys: one running sum over all
-    keys tripled it); a partial query block, partial key panels, one key, sharp logits."""
-    (q, k, v), out = _assert_fp32_attention_accuracy(cpu_attention_avx2.attention_avx2, shape)
-    assert torch.equal(out, cpu_attention_avx2.attention_avx2(q.contiguous(), k.contiguous(), v.contiguous()))
+@needs_micro_kernel
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[-1] <= cpu_attention_fp32.MAX_HEAD_DIM] +
+                         [(1, 2, 256, 255, 40), (1, 3, 5, 1, 8), (2, 1, 97, 300, 24), (1, 2, 49, 16, 160)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fp32_micro_kernel_attention_is_as_accurate_as_torch(shape):
+    """fp32 against fp64 on the same inputs, with the kernel of the ISA in effect (AVX2 or AVX-512): SDPA's error
+    (p v summed per chunk of keys: one running sum over all keys tripled it); a partial query block, partial key
+    panels / tiles, one key, sharp logits."""
+    (q, k, v), out = _assert_fp32_attention_accuracy(cpu_attention_fp32.attention_fp32, shape)
+    assert torch.equal(out, cpu_attention_fp32.attention_fp32(q.contiguous(), k.contiguous(), v.contiguous()))
     ref3 = reference.attention(q.double(), k.double(), v.double(), scale=0.3)  # another scale
     rel3 = lambda o: ((o.double() - ref3).norm() / ref3.norm()).item()  # noqa: E731
-    assert rel3(cpu_attention_avx2.attention_avx2(q, k, v, scale=0.3)) <= max(1.25 * rel3(
+    assert rel3(cpu_attention_fp32.attention_fp32(q, k, v, scale=0.3)) <= max(1.25 * rel3(
         reference.attention(q, k, v, scale=0.3)), 1.2e-7)
 
 
-@needs_avx2_kernel
-def test_fp32_avx2_attention_refuses_what_it_cannot_run():
+@needs_micro_kernel
+def test_fp32_micro_kernel_attention_refuses_what_it_cannot_run():
     """Head dims off its multiples of 8 and other dtypes never reach the kernel; its C entry point answers bad
     arguments with an error code, not a crash."""
     q = torch.randn(1, 2, 8, 44)
     with pytest.raises(ValueError, match="multiple of 8"):
-        cpu_attention_avx2.attention_avx2(q, q, q)
+        cpu_attention_fp32.attention_fp32(q, q, q)
     with pytest.raises(ValueError, match="fp32"):
-        cpu_attention_avx2.attention_avx2(q[..., :40].double(), q[..., :40].double(), q[..., :40].double())
-    lib = cpu_attention_avx2._library()[0]
+        cpu_attention_fp32.attention_fp32(q[..., :40].double(), q[..., :40].double(), q[..., :40].double())
+    lib = cpu_attention_fp32._library()[0]
     x = torch.zeros(64)
     ptrs = [x.data_ptr(), 0, 0, 0] * 4
     assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 12, 1.0, 48, 128, 1) == 1  # d = 12
-    assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 8, 1.0, 50, 128, 1) == 1  # block not a multiple of 6
+    assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 8, 1.0, 50, 128, 1) == 1  # no code for that block size
+    assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 8, 1.0, 48, 0, 1) == 1  # no keys per chunk
     k = torch.randn(1, 2, 5, 8)
-    assert cpu_attention_avx2.attention_avx2(torch.randn(1, 2, 0, 8), k, k).shape == (1, 2, 0, 8)  # no queries
+    assert cpu_attention_fp32.attention_fp32(torch.randn(1, 2, 0, 8), k, k).shape == (1, 2, 0, 8)  # no queries
 
 
-def test_fp32_avx2_attention_is_offered_only_on_avx2():
-    why = cpu_attention_avx2.offered_here()
-    assert (why is None) == (cpuinfo.aten_capability() == "AVX2" and {"avx2", "fma"} <= set(cpuinfo.cpu_flags()))
-    if why is not None:
-        assert AVX2_WHY is not None
+def test_fp32_micro_kernel_is_the_one_of_the_isa_in_effect():
+    isa, flags = cpuinfo.aten_capability(), set(cpuinfo.cpu_flags())
+    expected = ("avx512" if isa == "AVX512" and {"avx512f", "fma"} <= flags
+                else "avx2" if isa == "AVX2" and {"avx2", "fma"} <= flags else None)
+    assert cpu_attention_fp32.isa() == expected
+    assert (cpu_attention_fp32.offered_here() is None) == (expected is not None)
+    if expected is None:
+        assert MICRO_WHY is not None
 
 
 def test_native_attention_build_failures_are_one_line_and_leave_nothing(tmp_path):
@@ -284,7 +290,8 @@ def test_native_build_key_covers_the_headers_a_source_includes():
     """A change to cpu_exp2.h (included by the native sources) must rebuild them: its text is part of the key."""
     from fastsd.backends import cpu_native
     header = (cpu_group_norm.SOURCE.parent / "cpu_exp2.h").read_bytes()
-    for source in (cpu_group_norm.SOURCE, cpu_geglu.SOURCE, cpu_attention_native.SOURCE, cpu_attention_avx2.SOURCE):
+    for source in (cpu_group_norm.SOURCE, cpu_geglu.SOURCE, cpu_attention_native.SOURCE,
+                   *cpu_attention_fp32.SOURCES.values()):
         assert header in cpu_native.sources(source)
     assert cpu_native.sources(cpu_winograd_native.SOURCE) == [cpu_winograd_native.SOURCE.read_bytes()]
 
@@ -385,7 +392,7 @@ def test_native_group_norm_that_fails_to_build_warns_once_and_runs_torch_ops(mon
         cpu._warn_native.cache_clear()
 
 
-@pytest.mark.parametrize("d", [40, 44, 200])  # the fp32 native kernel (where offered), SDPA beyond its head dims
+@pytest.mark.parametrize("d", [40, 44, 200])  # the fp32 kernels (where offered), SDPA beyond their head dims
 def test_bf16_attention_in_fp32_is_a_candidate_without_amx(monkeypatch, d):
     """Without AMX the tuner also times bf16 attention computed in fp32 (rounded to bf16 once): within SDPA's bf16
     error against fp64; with AMX it is not among the candidates."""
@@ -406,7 +413,7 @@ def test_bf16_attention_in_fp32_is_a_candidate_without_amx(monkeypatch, d):
         with torch.no_grad():
             out = cpu.attention(q, k, v)
         key = list(seen)[-1]
-        assert ("fp32" in seen[key]) == (not amx) and key.endswith(" fp32") == (not amx)
+        assert ("fp32" in seen[key]) == (not amx) and (" fp32" in key) == (not amx)
         if not amx:
             assert out.dtype == torch.bfloat16
             assert _rel(out, ref) <= 2 * _rel(reference.attention(q, k, v), ref)
@@ -434,18 +441,22 @@ def test_attention_dispatch_on_cpu():
         assert torch.equal(cpu.attention(q41, k41, v41),
                            attention_chunked(q41, k41, v41) if cpuinfo.native_bf16() and not cpuinfo.amx()
                            else reference.attention(q41, k41, v41))
-        # fp32: the native kernel on AVX-512 for head dims <= 160, the AVX2 kernel on AVX2 (head dims multiples
-        # of 8 up to 160), else SDPA (FASTSD_CPU_TUNE=0 here: the defaults)
+        # fp32 (FASTSD_CPU_TUNE=0 here: the defaults): the micro-kernel of the ISA in effect (AVX2 or AVX-512) for
+        # head dims multiples of 8 up to 80, else the brgemm kernel on AVX-512 (head dims <= 160), else SDPA
         qf, kf, vf = q.float(), k.float(), v.float()
         fp32_native = NATIVE_WHY is None and cpu_attention_native.avx512()
-        fp32_avx2 = AVX2_WHY is None
-        assert torch.equal(cpu.attention(qf, kf, vf), cpu_attention_native.attention_native(qf, kf, vf)
-                           if fp32_native else cpu_attention_avx2.attention_avx2(qf, kf, vf) if fp32_avx2
+        micro = MICRO_WHY is None
+        assert torch.equal(cpu.attention(qf, kf, vf), cpu_attention_fp32.attention_fp32(qf, kf, vf) if micro
+                           else cpu_attention_native.attention_native(qf, kf, vf) if fp32_native
                            else reference.attention(qf, kf, vf))
-        if fp32_native or fp32_avx2:
+        if fp32_native or micro:
             assert not torch.equal(cpu.attention(qf, kf, vf), reference.attention(qf, kf, vf))
-        for qo in (torch.randn(1, 2, 64, 44), torch.randn(1, 2, 64, 160)):  # no code for 44; SDPA the default at 160
-            assert fp32_native or torch.equal(cpu.attention(qo, qo, qo), reference.attention(qo, qo, qo))
+        if fp32_native and micro:  # the two kernels are distinguishable
+            assert not torch.equal(cpu.attention(qf, kf, vf), cpu_attention_native.attention_native(qf, kf, vf))
+        for qo in (torch.randn(1, 2, 64, 44), torch.randn(1, 2, 64, 160)):  # no micro-kernel code for 44; 160
+            # beyond its default
+            assert torch.equal(cpu.attention(qo, qo, qo), cpu_attention_native.attention_native(qo, qo, qo)
+                               if fp32_native else reference.attention(qo, qo, qo))
         wide = torch.randn(1, 1, 64, 512)  # the VAE's head: SDPA in fp32 (the kernel's error there is 1.9x SDPA's)
         assert torch.equal(cpu.attention(wide, wide, wide), reference.attention(wide, wide, wide))
     qg = q.clone().requires_grad_()  # autograd on: reference ops (the chunked path writes into out= buffers)

@@ -7,7 +7,8 @@
   self-test);
 - attention: bf16 where bf16 is native, and fp32 (head dims <= 160) on AVX-512: one native kernel
   (cpu_attention_native.py: C++ compiled at first use, ATen's brgemm) where it builds and passes its
-  self-test; fp32 on AVX2 (head dims multiples of 8 up to 160): native micro-kernels (cpu_attention_avx2.py);
+  self-test; fp32 on AVX2 and AVX-512 (head dims multiples of 8 up to 160): native micro-kernels
+  (cpu_attention_fp32.py), the default up to head dim 80;
   else bf16 chunked over queries in torch ops (cpu_attention.py), fp32 SDPA; bf16 without AMX may also run in
   fp32 (rounded once);
 - feed-forward: in token chunks, so the 8C-wide GEGLU hidden stays in cache; h * GELU(gate) as one native pass
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsd import cpuinfo
-from fastsd.backends import (Backend, Ops, cpu_attention_avx2, cpu_attention_native, cpu_geglu, cpu_group_norm,
+from fastsd.backends import (Backend, Ops, cpu_attention_fp32, cpu_attention_native, cpu_geglu, cpu_group_norm,
                              cpu_native, cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, large_blocks_in_heap,
@@ -46,21 +47,49 @@ def attention(q, k, v, *, scale=None, causal=False):
         return reference.attention(q, k, v, scale=scale, causal=causal)
     if q.dtype == torch.bfloat16 and cpuinfo.native_bf16():
         return _attention_bf16(q, k, v, scale)
-    if (q.dtype == torch.float32 and q.shape[-1] <= cpu_attention_native.FP32_MAX_HEAD_DIM
-            and cpu_attention_native.fp32_unavailable() is None):
-        key = (f"attention fp32 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
-               f"native v{cpu_attention_native.VERSION}")
-        candidates = {"native": lambda: cpu_attention_native.attention_native(q, k, v, scale=scale),
-                      "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
-        return candidates[tuner().choose(key, candidates, default="native")]()
-    if cpu_attention_avx2.covers(q) and cpu_attention_avx2.unavailable() is None:
-        key = (f"attention fp32 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
-               f"avx2 v{cpu_attention_avx2.VERSION}")
-        candidates = {"avx2": lambda: cpu_attention_avx2.attention_avx2(q, k, v, scale=scale),
-                      "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
-        default = "avx2" if q.shape[-1] <= cpu_attention_avx2.DEFAULT_MAX_HEAD_DIM else "sdpa"
-        return candidates[tuner().choose(key, candidates, default=default)]()
+    if q.dtype == torch.float32:
+        return _attention_fp32(q, k, v, scale)
     return reference.attention(q, k, v, scale=scale)
+
+
+def _fp32_kernel_names(d: int) -> list[str]:
+    """The native fp32 attention kernels that run here for head dim d: the micro-kernel of the ISA in effect (named
+    by it) and, on AVX-512, the brgemm kernel ("native")."""
+    names = []
+    if cpu_attention_fp32.covers_head_dim(d) and cpu_attention_fp32.unavailable() is None:
+        names.append(cpu_attention_fp32.isa())
+    if d <= cpu_attention_native.FP32_MAX_HEAD_DIM and cpu_attention_native.fp32_unavailable() is None:
+        names.append("native")
+    return names
+
+
+def _fp32_kernels(q, k, v, scale) -> dict:
+    run = {"native": cpu_attention_native.attention_native}
+    return {n: functools.partial(run.get(n, cpu_attention_fp32.attention_fp32), q, k, v, scale=scale)
+            for n in _fp32_kernel_names(q.shape[-1])}
+
+
+def _fp32_default(kernels: dict, d: int) -> str:
+    """The micro-kernel up to its default head dim, else the brgemm kernel, else SDPA (README "The CPU path")."""
+    micro = cpu_attention_fp32.isa()
+    if micro in kernels and d <= cpu_attention_fp32.DEFAULT_MAX_HEAD_DIM:
+        return micro
+    return "native" if "native" in kernels else "sdpa"
+
+
+def _fp32_tag(names) -> str:
+    """The kernels' part of a tuner key: their names and versions."""
+    versions = {"native": cpu_attention_native.VERSION}
+    return " ".join(f"{n} v{versions.get(n, cpu_attention_fp32.VERSION)}" for n in sorted(names))
+
+
+def _attention_fp32(q, k, v, scale):
+    kernels = _fp32_kernels(q, k, v, scale)
+    if not kernels:
+        return reference.attention(q, k, v, scale=scale)
+    key = f"attention fp32 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} {_fp32_tag(kernels)}"
+    candidates = {**kernels, "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
+    return candidates[tuner().choose(key, candidates, default=_fp32_default(kernels, q.shape[-1]))]()
 
 
 def _attention_bf16(q, k, v, scale):
@@ -68,7 +97,7 @@ def _attention_bf16(q, k, v, scale):
     amx = cpuinfo.amx()
     key = (f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
            f"chunked v{CHUNKED_VERSION}" + (f" native v{cpu_attention_native.VERSION}" if native else "")
-           + ("" if amx else " fp32"))
+           + ("" if amx else f" fp32 {_fp32_tag(_fp32_kernel_names(q.shape[-1]))}".rstrip()))
     candidates = {"chunked": lambda: attention_chunked(q, k, v, scale=scale),
                   "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
     if native:
@@ -82,11 +111,12 @@ def _attention_bf16(q, k, v, scale):
 
 
 def _bf16_attention_in_fp32(q, k, v, scale):
-    """bf16 attention computed in fp32 (the fp32 native kernel where it is offered, else SDPA), rounded to bf16 once."""
+    """bf16 attention computed in fp32 (the fp32 default: a native kernel where one is offered, else SDPA), rounded
+    to bf16 once."""
     q32, k32, v32 = q.float(), k.float(), v.float()
-    if q.shape[-1] <= cpu_attention_native.FP32_MAX_HEAD_DIM and cpu_attention_native.fp32_unavailable() is None:
-        return cpu_attention_native.attention_native(q32, k32, v32, scale=scale).to(q.dtype)
-    return reference.attention(q32, k32, v32, scale=scale).to(q.dtype)
+    kernels = _fp32_kernels(q32, k32, v32, scale)
+    kernels["sdpa"] = lambda: reference.attention(q32, k32, v32, scale=scale)
+    return kernels[_fp32_default(kernels, q.shape[-1])]().to(q.dtype)
 
 
 def group_norm(x, num_groups, weight, bias, *, eps=1e-5, silu=False):
@@ -168,8 +198,8 @@ class CPUBackend(Backend):
                 _warn_native(cpu_geglu.unavailable(), "GEGLU kernel", "GEGLU")
             if torch.float32 in dtypes:
                 _warn_native(cpu_winograd_native.unavailable(), "Winograd transforms", "Winograd convolutions")
-                if cpu_attention_avx2.offered_here() is None:
-                    _warn_native(cpu_attention_avx2.unavailable(), "fp32 AVX2 attention kernel", "attention")
+                if cpu_attention_fp32.offered_here() is None:
+                    _warn_native(cpu_attention_fp32.unavailable(), "fp32 attention kernel", "attention")
         keep_temporaries_mapped()
         model.to(memory_format=torch.channels_last)
         make_packable(model)

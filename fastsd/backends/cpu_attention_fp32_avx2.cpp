@@ -1,4 +1,4 @@
-// fp32 attention on a CPU with AVX2 + FMA (no AVX-512), built and loaded by cpu_attention_avx2.py.
+// fp32 attention on a CPU with AVX2 + FMA (no AVX-512), built and loaded by cpu_attention_fp32.py.
 //
 // Per head and block of query rows (bm, a multiple of 6): S = q k^T for all keys in 6x16 register tiles against k^T
 // laid out once per call in 16-key panels (the row max kept as the tiles are stored; padding keys masked out of
