@@ -159,7 +159,9 @@ def test_fp32_micro_kernel_attention_refuses_what_it_cannot_run():
     ptrs = [x.data_ptr(), 0, 0, 0] * 4
     assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 12, 1.0, 48, 128, 1) == 1  # d = 12
     assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 8, 1.0, 50, 128, 1) == 1  # no code for that block size
-    assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 8, 1.0, 48, 0, 1) == 1  # no keys per chunk
+    block = cpu_attention_fp32.BLOCK_M[cpu_attention_fp32.isa()]
+    assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 8, 1.0, block, 0, 1) == 1  # no keys per chunk
+    assert lib.fastsd_attention_fp32(*ptrs, 1, 1, 1, 1, 8, 1.0, block, 64, 1) == 0  # one query, one key
     k = torch.randn(1, 2, 5, 8)
     assert cpu_attention_fp32.attention_fp32(torch.randn(1, 2, 0, 8), k, k).shape == (1, 2, 0, 8)  # no queries
 
@@ -291,7 +293,7 @@ def test_native_build_key_covers_the_headers_a_source_includes():
     from fastsd.backends import cpu_native
     header = (cpu_group_norm.SOURCE.parent / "cpu_exp2.h").read_bytes()
     for source in (cpu_group_norm.SOURCE, cpu_geglu.SOURCE, cpu_attention_native.SOURCE,
-                   *cpu_attention_fp32.SOURCES.values()):
+                   cpu_attention_fp32.SOURCE):
         assert header in cpu_native.sources(source)
     assert cpu_native.sources(cpu_winograd_native.SOURCE) == [cpu_winograd_native.SOURCE.read_bytes()]
 

@@ -1,12 +1,10 @@
-"""fp32 attention on a CPU as register-blocked micro-kernels for q k^T and p v with the softmax between them (plain
-C++ with vector intrinsics and OpenMP, no ATen API), compiled at first use (cpu_native.py) for the vector ISA ATen
-runs here:
-
-- AVX2 + FMA (cpu_attention_fp32_avx2.cpp): per block of 48 query rows, q k^T in 6x16 tiles with the row max kept
-  as they are stored, where PyTorch's flash kernel calls MKL's GEMM per block and runs the softmax apart;
-- AVX-512 (cpu_attention_fp32_avx512.cpp): transposed, k q^T in 8x48 tiles (a query's max an elementwise max),
-  then per chunk of keys the exponentials and v^T p^T in 8x48 tiles: no separate max pass and no padding of the
-  head dim in p v, both of which the brgemm kernel (cpu_attention_native.py) has.
+"""fp32 attention on a CPU as register-blocked micro-kernels for q k^T and p v with the softmax between them
+(cpu_attention_fp32.cpp: plain C++ with vector intrinsics and OpenMP, no ATen API), compiled at first use
+(cpu_native.py) for the vector ISA ATen runs here, AVX-512 or AVX2 + FMA (the same code over 16- or 8-float
+vectors). Transposed: per block of queries, k q^T in register tiles (a query's max over the keys an elementwise
+max), then per chunk of keys the exponentials and v^T p^T, while the chunk is in L1. PyTorch's flash kernel calls
+MKL's GEMM per block and runs the softmax apart; the brgemm kernel (cpu_attention_native.py) has a max pass and
+pads a head dim of 40 to 48 in p v.
 
 Offered for head dims that are multiples of 8 up to MAX_HEAD_DIM, and used where it builds and its self-test keeps
 SDPA's error (within 2x, against fp64); else `unavailable()` says why and the cpu backend runs the brgemm kernel or
@@ -23,14 +21,12 @@ import torch
 from fastsd import cpuinfo
 from fastsd.backends import cpu_native
 
-HERE = Path(__file__).parent
-SOURCES = {"avx2": HERE / "cpu_attention_fp32_avx2.cpp", "avx512": HERE / "cpu_attention_fp32_avx512.cpp"}
+SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = {"avx2": cpu_native.BASE_FLAGS + cpu_native.AVX2, "avx512": cpu_native.BASE_FLAGS + ("-mavx512f", "-mfma")}
 NEEDS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "fma"}}  # CPU flags each build needs
-VERSION = 1  # part of the tuner's key (with the ISA's name)
-# query rows per block (AVX2: a multiple of 6; AVX-512: 48 only), keys per p v chunk (AVX2: 24-96 x 64-256 alike;
-# AVX-512: 64-256 alike)
-BLOCK_M, CHUNK_K = 48, 128
+VERSION = 2  # part of the tuner's key (with the ISA's name)
+BLOCK_M = {"avx2": 24, "avx512": 48}  # queries per block: 3 vectors, the only block size each build takes
+CHUNK_K = 64  # keys per chunk (64-256 ran alike; 64 the smallest error)
 MAX_HEAD_DIM = 160  # as the brgemm kernel: beyond (the VAE's 512) SDPA
 DEFAULT_MAX_HEAD_DIM = 80  # the cpu backend's default up to here (faster than SDPA at 40 and 80, not at 160 on AVX2: README)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -48,7 +44,7 @@ def isa() -> str | None:
 
 def build(name: str | None = None, cxx: str | None = None, folder: Path | None = None) -> Path:
     name = name or isa()
-    return cpu_native.build(SOURCES[name], FLAGS[name], torch_api=False, cxx=cxx, folder=folder)
+    return cpu_native.build(SOURCE, FLAGS[name], torch_api=False, cxx=cxx, folder=folder)
 
 
 def offered_here() -> str | None:
@@ -96,7 +92,7 @@ def _run(lib, q, k, v, scale: float | None) -> torch.Tensor:
     for t in (q, k, v, out):
         args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
     scale = d ** -0.5 if scale is None else scale
-    rc = lib.fastsd_attention_fp32(*args, b, h, lq, lk, d, scale, BLOCK_M, CHUNK_K, torch.get_num_threads())
+    rc = lib.fastsd_attention_fp32(*args, b, h, lq, lk, d, scale, BLOCK_M[isa()], CHUNK_K, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fp32 attention kernel failed: {_ERRORS.get(rc, rc)}")
     return out
@@ -108,7 +104,7 @@ def _self_test(lib) -> None:
     sdpa = torch.nn.functional.scaled_dot_product_attention
     g = torch.Generator().manual_seed(0)
     for d in (8, 40, 80):
-        q, k, v = (torch.randn(2, n, 3, d, generator=g).transpose(1, 2) for n in (BLOCK_M + 7, 77, 77))
+        q, k, v = (torch.randn(2, n, 3, d, generator=g).transpose(1, 2) for n in (BLOCK_M[isa()] + 7, 77, 77))
         ref = sdpa(q.double(), k.double(), v.double())
         rel = lambda o: ((o.double() - ref).norm() / ref.norm()).item()  # noqa: E731
         ours, torch_err = rel(_run(lib, q, k, v, None)), rel(sdpa(q, k, v))
