@@ -27,7 +27,7 @@ namespace {
 #if defined(__AVX512F__)
 using Vec = __m512;
 constexpr int W = 16;  // floats per vector
-constexpr int RK = 8;  // keys per q k^T tile (3 x 8 accumulators of the 32 registers)
+constexpr int RK = 8;  // keys per q k^T tile (3 x 8 accumulators of the 32 registers; other shapes: README)
 constexpr int RD = 8;  // head-dim rows per p v tile
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vset1(float x) { return _mm512_set1_ps(x); }
