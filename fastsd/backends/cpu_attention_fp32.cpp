@@ -84,21 +84,28 @@ inline Vec exp2_neg(Vec x) {
   return vpow2(p, xi);
 }
 
+// c[r][j] += sum over t < n of a[r * a_row + t * a_step] * b[t * BQ + W * j]: R rows of a broadcast against the
+// QV vectors of a row of b, for both GEMMs (q k^T: a = k's rows, b = q^T; p v: a = v^T read from v's rows, b = p)
+template <int R>
+inline void accumulate(const float* a, int64_t a_row, int64_t a_step, const float* b, int n, Vec (&c)[R][QV]) {
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < QV; ++j) c[r][j] = vzero();
+  for (int t = 0; t < n; ++t) {
+    Vec bv[QV];
+    for (int j = 0; j < QV; ++j) bv[j] = vload(b + t * BQ + W * j);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const Vec av = vset1(a[r * a_row + t * a_step]);
+      for (int j = 0; j < QV; ++j) c[r][j] = vfma(av, bv[j], c[r][j]);
+    }
+  }
+}
+
 // S^T rows: R keys (kr, row stride d) x BQ queries (qt: [d][BQ]); column maxima updated in mx
 template <int R>
 inline void qk_tile(const float* kr, int d, const float* qt, float* s, Vec* mx) {
   Vec c[R][QV];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < QV; ++j) c[r][j] = vzero();
-  for (int x = 0; x < d; ++x) {
-    Vec b[QV];
-    for (int j = 0; j < QV; ++j) b[j] = vload(qt + x * BQ + W * j);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const Vec a = vset1(kr[r * d + x]);
-      for (int j = 0; j < QV; ++j) c[r][j] = vfma(a, b[j], c[r][j]);
-    }
-  }
+  accumulate<R>(kr, d, 1, qt, d, c);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < QV; ++j) {
       vstore(s + r * BQ + W * j, c[r][j]);
@@ -109,17 +116,7 @@ inline void qk_tile(const float* kr, int d, const float* qt, float* s, Vec* mx) 
 // O^T rows (RD of the head dim, ot row stride BQ) += v^T (kc keys from vr, row stride d) p^T (kc rows of BQ)
 inline void pv_tile(const float* p, const float* vr, int d, int kc, float* ot) {
   Vec c[RD][QV];
-  for (int r = 0; r < RD; ++r)
-    for (int j = 0; j < QV; ++j) c[r][j] = vzero();
-  for (int key = 0; key < kc; ++key) {
-    Vec b[QV];
-    for (int j = 0; j < QV; ++j) b[j] = vload(p + key * BQ + W * j);
-#pragma GCC unroll 8
-    for (int r = 0; r < RD; ++r) {
-      const Vec a = vset1(vr[key * d + r]);
-      for (int j = 0; j < QV; ++j) c[r][j] = vfma(a, b[j], c[r][j]);
-    }
-  }
+  accumulate<RD>(vr, 1, d, p, kc, c);
   for (int r = 0; r < RD; ++r)
     for (int j = 0; j < QV; ++j)
       vstore(ot + r * BQ + W * j, vadd(vload(ot + r * BQ + W * j), c[r][j]));
