@@ -1188,16 +1188,30 @@ def test_choice_measured_on_a_busy_machine_is_measured_again_when_quiet(tmp_path
 
 
 def test_machine_busy_reads_the_runnable_count(monkeypatch, tmp_path):
+    """Busy only when every one of BUSY_READS reads of /proc/loadavg has more runnable tasks than this process'
+    CPUs: one runnable-for-an-instant task is not load; a quiet first read returns at once."""
     import builtins
 
     real_open = builtins.open
     cpus = len(os.sched_getaffinity(0))
-    for running, want in ((cpus, False), (cpus + 1, True)):
-        fake = tmp_path / f"loadavg{running}"
-        fake.write_text(f"1.00 1.00 1.00 {running}/300 12345\n")
-        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(fake if f == "/proc/loadavg" else f, *a, **k))
-        assert cpu_tune.machine_busy() is want
-        monkeypatch.setattr(builtins, "open", real_open)
+    for counts, want, reads in (([cpus], False, 1), ([cpus + 1] * cpu_tune.BUSY_READS, True, cpu_tune.BUSY_READS),
+                                ([cpus + 1, cpus, cpus + 1], False, 2)):
+        seen = []
+
+        def fake_open(f, *a, **k):
+            if f != "/proc/loadavg":
+                return real_open(f, *a, **k)
+            fake = tmp_path / f"loadavg{len(seen)}"
+            fake.write_text(f"1.00 1.00 1.00 {counts[len(seen)]}/300 12345\n")
+            seen.append(f)
+            return real_open(fake, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        try:
+            assert cpu_tune.machine_busy() is want
+        finally:
+            monkeypatch.setattr(builtins, "open", real_open)
+        assert len(seen) == reads
 
 
 def test_bf16_without_native_support_runs_unpacked(monkeypatch):
