@@ -289,12 +289,15 @@ def test_native_geglu_refuses_what_it_cannot_run():
 
 
 def test_native_build_key_covers_the_headers_a_source_includes():
-    """A change to cpu_exp2.h (included by the native sources) must rebuild them: its text is part of the key."""
+    """A change to cpu_exp2.h or cpu_vec.h (included by the native sources) must rebuild them: its text is part of
+    the key."""
     from fastsd.backends import cpu_native
     header = (cpu_group_norm.SOURCE.parent / "cpu_exp2.h").read_bytes()
     for source in (cpu_group_norm.SOURCE, cpu_geglu.SOURCE, cpu_attention_native.SOURCE,
                    cpu_attention_fp32.SOURCE):
         assert header in cpu_native.sources(source)
+    vec = (cpu_group_norm.SOURCE.parent / "cpu_vec.h").read_bytes()  # the attention kernels' vector type
+    assert all(vec in cpu_native.sources(s) for s in (cpu_attention_native.SOURCE, cpu_attention_fp32.SOURCE))
     assert cpu_native.sources(cpu_winograd_native.SOURCE) == [cpu_winograd_native.SOURCE.read_bytes()]
 
 

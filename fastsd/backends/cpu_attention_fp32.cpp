@@ -1,5 +1,5 @@
-// fp32 attention on a CPU with AVX-512 or AVX2 + FMA (the same code over 16- or 8-float vectors, compiled once per
-// ISA), built and loaded by cpu_attention_fp32.py.
+// fp32 attention on a CPU with AVX-512 or AVX2 + FMA (the same code over 16- or 8-float vectors: cpu_vec.h; compiled
+// once per ISA), built and loaded by cpu_attention_fp32.py.
 //
 // Transposed: per head and block of BQ queries (AVX-512 48, AVX2 24), S^T = k q^T (keys x queries) in RK x BQ register
 // tiles (RK keys broadcast against 3 vectors of queries: q^T laid out per block), so each query's max over the keys
@@ -21,46 +21,18 @@
 #include <cstring>
 
 #include "cpu_exp2.h"
+#include "cpu_vec.h"
 
 namespace {
 
+using namespace fastsd_vec;
+
 #if defined(__AVX512F__)
-using Vec = __m512;
-constexpr int W = 16;  // floats per vector
 constexpr int RK = 8;  // keys per q k^T tile (3 x 8 accumulators of the 32 registers; other shapes: README)
 constexpr int RD = 8;  // head-dim rows per p v tile
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vset1(float x) { return _mm512_set1_ps(x); }
-inline Vec vload(const float* p) { return _mm512_load_ps(p); }
-inline void vstore(float* p, Vec x) { _mm512_store_ps(p, x); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
-inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
-inline Vec vfloor(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
-inline Vec vpow2(Vec p, Vec xi) { return _mm512_scalef_ps(p, xi); }  // p * 2^xi
-#elif defined(__AVX2__) && defined(__FMA__)
-using Vec = __m256;
-constexpr int W = 8;
+#else
 constexpr int RK = 4;  // 3 x 4 accumulators of the 16 registers
 constexpr int RD = 4;
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vset1(float x) { return _mm256_set1_ps(x); }
-inline Vec vload(const float* p) { return _mm256_load_ps(p); }
-inline void vstore(float* p, Vec x) { _mm256_store_ps(p, x); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
-inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
-inline Vec vfloor(Vec x) { return _mm256_floor_ps(x); }
-inline Vec vpow2(Vec p, Vec xi) {  // p * 2^xi from the exponent bits (xi in [-64, 0])
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(xi), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#else
-#error "needs AVX-512 or AVX2 + FMA"
 #endif
 
 constexpr int QV = 3;        // vectors of queries per block
@@ -68,20 +40,6 @@ constexpr int BQ = W * QV;   // queries per block: the only block size (bm) this
 
 inline float* alloc_floats(int64_t n) {  // 64-byte aligned, size rounded up as aligned_alloc wants
   return static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));
-}
-
-// 2^x for x in [-64, 0]: 2^floor(x) times the polynomial for 2^frac(x) (cpu_exp2.h)
-inline Vec exp2_neg(Vec x) {
-  const Vec xi = vfloor(x);
-  const Vec f = vsub(x, xi);
-  namespace k = fastsd_exp2;
-  Vec p = vset1(k::C5);
-  p = vfma(p, f, vset1(k::C4));
-  p = vfma(p, f, vset1(k::C3));
-  p = vfma(p, f, vset1(k::C2));
-  p = vfma(p, f, vset1(k::C1));
-  p = vfma(p, f, vset1(k::C0));
-  return vpow2(p, xi);
 }
 
 // c[r][j] += sum over t < n of a[r * a_row + t * a_step] * b[t * BQ + W * j]: R rows of a broadcast against the

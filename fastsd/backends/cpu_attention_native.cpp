@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu_exp2.h"
+#include "cpu_vec.h"  // (compiled for AVX-512 here: fastsd_vec::Vec is __m512)
 
 namespace {
 
@@ -44,20 +45,6 @@ inline float exp2_neg(float x) {
   float pow2;
   std::memcpy(&pow2, &bits, 4);
   return fastsd_exp2::fraction(x - xi) * pow2;
-}
-
-// 16 lanes of exp2_neg (x in [-64, 0] here): the same polynomial, times 2^floor(x) by scalef
-inline __m512 exp2_neg16(__m512 x) {
-  const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, xi);
-  namespace k = fastsd_exp2;
-  __m512 p = _mm512_set1_ps(k::C5);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C4));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C3));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C2));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C1));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::C0));
-  return _mm512_scalef_ps(p, xi);
 }
 
 // 16 fp32 values stored as T: fp32 as they are; bf16 rounded to nearest even (as round_bf16), by AVX512-BF16's
@@ -120,7 +107,7 @@ float softmax_row(const float* s, T* p, int64_t lk, int64_t lkp, float c) {
   const __m512 vmx = _mm512_set1_ps(mx), vc = _mm512_set1_ps(c), lo = _mm512_set1_ps(-64.f);
   __m512 acc = _mm512_setzero_ps();
   for (j = 0; j + 16 <= lk; j += 16) {
-    const __m512 e = exp2_neg16(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx), vc), lo));
+    const __m512 e = fastsd_vec::exp2_neg(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx), vc), lo));
     store16<CVT>(p + j, e);
     acc = _mm512_add_ps(acc, e);
   }
