@@ -350,6 +350,33 @@ def test_native_attention_that_fails_to_build_warns_once_and_runs_chunked(monkey
         cpu._warn_native.cache_clear()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fp32_attention_kernel_that_fails_to_build_warns_once_at_load(monkeypatch, dtype):
+    """The fp32 micro-kernel can't be built (no compiler, faked): one warning at load for an fp32 model and for a
+    bf16 one without AMX (its attention may run in fp32), none with AMX; the pipeline generates without it."""
+    if cpu_attention_fp32.offered_here() is not None:
+        pytest.skip(f"no micro-kernel for this CPU: {cpu_attention_fp32.offered_here()}")
+    monkeypatch.setattr(cpu_attention_fp32, "_library", lambda: (None, "no C++ compiler (g++ not found; set CXX)"))
+    if dtype == "bf16":
+        monkeypatch.setattr(cpuinfo, "native_bf16", lambda cpuinfo="": True)
+    cpu._warn_native.cache_clear()
+    try:
+        for amx in ((False, True) if dtype == "bf16" else (cpuinfo.amx(),)):
+            monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="", amx=amx: amx)
+            cpu._warn_native.cache_clear()
+            if amx and dtype == "bf16":
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    load_pipeline("random:tiny", device="cpu", dtype=dtype, backend="cpu")
+                assert not [w for w in caught if "fp32 attention kernel" in str(w.message)]
+                continue
+            pipe = _load_with_one_warning(dtype, "fp32 attention kernel")
+            img = pipe.generate("a cat", steps=1, width=64, height=64, seed=0, progress=False)[0]
+            assert np.asarray(img).std() > 0
+    finally:
+        cpu._warn_native.cache_clear()
+
+
 def test_native_winograd_that_fails_to_build_warns_once_and_runs_torch_ops(monkeypatch):
     """An fp32 pipeline where the native Winograd transforms can't be built (no compiler here, faked): one warning
     at load naming why; Winograd convolutions run their torch-ops transforms, and the pipeline generates."""

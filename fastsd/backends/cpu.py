@@ -198,8 +198,11 @@ class CPUBackend(Backend):
                 _warn_native(cpu_geglu.unavailable(), "GEGLU kernel", "GEGLU")
             if torch.float32 in dtypes:
                 _warn_native(cpu_winograd_native.unavailable(), "Winograd transforms", "Winograd convolutions")
-                if cpu_attention_fp32.offered_here() is None:
-                    _warn_native(cpu_attention_fp32.unavailable(), "fp32 attention kernel", "attention")
+            # fp32 attention: fp32 models, and bf16 ones without AMX (their attention may run in fp32)
+            fp32_attention = torch.float32 in dtypes or (torch.bfloat16 in dtypes and cpuinfo.native_bf16()
+                                                         and not cpuinfo.amx())
+            if fp32_attention and cpu_attention_fp32.offered_here() is None:
+                _warn_native(cpu_attention_fp32.unavailable(), "fp32 attention kernel", "attention")
         keep_temporaries_mapped()
         model.to(memory_format=torch.channels_last)
         make_packable(model)
