@@ -71,6 +71,15 @@ inline void qk_tile(const float* kr, int d, const float* qt, float* s, Vec* mx) 
     }
 }
 
+// the last n < RK keys as one tile of n rows (none when n is 0)
+template <int R>
+inline void qk_tail(int n, const float* kr, int d, const float* qt, float* s, Vec* mx) {
+  if constexpr (R > 0) {
+    if (n == R) return qk_tile<R>(kr, d, qt, s, mx);
+    qk_tail<R - 1>(n, kr, d, qt, s, mx);
+  }
+}
+
 // O^T rows (RD of the head dim, ot row stride BQ) += v^T (kc keys from vr, row stride d) p^T (kc rows of BQ)
 inline void pv_tile(const float* p, const float* vr, int d, int kc, float* ot) {
   Vec c[RD][QV];
@@ -133,16 +142,7 @@ extern "C" int fastsd_attention_fp32(const float* q, int64_t qb, int64_t qh, int
       for (int j = 0; j < QV; ++j) mx[j] = vset1(-FLT_MAX);
       int64_t k0 = 0;
       for (; k0 + RK <= lk; k0 += RK) qk_tile<RK>(kpi + k0 * d, d, qt, s + k0 * BQ, mx);
-      switch (lk - k0) {  // the last lk % RK keys
-        case 7: qk_tile<7>(kpi + k0 * d, d, qt, s + k0 * BQ, mx); break;
-        case 6: qk_tile<6>(kpi + k0 * d, d, qt, s + k0 * BQ, mx); break;
-        case 5: qk_tile<5>(kpi + k0 * d, d, qt, s + k0 * BQ, mx); break;
-        case 4: qk_tile<4>(kpi + k0 * d, d, qt, s + k0 * BQ, mx); break;
-        case 3: qk_tile<3>(kpi + k0 * d, d, qt, s + k0 * BQ, mx); break;
-        case 2: qk_tile<2>(kpi + k0 * d, d, qt, s + k0 * BQ, mx); break;
-        case 1: qk_tile<1>(kpi + k0 * d, d, qt, s + k0 * BQ, mx); break;
-        default: break;
-      }
+      qk_tail<RK - 1>(static_cast<int>(lk - k0), kpi + k0 * d, d, qt, s + k0 * BQ, mx);  // the last lk % RK keys
       std::memset(ot, 0, sizeof(float) * d * BQ);
       const Vec vc = vset1(c), lo = vset1(-64.f);
       Vec tot[QV];
