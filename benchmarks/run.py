@@ -48,8 +48,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run benchmarks")
     r.add_argument("--suite", default="unet", help=f"comma-separated: {', '.join(SUITES)}, or all (default unet)")
     r.add_argument("--res", default=None, help="image sizes in px, comma-separated (default 512; --quick: 64)")
-    r.add_argument("--dtype", default=None, help="fp32,fp16,bf16 (default: fastsd's default: fp16 on CUDA; on a CPU bf16 where it is "
-                   "native (AVX512-BF16/AMX) and --isa native, else fp32)")
+    r.add_argument("--dtype", default=None, help="fp32,fp16,bf16 (default: fastsd's default under --isa: fp16 on CUDA; on a CPU bf16 "
+                   "where it computes faster than fp32 (AMX, or AVX512-BF16 measured so), else fp32)")
     r.add_argument("--backend", default="auto",
                    help="fastsd backends: torch,cpu,triton,openvino,auto (default auto, the default path)")
     r.add_argument("--compare", default=None, help="also time, on the same weights: diffusers, openvino (plain "
@@ -84,16 +84,26 @@ def parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ configurations
 
-def default_dtype(device: str, isa: str) -> str:
-    """fastsd's default dtype for `device`, as the workers will run it (restricted below AVX512-BF16: fp32)."""
+def default_dtype(device: str, isa: str, threads: int | None = None) -> str:
+    """fastsd's default dtype for `device`, as the workers will run it: under the --isa environment and thread
+    count (on a CPU with AVX512-BF16 and no AMX it is measured, fastsd.load.bf16_measured_faster)."""
     import torch
 
     from fastsd.load import DTYPES, default_dtype as fastsd_default
 
-    if isa in ("avx2", "avx512") and not device.startswith("cuda"):
+    if device.startswith("cuda"):
+        dtype = fastsd_default(torch.device(device))
+        return next(name for name, d in DTYPES.items() if d == dtype)
+    if isa in ("avx2", "avx512"):
         return "fp32"
-    dtype = fastsd_default(torch.device(device))
-    return next(name for name, d in DTYPES.items() if d == dtype)
+    code = ("import sys, torch\nfrom fastsd.load import DTYPES, default_dtype\n"
+            f"if {threads!r}: torch.set_num_threads({threads!r})\n"
+            "d = default_dtype(torch.device('cpu'))\nprint(next(n for n, x in DTYPES.items() if x == d))")
+    env = {**os.environ, **ISA_ENVS.get(isa, {})}
+    p = subprocess.run([sys.executable, "-c", code], cwd=common.REPO, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"error: finding fastsd's default dtype failed: {(p.stderr or p.stdout).strip()[-300:]}")
+    return p.stdout.split()[-1]
 
 
 def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
@@ -102,7 +112,6 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.model = a.model or ("random:tiny" if a.quick else "random:sd15")
     a.res = [int(x) for x in _csv(a.res or ("64" if a.quick else "512"))]
-    a.dtype = _csv(a.dtype or default_dtype(a.device, a.isa))
     a.backend = _csv(a.backend)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     a.repeat = a.repeat if a.repeat is not None else (3 if a.quick else 5)
@@ -110,6 +119,11 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     # --quick: one thread unless asked; on a loaded 2-core machine a second OpenMP thread that is
     # descheduled stalls every tiny parallel op by a scheduler tick (~4-12 ms)
     a.threads = a.threads if a.threads is not None else (1 if a.quick else None)
+    if a.isa == "avx512-bf16" and "amx_bf16" not in cpuinfo.cpu_flags():
+        raise SystemExit("error: --isa avx512-bf16 hides AMX from a CPU that has it; this one has none (run --isa native)")
+    if a.isa == "avx512" and "avx512f" not in cpuinfo.cpu_flags():
+        raise SystemExit("error: --isa avx512 holds an AVX-512 CPU below BF16; this one has no AVX-512")
+    a.dtype = _csv(a.dtype or default_dtype(a.device, a.isa, a.threads))
     a.suite = list(SUITES) if a.suite == "all" else _csv(a.suite)
     for s in a.suite:
         if s not in SUITES:
@@ -128,10 +142,6 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"error: --compare openvino: {openvino_skip_reason(a)}")
     if any(r % 8 or r < 8 for r in a.res):
         raise SystemExit("error: --res values must be positive multiples of 8")
-    if a.isa == "avx512-bf16" and "amx_bf16" not in cpuinfo.cpu_flags():
-        raise SystemExit("error: --isa avx512-bf16 hides AMX from a CPU that has it; this one has none (run --isa native)")
-    if a.isa == "avx512" and "avx512f" not in cpuinfo.cpu_flags():
-        raise SystemExit("error: --isa avx512 holds an AVX-512 CPU below BF16; this one has no AVX-512")
     return a
 
 

@@ -1,8 +1,8 @@
 """load_pipeline: a model source, a device, a dtype and a backend -> a ready Pipeline.
 
-Device and dtype defaults: CUDA when available; fp16 on CUDA, on a CPU bf16 where it is native
-(AVX512-BF16/AMX, fastsd.cpuinfo) else fp32. bf16 asked for on a CPU without native bf16 runs (slowly)
-with one warning.
+Device and dtype defaults: CUDA when available; fp16 on CUDA, on a CPU bf16 where it computes faster than
+fp32 (AMX; AVX512-BF16 alone where a bf16 linear is measured faster, `bf16_measured_faster`) else fp32. bf16 asked
+for on a CPU without native bf16 runs (slowly) with one warning.
 """
 from __future__ import annotations
 
@@ -21,10 +21,33 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA; on a CPU bf16 where bf16 is native, else fp32 (README "Performance" has the numbers)."""
+    """fp16 on CUDA; on a CPU bf16 where it computes faster than fp32, else fp32 (README "Performance")."""
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpuinfo.native_bf16() else torch.float32
+    if device.type != "cpu" or not cpuinfo.native_bf16():
+        return torch.float32
+    return torch.bfloat16 if cpuinfo.amx() or bf16_measured_faster() else torch.float32
+
+
+PROBE = (1024, 640, 640)  # rows, in, out features of the linear timed in both dtypes (a 32x32 UNet level's)
+
+
+def bf16_measured_faster() -> bool:
+    """Whether a bf16 linear runs faster than the fp32 one on this CPU, timed once per CPU fingerprint and thread
+    count by the cpu backend's tuner (cached; bf16 unless fp32 takes <= its MARGIN of bf16's time;
+    FASTSD_CPU_TUNE=0: bf16 unmeasured). For CPUs with AVX512-BF16 and no AMX: where the bf16 dot product
+    does twice the fp32 FMA's work per cycle (AMD Zen 4/5) bf16 wins; where it does half (Intel with AMX hidden,
+    as some VMs run it) fp32 does."""
+    from fastsd.backends.cpu_tune import tuner
+
+    m, k, n = PROBE
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
+    xb, wb = x.bfloat16(), w.bfloat16()
+    key = f"default dtype: linear {m}x{k}->{n} bf16 vs fp32, {torch.get_num_threads()} threads"
+    choice = tuner().choose(key, {"bf16": lambda: torch.nn.functional.linear(xb, wb),
+                                  "fp32": lambda: torch.nn.functional.linear(x, w)}, default="bf16")
+    return choice == "bf16"
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -124,9 +124,16 @@ def test_run_summary_and_threads(tmp_path):
     summary = [ln for ln in r.stderr.splitlines() if ln.startswith("fastsd: ")]
     assert len(summary) == 1
     s = summary[0]
-    from fastsd import cpuinfo
+    import torch
 
-    dtype = "bfloat16" if cpuinfo.native_bf16() else "float32"  # the default dtype on this CPU
+    from fastsd.load import default_dtype
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the default dtype on this CPU at the run's thread count (measured without AMX)
+    try:
+        dtype = str(default_dtype(torch.device("cpu"))).removeprefix("torch.")
+    finally:
+        torch.set_num_threads(threads)
     for part in ("model random:tiny", f"cpu {dtype}", "ISA ", "backend cpu", "1 threads", "64x64", "1 steps"):
         assert part in s, s
 

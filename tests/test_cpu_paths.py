@@ -1369,11 +1369,48 @@ def test_default_dtype_follows_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert cpuinfo.amx(str(with_amx))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cpuinfo, "native_bf16", lambda: True)
+    monkeypatch.setattr(cpuinfo, "amx", lambda: True)
     assert pipeline.parse_dtype(None, cpu) == torch.bfloat16 and pipeline.parse_dtype(None, cuda) == torch.float16
     assert pipeline.parse_dtype("fp32", cpu) == torch.float32
+    assert not (tmp_path / "cache").exists()  # with AMX bf16 is taken unmeasured
     monkeypatch.setattr(cpuinfo, "native_bf16", lambda: False)
     assert pipeline.parse_dtype(None, cpu) == torch.float32
+
+
+@pytest.mark.parametrize("bf16_ms, fp32_ms, expected", [(1.0, 0.6, torch.float32), (0.6, 1.0, torch.bfloat16),
+                                                        (1.0, 0.95, torch.bfloat16)])  # within MARGIN: bf16
+def test_default_dtype_without_amx_is_the_measured_faster(tmp_path, monkeypatch, bf16_ms, fp32_ms, expected):
+    """AVX512-BF16 without AMX: bf16 only where the tuner times a bf16 linear faster than the fp32 one (Intel
+    with AMX hidden runs bf16 dot products at half the fp32 FMA's rate), recorded per CPU."""
+    from fastsd import load as pipeline
+
+    monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(cpu_tune.MODE_ENV, raising=False)
+    monkeypatch.setattr(cpuinfo, "native_bf16", lambda: True)
+    monkeypatch.setattr(cpuinfo, "amx", lambda: False)
+    timed = []
+
+    def measure(candidates):
+        timed.append(sorted(candidates))
+        outs = {name: fn() for name, fn in candidates.items()}
+        assert outs["bf16"].dtype == torch.bfloat16 and outs["fp32"].dtype == torch.float32
+        assert (outs["bf16"].float() - outs["fp32"]).abs().max() < 0.05 * outs["fp32"].abs().max()  # one linear
+        return {"bf16": bf16_ms, "fp32": fp32_ms}
+
+    monkeypatch.setattr(cpu_tune, "measure", measure)
+    assert pipeline.default_dtype(torch.device("cpu")) == expected
+    assert timed and timed[0] == ["bf16", "fp32"]
+    entries = cpu_tune.tuner().entries()
+    (key,) = [k for k in entries if k.startswith("default dtype")]
+    assert entries[key]["choice"] == {torch.bfloat16: "bf16", torch.float32: "fp32"}[expected]
+    assert f"{torch.get_num_threads()} threads" in key
+    n = len(timed)
+    assert pipeline.default_dtype(torch.device("cpu")) == expected and len(timed) == n  # cached, not timed again
+    monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path / "off"))
+    monkeypatch.setenv(cpu_tune.MODE_ENV, "0")
+    assert pipeline.default_dtype(torch.device("cpu")) == torch.bfloat16 and len(timed) == n  # tuning off: bf16
 
 
 def test_rowmax_bf16_is_amax():
