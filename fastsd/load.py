@@ -92,6 +92,9 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpuinfo.native_bf16():
         warnings.warn("bf16 is emulated on this CPU (no AVX512-BF16/AMX): it runs, but fp32 is faster here "
                       "(--dtype fp32, the default on this CPU)", stacklevel=2)
+    elif device.type == "cpu" and dtype == torch.bfloat16 and not cpuinfo.amx() and not bf16_measured_faster():
+        warnings.warn("bf16 runs slower than fp32 on this CPU (AVX512-BF16 without AMX, measured): it runs, but "
+                      "fp32 is faster here (--dtype fp32, the default on this CPU)", stacklevel=2)
     backends.get(backend, device, dtype)  # an unknown or unavailable backend fails before any loading
     src = resolve(source)
     cfg = src.config if isinstance(src, Checkpoint) else src

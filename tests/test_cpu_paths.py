@@ -1408,6 +1408,13 @@ def test_default_dtype_without_amx_is_the_measured_faster(tmp_path, monkeypatch,
     assert f"{torch.get_num_threads()} threads" in key
     n = len(timed)
     assert pipeline.default_dtype(torch.device("cpu")) == expected and len(timed) == n  # cached, not timed again
+    with warnings.catch_warnings(record=True) as caught:  # bf16 asked for: one warning where fp32 is faster
+        warnings.simplefilter("always")
+        pipe = load_pipeline("random:tiny", device="cpu", dtype="bf16", backend="torch")
+    msgs = [str(w.message) for w in caught]
+    assert pipe.dtype == torch.bfloat16 and len(timed) == n
+    assert msgs == (["bf16 runs slower than fp32 on this CPU (AVX512-BF16 without AMX, measured): it runs, but fp32 "
+                     "is faster here (--dtype fp32, the default on this CPU)"] if expected == torch.float32 else []), msgs
     monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path / "off"))
     monkeypatch.setenv(cpu_tune.MODE_ENV, "0")
     assert pipeline.default_dtype(torch.device("cpu")) == torch.bfloat16 and len(timed) == n  # tuning off: bf16
