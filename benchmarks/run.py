@@ -102,7 +102,8 @@ def default_dtype(device: str, isa: str, threads: int | None = None) -> str:
     env = {**os.environ, **ISA_ENVS.get(isa, {})}
     p = subprocess.run([sys.executable, "-c", code], cwd=common.REPO, env=env, capture_output=True, text=True)
     if p.returncode != 0:
-        raise SystemExit(f"error: finding fastsd's default dtype failed: {(p.stderr or p.stdout).strip()[-300:]}")
+        last = ((p.stderr or p.stdout).strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"error: finding fastsd's default dtype under --isa {isa} failed: {last}")
     return p.stdout.split()[-1]
 
 
