@@ -130,20 +130,21 @@ def tile_counts(h: int, w: int, v: Variant) -> tuple[int, int]:
 
 
 def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(K, C, 3, 3) weight -> (a*a, C, K) fp32 G g G^T per (K, C) pair, flattened: K GEMMs of (a*a, 9) x (9, C)
-    into a (K, a*a, C) tensor (no copy of the weight when it is channels_last), returned as a view (the batched
-    GEMM takes the transposed operand as it is) below CONTIGUOUS_FROM_K output channels and as a contiguous copy
-    from there (README "The CPU path": MKL's GEMMs of 64-256 rows run faster on it there, slower below). `out`,
-    an earlier result of the same shape (a weight this one replaces), is written over: memory already in use, not
+    """(K, C, 3, 3) weight -> (a*a, C, K) fp32 G g G^T per (K, C) pair, flattened. Below CONTIGUOUS_FROM_K output
+    channels K GEMMs of (a*a, 9) x (9, C) into a (K, a*a, C) tensor (no copy of the weight when it is channels_last),
+    returned as a view (the batched GEMM takes the transposed operand as it is); from there a contiguous (a*a, C, K)
+    tensor (README "The CPU path": MKL's GEMMs of 64-256 rows run faster on it there, slower below), made by one GEMM
+    over the weight transposed to (9, C, K) (a transposing copy of the larger result was the slow part). `out`, an
+    earlier result of the same shape (a weight this one replaces), is written over: memory already in use, not
     fresh pages to fault in."""
     k, c = w.shape[:2]
     shape = (v.a * v.a, c, k)
     if out is not None and (out.shape != shape or out.dtype != torch.float32):
         out = None
-    if k >= CONTIGUOUS_FROM_K:  # the weight transposed to (9, C, K) (nine 2-D transposes, ATen's blocked copy), then
-        rows = w.detach().float().permute(2, 3, 0, 1).reshape(R * R, k, c)  # one GEMM straight into (a*a, C, K):
-        wt = torch.empty(R * R, c, k)  # the transposing copy of the 1.8-4x larger result ran at ~1 GB/s
-        for j in range(R * R):
+    if k >= CONTIGUOUS_FROM_K:
+        rows = w.detach().float().permute(2, 3, 0, 1).reshape(R * R, k, c)
+        wt = torch.empty(R * R, c, k)
+        for j in range(R * R):  # 2-D transposes: ATen's blocked copy
             wt[j].copy_(rows[j].t())
         if out is None or not out.is_contiguous():
             out = torch.empty(shape)
