@@ -91,13 +91,11 @@ def default_dtype(device: str, isa: str, threads: int | None = None) -> str:
 
     from fastsd.load import DTYPES, default_dtype as fastsd_default
 
-    if device.startswith("cuda"):
-        dtype = fastsd_default(torch.device(device))
-        return next(name for name, d in DTYPES.items() if d == dtype)
-    if isa in ("avx2", "avx512"):
+    if isa in ("avx2", "avx512") and not device.startswith("cuda"):
         return "fp32"
-    if isa == "native" and (cpuinfo.amx() or not cpuinfo.native_bf16()):  # decided without measuring
-        return "bf16" if cpuinfo.amx() else "fp32"
+    if device.startswith("cuda") or (isa == "native" and (cpuinfo.amx() or not cpuinfo.native_bf16())):
+        dtype = fastsd_default(torch.device(device))  # decided here without measuring
+        return next(name for name, d in DTYPES.items() if d == dtype)
     code = ("import sys, torch\nfrom fastsd.load import DTYPES, default_dtype\n"
             f"if {threads!r}: torch.set_num_threads({threads!r})\n"
             "d = default_dtype(torch.device('cpu'))\nprint(next(n for n, x in DTYPES.items() if x == d))")

@@ -24,9 +24,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA; on a CPU bf16 where it computes faster than fp32, else fp32 (README "Performance")."""
     if device.type == "cuda":
         return torch.float16
-    if device.type != "cpu" or not cpuinfo.native_bf16():
-        return torch.float32
-    return torch.bfloat16 if cpuinfo.amx() or bf16_measured_faster() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and bf16_faster_here() else torch.float32
+
+
+def bf16_faster_here() -> bool:
+    """Whether this CPU computes bf16 faster than fp32: native bf16, and AMX or a measured bf16 linear faster."""
+    return cpuinfo.native_bf16() and (cpuinfo.amx() or bf16_measured_faster())
 
 
 PROBE = (1024, 640, 640)  # rows, in, out features of the linear timed in both dtypes (a 32x32 UNet level's)
@@ -92,7 +95,7 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpuinfo.native_bf16():
         warnings.warn("bf16 is emulated on this CPU (no AVX512-BF16/AMX): it runs, but fp32 is faster here "
                       "(--dtype fp32, the default on this CPU)", stacklevel=2)
-    elif device.type == "cpu" and dtype == torch.bfloat16 and not cpuinfo.amx() and not bf16_measured_faster():
+    elif device.type == "cpu" and dtype == torch.bfloat16 and not bf16_faster_here():
         warnings.warn("bf16 runs slower than fp32 on this CPU (AVX512-BF16 without AMX, measured): it runs, but "
                       "fp32 is faster here (--dtype fp32, the default on this CPU)", stacklevel=2)
     backends.get(backend, device, dtype)  # an unknown or unavailable backend fails before any loading
