@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import time
 
 from fastsd import cpuinfo
+from fastsd.cli import ArgumentParser
 
 from . import common
 from .suites import OPS
@@ -43,7 +45,7 @@ def _csv(s: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fastsd.benchmarks", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m fastsd.benchmarks", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run benchmarks")
     r.add_argument("--suite", default="unet", help=f"comma-separated: {', '.join(SUITES)}, or all (default unet)")
@@ -112,7 +114,11 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
 
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.model = a.model or ("random:tiny" if a.quick else "random:sd15")
-    a.res = [int(x) for x in _csv(a.res or ("64" if a.quick else "512"))]
+    res = a.res or ("64" if a.quick else "512")
+    try:
+        a.res = [int(x) for x in _csv(res)]
+    except ValueError:
+        raise SystemExit(f"error: --res {res}: expected sizes in px, comma-separated (e.g. 256,512)") from None
     a.backend = _csv(a.backend)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     a.repeat = a.repeat if a.repeat is not None else (3 if a.quick else 5)
@@ -120,6 +126,7 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     # --quick: one thread unless asked; on a loaded 2-core machine a second OpenMP thread that is
     # descheduled stalls every tiny parallel op by a scheduler tick (~4-12 ms)
     a.threads = a.threads if a.threads is not None else (1 if a.quick else None)
+    check_run_values(a)
     if a.isa == "avx512-bf16" and "amx_bf16" not in cpuinfo.cpu_flags():
         raise SystemExit("error: --isa avx512-bf16 hides AMX from a CPU that has it; this one has none (run --isa native)")
     if a.isa == "avx512" and "avx512f" not in cpuinfo.cpu_flags():
@@ -144,6 +151,29 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     if any(r % 8 or r < 8 for r in a.res):
         raise SystemExit("error: --res values must be positive multiples of 8")
     return a
+
+
+def check_run_values(a: argparse.Namespace) -> None:
+    """Numbers out of range, an unknown sampler or a model that isn't there: one `error:` line before any worker
+    starts (not a row per worker with its traceback)."""
+    from fastsd.checkpoint import resolve
+    from fastsd.samplers import resolve_sampler_name
+    from fastsd.tensorfile import CheckpointError
+
+    for name, value, low in (("--warmup", a.warmup, 0), ("--repeat", a.repeat, 1), ("--batch", a.batch, 1),
+                             ("--steps", a.steps, 1), ("--threads", a.threads, 1)):
+        if value is not None and value < low:
+            raise SystemExit(f"error: {name} must be at least {low}, got {value}")
+    if a.timeout is not None and not a.timeout > 0:
+        raise SystemExit(f"error: --timeout must be a positive number of seconds, got {a.timeout}")
+    if not math.isfinite(a.cfg):
+        raise SystemExit(f"error: --cfg must be a finite number, got {a.cfg}")
+    try:
+        resolve_sampler_name(a.sampler)
+        if a.model.startswith("random:") or not os.path.exists(a.model):  # (a file that is there: its workers read it)
+            resolve(a.model)
+    except (ValueError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def triton_skip_reason(a) -> str | None:

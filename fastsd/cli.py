@@ -19,6 +19,14 @@ def usage_error(parser: argparse.ArgumentParser, msg: str):
     parser.exit(2, f"{parser.prog}: error: {msg}\n")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """fastsd's command lines: argparse's own errors (a missing argument, `--steps abc`, an unknown option) are one
+    line too (usage_error), pointing at --help for the usage."""
+
+    def error(self, message: str):
+        usage_error(self, f"{message} (--help lists the options)")
+
+
 def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse a training-run command (its first argument is a run folder, which must exist)."""
     args = parser.parse_args(argv)

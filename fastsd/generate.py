@@ -12,7 +12,7 @@ import os
 import sys
 import typing
 
-from fastsd.cli import HelpFormatter, fail, one_line_warnings, positive_int, run_summary, set_threads
+from fastsd.cli import ArgumentParser, HelpFormatter, fail, one_line_warnings, positive_int, run_summary, set_threads
 from fastsd.settings import FIELDS, GenerationSettings
 
 MODEL_ENV = "FASTSD_MODEL"
@@ -36,8 +36,8 @@ def _settings_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastsd.generate", formatter_class=HelpFormatter,
-                                description="Stable Diffusion 1.x text-to-image, image-to-image and inpainting.")
+    p = ArgumentParser(prog="python -m fastsd.generate", formatter_class=HelpFormatter,
+                       description="Stable Diffusion 1.x text-to-image, image-to-image and inpainting.")
     _settings_options(p)
     p.add_argument("--model", help=f"LDM .safetensors/.ckpt, diffusers folder, repo id in the local HF cache, or "
                    f"random:sd15 / random:tiny (random weights); default ${MODEL_ENV}, else the only SD1.x model "
@@ -178,7 +178,8 @@ def lora_files(args: argparse.Namespace, prompt: str) -> list[tuple[str, float]]
     found = [parse_lora_arg(a) for a in args.lora]
     for path, _ in found:
         if not os.path.isfile(path):
-            raise ValueError(f"--lora {path}: no such file")
+            raise ValueError(f"--lora {path}: " + ("a folder, not a LoRA file (a folder of LoRAs is --lora-dir)"
+                                                   if os.path.isdir(path) else "no such file"))
     folder = args.lora_dir or os.environ.get(LORA_DIR_ENV)
     return found + [(lora_path(name, folder), weight) for name, weight in parse_prompt(prompt)[1]]
 

@@ -179,3 +179,29 @@ def test_checkout_comes_off_sys_path(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "path", ["", REPO, str(tmp_path), REPO + os.sep])
     checkout_off_path()
     assert sys.path == [str(tmp_path)]
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--repeat", "0"], "--repeat must be at least 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be at least 0"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--timeout", "0"], "--timeout must be a positive number"),
+    (["--cfg", "nan"], "--cfg must be a finite number"),
+    (["--res", "abc"], "--res abc: expected sizes in px"),
+    (["--sampler", "foo"], "unknown sampler 'foo'"),
+    (["--model", "no/such.safetensors"], "no/such.safetensors: no such file or folder"),
+    (["--model", "random:huge"], "unknown preset 'huge'"),
+])
+def test_bad_run_values_are_one_line_errors_before_any_worker(monkeypatch, argv, error):
+    """Numbers out of range, an unknown sampler or a missing model: one `error:` line from resolve_defaults,
+    before a worker starts (they used to become result rows carrying a worker's traceback, or rows with no
+    times for --repeat 0)."""
+    from fastsd.benchmarks import run
+
+    monkeypatch.setattr(run, "execute", lambda *a, **k: pytest.fail("a worker was started"))
+    a = run.parser().parse_args(["run", "--device", "cpu", "--dtype", "fp32", *argv])
+    with pytest.raises(SystemExit, match=error) as e:
+        run.resolve_defaults(a)
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)

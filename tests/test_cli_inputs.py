@@ -152,3 +152,27 @@ def test_benchmark_table_of_a_missing_file():
                        text=True, timeout=60, cwd=REPO)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("module, build, argv", [
+    ("fastsd.generate", "build_parser", ["a cat", "--steps", "abc"]),
+    ("fastsd.generate", "build_parser", []),  # no prompt
+    ("fastsd.generate", "build_parser", ["a cat", "--threads", "0"]),
+    ("fastsd.serve.__main__", "build_parser", ["--port", "abc"]),
+    ("fastsd.batch.__main__", "build_parser", ["jobs.jsonl"]),  # no --out
+    ("fastsd.benchmarks.run", "parser", ["run", "--no-such-option"]),
+    ("fastsd.benchmarks.run", "parser", []),  # no command
+    ("fastsd.train.trainer", "build_parser", ["--steps", "x"]),
+    ("fastsd.train.sample", "build_parser", []),
+])
+def test_argument_errors_are_one_line(capsys, module, build, argv):
+    """argparse's own errors (a missing argument, a value of the wrong type, an unknown option) are one line
+    naming the command, exit 2, without argparse's usage block."""
+    import importlib
+
+    parser = getattr(importlib.import_module(module), build)()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert len(err) == 1 and err[0].startswith(f"{parser.prog}: error: ") and "--help" in err[0], err

@@ -462,6 +462,7 @@ def test_cli_lora_file_and_prompt_tag(tmp_path, capsys, monkeypatch):
     ("a cat <lora:nope:1>", [], "no nope.safetensors"),
     ("a cat <lora:ink:x>", [], "not a number"),
     ("a cat", ["--lora", "missing.safetensors:0.5"], "no such file"),
+    ("a cat", ["--lora", "{loras}"], "a folder, not a LoRA file"),
     ("a cat", ["--lora", "{bad}"], "do not fit this model"),
 ])
 def test_cli_bad_lora_one_line_exit_2(tmp_path, capsys, monkeypatch, prompt, args, match):
@@ -472,7 +473,7 @@ def test_cli_bad_lora_one_line_exit_2(tmp_path, capsys, monkeypatch, prompt, arg
     pipe = tiny()
     write_random_lora(str(loras / "ink.safetensors"), pipe, fmt="kohya_ldm", rank=4)
     _kohya(pipe, str(tmp_path / "bad.safetensors"), BAD["shape"][0])
-    args = [a.format(bad=tmp_path / "bad.safetensors") for a in args]
+    args = [a.format(bad=tmp_path / "bad.safetensors", loras=loras) for a in args]
     out = tmp_path / "out"
     code = main([prompt, *CLI, "--lora-dir", str(loras), *args, "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()

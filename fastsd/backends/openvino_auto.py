@@ -14,14 +14,15 @@ CPU path's op choices, and a load must not silently spend that.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from fastsd.cli import ArgumentParser
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastsd.backends.openvino_auto",
-                                 description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m fastsd.backends.openvino_auto",
+                        description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="random:sd15", help="weights do not matter for speed (default random:sd15)")
     ap.add_argument("--res", type=int, default=512, help="image side in px (default 512)")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: the CPU's default dtype")

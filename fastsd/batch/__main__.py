@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastsd.cli import HelpFormatter, fail, one_line_warnings, positive_int
+from fastsd.cli import ArgumentParser, HelpFormatter, fail, one_line_warnings, positive_int
 from fastsd.generate import _settings_options, default_model
 
 
@@ -27,9 +27,9 @@ def _resources(positive: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastsd.batch", formatter_class=HelpFormatter,
-                                description="Many images from a job file, resumable; in this process or on a Ray "
-                                "cluster. A field a job leaves out takes the option's value below.")
+    p = ArgumentParser(prog="python -m fastsd.batch", formatter_class=HelpFormatter,
+                       description="Many images from a job file, resumable; in this process or on a Ray "
+                       "cluster. A field a job leaves out takes the option's value below.")
     p.add_argument("jobs", help=".jsonl (one JSON object a line), .csv (with a header) or .txt (one prompt a line)")
     p.add_argument("--model", help="as python -m fastsd.generate --model; none given: $FASTSD_MODEL, else the only "
                    "SD1.x model in the local HF cache")

@@ -12,7 +12,7 @@ import socket
 import sys
 import warnings
 
-from fastsd.cli import HelpFormatter, fail, one_line_warnings, positive_int, run_summary, set_threads
+from fastsd.cli import ArgumentParser, HelpFormatter, fail, one_line_warnings, positive_int, run_summary, set_threads
 from fastsd.serve.limits import Limits
 
 TOKEN_ENV = "FASTSD_SERVE_TOKEN"
@@ -20,8 +20,8 @@ TOKEN_ENV = "FASTSD_SERVE_TOKEN"
 
 def build_parser() -> argparse.ArgumentParser:
     d = Limits()
-    p = argparse.ArgumentParser(prog="python -m fastsd.serve", formatter_class=HelpFormatter,
-                                description="AUTOMATIC1111-compatible HTTP API and web page for fastsd.")
+    p = ArgumentParser(prog="python -m fastsd.serve", formatter_class=HelpFormatter,
+                       description="AUTOMATIC1111-compatible HTTP API and web page for fastsd.")
     p.add_argument("--model", action="append", default=None, help="a model to serve (repeatable; the first is the "
                    "default): what python -m fastsd.generate --model takes; default $FASTSD_MODEL")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs --api-auth or "

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from fastsd.cli import HelpFormatter, add_run_sampling_args, parse_run_args, require, usage_error
+from fastsd.cli import ArgumentParser, HelpFormatter, add_run_sampling_args, parse_run_args, require, usage_error
 
 HIDDEN = 64
 MAX_CLASSIFIER_TRAIN = 10000  # subsample big datasets (MNIST, CIFAR) for the scikit-learn classifier
@@ -184,8 +184,8 @@ def markdown(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastsd.train.evaluate", description="Classifier accuracy and Frechet "
-                                "distance of a fastsd.train run's samples.", formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="python -m fastsd.train.evaluate", description="Classifier accuracy and Frechet "
+                       "distance of a fastsd.train run's samples.", formatter_class=HelpFormatter)
     add_run_sampling_args(p, sampler="ddim")
     p.add_argument("--cfg-scale", type=float, nargs="+", default=[3.0], help="one or more guidance scales")
     p.add_argument("--n-per-class", type=int, default=100)

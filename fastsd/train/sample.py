@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from fastsd.cli import HelpFormatter, add_run_sampling_args, parse_run_args, usage_error
+from fastsd.cli import ArgumentParser, HelpFormatter, add_run_sampling_args, parse_run_args, usage_error
 from fastsd.train.trainer import MODEL_FILE, STATE_FILE, RunConfig, build_model, load_run_config, load_tensors
 
 
@@ -122,8 +122,8 @@ def parse_class(value: str | None, run: RunConfig) -> list[int | None] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastsd.train.sample", description="Sample a fastsd.train run into a "
-                                "grid PNG.", formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="python -m fastsd.train.sample", description="Sample a fastsd.train run into a "
+                       "grid PNG.", formatter_class=HelpFormatter)
     add_run_sampling_args(p, sampler="ddpm")
     p.add_argument("--class", dest="klass", default=None, help="class id or name, or 'all' for one row per class "
                    "(default: all for a conditional run)")

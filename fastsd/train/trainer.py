@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fastsd.config import SchedulerConfig, UNetConfig
-from fastsd.cli import require, usage_error
+from fastsd.cli import ArgumentParser, require, usage_error
 from fastsd.files import atomic_write
 from fastsd.train.datasets import DATASETS, Dataset, DatasetError, check_path, load_dataset
 
@@ -387,8 +387,8 @@ def _int_tuple(s: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m fastsd.train", description="Train a small pixel-space DDPM "
-                                "(fastsd UNet; class-conditional through cross-attention, with CFG dropout).")
+    p = ArgumentParser(prog="python -m fastsd.train", description="Train a small pixel-space DDPM "
+                       "(fastsd UNet; class-conditional through cross-attention, with CFG dropout).")
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data-path", help="mnist: folder with the IDX files (or the images file); cifar10: the "
                    "cifar-10-batches-py folder; folder: root with one subfolder per class")
