@@ -415,26 +415,29 @@ class LoraSet:
         lora = read_lora(path, models)
         layout = _conv_layout(pipe.backend)
         done = []  # (module, key, previous weight Parameter, first change of this layer)
-        try:
-            for layer in lora.layers:
-                module = models[layer.model].get_submodule(layer.module)
-                key = (layer.model, layer.module)
-                pipe.backend.plain_weights(module)
-                prev = module.weight
-                first = key not in self._originals
-                done.append((module, key, prev, first))
-                if first:
-                    self._originals[key] = prev
-                multiplier = unet_weight if layer.model == "unet" else te_weight
-                merged = merged_weight(prev, layer, multiplier, layout if prev.dim() == 4 else torch.contiguous_format)
-                module.weight = nn.Parameter(merged, requires_grad=False)
-                pipe.backend.prepare(module)
-        except BaseException:
-            for module, key, prev, first in reversed(done):
-                pipe.backend.replace_weight(module, prev)
-                if first:
-                    del self._originals[key]
-            raise
+        with pipe.backend.replacing_weights():
+            try:
+                for layer in lora.layers:
+                    module = models[layer.model].get_submodule(layer.module)
+                    key = (layer.model, layer.module)
+                    pipe.backend.plain_weights(module)
+                    prev = module.weight
+                    first = key not in self._originals
+                    done.append((module, key, prev, first))
+                    if first:
+                        self._originals[key] = prev
+                    multiplier = unet_weight if layer.model == "unet" else te_weight
+                    merged = merged_weight(prev, layer, multiplier,
+                                           layout if prev.dim() == 4 else torch.contiguous_format)
+                    module.weight = nn.Parameter(merged, requires_grad=False)
+                    del merged  # (a backend that lays the weight out anew frees it now, for the next layer's merge)
+                    pipe.backend.prepare_replaced(module)
+            except BaseException:
+                for module, key, prev, first in reversed(done):
+                    pipe.backend.replace_weight(module, prev)
+                    if first:
+                        del self._originals[key]
+                raise
         entry = LoadedLora(lora.name, path, weight, len(lora.layers))
         self.loaded.append(entry)
         return entry

@@ -155,6 +155,71 @@ def test_cpu_path_switch_and_unload_bit_for_bit(tmp_path, dtype):
     assert_same_state(pipe, state(ref))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cpu_path_packs_merged_weights_as_their_layers_last_ran(tmp_path, monkeypatch, dtype):
+    """A LoRA load packs each merged weight at once, in the form and for the input shape its layer's weight last ran
+    packed in (the first call after a load or a switch packs nothing), gives the images a lazily packed load gives,
+    and hands the replaced weights' memory back once at its end."""
+    from fastsd.backends import cpu, cpu_pack
+
+    pipe = tiny("cpu", dtype)
+    if cpu_pack.packing_unavailable(pipe.dtype) is not None:
+        pytest.skip(cpu_pack.packing_unavailable(pipe.dtype))
+    generate(pipe, steps=2)
+    ran = {n: (m._form, m._packed_for) for model in (pipe.unet, pipe.clip) for n, m in model.named_modules()
+           if getattr(getattr(m, "weight", None), "is_mkldnn", False)}
+    assert ran
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    write_random_lora(a, pipe, fmt="kohya_ldm", rank=8, alpha=4.0, seed=1)
+    write_random_lora(b, pipe, fmt="kohya_ldm", rank=4, seed=2)
+    trims = []
+    monkeypatch.setattr(cpu, "release_freed_memory", lambda: trims.append(1))
+    for path in (a, b):  # a first load after a run, then a switch (unload a, load b)
+        pipe.unload_loras()
+        trims.clear()
+        pipe.load_lora(path, 1.0)
+        assert len(trims) == 1
+        now = {n: (m._form, m._packed_for) for model in (pipe.unet, pipe.clip) for n, m in model.named_modules()
+               if getattr(getattr(m, "weight", None), "is_mkldnn", False)}
+        assert now == ran  # every layer that ran packed is packed again, as it ran
+        before = cpu_pack.PACKED[0]
+        image = generate(pipe, steps=2)
+        assert cpu_pack.PACKED[0] == before  # the call packed nothing
+        lazy = tiny("cpu", dtype)  # the same LoRA loaded before any run: packed at the first call
+        lazy.load_lora(path, 1.0)
+        assert np.array_equal(image, generate(lazy, steps=2))
+    pipe.unload_loras()  # and back: originals (packed at their next call) and the image of before
+    assert np.array_equal(generate(pipe, steps=2), generate(tiny("cpu", dtype), steps=2))
+
+
+def test_a_layer_that_last_ran_dense_is_not_packed_at_a_merge(monkeypatch):
+    """A layer whose last call ran its weight dense (the tuner chose plain or Winograd at that shape) keeps a
+    replaced weight dense: nothing is packed for a form it no longer runs in."""
+    from fastsd.backends import cpu, cpu_pack, cpu_tune
+
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+    conv = cpu.BACKEND.prepare(torch.nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False))
+    with torch.no_grad():
+        conv(torch.randn(1, 8, 9, 9).contiguous(memory_format=torch.channels_last))  # packed (the default)
+        assert conv.weight.is_mkldnn
+
+        class Plain:
+            def choose(self, key, candidates, default):
+                return "plain"
+
+        monkeypatch.setattr(cpu_tune, "tuner", Plain)
+        x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+        conv(x)  # another shape, run plain: the weight dense again
+        assert not conv.weight.is_mkldnn
+        cpu.BACKEND.plain_weights(conv)
+        new = torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+        conv.weight = torch.nn.Parameter(new, requires_grad=False)
+        cpu.BACKEND.prepare_replaced(conv)
+        assert not conv.weight.is_mkldnn and conv.weight is not None
+        assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, new, conv.bias, padding=1), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_merge_is_the_fp32_merge_rounded_once(tmp_path, dtype):
     pipe32, pipe = tiny(), tiny(dtype=dtype)

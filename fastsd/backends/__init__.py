@@ -80,6 +80,15 @@ class Backend:
         module.weight = weight
         self.prepare(module)
 
+    def prepare_replaced(self, module: nn.Module) -> None:
+        """Prepare `module` (one Conv2d / Linear) after plain_weights, its weight replaced by a merge (a LoRA
+        load) with one of the same shape. The base: prepare."""
+        self.prepare(module)
+
+    def replacing_weights(self) -> contextlib.AbstractContextManager:
+        """Wraps a merge of many weights (a LoRA load; a backend may tidy up after it)."""
+        return contextlib.nullcontext()
+
     def running(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """Wraps each run of `model` (a backend may tidy up after it)."""
         return contextlib.nullcontext()

@@ -36,7 +36,7 @@ from fastsd.backends import (Backend, Ops, cpu_attention_fp32, cpu_attention_nat
                              cpu_native, cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, large_blocks_in_heap,
-                                     make_packable, make_plain, release_freed_memory)
+                                     make_packable, make_plain, pack_as_last_run, release_freed_memory)
 from fastsd.backends.cpu_tune import tuner
 
 FF_CHUNK_TOKENS = 2048  # tokens per feed-forward chunk (1024 and 2048 were best of 256..2048 tried)
@@ -218,6 +218,20 @@ class CPUBackend(Backend):
         Winograd-transformed weights kept aside for the merged weights' transforms to write over."""
         make_plain(model, spare=True)
         return model
+
+    def prepare_replaced(self, module):
+        """Packed now where its previous weight ran packed (cpu_pack.pack_as_last_run), not at the next call."""
+        self.prepare(module)
+        pack_as_last_run(module)
+
+    @contextlib.contextmanager
+    def replacing_weights(self):
+        """Afterwards the memory of the weights replaced goes back to the OS (the run that would have packed the
+        merged weights, and trimmed then, packs nothing)."""
+        try:
+            yield
+        finally:
+            release_freed_memory()
 
     def replace_weight(self, module, weight):
         make_plain(module, unpack=False, spare=True)  # its packed weight is dropped, not reordered back first

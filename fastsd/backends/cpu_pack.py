@@ -112,6 +112,8 @@ class _Packable:
             self.weight = nn.Parameter(w, requires_grad=False)
         self._packed_for = packed_for
         self._form = form if w.is_mkldnn else None
+        if w.is_mkldnn:  # how the layer runs (until a call runs it dense): its next weight may be packed so at once
+            self._last_packed = (form, packed_for)
 
     def unpack(self) -> None:
         if self.weight.is_mkldnn:
@@ -166,10 +168,13 @@ class _Packable:
         if use not in FORMS:  # (names no other candidate takes: no need to work out this layer's forms per call)
             if self.weight.is_mkldnn:  # still packed for another input shape, where packing won
                 self._set_weight(self._dense_weight(), None)
+            self.__dict__.pop("_last_packed", None)
             return self._run_other(use, x)
         if self._form != use or self._packed_for != pack_shape:  # another form, or packed for another input
-            self._set_weight(self._make_form(use, self._dense_weight(), pack_shape), pack_shape, use)  # shape
+            nbytes = 0 if self.weight.is_mkldnn else self.weight.nbytes  # shape (or a weight replaced since)
+            self._set_weight(self._make_form(use, self._dense_weight(), pack_shape), pack_shape, use)
             PACKED[0] += 1
+            _replaced_dense(nbytes)
         return self._run_form(use, x, self.weight)
 
     def _run_other(self, use: str, x: torch.Tensor) -> torch.Tensor:
@@ -315,7 +320,7 @@ def make_packable(model: nn.Module) -> int:
                 _warn_once(why)  # e.g. a torch whose private ops changed; CPU limits are the caller's to report
             continue
         m.__class__ = _PACKABLE[type(m)]
-        m._decided = {}
+        m._decided = m.__dict__.pop("_decided_spare", None) or {}  # (choices per input shape, kept by make_plain)
         m._packed_for = None
         m._register_state_dict_hook(_dense_state)
         n += 1
@@ -325,13 +330,17 @@ def make_packable(model: nn.Module) -> int:
 def make_plain(model: nn.Module, unpack: bool = True, spare: bool = False) -> int:
     """The inverse of make_packable: plain Conv2d / Linear with dense weights again (bit for bit). With
     unpack=False a packed weight is left as it is, for a caller that replaces it (no reorder back). With
-    spare=True a layer keeps its Winograd-transformed weights as `_winograd_spare`, for the transforms of the
-    weight that replaces it (a LoRA merge) to write over in the next run (`drop_spares` after it)."""
+    spare=True a layer keeps what its next weight can use (a LoRA merge's): its Winograd-transformed weights as
+    `_winograd_spare`, for that weight's transforms to write over in the next run (`drop_spares` after it), its
+    choices per input shape for make_packable, and `_last_packed` (pack_as_last_run)."""
     n = 0
     for m in list(model.modules()):
         if not spare:
-            m.__dict__.pop("_winograd_spare", None)
+            for attr in ("_winograd_spare", "_decided_spare", "_last_packed"):
+                m.__dict__.pop(attr, None)
         if isinstance(m, _Packable):
+            if spare:
+                m._decided_spare = m._decided
             if unpack:
                 m.unpack()
             m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
@@ -344,6 +353,21 @@ def make_plain(model: nn.Module, unpack: bool = True, spare: bool = False) -> in
                     del m._state_dict_hooks[k]
             n += 1
     return n
+
+
+def pack_as_last_run(module: nn.Module) -> bool:
+    """Pack `module`'s weight now (True), in the form and for the input shape its previous weight ran packed in at
+    its last call (`_last_packed`; none where that call ran it dense), where that weight was just replaced by one
+    of the same shape (a LoRA merge), instead of at the layer's next call: each merged weight is packed while the
+    memory of the weight it replaces, and of the merge before, is free to reuse, and the first call after a LoRA
+    switch packs nothing. A call at another input shape packs it again, as it would have."""
+    last = module.__dict__.get("_last_packed")
+    if not isinstance(module, _Packable) or last is None or module.weight.is_mkldnn:
+        return False
+    form, shape = last
+    module._set_weight(module._make_form(form, module._dense_weight(), shape), shape, form)
+    PACKED[0] += 1
+    return True
 
 
 def drop_spares(model: nn.Module) -> None:
