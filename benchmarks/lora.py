@@ -8,9 +8,10 @@ resnets with LoCon on the 3x3 convolutions, down/upsamplers) and every text enco
 as fp16 kohya .safetensors files to a temp folder (so they are in the page cache, as a LoRA used twice is).
 The pipeline runs one small generation and two UNet calls at `--res` first, so the CPU path's weights are
 packed (and its per-shape choices made) as in a warm process.
-Timed: `load_lora` (read + check + merge), `unload_loras`, a switch (unload A + load B), the first UNet
-call after a switch against the next one (the CPU path packs the changed weights again at their first call),
-and switches with a UNet call before each (as between a user's images: the merged weights are packed then).
+Timed: `load_lora` (read + check + merge; the CPU path packs each merged weight as its layer last ran),
+`unload_loras`, a switch (unload A + load B), the first UNet call after a switch against the next one (the CPU path transforms
+the changed Winograd layers' weights at their first call, and packs weights its layers had not run packed),
+and switches with a UNet call before each (as between a user's images).
 """
 from __future__ import annotations
 
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
           f"unload {med(unload):.2f} s, switch A->B {med(switch):.2f} s; originals kept {kept / 2**30:.2f} GiB")
     if first is not None:
         print(f"UNet call at {args.res} px after a switch {first:.2f} s, the next one {second:.2f} s "
-              f"(the difference is the CPU path packing the changed weights again); a switch after a UNet call "
-              f"{med(switch_run):.2f} s (all {', '.join(f'{t:.2f}' for t in switch_run)})")
+              f"(the difference: the CPU path preparing changed weights it could not at the load); a switch after a "
+              f"UNet call {med(switch_run):.2f} s (all {', '.join(f'{t:.2f}' for t in switch_run)})")
 
 
 if __name__ == "__main__":
