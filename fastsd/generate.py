@@ -219,8 +219,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=args.vae,
                              compile=args.compile)
         pipe.offload = args.offload
-        for path, weight in loras:
-            pipe.load_lora(path, weight)
+        pipe.load_loras(loras)
         pipe.check_can_encode(image)
         if embeddings_dir is not None:
             pipe.load_embeddings(embeddings_dir)

@@ -406,29 +406,41 @@ class LoraSet:
         """Read, check, then merge `path` into pipe's UNet and text encoder (`weight`: one number for both, or
         (text encoder, UNet) as A1111's <lora:NAME:TE:UNET>). Everything is checked before a weight changes;
         an interruption while merging puts back the weights as they were."""
-        weight = normalize_weight(weight)
-        te_weight, unet_weight = weight if isinstance(weight, tuple) else (weight, weight)
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"LoRA path must be a string, got {type(path).__name__}")
-        path = os.fspath(path)
+        return self.load_many(pipe, [(path, weight)])[0]
+
+    def load_many(self, pipe, items) -> list[LoadedLora]:
+        """load() of each (path, weight) of `items`, in one pass over the layers: all files are read and checked
+        first, then each layer is merged with every LoRA that changes it, in their order (the same bits as
+        loading them one after another) and prepared once; a failure puts back every weight as it was."""
+        items = [(p, normalize_weight(w)) for p, w in items]
+        for path, _ in items:
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"LoRA path must be a string, got {type(path).__name__}")
+        items = [(os.fspath(p), w) for p, w in items]
         models = {"unet": pipe.unet, "clip": pipe.clip}
-        lora = read_lora(path, models)
+        loras = [read_lora(path, models) for path, _ in items]
+        by_layer: dict[tuple[str, str], list[tuple[LoraLayer, float]]] = {}  # each layer's merges, in order
+        for lora, (_, weight) in zip(loras, items):
+            te_weight, unet_weight = weight if isinstance(weight, tuple) else (weight, weight)
+            for layer in lora.layers:
+                multiplier = unet_weight if layer.model == "unet" else te_weight
+                by_layer.setdefault((layer.model, layer.module), []).append((layer, multiplier))
         layout = _conv_layout(pipe.backend)
         done = []  # (module, key, previous weight Parameter, first change of this layer)
         with pipe.backend.replacing_weights():
             try:
-                for layer in lora.layers:
-                    module = models[layer.model].get_submodule(layer.module)
-                    key = (layer.model, layer.module)
+                for key, merges in by_layer.items():
+                    module = models[key[0]].get_submodule(key[1])
                     pipe.backend.plain_weights(module)
                     prev = module.weight
                     first = key not in self._originals
                     done.append((module, key, prev, first))
                     if first:
                         self._originals[key] = prev
-                    multiplier = unet_weight if layer.model == "unet" else te_weight
-                    merged = merged_weight(prev, layer, multiplier,
-                                           layout if prev.dim() == 4 else torch.contiguous_format)
+                    merged = prev
+                    for layer, multiplier in merges:
+                        merged = merged_weight(merged, layer, multiplier,
+                                               layout if prev.dim() == 4 else torch.contiguous_format)
                     module.weight = nn.Parameter(merged, requires_grad=False)
                     del merged  # (a backend that lays the weight out anew frees it now, for the next layer's merge)
                     pipe.backend.prepare_replaced(module)
@@ -438,9 +450,9 @@ class LoraSet:
                     if first:
                         del self._originals[key]
                 raise
-        entry = LoadedLora(lora.name, path, weight, len(lora.layers))
-        self.loaded.append(entry)
-        return entry
+        entries = [LoadedLora(lora.name, path, weight, len(lora.layers)) for lora, (path, weight) in zip(loras, items)]
+        self.loaded.extend(entries)
+        return entries
 
     def unload(self, pipe) -> None:
         """Every changed layer gets its original weight tensor back (bit for bit: the same tensor)."""

@@ -150,6 +150,12 @@ class Pipeline:
         file is checked whole first: a bad one raises CheckpointError and leaves the model unchanged."""
         self._loras.load(self, path, weight)
 
+    def load_loras(self, items) -> None:
+        """load_lora of each (path, weight) in `items`, merged in one pass: a layer several of them change is merged
+        with each in turn (the bits of loading them one by one) and prepared once. All files are checked first;
+        any failure leaves the model as it was."""
+        self._loras.load_many(self, items)
+
     def unload_loras(self) -> None:
         """Give back the weights as they were before any LoRA, bit for bit."""
         self._loras.unload(self)

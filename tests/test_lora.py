@@ -192,6 +192,50 @@ def test_cpu_path_packs_merged_weights_as_their_layers_last_ran(tmp_path, monkey
     assert np.array_equal(generate(pipe, steps=2), generate(tiny("cpu", dtype), steps=2))
 
 
+@pytest.mark.parametrize("backend, dtype", [("torch", "fp32"), ("cpu", "fp32"), ("cpu", "bf16")])
+def test_load_loras_is_loading_them_one_by_one_in_one_pass(tmp_path, monkeypatch, backend, dtype):
+    """load_loras merges a set in one pass over the layers (each layer prepared once): the weights of loading
+    the files one after another, bit for bit; a bad file or a failure while merging leaves the model as it was."""
+    from fastsd import lora as lora_module
+
+    pipe, ref = tiny(backend, dtype), tiny(backend, dtype)
+    generate(pipe, steps=1)  # (the cpu path: weights packed, as between a user's images)
+    paths = [str(tmp_path / f"{i}.safetensors") for i in range(3)]
+    write_random_lora(paths[0], pipe, fmt="kohya_ldm", rank=8, alpha=4.0, seed=1)
+    write_random_lora(paths[1], pipe, fmt="kohya_ldm", rank=4, seed=2, text_encoder=False)
+    write_random_lora(paths[2], pipe, fmt="kohya_ldm", rank=4, seed=3)
+    state0 = state(pipe)
+    bad = str(tmp_path / "bad.safetensors")
+    open(bad, "wb").write(open(paths[2], "rb").read()[:1000])
+    with pytest.raises(CheckpointError, match="bad.safetensors: not a valid safetensors file"):
+        pipe.load_loras([(paths[0], 1.0), (bad, 1.0)])  # read and checked before a weight changes
+    assert pipe.loras == []
+    assert_same_state(pipe, state0)
+    calls = []
+
+    def fail_late(*a, **k):  # a failure while merging, after some layers changed
+        calls.append(1)
+        if len(calls) == 40:
+            raise KeyboardInterrupt
+        return merged_weight(*a, **k)
+
+    merged_weight = lora_module.merged_weight
+    monkeypatch.setattr(lora_module, "merged_weight", fail_late)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.load_loras([(paths[0], 1.0), (paths[1], 0.5)])
+    monkeypatch.setattr(lora_module, "merged_weight", merged_weight)
+    assert pipe.loras == [] and len(calls) == 40
+    assert_same_state(pipe, state0)
+    items = [(paths[0], 0.8), (paths[1], (1.0, -0.5)), (paths[2], 0.3)]
+    pipe.load_loras(items)
+    for path, weight in items:
+        ref.load_lora(path, weight)
+    assert [(x.name, x.weight) for x in pipe.loras] == [(x.name, x.weight) for x in ref.loras]
+    assert_same_state(pipe, state(ref))
+    pipe.unload_loras()
+    assert_same_state(pipe, state0)
+
+
 def test_a_layer_that_last_ran_dense_is_not_packed_at_a_merge(monkeypatch):
     """A layer whose last call ran its weight dense (the tuner chose plain or Winograd at that shape) keeps a
     replaced weight dense: nothing is packed for a form it no longer runs in."""

@@ -55,6 +55,10 @@ class FakePipe:
         if path == self.bad:
             raise CheckpointError(f"{path}: not a LoRA (no lora_up/lora_down keys)")
 
+    def load_loras(self, items):
+        for path, weight in items:
+            self.load_lora(path, weight)
+
     def unload_loras(self):
         self.calls.append(("unload",))
 

@@ -137,14 +137,13 @@ class BatchWorker:
         if loras == self._loras:
             return
         paths = [(find_lora(name, self.lora_dir), w) for name, w in loras]
-        if not hasattr(self.pipe, "load_lora"):
-            raise ValueError("LoRAs need Pipeline.load_lora, which this fastsd build does not have")
+        if not hasattr(self.pipe, "load_loras"):
+            raise ValueError("LoRAs need Pipeline.load_loras, which this fastsd build does not have")
         if self._loras:
             self.pipe.unload_loras()
             self._loras = ()
         try:
-            for path, w in paths:
-                self.pipe.load_lora(path, w)
+            self.pipe.load_loras(paths)
         except BaseException:
             self.pipe.unload_loras()
             raise

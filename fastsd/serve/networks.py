@@ -70,13 +70,14 @@ class Networks:
         self._merged[id(pipe)] = ()
         from fastsd import CheckpointError
 
-        path = None
         try:
-            for path, weight in loras:
-                pipe.load_lora(path, weight)
+            pipe.load_loras(loras)
         except (CheckpointError, ValueError, OSError) as e:  # a bad LoRA file: named by its file, not the folder
             pipe.unload_loras()
-            raise BadRequest(str(e).replace(path, os.path.basename(path)).splitlines()[0]) from None
+            msg = str(e)
+            for path, _ in loras:
+                msg = msg.replace(path, os.path.basename(path))
+            raise BadRequest(msg.splitlines()[0]) from None
         except BaseException:  # anything else: the model goes back to no LoRA at all, the error goes on
             pipe.unload_loras()
             raise
