@@ -2,16 +2,17 @@
 
     python -m fastsd.benchmarks.lora                                # random:sd15, default dtype, backend auto
     python -m fastsd.benchmarks.lora --dtype fp32 --rank 32 --repeat 5 --json lora.jsonl
+    python -m fastsd.benchmarks.lora --set 2                        # sets of two LoRAs (a prompt with two tags)
 
-Two random LoRAs of rank `--rank` on every UNet layer of the input, middle and output blocks (attention,
-resnets with LoCon on the 3x3 convolutions, down/upsamplers) and every text encoder linear are written
-as fp16 kohya .safetensors files to a temp folder (so they are in the page cache, as a LoRA used twice is).
-The pipeline runs one small generation and two UNet calls at `--res` first, so the CPU path's weights are
-packed (and its per-shape choices made) as in a warm process.
-Timed: `load_lora` (read + check + merge; the CPU path packs each merged weight as its layer last ran),
-`unload_loras`, a switch (unload A + load B), the first UNet call after a switch against the next one (the CPU path transforms
-the changed Winograd layers' weights at their first call, and packs weights its layers had not run packed),
-and switches with a UNet call before each (as between a user's images).
+Two random LoRAs (two sets of `--set` LoRAs) of rank `--rank` on every UNet layer of the input, middle and
+output blocks (attention, resnets with LoCon on the 3x3 convolutions, down/upsamplers) and every text encoder
+linear are written as fp16 kohya .safetensors files to a temp folder (so they are in the page cache, as a LoRA
+used twice is). The pipeline runs one small generation and two UNet calls at `--res` first, so the CPU path's
+weights are packed (and its per-shape choices made) as in a warm process.
+Timed: `load_loras` of a set (read + check + merge; the CPU path packs each merged weight as its layer last
+ran), `unload_loras`, a switch (unload A + load B), the first UNet call after a switch against the next one
+(the CPU path transforms the changed Winograd layers' weights at their first call, and packs weights its
+layers had not run packed), and switches with a UNet call before each (as between a user's images).
 """
 from __future__ import annotations
 
@@ -50,8 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--res", type=int, default=512, help="size of the UNet calls timed after a switch (0: none)")
+    ap.add_argument("--set", type=int, default=1, help="LoRAs per set (A and B), loaded together with load_loras "
+                    "as a prompt's tags are")
     ap.add_argument("--json", help="append the result row to this JSONL file")
     args = ap.parse_args(argv)
+    if args.set < 1:
+        ap.error(f"--set must be at least 1, got {args.set}")
 
     import torch
 
@@ -67,21 +72,21 @@ def main(argv: list[str] | None = None) -> None:
     layers = [n for n in layers_of(pipe.unet) if n.startswith(("input_blocks.", "middle_block.", "output_blocks."))
               and n != "input_blocks.0.0"]
     with tempfile.TemporaryDirectory() as tmp:
-        a, b = os.path.join(tmp, "a.safetensors"), os.path.join(tmp, "b.safetensors")
-        n = write_random_lora(a, pipe, fmt="kohya_ldm", rank=args.rank, alpha=args.rank / 2, layers=layers,
-                              dtype=torch.float16, seed=1)
-        write_random_lora(b, pipe, fmt="kohya_ldm", rank=args.rank, alpha=args.rank / 2, layers=layers,
-                          dtype=torch.float16, seed=2)
-        file_bytes = os.path.getsize(a)
+        files = [os.path.join(tmp, f"{i}.safetensors") for i in range(2 * args.set)]
+        for seed, f in enumerate(files, 1):
+            n = write_random_lora(f, pipe, fmt="kohya_ldm", rank=args.rank, alpha=args.rank / 2, layers=layers,
+                                  dtype=torch.float16, seed=seed)
+        file_bytes = os.path.getsize(files[0])
+        a, b = [(f, 0.8) for f in files[:args.set]], [(f, 0.8) for f in files[args.set:]]  # the two sets
 
         def timed_switch(i: int) -> float:  # unload, then load B and A in turn
-            return _timed(lambda: (pipe.unload_loras(), pipe.load_lora(b if i % 2 == 0 else a, 0.8)))
+            return _timed(lambda: (pipe.unload_loras(), pipe.load_loras(b if i % 2 == 0 else a)))
 
         load, unload, switch = [], [], []
         for _ in range(args.repeat):
-            load.append(_timed(lambda: pipe.load_lora(a, 0.8)))
+            load.append(_timed(lambda: pipe.load_loras(a)))
             unload.append(_timed(pipe.unload_loras))
-        pipe.load_lora(a, 0.8)
+        pipe.load_loras(a)
         for i in range(args.repeat):
             switch.append(timed_switch(i))
         kept = sum(p.numel() * p.element_size() for p in pipe._loras._originals.values())
@@ -89,13 +94,13 @@ def main(argv: list[str] | None = None) -> None:
         switch_run = []  # as between a user's images: the merged weights were packed by a run before the switch
         if args.res:
             pipe.unload_loras()
-            pipe.load_lora(a, 0.8)
+            pipe.load_loras(a)
             first, second = _unet_call(pipe, args.res), _unet_call(pipe, args.res)
             for i in range(args.repeat):
                 switch_run.append(timed_switch(i))
                 _unet_call(pipe, args.res)
     row = {"suite": "lora", "model": args.model, "dtype": str(pipe.dtype).removeprefix("torch."),
-           "backend": pipe.backend.name, "rank": args.rank, "layers": n, "file_bytes": file_bytes,
+           "backend": pipe.backend.name, "rank": args.rank, "set": args.set, "layers": n, "file_bytes": file_bytes,
            "load_s": load, "unload_s": unload, "switch_s": switch, "switch_after_run_s": switch_run,
            "originals_kept_bytes": kept,
            "unet_first_call_after_switch_s": first, "unet_next_call_s": second, "res": args.res,
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps(row) + "\n")
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     print(f"{args.model} {row['dtype']} backend {row['backend']}, {threads} threads, ISA {row['isa']}: LoRA rank "
-          f"{args.rank}, {n} layers, {file_bytes / 2**20:.0f} MiB fp16 file")
+          f"{args.rank}, {n} layers, {file_bytes / 2**20:.0f} MiB fp16 file"
+          + (f" each, sets of {args.set}" if args.set > 1 else ""))
     print(f"load + merge {med(load):.2f} s (median of {len(load)}; all {', '.join(f'{t:.2f}' for t in load)}), "
           f"unload {med(unload):.2f} s, switch A->B {med(switch):.2f} s; originals kept {kept / 2**30:.2f} GiB")
     if first is not None:

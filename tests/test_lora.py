@@ -603,8 +603,11 @@ def test_benchmark_script_runs(tmp_path, capsys):
     row = json.loads(out.read_text())
     assert row["layers"] > 0 and len(row["load_s"]) == 2 and len(row["switch_s"]) == 2 and row["isa"]
     assert row["originals_kept_bytes"] > 0 and row["unet_first_call_after_switch_s"] > 0
-    assert len(row["switch_after_run_s"]) == 2
+    assert len(row["switch_after_run_s"]) == 2 and row["set"] == 1
     assert "load + merge" in capsys.readouterr().out
+    main(["--model", "random:tiny", "--res", "0", "--repeat", "1", "--threads", "1", "--set", "2", "--json", str(out)])
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["set"] == 2 and len(row["load_s"]) == 1 and "sets of 2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fmt_in", ["contiguous", "channels_last"])
