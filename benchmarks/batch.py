@@ -13,13 +13,15 @@ still applies and its verdict is printed).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 import tempfile
 import time
+
+from .common import check_model_and_res
+from fastsd.cli import ArgumentParser, positive_int
 
 DEFAULT_CONFIGS = "local,local-b2,local-b4,local-t1,local-t1-b2,local-t1-b4,ray1x1,ray1x2,ray2x1"
 
@@ -63,15 +65,16 @@ def measure(name: str, jobs: list[dict], args, folder: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastsd.benchmarks.batch", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m fastsd.benchmarks.batch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random:tiny")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--jobs", type=int, default=24)
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--jobs", type=positive_int, default=24)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated: local[-tTHREADS][-bBATCH] (2 threads "
                    "unless -t), rayWORKERSxCPUS")
     p.add_argument("--json", default=None, help="append one JSON line per configuration here")
     args = p.parse_args(argv)
+    check_model_and_res(p, args.model, args.size, res_option="--size")
     names = args.configs.split(",")
     try:
         [config(n) for n in names]

@@ -237,6 +237,30 @@ def bench_alternating(fns: list[Callable[[], Any]], device: str, warmup: int, re
     return times, outs
 
 
+def model_error(model: str) -> str | None:
+    """Why `model` can't be loaded, found before any work (an unknown preset, no such file or folder), or None.
+    A file that is there is not read here: loading it names what is wrong with it."""
+    from fastsd.checkpoint import resolve
+    from fastsd.tensorfile import CheckpointError
+
+    if model.startswith("random:") or not os.path.exists(model):
+        try:
+            resolve(model)
+        except (ValueError, CheckpointError) as e:
+            return str(e)
+    return None
+
+
+def check_model_and_res(parser, model: str, res: int, *, res_option: str = "--res", zero_res: bool = False) -> None:
+    """A dev benchmark's --model and image size checked before any work: one `prog: error:` line, exit 2."""
+    from fastsd.cli import usage_error
+
+    if res % 8 or res < (0 if zero_res else 8):
+        usage_error(parser, f"{res_option} must be {'0 or ' if zero_res else ''}a positive multiple of 8, got {res}")
+    if (err := model_error(model)) is not None:
+        usage_error(parser, err)
+
+
 def max_rel_err(a, ref) -> float:
     """max |a - ref| / max |ref| in float64 (the first element of tuple outputs)."""
     a = a[0] if isinstance(a, (tuple, list)) else a

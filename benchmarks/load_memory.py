@@ -8,12 +8,13 @@ baseline being the process after `import torch, fastsd` and before the load.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+from fastsd.cli import ArgumentParser, usage_error
 
 CHILD = r"""
 import json, sys, torch, fastsd
@@ -43,10 +44,12 @@ def make_random_sd15_file(path: str, dtype: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m fastsd.benchmarks.load_memory", description=__doc__.splitlines()[0])
     ap.add_argument("--file", help="an SD1.x single file; default: a random-weight SD1.5 file made for the run")
     ap.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     args = ap.parse_args(argv)
+    if args.file and not os.path.isfile(args.file):
+        usage_error(ap, f"--file {args.file}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.file
         if path is None:

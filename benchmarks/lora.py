@@ -16,14 +16,14 @@ layers had not run packed), and switches with a UNet call before each (as betwee
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
 
-from .common import git_commit, isa_fields, timestamp, versions
+from .common import check_model_and_res, git_commit, isa_fields, timestamp, versions
+from fastsd.cli import ArgumentParser, positive_int
 
 
 def _timed(fn) -> float:
@@ -43,20 +43,19 @@ def _unet_call(pipe, res: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m fastsd.benchmarks.lora", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:sd15")
     ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fastsd's default")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rank", type=positive_int, default=32)
+    ap.add_argument("--repeat", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--res", type=int, default=512, help="size of the UNet calls timed after a switch (0: none)")
-    ap.add_argument("--set", type=int, default=1, help="LoRAs per set (A and B), loaded together with load_loras "
-                    "as a prompt's tags are")
+    ap.add_argument("--set", type=positive_int, default=1,
+                    help="LoRAs per set (A and B), loaded together with load_loras as a prompt's tags are")
     ap.add_argument("--json", help="append the result row to this JSONL file")
     args = ap.parse_args(argv)
-    if args.set < 1:
-        ap.error(f"--set must be at least 1, got {args.set}")
+    check_model_and_res(ap, args.model, args.res, zero_res=True)
 
     import torch
 

@@ -10,19 +10,22 @@ and second_s (the same generate call twice) and overhead_s = first_s - second_s.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+from .common import check_model_and_res
+from fastsd.cli import ArgumentParser, positive_int
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastsd.benchmarks.openvino_start", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m fastsd.benchmarks.openvino_start", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="random:sd15")
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the CPU's default)")
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=positive_int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=None)
     a = ap.parse_args(argv)
+    check_model_and_res(ap, a.model, a.res)
     import torch
 
     import fastsd

@@ -11,13 +11,14 @@ numbers are a comparison between implementations, not a statement about trained 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
+from .common import check_model_and_res
 from .suites import NEGATIVE, PROMPT
+from fastsd.cli import ArgumentParser, positive_int
 
 
 def _fastsd(model: str, dtype: str, args) -> tuple:
@@ -46,15 +47,16 @@ def _diffusers(pipe, args, latents) -> tuple:
 def main(argv=None) -> None:
     from fastsd.image import psnr
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m fastsd.benchmarks.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:sd15")
     ap.add_argument("--res", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=positive_int, default=20)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--backend", default="auto", choices=["auto", "torch"])
     ap.add_argument("--compare", choices=["diffusers"], default=None)
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
+    check_model_and_res(ap, args.model, args.res)
     row: dict = {"model": args.model, "res": args.res, "steps": args.steps, "dtype": args.dtype,
                  "backend": args.backend}
     images = {}

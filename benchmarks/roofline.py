@@ -14,12 +14,12 @@ the image faster on this CPU without doing less arithmetic.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
-from .common import git_commit, isa_fields, timestamp, versions
+from .common import check_model_and_res, git_commit, isa_fields, timestamp, versions
+from fastsd.cli import ArgumentParser, positive_int
 
 GEMM_SHAPES = ((4096, 4096, 4096), (2048, 2048, 2048), (4096, 320, 1280), (4096, 1280, 320), (1024, 640, 2560))
 
@@ -52,18 +52,19 @@ def _timed(fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m fastsd.benchmarks.roofline", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:sd15")
     ap.add_argument("--res", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=positive_int, default=4)
     ap.add_argument("--cfg", type=float, default=1.0, help="guidance scale: > 1 runs the UNet at batch 2")
     ap.add_argument("--vae", default="taesd", choices=["taesd", "kl"])
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fastsd's default")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeat", type=int, default=5, help="timed calls per GEMM shape (the best counts)")
+    ap.add_argument("--threads", type=positive_int, default=None)
+    ap.add_argument("--repeat", type=positive_int, default=5, help="timed calls per GEMM shape (the best counts)")
     ap.add_argument("--target", type=float, default=7.0, help="seconds per image to compare the floor with")
     ap.add_argument("--json", help="append the result row to this JSONL file")
     args = ap.parse_args(argv)
+    check_model_and_res(ap, args.model, args.res)
 
     import torch
 

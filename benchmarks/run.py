@@ -156,9 +156,7 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
 def check_run_values(a: argparse.Namespace) -> None:
     """Numbers out of range, an unknown sampler or a model that isn't there: one `error:` line before any worker
     starts (not a row per worker with its traceback)."""
-    from fastsd.checkpoint import resolve
     from fastsd.samplers import resolve_sampler_name
-    from fastsd.tensorfile import CheckpointError
 
     for name, value, low in (("--warmup", a.warmup, 0), ("--repeat", a.repeat, 1), ("--batch", a.batch, 1),
                              ("--steps", a.steps, 1), ("--threads", a.threads, 1)):
@@ -170,10 +168,10 @@ def check_run_values(a: argparse.Namespace) -> None:
         raise SystemExit(f"error: --cfg must be a finite number, got {a.cfg}")
     try:
         resolve_sampler_name(a.sampler)
-        if a.model.startswith("random:") or not os.path.exists(a.model):  # (a file that is there: its workers read it)
-            resolve(a.model)
-    except (ValueError, CheckpointError) as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if (err := common.model_error(a.model)) is not None:  # (a file that is there: its workers read it)
+        raise SystemExit(f"error: {err}")
 
 
 def triton_skip_reason(a) -> str | None:

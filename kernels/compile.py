@@ -13,13 +13,13 @@ pays the compile time (see README, "GPU kernels" / torch.compile: measured on CP
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
 
 import torch
 from torch import nn
+from fastsd.cli import ArgumentParser, positive_int
 
 
 def compile_options(device: torch.device | str) -> dict:
@@ -107,7 +107,7 @@ def bench_unet(preset: str = "tiny", res: int = 256, dtype: str = "fp32", pairs:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastsd.kernels.compile",
+    ap = ArgumentParser(prog="python -m fastsd.kernels.compile",
                                  description="Measure torch.compile of the UNet on the CPU (eager vs compiled).")
     ap.add_argument("--bench", action="store_true", help="run the measurement")
     ap.add_argument("--preset", default="tiny", help="fastsd.config preset (tiny, sd15)")
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default="torch", choices=["torch", "cpu"],
                     help="the eager side's backend: torch (what compile starts from) or cpu (the default on a CPU)")
     ap.add_argument("--pairs", type=int, default=5, help="alternating eager / compiled calls")
-    ap.add_argument("--threads", type=int)
+    ap.add_argument("--threads", type=positive_int)
     a = ap.parse_args(argv)
     if not a.bench:
         ap.print_help()

@@ -33,7 +33,6 @@ re-runs this module in a subprocess without it.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures as cf
 import hashlib
@@ -51,6 +50,7 @@ import torch
 
 from . import shapes
 from ._utils import interpreter_enabled
+from fastsd.cli import ArgumentParser, positive_int
 
 ARCHS = (80, 86, 89, 90)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -580,7 +580,7 @@ def summary(rows: list[dict], unique: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastsd.kernels.report", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m fastsd.kernels.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="80,86,89,90", help="comma-separated sm archs (default 80,86,89,90)")
     ap.add_argument("--dtype", default="fp16,bf16,fp32")
     ap.add_argument("--res", default="512,768", help="image sizes in px")
@@ -589,7 +589,7 @@ def main(argv=None) -> int:
     ap.add_argument("--all-candidates", action="store_true", help="every autotune candidate, not only the default")
     ap.add_argument("--json", action="store_true", help="print rows as JSON")
     ap.add_argument("--ptx-dir", help="write the PTX of every distinct binary here (for audit)")
-    ap.add_argument("--jobs", type=int, default=2, help="parallel compile processes")
+    ap.add_argument("--jobs", type=positive_int, default=2, help="parallel compile processes")
     ap.add_argument("--unique", action="store_true", help="one table row per distinct binary")
     ap.add_argument("--project", help="roofline PROJECTION for a GPU (h100, a100, 4090) from kernels/traffic.py; "
                                       "no compiling, no measurement")

@@ -13,12 +13,12 @@ Both choices favour torch, so the ratios are conservative.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 
 from . import shapes
 from ._utils import cdiv
+from fastsd.cli import ArgumentParser
 
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -223,7 +223,7 @@ def format_projection(gpu_name: str, res: int = 512, dtype: str = "fp16", batch:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastsd.kernels.traffic", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m fastsd.kernels.traffic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     a = ap.parse_args(argv)

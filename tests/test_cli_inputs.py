@@ -176,3 +176,27 @@ def test_argument_errors_are_one_line(capsys, module, build, argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2
     assert len(err) == 1 and err[0].startswith(f"{parser.prog}: error: ") and "--help" in err[0], err
+
+
+@pytest.mark.parametrize("module, argv, words", [
+    ("fastsd.benchmarks.lora", ["--repeat", "0"], "--repeat"),
+    ("fastsd.benchmarks.lora", ["--model", "missing.safetensors"], "missing.safetensors"),
+    ("fastsd.benchmarks.lora", ["--res", "100"], "--res"),
+    ("fastsd.benchmarks.roofline", ["--model", "random:nope"], "random:nope"),
+    ("fastsd.benchmarks.batch", ["--size", "-8"], "--size"),
+    ("fastsd.benchmarks.cpu_paths", ["--threads", "x"], "--threads"),
+    ("fastsd.benchmarks.openvino_start", ["--steps", "0"], "--steps"),
+    ("fastsd.benchmarks.quality", ["--res", "0"], "--res"),
+    ("fastsd.kernels.report", ["--jobs", "0"], "--jobs"),
+    ("fastsd.kernels.traffic", ["--no-such-option"], "--no-such-option"),
+])
+def test_dev_benchmark_argument_errors_are_one_line(capsys, module, argv, words):
+    """The benchmark and kernel-report scripts answer a bad option or a model that isn't there with one line, exit
+    2, before any work."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert len(err) == 1 and err[0].startswith(f"python -m {module}: error: ") and words in err[0], err
