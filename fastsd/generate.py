@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=args.vae,
                              compile=args.compile)
         pipe.offload = args.offload
-        pipe.load_loras(loras)
+        pipe.load_loras(loras, keep_originals=False)  # (a run of the CLI never unloads: no copy of the weights)
         pipe.check_can_encode(image)
         if embeddings_dir is not None:
             pipe.load_embeddings(embeddings_dir)

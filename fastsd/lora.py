@@ -75,7 +75,7 @@ class LoraLayer:
     model: str
     module: str          # fastsd (LDM) module name
     key: str             # the file's name for it, for messages
-    down: torch.Tensor | None  # (r, in) or (r, in, kh, kw)
+    down: torch.Tensor | None  # (r, in) or (r, in, kh, kw); fp32, or the file's fp16 / bf16
     up: torch.Tensor | None    # (out, r) or (out, r, 1, 1)
     scale: float
     kind: str = "lora"   # "lora", "loha" or "lokr"
@@ -215,7 +215,7 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
 
 
 def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dict, peft: dict) -> LoraLayer:
-    down, up = parts["down"].load().float(), parts["up"].load().float()
+    down, up = _factor(parts["down"].load()), _factor(parts["up"].load())
     rank = down.shape[0]
     if "alpha" in parts:
         alpha = parts["alpha"].load()
@@ -226,9 +226,16 @@ def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dic
         cfg = peft.get("unet" if target[0] == "unet" else "text_encoder", {})
         scale = None if layer.startswith("lora_") else _peft_scale(cfg, target[1])  # kohya files have no PEFT config
         scale = 1.0 if scale is None else scale
-    if not (math.isfinite(scale) and torch.isfinite(down.sum()) and torch.isfinite(up.sum())):  # sums: fast
+    if not (math.isfinite(scale) and torch.isfinite(down.sum(dtype=torch.float32))
+            and torch.isfinite(up.sum(dtype=torch.float32))):  # sums: fast
         raise CheckpointError(f"{path}: {layer} holds NaN, infinite or absurdly large values")
     return LoraLayer(target[0], name, layer, down, up, scale)
+
+
+def _factor(t: torch.Tensor) -> torch.Tensor:
+    """A LoRA factor as the merge reads it: fp16 / bf16 kept so (made fp32 a layer at a time while merging, which
+    is exact: a file's factors take half the memory while a load holds them all), anything else as fp32."""
+    return t if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t.float()
 
 
 def _kind(path: str, layer: str, parts: dict) -> str:
@@ -352,9 +359,9 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
     rows_of = (lambda t: t.permute(0, 2, 3, 1)) if conv else (lambda t: t)  # noqa: E731 - (out, kh, kw, C) views
     alpha = multiplier * layer.scale
     if layer.kind == "lora":
-        up = layer.up.reshape(layer.up.shape[0], -1).to(weight.device)
+        up = layer.up.reshape(layer.up.shape[0], -1).to(weight.device, torch.float32)
         down = layer.down.reshape(layer.down.shape[0], *weight.shape[1:]) if conv else layer.down
-        down = rows_of(down).reshape(down.shape[0], -1).to(weight.device)
+        down = rows_of(down).reshape(down.shape[0], -1).to(weight.device, torch.float32)
         update = lambda block, i: block.addmm_(up[i:i + len(block)], down, alpha=alpha)  # noqa: E731
     else:  # LoHa / LoKr: the whole delta first (fp32, one layer), its rows in the same order
         delta = rows_of(layer.delta(tuple(weight.shape)).to(weight.device)).reshape(weight.shape[0], -1)
@@ -396,22 +403,32 @@ class LoadedLora:
 
 
 class LoraSet:
-    """The LoRAs merged into a pipeline's weights, and the original weight of every layer they changed."""
+    """The LoRAs merged into a pipeline's weights, and the original weight of every layer they changed (unless
+    they were merged for good: `keep_originals=False`)."""
 
     def __init__(self):
         self.loaded: list[LoadedLora] = []
         self._originals: dict[tuple[str, str], nn.Parameter] = {}
+        self.for_good = False  # a load with keep_originals=False happened: the originals are gone
+        self._broken: str | None = None  # why the weights are neither the model's nor a whole merge
 
-    def load(self, pipe, path: str, weight: Weight = 1.0) -> LoadedLora:
+    def load(self, pipe, path: str, weight: Weight = 1.0, *, keep_originals: bool = True) -> LoadedLora:
         """Read, check, then merge `path` into pipe's UNet and text encoder (`weight`: one number for both, or
         (text encoder, UNet) as A1111's <lora:NAME:TE:UNET>). Everything is checked before a weight changes;
-        an interruption while merging puts back the weights as they were."""
-        return self.load_many(pipe, [(path, weight)])[0]
+        an interruption while merging puts back the weights as they were (keep_originals=False: see load_many)."""
+        return self.load_many(pipe, [(path, weight)], keep_originals=keep_originals)[0]
 
-    def load_many(self, pipe, items) -> list[LoadedLora]:
+    def load_many(self, pipe, items, *, keep_originals: bool = True) -> list[LoadedLora]:
         """load() of each (path, weight) of `items`, in one pass over the layers: all files are read and checked
         first, then each layer is merged with every LoRA that changes it, in their order (the same bits as
-        loading them one after another) and prepared once; a failure puts back every weight as it was."""
+        loading them one after another) and prepared once; a failure puts back every weight as it was.
+
+        keep_originals=False merges for good: each replaced weight is freed as its layer is merged (no copy of
+        the model's weights is kept, as diffusers' fuse_lora keeps none), so unload() can't give them back, and
+        later loads are merged for good too. A failure while merging (an interrupt, no memory) then leaves a
+        partly merged model, which refuses to generate (check_usable) until it is loaded again; a bad file still
+        fails before any weight changes."""
+        self.check_usable()
         items = [(p, normalize_weight(w)) for p, w in items]
         for path, _ in items:
             if not isinstance(path, (str, os.PathLike)):
@@ -426,7 +443,9 @@ class LoraSet:
                 multiplier = unet_weight if layer.model == "unet" else te_weight
                 by_layer.setdefault((layer.model, layer.module), []).append((layer, multiplier))
         layout = _conv_layout(pipe.backend)
+        keep = keep_originals and not self.for_good
         done = []  # (module, key, previous weight Parameter, first change of this layer)
+        changed = 0
         with pipe.backend.replacing_weights():
             try:
                 for key, merges in by_layer.items():
@@ -434,28 +453,47 @@ class LoraSet:
                     pipe.backend.plain_weights(module)
                     prev = module.weight
                     first = key not in self._originals
-                    done.append((module, key, prev, first))
-                    if first:
-                        self._originals[key] = prev
-                    merged = prev
+                    if keep:
+                        done.append((module, key, prev, first))
+                        if first:
+                            self._originals[key] = prev
+                    merged, form = prev, layout if prev.dim() == 4 else torch.contiguous_format
+                    del prev  # (merged for good: the replaced weight goes with the layer's first merge)
                     for layer, multiplier in merges:
-                        merged = merged_weight(merged, layer, multiplier,
-                                               layout if prev.dim() == 4 else torch.contiguous_format)
+                        merged = merged_weight(merged, layer, multiplier, form)
                     module.weight = nn.Parameter(merged, requires_grad=False)
+                    changed += 1
                     del merged  # (a backend that lays the weight out anew frees it now, for the next layer's merge)
                     pipe.backend.prepare_replaced(module)
-            except BaseException:
+            except BaseException as e:
                 for module, key, prev, first in reversed(done):
                     pipe.backend.replace_weight(module, prev)
                     if first:
                         del self._originals[key]
+                if not keep and changed:
+                    self._broken = (f"a LoRA load with keep_originals=False stopped ({type(e).__name__}) after "
+                                    f"merging {changed} of {len(by_layer)} layers: load the model again")
                 raise
+        if not keep:
+            self._originals.clear()  # (those of earlier loads too: unload can't give back the whole model now)
+            self.for_good = True
         entries = [LoadedLora(lora.name, path, weight, len(lora.layers)) for lora, (path, weight) in zip(loras, items)]
         self.loaded.extend(entries)
         return entries
 
+    def check_usable(self) -> None:
+        """ValueError when a load merging for good stopped halfway (the weights are neither the model's nor a
+        whole merge)."""
+        if self._broken is not None:
+            raise ValueError(self._broken)
+
     def unload(self, pipe) -> None:
-        """Every changed layer gets its original weight tensor back (bit for bit: the same tensor)."""
+        """Every changed layer gets its original weight tensor back (bit for bit: the same tensor). ValueError
+        after a load with keep_originals=False (the originals are gone)."""
+        self.check_usable()
+        if self.for_good:
+            raise ValueError("the LoRAs were merged for good (keep_originals=False) and can't be unloaded: "
+                             "load the model again")
         models = {"unet": pipe.unet, "clip": pipe.clip}
         for (model, name), original in self._originals.items():
             pipe.backend.replace_weight(models[model].get_submodule(name), original)
@@ -463,7 +501,9 @@ class LoraSet:
         self.loaded.clear()
 
     def check_prompt(self, prompt: str) -> None:
-        """ValueError when the prompt's <lora:NAME:WEIGHT> tags ask for a LoRA that is not loaded so."""
+        """ValueError when the prompt's <lora:NAME:WEIGHT> tags ask for a LoRA that is not loaded so (or
+        check_usable fails)."""
+        self.check_usable()
         for name, weight in parse_prompt(prompt)[1]:
             if not any(x.name == name and x.weight == weight for x in self.loaded):
                 have = ", ".join(f"{x.name}:{weight_text(x.weight)}" for x in self.loaded) or "none"

@@ -144,20 +144,25 @@ class Pipeline:
 
     # ---- LoRA (fastsd/lora.py) --------------------------------------------------------------------------
 
-    def load_lora(self, path: str, weight: float | tuple[float, float] = 1.0) -> None:
+    def load_lora(self, path: str, weight: float | tuple[float, float] = 1.0, *, keep_originals: bool = True
+                  ) -> None:
         """Merge a LoRA file (kohya/A1111, LoCon, diffusers/PEFT) into the UNet and text encoder weights;
         `weight` is one multiplier for both or (text encoder, UNet), as A1111's <lora:NAME:TE:UNET>. The
-        file is checked whole first: a bad one raises CheckpointError and leaves the model unchanged."""
-        self._loras.load(self, path, weight)
+        file is checked whole first: a bad one raises CheckpointError and leaves the model unchanged.
+        keep_originals=False merges for good: no copy of the replaced weights is kept (unload_loras can't
+        give them back), for a process that never unloads (the CLI)."""
+        self._loras.load(self, path, weight, keep_originals=keep_originals)
 
-    def load_loras(self, items) -> None:
+    def load_loras(self, items, *, keep_originals: bool = True) -> None:
         """load_lora of each (path, weight) in `items`, merged in one pass: a layer several of them change is merged
         with each in turn (the bits of loading them one by one) and prepared once. All files are checked first;
-        any failure leaves the model as it was."""
-        self._loras.load_many(self, items)
+        any failure leaves the model as it was (keep_originals=False: a failure while merging leaves a model that
+        refuses to generate until loaded again; see LoraSet.load_many)."""
+        self._loras.load_many(self, items, keep_originals=keep_originals)
 
     def unload_loras(self) -> None:
-        """Give back the weights as they were before any LoRA, bit for bit."""
+        """Give back the weights as they were before any LoRA, bit for bit (ValueError after a load with
+        keep_originals=False)."""
         self._loras.unload(self)
 
     @property

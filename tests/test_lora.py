@@ -236,6 +236,95 @@ def test_load_loras_is_loading_them_one_by_one_in_one_pass(tmp_path, monkeypatch
     assert_same_state(pipe, state0)
 
 
+@pytest.mark.parametrize("backend, dtype, after_run", [("torch", "fp32", False), ("cpu", "fp32", False),
+                                                       ("cpu", "bf16", True)])
+def test_merging_for_good_keeps_no_originals_and_merges_the_same_bits(tmp_path, backend, dtype, after_run):
+    """load_loras(keep_originals=False) (what the CLI does, before any run): the weights and image of the usual
+    load, bit for bit, while the replaced weights (packed ones too, after a run) are freed, none kept; later loads
+    merge for good too; unload_loras is refused; a bad file still changes nothing."""
+    import gc
+    import weakref
+
+    pipe, ref = tiny(backend, dtype), tiny(backend, dtype)
+    if after_run:  # (the cpu path: weights packed)
+        generate(pipe, steps=1)
+        generate(ref, steps=1)
+    paths = [str(tmp_path / f"{i}.safetensors") for i in range(2)]
+    write_random_lora(paths[0], pipe, fmt="kohya_ldm", rank=8, alpha=4.0, seed=1)
+    write_random_lora(paths[1], pipe, fmt="kohya_ldm", rank=4, seed=2, text_encoder=False)
+    changed = [pipe.unet.get_submodule(n) for n in layers_of(pipe.unet)] + [pipe.clip.get_submodule(n)
+                                                                          for n in layers_of(pipe.clip)]
+    replaced = [weakref.ref(m.weight) for m in changed]
+    state0 = state(pipe)
+    bad = str(tmp_path / "bad.safetensors")
+    open(bad, "wb").write(open(paths[1], "rb").read()[:1000])
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        pipe.load_loras([(paths[0], 1.0), (bad, 1.0)], keep_originals=False)
+    assert_same_state(pipe, state0)
+    pipe.load_loras([(paths[0], 0.8)], keep_originals=False)
+    ref.load_loras([(paths[0], 0.8)])
+    gc.collect()
+    assert all(r() is None for r in replaced)  # no copy of any replaced weight is left
+    assert_same_state(pipe, state(ref))
+    held = [weakref.ref(m.weight) for m in changed]
+    pipe.load_lora(paths[1], 0.5)  # merged for good as well, once one load was
+    ref.load_lora(paths[1], 0.5)
+    gc.collect()
+    assert all(r() is None for r in held[:len(layers_of(pipe.unet))])
+    assert_same_state(pipe, state(ref))
+    assert np.array_equal(generate(pipe), generate(ref))
+    assert [(x.name, x.weight) for x in pipe.loras] == [(x.name, x.weight) for x in ref.loras]
+    with pytest.raises(ValueError, match="merged for good .* load the model again"):
+        pipe.unload_loras()
+    assert_same_state(pipe, state(ref))
+
+
+def test_a_stopped_merge_for_good_refuses_to_generate(tmp_path, monkeypatch):
+    """keep_originals=False frees each replaced weight as it goes, so a failure while merging can't put the model
+    back: it then refuses to generate or load until it is loaded again (never a half-merged image)."""
+    from fastsd import lora as lora_module
+
+    pipe = tiny()
+    path = str(tmp_path / "a.safetensors")
+    write_random_lora(path, pipe, fmt="kohya_ldm", rank=4, seed=1)
+    calls, merged_weight = [], lora_module.merged_weight
+
+    def fail_late(*a, **k):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return merged_weight(*a, **k)
+
+    monkeypatch.setattr(lora_module, "merged_weight", fail_late)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.load_loras([(path, 1.0)], keep_originals=False)
+    monkeypatch.setattr(lora_module, "merged_weight", merged_weight)
+    for call in (lambda: generate(pipe), lambda: pipe.load_lora(path), pipe.unload_loras):
+        with pytest.raises(ValueError, match=r"stopped \(KeyboardInterrupt\) after merging 9 of .* load the model"):
+            call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_factors_merge_as_their_fp32_values(tmp_path, dtype):
+    """A LoRA file's fp16 / bf16 factors (LCM-LoRA's are fp16) are held so while a load reads them all and made fp32
+    a layer at a time: the merge is the one of the same values stored as fp32, bit for bit; values whose sum is
+    beyond fp16's range are not taken for infinite."""
+    from safetensors.torch import load_file, save_file
+
+    half, full = str(tmp_path / "half.safetensors"), str(tmp_path / "full.safetensors")
+    pipe = tiny()
+    write_random_lora(half, pipe, fmt="kohya_ldm", rank=8, alpha=4.0, seed=1, dtype=dtype)
+    sd = load_file(half)
+    key = next(k for k in sd if k.endswith("lora_down.weight") and sd[k].numel() >= 64)
+    sd[key] = torch.full_like(sd[key], 2000.0)  # fp16 sum: inf; the values are fine
+    save_file(sd, half)
+    save_file({k: v.float() for k, v in sd.items()}, full)
+    ref = tiny()
+    pipe.load_lora(half)
+    ref.load_lora(full)
+    assert_same_state(pipe, state(ref))
+
+
 def test_a_layer_that_last_ran_dense_is_not_packed_at_a_merge(monkeypatch):
     """A layer whose last call ran its weight dense (the tuner chose plain or Winograd at that shape) keeps a
     replaced weight dense: nothing is packed for a form it no longer runs in."""
