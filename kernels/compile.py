@@ -8,7 +8,7 @@
 `compile_module` compiles a module's forward in place (`nn.Module.compile`): the module keeps its type, its
 attributes and its state_dict keys (no `_orig_mod.` prefix), so checkpoint / LoRA code sees the same module.
 `compile_pipeline` does the UNet and the VAE decoder of a fastsd Pipeline. The first call of each new input shape
-pays the compile time (see README, "GPU kernels" / torch.compile: measured on CPU by
+pays the compile time (see docs/gpu-kernels.md, torch.compile: measured on CPU by
 `python -m fastsd.kernels.compile --bench`).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def compile_pipeline(pipe, **overrides):
                          "torch, cpu and triton backends")
     if pipe.backend.name == "cpu":
         warnings.warn("compile: Inductor's code replaces the cpu backend (prepacked weights, Winograd, chunked bf16 "
-                      "attention), which measured faster for the SD1.5 UNet (README, torch.compile)", stacklevel=2)
+                      "attention), which measured faster for the SD1.5 UNet (docs/gpu-kernels.md, torch.compile)", stacklevel=2)
         pipe.backend = "torch"
     compile_module(pipe.unet, **overrides)
     if getattr(pipe, "vae", None) is not None:

@@ -19,7 +19,7 @@
 Each piece that can lose on some CPU (packing, Winograd, native or chunked attention, native GroupNorm and GEGLU,
 chunked feed-forward) is used where `cpu_tune` measured it faster on this CPU at that shape (FASTSD_CPU_TUNE=0: packing,
 the native attention, GroupNorm and GEGLU where they build, chunking always: the rule measured on AVX-512 and AVX2, see
-README; Winograd never). With autograd on, the reference ops run (these write into preallocated buffers).
+docs/cpu-path.md; Winograd never). With autograd on, the reference ops run (these write into preallocated buffers).
 `unprepare` gives back the plain model, weights bit for bit.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _fp32_kernels(q, k, v, scale) -> dict:
 
 
 def _fp32_default(kernels: dict, d: int) -> str:
-    """The micro-kernel up to its default head dim, else the brgemm kernel, else SDPA (README "The CPU path")."""
+    """The micro-kernel up to its default head dim, else the brgemm kernel, else SDPA (docs/cpu-path.md)."""
     micro = cpu_attention_fp32.isa()
     if micro in kernels and d <= cpu_attention_fp32.DEFAULT_MAX_HEAD_DIM:
         return micro
@@ -102,10 +102,10 @@ def _attention_bf16(q, k, v, scale):
                   "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
     if native:
         candidates["native"] = lambda: cpu_attention_native.attention_native(q, k, v, scale=scale)
-    if not amx:  # without AMX a bf16 GEMM runs at 0.65-2x fp32's (README "The CPU path")
+    if not amx:  # without AMX a bf16 GEMM runs at 0.65-2x fp32's (docs/cpu-path.md)
         candidates["fp32"] = lambda: _bf16_attention_in_fp32(q, k, v, scale)
     # the native kernel with AMX too, since its row strides stopped sharing cache sets; without it, with AMX SDPA
-    # (its flash kernel's GEMMs run on AMX tiles; README "The CPU path")
+    # (its flash kernel's GEMMs run on AMX tiles; docs/cpu-path.md)
     default = "native" if native else "sdpa" if amx else "chunked"
     return candidates[tuner().choose(key, candidates, default=default)]()
 

@@ -1,5 +1,5 @@
 """Attention for bf16 tensors on a CPU: as accurate as PyTorch's CPU SDPA, and faster where bf16 is native
-(README "The CPU path" has the numbers, from `python -m fastsd.benchmarks.cpu_paths`).
+(docs/cpu-path.md has the numbers, from `python -m fastsd.benchmarks.cpu_paths`).
 
 The queries are cut into chunks whose score block (heads x queries x keys, ~2M elements) stays in cache;
 each chunk's buffers are made once per call. Per chunk, the row max of q k^T (a first bf16 GEMM) is

@@ -28,7 +28,7 @@ namespace {
 using namespace fastsd_vec;
 
 #if defined(__AVX512F__)
-constexpr int RK = 8;  // keys per q k^T tile (3 x 8 accumulators of the 32 registers; other shapes: README)
+constexpr int RK = 8;  // keys per q k^T tile (3 x 8 accumulators of the 32 registers; other shapes: docs/cpu-path.md)
 constexpr int RD = 8;  // head-dim rows per p v tile
 #else
 constexpr int RK = 4;  // 3 x 4 accumulators of the 16 registers

@@ -123,7 +123,7 @@ float softmax_row(const float* s, T* p, int64_t lk, int64_t lkp, float c) {
 
 // row strides of k^T (keys), the scores (fp32) and p (elements) padded past the multiple of 4 KiB that 4096 keys
 // give: rows 4 KiB apart share cache sets (the 20 rows of k^T a q k^T tile reads outnumber L1's ways); without
-// the padding the kernel ran much slower inside a UNet call than alone (README "The CPU path")
+// the padding the kernel ran much slower inside a UNet call than alone (docs/cpu-path.md)
 constexpr int64_t KPAD = 16, PAD = 16;
 constexpr int64_t PV_KEYS_FP32 = 256;  // fp32 p v summed over blocks of this many keys: one accumulation over
 // all of them (4096) doubled SDPA's fp32 error; bf16 keeps one (the same error, a little faster)

@@ -192,7 +192,7 @@ class PackableConv2d(_Packable, nn.Conv2d):
 
     def _forms(self, x: torch.Tensor) -> tuple[str, ...]:
         """fp32 1x1 convolutions: "linear" the default (faster at each of the UNet's 1x1 shapes on AVX2, level on
-        AVX-512: README "The CPU path"); bf16 ones keep "packed" (AMX: the linear up to 1.6x slower)."""
+        AVX-512: docs/cpu-path.md); bf16 ones keep "packed" (AMX: the linear up to 1.6x slower)."""
         if not (self._pointwise() and x.dim() == 4):
             return ("packed",)
         return ("linear", "packed") if x.dtype == torch.float32 else ("packed", "linear")
@@ -404,7 +404,7 @@ def keep_temporaries_mapped() -> bool:
     """Have glibc keep a model call's large temporaries (Winograd tiles, feed-forward chunks: 20-35 MB each) in
     the heap between calls instead of unmapping them and faulting fresh zeroed pages in at the next one. glibc
     starts with a 128 KiB mmap/trim threshold and raises it only as such blocks are freed, so a layer's first
-    few calls fault its temporaries in every time, and later calls many of them (README "The CPU path" has the
+    few calls fault its temporaries in every time, and later calls many of them (docs/cpu-path.md has the
     numbers): slower calls, and a tuner that times candidates at a layer's first call and so saw memory-hungry
     ones (Winograd) much slower than they run. Once per process; not where FASTSD_CPU_HEAP=0, where GLIBC_TUNABLES
     already sets these, or without glibc. release_freed_memory still hands freed memory back when asked."""
@@ -424,7 +424,7 @@ def large_blocks_in_heap():
     """While a model runs, blocks above glibc's largest mmap threshold (32 MiB: a decoder's 512x512 activations,
     67 MB and up) come from the heap too, and go back to it when freed, for the next run to reuse, instead of
     fresh mmap'd pages each time, whose page faults can cost a VM more system time than the decode's own work
-    (README "The CPU path"). The heap keeps up to TRIM_THRESHOLD free at its top; release_freed_memory still
+    (docs/cpu-path.md). The heap keeps up to TRIM_THRESHOLD free at its top; release_freed_memory still
     hands the rest back when asked. Only where keep_temporaries_mapped() took effect."""
     if not keep_temporaries_mapped():
         yield

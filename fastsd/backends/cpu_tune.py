@@ -8,7 +8,7 @@ is kept in memory and in a JSON file per CPU (`cpuinfo.fingerprint()`: CPU model
 version) and timing METHOD under `$FASTSD_CACHE_DIR`, else `$XDG_CACHE_HOME/fastsd`, else `~/.cache/fastsd`.
 
 `FASTSD_CPU_TUNE`: unset = measure what the cache lacks; `0` = never measure, take each piece's
-default (its rule, see README "The CPU path"); `1` = measure again and overwrite the cache.
+default (its rule, see docs/cpu-path.md); `1` = measure again and overwrite the cache.
 A candidate other than the default is chosen only when it is at least `MARGIN` faster, so close calls
 keep the default and a noisy timing cannot flip a choice that does not matter, and only when it still is after
 the two are timed again; a candidate that loses but comes within `CLOSE` of the default is timed again with it too

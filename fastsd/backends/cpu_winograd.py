@@ -18,14 +18,14 @@ bf16 layers are offered it too on CPUs without AMX, computed the same way in fp3
 to bf16 once at the end (so with the error of oneDNN's bf16 convolution, which also sums in fp32): there a bf16
 GEMM runs at most about twice fp32's rate (AVX512-BF16's dot products), so a half to a quarter of the
 multiplications in fp32 can win; the tuner measures it per layer. bf16 operands in the GEMMs (transformed tiles
-and weights rounded) would add error beyond torch's own. With AMX the bf16 convolution is the faster (README
-"The CPU path" has both measurements).
+and weights rounded) would add error beyond torch's own. With AMX the bf16 convolution is the faster (docs/cpu-path.md
+has both measurements).
 
 It trades memory for time: the transformed weight is (m+2)^2/9 the weight's size (4x for F(4x4), 1.8x for
 F(2x2)), kept beside the weight (which stays for LoRA merges and state_dict) by a layer that `cpu_tune`
 measured faster this way at its shape (cpu_pack.PackableConv2d), offered only from MIN_TILES output tiles
 up (F(2x2) where F(4x4) has fewer: its transforms move more data per output, and at 32x32 and up F(4x4) is
-the faster of the two). F(2x2) is offered where the process may use >= F2_MIN_MEMORY of RAM (README has the
+the faster of the two). F(2x2) is offered where the process may use >= F2_MIN_MEMORY of RAM (docs/cpu-path.md has the
 memory each setting took); FASTSD_CPU_WINOGRAD=all offers both anyway, =4x4 only F(4x4), =0 neither.
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
     """(K, C, 3, 3) weight -> (a*a, C, K) fp32 G g G^T per (K, C) pair, flattened. Below CONTIGUOUS_FROM_K output
     channels K GEMMs of (a*a, 9) x (9, C) into a (K, a*a, C) tensor (no copy of the weight when it is channels_last),
     returned as a view (the batched GEMM takes the transposed operand as it is); from there a contiguous (a*a, C, K)
-    tensor (README "The CPU path": MKL's GEMMs of 64-256 rows run faster on it there, slower below), made by one GEMM
+    tensor (docs/cpu-path.md: MKL's GEMMs of 64-256 rows run faster on it there, slower below), made by one GEMM
     over the weight transposed to (9, C, K) (a transposing copy of the larger result was the slow part). `out`, an
     earlier result of the same shape (a weight this one replaces), is written over: memory already in use, not
     fresh pages to fault in."""

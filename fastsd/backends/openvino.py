@@ -9,7 +9,7 @@ the reference ops.
 - Conversion: `openvino.convert_model` of a TorchScript trace of fastsd's module (f32 weights, the
   reference ops), once per weights; the IR keeps batch and spatial sizes dynamic. Saved with f16 weights
   for a bf16/fp16 model (exact for bf16 weights, see ir_weights), f32 for an f32 one. (Why not openvino's
-  torch.compile backend: README "OpenVINO backend".)
+  torch.compile backend: docs/openvino.md.)
 - Compilation: per input shape, the IR is reshaped to that static shape and compiled for the CPU with
   INFERENCE_PRECISION_HINT bf16 when the model is bf16 and bf16 is native here (AVX512-BF16/AMX), else
   f32; INFERENCE_NUM_THREADS = torch.get_num_threads(); PERFORMANCE_HINT LATENCY. The last

@@ -4,7 +4,7 @@ activation loads without scalar ones and >= 2 pipeline stages for fp16/bf16 atte
 attention, padding waste <= 1.3x. Plus the PTX / occupancy helpers on hand-made inputs, the launch counts, the CLI
 under the interpreter, and backend errors without the interpreter.
 Compilation runs in a subprocess without TRITON_INTERPRET (run_report does that under pytest); Triton's on-disk
-cache makes a warm run take seconds (cold: see README, "GPU kernels")."""
+cache makes a warm run take seconds (cold: see docs/gpu-kernels.md)."""
 import os
 import subprocess
 import sys
