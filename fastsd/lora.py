@@ -403,13 +403,13 @@ class LoadedLora:
 
 
 class LoraSet:
-    """The LoRAs merged into a pipeline's weights, and the original weight of every layer they changed (unless
-    they were merged for good: `keep_originals=False`)."""
+    """The LoRAs merged into a pipeline's weights, and the weight each layer they changed had before them (LoRAs
+    merged for good, `keep_originals=False`, are the model's own weights from then on: `base`)."""
 
     def __init__(self):
-        self.loaded: list[LoadedLora] = []
+        self.loaded: list[LoadedLora] = []  # every LoRA merged, in load order (`base` first)
+        self.base: list[LoadedLora] = []  # those merged for good: unload() leaves them
         self._originals: dict[tuple[str, str], nn.Parameter] = {}
-        self.for_good = False  # a load with keep_originals=False happened: the originals are gone
         self._broken: str | None = None  # why the weights are neither the model's nor a whole merge
 
     def load(self, pipe, path: str, weight: Weight = 1.0, *, keep_originals: bool = True) -> LoadedLora:
@@ -423,11 +423,12 @@ class LoraSet:
         first, then each layer is merged with every LoRA that changes it, in their order (the same bits as
         loading them one after another) and prepared once; a failure puts back every weight as it was.
 
-        keep_originals=False merges for good: each replaced weight is freed as its layer is merged (no copy of
-        the model's weights is kept, as diffusers' fuse_lora keeps none), so unload() can't give them back, and
-        later loads are merged for good too. A failure while merging (an interrupt, no memory) then leaves a
-        partly merged model, which refuses to generate (check_usable) until it is loaded again; a bad file still
-        fails before any weight changes."""
+        keep_originals=False merges for good: the weights after this load become the model's own. Each replaced
+        weight is freed as its layer is merged (no copy is kept, as diffusers' fuse_lora keeps none), and unload()
+        afterwards takes out only LoRAs loaded later with keep_originals=True (those loaded before are merged for
+        good with this one). A failure while merging (an interrupt, no memory) then leaves a partly merged model,
+        which refuses to generate (check_usable) until it is loaded again; a bad file still fails before any
+        weight changes."""
         self.check_usable()
         items = [(p, normalize_weight(w)) for p, w in items]
         for path, _ in items:
@@ -443,7 +444,7 @@ class LoraSet:
                 multiplier = unet_weight if layer.model == "unet" else te_weight
                 by_layer.setdefault((layer.model, layer.module), []).append((layer, multiplier))
         layout = _conv_layout(pipe.backend)
-        keep = keep_originals and not self.for_good
+        keep = keep_originals
         done = []  # (module, key, previous weight Parameter, first change of this layer)
         changed = 0
         with pipe.backend.replacing_weights():
@@ -474,11 +475,11 @@ class LoraSet:
                     self._broken = (f"a LoRA load with keep_originals=False stopped ({type(e).__name__}) after "
                                     f"merging {changed} of {len(by_layer)} layers: load the model again")
                 raise
-        if not keep:
-            self._originals.clear()  # (those of earlier loads too: unload can't give back the whole model now)
-            self.for_good = True
         entries = [LoadedLora(lora.name, path, weight, len(lora.layers)) for lora, (path, weight) in zip(loras, items)]
         self.loaded.extend(entries)
+        if not keep:  # the weights now are the model's own, with every LoRA merged so far
+            self._originals.clear()
+            self.base = list(self.loaded)
         return entries
 
     def check_usable(self) -> None:
@@ -488,17 +489,14 @@ class LoraSet:
             raise ValueError(self._broken)
 
     def unload(self, pipe) -> None:
-        """Every changed layer gets its original weight tensor back (bit for bit: the same tensor). ValueError
-        after a load with keep_originals=False (the originals are gone)."""
+        """Every changed layer gets back the weight tensor it had before the LoRAs (bit for bit: the same tensor),
+        or, after a load with keep_originals=False, the one it had after the last such load (`base` stays)."""
         self.check_usable()
-        if self.for_good:
-            raise ValueError("the LoRAs were merged for good (keep_originals=False) and can't be unloaded: "
-                             "load the model again")
         models = {"unet": pipe.unet, "clip": pipe.clip}
         for (model, name), original in self._originals.items():
             pipe.backend.replace_weight(models[model].get_submodule(name), original)
         self._originals.clear()
-        self.loaded.clear()
+        self.loaded = list(self.base)
 
     def check_prompt(self, prompt: str) -> None:
         """ValueError when the prompt's <lora:NAME:WEIGHT> tags ask for a LoRA that is not loaded so (or

@@ -149,8 +149,8 @@ class Pipeline:
         """Merge a LoRA file (kohya/A1111, LoCon, diffusers/PEFT) into the UNet and text encoder weights;
         `weight` is one multiplier for both or (text encoder, UNet), as A1111's <lora:NAME:TE:UNET>. The
         file is checked whole first: a bad one raises CheckpointError and leaves the model unchanged.
-        keep_originals=False merges for good: no copy of the replaced weights is kept (unload_loras can't
-        give them back), for a process that never unloads (the CLI)."""
+        keep_originals=False merges for good: the weights become the model's own (no copy of the replaced
+        ones is kept; unload_loras leaves them), for a process that never unloads them (the CLI, serve --lora)."""
         self._loras.load(self, path, weight, keep_originals=keep_originals)
 
     def load_loras(self, items, *, keep_originals: bool = True) -> None:
@@ -161,8 +161,8 @@ class Pipeline:
         self._loras.load_many(self, items, keep_originals=keep_originals)
 
     def unload_loras(self) -> None:
-        """Give back the weights as they were before any LoRA, bit for bit (ValueError after a load with
-        keep_originals=False)."""
+        """Give back the weights as they were before any LoRA, bit for bit (before those loaded after the last
+        load with keep_originals=False, which stay)."""
         self._loras.unload(self)
 
     @property

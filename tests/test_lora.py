@@ -240,8 +240,9 @@ def test_load_loras_is_loading_them_one_by_one_in_one_pass(tmp_path, monkeypatch
                                                        ("cpu", "bf16", True)])
 def test_merging_for_good_keeps_no_originals_and_merges_the_same_bits(tmp_path, backend, dtype, after_run):
     """load_loras(keep_originals=False) (what the CLI does, before any run): the weights and image of the usual
-    load, bit for bit, while the replaced weights (packed ones too, after a run) are freed, none kept; later loads
-    merge for good too; unload_loras is refused; a bad file still changes nothing."""
+    load, bit for bit, while the replaced weights (packed ones too, after a run) are freed, none kept; the result
+    is the model's own from then on: a LoRA loaded after it is unloaded back to it (and a load for good of
+    nothing bakes in what is loaded); a bad file still changes nothing."""
     import gc
     import weakref
 
@@ -252,9 +253,8 @@ def test_merging_for_good_keeps_no_originals_and_merges_the_same_bits(tmp_path, 
     paths = [str(tmp_path / f"{i}.safetensors") for i in range(2)]
     write_random_lora(paths[0], pipe, fmt="kohya_ldm", rank=8, alpha=4.0, seed=1)
     write_random_lora(paths[1], pipe, fmt="kohya_ldm", rank=4, seed=2, text_encoder=False)
-    changed = [pipe.unet.get_submodule(n) for n in layers_of(pipe.unet)] + [pipe.clip.get_submodule(n)
-                                                                          for n in layers_of(pipe.clip)]
-    replaced = [weakref.ref(m.weight) for m in changed]
+    unet_layers = [pipe.unet.get_submodule(n) for n in layers_of(pipe.unet)]
+    replaced = [weakref.ref(m.weight) for m in unet_layers + [pipe.clip.get_submodule(n) for n in layers_of(pipe.clip)]]
     state0 = state(pipe)
     bad = str(tmp_path / "bad.safetensors")
     open(bad, "wb").write(open(paths[1], "rb").read()[:1000])
@@ -265,18 +265,30 @@ def test_merging_for_good_keeps_no_originals_and_merges_the_same_bits(tmp_path, 
     ref.load_loras([(paths[0], 0.8)])
     gc.collect()
     assert all(r() is None for r in replaced)  # no copy of any replaced weight is left
+    merged0 = state(pipe)
     assert_same_state(pipe, state(ref))
-    held = [weakref.ref(m.weight) for m in changed]
-    pipe.load_lora(paths[1], 0.5)  # merged for good as well, once one load was
+    names = lambda p: [(x.name, x.weight) for x in p.loras]  # noqa: E731
+    assert names(pipe) == [("0", 0.8)]
+    pipe.unload_loras()  # nothing loaded since: the model stays as it is
+    assert_same_state(pipe, merged0) and names(pipe) == [("0", 0.8)]
+    pipe.load_lora(paths[1], 0.5)  # kept as usual: its originals are the weights merged for good
     ref.load_lora(paths[1], 0.5)
-    gc.collect()
-    assert all(r() is None for r in held[:len(layers_of(pipe.unet))])
     assert_same_state(pipe, state(ref))
     assert np.array_equal(generate(pipe), generate(ref))
-    assert [(x.name, x.weight) for x in pipe.loras] == [(x.name, x.weight) for x in ref.loras]
-    with pytest.raises(ValueError, match="merged for good .* load the model again"):
-        pipe.unload_loras()
+    assert names(pipe) == names(ref) == [("0", 0.8), ("1", 0.5)]
+    pipe.unload_loras()
+    assert_same_state(pipe, merged0)
+    assert names(pipe) == [("0", 0.8)]
+    held = [weakref.ref(m.weight) for m in unet_layers]  # (dense now, also where they ran packed)
+    pipe.load_lora(paths[1], 0.5)
+    gc.collect()
+    assert all(r() is not None for r in held)  # kept to unload it
+    pipe.load_loras([], keep_originals=False)  # bakes in what is loaded
+    gc.collect()
+    assert all(r() is None for r in held)
+    pipe.unload_loras()
     assert_same_state(pipe, state(ref))
+    assert names(pipe) == [("0", 0.8), ("1", 0.5)]
 
 
 def test_a_stopped_merge_for_good_refuses_to_generate(tmp_path, monkeypatch):

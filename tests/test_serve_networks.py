@@ -77,3 +77,58 @@ def test_apply_merges_once_swaps_sets_and_undoes_a_failed_load(loras):
                               ("load", str(loras / "b.pt"), 0.3), ("unload",)]
     nets.apply(pipe, ())  # the failed set left no LoRA merged: nothing to unload
     assert pipe.calls[-1] == ("unload",) and len(pipe.calls) == 5
+
+
+def test_parse_with_loras_merged_for_good(loras):
+    """serve --lora: a tag naming a LoRA merged at start, at its weight, asks for nothing more; at another weight
+    it is refused (it would be merged twice); other tags resolve as before."""
+    nets = Networks(str(loras), None, base=[("lcm", 1.0)])
+    assert nets.parse("x <lora:lcm:1>") == ()
+    assert nets.parse("<lora:lcm> <lora:a:0.5>") == ((str(loras / "a.safetensors"), 0.5),)
+    with pytest.raises(BadRequest, match=r"lcm is merged into this server's models for good at weight 1 \(--lora\)"):
+        nets.parse("<lora:lcm:0.5>")
+
+
+def test_serve_lora_merged_for_good_at_start(tmp_path):
+    """python -m fastsd.serve --lora FILE: the image of the CLI with the same --lora; the infotext names it; a
+    --lora-dir LoRA switches on top of it and away again, back to the same image."""
+    import numpy as np
+    from PIL import Image
+    from serve_server import Server, decode, info
+
+    from fastsd import load_pipeline
+    from fastsd.generate import main as generate_main
+    from fastsd.testing_lora import write_random_lora
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+    base = str(tmp_path / "lcm.safetensors")
+    write_random_lora(base, pipe, fmt="kohya_ldm", rank=4, seed=1)
+    write_random_lora(str(folder / "ink.safetensors"), pipe, fmt="kohya_ldm", rank=4, seed=2)
+    small = {"steps": 2, "width": 64, "height": 64, "seed": 7, "cfg_scale": 1, "sampler_name": "Euler"}
+    server = Server(["--model", "random:tiny", "--lora", base, "--lora-dir", str(folder)])
+    try:
+        with server.client() as c:
+            def png(prompt: str):
+                r = c.post("/sdapi/v1/txt2img", json={**small, "prompt": prompt})
+                assert r.status_code == 200, r.text
+                return np.asarray(decode(r.json()["images"][0])), info(r)
+
+            plain, meta = png("a cat")
+            assert "Lora hashes" in meta["infotexts"][0] and "<lora:lcm:1>" in meta["infotexts"][0]
+            assert np.array_equal(png("a cat <lora:lcm:1>")[0], plain)  # the tag asks for nothing more
+            r = c.post("/sdapi/v1/txt2img", json={**small, "prompt": "a cat <lora:lcm:0.5>"})
+            assert r.status_code == 422 and "merged into this server's models for good" in r.json()["detail"]
+            inked = png("a cat <lora:ink:0.6>")[0]
+            assert not np.array_equal(inked, plain)
+            assert np.array_equal(png("a cat")[0], plain)  # ink unloaded: back to the model with lcm merged
+        assert "LoRA lcm:1.0 merged for good" in server.log_text()
+    finally:
+        server.stop()
+    out = tmp_path / "cli.png"
+    assert generate_main(["a cat", "--model", "random:tiny", "--lora", base, "--steps", "2", "--cfg-scale", "1",
+                          "--sampler", "Euler", "--seed", "7", "--width", "64", "--height", "64", "--threads", "1",
+                          "--no-progress", "--out", str(out)]) == 0
+    with Image.open(out) as cli:
+        assert np.array_equal(np.asarray(cli), plain)

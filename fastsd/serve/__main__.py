@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest decoded init image or mask, pixels (larger ones, bombs included, are refused)")
     p.add_argument("--lora-dir", default=os.environ.get("FASTSD_LORA_DIR"), help="folder of LoRAs that prompts may "
                    "name as <lora:NAME:WEIGHT> (default $FASTSD_LORA_DIR)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA merged for good into every --model at start (repeatable; e.g. an LCM-LoRA): no copy of "
+                   "the weights is kept, prompts need no tag for it, and --lora-dir LoRAs switch on top of it")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="as python -m fastsd.generate")
@@ -119,10 +122,16 @@ def _start(args, limits: Limits, auth, sources: list[str]):
 
     # request images are checked against --max-image-pixels before decoding; PIL's own warning adds nothing
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    from fastsd.generate import lora_files
+
+    base = lora_files(args, "")  # --lora FILE[:WEIGHT]: the files are there before a model loads
     registry = Registry(load_entries(sources, device=args.device, dtype=args.dtype, backend=args.backend))
     for e in registry.entries:
-        print(run_summary(e.pipe, threads), file=sys.stderr)
-    networks = Networks(args.lora_dir, args.embeddings_dir)
+        e.pipe.load_loras(base, keep_originals=False)
+        loras = f", LoRA {', '.join(f'{x.name}:{x.weight}' for x in e.pipe.loras)} merged for good" if base else ""
+        print(run_summary(e.pipe, threads, loras), file=sys.stderr)
+    networks = Networks(args.lora_dir, args.embeddings_dir,
+                        base=[(x.name, x.weight) for x in registry.entries[0].pipe.loras])
     networks.load_embeddings([e.pipe for e in registry.entries])
     skipped = [n for n, ok in networks.loaded_embeddings.items() if not ok]
     if skipped:

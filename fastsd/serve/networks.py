@@ -12,7 +12,7 @@ import os
 import re
 
 from fastsd.files import files_by_stem
-from fastsd.lora import list_loras, parse_prompt
+from fastsd.lora import list_loras, parse_prompt, weight_text
 from fastsd.serve.limits import BadRequest
 
 EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
@@ -30,8 +30,9 @@ def check_name(name: str, what: str, option: str) -> None:
 
 
 class Networks:
-    def __init__(self, lora_dir: str | None, embeddings_dir: str | None):
+    def __init__(self, lora_dir: str | None, embeddings_dir: str | None, base: list[tuple[str, object]] = ()):
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
+        self.base = dict(base)  # name -> weight of the LoRAs merged for good at start (serve --lora)
         self._merged: dict[int, tuple] = {}  # id(pipe) -> the (path, weight) tuple merged into it
         self.loaded_embeddings: dict[str, bool] = {}
 
@@ -52,6 +53,12 @@ class Networks:
         available = self.loras()
         out = []
         for name, w in tags:
+            if name in self.base:  # merged for good at start: a tag at its weight asks for nothing more
+                if self.base[name] != w:
+                    raise BadRequest(f"<lora:{name}:{weight_text(w)}>: {name} is merged into this server's models "
+                                     f"for good at weight {weight_text(self.base[name])} (--lora); tag it at that "
+                                     "weight or leave the tag out")
+                continue
             check_name(name, "LoRA", "--lora-dir")
             if not self.lora_dir:
                 raise BadRequest(f"<lora:{name}>: this server has no LoRA folder (start it with --lora-dir DIR)")
