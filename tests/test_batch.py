@@ -145,6 +145,36 @@ def _png_bytes(folder):
     return {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder) if n.endswith(".png")}
 
 
+def test_one_lora_set_for_every_job_is_merged_for_good(tmp_path, monkeypatch):
+    """When every job of a run uses the same LoRA set, the worker merges it for good (no copy of the weights);
+    with jobs that switch it keeps the originals; the PNGs are the same either way."""
+    from fastsd.pipeline import Pipeline
+    from fastsd.testing_lora import write_random_lora
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    write_random_lora(str(folder / "ink.safetensors"), fastsd.load_pipeline("random:tiny", device="cpu"),
+                      fmt="kohya_ldm", rank=4, seed=1)
+    keeps, load_loras = [], Pipeline.load_loras
+
+    def recording(self, items, *, keep_originals=True):
+        keeps.append(keep_originals)
+        return load_loras(self, items, keep_originals=keep_originals)
+
+    monkeypatch.setattr(Pipeline, "load_loras", recording)
+    inked = [{"prompt": "a cat", "seed": 1, "id": "a", "loras": ["ink:0.7"]},
+             {"prompt": "a dog", "seed": 2, "id": "b", "loras": ["ink:0.7"]}]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert [r["status"] for r in run(inked, out=one, defaults=SMALL, lora_dir=str(folder), **TINY)] == ["done"] * 2
+    assert keeps == [False]
+    rows = run(inked + [{"prompt": "a cow", "seed": 3, "id": "c"}], out=two, defaults=SMALL, lora_dir=str(folder),
+               **TINY)
+    assert [r["status"] for r in rows] == ["done"] * 3 and keeps[0] is False and all(keeps[1:])
+    for name in ("a.png", "b.png"):
+        with Image.open(os.path.join(one, name)) as x, Image.open(os.path.join(two, name)) as y:
+            assert x.tobytes() == y.tobytes() and x.text == y.text
+
+
 def test_plan_batches_groups_compatible_jobs():
     """Same size, steps, sampler, cfg, clip skip, LoRAs and prompt chunk count (prompt or negative) share a
     batch, in the order of each group's first job, up to `batch` jobs."""

@@ -84,6 +84,9 @@ def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, pool: dict | 
         return not folder.is_done(j.id) and (retry_failed or not folder.has_failed(j.id))
 
     todo = [j for j in job_list if isinstance(j, Job) and wanted(j)]
+    sets = {j.loras for j in todo}
+    if len(sets) == 1 and () not in sets:  # one LoRA set for every job: merged for good (no copy of the weights)
+        worker_kwargs = {**worker_kwargs, "only_loras": sets.pop()}
     bad = [j for j in job_list if isinstance(j, BadJob) and wanted(j)]
     for j in bad:  # recorded before the bar starts: they take no time, so they don't count in its rate
         print(f"fastsd.batch: line {j.line}: {j.error}", file=sys.stderr)

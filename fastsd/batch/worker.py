@@ -24,7 +24,9 @@ MARGIN = 0.9  # a batch must take <= 0.9x the time of its jobs run one by one (a
 
 class BatchWorker:
     def __init__(self, model: str, *, device=None, dtype=None, backend: str = "auto", threads: int | None = None,
-                 lora_dir: str | None = None, always_batch: bool = False, log=None):
+                 lora_dir: str | None = None, always_batch: bool = False, only_loras: tuple | None = None, log=None):
+        """`only_loras`: the one LoRA set every job of the run uses (the runner knows), merged for good at its
+        first use: no copy of the weights it replaces is kept, since nothing switches it out."""
         from fastsd import load_pipeline
         from fastsd.cli import set_threads
 
@@ -33,6 +35,7 @@ class BatchWorker:
         self.lora_dir = lora_dir
         self.always_batch = always_batch
         self._loras: tuple = ()
+        self._only_loras = only_loras
         self._probed: dict[tuple, bool] = {}
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
 
@@ -143,7 +146,7 @@ class BatchWorker:
             self.pipe.unload_loras()
             self._loras = ()
         try:
-            self.pipe.load_loras(paths)
+            self.pipe.load_loras(paths, keep_originals=loras != self._only_loras)
         except BaseException:
             self.pipe.unload_loras()
             raise
