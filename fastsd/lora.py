@@ -430,6 +430,8 @@ class LoraSet:
         which refuses to generate (check_usable) until it is loaded again; a bad file still fails before any
         weight changes."""
         self.check_usable()
+        if not isinstance(keep_originals, bool):
+            raise TypeError(f"keep_originals must be True or False, got {keep_originals!r}")
         items = [(p, normalize_weight(w)) for p, w in items]
         for path, _ in items:
             if not isinstance(path, (str, os.PathLike)):

@@ -261,6 +261,8 @@ def test_merging_for_good_keeps_no_originals_and_merges_the_same_bits(tmp_path, 
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         pipe.load_loras([(paths[0], 1.0), (bad, 1.0)], keep_originals=False)
     assert_same_state(pipe, state0)
+    with pytest.raises(TypeError, match="keep_originals must be True or False"):
+        pipe.load_loras([(paths[0], 0.8)], keep_originals="no")
     pipe.load_loras([(paths[0], 0.8)], keep_originals=False)
     ref.load_loras([(paths[0], 0.8)])
     gc.collect()
