@@ -158,6 +158,42 @@ def test_encode_matches_pure_python_bpe(text: str):
     assert tok().encode(text) == _bpe_reference(text)
 
 
+FUZZ_PIECES = ["a", "cat", "Photo", " ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u200b", "\u2028", "'s", "'T",
+               "\u2019s", "don't", "I'LL", "1", "23", "\u00b2", "\u00bd", "\u216b", "\u0663", "\u00e9", "e\u0301", "\u00df",
+               "\u0130", "\u01c5", "\u03a3", "\u03c2", "\u6771\u4eac", "\u30fc", "\U0001f431", "\U0001f469\u200d\U0001f680",
+               "\U0001f1eb\U0001f1f7", "!", "...", "(", ")", "[", "]", "<", ">", "|", "<|endoftext|>", "<|ENDOFTEXT|>",
+               "<|startoftext|>", "<|endoftext", "|>", "\\", "_", "-", "~", "\x00", "\x07", "\ufeff", "\ufb01", "\u00c5",
+               "\u2126", "\u0300", "\u05d0", "\u0627\u0644", "x\u00b2", "\uff46\uff55\uff4c\uff4c", "\u2460", "\u221e",
+               "\u2122", "\u00a9", "\U0001d400", "#", "@", "$"]
+
+
+def test_encode_matches_transformers_on_random_strings():
+    """3000 seeded random strings from pieces that stress normalisation and the split rule (Unicode whitespace,
+    digits of every kind, combining marks, case folding, emoji sequences, special-token look-alikes in any case):
+    the ids of transformers' CLIPTokenizer over the same files."""
+    import random
+
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
+    ours = tok().encode_batch(texts)
+    theirs = hf()(texts, add_special_tokens=False)["input_ids"]
+    assert [t for t, a, b in zip(texts, ours, theirs) if a != b] == []
+
+
+def test_generating_imports_no_transformers():
+    """transformers is the tests' oracle only: a CLI run of fastsd (import, tokenize, generate) never imports it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastsd\n"
+            "p = fastsd.load_pipeline('random:tiny', device='cpu')\n"
+            "p.generate('a cat (red:1.2)', steps=1, width=64, height=64, progress=False)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'diffusers')))")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_loads_from_directory(tmp_path):
     # e.g. a diffusers snapshot's tokenizer/ folder
     for name in ("vocab.json", "merges.txt"):
