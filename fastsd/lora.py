@@ -446,7 +446,6 @@ class LoraSet:
                 multiplier = unet_weight if layer.model == "unet" else te_weight
                 by_layer.setdefault((layer.model, layer.module), []).append((layer, multiplier))
         layout = _conv_layout(pipe.backend)
-        keep = keep_originals
         done = []  # (module, key, previous weight Parameter, first change of this layer)
         changed = 0
         with pipe.backend.replacing_weights():
@@ -456,7 +455,7 @@ class LoraSet:
                     pipe.backend.plain_weights(module)
                     prev = module.weight
                     first = key not in self._originals
-                    if keep:
+                    if keep_originals:
                         done.append((module, key, prev, first))
                         if first:
                             self._originals[key] = prev
@@ -473,13 +472,13 @@ class LoraSet:
                     pipe.backend.replace_weight(module, prev)
                     if first:
                         del self._originals[key]
-                if not keep and changed:
+                if not keep_originals and changed:
                     self._broken = (f"a LoRA load with keep_originals=False stopped ({type(e).__name__}) after "
                                     f"merging {changed} of {len(by_layer)} layers: load the model again")
                 raise
         entries = [LoadedLora(lora.name, path, weight, len(lora.layers)) for lora, (path, weight) in zip(loras, items)]
         self.loaded.extend(entries)
-        if not keep:  # the weights now are the model's own, with every LoRA merged so far
+        if not keep_originals:  # the weights now are the model's own, with every LoRA merged so far
             self._originals.clear()
             self.base = list(self.loaded)
         return entries
