@@ -4,7 +4,7 @@ The BPE vocabulary ships inside the package (``fastsd/assets/vocab.json`` and ``
 derived from OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz`` by ``tools/derive_clip_vocab.py``),
 so nothing is ever downloaded. Tokenization runs on Hugging Face's ``tokenizers`` library (a byte-level BPE
 with CLIP's normalisation and split rule, the pipeline transformers' CLIPTokenizer builds); transformers itself
-is only the tests' oracle (importing it cost ~0.8 s per process).
+is only the tests' oracle (README "Tokenizer vocabulary" has what importing it cost).
 
 Prompt emphasis follows A1111's ``modules/prompt_parser.py`` (``parse_prompt_attention``):
 
