@@ -27,7 +27,7 @@ ROW_FIELDS = (
     "model", "res", "latent", "batch", "shape", "torch", "triton", "diffusers", "python", "git_commit",
     "timestamp", "command", "warmup", "times", "time_s", "it_s", "rss_baseline_bytes", "rss_peak_bytes",
     "rss_peak_run_bytes", "rss_isolated", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes",
-    "isa", "cpu_capability", "cpu_flags", "native_bf16", "isa_env", "cpu_tune", "cpu_tune_cached",
+    "isa", "cpu_capability", "cpu_flags", "native_bf16", "isa_env", "huge_pages", "cpu_tune", "cpu_tune_cached",
     "cpu_env", "native_attention", "native_winograd", "memory_bytes", "openvino", "ov_precision",
 )
 TIME_FIELDS = ("min", "median", "max", "n", "all")
@@ -55,7 +55,8 @@ def cpu_model() -> str:
 def isa_fields() -> dict[str, Any]:
     """The ISA this process runs with (restrictions included), the CPU-tuning state it starts from, the
     FASTSD_CPU_* settings in effect (e.g. FASTSD_CPU_WINOGRAD=4x4), whether the cpu backend's native
-    attention kernel and Winograd transforms run ("on", else why not) and the RAM it may use (which decides
+    attention kernel and Winograd transforms run ("on", else why not), whether torch's large tensors get huge
+    pages (cpuinfo.huge_pages) and the RAM it may use (which decides
     whether Winograd F(2x2) is offered): every result row carries them, since CPU numbers hold for one ISA and
     one setting only."""
     from fastsd import cpuinfo
@@ -63,7 +64,8 @@ def isa_fields() -> dict[str, Any]:
 
     d = cpuinfo.describe()
     return {"isa": cpuinfo.isa_label(), "cpu_capability": d["aten_capability"], "cpu_flags": d["cpu_flags"],
-            "native_bf16": d["native_bf16"], "isa_env": d["isa_env"], "cpu_tune": cpu_tune.mode(),
+            "native_bf16": d["native_bf16"], "isa_env": d["isa_env"], "huge_pages": d["huge_pages"],
+            "cpu_tune": cpu_tune.mode(),
             "cpu_tune_cached": len(cpu_tune.tuner().entries()), "cpu_env": cpu_settings(),
             "native_attention": cpu_attention_native.unavailable() or "on",
             "native_winograd": cpu_winograd_native.unavailable() or "on", "memory_bytes": cpuinfo.memory_bytes()}

@@ -99,6 +99,9 @@ def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return not os.environ.get("ATEN_CPU_CAPABILITY", "").lower().startswith(("avx2", "default", "zvector"))
 
 
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
 def memory_bytes() -> int | None:
     """The RAM this process may use: the machine's, or its cgroup's limit when lower (a container); None
     where neither can be read."""
@@ -122,7 +125,43 @@ def describe() -> dict:
     return {"cpu": cpu_model(), "aten_capability": aten_capability(),
             "cpu_flags": sorted(f for f in FLAGS_OF_INTEREST if f in flags),
             "native_bf16": native_bf16(),
-            "isa_env": {k: os.environ[k] for k in ISA_ENV if os.environ.get(k)}}
+            "isa_env": {k: os.environ[k] for k in ISA_ENV if os.environ.get(k)},
+            "huge_pages": huge_pages()}
+
+
+@functools.cache
+def huge_pages() -> bool:
+    """Whether torch's large tensors get transparent huge pages in this process: the kernel's THP mode is `always`,
+    or `madvise` with torch's THP_MEM_ALLOC_ENABLE in effect (fastsd/__init__.py), seen in the flags of the mapping
+    a 4 MiB tensor lands in (`hg`: advised huge pages)."""
+    try:
+        with open(THP_MODE) as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return False
+    if mode != "madvise":
+        return mode == "always"
+    import torch
+
+    probe = torch.empty(1 << 20)
+    return "hg" in _mapping_flags(probe.data_ptr())
+
+
+def _mapping_flags(address: int, smaps: str = "/proc/self/smaps") -> list[str]:
+    """The VmFlags of the mapping holding `address` ([] where /proc can't be read)."""
+    inside = False
+    try:
+        with open(smaps) as f:
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= address < hi
+                elif inside and head == "VmFlags:":
+                    return line.split()[1:]
+    except (OSError, ValueError):
+        pass
+    return []
 
 
 def amx(cpuinfo: str = PROC_CPUINFO) -> bool:

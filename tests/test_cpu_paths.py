@@ -218,6 +218,32 @@ def test_loading_the_native_library_leaves_denormals_alone():
     assert r.stdout.split() == ["True", "True"]
 
 
+def _thp_mode() -> str | None:
+    try:
+        return open(cpuinfo.THP_MODE).read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason=f"the kernel's THP mode is {_thp_mode()}, not madvise")
+@pytest.mark.parametrize("setting, first, expected", [(None, "fastsd", "True"), ("0", "fastsd", "False"),
+                                                     (None, "torch", "False")],
+                         ids=["fastsd-first", "turned-off", "torch-first"])
+def test_importing_fastsd_first_gives_torch_tensors_huge_pages(setting, first, expected):
+    """fastsd turns on torch's huge-page allocation (THP_MEM_ALLOC_ENABLE) when imported before torch, keeps a value
+    the user set, and can't once torch is imported; cpuinfo.huge_pages() (part of the tuner's fingerprint and every
+    benchmark row) says which, and agrees with the mapping a large tensor lands in."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    second = "torch" if first == "fastsd" else "fastsd"
+    code = (f"import {first}, {second}, torch; from fastsd import cpuinfo; t = torch.ones(1 << 22); "
+            "print(cpuinfo.huge_pages(), 'hg' in cpuinfo._mapping_flags(t.data_ptr()))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [expected, expected]
+
+
 GN_WHY = cpu_group_norm.unavailable()
 
 
