@@ -100,6 +100,7 @@ def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+HUGE_PAGES_ENV = "FASTSD_CPU_HUGE_PAGES"
 
 
 def memory_bytes() -> int | None:
@@ -131,24 +132,20 @@ def describe() -> dict:
 
 @functools.cache
 def huge_pages() -> bool:
-    """Whether torch's large tensors get transparent huge pages in this process: the kernel's THP mode is `always`,
-    or `madvise` with torch's THP_MEM_ALLOC_ENABLE in effect (fastsd/__init__.py), seen in the flags of the mapping
-    a 4 MiB tensor lands in (`hg`: advised huge pages)."""
+    """Whether the cpu backend puts its large long-lived buffers (Winograd-transformed weights) on transparent huge
+    pages here: the kernel's THP mode is `always` or `madvise`, and FASTSD_CPU_HUGE_PAGES is not 0."""
+    if os.environ.get(HUGE_PAGES_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return False
     try:
         with open(THP_MODE) as f:
             mode = f.read().split("[")[1].split("]")[0]
     except (OSError, IndexError):
         return False
-    if mode != "madvise":
-        return mode == "always"
-    import torch
-
-    probe = torch.empty(1 << 20)
-    return "hg" in _mapping_flags(probe.data_ptr())
+    return mode in ("always", "madvise")
 
 
-def _mapping_flags(address: int, smaps: str = "/proc/self/smaps") -> list[str]:
-    """The VmFlags of the mapping holding `address` ([] where /proc can't be read)."""
+def mapping_flags(address: int, smaps: str = "/proc/self/smaps") -> list[str]:
+    """The VmFlags of the mapping holding `address` ([] where /proc can't be read): `hg` = advised huge pages."""
     inside = False
     try:
         with open(smaps) as f:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsd import cpuinfo
-from fastsd.backends import cpu_winograd_native
+from fastsd.backends import cpu_huge_pages, cpu_winograd_native
 
 ENV = "FASTSD_CPU_WINOGRAD"
 R = 3  # kernel
@@ -136,7 +136,7 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
     tensor (docs/cpu-path.md: MKL's GEMMs of 64-256 rows run faster on it there, slower below), made by one GEMM
     over the weight transposed to (9, C, K) (a transposing copy of the larger result was the slow part). `out`, an
     earlier result of the same shape (a weight this one replaces), is written over: memory already in use, not
-    fresh pages to fault in."""
+    fresh pages to fault in; else the result is on huge pages (cpu_huge_pages)."""
     k, c = w.shape[:2]
     shape = (v.a * v.a, c, k)
     if out is not None and (out.shape != shape or out.dtype != torch.float32):
@@ -147,13 +147,13 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
         for j in range(R * R):  # 2-D transposes: ATen's blocked copy
             wt[j].copy_(rows[j].t())
         if out is None or not out.is_contiguous():
-            out = torch.empty(shape)
+            out = cpu_huge_pages.empty(shape)
         torch.mm(v.w_t, wt.view(R * R, c * k), out=out.view(shape[0], c * k))
         return out
     flat = w.detach().float().permute(0, 2, 3, 1).reshape(k, R * R, c)
     base = None if out is None else out.permute(2, 0, 1)  # the (K, a*a, C) tensor `out` is a view of
-    if base is not None and not base.is_contiguous():
-        base = None
+    if base is None or not base.is_contiguous():
+        base = cpu_huge_pages.empty((k, shape[0], c))
     return torch.matmul(v.w_t, flat, out=base).permute(1, 2, 0)
 
 
