@@ -55,7 +55,7 @@ def cpu_model() -> str:
 def isa_fields() -> dict[str, Any]:
     """The ISA this process runs with (restrictions included), the CPU-tuning state it starts from, the
     FASTSD_CPU_* settings in effect (e.g. FASTSD_CPU_WINOGRAD=4x4), whether the cpu backend's native
-    attention kernel and Winograd transforms run ("on", else why not), whether torch's large tensors get huge
+    attention kernel and Winograd transforms run ("on", else why not), whether the Winograd weights get huge
     pages (cpuinfo.huge_pages) and the RAM it may use (which decides
     whether Winograd F(2x2) is offered): every result row carries them, since CPU numbers hold for one ISA and
     one setting only."""
