@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import mmap
 import os
 import platform
 
@@ -130,35 +131,23 @@ def describe() -> dict:
             "huge_pages": huge_pages()}
 
 
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"); None where it can't be read."""
+    try:
+        with open(THP_MODE) as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
 @functools.cache
 def huge_pages() -> bool:
     """Whether the cpu backend puts its large long-lived buffers (Winograd-transformed weights) on transparent huge
-    pages here: the kernel's THP mode is `always` or `madvise`, and FASTSD_CPU_HUGE_PAGES is not 0."""
+    pages here: the kernel's THP mode is `always` or `madvise`, Python can advise a mapping, and
+    FASTSD_CPU_HUGE_PAGES is not 0."""
     if os.environ.get(HUGE_PAGES_ENV, "").strip().lower() in ("0", "off", "false", "no"):
         return False
-    try:
-        with open(THP_MODE) as f:
-            mode = f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return False
-    return mode in ("always", "madvise")
-
-
-def mapping_flags(address: int, smaps: str = "/proc/self/smaps") -> list[str]:
-    """The VmFlags of the mapping holding `address` ([] where /proc can't be read): `hg` = advised huge pages."""
-    inside = False
-    try:
-        with open(smaps) as f:
-            for line in f:
-                head = line.split(maxsplit=1)[0]
-                if "-" in head and not head.endswith(":"):
-                    lo, hi = (int(x, 16) for x in head.split("-"))
-                    inside = lo <= address < hi
-                elif inside and head == "VmFlags:":
-                    return line.split()[1:]
-    except (OSError, ValueError):
-        pass
-    return []
+    return hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("always", "madvise")
 
 
 def amx(cpuinfo: str = PROC_CPUINFO) -> bool:

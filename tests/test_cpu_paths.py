@@ -3,6 +3,7 @@ choices) against the plain-torch reference that --backend torch runs. The whole 
 in subprocesses restricted to AVX2 and to AVX-512 without BF16 (test_cpu_paths_restricted), whatever this
 machine's ISA."""
 import copy
+import inspect
 import os
 import subprocess
 import sys
@@ -218,6 +219,20 @@ def test_loading_the_native_library_leaves_denormals_alone():
     assert r.stdout.split() == ["True", "True"]
 
 
+def _mapping_flags(address: int) -> list[str]:
+    """The VmFlags of this process' mapping holding `address` (`hg`: advised huge pages)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
+
+
 @pytest.mark.skipif(not cpuinfo.huge_pages(), reason="no transparent huge pages here (THP mode never, or turned off)")
 def test_winograd_weights_are_on_huge_pages():
     """The Winograd-transformed weights (both layouts: contiguous from CONTIGUOUS_FROM_K output channels, a view below)
@@ -227,7 +242,7 @@ def test_winograd_weights_are_on_huge_pages():
     for k, c in ((cpu_winograd.CONTIGUOUS_FROM_K, 64), (320, 320)):
         conv = torch.nn.Conv2d(c, k, 3, padding=1).requires_grad_(False)
         u = cpu_winograd.weight_transform(conv.weight, cpu_winograd.F2)
-        assert "hg" in cpuinfo.mapping_flags(u.data_ptr()) and u.data_ptr() % cpu_huge_pages.HUGE_PAGE == 0
+        assert "hg" in _mapping_flags(u.data_ptr()) and u.data_ptr() % cpu_huge_pages.HUGE_PAGE == 0
         x = torch.randn(1, c, 16, 16).to(memory_format=torch.channels_last)
         ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
         got = cpu_winograd.conv3x3(x, u, conv.bias, cpu_winograd.F2)
@@ -235,25 +250,23 @@ def test_winograd_weights_are_on_huge_pages():
     t = cpu_huge_pages.empty((3, 1 << 19))  # 6 MiB: its mapping outlives the views made on the way
     t.fill_(2.0)
     assert t.shape == (3, 1 << 19) and t.is_contiguous() and t.sum().item() == 3 * 2 * (1 << 19)
-    assert "hg" not in cpuinfo.mapping_flags(cpu_huge_pages.empty((1000,)).data_ptr())
+    assert "hg" not in _mapping_flags(cpu_huge_pages.empty((1000,)).data_ptr())
 
 
 def test_huge_pages_can_be_turned_off():
     """FASTSD_CPU_HUGE_PAGES=0: Winograd weights come from torch's allocator and cpuinfo says so (it is part of the
     tuner's fingerprint, so choices timed on the other kind of pages are not reused)."""
-    code = ("import torch; from fastsd import cpuinfo; from fastsd.backends import cpu_winograd as W; "
-            "u = W.weight_transform(torch.randn(1280, 64, 3, 3), W.F2); "
-            "print(cpuinfo.huge_pages(), 'hg' in cpuinfo.mapping_flags(u.data_ptr()), cpuinfo.fingerprint())")
+    code = inspect.getsource(_mapping_flags) + (
+        "import torch; from fastsd import cpuinfo; from fastsd.backends import cpu_winograd as W; "
+        "u = W.weight_transform(torch.randn(1280, 64, 3, 3), W.F2); "
+        "print(cpuinfo.huge_pages(), 'hg' in _mapping_flags(u.data_ptr()), cpuinfo.fingerprint())")
     outs = []
     for setting in ("0", "1"):
         env = {**{k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}, "FASTSD_CPU_HUGE_PAGES": setting}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout.split())
-    try:
-        thp = open(cpuinfo.THP_MODE).read().split("[")[1].split("]")[0] in ("always", "madvise")
-    except (OSError, IndexError):
-        thp = False
+    thp = cpuinfo.thp_mode() in ("always", "madvise")
     assert outs[0][:2] == ["False", "False"]
     assert outs[1][:2] == [str(thp)] * 2
     assert (outs[0][2] != outs[1][2]) == thp  # the same fingerprint where there are none anyway

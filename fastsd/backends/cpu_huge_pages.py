@@ -22,7 +22,7 @@ MIN_BYTES = HUGE_PAGE  # smaller buffers: torch.empty
 def empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An uninitialised contiguous tensor, on huge pages where they are available and it fills at least one."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < MIN_BYTES or not cpuinfo.huge_pages() or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if nbytes < MIN_BYTES or not cpuinfo.huge_pages():
         return torch.empty(shape, dtype=dtype)
     try:
         region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
