@@ -61,7 +61,7 @@ def assert_same_image(ours: Image.Image, ref: np.ndarray, min_psnr=40.0):
 
 
 def run_txt2img(pipe, models, sampler, size, steps):
-    h = w = size
+    h, w = size if isinstance(size, tuple) else (size, size)
     f = pipe.config.vae.downscale
     latents = torch.randn(1, 4, h // f, w // f, generator=torch.Generator().manual_seed(3))
     prompt = PROMPT.replace("(detailed)", "detailed")  # diffusers has no emphasis syntax
@@ -76,6 +76,14 @@ def run_txt2img(pipe, models, sampler, size, steps):
 def test_txt2img_matches_diffusers(tiny, sampler):
     _, models, pipe = tiny
     run_txt2img(pipe, models, sampler, 64, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_txt2img_sides_of_any_multiple_of_8(tiny, backend):
+    """56 x 72 px: latents 7 x 9 halve to odd sizes in the UNet (A1111 and diffusers take any multiple of 8)."""
+    root, models, _ = tiny
+    pipe = load_pipeline(str(root), device="cpu", dtype="fp32", backend=backend)
+    run_txt2img(pipe, models, "euler", (56, 72), 4)
 
 
 def run_img2img(pipe, models, sampler, size, steps, strength):

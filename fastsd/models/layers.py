@@ -144,11 +144,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest 2x, then 3x3 conv. Key: conv."""
+    """Nearest 2x (or nearest to `size`, where the skip connection it meets is odd-sized), then 3x3 conv.
+    Key: conv."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))

@@ -10,14 +10,18 @@ from fastsd.models.layers import Downsample, GroupNorm, ResBlock, SpatialTransfo
 
 
 class TimestepSequential(nn.Sequential):
-    """One input/output block: layers that take (x, emb), (x, context) or x."""
+    """One input/output block: layers that take (x, emb), (x, context), (x, size) (an output block's
+    upsampler: the size of the skip connection the next block concatenates) or x."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -83,5 +87,8 @@ class UNet(nn.Module):
             hs.append(x)
         x = self.middle_block(x, emb, context)
         for block in self.output_blocks:
-            x = block(torch.cat([x, hs.pop()], dim=1), emb, context)
+            # a side that halves to an odd size on the way down: its upsampler goes back to the size of the skip
+            # connection the next block takes (diffusers' upsample_size, so widths of any multiple of 8 px run)
+            x = torch.cat([x, hs.pop()], dim=1)
+            x = block(x, emb, context, hs[-1].shape[-2:] if hs else None)
         return self.out(x)
