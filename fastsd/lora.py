@@ -42,6 +42,8 @@ LORA_EXTS = (".safetensors", ".pt", ".ckpt")
 LORA_DIR_ENV = "FASTSD_LORA_DIR"
 Weight = float | tuple[float, float]  # a LoRA's multiplier for both models, or (text encoder, UNet)
 MERGE_BLOCK_BYTES = 1 << 20  # fp32 scratch per block of output rows while merging (about an L2 cache)
+MAX_WEIGHT = 1000.0  # the largest |weight| taken: A1111 takes any number, but so far past the usual -5..5 a merge
+                     # only gives noise or overflows the weights
 
 # The key of one tensor = <layer><suffix>; the suffix tells which factor it is.
 PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
@@ -377,6 +379,9 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
         shaped.copy_(src[i:i + rows])
         update(block, i)
         dst[i:i + rows].copy_(shaped)
+        if not torch.isfinite(dst[i:i + rows].sum(dtype=torch.float32)):  # (the block is still in cache)
+            raise ValueError(f"{layer.key} at weight {multiplier:g} takes the layer's weights out of "
+                             f"{str(weight.dtype)[6:]}'s range (NaN or infinite)")
     return out
 
 
@@ -439,12 +444,12 @@ class LoraSet:
         items = [(os.fspath(p), w) for p, w in items]
         models = {"unet": pipe.unet, "clip": pipe.clip}
         loras = [read_lora(path, models) for path, _ in items]
-        by_layer: dict[tuple[str, str], list[tuple[LoraLayer, float]]] = {}  # each layer's merges, in order
+        by_layer: dict[tuple[str, str], list[tuple[LoraLayer, float, str]]] = {}  # each layer's merges, in order
         for lora, (_, weight) in zip(loras, items):
             te_weight, unet_weight = weight if isinstance(weight, tuple) else (weight, weight)
             for layer in lora.layers:
                 multiplier = unet_weight if layer.model == "unet" else te_weight
-                by_layer.setdefault((layer.model, layer.module), []).append((layer, multiplier))
+                by_layer.setdefault((layer.model, layer.module), []).append((layer, multiplier, lora.name))
         layout = _conv_layout(pipe.backend)
         done = []  # (module, key, previous weight Parameter, first change of this layer)
         changed = 0
@@ -461,8 +466,11 @@ class LoraSet:
                             self._originals[key] = prev
                     merged, form = prev, layout if prev.dim() == 4 else torch.contiguous_format
                     del prev  # (merged for good: the replaced weight goes with the layer's first merge)
-                    for layer, multiplier in merges:
-                        merged = merged_weight(merged, layer, multiplier, form)
+                    for layer, multiplier, name in merges:
+                        try:
+                            merged = merged_weight(merged, layer, multiplier, form)
+                        except ValueError as e:
+                            raise ValueError(f"LoRA {name}: {e}: try a lower weight") from None
                     module.weight = nn.Parameter(merged, requires_grad=False)
                     changed += 1
                     del merged  # (a backend that lays the weight out anew frees it now, for the next layer's merge)
@@ -564,8 +572,8 @@ def parse_prompt(prompt: str) -> tuple[str, list[tuple[str, Weight]]]:
                 w = float(text)
             except ValueError:
                 raise ValueError(f"prompt: {m[0]}: the weight {text!r} is not a number") from None
-            if not math.isfinite(w):
-                raise ValueError(f"prompt: {m[0]}: the weight must be finite")
+            if problem := _weight_problem(w):
+                raise ValueError(f"prompt: {m[0]}: the weight {problem}")
             return w
 
         te = number(named.get("te", positional[1] if len(positional) > 1 else "1"))
@@ -579,10 +587,24 @@ def parse_prompt(prompt: str) -> tuple[str, list[tuple[str, Weight]]]:
 def normalize_weight(weight) -> Weight:
     """A float, or a (text encoder, UNet) pair of floats when they differ; ValueError for anything else."""
     pair = weight if isinstance(weight, (tuple, list)) and len(weight) == 2 else (weight, weight)
-    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in pair):
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in pair):
         raise ValueError(f"LoRA weight must be a finite number or a (text encoder, UNet) pair, got {weight!r}")
+    for w in pair:
+        if problem := _weight_problem(w):
+            raise ValueError(f"LoRA weight {str(w)[:24]}: it {problem}")
     te, unet = float(pair[0]), float(pair[1])
     return te if te == unet else (te, unet)
+
+
+def _weight_problem(w: float) -> str | None:
+    """Why a LoRA weight can't be taken (not finite, or beyond MAX_WEIGHT), or None."""
+    try:
+        ok = math.isfinite(w)
+    except OverflowError:  # an int too large for a float
+        ok, w = True, math.inf
+    if not ok:
+        return "must be finite"
+    return None if abs(w) <= MAX_WEIGHT else f"must be within -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}"
 
 
 def weight_text(weight: Weight) -> str:
@@ -638,7 +660,7 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
             weight = float(tail)
         except ValueError:
             return arg, 1.0
-        if not math.isfinite(weight):
-            raise ValueError(f"--lora {arg}: the weight must be finite")
+        if problem := _weight_problem(weight):
+            raise ValueError(f"--lora {arg}: the weight {problem}")
         return head, weight
     return arg, 1.0

@@ -249,7 +249,7 @@ class Pipeline:
         else:
             start = sched.img2img_start(s.strength)
             if start >= len(sched):
-                raise ValueError(f"strength {s.strength} x {s.steps} steps leaves no step to run; raise either")
+                raise ValueError(f"strength {s.strength} x {s.steps} steps leaves no step to run; raise the strength or the steps")
             sched = sched.tail(start)
             x = x0 + noise * float(sched.sigmas[0])
         p = Prepared(x, sched, gens, x0=x0)

@@ -93,6 +93,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(GenerationSettings)}
 def _check_str(v, name: str) -> None:
     if not isinstance(v, str):
         raise TypeError(f"{name} must be a string, got {type(v).__name__}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON's "\ud800", undecodable bytes in a command line)
+        raise ValueError(f"{name} is not valid text: {v[e.start]!r} at character {e.start}") from None
 
 
 def _check_int(v, name: str, lo: int | None, hi: int | None) -> None:

@@ -98,6 +98,16 @@ def test_limits_and_bad_numbers(tmp_path, capsys, args, match):
     assert not (tmp_path / "o").exists()
 
 
+def test_undecodable_prompt_bytes_and_img2img_without_steps(tmp_path, capsys):
+    """A command line's undecodable bytes reach Python as lone surrogates; strength x steps under one step."""
+    _one_error(capsys, main(["a \udcff cat", *TINY, "--out", str(tmp_path / "o")]), "prompt is not valid text")
+    Image.new("RGB", (64, 64), "gray").save(tmp_path / "in.png")
+    _one_error(capsys, main(["a cat", *TINY, "--init-image", str(tmp_path / "in.png"), "--strength", "0.1",
+                             "--steps", "2", "--out", str(tmp_path / "o")]),
+               "leaves no step to run; raise the strength or the steps")
+    assert not (tmp_path / "o").exists()
+
+
 def test_overflowing_prompt_weight_is_an_error_not_a_black_image(tmp_path, capsys):
     huge = "9" * 400  # a weight that parses to inf
     _one_error(capsys, main([f"a ({'cat'}:{huge})", *TINY, "--out", str(tmp_path / "o")]), "emphasis weights overflow")

@@ -399,6 +399,12 @@ def _pair(name, down, up):
     return {f"{name}.lora_down.weight": torch.randn(*down), f"{name}.lora_up.weight": torch.randn(*up)}
 
 
+def _huge_pair():
+    """Finite factors (their sums too) whose update at weight 1000 overflows fp32 (fp16's at weight 1)."""
+    pair = _pair("lora_unet_input_blocks_1_0_in_layers_2", (4, 32, 3, 3), (32, 4, 1, 1))
+    return {k: v.sign() * 1e18 for k, v in pair.items()}
+
+
 BAD = {
     "sdxl": (_pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", (4, 768), (768, 4)), "SDXL LoRA"),
     "sd2": (_pair("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k", (4, 1024), (32, 4)),
@@ -451,8 +457,27 @@ def test_not_a_lora_and_wrong_arguments(tmp_path):
     for weight in (float("nan"), (1.0, float("inf")), (1.0, 2.0, 3.0), "1", True):
         with pytest.raises(ValueError, match="finite"):
             pipe.load_lora(str(tmp_path / "x.safetensors"), weight)
+    for weight in (1e308, -1000.5, (0.0, 1e30), 10 ** 400):  # A1111 takes them; here a merge would overflow or give noise
+        with pytest.raises(ValueError, match="within -1000 to 1000"):
+            pipe.load_lora(str(tmp_path / "x.safetensors"), weight)
     assert_same_state(pipe, state0)
     assert pipe.loras == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_merge_that_overflows_is_refused_and_rolled_back(tmp_path, backend):
+    pipe = tiny(backend)
+    generate(pipe, steps=1)  # (cpu: weights packed)
+    state0 = state(pipe)
+    path = str(tmp_path / "huge.safetensors")
+    _kohya(pipe, path, _huge_pair())  # valid layers first: merged before the bad one, then put back
+    with pytest.raises(ValueError, match="LoRA huge: lora_unet_input_blocks_1_0_in_layers_2 at weight 1000 takes") as e:
+        pipe.load_lora(path, 1000)
+    assert "\n" not in str(e.value)
+    assert_same_state(pipe, state0)
+    assert pipe.loras == []
+    pipe.load_lora(path, 1e-3)  # the same file at a sane weight merges
+    assert [x.name for x in pipe.loras] == ["huge"]
 
 
 def test_interrupted_merge_rolls_back(tmp_path, monkeypatch):
@@ -552,12 +577,17 @@ def test_parse_prompt():
         == [("a", (1.0, 0.5)), ("b", 0.7), ("c", (1.0, 0.25)), ("d", (0.5, 2.0)), ("e", 1.0)]
     for bad, match in (("<lora:a:b>", "not a number"), ("<lora:a:1:x>", "not a number"), ("<hypernet:a:1>", "not"),
                        ("<lora:a:inf>", "finite"), ("<lora:a:foo=1>", "expected"), ("<lora:a:1:1:8>", "dyn"),
-                       ("<lora:a:dyn=8>", "dyn"), ("<lora:a:unet=nan>", "finite"), ("<lora::1>", "expected")):
+                       ("<lora:a:dyn=8>", "dyn"), ("<lora:a:unet=nan>", "finite"), ("<lora::1>", "expected"),
+                       ("<lora:a:1e308>", "within -1000 to 1000"), ("<lora:a:0:1e30>", "within"),
+                       ("<lora:a:1e400>", "finite")):
         with pytest.raises(ValueError, match=match):
             parse_prompt(bad)
     assert parse_lora_arg("x.safetensors:0.5") == ("x.safetensors", 0.5)
     assert parse_lora_arg("C:/l/x.safetensors") == ("C:/l/x.safetensors", 1.0)
     assert parse_lora_arg("x.safetensors") == ("x.safetensors", 1.0)
+    assert parse_lora_arg("x.safetensors:-1000") == ("x.safetensors", -1000.0)
+    with pytest.raises(ValueError, match="within -1000 to 1000"):
+        parse_lora_arg("x.safetensors:1e308")
 
 
 def test_lora_names_stay_in_their_folder(tmp_path):
@@ -676,6 +706,8 @@ def test_cli_lora_file_and_prompt_tag(tmp_path, capsys, monkeypatch):
     ("a cat", ["--lora", "missing.safetensors:0.5"], "no such file"),
     ("a cat", ["--lora", "{loras}"], "a folder, not a LoRA file"),
     ("a cat", ["--lora", "{bad}"], "do not fit this model"),
+    ("a cat", ["--lora", "{loras}/ink.safetensors:1e308"], "within -1000 to 1000"),
+    ("a cat", ["--lora", "{huge}:1000"], "weights out of"),
 ])
 def test_cli_bad_lora_one_line_exit_2(tmp_path, capsys, monkeypatch, prompt, args, match):
     from fastsd.generate import main
@@ -685,7 +717,8 @@ def test_cli_bad_lora_one_line_exit_2(tmp_path, capsys, monkeypatch, prompt, arg
     pipe = tiny()
     write_random_lora(str(loras / "ink.safetensors"), pipe, fmt="kohya_ldm", rank=4)
     _kohya(pipe, str(tmp_path / "bad.safetensors"), BAD["shape"][0])
-    args = [a.format(bad=tmp_path / "bad.safetensors", loras=loras) for a in args]
+    _kohya(pipe, str(tmp_path / "huge.safetensors"), _huge_pair())
+    args = [a.format(bad=tmp_path / "bad.safetensors", loras=loras, huge=tmp_path / "huge.safetensors") for a in args]
     out = tmp_path / "out"
     code = main([prompt, *CLI, "--lora-dir", str(loras), *args, "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()

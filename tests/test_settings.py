@@ -43,6 +43,8 @@ def test_cli_options_are_the_settings():
     (dict(seed=2**63 - 1, num_images=2), ValueError, "seed + num_images must stay below 2**63"),
     (dict(seed=-1), ValueError, "seed must be at least 0"),
     (dict(sampler=3), TypeError, "sampler must be a string"),
+    (dict(prompt="a \ud800 cat"), ValueError, "prompt is not valid text: '\\ud800' at character 2"),
+    (dict(negative_prompt="x\udcff"), ValueError, "negative_prompt is not valid text"),
 ])
 def test_validation_names_the_argument(kw, err, match):
     s = GenerationSettings(**{"prompt": "a cat", **kw})
