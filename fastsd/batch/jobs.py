@@ -300,6 +300,8 @@ def _size(v, rec: dict) -> tuple[int, int]:
 def parse_loras(v) -> tuple[tuple[str, float], ...]:
     """LoRAs as a list of "NAME[:WEIGHT]" / "NAME:TE:UNET" or {"name", "weight"}, a {NAME: WEIGHT} dict, or one
     string of those separated by ';' or spaces (CSV, --lora). Weight 1 when not given."""
+    from fastsd.lora import normalize_weight
+
     if isinstance(v, str):
         v = [p for p in re.split(r"[;\s]+", v) if p]
     elif isinstance(v, dict):
@@ -320,10 +322,13 @@ def parse_loras(v) -> tuple[tuple[str, float], ...]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"a LoRA needs a name, got {item!r}")
         if isinstance(weight, (tuple, list)) and len(weight) == 2:
-            te, unet = (_to_float(w, f"LoRA {name!r} weight") for w in weight)
-            out.append((name, te if te == unet else (te, unet)))
+            weight = tuple(_to_float(w, f"LoRA {name!r} weight") for w in weight)
         else:
-            out.append((name, _to_float(weight, f"LoRA {name!r} weight")))
+            weight = _to_float(weight, f"LoRA {name!r} weight")
+        try:  # the merge's own check (fastsd.lora), so a weight it refuses is this line's (or option's) mistake
+            out.append((name, normalize_weight(weight)))
+        except ValueError as e:
+            raise ValueError(f"LoRA {name!r}: {str(e).splitlines()[0]}") from None
     return tuple(out)
 
 

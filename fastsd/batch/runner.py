@@ -42,6 +42,29 @@ def model_label(model: str) -> str:
     return os.path.abspath(model) if os.path.exists(model) else model
 
 
+def check_run_options(defaults: Defaults, lora_dir: str | None, *, local: bool, device=None, dtype=None,
+                      backend: str = "auto") -> None:
+    """The options every job shares, checked before the output folder is created or a worker starts, so a mistake
+    in them is a usage error (ValueError / TypeError / CheckpointError / BackendError, one line) rather than
+    every job recorded as failed: the LoRA folder exists, the default LoRAs (--lora) are found there and read as
+    LoRA files with valid weights, and, for a run in this process, the device, dtype and backend can be used here
+    (a Ray run's devices are the workers')."""
+    from fastsd.batch.worker import check_loras
+
+    if lora_dir is not None and not os.path.isdir(lora_dir):
+        raise ValueError(f"--lora-dir {lora_dir}: "
+                         + ("not a folder" if os.path.exists(lora_dir) else "no such folder"))
+    check_loras(defaults.loras, lora_dir)
+    if local:
+        from fastsd import backends
+        from fastsd.load import parse_device, parse_dtype
+
+        dev = parse_device(device)
+        dt = parse_dtype(dtype, dev) if dtype is not None else None  # (none given: the worker picks, maybe measuring)
+        if backend != "auto":
+            backends.get(backend, dev, dt)
+
+
 def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int = 1, workers: int | None = None,
         cpus_per_worker: float = 1, gpus_per_worker: float = 0, defaults: Defaults | None = None,
         retry_failed: bool = False, progress: bool = True, device=None, dtype=None, backend: str = "auto",
@@ -57,6 +80,7 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
 
     defaults = defaults or Defaults()
     defaults.validate(allow_large)
+    check_run_options(defaults, lora_dir, local=ray in (None, False), device=device, dtype=dtype, backend=backend)
     job_list = load_jobs(jobs, defaults, allow_large)
     resolve(model)  # a wrong model fails here, before the output folder is created or a worker starts
     worker_kwargs = dict(model=model, device=device, dtype=dtype, backend=backend, threads=threads,

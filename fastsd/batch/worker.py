@@ -164,6 +164,43 @@ def find_lora(name: str, lora_dir: str | None) -> str:
     return lora_path(stem, lora_dir or os.environ.get(LORA_DIR_ENV))
 
 
+def check_loras(loras, lora_dir: str | None, flag: str = "--lora") -> list[str]:
+    """The files of the run-wide LoRAs (the command line's --lora), checked before a run writes anything or
+    starts a worker, so a mistake there is a usage error and not every job's failure: each weight is one
+    normalize_weight takes, each name is found as the worker will find it (find_lora), and each file reads as a
+    tensor file (its header; the layers are checked against the model when the worker merges it). ValueError /
+    CheckpointError, one line naming the option."""
+    from fastsd.lora import LORA_EXTS, normalize_weight
+    from fastsd.tensorfile import CheckpointError, read_tensor_file
+
+    paths = []
+    for name, weight in loras:
+        try:
+            normalize_weight(weight)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{flag} {name}: {str(e).splitlines()[0]}") from None
+        is_path = os.sep in name or bool(os.altsep and os.altsep in name)  # not a name in the LoRA folder
+        if is_path and not os.path.isfile(name):
+            raise ValueError(f"{flag} {name}: " + ("a folder, not a LoRA file (a folder of LoRAs is --lora-dir)"
+                                                  if os.path.isdir(name) else "no such file"))
+        try:
+            path = find_lora(name, lora_dir)
+        except ValueError as e:
+            msg = str(e).splitlines()[0]
+            stem = next((name[: -len(ext)] for ext in LORA_EXTS if name.endswith(ext)), name)
+            if msg.startswith(f"<lora:{stem}>"):  # lora_path's messages name the prompt tag; this is an option
+                msg = msg[len(f"<lora:{stem}>"):].lstrip(": ")
+            raise ValueError(f"{flag} {name}: {msg}") from None
+        try:
+            read_tensor_file(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{flag} {name}: {str(e).splitlines()[0]}") from None
+        except OSError as e:
+            raise ValueError(f"{flag} {name}: can't read {path} ({e.strerror or e})") from None
+        paths.append(path)
+    return paths
+
+
 def _failed(job: Job, e: BaseException) -> dict:
     from fastsd.tensorfile import CheckpointError
 
