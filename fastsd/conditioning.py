@@ -54,6 +54,9 @@ def encode_prompts(clip: CLIPTextModel, tokenizer: Tokenizer, prompts: list[str]
         out.append(z.reshape(1, -1, z.shape[-1]))
     ctx = torch.cat(out)
     if not torch.isfinite(ctx).all():  # e.g. (word:1e30): the image would come out black
-        raise ValueError("the prompt's emphasis weights overflow the text encoding; use weights of a sane size "
-                         "(A1111's usual range is 0.5 to 1.5)")
+        if any((weights != 1).any() for _, weights, _ in parsed):
+            raise ValueError("the prompt's emphasis weights overflow the text encoding; use weights of a sane size "
+                             "(A1111's usual range is 0.5 to 1.5)")
+        raise ValueError("the text encoding overflows (NaN or infinite): an embedding (or LoRA) in the prompt holds "
+                         "values far out of range")
     return ctx

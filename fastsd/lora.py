@@ -150,11 +150,45 @@ def _peft_scales(path: str) -> dict[str, dict]:
         meta = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: its lora_adapter_metadata header is not JSON") from None
+    if not isinstance(meta, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(meta), "a number")
+        raise CheckpointError(f"{path}: its lora_adapter_metadata header is {kind}, not a JSON object")
     out: dict[str, dict] = {}
     for k, v in meta.items():
         model, _, field_ = k.partition(".")
         out.setdefault(model, {})[field_] = v
+    for model, cfg in out.items():
+        _check_peft_config(path, model, cfg)
     return out
+
+
+_PATTERN_KEY = re.compile(r"[\w.]+")  # what diffusers writes in rank_pattern / alpha_pattern: module names
+
+
+def _check_peft_config(path: str, model: str, cfg: dict) -> None:
+    """CheckpointError unless the fields _peft_scale reads are what PEFT writes: lora_alpha a finite number, r a
+    positive one (those in alpha_pattern / rank_pattern too, keyed by module names), use_rslora true or false.
+    Pattern keys are held to module names (letters, digits, '_', '.'), which is all diffusers writes there: they
+    are regular expressions to PEFT, and an arbitrary one from a file could take minutes to match."""
+    def number(v, what: str, positive: bool) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+            raise CheckpointError(f"{path}: lora_adapter_metadata {model}.{what} is {json.dumps(v)[:40]}, not a "
+                                  f"{'positive' if positive else 'finite'} number")
+
+    if "lora_alpha" in cfg and "r" in cfg:
+        number(cfg["lora_alpha"], "lora_alpha", False)
+        number(cfg["r"], "r", True)
+    for field_, positive in (("alpha_pattern", False), ("rank_pattern", True)):
+        patterns = cfg.get(field_) or {}
+        if not isinstance(patterns, dict):
+            raise CheckpointError(f"{path}: lora_adapter_metadata {model}.{field_} is not an object")
+        for key, v in patterns.items():
+            if not _PATTERN_KEY.fullmatch(key):
+                raise CheckpointError(f"{path}: lora_adapter_metadata {model}.{field_} key {key[:40]!r} is not a "
+                                      "module name (fastsd reads module names there, not other regular expressions)")
+            number(v, f"{field_}[{key[:40]!r}]", positive)
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise CheckpointError(f"{path}: lora_adapter_metadata {model}.use_rslora is not true or false")
 
 
 def _peft_scale(cfg: dict, path: str) -> float | None:
@@ -219,6 +253,8 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
 def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dict, peft: dict) -> LoraLayer:
     down, up = _factor(parts["down"].load()), _factor(parts["up"].load())
     rank = down.shape[0]
+    if rank == 0:
+        raise CheckpointError(f"{path}: {layer} has rank 0 (empty factors)")
     if "alpha" in parts:
         alpha = parts["alpha"].load()
         if alpha.numel() != 1:
@@ -285,6 +321,9 @@ def _lycoris_layer(path: str, target: tuple[str, str], name: str, layer: str, ki
     """A LoHa / LoKr layer; scale = alpha / dim as A1111 (dim: hada_w1_b's rows; LoKr: lokr_w2_b's, else
     lokr_w1_b's), 1 without an alpha or a dim."""
     factors = {k: ref.load().float() for k, ref in parts.items() if k != "alpha"}
+    empty = next((k for k, t in factors.items() if t.numel() == 0), None)
+    if empty is not None:
+        raise CheckpointError(f"{path}: {layer}.{empty} is empty, shape {tuple(factors[empty].shape)}")
     dim = (factors["hada_w1_b"].shape[0] if kind == "loha" else
            factors["lokr_w2_b"].shape[0] if "lokr_w2_b" in factors else
            factors["lokr_w1_b"].shape[0] if "lokr_w1_b" in factors else None)
@@ -659,8 +698,14 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
         try:
             weight = float(tail)
         except ValueError:
+            if os.path.isfile(head) and not os.path.exists(arg):
+                raise ValueError(f"--lora {arg}: the weight {tail!r} is not a number") from None
             return arg, 1.0
         if problem := _weight_problem(weight):
             raise ValueError(f"--lora {arg}: the weight {problem}")
+        first = head.rpartition(":")[0]
+        if first and not os.path.exists(head) and os.path.isfile(first):
+            raise ValueError(f"--lora {arg}: one weight after the file (FILE:WEIGHT); separate text encoder and "
+                             "UNet weights go in a prompt tag, <lora:NAME:TE:UNET>")
         return head, weight
     return arg, 1.0

@@ -306,6 +306,9 @@ class Pipeline:
         x = x * sched.out_scale
         if p.mask is not None and self.config.unet.in_channels != 9:
             x = p.x0 * (1 - p.mask) + x * p.mask
+        if not torch.isfinite(x).all():  # the image would be black (A1111's NaN check, on by default)
+            raise ValueError(f"the sampling gave NaN or infinite latents in {str(x.dtype)[6:]}: a LoRA, an embedding "
+                             "or a guidance scale far out of range (or a model that overflows this dtype)")
         return x
 
     def _step_callback(self, on_step: OnStep | None, total: int, every: int):

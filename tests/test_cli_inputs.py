@@ -108,6 +108,28 @@ def test_undecodable_prompt_bytes_and_img2img_without_steps(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_nan_latents_are_an_error_not_a_black_image(tmp_path, capsys):
+    """A1111 checks for NaN by default: a guidance scale of 1e300 overflows the guided prediction."""
+    _one_error(capsys, main(["a cat", *TINY, "--cfg-scale", "1e300", "--out", str(tmp_path / "o")]),
+               "the sampling gave NaN or infinite latents")
+    assert not (tmp_path / "o").exists()
+
+
+def test_text_encoding_overflow_without_emphasis_is_not_blamed_on_emphasis(monkeypatch):
+    import torch
+
+    from fastsd import load_pipeline
+
+    pipe = load_pipeline("random:tiny", backend="torch")
+    forward = type(pipe.clip).forward
+    monkeypatch.setattr(type(pipe.clip), "forward", lambda self, ids, **kw: (forward(self, ids, **kw)[0] * torch.inf,
+                                                                               None))
+    with pytest.raises(ValueError, match="the text encoding overflows"):
+        pipe.encode_prompt(["a cat"], None, 1)
+    with pytest.raises(ValueError, match="emphasis weights overflow"):
+        pipe.encode_prompt(["a (cat:1.2)"], None, 1)
+
+
 def test_overflowing_prompt_weight_is_an_error_not_a_black_image(tmp_path, capsys):
     huge = "9" * 400  # a weight that parses to inf
     _one_error(capsys, main([f"a ({'cat'}:{huge})", *TINY, "--out", str(tmp_path / "o")]), "emphasis weights overflow")

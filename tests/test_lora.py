@@ -3,6 +3,7 @@ within 1e-5 relative, images >= 40 dB), unloading bit for bit on the CPU path, b
 A1111 prompt syntax and infotext."""
 import hashlib
 import math
+import re
 import struct
 
 import numpy as np
@@ -442,6 +443,72 @@ def test_bad_lora_one_line_and_model_unchanged(tmp_path, case):
     assert [x.name for x in pipe.loras] == ["good"]
 
 
+def _peft_with_metadata(path, pipe, names, meta):
+    """A PEFT-format LoRA (UNet only) whose lora_adapter_metadata header is `meta` (JSON text)."""
+    from safetensors.torch import load_file, save_file
+
+    write_random_lora(path, pipe, fmt="peft", rank=4, alpha=8.0, text_encoder=False, names=names)
+    save_file(load_file(path), path, metadata={"lora_adapter_metadata": meta})
+
+
+PEFT_BAD = {  # a header PEFT never writes -> one line naming the field, before anything is merged
+    "list": ("[1, 2]", "header is an array, not a JSON object"),
+    "null": ("null", "header is null"),
+    "alpha string": ('{"unet.r": 4, "unet.lora_alpha": "abc"}', 'unet.lora_alpha is "abc", not a finite number'),
+    "r zero": ('{"unet.r": 0, "unet.lora_alpha": 8}', "unet.r is 0, not a positive number"),
+    "r string": ('{"unet.r": "4", "unet.lora_alpha": 8}', 'unet.r is "4"'),
+    "rank pattern zero": ('{"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {"to_q": 0}}', "not a positive"),
+    "pattern list": ('{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": [1]}', "alpha_pattern is not an object"),
+    "bad regex": ('{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"([": 2}}', "is not a module name"),
+    # a pattern that takes Python's re minutes against a layer name (catastrophic backtracking): never run
+    "slow regex": ('{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"([a-z_0-9]+[a-z_0-9]*)*\\\\.QQ": 2}}',
+                   "is not a module name"),
+    "rslora": ('{"unet.r": 4, "unet.lora_alpha": 8, "unet.use_rslora": "yes"}', "use_rslora is not true or false"),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_BAD))
+def test_bad_peft_metadata_one_line_and_model_unchanged(tmp_path, names, case):
+    pipe = tiny()
+    state0 = state(pipe)
+    path = str(tmp_path / "peft.safetensors")
+    meta, match = PEFT_BAD[case]
+    _peft_with_metadata(path, pipe, names, meta)
+    with pytest.raises(CheckpointError, match=re.escape(match)) as e:
+        pipe.load_lora(path, keep_originals=False)
+    assert "\n" not in str(e.value) and path in str(e.value)
+    assert_same_state(pipe, state0)
+    _peft_with_metadata(path, pipe, names, '{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": '
+                        '{"down_blocks.0.attentions.0.proj_in": 2}}')  # a module name, as diffusers writes them
+    pipe.load_lora(path)
+
+
+@pytest.mark.parametrize("kind", ["lora", "lora with alpha", "loha"])
+def test_rank_0_layers_are_refused_before_any_merge(tmp_path, kind):
+    pipe = tiny()
+    state0 = state(pipe)
+    path = str(tmp_path / "r0.safetensors")
+    layer = "lora_unet_input_blocks_1_0_emb_layers_1"
+    if kind == "loha":
+        extra = {f"{layer}.hada_w{i}_a": torch.zeros(32, 0) for i in (1, 2)}
+        extra.update({f"{layer}.hada_w{i}_b": torch.zeros(0, 128) for i in (1, 2)})
+        match = "hada_w1_a is empty, shape (32, 0)"
+    else:
+        extra = {f"{layer}.lora_down.weight": torch.zeros(0, 128), f"{layer}.lora_up.weight": torch.zeros(32, 0)}
+        if kind == "lora with alpha":
+            extra[f"{layer}.alpha"] = torch.tensor(4.0)
+        match = "has rank 0"
+    from safetensors.torch import load_file, save_file
+
+    _kohya(pipe, path, {})  # valid layers too: a failure mid-merge would have changed them for good
+    sd = {k: v for k, v in load_file(path).items() if not k.startswith(layer + ".")}
+    save_file({**sd, **extra}, path)
+    with pytest.raises(CheckpointError, match=re.escape(match)):
+        pipe.load_lora(path, keep_originals=False)
+    assert_same_state(pipe, state0)
+    generate(pipe, steps=1)  # (a model left half-merged for good refuses to generate)
+
+
 def test_not_a_lora_and_wrong_arguments(tmp_path):
     from safetensors.torch import save_file
 
@@ -708,6 +775,8 @@ def test_cli_lora_file_and_prompt_tag(tmp_path, capsys, monkeypatch):
     ("a cat", ["--lora", "{bad}"], "do not fit this model"),
     ("a cat", ["--lora", "{loras}/ink.safetensors:1e308"], "within -1000 to 1000"),
     ("a cat", ["--lora", "{huge}:1000"], "weights out of"),
+    ("a cat", ["--lora", "{loras}/ink.safetensors:abc"], "the weight 'abc' is not a number"),
+    ("a cat", ["--lora", "{loras}/ink.safetensors:0.5:1"], "one weight after the file"),
 ])
 def test_cli_bad_lora_one_line_exit_2(tmp_path, capsys, monkeypatch, prompt, args, match):
     from fastsd.generate import main
