@@ -285,6 +285,9 @@ def _kind(path: str, layer: str, parts: dict) -> str:
         raise CheckpointError(f"{path}: {layer} mixes factors of different kinds: {', '.join(sorted(have))}")
     kind = kind or "lora"
     if kind == "lokr":
+        both = next((k for k in ("lokr_w1", "lokr_w2") if k in have and have & {k + "_a", k + "_b"}), None)
+        if both:
+            raise CheckpointError(f"{path}: {layer} has {both} both whole and as {both}_a @ {both}_b")
         complete = all(k in have or {k + "_a", k + "_b"} <= have for k in ("lokr_w1", "lokr_w2"))
         needed = "lokr_w1 or lokr_w1_a and _b, lokr_w2 or lokr_w2_a and _b"
     else:
@@ -682,7 +685,7 @@ def lora_path(name: str, folder: str | None) -> str:
     if not folder:
         raise ValueError(f"<lora:{name}> needs a LoRA folder: --lora-dir DIR or ${LORA_DIR_ENV}")
     if not os.path.isdir(folder):
-        raise ValueError(f"LoRA folder {folder}: no such folder")
+        raise ValueError(f"LoRA folder {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
     check_lora_name(name)
     have = list_loras(folder)
     if name in have:

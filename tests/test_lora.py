@@ -419,6 +419,9 @@ BAD = {
                     "with a CP \\(Tucker\\) core"),
     "lokr shape": ({"lora_unet_conv_in.lokr_w1": torch.randn(2, 2), "lora_unet_conv_in.lokr_w2": torch.randn(8, 8)},
                    "do not fit"),
+    "lokr whole and split": ({"lora_unet_conv_in.lokr_w1": torch.randn(2, 2), "lora_unet_conv_in.lokr_w1_a":
+                              torch.randn(2, 1), "lora_unet_conv_in.lokr_w1_b": torch.randn(1, 2),
+                              "lora_unet_conv_in.lokr_w2": torch.randn(8, 8)}, "has lokr_w1 both whole and as"),
     "mixed": ({"lora_unet_conv_in.lokr_w1": torch.randn(2, 2), "lora_unet_conv_in.lora_up.weight": torch.randn(4, 4)},
               "mixes factors"),
     "half pair": ({"lora_unet_conv_in.lora_down.weight": torch.randn(4, 4, 3, 3)}, "not every factor of a LoRA"),
@@ -672,6 +675,10 @@ def test_lora_names_stay_in_their_folder(tmp_path):
         lora_path("nope", str(d))
     with pytest.raises(ValueError, match="--lora-dir"):
         lora_path("style", None)
+    with pytest.raises(ValueError, match="style.safetensors: not a folder"):
+        lora_path("style", str(d / "style.safetensors"))
+    with pytest.raises(ValueError, match="no such folder"):
+        lora_path("style", str(tmp_path / "missing"))
 
 
 def addnet_hash(path):
