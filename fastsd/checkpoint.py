@@ -169,6 +169,11 @@ def from_diffusers_folder(path: str) -> Checkpoint:
 
 def diffusers_vae(folder: Path) -> tuple[VAEConfig, dict[str, TensorRef]]:
     """A diffusers AutoencoderKL folder (config.json + weights): its config and its weights under LDM names."""
+    from fastsd.vae_files import check_kl_config  # (vae_files imports this module)
+
+    data = _json(folder / "config.json")
+    if isinstance(data, dict):  # (_config names anything else)
+        check_kl_config(data, folder / "config.json")
     cfg = _config(folder / "config.json", convert.vae_config_from_diffusers)
     refs = convert.rename(_folder_weights(folder, ("diffusion_pytorch_model",)), convert.vae_rules(cfg))
     return cfg, convert.vae_attention_as_conv(refs)

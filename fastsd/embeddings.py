@@ -5,7 +5,7 @@ Files: A1111's `.pt` (`string_to_param: {"*": (n, 768)}`, read with torch.load(w
 `.safetensors` (`emb_params`), and diffusers' `learned_embeds.bin` / `.safetensors` (`{token: (768,) or
 (n, 768)}`; named by their folder, as the name learned_embeds says nothing). A folder is searched recursively; files are indexed by name at once but read only when a
 prompt uses them, so a broken file that no prompt names costs nothing, and one that a prompt names is a
-one-line CheckpointError (wrong width, SDXL's clip_l/clip_g, not an embedding at all).
+one-line CheckpointError (wrong width, SDXL's clip_l/clip_g, NaN or absurdly large values, not an embedding).
 
 Matching is A1111's: on token ids. The name is tokenized like the prompt; where a prompt piece's ids
 continue with a name's ids (the longest name first) the embedding takes that place, n vectors in n token
@@ -53,11 +53,33 @@ def read_embedding(path: str, name: str, width: int) -> Embedding:
     if vec.shape[0] > CHUNK_LENGTH:
         raise CheckpointError(f"{path}: {vec.shape[0]} vectors; an embedding must fit in one {CHUNK_LENGTH}-token "
                               "chunk")
+    _check_values(vec, path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return Embedding(name, vec.detach().float().contiguous(), path, h.hexdigest()[:12])
+
+
+# The largest |value| taken in an embedding. A textual inversion is trained in place of token embeddings,
+# which the text encoder adds to its position embeddings and normalizes (LayerNorm squares them), so real
+# ones are of the token embeddings' own size; values this far beyond that are a broken or non-embedding
+# file, and much larger ones overflow the text encoding (the prompt would fail with an error that blames
+# something else, or make a black image). The bound is generous on purpose: it only refuses nonsense.
+MAX_VALUE = 1e4
+
+
+def _check_values(vec: torch.Tensor, path: str) -> None:
+    """CheckpointError naming the file when the vectors are not finite real numbers of a sane size."""
+    if vec.is_complex():
+        raise CheckpointError(f"{path}: an embedding of complex numbers ({vec.dtype}); expected real vectors")
+    values = vec.detach().to(torch.float64)
+    if not torch.isfinite(values).all():
+        raise CheckpointError(f"{path}: an embedding with NaN or infinite values (a broken file)")
+    biggest = values.abs().max().item()
+    if biggest > MAX_VALUE:
+        raise CheckpointError(f"{path}: an embedding with values as large as {biggest:.3g}; token embeddings are "
+                              f"far smaller (at most {MAX_VALUE:g} is taken): a broken or non-embedding file")
 
 
 def _vectors(data, path: str) -> torch.Tensor:

@@ -139,7 +139,8 @@ def check_extras(args: argparse.Namespace, out_file: str | None) -> str | None:
     emb = args.embeddings_dir or os.environ.get(EMBEDDINGS_ENV) or None
     if emb is not None and not os.path.isdir(emb):
         what = "--embeddings-dir" if args.embeddings_dir else f"${EMBEDDINGS_ENV}"
-        raise ValueError(f"{what} {emb}: no such folder")
+        raise ValueError(f"{what} {emb}: " + ("a file; give the folder that holds the embeddings"
+                                              if os.path.exists(emb) else "no such folder"))
     return emb
 
 

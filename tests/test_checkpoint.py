@@ -201,6 +201,7 @@ def test_sd2_style_diffusers_folder(tiny, tmp_path):
     ("vae", "[1, 2]", r"vae/config.json: not a Stable Diffusion 1.x config \(a JSON list"),
     ("text_encoder", "{\"hidden_size\": \"wide\"}", r"text_encoder/config.json: not a Stable Diffusion 1.x config"),
     ("unet", "[" * 100000, r"unet/config.json: not valid JSON"),
+    ("vae", '{"block_out_channels": [32, 64], "norm_num_groups": 0}', r"vae/config.json: norm_num_groups 0"),
 ])
 def test_diffusers_folder_with_a_broken_config(tiny, tmp_path, part, content, match):
     shutil.copytree(tiny[0], tmp_path / "f")

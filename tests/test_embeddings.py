@@ -185,3 +185,81 @@ def test_sd15_size_prompt_embeddings_match_diffusers(tmp_path):
     ref, ref_neg = sp.encode_prompt(prompt, "cpu", 1, True, negative_prompt=negative)
     cond, uncond = pipe.encode_prompt([prompt], [negative])
     assert rel_err(cond, ref) <= 1e-5 and rel_err(uncond, ref_neg) <= 1e-5
+
+
+# ---- embeddings with NaN, infinite or absurdly large values ------------------------------------------------
+
+def _save_embedding(folder, fmt: str, vecs: torch.Tensor):
+    """`vecs` in one of the formats read: A1111 .pt and .safetensors, diffusers learned_embeds .bin and
+    .safetensors (named by their folder). Returns (prompt word, file)."""
+    if fmt == "a1111.pt":
+        path = folder / "badvals.pt"
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vecs}, "name": "badvals"}, path)
+    elif fmt == "a1111.safetensors":
+        path = folder / "badvals.safetensors"
+        safetensors.torch.save_file({"emb_params": vecs}, str(path))
+    else:
+        (folder / "badvals").mkdir()
+        path = folder / "badvals" / f"learned_embeds.{fmt.split('.')[1]}"
+        if fmt.endswith(".bin"):
+            torch.save({"<badvals>": vecs[0]}, path)
+        else:
+            safetensors.torch.save_file({"<badvals>": vecs[0]}, str(path))
+    return "badvals", path
+
+
+FORMATS = ["a1111.pt", "a1111.safetensors", "diffusers.bin", "diffusers.safetensors"]
+BAD_VALUES = [(float("nan"), "NaN or infinite values"), (float("inf"), "NaN or infinite values"),
+              (float("-inf"), "NaN or infinite values"), (1e38, "values as large as 1e+38"),
+              (-2e4, "values as large as 2e+04")]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("value, match", BAD_VALUES, ids=["nan", "inf", "-inf", "1e38", "-2e4"])
+def test_embeddings_with_bad_values_are_one_line_errors_naming_the_file(tmp_path, fmt, value, match):
+    vecs = vectors(2 if fmt.startswith("a1111") else 1, 7)
+    vecs[0, 3] = value
+    word, path = _save_embedding(tmp_path, fmt, vecs)
+    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32")
+    assert pipe.load_embeddings(str(tmp_path)) == [word]
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: an embedding with {match}")) as e:
+        pipe.encode_prompt([f"a photo, {word}"], [""])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embeddings_of_ordinary_size_still_load(tmp_path, fmt):
+    vecs = vectors(1, 8) * 50  # well above real token embeddings, well below the bound
+    word, path = _save_embedding(tmp_path, fmt, vecs)
+    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32")
+    pipe.load_embeddings(str(tmp_path))
+    assert [e.path for e in pipe.embeddings.used([f"a {word}"])] == [str(path)]
+    assert torch.equal(pipe.embeddings.get(word).vectors, vecs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("value", [float("nan"), 1e38], ids=["nan", "1e38"])
+def test_cli_embeddings_with_bad_values(tmp_path, capsys, fmt, value):
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    vecs = vectors(1, 9)
+    vecs[0, 0] = value
+    word, path = _save_embedding(emb, fmt, vecs)
+    out = tmp_path / "out"
+    code = main([f"a photo of {word}", "--model", "random:tiny", "--steps", "1", "--width", "32", "--height", "32",
+                 "--no-progress", "--embeddings-dir", str(emb), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {path}: an embedding with "), err
+    assert "emphasis" not in err[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_embeddings_dir_given_a_file(tmp_path, capsys):
+    """--embeddings-dir FILE: the message says a folder is wanted, not "no such folder" about a path that exists."""
+    safetensors.torch.save_file({"emb_params": vectors(1, 10)}, str(tmp_path / "one.safetensors"))
+    out = tmp_path / "a.png"
+    code = main(["a one", "--model", "random:tiny", "--steps", "1", "--width", "32", "--height", "32", "--no-progress",
+                 "--embeddings-dir", str(tmp_path / "one.safetensors"), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "one.safetensors: a file; give the folder that holds the embeddings" in err[0]
+    assert not out.exists()

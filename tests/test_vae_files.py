@@ -2,6 +2,7 @@
 A1111-style EMA .ckpt files, diffusers folders; the VAE replaces the model's, the infotext names it, and
 bad files are one-line errors (exit 2 on the CLI, nothing written)."""
 import json
+import re
 
 import pytest
 import safetensors.torch
@@ -165,3 +166,74 @@ def test_sd15_size_vae_file(tmp_path):
     lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert rel_err(pipe.decode(lat), twin.decode(lat / 0.18215).sample) <= TOL
+
+
+# ---- bad values in a diffusers VAE folder's config.json --------------------------------------------------
+
+BAD_CONFIGS = [
+    ("norm_num_groups", 0), ("norm_num_groups", -32), ("norm_num_groups", 7), ("norm_num_groups", "32"),
+    ("norm_num_groups", None),
+    ("block_out_channels", [0, 0, 0, 0]), ("block_out_channels", [-1, 2]), ("block_out_channels", [32.5, 32, 64, 64]),
+    ("block_out_channels", [32, 48, 64, 64]), ("block_out_channels", [1 << 40] * 4),
+    ("in_channels", -3), ("in_channels", "3"), ("in_channels", 0), ("out_channels", 4),
+    ("layers_per_block", "1"), ("layers_per_block", None), ("layers_per_block", 1000), ("latent_channels", "4"),
+    ("scaling_factor", "abc"), ("scaling_factor", None), ("scaling_factor", float("nan")),
+    ("scaling_factor", float("inf")), ("scaling_factor", [0.18215]),
+    ("act_fn", "gelu"), ("act_fn", 3), ("act_fn", None),
+    ("down_block_types", ["Foo"] * 4), ("down_block_types", None),
+    ("up_block_types", ["UpDecoderBlock2D"] * 3), ("mid_block_add_attention", False), ("use_quant_conv", False),
+]
+
+
+def _bad_config_folder(files, tmp_path, field, value):
+    root = files[0]
+    bad = tmp_path / "bad-vae"
+    bad.mkdir()
+    for f in (root / "diffusers-vae").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, field: value}))  # NaN/Infinity as Python's json writes them
+    return bad
+
+
+@pytest.fixture(scope="module")
+def pipe_with_vae(files):
+    """A pipeline whose VAE was replaced by the good diffusers folder, to see that a bad one leaves it."""
+    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32")
+    pipe.load_vae(str(files[0] / "diffusers-vae"))
+    return pipe
+
+
+@pytest.mark.parametrize("field, value", BAD_CONFIGS, ids=lambda v: json.dumps(v) if not isinstance(v, str) else v)
+def test_bad_vae_config_values_are_one_line_errors(files, pipe_with_vae, tmp_path, field, value):
+    bad = _bad_config_folder(files, tmp_path, field, value)
+    err = _one_line_error(bad, re.escape(str(bad / "config.json")) + f": {field} ")  # names the file and field
+    assert json.dumps(value)[:20] in err  # and the value, as the file writes it
+    pipe = pipe_with_vae
+    vae, state = pipe.vae, {k: v.clone() for k, v in pipe.vae.state_dict().items()}
+    with pytest.raises(CheckpointError, match=f"config.json: {field} "):
+        pipe.load_vae(str(bad))
+    assert pipe.vae is vae and pipe.vae_name == "diffusers-vae" and pipe.config.vae == vae.cfg  # the old VAE stays
+    assert all(torch.equal(v, state[k]) for k, v in pipe.vae.state_dict().items())
+
+
+@pytest.mark.parametrize("field, value", [("norm_num_groups", 0), ("block_out_channels", [-1, 2]),
+                                          ("in_channels", -3), ("scaling_factor", "abc"), ("act_fn", "gelu"),
+                                          ("norm_num_groups", -32), ("down_block_types", ["Foo"] * 4)])
+def test_cli_bad_vae_config_values(files, tmp_path, capsys, field, value):
+    bad = _bad_config_folder(files, tmp_path, field, value)
+    _fails(["--vae", str(bad)], tmp_path, capsys, f"{bad / 'config.json'}: {field} ")
+
+
+def test_vae_config_without_optional_fields_still_loads(files, tmp_path):
+    """Older diffusers configs leave out act_fn, the block types, scaling_factor and the newer flags: the
+    defaults (SD's) are taken."""
+    root = files[0]
+    bad = _bad_config_folder(files, tmp_path, "act_fn", "silu")
+    cfg = json.loads((bad / "config.json").read_text())
+    keep = ("_class_name", "block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
+    (bad / "config.json").write_text(json.dumps({k: cfg[k] for k in keep}))
+    pipe = load_pipeline("random:tiny", device="cpu", dtype="fp32", vae=str(bad))
+    good = load_pipeline("random:tiny", device="cpu", dtype="fp32", vae=str(root / "diffusers-vae"))
+    lat = torch.randn(1, 4, 8, 8)
+    assert torch.equal(pipe.decode(lat), good.decode(lat))
