@@ -412,6 +412,12 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
         update = lambda block, i: block.add_(delta[i:i + len(block)], alpha=alpha)  # noqa: E731
     out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=memory_format)
     src, dst = rows_of(weight), rows_of(out)
+    top = torch.finfo(weight.dtype).max  # (beyond it the rounding to weight's dtype would give inf)
+    # each block's range is checked only where a bound on the update can't rule out leaving the dtype's range
+    # (|up @ down| <= rank * max|up| * max|down|; the weights themselves taken to be far inside it)
+    bound = (abs(alpha) * layer.down.shape[0] * float(layer.up.abs().amax()) * float(layer.down.abs().amax())
+             if layer.kind == "lora" else math.inf)
+    check = not bound < top / 4
     width = math.prod(weight.shape[1:])
     rows = max(1, MERGE_BLOCK_BYTES // (4 * width))
     scratch = torch.empty(min(rows, weight.shape[0]), width, device=weight.device)
@@ -420,10 +426,11 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
         shaped = block.view(-1, *src.shape[1:])
         shaped.copy_(src[i:i + rows])
         update(block, i)
-        dst[i:i + rows].copy_(shaped)
-        if not torch.isfinite(dst[i:i + rows].sum(dtype=torch.float32)):  # (the block is still in cache)
+        lo, hi = torch.aminmax(block) if check else (0, 0)  # (NaN fails both comparisons)
+        if not (-top <= float(lo) and float(hi) <= top):
             raise ValueError(f"{layer.key} at weight {multiplier:g} takes the layer's weights out of "
                              f"{str(weight.dtype)[6:]}'s range (NaN or infinite)")
+        dst[i:i + rows].copy_(shaped)
     return out
 
 
