@@ -109,6 +109,8 @@ def _from_folder(root: Path, taesd: bool, model: SDConfig) -> VAESource:
     decoder = _first_file(root, "taesd_decoder")
     if decoder is not None:
         return _taesd_files(decoder)
+    if _first_file(root, "taesd_encoder") is not None:
+        raise CheckpointError(f"{root}: a TAESD encoder, and no decoder beside it (taesd_decoder.safetensors/.pth)")
     raise CheckpointError(f"{root}: no VAE in this folder (no config.json of a diffusers AutoencoderKL or "
                           "AutoencoderTiny, no taesd_decoder.safetensors/.pth)")
 

@@ -208,6 +208,7 @@ def test_bad_taesd_files(files, tmp_path):
     (tmp_path / "e").mkdir()
     safetensors.torch.save_file(enc, str(tmp_path / "e" / "taesd_encoder.safetensors"))
     _one_line_error(f"taesd:{tmp_path}/e/taesd_encoder.safetensors", "a TAESD encoder, and no decoder beside it")
+    _one_line_error(f"taesd:{tmp_path}/e", "a TAESD encoder, and no decoder beside it")  # the folder form too
     _one_line_error("taesd:", "taesd needs a path")
     _one_line_error("taesd", "taesd needs a path")
     _one_line_error(f"taesd:{tmp_path}/nope.pth", "no such file or folder")
