@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         images = pipe.generate(**s.kwargs(), image=image, mask=mask, progress=not args.no_progress,
                                tiled_vae=True if args.tiled_vae else None, on_step=preview_writer(args.preview),
-                               preview_every=args.preview_every)
+                               preview_every=args.preview_every, allow_large=args.allow_large)
         for path in save(images, folder, file, args.overwrite, [s.seed + i for i in range(s.num_images)]):
             print(path)
     except FileExistsError as e:

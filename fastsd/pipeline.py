@@ -398,18 +398,20 @@ class Pipeline:
                  height: int | None = None, num_images: int = 1, strength: float = 0.8, clip_skip: int = 1,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, progress: bool = True, tiled_vae: bool | None = None,
-                 on_step: OnStep | None = None, preview_every: int = 1) -> list[Image.Image]:
+                 on_step: OnStep | None = None, preview_every: int = 1,
+                 allow_large: bool = False) -> list[Image.Image]:
         """txt2img; img2img when `image` is given; inpainting when `mask` is given too (white = repaint).
 
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
         any image can be made again alone. `latents` are unit-variance start noise (num_images, 4, H/8, W/8),
         scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
         int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
-        each step; `preview` is an image every `preview_every` steps and at the last, else None."""
+        each step; `preview` is an image every `preview_every` steps and at the last, else None. `allow_large`
+        lifts the 4096 px limit on a side (the CLI's --allow-large)."""
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip)
         _check_inputs(image, mask, latents, on_step, preview_every)
-        s.validate(has_image=image is not None, has_mask=mask is not None)
+        s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
         self._loras.check_prompt(s.prompt)
         self.check_can_encode(image)
         s = self.resolve(s, image)

@@ -98,6 +98,13 @@ def test_limits_and_bad_numbers(tmp_path, capsys, args, match):
     assert not (tmp_path / "o").exists()
 
 
+def test_allow_large_lifts_the_limit(tmp_path):
+    out = tmp_path / "wide.png"
+    assert main(["a cat", *TINY, "--width", "4104", "--height", "64", "--allow-large", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size == (4104, 64)
+
+
 def test_undecodable_prompt_bytes_and_img2img_without_steps(tmp_path, capsys):
     """A command line's undecodable bytes reach Python as lone surrogates; strength x steps under one step."""
     _one_error(capsys, main(["a \udcff cat", *TINY, "--out", str(tmp_path / "o")]), "prompt is not valid text")
