@@ -79,6 +79,17 @@ def test_apply_merges_once_swaps_sets_and_undoes_a_failed_load(loras):
     assert pipe.calls[-1] == ("unload",) and len(pipe.calls) == 5
 
 
+def test_apply_reads_a_replaced_file_again(loras):
+    """The same name and weight, but the file was replaced on disk (A1111 looks at its modification time)."""
+    nets, pipe = Networks(str(loras), None), FakePipe()
+    want, path = nets.parse("<lora:a:1>"), str(loras / "a.safetensors")
+    nets.apply(pipe, want)
+    nets.apply(pipe, want)
+    (loras / "a.safetensors").write_bytes(b"another file")
+    nets.apply(pipe, want)
+    assert pipe.calls == [("load", path, 1.0), ("unload",), ("load", path, 1.0)]
+
+
 def test_parse_with_loras_merged_for_good(loras):
     """serve --lora: a tag naming a LoRA merged at start, at its weight, asks for nothing more; at another weight
     it is refused (it would be merged twice); other tags resolve as before."""

@@ -14,6 +14,7 @@ import warnings
 
 from fastsd.cli import ArgumentParser, HelpFormatter, fail, one_line_warnings, positive_int, run_summary, set_threads
 from fastsd.serve.limits import Limits
+from fastsd.settings import MAX_SIDE
 
 TOKEN_ENV = "FASTSD_SERVE_TOKEN"
 
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token for /sdapi (default ${TOKEN_ENV})")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="jobs that may wait behind the running one; "
                    "more are answered 503 with Retry-After")
-    p.add_argument("--max-size", type=positive_int, default=d.max_side, help="largest width/height, pixels")
+    p.add_argument("--max-size", type=positive_int, default=d.max_side,
+                   help=f"largest width/height, pixels (at most {MAX_SIDE})")
     p.add_argument("--max-steps", type=positive_int, default=d.max_steps, help="most sampler steps per request")
     p.add_argument("--max-batch", type=positive_int, default=d.max_images, help="most images per request "
                    "(batch_size x n_iter)")
@@ -65,6 +67,8 @@ def check_args(args: argparse.Namespace):
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be at least 0, got {args.max_queue}")
+    if args.max_size > MAX_SIDE:
+        raise ValueError(f"--max-size {args.max_size}: fastsd generates at most {MAX_SIDE} px a side")
     for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
         if folder and not os.path.isdir(folder):
             raise ValueError(f"{flag} {folder}: not a folder")
@@ -132,10 +136,8 @@ def _start(args, limits: Limits, auth, sources: list[str]):
         print(run_summary(e.pipe, threads, loras), file=sys.stderr)
     networks = Networks(args.lora_dir, args.embeddings_dir,
                         base=[(x.name, x.weight) for x in registry.entries[0].pipe.loras])
-    networks.load_embeddings([e.pipe for e in registry.entries])
-    skipped = [n for n, ok in networks.loaded_embeddings.items() if not ok]
-    if skipped:
-        print(f"warning: embeddings not loaded (empty files): {', '.join(skipped)}", file=sys.stderr)
+    for name, why in networks.load_embeddings([e.pipe for e in registry.entries]).items():
+        print(f"warning: embedding {name} skipped: {why}", file=sys.stderr)
     return ServerState(registry, networks, limits, JobQueue(limits.max_queue, after_job=release_freed_memory), auth)
 
 

@@ -71,6 +71,35 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class InternalErrors:
+    """ASGI middleware: an unexpected exception becomes a JSON 500 (A1111's error body, naming only the exception's
+    type), logged here once with its traceback. (Starlette's handler for Exception re-raises after answering: uvicorn
+    then logs it again and closes the keep-alive connection under the client's next request.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:
+            if started:  # part of an answer went out: nothing whole can follow; uvicorn logs it and hangs up
+                raise
+            log.exception("internal error on %s %s", scope["method"], scope["path"])
+            detail = f"internal error ({type(e).__name__}); the server log has the details"
+            body = {"error": type(e).__name__, "detail": detail, "body": "", "errors": detail}
+            await JSONResponse(body, 500)(scope, receive, send)
+
+
 def _one_line(e: RequestValidationError) -> str:
     errors = e.errors()
     if not errors:
@@ -95,11 +124,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def full(request, e: QueueFull):
         return JSONResponse({"detail": str(e)}, 503, headers={"Retry-After": str(e.retry_after)})
-
-    @app.exception_handler(Exception)
-    async def failed(request, e: Exception):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error ({type(e).__name__}); the server log has the details"}, 500)
 
 
 async def _wait(state: ServerState, job: Job, request: Request):
@@ -128,6 +152,7 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.fastsd = state
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_body=state.limits.max_body)
+    app.add_middleware(InternalErrors)  # outside BodyLimit (the last added is the outermost)
     api = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(state.auth)] if state.auth else [])
     _generation_routes(api, state)
     _info_routes(api, state)
@@ -161,6 +186,12 @@ def _generation_routes(api: APIRouter, state: ServerState) -> None:
         state.queue.interrupt()
         return {}
 
+    @api.post("/skip")
+    async def skip():
+        """A1111's skip (answered null, as A1111 does): the running request leaves its current iteration (its
+        images) and goes on with the next."""
+        state.queue.skip()
+
     @api.get("/progress")
     async def progress(skip_current_image: bool = False):
         return _progress(state, skip_current_image)
@@ -176,8 +207,8 @@ def _progress(state: ServerState, skip_image: bool) -> dict:
         return {"progress": 0.0, "eta_relative": 0.0, "state": st, "current_image": None, "textinfo": None}
     done = (job.iteration + job.step / max(1, job.steps)) / max(1, job.iterations)
     elapsed = time.monotonic() - job.started
-    st.update(interrupted=job.stopped, job=job.kind, job_count=waiting + 1, job_no=job.iteration,
-              sampling_step=job.step, sampling_steps=job.steps)
+    st.update(interrupted=job.stopped, skipped=job.skipped, job=job.kind, job_count=waiting + 1,
+              job_no=job.iteration, sampling_step=job.step, sampling_steps=job.steps)
     preview = job.preview
     return {"progress": min(done, 1.0), "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": st,
             "current_image": encode_png(preview) if preview is not None and not skip_image else None,
@@ -211,10 +242,16 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/embeddings")
     async def embeddings():
-        item = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768, "vectors": 1}
-        got = state.networks.loaded_embeddings
-        return {"loaded": {n: item for n, ok in got.items() if ok}, "skipped": {n: item for n, ok in got.items()
-                                                                                 if not ok}}
+        """A1111's shape: "loaded" those the current model can use, "skipped" the others (shape and vectors
+        unknown: None; fastsd adds "error", why)."""
+        usable, skipped = state.networks.embedding_list(state.registry.current.pipe)
+
+        def item(shape, vectors, **more):
+            return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape,
+                    "vectors": vectors, **more}
+
+        return {"loaded": {n: item(e.vectors.shape[1], e.vectors.shape[0]) for n, e in usable.items()},
+                "skipped": {n: item(None, None, error=why) for n, why in skipped.items()}}
 
     for empty in ("/upscalers", "/latent-upscale-modes", "/sd-vae", "/hypernetworks", "/face-restorers",
                   "/prompt-styles"):

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from fastsd.lora import drop_tags, strip_tags
 from fastsd.samplers import A1111_NAMES, resolve_sampler_name
 from fastsd.serve.limits import BadRequest, Limits
-from fastsd.lora import drop_tags
 from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
-from fastsd.settings import GenerationSettings
+from fastsd.settings import SEED_LIMIT, GenerationSettings
 
 SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
 
@@ -114,6 +114,11 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     if req.seed < -1:
         raise BadRequest(f"seed must be -1 (random) or at least 0, got {req.seed}")
     seed = random.randrange(SEED_RANGE) if req.seed == -1 else req.seed
+    images = req.batch_size * req.n_iter
+    if seed + images > SEED_LIMIT:
+        raise BadRequest(f"seed {seed} with batch_size {req.batch_size} x n_iter {req.n_iter} = {images} images would "
+                         f"pass the largest seed, 2**63 - 1 (image i uses seed + i); use a seed of at most "
+                         f"{SEED_LIMIT - images}")
     sampler = _sampler(req, warnings)
     if req.eta is not None and req.eta != ETA.get(sampler, req.eta):
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
@@ -121,7 +126,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     model, clip_skip = _overrides(req, server, warnings)
     prompt = drop_tags(req.prompt) if req.disable_extra_networks else req.prompt
     loras = server.networks.parse(prompt)
-    warnings += server.networks.embedding_notes(req.prompt, req.negative_prompt)
+    warnings += server.networks.check_embeddings(model.pipe, strip_tags(prompt), req.negative_prompt)
     img2img = kind == "img2img"
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip)
@@ -150,22 +155,27 @@ def run_plan(plan: Plan, job, networks) -> dict:
 
     pipe = plan.model.pipe
     networks.apply(pipe, plan.loras)
-    s, images, stopped_at = plan.settings, [], None
+    s, images, stopped_at, skipped = plan.settings, [], None, []
     for it in range(plan.n_iter):
-        job.iteration, job.step = it, 0
+        job.iteration, job.step, job.skipped = it, 0, False  # a skip between iterations is dropped, as A1111's
         try:
             images += pipe.generate(**s.replace(seed=s.seed + it * s.num_images).kwargs(), image=plan.image,
                                     mask=plan.mask, progress=False, on_step=job.on_step)
         except Interrupted:
-            stopped_at = (it, job.step)
-            break
-    return response(plan, images, stopped_at)
+            if job.stopped:
+                stopped_at = (it, job.step)
+                break
+            skipped.append((it, job.step))
+    return response(plan, images, stopped_at, skipped)
 
 
-def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int] | None) -> dict:
+def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int] | None,
+             skipped: list[tuple[int, int]] = ()) -> dict:
     s, entry = plan.settings, plan.model
     seeds = [s.seed + i for i in range(s.num_images * plan.n_iter)]
     warnings = list(plan.warnings)
+    for it, step in skipped:
+        warnings.append(f"skipped at step {step} of iteration {it + 1}; its {s.num_images} image(s) left out")
     if stopped_at is not None:
         warnings.append(f"interrupted at step {stopped_at[1]} of iteration {stopped_at[0] + 1}; {len(images)} "
                         "finished images returned")

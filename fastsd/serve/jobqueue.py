@@ -5,6 +5,7 @@ and double the memory.
 
 A job stops at its next sampler step when interrupted (/sdapi/v1/interrupt) or when its client went away
 (`cancel`): its `on_step` raises `fastsd.Interrupted`. A cancelled job that has not started never runs.
+/sdapi/v1/skip raises it the same way, once: the job's runner leaves the current iteration and goes on.
 """
 from __future__ import annotations
 
@@ -39,17 +40,19 @@ class Job:
     preview: Image.Image | None = None
     started: float | None = None
     interrupted: bool = False                  # /sdapi/v1/interrupt
+    skipped: bool = False                      # /sdapi/v1/skip: the current iteration only (cleared at each)
     cancelled: bool = False                    # the client went away
     halted: bool = False                       # on_step stopped it (for either reason)
 
     def on_step(self, step: int, total: int, preview: Image.Image) -> None:
         """Pipeline.generate's on_step: records progress; raises to stop the job."""
         self.step, self.steps, self.preview = step, total, preview
-        if self.interrupted or self.cancelled:
+        if self.stopped or self.skipped:
             from fastsd import Interrupted
 
-            self.halted = True
-            raise Interrupted("interrupted" if self.interrupted else "client disconnected")
+            self.halted = self.halted or self.stopped
+            raise Interrupted("interrupted" if self.interrupted else "client disconnected" if self.cancelled
+                              else "skipped")
 
     @property
     def stopped(self) -> bool:
@@ -95,6 +98,14 @@ class JobQueue:
             job = self._running
             if job is not None:
                 job.interrupted = True
+            return job is not None
+
+    def skip(self) -> bool:
+        """Stop the running job's current iteration at its next step; the job goes on with the next (A1111's skip)."""
+        with self._cond:
+            job = self._running
+            if job is not None:
+                job.skipped = True
             return job is not None
 
     def cancel(self, job: Job) -> None:

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+# What A1111's clients send (its API decodes any format PIL reads). Nothing else reaches PIL's other plugins,
+# some of which hand the data to outside programs (EPS: Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
 
 class BadRequest(Exception):
     """A request the server refuses: answered with `status` and the one-line message as `detail`."""
@@ -57,8 +61,9 @@ class Limits:
             raise BadRequest(f"{name} has {len(text)} characters, above this server's limit of {self.max_prompt_chars}")
 
     def decode_image(self, data: str, what: str) -> Image.Image:
-        """A base64 image (optionally a data: URL) -> PIL image, refused above max_image_pixels before its
-        pixels are decoded (decompression bombs). URLs are refused: the server fetches nothing."""
+        """A base64 image (optionally a data: URL) of one of IMAGE_FORMATS (a GIF's first frame) -> PIL image,
+        refused above max_image_pixels before its pixels are decoded (decompression bombs). URLs are refused: the
+        server fetches nothing."""
         from fastsd.image import to_8bit  # torch comes with it: not at import, so --help stays quick
 
         if not isinstance(data, str):
@@ -72,7 +77,9 @@ class Limits:
         except (binascii.Error, ValueError):
             raise BadRequest(f"{what} is not valid base64") from None
         try:
-            im = Image.open(io.BytesIO(raw))
+            im = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        except Image.UnidentifiedImageError:
+            raise _unidentified(what, raw) from None
         except Image.DecompressionBombError as e:
             raise BadRequest(f"{what} refused: {e}") from None
         except (OSError, SyntaxError, ValueError) as e:
@@ -88,9 +95,19 @@ class Limits:
             return to_8bit(im.copy())
 
 
+def _unidentified(what: str, raw: bytes) -> BadRequest:
+    """None of IMAGE_FORMATS opened `raw`: another format (named by its signature: PIL's plugins' prefix checks
+    alone, nothing is parsed), a damaged file of one of them, or no image at all."""
+    known = f"{', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]}"
+    Image.init()
+    kind = next((fmt for fmt in Image.ID if Image.OPEN[fmt][1] and Image.OPEN[fmt][1](raw[:16])), None)
+    if kind is None:
+        return BadRequest(f"{what} is not a readable image (not {known})")
+    if kind in IMAGE_FORMATS:
+        return BadRequest(f"{what} is not a readable image (a damaged {kind} file)")
+    return BadRequest(f"{what}: {kind} images are not read by this server; send {known}")
+
+
 def _unreadable(what: str, e: Exception) -> BadRequest:
-    if isinstance(e, Image.UnidentifiedImageError):
-        reason = "not an image format PIL reads"
-    else:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     return BadRequest(f"{what} is not a readable image ({reason})")

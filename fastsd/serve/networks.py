@@ -3,8 +3,8 @@
 `a/b`) is refused, and only files found in the folder can be named.
 
 Tags and names follow fastsd.lora (the CLI's and the batch runner's grammar). LoRAs are applied through
-`Pipeline.load_lora` / `unload_loras`; the set merged stays until a job asks for another, so repeated requests
-with the same LoRAs merge once.
+`Pipeline.load_lora` / `unload_loras`; the set merged stays until a job asks for another (or one of its files is
+replaced on disk), so repeated requests with the same LoRAs merge once.
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ class Networks:
     def __init__(self, lora_dir: str | None, embeddings_dir: str | None, base: list[tuple[str, object]] = ()):
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
         self.base = dict(base)  # name -> weight of the LoRAs merged for good at start (serve --lora)
-        self._merged: dict[int, tuple] = {}  # id(pipe) -> the (path, weight) tuple merged into it
-        self.loaded_embeddings: dict[str, bool] = {}
+        self._merged: dict[int, tuple] = {}  # id(pipe) -> the (path, weight, file identity) tuple merged into it
+        self._embeddings: dict[int, tuple[dict, dict[str, str]]] = {}  # id(pipe) -> (usable, skipped): load_embeddings
+        self._empty: list[str] = []  # names of empty embedding files
 
     def loras(self) -> dict[str, str]:
         return list_loras(self.lora_dir) if self.lora_dir else {}
@@ -69,8 +70,10 @@ class Networks:
         return tuple(out)
 
     def apply(self, pipe, loras: tuple[tuple[str, float], ...]) -> None:
-        """Make `pipe` carry exactly `loras` (on the worker thread, between jobs)."""
-        if self._merged.get(id(pipe), ()) == loras:
+        """Make `pipe` carry exactly `loras` (on the worker thread, between jobs). A file replaced since it was
+        merged (A1111 looks at the modification time) is read again."""
+        want = tuple((path, w, file_identity(path)) for path, w in loras)
+        if self._merged.get(id(pipe), ()) == want:
             return
         if self._merged.get(id(pipe)):
             pipe.unload_loras()
@@ -81,30 +84,60 @@ class Networks:
             pipe.load_loras(loras)
         except (CheckpointError, ValueError, OSError) as e:  # a bad LoRA file: named by its file, not the folder
             pipe.unload_loras()
-            msg = str(e)
-            for path, _ in loras:
-                msg = msg.replace(path, os.path.basename(path))
-            raise BadRequest(msg.splitlines()[0]) from None
+            raise BadRequest(file_names(str(e), [path for path, _ in loras])) from None
         except BaseException:  # anything else: the model goes back to no LoRA at all, the error goes on
             pipe.unload_loras()
             raise
-        self._merged[id(pipe)] = loras
+        self._merged[id(pipe)] = want
 
     # ---- embeddings ------------------------------------------------------------------------------------
 
-    def load_embeddings(self, pipes) -> dict[str, bool]:
-        """Load --embeddings-dir into each pipeline (at start; files are read when a prompt first names them).
-        {name: loaded}: a file Pipeline.load_embeddings skips (empty) is listed as not loaded."""
-        names = self.embeddings()
-        loaded: set[str] = set()
-        if self.embeddings_dir and names:
-            for pipe in pipes:
-                loaded.update(pipe.load_embeddings(self.embeddings_dir))
-        self.loaded_embeddings = {n: n in loaded for n in names}
-        return self.loaded_embeddings
+    def load_embeddings(self, pipes) -> dict[str, str]:
+        """Index --embeddings-dir into each pipeline and read every file now (A1111 reads them at start), so the
+        list tells what a prompt can use with each model. Returns {name: why} of the files some model can't use
+        (empty, unreadable, another text encoder's width)."""
+        self._empty = [n for n, p in self.embeddings().items() if os.path.getsize(p) == 0]  # not indexed (A1111)
+        skipped_any = {}
+        for pipe in pipes:
+            usable, skipped = {}, {n: "an empty file" for n in self._empty}
+            for name in pipe.load_embeddings(self.embeddings_dir) if self.embeddings_dir else ():
+                try:
+                    usable[name] = pipe.embeddings.get(name)  # kept by the pipeline: not read again
+                except Exception as e:  # whatever a file does to the reader, that file is skipped
+                    skipped[name] = file_names(str(e) or type(e).__name__, [pipe.embeddings.files[name]])
+            self._embeddings[id(pipe)] = usable, skipped
+            skipped_any |= skipped
+        return skipped_any
 
-    def embedding_notes(self, *prompts: str) -> list[str]:
-        """A line for each embedding a prompt names that could not be loaded (its word goes to CLIP as text)."""
+    def embedding_list(self, pipe) -> tuple[dict, dict[str, str]]:
+        """({name: Embedding} usable with `pipe`, {name: why} skipped)."""
+        return self._embeddings.get(id(pipe), ({}, {}))
+
+    def check_embeddings(self, pipe, *prompts: str) -> list[str]:
+        """BadRequest naming the file when the prompts name an embedding `pipe` can't use (found as the pipeline
+        finds them); a warning line for each empty file they name (its word goes to CLIP as plain text)."""
+        from fastsd import CheckpointError
+
+        if pipe.embeddings is not None:
+            try:
+                pipe.embeddings.used(list(prompts))
+            except (CheckpointError, OSError, ValueError) as e:
+                raise BadRequest(file_names(str(e), pipe.embeddings.files.values())) from None
         words = set(re.findall(r"[\w\-.]+", " ".join(prompts)))
-        return [f"embedding {n!r}: not loaded (an empty file); used as plain text"
-                for n, ok in self.loaded_embeddings.items() if not ok and n in words]
+        return [f"embedding {n!r}: not loaded (an empty file); used as plain text" for n in self._empty if n in words]
+
+
+def file_identity(path: str) -> tuple[int, int, int] | None:
+    """What tells a replaced file from the one read before: (inode, size, modification time in ns); None if gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def file_names(message: str, paths) -> str:
+    """The first line of `message`, each of `paths` in it shown by its file name (the server's folders are not)."""
+    for path in paths:
+        message = message.replace(path, os.path.basename(path))
+    return message.splitlines()[0] if message else message

@@ -7,16 +7,48 @@ those lines under "warnings".
 """
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 # k-diffusion's sampler options: values that change nothing (None = A1111's default) are not reported.
 K_DIFFUSION_DEFAULTS = {"s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_tmin": (None, 0.0),
-                        "s_tmax": (None, 0.0, float("inf")), "s_noise": (None, 1.0)}
+                        "s_tmax": (None, 0.0), "s_noise": (None, 1.0)}
+# half of a UTF-16 pair, alone: JSON's "\ud800" escape reads as one, but it is not Unicode text
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class _Request(BaseModel):
+def unsendable(value, where: str) -> tuple[str, str] | None:
+    """(where, why) of the first part of `value` (lists and dicts looked into, keys too) that JSON can't carry
+    back, or None: a NaN or infinite number (JSON has none; Python reads NaN, and 1e400 as inf) or a string
+    holding a lone surrogate ("\\ud800" is valid JSON but not Unicode). The response echoes the request, so such a
+    value would fail it after the work was done."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, f"Input should be a finite number, got {value}"
+    if isinstance(value, str) and (m := LONE_SURROGATE.search(value)):
+        return where, f"Input should be Unicode text, got a lone surrogate {m.group()!a} at character {m.start()}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if found := unsendable(key, where) or unsendable(item, f"{where}.{key}"):
+            return found
+    return None
+
+
+class _Body(BaseModel):
+    @field_validator("*")
+    @classmethod
+    def _sendable(cls, value, info: ValidationInfo):
+        """Every value must go back out as JSON: refused up front (422 naming the field), before any work."""
+        if found := unsendable(value, info.field_name):
+            where, why = found
+            raise PydanticCustomError("unsendable", why if where == info.field_name else f"{why} (at {where})")
+        return value
+
+
+class _Request(_Body):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     prompt: str = ""
@@ -76,6 +108,9 @@ class _Request(BaseModel):
         for name, defaults in K_DIFFUSION_DEFAULTS.items():
             if getattr(self, name) not in defaults:
                 notes.append(f"{name} {getattr(self, name)}: not supported (fastsd uses {defaults[1]}), ignored")
+        if self.override_settings and not self.override_settings_restore_afterwards:
+            notes.append("override_settings_restore_afterwards false: not supported; override_settings applied to "
+                         "this request only (POST /sdapi/v1/options sets them for later ones)")
         if self.refiner_checkpoint:
             notes.append("refiner_checkpoint: refiners are not supported, ignored")
         if self.script_name or self.script_args:
@@ -151,7 +186,7 @@ class Img2ImgRequest(_Request):
         return notes
 
 
-class OptionsRequest(BaseModel):
+class OptionsRequest(_Body):
     model_config = ConfigDict(extra="allow")
 
     sd_model_checkpoint: str | None = None
