@@ -27,7 +27,7 @@ import sys
 import time
 
 from fastsd import cpuinfo
-from fastsd.cli import ArgumentParser
+from fastsd.cli import ArgumentParser, usage_error
 
 from . import common
 from .suites import OPS
@@ -42,6 +42,48 @@ GIB = 2 ** 30
 
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _usage(msg: str):
+    """A user's mistake: argparse's error exit (status 2, one `python -m fastsd.benchmarks: error:` line, no
+    traceback), before any worker starts."""
+    usage_error(parser(), msg)
+
+
+def _list(option: str, value: str) -> list[str]:
+    """A comma-separated option's names; one that names none (`--suite ,`) would run nothing."""
+    names = _csv(value)
+    if not names:
+        _usage(f"{option} {value!r}: names nothing; give at least one (comma-separated)")
+    return names
+
+
+def check_outputs(json_path: str | None, plot_path: str | None) -> None:
+    """--json and --plot checked before the run (not after it, when the results would be lost): a results file
+    that is a folder or whose folder can't be made, a plot whose folder is missing, no matplotlib to draw it."""
+    if json_path is not None:
+        if os.path.isdir(json_path):
+            _usage(f"--json {json_path}: is a folder; give a file name (results are appended to it)")
+        folder = os.path.dirname(os.path.abspath(json_path))
+        up = folder
+        while not os.path.exists(up):  # the missing folders are made; the nearest existing one must be a folder
+            up = os.path.dirname(up)
+        if not os.path.isdir(up):
+            _usage(f"--json {json_path}: {up} is not a folder")
+        if os.path.exists(json_path) and not os.access(json_path, os.W_OK):
+            _usage(f"--json {json_path}: the file is not writable")
+        if not os.access(up, os.W_OK) and not os.path.exists(json_path):
+            _usage(f"--json {json_path}: the folder {up} is not writable")
+    if plot_path is not None:
+        folder = os.path.dirname(os.path.abspath(plot_path))
+        if os.path.isdir(plot_path):
+            _usage(f"--plot {plot_path}: is a folder; give a .png file name")
+        if not os.path.isdir(folder):
+            _usage(f"--plot {plot_path}: no such folder {folder}")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            _usage(f"--plot {plot_path}: the plot needs matplotlib, which is not installed (pip install matplotlib)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -110,16 +152,29 @@ def default_dtype(device: str, isa: str, threads: int | None = None) -> str:
 
 
 def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
-    import torch
+    from fastsd.load import parse_device
 
-    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # --device tpu, or cuda without a GPU: one line, not torch's RuntimeError from the first worker
+        a.device = str(parse_device(a.device))
+    except ValueError as e:  # (torch's own message lists every device type it knows: not useful here)
+        _usage(f"--device {a.device}: " + ("unknown device; choose cpu or cuda (or cuda:N)"
+                                           if str(e).startswith("unknown device") else str(e)))
     a.model = a.model or ("random:tiny" if a.quick else "random:sd15")
+    if not a.model.startswith("random:") and os.path.exists(a.model):
+        a.model = os.path.abspath(a.model)  # the workers run in the checkout, not in this working folder
     res = a.res or ("64" if a.quick else "512")
     try:
-        a.res = [int(x) for x in _csv(res)]
+        a.res = [int(x) for x in _list("--res", res)]
     except ValueError:
-        raise SystemExit(f"error: --res {res}: expected sizes in px, comma-separated (e.g. 256,512)") from None
-    a.backend = _csv(a.backend)
+        _usage(f"--res {res}: expected sizes in px, comma-separated (e.g. 256,512)")
+    if any(r % 8 or r < 8 for r in a.res):
+        _usage(f"--res {res}: sizes must be positive multiples of 8")
+    a.backend = _list("--backend", a.backend)
+    a.suite = list(SUITES) if a.suite.strip() == "all" else _list("--suite", a.suite)
+    for s in a.suite:
+        if s not in SUITES:
+            _usage(f"unknown suite {s!r}; choose from {', '.join(SUITES)} or all")
+    check_outputs(a.json, a.plot)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     a.repeat = a.repeat if a.repeat is not None else (3 if a.quick else 5)
     a.steps = a.steps if a.steps is not None else (4 if a.quick else 20)
@@ -128,50 +183,48 @@ def resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     a.threads = a.threads if a.threads is not None else (1 if a.quick else None)
     check_run_values(a)
     if a.isa == "avx512-bf16" and "amx_bf16" not in cpuinfo.cpu_flags():
-        raise SystemExit("error: --isa avx512-bf16 hides AMX from a CPU that has it; this one has none (run --isa native)")
+        _usage("--isa avx512-bf16 hides AMX from a CPU that has it; this one has none (run --isa native)")
     if a.isa == "avx512" and "avx512f" not in cpuinfo.cpu_flags():
-        raise SystemExit("error: --isa avx512 holds an AVX-512 CPU below BF16; this one has no AVX-512")
-    a.dtype = _csv(a.dtype or default_dtype(a.device, a.isa, a.threads))
-    a.suite = list(SUITES) if a.suite == "all" else _csv(a.suite)
-    for s in a.suite:
-        if s not in SUITES:
-            raise SystemExit(f"error: unknown suite {s!r}; choose from {', '.join(SUITES)} or all")
-    for d in a.dtype:
-        if d not in ("fp32", "fp16", "bf16"):
-            raise SystemExit(f"error: unknown dtype {d!r}; choose fp32, fp16, bf16")
+        _usage("--isa avx512 holds an AVX-512 CPU below BF16; this one has no AVX-512")
+    if a.dtype is not None:
+        a.dtype = _list("--dtype", a.dtype)
+        for d in a.dtype:
+            if d not in ("fp32", "fp16", "bf16"):
+                _usage(f"unknown dtype {d!r}; choose fp32, fp16, bf16")
     for b in a.backend:
         if b not in ("torch", "cpu", "triton", "openvino", "auto"):
-            raise SystemExit(f"error: unknown backend {b!r}; choose torch, cpu, triton, openvino, auto")
+            _usage(f"unknown backend {b!r}; choose torch, cpu, triton, openvino, auto")
     a.compare = _csv(a.compare or "")
     for c in a.compare:
         if c not in COMPARE:
-            raise SystemExit(f"error: unknown --compare {c!r}; choose diffusers, openvino or diffusers,openvino")
+            _usage(f"unknown --compare {c!r}; choose diffusers, openvino or diffusers,openvino")
     if "openvino" in a.compare and openvino_skip_reason(a):
-        raise SystemExit(f"error: --compare openvino: {openvino_skip_reason(a)}")
-    if any(r % 8 or r < 8 for r in a.res):
-        raise SystemExit("error: --res values must be positive multiples of 8")
+        _usage(f"--compare openvino: {openvino_skip_reason(a)}")
+    a.dtype = a.dtype or _csv(default_dtype(a.device, a.isa, a.threads))  # (may measure: after the checks)
     return a
 
 
 def check_run_values(a: argparse.Namespace) -> None:
-    """Numbers out of range, an unknown sampler or a model that isn't there: one `error:` line before any worker
-    starts (not a row per worker with its traceback)."""
+    """Numbers out of range, an unknown sampler or a model that isn't there: one `error:` line (exit 2) before any
+    worker starts (not a row per worker with its traceback)."""
     from fastsd.samplers import resolve_sampler_name
 
     for name, value, low in (("--warmup", a.warmup, 0), ("--repeat", a.repeat, 1), ("--batch", a.batch, 1),
                              ("--steps", a.steps, 1), ("--threads", a.threads, 1)):
         if value is not None and value < low:
-            raise SystemExit(f"error: {name} must be at least {low}, got {value}")
-    if a.timeout is not None and not a.timeout > 0:
-        raise SystemExit(f"error: --timeout must be a positive number of seconds, got {a.timeout}")
+            _usage(f"{name} must be at least {low}, got {value}")
+    if a.timeout is not None and not (a.timeout > 0 and math.isfinite(a.timeout)):
+        _usage(f"--timeout must be a positive number of seconds, got {a.timeout}")
     if not math.isfinite(a.cfg):
-        raise SystemExit(f"error: --cfg must be a finite number, got {a.cfg}")
+        _usage(f"--cfg must be a finite number, got {a.cfg}")
     try:
         resolve_sampler_name(a.sampler)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        _usage(str(e))
     if (err := common.model_error(a.model)) is not None:  # (a file that is there: its workers read it)
-        raise SystemExit(f"error: {err}")
+        _usage(err)
+    if os.path.exists(a.model) and not (os.path.isfile(a.model) or os.path.isdir(a.model)):
+        _usage(f"--model {a.model}: not a checkpoint file or model folder")
 
 
 def triton_skip_reason(a) -> str | None:
@@ -479,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
     if a.cmd == "table":
+        check_outputs(None, a.plot)
         try:
             with open(a.jsonl) as f:
                 rows = [json.loads(line) for line in f if line.strip()]

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import warnings
 from typing import Callable
 
@@ -17,24 +19,68 @@ from fastsd.files import atomic_write
 MAX_INPUT_PIXELS = 8192 * 8192  # an init image or mask above this is refused (decompression bombs included)
 
 
+# The formats an init image or mask is read in (a GIF's and a TIFF's first frame): what A1111 users have. PIL's
+# other plugins are never reached by a file given on a command line; some hand the data to outside programs (EPS:
+# Ghostscript), whatever the file's name.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+def format_signature(head: bytes) -> str | None:
+    """The image format PIL's plugins claim for a file starting with `head` (their prefix checks alone: nothing is
+    parsed or run), or None."""
+    Image.init()
+    return next((fmt for fmt in Image.ID if Image.OPEN[fmt][1] and Image.OPEN[fmt][1](head[:16])), None)
+
+
 def load_image(path: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """Read an image file; ValueError (one line) for a missing, unreadable or oversized file. Images with
+    """Read an image file of INPUT_FORMATS; ValueError (one line naming the file) for a missing, unreadable or
+    oversized file, a FIFO or device, another format, or float pixels that are NaN or infinite. Images with
     more than 8 bits per channel are scaled down to 8 bits, not clipped."""
     try:
-        with warnings.catch_warnings():  # the size is checked here, not by PIL's bomb warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > max_pixels:
-                    raise ValueError(f"{what} {path}: {im.width}x{im.height} pixels is above the limit of "
-                                     f"{max_pixels} pixels")
-                im.load()
-                return to_8bit(im.copy())
+        st = os.stat(path)  # before opening: a FIFO would block the open until something writes to it
     except FileNotFoundError:
         raise ValueError(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{what} {path}: is a folder, not an image") from None
-    except (OSError, SyntaxError, Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{what} {path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path}: not a readable image ({e.strerror or type(e).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{what} {path}: is a folder, not an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {path}: is not a regular file (a FIFO, device or socket), not an image")
+    known = f"{', '.join(INPUT_FORMATS[:-1])} or {INPUT_FORMATS[-1]}"
+    with warnings.catch_warnings():  # the size is checked here, not by PIL's bomb warning
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path, formats=INPUT_FORMATS)
+        except Image.UnidentifiedImageError:
+            try:
+                with open(path, "rb") as f:
+                    kind = format_signature(f.read(16))
+            except OSError:
+                kind = None
+            if kind is None:
+                raise ValueError(f"{what} {path}: not a readable image (not {known})") from None
+            if kind in INPUT_FORMATS:
+                raise ValueError(f"{what} {path}: not a readable image (a damaged {kind} file)") from None
+            raise ValueError(f"{what} {path}: {kind} images are not read; give {known}") from None
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise _unreadable(what, path, e) from None
+        with im:
+            if im.width * im.height > max_pixels:
+                raise ValueError(f"{what} {path}: {im.width}x{im.height} pixels is above the limit of "
+                                 f"{max_pixels} pixels")
+            try:
+                im.load()
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+                raise _unreadable(what, path, e) from None
+            out = im.copy()
+    if out.mode == "F" and not np.isfinite(np.asarray(out)).all():  # (a float TIFF): no colour for NaN or inf
+        raise ValueError(f"{what} {path}: has pixel values that are NaN or infinite")
+    return to_8bit(out)
+
+
+def _unreadable(what: str, path: str, e: Exception) -> ValueError:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ValueError(f"{what} {path}: not a readable image ({reason})")
 
 
 def to_8bit(im: Image.Image) -> Image.Image:

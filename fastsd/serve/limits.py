@@ -98,9 +98,10 @@ class Limits:
 def _unidentified(what: str, raw: bytes) -> BadRequest:
     """None of IMAGE_FORMATS opened `raw`: another format (named by its signature: PIL's plugins' prefix checks
     alone, nothing is parsed), a damaged file of one of them, or no image at all."""
+    from fastsd.image import format_signature  # (torch comes with it: not at import)
+
     known = f"{', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]}"
-    Image.init()
-    kind = next((fmt for fmt in Image.ID if Image.OPEN[fmt][1] and Image.OPEN[fmt][1](raw[:16])), None)
+    kind = format_signature(raw)
     if kind is None:
         return BadRequest(f"{what} is not a readable image (not {known})")
     if kind in IMAGE_FORMATS:
