@@ -7,6 +7,7 @@ Loading is strict: missing, unexpected and wrong-shape keys are reported by name
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,7 +21,13 @@ from fastsd.config import PRESETS, SDConfig, VAEConfig
 from fastsd.models.clip import CLIPTextModel
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
-from fastsd.tensorfile import CheckpointError, TensorRef, read_tensor_file
+from fastsd.tensorfile import (
+    CheckpointError,
+    TensorRef,
+    check_regular_file,
+    read_tensor_file,
+    shown,
+)
 
 LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "clip": "cond_stage_model.transformer."}
 # Keys of a full LDM training checkpoint that are not model weights: the noise-schedule buffers,
@@ -56,6 +63,7 @@ class Checkpoint:
     path: str | None = None  # the file, for the A1111 model hash; None for folders and random weights
     tokenizer_dir: str | None = None
     notes: list[str] = field(default_factory=list)
+    tokenizer: object = None  # the folder's fastsd.tokenizer.Tokenizer, loaded (checked) with the configs
 
 
 def _kind(cfg: SDConfig) -> str:
@@ -93,7 +101,7 @@ def from_ldm_file(path: str) -> Checkpoint:
         raise CheckpointError(f"{path}: this is a standalone VAE (first_stage_model.* only), not a full model; load "
                               "it with --vae / vae=")
     if not parts["unet"]:
-        sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        sample = ", ".join(shown(k) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights; "
                               f"{len(keys)} tensors such as {sample})")
     for name in ("vae", "clip"):
@@ -110,38 +118,251 @@ def from_ldm_file(path: str) -> Checkpoint:
     if cfg.unet.context_dim != 768 and cfg.unet.context_dim != cfg.clip.hidden_size:
         raise CheckpointError(f"{path}: UNet cross-attention width {cfg.unet.context_dim} does not match the text "
                               f"encoder's {cfg.clip.hidden_size} (Stable Diffusion 2.x?)")
+    _check_ldm_shapes(path, cfg, keys)
     return Checkpoint(cfg, parts["unet"], parts["vae"], parts["clip"], _kind(cfg), Path(path).stem, path=path)
+
+
+def _check_ldm_shapes(path: str, cfg: SDConfig, keys: list[str]) -> None:
+    """What an SD1.x single file must have for sampling to work, checked at load (else an IndexError or a
+    shape error would come at the first prompt): 4 or 9 UNet input channels, a token embedding row for every
+    id of the SD1 tokenizer, and 77 positions."""
+    from fastsd.tokenizer import MAX_LENGTH, VOCAB_SIZE
+
+    def key(suffix: str) -> str:
+        return next((k for k in keys if k.endswith(suffix)), suffix)
+
+    conv_in = key("model.diffusion_model.input_blocks.0.0.weight")
+    if cfg.unet.in_channels not in (4, 9):
+        raise CheckpointError(f"{path}: {conv_in} has shape ({cfg.unet.model_channels}, {cfg.unet.in_channels}, ...): "
+                              f"{cfg.unet.in_channels} input channels; fastsd loads UNets of 4 (text-to-image) or "
+                              "9 (inpainting) input channels")
+    if cfg.clip.vocab_size < VOCAB_SIZE:
+        raise CheckpointError(f"{path}: {key('embeddings.token_embedding.weight')} has {cfg.clip.vocab_size} rows; "
+                              f"the SD1 CLIP tokenizer's ids need {VOCAB_SIZE}")
+    if cfg.clip.max_positions < MAX_LENGTH:
+        raise CheckpointError(f"{path}: {key('embeddings.position_embedding.weight')} has {cfg.clip.max_positions} "
+                              f"rows; SD1 prompts are {MAX_LENGTH} tokens long")
 
 
 def _folder_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, TensorRef]:
     for stem in stems:
         for ext in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
             f = folder / (stem + ext)
-            if f.exists():
+            if os.path.lexists(f):  # (a broken link, a loop, a folder or a FIFO is named by read_tensor_file)
                 return read_tensor_file(str(f))
     raise CheckpointError(f"{folder}: no weights file ({stems[0]}.safetensors or .bin)")
 
 
+MAX_JSON_BYTES = 1 << 20  # model_index.json and config.json files are a few KiB
+
+
 def _json(path: Path) -> dict:
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: missing")
+    size = check_regular_file(path)  # a FIFO would block, /dev/zero never end
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes, too large for a model config (at most {MAX_JSON_BYTES})")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else 'nested too deeply'})") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: too large for a model config (more than {MAX_JSON_BYTES} bytes)")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a number of more than 4300 digits
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "integer string conversion" in why:
+            why = "a number too long to read"
+        raise CheckpointError(f"{path}: not valid JSON ({why})") from None
 
 
-def _config(path: Path, parse):
-    """A model config from a config.json; CheckpointError naming the file when it lacks what SD1.x needs."""
+def _config(path: Path, parse, check=None):
+    """A model config from a config.json; CheckpointError naming the file when it lacks what SD1.x needs.
+    check(data, path): the values checked first (types, ranges), one CheckpointError naming field and value."""
     data = _json(path)
     try:
         if not isinstance(data, dict):
             raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        if check is not None:
+            check(data, path)
         return parse(data)
     except KeyError as e:
-        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x config (no {e.args[0]!r})") from None
-    except (TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x config (no {shown(e.args[0])})") from None
+    except CheckpointError as e:
+        msg = str(e)
+        if msg.startswith(str(path)):
+            raise
+        raise CheckpointError(f"{path}: {msg}") from None
+    except (TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as e:
         raise CheckpointError(f"{path}: not a Stable Diffusion 1.x config ({e})") from None
+
+
+# Bounds far above any real SD1.x model (4 levels of up to 1280 channels, 2 layers each; CLIP-L: 12 layers of
+# 768), so that a typo in config.json can't make fastsd build a model of millions of layers or channels
+MAX_LEVELS, MAX_CHANNELS, MAX_LAYERS = 8, 1 << 16, 64
+UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _shown(value) -> str:
+    """A config value as config.json writes it (null, "abc", NaN), cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_kl_config(cfg: dict, path: Path | str) -> None:
+    """The values of a diffusers AutoencoderKL config.json that fastsd's VAE is built from, checked before
+    anything is built: one CheckpointError naming `path`, the field and its value. A field left out takes
+    diffusers' default; one given (even as null) must be what a Stable Diffusion 1.x VAE can be."""
+    def bad(field: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {field} {_shown(cfg[field])}; {want}")
+
+    def positive(field: str, top: int) -> None:
+        if field in cfg and not (_is_int(cfg[field]) and 0 < cfg[field] <= top):
+            raise bad(field, f"expected a positive integer (at most {top})")
+
+    if "block_out_channels" not in cfg:
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x VAE config (no 'block_out_channels')")
+    blocks = cfg["block_out_channels"]
+    if (not isinstance(blocks, list) or not 0 < len(blocks) <= MAX_LEVELS
+            or not all(_is_int(b) and 0 < b <= MAX_CHANNELS for b in blocks)):
+        raise bad("block_out_channels", f"expected a list of 1 to {MAX_LEVELS} positive integers "
+                                        "(SD1.x: [128, 256, 512, 512])")
+    if any(b % blocks[0] for b in blocks):  # fastsd's (LDM's) VAE has ch * ch_mult channels per level
+        raise bad("block_out_channels", f"each must be a multiple of the first, {blocks[0]}")
+    positive("layers_per_block", MAX_LAYERS)
+    positive("latent_channels", MAX_CHANNELS)
+    positive("norm_num_groups", MAX_CHANNELS)
+    groups = cfg.get("norm_num_groups", 32)
+    if any(b % groups for b in blocks):
+        raise bad("norm_num_groups", f"the block_out_channels {_shown(blocks)} must all be divisible by it")
+    for key in ("in_channels", "out_channels"):
+        if key in cfg and not (_is_int(cfg[key]) and cfg[key] == 3):
+            raise bad(key, "a Stable Diffusion VAE takes and makes RGB images: 3")
+    scale = cfg.get("scaling_factor", 0.18215)
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0
+            or (isinstance(scale, float) and not math.isfinite(scale))):
+        raise bad("scaling_factor", "expected a finite positive number (SD1.x VAEs use 0.18215)")
+    if cfg.get("act_fn", "silu") != "silu":
+        raise bad("act_fn", 'fastsd runs the Stable Diffusion VAE\'s "silu"')
+    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        types = cfg.get(key, [block] * len(blocks))
+        if not isinstance(types, list) or types != [block] * len(types):
+            raise bad(key, f'fastsd runs Stable Diffusion\'s "{block}" blocks only')
+        if len(types) != len(blocks):
+            raise bad(key, f"{len(types)} blocks but block_out_channels has {len(blocks)}")
+    for key in ("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv"):
+        if cfg.get(key, True) is not True:
+            raise bad(key, "a Stable Diffusion VAE has it true")
+
+
+def _checker(cfg: dict, path):
+    """(bad, positive) for config `cfg` read from `path`: bad(field, want) is the CheckpointError naming the
+    file, the field and its value; positive(field, top) refuses a field given but not an integer in 1..top."""
+    def bad(field: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {field} {_shown(cfg[field])}; {want}")
+
+    def positive(field: str, top: int) -> None:
+        if field in cfg and not (_is_int(cfg[field]) and 0 < cfg[field] <= top):
+            raise bad(field, f"expected a positive integer (at most {top})")
+
+    return bad, positive
+
+
+def check_unet_config(cfg: dict, path) -> None:
+    """The values of a diffusers UNet2DConditionModel config.json that fastsd's UNet is built from, checked
+    before anything is built (as vae_files.check_kl_config does for the VAE): one CheckpointError naming
+    `path`, the field and its value. A field left out takes diffusers' default."""
+    convert.check_unet_family(cfg)  # (another family is named as such, not by the first value that differs)
+    bad, positive = _checker(cfg, path)
+    if cfg.get("use_linear_projection") not in (None, False):
+        raise bad("use_linear_projection", "expected false (SD1.x UNets project with 1x1 convolutions)")
+    if "block_out_channels" not in cfg:
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x config (no 'block_out_channels')")
+    blocks = cfg["block_out_channels"]
+    if (not isinstance(blocks, list) or not 0 < len(blocks) <= MAX_LEVELS
+            or not all(_is_int(b) and 0 < b <= MAX_CHANNELS for b in blocks)):
+        raise bad("block_out_channels", f"expected a list of 1 to {MAX_LEVELS} positive integers (at most "
+                                        f"{MAX_CHANNELS}; SD1.x: [320, 640, 1280, 1280])")
+    if any(b % blocks[0] for b in blocks):  # LDM's UNet has model_channels * channel_mult channels per level
+        raise bad("block_out_channels", f"each must be a multiple of the first, {blocks[0]}")
+    if "in_channels" in cfg and not (_is_int(cfg["in_channels"]) and cfg["in_channels"] in (4, 9)):
+        raise bad("in_channels", "fastsd loads UNets of 4 (text-to-image) or 9 (inpainting) input channels")
+    positive("out_channels", MAX_CHANNELS)
+    positive("layers_per_block", MAX_LAYERS)
+    positive("cross_attention_dim", MAX_CHANNELS)
+    positive("norm_num_groups", MAX_CHANNELS)
+    if any(b % cfg.get("norm_num_groups", 32) for b in blocks):
+        raise bad("norm_num_groups", f"the block_out_channels {_shown(blocks)} must all be divisible by it")
+    heads = cfg.get("attention_head_dim", 8)  # diffusers' legacy name: in SD1.x configs, the head count
+    if isinstance(heads, list):
+        if len(heads) != len(blocks) or not all(_is_int(h) and 0 < h <= MAX_CHANNELS for h in heads):
+            raise bad("attention_head_dim", f"expected a positive integer or a list of {len(blocks)} "
+                                            "(one per block_out_channels)")
+        if len(set(heads)) != 1:
+            raise bad("attention_head_dim", "per-level head counts are SD2.x style; SD1.x has the same at each level")
+        heads = heads[0]
+    elif not (_is_int(heads) and 0 < heads <= MAX_CHANNELS):
+        raise bad("attention_head_dim", "expected a positive integer (the head count; SD1.x: 8)")
+    if any(b % heads for b in blocks):
+        raise bad("attention_head_dim", f"the block_out_channels {_shown(blocks)} must all be divisible by it")
+    for key, names in (("down_block_types", UNET_DOWN_BLOCKS), ("up_block_types", UNET_UP_BLOCKS)):
+        if key not in cfg:
+            if key == "down_block_types":
+                raise CheckpointError(f"{path}: not a Stable Diffusion 1.x config (no 'down_block_types')")
+            continue
+        types = cfg[key]
+        if not isinstance(types, list) or not all(isinstance(t, str) and t in names for t in types):
+            raise bad(key, f"expected a list of {' or '.join(repr(n) for n in names)}")
+        if len(types) != len(blocks):
+            raise bad(key, f"{len(types)} blocks but block_out_channels has {len(blocks)}")
+    size = cfg.get("sample_size")
+    if size is not None and not (_is_int(size) and size > 0 or isinstance(size, list)
+                                 and all(_is_int(v) and v > 0 for v in size)):
+        raise bad("sample_size", "expected a positive integer")
+
+
+def check_clip_config(cfg: dict, path) -> None:
+    """The values of a transformers CLIPTextModel config.json (or its text_config) that fastsd's text encoder is
+    built from, checked first: one CheckpointError naming `path`, the field and its value."""
+    from fastsd.tokenizer import MAX_LENGTH, VOCAB_SIZE
+
+    if "text_config" in cfg:
+        if not isinstance(cfg["text_config"], dict):
+            raise _checker(cfg, path)[0]("text_config", "expected an object")
+        cfg = cfg["text_config"]
+    bad, positive = _checker(cfg, path)
+    positive("hidden_size", MAX_CHANNELS)
+    positive("intermediate_size", 4 * MAX_CHANNELS)
+    positive("num_hidden_layers", MAX_LAYERS)
+    positive("num_attention_heads", MAX_CHANNELS)
+    if _is_int(cfg.get("hidden_size")) and _is_int(cfg.get("num_attention_heads")) \
+            and cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise bad("num_attention_heads", f"hidden_size {cfg['hidden_size']} must be divisible by it")
+    if "vocab_size" in cfg and not (_is_int(cfg["vocab_size"]) and VOCAB_SIZE <= cfg["vocab_size"] <= 1 << 20):
+        raise bad("vocab_size", f"expected an integer of at least {VOCAB_SIZE} (the SD1 CLIP tokenizer's size)")
+    if "max_position_embeddings" in cfg and not (_is_int(cfg["max_position_embeddings"])
+                                                 and MAX_LENGTH <= cfg["max_position_embeddings"] <= MAX_CHANNELS):
+        raise bad("max_position_embeddings", f"expected an integer of at least {MAX_LENGTH} (SD1 prompts' length)")
+    if "layer_norm_eps" in cfg:
+        eps = cfg["layer_norm_eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and 0 < eps < 1):
+            raise bad("layer_norm_eps", "expected a small positive number (SD1.x: 1e-05)")
+    if "eos_token_id" in cfg:
+        vocab = cfg.get("vocab_size", VOCAB_SIZE)
+        if not (_is_int(cfg["eos_token_id"]) and 0 <= cfg["eos_token_id"] < vocab):
+            raise bad("eos_token_id", f"expected a token id, 0 to {vocab - 1}")
 
 
 def from_diffusers_folder(path: str) -> Checkpoint:
@@ -149,28 +370,32 @@ def from_diffusers_folder(path: str) -> Checkpoint:
     missing = [d for d in ("unet", "vae", "text_encoder") if not (root / d).is_dir()]
     if missing:
         index = root / "model_index.json"
-        if index.exists() and "unet" not in _json(index):
-            cls = _json(index).get("_class_name", "?")
+        if os.path.lexists(index) and "unet" not in (data := _json(index)):
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{index}: a JSON {type(data).__name__}, not a diffusers model index")
+            cls = data.get("_class_name", "?")
             raise CheckpointError(f"{path}: a diffusers {cls} folder; fastsd loads Stable Diffusion 1.x only")
         raise CheckpointError(f"{path}: not a complete diffusers folder (missing {', '.join(d + '/' for d in missing)})")
-    ucfg = _config(root / "unet" / "config.json", convert.unet_config_from_diffusers)
-    vcfg, vae = diffusers_vae(root / "vae")
-    ccfg = _config(root / "text_encoder" / "config.json", convert.clip_config_from_transformers)
+    ucfg = _config(root / "unet" / "config.json", convert.unet_config_from_diffusers, check_unet_config)
+    ccfg = _config(root / "text_encoder" / "config.json", convert.clip_config_from_transformers, check_clip_config)
     if ucfg.context_dim != ccfg.hidden_size:
         raise CheckpointError(f"{path}: UNet cross-attention width {ucfg.context_dim} does not match the text "
                               f"encoder's {ccfg.hidden_size}")
+    tok, tokenizer = root / "tokenizer", None
+    if any(os.path.lexists(tok / name) for name in ("vocab.json", "merges.txt")):
+        from fastsd.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(tok)  # checked before any weights are read: CheckpointError naming the file
+    vcfg, vae = diffusers_vae(root / "vae")
     cfg = SDConfig(clip=ccfg, vae=vcfg, unet=ucfg)
     unet = convert.rename(_folder_weights(root / "unet", ("diffusion_pytorch_model",)), convert.unet_rules(ucfg))
     clip = convert.clip_keys(_folder_weights(root / "text_encoder", ("model", "pytorch_model")))
-    tok = root / "tokenizer"
     return Checkpoint(cfg, unet, vae, clip, _kind(cfg), root.name,
-                      tokenizer_dir=str(tok) if (tok / "vocab.json").exists() else None)
+                      tokenizer_dir=str(tok) if tokenizer is not None else None, tokenizer=tokenizer)
 
 
 def diffusers_vae(folder: Path) -> tuple[VAEConfig, dict[str, TensorRef]]:
     """A diffusers AutoencoderKL folder (config.json + weights): its config and its weights under LDM names."""
-    from fastsd.vae_files import check_kl_config  # (vae_files imports this module)
-
     data = _json(folder / "config.json")
     if isinstance(data, dict):  # (_config names anything else)
         check_kl_config(data, folder / "config.json")
@@ -208,7 +433,7 @@ def resolve(source: str) -> Checkpoint | SDConfig:
         return PRESETS[preset]
     if os.path.isdir(source):
         return from_diffusers_folder(source)
-    if os.path.isfile(source):
+    if os.path.lexists(source):  # a file; or a FIFO, a device, a broken link or a loop, named by read_tensor_file
         return from_ldm_file(source)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.endswith((".safetensors", ".ckpt")):
         snap = find_in_hf_cache(source)
@@ -220,8 +445,13 @@ def resolve(source: str) -> Checkpoint | SDConfig:
 
 
 def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+    text = ", ".join(shown(n) for n in names[:limit])
+    return text + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# Weight dtypes a model is filled from (cast to the model's dtype); integer, bool, complex and fp8 tensors are
+# refused, in .safetensors and .ckpt files alike (fp8 would need its scales; the others are not weights)
+LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def mismatches(module: nn.Module, refs: dict[str, TensorRef]) -> list[str]:
@@ -229,11 +459,15 @@ def mismatches(module: nn.Module, refs: dict[str, TensorRef]) -> list[str]:
     expected = dict(module.named_parameters())
     missing = [k for k in expected if k not in refs]
     unexpected = [k for k in refs if k not in expected]
-    wrong = [f"{k} {tuple(refs[k].shape)} vs {tuple(p.shape)}" for k, p in expected.items()
+    wrong = [f"{shown(k)} {tuple(refs[k].shape)} vs {tuple(p.shape)}" for k, p in expected.items()
              if k in refs and tuple(refs[k].shape) != tuple(p.shape)]
+    dtypes = [f"{shown(k)} {str(refs[k].dtype).removeprefix('torch.')}" for k in expected
+              if k in refs and refs[k].dtype is not None and refs[k].dtype not in LOADABLE_DTYPES]
     return [f"{len(missing)} missing ({_names(missing)})" if missing else "",
             f"{len(unexpected)} unexpected ({_names(unexpected)})" if unexpected else "",
-            f"{len(wrong)} with the wrong shape (file vs model: {_names(wrong)})" if wrong else ""]
+            f"{len(wrong)} with the wrong shape (file vs model: {_names(wrong)})" if wrong else "",
+            f"{len(dtypes)} not floating-point weights ({_names(dtypes)}; fastsd loads float16, bfloat16, float32 "
+            "and float64 tensors)" if dtypes else ""]
 
 
 def fill(module: nn.Module, refs: dict[str, TensorRef], *, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -264,7 +498,7 @@ def build_models(src: Checkpoint | SDConfig, *, dtype: torch.dtype, device: torc
     found = {n: [p for p in mismatches(m, getattr(src, n)) if p] for n, m in models.items()}
     problems = [f"{n} weights do not fit the model: " + "; ".join(ps) for n, ps in found.items() if ps]
     if problems:
-        raise CheckpointError(f"{src.name}: " + " | ".join(problems))
+        raise CheckpointError(f"{src.path or src.name}: " + " | ".join(problems))
     for n, m in models.items():
         fill(m, getattr(src, n), dtype=dtype, device=device)
     return models["clip"], models.get("vae"), models["unet"], cfg

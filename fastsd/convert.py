@@ -130,13 +130,23 @@ def _require(cond: bool, what: str) -> None:
         raise CheckpointError(f"not an SD1.x model: {what}")
 
 
-def unet_config_from_diffusers(c: dict) -> UNetConfig:
-    _require(not c.get("use_linear_projection", False), "its UNet uses linear projections (SD2.x style)")
+def check_unet_family(c: dict) -> None:
+    """CheckpointError("not an SD1.x model: ...") for a UNet config.json of another family (SD2.x, SDXL, ...);
+    run before its values are checked (checkpoint.check_unet_config), so that the family is what is named."""
+    _require(c.get("use_linear_projection") is not True, "its UNet uses linear projections (SD2.x style)")
     _require(c.get("addition_embed_type") is None and c.get("class_embed_type") is None,
              "its UNet has extra conditioning embeddings (SDXL or another family)")
     heads = c.get("attention_head_dim", 8)  # diffusers' legacy name: in SD1.x configs this is the head count
-    _require(isinstance(heads, int) or len(set(heads)) == 1, f"its UNet has per-level heads {heads} (SD2.x style)")
+    _require(not isinstance(heads, list) or all(h == heads[0] for h in heads),
+             f"its UNet has per-level heads {heads} (SD2.x style)")
     _require(c.get("transformer_layers_per_block", 1) in (1, None), "its UNet stacks several transformer layers")
+
+
+def unet_config_from_diffusers(c: dict) -> UNetConfig:
+    check_unet_family(c)
+    _require(not c.get("use_linear_projection", False), "its UNet uses linear projections (SD2.x style)")
+    heads = c.get("attention_head_dim", 8)
+    _require(isinstance(heads, int) or len(set(heads)) == 1, f"its UNet has per-level heads {heads} (SD2.x style)")
     blocks = c["block_out_channels"]
     mc = blocks[0]
     _require(all(b % mc == 0 for b in blocks), f"block_out_channels {blocks} are not multiples of the first")

@@ -104,7 +104,9 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
     vae_src = resolve_vae(vae, cfg) if vae is not None else None
     clip, kl, unet, cfg = build_models(src, dtype=dtype, device=device, seed=seed, with_vae=vae_src is None)
     tokenizer = None
-    if isinstance(src, Checkpoint) and src.tokenizer_dir is not None:
+    if isinstance(src, Checkpoint) and src.tokenizer is not None:
+        tokenizer = src.tokenizer  # (loaded and checked by resolve, before any weights)
+    elif isinstance(src, Checkpoint) and src.tokenizer_dir is not None:
         from fastsd.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(src.tokenizer_dir)

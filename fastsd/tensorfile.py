@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -18,7 +19,45 @@ import torch
 
 
 class CheckpointError(Exception):
-    """A checkpoint or model folder that can't be loaded; the message is one line, meant for users."""
+    """A checkpoint or model folder that can't be loaded; the message is one line, meant for users (line breaks
+    that come from a file, e.g. in a tensor name, are shown escaped as \\n)."""
+
+    def __init__(self, message="", *args):
+        if isinstance(message, str):
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(message, *args)
+
+
+def shown(name: object) -> str:
+    """A tensor name (or any key) as a message shows it: as it is when printable, else repr (line breaks,
+    control and bidi characters escaped), so a name from a file can't break the one-line message."""
+    return name if isinstance(name, str) and name.isprintable() else repr(name)
+
+
+# What os.stat says a path is, for "not a regular file (a FIFO)"
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path) -> int:
+    """The size of `path` after checking it is a regular file (symlinks followed), before it is opened: a FIFO
+    or a device would block or never end. CheckpointError naming the path and what it is otherwise."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        broken = os.path.islink(path)
+        raise CheckpointError(f"{path}: " + ("a broken symbolic link" if broken else "no such file or folder")) from None
+    except OSError as e:
+        import errno
+
+        why = "a symbolic link loop" if e.errno == errno.ELOOP else (e.strerror or type(e).__name__)
+        raise CheckpointError(f"{path}: cannot be read ({why})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a file")
+        if kind == "a folder":
+            raise CheckpointError(f"{path}: a folder, not a file")
+        raise CheckpointError(f"{path}: not a regular file ({kind})")
+    return st.st_size
 
 
 SAFETENSORS_DTYPES = {
@@ -34,10 +73,11 @@ class TensorRef:
 
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
+    dtype: torch.dtype | None = None  # as stored in the file (None: not known before reading)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -> "TensorRef":
         """The same tensor with `fn` applied when it is read (e.g. a reshape); `shape` is the result's shape."""
-        return TensorRef(shape, lambda: fn(self.load()))
+        return TensorRef(shape, lambda: fn(self.load()), self.dtype)
 
 
 MAX_HEADER_BYTES = 100_000_000
@@ -48,7 +88,7 @@ def read_safetensors(path: str) -> dict[str, TensorRef]:
     """The tensors of a .safetensors file, its header checked against the format before any data is read."""
     header, base, size = read_header(path)
     entries = _check_header(path, header, size - base)
-    return {name: TensorRef(shape, _safetensors_reader(path, base + start, end - start, dtype, shape))
+    return {name: TensorRef(shape, _safetensors_reader(path, base + start, end - start, dtype, shape), dtype)
             for name, (dtype, shape, start, end) in entries.items()}
 
 
@@ -61,7 +101,7 @@ def safetensors_metadata(path: str) -> dict[str, str]:
 
 def read_header(path: str) -> tuple[object, int, int]:
     """(the parsed JSON header, not checked yet; the byte offset of the tensor data; the file size)."""
-    size = os.path.getsize(path)
+    size = check_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -93,24 +133,24 @@ def _check_header(path: str, header, data_bytes: int) -> dict[str, tuple]:
     entries = {}
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise bad(f"entry {name!r} is not {{dtype, shape, data_offsets}}")
+            raise bad(f"entry {shown(name)} is not {{dtype, shape, data_offsets}}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str):
-            raise bad(f"entry {name!r} has a dtype that is not a string")
+            raise bad(f"entry {shown(name)} has a dtype that is not a string")
         if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which fastsd does not read")
+            raise CheckpointError(f"{path}: tensor {shown(name)} has dtype {dtype}, which fastsd does not read")
         if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-            raise bad(f"entry {name!r} has a malformed shape or data_offsets")
+            raise bad(f"entry {shown(name)} has a malformed shape or data_offsets")
         numel = 1
         for d in shape:
             numel *= d
         if numel * ELEMENT_SIZE[SAFETENSORS_DTYPES[dtype]] != offsets[1] - offsets[0]:
-            raise bad(f"tensor {name}: {offsets[1] - offsets[0]} bytes for shape {tuple(shape)} of {dtype}")
+            raise bad(f"tensor {shown(name)}: {offsets[1] - offsets[0]} bytes for shape {tuple(shape)} of {dtype}")
         entries[name] = (SAFETENSORS_DTYPES[dtype], tuple(shape), offsets[0], offsets[1])
     at = 0
     for name, (_, _, start, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if start != at:
-            raise bad(f"tensor {name} starts at byte {start} of the data, expected {at} (overlap or hole)")
+            raise bad(f"tensor {shown(name)} starts at byte {start} of the data, expected {at} (overlap or hole)")
         at = end
     if at > data_bytes:
         raise CheckpointError(f"{path}: file is truncated ({data_bytes} bytes of data; the tensors need {at})")
@@ -138,6 +178,7 @@ def _safetensors_reader(path: str, offset: int, nbytes: int, dtype: torch.dtype,
 def torch_load(path: str):
     """A torch pickle (.ckpt, .pt, .bin) loaded with weights_only=True: code in the pickle is never run.
     What it holds (tensors, dicts, lists, numbers, strings) as it is; CheckpointError when it can't be read."""
+    check_regular_file(path)
     mmap_ok = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format can't be memory-mapped
     if not mmap_ok:
         with open(path, "rb") as f:
@@ -164,12 +205,16 @@ def read_pickle_checkpoint(path: str) -> dict[str, TensorRef]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
-    return {k: TensorRef(tuple(v.shape), (lambda v=v: v)) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    bad_keys = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(f"{path}: not a valid state dict: tensor keys must be strings, "
+                              f"not {type(bad_keys[0]).__name__} ({shown(bad_keys[0])})")
+    return {k: TensorRef(tuple(v.shape), (lambda v=v: v), v.dtype) for k, v in sd.items()
+            if isinstance(v, torch.Tensor)}
 
 
 def read_tensor_file(path: str) -> dict[str, TensorRef]:
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or folder")
+    check_regular_file(path)
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     if path.endswith((".ckpt", ".pt", ".pth", ".bin")):

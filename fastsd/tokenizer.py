@@ -32,6 +32,7 @@ gives one chunk. BOS, EOS and padding have weight 1.0.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from importlib.resources import as_file, files
@@ -41,6 +42,8 @@ import torch
 from tokenizers import Regex, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _BPETokenizer
 from tokenizers.models import BPE
+
+from fastsd.tensorfile import CheckpointError, check_regular_file
 
 BOS = 49406  # <|startoftext|>
 EOS = 49407  # <|endoftext|>
@@ -121,6 +124,42 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     return merged or [("", 1.0)]
 
 
+MAX_FILE_BYTES = 64 << 20  # CLIP's vocab.json is 1.6 MB, merges.txt 0.5 MB
+
+
+def _check_files(vocab: Path, merges: Path) -> None:
+    """vocab.json and merges.txt checked before the tokenizers library reads them: regular files (a FIFO would
+    block), of a sane size, UTF-8, vocab.json an object of token -> id and merges.txt not empty. One
+    CheckpointError naming the file otherwise."""
+    texts = {}
+    for f in (vocab, merges):
+        size = check_regular_file(f)
+        if size > MAX_FILE_BYTES:
+            raise CheckpointError(f"{f}: {size} bytes, too large for a CLIP tokenizer file (at most {MAX_FILE_BYTES})")
+        try:
+            texts[f] = f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{f}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise CheckpointError(f"{f}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        words = json.loads(texts[vocab])
+    except (ValueError, RecursionError) as e:
+        why = str(e).splitlines()[0] if str(e) else "nested too deeply"
+        raise CheckpointError(f"{vocab}: not valid JSON ({why})") from None
+    if not isinstance(words, dict) or not all(_is_id(v) for v in words.values()):
+        got = "ids that are not integers" if isinstance(words, dict) else f"a JSON {type(words).__name__}"
+        raise CheckpointError(f"{vocab}: not a CLIP vocabulary (expected a JSON object of token -> id, got {got})")
+    if not VOCAB_SIZE - 2 <= len(words) <= VOCAB_SIZE:
+        raise CheckpointError(f"{vocab}: not the SD1 CLIP vocabulary ({len(words)} tokens; SD1's has {VOCAB_SIZE})")
+    if not any(line.strip() and not line.startswith("#version") for line in texts[merges].splitlines()):
+        raise CheckpointError(f"{merges}: no merges (an empty or truncated merges.txt)")
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31
+
+
 def _wrap(chunk: list[int], chunk_len: int = CHUNK_LENGTH) -> list[int]:
     """BOS + chunk + EOS, padded with PAD to ``chunk_len + 2`` tokens."""
     return [BOS, *chunk, EOS] + [PAD] * (chunk_len - len(chunk))
@@ -131,15 +170,19 @@ class Tokenizer:
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         """Load ``vocab.json``/``merges.txt`` from ``path`` (e.g. a diffusers ``tokenizer/``
-        folder) or, by default, from the copy shipped in ``fastsd/assets``."""
+        folder) or, by default, from the copy shipped in ``fastsd/assets``. A missing, unreadable or
+        malformed file, or another vocabulary than SD1's: one-line CheckpointError naming the file."""
         root = files("fastsd") / "assets" if path is None else Path(path)
-        for name in ("vocab.json", "merges.txt"):
-            if not (root / name).is_file():
-                raise FileNotFoundError(f"no {name} in {root}")
         with as_file(root / "vocab.json") as vocab, as_file(root / "merges.txt") as merges:
-            words, pairs = BPE.read_file(str(vocab), str(merges))
-        tk = _BPETokenizer(BPE(words, pairs, continuing_subword_prefix="", end_of_word_suffix="</w>",
-                               fuse_unk=False, unk_token="<|endoftext|>"))
+            _check_files(Path(vocab), Path(merges))
+            try:
+                words, pairs = BPE.read_file(str(vocab), str(merges))
+                bpe = BPE(words, pairs, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                          fuse_unk=False, unk_token="<|endoftext|>")
+            except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions ("Token `i` out of vocabulary")
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{root}: vocab.json and merges.txt do not make a CLIP tokenizer ({why})") from None
+        tk = _BPETokenizer(bpe)
         tk.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                               normalizers.Lowercase()])
         tk.pre_tokenizer = pre_tokenizers.Sequence([
@@ -148,7 +191,9 @@ class Tokenizer:
         tk.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])  # matched in the text as they are
         self._tok = tk
         if tk.get_vocab_size() != VOCAB_SIZE or tk.token_to_id("<|startoftext|>") != BOS:
-            raise ValueError(f"{root} does not hold the SD1 CLIP vocabulary")
+            raise CheckpointError(f"{root / 'vocab.json'}: not the SD1 CLIP vocabulary ({tk.get_vocab_size()} tokens "
+                                  f"with <|startoftext|> = {tk.token_to_id('<|startoftext|>')}; SD1's has {VOCAB_SIZE} "
+                                  f"with <|startoftext|> = {BOS})")
         self.comma = tk.token_to_id(",</w>")
 
     def encode(self, text: str) -> list[int]:

@@ -19,8 +19,6 @@ named. Every error is a one-line CheckpointError.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -113,70 +111,6 @@ def _from_folder(root: Path, taesd: bool, model: SDConfig) -> VAESource:
         raise CheckpointError(f"{root}: a TAESD encoder, and no decoder beside it (taesd_decoder.safetensors/.pth)")
     raise CheckpointError(f"{root}: no VAE in this folder (no config.json of a diffusers AutoencoderKL or "
                           "AutoencoderTiny, no taesd_decoder.safetensors/.pth)")
-
-
-def _shown(value) -> str:
-    """A config value as config.json writes it (null, "abc", NaN), cut short."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-# Bounds far above any real VAE (SD1.x's: 4 levels of up to 512 channels, 2 layers each), so that a typo in
-# config.json can't make fastsd build a model of millions of layers or channels before the weights are checked
-MAX_LEVELS, MAX_CHANNELS, MAX_LAYERS = 8, 1 << 16, 64
-
-
-def check_kl_config(cfg: dict, path: Path | str) -> None:
-    """The values of a diffusers AutoencoderKL config.json that fastsd's VAE is built from, checked before
-    anything is built: one CheckpointError naming `path`, the field and its value. A field left out takes
-    diffusers' default; one given (even as null) must be what a Stable Diffusion 1.x VAE can be."""
-    def bad(field: str, want: str) -> CheckpointError:
-        return CheckpointError(f"{path}: {field} {_shown(cfg[field])}; {want}")
-
-    def positive(field: str, top: int) -> None:
-        if field in cfg and not (_is_int(cfg[field]) and 0 < cfg[field] <= top):
-            raise bad(field, f"expected a positive integer (at most {top})")
-
-    if "block_out_channels" not in cfg:
-        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x VAE config (no 'block_out_channels')")
-    blocks = cfg["block_out_channels"]
-    if (not isinstance(blocks, list) or not 0 < len(blocks) <= MAX_LEVELS
-            or not all(_is_int(b) and 0 < b <= MAX_CHANNELS for b in blocks)):
-        raise bad("block_out_channels", f"expected a list of 1 to {MAX_LEVELS} positive integers "
-                                        "(SD1.x: [128, 256, 512, 512])")
-    if any(b % blocks[0] for b in blocks):  # fastsd's (LDM's) VAE has ch * ch_mult channels per level
-        raise bad("block_out_channels", f"each must be a multiple of the first, {blocks[0]}")
-    positive("layers_per_block", MAX_LAYERS)
-    positive("latent_channels", MAX_CHANNELS)
-    positive("norm_num_groups", MAX_CHANNELS)
-    groups = cfg.get("norm_num_groups", 32)
-    if any(b % groups for b in blocks):
-        raise bad("norm_num_groups", f"the block_out_channels {_shown(blocks)} must all be divisible by it")
-    for field in ("in_channels", "out_channels"):
-        if field in cfg and not (_is_int(cfg[field]) and cfg[field] == 3):
-            raise bad(field, "a Stable Diffusion VAE takes and makes RGB images: 3")
-    scale = cfg.get("scaling_factor", 0.18215)
-    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0
-            or (isinstance(scale, float) and not math.isfinite(scale))):
-        raise bad("scaling_factor", "expected a finite positive number (SD1.x VAEs use 0.18215)")
-    if cfg.get("act_fn", "silu") != "silu":
-        raise bad("act_fn", 'fastsd runs the Stable Diffusion VAE\'s "silu"')
-    for field, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        types = cfg.get(field, [block] * len(blocks))
-        if not isinstance(types, list) or types != [block] * len(types):
-            raise bad(field, f'fastsd runs Stable Diffusion\'s "{block}" blocks only')
-        if len(types) != len(blocks):
-            raise bad(field, f"{len(types)} blocks but block_out_channels has {len(blocks)}")
-    for field in ("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv"):
-        if cfg.get(field, True) is not True:
-            raise bad(field, "a Stable Diffusion VAE has it true")
 
 
 def _taesd_diffusers_folder(root: Path, cfg: dict) -> VAESource:

@@ -199,7 +199,7 @@ def test_sd2_style_diffusers_folder(tiny, tmp_path):
 @pytest.mark.parametrize("part,content,match", [
     ("unet", "{}", r"unet/config.json: not a Stable Diffusion 1.x config \(no 'block_out_channels'\)"),
     ("vae", "[1, 2]", r"vae/config.json: not a Stable Diffusion 1.x config \(a JSON list"),
-    ("text_encoder", "{\"hidden_size\": \"wide\"}", r"text_encoder/config.json: not a Stable Diffusion 1.x config"),
+    ("text_encoder", "{\"hidden_size\": \"wide\"}", r'text_encoder/config.json: hidden_size "wide"; expected a positive'),
     ("unet", "[" * 100000, r"unet/config.json: not valid JSON"),
     ("vae", '{"block_out_channels": [32, 64], "norm_num_groups": 0}', r"vae/config.json: norm_num_groups 0"),
 ])

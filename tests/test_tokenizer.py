@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from functools import lru_cache
 from importlib.resources import files
@@ -11,6 +12,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
+from fastsd import CheckpointError
 from fastsd.tokenizer import BOS, EOS, MAX_LENGTH, Tokenizer, parse_prompt_attention
 
 ASSETS = files("fastsd") / "assets"
@@ -200,8 +202,33 @@ def test_loads_from_directory(tmp_path):
         shutil.copy(str(ASSETS / name), tmp_path / name)
     t = Tokenizer(tmp_path)
     assert t.encode(PROMPTS[5]) == tok().encode(PROMPTS[5])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match=r"missing.vocab\.json: no such file or folder"):
         Tokenizer(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("name,content,want", [
+    ("vocab.json", b"{not json", "vocab.json: not valid JSON"),
+    ("vocab.json", b"\xff\xfe\x00", "vocab.json: not a UTF-8 text file"),
+    ("vocab.json", b'{"a": "b"}', "vocab.json: not a CLIP vocabulary (expected a JSON object of token -> id, got ids"),
+    ("vocab.json", b'{"a": 0, "<|endoftext|>": 1}', "vocab.json: not the SD1 CLIP vocabulary (2 tokens"),
+    ("merges.txt", b"#version: 0.2\n", "merges.txt: no merges"),
+    ("merges.txt", b"\xff\xfe\x00\x01 zz\n", "merges.txt: not a UTF-8 text file"),
+])
+def test_bad_tokenizer_files_are_one_line_errors_naming_the_file(tmp_path, name, content, want):
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(str(ASSETS / f), tmp_path / f)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        Tokenizer(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / name) + ": ") and want in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_tokenizer_file_that_is_a_fifo_is_refused_unopened(tmp_path):
+    shutil.copy(str(ASSETS / "vocab.json"), tmp_path / "vocab.json")
+    os.mkfifo(tmp_path / "merges.txt")  # opening it would block
+    with pytest.raises(CheckpointError, match=r"merges\.txt: not a regular file \(a FIFO\)"):
+        Tokenizer(tmp_path)
 
 
 # --- 75-token chunks ----------------------------------------------------------------------------
