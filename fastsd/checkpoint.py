@@ -225,13 +225,7 @@ def check_kl_config(cfg: dict, path: Path | str) -> None:
     """The values of a diffusers AutoencoderKL config.json that fastsd's VAE is built from, checked before
     anything is built: one CheckpointError naming `path`, the field and its value. A field left out takes
     diffusers' default; one given (even as null) must be what a Stable Diffusion 1.x VAE can be."""
-    def bad(field: str, want: str) -> CheckpointError:
-        return CheckpointError(f"{path}: {field} {_shown(cfg[field])}; {want}")
-
-    def positive(field: str, top: int) -> None:
-        if field in cfg and not (_is_int(cfg[field]) and 0 < cfg[field] <= top):
-            raise bad(field, f"expected a positive integer (at most {top})")
-
+    bad, positive = _checker(cfg, path)
     if "block_out_channels" not in cfg:
         raise CheckpointError(f"{path}: not a Stable Diffusion 1.x VAE config (no 'block_out_channels')")
     blocks = cfg["block_out_channels"]
@@ -282,7 +276,7 @@ def _checker(cfg: dict, path):
 
 def check_unet_config(cfg: dict, path) -> None:
     """The values of a diffusers UNet2DConditionModel config.json that fastsd's UNet is built from, checked
-    before anything is built (as vae_files.check_kl_config does for the VAE): one CheckpointError naming
+    before anything is built (as check_kl_config does for the VAE): one CheckpointError naming
     `path`, the field and its value. A field left out takes diffusers' default."""
     convert.check_unet_family(cfg)  # (another family is named as such, not by the first value that differs)
     bad, positive = _checker(cfg, path)
