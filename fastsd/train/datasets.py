@@ -24,6 +24,9 @@ import numpy as np
 
 DATASETS = ("digits", "mnist", "cifar10", "folder")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The formats an image folder may hold, whatever a file's name says: PIL's other plugins include EPS, which
+# runs Ghostscript on the file.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class DatasetError(ValueError):
@@ -81,8 +84,32 @@ def load_dataset(name: str, path: str | None = None, image_size: int | None = No
     else:
         ds = load_image_folder(path, image_size or 32, channels)
     if image_size is not None and image_size != ds.image_size:
+        check_data_memory(len(ds.train_x) + len(ds.test_x), ds.channels, image_size)
         ds.train_x, ds.test_x = resize(ds.train_x, image_size), resize(ds.test_x, image_size)
     return ds
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now (Linux MemAvailable; the physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_data_memory(n: int, channels: int, size: int) -> None:
+    """DatasetError when n float32 images of size x size (and a resizing copy) can't fit in memory."""
+    need, have = 2 * 4 * n * channels * size * size, available_memory()
+    if have is not None and need > have:
+        raise DatasetError(f"{n} images at {size}x{size} need {need / 2 ** 30:.1f} GiB of memory, "
+                           f"{have / 2 ** 30:.1f} GiB is available: use a smaller --image-size")
 
 
 def resize(x: np.ndarray, size: int) -> np.ndarray:
@@ -264,6 +291,36 @@ def load_cifar10(path: str) -> Dataset:
 
 # --------------------------------------------------------------------------------------------- image folder
 
+def read_image(path: str):
+    """One image of a folder dataset, as PIL reads it: PNG, JPEG, WebP, BMP, GIF or TIFF only (checked by content,
+    not name), at most fastsd.image.MAX_INPUT_PIXELS pixels; 16-bit and float images scaled to 8 bits
+    (fastsd.image.to_8bit). DatasetError (one line naming the file) otherwise."""
+    import warnings
+
+    from PIL import Image
+
+    from fastsd.image import MAX_INPUT_PIXELS, to_8bit
+
+    try:
+        with warnings.catch_warnings():  # the size is checked here, not by PIL's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=list(IMAGE_FORMATS)) as im:
+                if im.width * im.height > MAX_INPUT_PIXELS:
+                    raise DatasetError(f"{path}: {im.width}x{im.height} pixels is above the limit of "
+                                       f"{MAX_INPUT_PIXELS} pixels")
+                im.load()
+                return to_8bit(im.copy())
+    except Image.UnidentifiedImageError:
+        raise DatasetError(f"{path}: not a PNG, JPEG, WebP, BMP, GIF or TIFF image") from None
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{path}: too many pixels ({str(e).splitlines()[0]})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DatasetError(f"{path}: not a readable image ({msg})") from None
+
+
 def load_image_folder(path: str, image_size: int = 32, channels: int | None = None) -> Dataset:
     from PIL import Image
 
@@ -274,18 +331,15 @@ def load_image_folder(path: str, image_size: int = 32, channels: int | None = No
     for i, c in enumerate(classes):
         for f in sorted(os.listdir(os.path.join(path, c))):
             if f.lower().endswith(IMAGE_EXTS):
-                files.append(os.path.join(path, c, f))
+                p = os.path.join(path, c, f)
+                if not os.path.isfile(p):  # a FIFO would block the read, a folder can't be opened
+                    raise DatasetError(f"{p}: not a regular file (a folder, FIFO or device); remove it or rename it")
+                files.append(p)
                 labels.append(i)
     if not files:
         raise DatasetError(f"--data-path {path}: no images in class subfolders (expected {path}/<class>/*.png)")
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                images.append(im.copy())
-        except (OSError, Image.UnidentifiedImageError) as e:
-            raise DatasetError(f"{f}: not a readable image ({e})") from None
+    check_data_memory(len(files), channels or 3, image_size)
+    images = [read_image(f) for f in files]
     if channels is None:
         channels = 1 if all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in images) else 3
     if channels not in (1, 3):

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from fastsd.cli import ArgumentParser, HelpFormatter, add_run_sampling_args, parse_run_args, usage_error
-from fastsd.train.trainer import MODEL_FILE, STATE_FILE, RunConfig, build_model, load_run_config, load_tensors
+from fastsd.train.trainer import (MODEL_FILE, STATE_FILE, RunConfig, build_model, load_run_config, load_tensors,
+                                  load_weights)
 
 
 def load_run(run_dir: str, *, ema: bool = True):
@@ -37,7 +38,7 @@ def load_run(run_dir: str, *, ema: bool = True):
             raise ValueError(f"{run_dir}: no {STATE_FILE}")
         all_t, _ = load_tensors(path)
         tensors = {k[len("model."):]: v for k, v in all_t.items() if k.startswith("model.")}
-    model.load_state_dict(tensors)
+    load_weights(model, tensors, path)  # ValueError (one line) for weights of another model
     model.eval().requires_grad_(False)
     return model, run
 
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         x = generate(model, run, labels, cfg_scale=args.cfg_scale, sampler=sampler, steps=args.steps,
                      seed=args.seed, clip=not args.no_clip, progress=not args.no_progress)
     except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        lines = str(e).strip().splitlines()
+        print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
         return 2
     ncols = args.n if per_row else math.ceil(math.sqrt(args.n))
     scale = args.scale or max(1, math.ceil(32 / run.image_size))

@@ -27,7 +27,9 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -35,9 +37,10 @@ import numpy as np
 import torch
 
 from fastsd.config import SchedulerConfig, UNetConfig
-from fastsd.cli import ArgumentParser, require, usage_error
+from fastsd.cli import ArgumentParser, positive_int, require, usage_error
 from fastsd.files import atomic_write
-from fastsd.train.datasets import DATASETS, Dataset, DatasetError, check_path, load_dataset
+from fastsd.train.datasets import (DATASETS, Dataset, DatasetError, available_memory, check_path, load_dataset,
+                                   resize)
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -128,11 +131,20 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         d = json.loads(text)
+        if not isinstance(d, dict):
+            kind = {type(None): "null", list: "an array", str: "a string", bool: "a boolean"}.get(type(d), "a number")
+            raise ValueError(f"not a fastsd training config (JSON {kind}, not an object)")
         if d.get("format") != FORMAT:
             raise ValueError(f"not a fastsd training config (format {d.get('format')!r}, expected {FORMAT!r})")
-        return cls(_from_json(UNetConfig, d["unet"]), _from_json(SchedulerConfig, d["scheduler"]),
-                   _from_json(TrainConfig, d["train"]), int(d["num_classes"]), tuple(d["class_names"]),
-                   int(d["channels"]), int(d["image_size"]))
+        for k in ("unet", "scheduler", "train"):
+            if not isinstance(d.get(k), dict):
+                raise ValueError(f"'{k}' is missing or not an object")
+        run = cls(_from_json(UNetConfig, d["unet"]), _from_json(SchedulerConfig, d["scheduler"]),
+                  _from_json(TrainConfig, d["train"]), int(d["num_classes"]), tuple(d["class_names"]),
+                  int(d["channels"]), int(d["image_size"]))
+        _check_types(run)
+        check_config(run)
+        return run
 
 
 def load_run_config(run_dir: str) -> RunConfig:
@@ -142,8 +154,30 @@ def load_run_config(run_dir: str) -> RunConfig:
             return RunConfig.from_json(f.read())
     except FileNotFoundError:
         raise ValueError(f"{run_dir}: no {CONFIG_FILE} (not a training run folder)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable config ({e})") from None
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: unreadable config ({msg})") from None
+
+
+def _check_types(run: RunConfig) -> None:
+    """A config.json edited by hand (or damaged) must not build a model from strings or nulls."""
+    u, t = run.unet, run.train
+    ints = {"unet.in_channels": u.in_channels, "unet.out_channels": u.out_channels,
+            "unet.model_channels": u.model_channels, "unet.num_res_blocks": u.num_res_blocks,
+            "unet.num_heads": u.num_heads, "unet.context_dim": u.context_dim, "unet.norm_groups": u.norm_groups,
+            "train.steps": t.steps, "train.batch_size": t.batch_size, "channels": run.channels,
+            "image_size": run.image_size, "scheduler.num_train_timesteps": run.scheduler.num_train_timesteps}
+    for name, v in ints.items():
+        if type(v) is not int or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if run.num_classes < 0 or u.in_channels != run.channels or u.out_channels != run.channels:
+        raise ValueError("num_classes / channels do not match the UNet")
+    if not u.channel_mult or any(type(m) is not int or m < 1 for m in u.channel_mult):
+        raise ValueError(f"unet.channel_mult must be positive integers, got {list(u.channel_mult)!r}")
+    if any(type(a) is not bool for a in u.attention_levels):
+        raise ValueError(f"unet.attention_levels must be true/false values, got {list(u.attention_levels)!r}")
+    if run.scheduler.beta_schedule not in ("linear", "scaled_linear"):
+        raise ValueError(f"unknown scheduler.beta_schedule {run.scheduler.beta_schedule!r}")
 
 
 def build_model(run: RunConfig):
@@ -162,14 +196,42 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 
 def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    """All tensors and the metadata of a safetensors file; ValueError (one line, naming the file) when it is
+    missing, not a regular file (a folder or a FIFO, which would block), truncated or otherwise unreadable."""
+    from safetensors import SafetensorError, safe_open
 
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not a regular file")
     out = {}
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            out[k] = f.get_tensor(k)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
     return out, meta
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """load_state_dict with a one-line ValueError naming `path` for missing, extra or mis-shaped tensors
+    (a checkpoint of a model with other sizes) instead of torch's multi-line RuntimeError."""
+    want = module.state_dict()
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        n = len(missing) + len(extra)
+        raise ValueError(f"{path}: not a checkpoint of this model ({what}{f' and {n - 1} more' if n > 1 else ''})")
+    for k, v in want.items():
+        t = tensors[k]
+        if tuple(t.shape) != tuple(v.shape) or t.dtype != v.dtype:
+            raise ValueError(f"{path}: holds a model of other sizes ({k}: {tuple(t.shape)} {t.dtype}, this run's "
+                             f"model has {tuple(v.shape)} {v.dtype})")
+    module.load_state_dict(tensors)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -278,25 +340,79 @@ class Trainer:
                      {"step": str(self.step), "format": FORMAT})
 
     def load(self, out: str) -> None:
-        tensors, meta = load_tensors(os.path.join(out, STATE_FILE))
-        state = json.loads(meta["state"])
+        """Restore the state saved in `out`. ValueError (one line, naming the file) for a missing, damaged or
+        foreign state file; everything is checked before any of this trainer's state is replaced."""
+        path = os.path.join(out, STATE_FILE)
+        tensors, meta = load_tensors(path)
+
+        def bad(what: str):
+            return ValueError(f"{path}: {what}")
+
+        try:
+            state = json.loads(meta["state"])
+        except KeyError:
+            raise bad("no 'state' metadata (not a fastsd training state)") from None
+        except ValueError:
+            raise bad("its 'state' metadata is not valid JSON") from None
+        if not isinstance(state, dict):
+            raise bad("its 'state' metadata is not a JSON object")
 
         def prefixed(p):
             return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
 
-        self.model.load_state_dict(prefixed("model."))
-        self.ema.load_state_dict(prefixed("ema."))
+        for name in ("rng.torch", "rng.data", "data.perm"):
+            if name not in tensors:
+                raise bad(f"no {name} tensor (not a fastsd training state)")
+        try:
+            step, pos = state["step"], state["pos"]
+            losses = [(int(s), float(l)) for s, l in state["losses"]]
+            wall, cpu = float(state["wall_seconds"]), float(state["cpu_seconds"])
+            groups = state["param_groups"]
+            if type(step) is not int or type(pos) is not int or step < 0 or not isinstance(groups, list):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise bad("its 'state' metadata is damaged (step, pos, losses, timings or param_groups)") from None
+        perm = tensors["data.perm"]
+        n = len(self.x)
+        if perm.dtype != torch.int64 or tuple(perm.shape) != (n,) or not 0 <= pos <= n or \
+                not torch.equal(torch.sort(perm).values, torch.arange(n)):
+            raise bad(f"its data order is not for this dataset ({n} training images)")
+        for name, gen_state in (("rng.torch", torch.get_rng_state()), ("rng.data", self.gen.get_state())):
+            t = tensors[name]
+            if t.dtype != gen_state.dtype or t.shape != gen_state.shape:
+                raise bad(f"{name} is not a CPU random generator state")
+        model_t, ema_t = prefixed("model."), prefixed("ema.")
         opt_state: dict[int, dict] = {}
-        for k, v in prefixed("optim.").items():
-            i, name = k.split(".", 1)
-            opt_state.setdefault(int(i), {})[name] = v
-        self.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        try:
+            for k, v in prefixed("optim.").items():
+                i, name = k.split(".", 1)
+                opt_state.setdefault(int(i), {})[name] = v
+        except ValueError:
+            raise bad("damaged optimizer state names") from None
+        # check the weights and optimizer state on copies first, so a bad file changes nothing here
+        probe = build_model(self.run)
+        load_weights(probe, model_t, path)
+        load_weights(probe, ema_t, path)
+        params = list(self.model.parameters())
+        for i, st in opt_state.items():
+            if not 0 <= i < len(params) or any(k in ("exp_avg", "exp_avg_sq") and v.shape != params[i].shape
+                                               for k, v in st.items()):
+                raise bad("its optimizer state is for a model of other sizes")
+        try:
+            probe_opt = torch.optim.AdamW(probe.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            probe_opt.load_state_dict({"state": opt_state, "param_groups": groups})
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise bad(f"its optimizer state does not fit this model ({msg})") from None
+        self.model.load_state_dict(model_t)
+        self.ema.load_state_dict(ema_t)
+        self.opt.load_state_dict({"state": opt_state, "param_groups": groups})
         torch.set_rng_state(tensors["rng.torch"])
         self.gen.set_state(tensors["rng.data"])
-        self.perm = tensors["data.perm"]
-        self.pos, self.step = int(state["pos"]), int(state["step"])
-        self.losses = [tuple(x) for x in state["losses"]]
-        self.wall, self.cpu = float(state["wall_seconds"]), float(state["cpu_seconds"])
+        self.perm = perm
+        self.pos, self.step = pos, step
+        self.losses = losses
+        self.wall, self.cpu = wall, cpu
 
 
 def plot_losses(losses: list[tuple[int, float]], path: str, title: str) -> None:
@@ -325,47 +441,70 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def train(run: RunConfig, data: Dataset, out: str, *, resume: bool = True, progress: bool = True) -> dict:
-    """Train (or resume) into folder `out`; returns a summary dict (also written to train_summary.json)."""
+def train(run: RunConfig, data: Dataset, out: str, *, resume: bool = True, progress: bool = True,
+          trainer: Trainer | None = None, created: bool | None = None) -> dict:
+    """Train (or resume) into folder `out`; returns a summary dict (also written to train_summary.json).
+    `trainer`: one the caller already built (and loaded from `out`, to resume); `created`: the caller made `out`
+    for this run (default: whether it is missing now). A folder created for the run is removed again when it fails before its first checkpoint is written (nothing half-made is left behind);
+    a failure other than Ctrl-C / SIGTERM saves nothing, so the previous checkpoint stays as it was."""
+    if created is None:
+        created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    t_start, c_start = time.perf_counter(), cpu_seconds()
-    trainer = Trainer(run, data)
-    resumed_from = 0
-    if resume and os.path.exists(os.path.join(out, STATE_FILE)):
-        trainer.load(out)
-        resumed_from = trainer.step
-    atomic_write(os.path.join(out, CONFIG_FILE), lambda tmp: open(tmp, "w").write(run.to_json()))
-    cfg = run.train
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="train", dynamic_ncols=True)
-    window: list[float] = []
-    last_saved = trainer.step
-    wall0, cpu0 = trainer.wall - time.perf_counter(), trainer.cpu - cpu_seconds()
+    saved = False
     try:
-        while trainer.step < cfg.steps:
-            window.append(trainer.train_step())
-            bar.update(1)
-            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
-                trainer.losses.append((trainer.step, float(np.mean(window))))
-                bar.set_postfix(loss=f"{trainer.losses[-1][1]:.4f}", lr=f"{trainer.lr_at(trainer.step - 1):.2e}")
-                window = []
-            if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
+        t_start, c_start = time.perf_counter(), cpu_seconds()
+        if trainer is None:
+            trainer = Trainer(run, data)
+            if resume and os.path.exists(os.path.join(out, STATE_FILE)):
+                trainer.load(out)
+        resumed_from = trainer.step
+        atomic_write(os.path.join(out, CONFIG_FILE), lambda tmp: open(tmp, "w").write(run.to_json()))
+        cfg = run.train
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="train", dynamic_ncols=True)
+        window: list[float] = []
+        last_saved = trainer.step
+        wall0, cpu0 = trainer.wall - time.perf_counter(), trainer.cpu - cpu_seconds()
+        ok = False
+        try:
+            while trainer.step < cfg.steps:
+                window.append(trainer.train_step())
+                bar.update(1)
+                if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+                    trainer.losses.append((trainer.step, float(np.mean(window))))
+                    bar.set_postfix(loss=f"{trainer.losses[-1][1]:.4f}", lr=f"{trainer.lr_at(trainer.step - 1):.2e}")
+                    window = []
+                if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
+                    trainer.wall, trainer.cpu = wall0 + time.perf_counter(), cpu0 + cpu_seconds()
+                    trainer.save(out)
+                    saved, last_saved = True, trainer.step
+            ok = True
+        except KeyboardInterrupt:
+            ok = True  # Ctrl-C / SIGTERM: save below, the run resumes from there
+            raise
+        finally:
+            bar.close()
+            if ok:
                 trainer.wall, trainer.cpu = wall0 + time.perf_counter(), cpu0 + cpu_seconds()
-                trainer.save(out)
-                last_saved = trainer.step
-    finally:
-        bar.close()
-        trainer.wall, trainer.cpu = wall0 + time.perf_counter(), cpu0 + cpu_seconds()
-        if trainer.step != last_saved or not os.path.exists(os.path.join(out, MODEL_FILE)):
-            trainer.save(out)  # also on Ctrl-C: the run resumes from here
-        mode = "class-conditional" if run.num_classes else "unconditional"
-        plot_losses(trainer.losses, os.path.join(out, LOSS_PNG),
-                    f"{cfg.dataset} {mode}, {run.scheduler.beta_schedule} schedule, batch {cfg.batch_size}")
+                if trainer.step != last_saved or not os.path.exists(os.path.join(out, MODEL_FILE)):
+                    trainer.save(out)
+                saved = True
+                mode = "class-conditional" if run.num_classes else "unconditional"
+                plot_losses(trainer.losses, os.path.join(out, LOSS_PNG),
+                            f"{cfg.dataset} {mode}, {run.scheduler.beta_schedule} schedule, batch {cfg.batch_size}")
+    except BaseException:
+        if created and not saved:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     tail = [l for _, l in trainer.losses[-8:]]
+    final = float(np.mean(tail)) if tail else None
+    if final is not None and not math.isfinite(final):
+        print("warning: the loss is not finite (training diverged; try a lower --lr)", file=sys.stderr)
+        final = None
     summary = {
         "steps": trainer.step, "resumed_from": resumed_from,
-        "final_loss": float(np.mean(tail)) if tail else None,
+        "final_loss": final,
         "train_wall_seconds": round(trainer.wall, 2), "train_cpu_seconds": round(trainer.cpu, 2),
         "session_wall_seconds": round(time.perf_counter() - t_start, 2),
         "session_cpu_seconds": round(cpu_seconds() - c_start, 2),
@@ -378,11 +517,79 @@ def train(run: RunConfig, data: Dataset, out: str, *, resume: bool = True, progr
 
 # --------------------------------------------------------------------------------------------- CLI
 
+# Sane upper bounds, refused at argument parsing (a typo like --image-size 100000 would otherwise run out of
+# memory); what fits in memory below them is estimated by check_memory before anything is created.
+MAX_IMAGE_SIZE = 1024
+MAX_BATCH_SIZE = 65536
+MAX_WIDTH = 4096  # --model-channels, --context-dim
+MAX_LEVELS = 8
+MAX_MULT = 64
+MAX_RES_BLOCKS = 32
+MAX_THREADS = 1024
+MAX_SEED = 2 ** 63 - 2  # torch's generators take 64-bit seeds; the data generator uses seed + 1
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (one-line error otherwise)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            want = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+            raise argparse.ArgumentTypeError(f"expected an integer {want}, got {v}")
+        return v
+    return parse
+
+
+def _bounded_positive(hi: int):
+    """positive_int (fastsd.cli) with an upper bound."""
+    def parse(s: str) -> int:
+        v = positive_int(s)
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"expected a positive integer of at most {hi}, got {v}")
+        return v
+    return parse
+
+
+def _float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = True):
+    """An argparse type: a finite number in the range [lo, hi) (or (lo, ...) with lo_open)."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        lo_ok = v > lo if lo_open else v >= lo
+        hi_ok = v < hi if hi_open else v <= hi
+        if not math.isfinite(v) or not lo_ok or not hi_ok:
+            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"expected a finite number in {rng}, got {s}")
+        return v
+    return parse
+
+
 def _int_tuple(s: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in s.replace(" ", "").split(",") if v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _channel_mult(s: str) -> tuple[int, ...]:
+    v = _int_tuple(s)
+    if not v or len(v) > MAX_LEVELS or any(not 1 <= m <= MAX_MULT for m in v):
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_LEVELS} comma-separated width multipliers from 1 to "
+                                         f"{MAX_MULT} (one per UNet level, e.g. 1,2), got {s!r}")
+    return v
+
+
+def _attention_levels(s: str) -> tuple[int, ...]:
+    v = _int_tuple(s)
+    if not v or any(a not in (0, 1) for a in v):
+        raise argparse.ArgumentTypeError(f"expected one 0 or 1 per UNet level (e.g. 0,1: attention at the second "
+                                         f"level only), got {s!r}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,53 +599,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data-path", help="mnist: folder with the IDX files (or the images file); cifar10: the "
                    "cifar-10-batches-py folder; folder: root with one subfolder per class")
-    p.add_argument("--image-size", type=int, default=None, help="resize to this square size (default: the "
-                   "dataset's own; 32 for folder datasets)")
+    p.add_argument("--image-size", type=_bounded_positive(MAX_IMAGE_SIZE), default=None, help="resize to this "
+                   f"square size, at most {MAX_IMAGE_SIZE} (default: the dataset's own; 32 for folder datasets)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="folder datasets: force grey/RGB")
     p.add_argument("--conditional", action="store_true", help="class-conditional (else unconditional)")
-    p.add_argument("--cond-drop", type=float, default=d.cond_drop, help="null-class probability for CFG")
+    p.add_argument("--cond-drop", type=_float_in(0.0, 1.0), default=d.cond_drop,
+                   help="null-class probability for CFG, in [0, 1)")
     p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
                    help="scaled_linear: SD1.x betas 0.00085..0.012 (default); linear: DDPM betas 1e-4..0.02")
-    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps (a resumed run continues)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--model-channels", type=int, default=32)
-    p.add_argument("--channel-mult", type=_int_tuple, default=None, help="e.g. 1,2 (default: 1,2 below 24 px, "
+    p.add_argument("--steps", type=positive_int, default=d.steps,
+                   help="total optimizer steps (a resumed run continues)")
+    p.add_argument("--batch-size", type=_bounded_positive(MAX_BATCH_SIZE), default=d.batch_size)
+    p.add_argument("--lr", type=_float_in(0.0, lo_open=True), default=d.lr, help="peak learning rate (> 0)")
+    p.add_argument("--warmup-steps", type=_int_in(0), default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=_float_in(0.0), default=d.weight_decay)
+    p.add_argument("--ema-decay", type=_float_in(0.0, 1.0), default=d.ema_decay, help="in [0, 1)")
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=d.seed)
+    p.add_argument("--save-every", type=_int_in(0), default=d.save_every,
+                   help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--log-every", type=positive_int, default=d.log_every)
+    p.add_argument("--model-channels", type=_bounded_positive(MAX_WIDTH), default=32)
+    p.add_argument("--channel-mult", type=_channel_mult, default=None, help="e.g. 1,2 (default: 1,2 below 24 px, "
                    "else 1,2,2)")
-    p.add_argument("--num-res-blocks", type=int, default=2)
-    p.add_argument("--attention-levels", type=_int_tuple, default=None, help="0/1 per level (default: the "
-                   "lowest level only)")
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--context-dim", type=int, default=64)
-    p.add_argument("--norm-groups", type=int, default=8)
+    p.add_argument("--num-res-blocks", type=_bounded_positive(MAX_RES_BLOCKS), default=2)
+    p.add_argument("--attention-levels", type=_attention_levels, default=None, help="0/1 per --channel-mult "
+                   "level (default: the lowest level only)")
+    p.add_argument("--num-heads", type=positive_int, default=4, help="must divide every level's width")
+    p.add_argument("--context-dim", type=_bounded_positive(MAX_WIDTH), default=64)
+    p.add_argument("--norm-groups", type=positive_int, default=8, help="must divide every level's width")
     p.add_argument("--out", default="run", help="run folder (created; resumed when it holds a checkpoint)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="require a checkpoint in --out and continue it")
     g.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_bounded_positive(MAX_THREADS), default=None,
+                   help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def config_from_args(args: argparse.Namespace, data: Dataset) -> RunConfig:
+def config_from_args(args: argparse.Namespace, data: Dataset, image_size: int | None = None) -> RunConfig:
+    """The run's configs; `image_size` (default: the data's) is the size the data will be trained at."""
+    size = image_size or data.image_size
     tc = TrainConfig(dataset=args.dataset, data_path=os.path.abspath(args.data_path) if args.data_path else None,
                      image_size=args.image_size, channels=args.channels, conditional=args.conditional,
                      cond_drop=args.cond_drop, schedule=args.schedule, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                      ema_decay=args.ema_decay, seed=args.seed, save_every=args.save_every, log_every=args.log_every)
     attn = None if args.attention_levels is None else tuple(bool(v) for v in args.attention_levels)
-    unet = default_unet_config(data.channels, data.image_size, model_channels=args.model_channels,
+    if attn is not None:
+        levels = len(args.channel_mult) if args.channel_mult else len(default_unet_config(1, size).channel_mult)
+        if len(attn) != levels:
+            raise ValueError(f"--attention-levels has {len(attn)} entries but the UNet has {levels} levels "
+                             f"(--channel-mult {','.join(map(str, args.channel_mult or default_unet_config(1, size).channel_mult))}): "
+                             f"give one 0/1 per level")
+    unet = default_unet_config(data.channels, size, model_channels=args.model_channels,
                                channel_mult=args.channel_mult, num_res_blocks=args.num_res_blocks,
                                attention_levels=attn, num_heads=args.num_heads, context_dim=args.context_dim,
                                norm_groups=args.norm_groups)
     return RunConfig(unet, SCHEDULES[args.schedule], tc, data.num_classes if args.conditional else 0,
-                     tuple(data.class_names), data.channels, data.image_size)
+                     tuple(data.class_names), data.channels, size)
 
 
 def check_config(run: RunConfig) -> None:
@@ -446,47 +665,124 @@ def check_config(run: RunConfig) -> None:
     down = 2 ** (len(u.channel_mult) - 1)
     if run.image_size % down:
         raise ValueError(f"image size {run.image_size} is not divisible by {down} ({len(u.channel_mult)} UNet levels)")
-    for c in (u.model_channels * m for m in u.channel_mult):
+    for c in (u.model_channels, *(u.model_channels * m for m in u.channel_mult)):
         if c % u.norm_groups or c % u.num_heads:
-            raise ValueError(f"UNet width {c} must be divisible by --norm-groups {u.norm_groups} and "
-                             f"--num-heads {u.num_heads}")
+            raise ValueError(f"UNet width {c} (--model-channels {u.model_channels} x --channel-mult) must be divisible "
+                             f"by --norm-groups {u.norm_groups} and --num-heads {u.num_heads}")
     if t.steps < 1 or t.batch_size < 1:
         raise ValueError("--steps and --batch-size must be at least 1")
     if not 0 <= t.cond_drop < 1:
         raise ValueError(f"--cond-drop must be in [0, 1), got {t.cond_drop}")
     if len(u.attention_levels) != len(u.channel_mult):
         raise ValueError("--attention-levels needs one entry per --channel-mult level")
+    if not (math.isfinite(t.lr) and t.lr > 0 and math.isfinite(t.weight_decay) and t.weight_decay >= 0
+            and 0 <= t.ema_decay < 1 and t.warmup_steps >= 0 and t.save_every >= 0 and t.log_every >= 1):
+        raise ValueError("lr, weight_decay, ema_decay, warmup_steps, save_every or log_every out of range")
 
 
+def estimate_memory(run: RunConfig, n_images: int) -> int:
+    """A lower bound of the bytes a training step needs: the data (train + held-out), the weights with their
+    gradients, AdamW moments and EMA copy, and the activations kept for the backward pass."""
+    u, s = run.unet, run.image_size
+    acts = params = 0
+    last = len(u.channel_mult) - 1
+    for level, m in enumerate(u.channel_mult):
+        ch, r2 = u.model_channels * m, max(1, s // 2 ** level) ** 2
+        blocks = 2 * u.num_res_blocks + 1 + (2 if level == last else 0)  # down + up (+ middle) res blocks
+        n_attn = (2 * u.num_res_blocks + 1 if u.attention_levels[level] else 0) + (level == last)
+        acts += (4 * blocks + 4 * n_attn) * ch * r2
+        params += 18 * blocks * ch * ch + 8 * n_attn * ch * ch
+    return 4 * (run.train.batch_size * acts + 5 * params + n_images * run.channels * s * s)
+
+
+def check_memory(run: RunConfig, n_images: int) -> None:
+    need, have = estimate_memory(run, n_images), available_memory()
+    if have is not None and need > have:
+        raise ValueError(f"training needs at least {need / 2 ** 30:.1f} GiB of memory (--batch-size "
+                         f"{run.train.batch_size}, image size {run.image_size}, --model-channels "
+                         f"{run.unet.model_channels}) but {have / 2 ** 30:.1f} GiB is available: use smaller values")
+
+
+def check_out(out: str) -> str | None:
+    """A one-line reason why --out can't be a run folder (None when it may be): a file, under a file."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out}: exists and is not a folder"
+    parent = os.path.dirname(os.path.abspath(out))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        return f"--out {out}: {parent} is a file, not a folder"
+    return None
+
+
+def make_out(out: str) -> bool:
+    """Create --out (and check that files can be written in it); True when this call created it. OSError as a
+    one-line ValueError, removing what this call created."""
+    created = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fastsd-", suffix=".part", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if created and os.path.isdir(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise ValueError(f"--out {out}: can't write there ({e.strerror or e})") from None
+    return created
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    why = check_path(args.dataset, args.data_path)
+    why = check_path(args.dataset, args.data_path) or check_out(args.out)
     if why:
         usage_error(parser, why)
-    if args.resume and not os.path.exists(os.path.join(args.out, STATE_FILE)):
+    state = os.path.join(args.out, STATE_FILE)
+    if args.resume and not os.path.lexists(state):
         usage_error(parser, f"--resume: no {STATE_FILE} in {args.out}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    created = False
     try:
         require("sklearn", "train")
         require("matplotlib", "train")
-        data = load_dataset(args.dataset, args.data_path, args.image_size, args.channels)
-        run = config_from_args(args, data)
+        # non-folder datasets are read at their own size and resized only after the memory check below
+        folder = args.dataset == "folder"
+        data = load_dataset(args.dataset, args.data_path, args.image_size if folder else None, args.channels)
+        run = config_from_args(args, data, args.image_size)
         check_config(run)
-        state = os.path.join(args.out, STATE_FILE)
-        if not args.fresh and os.path.exists(state):
+        check_memory(run, len(data.train_x) + len(data.test_x))
+        if run.image_size != data.image_size:
+            data.train_x, data.test_x = resize(data.train_x, run.image_size), resize(data.test_x, run.image_size)
+        trainer = Trainer(run, data)
+        if not args.fresh and os.path.lexists(state):
             old = load_run_config(args.out)
             free = {"steps": 0, "save_every": 0, "log_every": 0}  # may change between sessions
             if dataclasses.replace(old.train, **free) != dataclasses.replace(run.train, **free) or \
                     (old.unet, old.scheduler, old.num_classes) != (run.unet, run.scheduler, run.num_classes):
                 raise ValueError(f"{args.out} holds a run with other settings; use the same options (only --steps, "
                                  f"--save-every, --log-every may change), another --out, or --fresh to start over")
+            trainer.load(args.out)  # a damaged or foreign state file is refused here, before anything is written
             print(f"resuming {args.out} from its checkpoint", file=sys.stderr)
+        created = make_out(args.out)
     except (DatasetError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            raise
+        print(f"error: out of memory preparing the run ({_one_line(e)}); use a smaller --batch-size, "
+              f"--image-size or --model-channels", file=sys.stderr)
         return 2
     import signal
     import threading
@@ -498,10 +794,20 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        summary = train(run, data, args.out, resume=not args.fresh, progress=not args.no_progress)
+        summary = train(run, data, args.out, resume=not args.fresh, progress=not args.no_progress, trainer=trainer,
+                        created=created)
     except KeyboardInterrupt:
         print(f"interrupted; the checkpoint in {args.out} resumes the run", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            raise
+        print(f"error: out of memory while training ({_one_line(e)}); use a smaller --batch-size, --image-size "
+              f"or --model-channels", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: can't write the run to {args.out} ({e.strerror or _one_line(e)})", file=sys.stderr)
+        return 2
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
