@@ -226,15 +226,7 @@ def check_kl_config(cfg: dict, path: Path | str) -> None:
     anything is built: one CheckpointError naming `path`, the field and its value. A field left out takes
     diffusers' default; one given (even as null) must be what a Stable Diffusion 1.x VAE can be."""
     bad, positive = _checker(cfg, path)
-    if "block_out_channels" not in cfg:
-        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x VAE config (no 'block_out_channels')")
-    blocks = cfg["block_out_channels"]
-    if (not isinstance(blocks, list) or not 0 < len(blocks) <= MAX_LEVELS
-            or not all(_is_int(b) and 0 < b <= MAX_CHANNELS for b in blocks)):
-        raise bad("block_out_channels", f"expected a list of 1 to {MAX_LEVELS} positive integers "
-                                        "(SD1.x: [128, 256, 512, 512])")
-    if any(b % blocks[0] for b in blocks):  # fastsd's (LDM's) VAE has ch * ch_mult channels per level
-        raise bad("block_out_channels", f"each must be a multiple of the first, {blocks[0]}")
+    blocks = _levels(cfg, path, bad, "VAE ", "[128, 256, 512, 512]")
     positive("layers_per_block", MAX_LAYERS)
     positive("latent_channels", MAX_CHANNELS)
     positive("norm_num_groups", MAX_CHANNELS)
@@ -274,6 +266,21 @@ def _checker(cfg: dict, path):
     return bad, positive
 
 
+def _levels(cfg: dict, path, bad, what: str, example: str) -> list[int]:
+    """block_out_channels of a UNet or VAE config: 1 to MAX_LEVELS positive integers, each a multiple of the first
+    (LDM's models have base channels * a multiplier per level)."""
+    if "block_out_channels" not in cfg:
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x {what}config (no 'block_out_channels')")
+    blocks = cfg["block_out_channels"]
+    if (not isinstance(blocks, list) or not 0 < len(blocks) <= MAX_LEVELS
+            or not all(_is_int(b) and 0 < b <= MAX_CHANNELS for b in blocks)):
+        raise bad("block_out_channels", f"expected a list of 1 to {MAX_LEVELS} positive integers (at most "
+                                        f"{MAX_CHANNELS}; SD1.x: {example})")
+    if any(b % blocks[0] for b in blocks):
+        raise bad("block_out_channels", f"each must be a multiple of the first, {blocks[0]}")
+    return blocks
+
+
 def check_unet_config(cfg: dict, path) -> None:
     """The values of a diffusers UNet2DConditionModel config.json that fastsd's UNet is built from, checked
     before anything is built (as check_kl_config does for the VAE): one CheckpointError naming
@@ -282,15 +289,7 @@ def check_unet_config(cfg: dict, path) -> None:
     bad, positive = _checker(cfg, path)
     if cfg.get("use_linear_projection") not in (None, False):
         raise bad("use_linear_projection", "expected false (SD1.x UNets project with 1x1 convolutions)")
-    if "block_out_channels" not in cfg:
-        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x config (no 'block_out_channels')")
-    blocks = cfg["block_out_channels"]
-    if (not isinstance(blocks, list) or not 0 < len(blocks) <= MAX_LEVELS
-            or not all(_is_int(b) and 0 < b <= MAX_CHANNELS for b in blocks)):
-        raise bad("block_out_channels", f"expected a list of 1 to {MAX_LEVELS} positive integers (at most "
-                                        f"{MAX_CHANNELS}; SD1.x: [320, 640, 1280, 1280])")
-    if any(b % blocks[0] for b in blocks):  # LDM's UNet has model_channels * channel_mult channels per level
-        raise bad("block_out_channels", f"each must be a multiple of the first, {blocks[0]}")
+    blocks = _levels(cfg, path, bad, "", "[320, 640, 1280, 1280]")
     if "in_channels" in cfg and not (_is_int(cfg["in_channels"]) and cfg["in_channels"] in (4, 9)):
         raise bad("in_channels", "fastsd loads UNets of 4 (text-to-image) or 9 (inpainting) input channels")
     positive("out_channels", MAX_CHANNELS)

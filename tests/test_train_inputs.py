@@ -292,3 +292,19 @@ def test_sample_bad_model_file(case, needle, runs, tmp_path, capsys):
     code, _, err = run_cli(sample.main, [run, "--n", "1", "--steps", "1", "--out", grid, "--no-progress"], capsys)
     assert_one_error(code, err, "model.safetensors", needle)
     assert not os.path.exists(grid)
+
+
+def test_out_of_memory_while_training_is_one_line_and_other_errors_are_not_hidden(tmp_path, capsys, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+
+    monkeypatch.setattr(train, "train", oom)
+    code, _, err = run_cli(train.main, [*BASE, "--out", str(tmp_path / "run")], capsys)
+    assert_one_error(code, err, "out of memory while training", "use a smaller --batch-size")
+
+    def other(*a, **k):
+        raise RuntimeError("a bug, not a user's mistake")
+
+    monkeypatch.setattr(train, "train", other)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train.main([*BASE, "--out", str(tmp_path / "run2")])

@@ -736,6 +736,15 @@ def _is_oom(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
 
 
+def _out_of_memory(e: BaseException, when: str) -> int:
+    """An out-of-memory error as one `error:` line (exit status 2); any other error is raised again."""
+    if not _is_oom(e):
+        raise e
+    print(f"error: out of memory {when} ({_one_line(e)}); use a smaller --batch-size, --image-size or "
+          "--model-channels", file=sys.stderr)
+    return 2
+
+
 def _one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
@@ -779,11 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
-        if not _is_oom(e):
-            raise
-        print(f"error: out of memory preparing the run ({_one_line(e)}); use a smaller --batch-size, "
-              f"--image-size or --model-channels", file=sys.stderr)
-        return 2
+        return _out_of_memory(e, "preparing the run")
     import signal
     import threading
 
@@ -800,11 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted; the checkpoint in {args.out} resumes the run", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
-        if not _is_oom(e):
-            raise
-        print(f"error: out of memory while training ({_one_line(e)}); use a smaller --batch-size, --image-size "
-              f"or --model-channels", file=sys.stderr)
-        return 2
+        return _out_of_memory(e, "while training")
     except OSError as e:
         print(f"error: can't write the run to {args.out} ({e.strerror or _one_line(e)})", file=sys.stderr)
         return 2
