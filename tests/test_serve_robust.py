@@ -351,15 +351,19 @@ def test_other_formats_are_refused_by_name_and_never_parsed(monkeypatch):
                                 "GIF or BMP") and e.value.status == 422
 
 
-def test_max_size_above_what_the_pipeline_makes_is_a_command_line_error():
-    from fastsd.serve.__main__ import build_parser, check_args
-    from fastsd.serve.limits import BadRequest, Limits
-
-    with pytest.raises(ValueError, match=r"^--max-size 8192: fastsd generates at most 4096 px a side$"):
-        check_args(build_parser().parse_args(["--model", "random:tiny", "--max-size", "8192"]))
-    assert check_args(build_parser().parse_args(["--model", "random:tiny", "--max-size", "4096"]))[0].max_side == 4096
-    with pytest.raises(BadRequest, match=r"^width 4104 is above this server's limit of 4096 px \(--max-size\)$"):
-        Limits(max_side=4096).check_size("width", 4104)
+def test_max_size_above_4096_lifts_the_pipelines_limit_as_allow_large():
+    s = Server(["--model", "random:tiny", "--max-size", "4104"])
+    try:
+        with s.client() as c:
+            r = c.post("/sdapi/v1/txt2img", json={**SMALL, "width": 4104})
+            assert r.status_code == 200, r.text
+            with Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))) as im:
+                assert im.size == (4104, 64)
+            r = c.post("/sdapi/v1/txt2img", json={**SMALL, "width": 4112})
+            assert r.status_code == 422 and r.json()["detail"] == \
+                "width 4112 is above this server's limit of 4104 px (--max-size)", r.text
+    finally:
+        s.stop()
 
 
 def test_img2img_takes_a_jpeg_and_refuses_a_tiff(server):

@@ -14,7 +14,6 @@ import warnings
 
 from fastsd.cli import ArgumentParser, HelpFormatter, fail, one_line_warnings, positive_int, run_summary, set_threads
 from fastsd.serve.limits import Limits
-from fastsd.settings import MAX_SIDE
 
 TOKEN_ENV = "FASTSD_SERVE_TOKEN"
 
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="jobs that may wait behind the running one; "
                    "more are answered 503 with Retry-After")
     p.add_argument("--max-size", type=positive_int, default=d.max_side,
-                   help=f"largest width/height, pixels (at most {MAX_SIDE})")
+                   help="largest width/height, pixels (above 4096, as the CLI's --allow-large)")
     p.add_argument("--max-steps", type=positive_int, default=d.max_steps, help="most sampler steps per request")
     p.add_argument("--max-batch", type=positive_int, default=d.max_images, help="most images per request "
                    "(batch_size x n_iter)")
@@ -67,8 +66,6 @@ def check_args(args: argparse.Namespace):
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be at least 0, got {args.max_queue}")
-    if args.max_size > MAX_SIDE:
-        raise ValueError(f"--max-size {args.max_size}: fastsd generates at most {MAX_SIDE} px a side")
     for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
         if folder and not os.path.isdir(folder):
             raise ValueError(f"{flag} {folder}: not a folder")

@@ -131,7 +131,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip)
     try:
-        s.validate(has_image=img2img, has_mask=img2img and bool(req.mask))
+        s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:
         raise BadRequest(a1111_names(str(e))) from None
     image, mask = _images(req, limits, (s.width, s.height)) if img2img else (None, None)  # last: after the cheap checks
@@ -160,7 +160,7 @@ def run_plan(plan: Plan, job, networks) -> dict:
         job.iteration, job.step, job.skipped = it, 0, False  # a skip between iterations is dropped, as A1111's
         try:
             images += pipe.generate(**s.replace(seed=s.seed + it * s.num_images).kwargs(), image=plan.image,
-                                    mask=plan.mask, progress=False, on_step=job.on_step)
+                                    mask=plan.mask, progress=False, on_step=job.on_step, allow_large=True)
         except Interrupted:
             if job.stopped:
                 stopped_at = (it, job.step)
