@@ -426,10 +426,11 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
         shaped = block.view(-1, *src.shape[1:])
         shaped.copy_(src[i:i + rows])
         update(block, i)
-        lo, hi = torch.aminmax(block) if check else (0, 0)  # (NaN fails both comparisons)
-        if not (-top <= float(lo) and float(hi) <= top):
-            raise ValueError(f"{layer.key} at weight {multiplier:g} takes the layer's weights out of "
-                             f"{str(weight.dtype)[6:]}'s range (NaN or infinite)")
+        if check:
+            lo, hi = torch.aminmax(block)
+            if not (-top <= lo.item() and hi.item() <= top):  # (NaN fails both)
+                raise ValueError(f"{layer.key} at weight {multiplier:g} takes the layer's weights out of "
+                                 f"{str(weight.dtype)[6:]}'s range (NaN or infinite)")
         dst[i:i + rows].copy_(shaped)
     return out
 

@@ -24,9 +24,6 @@ import numpy as np
 
 DATASETS = ("digits", "mnist", "cifar10", "folder")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# The formats an image folder may hold, whatever a file's name says: PIL's other plugins include EPS, which
-# runs Ghostscript on the file.
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class DatasetError(ValueError):
@@ -299,12 +296,12 @@ def read_image(path: str):
 
     from PIL import Image
 
-    from fastsd.image import MAX_INPUT_PIXELS, to_8bit
+    from fastsd.image import INPUT_FORMATS, MAX_INPUT_PIXELS, to_8bit  # (whatever a file's name says: EPS runs gs)
 
     try:
         with warnings.catch_warnings():  # the size is checked here, not by PIL's bomb warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=list(IMAGE_FORMATS)) as im:
+            with Image.open(path, formats=INPUT_FORMATS) as im:
                 if im.width * im.height > MAX_INPUT_PIXELS:
                     raise DatasetError(f"{path}: {im.width}x{im.height} pixels is above the limit of "
                                        f"{MAX_INPUT_PIXELS} pixels")
