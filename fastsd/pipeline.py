@@ -35,7 +35,13 @@ OnStep = Callable[[int, int, Image.Image], None]
 
 
 class Interrupted(Exception):
-    """Raised by an `on_step` callback to stop a generation; `generate` lets it through."""
+    """Raised by an `on_step` callback to stop a generation. `generate` lets it through, or, with
+    `on_interrupt="decode"`, returns the images of the prediction at the step it stopped after (A1111's interrupt
+    and skip). On its way out of `denoise` it carries that prediction, `latents` (scaled latents as `denoise`
+    returns them; None if not finite), and `step`, the steps done."""
+
+    latents: torch.Tensor | None = None
+    step: int = 0
 
 
 def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -318,7 +324,12 @@ class Pipeline:
         def callback(info) -> None:
             step = info["i"] + 1
             show = step % every == 0 or step == total
-            on_step(step, total, self.preview(info["denoised"][:1]) if show else None)
+            try:
+                on_step(step, total, self.preview(info["denoised"][:1]) if show else None)
+            except Interrupted as stop:  # the step's prediction (a 4-channel inpainting's known region put back)
+                denoised = info["denoised"]
+                stop.latents, stop.step = (denoised if torch.isfinite(denoised).all() else None), step
+                raise
 
         return callback
 
@@ -398,7 +409,7 @@ class Pipeline:
                  height: int | None = None, num_images: int = 1, strength: float = 0.8, clip_skip: int = 1,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, progress: bool = True, tiled_vae: bool | None = None,
-                 on_step: OnStep | None = None, preview_every: int = 1,
+                 on_step: OnStep | None = None, preview_every: int = 1, on_interrupt: str = "raise",
                  allow_large: bool = False) -> list[Image.Image]:
         """txt2img; img2img when `image` is given; inpainting when `mask` is given too (white = repaint).
 
@@ -406,11 +417,15 @@ class Pipeline:
         any image can be made again alone. `latents` are unit-variance start noise (num_images, 4, H/8, W/8),
         scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
         int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
-        each step; `preview` is an image every `preview_every` steps and at the last, else None. `allow_large`
-        lifts the 4096 px limit on a side (the CLI's --allow-large)."""
+        each step; `preview` is an image every `preview_every` steps and at the last, else None. An `Interrupted`
+        it raises stops the generation and comes through, or with `on_interrupt="decode"` the images of the
+        prediction at that step are returned (A1111's interrupt and skip). `allow_large` lifts the 4096 px limit
+        on a side (the CLI's --allow-large)."""
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip)
         _check_inputs(image, mask, latents, on_step, preview_every)
+        if on_interrupt not in ("raise", "decode"):
+            raise ValueError(f'on_interrupt must be "raise" or "decode", not {on_interrupt!r}')
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
         self._loras.check_prompt(s.prompt)
         self.check_can_encode(image)
@@ -418,7 +433,12 @@ class Pipeline:
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae)
-        x = self.denoise(p, cond, uncond, s, on_step=on_step, progress=progress, preview_every=preview_every)
+        try:
+            x = self.denoise(p, cond, uncond, s, on_step=on_step, progress=progress, preview_every=preview_every)
+        except Interrupted as stop:
+            if on_interrupt == "raise" or stop.latents is None:
+                raise
+            x = stop.latents
         images = tensor_to_pil(self.decode(x, tiled_vae))
         for im, seed in zip(images, seeds):  # as A1111: each image carries its own infotext (seed + i)
             im.info["parameters"] = self.infotext(s, seed, img2img=image is not None)

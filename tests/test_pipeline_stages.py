@@ -2,6 +2,7 @@
 interrupts, no unconditional batch at guidance <= 1, and a backend switched on a live pipeline."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import fastsd
@@ -48,6 +49,45 @@ def test_on_step_previews_and_interrupt(pipe):
     with pytest.raises(fastsd.Interrupted):
         pipe.generate("a cat", on_step=stop, **KW)
     assert seen == [1]
+
+
+def _stop_at(k):
+    def on_step(i, n, prev):
+        if i == k:
+            raise fastsd.Interrupted()
+    return on_step
+
+
+def _pixels(im):
+    return np.asarray(im).astype(int)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "lcm", "dpmpp_2m"])
+def test_interrupt_decode_returns_the_images_of_that_steps_prediction(pipe, sampler):
+    """A1111's interrupt / skip: the images of the prediction at the step left (half-denoised), same infotext."""
+    kw = dict(KW, sampler=sampler, num_images=2)
+    with pytest.raises(fastsd.Interrupted) as stop:
+        pipe.generate("a cat", on_step=_stop_at(1), **kw)
+    lat = 64 // pipe.config.vae.downscale
+    assert stop.value.step == 1 and stop.value.latents.shape == (2, 4, lat, lat)
+    half = pipe.generate("a cat", on_step=_stop_at(1), on_interrupt="decode", **kw)
+    assert [_pixels(im).tolist() for im in half] == [_pixels(im).tolist()
+                                                     for im in tensor_to_pil(pipe.decode(stop.value.latents))]
+    full = pipe.generate("a cat", **kw)
+    assert [im.info["parameters"] for im in half] == [im.info["parameters"] for im in full]
+    assert all(np.abs(_pixels(h) - _pixels(f)).max() > 8 for h, f in zip(half, full))  # not the finished image
+    if sampler == "euler":  # its last step lands on its prediction: left at step 3 of 3 = the finished image
+        last = pipe.generate("a cat", on_step=_stop_at(3), on_interrupt="decode", **kw)
+        assert all(np.abs(_pixels(a) - _pixels(f)).max() <= 1 for a, f in zip(last, full))
+
+
+def test_interrupt_decode_refuses_a_prediction_that_is_not_finite(pipe, monkeypatch):
+    with pytest.raises(ValueError, match='on_interrupt must be "raise" or "decode"'):
+        pipe.generate("a cat", on_interrupt="keep", **KW)
+    monkeypatch.setattr(pipe.unet, "forward", lambda x, t, c: torch.full_like(x, float("nan")))
+    with pytest.raises(fastsd.Interrupted) as stop:  # no black image: the exception comes through
+        pipe.generate("a cat", on_step=_stop_at(1), on_interrupt="decode", preview_every=5, **KW)
+    assert stop.value.latents is None and stop.value.step == 1
 
 
 @pytest.mark.parametrize("sampler", ["euler_a", "lcm"])

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from serve_server import Server, decode, info, png_b64
 
+from fastsd import Interrupted
 from fastsd.settings import SEED_LIMIT, GenerationSettings
 
 SMALL = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler"}
@@ -288,9 +289,9 @@ def test_skip_leaves_the_current_iteration_and_goes_on(server):
         meta = info(r)
         assert meta["interrupted"] is False and meta["all_seeds"] == [5, 6, 7]
         (note,) = [w for w in meta["warnings"] if w.startswith("skipped")]
-        skipped = int(note.split("of iteration ")[1].split(";")[0]) - 1
+        assert "its 1 image(s) are that step's prediction, not finished" in note  # A1111 sends it half-denoised
         seeds = [int(t.split("Seed: ")[1].split(",")[0]) for t in meta["infotexts"]]
-        assert seeds == [s for i, s in enumerate([5, 6, 7]) if i != skipped] and len(r.json()["images"]) == 2
+        assert seeds == [5, 6, 7] and len(r.json()["images"]) == 3
 
 
 def test_run_plan_skip_moves_to_the_next_iteration():
@@ -302,12 +303,19 @@ def test_run_plan_skip_moves_to_the_next_iteration():
 
     job = Job("txt2img", None, steps=3, iterations=3)
 
-    class Pipe:
-        def generate(self, seed, on_step, **kw):
-            for step in (1, 2, 3):
-                job.skipped |= seed == 11 and step == 2  # /skip arrives
-                on_step(step, 3, None)
+    class Pipe:  # Pipeline.generate's contract: on_interrupt="decode" gives the images at the step left
+        def generate(self, seed, on_step, on_interrupt, **kw):
+            assert on_interrupt == "decode"
             im = Image.new("RGB", (8, 8))
+            for step in (1, 2, 3):
+                job.skipped |= seed in (11, 14) and step == 2  # /skip arrives
+                try:
+                    on_step(step, 3, None)
+                except Interrupted:
+                    if seed == 14:  # a prediction that was not finite: generate lets the exception through
+                        raise
+                    im.info["parameters"] = f"Seed: {seed}, half"
+                    return [im]
             im.info["parameters"] = f"Seed: {seed}"
             return [im]
 
@@ -315,9 +323,18 @@ def test_run_plan_skip_moves_to_the_next_iteration():
     plan = Plan("txt2img", ModelEntry("m", "m", None, Pipe()), s, 3, None, None, (), (), True, {})
     out = run_plan(plan, job, Networks(None, None))
     meta = json.loads(out["info"])
-    assert meta["infotexts"] == ["Seed: 10", "Seed: 12"] and meta["interrupted"] is False
-    assert meta["warnings"] == ["skipped at step 2 of iteration 2; its 1 image(s) left out"]
+    assert meta["infotexts"] == ["Seed: 10", "Seed: 11, half", "Seed: 12"] and meta["interrupted"] is False
+    assert meta["warnings"] == ["skipped at step 2 of iteration 2; its 1 image(s) are that step's prediction, "
+                                "not finished"]
     assert not job.halted  # the worker counts the job as finished, not interrupted
+
+    job = Job("txt2img", None, steps=3, iterations=3)  # skipped at seed 14 (iteration 2 of 3) with no prediction
+    plan = Plan("txt2img", ModelEntry("m", "m", None, Pipe()), s.replace(seed=13), 3, None, None, (), (), True, {})
+    meta = json.loads(run_plan(plan, job, Networks(None, None))["info"])
+    assert meta["infotexts"] == ["Seed: 13", "Seed: 15"]
+    assert meta["warnings"] == ["skipped at step 2 of iteration 2; its images left out (the prediction was not "
+                                "finite)"]
+
 
 
 # ---- init images: the formats clients send, nothing else reaches PIL ----------------------------------------

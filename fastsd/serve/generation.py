@@ -150,7 +150,8 @@ def encode_png(image: Image.Image) -> str:
 
 def run_plan(plan: Plan, job, networks) -> dict:
     """On the worker thread: the n_iter generations, stopping at the next step when the job is stopped.
-    Returns A1111's response body (images finished before an interrupt are returned)."""
+    Returns A1111's response body. As A1111, an iteration left at a step by /interrupt or /skip gives the images of
+    that step's prediction (half-denoised); an interrupt runs no further iteration."""
     from fastsd import Interrupted
 
     pipe = plan.model.pipe
@@ -158,27 +159,43 @@ def run_plan(plan: Plan, job, networks) -> dict:
     s, images, stopped_at, skipped = plan.settings, [], None, []
     for it in range(plan.n_iter):
         job.iteration, job.step, job.skipped = it, 0, False  # a skip between iterations is dropped, as A1111's
+        left_at = []
+
+        def on_step(step: int, total: int, preview) -> None:
+            try:
+                job.on_step(step, total, preview)
+            except Interrupted:
+                left_at.append(step)
+                raise
+
         try:
-            images += pipe.generate(**s.replace(seed=s.seed + it * s.num_images).kwargs(), image=plan.image,
-                                    mask=plan.mask, progress=False, on_step=job.on_step, allow_large=True)
-        except Interrupted:
+            got = pipe.generate(**s.replace(seed=s.seed + it * s.num_images).kwargs(), image=plan.image,
+                                mask=plan.mask, progress=False, on_step=on_step, on_interrupt="decode",
+                                allow_large=True)
+        except Interrupted:  # its prediction was not finite: no images from this iteration
+            got = []
+        images += got
+        if left_at:
             if job.stopped:
-                stopped_at = (it, job.step)
+                stopped_at = (it, left_at[0], len(got))
                 break
-            skipped.append((it, job.step))
+            skipped.append((it, left_at[0], len(got)))
     return response(plan, images, stopped_at, skipped)
 
 
-def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int] | None,
-             skipped: list[tuple[int, int]] = ()) -> dict:
+def _left(what: str, it: int, step: int, kept: int) -> str:
+    return (f"{what} at step {step} of iteration {it + 1}; " + (f"its {kept} image(s) are that step's prediction, "
+            "not finished" if kept else "its images left out (the prediction was not finite)"))
+
+
+def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, int] | None,
+             skipped: list[tuple[int, int, int]] = ()) -> dict:
     s, entry = plan.settings, plan.model
     seeds = [s.seed + i for i in range(s.num_images * plan.n_iter)]
     warnings = list(plan.warnings)
-    for it, step in skipped:
-        warnings.append(f"skipped at step {step} of iteration {it + 1}; its {s.num_images} image(s) left out")
+    warnings += [_left("skipped", *left) for left in skipped]
     if stopped_at is not None:
-        warnings.append(f"interrupted at step {stopped_at[1]} of iteration {stopped_at[0] + 1}; {len(images)} "
-                        "finished images returned")
+        warnings.append(_left("interrupted", *stopped_at) + "; no further iteration ran")
     infotexts = [im.info.get("parameters", "") for im in images]
     info = {"prompt": s.prompt, "all_prompts": [s.prompt] * len(seeds), "negative_prompt": s.negative_prompt,
             "all_negative_prompts": [s.negative_prompt] * len(seeds), "seed": s.seed, "all_seeds": seeds,
