@@ -11,7 +11,13 @@ import warnings
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every option's default."""
+    """--help shows every option's default (where its help doesn't already say it, and it is not None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def usage_error(parser: argparse.ArgumentParser, msg: str):
@@ -43,6 +49,16 @@ def add_run_sampling_args(p: argparse.ArgumentParser, *, sampler: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-clip", action="store_true", help="don't clip predicted x0 to [-1, 1] while sampling")
     p.add_argument("--no-progress", action="store_true")
+
+
+BACKENDS = ("auto", "torch", "cpu", "triton", "openvino")
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    """--backend, as every command that loads a pipeline takes it (load_pipeline's `backend`)."""
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto: triton on cuda, the tuned cpu path on a cpu (openvino where measured faster); "
+                   "torch: the plain reference; openvino: OpenVINO models on a cpu (the openvino extra)")
 
 
 def require(module: str, extra: str) -> None:

@@ -12,7 +12,7 @@ import os
 import sys
 import typing
 
-from fastsd.cli import ArgumentParser, HelpFormatter, fail, one_line_warnings, positive_int, run_summary, set_threads
+from fastsd.cli import ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int, run_summary, set_threads
 from fastsd.settings import FIELDS, GenerationSettings
 
 MODEL_ENV = "FASTSD_MODEL"
@@ -58,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: fp16 on cuda; bf16 on a cpu with native bf16 (AVX512-BF16/AMX), else fp32")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "openvino"],
-                   help="auto: triton on cuda, the tuned cpu path on a cpu (openvino where measured faster); "
-                   "torch: the plain reference; openvino: OpenVINO models on a cpu (the openvino extra)")
+    add_backend_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (CUDA: CUDA graphs; "
                    "CPU: Inductor C++ instead of the cpu backend, measured slower there); the first image pays the "
                    "compile time")
@@ -200,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings.validate(has_image=args.init_image is not None, has_mask=args.mask is not None,
                           allow_large=args.allow_large)
+        if not 0.0 < settings.strength <= 1.0:  # a mistake even where no --init-image uses it
+            raise ValueError(f"--strength must be in (0, 1], got {settings.strength}")
         folder, file = check_out(args.out, settings.num_images, args.overwrite)
         embeddings_dir = check_extras(args, file)
         if args.compile and args.backend == "openvino":

@@ -231,14 +231,39 @@ def test_missing_package_is_one_line_with_the_install_command(monkeypatch):
         fastsd.load_pipeline("random:tiny", backend="openvino")
 
 
-def test_cli_backend_openvino_without_the_package(tmp_path, monkeypatch, capsys):
-    from fastsd import generate
+def _cli_argv(command: str, tmp_path) -> list[str]:
+    """generate / batch / serve command lines on random:tiny with --backend openvino (one 64 px job for batch)."""
+    if command == "generate":
+        return ["a cat", "--model", "random:tiny", "--width", "64", "--height", "64", "--steps", "2",
+                "--backend", "openvino", "--threads", "1", "--out", str(tmp_path / "o")]
+    if command == "batch":
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text('{"id": "a", "prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 1}\n')
+        return [str(jobs), "--model", "random:tiny", "--backend", "openvino", "--threads", "1", "--no-progress",
+                "--out", str(tmp_path / "o")]
+    return ["--model", "random:tiny", "--backend", "openvino", "--port", "0"]
 
+
+@pytest.mark.parametrize("command", ["generate", "batch", "serve"])
+def test_cli_backend_openvino_without_the_package(tmp_path, monkeypatch, capsys, command):
+    """Every command that loads a model takes --backend openvino; without the package: one line, exit 2."""
+    import importlib
+
+    main = importlib.import_module(f"fastsd.{command}" if command == "generate" else f"fastsd.{command}.__main__").main
     monkeypatch.setattr(ovb, "import_error", lambda: "ModuleNotFoundError: No module named 'openvino'")
-    code = generate.main(["a cat", "--model", "random:tiny", "--backend", "openvino", "--out", str(tmp_path / "o")])
+    code = main(_cli_argv(command, tmp_path))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error:") and ".[openvino]" in err[-1]
     assert not (tmp_path / "o").exists()
+
+
+@needs_openvino
+def test_batch_runs_on_openvino(tmp_path, ov_cache):
+    from fastsd.batch.__main__ import main
+
+    assert main(_cli_argv("batch", tmp_path)) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "o" / "manifest.jsonl").read_text().splitlines()]
+    assert row["status"] == "done" and (tmp_path / "o" / "a.png").is_file()
 
 
 def test_auto_takes_openvino_only_where_measured_faster(tmp_path, monkeypatch):

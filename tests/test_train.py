@@ -237,6 +237,17 @@ def test_frechet_distance():
     assert evaluate.frechet_distance(a, scaled) == pytest.approx(expected, rel=1e-8)
 
 
+@pytest.mark.parametrize("n_gen,size", [(500, 200), (40, 40)])
+def test_fd_and_its_floor_are_measured_at_one_sample_size(monkeypatch, n_gen, size):
+    """Half the held-out images against as many samples, and the floor between two such halves; with fewer
+    samples than half, all three sets are cut to their number (FD's small-sample bias alike on both)."""
+    sizes, real_fd = [], evaluate.frechet_distance
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda a, b: sizes.append((len(a), len(b))) or real_fd(a, b))
+    rng = np.random.default_rng(0)
+    out = evaluate.fd_with_floor(rng.normal(size=(401, 4)), rng.normal(size=(n_gen, 4)), repeats=3)
+    assert sizes[:-1] == [(size, size)] * 6 and sizes[-1] == (401, n_gen) and out["half_size"] == size
+
+
 @pytest.mark.parametrize("module", ["fastsd.train.trainer", "fastsd.train.evaluate"])
 def test_missing_train_extra_is_one_line(tmp_path, module):
     """Without scikit-learn (the `train` extra): one error line naming the extra, no traceback."""

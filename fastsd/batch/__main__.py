@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastsd.cli import ArgumentParser, HelpFormatter, fail, one_line_warnings, positive_int
+from fastsd.cli import ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int
 from fastsd.generate import _settings_options, default_model
 
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=_resources(False), default=0, help="Ray GPUs per actor")
     p.add_argument("--device", default=None, help="cpu or cuda; none given: cuda when available")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="as python -m fastsd.generate")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    add_backend_arg(p)
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process; none given: the "
                    "physical cores, on Ray --cpus-per-worker")
     p.add_argument("--allow-large", action="store_true", help="allow width/height above 4096")

@@ -157,8 +157,8 @@ def _record(folder: OutputFolder, job: Job, r: dict, bar) -> None:
     bar.finished(ok=r["ok"])
 
 
-def print_summary(summary: dict, folder: str, file=sys.stderr) -> None:
-    s = summary
+def print_summary(summary: dict, folder: str, file=None) -> None:
+    s, file = summary, file or sys.stderr  # sys.stderr now, not the one at import
     rate = f", {s['done'] / s['seconds'] * 60:.1f} images/min" if s["done"] and s["seconds"] else ""
     print(f"fastsd.batch: {s['done']} done, {s['failed']} failed this run ({s['before']} finished before), "
           f"{s['left']} left, {s['seconds']:.1f} s{rate}; manifest {os.path.join(folder, 'manifest.jsonl')}",

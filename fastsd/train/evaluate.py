@@ -15,7 +15,8 @@ samples from real images in that classifier's feature space?
    layer of a classifier trained on this data is the feature space the classes separate in). Small samples
    bias a Frechet distance upwards, so the floor and the model's distance are measured at the SAME sizes:
    the held-out set is split into random halves A and B; floor = FD(A, B), model = FD(A, G) with G a random
-   subset of the samples as large as B; both are averaged over --fd-repeats random splits. FD(all held-out,
+   subset of the samples as large as B (with fewer samples than that, A, B and G are all cut to their number);
+   both are averaged over --fd-repeats random splits. FD(all held-out,
    all samples) is reported too.
 Prints a markdown table and writes JSON (--json, default RUN/eval.json).
 """
@@ -94,15 +95,16 @@ def fd_with_floor(real: np.ndarray, gen: np.ndarray, repeats: int = 10, seed: in
     """Model FD and real-vs-real floor at equal sample sizes (see the module doc)."""
     rng = np.random.default_rng(seed)
     half = len(real) // 2
+    n = min(half, len(gen))  # the sample size of all three sets: half the held-out images, fewer if fewer samples
     floor, model = [], []
     for _ in range(repeats):
         p = rng.permutation(len(real))
-        a, b = real[p[:half]], real[p[half:2 * half]]
-        g = gen[rng.choice(len(gen), size=min(half, len(gen)), replace=False)]
+        a, b = real[p[:n]], real[p[half:half + n]]
+        g = gen[rng.choice(len(gen), size=n, replace=False)]
         floor.append(frechet_distance(a, b))
         model.append(frechet_distance(a, g))
     return {"fd": float(np.mean(model)), "fd_std": float(np.std(model)), "floor": float(np.mean(floor)),
-            "floor_std": float(np.std(floor)), "fd_full": frechet_distance(real, gen), "half_size": half,
+            "floor_std": float(np.std(floor)), "fd_full": frechet_distance(real, gen), "half_size": n,
             "repeats": repeats}
 
 
@@ -177,8 +179,8 @@ def markdown(result: dict) -> str:
         cells += [f"{r['fd']:.2f} ± {r['fd_std']:.2f}", f"{r['floor']:.2f} ± {r['floor_std']:.2f}",
                   f"{r['fd_full']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"FD: Frechet distance in the classifier's {HIDDEN}-unit hidden layer, held-out half vs "
-              f"{result['results'][0]['half_size']} samples (mean ± std over {result['results'][0]['repeats']} "
+    lines += ["", f"FD: Frechet distance in the classifier's {HIDDEN}-unit hidden layer, {result['results'][0]['half_size']} "
+              f"held-out images vs as many samples (mean ± std over {result['results'][0]['repeats']} "
               f"random splits); floor: the two real halves; full: all held-out vs all samples."]
     return "\n".join(lines)
 
