@@ -6,6 +6,7 @@ Loading is strict: missing, unexpected and wrong-shape keys are reported by name
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from fastsd.tensorfile import (
 )
 
 LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "clip": "cond_stage_model.transformer."}
+
 # Keys of a full LDM training checkpoint that are not model weights: the noise-schedule buffers,
 # EMA copies (A1111 loads the main weights, as we do), the VAE's training loss, CLIP's position ids.
 IGNORED_LDM_KEYS = re.compile(
@@ -527,3 +529,27 @@ def sd1_models_in_hf_cache() -> list[str]:
             if cls in SD1_PIPELINES:
                 found.append(repo)
     return found
+
+
+def damaged_weights(**models: nn.Module) -> str | None:
+    """Named models (unet=, clip=, vae=) -> "their weights hold NaN or infinite values (KEY and N more); the
+    model file is damaged", or None when every weight is finite. For the message of a NaN result, after it
+    (a pass over every weight)."""
+    bad = sorted(f"{LDM_PREFIXES[part]}{name}" for part, module in models.items()
+                 for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
+                 if _holds_nonfinite(t))
+    if not bad:
+        return None
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return f"the model's weights hold NaN or infinite values ({bad[0]}{more}); the model file is damaged"
+
+
+def _holds_nonfinite(t: torch.Tensor) -> bool:
+    if not t.is_floating_point():
+        return False
+    try:
+        if t.is_mkldnn:  # the cpu backend's packed weights: read back in the plain layout
+            t = t.to_dense()
+        return t.layout == torch.strided and not bool(torch.isfinite(t).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False

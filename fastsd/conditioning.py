@@ -57,6 +57,8 @@ def encode_prompts(clip: CLIPTextModel, tokenizer: Tokenizer, prompts: list[str]
         if any((weights != 1).any() for _, weights, _ in parsed):
             raise ValueError("the prompt's emphasis weights overflow the text encoding; use weights of a sane size "
                              "(A1111's usual range is 0.5 to 1.5)")
-        raise ValueError("the text encoding overflows (NaN or infinite): an embedding (or LoRA) in the prompt holds "
-                         "values far out of range")
+        from fastsd.checkpoint import damaged_weights
+
+        raise ValueError("the text encoding overflows (NaN or infinite): " + (
+            damaged_weights(clip=clip) or "an embedding (or LoRA) in the prompt holds values far out of range"))
     return ctx

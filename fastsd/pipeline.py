@@ -38,7 +38,7 @@ class Interrupted(Exception):
     """Raised by an `on_step` callback to stop a generation. `generate` lets it through, or, with
     `on_interrupt="decode"`, returns the images of the prediction at the step it stopped after (A1111's interrupt
     and skip). On its way out of `denoise` it carries that prediction, `latents` (scaled latents as `denoise`
-    returns them; None if not finite), and `step`, the steps done."""
+    returns them), and `step`, the steps done."""
 
     latents: torch.Tensor | None = None
     step: int = 0
@@ -312,26 +312,34 @@ class Pipeline:
         x = x * sched.out_scale
         if p.mask is not None and self.config.unet.in_channels != 9:
             x = p.x0 * (1 - p.mask) + x * p.mask
-        if not torch.isfinite(x).all():  # the image would be black (A1111's NaN check, on by default)
-            raise ValueError(f"the sampling gave NaN or infinite latents in {str(x.dtype)[6:]}: a LoRA, an embedding "
-                             "or a guidance scale far out of range (or a model that overflows this dtype)")
+        if not torch.isfinite(x).all():
+            self._not_finite(x.dtype, len(sched))
         return x
 
     def _step_callback(self, on_step: OnStep | None, total: int, every: int):
-        if on_step is None:
-            return None
-
         def callback(info) -> None:
-            step = info["i"] + 1
+            step, denoised = info["i"] + 1, info["denoised"]
+            if not torch.isfinite(denoised).all():  # A1111's NaN check, at the step it happens: no black image
+                self._not_finite(denoised.dtype, step)
+            if on_step is None:
+                return
             show = step % every == 0 or step == total
             try:
-                on_step(step, total, self.preview(info["denoised"][:1]) if show else None)
+                on_step(step, total, self.preview(denoised[:1]) if show else None)
             except Interrupted as stop:  # the step's prediction (a 4-channel inpainting's known region put back)
-                denoised = info["denoised"]
-                stop.latents, stop.step = (denoised if torch.isfinite(denoised).all() else None), step
+                stop.latents, stop.step = denoised, step
                 raise
 
         return callback
+
+    def _not_finite(self, dtype: torch.dtype, step: int):
+        """Raise the ValueError for a prediction of NaN/inf at `step`: damaged weights named if any hold NaN/inf
+        (LoRAs and embeddings with such values are refused when they load), else the usual causes."""
+        from fastsd.checkpoint import damaged_weights
+
+        why = damaged_weights(unet=self.unet, clip=self.clip) or ("a LoRA, an embedding or a guidance scale far out "
+                                                                  "of range (or a model that overflows this dtype)")
+        raise ValueError(f"the sampling gave NaN or infinite values at step {step} in {str(dtype)[6:]}: {why}")
 
     @torch.no_grad()
     def preview(self, latents: torch.Tensor) -> Image.Image:
@@ -436,7 +444,7 @@ class Pipeline:
         try:
             x = self.denoise(p, cond, uncond, s, on_step=on_step, progress=progress, preview_every=preview_every)
         except Interrupted as stop:
-            if on_interrupt == "raise" or stop.latents is None:
+            if on_interrupt == "raise":
                 raise
             x = stop.latents
         images = tensor_to_pil(self.decode(x, tiled_vae))

@@ -120,7 +120,7 @@ def test_undecodable_prompt_bytes_and_img2img_without_steps(tmp_path, capsys):
 def test_nan_latents_are_an_error_not_a_black_image(tmp_path, capsys):
     """A1111 checks for NaN by default: a guidance scale of 1e300 overflows the guided prediction."""
     _one_error(capsys, main(["a cat", *TINY, "--cfg-scale", "1e300", "--out", str(tmp_path / "o")]),
-               "the sampling gave NaN or infinite latents")
+               "the sampling gave NaN or infinite values at step 1 in float32: a LoRA, an embedding or a guidance")
     assert not (tmp_path / "o").exists()
 
 

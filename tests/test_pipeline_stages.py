@@ -81,13 +81,43 @@ def test_interrupt_decode_returns_the_images_of_that_steps_prediction(pipe, samp
         assert all(np.abs(_pixels(a) - _pixels(f)).max() <= 1 for a, f in zip(last, full))
 
 
-def test_interrupt_decode_refuses_a_prediction_that_is_not_finite(pipe, monkeypatch):
+def test_on_interrupt_takes_raise_or_decode(pipe):
     with pytest.raises(ValueError, match='on_interrupt must be "raise" or "decode"'):
         pipe.generate("a cat", on_interrupt="keep", **KW)
-    monkeypatch.setattr(pipe.unet, "forward", lambda x, t, c: torch.full_like(x, float("nan")))
-    with pytest.raises(fastsd.Interrupted) as stop:  # no black image: the exception comes through
-        pipe.generate("a cat", on_step=_stop_at(1), on_interrupt="decode", preview_every=5, **KW)
-    assert stop.value.latents is None and stop.value.step == 1
+
+
+def test_a_prediction_of_nan_stops_at_its_step(pipe, monkeypatch):
+    """A1111's NaN check at the step it happens (not after the last step, nor a black image), even when
+    interrupted there; the model's weights are finite here, so the message names the usual causes."""
+    calls = []
+    monkeypatch.setattr(pipe.unet, "forward", lambda x, t, c: calls.append(1) or torch.full_like(x, float("nan")))
+    with pytest.raises(ValueError, match="NaN or infinite values at step 1 in float32: a LoRA, an embedding or a "):
+        pipe.generate("a cat", on_step=_stop_at(1), on_interrupt="decode", **KW)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_nan_in_the_weights_is_named_as_a_damaged_model(backend):
+    """A NaN result blames the weights when they hold NaN/inf (a damaged file), UNet or text encoder; the cpu
+    backend's packed weights are read back for it (damaged before the first run packs them)."""
+    pipe = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend=backend)
+    with torch.no_grad():
+        pipe.unet.out[2].bias[1] = float("nan")
+        pipe.unet.out[2].weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError) as e:
+        pipe.generate("a cat", **KW)
+    assert str(e.value) == ("the sampling gave NaN or infinite values at step 1 in float32: the model's weights hold "
+                            "NaN or infinite values (model.diffusion_model.out.2.bias and 1 more); the model file is "
+                            "damaged")
+    if backend == "cpu":
+        assert pipe.unet.out[2].weight.is_mkldnn  # packed at the first call, NaN and all
+    with torch.no_grad():
+        pipe.clip.text_model.final_layer_norm.weight[0] = float("inf")
+    with pytest.raises(ValueError) as e:
+        pipe.generate("a cat", **KW)
+    assert str(e.value) == ("the text encoding overflows (NaN or infinite): the model's weights hold NaN or infinite "
+                            "values (cond_stage_model.transformer.text_model.final_layer_norm.weight); the model file "
+                            "is damaged")
 
 
 @pytest.mark.parametrize("sampler", ["euler_a", "lcm"])

@@ -168,12 +168,8 @@ def run_plan(plan: Plan, job, networks) -> dict:
                 left_at.append(step)
                 raise
 
-        try:
-            got = pipe.generate(**s.replace(seed=s.seed + it * s.num_images).kwargs(), image=plan.image,
-                                mask=plan.mask, progress=False, on_step=on_step, on_interrupt="decode",
-                                allow_large=True)
-        except Interrupted:  # its prediction was not finite: no images from this iteration
-            got = []
+        got = pipe.generate(**s.replace(seed=s.seed + it * s.num_images).kwargs(), image=plan.image,
+                            mask=plan.mask, progress=False, on_step=on_step, on_interrupt="decode", allow_large=True)
         images += got
         if left_at:
             if job.stopped:
@@ -184,8 +180,7 @@ def run_plan(plan: Plan, job, networks) -> dict:
 
 
 def _left(what: str, it: int, step: int, kept: int) -> str:
-    return (f"{what} at step {step} of iteration {it + 1}; " + (f"its {kept} image(s) are that step's prediction, "
-            "not finished" if kept else "its images left out (the prediction was not finite)"))
+    return f"{what} at step {step} of iteration {it + 1}; its {kept} image(s) are that step's prediction, not finished"
 
 
 def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, int] | None,
