@@ -329,6 +329,39 @@ def test_run_plan_skip_moves_to_the_next_iteration():
 
 
 
+# ---- /png-info -----------------------------------------------------------------------------------------------
+
+
+def test_png_info_reads_the_infotext_as_a1111_and_refreshes_answer_null(server):
+    with server.client() as c:
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "negative_prompt": "blurry, dark"})
+        text = info(r)["infotexts"][0]
+        got = c.post("/sdapi/v1/png-info", json={"image": r.json()["images"][0]}).json()
+        assert got["info"] == text and got["items"] == {}
+        params = got["parameters"]
+        assert params["Prompt"] == "a cat" and params["Negative prompt"] == "blurry, dark"
+        assert (params["Seed"], params["Steps"], params["Size"], params["Size-1"], params["Size-2"]) == \
+            ("5", "1", "64x64", "64", "64")
+
+        exif = Image.Exif()  # a JPEG as A1111 writes one: the infotext in EXIF UserComment, UTF-16 big-endian
+        exif[0x8769] = {0x9286: b"UNICODE\0" + "a dog\nSteps: 4, Sampler: Euler, Seed: 9, Size: 8x16".encode("utf-16-be")}
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 16)).save(buf, "JPEG", exif=exif)
+        got = c.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()}).json()
+        assert got["info"] == "a dog\nSteps: 4, Sampler: Euler, Seed: 9, Size: 8x16"
+        assert got["parameters"] == {"Prompt": "a dog", "Negative prompt": "", "Steps": "4", "Sampler": "Euler",
+                                     "Seed": "9", "Size": "8x16", "Size-1": "8", "Size-2": "16"}
+
+        got = c.post("/sdapi/v1/png-info", json={"image": b64_image("PNG")}).json()  # no infotext
+        assert got == {"info": "", "items": {}, "parameters": {}}
+        for route in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):  # nothing to rescan: null, as A1111
+            r = c.post(f"/sdapi/v1/{route}")
+            assert r.status_code == 200 and r.json() is None
+        r = c.post("/sdapi/v1/png-info", json={"image": "bm90IGFuIGltYWdl"})
+        assert r.status_code == 422 and r.json()["detail"] == "image is not a readable image (not PNG, JPEG, WEBP, " \
+            "GIF or BMP)"
+
+
 # ---- init images: the formats clients send, nothing else reaches PIL ----------------------------------------
 
 

@@ -16,12 +16,12 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from fastsd.serve.auth import Auth
-from fastsd.serve.generation import a1111_names, build_plan, encode_png, run_plan
+from fastsd.serve.generation import a1111_names, build_plan, encode_png, png_info, run_plan
 from fastsd.serve.jobqueue import Job, JobQueue, QueueFull
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.networks import Networks
 from fastsd.serve.registry import Registry
-from fastsd.serve.schemas import Img2ImgRequest, OptionsRequest, Txt2ImgRequest
+from fastsd.serve.schemas import Img2ImgRequest, OptionsRequest, PNGInfoRequest, Txt2ImgRequest
 
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("fastsd.serve")
@@ -196,6 +196,11 @@ def _generation_routes(api: APIRouter, state: ServerState) -> None:
     async def progress(skip_current_image: bool = False):
         return _progress(state, skip_current_image)
 
+    @api.post("/png-info")
+    async def read_png_info(req: PNGInfoRequest):
+        """A1111's: the infotext of an image (PNG text or a JPEG's/WEBP's EXIF comment), parsed."""
+        return png_info(*await run_in_threadpool(state.limits.image_info, req.image, "image"))
+
 
 def _progress(state: ServerState, skip_image: bool) -> dict:
     """A1111's ProgressResponse for the running job (progress 0..1 over all its iterations)."""
@@ -239,6 +244,11 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/refresh-loras")
     async def refresh_loras():
         return None  # the folder is read on every request
+
+    @api.post("/refresh-checkpoints")
+    @api.post("/refresh-vae")
+    async def refresh_fixed_lists():
+        return None  # the models are the --model files given at start, and there is no VAE list: nothing to rescan
 
     @api.get("/embeddings")
     async def embeddings():

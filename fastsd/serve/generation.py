@@ -139,6 +139,46 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     return Plan(kind, model, s, req.n_iter, image, mask, loras, tuple(warnings), req.send_images, params)
 
 
+# What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
+NOT_TEXT = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background", "timestamp",
+            "duration", "progressive", "progression", "icc_profile", "chromaticity", "photoshop", "transparency",
+            "gamma", "aspect", "srgb", "xmp", "adobe", "adobe_transform"}
+USER_COMMENT = 0x9286  # EXIF UserComment (in the Exif IFD, 0x8769): where A1111 writes a JPEG's or WEBP's infotext
+
+
+def png_info(info: dict, exif) -> dict:
+    """A1111's /png-info answer for an image's metadata: `info` the infotext (its PNG "parameters" text, or the
+    EXIF UserComment A1111 writes into a JPEG or WEBP), `items` the other texts, `parameters` the infotext
+    parsed as A1111's parse_generation_parameters does (values as text, "Size" also as Size-1 and Size-2)."""
+    from fastsd.image import parse_infotext
+
+    items = {k: v for k, v in info.items() if isinstance(k, str) and isinstance(v, str) and k.lower() not in NOT_TEXT}
+    text = items.pop("parameters", None)
+    if text is None:
+        text = _user_comment(exif.get_ifd(0x8769).get(USER_COMMENT))
+    if not text:
+        return {"info": "", "items": items, "parameters": {}}
+    prompt, negative, params = parse_infotext(text)
+    parameters = {"Prompt": prompt, "Negative prompt": negative}
+    for k, v in params.items():
+        parameters[k] = v
+        if m := re.fullmatch(r"(\d+)x(\d+)", v):
+            parameters[f"{k}-1"], parameters[f"{k}-2"] = m.groups()
+    return {"info": text, "items": items, "parameters": parameters}
+
+
+def _user_comment(raw) -> str | None:
+    """An EXIF UserComment's text: its 8-byte character code (UNICODE: UTF-16 big-endian, as A1111's piexif
+    writes; ASCII; undefined) then the text."""
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return None
+    code, body = raw[:8], raw[8:]
+    encoding = "utf-16-be" if code == b"UNICODE\0" else "ascii" if code == b"ASCII\0\0\0" else "utf-8"
+    return body.decode(encoding, errors="replace").rstrip("\0")
+
+
 def encode_png(image: Image.Image) -> str:
     """Base64 PNG with the image's infotext, if it has one, in its 'parameters' chunk (as A1111's API sends)."""
     from fastsd.image import png_writer

@@ -66,6 +66,15 @@ class Limits:
         server fetches nothing."""
         from fastsd.image import to_8bit  # torch comes with it: not at import, so --help stays quick
 
+        return to_8bit(self._read_image(data, what))
+
+    def image_info(self, data: str, what: str) -> tuple[dict, Image.Exif]:
+        """A base64 image's metadata as PIL reads it (PNG text chunks, ...) and its EXIF, under decode_image's
+        checks (the whole file is read: PNG text may follow the pixels)."""
+        im = self._read_image(data, what)
+        return dict(im.info), im.getexif()
+
+    def _read_image(self, data: str, what: str) -> Image.Image:
         if not isinstance(data, str):
             raise BadRequest(f"{what} must be a base64 string, got {type(data).__name__}")
         if data.startswith(("http://", "https://")):
@@ -90,9 +99,9 @@ class Limits:
                                  f"{self.max_image_pixels} pixels (--max-image-pixels)")
             try:
                 im.load()
+                return im.copy()
             except (OSError, SyntaxError, ValueError) as e:
                 raise _unreadable(what, e) from None
-            return to_8bit(im.copy())
 
 
 def _unidentified(what: str, raw: bytes) -> BadRequest:

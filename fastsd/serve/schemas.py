@@ -191,3 +191,9 @@ class OptionsRequest(_Body):
 
     sd_model_checkpoint: str | None = None
     CLIP_stop_at_last_layers: int | None = None
+
+
+class PNGInfoRequest(_Body):
+    model_config = ConfigDict(extra="ignore")
+
+    image: str  # base64 (or a data: URL), as A1111's
