@@ -15,7 +15,8 @@ Names are mapped by rule: diffusers paths go through the loader's diffusers -> L
 every path is then compared with the model's own module names, `_` standing for `.`.
 
 - LyCORIS LoHa (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`) and LoKr (`lokr_w1` or `lokr_w1_a` / `_b`,
-  `lokr_w2` or `lokr_w2_a` / `_b`) under the kohya names, as A1111 merges them; not their CP (Tucker) cores.
+  `lokr_w2` or `lokr_w2_a` / `_b`) under the kohya names, as A1111 merges them, and the CP (Tucker) cores of
+  LyCORIS' convolutions: LoCon's `lora_mid`, LoHa's `hada_t1` / `hada_t2`, LoKr's `lokr_t2`.
 
 Merging: W <- W + weight * scale * up @ down, scale = alpha / rank (1 without alpha), in fp32 and rounded once
 to the model's dtype, so generating costs nothing extra. The file is read and checked whole (every layer found,
@@ -49,19 +50,19 @@ MAX_WEIGHT = 1000.0  # the largest |weight| taken: A1111 takes any number, but s
 PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
          (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
          (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-         ("_lora.down.weight", "down"), ("_lora.up.weight", "up"), (".alpha", "alpha")]
+         ("_lora.down.weight", "down"), ("_lora.up.weight", "up"), (".alpha", "alpha"),
+         (".lora_mid.weight", "mid")]  # LyCORIS LoCon's CP (Tucker) core
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # LyCORIS LoHa's factors
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # LyCORIS LoKr's (whole or a @ b)
-PARTS += [(f".{k}", k) for k in HADA + LOKR]
+CORES = ("hada_t1", "hada_t2", "lokr_t2")  # LyCORIS' CP (Tucker) cores of a convolution's factors
+PARTS += [(f".{k}", k) for k in HADA + LOKR + CORES]
 # <layer> = <prefix><path>: which model, and whether the path is kohya's (underscored) or dotted.
 PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("text_encoder.", "clip")]
 # The first diffusers LoRA files named attention processors, not layers (applied in order, each once).
 OLD_DIFFUSERS = [(r"\.processor\.to_(q|k|v|out)$", r".to_\1"), (r"\.to_out$", ".to_out.0"),
                  (r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj"), (r"self_attn\.to_out\.0$", "self_attn.out_proj")]
 # What some other kinds of network files hold, for the error message.
-OTHER_KINDS = [(r"\.(hada_t[12]|lokr_t[12])$", "LyCORIS LoHa/LoKr with a CP (Tucker) core"),
-               (r"lora_mid", "LyCORIS LoCon with a CP (Tucker) middle factor"),
-               (r"dora_scale|lora_magnitude_vector", "DoRA"),
+OTHER_KINDS = [(r"dora_scale|lora_magnitude_vector", "DoRA"),
                (r"\.diff(_b)?$", "a full weight difference (LyCORIS 'full')"),
                (r"lora_B\.bias$", "LoRA biases"),
                (r"^lora_te[12]_|^text_encoder_2\.|label_emb|add_embedding", "an SDXL LoRA"),
@@ -72,7 +73,8 @@ OTHER_KINDS = [(r"\.(hada_t[12]|lokr_t[12])$", "LyCORIS LoHa/LoKr with a CP (Tuc
 class LoraLayer:
     """One layer's update, weight * scale * delta, on `module` of `model` ("unet" or "clip"). LoRA / LoCon:
     delta = up @ down; LyCORIS LoHa: (w1_a @ w1_b) * (w2_a @ w2_b), elementwise; LoKr: kron(w1, w2), each
-    factor whole or as a @ b (`factors`, with down and up None)."""
+    factor whole or as a @ b; LoCon with a CP core (`lora_mid`, kind "locon_cp"): up, mid's convolution, down;
+    a LoHa product or LoKr's w2 with a core t: cp(t, a, b) (`factors`, with down and up None)."""
 
     model: str
     module: str          # fastsd (LDM) module name
@@ -80,16 +82,21 @@ class LoraLayer:
     down: torch.Tensor | None  # (r, in) or (r, in, kh, kw); fp32, or the file's fp16 / bf16
     up: torch.Tensor | None    # (out, r) or (out, r, 1, 1)
     scale: float
-    kind: str = "lora"   # "lora", "loha" or "lokr"
-    factors: dict = field(default_factory=dict)  # LoHa / LoKr tensors by their key suffix (hada_w1_a, lokr_w1, ...)
+    kind: str = "lora"   # "lora", "locon_cp", "loha" or "lokr"
+    factors: dict = field(default_factory=dict)  # the others' tensors by their key suffix (hada_w1_a, lokr_w1, ...)
 
     def delta(self, shape: tuple) -> torch.Tensor:
-        """A LoHa / LoKr update as a full fp32 tensor of the layer's weight `shape`."""
+        """A LoCon-with-core / LoHa / LoKr update as a full fp32 tensor of the layer's weight `shape`."""
         f = self.factors
+        if self.kind == "locon_cp":  # delta[o, c] = sum over n, m of up[o, n] mid[n, m] down[m, c] (per kernel tap)
+            return torch.einsum("nmkl,on,mc->ockl", f["mid"], _flat(f["up"]), _flat(f["down"])).reshape(shape)
         if self.kind == "loha":
-            prod = [_flat(f[f"hada_w{i}_a"]) @ _flat(f[f"hada_w{i}_b"]) for i in (1, 2)]
-            return (prod[0] * prod[1]).reshape(shape)
-        w1, w2 = (f[k] if k in f else _flat(f[k + "_a"]) @ _flat(f[k + "_b"]) for k in ("lokr_w1", "lokr_w2"))
+            prod = [(_cp(f[f"hada_t{i}"], f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]) if f"hada_t{i}" in f
+                     else _flat(f[f"hada_w{i}_a"]) @ _flat(f[f"hada_w{i}_b"])).reshape(shape) for i in (1, 2)]
+            return prod[0] * prod[1]
+        w1 = f["lokr_w1"] if "lokr_w1" in f else _flat(f["lokr_w1_a"]) @ _flat(f["lokr_w1_b"])
+        w2 = (f["lokr_w2"] if "lokr_w2" in f else _cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+              if "lokr_t2" in f else _flat(f["lokr_w2_a"]) @ _flat(f["lokr_w2_b"]))
         if w2.dim() == 4:  # a whole convolution factor (c, d, kh, kw): w1's entries scale its blocks
             w1 = w1[:, :, None, None]
         return torch.kron(w1, w2).reshape(shape)
@@ -97,6 +104,12 @@ class LoraLayer:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
+
+
+def _cp(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' CP (Tucker) product: core t (r1, r2, kh, kw), a (r1, out), b (r2, in) -> (out, in, kh, kw),
+    sum over i, j of a[i, o] t[i, j] b[j, c] (A1111's make_weight_cp)."""
+    return torch.einsum("ijkl,io,jc->ockl", t, a, b)
 
 
 @dataclass(frozen=True)
@@ -277,9 +290,11 @@ def _factor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kind(path: str, layer: str, parts: dict) -> str:
-    """"lora", "loha" or "lokr" from a layer's tensors; CheckpointError naming what is missing or mixed."""
+    """"lora", "locon_cp", "loha" or "lokr" from a layer's tensors; CheckpointError naming what is missing or
+    mixed."""
     have = set(parts) - {"alpha"}
-    kinds = {"lora": {"down", "up"}, "loha": set(HADA), "lokr": set(LOKR)}
+    kinds = {"lora": {"down", "up", "mid"}, "loha": set(HADA) | {"hada_t1", "hada_t2"},
+             "lokr": set(LOKR) | {"lokr_t2"}}
     kind = next((k for k, names in kinds.items() if have and have <= names), None)
     if kind is None and have:
         raise CheckpointError(f"{path}: {layer} mixes factors of different kinds: {', '.join(sorted(have))}")
@@ -288,46 +303,65 @@ def _kind(path: str, layer: str, parts: dict) -> str:
         both = next((k for k in ("lokr_w1", "lokr_w2") if k in have and have & {k + "_a", k + "_b"}), None)
         if both:
             raise CheckpointError(f"{path}: {layer} has {both} both whole and as {both}_a @ {both}_b")
+        if "lokr_t2" in have and "lokr_w2" in have:
+            raise CheckpointError(f"{path}: {layer} has a CP core lokr_t2 for a whole lokr_w2 (it needs lokr_w2_a "
+                                  "and _b)")
         complete = all(k in have or {k + "_a", k + "_b"} <= have for k in ("lokr_w1", "lokr_w2"))
         needed = "lokr_w1 or lokr_w1_a and _b, lokr_w2 or lokr_w2_a and _b"
     else:
-        complete, needed = kinds[kind] <= have, " and ".join(sorted(kinds[kind]))
+        required = {"lora": {"down", "up"}, "loha": set(HADA)}[kind]
+        complete, needed = required <= have, " and ".join(sorted(required))
     if not complete:
         name = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}[kind]
         raise CheckpointError(f"{path}: {layer} has {' and '.join(sorted(parts))} but not every factor of a {name} "
                               f"({needed})")
-    return kind
+    return "locon_cp" if kind == "lora" and "mid" in have else kind
+
+
+def _cp_fits(t: tuple, a: tuple, b: tuple, w: tuple) -> bool:
+    """Whether a CP core t (r1, r2, kh, kw) with a (r1, out), b (r2, in) makes a convolution weight w."""
+    return len(t) == 4 == len(w) and len(a) == 2 == len(b) and a == (t[0], w[0]) and b == (t[1], w[1]) \
+        and t[2:] == w[2:]
 
 
 def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | None:
-    """Why LoHa / LoKr factors of these shapes can't update `module` (None when they can)."""
+    """Why LoCon-with-core / LoHa / LoKr factors of these shapes can't update `module` (None when they can)."""
     w = tuple(module.weight.shape)
     numel = math.prod(w)
+    shown = "factors " + ", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if k != "alpha") + f" vs layer {w}"
+    if kind == "locon_cp":  # down (r2, in[, 1, 1]), mid (r1, r2, kh, kw), up (out, r1[, 1, 1])
+        down, up = (shapes[k][:2] if shapes[k][2:] in ((), (1, 1)) else None for k in ("down", "up"))
+        ok = down is not None and up is not None and _cp_fits(shapes["mid"], up[::-1], down, w)
+        return None if ok else shown
     if kind == "loha":
         ok = all(len(shapes[k]) >= 2 for k in HADA) and all(
-            shapes[f"hada_w{i}_a"][1] == shapes[f"hada_w{i}_b"][0] and shapes[f"hada_w{i}_a"][0] == w[0]
+            _cp_fits(shapes[f"hada_t{i}"], shapes[f"hada_w{i}_a"], shapes[f"hada_w{i}_b"], w) if f"hada_t{i}" in shapes
+            else shapes[f"hada_w{i}_a"][1] == shapes[f"hada_w{i}_b"][0] and shapes[f"hada_w{i}_a"][0] == w[0]
             and math.prod(shapes[f"hada_w{i}_b"][1:]) * w[0] == numel for i in (1, 2))
-        return None if ok else "factors " + ", ".join(f"{k} {shapes[k]}" for k in HADA) + f" vs layer {w}"
+        return None if ok else shown
     dims = []
     for k in ("lokr_w1", "lokr_w2"):
         if k in shapes:
             dims.append((shapes[k][0], math.prod(shapes[k][1:])) if len(shapes[k]) >= 2 else None)
+        elif k == "lokr_w2" and "lokr_t2" in shapes:  # cp(t2, a, b): (a's columns, b's columns, kh, kw)
+            t, a, b = shapes["lokr_t2"], shapes["lokr_w2_a"], shapes["lokr_w2_b"]
+            fits = len(t) == 4 == len(w) and len(a) == 2 == len(b) and (a[0], b[0]) == t[:2] and t[2:] == w[2:]
+            dims.append((a[1], b[1] * math.prod(t[2:])) if fits else None)
         else:
             a, b = shapes[k + "_a"], shapes[k + "_b"]
             dims.append((a[0], math.prod(b[1:])) if len(a) == 2 and len(b) >= 2 and a[1] == b[0] else None)
     ok = None not in dims and dims[0][0] * dims[1][0] == w[0] and dims[0][1] * dims[1][1] * w[0] == numel
-    return None if ok else "factors " + ", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if k != "alpha") + \
-        f" vs layer {w}"
+    return None if ok else shown
 
 
 def _lycoris_layer(path: str, target: tuple[str, str], name: str, layer: str, kind: str, parts: dict) -> LoraLayer:
-    """A LoHa / LoKr layer; scale = alpha / dim as A1111 (dim: hada_w1_b's rows; LoKr: lokr_w2_b's, else
-    lokr_w1_b's), 1 without an alpha or a dim."""
+    """A LoCon-with-core / LoHa / LoKr layer; scale = alpha / dim as A1111 (dim: down's rows; hada_w1_b's; LoKr:
+    lokr_w2_b's, else lokr_w1_b's), 1 without an alpha or a dim."""
     factors = {k: ref.load().float() for k, ref in parts.items() if k != "alpha"}
     empty = next((k for k, t in factors.items() if t.numel() == 0), None)
     if empty is not None:
         raise CheckpointError(f"{path}: {layer}.{empty} is empty, shape {tuple(factors[empty].shape)}")
-    dim = (factors["hada_w1_b"].shape[0] if kind == "loha" else
+    dim = (factors["down"].shape[0] if kind == "locon_cp" else factors["hada_w1_b"].shape[0] if kind == "loha" else
            factors["lokr_w2_b"].shape[0] if "lokr_w2_b" in factors else
            factors["lokr_w1_b"].shape[0] if "lokr_w1_b" in factors else None)
     scale = 1.0

@@ -415,8 +415,14 @@ BAD = {
     "shape": (_pair("lora_unet_input_blocks_1_0_in_layers_2", (4, 32, 3, 3), (48, 4, 1, 1)), "do not fit"),
     "inpainting": (_pair("lora_unet_conv_in", (4, 9, 3, 3), (32, 4, 1, 1)), "a LoRA for a 9-channel model"),
     "loha part": ({"lora_unet_conv_in.hada_w1_a": torch.randn(4, 4)}, "not every factor of a LyCORIS LoHa"),
-    "loha tucker": ({f"lora_unet_conv_in.hada_{k}": torch.randn(4, 4) for k in ("w1_a", "w1_b", "w2_a", "w2_b", "t1")},
-                    "with a CP \\(Tucker\\) core"),
+    "loha core shape": ({f"lora_unet_conv_in.hada_{k}": torch.randn(4, 4) for k in ("w1_a", "w1_b", "w2_a", "w2_b", "t1")},
+                        "do not fit"),
+    "locon core on a linear": ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.randn(4, 32),
+                                "lora_unet_input_blocks_1_1_proj_in.lora_mid.weight": torch.randn(4, 4, 3, 3),
+                                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.randn(32, 4)}, "do not fit"),
+    "lokr core, whole w2": ({"lora_unet_conv_in.lokr_w1": torch.randn(2, 2), "lora_unet_conv_in.lokr_w2":
+                             torch.randn(16, 2, 3, 3), "lora_unet_conv_in.lokr_t2": torch.randn(3, 3, 3, 3)},
+                            "CP core lokr_t2 for a whole lokr_w2"),
     "lokr shape": ({"lora_unet_conv_in.lokr_w1": torch.randn(2, 2), "lora_unet_conv_in.lokr_w2": torch.randn(8, 8)},
                    "do not fit"),
     "lokr whole and split": ({"lora_unet_conv_in.lokr_w1": torch.randn(2, 2), "lora_unet_conv_in.lokr_w1_a":
@@ -634,6 +640,62 @@ def test_lycoris_loha_lokr_merge_by_their_definitions(tmp_path, kind, whole_w2, 
         assert rel_err(got - before[t], 0.7 * want[t]) <= 1e-5, t
     pipe.unload_loras()
     assert all(torch.equal(getattr(pipe, t[0]).get_submodule(t[1]).state_dict()["weight"], before[t]) for t in targets)
+
+
+def _cp_file(kind: str, key: str, w: torch.Tensor, g: torch.Generator):
+    """LyCORIS factors with CP (Tucker) cores for the 3x3 convolution weight w (out, in, 3, 3), rank 3, alpha 2,
+    and the convolution each defines, as LyCORIS runs it unmerged (f(x, weight) -> the delta's output for x at
+    weight 1): LoCon = conv1x1(up) . conv3x3(mid) . conv1x1(down); a core's product sum_ij a[i, o] t[i, j] b[j, c]."""
+    out, cin = w.shape[:2]
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    conv = torch.nn.functional.conv2d
+    if kind == "locon_cp":
+        down, mid, up = rnd(3, cin, 1, 1), rnd(3, 3, 3, 3), rnd(out, 3, 1, 1)
+        sd = {f"{key}.lora_down.weight": down, f"{key}.lora_mid.weight": mid, f"{key}.lora_up.weight": up,
+              f"{key}.alpha": torch.tensor(2.0)}
+        return sd, lambda x: conv(conv(conv(x, down), mid, padding=1), up) * (2.0 / 3)
+
+    def core_product(t, a, b):  # the weight as a sum of rank-1 terms, one per (i, j)
+        return sum(t[i, j][None, None] * a[i][:, None, None, None] * b[j][None, :, None, None]
+                   for i in range(t.shape[0]) for j in range(t.shape[1]))
+
+    if kind == "loha_cp":
+        f = {n: rnd(3, out if n.endswith("_a") else cin) for n in ("w1_a", "w1_b", "w2_a", "w2_b")}
+        f |= {"t1": rnd(3, 3, 3, 3), "t2": rnd(3, 3, 3, 3)}
+        sd = {f"{key}.hada_{n}": t for n, t in f.items()}
+        weight = core_product(f["t1"], f["w1_a"], f["w1_b"]) * core_product(f["t2"], f["w2_a"], f["w2_b"])
+    else:  # lokr_cp: w1 (2, 1) scales the blocks of w2 = cp(t2, w2_a, w2_b) (out / 2, in, 3, 3)
+        w1, t2, w2a, w2b = rnd(2, 1), rnd(3, 3, 3, 3), rnd(3, out // 2), rnd(3, cin)
+        sd = {f"{key}.lokr_w1": w1, f"{key}.lokr_t2": t2, f"{key}.lokr_w2_a": w2a, f"{key}.lokr_w2_b": w2b}
+        w2 = core_product(t2, w2a, w2b)
+        weight = torch.cat([w1[0, 0] * w2, w1[1, 0] * w2])
+    return sd | {f"{key}.alpha": torch.tensor(2.0)}, lambda x: conv(x, weight, padding=1) * (2.0 / 3)
+
+
+@pytest.mark.parametrize("kind", ["locon_cp", "loha_cp", "lokr_cp"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_lycoris_cp_cores_merge_as_their_convolutions_run(tmp_path, kind, backend):
+    """LoCon's lora_mid, LoHa's hada_t1/t2, LoKr's lokr_t2 (A1111 merges them): the merged layer's change, run as
+    a convolution, gives what the factors give run as LyCORIS defines them; unloading restores the bits."""
+    from safetensors.torch import save_file
+
+    pipe = tiny(backend)
+    generate(pipe, steps=1)  # the cpu backend's weights packed
+    targets = ["input_blocks.1.0.in_layers.2", "out.2"]  # 3x3 convolutions, 32 -> 32 and 32 -> 4
+    g, sd, runs = torch.Generator().manual_seed(5), {}, {}
+    before = {n: dense_weight(pipe.unet.get_submodule(n)).clone() for n in targets}
+    for n in targets:
+        part, runs[n] = _cp_file(kind, "lora_unet_" + n.replace(".", "_"), before[n], g)
+        sd |= part
+    path = str(tmp_path / f"{kind}.safetensors")
+    save_file(sd, path)
+    pipe.load_lora(path, 0.7)
+    x = torch.randn(1, 32, 9, 7, generator=g)
+    for n in targets:
+        change = dense_weight(pipe.unet.get_submodule(n)) - before[n]
+        assert rel_err(torch.nn.functional.conv2d(x, change, padding=1), 0.7 * runs[n](x)) <= 1e-5, n
+    pipe.unload_loras()
+    assert all(torch.equal(dense_weight(pipe.unet.get_submodule(n)), before[n]) for n in targets)
 
 
 # ---- prompt syntax, folder, infotext -------------------------------------------------------------------
