@@ -5,6 +5,7 @@ Imports nothing heavy: `--help` and argument errors answer before torch is impor
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -45,8 +46,8 @@ def add_run_sampling_args(p: argparse.ArgumentParser, *, sampler: str) -> None:
     """The options that sample a training run: run folder, sampler, steps, seed, clipping, progress."""
     p.add_argument("run", help="run folder written by python -m fastsd.train")
     p.add_argument("--sampler", default=sampler, help="euler_a, euler, ddim, ddpm, dpmpp_2m, dpmpp_2m_karras")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int_in(1, 1000), default=50)
+    p.add_argument("--seed", type=int_in(0, 2 ** 63 - 1), default=0)
     p.add_argument("--no-clip", action="store_true", help="don't clip predicted x0 to [-1, 1] while sampling")
     p.add_argument("--no-progress", action="store_true")
 
@@ -110,6 +111,37 @@ def positive_int(s: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (one-line error otherwise)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            want = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+            raise argparse.ArgumentTypeError(f"expected an integer {want}, got {v}")
+        return v
+    return parse
+
+
+def float_in(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = True):
+    """An argparse type: a finite number in the range [lo, hi) (or (lo, ...) with lo_open)."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        lo_ok = v > lo if lo_open else v >= lo
+        hi_ok = v < hi if hi_open else v <= hi
+        if not math.isfinite(v) or not lo_ok or not hi_ok:
+            bounded = (lo, hi) != (-math.inf, math.inf)
+            rng = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if bounded else ""
+            raise argparse.ArgumentTypeError(f"expected a finite number{rng}, got {s}")
+        return v
+    return parse
 
 
 def set_threads(n: int | None) -> int:

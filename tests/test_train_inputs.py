@@ -294,6 +294,29 @@ def test_sample_bad_model_file(case, needle, runs, tmp_path, capsys):
     assert not os.path.exists(grid)
 
 
+@pytest.mark.parametrize("tool, extra, needle", [
+    ("sample", ["--n", "100000000"], "argument --n: expected an integer from 1 to 256"),  # (hours, then no memory)
+    ("sample", ["--scale", "100000"], "argument --scale: expected an integer from 1 to 32"),
+    ("sample", ["--scale", "-3"], "argument --scale: expected an integer from 1 to 32"),
+    ("sample", ["--cfg-scale", "nan"], "argument --cfg-scale: expected a finite number, got nan"),
+    ("sample", ["--seed", "99999999999999999999999"], "argument --seed: expected an integer from 0 to"),
+    ("sample", ["--seed", "-1"], "argument --seed: expected an integer from 0 to"),
+    ("sample", ["--steps", "0"], "argument --steps: expected an integer from 1 to 1000"),
+    ("evaluate", ["--n-per-class", "100000000"], "argument --n-per-class: expected an integer from 2 to 10000"),
+    ("evaluate", ["--cfg-scale", "3", "inf"], "argument --cfg-scale: expected a finite number, got inf"),
+    ("evaluate", ["--fd-repeats", "0"], "argument --fd-repeats: expected an integer from 1 to 1000"),
+])
+def test_sample_and_evaluate_options_out_of_range_are_one_line(tool, extra, needle, runs, tmp_path, capsys):
+    from fastsd.train import evaluate
+
+    main = sample.main if tool == "sample" else evaluate.main
+    out = str(tmp_path / "out.png")
+    code, _, err = run_cli(main, [runs[0], *extra, "--no-progress"] + (["--out", out] if tool == "sample" else []),
+                           capsys)
+    assert_one_error(code, err, needle)
+    assert not os.path.exists(out)
+
+
 def test_out_of_memory_while_training_is_one_line_and_other_errors_are_not_hidden(tmp_path, capsys, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from fastsd.cli import ArgumentParser, HelpFormatter, add_run_sampling_args, parse_run_args, require, usage_error
+from fastsd.cli import ArgumentParser, HelpFormatter, add_run_sampling_args, float_in, int_in, parse_run_args, require
 
 HIDDEN = 64
 MAX_CLASSIFIER_TRAIN = 10000  # subsample big datasets (MNIST, CIFAR) for the scikit-learn classifier
@@ -189,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m fastsd.train.evaluate", description="Classifier accuracy and Frechet "
                        "distance of a fastsd.train run's samples.", formatter_class=HelpFormatter)
     add_run_sampling_args(p, sampler="ddim")
-    p.add_argument("--cfg-scale", type=float, nargs="+", default=[3.0], help="one or more guidance scales")
-    p.add_argument("--n-per-class", type=int, default=100)
-    p.add_argument("--fd-repeats", type=int, default=10)
+    p.add_argument("--cfg-scale", type=float_in(), nargs="+", default=[3.0], help="one or more guidance scales")
+    p.add_argument("--n-per-class", type=int_in(2, 10000), default=100)
+    p.add_argument("--fd-repeats", type=int_in(1, 1000), default=10)
     p.add_argument("--json", default=None, help="JSON output path (default: RUN/eval.json)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of (up to 16 per class) evaluated samples")
     return p
@@ -201,8 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_run_args(parser, argv)
-    if args.n_per_class < 2 or args.steps < 1 or args.fd_repeats < 1:
-        usage_error(parser, "--n-per-class must be at least 2, --steps and --fd-repeats at least 1")
     from fastsd.train.datasets import DatasetError
     from fastsd.samplers import get_sampler
     from fastsd.files import atomic_write

@@ -18,9 +18,13 @@ import sys
 import numpy as np
 import torch
 
-from fastsd.cli import ArgumentParser, HelpFormatter, add_run_sampling_args, parse_run_args, usage_error
+from fastsd.cli import (ArgumentParser, HelpFormatter, add_run_sampling_args, float_in, int_in, parse_run_args,
+                        usage_error)
 from fastsd.train.trainer import (MODEL_FILE, STATE_FILE, RunConfig, build_model, load_run_config, load_tensors,
                                   load_weights)
+
+MAX_N = 256      # samples per grid row: a picture of the run, not a dataset (fastsd.train.evaluate draws those)
+MAX_SCALE = 32   # pixels per image pixel
 
 
 def load_run(run_dir: str, *, ema: bool = True):
@@ -128,10 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_sampling_args(p, sampler="ddpm")
     p.add_argument("--class", dest="klass", default=None, help="class id or name, or 'all' for one row per class "
                    "(default: all for a conditional run)")
-    p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (1 = no guidance)")
-    p.add_argument("--n", type=int, default=16, help="number of samples (per class with --class all)")
+    p.add_argument("--cfg-scale", type=float_in(), default=3.0, help="classifier-free guidance scale (1 = no guidance)")
+    p.add_argument("--n", type=int_in(1, MAX_N), default=16, help="number of samples (per class with --class all)")
     p.add_argument("--out", default="grid.png", help="PNG path (written atomically)")
-    p.add_argument("--scale", type=int, default=None, help="enlarge each pixel (default: to >= 32 px per image)")
+    p.add_argument("--scale", type=int_in(1, MAX_SCALE), default=None,
+                   help="enlarge each pixel (default: to >= 32 px per image)")
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     return p
 
@@ -145,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         usage_error(parser, f"--out {args.out}: folder {folder} does not exist")
-    if args.n < 1 or args.steps < 1:
-        usage_error(parser, "--n and --steps must be at least 1")
     from fastsd.image import save_png
     from fastsd.samplers import get_sampler
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fastsd.config import SchedulerConfig, UNetConfig
-from fastsd.cli import ArgumentParser, positive_int, require, usage_error
+from fastsd.cli import ArgumentParser, float_in, int_in, positive_int, require, usage_error
 from fastsd.files import atomic_write
 from fastsd.train.datasets import (DATASETS, Dataset, DatasetError, available_memory, check_path, load_dataset,
                                    resize)
@@ -529,46 +529,6 @@ MAX_THREADS = 1024
 MAX_SEED = 2 ** 63 - 2  # torch's generators take 64-bit seeds; the data generator uses seed + 1
 
 
-def _int_in(lo: int, hi: int | None = None):
-    """An argparse type: an integer in [lo, hi] (one-line error otherwise)."""
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            want = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
-            raise argparse.ArgumentTypeError(f"expected an integer {want}, got {v}")
-        return v
-    return parse
-
-
-def _bounded_positive(hi: int):
-    """positive_int (fastsd.cli) with an upper bound."""
-    def parse(s: str) -> int:
-        v = positive_int(s)
-        if v > hi:
-            raise argparse.ArgumentTypeError(f"expected a positive integer of at most {hi}, got {v}")
-        return v
-    return parse
-
-
-def _float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = True):
-    """An argparse type: a finite number in the range [lo, hi) (or (lo, ...) with lo_open)."""
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        lo_ok = v > lo if lo_open else v >= lo
-        hi_ok = v < hi if hi_open else v <= hi
-        if not math.isfinite(v) or not lo_ok or not hi_ok:
-            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-            raise argparse.ArgumentTypeError(f"expected a finite number in {rng}, got {s}")
-        return v
-    return parse
-
-
 def _int_tuple(s: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in s.replace(" ", "").split(",") if v)
@@ -599,39 +559,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data-path", help="mnist: folder with the IDX files (or the images file); cifar10: the "
                    "cifar-10-batches-py folder; folder: root with one subfolder per class")
-    p.add_argument("--image-size", type=_bounded_positive(MAX_IMAGE_SIZE), default=None, help="resize to this "
+    p.add_argument("--image-size", type=int_in(1, MAX_IMAGE_SIZE), default=None, help="resize to this "
                    f"square size, at most {MAX_IMAGE_SIZE} (default: the dataset's own; 32 for folder datasets)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="folder datasets: force grey/RGB")
     p.add_argument("--conditional", action="store_true", help="class-conditional (else unconditional)")
-    p.add_argument("--cond-drop", type=_float_in(0.0, 1.0), default=d.cond_drop,
+    p.add_argument("--cond-drop", type=float_in(0.0, 1.0), default=d.cond_drop,
                    help="null-class probability for CFG, in [0, 1)")
     p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
                    help="scaled_linear: SD1.x betas 0.00085..0.012 (default); linear: DDPM betas 1e-4..0.02")
     p.add_argument("--steps", type=positive_int, default=d.steps,
                    help="total optimizer steps (a resumed run continues)")
-    p.add_argument("--batch-size", type=_bounded_positive(MAX_BATCH_SIZE), default=d.batch_size)
-    p.add_argument("--lr", type=_float_in(0.0, lo_open=True), default=d.lr, help="peak learning rate (> 0)")
-    p.add_argument("--warmup-steps", type=_int_in(0), default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=_float_in(0.0), default=d.weight_decay)
-    p.add_argument("--ema-decay", type=_float_in(0.0, 1.0), default=d.ema_decay, help="in [0, 1)")
-    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=d.seed)
-    p.add_argument("--save-every", type=_int_in(0), default=d.save_every,
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=d.batch_size)
+    p.add_argument("--lr", type=float_in(0.0, lo_open=True), default=d.lr, help="peak learning rate (> 0)")
+    p.add_argument("--warmup-steps", type=int_in(0), default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float_in(0.0), default=d.weight_decay)
+    p.add_argument("--ema-decay", type=float_in(0.0, 1.0), default=d.ema_decay, help="in [0, 1)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=d.seed)
+    p.add_argument("--save-every", type=int_in(0), default=d.save_every,
                    help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--log-every", type=positive_int, default=d.log_every)
-    p.add_argument("--model-channels", type=_bounded_positive(MAX_WIDTH), default=32)
+    p.add_argument("--model-channels", type=int_in(1, MAX_WIDTH), default=32)
     p.add_argument("--channel-mult", type=_channel_mult, default=None, help="e.g. 1,2 (default: 1,2 below 24 px, "
                    "else 1,2,2)")
-    p.add_argument("--num-res-blocks", type=_bounded_positive(MAX_RES_BLOCKS), default=2)
+    p.add_argument("--num-res-blocks", type=int_in(1, MAX_RES_BLOCKS), default=2)
     p.add_argument("--attention-levels", type=_attention_levels, default=None, help="0/1 per --channel-mult "
                    "level (default: the lowest level only)")
     p.add_argument("--num-heads", type=positive_int, default=4, help="must divide every level's width")
-    p.add_argument("--context-dim", type=_bounded_positive(MAX_WIDTH), default=64)
+    p.add_argument("--context-dim", type=int_in(1, MAX_WIDTH), default=64)
     p.add_argument("--norm-groups", type=positive_int, default=8, help="must divide every level's width")
     p.add_argument("--out", default="run", help="run folder (created; resumed when it holds a checkpoint)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="require a checkpoint in --out and continue it")
     g.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
-    p.add_argument("--threads", type=_bounded_positive(MAX_THREADS), default=None,
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
