@@ -33,6 +33,7 @@ re-runs this module in a subprocess without it.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import concurrent.futures as cf
 import hashlib
@@ -579,35 +580,71 @@ def summary(rows: list[dict], unique: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _csv(what: str, check):
+    """An argparse type: a comma-separated, non-empty list, each item through `check` (a value or ValueError)."""
+    def parse(s: str) -> tuple:
+        items = [x.strip() for x in s.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected one or more comma-separated {what}, got {s!r}")
+        try:
+            return tuple(check(x) for x in items)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _one_of(what: str, options):
+    by_name = {str(o): o for o in options}
+
+    def check(x: str):
+        if x not in by_name:
+            raise ValueError(f"unknown {what} {x!r}; choose from {', '.join(by_name)}")
+        return by_name[x]
+    return check
+
+
+def _int_range(lo: int, hi: int, step: int = 1):
+    def check(x: str) -> int:
+        if not x.isdigit() or not lo <= int(x) <= hi or int(x) % step:
+            raise ValueError(f"expected integers from {lo} to {hi}" + (f", multiples of {step}" if step > 1 else "")
+                             + f", got {x!r}")
+        return int(x)
+    return check
+
+
 def main(argv=None) -> int:
+    from .traffic import GPUS
+
     ap = ArgumentParser(prog="python -m fastsd.kernels.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="80,86,89,90", help="comma-separated sm archs (default 80,86,89,90)")
-    ap.add_argument("--dtype", default="fp16,bf16,fp32")
-    ap.add_argument("--res", default="512,768", help="image sizes in px")
-    ap.add_argument("--batch", default="1,2", help="images per prompt (the UNet runs twice as many with CFG)")
+    ap.add_argument("--arch", type=_csv("sm archs", _one_of("arch", ARCH_LIMITS)), default=ARCHS,
+                    help="comma-separated sm archs")
+    ap.add_argument("--dtype", type=_csv("dtypes", _one_of("dtype", DTYPES)), default=tuple(DTYPES))
+    ap.add_argument("--res", type=_csv("sizes", _int_range(64, 4096, 8)), default=RESOLUTIONS, help="image sizes in px")
+    ap.add_argument("--batch", type=_csv("batch sizes", _int_range(1, 64)), default=BATCHES,
+                    help="images per prompt (the UNet runs twice as many with CFG)")
     ap.add_argument("--quick", action="store_true", help="a representative subset of shapes")
     ap.add_argument("--all-candidates", action="store_true", help="every autotune candidate, not only the default")
     ap.add_argument("--json", action="store_true", help="print rows as JSON")
     ap.add_argument("--ptx-dir", help="write the PTX of every distinct binary here (for audit)")
     ap.add_argument("--jobs", type=positive_int, default=2, help="parallel compile processes")
     ap.add_argument("--unique", action="store_true", help="one table row per distinct binary")
-    ap.add_argument("--project", help="roofline PROJECTION for a GPU (h100, a100, 4090) from kernels/traffic.py; "
-                                      "no compiling, no measurement")
+    ap.add_argument("--project", choices=list(GPUS), help="roofline PROJECTION for a GPU from kernels/traffic.py; "
+                                                          "no compiling, no measurement")
     a = ap.parse_args(argv)
-    resolutions = tuple(int(x) for x in a.res.split(",") if x)
     if a.project:
         from .traffic import format_projection
 
-        print(format_projection(a.project, resolutions[0], a.dtype.split(",")[0] if a.dtype != "fp16,bf16,fp32" else "fp16",
-                                json_out=a.json))
+        dtype = a.dtype[0] if a.dtype != tuple(DTYPES) else "fp16"
+        print(format_projection(a.project, a.res[0], dtype, json_out=a.json))
         return 0
-    archs = tuple(int(x) for x in a.arch.split(",") if x)
-    unknown = [x for x in archs if x not in ARCH_LIMITS]
-    if unknown:
-        ap.error(f"unknown arch {unknown[0]}; choose from {', '.join(map(str, ARCH_LIMITS))}")
-    dtypes = tuple(x for x in a.dtype.split(",") if x)
-    batches = tuple(int(x) for x in a.batch.split(",") if x)
-    rows = run_report(archs, dtypes, resolutions, batches, a.quick, a.jobs, a.all_candidates, a.ptx_dir)
+    if a.ptx_dir:
+        try:
+            os.makedirs(a.ptx_dir, exist_ok=True)
+        except OSError as e:
+            ap.error(f"--ptx-dir {a.ptx_dir}: can't be made ({e.strerror})")
+        if not os.access(a.ptx_dir, os.W_OK):
+            ap.error(f"--ptx-dir {a.ptx_dir}: not writable")
+    rows = run_report(a.arch, a.dtype, a.res, a.batch, a.quick, a.jobs, a.all_candidates, a.ptx_dir)
     print(json.dumps(rows, indent=1) if a.json else format_table(rows, a.unique))
     return 1 if any(r["failed"] for r in rows) else 0
 

@@ -229,6 +229,12 @@ def test_argument_errors_are_one_line(capsys, module, build, argv):
     ("fastsd.benchmarks.openvino_start", ["--steps", "0"], "--steps"),
     ("fastsd.benchmarks.quality", ["--res", "0"], "--res"),
     ("fastsd.kernels.report", ["--jobs", "0"], "--jobs"),
+    ("fastsd.kernels.report", ["--arch", "abc"], "--arch: unknown arch 'abc'; choose from 80, 86, 89, 90"),
+    ("fastsd.kernels.report", ["--arch", ","], "--arch: expected one or more comma-separated sm archs"),
+    ("fastsd.kernels.report", ["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
+    ("fastsd.kernels.report", ["--res", "100"], "--res: expected integers from 64 to 4096, multiples of 8"),
+    ("fastsd.kernels.report", ["--project", "nope"], "--project: invalid choice: 'nope'"),
+    ("fastsd.kernels.report", ["--ptx-dir", "/proc/no/such"], "--ptx-dir /proc/no/such: can't be made"),
     ("fastsd.kernels.traffic", ["--no-such-option"], "--no-such-option"),
 ])
 def test_dev_benchmark_argument_errors_are_one_line(capsys, module, argv, words):
