@@ -113,16 +113,17 @@ def positive_int(s: str) -> int:
     return v
 
 
-def int_in(lo: int, hi: int | None = None):
-    """An argparse type: an integer in [lo, hi] (one-line error otherwise)."""
+def int_in(lo: int, hi: int | None = None, *, multiple: int = 1):
+    """An argparse type: an integer in [lo, hi], a multiple of `multiple` (one-line error otherwise)."""
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo or (hi is not None and v > hi):
+        if v < lo or (hi is not None and v > hi) or v % multiple:
             want = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
-            raise argparse.ArgumentTypeError(f"expected an integer {want}, got {v}")
+            of = f", a multiple of {multiple}" if multiple > 1 else ""
+            raise argparse.ArgumentTypeError(f"expected an integer {want}{of}, got {v}")
         return v
     return parse
 

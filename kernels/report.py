@@ -51,7 +51,7 @@ import torch
 
 from . import shapes
 from ._utils import interpreter_enabled
-from fastsd.cli import ArgumentParser, positive_int
+from fastsd.cli import ArgumentParser, int_in, positive_int
 
 ARCHS = (80, 86, 89, 90)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -588,7 +588,7 @@ def _csv(what: str, check):
             raise argparse.ArgumentTypeError(f"expected one or more comma-separated {what}, got {s!r}")
         try:
             return tuple(check(x) for x in items)
-        except ValueError as e:
+        except (ValueError, argparse.ArgumentTypeError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
 
@@ -603,15 +603,6 @@ def _one_of(what: str, options):
     return check
 
 
-def _int_range(lo: int, hi: int, step: int = 1):
-    def check(x: str) -> int:
-        if not x.isdigit() or not lo <= int(x) <= hi or int(x) % step:
-            raise ValueError(f"expected integers from {lo} to {hi}" + (f", multiples of {step}" if step > 1 else "")
-                             + f", got {x!r}")
-        return int(x)
-    return check
-
-
 def main(argv=None) -> int:
     from .traffic import GPUS
 
@@ -619,8 +610,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=_csv("sm archs", _one_of("arch", ARCH_LIMITS)), default=ARCHS,
                     help="comma-separated sm archs")
     ap.add_argument("--dtype", type=_csv("dtypes", _one_of("dtype", DTYPES)), default=tuple(DTYPES))
-    ap.add_argument("--res", type=_csv("sizes", _int_range(64, 4096, 8)), default=RESOLUTIONS, help="image sizes in px")
-    ap.add_argument("--batch", type=_csv("batch sizes", _int_range(1, 64)), default=BATCHES,
+    ap.add_argument("--res", type=_csv("sizes", int_in(64, 4096, multiple=8)), default=RESOLUTIONS, help="image sizes in px")
+    ap.add_argument("--batch", type=_csv("batch sizes", int_in(1, 64)), default=BATCHES,
                     help="images per prompt (the UNet runs twice as many with CFG)")
     ap.add_argument("--quick", action="store_true", help="a representative subset of shapes")
     ap.add_argument("--all-candidates", action="store_true", help="every autotune candidate, not only the default")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import shapes
 from ._utils import cdiv
-from fastsd.cli import ArgumentParser
+from fastsd.cli import ArgumentParser, int_in
 
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -224,7 +224,7 @@ def format_projection(gpu_name: str, res: int = 512, dtype: str = "fp16", batch:
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m fastsd.kernels.traffic", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--res", type=int_in(64, 4096, multiple=8), default=512)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     a = ap.parse_args(argv)
     groups = all_rows(a.res, a.dtype)

@@ -219,6 +219,14 @@ def test_argument_errors_are_one_line(capsys, module, build, argv):
     assert len(err) == 1 and err[0].startswith(f"{parser.prog}: error: ") and "--help" in err[0], err
 
 
+def test_openvino_auto_missing_model_is_one_line(tmp_path, capsys):
+    from fastsd.backends import openvino_auto
+
+    assert openvino_auto.main(["--model", str(tmp_path / "nope.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nope.safetensors" in err[0], err
+
+
 @pytest.mark.parametrize("module, argv, words", [
     ("fastsd.benchmarks.lora", ["--repeat", "0"], "--repeat"),
     ("fastsd.benchmarks.lora", ["--model", "missing.safetensors"], "missing.safetensors"),
@@ -232,7 +240,10 @@ def test_argument_errors_are_one_line(capsys, module, build, argv):
     ("fastsd.kernels.report", ["--arch", "abc"], "--arch: unknown arch 'abc'; choose from 80, 86, 89, 90"),
     ("fastsd.kernels.report", ["--arch", ","], "--arch: expected one or more comma-separated sm archs"),
     ("fastsd.kernels.report", ["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
-    ("fastsd.kernels.report", ["--res", "100"], "--res: expected integers from 64 to 4096, multiples of 8"),
+    ("fastsd.kernels.report", ["--res", "100"], "--res: expected an integer from 64 to 4096, a multiple of 8, got 100"),
+    ("fastsd.kernels.traffic", ["--res", "0"], "--res: expected an integer from 64 to 4096, a multiple of 8, got 0"),
+    ("fastsd.backends.openvino_auto", ["--threads", "0"], "--threads: expected a positive integer"),
+    ("fastsd.backends.openvino_auto", ["--res", "-64"], "--res: expected an integer from 64 to 4096"),
     ("fastsd.kernels.report", ["--project", "nope"], "--project: invalid choice: 'nope'"),
     ("fastsd.kernels.report", ["--ptx-dir", "/proc/no/such"], "--ptx-dir /proc/no/such: can't be made"),
     ("fastsd.kernels.traffic", ["--no-such-option"], "--no-such-option"),

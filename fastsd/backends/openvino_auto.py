@@ -17,22 +17,20 @@ from __future__ import annotations
 import os
 import sys
 
-from fastsd.cli import ArgumentParser
+from fastsd.cli import ArgumentParser, int_in, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m fastsd.backends.openvino_auto",
                         description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="random:sd15", help="weights do not matter for speed (default random:sd15)")
-    ap.add_argument("--res", type=int, default=512, help="image side in px (default 512)")
+    ap.add_argument("--res", type=int_in(64, 4096, multiple=8), default=512, help="image side in px (default 512)")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: the CPU's default dtype")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     a = ap.parse_args(argv)
-    if a.res < 8 or a.res % 8:
-        ap.error("--res must be a positive multiple of 8")
     import torch
 
-    from fastsd import load_pipeline
+    from fastsd import CheckpointError, load_pipeline
     from fastsd.backends import BackendError, cpu_tune
     from fastsd.backends.openvino import auto_key
 
@@ -40,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     try:
         pipes = {name: load_pipeline(a.model, device="cpu", dtype=a.dtype, backend=name) for name in ("cpu", "openvino")}
-    except (ValueError, BackendError) as e:
+    except (ValueError, BackendError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg, dtype = pipes["cpu"].config, pipes["cpu"].dtype
