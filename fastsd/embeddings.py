@@ -14,13 +14,13 @@ of those token embeddings (the model's weights are never touched).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fastsd.file_hashes import sha256
 from fastsd.tensorfile import CheckpointError, read_safetensors, torch_load
 from fastsd.tokenizer import CHUNK_LENGTH
 
@@ -54,11 +54,7 @@ def read_embedding(path: str, name: str, width: int) -> Embedding:
         raise CheckpointError(f"{path}: {vec.shape[0]} vectors; an embedding must fit in one {CHUNK_LENGTH}-token "
                               "chunk")
     _check_values(vec, path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return Embedding(name, vec.detach().float().contiguous(), path, h.hexdigest()[:12])
+    return Embedding(name, vec.detach().float().contiguous(), path, sha256(path)[:12])
 
 
 # The largest |value| taken in an embedding. A textual inversion is trained in place of token embeddings,

@@ -10,9 +10,19 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from pathlib import Path
 from typing import Callable
 
 _umask: int | None = None
+
+
+def cache_dir() -> Path:
+    """fastsd's cache folder (tuner choices, native builds, OpenVINO models, file hashes): $FASTSD_CACHE_DIR, else
+    $XDG_CACHE_HOME/fastsd, else ~/.cache/fastsd."""
+    if os.environ.get("FASTSD_CACHE_DIR"):
+        return Path(os.environ["FASTSD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastsd"
 
 
 def umask() -> int:

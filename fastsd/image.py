@@ -1,7 +1,6 @@
 """Images in and out: PIL <-> tensors, masks, A1111 infotext (the PNG "parameters" chunk), atomic saves."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -164,15 +163,6 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     for k, v in _PARAM_RE.findall(last):
         params[k.strip()] = json.loads(v) if len(v) > 1 and v[0] == v[-1] == '"' else v.strip()
     return "\n".join(prompt_lines).strip(), "\n".join(neg_lines).strip(), params
-
-
-def file_hash(path: str) -> str:
-    """A1111's 'Model hash': the first 10 hex digits of the file's sha256."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
 
 
 def png_writer(image: Image.Image, infotext: str | None = None) -> Callable[[str], None]:

@@ -25,7 +25,6 @@ original tensors themselves, bit for bit, without reading the checkpoint again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from fastsd.convert import UNDERSCORED_UNET_BLOCKS, rename_key, unet_rules
+from fastsd.file_hashes import sha256
 from fastsd.tensorfile import CheckpointError, TensorRef, read_header, read_tensor_file, safetensors_metadata
 
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
@@ -482,12 +482,7 @@ class LoadedLora:
         .safetensors file's tensor data (after the header: the "addnet" hash) or of a whole .pt/.ckpt."""
         if self._hash is None:
             start = read_header(self.path)[1] if self.path.endswith(".safetensors") else 0
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                f.seek(start)
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._hash = h.hexdigest()[:12]
+            self._hash = sha256(self.path, start)[:12]
         return self._hash
 
 

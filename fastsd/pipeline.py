@@ -18,7 +18,8 @@ from fastsd import backends
 from fastsd.conditioning import encode_prompts
 from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser
-from fastsd.image import (check_mask, file_hash, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
+from fastsd.file_hashes import file_hash
+from fastsd.image import (check_mask, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
                           tensor_to_pil)
 from fastsd.lora import LoraSet, strip_tags
 from fastsd.models.clip import CLIPTextModel

@@ -247,7 +247,7 @@ def test_cli_taesd_with_previews(files, tmp_path, capsys):
                  "--preview", str(prev), "--preview-every", "2", "--out", str(out)]) == 0
     with Image.open(out) as im:
         params = parse_infotext(im.text["parameters"])[2]
-    from fastsd.image import file_hash
+    from fastsd.file_hashes import file_hash
 
     assert params["VAE"] == "taesd_decoder.safetensors"
     assert params["VAE hash"] == file_hash(str(root / "st" / "taesd_decoder.safetensors"))

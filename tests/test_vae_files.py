@@ -13,7 +13,8 @@ from test_generate_cli import _fails  # one-line error, exit 2, nothing written
 from fastsd import CheckpointError, GenerationSettings, load_pipeline
 from fastsd.config import SD15, TINY, VAEConfig
 from fastsd.generate import main
-from fastsd.image import file_hash, parse_infotext
+from fastsd.file_hashes import file_hash
+from fastsd.image import parse_infotext
 from fastsd.models.vae import AutoencoderKL
 
 TOL = 1e-4

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from fastsd import cpuinfo
-from fastsd.backends.cpu_tune import cache_dir
+from fastsd.files import cache_dir
 
 ENV = "FASTSD_CPU_NATIVE"
 # the parts of -ffast-math the kernels need (vectorised sums, floor), not -ffast-math itself: with it GCC links

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastsd import cpuinfo
+from fastsd.files import cache_dir
 
 MODE_ENV = "FASTSD_CPU_TUNE"
 MARGIN = 0.9  # a non-default candidate must take <= 0.9x the default's time
@@ -42,13 +43,6 @@ MIN_ROUNDS, MAX_ROUNDS = 2, 3  # at least two: one slow sample (a VM's hiccup) i
 # 2560->1280 F(2x2) Winograd timed at 74.7 ms against 59.3 packed, where it runs 23.7 against 63.3)
 METHOD = 4
 CLOSE = 1.5  # a losing candidate within this factor of the default's time is timed again against it
-
-
-def cache_dir() -> Path:
-    if os.environ.get("FASTSD_CACHE_DIR"):
-        return Path(os.environ["FASTSD_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastsd"
 
 
 def mode() -> str:

@@ -44,7 +44,7 @@ from torch import nn
 
 from fastsd import cpuinfo
 from fastsd.backends import Backend, package_import_error, reference
-from fastsd.backends.cpu_tune import cache_dir
+from fastsd.files import cache_dir
 
 INSTALL = 'pip install -e ".[openvino]"'
 KEEP_COMPILED = 2  # compiled shapes kept per model: each holds its own copy of the weights
