@@ -222,3 +222,18 @@ def test_unsupported_devices_are_refused_before_loading():
     for device in ("mps", "meta", "xla", "nonsense"):
         with pytest.raises(ValueError, match="device"):
             load_pipeline("random:tiny", device=device)
+
+
+def test_loading_a_file_imports_no_compiler(tiny, tmp_path):
+    """Models are built on the meta device and filled from the file: no weight is initialised first (an
+    embedding's normal_ on meta imported torch._dynamo, 1-2 s of every load)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(tiny[1], str(path))
+    code = ("import sys, fastsd; p = fastsd.load_pipeline(sys.argv[1], device='cpu', dtype='fp32'); "
+            "print('torch._dynamo' in sys.modules, float(p.clip.text_model.embeddings.token_embedding.weight.abs().sum()))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
+                         check=True).stdout.split()
+    assert out[0] == "False" and float(out[1]) > 0  # (and the embedding is the file's, not left empty)

@@ -44,14 +44,23 @@ class EncoderLayer(nn.Module):
         return x + self.mlp.fc2(quick_gelu(self.mlp.fc1(self.layer_norm2(x))))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding whose weight is left uninitialised on the meta device, where a model is built to be filled from
+    a file (fastsd.checkpoint): normal_ there goes through torch._refs, which imports torch._dynamo (1-2 s)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class CLIPTextModel(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
         tm = self.text_model = nn.Module()
         tm.embeddings = nn.Module()
-        tm.embeddings.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        tm.embeddings.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        tm.embeddings.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
+        tm.embeddings.position_embedding = Embedding(cfg.max_positions, cfg.hidden_size)
         tm.encoder = nn.Module()
         tm.encoder.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.num_layers)])
         tm.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
