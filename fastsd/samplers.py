@@ -22,6 +22,10 @@ split its guidance exposes `split_guidance(x, sigma, **extra) -> (uncond, cond, 
 fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s = sigmas[i], s' = sigmas[i+1]):
 
   euler       a = s'/s, b = 1 - s'/s                                   (probability-flow ODE, Euler step)
+  heun        the Euler step to x2 with D1 = the model at (x, s), then, unless s' = 0, the model again at (x2, s'),
+              D2, and Heun's trapezoid x' = x + (s'-s)(d1 + d2)/2 (d = (x - D)/sigma) written from x2:
+              a = 1, b = (s - s')/(2s'), c = -b with old_denoised = D1 (diffusers HeunDiscreteScheduler: two model
+              calls a step, one for the last)
   ddim(eta)   ancestral step: s_up = eta * s' * sqrt(s^2 - s'^2) / s, s_down = sqrt(s'^2 - s_up^2),
               a = s_down/s, b = 1 - a, d = s_up. eta=0 is exactly the Euler step: diffusers' DDIM update
               x_vp' = sqrt(a')*x0 + sqrt(1-a')*eps is, divided by sqrt(a'), x' = x0 + s' * eps = x0 + (s'/s)(x - x0).
@@ -91,6 +95,12 @@ def denoise_and_step(model, x: torch.Tensor, sigma: torch.Tensor, extra_args: di
 def euler_coeffs(sigma: float, sigma_next: float) -> Coeffs:
     r = sigma_next / sigma
     return (r, 1.0 - r, 0.0, 0.0)
+
+
+def heun_coeffs(sigma: float, sigma_next: float) -> Coeffs:
+    """Heun's correction from the Euler point x2: x' = x2 + (s - s')/(2 s') (D2 - D1), D1 as old_denoised."""
+    k = (sigma - sigma_next) / (2.0 * sigma_next)
+    return 1.0, k, -k, 0.0
 
 
 def ancestral_sigmas(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -176,6 +186,22 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     for i in _trange(len(s) - 1, disable=disable):
         x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], s[i + 1]))
+        _callback(callback, x, i, sigmas[i], denoised)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
+    """Heun's second-order method on the probability-flow ODE (diffusers HeunDiscreteScheduler): an Euler step,
+    corrected with the model at its end (not on the step to sigma 0)."""
+    _no_opts("heun", opts)
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    for i in _trange(len(s) - 1, disable=disable):
+        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], s[i + 1]))
+        if s[i + 1] > 0:
+            x_next, _ = denoise_and_step(model, x_next, sigmas[i + 1], extra_args, heun_coeffs(s[i], s[i + 1]),
+                                         denoised)
         _callback(callback, x, i, sigmas[i], denoised)
         x = x_next
     return x
@@ -270,11 +296,12 @@ class SamplerSpec:
 
 
 # Each matches its diffusers twin built with from_config(SD1.5 scheduler config) (see README "Generating"):
-# euler EulerDiscreteScheduler, euler_a EulerAncestralDiscreteScheduler, ddim DDIMScheduler, ddpm DDPMScheduler,
+# euler EulerDiscreteScheduler, heun HeunDiscreteScheduler, euler_a EulerAncestralDiscreteScheduler, ddim DDIMScheduler, ddpm DDPMScheduler,
 # dpmpp_2m DPMSolverMultistepScheduler, dpmpp_2m_karras the same with use_karras_sigmas=True, lcm LCMScheduler.
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("euler", sample_euler, False),
     SamplerSpec("euler_a", sample_euler_ancestral, True),
+    SamplerSpec("heun", sample_heun, False),
     SamplerSpec("ddim", sample_ddim, True),
     SamplerSpec("ddpm", sample_ddpm, True),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, False),
@@ -283,7 +310,7 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
 )}
 
 # The names A1111 writes in its infotext ("Sampler: Euler a").
-A1111_NAMES: dict[str, str] = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "ddpm": "DDPM",
+A1111_NAMES: dict[str, str] = {"euler": "Euler", "heun": "Heun", "euler_a": "Euler a", "ddim": "DDIM", "ddpm": "DDPM",
                                "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM"}
 
 # After normalisation (lower case, "++" -> "pp", runs of spaces/hyphens -> "_", leading "k_"/"sample_" dropped),

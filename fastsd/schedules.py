@@ -195,6 +195,7 @@ SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
     "ddpm": ("ddpm", False),
     "ddim": ("ddim", False),
     "euler": ("euler", False),
+    "heun": ("euler", False),  # diffusers' Heun: Euler's sigmas, each but the first and last visited twice
     "euler_a": ("euler", False),
     "dpmpp_2m": ("dpm", False),
     "dpmpp_2m_karras": ("dpm", True),

@@ -150,6 +150,7 @@ def tokenizer():
 # fastsd sampler -> its diffusers twin scheduler (class name, from_config extras)
 DIFFUSERS_SCHEDULERS = {
     "ddpm": ("DDPMScheduler", {}), "ddim": ("DDIMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}), "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}), "lcm": ("LCMScheduler", {}),
 }

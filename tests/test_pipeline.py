@@ -16,6 +16,7 @@ def scheduler(name):
     import diffusers
 
     cls = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler,
+           "heun": diffusers.HeunDiscreteScheduler,
            "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
            "dpmpp_2m_karras": diffusers.DPMSolverMultistepScheduler}[name]
     extra = {"use_karras_sigmas": True} if name == "dpmpp_2m_karras" else {}
@@ -72,7 +73,7 @@ def run_txt2img(pipe, models, sampler, size, steps):
     assert_same_image(ours, ref)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras"])
 def test_txt2img_matches_diffusers(tiny, sampler):
     _, models, pipe = tiny
     run_txt2img(pipe, models, sampler, 64, 8)
@@ -99,7 +100,7 @@ def run_img2img(pipe, models, sampler, size, steps, strength):
     assert_same_image(ours, ref)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras"])
 def test_img2img_matches_diffusers(tiny, sampler):
     _, models, pipe = tiny
     run_img2img(pipe, models, sampler, 64, 10, 0.6)

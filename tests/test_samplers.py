@@ -35,6 +35,7 @@ def _prototype_scheduler(name: str):
         "ddpm": lambda: d.DDPMScheduler.from_config(SD15),
         "ddim": lambda: d.DDIMScheduler.from_config(SD15),
         "euler": lambda: d.EulerDiscreteScheduler.from_config(SD15),
+        "heun": lambda: d.HeunDiscreteScheduler.from_config(SD15),
         "euler_a": lambda: d.EulerAncestralDiscreteScheduler.from_config(SD15),
         "dpmpp_2m": lambda: d.DPMSolverMultistepScheduler.from_config(SD15),
         "dpmpp_2m_karras": lambda: d.DPMSolverMultistepScheduler.from_config(SD15, use_karras_sigmas=True),
@@ -119,6 +120,9 @@ def test_schedule_matches_diffusers(name, steps):
     sched = make_scheduler(name)
     sched.set_timesteps(steps)
     ours = schedule_for(name, steps)
+    if name == "heun":  # diffusers lists each inner sigma and timestep twice (the second model call of a step)
+        sched.timesteps, sched.sigmas = sched.timesteps[0::2], torch.cat([sched.sigmas[0::2], sched.sigmas[-1:]])
+        assert len(sched.timesteps) == steps
     assert torch.equal(sched.timesteps.double(), ours.timesteps)
     if name == "lcm":  # VP scheduler without sigmas: the table at its timesteps, then 0 (no noise after the last)
         ac = sched.alphas_cumprod
@@ -134,7 +138,7 @@ def test_schedule_matches_diffusers(name, steps):
     else:
         assert torch.equal(sched.sigmas.double(), ours.sigmas)
         init = float(sched.init_noise_sigma)
-        expected = init if name.startswith("euler") else math.sqrt(1 + ours.sigmas[0].item() ** 2)
+        expected = init if name.startswith("euler") or name == "heun" else math.sqrt(1 + ours.sigmas[0].item() ** 2)
         assert ours.init_noise_sigma == pytest.approx(expected, rel=1e-7)
 
 
@@ -147,7 +151,7 @@ def test_schedule_details():
     with pytest.raises(ValueError):
         schedule_for("ddpm", 1000)  # "leading" + steps_offset=1 would reach t=1000
     with pytest.raises(ValueError):
-        schedule_for("heun", 10)
+        schedule_for("lms", 10)
 
 
 @pytest.mark.parametrize("steps", [7, 10, 25, 50])
@@ -166,7 +170,7 @@ def test_img2img_start_index(steps):
 
 # --------------------------------------------------------------------------------------------- parity
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras"])
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_deterministic_parity(name, steps, dtype):
@@ -191,7 +195,7 @@ def test_stochastic_parity_same_generator(name, opts, steps):
     assert rel_err(out, ref) < 3e-6
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "heun", "dpmpp_2m_karras"])
 @pytest.mark.parametrize("strength", [0.35, 0.8])
 def test_img2img_parity(name, strength):
     g = torch.Generator().manual_seed(3)
@@ -199,7 +203,8 @@ def test_img2img_parity(name, strength):
     noise = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     ref, ref_ts = diffusers_loop(name, 20, noise, strength=strength, init=init)
     out, ts = fastsd_loop(name, 20, noise, strength=strength, init=init)
-    assert ts == ref_ts and len(ts) == int(20 * strength)
+    steps = int(20 * strength)
+    assert ts == ref_ts and len(ts) == (2 * steps - 1 if name == "heun" else steps)  # Heun: two calls a step but the last
     assert rel_err(out, ref) < 3e-6
 
 

@@ -7,7 +7,7 @@ from fastsd import backends
 from fastsd.denoisers import CFGDenoiser
 from fastsd.kernels._reference import cfg_step as cfg_step_reference
 from fastsd.samplers import (SAMPLERS, ancestral_coeffs, ddpm_coeffs, denoise_and_step, dpmpp_2m_coeffs,
-                             euler_coeffs)
+                             euler_coeffs, heun_coeffs)
 from fastsd.kernels.cfg_step import cfg_step, cfg_step_config, cfg_step_op
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -17,6 +17,7 @@ SCALE = 7.5
 # (name, coeffs, has_old, has_noise): each sampler's coefficient pattern (sigma 14.6 -> 9.7, prev 20.1)
 PATTERNS = [
     ("euler", euler_coeffs(14.6, 9.7), False, False),
+    ("heun", heun_coeffs(14.6, 9.7), True, False),  # the correction: a = 1, c = -b
     ("euler_a", ancestral_coeffs(14.6, 9.7, 1.0), False, True),
     ("ddim_eta", ancestral_coeffs(14.6, 9.7, 0.5), False, True),
     ("ddpm", ddpm_coeffs(14.6, 9.7), False, True),
@@ -168,7 +169,7 @@ def test_ops_cfg_step_routes_to_the_kernel(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["euler", "euler_a", "ddpm", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["euler", "heun", "euler_a", "ddpm", "dpmpp_2m"])
 def test_sampler_loops_triton_vs_torch(name, monkeypatch):
     """Whole sampler loops (6 steps) with a guided CFGDenoiser: the fused kernel on every step under triton,
     the same seeded noise stream (draw order unchanged), callbacks see the same denoised."""
@@ -191,7 +192,7 @@ def test_sampler_loops_triton_vs_torch(name, monkeypatch):
         out[be] = spec(model, x0, sched.sigmas, disable=True, callback=lambda d: seen[be].append(d["denoised"]),
                        **opts)
     assert torch.equal(gens["torch"].get_state(), gens["triton"].get_state())  # same number of draws
-    assert len(calls) == 6
+    assert len(calls) == (11 if name == "heun" else 6)  # Heun: two model calls a step, one on the last
     torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-5)
     for a, b in zip(seen["triton"], seen["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
