@@ -36,6 +36,8 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
   dpmpp_2m    h = log(s/s'); first step and the step to s' = 0: a = s'/s, b = 1 - e^-h; otherwise with
               r = log(s_prev/s)/h: a = s'/s, b = (1 - e^-h)(1 + 1/(2r)), c = -(1 - e^-h)/(2r)
               (diffusers' DPMSolverMultistep dpmsolver++ midpoint order 2, lower_order_final, final sigma 0).
+  dpmpp_2m_sde  the same with diffusers' "sde-dpmsolver++" (midpoint): a = (s'/s) e^-h, E = 1 - e^-2h, b = E (first
+              step and the step to 0) or E (1 + 1/(2r)), c = -E/(2r), d = s' sqrt(E) (fresh noise each step)
   lcm         t = the timestep of s, c_skip = 0.25/((10t)^2+0.25), c_out = 10t/sqrt((10t)^2+0.25):
               a = c_skip/sqrt(1+s^2), b = c_out, d = s' (fresh noise; none after the last step) (LCMScheduler)
 """
@@ -153,15 +155,32 @@ def dpmpp_2m_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float
     return (a, one_minus_exp * (1.0 + 1.0 / (2.0 * r)), -one_minus_exp / (2.0 * r), 0.0)
 
 
+def dpmpp_2m_sde_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float) -> Coeffs:
+    """DPM-Solver++(2M) SDE step (diffusers' algorithm_type="sde-dpmsolver++", midpoint): first order as
+    dpmpp_2m_coeffs; the noise term s' sqrt(1 - e^-2h) is zero on the step to sigma 0."""
+    if sigma_next == 0:
+        return (0.0, 1.0, 0.0, 0.0)
+    h = math.log(sigma / sigma_next)
+    e = -math.expm1(-2.0 * h)
+    a, d = sigma_next / sigma * math.exp(-h), sigma_next * math.sqrt(e)
+    if sigma_prev is None:
+        return (a, e, 0.0, d)
+    r = math.log(sigma_prev / sigma) / h
+    return (a, e * (1.0 + 1.0 / (2.0 * r)), -e / (2.0 * r), d)
+
+
 # --------------------------------------------------------------------------------------------- noise
 
-def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> NoiseSampler:
+def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] = None,
+                          dtype: Optional[torch.dtype] = None) -> NoiseSampler:
     """Fresh standard normal noise shaped like x, drawn as diffusers' randn_tensor draws its step noise (on the
-    generator's device, in x's dtype, then moved), so the same seeded generator reproduces diffusers' stream."""
+    generator's device, in `dtype` (x's if None: diffusers' schedulers draw in the model output's dtype, its DPM
+    SDE in fp32), then moved to x's device and dtype), so the same seeded generator reproduces diffusers' stream."""
     gen_device = generator.device if generator is not None else x.device
 
     def sample(sigma, sigma_next):
-        return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+        return torch.randn(x.shape, generator=generator, device=gen_device, dtype=dtype or x.dtype).to(x.device,
+                                                                                                      x.dtype)
 
     return sample
 
@@ -256,6 +275,25 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 
 @torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                        generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
+    """DPM-Solver++(2M) SDE (diffusers DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", midpoint,
+    final sigma 0): dpmpp_2m's steps with fresh noise from `noise_sampler(sigma, sigma_next)`, else randn with
+    `generator`; none on the step to sigma 0."""
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    if noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, generator, torch.float32)
+    old_denoised = None
+    for i in _trange(len(s) - 1, disable=disable):
+        coeffs = dpmpp_2m_sde_coeffs(None if old_denoised is None else s[i - 1], s[i], s[i + 1])
+        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, coeffs, old_denoised,
+                                            draw_noise=lambda: noise_sampler(sigmas[i], sigmas[i + 1]))
+        _callback(callback, x, i, sigmas[i], denoised)
+        x, old_denoised = x_next, denoised
+    return x
+
+
+@torch.no_grad()
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
                generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None,
                timestep_scaling: float = 10.0, scheduler: SchedulerConfig = SchedulerConfig()):
@@ -297,7 +335,8 @@ class SamplerSpec:
 
 # Each matches its diffusers twin built with from_config(SD1.5 scheduler config) (see README "Generating"):
 # euler EulerDiscreteScheduler, heun HeunDiscreteScheduler, euler_a EulerAncestralDiscreteScheduler, ddim DDIMScheduler, ddpm DDPMScheduler,
-# dpmpp_2m DPMSolverMultistepScheduler, dpmpp_2m_karras the same with use_karras_sigmas=True, lcm LCMScheduler.
+# dpmpp_2m DPMSolverMultistepScheduler, dpmpp_2m_karras the same with use_karras_sigmas=True, dpmpp_2m_sde(_karras)
+# the same with algorithm_type="sde-dpmsolver++", lcm LCMScheduler.
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("euler", sample_euler, False),
     SamplerSpec("euler_a", sample_euler_ancestral, True),
@@ -306,12 +345,15 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("ddpm", sample_ddpm, True),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, False),
     SamplerSpec("dpmpp_2m_karras", sample_dpmpp_2m, False),
+    SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, True),
+    SamplerSpec("dpmpp_2m_sde_karras", sample_dpmpp_2m_sde, True),
     SamplerSpec("lcm", sample_lcm, True),
 )}
 
 # The names A1111 writes in its infotext ("Sampler: Euler a").
 A1111_NAMES: dict[str, str] = {"euler": "Euler", "heun": "Heun", "euler_a": "Euler a", "ddim": "DDIM", "ddpm": "DDPM",
-                               "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM"}
+                               "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
+                               "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras", "lcm": "LCM"}
 
 # After normalisation (lower case, "++" -> "pp", runs of spaces/hyphens -> "_", leading "k_"/"sample_" dropped),
 # the A1111 names become canonical ("Euler a" -> euler_a, "DPM++ 2M Karras" -> dpmpp_2m_karras); a few more:

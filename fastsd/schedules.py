@@ -199,6 +199,8 @@ SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
     "euler_a": ("euler", False),
     "dpmpp_2m": ("dpm", False),
     "dpmpp_2m_karras": ("dpm", True),
+    "dpmpp_2m_sde": ("dpm", False),
+    "dpmpp_2m_sde_karras": ("dpm", True),
     "lcm": ("lcm", False),
 }
 

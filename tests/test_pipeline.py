@@ -9,18 +9,7 @@ from fastsd import load_pipeline
 from fastsd.config import SD15, TINY
 from fastsd.image import parse_infotext, psnr
 
-from fastsd.testing import SD15_SCHEDULER  # noqa: E402
-
-
-def scheduler(name):
-    import diffusers
-
-    cls = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler,
-           "heun": diffusers.HeunDiscreteScheduler,
-           "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
-           "dpmpp_2m_karras": diffusers.DPMSolverMultistepScheduler}[name]
-    extra = {"use_karras_sigmas": True} if name == "dpmpp_2m_karras" else {}
-    return cls.from_config(SD15_SCHEDULER, **extra)
+from fastsd.testing import diffusers_scheduler as scheduler  # noqa: E402  (fastsd sampler -> its diffusers twin)
 
 
 def make_models(cfg, root):
@@ -100,7 +89,7 @@ def run_img2img(pipe, models, sampler, size, steps, strength):
     assert_same_image(ours, ref)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras"])
 def test_img2img_matches_diffusers(tiny, sampler):
     _, models, pipe = tiny
     run_img2img(pipe, models, sampler, 64, 10, 0.6)

@@ -39,6 +39,9 @@ def _prototype_scheduler(name: str):
         "euler_a": lambda: d.EulerAncestralDiscreteScheduler.from_config(SD15),
         "dpmpp_2m": lambda: d.DPMSolverMultistepScheduler.from_config(SD15),
         "dpmpp_2m_karras": lambda: d.DPMSolverMultistepScheduler.from_config(SD15, use_karras_sigmas=True),
+        "dpmpp_2m_sde": lambda: d.DPMSolverMultistepScheduler.from_config(SD15, algorithm_type="sde-dpmsolver++"),
+        "dpmpp_2m_sde_karras": lambda: d.DPMSolverMultistepScheduler.from_config(
+            SD15, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
         "lcm": lambda: d.LCMScheduler.from_config(SD15),
     }[name]()
 
@@ -182,7 +185,8 @@ def test_deterministic_parity(name, steps, dtype):
     assert rel_err(out, ref) < 3e-6
 
 
-@pytest.mark.parametrize("name,opts", [("euler_a", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("lcm", {})])
+@pytest.mark.parametrize("name,opts", [("euler_a", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("lcm", {}),
+                                       ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde_karras", {})])
 @pytest.mark.parametrize("steps", [4, 10, 25])
 def test_stochastic_parity_same_generator(name, opts, steps):
     """With one seeded generator for the start noise and the step noise, the draws line up with diffusers'."""

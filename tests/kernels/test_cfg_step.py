@@ -7,7 +7,7 @@ from fastsd import backends
 from fastsd.denoisers import CFGDenoiser
 from fastsd.kernels._reference import cfg_step as cfg_step_reference
 from fastsd.samplers import (SAMPLERS, ancestral_coeffs, ddpm_coeffs, denoise_and_step, dpmpp_2m_coeffs,
-                             euler_coeffs, heun_coeffs)
+                             dpmpp_2m_sde_coeffs, euler_coeffs, heun_coeffs)
 from fastsd.kernels.cfg_step import cfg_step, cfg_step_config, cfg_step_op
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -24,6 +24,7 @@ PATTERNS = [
     ("dpmpp_2m_first", dpmpp_2m_coeffs(None, 14.6, 9.7), False, False),
     ("dpmpp_2m", dpmpp_2m_coeffs(20.1, 14.6, 9.7), True, False),
     ("dpmpp_2m_last", dpmpp_2m_coeffs(0.3, 0.1, 0.0), True, False),  # a = 0, c = 0: x and old not read
+    ("dpmpp_2m_sde", dpmpp_2m_sde_coeffs(20.1, 14.6, 9.7), True, True),  # every term
 ]
 
 
@@ -169,7 +170,7 @@ def test_ops_cfg_step_routes_to_the_kernel(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "euler_a", "ddpm", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["euler", "heun", "euler_a", "ddpm", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_sampler_loops_triton_vs_torch(name, monkeypatch):
     """Whole sampler loops (6 steps) with a guided CFGDenoiser: the fused kernel on every step under triton,
     the same seeded noise stream (draw order unchanged), callbacks see the same denoised."""
