@@ -414,3 +414,19 @@ def test_img2img_takes_a_jpeg_and_refuses_a_tiff(server):
         assert r.status_code == 200 and decode(r.json()["images"][0]).size == (64, 64), r.text
         r = c.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [b64_image("TIFF")], "steps": 2})
         assert r.status_code == 422 and "TIFF images are not read" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("name, scheduler, want, warned", [
+    ("DPM++ 2M", "Karras", "dpmpp_2m_karras", False), ("DPM++ 2M SDE", "Karras", "dpmpp_2m_sde_karras", False),
+    ("DPM++ 2M SDE Karras", "Automatic", "dpmpp_2m_sde_karras", False), ("Heun", "", "heun", False),
+    ("Euler", "Karras", "euler", True),
+])
+def test_a1111_sampler_and_scheduler_fields(name, scheduler, want, warned):
+    """A1111 1.9+ sends the schedule apart ("DPM++ 2M SDE" + "Karras"); older clients send the joint name."""
+    from types import SimpleNamespace
+
+    from fastsd.serve.generation import _sampler
+
+    warnings = []
+    assert _sampler(SimpleNamespace(sampler_name=name, sampler_index=None, scheduler=scheduler), warnings) == want
+    assert bool(warnings) == warned

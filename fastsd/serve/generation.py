@@ -27,7 +27,7 @@ SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
 # A1111's separate `scheduler` field (1.9+): names that leave the sampler's own schedule (accepted quietly)
 # and the (sampler, scheduler) pairs fastsd has as one sampler.
 DEFAULT_SCHEDULERS = {"", "automatic"}
-SCHEDULED = {("dpmpp_2m", "karras"): "dpmpp_2m_karras"}
+SCHEDULED = {("dpmpp_2m", "karras"): "dpmpp_2m_karras", ("dpmpp_2m_sde", "karras"): "dpmpp_2m_sde_karras"}
 ETA = {"euler_a": 1.0, "ddpm": 1.0, "ddim": 0.0}  # the samplers eta applies to, and the eta fastsd runs them with
 A1111_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength"}
 
