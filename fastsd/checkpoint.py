@@ -469,7 +469,12 @@ def fill(module: nn.Module, refs: dict[str, TensorRef], *, dtype: torch.dtype, d
     """Fill a module built on the meta device, reading one tensor at a time (never two copies of the model)."""
     for name, _ in list(module.named_parameters()):
         owner, _, leaf = name.rpartition(".")
-        t = refs[name].load().to(device=device, dtype=dtype)
+        ref = refs[name]
+        if ref.load_into is not None and device.type == "cpu":  # read (and converted) straight into the weight
+            t = torch.empty(ref.shape, dtype=dtype)
+            ref.load_into(t)
+        else:
+            t = ref.load().to(device=device, dtype=dtype)
         setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
     return module.eval()
 

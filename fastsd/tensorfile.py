@@ -11,6 +11,7 @@ import os
 import pickle
 import stat
 import struct
+import threading
 import zipfile
 from dataclasses import dataclass
 from typing import Callable
@@ -74,6 +75,7 @@ class TensorRef:
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
     dtype: torch.dtype | None = None  # as stored in the file (None: not known before reading)
+    load_into: Callable[[torch.Tensor], None] | None = None  # fill a CPU tensor of `shape`, any dtype, from the file
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -> "TensorRef":
         """The same tensor with `fn` applied when it is read (e.g. a reshape); `shape` is the result's shape."""
@@ -88,7 +90,8 @@ def read_safetensors(path: str) -> dict[str, TensorRef]:
     """The tensors of a .safetensors file, its header checked against the format before any data is read."""
     header, base, size = read_header(path)
     entries = _check_header(path, header, size - base)
-    return {name: TensorRef(shape, _safetensors_reader(path, base + start, end - start, dtype, shape), dtype)
+    return {name: TensorRef(shape, _safetensors_reader(path, base + start, end - start, dtype, shape), dtype,
+                            _safetensors_filler(path, base + start, end - start, dtype))
             for name, (dtype, shape, start, end) in entries.items()}
 
 
@@ -173,6 +176,36 @@ def _safetensors_reader(path: str, offset: int, nbytes: int, dtype: torch.dtype,
         return buf.view(dtype).reshape(shape)
 
     return load
+
+
+CHUNK_BYTES = 16 << 20  # the scratch a converting read goes through (one per thread, kept: warm memory)
+_local = threading.local()
+
+
+def _safetensors_filler(path: str, offset: int, nbytes: int, dtype: torch.dtype):
+    """Read a tensor's bytes straight into `out` when it has the file's dtype, else a chunk at a time through one
+    reused scratch buffer, converted into `out` (no full-size temporary: loading an fp16 file as bf16 writes each
+    weight's memory once)."""
+    def fill(out: torch.Tensor) -> None:
+        if out.numel() * dtype.itemsize != nbytes or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"{path}: a tensor of {nbytes} bytes of {dtype} can't fill {tuple(out.shape)} {out.dtype}")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if out.dtype == dtype:
+                if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != nbytes:
+                    raise CheckpointError(f"{path}: file is truncated")
+                return
+            scratch = getattr(_local, "scratch", None)
+            if scratch is None:
+                scratch = _local.scratch = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+            flat, step = out.view(-1), CHUNK_BYTES // dtype.itemsize
+            for i in range(0, flat.numel(), step):
+                n = min(step, flat.numel() - i) * dtype.itemsize
+                if f.readinto(memoryview(scratch.numpy())[:n]) != n:
+                    raise CheckpointError(f"{path}: file is truncated")
+                flat[i:i + n // dtype.itemsize].copy_(scratch[:n].view(dtype))
+
+    return fill
 
 
 def torch_load(path: str):

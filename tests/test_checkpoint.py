@@ -237,3 +237,47 @@ def test_loading_a_file_imports_no_compiler(tiny, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
                          check=True).stdout.split()
     assert out[0] == "False" and float(out[1]) > 0  # (and the embedding is the file's, not left empty)
+
+
+def test_weights_are_read_straight_into_their_dtype(tmp_path, monkeypatch):
+    """TensorRef.load_into: the file's bytes into the weight itself, or through a small per-thread scratch
+    converted a chunk at a time (several chunks and a ragged last one here): the bits of load().to(dtype); two
+    threads at once don't share a scratch; a file cut short after its header was read is one CheckpointError."""
+    import threading
+
+    from fastsd import tensorfile
+
+    monkeypatch.setattr(tensorfile, "CHUNK_BYTES", 1000)
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"w{i}": (torch.randn(37, 29, generator=g) * 100).to(dt)
+               for i, dt in enumerate((torch.float16, torch.float32, torch.bfloat16, torch.float64))}
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    refs = tensorfile.read_safetensors(str(path))
+    for name, ref in refs.items():
+        for dt in (torch.float32, torch.bfloat16, torch.float16, ref.dtype):
+            out = torch.empty(ref.shape, dtype=dt)
+            ref.load_into(out)
+            assert torch.equal(out, tensors[name].to(dt)), (name, dt)
+    results = {}
+
+    def read(k):
+        outs = []
+        for _ in range(20):
+            out = torch.empty(refs["w0"].shape, dtype=torch.float32)
+            refs["w0"].load_into(out)
+            outs.append(out)
+        results[k] = outs
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(o, tensors["w0"].float()) for outs in results.values() for o in outs)
+    with open(path, "r+b") as f:
+        f.truncate(tensorfile.read_header(str(path))[1] + 10)  # the header and 10 bytes of data are left
+    for ref in refs.values():
+        for dt in (torch.float32, ref.dtype):  # converting or straight
+            with pytest.raises(CheckpointError, match="file is truncated"):
+                ref.load_into(torch.empty(ref.shape, dtype=dt))
