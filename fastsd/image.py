@@ -149,6 +149,16 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, object]
 _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param
 
 
+def _unquote(v: str) -> str:
+    """A value as A1111's unquote reads it: a JSON string when quoted and valid, else the text as it is."""
+    if len(v) > 1 and v[0] == v[-1] == '"':
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v.strip()
+
+
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     """Inverse of format_infotext (and reads A1111's own): (prompt, negative_prompt, params as strings)."""
     *head, last = text.strip().split("\n")
@@ -159,9 +169,7 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
         if line.startswith("Negative prompt:"):
             in_neg, line = True, line[len("Negative prompt:"):].strip()
         (neg_lines if in_neg else prompt_lines).append(line)
-    params = {}
-    for k, v in _PARAM_RE.findall(last):
-        params[k.strip()] = json.loads(v) if len(v) > 1 and v[0] == v[-1] == '"' else v.strip()
+    params = {k.strip(): _unquote(v) for k, v in _PARAM_RE.findall(last)}
     return "\n".join(prompt_lines).strip(), "\n".join(neg_lines).strip(), params
 
 

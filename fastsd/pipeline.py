@@ -445,7 +445,7 @@ class Pipeline:
         try:
             x = self.denoise(p, cond, uncond, s, on_step=on_step, progress=progress, preview_every=preview_every)
         except Interrupted as stop:
-            if on_interrupt == "raise":
+            if on_interrupt == "raise" or stop.latents is None:  # (None: not raised by on_step, no prediction)
                 raise
             x = stop.latents
         images = tensor_to_pil(self.decode(x, tiled_vae))

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 from serve_server import Server, decode, info, png_b64
 
@@ -351,6 +351,14 @@ def test_png_info_reads_the_infotext_as_a1111_and_refreshes_answer_null(server):
         assert got["info"] == "a dog\nSteps: 4, Sampler: Euler, Seed: 9, Size: 8x16"
         assert got["parameters"] == {"Prompt": "a dog", "Negative prompt": "", "Steps": "4", "Sampler": "Euler",
                                      "Seed": "9", "Size": "8x16", "Size-1": "8", "Size-2": "16"}
+
+        odd = PngImagePlugin.PngInfo()  # escapes JSON can't read, or can read but not send: 200, kept as text
+        odd.add_text("parameters", 'a cat\nSteps: 2, Sampler: "a\\qb", Model: "\\ud800x", Seed: 3')
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "PNG", pnginfo=odd)
+        r = c.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()})
+        assert r.status_code == 200, r.text
+        assert r.json()["parameters"]["Sampler"] == '"a\\qb"' and r.json()["parameters"]["Model"].endswith("x")
 
         got = c.post("/sdapi/v1/png-info", json={"image": b64_image("PNG")}).json()  # no infotext
         assert got == {"info": "", "items": {}, "parameters": {}}

@@ -152,7 +152,8 @@ def png_info(info: dict, exif) -> dict:
     parsed as A1111's parse_generation_parameters does (values as text, "Size" also as Size-1 and Size-2)."""
     from fastsd.image import parse_infotext
 
-    items = {k: v for k, v in info.items() if isinstance(k, str) and isinstance(v, str) and k.lower() not in NOT_TEXT}
+    items = {_sendable(k): _sendable(v) for k, v in info.items()
+             if isinstance(k, str) and isinstance(v, str) and k.lower() not in NOT_TEXT}
     text = items.pop("parameters", None)
     if text is None:
         text = _user_comment(exif.get_ifd(0x8769).get(USER_COMMENT))
@@ -164,7 +165,13 @@ def png_info(info: dict, exif) -> dict:
         parameters[k] = v
         if m := re.fullmatch(r"(\d+)x(\d+)", v):
             parameters[f"{k}-1"], parameters[f"{k}-2"] = m.groups()
-    return {"info": text, "items": items, "parameters": parameters}
+    return {"info": _sendable(text), "items": items,
+            "parameters": {_sendable(k): _sendable(v) for k, v in parameters.items()}}
+
+
+def _sendable(text: str) -> str:
+    """The text with what JSON's UTF-8 can't carry (lone surrogates, from an escape in the infotext) as U+FFFDs."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _user_comment(raw) -> str | None:
