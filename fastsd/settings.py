@@ -28,8 +28,9 @@ class GenerationSettings:
     steps: int = field(default=20, metadata=_opt(f"sampling steps (1..{MAX_STEPS})"))
     guidance_scale: float = field(default=7.5, metadata=_opt("classifier-free guidance scale; <= 1 runs no "
                                                              "unconditional batch", flag="--cfg-scale"))
-    sampler: str = field(default="euler_a", metadata=_opt("euler_a, euler, ddim, ddpm, dpmpp_2m, dpmpp_2m_karras, "
-                                                          "lcm, or an A1111 name such as 'DPM++ 2M Karras'"))
+    sampler: str = field(default="euler_a", metadata=_opt("euler_a, euler, heun, ddim, ddpm, dpmpp_2m, "
+                                                          "dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, lcm, "
+                                                          "or an A1111 name such as 'DPM++ 2M Karras'"))
     seed: int | None = field(default=None, metadata=_opt("random when not given; image i of a batch uses seed + i"))
     width: int | None = field(default=None, metadata=_opt("a multiple of 8; default: the init image's width, else "
                                                           "512"))

@@ -66,3 +66,14 @@ def test_resolve_returns_a_copy():
     r = Pipeline.resolve(None, s, Image.new("RGB", (100, 60)))
     assert (r.width, r.height) == (96, 56) and r.seed is not None
     assert s.width is None and s.seed is None  # the caller's settings are untouched
+
+
+def test_the_sampler_option_help_names_every_sampler():
+    import dataclasses
+
+    from fastsd.samplers import SAMPLERS
+    from fastsd.settings import GenerationSettings
+
+    (field,) = [f for f in dataclasses.fields(GenerationSettings) if f.name == "sampler"]
+    listed = field.metadata["help"].split(", ")
+    assert all(name in listed for name in SAMPLERS), listed
