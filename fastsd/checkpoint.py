@@ -232,9 +232,7 @@ def check_kl_config(cfg: dict, path: Path | str) -> None:
     positive("layers_per_block", MAX_LAYERS)
     positive("latent_channels", MAX_CHANNELS)
     positive("norm_num_groups", MAX_CHANNELS)
-    groups = cfg.get("norm_num_groups", 32)
-    if any(b % groups for b in blocks):
-        raise bad("norm_num_groups", f"the block_out_channels {_shown(blocks)} must all be divisible by it")
+    _divides(cfg, "norm_num_groups", 32, blocks, bad)
     for key in ("in_channels", "out_channels"):
         if key in cfg and not (_is_int(cfg[key]) and cfg[key] == 3):
             raise bad(key, "a Stable Diffusion VAE takes and makes RGB images: 3")
@@ -283,6 +281,12 @@ def _levels(cfg: dict, path, bad, what: str, example: str) -> list[int]:
     return blocks
 
 
+def _divides(cfg: dict, field: str, default: int, blocks: list[int], bad) -> None:
+    """Refuse `field` (its value, else `default`) unless it divides every one of block_out_channels."""
+    if any(b % cfg.get(field, default) for b in blocks):
+        raise bad(field, f"the block_out_channels {_shown(blocks)} must all be divisible by it")
+
+
 def check_unet_config(cfg: dict, path) -> None:
     """The values of a diffusers UNet2DConditionModel config.json that fastsd's UNet is built from, checked
     before anything is built (as check_kl_config does for the VAE): one CheckpointError naming
@@ -298,8 +302,7 @@ def check_unet_config(cfg: dict, path) -> None:
     positive("layers_per_block", MAX_LAYERS)
     positive("cross_attention_dim", MAX_CHANNELS)
     positive("norm_num_groups", MAX_CHANNELS)
-    if any(b % cfg.get("norm_num_groups", 32) for b in blocks):
-        raise bad("norm_num_groups", f"the block_out_channels {_shown(blocks)} must all be divisible by it")
+    _divides(cfg, "norm_num_groups", 32, blocks, bad)
     heads = cfg.get("attention_head_dim", 8)  # diffusers' legacy name: in SD1.x configs, the head count
     if isinstance(heads, list):
         if len(heads) != len(blocks) or not all(_is_int(h) and 0 < h <= MAX_CHANNELS for h in heads):
@@ -310,8 +313,7 @@ def check_unet_config(cfg: dict, path) -> None:
         heads = heads[0]
     elif not (_is_int(heads) and 0 < heads <= MAX_CHANNELS):
         raise bad("attention_head_dim", "expected a positive integer (the head count; SD1.x: 8)")
-    if any(b % heads for b in blocks):
-        raise bad("attention_head_dim", f"the block_out_channels {_shown(blocks)} must all be divisible by it")
+    _divides({"attention_head_dim": heads}, "attention_head_dim", 8, blocks, bad)
     for key, names in (("down_block_types", UNET_DOWN_BLOCKS), ("up_block_types", UNET_UP_BLOCKS)):
         if key not in cfg:
             if key == "down_block_types":

@@ -293,8 +293,8 @@ def _kind(path: str, layer: str, parts: dict) -> str:
     """"lora", "locon_cp", "loha" or "lokr" from a layer's tensors; CheckpointError naming what is missing or
     mixed."""
     have = set(parts) - {"alpha"}
-    kinds = {"lora": {"down", "up", "mid"}, "loha": set(HADA) | {"hada_t1", "hada_t2"},
-             "lokr": set(LOKR) | {"lokr_t2"}}
+    kinds = {"lora": {"down", "up", "mid"}, "loha": set(HADA) | {c for c in CORES if c.startswith("hada")},
+             "lokr": set(LOKR) | {c for c in CORES if c.startswith("lokr")}}
     kind = next((k for k, names in kinds.items() if have and have <= names), None)
     if kind is None and have:
         raise CheckpointError(f"{path}: {layer} mixes factors of different kinds: {', '.join(sorted(have))}")
@@ -318,10 +318,11 @@ def _kind(path: str, layer: str, parts: dict) -> str:
     return "locon_cp" if kind == "lora" and "mid" in have else kind
 
 
-def _cp_fits(t: tuple, a: tuple, b: tuple, w: tuple) -> bool:
-    """Whether a CP core t (r1, r2, kh, kw) with a (r1, out), b (r2, in) makes a convolution weight w."""
-    return len(t) == 4 == len(w) and len(a) == 2 == len(b) and a == (t[0], w[0]) and b == (t[1], w[1]) \
-        and t[2:] == w[2:]
+def _cp_shape(t: tuple, a: tuple, b: tuple) -> tuple | None:
+    """The shape cp(t, a, b) makes, (out, in, kh, kw), when core t (r1, r2, kh, kw), a (r1, out), b (r2, in) fit
+    one another; else None."""
+    ok = len(t) == 4 and len(a) == 2 == len(b) and (a[0], b[0]) == t[:2]
+    return (a[1], b[1], *t[2:]) if ok else None
 
 
 def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | None:
@@ -331,11 +332,11 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | No
     shown = "factors " + ", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if k != "alpha") + f" vs layer {w}"
     if kind == "locon_cp":  # down (r2, in[, 1, 1]), mid (r1, r2, kh, kw), up (out, r1[, 1, 1])
         down, up = (shapes[k][:2] if shapes[k][2:] in ((), (1, 1)) else None for k in ("down", "up"))
-        ok = down is not None and up is not None and _cp_fits(shapes["mid"], up[::-1], down, w)
+        ok = down is not None and up is not None and _cp_shape(shapes["mid"], up[::-1], down) == w
         return None if ok else shown
     if kind == "loha":
         ok = all(len(shapes[k]) >= 2 for k in HADA) and all(
-            _cp_fits(shapes[f"hada_t{i}"], shapes[f"hada_w{i}_a"], shapes[f"hada_w{i}_b"], w) if f"hada_t{i}" in shapes
+            _cp_shape(shapes[f"hada_t{i}"], shapes[f"hada_w{i}_a"], shapes[f"hada_w{i}_b"]) == w if f"hada_t{i}" in shapes
             else shapes[f"hada_w{i}_a"][1] == shapes[f"hada_w{i}_b"][0] and shapes[f"hada_w{i}_a"][0] == w[0]
             and math.prod(shapes[f"hada_w{i}_b"][1:]) * w[0] == numel for i in (1, 2))
         return None if ok else shown
@@ -344,9 +345,8 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | No
         if k in shapes:
             dims.append((shapes[k][0], math.prod(shapes[k][1:])) if len(shapes[k]) >= 2 else None)
         elif k == "lokr_w2" and "lokr_t2" in shapes:  # cp(t2, a, b): (a's columns, b's columns, kh, kw)
-            t, a, b = shapes["lokr_t2"], shapes["lokr_w2_a"], shapes["lokr_w2_b"]
-            fits = len(t) == 4 == len(w) and len(a) == 2 == len(b) and (a[0], b[0]) == t[:2] and t[2:] == w[2:]
-            dims.append((a[1], b[1] * math.prod(t[2:])) if fits else None)
+            cp = _cp_shape(shapes["lokr_t2"], shapes["lokr_w2_a"], shapes["lokr_w2_b"])
+            dims.append((cp[0], math.prod(cp[1:])) if cp is not None and cp[2:] == w[2:] else None)
         else:
             a, b = shapes[k + "_a"], shapes[k + "_b"]
             dims.append((a[0], math.prod(b[1:])) if len(a) == 2 and len(b) >= 2 and a[1] == b[0] else None)
