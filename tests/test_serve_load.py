@@ -3,6 +3,7 @@
 running job at its next step; a client that goes away mid-generation or while queued frees the worker."""
 import concurrent.futures
 import gc
+import signal
 import threading
 import time
 
@@ -138,3 +139,25 @@ def test_client_that_disconnects_frees_the_worker():
         print(f"client gone (job seen at step {seen} of 150): the worker was free {time.monotonic() - t:.1f} s later")
         r = c.post("/sdapi/v1/txt2img", json=STORM)
         assert r.status_code == 200 and len(r.json()["images"]) == 1
+
+
+def test_shutdown_answers_the_running_request_503():
+    """SIGTERM stops the running job at its next step: its request gets a 503 (as the waiting ones; nothing
+    decoded for it, see test_serve_robust), and the server exits without a traceback."""
+    from serve_server import MAIN_ARGS, Server
+
+    server = Server(list(MAIN_ARGS))
+    try:
+        got = []
+        with server.client() as c:
+            asker = threading.Thread(target=lambda: got.append(c.post("/sdapi/v1/txt2img", json=LONG)), daemon=True)
+            asker.start()
+            wait_running(c, min_step=1)
+            server.proc.send_signal(signal.SIGTERM)
+            asker.join(timeout=60)
+        (r,) = got
+        assert r.status_code == 503 and r.json()["detail"] == "the server is shutting down"
+        assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn ends by re-raising the signal
+        assert "Traceback" not in server.log_text()
+    finally:
+        server.stop()

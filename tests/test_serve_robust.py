@@ -329,6 +329,46 @@ def test_run_plan_skip_moves_to_the_next_iteration():
 
 
 
+def test_run_plan_of_a_job_whose_client_left_decodes_nothing(monkeypatch):
+    """A1111 decodes what an interrupted job reached; a job whose client has gone (or that the shutdown stops) has
+    nobody to send it to: it stops at its next step without a VAE decode, and the worker counts it cancelled."""
+    import fastsd
+    from fastsd.serve.generation import Plan, run_plan
+    from fastsd.serve.jobqueue import Cancelled, Job, JobQueue
+    from fastsd.serve.networks import Networks
+    from fastsd.serve.registry import ModelEntry
+
+    pipe = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+    decodes = []
+    decode = pipe.decode
+    monkeypatch.setattr(pipe, "decode", lambda *a, **k: decodes.append(1) or decode(*a, **k))
+    s = GenerationSettings("x", seed=10, width=64, height=64, steps=4)
+    plan = Plan("txt2img", ModelEntry("m", "m", None, pipe), s, 2, None, None, (), (), True, {})
+    queue = JobQueue(max_queue=2)
+    try:
+        job = Job("txt2img", lambda j: run_plan(plan, j, Networks(None, None)), steps=4, iterations=2)
+        stepped = job.on_step
+
+        def on_step(step, total, preview):
+            if step == 2:
+                queue.cancel(job)  # the client goes away while step 2 runs
+            stepped(step, total, preview)
+
+        job.on_step = on_step
+        queue.submit(job)
+        with pytest.raises(Cancelled, match="txt2img stopped at step 2"):
+            job.future.result(timeout=60)
+        queue.close()
+        queue.join(timeout=10)
+        assert decodes == [] and queue.counts["cancelled"] == 1 and queue.counts.get("finished", 0) == 0
+        # an interrupted job (its client still there) gets that step's images, decoded once
+        job = Job("txt2img", lambda j: run_plan(plan, j, Networks(None, None)), steps=4, iterations=2)
+        job.interrupted = True
+        assert len(run_plan(plan, job, Networks(None, None))["images"]) == 1 and decodes == [1]
+    finally:
+        queue.close()
+
+
 # ---- /png-info -----------------------------------------------------------------------------------------------
 
 

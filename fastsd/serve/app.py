@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from fastsd.serve.auth import Auth
 from fastsd.serve.generation import a1111_names, build_plan, encode_png, png_info, run_plan
-from fastsd.serve.jobqueue import Job, JobQueue, QueueFull
+from fastsd.serve.jobqueue import Cancelled, Job, JobQueue, QueueFull
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.networks import Networks
 from fastsd.serve.registry import Registry
@@ -134,11 +134,14 @@ async def _wait(state: ServerState, job: Job, request: Request):
         await asyncio.wait({fut}, timeout=0.25)
         if not fut.done() and await request.is_disconnected():
             state.queue.cancel(job)
+            fut.cancel()  # unhooks the worker's outcome (a Cancelled nobody reads)
             return JSONResponse({"detail": "client disconnected"}, 499)
     if fut.cancelled():
         raise HTTPException(503, "the server is shutting down")
     try:
         return fut.result()
+    except Cancelled:  # stopped by the shutdown while it ran (a gone client was answered above)
+        raise HTTPException(503, "the server is shutting down") from None
     except BadRequest:
         raise
     except user_errors() as e:  # the pipeline refused what was asked (checked there, not here): still a 4xx

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from fastsd.lora import drop_tags, strip_tags
 from fastsd.samplers import A1111_NAMES, resolve_sampler_name
+from fastsd.serve.jobqueue import Cancelled
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
 from fastsd.settings import SEED_LIMIT, GenerationSettings
@@ -198,7 +199,8 @@ def encode_png(image: Image.Image) -> str:
 def run_plan(plan: Plan, job, networks) -> dict:
     """On the worker thread: the n_iter generations, stopping at the next step when the job is stopped.
     Returns A1111's response body. As A1111, an iteration left at a step by /interrupt or /skip gives the images of
-    that step's prediction (half-denoised); an interrupt runs no further iteration."""
+    that step's prediction (half-denoised); an interrupt runs no further iteration. A job whose client has gone
+    (or stopped by the server's shutdown) raises `Cancelled` at that step instead: no images are decoded."""
     from fastsd import Interrupted
 
     pipe = plan.model.pipe
@@ -212,6 +214,8 @@ def run_plan(plan: Plan, job, networks) -> dict:
             try:
                 job.on_step(step, total, preview)
             except Interrupted:
+                if job.cancelled:  # the client has gone or the server stops: decode nothing for nobody
+                    raise Cancelled(f"{job.kind} stopped at step {step}: client gone or server stopping") from None
                 left_at.append(step)
                 raise
 

@@ -6,6 +6,7 @@ and double the memory.
 A job stops at its next sampler step when interrupted (/sdapi/v1/interrupt) or when its client went away
 (`cancel`): its `on_step` raises `fastsd.Interrupted`. A cancelled job that has not started never runs.
 /sdapi/v1/skip raises it the same way, once: the job's runner leaves the current iteration and goes on.
+A runner that sees its job cancelled raises `Cancelled` instead: nobody is left to read what it would return.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class QueueFull(Exception):
     def __init__(self, waiting: int, retry_after: int):
         super().__init__(f"the queue is full ({waiting} jobs waiting); retry in about {retry_after} s")
         self.retry_after = retry_after
+
+
+class Cancelled(Exception):
+    """A job stopped because its client went away or the server stops: it returns nothing."""
 
 
 @dataclass(eq=False)
