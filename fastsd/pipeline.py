@@ -51,6 +51,23 @@ def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], devi
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
 
 
+def variation_noise(noise: torch.Tensor, subnoise: torch.Tensor, strength: float) -> torch.Tensor:
+    """A1111's variation seed: each image's start noise (B, C, H, W) moved toward its variation noise by spherical
+    interpolation, per (channel, column) as A1111's slerp does it on one image's (C, H, W); where the two are
+    almost parallel, its linear fallback (as written there: noise * strength + subnoise * (1 - strength))."""
+    dot = (noise / noise.norm(dim=2, keepdim=True) * (subnoise / subnoise.norm(dim=2, keepdim=True))).sum(2)
+    out = []
+    for lo, hi, d in zip(noise, subnoise, dot):  # A1111 decides the fallback per image
+        if d.mean() > 0.9995:
+            out.append(lo * strength + hi * (1 - strength))
+            continue
+        omega = torch.acos(d)
+        so = torch.sin(omega)
+        out.append((torch.sin((1.0 - strength) * omega) / so).unsqueeze(1) * lo
+                   + (torch.sin(strength * omega) / so).unsqueeze(1) * hi)
+    return torch.stack(out)
+
+
 @dataclass
 class Prepared:
     """What the denoising loop starts from (prepare_latents' result)."""
@@ -201,6 +218,8 @@ class Pipeline:
         params = {"Steps": s.steps, "Sampler": A1111_NAMES[get_sampler(s.sampler).name], "CFG scale": s.guidance_scale,
                   "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(), "Model": self.name,
                   "VAE hash": self.vae_hash(), "VAE": self.vae_name,
+                  "Variation seed": s.subseed + seed - s.seed if s.subseed_strength else None,
+                  "Variation seed strength": s.subseed_strength or None,
                   "Denoising strength": s.strength if img2img else None,
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None}
         prompt, params["Lora hashes"] = self._loras.infotext(s.prompt)
@@ -251,6 +270,9 @@ class Pipeline:
             noise = latents.float().to(self.device)
         else:
             noise = seeded_noise(gens, shape[1:], self.device)
+            if s.subseed_strength > 0:
+                subgens = [torch.Generator().manual_seed(s.subseed + i) for i in range(len(seeds))]
+                noise = variation_noise(noise, seeded_noise(subgens, shape[1:], self.device), s.subseed_strength)
         if x0 is None:
             x = noise * sched.init_noise_sigma
         else:
@@ -405,25 +427,28 @@ class Pipeline:
     # ---- all stages ---------------------------------------------------------------------------------------
 
     def resolve(self, s: GenerationSettings, image: Image.Image | None) -> GenerationSettings:
-        """Settings with the seed and size filled in (a copy): a random seed when none is given; the init
+        """Settings with the seed and size filled in (a copy): a random seed (and variation seed, when its strength
+        is > 0) when none is given; the init
         image's size (rounded down to a multiple of 8) when width/height are not given, else 512."""
         w = s.width or (image.width // 8 * 8 if image is not None else 512)
         h = s.height or (image.height // 8 * 8 if image is not None else 512)
         seed = s.seed if s.seed is not None else random.randrange(2**32)
-        return s.replace(width=w, height=h, seed=seed)
+        subseed = s.subseed if s.subseed is not None or s.subseed_strength == 0 else random.randrange(2**32)
+        return s.replace(width=w, height=h, seed=seed, subseed=subseed)
 
     @torch.no_grad()
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = 20, guidance_scale: float = 7.5,
                  sampler: str = "euler_a", seed: int | None = None, width: int | None = None,
                  height: int | None = None, num_images: int = 1, strength: float = 0.8, clip_skip: int = 1,
-                 image: Image.Image | None = None, mask: Image.Image | None = None,
+                 subseed: int | None = None, subseed_strength: float = 0.0, image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, progress: bool = True, tiled_vae: bool | None = None,
                  on_step: OnStep | None = None, preview_every: int = 1, on_interrupt: str = "raise",
                  allow_large: bool = False) -> list[Image.Image]:
         """txt2img; img2img when `image` is given; inpainting when `mask` is given too (white = repaint).
 
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
-        any image can be made again alone. `latents` are unit-variance start noise (num_images, 4, H/8, W/8),
+        any image can be made again alone; with `subseed_strength` > 0 its start noise is moved toward the noise of
+        `subseed` + i (A1111's variation seed). `latents` are unit-variance start noise (num_images, 4, H/8, W/8),
         scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
         int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
         each step; `preview` is an image every `preview_every` steps and at the last, else None. An `Interrupted`
@@ -431,8 +456,10 @@ class Pipeline:
         prediction at that step are returned (A1111's interrupt and skip). `allow_large` lifts the 4096 px limit
         on a side (the CLI's --allow-large)."""
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
-                               num_images, strength, clip_skip)
+                               num_images, strength, clip_skip, subseed, subseed_strength)
         _check_inputs(image, mask, latents, on_step, preview_every)
+        if latents is not None and subseed_strength:
+            raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")
         if on_interrupt not in ("raise", "decode"):
             raise ValueError(f'on_interrupt must be "raise" or "decode", not {on_interrupt!r}')
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
@@ -466,4 +493,4 @@ def _check_inputs(image, mask, latents, on_step, preview_every) -> None:
         raise ValueError(f"preview_every must be a positive integer, got {preview_every!r}")
 
 
-__all__ = ["Pipeline", "Prepared", "Interrupted", "seeded_noise"]
+__all__ = ["Pipeline", "Prepared", "Interrupted", "seeded_noise", "variation_noise"]

@@ -39,6 +39,11 @@ class GenerationSettings:
     num_images: int = field(default=1, metadata=_opt(f"images per run (1..{MAX_IMAGES})"))
     strength: float = field(default=0.8, metadata=_opt("img2img: how much to change the init image, in (0, 1]"))
     clip_skip: int = field(default=1, metadata=_opt("A1111 clip skip: 1 = last CLIP layer, 2 = penultimate"))
+    subseed: int | None = field(default=None, metadata=_opt("A1111 variation seed: image i's start noise is moved "
+                                                            "toward subseed + i's by --subseed-strength; random when "
+                                                            "not given"))
+    subseed_strength: float = field(default=0.0, metadata=_opt("A1111 variation strength in [0, 1]: 0 = the seed's "
+                                                               "image, 1 = the variation seed's"))
 
     @property
     def guided(self) -> bool:
@@ -67,6 +72,14 @@ class GenerationSettings:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
             if v > limit:
                 raise ValueError(f"{name} {v} is above {limit} px (allow_large / --allow-large lifts the limit)")
+        _check_float(self.subseed_strength, "subseed_strength")
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength}")
+        if self.subseed is not None:
+            _check_int(self.subseed, "subseed", 0, None)
+            if self.subseed + self.num_images > SEED_LIMIT:
+                raise ValueError(f"subseed + num_images must stay below 2**63, got subseed {self.subseed} with "
+                                 f"{self.num_images} images")
         if has_image and not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if has_mask and not has_image:

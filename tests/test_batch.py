@@ -73,8 +73,11 @@ def test_every_settings_option_is_a_job_default():
     from fastsd.batch.__main__ import build_parser
     from fastsd.settings import FIELDS
 
+    from fastsd.batch.jobs import NOT_BATCHED
+
     per_job = {f.name for f in dataclasses.fields(Defaults)} - {"loras"}
-    assert per_job == set(FIELDS) - {"prompt", "num_images", "strength"}
+    assert per_job == set(FIELDS) - {"prompt", "num_images", "strength", *NOT_BATCHED}
+    assert not set(NOT_BATCHED) & set(vars(build_parser().parse_args(["j.txt", "--out", "o"])))  # not offered
     assert per_job <= set(vars(build_parser().parse_args(["j.txt", "--out", "o"])))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastsd.batch.jobs import NOT_BATCHED
 from fastsd.cli import ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int
 from fastsd.generate import _settings_options, default_model
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="as python -m fastsd.generate --model; none given: $FASTSD_MODEL, else the only "
                    "SD1.x model in the local HF cache")
     p.add_argument("--out", required=True, help="output folder: ID.png per job and manifest.jsonl")
-    _settings_options(p, skip=("prompt", "num_images", "strength", "seed", "width", "height"))
+    _settings_options(p, skip=("prompt", "num_images", "strength", "seed", "width", "height", *NOT_BATCHED))
     p.add_argument("--seed", type=int, default=None, help="job i (0-based, in file order) uses seed + i; none given: "
                    "each job's seed is derived from its line and content")
     p.add_argument("--width", type=int, default=None, help="a multiple of 8; none given: 512")

@@ -120,6 +120,14 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
         raise BadRequest(f"seed {seed} with batch_size {req.batch_size} x n_iter {req.n_iter} = {images} images would "
                          f"pass the largest seed, 2**63 - 1 (image i uses seed + i); use a seed of at most "
                          f"{SEED_LIMIT - images}")
+    if req.subseed < -1:
+        raise BadRequest(f"subseed must be -1 (random) or at least 0, got {req.subseed}")
+    subseed = None
+    if req.subseed_strength:  # A1111's variation seed; -1: random (only drawn when it is used)
+        subseed = random.randrange(SEED_RANGE) if req.subseed == -1 else req.subseed
+        if subseed + images > SEED_LIMIT:
+            raise BadRequest(f"subseed {subseed} with {images} images would pass the largest seed, 2**63 - 1; use a "
+                             f"subseed of at most {SEED_LIMIT - images}")
     sampler = _sampler(req, warnings)
     if req.eta is not None and req.eta != ETA.get(sampler, req.eta):
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
@@ -130,7 +138,8 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     warnings += server.networks.check_embeddings(model.pipe, strip_tags(prompt), req.negative_prompt)
     img2img = kind == "img2img"
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
-                           size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip)
+                           size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
+                           subseed, req.subseed_strength)
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:
@@ -219,7 +228,9 @@ def run_plan(plan: Plan, job, networks) -> dict:
                 left_at.append(step)
                 raise
 
-        got = pipe.generate(**s.replace(seed=s.seed + it * s.num_images).kwargs(), image=plan.image,
+        shift = it * s.num_images  # iteration it's images: seed + shift + i (and subseed + shift + i)
+        got = pipe.generate(**s.replace(seed=s.seed + shift, subseed=None if s.subseed is None else s.subseed + shift
+                                        ).kwargs(), image=plan.image,
                             mask=plan.mask, progress=False, on_step=on_step, on_interrupt="decode", allow_large=True)
         images += got
         if left_at:
@@ -245,7 +256,9 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
     infotexts = [im.info.get("parameters", "") for im in images]
     info = {"prompt": s.prompt, "all_prompts": [s.prompt] * len(seeds), "negative_prompt": s.negative_prompt,
             "all_negative_prompts": [s.negative_prompt] * len(seeds), "seed": s.seed, "all_seeds": seeds,
-            "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0, "width": s.width,
+            "subseed": -1 if s.subseed is None else s.subseed,
+            "all_subseeds": [-1] * len(seeds) if s.subseed is None else [s.subseed + i for i in range(len(seeds))],
+            "subseed_strength": s.subseed_strength, "width": s.width,
             "height": s.height, "sampler_name": A1111_NAMES.get(s.sampler, s.sampler), "cfg_scale": s.guidance_scale,
             "steps": s.steps, "batch_size": s.num_images, "restore_faces": False, "face_restoration_model": None,
             "sd_model_name": entry.name, "sd_model_hash": entry.hash, "sd_vae_name": None, "sd_vae_hash": None,
