@@ -45,8 +45,9 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
 def add_run_sampling_args(p: argparse.ArgumentParser, *, sampler: str) -> None:
     """The options that sample a training run: run folder, sampler, steps, seed, clipping, progress."""
     p.add_argument("run", help="run folder written by python -m fastsd.train")
-    p.add_argument("--sampler", default=sampler, help="euler_a, euler, heun, ddim, ddpm, dpmpp_2m(_karras), "
-                   "dpmpp_2m_sde(_karras), lcm")
+    p.add_argument("--sampler", default=sampler, help="euler_a, euler(_karras), heun(_karras), lms(_karras), "
+                   "dpm2(_karras), dpm2_a(_karras), ddim, ddpm, dpmpp_2m(_karras), dpmpp_2s_a(_karras), "
+                   "dpmpp_2m_sde(_karras), unipc(_karras), lcm")
     p.add_argument("--steps", type=int_in(1, 1000), default=50)
     p.add_argument("--seed", type=int_in(0, 2 ** 63 - 1), default=0)
     p.add_argument("--no-clip", action="store_true", help="don't clip predicted x0 to [-1, 1] while sampling")

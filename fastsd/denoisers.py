@@ -27,8 +27,8 @@ class EpsDenoiser:
     x0 = x - sigma * eps.
 
     Timesteps: when a `schedule` is attached (constructor or `with_schedule`), a sigma that is one of the
-    schedule's sigmas gets exactly the schedule's timestep (diffusers' `scheduler.timesteps`: fractional for
-    Euler "linspace", rounded for DPM++ Karras). Any other sigma gets the fractional timestep from log-sigma
+    schedule's sigmas (or KDPM2 midpoints) gets exactly the schedule's timestep (diffusers' `scheduler.timesteps`:
+    fractional for Euler "linspace", rounded for DPM++ Karras). Any other sigma gets the fractional timestep from log-sigma
     interpolation (diffusers' `_sigma_to_t`, k-diffusion's `sigma_to_t`), rounded if `quantize`.
     t is passed as a float32 (B,) tensor on x's device (float32 keeps fractional timesteps exact; fp16 would not).
 
@@ -48,9 +48,9 @@ class EpsDenoiser:
         self.sigma_min = float(sig[0])
         self.sigma_max = float(sig[-1])
         if schedule is not None:
-            self._table = {float(s): float(t) for s, t in zip(schedule.sigmas[:-1].tolist(),
-                                                                schedule.timesteps.tolist())}
-            self._table_t = (schedule.sigmas[:-1].double(), schedule.timesteps.double())
+            tab_s, tab_t = schedule.timestep_table()  # the main sigmas, and KDPM2's midpoints
+            self._table = {float(s): float(t) for s, t in zip(tab_s.tolist(), tab_t.tolist())}
+            self._table_t = (tab_s, tab_t)
         else:
             self._table, self._table_t = {}, None
         self._dev_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

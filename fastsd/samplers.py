@@ -3,7 +3,8 @@
 Signature (all samplers): `sample_X(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts) -> x`
 
   model     `model(x, sigma, **extra_args) -> denoised` (x0 prediction), e.g. a CFGDenoiser around an
-            EpsDenoiser. sigma is passed as the schedule's 0-d CPU float64 tensor sigmas[i].
+            EpsDenoiser. sigma is passed as the schedule's 0-d CPU float64 tensor sigmas[i] (a two-call
+            sampler's midpoint as a 0-d CPU float64 tensor too: `Schedule.mid_sigmas` holds KDPM2's).
   x         the start sample in k-space, x = x0 + sigma * eps, at noise level sigmas[0]
             (txt2img: randn * schedule.init_noise_sigma; img2img: x0 + sigmas[start] * randn).
   sigmas    (n+1,) descending noise levels (a `Schedule.sigmas`; last entry 0 or sigma_min).
@@ -30,6 +31,28 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
               a = s_down/s, b = 1 - a, d = s_up. eta=0 is exactly the Euler step: diffusers' DDIM update
               x_vp' = sqrt(a')*x0 + sqrt(1-a')*eps is, divided by sqrt(a'), x' = x0 + s' * eps = x0 + (s'/s)(x - x0).
   euler_a     the same ancestral step with eta = 1 (on the Euler "linspace" schedule)
+  lms         linear multistep of order 4 on the ODE (fewer on the first steps): x' = x + sum_j c_j d_j over the
+              derivatives d_j = (x_j - D_j)/s_j of this and the 3 previous steps, c_j the integral from s to s' of
+              the Lagrange basis polynomial of s_j over those steps' sigmas (exact, numpy polynomials). The older
+              derivatives involve older x's, so their sum H = sum_{j>=1} c_j d_j is formed with plain torch ops and
+              passed as old_denoised: a = 1 + c_0/s, b = -c_0/s, c = 1 (c = 0 on the first step)
+              (diffusers LMSDiscreteScheduler.step with its default order=4)
+  dpm2        the Euler step to the midpoint m = sqrt(s s') (diffusers' float32 log-lerp) with D1, then, unless
+              s' = 0 (a plain Euler step), the model at (x_m, m), D2, and x' = x + (s' - s)(x_m - D2)/m written
+              from x_m: a = s'/m, b = (s - s')/m, c = (m - s)/m with old_denoised = D1
+              (diffusers KDPM2DiscreteScheduler: two model calls a step, one for the last)
+  dpm2_a      the same with the target s_down of the ancestral split (eta 1) and m = sqrt(s s_down) (= s'):
+              a = s_down/m, b = (s - s_down)/m, c = (m - s)/m, d = s_up, fresh noise after the second call
+              (diffusers KDPM2AncestralDiscreteScheduler)
+  dpmpp_2s_a  DPM-Solver++(2S) with the ancestral split (k-diffusion's sample_dpmpp_2s_ancestral, eta 1): the Euler
+              (first-order DPM-Solver++) step to m = sqrt(s s_down) with D1, then x' = (s_down/s) x +
+              (1 - s_down/s) D2 written from x_m: a = s_down/m, b = 1 - s_down/s, c = s_down/s - s_down/m,
+              d = s_up; the last step (s_down = 0) is one Euler step (no diffusers twin)
+  unipc       UniPC (bh2, order 2, data prediction): the UniC corrector replaces the model's input x_i by
+              x_i^c = K_i + Q D_i (K_i: a combination of x_{i-1}^c, D_{i-1}, D_{i-2}), then the UniP predictor
+              (DPM-Solver++(2M)'s step) goes from x_i^c: a = 0, b = (s'/s) Q + P0, c = 1 with old_denoised =
+              (s'/s) K_i + P1 D_{i-1} (torch ops), and x_i^c is kept for the next corrector (first step: the
+              plain predictor from x, a = s'/s; last step: x' = D) (diffusers UniPCMultistepScheduler)
   ddpm        DDPM posterior q(x_{t-1} | x_t, x0) with "fixed_small" variance beta~_t; in k-space its mean is
               (s'^2/s^2) x + (1 - s'^2/s^2) x0 and its std s' sqrt(s^2 - s'^2) / s: the ancestral step with eta = 1
               (on the "leading" schedule)
@@ -50,10 +73,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from numpy.polynomial import Polynomial
 
 from fastsd.backends import reference
 from fastsd.config import SchedulerConfig
-from fastsd.schedules import Schedule, alphas_cumprod, schedule_for, sigma_to_t, sigmas_from_alphas_cumprod
+from fastsd.schedules import (Schedule, alphas_cumprod, dpm2_ancestral_sigmas, dpm2_mid_sigma, schedule_for, sigma_to_t,
+                              sigmas_from_alphas_cumprod)
 
 try:
     from tqdm.auto import trange as _trange
@@ -103,6 +128,71 @@ def heun_coeffs(sigma: float, sigma_next: float) -> Coeffs:
     """Heun's correction from the Euler point x2: x' = x2 + (s - s')/(2 s') (D2 - D1), D1 as old_denoised."""
     k = (sigma - sigma_next) / (2.0 * sigma_next)
     return 1.0, k, -k, 0.0
+
+
+def dpm2_coeffs(sigma: float, sigma_mid: float, sigma_target: float, sigma_up: float = 0.0) -> Coeffs:
+    """DPM2's second update, from the midpoint x_m (model at sigma_mid -> D2) with D1 as old_denoised:
+    x' = x + (t - s)(x_m - D2)/m with x = (s/m) x_m - (s/m - 1) D1, i.e. a = t/m, b = (s - t)/m, c = (m - s)/m;
+    t = sigma_next (dpm2) or sigma_down plus sigma_up noise (dpm2_a)."""
+    m = sigma_mid
+    return sigma_target / m, (sigma - sigma_target) / m, (m - sigma) / m, sigma_up
+
+
+def dpmpp_2s_coeffs(sigma: float, sigma_mid: float, sigma_down: float, sigma_up: float) -> Coeffs:
+    """DPM-Solver++(2S)'s second update from the midpoint x_m = (m/s) x + (1 - m/s) D1 (D1 as old_denoised):
+    x' = (s_down/s) x + (1 - s_down/s) D2 = (s_down/m) x_m + (1 - s_down/s) D2 + (s_down/s - s_down/m) D1,
+    plus s_up noise."""
+    r = sigma_down / sigma
+    return sigma_down / sigma_mid, 1.0 - r, r - sigma_down / sigma_mid, sigma_up
+
+
+def lms_coeffs(sigmas_back: list[float], sigma_next: float) -> list[float]:
+    """Linear multistep coefficients c_j = integral from s_0 to sigma_next of the Lagrange basis polynomial of
+    node j over the nodes `sigmas_back` = [s_0 (this step), s_1 (the previous), ...], exactly (numpy
+    polynomials in tau - s_0; diffusers integrates the same polynomial with scipy's quad)."""
+    s0 = sigmas_back[0]
+    nodes = [v - s0 for v in sigmas_back]
+    out = []
+    for j, uj in enumerate(nodes):
+        others = [u for k, u in enumerate(nodes) if k != j]
+        basis = Polynomial.fromroots(others) if others else Polynomial([1.0])
+        basis = basis / float(np.prod([uj - u for u in others]))
+        out.append(float(basis.integ()(sigma_next - s0)))  # the antiderivative that is 0 at tau = s_0
+    return out
+
+
+def _unipc_b(h: float) -> tuple[float, float]:
+    """UniPC's b_1, b_2 for bh2 with data prediction (hh = -h, B(h) = expm1(hh)), as diffusers' loop builds them."""
+    hh = -h
+    b_h = math.expm1(hh)
+    k1 = b_h / hh - 1.0  # h_phi_1 / hh - 1
+    k2 = k1 / hh - 0.5
+    return k1 / b_h, 2.0 * k2 / b_h
+
+
+def unipc_corrector_coeffs(sigma_prev2: Optional[float], sigma_prev: float,
+                           sigma: float) -> tuple[float, float, float, float]:
+    """UniC (bh2) for the sample at `sigma` from the previous corrected sample at sigma_prev: (Ax, Q, K1, K2) with
+    x^c = Ax x^c_prev + Q D + K1 D_prev + K2 D_prev2; order 2 when sigma_prev2 is given, else 1 (rho = 1/2)."""
+    h = math.log(sigma_prev / sigma)
+    e = -math.expm1(-h)  # 1 - e^-h = -B(h)
+    if sigma_prev2 is None:
+        rc0, rc1, r1 = 0.0, 0.5, 1.0
+    else:
+        r1 = -math.log(sigma_prev2 / sigma_prev) / h
+        b1, b2 = _unipc_b(h)
+        rc0 = (b1 - b2) / (1.0 - r1)  # R = [[1, 1], [r1, 1]] solved
+        rc1 = b1 - rc0
+    # x^c = (s/s_prev) x + e D_prev + e (rc0 (D_prev2 - D_prev) / r1 + rc1 (D - D_prev))
+    return sigma / sigma_prev, e * rc1, e * (1.0 - rc0 / r1 - rc1), e * rc0 / r1
+
+
+def unipc_predictor_coeffs(sigma_prev: Optional[float], sigma: float,
+                           sigma_next: float) -> tuple[float, float, float]:
+    """UniP (bh2, rho = 1/2 at order 2: DPM-Solver++(2M)) from x^c at sigma: (A, P0, P1) with
+    x' = A x^c + P0 D + P1 D_prev; order 2 when sigma_prev is given; x' = D on the step to sigma 0."""
+    a, p0, p1, _ = dpmpp_2m_coeffs(sigma_prev, sigma, sigma_next)
+    return a, p0, p1
 
 
 def ancestral_sigmas(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -226,6 +316,132 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order: int = 4):
+    """Linear multistep (diffusers LMSDiscreteScheduler, step(order=4)): order `order`, lower on the first
+    steps (min(i + 1, order)). Each step is one model call and one linear update; the earlier steps'
+    derivatives enter as one combined tensor in old_denoised's place (see the module docstring)."""
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    ds: list[torch.Tensor] = []  # derivatives of the earlier steps, newest first
+    for i in _trange(len(s) - 1, disable=disable):
+        cur = min(i + 1, order)
+        cs = lms_coeffs(s[i - cur + 1:i + 1][::-1], s[i + 1])
+        history = None
+        for c, d in zip(cs[1:], ds):
+            history = d * c if history is None else history.add_(d, alpha=c)
+        k = cs[0] / s[i]
+        coeffs = (1.0 + k, -k, 0.0 if history is None else 1.0, 0.0)
+        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, coeffs, history)
+        _callback(callback, x, i, sigmas[i], denoised)
+        if order > 1 and s[i + 1] > 0:
+            ds = [(x - denoised) / s[i]] + ds[:order - 2]
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_dpm2(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
+    """DPM2 (diffusers KDPM2DiscreteScheduler; k-diffusion's sample_dpm_2): a second-order midpoint method on
+    the ODE, the model at sigma and at the (log-)midpoint to the next sigma; a plain Euler step to sigma 0."""
+    _no_opts("dpm2", opts)
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    for i in _trange(len(s) - 1, disable=disable):
+        if s[i + 1] == 0:
+            x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], 0.0))
+        else:
+            m = dpm2_mid_sigma(s[i], s[i + 1])
+            x_mid, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], m))
+            x_next, _ = denoise_and_step(model, x_mid, torch.tensor(m, dtype=torch.float64), extra_args,
+                                         dpm2_coeffs(s[i], m, s[i + 1]), denoised)
+        _callback(callback, x, i, sigmas[i], denoised)
+        x = x_next
+    return x
+
+
+def _sample_two_call_ancestral(split, second_coeffs, model, x, sigmas, extra_args, callback, disable, noise_sampler):
+    """The ancestral two-call loop of dpm2_a and dpmpp_2s_a: the Euler step to the midpoint, then the update
+    with `second_coeffs(s, m, s_down, s_up)` and fresh noise; one Euler step when s_down = 0 (the last)."""
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    for i in _trange(len(s) - 1, disable=disable):
+        down, up, m = split(s[i], s[i + 1])
+        if down == 0:
+            x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], 0.0))
+        else:
+            x_mid, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], m))
+            x_next, _ = denoise_and_step(model, x_mid, torch.tensor(m, dtype=torch.float64), extra_args,
+                                         second_coeffs(s[i], m, down, up), denoised,
+                                         draw_noise=lambda: noise_sampler(sigmas[i], sigmas[i + 1]))
+        _callback(callback, x, i, sigmas[i], denoised)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_dpm2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                          generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
+    """DPM2 ancestral (diffusers KDPM2AncestralDiscreteScheduler; k-diffusion's sample_dpm_2_ancestral, eta 1):
+    DPM2 to sigma_down with the midpoint between sigma and sigma_down, then sigma_up noise from
+    `noise_sampler(sigma, sigma_next)` or else randn with `generator` (drawn after the second model call, as
+    diffusers; none on the last step). sigma_down/up in float32 as diffusers computes them; the midpoint (which
+    is sigma_next) unrounded, see fastsd.schedules.dpm2_ancestral_sigmas."""
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    return _sample_two_call_ancestral(dpm2_ancestral_sigmas, dpm2_coeffs, model, x, sigmas, extra_args, callback,
+                                      disable, noise_sampler)
+
+
+def _dpmpp_2s_split(sigma: float, sigma_next: float) -> tuple[float, float, float]:
+    down, up = ancestral_sigmas(sigma, sigma_next, 1.0)
+    return down, up, math.sqrt(sigma * down)  # k-diffusion's sigma_fn(t + h/2): the geometric mean
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                              generator: Optional[torch.Generator] = None,
+                              noise_sampler: Optional[NoiseSampler] = None):
+    """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral with eta 1, A1111's "DPM++ 2S a"; no
+    diffusers twin): a single-step second-order DPM-Solver++ step to sigma_down through the midpoint
+    sqrt(sigma * sigma_down), then sigma_up noise (none on the last step)."""
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    return _sample_two_call_ancestral(_dpmpp_2s_split, dpmpp_2s_coeffs, model, x, sigmas, extra_args, callback,
+                                      disable, noise_sampler)
+
+
+@torch.no_grad()
+def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
+    """UniPC (diffusers UniPCMultistepScheduler: bh2, solver_order 2, data prediction, lower_order_final,
+    corrector on every step): each model call's output corrects the sample it was called at (UniC) and
+    predicts the next (UniP) in one linear update; the corrected sample is kept for the next step."""
+    _no_opts("unipc", opts)
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    n = len(s) - 1
+    xc = d_prev = d_prev2 = None  # the last corrected sample, the last two model outputs
+    p_prev = 0  # the previous predictor's order (the corrector's)
+    for i in _trange(n, disable=disable):
+        p = min(2, n - i, i + 1)  # warm-up and lower_order_final
+        a, p0, p1 = unipc_predictor_coeffs(s[i - 1] if p == 2 else None, s[i], s[i + 1])
+        if i == 0:
+            k, q, coeffs, history = None, 0.0, (a, p0, 0.0, 0.0), None
+        else:
+            ax, q, k1, k2 = unipc_corrector_coeffs(s[i - 2] if p_prev == 2 else None, s[i - 1], s[i])
+            k = xc * ax
+            k.add_(d_prev, alpha=k1)
+            if k2:
+                k.add_(d_prev2, alpha=k2)
+            history = None
+            if a or p1:
+                history = k * a
+                if p1:
+                    history.add_(d_prev, alpha=p1)
+            coeffs = (0.0, a * q + p0, 1.0 if history is not None else 0.0, 0.0)
+        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, coeffs, history)
+        _callback(callback, x, i, sigmas[i], denoised)
+        if i < n - 1:
+            xc = x if k is None else k.add_(denoised, alpha=q)
+            d_prev2, d_prev, p_prev = d_prev, denoised, p
+        x = x_next
+    return x
+
+
 def _sample_ancestral(coeff_fn, model, x, sigmas, extra_args, callback, disable, generator, noise_sampler):
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
@@ -336,7 +552,10 @@ class SamplerSpec:
 # Each matches its diffusers twin built with from_config(SD1.5 scheduler config) (see README "Generating"):
 # euler EulerDiscreteScheduler, heun HeunDiscreteScheduler, euler_a EulerAncestralDiscreteScheduler, ddim DDIMScheduler, ddpm DDPMScheduler,
 # dpmpp_2m DPMSolverMultistepScheduler, dpmpp_2m_karras the same with use_karras_sigmas=True, dpmpp_2m_sde(_karras)
-# the same with algorithm_type="sde-dpmsolver++", lcm LCMScheduler.
+# the same with algorithm_type="sde-dpmsolver++", lcm LCMScheduler, euler_karras / heun_karras / lms(_karras)
+# Euler / Heun / LMSDiscreteScheduler (use_karras_sigmas=True for _karras), dpm2(_karras) KDPM2DiscreteScheduler,
+# dpm2_a(_karras) KDPM2AncestralDiscreteScheduler, unipc(_karras) UniPCMultistepScheduler. dpmpp_2s_a(_karras) has
+# none: k-diffusion's sample_dpmpp_2s_ancestral on the Euler (Karras) schedule.
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("euler", sample_euler, False),
     SamplerSpec("euler_a", sample_euler_ancestral, True),
@@ -348,12 +567,31 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, True),
     SamplerSpec("dpmpp_2m_sde_karras", sample_dpmpp_2m_sde, True),
     SamplerSpec("lcm", sample_lcm, True),
+    SamplerSpec("euler_karras", sample_euler, False),
+    SamplerSpec("heun_karras", sample_heun, False),
+    SamplerSpec("lms", sample_lms, False),
+    SamplerSpec("lms_karras", sample_lms, False),
+    SamplerSpec("dpm2", sample_dpm2, False),
+    SamplerSpec("dpm2_karras", sample_dpm2, False),
+    SamplerSpec("dpm2_a", sample_dpm2_ancestral, True),
+    SamplerSpec("dpm2_a_karras", sample_dpm2_ancestral, True),
+    SamplerSpec("dpmpp_2s_a", sample_dpmpp_2s_ancestral, True),
+    SamplerSpec("dpmpp_2s_a_karras", sample_dpmpp_2s_ancestral, True),
+    SamplerSpec("unipc", sample_unipc, False),
+    SamplerSpec("unipc_karras", sample_unipc, False),
 )}
 
 # The names A1111 writes in its infotext ("Sampler: Euler a").
 A1111_NAMES: dict[str, str] = {"euler": "Euler", "heun": "Heun", "euler_a": "Euler a", "ddim": "DDIM", "ddpm": "DDPM",
                                "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
-                               "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras", "lcm": "LCM"}
+                               "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras", "lcm": "LCM",
+                               # A1111 1.9+ writes these as "Sampler: Euler, Schedule type: Karras" and reads the
+                               # joint name back as sampler + schedule, as it does "DPM++ 2M Karras"
+                               "euler_karras": "Euler Karras", "heun_karras": "Heun Karras",
+                               "lms": "LMS", "lms_karras": "LMS Karras", "dpm2": "DPM2", "dpm2_karras": "DPM2 Karras",
+                               "dpm2_a": "DPM2 a", "dpm2_a_karras": "DPM2 a Karras",
+                               "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_2s_a_karras": "DPM++ 2S a Karras",
+                               "unipc": "UniPC", "unipc_karras": "UniPC Karras"}
 
 # After normalisation (lower case, "++" -> "pp", runs of spaces/hyphens -> "_", leading "k_"/"sample_" dropped),
 # the A1111 names become canonical ("Euler a" -> euler_a, "DPM++ 2M Karras" -> dpmpp_2m_karras); a few more:
@@ -364,6 +602,16 @@ ALIASES: dict[str, str] = {
     "dpmpp2m_karras": "dpmpp_2m_karras",
     "dpm_solver_multistep": "dpmpp_2m",
     "dpmsolver_multistep": "dpmpp_2m",
+    # k-diffusion's function names and A1111's k_ aliases ("k_dpm_2_a", "k_lms_ka": _ka for Karras)
+    "lms_ka": "lms_karras",
+    "dpm_2": "dpm2",
+    "dpm_2_ka": "dpm2_karras",
+    "dpm_2_a": "dpm2_a",
+    "dpm_2_a_ka": "dpm2_a_karras",
+    "dpm_2_ancestral": "dpm2_a",
+    "dpmpp_2s_a_ka": "dpmpp_2s_a_karras",
+    "dpmpp_2s_ancestral": "dpmpp_2s_a",
+    "dpmpp_2m_ka": "dpmpp_2m_karras",
 }
 
 

@@ -14,11 +14,19 @@ sigma) and the matching UNet timesteps diffusers' twin scheduler would use, buil
                                                   (set_alpha_to_one=False: the last step lands on alphas_cumprod[0])
   euler, euler_a   Euler(Ancestral)Discrete      "linspace" float timesteps (fractional in general), sigma by
                                                   linear interpolation in t of the 1000 sigmas, final sigma 0
-  dpmpp_2m         DPMSolverMultistepScheduler   its own "linspace": linspace(0, 999, n+1).round()[::-1][:-1]
+  dpmpp_2m, unipc  DPMSolverMultistep, UniPC     its own "linspace": linspace(0, 999, n+1).round()[::-1][:-1]
                                                   (int), final sigma 0 (final_sigmas_type="zero")
-  dpmpp_2m_karras  DPMSolverMultistep(use_karras_sigmas=True): Karras sigmas between sigma[0] and sigma[999];
-                                                  the UNet gets round(sigma_to_t(sigma)) (an int timestep whose
-                                                  own sigma differs slightly from the Karras sigma the solver uses)
+  dpmpp_2m_karras  DPMSolverMultistep(use_karras_sigmas=True), also unipc_karras: Karras sigmas between
+                                                  sigma[0] and sigma[999]; the UNet gets round(sigma_to_t(sigma))
+                                                  (an int timestep whose own sigma differs slightly from the
+                                                  Karras sigma the solver uses)
+  euler_karras, heun_karras, lms(_karras)          Euler/Heun/LMSDiscrete: Euler's "linspace" schedule, or with
+                                                  use_karras_sigmas=True the same Karras sigmas, the UNet getting
+                                                  the fractional sigma_to_t(sigma) (not rounded)
+  dpm2(_karras), dpm2_a(_karras)                   KDPM2(Ancestral)Discrete: Euler's sigmas, Karras ones with
+                                                  rounded timesteps; each step but the last also calls the UNet at
+                                                  a midpoint sigma (`Schedule.mid_sigmas`, with its fractional
+                                                  timestep in `mid_timesteps`)
 
 All arithmetic mirrors diffusers' dtypes (float32 betas/alphas_cumprod, numpy interpolation), so sigmas and
 timesteps come out bit-identical to diffusers' `scheduler.sigmas` / `scheduler.timesteps` (as float32 values;
@@ -27,6 +35,7 @@ stored here as float64 tensors so host-side coefficient math loses nothing furth
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,12 +163,18 @@ class Schedule:
                 init_noise_sigma), sqrt(1 + sigma_max^2) for the VP schedulers (diffusers starts those with
                 unit-variance latents x_vp = randn, i.e. x = randn / alpha).
     order       diffusers' `scheduler.order` (1 for all SD samplers here), for img2img slicing.
+    mid_sigmas  (n,) float64 or None: KDPM2's midpoint noise level of each step (NaN on a step without one:
+                the last), as the sampler computes it (`dpm2_mid_sigma` / `dpm2_ancestral_sigmas`), and
+    mid_timesteps (n,) the UNet timestep diffusers gives it (fractional); the denoiser looks these up as it
+                does the main sigmas' timesteps.
     """
 
     sigmas: torch.Tensor
     timesteps: torch.Tensor
     init_noise_sigma: float
     order: int = 1
+    mid_sigmas: torch.Tensor | None = None
+    mid_timesteps: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -178,7 +193,17 @@ class Schedule:
     def tail(self, start: int) -> "Schedule":
         """The schedule from step `start` on (img2img): sigmas[start:], timesteps[start:]; x0 is noised to
         x = x0 + sigmas[start] * noise (what every diffusers scheduler's add_noise amounts to in k-space)."""
-        return Schedule(self.sigmas[start:], self.timesteps[start:], self.init_noise_sigma, self.order)
+        mids = (None, None) if self.mid_sigmas is None else (self.mid_sigmas[start:], self.mid_timesteps[start:])
+        return Schedule(self.sigmas[start:], self.timesteps[start:], self.init_noise_sigma, self.order, *mids)
+
+    def timestep_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas, timesteps): every noise level the sampler calls the model at with diffusers' timestep for
+        it (the main sigmas but the final one, then the midpoints if any)."""
+        if self.mid_sigmas is None:
+            return self.sigmas[:-1].double(), self.timesteps.double()
+        keep = ~torch.isnan(self.mid_sigmas)
+        return (torch.cat([self.sigmas[:-1].double(), self.mid_sigmas[keep].double()]),
+                torch.cat([self.timesteps.double(), self.mid_timesteps[keep].double()]))
 
 
 def img2img_start_index(steps: int, strength: float, order: int = 1) -> int:
@@ -196,6 +221,18 @@ SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
     "ddim": ("ddim", False),
     "euler": ("euler", False),
     "heun": ("euler", False),  # diffusers' Heun: Euler's sigmas, each but the first and last visited twice
+    "euler_karras": ("euler", True),
+    "heun_karras": ("euler", True),
+    "lms": ("euler", False),  # LMSDiscreteScheduler: Euler's schedule
+    "lms_karras": ("euler", True),
+    "dpm2": ("kdpm2", False),
+    "dpm2_karras": ("kdpm2", True),
+    "dpm2_a": ("kdpm2_a", False),
+    "dpm2_a_karras": ("kdpm2_a", True),
+    "dpmpp_2s_a": ("euler", False),  # no diffusers twin: Euler's (Karras) schedule
+    "dpmpp_2s_a_karras": ("euler", True),
+    "unipc": ("dpm", False),  # UniPCMultistepScheduler: DPM-Solver's schedule
+    "unipc_karras": ("dpm", True),
     "euler_a": ("euler", False),
     "dpmpp_2m": ("dpm", False),
     "dpmpp_2m_karras": ("dpm", True),
@@ -207,13 +244,15 @@ SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
 
 def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *, karras: bool = False,
                    steps_offset: int = 1) -> Schedule:
-    """The schedule diffusers' scheduler `kind` ("ddpm", "ddim", "euler" (also Euler a) or "dpm") sets with
-    `set_timesteps(steps)` when built from the SD1.5 scheduler config (steps_offset=1, set_alpha_to_one=False)."""
+    """The schedule diffusers' scheduler `kind` ("ddpm", "ddim", "euler" (also Euler a, Heun, LMS), "dpm",
+    "kdpm2", "kdpm2_a" or "lcm") sets with `set_timesteps(steps)` when built from the SD1.5 scheduler config
+    (steps_offset=1, set_alpha_to_one=False); `karras` as its `use_karras_sigmas=True` (euler, dpm, kdpm2*)."""
     T = cfg.num_train_timesteps
     ac = alphas_cumprod(cfg)
     table = sigmas_from_alphas_cumprod(ac).numpy()  # float32, ascending in t
-    if karras and kind != "dpm":
-        raise ValueError("karras sigmas are only wired up for the DPM-Solver schedule")
+    if karras and kind not in ("dpm", "euler", "kdpm2", "kdpm2_a"):
+        raise ValueError(f"karras sigmas are not wired up for the {kind!r} schedule")
+    mids = (None, None)
     if kind in ("ddpm", "ddim"):
         ts = leading_timesteps(steps, T, steps_offset)
         if ts[0] >= T:  # e.g. 1000 "leading" steps with steps_offset=1 (diffusers fails inside step() then)
@@ -226,12 +265,22 @@ def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *
         sigmas = np.concatenate([sig, [final]])
         timesteps = ts.astype(np.float64)
         init = math.sqrt(1.0 + float(sigmas[0]) ** 2)
-    elif kind == "euler":
+    elif kind in ("euler", "kdpm2", "kdpm2_a"):
         ts = linspace_timesteps(steps, T)
         sig = sigma_at(ts, table)
+        if karras:  # between the interpolated ends (= table[0], table[999]); diffusers' float32 log table
+            sig = get_sigmas_karras(steps, float(sig[-1]), float(sig[0]))
+            log_table = np.log(table)
+            ts = np.array([diffusers_sigma_to_t(v, log_table) for v in sig])
+            if kind != "euler":  # KDPM2(Ancestral) rounds its Karras timesteps (and keeps them float64)
+                ts = ts.round()
+            else:
+                ts = ts.astype(np.float32)
         sigmas = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
         timesteps = ts.astype(np.float64)
         init = float(sigmas.max())  # init_noise_sigma = sigmas.max() for "linspace" spacing
+        if kind != "euler":
+            mids = _kdpm2_mids(sigmas, table, ancestral=kind == "kdpm2_a")
     elif kind == "lcm":
         ts = lcm_timesteps(steps, T)
         sigmas = np.concatenate([table[ts].astype(np.float64), [0.0]])
@@ -249,9 +298,78 @@ def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *
         timesteps = ts.astype(np.int64).astype(np.float64)
         init = math.sqrt(1.0 + float(sigmas[0]) ** 2)  # init_noise_sigma = 1 in VP space
     else:
-        raise ValueError(f"unknown schedule kind {kind!r}; expected one of 'ddpm', 'ddim', 'euler', 'dpm', 'lcm'")
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of 'ddpm', 'ddim', 'euler', 'dpm', "
+                         "'kdpm2', 'kdpm2_a', 'lcm'")
     return Schedule(torch.from_numpy(np.ascontiguousarray(sigmas)),
-                    torch.from_numpy(np.ascontiguousarray(timesteps)), init)
+                    torch.from_numpy(np.ascontiguousarray(timesteps)), init, 1, *mids)
+
+
+def diffusers_sigma_to_t(sigma, log_sigmas):
+    """`sigma_to_t`'s log-sigma interpolation in numpy with the dtypes diffusers' schedulers use (a float32 log
+    table, a float64 or float32 sigma), so fractional timesteps come out bit-identical to theirs (Euler/Heun/LMS
+    Karras timesteps, KDPM2's midpoint timesteps). `sigma_to_t` is the float64 torch version the denoiser uses."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low = log_sigmas[low_idx]
+    high = log_sigmas[high_idx]
+    w = (low - log_sigma) / (low - high)
+    w = np.clip(w, 0, 1)
+    t = (1 - w) * low_idx + w * high_idx
+    return t.reshape(sigma.shape)
+
+
+def dpm2_mid_sigma(sigma: float, sigma_next: float) -> float:
+    """KDPM2's midpoint between two noise levels, the geometric mean computed as diffusers does (float32
+    `log(s').lerp(log(s), 0.5).exp()`), so the sampler calls the model at bit-identical midpoints."""
+    logs = torch.tensor([sigma_next, sigma], dtype=torch.float32).log()
+    return float(logs[0].lerp(logs[1], 0.5).exp())
+
+
+def dpm2_ancestral_sigmas(sigma: float, sigma_next: float) -> tuple[float, float, float]:
+    """(sigma_down, sigma_up, sigma_mid) of KDPM2Ancestral's step from sigma to sigma_next: the ancestral split
+    (eta 1) in float32 as diffusers computes it, and the midpoint sqrt(sigma * sigma_down) in float64.
+
+    With eta 1, sigma_down = sigma_next^2 / sigma, so the midpoint IS sigma_next (diffusers' float32
+    log-lerp-exp often lands on the very float32 value), yet diffusers gives the UNet another timestep there
+    (the log-interpolated one of the midpoint) than at the next step's sigma_next (its "linspace" one). Kept
+    unrounded, the midpoint differs from every float32 schedule sigma (by at most ~1e-7 relative from diffusers'
+    float32 one), so the denoiser's sigma -> timestep table tells the two calls apart."""
+    s, sn = torch.tensor(sigma, dtype=torch.float32), torch.tensor(sigma_next, dtype=torch.float32)
+    up = (sn ** 2 * (s ** 2 - sn ** 2) / s ** 2) ** 0.5
+    down = (sn ** 2 - up ** 2) ** 0.5
+    return float(down), float(up), math.sqrt(sigma * float(down))
+
+
+def _kdpm2_ancestral_mid32(sigma: float, sigma_down: float) -> torch.Tensor:
+    """diffusers' float32 midpoint of KDPM2Ancestral (what its timestep is computed from)."""
+    s, down = torch.tensor(sigma, dtype=torch.float32), torch.tensor(sigma_down, dtype=torch.float32)
+    return s.log().lerp(down.log(), 0.5).exp()
+
+
+def _kdpm2_mids(sigmas: np.ndarray, table: np.ndarray, *, ancestral: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """KDPM2(Ancestral)'s midpoint sigma of each step (NaN for the last step, which has none) and diffusers'
+    timestep for it: its `_sigma_to_t` of the float32 midpoint against the torch float32 log table."""
+    s = sigmas.tolist()
+    log_sigmas = torch.from_numpy(np.log(table))
+    mid, ts = [], []
+    for i in range(len(s) - 1):
+        if s[i + 1] == 0:  # the last step: one Euler step, no midpoint
+            mid.append(math.nan)
+            ts.append(math.nan)
+            continue
+        if ancestral:
+            down, _, m = dpm2_ancestral_sigmas(s[i], s[i + 1])
+            m32 = _kdpm2_ancestral_mid32(s[i], down)
+        else:
+            m = dpm2_mid_sigma(s[i], s[i + 1])
+            m32 = torch.tensor(m, dtype=torch.float32)
+        mid.append(m)
+        with warnings.catch_warnings():  # numpy 2 on torch tensors (diffusers' own mix, kept for bit-equality)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ts.append(float(diffusers_sigma_to_t(m32, log_sigmas)))
+    return torch.tensor(mid, dtype=torch.float64), torch.tensor(ts, dtype=torch.float32).double()
 
 
 def schedule_for(sampler: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG) -> Schedule:

@@ -28,8 +28,11 @@ class GenerationSettings:
     steps: int = field(default=20, metadata=_opt(f"sampling steps (1..{MAX_STEPS})"))
     guidance_scale: float = field(default=7.5, metadata=_opt("classifier-free guidance scale; <= 1 runs no "
                                                              "unconditional batch", flag="--cfg-scale"))
-    sampler: str = field(default="euler_a", metadata=_opt("euler_a, euler, heun, ddim, ddpm, dpmpp_2m, "
-                                                          "dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, lcm, "
+    sampler: str = field(default="euler_a", metadata=_opt("euler_a, euler, euler_karras, heun, heun_karras, lms, "
+                                                          "lms_karras, dpm2, dpm2_karras, dpm2_a, dpm2_a_karras, "
+                                                          "ddim, ddpm, dpmpp_2m, dpmpp_2m_karras, dpmpp_2s_a, "
+                                                          "dpmpp_2s_a_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
+                                                          "unipc_karras, lcm, "
                                                           "or an A1111 name such as 'DPM++ 2M Karras'"))
     seed: int | None = field(default=None, metadata=_opt("random when not given; image i of a batch uses seed + i"))
     width: int | None = field(default=None, metadata=_opt("a multiple of 8; default: the init image's width, else "

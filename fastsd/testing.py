@@ -156,7 +156,15 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
                                                             "use_karras_sigmas": True}),
-}
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    "lms": ("LMSDiscreteScheduler", {}), "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}), "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+}  # dpmpp_2s_a(_karras): no diffusers twin (tests/test_samplers.py holds it to k-diffusion's algorithm)
 
 
 def diffusers_scheduler(sampler: str):

@@ -62,7 +62,8 @@ def run_txt2img(pipe, models, sampler, size, steps):
     assert_same_image(ours, ref)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "euler_karras", "lms",
+                                     "dpm2_karras", "unipc"])
 def test_txt2img_matches_diffusers(tiny, sampler):
     _, models, pipe = tiny
     run_txt2img(pipe, models, sampler, 64, 8)
@@ -89,7 +90,8 @@ def run_img2img(pipe, models, sampler, size, steps, strength):
     assert_same_image(ours, ref)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras",
+                                     "heun_karras", "dpm2", "dpm2_a_karras"])
 def test_img2img_matches_diffusers(tiny, sampler):
     _, models, pipe = tiny
     run_img2img(pipe, models, sampler, 64, 10, 0.6)

@@ -467,7 +467,12 @@ def test_img2img_takes_a_jpeg_and_refuses_a_tiff(server):
 @pytest.mark.parametrize("name, scheduler, want, warned", [
     ("DPM++ 2M", "Karras", "dpmpp_2m_karras", False), ("DPM++ 2M SDE", "Karras", "dpmpp_2m_sde_karras", False),
     ("DPM++ 2M SDE Karras", "Automatic", "dpmpp_2m_sde_karras", False), ("Heun", "", "heun", False),
-    ("Euler", "Karras", "euler", True),
+    ("Euler", "Karras", "euler_karras", False), ("Heun", "Karras", "heun_karras", False),
+    ("LMS", "Karras", "lms_karras", False), ("DPM2", "Karras", "dpm2_karras", False),
+    ("DPM2 a", "Karras", "dpm2_a_karras", False), ("DPM++ 2S a", "Karras", "dpmpp_2s_a_karras", False),
+    ("DPM2 a Karras", "automatic", "dpm2_a_karras", False), ("UniPC", "Karras", "unipc_karras", False),
+    ("Euler", "Exponential", "euler", True),
+    ("Euler a", "Karras", "euler_a", True), ("DDIM", "Karras", "ddim", True),
 ])
 def test_a1111_sampler_and_scheduler_fields(name, scheduler, want, warned):
     """A1111 1.9+ sends the schedule apart ("DPM++ 2M SDE" + "Karras"); older clients send the joint name."""

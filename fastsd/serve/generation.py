@@ -28,9 +28,13 @@ SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
 # A1111's separate `scheduler` field (1.9+): names that leave the sampler's own schedule (accepted quietly)
 # and the (sampler, scheduler) pairs fastsd has as one sampler.
 DEFAULT_SCHEDULERS = {"", "automatic"}
-SCHEDULED = {("dpmpp_2m", "karras"): "dpmpp_2m_karras", ("dpmpp_2m_sde", "karras"): "dpmpp_2m_sde_karras"}
-ETA = {"euler_a": 1.0, "ddpm": 1.0, "ddim": 0.0}  # the samplers eta applies to, and the eta fastsd runs them with
-A1111_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength"}
+SCHEDULED = {(name, "karras"): f"{name}_karras" for name in
+             ("dpmpp_2m", "dpmpp_2m_sde", "euler", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a", "unipc")}
+ETA = {"euler_a": 1.0, "ddpm": 1.0, "ddim": 0.0,  # the samplers eta applies to, and the eta fastsd runs them with
+       "dpm2_a": 1.0, "dpm2_a_karras": 1.0, "dpmpp_2s_a": 1.0, "dpmpp_2s_a_karras": 1.0}
+A1111_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength",
+                "hires_strength": "denoising_strength", "hires_scale": "hr_scale", "hires_width": "hr_resize_x",
+                "hires_height": "hr_resize_y", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler"}
 
 
 @dataclass(frozen=True)
