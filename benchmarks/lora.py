@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         pipe.load_loras(a)
         for i in range(args.repeat):
             switch.append(timed_switch(i))
-        kept = sum(p.numel() * p.element_size() for p in pipe._loras._originals.values())
+        kept = sum(p.numel() * p.element_size() for pair in pipe._loras._originals.values()  # (weight, bias)
+                   for p in pair if p is not None)
         first = second = None
         switch_run = []  # as between a user's images: the merged weights were packed by a run before the switch
         if args.res:

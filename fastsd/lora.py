@@ -17,11 +17,17 @@ every path is then compared with the model's own module names, `_` standing for 
 - LyCORIS LoHa (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`) and LoKr (`lokr_w1` or `lokr_w1_a` / `_b`,
   `lokr_w2` or `lokr_w2_a` / `_b`) under the kohya names, as A1111 merges them, and the CP (Tucker) cores of
   LyCORIS' convolutions: LoCon's `lora_mid`, LoHa's `hada_t1` / `hada_t2`, LoKr's `lokr_t2`.
+- LyCORIS 'full' (`diff`, and `diff_b` for the bias) as A1111's network_full: W <- W + weight * diff,
+  b <- b + weight * diff_b (no alpha).
+- DoRA: PEFT's `lora_magnitude_vector` beside lora_A / lora_B (as diffusers' load_lora_weights + fuse_lora), and
+  LyCORIS' `dora_scale` beside any of its kinds' factors (as A1111); the norms run per output row or per input
+  column as the magnitudes' shape says (see _dora_form and merged_weight).
+- PEFT's LoRA biases (`lora_B.bias`, PEFT's lora_bias): b <- b + weight * scale * lora_B.bias.
 
 Merging: W <- W + weight * scale * up @ down, scale = alpha / rank (1 without alpha), in fp32 and rounded once
 to the model's dtype, so generating costs nothing extra. The file is read and checked whole (every layer found,
-every shape right) before a weight changes; the weights a LoRA replaces are kept, so `unload` gives back the
-original tensors themselves, bit for bit, without reading the checkpoint again.
+every shape right) before a weight changes; the weights and biases a LoRA replaces are kept, so `unload` gives
+back the original tensors themselves, bit for bit, without reading the checkpoint again.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -51,10 +57,14 @@ PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.wei
          (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
          (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
          ("_lora.down.weight", "down"), ("_lora.up.weight", "up"), (".alpha", "alpha"),
-         (".lora_mid.weight", "mid")]  # LyCORIS LoCon's CP (Tucker) core
+         (".lora_mid.weight", "mid"),  # LyCORIS LoCon's CP (Tucker) core
+         (".lora_B.bias", "up_bias"),  # PEFT's lora_bias: the bias's change, up's bias (times weight * scale)
+         (".diff", "diff"), (".diff_b", "diff_b"),  # LyCORIS 'full': the whole weight's and bias's change
+         (".dora_scale", "dora_scale"), (".lora_magnitude_vector", "magnitude")]  # DoRA: LyCORIS / kohya, PEFT
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # LyCORIS LoHa's factors
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # LyCORIS LoKr's (whole or a @ b)
 CORES = ("hada_t1", "hada_t2", "lokr_t2")  # LyCORIS' CP (Tucker) cores of a convolution's factors
+EXTRAS = ("up_bias", "diff_b", "dora_scale", "magnitude")  # a bias's change, DoRA's magnitudes: beside the factors
 PARTS += [(f".{k}", k) for k in HADA + LOKR + CORES]
 # <layer> = <prefix><path>: which model, and whether the path is kohya's (underscored) or dotted.
 PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("text_encoder.", "clip")]
@@ -62,10 +72,7 @@ PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("t
 OLD_DIFFUSERS = [(r"\.processor\.to_(q|k|v|out)$", r".to_\1"), (r"\.to_out$", ".to_out.0"),
                  (r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj"), (r"self_attn\.to_out\.0$", "self_attn.out_proj")]
 # What some other kinds of network files hold, for the error message.
-OTHER_KINDS = [(r"dora_scale|lora_magnitude_vector", "DoRA"),
-               (r"\.diff(_b)?$", "a full weight difference (LyCORIS 'full')"),
-               (r"lora_B\.bias$", "LoRA biases"),
-               (r"^lora_te[12]_|^text_encoder_2\.|label_emb|add_embedding", "an SDXL LoRA"),
+OTHER_KINDS = [(r"^lora_te[12]_|^text_encoder_2\.|label_emb|add_embedding", "an SDXL LoRA"),
                (r"^model\.diffusion_model\.|^first_stage_model\.", "a full model checkpoint, not a LoRA")]
 
 
@@ -74,7 +81,11 @@ class LoraLayer:
     """One layer's update, weight * scale * delta, on `module` of `model` ("unet" or "clip"). LoRA / LoCon:
     delta = up @ down; LyCORIS LoHa: (w1_a @ w1_b) * (w2_a @ w2_b), elementwise; LoKr: kron(w1, w2), each
     factor whole or as a @ b; LoCon with a CP core (`lora_mid`, kind "locon_cp"): up, mid's convolution, down;
-    a LoHa product or LoKr's w2 with a core t: cp(t, a, b) (`factors`, with down and up None)."""
+    a LoHa product or LoKr's w2 with a core t: cp(t, a, b) (`factors`, with down and up None); LyCORIS 'full':
+    delta = diff, scale 1 (A1111: no alpha).
+
+    Any kind's layer may also change the bias, bias += weight * scale * `bias` (PEFT's lora_B.bias; LyCORIS
+    'full''s diff_b, scale 1), and be weight-decomposed (DoRA, `dora`: see merged_weight)."""
 
     model: str
     module: str          # fastsd (LDM) module name
@@ -82,12 +93,17 @@ class LoraLayer:
     down: torch.Tensor | None  # (r, in) or (r, in, kh, kw); fp32, or the file's fp16 / bf16
     up: torch.Tensor | None    # (out, r) or (out, r, 1, 1)
     scale: float
-    kind: str = "lora"   # "lora", "locon_cp", "loha" or "lokr"
+    kind: str = "lora"   # "lora", "locon_cp", "loha", "lokr" or "full"
     factors: dict = field(default_factory=dict)  # the others' tensors by their key suffix (hada_w1_a, lokr_w1, ...)
+    bias: torch.Tensor | None = None  # (out,) fp32: the bias's change
+    dora: torch.Tensor | None = None  # fp32 DoRA magnitudes: (out,) per output row, or (in,) per input column
+    dora_form: str = ""  # "peft" (rows, weight inside), "rows" or "columns" (A1111: weight on the change)
 
     def delta(self, shape: tuple) -> torch.Tensor:
         """A LoCon-with-core / LoHa / LoKr update as a full fp32 tensor of the layer's weight `shape`."""
         f = self.factors
+        if self.kind == "full":
+            return f["diff"].reshape(shape)
         if self.kind == "locon_cp":  # delta[o, c] = sum over n, m of up[o, n] mid[n, m] down[m, c] (per kernel tap)
             return torch.einsum("nmkl,on,mc->ockl", f["mid"], _flat(f["up"]), _flat(f["down"])).reshape(shape)
         if self.kind == "loha":
@@ -245,16 +261,18 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
             continue
         kind = _kind(path, layer, parts)
         module = models[target[0]].get_submodule(name)
-        problem = (_shape_problem(module, parts["down"].shape, parts["up"].shape) if kind == "lora"
-                   else _delta_shape_problem(module, kind, {k: tuple(r.shape) for k, r in parts.items()}))
+        shapes = {k: tuple(r.shape) for k, r in parts.items()}
+        problem = (_shape_problem(module, shapes["down"], shapes["up"]) if kind == "lora"
+                   else _delta_shape_problem(module, kind, shapes)) or _extra_shape_problem(module, shapes)
         if problem:
             bad.append(f"{layer}: {problem}")
             continue
         if (target[0], name) in seen:
             raise CheckpointError(f"{path}: {layer} and {seen[target[0], name]} both change {target[0]} layer {name}")
         seen[target[0], name] = layer
-        layers.append(_layer(path, target, name, layer, parts, peft) if kind == "lora" else
-                      _lycoris_layer(path, target, name, layer, kind, parts))
+        made = (_layer(path, target, name, layer, parts, peft) if kind == "lora" else
+                _lycoris_layer(path, target, name, layer, kind, parts))
+        layers.append(_with_extras(path, made, parts, tuple(module.weight.shape)))
     if unmatched:
         raise CheckpointError(f"{path}: {len(unmatched)} LoRA layers match no layer of this SD1.x model: "
                               f"{_names(unmatched)}")
@@ -290,11 +308,12 @@ def _factor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kind(path: str, layer: str, parts: dict) -> str:
-    """"lora", "locon_cp", "loha" or "lokr" from a layer's tensors; CheckpointError naming what is missing or
-    mixed."""
-    have = set(parts) - {"alpha"}
-    kinds = {"lora": {"down", "up", "mid"}, "loha": set(HADA) | {c for c in CORES if c.startswith("hada")},
-             "lokr": set(LOKR) | {c for c in CORES if c.startswith("lokr")}}
+    """"lora", "locon_cp", "loha", "lokr" or "full" from a layer's tensors; CheckpointError naming what is missing
+    or mixed. A bias's change goes with its kind's factors (lora_B.bias: LoRA; diff_b: full), LyCORIS' DoRA
+    dora_scale with any kind's, PEFT's lora_magnitude_vector with lora_A / lora_B."""
+    have = set(parts) - {"alpha", "dora_scale", "magnitude"}
+    kinds = {"lora": {"down", "up", "mid", "up_bias"}, "loha": set(HADA) | {c for c in CORES if c.startswith("hada")},
+             "lokr": set(LOKR) | {c for c in CORES if c.startswith("lokr")}, "full": {"diff", "diff_b"}}
     kind = next((k for k, names in kinds.items() if have and have <= names), None)
     if kind is None and have:
         raise CheckpointError(f"{path}: {layer} mixes factors of different kinds: {', '.join(sorted(have))}")
@@ -309,12 +328,17 @@ def _kind(path: str, layer: str, parts: dict) -> str:
         complete = all(k in have or {k + "_a", k + "_b"} <= have for k in ("lokr_w1", "lokr_w2"))
         needed = "lokr_w1 or lokr_w1_a and _b, lokr_w2 or lokr_w2_a and _b"
     else:
-        required = {"lora": {"down", "up"}, "loha": set(HADA)}[kind]
+        required = {"lora": {"down", "up"}, "loha": set(HADA), "full": {"diff"}}[kind]
         complete, needed = required <= have, " and ".join(sorted(required))
     if not complete:
-        name = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}[kind]
+        name = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "full": "LyCORIS 'full'"}[kind]
         raise CheckpointError(f"{path}: {layer} has {' and '.join(sorted(parts))} but not every factor of a {name} "
                               f"({needed})")
+    if {"dora_scale", "magnitude"} <= set(parts):
+        raise CheckpointError(f"{path}: {layer} has two DoRA magnitudes, dora_scale and lora_magnitude_vector")
+    if "magnitude" in parts and (kind != "lora" or "mid" in have):
+        raise CheckpointError(f"{path}: {layer} has PEFT's lora_magnitude_vector beside {' and '.join(sorted(have))} "
+                              "(PEFT's DoRA goes with lora_A / lora_B)")
     return "locon_cp" if kind == "lora" and "mid" in have else kind
 
 
@@ -329,7 +353,11 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | No
     """Why LoCon-with-core / LoHa / LoKr factors of these shapes can't update `module` (None when they can)."""
     w = tuple(module.weight.shape)
     numel = math.prod(w)
-    shown = "factors " + ", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if k != "alpha") + f" vs layer {w}"
+    shown = ("factors " + ", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if k != "alpha" and k not in EXTRAS)
+             + f" vs layer {w}")
+    if kind == "full":  # diff: the weight's shape (a linear's or a 1x1 convolution's with or without a 1x1 kernel)
+        diff, ones = shapes["diff"], ((), (1, 1))
+        return None if diff == w or (diff[:2] == w[:2] and diff[2:] in ones and w[2:] in ones) else shown
     if kind == "locon_cp":  # down (r2, in[, 1, 1]), mid (r1, r2, kh, kw), up (out, r1[, 1, 1])
         down, up = (shapes[k][:2] if shapes[k][2:] in ((), (1, 1)) else None for k in ("down", "up"))
         ok = down is not None and up is not None and _cp_shape(shapes["mid"], up[::-1], down) == w
@@ -354,10 +382,56 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | No
     return None if ok else shown
 
 
+def _extra_shape_problem(module: nn.Module, shapes: dict) -> str | None:
+    """Why a layer's bias change or DoRA magnitudes of these shapes can't go with `module` (None when they can)."""
+    w = tuple(module.weight.shape)
+    for k in ("up_bias", "diff_b"):
+        if k in shapes and module.bias is None:
+            return f"a bias change {_suffix(k)} {shapes[k]} for a layer without a bias"
+        if k in shapes and shapes[k] != w[:1]:
+            return f"bias change {_suffix(k)} {shapes[k]} vs layer bias {tuple(module.bias.shape)}"
+    for k in ("dora_scale", "magnitude"):
+        if k in shapes and _dora_form(k, shapes[k], w) is None:
+            return f"DoRA {_suffix(k)} {shapes[k]} vs layer {w} (DoRA magnitudes are (out, 1, ...) or (1, in, ...))"
+    return None
+
+
+def _suffix(part: str) -> str:
+    """A part's key suffix as a file writes it (the first, for parts with several), for messages."""
+    return next(s for s, p in PARTS if p == part).lstrip(".")
+
+
+def _dora_form(part: str, shape: tuple, w: tuple) -> str | None:
+    """Which norms DoRA's magnitudes of `shape` stand for on a layer of weight shape `w` (None: no form fits).
+    PEFT's (`magnitude`) are one per output row, shaped (out,) for a linear and (1, out, 1, 1) for a convolution:
+    "peft". LyCORIS' (`dora_scale`) have the weight's dims (a linear's or 1x1 convolution's with or without a 1x1),
+    of size 1 where the norm runs: (1, in, ...) one per input column, "columns" (LyCORIS' wd_on_out=False, its
+    default, the one A1111 reads); (out, 1, ...) one per output row, "rows" (wd_on_out=True)."""
+    if part == "magnitude":
+        return "peft" if math.prod(shape) == w[0] and [d for d in shape if d != 1] in ([w[0]], []) else None
+    ones = ((), (1, 1))
+    if shape[2:] in ones and w[2:] in ones:
+        shape, w = shape[:2], w[:2]
+    rest = (1,) * (len(w) - 2)
+    return "rows" if shape == (w[0], 1, *rest) else "columns" if shape == (1, w[1], *rest) else None
+
+
+def _with_extras(path: str, made: LoraLayer, parts: dict, w: tuple) -> LoraLayer:
+    """`made` with the bias change and DoRA magnitudes among its layer's tensors (fp32; their shapes checked)."""
+    extra = {k: parts[k].load().float() for k in EXTRAS if k in parts}
+    if not extra:
+        return made
+    if not all(torch.isfinite(t.sum()) for t in extra.values()):
+        raise CheckpointError(f"{path}: {made.key} holds NaN, infinite or absurdly large values")
+    dora = next((k for k in ("dora_scale", "magnitude") if k in extra), None)
+    return replace(made, bias=extra.get("up_bias", extra.get("diff_b")), dora=extra[dora].reshape(-1) if dora else None,
+                   dora_form=_dora_form(dora, tuple(parts[dora].shape), w) if dora else "")
+
+
 def _lycoris_layer(path: str, target: tuple[str, str], name: str, layer: str, kind: str, parts: dict) -> LoraLayer:
-    """A LoCon-with-core / LoHa / LoKr layer; scale = alpha / dim as A1111 (dim: down's rows; hada_w1_b's; LoKr:
-    lokr_w2_b's, else lokr_w1_b's), 1 without an alpha or a dim."""
-    factors = {k: ref.load().float() for k, ref in parts.items() if k != "alpha"}
+    """A LoCon-with-core / LoHa / LoKr / full layer; scale = alpha / dim as A1111 (dim: down's rows; hada_w1_b's;
+    LoKr: lokr_w2_b's, else lokr_w1_b's), 1 without an alpha or a dim (full has none: weight * diff)."""
+    factors = {k: ref.load().float() for k, ref in parts.items() if k != "alpha" and k not in EXTRAS}
     empty = next((k for k, t in factors.items() if t.numel() == 0), None)
     if empty is not None:
         raise CheckpointError(f"{path}: {layer}.{empty} is empty, shape {tuple(factors[empty].shape)}")
@@ -405,8 +479,8 @@ def _check_kind(path: str, keys: list[str], unknown: list[str], groups: dict) ->
         rx = re.compile(pattern)
         found = next((k for k in keys if rx.search(k)), None)
         if found is not None:
-            raise CheckpointError(f"{path}: this is {kind} (keys such as {found}); fastsd merges Stable Diffusion "
-                                  "1.x LoRAs (lora_down/lora_up, LoCon, lora_A/lora_B, LyCORIS LoHa and LoKr)")
+            raise CheckpointError(f"{path}: this is {kind} (keys such as {found}); fastsd merges Stable Diffusion 1.x "
+                                  "LoRAs (lora_down/lora_up, LoCon, lora_A/lora_B, DoRA, LyCORIS LoHa, LoKr and full)")
     if not any(set(g) - {"alpha"} for g in groups.values()):
         raise CheckpointError(f"{path}: not a LoRA (no lora_down/lora_up or lora_A/lora_B tensors; {len(keys)} "
                               f"tensors such as {_names(keys, 3)})")
@@ -432,16 +506,24 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
     the same bits for the same LoRA on the same weights however they are laid out (dense from a packed
     layer, channels_last after an unload, contiguous in the torch backend). It is the CPU path's own layout,
     so there the rows are read and written without a transposition (a packed layer's dense weight, which
-    comes contiguous, is transposed a block at a time, in cache)."""
+    comes contiguous, is transposed a block at a time, in cache).
+
+    DoRA (`layer.dora`, magnitudes m): V = weight + s * delta is scaled to the magnitudes, m / ||V|| with the
+    norm over each output row (PEFT; LyCORIS' wd_on_out) or each input column (LyCORIS' default; a first pass
+    over the blocks sums the columns' squares). The weight w: PEFT and diffusers' fuse_lora take it inside,
+    s = w * scale, and merge m / ||V|| * V; A1111 decomposes at s = scale and weighs the change,
+    weight + w * (m / ||V|| * V - weight) (LyCORIS' own runtime, (1 + w * (m / ||V|| - 1)) * V, differs by
+    (1 - w) * scale * delta away from w = 1): PEFT's files ("peft") get PEFT's, LyCORIS' A1111's."""
     conv = weight.dim() == 4
     rows_of = (lambda t: t.permute(0, 2, 3, 1)) if conv else (lambda t: t)  # noqa: E731 - (out, kh, kw, C) views
-    alpha = multiplier * layer.scale
+    a1111_dora = layer.dora is not None and layer.dora_form != "peft"
+    alpha = layer.scale if a1111_dora else multiplier * layer.scale
     if layer.kind == "lora":
         up = layer.up.reshape(layer.up.shape[0], -1).to(weight.device, torch.float32)
         down = layer.down.reshape(layer.down.shape[0], *weight.shape[1:]) if conv else layer.down
         down = rows_of(down).reshape(down.shape[0], -1).to(weight.device, torch.float32)
         update = lambda block, i: block.addmm_(up[i:i + len(block)], down, alpha=alpha)  # noqa: E731
-    else:  # LoHa / LoKr: the whole delta first (fp32, one layer), its rows in the same order
+    else:  # LoHa / LoKr / full: the whole delta first (fp32, one layer), its rows in the same order
         delta = rows_of(layer.delta(tuple(weight.shape)).to(weight.device)).reshape(weight.shape[0], -1)
         update = lambda block, i: block.add_(delta[i:i + len(block)], alpha=alpha)  # noqa: E731
     out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=memory_format)
@@ -450,22 +532,48 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
     # each block's range is checked only where a bound on the update can't rule out leaving the dtype's range
     # (|up @ down| <= rank * max|up| * max|down|; the weights themselves taken to be far inside it)
     bound = (abs(alpha) * layer.down.shape[0] * float(layer.up.abs().amax()) * float(layer.down.abs().amax())
-             if layer.kind == "lora" else math.inf)
+             if layer.kind == "lora" and layer.dora is None else math.inf)
     check = not bound < top / 4
     width = math.prod(weight.shape[1:])
     rows = max(1, MERGE_BLOCK_BYTES // (4 * width))
     scratch = torch.empty(min(rows, weight.shape[0]), width, device=weight.device)
-    for i in range(0, weight.shape[0], rows):
+    blocks = range(0, weight.shape[0], rows)
+
+    def updated(i: int) -> torch.Tensor:  # weight + alpha * delta, rows i.. of it
         block = scratch[: min(rows, weight.shape[0] - i)]
-        shaped = block.view(-1, *src.shape[1:])
-        shaped.copy_(src[i:i + rows])
+        block.view(-1, *src.shape[1:]).copy_(src[i:i + rows])
         update(block, i)
+        return block
+
+    dora = None if layer.dora is None else layer.dora.to(weight.device)
+    if layer.dora_form == "columns":  # m / ||column||, per input channel (the last of a row's (kh, kw, C))
+        squares = sum(updated(i).view(-1, src.shape[-1]).square().sum(0) for i in blocks)
+        dora = dora / squares.sqrt()
+    for i in blocks:
+        block = updated(i)
+        shaped = block.view(-1, *src.shape[1:])
+        if layer.dora_form == "columns":
+            block.view(len(block), -1, src.shape[-1]).mul_(dora)
+        elif dora is not None:
+            block.mul_(dora[i:i + len(block), None] / torch.linalg.vector_norm(block, dim=1, keepdim=True))
+        if a1111_dora:
+            shaped.sub_(src[i:i + rows]).mul_(multiplier).add_(src[i:i + rows])
         if check:
             lo, hi = torch.aminmax(block)
             if not (-top <= lo.item() and hi.item() <= top):  # (NaN fails both)
                 raise ValueError(f"{layer.key} at weight {multiplier:g} takes the layer's weights out of "
                                  f"{str(weight.dtype)[6:]}'s range (NaN or infinite)")
         dst[i:i + rows].copy_(shaped)
+    return out
+
+
+@torch.no_grad()
+def merged_bias(bias: torch.Tensor, layer: LoraLayer, multiplier: float) -> torch.Tensor:
+    """bias + multiplier * scale * layer.bias in fp32, rounded once to bias's dtype (as merged_weight)."""
+    out = bias.float().add(layer.bias.to(bias.device), alpha=multiplier * layer.scale).to(bias.dtype)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{layer.key} at weight {multiplier:g} takes the layer's bias out of "
+                         f"{str(bias.dtype)[6:]}'s range (NaN or infinite)")
     return out
 
 
@@ -493,7 +601,7 @@ class LoraSet:
     def __init__(self):
         self.loaded: list[LoadedLora] = []  # every LoRA merged, in load order (`base` first)
         self.base: list[LoadedLora] = []  # those merged for good: unload() leaves them
-        self._originals: dict[tuple[str, str], nn.Parameter] = {}
+        self._originals: dict[tuple[str, str], tuple[nn.Parameter, nn.Parameter | None]] = {}  # (weight, bias)
         self._broken: str | None = None  # why the weights are neither the model's nor a whole merge
 
     def load(self, pipe, path: str, weight: Weight = 1.0, *, keep_originals: bool = True) -> LoadedLora:
@@ -530,33 +638,38 @@ class LoraSet:
                 multiplier = unet_weight if layer.model == "unet" else te_weight
                 by_layer.setdefault((layer.model, layer.module), []).append((layer, multiplier, lora.name))
         layout = _conv_layout(pipe.backend)
-        done = []  # (module, key, previous weight Parameter, first change of this layer)
+        done = []  # (module, key, previous (weight, bias) Parameters, first change of this layer)
         changed = 0
         with pipe.backend.replacing_weights():
             try:
                 for key, merges in by_layer.items():
                     module = models[key[0]].get_submodule(key[1])
                     pipe.backend.plain_weights(module)
-                    prev = module.weight
+                    prev = module.weight, module.bias
                     first = key not in self._originals
                     if keep_originals:
                         done.append((module, key, prev, first))
                         if first:
                             self._originals[key] = prev
-                    merged, form = prev, layout if prev.dim() == 4 else torch.contiguous_format
+                    (merged, bias), form = prev, layout if prev[0].dim() == 4 else torch.contiguous_format
                     del prev  # (merged for good: the replaced weight goes with the layer's first merge)
                     for layer, multiplier, name in merges:
                         try:
                             merged = merged_weight(merged, layer, multiplier, form)
+                            if layer.bias is not None:
+                                bias = merged_bias(bias, layer, multiplier)
                         except ValueError as e:
                             raise ValueError(f"LoRA {name}: {e}: try a lower weight") from None
+                    if bias is not module.bias:  # (biases are plain tensors in every backend's layers)
+                        module.bias = nn.Parameter(bias, requires_grad=False)
                     module.weight = nn.Parameter(merged, requires_grad=False)
                     changed += 1
                     del merged  # (a backend that lays the weight out anew frees it now, for the next layer's merge)
                     pipe.backend.prepare_replaced(module)
             except BaseException as e:
                 for module, key, prev, first in reversed(done):
-                    pipe.backend.replace_weight(module, prev)
+                    module.bias = prev[1]
+                    pipe.backend.replace_weight(module, prev[0])
                     if first:
                         del self._originals[key]
                 if not keep_originals and changed:
@@ -577,12 +690,14 @@ class LoraSet:
             raise ValueError(self._broken)
 
     def unload(self, pipe) -> None:
-        """Every changed layer gets back the weight tensor it had before the LoRAs (bit for bit: the same tensor),
-        or, after a load with keep_originals=False, the one it had after the last such load (`base` stays)."""
+        """Every changed layer gets back the weight and bias tensors it had before the LoRAs (bit for bit: the same
+        tensors), or, after a load with keep_originals=False, those it had after the last such load (`base` stays)."""
         self.check_usable()
         models = {"unet": pipe.unet, "clip": pipe.clip}
-        for (model, name), original in self._originals.items():
-            pipe.backend.replace_weight(models[model].get_submodule(name), original)
+        for (model, name), (weight, bias) in self._originals.items():
+            module = models[model].get_submodule(name)
+            module.bias = bias
+            pipe.backend.replace_weight(module, weight)
         self._originals.clear()
         self.loaded = list(self.base)
 

@@ -6,6 +6,7 @@ Formats: "kohya_ldm" (`lora_unet_input_blocks_1_1_proj_in.lora_down.weight`, LDM
 (`unet.<path>.lora.down.weight`, text encoder `...lora_linear_layer.down.weight`). Convolutions get LoCon
 factors: down (r, in, k, k), up (out, r, 1, 1). The diffusers paths come from diffusers' own converter
 (`diffusers_names`), never from fastsd's rules, so a test of those rules has an independent reference.
+DoRA magnitudes (PEFT's `lora_magnitude_vector`, kohya / LyCORIS `dora_scale`) and PEFT's `lora_B.bias` on request.
 """
 from __future__ import annotations
 
@@ -61,14 +62,34 @@ def _keys(fmt: str, model: str, path: str) -> tuple[str, str, str | None]:
     return f"{prefix}{path}{mid}down.weight", f"{prefix}{path}{mid}up.weight", None
 
 
+def _dora_magnitudes(weight: torch.Tensor, update: torch.Tensor, form: str, g: torch.Generator) -> torch.Tensor:
+    """DoRA magnitudes near the norms of weight + update (times 1 +- 0.1 noise), shaped as `form` writes them:
+    "peft" (out,) for a linear, (1, out, 1, 1) for a convolution; kohya / LyCORIS "rows" (out, 1, ...) and
+    "columns" (1, in, ...)."""
+    v = weight.float() + update
+    cols = form == "columns"
+    norms = (v.transpose(0, 1) if cols else v).flatten(1).norm(dim=1)
+    norms = norms * (1 + 0.1 * torch.randn(norms.shape, generator=g))
+    ones = (1,) * (v.dim() - 2)
+    if form == "peft":
+        return norms.reshape(1, -1, 1, 1) if v.dim() == 4 else norms
+    return norms.reshape(1, -1, *ones) if cols else norms.reshape(-1, 1, *ones)
+
+
 def write_random_lora(path: str, pipe, *, fmt: str, rank: int = 4, alpha: float | None = None,
                       layers: list[str] | None = None, text_encoder: bool = True, names: dict[str, str] | None = None,
-                      seed: int = 0, strength: float = 0.3, dtype: torch.dtype = torch.float32) -> int:
+                      seed: int = 0, strength: float = 0.3, dtype: torch.dtype = torch.float32,
+                      dora: str | None = None, bias: bool = False) -> int:
     """Write a LoRA of random factors for pipe's UNet `layers` (fastsd names; default: all) and, with
     `text_encoder`, every text encoder linear; alpha None writes no alpha (scale 1). "kohya_diffusers",
-    "peft" and "diffusers" need `names` = diffusers_names(pipe). Returns the number of layers written."""
+    "peft" and "diffusers" need `names` = diffusers_names(pipe). `dora`: DoRA magnitudes for every layer, "peft"
+    (fmt "peft": lora_magnitude_vector) or "rows" / "columns" (kohya: dora_scale (out, 1, ...) / (1, in, ...));
+    `bias` (fmt "peft"): a random lora_B.bias for every layer that has a bias. Returns the number of layers
+    written."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r}; one of {FORMATS}")
+    if ((dora == "peft" or bias) and fmt != "peft") or (dora in ("rows", "columns") and not fmt.startswith("kohya")):
+        raise ValueError(f"dora={dora!r}, bias={bias} do not go with format {fmt!r}")
     g = torch.Generator().manual_seed(seed)
     scale = 1.0 if alpha is None else alpha / rank
     targets = [("unet", n) for n in (layers if layers is not None else layers_of(pipe.unet))]
@@ -84,11 +105,19 @@ def write_random_lora(path: str, pipe, *, fmt: str, rank: int = 4, alpha: float 
         sd[kd], sd[ku] = down.to(dtype).contiguous(), up.to(dtype).contiguous()
         if ka is not None and alpha is not None:
             sd[ka] = torch.tensor(float(alpha), dtype=dtype)
+        layer_key = kd.removesuffix(".lora_down.weight").removesuffix(".lora_A.weight")
+        if dora:
+            update = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
+            magnitudes = _dora_magnitudes(weight, update, dora, g)
+            sd[layer_key + (".lora_magnitude_vector" if dora == "peft" else ".dora_scale")] = magnitudes.to(dtype)
+        if bias and getattr(pipe, model).get_submodule(name).bias is not None:
+            sd[layer_key + ".lora_B.bias"] = (torch.randn(weight.shape[0], generator=g) * strength).to(dtype)
     if fmt != "kohya_ldm" and fmt != "kohya_diffusers" and alpha is not None:
         if fmt != "peft":
             raise ValueError("the diffusers (non-PEFT) format has no alphas")
         cfg = {f"{prefix}.{k}": v for model, prefix in (("unet", "unet"), ("clip", "text_encoder")) if paths[model]
-               for k, v in (("r", rank), ("lora_alpha", alpha), ("target_modules", paths[model]))}
+               for k, v in (("r", rank), ("lora_alpha", alpha), ("target_modules", paths[model]),
+                            ("use_dora", dora == "peft"), ("lora_bias", bias))}
         meta = {"lora_adapter_metadata": json.dumps(cfg)}
     save_file(sd, path, metadata=meta)
     return len(targets)

@@ -51,13 +51,18 @@ def oracle_image(sp, pipe, size=64, steps=GEN["steps"]):
 
 
 def assert_matches_diffusers(pipe, sp, names, image_size=64, steps=GEN["steps"]):
-    """Every UNet and text encoder weight within 1e-5 relative of diffusers' fused one; the images >= 40 dB."""
+    """Every UNet and text encoder weight and bias within 1e-5 relative of diffusers' fused one; the images >= 40 dB."""
+    def close(ours, theirs, name):
+        assert rel_err(ours.weight, theirs.weight) <= 1e-5, name
+        assert (ours.bias is None) == (theirs.bias is None), name
+        assert ours.bias is None or rel_err(ours.bias, theirs.bias) <= 1e-5, name
+
     for ours, theirs in names.items():
-        assert rel_err(pipe.unet.get_submodule(ours).weight, sp.unet.get_submodule(theirs).weight) <= 1e-5, ours
+        close(pipe.unet.get_submodule(ours), sp.unet.get_submodule(theirs), ours)
     for n in layers_of(pipe.clip):
         theirs = sp.text_encoder.get_submodule(n.removeprefix("text_model.")
                                                 if not hasattr(sp.text_encoder, "text_model") else n)
-        assert rel_err(pipe.clip.get_submodule(n).weight, theirs.weight) <= 1e-5, n
+        close(pipe.clip.get_submodule(n), theirs, n)
     ours = pipe.generate(PROMPT, latents=start_latents(pipe, image_size), progress=False,
                          **{**GEN, "width": image_size, "height": image_size, "steps": steps})[0]
     ref = (oracle_image(sp, pipe, image_size, steps) * 255).round().astype(np.uint8)
@@ -368,19 +373,25 @@ def test_a_layer_that_last_ran_dense_is_not_packed_at_a_merge(monkeypatch):
         assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, new, conv.bias, padding=1), atol=1e-5)
 
 
+@pytest.mark.parametrize("extra", [{}, {"dora": "columns"}, {"fmt": "peft", "bias": True}])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_half_precision_merge_is_the_fp32_merge_rounded_once(tmp_path, dtype):
+def test_half_precision_merge_is_the_fp32_merge_rounded_once(tmp_path, dtype, extra):
+    """(and so for DoRA's decomposition and a bias's change)"""
     pipe32, pipe = tiny(), tiny(dtype=dtype)
     path = str(tmp_path / "l.safetensors")
-    write_random_lora(path, pipe32, fmt="kohya_diffusers", rank=8, alpha=4.0, names=diffusers_names(pipe32))
+    write_random_lora(path, pipe32, **{"fmt": "kohya_diffusers", **extra}, rank=8, alpha=4.0,
+                      names=diffusers_names(pipe32))
     # the fp32 merge of the half-precision original weights, rounded once, is what the merge must give
     ref = tiny()
     for model in (ref.unet, ref.clip):
         model.to(pipe.dtype).float()
     ref.load_lora(path, 0.9)
+    before = state(pipe)
     pipe.load_lora(path, 0.9)
     got, want = state(pipe), state(ref)
     assert all(torch.equal(got[k], want[k].to(pipe.dtype)) for k in got)
+    moved = {k.rpartition(".")[2] for k in got if not torch.equal(got[k], before[k])}
+    assert moved == ({"weight", "bias"} if extra.get("bias") else {"weight"})
     assert generate(pipe, steps=2).std() > 5
 
 
@@ -406,6 +417,9 @@ def _huge_pair():
     return {k: v.sign() * 1e18 for k, v in pair.items()}
 
 
+HADA_KEYS = ("w1_a", "w1_b", "w2_a", "w2_b")
+TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # (diffusers' name: the kohya file's
+# LDM-named layers change that layer too, and a bad layer is refused before two names of one layer are)
 BAD = {
     "sdxl": (_pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", (4, 768), (768, 4)), "SDXL LoRA"),
     "sd2": (_pair("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k", (4, 1024), (32, 4)),
@@ -431,6 +445,30 @@ BAD = {
     "mixed": ({"lora_unet_conv_in.lokr_w1": torch.randn(2, 2), "lora_unet_conv_in.lora_up.weight": torch.randn(4, 4)},
               "mixes factors"),
     "half pair": ({"lora_unet_conv_in.lora_down.weight": torch.randn(4, 4, 3, 3)}, "not every factor of a LoRA"),
+    "dora scale shape": (_pair("lora_unet_input_blocks_1_0_in_layers_2", (4, 32, 3, 3), (32, 4, 1, 1))
+                         | {"lora_unet_input_blocks_1_0_in_layers_2.dora_scale": torch.rand(1, 32)},
+                         re.escape("DoRA dora_scale (1, 32) vs layer (32, 32, 3, 3)")),
+    "dora scale both ways": (_pair("lora_unet_input_blocks_1_1_proj_in", (4, 32), (32, 4))
+                             | {"lora_unet_input_blocks_1_1_proj_in.dora_scale": torch.rand(32, 32)},
+                             "DoRA dora_scale"),
+    "dora alone": ({"lora_unet_conv_in.dora_scale": torch.rand(1, 4, 1, 1)}, "not every factor of a LoRA"),
+    "peft magnitude on loha": ({f"lora_unet_conv_in.hada_{k}": torch.randn(4, 4) for k in HADA_KEYS}
+                               | {"lora_unet_conv_in.lora_magnitude_vector": torch.rand(32)},
+                               "PEFT's DoRA goes with lora_A / lora_B"),
+    "two magnitudes": (_pair("lora_unet_input_blocks_1_1_proj_in", (4, 32), (32, 4))
+                       | {"lora_unet_input_blocks_1_1_proj_in.dora_scale": torch.rand(1, 32),
+                          "lora_unet_input_blocks_1_1_proj_in.lora_magnitude_vector": torch.rand(32)}, "two DoRA"),
+    "full shape": ({"lora_unet_conv_in.diff": torch.randn(32, 4, 1, 1)}, "do not fit"),
+    "full bias shape": ({"lora_unet_conv_in.diff": torch.randn(32, 4, 3, 3),
+                         "lora_unet_conv_in.diff_b": torch.randn(4)},
+                        re.escape("bias change diff_b (4,) vs layer bias (32,)")),
+    "bias without a bias": ({f"{TO_Q}.diff": torch.randn(32, 32), f"{TO_Q}.diff_b": torch.randn(32)},
+                            re.escape("a bias change diff_b (32,) for a layer without a bias")),
+    "diff_b alone": ({"lora_unet_conv_in.diff_b": torch.randn(32)}, "not every factor of a LyCORIS 'full'"),
+    "lora bias on loha": ({f"lora_unet_conv_in.hada_{k}": torch.randn(4, 4) for k in HADA_KEYS}
+                          | {"lora_unet_conv_in.lora_B.bias": torch.randn(32)}, "mixes factors"),
+    "nan magnitude": (_pair("lora_unet_input_blocks_1_1_proj_in", (4, 32), (32, 4))
+                      | {"lora_unet_input_blocks_1_1_proj_in.dora_scale": torch.full((1, 32), float("nan"))}, "NaN"),
 }
 
 
@@ -540,14 +578,23 @@ def test_not_a_lora_and_wrong_arguments(tmp_path):
     assert pipe.loras == []
 
 
+@pytest.mark.parametrize("what", ["weight", "bias"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_a_merge_that_overflows_is_refused_and_rolled_back(tmp_path, backend):
+def test_a_merge_that_overflows_is_refused_and_rolled_back(tmp_path, backend, what):
+    """(a bias too: LyCORIS 'full''s diff_b)"""
+    from safetensors.torch import load_file, save_file
+
     pipe = tiny(backend)
     generate(pipe, steps=1)  # (cpu: weights packed)
     state0 = state(pipe)
     path = str(tmp_path / "huge.safetensors")
     _kohya(pipe, path, _huge_pair())  # valid layers first: merged before the bad one, then put back
-    with pytest.raises(ValueError, match="LoRA huge: lora_unet_input_blocks_1_0_in_layers_2 at weight 1000 takes") as e:
+    if what == "bias":  # the layer as LyCORIS 'full', its bias's change finite but beyond fp32 at weight 1000
+        layer = "lora_unet_input_blocks_1_0_in_layers_2"
+        sd = {k: v for k, v in load_file(path).items() if not k.startswith(layer + ".")}
+        save_file(sd | {f"{layer}.diff": torch.zeros(32, 32, 3, 3), f"{layer}.diff_b": torch.full((32,), 1e36)}, path)
+    with pytest.raises(ValueError, match=f"LoRA huge: lora_unet_input_blocks_1_0_in_layers_2 at weight 1000 takes the "
+                                         f"layer's {what}") as e:
         pipe.load_lora(path, 1000)
     assert "\n" not in str(e.value)
     assert_same_state(pipe, state0)
@@ -556,27 +603,34 @@ def test_a_merge_that_overflows_is_refused_and_rolled_back(tmp_path, backend):
     assert [x.name for x in pipe.loras] == ["huge"]
 
 
-def test_interrupted_merge_rolls_back(tmp_path, monkeypatch):
-    """An exception in the middle of merging (here the 5th layer) puts every weight back."""
+@pytest.mark.parametrize("kind", ["lora", "lora with biases"])
+def test_interrupted_merge_rolls_back(tmp_path, monkeypatch, names, kind):
+    """An exception in the middle of merging (here the 5th layer) puts every weight (and bias) back."""
     import fastsd.lora as lora_mod
 
     pipe = tiny("cpu")
     generate(pipe, steps=1)
     path = str(tmp_path / "l.safetensors")
-    write_random_lora(path, pipe, fmt="kohya_ldm", rank=4, seed=5)
+    if kind == "lora":
+        write_random_lora(path, pipe, fmt="kohya_ldm", rank=4, seed=5)
+    else:  # lora_B.bias on every layer that has a bias
+        write_random_lora(path, pipe, fmt="peft", rank=4, seed=5, names=names, bias=True,
+                          layers=[n for n in layers_of(pipe.unet) if pipe.unet.get_submodule(n).bias is not None])
     pipe.load_lora(path, 0.3)
     state0 = state(pipe)
-    real, calls = lora_mod.merged_weight, []
+    real, calls, moved = lora_mod.merged_weight, [], []
 
     def flaky(*args):
         calls.append(1)
         if len(calls) == 5:
+            moved.extend(k.rpartition(".")[2] for k, v in state(pipe).items() if not torch.equal(v, state0[k]))
             raise KeyboardInterrupt
         return real(*args)
 
     monkeypatch.setattr(lora_mod, "merged_weight", flaky)
     with pytest.raises(KeyboardInterrupt):
         pipe.load_lora(path, 1.0)
+    assert set(moved) == ({"weight"} if kind == "lora" else {"weight", "bias"})  # (what the rollback put back)
     assert_same_state(pipe, state0)
     monkeypatch.setattr(lora_mod, "merged_weight", real)
     pipe.unload_loras()
@@ -696,6 +750,155 @@ def test_lycoris_cp_cores_merge_as_their_convolutions_run(tmp_path, kind, backen
         assert rel_err(torch.nn.functional.conv2d(x, change, padding=1), 0.7 * runs[n](x)) <= 1e-5, n
     pipe.unload_loras()
     assert all(torch.equal(dense_weight(pipe.unet.get_submodule(n)), before[n]) for n in targets)
+
+
+# ---- LyCORIS full, DoRA, LoRA biases ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_lycoris_full_merges_as_a1111(tmp_path, backend):
+    """LyCORIS 'full' as A1111's network_full: weight += w * diff, bias += w * diff_b, no alpha scaling (an alpha in
+    the file is not read); a linear's or 1x1 convolution's diff with or without the 1x1; unloading restores the bits
+    of weights and biases (the cpu backend's packed ones too)."""
+    from safetensors.torch import save_file
+
+    pipe = tiny(backend)
+    generate(pipe, steps=1)  # the cpu backend's weights packed
+    state0 = state(pipe)
+    targets = {("unet", "input_blocks.1.0.in_layers.2"): None,  # 3x3 convolution with a bias
+               ("unet", "input_blocks.1.1.proj_in"): (32, 32),  # a 1x1 convolution's diff without its 1x1
+               ("unet", "input_blocks.1.1.transformer_blocks.0.attn1.to_q"): None,  # no bias: diff only
+               ("clip", "text_model.encoder.layers.0.mlp.fc1"): None}
+    g, sd, before = torch.Generator().manual_seed(4), {}, {}
+    for (model, name), shape in targets.items():
+        module = getattr(pipe, model).get_submodule(name)
+        before[name] = dense_weight(module).clone(), None if module.bias is None else module.bias.clone()
+        key = ("lora_unet_" if model == "unet" else "lora_te_") + name.replace(".", "_")
+        sd[f"{key}.diff"] = torch.randn(shape or before[name][0].shape, generator=g) * 0.1
+        sd[f"{key}.alpha"] = torch.tensor(4.0)
+        if module.bias is not None:
+            sd[f"{key}.diff_b"] = torch.randn(module.bias.shape, generator=g) * 0.1
+    path = str(tmp_path / "full.safetensors")
+    save_file(sd, path)
+    pipe.load_lora(path, 0.7)
+    for (model, name), shape in targets.items():
+        module = getattr(pipe, model).get_submodule(name)
+        key = ("lora_unet_" if model == "unet" else "lora_te_") + name.replace(".", "_")
+        change = dense_weight(module) - before[name][0]
+        assert rel_err(change, 0.7 * sd[f"{key}.diff"].reshape(change.shape)) <= 1e-5, name
+        if before[name][1] is not None:
+            assert rel_err(module.bias - before[name][1], 0.7 * sd[f"{key}.diff_b"]) <= 1e-5, name
+    assert np.asarray(generate(pipe, steps=1)).std() > 5
+    pipe.unload_loras()
+    assert_same_state(pipe, state0)
+
+
+def a1111_dora(w, updown, dora_scale, multiplier):
+    """A1111's DoRA merge (extensions-builtin/Lora/network.py: finalize_updown, apply_weight_decompose) transcribed, in
+    float64: the change it adds to w. A1111 reads LyCORIS' (1, in, ...) dora_scale (norm per input column); for an
+    (out, 1, ...) one (LyCORIS' wd_on_out, which A1111 has no branch for) the norm runs per output row, as LyCORIS'."""
+    w, updown, dora_scale = w.double(), updown.double(), dora_scale.double()
+    merged_scale1 = updown + w
+    if dora_scale.shape[0] == 1:
+        merged_scale1_norm = (merged_scale1.transpose(0, 1).reshape(merged_scale1.shape[1], -1)
+                              .norm(dim=1, keepdim=True).reshape(merged_scale1.shape[1], *[1] * (w.dim() - 1))
+                              .transpose(0, 1))
+    else:
+        merged_scale1_norm = merged_scale1.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * (w.dim() - 1))
+    dora_merged = merged_scale1 * (dora_scale / merged_scale1_norm)
+    final_updown = dora_merged - w
+    return final_updown * multiplier
+
+
+@pytest.mark.parametrize("form", ["columns", "rows"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_kohya_dora_merges_as_a1111(tmp_path, backend, form):
+    """kohya / LyCORIS dora_scale on every UNet and text encoder layer (LoCon, linears, 1x1 convolutions) and on a
+    LoHa, (1, in, ...) and (out, 1, ...): the merge's change is A1111's at weight 0.7 (the weight applied to the
+    decomposed change); unloading restores the bits."""
+    from safetensors.torch import load_file, save_file
+
+    pipe = tiny(backend)
+    generate(pipe, steps=1)  # the cpu backend's weights packed
+    state0 = state(pipe)
+    path = str(tmp_path / "dora.safetensors")
+    write_random_lora(path, pipe, fmt="kohya_ldm", rank=4, alpha=2.0, dora=form, seed=6)
+    sd = load_file(path)
+    loha = "input_blocks.1.0.in_layers.2"
+    key = "lora_unet_" + loha.replace(".", "_")
+    part, want = _lycoris(pipe, "loha", [("unet", loha)], torch.Generator().manual_seed(7))
+    sd = {k: v for k, v in sd.items() if not k.startswith(key + ".lora_")} | part
+    save_file(sd, path)
+    before = {(m, n): dense_weight(getattr(pipe, m).get_submodule(n)).clone()
+              for m in ("unet", "clip") for n in layers_of(getattr(pipe, m))}
+    pipe.load_lora(path, 0.7)
+    for (model, name), w in before.items():
+        key = ("lora_unet_" if model == "unet" else "lora_te_") + name.replace(".", "_")
+        updown = (want[(model, name)] if name == loha else
+                  (sd[f"{key}.lora_up.weight"].flatten(1) @ sd[f"{key}.lora_down.weight"].flatten(1)).reshape(w.shape)
+                  * 2.0 / 4)
+        assert sd[f"{key}.dora_scale"].shape[0 if form == "columns" else 1] == 1
+        change = dense_weight(getattr(pipe, model).get_submodule(name)) - w
+        assert rel_err(change, a1111_dora(w, updown, sd[f"{key}.dora_scale"], 0.7)) <= 1e-5, name
+    pipe.unload_loras()
+    assert_same_state(pipe, state0)
+
+
+@pytest.mark.parametrize("kind,rank,alpha,weight", [("dora", 8, None, 0.7), ("dora", 8, 16.0, 1.3),
+                                                    ("bias", 4, None, 0.8), ("bias", 8, 4.0, 0.6)])
+def test_peft_dora_and_lora_bias_match_diffusers_fuse(tmp_path, names, base_image, kind, rank, alpha, weight):
+    """PEFT's DoRA (lora_magnitude_vector: (out,) for linears, (1, out, 1, 1) for convolutions) on every UNet layer,
+    and PEFT's lora_bias (lora_B.bias) on every UNet and text encoder layer that has a bias, against diffusers'
+    load_lora_weights + fuse_lora (weights and biases within 1e-5, images >= 40 dB). DoRA's text encoder is left out:
+    diffusers (0.42, transformers 5) does not load the magnitudes of a text encoder (its load report lists them as
+    UNEXPECTED `...lora_magnitude_vector.default_0` and MISSING `...default_0.weight`) and fuses PEFT's initial ones;
+    test_peft_dora_on_the_text_encoder holds fastsd's to PEFT's formula."""
+    pipe, ref = tiny(), tiny()
+    layers = [n for n in layers_of(pipe.unet) if kind == "dora" or pipe.unet.get_submodule(n).bias is not None]
+    path = str(tmp_path / f"{kind}.safetensors")
+    write_random_lora(path, pipe, fmt="peft", rank=rank, alpha=alpha, layers=layers, names=names, seed=rank,
+                      text_encoder=kind == "bias", **({"dora": "peft"} if kind == "dora" else {"bias": True}))
+    sp = diffusers_pipeline(ref)
+    fuse_in_diffusers(sp, path, weight, False)
+    before = state(pipe)
+    pipe.load_lora(path, weight)
+    after = assert_matches_diffusers(pipe, sp, names)
+    assert psnr(after, base_image) < 35, "the LoRA should change the image"
+    moved = {k.rpartition(".")[2] for k, v in state(pipe).items() if not torch.equal(v, before[k])}
+    assert moved == ({"weight", "bias"} if kind == "bias" else {"weight"})
+    pipe.unload_loras()
+    assert_same_state(pipe, before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_peft_dora_and_lora_bias_on_the_text_encoder(tmp_path, names, backend):
+    """PEFT's formulas on the text encoder (where diffusers is no oracle for DoRA, see above), the packed cpu path
+    included: W' = m / ||W + w * scale * B @ A||_row * (W + w * scale * B @ A) (the weight w inside the norm, as
+    diffusers' fuse_lora(lora_scale=w)), b' = b + w * scale * lora_B.bias; unloading restores the bits."""
+    from safetensors.torch import load_file
+
+    pipe = tiny(backend)
+    generate(pipe, steps=1)  # the cpu backend's weights packed
+    state0 = state(pipe)
+    before = {n: (dense_weight(m).clone(), m.bias.clone())
+              for n in layers_of(pipe.clip) for m in [pipe.clip.get_submodule(n)]}
+    for kind in ("dora", "bias"):
+        path = str(tmp_path / f"{kind}.safetensors")
+        write_random_lora(path, pipe, fmt="peft", rank=4, alpha=8.0, layers=[], names=names, seed=2,
+                          **({"dora": "peft"} if kind == "dora" else {"bias": True}))
+        sd = load_file(path)
+        pipe.load_lora(path, 0.7)
+        for n in layers_of(pipe.clip):
+            key, (w, b) = "text_encoder." + n, before[n]
+            v = w.double() + 0.7 * 2.0 * sd[f"{key}.lora_B.weight"].double() @ sd[f"{key}.lora_A.weight"].double()
+            module = pipe.clip.get_submodule(n)
+            if kind == "dora":
+                want = v * (sd[f"{key}.lora_magnitude_vector"].double() / v.norm(dim=1))[:, None]
+                assert rel_err(dense_weight(module) - w, want - w) <= 1e-5, n
+            else:
+                assert rel_err(dense_weight(module) - w, v - w) <= 1e-5, n
+                assert rel_err(module.bias - b, 0.7 * 2.0 * sd[f"{key}.lora_B.bias"]) <= 1e-5, n
+        pipe.unload_loras()
+        assert_same_state(pipe, state0)
 
 
 # ---- prompt syntax, folder, infotext -------------------------------------------------------------------
