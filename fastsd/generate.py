@@ -228,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
         if pipe.embeddings is not None:  # read the embeddings the prompts name now: a bad one fails before any work
             pipe.embeddings.used([s.prompt, s.negative_prompt])
         vae = f", vae {pipe.vae_name}" if pipe.vae_name else ""
-        print(run_summary(pipe, threads, f"{vae}, {s.width}x{s.height}, {s.steps} steps {s.sampler}, seed {s.seed}"),
+        size = f"{s.width}x{s.height}" + (" -> {}x{} hires".format(*s.hires_target().size) if s.hires else "")
+        print(run_summary(pipe, threads, f"{vae}, {size}, {s.steps} steps {s.sampler}, seed {s.seed}"),
               file=sys.stderr)
         images = pipe.generate(**s.kwargs(), image=image, mask=mask, progress=not args.no_progress,
                                tiled_vae=True if args.tiled_vae else None, on_step=preview_writer(args.preview),

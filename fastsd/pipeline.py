@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from fastsd import backends
+from fastsd import backends, hires
 from fastsd.conditioning import encode_prompts
 from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser
@@ -222,6 +222,12 @@ class Pipeline:
                   "Variation seed strength": s.subseed_strength or None,
                   "Denoising strength": s.strength if img2img else None,
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None}
+        if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
+            resize = s.hires_width or s.hires_height
+            params.update({"Denoising strength": s.hires_strength,
+                           "Hires upscale": None if resize else f"{s.hires_scale:g}",
+                           "Hires resize": f"{s.hires_width}x{s.hires_height}" if resize else None,
+                           "Hires steps": s.hires_steps or None, "Hires upscaler": hires.resolve_upscaler(s.hires_upscaler)})
         prompt, params["Lora hashes"] = self._loras.infotext(s.prompt)
         if self.embeddings is not None:  # A1111's "TI hashes": name: sha256[:12] of each embedding the prompts use
             params["TI hashes"] = self.embeddings.infotext([s.prompt, s.negative_prompt])
@@ -269,10 +275,7 @@ class Pipeline:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             noise = latents.float().to(self.device)
         else:
-            noise = seeded_noise(gens, shape[1:], self.device)
-            if s.subseed_strength > 0:
-                subgens = [torch.Generator().manual_seed(s.subseed + i) for i in range(len(seeds))]
-                noise = variation_noise(noise, seeded_noise(subgens, shape[1:], self.device), s.subseed_strength)
+            noise = self._start_noise(s, gens, shape)
         if x0 is None:
             x = noise * sched.init_noise_sigma
         else:
@@ -287,6 +290,14 @@ class Pipeline:
         if inpaint_model:
             p.extra["c_concat"] = self._inpaint_concat(s, init, mask_t, p.mask, tiled_vae)
         return p
+
+    def _start_noise(self, s: GenerationSettings, gens: list[torch.Generator], shape) -> torch.Tensor:
+        """Each image's first draw from its generator, moved toward its variation seed's (A1111's ImageRNG.first)."""
+        noise = seeded_noise(gens, shape[1:], self.device)
+        if s.subseed_strength > 0:
+            subgens = [torch.Generator().manual_seed(s.subseed + i) for i in range(len(gens))]
+            noise = variation_noise(noise, seeded_noise(subgens, shape[1:], self.device), s.subseed_strength)
+        return noise
 
     def _image_tensors(self, s: GenerationSettings, image, mask):
         if image is None:
@@ -373,6 +384,37 @@ class Pipeline:
                 return tensor_to_pil(vae.decode(latents.to(self.device) / self.config.vae.scale_factor).float())[0]
         return latents_preview(latents / self.config.vae.scale_factor)
 
+    @torch.no_grad()
+    def hires_pass(self, s: GenerationSettings, x: torch.Tensor, seeds: list[int], cond: torch.Tensor,
+                   uncond: torch.Tensor | None, *, tiled_vae: bool | None = None, on_step: OnStep | None = None,
+                   progress: bool = True, preview_every: int = 1) -> torch.Tensor:
+        """A1111's hires fix after the first pass's final latents `x`: upscaled (the latents, or the decoded images
+        and encoded again (the posterior's mean)), cropped to the target, then refined by an img2img pass of
+        hires_steps (or steps) steps at the end of a schedule of int(steps / hires_strength) (A1111's rule), from
+        fresh start noise of each image's seed at the new size. hires_strength 0: upscaled only."""
+        t = s.hires_target()
+        upscaler = hires.resolve_upscaler(s.hires_upscaler)
+        if upscaler in hires.LATENT_MODES:
+            mode, antialias = hires.LATENT_MODES[upscaler]
+            x = torch.nn.functional.interpolate(x.float(), size=t.latent_size, mode=mode, antialias=antialias)
+        else:
+            images = [im.resize((t.up_w, t.up_h), resample=hires.IMAGE_RESAMPLE[upscaler])
+                      for im in tensor_to_pil(self.decode(x, tiled_vae))]
+            x = self.encode_images(torch.cat([pil_to_tensor(im) for im in images]), None, tiled_vae)
+        x = hires.crop(x, t)
+        if s.hires_strength == 0:
+            return x
+        n, run = hires.second_pass_steps(s.hires_steps or s.steps, s.hires_strength)
+        s2 = s.replace(width=x.shape[3] * self.config.vae.downscale, height=x.shape[2] * self.config.vae.downscale,
+                       steps=n)
+        sched = get_sampler(s.sampler).schedule(n, self.config.scheduler)
+        sched = sched.tail(len(sched) - run * sched.order)
+        gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+        p = Prepared(x + self._start_noise(s2, gens, tuple(x.shape)) * float(sched.sigmas[0]), sched, gens, x0=x)
+        if self.config.unet.in_channels == 9:  # an inpainting model repaints everything (txt2img's conditioning)
+            p.extra["c_concat"] = self._inpaint_concat(s2, None, None, None, tiled_vae)
+        return self.denoise(p, cond, uncond, s2, on_step=on_step, progress=progress, preview_every=preview_every)
+
     # ---- stage 4: images --------------------------------------------------------------------------------
 
     def _tile(self, tiled_vae: bool | None, width: int, height: int) -> bool:
@@ -440,14 +482,17 @@ class Pipeline:
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = 20, guidance_scale: float = 7.5,
                  sampler: str = "euler_a", seed: int | None = None, width: int | None = None,
                  height: int | None = None, num_images: int = 1, strength: float = 0.8, clip_skip: int = 1,
-                 subseed: int | None = None, subseed_strength: float = 0.0, image: Image.Image | None = None, mask: Image.Image | None = None,
+                 subseed: int | None = None, subseed_strength: float = 0.0, hires_scale: float = 1.0,
+                 hires_width: int = 0, hires_height: int = 0, hires_steps: int = 0, hires_strength: float = 0.7,
+                 hires_upscaler: str = "Latent", image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, progress: bool = True, tiled_vae: bool | None = None,
                  on_step: OnStep | None = None, preview_every: int = 1, on_interrupt: str = "raise",
                  allow_large: bool = False) -> list[Image.Image]:
         """txt2img; img2img when `image` is given; inpainting when `mask` is given too (white = repaint).
 
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
-        any image can be made again alone; with `subseed_strength` > 0 its start noise is moved toward the noise of
+        any image can be made again alone; the hires_* keywords run A1111's hires fix (`hires_pass`) after
+        txt2img, the infotext keeping the first pass's size as A1111's; with `subseed_strength` > 0 its start noise is moved toward the noise of
         `subseed` + i (A1111's variation seed). `latents` are unit-variance start noise (num_images, 4, H/8, W/8),
         scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
         int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
@@ -456,7 +501,8 @@ class Pipeline:
         prediction at that step are returned (A1111's interrupt and skip). `allow_large` lifts the 4096 px limit
         on a side (the CLI's --allow-large)."""
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
-                               num_images, strength, clip_skip, subseed, subseed_strength)
+                               num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
+                               hires_height, hires_steps, hires_strength, hires_upscaler)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")
@@ -469,8 +515,18 @@ class Pipeline:
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae)
+        first = len(p.schedule)
+        second = hires.second_pass_steps(s.hires_steps or s.steps, s.hires_strength)[1] \
+            if s.hires and s.hires_strength > 0 else 0
+
+        def steps_of(offset: int) -> OnStep | None:  # both passes' steps counted as one run (A1111's progress)
+            return None if on_step is None else lambda i, _, preview: on_step(offset + i, first + second, preview)
+
         try:
-            x = self.denoise(p, cond, uncond, s, on_step=on_step, progress=progress, preview_every=preview_every)
+            x = self.denoise(p, cond, uncond, s, on_step=steps_of(0), progress=progress, preview_every=preview_every)
+            if s.hires:
+                x = self.hires_pass(s, x, seeds, cond, uncond, tiled_vae=tiled_vae, on_step=steps_of(first),
+                                    progress=progress, preview_every=preview_every)
         except Interrupted as stop:
             if on_interrupt == "raise" or stop.latents is None:  # (None: not raised by on_step, no prediction)
                 raise

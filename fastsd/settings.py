@@ -10,6 +10,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from fastsd import hires
+
 MAX_SIDE = 4096  # pixels; larger needs allow_large (--allow-large)
 MAX_STEPS = 1000
 MAX_IMAGES = 64
@@ -47,6 +49,28 @@ class GenerationSettings:
                                                             "not given"))
     subseed_strength: float = field(default=0.0, metadata=_opt("A1111 variation strength in [0, 1]: 0 = the seed's "
                                                                "image, 1 = the variation seed's"))
+    hires_scale: float = field(default=1.0, metadata=_opt("A1111 hires fix (txt2img): above 1, the image made at "
+                                                          "width x height is upscaled by this and refined by a second "
+                                                          f"pass at that size (1..{hires.MAX_SCALE:g})"))
+    hires_width: int = field(default=0, metadata=_opt("hires fix to this width instead of --hires-scale (A1111's "
+                                                      "'Resize width to'; 0 = follow the height's ratio; with "
+                                                      "--hires-height the image is scaled to cover both and cropped)"))
+    hires_height: int = field(default=0, metadata=_opt("hires fix to this height instead of --hires-scale"))
+    hires_steps: int = field(default=0, metadata=_opt("hires fix: steps of the second pass (0 = --steps)"))
+    hires_strength: float = field(default=0.7, metadata=_opt("hires fix: denoising strength of the second pass in "
+                                                             "[0, 1] (0 = upscale only)"))
+    hires_upscaler: str = field(default="Latent", metadata=_opt("hires fix upscaler, A1111's names: " + ", ".join(
+        hires.UPSCALERS)))
+
+    @property
+    def hires(self) -> bool:
+        """The hires fix runs: a scale above 1 or a target width / height."""
+        return self.hires_scale != 1 or bool(self.hires_width) or bool(self.hires_height)
+
+    def hires_target(self) -> hires.Target:
+        """Where the hires fix takes the first pass (width / height resolved, or 512 where not given)."""
+        return hires.target(self.width or 512, self.height or 512, self.hires_scale, self.hires_width,
+                            self.hires_height)
 
     @property
     def guided(self) -> bool:
@@ -83,6 +107,7 @@ class GenerationSettings:
             if self.subseed + self.num_images > SEED_LIMIT:
                 raise ValueError(f"subseed + num_images must stay below 2**63, got subseed {self.subseed} with "
                                  f"{self.num_images} images")
+        self._validate_hires(has_image, limit)
         if has_image and not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if has_mask and not has_image:
@@ -95,6 +120,34 @@ class GenerationSettings:
         from fastsd.samplers import get_sampler
 
         get_sampler(self.sampler)  # raises, listing the valid names
+
+    def _validate_hires(self, has_image: bool, limit: int) -> None:
+        _check_float(self.hires_scale, "hires_scale")
+        if not 1.0 <= self.hires_scale <= hires.MAX_SCALE:
+            raise ValueError(f"hires_scale must be in [1, {hires.MAX_SCALE:g}], got {self.hires_scale}")
+        for name in ("hires_width", "hires_height"):
+            v = getattr(self, name)
+            _check_int(v, name, 0, None)
+            if v % 8 or v > limit:
+                raise ValueError(f"{name} must be 0 or a multiple of 8 up to {limit}, got {v}")
+        _check_int(self.hires_steps, "hires_steps", 0, MAX_STEPS)
+        _check_float(self.hires_strength, "hires_strength")
+        if not 0.0 <= self.hires_strength <= 1.0:
+            raise ValueError(f"hires_strength must be in [0, 1], got {self.hires_strength}")
+        if not isinstance(self.hires_upscaler, str):
+            raise TypeError(f"hires_upscaler must be a string, got {type(self.hires_upscaler).__name__}")
+        hires.resolve_upscaler(self.hires_upscaler)
+        if not self.hires:
+            return
+        if has_image:
+            raise ValueError("the hires fix is for txt2img; img2img runs at the size it is given")
+        n, run = hires.second_pass_steps(self.hires_steps or self.steps, self.hires_strength or 1.0)
+        if n > MAX_STEPS:
+            raise ValueError(f"hires_strength {self.hires_strength} with {run} steps needs a schedule of {n} steps "
+                             f"(A1111's steps / strength), above {MAX_STEPS}: raise hires_strength or lower the steps")
+        w, h = self.hires_target().size
+        if min(w, h) < 8 or max(w, h) > limit:
+            raise ValueError(f"the hires fix would make a {w}x{h} image: each side must be 8..{limit} px")
 
     def replace(self, **changes) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)

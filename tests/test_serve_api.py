@@ -86,7 +86,9 @@ def test_random_seed_n_iter_clip_skip_and_unhonoured_fields(client):
     assert [p["Seed"] for p in params] == [str(seed), str(seed + 1)] and params[0]["Clip skip"] == "2"
     assert params[0]["Sampler"] == "Euler"  # A1111's default sampler_index
     notes = " | ".join(meta["warnings"])
-    assert "enable_hr: hires fix is not supported" in notes and "override_settings.sd_vae" in notes
+    assert "override_settings.sd_vae" in notes and "enable_hr" not in notes and "hr_" not in notes
+    assert params[0]["Hires upscale"] == "2" and params[0]["Hires upscaler"] == "Latent"  # the wiki's hires fix ran
+    assert decode(r.json()["images"][0]).size == (128, 128) and params[0]["Size"] == "64x64"
     assert "some_extension_field" not in notes  # unknown fields are ignored, as A1111 does
 
 
@@ -121,7 +123,9 @@ def test_img2img_docs_body_with_mask(client):
     assert out.size == (64, 64) and meta["denoising_strength"] == 0.75
     params = parse_infotext(meta["infotexts"][0])[2]
     assert params["Sampler"] == "DPM++ 2M Karras" and params["Denoising strength"] == "0.75"
-    assert any(w.startswith("mask_blur") for w in meta["warnings"])
+    assert not any(w.startswith("mask_blur") for w in meta["warnings"])  # applied, as A1111 (test_masking.py)
+    corner = np.asarray(out)[:4, :4].reshape(-1, 3)  # far from the mask: the init image laid back over the result
+    assert (corner == [200, 30, 30]).all()
     assert r.json()["parameters"]["init_images"] is None  # not echoed back (include_init_images false)
 
 

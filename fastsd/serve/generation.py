@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from fastsd import masking
 from fastsd.lora import drop_tags, strip_tags
 from fastsd.samplers import A1111_NAMES, resolve_sampler_name
 from fastsd.serve.jobqueue import Cancelled
@@ -24,6 +25,7 @@ from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
 from fastsd.settings import SEED_LIMIT, GenerationSettings
 
 SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
+MAX_MASK_BLUR = 64  # px, each way
 
 # A1111's separate `scheduler` field (1.9+): names that leave the sampler's own schedule (accepted quietly)
 # and the (sampler, scheduler) pairs fastsd has as one sampler.
@@ -49,6 +51,7 @@ class Plan:
     warnings: tuple[str, ...]
     send_images: bool
     parameters: dict                        # the request as understood, echoed as A1111 does
+    overlay: Image.Image | None = None      # inpainting: laid over each result (A1111's apply_overlay)
 
 
 def a1111_names(message: str) -> str:
@@ -74,6 +77,45 @@ def _sampler(req, warnings: list[str]) -> str:
     return sampler
 
 
+def _hires(req, sampler: str, limits: Limits, warnings: list[str]) -> dict:
+    """A1111's hires-fix fields as GenerationSettings' hires_* keywords (none without enable_hr)."""
+    if not getattr(req, "enable_hr", False):
+        return {}
+    resize = {}
+    for field, ours in (("hr_resize_x", "hires_width"), ("hr_resize_y", "hires_height")):
+        v = getattr(req, field)
+        if v < 0:
+            raise BadRequest(f"{field} must be 0 or a size, got {v}")
+        resize[ours] = limits.check_size(field, v) if v else 0
+        if resize[ours] != v:
+            warnings.append(f"{field} {v}: rounded down to {resize[ours]} (a multiple of 8)")
+    if req.hr_second_pass_steps:
+        limits.check_steps(req.hr_second_pass_steps)
+    if req.hr_scale == 1 and not any(resize.values()):
+        warnings.append("enable_hr with hr_scale 1 and no hr_resize_x/y: nothing to upscale, no hires pass")
+        return {}
+    if req.firstphase_width or req.firstphase_height:
+        warnings.append("firstphase_width/height: A1111's old hires fields are not supported, ignored")
+    if req.hr_sampler_name and resolve_or_none(req.hr_sampler_name) != sampler:
+        warnings.append(f"hr_sampler_name {req.hr_sampler_name!r}: not supported; the second pass runs "
+                        f"{A1111_NAMES.get(sampler, sampler)} as the first")
+    for field in ("hr_prompt", "hr_negative_prompt"):
+        if getattr(req, field) and getattr(req, field) != getattr(req, field[3:]):
+            warnings.append(f"{field}: not supported; the second pass uses the first pass's {field[3:]}")
+    if req.hr_checkpoint_name:
+        warnings.append("hr_checkpoint_name: not supported; the second pass uses the same model")
+    strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's txt2img default
+    return {"hires_scale": req.hr_scale, **resize, "hires_steps": req.hr_second_pass_steps,
+            "hires_strength": strength, "hires_upscaler": req.hr_upscaler or "Latent"}
+
+
+def resolve_or_none(name: str) -> str | None:
+    try:
+        return resolve_sampler_name(name)
+    except ValueError:
+        return None
+
+
 def _overrides(req, server, warnings: list[str]):
     """(model entry, clip_skip) from override_settings, else the server's options."""
     over = dict(req.override_settings or {})
@@ -86,20 +128,26 @@ def _overrides(req, server, warnings: list[str]):
 
 
 def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int]):
-    """The init image and mask, resized to the output size here (A1111's resize_mode 0, the same LANCZOS /
-    NEAREST resizes the pipeline would do), so a job waiting in the queue holds no more than that."""
+    """The init image and mask, resized to the output size here (A1111's resize_mode 0: LANCZOS), so a job waiting
+    in the queue holds no more than that; and for a mask, the overlay laid over each result (A1111's)."""
     if not req.init_images:
         raise BadRequest("init_images: img2img needs at least one base64 image")
     image = limits.decode_image(req.init_images[0], "init_images[0]")
     image = image.resize(size, Image.LANCZOS) if image.size != size else image
-    mask = None
-    if req.mask:
-        mask = limits.decode_image(req.mask, "mask").convert("L")
+    mask = overlay = None
+    if req.mask:  # as A1111: binary (an RGBA mask's alpha), inverted, blurred, resized; the init image laid over
+        mask = masking.binary_mask(limits.decode_image(req.mask, "mask"))
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
-        mask = mask.resize(size, Image.NEAREST) if mask.size != size else mask
+        blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x,
+                                                                                             req.mask_blur_y)
+        if not (0 <= blur_x <= MAX_MASK_BLUR and 0 <= blur_y <= MAX_MASK_BLUR):
+            raise BadRequest(f"mask_blur must be 0..{MAX_MASK_BLUR} (A1111's slider), got {blur_x}, {blur_y} (x, y)")
+        mask = masking.blur(mask, blur_x, blur_y)
+        mask = mask.resize(size, Image.LANCZOS) if mask.size != size else mask
+        overlay = masking.overlay_of(image, mask)
     req.init_images, req.mask = None, None  # the base64 text is not kept while the job waits
-    return image, mask
+    return image, mask, overlay
 
 
 def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
@@ -143,14 +191,17 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     img2img = kind == "img2img"
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
-                           subseed, req.subseed_strength)
+                           subseed, req.subseed_strength, **_hires(req, sampler, limits, warnings))
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:
         raise BadRequest(a1111_names(str(e))) from None
-    image, mask = _images(req, limits, (s.width, s.height)) if img2img else (None, None)  # last: after the cheap checks
+    if s.hires and max(s.hires_target().size) > limits.max_side:
+        raise BadRequest(f"the hires fix would make a {'x'.join(map(str, s.hires_target().size))} image, above this "
+                         f"server's limit of {limits.max_side} px (--max-size)")
+    image, mask, overlay = _images(req, limits, (s.width, s.height)) if img2img else (None, None, None)  # (last)
     params = req.model_dump()  # init_images and mask are not echoed (A1111 sends them back only on request)
-    return Plan(kind, model, s, req.n_iter, image, mask, loras, tuple(warnings), req.send_images, params)
+    return Plan(kind, model, s, req.n_iter, image, mask, loras, tuple(warnings), req.send_images, params, overlay)
 
 
 # What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
@@ -236,7 +287,7 @@ def run_plan(plan: Plan, job, networks) -> dict:
         got = pipe.generate(**s.replace(seed=s.seed + shift, subseed=None if s.subseed is None else s.subseed + shift
                                         ).kwargs(), image=plan.image,
                             mask=plan.mask, progress=False, on_step=on_step, on_interrupt="decode", allow_large=True)
-        images += got
+        images += [masking.apply_overlay(im, plan.overlay) for im in got] if plan.overlay is not None else got
         if left_at:
             if job.stopped:
                 stopped_at = (it, left_at[0], len(got))
@@ -267,7 +318,7 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
             "steps": s.steps, "batch_size": s.num_images, "restore_faces": False, "face_restoration_model": None,
             "sd_model_name": entry.name, "sd_model_hash": entry.hash, "sd_vae_name": None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": s.strength if plan.kind == "img2img" else None, "extra_generation_params": {},
+            "denoising_strength": s.strength if plan.kind == "img2img" else s.hires_strength if s.hires else None, "extra_generation_params": {},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp":
             time.strftime("%Y%m%d%H%M%S"), "clip_skip": s.clip_skip, "is_using_inpainting_conditioning":
             plan.mask is not None and entry.pipe.config.unet.in_channels == 9, "version": "fastsd",

@@ -136,12 +136,6 @@ class Txt2ImgRequest(_Request):
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
 
-    def unhonoured(self) -> list[str]:
-        notes = super().unhonoured()
-        if self.enable_hr:
-            notes.append("enable_hr: hires fix is not supported; the image is generated at width x height")
-        return notes
-
 
 class Img2ImgRequest(_Request):
     init_images: list | None = None
@@ -168,8 +162,6 @@ class Img2ImgRequest(_Request):
         if self.init_images and len(self.init_images) > 1:
             notes.append(f"init_images: {len(self.init_images)} given, the first one is used")
         if self.mask is not None:
-            if (self.mask_blur if self.mask_blur is not None else max(self.mask_blur_x, self.mask_blur_y)) > 0:
-                notes.append("mask_blur: not applied; fastsd repaints where the mask is >= 50% white")
             if self.inpainting_fill != 1:
                 notes.append(f"inpainting_fill {self.inpainting_fill}: fastsd starts from the image's own content "
                              "(A1111's 1, 'original')")

@@ -1,0 +1,79 @@
+"""A1111's hires fix for txt2img: generate at width x height, upscale (the latents, or the decoded image), crop to the
+target and refine with a second img2img pass at the new size. The rules here are A1111's
+(`StableDiffusionProcessingTxt2Img`: `calculate_target_resolution`, `sample_hr_pass`; `setup_img2img_steps`), so a
+request means what it means there. Plain Python: the settings check sizes with it before torch is imported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+# A1111's hires upscalers that need no model file: its latent modes (`shared.latent_upscale_modes`:
+# torch interpolate mode, antialias) and its built-in image upscalers (PIL resampling; "None" resizes with Lanczos).
+LATENT_MODES = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
+                "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
+IMAGE_RESAMPLE = {"None": Image.LANCZOS, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+UPSCALERS = (*LATENT_MODES, *IMAGE_RESAMPLE)
+MAX_SCALE = 8.0
+
+
+def resolve_upscaler(name: str) -> str:
+    """A1111's upscaler name (case and spacing as typed aside); ValueError naming the ones fastsd has."""
+    key = " ".join(str(name).split()).lower()
+    for known in UPSCALERS:
+        if known.lower() == key:
+            return known
+    raise ValueError(f"unknown hires upscaler {name!r}; fastsd has {', '.join(repr(u) for u in UPSCALERS)} (upscaler "
+                     "models such as ESRGAN are not supported)")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the first pass (width x height) goes: upscaled to up_w x up_h px, then `trunc_x` / `trunc_y` latent
+    columns / rows cut off (half before, half after) to fit a requested size of another aspect ratio."""
+
+    up_w: int
+    up_h: int
+    trunc_x: int = 0
+    trunc_y: int = 0
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(h, w) of the latents after the upscale, before the crop (A1111: the target // 8)."""
+        return self.up_h // 8, self.up_w // 8
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the final image."""
+        h, w = self.latent_size
+        return (w - self.trunc_x) * 8, (h - self.trunc_y) * 8
+
+
+def target(width: int, height: int, scale: float, resize_w: int = 0, resize_h: int = 0) -> Target:
+    """A1111's calculate_target_resolution: by `scale`, or to resize_w x resize_h (one of them 0: the other side
+    follows the aspect ratio; both: scaled to cover, then cropped)."""
+    if not resize_w and not resize_h:
+        return Target(int(width * scale), int(height * scale))
+    if not resize_h:
+        return Target(resize_w, resize_w * height // width)
+    if not resize_w:
+        return Target(resize_h * width // height, resize_h)
+    if width / height < resize_w / resize_h:
+        up_w, up_h = resize_w, resize_w * height // width
+    else:
+        up_w, up_h = resize_h * width // height, resize_h
+    return Target(up_w, up_h, (up_w - resize_w) // 8, (up_h - resize_h) // 8)
+
+
+def second_pass_steps(steps: int, strength: float) -> tuple[int, int]:
+    """(schedule length, steps run) of the second pass, as A1111's setup_img2img_steps with its steps given: the
+    requested steps all run, at the end of a schedule of int(steps / strength) steps (strength capped at 0.999)."""
+    return int(steps / min(strength, 0.999)), steps
+
+
+def crop(latents, t: Target):
+    """The upscaled latents (B, C, h, w) cropped as A1111 does for a requested size of another aspect ratio."""
+    h, w = latents.shape[2:]
+    return latents[:, :, t.trunc_y // 2:h - (t.trunc_y + 1) // 2, t.trunc_x // 2:w - (t.trunc_x + 1) // 2]

@@ -1,0 +1,209 @@
+"""A1111's hires fix: its target-size rules, its second-pass steps (the requested steps at the end of a schedule of
+steps / strength), latent and image upscalers, the infotext keys, progress and interrupts over both passes, bad
+settings named, and the CLI and server options."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from serve_server import decode, info, main_server
+
+import fastsd
+from fastsd import hires
+from fastsd.generate import main as cli
+from fastsd.image import parse_infotext, pil_to_tensor, tensor_to_pil
+from fastsd.pipeline import Prepared, seeded_noise
+from fastsd.samplers import get_sampler
+from fastsd.settings import GenerationSettings
+
+KW = dict(prompt="a cat", steps=3, width=64, height=48, guidance_scale=1.0, sampler="euler", progress=False)
+SETTINGS = {k: v for k, v in KW.items() if k != "progress"}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+
+
+def a1111_target(width, height, hr_scale, hr_resize_x, hr_resize_y):
+    """calculate_target_resolution of A1111's StableDiffusionProcessingTxt2Img: (to_x, to_y, truncate_x, truncate_y)."""
+    truncate_x = truncate_y = 0
+    if hr_resize_x == 0 and hr_resize_y == 0:
+        return int(width * hr_scale), int(height * hr_scale), 0, 0
+    if hr_resize_y == 0:
+        to_x, to_y = hr_resize_x, hr_resize_x * height // width
+    elif hr_resize_x == 0:
+        to_x, to_y = hr_resize_y * width // height, hr_resize_y
+    else:
+        if width / height < hr_resize_x / hr_resize_y:
+            to_x, to_y = hr_resize_x, hr_resize_x * height // width
+        else:
+            to_x, to_y = hr_resize_y * width // height, hr_resize_y
+        truncate_x = (to_x - hr_resize_x) // 8
+        truncate_y = (to_y - hr_resize_y) // 8
+    return to_x, to_y, truncate_x, truncate_y
+
+
+@pytest.mark.parametrize("case", [(512, 512, 2, 0, 0), (512, 768, 1.5, 0, 0), (520, 456, 1.7, 0, 0),
+                                  (512, 768, 2, 1024, 0), (512, 768, 2, 0, 1000), (512, 768, 2, 1024, 1024),
+                                  (768, 512, 2, 1024, 1024), (640, 384, 2, 1000, 720), (384, 640, 1, 600, 1200)])
+def test_target_is_a1111s(case):
+    t = hires.target(*case)
+    assert (t.up_w, t.up_h, t.trunc_x, t.trunc_y) == a1111_target(*case)
+    x = torch.zeros(1, 4, *t.latent_size)
+    assert hires.crop(x, t).shape[2:] == (t.size[1] // 8, t.size[0] // 8)  # the crop gives the final size
+    if case[3] and case[4]:  # both given: the final image is the requested one (to the multiple of 8 below)
+        assert all(abs(got - want) < 16 for got, want in zip(t.size, case[3:]))
+
+
+@pytest.mark.parametrize("steps,strength,want", [(20, 0.7, (28, 20)), (10, 0.5, (20, 10)), (4, 1.0, (4, 4)),
+                                                 (3, 0.35, (8, 3))])
+def test_second_pass_steps_are_a1111s(steps, strength, want):
+    """setup_img2img_steps with its steps given: int(steps / min(strength, 0.999)) in all, the last `steps` run."""
+    assert hires.second_pass_steps(steps, strength) == want
+
+
+def _unet_calls(pipe, monkeypatch):
+    calls = []
+    forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda x, t, c: calls.append(tuple(x.shape)) or forward(x, t, c))
+    return calls
+
+
+def test_hires_is_the_first_pass_upscaled_and_refined(pipe, monkeypatch):
+    """The stages by hand (A1111's sample + sample_hr_pass with the "Latent" upscaler) give the same bits."""
+    s = pipe.resolve(GenerationSettings(**SETTINGS, seed=7, num_images=2), None)
+    calls = _unet_calls(pipe, monkeypatch)
+    got = pipe.generate(**{**KW, "num_images": 2}, seed=7, hires_scale=2, hires_steps=2, hires_strength=0.6)
+    assert [im.size for im in got] == [(128, 96)] * 2
+    assert calls == [(2, 4, 6, 8)] * 3 + [(2, 4, 12, 16)] * 2  # 3 first-pass steps, then the 2 hires steps
+    calls.clear()
+    cond, _ = pipe.encode_prompt([s.prompt], None)
+    x = pipe.denoise(pipe.prepare_latents(s, [7, 8]), cond, None, s, progress=False)
+    up = torch.nn.functional.interpolate(x, size=(12, 16), mode="bilinear", antialias=False)
+    full = get_sampler("euler").schedule(3)  # int(2 / 0.6) = 3 steps, the last 2 run
+    sched = full.tail(1)
+    assert torch.equal(sched.sigmas, full.sigmas[1:]) and len(sched) == 2
+    gens = [torch.Generator().manual_seed(seed) for seed in (7, 8)]
+    p = Prepared(up + seeded_noise(gens, (4, 12, 16), pipe.device) * float(sched.sigmas[0]), sched, gens, x0=up)
+    want = tensor_to_pil(pipe.decode(pipe.denoise(p, cond, None, s.replace(width=128, height=96, steps=3),
+                                                  progress=False)))
+    assert [np.asarray(a).tolist() for a in got] == [np.asarray(b).tolist() for b in want]
+
+
+def test_strength_0_upscales_only_and_image_upscalers_decode_and_encode(pipe, monkeypatch):
+    calls = _unet_calls(pipe, monkeypatch)
+    only = pipe.generate(**KW, seed=3, hires_scale=2, hires_strength=0)[0]
+    assert len(calls) == 3 and only.size == (128, 96)
+    s = pipe.resolve(GenerationSettings(**SETTINGS, seed=3), None)
+    cond, _ = pipe.encode_prompt([s.prompt], None)
+    x = pipe.denoise(pipe.prepare_latents(s, [3]), cond, None, s, progress=False)
+    want = tensor_to_pil(pipe.decode(torch.nn.functional.interpolate(x, size=(12, 16), mode="bilinear")))[0]
+    assert np.asarray(only).tolist() == np.asarray(want).tolist()
+    lanczos = pipe.generate(**KW, seed=3, hires_scale=2, hires_strength=0, hires_upscaler="lanczos")[0]
+    low = tensor_to_pil(pipe.decode(x))[0].resize((128, 96), resample=hires.IMAGE_RESAMPLE["Lanczos"])
+    want = tensor_to_pil(pipe.decode(pipe.encode_images(pil_to_tensor(low), None)))[0]
+    assert np.asarray(lanczos).tolist() == np.asarray(want).tolist()
+    assert np.abs(np.asarray(lanczos).astype(int) - np.asarray(only).astype(int)).max() > 8
+
+
+def test_infotext_keys_are_a1111s(pipe):
+    im = pipe.generate(**KW, seed=2, hires_scale=1.5, hires_steps=2)[0]
+    text = im.info["parameters"]
+    assert im.size == (96, 72)
+    assert text.endswith("Size: 64x48, Model: \"random:tiny\", Denoising strength: 0.7, Hires upscale: 1.5, "
+                         "Hires steps: 2, Hires upscaler: Latent")
+    im = pipe.generate(**KW, seed=2, hires_width=128, hires_height=128, hires_upscaler="Latent (nearest-exact)")[0]
+    params = parse_infotext(im.info["parameters"])[2]
+    assert im.size == (128, 128) and params["Hires resize"] == "128x128" and "Hires steps" not in params
+    assert params["Hires upscaler"] == "Latent (nearest-exact)" and params["Size"] == "64x48"
+    assert "Hires" not in pipe.generate(**KW, seed=2)[0].info["parameters"]
+
+
+def test_progress_and_interrupts_span_both_passes(pipe):
+    seen = []
+    pipe.generate(**KW, seed=1, hires_scale=2, hires_steps=2, on_step=lambda i, n, prev: seen.append((i, n)))
+    assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+    def stop_at(k):
+        def on_step(i, n, prev):
+            if i == k:
+                raise fastsd.Interrupted()
+        return on_step
+
+    first = pipe.generate(**KW, seed=1, hires_scale=2, on_step=stop_at(2), on_interrupt="decode")[0]
+    second = pipe.generate(**KW, seed=1, hires_scale=2, hires_steps=2, on_step=stop_at(4), on_interrupt="decode")[0]
+    assert first.size == (64, 48) and second.size == (128, 96)  # A1111: an interrupt in the first pass skips the second
+
+
+def test_inpainting_model_hires():
+    pipe = fastsd.load_pipeline("random:tiny-inpainting", device="cpu", dtype="fp32", backend="torch")
+    assert pipe.generate(**KW, seed=1, hires_scale=2)[0].size == (128, 96)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(hires_scale=0.5), ValueError, "hires_scale must be in [1, 8], got 0.5"),
+    (dict(hires_scale=float("inf")), ValueError, "hires_scale must be a finite number"),
+    (dict(hires_width=100), ValueError, "hires_width must be 0 or a multiple of 8 up to 4096, got 100"),
+    (dict(hires_height=-8), ValueError, "hires_height must be at least 0"),
+    (dict(hires_scale=2, hires_strength=1.5), ValueError, "hires_strength must be in [0, 1], got 1.5"),
+    (dict(hires_scale=2, hires_upscaler="R-ESRGAN 4x+"), ValueError, "unknown hires upscaler 'R-ESRGAN 4x+'"),
+    (dict(hires_scale=2, hires_upscaler=3), TypeError, "hires_upscaler must be a string"),
+    (dict(hires_scale=2, hires_steps=1001), ValueError, "hires_steps must be at most 1000"),
+    (dict(hires_scale=2, hires_steps=40, hires_strength=0.02), ValueError,
+     "hires_strength 0.02 with 40 steps needs a schedule of 2000 steps"),
+    (dict(width=4096, height=512, hires_scale=1.5), ValueError, "the hires fix would make a 6144x768 image"),
+])
+def test_bad_hires_settings_are_named(pipe, kw, err, match):
+    with pytest.raises(err, match=re.escape(match)):
+        pipe.generate(**{**KW, **kw}, seed=1)
+
+
+def test_hires_is_txt2img_only(pipe):
+    with pytest.raises(ValueError, match="the hires fix is for txt2img"):
+        pipe.generate(**KW, seed=1, hires_scale=2, image=tensor_to_pil(torch.zeros(1, 3, 48, 64))[0])
+
+
+def test_cli_hires(tmp_path, capsys):
+    out = tmp_path / "h.png"
+    args = ["a cat", "--model", "random:tiny", "--steps", "2", "--width", "64", "--height", "64", "--seed", "2",
+            "--no-progress"]
+    assert cli([*args, "--hires-scale", "2", "--hires-upscaler", "Latent (bicubic)", "--out", str(out)]) == 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (128, 128)
+        assert parse_infotext(im.info["parameters"])[2]["Hires upscaler"] == "Latent (bicubic)"
+    assert cli([*args, "--hires-scale", "2", "--hires-upscaler", "4x-UltraSharp", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: unknown hires upscaler '4x-UltraSharp'") and not (tmp_path / "x.png").exists()
+
+
+def test_server_enable_hr():
+    server = main_server()
+    req = {"prompt": "a cat", "steps": 2, "width": 64, "height": 48, "seed": 5, "sampler_name": "Euler",
+           "enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2, "hr_sampler_name": "DDIM"}
+    with server.client() as c:
+        r = c.post("/sdapi/v1/txt2img", json=req)
+        assert r.status_code == 200, r.text
+        meta = info(r)
+        assert decode(r.json()["images"][0]).size == (128, 96) and meta["denoising_strength"] == 0.75
+        params = parse_infotext(meta["infotexts"][0])[2]
+        assert (params["Size"], params["Hires upscale"], params["Hires steps"], params["Denoising strength"]) == \
+            ("64x48", "2", "2", "0.75")
+        assert meta["warnings"] == ["hr_sampler_name 'DDIM': not supported; the second pass runs Euler as the first"]
+        r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "hr_resize_x": 100, "hr_resize_y": 0,
+                                               "hr_upscaler": "Nearest", "denoising_strength": 0.5})
+        assert r.status_code == 200, r.text
+        assert decode(r.json()["images"][0]).size == (96, 72)  # 96 x (96 * 48 // 64): A1111's rule, to latents
+        assert info(r)["warnings"] == ["hr_resize_x 100: rounded down to 96 (a multiple of 8)"]
+        same = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_scale": 1, "hr_sampler_name": None}))
+        assert same["warnings"] == ["enable_hr with hr_scale 1 and no hr_resize_x/y: nothing to upscale, no hires pass"]
+        for bad, match in [({"hr_upscaler": "ESRGAN_4x"}, "unknown hires upscaler 'ESRGAN_4x'"),
+                           ({"width": 1600, "height": 1600}, "the hires fix would make a 3200x3200 image, above this "
+                                                              "server's limit of 2048 px"),
+                           ({"denoising_strength": 2}, "denoising_strength must be in [0, 1], got 2"),
+                           ({"hr_second_pass_steps": 500}, "steps 500 is above this server's limit")]:
+            r = c.post("/sdapi/v1/txt2img", json={**req, **bad})
+            assert r.status_code == 422 and match in json.dumps(r.json()), (bad, r.text)
