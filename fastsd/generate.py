@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                              compile=args.compile)
         pipe.offload = args.offload
         pipe.load_loras(loras, keep_originals=False)  # (a run of the CLI never unloads: no copy of the weights)
-        pipe.check_can_encode(image)
+        pipe.check_can_encode(image, settings)
         if embeddings_dir is not None:
             pipe.load_embeddings(embeddings_dir)
         s = pipe.resolve(settings, image)

@@ -117,11 +117,17 @@ class Pipeline:
         src = resolve_vae(spec, self.config)
         self.set_vae(src.build(dtype=self.dtype, device=self.device), src.name, src.path)
 
-    def check_can_encode(self, image: Image.Image | None) -> None:
-        """ValueError when this run must encode (an init image, a 9-channel model) but the VAE has no encoder
-        (a decoder-only TAESD), so it fails before any work."""
-        if (image is not None or self.config.unet.in_channels == 9) and getattr(self.vae, "encoder", 0) is None:
+    def check_can_encode(self, image: Image.Image | None, settings: GenerationSettings | None = None) -> None:
+        """ValueError when this run must encode (an init image, a 9-channel model, the hires fix's image
+        upscalers) but the VAE has no encoder (a decoder-only TAESD), so it fails before any work."""
+        if getattr(self.vae, "encoder", 0) is not None:
+            return
+        if image is not None or self.config.unet.in_channels == 9:
             raise ValueError(NO_ENCODER)
+        s = settings
+        if s is not None and s.hires and hires.resolve_upscaler(s.hires_upscaler) in hires.IMAGE_RESAMPLE:
+            raise ValueError(f"{NO_ENCODER} (the hires fix's {s.hires_upscaler!r} upscaler encodes its image; the "
+                             "Latent ones don't)")
 
     def load_embeddings(self, path: str) -> list[str]:
         """Make the textual-inversion embeddings of a folder (searched recursively, as A1111) or of one file
@@ -510,7 +516,7 @@ class Pipeline:
             raise ValueError(f'on_interrupt must be "raise" or "decode", not {on_interrupt!r}')
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
         self._loras.check_prompt(s.prompt)
-        self.check_can_encode(image)
+        self.check_can_encode(image, s)
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)

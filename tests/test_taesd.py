@@ -271,3 +271,9 @@ def test_cli_bad_vae_and_preview(files, tmp_path, capsys):
     Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
     _fails(["--vae", f"taesd:{root}/dec_only", "--init-image", str(tmp_path / "init.png")], tmp_path, capsys,
            "no encoder")
+    # and the hires fix's image upscalers (which encode); its latent ones need no encoder
+    _fails(["--vae", f"taesd:{root}/dec_only", "--hires-scale", "2", "--hires-upscaler", "Lanczos"], tmp_path, capsys,
+           "the hires fix's 'Lanczos' upscaler encodes its image")
+    assert main(["a cat", *TINY_CLI, "--vae", f"taesd:{root}/dec_only", "--hires-scale", "2",
+                 "--out", str(tmp_path / "hr.png")]) == 0
+    assert Image.open(tmp_path / "hr.png").size == (128, 128)
