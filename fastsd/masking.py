@@ -1,11 +1,22 @@
 """A1111's inpainting mask handling around the sampler (its `StableDiffusionProcessingImg2Img.init` and
 `apply_overlay`): the mask read as A1111 reads it, blurred with its Gaussian, and the init image laid back over the
 result outside the (blurred) mask, so what was not to be repainted keeps its pixels instead of the VAE's copy.
+"Only masked" (A1111's inpaint_full_res): the region around the mask, grown by the padding and to the output's
+aspect ratio, is what the model repaints at width x height, then put back into the whole init image. "fill"
+(A1111's inpainting_fill 0): the masked area painted over with blurred colours from around it before encoding.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
+
+# A1111's masking.fill: (Gaussian radius, times composited), the widest blur first, the sharp image last
+FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+BLANK_MASK = ('inpaint_full_res: the (blurred) mask has no white pixel, so there is no region to inpaint; as A1111 '
+              '("Unable to perform Inpaint Only mask because mask is blank"), the whole image went through img2img '
+              'at width x height without a mask')
 
 
 def binary_mask(mask: Image.Image) -> Image.Image:
@@ -52,19 +63,145 @@ def blur(mask: Image.Image, blur_x: float, blur_y: float) -> Image.Image:
     return Image.fromarray(a.astype(np.uint8))
 
 
-def overlay_of(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """What A1111 lays over each result ("just resize", not "only masked"): the init image (at the output size) with
-    alpha = the inverse of twice the blurred mask, clipped: opaque where the mask is black, clear inside it."""
-    keep = np.clip(np.asarray(mask.convert("L"), dtype=np.float32) * 2, 0, 255).astype(np.uint8)
-    out = image.convert("RGB").convert("RGBA")
-    out.putalpha(ImageOps.invert(Image.fromarray(keep)))
-    return out
+def overlay_of(image: Image.Image, mask: Image.Image, double: bool = True) -> Image.Image:
+    """What A1111 lays over each result: the init image with alpha = the inverse of the blurred mask, opaque where the
+    mask is black, clear inside it. "Just resize" (double): the image at the output size and the mask doubled,
+    clipped (so the result shows fully from mid-edge inward); "only masked": the whole init image, the mask as it is.
+    As A1111, the colours go through PIL's premultiplied RGBa (the same values where the alpha is 255)."""
+    m = mask.convert("L")
+    if double:
+        m = Image.fromarray(np.clip(np.asarray(m, dtype=np.float32) * 2, 0, 255).astype(np.uint8))
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(m))
+    return kept.convert("RGBA")
 
 
-def apply_overlay(result: Image.Image, overlay: Image.Image) -> Image.Image:
-    """A1111's apply_overlay: `overlay` alpha-composited over `result`; the result's PNG text (infotext) is kept."""
-    out = result.convert("RGBA")
+def apply_overlay(result: Image.Image, overlay: Image.Image,
+                  paste_to: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """A1111's apply_overlay: with paste_to (x, y, w, h) ("only masked"), the result crop-and-resized to w x h and put
+    at (x, y) on a clear canvas of the overlay's size; then `overlay` alpha-composited over it. The result's PNG
+    text (infotext) is kept."""
+    if paste_to is not None:
+        x, y, w, h = paste_to
+        out = Image.new("RGBA", overlay.size)
+        out.paste(resize_image(1, result.convert("RGB"), w, h), (x, y))
+    else:
+        out = result.convert("RGBA")
     out.alpha_composite(overlay)
     out = out.convert("RGB")
     out.info.update(result.info)
     return out
+
+
+def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Image.Image:
+    """A1111's images.resize_image with its default img2img upscaler (none: LANCZOS). 0 "just resize": stretched;
+    1 "crop and resize": scaled to cover width x height, centred, the overflow cut; 2 "resize and fill": scaled to
+    fit inside, centred, the bands left stretched from the image's edge rows (or columns)."""
+    if mode == 0:
+        return image.resize((width, height), Image.LANCZOS)
+    target, source = width / height, image.width / image.height
+    if (target > source) if mode == 1 else (target < source):  # the width is matched exactly
+        w, h = width, image.height * width // image.width
+    else:
+        w, h = image.width * height // image.height, height
+    scaled = image.resize((w, h), Image.LANCZOS)
+    out = Image.new(image.mode, (width, height))  # (A1111's canvas is RGB; the same values for a grey mask)
+    top, left = height // 2 - h // 2, width // 2 - w // 2
+    out.paste(scaled, (left, top))
+    if mode == 2 and target != source:
+        if target < source and top > 0:  # bands above and below: the first and the last row, stretched
+            out.paste(scaled.resize((width, top), box=(0, 0, width, 0)), (0, 0))
+            out.paste(scaled.resize((width, top), box=(0, h, width, h)), (0, top + h))
+        elif target > source and left > 0:  # left and right bands: the first and the last column
+            out.paste(scaled.resize((left, height), box=(0, 0, 0, height)), (0, 0))
+            out.paste(scaled.resize((left, height), box=(w, 0, w, height)), (left + w, 0))
+    return out
+
+
+def crop_region(mask: Image.Image, pad: int = 0) -> tuple[int, int, int, int] | None:
+    """A1111's get_crop_region_v2: the box (x1, y1, x2, y2) around the mask's non-black pixels, grown by `pad` on
+    each side within the image; None for a mask with no such pixel."""
+    box = mask.convert("L").getbbox()
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, mask.width), min(y2 + pad, mask.height)
+
+
+def _grow(a: int, b: int, by: int, limit: int) -> tuple[int, int]:
+    """One side of expand_crop_region: [a, b) grown by `by` (half before, the rest after), shifted back inside
+    [0, limit) when it passes an end, cut at limit when still too long."""
+    a, b = a - by // 2, b + by - by // 2
+    if b >= limit:
+        a, b = a - (b - limit), limit
+    if a < 0:
+        a, b = 0, b - a
+    return a, min(b, limit)
+
+
+def expand_crop_region(region: tuple[int, int, int, int], width: int, height: int, image_width: int,
+                       image_height: int) -> tuple[int, int, int, int]:
+    """A1111's expand_crop_region: the region made taller or wider (whole pixels, truncated) to the aspect ratio of
+    width x height, kept inside the image (so it can stay short of the ratio on a small image)."""
+    x1, y1, x2, y2 = region
+    ratio = width / height
+    if (x2 - x1) / (y2 - y1) > ratio:
+        y1, y2 = _grow(y1, y2, int((x2 - x1) / ratio - (y2 - y1)), image_height)
+    else:
+        x1, x2 = _grow(x1, x2, int((y2 - y1) * ratio - (x2 - x1)), image_width)
+    return x1, y1, x2, y2
+
+
+def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's masking.fill ("fill", inpainting_fill 0): the image's unmasked pixels (weighted by the inverted mask,
+    premultiplied) blurred wide to sharp, each layer composited over the last, so the masked area takes the colours
+    around it; unmasked pixels come out as they were."""
+    known = Image.new("RGBa", image.size)
+    known.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    out = Image.new("RGBA", image.size)
+    for radius, times in FILL_LAYERS:
+        layer = known.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            out.alpha_composite(layer)
+    return out.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Inpaint:
+    """What a job needs to inpaint as A1111: the image and mask the model gets (width x height), the overlay (and
+    for "only masked" where the result goes in it, x, y, w, h), a note when something was not done as asked."""
+    image: Image.Image
+    mask: Image.Image | None
+    overlay: Image.Image | None
+    paste_to: tuple[int, int, int, int] | None = None
+    note: str | None = None
+
+
+def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], *, only_masked: bool, padding: int,
+            fill_content: bool) -> Inpaint:
+    """A1111's img2img init for an RGB init image and its blurred mask (resize mode 0, "just resize"). only_masked
+    (inpaint_full_res): the crop region around the mask (plus padding, grown to the aspect ratio of `size`) cut out
+    of the image and the mask and brought to `size` ("resize and fill"); the overlay is the whole init image with
+    the mask as it is; a blank mask: plain img2img of the whole image, no mask (A1111's fallback). Else the image and
+    mask resized to `size` and the doubled mask's overlay. fill_content (inpainting_fill other than 1): the image
+    the model gets is `fill`ed under its mask; the overlay keeps the image as it was."""
+    width, height = size
+    if only_masked:
+        if mask.size != image.size:  # (A1111 takes the region in the mask's pixels; here the image's)
+            mask = mask.resize(image.size, Image.LANCZOS)
+        region = crop_region(mask, padding)
+        if region is None:
+            return Inpaint(image.resize(size, Image.LANCZOS) if image.size != size else image, None, None,
+                           note=BLANK_MASK)
+        x1, y1, x2, y2 = region = expand_crop_region(region, width, height, image.width, image.height)
+        overlay = overlay_of(image, mask, double=False)
+        model_mask = resize_image(2, mask.crop(region), width, height).convert("L")
+        model_image = resize_image(2, image.crop(region), width, height)
+        paste_to = (x1, y1, x2 - x1, y2 - y1)
+    else:
+        model_image = image.resize(size, Image.LANCZOS) if image.size != size else image
+        model_mask = mask.resize(size, Image.LANCZOS) if mask.size != size else mask
+        overlay, paste_to = overlay_of(model_image, model_mask), None
+    if fill_content:
+        model_image = fill(model_image, model_mask)
+    return Inpaint(model_image, model_mask, overlay, paste_to)

@@ -66,7 +66,8 @@ def test_server_inpainting_as_a1111():
             "init_images": [png_b64(init)], "mask": png_b64(mask)}
     server = main_server()
     with server.client() as c:
-        for extra, edge in (({}, 4), ({"mask_blur": 0}, 0), ({"mask_blur_x": 8, "mask_blur_y": 2}, 8)):
+        for extra, edge in (({}, 4), ({"mask_blur": 0}, 0), ({"mask_blur_x": 8, "mask_blur_y": 2}, 8),
+                            ({"inpaint_full_res": False}, 4), ({"inpaint_full_res": False, "inpainting_fill": 1}, 4)):
             r = c.post("/sdapi/v1/img2img", json={**body, **extra})
             assert r.status_code == 200, r.text
             out = np.asarray(decode(r.json()["images"][0])).astype(int)
@@ -74,7 +75,7 @@ def test_server_inpainting_as_a1111():
             kept = blurred == 0
             assert (out[kept] == [200, 30, 30]).all()  # untouched: the init image's own pixels, not the VAE's
             assert np.abs(out[28:36, 28:36] - [200, 30, 30]).max() > 20  # repainted inside
-            assert not any("mask_blur" in w for w in info(r)["warnings"])
+            assert info(r)["warnings"] == []
         r = c.post("/sdapi/v1/img2img", json={**body, "mask_blur": 65})
         assert r.status_code == 422 and "mask_blur must be 0..64" in json.dumps(r.json())
         # the 9-channel inpainting model gets the same overlay
@@ -83,3 +84,323 @@ def test_server_inpainting_as_a1111():
         assert r.status_code == 200, r.text
         out = np.asarray(decode(r.json()["images"][0])).astype(int)
         assert (out[:8, :8] == [200, 30, 30]).all()
+
+
+# ---- "only masked" (inpaint_full_res) and "fill" (inpainting_fill 0), against transcriptions of A1111's code ----
+
+def a1111_get_crop_region_v2(mask: Image.Image, pad: int = 0):
+    """modules/masking.py get_crop_region_v2 (A1111 1.9+)."""
+    if box := mask.getbbox():
+        x1, y1, x2, y2 = box
+        return (max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, mask.size[0]), min(y2 + pad, mask.size[1])) \
+            if pad else box
+
+
+def a1111_expand_crop_region(crop_region, processing_width, processing_height, image_width, image_height):
+    """modules/masking.py expand_crop_region."""
+    x1, y1, x2, y2 = crop_region
+    ratio_crop_region = (x2 - x1) / (y2 - y1)
+    ratio_processing = processing_width / processing_height
+    if ratio_crop_region > ratio_processing:
+        desired_height = (x2 - x1) / ratio_processing
+        desired_height_diff = int(desired_height - (y2 - y1))
+        y1 -= desired_height_diff // 2
+        y2 += desired_height_diff - desired_height_diff // 2
+        if y2 >= image_height:
+            diff = y2 - image_height
+            y2 -= diff
+            y1 -= diff
+        if y1 < 0:
+            y2 -= y1
+            y1 -= y1
+        if y2 >= image_height:  # noqa: PLR1730 (A1111's code as it is)
+            y2 = image_height
+    else:
+        desired_width = (y2 - y1) * ratio_processing
+        desired_width_diff = int(desired_width - (x2 - x1))
+        x1 -= desired_width_diff // 2
+        x2 += desired_width_diff - desired_width_diff // 2
+        if x2 >= image_width:
+            diff = x2 - image_width
+            x2 -= diff
+            x1 -= diff
+        if x1 < 0:
+            x2 -= x1
+            x1 -= x1
+        if x2 >= image_width:  # noqa: PLR1730
+            x2 = image_width
+    return x1, y1, x2, y2
+
+
+def a1111_resize_image(resize_mode, im, width, height):
+    """modules/images.py resize_image with upscaler_for_img2img None (LANCZOS)."""
+    def resize(im, w, h):
+        return im.resize((w, h), resample=Image.LANCZOS)
+
+    if resize_mode == 0:
+        res = resize(im, width, height)
+    elif resize_mode == 1:
+        ratio = width / height
+        src_ratio = im.width / im.height
+        src_w = width if ratio > src_ratio else im.width * height // im.height
+        src_h = height if ratio <= src_ratio else im.height * width // im.width
+        resized = resize(im, src_w, src_h)
+        res = Image.new("RGB", (width, height))
+        res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    else:
+        ratio = width / height
+        src_ratio = im.width / im.height
+        src_w = width if ratio < src_ratio else im.width * height // im.height
+        src_h = height if ratio >= src_ratio else im.height * width // im.width
+        resized = resize(im, src_w, src_h)
+        res = Image.new("RGB", (width, height))
+        res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+        if ratio < src_ratio:
+            fill_height = height // 2 - src_h // 2
+            res.paste(resized.resize((width, fill_height), box=(0, 0, width, 0)), box=(0, 0))
+            res.paste(resized.resize((width, fill_height), box=(0, resized.height, width, resized.height)),
+                      box=(0, fill_height + src_h))
+        elif ratio > src_ratio:
+            fill_width = width // 2 - src_w // 2
+            res.paste(resized.resize((fill_width, height), box=(0, 0, 0, height)), box=(0, 0))
+            res.paste(resized.resize((fill_width, height), box=(resized.width, 0, resized.width, height)),
+                      box=(fill_width + src_w, 0))
+    return res
+
+
+def a1111_fill(image, mask):
+    """modules/masking.py fill."""
+    from PIL import ImageFilter, ImageOps
+    image_mod = Image.new('RGBA', (image.width, image.height))
+    image_masked = Image.new('RGBa', (image.width, image.height))
+    image_masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert('L')))
+    image_masked = image_masked.convert('RGBa')
+    for radius, repeats in [(256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)]:
+        blurred = image_masked.filter(ImageFilter.GaussianBlur(radius)).convert('RGBA')
+        for _ in range(repeats):
+            image_mod.alpha_composite(blurred)
+    return image_mod.convert("RGB")
+
+
+def a1111_only_masked(image, blurred_mask, width, height, pad, inpainting_fill, result):
+    """StableDiffusionProcessingImg2Img.init's inpaint_full_res path (mask_for_overlay, crop_region, paste_to,
+    overlay_images, the crop, fill), then processing.apply_overlay / uncrop on `result` (the model's output)."""
+    from PIL import ImageOps
+    mask_for_overlay = blurred_mask
+    mask = blurred_mask.convert('L')
+    crop_region = a1111_get_crop_region_v2(mask, pad)
+    crop_region = a1111_expand_crop_region(crop_region, width, height, mask.width, mask.height)
+    x1, y1, x2, y2 = crop_region
+    image_mask = a1111_resize_image(2, mask.crop(crop_region), width, height)
+    paste_to = (x1, y1, x2 - x1, y2 - y1)
+    image_masked = Image.new('RGBa', (image.width, image.height))
+    image_masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask_for_overlay.convert('L')))
+    overlay = image_masked.convert('RGBA')
+    image = a1111_resize_image(2, image.crop(crop_region), width, height)
+    if inpainting_fill != 1:
+        image = a1111_fill(image, image_mask)
+    x, y, w, h = paste_to
+    base_image = Image.new('RGBA', (overlay.width, overlay.height))
+    base_image.paste(a1111_resize_image(1, result, w, h), (x, y))
+    out = base_image.convert('RGBA')
+    out.alpha_composite(overlay)
+    return image, image_mask, out.convert('RGB'), paste_to
+
+
+def blob_mask(size, boxes):
+    """A black mask with white boxes."""
+    m = Image.new("L", size, 0)
+    for box in boxes:
+        m.paste(255, box)
+    return m
+
+
+MASKS = [  # (image size, white boxes)
+    ((64, 64), [(24, 24, 40, 40)]),
+    ((96, 80), [(70, 10, 90, 30)]),              # near the right edge
+    ((96, 80), [(0, 0, 5, 80)]),                 # a tall strip on the left edge
+    ((120, 50), [(0, 45, 120, 50)]),             # a wide strip on the bottom edge
+    ((77, 131), [(40, 60, 41, 61)]),             # one pixel
+    ((200, 90), [(10, 10, 20, 15), (150, 70, 190, 88)]),  # two blobs far apart
+    ((64, 64), [(0, 0, 64, 64)]),                # everything
+]
+
+
+@pytest.mark.parametrize("size,boxes", MASKS)
+@pytest.mark.parametrize("pad", [0, 1, 4, 32, 500])
+@pytest.mark.parametrize("target", [(64, 64), (128, 64), (64, 128), (512, 384), (40, 96)])
+def test_crop_region_and_expand_are_a1111s(size, boxes, pad, target):
+    for blur in (0, 4):
+        mask = masking.blur(blob_mask(size, boxes), blur, blur)
+        region = masking.crop_region(mask, pad)
+        assert region == a1111_get_crop_region_v2(mask, pad)
+        got = masking.expand_crop_region(region, *target, *size)
+        assert got == a1111_expand_crop_region(region, *target, *size)
+        x1, y1, x2, y2 = got
+        assert 0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1]
+
+
+def test_crop_region_of_a_blank_mask_is_none():
+    assert masking.crop_region(Image.new("L", (32, 16), 0), 8) is None
+    assert a1111_get_crop_region_v2(Image.new("L", (32, 16), 0), 8) is None
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("src,dst", [((48, 48), (64, 64)), ((44, 48), (64, 64)), ((48, 44), (64, 64)),
+                                     ((100, 37), (64, 96)), ((30, 90), (128, 64)), ((64, 64), (64, 64)),
+                                     ((33, 32), (64, 64)), ((640, 480), (64, 48))])
+def test_resize_image_is_a1111s(mode, src, dst):
+    rng = np.random.default_rng(sum(src) + mode)
+    im = Image.fromarray(rng.integers(0, 256, (src[1], src[0], 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(masking.resize_image(mode, im, *dst)),
+                          np.asarray(a1111_resize_image(mode, im, *dst)))
+    grey = im.convert("L")  # a mask: the same values on fastsd's L canvas as on A1111's RGB one
+    assert np.array_equal(np.asarray(masking.resize_image(mode, grey, *dst)),
+                          np.asarray(a1111_resize_image(mode, grey, *dst).convert("L")))
+
+
+@pytest.mark.parametrize("size,boxes", MASKS[:6])
+def test_fill_is_a1111s(size, boxes):
+    rng = np.random.default_rng(size[0])
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    for blur in (0, 4, 16):
+        mask = masking.blur(blob_mask(size, boxes), blur, blur)
+        got = masking.fill(im, mask)
+        assert np.array_equal(np.asarray(got), np.asarray(a1111_fill(im, mask)))
+        keep = np.asarray(mask) == 0
+        assert np.array_equal(np.asarray(got)[keep], np.asarray(im)[keep])  # unmasked pixels as they were
+    flat = Image.new("RGB", (64, 64), (10, 200, 30))
+    mask = blob_mask((64, 64), [(20, 20, 40, 40)])
+    filled = np.asarray(masking.fill(flat, mask)).astype(int)[20:40, 20:40]  # the colour around (PIL's
+    assert np.abs(filled.mean((0, 1)) - [10, 200, 30]).max() < 1 and np.abs(filled - [10, 200, 30]).max() < 8
+    # premultiplied 8-bit layers are a few levels off in places)
+
+
+@pytest.mark.parametrize("size,boxes", MASKS)
+@pytest.mark.parametrize("target,pad,fill", [((64, 64), 0, 0), ((64, 64), 32, 1), ((96, 64), 8, 0),
+                                             ((48, 96), 0, 1)])
+def test_only_masked_is_a1111s(size, boxes, target, pad, fill):
+    rng = np.random.default_rng(size[1] + pad)
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    mask = masking.blur(blob_mask(size, boxes), 4, 4)
+    got = masking.prepare(im, mask, target, only_masked=True, padding=pad, fill_content=fill != 1)
+    result = Image.fromarray(rng.integers(0, 256, (target[1], target[0], 3), dtype=np.uint8))
+    result.info["parameters"] = "a cat"
+    want_image, want_mask, want_out, want_paste = a1111_only_masked(im, mask, *target, pad, fill, result)
+    assert got.paste_to == want_paste and got.note is None
+    assert np.array_equal(np.asarray(got.image), np.asarray(want_image))
+    assert np.array_equal(np.asarray(got.mask), np.asarray(want_mask.convert("L")))
+    out = masking.apply_overlay(result, got.overlay, got.paste_to)
+    assert out.size == size and out.info["parameters"] == "a cat"
+    assert np.array_equal(np.asarray(out), np.asarray(want_out))
+    kept = np.asarray(mask) == 0
+    assert np.array_equal(np.asarray(out)[kept], np.asarray(im)[kept])
+
+
+def test_only_masked_with_a_blank_mask_is_plain_img2img():
+    im = Image.new("RGB", (80, 40), (1, 2, 3))
+    got = masking.prepare(im, Image.new("L", (80, 40), 0), (64, 64), only_masked=True, padding=4, fill_content=True)
+    assert got.mask is None and got.overlay is None and got.paste_to is None and got.image.size == (64, 64)
+    assert "blank" in got.note
+
+
+def test_whole_picture_overlay_is_a1111s():
+    """inpaint_full_res off: A1111's overlay (the doubled mask, through RGBa) and fill on the resized image."""
+    from PIL import ImageOps
+    rng = np.random.default_rng(5)
+    im = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    mask = masking.blur(blob_mask((70, 50), [(20, 10, 50, 30)]), 6, 6)
+    got = masking.prepare(im, mask, (64, 64), only_masked=False, padding=0, fill_content=True)
+    image = a1111_resize_image(0, im, 64, 64)
+    image_mask = a1111_resize_image(0, mask, 64, 64)
+    mask_for_overlay = Image.fromarray(np.clip(np.asarray(image_mask).astype(np.float32) * 2, 0, 255)
+                                       .astype(np.uint8))
+    image_masked = Image.new('RGBa', (64, 64))
+    image_masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask_for_overlay.convert('L')))
+    assert np.array_equal(np.asarray(got.overlay), np.asarray(image_masked.convert("RGBA")))
+    assert np.array_equal(np.asarray(got.image), np.asarray(a1111_fill(image, image_mask)))
+    assert np.array_equal(np.asarray(got.mask), np.asarray(image_mask)) and got.paste_to is None
+
+
+def test_server_only_masked_as_a1111():
+    """inpaint_full_res (A1111's API default): the region around the mask repainted at width x height and put back
+    into the init image, which keeps its size; the padding, inpainting_fill 0 vs 1, a blank mask, the warnings."""
+    rng = np.random.default_rng(7)
+    init_a = np.zeros((80, 96, 3), np.uint8)
+    init_a[:] = [200, 30, 30]
+    init_a[::2, ::3] = rng.integers(0, 256, (40, 32, 3))  # some texture, for the VAE and the fill
+    init_a[20:44, 60:84] = [20, 40, 230]  # blue under the mask: "original" keeps it, "fill" paints it over
+    init = Image.fromarray(init_a)
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (60, 20, 84, 44))
+    kept = scipy_blur(np.asarray(mask), 4, 4) == 0
+    inside = np.asarray(mask) == 255
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3, "denoising_strength": 0.6,
+            "init_images": [png_b64(init)], "mask": png_b64(mask)}
+    server = main_server()
+    outs = {}
+    with server.client() as c:
+        for name, extra in (("default", {}), ("pad", {"inpaint_full_res_padding": 24}), ("original",
+                            {"inpainting_fill": 1}), ("noise", {"inpainting_fill": 2}),
+                            ("inpaint-model", {"override_settings": {"sd_model_checkpoint": "random:tiny-inpainting"}})):
+            r = c.post("/sdapi/v1/img2img", json={**body, **extra})
+            assert r.status_code == 200, r.text
+            im = decode(r.json()["images"][0])
+            assert im.size == (96, 80)  # the init image's size, not width x height
+            outs[name] = out = np.asarray(im).astype(int)
+            assert (out[kept] == init_a[kept]).all()  # outside the blurred mask: the init image's own pixels
+            assert np.abs(out[inside] - init_a[inside]).max() > 20  # repainted inside
+            warnings = info(r)["warnings"]
+            if name == "noise":
+                assert warnings == [("inpainting_fill 2 (latent noise): not supported; the masked area's latents are "
+                                     "not replaced, the model starts from A1111's 'fill' content there "
+                                     "(inpainting_fill 0)")]
+            else:
+                assert warnings == []
+        differ = {k: np.abs(outs[k][inside] - outs["default"][inside]).max() for k in outs}
+        assert differ["pad"] > 10  # another crop, another picture
+        assert differ["original"] > 10  # "fill" and "original" start the model from different pixels
+        assert differ["noise"] == 0  # (2 runs as 0, with its warning)
+        # a mask with no white pixel: A1111 falls back to img2img of the whole picture at width x height
+        r = c.post("/sdapi/v1/img2img", json={**body, "mask": png_b64(Image.new("L", (96, 80), 0))})
+        assert r.status_code == 200, r.text
+        assert decode(r.json()["images"][0]).size == (64, 64)
+        assert [w for w in info(r)["warnings"] if "no white pixel" in w and "Inpaint Only mask" in w]
+        for extra, message in (({"inpaint_full_res_padding": -1}, "inpaint_full_res_padding must be at least 0"),
+                               ({"inpainting_fill": 4}, "inpainting_fill must be 0 (fill)")):
+            r = c.post("/sdapi/v1/img2img", json={**body, **extra})
+            assert r.status_code == 422 and message in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("fill", [0, 1])
+def test_server_only_masked_is_a1111s_composition_of_the_model_output(fill):
+    """The served image = A1111's "only masked" steps (transcribed above) around the same Pipeline's output on the
+    same crop: bit for bit (one CPU thread here, as the server runs)."""
+    import torch
+
+    from fastsd.load import load_pipeline
+
+    rng = np.random.default_rng(7)
+    init_a = np.zeros((80, 96, 3), np.uint8)
+    init_a[:] = [200, 30, 30]
+    init_a[::2, ::3] = rng.integers(0, 256, (40, 32, 3))
+    init, mask = Image.fromarray(init_a), blob_mask((96, 80), [(60, 20, 84, 44)])
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 48, "seed": 3, "denoising_strength": 0.6,
+            "init_images": [png_b64(init)], "mask": png_b64(mask), "inpaint_full_res_padding": 6,
+            "inpainting_fill": fill}
+    with main_server().client() as c:
+        r = c.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    served = np.asarray(decode(r.json()["images"][0]))
+    blurred = masking.blur(mask, 4, 4)
+    image, image_mask, _, _ = a1111_only_masked(init, blurred, 64, 48, 6, fill, Image.new("RGB", (64, 48)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = load_pipeline("random:tiny", device="cpu").generate(
+            "a cat", steps=2, guidance_scale=7.0, sampler="euler", seed=3, width=64, height=48, strength=0.6,
+            image=image, mask=image_mask.convert("L"), progress=False)[0]
+    finally:
+        torch.set_num_threads(threads)
+    _, _, want, _ = a1111_only_masked(init, blurred, 64, 48, 6, fill, got)
+    assert np.array_equal(served, np.asarray(want))

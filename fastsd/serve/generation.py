@@ -26,6 +26,7 @@ from fastsd.settings import SEED_LIMIT, GenerationSettings
 
 SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
 MAX_MASK_BLUR = 64  # px, each way
+INPAINTING_FILL = (0, 1, 2, 3)  # A1111's masked content: fill, original, latent noise, latent nothing
 
 # A1111's separate `scheduler` field (1.9+): names that leave the sampler's own schedule (accepted quietly)
 # and the (sampler, scheduler) pairs fastsd has as one sampler.
@@ -52,6 +53,7 @@ class Plan:
     send_images: bool
     parameters: dict                        # the request as understood, echoed as A1111 does
     overlay: Image.Image | None = None      # inpainting: laid over each result (A1111's apply_overlay)
+    paste_to: tuple[int, int, int, int] | None = None  # "only masked": the result's place in the overlay (x, y, w, h)
 
 
 def a1111_names(message: str) -> str:
@@ -127,15 +129,20 @@ def _overrides(req, server, warnings: list[str]):
     return model, clip_skip
 
 
-def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int]):
-    """The init image and mask, resized to the output size here (A1111's resize_mode 0: LANCZOS), so a job waiting
-    in the queue holds no more than that; and for a mask, the overlay laid over each result (A1111's)."""
+def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings: list[str]) -> masking.Inpaint:
+    """The init image (and mask) as the model gets them, made here (A1111's resize_mode 0: LANCZOS) so a job waiting
+    in the queue holds images, not base64 text; for a mask, A1111's inpainting: the mask blurred, "only masked"
+    (inpaint_full_res, its default) or the whole picture, "fill" or "original" content, the overlay laid over each
+    result (and where, for "only masked")."""
     if not req.init_images:
         raise BadRequest("init_images: img2img needs at least one base64 image")
+    if req.mask and req.inpaint_full_res and req.inpaint_full_res_padding < 0:
+        raise BadRequest(f"inpaint_full_res_padding must be at least 0 (px), got {req.inpaint_full_res_padding}")
+    if req.mask and req.inpainting_fill not in INPAINTING_FILL:
+        raise BadRequest(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
+                         f"got {req.inpainting_fill}")
     image = limits.decode_image(req.init_images[0], "init_images[0]")
-    image = image.resize(size, Image.LANCZOS) if image.size != size else image
-    mask = overlay = None
-    if req.mask:  # as A1111: binary (an RGBA mask's alpha), inverted, blurred, resized; the init image laid over
+    if req.mask:  # as A1111: binary (an RGBA mask's alpha), inverted, blurred; then cut/resized, filled, overlaid
         mask = masking.binary_mask(limits.decode_image(req.mask, "mask"))
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
@@ -143,11 +150,15 @@ def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int]):
                                                                                              req.mask_blur_y)
         if not (0 <= blur_x <= MAX_MASK_BLUR and 0 <= blur_y <= MAX_MASK_BLUR):
             raise BadRequest(f"mask_blur must be 0..{MAX_MASK_BLUR} (A1111's slider), got {blur_x}, {blur_y} (x, y)")
-        mask = masking.blur(mask, blur_x, blur_y)
-        mask = mask.resize(size, Image.LANCZOS) if mask.size != size else mask
-        overlay = masking.overlay_of(image, mask)
-    req.init_images, req.mask = None, None  # the base64 text is not kept while the job waits
-    return image, mask, overlay
+        req.init_images, req.mask = None, None  # the base64 text is not kept while the job waits
+        got = masking.prepare(image.convert("RGB"), masking.blur(mask, blur_x, blur_y), size,
+                              only_masked=req.inpaint_full_res, padding=req.inpaint_full_res_padding,
+                              fill_content=req.inpainting_fill != 1)
+        if got.note:
+            warnings.append(got.note)
+        return got
+    req.init_images = None
+    return masking.Inpaint(image.resize(size, Image.LANCZOS) if image.size != size else image, None, None)
 
 
 def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
@@ -199,9 +210,10 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     if s.hires and max(s.hires_target().size) > limits.max_side:
         raise BadRequest(f"the hires fix would make a {'x'.join(map(str, s.hires_target().size))} image, above this "
                          f"server's limit of {limits.max_side} px (--max-size)")
-    image, mask, overlay = _images(req, limits, (s.width, s.height)) if img2img else (None, None, None)  # (last)
+    got = _images(req, limits, (s.width, s.height), warnings) if img2img else masking.Inpaint(None, None, None)  # last
     params = req.model_dump()  # init_images and mask are not echoed (A1111 sends them back only on request)
-    return Plan(kind, model, s, req.n_iter, image, mask, loras, tuple(warnings), req.send_images, params, overlay)
+    return Plan(kind, model, s, req.n_iter, got.image, got.mask, loras, tuple(warnings), req.send_images, params,
+                got.overlay, got.paste_to)
 
 
 # What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
@@ -287,7 +299,8 @@ def run_plan(plan: Plan, job, networks) -> dict:
         got = pipe.generate(**s.replace(seed=s.seed + shift, subseed=None if s.subseed is None else s.subseed + shift
                                         ).kwargs(), image=plan.image,
                             mask=plan.mask, progress=False, on_step=on_step, on_interrupt="decode", allow_large=True)
-        images += [masking.apply_overlay(im, plan.overlay) for im in got] if plan.overlay is not None else got
+        images += [masking.apply_overlay(im, plan.overlay, plan.paste_to) for im in got] if plan.overlay is not None \
+            else got
         if left_at:
             if job.stopped:
                 stopped_at = (it, left_at[0], len(got))
