@@ -32,6 +32,7 @@ from fastsd.settings import GenerationSettings
 from fastsd.tiling import tiled
 
 TILE_ABOVE = 1024  # pixels on a side above which the VAE runs tiled (automatic)
+MASKED_CONTENT = ("original", "latent noise", "latent nothing")  # prepare_latents' masked_content
 OnStep = Callable[[int, int, Image.Image], None]
 
 
@@ -264,10 +265,15 @@ class Pipeline:
     @torch.no_grad()
     def prepare_latents(self, s: GenerationSettings, seeds: list[int], *, image: Image.Image | None = None,
                         mask: Image.Image | None = None, latents: torch.Tensor | None = None,
-                        tiled_vae: bool | None = None) -> Prepared:
+                        tiled_vae: bool | None = None, masked_content: str = "original") -> Prepared:
         """The start of the loop for settings `s` (width/height resolved): the schedule, each image's seeded
         generator, the start noise (or `latents`), and for img2img/inpainting the image latents and mask.
-        diffusers' draw order: the VAE posterior noise first, then the start noise."""
+        diffusers' draw order: the VAE posterior noise first, then the start noise. `masked_content` (A1111's
+        "Masked content" in latent space): "latent noise" puts each seed's first normal draw (A1111's
+        create_random_tensors) in the image latents under the mask, "latent nothing" zeros; "original" keeps them."""
+        if masked_content not in MASKED_CONTENT:
+            raise ValueError(f"masked_content must be one of {', '.join(map(repr, MASKED_CONTENT))}, got "
+                             f"{masked_content!r}")
         shape = self.latent_shape(s)
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
         sched = get_sampler(s.sampler).schedule(s.steps, self.config.scheduler)
@@ -282,6 +288,11 @@ class Pipeline:
             noise = latents.float().to(self.device)
         else:
             noise = self._start_noise(s, gens, shape)
+        lat_mask = None if mask_t is None else torch.nn.functional.interpolate(mask_t, size=shape[2:]).to(self.device)
+        if x0 is not None and lat_mask is not None and masked_content != "original":
+            fill = seeded_noise([torch.Generator().manual_seed(seed) for seed in seeds], shape[1:], self.device) \
+                if masked_content == "latent noise" else torch.zeros_like(x0)
+            x0 = x0 * (1 - lat_mask) + fill * lat_mask
         if x0 is None:
             x = noise * sched.init_noise_sigma
         else:
@@ -291,8 +302,7 @@ class Pipeline:
             sched = sched.tail(start)
             x = x0 + noise * float(sched.sigmas[0])
         p = Prepared(x, sched, gens, x0=x0)
-        if mask_t is not None:
-            p.mask = torch.nn.functional.interpolate(mask_t, size=shape[2:]).to(self.device)  # (1, 1, h, w)
+        p.mask = lat_mask  # (1, 1, h, w) or None
         if inpaint_model:
             p.extra["c_concat"] = self._inpaint_concat(s, init, mask_t, p.mask, tiled_vae)
         return p
@@ -491,14 +501,16 @@ class Pipeline:
                  subseed: int | None = None, subseed_strength: float = 0.0, hires_scale: float = 1.0,
                  hires_width: int = 0, hires_height: int = 0, hires_steps: int = 0, hires_strength: float = 0.7,
                  hires_upscaler: str = "Latent", image: Image.Image | None = None, mask: Image.Image | None = None,
-                 latents: torch.Tensor | None = None, progress: bool = True, tiled_vae: bool | None = None,
+                 latents: torch.Tensor | None = None, masked_content: str = "original", progress: bool = True,
+                 tiled_vae: bool | None = None,
                  on_step: OnStep | None = None, preview_every: int = 1, on_interrupt: str = "raise",
                  allow_large: bool = False) -> list[Image.Image]:
         """txt2img; img2img when `image` is given; inpainting when `mask` is given too (white = repaint).
 
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
         any image can be made again alone; the hires_* keywords run A1111's hires fix (`hires_pass`) after
-        txt2img, the infotext keeping the first pass's size as A1111's; with `subseed_strength` > 0 its start noise is moved toward the noise of
+        txt2img, the infotext keeping the first pass's size as A1111's; `masked_content` (inpainting) as
+        `prepare_latents`'; with `subseed_strength` > 0 its start noise is moved toward the noise of
         `subseed` + i (A1111's variation seed). `latents` are unit-variance start noise (num_images, 4, H/8, W/8),
         scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
         int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
@@ -514,13 +526,17 @@ class Pipeline:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")
         if on_interrupt not in ("raise", "decode"):
             raise ValueError(f'on_interrupt must be "raise" or "decode", not {on_interrupt!r}')
+        if masked_content not in MASKED_CONTENT:
+            raise ValueError(f"masked_content must be one of {', '.join(map(repr, MASKED_CONTENT))}, got "
+                             f"{masked_content!r}")
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
         self._loras.check_prompt(s.prompt)
         self.check_can_encode(image, s)
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)
-        p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae)
+        p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae,
+                                 masked_content=masked_content)
         first = len(p.schedule)
         second = hires.second_pass_steps(s.hires_steps or s.steps, s.hires_strength)[1] \
             if s.hires and s.hires_strength > 0 else 0

@@ -341,7 +341,7 @@ def test_server_only_masked_as_a1111():
     outs = {}
     with server.client() as c:
         for name, extra in (("default", {}), ("pad", {"inpaint_full_res_padding": 24}), ("original",
-                            {"inpainting_fill": 1}), ("noise", {"inpainting_fill": 2}),
+                            {"inpainting_fill": 1}), ("noise", {"inpainting_fill": 2}), ("nothing", {"inpainting_fill": 3}),
                             ("inpaint-model", {"override_settings": {"sd_model_checkpoint": "random:tiny-inpainting"}})):
             r = c.post("/sdapi/v1/img2img", json={**body, **extra})
             assert r.status_code == 200, r.text
@@ -350,17 +350,12 @@ def test_server_only_masked_as_a1111():
             outs[name] = out = np.asarray(im).astype(int)
             assert (out[kept] == init_a[kept]).all()  # outside the blurred mask: the init image's own pixels
             assert np.abs(out[inside] - init_a[inside]).max() > 20  # repainted inside
-            warnings = info(r)["warnings"]
-            if name == "noise":
-                assert warnings == [("inpainting_fill 2 (latent noise): not supported; the masked area's latents are "
-                                     "not replaced, the model starts from A1111's 'fill' content there "
-                                     "(inpainting_fill 0)")]
-            else:
-                assert warnings == []
+            assert info(r)["warnings"] == []
         differ = {k: np.abs(outs[k][inside] - outs["default"][inside]).max() for k in outs}
         assert differ["pad"] > 10  # another crop, another picture
         assert differ["original"] > 10  # "fill" and "original" start the model from different pixels
-        assert differ["noise"] == 0  # (2 runs as 0, with its warning)
+        assert differ["noise"] > 10 and differ["nothing"] > 10  # the masked latents replaced (pipeline test below)
+        assert np.abs(outs["noise"][inside] - outs["nothing"][inside]).max() > 10
         # a mask with no white pixel: A1111 falls back to img2img of the whole picture at width x height
         r = c.post("/sdapi/v1/img2img", json={**body, "mask": png_b64(Image.new("L", (96, 80), 0))})
         assert r.status_code == 200, r.text
@@ -404,3 +399,33 @@ def test_server_only_masked_is_a1111s_composition_of_the_model_output(fill):
         torch.set_num_threads(threads)
     _, _, want, _ = a1111_only_masked(init, blurred, 64, 48, 6, fill, got)
     assert np.array_equal(served, np.asarray(want))
+
+
+@pytest.mark.parametrize("content", ["latent noise", "latent nothing"])
+def test_masked_content_replaces_the_masked_latents(content, monkeypatch):
+    """A1111's inpainting_fill 2 / 3: the image latents under the (latent-size) mask become each seed's first normal
+    draw (create_random_tensors) / zeros before the start noise is added; the rest stays the image's."""
+    import torch
+
+    import fastsd
+    from fastsd.pipeline import seeded_noise
+    from fastsd.settings import GenerationSettings
+
+    pipe = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 8, 48, 40))
+    s = pipe.resolve(GenerationSettings("a cat", steps=4, seed=5, num_images=2, strength=0.5), image)
+    base = pipe.prepare_latents(s, [5, 6], image=image, mask=mask)
+    got = pipe.prepare_latents(s, [5, 6], image=image, mask=mask, masked_content=content)
+    m = base.mask.bool().expand_as(base.x0)
+    assert m.any() and (~m).any()
+    assert torch.equal(got.x0[~m], base.x0[~m]) and torch.equal(got.x[~m], base.x[~m])
+    want = seeded_noise([torch.Generator().manual_seed(seed) for seed in (5, 6)], base.x0.shape[1:], pipe.device) \
+        if content == "latent noise" else torch.zeros_like(base.x0)
+    assert torch.equal(got.x0[m], want[m])
+    torch.testing.assert_close(got.x - got.x0, base.x - base.x0, rtol=0, atol=1e-5)  # the same start noise on top
+    with pytest.raises(ValueError, match="masked_content must be one of 'original', 'latent noise', 'latent nothing'"):
+        pipe.generate("a cat", image=image, mask=mask, masked_content="fill", steps=1)
+    one = pipe.generate("a cat", image=image, mask=mask, masked_content=content, steps=2, seed=5, progress=False)[0]
+    assert one.size == (64, 64)

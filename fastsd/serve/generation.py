@@ -26,7 +26,9 @@ from fastsd.settings import SEED_LIMIT, GenerationSettings
 
 SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
 MAX_MASK_BLUR = 64  # px, each way
-INPAINTING_FILL = (0, 1, 2, 3)  # A1111's masked content: fill, original, latent noise, latent nothing
+# A1111's inpainting_fill ("Masked content"): 0 fill, 1 original, 2 latent noise, 3 latent nothing (0, 2 and 3 fill
+# the image under the mask; 2 and 3 then replace its latents there: Pipeline.generate's masked_content)
+LATENT_FILL = {0: "original", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
 # A1111's separate `scheduler` field (1.9+): names that leave the sampler's own schedule (accepted quietly)
 # and the (sampler, scheduler) pairs fastsd has as one sampler.
@@ -54,6 +56,7 @@ class Plan:
     parameters: dict                        # the request as understood, echoed as A1111 does
     overlay: Image.Image | None = None      # inpainting: laid over each result (A1111's apply_overlay)
     paste_to: tuple[int, int, int, int] | None = None  # "only masked": the result's place in the overlay (x, y, w, h)
+    masked_content: str = "original"        # inpainting_fill 2 / 3: the masked latents replaced (Pipeline.generate)
 
 
 def a1111_names(message: str) -> str:
@@ -138,7 +141,7 @@ def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings
         raise BadRequest("init_images: img2img needs at least one base64 image")
     if req.mask and req.inpaint_full_res and req.inpaint_full_res_padding < 0:
         raise BadRequest(f"inpaint_full_res_padding must be at least 0 (px), got {req.inpaint_full_res_padding}")
-    if req.mask and req.inpainting_fill not in INPAINTING_FILL:
+    if req.mask and req.inpainting_fill not in LATENT_FILL:
         raise BadRequest(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
                          f"got {req.inpainting_fill}")
     image = limits.decode_image(req.init_images[0], "init_images[0]")
@@ -213,7 +216,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     got = _images(req, limits, (s.width, s.height), warnings) if img2img else masking.Inpaint(None, None, None)  # last
     params = req.model_dump()  # init_images and mask are not echoed (A1111 sends them back only on request)
     return Plan(kind, model, s, req.n_iter, got.image, got.mask, loras, tuple(warnings), req.send_images, params,
-                got.overlay, got.paste_to)
+                got.overlay, got.paste_to, LATENT_FILL[req.inpainting_fill] if img2img and got.mask else "original")
 
 
 # What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
@@ -298,7 +301,8 @@ def run_plan(plan: Plan, job, networks) -> dict:
         shift = it * s.num_images  # iteration it's images: seed + shift + i (and subseed + shift + i)
         got = pipe.generate(**s.replace(seed=s.seed + shift, subseed=None if s.subseed is None else s.subseed + shift
                                         ).kwargs(), image=plan.image,
-                            mask=plan.mask, progress=False, on_step=on_step, on_interrupt="decode", allow_large=True)
+                            mask=plan.mask, masked_content=plan.masked_content, progress=False, on_step=on_step,
+                            on_interrupt="decode", allow_large=True)
         images += [masking.apply_overlay(im, plan.overlay, plan.paste_to) for im in got] if plan.overlay is not None \
             else got
         if left_at:

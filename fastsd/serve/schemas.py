@@ -17,8 +17,6 @@ from pydantic_core import PydanticCustomError
 # k-diffusion's sampler options: values that change nothing (None = A1111's default) are not reported.
 K_DIFFUSION_DEFAULTS = {"s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_tmin": (None, 0.0),
                         "s_tmax": (None, 0.0), "s_noise": (None, 1.0)}
-# A1111's inpainting_fill values that replace the masked area's start latents (not done: the image is 'fill'ed)
-LATENT_FILL = {2: "latent noise", 3: "latent nothing"}
 # half of a UTF-16 pair, alone: JSON's "\ud800" escape reads as one, but it is not Unicode text
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -163,10 +161,6 @@ class Img2ImgRequest(_Request):
             notes.append(f"resize_mode {self.resize_mode}: only 0 (just resize) is supported; the image was resized")
         if self.init_images and len(self.init_images) > 1:
             notes.append(f"init_images: {len(self.init_images)} given, the first one is used")
-        if self.mask and self.inpainting_fill in LATENT_FILL:
-            notes.append(f"inpainting_fill {self.inpainting_fill} ({LATENT_FILL[self.inpainting_fill]}): not "
-                         "supported; the masked area's latents are not replaced, the model starts from A1111's "
-                         "'fill' content there (inpainting_fill 0)")
         if self.initial_noise_multiplier not in (None, 1.0):
             notes.append("initial_noise_multiplier: not supported, ignored")
         if self.latent_mask:
