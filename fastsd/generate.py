@@ -11,13 +11,19 @@ import argparse
 import os
 import sys
 import typing
+import warnings
 
-from fastsd.cli import ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int, run_summary, set_threads
+from fastsd.cli import (ArgumentParser, HelpFormatter, add_backend_arg, fail, int_in, one_line_warnings, positive_int,
+                        run_summary, set_threads)
 from fastsd.settings import FIELDS, GenerationSettings
 
 MODEL_ENV = "FASTSD_MODEL"
 EMBEDDINGS_ENV = "FASTSD_EMBEDDINGS_DIR"
 IMAGE_EXTS = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# --masked-content: A1111's names; the latent ones are Pipeline.generate's masked_content (after a pixel fill)
+MASKED_CONTENT = {"fill": "original", "original": "original", "latent-noise": "latent noise",
+                  "latent-nothing": "latent nothing"}
+A1111_INPAINT = ("mask_blur", "inpaint_area", "inpaint_padding", "masked_content")
 
 
 def _settings_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -52,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-every", type=positive_int, default=1, help="steps between --preview updates")
     p.add_argument("--init-image", help="image-to-image / inpainting source image")
     p.add_argument("--mask", help="inpainting mask, same size as the init image; white = repaint")
+    p.add_argument("--mask-blur", type=int_in(0, 64), default=None, help="A1111's inpainting (any of these four "
+                   "options turns it on; default: diffusers'): the mask (an RGBA mask's alpha) blurred by this sigma, "
+                   "px (4), and the init image laid back over the result outside it")
+    p.add_argument("--inpaint-area", choices=["whole", "only-masked"], default=None, help="A1111's 'Inpaint area': "
+                   "whole picture, or only the box around the mask, repainted at --width x --height and put back")
+    p.add_argument("--inpaint-padding", type=int_in(0, 1 << 16), default=None, help="A1111's 'Only masked padding', "
+                   "px (32)")
+    p.add_argument("--masked-content", choices=list(MASKED_CONTENT), default=None, help="A1111's 'Masked content' "
+                   "(original)")
     p.add_argument("--out", default="outputs", help="output folder (numbered names NNNNN-SEED.png), or a .png path "
                    "for a single image")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out FILE.png")
@@ -142,6 +157,20 @@ def check_extras(args: argparse.Namespace, out_file: str | None) -> str | None:
     return emb
 
 
+def a1111_inpaint(args: argparse.Namespace, image, mask, size: tuple[int, int]):
+    """The image and mask the model gets, and the overlay, as A1111's inpainting (fastsd.masking.prepare)."""
+    from fastsd import masking
+
+    blur = 4 if args.mask_blur is None else args.mask_blur
+    got = masking.prepare(image.convert("RGB"), masking.blur(masking.binary_mask(mask), blur, blur), size,
+                          only_masked=args.inpaint_area == "only-masked",
+                          padding=32 if args.inpaint_padding is None else args.inpaint_padding,
+                          fill_content=args.masked_content not in (None, "original"))
+    if got.note:
+        warnings.warn(got.note, stacklevel=1)
+    return got
+
+
 def preview_writer(path: str | None):
     """The on_step callback that rewrites the --preview file (atomically) whenever a preview comes."""
     if path is None:
@@ -200,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
                           allow_large=args.allow_large)
         if not 0.0 < settings.strength <= 1.0:  # a mistake even where no --init-image uses it
             raise ValueError(f"--strength must be in (0, 1], got {settings.strength}")
+        a1111 = [name for name in A1111_INPAINT if getattr(args, name) is not None]
+        if a1111 and args.mask is None:
+            raise ValueError(f"--{a1111[0].replace('_', '-')}: A1111's inpainting options need --mask (and --init-image)")
         folder, file = check_out(args.out, settings.num_images, args.overwrite)
         embeddings_dir = check_extras(args, file)
         if args.compile and args.backend == "openvino":
@@ -210,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     from fastsd import BackendError, CheckpointError, load_pipeline  # torch is imported from here on
     from fastsd.image import check_mask, load_image
+    from fastsd.masking import apply_overlay
 
     try:
         image = load_image(args.init_image, "--init-image") if args.init_image else None
@@ -231,9 +264,15 @@ def run(args: argparse.Namespace) -> int:
         size = f"{s.width}x{s.height}" + (" -> {}x{} hires".format(*s.hires_target().size) if s.hires else "")
         print(run_summary(pipe, threads, f"{vae}, {size}, {s.steps} steps {s.sampler}, seed {s.seed}"),
               file=sys.stderr)
+        inpaint = a1111_inpaint(args, image, mask, (s.width, s.height)) if a1111 else None
+        if inpaint is not None:
+            image, mask = inpaint.image, inpaint.mask
         images = pipe.generate(**s.kwargs(), image=image, mask=mask, progress=not args.no_progress,
                                tiled_vae=True if args.tiled_vae else None, on_step=preview_writer(args.preview),
-                               preview_every=args.preview_every, allow_large=args.allow_large)
+                               preview_every=args.preview_every, allow_large=args.allow_large,
+                               masked_content=MASKED_CONTENT[args.masked_content or "original"])
+        if inpaint is not None and inpaint.overlay is not None:
+            images = [apply_overlay(im, inpaint.overlay, inpaint.paste_to) for im in images]
         for path in save(images, folder, file, args.overwrite, [s.seed + i for i in range(s.num_images)]):
             print(path)
     except FileExistsError as e:

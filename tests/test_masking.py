@@ -429,3 +429,34 @@ def test_masked_content_replaces_the_masked_latents(content, monkeypatch):
         pipe.generate("a cat", image=image, mask=mask, masked_content="fill", steps=1)
     one = pipe.generate("a cat", image=image, mask=mask, masked_content=content, steps=2, seed=5, progress=False)[0]
     assert one.size == (64, 64)
+
+
+def test_cli_a1111_inpainting(tmp_path, capsys):
+    """The CLI's A1111 inpainting options: the same masking as the server (blur, only masked, fill, overlay)."""
+    from fastsd.generate import main
+
+    rng = np.random.default_rng(1)
+    init_a = np.full((80, 96, 3), (200, 30, 30), np.uint8)
+    init_a[::2, ::3] = rng.integers(0, 256, (40, 32, 3))
+    Image.fromarray(init_a).save(tmp_path / "init.png")
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (60, 20, 84, 44))
+    mask.save(tmp_path / "mask.png")
+    kept = scipy_blur(np.asarray(mask), 4, 4) == 0
+    base = ["a cat", "--model", "random:tiny", "--steps", "2", "--seed", "1", "--init-image", str(tmp_path / "init.png"),
+            "--mask", str(tmp_path / "mask.png"), "--no-progress"]
+    outs = {}
+    for name, extra in (("diffusers", []), ("blur", ["--mask-blur", "4"]),
+                        ("only", ["--inpaint-area", "only-masked", "--width", "64", "--height", "64"]),
+                        ("noise", ["--masked-content", "latent-noise"])):
+        assert main([*base, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
+        outs[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+        assert outs[name].shape == (80, 96, 3)  # "only masked" too: the init image's size
+    for name in ("blur", "only", "noise"):  # the init image laid back over the result outside the blurred mask
+        assert (outs[name][kept] == init_a[kept]).all(), name
+    assert np.abs(outs["diffusers"][kept] - init_a[kept]).max() > 20  # diffusers' way: the VAE's copy everywhere
+    assert np.abs(outs["noise"] - outs["blur"]).max() > 10
+    assert main(["a cat", "--model", "random:tiny", "--masked-content", "fill", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --masked-content: A1111's inpainting options need --mask (and --init-image)"
+    assert not (tmp_path / "x.png").exists()
