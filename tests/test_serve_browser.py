@@ -87,6 +87,24 @@ def test_page_img2img_upload(page, tmp_path):
     assert params["Denoising strength"] == "0.5" and params["Seed"] == "99" and params["Size"] == "64x64"
 
 
+def test_page_hires_fix(page):
+    server = main_server()
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#sampler option').length > 3")
+    page.fill("#prompt", "a lighthouse")
+    for field, value in (("#steps", "2"), ("#seed", "7"), ("#width", "64"), ("#height", "48"), ("#hr-scale", "1.5"),
+                         ("#hr-steps", "2"), ("#hr-strength", "0.6")):
+        page.fill(field, value)
+    page.check("#hires")
+    page.select_option("#hr-upscaler", "Latent (bicubic)")
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure img", timeout=180_000)
+    params = parse_infotext(page.inner_text("#gallery .infotext"))[2]
+    assert (params["Size"], params["Hires upscale"], params["Hires steps"], params["Hires upscaler"],
+            params["Denoising strength"]) == ("64x48", "1.5", "2", "Latent (bicubic)", "0.6")
+    assert page.eval_on_selector("#gallery figure img", "img => [img.naturalWidth, img.naturalHeight]") == [96, 72]
+
+
 def test_page_shows_a_refused_request(page):
     server = main_server()
     page.goto(server.url + "/")

@@ -69,6 +69,9 @@ function request() {
   if (state.initImage) {
     body.init_images = [state.initImage];
     body.denoising_strength = num("strength");
+  } else if ($("hires").checked) {  // A1111's hires fix (txt2img only)
+    Object.assign(body, { enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: num("hr-scale"),
+                          hr_second_pass_steps: num("hr-steps"), denoising_strength: num("hr-strength") });
   }
   return body;
 }
