@@ -548,6 +548,9 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
     dora = None if layer.dora is None else layer.dora.to(weight.device)
     if layer.dora_form == "columns":  # m / ||column||, per input channel (the last of a row's (kh, kw, C))
         squares = sum(updated(i).view(-1, src.shape[-1]).square().sum(0) for i in blocks)
+        if not squares.all():
+            raise ZeroNorm(f"{layer.key}: DoRA: the changed weight has an all-zero input column (norm 0), which no "
+                           "magnitude can scale; the file's change cancels the layer's weight")
         dora = dora / squares.sqrt()
     for i in blocks:
         block = updated(i)
@@ -555,7 +558,11 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
         if layer.dora_form == "columns":
             block.view(len(block), -1, src.shape[-1]).mul_(dora)
         elif dora is not None:
-            block.mul_(dora[i:i + len(block), None] / torch.linalg.vector_norm(block, dim=1, keepdim=True))
+            norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+            if not norms.all():
+                raise ZeroNorm(f"{layer.key}: DoRA: the changed weight has an all-zero output row (norm 0), which no "
+                               "magnitude can scale; the file's change cancels the layer's weight")
+            block.mul_(dora[i:i + len(block), None] / norms)
         if a1111_dora:
             shaped.sub_(src[i:i + rows]).mul_(multiplier).add_(src[i:i + rows])
         if check:
@@ -565,6 +572,10 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
                                  f"{str(weight.dtype)[6:]}'s range (NaN or infinite)")
         dst[i:i + rows].copy_(shaped)
     return out
+
+
+class ZeroNorm(ValueError):
+    """A DoRA merge whose changed weight has a row / column of norm 0 (at any LoRA weight)."""
 
 
 @torch.no_grad()
@@ -658,6 +669,8 @@ class LoraSet:
                             merged = merged_weight(merged, layer, multiplier, form)
                             if layer.bias is not None:
                                 bias = merged_bias(bias, layer, multiplier)
+                        except ZeroNorm as e:  # (no weight helps)
+                            raise ValueError(f"LoRA {name}: {e}") from None
                         except ValueError as e:
                             raise ValueError(f"LoRA {name}: {e}: try a lower weight") from None
                     if bias is not module.bias:  # (biases are plain tensors in every backend's layers)

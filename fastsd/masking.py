@@ -19,11 +19,12 @@ BLANK_MASK = ('inpaint_full_res: the (blurred) mask has no white pixel, so there
               'at width x height without a mask')
 
 
-def binary_mask(mask: Image.Image) -> Image.Image:
-    """A1111's create_binary_mask: an RGBA mask with any transparency is its alpha channel thresholded at 128,
-    anything else its grey levels."""
+def binary_mask(mask: Image.Image, round_alpha: bool = True) -> Image.Image:
+    """A1111's create_binary_mask: an RGBA mask with any transparency is its alpha channel, thresholded at 128
+    unless `round_alpha` is False (A1111's mask_round); anything else its grey levels."""
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
-        return mask.split()[-1].convert("L").point(lambda v: 255 if v > 128 else 0)
+        alpha = mask.split()[-1].convert("L")
+        return alpha.point(lambda v: 255 if v > 128 else 0) if round_alpha else alpha
     return mask.convert("L")
 
 

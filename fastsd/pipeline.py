@@ -544,12 +544,16 @@ class Pipeline:
         def steps_of(offset: int) -> OnStep | None:  # both passes' steps counted as one run (A1111's progress)
             return None if on_step is None else lambda i, _, preview: on_step(offset + i, first + second, preview)
 
+        done = 0  # steps of the passes before the running one (Interrupted.step counts as on_step does)
         try:
             x = self.denoise(p, cond, uncond, s, on_step=steps_of(0), progress=progress, preview_every=preview_every)
             if s.hires:
+                done = first
                 x = self.hires_pass(s, x, seeds, cond, uncond, tiled_vae=tiled_vae, on_step=steps_of(first),
                                     progress=progress, preview_every=preview_every)
         except Interrupted as stop:
+            if stop.latents is not None:
+                stop.step += done
             if on_interrupt == "raise" or stop.latents is None:  # (None: not raised by on_step, no prediction)
                 raise
             x = stop.latents

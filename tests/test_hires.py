@@ -132,6 +132,9 @@ def test_progress_and_interrupts_span_both_passes(pipe):
                 raise fastsd.Interrupted()
         return on_step
 
+    with pytest.raises(fastsd.Interrupted) as stop:  # its step counts as on_step does, over both passes
+        pipe.generate(**KW, seed=1, hires_scale=2, hires_steps=2, on_step=stop_at(4))
+    assert stop.value.step == 4 and stop.value.latents.shape[2:] == (12, 16)
     first = pipe.generate(**KW, seed=1, hires_scale=2, on_step=stop_at(2), on_interrupt="decode")[0]
     second = pipe.generate(**KW, seed=1, hires_scale=2, hires_steps=2, on_step=stop_at(4), on_interrupt="decode")[0]
     assert first.size == (64, 48) and second.size == (128, 96)  # A1111: an interrupt in the first pass skips the second
@@ -198,12 +201,21 @@ def test_server_enable_hr():
         assert r.status_code == 200, r.text
         assert decode(r.json()["images"][0]).size == (96, 72)  # 96 x (96 * 48 // 64): A1111's rule, to latents
         assert info(r)["warnings"] == ["hr_resize_x 100: rounded down to 96 (a multiple of 8)"]
+        quiet = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": "Use same sampler",
+                                                        "hr_scheduler": "Use same scheduler"}))
+        assert quiet["warnings"] == []
+        r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "hr_scheduler": "Exponential",
+                                               "hr_scale": 0, "hr_resize_x": 128})  # (hr_scale: ignored, as A1111)
+        assert r.status_code == 200 and decode(r.json()["images"][0]).size == (128, 96)
+        assert info(r)["warnings"] == ["hr_scheduler 'Exponential': not supported; the second pass runs the first "
+                                       "pass's schedule"]
         same = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_scale": 1, "hr_sampler_name": None}))
         assert same["warnings"] == ["enable_hr with hr_scale 1 and no hr_resize_x/y: nothing to upscale, no hires pass"]
         for bad, match in [({"hr_upscaler": "ESRGAN_4x"}, "unknown hires upscaler 'ESRGAN_4x'"),
                            ({"width": 1600, "height": 1600}, "the hires fix would make a 3200x3200 image, above this "
                                                               "server's limit of 2048 px"),
                            ({"denoising_strength": 2}, "denoising_strength must be in [0, 1], got 2"),
-                           ({"hr_second_pass_steps": 500}, "steps 500 is above this server's limit")]:
+                           ({"hr_second_pass_steps": 500}, "hr_second_pass_steps 500 is above this server's limit"),
+                           ({"hr_second_pass_steps": -1}, "hr_second_pass_steps must be at least 1, got -1")]:
             r = c.post("/sdapi/v1/txt2img", json={**req, **bad})
             assert r.status_code == 422 and match in json.dumps(r.json()), (bad, r.text)

@@ -1102,3 +1102,23 @@ def test_conv_merge_reads_and_writes_either_layout(fmt_in, fmt_out):
     out = merged_weight(w, layer, 0.8, fmt[fmt_out])
     assert out.is_contiguous(memory_format=fmt[fmt_out])
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["rows", "columns"])
+def test_dora_whose_change_cancels_the_weight_says_so(tmp_path, form):
+    """A DoRA layer whose changed weight has a zero row / column: no magnitude can scale it at any weight, so the
+    error says what the file does instead of 'try a lower weight'; nothing is changed."""
+    from safetensors.torch import save_file
+
+    pipe = tiny("torch")
+    module = pipe.unet.get_submodule("input_blocks.1.1.transformer_blocks.0.attn1.to_q")
+    w = module.weight.detach().float()
+    scale = torch.ones(w.shape[0], 1) if form == "rows" else torch.ones(1, w.shape[1])
+    path = str(tmp_path / "cancel.safetensors")
+    save_file({f"{TO_Q}.diff": -w.contiguous(), f"{TO_Q}.dora_scale": scale}, path)
+    state0 = state(pipe)
+    for weight in (0.3, 1.0):
+        with pytest.raises(ValueError, match="norm 0") as e:
+            pipe.load_lora(path, weight)
+        assert "try a lower weight" not in str(e.value) and "cancels the layer's weight" in str(e.value)
+        assert_same_state(pipe, state0)

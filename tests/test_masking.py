@@ -40,6 +40,7 @@ def test_binary_mask_reads_an_rgba_masks_alpha():
     rgba.putpixel((1, 0), (0, 0, 0, 200))
     rgba.putpixel((2, 0), (255, 255, 255, 100))
     assert np.asarray(masking.binary_mask(rgba)).tolist() == [[0, 255, 0, 0], [0, 0, 0, 0]]
+    assert np.asarray(masking.binary_mask(rgba, round_alpha=False)).tolist() == [[0, 200, 100, 0], [0, 0, 0, 0]]
     opaque = Image.new("RGBA", (2, 1), (255, 255, 255, 255))
     assert np.asarray(masking.binary_mask(opaque)).tolist() == [[255, 255]]  # no transparency: its grey levels
 

@@ -471,6 +471,7 @@ def test_img2img_takes_a_jpeg_and_refuses_a_tiff(server):
     ("LMS", "Karras", "lms_karras", False), ("DPM2", "Karras", "dpm2_karras", False),
     ("DPM2 a", "Karras", "dpm2_a_karras", False), ("DPM++ 2S a", "Karras", "dpmpp_2s_a_karras", False),
     ("DPM2 a Karras", "automatic", "dpm2_a_karras", False), ("UniPC", "Karras", "unipc_karras", False),
+    ("DPM2 Karras", "Karras", "dpm2_karras", False),
     ("Euler", "Exponential", "euler", True),
     ("Euler a", "Karras", "euler_a", True), ("DDIM", "Karras", "ddim", True),
 ])

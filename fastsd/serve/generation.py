@@ -33,6 +33,7 @@ LATENT_FILL = {0: "original", 1: "original", 2: "latent noise", 3: "latent nothi
 # A1111's separate `scheduler` field (1.9+): names that leave the sampler's own schedule (accepted quietly)
 # and the (sampler, scheduler) pairs fastsd has as one sampler.
 DEFAULT_SCHEDULERS = {"", "automatic"}
+SAME_SAMPLER = (None, "", "Use same sampler")  # hr_sampler_name values that mean the first pass's (A1111's UI)
 SCHEDULED = {(name, "karras"): f"{name}_karras" for name in
              ("dpmpp_2m", "dpmpp_2m_sde", "euler", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a", "unipc")}
 ETA = {"euler_a": 1.0, "ddpm": 1.0, "ddim": 0.0,  # the samplers eta applies to, and the eta fastsd runs them with
@@ -77,6 +78,8 @@ def _sampler(req, warnings: list[str]) -> str:
         return sampler
     if (sampler, sched) in SCHEDULED:
         return SCHEDULED[sampler, sched]
+    if sched == "karras" and sampler.endswith("_karras"):  # "DPM2 Karras" + "Karras": what it asks for already
+        return sampler
     warnings.append(f"scheduler {req.scheduler!r}: not supported with {A1111_NAMES.get(sampler, sampler)}; the "
                     "sampler's own schedule was used")
     return sampler
@@ -94,23 +97,29 @@ def _hires(req, sampler: str, limits: Limits, warnings: list[str]) -> dict:
         resize[ours] = limits.check_size(field, v) if v else 0
         if resize[ours] != v:
             warnings.append(f"{field} {v}: rounded down to {resize[ours]} (a multiple of 8)")
-    if req.hr_second_pass_steps:
-        limits.check_steps(req.hr_second_pass_steps)
+    if req.hr_second_pass_steps:  # (0: the first pass's steps)
+        limits.check_steps(req.hr_second_pass_steps, "hr_second_pass_steps")
     if req.hr_scale == 1 and not any(resize.values()):
         warnings.append("enable_hr with hr_scale 1 and no hr_resize_x/y: nothing to upscale, no hires pass")
         return {}
     if req.firstphase_width or req.firstphase_height:
         warnings.append("firstphase_width/height: A1111's old hires fields are not supported, ignored")
-    if req.hr_sampler_name and resolve_or_none(req.hr_sampler_name) != sampler:
+    if req.hr_sampler_name not in SAME_SAMPLER and resolve_or_none(req.hr_sampler_name) != sampler:
         warnings.append(f"hr_sampler_name {req.hr_sampler_name!r}: not supported; the second pass runs "
                         f"{A1111_NAMES.get(sampler, sampler)} as the first")
+    hr_sched = (req.hr_scheduler or "").strip().lower()
+    if hr_sched not in ("use same scheduler", *DEFAULT_SCHEDULERS) and not (hr_sched == "karras" and
+                                                                           sampler.endswith("_karras")):
+        warnings.append(f"hr_scheduler {req.hr_scheduler!r}: not supported; the second pass runs the first pass's "
+                        "schedule")
     for field in ("hr_prompt", "hr_negative_prompt"):
         if getattr(req, field) and getattr(req, field) != getattr(req, field[3:]):
             warnings.append(f"{field}: not supported; the second pass uses the first pass's {field[3:]}")
     if req.hr_checkpoint_name:
         warnings.append("hr_checkpoint_name: not supported; the second pass uses the same model")
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's txt2img default
-    return {"hires_scale": req.hr_scale, **resize, "hires_steps": req.hr_second_pass_steps,
+    scale = 1.0 if any(resize.values()) else req.hr_scale  # (A1111 ignores hr_scale for a resize target)
+    return {"hires_scale": scale, **resize, "hires_steps": req.hr_second_pass_steps,
             "hires_strength": strength, "hires_upscaler": req.hr_upscaler or "Latent"}
 
 
@@ -146,7 +155,7 @@ def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings
                          f"got {req.inpainting_fill}")
     image = limits.decode_image(req.init_images[0], "init_images[0]")
     if req.mask:  # as A1111: binary (an RGBA mask's alpha), inverted, blurred; then cut/resized, filled, overlaid
-        mask = masking.binary_mask(limits.decode_image(req.mask, "mask"))
+        mask = masking.binary_mask(limits.decode_image(req.mask, "mask"), round_alpha=req.mask_round)
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
         blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x,

@@ -42,11 +42,11 @@ class Limits:
             raise BadRequest(f"{name} {value} is above this server's limit of {self.max_side} px (--max-size)")
         return value // 8 * 8
 
-    def check_steps(self, steps: int) -> None:
+    def check_steps(self, steps: int, name: str = "steps") -> None:
         if steps < 1:
-            raise BadRequest(f"steps must be at least 1, got {steps}")
+            raise BadRequest(f"{name} must be at least 1, got {steps}")
         if steps > self.max_steps:
-            raise BadRequest(f"steps {steps} is above this server's limit of {self.max_steps} (--max-steps)")
+            raise BadRequest(f"{name} {steps} is above this server's limit of {self.max_steps} (--max-steps)")
 
     def check_images(self, batch_size: int, n_iter: int) -> None:
         for name, v in (("batch_size", batch_size), ("n_iter", n_iter)):
