@@ -94,6 +94,15 @@ def apply_overlay(result: Image.Image, overlay: Image.Image,
     return out
 
 
+def flatten(image: Image.Image) -> Image.Image:
+    """A1111's images.flatten with its default img2img background: an RGBA image over white, as RGB."""
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    out = Image.new("RGBA", image.size, "white")
+    out.paste(image, mask=image)
+    return out.convert("RGB")
+
+
 def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Image.Image:
     """A1111's images.resize_image with its default img2img upscaler (none: LANCZOS). 0 "just resize": stretched;
     1 "crop and resize": scaled to cover width x height, centred, the overflow cut; 2 "resize and fill": scaled to
@@ -179,13 +188,14 @@ class Inpaint:
 
 
 def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], *, only_masked: bool, padding: int,
-            fill_content: bool) -> Inpaint:
-    """A1111's img2img init for an RGB init image and its blurred mask (resize mode 0, "just resize"). only_masked
+            fill_content: bool, resize_mode: int = 0) -> Inpaint:
+    """A1111's img2img init for an RGB init image and its blurred mask. only_masked
     (inpaint_full_res): the crop region around the mask (plus padding, grown to the aspect ratio of `size`) cut out
     of the image and the mask and brought to `size` ("resize and fill"); the overlay is the whole init image with
     the mask as it is; a blank mask: plain img2img of the whole image, no mask (A1111's fallback). Else the image and
-    mask resized to `size` and the doubled mask's overlay. fill_content (inpainting_fill other than 1): the image
-    the model gets is `fill`ed under its mask; the overlay keeps the image as it was."""
+    mask resized to `size` (A1111's `resize_mode`: 0 just resize, 1 crop and resize, 2 resize and fill) and the
+    doubled mask's overlay. fill_content (inpainting_fill other than 1): the image the model gets is `fill`ed under
+    its mask; the overlay keeps the image as it was."""
     width, height = size
     if only_masked:
         if mask.size != image.size:  # (A1111 takes the region in the mask's pixels; here the image's)
@@ -200,8 +210,8 @@ def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], *, onl
         model_image = resize_image(2, image.crop(region), width, height)
         paste_to = (x1, y1, x2 - x1, y2 - y1)
     else:
-        model_image = image.resize(size, Image.LANCZOS) if image.size != size else image
-        model_mask = mask.resize(size, Image.LANCZOS) if mask.size != size else mask
+        model_image = resize_image(resize_mode, image, *size) if image.size != size else image
+        model_mask = resize_image(resize_mode, mask, *size) if mask.size != size else mask
         overlay, paste_to = overlay_of(model_image, model_mask), None
     if fill_content:
         model_image = fill(model_image, model_mask)

@@ -461,3 +461,30 @@ def test_cli_a1111_inpainting(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: --masked-content: A1111's inpainting options need --mask (and --init-image)"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_flatten_puts_rgba_over_white():
+    rgba = Image.new("RGBA", (3, 1), (10, 20, 30, 255))
+    rgba.putpixel((1, 0), (10, 20, 30, 0))
+    rgba.putpixel((2, 0), (0, 0, 0, 128))
+    got = np.asarray(masking.flatten(rgba)).astype(int).tolist()[0]
+    assert got[0] == [10, 20, 30] and got[1] == [255, 255, 255] and all(abs(v - 127) <= 1 for v in got[2])
+    assert masking.flatten(Image.new("L", (1, 1), 7)).mode == "RGB"
+
+
+def test_server_resize_modes():
+    """img2img's resize_mode as A1111's: 1 crops and resizes, 2 resizes and fills; 3 (latent upscale) warned."""
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 96, 3), dtype=np.uint8))
+    body = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 3, "denoising_strength": 0.5,
+            "init_images": [png_b64(init)]}
+    server = main_server()
+    outs = {}
+    with server.client() as c:
+        for mode in (0, 1, 2, 3):
+            r = c.post("/sdapi/v1/img2img", json={**body, "resize_mode": mode})
+            assert r.status_code == 200, r.text
+            outs[mode] = np.asarray(decode(r.json()["images"][0])).astype(int)
+            notes = [w for w in info(r)["warnings"] if w.startswith("resize_mode")]
+            assert bool(notes) == (mode == 3), notes
+    assert np.abs(outs[1] - outs[0]).max() > 10 and np.abs(outs[2] - outs[0]).max() > 10
+    assert (outs[3] == outs[0]).all()

@@ -142,7 +142,7 @@ def _overrides(req, server, warnings: list[str]):
 
 
 def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings: list[str]) -> masking.Inpaint:
-    """The init image (and mask) as the model gets them, made here (A1111's resize_mode 0: LANCZOS) so a job waiting
+    """The init image (and mask) as the model gets them, made here (A1111's resize_mode 0-2, LANCZOS) so a job waiting
     in the queue holds images, not base64 text; for a mask, A1111's inpainting: the mask blurred, "only masked"
     (inpaint_full_res, its default) or the whole picture, "fill" or "original" content, the overlay laid over each
     result (and where, for "only masked")."""
@@ -153,7 +153,8 @@ def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings
     if req.mask and req.inpainting_fill not in LATENT_FILL:
         raise BadRequest(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
                          f"got {req.inpainting_fill}")
-    image = limits.decode_image(req.init_images[0], "init_images[0]")
+    image = masking.flatten(limits.decode_image(req.init_images[0], "init_images[0]"))  # RGBA over white (A1111)
+    resize_mode = req.resize_mode if req.resize_mode in (0, 1, 2) else 0  # (3, latent upscale: warned, as 0)
     if req.mask:  # as A1111: binary (an RGBA mask's alpha), inverted, blurred; then cut/resized, filled, overlaid
         mask = masking.binary_mask(limits.decode_image(req.mask, "mask"), round_alpha=req.mask_round)
         if req.inpainting_mask_invert:
@@ -163,14 +164,14 @@ def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings
         if not (0 <= blur_x <= MAX_MASK_BLUR and 0 <= blur_y <= MAX_MASK_BLUR):
             raise BadRequest(f"mask_blur must be 0..{MAX_MASK_BLUR} (A1111's slider), got {blur_x}, {blur_y} (x, y)")
         req.init_images, req.mask = None, None  # the base64 text is not kept while the job waits
-        got = masking.prepare(image.convert("RGB"), masking.blur(mask, blur_x, blur_y), size,
+        got = masking.prepare(image, masking.blur(mask, blur_x, blur_y), size,
                               only_masked=req.inpaint_full_res, padding=req.inpaint_full_res_padding,
-                              fill_content=req.inpainting_fill != 1)
+                              fill_content=req.inpainting_fill != 1, resize_mode=resize_mode)
         if got.note:
             warnings.append(got.note)
         return got
     req.init_images = None
-    return masking.Inpaint(image.resize(size, Image.LANCZOS) if image.size != size else image, None, None)
+    return masking.Inpaint(masking.resize_image(resize_mode, image, *size) if image.size != size else image, None, None)
 
 
 def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:

@@ -157,8 +157,9 @@ class Img2ImgRequest(_Request):
 
     def unhonoured(self) -> list[str]:
         notes = super().unhonoured()
-        if self.resize_mode != 0:
-            notes.append(f"resize_mode {self.resize_mode}: only 0 (just resize) is supported; the image was resized")
+        if self.resize_mode not in (0, 1, 2) and not (self.mask and self.inpaint_full_res):
+            notes.append(f"resize_mode {self.resize_mode}: 0 (just resize), 1 (crop and resize) and 2 (resize and "
+                         "fill) are supported; the image was just resized")
         if self.init_images and len(self.init_images) > 1:
             notes.append(f"init_images: {len(self.init_images)} given, the first one is used")
         if self.initial_noise_multiplier not in (None, 1.0):
