@@ -69,6 +69,19 @@ def variation_noise(noise: torch.Tensor, subnoise: torch.Tensor, strength: float
     return torch.stack(out)
 
 
+def paste_centred(noise: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """A1111's seed resize: `small` (B, C, h, w) laid centred over `noise` (B, C, H, W) (a copy), cropped centred
+    where it is larger; the offsets are A1111's floor halves ((H - h) // 2, so an odd surplus crops one more row at
+    the start, and an odd shortfall, as there, leaves the last row/column of `noise`)."""
+    out = noise.clone()
+    (h, w), (H, W) = small.shape[2:], noise.shape[2:]
+    dy, dx = (H - h) // 2, (W - w) // 2
+    ph, pw = h + 2 * min(dy, 0), w + 2 * min(dx, 0)  # the part that is pasted
+    ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+    out[:, :, ty:ty + ph, tx:tx + pw] = small[:, :, sy:sy + ph, sx:sx + pw]
+    return out
+
+
 @dataclass
 class Prepared:
     """What the denoising loop starts from (prepare_latents' result)."""
@@ -227,6 +240,7 @@ class Pipeline:
                   "VAE hash": self.vae_hash(), "VAE": self.vae_name,
                   "Variation seed": s.subseed + seed - s.seed if s.subseed_strength else None,
                   "Variation seed strength": s.subseed_strength or None,
+                  "Seed resize from": f"{s.seed_resize_from_w}x{s.seed_resize_from_h}" if s.seed_resize else None,
                   "Denoising strength": s.strength if img2img else None,
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
@@ -287,7 +301,7 @@ class Pipeline:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             noise = latents.float().to(self.device)
         else:
-            noise = self._start_noise(s, gens, shape)
+            noise = self._start_noise(s, seeds, gens, shape)
         lat_mask = None if mask_t is None else torch.nn.functional.interpolate(mask_t, size=shape[2:]).to(self.device)
         if x0 is not None and lat_mask is not None and masked_content != "original":
             fill = seeded_noise([torch.Generator().manual_seed(seed) for seed in seeds], shape[1:], self.device) \
@@ -307,13 +321,25 @@ class Pipeline:
             p.extra["c_concat"] = self._inpaint_concat(s, init, mask_t, p.mask, tiled_vae)
         return p
 
-    def _start_noise(self, s: GenerationSettings, gens: list[torch.Generator], shape) -> torch.Tensor:
-        """Each image's first draw from its generator, moved toward its variation seed's (A1111's ImageRNG.first)."""
+    def _start_noise(self, s: GenerationSettings, seeds: list[int], gens: list[torch.Generator], shape
+                     ) -> torch.Tensor:
+        """Each image's first draw from its generator, moved toward its variation seed's (A1111's ImageRNG.first).
+        With seed resize (A1111's), image i's noise is drawn at the latent size of seed_resize_from_w x _h from a
+        fresh generator of seeds[i] (A1111's randn(seed, shape) with its RNG on "CPU": torch.manual_seed then
+        torch.randn; the variation seed's noise too, at that size, before the slerp), then pasted centred
+        (`paste_centred`) into the generator's draw at the real size, which the generator makes as without it."""
         noise = seeded_noise(gens, shape[1:], self.device)
+        f = self.config.vae.downscale
+        size = (shape[1], s.seed_resize_from_h // f, s.seed_resize_from_w // f) if s.seed_resize else tuple(shape[1:])
+        resized = size != tuple(shape[1:])  # (A1111: a resize to the real size is no resize)
+
+        def fresh(of: list[int]) -> torch.Tensor:
+            return seeded_noise([torch.Generator().manual_seed(seed) for seed in of], size, self.device)
+
+        small = fresh(seeds) if resized else noise
         if s.subseed_strength > 0:
-            subgens = [torch.Generator().manual_seed(s.subseed + i) for i in range(len(gens))]
-            noise = variation_noise(noise, seeded_noise(subgens, shape[1:], self.device), s.subseed_strength)
-        return noise
+            small = variation_noise(small, fresh([s.subseed + i for i in range(len(seeds))]), s.subseed_strength)
+        return paste_centred(noise, small) if resized else small
 
     def _image_tensors(self, s: GenerationSettings, image, mask):
         if image is None:
@@ -426,7 +452,8 @@ class Pipeline:
         sched = get_sampler(s.sampler).schedule(n, self.config.scheduler)
         sched = sched.tail(len(sched) - run * sched.order)
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-        p = Prepared(x + self._start_noise(s2, gens, tuple(x.shape)) * float(sched.sigmas[0]), sched, gens, x0=x)
+        noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
+        p = Prepared(x + noise * float(sched.sigmas[0]), sched, gens, x0=x)
         if self.config.unet.in_channels == 9:  # an inpainting model repaints everything (txt2img's conditioning)
             p.extra["c_concat"] = self._inpaint_concat(s2, None, None, None, tiled_vae)
         return self.denoise(p, cond, uncond, s2, on_step=on_step, progress=progress, preview_every=preview_every)
@@ -500,7 +527,8 @@ class Pipeline:
                  height: int | None = None, num_images: int = 1, strength: float = 0.8, clip_skip: int = 1,
                  subseed: int | None = None, subseed_strength: float = 0.0, hires_scale: float = 1.0,
                  hires_width: int = 0, hires_height: int = 0, hires_steps: int = 0, hires_strength: float = 0.7,
-                 hires_upscaler: str = "Latent", image: Image.Image | None = None, mask: Image.Image | None = None,
+                 hires_upscaler: str = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
+                 image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original", progress: bool = True,
                  tiled_vae: bool | None = None,
                  on_step: OnStep | None = None, preview_every: int = 1, on_interrupt: str = "raise",
@@ -511,8 +539,9 @@ class Pipeline:
         any image can be made again alone; the hires_* keywords run A1111's hires fix (`hires_pass`) after
         txt2img, the infotext keeping the first pass's size as A1111's; `masked_content` (inpainting) as
         `prepare_latents`'; with `subseed_strength` > 0 its start noise is moved toward the noise of
-        `subseed` + i (A1111's variation seed). `latents` are unit-variance start noise (num_images, 4, H/8, W/8),
-        scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
+        `subseed` + i (A1111's variation seed); `seed_resize_from_w` and `_h` (both > 0) draw it as at that size,
+        centred in the real size's (A1111's seed resize, `_start_noise`). `latents` are unit-variance start noise
+        (num_images, 4, H/8, W/8), scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
         int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
         each step; `preview` is an image every `preview_every` steps and at the last, else None. An `Interrupted`
         it raises stops the generation and comes through, or with `on_interrupt="decode"` the images of the
@@ -520,10 +549,13 @@ class Pipeline:
         on a side (the CLI's --allow-large)."""
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
-                               hires_height, hires_steps, hires_strength, hires_upscaler)
+                               hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
+                               seed_resize_from_h)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")
+        if latents is not None and (seed_resize_from_w or seed_resize_from_h):
+            raise ValueError("seed_resize_from_w/h resize the seeded start noise; they can't resize given latents")
         if on_interrupt not in ("raise", "decode"):
             raise ValueError(f'on_interrupt must be "raise" or "decode", not {on_interrupt!r}')
         if masked_content not in MASKED_CONTENT:
@@ -575,4 +607,4 @@ def _check_inputs(image, mask, latents, on_step, preview_every) -> None:
         raise ValueError(f"preview_every must be a positive integer, got {preview_every!r}")
 
 
-__all__ = ["Pipeline", "Prepared", "Interrupted", "seeded_noise", "variation_noise"]
+__all__ = ["Pipeline", "Prepared", "Interrupted", "seeded_noise", "variation_noise", "paste_centred"]

@@ -61,6 +61,12 @@ class GenerationSettings:
                                                              "[0, 1] (0 = upscale only)"))
     hires_upscaler: str = field(default="Latent", metadata=_opt("hires fix upscaler, A1111's names: " + ", ".join(
         hires.UPSCALERS)))
+    seed_resize_from_w: int = field(default=0, metadata=_opt(
+        "A1111 'Resize seed from width': with --seed-resize-from-h, each image's start noise is drawn as at this "
+        "size and pasted centred into its noise at the real size (cropped when larger), so a seed keeps its "
+        "composition at another size; a multiple of 8, 0 = off (both or neither)"))
+    seed_resize_from_h: int = field(default=0, metadata=_opt("A1111 'Resize seed from height' (with "
+                                                             "--seed-resize-from-w); 0 = off"))
 
     @property
     def hires(self) -> bool:
@@ -107,6 +113,7 @@ class GenerationSettings:
             if self.subseed + self.num_images > SEED_LIMIT:
                 raise ValueError(f"subseed + num_images must stay below 2**63, got subseed {self.subseed} with "
                                  f"{self.num_images} images")
+        self._validate_seed_resize(limit)
         self._validate_hires(has_image, limit)
         if has_image and not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
@@ -120,6 +127,23 @@ class GenerationSettings:
         from fastsd.samplers import get_sampler
 
         get_sampler(self.sampler)  # raises, listing the valid names
+
+    @property
+    def seed_resize(self) -> bool:
+        """A1111's seed resize runs: both sizes given (> 0)."""
+        return self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0
+
+    def _validate_seed_resize(self, limit: int) -> None:
+        """Multiples of 8 up to the size limit, 0 = off; one without the other is refused (A1111 ignores a lone
+        one silently; here it is surely a mistake)."""
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            v = getattr(self, name)
+            _check_int(v, name, 0, None)
+            if v % 8 or v > limit:
+                raise ValueError(f"{name} must be 0 or a multiple of 8 up to {limit}, got {v}")
+        if (self.seed_resize_from_w > 0) != (self.seed_resize_from_h > 0):
+            raise ValueError(f"seed_resize_from_w and seed_resize_from_h go together (both > 0, or both 0 = off), "
+                             f"got {self.seed_resize_from_w} and {self.seed_resize_from_h}")
 
     def _validate_hires(self, has_image: bool, limit: int) -> None:
         _check_float(self.hires_scale, "hires_scale")

@@ -1,6 +1,7 @@
 """A1111's variation seed (subseed, subseed_strength): the start noise of image i is A1111's slerp of seed + i's
 noise toward subseed + i's; in the infotext as "Variation seed" / "Variation seed strength"; the CLI and the server
-take it (the server as A1111's fields)."""
+take it (the server as A1111's fields). A1111's seed resize (seed_resize_from_w/h): the noise drawn at that size and
+pasted centred into the real size's, checked against a transcription of A1111's ImageRNG.first."""
 import json
 import math
 import re
@@ -13,7 +14,8 @@ from serve_server import decode, info, main_server
 import fastsd
 from fastsd.generate import main as cli
 from fastsd.image import parse_infotext
-from fastsd.pipeline import variation_noise
+from fastsd.pipeline import Pipeline, variation_noise
+from fastsd.settings import GenerationSettings
 
 KW = dict(steps=2, width=64, height=64, guidance_scale=1.0, sampler="euler", progress=False)
 
@@ -132,3 +134,174 @@ def test_server_takes_a1111s_variation_fields():
         assert bad.status_code == 422 and "subseed_strength must be in [0, 1]" in json.dumps(bad.json())
         bad = c.post("/sdapi/v1/txt2img", json={**req, "subseed": -2})
         assert bad.status_code == 422 and "subseed must be -1 (random) or at least 0" in json.dumps(bad.json())
+
+
+# ---- seed resize (A1111's seed_resize_from_w / _h) ----------------------------------------------------------------
+
+def a1111_first(shape, seeds, subseeds, subseed_strength, seed_resize_from_h, seed_resize_from_w):
+    """modules/rng.py ImageRNG.first, transcribed with randn as A1111's on "CPU" (torch.manual_seed, then torch.randn
+    from the global RNG, or from the image's generator when one is given). shape: one image's (C, H, W). Returns the
+    noise and the generators (A1111's sampler noise continues from them)."""
+    def randn(seed, shape, generator=None):
+        torch.manual_seed(seed)
+        return torch.randn(shape, generator=generator)
+
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    noise_shape = shape if seed_resize_from_h <= 0 or seed_resize_from_w <= 0 else \
+        (shape[0], seed_resize_from_h // 8, seed_resize_from_w // 8)
+    xs = []
+    with torch.random.fork_rng(devices=[]):
+        for i, (seed, generator) in enumerate(zip(seeds, generators)):
+            subnoise = None
+            if subseeds is not None and subseed_strength != 0:
+                subnoise = randn(0 if i >= len(subseeds) else subseeds[i], noise_shape)
+            noise = randn(seed, noise_shape) if noise_shape != shape else randn(seed, shape, generator=generator)
+            if subnoise is not None:
+                noise = a1111_slerp(subseed_strength, noise, subnoise)
+            if noise_shape != shape:
+                x = randn(seed, shape, generator=generator)
+                dx = (shape[2] - noise_shape[2]) // 2
+                dy = (shape[1] - noise_shape[1]) // 2
+                w = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
+                h = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
+                tx = 0 if dx < 0 else dx
+                ty = 0 if dy < 0 else dy
+                dx = max(-dx, 0)
+                dy = max(-dy, 0)
+                x[:, ty:ty + h, tx:tx + w] = noise[:, dy:dy + h, dx:dx + w]
+                noise = x
+            xs.append(noise)
+    return torch.stack(xs), generators
+
+
+# (width, height) real -> (w, h) resized from: smaller, larger, mixed, odd surpluses / shortfalls in latent cells,
+# the real size itself (no resize in A1111)
+SIZES = [((64, 64), (32, 32)), ((64, 48), (128, 96)), ((64, 48), (40, 80)), ((96, 64), (72, 88)),
+         ((64, 64), (88, 24)), ((64, 64), (64, 64))]
+
+
+@pytest.mark.parametrize("size,resize", SIZES)
+@pytest.mark.parametrize("subseed_strength", [0.0, 0.3])
+def test_seed_resize_noise_is_a1111s(pipe, size, resize, subseed_strength):
+    s = GenerationSettings("x", seed=10, width=size[0], height=size[1], num_images=3, subseed=50,
+                           subseed_strength=subseed_strength, seed_resize_from_w=resize[0], seed_resize_from_h=resize[1])
+    s.validate()
+    seeds = [10, 11, 12]
+    shape = pipe.latent_shape(s)
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    got = pipe._start_noise(s, seeds, gens, shape)
+    want, a1111_gens = a1111_first(shape[1:], seeds, [50, 51, 52], subseed_strength, resize[1], resize[0])
+    assert got.shape == want.shape == shape
+    if subseed_strength:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+    # the generators are where A1111's are: the sampler's step noise is the same
+    assert all(torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=a)) for g, a in zip(gens, a1111_gens))
+    plain, _ = a1111_first(shape[1:], seeds, [50, 51, 52], subseed_strength, 0, 0)
+    if resize != size:  # a resize changes the noise
+        assert not torch.allclose(got, plain)
+
+
+def test_seed_resize_off_changes_nothing(pipe):
+    base = pipe.generate("a cat", seed=3, num_images=2, **KW)
+    # off is fastsd's (diffusers') draw: image i's first torch.randn from a generator seeded with seed + i
+    drawn = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed)) for seed in (3, 4)])
+    assert [_px(a).tolist() for a in pipe.generate("a cat", seed=3, num_images=2, latents=drawn, **KW)] == \
+        [_px(a).tolist() for a in base]
+    same = pipe.generate("a cat", seed=3, num_images=2, seed_resize_from_w=64, seed_resize_from_h=64, **KW)
+    assert [_px(a).tolist() for a in same] == [_px(a).tolist() for a in base]  # the real size: no resize (A1111)
+    assert "Seed resize from" not in base[0].info["parameters"]
+
+
+def test_generate_with_seed_resize(pipe):
+    kw = dict(seed=3, num_images=2, subseed=20, subseed_strength=0.4, seed_resize_from_w=32, seed_resize_from_h=96)
+    got = pipe.generate("a cat", **kw, **KW)
+    want, _ = a1111_first((4, 8, 8), [3, 4], [20, 21], 0.4, 96, 32)
+    from_noise = pipe.generate("a cat", seed=3, num_images=2, latents=want, **KW)
+    for g, f in zip(got, from_noise):  # (A1111's slerp per image vs fastsd's batched one: rounding)
+        assert np.abs(_px(g) - _px(f)).max() <= 1
+    assert np.abs(_px(got[0]) - _px(pipe.generate("a cat", seed=3, num_images=2, subseed=20, subseed_strength=0.4,
+                                                  **KW)[0])).max() > 8
+    params = [parse_infotext(im.info["parameters"])[2] for im in got]
+    assert [(p["Seed"], p["Variation seed"], p["Seed resize from"]) for p in params] == \
+        [("3", "20", "32x96"), ("4", "21", "32x96")]
+    again = pipe.generate("a cat", **{**kw, "seed": 4, "subseed": 21, "num_images": 1}, **KW)[0]
+    assert _px(again).tolist() == _px(got[1]).tolist()  # image 1 made again alone
+
+
+def test_the_hires_pass_resizes_the_seed_too(pipe, monkeypatch):
+    calls = []
+    start_noise = Pipeline._start_noise
+
+    def spy(self, s, seeds, gens, shape):
+        noise = start_noise(self, s, seeds, gens, shape)
+        calls.append((s.width, s.height, s.seed_resize_from_w, s.seed_resize_from_h, noise))
+        return noise
+
+    monkeypatch.setattr(Pipeline, "_start_noise", spy)
+    im = pipe.generate("a cat", seed=6, seed_resize_from_w=48, seed_resize_from_h=48, hires_scale=2, **KW)[0]
+    assert [c[:4] for c in calls] == [(64, 64, 48, 48), (128, 128, 48, 48)]
+    want, _ = a1111_first((4, 16, 16), [6], None, 0, 48, 48)  # A1111's hires ImageRNG at the second pass's size
+    assert torch.equal(calls[1][4], want)
+    assert parse_infotext(im.info["parameters"])[2]["Seed resize from"] == "48x48"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seed_resize_from_w=30, seed_resize_from_h=32), "seed_resize_from_w must be 0 or a multiple of 8 up to "
+                                                         "4096, got 30"),
+    (dict(seed_resize_from_w=32, seed_resize_from_h=-8), "seed_resize_from_h must be at least 0, got -8"),
+    (dict(seed_resize_from_w=8192, seed_resize_from_h=32), "seed_resize_from_w must be 0 or a multiple of 8 up to "
+                                                           "4096, got 8192"),
+    (dict(seed_resize_from_w=64), "seed_resize_from_w and seed_resize_from_h go together (both > 0, or both 0 = "
+                                  "off), got 64 and 0"),
+    (dict(seed_resize_from_w=32.0, seed_resize_from_h=32), "seed_resize_from_w must be an integer, got 32.0"),
+    (dict(seed_resize_from_w=32, seed_resize_from_h=32, latents=torch.zeros(1, 4, 8, 8)),
+     "they can't resize given latents"),
+])
+def test_bad_seed_resize_settings_are_named(pipe, kw, match):
+    with pytest.raises((TypeError, ValueError), match=re.escape(match)):
+        pipe.generate("a cat", seed=1, **{**KW, **kw})
+
+
+def test_cli_seed_resize(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "r.png"
+    assert cli(["a cat", "--model", "random:tiny", "--steps", "1", "--width", "64", "--height", "64", "--seed", "2",
+                "--seed-resize-from-w", "32", "--seed-resize-from-h", "48", "--out", str(out), "--no-progress"]) == 0
+    assert parse_infotext(Image.open(out).info["parameters"])[2]["Seed resize from"] == "32x48"
+    assert cli(["a cat", "--model", "random:tiny", "--seed-resize-from-w", "33", "--seed-resize-from-h", "32",
+                "--out", str(tmp_path / "w.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: seed_resize_from_w must be 0 or a multiple of 8 up to 4096, got 33"
+    assert not (tmp_path / "w.png").exists()
+
+
+def test_server_takes_a1111s_seed_resize_fields():
+    server = main_server()
+    req = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
+           "batch_size": 2, "seed_resize_from_w": 40, "seed_resize_from_h": 32}
+    with server.client() as c:
+        r = c.post("/sdapi/v1/txt2img", json=req)
+        assert r.status_code == 200, r.text
+        meta = info(r)
+        assert (meta["seed_resize_from_w"], meta["seed_resize_from_h"]) == (40, 32)
+        assert not any("seed_resize" in w for w in meta["warnings"])
+        assert [parse_infotext(t)[2]["Seed resize from"] for t in meta["infotexts"]] == ["40x32", "40x32"]
+        off = c.post("/sdapi/v1/txt2img", json={**req, "seed_resize_from_w": -1, "seed_resize_from_h": -1})
+        off_meta = info(off)
+        assert (off_meta["seed_resize_from_w"], off_meta["seed_resize_from_h"]) == (-1, -1)
+        assert "Seed resize from" not in off_meta["infotexts"][0]
+        assert _px(decode(off.json()["images"][0])).tolist() != _px(decode(r.json()["images"][0])).tolist()
+        # as A1111, one without the other does nothing (here warned); 45 is 40 in latent cells (rounded, warned)
+        one = c.post("/sdapi/v1/txt2img", json={**req, "seed_resize_from_h": -1})
+        assert [_px(decode(b)).tolist() for b in one.json()["images"]] == \
+            [_px(decode(b)).tolist() for b in off.json()["images"]]
+        assert any("resized only when both are > 0" in w for w in info(one)["warnings"])
+        rounded = c.post("/sdapi/v1/txt2img", json={**req, "seed_resize_from_w": 45})
+        assert "seed_resize_from_w 45: rounded down to 40 (a multiple of 8)" in info(rounded)["warnings"]
+        assert rounded.json()["images"] == r.json()["images"]
+        bad = c.post("/sdapi/v1/txt2img", json={**req, "seed_resize_from_w": -2})
+        assert bad.status_code == 422 and "seed_resize_from_w must be -1 or 0 (off) or a size, got -2" in \
+            json.dumps(bad.json())

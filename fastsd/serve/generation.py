@@ -123,6 +123,25 @@ def _hires(req, sampler: str, limits: Limits, warnings: list[str]) -> dict:
             "hires_strength": strength, "hires_upscaler": req.hr_upscaler or "Latent"}
 
 
+def _seed_resize(req, limits: Limits, warnings: list[str]) -> dict:
+    """A1111's seed_resize_from_w/h as GenerationSettings' keywords: -1 (its default) or 0 = off; a size is rounded
+    down to a multiple of 8 (the same latent size, so the same noise); as A1111, one without the other does nothing
+    (warned)."""
+    got = {}
+    for field in ("seed_resize_from_w", "seed_resize_from_h"):
+        v = getattr(req, field)
+        if v < -1:
+            raise BadRequest(f"{field} must be -1 or 0 (off) or a size, got {v}")
+        got[field] = limits.check_size(field, v) if v > 0 else 0
+        if v > 0 and got[field] != v:
+            warnings.append(f"{field} {v}: rounded down to {got[field]} (a multiple of 8)")
+    if bool(got["seed_resize_from_w"]) != bool(got["seed_resize_from_h"]):
+        warnings.append(f"seed_resize_from_w {req.seed_resize_from_w}, seed_resize_from_h {req.seed_resize_from_h}: "
+                        "the seed is resized only when both are > 0 (as A1111), ignored")
+        return {}
+    return got
+
+
 def resolve_or_none(name: str) -> str | None:
     try:
         return resolve_sampler_name(name)
@@ -215,7 +234,8 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     img2img = kind == "img2img"
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
-                           subseed, req.subseed_strength, **_hires(req, sampler, limits, warnings))
+                           subseed, req.subseed_strength, **_hires(req, sampler, limits, warnings),
+                           **_seed_resize(req, limits, warnings))
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:
@@ -344,7 +364,7 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
             "height": s.height, "sampler_name": A1111_NAMES.get(s.sampler, s.sampler), "cfg_scale": s.guidance_scale,
             "steps": s.steps, "batch_size": s.num_images, "restore_faces": False, "face_restoration_model": None,
             "sd_model_name": entry.name, "sd_model_hash": entry.hash, "sd_vae_name": None, "sd_vae_hash": None,
-            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "seed_resize_from_w": s.seed_resize_from_w or -1, "seed_resize_from_h": s.seed_resize_from_h or -1,
             "denoising_strength": s.strength if plan.kind == "img2img" else s.hires_strength if s.hires else None, "extra_generation_params": {},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp":
             time.strftime("%Y%m%d%H%M%S"), "clip_skip": s.clip_skip, "is_using_inpainting_conditioning":

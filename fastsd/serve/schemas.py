@@ -101,8 +101,6 @@ class _Request(_Body):
                                                                    else ""))
         if self.styles:
             notes.append("styles: saved prompt styles are not supported, ignored")
-        if self.seed_resize_from_h > 0 or self.seed_resize_from_w > 0:
-            notes.append("seed_resize_from_w/h: not supported, ignored")
         for name, defaults in K_DIFFUSION_DEFAULTS.items():
             if getattr(self, name) not in defaults:
                 notes.append(f"{name} {getattr(self, name)}: not supported (fastsd uses {defaults[1]}), ignored")
