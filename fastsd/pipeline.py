@@ -245,7 +245,9 @@ class Pipeline:
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
             resize = s.hires_width or s.hires_height
+            second = get_sampler(s.hires_sampler or s.sampler).name
             params.update({"Denoising strength": s.hires_strength,
+                           "Hires sampler": A1111_NAMES[second] if second != get_sampler(s.sampler).name else None,
                            "Hires upscale": None if resize else f"{s.hires_scale:g}",
                            "Hires resize": f"{s.hires_width}x{s.hires_height}" if resize else None,
                            "Hires steps": s.hires_steps or None, "Hires upscaler": hires.resolve_upscaler(s.hires_upscaler)})
@@ -448,8 +450,8 @@ class Pipeline:
             return x
         n, run = hires.second_pass_steps(s.hires_steps or s.steps, s.hires_strength)
         s2 = s.replace(width=x.shape[3] * self.config.vae.downscale, height=x.shape[2] * self.config.vae.downscale,
-                       steps=n)
-        sched = get_sampler(s.sampler).schedule(n, self.config.scheduler)
+                       steps=n, sampler=s.hires_sampler or s.sampler)
+        sched = get_sampler(s2.sampler).schedule(n, self.config.scheduler)
         sched = sched.tail(len(sched) - run * sched.order)
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
         noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
@@ -528,6 +530,7 @@ class Pipeline:
                  subseed: int | None = None, subseed_strength: float = 0.0, hires_scale: float = 1.0,
                  hires_width: int = 0, hires_height: int = 0, hires_steps: int = 0, hires_strength: float = 0.7,
                  hires_upscaler: str = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
+                 hires_sampler: str | None = None,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original", progress: bool = True,
                  tiled_vae: bool | None = None,
@@ -550,7 +553,7 @@ class Pipeline:
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
-                               seed_resize_from_h)
+                               seed_resize_from_h, hires_sampler)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")

@@ -67,6 +67,8 @@ class GenerationSettings:
         "composition at another size; a multiple of 8, 0 = off (both or neither)"))
     seed_resize_from_h: int = field(default=0, metadata=_opt("A1111 'Resize seed from height' (with "
                                                              "--seed-resize-from-w); 0 = off"))
+    hires_sampler: str | None = field(default=None, metadata=_opt("hires fix: the second pass's sampler (A1111's "
+                                                                  "'Hires sampler'); default: --sampler"))
 
     @property
     def hires(self) -> bool:
@@ -161,6 +163,15 @@ class GenerationSettings:
         if not isinstance(self.hires_upscaler, str):
             raise TypeError(f"hires_upscaler must be a string, got {type(self.hires_upscaler).__name__}")
         hires.resolve_upscaler(self.hires_upscaler)
+        if self.hires_sampler is not None:
+            if not isinstance(self.hires_sampler, str):
+                raise TypeError(f"hires_sampler must be a string, got {type(self.hires_sampler).__name__}")
+            from fastsd.samplers import get_sampler
+
+            try:
+                get_sampler(self.hires_sampler)
+            except ValueError as e:
+                raise ValueError(f"hires_sampler: {e}") from None
         if not self.hires:
             return
         if has_image:

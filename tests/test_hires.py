@@ -195,7 +195,7 @@ def test_server_enable_hr():
         params = parse_infotext(meta["infotexts"][0])[2]
         assert (params["Size"], params["Hires upscale"], params["Hires steps"], params["Denoising strength"]) == \
             ("64x48", "2", "2", "0.75")
-        assert meta["warnings"] == ["hr_sampler_name 'DDIM': not supported; the second pass runs Euler as the first"]
+        assert meta["warnings"] == [] and params["Hires sampler"] == "DDIM" and params["Sampler"] == "Euler"
         r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "hr_resize_x": 100, "hr_resize_y": 0,
                                                "hr_upscaler": "Nearest", "denoising_strength": 0.5})
         assert r.status_code == 200, r.text
@@ -207,8 +207,12 @@ def test_server_enable_hr():
         r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "hr_scheduler": "Exponential",
                                                "hr_scale": 0, "hr_resize_x": 128})  # (hr_scale: ignored, as A1111)
         assert r.status_code == 200 and decode(r.json()["images"][0]).size == (128, 96)
-        assert info(r)["warnings"] == ["hr_scheduler 'Exponential': not supported; the second pass runs the first "
-                                       "pass's schedule"]
+        assert info(r)["warnings"] == ["hr_scheduler 'Exponential': not supported with Euler; the second pass runs "
+                                       "that sampler's own schedule"]
+        karras = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras"}))
+        assert parse_infotext(karras["infotexts"][0])[2]["Hires sampler"] == "DPM++ 2M Karras" and not karras["warnings"]
+        bad = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": "Nope"})
+        assert bad.status_code == 422 and "hr_sampler_name: unknown sampler 'Nope'" in bad.json()["detail"]
         same = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_scale": 1, "hr_sampler_name": None}))
         assert same["warnings"] == ["enable_hr with hr_scale 1 and no hr_resize_x/y: nothing to upscale, no hires pass"]
         for bad, match in [({"hr_upscaler": "ESRGAN_4x"}, "unknown hires upscaler 'ESRGAN_4x'"),
@@ -219,3 +223,23 @@ def test_server_enable_hr():
                            ({"hr_second_pass_steps": -1}, "hr_second_pass_steps must be at least 1, got -1")]:
             r = c.post("/sdapi/v1/txt2img", json={**req, **bad})
             assert r.status_code == 422 and match in json.dumps(r.json()), (bad, r.text)
+
+
+def test_hires_sampler_runs_the_second_pass(pipe, monkeypatch):
+    """A1111's "Hires sampler": the second pass's sampler and schedule; the first pass's unchanged."""
+    import fastsd.pipeline as pl
+
+    used = []
+    get = pl.get_sampler
+    monkeypatch.setattr(pl, "get_sampler", lambda name: used.append(name) or get(name))
+    a = pipe.generate(**KW, seed=4, hires_scale=2, hires_steps=4, hires_strength=0.9, hires_sampler="Euler a")[0]
+    assert "Euler a" in used
+    b = pipe.generate(**KW, seed=4, hires_scale=2, hires_steps=4, hires_strength=0.9)[0]
+    params = parse_infotext(a.info["parameters"])[2]
+    assert params["Hires sampler"] == "Euler a" and params["Sampler"] == "Euler"
+    assert "Hires sampler" not in b.info["parameters"]
+    assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() > 8
+    same = pipe.generate(**KW, seed=4, hires_scale=2, hires_steps=4, hires_strength=0.9, hires_sampler="euler")[0]
+    assert np.asarray(same).tolist() == np.asarray(b).tolist() and "Hires sampler" not in same.info["parameters"]
+    with pytest.raises(ValueError, match="hires_sampler: unknown sampler 'x'"):
+        pipe.generate(**KW, seed=4, hires_scale=2, hires_sampler="x")

@@ -104,14 +104,19 @@ def _hires(req, sampler: str, limits: Limits, warnings: list[str]) -> dict:
         return {}
     if req.firstphase_width or req.firstphase_height:
         warnings.append("firstphase_width/height: A1111's old hires fields are not supported, ignored")
-    if req.hr_sampler_name not in SAME_SAMPLER and resolve_or_none(req.hr_sampler_name) != sampler:
-        warnings.append(f"hr_sampler_name {req.hr_sampler_name!r}: not supported; the second pass runs "
-                        f"{A1111_NAMES.get(sampler, sampler)} as the first")
+    second = sampler
+    if req.hr_sampler_name not in SAME_SAMPLER:  # A1111's "Hires sampler"
+        try:
+            second = resolve_sampler_name(req.hr_sampler_name)
+        except ValueError as e:
+            raise BadRequest(f"hr_sampler_name: {e}") from None
     hr_sched = (req.hr_scheduler or "").strip().lower()
-    if hr_sched not in ("use same scheduler", *DEFAULT_SCHEDULERS) and not (hr_sched == "karras" and
-                                                                           sampler.endswith("_karras")):
-        warnings.append(f"hr_scheduler {req.hr_scheduler!r}: not supported; the second pass runs the first pass's "
-                        "schedule")
+    if (second, hr_sched) in SCHEDULED:
+        second = SCHEDULED[second, hr_sched]
+    elif hr_sched not in ("use same scheduler", *DEFAULT_SCHEDULERS) and not (hr_sched == "karras" and
+                                                                             second.endswith("_karras")):
+        warnings.append(f"hr_scheduler {req.hr_scheduler!r}: not supported with {A1111_NAMES.get(second, second)}; "
+                        "the second pass runs that sampler's own schedule")
     for field in ("hr_prompt", "hr_negative_prompt"):
         if getattr(req, field) and getattr(req, field) != getattr(req, field[3:]):
             warnings.append(f"{field}: not supported; the second pass uses the first pass's {field[3:]}")
@@ -120,7 +125,8 @@ def _hires(req, sampler: str, limits: Limits, warnings: list[str]) -> dict:
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's txt2img default
     scale = 1.0 if any(resize.values()) else req.hr_scale  # (A1111 ignores hr_scale for a resize target)
     return {"hires_scale": scale, **resize, "hires_steps": req.hr_second_pass_steps,
-            "hires_strength": strength, "hires_upscaler": req.hr_upscaler or "Latent"}
+            "hires_strength": strength, "hires_upscaler": req.hr_upscaler or "Latent",
+            "hires_sampler": second if second != sampler else None}
 
 
 def _seed_resize(req, limits: Limits, warnings: list[str]) -> dict:
@@ -140,13 +146,6 @@ def _seed_resize(req, limits: Limits, warnings: list[str]) -> dict:
                         "the seed is resized only when both are > 0 (as A1111), ignored")
         return {}
     return got
-
-
-def resolve_or_none(name: str) -> str | None:
-    try:
-        return resolve_sampler_name(name)
-    except ValueError:
-        return None
 
 
 def _overrides(req, server, warnings: list[str]):
