@@ -567,6 +567,9 @@ class Pipeline:
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
         self._loras.check_prompt(s.prompt)
         self.check_can_encode(image, s)
+        if mask is not None and mask.convert("L").point(lambda v: 255 if v >= 128 else 0).getbbox() is None:
+            warnings.warn("the mask has no white pixel (>= 50%): nothing is repainted; white marks what to repaint",
+                          stacklevel=2)
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)

@@ -1,5 +1,7 @@
 """The staged Pipeline: generate = encode_prompt -> prepare_latents -> denoise -> decode, on_step previews and
 interrupts, no unconditional batch at guidance <= 1, and a backend switched on a live pipeline."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -176,3 +178,15 @@ def test_api_misuse_raises_named_errors(pipe):
     img = Image.new("RGB", (64, 64))
     with pytest.raises(TypeError, match="mask must be a PIL image"):
         pipe.generate("a cat", image=img, mask=np.zeros((64, 64)), **KW)
+
+
+def test_an_all_black_mask_is_warned(pipe):
+    """A mask with no white pixel repaints nothing (the known region is everything): said, not silent."""
+    image = Image.new("RGB", (64, 64), (10, 120, 200))
+    with pytest.warns(UserWarning, match="the mask has no white pixel"):
+        pipe.generate("a cat", image=image, mask=Image.new("L", (64, 64), 100), steps=2, seed=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mask with white: no warning
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 8, 8))
+        pipe.generate("a cat", image=image, mask=mask, steps=2, seed=1, progress=False)
