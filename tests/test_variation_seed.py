@@ -61,6 +61,13 @@ def _px(im):
     return np.asarray(im).astype(int)
 
 
+def assert_alone_matches(alone, in_batch):
+    """Image i of a batch made again alone: bit-equal on the AMD VMs; on Intel (AMX, or held to AVX2) MKL/oneDNN round
+    a batch and a single image differently, a level apart in a few values (as tests/test_pipeline.py)."""
+    diff = np.abs(_px(alone) - _px(in_batch))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
 def test_generate_with_a_variation_seed(pipe):
     base = pipe.generate("a cat", seed=3, num_images=2, **KW)
     assert [_px(a).tolist() for a in pipe.generate("a cat", seed=3, num_images=2, subseed=40, subseed_strength=0,
@@ -78,7 +85,7 @@ def test_generate_with_a_variation_seed(pipe):
     assert "Variation seed" not in base[0].info["parameters"]
     # image 1 made again alone: seed 4, variation seed 41
     again = pipe.generate("a cat", seed=4, subseed=41, subseed_strength=0.5, **KW)[0]
-    assert _px(again).tolist() == _px(half[1]).tolist()
+    assert_alone_matches(again, half[1])
     # no variation seed given: a random one, recorded
     rand = pipe.generate("a cat", seed=3, subseed_strength=0.25, **KW)[0]
     assert parse_infotext(rand.info["parameters"])[2]["Variation seed"].isdigit()
@@ -125,7 +132,7 @@ def test_server_takes_a1111s_variation_fields():
                                                                      ("8", "33")]
         # the fourth image (second iteration) made again alone
         one = c.post("/sdapi/v1/txt2img", json={**req, "seed": 8, "subseed": 33, "batch_size": 1, "n_iter": 1})
-        assert _px(decode(one.json()["images"][0])).tolist() == _px(decode(r.json()["images"][3])).tolist()
+        assert_alone_matches(decode(one.json()["images"][0]), decode(r.json()["images"][3]))
         rand = info(c.post("/sdapi/v1/txt2img", json={**req, "subseed": -1, "n_iter": 1}))
         assert rand["subseed"] >= 0 and rand["all_subseeds"] == [rand["subseed"], rand["subseed"] + 1]
         none = info(c.post("/sdapi/v1/txt2img", json={**req, "subseed_strength": 0, "n_iter": 1}))
@@ -227,7 +234,7 @@ def test_generate_with_seed_resize(pipe):
     assert [(p["Seed"], p["Variation seed"], p["Seed resize from"]) for p in params] == \
         [("3", "20", "32x96"), ("4", "21", "32x96")]
     again = pipe.generate("a cat", **{**kw, "seed": 4, "subseed": 21, "num_images": 1}, **KW)[0]
-    assert _px(again).tolist() == _px(got[1]).tolist()  # image 1 made again alone
+    assert_alone_matches(again, got[1])  # image 1 made again alone
 
 
 def test_the_hires_pass_resizes_the_seed_too(pipe, monkeypatch):
