@@ -52,6 +52,11 @@ def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], devi
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
 
 
+def first_draws(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Each seed's first standard normal draw of `shape` from a fresh generator (A1111's randn(seed, shape))."""
+    return seeded_noise([torch.Generator().manual_seed(seed) for seed in seeds], shape, device)
+
+
 def variation_noise(noise: torch.Tensor, subnoise: torch.Tensor, strength: float) -> torch.Tensor:
     """A1111's variation seed: each image's start noise (B, C, H, W) moved toward its variation noise by spherical
     interpolation, per (channel, column) as A1111's slerp does it on one image's (C, H, W); where the two are
@@ -287,9 +292,7 @@ class Pipeline:
         diffusers' draw order: the VAE posterior noise first, then the start noise. `masked_content` (A1111's
         "Masked content" in latent space): "latent noise" puts each seed's first normal draw (A1111's
         create_random_tensors) in the image latents under the mask, "latent nothing" zeros; "original" keeps them."""
-        if masked_content not in MASKED_CONTENT:
-            raise ValueError(f"masked_content must be one of {', '.join(map(repr, MASKED_CONTENT))}, got "
-                             f"{masked_content!r}")
+        _check_masked_content(masked_content)
         shape = self.latent_shape(s)
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
         sched = get_sampler(s.sampler).schedule(s.steps, self.config.scheduler)
@@ -306,8 +309,8 @@ class Pipeline:
             noise = self._start_noise(s, seeds, gens, shape)
         lat_mask = None if mask_t is None else torch.nn.functional.interpolate(mask_t, size=shape[2:]).to(self.device)
         if x0 is not None and lat_mask is not None and masked_content != "original":
-            fill = seeded_noise([torch.Generator().manual_seed(seed) for seed in seeds], shape[1:], self.device) \
-                if masked_content == "latent noise" else torch.zeros_like(x0)
+            fill = first_draws(seeds, shape[1:], self.device) if masked_content == "latent noise" \
+                else torch.zeros_like(x0)
             x0 = x0 * (1 - lat_mask) + fill * lat_mask
         if x0 is None:
             x = noise * sched.init_noise_sigma
@@ -335,12 +338,10 @@ class Pipeline:
         size = (shape[1], s.seed_resize_from_h // f, s.seed_resize_from_w // f) if s.seed_resize else tuple(shape[1:])
         resized = size != tuple(shape[1:])  # (A1111: a resize to the real size is no resize)
 
-        def fresh(of: list[int]) -> torch.Tensor:
-            return seeded_noise([torch.Generator().manual_seed(seed) for seed in of], size, self.device)
-
-        small = fresh(seeds) if resized else noise
+        small = first_draws(seeds, size, self.device) if resized else noise
         if s.subseed_strength > 0:
-            small = variation_noise(small, fresh([s.subseed + i for i in range(len(seeds))]), s.subseed_strength)
+            subseeds = [s.subseed + i for i in range(len(seeds))]
+            small = variation_noise(small, first_draws(subseeds, size, self.device), s.subseed_strength)
         return paste_centred(noise, small) if resized else small
 
     def _image_tensors(self, s: GenerationSettings, image, mask):
@@ -561,9 +562,7 @@ class Pipeline:
             raise ValueError("seed_resize_from_w/h resize the seeded start noise; they can't resize given latents")
         if on_interrupt not in ("raise", "decode"):
             raise ValueError(f'on_interrupt must be "raise" or "decode", not {on_interrupt!r}')
-        if masked_content not in MASKED_CONTENT:
-            raise ValueError(f"masked_content must be one of {', '.join(map(repr, MASKED_CONTENT))}, got "
-                             f"{masked_content!r}")
+        _check_masked_content(masked_content)
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
         self._loras.check_prompt(s.prompt)
         self.check_can_encode(image, s)
@@ -599,6 +598,12 @@ class Pipeline:
         for im, seed in zip(images, seeds):  # as A1111: each image carries its own infotext (seed + i)
             im.info["parameters"] = self.infotext(s, seed, img2img=image is not None)
         return images
+
+
+def _check_masked_content(masked_content: str) -> None:
+    if masked_content not in MASKED_CONTENT:
+        raise ValueError(f"masked_content must be one of {', '.join(map(repr, MASKED_CONTENT))}, got "
+                         f"{masked_content!r}")
 
 
 def _check_inputs(image, mask, latents, on_step, preview_every) -> None:
