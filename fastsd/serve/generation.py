@@ -85,6 +85,15 @@ def _sampler(req, warnings: list[str]) -> str:
     return sampler
 
 
+def _size(req, field: str, limits: Limits, warnings: list[str]) -> int:
+    """A size field within the server's limits, rounded down to a multiple of 8 (warned when it was not one)."""
+    v = getattr(req, field)
+    got = limits.check_size(field, v)
+    if got != v:
+        warnings.append(f"{field} {v}: rounded down to {got} (a multiple of 8)")
+    return got
+
+
 def _hires(req, sampler: str, limits: Limits, warnings: list[str]) -> dict:
     """A1111's hires-fix fields as GenerationSettings' hires_* keywords (none without enable_hr)."""
     if not getattr(req, "enable_hr", False):
@@ -94,9 +103,7 @@ def _hires(req, sampler: str, limits: Limits, warnings: list[str]) -> dict:
         v = getattr(req, field)
         if v < 0:
             raise BadRequest(f"{field} must be 0 or a size, got {v}")
-        resize[ours] = limits.check_size(field, v) if v else 0
-        if resize[ours] != v:
-            warnings.append(f"{field} {v}: rounded down to {resize[ours]} (a multiple of 8)")
+        resize[ours] = _size(req, field, limits, warnings) if v else 0
     if req.hr_second_pass_steps:  # (0: the first pass's steps)
         limits.check_steps(req.hr_second_pass_steps, "hr_second_pass_steps")
     if req.hr_scale == 1 and not any(resize.values()):
@@ -138,9 +145,7 @@ def _seed_resize(req, limits: Limits, warnings: list[str]) -> dict:
         v = getattr(req, field)
         if v < -1:
             raise BadRequest(f"{field} must be -1 or 0 (off) or a size, got {v}")
-        got[field] = limits.check_size(field, v) if v > 0 else 0
-        if v > 0 and got[field] != v:
-            warnings.append(f"{field} {v}: rounded down to {got[field]} (a multiple of 8)")
+        got[field] = _size(req, field, limits, warnings) if v > 0 else 0
     if bool(got["seed_resize_from_w"]) != bool(got["seed_resize_from_h"]):
         warnings.append(f"seed_resize_from_w {req.seed_resize_from_w}, seed_resize_from_h {req.seed_resize_from_h}: "
                         "the seed is resized only when both are > 0 (as A1111), ignored")
@@ -200,12 +205,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     limits.check_prompt("negative_prompt", req.negative_prompt)
     limits.check_steps(req.steps)
     limits.check_images(req.batch_size, req.n_iter)
-    size = {}
-    for name in ("width", "height"):
-        v = getattr(req, name)
-        size[name] = limits.check_size(name, v)
-        if size[name] != v:
-            warnings.append(f"{name} {v}: rounded down to {size[name]} (a multiple of 8)")
+    size = {name: _size(req, name, limits, warnings) for name in ("width", "height")}
     if req.seed < -1:
         raise BadRequest(f"seed must be -1 (random) or at least 0, got {req.seed}")
     seed = random.randrange(SEED_RANGE) if req.seed == -1 else req.seed
