@@ -61,6 +61,17 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
               (diffusers' DPMSolverMultistep dpmsolver++ midpoint order 2, lower_order_final, final sigma 0).
   dpmpp_2m_sde  the same with diffusers' "sde-dpmsolver++" (midpoint): a = (s'/s) e^-h, E = 1 - e^-2h, b = E (first
               step and the step to 0) or E (1 + 1/(2r)), c = -E/(2r), d = s' sqrt(E) (fresh noise each step)
+  dpmpp_2m_sde_heun  the same with solver_type "heun": with p = 1 - E/(2h), b = E + p/r, c = -p/r
+  dpmpp_3m_sde  k-diffusion's sample_dpmpp_3m_sde (A1111's), eta 1: x' = a x + b D + c1 D_-1 + c2 D_-2 + d z
+              (dpmpp_3m_sde_coeffs); the older outputs' part c1 D_-1 + c2 D_-2 is formed with torch ops and passed
+              as old_denoised (c = 1). Order 1, 2 on the first two steps, then 3. variant="diffusers": diffusers'
+              third-order "sde-dpmsolver++" (solver_order=3, other weights, order 2 on the next-to-last step below
+              15 steps; it does not converge)
+  dpmpp_sde   k-diffusion's sample_dpmpp_sde (r = 1/2, eta 1): the ancestral step to m = sqrt(s s') with D1 and
+              noise z1 (ancestral_coeffs(s, m)), the model at (x_m, m) -> D2, then the ancestral step from x to s'
+              with D2, written with a = 0 and x as old_denoised: b = 1 - s_down/s, c = s_down/s, d = s_up, the
+              noise the Brownian increment of the whole step w1 z1 + w2 z2 (z2 fresh for (m, s')); the last step
+              is one Euler step (no diffusers twin)
   lcm         t = the timestep of s, c_skip = 0.25/((10t)^2+0.25), c_out = 10t/sqrt((10t)^2+0.25):
               a = c_skip/sqrt(1+s^2), b = c_out, d = s' (fresh noise; none after the last step) (LCMScheduler)
 """
@@ -245,9 +256,13 @@ def dpmpp_2m_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float
     return (a, one_minus_exp * (1.0 + 1.0 / (2.0 * r)), -one_minus_exp / (2.0 * r), 0.0)
 
 
-def dpmpp_2m_sde_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float) -> Coeffs:
-    """DPM-Solver++(2M) SDE step (diffusers' algorithm_type="sde-dpmsolver++", midpoint): first order as
-    dpmpp_2m_coeffs; the noise term s' sqrt(1 - e^-2h) is zero on the step to sigma 0."""
+def dpmpp_2m_sde_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float,
+                        solver_type: str = "midpoint") -> Coeffs:
+    """DPM-Solver++(2M) SDE step (diffusers' algorithm_type="sde-dpmsolver++" with this solver_type): first order
+    as dpmpp_2m_coeffs; the noise term s' sqrt(1 - e^-2h) is zero on the step to sigma 0. The second-order
+    correction (D - D_prev)/r gets the weight E/2 ("midpoint") or 1 - E/(2h) ("heun"), E = 1 - e^-2h."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     if sigma_next == 0:
         return (0.0, 1.0, 0.0, 0.0)
     h = math.log(sigma / sigma_next)
@@ -256,7 +271,59 @@ def dpmpp_2m_sde_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: f
     if sigma_prev is None:
         return (a, e, 0.0, d)
     r = math.log(sigma_prev / sigma) / h
+    if solver_type == "heun":
+        p = 1.0 - e / (2.0 * h)  # diffusers' (1 - e^-2h)/(-2h) + 1, k-diffusion's phi_2 with eta 1
+        return (a, e + p / r, -p / r, d)
     return (a, e * (1.0 + 1.0 / (2.0 * r)), -e / (2.0 * r), d)
+
+
+def dpmpp_3m_sde_coeffs(sigma_prev2: Optional[float], sigma_prev: Optional[float], sigma: float,
+                        sigma_next: float, variant: str = "k-diffusion") -> tuple[float, float, float, float, float]:
+    """DPM-Solver++(3M) SDE step: (a, b, c1, c2, d) with x' = a x + b D + c1 D_prev + c2 D_prev2 + d z. Third order
+    with both earlier sigmas, second order with sigma_prev only, first order with neither; x' = D on the step to
+    sigma 0.
+
+    Third order, with h = log(s/s'), r0 = log(s_prev/s)/h, r1 = log(s_prev2/s_prev)/h, E = 1 - e^-2h:
+    D1_0 = (D - D_prev)/r0, D1_1 = (D_prev - D_prev2)/r1, D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1),
+    D2 = (D1_0 - D1_1)/(r0+r1), x' = (s'/s) e^-h x + E D + p2 D1 + p3 D2 + s' sqrt(E) z with p2 = 1 - E/(2h) and
+      variant "diffusers" (DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++"), as of
+        diffusers 0.42): p3 = (E - 2h)/(4h^2) - 1/2, which tends to -1 as h -> 0; second order as
+        dpmpp_2m_sde_coeffs' "midpoint" (weight E/2 on (D - D_prev)/r0);
+      variant "k-diffusion" (sample_dpmpp_3m_sde with eta 1, A1111's "DPM++ 3M SDE"): p3 = -phi_3 =
+        (E - 2h)/(4h^2) + 1/2 (tends to 0, DPM-Solver's third-order term); second order with phi_2 = 1 - E/(2h)
+        on (D - D_prev)/r0 (dpmpp_2m_sde_coeffs' "heun").
+    The two third-order steps differ by exactly 1 * D2."""
+    if variant not in ("diffusers", "k-diffusion"):
+        raise ValueError(f"variant must be 'diffusers' or 'k-diffusion', got {variant!r}")
+    if sigma_next == 0:
+        return (0.0, 1.0, 0.0, 0.0, 0.0)
+    if sigma_prev2 is None:
+        a, b, c, d = dpmpp_2m_sde_coeffs(sigma_prev, sigma, sigma_next,
+                                         "heun" if variant == "k-diffusion" else "midpoint")
+        return (a, b, c, 0.0, d)
+    h = math.log(sigma / sigma_next)
+    e = -math.expm1(-2.0 * h)
+    a, d = sigma_next / sigma * math.exp(-h), sigma_next * math.sqrt(e)
+    r0, r1 = math.log(sigma_prev / sigma) / h, math.log(sigma_prev2 / sigma_prev) / h
+    p2 = 1.0 - e / (2.0 * h)
+    p3 = (e - 2.0 * h) / (4.0 * h * h) + (0.5 if variant == "k-diffusion" else -0.5)
+    k = (p2 * r0 + p3) / (r0 + r1)  # the weight of D1_0 - D1_1 in p2 D1 + p3 D2
+    return (a, e + (p2 + k) / r0, -(p2 + k) / r0 - k / r1, k / r1, d)
+
+
+def dpmpp_sde_coeffs(sigma: float, sigma_next: float) -> Coeffs:
+    """DPM-Solver++(2S) SDE's second update (k-diffusion's sample_dpmpp_sde, r = 1/2, eta 1): the ancestral step
+    from x (not from the midpoint sample the model was called at) to sigma_down with the midpoint's D2:
+    x' = (s_down/s) x + (1 - s_down/s) D2 + s_up z. Passed with a = 0 and x as old_denoised (c = s_down/s)."""
+    down, up = ancestral_sigmas(sigma, sigma_next, 1.0)
+    return (0.0, 1.0 - down / sigma, down / sigma, up)
+
+
+def brownian_weights(sigma: float, sigma_mid: float, sigma_next: float) -> tuple[float, float]:
+    """(w1, w2) with W(s') - W(s) = sqrt|s' - s| (w1 z1 + w2 z2) for a Brownian motion W in time = sigma, z1 its
+    normalised increment over (s, s_mid) and z2 over (s_mid, s') (independent): w1^2 + w2^2 = 1."""
+    span = abs(sigma_next - sigma)
+    return math.sqrt(abs(sigma_mid - sigma) / span), math.sqrt(abs(sigma_next - sigma_mid) / span)
 
 
 # --------------------------------------------------------------------------------------------- noise
@@ -492,20 +559,113 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
-                        generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
-    """DPM-Solver++(2M) SDE (diffusers DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", midpoint,
-    final sigma 0): dpmpp_2m's steps with fresh noise from `noise_sampler(sigma, sigma_next)`, else randn with
-    `generator`; none on the step to sigma 0."""
+                        generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None,
+                        solver_type: str = "midpoint"):
+    """DPM-Solver++(2M) SDE (diffusers DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", midpoint or
+    with solver_type="heun" its heun variant, final sigma 0; the same math as k-diffusion's sample_dpmpp_2m_sde
+    with eta 1 and this solver_type): dpmpp_2m's steps with fresh noise from `noise_sampler(sigma, sigma_next)`,
+    else randn with `generator`; none on the step to sigma 0."""
+    dpmpp_2m_sde_coeffs(None, 1.0, 0.0, solver_type)  # validates solver_type
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     if noise_sampler is None:
         noise_sampler = default_noise_sampler(x, generator, torch.float32)
     old_denoised = None
     for i in _trange(len(s) - 1, disable=disable):
-        coeffs = dpmpp_2m_sde_coeffs(None if old_denoised is None else s[i - 1], s[i], s[i + 1])
+        coeffs = dpmpp_2m_sde_coeffs(None if old_denoised is None else s[i - 1], s[i], s[i + 1], solver_type)
         x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, coeffs, old_denoised,
                                             draw_noise=lambda: noise_sampler(sigmas[i], sigmas[i + 1]))
         _callback(callback, x, i, sigmas[i], denoised)
         x, old_denoised = x_next, denoised
+    return x
+
+
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                             generator: Optional[torch.Generator] = None,
+                             noise_sampler: Optional[NoiseSampler] = None):
+    """DPM-Solver++(2M) SDE with the heun-type second-order term (A1111's "DPM++ 2M SDE Heun"; diffusers
+    DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_type="heun"))."""
+    return sample_dpmpp_2m_sde(model, x, sigmas, extra_args, callback, disable, generator=generator,
+                               noise_sampler=noise_sampler, solver_type="heun")
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                        generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None,
+                        variant: str = "k-diffusion"):
+    """DPM-Solver++(3M) SDE, eta 1: order 1 on the first step, 2 on the second, 3 after; x' = D on the step to
+    sigma 0; fresh noise each step from `noise_sampler(sigma, sigma_next)`, else randn (fp32) with `generator`.
+    The earlier denoised outputs enter as one combined tensor in old_denoised's place (c = 1), as lms does.
+
+    variant "k-diffusion" (default): sample_dpmpp_3m_sde (A1111's "DPM++ 3M SDE"), see dpmpp_3m_sde_coeffs.
+    variant "diffusers": DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++") (midpoint,
+    lower_order_final: also order 2 on the next-to-last step when there are fewer than 15 steps; in img2img that
+    rule looks at the partial schedule where diffusers looks at the full one); kept to hold the code to diffusers'
+    steps in tests, not for use: it does not converge (below).
+
+    The two are not the same math: diffusers' third-order D2 weight is (E - 2h)/(4h^2) - 1/2, k-diffusion's
+    (E - 2h)/(4h^2) + 1/2 (E = 1 - e^-2h, D2 = (D1_0 - D1_1)/(r0 + r1)); their second-order steps weight
+    (D - D_prev)/r0 by E/2 (midpoint) vs 1 - E/(2h); and k-diffusion has no lower-order next-to-last step. diffusers'
+    D2 weight does not vanish as h -> 0, so its chain does not converge with the step count (on Gaussian data its
+    output std is 5-9% too large at 30 steps and ~7x at 400 on its default schedule; k-diffusion's is within
+    1.6% at 30 and 0.05% at 400). A1111 also runs it on a schedule with the next-to-last sigma discarded (its `discard_next_to_last_sigma`)
+    and, since 1.9, the exponential one by default; fastsd uses diffusers' DPM-Solver (Karras) schedule."""
+    dpmpp_3m_sde_coeffs(None, None, 1.0, 0.0, variant)  # validates variant
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    if noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, generator, torch.float32)
+    n = len(s) - 1
+    lower_second = variant == "diffusers" and n < 15
+    d_prev = d_prev2 = None
+    for i in _trange(n, disable=disable):
+        order = 1 if i == 0 else 2 if i == 1 or (i == n - 2 and lower_second) else 3  # warm-up, lower_order_final
+        a, b, c1, c2, d = dpmpp_3m_sde_coeffs(s[i - 2] if order == 3 else None, s[i - 1] if order >= 2 else None,
+                                              s[i], s[i + 1], variant)
+        history = None
+        if c1:
+            history = d_prev * c1
+            if c2:
+                history.add_(d_prev2, alpha=c2)
+        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args,
+                                            (a, b, 0.0 if history is None else 1.0, d), history,
+                                            draw_noise=lambda: noise_sampler(sigmas[i], sigmas[i + 1]))
+        _callback(callback, x, i, sigmas[i], denoised)
+        x, d_prev, d_prev2 = x_next, denoised, d_prev
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                     generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
+    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde with r = 1/2, eta 1, s_noise 1; A1111's "DPM++ SDE"; no
+    diffusers twin: diffusers' DPMSolverSDEScheduler needs torchsde): per step the model at (x, s) -> D, the
+    ancestral step to the midpoint m = sqrt(s s') with noise z1, the model at (x_m, m) -> D2, then the ancestral
+    step from x to s' with D2 (dpmpp_sde_coeffs) and the noise of the whole step (below); one Euler step (x' = D)
+    to sigma 0.
+
+    Noise: k-diffusion draws both stages' noise from one Brownian motion W in time = sigma (a torchsde Brownian
+    tree seeded once per image, noise(a, b) = (W(b) - W(a))/sqrt|b - a|): the first stage's over (s, m), the second's
+    over the whole step (s, s'), so the two are correlated. Here z1 = noise_sampler(s, m) and z2 =
+    noise_sampler(m, s') are independent standard normals (randn with `generator` by default) for the two halves,
+    and the second stage gets (sqrt|m - s| z1 + sqrt|s' - m| z2)/sqrt|s' - s| (`brownian_weights`): the same
+    increments of a Brownian path, and steps cover disjoint intervals, so the result has exactly the distribution
+    of A1111's (not the same numbers for a seed: no Brownian tree, no torchsde)."""
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    for i in _trange(len(s) - 1, disable=disable):
+        if s[i + 1] == 0 or s[i + 1] == s[i]:  # the last step (or an empty interval): one Euler step
+            x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], s[i + 1]))
+        else:
+            m = math.sqrt(s[i] * s[i + 1])  # k-diffusion's sigma_fn(t + h/2)
+            mid = torch.tensor(m, dtype=torch.float64)
+            z1: list[torch.Tensor] = []
+            x_mid, denoised = denoise_and_step(model, x, sigmas[i], extra_args, ancestral_coeffs(s[i], m),
+                                               draw_noise=lambda: z1.append(noise_sampler(sigmas[i], mid)) or z1[0])
+            w1, w2 = brownian_weights(s[i], m, s[i + 1])
+            x_next, _ = denoise_and_step(model, x_mid, mid, extra_args, dpmpp_sde_coeffs(s[i], s[i + 1]), x,
+                                         draw_noise=lambda: (z1[0] * w1).add_(noise_sampler(mid, sigmas[i + 1]),
+                                                                              alpha=w2))
+        _callback(callback, x, i, sigmas[i], denoised)
+        x = x_next
     return x
 
 
@@ -554,8 +714,12 @@ class SamplerSpec:
 # dpmpp_2m DPMSolverMultistepScheduler, dpmpp_2m_karras the same with use_karras_sigmas=True, dpmpp_2m_sde(_karras)
 # the same with algorithm_type="sde-dpmsolver++", lcm LCMScheduler, euler_karras / heun_karras / lms(_karras)
 # Euler / Heun / LMSDiscreteScheduler (use_karras_sigmas=True for _karras), dpm2(_karras) KDPM2DiscreteScheduler,
-# dpm2_a(_karras) KDPM2AncestralDiscreteScheduler, unipc(_karras) UniPCMultistepScheduler. dpmpp_2s_a(_karras) has
-# none: k-diffusion's sample_dpmpp_2s_ancestral on the Euler (Karras) schedule.
+# dpm2_a(_karras) KDPM2AncestralDiscreteScheduler, unipc(_karras) UniPCMultistepScheduler, dpmpp_2m_sde_heun(_karras)
+# DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_type="heun"). dpmpp_3m_sde(_karras) is
+# k-diffusion's sample_dpmpp_3m_sde on DPMSolverMultistep's (Karras) schedule: diffusers' solver_order=3 SDE step
+# is another method that does not converge (variant="diffusers", see sample_dpmpp_3m_sde). dpmpp_2s_a(_karras) and
+# dpmpp_sde(_karras) have none: k-diffusion's sample_dpmpp_2s_ancestral / sample_dpmpp_sde (Brownian noise from
+# plain Gaussian draws) on the Euler (Karras) schedule.
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("euler", sample_euler, False),
     SamplerSpec("euler_a", sample_euler_ancestral, True),
@@ -579,6 +743,12 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("dpmpp_2s_a_karras", sample_dpmpp_2s_ancestral, True),
     SamplerSpec("unipc", sample_unipc, False),
     SamplerSpec("unipc_karras", sample_unipc, False),
+    SamplerSpec("dpmpp_sde", sample_dpmpp_sde, True),
+    SamplerSpec("dpmpp_sde_karras", sample_dpmpp_sde, True),
+    SamplerSpec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde_heun, True),
+    SamplerSpec("dpmpp_2m_sde_heun_karras", sample_dpmpp_2m_sde_heun, True),
+    SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, True),
+    SamplerSpec("dpmpp_3m_sde_karras", sample_dpmpp_3m_sde, True),
 )}
 
 # The names A1111 writes in its infotext ("Sampler: Euler a").
@@ -591,7 +761,11 @@ A1111_NAMES: dict[str, str] = {"euler": "Euler", "heun": "Heun", "euler_a": "Eul
                                "lms": "LMS", "lms_karras": "LMS Karras", "dpm2": "DPM2", "dpm2_karras": "DPM2 Karras",
                                "dpm2_a": "DPM2 a", "dpm2_a_karras": "DPM2 a Karras",
                                "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_2s_a_karras": "DPM++ 2S a Karras",
-                               "unipc": "UniPC", "unipc_karras": "UniPC Karras"}
+                               "unipc": "UniPC", "unipc_karras": "UniPC Karras",
+                               "dpmpp_sde": "DPM++ SDE", "dpmpp_sde_karras": "DPM++ SDE Karras",
+                               "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+                               "dpmpp_2m_sde_heun_karras": "DPM++ 2M SDE Heun Karras",
+                               "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras"}
 
 # After normalisation (lower case, "++" -> "pp", runs of spaces/hyphens -> "_", leading "k_"/"sample_" dropped),
 # the A1111 names become canonical ("Euler a" -> euler_a, "DPM++ 2M Karras" -> dpmpp_2m_karras); a few more:
@@ -612,6 +786,10 @@ ALIASES: dict[str, str] = {
     "dpmpp_2s_a_ka": "dpmpp_2s_a_karras",
     "dpmpp_2s_ancestral": "dpmpp_2s_a",
     "dpmpp_2m_ka": "dpmpp_2m_karras",
+    "dpmpp_sde_ka": "dpmpp_sde_karras",
+    "dpmpp_2m_sde_ka": "dpmpp_2m_sde_karras",  # A1111 lists it for "DPM++ 2M SDE" too (a typo there)
+    "dpmpp_2m_sde_heun_ka": "dpmpp_2m_sde_heun_karras",
+    "dpmpp_3m_sde_ka": "dpmpp_3m_sde_karras",
 }
 
 

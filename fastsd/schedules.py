@@ -15,14 +15,16 @@ sigma) and the matching UNet timesteps diffusers' twin scheduler would use, buil
   euler, euler_a   Euler(Ancestral)Discrete      "linspace" float timesteps (fractional in general), sigma by
                                                   linear interpolation in t of the 1000 sigmas, final sigma 0
   dpmpp_2m, unipc  DPMSolverMultistep, UniPC     its own "linspace": linspace(0, 999, n+1).round()[::-1][:-1]
-                                                  (int), final sigma 0 (final_sigmas_type="zero")
-  dpmpp_2m_karras  DPMSolverMultistep(use_karras_sigmas=True), also unipc_karras: Karras sigmas between
-                                                  sigma[0] and sigma[999]; the UNet gets round(sigma_to_t(sigma))
-                                                  (an int timestep whose own sigma differs slightly from the
-                                                  Karras sigma the solver uses)
+                                                  (int), final sigma 0 (final_sigmas_type="zero"); also
+                                                  dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde
+  dpmpp_2m_karras  DPMSolverMultistep(use_karras_sigmas=True), also unipc_karras and the SDE ones' _karras:
+                                                  Karras sigmas between sigma[0] and sigma[999]; the UNet gets
+                                                  round(sigma_to_t(sigma)) (an int timestep whose own sigma
+                                                  differs slightly from the Karras sigma the solver uses)
   euler_karras, heun_karras, lms(_karras)          Euler/Heun/LMSDiscrete: Euler's "linspace" schedule, or with
                                                   use_karras_sigmas=True the same Karras sigmas, the UNet getting
-                                                  the fractional sigma_to_t(sigma) (not rounded)
+                                                  the fractional sigma_to_t(sigma) (not rounded); also
+                                                  dpmpp_2s_a(_karras) and dpmpp_sde(_karras) (no diffusers twin)
   dpm2(_karras), dpm2_a(_karras)                   KDPM2(Ancestral)Discrete: Euler's sigmas, Karras ones with
                                                   rounded timesteps; each step but the last also calls the UNet at
                                                   a midpoint sigma (`Schedule.mid_sigmas`, with its fractional
@@ -238,6 +240,12 @@ SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
     "dpmpp_2m_karras": ("dpm", True),
     "dpmpp_2m_sde": ("dpm", False),
     "dpmpp_2m_sde_karras": ("dpm", True),
+    "dpmpp_2m_sde_heun": ("dpm", False),  # DPMSolverMultistep(solver_type="heun")
+    "dpmpp_2m_sde_heun_karras": ("dpm", True),
+    "dpmpp_3m_sde": ("dpm", False),  # DPMSolverMultistep(solver_order=3)
+    "dpmpp_3m_sde_karras": ("dpm", True),
+    "dpmpp_sde": ("euler", False),  # no diffusers twin without torchsde: Euler's (Karras) schedule, as dpmpp_2s_a
+    "dpmpp_sde_karras": ("euler", True),
     "lcm": ("lcm", False),
 }
 

@@ -164,7 +164,11 @@ DIFFUSERS_SCHEDULERS = {
     "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
-}  # dpmpp_2s_a(_karras): no diffusers twin (tests/test_samplers.py holds it to k-diffusion's algorithm)
+    "dpmpp_2m_sde_heun": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
+    "dpmpp_2m_sde_heun_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                 "solver_type": "heun", "use_karras_sigmas": True}),
+}  # dpmpp_2s_a(_karras), dpmpp_sde(_karras), dpmpp_3m_sde(_karras): no diffusers twin (tests/test_samplers*.py hold
+#    them to k-diffusion's algorithms; diffusers' solver_order=3 SDE step is another method, sample_dpmpp_3m_sde)
 
 
 def diffusers_scheduler(sampler: str):

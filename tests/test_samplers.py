@@ -58,6 +58,17 @@ def _prototype_scheduler(name: str):
         "dpmpp_2s_a_karras": lambda: d.EulerDiscreteScheduler.from_config(SD15, use_karras_sigmas=True),
         "unipc": lambda: d.UniPCMultistepScheduler.from_config(SD15),
         "unipc_karras": lambda: d.UniPCMultistepScheduler.from_config(SD15, use_karras_sigmas=True),
+        "dpmpp_2m_sde_heun": lambda: d.DPMSolverMultistepScheduler.from_config(
+            SD15, algorithm_type="sde-dpmsolver++", solver_type="heun"),
+        "dpmpp_2m_sde_heun_karras": lambda: d.DPMSolverMultistepScheduler.from_config(
+            SD15, algorithm_type="sde-dpmsolver++", solver_type="heun", use_karras_sigmas=True),
+        "dpmpp_3m_sde": lambda: d.DPMSolverMultistepScheduler.from_config(
+            SD15, solver_order=3, algorithm_type="sde-dpmsolver++"),
+        "dpmpp_3m_sde_karras": lambda: d.DPMSolverMultistepScheduler.from_config(
+            SD15, solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+        # no diffusers twin (DPMSolverSDEScheduler needs torchsde): Euler's (Karras) schedule, as dpmpp_2s_a
+        "dpmpp_sde": lambda: d.EulerDiscreteScheduler.from_config(SD15),
+        "dpmpp_sde_karras": lambda: d.EulerDiscreteScheduler.from_config(SD15, use_karras_sigmas=True),
     }[name]()
 
 
@@ -184,7 +195,7 @@ def test_schedule_details():
     with pytest.raises(ValueError):
         schedule_for("ddpm", 1000)  # "leading" + steps_offset=1 would reach t=1000
     with pytest.raises(ValueError):
-        schedule_for("dpmpp_sde", 10)
+        schedule_for("dpm_fast", 10)
 
 
 @pytest.mark.parametrize("steps", [7, 10, 25, 50])
@@ -403,9 +414,9 @@ def test_a1111_names_resolve_to_their_sampler():
 
 def test_unknown_sampler_lists_valid_names():
     with pytest.raises(ValueError) as e:
-        get_sampler("DPM++ SDE Karras")
+        get_sampler("DPM++ 2M SDE Exponential")
     msg = str(e.value)
-    assert "DPM++ SDE Karras" in msg and all(n in msg for n in SAMPLERS)
+    assert "DPM++ 2M SDE Exponential" in msg and all(n in msg for n in SAMPLERS)
 
 
 def test_registry_schedules():
@@ -582,7 +593,8 @@ def test_lms_matches_k_diffusion_in_img2img(name, strength):
 # --------------------------------------------------------------------------------------------- CFG, fused
 
 NEW_SAMPLERS = ["euler_karras", "heun_karras", "lms", "lms_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras",
-                "dpmpp_2s_a", "dpmpp_2s_a_karras", "unipc", "unipc_karras"]
+                "dpmpp_2s_a", "dpmpp_2s_a_karras", "unipc", "unipc_karras", "dpmpp_sde", "dpmpp_sde_karras",
+                "dpmpp_2m_sde_heun", "dpmpp_3m_sde_karras"]
 
 
 @pytest.mark.parametrize("name", NEW_SAMPLERS)
@@ -609,7 +621,7 @@ def test_cfg_every_model_call_goes_through_cfg_step(name):
         outs[kind] = spec(model, x * sched.init_noise_sigma, sched.sigmas, disable=True, **opts)
         units[kind] = unet
         if kind == "fused":
-            n_calls = 2 * steps - 1 if name.startswith(("heun", "dpm2", "dpmpp_2s")) else steps
+            n_calls = 2 * steps - 1 if name.startswith(("heun", "dpm2", "dpmpp_2s", "dpmpp_sde")) else steps
             assert unet.batches == [4] * n_calls
             assert cfg_calls == [True] * n_calls  # one fused cfg_step per model call
             assert [t for t in unet.ts[::2 if n_calls > steps else 1]] == sched.timesteps.tolist()

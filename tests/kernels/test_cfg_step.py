@@ -181,7 +181,8 @@ def test_ops_cfg_step_routes_to_the_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["euler", "heun", "euler_a", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "lms", "dpm2_a",
-                                  "dpmpp_2s_a_karras", "unipc"])
+                                  "dpmpp_2s_a_karras", "unipc", "dpmpp_sde_karras", "dpmpp_2m_sde_heun",
+                                  "dpmpp_3m_sde"])
 def test_sampler_loops_triton_vs_torch(name, monkeypatch):
     """Whole sampler loops (6 steps) with a guided CFGDenoiser: the fused kernel on every step under triton,
     the same seeded noise stream (draw order unchanged), callbacks see the same denoised. The final latents are
@@ -206,8 +207,8 @@ def test_sampler_loops_triton_vs_torch(name, monkeypatch):
         out[be] = spec(model, x0, sched.sigmas, disable=True, callback=lambda d: seen[be].append(d["denoised"]),
                        **opts)
     assert torch.equal(gens["torch"].get_state(), gens["triton"].get_state())  # same number of draws
-    two_calls = name.startswith(("heun", "dpm2", "dpmpp_2s"))
-    assert len(calls) == (11 if two_calls else 6)  # Heun, DPM2, DPM++ 2S: two model calls a step, one on the last
+    two_calls = name.startswith(("heun", "dpm2", "dpmpp_2s", "dpmpp_sde"))
+    assert len(calls) == (11 if two_calls else 6)  # Heun, DPM2, DPM++ 2S, DPM++ SDE: two calls a step, one on the last
     g64 = torch.Generator().manual_seed(1)  # the same noise values, drawn in fp32 as the fp32 loops draw them
     opts = {"noise_sampler": lambda s, sn: torch.randn(x0.shape, generator=g64).double()} if spec.stochastic else {}
     model = CFGDenoiser(_FakeDenoiser(), cond.double(), uncond.double(), SCALE)
