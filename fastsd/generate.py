@@ -1,4 +1,5 @@
 """Command line: python -m fastsd.generate "a photo of a cat" --model PATH [options]
+          python -m fastsd.generate --infotext 00012-42.png --model PATH [options]   (A1111's "Send to txt2img")
 
 Writes PNGs whose "parameters" text chunk is A1111's infotext, so A1111's "PNG Info" reads them back:
 into a folder with A1111's numbered names (`00012-SEED.png`, never overwriting), or to one .png path.
@@ -35,16 +36,31 @@ def _settings_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
         meta = f.metadata
         flag = meta.get("flag") or "--" + name.replace("_", "-")
         typ = next(t for t in (int, float, str) if t in typing.get_args(hints[name]) or hints[name] is t)
-        if flag == "prompt":
-            p.add_argument("prompt", help=meta["help"])
+        if flag == "prompt":  # (optional with --infotext, which has one: _Parser asks for it otherwise)
+            p.add_argument("prompt", nargs="?", default=None, help=meta["help"])
         else:
             p.add_argument(flag, dest=name, type=typ, default=f.default, help=meta["help"])
 
 
+class _Parser(ArgumentParser):
+    """The prompt is required, unless --infotext gives one."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        if getattr(ns, "prompt", "") is None and getattr(ns, "infotext", None) is None:
+            self.error("the following arguments are required: prompt")
+        return ns, extra
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m fastsd.generate", formatter_class=HelpFormatter,
-                       description="Stable Diffusion 1.x text-to-image, image-to-image and inpainting.")
+    p = _Parser(prog="python -m fastsd.generate", formatter_class=HelpFormatter,
+                description="Stable Diffusion 1.x text-to-image, image-to-image and inpainting.")
     _settings_options(p)
+    p.add_argument("--infotext", metavar="SOURCE", default=None, help="A1111's 'PNG Info -> Send to txt2img': "
+                   "the generation options (prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, "
+                   "size, clip skip, variation seed, seed resize, hires fix) default to the infotext of SOURCE: a "
+                   "PNG/JPEG/WEBP written by fastsd or A1111, a .txt file holding the text, or - for stdin; options "
+                   "and a prompt given here win")
     p.add_argument("--model", help=f"LDM .safetensors/.ckpt, diffusers folder, repo id in the local HF cache, or "
                    f"random:sd15 / random:tiny (random weights); default ${MODEL_ENV}, else the only SD1.x model "
                    "in the local HF cache")
@@ -158,17 +174,19 @@ def check_extras(args: argparse.Namespace, out_file: str | None) -> str | None:
 
 
 def a1111_inpaint(args: argparse.Namespace, image, mask, size: tuple[int, int]):
-    """The image and mask the model gets, and the overlay, as A1111's inpainting (fastsd.masking.prepare)."""
+    """The image and mask the model gets, and the overlay, as A1111's inpainting (fastsd.masking.prepare); and
+    A1111's inpainting keys for the infotext."""
     from fastsd import masking
 
     blur = 4 if args.mask_blur is None else args.mask_blur
+    padding = 32 if args.inpaint_padding is None else args.inpaint_padding
     got = masking.prepare(image.convert("RGB"), masking.blur(masking.binary_mask(mask), blur, blur), size,
-                          only_masked=args.inpaint_area == "only-masked",
-                          padding=32 if args.inpaint_padding is None else args.inpaint_padding,
+                          only_masked=args.inpaint_area == "only-masked", padding=padding,
                           fill_content=args.masked_content not in (None, "original"))
     if got.note:
         warnings.warn(got.note, stacklevel=1)
-    return got
+    fill = ("fill", "original", "latent-noise", "latent-nothing").index(args.masked_content or "original")
+    return got, masking.infotext_params(got, blur_x=blur, blur_y=blur, invert=False, padding=padding, fill=fill)
 
 
 def preview_writer(path: str | None):
@@ -212,10 +230,43 @@ def lora_files(args: argparse.Namespace, prompt: str) -> list[tuple[str, float]]
     return found + [(lora_path(name, folder), weight) for name, weight in parse_prompt(prompt)[1]]
 
 
+def given_options(argv: list[str] | None) -> set[str]:
+    """The destinations of the options (and the prompt) given on the command line `argv`, default or not: the
+    arguments parsed again with every default suppressed."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return {k for k, v in vars(p.parse_args(argv)).items() if v != argparse.SUPPRESS}
+
+
+def apply_infotext(args: argparse.Namespace, given: set[str]) -> None:
+    """--infotext: the infotext's settings in `args` where the command line gave none (`given`); its warnings
+    printed (one line each). ValueError (one line) for a source that can't be read or a value that can't."""
+    from fastsd.infotext_settings import InfotextError, read_infotext, settings_from_infotext
+
+    text = read_infotext(args.infotext)
+    try:
+        kwargs, notes = settings_from_infotext(text, skip=given)
+    except InfotextError as e:
+        flags = [FIELDS[f].metadata.get("flag") or "--" + f.replace("_", "-") for f in e.fields]
+        hint = f" ({' / '.join(flags)} on the command line overrides it)" if flags else ""
+        raise ValueError(f"--infotext {args.infotext}: {e}{hint}") from None
+    for name, value in kwargs.items():
+        setattr(args, name, value)
+    for note in notes:
+        print(f"warning: --infotext: {note}", file=sys.stderr)
+    args.infotext_text = text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
     try:
+        if args.infotext is not None:
+            try:
+                apply_infotext(args, given_options(argv))
+            except ValueError as e:
+                return fail(str(e))
         return run(args)
     except KeyboardInterrupt:
         print("interrupted; nothing was written for unfinished images", file=sys.stderr)
@@ -253,6 +304,11 @@ def run(args: argparse.Namespace) -> int:
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=args.vae,
                              compile=args.compile)
         pipe.offload = args.offload
+        if getattr(args, "infotext_text", None) is not None:
+            from fastsd.infotext_settings import model_mismatch
+
+            if (note := model_mismatch(args.infotext_text, pipe.name, pipe.vae_name)) is not None:
+                print(f"warning: --infotext: {note}", file=sys.stderr)
         pipe.load_loras(loras, keep_originals=False)  # (a run of the CLI never unloads: no copy of the weights)
         pipe.check_can_encode(image, settings)
         if embeddings_dir is not None:
@@ -264,13 +320,14 @@ def run(args: argparse.Namespace) -> int:
         size = f"{s.width}x{s.height}" + (" -> {}x{} hires".format(*s.hires_target().size) if s.hires else "")
         print(run_summary(pipe, threads, f"{vae}, {size}, {s.steps} steps {s.sampler}, seed {s.seed}"),
               file=sys.stderr)
-        inpaint = a1111_inpaint(args, image, mask, (s.width, s.height)) if a1111 else None
-        if inpaint is not None:
+        inpaint, a1111_keys = a1111_inpaint(args, image, mask, (s.width, s.height)) if a1111 else (None, None)
+        if inpaint is not None:  # (A1111's way: its latent mask, its infotext keys)
             image, mask = inpaint.image, inpaint.mask
         images = pipe.generate(**s.kwargs(), image=image, mask=mask, progress=not args.no_progress,
                                tiled_vae=True if args.tiled_vae else None, on_step=preview_writer(args.preview),
                                preview_every=args.preview_every, allow_large=args.allow_large,
-                               masked_content=MASKED_CONTENT[args.masked_content or "original"])
+                               masked_content=MASKED_CONTENT[args.masked_content or "original"],
+                               latent_mask="bicubic" if inpaint is not None else "nearest", infotext_extra=a1111_keys)
         if inpaint is not None and inpaint.overlay is not None:
             images = [apply_overlay(im, inpaint.overlay, inpaint.paste_to) for im in images]
         for path in save(images, folder, file, args.overwrite, [s.seed + i for i in range(s.num_images)]):

@@ -187,6 +187,21 @@ class Inpaint:
     note: str | None = None
 
 
+MASKED_CONTENT_NAMES = {0: "fill", 1: None, 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
+
+
+def infotext_params(got: Inpaint, *, blur_x: float, blur_y: float, invert: bool, padding: int, fill: int) -> dict:
+    """A1111's inpainting keys of the infotext (its extra_generation_params, in its order) for what `prepare` did:
+    "Mask mode" when inverted, "Mask blur" (its mask_blur: None when x and y differ), "Inpaint area" and "Masked area
+    padding" when "only masked" ran, "Masked content" unless "original" (A1111 writes none of the last for the
+    whole-image fallback of a blank mask; None values are left out of the text)."""
+    return {"Mask mode": "Inpaint not masked" if invert else None,
+            "Mask blur": (blur_x if blur_x == blur_y else None) if blur_x > 0 or blur_y > 0 else None,
+            "Inpaint area": "Only masked" if got.paste_to is not None else None,
+            "Masked area padding": padding if got.paste_to is not None else None,
+            "Masked content": MASKED_CONTENT_NAMES[fill] if got.mask is not None else None}
+
+
 def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], *, only_masked: bool, padding: int,
             fill_content: bool, resize_mode: int = 0) -> Inpaint:
     """A1111's img2img init for an RGB init image and its blurred mask. only_masked

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -26,13 +27,18 @@ from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
-from fastsd.samplers import A1111_NAMES, get_sampler
+from fastsd.samplers import A1111_NAMES, SAMPLERS, get_sampler
+from fastsd.schedule_types import AUTOMATIC, resolve_schedule_type, schedule_label, typed_schedule
 from fastsd.schedules import Schedule, alphas_cumprod
 from fastsd.settings import GenerationSettings
 from fastsd.tiling import tiled
 
 TILE_ABOVE = 1024  # pixels on a side above which the VAE runs tiled (automatic)
 MASKED_CONTENT = ("original", "latent noise", "latent nothing")  # prepare_latents' masked_content
+# prepare_latents' latent_mask: how the mask comes to latent size. "nearest": the thresholded mask sampled
+# (diffusers' interpolate); "bicubic": the mask (as given: blurred, grey levels) shrunk by PIL's bicubic then
+# rounded (A1111's latmask with mask_round); "bicubic-soft": not rounded (A1111 with mask_round off).
+LATENT_MASKS = ("nearest", "bicubic", "bicubic-soft")
 OnStep = Callable[[int, int, Image.Image], None]
 
 
@@ -239,8 +245,11 @@ class Pipeline:
             self._vae_hash = file_hash(self._vae_file)
         return self._vae_hash
 
-    def infotext(self, s: GenerationSettings, seed: int, img2img: bool = False) -> str:
-        params = {"Steps": s.steps, "Sampler": A1111_NAMES[get_sampler(s.sampler).name], "CFG scale": s.guidance_scale,
+    def infotext(self, s: GenerationSettings, seed: int, img2img: bool = False, extra: dict | None = None) -> str:
+        """A1111's infotext of an image made with `s` and `seed`; `extra` (A1111's extra_generation_params, e.g.
+        its inpainting keys) after the settings' keys, before the LoRA and embedding hashes (None values left out)."""
+        params = {"Steps": s.steps, "Sampler": A1111_NAMES[get_sampler(s.sampler).name],
+                  "Schedule type": schedule_label(s.schedule_type), "CFG scale": s.guidance_scale,
                   "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(), "Model": self.name,
                   "VAE hash": self.vae_hash(), "VAE": self.vae_name,
                   "Variation seed": s.subseed + seed - s.seed if s.subseed_strength else None,
@@ -256,6 +265,7 @@ class Pipeline:
                            "Hires upscale": None if resize else f"{s.hires_scale:g}",
                            "Hires resize": f"{s.hires_width}x{s.hires_height}" if resize else None,
                            "Hires steps": s.hires_steps or None, "Hires upscaler": hires.resolve_upscaler(s.hires_upscaler)})
+        params.update(extra or {})
         prompt, params["Lora hashes"] = self._loras.infotext(s.prompt)
         if self.embeddings is not None:  # A1111's "TI hashes": name: sha256[:12] of each embedding the prompts use
             params["TI hashes"] = self.embeddings.infotext([s.prompt, s.negative_prompt])
@@ -279,6 +289,16 @@ class Pipeline:
 
     # ---- stage 2: latents -------------------------------------------------------------------------------
 
+    def schedule(self, sampler: str, steps: int, schedule_type: str = "automatic") -> Schedule:
+        """The noise levels `sampler` walks in `steps` steps: its own (its diffusers twin's) for "automatic", else
+        A1111's schedule type (`fastsd.schedule_types`); "karras" for a sampler with a `_karras` twin is the twin's
+        schedule (as the server and --infotext read "DPM++ 2M" + "Karras": one image for one infotext)."""
+        kind = resolve_schedule_type(schedule_type)
+        twin = f"{get_sampler(sampler).name}_karras"
+        if kind == AUTOMATIC or (kind == "karras" and twin in SAMPLERS):
+            return get_sampler(twin if kind == "karras" else sampler).schedule(steps, self.config.scheduler)
+        return typed_schedule(kind, steps, self.config.scheduler)
+
     def latent_shape(self, s: GenerationSettings) -> tuple[int, int, int, int]:
         f = self.config.vae.downscale
         return (s.num_images, self.config.unet.out_channels, s.height // f, s.width // f)
@@ -286,16 +306,18 @@ class Pipeline:
     @torch.no_grad()
     def prepare_latents(self, s: GenerationSettings, seeds: list[int], *, image: Image.Image | None = None,
                         mask: Image.Image | None = None, latents: torch.Tensor | None = None,
-                        tiled_vae: bool | None = None, masked_content: str = "original") -> Prepared:
+                        tiled_vae: bool | None = None, masked_content: str = "original",
+                        latent_mask: str = "nearest") -> Prepared:
         """The start of the loop for settings `s` (width/height resolved): the schedule, each image's seeded
         generator, the start noise (or `latents`), and for img2img/inpainting the image latents and mask.
         diffusers' draw order: the VAE posterior noise first, then the start noise. `masked_content` (A1111's
         "Masked content" in latent space): "latent noise" puts each seed's first normal draw (A1111's
-        create_random_tensors) in the image latents under the mask, "latent nothing" zeros; "original" keeps them."""
-        _check_masked_content(masked_content)
+        create_random_tensors) in the image latents under the mask, "latent nothing" zeros; "original" keeps them.
+        `latent_mask`: one of LATENT_MASKS (diffusers' "nearest" or A1111's "bicubic")."""
+        _check_masked_content(masked_content, latent_mask)
         shape = self.latent_shape(s)
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-        sched = get_sampler(s.sampler).schedule(s.steps, self.config.scheduler)
+        sched = self.schedule(s.sampler, s.steps, s.schedule_type)
         init, mask_t = self._image_tensors(s, image, mask)
         inpaint_model = self.config.unet.in_channels == 9
         x0 = None
@@ -307,7 +329,7 @@ class Pipeline:
             noise = latents.float().to(self.device)
         else:
             noise = self._start_noise(s, seeds, gens, shape)
-        lat_mask = None if mask_t is None else torch.nn.functional.interpolate(mask_t, size=shape[2:]).to(self.device)
+        lat_mask = None if mask_t is None else self._latent_mask(mask, mask_t, shape[2:], latent_mask)
         if x0 is not None and lat_mask is not None and masked_content != "original":
             fill = first_draws(seeds, shape[1:], self.device) if masked_content == "latent noise" \
                 else torch.zeros_like(x0)
@@ -323,7 +345,7 @@ class Pipeline:
         p = Prepared(x, sched, gens, x0=x0)
         p.mask = lat_mask  # (1, 1, h, w) or None
         if inpaint_model:
-            p.extra["c_concat"] = self._inpaint_concat(s, init, mask_t, p.mask, tiled_vae)
+            p.extra["c_concat"] = self._inpaint_concat(s, init, mask_t, tiled_vae)
         return p
 
     def _start_noise(self, s: GenerationSettings, seeds: list[int], gens: list[torch.Generator], shape
@@ -355,13 +377,25 @@ class Pipeline:
             mask_t = mask_to_tensor(mask.resize(size, Image.NEAREST) if mask.size != size else mask)
         return init, mask_t
 
-    def _inpaint_concat(self, s, init, mask_t, mask_lat, tiled_vae) -> torch.Tensor:
-        """9-channel UNet: [mask, masked-image latents] beside x; no mask = repaint everything."""
+    def _latent_mask(self, mask: Image.Image, mask_t: torch.Tensor, size: tuple[int, int], how: str) -> torch.Tensor:
+        """(1, 1, h, w) mask at latent size (see LATENT_MASKS)."""
+        if how == "nearest":
+            return torch.nn.functional.interpolate(mask_t, size=size).to(self.device)
+        grey = mask.convert("L")
+        if grey.size != mask_t.shape[:1:-1]:  # (as _image_tensors: to the generation size first)
+            grey = grey.resize(mask_t.shape[:1:-1], Image.NEAREST)
+        a = np.asarray(grey.resize(size[::-1], Image.BICUBIC), dtype=np.float32) / 255.0
+        return torch.from_numpy(np.around(a) if how == "bicubic" else a)[None, None].to(self.device)
+
+    def _inpaint_concat(self, s, init, mask_t, tiled_vae) -> torch.Tensor:
+        """9-channel UNet: [mask, masked-image latents] beside x; no mask = repaint everything. The mask channel is
+        the thresholded mask sampled to latent size, whatever `latent_mask` (diffusers' and A1111's both)."""
         m = mask_t if mask_t is not None else torch.ones(1, 1, s.height, s.width)
         masked = (init if init is not None else torch.zeros(1, 3, s.height, s.width)) * (m < 0.5)
         masked_lat = self.encode_images(masked, None, tiled_vae)
         shape = self.latent_shape(s)
-        m_lat = mask_lat if mask_lat is not None else torch.ones(1, 1, *shape[2:], device=self.device)
+        m_lat = torch.ones(1, 1, *shape[2:]) if mask_t is None else torch.nn.functional.interpolate(mask_t, shape[2:])
+        m_lat = m_lat.to(self.device)
         return torch.cat([m_lat, masked_lat], 1).expand(s.num_images, -1, -1, -1)
 
     # ---- stage 3: the sampling loop ---------------------------------------------------------------------
@@ -452,13 +486,13 @@ class Pipeline:
         n, run = hires.second_pass_steps(s.hires_steps or s.steps, s.hires_strength)
         s2 = s.replace(width=x.shape[3] * self.config.vae.downscale, height=x.shape[2] * self.config.vae.downscale,
                        steps=n, sampler=s.hires_sampler or s.sampler)
-        sched = get_sampler(s2.sampler).schedule(n, self.config.scheduler)
+        sched = self.schedule(s2.sampler, n, s.schedule_type)
         sched = sched.tail(len(sched) - run * sched.order)
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
         noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
         p = Prepared(x + noise * float(sched.sigmas[0]), sched, gens, x0=x)
         if self.config.unet.in_channels == 9:  # an inpainting model repaints everything (txt2img's conditioning)
-            p.extra["c_concat"] = self._inpaint_concat(s2, None, None, None, tiled_vae)
+            p.extra["c_concat"] = self._inpaint_concat(s2, None, None, tiled_vae)
         return self.denoise(p, cond, uncond, s2, on_step=on_step, progress=progress, preview_every=preview_every)
 
     # ---- stage 4: images --------------------------------------------------------------------------------
@@ -531,9 +565,10 @@ class Pipeline:
                  subseed: int | None = None, subseed_strength: float = 0.0, hires_scale: float = 1.0,
                  hires_width: int = 0, hires_height: int = 0, hires_steps: int = 0, hires_strength: float = 0.7,
                  hires_upscaler: str = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
-                 hires_sampler: str | None = None,
+                 hires_sampler: str | None = None, schedule_type: str = "automatic",
                  image: Image.Image | None = None, mask: Image.Image | None = None,
-                 latents: torch.Tensor | None = None, masked_content: str = "original", progress: bool = True,
+                 latents: torch.Tensor | None = None, masked_content: str = "original",
+                 latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
                  tiled_vae: bool | None = None,
                  on_step: OnStep | None = None, preview_every: int = 1, on_interrupt: str = "raise",
                  allow_large: bool = False) -> list[Image.Image]:
@@ -541,10 +576,11 @@ class Pipeline:
 
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
         any image can be made again alone; the hires_* keywords run A1111's hires fix (`hires_pass`) after
-        txt2img, the infotext keeping the first pass's size as A1111's; `masked_content` (inpainting) as
-        `prepare_latents`'; with `subseed_strength` > 0 its start noise is moved toward the noise of
+        txt2img, the infotext keeping the first pass's size as A1111's; `masked_content` and `latent_mask` (inpainting)
+        as `prepare_latents`'; `infotext_extra` goes into each image's infotext (`infotext`); with `subseed_strength` > 0 its start noise is moved toward the noise of
         `subseed` + i (A1111's variation seed); `seed_resize_from_w` and `_h` (both > 0) draw it as at that size,
-        centred in the real size's (A1111's seed resize, `_start_noise`). `latents` are unit-variance start noise
+        centred in the real size's (A1111's seed resize, `_start_noise`); `schedule_type` other than "automatic"
+        walks A1111's noise levels of that name (`schedule`), in both hires passes. `latents` are unit-variance start noise
         (num_images, 4, H/8, W/8), scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
         int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
         each step; `preview` is an image every `preview_every` steps and at the last, else None. An `Interrupted`
@@ -554,7 +590,7 @@ class Pipeline:
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
-                               seed_resize_from_h, hires_sampler)
+                               seed_resize_from_h, hires_sampler, schedule_type)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")
@@ -562,7 +598,7 @@ class Pipeline:
             raise ValueError("seed_resize_from_w/h resize the seeded start noise; they can't resize given latents")
         if on_interrupt not in ("raise", "decode"):
             raise ValueError(f'on_interrupt must be "raise" or "decode", not {on_interrupt!r}')
-        _check_masked_content(masked_content)
+        _check_masked_content(masked_content, latent_mask)
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
         self._loras.check_prompt(s.prompt)
         self.check_can_encode(image, s)
@@ -573,7 +609,7 @@ class Pipeline:
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae,
-                                 masked_content=masked_content)
+                                 masked_content=masked_content, latent_mask=latent_mask)
         first = len(p.schedule)
         second = hires.second_pass_steps(s.hires_steps or s.steps, s.hires_strength)[1] \
             if s.hires and s.hires_strength > 0 else 0
@@ -596,11 +632,13 @@ class Pipeline:
             x = stop.latents
         images = tensor_to_pil(self.decode(x, tiled_vae))
         for im, seed in zip(images, seeds):  # as A1111: each image carries its own infotext (seed + i)
-            im.info["parameters"] = self.infotext(s, seed, img2img=image is not None)
+            im.info["parameters"] = self.infotext(s, seed, img2img=image is not None, extra=infotext_extra)
         return images
 
 
-def _check_masked_content(masked_content: str) -> None:
+def _check_masked_content(masked_content: str, latent_mask: str = "nearest") -> None:
+    if latent_mask not in LATENT_MASKS:
+        raise ValueError(f"latent_mask must be one of {', '.join(map(repr, LATENT_MASKS))}, got {latent_mask!r}")
     if masked_content not in MASKED_CONTENT:
         raise ValueError(f"masked_content must be one of {', '.join(map(repr, MASKED_CONTENT))}, got "
                          f"{masked_content!r}")

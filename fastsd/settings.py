@@ -71,6 +71,10 @@ class GenerationSettings:
                                                              "--seed-resize-from-w); 0 = off"))
     hires_sampler: str | None = field(default=None, metadata=_opt("hires fix: the second pass's sampler (A1111's "
                                                                   "'Hires sampler'); default: --sampler"))
+    schedule_type: str = field(default="automatic", metadata=_opt(
+        "A1111's 'Schedule type' for the sampler's noise levels: automatic (the sampler's own), uniform, karras, "
+        "exponential, polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, beta (not "
+        "for ddim/ddpm)"))
 
     @property
     def hires(self) -> bool:
@@ -99,6 +103,10 @@ class GenerationSettings:
         _check_float(self.strength, "strength")
         if not isinstance(self.sampler, str):
             raise TypeError(f"sampler must be a string, got {type(self.sampler).__name__}")
+        _check_str(self.schedule_type, "schedule_type")
+        from fastsd import schedule_types  # (imports torch: not at the top, so --help answers without it)
+
+        schedule_types.resolve_schedule_type(self.schedule_type)
         limit = 1 << 20 if allow_large else MAX_SIDE
         for name in ("width", "height"):
             v = getattr(self, name)
@@ -130,7 +138,8 @@ class GenerationSettings:
                                  f"{self.num_images} images")
         from fastsd.samplers import get_sampler
 
-        get_sampler(self.sampler)  # raises, listing the valid names
+        # raise, listing the valid names
+        schedule_types.check_sampler(self.schedule_type, get_sampler(self.sampler).name)
 
     @property
     def seed_resize(self) -> bool:
@@ -169,9 +178,10 @@ class GenerationSettings:
             if not isinstance(self.hires_sampler, str):
                 raise TypeError(f"hires_sampler must be a string, got {type(self.hires_sampler).__name__}")
             from fastsd.samplers import get_sampler
+            from fastsd.schedule_types import check_sampler
 
             try:
-                get_sampler(self.hires_sampler)
+                check_sampler(self.schedule_type, get_sampler(self.hires_sampler).name)
             except ValueError as e:
                 raise ValueError(f"hires_sampler: {e}") from None
         if not self.hires:

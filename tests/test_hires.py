@@ -207,8 +207,13 @@ def test_server_enable_hr():
         r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "hr_scheduler": "Exponential",
                                                "hr_scale": 0, "hr_resize_x": 128})  # (hr_scale: ignored, as A1111)
         assert r.status_code == 200 and decode(r.json()["images"][0]).size == (128, 96)
-        assert info(r)["warnings"] == ["hr_scheduler 'Exponential': not supported with Euler; the second pass runs "
-                                       "that sampler's own schedule"]
+        assert info(r)["warnings"] == ["hr_scheduler: the second pass's schedule (Exponential) apart from the first "
+                                       "pass's is not supported; it runs the first pass's (Automatic)"]
+        r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "scheduler": "Exponential",
+                                               "hr_scheduler": "Exponential"})
+        assert r.status_code == 200 and info(r)["warnings"] == [], r.text
+        params = parse_infotext(info(r)["infotexts"][0])[2]
+        assert params["Schedule type"] == "Exponential" and "Hires schedule type" not in params
         karras = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras"}))
         assert parse_infotext(karras["infotexts"][0])[2]["Hires sampler"] == "DPM++ 2M Karras" and not karras["warnings"]
         bad = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": "Nope"})

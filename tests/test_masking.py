@@ -87,6 +87,50 @@ def test_server_inpainting_as_a1111():
         assert (out[:8, :8] == [200, 30, 30]).all()
 
 
+def test_server_mask_round_reaches_the_latent_mask():
+    """The server asks for A1111's latent mask: rounded, or with mask_round false its grey levels (an L mask's
+    blurred edge is not thresholded then, so the image changes; before latent_mask it could not)."""
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (20, 20, 44, 44))
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3, "init_images": [png_b64(init)],
+            "mask": png_b64(mask), "inpaint_full_res": False, "mask_blur": 8}
+    with main_server().client() as c:
+        rounded, soft = (np.asarray(decode(c.post("/sdapi/v1/img2img", json={**body, **extra}).json()["images"][0]))
+                         for extra in ({}, {"mask_round": False}))
+    assert np.abs(rounded.astype(int) - soft).max() > 0
+
+
+def test_server_infotext_has_a1111s_inpainting_keys():
+    """As A1111's img2img init writes them (extra_generation_params): after Denoising strength, in its order."""
+    from fastsd.image import parse_infotext
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (20, 20, 44, 44))
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3, "init_images": [png_b64(init)],
+            "mask": png_b64(mask)}
+    cases = [({}, {"Mask blur": "4", "Inpaint area": "Only masked", "Masked area padding": "0",
+                   "Masked content": "fill"}),
+             ({"inpaint_full_res": False, "inpainting_fill": 1, "mask_blur": 0}, {}),
+             ({"inpainting_mask_invert": 1, "inpaint_full_res_padding": 8, "inpainting_fill": 2},
+              {"Mask mode": "Inpaint not masked", "Mask blur": "4", "Inpaint area": "Only masked",
+               "Masked area padding": "8", "Masked content": "latent noise"}),
+             ({"inpaint_full_res": False, "mask_blur_x": 4, "mask_blur_y": 2, "inpainting_fill": 3},
+              {"Masked content": "latent nothing"})]  # (A1111's mask_blur is None when x and y differ)
+    keys = ("Mask mode", "Mask blur", "Inpaint area", "Masked area padding", "Masked content")
+    with main_server().client() as c:
+        for extra, want in cases:
+            r = c.post("/sdapi/v1/img2img", json={**body, **extra})
+            assert r.status_code == 200, r.text
+            params = parse_infotext(info(r)["infotexts"][0])[2]
+            assert {k: v for k, v in params.items() if k in keys} == want, extra
+            names = list(params)
+            assert names[names.index("Denoising strength") + 1:][:len(want)] == list(want)  # A1111's order
+        plain = parse_infotext(info(c.post("/sdapi/v1/img2img", json={**body, "mask": None}))["infotexts"][0])[2]
+        assert not set(keys) & set(plain)
+
+
 # ---- "only masked" (inpaint_full_res) and "fill" (inpainting_fill 0), against transcriptions of A1111's code ----
 
 def a1111_get_crop_region_v2(mask: Image.Image, pad: int = 0):
@@ -395,7 +439,7 @@ def test_server_only_masked_is_a1111s_composition_of_the_model_output(fill):
     try:
         got = load_pipeline("random:tiny", device="cpu").generate(
             "a cat", steps=2, guidance_scale=7.0, sampler="euler", seed=3, width=64, height=48, strength=0.6,
-            image=image, mask=image_mask.convert("L"), progress=False)[0]
+            image=image, mask=image_mask.convert("L"), latent_mask="bicubic", progress=False)[0]  # (A1111's latmask)
     finally:
         torch.set_num_threads(threads)
     _, _, want, _ = a1111_only_masked(init, blurred, 64, 48, 6, fill, got)
@@ -432,6 +476,35 @@ def test_masked_content_replaces_the_masked_latents(content, monkeypatch):
     assert one.size == (64, 64)
 
 
+@pytest.mark.parametrize("how", ["bicubic", "bicubic-soft"])
+def test_latent_mask_is_a1111s_latmask(how):
+    """latent_mask="bicubic" (the server's, A1111's way): the blurred mask shrunk to latent size as A1111's
+    processing.py does (PIL's default resize of the RGB mask, / 255, np.around with mask_round; not rounded
+    without), where diffusers' "nearest" samples the thresholded mask; the 9-channel concat keeps the latter."""
+    import torch
+
+    import fastsd
+    from fastsd.settings import GenerationSettings
+
+    pipe = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    blurred = masking.blur(blob_mask((64, 48), [(13, 9, 37, 30)]), 4, 4)
+    s = pipe.resolve(GenerationSettings("a cat", steps=4, seed=5, strength=0.5), image)
+    got = pipe.prepare_latents(s, [5], image=image, mask=blurred, latent_mask=how)
+    latmask = np.moveaxis(np.array(blurred.convert("RGB").resize((8, 6)), dtype=np.float32), 2, 0) / 255  # A1111's
+    latmask = np.around(latmask[0]) if how == "bicubic" else latmask[0]
+    assert np.array_equal(got.mask[0, 0].numpy(), latmask)
+    assert (how == "bicubic") != ((latmask > 0) & (latmask < 1)).any()  # grey levels kept only without rounding
+    nearest = pipe.prepare_latents(s, [5], image=image, mask=blurred)
+    assert not torch.equal(nearest.mask, got.mask)  # the box's edges land elsewhere
+    with pytest.raises(ValueError, match="latent_mask must be one of 'nearest', 'bicubic', 'bicubic-soft'"):
+        pipe.generate("a cat", image=image, mask=blurred, latent_mask="bilinear", steps=1)
+    inpaint = fastsd.load_pipeline("random:tiny-inpainting", device="cpu", dtype="fp32", backend="torch")
+    a = inpaint.prepare_latents(s, [5], image=image, mask=blurred, latent_mask=how).extra["c_concat"]
+    b = inpaint.prepare_latents(s, [5], image=image, mask=blurred).extra["c_concat"]
+    assert torch.equal(a, b)  # A1111's 9-channel conditioning samples the rounded mask (nearest), as diffusers
+
+
 def test_cli_a1111_inpainting(tmp_path, capsys):
     """The CLI's A1111 inpainting options: the same masking as the server (blur, only masked, fill, overlay)."""
     from fastsd.generate import main
@@ -457,6 +530,13 @@ def test_cli_a1111_inpainting(tmp_path, capsys):
         assert (outs[name][kept] == init_a[kept]).all(), name
     assert np.abs(outs["diffusers"][kept] - init_a[kept]).max() > 20  # diffusers' way: the VAE's copy everywhere
     assert np.abs(outs["noise"] - outs["blur"]).max() > 10
+    from fastsd.image import parse_infotext
+    keys = ("Mask blur", "Inpaint area", "Masked area padding", "Masked content")
+    got = {name: {k: v for k, v in parse_infotext(Image.open(tmp_path / f"{name}.png").info["parameters"])[2].items()
+                  if k in keys} for name in outs}
+    assert got == {"diffusers": {}, "blur": {"Mask blur": "4"},  # (A1111's keys only where its way ran)
+                   "only": {"Mask blur": "4", "Inpaint area": "Only masked", "Masked area padding": "32"},
+                   "noise": {"Mask blur": "4", "Masked content": "latent noise"}}
     assert main(["a cat", "--model", "random:tiny", "--masked-content", "fill", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: --masked-content: A1111's inpainting options need --mask (and --init-image)"

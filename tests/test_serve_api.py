@@ -34,6 +34,12 @@ def test_lists_in_a1111_shapes(client):
     names = [s["name"] for s in samplers]
     assert {"Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras"} <= set(names)
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    assert [s["label"] for s in schedulers] == ["Automatic", "Uniform", "Karras", "Exponential", "Polyexponential",
+                                                "SGM Uniform", "KL Optimal", "Align Your Steps", "Simple", "Normal",
+                                                "DDIM", "Beta"]  # A1111 1.10's list, in its order
+    assert all(set(s) == {"name", "label", "aliases", "default_rho", "need_inner_model"} for s in schedulers)
+    assert schedulers[2]["default_rho"] == 7.0 and schedulers[5]["aliases"] == ["SGMUniform"]
     models = client.get("/sdapi/v1/sd-models").json()
     assert [m["model_name"] for m in models] == ["random:tiny", "random:tiny-inpainting"]
     assert set(models[0]) == {"title", "model_name", "hash", "sha256", "filename", "config"}

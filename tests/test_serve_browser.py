@@ -39,7 +39,9 @@ def test_page_generates_an_image_with_progress(page, tmp_path):
     assert page.locator("#lora option").all_inner_texts() == ["(none)", "detail", "style"]
     page.fill("#prompt", "a red fox in the snow")
     page.fill("#negative", "blurry")
-    page.select_option("#sampler", "DPM++ 2M Karras")
+    page.select_option("#sampler", "DPM++ 2M")
+    assert page.locator("#scheduler option").all_inner_texts()[:3] == ["Automatic", "Uniform", "Karras"]
+    page.select_option("#scheduler", "Align Your Steps")
     # long enough for the page's 4 polls a second to see the bar move on a fast CPU
     for field, value in (("#steps", "24"), ("#seed", "1234"), ("#width", "128"), ("#height", "128")):
         page.fill(field, value)
@@ -53,8 +55,8 @@ def test_page_generates_an_image_with_progress(page, tmp_path):
     assert page.eval_on_selector("#progress", "e => e.value") == 1
     text = page.inner_text("#gallery .infotext")
     prompt, negative, params = parse_infotext(text)
-    assert (prompt, negative, params["Seed"], params["Sampler"]) == ("a red fox in the snow", "blurry", "1234",
-                                                                      "DPM++ 2M Karras")
+    assert (prompt, negative, params["Seed"], params["Sampler"], params["Schedule type"]) == (
+        "a red fox in the snow", "blurry", "1234", "DPM++ 2M", "Align Your Steps")
     link = page.locator("#gallery a[download]")
     assert link.get_attribute("download") == "00000-1234.png"
     assert link.get_attribute("href").startswith("data:image/png;base64,")

@@ -472,8 +472,16 @@ def test_img2img_takes_a_jpeg_and_refuses_a_tiff(server):
     ("DPM2 a", "Karras", "dpm2_a_karras", False), ("DPM++ 2S a", "Karras", "dpmpp_2s_a_karras", False),
     ("DPM2 a Karras", "automatic", "dpm2_a_karras", False), ("UniPC", "Karras", "unipc_karras", False),
     ("DPM2 Karras", "Karras", "dpm2_karras", False),
-    ("Euler", "Exponential", "euler", True),
-    ("Euler a", "Karras", "euler_a", True), ("DDIM", "Karras", "ddim", True),
+    # other schedule types (and Karras where fastsd has no Karras twin) run as GenerationSettings.schedule_type
+    ("Euler", "Exponential", ("euler", "exponential"), False), ("Euler a", "Karras", ("euler_a", "karras"), False),
+    ("DPM++ 2M", "Align Your Steps", ("dpmpp_2m", "align_your_steps"), False),
+    ("LCM", "SGMUniform", ("lcm", "sgm_uniform"), False), ("DPM++ 2M", "Uniform", ("dpmpp_2m", "uniform"), False),
+    # A1111 1.9+'s Automatic: the sampler's default schedule
+    ("DPM++ 2M", "", "dpmpp_2m_karras", False), ("DPM++ 2S a", "Automatic", "dpmpp_2s_a_karras", False),
+    ("DPM++ 2M SDE", None, ("dpmpp_2m_sde", "exponential"), False), ("Euler a", None, "euler_a", False),
+    # a joint name's schedule wins, as A1111's get_sampler_and_scheduler
+    ("DPM++ 2M Karras", "Align Your Steps", "dpmpp_2m_karras", True),
+    ("DDIM", "Karras", "ddim", True), ("Euler", "Karras Exponential", "euler", True),
 ])
 def test_a1111_sampler_and_scheduler_fields(name, scheduler, want, warned):
     """A1111 1.9+ sends the schedule apart ("DPM++ 2M SDE" + "Karras"); older clients send the joint name."""
@@ -482,5 +490,6 @@ def test_a1111_sampler_and_scheduler_fields(name, scheduler, want, warned):
     from fastsd.serve.generation import _sampler
 
     warnings = []
+    want = want if isinstance(want, tuple) else (want, "automatic")
     assert _sampler(SimpleNamespace(sampler_name=name, sampler_index=None, scheduler=scheduler), warnings) == want
     assert bool(warnings) == warned

@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         defaults = Defaults(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                             sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,
-                            clip_skip=args.clip_skip, loras=parse_loras(args.lora))
+                            clip_skip=args.clip_skip, schedule_type=args.schedule_type, loras=parse_loras(args.lora))
         model = args.model or default_model()
     except (ValueError, TypeError) as e:
         return fail(str(e))

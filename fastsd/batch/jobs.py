@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from fastsd.schedule_types import AUTOMATIC, resolve_schedule_type
 from fastsd.settings import GenerationSettings
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
@@ -30,8 +31,9 @@ DEFAULT_SIDE = 512  # as Pipeline.resolve
 # job field -> (settings field or "loras"/"id"/"size", type); A1111's API names are accepted as aliases
 FIELDS = {"id": "id", "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
           "cfg": "guidance_scale", "sampler": "sampler", "width": "width", "height": "height", "size": "size",
-          "clip_skip": "clip_skip", "loras": "loras"}
-ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": "cfg", "sampler_name": "sampler"}
+          "clip_skip": "clip_skip", "loras": "loras", "scheduler": "schedule_type"}
+ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": "cfg", "sampler_name": "sampler",
+           "schedule_type": "scheduler"}
 INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip")
 # Settings a job can't have (neither a field nor an option): variation seeds and seed resize would need one per image
 # of a batch, and the hires fix a second batched pass.
@@ -51,13 +53,14 @@ class Defaults:
     width: int | None = None
     height: int | None = None
     clip_skip: int = 1
+    schedule_type: str = "automatic"
     loras: tuple[tuple[str, float], ...] = ()
 
     def validate(self, allow_large: bool = False) -> None:
         """ValueError / TypeError naming the option, as GenerationSettings.validate."""
         GenerationSettings(negative_prompt=self.negative_prompt, steps=self.steps, guidance_scale=self.guidance_scale,
                            sampler=self.sampler, seed=self.seed, width=self.width, height=self.height,
-                           clip_skip=self.clip_skip).validate(allow_large=allow_large)
+                           clip_skip=self.clip_skip, schedule_type=self.schedule_type).validate(allow_large=allow_large)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ class Job:
         s = self.settings
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed, "steps": s.steps,
                 "cfg": s.guidance_scale, "sampler": s.sampler, "width": s.width, "height": s.height,
-                "clip_skip": s.clip_skip, "loras": [f"{n}:{weight_text(w)}" for n, w in self.loras]}
+                "clip_skip": s.clip_skip, "loras": [f"{n}:{weight_text(w)}" for n, w in self.loras],
+                # (only when set: a job's id digests these, and ids of jobs without it stay as they were)
+                **({"scheduler": s.schedule_type} if s.schedule_type != AUTOMATIC else {})}
 
 
 @dataclass(frozen=True)
@@ -228,9 +233,10 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
         sampler=rec.get("sampler", defaults.sampler), seed=rec.get("seed"),
         width=_first(rec.get("width"), defaults.width, DEFAULT_SIDE),
         height=_first(rec.get("height"), defaults.height, DEFAULT_SIDE), num_images=1,
-        clip_skip=rec.get("clip_skip", defaults.clip_skip))
+        clip_skip=rec.get("clip_skip", defaults.clip_skip),
+        schedule_type=rec.get("scheduler", defaults.schedule_type))
     s.validate(allow_large=allow_large)
-    s = s.replace(sampler=resolve_sampler_name(s.sampler))
+    s = s.replace(sampler=resolve_sampler_name(s.sampler), schedule_type=resolve_schedule_type(s.schedule_type))
     content = json.dumps({**Job("", line, s, loras).manifest_settings(), "line": line}, sort_keys=True)
     digest = hashlib.sha256(content.encode()).hexdigest()
     if s.seed is None:
@@ -362,10 +368,10 @@ def text_prompts(job: "Job") -> tuple[str, str]:
 # ---- batching ----------------------------------------------------------------------------------------
 
 def batch_key(job: Job, chunks: int) -> tuple:
-    """Jobs with equal keys can share one UNet call: same size, steps, sampler, guidance, clip skip, LoRAs,
+    """Jobs with equal keys can share one UNet call: same size, steps, sampler and schedule, guidance, clip skip, LoRAs,
     and the same number of 75-token prompt chunks (encode_prompt pads a batch to its longest prompt)."""
     s = job.settings
-    return (s.width, s.height, s.steps, s.sampler, s.guidance_scale, s.clip_skip, chunks, job.loras)
+    return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras)
 
 
 def prompt_chunks(job: Job, tokenizer) -> int:

@@ -232,9 +232,12 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/schedulers")
     async def schedulers():
+        from fastsd.schedule_types import SCHEDULE_TYPES
+
         return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
-                 "need_inner_model": False},
-                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+                 "need_inner_model": False}] + [
+                {"name": t.name, "label": t.label, "aliases": list(t.aliases) or None, "default_rho": t.rho,
+                 "need_inner_model": t.whole_table} for t in SCHEDULE_TYPES.values()]
 
     @api.get("/sd-models")
     async def sd_models():

@@ -12,12 +12,14 @@ import json
 import random
 import re
 import time
+import dataclasses
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
 from fastsd import masking
 from fastsd.lora import drop_tags, strip_tags
+from fastsd.a1111 import hires_scheduled, image_infotext, scheduled
 from fastsd.samplers import A1111_NAMES, resolve_sampler_name
 from fastsd.serve.jobqueue import Cancelled
 from fastsd.serve.limits import BadRequest, Limits
@@ -30,17 +32,15 @@ MAX_MASK_BLUR = 64  # px, each way
 # the image under the mask; 2 and 3 then replace its latents there: Pipeline.generate's masked_content)
 LATENT_FILL = {0: "original", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
-# A1111's separate `scheduler` field (1.9+): names that leave the sampler's own schedule (accepted quietly)
-# and the (sampler, scheduler) pairs fastsd has as one sampler.
-DEFAULT_SCHEDULERS = {"", "automatic"}
+# A1111's separate `scheduler` field (1.9+): read with `fastsd.a1111.scheduled` (shared with the CLI's --infotext)
 SAME_SAMPLER = (None, "", "Use same sampler")  # hr_sampler_name values that mean the first pass's (A1111's UI)
-SCHEDULED = {(name, "karras"): f"{name}_karras" for name in
-             ("dpmpp_2m", "dpmpp_2m_sde", "euler", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a", "unipc")}
 ETA = {"euler_a": 1.0, "ddpm": 1.0, "ddim": 0.0,  # the samplers eta applies to, and the eta fastsd runs them with
-       "dpm2_a": 1.0, "dpm2_a_karras": 1.0, "dpmpp_2s_a": 1.0, "dpmpp_2s_a_karras": 1.0}
-A1111_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength",
+       "dpm2_a": 1.0, "dpm2_a_karras": 1.0, "dpmpp_2s_a": 1.0, "dpmpp_2s_a_karras": 1.0,
+       **{f"dpmpp_{n}{k}": 1.0 for n in ("sde", "2m_sde", "2m_sde_heun", "3m_sde") for k in ("", "_karras")}}
+A1111_FIELDS = {"schedule_type": "scheduler", "guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength",
                 "hires_strength": "denoising_strength", "hires_scale": "hr_scale", "hires_width": "hr_resize_x",
-                "hires_height": "hr_resize_y", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler"}
+                "hires_height": "hr_resize_y", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
+                "hires_sampler": "hr_sampler_name"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class Plan:
     overlay: Image.Image | None = None      # inpainting: laid over each result (A1111's apply_overlay)
     paste_to: tuple[int, int, int, int] | None = None  # "only masked": the result's place in the overlay (x, y, w, h)
     masked_content: str = "original"        # inpainting_fill 2 / 3: the masked latents replaced (Pipeline.generate)
+    latent_mask: str = "bicubic"            # A1111's mask to latent size (its latmask; "bicubic-soft" without mask_round)
+    infotext_extra: dict = dataclasses.field(default_factory=dict)  # A1111's inpainting keys (masking.infotext_params)
 
 
 def a1111_names(message: str) -> str:
@@ -67,22 +69,14 @@ def a1111_names(message: str) -> str:
     return message
 
 
-def _sampler(req, warnings: list[str]) -> str:
+def _sampler(req, warnings: list[str]) -> tuple[str, str]:
+    """(sampler, schedule type) of A1111's sampler_name and scheduler (`fastsd.a1111.scheduled`)."""
     name = req.sampler_name or req.sampler_index or "Euler"
     try:
         sampler = resolve_sampler_name(name)
     except ValueError as e:
         raise BadRequest(f"sampler_name: {e}") from None
-    sched = (req.scheduler or "").strip().lower()
-    if sched in DEFAULT_SCHEDULERS:
-        return sampler
-    if (sampler, sched) in SCHEDULED:
-        return SCHEDULED[sampler, sched]
-    if sched == "karras" and sampler.endswith("_karras"):  # "DPM2 Karras" + "Karras": what it asks for already
-        return sampler
-    warnings.append(f"scheduler {req.scheduler!r}: not supported with {A1111_NAMES.get(sampler, sampler)}; the "
-                    "sampler's own schedule was used")
-    return sampler
+    return scheduled(sampler, name, req.scheduler, "scheduler", warnings)
 
 
 def _size(req, field: str, limits: Limits, warnings: list[str]) -> int:
@@ -94,7 +88,7 @@ def _size(req, field: str, limits: Limits, warnings: list[str]) -> int:
     return got
 
 
-def _hires(req, sampler: str, limits: Limits, warnings: list[str]) -> dict:
+def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list[str]) -> dict:
     """A1111's hires-fix fields as GenerationSettings' hires_* keywords (none without enable_hr)."""
     if not getattr(req, "enable_hr", False):
         return {}
@@ -111,19 +105,16 @@ def _hires(req, sampler: str, limits: Limits, warnings: list[str]) -> dict:
         return {}
     if req.firstphase_width or req.firstphase_height:
         warnings.append("firstphase_width/height: A1111's old hires fields are not supported, ignored")
-    second = sampler
+    second, name = sampler, req.sampler_name or req.sampler_index or "Euler"
     if req.hr_sampler_name not in SAME_SAMPLER:  # A1111's "Hires sampler"
         try:
-            second = resolve_sampler_name(req.hr_sampler_name)
+            second, name = resolve_sampler_name(req.hr_sampler_name), req.hr_sampler_name
         except ValueError as e:
             raise BadRequest(f"hr_sampler_name: {e}") from None
-    hr_sched = (req.hr_scheduler or "").strip().lower()
-    if (second, hr_sched) in SCHEDULED:
-        second = SCHEDULED[second, hr_sched]
-    elif hr_sched not in ("use same scheduler", *DEFAULT_SCHEDULERS) and not (hr_sched == "karras" and
-                                                                             second.endswith("_karras")):
-        warnings.append(f"hr_scheduler {req.hr_scheduler!r}: not supported with {A1111_NAMES.get(second, second)}; "
-                        "the second pass runs that sampler's own schedule")
+    same = (req.hr_scheduler or "").strip().lower() in ("", "use same scheduler")  # A1111: the first's field then
+    # (one schedule type for both passes: a second one apart is warned)
+    second = hires_scheduled(second, name, req.scheduler if same else req.hr_scheduler, schedule_type, "hr_scheduler",
+                             warnings)
     for field in ("hr_prompt", "hr_negative_prompt"):
         if getattr(req, field) and getattr(req, field) != getattr(req, field[3:]):
             warnings.append(f"{field}: not supported; the second pass uses the first pass's {field[3:]}")
@@ -164,11 +155,12 @@ def _overrides(req, server, warnings: list[str]):
     return model, clip_skip
 
 
-def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings: list[str]) -> masking.Inpaint:
+def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings: list[str]
+            ) -> tuple[masking.Inpaint, dict]:
     """The init image (and mask) as the model gets them, made here (A1111's resize_mode 0-2, LANCZOS) so a job waiting
     in the queue holds images, not base64 text; for a mask, A1111's inpainting: the mask blurred, "only masked"
     (inpaint_full_res, its default) or the whole picture, "fill" or "original" content, the overlay laid over each
-    result (and where, for "only masked")."""
+    result (and where, for "only masked"); and A1111's inpainting keys for the infotext."""
     if not req.init_images:
         raise BadRequest("init_images: img2img needs at least one base64 image")
     if req.mask and req.inpaint_full_res and req.inpaint_full_res_padding < 0:
@@ -192,9 +184,11 @@ def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings
                               fill_content=req.inpainting_fill != 1, resize_mode=resize_mode)
         if got.note:
             warnings.append(got.note)
-        return got
+        return got, masking.infotext_params(got, blur_x=blur_x, blur_y=blur_y, invert=bool(req.inpainting_mask_invert),
+                                            padding=req.inpaint_full_res_padding, fill=req.inpainting_fill)
     req.init_images = None
-    return masking.Inpaint(masking.resize_image(resize_mode, image, *size) if image.size != size else image, None, None)
+    return masking.Inpaint(masking.resize_image(resize_mode, image, *size) if image.size != size else image, None,
+                           None), {}
 
 
 def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
@@ -222,7 +216,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
         if subseed + images > SEED_LIMIT:
             raise BadRequest(f"subseed {subseed} with {images} images would pass the largest seed, 2**63 - 1; use a "
                              f"subseed of at most {SEED_LIMIT - images}")
-    sampler = _sampler(req, warnings)
+    sampler, schedule_type = _sampler(req, warnings)
     if req.eta is not None and req.eta != ETA.get(sampler, req.eta):
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
                         f"{ETA[sampler]}")
@@ -233,8 +227,8 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     img2img = kind == "img2img"
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
-                           subseed, req.subseed_strength, **_hires(req, sampler, limits, warnings),
-                           **_seed_resize(req, limits, warnings))
+                           subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings),
+                           **_seed_resize(req, limits, warnings), schedule_type=schedule_type)
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:
@@ -242,17 +236,18 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     if s.hires and max(s.hires_target().size) > limits.max_side:
         raise BadRequest(f"the hires fix would make a {'x'.join(map(str, s.hires_target().size))} image, above this "
                          f"server's limit of {limits.max_side} px (--max-size)")
-    got = _images(req, limits, (s.width, s.height), warnings) if img2img else masking.Inpaint(None, None, None)  # last
+    got, extra = _images(req, limits, (s.width, s.height), warnings) if img2img else (masking.Inpaint(None, None, None),
+                                                                                      {})  # last
     params = req.model_dump()  # init_images and mask are not echoed (A1111 sends them back only on request)
     return Plan(kind, model, s, req.n_iter, got.image, got.mask, loras, tuple(warnings), req.send_images, params,
-                got.overlay, got.paste_to, LATENT_FILL[req.inpainting_fill] if img2img and got.mask else "original")
+                got.overlay, got.paste_to, LATENT_FILL[req.inpainting_fill] if img2img and got.mask else "original",
+                "bicubic" if not img2img or req.mask_round else "bicubic-soft", extra)
 
 
 # What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
 NOT_TEXT = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background", "timestamp",
             "duration", "progressive", "progression", "icc_profile", "chromaticity", "photoshop", "transparency",
             "gamma", "aspect", "srgb", "xmp", "adobe", "adobe_transform"}
-USER_COMMENT = 0x9286  # EXIF UserComment (in the Exif IFD, 0x8769): where A1111 writes a JPEG's or WEBP's infotext
 
 
 def png_info(info: dict, exif) -> dict:
@@ -263,11 +258,11 @@ def png_info(info: dict, exif) -> dict:
 
     items = {_sendable(k): _sendable(v) for k, v in info.items()
              if isinstance(k, str) and isinstance(v, str) and k.lower() not in NOT_TEXT}
-    text = items.pop("parameters", None)
-    if text is None:
-        text = _user_comment(exif.get_ifd(0x8769).get(USER_COMMENT))
+    items.pop("parameters", None)
+    text = image_infotext(info, exif)  # (fastsd.a1111, shared with the CLI's --infotext)
     if not text:
         return {"info": "", "items": items, "parameters": {}}
+    text = _sendable(text)
     prompt, negative, params = parse_infotext(text)
     parameters = {"Prompt": prompt, "Negative prompt": negative}
     for k, v in params.items():
@@ -281,18 +276,6 @@ def png_info(info: dict, exif) -> dict:
 def _sendable(text: str) -> str:
     """The text with what JSON's UTF-8 can't carry (lone surrogates, from an escape in the infotext) as U+FFFDs."""
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
-def _user_comment(raw) -> str | None:
-    """An EXIF UserComment's text: its 8-byte character code (UNICODE: UTF-16 big-endian, as A1111's piexif
-    writes; ASCII; undefined) then the text."""
-    if isinstance(raw, str):
-        return raw
-    if not isinstance(raw, bytes) or len(raw) < 8:
-        return None
-    code, body = raw[:8], raw[8:]
-    encoding = "utf-16-be" if code == b"UNICODE\0" else "ascii" if code == b"ASCII\0\0\0" else "utf-8"
-    return body.decode(encoding, errors="replace").rstrip("\0")
 
 
 def encode_png(image: Image.Image) -> str:
@@ -330,7 +313,8 @@ def run_plan(plan: Plan, job, networks) -> dict:
         shift = it * s.num_images  # iteration it's images: seed + shift + i (and subseed + shift + i)
         got = pipe.generate(**s.replace(seed=s.seed + shift, subseed=None if s.subseed is None else s.subseed + shift
                                         ).kwargs(), image=plan.image,
-                            mask=plan.mask, masked_content=plan.masked_content, progress=False, on_step=on_step,
+                            mask=plan.mask, masked_content=plan.masked_content,
+                            latent_mask=plan.latent_mask, infotext_extra=plan.infotext_extra, progress=False, on_step=on_step,
                             on_interrupt="decode", allow_large=True)
         images += [masking.apply_overlay(im, plan.overlay, plan.paste_to) for im in got] if plan.overlay is not None \
             else got

@@ -46,10 +46,12 @@ function fill(select, items, value, label) {
 
 async function loadLists() {
   try {
-    const [samplers, models, options, loras] = await Promise.all(
-      [api("samplers"), api("sd-models"), api("options"), api("loras")]);
+    const [samplers, schedulers, models, options, loras] = await Promise.all(
+      [api("samplers"), api("schedulers"), api("sd-models"), api("options"), api("loras")]);
     fill($("sampler"), samplers, (s) => s.name, (s) => s.name);
     $("sampler").value = "Euler a";
+    fill($("scheduler"), schedulers, (s) => s.label, (s) => s.label);
+    $("scheduler").value = "Automatic";
     fill($("model"), models, (m) => m.title, (m) => m.model_name);
     $("model").value = options.sd_model_checkpoint;
     fill($("lora"), loras, (l) => l.name, (l) => l.name);
@@ -63,6 +65,7 @@ function request() {
   const num = (id) => Number($(id).value);
   const body = {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
+    scheduler: $("scheduler").value,
     steps: num("steps"), cfg_scale: num("cfg"), seed: num("seed"), width: num("width"), height: num("height"),
     batch_size: num("batch"), n_iter: 1, override_settings: { sd_model_checkpoint: $("model").value },
   };

@@ -1,0 +1,229 @@
+"""A1111's schedule types (fastsd/schedule_types.py): diffusers' `use_*_sigmas` Euler schedules as the oracle where
+they exist, transcriptions of A1111's modules/sd_schedulers.py (and k-diffusion's get_sigmas_*) for the others, then
+the type through settings, pipeline, infotext, CLI, server and batch jobs."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastsd.denoisers import EpsDenoiser
+from fastsd.samplers import get_sampler
+from fastsd.schedule_types import (SCHEDULE_TYPES, check_sampler, resolve_schedule_type, schedule_label, sigma_table,
+                                   typed_schedule)
+from fastsd.schedules import alphas_cumprod
+from fastsd.settings import GenerationSettings
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            steps_offset=1, prediction_type="epsilon")
+
+
+# ---- the oracle: A1111 transcribed (torch float32, as A1111 runs it on its model wrapper) -----------------------
+
+class A1111Model:
+    """k-diffusion's DiscreteSchedule over the SD1.x table: sigmas, sigma_to_t (unquantized), t_to_sigma."""
+
+    def __init__(self):
+        ac = alphas_cumprod()
+        self.sigmas = ((1 - ac) / ac) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+
+    def sigma_to_t(self, sigma):
+        log_sigma = sigma.log()
+        dists = log_sigma - self.log_sigmas[:, None]
+        low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=self.log_sigmas.shape[0] - 2)
+        low, high = self.log_sigmas[low_idx], self.log_sigmas[low_idx + 1]
+        w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+        return ((1 - w) * low_idx + w * (low_idx + 1)).view(sigma.shape)
+
+    def t_to_sigma(self, t):
+        t = t.float()
+        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]).exp()
+
+    def get_sigmas(self, n):
+        t = torch.linspace(len(self.sigmas) - 1, 0, n)
+        return torch.cat([self.t_to_sigma(t), torch.zeros(1)])
+
+
+def a1111_sigmas(name, n):
+    m = A1111Model()
+    lo, hi = m.sigmas[0].item(), m.sigmas[-1].item()
+    zero = torch.zeros(1)
+    if name in ("uniform", "normal"):  # normal_scheduler(sgm=False): the same timesteps as get_sigmas
+        return m.get_sigmas(n)
+    if name == "karras":
+        ramp = torch.linspace(0, 1, n)
+        return torch.cat([(hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7, zero])
+    if name == "exponential":
+        return torch.cat([torch.linspace(math.log(hi), math.log(lo), n).exp(), zero])
+    if name == "polyexponential":
+        ramp = torch.linspace(1, 0, n) ** 1.0
+        return torch.cat([torch.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo)), zero])
+    if name == "sgm_uniform":
+        start, end = m.sigma_to_t(torch.tensor(hi)), m.sigma_to_t(torch.tensor(lo))
+        return torch.tensor([m.t_to_sigma(t).item() for t in torch.linspace(start, end, n + 1)[:-1]] + [0.0])
+    if name == "kl_optimal":
+        a_min, a_max = torch.arctan(torch.tensor(lo)), torch.arctan(torch.tensor(hi))
+        i = torch.arange(n + 1)
+        return torch.tan(i / n * a_min + (1.0 - i / n) * a_max)
+    if name == "align_your_steps":
+        sig = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+        if n != len(sig):
+            xs, ys = np.linspace(0, 1, len(sig)), np.log(sig[::-1])
+            sig = np.append(np.exp(np.interp(np.linspace(0, 1, n), xs, ys))[::-1].copy(), [0.0])
+        else:
+            sig = sig + [0.0]
+        return torch.FloatTensor(sig)
+    if name == "simple":
+        ss = len(m.sigmas) / n
+        return torch.FloatTensor([float(m.sigmas[-(1 + int(x * ss))]) for x in range(n)] + [0.0])
+    if name == "ddim":
+        sigs, ss, x = [], max(len(m.sigmas) // n, 1), 1
+        while x < len(m.sigmas):
+            sigs += [float(m.sigmas[x])]
+            x += ss
+        return torch.FloatTensor(sigs[::-1] + [0.0])
+    if name == "beta":
+        from scipy import stats
+        ts = [stats.beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n)]
+        return torch.FloatTensor([lo + x * (hi - lo) for x in ts] + [0.0])
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULE_TYPES))
+@pytest.mark.parametrize("n", [1, 2, 4, 7, 10, 11, 20, 30, 50])
+def test_sigmas_follow_a1111(name, n):
+    """Each type's noise levels are A1111's (float32 rounding apart), the UNet timesteps its unquantized
+    sigma_to_t of them, the start noise at the first sigma."""
+    if name == "beta":
+        pytest.importorskip("scipy")
+    got = typed_schedule(name, n)
+    want = a1111_sigmas(name, n).double()
+    assert got.sigmas.shape == want.shape
+    torch.testing.assert_close(got.sigmas, want, rtol=2e-6, atol=1e-7)
+    t = A1111Model().sigma_to_t(got.sigmas[:-1].float()).double()
+    torch.testing.assert_close(got.timesteps, t, rtol=0, atol=2e-3)  # (float32 arithmetic in A1111's)
+    assert got.init_noise_sigma == float(got.sigmas[0])
+    assert len(got) == (n if name != "ddim" else math.ceil(999 / max(1000 // n, 1)))
+
+
+@pytest.mark.parametrize("name, flag", [("exponential", "use_exponential_sigmas"), ("beta", "use_beta_sigmas"),
+                                        ("karras", "use_karras_sigmas")])
+@pytest.mark.parametrize("n", [2, 3, 4, 8, 20, 25, 50])
+def test_matches_diffusers_euler_schedules(name, flag, n):
+    """Where diffusers has the type (EulerDiscreteScheduler use_*_sigmas=True), sigmas and timesteps are its, bit
+    for bit (n=1 differs on purpose: diffusers' one step starts at sigma_min, A1111's at sigma_max)."""
+    diffusers = pytest.importorskip("diffusers")
+    if name == "beta":
+        pytest.importorskip("scipy")
+    d = diffusers.EulerDiscreteScheduler.from_config(SD15, **{flag: True})
+    d.set_timesteps(n)
+    s = typed_schedule(name, n)
+    assert torch.equal(s.sigmas, d.sigmas.double()) and torch.equal(s.timesteps, d.timesteps.double())
+    assert s.init_noise_sigma == pytest.approx(float(d.init_noise_sigma), rel=1e-7)
+
+
+def _fake_eps(x, t, context=None):
+    t = torch.as_tensor(t, dtype=x.dtype).reshape(-1).view(-1, 1, 1, 1)
+    return torch.tanh(0.5 * x + t / 1000.0) + 0.1 * x.roll(1, dims=1)
+
+
+def test_euler_loop_with_exponential_matches_diffusers():
+    """The sampling loop over the type's schedule is diffusers' Euler with use_exponential_sigmas=True."""
+    diffusers = pytest.importorskip("diffusers")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    d = diffusers.EulerDiscreteScheduler.from_config(SD15, use_exponential_sigmas=True)
+    d.set_timesteps(12)
+    lat, ref_ts = noise * d.init_noise_sigma, []
+    for t in d.timesteps:
+        ref_ts.append(float(t))
+        lat = d.step(_fake_eps(d.scale_model_input(lat, t), t), t, lat).prev_sample
+    sched, ts = typed_schedule("exponential", 12), []
+
+    def eps(x, t, context=None):
+        ts.append(float(t.reshape(-1)[0]))
+        return _fake_eps(x, t)
+
+    den = EpsDenoiser(eps, alphas_cumprod(), schedule=sched)
+    x = get_sampler("euler")(den, noise * sched.init_noise_sigma, sched.sigmas, disable=True) * sched.out_scale
+    assert ts == ref_ts  # the UNet sees diffusers' fractional timesteps
+    # ~1.3e-7 (diffusers' steps run in float32 sigmas on float64 latents), as tests/test_samplers.py's parity bound
+    assert ((x - lat).abs().max() / lat.abs().max()).item() < 3e-6
+
+
+def test_names_labels_and_samplers():
+    assert [resolve_schedule_type(n) for n in ("Align Your Steps", "SGMUniform", "sgm uniform", "KL Optimal", None,
+                                                "", "Automatic")] == \
+        ["align_your_steps", "sgm_uniform", "sgm_uniform", "kl_optimal", "automatic", "automatic", "automatic"]
+    assert schedule_label("exponential") == "Exponential" and schedule_label("automatic") is None
+    with pytest.raises(ValueError, match="unknown schedule type 'Karras Exponential'; valid: Automatic, Uniform"):
+        resolve_schedule_type("Karras Exponential")
+    with pytest.raises(ValueError, match="does not apply to ddim"):
+        check_sampler("karras", "ddim")
+    check_sampler("automatic", "ddim")
+    check_sampler("sgm_uniform", "lcm")
+    with pytest.raises(ValueError, match="does not apply to ddpm"):
+        GenerationSettings(sampler="DDPM", schedule_type="Beta").validate()
+    with pytest.raises(TypeError, match="schedule_type must be a string"):
+        GenerationSettings(schedule_type=3).validate()
+    assert len(sigma_table()) == 1000
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from fastsd import load_pipeline
+
+    return load_pipeline("random:tiny", device="cpu", dtype=torch.float32)
+
+
+def test_pipeline_runs_the_type_and_writes_a1111s_infotext(pipe):
+    base = dict(prompt="a red cube", steps=4, guidance_scale=1.0, sampler="euler", seed=5, width=64, height=64,
+                progress=False)
+    plain = pipe.generate(**base)[0]
+    ays = pipe.generate(**base, schedule_type="Align Your Steps")[0]
+    again = pipe.generate(**base, schedule_type="align_your_steps")[0]
+    assert np.array_equal(np.asarray(ays), np.asarray(again)) and not np.array_equal(np.asarray(ays), np.asarray(plain))
+    assert "Sampler: Euler, Schedule type: Align Your Steps, CFG scale" in ays.info["parameters"]
+    assert "Schedule type" not in plain.info["parameters"]
+    # the schedule the pipeline walks is the type's (Pipeline.schedule, also the hires pass's)
+    assert torch.equal(pipe.schedule("euler", 4, "align_your_steps").sigmas, typed_schedule("align_your_steps", 4).sigmas)
+    assert torch.equal(pipe.schedule("euler", 4).sigmas, get_sampler("euler").schedule(4).sigmas)
+    # Karras for a sampler with a Karras twin is the twin's (diffusers') schedule: DPM++ 2M's rounded timesteps
+    twin, typed = pipe.schedule("dpmpp_2m", 4, "karras"), typed_schedule("karras", 4)
+    assert torch.equal(twin.timesteps, get_sampler("dpmpp_2m_karras").schedule(4).timesteps)
+    assert torch.equal(twin.timesteps, twin.timesteps.round()) and not torch.equal(twin.timesteps, typed.timesteps)
+    assert torch.equal(pipe.schedule("euler_a", 4, "karras").timesteps, typed.timesteps)  # (no twin: the type's)
+    with pytest.raises(ValueError, match="does not apply to ddim"):
+        pipe.generate(**{**base, "sampler": "ddim"}, schedule_type="karras")
+
+
+def test_cli_option_and_its_bad_values(tmp_path):
+    out = tmp_path / "a.png"
+    cmd = [sys.executable, "-m", "fastsd.generate", "a cat", "--model", "random:tiny", "--steps", "2", "--width", "64",
+           "--height", "64", "--seed", "1", "--sampler", "dpmpp_2m", "--out", str(out)]
+    r = subprocess.run(cmd + ["--schedule-type", "sgm_uniform"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    assert "Sampler: DPM++ 2M, Schedule type: SGM Uniform" in Image.open(out).info["parameters"]
+    for bad, msg in [(["--schedule-type", "nope"], "unknown schedule type 'nope'"),
+                     (["--schedule-type", "karras", "--sampler", "ddim"], "does not apply to ddim")]:
+        r = subprocess.run(cmd[:-1] + [str(tmp_path / "b.png")] + bad, capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "b.png").exists()
+
+
+def test_batch_job_field(tmp_path):
+    from fastsd.batch.jobs import BadJob, Defaults, read_job_file
+
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"prompt": "a", "scheduler": "Exponential", "sampler": "Euler a"}\n{"prompt": "b"}\n'
+                    '{"prompt": "c", "scheduler": "Karras", "sampler": "DDIM"}\n{"prompt": "d", "scheduler": "x"}\n')
+    a, b, c, d = read_job_file(path, Defaults(steps=2, width=64, height=64))
+    assert a.settings.schedule_type == "exponential" and a.manifest_settings()["scheduler"] == "exponential"
+    assert b.settings.schedule_type == "automatic" and "scheduler" not in b.manifest_settings()
+    assert isinstance(c, BadJob) and "does not apply to ddim" in c.error
+    assert isinstance(d, BadJob) and d.error.startswith("unknown schedule type 'x'")
