@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
             pipe.load_embeddings(embeddings_dir)
         s = pipe.resolve(settings, image)
         if pipe.embeddings is not None:  # read the embeddings the prompts name now: a bad one fails before any work
-            pipe.embeddings.used([s.prompt, s.negative_prompt])
+            pipe.embeddings.used([s.prompt, s.negative_prompt, *(s.hires_prompts() if s.hires else ())])
         vae = f", vae {pipe.vae_name}" if pipe.vae_name else ""
         size = f"{s.width}x{s.height}" + (" -> {}x{} hires".format(*s.hires_target().size) if s.hires else "")
         print(run_summary(pipe, threads, f"{vae}, {size}, {s.steps} steps {s.sampler}, seed {s.seed}"),

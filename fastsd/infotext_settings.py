@@ -67,6 +67,8 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "Hires upscale": (("hires_scale",), _float),
     "Hires resize": (("hires_width", "hires_height"), _size),
     "Hires steps": (("hires_steps",), _int),
+    "Hires prompt": (("hires_prompt",), str),
+    "Hires negative prompt": (("hires_negative_prompt",), str),
     "Hires upscaler": (("hires_upscaler",), _hires.resolve_upscaler),
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type",

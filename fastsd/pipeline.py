@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections import Counter
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser
 from fastsd.file_hashes import file_hash
 from fastsd.image import (check_mask, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
                           tensor_to_pil)
-from fastsd.lora import LoraSet, strip_tags
+from fastsd.lora import LoraSet, parse_prompt, strip_tags
 from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
@@ -260,8 +261,11 @@ class Pipeline:
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
             resize = s.hires_width or s.hires_height
             second = get_sampler(s.hires_sampler or s.sampler).name
+            hp, hn = s.hires_prompts()
             params.update({"Denoising strength": s.hires_strength,
                            "Hires sampler": A1111_NAMES[second] if second != get_sampler(s.sampler).name else None,
+                           "Hires prompt": hp if hp != s.prompt else None,
+                           "Hires negative prompt": hn if hn != s.negative_prompt else None,
                            "Hires upscale": None if resize else f"{s.hires_scale:g}",
                            "Hires resize": f"{s.hires_width}x{s.hires_height}" if resize else None,
                            "Hires steps": s.hires_steps or None, "Hires upscaler": hires.resolve_upscaler(s.hires_upscaler)})
@@ -565,8 +569,8 @@ class Pipeline:
                  subseed: int | None = None, subseed_strength: float = 0.0, hires_scale: float = 1.0,
                  hires_width: int = 0, hires_height: int = 0, hires_steps: int = 0, hires_strength: float = 0.7,
                  hires_upscaler: str = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
-                 hires_sampler: str | None = None, schedule_type: str = "automatic",
-                 image: Image.Image | None = None, mask: Image.Image | None = None,
+                 hires_sampler: str | None = None, schedule_type: str = "automatic", hires_prompt: str = "",
+                 hires_negative_prompt: str = "", image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
                  tiled_vae: bool | None = None,
@@ -580,7 +584,8 @@ class Pipeline:
         as `prepare_latents`'; `infotext_extra` goes into each image's infotext (`infotext`); with `subseed_strength` > 0 its start noise is moved toward the noise of
         `subseed` + i (A1111's variation seed); `seed_resize_from_w` and `_h` (both > 0) draw it as at that size,
         centred in the real size's (A1111's seed resize, `_start_noise`); `schedule_type` other than "automatic"
-        walks A1111's noise levels of that name (`schedule`), in both hires passes. `latents` are unit-variance start noise
+        walks A1111's noise levels of that name (`schedule`), in both hires passes; `hires_prompt` /
+        `hires_negative_prompt` (A1111's hr_prompt, hr_negative_prompt) condition the hires pass where not empty. `latents` are unit-variance start noise
         (num_images, 4, H/8, W/8), scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
         int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
         each step; `preview` is an image every `preview_every` steps and at the last, else None. An `Interrupted`
@@ -590,7 +595,7 @@ class Pipeline:
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
-                               seed_resize_from_h, hires_sampler, schedule_type)
+                               seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")
@@ -601,6 +606,9 @@ class Pipeline:
         _check_masked_content(masked_content, latent_mask)
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
         self._loras.check_prompt(s.prompt)
+        if s.hires and Counter(parse_prompt(s.hires_prompts()[0])[1]) != Counter(parse_prompt(s.prompt)[1]):
+            raise ValueError("hires_prompt: its <lora:...> tags must be the prompt's (fastsd merges a run's LoRAs "
+                             "once, for both passes)")
         self.check_can_encode(image, s)
         if mask is not None and mask.convert("L").point(lambda v: 255 if v >= 128 else 0).getbbox() is None:
             warnings.warn("the mask has no white pixel (>= 50%): nothing is repainted; white marks what to repaint",
@@ -608,6 +616,10 @@ class Pipeline:
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)
+        hires_conds = (cond, uncond)  # (A1111's hr_prompt / hr_negative_prompt: encoded before any sampling)
+        if s.hires and s.hires_prompts() != (s.prompt, s.negative_prompt):
+            hp, hn = s.hires_prompts()
+            hires_conds = self.encode_prompt([hp], [hn] if s.guided else None, s.clip_skip)
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae,
                                  masked_content=masked_content, latent_mask=latent_mask)
         first = len(p.schedule)
@@ -622,7 +634,7 @@ class Pipeline:
             x = self.denoise(p, cond, uncond, s, on_step=steps_of(0), progress=progress, preview_every=preview_every)
             if s.hires:
                 done = first
-                x = self.hires_pass(s, x, seeds, cond, uncond, tiled_vae=tiled_vae, on_step=steps_of(first),
+                x = self.hires_pass(s, x, seeds, *hires_conds, tiled_vae=tiled_vae, on_step=steps_of(first),
                                     progress=progress, preview_every=preview_every)
         except Interrupted as stop:
             if stop.latents is not None:

@@ -75,11 +75,21 @@ class GenerationSettings:
         "A1111's 'Schedule type' for the sampler's noise levels: automatic (the sampler's own), uniform, karras, "
         "exponential, polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, beta (not "
         "for ddim/ddpm)"))
+    hires_prompt: str = field(default="", metadata=_opt("hires fix: the second pass's prompt (A1111's 'Hires "
+                                                        "prompt'); empty = --prompt's; its <lora:...> tags must be "
+                                                        "the prompt's"))
+    hires_negative_prompt: str = field(default="", metadata=_opt("hires fix: the second pass's negative prompt; "
+                                                                 "empty = --negative-prompt's"))
 
     @property
     def hires(self) -> bool:
         """The hires fix runs: a scale above 1 or a target width / height."""
         return self.hires_scale != 1 or bool(self.hires_width) or bool(self.hires_height)
+
+    def hires_prompts(self) -> tuple[str, str]:
+        """(prompt, negative prompt) of the hires fix's second pass: A1111's hr_prompt / hr_negative_prompt, the
+        first pass's where empty."""
+        return self.hires_prompt or self.prompt, self.hires_negative_prompt or self.negative_prompt
 
     def hires_target(self) -> hires.Target:
         """Where the hires fix takes the first pass (width / height resolved, or 512 where not given)."""
@@ -96,6 +106,8 @@ class GenerationSettings:
         """TypeError / ValueError naming the argument; nothing is run."""
         _check_str(self.prompt, "prompt")
         _check_str(self.negative_prompt, "negative_prompt")
+        _check_str(self.hires_prompt, "hires_prompt")
+        _check_str(self.hires_negative_prompt, "hires_negative_prompt")
         _check_int(self.steps, "steps", 1, MAX_STEPS)
         _check_int(self.num_images, "num_images", 1, MAX_IMAGES)
         _check_int(self.clip_skip, "clip_skip", 1, 11)

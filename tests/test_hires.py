@@ -248,3 +248,46 @@ def test_hires_sampler_runs_the_second_pass(pipe, monkeypatch):
     assert np.asarray(same).tolist() == np.asarray(b).tolist() and "Hires sampler" not in same.info["parameters"]
     with pytest.raises(ValueError, match="hires_sampler: unknown sampler 'x'"):
         pipe.generate(**KW, seed=4, hires_scale=2, hires_sampler="x")
+
+
+def test_hires_prompt_conditions_the_second_pass(pipe):
+    """A1111's hr_prompt / hr_negative_prompt: the stages by hand with the hires prompts' conditioning in the second
+    pass give the same bits; "Hires prompt" / "Hires negative prompt" in the infotext where they differ (A1111's
+    order, after "Hires sampler"); the same text as the prompt changes nothing; its LoRA tags must be the prompt's."""
+    kw = {**KW, "guidance_scale": 3.0, "negative_prompt": "blur", "seed": 4, "hires_scale": 2, "hires_steps": 2}
+    got = pipe.generate(**kw, hires_prompt="a dog, detailed", hires_negative_prompt="ugly")[0]
+    s = pipe.resolve(GenerationSettings(**{k: v for k, v in kw.items() if k != "progress"},
+                                        hires_prompt="a dog, detailed", hires_negative_prompt="ugly"), None)
+    cond, uncond = pipe.encode_prompt([s.prompt], [s.negative_prompt])
+    x = pipe.denoise(pipe.prepare_latents(s, [4]), cond, uncond, s, progress=False)
+    cond2, uncond2 = pipe.encode_prompt(["a dog, detailed"], ["ugly"])
+    want = tensor_to_pil(pipe.decode(pipe.hires_pass(s, x, [4], cond2, uncond2, progress=False)))[0]
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    plain = pipe.generate(**kw)[0]
+    assert not np.array_equal(np.asarray(got), np.asarray(plain))
+    same = pipe.generate(**kw, hires_prompt="a cat", hires_negative_prompt="blur")[0]
+    assert np.array_equal(np.asarray(same), np.asarray(plain))
+    assert same.info["parameters"] == plain.info["parameters"]
+    params = parse_infotext(got.info["parameters"])[2]
+    assert (params["Hires prompt"], params["Hires negative prompt"]) == ("a dog, detailed", "ugly")
+    names = list(params)
+    assert names.index("Denoising strength") < names.index("Hires prompt") < names.index("Hires upscale")
+    only_negative = parse_infotext(pipe.generate(**kw, hires_negative_prompt="ugly")[0].info["parameters"])[2]
+    assert "Hires prompt" not in only_negative and only_negative["Hires negative prompt"] == "ugly"
+    with pytest.raises(ValueError, match="hires_prompt: its <lora:...> tags must be the prompt's"):
+        pipe.generate(**kw, hires_prompt="a dog <lora:ink:0.5>")
+
+
+def test_server_hr_prompt():
+    req = {"prompt": "a cat", "steps": 2, "width": 64, "height": 48, "seed": 5, "enable_hr": True, "hr_scale": 2,
+           "hr_second_pass_steps": 2, "cfg_scale": 3}
+    with main_server().client() as c:
+        plain = c.post("/sdapi/v1/txt2img", json=req)
+        r = c.post("/sdapi/v1/txt2img", json={**req, "hr_prompt": "a dog", "hr_negative_prompt": "blurry"})
+        assert r.status_code == 200 and info(r)["warnings"] == [], r.text
+        params = parse_infotext(info(r)["infotexts"][0])[2]
+        assert (params["Hires prompt"], params["Hires negative prompt"]) == ("a dog", "blurry")
+        assert np.abs(np.asarray(decode(r.json()["images"][0])).astype(int)
+                      - np.asarray(decode(plain.json()["images"][0]))).max() > 0
+        bad = c.post("/sdapi/v1/txt2img", json={**req, "hr_prompt": "a dog <lora:detail:1>"})
+        assert bad.status_code == 422 and "hr_prompt: its <lora:...> tags must be the prompt's" in bad.json()["detail"]

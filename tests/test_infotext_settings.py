@@ -80,6 +80,8 @@ def test_other_keys_hires_and_warnings():
         ("dpmpp_2m_karras", "euler_karras", 0.5)  # "Use same scheduler": Karras for the second pass too
     assert (kwargs["hires_width"], kwargs["hires_height"], kwargs["hires_scale"]) == (96, 0, 1.0)
     assert "strength" not in kwargs and warnings == []
+    kwargs, _ = settings_from_infotext(hires + ', Hires prompt: "a, b: c", Hires negative prompt: ugly')
+    assert (kwargs["hires_prompt"], kwargs["hires_negative_prompt"]) == ("a, b: c", "ugly")
 
 
 def test_skip_leaves_the_fields_given_elsewhere():
@@ -149,6 +151,8 @@ def test_read_from_png_jpeg_webp_txt_and_stdin(tmp_path, monkeypatch):
     ["--sampler", "DPM++ 2M", "--schedule-type", "exponential", "--cfg-scale", "3", "--seed", "9", "--clip-skip", "2",
      "--hires-width", "80", "--hires-sampler", "euler", "--hires-upscaler", "Lanczos", "--seed-resize-from-w", "48",
      "--seed-resize-from-h", "56"],
+    ["--sampler", "DPM++ SDE Karras", "--cfg-scale", "3", "--seed", "8", "--hires-scale", "1.25",
+     "--hires-prompt", "a fox, sharp: detailed", "--hires-negative-prompt", "blurry"],
 ])
 def test_the_image_made_again_from_its_png(tmp_path, capsys, args):
     a, b = tmp_path / "a.png", tmp_path / "b.png"

@@ -38,7 +38,8 @@ INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip")
 # Settings a job can't have (neither a field nor an option): variation seeds and seed resize would need one per image
 # of a batch, and the hires fix a second batched pass.
 NOT_BATCHED = ("subseed", "subseed_strength", "hires_scale", "hires_width", "hires_height", "hires_steps",
-               "hires_strength", "hires_upscaler", "hires_sampler", "seed_resize_from_w", "seed_resize_from_h")
+               "hires_strength", "hires_upscaler", "hires_sampler", "seed_resize_from_w", "seed_resize_from_h",
+               "hires_prompt", "hires_negative_prompt")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ import random
 import re
 import time
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
 from fastsd import masking
-from fastsd.lora import drop_tags, strip_tags
+from fastsd.lora import drop_tags, parse_prompt, strip_tags
 from fastsd.a1111 import hires_scheduled, image_infotext, scheduled
 from fastsd.samplers import A1111_NAMES, resolve_sampler_name
 from fastsd.serve.jobqueue import Cancelled
@@ -40,7 +41,8 @@ ETA = {"euler_a": 1.0, "ddpm": 1.0, "ddim": 0.0,  # the samplers eta applies to,
 A1111_FIELDS = {"schedule_type": "scheduler", "guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength",
                 "hires_strength": "denoising_strength", "hires_scale": "hr_scale", "hires_width": "hr_resize_x",
                 "hires_height": "hr_resize_y", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
-                "hires_sampler": "hr_sampler_name"}
+                "hires_sampler": "hr_sampler_name", "hires_prompt": "hr_prompt",
+                "hires_negative_prompt": "hr_negative_prompt"}
 
 
 @dataclass(frozen=True)
@@ -115,16 +117,30 @@ def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list
     # (one schedule type for both passes: a second one apart is warned)
     second = hires_scheduled(second, name, req.scheduler if same else req.hr_scheduler, schedule_type, "hr_scheduler",
                              warnings)
-    for field in ("hr_prompt", "hr_negative_prompt"):
-        if getattr(req, field) and getattr(req, field) != getattr(req, field[3:]):
-            warnings.append(f"{field}: not supported; the second pass uses the first pass's {field[3:]}")
     if req.hr_checkpoint_name:
         warnings.append("hr_checkpoint_name: not supported; the second pass uses the same model")
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's txt2img default
     scale = 1.0 if any(resize.values()) else req.hr_scale  # (A1111 ignores hr_scale for a resize target)
     return {"hires_scale": scale, **resize, "hires_steps": req.hr_second_pass_steps,
             "hires_strength": strength, "hires_upscaler": req.hr_upscaler or "Latent",
-            "hires_sampler": second if second != sampler else None}
+            "hires_sampler": second if second != sampler else None, **_hires_prompts(req, limits)}
+
+
+def _hires_prompts(req, limits: Limits) -> dict:
+    """A1111's hr_prompt / hr_negative_prompt ("" = the first pass's); the hires prompt's <lora:...> tags must be the
+    prompt's (one set of LoRAs is merged for both passes), dropped with it under disable_extra_networks."""
+    prompt, negative = req.hr_prompt or "", req.hr_negative_prompt or ""
+    limits.check_prompt("hr_prompt", prompt)
+    limits.check_prompt("hr_negative_prompt", negative)
+    if req.disable_extra_networks:
+        prompt = drop_tags(prompt)
+    try:
+        if prompt and Counter(parse_prompt(prompt)[1]) != Counter(parse_prompt(req.prompt)[1]):
+            raise BadRequest("hr_prompt: its <lora:...> tags must be the prompt's (fastsd merges a run's LoRAs once, "
+                             "for both passes)")
+    except ValueError as e:  # a malformed tag
+        raise BadRequest(f"hr_prompt: {e}") from None
+    return {"hires_prompt": prompt, "hires_negative_prompt": negative}
 
 
 def _seed_resize(req, limits: Limits, warnings: list[str]) -> dict:
@@ -223,7 +239,9 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     model, clip_skip = _overrides(req, server, warnings)
     prompt = drop_tags(req.prompt) if req.disable_extra_networks else req.prompt
     loras = server.networks.parse(prompt)
-    warnings += server.networks.check_embeddings(model.pipe, strip_tags(prompt), req.negative_prompt)
+    hires_prompts = (strip_tags(req.hr_prompt or ""), req.hr_negative_prompt or "") \
+        if kind == "txt2img" and req.enable_hr else ()
+    warnings += server.networks.check_embeddings(model.pipe, strip_tags(prompt), req.negative_prompt, *hires_prompts)
     img2img = kind == "img2img"
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
