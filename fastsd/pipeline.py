@@ -29,7 +29,8 @@ from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
 from fastsd.samplers import A1111_NAMES, SAMPLERS, get_sampler
-from fastsd.schedule_types import AUTOMATIC, resolve_schedule_type, schedule_label, typed_schedule
+from fastsd.schedule_types import (AUTOMATIC, DISCARD_PENULTIMATE, resolve_schedule_type, schedule_label,
+                                   typed_schedule)
 from fastsd.schedules import Schedule, alphas_cumprod
 from fastsd.settings import GenerationSettings
 from fastsd.tiling import tiled
@@ -296,12 +297,14 @@ class Pipeline:
     def schedule(self, sampler: str, steps: int, schedule_type: str = "automatic") -> Schedule:
         """The noise levels `sampler` walks in `steps` steps: its own (its diffusers twin's) for "automatic", else
         A1111's schedule type (`fastsd.schedule_types`); "karras" for a sampler with a `_karras` twin is the twin's
-        schedule (as the server and --infotext read "DPM++ 2M" + "Karras": one image for one infotext)."""
+        schedule (as the server and --infotext read "DPM++ 2M" + "Karras": one image for one infotext); DPM2, DPM2 a
+        and DPM++ 3M SDE drop the next-to-last level of a type's steps + 1, as A1111."""
         kind = resolve_schedule_type(schedule_type)
         twin = f"{get_sampler(sampler).name}_karras"
         if kind == AUTOMATIC or (kind == "karras" and twin in SAMPLERS):
             return get_sampler(twin if kind == "karras" else sampler).schedule(steps, self.config.scheduler)
-        return typed_schedule(kind, steps, self.config.scheduler)
+        return typed_schedule(kind, steps, self.config.scheduler,
+                              discard_penultimate=get_sampler(sampler).name in DISCARD_PENULTIMATE)
 
     def latent_shape(self, s: GenerationSettings) -> tuple[int, int, int, int]:
         f = self.config.vae.downscale

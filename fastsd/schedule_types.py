@@ -117,6 +117,9 @@ SCHEDULE_TYPES: dict[str, ScheduleType] = {t.name: t for t in (
 # Samplers that step by diffusers' discrete timesteps rather than over any sigmas (A1111's DDIM/PLMS/UniPC take
 # no schedule type either; fastsd's UniPC works over sigmas, so it takes one).
 TIMESTEP_SAMPLERS = ("ddim", "ddpm")
+# A1111's samplers with discard_next_to_last_sigma (its DPM2, DPM2 a, DPM++ 3M SDE): over a schedule type they walk
+# the levels of steps + 1 without the next-to-last (`typed_schedule`); their own schedules stay their twins'.
+DISCARD_PENULTIMATE = ("dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras")
 
 
 def _key(name: str) -> str:
@@ -152,16 +155,21 @@ def sigma_table(cfg: SchedulerConfig = SchedulerConfig()) -> np.ndarray:
     return sigmas_from_alphas_cumprod(alphas_cumprod(cfg)).numpy()
 
 
-def typed_schedule(name: str, steps: int, cfg: SchedulerConfig = SchedulerConfig()) -> Schedule:
+def typed_schedule(name: str, steps: int, cfg: SchedulerConfig = SchedulerConfig(), *,
+                   discard_penultimate: bool = False) -> Schedule:
     """The Schedule of schedule type `name` for `steps` steps (A1111's DDIM type may run a step more or less):
-    float32 sigmas (as A1111's and diffusers' tables), each with its fractional UNet timestep."""
+    float32 sigmas (as A1111's and diffusers' tables), each with its fractional UNet timestep.
+    `discard_penultimate`: A1111's discard_next_to_last_sigma (its DPM2, DPM2 a and DPM++ 3M SDE): the levels of
+    steps + 1 with the next-to-last dropped."""
     key = resolve_schedule_type(name)
     if key == AUTOMATIC:
         raise ValueError("'automatic' is the sampler's own schedule, not a schedule type")
     if not 1 <= steps <= cfg.num_train_timesteps:
         raise ValueError(f"number of steps must be in [1, {cfg.num_train_timesteps}], got {steps}")
     table = sigma_table(cfg)
-    raw = np.asarray(SCHEDULE_TYPES[key].sigmas(steps, table), dtype=np.float64)
+    raw = np.asarray(SCHEDULE_TYPES[key].sigmas(steps + discard_penultimate, table), dtype=np.float64)
+    if discard_penultimate:
+        raw = np.delete(raw, -2)
     # timesteps from the sigmas before their float32 rounding, as diffusers' Euler does
     timesteps = diffusers_sigma_to_t(raw[:-1], np.log(table)).astype(np.float32).astype(np.float64)
     sigmas = raw.astype(np.float32).astype(np.float64)

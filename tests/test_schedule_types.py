@@ -197,6 +197,13 @@ def test_pipeline_runs_the_type_and_writes_a1111s_infotext(pipe):
     assert torch.equal(twin.timesteps, get_sampler("dpmpp_2m_karras").schedule(4).timesteps)
     assert torch.equal(twin.timesteps, twin.timesteps.round()) and not torch.equal(twin.timesteps, typed.timesteps)
     assert torch.equal(pipe.schedule("euler_a", 4, "karras").timesteps, typed.timesteps)  # (no twin: the type's)
+    # A1111's discard_next_to_last_sigma (DPM2, DPM2 a, DPM++ 3M SDE): the levels of steps + 1, the next-to-last gone
+    for sampler in ("dpm2", "DPM2 a", "dpmpp_3m_sde"):
+        got = pipe.schedule(sampler, 5, "exponential")
+        want = a1111_sigmas("exponential", 6).double()
+        assert len(got) == 5
+        torch.testing.assert_close(got.sigmas, torch.cat([want[:-2], want[-1:]]), rtol=2e-6, atol=1e-7)
+    assert len(pipe.schedule("dpmpp_2m", 5, "exponential")) == 5
     with pytest.raises(ValueError, match="does not apply to ddim"):
         pipe.generate(**{**base, "sampler": "ddim"}, schedule_type="karras")
 
