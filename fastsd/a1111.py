@@ -4,33 +4,57 @@ UserComment of a JPEG or WEBP).
 """
 from __future__ import annotations
 
-from fastsd.samplers import A1111_NAMES, SAMPLERS
-from fastsd.schedule_types import AUTOMATIC, check_sampler, resolve_schedule_type, schedule_label
+from fastsd.samplers import A1111_NAMES, SAMPLERS, resolve_sampler_name
+from fastsd.schedule_types import SCHEDULE_TYPES, AUTOMATIC, check_sampler, resolve_schedule_type, schedule_label
 
 # A1111 1.9+'s "Automatic" schedule of the samplers whose default is not uniform (its samplers' 'scheduler' option)
-A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpmpp_sde": "karras",
+A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpmpp_sde": "karras", "dpm2": "karras",
+                   "dpm2_a": "karras", "restart": "karras",
                    "dpmpp_2m_sde": "exponential", "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential"}
 # the (sampler, schedule type) pairs fastsd has as one sampler (its diffusers twin); other schedule types run as
 # GenerationSettings.schedule_type
 SCHEDULED = {(name.removesuffix("_karras"), "karras"): name for name in SAMPLERS if name.endswith("_karras")}
 
 
-def scheduled(sampler: str, name: str, scheduler: str | None, field: str, warnings: list[str]) -> tuple[str, str]:
-    """(sampler, schedule type) for a sampler (canonical; `name` as asked) and A1111's `scheduler` value, by A1111
-    1.9+'s rules: a joint name's schedule wins ("DPM++ 2M Karras" runs Karras whatever `scheduler` says); Automatic
-    (or none) is the sampler's A1111 default (Karras for DPM++ 2M, 2S a and SDE, Exponential for the 2M / 3M SDE
-    ones, else the sampler's own). Karras runs the sampler's Karras twin where it has one (its diffusers twin, as
-    the joint name); another type runs as GenerationSettings.schedule_type. A type fastsd doesn't know (A1111 falls
-    back to the model's schedule) or one that can't drive the sampler is warned (in `warnings`, naming `field`) and
-    the sampler's own used."""
+def split_joint(name: str) -> tuple[str, str | None]:
+    """A1111 1.9+'s split of an old joint sampler name (its get_sampler_and_scheduler): a trailing " " + a schedule
+    type's label, name or alias (any case) is the schedule: "DPM++ 2M SDE Exponential" -> ("DPM++ 2M SDE",
+    "Exponential"), "Euler a" -> ("Euler a", None)."""
+    name = name.strip()
+    for t in SCHEDULE_TYPES.values():
+        for option in (t.label, t.name, *t.aliases):
+            if name.lower().endswith(" " + option.lower()):
+                return name[:-len(option) - 1].rstrip(), option
+    return name, None
+
+
+def scheduled(name: str, scheduler: str | None, field: str, warnings: list[str], *, paste: bool = False
+              ) -> tuple[str, str]:
+    """(sampler, schedule type) for A1111's sampler name (an A1111 name, a joint one such as "DPM++ 2M Karras", or a
+    canonical one) and `scheduler` value, by A1111 1.9+'s rules. Its API (paste False): a `scheduler` given wins
+    over a joint name's schedule, none given is the joint name's or else Automatic. Its infotext paste (paste
+    True): the joint name's wins; neither given is the sampler's own schedule (an infotext from before 1.9, or
+    fastsd's with the sampler's own schedule). Automatic is the sampler's A1111 default (A1111_AUTOMATIC, else the
+    sampler's own); Karras runs the sampler's Karras twin where it has one; another type runs as
+    GenerationSettings.schedule_type. A type fastsd doesn't know (A1111 falls back to the model's schedule) or one
+    that can't drive the sampler is warned (in `warnings`, naming `field`) and the sampler's own used. ValueError
+    for an unknown sampler."""
+    base, suffix = split_joint(name)
+    sampler = resolve_sampler_name(base)
+    if sampler.endswith("_karras"):  # a canonical or k_ joint name (dpmpp_2m_karras, k_dpmpp_2m_ka)
+        sampler, suffix = sampler.removesuffix("_karras"), suffix or "karras"
+    if paste:
+        value = suffix if suffix is not None else scheduler
+        if suffix is not None and scheduler and _type(scheduler) not in (AUTOMATIC, _type(suffix)):
+            warnings.append(f"{field} {scheduler!r}: ignored, {name!r} names its schedule, as A1111 reads it")
+        if not value:
+            return sampler, AUTOMATIC
+    else:
+        value = scheduler or suffix
     try:
-        sched = resolve_schedule_type(scheduler)
+        sched = resolve_schedule_type(value)
     except ValueError as e:
         warnings.append(f"{field}: {e}; the sampler's own schedule was used")
-        return sampler, AUTOMATIC
-    if sampler.endswith("_karras"):
-        if sched not in (AUTOMATIC, "karras"):
-            warnings.append(f"{field} {scheduler!r}: ignored, {name!r} names its schedule (Karras), as A1111")
         return sampler, AUTOMATIC
     if sched == AUTOMATIC:
         sched = A1111_AUTOMATIC.get(sampler, AUTOMATIC)
@@ -39,25 +63,46 @@ def scheduled(sampler: str, name: str, scheduler: str | None, field: str, warnin
     try:
         check_sampler(sched, sampler)
     except ValueError:
-        warnings.append(f"{field} {scheduler!r}: not supported with {A1111_NAMES.get(sampler, sampler)}; the "
-                        "sampler's own schedule was used")
+        warnings.append(f"{field} {value!r}: not supported with {A1111_NAMES.get(sampler, sampler)}; the sampler's own "
+                        "schedule was used")
         return sampler, AUTOMATIC
     return sampler, sched
 
 
-def hires_scheduled(second: str, name: str, scheduler: str | None, schedule_type: str, field: str,
-                    warnings: list[str]) -> str:
-    """The hires fix's second-pass sampler for A1111's hires sampler (canonical; `name` as asked) and its schedule
-    (`scheduled`), given the first pass's schedule type: fastsd runs one schedule type for both passes, so a second
-    pass's apart from the first's is warned and the first's run."""
-    second, second_type = scheduled(second, name, scheduler, field, warnings)
-    if second_type != schedule_type:
-        warnings.append(f"{field}: the second pass's schedule ({schedule_label(second_type) or 'Automatic'}) "
-                        f"apart from the first pass's is not supported; it runs the first pass's "
-                        f"({schedule_label(schedule_type) or 'Automatic'})")
-        if schedule_type != AUTOMATIC:
-            second = second.removesuffix("_karras")
+def _type(value: str) -> str | None:
+    try:
+        return resolve_schedule_type(value)
+    except ValueError:
+        return None
+
+
+def effective_schedule(sampler: str, schedule_type: str) -> str:
+    """What `Pipeline.schedule` runs for a canonical sampler under a schedule type, as one name: "karras" for a
+    Karras twin's own schedule or the Karras type, "automatic" for another sampler's own, else the type."""
+    if schedule_type == "karras" or (schedule_type == AUTOMATIC and sampler.endswith("_karras")):
+        return "karras"
+    return schedule_type
+
+
+def hires_scheduled(name: str, scheduler: str | None, schedule_type: str, field: str, warnings: list[str], *,
+                    paste: bool = False) -> str:
+    """The hires fix's second-pass sampler for A1111's hires sampler name and the schedule it asks for (`scheduled`;
+    the caller passes the first pass's scheduler for A1111's "Use same scheduler"), given the first pass's
+    schedule type: fastsd runs one schedule type for both passes, so a second pass's that differs from what the
+    first's type gives it is warned and the first's run."""
+    second, second_type = scheduled(name, scheduler, field, warnings, paste=paste)
+    want = effective_schedule(second, second_type)
+    if schedule_type not in (AUTOMATIC, "karras"):
+        second = second.removesuffix("_karras")  # (the type replaces a twin's Karras schedule)
+    got = effective_schedule(second, schedule_type)
+    if want != got:
+        warnings.append(f"{field}: the second pass's schedule ({_label(want)}) apart from the first pass's is not "
+                        f"supported; it runs {_label(got)}")
     return second
+
+
+def _label(kind: str) -> str:
+    return "the sampler's own" if kind == AUTOMATIC else schedule_label(kind)
 
 
 # ---- the infotext in an image's metadata ---------------------------------------------------------------------

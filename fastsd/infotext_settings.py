@@ -24,6 +24,7 @@ MAX_TEXT_BYTES = 1 << 20  # a .txt / stdin infotext above this is refused (an in
 DESCRIPTIVE = ("Model hash", "Model", "VAE hash", "VAE", "Lora hashes", "TI hashes", "Version", "Hashes")
 HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires schedule type")
 SAME_SAMPLER, SAME_SCHEDULER = "Use same sampler", "Use same scheduler"  # A1111's "Hires sampler / schedule type"
+INPAINT_KEYS = ("Mask mode", "Mask blur", "Inpaint area", "Masked area padding", "Masked content")  # (masking.py)
 MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
@@ -93,7 +94,6 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
     A1111 1.9, or fastsd's with the sampler's own schedule) the sampler runs its own schedule, as it did then.
     "Denoising strength" is the hires fix's when hires keys are there, else img2img's strength."""
     from fastsd.a1111 import hires_scheduled, scheduled
-    from fastsd.samplers import resolve_sampler_name
     from fastsd.schedule_types import AUTOMATIC, resolve_schedule_type
 
     skip = set(skip)
@@ -117,21 +117,16 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
         if field not in skip:
             out[field] = _read("Denoising strength", params["Denoising strength"], (field,), _float)
 
-    # the sampler and its schedule type (A1111 1.9+'s pair)
+    # the sampler and its schedule type (A1111 1.9+'s pair, as its infotext paste reads it)
     name, sched = params.get("Sampler"), params.get("Schedule type")
-    first, first_type, notes = None, AUTOMATIC, []
-    if name is not None:
+    first_type = AUTOMATIC
+    if name is not None and "sampler" not in skip:
         try:
-            first = resolve_sampler_name(name)
+            out["sampler"], first_type = scheduled(name, sched, "Schedule type", warnings, paste=True)
         except ValueError as e:
-            if "sampler" not in skip:
-                raise InfotextError(f"'Sampler: {name}': {e}", ("sampler",)) from None
-    if first is not None and "sampler" not in skip:
-        if sched is not None and "schedule_type" not in skip:
-            first, first_type = scheduled(first, name, sched, "Schedule type", notes)
+            raise InfotextError(f"'Sampler: {name}': {e}", ("sampler",)) from None
+        if (sched is not None or first_type != AUTOMATIC) and "schedule_type" not in skip:
             out["schedule_type"] = first_type
-            warnings += notes
-        out["sampler"] = first
     elif sched is not None and "schedule_type" not in skip:  # the command line's sampler: the type as it is
         try:
             out["schedule_type"] = first_type = resolve_schedule_type(sched)
@@ -142,23 +137,20 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
     second_name, second_sched = params.get("Hires sampler"), params.get("Hires schedule type")
     second_name = None if second_name == SAME_SAMPLER else second_name
     second_sched = None if second_sched == SAME_SCHEDULER else second_sched
-    if hires and "hires_sampler" not in skip and (second_name is not None or second_sched is not None):
-        second = None
-        if second_name is not None:
-            try:
-                second = resolve_sampler_name(second_name)
-            except ValueError as e:
-                raise InfotextError(f"'Hires sampler: {second_name}': {e}", ("hires_sampler",)) from None
-        elif out.get("sampler") is not None:
-            second, second_name = out["sampler"], name
-        if second is not None:
-            sched_value = second_sched if second_sched is not None else sched  # A1111: "Use same scheduler"
-            if sched_value is not None:
-                second = hires_scheduled(second, second_name, sched_value, first_type, "Hires schedule type",
-                                         warnings)
-            out["hires_sampler"] = second if second != out.get("sampler") else None
+    if hires and "hires_sampler" not in skip and (second_name is not None or second_sched is not None) and \
+            (second_name is not None or name is not None):
+        try:
+            second = hires_scheduled(second_name or name, second_sched if second_sched is not None else sched,
+                                     out.get("schedule_type", first_type), "Hires schedule type", warnings, paste=True)
+        except ValueError as e:
+            raise InfotextError(f"'Hires sampler: {second_name}': {e}", ("hires_sampler",)) from None
+        out["hires_sampler"] = second if second != out.get("sampler") else None
 
-    unknown = [k for k in params if k not in KNOWN and not (k == "RNG" and params[k] == "CPU")]
+    inpaint = [k for k in params if k in INPAINT_KEYS]
+    if inpaint:  # (not settings: the CLI's own options, with --init-image and --mask)
+        warnings.append(f"inpainting keys not read ({', '.join(inpaint)}): give --mask-blur, --inpaint-area, "
+                        "--inpaint-padding, --masked-content with --init-image and --mask")
+    unknown = [k for k in params if k not in KNOWN and k not in INPAINT_KEYS and not (k == "RNG" and params[k] == "CPU")]
     if unknown:  # (fastsd draws noise as A1111's RNG "CPU"; its default, "GPU", is not written in the infotext)
         warnings.append(f"infotext keys fastsd doesn't use, ignored: {', '.join(unknown)}")
     return out, warnings

@@ -300,7 +300,7 @@ class Pipeline:
         schedule (as the server and --infotext read "DPM++ 2M" + "Karras": one image for one infotext); DPM2, DPM2 a
         and DPM++ 3M SDE drop the next-to-last level of a type's steps + 1, as A1111."""
         kind = resolve_schedule_type(schedule_type)
-        twin = f"{get_sampler(sampler).name}_karras"
+        twin = get_sampler(sampler).name.removesuffix("_karras") + "_karras"
         if kind == AUTOMATIC or (kind == "karras" and twin in SAMPLERS):
             return get_sampler(twin if kind == "karras" else sampler).schedule(steps, self.config.scheduler)
         return typed_schedule(kind, steps, self.config.scheduler,

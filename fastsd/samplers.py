@@ -74,6 +74,14 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
               is one Euler step (no diffusers twin)
   lcm         t = the timestep of s, c_skip = 0.25/((10t)^2+0.25), c_out = 10t/sqrt((10t)^2+0.25):
               a = c_skip/sqrt(1+s^2), b = c_out, d = s' (fresh noise; none after the last step) (LCMScheduler)
+  plms        pseudo linear multistep on eps = (x - D)/s (which is the UNet's eps): x' = x + (s' - s) eps', eps' the
+              Adams-Bashforth combination of this and the up to 3 previous steps' eps (weights 3/2, -1/2; 23/12, -16/12,
+              5/12; 55/24, -59/24, 37/24, -9/24), the older part formed with torch ops and passed as old_denoised
+              (a = 1 + w0 (s'-s)/s, b = -w0 (s'-s)/s, c = 1); the first step (unless it is the only one) is a Heun
+              step, two model calls, eps' = (e0 + e1)/2 (diffusers PNDMScheduler(skip_prk_steps=True): n + 1 calls)
+  restart     Heun steps (heun's coefficients, an Euler step to sigma 0) over A1111's restart list (`restart_steps`:
+              from 20 steps a shorter Karras schedule plus restart segments that go back up from ~0.1 to ~2), the
+              jump up the noise d = sqrt(s_up^2 - s'^2) added by the update of the step before it (fresh noise)
 """
 from __future__ import annotations
 
@@ -324,6 +332,46 @@ def brownian_weights(sigma: float, sigma_mid: float, sigma_next: float) -> tuple
     normalised increment over (s, s_mid) and z2 over (s_mid, s') (independent): w1^2 + w2^2 = 1."""
     span = abs(sigma_next - sigma)
     return math.sqrt(abs(sigma_mid - sigma) / span), math.sqrt(abs(sigma_next - sigma_mid) / span)
+
+
+PLMS_WEIGHTS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+"""Adams-Bashforth weights of (PLMS) orders 1-4 on the eps of this step and the earlier ones, newest first."""
+
+
+def _karras_f32(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """n Karras noise levels from sigma_max down to sigma_min (no final 0), the formula evaluated in float32 as
+    k-diffusion's get_sigmas_karras does on its float32 ramp (what A1111's Restart walks)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float32)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((hi + ramp * (lo - hi)) ** rho).tolist()
+
+
+RESTART_MIN, RESTART_MAX = 0.1, 2.0  # A1111's automatic restart segment: from the level nearest 0.1 back up to ~2
+
+
+def restart_steps(sigmas: list[float]) -> list[tuple[float, float]]:
+    """A1111's Restart (its restart_sampler with restart_list None): the (sigma, sigma_next) of every Heun step.
+
+    Below 20 steps (n = len(sigmas) - 1) the given steps, no restart. From 20: R = 9 restart steps done once
+    (n >= 36: R = n // 4, twice); the main schedule is a new Karras one of n - R * times steps between sigmas[-2]
+    and sigmas[0] (whatever the given schedule), plus 0; after the step that lands on its level nearest 0.1, the
+    R + 1 Karras levels from its level nearest 2 down to that one, walked `times` times (each walk starts by going
+    back up: fresh noise). n steps in all, so 2n - 1 model calls as Heun's (if the level nearest 2 is not above the
+    one nearest 0.1, as in a short img2img tail, there is no restart and fewer steps)."""
+    n = len(sigmas) - 1
+    if n < 20:
+        return list(zip(sigmas[:-1], sigmas[1:]))
+    r, times = (n // 4, 2) if n >= 36 else (9, 1)
+    main = _karras_f32(n - r * times, sigmas[-2], sigmas[0]) + [0.0]
+    dist = lambda v: [abs(m - v) for m in main]  # noqa: E731
+    lo, hi = int(np.argmin(dist(RESTART_MIN))), int(np.argmin(dist(RESTART_MAX)))
+    pairs = []
+    for i in range(len(main) - 1):
+        pairs.append((main[i], main[i + 1]))
+        if i + 1 == lo and hi < lo:
+            seg = _karras_f32(r + 1, main[lo], main[hi])
+            pairs += list(zip(seg[:-1], seg[1:])) * times
+    return pairs
 
 
 # --------------------------------------------------------------------------------------------- noise
@@ -689,6 +737,68 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     return x
 
 
+@torch.no_grad()
+def sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
+    """PLMS (diffusers PNDMScheduler with skip_prk_steps=True, as its SD pipelines use; A1111's "PLMS", LDM's
+    PLMSSampler): a Heun step first (diffusers calls the UNet a second time at the first step's target timestep,
+    the repeated timestep of its list; no Heun step when it is the only step), then linear multistep of order 2, 3
+    and 4 on the model's eps; n + 1 model calls for n steps. Its schedule is DDIM's ("leading", final sigma
+    sigma[t=0]). img2img starts over with the warm-up on the partial schedule (A1111); diffusers does not (see
+    tests/test_samplers_extra.py)."""
+    _no_opts("plms", opts)
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    n = len(s) - 1
+    eps: list[torch.Tensor] = []  # the earlier steps' eps, newest first (the first model call of each step)
+    for i in _trange(n, disable=disable):
+        h = s[i + 1] - s[i]
+        if i == 0 and n > 1 and s[1] > 0:  # warm-up: Heun (diffusers' counter 0 and 1)
+            x_next, denoised = denoise_and_step(model, x, sigmas[0], extra_args, euler_coeffs(s[0], s[1]))
+            x_next, _ = denoise_and_step(model, x_next, sigmas[1], extra_args, heun_coeffs(s[0], s[1]), denoised)
+        else:
+            w = PLMS_WEIGHTS[len(eps)]
+            history = None
+            for c, e in zip(w[1:], eps):
+                history = e * (c * h) if history is None else history.add_(e, alpha=c * h)
+            k = w[0] * h / s[i]
+            coeffs = (1.0 + k, -k, 0.0 if history is None else 1.0, 0.0)
+            x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, coeffs, history)
+        _callback(callback, x, i, sigmas[i], denoised)
+        if i < n - 1:
+            eps = [(x - denoised) / s[i]] + eps[:2]
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                   generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
+    """Restart sampling (Xu et al. 2023) as A1111's "Restart" (its modules/sd_samplers_extra.py restart_sampler,
+    s_noise 1; no diffusers twin): Heun steps (an Euler step to sigma 0) over `restart_steps(sigmas)`; where a step
+    starts above the previous one's end, fresh noise noise_sampler(s_end, s_start) (else randn with `generator`)
+    times sqrt(s_start^2 - s_end^2) takes x back up, added in the previous step's update. One callback per Heun
+    step (i counts them: len(sigmas) - 1 of them unless the rule finds no restart segment), two model calls each
+    but the last, as A1111 (which counts it 'second_order': 2 x steps for its progress)."""
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    pairs = restart_steps(s)
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    for j in _trange(len(pairs), disable=disable):
+        a, b = pairs[j]
+        up_to = pairs[j + 1][0] if j + 1 < len(pairs) else b
+        up = math.sqrt(up_to * up_to - b * b) if up_to > b else 0.0
+        draw = lambda: noise_sampler(f64(b), f64(up_to))  # noqa: E731
+        if b == 0:
+            x_next, denoised = denoise_and_step(model, x, f64(a), extra_args, (*euler_coeffs(a, b)[:3], up),
+                                                draw_noise=draw)
+        else:
+            x2, denoised = denoise_and_step(model, x, f64(a), extra_args, euler_coeffs(a, b))
+            x_next, _ = denoise_and_step(model, x2, f64(b), extra_args, (*heun_coeffs(a, b)[:3], up), denoised,
+                                         draw_noise=draw)
+        _callback(callback, x, j, f64(a), denoised)
+        x = x_next
+    return x
+
+
 def _no_opts(name, opts):
     if opts:
         raise TypeError(f"sample_{name} got unexpected options {sorted(opts)}")
@@ -719,7 +829,9 @@ class SamplerSpec:
 # k-diffusion's sample_dpmpp_3m_sde on DPMSolverMultistep's (Karras) schedule: diffusers' solver_order=3 SDE step
 # is another method that does not converge (variant="diffusers", see sample_dpmpp_3m_sde). dpmpp_2s_a(_karras) and
 # dpmpp_sde(_karras) have none: k-diffusion's sample_dpmpp_2s_ancestral / sample_dpmpp_sde (Brownian noise from
-# plain Gaussian draws) on the Euler (Karras) schedule.
+# plain Gaussian draws) on the Euler (Karras) schedule. plms is PNDMScheduler(skip_prk_steps=True) (on DDIM's schedule).
+# restart has none: A1111's restart_sampler (Heun steps and its restart segments) on the Euler Karras schedule,
+# A1111's default for it.
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("euler", sample_euler, False),
     SamplerSpec("euler_a", sample_euler_ancestral, True),
@@ -749,6 +861,8 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("dpmpp_2m_sde_heun_karras", sample_dpmpp_2m_sde_heun, True),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, True),
     SamplerSpec("dpmpp_3m_sde_karras", sample_dpmpp_3m_sde, True),
+    SamplerSpec("plms", sample_plms, False),
+    SamplerSpec("restart", sample_restart, True),
 )}
 
 # The names A1111 writes in its infotext ("Sampler: Euler a").
@@ -765,7 +879,8 @@ A1111_NAMES: dict[str, str] = {"euler": "Euler", "heun": "Heun", "euler_a": "Eul
                                "dpmpp_sde": "DPM++ SDE", "dpmpp_sde_karras": "DPM++ SDE Karras",
                                "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
                                "dpmpp_2m_sde_heun_karras": "DPM++ 2M SDE Heun Karras",
-                               "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras"}
+                               "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
+                               "plms": "PLMS", "restart": "Restart"}
 
 # After normalisation (lower case, "++" -> "pp", runs of spaces/hyphens -> "_", leading "k_"/"sample_" dropped),
 # the A1111 names become canonical ("Euler a" -> euler_a, "DPM++ 2M Karras" -> dpmpp_2m_karras); a few more:

@@ -11,6 +11,7 @@ so Karras / Exponential / Beta match diffusers' `use_*_sigmas=True` Euler schedu
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -116,7 +117,7 @@ SCHEDULE_TYPES: dict[str, ScheduleType] = {t.name: t for t in (
 )}
 # Samplers that step by diffusers' discrete timesteps rather than over any sigmas (A1111's DDIM/PLMS/UniPC take
 # no schedule type either; fastsd's UniPC works over sigmas, so it takes one).
-TIMESTEP_SAMPLERS = ("ddim", "ddpm")
+TIMESTEP_SAMPLERS = ("ddim", "ddpm", "plms")
 # A1111's samplers with discard_next_to_last_sigma (its DPM2, DPM2 a, DPM++ 3M SDE): over a schedule type they walk
 # the levels of steps + 1 without the next-to-last (`typed_schedule`); their own schedules stay their twins'.
 DISCARD_PENULTIMATE = ("dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras")
@@ -144,10 +145,18 @@ def schedule_label(name: str) -> str | None:
 
 
 def check_sampler(name: str, sampler: str) -> None:
-    """ValueError when a (non-automatic) schedule type can't drive `sampler` (canonical name)."""
-    if resolve_schedule_type(name) != AUTOMATIC and sampler in TIMESTEP_SAMPLERS:
+    """ValueError when a (non-automatic) schedule type can't drive `sampler` (canonical name): a sampler that steps
+    by discrete timesteps, a `_karras` one with another type (its name says Karras: the infotext would), Beta
+    without scipy."""
+    kind = resolve_schedule_type(name)
+    if kind != AUTOMATIC and sampler in TIMESTEP_SAMPLERS:
         raise ValueError(f"schedule type {name!r} does not apply to {sampler} (it steps by the model's discrete "
                          "timesteps); use Automatic or a sigma sampler such as euler or dpmpp_2m")
+    if kind not in (AUTOMATIC, "karras") and sampler.endswith("_karras"):
+        raise ValueError(f"sampler {sampler} names the Karras schedule; with schedule type {name!r} give "
+                         f"{sampler.removesuffix('_karras')}")
+    if kind == "beta" and importlib.util.find_spec("scipy") is None:
+        raise ValueError("the Beta schedule needs scipy (pip install scipy)")
 
 
 def sigma_table(cfg: SchedulerConfig = SchedulerConfig()) -> np.ndarray:

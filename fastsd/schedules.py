@@ -25,6 +25,9 @@ sigma) and the matching UNet timesteps diffusers' twin scheduler would use, buil
                                                   use_karras_sigmas=True the same Karras sigmas, the UNet getting
                                                   the fractional sigma_to_t(sigma) (not rounded); also
                                                   dpmpp_2s_a(_karras) and dpmpp_sde(_karras) (no diffusers twin)
+  plms             PNDMScheduler(skip_prk_steps=True): DDIM's schedule; diffusers' timesteps list the second one
+                                                  twice (the warm-up's second UNet call, a Heun step)
+  restart          no twin: Euler's Karras schedule (A1111's default for Restart)
   dpm2(_karras), dpm2_a(_karras)                   KDPM2(Ancestral)Discrete: Euler's sigmas, Karras ones with
                                                   rounded timesteps; each step but the last also calls the UNet at
                                                   a midpoint sigma (`Schedule.mid_sigmas`, with its fractional
@@ -247,6 +250,8 @@ SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
     "dpmpp_sde": ("euler", False),  # no diffusers twin without torchsde: Euler's (Karras) schedule, as dpmpp_2s_a
     "dpmpp_sde_karras": ("euler", True),
     "lcm": ("lcm", False),
+    "plms": ("ddim", False),  # PNDMScheduler(skip_prk_steps=True): DDIM's; it repeats timesteps[1] for its warm-up
+    "restart": ("euler", True),  # no diffusers twin: A1111's default schedule for it, Karras (Euler Karras's)
 }
 
 

@@ -36,7 +36,7 @@ class GenerationSettings:
                                                           "dpmpp_2s_a_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, "
                                                           "dpmpp_2m_sde_heun, dpmpp_2m_sde_heun_karras, dpmpp_sde, "
                                                           "dpmpp_sde_karras, dpmpp_3m_sde, dpmpp_3m_sde_karras, unipc, "
-                                                          "unipc_karras, lcm, "
+                                                          "unipc_karras, lcm, plms, restart, "
                                                           "or an A1111 name such as 'DPM++ 2M Karras'"))
     seed: int | None = field(default=None, metadata=_opt("random when not given; image i of a batch uses seed + i"))
     width: int | None = field(default=None, metadata=_opt("a multiple of 8; default: the init image's width, else "
@@ -74,7 +74,7 @@ class GenerationSettings:
     schedule_type: str = field(default="automatic", metadata=_opt(
         "A1111's 'Schedule type' for the sampler's noise levels: automatic (the sampler's own), uniform, karras, "
         "exponential, polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, beta (not "
-        "for ddim/ddpm)"))
+        "for ddim/ddpm/plms)"))
     hires_prompt: str = field(default="", metadata=_opt("hires fix: the second pass's prompt (A1111's 'Hires "
                                                         "prompt'); empty = --prompt's; its <lora:...> tags must be "
                                                         "the prompt's"))

@@ -208,7 +208,7 @@ def test_server_enable_hr():
                                                "hr_scale": 0, "hr_resize_x": 128})  # (hr_scale: ignored, as A1111)
         assert r.status_code == 200 and decode(r.json()["images"][0]).size == (128, 96)
         assert info(r)["warnings"] == ["hr_scheduler: the second pass's schedule (Exponential) apart from the first "
-                                       "pass's is not supported; it runs the first pass's (Automatic)"]
+                                       "pass's is not supported; it runs the sampler's own"]
         r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "scheduler": "Exponential",
                                                "hr_scheduler": "Exponential"})
         assert r.status_code == 200 and info(r)["warnings"] == [], r.text

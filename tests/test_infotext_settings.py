@@ -80,6 +80,11 @@ def test_other_keys_hires_and_warnings():
         ("dpmpp_2m_karras", "euler_karras", 0.5)  # "Use same scheduler": Karras for the second pass too
     assert (kwargs["hires_width"], kwargs["hires_height"], kwargs["hires_scale"]) == (96, 0, 1.0)
     assert "strength" not in kwargs and warnings == []
+    kwargs, warnings = settings_from_infotext("a\nSteps: 4, Sampler: DPM++ 2M SDE Exponential, Seed: 1, Size: 64x64, "
+                                              "Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32")
+    assert (kwargs["sampler"], kwargs["schedule_type"]) == ("dpmpp_2m_sde", "exponential")  # (A1111 1.6-1.8's name)
+    assert warnings == ["inpainting keys not read (Mask blur, Inpaint area, Masked area padding): give --mask-blur, "
+                        "--inpaint-area, --inpaint-padding, --masked-content with --init-image and --mask"]
     kwargs, _ = settings_from_infotext(hires + ', Hires prompt: "a, b: c", Hires negative prompt: ugly')
     assert (kwargs["hires_prompt"], kwargs["hires_negative_prompt"]) == ("a, b: c", "ugly")
 
@@ -91,7 +96,7 @@ def test_skip_leaves_the_fields_given_elsewhere():
 
 
 @pytest.mark.parametrize("params, key", [("Steps: many", "Steps"), ("Size: 12", "Size"), ("CFG scale: nan", "CFG scale"),
-                                         ("Sampler: Restart", "Sampler"), ("Seed: 4.5", "Seed"),
+                                         ("Sampler: Heun++", "Sampler"), ("Seed: 4.5", "Seed"),
                                          ("Hires upscaler: R-ESRGAN 4x+, Hires upscale: 2", "Hires upscaler")])
 def test_a_bad_value_names_its_key(params, key):
     with pytest.raises(InfotextError, match=f"'{key}: "):
@@ -197,8 +202,8 @@ def test_a1111_text_with_overrides_and_warnings(tmp_path, capsys):
      "'Steps: many': not an integer (--steps on the command line overrides it)"),
     (lambda d: (d / "z.txt").write_text("a\nSteps: 2, Seed: 1, Size: 12") and d / "z.txt",
      "'Size: 12': not a size WIDTHxHEIGHT (--width / --height on the command line overrides it)"),
-    (lambda d: (d / "r.txt").write_text("a\nSteps: 2, Sampler: Restart, Seed: 1") and d / "r.txt",
-     "'Sampler: Restart': unknown sampler 'Restart'"),
+    (lambda d: (d / "r.txt").write_text("a\nSteps: 2, Sampler: Heun++, Seed: 1") and d / "r.txt",
+     "'Sampler: Heun++': unknown sampler 'Heun++'"),
     (lambda d: (d / "o.txt").write_text("a\nSteps: 2000, Seed: 1, Size: 64x64") and d / "o.txt",
      "steps must be at most 1000"),
 ])

@@ -69,6 +69,9 @@ def _prototype_scheduler(name: str):
         # no diffusers twin (DPMSolverSDEScheduler needs torchsde): Euler's (Karras) schedule, as dpmpp_2s_a
         "dpmpp_sde": lambda: d.EulerDiscreteScheduler.from_config(SD15),
         "dpmpp_sde_karras": lambda: d.EulerDiscreteScheduler.from_config(SD15, use_karras_sigmas=True),
+        "plms": lambda: d.PNDMScheduler.from_config(SD15, skip_prk_steps=True),
+        # no diffusers twin: A1111's Restart on Euler's Karras schedule
+        "restart": lambda: d.EulerDiscreteScheduler.from_config(SD15, use_karras_sigmas=True),
     }[name]()
 
 
@@ -164,6 +167,11 @@ def test_schedule_matches_diffusers(name, steps):
         else:
             assert torch.equal(mids.double(), ours.mid_sigmas[:-1])
         assert math.isnan(ours.mid_sigmas[-1]) and math.isnan(ours.mid_timesteps[-1])  # the last step: Euler
+    elif name == "plms":  # PNDM (skip_prk_steps) lists its second timestep twice (the warm-up's second model call)
+        if steps > 1:
+            assert sched.timesteps[1] == sched.timesteps[2]
+            sched.timesteps = torch.cat([sched.timesteps[:1], sched.timesteps[2:]])
+        assert len(sched.timesteps) == steps and ours.mid_sigmas is None
     else:
         assert ours.mid_sigmas is None
     assert torch.equal(sched.timesteps.double(), ours.timesteps)
@@ -172,7 +180,7 @@ def test_schedule_matches_diffusers(name, steps):
         assert torch.equal(((1 - ac[sched.timesteps]) / ac[sched.timesteps]).sqrt().double(), ours.sigmas[:-1])
         assert ours.sigmas[-1].item() == 0.0 and ours.init_noise_sigma == pytest.approx(
             math.sqrt(1 + ours.sigmas[0].item() ** 2) * float(sched.init_noise_sigma))
-    elif name in ("ddim", "ddpm"):
+    elif name in ("ddim", "ddpm", "plms"):
         ac = sched.alphas_cumprod  # float32, indexed by the int timesteps in step()
         assert torch.equal(((1 - ac[sched.timesteps]) / ac[sched.timesteps]).sqrt().double(), ours.sigmas[:-1])
         final = 0.0 if name == "ddpm" else math.sqrt((1 - ac[0].item()) / ac[0].item())

@@ -234,3 +234,45 @@ def test_batch_job_field(tmp_path):
     assert b.settings.schedule_type == "automatic" and "scheduler" not in b.manifest_settings()
     assert isinstance(c, BadJob) and "does not apply to ddim" in c.error
     assert isinstance(d, BadJob) and d.error.startswith("unknown schedule type 'x'")
+
+
+def test_a1111_api_and_paste_rules():
+    """fastsd.a1111.scheduled: A1111's API (a scheduler given wins) and its infotext paste (a joint name wins,
+    none given = the sampler's own); old joint names with any schedule split; the hires pass's schedule compared
+    with what the first pass's type gives it."""
+    from fastsd.a1111 import hires_scheduled, scheduled, split_joint
+
+    assert split_joint("DPM++ 2M SDE Exponential") == ("DPM++ 2M SDE", "Exponential")
+    assert split_joint("Euler a") == ("Euler a", None) and split_joint("Euler SGMUniform") == ("Euler", "SGMUniform")
+    w = []
+    assert scheduled("DPM++ 2M Karras", "Exponential", "scheduler", w) == ("dpmpp_2m", "exponential") and w == []
+    assert scheduled("DPM++ 2M Karras", "Exponential", "Schedule type", w, paste=True) == ("dpmpp_2m_karras",
+                                                                                           "automatic")
+    assert w == ["Schedule type 'Exponential': ignored, 'DPM++ 2M Karras' names its schedule, as A1111 reads it"]
+    assert scheduled("DPM++ 2M", None, "f", [], paste=True) == ("dpmpp_2m", "automatic")  # (fastsd's own infotext)
+    assert scheduled("DPM++ 2M", None, "f", []) == ("dpmpp_2m_karras", "automatic")  # (the API: Automatic)
+    assert scheduled("DPM++ 3M SDE Exponential", None, "f", [], paste=True) == ("dpmpp_3m_sde", "exponential")
+    with pytest.raises(ValueError, match="unknown sampler 'Heun\\+\\+'"):
+        scheduled("Heun++ Karras", None, "f", [])
+    # the hires pass: Euler + Karras first, hires Exponential: named as what it is (not "names its schedule")
+    w = []
+    assert hires_scheduled("Euler", "Exponential", "automatic", "hr_scheduler", w) == "euler"
+    assert w == ["hr_scheduler: the second pass's schedule (Exponential) apart from the first pass's is not "
+                 "supported; it runs the sampler's own"]
+    w = []  # Euler a + Karras (a type), hires DPM++ 2M (Automatic: Karras, its twin): both passes Karras
+    assert hires_scheduled("DPM++ 2M", None, "karras", "hr_scheduler", w) == "dpmpp_2m_karras" and w == []
+    w = []  # first pass Exponential, hires DPM++ 2M Karras: the type replaces the twin's Karras (warned)
+    assert hires_scheduled("DPM++ 2M Karras", None, "exponential", "hr_scheduler", w) == "dpmpp_2m" and len(w) == 1
+
+
+def test_karras_names_and_types_agree(pipe):
+    """A `_karras` sampler names its schedule: with another type it is refused (its infotext would say Karras);
+    with Karras it is its own twin's schedule."""
+    with pytest.raises(ValueError, match="sampler dpmpp_2m_karras names the Karras schedule; with schedule type "
+                                         "'exponential' give dpmpp_2m"):
+        GenerationSettings(sampler="DPM++ 2M Karras", schedule_type="exponential").validate()
+    with pytest.raises(ValueError, match="hires_sampler: sampler euler_karras names the Karras schedule"):
+        GenerationSettings(sampler="euler", hires_sampler="euler_karras", schedule_type="beta").validate()
+    GenerationSettings(sampler="DPM++ 2M Karras", schedule_type="Karras").validate()
+    assert torch.equal(pipe.schedule("dpmpp_2m_karras", 4, "karras").timesteps,
+                       get_sampler("dpmpp_2m_karras").schedule(4).timesteps)

@@ -466,21 +466,26 @@ def test_img2img_takes_a_jpeg_and_refuses_a_tiff(server):
 
 @pytest.mark.parametrize("name, scheduler, want, warned", [
     ("DPM++ 2M", "Karras", "dpmpp_2m_karras", False), ("DPM++ 2M SDE", "Karras", "dpmpp_2m_sde_karras", False),
-    ("DPM++ 2M SDE Karras", "Automatic", "dpmpp_2m_sde_karras", False), ("Heun", "", "heun", False),
+    ("DPM++ 2M SDE Karras", None, "dpmpp_2m_sde_karras", False), ("Heun", "", "heun", False),
     ("Euler", "Karras", "euler_karras", False), ("Heun", "Karras", "heun_karras", False),
     ("LMS", "Karras", "lms_karras", False), ("DPM2", "Karras", "dpm2_karras", False),
     ("DPM2 a", "Karras", "dpm2_a_karras", False), ("DPM++ 2S a", "Karras", "dpmpp_2s_a_karras", False),
-    ("DPM2 a Karras", "automatic", "dpm2_a_karras", False), ("UniPC", "Karras", "unipc_karras", False),
-    ("DPM2 Karras", "Karras", "dpm2_karras", False),
+    ("UniPC", "Karras", "unipc_karras", False), ("DPM2 Karras", "Karras", "dpm2_karras", False),
     # other schedule types (and Karras where fastsd has no Karras twin) run as GenerationSettings.schedule_type
     ("Euler", "Exponential", ("euler", "exponential"), False), ("Euler a", "Karras", ("euler_a", "karras"), False),
     ("DPM++ 2M", "Align Your Steps", ("dpmpp_2m", "align_your_steps"), False),
     ("LCM", "SGMUniform", ("lcm", "sgm_uniform"), False), ("DPM++ 2M", "Uniform", ("dpmpp_2m", "uniform"), False),
-    # A1111 1.9+'s Automatic: the sampler's default schedule
+    # A1111 1.9+'s Automatic (or none): the sampler's default schedule
     ("DPM++ 2M", "", "dpmpp_2m_karras", False), ("DPM++ 2S a", "Automatic", "dpmpp_2s_a_karras", False),
     ("DPM++ 2M SDE", None, ("dpmpp_2m_sde", "exponential"), False), ("Euler a", None, "euler_a", False),
-    # a joint name's schedule wins, as A1111's get_sampler_and_scheduler
-    ("DPM++ 2M Karras", "Align Your Steps", "dpmpp_2m_karras", True),
+    ("DPM2", None, "dpm2_karras", False), ("DPM2 a", "Automatic", "dpm2_a_karras", False),
+    # its API: a scheduler given wins over a joint name's schedule ("Automatic" too: the sampler's default then)
+    ("DPM++ 2M Karras", "Exponential", ("dpmpp_2m", "exponential"), False),
+    ("DPM++ 2M SDE Karras", "Automatic", ("dpmpp_2m_sde", "exponential"), False),
+    ("Euler Karras", "Automatic", "euler", False), ("k_dpmpp_2m_ka", None, "dpmpp_2m_karras", False),
+    # old joint names with any schedule, split as A1111's get_sampler_and_scheduler
+    ("DPM++ 2M SDE Exponential", None, ("dpmpp_2m_sde", "exponential"), False),
+    ("Euler a Karras", None, ("euler_a", "karras"), False), ("Euler Align Your Steps", "", ("euler", "align_your_steps"), False),
     ("DDIM", "Karras", "ddim", True), ("Euler", "Karras Exponential", "euler", True),
 ])
 def test_a1111_sampler_and_scheduler_fields(name, scheduler, want, warned):

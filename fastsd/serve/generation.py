@@ -20,8 +20,8 @@ from PIL import Image, ImageOps
 
 from fastsd import masking
 from fastsd.lora import drop_tags, parse_prompt, strip_tags
-from fastsd.a1111 import hires_scheduled, image_infotext, scheduled
-from fastsd.samplers import A1111_NAMES, resolve_sampler_name
+from fastsd.a1111 import hires_scheduled, image_infotext, scheduled, split_joint
+from fastsd.samplers import A1111_NAMES
 from fastsd.serve.jobqueue import Cancelled
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
@@ -72,13 +72,15 @@ def a1111_names(message: str) -> str:
 
 
 def _sampler(req, warnings: list[str]) -> tuple[str, str]:
-    """(sampler, schedule type) of A1111's sampler_name and scheduler (`fastsd.a1111.scheduled`)."""
-    name = req.sampler_name or req.sampler_index or "Euler"
+    """(sampler, schedule type) of A1111's sampler_name and scheduler (`fastsd.a1111.scheduled`, its API's rules)."""
     try:
-        sampler = resolve_sampler_name(name)
+        return scheduled(_sampler_name(req), req.scheduler, "scheduler", warnings)
     except ValueError as e:
         raise BadRequest(f"sampler_name: {e}") from None
-    return scheduled(sampler, name, req.scheduler, "scheduler", warnings)
+
+
+def _sampler_name(req) -> str:
+    return req.sampler_name or req.sampler_index or "Euler"
 
 
 def _size(req, field: str, limits: Limits, warnings: list[str]) -> int:
@@ -107,16 +109,15 @@ def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list
         return {}
     if req.firstphase_width or req.firstphase_height:
         warnings.append("firstphase_width/height: A1111's old hires fields are not supported, ignored")
-    second, name = sampler, req.sampler_name or req.sampler_index or "Euler"
-    if req.hr_sampler_name not in SAME_SAMPLER:  # A1111's "Hires sampler"
-        try:
-            second, name = resolve_sampler_name(req.hr_sampler_name), req.hr_sampler_name
-        except ValueError as e:
-            raise BadRequest(f"hr_sampler_name: {e}") from None
-    same = (req.hr_scheduler or "").strip().lower() in ("", "use same scheduler")  # A1111: the first's field then
-    # (one schedule type for both passes: a second one apart is warned)
-    second = hires_scheduled(second, name, req.scheduler if same else req.hr_scheduler, schedule_type, "hr_scheduler",
-                             warnings)
+    name = _sampler_name(req) if req.hr_sampler_name in SAME_SAMPLER else req.hr_sampler_name  # "Hires sampler"
+    # A1111's "Use same scheduler" (or none): the first pass's scheduler as its API set it (the request's, else
+    # the joint sampler name's)
+    same = (req.hr_scheduler or "").strip().lower() in ("", "use same scheduler")
+    try:
+        second = hires_scheduled(name, (req.scheduler or split_joint(_sampler_name(req))[1]) if same else
+                                 req.hr_scheduler, schedule_type, "hr_scheduler", warnings)
+    except ValueError as e:
+        raise BadRequest(f"hr_sampler_name: {e}") from None
     if req.hr_checkpoint_name:
         warnings.append("hr_checkpoint_name: not supported; the second pass uses the same model")
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's txt2img default
