@@ -217,6 +217,8 @@ def test_cli_option_and_its_bad_values(tmp_path):
     from PIL import Image
     assert "Sampler: DPM++ 2M, Schedule type: SGM Uniform" in Image.open(out).info["parameters"]
     for bad, msg in [(["--schedule-type", "nope"], "unknown schedule type 'nope'"),
+                     (["--sampler", "DPM++ 2M SDE Exponential"], "unknown sampler 'DPM++ 2M SDE Exponential': give the "
+                      "sampler 'DPM++ 2M SDE' with the schedule type 'exponential' (--schedule-type)"),
                      (["--schedule-type", "karras", "--sampler", "ddim"], "does not apply to ddim")]:
         r = subprocess.run(cmd[:-1] + [str(tmp_path / "b.png")] + bad, capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
