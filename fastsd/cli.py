@@ -48,7 +48,7 @@ def add_run_sampling_args(p: argparse.ArgumentParser, *, sampler: str) -> None:
     p.add_argument("--sampler", default=sampler, help="euler_a, euler(_karras), heun(_karras), lms(_karras), "
                    "dpm2(_karras), dpm2_a(_karras), ddim, ddpm, dpmpp_2m(_karras), dpmpp_2s_a(_karras), "
                    "dpmpp_2m_sde(_karras), dpmpp_2m_sde_heun(_karras), dpmpp_sde(_karras), dpmpp_3m_sde(_karras), "
-                   "unipc(_karras), lcm, plms, restart")
+                   "unipc(_karras), lcm, plms, restart, dpm_fast, dpm_adaptive")
     p.add_argument("--steps", type=int_in(1, 1000), default=50)
     p.add_argument("--seed", type=int_in(0, 2 ** 63 - 1), default=0)
     p.add_argument("--no-clip", action="store_true", help="don't clip predicted x0 to [-1, 1] while sampling")

@@ -102,9 +102,43 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeatable")
     p.add_argument("--lora-dir", default=None, help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors "
                    "(default $FASTSD_LORA_DIR)")
+    p.add_argument("--styles-file", default=None, metavar="PATH", help="A1111's prompt styles: a styles.csv "
+                   "(name,prompt,negative_prompt) or a folder of such .csv files; default $FASTSD_STYLES")
+    p.add_argument("--style", action="append", default=[], metavar="NAME", help="apply this style of --styles-file "
+                   "to the prompt and negative prompt, A1111's way (its {prompt} takes the prompt, else it is appended "
+                   "after ', '); repeatable, applied in order; the infotext records the styled prompts")
     p.add_argument("--allow-large", action="store_true", help="allow width/height above 4096")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def apply_cli_styles(args: argparse.Namespace, settings: GenerationSettings) -> GenerationSettings:
+    """The settings with --style's styles applied to the prompts (the hires ones too, when given, as A1111 styles
+    its hr_prompt); ValueError (one line) for a styles file that can't be read or a name it doesn't have. A
+    --styles-file given on the command line is read (and checked) even without --style; $FASTSD_STYLES only with one."""
+    from fastsd.styles import STYLES_ENV, apply_styles, read_styles, style_path
+
+    path = style_path(args.styles_file)
+    if not args.style and args.styles_file is None:
+        return settings
+    if path is None:
+        raise ValueError(f"--style {args.style[0]}: no styles file; give --styles-file PATH (a styles.csv or a "
+                         f"folder of them) or set ${STYLES_ENV}")
+    what = "--styles-file" if args.styles_file else f"${STYLES_ENV}"
+    styles, notes = read_styles(path, what)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    missing = [n for n in args.style if n not in styles]
+    if missing:
+        have = ", ".join(repr(n) for n in list(styles)[:20]) + (", ..." if len(styles) > 20 else "")
+        raise ValueError(f"--style {missing[0]!r}: no such style in {what} {path} (it has: {have or 'none'})")
+    prompt, negative, _ = apply_styles(styles, args.style, settings.prompt, settings.negative_prompt)
+    hires = {}
+    if settings.hires_prompt:
+        hires["hires_prompt"] = apply_styles(styles, args.style, settings.hires_prompt, "")[0]
+    if settings.hires_negative_prompt:
+        hires["hires_negative_prompt"] = apply_styles(styles, args.style, "", settings.hires_negative_prompt)[1]
+    return settings.replace(prompt=prompt, negative_prompt=negative, **hires)
 
 
 def default_model() -> str:
@@ -276,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     settings = GenerationSettings(**{name: getattr(args, name) for name in FIELDS})
     try:
+        settings = apply_cli_styles(args, settings)
         settings.validate(has_image=args.init_image is not None, has_mask=args.mask is not None,
                           allow_large=args.allow_large)
         if not 0.0 < settings.strength <= 1.0:  # a mistake even where no --init-image uses it

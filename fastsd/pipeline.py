@@ -439,6 +439,8 @@ class Pipeline:
     def _step_callback(self, on_step: OnStep | None, total: int, every: int):
         def callback(info) -> None:
             step, denoised = info["i"] + 1, info["denoised"]
+            if "progress" in info:  # dpm_fast / dpm_adaptive: their steps are not the schedule's
+                step = max(1, min(total, round(info["progress"] * total)))
             if not torch.isfinite(denoised).all():  # A1111's NaN check, at the step it happens: no black image
                 self._not_finite(denoised.dtype, step)
             if on_step is None:

@@ -82,6 +82,15 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
   restart     Heun steps (heun's coefficients, an Euler step to sigma 0) over A1111's restart list (`restart_steps`:
               from 20 steps a shorter Karras schedule plus restart segments that go back up from ~0.1 to ~2), the
               jump up the noise d = sqrt(s_up^2 - s'^2) added by the update of the step before it (fresh noise)
+  dpm_fast    DPM-Solver-Fast (k-diffusion's sample_dpm_fast, eta 1): n = len(sigmas) - 1 model calls as floor(n/3) + 1
+              single-step DPM-Solver-3/2/1 steps, uniform in log sigma from sigmas[0] to the last nonzero sigma (only
+              the ends and n are used). Each step's calls are written as rows over (x, D_0, D_1, D_2)
+              (`dpm_solver_rows`): call k's update has b = its row's D_k weight, the rest (x and the earlier D) formed
+              with torch ops as old_denoised (c = 1; on the first call a = x's weight); ancestral split to s_down
+              (>= sigma_min) and s_up noise on the last call. Ends at sigma_min, not 0 (see sample_dpm_fast)
+  dpm_adaptive  DPM-Solver-23 with adaptive steps (k-diffusion's sample_dpm_adaptive, eta 1): the same steps, the
+              embedded second-order result for the error estimate (RMS over the whole batch), PID step-size control,
+              rejected attempts retried; the noise is added after the accept decision with plain torch ops
 """
 from __future__ import annotations
 
@@ -799,6 +808,244 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
     return x
 
 
+# --------------------------------------------------------------------------------------------- DPM-Solver (fast, adaptive)
+
+def dpm_solver_rows(sigma: float, sigma_next: float, order: int) -> tuple[list[float], list[np.ndarray], np.ndarray,
+                                                                          np.ndarray]:
+    """One single-step DPM-Solver step (Lu et al. 2022, noise-prediction form, lambda = -log sigma) from sigma to
+    sigma_next, as coefficient rows over (x, D_0, D_1, D_2), D_k the model's output at the k-th call:
+    (levels, inputs, high, low) with levels[k] the noise level of call k, inputs[k] the row of its input
+    (inputs[0] = x), `high` the row of the order-`order` result and `low` that of the embedded lower-order one
+    (order 3: DPM-Solver-2 with r1 = 1/3 over the same first two calls; order 2: DPM-Solver-1; order 1: itself).
+
+    With h = log(sigma/sigma_next), s_k = sigma e^(-r_k h) and eps_k = (u_k - D_k)/s_k (the eps the model implies at
+    its input u_k): DPM-Solver-1 x' = x - (sigma - sigma_next) eps_0 (the Euler step); -2 (r1 = 1/2, or 1/3 as the
+    lower one of -3) adds -(sigma - sigma_next)/(2 r1) (eps_1 - eps_0) with u_1 the first-order step to s_1;
+    -3 (r1 = 1/3, r2 = 2/3) adds -(sigma_next/r2) (phi(h) - 1) (eps_2 - eps_0), phi(h) = (e^h - 1)/h, with
+    u_2 = the first-order step to s_2 - s_2 (r2/r1) (phi(r2 h) - 1) (eps_1 - eps_0). (sigma_next e^h = sigma.)
+    h = 0 (a zero-length step) gives x' = x after one call."""
+    x_row = np.array([1.0, 0.0, 0.0, 0.0])
+    if sigma_next == sigma:
+        return [sigma], [x_row], x_row, x_row
+
+    def eps(k: int, u: np.ndarray, level: float) -> np.ndarray:
+        e = u.copy()
+        e[1 + k] -= 1.0
+        return e / level
+
+    h = math.log(sigma / sigma_next)
+    e0 = eps(0, x_row, sigma)
+    first = x_row - (sigma - sigma_next) * e0
+    if order == 1:
+        return [sigma], [x_row], first, first
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    s1 = sigma * math.exp(-r1 * h)
+    u1 = x_row - (sigma - s1) * e0
+    e1 = eps(1, u1, s1)
+    second = first - (sigma - sigma_next) / (2.0 * r1) * (e1 - e0)
+    if order == 2:
+        return [sigma, s1], [x_row, u1], second, first
+    r2 = 2.0 / 3.0
+    s2 = sigma * math.exp(-r2 * h)
+    phi = lambda v: math.expm1(v) / v  # noqa: E731
+    u2 = x_row - (sigma - s2) * e0 - s2 * (r2 / r1) * (phi(r2 * h) - 1.0) * (e1 - e0)
+    e2 = eps(2, u2, s2)
+    third = first - sigma_next / r2 * (phi(h) - 1.0) * (e2 - e0)
+    return [sigma, s1, s2], [x_row, u1, u2], third, second
+
+
+def _combine(row, x: torch.Tensor, ds: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """row . (x, D_0, D_1, ...) over the terms given, with torch ops; None when every coefficient is 0."""
+    out = None
+    for c, t in zip(row, [x] + ds):
+        if c:
+            out = t * float(c) if out is None else out.add_(t, alpha=float(c))
+    return out
+
+
+def _dpm_solver_step(model, x, sigma, sigma_next, order, extra_args, noise_std=0.0, draw_noise=None):
+    """Run one DPM-Solver step of `order` from sigma to sigma_next: each model call goes through denoise_and_step,
+    whose update builds the next call's input (or the result) from the call's output D_k (b), x and the earlier
+    outputs (formed with torch ops, in old_denoised's place); the first call's update also takes a = x's
+    coefficient (the Euler step it is). `noise_std` * draw_noise() is added by the last update.
+    -> (x_high, the model outputs, the low-order row)."""
+    levels, inputs, high, low = dpm_solver_rows(sigma, sigma_next, order)
+    ds: list[torch.Tensor] = []
+    u = x
+    for k, level in enumerate(levels):
+        last = k == len(levels) - 1
+        target = high if last else inputs[k + 1]
+        if k == 0:
+            rest, a = None, float(target[0])
+        else:
+            rest, a = _combine(target[:1 + k], x, ds), 0.0
+        coeffs = (a, float(target[1 + k]), 0.0 if rest is None else 1.0, noise_std if last else 0.0)
+        u, d = denoise_and_step(model, u, torch.tensor(level, dtype=torch.float64), extra_args, coeffs, rest,
+                                draw_noise=draw_noise if last else None)
+        ds.append(d)
+    return u, ds, low
+
+
+def _sigma_ends(s: list[float]) -> tuple[float, float]:
+    """(sigma_max, sigma_min) of a schedule handed to dpm_fast / dpm_adaptive: its first and its last nonzero level."""
+    nonzero = [v for v in s if v > 0]
+    if len(s) < 2 or not nonzero:
+        raise ValueError("dpm_fast / dpm_adaptive need a schedule of at least one step with a nonzero level")
+    return s[0], nonzero[-1]
+
+
+def _ancestral_clipped(sigma: float, sigma_next: float, sigma_min: float, eta: float) -> tuple[float, float]:
+    """The ancestral split of a DPM-Solver step (k-diffusion's DPMSolver with eta): the deterministic part goes to
+    sigma_down, but never below sigma_min (the walk's end), and the noise makes up the rest to sigma_next."""
+    if not eta:
+        return sigma_next, 0.0
+    down, _ = ancestral_sigmas(sigma, sigma_next, eta)
+    down = max(down, sigma_min)
+    return down, math.sqrt(max(sigma_next * sigma_next - down * down, 0.0))
+
+
+def dpm_fast_orders(n: int) -> list[int]:
+    """DPM-Solver-Fast's orders for n model calls (Lu et al. 2022, Sec. 3.4): floor(n/3) + 1 steps, third order
+    but the last one or two steps, which use the remaining calls (n % 3 == 0: ..., 3, 2, 1)."""
+    m = n // 3 + 1
+    return [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta: float = 1.0,
+                    s_noise: float = 1.0, generator: Optional[torch.Generator] = None,
+                    noise_sampler: Optional[NoiseSampler] = None):
+    """DPM-Solver-Fast (A1111's "DPM fast": k-diffusion's sample_dpm_fast with A1111's eta 1): n = len(sigmas) - 1
+    model calls spent on floor(n/3) + 1 steps of DPM-Solver-3 (the last one or two of order 2 / 1, see
+    dpm_fast_orders), uniform in log sigma from sigmas[0] down to the last nonzero level of `sigmas` (sigma_min)
+    -- only the schedule's ends and length are used. With eta > 0 each step goes to the ancestral sigma_down (never
+    below sigma_min) and fresh noise from `noise_sampler(sigma, sigma_next)` (else randn with `generator`) times
+    s_noise brings it to sigma_next; none on the last step. Returns x at sigma_min, not denoised further (as
+    k-diffusion and A1111, which decode it: its std carries sigma_min ~0.03 of noise); the callback comes once per
+    step (i counts the steps: fewer than n, i + 1 ends at floor(n/3) + 1), its dict with "nfe" (model calls so
+    far) and "progress" = nfe / n (1 at the last step) for a progress display that should end at n."""
+    extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    sigma_max, sigma_min = _sigma_ends(s)
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    orders = dpm_fast_orders(len(s) - 1)
+    m = len(orders)
+    span = math.log(sigma_max / sigma_min)
+    levels = [sigma_max] + [sigma_max * math.exp(-span * j / m) for j in range(1, m)] + [sigma_min]
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    for i in _trange(m, disable=disable):
+        down, up = _ancestral_clipped(levels[i], levels[i + 1], sigma_min, eta)
+        draw = lambda: noise_sampler(f64(levels[i]), f64(levels[i + 1]))  # noqa: E731
+        x_next, ds, _ = _dpm_solver_step(model, x, levels[i], down, orders[i], extra_args, up * s_noise, draw)
+        if callback is not None:
+            nfe = sum(orders[:i + 1])
+            callback({"x": x, "i": i, "sigma": f64(levels[i]), "sigma_hat": f64(levels[i]), "denoised": ds[0],
+                      "nfe": nfe, "progress": nfe / (len(s) - 1)})
+        x = x_next
+    return x
+
+
+def _open_count(disable):
+    """A progress bar of unknown length (one tick per attempt), or None without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=None, disable=disable)
+
+
+class PIDStepSize:
+    """The step-size controller of dpm_adaptive (k-diffusion's PIDStepSizeController; Söderlind's PID control on
+    the inverse error): with the last three accepted inverse errors e0 (this one), e1, e2 the step h is scaled by
+    1 + atan(f - 1), f = e0^b1 e1^b2 e2^b3, b1 = (p + i + d)/k, b2 = -(p + 2d)/k, b3 = d/k (k: the order); a step is
+    accepted when that factor is at least `accept_safety`. h is rescaled after a rejection too."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float,
+                 accept_safety: float = 0.81, eps: float = 1e-8):
+        self.h = h
+        self.b = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order, dcoeff / order)
+        self.accept_safety, self.eps = accept_safety, eps
+        self.inv: list[float] = []
+
+    def propose(self, error: float) -> bool:
+        inv = 1.0 / (error + self.eps)
+        self.inv = [inv, *(self.inv[1:] or [inv, inv])]
+        f = self.inv[0] ** self.b[0] * self.inv[1] ** self.b[1] * self.inv[2] ** self.b[2]
+        factor = 1.0 + math.atan(f - 1.0)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.inv = [self.inv[0], self.inv[0], self.inv[1]]
+        self.h *= factor
+        return accept
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order: int = 3,
+                        rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0,
+                        icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 1.0,
+                        s_noise: float = 1.0, generator: Optional[torch.Generator] = None,
+                        noise_sampler: Optional[NoiseSampler] = None, info: Optional[dict] = None):
+    """DPM-Solver-23 (order 3; order=2: -12) with adaptive steps in lambda = -log sigma from sigmas[0] to the last
+    nonzero level of `sigmas` (A1111's "DPM adaptive": k-diffusion's sample_dpm_adaptive with its defaults and
+    A1111's eta 1). Only the schedule's ends are used: the number of steps is not len(sigmas) - 1 but whatever the
+    error control takes. Each attempt from s with step h (starting at h_init, in lambda) calls the model `order`
+    times and compares the order-`order` result with the embedded lower-order one: error = RMS over the whole
+    batch (every image and element together, as k-diffusion: one image's error sizes the steps of all) of
+    (x_low - x_high) / max(atol, rtol * max(|x_low|, |x_low of the last accepted step|)); PIDStepSize decides and
+    rescales h. An accepted step moves to the ancestral sigma_down (eta > 0, never below sigma_min) and adds fresh
+    noise from `noise_sampler(sigma, sigma_next)` (else randn with `generator`) times s_noise; a rejected one
+    retries from the same x (no noise drawn). Returns x at sigma_min (as dpm_fast).
+
+    The callback comes once per attempt, accepted or not (k-diffusion's count): i counts attempts and can exceed
+    len(sigmas) - 1; its dict also has "accepted", "error", "h" (the next step size), "nfe" and "progress" (the
+    fraction of the way from sigma_max to sigma_min in log sigma done after this attempt: 1 at the end, up to
+    1e-5 short). `info`, if a dict, receives steps / nfe / n_accept / n_reject."""
+    if order not in (2, 3):
+        raise ValueError(f"order must be 2 or 3, got {order}")
+    extra_args, sigmas, s_list = _prepare(x, sigmas, extra_args)
+    sigma_max, sigma_min = _sigma_ends(s_list)
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
+    level = lambda t: sigma_max if t == t_start else sigma_min if t == t_end else math.exp(-t)  # noqa: E731
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    pid = PIDStepSize(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    stats = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+    x_prev = x
+    s = t_start
+    bar = _open_count(disable)
+    try:
+        while s < t_end - 1e-5:
+            t = min(t_end, s + pid.h)
+            sig_s, sig_t = level(s), level(t)
+            down, up = _ancestral_clipped(sig_s, sig_t, sigma_min, eta)
+            x_high, ds, low = _dpm_solver_step(model, x, sig_s, down, order, extra_args)
+            x_low = _combine(low, x, ds)
+            delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+            error = float(torch.linalg.vector_norm((x_low - x_high) / delta)) / math.sqrt(x.numel())
+            if not math.isfinite(error):
+                raise ValueError(f"dpm_adaptive: the step error at sigma {sig_s:.4g} is not finite")
+            accept = pid.propose(error)
+            stats["steps"] += 1
+            stats["nfe"] += order
+            stats["n_accept" if accept else "n_reject"] += 1
+            if callback is not None:
+                done = ((t if accept else s) - t_start) / (t_end - t_start)
+                callback({"x": x, "i": stats["steps"] - 1, "sigma": f64(sig_s), "sigma_hat": f64(sig_s),
+                          "denoised": ds[0], "accepted": accept, "error": error, "h": pid.h, "nfe": stats["nfe"],
+                          "progress": done})
+            if accept:
+                if up:
+                    x_high = x_high.add_(noise_sampler(f64(sig_s), f64(sig_t)), alpha=up * s_noise)
+                x_prev, x, s = x_low, x_high, t
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if info is not None:
+        info.update(stats)
+    return x
+
+
 def _no_opts(name, opts):
     if opts:
         raise TypeError(f"sample_{name} got unexpected options {sorted(opts)}")
@@ -831,7 +1078,11 @@ class SamplerSpec:
 # dpmpp_sde(_karras) have none: k-diffusion's sample_dpmpp_2s_ancestral / sample_dpmpp_sde (Brownian noise from
 # plain Gaussian draws) on the Euler (Karras) schedule. plms is PNDMScheduler(skip_prk_steps=True) (on DDIM's schedule).
 # restart has none: A1111's restart_sampler (Heun steps and its restart segments) on the Euler Karras schedule,
-# A1111's default for it.
+# A1111's default for it. dpm_fast and dpm_adaptive have none: k-diffusion's sample_dpm_fast / sample_dpm_adaptive
+# (A1111's "DPM fast" / "DPM adaptive", eta 1); they use only the ends of the schedule handed in (its first and
+# last nonzero level; the number of steps too for dpm_fast), and their schedule ("ends") is Euler's, which runs
+# from the model table's sigma_max to its sigma_min then 0 (the ends A1111 gives them in txt2img; an img2img tail
+# starts lower, as A1111's), but for one step: [sigma_max, sigma_min].
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("euler", sample_euler, False),
     SamplerSpec("euler_a", sample_euler_ancestral, True),
@@ -863,6 +1114,8 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("dpmpp_3m_sde_karras", sample_dpmpp_3m_sde, True),
     SamplerSpec("plms", sample_plms, False),
     SamplerSpec("restart", sample_restart, True),
+    SamplerSpec("dpm_fast", sample_dpm_fast, True),
+    SamplerSpec("dpm_adaptive", sample_dpm_adaptive, True),
 )}
 
 # The names A1111 writes in its infotext ("Sampler: Euler a").
@@ -880,7 +1133,8 @@ A1111_NAMES: dict[str, str] = {"euler": "Euler", "heun": "Heun", "euler_a": "Eul
                                "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
                                "dpmpp_2m_sde_heun_karras": "DPM++ 2M SDE Heun Karras",
                                "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
-                               "plms": "PLMS", "restart": "Restart"}
+                               "plms": "PLMS", "restart": "Restart", "dpm_fast": "DPM fast",
+                               "dpm_adaptive": "DPM adaptive"}
 
 # After normalisation (lower case, "++" -> "pp", runs of spaces/hyphens -> "_", leading "k_"/"sample_" dropped),
 # the A1111 names become canonical ("Euler a" -> euler_a, "DPM++ 2M Karras" -> dpmpp_2m_karras); a few more:
@@ -905,6 +1159,7 @@ ALIASES: dict[str, str] = {
     "dpmpp_2m_sde_ka": "dpmpp_2m_sde_karras",  # A1111 lists it for "DPM++ 2M SDE" too (a typo there)
     "dpmpp_2m_sde_heun_ka": "dpmpp_2m_sde_heun_karras",
     "dpmpp_3m_sde_ka": "dpmpp_3m_sde_karras",
+    "dpm_ad": "dpm_adaptive",  # A1111's k_dpm_ad ("k_dpm_fast" resolves by the k_ rule)
 }
 
 

@@ -118,6 +118,10 @@ SCHEDULE_TYPES: dict[str, ScheduleType] = {t.name: t for t in (
 # Samplers that step by diffusers' discrete timesteps rather than over any sigmas (A1111's DDIM/PLMS/UniPC take
 # no schedule type either; fastsd's UniPC works over sigmas, so it takes one).
 TIMESTEP_SAMPLERS = ("ddim", "ddpm", "plms")
+# Samplers that read only the schedule's ends (A1111 hands its DPM fast / adaptive the model's sigma_min and
+# sigma_max in txt2img, whatever the schedule type); a type would only move the ends (Simple, SGM Uniform, DDIM,
+# Align Your Steps do) where A1111 does not, so they take none.
+ENDS_SAMPLERS = ("dpm_fast", "dpm_adaptive")
 # A1111's samplers with discard_next_to_last_sigma (its DPM2, DPM2 a, DPM++ 3M SDE): over a schedule type they walk
 # the levels of steps + 1 without the next-to-last (`typed_schedule`); their own schedules stay their twins'.
 DISCARD_PENULTIMATE = ("dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras")
@@ -146,12 +150,16 @@ def schedule_label(name: str) -> str | None:
 
 def check_sampler(name: str, sampler: str) -> None:
     """ValueError when a (non-automatic) schedule type can't drive `sampler` (canonical name): a sampler that steps
-    by discrete timesteps, a `_karras` one with another type (its name says Karras: the infotext would), Beta
-    without scipy."""
+    by discrete timesteps, one that takes only the schedule's ends (DPM fast / adaptive), a `_karras` one with
+    another type (its name says Karras: the infotext would), Beta without scipy."""
     kind = resolve_schedule_type(name)
     if kind != AUTOMATIC and sampler in TIMESTEP_SAMPLERS:
         raise ValueError(f"schedule type {name!r} does not apply to {sampler} (it steps by the model's discrete "
                          "timesteps); use Automatic or a sigma sampler such as euler or dpmpp_2m")
+    if kind != AUTOMATIC and sampler in ENDS_SAMPLERS:
+        raise ValueError(f"schedule type {name!r} does not apply to {sampler}: it takes only the schedule's ends "
+                         "(the model's sigma_max and sigma_min; A1111 ignores the schedule type for it too) and "
+                         "picks its own steps; use Automatic")
     if kind not in (AUTOMATIC, "karras") and sampler.endswith("_karras"):
         raise ValueError(f"sampler {sampler} names the Karras schedule; with schedule type {name!r} give "
                          f"{sampler.removesuffix('_karras')}")

@@ -28,6 +28,10 @@ sigma) and the matching UNet timesteps diffusers' twin scheduler would use, buil
   plms             PNDMScheduler(skip_prk_steps=True): DDIM's schedule; diffusers' timesteps list the second one
                                                   twice (the warm-up's second UNet call, a Heun step)
   restart          no twin: Euler's Karras schedule (A1111's default for Restart)
+  dpm_fast, dpm_adaptive  "ends": no twin; the samplers take only the schedule's first and last nonzero sigma
+                                                  (and dpm_fast its step count): Euler's schedule, the table's
+                                                  sigma_max ... sigma_min then 0; for one step [sigma_max, sigma_min]
+                                                  (Euler's one step is [sigma_min, 0]; out_scale then 0.99957)
   dpm2(_karras), dpm2_a(_karras)                   KDPM2(Ancestral)Discrete: Euler's sigmas, Karras ones with
                                                   rounded timesteps; each step but the last also calls the UNet at
                                                   a midpoint sigma (`Schedule.mid_sigmas`, with its fractional
@@ -252,19 +256,31 @@ SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
     "lcm": ("lcm", False),
     "plms": ("ddim", False),  # PNDMScheduler(skip_prk_steps=True): DDIM's; it repeats timesteps[1] for its warm-up
     "restart": ("euler", True),  # no diffusers twin: A1111's default schedule for it, Karras (Euler Karras's)
+    # no twin; they read only the schedule's ends (first, last nonzero) and dpm_fast its length: "ends" is Euler's,
+    # from the table's sigma_max (t = 999) to its sigma_min (t = 0) then 0, A1111's sigma_max / sigma_min for them
+    # (one step: [sigma_max, sigma_min], where Euler's is [sigma_min, 0])
+    "dpm_fast": ("ends", False),
+    "dpm_adaptive": ("ends", False),
 }
 
 
 def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *, karras: bool = False,
                    steps_offset: int = 1) -> Schedule:
     """The schedule diffusers' scheduler `kind` ("ddpm", "ddim", "euler" (also Euler a, Heun, LMS), "dpm",
-    "kdpm2", "kdpm2_a" or "lcm") sets with `set_timesteps(steps)` when built from the SD1.5 scheduler config
+    "kdpm2", "kdpm2_a" or "lcm"; "ends": dpm_fast / dpm_adaptive's, see SAMPLER_SCHEDULES) sets with `set_timesteps(steps)` when built from the SD1.5 scheduler config
     (steps_offset=1, set_alpha_to_one=False); `karras` as its `use_karras_sigmas=True` (euler, dpm, kdpm2*)."""
     T = cfg.num_train_timesteps
     ac = alphas_cumprod(cfg)
     table = sigmas_from_alphas_cumprod(ac).numpy()  # float32, ascending in t
     if karras and kind not in ("dpm", "euler", "kdpm2", "kdpm2_a"):
         raise ValueError(f"karras sigmas are not wired up for the {kind!r} schedule")
+    if kind == "ends":  # dpm_fast / dpm_adaptive: Euler's, whose ends are the table's, but for one step
+        if steps != 1:
+            return build_schedule("euler", steps, cfg)
+        _check_steps(steps, T)
+        sigmas = np.array([table[-1], table[0]], dtype=np.float64)
+        return Schedule(torch.from_numpy(sigmas), torch.tensor([float(T - 1)], dtype=torch.float64),
+                        float(sigmas[0]))
     mids = (None, None)
     if kind in ("ddpm", "ddim"):
         ts = leading_timesteps(steps, T, steps_offset)
@@ -312,7 +328,7 @@ def build_schedule(kind: str, steps: int, cfg: SchedulerConfig = _DEFAULT_CFG, *
         init = math.sqrt(1.0 + float(sigmas[0]) ** 2)  # init_noise_sigma = 1 in VP space
     else:
         raise ValueError(f"unknown schedule kind {kind!r}; expected one of 'ddpm', 'ddim', 'euler', 'dpm', "
-                         "'kdpm2', 'kdpm2_a', 'lcm'")
+                         "'kdpm2', 'kdpm2_a', 'lcm', 'ends'")
     return Schedule(torch.from_numpy(np.ascontiguousarray(sigmas)),
                     torch.from_numpy(np.ascontiguousarray(timesteps)), init, 1, *mids)
 

@@ -36,7 +36,7 @@ class GenerationSettings:
                                                           "dpmpp_2s_a_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, "
                                                           "dpmpp_2m_sde_heun, dpmpp_2m_sde_heun_karras, dpmpp_sde, "
                                                           "dpmpp_sde_karras, dpmpp_3m_sde, dpmpp_3m_sde_karras, unipc, "
-                                                          "unipc_karras, lcm, plms, restart, "
+                                                          "unipc_karras, lcm, plms, restart, dpm_fast, dpm_adaptive, "
                                                           "or an A1111 name such as 'DPM++ 2M Karras'"))
     seed: int | None = field(default=None, metadata=_opt("random when not given; image i of a batch uses seed + i"))
     width: int | None = field(default=None, metadata=_opt("a multiple of 8; default: the init image's width, else "

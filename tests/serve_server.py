@@ -77,7 +77,7 @@ def shared(*args: str) -> Server:
 def _stop_all() -> None:
     for server in _running.values():
         server.stop()
-    for folder in (LORA_DIR, EMBEDDINGS_DIR):
+    for folder in (LORA_DIR, EMBEDDINGS_DIR, STYLES_DIR):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -107,6 +107,23 @@ MAIN_ARGS = ("--model", "random:tiny", "--model", "random:tiny-inpainting", "--m
 def main_server() -> Server:
     """The server most serve tests share: two tiny models, --max-queue 16, a LoRA folder."""
     return shared(*MAIN_ARGS)
+
+
+STYLES_DIR = tempfile.mkdtemp(prefix="fastsd-serve-styles-")
+# A1111 styles.csv files (a folder of them, as A1111's styles folder): a.csv is read before b.csv, whose "dup" wins
+STYLES_CSV = {
+    "a.csv": 'name,prompt,negative_prompt\nframed,"a photo of {prompt}, 35mm","blurry, lowres"\n'
+             'inked,"ink drawing <lora:detail:0.5>",\ndup,first,\n',
+    "b.csv": "name,prompt,negative_prompt\nplain,oil painting,ugly\ndup,second,\n",
+}
+for _name, _text in STYLES_CSV.items():
+    with open(os.path.join(STYLES_DIR, _name), "w", encoding="utf-8") as _f:
+        _f.write(_text)
+
+
+def styles_server() -> Server:
+    """A server with --styles-file (STYLES_DIR: the styles of STYLES_CSV) and the LoRA folder."""
+    return shared("--model", "random:tiny", "--lora-dir", LORA_DIR, "--styles-file", STYLES_DIR)
 
 
 def auth_server() -> Server:

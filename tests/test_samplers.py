@@ -14,7 +14,7 @@ import torch
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser
 from fastsd.backends import reference
 from fastsd.samplers import A1111_NAMES, SAMPLERS, get_sampler, resolve_sampler_name, sampler_update
-from fastsd.schedules import (SAMPLER_SCHEDULES, alphas_cumprod, get_sigmas_karras, img2img_start_index, schedule_for,
+from fastsd.schedules import (SAMPLER_SCHEDULES, alphas_cumprod, build_schedule, get_sigmas_karras, img2img_start_index, schedule_for,
                               sigma_to_t, sigmas_from_alphas_cumprod)
 
 diffusers = pytest.importorskip("diffusers")
@@ -72,6 +72,9 @@ def _prototype_scheduler(name: str):
         "plms": lambda: d.PNDMScheduler.from_config(SD15, skip_prk_steps=True),
         # no diffusers twin: A1111's Restart on Euler's Karras schedule
         "restart": lambda: d.EulerDiscreteScheduler.from_config(SD15, use_karras_sigmas=True),
+        # no diffusers twin: k-diffusion's DPM-Solver fast / adaptive take the ends of Euler's schedule (but 1 step)
+        "dpm_fast": lambda: d.EulerDiscreteScheduler.from_config(SD15),
+        "dpm_adaptive": lambda: d.EulerDiscreteScheduler.from_config(SD15),
     }[name]()
 
 
@@ -152,6 +155,11 @@ def test_schedule_matches_diffusers(name, steps):
     sched = make_scheduler(name)
     sched.set_timesteps(steps)
     ours = schedule_for(name, steps)
+    if name in ("dpm_fast", "dpm_adaptive") and steps == 1:  # Euler's one step is [sigma_min, 0]: the table's ends
+        table = ((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5
+        assert ours.sigmas.tolist() == [table[-1].item(), table[0].item()] and sched.sigmas[0] == table[0]
+        assert ours.timesteps.tolist() == [999.0] and ours.init_noise_sigma == ours.sigmas[0].item()
+        return
     if name.startswith("heun"):  # diffusers lists each inner sigma and timestep twice (the second model call of a step)
         sched.timesteps, sched.sigmas = sched.timesteps[0::2], torch.cat([sched.sigmas[0::2], sched.sigmas[-1:]])
         assert len(sched.timesteps) == steps
@@ -189,7 +197,7 @@ def test_schedule_matches_diffusers(name, steps):
     else:
         assert torch.equal(sched.sigmas.double(), ours.sigmas)
         init = float(sched.init_noise_sigma)
-        linspace = SAMPLER_SCHEDULES[name][0] in ("euler", "kdpm2", "kdpm2_a")  # init_noise_sigma = sigma_max
+        linspace = SAMPLER_SCHEDULES[name][0] in ("euler", "kdpm2", "kdpm2_a", "ends")  # init_noise_sigma = sigma_max
         expected = init if linspace else math.sqrt(1 + ours.sigmas[0].item() ** 2)
         assert ours.init_noise_sigma == pytest.approx(expected, rel=1e-7)
 
@@ -203,7 +211,13 @@ def test_schedule_details():
     with pytest.raises(ValueError):
         schedule_for("ddpm", 1000)  # "leading" + steps_offset=1 would reach t=1000
     with pytest.raises(ValueError):
-        schedule_for("dpm_fast", 10)
+        schedule_for("dpm_turbo", 10)
+    with pytest.raises(ValueError, match="karras sigmas are not wired up for the 'ends'"):
+        build_schedule("ends", 10, karras=True)
+    # DPM fast / adaptive: Euler's schedule (the table's sigma_max ... sigma_min, 0); one step [sigma_max, sigma_min]
+    assert torch.equal(schedule_for("dpm_fast", 10).sigmas, schedule_for("euler", 10).sigmas)
+    one = schedule_for("dpm_adaptive", 1).sigmas.tolist()
+    assert one == [schedule_for("euler", 10).sigmas[0].item(), schedule_for("euler", 10).sigmas[-2].item()]
 
 
 @pytest.mark.parametrize("steps", [7, 10, 25, 50])
@@ -422,9 +436,12 @@ def test_a1111_names_resolve_to_their_sampler():
 
 def test_unknown_sampler_lists_valid_names():
     with pytest.raises(ValueError) as e:
-        get_sampler("DPM++ 2M SDE Exponential")
+        get_sampler("DPM++ 9M Turbo")
     msg = str(e.value)
-    assert "DPM++ 2M SDE Exponential" in msg and all(n in msg for n in SAMPLERS)
+    assert "DPM++ 9M Turbo" in msg and all(n in msg for n in SAMPLERS)
+    # a known sampler + a schedule type's label: the hint (since da4c269), not the list
+    with pytest.raises(ValueError, match="give the sampler 'DPM\\+\\+ 2M SDE' with the schedule type 'exponential'"):
+        get_sampler("DPM++ 2M SDE Exponential")
 
 
 def test_registry_schedules():

@@ -1,6 +1,7 @@
 """A1111's remaining samplers: PLMS (diffusers' PNDMScheduler(skip_prk_steps=True) twin; A1111's plms as the img2img
 oracle), Restart (A1111's restart_sampler, transcribed below as an oracle, fed the same noise; statistics on
-Gaussian data)."""
+Gaussian data), DPM fast / DPM adaptive (k-diffusion's DPMSolver transcribed as the oracle, fed the same noise;
+statistics on Gaussian data)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import torch
 
 from fastsd.denoisers import EpsDenoiser
 from fastsd.samplers import A1111_NAMES, SAMPLERS, get_sampler, restart_steps
-from fastsd.schedule_types import TIMESTEP_SAMPLERS, check_sampler
+from fastsd.schedule_types import TIMESTEP_SAMPLERS, check_sampler, sigma_table
 from fastsd.schedules import SAMPLER_SCHEDULES, alphas_cumprod, schedule_for
 from test_samplers import SHAPE, FakeUNet, _a1111_karras, diffusers_loop, fastsd_loop, rel_err
 from test_samplers_sde import C, MU, chain_std, gaussian_denoiser
@@ -327,3 +328,467 @@ def test_cfg_every_model_call_goes_through_cfg_step(name, steps, n_calls):
             assert unet.batches == [4] * n_calls and cfg_calls == [True] * n_calls
     assert ts["fused"] == ts["unfused"]
     assert rel_err(outs["fused"], outs["unfused"]) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------- DPM fast / adaptive: oracle
+
+class KDiffPIDStepSizeController:
+    """Test oracle: k-diffusion's PIDStepSizeController (crowsonkb/k-diffusion k_diffusion/sampling.py), transcribed."""
+
+    def __init__(self, h, pcoeff, icoeff, dcoeff, order=1, accept_safety=0.81, eps=1e-8):
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety = accept_safety
+        self.eps = eps
+        self.errs = []
+
+    def limiter(self, x):
+        return 1 + math.atan(x - 1)
+
+    def propose_step(self, error):
+        inv_error = 1 / (float(error) + self.eps)
+        if not self.errs:
+            self.errs = [inv_error, inv_error, inv_error]
+        self.errs[0] = inv_error
+        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        factor = self.limiter(factor)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.errs[2] = self.errs[1]
+            self.errs[1] = self.errs[0]
+        self.h *= factor
+        return accept
+
+
+def kdiff_get_ancestral_step(sigma_from, sigma_to, eta=1.):
+    """Test oracle: k-diffusion's get_ancestral_step (with eta), transcribed."""
+    if not eta:
+        return sigma_to, 0.
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+class KDiffDPMSolver:
+    """Test oracle: k-diffusion's DPMSolver (its dpm_solver_{1,2,3}_step, dpm_solver_fast, dpm_solver_adaptive),
+    transcribed; the only changes: ts' linspace and the adaptive atol / rtol keep t_start's dtype (float64 in the
+    tight tests, where k-diffusion under A1111 gets float32 scalars from its Python-float sigma_min / sigma_max and
+    builds float32 atol / rtol; see the float32 test)."""
+
+    def __init__(self, model, extra_args=None, eps_callback=None, info_callback=None):
+        self.model = model
+        self.extra_args = {} if extra_args is None else extra_args
+        self.eps_callback = eps_callback
+        self.info_callback = info_callback
+
+    def t(self, sigma):
+        return -sigma.log()
+
+    def sigma(self, t):
+        return t.neg().exp()
+
+    def eps(self, eps_cache, key, x, t, *args, **kwargs):
+        if key in eps_cache:
+            return eps_cache[key], eps_cache
+        sigma = self.sigma(t) * x.new_ones([x.shape[0]])
+        eps = (x - self.model(x, sigma, *args, **self.extra_args, **kwargs)) / self.sigma(t)
+        if self.eps_callback is not None:
+            self.eps_callback()
+        return eps, {key: eps, **eps_cache}
+
+    def dpm_solver_1_step(self, x, t, t_next, eps_cache=None):
+        eps_cache = {} if eps_cache is None else eps_cache
+        h = t_next - t
+        eps, eps_cache = self.eps(eps_cache, 'eps', x, t)
+        x_1 = x - self.sigma(t_next) * h.expm1() * eps
+        return x_1, eps_cache
+
+    def dpm_solver_2_step(self, x, t, t_next, r1=1 / 2, eps_cache=None):
+        eps_cache = {} if eps_cache is None else eps_cache
+        h = t_next - t
+        eps, eps_cache = self.eps(eps_cache, 'eps', x, t)
+        s1 = t + r1 * h
+        u1 = x - self.sigma(s1) * (r1 * h).expm1() * eps
+        eps_r1, eps_cache = self.eps(eps_cache, 'eps_r1', u1, s1)
+        x_2 = x - self.sigma(t_next) * h.expm1() * eps - self.sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+        return x_2, eps_cache
+
+    def dpm_solver_3_step(self, x, t, t_next, r1=1 / 3, r2=2 / 3, eps_cache=None):
+        eps_cache = {} if eps_cache is None else eps_cache
+        h = t_next - t
+        eps, eps_cache = self.eps(eps_cache, 'eps', x, t)
+        s1 = t + r1 * h
+        s2 = t + r2 * h
+        u1 = x - self.sigma(s1) * (r1 * h).expm1() * eps
+        eps_r1, eps_cache = self.eps(eps_cache, 'eps_r1', u1, s1)
+        u2 = x - self.sigma(s2) * (r2 * h).expm1() * eps - self.sigma(s2) * (r2 / r1) * (
+            (r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps)
+        eps_r2, eps_cache = self.eps(eps_cache, 'eps_r2', u2, s2)
+        x_3 = x - self.sigma(t_next) * h.expm1() * eps - self.sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+        return x_3, eps_cache
+
+    def dpm_solver_fast(self, x, t_start, t_end, nfe, eta=0., s_noise=1., noise_sampler=None):
+        if not t_end > t_start and eta:
+            raise ValueError('eta must be 0 for reverse sampling')
+
+        m = math.floor(nfe / 3) + 1
+        ts = torch.linspace(t_start, t_end, m + 1, device=x.device, dtype=t_start.dtype)
+
+        if nfe % 3 == 0:
+            orders = [3] * (m - 2) + [2, 1]
+        else:
+            orders = [3] * (m - 1) + [nfe % 3]
+
+        for i in range(len(orders)):
+            eps_cache = {}
+            t, t_next = ts[i], ts[i + 1]
+            if eta:
+                sd, su = kdiff_get_ancestral_step(self.sigma(t), self.sigma(t_next), eta)
+                t_next_ = torch.minimum(t_end, self.t(sd))
+                su = (self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2) ** 0.5
+            else:
+                t_next_, su = t_next, 0.
+
+            eps, eps_cache = self.eps(eps_cache, 'eps', x, t)
+            denoised = x - self.sigma(t) * eps
+            if self.info_callback is not None:
+                self.info_callback({'x': x, 'i': i, 't': ts[i], 't_up': t, 'denoised': denoised})
+
+            if orders[i] == 1:
+                x, eps_cache = self.dpm_solver_1_step(x, t, t_next_, eps_cache=eps_cache)
+            elif orders[i] == 2:
+                x, eps_cache = self.dpm_solver_2_step(x, t, t_next_, eps_cache=eps_cache)
+            else:
+                x, eps_cache = self.dpm_solver_3_step(x, t, t_next_, eps_cache=eps_cache)
+
+            x = x + su * s_noise * noise_sampler(self.sigma(t), self.sigma(t_next))
+
+        return x
+
+    def dpm_solver_adaptive(self, x, t_start, t_end, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.,
+                            icoeff=1., dcoeff=0., accept_safety=0.81, eta=0., s_noise=1., noise_sampler=None):
+        if order not in {2, 3}:
+            raise ValueError('order should be 2 or 3')
+        forward = t_end > t_start
+        if not forward and eta:
+            raise ValueError('eta must be 0 for reverse sampling')
+        h_init = abs(h_init) * (1 if forward else -1)
+        atol = torch.tensor(atol, dtype=t_start.dtype)
+        rtol = torch.tensor(rtol, dtype=t_start.dtype)
+        s = t_start
+        x_prev = x
+        accept = True
+        pid = KDiffPIDStepSizeController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+        info = {'steps': 0, 'nfe': 0, 'n_accept': 0, 'n_reject': 0}
+
+        while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
+            eps_cache = {}
+            t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
+            if eta:
+                sd, su = kdiff_get_ancestral_step(self.sigma(s), self.sigma(t), eta)
+                t_ = torch.minimum(t_end, self.t(sd))
+                su = (self.sigma(t) ** 2 - self.sigma(t_) ** 2) ** 0.5
+            else:
+                t_, su = t, 0.
+
+            eps, eps_cache = self.eps(eps_cache, 'eps', x, s)
+            denoised = x - self.sigma(s) * eps
+
+            if order == 2:
+                x_low, eps_cache = self.dpm_solver_1_step(x, s, t_, eps_cache=eps_cache)
+                x_high, eps_cache = self.dpm_solver_2_step(x, s, t_, eps_cache=eps_cache)
+            else:
+                x_low, eps_cache = self.dpm_solver_2_step(x, s, t_, r1=1 / 3, eps_cache=eps_cache)
+                x_high, eps_cache = self.dpm_solver_3_step(x, s, t_, eps_cache=eps_cache)
+            delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+            error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+            accept = pid.propose_step(error)
+            if accept:
+                x_prev = x_low
+                x = x_high + su * s_noise * noise_sampler(self.sigma(s), self.sigma(t))
+                s = t
+                info['n_accept'] += 1
+            else:
+                info['n_reject'] += 1
+            info['nfe'] += order
+            info['steps'] += 1
+
+            if self.info_callback is not None:
+                self.info_callback({'x': x, 'i': info['steps'] - 1, 't': s, 't_up': s, 'denoised': denoised,
+                                    'error': error, 'h': pid.h, **info})
+
+        return x, info
+
+
+def kdiff_sample_dpm_fast(model, x, sigma_min, sigma_max, n, eta, noise_sampler, dtype=torch.float64):
+    """Test oracle: k-diffusion's sample_dpm_fast (no tqdm/callback), scalars in `dtype`."""
+    solver = KDiffDPMSolver(model)
+    return solver.dpm_solver_fast(x, solver.t(torch.tensor(sigma_max, dtype=dtype)),
+                                  solver.t(torch.tensor(sigma_min, dtype=dtype)), n, eta, 1., noise_sampler)
+
+
+def kdiff_sample_dpm_adaptive(model, x, sigma_min, sigma_max, eta, noise_sampler, order=3, dtype=torch.float64):
+    """Test oracle: k-diffusion's sample_dpm_adaptive with its defaults (return_info), scalars in `dtype`."""
+    solver = KDiffDPMSolver(model)
+    return solver.dpm_solver_adaptive(x, solver.t(torch.tensor(sigma_max, dtype=dtype)),
+                                      solver.t(torch.tensor(sigma_min, dtype=dtype)), order, eta=eta,
+                                      noise_sampler=noise_sampler)
+
+
+def _dpm_setup(steps, strength=1.0):
+    """The dpm_fast schedule (img2img: its tail), FakeUNet denoiser, start x, 200 noise draws, a call recorder."""
+    sched = schedule_for("dpm_fast", steps)
+    sched = sched.tail(sched.img2img_start(strength))
+    sig = sched.sigmas
+    den = EpsDenoiser(FakeUNet(), alphas_cumprod())  # no schedule: every sigma gets the log-interpolated timestep
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64) * sig[0].item()
+    noises = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(200)]
+    calls = []
+
+    def model(x, sigma):  # the oracle passes a (B,) sigma, fastsd a 0-d one
+        s = float(torch.as_tensor(sigma).reshape(-1)[0])
+        calls.append(s)
+        return den(x, s)
+
+    return sig, x, noises, model, calls
+
+
+def _flat(pairs):
+    return [v for p in pairs for v in p]
+
+
+def _stream(noises, asked):
+    it = iter(noises)
+    return lambda a, b: asked.append((float(a), float(b))) or next(it)
+
+
+def _run_both(name, steps, eta, strength=1.0, order=3, dtype=torch.float64):
+    sig, x, noises, model, calls = _dpm_setup(steps, strength)
+    smin, smax = sig[sig > 0][-1].item(), sig[0].item()
+    ref_asked, asked = [], []
+    if name == "dpm_fast":
+        ref = kdiff_sample_dpm_fast(model, x, smin, smax, len(sig) - 1, eta, _stream(noises, ref_asked), dtype)
+        info = None
+    else:
+        ref, info = kdiff_sample_dpm_adaptive(model, x, smin, smax, eta, _stream(noises, ref_asked), order, dtype)
+    ref_calls = list(calls)
+    calls.clear()
+    seen = []
+    opts = {"order": order} if name == "dpm_adaptive" else {}
+    out = SAMPLERS[name](model, x, sig, disable=True, eta=eta, noise_sampler=_stream(noises, asked),
+                         callback=lambda d: seen.append((d["i"], float(d["sigma"]))), **opts)
+    return out, ref, calls, ref_calls, asked, ref_asked, seen, info
+
+
+DPM_ERRORS: dict = {}  # the largest relative error seen per case, printed with -s
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+@pytest.mark.parametrize("steps,strength", [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 1.0), (10, 1.0),
+                                            (20, 1.0), (31, 1.0), (20, 0.6), (10, 0.3)])
+def test_dpm_fast_matches_k_diffusion(steps, strength, eta):
+    """The same model calls at the same sigmas (to ~1e-15), floor(n/3) + 1 steps with n calls, the same noise draws
+    (k-diffusion also draws one for its last step, times su = 0: fastsd skips it), the same result (observed
+    <= 2e-15 relative in float64)."""
+    out, ref, calls, ref_calls, asked, ref_asked, seen, _ = _run_both("dpm_fast", steps, eta, strength)
+    n = len(calls)
+    assert n == len(ref_calls) and calls == pytest.approx(ref_calls, rel=1e-13)
+    m = n // 3 + 1
+    assert [i for i, _ in seen] == list(range(m)) and seen[0][1] == pytest.approx(calls[0], rel=1e-13)
+    assert len(asked) == (m - 1 if eta else 0) and len(ref_asked) == m
+    assert _flat(asked) == pytest.approx(_flat(ref_asked[:len(asked)]), rel=1e-13)
+    err = rel_err(out, ref)
+    DPM_ERRORS[("dpm_fast", steps, strength, eta)] = err
+    assert err < 1e-12
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+@pytest.mark.parametrize("order", [3, 2])
+@pytest.mark.parametrize("steps,strength", [(20, 1.0), (20, 0.5)])
+def test_dpm_adaptive_matches_k_diffusion(steps, strength, order, eta):
+    """The same attempts (accepted and rejected: the same model calls at the same sigmas), the same noise draws on
+    the accepted steps (k-diffusion's last one times su = 0, skipped here), the same result (observed <= 3e-15
+    relative in float64); the callback once per attempt."""
+    out, ref, calls, ref_calls, asked, ref_asked, seen, info = _run_both("dpm_adaptive", steps, eta, strength, order)
+    assert len(calls) == len(ref_calls) == info["nfe"] and calls == pytest.approx(ref_calls, rel=1e-12)
+    if (strength, order, eta) == (1.0, 3, 1.0):
+        assert info["n_reject"] > 0  # this run exercises a rejection
+    assert [i for i, _ in seen] == list(range(info["steps"]))
+    assert len(asked) == (info["n_accept"] - 1 if eta else 0) and len(ref_asked) == info["n_accept"]
+    assert _flat(asked) == pytest.approx(_flat(ref_asked[:len(asked)]), rel=1e-12)
+    err = rel_err(out, ref)
+    DPM_ERRORS[("dpm_adaptive", steps, strength, order, eta)] = err
+    assert err < 1e-12
+
+
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+def test_dpm_fast_adaptive_match_k_diffusion_with_float32_scalars(name):
+    """As A1111 runs k-diffusion: sigma_min / sigma_max as Python floats, so its t grid, step sizes, atol and rtol
+    are float32 (fastsd's float64): the same steps, the levels within float32 rounding (adaptive: accumulated over
+    its steps, observed 2.7e-6), the results close (observed 4e-8 / 3e-7)."""
+    out, ref, calls, ref_calls, *_ = _run_both(name, 20, 1.0, dtype=torch.float32)
+    assert len(calls) == len(ref_calls) and calls == pytest.approx(ref_calls, rel=1e-6 if name == "dpm_fast" else 1e-5)
+    err = rel_err(out, ref)
+    DPM_ERRORS[(name, "float32 scalars")] = err
+    assert err < 1e-5
+
+
+def test_dpm_adaptive_error_norms_over_the_whole_batch():
+    """k-diffusion's error is one RMS over the batch: running two images together takes other steps than running
+    each alone (so a batch's images differ from the same seeds run one by one)."""
+    sig, x, _, model, calls = _dpm_setup(20)
+    x = torch.cat([x[:1], x[1:] * 1e-3])  # a second image far from the first
+    together = SAMPLERS["dpm_adaptive"](model, x, sig, disable=True, eta=0.0)
+    n_together = len(calls)
+    calls.clear()
+    alone = SAMPLERS["dpm_adaptive"](model, x[:1], sig, disable=True, eta=0.0)
+    assert len(calls) != n_together and rel_err(together[:1], alone) > 1e-6
+
+
+def test_dpm_fast_adaptive_callback_counts_and_progress():
+    """dpm_fast: one callback per step (floor(n/3) + 1 of them), "nfe" reaching n and "progress" 1 at the last;
+    dpm_adaptive: one per attempt, i past len(sigmas) - 1 on a short schedule (its steps are its own), "progress"
+    non-decreasing to ~1 (the pipeline's step counter, i + 1 over len(schedule), would run past its total)."""
+    sig, x, _, model, _ = _dpm_setup(20)
+    seen = []
+    SAMPLERS["dpm_fast"](model, x, sig, disable=True, eta=0.0, callback=lambda d: seen.append(
+        (d["i"], d["nfe"], d["progress"])))
+    assert [i for i, _, _ in seen] == list(range(7)) and seen[-1][1:] == (20, 1.0)
+    sig4, x4, _, model4, calls = _dpm_setup(4)
+    seen, info = [], {}
+    SAMPLERS["dpm_adaptive"](model4, x4, sig4, disable=True, eta=0.0, info=info, callback=lambda d: seen.append(
+        (d["i"], d["nfe"], d["progress"], d["accepted"])))
+    assert [d[0] for d in seen] == list(range(info["steps"])) and info["steps"] > len(sig4) - 1
+    assert len(calls) == info["nfe"] == seen[-1][1] and seen[-1][3]
+    progress = [d[2] for d in seen]
+    assert progress == sorted(progress) and progress[-1] > 1 - 1e-5
+
+
+def test_dpm_fast_orders_and_levels():
+    from fastsd.samplers import dpm_fast_orders
+
+    assert dpm_fast_orders(1) == [1] and dpm_fast_orders(2) == [2] and dpm_fast_orders(3) == [2, 1]
+    assert dpm_fast_orders(20) == [3] * 6 + [2] and dpm_fast_orders(21) == [3] * 6 + [2, 1]
+    assert all(sum(dpm_fast_orders(n)) == n for n in range(1, 60))
+    sched = schedule_for("dpm_fast", 20)  # the table's ends, then 0
+    table = sigma_table()
+    assert sched.sigmas[0].item() == float(table[-1]) and sched.sigmas[-2].item() == float(table[0])
+    assert sched.sigmas[-1].item() == 0.0 and len(sched) == 20
+
+
+def test_dpm_fast_adaptive_registry_and_schedule_types():
+    for name, label, alias in (("dpm_fast", "DPM fast", "k_dpm_fast"), ("dpm_adaptive", "DPM adaptive", "k_dpm_ad")):
+        spec = get_sampler(label)
+        assert spec is SAMPLERS[name] is get_sampler(alias) is get_sampler(f"sample_{name}")
+        assert A1111_NAMES[name] == label and spec.stochastic and SAMPLER_SCHEDULES[name] == ("ends", False)
+        assert torch.equal(spec.schedule(12).sigmas, schedule_for("euler", 12).sigmas)
+        check_sampler("automatic", name)
+        with pytest.raises(ValueError, match=f"does not apply to {name}: it takes only the schedule's ends"):
+            check_sampler("karras", name)
+
+
+# --------------------------------------------------------------------------------------------- DPM fast / adaptive: statistics
+
+@pytest.mark.parametrize("steps,bias", [(20, 0.015), (60, 0.002)])
+def test_dpm_fast_gaussian_statistics(steps, bias):
+    """On N(MU, C^2) data with the exact denoiser the sampler ends at sigma_min: the target law is N(MU, C^2 +
+    sigma_min^2). The chain's exact std (probe columns) within the discretisation bias; 20000 samples agree with
+    it; without the noise far off."""
+    n = 20000
+    spec = SAMPLERS["dpm_fast"]
+    sig = spec.schedule(steps).sigmas
+    target = (C ** 2 + sig[-2].item() ** 2).sqrt()
+    exact = chain_std(spec, sig, {})
+    DPM_ERRORS[("dpm_fast gaussian bias", steps)] = (exact / target - 1).abs().max().item()
+    assert ((exact / target - 1).abs() < bias).all(), exact / target - 1
+    g = torch.Generator().manual_seed(11)
+    s0 = sig[0].item()
+    x = MU + (C ** 2 + s0 ** 2).sqrt() * torch.randn(n, 8, generator=g, dtype=torch.float64)
+    out = spec(gaussian_denoiser(MU), x, sig, disable=True, generator=g)
+    se = 1 / math.sqrt(2 * (n - 1))
+    assert ((out.mean(0) - MU).abs() < 4.5 * exact / math.sqrt(n)).all()
+    assert ((out.std(0) / exact - 1).abs() < 4.5 * se).all()
+    broken = spec(gaussian_denoiser(MU), x, sig, disable=True, noise_sampler=lambda a, b: torch.zeros_like(x))
+    assert ((broken.std(0) / target - 1).abs() > 10 * se).any()
+
+
+def test_dpm_adaptive_gaussian_statistics():
+    """The adaptive chain's steps depend on the data (the batch's error): on the probe columns (their own steps,
+    linear given those) the exact std is within its bias of N(MU, C^2 + sigma_min^2) (measured: 2.7% with the
+    defaults in 7 steps, 0.26% with rtol 0.01, atol 0.001 in 11); 20000 samples' mean and std within 4.5
+    standard errors plus 1% of it (their own steps: 11); without the noise far off."""
+    n = 20000
+    spec = SAMPLERS["dpm_adaptive"]
+    sig = spec.schedule(20).sigmas
+    target = (C ** 2 + sig[-2].item() ** 2).sqrt()
+    for opts, bias in (({}, 0.035), ({"rtol": 0.01, "atol": 0.001}, 0.004)):
+        exact = chain_std(spec, sig, opts)
+        DPM_ERRORS[("dpm_adaptive gaussian bias", str(opts))] = (exact / target - 1).abs().max().item()
+        assert ((exact / target - 1).abs() < bias).all(), exact / target - 1
+    g = torch.Generator().manual_seed(12)
+    s0 = sig[0].item()
+    x = MU + (C ** 2 + s0 ** 2).sqrt() * torch.randn(n, 8, generator=g, dtype=torch.float64)
+    info = {}
+    out = spec(gaussian_denoiser(MU), x, sig, disable=True, generator=g, info=info)
+    se = 1 / math.sqrt(2 * (n - 1))
+    DPM_ERRORS[("dpm_adaptive gaussian std", info["n_accept"])] = (out.std(0) / target - 1).abs().max().item()
+    assert ((out.mean(0) - MU).abs() < 4.5 * target / math.sqrt(n)).all()
+    assert ((out.std(0) / target - 1).abs() < 0.01 + 4.5 * se).all(), out.std(0) / target
+    broken = spec(gaussian_denoiser(MU), x, sig, disable=True, noise_sampler=lambda a, b: torch.zeros_like(x))
+    assert ((broken.std(0) / target - 1).abs() > 10 * se).any()
+
+
+def test_dpm_fast_adaptive_fused_cfg_equals_unfused():
+    """Guided: every batched model call goes into one fused cfg_step; the result equals the unfused loop's."""
+    from fastsd.backends import reference
+    from fastsd.denoisers import CFGDenoiser
+    from test_samplers import _cfg_setup
+
+    x, cond, uncond = _cfg_setup(B=2)
+    for name, n_calls in (("dpm_fast", 10), ("dpm_adaptive", None)):
+        spec = SAMPLERS[name]
+        sched = spec.schedule(10)
+        outs, counts = {}, {}
+        for kind in ("fused", "unfused"):
+            unet, cfg_calls = FakeUNet(), []
+
+            def counting_cfg_step(*a, **k):
+                cfg_calls.append(a[1] is not None)
+                return reference.cfg_step(*a, **k)
+
+            den = CFGDenoiser(EpsDenoiser(unet, alphas_cumprod(), schedule=sched), cond, uncond, 5.0,
+                              cfg_step=counting_cfg_step)
+            model = den if kind == "fused" else (lambda x, sigma, **kw: den(x, sigma, **kw))  # noqa: E731
+            outs[kind] = spec(model, x * sched.init_noise_sigma, sched.sigmas, disable=True,
+                              generator=torch.Generator().manual_seed(0))
+            counts[kind] = len(unet.batches)
+            if kind == "fused":
+                assert set(unet.batches) == {4} and cfg_calls == [True] * len(unet.batches)
+                assert n_calls is None or len(unet.batches) == n_calls
+        assert counts["fused"] == counts["unfused"]
+        assert rel_err(outs["fused"], outs["unfused"]) < 1e-12
+
+
+def test_dpm_errors_report():
+    """Prints the oracle errors gathered above (run with -s)."""
+    for k, v in sorted(DPM_ERRORS.items(), key=str):
+        print("DPM", k, f"{v:.2e}")
+
+
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+def test_pipeline_progress_of_the_dpm_solvers(name):
+    """Pipeline.generate's on_step counts their progress (the solver's fraction of the way) against the schedule's
+    steps: never past the total, the last call at the total (its preview made)."""
+    import fastsd
+
+    pipe = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+    seen = []
+    im = pipe.generate("a cat", steps=4, width=64, height=64, seed=1, sampler=name, guidance_scale=1.0,
+                       progress=False, on_step=lambda step, total, preview: seen.append((step, total, preview)))[0]
+    assert im.size == (64, 64) and seen
+    assert all(1 <= step <= total == 4 for step, total, _ in seen)
+    assert [s for s, _, _ in seen] == sorted(s for s, _, _ in seen)
+    assert seen[-1][0] == 4 and seen[-1][2] is not None

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA merged for good into every --model at start (repeatable; e.g. an LCM-LoRA): no copy of "
                    "the weights is kept, prompts need no tag for it, and --lora-dir LoRAs switch on top of it")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
+    p.add_argument("--styles-file", default=os.environ.get("FASTSD_STYLES"), metavar="PATH",
+                   help="A1111's prompt styles, read at start: a styles.csv (name,prompt,negative_prompt) or a folder "
+                   "of such .csv files; requests name them in `styles`, GET /sdapi/v1/prompt-styles lists them "
+                   "(default $FASTSD_STYLES)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="as python -m fastsd.generate")
     add_backend_arg(p)
@@ -70,6 +74,14 @@ def check_args(args: argparse.Namespace):
     for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
         if folder and not os.path.isdir(folder):
             raise ValueError(f"{flag} {folder}: not a folder")
+    if args.styles_file:
+        from fastsd.styles import read_styles
+
+        args.styles, notes = read_styles(args.styles_file)
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+    else:
+        args.styles = {}
     limits = Limits(max_side=args.max_size, max_steps=args.max_steps, max_images=args.max_batch,
                     max_body=args.max_body_mb << 20, max_image_pixels=args.max_image_pixels, max_queue=args.max_queue)
     if args.model:
@@ -136,7 +148,8 @@ def _start(args, limits: Limits, auth, sources: list[str]):
                         base=[(x.name, x.weight) for x in registry.entries[0].pipe.loras])
     for name, why in networks.load_embeddings([e.pipe for e in registry.entries]).items():
         print(f"warning: embedding {name} skipped: {why}", file=sys.stderr)
-    return ServerState(registry, networks, limits, JobQueue(limits.max_queue, after_job=release_freed_memory), auth)
+    return ServerState(registry, networks, limits, JobQueue(limits.max_queue, after_job=release_freed_memory), auth,
+                       styles=args.styles)
 
 
 def _serve(state, sock: socket.socket, log_level: str) -> int:

@@ -35,6 +35,7 @@ class ServerState:
     queue: JobQueue
     auth: Auth | None = None
     clip_skip: int = 1                      # A1111's CLIP_stop_at_last_layers option
+    styles: dict = field(default_factory=dict)  # {name: fastsd.styles.PromptStyle} of --styles-file, read at start
     started: float = field(default_factory=time.time)
 
 
@@ -269,8 +270,13 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
         return {"loaded": {n: item(e.vectors.shape[1], e.vectors.shape[0]) for n, e in usable.items()},
                 "skipped": {n: item(None, None, error=why) for n, why in skipped.items()}}
 
-    for empty in ("/upscalers", "/latent-upscale-modes", "/sd-vae", "/hypernetworks", "/face-restorers",
-                  "/prompt-styles"):
+    @api.get("/prompt-styles")
+    async def prompt_styles():
+        """A1111's list of its styles.csv (here --styles-file's), in the file's order."""
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in state.styles.values()]
+
+    for empty in ("/upscalers", "/latent-upscale-modes", "/sd-vae", "/hypernetworks", "/face-restorers"):
         api.add_api_route(empty, _empty_list, methods=["GET"])
 
     @api.get("/options")

@@ -37,7 +37,8 @@ LATENT_FILL = {0: "original", 1: "original", 2: "latent noise", 3: "latent nothi
 SAME_SAMPLER = (None, "", "Use same sampler")  # hr_sampler_name values that mean the first pass's (A1111's UI)
 ETA = {"euler_a": 1.0, "ddpm": 1.0, "ddim": 0.0,  # the samplers eta applies to, and the eta fastsd runs them with
        "dpm2_a": 1.0, "dpm2_a_karras": 1.0, "dpmpp_2s_a": 1.0, "dpmpp_2s_a_karras": 1.0,
-       **{f"dpmpp_{n}{k}": 1.0 for n in ("sde", "2m_sde", "2m_sde_heun", "3m_sde") for k in ("", "_karras")}}
+       **{f"dpmpp_{n}{k}": 1.0 for n in ("sde", "2m_sde", "2m_sde_heun", "3m_sde") for k in ("", "_karras")},
+       "dpm_fast": 1.0, "dpm_adaptive": 1.0}
 A1111_FIELDS = {"schedule_type": "scheduler", "guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength",
                 "hires_strength": "denoising_strength", "hires_scale": "hr_scale", "hires_width": "hr_resize_x",
                 "hires_height": "hr_resize_y", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
@@ -62,6 +63,7 @@ class Plan:
     masked_content: str = "original"        # inpainting_fill 2 / 3: the masked latents replaced (Pipeline.generate)
     latent_mask: str = "bicubic"            # A1111's mask to latent size (its latmask; "bicubic-soft" without mask_round)
     infotext_extra: dict = dataclasses.field(default_factory=dict)  # A1111's inpainting keys (masking.infotext_params)
+    styles: tuple[str, ...] = ()            # the request's style names (A1111's info "styles")
 
 
 def a1111_names(message: str) -> str:
@@ -161,6 +163,29 @@ def _seed_resize(req, limits: Limits, warnings: list[str]) -> dict:
     return got
 
 
+def _apply_styles(req, styles: dict, warnings: list[str]) -> dict:
+    """The request's `styles` applied to its prompts in place, A1111's way (fastsd.styles; hr_prompt /
+    hr_negative_prompt too when given, as A1111 styles its hires prompts), so the <lora:...> tags of a style are
+    read as the prompt's; returns the prompts as asked (A1111 echoes the request unstyled in "parameters"). As A1111,
+    a name the server lacks is skipped (an A1111 client sends the names of its own styles.csv): named in `warnings`."""
+    if not req.styles:
+        return {}
+    from fastsd.styles import apply_styles
+
+    asked = {"prompt": req.prompt, "negative_prompt": req.negative_prompt}
+    req.prompt, req.negative_prompt, unknown = apply_styles(styles, req.styles, req.prompt, req.negative_prompt)
+    for field, negative in (("hr_prompt", False), ("hr_negative_prompt", True)):
+        if getattr(req, field, ""):
+            asked[field] = getattr(req, field)
+            pair = ("", asked[field]) if negative else (asked[field], "")
+            setattr(req, field, apply_styles(styles, req.styles, *pair)[1 if negative else 0])
+    if unknown:
+        names = ", ".join(repr(n) for n in unknown)
+        warnings.append(f"styles: {names}: not a style of this server (GET /sdapi/v1/prompt-styles lists them), "
+                        "ignored" if styles else f"styles: {names}: this server has no styles (--styles-file), ignored")
+    return asked
+
+
 def _overrides(req, server, warnings: list[str]):
     """(model entry, clip_skip) from override_settings, else the server's options."""
     over = dict(req.override_settings or {})
@@ -214,6 +239,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     warnings = req.unhonoured()
     limits.check_prompt("prompt", req.prompt)
     limits.check_prompt("negative_prompt", req.negative_prompt)
+    asked = _apply_styles(req, server.styles, warnings)
     limits.check_steps(req.steps)
     limits.check_images(req.batch_size, req.n_iter)
     size = {name: _size(req, name, limits, warnings) for name in ("width", "height")}
@@ -257,10 +283,10 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
                          f"server's limit of {limits.max_side} px (--max-size)")
     got, extra = _images(req, limits, (s.width, s.height), warnings) if img2img else (masking.Inpaint(None, None, None),
                                                                                       {})  # last
-    params = req.model_dump()  # init_images and mask are not echoed (A1111 sends them back only on request)
+    params = req.model_dump() | asked  # init_images and mask are not echoed (A1111 sends them back only on request)
     return Plan(kind, model, s, req.n_iter, got.image, got.mask, loras, tuple(warnings), req.send_images, params,
                 got.overlay, got.paste_to, LATENT_FILL[req.inpainting_fill] if img2img and got.mask else "original",
-                "bicubic" if not img2img or req.mask_round else "bicubic-soft", extra)
+                "bicubic" if not img2img or req.mask_round else "bicubic-soft", extra, tuple(req.styles or ()))
 
 
 # What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
@@ -368,7 +394,7 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
             "sd_model_name": entry.name, "sd_model_hash": entry.hash, "sd_vae_name": None, "sd_vae_hash": None,
             "seed_resize_from_w": s.seed_resize_from_w or -1, "seed_resize_from_h": s.seed_resize_from_h or -1,
             "denoising_strength": s.strength if plan.kind == "img2img" else s.hires_strength if s.hires else None, "extra_generation_params": {},
-            "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp":
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": list(plan.styles), "job_timestamp":
             time.strftime("%Y%m%d%H%M%S"), "clip_skip": s.clip_skip, "is_using_inpainting_conditioning":
             plan.mask is not None and entry.pipe.config.unet.in_channels == 9, "version": "fastsd",
             "interrupted": stopped_at is not None, "warnings": warnings}

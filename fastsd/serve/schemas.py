@@ -99,8 +99,6 @@ class _Request(_Body):
             if getattr(self, name):
                 notes.append(f"{name}: not supported, ignored" + ("; the server saves no files" if name == "save_images"
                                                                    else ""))
-        if self.styles:
-            notes.append("styles: saved prompt styles are not supported, ignored")
         for name, defaults in K_DIFFUSION_DEFAULTS.items():
             if getattr(self, name) not in defaults:
                 notes.append(f"{name} {getattr(self, name)}: not supported (fastsd uses {defaults[1]}), ignored")
