@@ -622,18 +622,13 @@ NEW_SAMPLERS = ["euler_karras", "heun_karras", "lms", "lms_karras", "dpm2", "dpm
                 "dpmpp_2m_sde_heun", "dpmpp_3m_sde_karras"]
 
 
-@pytest.mark.parametrize("name", NEW_SAMPLERS)
-def test_cfg_every_model_call_goes_through_cfg_step(name):
-    """Guided sampling: each batched model call's two halves go straight into one cfg_step (the fused guidance +
-    update), none bypasses it; the result equals the unfused loop (guidance first, then the update)."""
-    x, cond, uncond = _cfg_setup(B=2)
-    spec = get_sampler(name)
-    steps = 6
-    sched = spec.schedule(steps)
-    outs, units = {}, {}
+def fused_and_unfused(spec, sched, x, cond, uncond) -> dict:
+    """The sampler run twice over one guided CFGDenoiser (scale 5) of a FakeUNet: called directly ("fused": each
+    batched model call goes into its cfg_step, counted) and through a plain lambda ("unfused": guidance first, then
+    the update). {kind: (output, FakeUNet, [guided? for each cfg_step call])}."""
+    got = {}
     for kind in ("fused", "unfused"):
-        unet = FakeUNet()
-        cfg_calls = []
+        unet, cfg_calls = FakeUNet(), []
 
         def counting_cfg_step(*a, **k):
             cfg_calls.append(a[1] is not None)  # guided: uncond passed in
@@ -643,12 +638,23 @@ def test_cfg_every_model_call_goes_through_cfg_step(name):
                           cfg_step=counting_cfg_step)
         model = den if kind == "fused" else (lambda x, sigma, **kw: den(x, sigma, **kw))  # noqa: E731
         opts = {"generator": torch.Generator().manual_seed(0)} if spec.stochastic else {}
-        outs[kind] = spec(model, x * sched.init_noise_sigma, sched.sigmas, disable=True, **opts)
-        units[kind] = unet
-        if kind == "fused":
-            n_calls = 2 * steps - 1 if name.startswith(("heun", "dpm2", "dpmpp_2s", "dpmpp_sde")) else steps
-            assert unet.batches == [4] * n_calls
-            assert cfg_calls == [True] * n_calls  # one fused cfg_step per model call
-            assert [t for t in unet.ts[::2 if n_calls > steps else 1]] == sched.timesteps.tolist()
-    assert units["fused"].ts == units["unfused"].ts
-    assert rel_err(outs["fused"], outs["unfused"]) < 1e-12
+        got[kind] = (spec(model, x * sched.init_noise_sigma, sched.sigmas, disable=True, **opts), unet, cfg_calls)
+    return got
+
+
+@pytest.mark.parametrize("name", NEW_SAMPLERS)
+def test_cfg_every_model_call_goes_through_cfg_step(name):
+    """Guided sampling: each batched model call's two halves go straight into one cfg_step (the fused guidance +
+    update), none bypasses it; the result equals the unfused loop (guidance first, then the update)."""
+    x, cond, uncond = _cfg_setup(B=2)
+    spec = get_sampler(name)
+    steps = 6
+    sched = spec.schedule(steps)
+    got = fused_and_unfused(spec, sched, x, cond, uncond)
+    _, unet, cfg_calls = got["fused"]
+    n_calls = 2 * steps - 1 if name.startswith(("heun", "dpm2", "dpmpp_2s", "dpmpp_sde")) else steps
+    assert unet.batches == [4] * n_calls
+    assert cfg_calls == [True] * n_calls  # one fused cfg_step per model call
+    assert [t for t in unet.ts[::2 if n_calls > steps else 1]] == sched.timesteps.tolist()
+    assert got["fused"][1].ts == got["unfused"][1].ts
+    assert rel_err(got["fused"][0], got["unfused"][0]) < 1e-12

@@ -277,6 +277,16 @@ def test_restart_registry():
 
 # --------------------------------------------------------------------------------------------- Restart: statistics
 
+def through_gaussian(spec, sig, n: int):
+    """n samples of N(MU, C^2) data noised to sig[0] through the sampler with the exact denoiser (seeded), the same
+    with the sampler's noise dropped, and the standard error of a std / true std."""
+    g = torch.Generator().manual_seed(11)
+    x = MU + (C ** 2 + sig[0].item() ** 2).sqrt() * torch.randn(n, 8, generator=g, dtype=torch.float64)
+    out = spec(gaussian_denoiser(MU), x, sig, disable=True, generator=g)
+    broken = spec(gaussian_denoiser(MU), x, sig, disable=True, noise_sampler=lambda a, b: torch.zeros_like(x))
+    return out, broken, 1 / math.sqrt(2 * (n - 1))
+
+
 @pytest.mark.parametrize("steps,bias", [(20, 0.025), (40, 0.01), (100, 0.002)])
 def test_restart_gaussian_statistics(steps, bias):
     """On N(MU, C^2) data with the exact denoiser: the chain's exact std (linear chain, probe columns) within the
@@ -286,14 +296,9 @@ def test_restart_gaussian_statistics(steps, bias):
     sig = spec.schedule(steps).sigmas
     exact = chain_std(spec, sig, {})
     assert ((exact / C - 1).abs() < bias).all(), exact / C - 1
-    g = torch.Generator().manual_seed(11)
-    s0 = sig[0].item()
-    x = MU + (C ** 2 + s0 ** 2).sqrt() * torch.randn(n, 8, generator=g, dtype=torch.float64)
-    out = spec(gaussian_denoiser(MU), x, sig, disable=True, generator=g)
-    se = 1 / math.sqrt(2 * (n - 1))
+    out, broken, se = through_gaussian(spec, sig, n)
     assert ((out.mean(0) - MU).abs() < 4.5 * exact / math.sqrt(n)).all()
     assert ((out.std(0) / exact - 1).abs() < 4.5 * se).all()
-    broken = spec(gaussian_denoiser(MU), x, sig, disable=True, noise_sampler=lambda a, b: torch.zeros_like(x))
     assert ((broken.std(0) / exact - 1).abs() > 10 * se).any()
 
 
@@ -303,31 +308,15 @@ def test_restart_gaussian_statistics(steps, bias):
 def test_cfg_every_model_call_goes_through_cfg_step(name, steps, n_calls):
     """Guided: each batched model call goes into one fused cfg_step (the restart noise included in one of them); the
     result equals the unfused loop's (guidance first, then the update)."""
-    from fastsd.backends import reference
-    from fastsd.denoisers import CFGDenoiser
-    from test_samplers import _cfg_setup
+    from test_samplers import _cfg_setup, fused_and_unfused
 
     x, cond, uncond = _cfg_setup(B=2)
     spec = SAMPLERS[name]
-    sched = spec.schedule(steps)
-    outs, ts = {}, {}
-    for kind in ("fused", "unfused"):
-        unet, cfg_calls = FakeUNet(), []
-
-        def counting_cfg_step(*a, **k):
-            cfg_calls.append(a[1] is not None)
-            return reference.cfg_step(*a, **k)
-
-        den = CFGDenoiser(EpsDenoiser(unet, alphas_cumprod(), schedule=sched), cond, uncond, 5.0,
-                          cfg_step=counting_cfg_step)
-        model = den if kind == "fused" else (lambda x, sigma, **kw: den(x, sigma, **kw))  # noqa: E731
-        opts = {"generator": torch.Generator().manual_seed(0)} if spec.stochastic else {}
-        outs[kind] = spec(model, x * sched.init_noise_sigma, sched.sigmas, disable=True, **opts)
-        ts[kind] = unet.ts
-        if kind == "fused":
-            assert unet.batches == [4] * n_calls and cfg_calls == [True] * n_calls
-    assert ts["fused"] == ts["unfused"]
-    assert rel_err(outs["fused"], outs["unfused"]) < 1e-12
+    got = fused_and_unfused(spec, spec.schedule(steps), x, cond, uncond)
+    _, unet, cfg_calls = got["fused"]
+    assert unet.batches == [4] * n_calls and cfg_calls == [True] * n_calls
+    assert got["fused"][1].ts == got["unfused"][1].ts
+    assert rel_err(got["fused"][0], got["unfused"][0]) < 1e-12
 
 
 # --------------------------------------------------------------------------------------------- DPM fast / adaptive: oracle
@@ -704,14 +693,9 @@ def test_dpm_fast_gaussian_statistics(steps, bias):
     exact = chain_std(spec, sig, {})
     DPM_ERRORS[("dpm_fast gaussian bias", steps)] = (exact / target - 1).abs().max().item()
     assert ((exact / target - 1).abs() < bias).all(), exact / target - 1
-    g = torch.Generator().manual_seed(11)
-    s0 = sig[0].item()
-    x = MU + (C ** 2 + s0 ** 2).sqrt() * torch.randn(n, 8, generator=g, dtype=torch.float64)
-    out = spec(gaussian_denoiser(MU), x, sig, disable=True, generator=g)
-    se = 1 / math.sqrt(2 * (n - 1))
+    out, broken, se = through_gaussian(spec, sig, n)
     assert ((out.mean(0) - MU).abs() < 4.5 * exact / math.sqrt(n)).all()
     assert ((out.std(0) / exact - 1).abs() < 4.5 * se).all()
-    broken = spec(gaussian_denoiser(MU), x, sig, disable=True, noise_sampler=lambda a, b: torch.zeros_like(x))
     assert ((broken.std(0) / target - 1).abs() > 10 * se).any()
 
 
@@ -743,33 +727,17 @@ def test_dpm_adaptive_gaussian_statistics():
 
 def test_dpm_fast_adaptive_fused_cfg_equals_unfused():
     """Guided: every batched model call goes into one fused cfg_step; the result equals the unfused loop's."""
-    from fastsd.backends import reference
-    from fastsd.denoisers import CFGDenoiser
-    from test_samplers import _cfg_setup
+    from test_samplers import _cfg_setup, fused_and_unfused
 
     x, cond, uncond = _cfg_setup(B=2)
     for name, n_calls in (("dpm_fast", 10), ("dpm_adaptive", None)):
         spec = SAMPLERS[name]
-        sched = spec.schedule(10)
-        outs, counts = {}, {}
-        for kind in ("fused", "unfused"):
-            unet, cfg_calls = FakeUNet(), []
-
-            def counting_cfg_step(*a, **k):
-                cfg_calls.append(a[1] is not None)
-                return reference.cfg_step(*a, **k)
-
-            den = CFGDenoiser(EpsDenoiser(unet, alphas_cumprod(), schedule=sched), cond, uncond, 5.0,
-                              cfg_step=counting_cfg_step)
-            model = den if kind == "fused" else (lambda x, sigma, **kw: den(x, sigma, **kw))  # noqa: E731
-            outs[kind] = spec(model, x * sched.init_noise_sigma, sched.sigmas, disable=True,
-                              generator=torch.Generator().manual_seed(0))
-            counts[kind] = len(unet.batches)
-            if kind == "fused":
-                assert set(unet.batches) == {4} and cfg_calls == [True] * len(unet.batches)
-                assert n_calls is None or len(unet.batches) == n_calls
-        assert counts["fused"] == counts["unfused"]
-        assert rel_err(outs["fused"], outs["unfused"]) < 1e-12
+        got = fused_and_unfused(spec, spec.schedule(10), x, cond, uncond)
+        _, unet, cfg_calls = got["fused"]
+        assert set(unet.batches) == {4} and cfg_calls == [True] * len(unet.batches)
+        assert n_calls is None or len(unet.batches) == n_calls
+        assert len(unet.batches) == len(got["unfused"][1].batches)
+        assert rel_err(got["fused"][0], got["unfused"][0]) < 1e-12
 
 
 def test_dpm_errors_report():
