@@ -230,8 +230,10 @@ def test_batch_job_field(tmp_path):
 
     path = tmp_path / "jobs.jsonl"
     path.write_text('{"prompt": "a", "scheduler": "Exponential", "sampler": "Euler a"}\n{"prompt": "b"}\n'
-                    '{"prompt": "c", "scheduler": "Karras", "sampler": "DDIM"}\n{"prompt": "d", "scheduler": "x"}\n')
-    a, b, c, d = read_job_file(path, Defaults(steps=2, width=64, height=64))
+                    '{"prompt": "c", "scheduler": "Karras", "sampler": "DDIM"}\n{"prompt": "d", "scheduler": "x"}\n'
+                    '{"prompt": "e", "scheduler": 3}\n')
+    a, b, c, d, e = read_job_file(path, Defaults(steps=2, width=64, height=64))
+    assert isinstance(e, BadJob) and e.error == "scheduler must be a schedule type's name, got 3"
     assert a.settings.schedule_type == "exponential" and a.manifest_settings()["scheduler"] == "exponential"
     assert b.settings.schedule_type == "automatic" and "scheduler" not in b.manifest_settings()
     assert isinstance(c, BadJob) and "does not apply to ddim" in c.error

@@ -217,6 +217,8 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
             rec[name] = _to_int(rec[name], name)
     if "cfg" in rec:
         rec["cfg"] = _to_float(rec["cfg"], "cfg")
+    if "scheduler" in rec and not isinstance(rec["scheduler"], str):
+        raise TypeError(f"scheduler must be a schedule type's name, got {rec['scheduler']!r}")
     if rec.get("seed") == -1:  # A1111: random
         del rec["seed"]
     if "size" in rec:
