@@ -5,7 +5,7 @@ UserComment of a JPEG or WEBP).
 from __future__ import annotations
 
 from fastsd.samplers import A1111_NAMES, SAMPLERS, resolve_sampler_name
-from fastsd.schedule_types import SCHEDULE_TYPES, AUTOMATIC, check_sampler, resolve_schedule_type, schedule_label
+from fastsd.schedule_types import AUTOMATIC, check_sampler, resolve_schedule_type, schedule_label, split_joint
 
 # A1111 1.9+'s "Automatic" schedule of the samplers whose default is not uniform (its samplers' 'scheduler' option)
 A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpmpp_sde": "karras", "dpm2": "karras",
@@ -14,18 +14,6 @@ A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpmpp_sde": "k
 # the (sampler, schedule type) pairs fastsd has as one sampler (its diffusers twin); other schedule types run as
 # GenerationSettings.schedule_type
 SCHEDULED = {(name.removesuffix("_karras"), "karras"): name for name in SAMPLERS if name.endswith("_karras")}
-
-
-def split_joint(name: str) -> tuple[str, str | None]:
-    """A1111 1.9+'s split of an old joint sampler name (its get_sampler_and_scheduler): a trailing " " + a schedule
-    type's label, name or alias (any case) is the schedule: "DPM++ 2M SDE Exponential" -> ("DPM++ 2M SDE",
-    "Exponential"), "Euler a" -> ("Euler a", None)."""
-    name = name.strip()
-    for t in SCHEDULE_TYPES.values():
-        for option in (t.label, t.name, *t.aliases):
-            if name.lower().endswith(" " + option.lower()):
-                return name[:-len(option) - 1].rstrip(), option
-    return name, None
 
 
 def scheduled(name: str, scheduler: str | None, field: str, warnings: list[str], *, paste: bool = False

@@ -299,12 +299,11 @@ class Pipeline:
         A1111's schedule type (`fastsd.schedule_types`); "karras" for a sampler with a `_karras` twin is the twin's
         schedule (as the server and --infotext read "DPM++ 2M" + "Karras": one image for one infotext); DPM2, DPM2 a
         and DPM++ 3M SDE drop the next-to-last level of a type's steps + 1, as A1111."""
-        kind = resolve_schedule_type(schedule_type)
-        twin = get_sampler(sampler).name.removesuffix("_karras") + "_karras"
+        kind, name = resolve_schedule_type(schedule_type), get_sampler(sampler).name
+        twin = name.removesuffix("_karras") + "_karras"
         if kind == AUTOMATIC or (kind == "karras" and twin in SAMPLERS):
-            return get_sampler(twin if kind == "karras" else sampler).schedule(steps, self.config.scheduler)
-        return typed_schedule(kind, steps, self.config.scheduler,
-                              discard_penultimate=get_sampler(sampler).name in DISCARD_PENULTIMATE)
+            return SAMPLERS[twin if kind == "karras" else name].schedule(steps, self.config.scheduler)
+        return typed_schedule(kind, steps, self.config.scheduler, discard_penultimate=name in DISCARD_PENULTIMATE)
 
     def latent_shape(self, s: GenerationSettings) -> tuple[int, int, int, int]:
         f = self.config.vae.downscale

@@ -1171,13 +1171,12 @@ def resolve_sampler_name(name: str) -> str:
             key = key[len(prefix):]
     key = ALIASES.get(key, key)
     if key not in SAMPLERS:
-        from fastsd.schedule_types import SCHEDULE_TYPES  # (a joint name with a schedule type: a hint)
+        from fastsd.schedule_types import resolve_schedule_type, split_joint  # (a joint name with a type: a hint)
 
-        for t in SCHEDULE_TYPES.values():
-            base = name.strip()[:-len(t.label) - 1]
-            if name.strip().lower().endswith(" " + t.label.lower()) and _known(base):
-                raise ValueError(f"unknown sampler {name!r}: give the sampler {base!r} with the schedule type "
-                                 f"{t.name!r} (--schedule-type)")
+        base, suffix = split_joint(name)
+        if suffix is not None and _known(base):
+            raise ValueError(f"unknown sampler {name!r}: give the sampler {base!r} with the schedule type "
+                             f"{resolve_schedule_type(suffix)!r} (--schedule-type)")
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} (A1111 names such as "
                          f"'Euler a', 'DPM++ 2M Karras' and k_ prefixes like 'k_euler_a' are accepted too)")
     return key

@@ -131,6 +131,18 @@ def _key(name: str) -> str:
     return name.strip().lower().replace(" ", "_").replace("-", "_")
 
 
+def split_joint(name: str) -> tuple[str, str | None]:
+    """A1111 1.9+'s split of an old joint sampler name (its get_sampler_and_scheduler): a trailing " " + a schedule
+    type's label, name or alias (any case) is the schedule: "DPM++ 2M SDE Exponential" -> ("DPM++ 2M SDE",
+    "Exponential"), "Euler a" -> ("Euler a", None)."""
+    name = name.strip()
+    for t in SCHEDULE_TYPES.values():
+        for option in (t.label, t.name, *t.aliases):
+            if name.lower().endswith(" " + option.lower()):
+                return name[:-len(option) - 1].rstrip(), option
+    return name, None
+
+
 def resolve_schedule_type(name: str | None) -> str:
     """Canonical name ("automatic" for None / "" / "Automatic") of an A1111 name or label, any case
     ("Align Your Steps", "sgm_uniform", "SGMUniform"); ValueError listing the valid ones."""

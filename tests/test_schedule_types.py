@@ -244,7 +244,8 @@ def test_a1111_api_and_paste_rules():
     """fastsd.a1111.scheduled: A1111's API (a scheduler given wins) and its infotext paste (a joint name wins,
     none given = the sampler's own); old joint names with any schedule split; the hires pass's schedule compared
     with what the first pass's type gives it."""
-    from fastsd.a1111 import hires_scheduled, scheduled, split_joint
+    from fastsd.a1111 import hires_scheduled, scheduled
+    from fastsd.schedule_types import split_joint
 
     assert split_joint("DPM++ 2M SDE Exponential") == ("DPM++ 2M SDE", "Exponential")
     assert split_joint("Euler a") == ("Euler a", None) and split_joint("Euler SGMUniform") == ("Euler", "SGMUniform")

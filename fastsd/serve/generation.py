@@ -20,7 +20,8 @@ from PIL import Image, ImageOps
 
 from fastsd import masking
 from fastsd.lora import drop_tags, parse_prompt, strip_tags
-from fastsd.a1111 import hires_scheduled, image_infotext, scheduled, split_joint
+from fastsd.a1111 import hires_scheduled, image_infotext, scheduled
+from fastsd.schedule_types import split_joint
 from fastsd.samplers import A1111_NAMES
 from fastsd.serve.jobqueue import Cancelled
 from fastsd.serve.limits import BadRequest, Limits
