@@ -56,6 +56,38 @@ class TAESDConfig:
 
 
 @dataclass(frozen=True)
+class ESRGANConfig:
+    """ESRGAN / Real-ESRGAN's RRDBNet (upscaler models): `blocks` RRDBs of three dense blocks (`growth` channels
+    per dense conv) at `features` channels, then `upsamples` 2x nearest + conv stages. Real-ESRGAN's x2 / x1
+    models first fold each 2x2 / 4x4 pixel block into channels (`unshuffle`), so scale = 2 ** upsamples / unshuffle."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    features: int = 64
+    blocks: int = 23
+    growth: int = 32
+    upsamples: int = 2
+    unshuffle: int = 1
+
+    @property
+    def scale(self) -> int:
+        return 2 ** self.upsamples // self.unshuffle
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    """Real-ESRGAN's SRVGGNetCompact (realesr-general-x4v3, realesr-animevideov3): `convs` 3x3 convs with PReLU
+    at `features` channels after the first, a last conv to out_channels * scale**2 channels, pixel shuffle, plus
+    the input upsampled (nearest)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    features: int = 64
+    convs: int = 32
+    scale: int = 4
+
+
+@dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 4  # 9 for inpainting checkpoints: [x, mask, masked-image latents]
     out_channels: int = 4

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Callable
 
-from fastsd.config import CLIPConfig, TAESDConfig, UNetConfig, VAEConfig
+from fastsd.config import CLIPConfig, CompactConfig, ESRGANConfig, TAESDConfig, UNetConfig, VAEConfig
 from fastsd.tensorfile import CheckpointError, TensorRef
 
 Rule = tuple[str, "str | Callable[[re.Match], str]"]
@@ -246,3 +246,72 @@ def taesd_config_from_keys(refs: dict[str, TensorRef], scale_factor: float = 1.0
                                   f"does not match its decoder ({c}, {latent}, {len(dblocks)})")
         cfg = dataclasses.replace(cfg, encoder_blocks=tuple(eblocks), image_channels=img)
     return cfg
+
+
+# ---- upscaler models (fastsd/models/esrgan.py, compact.py) ---------------------------------------------
+
+# The ESRGAN repository's later RRDBNet names (BSRGAN and others) -> Real-ESRGAN's (fastsd's).
+ESRGAN_RULES: list[Rule] = [
+    (r"^RRDB_trunk\.(?P<i>\d+)\.RDB(?P<k>\d)\.", r"body.\g<i>.rdb\g<k>."),
+    (r"^trunk_conv\.", "conv_body."),
+    (r"^upconv(?P<i>\d)\.", r"conv_up\g<i>."),
+    (r"^HRconv\.", "conv_hr."),
+]
+
+
+def esrgan_keys(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """An RRDBNet's keys under Real-ESRGAN's names. The original ESRGAN files are one nn.Sequential: `model.0` the
+    first conv, `model.1.sub.N.RDBk.convj.0` the blocks and `model.1.sub.<blocks>` the body's last conv, then the
+    upsampling convs, conv_hr and conv_last as the remaining `model.N` convs in order (Upsample and LeakyReLU
+    entries between them hold no weights)."""
+    if not any(k.startswith("model.") for k in refs):
+        return rename(refs, ESRGAN_RULES)
+    top = sorted({int(m[1]) for k in refs if (m := re.fullmatch(r"model\.(\d+)\.weight", k))})
+    blocks = {int(m[1]) for k in refs if (m := re.match(r"model\.1\.sub\.(\d+)\.RDB", k))}
+    if len(top) < 3 or top[0] != 0 or not blocks:
+        raise CheckpointError("an ESRGAN file (model.N keys) without its first conv, blocks and last convs")
+    tail = top[1:]  # after model.0: conv_up1..n, conv_hr, conv_last
+    names = {0: "conv_first", tail[-1]: "conv_last", tail[-2]: "conv_hr"}
+    names.update({i: f"conv_up{n}" for n, i in enumerate(tail[:-2], 1)})
+    body_conv = max(blocks) + 1
+
+    def name(m: re.Match) -> str:
+        if m["top"] is not None:
+            return names.get(int(m["top"]), m[0])
+        if m["block"] is not None:
+            return f"body.{m['block']}.rdb{m['k']}.conv{m['j']}"
+        return "conv_body" if int(m["sub"]) == body_conv else m[0]
+
+    pattern = (r"^model\.(?:(?P<top>\d+)(?=\.(?:weight|bias)$)|1\.sub\.(?:(?P<block>\d+)\.RDB(?P<k>\d)\.conv(?P<j>\d)\.0"
+               r"|(?P<sub>\d+)(?=\.(?:weight|bias)$)))")
+    return {re.sub(pattern, name, k, count=1): v for k, v in refs.items()}
+
+
+def esrgan_config_from_keys(refs: dict[str, TensorRef]) -> ESRGANConfig:
+    """The RRDBNet of Real-ESRGAN-named keys: widths from the shapes, blocks and upsamples counted; the x2 / x1
+    models' pixel unshuffle read off the first conv taking 4x / 16x the image channels."""
+    for k in ("conv_first.weight", "conv_last.weight", "body.0.rdb1.conv1.weight"):
+        if k not in refs or len(refs[k].shape) != 4:
+            raise CheckpointError(f"an ESRGAN model without a 3x3 convolution {k}")
+    features, first_in = refs["conv_first.weight"].shape[:2]
+    out = refs["conv_last.weight"].shape[0]
+    unshuffle = next((f for f in (4, 2) if first_in == out * f * f), 1)
+    return ESRGANConfig(in_channels=first_in // unshuffle ** 2, out_channels=out, features=features,
+                        blocks=_count(refs, r"body\.(\d+)\.rdb1\.conv1\.weight$"),
+                        growth=refs["body.0.rdb1.conv1.weight"].shape[0],
+                        upsamples=_count(refs, r"conv_up(\d+)\.weight$"), unshuffle=unshuffle)
+
+
+def compact_config_from_keys(refs: dict[str, TensorRef]) -> CompactConfig:
+    """The SRVGGNetCompact of `body.N` keys: convs at even N, PReLU slopes at odd N; the last conv makes
+    out_channels * scale**2 channels (out_channels = in_channels: its input is added back)."""
+    convs = sorted(int(m[1]) for k in refs if (m := re.fullmatch(r"body\.(\d+)\.weight", k)) and len(refs[k].shape) == 4)
+    if len(convs) < 2 or convs != list(range(0, 2 * len(convs), 2)):
+        raise CheckpointError("an SRVGGNetCompact model whose body.N convolutions are not at N = 0, 2, 4, ...")
+    features, cin = refs["body.0.weight"].shape[:2]
+    last = refs[f"body.{convs[-1]}.weight"].shape[0]
+    scale = round((last / cin) ** 0.5)
+    if scale < 1 or scale * scale * cin != last:
+        raise CheckpointError(f"an SRVGGNetCompact model whose last convolution makes {last} channels, not "
+                              f"{cin} x scale**2 for {cin} image channels")
+    return CompactConfig(in_channels=cin, out_channels=cin, features=features, convs=len(convs) - 2, scale=scale)

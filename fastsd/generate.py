@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeatable")
     p.add_argument("--lora-dir", default=None, help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors "
                    "(default $FASTSD_LORA_DIR)")
+    p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="upscaler models (ESRGAN, Real-ESRGAN .pth / "
+                   ".safetensors; A1111's models/ESRGAN) that --hires-upscaler names by file name (default "
+                   "$FASTSD_UPSCALER_DIR)")
     p.add_argument("--styles-file", default=None, metavar="PATH", help="A1111's prompt styles: a styles.csv "
                    "(name,prompt,negative_prompt) or a folder of such .csv files; default $FASTSD_STYLES")
     p.add_argument("--style", action="append", default=[], metavar="NAME", help="apply this style of --styles-file "
@@ -251,6 +254,21 @@ def save(images, folder: str, file: str | None, overwrite: bool, seeds: list[int
             for im, seed in zip(images, seeds)]
 
 
+def hires_upscaler(args: argparse.Namespace) -> str:
+    """--hires-upscaler as the pipeline takes it: A1111's built-in names and a model file's path as they are, a
+    model's name (its file stem, or an A1111 name such as "R-ESRGAN 4x+") as its file in --upscaler-dir."""
+    from fastsd import hires
+    from fastsd.upscalers import UPSCALER_DIR_ENV, upscaler_path
+
+    name, folder = args.hires_upscaler, args.upscaler_dir or os.environ.get(UPSCALER_DIR_ENV)
+    try:
+        return hires.resolve_upscaler(name)
+    except ValueError:
+        if not folder or os.sep in name or "/" in name or name.lower().endswith(hires.MODEL_EXTS):
+            raise
+    return upscaler_path(name, folder)
+
+
 def lora_files(args: argparse.Namespace, prompt: str) -> list[tuple[str, float]]:
     """[(file, weight)] of --lora FILE[:WEIGHT] and of the prompt's <lora:NAME:WEIGHT> tags (found in --lora-dir)."""
     from fastsd.lora import LORA_DIR_ENV, lora_path, parse_lora_arg, parse_prompt
@@ -308,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        args.hires_upscaler = hires_upscaler(args)
+    except ValueError as e:
+        return fail(str(e))
     settings = GenerationSettings(**{name: getattr(args, name) for name in FIELDS})
     try:
         settings = apply_cli_styles(args, settings)
@@ -346,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"warning: --infotext: {note}", file=sys.stderr)
         pipe.load_loras(loras, keep_originals=False)  # (a run of the CLI never unloads: no copy of the weights)
         pipe.check_can_encode(image, settings)
+        pipe.check_hires_upscaler(settings)
         if embeddings_dir is not None:
             pipe.load_embeddings(embeddings_dir)
         s = pipe.resolve(settings, image)

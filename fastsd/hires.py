@@ -5,6 +5,7 @@ request means what it means there. Plain Python: the settings check sizes with i
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from PIL import Image
@@ -17,16 +18,46 @@ LATENT_MODES = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinea
 IMAGE_RESAMPLE = {"None": Image.LANCZOS, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
 UPSCALERS = (*LATENT_MODES, *IMAGE_RESAMPLE)
 MAX_SCALE = 8.0
+MODEL_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # upscaler model files
 
 
 def resolve_upscaler(name: str) -> str:
-    """A1111's upscaler name (case and spacing as typed aside); ValueError naming the ones fastsd has."""
+    """A1111's upscaler name (case and spacing as typed aside), or the path of an upscaler model file (ESRGAN,
+    Real-ESRGAN: fastsd/upscalers.py) as it is; ValueError naming what fastsd takes."""
     key = " ".join(str(name).split()).lower()
     for known in UPSCALERS:
         if known.lower() == key:
             return known
-    raise ValueError(f"unknown hires upscaler {name!r}; fastsd has {', '.join(repr(u) for u in UPSCALERS)} (upscaler "
-                     "models such as ESRGAN are not supported)")
+    if str(name).lower().endswith(MODEL_EXTS) and os.path.isfile(name):
+        return name
+    if str(name).lower().endswith(MODEL_EXTS):
+        raise ValueError(f"hires upscaler {name}: no such file")
+    raise ValueError(f"unknown hires upscaler {name!r}; fastsd has {', '.join(repr(u) for u in UPSCALERS)}, or an "
+                     "upscaler model file (ESRGAN / Real-ESRGAN .pth or .safetensors; by name from --upscaler-dir)")
+
+
+def upscaler_name(name: str) -> str:
+    """An infotext's "Hires upscaler": A1111's built-in name, or an upscaler model's name (a file stem, found
+    in --upscaler-dir later); ValueError for anything else (a path)."""
+    key = " ".join(str(name).split()).lower()
+    known = next((u for u in UPSCALERS if u.lower() == key), None)
+    if known is not None:
+        return known
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"hires upscaler {name!r}: neither one of A1111's built-in upscalers nor a model name")
+    return name
+
+
+def upscaler_label(name: str) -> str:
+    """The infotext's "Hires upscaler": A1111's name; a model file's stem (A1111 names models/ESRGAN files so), or
+    A1111's name for the files it downloads itself (RealESRGAN_x4plus: "R-ESRGAN 4x+"), so A1111 finds it."""
+    from fastsd.upscalers import A1111_FILES
+
+    got = resolve_upscaler(name)
+    if got in UPSCALERS:
+        return got
+    stem = os.path.splitext(os.path.basename(got))[0]
+    return next((a for a, file in A1111_FILES.items() if file == stem), stem)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "Hires steps": (("hires_steps",), _int),
     "Hires prompt": (("hires_prompt",), str),
     "Hires negative prompt": (("hires_negative_prompt",), str),
-    "Hires upscaler": (("hires_upscaler",), _hires.resolve_upscaler),
+    "Hires upscaler": (("hires_upscaler",), _hires.upscaler_name),
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type",
          *DESCRIPTIVE}

@@ -125,6 +125,7 @@ class Pipeline:
         self._vae_file: str | None = None
         self._vae_hash: str | None = None
         self.embeddings = None  # fastsd.embeddings.Embeddings: textual inversions named in prompts (load_embeddings)
+        self._upscaler = None  # (path, mtime, fastsd.upscalers.Upscaler): the hires fix's last upscaler model
 
     # ---- the VAE and the embeddings -----------------------------------------------------------------------
 
@@ -146,15 +147,20 @@ class Pipeline:
 
     def check_can_encode(self, image: Image.Image | None, settings: GenerationSettings | None = None) -> None:
         """ValueError when this run must encode (an init image, a 9-channel model, the hires fix's image
-        upscalers) but the VAE has no encoder (a decoder-only TAESD), so it fails before any work."""
+        upscalers and upscaler models) but the VAE has no encoder (a decoder-only TAESD), so it fails before any work."""
         if getattr(self.vae, "encoder", 0) is not None:
             return
         if image is not None or self.config.unet.in_channels == 9:
             raise ValueError(NO_ENCODER)
         s = settings
-        if s is not None and s.hires and hires.resolve_upscaler(s.hires_upscaler) in hires.IMAGE_RESAMPLE:
+        if s is not None and s.hires and hires.resolve_upscaler(s.hires_upscaler) not in hires.LATENT_MODES:
             raise ValueError(f"{NO_ENCODER} (the hires fix's {s.hires_upscaler!r} upscaler encodes its image; the "
                              "Latent ones don't)")
+
+    def check_hires_upscaler(self, s: GenerationSettings) -> None:
+        """Load the hires fix's upscaler model (kept for the run), so a bad file fails before any work."""
+        if s.hires and (path := hires.resolve_upscaler(s.hires_upscaler)) not in hires.UPSCALERS:
+            self.upscaler(path)
 
     def load_embeddings(self, path: str) -> list[str]:
         """Make the textual-inversion embeddings of a folder (searched recursively, as A1111) or of one file
@@ -269,7 +275,7 @@ class Pipeline:
                            "Hires negative prompt": hn if hn != s.negative_prompt else None,
                            "Hires upscale": None if resize else f"{s.hires_scale:g}",
                            "Hires resize": f"{s.hires_width}x{s.hires_height}" if resize else None,
-                           "Hires steps": s.hires_steps or None, "Hires upscaler": hires.resolve_upscaler(s.hires_upscaler)})
+                           "Hires steps": s.hires_steps or None, "Hires upscaler": hires.upscaler_label(s.hires_upscaler)})
         params.update(extra or {})
         prompt, params["Lora hashes"] = self._loras.infotext(s.prompt)
         if self.embeddings is not None:  # A1111's "TI hashes": name: sha256[:12] of each embedding the prompts use
@@ -485,8 +491,12 @@ class Pipeline:
             mode, antialias = hires.LATENT_MODES[upscaler]
             x = torch.nn.functional.interpolate(x.float(), size=t.latent_size, mode=mode, antialias=antialias)
         else:
-            images = [im.resize((t.up_w, t.up_h), resample=hires.IMAGE_RESAMPLE[upscaler])
-                      for im in tensor_to_pil(self.decode(x, tiled_vae))]
+            images = tensor_to_pil(self.decode(x, tiled_vae))
+            if upscaler in hires.IMAGE_RESAMPLE:
+                images = [im.resize((t.up_w, t.up_h), resample=hires.IMAGE_RESAMPLE[upscaler]) for im in images]
+            else:  # an upscaler model file (A1111's images.resize_image with it)
+                model = self.upscaler(upscaler)
+                images = [model.upscale(im, t.up_w, t.up_h) for im in images]
             x = self.encode_images(torch.cat([pil_to_tensor(im) for im in images]), None, tiled_vae)
         x = hires.crop(x, t)
         if s.hires_strength == 0:
@@ -502,6 +512,22 @@ class Pipeline:
         if self.config.unet.in_channels == 9:  # an inpainting model repaints everything (txt2img's conditioning)
             p.extra["c_concat"] = self._inpaint_concat(s2, None, None, tiled_vae)
         return self.denoise(p, cond, uncond, s2, on_step=on_step, progress=progress, preview_every=preview_every)
+
+    def upscaler(self, path: str):
+        """The upscaler model of file `path` (fastsd/upscalers.py), loaded once and kept until another file (or
+        this one changed) is asked for; run in the pipeline's dtype (bf16 halves its time or better where the
+        CPU has it), fp32 for fp16 on the CPU."""
+        import os
+
+        from fastsd.upscalers import load_upscaler
+
+        mtime = os.stat(path).st_mtime_ns
+        if self._upscaler is None or self._upscaler[:2] != (path, mtime):
+            self._upscaler = None  # (the old one's memory goes first)
+            cpu_half = self.device.type == "cpu" and self.dtype == torch.float16
+            self._upscaler = (path, mtime, load_upscaler(path, dtype=torch.float32 if cpu_half else self.dtype,
+                                                         device=self.device))
+        return self._upscaler[2]
 
     # ---- stage 4: images --------------------------------------------------------------------------------
 
@@ -614,6 +640,7 @@ class Pipeline:
             raise ValueError("hires_prompt: its <lora:...> tags must be the prompt's (fastsd merges a run's LoRAs "
                              "once, for both passes)")
         self.check_can_encode(image, s)
+        self.check_hires_upscaler(s)
         if mask is not None and mask.convert("L").point(lambda v: 255 if v >= 128 else 0).getbbox() is None:
             warnings.warn("the mask has no white pixel (>= 50%): nothing is repainted; white marks what to repaint",
                           stacklevel=2)

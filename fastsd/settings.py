@@ -62,7 +62,8 @@ class GenerationSettings:
     hires_strength: float = field(default=0.7, metadata=_opt("hires fix: denoising strength of the second pass in "
                                                              "[0, 1] (0 = upscale only)"))
     hires_upscaler: str = field(default="Latent", metadata=_opt("hires fix upscaler, A1111's names: " + ", ".join(
-        hires.UPSCALERS)))
+        hires.UPSCALERS) + "; or an upscaler model (ESRGAN, Real-ESRGAN): a .pth/.safetensors file, or its name in "
+        "--upscaler-dir"))
     seed_resize_from_w: int = field(default=0, metadata=_opt(
         "A1111 'Resize seed from width': with --seed-resize-from-h, each image's start noise is drawn as at this "
         "size and pasted centred into its noise at the real size (cropped when larger), so a seed keeps its "

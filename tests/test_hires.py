@@ -220,7 +220,7 @@ def test_server_enable_hr():
         assert bad.status_code == 422 and "hr_sampler_name: unknown sampler 'Nope'" in bad.json()["detail"]
         same = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_scale": 1, "hr_sampler_name": None}))
         assert same["warnings"] == ["enable_hr with hr_scale 1 and no hr_resize_x/y: nothing to upscale, no hires pass"]
-        for bad, match in [({"hr_upscaler": "ESRGAN_4x"}, "unknown hires upscaler 'ESRGAN_4x'"),
+        for bad, match in [({"hr_upscaler": "ESRGAN_4x"}, "hr_upscaler: unknown upscaler 'ESRGAN_4x'"),
                            ({"width": 1600, "height": 1600}, "the hires fix would make a 3200x3200 image, above this "
                                                               "server's limit of 2048 px"),
                            ({"denoising_strength": 2}, "denoising_strength must be in [0, 1], got 2"),

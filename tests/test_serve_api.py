@@ -50,7 +50,7 @@ def test_lists_in_a1111_shapes(client):
     idle = client.get("/sdapi/v1/progress").json()
     assert set(idle) == {"progress", "eta_relative", "state", "current_image", "textinfo"}
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
-    assert client.get("/sdapi/v1/upscalers").json() == []
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
 
 
 def test_txt2img_docs_body_images_infotext_and_the_cli_image(client, tmp_path):

@@ -4,5 +4,6 @@ app.py        the FastAPI app: routes, errors, body limit     schemas.py   A1111
 generation.py request -> checked Plan -> images -> response   jobqueue.py  the bounded FIFO and its worker
 registry.py   the --model models and the current one          networks.py  LoRAs / embeddings by name
 limits.py     per-request limits and base64 image decoding    auth.py      --api-auth / --token
+upscalers.py  --upscaler-dir models by name, the Extras tab's upscale
 static/       the page (plain HTML/JS/CSS, no build step)
 """

@@ -21,7 +21,8 @@ from fastsd.serve.jobqueue import Cancelled, Job, JobQueue, QueueFull
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.networks import Networks
 from fastsd.serve.registry import Registry
-from fastsd.serve.schemas import Img2ImgRequest, OptionsRequest, PNGInfoRequest, Txt2ImgRequest
+from fastsd.serve.schemas import ExtrasSingleImageRequest, Img2ImgRequest, OptionsRequest, PNGInfoRequest, Txt2ImgRequest
+from fastsd.serve.upscalers import Upscalers, build_extras, run_extras
 
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("fastsd.serve")
@@ -36,6 +37,7 @@ class ServerState:
     auth: Auth | None = None
     clip_skip: int = 1                      # A1111's CLIP_stop_at_last_layers option
     styles: dict = field(default_factory=dict)  # {name: fastsd.styles.PromptStyle} of --styles-file, read at start
+    upscalers: Upscalers = field(default_factory=lambda: Upscalers(None))  # --upscaler-dir's models
     started: float = field(default_factory=time.time)
 
 
@@ -185,6 +187,12 @@ def _generation_routes(api: APIRouter, state: ServerState) -> None:
     async def img2img(req: Img2ImgRequest, request: Request):
         return await generate("img2img", req, request)
 
+    @api.post("/extra-single-image")
+    async def extra_single_image(req: ExtrasSingleImageRequest, request: Request):
+        """A1111's Extras tab: the upscale (checked here, run as a job: one at a time with the generations)."""
+        plan = await run_in_threadpool(build_extras, req, state)
+        return await _wait(state, state.queue.submit(Job("extras", lambda job: run_extras(plan, job))), request)
+
     @api.post("/interrupt")
     async def interrupt():
         state.queue.interrupt()
@@ -276,7 +284,18 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
                 for s in state.styles.values()]
 
-    for empty in ("/upscalers", "/latent-upscale-modes", "/sd-vae", "/hypernetworks", "/face-restorers"):
+    @api.get("/upscalers")
+    def upscalers():
+        """A1111's list: None, Lanczos, Nearest, then --upscaler-dir's models (each file read once, off the loop)."""
+        return state.upscalers.a1111()
+
+    @api.get("/latent-upscale-modes")
+    async def latent_upscale_modes():
+        from fastsd.hires import LATENT_MODES
+
+        return [{"name": n} for n in LATENT_MODES]
+
+    for empty in ("/sd-vae", "/hypernetworks", "/face-restorers"):
         api.add_api_route(empty, _empty_list, methods=["GET"])
 
     @api.get("/options")
@@ -299,6 +318,6 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
 
 
 async def _empty_list():
-    """Endpoints of A1111 features fastsd does not have (upscalers, VAEs, ...): empty lists, for clients that
+    """Endpoints of A1111 features fastsd does not have (VAE lists, face restorers, ...): empty lists, for clients that
     list them at start."""
     return []

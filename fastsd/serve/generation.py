@@ -95,8 +95,9 @@ def _size(req, field: str, limits: Limits, warnings: list[str]) -> int:
     return got
 
 
-def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list[str]) -> dict:
-    """A1111's hires-fix fields as GenerationSettings' hires_* keywords (none without enable_hr)."""
+def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list[str], upscalers) -> dict:
+    """A1111's hires-fix fields as GenerationSettings' hires_* keywords (none without enable_hr); hr_upscaler a
+    built-in name, or a model of --upscaler-dir (`upscalers`, serve.upscalers.Upscalers) as its file."""
     if not getattr(req, "enable_hr", False):
         return {}
     resize = {}
@@ -126,7 +127,7 @@ def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's txt2img default
     scale = 1.0 if any(resize.values()) else req.hr_scale  # (A1111 ignores hr_scale for a resize target)
     return {"hires_scale": scale, **resize, "hires_steps": req.hr_second_pass_steps,
-            "hires_strength": strength, "hires_upscaler": req.hr_upscaler or "Latent",
+            "hires_strength": strength, "hires_upscaler": upscalers.hires(req.hr_upscaler),
             "hires_sampler": second if second != sampler else None, **_hires_prompts(req, limits)}
 
 
@@ -273,7 +274,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     img2img = kind == "img2img"
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
-                           subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings),
+                           subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings, server.upscalers),
                            **_seed_resize(req, limits, warnings), schedule_type=schedule_type)
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -178,3 +178,24 @@ class PNGInfoRequest(_Body):
     model_config = ConfigDict(extra="ignore")
 
     image: str  # base64 (or a data: URL), as A1111's
+
+
+class ExtrasSingleImageRequest(_Body):
+    """A1111's Extras tab (its ExtrasSingleImageRequest: fields, defaults and bounds)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = ""  # base64 (or a data: URL)
+    resize_mode: Literal[0, 1] = 0  # 0: by upscaling_resize; 1: to upscaling_resize_w x upscaling_resize_h
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0, ge=0, le=1)
+    codeformer_visibility: float = Field(0, ge=0, le=1)
+    codeformer_weight: float = Field(0, ge=0, le=1)
+    upscaling_resize: float = Field(2, gt=0)
+    upscaling_resize_w: int = Field(512, ge=1)
+    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
+    upscale_first: bool = False

@@ -46,8 +46,8 @@ function fill(select, items, value, label) {
 
 async function loadLists() {
   try {
-    const [samplers, schedulers, models, options, loras] = await Promise.all(
-      [api("samplers"), api("schedulers"), api("sd-models"), api("options"), api("loras")]);
+    const [samplers, schedulers, models, options, loras, upscalers] = await Promise.all(
+      [api("samplers"), api("schedulers"), api("sd-models"), api("options"), api("loras"), api("upscalers")]);
     fill($("sampler"), samplers, (s) => s.name, (s) => s.name);
     $("sampler").value = "Euler a";
     fill($("scheduler"), schedulers, (s) => s.label, (s) => s.label);
@@ -55,6 +55,8 @@ async function loadLists() {
     fill($("model"), models, (m) => m.title, (m) => m.model_name);
     $("model").value = options.sd_model_checkpoint;
     fill($("lora"), loras, (l) => l.name, (l) => l.name);
+    // the --upscaler-dir models after the built-in upscalers (the list's first three, None/Lanczos/Nearest: there)
+    fill($("hr-upscaler"), upscalers.filter((u) => u.model_path !== null), (u) => u.name, (u) => u.name);
     showError("");
   } catch (e) {
     showError("could not load the server's lists: " + e.message);

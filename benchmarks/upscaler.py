@@ -1,0 +1,85 @@
+"""Upscaler model times: the hires fix's upscale of one image (A1111's rule: the model once, then Lanczos) with
+random weights of the real models' sizes.
+
+    python -m fastsd.benchmarks.upscaler                        # 512 -> 1024 px, every model, fp32 and bf16
+    python -m fastsd.benchmarks.upscaler --model compact --dtype bf16 --repeat 3 --json upscaler.jsonl
+
+Models: `rrdb` (RealESRGAN_x4plus / 4x-UltraSharp: RRDBNet, 23 blocks, 64 features), `anime6b`
+(RealESRGAN_x4plus_anime_6B: 6 blocks), `compact` (realesr-general-x4v3: SRVGGNetCompact, 32 convs of 64
+features). Each is timed in the channels-last memory format fastsd runs it in and in the plain (contiguous) one,
+alternating, after one warm-up run each; tiles of 192 px as A1111's defaults (`--tile 0`: the whole image).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from .common import git_commit, isa_fields, timestamp, versions
+from fastsd.cli import ArgumentParser, positive_int
+
+MODELS = {"rrdb": ("ESRGAN", dict(blocks=23)), "anime6b": ("ESRGAN", dict(blocks=6)),
+          "compact": ("Compact", dict(convs=32))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = ArgumentParser(prog="python -m fastsd.benchmarks.upscaler", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", choices=list(MODELS), help="repeatable (default: all)")
+    ap.add_argument("--dtype", action="append", choices=["fp32", "bf16"], help="repeatable (default: both)")
+    ap.add_argument("--res", type=positive_int, default=512, help="the image's side before the upscale")
+    ap.add_argument("--tile", type=int, default=192)
+    ap.add_argument("--repeat", type=positive_int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=None)
+    ap.add_argument("--json", help="append the result rows to this JSONL file")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from fastsd.cli import set_threads
+    from fastsd.config import CompactConfig, ESRGANConfig
+    from fastsd.models.compact import SRVGGNetCompact
+    from fastsd.models.esrgan import RRDBNet
+    from fastsd.upscalers import load_upscaler
+
+    threads = set_threads(args.threads)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.res, args.res, 3), dtype=np.uint8))
+    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    for name in args.model or list(MODELS):
+        arch, kw = MODELS[name]
+        torch.manual_seed(0)
+        model = RRDBNet(ESRGANConfig(**kw)) if arch == "ESRGAN" else SRVGGNetCompact(CompactConfig(**kw))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"{name}.safetensors")
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+            for dtype in args.dtype or ["fp32", "bf16"]:
+                up = load_upscaler(path, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+                times: dict[str, list[float]] = {f: [] for f in formats}
+                for i in range(args.repeat + 1):  # the first round warms up
+                    for fmt, mf in formats.items():
+                        up.model.to(memory_format=mf)
+                        up.memory_format = mf
+                        t = time.perf_counter()
+                        out = up.upscale(image, 2 * args.res, 2 * args.res, tile=args.tile)
+                        if i:
+                            times[fmt].append(time.perf_counter() - t)
+                row = {"suite": "upscaler", "model": name, "arch": arch, "dtype": dtype, "res": args.res,
+                       "out": list(out.size), "tile": args.tile, "seconds": times, "threads": threads, **isa_fields(),
+                       **versions(), "git_commit": git_commit(), "timestamp": timestamp(),
+                       "command": " ".join(["python -m fastsd.benchmarks.upscaler", *sys.argv[1:]])}
+                row.pop("cpu_flags", None)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                med = {f: sorted(ts)[len(ts) // 2] for f, ts in times.items()}
+                print(f"{name} ({arch}) {dtype}, ISA {row['isa']}, {threads} threads: {args.res} -> {out.size[0]} px "
+                      f"{med['channels_last']:.2f} s channels-last, {med['contiguous']:.2f} s contiguous "
+                      f"(median of {args.repeat})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

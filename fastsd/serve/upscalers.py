@@ -1,0 +1,259 @@
+"""Upscaler models by name from `--upscaler-dir` (fastsd/upscalers.py: A1111's models/ESRGAN), for the hires fix's
+`hr_upscaler`, A1111's /upscalers list and its Extras tab (/extra-single-image: A1111's postprocessing upscale,
+`scripts/postprocessing_upscale.py`, run on the worker thread). As with LoRAs, a name is a file's stem (or A1111's
+built-in name of a file it downloads, "R-ESRGAN 4x+"), never a path, and answers name files, not the server's folder.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import threading
+from dataclasses import dataclass
+
+from PIL import Image
+
+from fastsd import hires
+from fastsd.serve.limits import BadRequest, Limits
+from fastsd.serve.networks import file_identity, file_names
+
+BUILTIN = ("None", "Lanczos", "Nearest")  # A1111's sd_upscalers without a model, first in its list (hires.IMAGE_RESAMPLE)
+BUILTIN_SCALE = 4  # what A1111's list reports for them (UpscalerData's default)
+
+
+def builtin_name(name: str) -> str | None:
+    """A1111's name of a built-in upscaler (a latent mode or BUILTIN) as hires.resolve_upscaler reads it (case and
+    spacing aside), or None."""
+    key = " ".join(str(name).split()).lower()
+    return next((u for u in hires.UPSCALERS if u.lower() == key), None)
+
+
+class Upscalers:
+    """The models of `folder` (read at each request, as A1111's refresh would: files added later are found), and
+    what each file holds (architecture, scale), read once per file version."""
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
+        self._read: dict[str, tuple] = {}  # path -> (file_identity, arch, scale, error)
+        self._lock = threading.Lock()
+
+    def models(self) -> dict[str, str]:
+        """{name: path} of the folder's models (fastsd.upscalers.list_upscalers), less a name that a built-in one
+        shadows."""
+        from fastsd.upscalers import list_upscalers
+
+        if not self.folder:
+            return {}
+        return {n: p for n, p in list_upscalers(self.folder).items() if builtin_name(n) is None}
+
+    def describe(self, path: str) -> tuple[str | None, int | None, str | None]:
+        """(arch, scale, None) of a model file, or (None, None, why) for one fastsd can't read (named by its file
+        name); cached by the file's identity (inode, size, modification time)."""
+        from fastsd import CheckpointError
+        from fastsd.upscalers import read_upscaler
+
+        ident = file_identity(path)
+        with self._lock:
+            got = self._read.get(path)
+        if got is not None and got[0] == ident:
+            return got[1:]
+        try:
+            src = read_upscaler(path)
+            got = (ident, src.arch, src.scale, None)
+        except (CheckpointError, OSError, ValueError) as e:
+            got = (ident, None, None, file_names(str(e) or type(e).__name__, [path]))
+        with self._lock:
+            self._read[path] = got
+        return got[1:]
+
+    def a1111(self) -> list[dict]:
+        """A1111's /upscalers: the built-in image upscalers, then the folder's models (model_path relative to the
+        folder; scale null for a file fastsd can't read)."""
+        items = [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": BUILTIN_SCALE}
+                 for n in BUILTIN]
+        for name, path in self.models().items():
+            arch, scale, _ = self.describe(path)
+            items.append({"name": name, "model_name": arch, "model_path": os.path.relpath(path, self.folder),
+                          "model_url": None, "scale": scale})
+        return items
+
+    def model_path(self, name: str, field: str, builtins: tuple[str, ...] = BUILTIN) -> str:
+        """The file of the folder's model `name` (fastsd.upscalers.upscaler_path), checked readable; BadRequest
+        naming `field` (and what it takes: `builtins` and the models) otherwise."""
+        from fastsd.lora import check_lora_name
+        from fastsd.upscalers import A1111_FILES, upscaler_path
+
+        try:
+            check_lora_name(name)
+        except ValueError:
+            raise BadRequest(f"{field}: upscaler name {name!r} refused: upscalers are chosen by name from "
+                             "--upscaler-dir, not by path") from None
+        if not self.folder:
+            raise BadRequest(f"{field}: unknown upscaler {name!r}; this server has no upscaler folder (start it with "
+                             "--upscaler-dir DIR)")
+        try:
+            path = upscaler_path(name, self.folder)
+        except ValueError:
+            want = (f" (A1111 downloads {A1111_FILES[name]}.pth for it; fastsd downloads nothing)"
+                    if name in A1111_FILES else "")
+            shown = ", ".join((*builtins, *self.models()))
+            lists = "/upscalers, /latent-upscale-modes" if builtins != BUILTIN else "/upscalers"
+            raise BadRequest(f"{field}: unknown upscaler {name!r}{want}; this server has: {shown} "
+                             f"(GET /sdapi/v1{lists})") from None
+        why = self.describe(path)[2]
+        if why is not None:
+            raise BadRequest(f"{field}: {why}")
+        return path
+
+    def hires(self, name: str | None, field: str = "hr_upscaler") -> str:
+        """txt2img's hr_upscaler as GenerationSettings' hires_upscaler: A1111's built-in names as they are (unset:
+        Latent, A1111's default), a model's name as its file."""
+        if not name:
+            return "Latent"
+        return builtin_name(name) or self.model_path(name, field, hires.UPSCALERS)
+
+
+# ---- the Extras tab ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtrasPlan:
+    image: Image.Image                    # RGB, as A1111's run_postprocessing converts it
+    upscalers: tuple[str, ...]            # "Lanczos" / "Nearest" / a model's path: upscaler_1 (and upscaler_2); ()
+                                          # for upscaler_1 "None"
+    scale: float                          # A1111's upscale_by
+    dest: tuple[int, int]                 # the upscaled size: A1111's Upscaler.upscale rounds it down to 8 px
+    crop: tuple[int, int] | None          # resize_mode 1 with upscaling_crop: the canvas the result is centred on
+    visibility: float                     # of upscaler_2's result, blended over upscaler_1's
+    info: dict                            # A1111's postprocessing infotext keys
+    parameters: str | None                # the input's infotext, kept in the answer's PNG (A1111 keeps its texts)
+    warnings: tuple[str, ...]
+    pipe: object                          # the current model's pipeline: Pipeline.upscaler loads (and keeps) models
+
+
+def _extras_upscaler(name: str, field: str, upscalers: Upscalers) -> str | None:
+    """None for "None", else what `run_extras` takes: a PIL resampling's name, or a model's file."""
+    known = builtin_name(name)
+    if known in hires.LATENT_MODES:
+        raise BadRequest(f"{field}: {known!r} is a latent upscale mode, for the hires fix only; the Extras tab takes "
+                         f"{', '.join(BUILTIN)} or a model (GET /sdapi/v1/upscalers)")
+    if known == "None":
+        return None
+    return known or upscalers.model_path(name, field)
+
+
+def build_extras(req, server) -> ExtrasPlan:
+    """A1111's ExtrasSingleImageRequest, checked on the request side (upscaler_1 "None": no upscale, the image goes
+    back as it came, converted to RGB, as A1111's)."""
+    limits: Limits = server.limits
+    if not req.image:
+        raise BadRequest("image: the Extras tab needs a base64 image")
+    decoded = limits.decode_image(req.image, "image")
+    parameters = _infotext(decoded)
+    image = decoded.convert("RGB")
+    warnings = [f"{name} {v:g}: face restoration is not supported (fastsd has no GFPGAN or CodeFormer), ignored"
+                for name, v in (("gfpgan_visibility", req.gfpgan_visibility),
+                                ("codeformer_visibility", req.codeformer_visibility)) if v > 0]
+    first = _extras_upscaler(req.upscaler_1, "upscaler_1", server.upscalers)
+    if first is None:
+        if builtin_name(req.upscaler_2) != "None" and req.extras_upscaler_2_visibility > 0:
+            warnings.append(f"upscaler_2 {req.upscaler_2!r}: used only with an upscaler_1 (as A1111), ignored")
+        req.image = ""
+        return ExtrasPlan(image, (), 1.0, image.size, None, 0.0, {}, parameters, tuple(warnings), None)
+    second = _extras_upscaler(req.upscaler_2, "upscaler_2", server.upscalers)
+    info = {}
+    crop = None
+    if req.resize_mode == 1:
+        w, h = req.upscaling_resize_w, req.upscaling_resize_h
+        scale = max(w / image.width, h / image.height)
+        info["Postprocess upscale to"] = f"{w}x{h}"
+        if req.upscaling_crop:
+            crop = (w, h)
+            info["Postprocess crop to"] = f"{w}x{h}"
+    else:
+        scale = req.upscaling_resize
+        info["Postprocess upscale by"] = scale
+    dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))  # A1111's Upscaler.upscale
+    shown = f"{dest[0]}x{dest[1]} image" + (f" (before the crop to {crop[0]}x{crop[1]})" if crop and crop != dest
+                                            else "")
+    if min(dest) < 8:
+        raise BadRequest(f"the upscale would make a {shown} from {image.width}x{image.height}: less than 8 px "
+                         "(A1111 rounds the size down to a multiple of 8)")
+    if max(*dest, *(crop or ())) > limits.max_side:
+        raise BadRequest(f"the upscale would make a {shown}, above this server's limit of {limits.max_side} px "
+                         "(--max-size)")
+    ups = [first]
+    info["Postprocess upscaler"] = builtin_name(req.upscaler_1) or req.upscaler_1
+    if second is not None and req.extras_upscaler_2_visibility > 0:
+        ups.append(second)
+        info["Postprocess upscaler 2"] = builtin_name(req.upscaler_2) or req.upscaler_2
+    req.image = ""  # the base64 text is not kept while the job waits
+    return ExtrasPlan(image, tuple(ups), scale, dest, crop, req.extras_upscaler_2_visibility, info, parameters,
+                      tuple(warnings), server.registry.current.pipe)
+
+
+def _infotext(image: Image.Image) -> str | None:
+    from fastsd.a1111 import image_infotext
+
+    try:
+        return image_infotext(image.info, image.getexif())
+    except Exception:  # an unreadable EXIF block: the image is still upscaled, without its infotext
+        return None
+
+
+def run_extras(plan: ExtrasPlan, job) -> dict:
+    """On the worker thread: A1111's postprocessing upscale (each upscaler from the input, the second's result
+    blended over the first's with its visibility; resize_mode 1 with crop: centred on a black canvas of the size
+    asked, as A1111 pastes it). Returns A1111's ExtrasSingleImageResponse (plus fastsd's `warnings`)."""
+    from fastsd import CheckpointError
+    from fastsd.serve.jobqueue import Cancelled
+    from fastsd.upscalers import resample_pass, upscale_by
+
+    results = []
+    for up in plan.upscalers:
+        if job is not None and job.cancelled:  # (an /interrupt lets it finish: nothing here runs in steps)
+            raise Cancelled("extras stopped: client gone or server stopping")
+        if up in hires.IMAGE_RESAMPLE:
+            one_pass = resample_pass(hires.IMAGE_RESAMPLE[up], plan.scale)
+        else:
+            try:
+                one_pass = plan.pipe.upscaler(up).run
+            except (CheckpointError, OSError, ValueError) as e:  # the file changed since the request was checked
+                raise BadRequest(file_names(str(e) or type(e).__name__, [up])) from None
+        out = upscale_by(plan.image, plan.scale, one_pass, plan.dest)
+        if plan.crop is not None:
+            canvas = Image.new("RGB", plan.crop)
+            canvas.paste(out, box=(plan.crop[0] // 2 - out.width // 2, plan.crop[1] // 2 - out.height // 2))
+            out = canvas
+        results.append(out)
+    image = results[0] if results else plan.image
+    if len(results) == 2:
+        image = Image.blend(results[0], results[1], plan.visibility)
+    return extras_response(image, plan)
+
+
+def extras_response(image: Image.Image, plan: ExtrasPlan) -> dict:
+    """A1111's answer: `html_info` its plaintext_to_html of the postprocessing infotext; the PNG carries the input's
+    infotext ("parameters") and that one ("postprocessing"), as A1111's API sends them."""
+    import base64
+    import io
+
+    from PIL import PngImagePlugin
+
+    text = ", ".join(k if k == v else f"{k}: {_quote(v)}" for k, v in plan.info.items() if v is not None)
+    png = PngImagePlugin.PngInfo()
+    if plan.parameters:
+        png.add_text("parameters", plan.parameters)
+    if text:
+        png.add_text("postprocessing", text)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png)
+    html_info = "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
+    return {"html_info": html_info, "image": base64.b64encode(buf.getvalue()).decode("ascii"),
+            "warnings": list(plan.warnings)}
+
+
+def _quote(v) -> str:
+    """A1111's infotext_utils.quote."""
+    text = str(v)
+    return text if not any(c in text for c in ",\n:") else json.dumps(text, ensure_ascii=False)

@@ -1,0 +1,225 @@
+"""Upscaler model files (A1111's models/ESRGAN and models/RealESRGAN): ESRGAN / Real-ESRGAN RRDBNet models
+(4x-UltraSharp, RealESRGAN_x4plus, ..._anime_6B, RealESRGAN_x2plus, BSRGAN) and Real-ESRGAN's compact
+SRVGGNetCompact (realesr-general-x4v3, realesr-animevideov3), found by file stem in a folder (as A1111 lists them),
+read strictly, and run as A1111 does: the image in tiles of 192 px overlapping by 8 (its ESRGAN_tile defaults),
+the model run again until the image covers the size asked for (at most 3 times), then Lanczos to that size.
+
+Files: `.safetensors` first, `.pth`/`.pt`/`.ckpt`/`.bin` only through torch.load(weights_only=True); Real-ESRGAN's
+`{"params_ema": ...}` / `{"params": ...}` wrappers are looked into. The original ESRGAN keys (`model.N`) and the
+ESRGAN repository's later ones (`RRDB_trunk`) are renamed to Real-ESRGAN's by rule (fastsd/convert.py). Every
+other architecture (SwinIR, HAT, DAT, ...) is refused in one line naming what was found.
+
+fastsd downloads nothing, so A1111's built-in names ("R-ESRGAN 4x+", ...) mean the file A1111 would download
+for them (`A1111_FILES`), found in the folder like any other.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from fastsd.files import files_by_stem
+from fastsd.hires import MODEL_EXTS as EXTS
+UPSCALER_DIR_ENV = "FASTSD_UPSCALER_DIR"
+TILE, OVERLAP = 192, 8  # A1111's ESRGAN_tile / ESRGAN_tile_overlap defaults (input pixels)
+MAX_PASSES = 3  # A1111's Upscaler.upscale runs a model at most 3 times
+# A1111's built-in Real-ESRGAN / ESRGAN upscaler names -> the file it downloads for each (the stem).
+A1111_FILES = {"R-ESRGAN 4x+": "RealESRGAN_x4plus", "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B",
+               "R-ESRGAN 2x+": "RealESRGAN_x2plus", "R-ESRGAN General 4xV3": "realesr-general-x4v3",
+               "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3", "R-ESRGAN AnimeVideo": "realesr-animevideov3",
+               "ESRGAN_4x": "ESRGAN_4x"}
+
+
+def list_upscalers(folder: str | None) -> dict[str, str]:
+    """{name: path} of the upscaler files in `folder` and its subfolders: each file by its stem (A1111's names for
+    models/ESRGAN), and A1111's built-in name of a file A1111 downloads (`A1111_FILES`) when that file is there;
+    sorted by name."""
+    files = files_by_stem(folder, EXTS)
+    aliases = {name: files[stem] for name, stem in A1111_FILES.items() if stem in files}
+    return dict(sorted({**files, **aliases}.items()))
+
+
+def upscaler_path(name: str, folder: str | None) -> str:
+    """The file of upscaler `name` in `folder` (a stem, or an A1111 built-in name such as "R-ESRGAN 4x+");
+    ValueError naming what the folder has."""
+    from fastsd.lora import check_lora_name
+
+    try:
+        check_lora_name(name)
+    except ValueError:
+        raise ValueError(f"upscaler {name!r}: an upscaler is named by its file name in the upscaler folder, "
+                         "without a path") from None
+    if not folder:
+        raise ValueError(f"upscaler {name!r} needs an upscaler folder: --upscaler-dir DIR or ${UPSCALER_DIR_ENV}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"upscaler folder {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
+    have = list_upscalers(folder)
+    if name in have:
+        return have[name]
+    want = f" (A1111 downloads {A1111_FILES[name]}.pth for it; fastsd downloads nothing)" if name in A1111_FILES else ""
+    return _missing(name, folder, have, want)
+
+
+def _missing(name: str, folder: str, have: dict[str, str], want: str) -> str:
+    shown = ", ".join(repr(n) for n in list(have)[:12]) + (", ..." if len(have) > 12 else "")
+    raise ValueError(f"upscaler {name!r}: not one of A1111's built-in upscalers, and no such model in {folder}{want} "
+                     f"(it has: {shown or 'no upscaler files'})")
+
+
+@dataclass(frozen=True)
+class UpscalerSource:
+    """An upscaler file found and checked (headers and shapes), not read yet."""
+
+    arch: str     # "ESRGAN" (RRDBNet) or "Compact" (SRVGGNetCompact)
+    config: object
+    refs: dict
+    path: str
+
+    @property
+    def scale(self) -> int:
+        return self.config.scale
+
+    def module(self):
+        import torch
+
+        from fastsd.models.compact import SRVGGNetCompact
+        from fastsd.models.esrgan import RRDBNet
+
+        with torch.device("meta"):
+            return RRDBNet(self.config) if self.arch == "ESRGAN" else SRVGGNetCompact(self.config)
+
+
+def read_upscaler(path: str) -> UpscalerSource:
+    """Find the architecture and config of an upscaler file and check its keys and shapes strictly; reads the
+    header (safetensors) or the pickle's tensors lazily. CheckpointError (one line) for anything else."""
+    from fastsd import convert
+    from fastsd.checkpoint import mismatches
+    from fastsd.tensorfile import CheckpointError, TensorRef, read_tensor_file, shown, torch_load
+
+    if path.endswith(".safetensors"):
+        refs = read_tensor_file(path)
+    else:
+        data = torch_load(path)
+        for wrapper in ("params_ema", "params", "state_dict"):  # Real-ESRGAN's, then a generic wrapper
+            if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+                data = data[wrapper]
+                break
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise CheckpointError(f"{path}: holds a {type(data).__name__}, not an upscaler's state dict")
+        refs = {k: TensorRef(tuple(v.shape), (lambda v=v: v), v.dtype) for k, v in data.items()
+                if hasattr(v, "shape")}
+    keys = list(refs)
+    try:
+        if any(k.startswith(("model.0.", "conv_first.", "RRDB_trunk.")) for k in keys):
+            refs = convert.esrgan_keys(refs)
+            arch, cfg = "ESRGAN", convert.esrgan_config_from_keys(refs)
+        elif "body.0.weight" in refs and "body.1.weight" in refs and len(refs["body.1.weight"].shape) == 1:
+            arch, cfg = "Compact", convert.compact_config_from_keys(refs)
+        else:
+            sample = ", ".join(shown(k) for k in keys[:4]) or "no tensors"
+            raise CheckpointError(f"not an ESRGAN / Real-ESRGAN upscaler (keys {sample}); fastsd reads RRDBNet "
+                                  "(ESRGAN, Real-ESRGAN, BSRGAN) and SRVGGNetCompact (realesr-general-x4v3) models")
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if cfg.in_channels != 3 or cfg.out_channels != 3:
+        raise CheckpointError(f"{path}: an upscaler for {cfg.in_channels}-channel images into {cfg.out_channels}; "
+                              "fastsd upscales RGB (3 -> 3)")
+    src = UpscalerSource(arch, cfg, refs, path)
+    problems = [p for p in mismatches(src.module(), refs) if p]
+    if problems:
+        raise CheckpointError(f"{path}: {arch} upscaler weights do not fit the model read from them: "
+                              + "; ".join(problems))
+    return src
+
+
+class Upscaler:
+    """A loaded upscaler model: `run` is one pass (scale x), `upscale` A1111's rule to a size."""
+
+    def __init__(self, src: UpscalerSource, *, dtype=None, device="cpu"):
+        import torch
+
+        from fastsd.checkpoint import fill
+
+        self.name = os.path.splitext(os.path.basename(src.path))[0]
+        self.path, self.arch, self.config = src.path, src.arch, src.config
+        self.scale, self.device = src.scale, torch.device(device)
+        self.unshuffle = getattr(src.config, "unshuffle", 1)
+        self.model = fill(src.module(), src.refs, dtype=dtype or torch.float32, device=torch.device(device))
+        self.memory_format = torch.channels_last  # (measured faster on the CPU: benchmarks/upscaler.py)
+        self.model.requires_grad_(False).to(memory_format=self.memory_format)
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    def run(self, image, *, tile: int = TILE, overlap: int = OVERLAP):
+        """One pass of the model over a PIL image (RGB): scale x its size, in tiles of `tile` input pixels
+        (0: the whole image at once) blended over `overlap` pixels (fastsd.tiling's linear ramps)."""
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+        from PIL import Image
+
+        from fastsd.tiling import tiled
+
+        rgb = np.asarray(image.convert("RGB"))
+        x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float().div_(255)
+        h, w = x.shape[2:]
+        u = self.unshuffle  # the x2 / x1 models fold u x u pixel blocks: sizes padded to a multiple of u
+        pad_h, pad_w = -h % u, -w % u
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+
+        def fn(part: torch.Tensor) -> torch.Tensor:
+            part = part.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+            return self.model(part).float()
+
+        with torch.inference_mode():
+            if tile and max(x.shape[2:]) > tile:
+                y = tiled(fn, x, tile=tile - tile % u, overlap=overlap, scale=self.scale)
+            else:
+                y = fn(x)
+            y = y[0, :, :h * self.scale, :w * self.scale].clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+        out = y.permute(1, 2, 0).contiguous().numpy()
+        return Image.fromarray(out, "RGB")
+
+    def upscale(self, image, width: int, height: int, *, tile: int = TILE, overlap: int = OVERLAP):
+        """A1111's images.resize_image (resize mode 0) with this upscaler: when (width, height) is larger than the
+        image, `upscale_by` with the model (passes until it covers the scaled size rounded down to 8 px, then
+        Lanczos to that size); then Lanczos to width x height."""
+        from PIL import Image
+
+        scale = max(width / image.width, height / image.height)
+        if scale > 1.0:
+            image = upscale_by(image, scale, lambda im: self.run(im, tile=tile, overlap=overlap))
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=Image.LANCZOS)
+        return image
+
+
+def upscale_by(image, scale: float, one_pass, dest: tuple[int, int] | None = None):
+    """A1111's Upscaler.upscale: `one_pass` (an upscaler's do_upscale: a model's run, or `resample_pass`) again while
+    the image does not cover `dest` (default: the size times `scale`, rounded down to 8 px) -- at most 3 times, once
+    at scale 1 (1x models), and a pass that changes nothing ends it -- then Lanczos to `dest`."""
+    from PIL import Image
+
+    dest = dest or (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+    for i in range(MAX_PASSES):
+        if image.width >= dest[0] and image.height >= dest[1] and (i > 0 or scale != 1):
+            break
+        before = image.size
+        image = one_pass(image)
+        if image.size == before:
+            break
+    if image.size != dest:
+        image = image.resize(dest, resample=Image.LANCZOS)
+    return image
+
+
+def resample_pass(resample, scale: float):
+    """A1111's UpscalerLanczos / UpscalerNearest do_upscale: one PIL resize by `scale`."""
+    return lambda im: im.resize((int(im.width * scale), int(im.height * scale)), resample=resample)
+
+
+def load_upscaler(path: str, *, dtype=None, device="cpu") -> Upscaler:
+    """An upscaler file, checked and loaded (fp32 unless `dtype`)."""
+    return Upscaler(read_upscaler(path), dtype=dtype, device=device)
