@@ -6,8 +6,9 @@ random weights of the real models' sizes.
 
 Models: `rrdb` (RealESRGAN_x4plus / 4x-UltraSharp: RRDBNet, 23 blocks, 64 features), `anime6b`
 (RealESRGAN_x4plus_anime_6B: 6 blocks), `compact` (realesr-general-x4v3: SRVGGNetCompact, 32 convs of 64
-features). Each is timed in the channels-last memory format fastsd runs it in and in the plain (contiguous) one,
-alternating, after one warm-up run each; tiles of 192 px as A1111's defaults (`--tile 0`: the whole image).
+features). Each is timed as a pipeline runs it (prepared by `--backend`'s backend, default cpu: packed weights,
+Winograd in fp32) and as `load_upscaler` gives it (plain torch, channels-last), alternating, after one warm-up
+run each; tiles of 192 px as A1111's defaults (`--tile 0`: the whole image).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", action="append", choices=["fp32", "bf16"], help="repeatable (default: both)")
     ap.add_argument("--res", type=positive_int, default=512, help="the image's side before the upscale")
     ap.add_argument("--tile", type=int, default=192)
+    ap.add_argument("--backend", default="cpu", help="the backend that prepares the model as a pipeline's would")
     ap.add_argument("--repeat", type=positive_int, default=1)
     ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--json", help="append the result rows to this JSONL file")
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from PIL import Image
     from safetensors.torch import save_file
 
+    from fastsd import backends
     from fastsd.cli import set_threads
     from fastsd.config import CompactConfig, ESRGANConfig
     from fastsd.models.compact import SRVGGNetCompact
@@ -48,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
 
     threads = set_threads(args.threads)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.res, args.res, 3), dtype=np.uint8))
-    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     for name in args.model or list(MODELS):
         arch, kw = MODELS[name]
         torch.manual_seed(0)
@@ -57,17 +59,20 @@ def main(argv: list[str] | None = None) -> None:
             path = os.path.join(tmp, f"{name}.safetensors")
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
             for dtype in args.dtype or ["fp32", "bf16"]:
-                up = load_upscaler(path, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
-                times: dict[str, list[float]] = {f: [] for f in formats}
+                dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+                ups = {"backend": load_upscaler(path, dtype=dt), "plain": load_upscaler(path, dtype=dt)}
+                backend = backends.get(args.backend, torch.device("cpu"), dt)  # (as Pipeline.upscaler prepares it)
+                backend.prepare(ups["backend"].model)
+                ups["backend"].running = backend.running
+                times: dict[str, list[float]] = {v: [] for v in ups}
                 for i in range(args.repeat + 1):  # the first round warms up
-                    for fmt, mf in formats.items():
-                        up.model.to(memory_format=mf)
-                        up.memory_format = mf
+                    for variant, up in ups.items():
                         t = time.perf_counter()
                         out = up.upscale(image, 2 * args.res, 2 * args.res, tile=args.tile)
                         if i:
-                            times[fmt].append(time.perf_counter() - t)
+                            times[variant].append(time.perf_counter() - t)
                 row = {"suite": "upscaler", "model": name, "arch": arch, "dtype": dtype, "res": args.res,
+                       "backend": backend.name,
                        "out": list(out.size), "tile": args.tile, "seconds": times, "threads": threads, **isa_fields(),
                        **versions(), "git_commit": git_commit(), "timestamp": timestamp(),
                        "command": " ".join(["python -m fastsd.benchmarks.upscaler", *sys.argv[1:]])}
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                         f.write(json.dumps(row) + "\n")
                 med = {f: sorted(ts)[len(ts) // 2] for f, ts in times.items()}
                 print(f"{name} ({arch}) {dtype}, ISA {row['isa']}, {threads} threads: {args.res} -> {out.size[0]} px "
-                      f"{med['channels_last']:.2f} s channels-last, {med['contiguous']:.2f} s contiguous "
+                      f"{med['backend']:.2f} s prepared by backend {backend.name}, {med['plain']:.2f} s plain "
                       f"(median of {args.repeat})", flush=True)
 
 

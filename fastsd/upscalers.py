@@ -14,6 +14,7 @@ for them (`A1111_FILES`), found in the folder like any other.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -144,8 +145,9 @@ class Upscaler:
         self.scale, self.device = src.scale, torch.device(device)
         self.unshuffle = getattr(src.config, "unshuffle", 1)
         self.model = fill(src.module(), src.refs, dtype=dtype or torch.float32, device=torch.device(device))
-        self.memory_format = torch.channels_last  # (measured faster on the CPU: benchmarks/upscaler.py)
+        self.memory_format = torch.channels_last  # (measured faster on the CPU than contiguous)
         self.model.requires_grad_(False).to(memory_format=self.memory_format)
+        self.running = lambda model: contextlib.nullcontext()  # wraps each run (a pipeline's backend sets it)
 
     @property
     def dtype(self):
@@ -173,7 +175,7 @@ class Upscaler:
             part = part.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
             return self.model(part).float()
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self.running(self.model):
             if tile and max(x.shape[2:]) > tile:
                 y = tiled(fn, x, tile=tile - tile % u, overlap=overlap, scale=self.scale)
             else:
