@@ -60,10 +60,8 @@ def main(argv: list[str] | None = None) -> None:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
             for dtype in args.dtype or ["fp32", "bf16"]:
                 dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-                ups = {"backend": load_upscaler(path, dtype=dt), "plain": load_upscaler(path, dtype=dt)}
                 backend = backends.get(args.backend, torch.device("cpu"), dt)  # (as Pipeline.upscaler prepares it)
-                backend.prepare(ups["backend"].model)
-                ups["backend"].running = backend.running
+                ups = {"backend": load_upscaler(path, dtype=dt, backend=backend), "plain": load_upscaler(path, dtype=dt)}
                 times: dict[str, list[float]] = {v: [] for v in ups}
                 for i in range(args.repeat + 1):  # the first round warms up
                     for variant, up in ups.items():

@@ -133,16 +133,23 @@ def latents_preview(latents: torch.Tensor) -> Image.Image:
 
 # ---- A1111 infotext ------------------------------------------------------------------------------
 
+def quote(v: object) -> str:
+    """An infotext value as A1111's infotext_utils.quote writes it: JSON-quoted when it holds ',', ':' or a newline."""
+    s = str(v)
+    return json.dumps(s, ensure_ascii=False) if any(c in s for c in ',:\n') else s
+
+
+def format_params(params: dict[str, object]) -> str:
+    """'Key: value, Key: value' as A1111 joins them (None left out; a value equal to its key is the key alone)."""
+    return ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
+
+
 def format_infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
     """A1111's layout: the prompt, 'Negative prompt: ...' (when given), then 'Key: value, Key: value'."""
-    def value(v: object) -> str:
-        s = str(v)
-        return json.dumps(s, ensure_ascii=False) if any(c in s for c in ',:\n') else s  # as A1111's quote()
-
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {value(v)}" for k, v in params.items() if v is not None))
+    lines.append(format_params(params))
     return "\n".join(lines)
 
 
@@ -173,11 +180,16 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt_lines).strip(), "\n".join(neg_lines).strip(), params
 
 
-def png_writer(image: Image.Image, infotext: str | None = None) -> Callable[[str], None]:
-    """A writer of the PNG with the infotext in its 'parameters' text chunk (A1111's), for fastsd.files."""
+def png_writer(image: Image.Image, infotext: str | None = None, texts: dict[str, str] | None = None
+               ) -> Callable[[str], None]:
+    """A writer of the PNG with the infotext in its 'parameters' text chunk (A1111's), and `texts` in chunks of
+    their own (A1111's "postprocessing"), for fastsd.files."""
     info = PngImagePlugin.PngInfo()
     if infotext:
         info.add_text("parameters", infotext)
+    for key, text in (texts or {}).items():
+        if text:
+            info.add_text(key, text)
     return lambda path: image.save(path, format="PNG", pnginfo=info)
 
 

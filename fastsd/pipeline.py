@@ -525,9 +525,9 @@ class Pipeline:
         if self._upscaler is None or self._upscaler[:2] != (path, mtime):
             self._upscaler = None  # (the old one's memory goes first)
             cpu_half = self.device.type == "cpu" and self.dtype == torch.float16
-            up = load_upscaler(path, dtype=torch.float32 if cpu_half else self.dtype, device=self.device)
-            self._backend.prepare(up.model)
-            up.running = self._running
+            up = load_upscaler(path, dtype=torch.float32 if cpu_half else self.dtype, device=self.device,
+                               backend=self._backend)
+            up.running = self._running  # (the backend's, with offload's moves)
             self._upscaler = (path, mtime, up)
         return self._upscaler[2]
 

@@ -231,3 +231,53 @@ def test_cli_upscaler_dir_and_errors(tmp_path, capsys, monkeypatch):
     assert cli([*args, "--hires-upscaler", "broken", "--out", str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "broken.pth" in err[-1] and not (tmp_path / "c.png").exists()
+
+
+def test_upscale_cli_is_a1111s_extras(tmp_path, capsys, monkeypatch):
+    """python -m fastsd.upscale: A1111's postprocessing upscale (by a scale; to a size, cropped onto a canvas or not)
+    with a model or Lanczos; the source's infotext kept, A1111's "postprocessing" text added; numbered names in a
+    folder; mistakes one line, exit 2, nothing written."""
+    from fastsd.upscale import main as upscale
+    from fastsd.upscalers import centred, upscale_by
+
+    monkeypatch.delenv("FASTSD_UPSCALER_DIR", raising=False)
+    folder = tmp_path / "ESRGAN"
+    folder.mkdir()
+    model = save(random_model(CompactConfig(features=8, convs=1)).state_dict(), folder / "RealESRGAN_x4plus.safetensors")
+    src = tmp_path / "in.png"
+    from fastsd.image import png_writer
+
+    png_writer(image(20, 12), "a cat\nSteps: 2, Seed: 1")(str(src))
+    out = tmp_path / "out"
+    assert upscale([str(src), "--upscaler", "R-ESRGAN 4x+", "--upscaler-dir", str(folder), "--scale", "2.5",
+                    "--dtype", "fp32", "--out", str(out)]) == 0
+    (written,) = sorted(out.iterdir())
+    got = Image.open(written)
+    want = upscale_by(image(20, 12), 2.5, load_upscaler(model).run)  # (A1111's Upscaler.upscale: 48x24 after 1 pass)
+    assert written.name == "00000-in.png" and got.size == (48, 24)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert got.text == {"parameters": "a cat\nSteps: 2, Seed: 1",
+                        "postprocessing": "Postprocess upscale by: 2.5, Postprocess upscaler: RealESRGAN_x4plus"}
+    one = tmp_path / "one.png"
+    assert upscale([str(src), "--upscaler", "lanczos", "--width", "64", "--height", "64", "--out", str(one)]) == 0
+    # scale to cover 64x64: 16/3; made 104x64 (rounded down to 8 px), centred on the 64x64 canvas
+    want = centred(upscale_by(image(20, 12), 16 / 3, lambda im: im.resize((106, 64), Image.LANCZOS)), (64, 64))
+    got = Image.open(one)
+    assert got.size == (64, 64) and np.array_equal(np.asarray(got), np.asarray(want))
+    assert got.text["postprocessing"] == ("Postprocess upscale to: 64x64, Postprocess crop to: 64x64, "
+                                          "Postprocess upscaler: Lanczos")
+    assert upscale([str(src), "--upscaler", model, "--width", "64", "--height", "64", "--no-crop", "--out",
+                    str(one), "--overwrite"]) == 0
+    assert Image.open(one).size == (104, 64)  # the covering size, rounded down to 8 px (two passes of the model)
+    capsys.readouterr()
+    for args, match in [(["--upscaler", "Latent"], "a latent upscale mode"),
+                        (["--upscaler", "4x-Nope", "--upscaler-dir", str(folder)], "no such model in"),
+                        (["--upscaler", "4x-Nope"], "needs an upscaler folder"),
+                        (["--upscaler", "lanczos", "--scale", "9"], "--scale must be in [1, 8]"),
+                        (["--upscaler", "lanczos", "--width", "64"], "--width and --height go together"),
+                        (["--upscaler", "lanczos", "--out", str(one)], "the file exists"),
+                        (["--upscaler", str(tmp_path / "in.png")], "not a torch checkpoint")]:
+        bad = tmp_path / "bad"
+        assert upscale([str(src), *args, "--out", str(bad)] if "--out" not in args else [str(src), *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and match in err[0] and not bad.exists(), (args, err)

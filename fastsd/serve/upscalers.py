@@ -6,7 +6,6 @@ built-in name of a file it downloads, "R-ESRGAN 4x+"), never a path, and answers
 from __future__ import annotations
 
 import html
-import json
 import os
 import threading
 from dataclasses import dataclass
@@ -161,19 +160,18 @@ def build_extras(req, server) -> ExtrasPlan:
         req.image = ""
         return ExtrasPlan(image, (), 1.0, image.size, None, 0.0, {}, parameters, tuple(warnings), None)
     second = _extras_upscaler(req.upscaler_2, "upscaler_2", server.upscalers)
+    from fastsd.upscalers import extras_target
+
     info = {}
-    crop = None
     if req.resize_mode == 1:
         w, h = req.upscaling_resize_w, req.upscaling_resize_h
-        scale = max(w / image.width, h / image.height)
+        scale, dest, crop = extras_target(image.size, resize=(w, h), crop=req.upscaling_crop)
         info["Postprocess upscale to"] = f"{w}x{h}"
-        if req.upscaling_crop:
-            crop = (w, h)
+        if crop:
             info["Postprocess crop to"] = f"{w}x{h}"
     else:
-        scale = req.upscaling_resize
+        scale, dest, crop = extras_target(image.size, req.upscaling_resize)
         info["Postprocess upscale by"] = scale
-    dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))  # A1111's Upscaler.upscale
     shown = f"{dest[0]}x{dest[1]} image" + (f" (before the crop to {crop[0]}x{crop[1]})" if crop and crop != dest
                                             else "")
     if min(dest) < 8:
@@ -207,7 +205,7 @@ def run_extras(plan: ExtrasPlan, job) -> dict:
     asked, as A1111 pastes it). Returns A1111's ExtrasSingleImageResponse (plus fastsd's `warnings`)."""
     from fastsd import CheckpointError
     from fastsd.serve.jobqueue import Cancelled
-    from fastsd.upscalers import resample_pass, upscale_by
+    from fastsd.upscalers import centred, resample_pass, upscale_by
 
     results = []
     for up in plan.upscalers:
@@ -220,12 +218,7 @@ def run_extras(plan: ExtrasPlan, job) -> dict:
                 one_pass = plan.pipe.upscaler(up).run
             except (CheckpointError, OSError, ValueError) as e:  # the file changed since the request was checked
                 raise BadRequest(file_names(str(e) or type(e).__name__, [up])) from None
-        out = upscale_by(plan.image, plan.scale, one_pass, plan.dest)
-        if plan.crop is not None:
-            canvas = Image.new("RGB", plan.crop)
-            canvas.paste(out, box=(plan.crop[0] // 2 - out.width // 2, plan.crop[1] // 2 - out.height // 2))
-            out = canvas
-        results.append(out)
+        results.append(centred(upscale_by(plan.image, plan.scale, one_pass, plan.dest), plan.crop))
     image = results[0] if results else plan.image
     if len(results) == 2:
         image = Image.blend(results[0], results[1], plan.visibility)
@@ -238,22 +231,11 @@ def extras_response(image: Image.Image, plan: ExtrasPlan) -> dict:
     import base64
     import io
 
-    from PIL import PngImagePlugin
+    from fastsd.image import format_params, png_writer
 
-    text = ", ".join(k if k == v else f"{k}: {_quote(v)}" for k, v in plan.info.items() if v is not None)
-    png = PngImagePlugin.PngInfo()
-    if plan.parameters:
-        png.add_text("parameters", plan.parameters)
-    if text:
-        png.add_text("postprocessing", text)
+    text = format_params(plan.info)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=png)
+    png_writer(image, plan.parameters, {"postprocessing": text})(buf)
     html_info = "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
     return {"html_info": html_info, "image": base64.b64encode(buf.getvalue()).decode("ascii"),
             "warnings": list(plan.warnings)}
-
-
-def _quote(v) -> str:
-    """A1111's infotext_utils.quote."""
-    text = str(v)
-    return text if not any(c in text for c in ",\n:") else json.dumps(text, ensure_ascii=False)
