@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
@@ -145,3 +147,25 @@ def png_b64(image: Image.Image) -> str:
 
 def info(response: httpx.Response) -> dict:
     return json.loads(response.json()["info"])
+
+
+@contextlib.contextmanager
+def in_process(state):
+    """fastsd.serve's app for `state` (a ServerState) on a real uvicorn in this process, on a free loopback port;
+    yields the port, stops the server after."""
+    import uvicorn
+
+    from fastsd.serve.__main__ import bind
+    from fastsd.serve.app import build_app
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_config=None, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)

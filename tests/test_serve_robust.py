@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
-from serve_server import Server, decode, info, png_b64
+from serve_server import Server, decode, in_process, info, png_b64
 
 from fastsd import Interrupted
 from fastsd.settings import SEED_LIMIT, GenerationSettings
@@ -32,10 +32,7 @@ SMALL = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "seed": 5, "s
 @pytest.fixture
 def bare_server():
     """build_app on a real uvicorn in this process (no model: the routes that need one are patched)."""
-    import uvicorn
-
-    from fastsd.serve.__main__ import bind
-    from fastsd.serve.app import ServerState, build_app
+    from fastsd.serve.app import ServerState
     from fastsd.serve.jobqueue import JobQueue
     from fastsd.serve.limits import Limits
     from fastsd.serve.networks import Networks
@@ -43,15 +40,8 @@ def bare_server():
 
     state = ServerState(Registry([ModelEntry("m", "m.safetensors", None, None)]), Networks(None, None), Limits(),
                         JobQueue(4))
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), log_config=None, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(10)
+    with in_process(state) as port:
+        yield port
     state.queue.close()
 
 

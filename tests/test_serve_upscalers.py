@@ -11,12 +11,13 @@ import os
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
-from serve_server import decode, info
+from serve_server import decode, in_process, info
 
 from fastsd.config import CompactConfig, ESRGANConfig
 from fastsd.hires import LATENT_MODES
@@ -61,24 +62,8 @@ def listed(folder) -> list[str]:
 @contextlib.contextmanager
 def serving(state):
     """build_app(state) on a real uvicorn in this process; yields an httpx client."""
-    import httpx
-    import uvicorn
-
-    from fastsd.serve.__main__ import bind
-    from fastsd.serve.app import build_app
-
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), log_config=None, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=120) as c:
-            yield c
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with in_process(state) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
