@@ -21,8 +21,8 @@ MAX_SIDE = 8192
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m fastsd.upscale", description=__doc__.splitlines()[0].split(": ", 1)[1],
-                       formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="python -m fastsd.upscale", formatter_class=HelpFormatter,
+                       description="Upscale image files as A1111's Extras tab does (one upscaler).")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="images to upscale (PNG, JPEG, WEBP, ...)")
     p.add_argument("--upscaler", required=True, help="Lanczos, Nearest, an upscaler model file (.pth / .safetensors), "
                    "or a model's name in --upscaler-dir")
@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
             device = parse_device(args.device)
             dtype = parse_dtype(args.dtype, device) if device.type == "cpu" else torch.float32
-            model = load_upscaler(upscaler, dtype=dtype, device=device, backend=backends.get("auto", device, dtype))
+            backend = backends.get("cpu" if device.type == "cpu" else "torch", device, dtype)
+            model = load_upscaler(upscaler, dtype=dtype, device=device, backend=backend)
     except (ValueError, CheckpointError) as e:
         return fail(str(e))
     what = f"model {model.name} ({model.arch} x{model.scale}, {str(model.dtype)[6:]})" if model else upscaler

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from fastsd.files import files_by_stem
 from fastsd.hires import MODEL_EXTS as EXTS
+
 UPSCALER_DIR_ENV = "FASTSD_UPSCALER_DIR"
 TILE, OVERLAP = 192, 8  # A1111's ESRGAN_tile / ESRGAN_tile_overlap defaults (input pixels)
 MAX_PASSES = 3  # A1111's Upscaler.upscale runs a model at most 3 times
@@ -57,10 +58,6 @@ def upscaler_path(name: str, folder: str | None) -> str:
     if name in have:
         return have[name]
     want = f" (A1111 downloads {A1111_FILES[name]}.pth for it; fastsd downloads nothing)" if name in A1111_FILES else ""
-    return _missing(name, folder, have, want)
-
-
-def _missing(name: str, folder: str, have: dict[str, str], want: str) -> str:
     shown = ", ".join(repr(n) for n in list(have)[:12]) + (", ..." if len(have) > 12 else "")
     raise ValueError(f"upscaler {name!r}: not one of A1111's built-in upscalers, and no such model in {folder}{want} "
                      f"(it has: {shown or 'no upscaler files'})")
