@@ -47,8 +47,11 @@ def as_tensor(im):
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 255
 
 
-@pytest.mark.parametrize("cfg", ESRGANS + [CompactConfig(features=16, convs=3), CompactConfig(features=8, convs=1, scale=2)],
-                         ids=lambda c: f"{type(c).__name__[:-6]}x{c.scale}")
+REAL = [ESRGANConfig(), CompactConfig()]  # RealESRGAN_x4plus / 4x-UltraSharp's size, realesr-general-x4v3's
+
+
+@pytest.mark.parametrize("cfg", ESRGANS + [CompactConfig(features=16, convs=3), CompactConfig(features=8, convs=1, scale=2)]
+                         + REAL, ids=lambda c: f"{type(c).__name__[:-6]}x{c.scale}" + ("-real" if c in REAL else ""))
 def test_outputs_are_spandrels_in_both_layouts(cfg, tmp_path):
     """spandrel reads the Real-ESRGAN-named file (fastsd's names) and gives the same numbers; its own state dict (the
     original ESRGAN's `model.N` layout for RRDBNet) read back by fastsd gives them too."""
