@@ -433,3 +433,20 @@ def test_page_offers_the_folders_models_as_hires_upscalers(client, folder):
         finally:
             browser.close()
     assert options[:8] == [*LATENT_MODES, "Lanczos", "Nearest"] and options[8:] == listed(folder)
+
+
+def test_a_model_broken_after_the_check_is_named_by_its_file(client, state, folder, monkeypatch):
+    """The request is checked (the file read then); a file that breaks before the job runs is a 4xx naming the file,
+    never the server's folder."""
+    from fastsd import CheckpointError
+
+    pipe = state.registry.current.pipe
+
+    def broken(path):
+        raise CheckpointError(f"{path}: file is truncated")
+
+    monkeypatch.setattr(pipe, "upscaler", broken)
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "compact2x",
+                                                "hr_second_pass_steps": 1})
+    assert r.status_code == 422 and r.json()["detail"] == "compact2x.safetensors: file is truncated", r.text
+    assert str(folder) not in r.text

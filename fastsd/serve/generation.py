@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-from fastsd import masking
+from fastsd import hires, masking
 from fastsd.lora import drop_tags, parse_prompt, strip_tags
 from fastsd.a1111 import hires_scheduled, image_infotext, scheduled
 from fastsd.schedule_types import split_joint
@@ -339,11 +339,17 @@ def run_plan(plan: Plan, job, networks) -> dict:
     Returns A1111's response body. As A1111, an iteration left at a step by /interrupt or /skip gives the images of
     that step's prediction (half-denoised); an interrupt runs no further iteration. A job whose client has gone
     (or stopped by the server's shutdown) raises `Cancelled` at that step instead: no images are decoded."""
-    from fastsd import Interrupted
+    from fastsd import CheckpointError, Interrupted
+    from fastsd.serve.networks import file_names
 
     pipe = plan.model.pipe
     networks.apply(pipe, plan.loras)
     s, images, stopped_at, skipped = plan.settings, [], None, []
+    if s.hires and s.hires_upscaler not in hires.UPSCALERS:  # a model of --upscaler-dir, loaded (and kept) now:
+        try:  # a file broken since the request was checked is named by its file name, not the server's folder
+            pipe.upscaler(s.hires_upscaler)
+        except (CheckpointError, OSError, ValueError) as e:
+            raise BadRequest(file_names(str(e) or type(e).__name__, [s.hires_upscaler])) from None
     for it in range(plan.n_iter):
         job.iteration, job.step, job.skipped = it, 0, False  # a skip between iterations is dropped, as A1111's
         left_at = []
