@@ -450,3 +450,26 @@ def test_a_model_broken_after_the_check_is_named_by_its_file(client, state, fold
                                                 "hr_second_pass_steps": 1})
     assert r.status_code == 422 and r.json()["detail"] == "compact2x.safetensors: file is truncated", r.text
     assert str(folder) not in r.text
+
+
+def test_extras_batch_is_each_image_as_the_single_one(client):
+    """A1111's /extra-batch-images: every image of imageList as /extra-single-image with the same fields, in order;
+    mistakes name the image; at most --max-batch images."""
+    fields = {"upscaler_1": "compact2x", "upscaling_resize": 2}
+    ims = [image(16, 24, seed=1), image(24, 16, seed=2)]
+    r = client.post("/sdapi/v1/extra-batch-images",
+                    json={"imageList": [{"data": b64(im), "name": f"{i}.png"} for i, im in enumerate(ims)], **fields})
+    assert r.status_code == 200, r.text
+    got = [decode(b) for b in r.json()["images"]]
+    singles = [extras(client, im, **fields)[1] for im in ims]
+    assert [g.size for g in got] == [(32, 48), (48, 32)]
+    assert all(np.array_equal(pixels(g), pixels(s)) for g, s in zip(got, singles))
+    assert r.json()["html_info"] == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: compact2x</p>"  # (the last's)
+    for body, match in [({"imageList": []}, "imageList: the Extras batch needs at least one"),
+                        ({"imageList": [{"data": b64(ims[0]), "name": "a"}, {"data": "bm90IGFuIGltYWdl", "name": "b"}]},
+                         "imageList[1] (b): image is not a readable image"),
+                        ({"imageList": [{"data": b64(ims[0]), "name": "a"}] * 9}, "imageList: 9 images, above this server's limit of 8"),
+                        ({"imageList": [{"data": b64(ims[0]), "name": "a"}], "upscaler_1": "Latent"},
+                         "imageList[0] (a): upscaler_1: 'Latent' is a latent upscale mode")]:
+        bad = client.post("/sdapi/v1/extra-batch-images", json={**fields, **body})
+        assert bad.status_code == 422 and bad.json()["detail"].startswith(match), (body, bad.text)

@@ -21,8 +21,9 @@ from fastsd.serve.jobqueue import Cancelled, Job, JobQueue, QueueFull
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.networks import Networks
 from fastsd.serve.registry import Registry
-from fastsd.serve.schemas import ExtrasSingleImageRequest, Img2ImgRequest, OptionsRequest, PNGInfoRequest, Txt2ImgRequest
-from fastsd.serve.upscalers import Upscalers, build_extras, run_extras
+from fastsd.serve.schemas import (ExtrasBatchImagesRequest, ExtrasSingleImageRequest, Img2ImgRequest, OptionsRequest,
+                                  PNGInfoRequest, Txt2ImgRequest)
+from fastsd.serve.upscalers import Upscalers, build_extras, build_extras_batch, run_extras, run_extras_batch
 
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("fastsd.serve")
@@ -192,6 +193,12 @@ def _generation_routes(api: APIRouter, state: ServerState) -> None:
         """A1111's Extras tab: the upscale (checked here, run as a job: one at a time with the generations)."""
         plan = await run_in_threadpool(build_extras, req, state)
         return await _wait(state, state.queue.submit(Job("extras", lambda job: run_extras(plan, job))), request)
+
+    @api.post("/extra-batch-images")
+    async def extra_batch_images(req: ExtrasBatchImagesRequest, request: Request):
+        """A1111's Extras tab on a list of images: each as /extra-single-image, all in one job."""
+        plans = await run_in_threadpool(build_extras_batch, req, state)
+        return await _wait(state, state.queue.submit(Job("extras", lambda job: run_extras_batch(plans, job))), request)
 
     @api.post("/interrupt")
     async def interrupt():

@@ -199,3 +199,19 @@ class ExtrasSingleImageRequest(_Body):
     upscaler_2: str = "None"
     extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
     upscale_first: bool = False
+
+
+
+class FileData(_Body):
+    """A1111's FileData: one image of an Extras batch."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    data: str = ""  # base64 (or a data: URL)
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasSingleImageRequest):
+    """A1111's ExtrasBatchImagesRequest: the single-image fields for every image of `imageList`."""
+
+    imageList: list[FileData] = Field(default_factory=list)

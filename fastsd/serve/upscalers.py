@@ -239,3 +239,31 @@ def extras_response(image: Image.Image, plan: ExtrasPlan) -> dict:
     html_info = "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
     return {"html_info": html_info, "image": base64.b64encode(buf.getvalue()).decode("ascii"),
             "warnings": list(plan.warnings)}
+
+
+
+def build_extras_batch(req, server) -> list[ExtrasPlan]:
+    """A1111's ExtrasBatchImagesRequest: each of `imageList` planned as a single image with the same fields (errors
+    name the image: imageList[i]); at most --max-batch images."""
+    if not req.imageList:
+        raise BadRequest("imageList: the Extras batch needs at least one {data, name} image")
+    if len(req.imageList) > server.limits.max_images:
+        raise BadRequest(f"imageList: {len(req.imageList)} images, above this server's limit of "
+                         f"{server.limits.max_images} per request (--max-batch)")
+    plans = []
+    for i, item in enumerate(req.imageList):
+        one = req.model_copy(update={"image": item.data, "imageList": []})
+        try:
+            plans.append(build_extras(one, server))
+        except BadRequest as e:
+            raise BadRequest(f"imageList[{i}] ({item.name or 'no name'}): {e}", e.status) from None
+    req.imageList = []  # the base64 texts are not kept while the job waits
+    return plans
+
+
+def run_extras_batch(plans: list[ExtrasPlan], job) -> dict:
+    """On the worker thread: each image as run_extras; A1111's ExtrasBatchImagesResponse (html_info the last
+    image's, as A1111's) plus fastsd's `warnings` (each once)."""
+    answers = [run_extras(plan, job) for plan in plans]
+    warnings = list(dict.fromkeys(w for a in answers for w in a["warnings"]))
+    return {"html_info": answers[-1]["html_info"], "images": [a["image"] for a in answers], "warnings": warnings}
