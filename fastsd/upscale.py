@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fastsd.a1111 import image_infotext
     from fastsd.files import atomic_write, write_numbered
-    from fastsd.hires import IMAGE_RESAMPLE
+    from fastsd.hires import IMAGE_RESAMPLE, upscaler_label
     from fastsd.image import format_params, load_image, png_writer
     from fastsd.load import parse_device, parse_dtype
     from fastsd.tensorfile import CheckpointError
@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     what = f"model {model.name} ({model.arch} x{model.scale}, {str(model.dtype)[6:]})" if model else upscaler
     print(f"fastsd.upscale: {len(images)} image(s), {what}, {threads} threads", file=sys.stderr)
-    label = model.name if model else upscaler
+    # the infotext's name: as typed (a built-in, a model's name), or for a file A1111's name of it (hires.upscaler_label)
+    label = upscaler if model is None else args.upscaler if upscaler != args.upscaler else upscaler_label(upscaler)
     written = []
     for path, im, (dest, canvas) in zip(args.images, images, made):
         text = image_infotext(im.info, im.getexif())

@@ -260,7 +260,7 @@ def test_upscale_cli_is_a1111s_extras(tmp_path, capsys, monkeypatch):
     assert written.name == "00000-in.png" and got.size == (48, 24)
     assert np.array_equal(np.asarray(got), np.asarray(want))
     assert got.text == {"parameters": "a cat\nSteps: 2, Seed: 1",
-                        "postprocessing": "Postprocess upscale by: 2.5, Postprocess upscaler: RealESRGAN_x4plus"}
+                        "postprocessing": "Postprocess upscale by: 2.5, Postprocess upscaler: R-ESRGAN 4x+"}
     one = tmp_path / "one.png"
     assert upscale([str(src), "--upscaler", "lanczos", "--width", "64", "--height", "64", "--out", str(one)]) == 0
     # scale to cover 64x64: 16/3; made 104x64 (rounded down to 8 px), centred on the 64x64 canvas
@@ -271,7 +271,8 @@ def test_upscale_cli_is_a1111s_extras(tmp_path, capsys, monkeypatch):
                                           "Postprocess upscaler: Lanczos")
     assert upscale([str(src), "--upscaler", model, "--width", "64", "--height", "64", "--no-crop", "--out",
                     str(one), "--overwrite"]) == 0
-    assert Image.open(one).size == (104, 64)  # the covering size, rounded down to 8 px (two passes of the model)
+    got = Image.open(one)  # the covering size, rounded down to 8 px (two passes of the model); a file by A1111's name
+    assert got.size == (104, 64) and got.text["postprocessing"].endswith("Postprocess upscaler: R-ESRGAN 4x+")
     capsys.readouterr()
     for args, match in [(["--upscaler", "Latent"], "a latent upscale mode"),
                         (["--upscaler", "4x-Nope", "--upscaler-dir", str(folder)], "no such model in"),
