@@ -225,7 +225,7 @@ def load_upscaler(path: str, *, dtype=None, device="cpu", backend=None) -> Upsca
     "Upscaler models") when one is given, as a pipeline's is."""
     up = Upscaler(read_upscaler(path), dtype=dtype, device=device)
     if backend is not None:
-        backend.prepare(up.model)
+        backend.prepare_standalone(up.model)
         up.running = backend.running
     return up
 

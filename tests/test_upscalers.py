@@ -285,3 +285,16 @@ def test_upscale_cli_is_a1111s_extras(tmp_path, capsys, monkeypatch):
         assert upscale([str(src), *args, "--out", str(bad)] if "--out" not in args else [str(src), *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and match in err[0] and not bad.exists(), (args, err)
+
+
+def test_openvino_pipelines_run_upscalers_on_the_cpu_backends_weights(tmp_path):
+    """OpenVINO has no graph for an upscaler: a pipeline on the openvino backend prepares it as the cpu backend
+    does (packed convolutions), with the same output as plain torch to within one 8-bit level."""
+    pytest.importorskip("openvino")
+    path = save(random_model(CompactConfig(features=8, convs=1)).state_dict(), tmp_path / "c.safetensors")
+    ov = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="openvino")
+    up = ov.upscaler(path)
+    assert type(up.model.body[0]) is not torch.nn.Conv2d  # (cpu_pack's packable subclass)
+    im = image(40, 30)
+    diff = np.abs(np.asarray(up.run(im)).astype(int) - np.asarray(load_upscaler(path).run(im)).astype(int))
+    assert diff.max() <= 1

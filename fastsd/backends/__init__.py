@@ -63,6 +63,10 @@ class Backend:
         set_ops(model, self.ops)
         return model
 
+    def prepare_standalone(self, model: nn.Module) -> nn.Module:
+        """Prepare a model that is not one of the pipeline's four (an upscaler model): the base as any model."""
+        return self.prepare(model)
+
     def unprepare(self, model: nn.Module) -> nn.Module:
         from fastsd.backends.reference import OPS
 

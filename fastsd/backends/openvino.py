@@ -432,6 +432,13 @@ class OpenVINOBackend(Backend):
         _uninstall(model)
         return super().unprepare(model)
 
+    def prepare_standalone(self, model):
+        """A model OpenVINO has no graph for here (an upscaler model) runs on the cpu backend's packed weights and
+        Winograd convolutions, as the cpu backend's pipelines run it."""
+        from fastsd.backends.cpu import BACKEND as CPU
+
+        return CPU.prepare(model)
+
 
 BACKEND = OpenVINOBackend(reference.OPS)
 
