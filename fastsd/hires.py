@@ -21,13 +21,19 @@ MAX_SCALE = 8.0
 MODEL_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # upscaler model files
 
 
+def builtin_upscaler(name: str) -> str | None:
+    """A1111's name of a built-in upscaler (a latent mode, None, Lanczos, Nearest) as typed, case and spacing aside;
+    None for any other name."""
+    key = " ".join(str(name).split()).lower()
+    return next((u for u in UPSCALERS if u.lower() == key), None)
+
+
 def resolve_upscaler(name: str) -> str:
     """A1111's upscaler name (case and spacing as typed aside), or the path of an upscaler model file (ESRGAN,
     Real-ESRGAN: fastsd/upscalers.py) as it is; ValueError naming what fastsd takes."""
-    key = " ".join(str(name).split()).lower()
-    for known in UPSCALERS:
-        if known.lower() == key:
-            return known
+    known = builtin_upscaler(name)
+    if known is not None:
+        return known
     if str(name).lower().endswith(MODEL_EXTS) and os.path.isfile(name):
         return name
     if str(name).lower().endswith(MODEL_EXTS):
@@ -39,8 +45,7 @@ def resolve_upscaler(name: str) -> str:
 def upscaler_name(name: str) -> str:
     """An infotext's "Hires upscaler": A1111's built-in name, or an upscaler model's name (a file stem, found
     in --upscaler-dir later); ValueError for anything else (a path)."""
-    key = " ".join(str(name).split()).lower()
-    known = next((u for u in UPSCALERS if u.lower() == key), None)
+    known = builtin_upscaler(name)
     if known is not None:
         return known
     if not name or name.startswith(".") or any(c in name for c in "/\\\0"):

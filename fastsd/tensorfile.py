@@ -231,11 +231,12 @@ def torch_load(path: str):
     return sd
 
 
-def read_pickle_checkpoint(path: str) -> dict[str, TensorRef]:
-    """A torch pickle's state dict (a `state_dict` wrapper is looked into), via torch_load."""
+def read_pickle_checkpoint(path: str, wrappers: tuple[str, ...] = ("state_dict",)) -> dict[str, TensorRef]:
+    """A torch pickle's state dict (the first of `wrappers` it holds is looked into), via torch_load."""
     sd = torch_load(path)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
+    wrapper = next((w for w in wrappers if isinstance(sd, dict) and isinstance(sd.get(w), dict)), None)
+    if wrapper is not None:
+        sd = sd[wrapper]
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
     bad_keys = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not isinstance(k, str)]

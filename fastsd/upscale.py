@@ -50,7 +50,7 @@ def upscaler_choice(args: argparse.Namespace) -> str:
     from fastsd.upscalers import UPSCALER_DIR_ENV, upscaler_path
 
     name = args.upscaler
-    known = next((b for b in (*hires.UPSCALERS,) if b.lower() == " ".join(name.split()).lower()), None)
+    known = hires.builtin_upscaler(name)
     if known in BUILTIN:
         return known
     if known is not None:

@@ -91,20 +91,11 @@ def read_upscaler(path: str) -> UpscalerSource:
     header (safetensors) or the pickle's tensors lazily. CheckpointError (one line) for anything else."""
     from fastsd import convert
     from fastsd.checkpoint import mismatches
-    from fastsd.tensorfile import CheckpointError, TensorRef, read_tensor_file, shown, torch_load
+    from fastsd.tensorfile import CheckpointError, read_pickle_checkpoint, read_tensor_file, shown
 
-    if path.endswith(".safetensors"):
-        refs = read_tensor_file(path)
-    else:
-        data = torch_load(path)
-        for wrapper in ("params_ema", "params", "state_dict"):  # Real-ESRGAN's, then a generic wrapper
-            if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
-                data = data[wrapper]
-                break
-        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-            raise CheckpointError(f"{path}: holds a {type(data).__name__}, not an upscaler's state dict")
-        refs = {k: TensorRef(tuple(v.shape), (lambda v=v: v), v.dtype) for k, v in data.items()
-                if hasattr(v, "shape")}
+    # (Real-ESRGAN's .pth wrappers, then a generic one)
+    refs = (read_tensor_file(path) if path.endswith(".safetensors") else
+            read_pickle_checkpoint(path, ("params_ema", "params", "state_dict")))
     keys = list(refs)
     try:
         if any(k.startswith(("model.0.", "conv_first.", "RRDB_trunk.")) for k in keys):

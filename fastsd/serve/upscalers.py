@@ -20,13 +20,6 @@ BUILTIN = ("None", "Lanczos", "Nearest")  # A1111's sd_upscalers without a model
 BUILTIN_SCALE = 4  # what A1111's list reports for them (UpscalerData's default)
 
 
-def builtin_name(name: str) -> str | None:
-    """A1111's name of a built-in upscaler (a latent mode or BUILTIN) as hires.resolve_upscaler reads it (case and
-    spacing aside), or None."""
-    key = " ".join(str(name).split()).lower()
-    return next((u for u in hires.UPSCALERS if u.lower() == key), None)
-
-
 class Upscalers:
     """The models of `folder` (read at each request, as A1111's refresh would: files added later are found), and
     what each file holds (architecture, scale), read once per file version."""
@@ -43,7 +36,7 @@ class Upscalers:
 
         if not self.folder:
             return {}
-        return {n: p for n, p in list_upscalers(self.folder).items() if builtin_name(n) is None}
+        return {n: p for n, p in list_upscalers(self.folder).items() if hires.builtin_upscaler(n) is None}
 
     def describe(self, path: str) -> tuple[str | None, int | None, str | None]:
         """(arch, scale, None) of a model file, or (None, None, why) for one fastsd can't read (named by its file
@@ -109,7 +102,7 @@ class Upscalers:
         Latent, A1111's default), a model's name as its file."""
         if not name:
             return "Latent"
-        return builtin_name(name) or self.model_path(name, field, hires.UPSCALERS)
+        return hires.builtin_upscaler(name) or self.model_path(name, field, hires.UPSCALERS)
 
 
 # ---- the Extras tab ---------------------------------------------------------------------------------------------
@@ -132,7 +125,7 @@ class ExtrasPlan:
 
 def _extras_upscaler(name: str, field: str, upscalers: Upscalers) -> str | None:
     """None for "None", else what `run_extras` takes: a PIL resampling's name, or a model's file."""
-    known = builtin_name(name)
+    known = hires.builtin_upscaler(name)
     if known in hires.LATENT_MODES:
         raise BadRequest(f"{field}: {known!r} is a latent upscale mode, for the hires fix only; the Extras tab takes "
                          f"{', '.join(BUILTIN)} or a model (GET /sdapi/v1/upscalers)")
@@ -155,7 +148,7 @@ def build_extras(req, server) -> ExtrasPlan:
                                 ("codeformer_visibility", req.codeformer_visibility)) if v > 0]
     first = _extras_upscaler(req.upscaler_1, "upscaler_1", server.upscalers)
     if first is None:
-        if builtin_name(req.upscaler_2) != "None" and req.extras_upscaler_2_visibility > 0:
+        if hires.builtin_upscaler(req.upscaler_2) != "None" and req.extras_upscaler_2_visibility > 0:
             warnings.append(f"upscaler_2 {req.upscaler_2!r}: used only with an upscaler_1 (as A1111), ignored")
         req.image = ""
         return ExtrasPlan(image, (), 1.0, image.size, None, 0.0, {}, parameters, tuple(warnings), None)
@@ -181,10 +174,10 @@ def build_extras(req, server) -> ExtrasPlan:
         raise BadRequest(f"the upscale would make a {shown}, above this server's limit of {limits.max_side} px "
                          "(--max-size)")
     ups = [first]
-    info["Postprocess upscaler"] = builtin_name(req.upscaler_1) or req.upscaler_1
+    info["Postprocess upscaler"] = hires.builtin_upscaler(req.upscaler_1) or req.upscaler_1
     if second is not None and req.extras_upscaler_2_visibility > 0:
         ups.append(second)
-        info["Postprocess upscaler 2"] = builtin_name(req.upscaler_2) or req.upscaler_2
+        info["Postprocess upscaler 2"] = hires.builtin_upscaler(req.upscaler_2) or req.upscaler_2
     req.image = ""  # the base64 text is not kept while the job waits
     return ExtrasPlan(image, tuple(ups), scale, dest, crop, req.extras_upscaler_2_visibility, info, parameters,
                       tuple(warnings), server.registry.current.pipe)
