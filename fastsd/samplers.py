@@ -30,6 +30,11 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
   ddim(eta)   ancestral step: s_up = eta * s' * sqrt(s^2 - s'^2) / s, s_down = sqrt(s'^2 - s_up^2),
               a = s_down/s, b = 1 - a, d = s_up. eta=0 is exactly the Euler step: diffusers' DDIM update
               x_vp' = sqrt(a')*x0 + sqrt(1-a')*eps is, divided by sqrt(a'), x' = x0 + s' * eps = x0 + (s'/s)(x - x0).
+  ddim_cfgpp  DDIM with CFG++ (Chung et al. 2024; A1111's "DDIM CFG++"): a guided call's x0 is taken at
+              lambda = scale / 12.5 (A1111's mapping of the guidance scale [0, 12.5] onto [0, 1]), D_l = D_u +
+              lambda (D_c - D_u), and the step renoises along the unconditional branch's eps (x - D_u)/s:
+              x' = D_l + s_down (x - D_u)/s + s_up z, i.e. a = s_down/s, b = 1, c = -a with old_denoised = D_u,
+              d = s_up. An unguided call (scale <= 1) is a plain DDIM step. On DDIM's schedule (no diffusers twin)
   euler_a     the same ancestral step with eta = 1 (on the Euler "linspace" schedule)
   lms         linear multistep of order 4 on the ODE (fewer on the first steps): x' = x + sum_j c_j d_j over the
               derivatives d_j = (x_j - D_j)/s_j of this and the 3 previous steps, c_j the integral from s to s' of
@@ -115,6 +120,7 @@ except ImportError:  # pragma: no cover
         return range(n)
 
 Coeffs = tuple[float, float, float, float]
+CFGPP_SCALE = 12.5  # A1111's DDIM CFG++: the guidance scale / 12.5 is CFG++'s lambda (its cond_scale_miltiplier)
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -129,17 +135,24 @@ def sampler_update(x: torch.Tensor, denoised: torch.Tensor, old_denoised: Option
 
 def denoise_and_step(model, x: torch.Tensor, sigma: torch.Tensor, extra_args: dict, coeffs: Coeffs,
                      old_denoised: Optional[torch.Tensor] = None,
-                     draw_noise: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     draw_noise: Optional[Callable[[], torch.Tensor]] = None, *,
+                     cfgpp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampler step -> (x_next, denoised): the model call, then the update with `coeffs`.
 
     A model with `split_guidance` that returns its two branch outputs gets the guidance fused into the
     update (its `cfg_step`); otherwise (no split, or an unguided call) it is called as
     `model(x, sigma, **extra_args)` and the output goes through the same op without guidance.
     `draw_noise()` is called once, after the model call and only when coeffs' noise term is non-zero (the RNG
-    draw order of the unfused loop)."""
+    draw order of the unfused loop). `cfgpp` (coeffs (a, 1 - a, 0, d) of a step x' = D + a (x - D) + d z): a
+    guided call takes CFG++'s update instead, D at scale / CFGPP_SCALE and x - D_uncond as the direction
+    (a, 1, -a, d) with old_denoised = D_uncond (see ddim_cfgpp above)."""
     split = getattr(model, "split_guidance", None)
     parts = split(x, sigma, **extra_args) if split is not None else None
     uncond, cond, scale = parts if parts is not None else (None, model(x, sigma, **extra_args), None)
+    if cfgpp and uncond is not None:
+        if coeffs[2] != 0 or old_denoised is not None or coeffs[0] + coeffs[1] != 1:
+            raise ValueError(f"CFG++ needs a step of the form x' = D + a (x - D) + d z, got coeffs {coeffs}")
+        coeffs, scale, old_denoised = (coeffs[0], 1.0, -coeffs[0], coeffs[3]), scale / CFGPP_SCALE, uncond
     noise = draw_noise() if coeffs[3] != 0 else None
     step = getattr(model, "cfg_step", reference.cfg_step)
     return step(x, uncond, cond, scale, coeffs, old_denoised, noise)
@@ -566,12 +579,13 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
     return x
 
 
-def _sample_ancestral(coeff_fn, model, x, sigmas, extra_args, callback, disable, generator, noise_sampler):
+def _sample_ancestral(coeff_fn, model, x, sigmas, extra_args, callback, disable, generator, noise_sampler,
+                      cfgpp: bool = False):
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
     for i in _trange(len(s) - 1, disable=disable):
         x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, coeff_fn(s[i], s[i + 1]),
-                                            draw_noise=lambda: noise_sampler(sigmas[i], sigmas[i + 1]))
+                                            draw_noise=lambda: noise_sampler(sigmas[i], sigmas[i + 1]), cfgpp=cfgpp)
         _callback(callback, x, i, sigmas[i], denoised)
         x = x_next
     return x
@@ -590,6 +604,15 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """DDIM in sigma space (diffusers DDIMScheduler.step with this eta): the ancestral step with eta 0 by
     default, i.e. deterministic."""
     return sample_euler_ancestral(model, x, sigmas, extra_args, callback, disable, eta=eta, **opts)
+
+
+@torch.no_grad()
+def sample_ddim_cfgpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta: float = 0.0,
+                      generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
+    """DDIM with CFG++ (A1111's "DDIM CFG++", its sd_samplers_timesteps_impl.ddim_cfgpp, in sigma space): see
+    ddim_cfgpp in the module's docstring. The callback's denoised is the x0 at lambda (A1111's pred_x0)."""
+    return _sample_ancestral(lambda a, b: ancestral_coeffs(a, b, eta), model, x, sigmas, extra_args, callback,
+                             disable, generator, noise_sampler, cfgpp=True)
 
 
 @torch.no_grad()
@@ -1078,16 +1101,18 @@ class SamplerSpec:
 # dpmpp_sde(_karras) have none: k-diffusion's sample_dpmpp_2s_ancestral / sample_dpmpp_sde (Brownian noise from
 # plain Gaussian draws) on the Euler (Karras) schedule. plms is PNDMScheduler(skip_prk_steps=True) (on DDIM's schedule).
 # restart has none: A1111's restart_sampler (Heun steps and its restart segments) on the Euler Karras schedule,
-# A1111's default for it. dpm_fast and dpm_adaptive have none: k-diffusion's sample_dpm_fast / sample_dpm_adaptive
-# (A1111's "DPM fast" / "DPM adaptive", eta 1); they use only the ends of the schedule handed in (its first and
-# last nonzero level; the number of steps too for dpm_fast), and their schedule ("ends") is Euler's, which runs
-# from the model table's sigma_max to its sigma_min then 0 (the ends A1111 gives them in txt2img; an img2img tail
-# starts lower, as A1111's), but for one step: [sigma_max, sigma_min].
+# A1111's default for it. ddim_cfgpp has none: A1111's DDIM CFG++ on DDIM's schedule. dpm_fast and dpm_adaptive have
+# none: k-diffusion's sample_dpm_fast / sample_dpm_adaptive (A1111's "DPM fast" / "DPM adaptive", eta 1); they use
+# only the ends of the schedule handed in (its first and last nonzero level; the number of steps too for dpm_fast),
+# and their schedule ("ends") is Euler's, which runs from the model table's sigma_max to its sigma_min then 0 (the
+# ends A1111 gives them in txt2img; an img2img tail starts lower, as A1111's), but for one step: [sigma_max,
+# sigma_min].
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("euler", sample_euler, False),
     SamplerSpec("euler_a", sample_euler_ancestral, True),
     SamplerSpec("heun", sample_heun, False),
     SamplerSpec("ddim", sample_ddim, True),
+    SamplerSpec("ddim_cfgpp", sample_ddim_cfgpp, True),
     SamplerSpec("ddpm", sample_ddpm, True),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, False),
     SamplerSpec("dpmpp_2m_karras", sample_dpmpp_2m, False),
@@ -1120,6 +1145,7 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
 
 # The names A1111 writes in its infotext ("Sampler: Euler a").
 A1111_NAMES: dict[str, str] = {"euler": "Euler", "heun": "Heun", "euler_a": "Euler a", "ddim": "DDIM", "ddpm": "DDPM",
+                               "ddim_cfgpp": "DDIM CFG++",
                                "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
                                "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras", "lcm": "LCM",
                                # A1111 1.9+ writes these as "Sampler: Euler, Schedule type: Karras" and reads the

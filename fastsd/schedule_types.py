@@ -117,7 +117,7 @@ SCHEDULE_TYPES: dict[str, ScheduleType] = {t.name: t for t in (
 )}
 # Samplers that step by diffusers' discrete timesteps rather than over any sigmas (A1111's DDIM/PLMS/UniPC take
 # no schedule type either; fastsd's UniPC works over sigmas, so it takes one).
-TIMESTEP_SAMPLERS = ("ddim", "ddpm", "plms")
+TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "ddpm", "plms")
 # Samplers that read only the schedule's ends (A1111 hands its DPM fast / adaptive the model's sigma_min and
 # sigma_max in txt2img, whatever the schedule type); a type would only move the ends (Simple, SGM Uniform, DDIM,
 # Align Your Steps do) where A1111 does not, so they take none.

@@ -228,6 +228,7 @@ def img2img_start_index(steps: int, strength: float, order: int = 1) -> int:
 SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
     "ddpm": ("ddpm", False),
     "ddim": ("ddim", False),
+    "ddim_cfgpp": ("ddim", False),  # A1111's DDIM CFG++: DDIM's timesteps (its timestep samplers', as diffusers' DDIM)
     "euler": ("euler", False),
     "heun": ("euler", False),  # diffusers' Heun: Euler's sigmas, each but the first and last visited twice
     "euler_karras": ("euler", True),

@@ -32,7 +32,7 @@ class GenerationSettings:
                                                              "unconditional batch", flag="--cfg-scale"))
     sampler: str = field(default="euler_a", metadata=_opt("euler_a, euler, euler_karras, heun, heun_karras, lms, "
                                                           "lms_karras, dpm2, dpm2_karras, dpm2_a, dpm2_a_karras, "
-                                                          "ddim, ddpm, dpmpp_2m, dpmpp_2m_karras, dpmpp_2s_a, "
+                                                          "ddim, ddim_cfgpp, ddpm, dpmpp_2m, dpmpp_2m_karras, dpmpp_2s_a, "
                                                           "dpmpp_2s_a_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, "
                                                           "dpmpp_2m_sde_heun, dpmpp_2m_sde_heun_karras, dpmpp_sde, "
                                                           "dpmpp_sde_karras, dpmpp_3m_sde, dpmpp_3m_sde_karras, unipc, "

@@ -36,6 +36,7 @@ def _prototype_scheduler(name: str):
     return {
         "ddpm": lambda: d.DDPMScheduler.from_config(SD15),
         "ddim": lambda: d.DDIMScheduler.from_config(SD15),
+        "ddim_cfgpp": lambda: d.DDIMScheduler.from_config(SD15),  # no twin: A1111's DDIM CFG++ on DDIM's schedule
         "euler": lambda: d.EulerDiscreteScheduler.from_config(SD15),
         "heun": lambda: d.HeunDiscreteScheduler.from_config(SD15),
         "euler_a": lambda: d.EulerAncestralDiscreteScheduler.from_config(SD15),
@@ -188,7 +189,7 @@ def test_schedule_matches_diffusers(name, steps):
         assert torch.equal(((1 - ac[sched.timesteps]) / ac[sched.timesteps]).sqrt().double(), ours.sigmas[:-1])
         assert ours.sigmas[-1].item() == 0.0 and ours.init_noise_sigma == pytest.approx(
             math.sqrt(1 + ours.sigmas[0].item() ** 2) * float(sched.init_noise_sigma))
-    elif name in ("ddim", "ddpm", "plms"):
+    elif name in ("ddim", "ddim_cfgpp", "ddpm", "plms"):
         ac = sched.alphas_cumprod  # float32, indexed by the int timesteps in step()
         assert torch.equal(((1 - ac[sched.timesteps]) / ac[sched.timesteps]).sqrt().double(), ours.sigmas[:-1])
         final = 0.0 if name == "ddpm" else math.sqrt((1 - ac[0].item()) / ac[0].item())
@@ -412,6 +413,7 @@ def test_stochastic_samplers_gaussian_statistics(name):
 @pytest.mark.parametrize("alias,name", [
     ("Euler", "euler"), ("Euler a", "euler_a"), ("euler A", "euler_a"), ("k_euler_a", "euler_a"),
     ("k_euler", "euler"), ("euler_ancestral", "euler_a"), ("DDIM", "ddim"), ("DDPM", "ddpm"),
+    ("DDIM CFG++", "ddim_cfgpp"), ("ddim cfg++", "ddim_cfgpp"),
     ("DPM++ 2M", "dpmpp_2m"), ("dpm++ 2m karras", "dpmpp_2m_karras"), ("k_dpmpp_2m_karras", "dpmpp_2m_karras"),
     ("dpmpp_2m", "dpmpp_2m"), (" DPM++ 2M Karras ", "dpmpp_2m_karras"), ("sample_euler_ancestral", "euler_a"),
     ("Euler Karras", "euler_karras"), ("Heun Karras", "heun_karras"), ("LMS", "lms"), ("k_lms", "lms"),

@@ -1,7 +1,7 @@
 """A1111's remaining samplers: PLMS (diffusers' PNDMScheduler(skip_prk_steps=True) twin; A1111's plms as the img2img
 oracle), Restart (A1111's restart_sampler, transcribed below as an oracle, fed the same noise; statistics on
 Gaussian data), DPM fast / DPM adaptive (k-diffusion's DPMSolver transcribed as the oracle, fed the same noise;
-statistics on Gaussian data)."""
+statistics on Gaussian data), DDIM CFG++ (A1111's ddim_cfgpp transcribed as the oracle)."""
 from __future__ import annotations
 
 import math
@@ -760,3 +760,124 @@ def test_pipeline_progress_of_the_dpm_solvers(name):
     assert all(1 <= step <= total == 4 for step, total, _ in seen)
     assert [s for s, _, _ in seen] == sorted(s for s, _, _ in seen)
     assert seen[-1][0] == 4 and seen[-1][2] is not None
+
+
+# --------------------------------------------------------------------------------------------- DDIM CFG++: A1111
+
+def a1111_ddim_cfgpp(unet, noise, timesteps, cond, uncond, scale, eta=0.0, draws=None):
+    """Test oracle: A1111's sd_samplers_timesteps_impl.ddim_cfgpp with its CFG denoiser for timestep samplers
+    (eps out; cond_scale * cond_scale_miltiplier 1/12.5; last_noise_uncond the uncond eps), transcribed in float64
+    over the model's float32 alphas_cumprod. `timesteps` ascending, as A1111's; `draws` the standard normals it
+    takes with randn_like, one a step."""
+    ac = alphas_cumprod().double()
+    t = torch.as_tensor(timesteps, dtype=torch.long)
+    alphas = ac[t]
+    alphas_prev = ac[torch.nn.functional.pad(t[:-1], pad=(1, 0))]
+    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    x = noise.clone()
+    for i in range(len(t)):
+        index = len(t) - 1 - i
+        ts = torch.full((x.shape[0],), float(t[index]), dtype=torch.float64)
+        out = unet(torch.cat([x, x]), torch.cat([ts, ts]), context=torch.cat([uncond, cond]))
+        e_u, e_c = out.chunk(2)
+        e_t = e_u + (e_c - e_u) * (scale / 12.5)
+        a_t, a_prev, sigma_t = alphas[index], alphas_prev[index], sigmas[index]
+        pred_x0 = (x - sqrt_one_minus_alphas[index] * e_t) / a_t.sqrt()
+        dir_xt = (1. - a_prev - sigma_t ** 2).sqrt() * e_u
+        x = a_prev.sqrt() * pred_x0 + dir_xt + (sigma_t * draws[i] if draws is not None else 0)
+    return x
+
+
+def _cfgpp_setup(B=2):
+    g = torch.Generator().manual_seed(41)
+    noise = torch.randn((B, 4, 8, 8), generator=g, dtype=torch.float64)
+    cond, uncond = (torch.randn(1, 7, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    return noise, cond.expand(B, -1, -1), uncond.expand(B, -1, -1)
+
+
+@pytest.mark.parametrize("steps,scale,eta", [(1, 7.5, 0.0), (4, 7.5, 0.0), (10, 3.0, 0.0), (25, 12.5, 0.0),
+                                             (10, 7.5, 0.6), (20, 5.0, 1.0)])
+def test_ddim_cfgpp_matches_a1111(steps, scale, eta):
+    """fastsd's sigma-space step (a = s_down/s, b = 1, c = -a on the uncond x0, d = s_up) is A1111's VP-space
+    DDIM CFG++ loop on the same timesteps, model and normal draws: the final latents (observed <= 7.5e-8 apart)."""
+    from fastsd.denoisers import CFGDenoiser
+
+    noise, cond, uncond = _cfgpp_setup()
+    sched = SAMPLERS["ddim_cfgpp"].schedule(steps)
+    g = torch.Generator().manual_seed(5)
+    draws = [torch.randn(noise.shape, generator=g, dtype=torch.float64) for _ in range(steps)]
+    ref = a1111_ddim_cfgpp(FakeUNet(), noise, sched.timesteps.flip(0).long().tolist(), cond, uncond, scale, eta, draws)
+    it = iter(draws)
+    model = CFGDenoiser(EpsDenoiser(FakeUNet(), alphas_cumprod(), schedule=sched), cond, uncond, scale)
+    seen = []
+    out = SAMPLERS["ddim_cfgpp"](model, noise * sched.init_noise_sigma, sched.sigmas, disable=True, eta=eta,
+                                  noise_sampler=lambda s, sn: next(it), callback=lambda d: seen.append(d["denoised"]))
+    left = len(list(it))
+    assert left == (steps if eta == 0 else 0)  # with eta, a draw every step, the last (to t = 0's level) included
+    assert len(seen) == steps
+    assert rel_err(out * sched.out_scale, ref) < 1e-6  # (fastsd's sigmas come from float32 arithmetic: ~1e-8 apart)
+    plain = SAMPLERS["ddim"](model, noise * sched.init_noise_sigma, sched.sigmas, disable=True, eta=eta,
+                              noise_sampler=lambda s, sn: draws[0])
+    assert rel_err(plain * sched.out_scale, ref) > 1e-4  # CFG++ is not DDIM with the same scale
+
+
+def test_ddim_cfgpp_unguided_is_ddim_and_guided_runs_both_branches_once_a_step():
+    """Guidance scale <= 1 (no uncond): plain DDIM steps, bit for bit. Guided: one batched UNet call a step."""
+    from fastsd.denoisers import CFGDenoiser
+
+    noise, cond, uncond = _cfgpp_setup()
+    sched = SAMPLERS["ddim_cfgpp"].schedule(6)
+    outs = {}
+    for name in ("ddim", "ddim_cfgpp"):
+        model = CFGDenoiser(EpsDenoiser(FakeUNet(), alphas_cumprod(), schedule=sched), cond, None, 1.0)
+        outs[name] = SAMPLERS[name](model, noise * sched.init_noise_sigma, sched.sigmas, disable=True)
+    assert torch.equal(outs["ddim"], outs["ddim_cfgpp"])
+    unet = FakeUNet()
+    model = CFGDenoiser(EpsDenoiser(unet, alphas_cumprod(), schedule=sched), cond, uncond, 7.5)
+    SAMPLERS["ddim_cfgpp"](model, noise * sched.init_noise_sigma, sched.sigmas, disable=True)
+    assert unet.batches == [4] * 6
+
+
+def test_ddim_cfgpp_needs_the_split_a_model_without_it_steps_as_ddim():
+    """CFG++ needs the two branches (`split_guidance`, which CFGDenoiser and the wrappers the pipeline puts around it
+    forward): a plain callable giving only the guided x0 is stepped as DDIM, bit for bit."""
+    from fastsd.denoisers import CFGDenoiser
+
+    noise, cond, uncond = _cfgpp_setup()
+    sched = SAMPLERS["ddim_cfgpp"].schedule(6)
+    model = CFGDenoiser(EpsDenoiser(FakeUNet(), alphas_cumprod(), schedule=sched), cond, uncond, 7.5)
+    opaque = lambda x, sigma, **kw: model(x, sigma, **kw)  # noqa: E731
+    x = noise * sched.init_noise_sigma
+    a, b = (SAMPLERS[n](opaque, x, sched.sigmas, disable=True) for n in ("ddim_cfgpp", "ddim"))
+    assert torch.equal(a, b) and not torch.equal(a, SAMPLERS["ddim_cfgpp"](model, x, sched.sigmas, disable=True))
+
+
+def test_ddim_cfgpp_in_the_pipeline_and_its_infotext():
+    """Pipeline.generate with A1111's name: "Sampler: DDIM CFG++" in the infotext (read back as the sampler), the
+    image not DDIM's at CFG 7.5, DDIM's at CFG 1 (no uncond: plain DDIM steps); a schedule type is refused."""
+    import numpy as np
+
+    from fastsd import load_pipeline
+    from fastsd.infotext_settings import settings_from_infotext
+
+    pipe = load_pipeline("random:tiny", device="cpu", dtype=torch.float32)
+    base = dict(prompt="a red cube", steps=4, seed=5, width=64, height=64, progress=False)
+    img = {(n, cfg): np.asarray(im) for n in ("DDIM CFG++", "ddim") for cfg in (7.5, 1.0)
+           for im in [pipe.generate(**base, sampler=n, guidance_scale=cfg)[0]]}
+    assert not np.array_equal(img["DDIM CFG++", 7.5], img["ddim", 7.5])
+    assert np.array_equal(img["DDIM CFG++", 1.0], img["ddim", 1.0])
+    text = pipe.generate(**base, sampler="DDIM CFG++")[0].info["parameters"]
+    assert "Sampler: DDIM CFG++, CFG scale: 7.5" in text and "Schedule type" not in text
+    assert settings_from_infotext(text)[0]["sampler"] == "ddim_cfgpp"
+    with pytest.raises(ValueError, match="discrete"):
+        pipe.generate(**base, sampler="DDIM CFG++", schedule_type="karras")
+
+
+def test_ddim_cfgpp_registry_and_schedule_types():
+    assert get_sampler("DDIM CFG++") is get_sampler("ddim_cfgpp") is SAMPLERS["ddim_cfgpp"]
+    assert A1111_NAMES["ddim_cfgpp"] == "DDIM CFG++" and SAMPLERS["ddim_cfgpp"].stochastic
+    assert SAMPLER_SCHEDULES["ddim_cfgpp"] == ("ddim", False) and "ddim_cfgpp" in TIMESTEP_SAMPLERS
+    assert torch.equal(get_sampler("DDIM CFG++").schedule(10).sigmas, schedule_for("ddim", 10).sigmas)
+    with pytest.raises(ValueError, match="discrete"):
+        check_sampler("karras", "ddim_cfgpp")

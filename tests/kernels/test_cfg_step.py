@@ -180,7 +180,7 @@ def test_ops_cfg_step_routes_to_the_kernel(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "euler_a", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "lms", "dpm2_a",
+@pytest.mark.parametrize("name", ["euler", "heun", "euler_a", "ddpm", "ddim_cfgpp", "dpmpp_2m", "dpmpp_2m_sde", "lms", "dpm2_a",
                                   "dpmpp_2s_a_karras", "unipc", "dpmpp_sde_karras", "dpmpp_2m_sde_heun",
                                   "dpmpp_3m_sde"])
 def test_sampler_loops_triton_vs_torch(name, monkeypatch):
