@@ -129,10 +129,13 @@ class Pipeline:
 
     # ---- the VAE and the embeddings -----------------------------------------------------------------------
 
-    def set_vae(self, vae: AutoencoderKL | TAESD, name: str | None = None, path: str | None = None) -> None:
+    def set_vae(self, vae: AutoencoderKL | TAESD, name: str | None = None, path: str | None = None, *,
+                prepared: bool = False) -> None:
         """Replace the VAE by a built one, named in the infotext by `name` ("VAE") and the hash of the file
-        `path` ("VAE hash"). A TAESD takes the place of the KL VAE (decode, encode, previews)."""
-        self._backend.prepare(vae)
+        `path` ("VAE hash"). A TAESD takes the place of the KL VAE (decode, encode, previews). `prepared`: `vae`
+        was this pipeline's VAE before, under its current backend (prepared then): it is not prepared again."""
+        if not prepared:
+            self._backend.prepare(vae)
         self.vae = vae
         self.config = dataclasses.replace(self.config, vae=vae.cfg)  # config.vae: the VAE that runs
         self.vae_name, self._vae_file, self._vae_hash = name, path, None
@@ -246,6 +249,11 @@ class Pipeline:
         if self._hash is None and self.path is not None:
             self._hash = file_hash(self.path)
         return self._hash
+
+    @property
+    def vae_path(self) -> str | None:
+        """The file of a VAE that replaced the model's (set_vae's `path`); None otherwise."""
+        return self._vae_file
 
     def vae_hash(self) -> str | None:
         """A1111's "VAE hash" (sha256[:10] of the VAE file) of a VAE that replaced the model's; None otherwise."""

@@ -79,7 +79,7 @@ def shared(*args: str) -> Server:
 def _stop_all() -> None:
     for server in _running.values():
         server.stop()
-    for folder in (LORA_DIR, EMBEDDINGS_DIR, STYLES_DIR):
+    for folder in (LORA_DIR, EMBEDDINGS_DIR, STYLES_DIR, VAE_DIR):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -126,6 +126,24 @@ for _name, _text in STYLES_CSV.items():
 def styles_server() -> Server:
     """A server with --styles-file (STYLES_DIR: the styles of STYLES_CSV) and the LoRA folder."""
     return shared("--model", "random:tiny", "--lora-dir", LORA_DIR, "--styles-file", STYLES_DIR)
+
+
+VAE_DIR = tempfile.mkdtemp(prefix="fastsd-serve-vaes-")
+
+
+def vae_server() -> Server:
+    """A server with --vae-dir (VAE_DIR: one random VAE file for random:tiny, vae-ft-mse.safetensors)."""
+    path = os.path.join(VAE_DIR, "vae-ft-mse.safetensors")
+    if not os.path.exists(path):
+        import torch
+        from safetensors.torch import save_file
+
+        from fastsd.config import TINY
+        from fastsd.models.vae import AutoencoderKL
+
+        torch.manual_seed(21)
+        save_file({k: v.contiguous() for k, v in AutoencoderKL(TINY.vae).state_dict().items()}, path)
+    return shared("--model", "random:tiny", "--vae-dir", VAE_DIR)
 
 
 def auth_server() -> Server:

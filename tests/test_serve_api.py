@@ -92,7 +92,8 @@ def test_random_seed_n_iter_clip_skip_and_unhonoured_fields(client):
     assert [p["Seed"] for p in params] == [str(seed), str(seed + 1)] and params[0]["Clip skip"] == "2"
     assert params[0]["Sampler"] == "Euler"  # A1111's default sampler_index
     notes = " | ".join(meta["warnings"])
-    assert "override_settings.sd_vae" in notes and "enable_hr" not in notes and "hr_" not in notes
+    assert "sd_vae" not in notes and meta["sd_vae_name"] is None  # "Automatic": the model's own VAE (none near it)
+    assert "enable_hr" not in notes and "hr_" not in notes
     assert params[0]["Hires upscale"] == "2" and params[0]["Hires upscaler"] == "Latent"  # the wiki's hires fix ran
     assert decode(r.json()["images"][0]).size == (128, 128) and params[0]["Size"] == "64x64"
     assert "some_extension_field" not in notes  # unknown fields are ignored, as A1111 does

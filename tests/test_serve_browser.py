@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from PIL import Image
-from serve_server import auth_server, main_server
+from serve_server import auth_server, main_server, vae_server
 
 from fastsd.image import parse_infotext
 
@@ -105,6 +105,23 @@ def test_page_hires_fix(page):
     assert (params["Size"], params["Hires upscale"], params["Hires steps"], params["Hires upscaler"],
             params["Denoising strength"]) == ("64x48", "1.5", "2", "Latent (bicubic)", "0.6")
     assert page.eval_on_selector("#gallery figure img", "img => [img.naturalWidth, img.naturalHeight]") == [96, 72]
+
+
+def test_page_vae_select(page):
+    """The header's VAE select: A1111's Automatic and None, then --vae-dir's files; the chosen one runs (its name in
+    the infotext, as A1111 writes it)."""
+    server = vae_server()
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#vae option').length > 2")
+    assert page.locator("#vae option").all_inner_texts() == ["Automatic", "None", "vae-ft-mse.safetensors"]
+    assert page.eval_on_selector("#vae", "e => e.value") == "Automatic"  # the server's sd_vae option
+    page.fill("#prompt", "a boat")
+    for field, value in (("#steps", "2"), ("#seed", "5"), ("#width", "64"), ("#height", "64")):
+        page.fill(field, value)
+    page.select_option("#vae", "vae-ft-mse.safetensors")
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure img", timeout=180_000)
+    assert parse_infotext(page.inner_text("#gallery .infotext"))[2]["VAE"] == "vae-ft-mse.safetensors"
 
 
 def test_page_shows_a_refused_request(page):

@@ -289,11 +289,17 @@ def test_run_plan_skip_moves_to_the_next_iteration():
     from fastsd.serve.generation import Plan, run_plan
     from fastsd.serve.jobqueue import Job
     from fastsd.serve.networks import Networks
+    from fastsd.serve.vaes import Vaes
     from fastsd.serve.registry import ModelEntry
 
     job = Job("txt2img", None, steps=3, iterations=3)
 
     class Pipe:  # Pipeline.generate's contract: on_interrupt="decode" gives the images at the step left
+        vae_name = None  # (the model's own VAE: for the answer's sd_vae_name / sd_vae_hash)
+
+        def vae_hash(self):
+            return None
+
         def generate(self, seed, on_step, on_interrupt, **kw):
             assert on_interrupt == "decode"
             im = Image.new("RGB", (8, 8))
@@ -309,7 +315,7 @@ def test_run_plan_skip_moves_to_the_next_iteration():
 
     s = GenerationSettings("x", seed=10, width=8, height=8)
     plan = Plan("txt2img", ModelEntry("m", "m", None, Pipe()), s, 3, None, None, (), (), True, {})
-    out = run_plan(plan, job, Networks(None, None))
+    out = run_plan(plan, job, Networks(None, None), Vaes(None))
     meta = json.loads(out["info"])
     assert meta["infotexts"] == ["Seed: 10", "Seed: 11, half", "Seed: 12"] and meta["interrupted"] is False
     assert meta["warnings"] == ["skipped at step 2 of iteration 2; its 1 image(s) are that step's prediction, "
@@ -326,6 +332,7 @@ def test_run_plan_of_a_job_whose_client_left_decodes_nothing(monkeypatch):
     from fastsd.serve.generation import Plan, run_plan
     from fastsd.serve.jobqueue import Cancelled, Job, JobQueue
     from fastsd.serve.networks import Networks
+    from fastsd.serve.vaes import Vaes
     from fastsd.serve.registry import ModelEntry
 
     pipe = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
@@ -336,7 +343,7 @@ def test_run_plan_of_a_job_whose_client_left_decodes_nothing(monkeypatch):
     plan = Plan("txt2img", ModelEntry("m", "m", None, pipe), s, 2, None, None, (), (), True, {})
     queue = JobQueue(max_queue=2)
     try:
-        job = Job("txt2img", lambda j: run_plan(plan, j, Networks(None, None)), steps=4, iterations=2)
+        job = Job("txt2img", lambda j: run_plan(plan, j, Networks(None, None), Vaes(None)), steps=4, iterations=2)
         stepped = job.on_step
 
         def on_step(step, total, preview):
@@ -352,9 +359,9 @@ def test_run_plan_of_a_job_whose_client_left_decodes_nothing(monkeypatch):
         queue.join(timeout=10)
         assert decodes == [] and queue.counts["cancelled"] == 1 and queue.counts.get("finished", 0) == 0
         # an interrupted job (its client still there) gets that step's images, decoded once
-        job = Job("txt2img", lambda j: run_plan(plan, j, Networks(None, None)), steps=4, iterations=2)
+        job = Job("txt2img", lambda j: run_plan(plan, j, Networks(None, None), Vaes(None)), steps=4, iterations=2)
         job.interrupted = True
-        assert len(run_plan(plan, job, Networks(None, None))["images"]) == 1 and decodes == [1]
+        assert len(run_plan(plan, job, Networks(None, None), Vaes(None))["images"]) == 1 and decodes == [1]
     finally:
         queue.close()
 

@@ -5,5 +5,6 @@ generation.py request -> checked Plan -> images -> response   jobqueue.py  the b
 registry.py   the --model models and the current one          networks.py  LoRAs / embeddings by name
 limits.py     per-request limits and base64 image decoding    auth.py      --api-auth / --token
 upscalers.py  --upscaler-dir models by name, the Extras tab's upscale
+vaes.py       --vae-dir files by name, A1111's sd_vae option, the VAE swapped before each job
 static/       the page (plain HTML/JS/CSS, no build step)
 """

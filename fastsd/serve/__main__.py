@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of upscaler models (ESRGAN, Real-ESRGAN .pth / .safetensors; A1111's models/ESRGAN) "
                    "that hr_upscaler and the Extras tab name by file name; GET /sdapi/v1/upscalers lists them "
                    "(default $FASTSD_UPSCALER_DIR)")
+    p.add_argument("--vae-dir", default=os.environ.get("FASTSD_VAE_DIR"), metavar="DIR",
+                   help="folder of VAE files (.safetensors / .ckpt / .pt; A1111's models/VAE) that the sd_vae option "
+                   "(POST /sdapi/v1/options, override_settings) names by file name; GET /sdapi/v1/sd-vae lists them "
+                   "(default $FASTSD_VAE_DIR)")
     p.add_argument("--styles-file", default=os.environ.get("FASTSD_STYLES"), metavar="PATH",
                    help="A1111's prompt styles, read at start: a styles.csv (name,prompt,negative_prompt) or a folder "
                    "of such .csv files; requests name them in `styles`, GET /sdapi/v1/prompt-styles lists them "
@@ -76,7 +80,7 @@ def check_args(args: argparse.Namespace):
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be at least 0, got {args.max_queue}")
     for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
-                         ("--upscaler-dir", args.upscaler_dir)):
+                         ("--upscaler-dir", args.upscaler_dir), ("--vae-dir", args.vae_dir)):
         if folder and not os.path.isdir(folder):
             raise ValueError(f"{flag} {folder}: not a folder")
     if args.styles_file:
@@ -136,6 +140,7 @@ def _start(args, limits: Limits, auth, sources: list[str]):
     from fastsd.serve.networks import Networks
     from fastsd.serve.registry import Registry, load_entries
     from fastsd.serve.upscalers import Upscalers
+    from fastsd.serve.vaes import Vaes
 
     threads = set_threads(args.threads)
     from PIL import Image
@@ -155,7 +160,7 @@ def _start(args, limits: Limits, auth, sources: list[str]):
     for name, why in networks.load_embeddings([e.pipe for e in registry.entries]).items():
         print(f"warning: embedding {name} skipped: {why}", file=sys.stderr)
     return ServerState(registry, networks, limits, JobQueue(limits.max_queue, after_job=release_freed_memory), auth,
-                       styles=args.styles, upscalers=Upscalers(args.upscaler_dir))
+                       styles=args.styles, upscalers=Upscalers(args.upscaler_dir), vaes=Vaes(args.vae_dir))
 
 
 def _serve(state, sock: socket.socket, log_level: str) -> int:

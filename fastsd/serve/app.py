@@ -24,6 +24,7 @@ from fastsd.serve.registry import Registry
 from fastsd.serve.schemas import (ExtrasBatchImagesRequest, ExtrasSingleImageRequest, Img2ImgRequest, OptionsRequest,
                                   PNGInfoRequest, Txt2ImgRequest)
 from fastsd.serve.upscalers import Upscalers, build_extras, build_extras_batch, run_extras, run_extras_batch
+from fastsd.serve.vaes import Vaes
 
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("fastsd.serve")
@@ -39,6 +40,7 @@ class ServerState:
     clip_skip: int = 1                      # A1111's CLIP_stop_at_last_layers option
     styles: dict = field(default_factory=dict)  # {name: fastsd.styles.PromptStyle} of --styles-file, read at start
     upscalers: Upscalers = field(default_factory=lambda: Upscalers(None))  # --upscaler-dir's models
+    vaes: Vaes = field(default_factory=lambda: Vaes(None))  # --vae-dir's files and the sd_vae option
     started: float = field(default_factory=time.time)
 
 
@@ -176,8 +178,8 @@ def build_app(state: ServerState) -> FastAPI:
 def _generation_routes(api: APIRouter, state: ServerState) -> None:
     async def generate(kind: str, req, request: Request):
         plan = await run_in_threadpool(build_plan, req, kind, state)
-        job = state.queue.submit(Job(kind, lambda job: run_plan(plan, job, state.networks), plan.settings.steps,
-                                     plan.n_iter))
+        job = state.queue.submit(Job(kind, lambda job: run_plan(plan, job, state.networks, state.vaes),
+                                     plan.settings.steps, plan.n_iter))
         return await _wait(state, job, request)
 
     @api.post("/txt2img")
@@ -268,9 +270,17 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
         return None  # the folder is read on every request
 
     @api.post("/refresh-checkpoints")
+    async def refresh_checkpoints():
+        return None  # the models are the --model files given at start: nothing to rescan
+
     @api.post("/refresh-vae")
-    async def refresh_fixed_lists():
-        return None  # the models are the --model files given at start, and there is no VAE list: nothing to rescan
+    async def refresh_vae():
+        return None  # the folder is read on every request
+
+    @api.get("/sd-vae")
+    async def sd_vae():
+        """A1111's list of its models/VAE files (here --vae-dir's): model_name, filename (inside the folder)."""
+        return state.vaes.a1111()
 
     @api.get("/embeddings")
     async def embeddings():
@@ -302,13 +312,13 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
 
         return [{"name": n} for n in LATENT_MODES]
 
-    for empty in ("/sd-vae", "/hypernetworks", "/face-restorers"):
+    for empty in ("/hypernetworks", "/face-restorers"):
         api.add_api_route(empty, _empty_list, methods=["GET"])
 
     @api.get("/options")
     async def get_options():
         cur = state.registry.current
-        return {"sd_model_checkpoint": cur.title, "sd_checkpoint_hash": cur.hash,
+        return {"sd_model_checkpoint": cur.title, "sd_checkpoint_hash": cur.hash, "sd_vae": state.vaes.option,
                 "CLIP_stop_at_last_layers": state.clip_skip, "samples_format": "png"}
 
     @api.post("/options")
@@ -319,6 +329,8 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
         applied = {}
         if req.sd_model_checkpoint is not None:
             applied["sd_model_checkpoint"] = state.registry.switch(req.sd_model_checkpoint).title
+        if req.sd_vae is not None:
+            state.vaes.option = applied["sd_vae"] = state.vaes.check_name(req.sd_vae, "sd_vae")
         if req.CLIP_stop_at_last_layers is not None:
             state.clip_skip = applied["CLIP_stop_at_last_layers"] = req.CLIP_stop_at_last_layers
         return {"applied": applied, "ignored": sorted(req.model_extra or {})}

@@ -65,6 +65,7 @@ class Plan:
     latent_mask: str = "bicubic"            # A1111's mask to latent size (its latmask; "bicubic-soft" without mask_round)
     infotext_extra: dict = dataclasses.field(default_factory=dict)  # A1111's inpainting keys (masking.infotext_params)
     styles: tuple[str, ...] = ()            # the request's style names (A1111's info "styles")
+    vae: str | None = None                  # the VAE file the job runs with (sd_vae), None: the model's own
 
 
 def a1111_names(message: str) -> str:
@@ -189,14 +190,18 @@ def _apply_styles(req, styles: dict, warnings: list[str]) -> dict:
 
 
 def _overrides(req, server, warnings: list[str]):
-    """(model entry, clip_skip) from override_settings, else the server's options."""
+    """(model entry, clip_skip, VAE file or None) from override_settings, else the server's options; the VAE file
+    checked against the model (fastsd/serve/vaes.py)."""
     over = dict(req.override_settings or {})
     model = server.registry.find(over.pop("sd_model_checkpoint")) if "sd_model_checkpoint" in over \
         else server.registry.current
     clip_skip = over.pop("CLIP_stop_at_last_layers", server.clip_skip)
+    field = "override_settings.sd_vae" if "sd_vae" in over else "sd_vae"
+    vae = server.vaes.path(over.pop("sd_vae", server.vaes.option), model, field)
+    server.vaes.check_file(vae, model)
     for key in sorted(over):
         warnings.append(f"override_settings.{key}: not supported, ignored")
-    return model, clip_skip
+    return model, clip_skip, vae
 
 
 def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings: list[str]
@@ -265,7 +270,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     if req.eta is not None and req.eta != ETA.get(sampler, req.eta):
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
                         f"{ETA[sampler]}")
-    model, clip_skip = _overrides(req, server, warnings)
+    model, clip_skip, vae = _overrides(req, server, warnings)
     prompt = drop_tags(req.prompt) if req.disable_extra_networks else req.prompt
     loras = server.networks.parse(prompt)
     hires_prompts = (strip_tags(req.hr_prompt or ""), req.hr_negative_prompt or "") \
@@ -288,7 +293,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     params = req.model_dump() | asked  # init_images and mask are not echoed (A1111 sends them back only on request)
     return Plan(kind, model, s, req.n_iter, got.image, got.mask, loras, tuple(warnings), req.send_images, params,
                 got.overlay, got.paste_to, LATENT_FILL[req.inpainting_fill] if img2img and got.mask else "original",
-                "bicubic" if not img2img or req.mask_round else "bicubic-soft", extra, tuple(req.styles or ()))
+                "bicubic" if not img2img or req.mask_round else "bicubic-soft", extra, tuple(req.styles or ()), vae)
 
 
 # What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
@@ -334,7 +339,7 @@ def encode_png(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def run_plan(plan: Plan, job, networks) -> dict:
+def run_plan(plan: Plan, job, networks, vaes) -> dict:
     """On the worker thread: the n_iter generations, stopping at the next step when the job is stopped.
     Returns A1111's response body. As A1111, an iteration left at a step by /interrupt or /skip gives the images of
     that step's prediction (half-denoised); an interrupt runs no further iteration. A job whose client has gone
@@ -344,6 +349,7 @@ def run_plan(plan: Plan, job, networks) -> dict:
 
     pipe = plan.model.pipe
     networks.apply(pipe, plan.loras)
+    vaes.apply(pipe, plan.vae)
     s, images, stopped_at, skipped = plan.settings, [], None, []
     if s.hires and s.hires_upscaler not in hires.UPSCALERS:  # a model of --upscaler-dir, loaded (and kept) now:
         try:  # a file broken since the request was checked is named by its file name, not the server's folder
@@ -399,7 +405,7 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
             "subseed_strength": s.subseed_strength, "width": s.width,
             "height": s.height, "sampler_name": A1111_NAMES.get(s.sampler, s.sampler), "cfg_scale": s.guidance_scale,
             "steps": s.steps, "batch_size": s.num_images, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": entry.name, "sd_model_hash": entry.hash, "sd_vae_name": None, "sd_vae_hash": None,
+            "sd_model_name": entry.name, "sd_model_hash": entry.hash, "sd_vae_name": entry.pipe.vae_name, "sd_vae_hash": entry.pipe.vae_hash(),
             "seed_resize_from_w": s.seed_resize_from_w or -1, "seed_resize_from_h": s.seed_resize_from_h or -1,
             "denoising_strength": s.strength if plan.kind == "img2img" else s.hires_strength if s.hires else None, "extra_generation_params": {},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": list(plan.styles), "job_timestamp":

@@ -171,6 +171,7 @@ class OptionsRequest(_Body):
     model_config = ConfigDict(extra="allow")
 
     sd_model_checkpoint: str | None = None
+    sd_vae: str | None = None
     CLIP_stop_at_last_layers: int | None = None
 
 

@@ -46,14 +46,17 @@ function fill(select, items, value, label) {
 
 async function loadLists() {
   try {
-    const [samplers, schedulers, models, options, loras, upscalers] = await Promise.all(
-      [api("samplers"), api("schedulers"), api("sd-models"), api("options"), api("loras"), api("upscalers")]);
+    const [samplers, schedulers, models, options, loras, upscalers, vaes] = await Promise.all(
+      [api("samplers"), api("schedulers"), api("sd-models"), api("options"), api("loras"), api("upscalers"),
+       api("sd-vae")]);
     fill($("sampler"), samplers, (s) => s.name, (s) => s.name);
     $("sampler").value = "Euler a";
     fill($("scheduler"), schedulers, (s) => s.label, (s) => s.label);
     $("scheduler").value = "Automatic";
     fill($("model"), models, (m) => m.title, (m) => m.model_name);
     $("model").value = options.sd_model_checkpoint;
+    fill($("vae"), vaes, (v) => v.model_name, (v) => v.model_name);  // after A1111's Automatic and None
+    $("vae").value = options.sd_vae;
     fill($("lora"), loras, (l) => l.name, (l) => l.name);
     // the --upscaler-dir models after the built-in upscalers (the list's first three, None/Lanczos/Nearest: there)
     fill($("hr-upscaler"), upscalers.filter((u) => u.model_path !== null), (u) => u.name, (u) => u.name);
@@ -69,7 +72,7 @@ function request() {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
     scheduler: $("scheduler").value,
     steps: num("steps"), cfg_scale: num("cfg"), seed: num("seed"), width: num("width"), height: num("height"),
-    batch_size: num("batch"), n_iter: 1, override_settings: { sd_model_checkpoint: $("model").value },
+    batch_size: num("batch"), n_iter: 1, override_settings: { sd_model_checkpoint: $("model").value, sd_vae: $("vae").value },
   };
   if (state.initImage) {
     body.init_images = [state.initImage];

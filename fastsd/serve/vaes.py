@@ -1,0 +1,125 @@
+"""VAE files by name from `--vae-dir` (A1111's models/VAE), for A1111's `sd_vae` option: POST /sdapi/v1/options sets
+the server's, a request's `override_settings` its own; GET /sdapi/v1/sd-vae lists them. Values as A1111's: "Automatic"
+(a VAE whose file name starts with the checkpoint's file stem, as A1111's find_vae_near_checkpoint: in the folder, or
+beside the checkpoint as `<stem>.vae.safetensors` / `.ckpt` / `.pt`; else the checkpoint's own), "None" (the
+checkpoint's own), or a file name of the folder (its stem too). A name is never a path, and answers name files, not
+the server's folders. The worker swaps the VAE before each job (`apply`), keeping each model's own VAE and the last
+file's VAE built, so switching back and forth reads a file at most once per switch.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from fastsd.serve.limits import BadRequest
+from fastsd.serve.networks import file_identity, file_names
+
+AUTOMATIC, NONE = "Automatic", "None"
+VAE_EXTS = (".safetensors", ".ckpt", ".pt")  # A1111's models/VAE files
+NEAR_SUFFIXES = tuple(f".vae{e}" for e in VAE_EXTS)  # A1111's VAE beside a checkpoint: <stem>.vae.pt
+
+
+class Vaes:
+    def __init__(self, folder: str | None):
+        self.folder = folder
+        self.option = AUTOMATIC  # A1111's sd_vae option (POST /options)
+        self._own: dict[int, tuple] = {}  # id(pipe) -> (vae, name, path): the model's VAE as loaded
+        self._built: dict[int, tuple] = {}  # id(pipe) -> (path, file identity, vae, name): the last file's VAE
+        self._lock = threading.Lock()
+
+    def files(self) -> dict[str, str]:
+        """{file name: path} of the folder's VAE files, subfolders searched (as A1111), read at each call, sorted by
+        name; of two files with one name the first in sorted path order wins."""
+        found: dict[str, str] = {}
+        if not self.folder:
+            return found
+        for root, dirs, names in os.walk(self.folder):
+            dirs.sort()
+            for f in sorted(names):
+                if os.path.splitext(f)[1].lower() in VAE_EXTS and not f.startswith("."):
+                    found.setdefault(f, os.path.join(root, f))
+        return dict(sorted(found.items()))
+
+    def a1111(self) -> list[dict]:
+        """A1111's /sd-vae: model_name the file name, filename its path inside the folder."""
+        return [{"model_name": n, "filename": os.path.relpath(p, self.folder)} for n, p in self.files().items()]
+
+    def check_name(self, value, field: str) -> str:
+        """`value` if it is "Automatic", "None" or a VAE of the folder (BadRequest naming `field` otherwise)."""
+        self.path(value, None, field)
+        return value
+
+    def path(self, value, entry, field: str) -> str | None:
+        """The file a job with sd_vae `value` runs with the model `entry` (None: the model's own VAE)."""
+        if not isinstance(value, str):
+            raise BadRequest(f"{field} must be a string, got {type(value).__name__}")
+        if value == NONE:
+            return None
+        have = self.files()
+        if value == AUTOMATIC:
+            return None if entry is None else self.near(entry, have)
+        if value in have:
+            return have[value]
+        stems = [p for n, p in have.items() if os.path.splitext(n)[0] == value]
+        if len(stems) == 1:
+            return stems[0]
+        listed = ", ".join(have) if have else ("no VAE files" if self.folder else "no VAE folder (--vae-dir)")
+        raise BadRequest(f"{field}: unknown VAE {value!r}; this server has: Automatic, None, {listed} "
+                         "(GET /sdapi/v1/sd-vae)")
+
+    @staticmethod
+    def near(entry, have: dict[str, str]) -> str | None:
+        """A1111's Automatic: a VAE beside the checkpoint (<stem>.vae.*), else one of the folder's whose file name
+        starts with the checkpoint's stem (the first by name); None for a folder or random model, or none found."""
+        path = getattr(entry.pipe, "path", None)
+        if not path or not os.path.isfile(path):
+            return None
+        stem = os.path.basename(path).rsplit(".", 1)[0]
+        for suffix in NEAR_SUFFIXES:
+            beside = os.path.join(os.path.dirname(path), stem + suffix)
+            if os.path.isfile(beside):
+                return beside
+        return next((p for n, p in have.items() if n.startswith(stem)), None)
+
+    def check_file(self, path: str | None, entry) -> None:
+        """A VAE file that can't drive `entry`'s model (keys, shapes, latent channels): BadRequest naming the file."""
+        from fastsd import CheckpointError
+        from fastsd.vae_files import resolve_vae
+
+        if path is None:
+            return
+        try:
+            resolve_vae(path, entry.pipe.config)
+        except (CheckpointError, OSError, ValueError) as e:
+            raise BadRequest(f"sd_vae: {file_names(str(e) or type(e).__name__, [path])}") from None
+
+    def apply(self, pipe, path: str | None) -> None:
+        """On the worker thread: give `pipe` the VAE of `path` (None: its own). A file read before and unchanged is
+        not read again; the model's own VAE is kept from its first swap on."""
+        from fastsd import CheckpointError
+        from fastsd.vae_files import resolve_vae
+
+        if path is None:  # the model's own: back, if a file's VAE took its place before
+            with self._lock:
+                own = self._own.get(id(pipe))
+            if own is not None and pipe.vae is not own[0]:
+                pipe.set_vae(*own, prepared=True)
+            return
+        with self._lock:
+            self._own.setdefault(id(pipe), (pipe.vae, pipe.vae_name, pipe.vae_path))
+            built = self._built.get(id(pipe))
+        ident = file_identity(path)
+        if built is not None and built[0] == path and built[1] == ident:
+            if pipe.vae is not built[2]:
+                pipe.set_vae(built[2], built[3], path, prepared=True)
+            return
+        try:
+            src = resolve_vae(path, pipe.config)
+            vae = src.build(dtype=pipe.dtype, device=pipe.device)
+        except (CheckpointError, OSError, ValueError) as e:  # broken since the request was checked
+            raise BadRequest(f"sd_vae: {file_names(str(e) or type(e).__name__, [path])}") from None
+        with self._lock:
+            self._built[id(pipe)] = None  # the last file's VAE goes before the next is set (one built at a time)
+        pipe.set_vae(vae, src.name, path)
+        with self._lock:
+            self._built[id(pipe)] = (path, ident, vae, src.name)
