@@ -6,7 +6,8 @@ random weights of the real models' sizes.
 
 Models: `rrdb` (RealESRGAN_x4plus / 4x-UltraSharp: RRDBNet, 23 blocks, 64 features), `anime6b`
 (RealESRGAN_x4plus_anime_6B: 6 blocks), `compact` (realesr-general-x4v3: SRVGGNetCompact, 32 convs of 64
-features). Each is timed as a pipeline runs it (prepared by `--backend`'s backend, default cpu: packed weights,
+features), `swinir` (A1111's "SwinIR 4x", SwinIR_4x.pth: SwinIR-L, 9 groups of 6 blocks, 240 features,
+window 8, nearest+conv x4; not in the default set: minutes per 512 px image). Each is timed as a pipeline runs it (prepared by `--backend`'s backend, default cpu: packed weights,
 Winograd in fp32) and as `load_upscaler` gives it (plain torch, channels-last), alternating, after one warm-up
 run each; tiles of 192 px as A1111's defaults (`--tile 0`: the whole image).
 """
@@ -22,7 +23,7 @@ from .common import git_commit, isa_fields, timestamp, versions
 from fastsd.cli import ArgumentParser, positive_int
 
 MODELS = {"rrdb": ("ESRGAN", dict(blocks=23)), "anime6b": ("ESRGAN", dict(blocks=6)),
-          "compact": ("Compact", dict(convs=32))}
+          "compact": ("Compact", dict(convs=32)), "swinir": ("SwinIR", {})}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,17 +45,19 @@ def main(argv: list[str] | None = None) -> None:
 
     from fastsd import backends
     from fastsd.cli import set_threads
-    from fastsd.config import CompactConfig, ESRGANConfig
+    from fastsd.config import CompactConfig, ESRGANConfig, SwinIRConfig
     from fastsd.models.compact import SRVGGNetCompact
     from fastsd.models.esrgan import RRDBNet
+    from fastsd.models.swinir import SwinIR
     from fastsd.upscalers import load_upscaler
 
     threads = set_threads(args.threads)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.res, args.res, 3), dtype=np.uint8))
-    for name in args.model or list(MODELS):
+    for name in args.model or [m for m in MODELS if m != "swinir"]:
         arch, kw = MODELS[name]
         torch.manual_seed(0)
-        model = RRDBNet(ESRGANConfig(**kw)) if arch == "ESRGAN" else SRVGGNetCompact(CompactConfig(**kw))
+        model = {"ESRGAN": lambda: RRDBNet(ESRGANConfig(**kw)), "Compact": lambda: SRVGGNetCompact(CompactConfig(**kw)),
+                 "SwinIR": lambda: SwinIR(SwinIRConfig(**kw))}[arch]()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"{name}.safetensors")
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)

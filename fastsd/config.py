@@ -88,6 +88,49 @@ class CompactConfig:
 
 
 @dataclass(frozen=True)
+class SwinIRConfig:
+    """SwinIR (upscaler and restoration models): conv_first to `embed_dim` channels, residual Swin transformer
+    groups (`depths[i]` blocks of `num_heads[i]` heads in window_size x window_size windows, MLP hidden width
+    embed_dim * mlp_ratio; each group ends in a conv, `resi_connection` "1conv" or "3conv"), then the `upsampler`:
+    "pixelshuffle" (classical SR), "pixelshuffledirect" (lightweight SR), "nearest+conv" (real-world SR) or ""
+    (x1: denoising, JPEG artifacts). `img_size` is the training size, used only by an absolute position
+    embedding (`ape`). The defaults are A1111's "SwinIR 4x" (SwinIR-L real-world x4)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    embed_dim: int = 240
+    depths: tuple[int, ...] = (6,) * 9
+    num_heads: tuple[int, ...] = (8,) * 9
+    window_size: int = 8
+    mlp_ratio: float = 2.0
+    upsampler: str = "nearest+conv"
+    scale: int = 4
+    num_feat: int = 64  # the upsampler's channels (pixelshuffle, nearest+conv)
+    resi_connection: str = "3conv"
+    patch_norm: bool = True
+    ape: bool = False
+    img_size: int = 64
+    img_range: float = 1.0  # 255 for the JPEG artifact models (window 7), as the official code builds them
+
+    def __post_init__(self):
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError("SwinIR needs one num_heads entry per depths entry")
+        if self.upsampler not in ("pixelshuffle", "pixelshuffledirect", "nearest+conv", ""):
+            raise ValueError(f"unknown SwinIR upsampler {self.upsampler!r}")
+        if self.resi_connection not in ("1conv", "3conv"):
+            raise ValueError(f"unknown SwinIR resi_connection {self.resi_connection!r}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def max_input(self) -> int | None:
+        """The largest input side (img_size) for a model with an absolute position embedding, else None."""
+        return self.img_size if self.ape else None
+
+
+@dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 4  # 9 for inpainting checkpoints: [x, mask, masked-image latents]
     out_channels: int = 4

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Callable
 
-from fastsd.config import CLIPConfig, CompactConfig, ESRGANConfig, TAESDConfig, UNetConfig, VAEConfig
+from fastsd.config import CLIPConfig, CompactConfig, ESRGANConfig, SwinIRConfig, TAESDConfig, UNetConfig, VAEConfig
 from fastsd.tensorfile import CheckpointError, TensorRef
 
 Rule = tuple[str, "str | Callable[[re.Match], str]"]
@@ -248,7 +248,7 @@ def taesd_config_from_keys(refs: dict[str, TensorRef], scale_factor: float = 1.0
     return cfg
 
 
-# ---- upscaler models (fastsd/models/esrgan.py, compact.py) ---------------------------------------------
+# ---- upscaler models (fastsd/models/esrgan.py, compact.py, swinir.py) ------------------------------------
 
 # The ESRGAN repository's later RRDBNet names (BSRGAN and others) -> Real-ESRGAN's (fastsd's).
 ESRGAN_RULES: list[Rule] = [
@@ -315,3 +315,119 @@ def compact_config_from_keys(refs: dict[str, TensorRef]) -> CompactConfig:
         raise CheckpointError(f"an SRVGGNetCompact model whose last convolution makes {last} channels, not "
                               f"{cin} x scale**2 for {cin} image channels")
     return CompactConfig(in_channels=cin, out_channels=cin, features=features, convs=len(convs) - 2, scale=scale)
+
+
+SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_bias_table"  # (what marks a SwinIR file)
+# Buffers the official SwinIR saves (and spandrel's too): the relative position index and the shifted windows' mask
+# for the training size. fastsd computes both for each input's size (models/swinir.py), so they are dropped unread.
+SWINIR_BUFFERS = re.compile(r"layers\.\d+\.residual_group\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)")
+
+
+def swinir_keys(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """A SwinIR file's weights: its computed buffers (SWINIR_BUFFERS) left out; every other key is kept for the
+    strict check."""
+    return {k: v for k, v in refs.items() if not SWINIR_BUFFERS.fullmatch(k)}
+
+
+def _shape(refs: dict[str, TensorRef], key: str, dims: int, what: str) -> tuple[int, ...]:
+    """The shape of `key`, which must be there with `dims` dimensions; CheckpointError naming it otherwise."""
+    if key not in refs:
+        raise CheckpointError(f"a SwinIR model without {key} ({what})")
+    shape = tuple(refs[key].shape)
+    if len(shape) != dims:
+        raise CheckpointError(f"a SwinIR model whose {key} ({what}) has shape {shape}, not {dims} dimensions")
+    return shape
+
+
+def _indices(refs: dict[str, TensorRef], pattern: str) -> list[int]:
+    """The numbers N of the keys matching `pattern` (one group), sorted."""
+    rx = re.compile(pattern)
+    return sorted({int(m[1]) for k in refs if (m := rx.match(k))})
+
+
+def _swinir_upsampler(refs: dict[str, TensorRef], embed: int, cin: int) -> tuple[str, int, int, int]:
+    """(upsampler, scale, num_feat, out_channels) of a SwinIR file, read off its upsampling layers."""
+    ups = _indices(refs, r"upsample\.(\d+)\.weight$")
+    if "conv_up1.weight" in refs:  # real-world SR: nearest x2 + conv per factor 2
+        feat = _shape(refs, "conv_before_upsample.0.weight", 4, "the conv before the upsampler")[0]
+        n = _indices(refs, r"conv_up(\d+)\.weight$")
+        if n != list(range(1, len(n) + 1)) or len(n) > 3:
+            raise CheckpointError(f"a SwinIR model (nearest+conv) whose conv_upN are N = {n}, not 1 (x2), 1, 2 (x4) "
+                                  "or 1, 2, 3 (x8)")
+        out = _shape(refs, "conv_last.weight", 4, "the last conv")[0]
+        return "nearest+conv", 2 ** len(n), feat, out
+    if "conv_before_upsample.0.weight" in refs:  # classical SR: (conv to 4x / 9x channels, pixel shuffle) per factor
+        feat = _shape(refs, "conv_before_upsample.0.weight", 4, "the conv before the upsampler")[0]
+        if not ups or ups != list(range(0, 2 * len(ups), 2)):
+            raise CheckpointError(f"a SwinIR model (pixelshuffle) whose upsample.N convs are at N = {ups or 'none'}, "
+                                  "not 0, 2, ...")
+        factors = []
+        for i in ups:
+            made = _shape(refs, f"upsample.{i}.weight", 4, "an upsampling conv")[0]
+            if made not in (4 * feat, 9 * feat) or (made == 9 * feat and len(ups) > 1):
+                raise CheckpointError(f"a SwinIR model whose upsample.{i}.weight makes {made} channels, not "
+                                      f"4 x {feat} (x2 per conv) or 9 x {feat} (x3, alone)")
+            factors.append(2 if made == 4 * feat else 3)
+        out = _shape(refs, "conv_last.weight", 4, "the last conv")[0]
+        return "pixelshuffle", 2 ** len(factors) if factors[0] == 2 else 3, feat, out
+    if ups:  # lightweight SR: one conv to out * s * s channels, pixel shuffle
+        made = _shape(refs, "upsample.0.weight", 4, "the upsampling conv")[0]
+        s = round((made / cin) ** 0.5)
+        if ups != [0] or s < 2 or s * s * cin != made:
+            raise CheckpointError(f"a SwinIR model (pixelshuffledirect) whose upsample.0.weight makes {made} channels, "
+                                  f"not {cin} x scale**2")
+        return "pixelshuffledirect", s, 64, cin
+    out = _shape(refs, "conv_last.weight", 4, "the last conv")[0]
+    if out != cin:  # x1 (denoising, JPEG artifacts): the output is the input plus a conv
+        raise CheckpointError(f"a SwinIR model without upsampler whose conv_last.weight makes {out} channels, not "
+                              f"its {cin} input channels")
+    return "", 1, 64, out
+
+
+def swinir_config_from_keys(refs: dict[str, TensorRef]) -> SwinIRConfig:
+    """The SwinIR of official-named keys (buffers dropped by swinir_keys): widths from conv_first and the MLP;
+    groups and blocks counted; heads and window from each group's relative position bias table ((2w-1)**2, heads);
+    the upsampler and scale from the upsampling layers; "3conv" and patch_norm / ape by their keys."""
+    if any(".overlap_attn." in k or ".conv_block.cab." in k for k in refs):
+        raise CheckpointError("a HAT model (overlapping cross-attention and channel attention blocks); fastsd reads "
+                              "SwinIR but not HAT")
+    embed, cin = _shape(refs, "conv_first.weight", 4, "the first conv")[:2]
+    groups = _indices(refs, r"layers\.(\d+)\.residual_group\.blocks\.")
+    if groups != list(range(len(groups))):
+        raise CheckpointError(f"a SwinIR model whose groups layers.N are N = {groups}, not 0, 1, 2, ...")
+    depths, heads, window = [], [], None
+    for i in groups:
+        blocks = _indices(refs, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.")
+        if blocks != list(range(len(blocks))):
+            raise CheckpointError(f"a SwinIR model whose layers.{i} blocks are {blocks}, not 0, 1, 2, ...")
+        key = f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"
+        rows, h = _shape(refs, key, 2, "relative position biases per head")
+        w = (round(rows ** 0.5) + 1) // 2
+        if (2 * w - 1) ** 2 != rows or (window is not None and w != window):
+            raise CheckpointError(f"a SwinIR model whose {key} has {rows} rows, not (2 x window - 1)**2"
+                                  + (f" for window {window}" if window is not None else ""))
+        if embed % h:
+            raise CheckpointError(f"a SwinIR model whose {key} has {h} heads, which don't divide {embed} channels")
+        window = w
+        depths.append(len(blocks))
+        heads.append(h)
+    hidden = _shape(refs, "layers.0.residual_group.blocks.0.mlp.fc1.weight", 2, "the MLP")[0]
+    if "conv_after_body.weight" in refs:
+        resi = "1conv"
+    elif "conv_after_body.0.weight" in refs:
+        resi = "3conv"
+    else:
+        raise CheckpointError("a SwinIR model without conv_after_body.weight (1conv) or conv_after_body.0.weight "
+                              "(3conv)")
+    upsampler, scale, feat, out = _swinir_upsampler(refs, embed, cin)
+    img_size = 64
+    if "absolute_pos_embed" in refs:
+        n = _shape(refs, "absolute_pos_embed", 3, "the absolute position embedding")[1]
+        img_size = round(n ** 0.5)
+        if img_size * img_size != n:
+            raise CheckpointError(f"a SwinIR model whose absolute_pos_embed has {n} positions, not a square")
+    return SwinIRConfig(in_channels=cin, out_channels=out, embed_dim=embed, depths=tuple(depths),
+                        num_heads=tuple(heads), window_size=window, mlp_ratio=hidden / embed, upsampler=upsampler,
+                        scale=scale, num_feat=feat, resi_connection=resi, patch_norm="patch_embed.norm.weight" in refs,
+                        ape="absolute_pos_embed" in refs, img_size=img_size,
+                        img_range=255.0 if window == 7 else 1.0)  # (the official JPEG models: window 7, range 255)

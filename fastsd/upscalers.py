@@ -1,13 +1,16 @@
-"""Upscaler model files (A1111's models/ESRGAN and models/RealESRGAN): ESRGAN / Real-ESRGAN RRDBNet models
-(4x-UltraSharp, RealESRGAN_x4plus, ..._anime_6B, RealESRGAN_x2plus, BSRGAN) and Real-ESRGAN's compact
-SRVGGNetCompact (realesr-general-x4v3, realesr-animevideov3), found by file stem in a folder (as A1111 lists them),
-read strictly, and run as A1111 does: the image in tiles of 192 px overlapping by 8 (its ESRGAN_tile defaults),
-the model run again until the image covers the size asked for (at most 3 times), then Lanczos to that size.
+"""Upscaler model files (A1111's models/ESRGAN, models/RealESRGAN and models/SwinIR): ESRGAN / Real-ESRGAN RRDBNet
+models (4x-UltraSharp, RealESRGAN_x4plus, ..._anime_6B, RealESRGAN_x2plus, BSRGAN), Real-ESRGAN's compact
+SRVGGNetCompact (realesr-general-x4v3, realesr-animevideov3) and SwinIR (SwinIR_4x = the official SwinIR-L x4
+real-world model, the classical, lightweight and real-world SR ones), found by file stem in a folder (as A1111 lists
+them), read strictly, and run as A1111 does: the image in tiles of 192 px overlapping by 8 (its ESRGAN_tile and
+SWIN_tile defaults; SwinIR pads each tile to its window), the model run again until the image covers the size asked
+for (at most 3 times), then Lanczos to that size.
 
 Files: `.safetensors` first, `.pth`/`.pt`/`.ckpt`/`.bin` only through torch.load(weights_only=True); Real-ESRGAN's
 `{"params_ema": ...}` / `{"params": ...}` wrappers are looked into. The original ESRGAN keys (`model.N`) and the
-ESRGAN repository's later ones (`RRDB_trunk`) are renamed to Real-ESRGAN's by rule (fastsd/convert.py). Every
-other architecture (SwinIR, HAT, DAT, ...) is refused in one line naming what was found.
+ESRGAN repository's later ones (`RRDB_trunk`) are renamed to Real-ESRGAN's by rule (fastsd/convert.py); SwinIR
+files' computed buffers (relative position index, shift mask) are left unread. Every other architecture (Swin2SR,
+HAT, DAT, ...) is refused in one line naming what was found.
 
 fastsd downloads nothing, so A1111's built-in names ("R-ESRGAN 4x+", ...) mean the file A1111 would download
 for them (`A1111_FILES`), found in the folder like any other.
@@ -24,11 +27,11 @@ from fastsd.hires import MODEL_EXTS as EXTS
 UPSCALER_DIR_ENV = "FASTSD_UPSCALER_DIR"
 TILE, OVERLAP = 192, 8  # A1111's ESRGAN_tile / ESRGAN_tile_overlap defaults (input pixels)
 MAX_PASSES = 3  # A1111's Upscaler.upscale runs a model at most 3 times
-# A1111's built-in Real-ESRGAN / ESRGAN upscaler names -> the file it downloads for each (the stem).
+# A1111's built-in Real-ESRGAN / ESRGAN / SwinIR upscaler names -> the file it downloads for each (the stem).
 A1111_FILES = {"R-ESRGAN 4x+": "RealESRGAN_x4plus", "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B",
                "R-ESRGAN 2x+": "RealESRGAN_x2plus", "R-ESRGAN General 4xV3": "realesr-general-x4v3",
                "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3", "R-ESRGAN AnimeVideo": "realesr-animevideov3",
-               "ESRGAN_4x": "ESRGAN_4x"}
+               "ESRGAN_4x": "ESRGAN_4x", "SwinIR 4x": "SwinIR_4x"}
 
 
 def list_upscalers(folder: str | None) -> dict[str, str]:
@@ -67,7 +70,7 @@ def upscaler_path(name: str, folder: str | None) -> str:
 class UpscalerSource:
     """An upscaler file found and checked (headers and shapes), not read yet."""
 
-    arch: str     # "ESRGAN" (RRDBNet) or "Compact" (SRVGGNetCompact)
+    arch: str     # "ESRGAN" (RRDBNet), "Compact" (SRVGGNetCompact) or "SwinIR"
     config: object
     refs: dict
     path: str
@@ -81,9 +84,10 @@ class UpscalerSource:
 
         from fastsd.models.compact import SRVGGNetCompact
         from fastsd.models.esrgan import RRDBNet
+        from fastsd.models.swinir import SwinIR
 
         with torch.device("meta"):
-            return RRDBNet(self.config) if self.arch == "ESRGAN" else SRVGGNetCompact(self.config)
+            return {"ESRGAN": RRDBNet, "Compact": SRVGGNetCompact, "SwinIR": SwinIR}[self.arch](self.config)
 
 
 def read_upscaler(path: str) -> UpscalerSource:
@@ -98,15 +102,20 @@ def read_upscaler(path: str) -> UpscalerSource:
             read_pickle_checkpoint(path, ("params_ema", "params", "state_dict")))
     keys = list(refs)
     try:
-        if any(k.startswith(("model.0.", "conv_first.", "RRDB_trunk.")) for k in keys):
+        if convert.SWINIR_KEY in refs:  # (before ESRGAN: SwinIR has a conv_first too)
+            refs = convert.swinir_keys(refs)
+            arch, cfg = "SwinIR", convert.swinir_config_from_keys(refs)
+        elif any(k.startswith(("model.0.", "RRDB_trunk.")) for k in keys) or (
+                any(k.startswith("conv_first.") for k in keys) and not any(k.startswith("layers.") for k in keys)):
             refs = convert.esrgan_keys(refs)
             arch, cfg = "ESRGAN", convert.esrgan_config_from_keys(refs)
         elif "body.0.weight" in refs and "body.1.weight" in refs and len(refs["body.1.weight"].shape) == 1:
             arch, cfg = "Compact", convert.compact_config_from_keys(refs)
         else:
             sample = ", ".join(shown(k) for k in keys[:4]) or "no tensors"
-            raise CheckpointError(f"not an ESRGAN / Real-ESRGAN upscaler (keys {sample}); fastsd reads RRDBNet "
-                                  "(ESRGAN, Real-ESRGAN, BSRGAN) and SRVGGNetCompact (realesr-general-x4v3) models")
+            raise CheckpointError(f"not an ESRGAN / Real-ESRGAN / SwinIR upscaler (keys {sample}); fastsd reads "
+                                  "RRDBNet (ESRGAN, Real-ESRGAN, BSRGAN), SRVGGNetCompact (realesr-general-x4v3) "
+                                  "and SwinIR models")
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if cfg.in_channels != 3 or cfg.out_channels != 3:
@@ -154,6 +163,9 @@ class Upscaler:
         rgb = np.asarray(image.convert("RGB"))
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float().div_(255)
         h, w = x.shape[2:]
+        limit = getattr(self.config, "max_input", None)  # (a SwinIR with an absolute position embedding)
+        if limit:
+            tile = min(tile or limit, limit)
         u = self.unshuffle  # the x2 / x1 models fold u x u pixel blocks: sizes padded to a multiple of u
         pad_h, pad_w = -h % u, -w % u
         if pad_h or pad_w:
@@ -213,8 +225,14 @@ def resample_pass(resample, scale: float):
 def load_upscaler(path: str, *, dtype=None, device="cpu", backend=None) -> Upscaler:
     """An upscaler file, checked and loaded (fp32 unless `dtype`); prepared by `backend` (a fastsd.backends
     Backend: the cpu backend's packed weights and Winograd convolutions run it 1.2-1.8x faster in fp32, README
-    "Upscaler models") when one is given, as a pipeline's is."""
-    up = Upscaler(read_upscaler(path), dtype=dtype, device=device)
+    "Upscaler models") when one is given, as a pipeline's is. SwinIR runs fp16 in fp32 (its attention logits and
+    LayerNorms overflow fp16; spandrel marks it fp32/bf16 only)."""
+    import torch
+
+    src = read_upscaler(path)
+    if src.arch == "SwinIR" and dtype == torch.float16:
+        dtype = torch.float32
+    up = Upscaler(src, dtype=dtype, device=device)
     if backend is not None:
         backend.prepare_standalone(up.model)
         up.running = backend.running

@@ -168,6 +168,25 @@ def info(response: httpx.Response) -> dict:
 
 
 @contextlib.contextmanager
+def started(*argv: str):
+    """The server's state as `python -m fastsd.serve --model random:tiny --dtype fp32 ARGV...` makes it (its models
+    loaded, its worker running), in this process; the worker stopped and the thread count put back after."""
+    import torch
+
+    from fastsd.serve.__main__ import _start, build_parser, check_args
+
+    threads = torch.get_num_threads()
+    args = build_parser().parse_args(["--model", "random:tiny", "--dtype", "fp32", "--threads", str(threads), *argv])
+    st = _start(args, *check_args(args))
+    try:
+        yield st
+    finally:
+        st.queue.close()
+        st.queue.join(10)
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def in_process(state):
     """fastsd.serve's app for `state` (a ServerState) on a real uvicorn in this process, on a free loopback port;
     yields the port, stops the server after."""

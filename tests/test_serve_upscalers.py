@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
-from serve_server import decode, in_process, info
+from serve_server import decode, in_process, info, started
 
 from fastsd.config import CompactConfig, ESRGANConfig
 from fastsd.hires import LATENT_MODES
@@ -69,18 +69,10 @@ def serving(state):
 @pytest.fixture(scope="module")
 def state(folder):
     """The server's state as `python -m fastsd.serve --upscaler-dir DIR ...` makes it (fp32: the dtype load_upscaler
-    uses by default; the thread count put back after)."""
-    from fastsd.serve.__main__ import _start, build_parser, check_args
-
-    threads = torch.get_num_threads()
-    args = build_parser().parse_args(["--model", "random:tiny", "--dtype", "fp32", "--threads", str(threads),
-                                      "--upscaler-dir", str(folder), "--max-size", str(MAX_SIZE),
-                                      "--max-image-pixels", str(MAX_PIXELS)])
-    st = _start(args, *check_args(args))
-    yield st
-    st.queue.close()
-    st.queue.join(10)
-    torch.set_num_threads(threads)
+    uses by default)."""
+    with started("--upscaler-dir", str(folder), "--max-size", str(MAX_SIZE), "--max-image-pixels",
+                 str(MAX_PIXELS)) as st:
+        yield st
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from serve_server import decode, in_process, info
+from serve_server import decode, in_process, info, started
 
 from fastsd import load_pipeline
 from fastsd.config import TINY
@@ -48,16 +48,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def state(folder):
-    from fastsd.serve.__main__ import _start, build_parser, check_args
-
-    threads = torch.get_num_threads()
-    args = build_parser().parse_args(["--model", "random:tiny", "--dtype", "fp32", "--threads", str(threads),
-                                      "--vae-dir", str(folder)])
-    st = _start(args, *check_args(args))
-    yield st
-    st.queue.close()
-    st.queue.join(10)
-    torch.set_num_threads(threads)
+    with started("--vae-dir", str(folder)) as st:
+        yield st
 
 
 @pytest.fixture(scope="module")

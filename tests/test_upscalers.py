@@ -99,7 +99,8 @@ def test_bad_files_are_one_line_and_named(tmp_path):
     m = random_model(ESRGANS[0])
     sd = m.state_dict()
     cases = {
-        "swinir": ({"layers.0.residual_group.blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, "not an ESRGAN / Real-ESRGAN"),
+        "unknown": ({"layers.0.residual_group.blocks.0.attn.qkv.weight": torch.zeros(3, 3)},  # (no bias table)
+                    "not an ESRGAN / Real-ESRGAN / SwinIR upscaler"),
         "shape": ({**sd, "conv_hr.weight": torch.zeros(16, 16, 1, 1)}, "conv_hr.weight (16, 16, 1, 1) vs (16, 16, 3, 3)"),
         "missing": ({k: v for k, v in sd.items() if k != "body.1.rdb2.conv3.bias"}, "1 missing (body.1.rdb2.conv3.bias)"),
         "extra": ({**sd, "conv_extra.weight": torch.zeros(1)}, "1 unexpected (conv_extra.weight)"),
