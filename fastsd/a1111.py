@@ -5,7 +5,7 @@ UserComment of a JPEG or WEBP).
 from __future__ import annotations
 
 from fastsd.samplers import A1111_NAMES, SAMPLERS, resolve_sampler_name
-from fastsd.schedule_types import AUTOMATIC, check_sampler, resolve_schedule_type, schedule_label, split_joint
+from fastsd.schedule_types import AUTOMATIC, check_sampler, resolve_schedule_type, split_joint
 
 # A1111 1.9+'s "Automatic" schedule of the samplers whose default is not uniform (its samplers' 'scheduler' option)
 A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpmpp_sde": "karras", "dpm2": "karras",
@@ -73,24 +73,16 @@ def effective_schedule(sampler: str, schedule_type: str) -> str:
 
 
 def hires_scheduled(name: str, scheduler: str | None, schedule_type: str, field: str, warnings: list[str], *,
-                    paste: bool = False) -> str:
-    """The hires fix's second-pass sampler for A1111's hires sampler name and the schedule it asks for (`scheduled`;
-    the caller passes the first pass's scheduler for A1111's "Use same scheduler"), given the first pass's
-    schedule type: fastsd runs one schedule type for both passes, so a second pass's that differs from what the
-    first's type gives it is warned and the first's run."""
+                    paste: bool = False) -> tuple[str, str | None]:
+    """(sampler, schedule type) of the hires fix's second pass for A1111's hires sampler name and the schedule it
+    asks for (`scheduled`; the caller passes the first pass's scheduler for A1111's "Use same scheduler"), given
+    the first pass's schedule type: the type None where what the first pass's type gives that sampler is the
+    schedule asked for (GenerationSettings.hires_schedule_type unset), else the second pass's own."""
     second, second_type = scheduled(name, scheduler, field, warnings, paste=paste)
-    want = effective_schedule(second, second_type)
-    if schedule_type not in (AUTOMATIC, "karras"):
-        second = second.removesuffix("_karras")  # (the type replaces a twin's Karras schedule)
-    got = effective_schedule(second, schedule_type)
-    if want != got:
-        warnings.append(f"{field}: the second pass's schedule ({_label(want)}) apart from the first pass's is not "
-                        f"supported; it runs {_label(got)}")
-    return second
-
-
-def _label(kind: str) -> str:
-    return "the sampler's own" if kind == AUTOMATIC else schedule_label(kind)
+    same = second.removesuffix("_karras") if schedule_type not in (AUTOMATIC, "karras") else second
+    if effective_schedule(same, schedule_type) == effective_schedule(second, second_type):
+        return same, None
+    return second, second_type
 
 
 # ---- the infotext in an image's metadata ---------------------------------------------------------------------

@@ -140,11 +140,14 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
     if hires and "hires_sampler" not in skip and (second_name is not None or second_sched is not None) and \
             (second_name is not None or name is not None):
         try:
-            second = hires_scheduled(second_name or name, second_sched if second_sched is not None else sched,
-                                     out.get("schedule_type", first_type), "Hires schedule type", warnings, paste=True)
+            second, second_type = hires_scheduled(second_name or name, second_sched if second_sched is not None
+                                                  else sched, out.get("schedule_type", first_type),
+                                                  "Hires schedule type", warnings, paste=True)
         except ValueError as e:
             raise InfotextError(f"'Hires sampler: {second_name}': {e}", ("hires_sampler",)) from None
         out["hires_sampler"] = second if second != out.get("sampler") else None
+        if second_type is not None and "hires_schedule_type" not in skip:
+            out["hires_schedule_type"] = second_type
 
     inpaint = [k for k in params if k in INPAINT_KEYS]
     if inpaint:  # (not settings: the CLI's own options, with --init-image and --mask)

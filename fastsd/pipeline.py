@@ -279,6 +279,7 @@ class Pipeline:
             hp, hn = s.hires_prompts()
             params.update({"Denoising strength": s.hires_strength,
                            "Hires sampler": A1111_NAMES[second] if second != get_sampler(s.sampler).name else None,
+                           "Hires schedule type": self._hires_schedule_label(s),
                            "Hires prompt": hp if hp != s.prompt else None,
                            "Hires negative prompt": hn if hn != s.negative_prompt else None,
                            "Hires upscale": None if resize else f"{s.hires_scale:g}",
@@ -289,6 +290,14 @@ class Pipeline:
         if self.embeddings is not None:  # A1111's "TI hashes": name: sha256[:12] of each embedding the prompts use
             params["TI hashes"] = self.embeddings.infotext([s.prompt, s.negative_prompt])
         return format_infotext(prompt, s.negative_prompt, params)
+
+    @staticmethod
+    def _hires_schedule_label(s: GenerationSettings) -> str | None:
+        """A1111's "Hires schedule type": the second pass's type where it is not the first pass's."""
+        if s.hires_schedule_type is None:
+            return None
+        kind = resolve_schedule_type(s.hires_schedule_type)
+        return None if kind == resolve_schedule_type(s.schedule_type) else (schedule_label(kind) or "Automatic")
 
     # ---- stage 1: text ----------------------------------------------------------------------------------
 
@@ -512,7 +521,7 @@ class Pipeline:
         n, run = hires.second_pass_steps(s.hires_steps or s.steps, s.hires_strength)
         s2 = s.replace(width=x.shape[3] * self.config.vae.downscale, height=x.shape[2] * self.config.vae.downscale,
                        steps=n, sampler=s.hires_sampler or s.sampler)
-        sched = self.schedule(s2.sampler, n, s.schedule_type)
+        sched = self.schedule(s2.sampler, n, s.hires_schedule())
         sched = sched.tail(len(sched) - run * sched.order)
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
         noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
@@ -610,7 +619,8 @@ class Pipeline:
                  hires_width: int = 0, hires_height: int = 0, hires_steps: int = 0, hires_strength: float = 0.7,
                  hires_upscaler: str = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
                  hires_sampler: str | None = None, schedule_type: str = "automatic", hires_prompt: str = "",
-                 hires_negative_prompt: str = "", image: Image.Image | None = None, mask: Image.Image | None = None,
+                 hires_negative_prompt: str = "", hires_schedule_type: str | None = None,
+                 image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
                  tiled_vae: bool | None = None,
@@ -624,7 +634,8 @@ class Pipeline:
         as `prepare_latents`'; `infotext_extra` goes into each image's infotext (`infotext`); with `subseed_strength` > 0 its start noise is moved toward the noise of
         `subseed` + i (A1111's variation seed); `seed_resize_from_w` and `_h` (both > 0) draw it as at that size,
         centred in the real size's (A1111's seed resize, `_start_noise`); `schedule_type` other than "automatic"
-        walks A1111's noise levels of that name (`schedule`), in both hires passes; `hires_prompt` /
+        walks A1111's noise levels of that name (`schedule`), in both hires passes unless `hires_schedule_type` names the
+        second's (A1111's "Hires schedule type"); `hires_prompt` /
         `hires_negative_prompt` (A1111's hr_prompt, hr_negative_prompt) condition the hires pass where not empty. `latents` are unit-variance start noise
         (num_images, 4, H/8, W/8), scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
         int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
@@ -635,7 +646,8 @@ class Pipeline:
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
-                               seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt)
+                               seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
+                               hires_schedule_type)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")

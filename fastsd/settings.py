@@ -81,6 +81,9 @@ class GenerationSettings:
                                                         "the prompt's"))
     hires_negative_prompt: str = field(default="", metadata=_opt("hires fix: the second pass's negative prompt; "
                                                                  "empty = --negative-prompt's"))
+    hires_schedule_type: str | None = field(default=None, metadata=_opt(
+        "hires fix: the second pass's schedule type (A1111's 'Hires schedule type'; --schedule-type's values); "
+        "default: --schedule-type"))
 
     @property
     def hires(self) -> bool:
@@ -91,6 +94,10 @@ class GenerationSettings:
         """(prompt, negative prompt) of the hires fix's second pass: A1111's hr_prompt / hr_negative_prompt, the
         first pass's where empty."""
         return self.hires_prompt or self.prompt, self.hires_negative_prompt or self.negative_prompt
+
+    def hires_schedule(self) -> str:
+        """The hires pass's schedule type: hires_schedule_type where given, else the first pass's."""
+        return self.schedule_type if self.hires_schedule_type is None else self.hires_schedule_type
 
     def hires_target(self) -> hires.Target:
         """Where the hires fix takes the first pass (width / height resolved, or 512 where not given)."""
@@ -120,6 +127,12 @@ class GenerationSettings:
         from fastsd import schedule_types  # (imports torch: not at the top, so --help answers without it)
 
         schedule_types.resolve_schedule_type(self.schedule_type)
+        if self.hires_schedule_type is not None:
+            _check_str(self.hires_schedule_type, "hires_schedule_type")
+            try:
+                schedule_types.resolve_schedule_type(self.hires_schedule_type)
+            except ValueError as e:
+                raise ValueError(f"hires_schedule_type: {e}") from None
         limit = 1 << 20 if allow_large else MAX_SIDE
         for name in ("width", "height"):
             v = getattr(self, name)
@@ -187,16 +200,17 @@ class GenerationSettings:
         if not isinstance(self.hires_upscaler, str):
             raise TypeError(f"hires_upscaler must be a string, got {type(self.hires_upscaler).__name__}")
         hires.resolve_upscaler(self.hires_upscaler)
-        if self.hires_sampler is not None:
-            if not isinstance(self.hires_sampler, str):
-                raise TypeError(f"hires_sampler must be a string, got {type(self.hires_sampler).__name__}")
+        if self.hires_sampler is not None and not isinstance(self.hires_sampler, str):
+            raise TypeError(f"hires_sampler must be a string, got {type(self.hires_sampler).__name__}")
+        if self.hires_sampler is not None or self.hires_schedule_type is not None:
             from fastsd.samplers import get_sampler
             from fastsd.schedule_types import check_sampler
 
+            field = "hires_sampler" if self.hires_schedule_type is None else "hires_schedule_type"
             try:
-                check_sampler(self.schedule_type, get_sampler(self.hires_sampler).name)
+                check_sampler(self.hires_schedule(), get_sampler(self.hires_sampler or self.sampler).name)
             except ValueError as e:
-                raise ValueError(f"hires_sampler: {e}") from None
+                raise ValueError(f"{field}: {e}") from None
         if not self.hires:
             return
         if has_image:

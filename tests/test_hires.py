@@ -207,8 +207,8 @@ def test_server_enable_hr():
         r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "hr_scheduler": "Exponential",
                                                "hr_scale": 0, "hr_resize_x": 128})  # (hr_scale: ignored, as A1111)
         assert r.status_code == 200 and decode(r.json()["images"][0]).size == (128, 96)
-        assert info(r)["warnings"] == ["hr_scheduler: the second pass's schedule (Exponential) apart from the first "
-                                       "pass's is not supported; it runs the sampler's own"]
+        assert info(r)["warnings"] == []  # (its own schedule type: the hires pass runs Exponential)
+        assert parse_infotext(info(r)["infotexts"][0])[2]["Hires schedule type"] == "Exponential"
         r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "scheduler": "Exponential",
                                                "hr_scheduler": "Exponential"})
         assert r.status_code == 200 and info(r)["warnings"] == [], r.text
@@ -248,6 +248,38 @@ def test_hires_sampler_runs_the_second_pass(pipe, monkeypatch):
     assert np.asarray(same).tolist() == np.asarray(b).tolist() and "Hires sampler" not in same.info["parameters"]
     with pytest.raises(ValueError, match="hires_sampler: unknown sampler 'x'"):
         pipe.generate(**KW, seed=4, hires_scale=2, hires_sampler="x")
+
+
+def test_hires_schedule_type_runs_the_second_pass(pipe, monkeypatch):
+    """A1111's "Hires schedule type": the second pass walks its own type's levels (the first pass its own), the
+    infotext names it where it is not the first pass's, --infotext reads it back to the same image; a type that can't
+    drive the hires sampler is named."""
+    from fastsd.infotext_settings import settings_from_infotext
+
+    calls = []
+    real = type(pipe).schedule
+    monkeypatch.setattr(type(pipe), "schedule", lambda self, *a: calls.append(a) or real(self, *a))
+    kw = dict(KW, seed=4, hires_scale=2, hires_steps=4, hires_strength=0.9, schedule_type="karras")
+    a = pipe.generate(**kw, hires_schedule_type="exponential")[0]
+    assert [c[2] for c in calls] == ["karras", "exponential"]
+    b = pipe.generate(**kw)[0]
+    assert [c[2] for c in calls[2:]] == ["karras", "karras"]
+    same = pipe.generate(**kw, hires_schedule_type="Karras")[0]  # (its A1111 label: the first pass's, unwritten)
+    assert not np.array_equal(np.asarray(a), np.asarray(b))  # (a few levels apart on the tiny model; calls: which ran)
+    assert np.array_equal(np.asarray(same), np.asarray(b)) and "Hires schedule type" not in b.info["parameters"]
+    params = parse_infotext(a.info["parameters"])[2]
+    assert params["Schedule type"] == "Karras" and params["Hires schedule type"] == "Exponential"
+    read = settings_from_infotext(a.info["parameters"])[0]
+    assert read["hires_schedule_type"] == "exponential"  # (Euler + Karras read as its twin, euler_karras)
+    again = pipe.generate(**{**KW, **read, "progress": False})[0]
+    assert np.array_equal(np.asarray(again), np.asarray(a))
+    assert parse_infotext(again.info["parameters"])[2]["Hires schedule type"] == "Exponential"
+    own = pipe.generate(**kw, hires_schedule_type="automatic")[0]  # the sampler's own: written "Automatic"
+    assert parse_infotext(own.info["parameters"])[2]["Hires schedule type"] == "Automatic"
+    with pytest.raises(ValueError, match="hires_schedule_type: schedule type 'karras' does not apply to ddim"):
+        pipe.generate(**KW, seed=4, hires_scale=2, hires_sampler="ddim", hires_schedule_type="karras")
+    with pytest.raises(ValueError, match="hires_schedule_type: unknown schedule type"):
+        pipe.generate(**KW, seed=4, hires_scale=2, hires_schedule_type="fast")
 
 
 def test_hires_prompt_conditions_the_second_pass(pipe):

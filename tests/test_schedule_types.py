@@ -259,15 +259,16 @@ def test_a1111_api_and_paste_rules():
     assert scheduled("DPM++ 3M SDE Exponential", None, "f", [], paste=True) == ("dpmpp_3m_sde", "exponential")
     with pytest.raises(ValueError, match="unknown sampler 'Heun\\+\\+'"):
         scheduled("Heun++ Karras", None, "f", [])
-    # the hires pass: Euler + Karras first, hires Exponential: named as what it is (not "names its schedule")
-    w = []
-    assert hires_scheduled("Euler", "Exponential", "automatic", "hr_scheduler", w) == "euler"
-    assert w == ["hr_scheduler: the second pass's schedule (Exponential) apart from the first pass's is not "
-                 "supported; it runs the sampler's own"]
+    # the hires pass: (sampler, its own type, or None where the first pass's type gives it the schedule asked for)
+    w = []  # first pass the sampler's own, hires Exponential: its own type
+    assert hires_scheduled("Euler", "Exponential", "automatic", "hr_scheduler", w) == ("euler", "exponential")
+    assert hires_scheduled("Euler", "Automatic", "karras", "hr_scheduler", w) == ("euler", "automatic") and w == []
     w = []  # Euler a + Karras (a type), hires DPM++ 2M (Automatic: Karras, its twin): both passes Karras
-    assert hires_scheduled("DPM++ 2M", None, "karras", "hr_scheduler", w) == "dpmpp_2m_karras" and w == []
-    w = []  # first pass Exponential, hires DPM++ 2M Karras: the type replaces the twin's Karras (warned)
-    assert hires_scheduled("DPM++ 2M Karras", None, "exponential", "hr_scheduler", w) == "dpmpp_2m" and len(w) == 1
+    assert hires_scheduled("DPM++ 2M", None, "karras", "hr_scheduler", w) == ("dpmpp_2m_karras", None) and w == []
+    # first pass Exponential, hires DPM++ 2M Karras: its twin on its own Karras schedule (the type would replace it)
+    assert hires_scheduled("DPM++ 2M Karras", None, "exponential", "hr_scheduler", w) == ("dpmpp_2m_karras",
+                                                                                         "automatic") and w == []
+    assert hires_scheduled("Euler", "Exponential", "exponential", "hr_scheduler", w) == ("euler", None)
 
 
 def test_karras_names_and_types_agree(pipe):

@@ -39,7 +39,7 @@ INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip")
 # of a batch, and the hires fix a second batched pass.
 NOT_BATCHED = ("subseed", "subseed_strength", "hires_scale", "hires_width", "hires_height", "hires_steps",
                "hires_strength", "hires_upscaler", "hires_sampler", "seed_resize_from_w", "seed_resize_from_h",
-               "hires_prompt", "hires_negative_prompt")
+               "hires_prompt", "hires_negative_prompt", "hires_schedule_type")
 
 
 @dataclass(frozen=True)

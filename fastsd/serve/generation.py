@@ -119,8 +119,8 @@ def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list
     # the joint sampler name's)
     same = (req.hr_scheduler or "").strip().lower() in ("", "use same scheduler")
     try:
-        second = hires_scheduled(name, (req.scheduler or split_joint(_sampler_name(req))[1]) if same else
-                                 req.hr_scheduler, schedule_type, "hr_scheduler", warnings)
+        second, second_type = hires_scheduled(name, (req.scheduler or split_joint(_sampler_name(req))[1]) if same
+                                              else req.hr_scheduler, schedule_type, "hr_scheduler", warnings)
     except ValueError as e:
         raise BadRequest(f"hr_sampler_name: {e}") from None
     if req.hr_checkpoint_name:
@@ -129,7 +129,8 @@ def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list
     scale = 1.0 if any(resize.values()) else req.hr_scale  # (A1111 ignores hr_scale for a resize target)
     return {"hires_scale": scale, **resize, "hires_steps": req.hr_second_pass_steps,
             "hires_strength": strength, "hires_upscaler": upscalers.hires(req.hr_upscaler),
-            "hires_sampler": second if second != sampler else None, **_hires_prompts(req, limits)}
+            "hires_sampler": second if second != sampler else None, "hires_schedule_type": second_type,
+            **_hires_prompts(req, limits)}
 
 
 def _hires_prompts(req, limits: Limits) -> dict:
