@@ -18,6 +18,11 @@ def _starts(size: int, tile: int, stride: int) -> list[int]:
     return starts + [size - tile]
 
 
+def tile_count(h: int, w: int, *, tile: int, overlap: int) -> int:
+    """How many tiles `tiled` runs fn on for an h x w input."""
+    return len(_starts(h, tile, tile - overlap)) * len(_starts(w, tile, tile - overlap))
+
+
 def _ramp(n: int, overlap: int, first: bool, last: bool, device: torch.device) -> torch.Tensor:
     w = torch.ones(n, device=device)
     ramp = (torch.arange(overlap, device=device) + 1.0) / (overlap + 1)  # strictly inside (0, 1)

@@ -150,15 +150,16 @@ class Upscaler:
     def dtype(self):
         return next(self.model.parameters()).dtype
 
-    def run(self, image, *, tile: int = TILE, overlap: int = OVERLAP):
+    def run(self, image, *, tile: int = TILE, overlap: int = OVERLAP, on_tile=None):
         """One pass of the model over a PIL image (RGB): scale x its size, in tiles of `tile` input pixels
-        (0: the whole image at once) blended over `overlap` pixels (fastsd.tiling's linear ramps)."""
+        (0: the whole image at once) blended over `overlap` pixels (fastsd.tiling's linear ramps). `on_tile(i, n)`
+        before tile i of n (0-based): progress, and an exception it raises stops the pass (a server's /interrupt)."""
         import numpy as np
         import torch
         import torch.nn.functional as F
         from PIL import Image
 
-        from fastsd.tiling import tiled
+        from fastsd.tiling import tile_count, tiled
 
         rgb = np.asarray(image.convert("RGB"))
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float().div_(255)
@@ -171,12 +172,20 @@ class Upscaler:
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
 
+        tiles = tile and max(x.shape[2:]) > tile
+        total = tile_count(*x.shape[2:], tile=tile - tile % u, overlap=overlap) if tiles else 1
+        done = 0
+
         def fn(part: torch.Tensor) -> torch.Tensor:
+            nonlocal done
+            if on_tile is not None:
+                on_tile(done, total)
+            done += 1
             part = part.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
             return self.model(part).float()
 
         with torch.inference_mode(), self.running(self.model):
-            if tile and max(x.shape[2:]) > tile:
+            if tiles:
                 y = tiled(fn, x, tile=tile - tile % u, overlap=overlap, scale=self.scale)
             else:
                 y = fn(x)

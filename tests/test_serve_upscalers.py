@@ -465,3 +465,42 @@ def test_extras_batch_is_each_image_as_the_single_one(client):
                          "imageList[0] (a): upscaler_1: 'Latent' is a latent upscale mode")]:
         bad = client.post("/sdapi/v1/extra-batch-images", json={**fields, **body})
         assert bad.status_code == 422 and bad.json()["detail"].startswith(match), (body, bad.text)
+
+
+def test_interrupt_stops_a_models_pass_at_the_next_tile(state, folder):
+    """/interrupt during an Extras job: the model's pass stops before its next tile and, as A1111's tiled upscale,
+    gives its input back, so A1111's rule resizes it with Lanczos; the tiles count as the job's steps (/progress); a
+    client gone stops it with nothing returned."""
+    from fastsd.serve.jobqueue import Cancelled, Job
+    from fastsd.serve.upscalers import ExtrasPlan, run_extras
+
+    path = str(folder / "sub" / "compact2x.safetensors")
+    im = image(400, 200)  # 3 x 2 tiles of 192 px overlapping by 8
+    plan = ExtrasPlan(im, (path,), 2.0, (800, 400), None, 0.0, {"Postprocess upscale by": 2.0}, None, (),
+                      state.registry.current.pipe)
+
+    def job_stopping_at(tile, attr="interrupted"):
+        job, seen = Job("extras", lambda j: None), []
+
+        def on_step(step, total, preview):
+            seen.append((step, total))
+            if step == tile:
+                setattr(job, attr, True)
+            Job.on_step(job, step, total, preview)
+
+        job.on_step = on_step
+        return job, seen
+
+    job, seen = job_stopping_at(2)
+    out = run_extras(plan, job)
+    assert seen == [(0, 6), (1, 6), (2, 6)] and job.halted
+    assert out["warnings"] == ["interrupted at tile 3 of 6 of a model's pass: from there the image was resized with "
+                               "Lanczos (as A1111)"]
+    assert np.array_equal(pixels(decode(out["image"])), pixels(im.resize((800, 400), Image.LANCZOS)))
+    job, seen = job_stopping_at(None)
+    whole = run_extras(plan, job)
+    assert seen == [(i, 6) for i in range(6)] and whole["warnings"] == []
+    assert np.array_equal(pixels(decode(whole["image"])), pixels(state.registry.current.pipe.upscaler(path).run(im)))
+    job, _ = job_stopping_at(1, "cancelled")
+    with pytest.raises(Cancelled):
+        run_extras(plan, job)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -200,22 +200,52 @@ def run_extras(plan: ExtrasPlan, job) -> dict:
     from fastsd.serve.jobqueue import Cancelled
     from fastsd.upscalers import centred, resample_pass, upscale_by
 
-    results = []
+    results, stopped = [], []
     for up in plan.upscalers:
-        if job is not None and job.cancelled:  # (an /interrupt lets it finish: nothing here runs in steps)
+        if job is not None and job.cancelled:
             raise Cancelled("extras stopped: client gone or server stopping")
         if up in hires.IMAGE_RESAMPLE:
             one_pass = resample_pass(hires.IMAGE_RESAMPLE[up], plan.scale)
         else:
             try:
-                one_pass = plan.pipe.upscaler(up).run
+                one_pass = _interruptible(plan.pipe.upscaler(up), job, stopped)
             except (CheckpointError, OSError, ValueError) as e:  # the file changed since the request was checked
                 raise BadRequest(file_names(str(e) or type(e).__name__, [up])) from None
         results.append(centred(upscale_by(plan.image, plan.scale, one_pass, plan.dest), plan.crop))
     image = results[0] if results else plan.image
     if len(results) == 2:
         image = Image.blend(results[0], results[1], plan.visibility)
+    if stopped:
+        i, n = stopped[0]
+        plan = replace(plan, warnings=(*plan.warnings, f"interrupted at tile {i + 1} of {n} of a model's "
+                                                   "pass: from there the image was resized with Lanczos (as A1111)"))
     return extras_response(image, plan)
+
+
+def _interruptible(model, job, stopped: list):
+    """A model's pass that reports its tiles as the job's steps (/progress) and stops at the next tile when the job
+    is interrupted (or skipped): as A1111's tiled upscale, it then gives its input back, so the pass changes nothing
+    and A1111's rule resizes the image with Lanczos. (i, n) of the first stop goes into `stopped`."""
+    from fastsd import Interrupted
+    from fastsd.serve.jobqueue import Cancelled
+
+    def one_pass(image):
+        at = []
+
+        def on_tile(i: int, n: int) -> None:
+            at[:] = [(i, n)]
+            if job is not None:
+                job.on_step(i, n, None)
+
+        try:
+            return model.run(image, on_tile=on_tile)
+        except Interrupted:
+            if job.cancelled:
+                raise Cancelled("extras stopped: client gone or server stopping") from None
+            if not stopped:
+                stopped.append(at[0])
+            return image
+    return one_pass
 
 
 def extras_response(image: Image.Image, plan: ExtrasPlan) -> dict:
