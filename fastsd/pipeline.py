@@ -625,7 +625,7 @@ class Pipeline:
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
                  tiled_vae: bool | None = None,
                  on_step: OnStep | None = None, preview_every: int = 1, on_interrupt: str = "raise",
-                 allow_large: bool = False) -> list[Image.Image]:
+                 allow_large: bool = False, hires_pipe: "Pipeline | None" = None) -> list[Image.Image]:
         """txt2img; img2img when `image` is given; inpainting when `mask` is given too (white = repaint).
 
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
@@ -642,7 +642,9 @@ class Pipeline:
         each step; `preview` is an image every `preview_every` steps and at the last, else None. An `Interrupted`
         it raises stops the generation and comes through, or with `on_interrupt="decode"` the images of the
         prediction at that step are returned (A1111's interrupt and skip). `allow_large` lifts the 4096 px limit
-        on a side (the CLI's --allow-large)."""
+        on a side (the CLI's --allow-large). `hires_pipe` (A1111's "Hires checkpoint"): another pipeline runs the
+        hires fix's second pass, as A1111 after loading that checkpoint: its text encoder for the hires prompts, its
+        VAE and UNet from the upscale on, its VAE for the final decode (its LoRAs and embeddings its own)."""
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
@@ -662,7 +664,10 @@ class Pipeline:
             raise ValueError("hires_prompt: its <lora:...> tags must be the prompt's (fastsd merges a run's LoRAs "
                              "once, for both passes)")
         self.check_can_encode(image, s)
-        self.check_hires_upscaler(s)
+        hp = self.check_hires_pipe(hires_pipe, s)
+        if hp is not self:
+            hp._loras.check_prompt(s.hires_prompts()[0])
+        hp.check_hires_upscaler(s)
         if mask is not None and mask.convert("L").point(lambda v: 255 if v >= 128 else 0).getbbox() is None:
             warnings.warn("the mask has no white pixel (>= 50%): nothing is repainted; white marks what to repaint",
                           stacklevel=2)
@@ -670,9 +675,9 @@ class Pipeline:
         seeds = [s.seed + i for i in range(s.num_images)]
         cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)
         hires_conds = (cond, uncond)  # (A1111's hr_prompt / hr_negative_prompt: encoded before any sampling)
-        if s.hires and s.hires_prompts() != (s.prompt, s.negative_prompt):
-            hp, hn = s.hires_prompts()
-            hires_conds = self.encode_prompt([hp], [hn] if s.guided else None, s.clip_skip)
+        if s.hires and (s.hires_prompts() != (s.prompt, s.negative_prompt) or hp is not self):
+            h_prompt, h_negative = s.hires_prompts()
+            hires_conds = hp.encode_prompt([h_prompt], [h_negative] if s.guided else None, s.clip_skip)
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae,
                                  masked_content=masked_content, latent_mask=latent_mask)
         first = len(p.schedule)
@@ -683,22 +688,43 @@ class Pipeline:
             return None if on_step is None else lambda i, _, preview: on_step(offset + i, first + second, preview)
 
         done = 0  # steps of the passes before the running one (Interrupted.step counts as on_step does)
+        last = self  # the pipeline whose VAE decodes the result: the hires pass's once it runs
         try:
             x = self.denoise(p, cond, uncond, s, on_step=steps_of(0), progress=progress, preview_every=preview_every)
             if s.hires:
-                done = first
-                x = self.hires_pass(s, x, seeds, *hires_conds, tiled_vae=tiled_vae, on_step=steps_of(first),
-                                    progress=progress, preview_every=preview_every)
+                done, last = first, hp
+                x = hp.hires_pass(s, x, seeds, *hires_conds, tiled_vae=tiled_vae, on_step=steps_of(first),
+                                  progress=progress, preview_every=preview_every)
         except Interrupted as stop:
             if stop.latents is not None:
                 stop.step += done
             if on_interrupt == "raise" or stop.latents is None:  # (None: not raised by on_step, no prediction)
                 raise
             x = stop.latents
-        images = tensor_to_pil(self.decode(x, tiled_vae))
+        images = tensor_to_pil(last.decode(x, tiled_vae))
+        if hp is not self:  # A1111's short title of the hires checkpoint: "name [hash]"
+            hash_ = hp.model_hash()
+            infotext_extra = {**(infotext_extra or {}), "Hires checkpoint": f"{hp.name} [{hash_}]" if hash_ else hp.name}
         for im, seed in zip(images, seeds):  # as A1111: each image carries its own infotext (seed + i)
             im.info["parameters"] = self.infotext(s, seed, img2img=image is not None, extra=infotext_extra)
         return images
+
+    def check_hires_pipe(self, other: "Pipeline | None", s: GenerationSettings) -> "Pipeline":
+        """The pipeline of the hires pass (self when `other` is None or self); ValueError when it can't take this
+        one's latents (device, dtype, latent channels or size), its VAE can't encode what an image upscaler makes, or
+        the run has no hires fix."""
+        if other is None or other is self:
+            return self
+        if not s.hires:
+            raise ValueError("hires_pipe: the run has no hires fix (hires_scale, hires_width or hires_height)")
+        mine, theirs = (self.device, self.dtype, self.config.unet.out_channels, self.config.vae.downscale), \
+            (other.device, other.dtype, other.config.unet.out_channels, other.config.vae.downscale)
+        if mine != theirs:
+            raise ValueError(f"hires_pipe: its model ({other.name}: {theirs[0]}, {theirs[1]}, {theirs[2]} latent "
+                             f"channels, 1/{theirs[3]} size) can't continue this one's ({self.name}: {mine[0]}, "
+                             f"{mine[1]}, {mine[2]}, 1/{mine[3]})")
+        other.check_can_encode(None, s)
+        return other
 
 
 def _check_masked_content(masked_content: str, latent_mask: str = "nearest") -> None:

@@ -323,3 +323,56 @@ def test_server_hr_prompt():
                       - np.asarray(decode(plain.json()["images"][0]))).max() > 0
         bad = c.post("/sdapi/v1/txt2img", json={**req, "hr_prompt": "a dog <lora:detail:1>"})
         assert bad.status_code == 422 and "hr_prompt: its <lora:...> tags must be the prompt's" in bad.json()["detail"]
+
+
+def test_hires_checkpoint_runs_the_second_pass_on_another_model(pipe):
+    """A1111's "Hires checkpoint" (Pipeline.generate(hires_pipe=)): the first pass on this model, the hires pass
+    (its text encoder, UNet) and the final decode on the other; the infotext names it; the same model is no change;
+    a pipeline that can't take the latents, or no hires fix, is named."""
+    other = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+    other.name = "tiny-b"
+    with torch.no_grad():
+        for p in [*other.unet.parameters(), *other.vae.decoder.parameters()]:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    calls = {}
+    hooks = [m.register_forward_hook(lambda *a, name=name: calls.update({name: calls.get(name, 0) + 1}))
+             for name, m in (("unet", pipe.unet), ("unet-b", other.unet), ("decoder", pipe.vae.decoder),
+                             ("decoder-b", other.vae.decoder), ("clip-b", other.clip))]
+    try:
+        kw = dict(KW, seed=4, hires_scale=2, hires_steps=4, hires_strength=0.9)
+        a = pipe.generate(**kw, hires_pipe=other)[0]
+        assert calls == {"unet": 3, "unet-b": 4, "decoder-b": 1, "clip-b": 1}, calls
+    finally:
+        for h in hooks:
+            h.remove()
+    b = pipe.generate(**kw)[0]
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    params = parse_infotext(a.info["parameters"])[2]
+    assert params["Hires checkpoint"] == "tiny-b" and params["Model"] == pipe.name
+    same = pipe.generate(**kw, hires_pipe=pipe)[0]
+    assert np.array_equal(np.asarray(same), np.asarray(b)) and "Hires checkpoint" not in same.info["parameters"]
+    with pytest.raises(ValueError, match="hires_pipe: the run has no hires fix"):
+        pipe.generate(**KW, seed=4, hires_pipe=other)
+    half = fastsd.load_pipeline("random:tiny", device="cpu", dtype="bf16", backend="torch")
+    with pytest.raises(ValueError, match=r"hires_pipe: its model \(random:tiny: cpu, torch.bfloat16"):
+        pipe.generate(**kw, hires_pipe=half)
+
+
+def test_server_hr_checkpoint_name():
+    """hr_checkpoint_name names another of the server's models (by /sd-models' names) for the second pass: its
+    "Hires checkpoint" in the infotext; "Use same checkpoint" and the request's own are no change; unknown: 422."""
+    server = main_server()
+    req = {"prompt": "a cat", "steps": 2, "width": 64, "height": 48, "seed": 3, "sampler_name": "Euler",
+           "enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2, "denoising_strength": 0.6}
+    with server.client() as c:
+        own = c.post("/sdapi/v1/txt2img", json=req)
+        other = c.post("/sdapi/v1/txt2img", json={**req, "hr_checkpoint_name": "random:tiny-inpainting"})
+        same = c.post("/sdapi/v1/txt2img", json={**req, "hr_checkpoint_name": "Use same checkpoint"})
+        bad = c.post("/sdapi/v1/txt2img", json={**req, "hr_checkpoint_name": "nope.safetensors"})
+    assert own.status_code == other.status_code == same.status_code == 200, other.text
+    assert info(other)["warnings"] == [] and not np.array_equal(np.asarray(decode(other.json()["images"][0])),
+                                                                 np.asarray(decode(own.json()["images"][0])))
+    params = parse_infotext(info(other)["infotexts"][0])[2]
+    assert params["Hires checkpoint"] == "random:tiny-inpainting" and params["Model"] == "random:tiny"
+    assert same.json()["images"] == own.json()["images"]
+    assert bad.status_code == 422 and "hr_checkpoint_name: unknown model 'nope.safetensors'" in bad.json()["detail"]

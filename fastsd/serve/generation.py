@@ -66,6 +66,7 @@ class Plan:
     infotext_extra: dict = dataclasses.field(default_factory=dict)  # A1111's inpainting keys (masking.infotext_params)
     styles: tuple[str, ...] = ()            # the request's style names (A1111's info "styles")
     vae: str | None = None                  # the VAE file the job runs with (sd_vae), None: the model's own
+    hires_model: object = None              # hr_checkpoint_name's registry.ModelEntry, None: the model's own
 
 
 def a1111_names(message: str) -> str:
@@ -123,14 +124,29 @@ def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list
                                               else req.hr_scheduler, schedule_type, "hr_scheduler", warnings)
     except ValueError as e:
         raise BadRequest(f"hr_sampler_name: {e}") from None
-    if req.hr_checkpoint_name:
-        warnings.append("hr_checkpoint_name: not supported; the second pass uses the same model")
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's txt2img default
     scale = 1.0 if any(resize.values()) else req.hr_scale  # (A1111 ignores hr_scale for a resize target)
     return {"hires_scale": scale, **resize, "hires_steps": req.hr_second_pass_steps,
             "hires_strength": strength, "hires_upscaler": upscalers.hires(req.hr_upscaler),
             "hires_sampler": second if second != sampler else None, "hires_schedule_type": second_type,
             **_hires_prompts(req, limits)}
+
+
+def _hires_model(req, s: GenerationSettings, model, server):
+    """A1111's hr_checkpoint_name: another of the server's models for the hires pass (by the names /sd-models lists;
+    "Use same checkpoint", empty or the request's own model: None), checked against the request's (latents, LoRA
+    tags) before the job is queued."""
+    name = getattr(req, "hr_checkpoint_name", None)
+    if not s.hires or name in (None, "", "Use same checkpoint"):
+        return None
+    entry = server.registry.find(name, "hr_checkpoint_name")
+    if entry is model:
+        return None
+    try:
+        model.pipe.check_hires_pipe(entry.pipe, s)
+    except ValueError as e:
+        raise BadRequest(f"hr_checkpoint_name: {e}") from None
+    return entry
 
 
 def _hires_prompts(req, limits: Limits) -> dict:
@@ -289,12 +305,14 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     if s.hires and max(s.hires_target().size) > limits.max_side:
         raise BadRequest(f"the hires fix would make a {'x'.join(map(str, s.hires_target().size))} image, above this "
                          f"server's limit of {limits.max_side} px (--max-size)")
+    hires_model = _hires_model(req, s, model, server)
     got, extra = _images(req, limits, (s.width, s.height), warnings) if img2img else (masking.Inpaint(None, None, None),
                                                                                       {})  # last
     params = req.model_dump() | asked  # init_images and mask are not echoed (A1111 sends them back only on request)
     return Plan(kind, model, s, req.n_iter, got.image, got.mask, loras, tuple(warnings), req.send_images, params,
                 got.overlay, got.paste_to, LATENT_FILL[req.inpainting_fill] if img2img and got.mask else "original",
-                "bicubic" if not img2img or req.mask_round else "bicubic-soft", extra, tuple(req.styles or ()), vae)
+                "bicubic" if not img2img or req.mask_round else "bicubic-soft", extra, tuple(req.styles or ()), vae,
+                hires_model)
 
 
 # What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
@@ -349,12 +367,14 @@ def run_plan(plan: Plan, job, networks, vaes) -> dict:
     from fastsd.serve.networks import file_names
 
     pipe = plan.model.pipe
-    networks.apply(pipe, plan.loras)
-    vaes.apply(pipe, plan.vae)
+    hires_pipe = None if plan.hires_model is None else plan.hires_model.pipe
+    for p in (pipe, hires_pipe) if hires_pipe is not None else (pipe,):  # (both models get the request's LoRAs, VAE)
+        networks.apply(p, plan.loras)
+        vaes.apply(p, plan.vae)
     s, images, stopped_at, skipped = plan.settings, [], None, []
     if s.hires and s.hires_upscaler not in hires.UPSCALERS:  # a model of --upscaler-dir, loaded (and kept) now:
         try:  # a file broken since the request was checked is named by its file name, not the server's folder
-            pipe.upscaler(s.hires_upscaler)
+            (hires_pipe or pipe).upscaler(s.hires_upscaler)
         except (CheckpointError, OSError, ValueError) as e:
             raise BadRequest(file_names(str(e) or type(e).__name__, [s.hires_upscaler])) from None
     for it in range(plan.n_iter):
@@ -375,7 +395,7 @@ def run_plan(plan: Plan, job, networks, vaes) -> dict:
                                         ).kwargs(), image=plan.image,
                             mask=plan.mask, masked_content=plan.masked_content,
                             latent_mask=plan.latent_mask, infotext_extra=plan.infotext_extra, progress=False, on_step=on_step,
-                            on_interrupt="decode", allow_large=True)
+                            on_interrupt="decode", allow_large=True, hires_pipe=hires_pipe)
         images += [masking.apply_overlay(im, plan.overlay, plan.paste_to) for im in got] if plan.overlay is not None \
             else got
         if left_at:
