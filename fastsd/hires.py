@@ -39,7 +39,8 @@ def resolve_upscaler(name: str) -> str:
     if str(name).lower().endswith(MODEL_EXTS):
         raise ValueError(f"hires upscaler {name}: no such file")
     raise ValueError(f"unknown hires upscaler {name!r}; fastsd has {', '.join(repr(u) for u in UPSCALERS)}, or an "
-                     "upscaler model file (ESRGAN / Real-ESRGAN / SwinIR .pth or .safetensors; by name from --upscaler-dir)")
+                     "upscaler model file (ESRGAN / Real-ESRGAN / SwinIR .pth or .safetensors; by name from "
+                     "--upscaler-dir)")
 
 
 def upscaler_name(name: str) -> str:

@@ -704,7 +704,8 @@ class Pipeline:
         images = tensor_to_pil(last.decode(x, tiled_vae))
         if hp is not self:  # A1111's short title of the hires checkpoint: "name [hash]"
             hash_ = hp.model_hash()
-            infotext_extra = {**(infotext_extra or {}), "Hires checkpoint": f"{hp.name} [{hash_}]" if hash_ else hp.name}
+            title = f"{hp.name} [{hash_}]" if hash_ else hp.name
+            infotext_extra = {**(infotext_extra or {}), "Hires checkpoint": title}
         for im, seed in zip(images, seeds):  # as A1111: each image carries its own infotext (seed + i)
             im.info["parameters"] = self.infotext(s, seed, img2img=image is not None, extra=infotext_extra)
         return images
