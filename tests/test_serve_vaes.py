@@ -177,3 +177,32 @@ def test_automatic_is_a1111s_vae_near_the_checkpoint(tmp_path):
     assert v.path("Automatic", entry, "sd_vae") == str(models / "dreamy-v2.vae.pt")
     assert v.path("None", entry, "sd_vae") is None
     assert v.path("Automatic", SimpleNamespace(pipe=SimpleNamespace(path=None)), "sd_vae") is None
+    # A1111's list: the <name>.vae.* files of the checkpoints' folders too (shown by file name), then the folder's
+    listed = Vaes(str(vaes), [str(ckpt)])
+    assert listed.a1111() == [{"model_name": "aaa.safetensors", "filename": "aaa.safetensors"},
+                              {"model_name": "dreamy-v2-vae.safetensors", "filename": "dreamy-v2-vae.safetensors"},
+                              {"model_name": "dreamy-v2.vae.pt", "filename": "dreamy-v2.vae.pt"}]
+    assert listed.path("dreamy-v2.vae.pt", None, "sd_vae") == str(models / "dreamy-v2.vae.pt")
+    assert "dreamy-v2.vae.pt" not in v.files()  # (no --model there)
+
+
+def test_automatic_finds_the_vae_beside_a_served_model_file(tmp_path):
+    """End to end: a --model file with `<name>.vae.safetensors` beside it: /sd-vae lists that file (as A1111), and
+    Automatic (the default) runs it for that model (its infotext's VAE), not for the other model."""
+    import safetensors.torch as st
+
+    from fastsd.checkpoint import ldm_state_dict
+
+    models = tmp_path / "models"
+    models.mkdir()
+    st.save_file(ldm_state_dict(load_pipeline("random:tiny", device="cpu", dtype="fp32")),
+                 str(models / "dreamy.safetensors"))
+    save_vae(models / "dreamy.vae.safetensors", 31)
+    with started("--model", str(models / "dreamy.safetensors")) as st_, in_process(st_) as port, \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+        assert c.get("/sdapi/v1/sd-vae").json() == [{"model_name": "dreamy.vae.safetensors",
+                                                      "filename": "dreamy.vae.safetensors"}]
+        _, near = txt2img(c, override_settings={"sd_model_checkpoint": "dreamy.safetensors"})
+        _, other = txt2img(c)  # random:tiny: nothing beside it
+    assert parse_infotext(near["infotexts"][0])[2]["VAE"] == "dreamy.vae.safetensors" == near["sd_vae_name"]
+    assert other["sd_vae_name"] is None

@@ -160,7 +160,9 @@ def _start(args, limits: Limits, auth, sources: list[str]):
     for name, why in networks.load_embeddings([e.pipe for e in registry.entries]).items():
         print(f"warning: embedding {name} skipped: {why}", file=sys.stderr)
     return ServerState(registry, networks, limits, JobQueue(limits.max_queue, after_job=release_freed_memory), auth,
-                       styles=args.styles, upscalers=Upscalers(args.upscaler_dir), vaes=Vaes(args.vae_dir))
+                       styles=args.styles, upscalers=Upscalers(args.upscaler_dir),
+                       vaes=Vaes(args.vae_dir, [e.pipe.path for e in registry.entries
+                                                if e.pipe.path and os.path.isfile(e.pipe.path)]))
 
 
 def _serve(state, sock: socket.socket, log_level: str) -> int:

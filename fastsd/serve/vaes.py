@@ -2,7 +2,8 @@
 the server's, a request's `override_settings` its own; GET /sdapi/v1/sd-vae lists them. Values as A1111's: "Automatic"
 (a VAE whose file name starts with the checkpoint's file stem, as A1111's find_vae_near_checkpoint: in the folder, or
 beside the checkpoint as `<stem>.vae.safetensors` / `.ckpt` / `.pt`; else the checkpoint's own), "None" (the
-checkpoint's own), or a file name of the folder (its stem too). A name is never a path, and answers name files, not
+checkpoint's own), or a listed file's name (its stem too): the folder's files and, as A1111 lists them, the
+`<name>.vae.*` files beside a --model file. A name is never a path, and answers name files, not
 the server's folders. The worker swaps the VAE before each job (`apply`), keeping each model's own VAE and the last
 file's VAE built, so switching back and forth reads a file at most once per switch.
 """
@@ -20,20 +21,24 @@ NEAR_SUFFIXES = tuple(f".vae{e}" for e in VAE_EXTS)  # A1111's VAE beside a chec
 
 
 class Vaes:
-    def __init__(self, folder: str | None):
+    def __init__(self, folder: str | None, model_files: list[str] = ()):
         self.folder = folder
+        self.model_dirs = sorted({os.path.dirname(os.path.abspath(f)) for f in model_files})  # their *.vae.* files
         self.option = AUTOMATIC  # A1111's sd_vae option (POST /options)
         self._own: dict[int, tuple] = {}  # id(pipe) -> (vae, name, path): the model's VAE as loaded
         self._built: dict[int, tuple] = {}  # id(pipe) -> (path, file identity, vae, name): the last file's VAE
         self._lock = threading.Lock()
 
     def files(self) -> dict[str, str]:
-        """{file name: path} of the folder's VAE files, subfolders searched (as A1111), read at each call, sorted by
-        name; of two files with one name the first in sorted path order wins."""
+        """{file name: path} of the VAE files A1111 lists: the checkpoints' folders' `<name>.vae.*` files (here the
+        --model files' folders), then the VAE folder's, subfolders searched; read at each call, sorted by name; of
+        two files with one name the first found wins."""
         found: dict[str, str] = {}
-        if not self.folder:
-            return found
-        for root, dirs, names in os.walk(self.folder):
+        for d in self.model_dirs:
+            for f in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+                if f.lower().endswith(NEAR_SUFFIXES) and not f.startswith("."):
+                    found.setdefault(f, os.path.join(d, f))
+        for root, dirs, names in os.walk(self.folder) if self.folder else ():
             dirs.sort()
             for f in sorted(names):
                 if os.path.splitext(f)[1].lower() in VAE_EXTS and not f.startswith("."):
@@ -41,8 +46,13 @@ class Vaes:
         return dict(sorted(found.items()))
 
     def a1111(self) -> list[dict]:
-        """A1111's /sd-vae: model_name the file name, filename its path inside the folder."""
-        return [{"model_name": n, "filename": os.path.relpath(p, self.folder)} for n, p in self.files().items()]
+        """A1111's /sd-vae: model_name the file name, filename its path inside the VAE folder (a file beside a
+        checkpoint: its name only; answers name no server folder)."""
+        def shown(p: str) -> str:
+            inside = self.folder and os.path.abspath(p).startswith(os.path.abspath(self.folder) + os.sep)
+            return os.path.relpath(p, self.folder) if inside else os.path.basename(p)
+
+        return [{"model_name": n, "filename": shown(p)} for n, p in self.files().items()]
 
     def check_name(self, value, field: str) -> str:
         """`value` if it is "Automatic", "None" or a VAE of the folder (BadRequest naming `field` otherwise)."""
