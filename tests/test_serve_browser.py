@@ -105,6 +105,15 @@ def test_page_hires_fix(page):
     assert (params["Size"], params["Hires upscale"], params["Hires steps"], params["Hires upscaler"],
             params["Denoising strength"]) == ("64x48", "1.5", "2", "Latent (bicubic)", "0.6")
     assert page.eval_on_selector("#gallery figure img", "img => [img.naturalWidth, img.naturalHeight]") == [96, 72]
+    assert "Hires checkpoint" not in params  # ("Use same checkpoint")
+    # A1111's "Hires checkpoint": the server's other model for the second pass
+    assert page.locator("#hr-checkpoint option").all_inner_texts() == ["Use same checkpoint", "random:tiny",
+                                                                       "random:tiny-inpainting"]
+    page.select_option("#hr-checkpoint", "random:tiny-inpainting")
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure:nth-child(2) img", timeout=180_000)
+    params = parse_infotext(page.inner_text("#gallery figure:first-child .infotext"))[2]
+    assert params["Hires checkpoint"] == "random:tiny-inpainting" and params["Model"] == "random:tiny"
 
 
 def test_page_vae_select(page):

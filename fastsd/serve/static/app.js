@@ -54,6 +54,7 @@ async function loadLists() {
     fill($("scheduler"), schedulers, (s) => s.label, (s) => s.label);
     $("scheduler").value = "Automatic";
     fill($("model"), models, (m) => m.title, (m) => m.model_name);
+    fill($("hr-checkpoint"), models, (m) => m.title, (m) => m.model_name);  // A1111's "Hires checkpoint"
     $("model").value = options.sd_model_checkpoint;
     fill($("vae"), vaes, (v) => v.model_name, (v) => v.model_name);  // after A1111's Automatic and None
     $("vae").value = options.sd_vae;
@@ -79,7 +80,8 @@ function request() {
     body.denoising_strength = num("strength");
   } else if ($("hires").checked) {  // A1111's hires fix (txt2img only)
     Object.assign(body, { enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: num("hr-scale"),
-                          hr_second_pass_steps: num("hr-steps"), denoising_strength: num("hr-strength") });
+                          hr_second_pass_steps: num("hr-steps"), denoising_strength: num("hr-strength"),
+                          hr_checkpoint_name: $("hr-checkpoint").value });
   }
   return body;
 }
