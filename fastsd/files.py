@@ -97,9 +97,10 @@ def check_writable_folder(folder: str, what: str) -> None:
         raise ValueError(f"{what}: can't write in {probe} ({e.strerror})") from None
 
 
-def files_by_stem(folder: str | None, exts: tuple[str, ...]) -> dict[str, str]:
+def files_by_stem(folder: str | None, exts: tuple[str, ...], *, by_name: bool = False) -> dict[str, str]:
     """{stem: path} of the files with one of `exts` (any case) in `folder` and its subfolders, hidden files
-    left out, sorted by stem; of two files with one stem the first in sorted path order wins."""
+    left out, sorted by stem; of two files with one stem the first in sorted path order wins. `by_name`: keyed by
+    the file name (extension included) instead."""
     found: dict[str, str] = {}
     if not folder:
         return found
@@ -108,5 +109,5 @@ def files_by_stem(folder: str | None, exts: tuple[str, ...]) -> dict[str, str]:
         for f in sorted(files):
             stem, ext = os.path.splitext(f)
             if ext.lower() in exts and not f.startswith("."):
-                found.setdefault(stem, os.path.join(root, f))
+                found.setdefault(f if by_name else stem, os.path.join(root, f))
     return dict(sorted(found.items()))

@@ -368,7 +368,7 @@ def run_plan(plan: Plan, job, networks, vaes) -> dict:
 
     pipe = plan.model.pipe
     hires_pipe = None if plan.hires_model is None else plan.hires_model.pipe
-    for p in (pipe, hires_pipe) if hires_pipe is not None else (pipe,):  # (both models get the request's LoRAs, VAE)
+    for p in [p for p in (pipe, hires_pipe) if p is not None]:  # (both models get the request's LoRAs and VAE)
         networks.apply(p, plan.loras)
         vaes.apply(p, plan.vae)
     s, images, stopped_at, skipped = plan.settings, [], None, []

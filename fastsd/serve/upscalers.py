@@ -230,20 +230,13 @@ def _interruptible(model, job, stopped: list):
     from fastsd.serve.jobqueue import Cancelled
 
     def one_pass(image):
-        at = []
-
-        def on_tile(i: int, n: int) -> None:
-            at[:] = [(i, n)]
-            if job is not None:
-                job.on_step(i, n, None)
-
         try:
-            return model.run(image, on_tile=on_tile)
-        except Interrupted:
+            return model.run(image, on_tile=None if job is None else lambda i, n: job.on_step(i, n, None))
+        except Interrupted:  # (only job.on_step raises it: the tile it stopped before is the job's step)
             if job.cancelled:
                 raise Cancelled("extras stopped: client gone or server stopping") from None
             if not stopped:
-                stopped.append(at[0])
+                stopped.append((job.step, job.steps))
             return image
     return one_pass
 

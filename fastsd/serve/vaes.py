@@ -33,16 +33,15 @@ class Vaes:
         """{file name: path} of the VAE files A1111 lists: the checkpoints' folders' `<name>.vae.*` files (here the
         --model files' folders), then the VAE folder's, subfolders searched; read at each call, sorted by name; of
         two files with one name the first found wins."""
+        from fastsd.files import files_by_stem
+
         found: dict[str, str] = {}
         for d in self.model_dirs:
             for f in sorted(os.listdir(d)) if os.path.isdir(d) else ():
                 if f.lower().endswith(NEAR_SUFFIXES) and not f.startswith("."):
                     found.setdefault(f, os.path.join(d, f))
-        for root, dirs, names in os.walk(self.folder) if self.folder else ():
-            dirs.sort()
-            for f in sorted(names):
-                if os.path.splitext(f)[1].lower() in VAE_EXTS and not f.startswith("."):
-                    found.setdefault(f, os.path.join(root, f))
+        for f, path in files_by_stem(self.folder, VAE_EXTS, by_name=True).items():
+            found.setdefault(f, path)
         return dict(sorted(found.items()))
 
     def a1111(self) -> list[dict]:
