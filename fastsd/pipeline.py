@@ -28,7 +28,7 @@ from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
-from fastsd.samplers import A1111_NAMES, SAMPLERS, get_sampler
+from fastsd.samplers import A1111_NAMES, SAMPLERS, brownian_noise_sampler, get_sampler
 from fastsd.schedule_types import (AUTOMATIC, DISCARD_PENULTIMATE, resolve_schedule_type, schedule_label,
                                    typed_schedule)
 from fastsd.schedules import Schedule, alphas_cumprod
@@ -105,6 +105,8 @@ class Prepared:
     x0: torch.Tensor | None = None      # image latents (img2img / inpainting)
     mask: torch.Tensor | None = None    # (1, 1, h, w) latent mask, 1 = repaint (4-channel inpainting)
     extra: dict = field(default_factory=dict)  # c_concat for 9-channel inpainting models
+    full_sigmas: torch.Tensor | None = None  # the whole schedule when `schedule` is its tail (img2img, hires fix):
+    # what A1111's Brownian noise spans (None: schedule.sigmas)
 
 
 class Pipeline:
@@ -363,15 +365,16 @@ class Pipeline:
             fill = first_draws(seeds, shape[1:], self.device) if masked_content == "latent noise" \
                 else torch.zeros_like(x0)
             x0 = x0 * (1 - lat_mask) + fill * lat_mask
+        full = None
         if x0 is None:
             x = noise * sched.init_noise_sigma
         else:
             start = sched.img2img_start(s.strength)
             if start >= len(sched):
                 raise ValueError(f"strength {s.strength} x {s.steps} steps leaves no step to run; raise the strength or the steps")
-            sched = sched.tail(start)
+            full, sched = sched.sigmas, sched.tail(start)
             x = x0 + noise * float(sched.sigmas[0])
-        p = Prepared(x, sched, gens, x0=x0)
+        p = Prepared(x, sched, gens, x0=x0, full_sigmas=full)
         p.mask = lat_mask  # (1, 1, h, w) or None
         if inpaint_model:
             p.extra["c_concat"] = self._inpaint_concat(s, init, mask_t, tiled_vae)
@@ -447,7 +450,11 @@ class Pipeline:
             if p.mask is not None and self.config.unet.in_channels != 9:
                 model = KnownRegionDenoiser(model, p.x0, p.mask)
             opts = {}
-            if spec.stochastic:
+            if spec.brownian:  # A1111's: a Brownian tree per image seeded by its seed, over the whole schedule
+                opts["noise_sampler"] = brownian_noise_sampler(
+                    p.x, sched.sigmas if p.full_sigmas is None else p.full_sigmas,
+                    [g.initial_seed() for g in p.generators])
+            elif spec.stochastic:
                 opts["noise_sampler"] = lambda sigma, sigma_next: seeded_noise(p.generators, p.x.shape[1:], self.device)
             x = spec(model, p.x, sched.sigmas, extra_args=p.extra, disable=not progress,
                      callback=self._step_callback(on_step, len(sched), preview_every), **opts)
@@ -522,10 +529,10 @@ class Pipeline:
         s2 = s.replace(width=x.shape[3] * self.config.vae.downscale, height=x.shape[2] * self.config.vae.downscale,
                        steps=n, sampler=s.hires_sampler or s.sampler)
         sched = self.schedule(s2.sampler, n, s.hires_schedule())
-        sched = sched.tail(len(sched) - run * sched.order)
+        full, sched = sched.sigmas, sched.tail(len(sched) - run * sched.order)
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
         noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
-        p = Prepared(x + noise * float(sched.sigmas[0]), sched, gens, x0=x)
+        p = Prepared(x + noise * float(sched.sigmas[0]), sched, gens, x0=x, full_sigmas=full)
         if self.config.unet.in_channels == 9:  # an inpainting model repaints everything (txt2img's conditioning)
             p.extra["c_concat"] = self._inpaint_concat(s2, None, None, tiled_vae)
         return self.denoise(p, cond, uncond, s2, on_step=on_step, progress=progress, preview_every=preview_every)

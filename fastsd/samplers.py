@@ -75,8 +75,8 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
   dpmpp_sde   k-diffusion's sample_dpmpp_sde (r = 1/2, eta 1): the ancestral step to m = sqrt(s s') with D1 and
               noise z1 (ancestral_coeffs(s, m)), the model at (x_m, m) -> D2, then the ancestral step from x to s'
               with D2, written with a = 0 and x as old_denoised: b = 1 - s_down/s, c = s_down/s, d = s_up, the
-              noise the Brownian increment of the whole step w1 z1 + w2 z2 (z2 fresh for (m, s')); the last step
-              is one Euler step (no diffusers twin)
+              noise the Brownian increment of the whole step (s, s') (a torchsde Brownian tree,
+              `brownian_noise_sampler`); the last step is one Euler step (diffusers DPMSolverSDEScheduler)
   lcm         t = the timestep of s, c_skip = 0.25/((10t)^2+0.25), c_out = 10t/sqrt((10t)^2+0.25):
               a = c_skip/sqrt(1+s^2), b = c_out, d = s' (fresh noise; none after the last step) (LCMScheduler)
   plms        pseudo linear multistep on eps = (x - D)/s (which is the UNet's eps): x' = x + (s' - s) eps', eps' the
@@ -102,7 +102,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -349,13 +349,6 @@ def dpmpp_sde_coeffs(sigma: float, sigma_next: float) -> Coeffs:
     return (0.0, 1.0 - down / sigma, down / sigma, up)
 
 
-def brownian_weights(sigma: float, sigma_mid: float, sigma_next: float) -> tuple[float, float]:
-    """(w1, w2) with W(s') - W(s) = sqrt|s' - s| (w1 z1 + w2 z2) for a Brownian motion W in time = sigma, z1 its
-    normalised increment over (s, s_mid) and z2 over (s_mid, s') (independent): w1^2 + w2^2 = 1."""
-    span = abs(sigma_next - sigma)
-    return math.sqrt(abs(sigma_mid - sigma) / span), math.sqrt(abs(sigma_next - sigma_mid) / span)
-
-
 PLMS_WEIGHTS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 """Adams-Bashforth weights of (PLMS) orders 1-4 on the eps of this step and the earlier ones, newest first."""
 
@@ -410,6 +403,46 @@ def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] 
                                                                                                       x.dtype)
 
     return sample
+
+
+def brownian_noise_sampler(x: torch.Tensor, sigmas, seed: int | Sequence[int]) -> NoiseSampler:
+    """k-diffusion's BrownianTreeNoiseSampler, A1111's noise for DPM++ SDE (and diffusers' DPMSolverSDEScheduler's):
+    noise(a, b) = (W(b) - W(a)) / sqrt|b - a| for a Brownian motion W in time = sigma, a torchsde Brownian tree over
+    [the smallest nonzero sigma, the largest] of `sigmas`, fp32 on x's device, then in x's dtype. `seed` a list, one
+    per image of x (A1111's seeds): a tree per image, so an image's noise does not depend on its batch; an int: one
+    tree over the whole of x (diffusers' noise_sampler_seed). The times are rounded to fp32 first, as A1111's and
+    diffusers' sigma tensors hold them. The trees are built at the first call (torchsde is imported then)."""
+    batched = not isinstance(seed, int)
+    seeds = [int(v) for v in seed] if batched else [seed]
+    if batched and len(seeds) != x.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {x.shape[0]}")
+    positive = [v for v in torch.as_tensor(sigmas, dtype=torch.float64).tolist() if v > 0]
+    t0, t1 = _f32(min(positive)), _f32(max(positive))
+    shape = tuple(x.shape[1:] if batched else x.shape)
+    trees = []
+
+    def sample(sigma, sigma_next):
+        a, b = _f32(float(sigma)), _f32(float(sigma_next))
+        if a == b:
+            return torch.zeros_like(x)
+        if not trees:
+            import torchsde
+            w0 = torch.zeros(shape, dtype=torch.float32, device=x.device)
+            trees.extend(torchsde.BrownianTree(t0, w0, t1, entropy=s) for s in seeds)
+        # torchsde rounds its ends to its tolerance's decimals and clamps (with a warning) a time beyond them, as
+        # fp32 sigma_fn(t) of the smallest sigma can be: the same clamp here, without the warning
+        lo, hi = max(min(a, b), round(t0, TREE_DIGITS)), min(max(a, b), round(t1, TREE_DIGITS))
+        w = torch.stack([tree(lo, hi) for tree in trees]) if batched else trees[0](lo, hi)
+        return (w * ((1 if b > a else -1) / math.sqrt(hi - lo))).to(x.dtype)
+
+    return sample
+
+
+TREE_DIGITS = 6  # torchsde.BrownianTree's default tol, 1e-6 (k-diffusion's and diffusers' trees): times kept to 6 decimals
+
+
+def _f32(v: float) -> float:
+    return float(np.float32(v))
 
 
 # --------------------------------------------------------------------------------------------- samplers
@@ -716,37 +749,39 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
                      generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
-    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde with r = 1/2, eta 1, s_noise 1; A1111's "DPM++ SDE"; no
-    diffusers twin: diffusers' DPMSolverSDEScheduler needs torchsde): per step the model at (x, s) -> D, the
-    ancestral step to the midpoint m = sqrt(s s') with noise z1, the model at (x_m, m) -> D2, then the ancestral
-    step from x to s' with D2 (dpmpp_sde_coeffs) and the noise of the whole step (below); one Euler step (x' = D)
-    to sigma 0.
-
-    Noise: k-diffusion draws both stages' noise from one Brownian motion W in time = sigma (a torchsde Brownian
-    tree seeded once per image, noise(a, b) = (W(b) - W(a))/sqrt|b - a|): the first stage's over (s, m), the second's
-    over the whole step (s, s'), so the two are correlated. Here z1 = noise_sampler(s, m) and z2 =
-    noise_sampler(m, s') are independent standard normals (randn with `generator` by default) for the two halves,
-    and the second stage gets (sqrt|m - s| z1 + sqrt|s' - m| z2)/sqrt|s' - s| (`brownian_weights`): the same
-    increments of a Brownian path, and steps cover disjoint intervals, so the result has exactly the distribution
-    of A1111's (not the same numbers for a seed: no Brownian tree, no torchsde)."""
+    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde with r = 1/2, eta 1, s_noise 1; A1111's "DPM++ SDE";
+    diffusers' DPMSolverSDEScheduler): per step the model at (x, s) -> D, the ancestral step to the midpoint
+    m = sqrt(s s') with noise(s, m), the model at (x_m, m) -> D2, then the ancestral step from x to s' with D2
+    (dpmpp_sde_coeffs) and noise(s, s'); one Euler step (x' = D) to sigma 0. The two noises are increments of one
+    Brownian motion over overlapping intervals, so `noise_sampler` must be a Brownian one: by default a
+    `brownian_noise_sampler` over `sigmas` seeded by a draw from `generator` (the pipeline passes one seeded by the
+    images' seeds, A1111's)."""
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
-    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    if noise_sampler is None:
+        noise_sampler = brownian_noise_sampler(x, sigmas, int(torch.randint(0, 2 ** 63 - 1, (), generator=generator)))
     for i in _trange(len(s) - 1, disable=disable):
         if s[i + 1] == 0 or s[i + 1] == s[i]:  # the last step (or an empty interval): one Euler step
             x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], s[i + 1]))
         else:
             m = math.sqrt(s[i] * s[i + 1])  # k-diffusion's sigma_fn(t + h/2)
             mid = torch.tensor(m, dtype=torch.float64)
-            z1: list[torch.Tensor] = []
+            q, q_mid, q_next = _sigma_fn_times(s[i], s[i + 1])
             x_mid, denoised = denoise_and_step(model, x, sigmas[i], extra_args, ancestral_coeffs(s[i], m),
-                                               draw_noise=lambda: z1.append(noise_sampler(sigmas[i], mid)) or z1[0])
-            w1, w2 = brownian_weights(s[i], m, s[i + 1])
+                                               draw_noise=lambda: noise_sampler(q, q_mid))
             x_next, _ = denoise_and_step(model, x_mid, mid, extra_args, dpmpp_sde_coeffs(s[i], s[i + 1]), x,
-                                         draw_noise=lambda: (z1[0] * w1).add_(noise_sampler(mid, sigmas[i + 1]),
-                                                                              alpha=w2))
+                                         draw_noise=lambda: noise_sampler(q, q_next))
         _callback(callback, x, i, sigmas[i], denoised)
         x = x_next
     return x
+
+
+def _sigma_fn_times(sigma: float, sigma_next: float) -> list[torch.Tensor]:
+    """The times k-diffusion's sample_dpmpp_sde (and diffusers' DPMSolverSDEScheduler) ask their Brownian tree about,
+    as they compute them in fp32: sigma_fn(t), sigma_fn(t + h/2), sigma_fn(t_next) for t = -log(sigma). A Brownian
+    path moves by ~sqrt(dt) over dt, so an fp32 ulp of time shows in the noise at ~1e-4: the same rounding here
+    keeps A1111's numbers."""
+    t, t_next = (torch.tensor(v, dtype=torch.float32).log().neg() for v in (sigma, sigma_next))
+    return [v.neg().exp().double() for v in (t, t + (t_next - t) * 0.5, t_next)]
 
 
 @torch.no_grad()
@@ -1081,6 +1116,8 @@ class SamplerSpec:
     name: str  # canonical name
     fn: Callable[..., torch.Tensor]
     stochastic: bool  # takes generator / noise_sampler
+    brownian: bool = False  # its noise_sampler must be a Brownian one (`brownian_noise_sampler`; A1111's
+    # "brownian_noise" samplers, but for the 2M/3M SDE ones, whose diffusers twins draw fresh normals)
 
     def schedule(self, steps: int, cfg: SchedulerConfig = SchedulerConfig()) -> Schedule:
         return schedule_for(self.name, steps, cfg)
@@ -1097,9 +1134,10 @@ class SamplerSpec:
 # dpm2_a(_karras) KDPM2AncestralDiscreteScheduler, unipc(_karras) UniPCMultistepScheduler, dpmpp_2m_sde_heun(_karras)
 # DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_type="heun"). dpmpp_3m_sde(_karras) is
 # k-diffusion's sample_dpmpp_3m_sde on DPMSolverMultistep's (Karras) schedule: diffusers' solver_order=3 SDE step
-# is another method that does not converge (variant="diffusers", see sample_dpmpp_3m_sde). dpmpp_2s_a(_karras) and
-# dpmpp_sde(_karras) have none: k-diffusion's sample_dpmpp_2s_ancestral / sample_dpmpp_sde (Brownian noise from
-# plain Gaussian draws) on the Euler (Karras) schedule. plms is PNDMScheduler(skip_prk_steps=True) (on DDIM's schedule).
+# is another method that does not converge (variant="diffusers", see sample_dpmpp_3m_sde). dpmpp_sde(_karras) is
+# DPMSolverSDEScheduler (k-diffusion's sample_dpmpp_sde, torchsde Brownian noise) on the Euler (Karras) schedule.
+# dpmpp_2s_a(_karras) has none: k-diffusion's sample_dpmpp_2s_ancestral on the Euler (Karras) schedule. plms is
+# PNDMScheduler(skip_prk_steps=True) (on DDIM's schedule).
 # restart has none: A1111's restart_sampler (Heun steps and its restart segments) on the Euler Karras schedule,
 # A1111's default for it. ddim_cfgpp has none: A1111's DDIM CFG++ on DDIM's schedule. dpm_fast and dpm_adaptive have
 # none: k-diffusion's sample_dpm_fast / sample_dpm_adaptive (A1111's "DPM fast" / "DPM adaptive", eta 1); they use
@@ -1131,8 +1169,8 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("dpmpp_2s_a_karras", sample_dpmpp_2s_ancestral, True),
     SamplerSpec("unipc", sample_unipc, False),
     SamplerSpec("unipc_karras", sample_unipc, False),
-    SamplerSpec("dpmpp_sde", sample_dpmpp_sde, True),
-    SamplerSpec("dpmpp_sde_karras", sample_dpmpp_sde, True),
+    SamplerSpec("dpmpp_sde", sample_dpmpp_sde, True, brownian=True),
+    SamplerSpec("dpmpp_sde_karras", sample_dpmpp_sde, True, brownian=True),
     SamplerSpec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde_heun, True),
     SamplerSpec("dpmpp_2m_sde_heun_karras", sample_dpmpp_2m_sde_heun, True),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, True),

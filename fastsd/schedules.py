@@ -24,7 +24,8 @@ sigma) and the matching UNet timesteps diffusers' twin scheduler would use, buil
   euler_karras, heun_karras, lms(_karras)          Euler/Heun/LMSDiscrete: Euler's "linspace" schedule, or with
                                                   use_karras_sigmas=True the same Karras sigmas, the UNet getting
                                                   the fractional sigma_to_t(sigma) (not rounded); also
-                                                  dpmpp_2s_a(_karras) and dpmpp_sde(_karras) (no diffusers twin)
+                                                  dpmpp_2s_a(_karras) (no diffusers twin) and dpmpp_sde(_karras)
+                                                  (DPMSolverSDE's, the same to fp32 ulps)
   plms             PNDMScheduler(skip_prk_steps=True): DDIM's schedule; diffusers' timesteps list the second one
                                                   twice (the warm-up's second UNet call, a Heun step)
   restart          no twin: Euler's Karras schedule (A1111's default for Restart)
@@ -252,7 +253,7 @@ SAMPLER_SCHEDULES: dict[str, tuple[str, bool]] = {
     "dpmpp_2m_sde_heun_karras": ("dpm", True),
     "dpmpp_3m_sde": ("dpm", False),  # DPMSolverMultistep(solver_order=3)
     "dpmpp_3m_sde_karras": ("dpm", True),
-    "dpmpp_sde": ("euler", False),  # no diffusers twin without torchsde: Euler's (Karras) schedule, as dpmpp_2s_a
+    "dpmpp_sde": ("euler", False),  # Euler's (Karras) schedule, as dpmpp_2s_a (DPMSolverSDEScheduler's, to fp32 ulps)
     "dpmpp_sde_karras": ("euler", True),
     "lcm": ("lcm", False),
     "plms": ("ddim", False),  # PNDMScheduler(skip_prk_steps=True): DDIM's; it repeats timesteps[1] for its warm-up

@@ -168,9 +168,12 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp_2m_sde_heun_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
                                                                  "solver_type": "heun", "use_karras_sigmas": True}),
     "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-}  # dpmpp_2s_a(_karras), dpmpp_sde(_karras), dpmpp_3m_sde(_karras): no diffusers twin (tests/test_samplers*.py hold
-#    them to k-diffusion's algorithms; diffusers' solver_order=3 SDE step is another method, sample_dpmpp_3m_sde),
-#    restart (A1111's restart_sampler, tests/test_samplers_extra.py)
+    # its Brownian noise: the same as fastsd's for one image when its noise_sampler_seed is the image's seed
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+}  # dpmpp_2s_a(_karras), dpmpp_3m_sde(_karras): no diffusers twin (tests/test_samplers*.py hold them to k-diffusion's
+#    algorithms; diffusers' solver_order=3 SDE step is another method, sample_dpmpp_3m_sde), restart (A1111's
+#    restart_sampler, tests/test_samplers_extra.py)
 
 
 def diffusers_scheduler(sampler: str):

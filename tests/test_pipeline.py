@@ -97,6 +97,35 @@ def test_img2img_matches_diffusers(tiny, sampler):
     run_img2img(pipe, models, sampler, 64, 10, 0.6)
 
 
+@pytest.mark.parametrize("img2img", [False, True])
+def test_dpmpp_sde_karras_matches_diffusers_brownian_tree(tiny, img2img):
+    """DPM++ SDE Karras draws its noise from a torchsde Brownian tree of each image's seed over the whole schedule
+    (A1111's); diffusers' DPMSolverSDEScheduler(noise_sampler_seed=seed) from that same tree at batch 1, so the
+    images match, for img2img too (both trees span the full schedule, not its tail). A seed one off does not."""
+    _, models, pipe = tiny
+    prompt = PROMPT.replace("(detailed)", "detailed")
+    kw = dict(negative_prompt=NEG, guidance_scale=7.5)
+    if img2img:
+        rng = np.random.default_rng(0)
+        img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).filter(
+            __import__("PIL.ImageFilter").ImageFilter.GaussianBlur(2))
+        ours = lambda seed: pipe.generate(prompt, steps=10, sampler="DPM++ SDE Karras", image=img,  # noqa: E731
+                                          strength=0.6, seed=seed, progress=False, **kw)[0]
+        ref_pipe = diffusers_pipe(models, "dpmpp_sde_karras", img2img=True)
+        call = dict(image=img, strength=0.6, num_inference_steps=10, generator=torch.Generator().manual_seed(11))
+    else:
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+        ours = lambda seed: pipe.generate(prompt, steps=8, sampler="DPM++ SDE Karras", width=64,  # noqa: E731
+                                          height=64, latents=latents, seed=seed, progress=False, **kw)[0]
+        ref_pipe = diffusers_pipe(models, "dpmpp_sde_karras")
+        call = dict(num_inference_steps=8, height=64, width=64, latents=latents.clone())
+    assert type(ref_pipe.scheduler).__name__ == "DPMSolverSDEScheduler" and ref_pipe.scheduler.config.use_karras_sigmas
+    ref_pipe.scheduler.noise_sampler_seed = 11
+    ref = ref_pipe(prompt, output_type="np", **kw, **call).images[0]
+    assert_same_image(ours(11), ref)
+    assert psnr(ours(12), (ref * 255).round().astype(np.uint8)) < 35
+
+
 @pytest.mark.slow
 def test_sd15_txt2img_and_img2img_match_diffusers(tmp_path):
     unet, vae, clip, tok = make_models(SD15, tmp_path)
@@ -107,9 +136,10 @@ def test_sd15_txt2img_and_img2img_match_diffusers(tmp_path):
 
 # ---- seeds, batches -----------------------------------------------------------------------------------
 
-def test_same_seed_same_image_and_batch_seed_rule(tiny):
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_sde_karras"])  # per-image generators; per-image Brownian trees
+def test_same_seed_same_image_and_batch_seed_rule(tiny, sampler):
     _, _, pipe = tiny
-    kw = dict(steps=3, sampler="euler_a", width=32, height=48, progress=False)
+    kw = dict(steps=3, sampler=sampler, width=32, height=48, progress=False)
     batch = pipe.generate("a cat", seed=5, num_images=3, **kw)
     again = pipe.generate("a cat", seed=5, num_images=1, **kw)[0]
     third = pipe.generate("a cat", seed=7, num_images=1, **kw)[0]

@@ -67,7 +67,7 @@ def _prototype_scheduler(name: str):
             SD15, solver_order=3, algorithm_type="sde-dpmsolver++"),
         "dpmpp_3m_sde_karras": lambda: d.DPMSolverMultistepScheduler.from_config(
             SD15, solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
-        # no diffusers twin (DPMSolverSDEScheduler needs torchsde): Euler's (Karras) schedule, as dpmpp_2s_a
+        # Euler's (Karras) schedule, as dpmpp_2s_a (DPMSolverSDEScheduler: tests/test_samplers_sde.py)
         "dpmpp_sde": lambda: d.EulerDiscreteScheduler.from_config(SD15),
         "dpmpp_sde_karras": lambda: d.EulerDiscreteScheduler.from_config(SD15, use_karras_sigmas=True),
         "plms": lambda: d.PNDMScheduler.from_config(SD15, skip_prk_steps=True),

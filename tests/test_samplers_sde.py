@@ -1,7 +1,7 @@
-"""A1111's SDE samplers: DPM++ SDE (k-diffusion's sample_dpmpp_sde, Brownian noise from plain Gaussian draws),
-DPM++ 2M SDE Heun and DPM++ 3M SDE (diffusers' DPMSolverMultistepScheduler twins; k-diffusion's 3M SDE as a
-variant). Oracles: diffusers fed the same noise, k-diffusion transcriptions (marked as such) fed a fixed Brownian
-path, and the statistics of Gaussian data, whose exact denoiser is linear."""
+"""A1111's SDE samplers: DPM++ SDE (k-diffusion's sample_dpmpp_sde with its torchsde Brownian tree; diffusers'
+DPMSolverSDEScheduler), DPM++ 2M SDE Heun and DPM++ 3M SDE (diffusers' DPMSolverMultistepScheduler twins;
+k-diffusion's 3M SDE as a variant). Oracles: diffusers fed the same noise or seed, k-diffusion transcriptions (marked
+as such) fed a fixed Brownian path, and the statistics of Gaussian data, whose exact denoiser is linear."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastsd.denoisers import EpsDenoiser
-from fastsd.samplers import SAMPLERS, brownian_weights, dpmpp_3m_sde_coeffs, get_sampler
+from fastsd.samplers import SAMPLERS, brownian_noise_sampler, dpmpp_3m_sde_coeffs, get_sampler
 from fastsd.schedules import alphas_cumprod, schedule_for
 from test_samplers import (SHAPE, FakeUNet, _a1111_karras, diffusers_loop, fastsd_loop, kdiff_get_ancestral_step,
                            make_scheduler, rel_err)
@@ -76,6 +76,70 @@ def test_diffusers_img2img_parity(name, steps, strength):
     out, ts = fastsd_loop(name, steps, noise, strength=strength, init=init, generator=g, opts=twin_opts(name))
     assert ts == ref_ts and len(ts) == int(steps * strength)
     assert rel_err(out, ref) < 3e-6
+
+
+def _dpmsolver_sde(karras: bool, steps: int, seed: int):
+    import diffusers
+
+    from test_samplers import SD15
+    sched = diffusers.DPMSolverSDEScheduler.from_config(SD15, use_karras_sigmas=karras, noise_sampler_seed=seed)
+    sched.set_timesteps(steps)
+    return sched
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 15, 30])
+@pytest.mark.parametrize("karras", [False, True])
+def test_dpmpp_sde_matches_diffusers_dpmsolver_sde(karras, steps):
+    """diffusers' DPMSolverSDEScheduler (k-diffusion's sample_dpmpp_sde with torchsde's Brownian tree, seeded by
+    noise_sampler_seed) run over its own sigmas, and fastsd's sampler over the same sigmas with the Brownian noise
+    of the same seed (an int: one tree over the batch, as diffusers'): the same model calls and final latents.
+    (On its own schedules fastsd's Euler-schedule sigmas differ from DPMSolverSDE's by fp32 ulps, which the
+    Brownian path turns into ~1e-4 differences: the Karras one matches to the bit.)"""
+    sched = _dpmsolver_sde(karras, steps, seed=33)
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(SHAPE, generator=g)
+    unet = FakeUNet()
+    lat = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        lat = sched.step(unet(sched.scale_model_input(lat, t), t), t, lat).prev_sample
+    sig = torch.cat([sched.sigmas[0::2], sched.sigmas[-1:]]).double() if steps > 1 else sched.sigmas[:2].double()
+    if karras:
+        assert torch.equal(sig, schedule_for("dpmpp_sde_karras", steps).sigmas)
+    ours_unet = FakeUNet()
+    den = EpsDenoiser(ours_unet, alphas_cumprod())  # its own sigma -> timestep (DPMSolverSDE's log interpolation)
+    x = noise.double() * sig[0].item()
+    out = SAMPLERS["dpmpp_sde"](den, x, sig, disable=True, noise_sampler=brownian_noise_sampler(x, sig, 33))
+    assert len(ours_unet.ts) == len(unet.ts) == 2 * steps - 1
+    assert np.allclose(ours_unet.ts, unet.ts, rtol=0, atol=2e-3)  # diffusers keeps its linspace timesteps
+    assert rel_err(out, lat.double()) < 2e-6  # observed <= 5e-7 (diffusers steps in fp32)
+    other = SAMPLERS["dpmpp_sde"](den, x, sig, disable=True, noise_sampler=brownian_noise_sampler(x, sig, 34))
+    assert steps == 1 or rel_err(other, lat.double()) > 1e-3  # the seed matters (no noise on a one-step run)
+
+
+def test_brownian_noise_per_image_seeds():
+    """A list of seeds: one tree per image (A1111's create_noise_sampler), so image i's noise is that of its seed
+    alone at batch 1, whatever the batch; an int seeds one tree over the whole batch (diffusers'). Unit variance,
+    the increments of one path (noise(a, c) from noise(a, b) and noise(b, c)), the sign of the direction."""
+    sig = schedule_for("dpmpp_sde_karras", 10).sigmas
+    x = torch.zeros(3, 4, 16, 16)
+    batch = brownian_noise_sampler(x, sig, [5, 6, 7])
+    alone = brownian_noise_sampler(x[:1], sig, [6])
+    a, b, c = (sig[i] for i in (0, 3, 6))
+    assert torch.equal(batch(a, c)[1:2], alone(a, c))
+    assert not torch.allclose(batch(a, c)[0], batch(a, c)[1])
+    whole = brownian_noise_sampler(x, sig, 6)(a, c)  # its first image is seed 6's alone (so diffusers' int seed
+    # gives A1111's noise at batch 1), the others follow on in that tree's draws
+    assert whole.shape == x.shape and torch.equal(whole[:1], alone(a, c))
+    assert not torch.allclose(whole[1], batch(a, c)[2]) and not torch.allclose(whole[1], whole[0])
+    n_ab, n_bc, n_ac = batch(a, b), batch(b, c), batch(a, c)
+    ab, bc = math.sqrt(a - b), math.sqrt(b - c)
+    assert torch.allclose(n_ac, (n_ab * ab + n_bc * bc) / math.sqrt(a - c), atol=2e-5)
+    assert torch.equal(batch(c, a), -n_ac)
+    z = torch.cat([brownian_noise_sampler(x, sig, [s, s + 1, s + 2])(a, c) for s in range(0, 60, 3)])
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert x.dtype == batch(a, b).dtype and brownian_noise_sampler(x.double(), sig, 1)(a, b).dtype == torch.float64
+    with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
+        brownian_noise_sampler(x, sig, [1, 2])
 
 
 # --------------------------------------------------------------------------------------------- k-diffusion oracles
@@ -168,8 +232,8 @@ def kdiff_sample_dpmpp_3m_sde(model, x, sigmas, noise_sampler, eta=1.0):
 class BrownianPath:
     """A fixed Brownian path W in time = sigma, given at the step sigmas and the midpoints sqrt(s s'), built from
     independent normals z1 (over (s, m)) and z2 (over (m, s')) per step; `noise(a, b)` = (W(b) - W(a)) /
-    sqrt|b - a| as k-diffusion's BrownianTreeNoiseSampler returns, for grid points a, b (matched to ~1e-9
-    relative: k-diffusion's exp(-(t + h/2)) midpoint differs from sqrt(s s') in the last bits)."""
+    sqrt|b - a| as k-diffusion's BrownianTreeNoiseSampler returns, for grid points a, b (matched to 1e-6
+    relative: fastsd asks at k-diffusion's fp32 sigma_fn(t) times, the transcription at float64 ones)."""
 
     def __init__(self, sigmas, shape, generator):
         s = sigmas.tolist()
@@ -189,7 +253,7 @@ class BrownianPath:
 
     def _w(self, sigma):
         sigma = float(sigma)
-        hits = [j for j, p in enumerate(self.points) if abs(p - sigma) <= 1e-9 * p]
+        hits = [j for j, p in enumerate(self.points) if abs(p - sigma) <= 1e-6 * p]
         assert len(hits) == 1, (sigma, hits)
         return self.values[hits[0]]
 
@@ -211,44 +275,42 @@ def _kdiff_setup(sigmas, steps):
 @pytest.mark.parametrize("sigmas", ["dpmpp_sde", "dpmpp_sde_karras", "a1111_karras"])
 @pytest.mark.parametrize("steps", [1, 2, 4, 15])
 def test_dpmpp_sde_matches_k_diffusion_on_a_brownian_path(sigmas, steps):
-    """fastsd draws z1 = noise(s, m) and z2 = noise(m, s') and gives the second stage w1 z1 + w2 z2; k-diffusion
-    asks its Brownian tree for noise(s, m) and noise(s, s'). On one fixed Brownian path both are the path's own
-    increments, so the two samplers agree to rounding."""
+    """Both ask the noise sampler for (s, m) and (s, s') each step but the last, at the same times (fastsd at their
+    fp32 roundings), and on one fixed Brownian path agree to rounding."""
     sig, x, g, model, calls = _kdiff_setup(sigmas, steps)
     path = BrownianPath(sig, SHAPE, g)
     ref = kdiff_sample_dpmpp_sde(model, x, sig, path.noise)
-    n_ref, ref_calls = len(calls), list(calls)
+    n_ref, ref_calls, ref_noise = len(calls), list(calls), list(path.calls)
     calls.clear()
     path.calls.clear()
     out = SAMPLERS["dpmpp_sde"](model, x, sig, disable=True, noise_sampler=path.noise)
     assert len(calls) == n_ref == 2 * steps - 1
     assert np.allclose(calls, ref_calls, rtol=1e-12, atol=0)  # the same sigmas and midpoints
-    # ours: (s, m) then (m, s') per step but the last, i.e. exactly the fresh normals z1, z2
-    assert len(path.calls) == 2 * (steps - 1)
-    assert all(abs(m - a) > 0 and abs(b - m) > 0 for (a, m), (_, b) in zip(path.calls[0::2], path.calls[1::2]))
-    assert rel_err(out, ref) < 1e-12
+    assert len(path.calls) == len(ref_noise) == 2 * (steps - 1)
+    assert np.allclose(path.calls, ref_noise, rtol=1e-6, atol=0)
+    assert all(a == a2 and m < a and b < m for (a, m), (a2, b) in zip(path.calls[0::2], path.calls[1::2]))
+    assert rel_err(out, ref) < 1e-6  # the increments divided by square roots of fp32 times (observed <= 1.3e-7)
 
 
-def test_dpmpp_sde_draws_z1_and_z2_in_order():
-    """The noise sampler is asked for (sigma, mid) after the first model call and (mid, sigma_next) after the
-    second; with generator-drawn noise that is two randn per step but the last."""
+def test_dpmpp_sde_asks_at_k_diffusions_fp32_times():
+    """(sigma_fn(t), sigma_fn(t + h/2)) after the first model call and (sigma_fn(t), sigma_fn(t_next)) after the
+    second, each time computed in fp32 as k-diffusion and diffusers do (t = -log(sigma)); none on the last step."""
     sig = schedule_for("dpmpp_sde_karras", 5).sigmas
     seen = []
 
     def ns(a, b):
-        seen.append((float(a), float(b)))
+        seen.append((a.item(), b.item()))
         return torch.zeros(SHAPE, dtype=torch.float64)
 
     den = EpsDenoiser(FakeUNet(), alphas_cumprod())
     SAMPLERS["dpmpp_sde"](den, torch.ones(SHAPE, dtype=torch.float64), sig, disable=True, noise_sampler=ns)
-    s = sig.tolist()
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
     expected = []
-    for i in range(4):
-        m = math.sqrt(s[i] * s[i + 1])
-        expected += [(s[i], m), (m, s[i + 1])]
-    assert np.allclose(seen, expected, rtol=1e-15, atol=0)
-    w1, w2 = brownian_weights(s[0], math.sqrt(s[0] * s[1]), s[1])
-    assert w1 ** 2 + w2 ** 2 == pytest.approx(1.0, abs=1e-15)
+    for s, sn in zip(sig.tolist()[:4], sig.tolist()[1:5]):
+        t, t_next = -f32(s).log(), -f32(sn).log()
+        q, q_mid, q_next = (float((-v).exp()) for v in (t, t + (t_next - t) * 0.5, t_next))
+        expected += [(q, q_mid), (q, q_next)]
+    assert seen == expected
 
 
 @pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras"])
@@ -316,19 +378,32 @@ def gaussian_denoiser(mu):
 
 def chain_std(spec, sigmas, opts):
     """The exact output std of the sampler on N(MU, C^2) data started from the exact marginal at sigmas[0], every
-    noise draw an independent standard normal: the chain is linear, so the output is A x + sum_k B_k z_k + const;
-    A and the B_k are read off one run on probe columns (x = 1 in column 0, draw k = 1 in column k)."""
+    noise draw an independent standard normal (a Brownian sampler's: the increments of one Brownian path): the chain
+    is linear, so the output is A x + sum_k B_k z_k + const; A and the B_k are read off one run on probe columns
+    (x = 1 in column 0, normal k = 1 in column k)."""
     P = 4 * len(sigmas) + 2
     x = torch.zeros(P, 8, dtype=torch.float64)
     x[0] = 1.0
     k = [0]
 
-    def unit(a, b):
+    def fresh(a=None, b=None):
         k[0] += 1
         z = torch.zeros(P, 8, dtype=torch.float64)
         z[k[0]] = 1.0
         return z
 
+    path = {}  # time -> W there, over the probe columns; the path grows downwards from the first time asked
+
+    def increment(a, b):
+        for t in (float(a), float(b)):
+            if t not in path:
+                low = min(path, default=None)
+                assert low is None or t < low
+                path[t] = torch.zeros(P, 8, dtype=torch.float64) if low is None else \
+                    path[low] + math.sqrt(low - t) * fresh()
+        return (path[float(b)] - path[float(a)]) / math.sqrt(abs(float(b) - float(a)))
+
+    unit = increment if spec.brownian else fresh
     out = spec(gaussian_denoiser(torch.zeros(8, dtype=torch.float64)), x, sigmas, disable=True,
                noise_sampler=unit, **opts)
     assert 0 < k[0] < P - 1

@@ -6,9 +6,9 @@ import torch
 from fastsd import backends
 from fastsd.denoisers import CFGDenoiser
 from fastsd.kernels._reference import cfg_step as cfg_step_reference
-from fastsd.samplers import (SAMPLERS, ancestral_coeffs, ddpm_coeffs, denoise_and_step, dpm2_coeffs, dpmpp_2m_coeffs,
-                             dpmpp_2m_sde_coeffs, dpmpp_2s_coeffs, euler_coeffs, heun_coeffs, lms_coeffs,
-                             unipc_corrector_coeffs, unipc_predictor_coeffs)
+from fastsd.samplers import (SAMPLERS, ancestral_coeffs, brownian_noise_sampler, ddpm_coeffs, denoise_and_step,
+                             dpm2_coeffs, dpmpp_2m_coeffs, dpmpp_2m_sde_coeffs, dpmpp_2s_coeffs, euler_coeffs,
+                             heun_coeffs, lms_coeffs, unipc_corrector_coeffs, unipc_predictor_coeffs)
 from fastsd.kernels.cfg_step import cfg_step, cfg_step_config, cfg_step_op
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -211,6 +211,9 @@ def test_sampler_loops_triton_vs_torch(name, monkeypatch):
     assert len(calls) == (11 if two_calls else 6)  # Heun, DPM2, DPM++ 2S, DPM++ SDE: two calls a step, one on the last
     g64 = torch.Generator().manual_seed(1)  # the same noise values, drawn in fp32 as the fp32 loops draw them
     opts = {"noise_sampler": lambda s, sn: torch.randn(x0.shape, generator=g64).double()} if spec.stochastic else {}
+    if spec.brownian:  # DPM++ SDE: the Brownian tree of the seed it draws from the generator
+        opts = {"noise_sampler": brownian_noise_sampler(x0.double(), sched.sigmas, int(torch.randint(
+            0, 2 ** 63 - 1, (), generator=g64)))}
     model = CFGDenoiser(_FakeDenoiser(), cond.double(), uncond.double(), SCALE)
     ref = spec(model, x0.double(), sched.sigmas, disable=True, **opts)
     err = {be: _rel(out[be], ref) for be in out}
