@@ -431,9 +431,10 @@ def brownian_noise_sampler(x: torch.Tensor, sigmas, seed: int | Sequence[int]) -
             trees.extend(torchsde.BrownianTree(t0, w0, t1, entropy=s) for s in seeds)
         # torchsde rounds its ends to its tolerance's decimals and clamps (with a warning) a time beyond them, as
         # fp32 sigma_fn(t) of the smallest sigma can be: the same clamp here, without the warning
-        lo, hi = max(min(a, b), round(t0, TREE_DIGITS)), min(max(a, b), round(t1, TREE_DIGITS))
+        lo = max(min(a, b), round(t0, TREE_DIGITS))
+        hi = max(min(max(a, b), round(t1, TREE_DIGITS)), lo)
         w = torch.stack([tree(lo, hi) for tree in trees]) if batched else trees[0](lo, hi)
-        return (w * ((1 if b > a else -1) / math.sqrt(hi - lo))).to(x.dtype)
+        return (w * ((1 if b > a else -1) / math.sqrt(abs(b - a)))).to(x.dtype)  # k-diffusion's unclamped span
 
     return sample
 
