@@ -255,12 +255,18 @@ def save(images, folder: str, file: str | None, overwrite: bool, seeds: list[int
 
 
 def hires_upscaler(args: argparse.Namespace) -> str:
-    """--hires-upscaler as the pipeline takes it: A1111's built-in names and a model file's path as they are, a
-    model's name (its file stem, or an A1111 name such as "R-ESRGAN 4x+") as its file in --upscaler-dir."""
+    """--hires-upscaler as the pipeline takes it (`find_hires_upscaler` in --upscaler-dir)."""
+    return find_hires_upscaler(args.hires_upscaler, args.upscaler_dir)
+
+
+def find_hires_upscaler(name: str, folder: str | None) -> str:
+    """A hires upscaler as the pipeline takes it: A1111's built-in names and a model file's path as they are, a
+    model's name (its file stem, or an A1111 name such as "R-ESRGAN 4x+") as its file in `folder` (none given:
+    $FASTSD_UPSCALER_DIR). ValueError, one line."""
     from fastsd import hires
     from fastsd.upscalers import UPSCALER_DIR_ENV, upscaler_path
 
-    name, folder = args.hires_upscaler, args.upscaler_dir or os.environ.get(UPSCALER_DIR_ENV)
+    folder = folder or os.environ.get(UPSCALER_DIR_ENV)
     try:
         return hires.resolve_upscaler(name)
     except ValueError:

@@ -67,18 +67,18 @@ def test_jsonl_csv_txt_defaults_ids_and_seeds(tmp_path):
 
 def test_every_settings_option_is_a_job_default():
     """The CLI adds one option per GenerationSettings field (fastsd.generate's builder): each must reach the
-    jobs through Defaults, or a new field would be an option that silently does nothing."""
+    jobs through Defaults, or a new field would be an option that silently does nothing; and each is a job field
+    too (the hires fix, the variation seed and seed resize included)."""
     import dataclasses
 
     from fastsd.batch.__main__ import build_parser
+    from fastsd.batch.jobs import FIELDS as JOB_FIELDS
     from fastsd.settings import FIELDS
 
-    from fastsd.batch.jobs import NOT_BATCHED
-
     per_job = {f.name for f in dataclasses.fields(Defaults)} - {"loras"}
-    assert per_job == set(FIELDS) - {"prompt", "num_images", "strength", *NOT_BATCHED}
-    assert not set(NOT_BATCHED) & set(vars(build_parser().parse_args(["j.txt", "--out", "o"])))  # not offered
+    assert per_job == set(FIELDS) - {"prompt", "num_images", "strength"}
     assert per_job <= set(vars(build_parser().parse_args(["j.txt", "--out", "o"])))
+    assert per_job | {"prompt"} <= set(JOB_FIELDS.values())
 
 
 def test_bad_lines_become_failed_jobs_with_line_and_reason(tmp_path):
@@ -225,6 +225,228 @@ def test_batches_that_would_change_pixels_run_one_at_a_time(tmp_path, monkeypatc
     run(jobs, out=str(tmp_path / "b"), defaults=SMALL, batch=2, always_batch=True, **TINY)
     assert "NOT identical to one at a time" in capsys.readouterr().err
     assert _png_bytes(str(tmp_path / "alone")) == _png_bytes(str(tmp_path / "b"))
+
+
+# ---- the hires fix, variation seeds, seed resize -----------------------------------------------------
+
+def write_tiny_upscaler(path) -> str:
+    """A small random Real-ESRGAN compact model (4x) as a .safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fastsd.config import CompactConfig
+    from fastsd.models.compact import SRVGGNetCompact
+
+    torch.manual_seed(0)
+    model = SRVGGNetCompact(CompactConfig(features=8, convs=1))
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def upscalers(tmp_path_factory):
+    """An upscaler folder: 4x-Tiny (write_tiny_upscaler) and broken (not an upscaler)."""
+    folder = tmp_path_factory.mktemp("upscalers")
+    write_tiny_upscaler(folder / "4x-Tiny.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"\xff" * 100)
+    return str(folder)
+
+
+def _generated_png(pipe, **settings) -> bytes:
+    """The PNG of Pipeline.generate's image, written as the batch runner writes one."""
+    im = pipe.generate(**settings, progress=False)[0]
+    buf = io.BytesIO()
+    png_writer(im, im.info["parameters"])(buf)
+    return buf.getvalue()
+
+
+def test_hires_and_variation_jobs_are_generates_images_batched_or_not(tmp_path, upscalers, capsys, monkeypatch):
+    """A hires job's PNG is Pipeline.generate's (and python -m fastsd.generate's) for the same settings, pixels and
+    infotext, with a latent, an image (Lanczos) and a model upscaler (by its name in --upscaler-dir, named so in the
+    infotext), also when its first pass shared a UNet call with another job's (--batch 2 --always-batch: the
+    second pass runs per job). Jobs with a variation seed run alone: two with subseed 9 both get 9's noise (in one
+    batch the second would get 10's); seed resize, with a subseed derived from the job, as generate's."""
+    from fastsd.pipeline import Pipeline
+
+    monkeypatch.delenv("FASTSD_UPSCALER_DIR", raising=False)
+    second_passes, hires_pass = [], Pipeline.hires_pass
+
+    def recording(self, s, x, seeds, *args, **kwargs):
+        second_passes.append((x.shape[0], len(seeds)))
+        return hires_pass(self, s, x, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "hires_pass", recording)
+    records = [
+        {"prompt": "a cat", "seed": 1, "id": "lat1", "hires_scale": 1.25},
+        {"prompt": "a dog", "seed": 2, "id": "lat2", "hr_scale": 1.25, "negative_prompt": "blur"},
+        {"prompt": "a cow", "seed": 3, "id": "lan1", "hires_scale": 1.25, "hires_upscaler": "Lanczos", "hires_steps": 1,
+         "hires_prompt": "a big animal"},
+        {"prompt": "a hen", "seed": 4, "id": "lan2", "hires_scale": 1.25, "hires_upscaler": "lanczos",
+         "hires_steps": 1, "hires_prompt": "a big animal"},
+        {"prompt": "an owl", "seed": 5, "id": "esr", "hr_resize_x": 96, "hr_resize_y": 80, "hr_upscaler": "4x-Tiny",
+         "denoising_strength": 0.5},
+        {"prompt": "a pig", "seed": 6, "id": "var1", "subseed": 9, "subseed_strength": 0.5},
+        {"prompt": "a hen", "seed": 7, "id": "var2", "subseed": 9, "subseed_strength": 0.5},
+        {"prompt": "a fox", "seed": 8, "id": "rsz", "seed_resize_from_w": 96, "seed_resize_from_h": 48,
+         "subseed_strength": 0.3}]
+    jobs = write(tmp_path / "jobs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    out = str(tmp_path / "out")
+    size = ["--steps", "2", "--width", "64", "--height", "64", "--threads", "1", "--no-progress"]
+    assert main([jobs, "--model", "random:tiny", "--out", out, *size, "--batch", "2", "--always-batch",
+                 "--upscaler-dir", upscalers]) == 0
+    err = capsys.readouterr().err
+    assert "2 jobs at 64x64 in one UNet call: identical to one at a time" in err and "-> batching" in err
+    # (on the tiny model a batch of 2 often gives the same bits as 2 lone runs: that each second pass runs alone is
+    # checked here, not only through the pixels)
+    assert second_passes == [(1, 1)] * 5
+    subseed = manifest(out)[-1]["settings"]["subseed"]  # rsz's, derived from its line and content
+    assert isinstance(subseed, int)
+    assert read_job_file(jobs, Defaults(steps=2, width=64, height=64))[-1].settings.subseed == subseed  # stable
+    pipe = fastsd.load_pipeline("random:tiny")
+    want = {"lat1": dict(prompt="a cat", seed=1, hires_scale=1.25),
+            "lat2": dict(prompt="a dog", negative_prompt="blur", seed=2, hires_scale=1.25),
+            "lan1": dict(prompt="a cow", seed=3, hires_scale=1.25, hires_upscaler="Lanczos", hires_steps=1,
+                         hires_prompt="a big animal"),
+            "lan2": dict(prompt="a hen", seed=4, hires_scale=1.25, hires_upscaler="Lanczos", hires_steps=1,
+                         hires_prompt="a big animal"),
+            "esr": dict(prompt="an owl", seed=5, hires_width=96, hires_height=80, hires_strength=0.5,
+                        hires_upscaler=os.path.join(upscalers, "4x-Tiny.safetensors")),  # (as the CLI passes it)
+            "var1": dict(prompt="a pig", seed=6, subseed=9, subseed_strength=0.5),
+            "var2": dict(prompt="a hen", seed=7, subseed=9, subseed_strength=0.5),
+            "rsz": dict(prompt="a fox", seed=8, seed_resize_from_w=96, seed_resize_from_h=48, subseed=subseed,
+                        subseed_strength=0.3)}
+    pngs = _png_bytes(out)
+    assert sorted(pngs) == sorted(f"{name}.png" for name in want)
+    for name, kw in want.items():
+        assert pngs[f"{name}.png"] == _generated_png(pipe, steps=2, width=64, height=64, **kw), name
+    with Image.open(os.path.join(out, "esr.png")) as im:
+        params = parse_infotext(im.text["parameters"])[2]
+        assert im.size == (96, 80) and params["Hires upscaler"] == "4x-Tiny" and params["Denoising strength"] == "0.5"
+    with Image.open(os.path.join(out, "var2.png")) as im:
+        assert parse_infotext(im.text["parameters"])[2]["Variation seed"] == "9"
+    from fastsd.generate import main as generate
+
+    cli = str(tmp_path / "cli.png")
+    assert generate(["an owl", "--model", "random:tiny", *size, "--seed", "5", "--hires-width", "96", "--hires-height",
+                     "80", "--hires-strength", "0.5", "--hires-upscaler", "4x-Tiny", "--upscaler-dir", upscalers,
+                     "--out", cli]) == 0
+    assert open(cli, "rb").read() == pngs["esr.png"]
+
+
+def test_a1111_hires_fields_enable_hr_and_variation_seeds(tmp_path):
+    """A1111's API names map to the hires fields (its denoising_strength is the hires pass's); enable_hr false drops
+    the hires fix (fields and options), true without a scale or size is A1111's hr_scale 2; a size replaces the
+    scale; "Use same sampler / scheduler" = not given. A subseed left out or -1 is derived from the job (stable) when
+    subseed_strength > 0, --subseed S gives job i S + i; at strength 0 a subseed is dropped."""
+    d = Defaults(steps=2, width=64, height=64)
+    path = write(tmp_path / "j.jsonl", "".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "a", "hr_scale": 2, "denoising_strength": 0.4, "hr_second_pass_steps": 3,
+         "hr_upscaler": "latent (bicubic)", "hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras", "hr_prompt": "b",
+         "hr_negative_prompt": "c"},
+        {"prompt": "a", "enable_hr": True},
+        {"prompt": "a", "enable_hr": False, "hr_scale": 9, "hr_upscaler": "nonsense"},
+        {"prompt": "a", "enable_hr": True, "hr_resize_x": 96, "hr_scale": 3},
+        {"prompt": "a", "hr_scale": 2, "hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler"},
+        {"prompt": "a", "subseed": -1, "subseed_strength": 0.5},
+        {"prompt": "a", "subseed": 5},
+        {"prompt": "a", "enable_hr": "maybe"}]))
+    a, b, c, e, f, g, h, i = read_job_file(path, d)
+    s = a.settings
+    assert (s.hires_scale, s.hires_strength, s.hires_steps, s.hires_upscaler, s.hires_sampler, s.hires_schedule_type,
+            s.hires_prompt, s.hires_negative_prompt) == (2.0, 0.4, 3, "Latent (bicubic)", "dpmpp_2m", "karras", "b",
+                                                         "c")
+    assert {k: v for k, v in a.manifest_settings().items() if k.startswith("hires_")} == {
+        "hires_scale": 2.0, "hires_steps": 3, "hires_strength": 0.4, "hires_upscaler": "Latent (bicubic)",
+        "hires_sampler": "dpmpp_2m", "hires_prompt": "b", "hires_negative_prompt": "c", "hires_scheduler": "karras"}
+    assert b.settings.hires_scale == 2.0
+    assert not c.settings.hires and c.settings.hires_upscaler == "Latent" and not any(
+        k.startswith("hires_") for k in c.manifest_settings())
+    assert (e.settings.hires_width, e.settings.hires_scale) == (96, 1.0) and e.settings.hires
+    assert f.settings.hires and (f.settings.hires_sampler, f.settings.hires_schedule_type) == (None, None)
+    assert 0 <= g.settings.subseed < 2**32 and g.settings.subseed != g.settings.seed
+    assert read_job_file(path, d)[5].settings.subseed == g.settings.subseed  # stable: a resumed job draws the same
+    # noise
+    assert (g.manifest_settings()["subseed"], g.manifest_settings()["subseed_strength"]) == (g.settings.subseed, 0.5)
+    assert h.settings.subseed is None and "subseed" not in h.manifest_settings()
+    assert isinstance(i, BadJob) and i.error == "enable_hr must be true or false, got 'maybe'"
+    csv = write(tmp_path / "j.csv", "prompt,enable_hr,hr_scale\nx,false,2\ny,TRUE,\nz,,1.5\n")
+    assert [j.settings.hires_scale for j in read_job_file(csv, d)] == [1.0, 2.0, 1.5]
+    opts = Defaults(steps=2, width=64, height=64, hires_scale=1.5, subseed=100, subseed_strength=0.2)
+    assert [j.settings.hires_scale for j in read_job_file(csv, opts)] == [1.0, 1.5, 1.5]  # enable_hr false: no hires
+    assert [j.settings.subseed for j in read_job_file(csv, opts)] == [100, 101, 102]  # --subseed S: S + index
+
+
+PINNED = ('{"prompt": "a cat", "seed": 7, "cfg": 5, "sampler": "Euler a"}\n'
+          '{"prompt": "a dog", "negative_prompt": "blur", "size": "64x128", "scheduler": "karras", '
+          '"sampler": "euler"}\n'
+          '{"prompt": "a <lora:ink:0.5> cow", "loras": ["x:0.2:0.4"], "clip_skip": 2}\n')
+
+
+def test_ids_of_job_files_without_the_new_fields_are_unchanged(tmp_path):
+    """Ids (and derived seeds) fastsd.batch gave this file before the hires fix and variation seeds were fields; and
+    the same with options that these jobs don't turn on, or a record whose enable_hr false drops its hires fields."""
+    path = write(tmp_path / "pin.jsonl", PINNED)
+    ids = ["00001-2ef701842f", "00002-dd6fbd4cdc", "00003-7875031911"]
+    for d in (Defaults(steps=3, width=64, height=64),
+              Defaults(steps=3, width=64, height=64, hires_upscaler="Lanczos", hires_steps=5, hires_prompt="x",
+                       subseed=4, seed_resize_from_w=0)):
+        jobs = read_job_file(path, d)
+        assert [j.id for j in jobs] == ids and [j.settings.seed for j in jobs] == [7, 3715087692, 2020934425]
+    assert [j.id for j in read_job_file(path, Defaults())] == ["00001-bd729414e2", "00002-8cd3f29046",
+                                                               "00003-f1cdd1e5e2"]
+    csv = write(tmp_path / "pin.csv", 'prompt,steps,cfg\n"a cat, sitting",4,\n')
+    assert read_job_file(csv, Defaults(steps=3, width=64, height=64))[0].id == "00002-58c88d6044"
+    off = write(tmp_path / "off.jsonl", PINNED.replace('"Euler a"}', '"Euler a", "enable_hr": false, "hr_scale": 2}'))
+    assert read_job_file(off, Defaults(steps=3, width=64, height=64))[0].id == ids[0]
+
+
+def test_hires_and_variation_jobs_batch_only_with_equal_settings():
+    """The same hires fix (all its fields, resolved) and seed resize batch together; a job with a variation seed
+    with no other; settings that change nothing (a subseed at strength 0, enable_hr false) don't split a batch."""
+    from fastsd.batch.jobs import make_jobs, plan_batches, records_from_list
+    from fastsd.tokenizer import Tokenizer
+
+    recs = [{"prompt": "a"}, {"prompt": "b", "hires_scale": 1.5}, {"prompt": "c", "hr_scale": 1.5},
+            {"prompt": "d", "hires_scale": 1.5, "hires_upscaler": "Lanczos"},
+            {"prompt": "e", "subseed": 1, "subseed_strength": 0.5},
+            {"prompt": "f", "subseed": 1, "subseed_strength": 0.5},
+            {"prompt": "g", "seed_resize_from_w": 32, "seed_resize_from_h": 32},
+            {"prompt": "h", "seed_resize_from_w": 32, "seed_resize_from_h": 32}, {"prompt": "i", "subseed": 3},
+            {"prompt": "j", "enable_hr": False, "hr_scale": 2}]
+    jobs = make_jobs(records_from_list(recs), SMALL)
+    plan = [[j.settings.prompt for j in b] for b in plan_batches(jobs, 2, Tokenizer())]
+    assert plan == [["a", "i"], ["j"], ["b", "c"], ["d"], ["e"], ["f"], ["g", "h"]]
+
+
+def test_bad_hires_and_variation_fields_are_that_jobs_one_line_failure(tmp_path, upscalers):
+    jobs = [{"prompt": "a cat", "seed": 1, "id": "ok", "hires_scale": 1.5},
+            {"prompt": "x", "id": "big", "hires_scale": 9},
+            {"prompt": "x", "id": "nope", "hires_scale": 1.5, "hires_upscaler": "4x-Nope"},
+            {"prompt": "x", "id": "broken", "hires_scale": 1.5, "hires_upscaler": "broken"},
+            {"prompt": "a <lora:ink:0.5> x", "id": "tags", "hires_scale": 1.5, "hires_prompt": "a <lora:ink:1> x"},
+            {"prompt": "x", "id": "bad-tag", "hires_scale": 1.5, "hires_prompt": "<lora:ink:abc>"},
+            {"prompt": "x", "id": "strength", "subseed_strength": 2},
+            {"prompt": "x", "id": "resize", "seed_resize_from_w": 64},
+            {"prompt": "x", "id": "flag", "enable_hr": "yes"},
+            {"prompt": "x", "id": "type", "hr_scale": "big"}]
+    rows = run(jobs, out=str(tmp_path / "out"), defaults=SMALL, upscaler_dir=upscalers, **TINY)
+    status = {r["line"]: r["status"] for r in rows}
+    assert status == {1: "done", **{n: "failed" for n in range(2, 11)}}, rows
+    errors = [r["error"] for r in rows[1:]]
+    assert errors[0] == "hires_scale must be in [1, 8], got 9.0"
+    assert errors[1].startswith("upscaler '4x-Nope': not one of A1111's built-in upscalers, and no such model in ")
+    assert "broken.safetensors" in errors[2]
+    assert errors[3].startswith("hires_prompt: its <lora:...> tags must be the prompt's")
+    assert errors[4].startswith("hires_prompt: <lora:ink:abc>: the weight 'abc' is not a number")
+    assert errors[5] == "subseed_strength must be in [0, 1], got 2.0"
+    assert errors[6].startswith("seed_resize_from_w and seed_resize_from_h go together")
+    assert errors[7] == "enable_hr must be true or false, got 'yes'"
+    assert errors[8] == "hires_scale must be a number, got 'big'"
+    assert all("\n" not in e and "Error" not in e for e in errors), errors
+    with Image.open(os.path.join(str(tmp_path / "out"), "ok.png")) as im:
+        assert im.size == (96, 96)
 
 
 # ---- the command line -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""python -m fastsd.batch: a mistake in an option every job shares (--lora, --lora-dir, the settings, the device)
-is a usage error -- exit 2, one `error:` line, nothing written -- found before the output folder is created or
-a worker starts; a job line's own bad LoRA stays that job's failure, with a one-line reason."""
+"""python -m fastsd.batch: a mistake in an option every job shares (--lora, --lora-dir, --upscaler-dir,
+--hires-upscaler, the settings, the device) is a usage error -- exit 2, one `error:` line, nothing written -- found
+before the output folder is created or a worker starts; a job line's own bad LoRA stays that job's failure, with a
+one-line reason."""
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ def loras(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _no_lora_dir_from_the_environment(monkeypatch):
     monkeypatch.delenv("FASTSD_LORA_DIR", raising=False)
+    monkeypatch.delenv("FASTSD_UPSCALER_DIR", raising=False)
 
 
 def _jobs(tmp_path, lines=('{"prompt": "a cat", "seed": 1, "id": "a"}', '{"prompt": "a dog", "seed": 2, "id": "b"}')):
@@ -81,6 +83,22 @@ CASES = {
     "lora-path-missing": (["--lora", "{tmp}/missing.safetensors:0.5"],
                           "--lora {tmp}/missing.safetensors: no such file"),
     "lora-path-a-folder": (["--lora", "{dir}"], "--lora {dir}: a folder, not a LoRA file"),
+    "upscaler-dir-missing": (["--upscaler-dir", "{tmp}/nonexistent"],
+                             "--upscaler-dir {tmp}/nonexistent: no such folder"),
+    "upscaler-dir-a-file": (["--upscaler-dir", "{jobs}"], "--upscaler-dir {jobs}: not a folder"),
+    "hires-upscaler-unknown": (["--hires-upscaler", "4x-Nope"], "unknown hires upscaler '4x-Nope'"),
+    "hires-upscaler-not-in-folder": (["--hires-upscaler", "4x-Nope", "--upscaler-dir", "{dir}"],
+                                     "upscaler '4x-Nope': not one of A1111's built-in upscalers, and no such model in "
+                                     "{dir}"),
+    "hires-upscaler-not-an-upscaler": (["--hires-upscaler", "garbage", "--upscaler-dir", "{dir}"],
+                                       "--hires-upscaler garbage: {dir}/garbage.safetensors: not a valid safetensors"),
+    "hires-upscaler-path-missing": (["--hires-upscaler", "{tmp}/none.pth"],
+                                    "hires upscaler {tmp}/none.pth: no such file"),
+    "hires-scale": (["--hires-scale", "9"], "hires_scale must be in [1, 8], got 9.0"),
+    "hires-schedule-type": (["--hires-schedule-type", "nope"], "hires_schedule_type: unknown schedule type 'nope'"),
+    "subseed-strength": (["--subseed-strength", "2"], "subseed_strength must be in [0, 1], got 2.0"),
+    "subseed": (["--subseed", "-5"], "subseed must be at least 0, got -5"),
+    "seed-resize-alone": (["--seed-resize-from-w", "64"], "seed_resize_from_w and seed_resize_from_h go together"),
     "width": (["--width", "60"], "width must be a positive multiple of 8, got 60"),
     "steps": (["--steps", "0"], "steps must be at least 1, got 0"),
     "cfg": (["--cfg-scale", "nan"], "guidance_scale must be a finite number"),
@@ -144,6 +162,28 @@ def test_a_job_lines_bad_lora_is_that_jobs_one_line_failure(tmp_path, loras, cap
     assert "garbage.safetensors: not a valid safetensors file" in errors["pig"]
     for e in errors.values():  # one line, a reason: not an internal exception's repr
         assert "\n" not in e and "Error:" not in e, e
+
+
+def test_hires_and_variation_options_are_run_wide_defaults(tmp_path, capsys):
+    """--hires-* / --subseed* options apply to the jobs that leave the field out; a job's enable_hr false turns the
+    hires fix off, its own fields win; --subseed S gives job i S + i."""
+    jobs = _jobs(tmp_path, ['{"prompt": "a cat", "seed": 1, "id": "a"}',
+                            '{"prompt": "a dog", "seed": 2, "id": "b", "enable_hr": false}',
+                            '{"prompt": "a cow", "seed": 3, "id": "c", "hr_scale": 1.25, "subseed": 7}'])
+    out = str(tmp_path / "out")
+    assert main([jobs, *ARGS, "--hires-scale", "1.5", "--hires-steps", "1", "--hires-upscaler", "Lanczos",
+                 "--subseed", "100", "--subseed-strength", "0.25", "--out", out]) == 0
+    from PIL import Image
+
+    with open(os.path.join(out, "manifest.jsonl")) as f:
+        rows = {r["id"]: r["settings"] for r in map(json.loads, f)}
+    sizes = {}
+    for name in "abc":
+        with Image.open(os.path.join(out, f"{name}.png")) as im:
+            sizes[name] = im.size
+    assert sizes == {"a": (96, 96), "b": (64, 64), "c": (80, 80)}
+    assert (rows["a"]["hires_upscaler"], rows["a"]["hires_steps"], rows["c"]["hires_scale"]) == ("Lanczos", 1, 1.25)
+    assert "hires_scale" not in rows["b"] and [rows[n]["subseed"] for n in "abc"] == [100, 101, 7]
 
 
 def test_python_api_checks_the_default_loras_before_the_folder(tmp_path, loras):

@@ -1,5 +1,6 @@
 """fastsd.batch on a local 2-CPU Ray cluster (one per module: Ray takes a while to start on 2 cores): the
-same PNGs and manifest as a local run, and every job done exactly once when an actor is SIGKILLed."""
+same PNGs and manifest as a local run (a hires job with an upscaler model from --upscaler-dir too), and every job
+done exactly once when an actor is SIGKILLed."""
 import json
 import os
 import signal
@@ -34,14 +35,19 @@ def pngs(folder):
 
 
 def test_ray_run_matches_the_local_run(cluster, tmp_path):
-    jobs = [{"prompt": f"a cat number {i}", "seed": i} for i in range(4)] + [{"prompt": 3}]
+    from test_batch import write_tiny_upscaler
+
+    (tmp_path / "upscalers").mkdir()
+    upscalers = os.path.dirname(write_tiny_upscaler(tmp_path / "upscalers" / "4x-Tiny.safetensors"))
+    jobs = [{"prompt": f"a cat number {i}", "seed": i} for i in range(4)] + [{"prompt": 3}] + [
+        {"prompt": "an owl", "seed": 5, "hires_scale": 1.25, "hires_upscaler": "4x-Tiny"}]
     local, remote = str(tmp_path / "local"), str(tmp_path / "ray")
-    run(jobs, model="random:tiny", out=local, defaults=SMALL, threads=1, progress=False)
+    run(jobs, model="random:tiny", out=local, defaults=SMALL, threads=1, progress=False, upscaler_dir=upscalers)
     out = run(jobs, model="random:tiny", out=remote, defaults=SMALL, ray="auto", workers=2, cpus_per_worker=1,
-              progress=False)
-    assert [r["status"] for r in out] == ["done"] * 4 + ["failed"]
+              progress=False, upscaler_dir=upscalers)
+    assert [r["status"] for r in out] == ["done"] * 4 + ["failed", "done"]
     assert out[4]["error"] == "prompt must be a string, got int" and out[4]["line"] == 5
-    assert pngs(local) == pngs(remote) and len(pngs(local)) == 4  # byte for byte (1 thread per process in both)
+    assert pngs(local) == pngs(remote) and len(pngs(local)) == 5  # byte for byte (1 thread per process in both)
     assert rows_by_id(local)[1] == rows_by_id(remote)[1]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastsd.batch.jobs import NOT_BATCHED
 from fastsd.cli import ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int
 from fastsd.generate import _settings_options, default_model
 
@@ -35,14 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="as python -m fastsd.generate --model; none given: $FASTSD_MODEL, else the only "
                    "SD1.x model in the local HF cache")
     p.add_argument("--out", required=True, help="output folder: ID.png per job and manifest.jsonl")
-    _settings_options(p, skip=("prompt", "num_images", "strength", "seed", "width", "height", *NOT_BATCHED))
+    _settings_options(p, skip=("prompt", "num_images", "strength", "seed", "width", "height", "subseed"))
     p.add_argument("--seed", type=int, default=None, help="job i (0-based, in file order) uses seed + i; none given: "
                    "each job's seed is derived from its line and content")
+    p.add_argument("--subseed", type=int, default=None, help="A1111 variation seed (with --subseed-strength above 0): "
+                   "job i uses subseed + i; none given: each job's is derived from its line and content")
     p.add_argument("--width", type=int, default=None, help="a multiple of 8; none given: 512")
     p.add_argument("--height", type=int, default=None, help="a multiple of 8; none given: 512")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="LoRA for jobs without a "
                    "'loras' field (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where LoRA names are looked up; none given: $FASTSD_LORA_DIR")
+    p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="upscaler models (ESRGAN, Real-ESRGAN .pth / "
+                   ".safetensors; A1111's models/ESRGAN) that --hires-upscaler and the jobs' hires_upscaler name by "
+                   "file name; none given: $FASTSD_UPSCALER_DIR")
     p.add_argument("--batch", type=positive_int, default=1, help="up to N compatible jobs in one UNet call, where "
                    "measured identical and faster")
     p.add_argument("--always-batch", action="store_true", help="batch wherever identical, even when not faster")
@@ -81,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from fastsd.batch.jobs import Defaults, parse_loras
     from fastsd.batch.manifest import OutputFolderError
     from fastsd.batch.ray_pool import WorkersLost
     from fastsd.batch.runner import print_summary, run
 
     try:
-        defaults = Defaults(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                            sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,
-                            clip_skip=args.clip_skip, schedule_type=args.schedule_type, loras=parse_loras(args.lora))
+        defaults = Defaults(**{f.name: getattr(args, f.name) for f in fields(Defaults) if f.name != "loras"},
+                            loras=parse_loras(args.lora))
         model = args.model or default_model()
     except (ValueError, TypeError) as e:
         return fail(str(e))
@@ -101,7 +106,8 @@ def _run(args: argparse.Namespace) -> int:
                    cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, defaults=defaults,
                    retry_failed=args.retry_failed, progress=not args.no_progress, device=args.device,
                    dtype=args.dtype, backend=args.backend, threads=args.threads, lora_dir=args.lora_dir,
-                   always_batch=args.always_batch, allow_large=args.allow_large, summary=summary)
+                   upscaler_dir=args.upscaler_dir, always_batch=args.always_batch, allow_large=args.allow_large,
+                   summary=summary)
     except (ValueError, TypeError, CheckpointError, BackendError, OutputFolderError, WorkersLost) as e:
         return fail(str(e).splitlines()[0])
     print_summary(summary, args.out)

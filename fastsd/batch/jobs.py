@@ -8,7 +8,12 @@ a one-line reason; the rest of the file is unaffected.
 
 Seeds: the record's seed; else `--seed S` + the record's index in the file (A1111's "seed + i"); else one
 derived from the line number and the record's content (stable, so a resumed or retried job draws the same
-noise). A1111's seed -1 (random) counts as no seed.
+noise). A1111's seed -1 (random) counts as no seed. The variation seed (`subseed`, used when subseed_strength > 0)
+follows the same rule with `--subseed`.
+
+The hires fix, variation seeds and seed resize are fields too: the hires fix's second pass runs per job (the worker),
+and a job with a variation seed never shares a batch (`batch_key`). A1111's API names are aliases (hr_scale,
+denoising_strength, ...), and its `enable_hr` switches the hires fix on or off.
 """
 from __future__ import annotations
 
@@ -19,32 +24,49 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, fields
 
+from fastsd.hires import builtin_upscaler
 from fastsd.schedule_types import AUTOMATIC, resolve_schedule_type
+from fastsd.settings import FIELDS as SETTINGS
 from fastsd.settings import GenerationSettings
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_SIDE = 512  # as Pipeline.resolve
 
-# job field -> (settings field or "loras"/"id"/"size", type); A1111's API names are accepted as aliases
+# job field -> settings field (or "loras"/"id"/"size"/"enable_hr", the job's own); A1111's API names are accepted as
+# aliases
 FIELDS = {"id": "id", "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
           "cfg": "guidance_scale", "sampler": "sampler", "width": "width", "height": "height", "size": "size",
           "clip_skip": "clip_skip", "loras": "loras", "scheduler": "schedule_type"}
+# the hires fix, the variation seed and seed resize: job field -> settings field, taken as it is (the option's value
+# where left out); in the manifest (and a job's id) only where it is not the settings' default
+EXTRA = {f: f for f in ("hires_scale", "hires_width", "hires_height", "hires_steps", "hires_strength",
+                        "hires_upscaler", "hires_sampler", "hires_prompt", "hires_negative_prompt", "subseed",
+                        "subseed_strength", "seed_resize_from_w", "seed_resize_from_h")}
+EXTRA["hires_scheduler"] = "hires_schedule_type"  # (as scheduler -> schedule_type)
+FIELDS.update(EXTRA, enable_hr="enable_hr")
+HIRES = tuple(f for f in EXTRA.values() if f.startswith("hires_"))  # the settings fields of the hires fix
 ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": "cfg", "sampler_name": "sampler",
-           "schedule_type": "scheduler"}
-INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip")
-# Settings a job can't have (neither a field nor an option): variation seeds and seed resize would need one per image
-# of a batch, and the hires fix a second batched pass.
-NOT_BATCHED = ("subseed", "subseed_strength", "hires_scale", "hires_width", "hires_height", "hires_steps",
-               "hires_strength", "hires_upscaler", "hires_sampler", "seed_resize_from_w", "seed_resize_from_h",
-               "hires_prompt", "hires_negative_prompt", "hires_schedule_type")
+           "schedule_type": "scheduler", "hires_schedule_type": "hires_scheduler",
+           # A1111's txt2img API (its denoising_strength is the hires pass's there)
+           "hr_scale": "hires_scale", "hr_resize_x": "hires_width", "hr_resize_y": "hires_height",
+           "hr_second_pass_steps": "hires_steps", "denoising_strength": "hires_strength",
+           "hr_upscaler": "hires_upscaler", "hr_sampler_name": "hires_sampler", "hr_scheduler": "hires_scheduler",
+           "hr_prompt": "hires_prompt", "hr_negative_prompt": "hires_negative_prompt"}
+INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "hires_height", "hires_steps", "subseed",
+              "seed_resize_from_w", "seed_resize_from_h")
+FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength")
+NAME_FIELDS = {"scheduler": "a schedule type's name", "hires_scheduler": "a schedule type's name",
+               "hires_sampler": "a sampler's name", "hires_upscaler": "an upscaler's name"}
 
 
 @dataclass(frozen=True)
 class Defaults:
-    """What a record leaves out (the command line's settings options); seed None = derived per job."""
+    """What a record leaves out (the command line's settings options); seed None = derived per job, and so is
+    subseed (where subseed_strength > 0)."""
 
     negative_prompt: str = ""
     steps: int = 20
@@ -56,12 +78,37 @@ class Defaults:
     clip_skip: int = 1
     schedule_type: str = "automatic"
     loras: tuple[tuple[str, float], ...] = ()
+    hires_scale: float = 1.0
+    hires_width: int = 0
+    hires_height: int = 0
+    hires_steps: int = 0
+    hires_strength: float = 0.7
+    hires_upscaler: str = "Latent"
+    hires_sampler: str | None = None
+    hires_schedule_type: str | None = None
+    hires_prompt: str = ""
+    hires_negative_prompt: str = ""
+    subseed: int | None = None
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+
+    def settings(self) -> GenerationSettings:
+        """These defaults as settings (no prompt)."""
+        return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "loras"})
 
     def validate(self, allow_large: bool = False) -> None:
         """ValueError / TypeError naming the option, as GenerationSettings.validate."""
-        GenerationSettings(negative_prompt=self.negative_prompt, steps=self.steps, guidance_scale=self.guidance_scale,
-                           sampler=self.sampler, seed=self.seed, width=self.width, height=self.height,
-                           clip_skip=self.clip_skip, schedule_type=self.schedule_type).validate(allow_large=allow_large)
+        check_settings(self.settings(), allow_large)
+
+
+def check_settings(s: GenerationSettings, allow_large: bool = False) -> None:
+    """GenerationSettings.validate, but for a hires upscaler that is not one of A1111's built-in names: a model
+    file or a model's name in the upscaler folder, which the worker finds and loads (as it finds LoRAs), so a
+    missing one is that job's failure."""
+    if isinstance(s.hires_upscaler, str) and builtin_upscaler(s.hires_upscaler) is None:
+        s = s.replace(hires_upscaler="Latent")
+    s.validate(allow_large=allow_large)
 
 
 @dataclass(frozen=True)
@@ -83,8 +130,9 @@ class Job:
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed, "steps": s.steps,
                 "cfg": s.guidance_scale, "sampler": s.sampler, "width": s.width, "height": s.height,
                 "clip_skip": s.clip_skip, "loras": [f"{n}:{weight_text(w)}" for n, w in self.loras],
-                # (only when set: a job's id digests these, and ids of jobs without it stay as they were)
-                **({"scheduler": s.schedule_type} if s.schedule_type != AUTOMATIC else {})}
+                # (only when set: a job's id digests these, and ids of jobs without them stay as they were)
+                **({"scheduler": s.schedule_type} if s.schedule_type != AUTOMATIC else {}),
+                **{name: getattr(s, f) for name, f in EXTRA.items() if getattr(s, f) != SETTINGS[f].default}}
 
 
 @dataclass(frozen=True)
@@ -211,16 +259,10 @@ def _bad_id(line: int, raw: str) -> str:
 
 def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large: bool = False) -> Job:
     """One record -> a Job; ValueError / TypeError (one line, naming the field) when it can't be one."""
-    rec = _canonical_fields(rec)
-    for name in INT_FIELDS:
-        if name in rec:
-            rec[name] = _to_int(rec[name], name)
-    if "cfg" in rec:
-        rec["cfg"] = _to_float(rec["cfg"], "cfg")
-    if "scheduler" in rec and not isinstance(rec["scheduler"], str):
-        raise TypeError(f"scheduler must be a schedule type's name, got {rec['scheduler']!r}")
-    if rec.get("seed") == -1:  # A1111: random
-        del rec["seed"]
+    rec = _typed(_canonical_fields(rec))
+    for name in ("seed", "subseed"):
+        if rec.get(name) == -1:  # A1111: random
+            del rec[name]
     if "size" in rec:
         rec["width"], rec["height"] = _size(rec.pop("size"), rec)
     loras = parse_loras(rec["loras"]) if "loras" in rec else defaults.loras
@@ -228,8 +270,8 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
         raise ValueError("no prompt")
     if isinstance(rec["prompt"], str):
         loras += prompt_loras(rec["prompt"])
-    from fastsd.samplers import resolve_sampler_name
-
+    extra = {f: rec.get(name, getattr(defaults, f)) for name, f in EXTRA.items()}
+    extra["subseed"] = rec.get("subseed")  # (--subseed S is S + index, below, as the seed)
     s = GenerationSettings(
         prompt=rec["prompt"], negative_prompt=rec.get("negative_prompt", defaults.negative_prompt),
         steps=rec.get("steps", defaults.steps), guidance_scale=rec.get("cfg", defaults.guidance_scale),
@@ -237,14 +279,21 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
         width=_first(rec.get("width"), defaults.width, DEFAULT_SIDE),
         height=_first(rec.get("height"), defaults.height, DEFAULT_SIDE), num_images=1,
         clip_skip=rec.get("clip_skip", defaults.clip_skip),
-        schedule_type=rec.get("scheduler", defaults.schedule_type))
-    s.validate(allow_large=allow_large)
-    s = s.replace(sampler=resolve_sampler_name(s.sampler), schedule_type=resolve_schedule_type(s.schedule_type))
+        schedule_type=rec.get("scheduler", defaults.schedule_type), **extra)
+    s = _enable_hr(s, rec)
+    check_settings(s, allow_large)
+    s = _resolved(s)
+    _check_hires_loras(s)
     content = json.dumps({**Job("", line, s, loras).manifest_settings(), "line": line}, sort_keys=True)
     digest = hashlib.sha256(content.encode()).hexdigest()
+    seeds = {}
     if s.seed is None:
-        s = s.replace(seed=defaults.seed + index if defaults.seed is not None else int(digest[:8], 16))
-        s.validate(allow_large=allow_large)  # --seed S + index must stay in range
+        seeds["seed"] = defaults.seed + index if defaults.seed is not None else int(digest[:8], 16)
+    if s.subseed is None and s.subseed_strength > 0:
+        seeds["subseed"] = defaults.subseed + index if defaults.subseed is not None else int(digest[8:16], 16)
+    if seeds:
+        s = s.replace(**seeds)
+        check_settings(s, allow_large)  # --seed S + index must stay in range
     job_id = rec.get("id")
     if job_id is None:
         job_id = f"{line:05d}-{digest[:10]}"
@@ -252,6 +301,77 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
         raise ValueError(f"id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-' (it names the PNG), "
                          "not starting with '.', '_' or '-'")
     return Job(job_id, line, s, loras)
+
+
+def _typed(rec: dict) -> dict:
+    """The record's numbers as numbers (CSV cells are text), its names checked as strings, and A1111's "Use same
+    sampler" / "Use same scheduler" (its hires pass's defaults) as not given."""
+    from fastsd.infotext_settings import SAME_SAMPLER, SAME_SCHEDULER
+
+    for name in INT_FIELDS:
+        if name in rec:
+            rec[name] = _to_int(rec[name], name)
+    for name in FLOAT_FIELDS:
+        if name in rec:
+            rec[name] = _to_float(rec[name], name)
+    for name, what in NAME_FIELDS.items():
+        if name in rec and not isinstance(rec[name], str):
+            raise TypeError(f"{name} must be {what}, got {rec[name]!r}")
+    if "enable_hr" in rec:
+        rec["enable_hr"] = _to_bool(rec["enable_hr"], "enable_hr")
+    for name, same in (("hires_sampler", SAME_SAMPLER), ("hires_scheduler", SAME_SCHEDULER)):
+        if rec.get(name, "").strip().lower() == same.lower():
+            del rec[name]
+    return rec
+
+
+def _enable_hr(s: GenerationSettings, rec: dict) -> GenerationSettings:
+    """A1111's enable_hr: false = no hires fix (the record's hires fields and the hires options are ignored, as A1111
+    ignores hr_* without it); true = the hires fix, at A1111's hr_scale 2 where neither the record nor the options
+    give a scale or a size; not given: fastsd's rule (GenerationSettings.hires: a scale above 1 or a size)."""
+    if "enable_hr" not in rec:
+        return s
+    if not rec["enable_hr"]:
+        return s.replace(**{f: SETTINGS[f].default for f in HIRES})
+    if not s.hires and "hires_scale" not in rec:
+        return s.replace(hires_scale=2.0)
+    return s
+
+
+def _resolved(s: GenerationSettings) -> GenerationSettings:
+    """Valid settings as they run, written one way, so jobs that make the same image have the same settings (their
+    batch key, id and manifest): sampler and schedule names canonical; the hires fields at their defaults where the
+    hires fix doesn't run, its scale where a size replaces it (A1111 ignores hr_scale then), its built-in upscaler's
+    name canonical, its sampler and schedule None where they are the first pass's; no variation seed at strength 0."""
+    from fastsd.samplers import resolve_sampler_name
+
+    s = s.replace(sampler=resolve_sampler_name(s.sampler), schedule_type=resolve_schedule_type(s.schedule_type))
+    if not s.hires:
+        s = s.replace(**{f: SETTINGS[f].default for f in HIRES})
+    else:
+        sampler = s.hires_sampler and resolve_sampler_name(s.hires_sampler)
+        schedule = s.hires_schedule_type and resolve_schedule_type(s.hires_schedule_type)
+        s = s.replace(hires_scale=1.0 if s.hires_width or s.hires_height else s.hires_scale,
+                      hires_upscaler=builtin_upscaler(s.hires_upscaler) or s.hires_upscaler,
+                      hires_sampler=None if sampler == s.sampler else sampler,
+                      hires_schedule_type=None if schedule == s.schedule_type else schedule)
+    return s if s.subseed_strength else s.replace(subseed=None)
+
+
+def _check_hires_loras(s: GenerationSettings) -> None:
+    """The hires prompt's <lora:...> tags must be the prompt's, as Pipeline.generate requires (a job's LoRAs are
+    merged once, for both passes)."""
+    from fastsd.lora import parse_prompt
+
+    if not s.hires or not s.hires_prompt:
+        return
+    try:
+        tags = parse_prompt(s.hires_prompt)[1]
+    except ValueError as e:  # (its messages name the prompt: this is the hires prompt)
+        raise ValueError(f"hires_prompt: {str(e).removeprefix('prompt: ')}") from None
+    if Counter(tags) != Counter(parse_prompt(s.prompt)[1]):
+        raise ValueError("hires_prompt: its <lora:...> tags must be the prompt's (fastsd merges a job's LoRAs once, "
+                         "for both passes)")
 
 
 def _first(*values):
@@ -285,6 +405,15 @@ def _to_int(v, name: str) -> int:
     if isinstance(v, int):
         return v
     raise TypeError(f"{name} must be an integer, got {v!r}")
+
+
+def _to_bool(v, name: str) -> bool:
+    """true / false: JSON's, or a CSV cell's text "true" / "false" (any case)."""
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be true or false, got {v!r}")
+    return v
 
 
 def _to_float(v, name: str) -> float:
@@ -372,9 +501,14 @@ def text_prompts(job: "Job") -> tuple[str, str]:
 
 def batch_key(job: Job, chunks: int) -> tuple:
     """Jobs with equal keys can share one UNet call: same size, steps, sampler and schedule, guidance, clip skip, LoRAs,
-    and the same number of 75-token prompt chunks (encode_prompt pads a batch to its longest prompt)."""
+    and the same number of 75-token prompt chunks (encode_prompt pads a batch to its longest prompt); the same hires
+    fix (the worker runs its second pass per job, with the group's one upscaler) and seed resize (the batch's start
+    noise is drawn with one). A job with a variation seed shares with none: the Pipeline moves image i of a batch
+    toward subseed + i (A1111's rule for the images of one run), not toward each job's own subseed."""
     s = job.settings
-    return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras)
+    return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras,
+            tuple(getattr(s, f) for f in HIRES), s.seed_resize_from_w, s.seed_resize_from_h,
+            job.id if s.subseed_strength > 0 else None)
 
 
 def prompt_chunks(job: Job, tokenizer) -> int:

@@ -43,18 +43,20 @@ def model_label(model: str) -> str:
 
 
 def check_run_options(defaults: Defaults, lora_dir: str | None, *, local: bool, device=None, dtype=None,
-                      backend: str = "auto") -> None:
+                      backend: str = "auto", upscaler_dir: str | None = None) -> None:
     """The options every job shares, checked before the output folder is created or a worker starts, so a mistake
     in them is a usage error (ValueError / TypeError / CheckpointError / BackendError, one line) rather than
-    every job recorded as failed: the LoRA folder exists, the default LoRAs (--lora) are found there and read as
-    LoRA files with valid weights, and, for a run in this process, the device, dtype and backend can be used here
-    (a Ray run's devices are the workers')."""
-    from fastsd.batch.worker import check_loras
+    every job recorded as failed: the LoRA and upscaler folders exist, the default LoRAs (--lora) are found there and
+    read as LoRA files with valid weights, the default hires upscaler (--hires-upscaler) is found and reads as one,
+    and, for a run in this process, the device, dtype and backend can be used here (a Ray run's devices are the
+    workers')."""
+    from fastsd.batch.worker import check_loras, check_upscaler
 
-    if lora_dir is not None and not os.path.isdir(lora_dir):
-        raise ValueError(f"--lora-dir {lora_dir}: "
-                         + ("not a folder" if os.path.exists(lora_dir) else "no such folder"))
+    for flag, folder in (("--lora-dir", lora_dir), ("--upscaler-dir", upscaler_dir)):
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
     check_loras(defaults.loras, lora_dir)
+    check_upscaler(defaults.hires_upscaler, upscaler_dir)
     if local:
         from fastsd import backends
         from fastsd.load import parse_device, parse_dtype
@@ -68,23 +70,25 @@ def check_run_options(defaults: Defaults, lora_dir: str | None, *, local: bool, 
 def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int = 1, workers: int | None = None,
         cpus_per_worker: float = 1, gpus_per_worker: float = 0, defaults: Defaults | None = None,
         retry_failed: bool = False, progress: bool = True, device=None, dtype=None, backend: str = "auto",
-        threads: int | None = None, lora_dir: str | None = None, always_batch: bool = False,
-        allow_large: bool = False, summary: dict | None = None) -> list[dict]:
+        threads: int | None = None, lora_dir: str | None = None, upscaler_dir: str | None = None,
+        always_batch: bool = False, allow_large: bool = False, summary: dict | None = None) -> list[dict]:
     """Run `jobs` (a .jsonl/.csv/.txt path, or a list of job dicts / prompts) with `model` into the folder
     `out`; returns the manifest rows of these jobs (the last row per job, in job order), including jobs
     finished by earlier runs. `ray`: None = this process; "local" / True = a new Ray cluster on this
     machine; "auto" = the running cluster; or a cluster address. `batch`: up to this many compatible jobs
-    per UNet call, where measured identical and faster (fastsd.batch.worker). `summary`, when given, is
-    filled with counts and timings of this run."""
+    per UNet call, where measured identical and faster (fastsd.batch.worker). `lora_dir` / `upscaler_dir`: where
+    LoRA and upscaler model names are found (none given: $FASTSD_LORA_DIR / $FASTSD_UPSCALER_DIR). `summary`, when
+    given, is filled with counts and timings of this run."""
     from fastsd.checkpoint import resolve
 
     defaults = defaults or Defaults()
     defaults.validate(allow_large)
-    check_run_options(defaults, lora_dir, local=ray in (None, False), device=device, dtype=dtype, backend=backend)
+    check_run_options(defaults, lora_dir, local=ray in (None, False), device=device, dtype=dtype, backend=backend,
+                      upscaler_dir=upscaler_dir)
     job_list = load_jobs(jobs, defaults, allow_large)
     resolve(model)  # a wrong model fails here, before the output folder is created or a worker starts
     worker_kwargs = dict(model=model, device=device, dtype=dtype, backend=backend, threads=threads,
-                         lora_dir=lora_dir, always_batch=always_batch)
+                         lora_dir=lora_dir, upscaler_dir=upscaler_dir, always_batch=always_batch)
     pool, owns_ray = None, False
     if ray not in (None, False):
         from fastsd.batch import ray_pool

@@ -7,7 +7,8 @@ stages when batching them is *identical and faster*, which the worker measures o
 shape pack weights / tune kernels), then the batch's rows must equal the lone runs bit for bit and take
 less than MARGIN of their time. Anything else runs one job at a time. The VAE always decodes one image
 at a time: torch's CPU convolutions sum differently at batch 1 and batch > 1, and a decode is per image
-anyway. So a job's PNG never depends on which jobs it was batched with.
+anyway. For the same reason a job's hires fix (its upscale, whose image upscalers decode and encode, and its second
+pass) runs alone, after the batched first pass. So a job's PNG never depends on which jobs it was batched with.
 """
 from __future__ import annotations
 
@@ -18,21 +19,25 @@ import sys
 import time
 
 from fastsd.batch.jobs import Job, batch_key, prompt_chunks, text_prompts
+from fastsd.settings import GenerationSettings
 
 MARGIN = 0.9  # a batch must take <= 0.9x the time of its jobs run one by one (as fastsd.backends.cpu_tune)
 
 
 class BatchWorker:
     def __init__(self, model: str, *, device=None, dtype=None, backend: str = "auto", threads: int | None = None,
-                 lora_dir: str | None = None, always_batch: bool = False, only_loras: tuple | None = None, log=None):
+                 lora_dir: str | None = None, upscaler_dir: str | None = None, always_batch: bool = False,
+                 only_loras: tuple | None = None, log=None):
         """`only_loras`: the one LoRA set every job of the run uses (the runner knows), merged for good at its
-        first use: no copy of the weights it replaces is kept, since nothing switches it out."""
+        first use: no copy of the weights it replaces is kept, since nothing switches it out. `upscaler_dir`: where
+        a hires upscaler named by its model's name is found (none given: $FASTSD_UPSCALER_DIR)."""
         from fastsd import load_pipeline
         from fastsd.cli import set_threads
 
         self.threads = set_threads(threads)
         self.pipe = load_pipeline(model, device=device, dtype=dtype, backend=backend)
         self.lora_dir = lora_dir
+        self.upscaler_dir = upscaler_dir
         self.always_batch = always_batch
         self._loras: tuple = ()
         self._only_loras = only_loras
@@ -64,13 +69,20 @@ class BatchWorker:
             self._use_loras(jobs[0].loras)
         except Exception as e:  # noqa: BLE001 - any failure becomes the jobs' recorded error, one line each
             return [_failed(j, e) for j in jobs]
+        out, ready = [], []
+        for j in jobs:  # each hires upscaler found and loaded before any pass: a bad one fails its jobs alone
+            try:
+                self.job_settings(j)
+                ready.append(j)
+            except Exception as e:  # noqa: BLE001
+                out.append(_failed(j, e))
+        jobs = ready
         if len(jobs) > 1:
             try:
                 if self.batching_pays(jobs):
-                    return self._timed(jobs)
+                    return out + self._timed(jobs)
             except Exception:  # noqa: BLE001 - run them one by one below: each job gets its own error
                 pass
-        out = []
         for j in jobs:
             try:
                 out += self._timed([j])
@@ -100,17 +112,43 @@ class BatchWorker:
         return x, time.perf_counter() - t0
 
     def generate(self, jobs: list[Job]) -> list[bytes]:
-        """PNG bytes (infotext in the 'parameters' chunk) per job; the decode is per image (see module doc)."""
+        """PNG bytes (infotext in the 'parameters' chunk) per job; the hires fix and the decode are per image (see
+        module doc)."""
         from fastsd.image import png_writer, tensor_to_pil
 
+        settings = [self.job_settings(j) for j in jobs]
         x, _ = self._latents(jobs)
         out = []
-        for i, j in enumerate(jobs):
-            image = tensor_to_pil(self.pipe.decode(x[i:i + 1]))[0]
+        for i, s in enumerate(settings):
+            latents = self._hires(s, x[i:i + 1]) if s.hires else x[i:i + 1]
+            image = tensor_to_pil(self.pipe.decode(latents))[0]
             buf = io.BytesIO()
-            png_writer(image, self.pipe.infotext(j.settings, j.settings.seed))(buf)
+            png_writer(image, self.pipe.infotext(s, s.seed))(buf)
             out.append(buf.getvalue())
         return out
+
+    def job_settings(self, job: Job) -> GenerationSettings:
+        """The job's settings as the pipeline runs them: its hires upscaler found as python -m fastsd.generate finds
+        --hires-upscaler (find_hires_upscaler: the infotext then names a model file by its model's name, as there),
+        the VAE checked to encode what an image upscaler makes, and an upscaler model loaded (the Pipeline keeps it
+        for the next job). ValueError / CheckpointError, one line, for an upscaler that can't be used."""
+        from fastsd.generate import find_hires_upscaler
+
+        s = job.settings
+        if not s.hires:
+            return s
+        s = s.replace(hires_upscaler=find_hires_upscaler(s.hires_upscaler, self.upscaler_dir))
+        self.pipe.check_can_encode(None, s)
+        self.pipe.check_hires_upscaler(s)
+        return s
+
+    def _hires(self, s: GenerationSettings, x):
+        """One job's hires fix on its first pass's latents `x` (1, C, h, w), as Pipeline.generate runs it: the second
+        pass conditioned on the job's hires prompts, encoded alone (the negative only when guided; encode_prompt takes
+        the LoRA tags out, as text_prompts does)."""
+        prompt, negative = s.hires_prompts()
+        cond, uncond = self.pipe.encode_prompt([prompt], [negative] if s.guided else None, s.clip_skip)
+        return self.pipe.hires_pass(s, x, [s.seed], cond, uncond, progress=False)
 
     def batching_pays(self, jobs: list[Job]) -> bool:
         """Whether `jobs` (one batch key) may share a UNet call: measured once per shape (module doc)."""
@@ -164,6 +202,32 @@ def find_lora(name: str, lora_dir: str | None) -> str:
     return lora_path(stem, lora_dir or os.environ.get(LORA_DIR_ENV))
 
 
+def check_upscaler(name: str, upscaler_dir: str | None, flag: str = "--hires-upscaler") -> None:
+    """The run-wide hires upscaler (the command line's --hires-upscaler), checked before a run writes anything or
+    starts a worker, so a mistake there is a usage error and not every hires job's failure: found as the worker
+    will find it (fastsd.generate.find_hires_upscaler), and a model file read as an upscaler (its header and shapes;
+    ValueError / CheckpointError, one line)."""
+    from fastsd import hires
+    from fastsd.generate import find_hires_upscaler
+    from fastsd.upscalers import read_upscaler
+
+    path = find_hires_upscaler(name, upscaler_dir)  # (its messages name the upscaler)
+    if path not in hires.UPSCALERS:
+        _read_for_option(read_upscaler, path, f"{flag} {name}")
+
+
+def _read_for_option(read, path: str, option: str) -> None:
+    """read(path), its CheckpointError / OSError as one line naming the command-line option it came from."""
+    from fastsd.tensorfile import CheckpointError
+
+    try:
+        read(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{option}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise ValueError(f"{option}: can't read {path} ({e.strerror or e})") from None
+
+
 def check_loras(loras, lora_dir: str | None, flag: str = "--lora") -> list[str]:
     """The files of the run-wide LoRAs (the command line's --lora), checked before a run writes anything or
     starts a worker, so a mistake there is a usage error and not every job's failure: each weight is one
@@ -171,7 +235,7 @@ def check_loras(loras, lora_dir: str | None, flag: str = "--lora") -> list[str]:
     tensor file (its header; the layers are checked against the model when the worker merges it). ValueError /
     CheckpointError, one line naming the option."""
     from fastsd.lora import LORA_EXTS, normalize_weight
-    from fastsd.tensorfile import CheckpointError, read_tensor_file
+    from fastsd.tensorfile import read_tensor_file
 
     paths = []
     for name, weight in loras:
@@ -191,12 +255,7 @@ def check_loras(loras, lora_dir: str | None, flag: str = "--lora") -> list[str]:
             if msg.startswith(f"<lora:{stem}>"):  # lora_path's messages name the prompt tag; this is an option
                 msg = msg[len(f"<lora:{stem}>"):].lstrip(": ")
             raise ValueError(f"{flag} {name}: {msg}") from None
-        try:
-            read_tensor_file(path)
-        except CheckpointError as e:
-            raise CheckpointError(f"{flag} {name}: {str(e).splitlines()[0]}") from None
-        except OSError as e:
-            raise ValueError(f"{flag} {name}: can't read {path} ({e.strerror or e})") from None
+        _read_for_option(read_tensor_file, path, f"{flag} {name}")
         paths.append(path)
     return paths
 
