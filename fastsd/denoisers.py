@@ -105,8 +105,23 @@ class EpsDenoiser:
         return x - eps.to(x.dtype) * s
 
 
-def _as_dict(c: torch.Tensor | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(c, torch.Tensor):
+class ScheduledContext:
+    """A1111's prompt editing over a batch (fastsd.prompt_schedule): `contexts` (N, L, D) the encodings of every text
+    the batch's schedules name, `schedules[i]` image i's [(last step, row of contexts), ...]; `at(call)` the
+    (B, L, D) context of the pass's model call `call` (from 0). CFGDenoiser takes one for cond or uncond."""
+
+    def __init__(self, contexts: torch.Tensor, schedules: list[list[tuple[int, int]]]):
+        self.contexts, self.schedules = contexts, schedules
+
+    def at(self, call: int) -> torch.Tensor:
+        from fastsd.prompt_schedule import at_call
+
+        rows = [at_call(s, call) for s in self.schedules]
+        return self.contexts[rows]
+
+
+def _as_dict(c: torch.Tensor | ScheduledContext | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(c, (torch.Tensor, ScheduledContext)):
         return {"context": c}
     return dict(c)
 
@@ -114,7 +129,8 @@ def _as_dict(c: torch.Tensor | Mapping[str, Any]) -> dict[str, Any]:
 class CFGDenoiser:
     """Classifier-free guidance: uncond + scale * (cond - uncond), with both halves in ONE batched call.
 
-    cond / uncond: a context tensor (B or 1, L, D), or a dict of per-branch extra args (e.g. {"context": ...}).
+    cond / uncond: a context tensor (B or 1, L, D) or a ScheduledContext (prompt editing: each call takes the
+    context of its index, counted from 0 by this denoiser), or a dict of per-branch extra args (e.g. {"context": ...}).
     Extra args given at call time (e.g. `c_concat` for inpainting) are shared by both branches. The denoiser is
     called on torch.cat([x, x]) with [uncond, cond] concatenated on the batch dim; batch-1 per-branch tensors are
     broadcast to x's batch. Guidance in x0 space equals diffusers' guidance on eps (x0 = x - sigma*eps is affine
@@ -137,6 +153,17 @@ class CFGDenoiser:
             raise ValueError(f"cond and uncond need the same keys, got {sorted(self.cond)} and {sorted(self.uncond)}")
         if self.uncond is None and self.scale != 1.0:
             raise ValueError("guidance scale != 1 needs an uncond")
+        self.calls = 0  # model calls so far: the index a ScheduledContext is read at
+
+    def _this_call(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """cond and uncond of this model call (a ScheduledContext read at its index), the call counted."""
+        call, self.calls = self.calls, self.calls + 1
+
+        def at(d):
+            return None if d is None else {k: v.at(call) if isinstance(v, ScheduledContext) else v
+                                           for k, v in d.items()}
+
+        return at(self.cond), at(self.uncond)
 
     @staticmethod
     def _batch(v: Any, B: int) -> Any:
@@ -155,12 +182,13 @@ class CFGDenoiser:
         if not self.guided:
             raise ValueError("branches() needs guidance (an uncond and scale != 1)")
         B = x.shape[0]
+        cond, uncond = self._this_call()
         kw: dict[str, Any] = {}
-        for k, c in self.cond.items():
+        for k, c in cond.items():
             if isinstance(c, torch.Tensor):
-                kw[k] = torch.cat([self._batch(self.uncond[k], B), self._batch(c, B)])
+                kw[k] = torch.cat([self._batch(uncond[k], B), self._batch(c, B)])
             else:  # non-tensor options (flags, scales) must agree between the branches
-                if self.uncond[k] != c:
+                if uncond[k] != c:
                     raise ValueError(f"non-tensor arg {k!r} differs between cond and uncond")
                 kw[k] = c
         for k, v in extra.items():
@@ -176,7 +204,7 @@ class CFGDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> torch.Tensor:
         if not self.guided:
-            kw = {k: self._batch(v, x.shape[0]) for k, v in self.cond.items()}
+            kw = {k: self._batch(v, x.shape[0]) for k, v in self._this_call()[0].items()}
             return self.denoiser(x, sigma, **kw, **extra)
         return reference.cfg_guidance(*self.branches(x, sigma, **extra), self.scale)
 

@@ -19,7 +19,7 @@ from PIL import Image
 from fastsd import backends, hires
 from fastsd.conditioning import encode_prompts
 from fastsd.config import SDConfig
-from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser
+from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser, ScheduledContext
 from fastsd.file_hashes import file_hash
 from fastsd.image import (check_mask, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
                           tensor_to_pil)
@@ -28,7 +28,8 @@ from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
-from fastsd.samplers import A1111_NAMES, SAMPLERS, brownian_noise_sampler, get_sampler
+from fastsd.prompt_schedule import may_have_schedule, prompt_schedule
+from fastsd.samplers import A1111_NAMES, SAMPLERS, brownian_noise_sampler, get_sampler, prompt_steps
 from fastsd.schedule_types import (AUTOMATIC, DISCARD_PENULTIMATE, resolve_schedule_type, schedule_label,
                                    typed_schedule)
 from fastsd.schedules import Schedule, alphas_cumprod
@@ -304,17 +305,33 @@ class Pipeline:
     # ---- stage 1: text ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None, clip_skip: int = 1
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None, clip_skip: int = 1, *,
+                      steps: int | None = None, hires_steps: int | None = None
+                      ) -> tuple[torch.Tensor | ScheduledContext, torch.Tensor | ScheduledContext | None]:
         """(cond, uncond), each (B, 77 * chunks, D); prompts and negatives padded to the same chunk count.
         negative_prompts None (unguided: guidance scale <= 1): (cond, None), the negatives not encoded.
-        <lora:...> tags are taken out of the prompts (the LoRAs themselves are merged by load_lora)."""
+        <lora:...> tags are taken out of the prompts (the LoRAs themselves are merged by load_lora). With `steps`
+        (A1111's count, `samplers.prompt_steps`; `hires_steps` too for the hires fix's second pass) A1111's prompt
+        editing and alternating words are read (fastsd.prompt_schedule): a branch whose texts change over the steps is
+        a ScheduledContext of all its texts' encodings."""
         negatives = [] if negative_prompts is None else list(negative_prompts)
         if negative_prompts is not None and len(prompts) != len(negatives):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        texts = [strip_tags(p) for p in prompts] + negatives
+        schedules = None
+        if steps is not None and any(map(may_have_schedule, texts)):
+            schedules = [prompt_schedule(t, steps, hires_steps) for t in texts]
+            texts = list(dict.fromkeys(t for sched in schedules for _, t in sched))  # each text once
         with self._running(self.clip) as clip:
-            ctx = encode_prompts(clip, self.tokenizer, [strip_tags(p) for p in prompts] + negatives,
-                                 clip_skip=clip_skip, device=self.device, embeddings=self.embeddings)
+            ctx = encode_prompts(clip, self.tokenizer, texts, clip_skip=clip_skip, device=self.device,
+                                 embeddings=self.embeddings)
+        if schedules is not None:
+            row = {t: i for i, t in enumerate(texts)}
+            rows = [[(end, row[t]) for end, t in sched] for sched in schedules]
+            per_branch = [rows[:len(prompts)], rows[len(prompts):]]
+            cond, uncond = (ScheduledContext(ctx, r) if any(len(s) > 1 for s in r) else ctx[[s[0][1] for s in r]]
+                            for r in per_branch)
+            return cond, (uncond if negative_prompts is not None else None)
         return ctx[:len(prompts)], (ctx[len(prompts):] if negative_prompts is not None else None)
 
     # ---- stage 2: latents -------------------------------------------------------------------------------
@@ -680,11 +697,15 @@ class Pipeline:
                           stacklevel=2)
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
-        cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip)
+        first_steps = prompt_steps(s.sampler, s.steps)  # (A1111's prompt editing counts these)
+        cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip,
+                                          steps=first_steps)
         hires_conds = (cond, uncond)  # (A1111's hr_prompt / hr_negative_prompt: encoded before any sampling)
-        if s.hires and (s.hires_prompts() != (s.prompt, s.negative_prompt) or hp is not self):
-            h_prompt, h_negative = s.hires_prompts()
-            hires_conds = hp.encode_prompt([h_prompt], [h_negative] if s.guided else None, s.clip_skip)
+        h_prompt, h_negative = s.hires_prompts()
+        if s.hires and ((h_prompt, h_negative) != (s.prompt, s.negative_prompt) or hp is not self
+                        or may_have_schedule(h_prompt) or may_have_schedule(h_negative)):
+            hires_conds = hp.encode_prompt([h_prompt], [h_negative] if s.guided else None, s.clip_skip,
+                                           steps=first_steps, hires_steps=s.hires_prompt_steps())
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae,
                                  masked_content=masked_content, latent_mask=latent_mask)
         first = len(p.schedule)

@@ -1182,6 +1182,16 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("dpm_adaptive", sample_dpm_adaptive, True),
 )}
 
+# A1111's "second order" samplers (two model calls a step): it schedules prompt editing over twice their steps
+SECOND_ORDER = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")
+
+
+def prompt_steps(sampler: str, steps: int) -> int:
+    """The steps A1111 schedules prompt editing over (fastsd.prompt_schedule) for `steps` steps of `sampler`: twice
+    as many for its second-order samplers, whose model calls it counts."""
+    return steps * 2 if get_sampler(sampler).name.removesuffix("_karras") in SECOND_ORDER else steps
+
+
 # The names A1111 writes in its infotext ("Sampler: Euler a").
 A1111_NAMES: dict[str, str] = {"euler": "Euler", "heun": "Heun", "euler_a": "Euler a", "ddim": "DDIM", "ddpm": "DDPM",
                                "ddim_cfgpp": "DDIM CFG++",

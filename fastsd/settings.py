@@ -95,6 +95,13 @@ class GenerationSettings:
         first pass's where empty."""
         return self.hires_prompt or self.prompt, self.hires_negative_prompt or self.negative_prompt
 
+    def hires_prompt_steps(self) -> int:
+        """The steps A1111 schedules the hires pass's prompt editing over (`samplers.prompt_steps` of its sampler and
+        steps)."""
+        from fastsd.samplers import prompt_steps
+
+        return prompt_steps(self.hires_sampler or self.sampler, self.hires_steps or self.steps)
+
     def hires_schedule(self) -> str:
         """The hires pass's schedule type: hires_schedule_type where given, else the first pass's."""
         return self.schedule_type if self.hires_schedule_type is None else self.hires_schedule_type

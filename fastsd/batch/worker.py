@@ -19,6 +19,7 @@ import sys
 import time
 
 from fastsd.batch.jobs import Job, batch_key, prompt_chunks, text_prompts
+from fastsd.samplers import prompt_steps
 from fastsd.settings import GenerationSettings
 
 MARGIN = 0.9  # a batch must take <= 0.9x the time of its jobs run one by one (as fastsd.backends.cpu_tune)
@@ -105,7 +106,8 @@ class BatchWorker:
             s = s.replace(steps=steps, sampler=sampler)
         pipe = self.pipe
         prompts, negatives = zip(*(text_prompts(j) for j in jobs))
-        cond, uncond = pipe.encode_prompt(list(prompts), list(negatives) if s.guided else None, s.clip_skip)
+        cond, uncond = pipe.encode_prompt(list(prompts), list(negatives) if s.guided else None, s.clip_skip,
+                                          steps=prompt_steps(s.sampler, s.steps))
         p = pipe.prepare_latents(s, [j.settings.seed for j in jobs])
         t0 = time.perf_counter()
         x = pipe.denoise(p, cond, uncond, s, progress=False)
@@ -147,7 +149,9 @@ class BatchWorker:
         pass conditioned on the job's hires prompts, encoded alone (the negative only when guided; encode_prompt takes
         the LoRA tags out, as text_prompts does)."""
         prompt, negative = s.hires_prompts()
-        cond, uncond = self.pipe.encode_prompt([prompt], [negative] if s.guided else None, s.clip_skip)
+        cond, uncond = self.pipe.encode_prompt([prompt], [negative] if s.guided else None, s.clip_skip,
+                                               steps=prompt_steps(s.sampler, s.steps),
+                                               hires_steps=s.hires_prompt_steps())
         return self.pipe.hires_pass(s, x, [s.seed], cond, uncond, progress=False)
 
     def batching_pays(self, jobs: list[Job]) -> bool:
