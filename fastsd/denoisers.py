@@ -7,6 +7,7 @@ as k-diffusion's own samplers pass `sigmas[i] * s_in`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -106,18 +107,41 @@ class EpsDenoiser:
 
 
 class ScheduledContext:
-    """A1111's prompt editing over a batch (fastsd.prompt_schedule): `contexts` (N, L, D) the encodings of every text
-    the batch's schedules name, `schedules[i]` image i's [(last step, row of contexts), ...]; `at(call)` the
-    (B, L, D) context of the pass's model call `call` (from 0). CFGDenoiser takes one for cond or uncond."""
+    """A1111's prompt editing and composable prompts over a batch (fastsd.prompt_schedule): `contexts` (N, L, D) the
+    encodings of every text the batch's prompts name; `parts[i]` image i's [(weight, [(last step, row of contexts),
+    ...]), ...], one part of weight 1 for a prompt without AND. CFGDenoiser takes one for cond (and one without AND
+    for uncond) and reads it at each model call's index (from 0): `at` gives the (B, L, D) context where no image
+    composes (`composed` False), `parts_at` the parts' (M, L, D) contexts, the image of each and its weight."""
 
-    def __init__(self, contexts: torch.Tensor, schedules: list[list[tuple[int, int]]]):
-        self.contexts, self.schedules = contexts, schedules
+    def __init__(self, contexts: torch.Tensor, parts: list[list[tuple[float, list[tuple[int, int]]]]]):
+        self.contexts, self.parts = contexts, parts
+        self.composed = any(len(p) != 1 or p[0][0] != 1.0 for p in parts)
 
     def at(self, call: int) -> torch.Tensor:
         from fastsd.prompt_schedule import at_call
 
-        rows = [at_call(s, call) for s in self.schedules]
-        return self.contexts[rows]
+        if self.composed:
+            raise ValueError("a composed (AND) context has parts: parts_at")
+        return self.contexts[[at_call(p[0][1], call) for p in self.parts]]
+
+    def parts_at(self, call: int) -> "Parts":
+        from fastsd.prompt_schedule import at_call
+
+        rows, owners, weights = [], [], []
+        for i, parts in enumerate(self.parts):
+            for weight, schedule in parts:
+                rows.append(at_call(schedule, call))
+                owners.append(i)
+                weights.append(weight)
+        return Parts(self.contexts[rows], owners, weights)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """One model call's composed cond: the parts' contexts (M, L, D), each part's image and weight."""
+    contexts: torch.Tensor
+    owners: list[int]
+    weights: list[float]
 
 
 def _as_dict(c: torch.Tensor | ScheduledContext | Mapping[str, Any]) -> dict[str, Any]:
@@ -160,8 +184,10 @@ class CFGDenoiser:
         call, self.calls = self.calls, self.calls + 1
 
         def at(d):
-            return None if d is None else {k: v.at(call) if isinstance(v, ScheduledContext) else v
-                                           for k, v in d.items()}
+            if d is None:
+                return None
+            return {k: (v.parts_at(call) if v.composed else v.at(call)) if isinstance(v, ScheduledContext) else v
+                    for k, v in d.items()}
 
         return at(self.cond), at(self.uncond)
 
@@ -183,6 +209,8 @@ class CFGDenoiser:
             raise ValueError("branches() needs guidance (an uncond and scale != 1)")
         B = x.shape[0]
         cond, uncond = self._this_call()
+        if isinstance(cond.get("context"), Parts):
+            return self._composed(x, sigma, cond, uncond, extra)
         kw: dict[str, Any] = {}
         for k, c in cond.items():
             if isinstance(c, torch.Tensor):
@@ -202,9 +230,42 @@ class CFGDenoiser:
         """(uncond_x0, cond_x0, scale) for a sampler to fuse, or None when this call is unguided."""
         return (*self.branches(x, sigma, **extra), self.scale) if self.guided else None
 
+    def _composed(self, x: torch.Tensor, sigma, cond: dict, uncond: dict | None, extra: dict):
+        """A1111's composable prompts: one denoiser call on [x for the uncond (guided), x of each part's image], then
+        (uncond_x0, cond_x0) with cond_x0 = uncond_x0 + sum of weight * (part_x0 - uncond_x0) over the image's
+        parts, so that the guidance gives uncond + scale * sum weight (part - uncond) (A1111's combine_denoised);
+        unguided, the image's first part stands for the uncond (A1111's skip_uncond) and cond_x0 alone is returned."""
+        parts: Parts = cond["context"]
+        if set(cond) != {"context"}:
+            raise ValueError("composed (AND) prompts take a context only")
+        B = x.shape[0]
+        idx = torch.tensor(parts.owners, device=x.device)
+
+        def rows(v):  # a per-image tensor (or one for all) at the parts' images
+            return self._batch(v, B)[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+
+        guided = uncond is not None
+        x_in, ctx = rows(x), parts.contexts.to(x.device)
+        kw = {k: rows(v) for k, v in extra.items()}
+        if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.numel() > 1:
+            sigma = sigma.reshape(B)[idx] if not guided else torch.cat([sigma.reshape(B), sigma.reshape(B)[idx]])
+        if guided:
+            x_in, ctx = torch.cat([x, x_in]), torch.cat([self._batch(uncond["context"], B), ctx])
+            kw = {k: torch.cat([self._batch(extra[k], B), v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                  for k, v in kw.items()}
+        out = self.denoiser(x_in, sigma, context=ctx, **kw)
+        base, part_x0 = (out[:B], out[B:]) if guided else (out[[parts.owners.index(i) for i in range(B)]], out)
+        combined = base.clone()
+        for r, (i, w) in enumerate(zip(parts.owners, parts.weights)):
+            combined[i] += w * (part_x0[r] - base[i])
+        return (base, combined) if guided else combined
+
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> torch.Tensor:
         if not self.guided:
-            kw = {k: self._batch(v, x.shape[0]) for k, v in self._this_call()[0].items()}
+            cond = self._this_call()[0]
+            if isinstance(cond.get("context"), Parts):
+                return self._composed(x, sigma, cond, None, extra)
+            kw = {k: self._batch(v, x.shape[0]) for k, v in cond.items()}
             return self.denoiser(x, sigma, **kw, **extra)
         return reference.cfg_guidance(*self.branches(x, sigma, **extra), self.scale)
 

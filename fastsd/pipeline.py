@@ -28,7 +28,7 @@ from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
-from fastsd.prompt_schedule import may_have_schedule, prompt_schedule
+from fastsd.prompt_schedule import may_have_schedule, prompt_schedule, split_and
 from fastsd.samplers import A1111_NAMES, SAMPLERS, brownian_noise_sampler, get_sampler, prompt_steps
 from fastsd.schedule_types import (AUTOMATIC, DISCARD_PENULTIMATE, resolve_schedule_type, schedule_label,
                                    typed_schedule)
@@ -318,19 +318,20 @@ class Pipeline:
         if negative_prompts is not None and len(prompts) != len(negatives):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         texts = [strip_tags(p) for p in prompts] + negatives
-        schedules = None
-        if steps is not None and any(map(may_have_schedule, texts)):
-            schedules = [prompt_schedule(t, steps, hires_steps) for t in texts]
-            texts = list(dict.fromkeys(t for sched in schedules for _, t in sched))  # each text once
+        parts = None  # per prompt, then per negative: [(weight, [(last step, text), ...]), ...]
+        if steps is not None:
+            split = [split_and(t) for t in texts[:len(prompts)]] + [[(t, 1.0)] for t in negatives]
+            if any(len(p) > 1 or p[0] != (t, 1.0) or may_have_schedule(t) for p, t in zip(split, texts)):
+                parts = [[(w, prompt_schedule(t, steps, hires_steps)) for t, w in p] for p in split]
+                texts = list(dict.fromkeys(t for p in parts for _, sched in p for _, t in sched))  # each text once
         with self._running(self.clip) as clip:
             ctx = encode_prompts(clip, self.tokenizer, texts, clip_skip=clip_skip, device=self.device,
                                  embeddings=self.embeddings)
-        if schedules is not None:
+        if parts is not None:
             row = {t: i for i, t in enumerate(texts)}
-            rows = [[(end, row[t]) for end, t in sched] for sched in schedules]
-            per_branch = [rows[:len(prompts)], rows[len(prompts):]]
-            cond, uncond = (ScheduledContext(ctx, r) if any(len(s) > 1 for s in r) else ctx[[s[0][1] for s in r]]
-                            for r in per_branch)
+            rows = [[(w, [(end, row[t]) for end, t in sched]) for w, sched in p] for p in parts]
+            branches = [ScheduledContext(ctx, r) for r in (rows[:len(prompts)], rows[len(prompts):])]
+            cond, uncond = (b if b.composed or any(len(p[0][1]) > 1 for p in b.parts) else b.at(0) for b in branches)
             return cond, (uncond if negative_prompts is not None else None)
         return ctx[:len(prompts)], (ctx[len(prompts):] if negative_prompts is not None else None)
 

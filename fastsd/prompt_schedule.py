@@ -1,4 +1,4 @@
-"""A1111's prompt editing and alternating words: a prompt -> the texts its sampler steps see.
+"""A1111's prompt editing, alternating words and composable prompts: a prompt -> the texts its sampler steps see.
 
     "a [cat:dog:0.5]"   the first half of the steps "a cat", then "a dog" (prompt editing, [from:to:when])
     "a [cat:4]"         "a " up to step 4, then "a cat"; "a [cat::4]" the other way round
@@ -12,12 +12,16 @@ prompt the syntax can't read (unbalanced brackets in a schedule) is one text, as
 A1111's: sampler steps, twice the steps for its "second order" samplers (two model calls a step), and the step of a
 model call is its index in the pass, from 0 (so `[a:b:3]` gives "a" to the calls 0 to 3).
 
+Composable prompts ("a cat AND a dog :0.6", `split_and`): each part is its own prompt (with its own editing), the
+image guided by all of them: uncond + scale * sum of weight * (cond_part - uncond) (fastsd.denoisers).
+
 The syntax is A1111's grammar (modules/prompt_parser.py) written for lark, whose Earley parser resolves it as
 A1111's does.
 """
 from __future__ import annotations
 
 import functools
+import re
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -32,6 +36,21 @@ WHITESPACE: /\s+/
 plain: /([^\\\[\]():|]|\\.)+/
 %import common.SIGNED_NUMBER -> NUMBER
 """
+
+
+AND = re.compile(r"\bAND\b")  # A1111's composable-diffusion separator (upper case, a whole word)
+WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")  # "text :weight"
+
+
+def split_and(prompt: str) -> list[tuple[str, float]]:
+    """A1111's composable prompts (its get_multicond_prompt_list for one prompt): the parts between the words AND,
+    each with the weight of a trailing ":number" (1 without one; a prompt without AND has its trailing weight
+    read too, as A1111 does), the weight and the whitespace before it taken off the text."""
+    parts = []
+    for sub in AND.split(prompt):
+        text, weight = WEIGHT.search(sub).groups()
+        parts.append((text, 1.0 if weight is None else float(weight)))
+    return parts
 
 
 @functools.cache

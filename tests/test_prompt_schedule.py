@@ -174,3 +174,88 @@ def test_batch_jobs_with_prompt_editing_are_generates_images(tmp_path):
     for r in records:
         kw = {k: v for k, v in r.items() if k != "id"}
         assert pngs[f"{r['id']}.png"] == _generated_png(pipe, steps=3, width=32, height=32, **kw), r["id"]
+
+
+# ---- composable prompts (AND) ----------------------------------------------------------------------------------
+
+def test_split_and_as_a1111():
+    from fastsd.prompt_schedule import split_and
+
+    assert split_and("a cat AND a dog :0.6") == [("a cat", 1.0), (" a dog", 0.6)]
+    assert split_and("photo of a cat:1.5") == [("photo of a cat", 1.5)]  # A1111 reads a weight without AND too
+    assert split_and("a (cat:1.2)") == [("a (cat:1.2)", 1.0)] and split_and("ANDROID and") == [("ANDROID and", 1.0)]
+    assert split_and("x AND  y: -1 ") == [("x", 1.0), ("  y", -1.0)]
+
+
+def _combine_a1111(uncond, parts, owners, weights, scale):
+    """A1111's combine_denoised (transcribed; a test oracle): uncond + sum over an image's parts of
+    weight * scale * (part - uncond)."""
+    out = uncond.clone()
+    for r, (i, w) in enumerate(zip(owners, weights)):
+        out[i] = out[i] + (parts[r] - uncond[i]) * (w * scale)
+    return out
+
+
+def test_cfg_denoiser_composes_parts():
+    """A batch of 2: image 0 with two parts (weights 1, 0.5), image 1 with one part of weight 0.8; each branch row
+    is the fake denoiser's output for its own x and context. Guided: A1111's combine_denoised; unguided: the first
+    part stands for the uncond (A1111's skip_uncond, scale 1)."""
+    from fastsd.denoisers import CFGDenoiser, ScheduledContext
+
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)  # rows: part a, part b, part c, negative
+    x = torch.randn(2, 4, 2, 2, generator=g, dtype=torch.float64)
+    calls = []
+
+    def fake(x_in, sigma, context):
+        calls.append(x_in.shape[0])
+        return x_in * 0.5 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    cond = ScheduledContext(ctx, [[(1.0, [(10, 0)]), (0.5, [(10, 1)])], [(0.8, [(10, 2)])]])
+    uncond = ScheduledContext(ctx, [[(1.0, [(10, 3)])], [(1.0, [(10, 3)])]])
+    den = CFGDenoiser(fake, cond, uncond, 7.0)
+    u_x0, c_x0, scale = den.split_guidance(x, torch.tensor(1.0))
+    part = lambda i, r: fake(x[i:i + 1], None, ctx[r:r + 1])[0]  # noqa: E731
+    parts = torch.stack([part(0, 0), part(0, 1), part(1, 2)])
+    uncond_x0 = torch.stack([part(0, 3), part(1, 3)])
+    want = _combine_a1111(uncond_x0, parts, [0, 0, 1], [1.0, 0.5, 0.8], 7.0)
+    assert torch.allclose(u_x0 + scale * (c_x0 - u_x0), want, atol=1e-12) and calls[0] == 5  # one call, 2 + 3 rows
+    assert torch.allclose(den(x, torch.tensor(1.0)), want, atol=1e-12)
+    alone = CFGDenoiser(fake, cond, None, 1.0)(x, torch.tensor(1.0))
+    first = torch.stack([parts[0], parts[2]])
+    assert torch.allclose(alone, _combine_a1111(first, parts, [0, 0, 1], [1.0, 0.5, 0.8], 1.0), atol=1e-12)
+
+
+def test_and_prompt_image_is_a1111s_combination(tiny):
+    """"a photo of a cat AND a red car :0.5" at 4 Euler steps, guidance 7.5: the image of the same sampler over a
+    model that calls the UNet once per branch and combines them by A1111's formula (the oracle above); a weight
+    suffix alone weighs the guidance ("a cat :1" is "a cat"; ":0.5" is not)."""
+    from test_pipeline import NEG
+
+    from fastsd.denoisers import EpsDenoiser
+    from fastsd.image import psnr, tensor_to_pil
+    from fastsd.samplers import get_sampler
+    from fastsd.schedules import alphas_cumprod
+
+    _, pipe = tiny
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(negative_prompt=NEG, steps=4, sampler="euler", width=64, height=64, latents=latents, progress=False)
+    ours = pipe.generate("a photo of a cat AND a red car :0.5", **kw)[0]
+    enc = {t: pipe.encode_prompt([t], None)[0] for t in ("a photo of a cat", " a red car", NEG)}
+    sched = pipe.schedule("euler", 4, "automatic")
+    den = EpsDenoiser(lambda x, t, context: pipe.unet(x, t, context), alphas_cumprod(pipe.config.scheduler),
+                      schedule=sched)
+
+    def model(x, sigma):
+        u = den(x, sigma, context=enc[NEG])
+        parts = torch.cat([den(x, sigma, context=enc[t]) for t in ("a photo of a cat", " a red car")])
+        return _combine_a1111(u, parts, [0, 0], [1.0, 0.5], 7.5)
+
+    with torch.no_grad():
+        x = get_sampler("euler")(model, latents * sched.init_noise_sigma, sched.sigmas, disable=True)
+        ref = tensor_to_pil(pipe.decode(x * sched.out_scale))[0]
+    assert np.asarray(ours).std() > 5 and psnr(ours, ref) >= 60
+    plain = pipe.generate("a photo of a cat", **kw)[0]
+    assert psnr(ours, plain) < psnr(ours, ref) - 10
+    assert np.array_equal(np.asarray(pipe.generate("a photo of a cat :1", **kw)[0]), np.asarray(plain))
+    assert not np.array_equal(np.asarray(pipe.generate("a photo of a cat :0.5", **kw)[0]), np.asarray(plain))

@@ -513,13 +513,14 @@ def batch_key(job: Job, chunks: int) -> tuple:
 
 def prompt_chunks(job: Job, tokenizer) -> int:
     """75-token chunks of the prompt, and of the negative prompt when it is encoded (guided): the most of any text
-    their prompt editing gives (fastsd.prompt_schedule; Pipeline.encode_prompt pads to that)."""
-    from fastsd.prompt_schedule import prompt_schedule
+    their composable parts and prompt editing give (fastsd.prompt_schedule; Pipeline.encode_prompt pads to that)."""
+    from fastsd.prompt_schedule import prompt_schedule, split_and
     from fastsd.samplers import prompt_steps
 
     s = job.settings
-    prompts = text_prompts(job) if s.guided else text_prompts(job)[:1]
-    texts = {t for p in prompts for _, t in prompt_schedule(p, prompt_steps(s.sampler, s.steps))}
+    prompt, negative = text_prompts(job)
+    parts = [t for t, _ in split_and(prompt)] + ([negative] if s.guided else [])
+    texts = {t for p in parts for _, t in prompt_schedule(p, prompt_steps(s.sampler, s.steps))}
     return max(tokenizer.encode_weighted(t)[0].shape[0] for t in texts)
 
 
