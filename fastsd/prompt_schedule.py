@@ -76,7 +76,7 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
 
     try:
         tree = _parser().parse(prompt)
-    except lark.exceptions.LarkError:
+    except (lark.exceptions.LarkError, RecursionError):  # (A1111 also keeps a prompt it can't parse as it is)
         return [(hires_steps or steps, prompt)]
     if hires_steps is None:
         count_offset, fraction_offset, total = 0, 0.0, steps
@@ -92,7 +92,10 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
                 ends.add(node.children[-2])
         elif node.data == "alternate":
             ends.update(range(1, total + 1))
-    return [(end, _text_at(tree, end)) for end in sorted(ends)]
+    try:
+        return [(end, _text_at(tree, end)) for end in sorted(ends)]
+    except RecursionError:  # brackets nested hundreds deep: kept as text, as an unparsable prompt
+        return [(hires_steps or steps, prompt)]
 
 
 def _text_at(node, step: int) -> str:

@@ -50,6 +50,8 @@ def test_a1111_example_and_when():
     assert prompt_schedule("a [b:c:2]", 10, 10) == [(10, "a c")]
     assert prompt_schedule("a [b:c:12]", 10, 10) == [(2, "a b"), (10, "a c")]
     assert prompt_schedule("plain (emphasis:1.2) <lora:x:0.5>", 10) == [(10, "plain (emphasis:1.2) <lora:x:0.5>")]
+    deep = "[" * 300 + "a" + "]" * 300  # deeper than Python's recursion: kept as text (no traceback), as unparsable
+    assert prompt_schedule(deep, 10) == [(10, deep)]
     sched = prompt_schedule("a [b:c:3]", 10)  # A1111 reads entry i for the calls up to its last step, from call 0
     assert [at_call(sched, c) for c in range(6)] == ["a b"] * 4 + ["a c"] * 2
     assert prompt_steps("Heun", 4) == prompt_steps("dpmpp_sde_karras", 4) == 8 and prompt_steps("euler_a", 4) == 4
