@@ -162,13 +162,15 @@ class CFGDenoiser:
 
     The sampler protocol: `split_guidance(x, sigma, **extra)` gives (uncond_x0, cond_x0, scale) from one
     batched call so a sampler can fuse the guidance into its update with `cfg_step` (the backend's op:
-    one kernel on the triton backend); None when unguided. Wrappers forward both (KnownRegionDenoiser).
+    one kernel on the triton backend); None when unguided (then the sampler calls it). Wrappers forward both
+    (KnownRegionDenoiser). `s_min_uncond`: A1111's NGMS (`skips_uncond`).
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], cond: torch.Tensor | Mapping[str, Any],
                  uncond: torch.Tensor | Mapping[str, Any] | None, scale: float,
-                 cfg_step: Callable = reference.cfg_step):
+                 cfg_step: Callable = reference.cfg_step, s_min_uncond: float = 0.0):
         self.denoiser = denoiser
+        self.s_min_uncond = float(s_min_uncond)
         self.cond = _as_dict(cond)
         self.uncond = None if uncond is None else _as_dict(uncond)
         self.scale = float(scale)
@@ -226,9 +228,18 @@ class CFGDenoiser:
         uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), sigma, **kw).chunk(2)
         return uncond_x0, cond_x0
 
+    def skips_uncond(self, sigma) -> bool:
+        """A1111's "Negative Guidance minimum sigma" (s_min_uncond): the next model call runs without the uncond
+        branch (unguided: the cond's x0, or the parts' combination with the first part for the uncond) when it is
+        an odd one (counted from 0) and its noise level is below s_min_uncond."""
+        level = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        return self.s_min_uncond > 0 and self.calls % 2 == 1 and level < self.s_min_uncond
+
     def split_guidance(self, x: torch.Tensor, sigma, **extra: Any):
         """(uncond_x0, cond_x0, scale) for a sampler to fuse, or None when this call is unguided."""
-        return (*self.branches(x, sigma, **extra), self.scale) if self.guided else None
+        if not self.guided or self.skips_uncond(sigma):
+            return None
+        return (*self.branches(x, sigma, **extra), self.scale)
 
     def _composed(self, x: torch.Tensor, sigma, cond: dict, uncond: dict | None, extra: dict):
         """A1111's composable prompts: one denoiser call on [x for the uncond (guided), x of each part's image], then
@@ -261,7 +272,7 @@ class CFGDenoiser:
         return (base, combined) if guided else combined
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **extra: Any) -> torch.Tensor:
-        if not self.guided:
+        if not self.guided or self.skips_uncond(sigma):
             cond = self._this_call()[0]
             if isinstance(cond.get("context"), Parts):
                 return self._composed(x, sigma, cond, None, extra)

@@ -71,6 +71,7 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "Hires prompt": (("hires_prompt",), str),
     "Hires negative prompt": (("hires_negative_prompt",), str),
     "Hires upscaler": (("hires_upscaler",), _hires.upscaler_name),
+    "NGMS": (("s_min_uncond",), _float),
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type",
          *DESCRIPTIVE}

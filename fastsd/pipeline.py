@@ -275,7 +275,8 @@ class Pipeline:
                   "Variation seed strength": s.subseed_strength or None,
                   "Seed resize from": f"{s.seed_resize_from_w}x{s.seed_resize_from_h}" if s.seed_resize else None,
                   "Denoising strength": s.strength if img2img else None,
-                  "Clip skip": s.clip_skip if s.clip_skip != 1 else None}
+                  "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
+                  "NGMS": s.s_min_uncond if s.s_min_uncond and s.guided else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
             resize = s.hires_width or s.hires_height
             second = get_sampler(s.hires_sampler or s.sampler).name
@@ -464,7 +465,7 @@ class Pipeline:
             den = EpsDenoiser(lambda x_in, t, context: unet(x_in, t, context), alphas_cumprod(self.config.scheduler),
                               schedule=sched)
             model = CFGDenoiser(den, cond, uncond if guided else None, s.guidance_scale if guided else 1.0,
-                                cfg_step=self._backend.ops.cfg_step)
+                                cfg_step=self._backend.ops.cfg_step, s_min_uncond=s.s_min_uncond)
             if p.mask is not None and self.config.unet.in_channels != 9:
                 model = KnownRegionDenoiser(model, p.x0, p.mask)
             opts = {}
@@ -644,7 +645,7 @@ class Pipeline:
                  hires_width: int = 0, hires_height: int = 0, hires_steps: int = 0, hires_strength: float = 0.7,
                  hires_upscaler: str = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
                  hires_sampler: str | None = None, schedule_type: str = "automatic", hires_prompt: str = "",
-                 hires_negative_prompt: str = "", hires_schedule_type: str | None = None,
+                 hires_negative_prompt: str = "", hires_schedule_type: str | None = None, s_min_uncond: float = 0.0,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
@@ -674,7 +675,7 @@ class Pipeline:
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
-                               hires_schedule_type)
+                               hires_schedule_type, s_min_uncond)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")

@@ -84,6 +84,9 @@ class GenerationSettings:
     hires_schedule_type: str | None = field(default=None, metadata=_opt(
         "hires fix: the second pass's schedule type (A1111's 'Hires schedule type'; --schedule-type's values); "
         "default: --schedule-type"))
+    s_min_uncond: float = field(default=0.0, metadata=_opt(
+        "A1111's 'Negative Guidance minimum sigma' (NGMS): below this noise level every other model call skips the "
+        "unconditional batch (the negative prompt), a faster end of the run; 0 = off"))
 
     @property
     def hires(self) -> bool:
@@ -150,6 +153,9 @@ class GenerationSettings:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
             if v > limit:
                 raise ValueError(f"{name} {v} is above {limit} px (allow_large / --allow-large lifts the limit)")
+        _check_float(self.s_min_uncond, "s_min_uncond")
+        if self.s_min_uncond < 0:
+            raise ValueError(f"s_min_uncond must be >= 0, got {self.s_min_uncond}")
         _check_float(self.subseed_strength, "subseed_strength")
         if not 0.0 <= self.subseed_strength <= 1.0:
             raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength}")

@@ -261,3 +261,61 @@ def test_and_prompt_image_is_a1111s_combination(tiny):
     assert psnr(ours, plain) < psnr(ours, ref) - 10
     assert np.array_equal(np.asarray(pipe.generate("a photo of a cat :1", **kw)[0]), np.asarray(plain))
     assert not np.array_equal(np.asarray(pipe.generate("a photo of a cat :0.5", **kw)[0]), np.asarray(plain))
+
+
+# ---- A1111's Negative Guidance minimum sigma (s_min_uncond, "NGMS") ------------------------------------------------
+
+def test_ngms_skips_the_uncond_on_odd_calls_below_the_sigma():
+    """Calls 0..5 at sigmas 5, 4, 0.9, 0.8, 0.7, 0.6 with s_min_uncond 1: the odd calls below 1 (3 and 5) run the
+    cond alone and return its x0 (A1111's skip: the cond stands for the uncond, scale 1); through split_guidance
+    (None, then the sampler's plain call) and through a direct call alike."""
+    from fastsd.denoisers import CFGDenoiser
+
+    rows = []
+
+    def fake(x_in, sigma, context):
+        rows.append(x_in.shape[0])
+        return x_in * 0.5 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    g = torch.Generator().manual_seed(0)
+    x, c, u = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    den = CFGDenoiser(fake, c, u, 7.0, s_min_uncond=1.0)
+    outs = []
+    for sigma in (5.0, 4.0, 0.9, 0.8, 0.7, 0.6):
+        split = den.split_guidance(x, torch.tensor(sigma, dtype=torch.float64))
+        outs.append(split if split is not None else den(x, torch.tensor(sigma, dtype=torch.float64)))
+    assert rows == [4, 4, 4, 2, 4, 2]
+    assert torch.equal(outs[3], fake(x, None, c)) and isinstance(outs[2], tuple)
+    direct = CFGDenoiser(fake, c, u, 7.0, s_min_uncond=1.0)
+    rows.clear()
+    for sigma in (5.0, 4.0, 0.9, 0.8):
+        direct(x, sigma)
+    assert rows == [4, 4, 4, 2]
+
+
+def test_ngms_in_a_generation(tiny, monkeypatch):
+    """Euler a, 10 steps, s_min_uncond 3: the UNet runs at batch 1 (no uncond) exactly on the odd calls whose sigma
+    is below 3; the image changes, the infotext says "NGMS: 3.0"; s_min_uncond 0 is the plain run."""
+    from fastsd.schedules import schedule_for
+
+    _, pipe = tiny
+    batches = []
+    forward = pipe.unet.forward
+
+    def recording(x, t, context, *a, **k):
+        batches.append(x.shape[0])
+        return forward(x, t, context, *a, **k)
+
+    kw = dict(prompt="a cat", negative_prompt="ugly", steps=10, sampler="euler_a", seed=4, width=32, height=32,
+              progress=False)
+    plain = pipe.generate(**kw)[0]
+    monkeypatch.setattr(pipe.unet, "forward", recording)
+    ngms = pipe.generate(**kw, s_min_uncond=3.0)[0]
+    sigmas = schedule_for("euler_a", 10).sigmas.tolist()
+    assert batches == [1 if i % 2 and sigmas[i] < 3 else 2 for i in range(10)] and batches.count(1) >= 2
+    assert "NGMS: 3.0" in ngms.info["parameters"] and "NGMS" not in plain.info["parameters"]
+    assert not np.array_equal(np.asarray(ngms), np.asarray(plain))
+    monkeypatch.undo()
+    assert np.array_equal(np.asarray(pipe.generate(**kw, s_min_uncond=0.0)[0]), np.asarray(plain))
+    with pytest.raises(ValueError, match="s_min_uncond must be >= 0"):
+        pipe.generate(**kw, s_min_uncond=-1.0)

@@ -99,6 +99,16 @@ def test_random_seed_n_iter_clip_skip_and_unhonoured_fields(client):
     assert "some_extension_field" not in notes  # unknown fields are ignored, as A1111 does
 
 
+def test_s_min_uncond_is_a1111s_ngms(client):
+    """A1111's s_min_uncond ("Negative Guidance minimum sigma") runs (not warned as unsupported) and is in the
+    infotext as A1111 writes it."""
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "s_min_uncond": 2.5, "cfg_scale": 5})
+    assert r.status_code == 200, r.text
+    meta = info(r)
+    assert not any("s_min_uncond" in w for w in meta["warnings"]), meta["warnings"]
+    assert parse_infotext(meta["infotexts"][0])[2]["NGMS"] == "2.5"
+
+
 def test_loras_and_embeddings_by_name_from_their_folders(client):
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat <lora:detail:0.7>"})
     assert r.status_code == 422  # detail.safetensors is an empty file
@@ -194,6 +204,7 @@ BAD = [  # (endpoint, body or raw bytes, expected status, words the detail must 
     ("img2img", {**SMALL, "denoising_strength": 1.5, "init_images": [png_b64(Image.new("RGB", (64, 64)))]}, 422,
      "denoising_strength must be in (0, 1]"),
     ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers must be in 1..11"),
+    ("txt2img", {**SMALL, "s_min_uncond": -1}, 422, "s_min_uncond must be >= 0"),
 ]
 
 

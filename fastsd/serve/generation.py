@@ -297,7 +297,8 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
                            subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings, server.upscalers),
-                           **_seed_resize(req, limits, warnings), schedule_type=schedule_type)
+                           **_seed_resize(req, limits, warnings), schedule_type=schedule_type,
+                           s_min_uncond=req.s_min_uncond or 0.0)
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:

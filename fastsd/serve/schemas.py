@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 # k-diffusion's sampler options: values that change nothing (None = A1111's default) are not reported.
-K_DIFFUSION_DEFAULTS = {"s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_tmin": (None, 0.0),
+K_DIFFUSION_DEFAULTS = {"s_churn": (None, 0.0), "s_tmin": (None, 0.0),
                         "s_tmax": (None, 0.0), "s_noise": (None, 1.0)}
 # half of a UTF-16 pair, alone: JSON's "\ud800" escape reads as one, but it is not Unicode text
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
