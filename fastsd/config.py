@@ -141,6 +141,8 @@ class UNetConfig:
     num_heads: int = 8  # SD1.x: 8 heads at every level (head dims 40, 80, 160)
     context_dim: int = 768
     norm_groups: int = 32
+    time_cond_proj_dim: int | None = None  # LCM-distilled UNets: the size of the guidance-scale embedding added to
+    # the timestep's (diffusers' time_cond_proj_dim; 256 in LCM_Dreamshaper_v7)
 
     def __post_init__(self):
         if len(self.attention_levels) != len(self.channel_mult):

@@ -28,6 +28,9 @@ def rename_key(key: str, rules: list[Rule]) -> str:
     return key
 
 
+LCM_COND_PROJ = "time_embedding.cond_proj.weight"  # an LCM-distilled UNet's guidance projection, in both formats
+
+
 def unet_rules(cfg: UNetConfig) -> list[Rule]:
     per = cfg.num_res_blocks + 1  # input blocks per level (resnets + downsample); output blocks per level
     n = len(cfg.channel_mult)
@@ -155,7 +158,7 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
         channel_mult=tuple(b // mc for b in blocks), num_res_blocks=c.get("layers_per_block", 2),
         attention_levels=tuple(t.startswith("CrossAttn") for t in c["down_block_types"]),
         num_heads=heads if isinstance(heads, int) else heads[0], context_dim=c.get("cross_attention_dim", 768),
-        norm_groups=c.get("norm_num_groups", 32))
+        norm_groups=c.get("norm_num_groups", 32), time_cond_proj_dim=c.get("time_cond_proj_dim"))
 
 
 def vae_config_from_diffusers(c: dict) -> VAEConfig:
@@ -198,8 +201,10 @@ def unet_config_from_ldm(refs: dict[str, TensorRef]) -> UNetConfig:
         mults.append(refs[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
         attn.append(f"input_blocks.{first}.1.proj_in.weight" in refs)
     ctx = refs["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    cond_proj = refs.get(LCM_COND_PROJ)  # (an LCM-distilled UNet: diffusers' key, which its LDM converter keeps)
     return UNetConfig(in_channels=cin, out_channels=out_ch, model_channels=mc, channel_mult=tuple(mults),
-                      num_res_blocks=nres, attention_levels=tuple(attn), context_dim=ctx)
+                      num_res_blocks=nres, attention_levels=tuple(attn), context_dim=ctx,
+                      time_cond_proj_dim=None if cond_proj is None else cond_proj.shape[1])
 
 
 def vae_config_from_ldm(refs: dict[str, TensorRef]) -> VAEConfig:

@@ -258,6 +258,13 @@ class Pipeline:
         """The file of a VAE that replaced the model's (set_vae's `path`); None otherwise."""
         return self._vae_file
 
+    @property
+    def embeds_guidance(self) -> bool:
+        """An LCM-distilled UNet (LCM_Dreamshaper_v7's kind): the guidance scale goes in as its embedding of
+        w = scale - 1 (diffusers' LatentConsistencyModelPipeline), with no unconditional batch and no negative
+        prompt."""
+        return bool(self.config.unet.time_cond_proj_dim)
+
     def vae_hash(self) -> str | None:
         """A1111's "VAE hash" (sha256[:10] of the VAE file) of a VAE that replaced the model's; None otherwise."""
         if self._vae_hash is None and self._vae_file is not None:
@@ -460,10 +467,12 @@ class Pipeline:
         at the last, None at the others; an exception it raises (e.g. `Interrupted`) stops the loop."""
         spec = get_sampler(s.sampler)
         sched = p.schedule
-        guided = s.guided and uncond is not None
+        guided = s.guided and uncond is not None and not self.embeds_guidance
+        w = s.guidance_scale - 1 if self.embeds_guidance else None  # (diffusers' LatentConsistencyModelPipeline)
         with self._running(self.unet) as unet:
-            den = EpsDenoiser(lambda x_in, t, context: unet(x_in, t, context), alphas_cumprod(self.config.scheduler),
-                              schedule=sched)
+            call = (lambda x_in, t, context: unet(x_in, t, context)) if w is None else \
+                (lambda x_in, t, context: unet(x_in, t, context, w))
+            den = EpsDenoiser(call, alphas_cumprod(self.config.scheduler), schedule=sched)
             model = CFGDenoiser(den, cond, uncond if guided else None, s.guidance_scale if guided else 1.0,
                                 cfg_step=self._backend.ops.cfg_step, s_min_uncond=s.s_min_uncond)
             if p.mask is not None and self.config.unet.in_channels != 9:
@@ -700,14 +709,15 @@ class Pipeline:
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
         first_steps = prompt_steps(s.sampler, s.steps)  # (A1111's prompt editing counts these)
-        cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if s.guided else None, s.clip_skip,
+        guided = s.guided and not self.embeds_guidance
+        cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if guided else None, s.clip_skip,
                                           steps=first_steps)
         hires_conds = (cond, uncond)  # (A1111's hr_prompt / hr_negative_prompt: encoded before any sampling)
         h_prompt, h_negative = s.hires_prompts()
         if s.hires and ((h_prompt, h_negative) != (s.prompt, s.negative_prompt) or hp is not self
                         or may_have_schedule(h_prompt) or may_have_schedule(h_negative)):
-            hires_conds = hp.encode_prompt([h_prompt], [h_negative] if s.guided else None, s.clip_skip,
-                                           steps=first_steps, hires_steps=s.hires_prompt_steps())
+            hires_conds = hp.encode_prompt([h_prompt], [h_negative] if s.guided and not hp.embeds_guidance else None,
+                                           s.clip_skip, steps=first_steps, hires_steps=s.hires_prompt_steps())
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae,
                                  masked_content=masked_content, latent_mask=latent_mask)
         first = len(p.schedule)

@@ -159,6 +159,13 @@ class UNetGraph(nn.Module):
         return self.unet(x, t, context)
 
 
+class GuidedUNetGraph(UNetGraph):
+    """An LCM-distilled UNet's graph: its guidance w an input too."""
+
+    def forward(self, x, t, context, guidance):
+        return self.unet(x, t, context, guidance)
+
+
 class VAEDecodeGraph(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -361,10 +368,14 @@ def _install(model: nn.Module) -> None:
     if isinstance(model, UNet):
         part = Part(model, "unet")
 
-        def unet_forward(x, t, context):
+        def unet_forward(x, t, context, guidance=None):
             dt = _dtype(model)
             t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-            (eps,) = part.run("", UNetGraph, x.float(), t, context.float())
+            if guidance is not None and model.cfg.time_cond_proj_dim:
+                w = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+                (eps,) = part.run("guided", GuidedUNetGraph, x.float(), t, context.float(), w)
+            else:
+                (eps,) = part.run("", UNetGraph, x.float(), t, context.float())
             return eps.to(device=x.device, dtype=dt)
 
         model.forward = unet_forward

@@ -34,6 +34,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """An LCM-distilled UNet's embedding of its guidance w (B,) -> (B, dim): sinusoids of 1000 w, sin first, the
+    frequencies 10000^(-i / (dim/2 - 1)) (diffusers' get_guidance_scale_embedding; an odd dim gets a zero column)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=w.device))
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
 class ResBlock(nn.Module):
     """GN-SiLU-conv, + time embedding, GN-SiLU-conv, + skip. Keys: in_layers.{0,2}, emb_layers.1,
     out_layers.{0,3}, skip_connection (UNet). The VAE variant (no embedding) uses ResnetBlock below."""

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from fastsd.config import UNetConfig
-from fastsd.models.layers import Downsample, GroupNorm, ResBlock, SpatialTransformer, Upsample, timestep_embedding
+from fastsd.models.layers import (Downsample, GroupNorm, ResBlock, SpatialTransformer, Upsample, guidance_embedding,
+                                  timestep_embedding)
 
 
 class TimestepSequential(nn.Sequential):
@@ -34,6 +35,8 @@ class UNet(nn.Module):
         mc, groups, heads = cfg.model_channels, cfg.norm_groups, cfg.num_heads
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.time_cond_proj_dim:  # an LCM-distilled UNet: the guidance-scale embedding joins the timestep's
+            self.time_embedding = nn.ModuleDict({"cond_proj": nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)})
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, emb_dim, cout, groups)
@@ -74,12 +77,20 @@ class UNet(nn.Module):
         self.out = nn.Sequential(GroupNorm(groups, ch, silu=True), nn.Identity(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in_channels, h, w) latents; t (B,) or scalar timesteps (may be fractional);
-        context (B, 77*k, context_dim) -> eps prediction (B, out_channels, h, w)."""
+        context (B, 77*k, context_dim) -> eps prediction (B, out_channels, h, w). `guidance` (B,) or scalar: an
+        LCM-distilled UNet's guidance w (diffusers' LatentConsistencyModelPipeline: guidance scale - 1), embedded
+        (`guidance_embedding`) and projected into the timestep embedding; None adds nothing (as diffusers)."""
         dtype = self.time_embed[0].weight.dtype
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4*mc)
+        temb = timestep_embedding(t, self.cfg.model_channels).to(dtype)
+        if guidance is not None and self.cfg.time_cond_proj_dim:
+            w = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(x.shape[0])
+            g = guidance_embedding(w, self.cfg.time_cond_proj_dim).to(dtype)
+            temb = temb + self.time_embedding["cond_proj"](g)
+        emb = self.time_embed(temb)  # (B, 4*mc)
         x, context = x.to(dtype), context.to(dtype)
         hs = []
         for block in self.input_blocks:
