@@ -283,7 +283,7 @@ class Pipeline:
                   "Seed resize from": f"{s.seed_resize_from_w}x{s.seed_resize_from_h}" if s.seed_resize else None,
                   "Denoising strength": s.strength if img2img else None,
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
-                  "NGMS": s.s_min_uncond if s.s_min_uncond and s.guided else None}
+                  "NGMS": s.s_min_uncond if s.s_min_uncond and s.guided and not self.embeds_guidance else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
             resize = s.hires_width or s.hires_height
             second = get_sampler(s.hires_sampler or s.sampler).name
