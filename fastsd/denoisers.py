@@ -250,6 +250,9 @@ class CFGDenoiser:
         if set(cond) != {"context"}:
             raise ValueError("composed (AND) prompts take a context only")
         B = x.shape[0]
+        if max(parts.owners) == 0 and B > 1:  # one prompt for every image (as a batch-1 context is broadcast)
+            n = len(parts.owners)
+            parts = Parts(parts.contexts.repeat(B, 1, 1), [b for b in range(B) for _ in range(n)], parts.weights * B)
         idx = torch.tensor(parts.owners, device=x.device)
 
         def rows(v):  # a per-image tensor (or one for all) at the parts' images

@@ -260,6 +260,10 @@ def test_and_prompt_image_is_a1111s_combination(tiny):
     plain = pipe.generate("a photo of a cat", **kw)[0]
     assert psnr(ours, plain) < psnr(ours, ref) - 10
     assert np.array_equal(np.asarray(pipe.generate("a photo of a cat :1", **kw)[0]), np.asarray(plain))
+    two = pipe.generate("a photo of a cat AND a red car :0.5", **{**kw, "latents": None}, seed=5, num_images=2)
+    alone = pipe.generate("a photo of a cat AND a red car :0.5", **{**kw, "latents": None}, seed=6)[0]
+    diff = np.abs(np.asarray(two[1], dtype=int) - np.asarray(alone, dtype=int))  # one prompt over a batch: each
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # image composes its own parts (the batch-seed rule)
     assert not np.array_equal(np.asarray(pipe.generate("a photo of a cat :0.5", **kw)[0]), np.asarray(plain))
 
 
