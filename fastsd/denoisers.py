@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fastsd.backends import reference
+from fastsd.prompt_schedule import at_call
 from fastsd.schedules import Schedule, sigma_to_t, sigmas_from_alphas_cumprod
 
 
@@ -118,15 +119,11 @@ class ScheduledContext:
         self.composed = any(len(p) != 1 or p[0][0] != 1.0 for p in parts)
 
     def at(self, call: int) -> torch.Tensor:
-        from fastsd.prompt_schedule import at_call
-
         if self.composed:
             raise ValueError("a composed (AND) context has parts: parts_at")
         return self.contexts[[at_call(p[0][1], call) for p in self.parts]]
 
     def parts_at(self, call: int) -> "Parts":
-        from fastsd.prompt_schedule import at_call
-
         rows, owners, weights = [], [], []
         for i, parts in enumerate(self.parts):
             for weight, schedule in parts:

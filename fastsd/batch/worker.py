@@ -12,6 +12,7 @@ pass) runs alone, after the batched first pass. So a job's PNG never depends on 
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import socket
@@ -73,8 +74,7 @@ class BatchWorker:
         out, ready = [], []
         for j in jobs:  # each hires upscaler found and loaded before any pass: a bad one fails its jobs alone
             try:
-                self.job_settings(j)
-                ready.append(j)
+                ready.append(dataclasses.replace(j, settings=self.job_settings(j)))
             except Exception as e:  # noqa: BLE001
                 out.append(_failed(j, e))
         jobs = ready
@@ -114,14 +114,13 @@ class BatchWorker:
         return x, time.perf_counter() - t0
 
     def generate(self, jobs: list[Job]) -> list[bytes]:
-        """PNG bytes (infotext in the 'parameters' chunk) per job; the hires fix and the decode are per image (see
-        module doc)."""
+        """PNG bytes (infotext in the 'parameters' chunk) per job (its settings as `job_settings` gives them); the
+        hires fix and the decode are per image (see module doc)."""
         from fastsd.image import png_writer, tensor_to_pil
 
-        settings = [self.job_settings(j) for j in jobs]
         x, _ = self._latents(jobs)
         out = []
-        for i, s in enumerate(settings):
+        for i, s in enumerate(j.settings for j in jobs):
             latents = self._hires(s, x[i:i + 1]) if s.hires else x[i:i + 1]
             image = tensor_to_pil(self.pipe.decode(latents))[0]
             buf = io.BytesIO()
