@@ -160,14 +160,19 @@ class CFGDenoiser:
     The sampler protocol: `split_guidance(x, sigma, **extra)` gives (uncond_x0, cond_x0, scale) from one
     batched call so a sampler can fuse the guidance into its update with `cfg_step` (the backend's op:
     one kernel on the triton backend); None when unguided (then the sampler calls it). Wrappers forward both
-    (KnownRegionDenoiser). `s_min_uncond`: A1111's NGMS (`skips_uncond`).
+    (KnownRegionDenoiser). `s_min_uncond` / `s_min_uncond_all`: A1111's NGMS, `skip_early` of `total_calls`: its
+    Skip Early CFG (`skips_uncond`).
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], cond: torch.Tensor | Mapping[str, Any],
                  uncond: torch.Tensor | Mapping[str, Any] | None, scale: float,
-                 cfg_step: Callable = reference.cfg_step, s_min_uncond: float = 0.0):
+                 cfg_step: Callable = reference.cfg_step, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
+                 skip_early: float = 0.0, total_calls: int = 1):
         self.denoiser = denoiser
         self.s_min_uncond = float(s_min_uncond)
+        self.s_min_uncond_all = bool(s_min_uncond_all)
+        self.skip_early = float(skip_early)
+        self.total_calls = max(1, int(total_calls))
         self.cond = _as_dict(cond)
         self.uncond = None if uncond is None else _as_dict(uncond)
         self.scale = float(scale)
@@ -226,11 +231,18 @@ class CFGDenoiser:
         return uncond_x0, cond_x0
 
     def skips_uncond(self, sigma) -> bool:
-        """A1111's "Negative Guidance minimum sigma" (s_min_uncond): the next model call runs without the uncond
-        branch (unguided: the cond's x0, or the parts' combination with the first part for the uncond) when it is
-        an odd one (counted from 0) and its noise level is below s_min_uncond."""
+        """Whether the next model call runs without the uncond branch (unguided: the cond's x0, or the parts'
+        combination with the first part for the uncond), as A1111's CFGDenoiser decides, its calls counted from 0
+        in a pass: "Skip Early CFG" (skip_early > 0) while call / total_calls <= skip_early (total_calls: A1111's
+        total_steps, `samplers.prompt_steps` of the pass's steps); "Negative Guidance minimum sigma" (s_min_uncond
+        > 0) when the call's noise level is below s_min_uncond and it is an odd call, or any with s_min_uncond_all
+        ("NGMS all steps")."""
+        if self.skip_early > 0 and self.calls / self.total_calls <= self.skip_early:
+            return True
+        if self.s_min_uncond <= 0 or not (self.calls % 2 == 1 or self.s_min_uncond_all):
+            return False
         level = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-        return self.s_min_uncond > 0 and self.calls % 2 == 1 and level < self.s_min_uncond
+        return level < self.s_min_uncond
 
     def split_guidance(self, x: torch.Tensor, sigma, **extra: Any):
         """(uncond_x0, cond_x0, scale) for a sampler to fuse, or None when this call is unguided."""

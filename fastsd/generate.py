@@ -35,10 +35,12 @@ def _settings_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
             continue
         meta = f.metadata
         flag = meta.get("flag") or "--" + name.replace("_", "-")
-        typ = next(t for t in (int, float, str) if t in typing.get_args(hints[name]) or hints[name] is t)
         if flag == "prompt":  # (optional with --infotext, which has one: _Parser asks for it otherwise)
             p.add_argument("prompt", nargs="?", default=None, help=meta["help"])
+        elif hints[name] is bool:  # a switch, off by default
+            p.add_argument(flag, dest=name, action="store_true", default=f.default, help=meta["help"])
         else:
+            typ = next(t for t in (int, float, str) if t in typing.get_args(hints[name]) or hints[name] is t)
             p.add_argument(flag, dest=name, type=typ, default=f.default, help=meta["help"])
 
 

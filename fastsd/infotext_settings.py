@@ -48,6 +48,12 @@ def _float(v: str) -> float:
     return float(v)
 
 
+def _bool(v: str) -> bool:
+    if v not in ("True", "False"):  # (A1111 writes Python's)
+        raise ValueError("not True or False")
+    return v == "True"
+
+
 def _size(v: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)\s*x\s*(\d+)", v)
     if m is None:
@@ -72,6 +78,8 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "Hires negative prompt": (("hires_negative_prompt",), str),
     "Hires upscaler": (("hires_upscaler",), _hires.upscaler_name),
     "NGMS": (("s_min_uncond",), _float),
+    "NGMS all steps": (("s_min_uncond_all",), _bool),
+    "Skip Early CFG": (("skip_early_cond",), _float),
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type",
          *DESCRIPTIVE}

@@ -274,6 +274,7 @@ class Pipeline:
     def infotext(self, s: GenerationSettings, seed: int, img2img: bool = False, extra: dict | None = None) -> str:
         """A1111's infotext of an image made with `s` and `seed`; `extra` (A1111's extra_generation_params, e.g.
         its inpainting keys) after the settings' keys, before the LoRA and embedding hashes (None values left out)."""
+        cfg = s.guided and not self.embeds_guidance  # an unconditional batch runs, so its options apply
         params = {"Steps": s.steps, "Sampler": A1111_NAMES[get_sampler(s.sampler).name],
                   "Schedule type": schedule_label(s.schedule_type), "CFG scale": s.guidance_scale,
                   "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(), "Model": self.name,
@@ -283,7 +284,9 @@ class Pipeline:
                   "Seed resize from": f"{s.seed_resize_from_w}x{s.seed_resize_from_h}" if s.seed_resize else None,
                   "Denoising strength": s.strength if img2img else None,
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
-                  "NGMS": s.s_min_uncond if s.s_min_uncond and s.guided and not self.embeds_guidance else None}
+                  "Skip Early CFG": s.skip_early_cond if s.skip_early_cond and cfg else None,
+                  "NGMS": s.s_min_uncond if s.s_min_uncond and cfg else None,
+                  "NGMS all steps": True if s.s_min_uncond and s.s_min_uncond_all and cfg else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
             resize = s.hires_width or s.hires_height
             second = get_sampler(s.hires_sampler or s.sampler).name
@@ -474,7 +477,9 @@ class Pipeline:
                 (lambda x_in, t, context: unet(x_in, t, context, w))
             den = EpsDenoiser(call, alphas_cumprod(self.config.scheduler), schedule=sched)
             model = CFGDenoiser(den, cond, uncond if guided else None, s.guidance_scale if guided else 1.0,
-                                cfg_step=self._backend.ops.cfg_step, s_min_uncond=s.s_min_uncond)
+                                cfg_step=self._backend.ops.cfg_step, s_min_uncond=s.s_min_uncond,
+                                s_min_uncond_all=s.s_min_uncond_all, skip_early=s.skip_early_cond,
+                                total_calls=prompt_steps(s.sampler, len(sched)))
             if p.mask is not None and self.config.unet.in_channels != 9:
                 model = KnownRegionDenoiser(model, p.x0, p.mask)
             opts = {}
@@ -655,6 +660,7 @@ class Pipeline:
                  hires_upscaler: str = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
                  hires_sampler: str | None = None, schedule_type: str = "automatic", hires_prompt: str = "",
                  hires_negative_prompt: str = "", hires_schedule_type: str | None = None, s_min_uncond: float = 0.0,
+                 s_min_uncond_all: bool = False, skip_early_cond: float = 0.0,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
@@ -684,7 +690,7 @@ class Pipeline:
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
-                               hires_schedule_type, s_min_uncond)
+                               hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")

@@ -87,6 +87,12 @@ class GenerationSettings:
     s_min_uncond: float = field(default=0.0, metadata=_opt(
         "A1111's 'Negative Guidance minimum sigma' (NGMS): below this noise level every other model call skips the "
         "unconditional batch (the negative prompt), a faster end of the run; 0 = off"))
+    s_min_uncond_all: bool = field(default=False, metadata=_opt(
+        "A1111's 'NGMS all steps': with --s-min-uncond, every model call below that noise level skips the "
+        "unconditional batch, not every other one"))
+    skip_early_cond: float = field(default=0.0, metadata=_opt(
+        "A1111's 'Ignore negative prompt during early sampling' (Skip Early CFG): the model calls of this fraction "
+        "of a pass's steps, from its start, skip the unconditional batch (in [0, 1]; 0 = off)"))
 
     @property
     def hires(self) -> bool:
@@ -156,6 +162,11 @@ class GenerationSettings:
         _check_float(self.s_min_uncond, "s_min_uncond")
         if self.s_min_uncond < 0:
             raise ValueError(f"s_min_uncond must be >= 0, got {self.s_min_uncond}")
+        if not isinstance(self.s_min_uncond_all, bool):
+            raise TypeError(f"s_min_uncond_all must be True or False, got {self.s_min_uncond_all!r}")
+        _check_float(self.skip_early_cond, "skip_early_cond")
+        if not 0.0 <= self.skip_early_cond <= 1.0:
+            raise ValueError(f"skip_early_cond must be in [0, 1], got {self.skip_early_cond}")
         _check_float(self.subseed_strength, "subseed_strength")
         if not 0.0 <= self.subseed_strength <= 1.0:
             raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength}")

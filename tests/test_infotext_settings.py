@@ -157,7 +157,8 @@ def test_read_from_png_jpeg_webp_txt_and_stdin(tmp_path, monkeypatch):
      "--hires-width", "80", "--hires-sampler", "euler", "--hires-upscaler", "Lanczos", "--seed-resize-from-w", "48",
      "--seed-resize-from-h", "56"],
     ["--sampler", "DPM++ SDE Karras", "--cfg-scale", "3", "--seed", "8", "--hires-scale", "1.25",
-     "--hires-prompt", "a fox, sharp: detailed", "--hires-negative-prompt", "blurry", "--s-min-uncond", "4.5"],
+     "--hires-prompt", "a fox, sharp: detailed", "--hires-negative-prompt", "blurry", "--s-min-uncond", "4.5",
+     "--s-min-uncond-all", "--skip-early-cond", "0.2"],
 ])
 def test_the_image_made_again_from_its_png(tmp_path, capsys, args):
     a, b = tmp_path / "a.png", tmp_path / "b.png"

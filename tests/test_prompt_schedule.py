@@ -323,3 +323,87 @@ def test_ngms_in_a_generation(tiny, monkeypatch):
     assert np.array_equal(np.asarray(pipe.generate(**kw, s_min_uncond=0.0)[0]), np.asarray(plain))
     with pytest.raises(ValueError, match="s_min_uncond must be >= 0"):
         pipe.generate(**kw, s_min_uncond=-1.0)
+
+
+# ---- A1111's "NGMS all steps" (s_min_uncond_all) and "Skip Early CFG" (skip_early_cond) ----------------------------
+
+def _fake_unet(rows):
+    def fake(x_in, sigma, context):
+        rows.append(x_in.shape[0])
+        return x_in * 0.5 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    return fake
+
+
+def test_ngms_all_steps_and_skip_early_cfg_choose_calls_as_a1111():
+    """A transcription of A1111 1.10's rule (sd_samplers_cfg_denoiser.py): a call (index from 0 of total_steps)
+    skips the uncond when skip_early_cond != 0 and index / total_steps <= skip_early_cond, or when (index is odd or
+    s_min_uncond_all) and s_min_uncond > 0 and sigma < s_min_uncond. Every combination, over 10 calls, by the batch
+    rows each call ran; a skipped call returns the cond's x0 (A1111 combines with scale 1)."""
+    from fastsd.denoisers import CFGDenoiser
+
+    g = torch.Generator().manual_seed(1)
+    x, c, u = torch.randn(1, 4, 2, 2, generator=g), torch.randn(1, 3, 5, generator=g), torch.randn(1, 3, 5, generator=g)
+    sigmas = [9.0, 7.0, 5.0, 3.5, 2.5, 1.5, 0.9, 0.5, 0.2, 0.1]
+    for skip_early in (0.0, 0.1, 0.25, 0.5, 1.0):
+        for s_min, every in ((0.0, False), (0.0, True), (2.0, False), (2.0, True)):
+            rows = []
+            den = CFGDenoiser(_fake_unet(rows), c, u, 5.0, s_min_uncond=s_min, s_min_uncond_all=every,
+                              skip_early=skip_early, total_calls=len(sigmas))
+            for step, sigma in enumerate(sigmas):
+                skip = (skip_early != 0 and step / len(sigmas) <= skip_early) or \
+                    ((step % 2 or every) and s_min > 0 and sigma < s_min)
+                got = den(x, sigma)
+                assert rows[-1] == (1 if skip else 2), (skip_early, s_min, every, step)
+                if skip:
+                    assert torch.equal(got, _fake_unet([])(x, None, c))
+            if skip_early == 1.0:
+                assert rows == [1] * 10
+
+
+def test_skip_early_cfg_and_ngms_all_steps_in_a_generation(tiny, monkeypatch):
+    """Euler a, 10 steps: skip_early_cond 0.25 runs calls 0-2 at batch 1 (A1111: 0/10, 1/10, 2/10 <= 0.25), Heun
+    (second order, A1111 counts 2 x 10 steps) its calls 0-5; s_min_uncond 3 with s_min_uncond_all every call below
+    sigma 3. The infotext says "Skip Early CFG: 0.25" / "NGMS: 3.0, NGMS all steps: True" and reads back; off, the
+    plain run; unguided (cfg 1) they change nothing and are not written; bad values are refused by name."""
+    from fastsd.infotext_settings import settings_from_infotext
+    from fastsd.schedules import schedule_for
+
+    _, pipe = tiny
+    batches = []
+    forward = pipe.unet.forward
+
+    def recording(x, t, context, *a, **k):
+        batches.append(x.shape[0])
+        return forward(x, t, context, *a, **k)
+
+    kw = dict(prompt="a cat", negative_prompt="ugly", steps=10, sampler="euler_a", seed=4, width=32, height=32,
+              progress=False)
+    plain = pipe.generate(**kw)[0]
+    monkeypatch.setattr(pipe.unet, "forward", recording)
+    early = pipe.generate(**kw, skip_early_cond=0.25)[0]
+    assert batches == [1, 1, 1] + [2] * 7
+    batches.clear()
+    heun = pipe.generate(**{**kw, "sampler": "heun"}, skip_early_cond=0.25)[0]
+    assert batches[:6] == [1] * 6 and set(batches[6:]) == {2}
+    batches.clear()
+    every = pipe.generate(**kw, s_min_uncond=3.0, s_min_uncond_all=True)[0]
+    sigmas = schedule_for("euler_a", 10).sigmas.tolist()
+    assert batches == [1 if sigmas[i] < 3 else 2 for i in range(10)] and 0 < batches.count(1) < 10
+    monkeypatch.undo()
+    assert "Skip Early CFG: 0.25" in early.info["parameters"] and "Skip Early CFG" in heun.info["parameters"]
+    assert "NGMS: 3.0, NGMS all steps: True" in every.info["parameters"]
+    assert settings_from_infotext(every.info["parameters"])[0]["s_min_uncond_all"] is True
+    assert settings_from_infotext(early.info["parameters"])[0]["skip_early_cond"] == 0.25
+    for img in (early, every):
+        assert not np.array_equal(np.asarray(img), np.asarray(plain))
+    assert np.array_equal(np.asarray(pipe.generate(**kw, skip_early_cond=0.0, s_min_uncond_all=True)[0]),
+                          np.asarray(plain))  # (NGMS all steps does nothing without s_min_uncond)
+    unguided = dict(kw, guidance_scale=1.0)
+    off = pipe.generate(**unguided)[0]
+    on = pipe.generate(**unguided, skip_early_cond=0.5, s_min_uncond=3.0, s_min_uncond_all=True)[0]
+    assert np.array_equal(np.asarray(on), np.asarray(off))
+    assert "Skip Early CFG" not in on.info["parameters"] and "NGMS" not in on.info["parameters"]
+    with pytest.raises(ValueError, match=r"skip_early_cond must be in \[0, 1\]"):
+        pipe.generate(**kw, skip_early_cond=1.5)
+    with pytest.raises(TypeError, match="s_min_uncond_all must be True or False"):
+        pipe.generate(**kw, s_min_uncond_all="yes")

@@ -109,6 +109,33 @@ def test_s_min_uncond_is_a1111s_ngms(client):
     assert parse_infotext(meta["infotexts"][0])[2]["NGMS"] == "2.5"
 
 
+def test_skip_early_cfg_and_ngms_all_steps_are_a1111_options(client):
+    """A1111's options skip_early_cond ("Skip Early CFG") and s_min_uncond_all ("NGMS all steps"): per request in
+    override_settings (not warned), for later requests by POST /sdapi/v1/options (GET reports them), written in the
+    infotext as A1111 writes them; the per-request value wins over the option; a bad value is a 422 naming it."""
+    small = {**SMALL, "cfg_scale": 5, "steps": 4, "seed": 3, "s_min_uncond": 2.5}
+    try:
+        r = client.post("/sdapi/v1/txt2img", json={**small, "override_settings": {"skip_early_cond": 0.25,
+                                                                                  "s_min_uncond_all": True}})
+        assert r.status_code == 200, r.text
+        meta = info(r)
+        assert not any("skip_early_cond" in w or "s_min_uncond_all" in w for w in meta["warnings"]), meta["warnings"]
+        params = parse_infotext(meta["infotexts"][0])[2]
+        assert params["Skip Early CFG"] == "0.25" and params["NGMS all steps"] == "True"
+        assert client.get("/sdapi/v1/options").json()["skip_early_cond"] == 0.0  # (the override was this request's)
+        r = client.post("/sdapi/v1/options", json={"skip_early_cond": 0.5, "s_min_uncond_all": True})
+        assert r.status_code == 200 and r.json()["applied"] == {"skip_early_cond": 0.5, "s_min_uncond_all": True}
+        options = client.get("/sdapi/v1/options").json()
+        assert options["skip_early_cond"] == 0.5 and options["s_min_uncond_all"] is True
+        params = parse_infotext(info(client.post("/sdapi/v1/txt2img", json=small))["infotexts"][0])[2]
+        assert params["Skip Early CFG"] == "0.5" and params["NGMS all steps"] == "True"
+        r = client.post("/sdapi/v1/txt2img", json={**small, "override_settings": {"skip_early_cond": 0}})
+        assert "Skip Early CFG" not in parse_infotext(info(r)["infotexts"][0])[2]
+    finally:
+        client.post("/sdapi/v1/options", json={"skip_early_cond": 0.0, "s_min_uncond_all": False})
+    assert "Skip Early CFG" not in parse_infotext(info(client.post("/sdapi/v1/txt2img", json=small))["infotexts"][0])[2]
+
+
 def test_loras_and_embeddings_by_name_from_their_folders(client):
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat <lora:detail:0.7>"})
     assert r.status_code == 422  # detail.safetensors is an empty file
@@ -205,6 +232,11 @@ BAD = [  # (endpoint, body or raw bytes, expected status, words the detail must 
      "denoising_strength must be in (0, 1]"),
     ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers must be in 1..11"),
     ("txt2img", {**SMALL, "s_min_uncond": -1}, 422, "s_min_uncond must be >= 0"),
+    ("options", {"skip_early_cond": 1.5}, 422, "skip_early_cond must be in [0, 1], got 1.5"),
+    ("txt2img", {**SMALL, "override_settings": {"skip_early_cond": -0.5}}, 422,
+     "override_settings.skip_early_cond must be in [0, 1], got -0.5"),
+    ("txt2img", {**SMALL, "override_settings": {"s_min_uncond_all": "yes"}}, 422,
+     "override_settings.s_min_uncond_all must be True or False, got 'yes'"),
 ]
 
 

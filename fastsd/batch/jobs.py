@@ -41,11 +41,12 @@ DEFAULT_SIDE = 512  # as Pipeline.resolve
 FIELDS = {"id": "id", "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
           "cfg": "guidance_scale", "sampler": "sampler", "width": "width", "height": "height", "size": "size",
           "clip_skip": "clip_skip", "loras": "loras", "scheduler": "schedule_type"}
-# the hires fix, the variation seed, seed resize and NGMS: job field -> settings field, taken as it is (the option's value
-# where left out); in the manifest (and a job's id) only where it is not the settings' default
+# the hires fix, the variation seed, seed resize, NGMS and Skip Early CFG: job field -> settings field, taken as it is
+# (the option's value where left out); in the manifest (and a job's id) only where it is not the settings' default
 EXTRA = {f: f for f in ("hires_scale", "hires_width", "hires_height", "hires_steps", "hires_strength",
                         "hires_upscaler", "hires_sampler", "hires_prompt", "hires_negative_prompt", "subseed",
-                        "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "s_min_uncond")}
+                        "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "s_min_uncond",
+                        "s_min_uncond_all", "skip_early_cond")}
 EXTRA["hires_scheduler"] = "hires_schedule_type"  # (as scheduler -> schedule_type)
 FIELDS.update(EXTRA, enable_hr="enable_hr")
 HIRES = tuple(f for f in EXTRA.values() if f.startswith("hires_"))  # the settings fields of the hires fix
@@ -58,7 +59,8 @@ ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": 
            "hr_prompt": "hires_prompt", "hr_negative_prompt": "hires_negative_prompt"}
 INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "hires_height", "hires_steps", "subseed",
               "seed_resize_from_w", "seed_resize_from_h")
-FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond")
+FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond")
+BOOL_FIELDS = ("enable_hr", "s_min_uncond_all")
 NAME_FIELDS = {"scheduler": "a schedule type's name", "hires_scheduler": "a schedule type's name",
                "hires_sampler": "a sampler's name", "hires_upscaler": "an upscaler's name"}
 
@@ -93,6 +95,8 @@ class Defaults:
     seed_resize_from_w: int = 0
     seed_resize_from_h: int = 0
     s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    skip_early_cond: float = 0.0
 
     def settings(self) -> GenerationSettings:
         """These defaults as settings (no prompt)."""
@@ -318,8 +322,9 @@ def _typed(rec: dict) -> dict:
     for name, what in NAME_FIELDS.items():
         if name in rec and not isinstance(rec[name], str):
             raise TypeError(f"{name} must be {what}, got {rec[name]!r}")
-    if "enable_hr" in rec:
-        rec["enable_hr"] = _to_bool(rec["enable_hr"], "enable_hr")
+    for name in BOOL_FIELDS:
+        if name in rec:
+            rec[name] = _to_bool(rec[name], name)
     for name, same in (("hires_sampler", SAME_SAMPLER), ("hires_scheduler", SAME_SCHEDULER)):
         if rec.get(name, "").strip().lower() == same.lower():
             del rec[name]
@@ -509,6 +514,7 @@ def batch_key(job: Job, chunks: int) -> tuple:
     s = job.settings
     return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras,
             tuple(getattr(s, f) for f in HIRES), s.seed_resize_from_w, s.seed_resize_from_h, s.s_min_uncond,
+            s.s_min_uncond_all, s.skip_early_cond,
             job.id if s.subseed_strength > 0 else None)
 
 

@@ -173,6 +173,8 @@ class OptionsRequest(_Body):
     sd_model_checkpoint: str | None = None
     sd_vae: str | None = None
     CLIP_stop_at_last_layers: int | None = None
+    skip_early_cond: float | None = None  # A1111's "Ignore negative prompt during early sampling"
+    s_min_uncond_all: bool | None = None  # A1111's "NGMS all steps"
 
 
 class PNGInfoRequest(_Body):
