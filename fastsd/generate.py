@@ -277,8 +277,9 @@ def find_hires_upscaler(name: str, folder: str | None) -> str:
     return upscaler_path(name, folder)
 
 
-def lora_files(args: argparse.Namespace, prompt: str) -> list[tuple[str, float]]:
-    """[(file, weight)] of --lora FILE[:WEIGHT] and of the prompt's <lora:NAME:WEIGHT> tags (found in --lora-dir)."""
+def lora_files(args: argparse.Namespace, prompt: str) -> list[tuple]:
+    """[(file, weight)] of --lora FILE[:WEIGHT], and [(file, weight, NAME)] of the prompt's <lora:NAME:WEIGHT> tags
+    (found in --lora-dir by file stem or A1111 alias: the name is the tag's)."""
     from fastsd.lora import LORA_DIR_ENV, lora_path, parse_lora_arg, parse_prompt
 
     found = [parse_lora_arg(a) for a in args.lora]
@@ -287,7 +288,7 @@ def lora_files(args: argparse.Namespace, prompt: str) -> list[tuple[str, float]]
             raise ValueError(f"--lora {path}: " + ("a folder, not a LoRA file (a folder of LoRAs is --lora-dir)"
                                                    if os.path.isdir(path) else "no such file"))
     folder = args.lora_dir or os.environ.get(LORA_DIR_ENV)
-    return found + [(lora_path(name, folder), weight) for name, weight in parse_prompt(prompt)[1]]
+    return found + [(lora_path(name, folder), weight, name) for name, weight in parse_prompt(prompt)[1]]
 
 
 def given_options(argv: list[str] | None) -> set[str]:

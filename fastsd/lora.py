@@ -622,7 +622,8 @@ class LoraSet:
         return self.load_many(pipe, [(path, weight)], keep_originals=keep_originals)[0]
 
     def load_many(self, pipe, items, *, keep_originals: bool = True) -> list[LoadedLora]:
-        """load() of each (path, weight) of `items`, in one pass over the layers: all files are read and checked
+        """load() of each (path, weight) or (path, weight, name) of `items` (name: what <lora:NAME> tags call it, an
+        A1111 alias; default the file stem), in one pass over the layers: all files are read and checked
         first, then each layer is merged with every LoRA that changes it, in their order (the same bits as
         loading them one after another) and prepared once; a failure puts back every weight as it was.
 
@@ -635,10 +636,13 @@ class LoraSet:
         self.check_usable()
         if not isinstance(keep_originals, bool):
             raise TypeError(f"keep_originals must be True or False, got {keep_originals!r}")
-        items = [(p, normalize_weight(w)) for p, w in items]
-        for path, _ in items:
+        names = [item[2] if len(item) > 2 else None for item in items]  # (path, weight[, name])
+        items = [(item[0], normalize_weight(item[1])) for item in items]
+        for (path, _), name in zip(items, names):
             if not isinstance(path, (str, os.PathLike)):
                 raise TypeError(f"LoRA path must be a string, got {type(path).__name__}")
+            if name is not None and not isinstance(name, str):
+                raise TypeError(f"LoRA name must be a string, got {type(name).__name__}")
         items = [(os.fspath(p), w) for p, w in items]
         models = {"unet": pipe.unet, "clip": pipe.clip}
         loras = [read_lora(path, models) for path, _ in items]
@@ -689,7 +693,8 @@ class LoraSet:
                     self._broken = (f"a LoRA load with keep_originals=False stopped ({type(e).__name__}) after "
                                     f"merging {changed} of {len(by_layer)} layers: load the model again")
                 raise
-        entries = [LoadedLora(lora.name, path, weight, len(lora.layers)) for lora, (path, weight) in zip(loras, items)]
+        entries = [LoadedLora(name or lora.name, path, weight, len(lora.layers))
+                   for lora, (path, weight), name in zip(loras, items, names)]
         self.loaded.extend(entries)
         if not keep_originals:  # the weights now are the model's own, with every LoRA merged so far
             self._originals.clear()
@@ -846,17 +851,66 @@ def check_lora_name(name: str) -> None:
 
 
 def lora_path(name: str, folder: str | None) -> str:
-    """The file of <lora:NAME> in `folder` (subfolders searched, as A1111). ValueError naming the problem."""
+    """The file of <lora:NAME> in `folder` (subfolders searched, as A1111): a file stem, else a file's A1111 alias
+    (`lora_by_name`). ValueError naming the problem."""
     if not folder:
         raise ValueError(f"<lora:{name}> needs a LoRA folder: --lora-dir DIR or ${LORA_DIR_ENV}")
     if not os.path.isdir(folder):
         raise ValueError(f"LoRA folder {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
     check_lora_name(name)
     have = list_loras(folder)
+    found = lora_by_name(name, have)
+    if found is not None:
+        return found
+    raise ValueError(f"<lora:{name}>: no {name}.safetensors, .pt or .ckpt in {folder}, nor a LoRA of that alias "
+                     f"(it has: {_names(sorted(have)) if have else 'no LoRA files'})")
+
+
+def lora_by_name(name: str, have: dict[str, str]) -> str | None:
+    """The path of <lora:NAME> among `have` ({stem: path}, list_loras) as A1111 finds it: the file of that stem,
+    else the one file whose alias (`lora_alias`: kohya's ss_output_name) it is; None when there is neither.
+    ValueError when several files have that alias (A1111 then takes file stems only)."""
     if name in have:
         return have[name]
-    raise ValueError(f"<lora:{name}>: no {name}.safetensors, .pt or .ckpt in {folder} "
-                     f"(it has: {_names(sorted(have)) if have else 'no LoRA files'})")
+    by_alias = [stem for stem, path in have.items() if lora_alias(path) == name]
+    if len(by_alias) > 1:
+        raise ValueError(f"<lora:{name}>: the alias (ss_output_name) of {len(by_alias)} LoRA files "
+                         f"({_names(by_alias)}); name one by its file name")
+    return have[by_alias[0]] if by_alias else None
+
+
+_METADATA: dict[tuple[str, int, int], dict] = {}  # (path, mtime_ns, size) -> lora_metadata's answer
+
+
+def lora_metadata(path: str) -> dict:
+    """A LoRA file's safetensors metadata as A1111 reads it (its GET /sdapi/v1/loras "metadata": the string values,
+    those holding a JSON object parsed); {} for a .pt/.ckpt or a header that can't be read. Cached per file
+    version (path, modification time, size): a folder is listed often."""
+    if not path.lower().endswith(".safetensors"):
+        return {}
+    try:
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
+        if key not in _METADATA:
+            meta = {}
+            for k, v in safetensors_metadata(path).items():
+                meta[k] = v
+                if isinstance(v, str) and v.startswith("{"):
+                    try:
+                        meta[k] = json.loads(v)
+                    except (ValueError, RecursionError):
+                        pass
+            _METADATA[key] = meta
+        return _METADATA[key]
+    except (CheckpointError, OSError):
+        return {}
+
+
+def lora_alias(path: str) -> str:
+    """A1111's alias of a LoRA file, a second name for <lora:NAME>: kohya's ss_output_name from its metadata (the
+    name it was trained under), else its file stem."""
+    alias = lora_metadata(path).get("ss_output_name")
+    return alias if isinstance(alias, str) and alias else Path(path).stem
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:

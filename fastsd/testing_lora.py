@@ -76,6 +76,13 @@ def _dora_magnitudes(weight: torch.Tensor, update: torch.Tensor, form: str, g: t
     return norms.reshape(1, -1, *ones) if cols else norms.reshape(-1, 1, *ones)
 
 
+def set_metadata(path: str, metadata: dict[str, str]) -> None:
+    """Give a .safetensors LoRA file this `__metadata__` (kohya's ss_* keys: ss_output_name is A1111's alias)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), path, metadata=metadata)
+
+
 def write_random_lora(path: str, pipe, *, fmt: str, rank: int = 4, alpha: float | None = None,
                       layers: list[str] | None = None, text_encoder: bool = True, names: dict[str, str] | None = None,
                       seed: int = 0, strength: float = 0.3, dtype: torch.dtype = torch.float32,

@@ -178,6 +178,30 @@ def test_one_lora_set_for_every_job_is_merged_for_good(tmp_path, monkeypatch):
             assert x.tobytes() == y.tobytes() and x.text == y.text
 
 
+def test_loras_by_a1111_alias(tmp_path):
+    """A job names a LoRA by its A1111 alias (kohya's ss_output_name), in its loras field or a prompt tag: the PNG is
+    the one naming its file stem, but for the infotext, which keeps the name the job used."""
+    from fastsd.testing_lora import set_metadata, write_random_lora
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    path = str(folder / "ink_v2.safetensors")
+    write_random_lora(path, fastsd.load_pipeline("random:tiny", device="cpu"), fmt="kohya_ldm", rank=4, seed=1)
+    set_metadata(path, {"ss_output_name": "ink"})
+    jobs = [{"prompt": "a cat", "seed": 1, "id": "alias", "loras": ["ink:0.7"]},
+            {"prompt": "a cat", "seed": 1, "id": "stem", "loras": ["ink_v2:0.7"]},
+            {"prompt": "a cat <lora:ink:0.7>", "seed": 1, "id": "tag"}]
+    out = str(tmp_path / "out")
+    assert [r["status"] for r in run(jobs, out=out, defaults=SMALL, lora_dir=str(folder), **TINY)] == ["done"] * 3
+    images = {}
+    for name in ("alias", "stem", "tag"):
+        with Image.open(os.path.join(out, f"{name}.png")) as im:
+            images[name] = (im.tobytes(), parse_infotext(im.text["parameters"])[0])
+    assert images["alias"][0] == images["stem"][0] == images["tag"][0]
+    assert images["alias"][1] == images["tag"][1] == "a cat <lora:ink:0.7>"
+    assert images["stem"][1] == "a cat <lora:ink_v2:0.7>"
+
+
 def test_plan_batches_groups_compatible_jobs():
     """Same size, steps, sampler, cfg, clip skip, LoRAs and prompt chunk count (prompt or negative) share a
     batch, in the order of each group's first job, up to `batch` jobs."""

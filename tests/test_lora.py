@@ -1038,6 +1038,54 @@ def test_cli_lora_file_and_prompt_tag(tmp_path, capsys, monkeypatch):
         assert psnr(np.asarray(im.convert("RGB")), with_loras) < 35
 
 
+def test_lora_found_by_its_a1111_alias(tmp_path, capsys):
+    """A1111 finds <lora:NAME> by file stem, else by the one file whose alias it is (kohya's ss_output_name in the
+    file's metadata; a file without one is its own alias): the image is the stem tag's, the infotext keeps the tag
+    as written (not a second tag of the stem) and names the hash by it; a stem wins over another file's alias; an
+    alias of two files is refused naming them (exit 2, one line, nothing written)."""
+    import shutil
+
+    from fastsd.generate import main
+    from fastsd.lora import lora_by_name, list_loras, lora_alias, lora_metadata
+    from fastsd.testing_lora import set_metadata
+    from PIL import Image
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    pipe = tiny()
+    ink = str(loras / "ink_v2.safetensors")
+    write_random_lora(ink, pipe, fmt="kohya_ldm", rank=4, seed=1)
+    set_metadata(ink, {"ss_output_name": "ink", "ss_tag_frequency": '{"set": {"cat": 2}}'})
+    write_random_lora(str(loras / "plain.safetensors"), pipe, fmt="kohya_ldm", rank=4, seed=2)
+    have = list_loras(str(loras))
+    assert lora_alias(have["ink_v2"]) == "ink" and lora_alias(have["plain"]) == "plain"
+    assert lora_metadata(have["ink_v2"])["ss_tag_frequency"] == {"set": {"cat": 2}}  # a JSON object parsed (A1111)
+    assert lora_by_name("ink", have) == lora_by_name("ink_v2", have) == ink and lora_by_name("nope", have) is None
+    pngs = {}
+    for tag in ("ink", "ink_v2"):
+        out = tmp_path / f"{tag}.png"
+        assert main([f"a cat <lora:{tag}:0.7>", *CLI, "--lora-dir", str(loras), "--out", str(out)]) == 0
+        with Image.open(out) as im:
+            prompt, _, params = parse_infotext(im.text["parameters"])
+            pngs[tag] = np.asarray(im.convert("RGB"))
+        assert prompt == f"a cat <lora:{tag}:0.7>" and params["Lora hashes"] == f"{tag}: {addnet_hash(ink)}"
+    assert np.array_equal(pngs["ink"], pngs["ink_v2"])
+    pipe.load_loras([(ink, 0.5, "ink")])  # Python: the name prompt tags use, given with the file
+    assert parse_infotext(pipe.generate("a cat <lora:ink:0.5>", steps=1, width=32, height=32, seed=1,
+                                        progress=False)[0].info["parameters"])[0] == "a cat <lora:ink:0.5>"
+    write_random_lora(str(loras / "ink.safetensors"), pipe, fmt="kohya_ldm", rank=4, seed=3)
+    assert lora_by_name("ink", list_loras(str(loras))) == str(loras / "ink.safetensors")  # the stem wins
+    (loras / "ink.safetensors").unlink()
+    shutil.copy(ink, loras / "ink_v3.safetensors")
+    with pytest.raises(ValueError, match=r"the alias \(ss_output_name\) of 2 LoRA files \(ink_v2, ink_v3\)"):
+        lora_by_name("ink", list_loras(str(loras)))
+    out = tmp_path / "two.png"
+    capsys.readouterr()
+    assert main(["a cat <lora:ink:0.7>", *CLI, "--lora-dir", str(loras), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: <lora:ink>: the alias") and not out.exists(), err
+
+
 @pytest.mark.parametrize("prompt,args,match", [
     ("a cat <lora:../ink:1>", [], "without a path"),
     ("a cat <lora:nope:1>", [], "no nope.safetensors"),

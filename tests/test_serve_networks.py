@@ -7,6 +7,7 @@ from fastsd.serve.limits import BadRequest
 from fastsd.files import files_by_stem
 from fastsd.lora import LORA_EXTS
 from fastsd.serve.networks import Networks
+from fastsd.testing_lora import set_metadata
 
 
 @pytest.fixture
@@ -41,8 +42,9 @@ def test_parse_without_a_folder(loras):
     with pytest.raises(BadRequest, match="no LoRA folder"):
         Networks(None, None).parse("<lora:a>")
     nets = Networks(str(loras), None)
-    assert nets.parse("<lora:a:0.5> <lyco:b>") == ((str(loras / "a.safetensors"), 0.5), (str(loras / "b.pt"), 1.0))
-    assert nets.parse("<lora:a:1:0.5>") == ((str(loras / "a.safetensors"), (1.0, 0.5)),)  # A1111's TE:UNET
+    assert nets.parse("<lora:a:0.5> <lyco:b>") == ((str(loras / "a.safetensors"), 0.5, "a"),
+                                                   (str(loras / "b.pt"), 1.0, "b"))
+    assert nets.parse("<lora:a:1:0.5>") == ((str(loras / "a.safetensors"), (1.0, 0.5), "a"),)  # A1111's TE:UNET
     assert nets.parse("no tags here") == ()
 
 
@@ -56,7 +58,7 @@ class FakePipe:
             raise CheckpointError(f"{path}: not a LoRA (no lora_up/lora_down keys)")
 
     def load_loras(self, items):
-        for path, weight in items:
+        for path, weight, *_ in items:
             self.load_lora(path, weight)
 
     def unload_loras(self):
@@ -95,14 +97,15 @@ def test_parse_with_loras_merged_for_good(loras):
     it is refused (it would be merged twice); other tags resolve as before."""
     nets = Networks(str(loras), None, base=[("lcm", 1.0)])
     assert nets.parse("x <lora:lcm:1>") == ()
-    assert nets.parse("<lora:lcm> <lora:a:0.5>") == ((str(loras / "a.safetensors"), 0.5),)
+    assert nets.parse("<lora:lcm> <lora:a:0.5>") == ((str(loras / "a.safetensors"), 0.5, "a"),)
     with pytest.raises(BadRequest, match=r"lcm is merged into this server's models for good at weight 1 \(--lora\)"):
         nets.parse("<lora:lcm:0.5>")
 
 
 def test_serve_lora_merged_for_good_at_start(tmp_path):
     """python -m fastsd.serve --lora FILE: the image of the CLI with the same --lora; the infotext names it; a
-    --lora-dir LoRA switches on top of it and away again, back to the same image."""
+    --lora-dir LoRA switches on top of it and away again, back to the same image. A LoRA whose metadata names it
+    otherwise (kohya's ss_output_name) is listed with that alias and its metadata, and found by it, as A1111 does."""
     import numpy as np
     from PIL import Image
     from serve_server import Server, decode, info
@@ -117,6 +120,9 @@ def test_serve_lora_merged_for_good_at_start(tmp_path):
     base = str(tmp_path / "lcm.safetensors")
     write_random_lora(base, pipe, fmt="kohya_ldm", rank=4, seed=1)
     write_random_lora(str(folder / "ink.safetensors"), pipe, fmt="kohya_ldm", rank=4, seed=2)
+    write_random_lora(str(folder / "wash_v2.safetensors"), pipe, fmt="kohya_ldm", rank=4, seed=3)
+    set_metadata(str(folder / "wash_v2.safetensors"), {"ss_output_name": "wash", "ss_network_dim": "4",
+                                                       "ss_tag_frequency": '{"set": {"wash": 3}}'})
     small = {"steps": 2, "width": 64, "height": 64, "seed": 7, "cfg_scale": 1, "sampler_name": "Euler"}
     server = Server(["--model", "random:tiny", "--lora", base, "--lora-dir", str(folder)])
     try:
@@ -134,6 +140,13 @@ def test_serve_lora_merged_for_good_at_start(tmp_path):
             inked = png("a cat <lora:ink:0.6>")[0]
             assert not np.array_equal(inked, plain)
             assert np.array_equal(png("a cat")[0], plain)  # ink unloaded: back to the model with lcm merged
+            listed = {lo["name"]: lo for lo in c.get("/sdapi/v1/loras").json()}
+            assert listed["wash_v2"]["alias"] == "wash" and listed["ink"]["alias"] == "ink"
+            assert listed["wash_v2"]["metadata"] == {"ss_output_name": "wash", "ss_network_dim": "4",
+                                                     "ss_tag_frequency": {"set": {"wash": 3}}}  # (A1111 parses {...})
+            washed, meta = png("a cat <lora:wash:0.6>")
+            assert np.array_equal(washed, png("a cat <lora:wash_v2:0.6>")[0]) and not np.array_equal(washed, plain)
+            assert "a cat <lora:wash:0.6>" in meta["infotexts"][0] and "wash: " in meta["infotexts"][0]
         assert "LoRA lcm:1.0 merged for good" in server.log_text()
     finally:
         server.stop()

@@ -180,7 +180,7 @@ class BatchWorker:
         leaves none applied (never half of a set)."""
         if loras == self._loras:
             return
-        paths = [(find_lora(name, self.lora_dir), w) for name, w in loras]
+        paths = [(find_lora(name, self.lora_dir), w, lora_tag_name(name)) for name, w in loras]
         if not hasattr(self.pipe, "load_loras"):
             raise ValueError("LoRAs need Pipeline.load_loras, which this fastsd build does not have")
         if self._loras:
@@ -203,6 +203,16 @@ def find_lora(name: str, lora_dir: str | None) -> str:
         return name
     stem = next((name[: -len(ext)] for ext in LORA_EXTS if name.endswith(ext)), name)
     return lora_path(stem, lora_dir or os.environ.get(LORA_DIR_ENV))
+
+
+def lora_tag_name(name: str) -> str | None:
+    """The name <lora:NAME> tags and the infotext use for the LoRA a job names `name`: NAME without its extension
+    (it may be an A1111 alias, fastsd.lora.lora_by_name), None for a path (then the file stem)."""
+    from fastsd.lora import LORA_EXTS
+
+    if os.path.isfile(name) or os.sep in name or bool(os.altsep and os.altsep in name):
+        return None
+    return next((name[: -len(ext)] for ext in LORA_EXTS if name.endswith(ext)), name)
 
 
 def check_upscaler(name: str, upscaler_dir: str | None, flag: str = "--hires-upscaler") -> None:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from fastsd.lora import lora_alias, lora_metadata
 from fastsd.serve.auth import Auth
 from fastsd.serve.generation import a1111_names, build_plan, check_cfg_options, encode_png, png_info, run_plan
 from fastsd.serve.jobqueue import Cancelled, Job, JobQueue, QueueFull
@@ -265,7 +266,8 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/loras")
     async def loras():
-        return [{"name": n, "alias": n, "path": Path(p).name, "metadata": {}} for n, p in state.networks.loras().items()]
+        return [{"name": n, "alias": lora_alias(p), "path": Path(p).name, "metadata": lora_metadata(p)}
+                for n, p in state.networks.loras().items()]
 
     @api.post("/refresh-loras")
     async def refresh_loras():

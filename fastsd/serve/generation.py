@@ -55,7 +55,7 @@ class Plan:
     n_iter: int
     image: Image.Image | None
     mask: Image.Image | None
-    loras: tuple[tuple[str, float], ...]    # (path, weight) from --lora-dir
+    loras: tuple[tuple[str, float, str], ...]  # (path, weight, name) from --lora-dir
     warnings: tuple[str, ...]
     send_images: bool
     parameters: dict                        # the request as understood, echoed as A1111 does

@@ -1,6 +1,7 @@
 """LoRAs and textual-inversion embeddings, chosen by name from the folders the server was started with
-(`--lora-dir`, `--embeddings-dir`). A name is a file's stem; a name with a path in it (`../x`, `/etc/x`,
-`a/b`) is refused, and only files found in the folder can be named.
+(`--lora-dir`, `--embeddings-dir`). A name is a file's stem (for a LoRA also its A1111 alias, kohya's
+ss_output_name: fastsd.lora.lora_by_name); a name with a path in it (`../x`, `/etc/x`, `a/b`) is refused, and only
+files found in the folder can be named.
 
 Tags and names follow fastsd.lora (the CLI's and the batch runner's grammar). LoRAs are applied through
 `Pipeline.load_lora` / `unload_loras`; the set merged stays until a job asks for another (or one of its files is
@@ -12,7 +13,7 @@ import os
 import re
 
 from fastsd.files import files_by_stem
-from fastsd.lora import list_loras, parse_prompt, weight_text
+from fastsd.lora import lora_by_name, list_loras, parse_prompt, weight_text
 from fastsd.serve.limits import BadRequest
 
 EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
@@ -43,8 +44,9 @@ class Networks:
     def embeddings(self) -> dict[str, str]:
         return files_by_stem(self.embeddings_dir, EMBEDDING_EXTS)
 
-    def parse(self, prompt: str) -> tuple[tuple[str, float], ...]:
-        """The LoRAs a prompt's <lora:NAME:WEIGHT> tags ask for, checked against --lora-dir: ((path, weight), ...)."""
+    def parse(self, prompt: str) -> tuple[tuple[str, float, str], ...]:
+        """The LoRAs a prompt's <lora:NAME:WEIGHT> tags ask for, checked against --lora-dir: ((path, weight, NAME),
+        ...)."""
         try:
             tags = parse_prompt(prompt)[1]
         except ValueError as e:
@@ -63,16 +65,20 @@ class Networks:
             check_name(name, "LoRA", "--lora-dir")
             if not self.lora_dir:
                 raise BadRequest(f"<lora:{name}>: this server has no LoRA folder (start it with --lora-dir DIR)")
-            if name not in available:
+            try:
+                path = lora_by_name(name, available)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+            if path is None:
                 raise BadRequest(f"<lora:{name}>: unknown LoRA; this server has: {', '.join(available) or 'none'} "
                                  "(GET /sdapi/v1/loras)")
-            out.append((available[name], w))
+            out.append((path, w, name))
         return tuple(out)
 
-    def apply(self, pipe, loras: tuple[tuple[str, float], ...]) -> None:
-        """Make `pipe` carry exactly `loras` (on the worker thread, between jobs). A file replaced since it was
-        merged (A1111 looks at the modification time) is read again."""
-        want = tuple((path, w, file_identity(path)) for path, w in loras)
+    def apply(self, pipe, loras: tuple[tuple[str, float, str], ...]) -> None:
+        """Make `pipe` carry exactly `loras` ((path, weight, name): `parse`'s) on the worker thread, between jobs. A
+        file replaced since it was merged (A1111 looks at the modification time) is read again."""
+        want = tuple((*item, file_identity(item[0])) for item in loras)
         if self._merged.get(id(pipe), ()) == want:
             return
         if self._merged.get(id(pipe)):
@@ -84,7 +90,7 @@ class Networks:
             pipe.load_loras(loras)
         except (CheckpointError, ValueError, OSError) as e:  # a bad LoRA file: named by its file, not the folder
             pipe.unload_loras()
-            raise BadRequest(file_names(str(e), [path for path, _ in loras])) from None
+            raise BadRequest(file_names(str(e), [item[0] for item in loras])) from None
         except BaseException:  # anything else: the model goes back to no LoRA at all, the error goes on
             pipe.unload_loras()
             raise
