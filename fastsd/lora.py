@@ -19,6 +19,8 @@ every path is then compared with the model's own module names, `_` standing for 
   LyCORIS' convolutions: LoCon's `lora_mid`, LoHa's `hada_t1` / `hada_t2`, LoKr's `lokr_t2`.
 - LyCORIS 'full' (`diff`, and `diff_b` for the bias) as A1111's network_full: W <- W + weight * diff,
   b <- b + weight * diff_b (no alpha).
+- LyCORIS 'norm' (`w_norm`, `b_norm`: what its train_norm adds for the GroupNorm / LayerNorm layers) as A1111's
+  network_norm: the norm's scale and bias += weight * w_norm / b_norm (no alpha).
 - DoRA: PEFT's `lora_magnitude_vector` beside lora_A / lora_B (as diffusers' load_lora_weights + fuse_lora), and
   LyCORIS' `dora_scale` beside any of its kinds' factors (as A1111); the norms run per output row or per input
   column as the magnitudes' shape says (see _dora_form and merged_weight).
@@ -60,11 +62,13 @@ PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.wei
          (".lora_mid.weight", "mid"),  # LyCORIS LoCon's CP (Tucker) core
          (".lora_B.bias", "up_bias"),  # PEFT's lora_bias: the bias's change, up's bias (times weight * scale)
          (".diff", "diff"), (".diff_b", "diff_b"),  # LyCORIS 'full': the whole weight's and bias's change
-         (".dora_scale", "dora_scale"), (".lora_magnitude_vector", "magnitude")]  # DoRA: LyCORIS / kohya, PEFT
+         (".dora_scale", "dora_scale"), (".lora_magnitude_vector", "magnitude"),  # DoRA: LyCORIS / kohya, PEFT
+         (".w_norm", "w_norm"), (".b_norm", "b_norm")]  # LyCORIS 'norm' (train_norm): a norm layer's scale, bias
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # LyCORIS LoHa's factors
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # LyCORIS LoKr's (whole or a @ b)
 CORES = ("hada_t1", "hada_t2", "lokr_t2")  # LyCORIS' CP (Tucker) cores of a convolution's factors
-EXTRAS = ("up_bias", "diff_b", "dora_scale", "magnitude")  # a bias's change, DoRA's magnitudes: beside the factors
+EXTRAS = ("up_bias", "diff_b", "b_norm", "dora_scale", "magnitude")  # a bias's change, DoRA's magnitudes: beside
+BIAS_CHANGES = ("up_bias", "diff_b", "b_norm")                       # the factors
 PARTS += [(f".{k}", k) for k in HADA + LOKR + CORES]
 # <layer> = <prefix><path>: which model, and whether the path is kohya's (underscored) or dotted.
 PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("text_encoder.", "clip")]
@@ -93,7 +97,7 @@ class LoraLayer:
     down: torch.Tensor | None  # (r, in) or (r, in, kh, kw); fp32, or the file's fp16 / bf16
     up: torch.Tensor | None    # (out, r) or (out, r, 1, 1)
     scale: float
-    kind: str = "lora"   # "lora", "locon_cp", "loha", "lokr" or "full"
+    kind: str = "lora"   # "lora", "locon_cp", "loha", "lokr", "full" or "norm"
     factors: dict = field(default_factory=dict)  # the others' tensors by their key suffix (hada_w1_a, lokr_w1, ...)
     bias: torch.Tensor | None = None  # (out,) fp32: the bias's change
     dora: torch.Tensor | None = None  # fp32 DoRA magnitudes: (out,) per output row, or (in,) per input column
@@ -102,8 +106,8 @@ class LoraLayer:
     def delta(self, shape: tuple) -> torch.Tensor:
         """A LoCon-with-core / LoHa / LoKr update as a full fp32 tensor of the layer's weight `shape`."""
         f = self.factors
-        if self.kind == "full":
-            return f["diff"].reshape(shape)
+        if self.kind in ("full", "norm"):
+            return f["diff" if self.kind == "full" else "w_norm"].reshape(shape)
         if self.kind == "locon_cp":  # delta[o, c] = sum over n, m of up[o, n] mid[n, m] down[m, c] (per kernel tap)
             return torch.einsum("nmkl,on,mc->ockl", f["mid"], _flat(f["up"]), _flat(f["down"])).reshape(shape)
         if self.kind == "loha":
@@ -165,9 +169,21 @@ def _module_name(model: str, path: str, rules) -> str:
     return rename_key(dotted + ".", rules).rstrip(".").replace(".", "_")
 
 
+NORMS = (nn.GroupNorm, nn.LayerNorm)  # the layers LyCORIS 'norm' changes (A1111's network_norm)
+
+
+def _layer_kind(module: nn.Module) -> str:
+    """What a layer is, for messages (a backend's subclass named by the layer it is)."""
+    return next(name for cls, name in ((nn.Linear, "linear layer"), (nn.Conv2d, "convolution"),
+                                       (nn.GroupNorm, "GroupNorm"), (nn.LayerNorm, "LayerNorm"), (nn.Module, "layer"))
+                if isinstance(module, cls))
+
+
 def _index(model: nn.Module) -> dict[str, str]:
-    """The LoRA-able layers (Linear, Conv2d) of a model: their name with `_` for `.` -> their name."""
-    return {n.replace(".", "_"): n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    """The LoRA-able layers (Linear, Conv2d; GroupNorm, LayerNorm for LyCORIS 'norm') of a model: their name with
+    `_` for `.` -> their name."""
+    return {n.replace(".", "_"): n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d, *NORMS))}
 
 
 def _peft_scales(path: str) -> dict[str, dict]:
@@ -262,8 +278,13 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
         kind = _kind(path, layer, parts)
         module = models[target[0]].get_submodule(name)
         shapes = {k: tuple(r.shape) for k, r in parts.items()}
-        problem = (_shape_problem(module, shapes["down"], shapes["up"]) if kind == "lora"
-                   else _delta_shape_problem(module, kind, shapes)) or _extra_shape_problem(module, shapes)
+        if (kind == "norm") != isinstance(module, NORMS):
+            problem = (f"w_norm for a {_layer_kind(module)}, not a norm layer" if kind == "norm" else
+                       f"{_suffix(next(iter(sorted(parts))))} for a {_layer_kind(module)} (a norm layer takes "
+                       "LyCORIS' w_norm / b_norm)")
+        else:
+            problem = (_shape_problem(module, shapes["down"], shapes["up"]) if kind == "lora"
+                       else _delta_shape_problem(module, kind, shapes)) or _extra_shape_problem(module, shapes)
         if problem:
             bad.append(f"{layer}: {problem}")
             continue
@@ -308,12 +329,13 @@ def _factor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kind(path: str, layer: str, parts: dict) -> str:
-    """"lora", "locon_cp", "loha", "lokr" or "full" from a layer's tensors; CheckpointError naming what is missing
-    or mixed. A bias's change goes with its kind's factors (lora_B.bias: LoRA; diff_b: full), LyCORIS' DoRA
+    """"lora", "locon_cp", "loha", "lokr", "full" or "norm" from a layer's tensors; CheckpointError naming what is
+    missing or mixed. A bias's change goes with its kind's factors (lora_B.bias: LoRA; diff_b: full), LyCORIS' DoRA
     dora_scale with any kind's, PEFT's lora_magnitude_vector with lora_A / lora_B."""
     have = set(parts) - {"alpha", "dora_scale", "magnitude"}
     kinds = {"lora": {"down", "up", "mid", "up_bias"}, "loha": set(HADA) | {c for c in CORES if c.startswith("hada")},
-             "lokr": set(LOKR) | {c for c in CORES if c.startswith("lokr")}, "full": {"diff", "diff_b"}}
+             "lokr": set(LOKR) | {c for c in CORES if c.startswith("lokr")}, "full": {"diff", "diff_b"},
+             "norm": {"w_norm", "b_norm"}}
     kind = next((k for k, names in kinds.items() if have and have <= names), None)
     if kind is None and have:
         raise CheckpointError(f"{path}: {layer} mixes factors of different kinds: {', '.join(sorted(have))}")
@@ -328,10 +350,11 @@ def _kind(path: str, layer: str, parts: dict) -> str:
         complete = all(k in have or {k + "_a", k + "_b"} <= have for k in ("lokr_w1", "lokr_w2"))
         needed = "lokr_w1 or lokr_w1_a and _b, lokr_w2 or lokr_w2_a and _b"
     else:
-        required = {"lora": {"down", "up"}, "loha": set(HADA), "full": {"diff"}}[kind]
+        required = {"lora": {"down", "up"}, "loha": set(HADA), "full": {"diff"}, "norm": {"w_norm"}}[kind]
         complete, needed = required <= have, " and ".join(sorted(required))
     if not complete:
-        name = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "full": "LyCORIS 'full'"}[kind]
+        name = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "full": "LyCORIS 'full'",
+                "norm": "LyCORIS 'norm'"}[kind]
         raise CheckpointError(f"{path}: {layer} has {' and '.join(sorted(parts))} but not every factor of a {name} "
                               f"({needed})")
     if {"dora_scale", "magnitude"} <= set(parts):
@@ -355,6 +378,8 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | No
     numel = math.prod(w)
     shown = ("factors " + ", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if k != "alpha" and k not in EXTRAS)
              + f" vs layer {w}")
+    if kind == "norm":  # w_norm: the norm's scale, (C,)
+        return None if shapes["w_norm"] == w else shown
     if kind == "full":  # diff: the weight's shape (a linear's or a 1x1 convolution's with or without a 1x1 kernel)
         diff, ones = shapes["diff"], ((), (1, 1))
         return None if diff == w or (diff[:2] == w[:2] and diff[2:] in ones and w[2:] in ones) else shown
@@ -385,7 +410,7 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | No
 def _extra_shape_problem(module: nn.Module, shapes: dict) -> str | None:
     """Why a layer's bias change or DoRA magnitudes of these shapes can't go with `module` (None when they can)."""
     w = tuple(module.weight.shape)
-    for k in ("up_bias", "diff_b"):
+    for k in BIAS_CHANGES:
         if k in shapes and module.bias is None:
             return f"a bias change {_suffix(k)} {shapes[k]} for a layer without a bias"
         if k in shapes and shapes[k] != w[:1]:
@@ -424,7 +449,7 @@ def _with_extras(path: str, made: LoraLayer, parts: dict, w: tuple) -> LoraLayer
     if not all(torch.isfinite(t.sum()) for t in extra.values()):
         raise CheckpointError(f"{path}: {made.key} holds NaN, infinite or absurdly large values")
     dora = next((k for k in ("dora_scale", "magnitude") if k in extra), None)
-    return replace(made, bias=extra.get("up_bias", extra.get("diff_b")), dora=extra[dora].reshape(-1) if dora else None,
+    return replace(made, bias=next((extra[k] for k in BIAS_CHANGES if k in extra), None), dora=extra[dora].reshape(-1) if dora else None,
                    dora_form=_dora_form(dora, tuple(parts[dora].shape), w) if dora else "")
 
 

@@ -469,6 +469,15 @@ BAD = {
                           | {"lora_unet_conv_in.lora_B.bias": torch.randn(32)}, "mixes factors"),
     "nan magnitude": (_pair("lora_unet_input_blocks_1_1_proj_in", (4, 32), (32, 4))
                       | {"lora_unet_input_blocks_1_1_proj_in.dora_scale": torch.full((1, 32), float("nan"))}, "NaN"),
+    "norm on a linear": ({f"{TO_Q}.w_norm": torch.randn(32)}, "w_norm for a linear layer, not a norm layer"),
+    "lora on a norm": (_pair("lora_unet_input_blocks_1_0_in_layers_0", (4, 32), (32, 4)),
+                       re.escape("lora_down.weight for a GroupNorm (a norm layer takes LyCORIS' w_norm / b_norm)")),
+    "norm shape": ({"lora_unet_input_blocks_1_0_in_layers_0.w_norm": torch.randn(16)}, "do not fit"),
+    "norm bias shape": ({"lora_unet_input_blocks_1_0_in_layers_0.w_norm": torch.randn(32),
+                         "lora_unet_input_blocks_1_0_in_layers_0.b_norm": torch.randn(16)},
+                        re.escape("bias change b_norm (16,) vs layer bias (32,)")),
+    "b_norm alone": ({"lora_unet_input_blocks_1_0_in_layers_0.b_norm": torch.randn(32)},
+                     "not every factor of a LyCORIS 'norm'"),
 }
 
 
@@ -488,6 +497,57 @@ def test_bad_lora_one_line_and_model_unchanged(tmp_path, case):
     assert "\n" not in str(e.value)
     assert_same_state(pipe, state0)
     assert [x.name for x in pipe.loras] == ["good"]
+
+
+def _norm_names(pipe) -> dict[str, str]:
+    """fastsd (LDM) name -> diffusers name of the UNet's GroupNorm / LayerNorm layers (matched by weight storage in
+    the twin, as testing_lora.diffusers_names matches the LoRA-able layers)."""
+    from fastsd.testing import unet_twin
+
+    twin = unet_twin(pipe)
+    norms = lambda m: [n for n, x in m.named_modules() if isinstance(x, (torch.nn.GroupNorm, torch.nn.LayerNorm))]  # noqa: E731
+    by_ptr = {twin.get_submodule(n).weight.data_ptr(): n for n in norms(twin)}
+    return {n: by_ptr[pipe.unet.get_submodule(n).weight.data_ptr()] for n in norms(pipe.unet)}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_lycoris_norm_as_a1111(tmp_path, backend):
+    """LyCORIS 'norm' (its train_norm: w_norm / b_norm on the GroupNorm and LayerNorm layers, beside a LoCon's
+    pairs in one file), under kohya's diffusers names for the UNet and the text encoder's: each norm's weight and
+    bias become W + m * w_norm and b + m * b_norm (A1111's network_norm: no alpha, scale 1), the LoCon layers are
+    merged as without them, the image changes; unloading gives every weight back bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    names_pipe = tiny()
+    unet_norms, lin_names = _norm_names(names_pipe), diffusers_names(names_pipe)
+    pipe = tiny(backend)
+    path, pairs_only = str(tmp_path / "norm.safetensors"), str(tmp_path / "pairs.safetensors")
+    write_random_lora(pairs_only, names_pipe, fmt="kohya_diffusers", rank=4, alpha=2.0, names=lin_names, seed=3)
+    sd, want, g = load_file(pairs_only), {}, torch.Generator().manual_seed(0)
+    text_norms = {n: n for n, m in pipe.clip.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    for model, prefix, norms in (("unet", "lora_unet_", unet_norms), ("clip", "lora_te_", text_norms)):
+        for ours, theirs in norms.items():
+            m = getattr(pipe, model).get_submodule(ours)
+            w, b = torch.randn(m.weight.shape, generator=g) * 0.1, torch.randn(m.bias.shape, generator=g) * 0.1
+            sd[f"{prefix}{theirs.replace('.', '_')}.w_norm"], sd[f"{prefix}{theirs.replace('.', '_')}.b_norm"] = w, b
+            want[model, ours] = (m.weight.detach().float() + 0.7 * w, m.bias.detach().float() + 0.7 * b)
+    assert len(want) >= 40 and any(m == "clip" for m, _ in want)
+    save_file(sd, path)
+    plain, before = generate(pipe, steps=1), state(pipe)
+    ref = tiny(backend)
+    ref.load_lora(pairs_only, 0.7)
+    pipe.load_lora(path, 0.7)
+    after = state(pipe)
+    for (model, name), (w, b) in want.items():
+        m = getattr(pipe, model).get_submodule(name)
+        assert torch.allclose(m.weight, w, rtol=0, atol=1e-6) and torch.allclose(m.bias, b, rtol=0, atol=1e-6), name
+    norm_layers = {name for _, name in want}
+    for k, v in state(ref).items():  # the pairs' layers: as the file without the norms merges them
+        if k.rsplit(".", 1)[0] not in norm_layers:
+            assert torch.equal(after[k], v), k
+    assert not np.array_equal(generate(pipe, steps=1), plain)
+    pipe.unload_loras()
+    assert_same_state(pipe, before)
 
 
 def _peft_with_metadata(path, pipe, names, meta):
