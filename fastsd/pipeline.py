@@ -61,6 +61,22 @@ def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], devi
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
 
 
+def draws_noise(s: GenerationSettings) -> bool:
+    """Whether a run of `s` draws sampler noise from the images' generators (what ENSD changes): a stochastic sampler
+    not on A1111's Brownian noise, in either pass of the hires fix."""
+    specs = [get_sampler(s.sampler)] + ([get_sampler(s.hires_sampler or s.sampler)] if s.hires else [])
+    return any(spec.stochastic and not spec.brownian for spec in specs)
+
+
+def sampler_generators(s: GenerationSettings, seeds: list[int], gens: list[torch.Generator]) -> list[torch.Generator]:
+    """The generators a sampler's noise comes from after the start noise was drawn from `gens`: the same ones, going
+    on (A1111's ImageRNG.next), or with A1111's eta_noise_seed_delta (ENSD) fresh ones of seed + ENSD, as its
+    ImageRNG.first replaces them."""
+    if not s.eta_noise_seed_delta:
+        return gens
+    return [torch.Generator().manual_seed(seed + s.eta_noise_seed_delta) for seed in seeds]
+
+
 def first_draws(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Each seed's first standard normal draw of `shape` from a fresh generator (A1111's randn(seed, shape))."""
     return seeded_noise([torch.Generator().manual_seed(seed) for seed in seeds], shape, device)
@@ -108,6 +124,8 @@ class Prepared:
     extra: dict = field(default_factory=dict)  # c_concat for 9-channel inpainting models
     full_sigmas: torch.Tensor | None = None  # the whole schedule when `schedule` is its tail (img2img, hires fix):
     # what A1111's Brownian noise spans (None: schedule.sigmas)
+    seeds: list[int] | None = None  # the images' seeds (A1111's Brownian noise is seeded by them; None: the
+    # generators' seeds)
 
 
 class Pipeline:
@@ -286,6 +304,7 @@ class Pipeline:
                   "Denoising strength": s.strength if img2img else None,
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
                   "Skip Early CFG": s.skip_early_cond if s.skip_early_cond and cfg else None,
+                  "ENSD": s.eta_noise_seed_delta if s.eta_noise_seed_delta and draws_noise(s) else None,
                   "NGMS": s.s_min_uncond if s.s_min_uncond and cfg else None,
                   "NGMS all steps": True if s.s_min_uncond and s.s_min_uncond_all and cfg else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
@@ -390,6 +409,7 @@ class Pipeline:
             noise = latents.float().to(self.device)
         else:
             noise = self._start_noise(s, seeds, gens, shape)
+        gens = sampler_generators(s, seeds, gens)
         lat_mask = None if mask_t is None else self._latent_mask(mask, mask_t, shape[2:], latent_mask)
         if x0 is not None and lat_mask is not None and masked_content != "original":
             fill = first_draws(seeds, shape[1:], self.device) if masked_content == "latent noise" \
@@ -404,7 +424,7 @@ class Pipeline:
                 raise ValueError(f"strength {s.strength} x {s.steps} steps leaves no step to run; raise the strength or the steps")
             full, sched = sched.sigmas, sched.tail(start)
             x = x0 + noise * float(sched.sigmas[0])
-        p = Prepared(x, sched, gens, x0=x0, full_sigmas=full)
+        p = Prepared(x, sched, gens, x0=x0, full_sigmas=full, seeds=list(seeds))
         p.mask = lat_mask  # (1, 1, h, w) or None
         if inpaint_model:
             p.extra["c_concat"] = self._inpaint_concat(s, init, mask_t, tiled_vae)
@@ -487,7 +507,7 @@ class Pipeline:
             if spec.brownian:  # A1111's: a Brownian tree per image seeded by its seed, over the whole schedule
                 opts["noise_sampler"] = brownian_noise_sampler(
                     p.x, sched.sigmas if p.full_sigmas is None else p.full_sigmas,
-                    [g.initial_seed() for g in p.generators])
+                    p.seeds if p.seeds is not None else [g.initial_seed() for g in p.generators])
             elif spec.stochastic:
                 opts["noise_sampler"] = lambda sigma, sigma_next: seeded_noise(p.generators, p.x.shape[1:], self.device)
             x = spec(model, p.x, sched.sigmas, extra_args=p.extra, disable=not progress,
@@ -566,7 +586,8 @@ class Pipeline:
         full, sched = sched.sigmas, sched.tail(len(sched) - run * sched.order)
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
         noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
-        p = Prepared(x + noise * float(sched.sigmas[0]), sched, gens, x0=x, full_sigmas=full)
+        p = Prepared(x + noise * float(sched.sigmas[0]), sched, sampler_generators(s2, seeds, gens), x0=x,
+                     full_sigmas=full, seeds=list(seeds))
         if self.config.unet.in_channels == 9:  # an inpainting model repaints everything (txt2img's conditioning)
             p.extra["c_concat"] = self._inpaint_concat(s2, None, None, tiled_vae)
         return self.denoise(p, cond, uncond, s2, on_step=on_step, progress=progress, preview_every=preview_every)
@@ -661,7 +682,7 @@ class Pipeline:
                  hires_upscaler: str = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
                  hires_sampler: str | None = None, schedule_type: str = "automatic", hires_prompt: str = "",
                  hires_negative_prompt: str = "", hires_schedule_type: str | None = None, s_min_uncond: float = 0.0,
-                 s_min_uncond_all: bool = False, skip_early_cond: float = 0.0,
+                 s_min_uncond_all: bool = False, skip_early_cond: float = 0.0, eta_noise_seed_delta: int = 0,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
@@ -691,7 +712,8 @@ class Pipeline:
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
-                               hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond)
+                               hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
+                               eta_noise_seed_delta)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")

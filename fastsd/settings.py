@@ -93,6 +93,10 @@ class GenerationSettings:
     skip_early_cond: float = field(default=0.0, metadata=_opt(
         "A1111's 'Ignore negative prompt during early sampling' (Skip Early CFG): the model calls of this fraction "
         "of a pass's steps, from its start, skip the unconditional batch (in [0, 1]; 0 = off)"))
+    eta_noise_seed_delta: int = field(default=0, metadata=_opt(
+        "A1111's 'Eta noise seed delta' (ENSD): after each image's start noise, the noise its sampler draws "
+        "(Euler a and the other stochastic samplers) comes from seed + this instead of going on from the seed; "
+        "0 = off (31337 is the value many A1111 infotexts carry)"))
 
     @property
     def hires(self) -> bool:
@@ -164,6 +168,7 @@ class GenerationSettings:
             raise ValueError(f"s_min_uncond must be >= 0, got {self.s_min_uncond}")
         if not isinstance(self.s_min_uncond_all, bool):
             raise TypeError(f"s_min_uncond_all must be True or False, got {self.s_min_uncond_all!r}")
+        _check_int(self.eta_noise_seed_delta, "eta_noise_seed_delta", 0, SEED_LIMIT - 1)
         _check_float(self.skip_early_cond, "skip_early_cond")
         if not 0.0 <= self.skip_early_cond <= 1.0:
             raise ValueError(f"skip_early_cond must be in [0, 1], got {self.skip_early_cond}")

@@ -445,27 +445,28 @@ def test_hires_and_variation_jobs_batch_only_with_equal_settings():
 
 
 def test_cfg_options_are_job_fields_and_options(tmp_path):
-    """A1111's Skip Early CFG and NGMS (all steps) as job fields (CSV text too) and as the options' defaults: each
+    """A1111's Skip Early CFG, NGMS (all steps) and ENSD as job fields (CSV text too) and as the options' defaults: each
     PNG is Pipeline.generate's for its settings; jobs with other values never share a UNet call; a bad value is that
     job's one-line failure."""
     from fastsd.batch.jobs import make_jobs, plan_batches, records_from_list
     from fastsd.tokenizer import Tokenizer
 
-    jobs = write(tmp_path / "jobs.csv", "id,prompt,seed,skip_early_cond,s_min_uncond,s_min_uncond_all\n"
-                 "early,a cat,1,0.5,,\nall,a dog,2,,3,true\nplain,a cow,3,,,\n"
-                 "bad,a hen,4,2,,\nflag,a pig,5,,,maybe\n")
+    jobs = write(tmp_path / "jobs.csv", "id,prompt,seed,skip_early_cond,s_min_uncond,s_min_uncond_all,"
+                 "eta_noise_seed_delta,sampler\nearly,a cat,1,0.5,,,,\nall,a dog,2,,3,true,,\nplain,a cow,3,,,,,\n"
+                 "ensd,a fox,6,,,,31337,euler_a\nbad,a hen,4,2,,,,\nflag,a pig,5,,,maybe,,\n")
     out = str(tmp_path / "out")
     defaults = Defaults(steps=3, width=64, height=64, s_min_uncond=1.5, guidance_scale=5.0)
     rows = run(jobs, out=out, defaults=defaults, **TINY)
     status = {r["id"] if "id" in r else r["line"]: r.get("error", r["status"]) for r in rows}
-    assert [r["status"] for r in rows] == ["done"] * 3 + ["failed"] * 2, rows
-    assert rows[3]["error"] == "skip_early_cond must be in [0, 1], got 2.0", status
-    assert rows[4]["error"] == "s_min_uncond_all must be true or false, got 'maybe'", status
+    assert [r["status"] for r in rows] == ["done"] * 4 + ["failed"] * 2, rows
+    assert rows[4]["error"] == "skip_early_cond must be in [0, 1], got 2.0", status
+    assert rows[5]["error"] == "s_min_uncond_all must be true or false, got 'maybe'", status
     pipe = fastsd.load_pipeline("random:tiny")
     kw = dict(steps=3, width=64, height=64, guidance_scale=5.0)
     want = {"early": dict(prompt="a cat", seed=1, skip_early_cond=0.5, s_min_uncond=1.5),
             "all": dict(prompt="a dog", seed=2, s_min_uncond=3.0, s_min_uncond_all=True),
-            "plain": dict(prompt="a cow", seed=3, s_min_uncond=1.5)}
+            "plain": dict(prompt="a cow", seed=3, s_min_uncond=1.5),
+            "ensd": dict(prompt="a fox", seed=6, s_min_uncond=1.5, eta_noise_seed_delta=31337, sampler="euler_a")}
     pngs = _png_bytes(out)
     for name, settings in want.items():
         assert pngs[f"{name}.png"] == _generated_png(pipe, **kw, **settings), name

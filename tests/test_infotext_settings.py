@@ -70,8 +70,8 @@ def test_other_keys_hires_and_warnings():
     assert kwargs == {"prompt": "a dog", "negative_prompt": "", "steps": 5, "sampler": "euler_a",
                       "guidance_scale": 4.5, "seed": 3, "width": 64, "height": 48, "subseed": 11,
                       "subseed_strength": 0.25, "seed_resize_from_w": 128, "seed_resize_from_h": 96,
-                      "strength": 0.6}  # no hires keys: img2img's strength
-    assert warnings == ["infotext keys fastsd doesn't use, ignored: Face restoration, ENSD, Schedule rho"]
+                      "strength": 0.6, "eta_noise_seed_delta": 31337}  # no hires keys: img2img's strength
+    assert warnings == ["infotext keys fastsd doesn't use, ignored: Face restoration, Schedule rho"]
 
     hires = ("a\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, Seed: 1, Size: 64x64, Denoising strength: 0.5, "
              "Hires sampler: Euler, Hires resize: 96x0, Hires upscaler: Lanczos")
@@ -153,6 +153,7 @@ def test_read_from_png_jpeg_webp_txt_and_stdin(tmp_path, monkeypatch):
     ["--sampler", "DPM++ 2M Karras", "--cfg-scale", "5.5", "--seed", "77", "--clip-skip", "2", "--subseed", "5",
      "--subseed-strength", "0.3", "--hires-scale", "1.5", "--hires-steps", "2", "--hires-strength", "0.6",
      "--negative-prompt", "blurry, dark"],
+    ["--sampler", "Euler a", "--cfg-scale", "3", "--seed", "4", "--eta-noise-seed-delta", "31337"],
     ["--sampler", "DPM++ 2M", "--schedule-type", "exponential", "--cfg-scale", "3", "--seed", "9", "--clip-skip", "2",
      "--hires-width", "80", "--hires-sampler", "euler", "--hires-upscaler", "Lanczos", "--seed-resize-from-w", "48",
      "--seed-resize-from-h", "56"],
@@ -174,12 +175,12 @@ def test_the_image_made_again_from_its_png(tmp_path, capsys, args):
 
 def test_a1111_text_with_overrides_and_warnings(tmp_path, capsys):
     src = tmp_path / "a1111.txt"
-    src.write_text(A1111.replace("<lora:detail:0.6>, ", "") + ", Face restoration: CodeFormer, ENSD: 31337")
+    src.write_text(A1111.replace("<lora:detail:0.6>, ", "") + ", Face restoration: CodeFormer, Emphasis: No norm")
     out = tmp_path / "o.png"
     assert main(["a dog", "--infotext", str(src), *TINY, "--width", "64", "--height", "64", "--steps", "2",
                  "--sampler", "Euler", "--hires-scale", "1.25", "--hires-steps", "1", "--out", str(out)]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
-    assert err == ["warning: --infotext: infotext keys fastsd doesn't use, ignored: Face restoration, ENSD",
+    assert err == ["warning: --infotext: infotext keys fastsd doesn't use, ignored: Face restoration, Emphasis",
                    "warning: --infotext: the infotext names model 'v1-5-pruned-emaonly', this run loads "
                    "'random:tiny': the image may differ"]
     prompt, params = _text(out)[0].split("\n", 1)

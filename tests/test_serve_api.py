@@ -136,6 +136,29 @@ def test_skip_early_cfg_and_ngms_all_steps_are_a1111_options(client):
     assert "Skip Early CFG" not in parse_infotext(info(client.post("/sdapi/v1/txt2img", json=small))["infotexts"][0])[2]
 
 
+def test_ensd_is_an_a1111_option(client, tmp_path):
+    """A1111's eta_noise_seed_delta (ENSD) per request in override_settings and for later ones by POST /options: an
+    Euler a image made with it is the CLI's with --eta-noise-seed-delta, its infotext says ENSD."""
+    small = {**SMALL, "steps": 2, "seed": 5, "sampler_name": "Euler a", "cfg_scale": 1}
+    try:
+        assert client.get("/sdapi/v1/options").json()["eta_noise_seed_delta"] == 0
+        r = client.post("/sdapi/v1/txt2img", json={**small, "override_settings": {"eta_noise_seed_delta": 31337}})
+        assert r.status_code == 200, r.text
+        assert parse_infotext(info(r)["infotexts"][0])[2]["ENSD"] == "31337"
+        served = decode(r.json()["images"][0])
+        assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 31337}).status_code == 200
+        assert np.array_equal(np.asarray(decode(client.post("/sdapi/v1/txt2img", json=small).json()["images"][0])),
+                              np.asarray(served))
+    finally:
+        client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 0})
+    out = tmp_path / "cli.png"
+    assert generate_main(["a cat", "--model", "random:tiny", "--steps", "2", "--cfg-scale", "1", "--sampler", "Euler a",
+                          "--seed", "5", "--width", "64", "--height", "64", "--eta-noise-seed-delta", "31337",
+                          "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    with Image.open(out) as cli:
+        assert np.array_equal(np.asarray(cli), np.asarray(served))
+
+
 def test_loras_and_embeddings_by_name_from_their_folders(client):
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat <lora:detail:0.7>"})
     assert r.status_code == 422  # detail.safetensors is an empty file
@@ -237,6 +260,7 @@ BAD = [  # (endpoint, body or raw bytes, expected status, words the detail must 
      "override_settings.skip_early_cond must be in [0, 1], got -0.5"),
     ("txt2img", {**SMALL, "override_settings": {"s_min_uncond_all": "yes"}}, 422,
      "override_settings.s_min_uncond_all must be True or False, got 'yes'"),
+    ("options", {"eta_noise_seed_delta": -3}, 422, "eta_noise_seed_delta must be at least 0, got -3"),
 ]
 
 

@@ -312,3 +312,50 @@ def test_server_takes_a1111s_seed_resize_fields():
         bad = c.post("/sdapi/v1/txt2img", json={**req, "seed_resize_from_w": -2})
         assert bad.status_code == 422 and "seed_resize_from_w must be -1 or 0 (off) or a size, got -2" in \
             json.dumps(bad.json())
+
+
+# ---- A1111's eta_noise_seed_delta (ENSD) ------------------------------------------------------------------------
+
+def _first_draws(seeds, shape=(4, 8, 8)):
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "lcm", "dpm2_a"])
+def test_ensd_seeds_the_sampler_noise_as_a1111(pipe, sampler):
+    """A1111's ENSD (its ImageRNG.first replaces each image's generator by one of seed + ENSD once the start noise is
+    drawn): a run with ENSD d is the run of seed + d started from the seed's own first draw (given latents draw
+    nothing, so that run's sampler noise is seed + d's from the start), image by image in a batch (image i: seed + i
+    + d); it differs from the run without ENSD; the infotext says "ENSD: d" and reads back."""
+    from fastsd.infotext_settings import settings_from_infotext
+
+    kw = dict(KW, sampler=sampler, guidance_scale=3.0, num_images=2)
+    ensd = pipe.generate("a cat", seed=7, eta_noise_seed_delta=31337, **kw)
+    rebuilt = pipe.generate("a cat", seed=7 + 31337, latents=_first_draws([7, 8]), **kw)
+    plain = pipe.generate("a cat", seed=7, **kw)
+    for a, b, c in zip(ensd, rebuilt, plain):
+        assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
+    assert "ENSD: 31337" in ensd[0].info["parameters"] and "ENSD" not in plain[0].info["parameters"]
+    assert settings_from_infotext(ensd[1].info["parameters"])[0]["eta_noise_seed_delta"] == 31337
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_karras", "dpmpp_sde"])
+def test_ensd_changes_nothing_without_generator_noise(pipe, sampler):
+    """A deterministic sampler draws no sampler noise, and A1111's DPM++ SDE draws its own (a Brownian tree seeded by
+    the image's seed, as A1111's): ENSD leaves their images as they were and is not written."""
+    kw = dict(KW, sampler=sampler, guidance_scale=3.0)
+    with_ensd = pipe.generate("a cat", seed=3, eta_noise_seed_delta=5, **kw)[0]
+    assert np.array_equal(np.asarray(with_ensd), np.asarray(pipe.generate("a cat", seed=3, **kw)[0]))
+    assert "ENSD" not in with_ensd.info["parameters"]
+
+
+def test_ensd_in_the_hires_pass_and_bad_values(pipe):
+    """The hires fix's second pass draws its start noise from the seed again and its sampler noise from seed + ENSD
+    (A1111 makes a new ImageRNG for it); ENSD is a whole number from 0."""
+    kw = dict(KW, sampler="euler_a", hires_scale=1.5, hires_steps=1)
+    a = pipe.generate("a cat", seed=2, eta_noise_seed_delta=9, **kw)[0]
+    b = pipe.generate("a cat", seed=2, **kw)[0]
+    assert a.size == (96, 96) and not np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="eta_noise_seed_delta must be at least 0"):
+        pipe.generate("a cat", seed=2, eta_noise_seed_delta=-1, **KW)
+    with pytest.raises(TypeError, match="eta_noise_seed_delta must be an integer"):
+        pipe.generate("a cat", seed=2, eta_noise_seed_delta=1.5, **KW)

@@ -41,12 +41,12 @@ DEFAULT_SIDE = 512  # as Pipeline.resolve
 FIELDS = {"id": "id", "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
           "cfg": "guidance_scale", "sampler": "sampler", "width": "width", "height": "height", "size": "size",
           "clip_skip": "clip_skip", "loras": "loras", "scheduler": "schedule_type"}
-# the hires fix, the variation seed, seed resize, NGMS and Skip Early CFG: job field -> settings field, taken as it is
-# (the option's value where left out); in the manifest (and a job's id) only where it is not the settings' default
+# the hires fix, the variation seed, seed resize, NGMS, Skip Early CFG, ENSD: job field -> settings field, taken as
+# it is (the option's value where left out); in the manifest (and a job's id) only where it is not the settings' default
 EXTRA = {f: f for f in ("hires_scale", "hires_width", "hires_height", "hires_steps", "hires_strength",
                         "hires_upscaler", "hires_sampler", "hires_prompt", "hires_negative_prompt", "subseed",
                         "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "s_min_uncond",
-                        "s_min_uncond_all", "skip_early_cond")}
+                        "s_min_uncond_all", "skip_early_cond", "eta_noise_seed_delta")}
 EXTRA["hires_scheduler"] = "hires_schedule_type"  # (as scheduler -> schedule_type)
 FIELDS.update(EXTRA, enable_hr="enable_hr")
 HIRES = tuple(f for f in EXTRA.values() if f.startswith("hires_"))  # the settings fields of the hires fix
@@ -58,7 +58,7 @@ ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": 
            "hr_upscaler": "hires_upscaler", "hr_sampler_name": "hires_sampler", "hr_scheduler": "hires_scheduler",
            "hr_prompt": "hires_prompt", "hr_negative_prompt": "hires_negative_prompt"}
 INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "hires_height", "hires_steps", "subseed",
-              "seed_resize_from_w", "seed_resize_from_h")
+              "seed_resize_from_w", "seed_resize_from_h", "eta_noise_seed_delta")
 FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond")
 BOOL_FIELDS = ("enable_hr", "s_min_uncond_all")
 NAME_FIELDS = {"scheduler": "a schedule type's name", "hires_scheduler": "a schedule type's name",
@@ -97,6 +97,7 @@ class Defaults:
     s_min_uncond: float = 0.0
     s_min_uncond_all: bool = False
     skip_early_cond: float = 0.0
+    eta_noise_seed_delta: int = 0
 
     def settings(self) -> GenerationSettings:
         """These defaults as settings (no prompt)."""
@@ -514,7 +515,7 @@ def batch_key(job: Job, chunks: int) -> tuple:
     s = job.settings
     return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras,
             tuple(getattr(s, f) for f in HIRES), s.seed_resize_from_w, s.seed_resize_from_h, s.s_min_uncond,
-            s.s_min_uncond_all, s.skip_early_cond,
+            s.s_min_uncond_all, s.skip_early_cond, s.eta_noise_seed_delta,
             job.id if s.subseed_strength > 0 else None)
 
 

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from fastsd.lora import lora_alias, lora_metadata
 from fastsd.serve.auth import Auth
-from fastsd.serve.generation import a1111_names, build_plan, check_cfg_options, encode_png, png_info, run_plan
+from fastsd.serve.generation import a1111_names, build_plan, check_sampling_options, encode_png, png_info, run_plan
 from fastsd.serve.jobqueue import Cancelled, Job, JobQueue, QueueFull
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.networks import Networks
@@ -39,8 +39,9 @@ class ServerState:
     queue: JobQueue
     auth: Auth | None = None
     clip_skip: int = 1                      # A1111's CLIP_stop_at_last_layers option
-    # A1111's options of the CFG denoiser: Skip Early CFG, NGMS all steps (GenerationSettings' fields of those names)
-    cfg_options: dict = field(default_factory=lambda: {"skip_early_cond": 0.0, "s_min_uncond_all": False})
+    # A1111's sampling options that are GenerationSettings' fields of their names: Skip Early CFG, NGMS all steps, ENSD
+    sampling_options: dict = field(default_factory=lambda: {"skip_early_cond": 0.0, "s_min_uncond_all": False,
+                                                            "eta_noise_seed_delta": 0})
     styles: dict = field(default_factory=dict)  # {name: fastsd.styles.PromptStyle} of --styles-file, read at start
     upscalers: Upscalers = field(default_factory=lambda: Upscalers(None))  # --upscaler-dir's models
     vaes: Vaes = field(default_factory=lambda: Vaes(None))  # --vae-dir's files and the sd_vae option
@@ -323,15 +324,15 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
     async def get_options():
         cur = state.registry.current
         return {"sd_model_checkpoint": cur.title, "sd_checkpoint_hash": cur.hash, "sd_vae": state.vaes.option,
-                "CLIP_stop_at_last_layers": state.clip_skip, "samples_format": "png", **state.cfg_options}
+                "CLIP_stop_at_last_layers": state.clip_skip, "samples_format": "png", **state.sampling_options}
 
     @api.post("/options")
     async def set_options(req: OptionsRequest):
         """A1111 answers null; fastsd says what it applied and what it ignored."""
         if req.CLIP_stop_at_last_layers is not None and not 1 <= req.CLIP_stop_at_last_layers <= 11:
             raise BadRequest(f"CLIP_stop_at_last_layers must be in 1..11, got {req.CLIP_stop_at_last_layers}")
-        cfg_options = {k: getattr(req, k) for k in state.cfg_options if getattr(req, k) is not None}
-        check_cfg_options(cfg_options)
+        sampling = {k: getattr(req, k) for k in state.sampling_options if getattr(req, k) is not None}
+        check_sampling_options(sampling)
         applied = {}
         if req.sd_model_checkpoint is not None:
             applied["sd_model_checkpoint"] = state.registry.switch(req.sd_model_checkpoint).title
@@ -339,8 +340,8 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
             state.vaes.option = applied["sd_vae"] = state.vaes.check_name(req.sd_vae, "sd_vae")
         if req.CLIP_stop_at_last_layers is not None:
             state.clip_skip = applied["CLIP_stop_at_last_layers"] = req.CLIP_stop_at_last_layers
-        state.cfg_options.update(cfg_options)
-        applied.update(cfg_options)
+        state.sampling_options.update(sampling)
+        applied.update(sampling)
         return {"applied": applied, "ignored": sorted(req.model_extra or {})}
 
 

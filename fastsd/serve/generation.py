@@ -207,8 +207,8 @@ def _apply_styles(req, styles: dict, warnings: list[str]) -> dict:
 
 
 def _overrides(req, server, warnings: list[str]):
-    """(model entry, clip_skip, VAE file or None, the CFG denoiser's options) from override_settings, else the
-    server's options; the VAE file checked against the model (fastsd/serve/vaes.py)."""
+    """(model entry, clip_skip, VAE file or None, the sampling options (ServerState.sampling_options)) from
+    override_settings, else the server's options; the VAE file checked against the model (fastsd/serve/vaes.py)."""
     over = dict(req.override_settings or {})
     model = server.registry.find(over.pop("sd_model_checkpoint")) if "sd_model_checkpoint" in over \
         else server.registry.current
@@ -216,18 +216,18 @@ def _overrides(req, server, warnings: list[str]):
     field = "override_settings.sd_vae" if "sd_vae" in over else "sd_vae"
     vae = server.vaes.path(over.pop("sd_vae", server.vaes.option), model, field)
     server.vaes.check_file(vae, model)
-    cfg_options = {k: over.pop(k, v) for k, v in server.cfg_options.items()}
+    sampling = {k: over.pop(k, v) for k, v in server.sampling_options.items()}
     try:
-        check_cfg_options(cfg_options)
+        check_sampling_options(sampling)
     except BadRequest as e:
         raise BadRequest(f"override_settings.{e}") from None
     for key in sorted(over):
         warnings.append(f"override_settings.{key}: not supported, ignored")
-    return model, clip_skip, vae, cfg_options
+    return model, clip_skip, vae, sampling
 
 
-def check_cfg_options(options: dict) -> None:
-    """A1111's Skip Early CFG / NGMS all steps options (GenerationSettings' fields of their names) as
+def check_sampling_options(options: dict) -> None:
+    """A1111's Skip Early CFG / NGMS all steps / ENSD options (GenerationSettings' fields of their names) as
     GenerationSettings.validate checks them: BadRequest naming the option."""
     try:
         GenerationSettings(**options).validate()
@@ -301,7 +301,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     if req.eta is not None and req.eta != ETA.get(sampler, req.eta):
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
                         f"{ETA[sampler]}")
-    model, clip_skip, vae, cfg_options = _overrides(req, server, warnings)
+    model, clip_skip, vae, sampling = _overrides(req, server, warnings)
     prompt = drop_tags(req.prompt) if req.disable_extra_networks else req.prompt
     loras = server.networks.parse(prompt)
     hires_prompts = (strip_tags(req.hr_prompt or ""), req.hr_negative_prompt or "") \
@@ -312,7 +312,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
                            subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings, server.upscalers),
                            **_seed_resize(req, limits, warnings), schedule_type=schedule_type,
-                           s_min_uncond=req.s_min_uncond or 0.0, **cfg_options)
+                           s_min_uncond=req.s_min_uncond or 0.0, **sampling)
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:

@@ -175,6 +175,7 @@ class OptionsRequest(_Body):
     CLIP_stop_at_last_layers: int | None = None
     skip_early_cond: float | None = None  # A1111's "Ignore negative prompt during early sampling"
     s_min_uncond_all: bool | None = None  # A1111's "NGMS all steps"
+    eta_noise_seed_delta: int | None = None  # A1111's ENSD
 
 
 class PNGInfoRequest(_Body):
