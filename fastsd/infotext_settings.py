@@ -81,6 +81,7 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "NGMS all steps": (("s_min_uncond_all",), _bool),
     "Skip Early CFG": (("skip_early_cond",), _float),
     "ENSD": (("eta_noise_seed_delta",), _int),
+    "Noise multiplier": (("initial_noise_multiplier",), _float),
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type",
          *DESCRIPTIVE}

@@ -302,6 +302,8 @@ class Pipeline:
                   "Variation seed strength": s.subseed_strength or None,
                   "Seed resize from": f"{s.seed_resize_from_w}x{s.seed_resize_from_h}" if s.seed_resize else None,
                   "Denoising strength": s.strength if img2img else None,
+                  "Noise multiplier": (s.initial_noise_multiplier if img2img and s.initial_noise_multiplier != 1
+                                       else None),
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
                   "Skip Early CFG": s.skip_early_cond if s.skip_early_cond and cfg else None,
                   "ENSD": s.eta_noise_seed_delta if s.eta_noise_seed_delta and draws_noise(s) else None,
@@ -410,6 +412,8 @@ class Pipeline:
         else:
             noise = self._start_noise(s, seeds, gens, shape)
         gens = sampler_generators(s, seeds, gens)
+        if init is not None and s.initial_noise_multiplier != 1.0:  # (A1111: img2img's start noise only)
+            noise = noise * s.initial_noise_multiplier
         lat_mask = None if mask_t is None else self._latent_mask(mask, mask_t, shape[2:], latent_mask)
         if x0 is not None and lat_mask is not None and masked_content != "original":
             fill = first_draws(seeds, shape[1:], self.device) if masked_content == "latent noise" \
@@ -683,6 +687,7 @@ class Pipeline:
                  hires_sampler: str | None = None, schedule_type: str = "automatic", hires_prompt: str = "",
                  hires_negative_prompt: str = "", hires_schedule_type: str | None = None, s_min_uncond: float = 0.0,
                  s_min_uncond_all: bool = False, skip_early_cond: float = 0.0, eta_noise_seed_delta: int = 0,
+                 initial_noise_multiplier: float = 1.0,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
@@ -713,7 +718,7 @@ class Pipeline:
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
-                               eta_noise_seed_delta)
+                               eta_noise_seed_delta, initial_noise_multiplier)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")

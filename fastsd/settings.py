@@ -97,6 +97,9 @@ class GenerationSettings:
         "A1111's 'Eta noise seed delta' (ENSD): after each image's start noise, the noise its sampler draws "
         "(Euler a and the other stochastic samplers) comes from seed + this instead of going on from the seed; "
         "0 = off (31337 is the value many A1111 infotexts carry)"))
+    initial_noise_multiplier: float = field(default=1.0, metadata=_opt(
+        "A1111's 'Noise multiplier for img2img': img2img's (and inpainting's) start noise times this (>= 0); "
+        "1 = as drawn"))
 
     @property
     def hires(self) -> bool:
@@ -169,6 +172,9 @@ class GenerationSettings:
         if not isinstance(self.s_min_uncond_all, bool):
             raise TypeError(f"s_min_uncond_all must be True or False, got {self.s_min_uncond_all!r}")
         _check_int(self.eta_noise_seed_delta, "eta_noise_seed_delta", 0, SEED_LIMIT - 1)
+        _check_float(self.initial_noise_multiplier, "initial_noise_multiplier")
+        if self.initial_noise_multiplier < 0:
+            raise ValueError(f"initial_noise_multiplier must be >= 0, got {self.initial_noise_multiplier}")
         _check_float(self.skip_early_cond, "skip_early_cond")
         if not 0.0 <= self.skip_early_cond <= 1.0:
             raise ValueError(f"skip_early_cond must be in [0, 1], got {self.skip_early_cond}")

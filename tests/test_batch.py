@@ -76,7 +76,7 @@ def test_every_settings_option_is_a_job_default():
     from fastsd.settings import FIELDS
 
     per_job = {f.name for f in dataclasses.fields(Defaults)} - {"loras"}
-    assert per_job == set(FIELDS) - {"prompt", "num_images", "strength"}
+    assert per_job == set(FIELDS) - {"prompt", "num_images", "strength", "initial_noise_multiplier"}  # (img2img's)
     assert per_job <= set(vars(build_parser().parse_args(["j.txt", "--out", "o"])))
     assert per_job | {"prompt"} <= set(JOB_FIELDS.values())
 

@@ -159,6 +159,27 @@ def test_ensd_is_an_a1111_option(client, tmp_path):
         assert np.array_equal(np.asarray(cli), np.asarray(served))
 
 
+def test_img2img_noise_multiplier(client):
+    """A1111's initial_noise_multiplier: img2img's request field (not warned any more), else the option of that name;
+    in the infotext as "Noise multiplier"; a multiplier changes the image."""
+    body = {**SMALL, "seed": 2, "steps": 3, "denoising_strength": 0.6, "init_images": [png_b64(Image.new("RGB", (64, 64), "teal"))]}
+    try:
+        r = client.post("/sdapi/v1/img2img", json={**body, "initial_noise_multiplier": 0.5})
+        assert r.status_code == 200, r.text
+        meta = info(r)
+        assert not any("initial_noise_multiplier" in w for w in meta["warnings"]), meta["warnings"]
+        assert parse_infotext(meta["infotexts"][0])[2]["Noise multiplier"] == "0.5"
+        half = np.asarray(decode(r.json()["images"][0]))
+        plain = np.asarray(decode(client.post("/sdapi/v1/img2img", json=body).json()["images"][0]))
+        assert not np.array_equal(half, plain)
+        assert client.post("/sdapi/v1/options", json={"initial_noise_multiplier": 0.5}).status_code == 200
+        assert np.array_equal(np.asarray(decode(client.post("/sdapi/v1/img2img", json=body).json()["images"][0])), half)
+        r = client.post("/sdapi/v1/img2img", json={**body, "initial_noise_multiplier": 1.0})  # the request's wins
+        assert np.array_equal(np.asarray(decode(r.json()["images"][0])), plain)
+    finally:
+        client.post("/sdapi/v1/options", json={"initial_noise_multiplier": 1.0})
+
+
 def test_loras_and_embeddings_by_name_from_their_folders(client):
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat <lora:detail:0.7>"})
     assert r.status_code == 422  # detail.safetensors is an empty file

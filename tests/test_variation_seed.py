@@ -359,3 +359,33 @@ def test_ensd_in_the_hires_pass_and_bad_values(pipe):
         pipe.generate("a cat", seed=2, eta_noise_seed_delta=-1, **KW)
     with pytest.raises(TypeError, match="eta_noise_seed_delta must be an integer"):
         pipe.generate("a cat", seed=2, eta_noise_seed_delta=1.5, **KW)
+
+
+# ---- A1111's initial_noise_multiplier ("Noise multiplier for img2img") ---------------------------------------------
+
+def test_img2img_noise_multiplier_scales_the_start_noise(pipe):
+    """img2img's start noise times initial_noise_multiplier (A1111's x *= p.initial_noise_multiplier before
+    sample_img2img): the run with multiplier m from latents L is the run from m * L, for img2img and inpainting; the
+    infotext says "Noise multiplier: m" and reads back; txt2img (and its hires fix) is untouched; bad values named."""
+    from PIL import Image
+
+    from fastsd.infotext_settings import settings_from_infotext
+
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    lat = _first_draws([4])
+    kw = dict(KW, sampler="euler_a", guidance_scale=3.0, strength=0.7, seed=4)
+    for extra in ({}, {"mask": mask}):
+        scaled = pipe.generate("a cat", image=image, latents=lat, initial_noise_multiplier=0.8, **kw, **extra)[0]
+        by_hand = pipe.generate("a cat", image=image, latents=lat * 0.8, **kw, **extra)[0]
+        assert np.array_equal(np.asarray(scaled), np.asarray(by_hand))
+        assert not np.array_equal(np.asarray(scaled), np.asarray(pipe.generate("a cat", image=image, latents=lat, **kw,
+                                                                                **extra)[0]))
+        assert "Noise multiplier: 0.8" in scaled.info["parameters"]
+        assert settings_from_infotext(scaled.info["parameters"])[0]["initial_noise_multiplier"] == 0.8
+    t2i = dict(KW, seed=4, hires_scale=1.5, hires_steps=1)
+    a, b = (pipe.generate("a cat", initial_noise_multiplier=m, **t2i)[0] for m in (0.5, 1.0))
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and "Noise multiplier" not in a.info["parameters"]
+    with pytest.raises(ValueError, match="initial_noise_multiplier must be >= 0"):
+        pipe.generate("a cat", image=image, initial_noise_multiplier=-0.5, **kw)

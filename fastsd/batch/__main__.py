@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="as python -m fastsd.generate --model; none given: $FASTSD_MODEL, else the only "
                    "SD1.x model in the local HF cache")
     p.add_argument("--out", required=True, help="output folder: ID.png per job and manifest.jsonl")
-    _settings_options(p, skip=("prompt", "num_images", "strength", "seed", "width", "height", "subseed"))
+    _settings_options(p, skip=("prompt", "num_images", "strength", "initial_noise_multiplier", "seed", "width",
+                               "height", "subseed"))
     p.add_argument("--seed", type=int, default=None, help="job i (0-based, in file order) uses seed + i; none given: "
                    "each job's seed is derived from its line and content")
     p.add_argument("--subseed", type=int, default=None, help="A1111 variation seed (with --subseed-strength above 0): "

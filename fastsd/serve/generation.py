@@ -308,6 +308,8 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
         if kind == "txt2img" and req.enable_hr else ()
     warnings += server.networks.check_embeddings(model.pipe, strip_tags(prompt), req.negative_prompt, *hires_prompts)
     img2img = kind == "img2img"
+    if img2img and req.initial_noise_multiplier is not None:  # (A1111: the request's, else the option's)
+        sampling["initial_noise_multiplier"] = req.initial_noise_multiplier
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
                            subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings, server.upscalers),

@@ -158,8 +158,6 @@ class Img2ImgRequest(_Request):
                          "fill) are supported; the image was just resized")
         if self.init_images and len(self.init_images) > 1:
             notes.append(f"init_images: {len(self.init_images)} given, the first one is used")
-        if self.initial_noise_multiplier not in (None, 1.0):
-            notes.append("initial_noise_multiplier: not supported, ignored")
         if self.latent_mask:
             notes.append("latent_mask: not supported, ignored")
         if self.include_init_images:
@@ -176,6 +174,7 @@ class OptionsRequest(_Body):
     skip_early_cond: float | None = None  # A1111's "Ignore negative prompt during early sampling"
     s_min_uncond_all: bool | None = None  # A1111's "NGMS all steps"
     eta_noise_seed_delta: int | None = None  # A1111's ENSD
+    initial_noise_multiplier: float | None = None  # A1111's "Noise multiplier for img2img"
 
 
 class PNGInfoRequest(_Body):
