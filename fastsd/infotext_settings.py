@@ -83,7 +83,8 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "ENSD": (("eta_noise_seed_delta",), _int),
     "Noise multiplier": (("initial_noise_multiplier",), _float),
 }
-KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type",
+KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type", "Eta",
+         "Eta DDIM",
          *DESCRIPTIVE}
 
 
@@ -160,6 +161,7 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
         if second_type is not None and "hires_schedule_type" not in skip:
             out["hires_schedule_type"] = second_type
 
+    _read_eta(params, out, skip, warnings)
     inpaint = [k for k in params if k in INPAINT_KEYS]
     if inpaint:  # (not settings: the CLI's own options, with --init-image and --mask)
         warnings.append(f"inpainting keys not read ({', '.join(inpaint)}): give --mask-blur, --inpaint-area, "
@@ -168,6 +170,25 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
     if unknown:  # (fastsd draws noise as A1111's RNG "CPU"; its default, "GPU", is not written in the infotext)
         warnings.append(f"infotext keys fastsd doesn't use, ignored: {', '.join(unknown)}")
     return out, warnings
+
+
+def _read_eta(params: dict, out: dict, skip: set, warnings: list[str]) -> None:
+    """A1111's "Eta" / "Eta DDIM" into `eta` where the infotext's sampler is one fastsd runs with an eta (Euler a,
+    DDIM); for another sampler (or the command line's) a warning line."""
+    from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS, get_sampler
+
+    key = next((k for k in ("Eta", "Eta DDIM") if k in params), None)
+    if key is None or "eta" in skip:
+        return
+    value = _read(key, params[key], ("eta",), _float)
+    sampler = out.get("sampler")
+    name = get_sampler(sampler).name if sampler is not None else None
+    if name in ETA_SAMPLERS and ETA_SAMPLERS[name][1] == key:
+        out["eta"] = value
+    else:
+        runs = A1111_NAMES.get(name, name) if name else "the command line's sampler"
+        warnings.append(f"{key}: {params[key]}: fastsd takes an eta for Euler a and DDIM only; {runs} runs with its "
+                        "own, ignored")
 
 
 def _stem(name: str) -> str:

@@ -29,7 +29,8 @@ from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
 from fastsd.prompt_schedule import may_have_schedule, prompt_schedule, split_and
-from fastsd.samplers import A1111_NAMES, SAMPLERS, brownian_noise_sampler, get_sampler, prompt_steps
+from fastsd.samplers import (A1111_NAMES, ETA_SAMPLERS, SAMPLERS, brownian_noise_sampler, get_sampler,
+                             prompt_steps)
 from fastsd.schedule_types import (AUTOMATIC, DISCARD_PENULTIMATE, resolve_schedule_type, schedule_label,
                                    typed_schedule)
 from fastsd.schedules import Schedule, alphas_cumprod
@@ -59,6 +60,12 @@ def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], devi
     """Standard normal noise, one (1, *shape) draw per generator (image i's stream), concatenated: the
     start noise, the VAE posterior noise and the samplers' step noise all come from here."""
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
+
+
+def eta_infotext(s: GenerationSettings) -> dict:
+    """A1111's "Eta" / "Eta DDIM" key of settings whose sampler runs with an eta other than its default."""
+    default, key = ETA_SAMPLERS.get(get_sampler(s.sampler).name, (None, None))
+    return {key: s.eta} if key is not None and s.eta is not None and s.eta != default else {}
 
 
 def draws_noise(s: GenerationSettings) -> bool:
@@ -307,6 +314,7 @@ class Pipeline:
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
                   "Skip Early CFG": s.skip_early_cond if s.skip_early_cond and cfg else None,
                   "ENSD": s.eta_noise_seed_delta if s.eta_noise_seed_delta and draws_noise(s) else None,
+                  **eta_infotext(s),
                   "NGMS": s.s_min_uncond if s.s_min_uncond and cfg else None,
                   "NGMS all steps": True if s.s_min_uncond and s.s_min_uncond_all and cfg else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
@@ -514,6 +522,8 @@ class Pipeline:
                     p.seeds if p.seeds is not None else [g.initial_seed() for g in p.generators])
             elif spec.stochastic:
                 opts["noise_sampler"] = lambda sigma, sigma_next: seeded_noise(p.generators, p.x.shape[1:], self.device)
+            if s.eta is not None and spec.name in ETA_SAMPLERS:  # (a hires sampler without one runs its own)
+                opts["eta"] = s.eta
             x = spec(model, p.x, sched.sigmas, extra_args=p.extra, disable=not progress,
                      callback=self._step_callback(on_step, len(sched), preview_every), **opts)
         x = x * sched.out_scale
@@ -687,7 +697,7 @@ class Pipeline:
                  hires_sampler: str | None = None, schedule_type: str = "automatic", hires_prompt: str = "",
                  hires_negative_prompt: str = "", hires_schedule_type: str | None = None, s_min_uncond: float = 0.0,
                  s_min_uncond_all: bool = False, skip_early_cond: float = 0.0, eta_noise_seed_delta: int = 0,
-                 initial_noise_multiplier: float = 1.0,
+                 eta: float | None = None, initial_noise_multiplier: float = 1.0,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
@@ -718,7 +728,7 @@ class Pipeline:
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
-                               eta_noise_seed_delta, initial_noise_multiplier)
+                               eta_noise_seed_delta, eta, initial_noise_multiplier)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")

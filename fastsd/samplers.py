@@ -1182,6 +1182,11 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("dpm_adaptive", sample_dpm_adaptive, True),
 )}
 
+# The samplers that take A1111's eta (its request field / options "eta_ancestral", "eta_ddim"), their default eta and
+# the infotext key A1111 writes a different one under. (A1111's other eta samplers, DPM2 a, DPM++ 2S a and the SDE
+# ones, run with their default here: fastsd.serve warns.)
+ETA_SAMPLERS = {"euler_a": (1.0, "Eta"), "ddim": (0.0, "Eta DDIM")}
+
 # A1111's "second order" samplers (two model calls a step): it schedules prompt editing over twice their steps
 SECOND_ORDER = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")
 

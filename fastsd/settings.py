@@ -97,6 +97,9 @@ class GenerationSettings:
         "A1111's 'Eta noise seed delta' (ENSD): after each image's start noise, the noise its sampler draws "
         "(Euler a and the other stochastic samplers) comes from seed + this instead of going on from the seed; "
         "0 = off (31337 is the value many A1111 infotexts carry)"))
+    eta: float | None = field(default=None, metadata=_opt(
+        "A1111's eta of Euler a (its 'Eta', default 1: 0 makes each step plain Euler) and of DDIM ('Eta DDIM', "
+        "default 0: deterministic), in [0, 1]; other samplers take none; default: the sampler's"))
     initial_noise_multiplier: float = field(default=1.0, metadata=_opt(
         "A1111's 'Noise multiplier for img2img': img2img's (and inpainting's) start noise times this (>= 0); "
         "1 = as drawn"))
@@ -172,6 +175,10 @@ class GenerationSettings:
         if not isinstance(self.s_min_uncond_all, bool):
             raise TypeError(f"s_min_uncond_all must be True or False, got {self.s_min_uncond_all!r}")
         _check_int(self.eta_noise_seed_delta, "eta_noise_seed_delta", 0, SEED_LIMIT - 1)
+        if self.eta is not None:
+            _check_float(self.eta, "eta")
+            if not 0.0 <= self.eta <= 1.0:
+                raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         _check_float(self.initial_noise_multiplier, "initial_noise_multiplier")
         if self.initial_noise_multiplier < 0:
             raise ValueError(f"initial_noise_multiplier must be >= 0, got {self.initial_noise_multiplier}")
@@ -201,6 +208,12 @@ class GenerationSettings:
 
         # raise, listing the valid names
         schedule_types.check_sampler(self.schedule_type, get_sampler(self.sampler).name)
+        if self.eta is not None:
+            from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS
+
+            if get_sampler(self.sampler).name not in ETA_SAMPLERS:
+                raise ValueError(f"eta: {A1111_NAMES.get(get_sampler(self.sampler).name, self.sampler)} takes none "
+                                 "here (Euler a and DDIM do)")
 
     @property
     def seed_resize(self) -> bool:

@@ -881,3 +881,39 @@ def test_ddim_cfgpp_registry_and_schedule_types():
     assert torch.equal(get_sampler("DDIM CFG++").schedule(10).sigmas, schedule_for("ddim", 10).sigmas)
     with pytest.raises(ValueError, match="discrete"):
         check_sampler("karras", "ddim_cfgpp")
+
+
+# --------------------------------------------------------------------------------------------- eta: k-diffusion
+
+def _k_euler_ancestral(model, x, sigmas, eta, noises):
+    """k-diffusion's sample_euler_ancestral (s_noise 1), transcribed, its noise draws taken from `noises`."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        s_from, s_to = float(sigmas[i]), float(sigmas[i + 1])
+        if not eta:
+            sigma_down, sigma_up = s_to, 0.0
+        else:
+            sigma_up = min(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
+            sigma_down = (s_to ** 2 - sigma_up ** 2) ** 0.5
+        d = (x - denoised) / s_from
+        x = x + d * (sigma_down - s_from)
+        if s_to > 0:
+            x = x + noises[i] * sigma_up
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.25, 0.67, 1.0])
+def test_euler_a_eta_is_k_diffusions(eta):
+    """Euler a with A1111's eta (its "Eta for ancestral samplers", request field eta) is k-diffusion's
+    sample_euler_ancestral with that eta, fed the same noise (eta 0: each step plain Euler)."""
+    sigmas = schedule_for("euler_a", 12).sigmas.double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64) * float(sigmas[0])
+    noises = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(len(sigmas))]
+    den = gaussian_denoiser(MU)
+    it = iter(noises)
+    ours = SAMPLERS["euler_a"](den, x.clone(), sigmas, eta=eta, noise_sampler=lambda a, b: next(it), disable=True)
+    ref = _k_euler_ancestral(den, x.clone(), sigmas, eta, noises)
+    assert rel_err(ours, ref) < 1e-12
+    if eta == 0:
+        assert rel_err(ours, SAMPLERS["euler"](den, x.clone(), sigmas, disable=True)) < 1e-12

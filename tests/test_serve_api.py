@@ -159,6 +159,23 @@ def test_ensd_is_an_a1111_option(client, tmp_path):
         assert np.array_equal(np.asarray(cli), np.asarray(served))
 
 
+def test_eta_runs_for_euler_a_and_ddim_and_is_warned_for_others(client):
+    """A1111's request field eta: Euler a and DDIM run with it (not warned; "Eta" / "Eta DDIM" in the infotext, Euler
+    a at eta 0 is Euler's image); a sampler fastsd runs with its own eta gets the warning; eta 2 is a 422."""
+    small = {**SMALL, "steps": 3, "seed": 8, "cfg_scale": 3}
+    r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "Euler a", "eta": 0.0})
+    meta = info(r)
+    assert not any("eta" in w for w in meta["warnings"]) and parse_infotext(meta["infotexts"][0])[2]["Eta"] == "0.0"
+    euler = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "Euler"})
+    assert np.array_equal(np.asarray(decode(r.json()["images"][0])), np.asarray(decode(euler.json()["images"][0])))
+    r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "DDIM", "eta": 0.3})
+    assert parse_infotext(info(r)["infotexts"][0])[2]["Eta DDIM"] == "0.3"
+    r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "DPM++ 2S a", "eta": 0.3})
+    assert any(w.startswith("eta 0.3: not supported; DPM++ 2S a Karras runs with eta 1.0") for w in info(r)["warnings"])
+    r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "Euler a", "eta": 2})
+    assert r.status_code == 422 and "eta must be in [0, 1], got 2" in r.json()["detail"]
+
+
 def test_img2img_noise_multiplier(client):
     """A1111's initial_noise_multiplier: img2img's request field (not warned any more), else the option of that name;
     in the infotext as "Noise multiplier"; a multiplier changes the image."""

@@ -389,3 +389,32 @@ def test_img2img_noise_multiplier_scales_the_start_noise(pipe):
     assert np.array_equal(np.asarray(a), np.asarray(b)) and "Noise multiplier" not in a.info["parameters"]
     with pytest.raises(ValueError, match="initial_noise_multiplier must be >= 0"):
         pipe.generate("a cat", image=image, initial_noise_multiplier=-0.5, **kw)
+
+
+# ---- A1111's eta (Euler a's "Eta", DDIM's "Eta DDIM") -------------------------------------------------------------
+
+def test_eta_of_euler_a_and_ddim(pipe):
+    """eta reaches Euler a and DDIM (tests/test_samplers_extra.py holds Euler a's to k-diffusion's): Euler a at eta 0
+    is Euler's image; another eta changes the image, is written as A1111 writes it ("Eta", "Eta DDIM"; not at the
+    sampler's default) and read back for that sampler only; another sampler refuses an eta by name."""
+    from fastsd.infotext_settings import settings_from_infotext
+
+    kw = dict(KW, guidance_scale=3.0, seed=6, steps=4)
+    euler = np.asarray(pipe.generate("a cat", **{**kw, "sampler": "euler"})[0])
+    assert np.array_equal(np.asarray(pipe.generate("a cat", eta=0.0, **{**kw, "sampler": "euler_a"})[0]), euler)
+    for sampler, eta, key, default in (("euler_a", 0.5, "Eta", 1.0), ("ddim", 0.5, "Eta DDIM", 0.0)):
+        base = pipe.generate("a cat", **{**kw, "sampler": sampler})[0]
+        same = pipe.generate("a cat", eta=default, **{**kw, "sampler": sampler})[0]
+        other = pipe.generate("a cat", eta=eta, **{**kw, "sampler": sampler})[0]
+        assert np.array_equal(np.asarray(base), np.asarray(same)) and key not in same.info["parameters"]
+        assert not np.array_equal(np.asarray(base), np.asarray(other))
+        assert f"{key}: {eta}" in other.info["parameters"]
+        assert settings_from_infotext(other.info["parameters"])[0]["eta"] == eta
+    text = "a cat\nSteps: 4, Sampler: DPM++ 2S a, Eta: 0.5, Seed: 1, Size: 64x64"
+    got, warnings = settings_from_infotext(text)
+    assert "eta" not in got and warnings == ["Eta: 0.5: fastsd takes an eta for Euler a and DDIM only; DPM++ 2S a "
+                                             "runs with its own, ignored"]
+    with pytest.raises(ValueError, match=r"eta: Euler takes none here \(Euler a and DDIM do\)"):
+        pipe.generate("a cat", eta=0.5, **{**kw, "sampler": "euler"})
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        pipe.generate("a cat", eta=1.5, **{**kw, "sampler": "euler_a"})

@@ -22,7 +22,7 @@ from fastsd import hires, masking
 from fastsd.lora import drop_tags, parse_prompt, strip_tags
 from fastsd.a1111 import hires_scheduled, image_infotext, scheduled
 from fastsd.schedule_types import split_joint
-from fastsd.samplers import A1111_NAMES
+from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS
 from fastsd.serve.jobqueue import Cancelled
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
@@ -36,7 +36,7 @@ LATENT_FILL = {0: "original", 1: "original", 2: "latent noise", 3: "latent nothi
 
 # A1111's separate `scheduler` field (1.9+): read with `fastsd.a1111.scheduled` (shared with the CLI's --infotext)
 SAME_SAMPLER = (None, "", "Use same sampler")  # hr_sampler_name values that mean the first pass's (A1111's UI)
-ETA = {"euler_a": 1.0, "ddpm": 1.0, "ddim": 0.0, "ddim_cfgpp": 0.0,  # the samplers eta applies to, and the eta fastsd runs them with
+ETA = {"ddpm": 1.0, "ddim_cfgpp": 0.0,  # the other samplers A1111's eta applies to, and the eta fastsd runs them with
        "dpm2_a": 1.0, "dpm2_a_karras": 1.0, "dpmpp_2s_a": 1.0, "dpmpp_2s_a_karras": 1.0,
        **{f"dpmpp_{n}{k}": 1.0 for n in ("sde", "2m_sde", "2m_sde_heun", "3m_sde") for k in ("", "_karras")},
        "dpm_fast": 1.0, "dpm_adaptive": 1.0}
@@ -298,7 +298,8 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
             raise BadRequest(f"subseed {subseed} with {images} images would pass the largest seed, 2**63 - 1; use a "
                              f"subseed of at most {SEED_LIMIT - images}")
     sampler, schedule_type = _sampler(req, warnings)
-    if req.eta is not None and req.eta != ETA.get(sampler, req.eta):
+    eta = req.eta if sampler in ETA_SAMPLERS else None  # (Euler a's, DDIM's: a settings field, checked there)
+    if req.eta is not None and sampler not in ETA_SAMPLERS and req.eta != ETA.get(sampler, req.eta):
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
                         f"{ETA[sampler]}")
     model, clip_skip, vae, sampling = _overrides(req, server, warnings)
@@ -314,7 +315,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
                            subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings, server.upscalers),
                            **_seed_resize(req, limits, warnings), schedule_type=schedule_type,
-                           s_min_uncond=req.s_min_uncond or 0.0, **sampling)
+                           s_min_uncond=req.s_min_uncond or 0.0, eta=eta, **sampling)
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:
