@@ -99,6 +99,7 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -548,33 +549,38 @@ def _sample_two_call_ancestral(split, second_coeffs, model, x, sigmas, extra_arg
 
 
 @torch.no_grad()
-def sample_dpm2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+def sample_dpm2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta: float = 1.0,
                           generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
     """DPM2 ancestral (diffusers KDPM2AncestralDiscreteScheduler; k-diffusion's sample_dpm_2_ancestral, eta 1):
     DPM2 to sigma_down with the midpoint between sigma and sigma_down, then sigma_up noise from
     `noise_sampler(sigma, sigma_next)` or else randn with `generator` (drawn after the second model call, as
     diffusers; none on the last step). sigma_down/up in float32 as diffusers computes them; the midpoint (which
-    is sigma_next) unrounded, see fastsd.schedules.dpm2_ancestral_sigmas."""
+    is sigma_next) unrounded, see fastsd.schedules.dpm2_ancestral_sigmas. Another `eta` (A1111's): k-diffusion's
+    split with it (`_ancestral_split`; diffusers has no eta)."""
     noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
-    return _sample_two_call_ancestral(dpm2_ancestral_sigmas, dpm2_coeffs, model, x, sigmas, extra_args, callback,
-                                      disable, noise_sampler)
+    split = dpm2_ancestral_sigmas if eta == 1.0 else functools.partial(_ancestral_split, eta=eta)
+    return _sample_two_call_ancestral(split, dpm2_coeffs, model, x, sigmas, extra_args, callback, disable,
+                                      noise_sampler)
 
 
-def _dpmpp_2s_split(sigma: float, sigma_next: float) -> tuple[float, float, float]:
-    down, up = ancestral_sigmas(sigma, sigma_next, 1.0)
-    return down, up, math.sqrt(sigma * down)  # k-diffusion's sigma_fn(t + h/2): the geometric mean
+def _ancestral_split(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float, float]:
+    """(sigma_down, sigma_up, sigma_mid) of k-diffusion's two-call ancestral steps (sample_dpmpp_2s_ancestral,
+    sample_dpm_2_ancestral) with `eta`: get_ancestral_step's split in float64 and the midpoint between sigma and
+    sigma_down in log space (2S: sigma_fn(t + h/2); DPM2: log-lerp at 0.5), their geometric mean."""
+    down, up = ancestral_sigmas(sigma, sigma_next, eta)
+    return down, up, math.sqrt(sigma * down)
 
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta: float = 1.0,
                               generator: Optional[torch.Generator] = None,
                               noise_sampler: Optional[NoiseSampler] = None):
-    """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral with eta 1, A1111's "DPM++ 2S a"; no
-    diffusers twin): a single-step second-order DPM-Solver++ step to sigma_down through the midpoint
-    sqrt(sigma * sigma_down), then sigma_up noise (none on the last step)."""
+    """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral with `eta`, 1 by default, A1111's
+    "DPM++ 2S a"; no diffusers twin): a single-step second-order DPM-Solver++ step to sigma_down through the
+    midpoint sqrt(sigma * sigma_down), then sigma_up noise (none on the last step)."""
     noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
-    return _sample_two_call_ancestral(_dpmpp_2s_split, dpmpp_2s_coeffs, model, x, sigmas, extra_args, callback,
-                                      disable, noise_sampler)
+    return _sample_two_call_ancestral(functools.partial(_ancestral_split, eta=eta), dpmpp_2s_coeffs, model, x, sigmas,
+                                      extra_args, callback, disable, noise_sampler)
 
 
 @torch.no_grad()
@@ -1183,9 +1189,10 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
 )}
 
 # The samplers that take A1111's eta (its request field / options "eta_ancestral", "eta_ddim"), their default eta and
-# the infotext key A1111 writes a different one under. (A1111's other eta samplers, DPM2 a, DPM++ 2S a and the SDE
-# ones, run with their default here: fastsd.serve warns.)
-ETA_SAMPLERS = {"euler_a": (1.0, "Eta"), "ddim": (0.0, "Eta DDIM")}
+# the infotext key A1111 writes a different one under. (A1111's other eta samplers, the SDE ones and DPM fast /
+# adaptive, run with their default here: fastsd.serve warns.)
+ETA_SAMPLERS = {"euler_a": (1.0, "Eta"), "ddim": (0.0, "Eta DDIM"),
+                **{f"{n}{k}": (1.0, "Eta") for n in ("dpm2_a", "dpmpp_2s_a") for k in ("", "_karras")}}
 
 # A1111's "second order" samplers (two model calls a step): it schedules prompt editing over twice their steps
 SECOND_ORDER = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")

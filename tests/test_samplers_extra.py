@@ -917,3 +917,64 @@ def test_euler_a_eta_is_k_diffusions(eta):
     assert rel_err(ours, ref) < 1e-12
     if eta == 0:
         assert rel_err(ours, SAMPLERS["euler"](den, x.clone(), sigmas, disable=True)) < 1e-12
+
+
+def _k_ancestral_step(s_from, s_to, eta):
+    if not eta:
+        return s_to, 0.0
+    sigma_up = min(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
+    return (s_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def _k_dpmpp_2s_ancestral(model, x, sigmas, eta, noises):
+    """k-diffusion's sample_dpmpp_2s_ancestral (s_noise 1), transcribed, its noise draws taken from `noises`."""
+    for i in range(len(sigmas) - 1):
+        s = float(sigmas[i])
+        denoised = model(x, s)
+        sigma_down, sigma_up = _k_ancestral_step(s, float(sigmas[i + 1]), eta)
+        if sigma_down == 0:
+            x = x + (x - denoised) / s * (sigma_down - s)
+        else:
+            t, t_next = -math.log(s), -math.log(sigma_down)
+            h = t_next - t
+            mid = math.exp(-(t + 0.5 * h))
+            x_2 = (mid / s) * x - math.expm1(-h * 0.5) * denoised
+            denoised_2 = model(x_2, mid)
+            x = (sigma_down / s) * x - math.expm1(-h) * denoised_2
+        if float(sigmas[i + 1]) > 0:
+            x = x + noises[i] * sigma_up
+    return x
+
+
+def _k_dpm_2_ancestral(model, x, sigmas, eta, noises):
+    """k-diffusion's sample_dpm_2_ancestral (s_noise 1), transcribed, its noise draws taken from `noises`."""
+    for i in range(len(sigmas) - 1):
+        s = float(sigmas[i])
+        denoised = model(x, s)
+        sigma_down, sigma_up = _k_ancestral_step(s, float(sigmas[i + 1]), eta)
+        d = (x - denoised) / s
+        if sigma_down == 0:
+            x = x + d * (sigma_down - s)
+        else:
+            mid = math.exp(math.log(s) + 0.5 * (math.log(sigma_down) - math.log(s)))
+            x_2 = x + d * (mid - s)
+            d_2 = (x_2 - model(x_2, mid)) / mid
+            x = x + d_2 * (sigma_down - s)
+            x = x + noises[i] * sigma_up
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("sampler,ref", [("dpmpp_2s_a", _k_dpmpp_2s_ancestral), ("dpm2_a", _k_dpm_2_ancestral)])
+def test_two_call_ancestral_eta_is_k_diffusions(sampler, ref, eta):
+    """DPM++ 2S a and DPM2 a with A1111's eta are k-diffusion's sample_dpmpp_2s_ancestral / sample_dpm_2_ancestral
+    with that eta, fed the same noise (DPM2 a at eta 1 keeps its diffusers twin's float32 split: within 1e-6)."""
+    sigmas = schedule_for(sampler, 10).sigmas.double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64) * float(sigmas[0])
+    noises = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(len(sigmas))]
+    den = gaussian_denoiser(MU)
+    drawn = iter(noises)
+    ours = SAMPLERS[sampler](den, x.clone(), sigmas, eta=eta, noise_sampler=lambda a, b: next(drawn), disable=True)
+    bound = 1e-6 if (sampler, eta) == ("dpm2_a", 1.0) else 1e-12
+    assert rel_err(ours, ref(den, x.clone(), sigmas, eta, noises)) < bound

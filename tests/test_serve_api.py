@@ -159,9 +159,10 @@ def test_ensd_is_an_a1111_option(client, tmp_path):
         assert np.array_equal(np.asarray(cli), np.asarray(served))
 
 
-def test_eta_runs_for_euler_a_and_ddim_and_is_warned_for_others(client):
-    """A1111's request field eta: Euler a and DDIM run with it (not warned; "Eta" / "Eta DDIM" in the infotext, Euler
-    a at eta 0 is Euler's image); a sampler fastsd runs with its own eta gets the warning; eta 2 is a 422."""
+def test_eta_runs_for_the_ancestral_samplers_and_ddim_and_is_warned_for_others(client):
+    """A1111's request field eta: Euler a, DPM++ 2S a and DDIM run with it (not warned; "Eta" / "Eta DDIM" in the
+    infotext, Euler a at eta 0 is Euler's image); a sampler fastsd runs with its own eta gets the warning; eta 2 is
+    a 422."""
     small = {**SMALL, "steps": 3, "seed": 8, "cfg_scale": 3}
     r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "Euler a", "eta": 0.0})
     meta = info(r)
@@ -171,7 +172,9 @@ def test_eta_runs_for_euler_a_and_ddim_and_is_warned_for_others(client):
     r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "DDIM", "eta": 0.3})
     assert parse_infotext(info(r)["infotexts"][0])[2]["Eta DDIM"] == "0.3"
     r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "DPM++ 2S a", "eta": 0.3})
-    assert any(w.startswith("eta 0.3: not supported; DPM++ 2S a Karras runs with eta 1.0") for w in info(r)["warnings"])
+    assert parse_infotext(info(r)["infotexts"][0])[2]["Eta"] == "0.3"
+    r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "DPM++ 2M SDE", "eta": 0.3})
+    assert any(w.startswith("eta 0.3: not supported; DPM++ 2M SDE") for w in info(r)["warnings"])
     r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "Euler a", "eta": 2})
     assert r.status_code == 422 and "eta must be in [0, 1], got 2" in r.json()["detail"]
 
