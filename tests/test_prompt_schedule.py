@@ -297,23 +297,31 @@ def test_ngms_skips_the_uncond_on_odd_calls_below_the_sigma():
     assert rows == [4, 4, 4, 2]
 
 
+UNCOND_KW = dict(prompt="a cat", negative_prompt="ugly", steps=10, sampler="euler_a", seed=4, width=32, height=32,
+                 progress=False)
+
+
+def _record_batches(pipe, monkeypatch) -> list[int]:
+    """The batch size of every UNet call from now on (the list fills as the pipeline runs)."""
+    batches, forward = [], pipe.unet.forward
+
+    def recording(x, t, context, *a, **k):
+        batches.append(x.shape[0])
+        return forward(x, t, context, *a, **k)
+
+    monkeypatch.setattr(pipe.unet, "forward", recording)
+    return batches
+
+
 def test_ngms_in_a_generation(tiny, monkeypatch):
     """Euler a, 10 steps, s_min_uncond 3: the UNet runs at batch 1 (no uncond) exactly on the odd calls whose sigma
     is below 3; the image changes, the infotext says "NGMS: 3.0"; s_min_uncond 0 is the plain run."""
     from fastsd.schedules import schedule_for
 
     _, pipe = tiny
-    batches = []
-    forward = pipe.unet.forward
-
-    def recording(x, t, context, *a, **k):
-        batches.append(x.shape[0])
-        return forward(x, t, context, *a, **k)
-
-    kw = dict(prompt="a cat", negative_prompt="ugly", steps=10, sampler="euler_a", seed=4, width=32, height=32,
-              progress=False)
+    kw = UNCOND_KW
     plain = pipe.generate(**kw)[0]
-    monkeypatch.setattr(pipe.unet, "forward", recording)
+    batches = _record_batches(pipe, monkeypatch)
     ngms = pipe.generate(**kw, s_min_uncond=3.0)[0]
     sigmas = schedule_for("euler_a", 10).sigmas.tolist()
     assert batches == [1 if i % 2 and sigmas[i] < 3 else 2 for i in range(10)] and batches.count(1) >= 2
@@ -369,17 +377,9 @@ def test_skip_early_cfg_and_ngms_all_steps_in_a_generation(tiny, monkeypatch):
     from fastsd.schedules import schedule_for
 
     _, pipe = tiny
-    batches = []
-    forward = pipe.unet.forward
-
-    def recording(x, t, context, *a, **k):
-        batches.append(x.shape[0])
-        return forward(x, t, context, *a, **k)
-
-    kw = dict(prompt="a cat", negative_prompt="ugly", steps=10, sampler="euler_a", seed=4, width=32, height=32,
-              progress=False)
+    kw = UNCOND_KW
     plain = pipe.generate(**kw)[0]
-    monkeypatch.setattr(pipe.unet, "forward", recording)
+    batches = _record_batches(pipe, monkeypatch)
     early = pipe.generate(**kw, skip_early_cond=0.25)[0]
     assert batches == [1, 1, 1] + [2] * 7
     batches.clear()
