@@ -67,8 +67,8 @@ PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.wei
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # LyCORIS LoHa's factors
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # LyCORIS LoKr's (whole or a @ b)
 CORES = ("hada_t1", "hada_t2", "lokr_t2")  # LyCORIS' CP (Tucker) cores of a convolution's factors
-EXTRAS = ("up_bias", "diff_b", "b_norm", "dora_scale", "magnitude")  # a bias's change, DoRA's magnitudes: beside
-BIAS_CHANGES = ("up_bias", "diff_b", "b_norm")                       # the factors
+BIAS_CHANGES = ("up_bias", "diff_b", "b_norm")  # a bias's change (LoRA, full, norm)
+EXTRAS = (*BIAS_CHANGES, "dora_scale", "magnitude")  # a bias's change, DoRA's magnitudes: beside the factors
 PARTS += [(f".{k}", k) for k in HADA + LOKR + CORES]
 # <layer> = <prefix><path>: which model, and whether the path is kohya's (underscored) or dotted.
 PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("text_encoder.", "clip")]
@@ -449,7 +449,8 @@ def _with_extras(path: str, made: LoraLayer, parts: dict, w: tuple) -> LoraLayer
     if not all(torch.isfinite(t.sum()) for t in extra.values()):
         raise CheckpointError(f"{path}: {made.key} holds NaN, infinite or absurdly large values")
     dora = next((k for k in ("dora_scale", "magnitude") if k in extra), None)
-    return replace(made, bias=next((extra[k] for k in BIAS_CHANGES if k in extra), None), dora=extra[dora].reshape(-1) if dora else None,
+    return replace(made, bias=next((extra[k] for k in BIAS_CHANGES if k in extra), None),
+                   dora=extra[dora].reshape(-1) if dora else None,
                    dora_form=_dora_form(dora, tuple(parts[dora].shape), w) if dora else "")
 
 

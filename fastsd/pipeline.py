@@ -249,8 +249,9 @@ class Pipeline:
 
     def load_loras(self, items, *, keep_originals: bool = True) -> None:
         """load_lora of each (path, weight) in `items` (or (path, weight, name): the name prompt tags and the infotext
-        use for it, e.g. the A1111 alias a <lora:NAME> tag found it by; default the file stem), merged in one pass: a layer several of them change is merged
-        with each in turn (the bits of loading them one by one) and prepared once. All files are checked first;
+        use for it, e.g. the A1111 alias a <lora:NAME> tag found it by; default the file stem), merged in one pass: a
+        layer several of them change is merged with each in turn (the bits of loading them one by one) and prepared
+        once. All files are checked first;
         any failure leaves the model as it was (keep_originals=False: a failure while merging leaves a model that
         refuses to generate until loaded again; see LoraSet.load_many)."""
         self._loras.load_many(self, items, keep_originals=keep_originals)
