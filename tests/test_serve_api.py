@@ -177,6 +177,21 @@ def test_eta_runs_for_the_ancestral_samplers_and_ddim_and_is_warned_for_others(c
     assert any(w.startswith("eta 0.3: not supported; DPM++ 2M SDE") for w in info(r)["warnings"])
     r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "Euler a", "eta": 2})
     assert r.status_code == 422 and "eta must be in [0, 1], got 2" in r.json()["detail"]
+    try:  # A1111's options eta_ancestral / eta_ddim: the eta of a request that gives none
+        options = client.get("/sdapi/v1/options").json()
+        assert (options["eta_ancestral"], options["eta_ddim"]) == (1.0, 0.0)
+        assert client.post("/sdapi/v1/options", json={"eta_ancestral": 0.0}).status_code == 200
+        r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "Euler a"})
+        assert np.array_equal(np.asarray(decode(r.json()["images"][0])), np.asarray(decode(euler.json()["images"][0])))
+        r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "Euler a", "eta": 1.0})  # the request's
+        assert "Eta" not in parse_infotext(info(r)["infotexts"][0])[2]
+        r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "DDIM",
+                                                   "override_settings": {"eta_ddim": 0.3}})
+        assert parse_infotext(info(r)["infotexts"][0])[2]["Eta DDIM"] == "0.3"
+        r = client.post("/sdapi/v1/options", json={"eta_ddim": 1.5})
+        assert r.status_code == 422 and "eta_ddim must be a number in [0, 1], got 1.5" in r.json()["detail"]
+    finally:
+        client.post("/sdapi/v1/options", json={"eta_ancestral": 1.0, "eta_ddim": 0.0})
 
 
 def test_img2img_noise_multiplier(client):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import random
 import re
 import time
@@ -225,11 +226,18 @@ def _overrides(req, server, warnings: list[str]):
     return model, clip_skip, vae, sampling
 
 
+ETA_OPTIONS = ("eta_ancestral", "eta_ddim")  # A1111's options for the eta field (its samplers' defaults)
+
+
 def check_sampling_options(options: dict) -> None:
-    """A1111's Skip Early CFG / NGMS all steps / ENSD options (GenerationSettings' fields of their names) as
-    GenerationSettings.validate checks them: BadRequest naming the option."""
+    """A1111's Skip Early CFG / NGMS all steps / ENSD / noise multiplier options (GenerationSettings' fields of their
+    names) as GenerationSettings.validate checks them, and its eta options: BadRequest naming the option."""
+    for key in ETA_OPTIONS:
+        v = options.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1):
+            raise BadRequest(f"{key} must be a number in [0, 1], got {v!r}")
     try:
-        GenerationSettings(**options).validate()
+        GenerationSettings(**{k: v for k, v in options.items() if k not in ETA_OPTIONS}).validate()
     except (TypeError, ValueError) as e:
         raise BadRequest(str(e)) from None
 
@@ -297,11 +305,12 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
             raise BadRequest(f"subseed {subseed} with {images} images would pass the largest seed, 2**63 - 1; use a "
                              f"subseed of at most {SEED_LIMIT - images}")
     sampler, schedule_type = _sampler(req, warnings)
-    eta = req.eta if sampler in ETA_SAMPLERS else None  # (Euler a's, DDIM's: a settings field, checked there)
     if req.eta is not None and sampler not in ETA_SAMPLERS and req.eta != ETA.get(sampler, req.eta):
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
                         f"{ETA[sampler]}")
     model, clip_skip, vae, sampling = _overrides(req, server, warnings)
+    eta_option = {k: sampling.pop(k) for k in ETA_OPTIONS}["eta_ddim" if sampler == "ddim" else "eta_ancestral"]
+    eta = (eta_option if req.eta is None else req.eta) if sampler in ETA_SAMPLERS else None  # (checked as a field)
     prompt = drop_tags(req.prompt) if req.disable_extra_networks else req.prompt
     loras = server.networks.parse(prompt)
     hires_prompts = (strip_tags(req.hr_prompt or ""), req.hr_negative_prompt or "") \

@@ -175,6 +175,8 @@ class OptionsRequest(_Body):
     s_min_uncond_all: bool | None = None  # A1111's "NGMS all steps"
     eta_noise_seed_delta: int | None = None  # A1111's ENSD
     initial_noise_multiplier: float | None = None  # A1111's "Noise multiplier for img2img"
+    eta_ancestral: float | None = None  # A1111's eta of its ancestral samplers (a request's eta wins)
+    eta_ddim: float | None = None  # A1111's eta of DDIM (likewise)
 
 
 class PNGInfoRequest(_Body):
