@@ -175,7 +175,7 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
 def _read_eta(params: dict, out: dict, skip: set, warnings: list[str]) -> None:
     """A1111's "Eta" / "Eta DDIM" into `eta` where the infotext's sampler is one fastsd runs with an eta
     (samplers.ETA_SAMPLERS); for another sampler (or the command line's) a warning line."""
-    from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS, get_sampler
+    from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS, ETA_TAKERS, get_sampler
 
     key = next((k for k in ("Eta", "Eta DDIM") if k in params), None)
     if key is None or "eta" in skip:
@@ -187,8 +187,8 @@ def _read_eta(params: dict, out: dict, skip: set, warnings: list[str]) -> None:
         out["eta"] = value
     else:
         runs = A1111_NAMES.get(name, name) if name else "the command line's sampler"
-        warnings.append(f"{key}: {params[key]}: fastsd takes an eta for Euler a, DPM2 a, DPM++ 2S a and DDIM only; "
-                        f"{runs} runs with its own, ignored")
+        warnings.append(f"{key}: {params[key]}: fastsd takes an eta for {ETA_TAKERS} only; {runs} runs with its "
+                        "own, ignored")
 
 
 def _stem(name: str) -> str:

@@ -288,28 +288,32 @@ def dpmpp_2m_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float
 
 
 def dpmpp_2m_sde_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float,
-                        solver_type: str = "midpoint") -> Coeffs:
-    """DPM-Solver++(2M) SDE step (diffusers' algorithm_type="sde-dpmsolver++" with this solver_type): first order
-    as dpmpp_2m_coeffs; the noise term s' sqrt(1 - e^-2h) is zero on the step to sigma 0. The second-order
-    correction (D - D_prev)/r gets the weight E/2 ("midpoint") or 1 - E/(2h) ("heun"), E = 1 - e^-2h."""
+                        solver_type: str = "midpoint", eta: float = 1.0) -> Coeffs:
+    """DPM-Solver++(2M) SDE step (diffusers' algorithm_type="sde-dpmsolver++" with this solver_type; k-diffusion's
+    sample_dpmpp_2m_sde with `eta`, 1 being diffusers'): with h = log(s/s'), he = (1 + eta) h, E = 1 - e^-he,
+    x' = e^-he x + E D, the noise term s' sqrt(1 - e^-2 eta h) (zero on the step to sigma 0 and at eta 0). The
+    second-order correction (D - D_prev)/r gets the weight E/2 ("midpoint") or 1 - E/he ("heun")."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     if sigma_next == 0:
         return (0.0, 1.0, 0.0, 0.0)
     h = math.log(sigma / sigma_next)
-    e = -math.expm1(-2.0 * h)
-    a, d = sigma_next / sigma * math.exp(-h), sigma_next * math.sqrt(e)
+    he = (1.0 + eta) * h
+    e = -math.expm1(-he)
+    a, d = (sigma_next / sigma * math.exp(-h) if eta == 1.0 else math.exp(-he)), sigma_next * math.sqrt(
+        -math.expm1(-2.0 * eta * h))
     if sigma_prev is None:
         return (a, e, 0.0, d)
     r = math.log(sigma_prev / sigma) / h
     if solver_type == "heun":
-        p = 1.0 - e / (2.0 * h)  # diffusers' (1 - e^-2h)/(-2h) + 1, k-diffusion's phi_2 with eta 1
+        p = 1.0 - e / he  # diffusers' (1 - e^-2h)/(-2h) + 1 at eta 1, k-diffusion's phi_2
         return (a, e + p / r, -p / r, d)
     return (a, e * (1.0 + 1.0 / (2.0 * r)), -e / (2.0 * r), d)
 
 
 def dpmpp_3m_sde_coeffs(sigma_prev2: Optional[float], sigma_prev: Optional[float], sigma: float,
-                        sigma_next: float, variant: str = "k-diffusion") -> tuple[float, float, float, float, float]:
+                        sigma_next: float, variant: str = "k-diffusion",
+                        eta: float = 1.0) -> tuple[float, float, float, float, float]:
     """DPM-Solver++(3M) SDE step: (a, b, c1, c2, d) with x' = a x + b D + c1 D_prev + c2 D_prev2 + d z. Third order
     with both earlier sigmas, second order with sigma_prev only, first order with neither; x' = D on the step to
     sigma 0.
@@ -323,21 +327,28 @@ def dpmpp_3m_sde_coeffs(sigma_prev2: Optional[float], sigma_prev: Optional[float
       variant "k-diffusion" (sample_dpmpp_3m_sde with eta 1, A1111's "DPM++ 3M SDE"): p3 = -phi_3 =
         (E - 2h)/(4h^2) + 1/2 (tends to 0, DPM-Solver's third-order term); second order with phi_2 = 1 - E/(2h)
         on (D - D_prev)/r0 (dpmpp_2m_sde_coeffs' "heun").
-    The two third-order steps differ by exactly 1 * D2."""
+    The two third-order steps differ by exactly 1 * D2. Another `eta` (A1111's; k-diffusion only): with
+    he = (1 + eta) h in place of 2h, E = 1 - e^-he, p2 = 1 - E/he, p3 = E/he^2 - 1/he + 1/2, x' = e^-he x + ...,
+    noise s' sqrt(1 - e^-2 eta h)."""
     if variant not in ("diffusers", "k-diffusion"):
         raise ValueError(f"variant must be 'diffusers' or 'k-diffusion', got {variant!r}")
+    if eta != 1.0 and variant != "k-diffusion":
+        raise ValueError("an eta other than 1 is k-diffusion's (diffusers' scheduler has none)")
     if sigma_next == 0:
         return (0.0, 1.0, 0.0, 0.0, 0.0)
     if sigma_prev2 is None:
         a, b, c, d = dpmpp_2m_sde_coeffs(sigma_prev, sigma, sigma_next,
-                                         "heun" if variant == "k-diffusion" else "midpoint")
+                                         "heun" if variant == "k-diffusion" else "midpoint", eta)
         return (a, b, c, 0.0, d)
     h = math.log(sigma / sigma_next)
-    e = -math.expm1(-2.0 * h)
-    a, d = sigma_next / sigma * math.exp(-h), sigma_next * math.sqrt(e)
+    he = (1.0 + eta) * h
+    e = -math.expm1(-he)
+    a, d = (sigma_next / sigma * math.exp(-h) if eta == 1.0 else math.exp(-he)), sigma_next * math.sqrt(
+        -math.expm1(-2.0 * eta * h))
     r0, r1 = math.log(sigma_prev / sigma) / h, math.log(sigma_prev2 / sigma_prev) / h
-    p2 = 1.0 - e / (2.0 * h)
-    p3 = (e - 2.0 * h) / (4.0 * h * h) + (0.5 if variant == "k-diffusion" else -0.5)
+    p2 = 1.0 - e / he
+    p3 = ((e - 2.0 * h) / (4.0 * h * h) + (0.5 if variant == "k-diffusion" else -0.5) if eta == 1.0
+          else e / (he * he) - 1.0 / he + 0.5)
     k = (p2 * r0 + p3) / (r0 + r1)  # the weight of D1_0 - D1_1 in p2 D1 + p3 D2
     return (a, e + (p2 + k) / r0, -(p2 + k) / r0 - k / r1, k / r1, d)
 
@@ -680,18 +691,18 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
                         generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None,
-                        solver_type: str = "midpoint"):
+                        solver_type: str = "midpoint", eta: float = 1.0):
     """DPM-Solver++(2M) SDE (diffusers DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", midpoint or
     with solver_type="heun" its heun variant, final sigma 0; the same math as k-diffusion's sample_dpmpp_2m_sde
-    with eta 1 and this solver_type): dpmpp_2m's steps with fresh noise from `noise_sampler(sigma, sigma_next)`,
-    else randn with `generator`; none on the step to sigma 0."""
+    with eta 1 and this solver_type; another `eta`: k-diffusion's): dpmpp_2m's steps with fresh noise from
+    `noise_sampler(sigma, sigma_next)`, else randn with `generator`; none on the step to sigma 0."""
     dpmpp_2m_sde_coeffs(None, 1.0, 0.0, solver_type)  # validates solver_type
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     if noise_sampler is None:
         noise_sampler = default_noise_sampler(x, generator, torch.float32)
     old_denoised = None
     for i in _trange(len(s) - 1, disable=disable):
-        coeffs = dpmpp_2m_sde_coeffs(None if old_denoised is None else s[i - 1], s[i], s[i + 1], solver_type)
+        coeffs = dpmpp_2m_sde_coeffs(None if old_denoised is None else s[i - 1], s[i], s[i + 1], solver_type, eta)
         x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, coeffs, old_denoised,
                                             draw_noise=lambda: noise_sampler(sigmas[i], sigmas[i + 1]))
         _callback(callback, x, i, sigmas[i], denoised)
@@ -701,18 +712,18 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
                              generator: Optional[torch.Generator] = None,
-                             noise_sampler: Optional[NoiseSampler] = None):
+                             noise_sampler: Optional[NoiseSampler] = None, eta: float = 1.0):
     """DPM-Solver++(2M) SDE with the heun-type second-order term (A1111's "DPM++ 2M SDE Heun"; diffusers
     DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_type="heun"))."""
     return sample_dpmpp_2m_sde(model, x, sigmas, extra_args, callback, disable, generator=generator,
-                               noise_sampler=noise_sampler, solver_type="heun")
+                               noise_sampler=noise_sampler, solver_type="heun", eta=eta)
 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
                         generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None,
-                        variant: str = "k-diffusion"):
-    """DPM-Solver++(3M) SDE, eta 1: order 1 on the first step, 2 on the second, 3 after; x' = D on the step to
+                        variant: str = "k-diffusion", eta: float = 1.0):
+    """DPM-Solver++(3M) SDE, eta 1 (another `eta`: k-diffusion's with it): order 1 on the first step, 2 on the second, 3 after; x' = D on the step to
     sigma 0; fresh noise each step from `noise_sampler(sigma, sigma_next)`, else randn (fp32) with `generator`.
     The earlier denoised outputs enter as one combined tensor in old_denoised's place (c = 1), as lms does.
 
@@ -729,7 +740,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     output std is 5-9% too large at 30 steps and ~7x at 400 on its default schedule; k-diffusion's is within
     1.6% at 30 and 0.05% at 400). A1111 also runs it on a schedule with the next-to-last sigma discarded (its `discard_next_to_last_sigma`)
     and, since 1.9, the exponential one by default; fastsd uses diffusers' DPM-Solver (Karras) schedule."""
-    dpmpp_3m_sde_coeffs(None, None, 1.0, 0.0, variant)  # validates variant
+    dpmpp_3m_sde_coeffs(None, None, 1.0, 0.0, variant, eta)  # validates variant and eta
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     if noise_sampler is None:
         noise_sampler = default_noise_sampler(x, generator, torch.float32)
@@ -739,7 +750,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     for i in _trange(n, disable=disable):
         order = 1 if i == 0 else 2 if i == 1 or (i == n - 2 and lower_second) else 3  # warm-up, lower_order_final
         a, b, c1, c2, d = dpmpp_3m_sde_coeffs(s[i - 2] if order == 3 else None, s[i - 1] if order >= 2 else None,
-                                              s[i], s[i + 1], variant)
+                                              s[i], s[i + 1], variant, eta)
         history = None
         if c1:
             history = d_prev * c1
@@ -1189,10 +1200,13 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
 )}
 
 # The samplers that take A1111's eta (its request field / options "eta_ancestral", "eta_ddim"), their default eta and
-# the infotext key A1111 writes a different one under. (A1111's other eta samplers, the SDE ones and DPM fast /
+# the infotext key A1111 writes a different one under. (A1111's other eta samplers, DPM++ SDE and DPM fast /
 # adaptive, run with their default here: fastsd.serve warns.)
 ETA_SAMPLERS = {"euler_a": (1.0, "Eta"), "ddim": (0.0, "Eta DDIM"),
-                **{f"{n}{k}": (1.0, "Eta") for n in ("dpm2_a", "dpmpp_2s_a") for k in ("", "_karras")}}
+                **{f"{n}{k}": (1.0, "Eta") for n in ("dpm2_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
+                                                      "dpmpp_3m_sde") for k in ("", "_karras")}}
+
+ETA_TAKERS = "Euler a, DPM2 a, DPM++ 2S a, DPM++ 2M SDE (Heun), DPM++ 3M SDE and DDIM"  # (for messages)
 
 # A1111's "second order" samplers (two model calls a step): it schedules prompt editing over twice their steps
 SECOND_ORDER = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")

@@ -978,3 +978,80 @@ def test_two_call_ancestral_eta_is_k_diffusions(sampler, ref, eta):
     ours = SAMPLERS[sampler](den, x.clone(), sigmas, eta=eta, noise_sampler=lambda a, b: next(drawn), disable=True)
     bound = 1e-6 if (sampler, eta) == ("dpm2_a", 1.0) else 1e-12
     assert rel_err(ours, ref(den, x.clone(), sigmas, eta, noises)) < bound
+
+
+def _k_dpmpp_2m_sde(model, x, sigmas, eta, noises, solver_type):
+    """k-diffusion's sample_dpmpp_2m_sde (s_noise 1), transcribed, its noise draws taken from `noises`."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, float(sigmas[i]))
+        s_i, s_n = float(sigmas[i]), float(sigmas[i + 1])
+        if s_n == 0:
+            x = denoised
+        else:
+            h = math.log(s_i) - math.log(s_n)
+            eta_h = eta * h
+            x = s_n / s_i * math.exp(-eta_h) * x + -math.expm1(-h - eta_h) * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + (-math.expm1(-h - eta_h) / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * -math.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noises[i] * s_n * math.sqrt(-math.expm1(-2 * eta_h))
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+def _k_dpmpp_3m_sde(model, x, sigmas, eta, noises):
+    """k-diffusion's sample_dpmpp_3m_sde (s_noise 1), transcribed, its noise draws taken from `noises`."""
+    denoised_1 = denoised_2 = None
+    h_1 = h_2 = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, float(sigmas[i]))
+        s_i, s_n = float(sigmas[i]), float(sigmas[i + 1])
+        if s_n == 0:
+            x = denoised
+        else:
+            h = math.log(s_i) - math.log(s_n)
+            h_eta = h * (eta + 1)
+            x = math.exp(-h_eta) * x + -math.expm1(-h_eta) * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                r = h_1 / h
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                x = x + phi_2 * (denoised - denoised_1) / r
+            if eta:
+                x = x + noises[i] * s_n * math.sqrt(-math.expm1(-2 * h * eta))
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = (h if s_n else None), h_1
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde_karras"])
+def test_sde_eta_is_k_diffusions(sampler, eta):
+    """DPM++ 2M SDE (midpoint, Heun) and 3M SDE with A1111's eta are k-diffusion's sample_dpmpp_2m_sde /
+    sample_dpmpp_3m_sde with that eta, fed the same noise (eta 1 is their diffusers twins' math as before)."""
+    sigmas = schedule_for(sampler, 10).sigmas.double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64) * float(sigmas[0])
+    noises = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(len(sigmas))]
+    den = gaussian_denoiser(MU)
+    drawn = iter(noises)
+    ours = SAMPLERS[sampler](den, x.clone(), sigmas, eta=eta, noise_sampler=lambda a, b: next(drawn), disable=True)
+    if sampler.startswith("dpmpp_3m"):
+        ref = _k_dpmpp_3m_sde(den, x.clone(), sigmas, eta, noises)
+    else:
+        ref = _k_dpmpp_2m_sde(den, x.clone(), sigmas, eta, noises, "heun" if "heun" in sampler else "midpoint")
+    assert rel_err(ours, ref) < 1e-10

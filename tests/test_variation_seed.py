@@ -398,6 +398,7 @@ def test_eta_of_euler_a_and_ddim(pipe):
     is Euler's image; another eta changes the image, is written as A1111 writes it ("Eta", "Eta DDIM"; not at the
     sampler's default) and read back for that sampler only; another sampler refuses an eta by name."""
     from fastsd.infotext_settings import settings_from_infotext
+    from fastsd.samplers import ETA_TAKERS
 
     kw = dict(KW, guidance_scale=3.0, seed=6, steps=4)
     euler = np.asarray(pipe.generate("a cat", **{**kw, "sampler": "euler"})[0])
@@ -410,11 +411,11 @@ def test_eta_of_euler_a_and_ddim(pipe):
         assert not np.array_equal(np.asarray(base), np.asarray(other))
         assert f"{key}: {eta}" in other.info["parameters"]
         assert settings_from_infotext(other.info["parameters"])[0]["eta"] == eta
-    text = "a cat\nSteps: 4, Sampler: DPM++ 2M SDE, Eta: 0.5, Seed: 1, Size: 64x64"
+    text = "a cat\nSteps: 4, Sampler: DPM++ SDE, Schedule type: Automatic, Eta: 0.5, Seed: 1, Size: 64x64"
     got, warnings = settings_from_infotext(text)
-    assert "eta" not in got and warnings == ["Eta: 0.5: fastsd takes an eta for Euler a, DPM2 a, DPM++ 2S a and DDIM "
-                                             "only; DPM++ 2M SDE runs with its own, ignored"]
-    with pytest.raises(ValueError, match=r"eta: Euler takes none here \(Euler a, DPM2 a, DPM\+\+ 2S a and DDIM do\)"):
+    assert "eta" not in got and warnings == [f"Eta: 0.5: fastsd takes an eta for {ETA_TAKERS} only; DPM++ SDE Karras "
+                                             "runs with its own, ignored"]
+    with pytest.raises(ValueError, match=re.escape(f"eta: Euler takes none here ({ETA_TAKERS} do)")):
         pipe.generate("a cat", eta=0.5, **{**kw, "sampler": "euler"})
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
         pipe.generate("a cat", eta=1.5, **{**kw, "sampler": "euler_a"})
