@@ -723,8 +723,9 @@ def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, d
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
                         generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None,
                         variant: str = "k-diffusion", eta: float = 1.0):
-    """DPM-Solver++(3M) SDE, eta 1 (another `eta`: k-diffusion's with it): order 1 on the first step, 2 on the second, 3 after; x' = D on the step to
-    sigma 0; fresh noise each step from `noise_sampler(sigma, sigma_next)`, else randn (fp32) with `generator`.
+    """DPM-Solver++(3M) SDE, eta 1 (another `eta`: k-diffusion's with it): order 1 on the first step, 2 on the
+    second, 3 after; x' = D on the step to sigma 0; fresh noise each step from `noise_sampler(sigma, sigma_next)`,
+    else randn (fp32) with `generator`.
     The earlier denoised outputs enter as one combined tensor in old_denoised's place (c = 1), as lms does.
 
     variant "k-diffusion" (default): sample_dpmpp_3m_sde (A1111's "DPM++ 3M SDE"), see dpmpp_3m_sde_coeffs.

@@ -515,13 +515,13 @@ def kdiff_get_ancestral_step(sigma_from, sigma_to, eta=1.0):
     return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
 
 
-def kdiff_sample_dpmpp_2s_ancestral(model, x, sigmas, noise_sampler):
-    """k-diffusion's sample_dpmpp_2s_ancestral (eta 1, s_noise 1), transcribed in its own form (log-sigma times,
+def kdiff_sample_dpmpp_2s_ancestral(model, x, sigmas, noise_sampler, eta=1.0):
+    """k-diffusion's sample_dpmpp_2s_ancestral (s_noise 1), transcribed in its own form (log-sigma times,
     expm1), independent of fastsd's linear-combination coefficients."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = model(x, s[i])
-        sigma_down, sigma_up = kdiff_get_ancestral_step(s[i], s[i + 1])
+        sigma_down, sigma_up = kdiff_get_ancestral_step(s[i], s[i + 1], eta) if eta else (s[i + 1], 0.0)
         if sigma_down == 0:
             d = (x - denoised) / s[i]
             x = x + d * (sigma_down - s[i])

@@ -13,8 +13,10 @@ from fastsd.denoisers import EpsDenoiser
 from fastsd.samplers import A1111_NAMES, SAMPLERS, get_sampler, restart_steps
 from fastsd.schedule_types import TIMESTEP_SAMPLERS, check_sampler, sigma_table
 from fastsd.schedules import SAMPLER_SCHEDULES, alphas_cumprod, schedule_for
-from test_samplers import SHAPE, FakeUNet, _a1111_karras, diffusers_loop, fastsd_loop, rel_err
-from test_samplers_sde import C, MU, chain_std, gaussian_denoiser
+from test_samplers import (SHAPE, FakeUNet, _a1111_karras, diffusers_loop, fastsd_loop,
+                           kdiff_sample_dpmpp_2s_ancestral, rel_err)
+from test_samplers_sde import (C, MU, chain_std, gaussian_denoiser, kdiff_sample_dpmpp_2m_sde,
+                                kdiff_sample_dpmpp_3m_sde)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -885,73 +887,24 @@ def test_ddim_cfgpp_registry_and_schedule_types():
 
 # --------------------------------------------------------------------------------------------- eta: k-diffusion
 
-def _k_euler_ancestral(model, x, sigmas, eta, noises):
-    """k-diffusion's sample_euler_ancestral (s_noise 1), transcribed, its noise draws taken from `noises`."""
+def _k_euler_ancestral(model, x, sigmas, noise_sampler, eta):
+    """k-diffusion's sample_euler_ancestral (s_noise 1), transcribed."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         s_from, s_to = float(sigmas[i]), float(sigmas[i + 1])
-        if not eta:
-            sigma_down, sigma_up = s_to, 0.0
-        else:
-            sigma_up = min(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
-            sigma_down = (s_to ** 2 - sigma_up ** 2) ** 0.5
-        d = (x - denoised) / s_from
-        x = x + d * (sigma_down - s_from)
+        sigma_down, sigma_up = kdiff_get_ancestral_step(s_from, s_to, eta)
+        x = x + (x - denoised) / s_from * (sigma_down - s_from)
         if s_to > 0:
-            x = x + noises[i] * sigma_up
+            x = x + noise_sampler(s_from, s_to) * sigma_up
     return x
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.25, 0.67, 1.0])
-def test_euler_a_eta_is_k_diffusions(eta):
-    """Euler a with A1111's eta (its "Eta for ancestral samplers", request field eta) is k-diffusion's
-    sample_euler_ancestral with that eta, fed the same noise (eta 0: each step plain Euler)."""
-    sigmas = schedule_for("euler_a", 12).sigmas.double()
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(SHAPE, generator=g, dtype=torch.float64) * float(sigmas[0])
-    noises = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(len(sigmas))]
-    den = gaussian_denoiser(MU)
-    it = iter(noises)
-    ours = SAMPLERS["euler_a"](den, x.clone(), sigmas, eta=eta, noise_sampler=lambda a, b: next(it), disable=True)
-    ref = _k_euler_ancestral(den, x.clone(), sigmas, eta, noises)
-    assert rel_err(ours, ref) < 1e-12
-    if eta == 0:
-        assert rel_err(ours, SAMPLERS["euler"](den, x.clone(), sigmas, disable=True)) < 1e-12
-
-
-def _k_ancestral_step(s_from, s_to, eta):
-    if not eta:
-        return s_to, 0.0
-    sigma_up = min(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
-    return (s_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
-
-
-def _k_dpmpp_2s_ancestral(model, x, sigmas, eta, noises):
-    """k-diffusion's sample_dpmpp_2s_ancestral (s_noise 1), transcribed, its noise draws taken from `noises`."""
+def _k_dpm_2_ancestral(model, x, sigmas, noise_sampler, eta):
+    """k-diffusion's sample_dpm_2_ancestral (s_noise 1), transcribed."""
     for i in range(len(sigmas) - 1):
         s = float(sigmas[i])
         denoised = model(x, s)
-        sigma_down, sigma_up = _k_ancestral_step(s, float(sigmas[i + 1]), eta)
-        if sigma_down == 0:
-            x = x + (x - denoised) / s * (sigma_down - s)
-        else:
-            t, t_next = -math.log(s), -math.log(sigma_down)
-            h = t_next - t
-            mid = math.exp(-(t + 0.5 * h))
-            x_2 = (mid / s) * x - math.expm1(-h * 0.5) * denoised
-            denoised_2 = model(x_2, mid)
-            x = (sigma_down / s) * x - math.expm1(-h) * denoised_2
-        if float(sigmas[i + 1]) > 0:
-            x = x + noises[i] * sigma_up
-    return x
-
-
-def _k_dpm_2_ancestral(model, x, sigmas, eta, noises):
-    """k-diffusion's sample_dpm_2_ancestral (s_noise 1), transcribed, its noise draws taken from `noises`."""
-    for i in range(len(sigmas) - 1):
-        s = float(sigmas[i])
-        denoised = model(x, s)
-        sigma_down, sigma_up = _k_ancestral_step(s, float(sigmas[i + 1]), eta)
+        sigma_down, sigma_up = kdiff_get_ancestral_step(s, float(sigmas[i + 1]), eta)
         d = (x - denoised) / s
         if sigma_down == 0:
             x = x + d * (sigma_down - s)
@@ -960,98 +913,32 @@ def _k_dpm_2_ancestral(model, x, sigmas, eta, noises):
             x_2 = x + d * (mid - s)
             d_2 = (x_2 - model(x_2, mid)) / mid
             x = x + d_2 * (sigma_down - s)
-            x = x + noises[i] * sigma_up
+            x = x + noise_sampler(s, float(sigmas[i + 1])) * sigma_up
     return x
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("sampler,ref", [("dpmpp_2s_a", _k_dpmpp_2s_ancestral), ("dpm2_a", _k_dpm_2_ancestral)])
-def test_two_call_ancestral_eta_is_k_diffusions(sampler, ref, eta):
-    """DPM++ 2S a and DPM2 a with A1111's eta are k-diffusion's sample_dpmpp_2s_ancestral / sample_dpm_2_ancestral
-    with that eta, fed the same noise (DPM2 a at eta 1 keeps its diffusers twin's float32 split: within 1e-6)."""
+ETA_ORACLES = {  # fastsd sampler -> k-diffusion's loop with eta, transcribed: (model, x, sigmas, noise_sampler, eta)
+    "euler_a": _k_euler_ancestral, "dpm2_a": _k_dpm_2_ancestral, "dpmpp_2s_a": kdiff_sample_dpmpp_2s_ancestral,
+    "dpmpp_2m_sde_karras": lambda m, x, s, ns, eta: kdiff_sample_dpmpp_2m_sde(m, x, s, ns, "midpoint", eta),
+    "dpmpp_2m_sde_heun_karras": lambda m, x, s, ns, eta: kdiff_sample_dpmpp_2m_sde(m, x, s, ns, "heun", eta),
+    "dpmpp_3m_sde_karras": lambda m, x, s, ns, eta: kdiff_sample_dpmpp_3m_sde(m, x, s, ns, eta)}
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("sampler", list(ETA_ORACLES))
+def test_eta_is_k_diffusions(sampler, eta):
+    """Euler a, DPM2 a, DPM++ 2S a, DPM++ 2M SDE (midpoint, Heun) and 3M SDE with A1111's eta are k-diffusion's
+    loops with that eta, fed the same noise (each draw keyed by its step's sigmas, so a loop that draws at eta 0
+    and one that doesn't see the same noise); Euler a at eta 0 is Euler. At eta 1 DPM2 a keeps its diffusers twin's
+    float32 split (within 1e-6)."""
     sigmas = schedule_for(sampler, 10).sigmas.double()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(SHAPE, generator=g, dtype=torch.float64) * float(sigmas[0])
-    noises = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(len(sigmas))]
+    noise = {round(float(a), 9): torch.randn(SHAPE, generator=g, dtype=torch.float64) for a in sigmas}
+    draw = lambda a, b: noise[round(float(a), 9)]  # noqa: E731
     den = gaussian_denoiser(MU)
-    drawn = iter(noises)
-    ours = SAMPLERS[sampler](den, x.clone(), sigmas, eta=eta, noise_sampler=lambda a, b: next(drawn), disable=True)
-    bound = 1e-6 if (sampler, eta) == ("dpm2_a", 1.0) else 1e-12
-    assert rel_err(ours, ref(den, x.clone(), sigmas, eta, noises)) < bound
-
-
-def _k_dpmpp_2m_sde(model, x, sigmas, eta, noises, solver_type):
-    """k-diffusion's sample_dpmpp_2m_sde (s_noise 1), transcribed, its noise draws taken from `noises`."""
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, float(sigmas[i]))
-        s_i, s_n = float(sigmas[i]), float(sigmas[i + 1])
-        if s_n == 0:
-            x = denoised
-        else:
-            h = math.log(s_i) - math.log(s_n)
-            eta_h = eta * h
-            x = s_n / s_i * math.exp(-eta_h) * x + -math.expm1(-h - eta_h) * denoised
-            if old_denoised is not None:
-                r = h_last / h
-                if solver_type == "heun":
-                    x = x + (-math.expm1(-h - eta_h) / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
-                else:
-                    x = x + 0.5 * -math.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
-            if eta:
-                x = x + noises[i] * s_n * math.sqrt(-math.expm1(-2 * eta_h))
-            h_last = h
-        old_denoised = denoised
-    return x
-
-
-def _k_dpmpp_3m_sde(model, x, sigmas, eta, noises):
-    """k-diffusion's sample_dpmpp_3m_sde (s_noise 1), transcribed, its noise draws taken from `noises`."""
-    denoised_1 = denoised_2 = None
-    h_1 = h_2 = None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, float(sigmas[i]))
-        s_i, s_n = float(sigmas[i]), float(sigmas[i + 1])
-        if s_n == 0:
-            x = denoised
-        else:
-            h = math.log(s_i) - math.log(s_n)
-            h_eta = h * (eta + 1)
-            x = math.exp(-h_eta) * x + -math.expm1(-h_eta) * denoised
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / r0
-                d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = math.expm1(-h_eta) / h_eta + 1
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
-            elif h_1 is not None:
-                r = h_1 / h
-                phi_2 = math.expm1(-h_eta) / h_eta + 1
-                x = x + phi_2 * (denoised - denoised_1) / r
-            if eta:
-                x = x + noises[i] * s_n * math.sqrt(-math.expm1(-2 * h * eta))
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = (h if s_n else None), h_1
-    return x
-
-
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde_karras"])
-def test_sde_eta_is_k_diffusions(sampler, eta):
-    """DPM++ 2M SDE (midpoint, Heun) and 3M SDE with A1111's eta are k-diffusion's sample_dpmpp_2m_sde /
-    sample_dpmpp_3m_sde with that eta, fed the same noise (eta 1 is their diffusers twins' math as before)."""
-    sigmas = schedule_for(sampler, 10).sigmas.double()
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(SHAPE, generator=g, dtype=torch.float64) * float(sigmas[0])
-    noises = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(len(sigmas))]
-    den = gaussian_denoiser(MU)
-    drawn = iter(noises)
-    ours = SAMPLERS[sampler](den, x.clone(), sigmas, eta=eta, noise_sampler=lambda a, b: next(drawn), disable=True)
-    if sampler.startswith("dpmpp_3m"):
-        ref = _k_dpmpp_3m_sde(den, x.clone(), sigmas, eta, noises)
-    else:
-        ref = _k_dpmpp_2m_sde(den, x.clone(), sigmas, eta, noises, "heun" if "heun" in sampler else "midpoint")
-    assert rel_err(ours, ref) < 1e-10
+    ours = SAMPLERS[sampler](den, x.clone(), sigmas, eta=eta, noise_sampler=draw, disable=True)
+    bound = 1e-6 if (sampler, eta) == ("dpm2_a", 1.0) else 1e-10
+    assert rel_err(ours, ETA_ORACLES[sampler](den, x.clone(), sigmas, draw, eta)) < bound
+    if sampler == "euler_a" and eta == 0:
+        assert rel_err(ours, SAMPLERS["euler"](den, x.clone(), sigmas, disable=True)) < 1e-12
