@@ -353,11 +353,11 @@ def dpmpp_3m_sde_coeffs(sigma_prev2: Optional[float], sigma_prev: Optional[float
     return (a, e + (p2 + k) / r0, -(p2 + k) / r0 - k / r1, k / r1, d)
 
 
-def dpmpp_sde_coeffs(sigma: float, sigma_next: float) -> Coeffs:
-    """DPM-Solver++(2S) SDE's second update (k-diffusion's sample_dpmpp_sde, r = 1/2, eta 1): the ancestral step
+def dpmpp_sde_coeffs(sigma: float, sigma_next: float, eta: float = 1.0) -> Coeffs:
+    """DPM-Solver++(2S) SDE's second update (k-diffusion's sample_dpmpp_sde, r = 1/2, this eta): the ancestral step
     from x (not from the midpoint sample the model was called at) to sigma_down with the midpoint's D2:
     x' = (s_down/s) x + (1 - s_down/s) D2 + s_up z. Passed with a = 0 and x as old_denoised (c = s_down/s)."""
-    down, up = ancestral_sigmas(sigma, sigma_next, 1.0)
+    down, up = ancestral_sigmas(sigma, sigma_next, eta)
     return (0.0, 1.0 - down / sigma, down / sigma, up)
 
 
@@ -767,8 +767,10 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
-                     generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None):
-    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde with r = 1/2, eta 1, s_noise 1; A1111's "DPM++ SDE";
+                     generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None,
+                     eta: float = 1.0):
+    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde with r = 1/2, `eta` (1: diffusers'), s_noise 1; A1111's
+    "DPM++ SDE";
     diffusers' DPMSolverSDEScheduler): per step the model at (x, s) -> D, the ancestral step to the midpoint
     m = sqrt(s s') with noise(s, m), the model at (x_m, m) -> D2, then the ancestral step from x to s' with D2
     (dpmpp_sde_coeffs) and noise(s, s'); one Euler step (x' = D) to sigma 0. The two noises are increments of one
@@ -785,9 +787,9 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
             m = math.sqrt(s[i] * s[i + 1])  # k-diffusion's sigma_fn(t + h/2)
             mid = torch.tensor(m, dtype=torch.float64)
             q, q_mid, q_next = _sigma_fn_times(s[i], s[i + 1])
-            x_mid, denoised = denoise_and_step(model, x, sigmas[i], extra_args, ancestral_coeffs(s[i], m),
+            x_mid, denoised = denoise_and_step(model, x, sigmas[i], extra_args, ancestral_coeffs(s[i], m, eta),
                                                draw_noise=lambda: noise_sampler(q, q_mid))
-            x_next, _ = denoise_and_step(model, x_mid, mid, extra_args, dpmpp_sde_coeffs(s[i], s[i + 1]), x,
+            x_next, _ = denoise_and_step(model, x_mid, mid, extra_args, dpmpp_sde_coeffs(s[i], s[i + 1], eta), x,
                                          draw_noise=lambda: noise_sampler(q, q_next))
         _callback(callback, x, i, sigmas[i], denoised)
         x = x_next
@@ -1201,13 +1203,13 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
 )}
 
 # The samplers that take A1111's eta (its request field / options "eta_ancestral", "eta_ddim"), their default eta and
-# the infotext key A1111 writes a different one under. (A1111's other eta samplers, DPM++ SDE and DPM fast /
-# adaptive, run with their default here: fastsd.serve warns.)
+# the infotext key A1111 writes a different one under. (A1111's other eta samplers, DPM fast / adaptive, run with
+# their default here: fastsd.serve warns.)
 ETA_SAMPLERS = {"euler_a": (1.0, "Eta"), "ddim": (0.0, "Eta DDIM"),
-                **{f"{n}{k}": (1.0, "Eta") for n in ("dpm2_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
-                                                      "dpmpp_3m_sde") for k in ("", "_karras")}}
+                **{f"{n}{k}": (1.0, "Eta") for n in ("dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde",
+                                                      "dpmpp_2m_sde_heun", "dpmpp_3m_sde") for k in ("", "_karras")}}
 
-ETA_TAKERS = "Euler a, DPM2 a, DPM++ 2S a, DPM++ 2M SDE (Heun), DPM++ 3M SDE and DDIM"  # (for messages)
+ETA_TAKERS = "Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (Heun), DPM++ 3M SDE and DDIM"  # (for messages)
 
 # A1111's "second order" samplers (two model calls a step): it schedules prompt editing over twice their steps
 SECOND_ORDER = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")

@@ -292,6 +292,18 @@ def test_dpmpp_sde_matches_k_diffusion_on_a_brownian_path(sigmas, steps):
     assert rel_err(out, ref) < 1e-6  # the increments divided by square roots of fp32 times (observed <= 1.3e-7)
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_dpmpp_sde_eta_matches_k_diffusion_on_a_brownian_path(eta):
+    """A1111's eta: k-diffusion's sample_dpmpp_sde with that eta (both ancestral half-steps split by it), on one
+    fixed Brownian path, to rounding (eta 0: no noise asked for, the steps deterministic)."""
+    sig, x, g, model, calls = _kdiff_setup("dpmpp_sde_karras", 8)
+    path = BrownianPath(sig, SHAPE, g)
+    ref = kdiff_sample_dpmpp_sde(model, x, sig, path.noise, eta=eta)
+    out = SAMPLERS["dpmpp_sde_karras"](model, x, sig, disable=True, noise_sampler=path.noise, eta=eta)
+    assert rel_err(out, ref) < 1e-6 and rel_err(out, SAMPLERS["dpmpp_sde_karras"](model, x, sig, disable=True,
+                                                                                 noise_sampler=path.noise)) > 1e-3
+
+
 def test_dpmpp_sde_asks_at_k_diffusions_fp32_times():
     """(sigma_fn(t), sigma_fn(t + h/2)) after the first model call and (sigma_fn(t), sigma_fn(t_next)) after the
     second, each time computed in fp32 as k-diffusion and diffusers do (t = -log(sigma)); none on the last step."""
