@@ -905,7 +905,7 @@ def lora_by_name(name: str, have: dict[str, str]) -> str | None:
     return have[by_alias[0]] if by_alias else None
 
 
-_METADATA: dict[tuple[str, int, int], dict] = {}  # (path, mtime_ns, size) -> lora_metadata's answer
+_METADATA: dict[str, tuple[tuple[int, int], dict]] = {}  # path -> ((mtime_ns, size), lora_metadata's answer)
 
 
 def lora_metadata(path: str) -> dict:
@@ -916,8 +916,8 @@ def lora_metadata(path: str) -> dict:
         return {}
     try:
         st = os.stat(path)
-        key = (path, st.st_mtime_ns, st.st_size)
-        if key not in _METADATA:
+        version = (st.st_mtime_ns, st.st_size)
+        if _METADATA.get(path, (None,))[0] != version:
             meta = {}
             for k, v in safetensors_metadata(path).items():
                 meta[k] = v
@@ -926,8 +926,8 @@ def lora_metadata(path: str) -> dict:
                         meta[k] = json.loads(v)
                     except (ValueError, RecursionError):
                         pass
-            _METADATA[key] = meta
-        return _METADATA[key]
+            _METADATA[path] = (version, meta)
+        return _METADATA[path][1]
     except (CheckpointError, OSError):
         return {}
 

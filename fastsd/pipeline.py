@@ -75,18 +75,21 @@ def draws_noise(s: GenerationSettings) -> bool:
     return any(spec.stochastic and not spec.brownian for spec in specs)
 
 
+def seeded_generators(seeds: list[int], offset: int = 0) -> list[torch.Generator]:
+    """A fresh CPU generator per image, seeded with its seed (+ offset)."""
+    return [torch.Generator().manual_seed(seed + offset) for seed in seeds]
+
+
 def sampler_generators(s: GenerationSettings, seeds: list[int], gens: list[torch.Generator]) -> list[torch.Generator]:
     """The generators a sampler's noise comes from after the start noise was drawn from `gens`: the same ones, going
     on (A1111's ImageRNG.next), or with A1111's eta_noise_seed_delta (ENSD) fresh ones of seed + ENSD, as its
     ImageRNG.first replaces them."""
-    if not s.eta_noise_seed_delta:
-        return gens
-    return [torch.Generator().manual_seed(seed + s.eta_noise_seed_delta) for seed in seeds]
+    return seeded_generators(seeds, s.eta_noise_seed_delta) if s.eta_noise_seed_delta else gens
 
 
 def first_draws(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Each seed's first standard normal draw of `shape` from a fresh generator (A1111's randn(seed, shape))."""
-    return seeded_noise([torch.Generator().manual_seed(seed) for seed in seeds], shape, device)
+    return seeded_noise(seeded_generators(seeds), shape, device)
 
 
 def variation_noise(noise: torch.Tensor, subnoise: torch.Tensor, strength: float) -> torch.Tensor:
@@ -292,6 +295,11 @@ class Pipeline:
         prompt."""
         return bool(self.config.unet.time_cond_proj_dim)
 
+    def runs_uncond(self, s: GenerationSettings) -> bool:
+        """Whether a run of `s` has an unconditional batch (the negative prompt encoded, CFG and its A1111 options in
+        effect): guided (scale > 1) and not an LCM-distilled UNet, which takes the scale as an embedding."""
+        return s.guided and not self.embeds_guidance
+
     def vae_hash(self) -> str | None:
         """A1111's "VAE hash" (sha256[:10] of the VAE file) of a VAE that replaced the model's; None otherwise."""
         if self._vae_hash is None and self._vae_file is not None:
@@ -301,7 +309,7 @@ class Pipeline:
     def infotext(self, s: GenerationSettings, seed: int, img2img: bool = False, extra: dict | None = None) -> str:
         """A1111's infotext of an image made with `s` and `seed`; `extra` (A1111's extra_generation_params, e.g.
         its inpainting keys) after the settings' keys, before the LoRA and embedding hashes (None values left out)."""
-        cfg = s.guided and not self.embeds_guidance  # an unconditional batch runs, so its options apply
+        cfg = self.runs_uncond(s)  # (the options of the unconditional batch apply)
         params = {"Steps": s.steps, "Sampler": A1111_NAMES[get_sampler(s.sampler).name],
                   "Schedule type": schedule_label(s.schedule_type), "CFG scale": s.guidance_scale,
                   "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(), "Model": self.name,
@@ -407,7 +415,7 @@ class Pipeline:
         `latent_mask`: one of LATENT_MASKS (diffusers' "nearest" or A1111's "bicubic")."""
         _check_masked_content(masked_content, latent_mask)
         shape = self.latent_shape(s)
-        gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+        gens = seeded_generators(seeds)
         sched = self.schedule(s.sampler, s.steps, s.schedule_type)
         init, mask_t = self._image_tensors(s, image, mask)
         inpaint_model = self.config.unet.in_channels == 9
@@ -504,7 +512,7 @@ class Pipeline:
         at the last, None at the others; an exception it raises (e.g. `Interrupted`) stops the loop."""
         spec = get_sampler(s.sampler)
         sched = p.schedule
-        guided = s.guided and uncond is not None and not self.embeds_guidance
+        guided = self.runs_uncond(s) and uncond is not None
         w = s.guidance_scale - 1 if self.embeds_guidance else None  # (diffusers' LatentConsistencyModelPipeline)
         with self._running(self.unet) as unet:
             call = (lambda x_in, t, context: unet(x_in, t, context)) if w is None else \
@@ -599,7 +607,7 @@ class Pipeline:
                        steps=n, sampler=s.hires_sampler or s.sampler)
         sched = self.schedule(s2.sampler, n, s.hires_schedule())
         full, sched = sched.sigmas, sched.tail(len(sched) - run * sched.order)
-        gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+        gens = seeded_generators(seeds)
         noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
         p = Prepared(x + noise * float(sched.sigmas[0]), sched, sampler_generators(s2, seeds, gens), x0=x,
                      full_sigmas=full, seeds=list(seeds))
@@ -754,14 +762,13 @@ class Pipeline:
         s = self.resolve(s, image)
         seeds = [s.seed + i for i in range(s.num_images)]
         first_steps = prompt_steps(s.sampler, s.steps)  # (A1111's prompt editing counts these)
-        guided = s.guided and not self.embeds_guidance
-        cond, uncond = self.encode_prompt([s.prompt], [s.negative_prompt] if guided else None, s.clip_skip,
-                                          steps=first_steps)
+        negative = [s.negative_prompt] if self.runs_uncond(s) else None
+        cond, uncond = self.encode_prompt([s.prompt], negative, s.clip_skip, steps=first_steps)
         hires_conds = (cond, uncond)  # (A1111's hr_prompt / hr_negative_prompt: encoded before any sampling)
         h_prompt, h_negative = s.hires_prompts()
         if s.hires and ((h_prompt, h_negative) != (s.prompt, s.negative_prompt) or hp is not self
                         or may_have_schedule(h_prompt) or may_have_schedule(h_negative)):
-            hires_conds = hp.encode_prompt([h_prompt], [h_negative] if s.guided and not hp.embeds_guidance else None,
+            hires_conds = hp.encode_prompt([h_prompt], [h_negative] if hp.runs_uncond(s) else None,
                                            s.clip_skip, steps=first_steps, hires_steps=s.hires_prompt_steps())
         p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae,
                                  masked_content=masked_content, latent_mask=latent_mask)

@@ -287,6 +287,16 @@ def dpmpp_2m_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float
     return (a, one_minus_exp * (1.0 + 1.0 / (2.0 * r)), -one_minus_exp / (2.0 * r), 0.0)
 
 
+def _sde_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float, float, float, float]:
+    """The terms the multistep SDE steps share (k-diffusion's with `eta`): h = log(s/s'), he = (1 + eta) h,
+    E = 1 - e^-he, x's weight e^-he (written (s'/s) e^-h at eta 1, diffusers' form, for its bits) and the noise's
+    s' sqrt(1 - e^-2 eta h)."""
+    h = math.log(sigma / sigma_next)
+    he = (1.0 + eta) * h
+    a = sigma_next / sigma * math.exp(-h) if eta == 1.0 else math.exp(-he)
+    return h, he, -math.expm1(-he), a, sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h))
+
+
 def dpmpp_2m_sde_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: float,
                         solver_type: str = "midpoint", eta: float = 1.0) -> Coeffs:
     """DPM-Solver++(2M) SDE step (diffusers' algorithm_type="sde-dpmsolver++" with this solver_type; k-diffusion's
@@ -297,11 +307,7 @@ def dpmpp_2m_sde_coeffs(sigma_prev: Optional[float], sigma: float, sigma_next: f
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     if sigma_next == 0:
         return (0.0, 1.0, 0.0, 0.0)
-    h = math.log(sigma / sigma_next)
-    he = (1.0 + eta) * h
-    e = -math.expm1(-he)
-    a, d = (sigma_next / sigma * math.exp(-h) if eta == 1.0 else math.exp(-he)), sigma_next * math.sqrt(
-        -math.expm1(-2.0 * eta * h))
+    h, he, e, a, d = _sde_step(sigma, sigma_next, eta)
     if sigma_prev is None:
         return (a, e, 0.0, d)
     r = math.log(sigma_prev / sigma) / h
@@ -340,11 +346,7 @@ def dpmpp_3m_sde_coeffs(sigma_prev2: Optional[float], sigma_prev: Optional[float
         a, b, c, d = dpmpp_2m_sde_coeffs(sigma_prev, sigma, sigma_next,
                                          "heun" if variant == "k-diffusion" else "midpoint", eta)
         return (a, b, c, 0.0, d)
-    h = math.log(sigma / sigma_next)
-    he = (1.0 + eta) * h
-    e = -math.expm1(-he)
-    a, d = (sigma_next / sigma * math.exp(-h) if eta == 1.0 else math.exp(-he)), sigma_next * math.sqrt(
-        -math.expm1(-2.0 * eta * h))
+    h, he, e, a, d = _sde_step(sigma, sigma_next, eta)
     r0, r1 = math.log(sigma_prev / sigma) / h, math.log(sigma_prev2 / sigma_prev) / h
     p2 = 1.0 - e / he
     p3 = ((e - 2.0 * h) / (4.0 * h * h) + (0.5 if variant == "k-diffusion" else -0.5) if eta == 1.0

@@ -106,7 +106,7 @@ class BatchWorker:
             s = s.replace(steps=steps, sampler=sampler)
         pipe = self.pipe
         prompts, negatives = zip(*(text_prompts(j) for j in jobs))
-        cond, uncond = pipe.encode_prompt(list(prompts), list(negatives) if s.guided else None, s.clip_skip,
+        cond, uncond = pipe.encode_prompt(list(prompts), list(negatives) if pipe.runs_uncond(s) else None, s.clip_skip,
                                           steps=prompt_steps(s.sampler, s.steps))
         p = pipe.prepare_latents(s, [j.settings.seed for j in jobs])
         t0 = time.perf_counter()
@@ -148,7 +148,7 @@ class BatchWorker:
         pass conditioned on the job's hires prompts, encoded alone (the negative only when guided; encode_prompt takes
         the LoRA tags out, as text_prompts does)."""
         prompt, negative = s.hires_prompts()
-        cond, uncond = self.pipe.encode_prompt([prompt], [negative] if s.guided else None, s.clip_skip,
+        cond, uncond = self.pipe.encode_prompt([prompt], [negative] if self.pipe.runs_uncond(s) else None, s.clip_skip,
                                                steps=prompt_steps(s.sampler, s.steps),
                                                hires_steps=s.hires_prompt_steps())
         return self.pipe.hires_pass(s, x, [s.seed], cond, uncond, progress=False)
@@ -194,25 +194,29 @@ class BatchWorker:
         self._loras = loras
 
 
+def _lora_stem(name: str) -> str:
+    """A job's LoRA name without its file extension (.safetensors, .pt, .ckpt), as <lora:NAME> tags write it."""
+    from fastsd.lora import LORA_EXTS
+
+    return next((name[: -len(ext)] for ext in LORA_EXTS if name.endswith(ext)), name)
+
+
 def find_lora(name: str, lora_dir: str | None) -> str:
     """A LoRA file: `name` as a path, else NAME (with or without its extension) in `lora_dir` or
     $FASTSD_LORA_DIR, found as the CLI and the server find it (fastsd.lora.lora_path)."""
-    from fastsd.lora import LORA_DIR_ENV, LORA_EXTS, lora_path
+    from fastsd.lora import LORA_DIR_ENV, lora_path
 
     if os.path.isfile(name):
         return name
-    stem = next((name[: -len(ext)] for ext in LORA_EXTS if name.endswith(ext)), name)
-    return lora_path(stem, lora_dir or os.environ.get(LORA_DIR_ENV))
+    return lora_path(_lora_stem(name), lora_dir or os.environ.get(LORA_DIR_ENV))
 
 
 def lora_tag_name(name: str) -> str | None:
     """The name <lora:NAME> tags and the infotext use for the LoRA a job names `name`: NAME without its extension
     (it may be an A1111 alias, fastsd.lora.lora_by_name), None for a path (then the file stem)."""
-    from fastsd.lora import LORA_EXTS
-
     if os.path.isfile(name) or os.sep in name or bool(os.altsep and os.altsep in name):
         return None
-    return next((name[: -len(ext)] for ext in LORA_EXTS if name.endswith(ext)), name)
+    return _lora_stem(name)
 
 
 def check_upscaler(name: str, upscaler_dir: str | None, flag: str = "--hires-upscaler") -> None:
@@ -247,7 +251,7 @@ def check_loras(loras, lora_dir: str | None, flag: str = "--lora") -> list[str]:
     normalize_weight takes, each name is found as the worker will find it (find_lora), and each file reads as a
     tensor file (its header; the layers are checked against the model when the worker merges it). ValueError /
     CheckpointError, one line naming the option."""
-    from fastsd.lora import LORA_EXTS, normalize_weight
+    from fastsd.lora import normalize_weight
     from fastsd.tensorfile import read_tensor_file
 
     paths = []
@@ -264,7 +268,7 @@ def check_loras(loras, lora_dir: str | None, flag: str = "--lora") -> list[str]:
             path = find_lora(name, lora_dir)
         except ValueError as e:
             msg = str(e).splitlines()[0]
-            stem = next((name[: -len(ext)] for ext in LORA_EXTS if name.endswith(ext)), name)
+            stem = _lora_stem(name)
             if msg.startswith(f"<lora:{stem}>"):  # lora_path's messages name the prompt tag; this is an option
                 msg = msg[len(f"<lora:{stem}>"):].lstrip(": ")
             raise ValueError(f"{flag} {name}: {msg}") from None
