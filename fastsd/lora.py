@@ -25,6 +25,12 @@ every path is then compared with the model's own module names, `_` standing for 
   LyCORIS' `dora_scale` beside any of its kinds' factors (as A1111); the norms run per output row or per input
   column as the magnitudes' shape says (see _dora_form and merged_weight).
 - PEFT's LoRA biases (`lora_B.bias`, PEFT's lora_bias): b <- b + weight * scale * lora_B.bias.
+- OFT as A1111's network_oft: kohya's (`oft_unet_<path>` + `oft_blocks`, `alpha` the constraint) and LyCORIS'
+  (`oft_blocks`, optional `rescale`; the first versions' `oft_diag`) on linears and convolutions, BOFT (4-d
+  `oft_blocks`) too: W <- W + weight * (W' - W), W' = W with its rows turned by orthogonal blocks (_oft_delta).
+  LyCORIS IA3 (`weight`, `on_input`) on linears as A1111's network_ia3: W <- W + weight * W * w, w per output
+  row (per input column when on_input). Both read the weight they change, so several files on one layer merge
+  in load order, as A1111's.
 
 Merging: W <- W + weight * scale * up @ down, scale = alpha / rank (1 without alpha), in fp32 and rounded once
 to the model's dtype, so generating costs nothing extra. The file is read and checked whole (every layer found,
@@ -63,15 +69,19 @@ PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.wei
          (".lora_B.bias", "up_bias"),  # PEFT's lora_bias: the bias's change, up's bias (times weight * scale)
          (".diff", "diff"), (".diff_b", "diff_b"),  # LyCORIS 'full': the whole weight's and bias's change
          (".dora_scale", "dora_scale"), (".lora_magnitude_vector", "magnitude"),  # DoRA: LyCORIS / kohya, PEFT
-         (".w_norm", "w_norm"), (".b_norm", "b_norm")]  # LyCORIS 'norm' (train_norm): a norm layer's scale, bias
+         (".w_norm", "w_norm"), (".b_norm", "b_norm"),  # LyCORIS 'norm' (train_norm): a norm layer's scale, bias
+         (".oft_blocks", "oft_blocks"), (".oft_diag", "oft_diag"), (".rescale", "rescale"),  # OFT / BOFT
+         (".on_input", "on_input")]  # LyCORIS IA3 (with `weight`, below)
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # LyCORIS LoHa's factors
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # LyCORIS LoKr's (whole or a @ b)
 CORES = ("hada_t1", "hada_t2", "lokr_t2")  # LyCORIS' CP (Tucker) cores of a convolution's factors
 BIAS_CHANGES = ("up_bias", "diff_b", "b_norm")  # a bias's change (LoRA, full, norm)
 EXTRAS = (*BIAS_CHANGES, "dora_scale", "magnitude")  # a bias's change, DoRA's magnitudes: beside the factors
 PARTS += [(f".{k}", k) for k in HADA + LOKR + CORES]
+PARTS.append((".weight", "weight"))  # LyCORIS IA3's vector: read so only in files with IA3's `on_input` keys
 # <layer> = <prefix><path>: which model, and whether the path is kohya's (underscored) or dotted.
-PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("text_encoder.", "clip")]
+PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("text_encoder.", "clip"),
+            ("oft_unet_", "unet")]  # (kohya's OFT)
 # The first diffusers LoRA files named attention processors, not layers (applied in order, each once).
 OLD_DIFFUSERS = [(r"\.processor\.to_(q|k|v|out)$", r".to_\1"), (r"\.to_out$", ".to_out.0"),
                  (r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj"), (r"self_attn\.to_out\.0$", "self_attn.out_proj")]
@@ -86,7 +96,8 @@ class LoraLayer:
     delta = up @ down; LyCORIS LoHa: (w1_a @ w1_b) * (w2_a @ w2_b), elementwise; LoKr: kron(w1, w2), each
     factor whole or as a @ b; LoCon with a CP core (`lora_mid`, kind "locon_cp"): up, mid's convolution, down;
     a LoHa product or LoKr's w2 with a core t: cp(t, a, b) (`factors`, with down and up None); LyCORIS 'full':
-    delta = diff, scale 1 (A1111: no alpha).
+    delta = diff, scale 1 (A1111: no alpha); OFT / BOFT and IA3: a change of the weight itself (`_oft_delta`,
+    `_ia3_delta`), scale 1.
 
     Any kind's layer may also change the bias, bias += weight * scale * `bias` (PEFT's lora_B.bias; LyCORIS
     'full''s diff_b, scale 1), and be weight-decomposed (DoRA, `dora`: see merged_weight)."""
@@ -97,15 +108,20 @@ class LoraLayer:
     down: torch.Tensor | None  # (r, in) or (r, in, kh, kw); fp32, or the file's fp16 / bf16
     up: torch.Tensor | None    # (out, r) or (out, r, 1, 1)
     scale: float
-    kind: str = "lora"   # "lora", "locon_cp", "loha", "lokr", "full" or "norm"
+    kind: str = "lora"   # "lora", "locon_cp", "loha", "lokr", "full", "norm", "oft" or "ia3"
     factors: dict = field(default_factory=dict)  # the others' tensors by their key suffix (hada_w1_a, lokr_w1, ...)
     bias: torch.Tensor | None = None  # (out,) fp32: the bias's change
     dora: torch.Tensor | None = None  # fp32 DoRA magnitudes: (out,) per output row, or (in,) per input column
     dora_form: str = ""  # "peft" (rows, weight inside), "rows" or "columns" (A1111: weight on the change)
 
-    def delta(self, shape: tuple) -> torch.Tensor:
-        """A LoCon-with-core / LoHa / LoKr update as a full fp32 tensor of the layer's weight `shape`."""
-        f = self.factors
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """A LoCon-with-core / LoHa / LoKr / full / norm / OFT / IA3 update as a full fp32 tensor shaped like
+        `weight`, the layer's weight as it is before this update (OFT and IA3 change it; the others only need its
+        shape)."""
+        f, shape = self.factors, tuple(weight.shape)
+        if self.kind in ("oft", "ia3"):
+            w, f = weight.float(), {k: t.to(weight.device) for k, t in f.items()}
+            return _oft_delta(f, w) if self.kind == "oft" else _ia3_delta(f, w)
         if self.kind in ("full", "norm"):
             return f["diff" if self.kind == "full" else "w_norm"].reshape(shape)
         if self.kind == "locon_cp":  # delta[o, c] = sum over n, m of up[o, n] mid[n, m] down[m, c] (per kernel tap)
@@ -126,6 +142,49 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _oft_delta(f: dict, w: torch.Tensor) -> torch.Tensor:
+    """A1111's network_oft change of weight w (fp32): the rows of w in blocks of b, each block B of them becomes
+    R^T B (`oft_blocks` (n, b, b): R = (I + Q)(I - Q)^-1, Q = blocks - blocks^T scaled down to a norm of alpha * out
+    when larger (alpha: the constraint, none without one); the first LyCORIS files' `oft_diag`: R itself); BOFT
+    (`oft_blocks` (m, n, b, b)): m such stages, R B (not R^T) on rows permuted by stage (A1111's butterfly
+    rearranges); then rows times `rescale`. Each stage's change (R - I) X is computed as such, R - I = 2Q(I - Q)^-1
+    in float64, so the change keeps its precision however small it is next to w."""
+    out, rows = w.shape[0], w.reshape(w.shape[0], -1)
+    if "oft_diag" in f:
+        blocks = f["oft_diag"]
+        minus_i = blocks - torch.eye(blocks.shape[-1], device=w.device)
+    else:
+        q = (f["oft_blocks"] - f["oft_blocks"].transpose(-1, -2)).double()
+        limit = float(f["alpha"]) * out if "alpha" in f else 0.0
+        if limit != 0:
+            norm = torch.linalg.vector_norm(q)
+            q = q * ((norm.clamp(max=limit) + 1e-8) / (norm + 1e-8))
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        minus_i = (2 * q @ torch.linalg.inv(eye - q)).float()
+    if minus_i.dim() == 3:  # OFT: R^T per block of rows
+        b = minus_i.shape[-1]
+        delta = torch.einsum("knm,knx->kmx", minus_i, rows.reshape(-1, b, rows.shape[1])).reshape(rows.shape)
+    else:  # BOFT: stage i pairs rows 2^i * b/2 apart ("(c g k) -> (c k g)"), R per block, pairs them back
+        b, delta = minus_i.shape[-1], torch.zeros_like(rows)
+        for i, stage in enumerate(minus_i):
+            k = 2 ** i * (b // 2)
+            x = rows.reshape(-1, 2, k, rows.shape[1]).transpose(1, 2).reshape(-1, b, rows.shape[1])
+            change = torch.einsum("nij,njx->nix", stage, x).reshape(-1, k, 2, rows.shape[1]).transpose(1, 2)
+            change = change.reshape(rows.shape)
+            rows, delta = rows + change, delta + change
+    if "rescale" in f:  # rescale * (w + delta) - w
+        scale = f["rescale"].reshape(-1, 1)
+        delta = delta * scale + w.reshape(out, -1) * (scale - 1)
+    return delta.reshape(w.shape)
+
+
+def _ia3_delta(f: dict, w: torch.Tensor) -> torch.Tensor:
+    """A1111's network_ia3 change of a linear's weight w: w * v, v scaling each output row (each input column when
+    `on_input`)."""
+    v = f["weight"].reshape(-1)
+    return w * (v if bool(f["on_input"].reshape(-1)[0]) else v[:, None])
+
+
 def _cp(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """LyCORIS' CP (Tucker) product: core t (r1, r2, kh, kw), a (r1, out), b (r2, in) -> (out, in, kh, kw),
     sum over i, j of a[i, o] t[i, j] b[j, c] (A1111's make_weight_cp)."""
@@ -141,9 +200,10 @@ class LoraFile:
 
 # ---- reading and mapping -------------------------------------------------------------------------------
 
-def _split_key(key: str) -> tuple[str, str] | None:
+def _split_key(key: str, ia3: bool = False) -> tuple[str, str] | None:
+    """(layer, part) of a key; a bare `.weight` is a part only in a file with IA3 layers (`ia3`)."""
     for suffix, part in PARTS:
-        if key.endswith(suffix):
+        if key.endswith(suffix) and (part != "weight" or ia3):
             return key[: -len(suffix)], part
     return None
 
@@ -258,8 +318,9 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
     refs = read_tensor_file(path)
     groups: dict[str, dict[str, TensorRef]] = {}
     unknown = []
+    ia3 = any(key.endswith(".on_input") for key in refs)
     for key, ref in refs.items():
-        split = _split_key(key)
+        split = _split_key(key, ia3)
         if split is None:
             unknown.append(key)
         else:
@@ -285,6 +346,8 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
         else:
             problem = (_shape_problem(module, shapes["down"], shapes["up"]) if kind == "lora"
                        else _delta_shape_problem(module, kind, shapes)) or _extra_shape_problem(module, shapes)
+            if kind == "ia3" and not problem:  # which side the vector scales: on_input's value
+                problem = _ia3_side_problem(module, parts)
         if problem:
             bad.append(f"{layer}: {problem}")
             continue
@@ -335,7 +398,7 @@ def _kind(path: str, layer: str, parts: dict) -> str:
     have = set(parts) - {"alpha", "dora_scale", "magnitude"}
     kinds = {"lora": {"down", "up", "mid", "up_bias"}, "loha": set(HADA) | {c for c in CORES if c.startswith("hada")},
              "lokr": set(LOKR) | {c for c in CORES if c.startswith("lokr")}, "full": {"diff", "diff_b"},
-             "norm": {"w_norm", "b_norm"}}
+             "norm": {"w_norm", "b_norm"}, "oft": {"oft_blocks", "oft_diag", "rescale"}, "ia3": {"weight", "on_input"}}
     kind = next((k for k, names in kinds.items() if have and have <= names), None)
     if kind is None and have:
         raise CheckpointError(f"{path}: {layer} mixes factors of different kinds: {', '.join(sorted(have))}")
@@ -349,12 +412,17 @@ def _kind(path: str, layer: str, parts: dict) -> str:
                                   "and _b)")
         complete = all(k in have or {k + "_a", k + "_b"} <= have for k in ("lokr_w1", "lokr_w2"))
         needed = "lokr_w1 or lokr_w1_a and _b, lokr_w2 or lokr_w2_a and _b"
+    elif kind == "oft":
+        if {"oft_blocks", "oft_diag"} <= have:
+            raise CheckpointError(f"{path}: {layer} has both oft_blocks and oft_diag (one OFT layer has one)")
+        complete, needed = bool(have & {"oft_blocks", "oft_diag"}), "oft_blocks or oft_diag"
     else:
-        required = {"lora": {"down", "up"}, "loha": set(HADA), "full": {"diff"}, "norm": {"w_norm"}}[kind]
+        required = {"lora": {"down", "up"}, "loha": set(HADA), "full": {"diff"}, "norm": {"w_norm"},
+                    "ia3": {"weight", "on_input"}}[kind]
         complete, needed = required <= have, " and ".join(sorted(required))
     if not complete:
         name = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "full": "LyCORIS 'full'",
-                "norm": "LyCORIS 'norm'"}[kind]
+                "norm": "LyCORIS 'norm'", "oft": "OFT", "ia3": "LyCORIS IA3"}[kind]
         raise CheckpointError(f"{path}: {layer} has {' and '.join(sorted(parts))} but not every factor of a {name} "
                               f"({needed})")
     if {"dora_scale", "magnitude"} <= set(parts):
@@ -380,6 +448,13 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | No
              + f" vs layer {w}")
     if kind == "norm":  # w_norm: the norm's scale, (C,)
         return None if shapes["w_norm"] == w else shown
+    if kind == "oft":
+        return _oft_shape_problem(w, shapes, shown)
+    if kind == "ia3":  # a vector over the rows or the columns (which, on_input tells: checked when it is read)
+        if len(w) != 2:
+            return f"IA3 weight {shapes['weight']} for a {_layer_kind(module)} (A1111 merges IA3 into linear layers)"
+        ok = math.prod(shapes["on_input"]) == 1 and math.prod(shapes["weight"]) in w
+        return None if ok else shown
     if kind == "full":  # diff: the weight's shape (a linear's or a 1x1 convolution's with or without a 1x1 kernel)
         diff, ones = shapes["diff"], ((), (1, 1))
         return None if diff == w or (diff[:2] == w[:2] and diff[2:] in ones and w[2:] in ones) else shown
@@ -404,6 +479,27 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | No
             a, b = shapes[k + "_a"], shapes[k + "_b"]
             dims.append((a[0], math.prod(b[1:])) if len(a) == 2 and len(b) >= 2 and a[1] == b[0] else None)
     ok = None not in dims and dims[0][0] * dims[1][0] == w[0] and dims[0][1] * dims[1][1] * w[0] == numel
+    return None if ok else shown
+
+
+def _ia3_side_problem(module: nn.Module, parts: dict) -> str | None:
+    """Why an IA3 vector can't scale the side of `module` its on_input names (None when it can)."""
+    w, n = tuple(module.weight.shape), math.prod(parts["weight"].shape)
+    columns = bool(parts["on_input"].load().reshape(-1)[0])
+    if n == w[1 if columns else 0]:
+        return None
+    return f"IA3 weight {tuple(parts['weight'].shape)} for the {'input columns' if columns else 'output rows'} of " \
+           f"layer {w} (on_input {int(columns)})"
+
+
+def _oft_shape_problem(w: tuple, shapes: dict, shown: str) -> str | None:
+    """Why OFT blocks of these shapes can't turn a weight of shape w (None when they can): (n, b, b) blocks with
+    n * b rows; BOFT's (m, n, b, b) also with its rows' count a multiple of 2^m * (b // 2) (the stages' pairing)."""
+    t = shapes.get("oft_blocks", shapes.get("oft_diag"))
+    ok = len(t) in (3, 4) and t[-1] == t[-2] and t[-3] * t[-1] == w[0] and (len(t) == 3 or (
+        "oft_blocks" in shapes and t[-1] >= 2 and w[0] % (2 ** t[0] * (t[-1] // 2)) == 0))
+    if "rescale" in shapes and math.prod(shapes["rescale"]) != w[0]:
+        ok = False
     return None if ok else shown
 
 
@@ -455,9 +551,11 @@ def _with_extras(path: str, made: LoraLayer, parts: dict, w: tuple) -> LoraLayer
 
 
 def _lycoris_layer(path: str, target: tuple[str, str], name: str, layer: str, kind: str, parts: dict) -> LoraLayer:
-    """A LoCon-with-core / LoHa / LoKr / full layer; scale = alpha / dim as A1111 (dim: down's rows; hada_w1_b's;
-    LoKr: lokr_w2_b's, else lokr_w1_b's), 1 without an alpha or a dim (full has none: weight * diff)."""
-    factors = {k: ref.load().float() for k, ref in parts.items() if k != "alpha" and k not in EXTRAS}
+    """A LoCon-with-core / LoHa / LoKr / full / norm / OFT / IA3 layer; scale = alpha / dim
+    as A1111 (dim: down's rows; hada_w1_b's; LoKr: lokr_w2_b's, else lokr_w1_b's), 1 without an alpha or a dim
+    (full, norm, OFT, IA3 have none)."""
+    factors = {k: ref.load().float() for k, ref in parts.items()
+               if (k != "alpha" or kind == "oft") and k not in EXTRAS}  # (OFT's alpha: its constraint)
     empty = next((k for k, t in factors.items() if t.numel() == 0), None)
     if empty is not None:
         raise CheckpointError(f"{path}: {layer}.{empty} is empty, shape {tuple(factors[empty].shape)}")
@@ -506,7 +604,8 @@ def _check_kind(path: str, keys: list[str], unknown: list[str], groups: dict) ->
         found = next((k for k in keys if rx.search(k)), None)
         if found is not None:
             raise CheckpointError(f"{path}: this is {kind} (keys such as {found}); fastsd merges Stable Diffusion 1.x "
-                                  "LoRAs (lora_down/lora_up, LoCon, lora_A/lora_B, DoRA, LyCORIS LoHa, LoKr and full)")
+                                  "LoRAs (lora_down/lora_up, LoCon, lora_A/lora_B, DoRA, LyCORIS LoHa, LoKr, full, "
+                                  "norm, IA3, OFT and BOFT)")
     if not any(set(g) - {"alpha"} for g in groups.values()):
         raise CheckpointError(f"{path}: not a LoRA (no lora_down/lora_up or lora_A/lora_B tensors; {len(keys)} "
                               f"tensors such as {_names(keys, 3)})")
@@ -549,8 +648,8 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
         down = layer.down.reshape(layer.down.shape[0], *weight.shape[1:]) if conv else layer.down
         down = rows_of(down).reshape(down.shape[0], -1).to(weight.device, torch.float32)
         update = lambda block, i: block.addmm_(up[i:i + len(block)], down, alpha=alpha)  # noqa: E731
-    else:  # LoHa / LoKr / full: the whole delta first (fp32, one layer), its rows in the same order
-        delta = rows_of(layer.delta(tuple(weight.shape)).to(weight.device)).reshape(weight.shape[0], -1)
+    else:  # LoHa / LoKr / full / norm / OFT / IA3: the whole delta first (fp32, one layer), its rows in the same order
+        delta = rows_of(layer.delta(weight).to(weight.device)).reshape(weight.shape[0], -1)
         update = lambda block, i: block.add_(delta[i:i + len(block)], alpha=alpha)  # noqa: E731
     out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=memory_format)
     src, dst = rows_of(weight), rows_of(out)

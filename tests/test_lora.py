@@ -478,6 +478,20 @@ BAD = {
                         re.escape("bias change b_norm (16,) vs layer bias (32,)")),
     "b_norm alone": ({"lora_unet_input_blocks_1_0_in_layers_0.b_norm": torch.randn(32)},
                      "not every factor of a LyCORIS 'norm'"),
+    "oft blocks shape": ({f"{TO_Q}.oft_blocks": torch.randn(3, 10, 10)}, "do not fit"),
+    "boft pairing": ({f"{TO_Q}.oft_blocks": torch.randn(5, 8, 4, 4)}, "do not fit"),  # stage 5 pairs rows 32 apart
+    "oft rescale shape": ({f"{TO_Q}.oft_blocks": torch.randn(4, 8, 8), f"{TO_Q}.rescale": torch.rand(16)},
+                          "do not fit"),
+    "oft both": ({f"{TO_Q}.oft_blocks": torch.randn(4, 8, 8), f"{TO_Q}.oft_diag": torch.randn(4, 8, 8)},
+                 "both oft_blocks and oft_diag"),
+    "rescale alone": ({f"{TO_Q}.rescale": torch.rand(32)}, "not every factor of a OFT"),
+    "ia3 on a convolution": ({"lora_unet_conv_in.weight": torch.randn(32), "lora_unet_conv_in.on_input":
+                              torch.tensor(0)}, re.escape("IA3 weight (32,) for a convolution")),
+    "ia3 side": ({"lora_unet_time_embedding_linear_1.weight": torch.randn(128),  # (diffusers' name of time_embed.0)
+                  "lora_unet_time_embedding_linear_1.on_input": torch.tensor(1)},
+                 re.escape("IA3 weight (128,) for the input columns of layer (128, 32) (on_input 1)")),
+    "ia3 without on_input": ({f"{TO_Q}.weight": torch.randn(32), "lora_unet_conv_in.on_input": torch.tensor(0)},
+                             "not every factor of a LyCORIS IA3"),
 }
 
 
@@ -850,6 +864,192 @@ def test_lycoris_full_merges_as_a1111(tmp_path, backend):
     assert np.asarray(generate(pipe, steps=1)).std() > 5
     pipe.unload_loras()
     assert_same_state(pipe, state0)
+
+
+# ---- OFT / BOFT and IA3 ----------------------------------------------------------------------------------------
+
+def a1111_oft_updown(orig_weight, w: dict):
+    """A1111's network_oft (extensions-builtin/Lora/network_oft.py, NetworkModuleOFT: its __init__'s block parameters
+    and calc_updown) transcribed, einops and all, in float64: the change at multiplier 1 (its scale is 1.0)."""
+    from einops import rearrange
+
+    orig_weight, out_dim = orig_weight.double(), orig_weight.shape[0]
+    is_R = "oft_diag" in w
+    oft_blocks = (w["oft_diag"] if is_R else w["oft_blocks"]).double()
+    alpha = None if is_R else w.get("alpha")
+    dim = oft_blocks.shape[1] if is_R else oft_blocks.shape[0]
+    is_boft = oft_blocks.dim() == 4
+    rescale = w.get("rescale")
+    if rescale is not None:
+        rescale = rescale.double().reshape(-1, *[1] * (orig_weight.dim() - 1))
+    num_blocks, block_size = dim, out_dim // dim
+    constraint = (0 if alpha is None else float(alpha)) * out_dim
+    if is_R:
+        constraint, block_size, num_blocks = None, dim, out_dim // dim
+    elif is_boft:
+        boft_m, num_blocks, block_size = oft_blocks.shape[:3]
+        boft_b = block_size
+    eye = torch.eye(block_size, dtype=torch.float64)
+    if not is_R:
+        block_Q = oft_blocks - oft_blocks.transpose(-1, -2)
+        if constraint != 0:
+            norm_Q = torch.norm(block_Q.flatten())
+            new_norm_Q = torch.clamp(norm_Q, max=constraint)
+            block_Q = block_Q * ((new_norm_Q + 1e-8) / (norm_Q + 1e-8))
+        oft_blocks = torch.matmul(eye + block_Q, (eye - block_Q).inverse())
+    R = oft_blocks
+    if not is_boft:
+        merged_weight = rearrange(orig_weight, "(k n) ... -> k n ...", k=num_blocks, n=block_size)
+        merged_weight = torch.einsum("k n m, k n ... -> k m ...", R, merged_weight)
+        merged_weight = rearrange(merged_weight, "k m ... -> (k m) ...")
+    else:
+        m, b = boft_m, boft_b
+        r_b = b // 2
+        inp = orig_weight
+        for i in range(m):
+            bi = R[i]
+            inp = rearrange(inp, "(c g k) ... -> (c k g) ...", g=2, k=2**i * r_b)
+            inp = rearrange(inp, "(d b) ... -> d b ...", b=b)
+            inp = torch.einsum("b i j, b j ... -> b i ...", bi, inp)
+            inp = rearrange(inp, "d b ... -> (d b) ...")
+            inp = rearrange(inp, "(c k g) ... -> (c g k) ...", g=2, k=2**i * r_b)
+        merged_weight = inp
+    if rescale is not None:
+        merged_weight = rescale * merged_weight
+    return merged_weight - orig_weight
+
+
+OFT_TARGETS = ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.ff.net.2",
+               "input_blocks.1.0.in_layers.2", "middle_block.1.proj_out")  # linears, a 3x3 and a 1x1 convolution
+
+
+def _oft_tensors(variant: str, out: int, g: torch.Generator) -> dict:
+    """One layer's tensors of `variant`: kohya's (oft_blocks, a constraint alpha that binds), LyCORIS' (oft_blocks,
+    rescale, no alpha), the first LyCORIS files' (oft_diag: R itself, near an orthogonal matrix), BOFT (2 stages)."""
+    if variant == "oft_diag":
+        q = torch.randn(out // 8, 8, 8, generator=g) * 0.05
+        return {"oft_diag": torch.linalg.matrix_exp(q - q.transpose(1, 2)) + 0.01 * torch.randn(q.shape, generator=g)}
+    if variant == "boft":
+        return {"oft_blocks": torch.randn(2, out // 4, 4, 4, generator=g) * 0.1, "alpha": torch.tensor(1.0),
+                "rescale": 1 + 0.1 * torch.randn(out, *((1,) * 3), generator=g)}
+    if variant == "kohya":
+        return {"oft_blocks": torch.randn(4, out // 4, out // 4, generator=g) * 0.1, "alpha": torch.tensor(1e-3)}
+    return {"oft_blocks": torch.randn(2, out // 2, out // 2, generator=g) * 0.05,
+            "rescale": 1 + 0.1 * torch.randn(out, generator=g)}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("variant", ["kohya", "lycoris", "oft_diag", "boft"])
+def test_oft_merges_as_a1111(tmp_path, backend, variant, names):
+    """OFT and BOFT files change each weight by weight * A1111's network_oft updown (its calc_updown transcribed,
+    einops and all, above) on linears, a 3x3 and a 1x1 convolution: kohya's files (oft_unet_ + diffusers names, the
+    constraint alpha binding), LyCORIS' (lora_unet_ + LDM names, rescale), the first LyCORIS files' oft_diag, BOFT;
+    the image changes; unloading gives every weight back bit for bit."""
+    from safetensors.torch import save_file
+
+    pipe = tiny(backend)
+    generate(pipe, steps=1)  # the cpu backend's weights packed
+    state0, g, sd, want = state(pipe), torch.Generator().manual_seed(5), {}, {}
+    for n in OFT_TARGETS:
+        w = dense_weight(pipe.unet.get_submodule(n)).clone()
+        tensors = _oft_tensors(variant, w.shape[0], g)
+        key = f"oft_unet_{names[n]}" if variant == "kohya" else f"lora_unet_{n}"
+        sd |= {f"{key.replace('.', '_')}.{k}": v for k, v in tensors.items()}
+        want[n] = w, 0.7 * a1111_oft_updown(w, tensors)
+    path = str(tmp_path / f"{variant}.safetensors")
+    save_file(sd, path)
+    plain = generate(pipe, steps=1)
+    pipe.load_lora(path, 0.7)
+    for n, (w, change) in want.items():
+        assert change.abs().max() > 1e-3 * w.abs().max(), n  # (a change that shows)
+        assert rel_err(dense_weight(pipe.unet.get_submodule(n)) - w, change) <= 1e-5, n
+    assert not np.array_equal(generate(pipe, steps=1), plain)
+    pipe.unload_loras()
+    assert_same_state(pipe, state0)
+
+
+def test_oft_constraint_as_a1111():
+    """kohya's alpha bounds the norm of Q over the layer's blocks (A1111: constraint = alpha * rows): with a large
+    alpha the blocks go in unscaled, with a small one the change is smaller but still A1111's."""
+    from fastsd.lora import _oft_delta
+
+    g = torch.Generator().manual_seed(1)
+    w, blocks = torch.randn(32, 20, generator=g), torch.randn(4, 8, 8, generator=g) * 0.1
+    free, bound = ({"oft_blocks": blocks, "alpha": torch.tensor(a)} for a in (10.0, 1e-3))
+    for tensors in (free, bound, {"oft_blocks": blocks}):
+        assert rel_err(_oft_delta(tensors, w), a1111_oft_updown(w, tensors)) <= 1e-5
+    assert _oft_delta(bound, w).norm() < 0.5 * _oft_delta(free, w).norm()
+    assert torch.equal(_oft_delta(free, w), _oft_delta({"oft_blocks": blocks}, w))
+
+
+def a1111_ia3_updown(orig_weight, w, on_input):
+    """A1111's network_ia3 calc_updown transcribed (finalize_updown: scale 1.0), in float64."""
+    orig_weight, w = orig_weight.double(), w.double()
+    if not on_input:
+        w = w.reshape(-1, 1)
+    return orig_weight * w
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_ia3_merges_as_a1111(tmp_path, backend):
+    """LyCORIS IA3 (weight + on_input, kohya names, UNet and text encoder): each linear changes by weight * A1111's
+    network_ia3 updown, w scaling output rows or (on_input) input columns; an alpha is not read (scale 1); the
+    image changes; unloading gives every weight back bit for bit."""
+    from safetensors.torch import save_file
+
+    pipe = tiny(backend)
+    generate(pipe, steps=1)
+    state0, g, sd, want = state(pipe), torch.Generator().manual_seed(6), {}, {}
+    targets = {("unet", "input_blocks.1.1.transformer_blocks.0.attn2.to_k"): False,
+               ("unet", "input_blocks.1.1.transformer_blocks.0.attn1.to_v"): False,
+               ("unet", "input_blocks.1.1.transformer_blocks.0.ff.net.2"): True,
+               ("clip", "text_model.encoder.layers.0.mlp.fc1"): False}
+    for (model, n), on_input in targets.items():
+        w = dense_weight(getattr(pipe, model).get_submodule(n)).clone()
+        v = torch.randn(w.shape[1 if on_input else 0], generator=g) * 0.5
+        key = ("lora_unet_" if model == "unet" else "lora_te_") + n.replace(".", "_")
+        sd |= {f"{key}.weight": v, f"{key}.on_input": torch.tensor(int(on_input)), f"{key}.alpha": torch.tensor(4.0)}
+        want[model, n] = w, 0.7 * a1111_ia3_updown(w, v, on_input)
+    path = str(tmp_path / "ia3.safetensors")
+    save_file(sd, path)
+    plain = generate(pipe, steps=1)
+    pipe.load_lora(path, 0.7)
+    for (model, n), (w, change) in want.items():
+        assert rel_err(dense_weight(getattr(pipe, model).get_submodule(n)) - w, change) <= 1e-5, n
+    assert not np.array_equal(generate(pipe, steps=1), plain)
+    pipe.unload_loras()
+    assert_same_state(pipe, state0)
+
+
+def test_weight_changes_follow_earlier_files(tmp_path):
+    """OFT reads the weight it changes: after a LoRA on the same layer it turns the LoRA's merged weight (A1111 merges
+    its networks one after another on the current weight), in either order of loading, one file at a time or both
+    in one load."""
+    from safetensors.torch import save_file
+
+    pipe = tiny()
+    n = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    w0 = pipe.unet.get_submodule(n).weight.detach().clone()
+    g = torch.Generator().manual_seed(2)
+    down, up = torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g) * 0.05
+    oft = {"oft_blocks": torch.randn(4, 8, 8, generator=g) * 0.1}
+    key = "lora_unet_" + n.replace(".", "_")
+    lora, oft_path = str(tmp_path / "l.safetensors"), str(tmp_path / "o.safetensors")
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, lora)
+    save_file({f"{key}.{k}": v for k, v in oft.items()}, oft_path)
+    lora_first = w0.double() + up.double() @ down.double()
+    lora_first = lora_first + a1111_oft_updown(lora_first, oft)
+    oft_first = w0.double() + a1111_oft_updown(w0, oft) + up.double() @ down.double()
+    for order, want in (((lora, oft_path), lora_first), ((oft_path, lora), oft_first)):
+        for together in (False, True):
+            if together:
+                pipe.load_loras([(p, 1.0) for p in order])
+            else:
+                for p in order:
+                    pipe.load_lora(p)
+            assert rel_err(pipe.unet.get_submodule(n).weight, want) <= 1e-5, (order, together)
+            pipe.unload_loras()
+    assert torch.equal(pipe.unet.get_submodule(n).weight, w0)
 
 
 def a1111_dora(w, updown, dora_scale, multiplier):
