@@ -84,7 +84,7 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "Noise multiplier": (("initial_noise_multiplier",), _float),
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type", "Eta",
-         "Eta DDIM",
+         "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
          *DESCRIPTIVE}
 
 
@@ -162,6 +162,7 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
             out["hires_schedule_type"] = second_type
 
     _read_eta(params, out, skip, warnings)
+    _read_sigma_params(params, out, skip, warnings)
     inpaint = [k for k in params if k in INPAINT_KEYS]
     if inpaint:  # (not settings: the CLI's own options, with --init-image and --mask)
         warnings.append(f"inpainting keys not read ({', '.join(inpaint)}): give --mask-blur, --inpaint-area, "
@@ -189,6 +190,27 @@ def _read_eta(params: dict, out: dict, skip: set, warnings: list[str]) -> None:
         runs = A1111_NAMES.get(name, name) if name else "the command line's sampler"
         warnings.append(f"{key}: {params[key]}: fastsd takes an eta for {ETA_TAKERS} only; {runs} runs with its "
                         "own, ignored")
+
+
+def _read_sigma_params(params: dict, out: dict, skip: set, warnings: list[str]) -> None:
+    """A1111's "Sigma churn" / "Sigma tmin" / "Sigma tmax" / "Sigma noise" into their fields where the infotext's
+    sampler takes them (samplers.sigma_params); for another sampler (or the command line's) a warning line."""
+    from fastsd.samplers import A1111_NAMES, SIGMA_DEFAULTS, SIGMA_KEYS, SIGMA_TAKERS, get_sampler, takes_sigma_param
+
+    sampler = out.get("sampler")
+    name = get_sampler(sampler).name if sampler is not None else None
+    for field, key in SIGMA_KEYS.items():
+        if key not in params or field in skip:
+            continue
+        value = _read(key, params[key], (field,), _float)
+        if field == "s_tmax" and value == math.inf:  # (fastsd's 0: no bound)
+            value = 0.0
+        if name is not None and takes_sigma_param(name, field):
+            out[field] = value
+        elif value != SIGMA_DEFAULTS[field]:
+            runs = A1111_NAMES.get(name, name) if name else "the command line's sampler"
+            warnings.append(f"{key}: {params[key]}: fastsd takes it for {SIGMA_TAKERS[field]} only; {runs} runs "
+                            "without it, ignored")
 
 
 def _stem(name: str) -> str:

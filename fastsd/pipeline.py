@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections import Counter
 import random
 import warnings
@@ -29,8 +30,8 @@ from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
 from fastsd.prompt_schedule import may_have_schedule, prompt_schedule, split_and
-from fastsd.samplers import (A1111_NAMES, ETA_SAMPLERS, SAMPLERS, brownian_noise_sampler, get_sampler,
-                             prompt_steps)
+from fastsd.samplers import (A1111_NAMES, CHURN_SAMPLERS, ETA_SAMPLERS, S_NOISE_SAMPLERS, SAMPLERS, SIGMA_KEYS,
+                             brownian_noise_sampler, get_sampler, prompt_steps, sigma_params)
 from fastsd.schedule_types import (AUTOMATIC, DISCARD_PENULTIMATE, resolve_schedule_type, schedule_label,
                                    typed_schedule)
 from fastsd.schedules import Schedule, alphas_cumprod
@@ -70,9 +71,18 @@ def eta_infotext(s: GenerationSettings) -> dict:
 
 def draws_noise(s: GenerationSettings) -> bool:
     """Whether a run of `s` draws sampler noise from the images' generators (what ENSD changes): a stochastic sampler
-    not on A1111's Brownian noise, in either pass of the hires fix."""
+    not on A1111's Brownian noise, or a churning one, in either pass of the hires fix."""
     specs = [get_sampler(s.sampler)] + ([get_sampler(s.hires_sampler or s.sampler)] if s.hires else [])
-    return any(spec.stochastic and not spec.brownian for spec in specs)
+    return any((spec.stochastic and not spec.brownian) or _churns(s, spec.name) for spec in specs)
+
+
+def _churns(s: GenerationSettings, sampler: str) -> bool:
+    return s.s_churn > 0 and sampler in CHURN_SAMPLERS
+
+
+def _scaled(noise_sampler, scale: float):
+    """A noise sampler's draws times `scale` (A1111's s_noise, which k-diffusion's samplers multiply their noise by)."""
+    return lambda sigma, sigma_next: noise_sampler(sigma, sigma_next) * scale
 
 
 def seeded_generators(seeds: list[int], offset: int = 0) -> list[torch.Generator]:
@@ -323,7 +333,7 @@ class Pipeline:
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
                   "Skip Early CFG": s.skip_early_cond if s.skip_early_cond and cfg else None,
                   "ENSD": s.eta_noise_seed_delta if s.eta_noise_seed_delta and draws_noise(s) else None,
-                  **eta_infotext(s),
+                  **eta_infotext(s), **{SIGMA_KEYS[k]: v for k, v in sigma_params(s, s.sampler).items()},
                   "NGMS": s.s_min_uncond if s.s_min_uncond and cfg else None,
                   "NGMS all steps": True if s.s_min_uncond and s.s_min_uncond_all and cfg else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
@@ -529,10 +539,14 @@ class Pipeline:
                 opts["noise_sampler"] = brownian_noise_sampler(
                     p.x, sched.sigmas if p.full_sigmas is None else p.full_sigmas,
                     p.seeds if p.seeds is not None else [g.initial_seed() for g in p.generators])
-            elif spec.stochastic:
+            elif spec.stochastic or _churns(s, spec.name):
                 opts["noise_sampler"] = lambda sigma, sigma_next: seeded_noise(p.generators, p.x.shape[1:], self.device)
             if s.eta is not None and spec.name in ETA_SAMPLERS:  # (a hires sampler without one runs its own)
                 opts["eta"] = s.eta
+            if _churns(s, spec.name):
+                opts.update(s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax or math.inf)
+            if s.s_noise != 1 and spec.name in S_NOISE_SAMPLERS and "noise_sampler" in opts:
+                opts["noise_sampler"] = _scaled(opts["noise_sampler"], s.s_noise)
             x = spec(model, p.x, sched.sigmas, extra_args=p.extra, disable=not progress,
                      callback=self._step_callback(on_step, len(sched), preview_every), **opts)
         x = x * sched.out_scale
@@ -706,7 +720,8 @@ class Pipeline:
                  hires_sampler: str | None = None, schedule_type: str = "automatic", hires_prompt: str = "",
                  hires_negative_prompt: str = "", hires_schedule_type: str | None = None, s_min_uncond: float = 0.0,
                  s_min_uncond_all: bool = False, skip_early_cond: float = 0.0, eta_noise_seed_delta: int = 0,
-                 eta: float | None = None, initial_noise_multiplier: float = 1.0,
+                 eta: float | None = None, initial_noise_multiplier: float = 1.0, s_churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0,
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
@@ -737,7 +752,7 @@ class Pipeline:
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
-                               eta_noise_seed_delta, eta, initial_noise_multiplier)
+                               eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")

@@ -473,28 +473,72 @@ def _callback(callback, x, i, sigma, denoised):
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
 
 
+@dataclass(frozen=True)
+class Churn:
+    """Karras et al.'s stochastic churn as k-diffusion's sample_euler / sample_heun / sample_dpm_2 take it (A1111's
+    'Sigma churn', 'Sigma tmin', 'Sigma tmax'): at each step whose sigma is in [s_tmin, s_tmax], noise raises x
+    from sigma to sigma_hat = sigma * (1 + gamma), gamma = min(s_churn / steps, sqrt(2) - 1), and the step runs
+    from sigma_hat. The noise comes from `noise_sampler(sigma, sigma_next)`, one draw every step (k-diffusion draws
+    one even where gamma is 0); its scale (A1111's 'Sigma noise', s_noise) is the noise sampler's."""
+    s_churn: float
+    s_tmin: float
+    s_tmax: float
+    noise_sampler: NoiseSampler
+
+    def __call__(self, x: torch.Tensor, sigmas: torch.Tensor, s: list[float], i: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(x, sigma_hat as a float64 tensor, sigma_hat) of step i."""
+        noise = self.noise_sampler(sigmas[i], sigmas[i + 1])
+        gamma = min(self.s_churn / (len(s) - 1), 2 ** 0.5 - 1) if self.s_tmin <= s[i] <= self.s_tmax else 0.0
+        if gamma <= 0:
+            return x, sigmas[i], s[i]
+        hat = s[i] * (gamma + 1)
+        return x + noise * math.sqrt(hat ** 2 - s[i] ** 2), torch.tensor(hat, dtype=torch.float64), hat
+
+
+def _churn(x, s_churn: float, s_tmin: float, s_tmax: float, generator, noise_sampler) -> Churn | None:
+    """The Churn of a sampler's options (None at s_churn 0: no noise drawn); noise from `noise_sampler`, else randn
+    with `generator`."""
+    if not s_churn:
+        return None
+    return Churn(s_churn, s_tmin, s_tmax, default_noise_sampler(x, generator) if noise_sampler is None
+                 else noise_sampler)
+
+
+def _churned(churn: Churn | None, x, sigmas, s, i) -> tuple[torch.Tensor, torch.Tensor, float]:
+    return (x, sigmas[i], s[i]) if churn is None else churn(x, sigmas, s, i)
+
+
 @torch.no_grad()
-def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
-    """Euler on the probability-flow ODE (diffusers EulerDiscreteScheduler with s_churn = 0)."""
-    _no_opts("euler", opts)
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = math.inf, generator: Optional[torch.Generator] = None,
+                 noise_sampler: Optional[NoiseSampler] = None):
+    """Euler on the probability-flow ODE (diffusers EulerDiscreteScheduler with s_churn = 0); with `s_churn`
+    k-diffusion's sample_euler's churn (`Churn`)."""
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    churn = _churn(x, s_churn, s_tmin, s_tmax, generator, noise_sampler)
     for i in _trange(len(s) - 1, disable=disable):
-        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], s[i + 1]))
+        x, sigma, hat = _churned(churn, x, sigmas, s, i)
+        x_next, denoised = denoise_and_step(model, x, sigma, extra_args, euler_coeffs(hat, s[i + 1]))
         _callback(callback, x, i, sigmas[i], denoised)
         x = x_next
     return x
 
 
 @torch.no_grad()
-def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn: float = 0.0,
+                s_tmin: float = 0.0, s_tmax: float = math.inf, generator: Optional[torch.Generator] = None,
+                noise_sampler: Optional[NoiseSampler] = None):
     """Heun's second-order method on the probability-flow ODE (diffusers HeunDiscreteScheduler): an Euler step,
-    corrected with the model at its end (not on the step to sigma 0)."""
-    _no_opts("heun", opts)
+    corrected with the model at its end (not on the step to sigma 0); with `s_churn` k-diffusion's sample_heun's
+    churn (`Churn`)."""
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    churn = _churn(x, s_churn, s_tmin, s_tmax, generator, noise_sampler)
     for i in _trange(len(s) - 1, disable=disable):
-        x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], s[i + 1]))
+        x, sigma, hat = _churned(churn, x, sigmas, s, i)
+        x_next, denoised = denoise_and_step(model, x, sigma, extra_args, euler_coeffs(hat, s[i + 1]))
         if s[i + 1] > 0:
-            x_next, _ = denoise_and_step(model, x_next, sigmas[i + 1], extra_args, heun_coeffs(s[i], s[i + 1]),
+            x_next, _ = denoise_and_step(model, x_next, sigmas[i + 1], extra_args, heun_coeffs(hat, s[i + 1]),
                                          denoised)
         _callback(callback, x, i, sigmas[i], denoised)
         x = x_next
@@ -525,19 +569,23 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, *
 
 
 @torch.no_grad()
-def sample_dpm2(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
+def sample_dpm2(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn: float = 0.0,
+                s_tmin: float = 0.0, s_tmax: float = math.inf, generator: Optional[torch.Generator] = None,
+                noise_sampler: Optional[NoiseSampler] = None):
     """DPM2 (diffusers KDPM2DiscreteScheduler; k-diffusion's sample_dpm_2): a second-order midpoint method on
-    the ODE, the model at sigma and at the (log-)midpoint to the next sigma; a plain Euler step to sigma 0."""
-    _no_opts("dpm2", opts)
+    the ODE, the model at sigma and at the (log-)midpoint to the next sigma; a plain Euler step to sigma 0; with
+    `s_churn` k-diffusion's churn (`Churn`)."""
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
+    churn = _churn(x, s_churn, s_tmin, s_tmax, generator, noise_sampler)
     for i in _trange(len(s) - 1, disable=disable):
+        x, sigma, hat = _churned(churn, x, sigmas, s, i)
         if s[i + 1] == 0:
-            x_next, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], 0.0))
+            x_next, denoised = denoise_and_step(model, x, sigma, extra_args, euler_coeffs(hat, 0.0))
         else:
-            m = dpm2_mid_sigma(s[i], s[i + 1])
-            x_mid, denoised = denoise_and_step(model, x, sigmas[i], extra_args, euler_coeffs(s[i], m))
+            m = dpm2_mid_sigma(hat, s[i + 1])
+            x_mid, denoised = denoise_and_step(model, x, sigma, extra_args, euler_coeffs(hat, m))
             x_next, _ = denoise_and_step(model, x_mid, torch.tensor(m, dtype=torch.float64), extra_args,
-                                         dpm2_coeffs(s[i], m, s[i + 1]), denoised)
+                                         dpm2_coeffs(hat, m, s[i + 1]), denoised)
         _callback(callback, x, i, sigmas[i], denoised)
         x = x_next
     return x
@@ -1212,6 +1260,32 @@ ETA_SAMPLERS = {"euler_a": (1.0, "Eta"), "ddim": (0.0, "Eta DDIM"),
                                                       "dpmpp_2m_sde_heun", "dpmpp_3m_sde") for k in ("", "_karras")}}
 
 ETA_TAKERS = "Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (Heun), DPM++ 3M SDE and DDIM"  # (for messages)
+
+# A1111's k-diffusion sampler parameters (its sampler_extra_params): the churn (s_churn, s_tmin, s_tmax; `Churn`) of
+# Euler, Heun and DPM2, and s_noise, the scale of the noise of those and of its SDE / ancestral samplers but Euler a
+# (fastsd.pipeline scales the samplers' noise sampler by it); their infotext keys, A1111's
+CHURN_SAMPLERS = frozenset(f"{n}{k}" for n in ("euler", "heun", "dpm2") for k in ("", "_karras"))
+S_NOISE_SAMPLERS = CHURN_SAMPLERS | {"dpm_fast"} | {
+    f"{n}{k}" for n in ("dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+    for k in ("", "_karras")}
+SIGMA_KEYS = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+SIGMA_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}  # (s_tmax 0: no bound, as A1111's)
+_CHURNERS = "Euler, Heun and DPM2"
+SIGMA_TAKERS = {"s_churn": _CHURNERS, "s_tmin": _CHURNERS, "s_tmax": _CHURNERS,  # (for messages)
+                "s_noise": "Euler, Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (Heun), DPM++ 3M SDE and "
+                           "DPM fast"}
+
+
+def takes_sigma_param(sampler: str, field: str) -> bool:
+    """Whether `sampler` takes A1111's churn / s_noise parameter `field` (a SIGMA_DEFAULTS key)."""
+    return get_sampler(sampler).name in (S_NOISE_SAMPLERS if field == "s_noise" else CHURN_SAMPLERS)
+
+
+def sigma_params(settings, sampler: str, *, taken: bool = True) -> dict:
+    """The settings' churn / s_noise values (SIGMA_DEFAULTS' fields) other than their defaults that `sampler` takes
+    (taken=False: those it takes none of)."""
+    return {k: getattr(settings, k) for k, default in SIGMA_DEFAULTS.items()
+            if getattr(settings, k) != default and takes_sigma_param(sampler, k) == taken}
 
 # A1111's "second order" samplers (two model calls a step): it schedules prompt editing over twice their steps
 SECOND_ORDER = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")

@@ -104,6 +104,16 @@ class GenerationSettings:
     initial_noise_multiplier: float = field(default=1.0, metadata=_opt(
         "A1111's 'Noise multiplier for img2img': img2img's (and inpainting's) start noise times this (>= 0); "
         "1 = as drawn"))
+    s_churn: float = field(default=0.0, metadata=_opt(
+        "A1111's 'Sigma churn' (Karras et al.'s S_churn) for Euler, Heun and DPM2: each step first adds noise that "
+        "raises its noise level by the factor 1 + min(this / steps, 0.414) (>= 0; 0 = off, a deterministic run)"))
+    s_tmin: float = field(default=0.0, metadata=_opt(
+        "A1111's 'Sigma tmin': --s-churn only at the steps whose noise level is at least this (>= 0)"))
+    s_tmax: float = field(default=0.0, metadata=_opt(
+        "A1111's 'Sigma tmax': --s-churn only at the steps whose noise level is at most this (>= 0; 0 = no bound)"))
+    s_noise: float = field(default=1.0, metadata=_opt(
+        "A1111's 'Sigma noise': the scale of the noise --s-churn adds and of the noise DPM2 a, DPM++ 2S a, DPM++ SDE, "
+        "DPM++ 2M SDE (Heun), DPM++ 3M SDE and DPM fast add each step (>= 0; 1 = as drawn)"))
 
     @property
     def hires(self) -> bool:
@@ -183,6 +193,10 @@ class GenerationSettings:
         _check_float(self.initial_noise_multiplier, "initial_noise_multiplier")
         if self.initial_noise_multiplier < 0:
             raise ValueError(f"initial_noise_multiplier must be >= 0, got {self.initial_noise_multiplier}")
+        for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+            _check_float(getattr(self, name), name)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         _check_float(self.skip_early_cond, "skip_early_cond")
         if not 0.0 <= self.skip_early_cond <= 1.0:
             raise ValueError(f"skip_early_cond must be in [0, 1], got {self.skip_early_cond}")
@@ -209,12 +223,13 @@ class GenerationSettings:
 
         # raise, listing the valid names
         schedule_types.check_sampler(self.schedule_type, get_sampler(self.sampler).name)
-        if self.eta is not None:
-            from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS, ETA_TAKERS
+        from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS, ETA_TAKERS, SIGMA_TAKERS, sigma_params
 
-            if get_sampler(self.sampler).name not in ETA_SAMPLERS:
-                raise ValueError(f"eta: {A1111_NAMES.get(get_sampler(self.sampler).name, self.sampler)} takes none "
-                                 f"here ({ETA_TAKERS} do)")
+        name = get_sampler(self.sampler).name
+        if self.eta is not None and name not in ETA_SAMPLERS:
+            raise ValueError(f"eta: {A1111_NAMES.get(name, self.sampler)} takes none here ({ETA_TAKERS} do)")
+        for key in sigma_params(self, name, taken=False):
+            raise ValueError(f"{key}: {A1111_NAMES.get(name, self.sampler)} takes none ({SIGMA_TAKERS[key]} do)")
 
     @property
     def seed_resize(self) -> bool:

@@ -479,6 +479,22 @@ def test_cfg_options_are_job_fields_and_options(tmp_path):
     assert sorted(plan) == [["a"], ["b", "c"], ["d"]]
 
 
+def test_sigma_params_are_job_fields(tmp_path):
+    """A1111's sigma churn / noise as job fields: the PNG is Pipeline.generate's for those settings; a sampler that
+    takes none is that job's one-line failure."""
+    jobs = [{"prompt": "a cat", "seed": 1, "id": "churn", "sampler": "euler", "s_churn": 1.5, "s_noise": 1.01},
+            {"prompt": "a cat", "seed": 1, "id": "plain", "sampler": "euler"},
+            {"prompt": "x", "id": "bad", "sampler": "euler_a", "s_churn": 1}]
+    out = str(tmp_path / "out")
+    rows = run(jobs, out=out, defaults=SMALL, **TINY)
+    assert [r["status"] for r in rows] == ["done", "done", "failed"], rows
+    assert rows[2]["error"] == "s_churn: Euler a takes none (Euler, Heun and DPM2 do)"
+    pipe, kw = fastsd.load_pipeline("random:tiny"), dict(steps=2, width=64, height=64, sampler="euler", seed=1)
+    pngs = _png_bytes(out)
+    assert pngs["churn.png"] == _generated_png(pipe, prompt="a cat", s_churn=1.5, s_noise=1.01, **kw)
+    assert pngs["plain.png"] == _generated_png(pipe, prompt="a cat", **kw) != pngs["churn.png"]
+
+
 def test_bad_hires_and_variation_fields_are_that_jobs_one_line_failure(tmp_path, upscalers):
     jobs = [{"prompt": "a cat", "seed": 1, "id": "ok", "hires_scale": 1.5},
             {"prompt": "x", "id": "big", "hires_scale": 9},

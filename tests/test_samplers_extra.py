@@ -942,3 +942,88 @@ def test_eta_is_k_diffusions(sampler, eta):
     assert rel_err(ours, ETA_ORACLES[sampler](den, x.clone(), sigmas, draw, eta)) < bound
     if sampler == "euler_a" and eta == 0:
         assert rel_err(ours, SAMPLERS["euler"](den, x.clone(), sigmas, disable=True)) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------- churn: k-diffusion
+
+def _k_churned(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise):
+    """The head of k-diffusion's sample_euler / sample_heun / sample_dpm_2 steps, transcribed: (x, sigma_hat)."""
+    s = float(sigmas[i])
+    gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= s <= s_tmax else 0.
+    eps = noise_sampler(s, float(sigmas[i + 1])) * s_noise
+    sigma_hat = s * (gamma + 1)
+    if gamma > 0:
+        x = x + eps * (sigma_hat ** 2 - s ** 2) ** 0.5
+    return x, sigma_hat
+
+
+def _k_euler(model, x, sigmas, noise_sampler, *churn):
+    """k-diffusion's sample_euler (s_churn, s_tmin, s_tmax, s_noise), transcribed."""
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _k_churned(x, sigmas, i, noise_sampler, *churn)
+        d = (x - model(x, sigma_hat)) / sigma_hat
+        x = x + d * (float(sigmas[i + 1]) - sigma_hat)
+    return x
+
+
+def _k_heun(model, x, sigmas, noise_sampler, *churn):
+    """k-diffusion's sample_heun, transcribed."""
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _k_churned(x, sigmas, i, noise_sampler, *churn)
+        d = (x - model(x, sigma_hat)) / sigma_hat
+        s_next = float(sigmas[i + 1])
+        dt = s_next - sigma_hat
+        if s_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, s_next)) / s_next
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def _k_dpm_2(model, x, sigmas, noise_sampler, *churn):
+    """k-diffusion's sample_dpm_2, transcribed."""
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _k_churned(x, sigmas, i, noise_sampler, *churn)
+        d = (x - model(x, sigma_hat)) / sigma_hat
+        s_next = float(sigmas[i + 1])
+        if s_next == 0:
+            x = x + d * (s_next - sigma_hat)
+        else:
+            sigma_mid = math.exp(math.log(sigma_hat) + 0.5 * (math.log(s_next) - math.log(sigma_hat)))
+            x_2 = x + d * (sigma_mid - sigma_hat)
+            d_2 = (x_2 - model(x_2, sigma_mid)) / sigma_mid
+            x = x + d_2 * (s_next - sigma_hat)
+    return x
+
+
+CHURN_ORACLES = {"euler": _k_euler, "heun_karras": _k_heun, "dpm2_karras": _k_dpm_2}
+
+
+@pytest.mark.parametrize("churn", [(0.5, 0.0, math.inf, 1.0), (40.0, 0.0, math.inf, 1.003), (1.0, 0.3, 4.0, 0.9)])
+@pytest.mark.parametrize("sampler", list(CHURN_ORACLES))
+def test_churn_is_k_diffusions(sampler, churn):
+    """Euler, Heun and DPM2 with A1111's sigma churn / tmin / tmax / noise are k-diffusion's loops with them, fed the
+    same noise (s_noise as fastsd.pipeline gives it: the noise sampler's scale): one draw every step, churned or not
+    (the third case churns only the steps with sigma in [0.3, 4]; the second hits gamma's sqrt(2) - 1 cap). The
+    churn changes the result; without it no noise is drawn and the result is the plain sampler's, bit for bit."""
+    s_churn, s_tmin, s_tmax, s_noise = churn
+    sigmas = schedule_for(sampler, 10).sigmas.double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64) * float(sigmas[0])
+    noise = {round(float(a), 9): torch.randn(SHAPE, generator=g, dtype=torch.float64) for a in sigmas}
+    asked = []
+    draw = lambda a, b: asked.append(float(a)) or noise[round(float(a), 9)]  # noqa: E731
+    den = gaussian_denoiser(MU)
+    ours = SAMPLERS[sampler](den, x.clone(), sigmas, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                             noise_sampler=lambda a, b: draw(a, b) * s_noise, disable=True)
+    assert len(asked) == len(sigmas) - 1
+    ref = CHURN_ORACLES[sampler](den, x.clone(), sigmas, draw, *churn)
+    assert rel_err(ours, ref) < (1e-6 if sampler.startswith("dpm2") else 1e-10)
+    plain = SAMPLERS[sampler](den, x.clone(), sigmas, disable=True)
+    assert rel_err(ours, plain) > 1e-4
+    asked.clear()
+    unchurned = SAMPLERS[sampler](den, x.clone(), sigmas, s_churn=0.0, noise_sampler=draw, disable=True)
+    assert not asked and torch.equal(unchurned, plain)
+    assert rel_err(plain, CHURN_ORACLES[sampler](den, x.clone(), sigmas, draw, 0.0, 0.0, math.inf, 1.0)) < 1e-6

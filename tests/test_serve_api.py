@@ -196,6 +196,42 @@ def test_eta_runs_for_the_ancestral_samplers_and_ddim_and_is_warned_for_others(c
         client.post("/sdapi/v1/options", json={"eta_ancestral": 1.0, "eta_ddim": 0.0})
 
 
+def test_sigma_churn_and_noise_as_a1111(client):
+    """A1111's request fields s_churn / s_tmin / s_tmax / s_noise run for the samplers that take them (Euler, Heun,
+    DPM2; s_noise also the SDE / ancestral ones but Euler a), written as "Sigma churn" ... in the infotext, which
+    --infotext-style reading gives back; an option of those names other than its default wins over the request's
+    field (A1111's Sampler.initialize); a sampler that takes none gets a warning; a negative value is a 422."""
+    small = {**SMALL, "steps": 3, "seed": 9, "cfg_scale": 3, "sampler_name": "Euler"}
+    plain = client.post("/sdapi/v1/txt2img", json=small)
+    churned = client.post("/sdapi/v1/txt2img", json={**small, "s_churn": 2.0, "s_noise": 1.01, "s_tmax": 20.0})
+    meta = info(churned)
+    assert not meta["warnings"], meta["warnings"]
+    params = parse_infotext(meta["infotexts"][0])[2]
+    assert (params["Sigma churn"], params["Sigma noise"], params["Sigma tmax"]) == ("2.0", "1.01", "20.0")
+    assert "Sigma tmin" not in params and "Sigma churn" not in parse_infotext(info(plain)["infotexts"][0])[2]
+    image = lambda r: np.asarray(decode(r.json()["images"][0]))  # noqa: E731
+    assert not np.array_equal(image(churned), image(plain))
+    r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "DPM++ 2M SDE", "s_noise": 0.9})
+    assert parse_infotext(info(r)["infotexts"][0])[2]["Sigma noise"] == "0.9" and not info(r)["warnings"]
+    r = client.post("/sdapi/v1/txt2img", json={**small, "sampler_name": "Euler a", "s_churn": 1.0, "s_noise": 0.9})
+    assert sorted(w.split(":")[0] for w in info(r)["warnings"]) == ["s_churn 1.0", "s_noise 0.9"]
+    assert "Sigma churn" not in parse_infotext(info(r)["infotexts"][0])[2]
+    r = client.post("/sdapi/v1/txt2img", json={**small, "s_churn": -1})
+    assert r.status_code == 422 and "s_churn must be >= 0, got -1" in r.json()["detail"]
+    try:
+        assert client.post("/sdapi/v1/options", json={"s_churn": 2.0, "s_noise": 1.01, "s_tmax": 20.0}).status_code == 200
+        r = client.post("/sdapi/v1/txt2img", json={**small, "s_churn": 0.5})  # the option wins
+        assert np.array_equal(image(r), image(churned))
+        assert client.get("/sdapi/v1/options").json()["s_churn"] == 2.0
+        r = client.post("/sdapi/v1/txt2img", json={**small, "override_settings": {"s_churn": 0.0, "s_noise": 1.0,
+                                                                                    "s_tmax": 0.0}})
+        assert np.array_equal(image(r), image(plain))
+        r = client.post("/sdapi/v1/options", json={"s_noise": -0.5})
+        assert r.status_code == 422 and "s_noise must be a number >= 0, got -0.5" in r.json()["detail"]
+    finally:
+        client.post("/sdapi/v1/options", json={"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0})
+
+
 def test_img2img_noise_multiplier(client):
     """A1111's initial_noise_multiplier: img2img's request field (not warned any more), else the option of that name;
     in the infotext as "Noise multiplier"; a multiplier changes the image."""

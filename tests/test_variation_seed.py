@@ -338,6 +338,55 @@ def test_ensd_seeds_the_sampler_noise_as_a1111(pipe, sampler):
     assert settings_from_infotext(ensd[1].info["parameters"])[0]["eta_noise_seed_delta"] == 31337
 
 
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm2_karras"])
+def test_sigma_churn_draws_each_images_noise(pipe, sampler):
+    """A1111's sigma churn (tests/test_samplers_extra.py holds the loops to k-diffusion's): its noise comes from each
+    image's generator (image i of a batch is image seed + i alone), so ENSD changes a churned image; s_noise scales
+    it; "Sigma churn" / "Sigma noise" are written and read back; s_tmin above every sigma turns the churn off.
+    (Image seed + i of a batch is compared with the first of a batch from seed + i: a batch of another size may
+    round differently.)"""
+    from fastsd.infotext_settings import settings_from_infotext
+
+    kw = dict(KW, sampler=sampler, guidance_scale=3.0, steps=3)
+    plain = pipe.generate("a cat", seed=4, **kw)[0]
+    batch = pipe.generate("a cat", seed=4, num_images=2, s_churn=2.0, **kw)
+    shifted = pipe.generate("a cat", seed=5, num_images=2, s_churn=2.0, **kw)[0]
+    assert np.array_equal(np.asarray(batch[1]), np.asarray(shifted))
+    churned = pipe.generate("a cat", seed=4, s_churn=2.0, **kw)[0]
+    assert not np.array_equal(np.asarray(churned), np.asarray(plain))
+    ensd = pipe.generate("a cat", seed=4, s_churn=2.0, eta_noise_seed_delta=3, **kw)[0]
+    assert not np.array_equal(np.asarray(ensd), np.asarray(churned)) and "ENSD: 3" in ensd.info["parameters"]
+    assert "ENSD" not in pipe.generate("a cat", seed=4, eta_noise_seed_delta=3, **kw)[0].info["parameters"]
+    noisier = pipe.generate("a cat", seed=4, s_churn=2.0, s_noise=1.05, **kw)[0]
+    assert not np.array_equal(np.asarray(noisier), np.asarray(churned))
+    got = settings_from_infotext(noisier.info["parameters"])[0]
+    assert (got["s_churn"], got["s_noise"]) == (2.0, 1.05)
+    off = pipe.generate("a cat", seed=4, s_churn=2.0, s_tmin=1e4, **kw)[0]
+    assert np.array_equal(np.asarray(off), np.asarray(plain))
+
+
+def test_sigma_params_by_sampler(pipe):
+    """s_noise scales DPM++ 2M SDE's noise (changes its image) but Euler's only through a churn; a sampler that takes
+    none of them refuses them by name; an infotext's value for such a sampler is warned and not read."""
+    from fastsd.infotext_settings import settings_from_infotext
+
+    kw = dict(KW, guidance_scale=3.0, steps=3, seed=2)
+    sde = dict(kw, sampler="dpmpp_2m_sde")
+    assert not np.array_equal(np.asarray(pipe.generate("a cat", s_noise=0.5, **sde)[0]),
+                              np.asarray(pipe.generate("a cat", **sde)[0]))
+    euler = pipe.generate("a cat", s_noise=0.5, **kw)[0]
+    assert np.array_equal(np.asarray(euler), np.asarray(pipe.generate("a cat", **kw)[0]))
+    with pytest.raises(ValueError, match=re.escape("s_churn: Euler a takes none (Euler, Heun and DPM2 do)")):
+        pipe.generate("a cat", s_churn=1.0, **dict(kw, sampler="euler_a"))
+    with pytest.raises(ValueError, match="s_noise: Euler a takes none"):
+        pipe.generate("a cat", s_noise=0.5, **dict(kw, sampler="euler_a"))
+    with pytest.raises(ValueError, match="s_tmax must be >= 0"):
+        pipe.generate("a cat", s_tmax=-1.0, **kw)
+    got, warnings = settings_from_infotext("a cat\nSteps: 4, Sampler: DPM++ 2M, Sigma churn: 1.5, Seed: 1, Size: 64x64")
+    assert "s_churn" not in got and warnings == ["Sigma churn: 1.5: fastsd takes it for Euler, Heun and DPM2 only; "
+                                                 "DPM++ 2M runs without it, ignored"]
+
+
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_karras", "dpmpp_sde"])
 def test_ensd_changes_nothing_without_generator_noise(pipe, sampler):
     """A deterministic sampler draws no sampler noise, and A1111's DPM++ SDE draws its own (a Brownian tree seeded by

@@ -46,7 +46,8 @@ FIELDS = {"id": "id", "prompt": "prompt", "negative_prompt": "negative_prompt", 
 EXTRA = {f: f for f in ("hires_scale", "hires_width", "hires_height", "hires_steps", "hires_strength",
                         "hires_upscaler", "hires_sampler", "hires_prompt", "hires_negative_prompt", "subseed",
                         "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "s_min_uncond",
-                        "s_min_uncond_all", "skip_early_cond", "eta_noise_seed_delta", "eta")}
+                        "s_min_uncond_all", "skip_early_cond", "eta_noise_seed_delta", "eta", "s_churn", "s_tmin",
+                        "s_tmax", "s_noise")}
 EXTRA["hires_scheduler"] = "hires_schedule_type"  # (as scheduler -> schedule_type)
 FIELDS.update(EXTRA, enable_hr="enable_hr")
 HIRES = tuple(f for f in EXTRA.values() if f.startswith("hires_"))  # the settings fields of the hires fix
@@ -59,7 +60,8 @@ ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": 
            "hr_prompt": "hires_prompt", "hr_negative_prompt": "hires_negative_prompt"}
 INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "hires_height", "hires_steps", "subseed",
               "seed_resize_from_w", "seed_resize_from_h", "eta_noise_seed_delta")
-FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond", "eta")
+FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond", "eta",
+                "s_churn", "s_tmin", "s_tmax", "s_noise")
 BOOL_FIELDS = ("enable_hr", "s_min_uncond_all")
 NAME_FIELDS = {"scheduler": "a schedule type's name", "hires_scheduler": "a schedule type's name",
                "hires_sampler": "a sampler's name", "hires_upscaler": "an upscaler's name"}
@@ -99,6 +101,10 @@ class Defaults:
     skip_early_cond: float = 0.0
     eta_noise_seed_delta: int = 0
     eta: float | None = None
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
+    s_noise: float = 1.0
 
     def settings(self) -> GenerationSettings:
         """These defaults as settings (no prompt)."""
@@ -516,8 +522,8 @@ def batch_key(job: Job, chunks: int) -> tuple:
     s = job.settings
     return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras,
             tuple(getattr(s, f) for f in HIRES), s.seed_resize_from_w, s.seed_resize_from_h, s.s_min_uncond,
-            s.s_min_uncond_all, s.skip_early_cond, s.eta_noise_seed_delta, s.eta,
-            job.id if s.subseed_strength > 0 else None)
+            s.s_min_uncond_all, s.skip_early_cond, s.eta_noise_seed_delta, s.eta, s.s_churn, s.s_tmin, s.s_tmax,
+            s.s_noise, job.id if s.subseed_strength > 0 else None)
 
 
 def prompt_chunks(job: Job, tokenizer) -> int:

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from fastsd.lora import lora_alias, lora_metadata
+from fastsd.samplers import SIGMA_DEFAULTS
 from fastsd.serve.auth import Auth
 from fastsd.serve.generation import a1111_names, build_plan, check_sampling_options, encode_png, png_info, run_plan
 from fastsd.serve.jobqueue import Cancelled, Job, JobQueue, QueueFull
@@ -40,11 +41,12 @@ class ServerState:
     auth: Auth | None = None
     clip_skip: int = 1                      # A1111's CLIP_stop_at_last_layers option
     # A1111's sampling options that are GenerationSettings' fields of their names: Skip Early CFG, NGMS all steps, ENSD,
-    # the img2img noise multiplier (a request's initial_noise_multiplier wins); and eta_ancestral / eta_ddim, the eta
-    # field's value where a request gives none (for the samplers that take one)
+    # the img2img noise multiplier (a request's initial_noise_multiplier wins); eta_ancestral / eta_ddim, the eta
+    # field's value where a request gives none (for the samplers that take one); and sigma churn / tmin / tmax / noise,
+    # which win over a request's fields unless at their defaults (A1111's Sampler.initialize)
     sampling_options: dict = field(default_factory=lambda: {"skip_early_cond": 0.0, "s_min_uncond_all": False,
                                                             "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
-                                                            "eta_ancestral": 1.0, "eta_ddim": 0.0})
+                                                            "eta_ancestral": 1.0, "eta_ddim": 0.0, **SIGMA_DEFAULTS})
     styles: dict = field(default_factory=dict)  # {name: fastsd.styles.PromptStyle} of --styles-file, read at start
     upscalers: Upscalers = field(default_factory=lambda: Upscalers(None))  # --upscaler-dir's models
     vaes: Vaes = field(default_factory=lambda: Vaes(None))  # --vae-dir's files and the sd_vae option

@@ -23,7 +23,7 @@ from fastsd import hires, masking
 from fastsd.lora import drop_tags, parse_prompt, strip_tags
 from fastsd.a1111 import hires_scheduled, image_infotext, scheduled
 from fastsd.schedule_types import split_joint
-from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS
+from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS, SIGMA_DEFAULTS, SIGMA_TAKERS, takes_sigma_param
 from fastsd.serve.jobqueue import Cancelled
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
@@ -230,15 +230,35 @@ ETA_OPTIONS = ("eta_ancestral", "eta_ddim")  # A1111's options for the eta field
 
 def check_sampling_options(options: dict) -> None:
     """A1111's Skip Early CFG / NGMS all steps / ENSD / noise multiplier options (GenerationSettings' fields of their
-    names) as GenerationSettings.validate checks them, and its eta options: BadRequest naming the option."""
-    for key in ETA_OPTIONS:
-        v = options.get(key, 0.0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1):
-            raise BadRequest(f"{key} must be a number in [0, 1], got {v!r}")
+    names) as GenerationSettings.validate checks them, its eta options, and its sigma churn / tmin / tmax / noise
+    options (numbers >= 0, whatever the sampler): BadRequest naming the option."""
+    for key in (*ETA_OPTIONS, *SIGMA_DEFAULTS):
+        v, top = options.get(key, 0.0), 1 if key in ETA_OPTIONS else math.inf
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= top):
+            raise BadRequest(f"{key} must be a number in [0, 1], got {v!r}" if key in ETA_OPTIONS else
+                             f"{key} must be a number >= 0, got {v!r}")
     try:
-        GenerationSettings(**{k: v for k, v in options.items() if k not in ETA_OPTIONS}).validate()
+        GenerationSettings(**{k: v for k, v in options.items() if k not in ETA_OPTIONS and k not in SIGMA_DEFAULTS}
+                           ).validate()
     except (TypeError, ValueError) as e:
         raise BadRequest(str(e)) from None
+
+
+def _sigma_params(req, sampler: str, options: dict, warnings: list[str]) -> dict:
+    """A1111's sigma churn / tmin / tmax / noise of a request, as its Sampler.initialize takes them: an option (of
+    the server or override_settings) other than its default wins, else the request's field; those `sampler` takes
+    none of are dropped (a warning for a request's value)."""
+    out = {}
+    for key, default in SIGMA_DEFAULTS.items():
+        asked, option = getattr(req, key), options.pop(key)
+        value = option if option != default else asked if asked is not None else default
+        if value != default and not takes_sigma_param(sampler, key):
+            if asked not in (None, default):
+                warnings.append(f"{key} {asked}: {A1111_NAMES.get(sampler, sampler)} takes none (fastsd: "
+                                f"{SIGMA_TAKERS[key]} do), ignored")
+            value = default
+        out[key] = value
+    return out
 
 
 def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings: list[str]
@@ -310,6 +330,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     model, clip_skip, vae, sampling = _overrides(req, server, warnings)
     eta_option = {k: sampling.pop(k) for k in ETA_OPTIONS}["eta_ddim" if sampler == "ddim" else "eta_ancestral"]
     eta = (eta_option if req.eta is None else req.eta) if sampler in ETA_SAMPLERS else None  # (checked as a field)
+    sigma = _sigma_params(req, sampler, sampling, warnings)
     prompt = drop_tags(req.prompt) if req.disable_extra_networks else req.prompt
     loras = server.networks.parse(prompt)
     hires_prompts = (strip_tags(req.hr_prompt or ""), req.hr_negative_prompt or "") \
@@ -322,7 +343,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
                            size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
                            subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings, server.upscalers),
                            **_seed_resize(req, limits, warnings), schedule_type=schedule_type,
-                           s_min_uncond=req.s_min_uncond or 0.0, eta=eta, **sampling)
+                           s_min_uncond=req.s_min_uncond or 0.0, eta=eta, **sigma, **sampling)
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:

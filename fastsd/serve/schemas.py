@@ -14,9 +14,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-# k-diffusion's sampler options: values that change nothing (None = A1111's default) are not reported.
-K_DIFFUSION_DEFAULTS = {"s_churn": (None, 0.0), "s_tmin": (None, 0.0),
-                        "s_tmax": (None, 0.0), "s_noise": (None, 1.0)}
 # half of a UTF-16 pair, alone: JSON's "\ud800" escape reads as one, but it is not Unicode text
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -99,9 +96,6 @@ class _Request(_Body):
             if getattr(self, name):
                 notes.append(f"{name}: not supported, ignored" + ("; the server saves no files" if name == "save_images"
                                                                    else ""))
-        for name, defaults in K_DIFFUSION_DEFAULTS.items():
-            if getattr(self, name) not in defaults:
-                notes.append(f"{name} {getattr(self, name)}: not supported (fastsd uses {defaults[1]}), ignored")
         if self.override_settings and not self.override_settings_restore_afterwards:
             notes.append("override_settings_restore_afterwards false: not supported; override_settings applied to "
                          "this request only (POST /sdapi/v1/options sets them for later ones)")
@@ -177,6 +171,10 @@ class OptionsRequest(_Body):
     initial_noise_multiplier: float | None = None  # A1111's "Noise multiplier for img2img"
     eta_ancestral: float | None = None  # A1111's eta of its ancestral samplers (a request's eta wins)
     eta_ddim: float | None = None  # A1111's eta of DDIM (likewise)
+    s_churn: float | None = None  # A1111's "sigma churn" (and tmin, tmax, noise): they win over a request's fields
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
 
 
 class PNGInfoRequest(_Body):
