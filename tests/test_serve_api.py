@@ -219,7 +219,8 @@ def test_sigma_churn_and_noise_as_a1111(client):
     r = client.post("/sdapi/v1/txt2img", json={**small, "s_churn": -1})
     assert r.status_code == 422 and "s_churn must be >= 0, got -1" in r.json()["detail"]
     try:
-        assert client.post("/sdapi/v1/options", json={"s_churn": 2.0, "s_noise": 1.01, "s_tmax": 20.0}).status_code == 200
+        options = {"s_churn": 2.0, "s_noise": 1.01, "s_tmax": 20.0}
+        assert client.post("/sdapi/v1/options", json=options).status_code == 200
         r = client.post("/sdapi/v1/txt2img", json={**small, "s_churn": 0.5})  # the option wins
         assert np.array_equal(image(r), image(churned))
         assert client.get("/sdapi/v1/options").json()["s_churn"] == 2.0
