@@ -31,7 +31,7 @@ from fastsd.backends.cpu_attention_native import attention_native
 from fastsd.backends.cpu_pack import LINEAR_EXAMPLE_ROWS, keep_temporaries_mapped, packing_unavailable
 from fastsd.cpuinfo import cpu_model, isa_label, native_bf16
 from fastsd.models.layers import BasicTransformerBlock
-from fastsd.cli import ArgumentParser, positive_int
+from fastsd.cli import ArgumentParser, positive_int, thread_count
 
 ATTENTION = [(4096, 4096, 40, 8), (1024, 1024, 80, 8), (256, 256, 160, 8), (4096, 77, 40, 8), (4096, 4096, 512, 1)]
 CONV = [(320, 320, 64, 3), (640, 640, 32, 3), (1280, 1280, 32, 3), (1280, 1280, 16, 3), (2560, 1280, 16, 3),
@@ -167,7 +167,7 @@ def rows(repeat: int, all_dtypes: bool = False):
 def main(argv=None) -> None:
     ap = ArgumentParser(prog="python -m fastsd.benchmarks.cpu_paths", description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=positive_int, default=5)
-    ap.add_argument("--threads", type=positive_int, default=None)
+    ap.add_argument("--threads", type=thread_count, default=None)
     ap.add_argument("--all-dtypes", action="store_true", help="time bf16 even where it is emulated (slow)")
     a = ap.parse_args(argv)
     if a.threads:

@@ -14,7 +14,7 @@ import json
 import time
 
 from .common import check_model_and_res
-from fastsd.cli import ArgumentParser, positive_int
+from fastsd.cli import ArgumentParser, positive_int, thread_count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the CPU's default)")
     ap.add_argument("--steps", type=positive_int, default=2)
-    ap.add_argument("--threads", type=positive_int, default=None)
+    ap.add_argument("--threads", type=thread_count, default=None)
     a = ap.parse_args(argv)
     check_model_and_res(ap, a.model, a.res)
     import torch

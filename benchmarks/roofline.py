@@ -19,7 +19,7 @@ import sys
 import time
 
 from .common import check_model_and_res, git_commit, isa_fields, timestamp, versions
-from fastsd.cli import ArgumentParser, positive_int
+from fastsd.cli import ArgumentParser, positive_int, thread_count
 
 GEMM_SHAPES = ((4096, 4096, 4096), (2048, 2048, 2048), (4096, 320, 1280), (4096, 1280, 320), (1024, 640, 2560))
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cfg", type=float, default=1.0, help="guidance scale: > 1 runs the UNet at batch 2")
     ap.add_argument("--vae", default="taesd", choices=["taesd", "kl"])
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fastsd's default")
-    ap.add_argument("--threads", type=positive_int, default=None)
+    ap.add_argument("--threads", type=thread_count, default=None)
     ap.add_argument("--repeat", type=positive_int, default=5, help="timed calls per GEMM shape (the best counts)")
     ap.add_argument("--target", type=float, default=7.0, help="seconds per image to compare the floor with")
     ap.add_argument("--json", help="append the result row to this JSONL file")

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from .common import git_commit, isa_fields, timestamp, versions
-from fastsd.cli import ArgumentParser, positive_int
+from fastsd.cli import ArgumentParser, positive_int, thread_count
 
 MODELS = {"rrdb": ("ESRGAN", dict(blocks=23)), "anime6b": ("ESRGAN", dict(blocks=6)),
           "compact": ("Compact", dict(convs=32)), "swinir": ("SwinIR", {})}
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tile", type=int, default=192)
     ap.add_argument("--backend", default="cpu", help="the backend that prepares the model as a pipeline's would")
     ap.add_argument("--repeat", type=positive_int, default=1)
-    ap.add_argument("--threads", type=positive_int, default=None)
+    ap.add_argument("--threads", type=thread_count, default=None)
     ap.add_argument("--json", help="append the result rows to this JSONL file")
     args = ap.parse_args(argv)
 

@@ -117,6 +117,8 @@ def from_ldm_file(path: str) -> Checkpoint:
                        unet=convert.unet_config_from_ldm(parts["unet"]))
     except KeyError as e:
         raise CheckpointError(f"{path}: not a Stable Diffusion 1.x checkpoint (missing {e.args[0]})") from None
+    except CheckpointError as e:  # (a config's tensor of a wrong shape)
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x checkpoint ({e})") from None
     if cfg.unet.context_dim != 768 and cfg.unet.context_dim != cfg.clip.hidden_size:
         raise CheckpointError(f"{path}: UNet cross-attention width {cfg.unet.context_dim} does not match the text "
                               f"encoder's {cfg.clip.hidden_size} (Stable Diffusion 2.x?)")

@@ -131,6 +131,10 @@ def int_in(lo: int, hi: int | None = None, *, multiple: int = 1):
     return parse
 
 
+MAX_THREADS = 1024  # beyond it OpenMP fails to start its threads (or crashes) on an ordinary machine
+thread_count = int_in(1, MAX_THREADS)  # the argparse type of every --threads
+
+
 def float_in(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = True):
     """An argparse type: a finite number in the range [lo, hi) (or (lo, ...) with lo_open)."""
     def parse(s: str) -> float:

@@ -188,9 +188,18 @@ def _count(refs: dict[str, TensorRef], pattern: str) -> int:
     return len({m.group(1) for k in refs if (m := rx.match(k))})
 
 
+def _weight_shape(refs: dict[str, TensorRef], key: str, rank: int) -> tuple[int, ...]:
+    """The shape of tensor `key` (KeyError when there is none), a config is read from: CheckpointError (without the
+    file's name: the caller's message has it) unless it has `rank` dims, none of them 0."""
+    shape = tuple(refs[key].shape)
+    if len(shape) != rank or 0 in shape:
+        raise CheckpointError(f"tensor {key} has shape {shape}, not a {rank}-d layer weight")
+    return shape
+
+
 def unet_config_from_ldm(refs: dict[str, TensorRef]) -> UNetConfig:
-    mc, cin = refs["input_blocks.0.0.weight"].shape[:2]
-    out_ch = refs["out.2.weight"].shape[0]
+    mc, cin = _weight_shape(refs, "input_blocks.0.0.weight", 4)[:2]
+    out_ch = _weight_shape(refs, "out.2.weight", 4)[0]
     n_in = _count(refs, r"input_blocks\.(\d+)\.")
     n_levels = _count(refs, r"input_blocks\.(\d+)\.0\.op\.") + 1
     per = (n_in - 1 + 1) // n_levels  # resnets + downsample per level (the last level has no downsample)
@@ -198,31 +207,31 @@ def unet_config_from_ldm(refs: dict[str, TensorRef]) -> UNetConfig:
     mults, attn = [], []
     for level in range(n_levels):
         first = 1 + level * per
-        mults.append(refs[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        mults.append(_weight_shape(refs, f"input_blocks.{first}.0.out_layers.3.weight", 4)[0] // mc)
         attn.append(f"input_blocks.{first}.1.proj_in.weight" in refs)
-    ctx = refs["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    ctx = _weight_shape(refs, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2)[1]
     cond_proj = refs.get(LCM_COND_PROJ)  # (an LCM-distilled UNet: diffusers' key, which its LDM converter keeps)
     return UNetConfig(in_channels=cin, out_channels=out_ch, model_channels=mc, channel_mult=tuple(mults),
                       num_res_blocks=nres, attention_levels=tuple(attn), context_dim=ctx,
-                      time_cond_proj_dim=None if cond_proj is None else cond_proj.shape[1])
+                      time_cond_proj_dim=None if cond_proj is None else _weight_shape(refs, LCM_COND_PROJ, 2)[1])
 
 
 def vae_config_from_ldm(refs: dict[str, TensorRef]) -> VAEConfig:
-    ch, cin = refs["encoder.conv_in.weight"].shape[:2]
-    n_levels = _count(refs, r"encoder\.down\.(\d+)\.")
+    ch, cin = _weight_shape(refs, "encoder.conv_in.weight", 4)[:2]
+    n_levels = max(1, _count(refs, r"encoder\.down\.(\d+)\."))  # (none: the KeyError of level 0's)
     nres = _count(refs, r"encoder\.down\.0\.block\.(\d+)\.")
-    mults = tuple(refs[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(n_levels))
+    mults = tuple(_weight_shape(refs, f"encoder.down.{i}.block.0.conv2.weight", 4)[0] // ch for i in range(n_levels))
+    z, embed = _weight_shape(refs, "post_quant_conv.weight", 4)[:2]
     return VAEConfig(ch=ch, ch_mult=mults, num_res_blocks=nres, in_channels=cin,
-                     out_ch=refs["decoder.conv_out.weight"].shape[0], z_channels=refs["post_quant_conv.weight"].shape[0],
-                     embed_dim=refs["post_quant_conv.weight"].shape[1])
+                     out_ch=_weight_shape(refs, "decoder.conv_out.weight", 4)[0], z_channels=z, embed_dim=embed)
 
 
 def clip_config_from_ldm(refs: dict[str, TensorRef]) -> CLIPConfig:
-    vocab, hidden = refs["text_model.embeddings.token_embedding.weight"].shape
+    vocab, hidden = _weight_shape(refs, "text_model.embeddings.token_embedding.weight", 2)
     return CLIPConfig(vocab_size=vocab, hidden_size=hidden,
-                      intermediate_size=refs["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                      intermediate_size=_weight_shape(refs, "text_model.encoder.layers.0.mlp.fc1.weight", 2)[0],
                       num_layers=_count(refs, r"text_model\.encoder\.layers\.(\d+)\."), num_heads=max(1, hidden // 64),
-                      max_positions=refs["text_model.embeddings.position_embedding.weight"].shape[0])
+                      max_positions=_weight_shape(refs, "text_model.embeddings.position_embedding.weight", 2)[0])
 
 
 def _taesd_stages(refs: dict[str, TensorRef], part: str) -> tuple[list[int], list[int]]:
@@ -238,14 +247,15 @@ def taesd_config_from_keys(refs: dict[str, TensorRef], scale_factor: float = 1.0
     dconv, dblocks = _taesd_stages(refs, "decoder")
     if len(dconv) < 2:
         raise CheckpointError("no TAESD decoder weights (decoder.N.weight)")
-    c, latent = refs[f"decoder.{dconv[0]}.weight"].shape[:2]
-    cfg = TAESDConfig(channels=c, latent_channels=latent, image_channels=refs[f"decoder.{dconv[-1]}.weight"].shape[0],
+    c, latent = _weight_shape(refs, f"decoder.{dconv[0]}.weight", 4)[:2]
+    cfg = TAESDConfig(channels=c, latent_channels=latent,
+                      image_channels=_weight_shape(refs, f"decoder.{dconv[-1]}.weight", 4)[0],
                       decoder_blocks=tuple(dblocks), encoder_blocks=(1,) + (3,) * (len(dblocks) - 1),
                       scale_factor=scale_factor)
     econv, eblocks = _taesd_stages(refs, "encoder")
     if econv:
-        ec, img = refs[f"encoder.{econv[0]}.weight"].shape[:2]
-        elatent = refs[f"encoder.{econv[-1]}.weight"].shape[0]
+        ec, img = _weight_shape(refs, f"encoder.{econv[0]}.weight", 4)[:2]
+        elatent = _weight_shape(refs, f"encoder.{econv[-1]}.weight", 4)[0]
         if (ec, elatent, len(eblocks)) != (c, latent, len(dblocks)):
             raise CheckpointError(f"TAESD encoder ({ec} channels, {elatent} latent channels, {len(eblocks)} stages) "
                                   f"does not match its decoder ({c}, {latent}, {len(dblocks)})")

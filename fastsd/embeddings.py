@@ -15,6 +15,7 @@ of those token embeddings (the model's weights are never touched).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,9 @@ def _vectors(data, path: str) -> torch.Tensor:
             raise CheckpointError(f"{path}: string_to_param holds {len(tensors)} entries; an embedding has one")
         return tensors[0]
     if "emb_params" in data:  # A1111 .safetensors
+        if not isinstance(data["emb_params"], torch.Tensor):
+            raise CheckpointError(f"{path}: emb_params holds a {type(data['emb_params']).__name__}; an embedding "
+                                  "holds a tensor there")
         return data["emb_params"]
     if "clip_l" in data or "clip_g" in data:
         raise CheckpointError(f"{path}: an SDXL embedding (clip_l / clip_g); fastsd runs Stable Diffusion 1.x")
@@ -97,6 +101,15 @@ def _vectors(data, path: str) -> torch.Tensor:
         return tensors[0]
     raise CheckpointError(f"{path}: not a textual-inversion embedding (no string_to_param or emb_params; keys "
                           f"{', '.join(list(map(str, data))[:5])})")
+
+
+def _is_text(name: str) -> bool:
+    """Whether a name is Unicode text (not a file name's undecodable bytes, which Python holds as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _name(path: str) -> str:
@@ -125,6 +138,12 @@ class Embeddings:
             found = [path]
         else:
             raise CheckpointError(f"{path}: no such file or folder")
+        unusable = [p for p in found if not _is_text(_name(p))]  # (bytes that are not UTF-8: no prompt writes them)
+        if unusable:
+            warnings.warn(f"embeddings whose file names are not UTF-8 text, which no prompt can name, skipped: "
+                          f"{', '.join(repr(p) for p in unusable[:3])}" + (" ..." if len(unusable) > 3 else ""),
+                          stacklevel=2)
+            found = [p for p in found if p not in unusable]
         names = [_name(p) for p in found]
         added: set[str] = set()
         for name, p, ids in zip(names, found, self.tokenizer.encode_batch(names)):

@@ -15,7 +15,7 @@ import typing
 import warnings
 
 from fastsd.cli import (ArgumentParser, HelpFormatter, add_backend_arg, fail, int_in, one_line_warnings, positive_int,
-                        run_summary, set_threads)
+                        run_summary, set_threads, thread_count)
 from fastsd.settings import FIELDS, GenerationSettings
 
 MODEL_ENV = "FASTSD_MODEL"
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(original)")
     p.add_argument("--out", default="outputs", help="output folder (numbered names NNNNN-SEED.png), or a .png path "
                    "for a single image")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out FILE.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out FILE.png (and --preview file)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: fp16 on cuda; bf16 on a cpu with native bf16 (AVX512-BF16/AMX), else fp32")
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (CUDA: CUDA graphs; "
                    "CPU: Inductor C++ instead of the cpu backend, measured slower there); the first image pays the "
                    "compile time")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the physical cores)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the physical cores)")
     p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
     p.add_argument("--tiled-vae", action="store_true", help="always decode/encode the VAE in tiles "
                    "(automatic above 1024 px a side)")
@@ -165,6 +165,8 @@ def check_out(out: str, n: int, overwrite: bool) -> tuple[str, str | None]:
     only with --overwrite) or a folder this process can create files in."""
     from fastsd.files import check_writable_folder
 
+    if not out.strip():
+        raise ValueError("--out: an empty path; give a .png path or a folder")
     ext = os.path.splitext(out)[1].lower()
     if ext in IMAGE_EXTS:
         raise ValueError(f"--out {out}: fastsd writes PNG (the infotext lives in its text chunk); give a .png path "
@@ -196,6 +198,8 @@ def check_extras(args: argparse.Namespace, out_file: str | None) -> str | None:
             raise ValueError(f"--preview {args.preview}: is a folder")
         if out_file is not None and os.path.abspath(out_file) == os.path.abspath(args.preview):
             raise ValueError(f"--preview {args.preview}: is the --out file")
+        if os.path.exists(args.preview) and not args.overwrite:
+            raise ValueError(f"--preview {args.preview}: the file exists (--overwrite replaces it)")
         folder = os.path.dirname(os.path.abspath(args.preview))
         if not os.path.isdir(folder):
             raise ValueError(f"--preview {args.preview}: folder {folder} does not exist")

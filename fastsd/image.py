@@ -186,11 +186,20 @@ def png_writer(image: Image.Image, infotext: str | None = None, texts: dict[str,
     their own (A1111's "postprocessing"), for fastsd.files."""
     info = PngImagePlugin.PngInfo()
     if infotext:
-        info.add_text("parameters", infotext)
+        info.add_text("parameters", _png_text(infotext))
     for key, text in (texts or {}).items():
         if text:
-            info.add_text(key, text)
+            info.add_text(key, _png_text(text))
     return lambda path: image.save(path, format="PNG", pnginfo=info)
+
+
+def _png_text(text: str) -> str:
+    """Text a PNG chunk can hold (UTF-8): the bytes of a file name that is not UTF-8 (which Python gives as
+    surrogate escapes, and which an infotext names) written as \\xNN, any other lone surrogate as \\udNNN."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def save_png(image: Image.Image, path: str, infotext: str | None = None, *, overwrite: bool = True) -> str:

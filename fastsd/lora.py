@@ -56,6 +56,7 @@ from fastsd.tensorfile import CheckpointError, TensorRef, read_header, read_tens
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
 LORA_DIR_ENV = "FASTSD_LORA_DIR"
 Weight = float | tuple[float, float]  # a LoRA's multiplier for both models, or (text encoder, UNet)
+FP32_MAX = float(torch.finfo(torch.float32).max)  # a scale beyond it can't go into the fp32 merge (NaN fails too)
 MERGE_BLOCK_BYTES = 1 << 20  # fp32 scratch per block of output rows while merging (about an L2 cache)
 MAX_WEIGHT = 1000.0  # the largest |weight| taken: A1111 takes any number, but so far past the usual -5..5 a merge
                      # only gives noise or overflows the weights
@@ -255,6 +256,9 @@ def _peft_scales(path: str) -> dict[str, dict]:
         meta = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: its lora_adapter_metadata header is not JSON") from None
+    except (ValueError, RecursionError) as e:  # (a number of over 4300 digits; arrays nested thousands deep)
+        why = "nested too deep" if isinstance(e, RecursionError) else "a number too long to read"
+        raise CheckpointError(f"{path}: its lora_adapter_metadata header can't be read ({why})") from None
     if not isinstance(meta, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(meta), "a number")
         raise CheckpointError(f"{path}: its lora_adapter_metadata header is {kind}, not a JSON object")
@@ -379,7 +383,7 @@ def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dic
         cfg = peft.get("unet" if target[0] == "unet" else "text_encoder", {})
         scale = None if layer.startswith("lora_") else _peft_scale(cfg, target[1])  # kohya files have no PEFT config
         scale = 1.0 if scale is None else scale
-    if not (math.isfinite(scale) and torch.isfinite(down.sum(dtype=torch.float32))
+    if not (abs(scale) <= FP32_MAX and torch.isfinite(down.sum(dtype=torch.float32))
             and torch.isfinite(up.sum(dtype=torch.float32))):  # sums: fast
         raise CheckpointError(f"{path}: {layer} holds NaN, infinite or absurdly large values")
     return LoraLayer(target[0], name, layer, down, up, scale)
@@ -568,7 +572,7 @@ def _lycoris_layer(path: str, target: tuple[str, str], name: str, layer: str, ki
         if alpha.numel() != 1:
             raise CheckpointError(f"{path}: {layer}.alpha has shape {tuple(alpha.shape)}, not one number")
         scale = float(alpha) / dim
-    if not (math.isfinite(scale) and all(torch.isfinite(t.sum()) for t in factors.values())):
+    if not (abs(scale) <= FP32_MAX and all(torch.isfinite(t.sum()) for t in factors.values())):
         raise CheckpointError(f"{path}: {layer} holds NaN, infinite or absurdly large values")
     return LoraLayer(target[0], name, layer, None, None, scale, kind, factors)
 

@@ -579,8 +579,8 @@ class Pipeline:
         (LoRAs and embeddings with such values are refused when they load), else the usual causes."""
         from fastsd.checkpoint import damaged_weights
 
-        why = damaged_weights(unet=self.unet, clip=self.clip) or ("a LoRA, an embedding or a guidance scale far out "
-                                                                  "of range (or a model that overflows this dtype)")
+        why = damaged_weights(unet=self.unet, clip=self.clip, vae=self.vae) or (
+            "a LoRA, an embedding or a guidance scale far out of range (or a model that overflows this dtype)")
         raise ValueError(f"the sampling gave NaN or infinite values at step {step} in {str(dtype)[6:]}: {why}")
 
     @torch.no_grad()
@@ -695,6 +695,12 @@ class Pipeline:
                     out = run()
                 finally:
                     vae.to(self.dtype)
+        if not torch.isfinite(out).all():  # (no black image: a damaged VAE file is named)
+            from fastsd.checkpoint import damaged_weights
+
+            why = damaged_weights(vae=self.vae) or "latents far out of range"
+            why = why.replace("the model file", "the VAE file") if self._vae_file is not None else why
+            raise ValueError(f"the VAE decode gave NaN or infinite values in {str(out.dtype)[6:]}: {why}")
         return out
 
 

@@ -228,7 +228,28 @@ def torch_load(path: str):
     except Exception as e:  # truncated zip, not a pickle at all, ...
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    odd = _odd_tensor(sd)
+    if odd is not None:
+        raise CheckpointError(f"{path}: {odd}; model files hold plain tensors of real numbers")
     return sd
+
+
+def _odd_tensor(obj, where: str = "", depth: int = 0) -> str | None:
+    """What the first tensor in a loaded pickle's dicts / lists that is not a plain (strided, real-valued, holding
+    data) tensor is, with where it sits; None when there is none. weights_only pickles may hold sparse, meta,
+    quantized or complex tensors, which nothing here reads."""
+    if isinstance(obj, torch.Tensor):
+        kind = ("a sparse" if obj.layout != torch.strided else "a meta (data-less)" if obj.is_meta else
+                "a quantized" if obj.is_quantized else "a complex" if obj.is_complex() else None)
+        return f"{shown(where) if where else 'it'} is {kind} tensor" if kind else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    if depth > 20:
+        return None
+    for k, v in items:
+        odd = _odd_tensor(v, f"{where}.{k}" if where else str(k), depth + 1)
+        if odd is not None:
+            return odd
+    return None
 
 
 def read_pickle_checkpoint(path: str, wrappers: tuple[str, ...] = ("state_dict",)) -> dict[str, TensorRef]:

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from fastsd.cli import ArgumentParser, HelpFormatter, fail, one_line_warnings, positive_int, set_threads
+from fastsd.cli import ArgumentParser, HelpFormatter, fail, one_line_warnings, positive_int, set_threads, thread_count
 
 BUILTIN = ("Lanczos", "Nearest")
 MAX_SCALE = 8.0  # A1111's upscaling_resize slider
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="the model's dtype (default: bf16 where "
                    "this CPU computes it faster, else fp32; fp32 on CUDA)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the physical cores)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the physical cores)")
     return p
 
 

@@ -19,6 +19,7 @@ named. Every error is a one-line CheckpointError.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -118,9 +119,10 @@ def _taesd_diffusers_folder(root: Path, cfg: dict) -> VAESource:
                       ("shift_factor", 0.0)):
         if (cfg.get(key) or want) != want:
             raise CheckpointError(f"{root}: an AutoencoderTiny with {key} {cfg[key]!r}; fastsd runs TAESD's {want!r}")
-    scale = cfg.get("scaling_factor") or 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise CheckpointError(f"{root}: scaling_factor {scale!r} in config.json is not a number")
+    scale = 1.0 if cfg.get("scaling_factor") is None else cfg["scaling_factor"]  # (AutoencoderTiny's default)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise CheckpointError(f"{root}: scaling_factor {scale!r} in config.json is not a finite positive number "
+                              "(TAESD's is 1.0)")
     refs = convert.rename(_folder_weights(root, ("diffusion_pytorch_model",)), convert.TAESD_RULES)
     return _taesd_source(refs, root.name, None, str(root), scale=float(scale))
 
@@ -199,4 +201,6 @@ def _kl_file(path: str, refs: dict[str, TensorRef]) -> VAESource:
         cfg = convert.vae_config_from_ldm(vae)
     except KeyError as e:
         raise CheckpointError(f"{path}: not a complete VAE (no {e.args[0]})") from None
+    except CheckpointError as e:  # (a config's tensor of a wrong shape)
+        raise CheckpointError(f"{path}: not a VAE of Stable Diffusion 1.x ({e})") from None
     return VAESource("kl", cfg, vae, os.path.basename(path), path, path)

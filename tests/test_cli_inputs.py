@@ -243,7 +243,7 @@ def test_openvino_auto_missing_model_is_one_line(tmp_path, capsys):
     ("fastsd.kernels.report", ["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
     ("fastsd.kernels.report", ["--res", "100"], "--res: expected an integer from 64 to 4096, a multiple of 8, got 100"),
     ("fastsd.kernels.traffic", ["--res", "0"], "--res: expected an integer from 64 to 4096, a multiple of 8, got 0"),
-    ("fastsd.backends.openvino_auto", ["--threads", "0"], "--threads: expected a positive integer"),
+    ("fastsd.backends.openvino_auto", ["--threads", "0"], "--threads: expected an integer from 1 to 1024"),
     ("fastsd.backends.openvino_auto", ["--res", "-64"], "--res: expected an integer from 64 to 4096"),
     ("fastsd.kernels.report", ["--project", "nope"], "--project: invalid choice: 'nope'"),
     ("fastsd.kernels.report", ["--ptx-dir", "/proc/no/such"], "--ptx-dir /proc/no/such: can't be made"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fastsd.cli import ArgumentParser, int_in, positive_int
+from fastsd.cli import ArgumentParser, int_in, thread_count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="random:sd15", help="weights do not matter for speed (default random:sd15)")
     ap.add_argument("--res", type=int_in(64, 4096, multiple=8), default=512, help="image side in px (default 512)")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: the CPU's default dtype")
-    ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: torch's)")
     a = ap.parse_args(argv)
     import torch
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastsd.cli import ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int
+from fastsd.cli import (ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int,
+                        thread_count)
 from fastsd.generate import _settings_options, default_model
 
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda; none given: cuda when available")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="as python -m fastsd.generate")
     add_backend_arg(p)
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process; none given: the "
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads per process; none given: the "
                    "physical cores, on Ray --cpus-per-worker")
     p.add_argument("--allow-large", action="store_true", help="allow width/height above 4096")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

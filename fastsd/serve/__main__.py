@@ -12,7 +12,8 @@ import socket
 import sys
 import warnings
 
-from fastsd.cli import ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int, run_summary, set_threads
+from fastsd.cli import (ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int,
+                        run_summary, set_threads, thread_count)
 from fastsd.serve.limits import Limits
 
 TOKEN_ENV = "FASTSD_SERVE_TOKEN"
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="as python -m fastsd.generate")
     add_backend_arg(p)
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the physical cores)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the physical cores)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="what the server logs (uvicorn's and fastsd's)")
     return p

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fastsd.config import SchedulerConfig, UNetConfig
-from fastsd.cli import ArgumentParser, float_in, int_in, positive_int, require, usage_error
+from fastsd.cli import ArgumentParser, float_in, int_in, positive_int, require, thread_count, usage_error
 from fastsd.files import atomic_write
 from fastsd.train.datasets import (DATASETS, Dataset, DatasetError, available_memory, check_path, load_dataset,
                                    resize)
@@ -525,7 +525,6 @@ MAX_WIDTH = 4096  # --model-channels, --context-dim
 MAX_LEVELS = 8
 MAX_MULT = 64
 MAX_RES_BLOCKS = 32
-MAX_THREADS = 1024
 MAX_SEED = 2 ** 63 - 2  # torch's generators take 64-bit seeds; the data generator uses seed + 1
 
 
@@ -591,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="require a checkpoint in --out and continue it")
     g.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
-    p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
