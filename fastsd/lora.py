@@ -899,6 +899,8 @@ def parse_prompt(prompt: str) -> tuple[str, list[tuple[str, Weight]]]:
         kind, args = m[1], m[2].split(":")
         if kind not in ("lora", "lyco"):
             raise ValueError(f"prompt: {m[0]}: fastsd reads <lora:NAME:WEIGHT> tags, not <{kind}:...>")
+        if "<" in m[2]:  # (<lora:a:<lora:b:1>>: a tag left open before another)
+            raise ValueError(f"prompt: {m[0]}: a '<' inside a <lora:...> tag (one left unclosed?)")
         positional = [a for a in args if "=" not in a]
         named = dict(a.split("=", 1) for a in args if "=" in a)
         named = {k.strip(): v for k, v in named.items()}

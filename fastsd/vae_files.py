@@ -69,8 +69,10 @@ def resolve_vae(spec: str, model: SDConfig) -> VAESource:
         raise TypeError(f"vae must be a string (a file, a folder or taesd:PATH), got {type(spec).__name__}")
     taesd = spec == "taesd" or spec.startswith(TAESD_PREFIX)
     path = spec[len(TAESD_PREFIX):] if spec.startswith(TAESD_PREFIX) else ("" if taesd else spec)
-    if not path:
+    if not path and taesd:
         raise CheckpointError("taesd needs a path: --vae taesd:FILE (taesd_decoder.safetensors or .pth), or a folder")
+    if not path.strip():
+        raise CheckpointError("an empty VAE path: give a VAE file, a diffusers VAE folder or taesd:PATH")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
     src = _from_folder(Path(path), taesd, model) if os.path.isdir(path) else _from_file(path, taesd)

@@ -157,3 +157,12 @@ def test_existing_preview_file_and_empty_out(tmp_path, capsys):
     assert Image.open(keep).size == (5, 5) and not (tmp_path / "o.png").exists()
     assert _run(tmp_path, "--preview", str(keep), "--overwrite") == 0 and Image.open(keep).size == (8, 8)  # (latent size)
     _one_error(capsys, main(["a cat", *TINY, "--out", ""]), "--out: an empty path")
+
+
+def test_unclear_messages_made_clear(tmp_path, capsys):
+    """An empty --vae was "taesd needs a path"; a tag left open before another (<lora:a:<lora:a:1>>) was blamed on
+    DyLoRA's dyn dimension."""
+    _one_error(capsys, _run(tmp_path, "--vae", ""), "an empty VAE path")
+    _one_error(capsys, main(["a <lora:good:<lora:good:1>> cat", *TINY, "--out", str(tmp_path / "o.png")]),
+               "a '<' inside a <lora:...> tag (one left unclosed?)")
+    assert not (tmp_path / "o.png").exists()
