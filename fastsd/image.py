@@ -28,7 +28,8 @@ def format_signature(head: bytes) -> str | None:
     """The image format PIL's plugins claim for a file starting with `head` (their prefix checks alone: nothing is
     parsed or run), or None."""
     Image.init()
-    return next((fmt for fmt in Image.ID if Image.OPEN[fmt][1] and Image.OPEN[fmt][1](head[:16])), None)
+    head = head[:16].ljust(16, b"\0")  # (some plugins' checks unpack bytes a shorter file lacks)
+    return next((fmt for fmt in Image.ID if Image.OPEN[fmt][1] and Image.OPEN[fmt][1](head)), None)
 
 
 def load_image(path: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:

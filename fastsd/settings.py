@@ -316,8 +316,16 @@ def _check_int(v, name: str, lo: int | None, hi: int | None) -> None:
         raise ValueError(f"{name} must be at most {hi}, got {v}")
 
 
+def is_finite(v: int | float) -> bool:
+    """math.isfinite, and False for an int too large for a float (JSON's 2**1100), where isfinite raises."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _check_float(v, name: str) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a number, got {v!r}")
-    if not math.isfinite(v):
+    if not is_finite(v):
         raise ValueError(f"{name} must be a finite number, got {v}")

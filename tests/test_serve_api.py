@@ -402,3 +402,29 @@ def test_command_line_mistakes_end_with_one_line_and_never_listen(args, words, c
     out, err = capsys.readouterr()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
     assert "listening" not in out
+
+
+def test_bad_input_from_a_server_hunt_is_a_422(client):
+    """What a bad-input hunt of the server found answering 500 (2026-12-07): base64 of 0-3 bytes (PIL's BMP check
+    read past them), an extras scale of 1e308 or a resize of 300 digits (float overflow), an override_settings number
+    too large for a float, corrupt EXIF for png-info (now read without it); and a request naming thousands of styles
+    (each rewrites the prompt: seconds of work, a prompt past the limit)."""
+    small = png_b64(Image.new("RGB", (16, 16), "teal"))
+    for path, body in (("/sdapi/v1/png-info", {"image": ""}),
+                       ("/sdapi/v1/img2img", {**SMALL, "init_images": ["QUJD"]}),
+                       ("/sdapi/v1/extra-single-image", {"image": "data:image/png;base64", "upscaler_1": "Lanczos"})):
+        r = client.post(path, json=body)
+        assert r.status_code == 422 and "not a readable image" in r.json()["detail"], (path, r.text)
+    for extra in ({"upscaling_resize": 1e308}, {"resize_mode": 1, "upscaling_resize_w": 2 ** 1100,
+                                                "upscaling_resize_h": 64}):
+        r = client.post("/sdapi/v1/extra-single-image", json={"image": small, "upscaler_1": "Lanczos", **extra})
+        assert r.status_code == 422 and "above this server's limit" in r.json()["detail"], r.text
+    raw = '{"prompt": "a", "steps": 1, "width": 64, "height": 64, "override_settings": {"s_churn": %d}}' % 2 ** 1100
+    r = client.post("/sdapi/v1/txt2img", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "s_churn must be a number >= 0" in r.json()["detail"], r.text
+    buf = __import__("io").BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG", exif=b"Exif\x00\x00garbage")
+    r = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()})
+    assert r.status_code == 200, r.text
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "styles": ["framed"] * 20000})
+    assert r.status_code == 422 and "styles: 20000 names, above this server's limit of 100" in r.json()["detail"]

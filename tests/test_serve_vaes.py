@@ -206,3 +206,21 @@ def test_automatic_finds_the_vae_beside_a_served_model_file(tmp_path):
         _, other = txt2img(c)  # random:tiny: nothing beside it
     assert parse_infotext(near["infotexts"][0])[2]["VAE"] == "dreamy.vae.safetensors" == near["sd_vae_name"]
     assert other["sd_vae_name"] is None
+
+
+def test_options_check_every_value_before_applying_any(folder):
+    """POST /options switched the model before refusing an unknown VAE (half applied), and took a VAE file that can't
+    drive the model (every later request failed): now each value is checked first, the VAE file against the model
+    it would run with, as override_settings checks it."""
+    with started("--model", "random:tiny-inpainting", "--vae-dir", str(folder)) as st, in_process(st) as port, \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+        before = c.get("/sdapi/v1/options").json()
+        for body, match in (({"sd_model_checkpoint": "random:tiny-inpainting", "sd_vae": "nope"}, "unknown VAE 'nope'"),
+                            ({"sd_vae": "broken.pt"}, "sd_vae: broken.pt"),
+                            ({"sd_vae": "eight.safetensors"}, "8 latent channels")):
+            r = c.post("/sdapi/v1/options", json=body)
+            assert r.status_code == 422 and match in r.json()["detail"], r.text
+            assert c.get("/sdapi/v1/options").json() == before
+        r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "random:tiny-inpainting", "sd_vae": "None"})
+        assert r.status_code == 200 and c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] != \
+            before["sd_model_checkpoint"]

@@ -338,11 +338,17 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
             raise BadRequest(f"CLIP_stop_at_last_layers must be in 1..11, got {req.CLIP_stop_at_last_layers}")
         sampling = {k: getattr(req, k) for k in state.sampling_options if getattr(req, k) is not None}
         check_sampling_options(sampling)
+        # every value checked before any is applied: a model and the VAE file it would run with (as a request's
+        # override_settings are)
+        model = state.registry.current if req.sd_model_checkpoint is None else state.registry.find(
+            req.sd_model_checkpoint)
+        vae = state.vaes.option if req.sd_vae is None else req.sd_vae
+        state.vaes.check_file(state.vaes.path(vae, model, "sd_vae"), model)
         applied = {}
         if req.sd_model_checkpoint is not None:
             applied["sd_model_checkpoint"] = state.registry.switch(req.sd_model_checkpoint).title
         if req.sd_vae is not None:
-            state.vaes.option = applied["sd_vae"] = state.vaes.check_name(req.sd_vae, "sd_vae")
+            state.vaes.option = applied["sd_vae"] = req.sd_vae
         if req.CLIP_stop_at_last_layers is not None:
             state.clip_skip = applied["CLIP_stop_at_last_layers"] = req.CLIP_stop_at_last_layers
         state.sampling_options.update(sampling)

@@ -27,7 +27,7 @@ from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS, SIGMA_DEFAULTS, SIGMA_TAK
 from fastsd.serve.jobqueue import Cancelled
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
-from fastsd.settings import SEED_LIMIT, GenerationSettings
+from fastsd.settings import SEED_LIMIT, GenerationSettings, is_finite
 
 SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
 MAX_MASK_BLUR = 64  # px, each way
@@ -182,6 +182,9 @@ def _seed_resize(req, limits: Limits, warnings: list[str]) -> dict:
     return got
 
 
+MAX_STYLES = 100  # styles a request may name
+
+
 def _apply_styles(req, styles: dict, warnings: list[str]) -> dict:
     """The request's `styles` applied to its prompts in place, A1111's way (fastsd.styles; hr_prompt /
     hr_negative_prompt too when given, as A1111 styles its hires prompts), so the <lora:...> tags of a style are
@@ -189,6 +192,8 @@ def _apply_styles(req, styles: dict, warnings: list[str]) -> dict:
     a name the server lacks is skipped (an A1111 client sends the names of its own styles.csv): named in `warnings`."""
     if not req.styles:
         return {}
+    if len(req.styles) > MAX_STYLES:  # (each style rewrites the whole prompt: thousands would cost seconds)
+        raise BadRequest(f"styles: {len(req.styles)} names, above this server's limit of {MAX_STYLES}")
     from fastsd.styles import apply_styles
 
     asked = {"prompt": req.prompt, "negative_prompt": req.negative_prompt}
@@ -234,7 +239,7 @@ def check_sampling_options(options: dict) -> None:
     options (numbers >= 0, whatever the sampler): BadRequest naming the option."""
     for key in (*ETA_OPTIONS, *SIGMA_DEFAULTS):
         v, top = options.get(key, 0.0), 1 if key in ETA_OPTIONS else math.inf
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= top):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (is_finite(v) and 0 <= v <= top):
             raise BadRequest(f"{key} must be a number in [0, 1], got {v!r}" if key in ETA_OPTIONS else
                              f"{key} must be a number >= 0, got {v!r}")
     try:
@@ -304,6 +309,9 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     limits.check_prompt("prompt", req.prompt)
     limits.check_prompt("negative_prompt", req.negative_prompt)
     asked = _apply_styles(req, server.styles, warnings)
+    if asked:  # (a style's text counts: the limit is on what the model gets)
+        limits.check_prompt("prompt", req.prompt)
+        limits.check_prompt("negative_prompt", req.negative_prompt)
     limits.check_steps(req.steps)
     limits.check_images(req.batch_size, req.n_iter)
     size = {name: _size(req, name, limits, warnings) for name in ("width", "height")}

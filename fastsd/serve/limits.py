@@ -72,7 +72,11 @@ class Limits:
         """A base64 image's metadata as PIL reads it (PNG text chunks, ...) and its EXIF, under decode_image's
         checks (the whole file is read: PNG text may follow the pixels)."""
         im = self._read_image(data, what)
-        return dict(im.info), im.getexif()
+        try:
+            exif = im.getexif()
+        except (OSError, SyntaxError, ValueError):  # (damaged EXIF: the rest of the metadata is still there)
+            exif = Image.Exif()
+        return dict(im.info), exif
 
     def _read_image(self, data: str, what: str) -> Image.Image:
         if not isinstance(data, str):

@@ -156,15 +156,19 @@ def build_extras(req, server) -> ExtrasPlan:
     from fastsd.upscalers import extras_target
 
     info = {}
-    if req.resize_mode == 1:
-        w, h = req.upscaling_resize_w, req.upscaling_resize_h
-        scale, dest, crop = extras_target(image.size, resize=(w, h), crop=req.upscaling_crop)
-        info["Postprocess upscale to"] = f"{w}x{h}"
-        if crop:
-            info["Postprocess crop to"] = f"{w}x{h}"
-    else:
-        scale, dest, crop = extras_target(image.size, req.upscaling_resize)
-        info["Postprocess upscale by"] = scale
+    try:
+        if req.resize_mode == 1:
+            w, h = req.upscaling_resize_w, req.upscaling_resize_h
+            scale, dest, crop = extras_target(image.size, resize=(w, h), crop=req.upscaling_crop)
+            info["Postprocess upscale to"] = f"{w}x{h}"
+            if crop:
+                info["Postprocess crop to"] = f"{w}x{h}"
+        else:
+            scale, dest, crop = extras_target(image.size, req.upscaling_resize)
+            info["Postprocess upscale by"] = scale
+    except (OverflowError, ValueError):  # (1e308 times the image's side; a size of 300 digits over it)
+        raise BadRequest(f"the upscale would make an image too large to size, above this server's limit of "
+                         f"{limits.max_side} px (--max-size)") from None
     shown = f"{dest[0]}x{dest[1]} image" + (f" (before the crop to {crop[0]}x{crop[1]})" if crop and crop != dest
                                             else "")
     if min(dest) < 8:
