@@ -428,3 +428,5 @@ def test_bad_input_from_a_server_hunt_is_a_422(client):
     assert r.status_code == 200, r.text
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "styles": ["framed"] * 20000})
     assert r.status_code == 422 and "styles: 20000 names, above this server's limit of 100" in r.json()["detail"]
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a <lora:de\ntail:1> cat"})
+    assert r.status_code == 422 and "\n" not in r.json()["detail"] and "de\\ntail" in r.json()["detail"], r.text

@@ -18,8 +18,8 @@ class BadRequest(Exception):
     """A request the server refuses: answered with `status` and the one-line message as `detail`."""
 
     def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))  # (a name from the request may
+        self.status = status                                                # hold line breaks: one line still)
 
 
 @dataclass(frozen=True)
