@@ -430,3 +430,9 @@ def test_bad_input_from_a_server_hunt_is_a_422(client):
     assert r.status_code == 422 and "styles: 20000 names, above this server's limit of 100" in r.json()["detail"]
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a <lora:de\ntail:1> cat"})
     assert r.status_code == 422 and "\n" not in r.json()["detail"] and "de\\ntail" in r.json()["detail"], r.text
+    for over, match in (({"CLIP_stop_at_last_layers": "abc"}, "override_settings.CLIP_stop_at_last_layers must be an "
+                                                               "integer in 1..11, got 'abc'"),
+                        ({"CLIP_stop_at_last_layers": 12}, "override_settings.CLIP_stop_at_last_layers must be"),
+                        ({"sd_model_checkpoint": "nope"}, "override_settings.sd_model_checkpoint: unknown model")):
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": over})
+        assert r.status_code == 422 and match in r.json()["detail"], r.text

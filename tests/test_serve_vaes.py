@@ -221,6 +221,8 @@ def test_options_check_every_value_before_applying_any(folder):
             r = c.post("/sdapi/v1/options", json=body)
             assert r.status_code == 422 and match in r.json()["detail"], r.text
             assert c.get("/sdapi/v1/options").json() == before
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"sd_vae": "broken.pt"}})
+        assert r.status_code == 422 and r.json()["detail"].startswith("override_settings.sd_vae: broken.pt"), r.text
         r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "random:tiny-inpainting", "sd_vae": "None"})
         assert r.status_code == 200 and c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] != \
             before["sd_model_checkpoint"]

@@ -214,12 +214,17 @@ def _overrides(req, server, warnings: list[str]):
     """(model entry, clip_skip, VAE file or None, the sampling options (ServerState.sampling_options)) from
     override_settings, else the server's options; the VAE file checked against the model (fastsd/serve/vaes.py)."""
     over = dict(req.override_settings or {})
-    model = server.registry.find(over.pop("sd_model_checkpoint")) if "sd_model_checkpoint" in over \
-        else server.registry.current
+    model = server.registry.find(over.pop("sd_model_checkpoint"), "override_settings.sd_model_checkpoint") \
+        if "sd_model_checkpoint" in over else server.registry.current
     clip_skip = over.pop("CLIP_stop_at_last_layers", server.clip_skip)
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= 11:  # (as POST /options)
+        raise BadRequest(f"override_settings.CLIP_stop_at_last_layers must be an integer in 1..11, got {clip_skip!r}")
     field = "override_settings.sd_vae" if "sd_vae" in over else "sd_vae"
     vae = server.vaes.path(over.pop("sd_vae", server.vaes.option), model, field)
-    server.vaes.check_file(vae, model)
+    try:
+        server.vaes.check_file(vae, model)
+    except BadRequest as e:  # (its message starts "sd_vae: ...")
+        raise BadRequest(f"override_settings.{e}" if field != "sd_vae" else str(e)) from None
     sampling = {k: over.pop(k, v) for k, v in server.sampling_options.items()}
     try:
         check_sampling_options(sampling)
