@@ -688,14 +688,16 @@ class Pipeline:
                 return vae.decode(z).float()
 
             out = run()
-            if self.dtype == torch.float16 and not torch.isfinite(out).all():
+            finite = bool(torch.isfinite(out).all())  # (one pass over the images, one device sync)
+            if self.dtype == torch.float16 and not finite:
                 warnings.warn("the fp16 VAE decode produced NaN/inf; decoding again in fp32", stacklevel=2)
                 vae.float()
                 try:
                     out = run()
                 finally:
                     vae.to(self.dtype)
-        if not torch.isfinite(out).all():  # (no black image: a damaged VAE file is named)
+                finite = bool(torch.isfinite(out).all())
+        if not finite:  # (no black image: a damaged VAE file is named)
             from fastsd.checkpoint import damaged_weights
 
             why = damaged_weights(vae=self.vae) or "latents far out of range"

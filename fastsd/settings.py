@@ -228,8 +228,9 @@ class GenerationSettings:
         name = get_sampler(self.sampler).name
         if self.eta is not None and name not in ETA_SAMPLERS:
             raise ValueError(f"eta: {A1111_NAMES.get(name, self.sampler)} takes none here ({ETA_TAKERS} do)")
-        for key in sigma_params(self, name, taken=False):
-            raise ValueError(f"{key}: {A1111_NAMES.get(name, self.sampler)} takes none ({SIGMA_TAKERS[key]} do)")
+        unused = next(iter(sigma_params(self, name, taken=False)), None)
+        if unused is not None:
+            raise ValueError(f"{unused}: {A1111_NAMES.get(name, self.sampler)} takes none ({SIGMA_TAKERS[unused]} do)")
 
     @property
     def seed_resize(self) -> bool:

@@ -343,7 +343,7 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
         model = state.registry.current if req.sd_model_checkpoint is None else state.registry.find(
             req.sd_model_checkpoint)
         vae = state.vaes.option if req.sd_vae is None else req.sd_vae
-        state.vaes.check_file(state.vaes.path(vae, model, "sd_vae"), model)
+        state.vaes.checked_path(vae, model, "sd_vae")
         applied = {}
         if req.sd_model_checkpoint is not None:
             applied["sd_model_checkpoint"] = state.registry.switch(req.sd_model_checkpoint).title

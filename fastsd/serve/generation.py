@@ -220,11 +220,7 @@ def _overrides(req, server, warnings: list[str]):
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= 11:  # (as POST /options)
         raise BadRequest(f"override_settings.CLIP_stop_at_last_layers must be an integer in 1..11, got {clip_skip!r}")
     field = "override_settings.sd_vae" if "sd_vae" in over else "sd_vae"
-    vae = server.vaes.path(over.pop("sd_vae", server.vaes.option), model, field)
-    try:
-        server.vaes.check_file(vae, model)
-    except BadRequest as e:  # (its message starts "sd_vae: ...")
-        raise BadRequest(f"override_settings.{e}" if field != "sd_vae" else str(e)) from None
+    vae = server.vaes.checked_path(over.pop("sd_vae", server.vaes.option), model, field)
     sampling = {k: over.pop(k, v) for k, v in server.sampling_options.items()}
     try:
         check_sampling_options(sampling)

@@ -90,17 +90,19 @@ class Vaes:
                 return beside
         return next((p for n, p in have.items() if n.startswith(stem)), None)
 
-    def check_file(self, path: str | None, entry) -> None:
-        """A VAE file that can't drive `entry`'s model (keys, shapes, latent channels): BadRequest naming the file."""
+    def checked_path(self, value, entry, field: str) -> str | None:
+        """`path` of sd_vae `value` for the model `entry`, its file checked to drive that model (keys, shapes, latent
+        channels): BadRequest naming `field` and the file otherwise."""
         from fastsd import CheckpointError
         from fastsd.vae_files import resolve_vae
 
-        if path is None:
-            return
-        try:
-            resolve_vae(path, entry.pipe.config)
-        except (CheckpointError, OSError, ValueError) as e:
-            raise BadRequest(f"sd_vae: {file_names(str(e) or type(e).__name__, [path])}") from None
+        path = self.path(value, entry, field)
+        if path is not None:
+            try:
+                resolve_vae(path, entry.pipe.config)
+            except (CheckpointError, OSError, ValueError) as e:
+                raise BadRequest(f"{field}: {file_names(str(e) or type(e).__name__, [path])}") from None
+        return path
 
     def apply(self, pipe, path: str | None) -> None:
         """On the worker thread: give `pipe` the VAE of `path` (None: its own). A file read before and unchanged is
