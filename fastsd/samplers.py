@@ -65,7 +65,7 @@ fastsd.denoisers.CFGDenoiser); samplers never look at its type. Per sampler (s =
               r = log(s_prev/s)/h: a = s'/s, b = (1 - e^-h)(1 + 1/(2r)), c = -(1 - e^-h)/(2r)
               (diffusers' DPMSolverMultistep dpmsolver++ midpoint order 2, lower_order_final, final sigma 0).
   dpmpp_2m_sde  the same with diffusers' "sde-dpmsolver++" (midpoint): a = (s'/s) e^-h, E = 1 - e^-2h, b = E (first
-              step and the step to 0) or E (1 + 1/(2r)), c = -E/(2r), d = s' sqrt(E) (fresh noise each step)
+              step and the step to 0) or E (1 + 1/(2r)), c = -E/(2r), d = s' sqrt(E) (new noise each step)
   dpmpp_2m_sde_heun  the same with solver_type "heun": with p = 1 - E/(2h), b = E + p/r, c = -p/r
   dpmpp_3m_sde  k-diffusion's sample_dpmpp_3m_sde (A1111's), eta 1: x' = a x + b D + c1 D_-1 + c2 D_-2 + d z
               (dpmpp_3m_sde_coeffs); the older outputs' part c1 D_-1 + c2 D_-2 is formed with torch ops and passed
@@ -744,8 +744,9 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                         solver_type: str = "midpoint", eta: float = 1.0):
     """DPM-Solver++(2M) SDE (diffusers DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", midpoint or
     with solver_type="heun" its heun variant, final sigma 0; the same math as k-diffusion's sample_dpmpp_2m_sde
-    with eta 1 and this solver_type; another `eta`: k-diffusion's): dpmpp_2m's steps with fresh noise from
-    `noise_sampler(sigma, sigma_next)`, else randn with `generator`; none on the step to sigma 0."""
+    with eta 1 and this solver_type; another `eta`: k-diffusion's): dpmpp_2m's steps with new noise from
+    `noise_sampler(sigma, sigma_next)` (the pipeline's: A1111's Brownian tree), else randn with `generator`
+    (diffusers' stream); none on the step to sigma 0."""
     dpmpp_2m_sde_coeffs(None, 1.0, 0.0, solver_type)  # validates solver_type
     extra_args, sigmas, s = _prepare(x, sigmas, extra_args)
     if noise_sampler is None:
@@ -774,8 +775,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                         generator: Optional[torch.Generator] = None, noise_sampler: Optional[NoiseSampler] = None,
                         variant: str = "k-diffusion", eta: float = 1.0):
     """DPM-Solver++(3M) SDE, eta 1 (another `eta`: k-diffusion's with it): order 1 on the first step, 2 on the
-    second, 3 after; x' = D on the step to sigma 0; fresh noise each step from `noise_sampler(sigma, sigma_next)`,
-    else randn (fp32) with `generator`.
+    second, 3 after; x' = D on the step to sigma 0; new noise each step from `noise_sampler(sigma, sigma_next)`
+    (the pipeline's: A1111's Brownian tree), else randn (fp32) with `generator`.
     The earlier denoised outputs enter as one combined tensor in old_denoised's place (c = 1), as lms does.
 
     variant "k-diffusion" (default): sample_dpmpp_3m_sde (A1111's "DPM++ 3M SDE"), see dpmpp_3m_sde_coeffs.
@@ -1187,8 +1188,9 @@ class SamplerSpec:
     name: str  # canonical name
     fn: Callable[..., torch.Tensor]
     stochastic: bool  # takes generator / noise_sampler
-    brownian: bool = False  # its noise_sampler must be a Brownian one (`brownian_noise_sampler`; A1111's
-    # "brownian_noise" samplers, but for the 2M/3M SDE ones, whose diffusers twins draw fresh normals)
+    brownian: bool = False  # A1111's "brownian_noise" samplers: the pipeline hands them a Brownian tree per image
+    # (`brownian_noise_sampler`); called without a noise_sampler, each draws its own default (dpmpp_sde a tree,
+    # the 2M / 3M SDE ones their diffusers twins' fresh normals)
 
     def schedule(self, steps: int, cfg: SchedulerConfig = SchedulerConfig()) -> Schedule:
         return schedule_for(self.name, steps, cfg)
@@ -1225,8 +1227,8 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("ddpm", sample_ddpm, True),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, False),
     SamplerSpec("dpmpp_2m_karras", sample_dpmpp_2m, False),
-    SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, True),
-    SamplerSpec("dpmpp_2m_sde_karras", sample_dpmpp_2m_sde, True),
+    SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, True, brownian=True),
+    SamplerSpec("dpmpp_2m_sde_karras", sample_dpmpp_2m_sde, True, brownian=True),
     SamplerSpec("lcm", sample_lcm, True),
     SamplerSpec("euler_karras", sample_euler, False),
     SamplerSpec("heun_karras", sample_heun, False),
@@ -1242,10 +1244,10 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("unipc_karras", sample_unipc, False),
     SamplerSpec("dpmpp_sde", sample_dpmpp_sde, True, brownian=True),
     SamplerSpec("dpmpp_sde_karras", sample_dpmpp_sde, True, brownian=True),
-    SamplerSpec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde_heun, True),
-    SamplerSpec("dpmpp_2m_sde_heun_karras", sample_dpmpp_2m_sde_heun, True),
-    SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, True),
-    SamplerSpec("dpmpp_3m_sde_karras", sample_dpmpp_3m_sde, True),
+    SamplerSpec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde_heun, True, brownian=True),
+    SamplerSpec("dpmpp_2m_sde_heun_karras", sample_dpmpp_2m_sde_heun, True, brownian=True),
+    SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, True, brownian=True),
+    SamplerSpec("dpmpp_3m_sde_karras", sample_dpmpp_3m_sde, True, brownian=True),
     SamplerSpec("plms", sample_plms, False),
     SamplerSpec("restart", sample_restart, True),
     SamplerSpec("dpm_fast", sample_dpm_fast, True),

@@ -8,7 +8,8 @@ from fastsd.denoisers import CFGDenoiser
 from fastsd.kernels._reference import cfg_step as cfg_step_reference
 from fastsd.samplers import (SAMPLERS, ancestral_coeffs, brownian_noise_sampler, ddpm_coeffs, denoise_and_step,
                              dpm2_coeffs, dpmpp_2m_coeffs, dpmpp_2m_sde_coeffs, dpmpp_2s_coeffs, euler_coeffs,
-                             heun_coeffs, lms_coeffs, unipc_corrector_coeffs, unipc_predictor_coeffs)
+                             heun_coeffs, lms_coeffs, sample_dpmpp_sde, unipc_corrector_coeffs,
+                             unipc_predictor_coeffs)
 from fastsd.kernels.cfg_step import cfg_step, cfg_step_config, cfg_step_op
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -211,7 +212,7 @@ def test_sampler_loops_triton_vs_torch(name, monkeypatch):
     assert len(calls) == (11 if two_calls else 6)  # Heun, DPM2, DPM++ 2S, DPM++ SDE: two calls a step, one on the last
     g64 = torch.Generator().manual_seed(1)  # the same noise values, drawn in fp32 as the fp32 loops draw them
     opts = {"noise_sampler": lambda s, sn: torch.randn(x0.shape, generator=g64).double()} if spec.stochastic else {}
-    if spec.brownian:  # DPM++ SDE: the Brownian tree of the seed it draws from the generator
+    if spec.fn is sample_dpmpp_sde:  # its own default: the Brownian tree of the seed it draws from the generator
         opts = {"noise_sampler": brownian_noise_sampler(x0.double(), sched.sigmas, int(torch.randint(
             0, 2 ** 63 - 1, (), generator=g64)))}
     model = CFGDenoiser(_FakeDenoiser(), cond.double(), uncond.double(), SCALE)
