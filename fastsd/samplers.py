@@ -1255,13 +1255,14 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
 )}
 
 # The samplers that take A1111's eta (its request field / options "eta_ancestral", "eta_ddim"), their default eta and
-# the infotext key A1111 writes a different one under. (A1111's other eta samplers, DPM fast / adaptive, run with
-# their default here: fastsd.serve warns.)
-ETA_SAMPLERS = {"euler_a": (1.0, "Eta"), "ddim": (0.0, "Eta DDIM"),
+# the infotext key A1111 writes a different one under (DPM fast / adaptive: A1111 hands them its eta_ancestral, 1,
+# where k-diffusion's own default is 0)
+ETA_SAMPLERS = {"euler_a": (1.0, "Eta"), "ddim": (0.0, "Eta DDIM"), "dpm_fast": (1.0, "Eta"),
+                "dpm_adaptive": (1.0, "Eta"),
                 **{f"{n}{k}": (1.0, "Eta") for n in ("dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde",
                                                       "dpmpp_2m_sde_heun", "dpmpp_3m_sde") for k in ("", "_karras")}}
 
-ETA_TAKERS = "Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (Heun), DPM++ 3M SDE and DDIM"  # (for messages)
+ETA_TAKERS = "Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (Heun), DPM++ 3M SDE, DPM fast, DPM adaptive and DDIM"  # (for messages)
 
 # A1111's k-diffusion sampler parameters (its sampler_extra_params): the churn (s_churn, s_tmin, s_tmax; `Churn`) of
 # Euler, Heun and DPM2, and s_noise, the scale of the noise of those and of its SDE / ancestral samplers but Euler a

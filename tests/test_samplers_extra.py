@@ -577,7 +577,7 @@ def _run_both(name, steps, eta, strength=1.0, order=3, dtype=torch.float64):
 DPM_ERRORS: dict = {}  # the largest relative error seen per case, printed with -s
 
 
-@pytest.mark.parametrize("eta", [1.0, 0.0])
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("steps,strength", [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 1.0), (10, 1.0),
                                             (20, 1.0), (31, 1.0), (20, 0.6), (10, 0.3)])
 def test_dpm_fast_matches_k_diffusion(steps, strength, eta):
@@ -596,7 +596,7 @@ def test_dpm_fast_matches_k_diffusion(steps, strength, eta):
     assert err < 1e-12
 
 
-@pytest.mark.parametrize("eta", [1.0, 0.0])
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("order", [3, 2])
 @pytest.mark.parametrize("steps,strength", [(20, 1.0), (20, 0.5)])
 def test_dpm_adaptive_matches_k_diffusion(steps, strength, order, eta):

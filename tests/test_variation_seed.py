@@ -452,7 +452,8 @@ def test_eta_of_euler_a_and_ddim(pipe):
     kw = dict(KW, guidance_scale=3.0, seed=6, steps=4)
     euler = np.asarray(pipe.generate("a cat", **{**kw, "sampler": "euler"})[0])
     assert np.array_equal(np.asarray(pipe.generate("a cat", eta=0.0, **{**kw, "sampler": "euler_a"})[0]), euler)
-    for sampler, eta, key, default in (("euler_a", 0.5, "Eta", 1.0), ("ddim", 0.5, "Eta DDIM", 0.0)):
+    for sampler, eta, key, default in (("euler_a", 0.5, "Eta", 1.0), ("ddim", 0.5, "Eta DDIM", 0.0),
+                                       ("dpm_fast", 0.5, "Eta", 1.0)):
         base = pipe.generate("a cat", **{**kw, "sampler": sampler})[0]
         same = pipe.generate("a cat", eta=default, **{**kw, "sampler": sampler})[0]
         other = pipe.generate("a cat", eta=eta, **{**kw, "sampler": sampler})[0]
@@ -460,9 +461,9 @@ def test_eta_of_euler_a_and_ddim(pipe):
         assert not np.array_equal(np.asarray(base), np.asarray(other))
         assert f"{key}: {eta}" in other.info["parameters"]
         assert settings_from_infotext(other.info["parameters"])[0]["eta"] == eta
-    text = "a cat\nSteps: 4, Sampler: DPM fast, Eta: 0.5, Seed: 1, Size: 64x64"
+    text = "a cat\nSteps: 4, Sampler: DDIM CFG++, Eta DDIM: 0.5, Seed: 1, Size: 64x64"
     got, warnings = settings_from_infotext(text)
-    assert "eta" not in got and warnings == [f"Eta: 0.5: fastsd takes an eta for {ETA_TAKERS} only; DPM fast "
+    assert "eta" not in got and warnings == [f"Eta DDIM: 0.5: fastsd takes an eta for {ETA_TAKERS} only; DDIM CFG++ "
                                              "runs with its own, ignored"]
     with pytest.raises(ValueError, match=re.escape(f"eta: Euler takes none here ({ETA_TAKERS} do)")):
         pipe.generate("a cat", eta=0.5, **{**kw, "sampler": "euler"})

@@ -37,8 +37,7 @@ LATENT_FILL = {0: "original", 1: "original", 2: "latent noise", 3: "latent nothi
 
 # A1111's separate `scheduler` field (1.9+): read with `fastsd.a1111.scheduled` (shared with the CLI's --infotext)
 SAME_SAMPLER = (None, "", "Use same sampler")  # hr_sampler_name values that mean the first pass's (A1111's UI)
-ETA = {"ddpm": 1.0, "ddim_cfgpp": 0.0,  # the other samplers A1111's eta applies to, and the eta fastsd runs them with
-       "dpm_fast": 1.0, "dpm_adaptive": 1.0}
+ETA = {"ddpm": 1.0, "ddim_cfgpp": 0.0}  # the other samplers A1111's eta applies to, and the eta fastsd runs them with
 A1111_FIELDS = {"schedule_type": "scheduler", "guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength",
                 "hires_strength": "denoising_strength", "hires_scale": "hr_scale", "hires_width": "hr_resize_x",
                 "hires_height": "hr_resize_y", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
