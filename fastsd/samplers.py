@@ -1262,7 +1262,8 @@ ETA_SAMPLERS = {"euler_a": (1.0, "Eta"), "ddim": (0.0, "Eta DDIM"), "dpm_fast": 
                 **{f"{n}{k}": (1.0, "Eta") for n in ("dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde",
                                                       "dpmpp_2m_sde_heun", "dpmpp_3m_sde") for k in ("", "_karras")}}
 
-ETA_TAKERS = "Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (Heun), DPM++ 3M SDE, DPM fast, DPM adaptive and DDIM"  # (for messages)
+ETA_TAKERS = ("Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (Heun), DPM++ 3M SDE, DPM fast, DPM adaptive and "
+              "DDIM")  # (for messages)
 
 # A1111's k-diffusion sampler parameters (its sampler_extra_params): the churn (s_churn, s_tmin, s_tmax; `Churn`) of
 # Euler, Heun and DPM2, and s_noise, the scale of the noise of those and of its SDE / ancestral samplers but Euler a
