@@ -98,9 +98,9 @@ class GenerationSettings:
         "(Euler a and the other stochastic samplers) comes from seed + this instead of going on from the seed; "
         "0 = off (31337 is the value many A1111 infotexts carry)"))
     eta: float | None = field(default=None, metadata=_opt(
-        "A1111's eta of Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (Heun), DPM++ 3M SDE, DPM fast, DPM adaptive (its "
-        "'Eta', default 1: 0 makes their steps deterministic) and DDIM ('Eta DDIM', default 0), in [0, 1]; other samplers "
-        "take none; default: the sampler's"))
+        "A1111's eta of Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (Heun), DPM++ 3M SDE, DPM fast, "
+        "DPM adaptive (its 'Eta', default 1: 0 makes their steps deterministic) and DDIM ('Eta DDIM', default 0), "
+        "in [0, 1]; other samplers take none; default: the sampler's"))
     initial_noise_multiplier: float = field(default=1.0, metadata=_opt(
         "A1111's 'Noise multiplier for img2img': img2img's (and inpainting's) start noise times this (>= 0); "
         "1 = as drawn"))
