@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
                                latent_mask="bicubic" if inpaint is not None else "nearest", infotext_extra=a1111_keys)
         if inpaint is not None and inpaint.overlay is not None:
             images = [apply_overlay(im, inpaint.overlay, inpaint.paste_to) for im in images]
-        for path in save(images, folder, file, args.overwrite, [s.seed + i for i in range(s.num_images)]):
+        for path in save(images, folder, file, args.overwrite, [s.image_seed(i) for i in range(s.num_images)]):
             print(path)
     except FileExistsError as e:
         return fail(f"--out {e.filename}: the file appeared while generating; not replaced (--overwrite replaces it)")

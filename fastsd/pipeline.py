@@ -316,15 +316,15 @@ class Pipeline:
             self._vae_hash = file_hash(self._vae_file)
         return self._vae_hash
 
-    def infotext(self, s: GenerationSettings, seed: int, img2img: bool = False, extra: dict | None = None) -> str:
-        """A1111's infotext of an image made with `s` and `seed`; `extra` (A1111's extra_generation_params, e.g.
+    def infotext(self, s: GenerationSettings, index: int = 0, img2img: bool = False, extra: dict | None = None) -> str:
+        """A1111's infotext of image `index` of a run of `s` (its seed `s.image_seed(index)`); `extra` (A1111's extra_generation_params, e.g.
         its inpainting keys) after the settings' keys, before the LoRA and embedding hashes (None values left out)."""
         cfg = self.runs_uncond(s)  # (the options of the unconditional batch apply)
         params = {"Steps": s.steps, "Sampler": A1111_NAMES[get_sampler(s.sampler).name],
                   "Schedule type": schedule_label(s.schedule_type), "CFG scale": s.guidance_scale,
-                  "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(), "Model": self.name,
+                  "Seed": s.image_seed(index), "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(), "Model": self.name,
                   "VAE hash": self.vae_hash(), "VAE": self.vae_name,
-                  "Variation seed": s.subseed + seed - s.seed if s.subseed_strength else None,
+                  "Variation seed": s.subseed + index if s.subseed_strength else None,
                   "Variation seed strength": s.subseed_strength or None,
                   "Seed resize from": f"{s.seed_resize_from_w}x{s.seed_resize_from_h}" if s.seed_resize else None,
                   "Denoising strength": s.strength if img2img else None,
@@ -783,7 +783,7 @@ class Pipeline:
             warnings.warn("the mask has no white pixel (>= 50%): nothing is repainted; white marks what to repaint",
                           stacklevel=2)
         s = self.resolve(s, image)
-        seeds = [s.seed + i for i in range(s.num_images)]
+        seeds = [s.image_seed(i) for i in range(s.num_images)]
         first_steps = prompt_steps(s.sampler, s.steps)  # (A1111's prompt editing counts these)
         negative = [s.negative_prompt] if self.runs_uncond(s) else None
         cond, uncond = self.encode_prompt([s.prompt], negative, s.clip_skip, steps=first_steps)
@@ -821,8 +821,8 @@ class Pipeline:
             hash_ = hp.model_hash()
             title = f"{hp.name} [{hash_}]" if hash_ else hp.name
             infotext_extra = {**(infotext_extra or {}), "Hires checkpoint": title}
-        for im, seed in zip(images, seeds):  # as A1111: each image carries its own infotext (seed + i)
-            im.info["parameters"] = self.infotext(s, seed, img2img=image is not None, extra=infotext_extra)
+        for i, im in enumerate(images):  # as A1111: each image carries its own infotext (its seed)
+            im.info["parameters"] = self.infotext(s, i, img2img=image is not None, extra=infotext_extra)
         return images
 
     def check_hires_pipe(self, other: "Pipeline | None", s: GenerationSettings) -> "Pipeline":

@@ -38,7 +38,8 @@ class GenerationSettings:
                                                           "dpmpp_sde_karras, dpmpp_3m_sde, dpmpp_3m_sde_karras, unipc, "
                                                           "unipc_karras, lcm, plms, restart, dpm_fast, dpm_adaptive, "
                                                           "or an A1111 name such as 'DPM++ 2M Karras'"))
-    seed: int | None = field(default=None, metadata=_opt("random when not given; image i of a batch uses seed + i"))
+    seed: int | None = field(default=None, metadata=_opt("random when not given; image i of a batch uses seed + i "
+                                                         "(with --subseed-strength: the seed, A1111's)"))
     width: int | None = field(default=None, metadata=_opt("a multiple of 8; default: the init image's width, else "
                                                           "512"))
     height: int | None = field(default=None, metadata=_opt("a multiple of 8; default: the init image's height, "
@@ -119,6 +120,11 @@ class GenerationSettings:
     def hires(self) -> bool:
         """The hires fix runs: a scale above 1 or a target width / height."""
         return self.hires_scale != 1 or bool(self.hires_width) or bool(self.hires_height)
+
+    def image_seed(self, i: int) -> int:
+        """Image i's seed (A1111's all_seeds): seed + i; with a variation strength every image keeps the seed and
+        its variation seed, subseed + i, is what moves."""
+        return self.seed + (0 if self.subseed_strength else i)
 
     def hires_prompts(self) -> tuple[str, str]:
         """(prompt, negative prompt) of the hires fix's second pass: A1111's hr_prompt / hr_negative_prompt, the

@@ -101,11 +101,11 @@ def test_infotext_records_ti_hashes(tiny):
 
     root, pipe, _ = tiny
     s = GenerationSettings("a photo of mystyle", "badthing", seed=1, width=32, height=32)
-    params = parse_infotext(pipe.infotext(s, 1))[2]
+    params = parse_infotext(pipe.infotext(s))[2]
     h = {n: hashlib.sha256((root / "embeddings" / f).read_bytes()).hexdigest()[:12]
          for n, f in (("mystyle", "mystyle.pt"), ("badthing", "badthing.safetensors"))}
     assert params["TI hashes"] == f"mystyle: {h['mystyle']}, badthing: {h['badthing']}"
-    assert "TI hashes" not in parse_infotext(pipe.infotext(s.replace(prompt="a cat", negative_prompt=""), 1))[2]
+    assert "TI hashes" not in parse_infotext(pipe.infotext(s.replace(prompt="a cat", negative_prompt="")))[2]
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

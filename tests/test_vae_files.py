@@ -87,10 +87,10 @@ def test_infotext_names_the_vae_as_a1111(files):
     assert params["VAE"] == "prefixed.safetensors"
     assert params["VAE hash"] == file_hash(str(root / "prefixed.safetensors"))  # sha256[:10], as A1111
     pipe = load_pipeline("random:tiny", device="cpu", vae=str(root / "diffusers-vae"))
-    params = parse_infotext(pipe.infotext(GenerationSettings("x", seed=1, width=32, height=32), 1))[2]
+    params = parse_infotext(pipe.infotext(GenerationSettings("x", seed=1, width=32, height=32)))[2]
     assert params["VAE"] == "diffusers-vae" and "VAE hash" not in params  # a folder has no file hash
     plain = load_pipeline("random:tiny", device="cpu")
-    assert "VAE" not in parse_infotext(plain.infotext(GenerationSettings("x", seed=1, width=32, height=32), 1))[2]
+    assert "VAE" not in parse_infotext(plain.infotext(GenerationSettings("x", seed=1, width=32, height=32)))[2]
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

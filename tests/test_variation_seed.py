@@ -1,5 +1,5 @@
-"""A1111's variation seed (subseed, subseed_strength): the start noise of image i is A1111's slerp of seed + i's
-noise toward subseed + i's; in the infotext as "Variation seed" / "Variation seed strength"; the CLI and the server
+"""A1111's variation seed (subseed, subseed_strength): the start noise of image i is A1111's slerp of the seed's
+noise toward subseed + i's (with a variation strength every image keeps the seed, A1111's all_seeds); in the infotext as "Variation seed" / "Variation seed strength"; the CLI and the server
 take it (the server as A1111's fields). A1111's seed resize (seed_resize_from_w/h): the noise drawn at that size and
 pasted centred into the real size's, checked against a transcription of A1111's ImageRNG.first."""
 import json
@@ -81,10 +81,10 @@ def test_generate_with_a_variation_seed(pipe):
         assert np.abs(_px(h) - _px(b)).max() > 8 and np.abs(_px(h) - _px(f)).max() > 8
     params = [parse_infotext(im.info["parameters"])[2] for im in half]
     assert [(p["Seed"], p["Variation seed"], p["Variation seed strength"]) for p in params] == \
-        [("3", "40", "0.5"), ("4", "41", "0.5")]
+        [("3", "40", "0.5"), ("3", "41", "0.5")]  # (A1111: the seed for every image when it varies them)
     assert "Variation seed" not in base[0].info["parameters"]
-    # image 1 made again alone: seed 4, variation seed 41
-    again = pipe.generate("a cat", seed=4, subseed=41, subseed_strength=0.5, **KW)[0]
+    # image 1 made again alone: seed 3, variation seed 41
+    again = pipe.generate("a cat", seed=3, subseed=41, subseed_strength=0.5, **KW)[0]
     assert_alone_matches(again, half[1])
     # no variation seed given: a random one, recorded
     rand = pipe.generate("a cat", seed=3, subseed_strength=0.25, **KW)[0]
@@ -126,12 +126,13 @@ def test_server_takes_a1111s_variation_fields():
         assert r.status_code == 200, r.text
         meta = info(r)
         assert meta["subseed"] == 30 and meta["all_subseeds"] == [30, 31, 32, 33] and meta["subseed_strength"] == 0.4
+        assert meta["all_seeds"] == [5, 5, 5, 5]  # A1111's all_seeds when a variation strength is given
         assert not any("subseed" in w for w in meta["warnings"])
         seeds = [parse_infotext(t)[2] for t in meta["infotexts"]]
-        assert [(p["Seed"], p["Variation seed"]) for p in seeds] == [("5", "30"), ("6", "31"), ("7", "32"),
-                                                                     ("8", "33")]
+        assert [(p["Seed"], p["Variation seed"]) for p in seeds] == [("5", "30"), ("5", "31"), ("5", "32"),
+                                                                     ("5", "33")]
         # the fourth image (second iteration) made again alone
-        one = c.post("/sdapi/v1/txt2img", json={**req, "seed": 8, "subseed": 33, "batch_size": 1, "n_iter": 1})
+        one = c.post("/sdapi/v1/txt2img", json={**req, "seed": 5, "subseed": 33, "batch_size": 1, "n_iter": 1})
         assert_alone_matches(decode(one.json()["images"][0]), decode(r.json()["images"][3]))
         rand = info(c.post("/sdapi/v1/txt2img", json={**req, "subseed": -1, "n_iter": 1}))
         assert rand["subseed"] >= 0 and rand["all_subseeds"] == [rand["subseed"], rand["subseed"] + 1]
@@ -224,7 +225,7 @@ def test_seed_resize_off_changes_nothing(pipe):
 def test_generate_with_seed_resize(pipe):
     kw = dict(seed=3, num_images=2, subseed=20, subseed_strength=0.4, seed_resize_from_w=32, seed_resize_from_h=96)
     got = pipe.generate("a cat", **kw, **KW)
-    want, _ = a1111_first((4, 8, 8), [3, 4], [20, 21], 0.4, 96, 32)
+    want, _ = a1111_first((4, 8, 8), [3, 3], [20, 21], 0.4, 96, 32)  # (A1111's all_seeds: the seed for both)
     from_noise = pipe.generate("a cat", seed=3, num_images=2, latents=want, **KW)
     for g, f in zip(got, from_noise):  # (A1111's slerp per image vs fastsd's batched one: rounding)
         assert np.abs(_px(g) - _px(f)).max() <= 1
@@ -232,8 +233,8 @@ def test_generate_with_seed_resize(pipe):
                                                   **KW)[0])).max() > 8
     params = [parse_infotext(im.info["parameters"])[2] for im in got]
     assert [(p["Seed"], p["Variation seed"], p["Seed resize from"]) for p in params] == \
-        [("3", "20", "32x96"), ("4", "21", "32x96")]
-    again = pipe.generate("a cat", **{**kw, "seed": 4, "subseed": 21, "num_images": 1}, **KW)[0]
+        [("3", "20", "32x96"), ("3", "21", "32x96")]
+    again = pipe.generate("a cat", **{**kw, "subseed": 21, "num_images": 1}, **KW)[0]
     assert_alone_matches(again, got[1])  # image 1 made again alone
 
 

@@ -124,7 +124,7 @@ class BatchWorker:
             latents = self._hires(s, x[i:i + 1]) if s.hires else x[i:i + 1]
             image = tensor_to_pil(self.pipe.decode(latents))[0]
             buf = io.BytesIO()
-            png_writer(image, self.pipe.infotext(s, s.seed))(buf)
+            png_writer(image, self.pipe.infotext(s))(buf)
             out.append(buf.getvalue())
         return out
 

@@ -2,7 +2,8 @@
 BadRequest then) -> images on the worker thread (`run_plan`) -> A1111's response body.
 
 A1111's batches: `batch_size` images per iteration, `n_iter` iterations, image i of the request uses
-seed + i (A1111's all_seeds), so each iteration is one Pipeline.generate call with seed + it * batch_size.
+seed + i (A1111's all_seeds; with a variation strength all keep the seed and their variation seeds count up), so
+each iteration is one Pipeline.generate call with seed (and subseed) + it * batch_size.
 """
 from __future__ import annotations
 
@@ -319,7 +320,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
         raise BadRequest(f"seed must be -1 (random) or at least 0, got {req.seed}")
     seed = random.randrange(SEED_RANGE) if req.seed == -1 else req.seed
     images = req.batch_size * req.n_iter
-    if seed + images > SEED_LIMIT:
+    if seed + images > SEED_LIMIT and not req.subseed_strength:
         raise BadRequest(f"seed {seed} with batch_size {req.batch_size} x n_iter {req.n_iter} = {images} images would "
                          f"pass the largest seed, 2**63 - 1 (image i uses seed + i); use a seed of at most "
                          f"{SEED_LIMIT - images}")
@@ -445,7 +446,7 @@ def run_plan(plan: Plan, job, networks, vaes) -> dict:
                 raise
 
         shift = it * s.num_images  # iteration it's images: seed + shift + i (and subseed + shift + i)
-        got = pipe.generate(**s.replace(seed=s.seed + shift, subseed=None if s.subseed is None else s.subseed + shift
+        got = pipe.generate(**s.replace(seed=s.image_seed(shift), subseed=None if s.subseed is None else s.subseed + shift
                                         ).kwargs(), image=plan.image,
                             mask=plan.mask, masked_content=plan.masked_content,
                             latent_mask=plan.latent_mask, infotext_extra=plan.infotext_extra, progress=False, on_step=on_step,
@@ -467,7 +468,7 @@ def _left(what: str, it: int, step: int, kept: int) -> str:
 def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, int] | None,
              skipped: list[tuple[int, int, int]] = ()) -> dict:
     s, entry = plan.settings, plan.model
-    seeds = [s.seed + i for i in range(s.num_images * plan.n_iter)]
+    seeds = [s.image_seed(i) for i in range(s.num_images * plan.n_iter)]
     warnings = list(plan.warnings)
     warnings += [_left("skipped", *left) for left in skipped]
     if stopped_at is not None:
