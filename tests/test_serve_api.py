@@ -99,6 +99,20 @@ def test_random_seed_n_iter_clip_skip_and_unhonoured_fields(client):
     assert "some_extension_field" not in notes  # unknown fields are ignored, as A1111 does
 
 
+def test_null_fields_take_their_defaults(client):
+    """A1111's request models make every field Optional: clients send null for fields they leave alone ("seed":
+    null is a random seed there). Null takes the field's default; a wrong type is still a 422."""
+    nulls = dict.fromkeys(("seed", "subseed", "enable_hr", "batch_size", "n_iter", "sampler_name", "scheduler",
+                           "negative_prompt", "override_settings_restore_afterwards", "script_args", "eta"))
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 1, "width": 64, "height": 64, **nulls})
+    assert r.status_code == 200, r.text
+    meta = info(r)
+    assert 0 <= meta["seed"] < 2**32 and len(meta["all_seeds"]) == 1 and not meta["warnings"]
+    assert parse_infotext(meta["infotexts"][0])[2]["Sampler"] == "Euler"
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "seed": "x"})
+    assert r.status_code == 422 and "seed" in r.json()["detail"]
+
+
 def test_s_min_uncond_is_a1111s_ngms(client):
     """A1111's s_min_uncond ("Negative Guidance minimum sigma") runs (not warned as unsupported) and is in the
     infotext as A1111 writes it."""

@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # half of a UTF-16 pair, alone: JSON's "\ud800" escape reads as one, but it is not Unicode text
@@ -47,6 +47,16 @@ class _Body(BaseModel):
 
 class _Request(_Body):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """A1111's request models make every field Optional, and clients send null for fields they leave alone
+        (`"seed": null` is a random seed there, its get_fixed_seed): here null takes the field's default."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                or cls.model_fields[k].default is None}
 
     prompt: str = ""
     negative_prompt: str = ""
