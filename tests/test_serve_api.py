@@ -51,6 +51,19 @@ def test_lists_in_a1111_shapes(client):
     assert set(idle) == {"progress", "eta_relative", "state", "current_image", "textinfo"}
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
     assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    # what clients call at start or as a health check (A1111's shapes)
+    for empty in ("realesrgan-models", "script-info", "extensions", "hypernetworks", "face-restorers"):
+        assert client.get(f"/sdapi/v1/{empty}").json() == []
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    flags = client.get("/sdapi/v1/cmd-flags").json()
+    assert flags["api"] is True and flags["use_cpu"] == ["all"] and flags["api_auth"] is None
+    assert "/" not in json.dumps(flags)  # no server path
+    mem = client.get("/sdapi/v1/memory").json()
+    assert 0 < mem["ram"]["used"] < mem["ram"]["total"] and 0 < mem["ram"]["free"] <= mem["ram"]["total"]
+    assert mem["cuda"] == {"error": "unavailable"}
+    for path in ("unload-checkpoint", "reload-checkpoint", "interrogate"):
+        r = client.post(f"/sdapi/v1/{path}", json={})
+        assert r.status_code == 501 and r.json()["detail"].startswith(f"/{path}: not supported; ")
 
 
 def test_txt2img_docs_body_images_infotext_and_the_cli_image(client, tmp_path):
@@ -279,6 +292,36 @@ def test_loras_and_embeddings_by_name_from_their_folders(client):
     assert not any("shinystyle" in w for w in info(r)["warnings"])
 
 
+def test_refresh_embeddings_reads_the_folder_again(tmp_path):
+    """POST /refresh-embeddings (A1111 1.8+): files added, changed or removed since the start are seen, no restart."""
+    import torch
+    from safetensors.torch import save_file
+    from serve_server import shared
+
+    from fastsd.config import TINY
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": torch.randn(1, TINY.clip.hidden_size)}, folder / "first.safetensors")
+    server = shared("--model", "random:tiny", "--embeddings-dir", str(folder))
+    try:
+        with server.client() as c:
+            assert list(c.get("/sdapi/v1/embeddings").json()["loaded"]) == ["first"]
+            (folder / "first.safetensors").unlink()
+            save_file({"emb_params": torch.randn(3, TINY.clip.hidden_size)}, folder / "second.safetensors")
+            (folder / "broken.pt").write_bytes(b"not a pickle")
+            assert list(c.get("/sdapi/v1/embeddings").json()["loaded"]) == ["first"]  # (read at start)
+            r = c.post("/sdapi/v1/refresh-embeddings")
+            assert r.status_code == 200 and r.json() is None
+            listed = c.get("/sdapi/v1/embeddings").json()
+            assert list(listed["loaded"]) == ["second"] and listed["loaded"]["second"]["vectors"] == 3
+            assert list(listed["skipped"]) == ["broken"]
+            r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat, second"})
+            assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+
+
 def test_disable_extra_networks_drops_the_lora_tags(client):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat <lora:detail:0.7>", "disable_extra_networks": True,
                                                "steps": 1, "width": 64, "height": 64})
@@ -450,3 +493,25 @@ def test_bad_input_from_a_server_hunt_is_a_422(client):
                         ({"sd_model_checkpoint": "nope"}, "override_settings.sd_model_checkpoint: unknown model")):
         r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": over})
         assert r.status_code == 422 and match in r.json()["detail"], r.text
+
+
+def test_a_checkpoint_file_is_known_by_its_full_sha256_too(tmp_path):
+    """A1111: /sd-models' sha256 and the sd_checkpoint_hash option are the file's full sha256, and a checkpoint may be
+    named by it (its aliases: title, name, short hash, sha256)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from fastsd import load_pipeline
+    from fastsd.checkpoint import ldm_state_dict
+    from fastsd.serve.registry import Registry, load_entries
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(ldm_state_dict(load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    registry = Registry(load_entries([str(path)], device="cpu", dtype="fp32", backend="torch")
+                        + load_entries(["random:tiny"], device="cpu", dtype="fp32", backend="torch"))
+    entry = registry.entries[0]
+    assert (entry.sha256, entry.hash, entry.title) == (digest, digest[:10], f"tiny.safetensors [{digest[:10]}]")
+    assert entry.a1111()["sha256"] == digest and registry.entries[1].a1111()["sha256"] is None
+    assert registry.find(digest) is entry and registry.find(digest[:10]) is entry

@@ -130,7 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         sock = bind(args.host, args.port)
     except (ValueError, TypeError, CheckpointError, BackendError) as e:
         return fail(str(e))
+    state.cmd_flags = cmd_flags(args, sock.getsockname()[1], str(state.registry.current.pipe.device))
     return _serve(state, sock, args.log_level)
+
+
+def cmd_flags(args, port: int, device: str) -> dict:
+    """GET /sdapi/v1/cmd-flags: the command line under A1111's names where it has them; never the credentials or
+    the server's paths (its folders are listed by name: /loras, /embeddings, /sd-vae, ...)."""
+    return {"api": True, "nowebui": False, "listen": args.host not in ("127.0.0.1", "localhost", "::1"),
+            "server_name": args.host, "port": port, "use_cpu": ["all"] if device == "cpu" else [], "api_auth": None,
+            "fastsd": {"device": device, "dtype": args.dtype, "threads": args.threads, "max_queue": args.max_queue,
+                       "max_size": args.max_size, "max_steps": args.max_steps, "max_batch": args.max_batch}}
 
 
 def _start(args, limits: Limits, auth, sources: list[str]):

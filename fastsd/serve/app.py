@@ -4,6 +4,7 @@ traceback in the server's log, never in the response)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class ServerState:
     upscalers: Upscalers = field(default_factory=lambda: Upscalers(None))  # --upscaler-dir's models
     vaes: Vaes = field(default_factory=lambda: Vaes(None))  # --vae-dir's files and the sd_vae option
     started: float = field(default_factory=time.time)
+    cmd_flags: dict = field(default_factory=dict)  # GET /sdapi/v1/cmd-flags: the command line's, by A1111's names
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -322,13 +324,44 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
 
         return [{"name": n} for n in LATENT_MODES]
 
-    for empty in ("/hypernetworks", "/face-restorers"):
+    for empty in ("/hypernetworks", "/face-restorers", "/realesrgan-models", "/script-info", "/extensions"):
         api.add_api_route(empty, _empty_list, methods=["GET"])
+
+    @api.get("/scripts")
+    async def scripts():
+        return {"txt2img": [], "img2img": []}  # (A1111's shape; fastsd runs no scripts)
+
+    @api.get("/cmd-flags")
+    async def cmd_flags():
+        return state.cmd_flags
+
+    @api.get("/memory")
+    async def memory():
+        """A1111's shape: this process' RAM (bytes) against the machine's; no CUDA here."""
+        return {"ram": _ram(), "cuda": {"error": "unavailable"}}
+
+    @api.post("/refresh-embeddings")
+    async def refresh_embeddings(request: Request):
+        """--embeddings-dir read again (files added, changed or removed), between generations (a queue job)."""
+        pipes = [e.pipe for e in state.registry.entries]
+
+        def reload(job) -> None:
+            for pipe in pipes:
+                pipe.embeddings = None
+            for name, why in state.networks.load_embeddings(pipes).items():
+                log.warning("embedding %s skipped: %s", name, why)
+
+        return await _wait(state, state.queue.submit(Job("refresh-embeddings", reload)), request)
+
+    for path, why in (("/unload-checkpoint", "the server keeps its --model models loaded"),
+                      ("/reload-checkpoint", "the server keeps its --model models loaded"),
+                      ("/interrogate", "fastsd has no interrogator (CLIP / BLIP / DeepBooru captioning)")):
+        api.add_api_route(path, _not_here(path, why), methods=["POST"])
 
     @api.get("/options")
     async def get_options():
         cur = state.registry.current
-        return {"sd_model_checkpoint": cur.title, "sd_checkpoint_hash": cur.hash, "sd_vae": state.vaes.option,
+        return {"sd_model_checkpoint": cur.title, "sd_checkpoint_hash": cur.sha256, "sd_vae": state.vaes.option,
                 "CLIP_stop_at_last_layers": state.clip_skip, "samples_format": "png", **state.sampling_options}
 
     @api.post("/options")
@@ -354,6 +387,24 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
         state.sampling_options.update(sampling)
         applied.update(sampling)
         return {"applied": applied, "ignored": sorted(req.model_extra or {})}
+
+
+def _ram() -> dict:
+    """This process' resident memory and the machine's, from /proc (A1111's keys: free, used, total)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return {"free": info["MemAvailable"], "used": used, "total": info["MemTotal"]}
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        return {"error": str(e) or type(e).__name__}
+
+
+def _not_here(path: str, why: str):
+    async def refuse():
+        raise HTTPException(501, f"{path}: not supported; {why}")
+    return refuse
 
 
 async def _empty_list():

@@ -21,6 +21,7 @@ class ModelEntry:
     filename: str        # the file or folder name (no path) as given; = name for random:<preset>
     hash: str | None     # A1111's short hash (sha256[:10]) of a checkpoint file
     pipe: object         # fastsd.Pipeline
+    sha256: str | None = None  # the file's full sha256 (A1111's sd_checkpoint_hash, /sd-models' sha256)
 
     @property
     def title(self) -> str:
@@ -28,10 +29,10 @@ class ModelEntry:
         return f"{self.filename} [{self.hash}]" if self.hash else self.filename
 
     def names(self) -> set[str]:
-        return {n for n in (self.title, self.name, self.filename, self.hash) if n}
+        return {n for n in (self.title, self.name, self.filename, self.hash, self.sha256) if n}
 
     def a1111(self) -> dict:
-        return {"title": self.title, "model_name": self.name, "hash": self.hash, "sha256": None,
+        return {"title": self.title, "model_name": self.name, "hash": self.hash, "sha256": self.sha256,
                 "filename": self.filename, "config": None}
 
 
@@ -72,10 +73,12 @@ class Registry:
 def load_entries(sources: list[str], *, device, dtype, backend) -> list[ModelEntry]:
     """Load every --model; a CheckpointError/ValueError names the source that failed."""
     from fastsd import load_pipeline
+    from fastsd.file_hashes import sha256
 
     entries = []
     for src in sources:
         pipe = load_pipeline(src, device=device, dtype=dtype, backend=backend)
         filename = pipe.name if pipe.path is None else os.path.basename(os.path.normpath(pipe.path))
-        entries.append(ModelEntry(pipe.name, filename, pipe.model_hash(), pipe))
+        short = pipe.model_hash()  # (a file's: computed once, the full digest then comes from the hash cache)
+        entries.append(ModelEntry(pipe.name, filename, short, pipe, sha256(pipe.path) if short else None))
     return entries
