@@ -333,6 +333,7 @@ class Pipeline:
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
                   "Skip Early CFG": s.skip_early_cond if s.skip_early_cond and cfg else None,
                   "ENSD": s.eta_noise_seed_delta if s.eta_noise_seed_delta and draws_noise(s) else None,
+                  "RNG": "CPU",  # A1111's randn_source whose noise fastsd draws (A1111 takes a missing key as "GPU")
                   **eta_infotext(s), **{SIGMA_KEYS[k]: v for k, v in sigma_params(s, s.sampler).items()},
                   "NGMS": s.s_min_uncond if s.s_min_uncond and cfg else None,
                   "NGMS all steps": True if s.s_min_uncond and s.s_min_uncond_all and cfg else None}

@@ -112,7 +112,7 @@ def test_infotext_keys_are_a1111s(pipe):
     im = pipe.generate(**KW, seed=2, hires_scale=1.5, hires_steps=2)[0]
     text = im.info["parameters"]
     assert im.size == (96, 72)
-    assert text.endswith("Size: 64x48, Model: \"random:tiny\", Denoising strength: 0.7, Hires upscale: 1.5, "
+    assert text.endswith("Size: 64x48, Model: \"random:tiny\", Denoising strength: 0.7, RNG: CPU, Hires upscale: 1.5, "
                          "Hires steps: 2, Hires upscaler: Latent")
     im = pipe.generate(**KW, seed=2, hires_width=128, hires_height=128, hires_upscaler="Latent (nearest-exact)")[0]
     params = parse_infotext(im.info["parameters"])[2]

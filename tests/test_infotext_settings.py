@@ -187,7 +187,7 @@ def test_a1111_text_with_overrides_and_warnings(tmp_path, capsys):
     assert prompt == "a dog"  # the command line's prompt
     assert params.splitlines()[0] == "Negative prompt: blurry, lowres"
     for part in ("Steps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 7.0, Seed: 42, Size: 64x64",
-                 "Denoising strength: 0.45, Clip skip: 2, Hires upscale: 1.25, Hires steps: 1, "
+                 "Denoising strength: 0.45, Clip skip: 2, RNG: CPU, Hires upscale: 1.25, Hires steps: 1, "
                  "Hires upscaler: Latent (bicubic)"):
         assert part in params, params
 

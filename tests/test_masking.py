@@ -126,7 +126,8 @@ def test_server_infotext_has_a1111s_inpainting_keys():
             params = parse_infotext(info(r)["infotexts"][0])[2]
             assert {k: v for k, v in params.items() if k in keys} == want, extra
             names = list(params)
-            assert names[names.index("Denoising strength") + 1:][:len(want)] == list(want)  # A1111's order
+            assert names[names.index("Denoising strength") + 1] == "RNG"  # (A1111's: the last of its own keys)
+            assert names[names.index("RNG") + 1:][:len(want)] == list(want)  # A1111's order (extra params after)
         plain = parse_infotext(info(c.post("/sdapi/v1/img2img", json={**body, "mask": None}))["infotexts"][0])[2]
         assert not set(keys) & set(plain)
 

@@ -209,6 +209,7 @@ def test_infotext_round_trips(tiny):
     assert prompt == "a (red:1.2) fox, forest\nsecond line" and neg == "ugly, blurry"
     assert params["Steps"] == "2" and params["Sampler"] == "DPM++ 2M Karras" and params["CFG scale"] == "5.5"
     assert params["Seed"] == "42" and params["Size"] == "32x32" and params["Model"] == pipe.name
+    assert params["RNG"] == "CPU"  # (A1111 reads a missing key as its GPU RNG)
 
 
 def test_long_prompt_and_emphasis_change_the_conditioning(tiny):
