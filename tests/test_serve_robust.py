@@ -22,6 +22,7 @@ from serve_server import Server, decode, in_process, info, png_b64
 
 from fastsd import Interrupted
 from fastsd.settings import SEED_LIMIT, GenerationSettings
+from fastsd.serve.generation import PNG_INFO_DEFAULTS
 
 SMALL = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler"}
 
@@ -377,8 +378,8 @@ def test_png_info_reads_the_infotext_as_a1111_and_refreshes_answer_null(server):
         assert got["info"] == text and got["items"] == {}
         params = got["parameters"]
         assert params["Prompt"] == "a cat" and params["Negative prompt"] == "blurry, dark"
-        assert (params["Seed"], params["Steps"], params["Size"], params["Size-1"], params["Size-2"]) == \
-            ("5", "1", "64x64", "64", "64")
+        assert (params["Seed"], params["Steps"], params["Size-1"], params["Size-2"]) == ("5", "1", "64", "64")
+        assert "Size" not in params and params["RNG"] == "CPU" and "Emphasis" not in params
 
         exif = Image.Exif()  # a JPEG as A1111 writes one: the infotext in EXIF UserComment, UTF-16 big-endian
         exif[0x8769] = {0x9286: b"UNICODE\0" + "a dog\nSteps: 4, Sampler: Euler, Seed: 9, Size: 8x16".encode("utf-16-be")}
@@ -386,8 +387,9 @@ def test_png_info_reads_the_infotext_as_a1111_and_refreshes_answer_null(server):
         Image.new("RGB", (8, 16)).save(buf, "JPEG", exif=exif)
         got = c.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()}).json()
         assert got["info"] == "a dog\nSteps: 4, Sampler: Euler, Seed: 9, Size: 8x16"
-        assert got["parameters"] == {"Prompt": "a dog", "Negative prompt": "", "Steps": "4", "Sampler": "Euler",
-                                     "Seed": "9", "Size": "8x16", "Size-1": "8", "Size-2": "16"}
+        assert got["parameters"] == {"Steps": "4", "Sampler": "Euler", "Seed": "9", "Size-1": "8", "Size-2": "16",
+                                     "Prompt": "a dog", "Negative prompt": "", **PNG_INFO_DEFAULTS}
+        assert PNG_INFO_DEFAULTS["Clip skip"] == "1" and PNG_INFO_DEFAULTS["RNG"] == "GPU"  # (A1111's, as text)
 
         odd = PngImagePlugin.PngInfo()  # escapes JSON can't read, or can read but not send: 200, kept as text
         odd.add_text("parameters", 'a cat\nSteps: 2, Sampler: "a\\qb", Model: "\\ud800x", Seed: 3')
@@ -397,8 +399,16 @@ def test_png_info_reads_the_infotext_as_a1111_and_refreshes_answer_null(server):
         assert r.status_code == 200, r.text
         assert r.json()["parameters"]["Sampler"] == '"a\\qb"' and r.json()["parameters"]["Model"].endswith("x")
 
-        got = c.post("/sdapi/v1/png-info", json={"image": b64_image("PNG")}).json()  # no infotext
-        assert got == {"info": "", "items": {}, "parameters": {}}
+        got = c.post("/sdapi/v1/png-info", json={"image": b64_image("PNG")}).json()  # no infotext: A1111's defaults
+        assert got == {"info": "", "items": {}, "parameters": {"Prompt": "", "Negative prompt": "", **PNG_INFO_DEFAULTS}}
+        odd = PngImagePlugin.PngInfo()  # a weighted prompt: A1111 adds "Emphasis: Original"; a hires size split
+        odd.add_text("parameters", "a (cat:1.2)\nSteps: 2, Seed: 3, Hires resize: 96x128, Clip skip: 2")
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "PNG", pnginfo=odd)
+        params = c.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()}).json()[
+            "parameters"]
+        assert (params["Emphasis"], params["Hires resize-1"], params["Hires resize-2"], params["Clip skip"]) == \
+            ("Original", "96", "128", "2") and "Hires resize" not in params
         for route in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):  # nothing to rescan: null, as A1111
             r = c.post(f"/sdapi/v1/{route}")
             assert r.status_code == 200 and r.json() is None

@@ -376,27 +376,43 @@ NOT_TEXT = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", 
             "gamma", "aspect", "srgb", "xmp", "adobe", "adobe_transform"}
 
 
+# What A1111's parse_generation_parameters fills in where an infotext has no such key (its /png-info answers carry
+# them, for an image without infotext too)
+PNG_INFO_DEFAULTS = {"Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
+                     "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint",
+                     "Hires prompt": "", "Hires negative prompt": "", "Mask mode": "Inpaint masked",
+                     "Masked content": "original", "Inpaint area": "Whole picture", "Masked area padding": 32,
+                     "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": 0, "Schedule min sigma": 0,
+                     "Schedule rho": 0, "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
+                     "Refiner switch by sampling steps": False}
+
+
 def png_info(info: dict, exif) -> dict:
     """A1111's /png-info answer for an image's metadata: `info` the infotext (its PNG "parameters" text, or the
     EXIF UserComment A1111 writes into a JPEG or WEBP), `items` the other texts, `parameters` the infotext
-    parsed as A1111's parse_generation_parameters does (values as text, "Size" also as Size-1 and Size-2)."""
+    parsed as A1111's parse_generation_parameters does (values as text; a "WxH" value as KEY-1 and KEY-2 only;
+    its defaults for the keys not there, PNG_INFO_DEFAULTS, and "Emphasis: Original" for a prompt that weighs)."""
     from fastsd.image import parse_infotext
+    from fastsd.tokenizer import parse_prompt_attention
 
     items = {_sendable(k): _sendable(v) for k, v in info.items()
              if isinstance(k, str) and isinstance(v, str) and k.lower() not in NOT_TEXT}
     items.pop("parameters", None)
-    text = image_infotext(info, exif)  # (fastsd.a1111, shared with the CLI's --infotext)
-    if not text:
-        return {"info": "", "items": items, "parameters": {}}
-    text = _sendable(text)
-    prompt, negative, params = parse_infotext(text)
-    parameters = {"Prompt": prompt, "Negative prompt": negative}
+    text = _sendable(image_infotext(info, exif) or "")  # (fastsd.a1111, shared with the CLI's --infotext)
+    prompt, negative, params = parse_infotext(text) if text else ("", "", {})
+    parameters = {}
     for k, v in params.items():
-        parameters[k] = v
         if m := re.fullmatch(r"(\d+)x(\d+)", v):
             parameters[f"{k}-1"], parameters[f"{k}-2"] = m.groups()
-    return {"info": _sendable(text), "items": items,
-            "parameters": {_sendable(k): _sendable(v) for k, v in parameters.items()}}
+        else:
+            parameters[k] = v
+    parameters.update({"Prompt": prompt, "Negative prompt": negative})
+    parameters |= {k: v for k, v in PNG_INFO_DEFAULTS.items() if k not in parameters}
+    if "Emphasis" not in parameters and any(w != 1 and piece != "BREAK" for piece, w in
+                                            parse_prompt_attention(prompt) + parse_prompt_attention(negative)):
+        parameters["Emphasis"] = "Original"
+    return {"info": text, "items": items,
+            "parameters": {_sendable(k): _sendable(v) if isinstance(v, str) else v for k, v in parameters.items()}}
 
 
 def _sendable(text: str) -> str:
