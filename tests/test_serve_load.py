@@ -20,7 +20,7 @@ def wait_idle(client: httpx.Client, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         p = client.get("/sdapi/v1/progress").json()
-        if p["state"]["job_count"] == 0:
+        if p["state"]["job_count"] == 0 and p["state"]["queued"] == 0:
             return p
         time.sleep(0.1)
     raise AssertionError(f"the server is still busy after {timeout} s: {p}")
@@ -103,6 +103,27 @@ def test_interrupt_stops_the_running_job_with_live_previews():
         done = wait_idle(c)["state"]["fastsd"]
         assert done["interrupted"] >= 1
         assert c.post("/sdapi/v1/txt2img", json=STORM).status_code == 200  # the next job runs normally
+
+
+def test_progress_state_counts_the_iterations_as_a1111():
+    """A1111's progress state for a running n_iter job: job_count its iterations, job_no the running one, job "Batch
+    i out of n", job_timestamp its start; fastsd's "queued" the jobs waiting behind it."""
+    server = main_server()
+    with server.client() as c:
+        wait_idle(c)
+        def post():
+            with server.client() as own:
+                own.post("/sdapi/v1/txt2img", json={**LONG, "n_iter": 2})
+
+        t = threading.Thread(target=post, daemon=True)
+        t.start()
+        st = wait_running(c, min_step=1)["state"]
+        assert (st["job_count"], st["job_no"], st["job"], st["queued"]) == (2, 0, "Batch 1 out of 2", 0), st
+        assert len(st["job_timestamp"]) == 14 and st["job_timestamp"].isdigit()
+        c.post("/sdapi/v1/interrupt")
+        t.join(timeout=60)
+        assert not t.is_alive()
+        assert wait_idle(c)["state"]["job_count"] == 0
 
 
 def test_client_that_disconnects_frees_the_worker():

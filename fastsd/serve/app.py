@@ -235,17 +235,21 @@ def _generation_routes(api: APIRouter, state: ServerState) -> None:
 
 
 def _progress(state: ServerState, skip_image: bool) -> dict:
-    """A1111's ProgressResponse for the running job (progress 0..1 over all its iterations)."""
+    """A1111's ProgressResponse for the running job (progress 0..1 over all its iterations): its state's job_count
+    the job's iterations (n_iter), job_no the running one's index, job "Batch i out of n" with more than one (else
+    the job's kind), job_timestamp its start (%Y%m%d%H%M%S); fastsd adds "queued", the jobs waiting behind it."""
     job, waiting = state.queue.snapshot()
-    st = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": waiting,
+    st = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
           "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
           "queued": waiting, "fastsd": dict(state.queue.counts)}
     if job is None or job.started is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": st, "current_image": None, "textinfo": None}
     done = (job.iteration + job.step / max(1, job.steps)) / max(1, job.iterations)
     elapsed = time.monotonic() - job.started
-    st.update(interrupted=job.stopped, skipped=job.skipped, job=job.kind, job_count=waiting + 1,
-              job_no=job.iteration, sampling_step=job.step, sampling_steps=job.steps)
+    st.update(interrupted=job.stopped, skipped=job.skipped, job_count=job.iterations, job_no=job.iteration,
+              job=f"Batch {job.iteration + 1} out of {job.iterations}" if job.iterations > 1 else job.kind,
+              job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(time.time() - elapsed)),
+              sampling_step=job.step, sampling_steps=job.steps)
     preview = job.preview
     return {"progress": min(done, 1.0), "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": st,
             "current_image": encode_png(preview) if preview is not None and not skip_image else None,
