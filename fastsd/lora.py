@@ -316,9 +316,9 @@ def _peft_scale(cfg: dict, path: str) -> float | None:
     return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
 
-def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
-    """Read a LoRA file and map every layer onto `models` ({"unet": UNet, "clip": CLIPTextModel}), checking
-    names and shapes; CheckpointError (one line, naming what was found) when anything does not fit."""
+def lora_layers(path: str) -> tuple[dict[str, TensorRef], dict[str, dict[str, TensorRef]]]:
+    """(the file's tensors, its LoRA layers {layer: {part: tensor}}) after checking, without a model, that it is a
+    LoRA of a kind fastsd merges; CheckpointError (one line, naming what the file is) otherwise."""
     refs = read_tensor_file(path)
     groups: dict[str, dict[str, TensorRef]] = {}
     unknown = []
@@ -330,6 +330,13 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
         else:
             groups.setdefault(split[0], {})[split[1]] = ref
     _check_kind(path, list(refs), unknown, groups)
+    return refs, groups
+
+
+def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
+    """Read a LoRA file and map every layer onto `models` ({"unet": UNet, "clip": CLIPTextModel}), checking
+    names and shapes; CheckpointError (one line, naming what was found) when anything does not fit."""
+    refs, groups = lora_layers(path)
     peft = _peft_scales(path)
     indexes = {m: _index(models[m]) for m in models}
     rules = unet_rules(models["unet"].cfg)

@@ -105,7 +105,11 @@ def safetensors_metadata(path: str) -> dict[str, str]:
 def read_header(path: str) -> tuple[object, int, int]:
     """(the parsed JSON header, not checked yet; the byte offset of the tensor data; the file size)."""
     size = check_regular_file(path)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # (no read permission)
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    with f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")

@@ -593,3 +593,59 @@ def test_sigkill_then_resume_does_every_job_once(tmp_path):
     assert len(done) == len(set(done)) == n and [row["id"] for row in rows[:len(before)]] == [b["id"] for b in before]
     assert sorted(os.listdir(out)) == sorted([".fastsd-batch.lock", "manifest.jsonl"] + [f"{i}.png" for i in done])
     assert f"{n - len(before)} done" in r.stderr and f"({len(before)} finished before)" in r.stderr
+
+
+def test_bad_input_from_a_batch_hunt(tmp_path, capsys):
+    """Found by a bad-input hunt of fastsd.batch: a job line nested 1000 deep (was a RecursionError traceback that
+    stopped the batch), a valid JSON line or prompt holding U+2028 / a form feed (were split into two), a CSV quote
+    left open (swallowed the rest of the file unreported), a --lora file that is no LoRA (every job failed instead
+    of a usage error), a manifest with rows of wrong types (were internal errors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = str(tmp_path / "out")
+    deep = '{"prompt": ' + "[" * 1000 + "]" * 1000 + "}"
+    jobs = write(tmp_path / "j.jsonl", deep + '\n{"prompt": "a cat\u2028on a mat", "id": "good"}\n')
+    assert main([jobs, "--out", out, "--model", "random:tiny", "--width", "64", "--height", "64", "--steps", "1",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "line 1: invalid JSON (nested too deeply)" in err and "Traceback" not in err
+    rows = {r["id"]: r for r in manifest(out)}
+    assert rows["good"]["status"] == "done" and rows["good"]["line"] == 2 and len(rows) == 2
+    (one,) = read_job_file(write(tmp_path / "ff.txt", "a cat\x0cwith a hat\n"), SMALL)
+    assert one.settings.prompt == "a cat\x0cwith a hat"
+    csv_jobs = read_job_file(write(tmp_path / "q.csv", 'prompt,id\n"a cat,x1\nb dog,x2\nc cow,x3\n'), SMALL)
+    (bad,) = csv_jobs
+    assert "a quoted cell runs from line 2 to line 4: a quote left open?" in bad.error
+    with open(os.path.join(out, "manifest.jsonl"), "a") as f:  # rows someone edited: ignored with a warning
+        f.write(json.dumps({"id": ["x"], "status": "done"}) + "\n" + json.dumps({"id": "y", "file": 5}) + "\n"
+                + "\n")
+    with pytest.warns(UserWarning, match="is not a manifest row"):
+        again = run(jobs, defaults=SMALL, out=out, **TINY)
+    assert [r["status"] for r in again] == ["failed", "done"]
+    lora = tmp_path / "notlora.safetensors"
+    save_file({"a.weight": torch.zeros(2)}, lora)
+    _fails([jobs, "--model", "random:tiny", "--out", str(tmp_path / "o2"), "--lora", str(lora)], capsys,
+           "not a LoRA (no lora_down/lora_up")
+    assert not os.path.exists(tmp_path / "o2")
+
+
+def test_a_result_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, capsys):
+    """The PNG's name taken by a folder (as a full disk or a read-only manifest would fail): one error line, exit 1,
+    the job before it kept; once the folder is gone the same command finishes the rest."""
+    out = tmp_path / "out"
+    (out / "second.png").mkdir(parents=True)
+    jobs = write(tmp_path / "j.jsonl", '{"prompt": "a cat", "id": "first"}\n{"prompt": "a dog", "id": "second"}\n'
+                 '{"prompt": "an owl", "id": "third"}\n')
+    argv = [jobs, "--out", str(out), "--model", "random:tiny", "--width", "64", "--height", "64", "--steps", "1",
+            "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --out {out}: can't write {out / 'second.png'} (") and "resume" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert [r["id"] for r in manifest(str(out))] == ["first"] and (out / "first.png").is_file()
+    first = (out / "first.png").read_bytes()
+    (out / "second.png").rmdir()
+    assert main(argv) == 0
+    assert [r["id"] for r in manifest(str(out))] == ["first", "second", "third"]
+    assert (out / "first.png").read_bytes() == first

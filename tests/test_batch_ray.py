@@ -92,3 +92,20 @@ def test_killed_actor_its_jobs_run_elsewhere_each_once(cluster, tmp_path, capsys
     done = [r["id"] for r in all_rows if r["status"] == "done"]
     assert len(done) == len(set(done)) == n and [r["status"] for r in rows] == ["done"] * n
     assert sorted(pngs(out)) == sorted(f"{i}.png" for i in done)
+
+
+def test_no_room_is_one_line_and_relative_paths_reach_the_workers(cluster, tmp_path, monkeypatch):
+    """A worker the whole cluster can't hold is refused up front (Ray would wait for ever), and folders given
+    relative to this process' folder reach workers whose folder is another (the cluster's) as absolute paths."""
+    from test_batch import write_tiny_upscaler
+
+    with pytest.raises(ValueError, match="no room for one worker of --cpus-per-worker 3"):
+        run(["a cat"], model="random:tiny", out=str(tmp_path / "none"), defaults=SMALL, ray="auto",
+            cpus_per_worker=3, progress=False)
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "ups").mkdir()
+    write_tiny_upscaler(tmp_path / "ups" / "4x-Tiny.safetensors")
+    monkeypatch.chdir(tmp_path)  # (the cluster's workers started in the folder before)
+    out = run([{"prompt": "an owl", "seed": 5, "hires_scale": 1.25, "hires_upscaler": "4x-Tiny"}], model="random:tiny",
+              out="rel", defaults=SMALL, ray="auto", workers=1, progress=False, upscaler_dir="ups")
+    assert [r["status"] for r in out] == ["done"], out

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastsd.cli import (ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings, positive_int,
-                        thread_count)
+from fastsd.cli import (MAX_THREADS, ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings,
+                        positive_int, thread_count)
 from fastsd.generate import _settings_options, default_model
 
 
@@ -20,8 +20,9 @@ def _resources(positive: bool):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not (v > 0 if positive else v >= 0) or v != v or v == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a number {'>' if positive else '>='} 0, got {s}")
+        if not (v > 0 if positive else v >= 0) or v != v or v > MAX_THREADS:
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if positive else '>='} 0 and <= {MAX_THREADS}, "
+                                             f"got {s}")
         return v
 
     return parse
@@ -90,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from fastsd.batch.jobs import Defaults, parse_loras
-    from fastsd.batch.manifest import OutputFolderError
+    from fastsd.batch.manifest import OutputFolderError, OutputWriteError
     from fastsd.batch.ray_pool import WorkersLost
     from fastsd.batch.runner import print_summary, run
 
@@ -110,6 +111,9 @@ def _run(args: argparse.Namespace) -> int:
                    dtype=args.dtype, backend=args.backend, threads=args.threads, lora_dir=args.lora_dir,
                    upscaler_dir=args.upscaler_dir, always_batch=args.always_batch, allow_large=args.allow_large,
                    summary=summary)
+    except OutputWriteError as e:  # mid-run: what was recorded before stays
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, CheckpointError, BackendError, OutputFolderError, WorkersLost) as e:
         return fail(str(e).splitlines()[0])
     print_summary(summary, args.out)

@@ -185,15 +185,28 @@ def read_job_file(path: str, defaults: Defaults, *, allow_large: bool = False) -
     return jobs
 
 
+def _lines(text: str) -> list[str]:
+    """The file's lines: split at \n only (with a \r before it dropped), not at the other breaks str.splitlines
+    knows (U+2028, form feed, ...), which JSON strings and prompts may hold."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _jsonl_records(text: str):
     """(line, record dict | error str, raw line) per non-blank line."""
-    for n, raw in enumerate(text.splitlines(), 1):
+    for n, raw in enumerate(_lines(text), 1):
         if not raw.strip():
             continue
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError as e:
-            yield n, f"invalid JSON ({e.msg} at column {e.colno})", raw
+            where = "column" if e.msg.endswith(" at") else "at column"  # ("Unterminated string starting at")
+            yield n, f"invalid JSON ({e.msg} {where} {e.colno})", raw
+            continue
+        except RecursionError:
+            yield n, "invalid JSON (nested too deeply)", raw
+            continue
+        except ValueError as e:  # (a number above Python's digit limit)
+            yield n, f"invalid JSON ({str(e).splitlines()[0]})", raw
             continue
         yield n, rec if isinstance(rec, dict) else f"a job line must be a JSON object, got {type(rec).__name__}", raw
 
@@ -220,14 +233,17 @@ def _csv_records(text: str):
             continue
         raw = ",".join(row)
         if len(row) != len(header):
-            yield line, f"{len(row)} cells but the header has {len(header)}", raw
+            spans = reader.line_num > line and any("\n" in cell for cell in row)  # (a quote never closed)
+            yield line, f"{len(row)} cells but the header has {len(header)}" + (
+                f"; a quoted cell runs from line {line} to line {reader.line_num}: a quote left open?" if spans
+                else ""), raw
             continue
         yield line, {k: v for k, v in zip(header, row) if v.strip() != ""}, raw
 
 
 def _txt_records(text: str):
     """One prompt a line; blank lines and lines starting with '#' are skipped."""
-    for n, raw in enumerate(text.splitlines(), 1):
+    for n, raw in enumerate(_lines(text), 1):
         if raw.strip() and not raw.lstrip().startswith("#"):
             yield n, {"prompt": raw.strip()}, raw
 

@@ -27,6 +27,15 @@ class OutputFolderError(ValueError):
     pass
 
 
+class OutputWriteError(OutputFolderError):
+    """A result could not be written mid-run: the run stops, the jobs recorded before stay (exit 1, not 2)."""
+
+
+def _is_row(row) -> bool:
+    return (isinstance(row, dict) and isinstance(row.get("id"), str)
+            and all(isinstance(row.get(k), (str, type(None))) for k in ("file", "model", "status")))
+
+
 class OutputFolder:
     def __init__(self, folder: str, model: str):
         self.folder, self.model = folder, model
@@ -52,9 +61,15 @@ class OutputFolder:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise OutputFolderError(f"--out {self.folder}: another fastsd.batch run is writing there") from None
-        for stale in glob.glob(os.path.join(glob.escape(self.folder), ".fastsd-*.part")):
-            os.unlink(stale)  # temp files of a killed run (we hold the lock: nobody else writes here)
-        self.rows = self._read()
+        try:
+            for stale in glob.glob(os.path.join(glob.escape(self.folder), ".fastsd-*.part")):
+                os.unlink(stale)  # temp files of a killed run (we hold the lock: nobody else writes here)
+            self.rows = self._read()
+        except (OSError, OutputFolderError) as e:
+            self.close()
+            if isinstance(e, OutputFolderError):
+                raise
+            raise OutputFolderError(f"--out {self.folder}: {e.filename}: {e.strerror}") from None
         others = {r.get("model") for r in self.rows.values()} - {self.model, None}
         if others:
             self.close()
@@ -77,11 +92,12 @@ class OutputFolder:
     # ---- reading --------------------------------------------------------------------------------------
 
     def _read(self) -> dict[str, dict]:
-        """The last row per job id. A line that is not JSON is skipped (the last one may be torn by a crash)."""
+        """The last row per job id. A line that is not a row (not JSON, or an id, file or model that is not text) is
+        skipped with a warning (but the last one, which a crash may have torn). OSError where it can't be read."""
         rows: dict[str, dict] = {}
         try:
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
+            with open(self.path, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").split("\n")
         except FileNotFoundError:
             return rows
         for n, line in enumerate(lines, 1):
@@ -89,10 +105,12 @@ class OutputFolder:
                 continue
             try:
                 row = json.loads(line)
+            except (ValueError, RecursionError):  # (JSONDecodeError, a number above Python's digit limit)
+                row = None
+            if _is_row(row):
                 rows[row["id"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                if n < len(lines):  # not the torn tail: someone edited the file
-                    warnings.warn(f"{self.path} line {n} is not a manifest row; ignored", stacklevel=2)
+            elif n < len(lines):  # not the torn tail: someone edited the file
+                warnings.warn(f"{self.path} line {n} is not a manifest row; ignored", stacklevel=2)
         return rows
 
     def is_done(self, job_id: str) -> bool:

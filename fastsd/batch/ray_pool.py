@@ -58,6 +58,18 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def check_room(cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """ValueError when the connected cluster, all of it, can't hold one worker of these resources (Ray would wait
+    for them for ever)."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    if cpus < cpus_per_worker or gpus < gpus_per_worker:
+        raise ValueError(f"--ray: the cluster has {cpus:g} CPUs and {gpus:g} GPUs, no room for one worker of "
+                         f"--cpus-per-worker {cpus_per_worker:g} and --gpus-per-worker {gpus_per_worker:g}")
+
+
 def disconnect() -> None:
     import ray
 

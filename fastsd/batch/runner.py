@@ -7,12 +7,14 @@ a `RayPool` (one BatchWorker per actor).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from dataclasses import replace
 
 from fastsd.batch.jobs import BadJob, Defaults, Job, make_jobs, plan_batches, read_job_file, records_from_list
-from fastsd.batch.manifest import OutputFolder
+from fastsd.batch.manifest import MANIFEST, OutputFolder, OutputWriteError
 
 
 class LocalExecutor:
@@ -35,6 +37,10 @@ def load_jobs(jobs, defaults: Defaults, allow_large: bool = False) -> list[Job |
     if isinstance(jobs, (str, os.PathLike)):
         return read_job_file(os.fspath(jobs), defaults, allow_large=allow_large)
     return make_jobs(records_from_list(jobs), defaults, allow_large=allow_large)
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path is not None and os.path.exists(path) else path
 
 
 def model_label(model: str) -> str:
@@ -85,16 +91,26 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
     defaults.validate(allow_large)
     check_run_options(defaults, lora_dir, local=ray in (None, False), device=device, dtype=dtype, backend=backend,
                       upscaler_dir=upscaler_dir)
+    on_ray = ray not in (None, False)
+    if on_ray:  # the workers' working folder is not this one: the paths checked here go to them absolute
+        model, lora_dir, upscaler_dir = (_absolute(p) for p in (model, lora_dir, upscaler_dir))
+        defaults = replace(defaults, loras=tuple((_absolute(n) if os.sep in n else n, w) for n, w in defaults.loras))
     job_list = load_jobs(jobs, defaults, allow_large)
     resolve(model)  # a wrong model fails here, before the output folder is created or a worker starts
     worker_kwargs = dict(model=model, device=device, dtype=dtype, backend=backend, threads=threads,
                          lora_dir=lora_dir, upscaler_dir=upscaler_dir, always_batch=always_batch)
     pool, owns_ray = None, False
-    if ray not in (None, False):
+    if on_ray:
         from fastsd.batch import ray_pool
 
         pool = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
         owns_ray = ray_pool.connect(None if ray is True else ray)  # a wrong address fails before the folder exists
+        try:
+            ray_pool.check_room(cpus_per_worker, gpus_per_worker)
+        except ValueError:
+            if owns_ray:
+                ray_pool.disconnect()
+            raise
     try:
         with OutputFolder(out, model_label(model)) as folder:
             return _drive(job_list, folder, worker_kwargs, pool=pool, batch=batch, retry_failed=retry_failed,
@@ -149,15 +165,27 @@ def _default_tokenizer():
 
 
 def _record(folder: OutputFolder, job: Job, r: dict, bar) -> None:
-    """One result: the PNG (atomic, fsync'd), then its manifest line (fsync'd)."""
+    """One result: the PNG (atomic, fsync'd), then its manifest line (fsync'd). A write that fails (the PNG's name
+    taken by a folder, a full disk, a read-only manifest) stops the run with OutputFolderError: the jobs recorded
+    so far are kept, and a PNG whose line could not be written is removed (the rerun makes it again)."""
     row = {"id": job.id, "line": job.line}
-    if r["ok"]:
-        folder.write_png(job.file, r["png"])
-        row.update(status="done", file=job.file, seed=job.settings.seed, seconds=r["seconds"])
-    else:
-        bar.log(f"fastsd.batch: job {job.id} (line {job.line}) failed: {r['error']}")
-        row.update(status="failed", error=r["error"])
-    folder.append({**row, "settings": job.manifest_settings()})
+    written = None
+    try:
+        if r["ok"]:
+            written = folder.write_png(job.file, r["png"])
+            row.update(status="done", file=job.file, seed=job.settings.seed, seconds=r["seconds"])
+        else:
+            bar.log(f"fastsd.batch: job {job.id} (line {job.line}) failed: {r['error']}")
+            row.update(status="failed", error=r["error"])
+        folder.append({**row, "settings": job.manifest_settings()})
+    except OSError as e:
+        if written is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(written)
+        where = os.path.join(folder.folder, MANIFEST if written else job.file)
+        raise OutputWriteError(f"--out {folder.folder}: can't write {where} ({e.strerror or e}) for job {job.id}; "
+                                "the jobs finished before are kept: fix that and run the same command again to "
+                                "resume") from None
     bar.finished(ok=r["ok"])
 
 

@@ -249,10 +249,9 @@ def check_loras(loras, lora_dir: str | None, flag: str = "--lora") -> list[str]:
     """The files of the run-wide LoRAs (the command line's --lora), checked before a run writes anything or
     starts a worker, so a mistake there is a usage error and not every job's failure: each weight is one
     normalize_weight takes, each name is found as the worker will find it (find_lora), and each file reads as a
-    tensor file (its header; the layers are checked against the model when the worker merges it). ValueError /
-    CheckpointError, one line naming the option."""
-    from fastsd.lora import normalize_weight
-    from fastsd.tensorfile import read_tensor_file
+    LoRA file (its tensors' names; their shapes are checked against the model when the worker merges it).
+    ValueError / CheckpointError, one line naming the option."""
+    from fastsd.lora import lora_layers, normalize_weight
 
     paths = []
     for name, weight in loras:
@@ -272,7 +271,7 @@ def check_loras(loras, lora_dir: str | None, flag: str = "--lora") -> list[str]:
             if msg.startswith(f"<lora:{stem}>"):  # lora_path's messages name the prompt tag; this is an option
                 msg = msg[len(f"<lora:{stem}>"):].lstrip(": ")
             raise ValueError(f"{flag} {name}: {msg}") from None
-        _read_for_option(read_tensor_file, path, f"{flag} {name}")
+        _read_for_option(lora_layers, path, f"{flag} {name}")
         paths.append(path)
     return paths
 
