@@ -617,12 +617,15 @@ def test_bad_input_from_a_batch_hunt(tmp_path, capsys):
     csv_jobs = read_job_file(write(tmp_path / "q.csv", 'prompt,id\n"a cat,x1\nb dog,x2\nc cow,x3\n'), SMALL)
     (bad,) = csv_jobs
     assert "a quoted cell runs from line 2 to line 4: a quote left open?" in bad.error
+    with pytest.raises(ValueError, match=r"h\.csv: invalid CSV header \(field larger than field limit"):
+        read_job_file(write(tmp_path / "h.csv", "prompt" + "x" * 200_000 + "\na cat\n"), SMALL)
     with open(os.path.join(out, "manifest.jsonl"), "a") as f:  # rows someone edited: ignored with a warning
         f.write(json.dumps({"id": ["x"], "status": "done"}) + "\n" + json.dumps({"id": "y", "file": 5}) + "\n"
                 + "\n")
     with pytest.warns(UserWarning, match="is not a manifest row"):
         again = run(jobs, defaults=SMALL, out=out, **TINY)
     assert [r["status"] for r in again] == ["failed", "done"]
+    assert "job good was made before with other settings" in capsys.readouterr().err  # (2 steps here, 1 before)
     lora = tmp_path / "notlora.safetensors"
     save_file({"a.weight": torch.zeros(2)}, lora)
     _fails([jobs, "--model", "random:tiny", "--out", str(tmp_path / "o2"), "--lora", str(lora)], capsys,
@@ -649,3 +652,27 @@ def test_a_result_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, cap
     assert main(argv) == 0
     assert [r["id"] for r in manifest(str(out))] == ["first", "second", "third"]
     assert (out / "first.png").read_bytes() == first
+
+
+def test_an_edited_job_reusing_an_id_is_named_and_its_image_kept(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    run([{"prompt": "a red cat", "id": "pic"}], defaults=SMALL, out=out, **TINY)
+    made = (tmp_path / "out" / "pic.png").read_bytes()
+    capsys.readouterr()
+    rows = run([{"prompt": "a blue dog", "id": "pic"}], defaults=SMALL, out=out, **TINY)
+    err = capsys.readouterr().err
+    assert "line 1: job pic was made before with other settings (prompt 'a red cat' then, 'a blue dog' now)" in err
+    assert rows[0]["status"] == "done" and (tmp_path / "out" / "pic.png").read_bytes() == made
+    run([{"prompt": "a red cat", "id": "pic"}], defaults=SMALL, out=out, **TINY)  # the same job again: nothing said
+    assert "other settings" not in capsys.readouterr().err
+
+
+def test_folders_from_the_environment_are_checked_as_the_options(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTSD_LORA_DIR", str(tmp_path / "nope"))
+    _fails([write(tmp_path / "j.txt", "a cat <lora:ink:1>\n"), "--model", "random:tiny", "--out", str(tmp_path / "o")],
+           capsys, f"$FASTSD_LORA_DIR {tmp_path / 'nope'}: no such folder")
+    assert not (tmp_path / "o").exists()
+    fifo = tmp_path / "jobs.txt"
+    os.mkfifo(fifo)  # (a job file that is a FIFO: refused, not read for ever)
+    monkeypatch.delenv("FASTSD_LORA_DIR")
+    _fails([str(fifo), "--model", "random:tiny", "--out", str(tmp_path / "o")], capsys, "not a regular file")

@@ -167,6 +167,8 @@ def read_job_file(path: str, defaults: Defaults, *, allow_large: bool = False) -
     if fmt is None:
         raise JobFileError(f"{path}: unknown job file type; use .jsonl (one JSON object a line), .csv (with a "
                            "header) or .txt (one prompt a line)")
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        raise JobFileError(f"{path}: not a regular file (a FIFO, device or socket: reading it may never end)")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
@@ -179,7 +181,10 @@ def read_job_file(path: str, defaults: Defaults, *, allow_large: bool = False) -
     except OSError as e:
         raise JobFileError(f"{path}: can't read ({e.strerror})") from None
     records = {"jsonl": _jsonl_records, "csv": _csv_records, "txt": _txt_records}[fmt](text)
-    jobs = make_jobs(records, defaults, allow_large=allow_large)
+    try:
+        jobs = make_jobs(records, defaults, allow_large=allow_large)
+    except JobFileError as e:
+        raise JobFileError(f"{path}: {e}") from None
     if not jobs:
         raise JobFileError(f"{path}: no jobs in the file")
     return jobs
@@ -216,8 +221,10 @@ def _csv_records(text: str):
     reader = csv.reader(io.StringIO(text))
     try:
         header = [h.strip() for h in next(reader)]
-    except (StopIteration, csv.Error):
+    except StopIteration:
         return
+    except csv.Error as e:  # (a header cell above the csv module's field limit)
+        raise JobFileError(f"invalid CSV header ({e})") from None
     start = reader.line_num + 1
     while True:
         try:

@@ -8,6 +8,7 @@ a `RayPool` (one BatchWorker per actor).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -57,8 +58,13 @@ def check_run_options(defaults: Defaults, lora_dir: str | None, *, local: bool, 
     and, for a run in this process, the device, dtype and backend can be used here (a Ray run's devices are the
     workers')."""
     from fastsd.batch.worker import check_loras, check_upscaler
+    from fastsd.lora import LORA_DIR_ENV
+    from fastsd.upscalers import UPSCALER_DIR_ENV
 
-    for flag, folder in (("--lora-dir", lora_dir), ("--upscaler-dir", upscaler_dir)):
+    for flag, env, folder in (("--lora-dir", LORA_DIR_ENV, lora_dir),
+                              ("--upscaler-dir", UPSCALER_DIR_ENV, upscaler_dir)):
+        if folder is None and os.environ.get(env):
+            flag, folder = f"${env}", os.environ[env]
         if folder is not None and not os.path.isdir(folder):
             raise ValueError(f"{flag} {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
     check_loras(defaults.loras, lora_dir)
@@ -86,6 +92,8 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
     LoRA and upscaler model names are found (none given: $FASTSD_LORA_DIR / $FASTSD_UPSCALER_DIR). `summary`, when
     given, is filled with counts and timings of this run."""
     from fastsd.checkpoint import resolve
+    from fastsd.lora import LORA_DIR_ENV
+    from fastsd.upscalers import UPSCALER_DIR_ENV
 
     defaults = defaults or Defaults()
     defaults.validate(allow_large)
@@ -93,6 +101,8 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
                       upscaler_dir=upscaler_dir)
     on_ray = ray not in (None, False)
     if on_ray:  # the workers' working folder is not this one: the paths checked here go to them absolute
+        lora_dir = lora_dir or os.environ.get(LORA_DIR_ENV)
+        upscaler_dir = upscaler_dir or os.environ.get(UPSCALER_DIR_ENV)
         model, lora_dir, upscaler_dir = (_absolute(p) for p in (model, lora_dir, upscaler_dir))
         defaults = replace(defaults, loras=tuple((_absolute(n) if os.sep in n else n, w) for n, w in defaults.loras))
     job_list = load_jobs(jobs, defaults, allow_large)
@@ -128,6 +138,10 @@ def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, pool: dict | 
         return not folder.is_done(j.id) and (retry_failed or not folder.has_failed(j.id))
 
     todo = [j for j in job_list if isinstance(j, Job) and wanted(j)]
+    for j in job_list:
+        if isinstance(j, Job) and folder.is_done(j.id) and (why := _changed(folder.rows[j.id], j)):
+            print(f"fastsd.batch: line {j.line}: job {j.id} was made before with other settings ({why}); its image "
+                  "is kept: give the job another id (or use another --out) to make this one", file=sys.stderr)
     sets = {j.loras for j in todo}
     if len(sets) == 1 and () not in sets:  # one LoRA set for every job: merged for good (no copy of the weights)
         worker_kwargs = {**worker_kwargs, "only_loras": sets.pop()}
@@ -156,6 +170,17 @@ def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, pool: dict | 
         bar.close()
         summary.update(bar.counts(), seconds=time.perf_counter() - t0, left=sum(wanted(j) for j in todo))
     return [folder.rows[j.id] for j in job_list if j.id in folder.rows]
+
+
+def _changed(row: dict, job: Job) -> str | None:
+    """How the settings a manifest row was made with differ from `job`'s (an edited job file reusing an id): the
+    first field that differs, or None."""
+    before = row.get("settings")
+    now = json.loads(json.dumps(job.manifest_settings(), ensure_ascii=False))
+    if not isinstance(before, dict) or before == now:
+        return None
+    key = next(k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+    return f"{key} {before.get(key)!r} then, {now.get(key)!r} now"
 
 
 def _default_tokenizer():

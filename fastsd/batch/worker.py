@@ -280,6 +280,8 @@ def _failed(job: Job, e: BaseException) -> dict:
     from fastsd.tensorfile import CheckpointError
 
     msg = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, OSError) and e.filename is not None:  # (a file a job names that can't be read)
+        return {"id": job.id, "ok": False, "error": f"{e.filename}: can't read ({e.strerror or e})"}
     if not isinstance(e, (ValueError, TypeError, CheckpointError)):
         msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
     return {"id": job.id, "ok": False, "error": msg}
