@@ -317,12 +317,14 @@ class Pipeline:
         return self._vae_hash
 
     def infotext(self, s: GenerationSettings, index: int = 0, img2img: bool = False, extra: dict | None = None) -> str:
-        """A1111's infotext of image `index` of a run of `s` (its seed `s.image_seed(index)`); `extra` (A1111's extra_generation_params, e.g.
-        its inpainting keys) after the settings' keys, before the LoRA and embedding hashes (None values left out)."""
+        """A1111's infotext of image `index` of a run of `s` (its seed `s.image_seed(index)`); `extra` (A1111's
+        extra_generation_params, e.g. its inpainting keys) after the settings' keys, before the LoRA and embedding
+        hashes (None values left out)."""
         cfg = self.runs_uncond(s)  # (the options of the unconditional batch apply)
         params = {"Steps": s.steps, "Sampler": A1111_NAMES[get_sampler(s.sampler).name],
                   "Schedule type": schedule_label(s.schedule_type), "CFG scale": s.guidance_scale,
-                  "Seed": s.image_seed(index), "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(), "Model": self.name,
+                  "Seed": s.image_seed(index), "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(),
+                  "Model": self.name,
                   "VAE hash": self.vae_hash(), "VAE": self.vae_name,
                   "Variation seed": s.subseed + index if s.subseed_strength else None,
                   "Variation seed strength": s.subseed_strength or None,

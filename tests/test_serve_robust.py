@@ -400,7 +400,8 @@ def test_png_info_reads_the_infotext_as_a1111_and_refreshes_answer_null(server):
         assert r.json()["parameters"]["Sampler"] == '"a\\qb"' and r.json()["parameters"]["Model"].endswith("x")
 
         got = c.post("/sdapi/v1/png-info", json={"image": b64_image("PNG")}).json()  # no infotext: A1111's defaults
-        assert got == {"info": "", "items": {}, "parameters": {"Prompt": "", "Negative prompt": "", **PNG_INFO_DEFAULTS}}
+        empty = {"Prompt": "", "Negative prompt": "", **PNG_INFO_DEFAULTS}
+        assert got == {"info": "", "items": {}, "parameters": empty}
         odd = PngImagePlugin.PngInfo()  # a weighted prompt: A1111 adds "Emphasis: Original"; a hires size split
         odd.add_text("parameters", "a (cat:1.2)\nSteps: 2, Seed: 3, Hires resize: 96x128, Clip skip: 2")
         buf = io.BytesIO()

@@ -1,5 +1,6 @@
 """A1111's variation seed (subseed, subseed_strength): the start noise of image i is A1111's slerp of the seed's
-noise toward subseed + i's (with a variation strength every image keeps the seed, A1111's all_seeds); in the infotext as "Variation seed" / "Variation seed strength"; the CLI and the server
+noise toward subseed + i's (with a variation strength every image keeps the seed, A1111's all_seeds); in the
+infotext as "Variation seed" / "Variation seed strength"; the CLI and the server
 take it (the server as A1111's fields). A1111's seed resize (seed_resize_from_w/h): the noise drawn at that size and
 pasted centred into the real size's, checked against a transcription of A1111's ImageRNG.first."""
 import json

@@ -4,8 +4,8 @@ traceback in the server's log, never in the response)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -462,7 +462,8 @@ def run_plan(plan: Plan, job, networks, vaes) -> dict:
                 raise
 
         shift = it * s.num_images  # iteration it's images: seed + shift + i (and subseed + shift + i)
-        got = pipe.generate(**s.replace(seed=s.image_seed(shift), subseed=None if s.subseed is None else s.subseed + shift
+        subseed = None if s.subseed is None else s.subseed + shift
+        got = pipe.generate(**s.replace(seed=s.image_seed(shift), subseed=subseed
                                         ).kwargs(), image=plan.image,
                             mask=plan.mask, masked_content=plan.masked_content,
                             latent_mask=plan.latent_mask, infotext_extra=plan.infotext_extra, progress=False, on_step=on_step,
