@@ -676,3 +676,24 @@ def test_folders_from_the_environment_are_checked_as_the_options(tmp_path, capsy
     os.mkfifo(fifo)  # (a job file that is a FIFO: refused, not read for ever)
     monkeypatch.delenv("FASTSD_LORA_DIR")
     _fails([str(fifo), "--model", "random:tiny", "--out", str(tmp_path / "o")], capsys, "not a regular file")
+
+
+def test_sigterm_stops_in_one_line_and_the_rerun_resumes(tmp_path):
+    jobs = write(tmp_path / "jobs.txt", "".join(f"prompt number {i}\n" for i in range(4)))
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "fastsd.batch", jobs, "--model", "random:tiny", "--out", out, "--width", "64",
+           "--height", "64", "--steps", "2", "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    path, deadline = os.path.join(out, "manifest.jsonl"), time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and '"done"' in open(path).read():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated; finished jobs are kept: run the same command again to resume"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    done = [row["id"] for row in manifest(out) if row["status"] == "done"]
+    assert len(done) == len(set(done)) == 4

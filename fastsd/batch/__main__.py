@@ -1,12 +1,13 @@
 """Command line: python -m fastsd.batch JOBS --model M --out DIR [--batch N] [--ray [ADDRESS]] [--workers N]
 
 Exit status: 0 when every job is done, 1 when some job failed (recorded in the manifest; --retry-failed
-runs them again), 2 for a usage error (one `error:` line, nothing written), 130 when interrupted (what
-finished is kept; the same command resumes).
+runs them again) or a result could not be written, 2 for a usage error (one `error:` line, nothing written), 130
+when interrupted, 143 on SIGTERM (what finished is kept; the same command resumes).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from fastsd.cli import (MAX_THREADS, ArgumentParser, HelpFormatter, add_backend_arg, fail, one_line_warnings,
@@ -80,11 +81,23 @@ def main(argv: list[str] | None = None) -> int:
 
         if (why := ray_missing()) is not None:
             return fail(why)
+    previous = signal.signal(signal.SIGTERM, _terminated)  # (a scheduler's stop: said as Ctrl-C is)
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        print("interrupted; finished jobs are kept: run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"{how}; finished jobs are kept: run the same command again to resume", file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so it stops as at Ctrl-C (the finished jobs are kept)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
 
 
 def _run(args: argparse.Namespace) -> int:
