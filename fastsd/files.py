@@ -83,6 +83,8 @@ def check_writable_folder(folder: str, what: str) -> None:
     probed by creating and removing a temp file in it, or in its nearest existing parent."""
     probe = os.path.abspath(folder)
     while not os.path.exists(probe):
+        if os.path.islink(probe):  # (makedirs would say "File exists")
+            raise ValueError(f"{what}: {probe} is a broken symbolic link (to {os.readlink(probe)})")
         parent = os.path.dirname(probe)
         if parent == probe:
             break

@@ -676,6 +676,9 @@ def test_folders_from_the_environment_are_checked_as_the_options(tmp_path, capsy
     os.mkfifo(fifo)  # (a job file that is a FIFO: refused, not read for ever)
     monkeypatch.delenv("FASTSD_LORA_DIR")
     _fails([str(fifo), "--model", "random:tiny", "--out", str(tmp_path / "o")], capsys, "not a regular file")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # (was "File exists")
+    _fails([write(tmp_path / "j.txt", "a cat\n"), "--model", "random:tiny", "--out", str(tmp_path / "link")], capsys,
+           "is a broken symbolic link")
 
 
 def test_sigterm_stops_in_one_line_and_the_rerun_resumes(tmp_path):
