@@ -13,6 +13,7 @@ from PIL import Image
 
 import fastsd
 from fastsd.batch import Defaults, run
+from fastsd.batch.runner import load_jobs
 from fastsd.batch.__main__ import main
 from fastsd.batch.jobs import BadJob, Job, read_job_file, text_prompts
 from fastsd.batch.worker import BatchWorker
@@ -559,6 +560,8 @@ def test_ray_address_that_does_not_answer_is_one_line():
         _check_reachable("127.0.0.1:1")
     with pytest.raises(ValueError, match="expected auto, HOST:PORT or ray://HOST:PORT"):
         _check_reachable("somewhere")
+    with pytest.raises(ValueError, match=r"nothing answers at ::1:1 \((?!Name or service)"):
+        _check_reachable("[::1]:1")  # (an IPv6 address in brackets: was "Name or service not known")
     _check_reachable("auto")
 
 
@@ -700,3 +703,10 @@ def test_sigterm_stops_in_one_line_and_the_rerun_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
     done = [row["id"] for row in manifest(out) if row["status"] == "done"]
     assert len(done) == len(set(done)) == 4
+
+
+def test_a_seed_option_that_passes_the_largest_seed_names_the_option():
+    jobs = load_jobs(["a cat", "a dog"], Defaults(seed=2**63 - 1))
+    assert isinstance(jobs[0], Job) and jobs[0].settings.seed == 2**63 - 1
+    assert isinstance(jobs[1], BadJob)
+    assert jobs[1].error == "--seed 9223372036854775807 + this job's index 1 passes the largest seed, 2**63 - 1"

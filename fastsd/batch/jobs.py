@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from fastsd.hires import builtin_upscaler
 from fastsd.schedule_types import AUTOMATIC, resolve_schedule_type
 from fastsd.settings import FIELDS as SETTINGS
-from fastsd.settings import GenerationSettings
+from fastsd.settings import SEED_LIMIT, GenerationSettings
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -323,10 +323,11 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
     content = json.dumps({**Job("", line, s, loras).manifest_settings(), "line": line}, sort_keys=True)
     digest = hashlib.sha256(content.encode()).hexdigest()
     seeds = {}
-    if s.seed is None:
-        seeds["seed"] = defaults.seed + index if defaults.seed is not None else int(digest[:8], 16)
-    if s.subseed is None and s.subseed_strength > 0:
-        seeds["subseed"] = defaults.subseed + index if defaults.subseed is not None else int(digest[8:16], 16)
+    for field_, given, hexes in (("seed", defaults.seed, digest[:8]), ("subseed", defaults.subseed, digest[8:16])):
+        if getattr(s, field_) is None and (field_ == "seed" or s.subseed_strength > 0):
+            if given is not None and given + index >= SEED_LIMIT:  # (--seed S: job i's seed is S + i)
+                raise ValueError(f"--{field_} {given} + this job's index {index} passes the largest seed, 2**63 - 1")
+            seeds[field_] = given + index if given is not None else int(hexes, 16)
     if seeds:
         s = s.replace(**seeds)
         check_settings(s, allow_large)  # --seed S + index must stay in range

@@ -83,6 +83,7 @@ def _check_reachable(address: str | None) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--ray {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    host = host.removeprefix("[").removesuffix("]")  # ([::1]:6379, an IPv6 address)
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
