@@ -222,7 +222,7 @@ class GenerationSettings:
             raise ValueError("a mask needs an init image (the image to inpaint)")
         if self.seed is not None:
             _check_int(self.seed, "seed", 0, None)
-            if self.seed + self.num_images > SEED_LIMIT:
+            if self.image_seed(self.num_images - 1) >= SEED_LIMIT:  # (the last image's: seed + i, or the seed)
                 raise ValueError(f"seed + num_images must stay below 2**63, got seed {self.seed} with "
                                  f"{self.num_images} images")
         from fastsd.samplers import get_sampler

@@ -471,3 +471,10 @@ def test_eta_of_euler_a_and_ddim(pipe):
         pipe.generate("a cat", eta=0.5, **{**kw, "sampler": "euler"})
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
         pipe.generate("a cat", eta=1.5, **{**kw, "sampler": "euler_a"})
+
+
+def test_the_seed_range_is_checked_on_the_images_seeds():
+    """With a variation strength every image keeps the seed, so the largest seed takes a batch; without, seed + i."""
+    GenerationSettings("a cat", seed=2**63 - 1, num_images=2, subseed=1, subseed_strength=0.5).validate()
+    with pytest.raises(ValueError, match="seed \\+ num_images must stay below 2\\*\\*63"):
+        GenerationSettings("a cat", seed=2**63 - 1, num_images=2).validate()

@@ -322,15 +322,21 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
     _check_hires_loras(s)
     content = json.dumps({**Job("", line, s, loras).manifest_settings(), "line": line}, sort_keys=True)
     digest = hashlib.sha256(content.encode()).hexdigest()
+
+    def derived(option: str, given: int | None, hexes: str) -> int:  # --seed S: job i's is S + i; else the digest's
+        if given is None:
+            return int(hexes, 16)
+        if given + index >= SEED_LIMIT:
+            raise ValueError(f"--{option} {given} + this job's index {index} passes the largest seed, 2**63 - 1")
+        return given + index
+
     seeds = {}
-    for field_, given, hexes in (("seed", defaults.seed, digest[:8]), ("subseed", defaults.subseed, digest[8:16])):
-        if getattr(s, field_) is None and (field_ == "seed" or s.subseed_strength > 0):
-            if given is not None and given + index >= SEED_LIMIT:  # (--seed S: job i's seed is S + i)
-                raise ValueError(f"--{field_} {given} + this job's index {index} passes the largest seed, 2**63 - 1")
-            seeds[field_] = given + index if given is not None else int(hexes, 16)
+    if s.seed is None:
+        seeds["seed"] = derived("seed", defaults.seed, digest[:8])
+    if s.subseed is None and s.subseed_strength > 0:
+        seeds["subseed"] = derived("subseed", defaults.subseed, digest[8:16])
     if seeds:
-        s = s.replace(**seeds)
-        check_settings(s, allow_large)  # --seed S + index must stay in range
+        s = s.replace(**seeds)  # (in range: `derived`)
     job_id = rec.get("id")
     if job_id is None:
         job_id = f"{line:05d}-{digest[:10]}"

@@ -65,10 +65,8 @@ class OutputFolder:
             for stale in glob.glob(os.path.join(glob.escape(self.folder), ".fastsd-*.part")):
                 os.unlink(stale)  # temp files of a killed run (we hold the lock: nobody else writes here)
             self.rows = self._read()
-        except (OSError, OutputFolderError) as e:
+        except OSError as e:
             self.close()
-            if isinstance(e, OutputFolderError):
-                raise
             raise OutputFolderError(f"--out {self.folder}: {e.filename}: {e.strerror}") from None
         others = {r.get("model") for r in self.rows.values()} - {self.model, None}
         if others:

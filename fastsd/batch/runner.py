@@ -137,9 +137,13 @@ def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, pool: dict | 
     def wanted(j) -> bool:
         return not folder.is_done(j.id) and (retry_failed or not folder.has_failed(j.id))
 
-    todo = [j for j in job_list if isinstance(j, Job) and wanted(j)]
+    todo = []
     for j in job_list:
-        if isinstance(j, Job) and folder.is_done(j.id) and (why := _changed(folder.rows[j.id], j)):
+        if not isinstance(j, Job):
+            continue
+        if wanted(j):
+            todo.append(j)
+        elif folder.is_done(j.id) and (why := _changed(folder.rows[j.id], j)):
             print(f"fastsd.batch: line {j.line}: job {j.id} was made before with other settings ({why}); its image "
                   "is kept: give the job another id (or use another --out) to make this one", file=sys.stderr)
     sets = {j.loras for j in todo}
