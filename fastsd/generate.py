@@ -348,8 +348,8 @@ def run(args: argparse.Namespace) -> int:
         settings = apply_cli_styles(args, settings)
         settings.validate(has_image=args.init_image is not None, has_mask=args.mask is not None,
                           allow_large=args.allow_large)
-        if not 0.0 < settings.strength <= 1.0:  # a mistake even where no --init-image uses it
-            raise ValueError(f"--strength must be in (0, 1], got {settings.strength}")
+        if not 0.0 <= settings.strength <= 1.0:  # a mistake even where no --init-image uses it
+            raise ValueError(f"--strength must be in [0, 1], got {settings.strength}")
         a1111 = [name for name in A1111_INPAINT if getattr(args, name) is not None]
         if a1111 and args.mask is None:
             raise ValueError(f"--{a1111[0].replace('_', '-')}: A1111's inpainting options need --mask (and --init-image)")

@@ -61,6 +61,14 @@ def _size(v: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def _rng(v: str) -> str:
+    from fastsd.settings import RANDN_SOURCES
+
+    if v not in RANDN_SOURCES:
+        raise ValueError(f"not one of A1111's {', '.join(RANDN_SOURCES)}")
+    return v
+
+
 # key: (the GenerationSettings fields it sets, how its value is read)
 SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "Steps": (("steps",), _int),
@@ -82,6 +90,7 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "Skip Early CFG": (("skip_early_cond",), _float),
     "ENSD": (("eta_noise_seed_delta",), _int),
     "Noise multiplier": (("initial_noise_multiplier",), _float),
+    "RNG": (("randn_source",), _rng),
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type", "Eta",
          "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
@@ -104,7 +113,8 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
     "Sampler" + "Schedule type" pair as A1111 1.9+ reads them (`fastsd.a1111.scheduled`: "DPM++ 2M" + "Karras" is
     dpmpp_2m_karras, "Automatic" is the sampler's A1111 default); without "Schedule type" (an infotext from before
     A1111 1.9, or fastsd's with the sampler's own schedule) the sampler runs its own schedule, as it did then.
-    "Denoising strength" is the hires fix's when hires keys are there, else img2img's strength."""
+    "Denoising strength" is the hires fix's when hires keys are there, else img2img's strength. No "RNG" key in
+    an infotext with parameters is A1111's default, "GPU" (the noise of an NVIDIA GPU: fastsd.philox)."""
     from fastsd.a1111 import hires_scheduled, scheduled
     from fastsd.schedule_types import AUTOMATIC, resolve_schedule_type
 
@@ -121,6 +131,8 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
             for field, v in zip(fields, got if len(fields) > 1 else (got,)):
                 if field not in skip:
                     out[field] = v
+    if params and "RNG" not in params and "randn_source" not in skip:  # A1111 writes none for its default
+        out["randn_source"] = "GPU"
     if "Hires resize" in params and "hires_scale" not in skip:  # (A1111 ignores the scale for a resize target)
         out["hires_scale"] = 1.0
     hires = any(key in params for key in HIRES_KEYS)
@@ -167,8 +179,8 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
     if inpaint:  # (not settings: the CLI's own options, with --init-image and --mask)
         warnings.append(f"inpainting keys not read ({', '.join(inpaint)}): give --mask-blur, --inpaint-area, "
                         "--inpaint-padding, --masked-content with --init-image and --mask")
-    unknown = [k for k in params if k not in KNOWN and k not in INPAINT_KEYS and not (k == "RNG" and params[k] == "CPU")]
-    if unknown:  # (fastsd draws noise as A1111's RNG "CPU"; its default, "GPU", is not written in the infotext)
+    unknown = [k for k in params if k not in KNOWN and k not in INPAINT_KEYS]
+    if unknown:
         warnings.append(f"infotext keys fastsd doesn't use, ignored: {', '.join(unknown)}")
     return out, warnings
 

@@ -11,7 +11,7 @@ from collections import Counter
 import random
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
+from fastsd.philox import PhiloxGenerator
 from fastsd.prompt_schedule import may_have_schedule, prompt_schedule, split_and
 from fastsd.samplers import (A1111_NAMES, CHURN_SAMPLERS, ETA_SAMPLERS, S_NOISE_SAMPLERS, SAMPLERS, SIGMA_KEYS,
                              brownian_noise_sampler, get_sampler, prompt_steps, sigma_params)
@@ -57,10 +58,14 @@ class Interrupted(Exception):
     step: int = 0
 
 
-def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+Generator = Union[torch.Generator, PhiloxGenerator]  # an image's noise stream: torch's CPU one, or CUDA's numbers
+
+
+def seeded_noise(generators: list[Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Standard normal noise, one (1, *shape) draw per generator (image i's stream), concatenated: the
     start noise, the VAE posterior noise and the samplers' step noise all come from here."""
-    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
+    return torch.cat([g.randn((1, *shape)) if isinstance(g, PhiloxGenerator) else
+                      torch.randn((1, *shape), generator=g) for g in generators]).to(device)
 
 
 def eta_infotext(s: GenerationSettings) -> dict:
@@ -85,21 +90,24 @@ def _scaled(noise_sampler, scale: float):
     return lambda sigma, sigma_next: noise_sampler(sigma, sigma_next) * scale
 
 
-def seeded_generators(seeds: list[int], offset: int = 0) -> list[torch.Generator]:
-    """A fresh CPU generator per image, seeded with its seed (+ offset)."""
-    return [torch.Generator().manual_seed(seed + offset) for seed in seeds]
+def seeded_generators(seeds: list[int], offset: int = 0, source: str = "CPU") -> list[Generator]:
+    """A fresh generator per image, seeded with its seed (+ offset): A1111's randn_source `source`, "CPU" torch's
+    CPU generator, "GPU" and "NV" CUDA's numbers (fastsd.philox)."""
+    if source == "CPU":
+        return [torch.Generator().manual_seed(seed + offset) for seed in seeds]
+    return [PhiloxGenerator(seed + offset) for seed in seeds]
 
 
-def sampler_generators(s: GenerationSettings, seeds: list[int], gens: list[torch.Generator]) -> list[torch.Generator]:
+def sampler_generators(s: GenerationSettings, seeds: list[int], gens: list[Generator]) -> list[Generator]:
     """The generators a sampler's noise comes from after the start noise was drawn from `gens`: the same ones, going
     on (A1111's ImageRNG.next), or with A1111's eta_noise_seed_delta (ENSD) fresh ones of seed + ENSD, as its
     ImageRNG.first replaces them."""
-    return seeded_generators(seeds, s.eta_noise_seed_delta) if s.eta_noise_seed_delta else gens
+    return seeded_generators(seeds, s.eta_noise_seed_delta, s.randn_source) if s.eta_noise_seed_delta else gens
 
 
-def first_draws(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def first_draws(seeds: list[int], shape: tuple[int, ...], device: torch.device, source: str = "CPU") -> torch.Tensor:
     """Each seed's first standard normal draw of `shape` from a fresh generator (A1111's randn(seed, shape))."""
-    return seeded_noise(seeded_generators(seeds), shape, device)
+    return seeded_noise(seeded_generators(seeds, source=source), shape, device)
 
 
 def variation_noise(noise: torch.Tensor, subnoise: torch.Tensor, strength: float) -> torch.Tensor:
@@ -138,7 +146,7 @@ class Prepared:
 
     x: torch.Tensor                     # start sample in k-space at schedule.sigmas[0]
     schedule: Schedule
-    generators: list[torch.Generator]   # one per image: seed + i
+    generators: list[Generator]   # one per image: seed + i
     x0: torch.Tensor | None = None      # image latents (img2img / inpainting)
     mask: torch.Tensor | None = None    # (1, 1, h, w) latent mask, 1 = repaint (4-channel inpainting)
     extra: dict = field(default_factory=dict)  # c_concat for 9-channel inpainting models
@@ -335,7 +343,7 @@ class Pipeline:
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
                   "Skip Early CFG": s.skip_early_cond if s.skip_early_cond and cfg else None,
                   "ENSD": s.eta_noise_seed_delta if s.eta_noise_seed_delta and draws_noise(s) else None,
-                  "RNG": "CPU",  # A1111's randn_source whose noise fastsd draws (A1111 takes a missing key as "GPU")
+                  "RNG": None if s.randn_source == "GPU" else s.randn_source,  # (A1111 writes none for its default)
                   **eta_infotext(s), **{SIGMA_KEYS[k]: v for k, v in sigma_params(s, s.sampler).items()},
                   "NGMS": s.s_min_uncond if s.s_min_uncond and cfg else None,
                   "NGMS all steps": True if s.s_min_uncond and s.s_min_uncond_all and cfg else None}
@@ -428,13 +436,13 @@ class Pipeline:
         `latent_mask`: one of LATENT_MASKS (diffusers' "nearest" or A1111's "bicubic")."""
         _check_masked_content(masked_content, latent_mask)
         shape = self.latent_shape(s)
-        gens = seeded_generators(seeds)
+        gens = seeded_generators(seeds, source=s.randn_source)
         sched = self.schedule(s.sampler, s.steps, s.schedule_type)
         init, mask_t = self._image_tensors(s, image, mask)
         inpaint_model = self.config.unet.in_channels == 9
-        x0 = None
-        if init is not None and not (inpaint_model and s.strength == 1.0):
-            x0 = self.encode_images(init.expand(s.num_images, -1, -1, -1), gens, tiled_vae)
+        x0 = None  # the image latents: the posterior's mean, drawing nothing (A1111's sample draws from torch's global
+        if init is not None:  # RNG, which no seed fixes), so the start noise is each seed's first draw, as txt2img's
+            x0 = self.encode_images(init.expand(s.num_images, -1, -1, -1), None, tiled_vae)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -446,17 +454,14 @@ class Pipeline:
             noise = noise * s.initial_noise_multiplier
         lat_mask = None if mask_t is None else self._latent_mask(mask, mask_t, shape[2:], latent_mask)
         if x0 is not None and lat_mask is not None and masked_content != "original":
-            fill = first_draws(seeds, shape[1:], self.device) if masked_content == "latent noise" \
+            fill = first_draws(seeds, shape[1:], self.device, s.randn_source) if masked_content == "latent noise" \
                 else torch.zeros_like(x0)
             x0 = x0 * (1 - lat_mask) + fill * lat_mask
         full = None
         if x0 is None:
             x = noise * sched.init_noise_sigma
         else:
-            start = sched.img2img_start(s.strength)
-            if start >= len(sched):
-                raise ValueError(f"strength {s.strength} x {s.steps} steps leaves no step to run; raise the strength or the steps")
-            full, sched = sched.sigmas, sched.tail(start)
+            full, sched = sched.sigmas, sched.tail(sched.img2img_start(s.strength))
             x = x0 + noise * float(sched.sigmas[0])
         p = Prepared(x, sched, gens, x0=x0, full_sigmas=full, seeds=list(seeds))
         p.mask = lat_mask  # (1, 1, h, w) or None
@@ -464,7 +469,7 @@ class Pipeline:
             p.extra["c_concat"] = self._inpaint_concat(s, init, mask_t, tiled_vae)
         return p
 
-    def _start_noise(self, s: GenerationSettings, seeds: list[int], gens: list[torch.Generator], shape
+    def _start_noise(self, s: GenerationSettings, seeds: list[int], gens: list[Generator], shape
                      ) -> torch.Tensor:
         """Each image's first draw from its generator, moved toward its variation seed's (A1111's ImageRNG.first).
         With seed resize (A1111's), image i's noise is drawn at the latent size of seed_resize_from_w x _h from a
@@ -476,10 +481,10 @@ class Pipeline:
         size = (shape[1], s.seed_resize_from_h // f, s.seed_resize_from_w // f) if s.seed_resize else tuple(shape[1:])
         resized = size != tuple(shape[1:])  # (A1111: a resize to the real size is no resize)
 
-        small = first_draws(seeds, size, self.device) if resized else noise
+        small = first_draws(seeds, size, self.device, s.randn_source) if resized else noise
         if s.subseed_strength > 0:
             subseeds = [s.subseed + i for i in range(len(seeds))]
-            small = variation_noise(small, first_draws(subseeds, size, self.device), s.subseed_strength)
+            small = variation_noise(small, first_draws(subseeds, size, self.device, s.randn_source), s.subseed_strength)
         return paste_centred(noise, small) if resized else small
 
     def _image_tensors(self, s: GenerationSettings, image, mask):
@@ -535,7 +540,7 @@ class Pipeline:
                                 cfg_step=self._backend.ops.cfg_step, s_min_uncond=s.s_min_uncond,
                                 s_min_uncond_all=s.s_min_uncond_all, skip_early=s.skip_early_cond,
                                 total_calls=prompt_steps(s.sampler, len(sched)))
-            if p.mask is not None and self.config.unet.in_channels != 9:
+            if p.mask is not None:  # (A1111's blend, for inpainting models too)
                 model = KnownRegionDenoiser(model, p.x0, p.mask)
             opts = {}
             if spec.brownian:  # A1111's: a Brownian tree per image seeded by its seed, over the whole schedule
@@ -553,7 +558,7 @@ class Pipeline:
             x = spec(model, p.x, sched.sigmas, extra_args=p.extra, disable=not progress,
                      callback=self._step_callback(on_step, len(sched), preview_every), **opts)
         x = x * sched.out_scale
-        if p.mask is not None and self.config.unet.in_channels != 9:
+        if p.mask is not None:
             x = p.x0 * (1 - p.mask) + x * p.mask
         if not torch.isfinite(x).all():
             self._not_finite(x.dtype, len(sched))
@@ -624,7 +629,7 @@ class Pipeline:
                        steps=n, sampler=s.hires_sampler or s.sampler)
         sched = self.schedule(s2.sampler, n, s.hires_schedule())
         full, sched = sched.sigmas, sched.tail(len(sched) - run * sched.order)
-        gens = seeded_generators(seeds)
+        gens = seeded_generators(seeds, source=s2.randn_source)
         noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
         p = Prepared(x + noise * float(sched.sigmas[0]), sched, sampler_generators(s2, seeds, gens), x0=x,
                      full_sigmas=full, seeds=list(seeds))
@@ -656,7 +661,7 @@ class Pipeline:
         return tiled_vae if tiled_vae is not None else max(width, height) > TILE_ABOVE
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generators: list[torch.Generator] | None,
+    def encode_images(self, images: torch.Tensor, generators: list[Generator] | None,
                       tiled_vae: bool | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents; sampled from the posterior with each image's generator
         (as diffusers' retrieve_latents), or its mean when generators is None. TAESD has no posterior: its
@@ -732,7 +737,7 @@ class Pipeline:
                  hires_negative_prompt: str = "", hires_schedule_type: str | None = None, s_min_uncond: float = 0.0,
                  s_min_uncond_all: bool = False, skip_early_cond: float = 0.0, eta_noise_seed_delta: int = 0,
                  eta: float | None = None, initial_noise_multiplier: float = 1.0, s_churn: float = 0.0,
-                 s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0,
+                 s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0, randn_source: str = "CPU",
                  image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
@@ -763,7 +768,8 @@ class Pipeline:
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
-                               eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise)
+                               eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise,
+                               randn_source)
         _check_inputs(image, mask, latents, on_step, preview_every)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")

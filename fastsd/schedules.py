@@ -217,12 +217,12 @@ class Schedule:
 
 
 def img2img_start_index(steps: int, strength: float, order: int = 1) -> int:
-    """diffusers' StableDiffusionImg2ImgPipeline.get_timesteps: init_timestep = min(int(steps * strength), steps),
-    t_start = max(steps - init_timestep, 0); the scheduler starts at index t_start * order. Equal to `steps`
-    (nothing to sample) when steps * strength < 1."""
-    init_timestep = min(int(steps * strength), steps)
-    t_start = max(steps - init_timestep, 0)
-    return t_start * order
+    """A1111's img2img (setup_img2img_steps, sample_img2img): t_enc = int(min(strength, 0.999) * steps) and the
+    t_enc + 1 steps from sigmas[steps - t_enc - 1] run, at least one (strength 0: the last step); the schedule's index
+    is that times `order` (diffusers' second-order schedules list each step's levels `order` times). diffusers
+    runs int(steps * strength) steps from one level lower (none below 1 / steps)."""
+    t_enc = int(min(strength, 0.999) * steps)
+    return (steps - t_enc - 1) * order
 
 
 # Schedule of each canonical sampler name: (kind, karras). kind names the diffusers scheduler class.

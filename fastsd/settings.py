@@ -16,6 +16,7 @@ MAX_SIDE = 4096  # pixels; larger needs allow_large (--allow-large)
 MAX_STEPS = 1000
 MAX_IMAGES = 64
 SEED_LIMIT = 2**63
+RANDN_SOURCES = ("CPU", "GPU", "NV")  # A1111's randn_source option's values
 
 
 def _opt(help: str, flag: str | None = None, **cli) -> dict:
@@ -45,7 +46,8 @@ class GenerationSettings:
     height: int | None = field(default=None, metadata=_opt("a multiple of 8; default: the init image's height, "
                                                            "else 512"))
     num_images: int = field(default=1, metadata=_opt(f"images per run (1..{MAX_IMAGES})"))
-    strength: float = field(default=0.8, metadata=_opt("img2img: how much to change the init image, in (0, 1]"))
+    strength: float = field(default=0.8, metadata=_opt("img2img: how much to change the init image, in [0, 1] "
+                                                              "(A1111's denoising strength)"))
     clip_skip: int = field(default=1, metadata=_opt("A1111 clip skip: 1 = last CLIP layer, 2 = penultimate"))
     subseed: int | None = field(default=None, metadata=_opt("A1111 variation seed: image i's start noise is moved "
                                                             "toward subseed + i's by --subseed-strength; random when "
@@ -115,6 +117,10 @@ class GenerationSettings:
     s_noise: float = field(default=1.0, metadata=_opt(
         "A1111's 'Sigma noise': the scale of the noise --s-churn adds and of the noise DPM2 a, DPM++ 2S a, DPM++ SDE, "
         "DPM++ 2M SDE (Heun), DPM++ 3M SDE and DPM fast add each step (>= 0; 1 = as drawn)"))
+    randn_source: str = field(default="CPU", metadata=_opt(
+        "A1111's 'Random number generator source': CPU (torch's CPU generator, the same noise on every machine), "
+        "GPU (the noise torch draws on an NVIDIA GPU, A1111's default: an A1111 infotext without 'RNG' was made "
+        "with it) or NV (the same numbers: A1111's name for drawing them elsewhere); fastsd draws each on any device"))
 
     @property
     def hires(self) -> bool:
@@ -192,6 +198,9 @@ class GenerationSettings:
         if not isinstance(self.s_min_uncond_all, bool):
             raise TypeError(f"s_min_uncond_all must be True or False, got {self.s_min_uncond_all!r}")
         _check_int(self.eta_noise_seed_delta, "eta_noise_seed_delta", 0, SEED_LIMIT - 1)
+        _check_str(self.randn_source, "randn_source")
+        if self.randn_source not in RANDN_SOURCES:
+            raise ValueError(f"randn_source must be one of {', '.join(RANDN_SOURCES)}, got {self.randn_source!r}")
         if self.eta is not None:
             _check_float(self.eta, "eta")
             if not 0.0 <= self.eta <= 1.0:
@@ -216,8 +225,8 @@ class GenerationSettings:
                                  f"{self.num_images} images")
         self._validate_seed_resize(limit)
         self._validate_hires(has_image, limit)
-        if has_image and not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if has_image and not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if has_mask and not has_image:
             raise ValueError("a mask needs an init image (the image to inpaint)")
         if self.seed is not None:

@@ -89,8 +89,8 @@ def test_out_that_is_a_folder_named_png_and_no_empty_folder_after_a_failure(tmp_
     (["--cfg-scale", "nan"], "guidance_scale must be a finite number"),
     (["--cfg-scale", "inf"], "guidance_scale must be a finite number"),
     (["--strength", "nan", "--init-image", "x.png"], "strength must be a finite number"),
-    (["--strength", "1.5"], "--strength must be in (0, 1], got 1.5"),  # without --init-image too
-    (["--strength", "0"], "--strength must be in (0, 1], got 0.0"),
+    (["--strength", "1.5"], "--strength must be in [0, 1], got 1.5"),  # without --init-image too
+    (["--strength", "-0.5"], "--strength must be in [0, 1], got -0.5"),
     (["--seed", str(2 ** 63 - 1), "--num-images", "2"], "seed + num_images must stay below 2**63"),
     (["--device", "mps"], "device 'mps' is not supported"),
     (["--device", "meta"], "device 'meta' is not supported"),
@@ -107,14 +107,16 @@ def test_allow_large_lifts_the_limit(tmp_path):
         assert im.size == (4104, 64)
 
 
-def test_undecodable_prompt_bytes_and_img2img_without_steps(tmp_path, capsys):
-    """A command line's undecodable bytes reach Python as lone surrogates; strength x steps under one step."""
+def test_undecodable_prompt_bytes_and_img2img_with_little_strength(tmp_path, capsys):
+    """A command line's undecodable bytes reach Python as lone surrogates; strength x steps under one step runs
+    one step (A1111's img2img: int(strength * steps) + 1 steps)."""
     _one_error(capsys, main(["a \udcff cat", *TINY, "--out", str(tmp_path / "o")]), "prompt is not valid text")
-    Image.new("RGB", (64, 64), "gray").save(tmp_path / "in.png")
-    _one_error(capsys, main(["a cat", *TINY, "--init-image", str(tmp_path / "in.png"), "--strength", "0.1",
-                             "--steps", "2", "--out", str(tmp_path / "o")]),
-               "leaves no step to run; raise the strength or the steps")
     assert not (tmp_path / "o").exists()
+    Image.new("RGB", (64, 64), "gray").save(tmp_path / "in.png")
+    assert main(["a cat", *TINY, "--init-image", str(tmp_path / "in.png"), "--strength", "0.1", "--steps", "2",
+                 "--out", str(tmp_path / "o.png")]) == 0
+    with Image.open(tmp_path / "o.png") as im:
+        assert "Steps: 2," in im.info["parameters"] and "Denoising strength: 0.1," in im.info["parameters"]
 
 
 def test_nan_latents_are_an_error_not_a_black_image(tmp_path, capsys):

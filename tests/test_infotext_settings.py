@@ -35,7 +35,7 @@ def test_a1111_infotext_maps_to_the_settings():
                       "negative_prompt": "blurry, lowres", "steps": 20, "sampler": "dpmpp_2m_karras",
                       "schedule_type": "automatic", "guidance_scale": 7.0, "seed": 42, "width": 512, "height": 768,
                       "clip_skip": 2, "hires_scale": 2.0, "hires_steps": 10, "hires_upscaler": "Latent (bicubic)",
-                      "hires_strength": 0.45}
+                      "hires_strength": 0.45, "randn_source": "GPU"}  # (no "RNG": A1111's default)
     assert warnings == []  # Model, Model hash, Lora hashes, Version only describe
     GenerationSettings(**kwargs).validate()
 
@@ -43,7 +43,8 @@ def test_a1111_infotext_maps_to_the_settings():
              "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1")
     kwargs, warnings = settings_from_infotext(short)
     assert kwargs == {"prompt": "", "negative_prompt": "", "steps": 20, "sampler": "dpmpp_2m_karras",
-                      "schedule_type": "automatic", "guidance_scale": 7.0, "seed": 42, "width": 512, "height": 512}
+                      "schedule_type": "automatic", "guidance_scale": 7.0, "seed": 42, "width": 512, "height": 512,
+                      "randn_source": "GPU"}
     assert warnings == []
 
 
@@ -70,7 +71,8 @@ def test_other_keys_hires_and_warnings():
     assert kwargs == {"prompt": "a dog", "negative_prompt": "", "steps": 5, "sampler": "euler_a",
                       "guidance_scale": 4.5, "seed": 3, "width": 64, "height": 48, "subseed": 11,
                       "subseed_strength": 0.25, "seed_resize_from_w": 128, "seed_resize_from_h": 96,
-                      "strength": 0.6, "eta_noise_seed_delta": 31337}  # no hires keys: img2img's strength
+                      "strength": 0.6, "eta_noise_seed_delta": 31337, "randn_source": "CPU"}  # no hires keys: img2img's
+    # strength
     assert warnings == ["infotext keys fastsd doesn't use, ignored: Face restoration, Schedule rho"]
 
     hires = ("a\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, Seed: 1, Size: 64x64, Denoising strength: 0.5, "
@@ -92,7 +94,7 @@ def test_other_keys_hires_and_warnings():
 def test_skip_leaves_the_fields_given_elsewhere():
     kwargs, _ = settings_from_infotext("a\nSteps: many, Sampler: Nope, Schedule type: Karras, Size: 64x48, Seed: 1",
                                        skip={"steps", "sampler", "width", "prompt"})
-    assert kwargs == {"negative_prompt": "", "schedule_type": "karras", "height": 48, "seed": 1}
+    assert kwargs == {"negative_prompt": "", "schedule_type": "karras", "height": 48, "seed": 1, "randn_source": "GPU"}
 
 
 @pytest.mark.parametrize("params, key", [("Steps: many", "Steps"), ("Size: 12", "Size"), ("CFG scale: nan", "CFG scale"),
@@ -187,8 +189,8 @@ def test_a1111_text_with_overrides_and_warnings(tmp_path, capsys):
     assert prompt == "a dog"  # the command line's prompt
     assert params.splitlines()[0] == "Negative prompt: blurry, lowres"
     for part in ("Steps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 7.0, Seed: 42, Size: 64x64",
-                 "Denoising strength: 0.45, Clip skip: 2, RNG: CPU, Hires upscale: 1.25, Hires steps: 1, "
-                 "Hires upscaler: Latent (bicubic)"):
+                 "Denoising strength: 0.45, Clip skip: 2, Hires upscale: 1.25, Hires steps: 1, "
+                 "Hires upscaler: Latent (bicubic)"):  # (no "RNG": the infotext's GPU noise, A1111's default)
         assert part in params, params
 
 

@@ -567,5 +567,6 @@ def test_server_resize_modes():
             outs[mode] = np.asarray(decode(r.json()["images"][0])).astype(int)
             notes = [w for w in info(r)["warnings"] if w.startswith("resize_mode")]
             assert bool(notes) == (mode == 3), notes
-    assert np.abs(outs[1] - outs[0]).max() > 10 and np.abs(outs[2] - outs[0]).max() > 10
+    for mode in (1, 2):  # (another init image: most values change, on random weights by a little)
+        assert (outs[mode] != outs[0]).mean() > 0.5 and np.abs(outs[mode] - outs[0]).mean() > 0.5
     assert (outs[3] == outs[0]).all()

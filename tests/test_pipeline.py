@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from oracles import save_diffusers_folder
+from oracles import A1111Img2Img, save_diffusers_folder
 from PIL import Image
 
 from fastsd import load_pipeline
@@ -38,7 +38,7 @@ def diffusers_pipe(models, sampler, img2img=False):
     pipe = cls(vae=vae, text_encoder=clip, tokenizer=tok, unet=unet, scheduler=scheduler(sampler),
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return A1111Img2Img(pipe) if img2img else pipe
 
 
 PROMPT, NEG = "a photo of an astronaut riding a horse, (detailed)", "blurry, lowres"
@@ -228,12 +228,14 @@ def test_long_prompt_and_emphasis_change_the_conditioning(tiny):
 
 # ---- inpainting, VAE -----------------------------------------------------------------------------------
 
-def test_inpainting_4_channel_keeps_the_known_region(tiny, monkeypatch):
-    """The final latents equal the image's own latents outside the mask and differ inside. (Decoded pixels
-    can't show this on random weights: the VAE decoder's attention mixes the whole image.)"""
+@pytest.mark.parametrize("inpainting_model", [False, True])
+def test_inpainting_keeps_the_known_region(tiny, monkeypatch, inpainting_model):
+    """The final latents equal the image's own latents (the posterior's mean) outside the mask and differ inside, for
+    a 9-channel inpainting model too (A1111 blends both). (Decoded pixels can't show this on random weights: the VAE
+    decoder's attention mixes the whole image.)"""
     from fastsd.image import pil_to_tensor
 
-    _, _, pipe = tiny
+    pipe = load_pipeline("random:tiny-inpainting", device="cpu", dtype="fp32") if inpainting_model else tiny[2]
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     mask = np.zeros((64, 64), np.uint8)
@@ -242,11 +244,43 @@ def test_inpainting_4_channel_keeps_the_known_region(tiny, monkeypatch):
     decode = pipe.decode
     monkeypatch.setattr(pipe, "decode", lambda lat, tiled_vae=None: seen.append(lat) or decode(lat))
     pipe.generate("x", image=img, mask=Image.fromarray(mask), strength=1.0, steps=3, seed=0, progress=False)
-    x0 = pipe.encode_images(pil_to_tensor(img), [torch.Generator().manual_seed(0)])
+    x0 = pipe.encode_images(pil_to_tensor(img), None)
     f = pipe.config.vae.downscale
     half = 32 // f
     assert torch.equal(seen[0][..., :half], x0[..., :half])
     assert (seen[0][..., half:] - x0[..., half:]).abs().mean() > 0.1
+
+
+A1111_CASES = [(20, 0.75), (20, 0.5), (20, 0.3), (30, 0.04), (20, 0.04), (20, 0.0), (20, 1.0), (7, 0.999), (3, 0.5)]
+
+
+@pytest.mark.parametrize("steps,strength", A1111_CASES)
+def test_img2img_runs_a1111s_steps_from_the_seeds_first_draw(tiny, monkeypatch, steps, strength):
+    """A1111's img2img (setup_img2img_steps, sample_img2img, transcribed): t_enc = int(min(strength, 0.999) * steps),
+    the t_enc + 1 steps from sigmas[steps - t_enc - 1] of the full schedule, x = x0 + noise * that sigma with x0 the
+    posterior's mean and noise the seed's first draw (ImageRNG.first); Euler a's step noise the draws after it."""
+    import fastsd.pipeline as fp
+    from fastsd.image import pil_to_tensor
+
+    _, _, pipe = tiny
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    sigmas = pipe.schedule("euler_a", steps).sigmas
+    t_enc = int(min(strength, 0.999) * steps)
+    sigma_sched = sigmas[steps - t_enc - 1:]
+    gen = torch.Generator().manual_seed(11)
+    noise = torch.randn((1, 4, 4, 4), generator=gen)
+    x0 = pipe.encode_images(pil_to_tensor(img), None)
+    drawn, calls, seeded_noise = [], [], fp.seeded_noise
+    monkeypatch.setattr(fp, "seeded_noise", lambda gens, shape, device: drawn.append(seeded_noise(gens, shape, device))
+                        or drawn[-1])
+    prepare = pipe.prepare_latents
+    monkeypatch.setattr(pipe, "prepare_latents", lambda *a, **kw: calls.append(prepare(*a, **kw)) or calls[-1])
+    pipe.generate("x", image=img, strength=strength, steps=steps, sampler="euler_a", seed=11, progress=False)
+    x, sig = calls[0].x, calls[0].schedule.sigmas
+    assert torch.equal(sig, sigma_sched) and len(sig) - 1 == t_enc + 1
+    torch.testing.assert_close(x, x0 + noise * float(sigma_sched[0]), rtol=0, atol=1e-6)
+    assert torch.equal(drawn[0], noise) and len(drawn) == t_enc + 1  # (no noise for the step to 0)
+    assert all(torch.equal(d, torch.randn((1, 4, 4, 4), generator=gen)) for d in drawn[1:])
 
 
 def test_inpainting_9_channel_model_runs():

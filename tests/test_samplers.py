@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from oracles import diffusers_strength
 
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser
 from fastsd.backends import reference
@@ -112,7 +113,7 @@ def diffusers_loop(name, steps, latents, generator=None, step_kwargs=None, stren
         lat = latents * sched.init_noise_sigma
     else:
         timesteps, _ = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps(
-            SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+            SimpleNamespace(scheduler=sched), steps, diffusers_strength(steps, strength), "cpu")  # (A1111's tail)
         lat = sched.add_noise(init, latents, timesteps[:1])
     kw = dict(step_kwargs or {})
     if generator is not None:
@@ -221,18 +222,21 @@ def test_schedule_details():
     assert one == [schedule_for("euler", 10).sigmas[0].item(), schedule_for("euler", 10).sigmas[-2].item()]
 
 
-@pytest.mark.parametrize("steps", [7, 10, 25, 50])
+@pytest.mark.parametrize("steps", [1, 7, 10, 25, 50])
 def test_img2img_start_index(steps):
+    """A1111's setup_img2img_steps (t_enc = int(min(strength, 0.999) * steps), t_enc + 1 steps from index
+    steps - t_enc - 1); diffusers' get_timesteps at `diffusers_strength` runs that tail."""
     ours = schedule_for("ddim", steps)
     for strength in [0.0, 0.05, 0.3, 0.5, 0.75, 0.8, 0.99, 1.0]:
         sched = make_scheduler("ddim")
         sched.set_timesteps(steps)
         timesteps, n = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps(
-            SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+            SimpleNamespace(scheduler=sched), steps, diffusers_strength(steps, strength), "cpu")
         start = img2img_start_index(steps, strength)
-        assert start == steps - n == len(sched.timesteps) - len(timesteps)
-        assert ours.img2img_start(strength) == start
+        assert start == steps - int(min(strength, 0.999) * steps) - 1 == steps - n
+        assert ours.img2img_start(strength) == start == len(sched.timesteps) - len(timesteps)
         assert torch.equal(ours.tail(start).timesteps, timesteps.double())
+    assert img2img_start_index(20, 0.75) == 4 and img2img_start_index(20, 0.75, order=2) == 8
 
 
 # --------------------------------------------------------------------------------------------- parity
@@ -274,7 +278,7 @@ def test_img2img_parity(name, strength):
     noise = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     ref, ref_ts = diffusers_loop(name, 20, noise, strength=strength, init=init)
     out, ts = fastsd_loop(name, 20, noise, strength=strength, init=init)
-    steps = int(20 * strength)
+    steps = int(20 * strength) + 1  # (A1111's img2img: int(min(strength, 0.999) * steps) + 1)
     two_calls = name.startswith(("heun", "dpm2"))  # two model calls a step but the last
     assert ts == ref_ts and len(ts) == (2 * steps - 1 if two_calls else steps)
     assert rel_err(out, ref) < 3e-6

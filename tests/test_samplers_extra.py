@@ -47,15 +47,16 @@ def test_plms_img2img_at_full_strength_matches_diffusers():
 
 def test_plms_img2img_differs_from_diffusers_as_documented():
     """diffusers' img2img slices PNDM's n + 1 timesteps (the repeat included) at t_start * order: it starts a level
-    higher than the other schedulers (351, not 301, at 20 steps and strength 0.35) and, the repeat being gone from
-    the slice, calls the UNet after its warm-up one timestep below the sample's level (the sample at 301 is treated
-    as at 251: an interval skipped). fastsd (and A1111) start the warm-up over on the partial schedule."""
+    higher than the other schedulers (401, not 351, at 20 steps and strength 0.35 run as A1111's 8 steps) and, the
+    repeat being gone from the slice, calls the UNet after its warm-up one timestep below the sample's level (the
+    sample at 351 is treated as at 301: an interval skipped). fastsd (and A1111) start the warm-up over on the partial
+    schedule."""
     g = torch.Generator().manual_seed(3)
     init, noise = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(2))
     _, ref_ts = diffusers_loop("plms", 20, noise, strength=0.35, init=init)
     _, ts = fastsd_loop("plms", 20, noise, strength=0.35, init=init)
-    assert ref_ts == [351.0, 301.0] + [251.0 - 50 * k for k in range(6)]
-    assert ts == [301.0, 251.0, 251.0] + [201.0 - 50 * k for k in range(5)]
+    assert ref_ts == [401.0, 351.0] + [301.0 - 50 * k for k in range(7)]
+    assert ts == [351.0, 301.0, 301.0] + [251.0 - 50 * k for k in range(6)]
 
 
 # --------------------------------------------------------------------------------------------- PLMS: A1111 oracle
@@ -265,8 +266,8 @@ def test_restart_img2img_tail_uses_the_tails_ends():
     sched = schedule_for("restart", 60)
     tail = sched.tail(sched.img2img_start(0.5))
     pairs = restart_steps(tail.sigmas.tolist())
-    assert len(pairs) == 30 and pairs[0][0] == pytest.approx(tail.sigmas[0].item(), rel=1e-6)
-    assert sum(pairs[j][0] > pairs[j - 1][1] for j in range(1, 30)) == 1
+    assert len(pairs) == 31 and pairs[0][0] == pytest.approx(tail.sigmas[0].item(), rel=1e-6)  # (A1111's 30 + 1 steps)
+    assert sum(pairs[j][0] > pairs[j - 1][1] for j in range(1, 31)) == 1
 
 
 def test_restart_registry():

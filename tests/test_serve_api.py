@@ -404,7 +404,7 @@ BAD = [  # (endpoint, body or raw bytes, expected status, words the detail must 
     ("img2img", {**SMALL, "init_images": [base64.b64encode(png_bomb(5000)).decode()]}, 422,
      "5000x5000 pixels, above this server's limit of 16777216 pixels"),
     ("img2img", {**SMALL, "denoising_strength": 1.5, "init_images": [png_b64(Image.new("RGB", (64, 64)))]}, 422,
-     "denoising_strength must be in (0, 1]"),
+     "denoising_strength must be in [0, 1]"),
     ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers must be in 1..11"),
     ("txt2img", {**SMALL, "s_min_uncond": -1}, 422, "s_min_uncond must be >= 0"),
     ("options", {"skip_early_cond": 1.5}, 422, "skip_early_cond must be in [0, 1], got 1.5"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from oracles import rel_err, save_diffusers_folder
+from oracles import A1111Img2Img, rel_err, save_diffusers_folder
 from PIL import Image
 from test_generate_cli import _fails  # one-line error, exit 2, nothing written
 
@@ -141,9 +141,9 @@ def test_txt2img_and_img2img_match_diffusers_with_autoencoder_tiny(tiny_with_tae
     img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     # img2img: AutoencoderTiny draws no posterior noise, so the start noise is the seed's first draw
     ours = _ours(pipe, prompt, neg, 6, image=img, strength=0.5, seed=11)
-    ref = _diffusers(models, img2img=True)(prompt, negative_prompt=neg, image=img, strength=0.5, num_inference_steps=6,
-                                           guidance_scale=7.5, generator=torch.Generator().manual_seed(11),
-                                           output_type="pt").images
+    ref = A1111Img2Img(_diffusers(models, img2img=True))(
+        prompt, negative_prompt=neg, image=img, strength=0.5, num_inference_steps=6, guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(11), output_type="pt").images  # (A1111's 4 steps of 6)
     assert rel_err(ours, ref * 2 - 1) <= 1e-3
 
 

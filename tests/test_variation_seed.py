@@ -15,7 +15,8 @@ from serve_server import decode, info, main_server
 import fastsd
 from fastsd.generate import main as cli
 from fastsd.image import parse_infotext
-from fastsd.pipeline import Pipeline, variation_noise
+from fastsd.philox import PhiloxGenerator
+from fastsd.pipeline import Pipeline, seeded_generators, seeded_noise, variation_noise
 from fastsd.settings import GenerationSettings
 
 KW = dict(steps=2, width=64, height=64, guidance_scale=1.0, sampler="euler", progress=False)
@@ -147,15 +148,18 @@ def test_server_takes_a1111s_variation_fields():
 
 # ---- seed resize (A1111's seed_resize_from_w / _h) ----------------------------------------------------------------
 
-def a1111_first(shape, seeds, subseeds, subseed_strength, seed_resize_from_h, seed_resize_from_w):
+def a1111_first(shape, seeds, subseeds, subseed_strength, seed_resize_from_h, seed_resize_from_w, source="CPU"):
     """modules/rng.py ImageRNG.first, transcribed with randn as A1111's on "CPU" (torch.manual_seed, then torch.randn
-    from the global RNG, or from the image's generator when one is given). shape: one image's (C, H, W). Returns the
-    noise and the generators (A1111's sampler noise continues from them)."""
+    from the global RNG, or from the image's generator when one is given) or "NV" (manual_seed makes the global NV
+    generator a new one of the seed). shape: one image's (C, H, W). Returns the noise and the generators (A1111's
+    sampler noise continues from them)."""
     def randn(seed, shape, generator=None):
+        if source == "NV":
+            return (generator or PhiloxGenerator(seed)).randn(shape)
         torch.manual_seed(seed)
         return torch.randn(shape, generator=generator)
 
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    generators = [PhiloxGenerator(seed) if source == "NV" else torch.Generator().manual_seed(seed) for seed in seeds]
     noise_shape = shape if seed_resize_from_h <= 0 or seed_resize_from_w <= 0 else \
         (shape[0], seed_resize_from_h // 8, seed_resize_from_w // 8)
     xs = []
@@ -191,23 +195,26 @@ SIZES = [((64, 64), (32, 32)), ((64, 48), (128, 96)), ((64, 48), (40, 80)), ((96
 
 @pytest.mark.parametrize("size,resize", SIZES)
 @pytest.mark.parametrize("subseed_strength", [0.0, 0.3])
-def test_seed_resize_noise_is_a1111s(pipe, size, resize, subseed_strength):
+@pytest.mark.parametrize("source", ["CPU", "NV"])
+def test_seed_resize_noise_is_a1111s(pipe, size, resize, subseed_strength, source):
     s = GenerationSettings("x", seed=10, width=size[0], height=size[1], num_images=3, subseed=50,
-                           subseed_strength=subseed_strength, seed_resize_from_w=resize[0], seed_resize_from_h=resize[1])
+                           subseed_strength=subseed_strength, seed_resize_from_w=resize[0],
+                           seed_resize_from_h=resize[1], randn_source=source)
     s.validate()
     seeds = [10, 11, 12]
     shape = pipe.latent_shape(s)
-    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    gens = seeded_generators(seeds, source=source)
     got = pipe._start_noise(s, seeds, gens, shape)
-    want, a1111_gens = a1111_first(shape[1:], seeds, [50, 51, 52], subseed_strength, resize[1], resize[0])
+    want, a1111_gens = a1111_first(shape[1:], seeds, [50, 51, 52], subseed_strength, resize[1], resize[0], source)
     assert got.shape == want.shape == shape
     if subseed_strength:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     else:
         assert torch.equal(got, want)
     # the generators are where A1111's are: the sampler's step noise is the same
-    assert all(torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=a)) for g, a in zip(gens, a1111_gens))
-    plain, _ = a1111_first(shape[1:], seeds, [50, 51, 52], subseed_strength, 0, 0)
+    assert torch.equal(seeded_noise(gens, (3,), "cpu"), torch.stack([torch.randn(3, generator=a) if source == "CPU"
+                                                                     else a.randn((3,)) for a in a1111_gens]))
+    plain, _ = a1111_first(shape[1:], seeds, [50, 51, 52], subseed_strength, 0, 0, source)
     if resize != size:  # a resize changes the noise
         assert not torch.allclose(got, plain)
 

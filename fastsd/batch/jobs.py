@@ -47,7 +47,7 @@ EXTRA = {f: f for f in ("hires_scale", "hires_width", "hires_height", "hires_ste
                         "hires_upscaler", "hires_sampler", "hires_prompt", "hires_negative_prompt", "subseed",
                         "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "s_min_uncond",
                         "s_min_uncond_all", "skip_early_cond", "eta_noise_seed_delta", "eta", "s_churn", "s_tmin",
-                        "s_tmax", "s_noise")}
+                        "s_tmax", "s_noise", "randn_source")}
 EXTRA["hires_scheduler"] = "hires_schedule_type"  # (as scheduler -> schedule_type)
 FIELDS.update(EXTRA, enable_hr="enable_hr")
 HIRES = tuple(f for f in EXTRA.values() if f.startswith("hires_"))  # the settings fields of the hires fix
@@ -64,7 +64,8 @@ FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_m
                 "s_churn", "s_tmin", "s_tmax", "s_noise")
 BOOL_FIELDS = ("enable_hr", "s_min_uncond_all")
 NAME_FIELDS = {"scheduler": "a schedule type's name", "hires_scheduler": "a schedule type's name",
-               "hires_sampler": "a sampler's name", "hires_upscaler": "an upscaler's name"}
+               "hires_sampler": "a sampler's name", "hires_upscaler": "an upscaler's name",
+               "randn_source": "CPU, GPU or NV"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class Defaults:
     s_tmin: float = 0.0
     s_tmax: float = 0.0
     s_noise: float = 1.0
+    randn_source: str = "CPU"
 
     def settings(self) -> GenerationSettings:
         """These defaults as settings (no prompt)."""
@@ -553,7 +555,7 @@ def batch_key(job: Job, chunks: int) -> tuple:
     return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras,
             tuple(getattr(s, f) for f in HIRES), s.seed_resize_from_w, s.seed_resize_from_h, s.s_min_uncond,
             s.s_min_uncond_all, s.skip_early_cond, s.eta_noise_seed_delta, s.eta, s.s_churn, s.s_tmin, s.s_tmax,
-            s.s_noise, job.id if s.subseed_strength > 0 else None)
+            s.s_noise, s.randn_source, job.id if s.subseed_strength > 0 else None)
 
 
 def prompt_chunks(job: Job, tokenizer) -> int:

@@ -44,10 +44,12 @@ class ServerState:
     # A1111's sampling options that are GenerationSettings' fields of their names: Skip Early CFG, NGMS all steps, ENSD,
     # the img2img noise multiplier (a request's initial_noise_multiplier wins); eta_ancestral / eta_ddim, the eta
     # field's value where a request gives none (for the samplers that take one); and sigma churn / tmin / tmax / noise,
-    # which win over a request's fields unless at their defaults (A1111's Sampler.initialize)
+    # which win over a request's fields unless at their defaults (A1111's Sampler.initialize); the noise's source
+    # (randn_source: fastsd's CPU by default, where A1111's is GPU)
     sampling_options: dict = field(default_factory=lambda: {"skip_early_cond": 0.0, "s_min_uncond_all": False,
                                                             "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
-                                                            "eta_ancestral": 1.0, "eta_ddim": 0.0, **SIGMA_DEFAULTS})
+                                                            "eta_ancestral": 1.0, "eta_ddim": 0.0, **SIGMA_DEFAULTS,
+                                                            "randn_source": "CPU"})
     styles: dict = field(default_factory=dict)  # {name: fastsd.styles.PromptStyle} of --styles-file, read at start
     upscalers: Upscalers = field(default_factory=lambda: Upscalers(None))  # --upscaler-dir's models
     vaes: Vaes = field(default_factory=lambda: Vaes(None))  # --vae-dir's files and the sd_vae option

@@ -185,6 +185,7 @@ class OptionsRequest(_Body):
     s_tmin: float | None = None
     s_tmax: float | None = None
     s_noise: float | None = None
+    randn_source: str | None = None  # A1111's "Random number generator source": CPU, GPU or NV
 
 
 class PNGInfoRequest(_Body):
