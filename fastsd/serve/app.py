@@ -1,6 +1,6 @@
-"""The FastAPI app: A1111's /sdapi/v1 endpoints, the web page at /, and the error answers (every refused
-request gets a 4xx whose `detail` is one line; an unexpected failure a 500 naming only its type, with the
-traceback in the server's log, never in the response)."""
+"""The FastAPI app: A1111's /sdapi/v1 endpoints and its /internal/progress (one task's progress), the web page
+at /, and the error answers (every refused request gets a 4xx whose `detail` is one line; an unexpected failure
+a 500 naming only its type, with the traceback in the server's log, never in the response)."""
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +25,7 @@ from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.networks import Networks
 from fastsd.serve.registry import Registry
 from fastsd.serve.schemas import (ExtrasBatchImagesRequest, ExtrasSingleImageRequest, Img2ImgRequest, OptionsRequest,
-                                  PNGInfoRequest, Txt2ImgRequest)
+                                  PNGInfoRequest, ProgressRequest, Txt2ImgRequest)
 from fastsd.serve.upscalers import Upscalers, build_extras, build_extras_batch, run_extras, run_extras_batch
 from fastsd.serve.vaes import Vaes
 
@@ -175,10 +175,18 @@ def build_app(state: ServerState) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_body=state.limits.max_body)
     app.add_middleware(InternalErrors)  # outside BodyLimit (the last added is the outermost)
-    api = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(state.auth)] if state.auth else [])
+    guard = [Depends(state.auth)] if state.auth else []
+    api = APIRouter(prefix="/sdapi/v1", dependencies=guard)
     _generation_routes(api, state)
     _info_routes(api, state)
     app.include_router(api)
+    internal = APIRouter(prefix="/internal", dependencies=guard)
+
+    @internal.post("/progress")
+    async def task_progress(req: ProgressRequest):
+        return _task_progress(state, req)
+
+    app.include_router(internal)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -192,7 +200,7 @@ def _generation_routes(api: APIRouter, state: ServerState) -> None:
     async def generate(kind: str, req, request: Request):
         plan = await run_in_threadpool(build_plan, req, kind, state)
         job = state.queue.submit(Job(kind, lambda job: run_plan(plan, job, state.networks, state.vaes),
-                                     plan.settings.steps, plan.n_iter))
+                                     plan.settings.steps, plan.n_iter, task_id=req.force_task_id))
         return await _wait(state, job, request)
 
     @api.post("/txt2img")
@@ -246,16 +254,47 @@ def _progress(state: ServerState, skip_image: bool) -> dict:
           "queued": waiting, "fastsd": dict(state.queue.counts)}
     if job is None or job.started is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": st, "current_image": None, "textinfo": None}
-    done = (job.iteration + job.step / max(1, job.steps)) / max(1, job.iterations)
-    elapsed = time.monotonic() - job.started
+    done, elapsed = _done(job)
     st.update(interrupted=job.stopped, skipped=job.skipped, job_count=job.iterations, job_no=job.iteration,
               job=f"Batch {job.iteration + 1} out of {job.iterations}" if job.iterations > 1 else job.kind,
               job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(time.time() - elapsed)),
               sampling_step=job.step, sampling_steps=job.steps)
     preview = job.preview
-    return {"progress": min(done, 1.0), "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": st,
+    return {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": st,
             "current_image": encode_png(preview) if preview is not None and not skip_image else None,
-            "textinfo": f"step {job.step} of {job.steps}, image batch {job.iteration + 1} of {job.iterations}"}
+            "textinfo": _textinfo(job)}
+
+
+def _done(job: Job) -> tuple[float, float]:
+    """(a started job's progress, 0..1 over all its iterations; the seconds since it started)."""
+    done = (job.iteration + job.step / max(1, job.steps)) / max(1, job.iterations)
+    return min(done, 1.0), time.monotonic() - job.started
+
+
+def _textinfo(job: Job) -> str:
+    return f"step {job.step} of {job.steps}, image batch {job.iteration + 1} of {job.iterations}"
+
+
+def _task_progress(state: ServerState, req: ProgressRequest) -> dict:
+    """A1111's POST /internal/progress: the progress of one task, the job whose request had that force_task_id.
+    Waiting or unknown: textinfo "In queue: ..." / "Waiting..." (fastsd adds jobs_ahead, the jobs before it,
+    the running one included); running: progress, eta (seconds) and the live preview as a data: URL unless the
+    client already has it (id_live_preview)."""
+    job, ahead, completed = state.queue.task(req.id_task) if req.id_task else (None, None, False)
+    answer = {"active": job is not None, "queued": ahead is not None, "completed": completed, "progress": None,
+              "eta": None, "live_preview": None, "id_live_preview": -1, "textinfo": "Waiting...", "jobs_ahead": ahead}
+    if ahead is not None:
+        answer["textinfo"] = f"In queue: {ahead} job{'s' * (ahead != 1)} ahead"
+    if job is None:
+        return answer
+    answer.update(progress=0.0, id_live_preview=req.id_live_preview, textinfo=_textinfo(job))
+    if job.started is not None:
+        done, elapsed = _done(job)
+        answer.update(progress=done, eta=elapsed / done - elapsed if done > 0 else None)
+    preview_id, preview = job.preview_id, job.preview
+    if req.live_preview and preview is not None and preview_id != req.id_live_preview:
+        answer.update(live_preview="data:image/png;base64," + encode_png(preview), id_live_preview=preview_id)
+    return answer
 
 
 def _info_routes(api: APIRouter, state: ServerState) -> None:

@@ -7,6 +7,9 @@ A job stops at its next sampler step when interrupted (/sdapi/v1/interrupt) or w
 (`cancel`): its `on_step` raises `fastsd.Interrupted`. A cancelled job that has not started never runs.
 /sdapi/v1/skip raises it the same way, once: the job's runner leaves the current iteration and goes on.
 A runner that sees its job cancelled raises `Cancelled` instead: nobody is left to read what it would return.
+
+A job may carry its client's task id (A1111's force_task_id): `task` tells that client whether its job waits (and
+behind how many), runs, or finished lately (A1111's /internal/progress).
 """
 from __future__ import annotations
 
@@ -38,11 +41,13 @@ class Job:
     run: Callable[[Job], Any]                # called on the worker thread; its result resolves `future`
     steps: int = 0                             # sampler steps per iteration (for progress)
     iterations: int = 1
+    task_id: str | None = None                 # A1111's force_task_id: the client's name for its job
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     # written by the worker thread, read by /progress
     iteration: int = 0
     step: int = 0
     preview: Image.Image | None = None
+    preview_id: int = 0                        # counts the previews (A1111's id_live_preview)
     started: float | None = None
     interrupted: bool = False                  # /sdapi/v1/interrupt
     skipped: bool = False                      # /sdapi/v1/skip: the current iteration only (cleared at each)
@@ -52,6 +57,7 @@ class Job:
     def on_step(self, step: int, total: int, preview: Image.Image) -> None:
         """Pipeline.generate's on_step: records progress; raises to stop the job."""
         self.step, self.steps, self.preview = step, total, preview
+        self.preview_id += 1
         if self.stopped or self.skipped:
             from fastsd import Interrupted
 
@@ -76,6 +82,7 @@ class JobQueue:
         # finished; interrupted / cancelled (stopped while running: /interrupt / client gone); dropped (client gone
         # while waiting, never ran); refused (queue full); failed (raised)
         self.counts = collections.Counter()
+        self._finished: collections.deque[str] = collections.deque(maxlen=256)  # task ids of the last jobs run
         self._thread = threading.Thread(target=self._work, name="fastsd-worker", daemon=True)
         self._thread.start()
 
@@ -141,6 +148,17 @@ class JobQueue:
         with self._cond:
             return self._running, len(self._waiting)
 
+    def task(self, task_id: str) -> tuple[Job | None, int | None, bool]:
+        """The job of a task id (A1111's force_task_id): (the job if it runs now, the number of jobs ahead of it
+        (the running one included) if it waits, whether it finished lately)."""
+        with self._cond:
+            if self._running is not None and self._running.task_id == task_id:
+                return self._running, None, False
+            for i, job in enumerate(self._waiting):
+                if job.task_id == task_id:
+                    return None, i + (self._running is not None), False
+            return None, None, task_id in self._finished
+
     # ---- the worker ------------------------------------------------------------------------------------
 
     def _next(self) -> Job | None:
@@ -168,6 +186,8 @@ class JobQueue:
             with self._cond:
                 self._running = None
                 self.counts[outcome] += 1
+                if job.task_id is not None:
+                    self._finished.append(job.task_id)
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - job.started)
             job.preview = None
             if self._after_job is not None:

@@ -188,6 +188,17 @@ class OptionsRequest(_Body):
     randn_source: str | None = None  # A1111's "Random number generator source": CPU, GPU or NV
 
 
+class ProgressRequest(_Body):
+    """A1111's POST /internal/progress body: the task (a request's force_task_id), the id of the live preview the
+    client has (-1: none; the same preview is not sent again) and whether it wants one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id_task: str | None = None
+    id_live_preview: int = -1
+    live_preview: bool = True
+
+
 class PNGInfoRequest(_Body):
     model_config = ConfigDict(extra="ignore")
 

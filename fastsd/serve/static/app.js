@@ -2,8 +2,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { initImage: null, polling: null, saved: 0 };
-window.fastsdProgressSeen = [];  // every progress value shown (the browser test reads it)
+// task: the id of this page's job while it waits or runs (A1111's force_task_id), else null;
+// ready: the server's lists are loaded (Generate waits for them)
+const state = { initImage: null, polling: null, saved: 0, task: null, previewId: -1, ready: false };
 
 function authHeader() {
   const v = $("auth").value;
@@ -11,31 +12,39 @@ function authHeader() {
   return { Authorization: v.includes(":") ? "Basic " + btoa(v) : "Bearer " + v };
 }
 
-async function api(path, body) {
+async function api(path, body) {  // path: under /sdapi/v1/, or from the root when it starts with "/"
   const opts = { headers: { "X-Fastsd-Page": "1", ...authHeader() } };  // no login dialog on a 401
   if (body !== undefined) {
     opts.method = "POST";
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
   }
-  const res = await fetch("/sdapi/v1/" + path, opts);
+  let res;
+  try {
+    res = await fetch(path.startsWith("/") ? path : "/sdapi/v1/" + path, opts);
+  } catch (e) {  // no answer at all (the browser says only "Failed to fetch")
+    throw new Error("cannot reach the server (is it running?)");
+  }
   let data = null;
   try { data = await res.json(); } catch (e) { /* an empty or non-JSON body */ }
   if (res.status === 401) $("auth-row").hidden = false;
-  if (!res.ok) {
-    const retry = res.headers.get("Retry-After");
-    const detail = (data && data.detail) || res.statusText;
-    throw new Error(`${res.status}: ${detail}` + (retry ? ` (retry in ${retry} s)` : ""));
-  }
+  // (a full queue's 503 detail already says when to retry, as its Retry-After header does)
+  if (!res.ok) throw new Error(`${res.status}: ${(data && data.detail) || res.statusText}`);
   return data;
 }
 
-function showError(msg) {
-  $("error").textContent = msg;
-  $("error").hidden = !msg;
+function show(id, msg) {  // the error or the note box
+  $(id).textContent = msg;
+  $(id).hidden = !msg;
+}
+
+function setGenerate() {
+  $("generate").disabled = !state.ready || state.task !== null;
 }
 
 function fill(select, items, value, label) {
+  select.dataset.fixed ??= select.options.length;  // the page's own options stay; the server's are replaced
+  select.length = Number(select.dataset.fixed);
   for (const item of items) {
     const o = document.createElement("option");
     o.value = value(item);
@@ -45,6 +54,8 @@ function fill(select, items, value, label) {
 }
 
 async function loadLists() {
+  state.ready = false;
+  setGenerate();
   try {
     const [samplers, schedulers, models, options, loras, upscalers, vaes] = await Promise.all(
       [api("samplers"), api("schedulers"), api("sd-models"), api("options"), api("loras"), api("upscalers"),
@@ -61,19 +72,28 @@ async function loadLists() {
     fill($("lora"), loras, (l) => l.name, (l) => l.name);
     // the --upscaler-dir models after the built-in upscalers (the list's first three, None/Lanczos/Nearest: there)
     fill($("hr-upscaler"), upscalers.filter((u) => u.model_path !== null), (u) => u.name, (u) => u.name);
-    showError("");
+    state.ready = true;
+    show("error", "");
   } catch (e) {
-    showError("could not load the server's lists: " + e.message);
+    show("error", "could not load the server's lists: " + e.message);
   }
+  setGenerate();
+}
+
+function num(id) {  // an empty field runs with its default (the seed's: -1, random), shown in the field
+  if ($(id).value === "") $(id).value = $(id).defaultValue;
+  return Number($(id).value);
 }
 
 function request() {
-  const num = (id) => Number($(id).value);
+  num("seed");
+  const seed = $("seed").value;  // above 2**53 a JS number loses digits: sent as text (the server reads it)
   const body = {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
-    scheduler: $("scheduler").value,
-    steps: num("steps"), cfg_scale: num("cfg"), seed: num("seed"), width: num("width"), height: num("height"),
-    batch_size: num("batch"), n_iter: 1, override_settings: { sd_model_checkpoint: $("model").value, sd_vae: $("vae").value },
+    scheduler: $("scheduler").value, steps: num("steps"), cfg_scale: num("cfg"),
+    seed: Number.isSafeInteger(Number(seed)) ? Number(seed) : seed, width: num("width"), height: num("height"),
+    batch_size: num("batch"), n_iter: 1,
+    override_settings: { sd_model_checkpoint: $("model").value, sd_vae: $("vae").value },
   };
   if (state.initImage) {
     body.init_images = [state.initImage];
@@ -86,70 +106,95 @@ function request() {
   return body;
 }
 
-async function pollProgress() {
+async function pollProgress() {  // this page's own job (A1111's /internal/progress), not whichever job runs
+  const task = state.task;
   try {
-    const p = await api("progress");
-    if (!state.polling) return;
-    if (p.state.job) {
+    const p = await api("/internal/progress", { id_task: task, id_live_preview: state.previewId, live_preview: true });
+    if (state.task !== task) return;  // the job ended meanwhile
+    $("interrupt").disabled = !p.active;
+    if (p.active) {
       $("progress").value = p.progress;
-      window.fastsdProgressSeen.push(p.progress);
       $("status").textContent = `${p.textinfo} - ${Math.round(p.progress * 100)}%` +
-        (p.eta_relative > 0 ? `, about ${Math.ceil(p.eta_relative)} s left` : "");
+        (p.eta > 0 ? `, about ${Math.ceil(p.eta)} s left` : "");
     } else {
-      $("status").textContent = p.state.queued ? `waiting: ${p.state.queued} jobs in the queue` : "waiting";
+      $("status").textContent = p.queued ? `waiting: ${p.jobs_ahead} job${p.jobs_ahead === 1 ? "" : "s"} ahead`
+                                         : "waiting";
     }
-    if (p.current_image) {
-      $("preview").src = "data:image/png;base64," + p.current_image;
+    if (p.live_preview) {
+      state.previewId = p.id_live_preview;
+      $("preview").src = p.live_preview;
       $("preview").hidden = false;
     }
   } catch (e) { /* the next poll tries again */ }
 }
 
 function addToGallery(images, info) {
+  const batch = document.createDocumentFragment();  // in seed order, before the earlier results
   images.forEach((b64, i) => {
-    const seed = info.all_seeds[i];
+    const text = info.infotexts[i];
+    // the seed as the infotext writes it (all_seeds, read as JS numbers, lose digits above 2**53)
+    const seed = text.split("\n").pop().match(/(?:^|, )Seed: (\d+)/)?.[1] ?? info.all_seeds[i];
     const fig = document.createElement("figure");
     const img = document.createElement("img");
     img.src = "data:image/png;base64," + b64;
-    img.alt = info.infotexts[i];
+    img.alt = text;
     const cap = document.createElement("figcaption");
     const pre = document.createElement("pre");
     pre.className = "infotext";
-    pre.textContent = info.infotexts[i];
+    pre.textContent = text;
     const a = document.createElement("a");
     a.href = img.src;
     a.download = `${String(state.saved++).padStart(5, "0")}-${seed}.png`;
     a.textContent = "Download " + a.download;
     cap.append(pre, a);
     fig.append(img, cap);
-    $("gallery").prepend(fig);
+    batch.append(fig);
   });
+  $("gallery").prepend(batch);
+}
+
+function newTaskId() {  // A1111's form: task(random letters)
+  return "task(" + Array.from(crypto.getRandomValues(new Uint32Array(3)), (n) => n.toString(36)).join("") + ")";
 }
 
 async function generate(ev) {
   ev.preventDefault();
-  showError("");
-  $("generate").disabled = true;
-  $("interrupt").disabled = false;
+  if (state.task !== null) return;
+  show("error", "");
+  show("note", "");
+  state.task = newTaskId();
+  state.previewId = -1;
+  setGenerate();
   $("progress").value = 0;
+  $("status").textContent = "waiting";
   state.polling = setInterval(pollProgress, 250);
   try {
-    const res = await api(state.initImage ? "img2img" : "txt2img", request());
+    const res = await api(state.initImage ? "img2img" : "txt2img", { ...request(), force_task_id: state.task });
     const info = JSON.parse(res.info);
     addToGallery(res.images, info);
     $("progress").value = 1;
     $("status").textContent = info.interrupted ? "interrupted" : `done: ${res.images.length} image(s)`;
-    if (info.warnings.length) showError("note: " + info.warnings.join("; "));
+    if (info.warnings.length) show("note", "note: " + info.warnings.join("; "));
   } catch (e) {
-    showError(e.message);
+    show("error", e.message);
+    $("progress").value = 0;
     $("status").textContent = "";
   } finally {
     clearInterval(state.polling);
     state.polling = null;
-    $("generate").disabled = false;
+    state.task = null;
+    setGenerate();
     $("interrupt").disabled = true;
     $("preview").hidden = true;
   }
+}
+
+function setMode() {  // hires fix is txt2img's: off, with a note, while an init image is loaded
+  const img2img = state.initImage !== null;
+  $("hires").disabled = img2img;
+  $("hires-set").disabled = img2img || !$("hires").checked;  // (the legend's checkbox stays usable)
+  $("hires-note").hidden = !img2img;
+  $("generate").textContent = img2img ? "Generate (img2img)" : "Generate (txt2img)";
 }
 
 function readInitImage() {
@@ -160,21 +205,40 @@ function readInitImage() {
     state.initImage = reader.result.split(",")[1];
     $("init-preview").src = reader.result;
     $("init-preview").hidden = false;
+    setMode();
   };
   reader.readAsDataURL(file);
 }
 
 $("form").addEventListener("submit", generate);
-$("interrupt").addEventListener("click", () => api("interrupt", {}).catch((e) => showError(e.message)));
+// the page's Interrupt is enabled only while its own job runs (/interrupt stops the running job, whoever's)
+$("interrupt").addEventListener("click", () => api("interrupt", {}).catch((e) => show("error", e.message)));
 $("lora-add").addEventListener("click", () => {
-  if ($("lora").value) $("prompt").value += ` <lora:${$("lora").value}:${$("lora-weight").value}>`;
+  if ($("lora").value) $("prompt").value += ` <lora:${$("lora").value}:${num("lora-weight")}>`;
 });
+$("hires").addEventListener("change", setMode);
 $("init-image").addEventListener("change", readInitImage);
 $("init-clear").addEventListener("click", () => {
   state.initImage = null;
   $("init-image").value = "";
   $("init-preview").hidden = true;
+  setMode();
 });
 $("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
 $("auth").addEventListener("change", loadLists);
+window.addEventListener("beforeunload", (e) => {  // leaving cancels this page's job: the browser asks first
+  if (state.task !== null) {
+    e.preventDefault();
+    e.returnValue = true;
+  }
+});
+document.addEventListener("keydown", (e) => {  // A1111's keys: Ctrl+Enter generates, Esc interrupts
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+    e.preventDefault();
+    if (!$("generate").disabled) $("form").requestSubmit();
+  } else if (e.key === "Escape" && !$("interrupt").disabled) {
+    $("interrupt").click();
+  }
+});
+setMode();
 loadLists();
