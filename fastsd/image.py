@@ -73,14 +73,20 @@ def load_image(path: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXEL
             except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
                 raise _unreadable(what, path, e) from None
             out = im.copy()
-    if out.mode == "F" and not np.isfinite(np.asarray(out)).all():  # (a float TIFF): no colour for NaN or inf
-        raise ValueError(f"{what} {path}: has pixel values that are NaN or infinite")
-    return to_8bit(out)
+    return checked_8bit(out, f"{what} {path}")
 
 
 def _unreadable(what: str, path: str, e: Exception) -> ValueError:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     return ValueError(f"{what} {path}: not a readable image ({reason})")
+
+
+def checked_8bit(im: Image.Image, what: str) -> Image.Image:
+    """`to_8bit`, after checking that a float image's pixels are finite (no colour for NaN or inf): ValueError
+    naming `what`."""
+    if im.mode == "F" and not np.isfinite(np.asarray(im)).all():
+        raise ValueError(f"{what}: has pixel values that are NaN or infinite")
+    return to_8bit(im)
 
 
 def to_8bit(im: Image.Image) -> Image.Image:

@@ -13,6 +13,7 @@ import torch
 from fastsd import backends, cpuinfo
 from fastsd.checkpoint import Checkpoint, build_models, resolve
 from fastsd.pipeline import Pipeline
+from fastsd.settings import SEED_LIMIT
 from fastsd.vae_files import resolve_vae
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -90,6 +91,8 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
     path on a CPU); the first call at each new shape pays the compile time."""
     if not isinstance(source, str):
         raise TypeError(f"source must be a string (a path, a repo id or random:<preset>), got {type(source).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed (of the random weights) must be an integer in [0, 2**63), got {seed!r}")
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpuinfo.native_bf16():

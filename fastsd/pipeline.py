@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections import Counter
 import random
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -22,9 +24,10 @@ from fastsd.conditioning import encode_prompts
 from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser, ScheduledContext
 from fastsd.file_hashes import file_hash
-from fastsd.image import (check_mask, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
+from fastsd.image import (check_mask, checked_8bit, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
                           tensor_to_pil)
 from fastsd.lora import LoraSet, parse_prompt, strip_tags
+from fastsd.masking import binary_mask
 from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
@@ -156,6 +159,17 @@ class Prepared:
     # generators' seeds)
 
 
+def _holding(what: str):
+    """A Pipeline method that holds the pipeline while it runs (Pipeline._exclusive)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            with self._exclusive(what):
+                return method(self, *args, **kwargs)
+        return run
+    return wrap
+
+
 class Pipeline:
     def __init__(self, clip: CLIPTextModel, vae: AutoencoderKL | TAESD, unet: UNet, config: SDConfig, *,
                  tokenizer=None, device: torch.device, dtype: torch.dtype, backend: str = "auto",
@@ -175,9 +189,27 @@ class Pipeline:
         self._vae_hash: str | None = None
         self.embeddings = None  # fastsd.embeddings.Embeddings: textual inversions named in prompts (load_embeddings)
         self._upscaler = None  # (path, mtime, fastsd.upscalers.Upscaler): the hires fix's last upscaler model
+        self._lock = threading.Lock()  # generate and what changes the models run one at a time (`_exclusive`)
+        self._owner: int | None = None  # the thread holding it
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        """Hold the pipeline for `what` (a generation, or a change of its LoRAs, VAE, embeddings or backend):
+        another thread's call waits for it; a call from inside it (an on_step callback) is a ValueError, as it
+        would change the models under the running generation or wait for ever."""
+        if self._owner == threading.get_ident():
+            raise ValueError(f"{what}: called from inside a generation of this pipeline (an on_step callback); "
+                             "call it before or after generate")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # ---- the VAE and the embeddings -----------------------------------------------------------------------
 
+    @_holding("set_vae")
     def set_vae(self, vae: AutoencoderKL | TAESD, name: str | None = None, path: str | None = None, *,
                 prepared: bool = False) -> None:
         """Replace the VAE by a built one, named in the infotext by `name` ("VAE") and the hash of the file
@@ -214,6 +246,7 @@ class Pipeline:
         if s.hires and (path := hires.resolve_upscaler(s.hires_upscaler)) not in hires.UPSCALERS:
             self.upscaler(path)
 
+    @_holding("load_embeddings")
     def load_embeddings(self, path: str) -> list[str]:
         """Make the textual-inversion embeddings of a folder (searched recursively, as A1111) or of one file
         usable in prompts by their file names (A1111's rule). Returns the names added."""
@@ -238,10 +271,11 @@ class Pipeline:
         new = backends.get(name, self.device, self.dtype)
         if new is self._backend:
             return
-        for model in self.models():
-            self._backend.unprepare(model)
-            new.prepare(model)
-        self._backend = new
+        with self._exclusive("backend"):
+            for model in self.models():
+                self._backend.unprepare(model)
+                new.prepare(model)
+            self._backend = new
 
     @contextlib.contextmanager
     def _running(self, model: torch.nn.Module):
@@ -259,6 +293,7 @@ class Pipeline:
 
     # ---- LoRA (fastsd/lora.py) --------------------------------------------------------------------------
 
+    @_holding("load_lora")
     def load_lora(self, path: str, weight: float | tuple[float, float] = 1.0, *, keep_originals: bool = True
                   ) -> None:
         """Merge a LoRA file (kohya/A1111, LoCon, diffusers/PEFT) into the UNet and text encoder weights;
@@ -268,6 +303,7 @@ class Pipeline:
         ones is kept; unload_loras leaves them), for a process that never unloads them (the CLI, serve --lora)."""
         self._loras.load(self, path, weight, keep_originals=keep_originals)
 
+    @_holding("load_loras")
     def load_loras(self, items, *, keep_originals: bool = True) -> None:
         """load_lora of each (path, weight) in `items` (or (path, weight, name): the name prompt tags and the infotext
         use for it, e.g. the A1111 alias a <lora:NAME> tag found it by; default the file stem), merged in one pass: a
@@ -277,6 +313,7 @@ class Pipeline:
         refuses to generate until loaded again; see LoraSet.load_many)."""
         self._loras.load_many(self, items, keep_originals=keep_originals)
 
+    @_holding("unload_loras")
     def unload_loras(self) -> None:
         """Give back the weights as they were before any LoRA, bit for bit (before those loaded after the last
         load with keep_originals=False, which stay)."""
@@ -720,6 +757,8 @@ class Pipeline:
         """Settings with the seed and size filled in (a copy): a random seed (and variation seed, when its strength
         is > 0) when none is given; the init
         image's size (rounded down to a multiple of 8) when width/height are not given, else 512."""
+        if image is not None and min(s.width or 8, s.height or 8, image.width, image.height) < 8:
+            raise ValueError(f"image is {image.width}x{image.height} pixels: below 8 on a side, give width and height")
         w = s.width or (image.width // 8 * 8 if image is not None else 512)
         h = s.height or (image.height // 8 * 8 if image is not None else 512)
         seed = s.seed if s.seed is not None else random.randrange(2**32)
@@ -727,6 +766,7 @@ class Pipeline:
         return s.replace(width=w, height=h, seed=seed, subseed=subseed)
 
     @torch.no_grad()
+    @_holding("generate")
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = 20, guidance_scale: float = 7.5,
                  sampler: str = "euler_a", seed: int | None = None, width: int | None = None,
                  height: int | None = None, num_images: int = 1, strength: float = 0.8, clip_skip: int = 1,
@@ -770,7 +810,10 @@ class Pipeline:
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
                                eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise,
                                randn_source)
-        _check_inputs(image, mask, latents, on_step, preview_every)
+        _check_inputs(image, mask, latents, on_step, preview_every, infotext_extra)
+        image = None if image is None else checked_8bit(image, "image")  # (16-bit / float: scaled, not clipped)
+        mask = None if mask is None else binary_mask(checked_8bit(mask, "mask"), round_alpha=False)  # (an RGBA
+        # mask with transparency is its alpha, as A1111's)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")
         if latents is not None and (seed_resize_from_w or seed_resize_from_h):
@@ -792,6 +835,7 @@ class Pipeline:
             warnings.warn("the mask has no white pixel (>= 50%): nothing is repainted; white marks what to repaint",
                           stacklevel=2)
         s = self.resolve(s, image)
+        s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)  # (the size)
         seeds = [s.image_seed(i) for i in range(s.num_images)]
         first_steps = prompt_steps(s.sampler, s.steps)  # (A1111's prompt editing counts these)
         negative = [s.negative_prompt] if self.runs_uncond(s) else None
@@ -840,6 +884,8 @@ class Pipeline:
         the run has no hires fix."""
         if other is None or other is self:
             return self
+        if not isinstance(other, Pipeline):
+            raise TypeError(f"hires_pipe must be a Pipeline, got {type(other).__name__}")
         if not s.hires:
             raise ValueError("hires_pipe: the run has no hires fix (hires_scale, hires_width or hires_height)")
         mine, theirs = (self.device, self.dtype, self.config.unet.out_channels, self.config.vae.downscale), \
@@ -860,12 +906,22 @@ def _check_masked_content(masked_content: str, latent_mask: str = "nearest") -> 
                          f"{masked_content!r}")
 
 
-def _check_inputs(image, mask, latents, on_step, preview_every) -> None:
+def _check_inputs(image, mask, latents, on_step, preview_every, infotext_extra=None) -> None:
     for name, v in (("image", image), ("mask", mask)):
         if v is not None and not isinstance(v, Image.Image):
             raise TypeError(f"{name} must be a PIL image (fastsd.image.load_image reads a file), got {type(v).__name__}")
-    if latents is not None and not isinstance(latents, torch.Tensor):
-        raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
+    if latents is not None and (not isinstance(latents, torch.Tensor) or latents.layout != torch.strided
+                                or latents.is_meta or not latents.is_floating_point()):
+        what = type(latents).__name__ if not isinstance(latents, torch.Tensor) else \
+            f"a {latents.dtype} {latents.layout} tensor{' on meta' if latents.is_meta else ''}"
+        raise TypeError(f"latents must be a dense floating-point tensor, got {what}")
+    if latents is not None and not torch.isfinite(latents).all():
+        raise ValueError("latents has NaN or infinite values")
+    if infotext_extra is not None and (not isinstance(infotext_extra, dict) or any(
+            not isinstance(k, str) or not k.strip() or any(c in k for c in ",:\n") or "\n" in str(v)
+            for k, v in infotext_extra.items())):
+        raise TypeError("infotext_extra must be a dict of infotext keys (text without ',', ':' or line breaks) to "
+                        f"one-line values, got {infotext_extra!r:.80}")
     if on_step is not None and not callable(on_step):
         raise TypeError("on_step must be callable: on_step(step, total, preview)")
     if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 1:

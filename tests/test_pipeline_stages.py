@@ -1,5 +1,6 @@
 """The staged Pipeline: generate = encode_prompt -> prepare_latents -> denoise -> decode, on_step previews and
 interrupts, no unconditional batch at guidance <= 1, and a backend switched on a live pipeline."""
+import re
 import warnings
 
 import numpy as np
@@ -190,3 +191,77 @@ def test_an_all_black_mask_is_warned(pipe):
         mask = Image.new("L", (64, 64), 0)
         mask.paste(255, (0, 0, 8, 8))
         pipe.generate("a cat", image=image, mask=mask, steps=2, seed=1, progress=False)
+
+
+def test_more_misuse_is_named_before_any_work(pipe):
+    """Found by a bad-input hunt of the Python API: each was a deep torch / PIL error, an overflow or silently taken."""
+    cases = [(dict(hires_pipe="x", hires_scale=1.5), TypeError, "hires_pipe must be a Pipeline, got str"),
+             (dict(infotext_extra=[1, 2]), TypeError, "infotext_extra must be a dict of infotext keys"),
+             (dict(infotext_extra={"a\nb": 1}), TypeError, "infotext_extra must be a dict of infotext keys"),
+             (dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.int64)), TypeError,
+              "latents must be a dense floating-point tensor, got a torch.int64"),
+             (dict(latents=torch.zeros(1, 4, 8, 8).to_sparse()), TypeError, "latents must be a dense floating-point"),
+             (dict(latents=torch.full((1, 4, 8, 8), float("inf"))), ValueError, "latents has NaN or infinite values")]
+    for kw, error, match in cases:
+        with pytest.raises(error, match=re.escape(match)):
+            pipe.generate("a cat", **{**KW, **kw})
+    with pytest.raises(ValueError, match=re.escape("image is 7x7 pixels: below 8 on a side, give width and height")):
+        pipe.generate("a cat", image=Image.new("RGB", (7, 7)), steps=1, progress=False)
+    with pytest.raises(ValueError, match=re.escape("height 4104 is above 4096 px")):  # (the size the image gave)
+        pipe.generate("a cat", image=Image.new("RGB", (64, 4104)), steps=1, progress=False)
+    for seed in (2**64, "x", 1.5, -1, True):
+        with pytest.raises(ValueError, match=re.escape("seed (of the random weights) must be an integer in [0, 2**63)")):
+            fastsd.load_pipeline("random:tiny", seed=seed)
+
+
+def test_deep_and_float_images_are_scaled_and_rgba_masks_read_by_their_alpha(pipe):
+    """Pipeline.generate reads images as load_image does (16-bit and float scaled to 8 bits, not clipped) and an RGBA
+    mask with transparency by its alpha (A1111's create_binary_mask; the CLI's and the server's rule)."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    as_8bit = Image.fromarray((ramp / 65535 * 255).round().astype(np.uint8))
+    kw = dict(KW, strength=0.5)
+    deep = pipe.generate("a cat", image=Image.fromarray(ramp), **kw)[0]
+    assert np.array_equal(np.asarray(deep), np.asarray(pipe.generate("a cat", image=as_8bit, **kw)[0]))
+    flt = Image.fromarray((ramp / 65535).astype(np.float32), mode="F")
+    assert np.array_equal(np.asarray(pipe.generate("a cat", image=flt, **kw)[0]), np.asarray(deep))
+    with pytest.raises(ValueError, match="image: has pixel values that are NaN or infinite"):
+        pipe.generate("a cat", image=Image.fromarray(np.full((64, 64), np.nan, np.float32), mode="F"), **kw)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    rgba = Image.new("RGBA", (64, 64), (255, 255, 255, 0))  # an editor's mask: transparent, an opaque square
+    rgba.paste((0, 0, 0, 255), (0, 0, 32, 32))
+    square = Image.new("L", (64, 64), 0)
+    square.paste(255, (0, 0, 32, 32))
+    got = pipe.generate("a cat", image=image, mask=rgba, **kw)[0]
+    assert np.array_equal(np.asarray(got), np.asarray(pipe.generate("a cat", image=image, mask=square, **kw)[0]))
+
+
+def test_one_generation_at_a_time_and_no_model_change_from_inside_one(pipe):
+    """generate and what changes the models (LoRAs, VAE, embeddings, backend) hold the pipeline: another thread's
+    call waits; one from an on_step callback is a ValueError naming it, and the pipeline is fine afterwards."""
+    import threading
+
+    for call in (lambda: pipe.load_lora("x.safetensors"), pipe.unload_loras, lambda: pipe.generate("a", **KW),
+                 lambda: pipe.set_vae(pipe.vae, prepared=True)):
+        def inner(step, total, preview, call=call):
+            call()
+        with pytest.raises(ValueError, match="called from inside a generation of this pipeline"):
+            pipe.generate("a cat", on_step=inner, **KW)
+    alone = np.asarray(pipe.generate("a cat", **KW)[0])
+    entered, release, order = threading.Event(), threading.Event(), []
+
+    def slow(step, total, preview):
+        entered.set()
+        release.wait(10)
+
+    first = threading.Thread(target=lambda: order.append(("first", pipe.generate("a cat", on_step=slow, **KW))))
+    first.start()
+    assert entered.wait(30)
+    second = threading.Thread(target=lambda: order.append(("second", pipe.unload_loras())))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and order == []  # waits for the generation
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert [name for name, _ in order] == ["first", "second"]
+    assert np.array_equal(np.asarray(order[0][1][0]), alone)
