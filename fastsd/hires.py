@@ -106,8 +106,10 @@ def target(width: int, height: int, scale: float, resize_w: int = 0, resize_h: i
 
 def second_pass_steps(steps: int, strength: float) -> tuple[int, int]:
     """(schedule length, steps run) of the second pass, as A1111's setup_img2img_steps with its steps given: the
-    requested steps all run, at the end of a schedule of int(steps / strength) steps (strength capped at 0.999)."""
-    return int(steps / min(strength, 0.999)), steps
+    requested steps all run, at the end of a schedule of int(steps / strength) steps (strength capped at 0.999; a
+    length past 2**31 is given as 2**31: no run takes it)."""
+    n = steps / min(strength, 0.999)
+    return (int(n) if n < 2**31 else 2**31), steps
 
 
 def crop(latents, t: Target):

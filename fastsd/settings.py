@@ -297,7 +297,8 @@ class GenerationSettings:
             raise ValueError("the hires fix is for txt2img; img2img runs at the size it is given")
         n, run = hires.second_pass_steps(self.hires_steps or self.steps, self.hires_strength or 1.0)
         if n > MAX_STEPS:
-            raise ValueError(f"hires_strength {self.hires_strength} with {run} steps needs a schedule of {n} steps "
+            size = f"{n}" if n < 2**31 else "over 2**31"
+            raise ValueError(f"hires_strength {self.hires_strength} with {run} steps needs a schedule of {size} steps "
                              f"(A1111's steps / strength), above {MAX_STEPS}: raise hires_strength or lower the steps")
         w, h = self.hires_target().size
         if min(w, h) < 8 or max(w, h) > limit:

@@ -156,6 +156,8 @@ def test_inpainting_model_hires():
     (dict(hires_scale=2, hires_steps=1001), ValueError, "hires_steps must be at most 1000"),
     (dict(hires_scale=2, hires_steps=40, hires_strength=0.02), ValueError,
      "hires_strength 0.02 with 40 steps needs a schedule of 2000 steps"),
+    (dict(hires_scale=2, hires_strength=5e-324), ValueError,  # (was an OverflowError from int(inf))
+     "hires_strength 5e-324 with 3 steps needs a schedule of over 2**31 steps"),
     (dict(width=4096, height=512, hires_scale=1.5), ValueError, "the hires fix would make a 6144x768 image"),
 ])
 def test_bad_hires_settings_are_named(pipe, kw, err, match):
