@@ -6,6 +6,7 @@ for on a CPU without native bf16 runs (slowly) with one warning.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -89,6 +90,8 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
     replaces the model's VAE, which is then not read at all. It is found and checked before the model loads.
     compile: torch.compile the UNet and VAE decoder (fastsd.kernels.compile: CUDA graphs on CUDA, Inductor's C++
     path on a CPU); the first call at each new shape pays the compile time."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if not isinstance(source, str):
         raise TypeError(f"source must be a string (a path, a repo id or random:<preset>), got {type(source).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 from collections import Counter
 import random
 import threading
@@ -215,6 +216,8 @@ class Pipeline:
         """Replace the VAE by a built one, named in the infotext by `name` ("VAE") and the hash of the file
         `path` ("VAE hash"). A TAESD takes the place of the KL VAE (decode, encode, previews). `prepared`: `vae`
         was this pipeline's VAE before, under its current backend (prepared then): it is not prepared again."""
+        if not isinstance(vae, (AutoencoderKL, TAESD)):
+            raise TypeError(f"set_vae takes a built VAE (load_vae takes a path), got {type(vae).__name__}")
         if not prepared:
             self._backend.prepare(vae)
         self.vae = vae
@@ -252,6 +255,8 @@ class Pipeline:
         usable in prompts by their file names (A1111's rule). Returns the names added."""
         from fastsd.embeddings import Embeddings
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"load_embeddings takes a file or folder path, got {type(path).__name__}")
         if self.embeddings is None:
             self.embeddings = Embeddings(self.tokenizer, self.config.clip.hidden_size)
         return self.embeddings.add(path)

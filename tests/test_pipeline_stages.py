@@ -265,3 +265,16 @@ def test_one_generation_at_a_time_and_no_model_change_from_inside_one(pipe):
     second.join(30)
     assert [name for name, _ in order] == ["first", "second"]
     assert np.array_equal(np.asarray(order[0][1][0]), alone)
+
+
+def test_paths_and_vaes_by_type(pipe, tmp_path):
+    """load_pipeline takes a pathlib.Path (as load_lora does); load_embeddings and set_vae name a wrong type."""
+    import pathlib
+
+    missing = pathlib.Path(tmp_path / "nothing.safetensors")
+    with pytest.raises(fastsd.CheckpointError, match="nothing.safetensors"):  # (read as a path, not a TypeError)
+        fastsd.load_pipeline(missing)
+    with pytest.raises(TypeError, match="load_embeddings takes a file or folder path, got NoneType"):
+        pipe.load_embeddings(None)
+    with pytest.raises(TypeError, match="set_vae takes a built VAE"):
+        pipe.set_vae(None)
