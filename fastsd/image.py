@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from fastsd.files import atomic_write
 
@@ -73,12 +73,25 @@ def load_image(path: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXEL
             except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
                 raise _unreadable(what, path, e) from None
             out = im.copy()
-    return checked_8bit(out, f"{what} {path}")
+    return checked_8bit(upright(out), f"{what} {path}")
 
 
 def _unreadable(what: str, path: str, e: Exception) -> ValueError:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     return ValueError(f"{what} {path}: not a readable image ({reason})")
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """An input image as A1111 reads one (its images.fix_image): turned as its EXIF Orientation says (a phone's
+    photo), and a palette or RGB PNG with a transparent colour as RGBA (so a mask's transparency is its alpha); a
+    damaged EXIF leaves the image as it is."""
+    try:
+        im = ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        pass
+    if im.mode in ("RGB", "P") and isinstance(im.info.get("transparency"), bytes):
+        im = im.convert("RGBA")
+    return im
 
 
 def checked_8bit(im: Image.Image, what: str) -> Image.Image:

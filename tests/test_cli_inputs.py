@@ -261,3 +261,31 @@ def test_dev_benchmark_argument_errors_are_one_line(capsys, module, argv, words)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2
     assert len(err) == 1 and err[0].startswith(f"python -m {module}: error: ") and words in err[0], err
+
+
+def test_init_images_are_read_as_a1111_reads_them(tmp_path):
+    """A phone's JPEG (EXIF Orientation 6: stored sideways) comes in upright, and a palette PNG with transparent
+    colours as RGBA (A1111's images.fix_image), in the CLI's and the server's readers."""
+    import base64
+
+    from fastsd.image import load_image
+    from fastsd.serve.limits import Limits
+
+    stored = Image.new("RGB", (48, 32), "white")
+    stored.paste((255, 0, 0), (0, 0, 8, 32))  # red on the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    pal.paste(1, (0, 0, 8, 16))
+    pal.save(tmp_path / "mask.png", transparency=bytes([0, 200]))  # (per-colour alpha: PIL's bytes)
+    server = Limits()
+    for read in (lambda p: load_image(str(p)),
+                 lambda p: server.decode_image(base64.b64encode(p.read_bytes()).decode(), "image")):
+        upright = read(tmp_path / "phone.jpg")
+        assert upright.size == (32, 48)
+        rgb = np.asarray(upright.convert("RGB"))
+        assert rgb[:6, :, 1].max() < 60 and rgb[12:, :, 1].min() > 200  # the red edge on top (turned 90 degrees)
+        mask = read(tmp_path / "mask.png")
+        assert mask.mode == "RGBA" and mask.getextrema()[-1] == (0, 200)

@@ -64,9 +64,9 @@ class Limits:
         """A base64 image (optionally a data: URL) of one of IMAGE_FORMATS (a GIF's first frame) -> PIL image,
         refused above max_image_pixels before its pixels are decoded (decompression bombs). URLs are refused: the
         server fetches nothing."""
-        from fastsd.image import to_8bit  # torch comes with it: not at import, so --help stays quick
+        from fastsd.image import to_8bit, upright  # torch comes with it: not at import, so --help stays quick
 
-        return to_8bit(self._read_image(data, what))
+        return to_8bit(upright(self._read_image(data, what)))  # (A1111's images.read: EXIF-turned, ...)
 
     def image_info(self, data: str, what: str) -> tuple[dict, Image.Exif]:
         """A base64 image's metadata as PIL reads it (PNG text chunks, ...) and its EXIF, under decode_image's
