@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastsd.backends.cpu_pack import dense_weight
 from fastsd.convert import UNDERSCORED_UNET_BLOCKS, rename_key, unet_rules
 from fastsd.file_hashes import sha256
 from fastsd.tensorfile import CheckpointError, TensorRef, read_header, read_tensor_file, safetensors_metadata
@@ -665,11 +666,7 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
     out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=memory_format)
     src, dst = rows_of(weight), rows_of(out)
     top = torch.finfo(weight.dtype).max  # (beyond it the rounding to weight's dtype would give inf)
-    # each block's range is checked only where a bound on the update can't rule out leaving the dtype's range
-    # (|up @ down| <= rank * max|up| * max|down|; the weights themselves taken to be far inside it)
-    bound = (abs(alpha) * layer.down.shape[0] * float(layer.up.abs().amax()) * float(layer.down.abs().amax())
-             if layer.kind == "lora" and layer.dora is None else math.inf)
-    check = not bound < top / 4
+    check = may_leave_range(layer, multiplier, weight.dtype)
     width = math.prod(weight.shape[1:])
     rows = max(1, MERGE_BLOCK_BYTES // (4 * width))
     scratch = torch.empty(min(rows, weight.shape[0]), width, device=weight.device)
@@ -708,6 +705,47 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
                                  f"{str(weight.dtype)[6:]}'s range (NaN or infinite)")
         dst[i:i + rows].copy_(shaped)
     return out
+
+
+def may_leave_range(layer: LoraLayer, multiplier: float, dtype: torch.dtype) -> bool:
+    """Whether merging `layer` at `multiplier` into a weight of `dtype` may take it out of dtype's range (or fail
+    otherwise on the file's values: DoRA's zero norms), so merged_weight checks each block's range: wherever a bound
+    on the update can't rule it out (|up @ down| <= rank * max|up| * max|down|; the weights themselves taken to be
+    far inside the range); always for the kinds without such a bound and for DoRA."""
+    if layer.kind != "lora" or layer.dora is not None:
+        return True
+    bound = (abs(multiplier * layer.scale) * layer.down.shape[0] * float(layer.up.abs().amax())
+             * float(layer.down.abs().amax()))
+    return not bound < torch.finfo(dtype).max / 4
+
+
+def _merged_layer(weight: torch.Tensor | None, bias: torch.Tensor | None, merges: list,
+                  form: torch.memory_format = torch.contiguous_format) -> tuple:
+    """(weight, bias) of one layer after each of its merges [(LoraLayer, multiplier, LoRA name)] in turn, weight in
+    `form` (None: the bias only); ValueError naming the LoRA when a merge fails on its values (out of range)."""
+    for layer, multiplier, name in merges:
+        try:
+            if weight is not None:
+                weight = merged_weight(weight, layer, multiplier, form)
+            if layer.bias is not None:
+                bias = merged_bias(bias, layer, multiplier)
+        except ZeroNorm as e:  # (no weight helps)
+            raise ValueError(f"LoRA {name}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"LoRA {name}: {e}: try a lower weight") from None
+    return weight, bias
+
+
+def _check_merges(models: dict[str, nn.Module], by_layer: dict) -> None:
+    """Run, changing no weight, each merge of `by_layer` that may fail on the file's values (may_leave_range: the
+    merge checks its result's range; every bias change), a layer at a time and the result dropped, so that a load
+    that keeps no originals fails before any weight changes. A file of sane LoRA factors costs nothing here: its
+    merges' bounds rule out leaving the range (the kinds without a bound, and DoRA, are merged twice)."""
+    for (model, name), merges in by_layer.items():
+        module = models[model].get_submodule(name)
+        check = any(may_leave_range(layer, multiplier, module.weight.dtype) for layer, multiplier, _ in merges)
+        if check or any(layer.bias is not None for layer, _, _ in merges):  # (a packed layer: read as a dense copy)
+            _merged_layer(dense_weight(module) if check else None, module.bias, merges)
 
 
 class ZeroNorm(ValueError):
@@ -750,6 +788,7 @@ class LoraSet:
         self.base: list[LoadedLora] = []  # those merged for good: unload() leaves them
         self._originals: dict[tuple[str, str], tuple[nn.Parameter, nn.Parameter | None]] = {}  # (weight, bias)
         self._broken: str | None = None  # why the weights are neither the model's nor a whole merge
+        self._unload_stopped: str | None = None  # an unload that could not put every weight back: call it again
 
     def load(self, pipe, path: str, weight: Weight = 1.0, *, keep_originals: bool = True) -> LoadedLora:
         """Read, check, then merge `path` into pipe's UNet and text encoder (`weight`: one number for both, or
@@ -767,11 +806,12 @@ class LoraSet:
         weight is freed as its layer is merged (no copy is kept, as diffusers' fuse_lora keeps none), and unload()
         afterwards takes out only LoRAs loaded later with keep_originals=True (those loaded before are merged for
         good with this one). A failure while merging (an interrupt, no memory) then leaves a partly merged model,
-        which refuses to generate (check_usable) until it is loaded again; a bad file still fails before any
-        weight changes."""
+        which refuses to generate (check_usable) until it is loaded again; a bad file, or one whose merge leaves the
+        weights' range (checked first: _check_merges), still fails before any weight changes."""
         self.check_usable()
         if not isinstance(keep_originals, bool):
             raise TypeError(f"keep_originals must be True or False, got {keep_originals!r}")
+        items = _lora_items(items)
         names = [item[2] if len(item) > 2 else None for item in items]  # (path, weight[, name])
         items = [(item[0], normalize_weight(item[1])) for item in items]
         for (path, _), name in zip(items, names):
@@ -788,6 +828,8 @@ class LoraSet:
             for layer in lora.layers:
                 multiplier = unet_weight if layer.model == "unet" else te_weight
                 by_layer.setdefault((layer.model, layer.module), []).append((layer, multiplier, lora.name))
+        if not keep_originals:  # (no original kept to put back: a merge that can fail on the file's values runs first)
+            _check_merges(models, by_layer)
         layout = _conv_layout(pipe.backend)
         done = []  # (module, key, previous (weight, bias) Parameters, first change of this layer)
         changed = 0
@@ -804,15 +846,7 @@ class LoraSet:
                             self._originals[key] = prev
                     (merged, bias), form = prev, layout if prev[0].dim() == 4 else torch.contiguous_format
                     del prev  # (merged for good: the replaced weight goes with the layer's first merge)
-                    for layer, multiplier, name in merges:
-                        try:
-                            merged = merged_weight(merged, layer, multiplier, form)
-                            if layer.bias is not None:
-                                bias = merged_bias(bias, layer, multiplier)
-                        except ZeroNorm as e:  # (no weight helps)
-                            raise ValueError(f"LoRA {name}: {e}") from None
-                        except ValueError as e:
-                            raise ValueError(f"LoRA {name}: {e}: try a lower weight") from None
+                    merged, bias = _merged_layer(merged, bias, merges, form)
                     if bias is not module.bias:  # (biases are plain tensors in every backend's layers)
                         module.bias = nn.Parameter(bias, requires_grad=False)
                     module.weight = nn.Parameter(merged, requires_grad=False)
@@ -837,23 +871,42 @@ class LoraSet:
             self.base = list(self.loaded)
         return entries
 
-    def check_usable(self) -> None:
+    def check_usable(self, unloading: bool = False) -> None:
         """ValueError when a load merging for good stopped halfway (the weights are neither the model's nor a
-        whole merge)."""
+        whole merge), or (but for `unloading`) an unload could not put every weight back."""
         if self._broken is not None:
             raise ValueError(self._broken)
+        if self._unload_stopped is not None and not unloading:
+            raise ValueError(self._unload_stopped)
 
     def unload(self, pipe) -> None:
         """Every changed layer gets back the weight and bias tensors it had before the LoRAs (bit for bit: the same
-        tensors), or, after a load with keep_originals=False, those it had after the last such load (`base` stays)."""
-        self.check_usable()
+        tensors), or, after a load with keep_originals=False, those it had after the last such load (`base` stays).
+        An exception on the way (a Ctrl-C) does not stop it halfway: the rest are put back before it goes on. Should
+        that fail too, the model refuses to generate or load (check_usable) until unload runs again, which puts
+        back the layers left (each original is dropped from `_originals` as it is put back)."""
+        self.check_usable(unloading=True)
         models = {"unet": pipe.unet, "clip": pipe.clip}
-        for (model, name), (weight, bias) in self._originals.items():
-            module = models[model].get_submodule(name)
-            module.bias = bias
-            pipe.backend.replace_weight(module, weight)
-        self._originals.clear()
-        self.loaded = list(self.base)
+
+        def put_back() -> None:
+            while self._originals:
+                key, (weight, bias) = next(iter(self._originals.items()))
+                module = models[key[0]].get_submodule(key[1])
+                module.bias = bias
+                pipe.backend.replace_weight(module, weight)
+                del self._originals[key]
+
+        try:
+            put_back()
+        except BaseException as e:
+            self._unload_stopped = (f"unload_loras stopped ({type(e).__name__}) before every weight was put back: "
+                                    "call unload_loras again")
+            put_back()
+            raise
+        finally:
+            if not self._originals:  # (the weights are the model's again: pipe.loras says so)
+                self._unload_stopped = None
+                self.loaded = list(self.base)
 
     def check_prompt(self, prompt: str) -> None:
         """ValueError when the prompt's <lora:NAME:WEIGHT> tags ask for a LoRA that is not loaded so (or
@@ -878,6 +931,29 @@ class LoraSet:
                 prompt += f" <lora:{x.name}:{weight_text(x.weight)}>"
         hashes = {x.name.translate(str.maketrans("", "", ":,")): x.short_hash() for x in self.loaded}
         return prompt, ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None
+
+
+def _lora_items(items) -> list:
+    """load_loras' `items` as a list (an iterator read once), each checked to be a (path, weight) or (path, weight,
+    name) tuple or list; TypeError, one line naming load_loras and the first item that is not."""
+    what = ("a string" if isinstance(items, (str, bytes, os.PathLike)) else "a dict" if isinstance(items, dict)
+            else None if hasattr(items, "__iter__") else type(items).__name__)
+    if what is not None:
+        raise TypeError(f"load_loras takes a list of (path, weight) or (path, weight, name) items, got {what}: "
+                        f"{_shown(items)}")
+    items = list(items)
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            what = f"{len(item)} items" if isinstance(item, (tuple, list)) else type(item).__name__
+            raise TypeError(f"load_loras: each item is a (path, weight) or (path, weight, name) tuple, got {what}: "
+                            f"{_shown(item)}")
+    return items
+
+
+def _shown(x, limit: int = 80) -> str:
+    """repr(x), cut to `limit` characters, on one line."""
+    text = repr(x).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _conv_layout(backend) -> torch.memory_format:

@@ -690,6 +690,51 @@ def test_shapes_that_chose_plain_and_packed_alternate(monkeypatch):
             assert conv.weight.is_mkldnn == (batch == 2)
 
 
+def _interrupt_once(monkeypatch, method: str) -> list:
+    """torch.nn.Module.<method> ("register_buffer" / "register_parameter") raises KeyboardInterrupt at its next call
+    for `weight`, as a Ctrl-C landing while a layer swaps its weight; [True] until it has."""
+    real, armed = getattr(torch.nn.Module, method), [True]
+
+    def interrupted(self, name, *args, **kwargs):
+        if armed[0] and name == "weight":
+            armed[0] = False
+            raise KeyboardInterrupt
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, method, interrupted)
+    return armed
+
+
+@pytest.mark.parametrize("step", ["pack", "repack", "unpack"])
+def test_an_interrupted_weight_swap_leaves_the_old_weight(monkeypatch, step):
+    """A Ctrl-C (any exception) while a layer swaps its weight (dense for packed at its first call, packed for another
+    input shape, packed back to dense) leaves it the weight it had and the state that goes with it, never no weight:
+    it runs on as an uninterrupted twin does, bit for bit, and its state_dict is its weight of before."""
+    if cpu_pack.packing_unavailable(torch.float32):
+        pytest.skip(cpu_pack.packing_unavailable(torch.float32))
+    monkeypatch.setenv("FASTSD_CPU_TUNE", "0")  # packed by default
+    torch.manual_seed(0)
+    layer = (torch.nn.Linear(16, 24) if step == "pack" else torch.nn.Conv2d(8, 16, 3, padding=1)).requires_grad_(False)
+    twin, original = copy.deepcopy(layer), layer.weight.detach().clone()
+    make_packable(layer), make_packable(twin)
+    xs = [torch.randn(3, 16)] if step == "pack" else [torch.randn(1, 8, side, side) for side in (6, 9)]
+    with torch.no_grad():
+        if step != "pack":
+            layer(xs[0]), twin(xs[0])  # packed for the first shape
+            assert layer.weight.is_mkldnn
+        before, state = layer.weight, (layer._packed_for, layer._form, layer.__dict__.get("_last_packed"))
+        armed = _interrupt_once(monkeypatch, "register_parameter" if step == "unpack" else "register_buffer")
+        with pytest.raises(KeyboardInterrupt):
+            layer.unpack() if step == "unpack" else layer(xs[-1])
+        assert not armed[0]
+        assert layer.weight is before and (layer._packed_for, layer._form, layer.__dict__.get("_last_packed")) == state
+        assert torch.equal(layer.state_dict()["weight"], original)
+        for x in xs + xs:
+            assert torch.equal(layer(x), twin(x))
+    make_plain(layer)
+    assert type(layer) in (torch.nn.Linear, torch.nn.Conv2d) and torch.equal(layer.weight, original)
+
+
 def test_pointwise_convolution_runs_as_a_packed_linear_where_chosen(monkeypatch):
     """A 1x1 convolution has a third choice, "linear": oneDNN's packed linear over the pixels of channels-last
     input, its weight packed as a (K, C) linear's. Chosen at one shape and "packed" at another, both agree with the

@@ -105,15 +105,34 @@ class _Packable:
         return w.to_dense() if w.is_mkldnn else w.detach()
 
     def _set_weight(self, w: torch.Tensor, packed_for: tuple | None, form: str | None = None) -> None:
-        del self.weight
-        if w.is_mkldnn:
-            self.register_buffer("weight", w)
-        else:
-            self.weight = nn.Parameter(w, requires_grad=False)
-        self._packed_for = packed_for
-        self._form = form if w.is_mkldnn else None
-        if w.is_mkldnn:  # how the layer runs (until a call runs it dense): its next weight may be packed so at once
-            self._last_packed = (form, packed_for)
+        """`weight` <- w (a packed one as a buffer, a dense one as a Parameter) with what says how it is packed.
+        The swap is all or nothing: any exception on the way (a Ctrl-C) leaves the old weight and its state,
+        never a layer without a weight."""
+        new = w if w.is_mkldnn else nn.Parameter(w, requires_grad=False)
+        old = self._parameters.get("weight"), self._buffers.get("weight"), self._packed_for, self._form
+        last = self.__dict__.get("_last_packed")
+        try:
+            if "weight" not in (self._buffers if w.is_mkldnn else self._parameters):
+                del self.weight  # (a name is a parameter or a buffer, not both)
+            if w.is_mkldnn:
+                self.register_buffer("weight", new)
+            else:
+                self.register_parameter("weight", new)
+            self._packed_for = packed_for
+            self._form = form if w.is_mkldnn else None
+            if w.is_mkldnn:  # how the layer runs (until a call runs it dense): its next weight may be packed so at once
+                self._last_packed = (form, packed_for)
+        except BaseException:
+            # the old weight registered again before the other kind's entry goes (`weight` is never missing)
+            kind, other = (self._parameters, self._buffers) if old[0] is not None else (self._buffers, self._parameters)
+            kind["weight"] = old[0] if old[0] is not None else old[1]
+            other.pop("weight", None)
+            self._packed_for, self._form = old[2], old[3]
+            if last is None:
+                self.__dict__.pop("_last_packed", None)
+            else:
+                self._last_packed = last
+            raise
 
     def unpack(self) -> None:
         if self.weight.is_mkldnn:
