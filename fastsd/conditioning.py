@@ -32,6 +32,14 @@ def _token_embeds(clip: CLIPTextModel, ids: torch.Tensor, fixes: list) -> torch.
     return x
 
 
+def _mean_ratio(mean: torch.Tensor, new_mean: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """A1111's mean restore factor mean / new_mean, each chunk's; 1 for a chunk whose means are at round-off level
+    (below 1e-6 of its values' size: an encoder whose hidden states average 0, as a random one's LayerNorm gives),
+    where the factor would divide by about 0 (inf, NaN) or wipe the chunk out."""
+    flat = (mean.abs() <= 1e-6 * size) | (new_mean.abs() <= 1e-6 * size)
+    return torch.where(flat, torch.ones_like(mean), mean / new_mean)
+
+
 @torch.no_grad()
 def encode_prompts(clip: CLIPTextModel, tokenizer: Tokenizer, prompts: list[str], *, clip_skip: int = 1,
                    device: torch.device | None = None, embeddings=None) -> torch.Tensor:
@@ -50,7 +58,8 @@ def encode_prompts(clip: CLIPTextModel, tokenizer: Tokenizer, prompts: list[str]
             w = weights.to(device=device, dtype=z.dtype)[..., None]
             mean = z.float().mean(dim=(1, 2), keepdim=True)
             z = z * w
-            z = z * (mean / z.float().mean(dim=(1, 2), keepdim=True)).to(z.dtype)
+            new_mean = z.float().mean(dim=(1, 2), keepdim=True)
+            z = z * _mean_ratio(mean, new_mean, z.float().abs().mean(dim=(1, 2), keepdim=True)).to(z.dtype)
         out.append(z.reshape(1, -1, z.shape[-1]))
     ctx = torch.cat(out)
     if not torch.isfinite(ctx).all():  # e.g. (word:1e30): the image would come out black

@@ -23,7 +23,9 @@ Prompt emphasis follows A1111's ``modules/prompt_parser.py`` (``parse_prompt_att
 
 Deliberate deviation: in A1111 a ``BREAK`` inside brackets gets its marker weight multiplied
 (e.g. -1.1) and is then tokenized as the literal word "BREAK"; here a ``BREAK`` always breaks,
-and BREAK markers are never re-weighted or merged.
+and BREAK markers are never re-weighted or merged. Limits A1111 lacks (one-line ValueError): a weight that
+is not finite (``(a:9...9)`` with 400 digits is inf; A1111's image would be NaN), and more than
+``MAX_OPEN_BRACKETS`` brackets open at once (each piece is weighed once per open bracket: time pieces x brackets).
 
 Long prompts (A1111 rule): token ids are cut into chunks of 75; each chunk becomes
 ``BOS + chunk + EOS`` padded with EOS to 77 tokens (pad = EOS for SD1). An empty prompt still
@@ -33,6 +35,7 @@ gives one chunk. BOS, EOS and padding have weight 1.0.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from importlib.resources import as_file, files
@@ -73,12 +76,27 @@ _ATTENTION_RE = re.compile(
     """,
     re.X,
 )
-_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+_SPACES = re.compile(r"\s*")
+MAX_OPEN_BRACKETS = 100  # '(' and '[' open at once: each piece is weighed once for each (an absurd weight: 1.1**100)
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")  # what float() accepts of [+-]?[.\d]+
 
 
+def _split_break(text: str) -> list[str]:
+    """A1111's re.split(re_break, text) (re_break: spaces, the word BREAK, spaces) in linear time (the regex retries a
+    run of spaces from each of its characters)."""
+    parts, start = [], 0
+    for m in _BREAK_WORD.finditer(text):  # (the spaces a match takes after its BREAK hold no BREAK)
+        parts.append(text[start:m.start()].rstrip())
+        start = _SPACES.match(text, m.end()).end()
+    parts.append(text[start:])
+    return parts
+
+
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
-    """Split an A1111 prompt into ``(text, weight)`` pieces; see the module docstring."""
+    """Split an A1111 prompt into ``(text, weight)`` pieces; see the module docstring. ValueError (one line) for a
+    weight that is not a finite number (``(a:99...9)`` with 400 digits is inf) and for more than
+    MAX_OPEN_BRACKETS brackets open at once (the time grows as their number times the pieces')."""
     pieces: list[list | None] = []  # [text, weight] while brackets close; None marks a BREAK
     round_open: list[int] = []  # indexes into ``pieces`` where each open bracket started
     square_open: list[int] = []
@@ -92,10 +110,11 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         token, weight = m.group(0), m.group(1)
         if token.startswith("\\"):
             pieces.append([token[1:], 1.0])
-        elif token == "(":
-            round_open.append(len(pieces))
-        elif token == "[":
-            square_open.append(len(pieces))
+        elif token in "([":
+            (round_open if token == "(" else square_open).append(len(pieces))
+            if len(round_open) + len(square_open) > MAX_OPEN_BRACKETS:
+                raise ValueError(f"prompt: more than {MAX_OPEN_BRACKETS} emphasis brackets open at once (at character "
+                                 f"{m.start()}); close them, or escape a literal one as \\( or \\[")
         elif weight is not None and round_open and _NUMBER_RE.fullmatch(weight):
             multiply_from(round_open.pop(), float(weight))
         elif token == ")" and round_open:
@@ -103,7 +122,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         elif token == "]" and square_open:
             multiply_from(square_open.pop(), SQUARE_MULTIPLIER)
         else:
-            for i, part in enumerate(_BREAK_RE.split(token)):
+            for i, part in enumerate(_split_break(token)):
                 if i > 0:
                     pieces.append(None)
                 pieces.append([part, 1.0])
@@ -115,6 +134,9 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
     merged: list[tuple[str, float]] = []
     for piece in pieces:
+        if piece is not None and not math.isfinite(piece[1]):
+            raise ValueError(f"prompt: the emphasis weight of {piece[0][:60]!r} is not a finite number ({piece[1]}); "
+                             "A1111's usual range is 0.5 to 1.5")
         if piece is None:
             merged.append(BREAK)
         elif merged and merged[-1] is not BREAK and merged[-1][1] == piece[1]:

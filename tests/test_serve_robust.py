@@ -410,6 +410,12 @@ def test_png_info_reads_the_infotext_as_a1111_and_refreshes_answer_null(server):
             "parameters"]
         assert (params["Emphasis"], params["Hires resize-1"], params["Hires resize-2"], params["Clip skip"]) == \
             ("Original", "96", "128", "2") and "Hires resize" not in params
+        huge = PngImagePlugin.PngInfo()  # a weight no float holds: fastsd refuses it in a prompt, /png-info answers
+        huge.add_text("parameters", "a (cat:" + "9" * 400 + ")\nSteps: 2, Seed: 3, Size: 8x8")
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "PNG", pnginfo=huge)
+        r = c.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()})
+        assert r.status_code == 200 and r.json()["parameters"]["Emphasis"] == "Original"
         for route in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):  # nothing to rescan: null, as A1111
             r = c.post(f"/sdapi/v1/{route}")
             assert r.status_code == 200 and r.json() is None

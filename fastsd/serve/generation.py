@@ -393,7 +393,6 @@ def png_info(info: dict, exif) -> dict:
     parsed as A1111's parse_generation_parameters does (values as text; a "WxH" value as KEY-1 and KEY-2 only;
     its defaults for the keys not there, PNG_INFO_DEFAULTS, and "Emphasis: Original" for a prompt that weighs)."""
     from fastsd.image import parse_infotext
-    from fastsd.tokenizer import parse_prompt_attention
 
     items = {_sendable(k): _sendable(v) for k, v in info.items()
              if isinstance(k, str) and isinstance(v, str) and k.lower() not in NOT_TEXT}
@@ -408,11 +407,21 @@ def png_info(info: dict, exif) -> dict:
             parameters[k] = v
     parameters.update({"Prompt": prompt, "Negative prompt": negative})
     parameters |= {k: v for k, v in PNG_INFO_DEFAULTS.items() if k not in parameters}
-    if "Emphasis" not in parameters and any(w != 1 and piece != "BREAK" for piece, w in
-                                            parse_prompt_attention(prompt) + parse_prompt_attention(negative)):
+    if "Emphasis" not in parameters and _weighs(prompt, negative):
         parameters["Emphasis"] = "Original"
     return {"info": text, "items": items,
             "parameters": {_sendable(k): _sendable(v) if isinstance(v, str) else v for k, v in parameters.items()}}
+
+
+def _weighs(*prompts: str) -> bool:
+    """A prompt weighs some text (A1111's emphasis); a prompt fastsd refuses to read (a weight that isn't a finite
+    number, too many brackets open) counts as weighing: it is the image's text, not a request."""
+    from fastsd.tokenizer import parse_prompt_attention
+
+    try:
+        return any(w != 1 and piece != "BREAK" for p in prompts for piece, w in parse_prompt_attention(p))
+    except ValueError:
+        return True
 
 
 def _sendable(text: str) -> str:
