@@ -143,7 +143,8 @@ def test_text_encoding_overflow_without_emphasis_is_not_blamed_on_emphasis(monke
 
 def test_overflowing_prompt_weight_is_an_error_not_a_black_image(tmp_path, capsys):
     huge = "9" * 400  # a weight that parses to inf
-    _one_error(capsys, main([f"a ({'cat'}:{huge})", *TINY, "--out", str(tmp_path / "o")]), "emphasis weights overflow")
+    _one_error(capsys, main([f"a ({'cat'}:{huge})", *TINY, "--out", str(tmp_path / "o")]),
+               "the emphasis weight of 'cat' is not a finite number (inf)")
     assert not (tmp_path / "o").exists()
 
 

@@ -164,21 +164,24 @@ def test_the_server_takes_a1111s_option(default_pipe):
     req = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler a",
            "cfg_scale": 1}
     want = np.asarray(default_pipe.generate("a cat", seed=5, sampler="euler_a", randn_source="GPU", **KW)[0])
-    with main_server().client() as c:
-        assert c.get("/sdapi/v1/options").json()["randn_source"] == "CPU"
-        r = c.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"randn_source": "GPU"}})
-        assert r.status_code == 200, r.text
-        assert np.array_equal(np.asarray(decode(r.json()["images"][0])), want)
-        assert "RNG" not in parse_infotext(info(r)["infotexts"][0])[2]
-        assert c.post("/sdapi/v1/options", json={"randn_source": "NV"}).status_code == 200
-        assert c.get("/sdapi/v1/options").json()["randn_source"] == "NV"
-        r = c.post("/sdapi/v1/txt2img", json=req)
-        assert np.array_equal(np.asarray(decode(r.json()["images"][0])), want)
-        assert parse_infotext(info(r)["infotexts"][0])[2]["RNG"] == "NV"
-        bad = c.post("/sdapi/v1/options", json={"randn_source": "TPU"})
-        assert bad.status_code == 422 and bad.json()["detail"] == "randn_source must be one of CPU, GPU, NV, got 'TPU'"
-        assert c.get("/sdapi/v1/options").json()["randn_source"] == "NV"
-
+    with main_server().client() as c:  # (a server the other tests share: its option set back at the end)
+        try:
+            assert c.get("/sdapi/v1/options").json()["randn_source"] == "CPU"
+            r = c.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"randn_source": "GPU"}})
+            assert r.status_code == 200, r.text
+            assert np.array_equal(np.asarray(decode(r.json()["images"][0])), want)
+            assert "RNG" not in parse_infotext(info(r)["infotexts"][0])[2]
+            assert c.post("/sdapi/v1/options", json={"randn_source": "NV"}).status_code == 200
+            assert c.get("/sdapi/v1/options").json()["randn_source"] == "NV"
+            r = c.post("/sdapi/v1/txt2img", json=req)
+            assert np.array_equal(np.asarray(decode(r.json()["images"][0])), want)
+            assert parse_infotext(info(r)["infotexts"][0])[2]["RNG"] == "NV"
+            bad = c.post("/sdapi/v1/options", json={"randn_source": "TPU"})
+            assert bad.status_code == 422
+            assert bad.json()["detail"] == "randn_source must be one of CPU, GPU, NV, got 'TPU'"
+            assert c.get("/sdapi/v1/options").json()["randn_source"] == "NV"
+        finally:
+            c.post("/sdapi/v1/options", json={"randn_source": "CPU"})
 
 def test_batch_jobs_take_the_source(default_pipe, tmp_path):
     jobs = [{"prompt": "a cat", "seed": 1, "id": "nv", "randn_source": "NV"},
