@@ -381,8 +381,8 @@ def test_server_only_masked_as_a1111():
     mask.paste(255, (60, 20, 84, 44))
     kept = scipy_blur(np.asarray(mask), 4, 4) == 0
     inside = np.asarray(mask) == 255
-    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3, "denoising_strength": 0.6,
-            "init_images": [png_b64(init)], "mask": png_b64(mask)}
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3, "denoising_strength": 0.4,
+            "init_images": [png_b64(init)], "mask": png_b64(mask)}  # (A1111's img2img: 1 step, from the 2nd level)
     server = main_server()
     outs = {}
     with server.client() as c:
@@ -556,8 +556,8 @@ def test_flatten_puts_rgba_over_white():
 def test_server_resize_modes():
     """img2img's resize_mode as A1111's: 1 crops and resizes, 2 resizes and fills; 3 (latent upscale) warned."""
     init = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 96, 3), dtype=np.uint8))
-    body = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 3, "denoising_strength": 0.5,
-            "init_images": [png_b64(init)]}
+    body = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 3, "denoising_strength": 0.25,
+            "init_images": [png_b64(init)]}  # (A1111's img2img: 2 steps, from the 3rd level)
     server = main_server()
     outs = {}
     with server.client() as c:
