@@ -762,7 +762,8 @@ class Pipeline:
         """Settings with the seed and size filled in (a copy): a random seed (and variation seed, when its strength
         is > 0) when none is given; the init
         image's size (rounded down to a multiple of 8) when width/height are not given, else 512."""
-        if image is not None and min(s.width or 8, s.height or 8, image.width, image.height) < 8:
+        if image is not None and (0 in image.size or (s.width is None and image.width < 8)
+                                  or (s.height is None and image.height < 8)):
             raise ValueError(f"image is {image.width}x{image.height} pixels: below 8 on a side, give width and height")
         w = s.width or (image.width // 8 * 8 if image is not None else 512)
         h = s.height or (image.height // 8 * 8 if image is not None else 512)

@@ -207,6 +207,8 @@ def test_more_misuse_is_named_before_any_work(pipe):
             pipe.generate("a cat", **{**KW, **kw})
     with pytest.raises(ValueError, match=re.escape("image is 7x7 pixels: below 8 on a side, give width and height")):
         pipe.generate("a cat", image=Image.new("RGB", (7, 7)), steps=1, progress=False)
+    assert pipe.generate("a cat", image=Image.new("RGB", (7, 7)), steps=1, width=64, height=64,
+                         progress=False)[0].size == (64, 64)  # (resized to the size given)
     with pytest.raises(ValueError, match=re.escape("height 4104 is above 4096 px")):  # (the size the image gave)
         pipe.generate("a cat", image=Image.new("RGB", (64, 4104)), steps=1, progress=False)
     for seed in (2**64, "x", 1.5, -1, True):
