@@ -801,8 +801,9 @@ class Pipeline:
         walks A1111's noise levels of that name (`schedule`), in both hires passes unless `hires_schedule_type` names the
         second's (A1111's "Hires schedule type"); `hires_prompt` /
         `hires_negative_prompt` (A1111's hr_prompt, hr_negative_prompt) condition the hires pass where not empty. `latents` are unit-variance start noise
-        (num_images, 4, H/8, W/8), scaled by the sampler's initial sigma exactly as diffusers does. strength follows diffusers:
-        int(steps * strength) steps from the matching point. `on_step(step, total, preview)` is called after
+        (num_images, 4, H/8, W/8), scaled by the sampler's initial sigma exactly as diffusers does. strength is A1111's:
+        int(min(strength, 0.999) * steps) + 1 steps, to the end (schedules.img2img_start_index), from the image's
+        posterior mean plus each seed's first draw (diffusers' img2img differs in both). `on_step(step, total, preview)` is called after
         each step; `preview` is an image every `preview_every` steps and at the last, else None. An `Interrupted`
         it raises stops the generation and comes through, or with `on_interrupt="decode"` the images of the
         prediction at that step are returned (A1111's interrupt and skip). `allow_large` lifts the 4096 px limit
