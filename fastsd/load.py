@@ -94,6 +94,8 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
         source = os.fspath(source)
     if not isinstance(source, str):
         raise TypeError(f"source must be a string (a path, a repo id or random:<preset>), got {type(source).__name__}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed (of the random weights) must be an integer in [0, 2**63), got {seed!r}")
     device = parse_device(device)

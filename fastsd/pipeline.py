@@ -818,6 +818,9 @@ class Pipeline:
                                eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise,
                                randn_source)
         _check_inputs(image, mask, latents, on_step, preview_every, infotext_extra)
+        for name, v in (("progress", progress), ("allow_large", allow_large), ("tiled_vae", tiled_vae)):
+            if not isinstance(v, bool) and not (v is None and name == "tiled_vae"):
+                raise TypeError(f"{name} must be True or False{' or None' * (name == 'tiled_vae')}, got {v!r}")
         image = None if image is None else checked_8bit(image, "image")  # (16-bit / float: scaled, not clipped)
         mask = None if mask is None else binary_mask(checked_8bit(mask, "mask"), round_alpha=False)  # (an RGBA
         # mask with transparency is its alpha, as A1111's)

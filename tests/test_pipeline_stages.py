@@ -211,6 +211,11 @@ def test_more_misuse_is_named_before_any_work(pipe):
                          progress=False)[0].size == (64, 64)  # (resized to the size given)
     with pytest.raises(ValueError, match=re.escape("height 4104 is above 4096 px")):  # (the size the image gave)
         pipe.generate("a cat", image=Image.new("RGB", (64, 4104)), steps=1, progress=False)
+    for kw in (dict(progress="no"), dict(allow_large="x"), dict(tiled_vae="yes"), dict(tiled_vae=0)):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be True or False"):
+            pipe.generate("a cat", **{**KW, **kw})
+    with pytest.raises(TypeError, match="compile must be True or False, got 'no'"):
+        fastsd.load_pipeline("random:tiny", compile="no")
     for seed in (2**64, "x", 1.5, -1, True):
         with pytest.raises(ValueError, match=re.escape("seed (of the random weights) must be an integer in [0, 2**63)")):
             fastsd.load_pipeline("random:tiny", seed=seed)
