@@ -11,9 +11,10 @@ Draw n (0, 1, ...) of a generator seeded with `seed`, element i:
 
 which is CUDA's torch.randn as long as every element has a thread of its own (torch launches a thread an element up
 to the card's SMs x threads per SM, by its published specs 28 x 1,536 = 43,008 on an RTX 3060, a 4 x 96 x 96
-latent; not measured, no GPU here): each thread runs curand_init(seed, subsequence = its index, offset = 4n) and takes the first normal of its Box-Muller
-pair. The arithmetic after the words is A1111's NV generator's, float64; CUDA's own is float32 with a fast sine on
-the GPU, a few float32 ulps away (up to 2.4e-7 in seed 0's first 12 numbers: no visible change to an image).
+latent; not measured, no GPU here): each thread runs curand_init(seed, subsequence = its index, offset = 4n)
+and takes the first normal of its Box-Muller pair. The arithmetic after the words is A1111's NV generator's,
+float64; CUDA's own is float32 with a fast sine on the GPU, a few float32 ulps away (up to 2.4e-7 in seed 0's
+first 12 numbers: no visible change to an image).
 tests/test_philox.py holds the generator to Random123's known answers and to CUDA's numbers for seed 0.
 """
 from __future__ import annotations
