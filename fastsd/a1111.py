@@ -5,15 +5,26 @@ UserComment of a JPEG or WEBP).
 from __future__ import annotations
 
 from fastsd.samplers import A1111_NAMES, SAMPLERS, resolve_sampler_name
-from fastsd.schedule_types import AUTOMATIC, check_sampler, resolve_schedule_type, split_joint
+from fastsd.schedule_types import (AUTOMATIC, DISCARD_PENULTIMATE, check_sampler, resolve_schedule_type,
+                                   schedule_label, split_joint)
 
 # A1111 1.9+'s "Automatic" schedule of the samplers whose default is not uniform (its samplers' 'scheduler' option)
 A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpmpp_sde": "karras", "dpm2": "karras",
                    "dpm2_a": "karras", "restart": "karras",
                    "dpmpp_2m_sde": "exponential", "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential"}
 # the (sampler, schedule type) pairs fastsd has as one sampler (its diffusers twin); other schedule types run as
-# GenerationSettings.schedule_type
-SCHEDULED = {(name.removesuffix("_karras"), "karras"): name for name in SAMPLERS if name.endswith("_karras")}
+# GenerationSettings.schedule_type. Not DPM2, DPM2 a, DPM++ 3M SDE: A1111 drops their next-to-last Karras level
+# (discard_next_to_last_sigma), which their twins keep, so their Karras runs as the type (Pipeline.schedule).
+SCHEDULED = {(name.removesuffix("_karras"), "karras"): name for name in SAMPLERS
+             if name.endswith("_karras") and name not in DISCARD_PENULTIMATE}
+# Those three twins' own schedule has no A1111 name: their infotext names them by fastsd's name, which A1111 doesn't
+# know and `scheduled` reads back as the twin
+UNNAMED_TWINS = frozenset(n for n in DISCARD_PENULTIMATE if n.endswith("_karras"))
+
+
+def sampler_label(name: str) -> str:
+    """The infotext's "Sampler" of a canonical sampler: A1111's name, fastsd's own for UNNAMED_TWINS."""
+    return name if name in UNNAMED_TWINS else A1111_NAMES[name]
 
 
 def scheduled(name: str, scheduler: str | None, field: str, warnings: list[str], *, paste: bool = False
@@ -23,10 +34,13 @@ def scheduled(name: str, scheduler: str | None, field: str, warnings: list[str],
     over a joint name's schedule, none given is the joint name's or else Automatic. Its infotext paste (paste
     True): the joint name's wins; neither given is the sampler's own schedule (an infotext from before 1.9, or
     fastsd's with the sampler's own schedule). Automatic is the sampler's A1111 default (A1111_AUTOMATIC, else the
-    sampler's own); Karras runs the sampler's Karras twin where it has one; another type runs as
+    sampler's own); Karras runs the sampler's Karras twin where it has one (not for DPM2, DPM2 a, DPM++ 3M SDE:
+    SCHEDULED; their twins only by fastsd's name, UNNAMED_TWINS); another type runs as
     GenerationSettings.schedule_type. A type fastsd doesn't know (A1111 falls back to the model's schedule) or one
     that can't drive the sampler is warned (in `warnings`, naming `field`) and the sampler's own used. ValueError
     for an unknown sampler."""
+    if name.strip() in UNNAMED_TWINS and _type(scheduler or AUTOMATIC) in (AUTOMATIC, "karras"):
+        return name.strip(), AUTOMATIC  # (fastsd's infotext of such a twin on its own schedule, or its name)
     base, suffix = split_joint(name)
     sampler = resolve_sampler_name(base)
     if sampler.endswith("_karras"):  # a canonical or k_ joint name (dpmpp_2m_karras, k_dpmpp_2m_ka)
@@ -66,7 +80,10 @@ def _type(value: str) -> str | None:
 
 def effective_schedule(sampler: str, schedule_type: str) -> str:
     """What `Pipeline.schedule` runs for a canonical sampler under a schedule type, as one name: "karras" for a
-    Karras twin's own schedule or the Karras type, "automatic" for another sampler's own, else the type."""
+    Karras twin's own schedule or the Karras type, "automatic" for another sampler's own, else the type; the own
+    schedule of the DPM2 / DPM2 a / DPM++ 3M SDE twins is not the Karras type (A1111 drops a level of that)."""
+    if sampler.endswith("_karras") and sampler in DISCARD_PENULTIMATE:
+        return "karras twin"
     if schedule_type == "karras" or (schedule_type == AUTOMATIC and sampler.endswith("_karras")):
         return "karras"
     return schedule_type
@@ -83,6 +100,27 @@ def hires_scheduled(name: str, scheduler: str | None, schedule_type: str, field:
     if effective_schedule(same, schedule_type) == effective_schedule(second, second_type):
         return same, None
     return second, second_type
+
+
+def hires_sampler_keys(sampler: str, schedule_type: str, second: str, hires_schedule_type: str | None
+                       ) -> tuple[str | None, str | None]:
+    """("Hires sampler", "Hires schedule type") of the infotext, None where not written, as A1111 1.9+ writes them
+    split: the second pass's sampler (canonical `second`) where it is not the first pass's (`sampler`), a `_karras`
+    twin as its sampler + "Karras"; the second pass's schedule (`hires_schedule_type`, None: the first pass's
+    `schedule_type`) where it is not what the infotext says of the first pass ("Schedule type", or the joint name
+    of a `_karras` twin when no "Hires sampler" is written), so `scheduled` reads the run back."""
+    if second in UNNAMED_TWINS and hires_schedule_type is None:
+        return (second if second != sampler else None), None
+    twin = second.endswith("_karras")
+    kind = resolve_schedule_type(schedule_type if hires_schedule_type is None else hires_schedule_type)
+    label = "Karras" if twin else schedule_label(kind)
+    if label is None and hires_schedule_type is not None and resolve_schedule_type(schedule_type) != AUTOMATIC:
+        label = "Automatic"  # (the sampler's own asked for, the first pass typed)
+    first = schedule_label(schedule_type)
+    if second == sampler and sampler.endswith("_karras"):
+        first = "Karras"
+    name = A1111_NAMES[second.removesuffix("_karras") if twin else second] if second != sampler else None
+    return name, (label if label != first else None)
 
 
 # ---- the infotext in an image's metadata ---------------------------------------------------------------------

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "while it forms: TAESD-decoded with a TAESD --vae, else a latent-to-RGB approximation")
     p.add_argument("--preview-every", type=positive_int, default=1, help="steps between --preview updates")
     p.add_argument("--init-image", help="image-to-image / inpainting source image")
-    p.add_argument("--mask", help="inpainting mask, same size as the init image; white = repaint")
+    p.add_argument("--mask", help="inpainting mask, white = repaint; one of another size than the init "
+                   "image is resized with it to --width x --height (A1111's)")
     p.add_argument("--mask-blur", type=int_in(0, 64), default=None, help="A1111's inpainting (any of these four "
                    "options turns it on; default: diffusers'): the mask (an RGBA mask's alpha) blurred by this sigma, "
                    "px (4), and the init image laid back over the result outside it")
@@ -100,13 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiled-vae", action="store_true", help="always decode/encode the VAE in tiles "
                    "(automatic above 1024 px a side)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="merge a LoRA (kohya/A1111, LoCon, diffusers/PEFT .safetensors) with this weight (default 1); "
-                   "repeatable")
+                   help="merge a LoRA file (.safetensors, or .pt / .ckpt read weights-only; kohya/A1111, LyCORIS, "
+                   "diffusers/PEFT formats) with this weight (default 1); repeatable")
     p.add_argument("--lora-dir", default=None, help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors "
-                   "(default $FASTSD_LORA_DIR)")
-    p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="upscaler models (ESRGAN, Real-ESRGAN .pth / "
-                   ".safetensors; A1111's models/ESRGAN) that --hires-upscaler names by file name (default "
-                   "$FASTSD_UPSCALER_DIR)")
+                   "(or .pt, .ckpt; subfolders searched) (default $FASTSD_LORA_DIR)")
+    p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="upscaler models (ESRGAN, Real-ESRGAN, "
+                   "SwinIR .pth / .safetensors; A1111's models/ESRGAN) that --hires-upscaler names by file name "
+                   "(default $FASTSD_UPSCALER_DIR)")
     p.add_argument("--styles-file", default=None, metavar="PATH", help="A1111's prompt styles: a styles.csv "
                    "(name,prompt,negative_prompt) or a folder of such .csv files; default $FASTSD_STYLES")
     p.add_argument("--style", action="append", default=[], metavar="NAME", help="apply this style of --styles-file "
@@ -265,11 +266,14 @@ def hires_upscaler(args: argparse.Namespace) -> str:
     return find_hires_upscaler(args.hires_upscaler, args.upscaler_dir)
 
 
-def find_hires_upscaler(name: str, folder: str | None) -> str:
+def find_hires_upscaler(name: str | None, folder: str | None) -> str | None:
     """A hires upscaler as the pipeline takes it: A1111's built-in names and a model file's path as they are, a
     model's name (its file stem, or an A1111 name such as "R-ESRGAN 4x+") as its file in `folder` (none given:
-    $FASTSD_UPSCALER_DIR). ValueError, one line."""
+    $FASTSD_UPSCALER_DIR); None (unset: Latent) as it is. ValueError, one line."""
     from fastsd import hires
+
+    if name is None:
+        return None
     from fastsd.upscalers import UPSCALER_DIR_ENV, upscaler_path
 
     folder = folder or os.environ.get(UPSCALER_DIR_ENV)
@@ -348,8 +352,6 @@ def run(args: argparse.Namespace) -> int:
         settings = apply_cli_styles(args, settings)
         settings.validate(has_image=args.init_image is not None, has_mask=args.mask is not None,
                           allow_large=args.allow_large)
-        if not 0.0 <= settings.strength <= 1.0:  # a mistake even where no --init-image uses it
-            raise ValueError(f"--strength must be in [0, 1], got {settings.strength}")
         a1111 = [name for name in A1111_INPAINT if getattr(args, name) is not None]
         if a1111 and args.mask is None:
             raise ValueError(f"--{a1111[0].replace('_', '-')}: A1111's inpainting options need --mask (and --init-image)")

@@ -21,16 +21,21 @@ MAX_SCALE = 8.0
 MODEL_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # upscaler model files
 
 
-def builtin_upscaler(name: str) -> str | None:
+def builtin_upscaler(name: str | None) -> str | None:
     """A1111's name of a built-in upscaler (a latent mode, None, Lanczos, Nearest) as typed, case and spacing aside;
-    None for any other name."""
+    None for any other name, and for None (unset: not A1111's "None" upscaler)."""
+    if name is None:
+        return None
     key = " ".join(str(name).split()).lower()
     return next((u for u in UPSCALERS if u.lower() == key), None)
 
 
-def resolve_upscaler(name: str) -> str:
+def resolve_upscaler(name: str | None) -> str:
     """A1111's upscaler name (case and spacing as typed aside), or the path of an upscaler model file (ESRGAN,
-    Real-ESRGAN: fastsd/upscalers.py) as it is; ValueError naming what fastsd takes."""
+    Real-ESRGAN: fastsd/upscalers.py) as it is; None (left unset, A1111's API default) is "Latent" (A1111's default
+    latent_upscale_default_mode); ValueError naming what fastsd takes."""
+    if name is None:
+        return "Latent"
     known = builtin_upscaler(name)
     if known is not None:
         return known
@@ -64,6 +69,20 @@ def upscaler_label(name: str) -> str:
         return got
     stem = os.path.splitext(os.path.basename(got))[0]
     return next((a for a, file in A1111_FILES.items() if file == stem), stem)
+
+
+def resize_image(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
+    """A1111's images.resize_image (resize mode 0) with a built-in image upscaler (IMAGE_RESAMPLE): "None" one Lanczos
+    resize; "Lanczos" / "Nearest", when width x height is larger, its Upscaler.upscale first (a resize by the scale,
+    then Lanczos to that size rounded down to 8 px: fastsd.upscalers.upscale_by); then Lanczos to width x height."""
+    from fastsd.upscalers import resample_pass, upscale_by
+
+    scale = max(width / image.width, height / image.height)
+    if upscaler != "None" and scale > 1.0:
+        image = upscale_by(image, scale, resample_pass(IMAGE_RESAMPLE[upscaler], scale))
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    return image
 
 
 @dataclass(frozen=True)

@@ -116,9 +116,10 @@ def to_8bit(im: Image.Image) -> Image.Image:
 
 
 def check_mask(image: Image.Image | None, mask: Image.Image | None) -> None:
-    if mask is not None and image is not None and mask.size != image.size:
-        raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} differs from the image size "
-                         f"{image.size[0]}x{image.size[1]}")
+    """ValueError for a mask with no pixel. A mask of another size than the image is taken: it is resized to the
+    generation size as the image is (A1111's resize_image; diffusers' mask processor resizes it too)."""
+    if mask is not None and image is not None and 0 in mask.size:
+        raise ValueError(f"mask is {mask.width}x{mask.height} pixels: an empty image")
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -173,7 +174,31 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, object]
     return "\n".join(lines)
 
 
-_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param
+# A1111's re_param, its quantifiers possessive where giving back can't make a match (a key's characters can't be
+# ":", a space can't be a key's first character or a quote), which `_params` reads in linear time
+_PARAM_RE = re.compile(r'\s*+(\w[\w \-/]++):\s*+("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY_RUN, _WORD = re.compile(r'[\w \-/]*'), re.compile(r'\w')  # (the characters of a key; its first's)
+
+
+def _params(line: str) -> list[tuple[str, str]]:
+    """_PARAM_RE.findall(line), in linear time: where no key starts at a character of a run of key characters that
+    ':' does not end, none starts at any of its characters, so the scan skips the run; one that ':' ends has its key
+    at its first word character but the last (findall tries each character: quadratic in the run's length, 30 s for a
+    40,000-character line)."""
+    found, i = [], 0
+    while i < len(line):
+        if m := _PARAM_RE.match(line, i):
+            found.append(m.groups())
+            i = m.end()
+            continue
+        end = _KEY_RUN.match(line, i).end()
+        if end == i:
+            i += 1
+        elif not line.startswith(":", end):
+            i = end
+        else:  # (its first word character but the last starts a key (of 2+ characters), as from a space before)
+            i = max(i + 1, w.start()) if (w := _WORD.search(line, i, end - 1)) else end
+    return found
 
 
 def _unquote(v: str) -> str:
@@ -189,14 +214,14 @@ def _unquote(v: str) -> str:
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     """Inverse of format_infotext (and reads A1111's own): (prompt, negative_prompt, params as strings)."""
     *head, last = text.strip().split("\n")
-    if len(_PARAM_RE.findall(last)) < 3:  # no settings line
+    if len(found := _params(last)) < 3:  # no settings line
         head, last = head + [last], ""
     prompt_lines, neg_lines, in_neg = [], [], False
     for line in head:
         if line.startswith("Negative prompt:"):
             in_neg, line = True, line[len("Negative prompt:"):].strip()
         (neg_lines if in_neg else prompt_lines).append(line)
-    params = {k.strip(): _unquote(v) for k, v in _PARAM_RE.findall(last)}
+    params = {k.strip(): _unquote(v) for k, v in (found if last else [])}
     return "\n".join(prompt_lines).strip(), "\n".join(neg_lines).strip(), params
 
 

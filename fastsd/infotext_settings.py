@@ -113,7 +113,9 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
     "Sampler" + "Schedule type" pair as A1111 1.9+ reads them (`fastsd.a1111.scheduled`: "DPM++ 2M" + "Karras" is
     dpmpp_2m_karras, "Automatic" is the sampler's A1111 default); without "Schedule type" (an infotext from before
     A1111 1.9, or fastsd's with the sampler's own schedule) the sampler runs its own schedule, as it did then.
-    "Denoising strength" is the hires fix's when hires keys are there, else img2img's strength. No "RNG" key in
+    "Denoising strength" is the hires fix's when hires keys are there, else img2img's strength; a hires pass at
+    "Hires upscale: 1.0" (or hires keys with "Denoising strength" and no scale or size) sets enable_hires, A1111's
+    same-size second pass. No "RNG" key in
     an infotext with parameters is A1111's default, "GPU" (the noise of an NVIDIA GPU: fastsd.philox)."""
     from fastsd.a1111 import hires_scheduled, scheduled
     from fastsd.schedule_types import AUTOMATIC, resolve_schedule_type
@@ -136,6 +138,11 @@ def settings_from_infotext(text: str, *, skip: Collection[str] = ()) -> tuple[di
     if "Hires resize" in params and "hires_scale" not in skip:  # (A1111 ignores the scale for a resize target)
         out["hires_scale"] = 1.0
     hires = any(key in params for key in HIRES_KEYS)
+    # A1111's enable_hr: "Hires upscale" / "Hires resize" (A1111 writes one for every hires pass), or other hires keys
+    # with "Denoising strength"; at scale 1 without a size (A1111 1.6+'s same-size second pass) only the switch runs it
+    if ("Hires upscale" in params or "Hires resize" in params or (hires and "Denoising strength" in params)) and \
+            "Hires resize" not in params and out.get("hires_scale", 1.0) == 1.0 and "enable_hires" not in skip:
+        out["enable_hires"] = True
     if "Denoising strength" in params:
         field = "hires_strength" if hires else "strength"
         if field not in skip:

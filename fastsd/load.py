@@ -14,7 +14,7 @@ import torch
 from fastsd import backends, cpuinfo
 from fastsd.checkpoint import Checkpoint, build_models, resolve
 from fastsd.pipeline import Pipeline
-from fastsd.settings import SEED_LIMIT
+from fastsd.settings import SEED_LIMIT, check_bool, plain
 from fastsd.vae_files import resolve_vae
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -94,8 +94,7 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
         source = os.fspath(source)
     if not isinstance(source, str):
         raise TypeError(f"source must be a string (a path, a repo id or random:<preset>), got {type(source).__name__}")
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be True or False, got {compile!r}")
+    compile, seed = check_bool(compile, "compile"), plain(seed)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed (of the random weights) must be an integer in [0, 2**63), got {seed!r}")
     device = parse_device(device)

@@ -52,6 +52,7 @@ from torch import nn
 from fastsd.backends.cpu_pack import dense_weight
 from fastsd.convert import UNDERSCORED_UNET_BLOCKS, rename_key, unet_rules
 from fastsd.file_hashes import sha256
+from fastsd.settings import check_bool, plain
 from fastsd.tensorfile import CheckpointError, TensorRef, read_header, read_tensor_file, safetensors_metadata
 
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
@@ -710,13 +711,41 @@ def merged_weight(weight: torch.Tensor, layer: LoraLayer, multiplier: float,
 def may_leave_range(layer: LoraLayer, multiplier: float, dtype: torch.dtype) -> bool:
     """Whether merging `layer` at `multiplier` into a weight of `dtype` may take it out of dtype's range (or fail
     otherwise on the file's values: DoRA's zero norms), so merged_weight checks each block's range: wherever a bound
-    on the update can't rule it out (|up @ down| <= rank * max|up| * max|down|; the weights themselves taken to be
-    far inside the range); always for the kinds without such a bound and for DoRA."""
-    if layer.kind != "lora" or layer.dora is not None:
+    on the update can't rule it out (|up @ down| <= rank * max|up| * max|down|, `_delta_bound` for LyCORIS' kinds;
+    the weights themselves taken to be far inside the range); always for OFT, IA3 (a change proportional to the
+    weight: no bound from the file alone) and DoRA."""
+    if layer.dora is not None:
         return True
-    bound = (abs(multiplier * layer.scale) * layer.down.shape[0] * float(layer.up.abs().amax())
-             * float(layer.down.abs().amax()))
-    return not bound < torch.finfo(dtype).max / 4
+    if layer.kind == "lora":
+        bound = layer.down.shape[0] * float(layer.up.abs().amax()) * float(layer.down.abs().amax())
+    elif (bound := _delta_bound(layer)) is None or not bound < FP32_MAX / 4:  # (fp32 products too)
+        return True
+    return not abs(multiplier * layer.scale) * bound < torch.finfo(dtype).max / 4
+
+
+def _delta_bound(layer: LoraLayer) -> float | None:
+    """A bound on |delta| of a LoCon-with-core / LoHa / LoKr / full / norm layer from its factors, and on every
+    partial product of computing it (each factor's max|.| taken as at least 1): a product's inner size times its
+    factors' maxima. None for OFT and IA3, whose change is a multiple of the layer's weight."""
+    f = layer.factors
+    top = lambda *keys: math.prod(max(1.0, float(f[k].abs().amax())) for k in keys)  # noqa: E731
+
+    def product(i: str, w: str) -> float:  # a LoHa / LoKr factor: whole, a @ b, or cp(t, a, b)
+        if f"{w}_a" not in f:
+            return top(w)
+        if i in f:
+            return math.prod(f[i].shape[:2]) * top(i, f"{w}_a", f"{w}_b")
+        return _flat(f[f"{w}_a"]).shape[1] * top(f"{w}_a", f"{w}_b")
+
+    if layer.kind in ("full", "norm"):
+        return top("diff" if layer.kind == "full" else "w_norm")
+    if layer.kind == "locon_cp":
+        return math.prod(f["mid"].shape[:2]) * top("mid", "up", "down")
+    if layer.kind == "loha":
+        return product("hada_t1", "hada_w1") * product("hada_t2", "hada_w2")
+    if layer.kind == "lokr":
+        return product("", "lokr_w1") * product("lokr_t2", "lokr_w2")
+    return None
 
 
 def _merged_layer(weight: torch.Tensor | None, bias: torch.Tensor | None, merges: list,
@@ -809,8 +838,7 @@ class LoraSet:
         which refuses to generate (check_usable) until it is loaded again; a bad file, or one whose merge leaves the
         weights' range (checked first: _check_merges), still fails before any weight changes."""
         self.check_usable()
-        if not isinstance(keep_originals, bool):
-            raise TypeError(f"keep_originals must be True or False, got {keep_originals!r}")
+        check_bool(keep_originals, "keep_originals")
         items = _lora_items(items)
         names = [item[2] if len(item) > 2 else None for item in items]  # (path, weight[, name])
         items = [(item[0], normalize_weight(item[1])) for item in items]
@@ -1012,13 +1040,13 @@ def parse_prompt(prompt: str) -> tuple[str, list[tuple[str, Weight]]]:
 
 def normalize_weight(weight) -> Weight:
     """A float, or a (text encoder, UNet) pair of floats when they differ; ValueError for anything else."""
-    pair = weight if isinstance(weight, (tuple, list)) and len(weight) == 2 else (weight, weight)
+    pair = [plain(w) for w in (weight if isinstance(weight, (tuple, list)) and len(weight) == 2 else (weight,))]
     if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in pair):
         raise ValueError(f"LoRA weight must be a finite number or a (text encoder, UNet) pair, got {weight!r}")
     for w in pair:
         if problem := _weight_problem(w):
             raise ValueError(f"LoRA weight {str(w)[:24]}: it {problem}")
-    te, unet = float(pair[0]), float(pair[1])
+    te, unet = float(pair[0]), float(pair[-1])
     return te if te == unet else (te, unet)
 
 

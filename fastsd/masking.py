@@ -204,17 +204,20 @@ def infotext_params(got: Inpaint, *, blur_x: float, blur_y: float, invert: bool,
 
 def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], *, only_masked: bool, padding: int,
             fill_content: bool, resize_mode: int = 0) -> Inpaint:
-    """A1111's img2img init for an RGB init image and its blurred mask. only_masked
-    (inpaint_full_res): the crop region around the mask (plus padding, grown to the aspect ratio of `size`) cut out
-    of the image and the mask and brought to `size` ("resize and fill"); the overlay is the whole init image with
-    the mask as it is; a blank mask: plain img2img of the whole image, no mask (A1111's fallback). Else the image and
-    mask resized to `size` (A1111's `resize_mode`: 0 just resize, 1 crop and resize, 2 resize and fill) and the
-    doubled mask's overlay. fill_content (inpainting_fill other than 1): the image the model gets is `fill`ed under
-    its mask; the overlay keeps the image as it was."""
+    """A1111's img2img init for an RGB init image and its blurred mask. only_masked (inpaint_full_res): the crop
+    region around the mask (plus padding, grown to the aspect ratio of `size`) cut out of the image and the mask (a
+    mask of another size stretched onto the image first) and brought to `size` ("resize and fill"); the overlay is
+    the whole init image with the mask as it is; a blank mask: plain img2img of the whole image, no mask (A1111's
+    fallback). Else the image and the mask, whatever their sizes, each resized to `size` (A1111's `resize_mode`: 0
+    just resize, 1 crop and resize, 2 resize and fill) and the doubled mask's overlay. fill_content
+    (inpainting_fill other than 1): the image the model gets is `fill`ed under its mask; the overlay keeps the image
+    as it was."""
     width, height = size
     if only_masked:
-        if mask.size != image.size:  # (A1111 takes the region in the mask's pixels; here the image's)
-            mask = mask.resize(image.size, Image.LANCZOS)
+        if mask.size != image.size:  # A1111 takes the region in the mask's own pixels and crops the image with
+            # it, then fails making the overlay ("images do not match"): here the mask is first stretched onto the
+            # image (resize_image's "just resize"), so the region is the image's
+            mask = resize_image(0, mask, *image.size)
         region = crop_region(mask, padding)
         if region is None:
             return Inpaint(image.resize(size, Image.LANCZOS) if image.size != size else image, None, None,

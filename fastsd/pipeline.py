@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from fastsd import backends, hires
+from fastsd.a1111 import hires_sampler_keys, sampler_label
 from fastsd.conditioning import encode_prompts
 from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser, ScheduledContext
@@ -28,19 +29,19 @@ from fastsd.file_hashes import file_hash
 from fastsd.image import (check_mask, checked_8bit, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
                           tensor_to_pil)
 from fastsd.lora import LoraSet, parse_prompt, strip_tags
-from fastsd.masking import binary_mask
+from fastsd.masking import binary_mask, resize_image
 from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
 from fastsd.models.vae import AutoencoderKL
 from fastsd.philox import PhiloxGenerator
 from fastsd.prompt_schedule import may_have_schedule, prompt_schedule, split_and
-from fastsd.samplers import (A1111_NAMES, CHURN_SAMPLERS, ETA_SAMPLERS, S_NOISE_SAMPLERS, SAMPLERS, SIGMA_KEYS,
+from fastsd.samplers import (CHURN_SAMPLERS, ETA_SAMPLERS, S_NOISE_SAMPLERS, SAMPLERS, SIGMA_KEYS,
                              brownian_noise_sampler, get_sampler, prompt_steps, sigma_params)
 from fastsd.schedule_types import (AUTOMATIC, DISCARD_PENULTIMATE, resolve_schedule_type, schedule_label,
                                    typed_schedule)
 from fastsd.schedules import Schedule, alphas_cumprod
-from fastsd.settings import GenerationSettings
+from fastsd.settings import GenerationSettings, check_bool, plain
 from fastsd.tiling import tiled
 
 TILE_ABOVE = 1024  # pixels on a side above which the VAE runs tiled (automatic)
@@ -79,10 +80,11 @@ def eta_infotext(s: GenerationSettings) -> dict:
 
 
 def draws_noise(s: GenerationSettings) -> bool:
-    """Whether a run of `s` draws sampler noise from the images' generators (what ENSD changes): a stochastic sampler
-    not on A1111's Brownian noise, or a churning one, in either pass of the hires fix."""
-    specs = [get_sampler(s.sampler)] + ([get_sampler(s.hires_sampler or s.sampler)] if s.hires else [])
-    return any((spec.stochastic and not spec.brownian) or _churns(s, spec.name) for spec in specs)
+    """Whether the first pass of `s` draws sampler noise from the images' generators (what ENSD changes): a stochastic
+    sampler not on A1111's Brownian noise, or a churning one. (A1111 writes "ENSD" by its first pass's sampler only,
+    though ENSD reseeds its hires pass's noise too.)"""
+    spec = get_sampler(s.sampler)
+    return (spec.stochastic and not spec.brownian) or _churns(s, spec.name)
 
 
 def _churns(s: GenerationSettings, sampler: str) -> bool:
@@ -371,7 +373,7 @@ class Pipeline:
         extra_generation_params, e.g. its inpainting keys) after the settings' keys, before the LoRA and embedding
         hashes (None values left out)."""
         cfg = self.runs_uncond(s)  # (the options of the unconditional batch apply)
-        params = {"Steps": s.steps, "Sampler": A1111_NAMES[get_sampler(s.sampler).name],
+        params = {"Steps": s.steps, "Sampler": sampler_label(get_sampler(s.sampler).name),
                   "Schedule type": schedule_label(s.schedule_type), "CFG scale": s.guidance_scale,
                   "Seed": s.image_seed(index), "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(),
                   "Model": self.name,
@@ -391,29 +393,23 @@ class Pipeline:
                   "NGMS all steps": True if s.s_min_uncond and s.s_min_uncond_all and cfg else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
             resize = s.hires_width or s.hires_height
-            second = get_sampler(s.hires_sampler or s.sampler).name
+            second_name, second_type = hires_sampler_keys(get_sampler(s.sampler).name, s.schedule_type,
+                                                          get_sampler(s.hires_sampler or s.sampler).name,
+                                                          s.hires_schedule_type)
             hp, hn = s.hires_prompts()
             params.update({"Denoising strength": s.hires_strength,
-                           "Hires sampler": A1111_NAMES[second] if second != get_sampler(s.sampler).name else None,
-                           "Hires schedule type": self._hires_schedule_label(s),
+                           "Hires sampler": second_name, "Hires schedule type": second_type,
                            "Hires prompt": hp if hp != s.prompt else None,
                            "Hires negative prompt": hn if hn != s.negative_prompt else None,
-                           "Hires upscale": None if resize else f"{s.hires_scale:g}",
+                           "Hires upscale": None if resize else s.hires_scale,  # (as given: A1111's API's 2.0)
                            "Hires resize": f"{s.hires_width}x{s.hires_height}" if resize else None,
-                           "Hires steps": s.hires_steps or None, "Hires upscaler": hires.upscaler_label(s.hires_upscaler)})
+                           "Hires steps": s.hires_steps or None,  # (no "Hires upscaler" when unset, as A1111's API)
+                           "Hires upscaler": s.hires_upscaler and hires.upscaler_label(s.hires_upscaler)})
         params.update(extra or {})
         prompt, params["Lora hashes"] = self._loras.infotext(s.prompt)
         if self.embeddings is not None:  # A1111's "TI hashes": name: sha256[:12] of each embedding the prompts use
             params["TI hashes"] = self.embeddings.infotext([s.prompt, s.negative_prompt])
         return format_infotext(prompt, s.negative_prompt, params)
-
-    @staticmethod
-    def _hires_schedule_label(s: GenerationSettings) -> str | None:
-        """A1111's "Hires schedule type": the second pass's type where it is not the first pass's."""
-        if s.hires_schedule_type is None:
-            return None
-        kind = resolve_schedule_type(s.hires_schedule_type)
-        return None if kind == resolve_schedule_type(s.schedule_type) else (schedule_label(kind) or "Automatic")
 
     # ---- stage 1: text ----------------------------------------------------------------------------------
 
@@ -454,10 +450,12 @@ class Pipeline:
         """The noise levels `sampler` walks in `steps` steps: its own (its diffusers twin's) for "automatic", else
         A1111's schedule type (`fastsd.schedule_types`); "karras" for a sampler with a `_karras` twin is the twin's
         schedule (as the server and --infotext read "DPM++ 2M" + "Karras": one image for one infotext); DPM2, DPM2 a
-        and DPM++ 3M SDE drop the next-to-last level of a type's steps + 1, as A1111."""
+        and DPM++ 3M SDE drop the next-to-last level of a type's steps + 1, as A1111, Karras too (`dpm2` + "karras"
+        is A1111's DPM2; the `dpm2_karras` twin, asked for by name, keeps diffusers' schedule)."""
         kind, name = resolve_schedule_type(schedule_type), get_sampler(sampler).name
         twin = name.removesuffix("_karras") + "_karras"
-        if kind == AUTOMATIC or (kind == "karras" and twin in SAMPLERS):
+        if kind == AUTOMATIC or (kind == "karras" and twin in SAMPLERS
+                                 and (name == twin or name not in DISCARD_PENULTIMATE)):
             return SAMPLERS[twin if kind == "karras" else name].schedule(steps, self.config.scheduler)
         return typed_schedule(kind, steps, self.config.scheduler, discard_penultimate=name in DISCARD_PENULTIMATE)
 
@@ -534,19 +532,14 @@ class Pipeline:
             return None, None
         check_mask(image, mask)
         size = (s.width, s.height)
-        init = pil_to_tensor(image.resize(size, Image.LANCZOS) if image.size != size else image)
-        mask_t = None
-        if mask is not None:
-            mask_t = mask_to_tensor(mask.resize(size, Image.NEAREST) if mask.size != size else mask)
-        return init, mask_t
+        init = pil_to_tensor(_at_size(image, size))
+        return init, None if mask is None else mask_to_tensor(_at_size(mask, size))
 
     def _latent_mask(self, mask: Image.Image, mask_t: torch.Tensor, size: tuple[int, int], how: str) -> torch.Tensor:
         """(1, 1, h, w) mask at latent size (see LATENT_MASKS)."""
         if how == "nearest":
             return torch.nn.functional.interpolate(mask_t, size=size).to(self.device)
-        grey = mask.convert("L")
-        if grey.size != mask_t.shape[:1:-1]:  # (as _image_tensors: to the generation size first)
-            grey = grey.resize(mask_t.shape[:1:-1], Image.NEAREST)
+        grey = _at_size(mask.convert("L"), mask_t.shape[:1:-1])  # (as _image_tensors: to the generation size first)
         a = np.asarray(grey.resize(size[::-1], Image.BICUBIC), dtype=np.float32) / 255.0
         return torch.from_numpy(np.around(a) if how == "bicubic" else a)[None, None].to(self.device)
 
@@ -645,9 +638,11 @@ class Pipeline:
     @torch.no_grad()
     def hires_pass(self, s: GenerationSettings, x: torch.Tensor, seeds: list[int], cond: torch.Tensor,
                    uncond: torch.Tensor | None, *, tiled_vae: bool | None = None, on_step: OnStep | None = None,
-                   progress: bool = True, preview_every: int = 1) -> torch.Tensor:
-        """A1111's hires fix after the first pass's final latents `x`: upscaled (the latents, or the decoded images
-        and encoded again (the posterior's mean)), cropped to the target, then refined by an img2img pass of
+                   progress: bool = True, preview_every: int = 1, first: "Pipeline | None" = None) -> torch.Tensor:
+        """A1111's hires fix after the first pass's final latents `x`: upscaled (the latents, or the images decoded
+        by `first`'s VAE (the first pass's pipeline, default this one: A1111 decodes before loading a hires
+        checkpoint), resized (`hires.resize_image`, or an upscaler model) and encoded again by this one's (the
+        posterior's mean)), cropped to the target, then refined by an img2img pass of
         hires_steps (or steps) steps at the end of a schedule of int(steps / hires_strength) (A1111's rule), from
         fresh start noise of each image's seed at the new size. hires_strength 0: upscaled only."""
         t = s.hires_target()
@@ -656,9 +651,9 @@ class Pipeline:
             mode, antialias = hires.LATENT_MODES[upscaler]
             x = torch.nn.functional.interpolate(x.float(), size=t.latent_size, mode=mode, antialias=antialias)
         else:
-            images = tensor_to_pil(self.decode(x, tiled_vae))
+            images = tensor_to_pil((first or self).decode(x, tiled_vae))
             if upscaler in hires.IMAGE_RESAMPLE:
-                images = [im.resize((t.up_w, t.up_h), resample=hires.IMAGE_RESAMPLE[upscaler]) for im in images]
+                images = [hires.resize_image(im, t.up_w, t.up_h, upscaler) for im in images]
             else:  # an upscaler model file (A1111's images.resize_image with it)
                 model = self.upscaler(upscaler)
                 images = [model.upscale(im, t.up_w, t.up_h) for im in images]
@@ -778,23 +773,24 @@ class Pipeline:
                  height: int | None = None, num_images: int = 1, strength: float = 0.8, clip_skip: int = 1,
                  subseed: int | None = None, subseed_strength: float = 0.0, hires_scale: float = 1.0,
                  hires_width: int = 0, hires_height: int = 0, hires_steps: int = 0, hires_strength: float = 0.7,
-                 hires_upscaler: str = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
+                 hires_upscaler: str | None = "Latent", seed_resize_from_w: int = 0, seed_resize_from_h: int = 0,
                  hires_sampler: str | None = None, schedule_type: str = "automatic", hires_prompt: str = "",
                  hires_negative_prompt: str = "", hires_schedule_type: str | None = None, s_min_uncond: float = 0.0,
                  s_min_uncond_all: bool = False, skip_early_cond: float = 0.0, eta_noise_seed_delta: int = 0,
                  eta: float | None = None, initial_noise_multiplier: float = 1.0, s_churn: float = 0.0,
                  s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0, randn_source: str = "CPU",
-                 image: Image.Image | None = None, mask: Image.Image | None = None,
+                 enable_hires: bool = False, image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
                  tiled_vae: bool | None = None,
                  on_step: OnStep | None = None, preview_every: int = 1, on_interrupt: str = "raise",
                  allow_large: bool = False, hires_pipe: "Pipeline | None" = None) -> list[Image.Image]:
-        """txt2img; img2img when `image` is given; inpainting when `mask` is given too (white = repaint).
+        """txt2img; img2img when `image` is given; inpainting when `mask` is given too (white = repaint; of any
+        size, resized to width x height as the image is, A1111's "just resize").
 
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
-        any image can be made again alone; the hires_* keywords run A1111's hires fix (`hires_pass`) after
-        txt2img, the infotext keeping the first pass's size as A1111's; `masked_content` and `latent_mask` (inpainting)
+        any image can be made again alone; the hires_* keywords (and enable_hires) run A1111's hires fix
+        (`hires_pass`) after txt2img, the infotext keeping the first pass's size as A1111's; `masked_content` and `latent_mask` (inpainting)
         as `prepare_latents`'; `infotext_extra` goes into each image's infotext (`infotext`); with `subseed_strength` > 0 its start noise is moved toward the noise of
         `subseed` + i (A1111's variation seed); `seed_resize_from_w` and `_h` (both > 0) draw it as at that size,
         centred in the real size's (A1111's seed resize, `_start_noise`); `schedule_type` other than "automatic"
@@ -809,21 +805,22 @@ class Pipeline:
         prediction at that step are returned (A1111's interrupt and skip). `allow_large` lifts the 4096 px limit
         on a side (the CLI's --allow-large). `hires_pipe` (A1111's "Hires checkpoint"): another pipeline runs the
         hires fix's second pass, as A1111 after loading that checkpoint: its text encoder for the hires prompts, its
-        VAE and UNet from the upscale on, its VAE for the final decode (its LoRAs and embeddings its own)."""
+        VAE and UNet after the upscale (an image upscaler's input is decoded by this pipeline's VAE, as A1111 decodes
+        before the switch), its VAE for the final decode (its LoRAs and embeddings its own)."""
         s = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, sampler, seed, width, height,
                                num_images, strength, clip_skip, subseed, subseed_strength, hires_scale, hires_width,
                                hires_height, hires_steps, hires_strength, hires_upscaler, seed_resize_from_w,
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
                                eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise,
-                               randn_source)
+                               randn_source, enable_hires)
         _check_inputs(image, mask, latents, on_step, preview_every, infotext_extra)
-        for name, v in (("progress", progress), ("allow_large", allow_large), ("tiled_vae", tiled_vae)):
-            if not isinstance(v, bool) and not (v is None and name == "tiled_vae"):
-                raise TypeError(f"{name} must be True or False{' or None' * (name == 'tiled_vae')}, got {v!r}")
+        progress, allow_large = check_bool(progress, "progress"), check_bool(allow_large, "allow_large")
+        tiled_vae, preview_every = check_bool(tiled_vae, "tiled_vae", none=True), plain(preview_every)
         image = None if image is None else checked_8bit(image, "image")  # (16-bit / float: scaled, not clipped)
         mask = None if mask is None else binary_mask(checked_8bit(mask, "mask"), round_alpha=False)  # (an RGBA
         # mask with transparency is its alpha, as A1111's)
+        check_mask(image, mask)
         if latents is not None and subseed_strength:
             raise ValueError("subseed_strength varies the seeded start noise; it can't vary given latents")
         if latents is not None and (seed_resize_from_w or seed_resize_from_h):
@@ -872,7 +869,7 @@ class Pipeline:
             if s.hires:
                 done, last = first, hp
                 x = hp.hires_pass(s, x, seeds, *hires_conds, tiled_vae=tiled_vae, on_step=steps_of(first),
-                                  progress=progress, preview_every=preview_every)
+                                  progress=progress, preview_every=preview_every, first=self)
         except Interrupted as stop:
             if stop.latents is not None:
                 stop.step += done
@@ -897,7 +894,8 @@ class Pipeline:
         if not isinstance(other, Pipeline):
             raise TypeError(f"hires_pipe must be a Pipeline, got {type(other).__name__}")
         if not s.hires:
-            raise ValueError("hires_pipe: the run has no hires fix (hires_scale, hires_width or hires_height)")
+            raise ValueError("hires_pipe: the run has no hires fix (hires_scale, hires_width, hires_height or "
+                             "enable_hires)")
         mine, theirs = (self.device, self.dtype, self.config.unet.out_channels, self.config.vae.downscale), \
             (other.device, other.dtype, other.config.unet.out_channels, other.config.vae.downscale)
         if mine != theirs:
@@ -906,6 +904,12 @@ class Pipeline:
                              f"{mine[1]}, {mine[2]}, 1/{mine[3]})")
         other.check_can_encode(None, s)
         return other
+
+
+def _at_size(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An init image or mask at the generation size (width, height): A1111's resize_image "just resize" (LANCZOS),
+    which A1111 gives the image and its mask alike, whatever the mask's size (diffusers' processors too)."""
+    return image if image.size == tuple(size) else resize_image(0, image, *size)
 
 
 def _check_masked_content(masked_content: str, latent_mask: str = "nearest") -> None:
@@ -934,6 +938,7 @@ def _check_inputs(image, mask, latents, on_step, preview_every, infotext_extra=N
                         f"one-line values, got {infotext_extra!r:.80}")
     if on_step is not None and not callable(on_step):
         raise TypeError("on_step must be callable: on_step(step, total, preview)")
+    preview_every = plain(preview_every)
     if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 1:
         raise ValueError(f"preview_every must be a positive integer, got {preview_every!r}")
 

@@ -21,6 +21,7 @@ import torch
 
 from fastsd.schedules import (Schedule, SchedulerConfig, alphas_cumprod, diffusers_sigma_to_t, get_sigmas_karras,
                               sigmas_from_alphas_cumprod)
+from fastsd.settings import ENDS_SAMPLERS, TIMESTEP_SAMPLERS  # noqa: F401 (here too: callers import them from here)
 
 AUTOMATIC = "automatic"
 # A1111's SD1.x "Align Your Steps" noise levels (NVIDIA's published 10-step schedule, 11 values)
@@ -115,13 +116,8 @@ SCHEDULE_TYPES: dict[str, ScheduleType] = {t.name: t for t in (
     ScheduleType("ddim", "DDIM", _ddim, whole_table=True),
     ScheduleType("beta", "Beta", _beta, whole_table=True),
 )}
-# Samplers that step by diffusers' discrete timesteps rather than over any sigmas (A1111's DDIM/PLMS/UniPC take
-# no schedule type either; fastsd's UniPC works over sigmas, so it takes one).
-TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "ddpm", "plms")
-# Samplers that read only the schedule's ends (A1111 hands its DPM fast / adaptive the model's sigma_min and
-# sigma_max in txt2img, whatever the schedule type); a type would only move the ends (Simple, SGM Uniform, DDIM,
-# Align Your Steps do) where A1111 does not, so they take none.
-ENDS_SAMPLERS = ("dpm_fast", "dpm_adaptive")
+# TIMESTEP_SAMPLERS, ENDS_SAMPLERS: the samplers that take no schedule type (defined in fastsd.settings, whose
+# --schedule-type help names them before torch is imported)
 # A1111's samplers with discard_next_to_last_sigma (its DPM2, DPM2 a, DPM++ 3M SDE): over a schedule type they walk
 # the levels of steps + 1 without the next-to-last (`typed_schedule`); their own schedules stay their twins'.
 DISCARD_PENULTIMATE = ("dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import sys
 from dataclasses import dataclass, field
 
 from fastsd import hires
@@ -17,6 +19,14 @@ MAX_STEPS = 1000
 MAX_IMAGES = 64
 SEED_LIMIT = 2**63
 RANDN_SOURCES = ("CPU", "GPU", "NV")  # A1111's randn_source option's values
+# Samplers that take no schedule type (fastsd.schedule_types.check_sampler). Those that step by diffusers' discrete
+# timesteps rather than over any sigmas (A1111's DDIM/PLMS/UniPC take no schedule type either; fastsd's UniPC works
+# over sigmas, so it takes one):
+TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "ddpm", "plms")
+# those that read only the schedule's ends (A1111 hands its DPM fast / adaptive the model's sigma_min and sigma_max
+# in txt2img, whatever the schedule type); a type would only move the ends (Simple, SGM Uniform, DDIM, Align Your
+# Steps do) where A1111 does not, so they take none.
+ENDS_SAMPLERS = ("dpm_fast", "dpm_adaptive")
 
 
 def _opt(help: str, flag: str | None = None, **cli) -> dict:
@@ -54,9 +64,11 @@ class GenerationSettings:
                                                             "not given"))
     subseed_strength: float = field(default=0.0, metadata=_opt("A1111 variation strength in [0, 1]: 0 = the seed's "
                                                                "image, 1 = the variation seed's"))
-    hires_scale: float = field(default=1.0, metadata=_opt("A1111 hires fix (txt2img): above 1, the image made at "
-                                                          "width x height is upscaled by this and refined by a second "
-                                                          f"pass at that size (1..{hires.MAX_SCALE:g})"))
+    hires_scale: float = field(default=1.0, metadata=_opt("A1111 hires fix (txt2img): other than 1, the image made at "
+                                                          "width x height is upscaled by this (below 1: downscaled, as "
+                                                          "A1111's API takes) and refined by a second pass at that size "
+                                                          f"(0..{hires.MAX_SCALE:g}; 1 with --enable-hires: a second "
+                                                          "pass at the same size)"))
     hires_width: int = field(default=0, metadata=_opt("hires fix to this width instead of --hires-scale (A1111's "
                                                       "'Resize width to'; 0 = follow the height's ratio; with "
                                                       "--hires-height the image is scaled to cover both and cropped)"))
@@ -64,9 +76,9 @@ class GenerationSettings:
     hires_steps: int = field(default=0, metadata=_opt("hires fix: steps of the second pass (0 = --steps)"))
     hires_strength: float = field(default=0.7, metadata=_opt("hires fix: denoising strength of the second pass in "
                                                              "[0, 1] (0 = upscale only)"))
-    hires_upscaler: str = field(default="Latent", metadata=_opt("hires fix upscaler, A1111's names: " + ", ".join(
-        hires.UPSCALERS) + "; or an upscaler model (ESRGAN, Real-ESRGAN): a .pth/.safetensors file, or its name in "
-        "--upscaler-dir"))
+    hires_upscaler: str | None = field(default="Latent", metadata=_opt(
+        "hires fix upscaler, A1111's names: " + ", ".join(hires.UPSCALERS) + "; or an upscaler model (ESRGAN, "
+        "Real-ESRGAN, SwinIR): a .pth/.safetensors file, or its name in --upscaler-dir"))
     seed_resize_from_w: int = field(default=0, metadata=_opt(
         "A1111 'Resize seed from width': with --seed-resize-from-h, each image's start noise is drawn as at this "
         "size and pasted centred into its noise at the real size (cropped when larger), so a seed keeps its "
@@ -77,8 +89,9 @@ class GenerationSettings:
                                                                   "'Hires sampler'); default: --sampler"))
     schedule_type: str = field(default="automatic", metadata=_opt(
         "A1111's 'Schedule type' for the sampler's noise levels: automatic (the sampler's own), uniform, karras, "
-        "exponential, polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, beta (not "
-        "for ddim/ddpm/plms)"))
+        "exponential, polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, beta (none "
+        "but automatic for " + ", ".join(TIMESTEP_SAMPLERS + ENDS_SAMPLERS) + "; a *_karras sampler takes only "
+        "automatic or karras)"))
     hires_prompt: str = field(default="", metadata=_opt("hires fix: the second pass's prompt (A1111's 'Hires "
                                                         "prompt'); empty = --prompt's; its <lora:...> tags must be "
                                                         "the prompt's"))
@@ -121,11 +134,20 @@ class GenerationSettings:
         "A1111's 'Random number generator source': CPU (torch's CPU generator, the same noise on every machine), "
         "GPU (the noise torch draws on an NVIDIA GPU, A1111's default: an A1111 infotext without 'RNG' was made "
         "with it) or NV (the same numbers: A1111's name for drawing them elsewhere); fastsd draws each on any device"))
+    enable_hires: bool = field(default=False, metadata=_opt(
+        "A1111's enable_hr: run the hires fix even at --hires-scale 1 without --hires-width/--hires-height (a second "
+        "pass at the same size, as A1111 1.6+); a scale other than 1 or a size runs it anyway"))
+
+    def __post_init__(self):  # numpy's numbers (np.int64, np.float32, np.bool_) as the Python ones they stand for
+        for name in FIELDS:
+            if (v := plain(getattr(self, name))) is not getattr(self, name):
+                object.__setattr__(self, name, v)
 
     @property
     def hires(self) -> bool:
-        """The hires fix runs: a scale above 1 or a target width / height."""
-        return self.hires_scale != 1 or bool(self.hires_width) or bool(self.hires_height)
+        """The hires fix runs: enable_hires (A1111's enable_hr: at scale 1, a same-size second pass), or a scale
+        other than 1 or a target width / height."""
+        return self.enable_hires is True or self.hires_scale != 1 or bool(self.hires_width) or bool(self.hires_height)
 
     def image_seed(self, i: int) -> int:
         """Image i's seed (A1111's all_seeds): seed + i; with a variation strength every image keeps the seed and
@@ -167,7 +189,7 @@ class GenerationSettings:
         _check_str(self.hires_negative_prompt, "hires_negative_prompt")
         _check_int(self.steps, "steps", 1, MAX_STEPS)
         _check_int(self.num_images, "num_images", 1, MAX_IMAGES)
-        _check_int(self.clip_skip, "clip_skip", 1, 11)
+        _check_int(self.clip_skip, "clip_skip", 1, 12)  # (A1111's slider: 12 = SD1's first layer's output)
         _check_float(self.guidance_scale, "guidance_scale")
         _check_float(self.strength, "strength")
         if not isinstance(self.sampler, str):
@@ -225,7 +247,7 @@ class GenerationSettings:
                                  f"{self.num_images} images")
         self._validate_seed_resize(limit)
         self._validate_hires(has_image, limit)
-        if has_image and not 0.0 <= self.strength <= 1.0:
+        if not 0.0 <= self.strength <= 1.0:  # (checked in txt2img too, where it is not used: surely a mistake)
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if has_mask and not has_image:
             raise ValueError("a mask needs an init image (the image to inpaint)")
@@ -265,21 +287,22 @@ class GenerationSettings:
                              f"got {self.seed_resize_from_w} and {self.seed_resize_from_h}")
 
     def _validate_hires(self, has_image: bool, limit: int) -> None:
+        check_bool(self.enable_hires, "enable_hires")
         _check_float(self.hires_scale, "hires_scale")
-        if not 1.0 <= self.hires_scale <= hires.MAX_SCALE:
-            raise ValueError(f"hires_scale must be in [1, {hires.MAX_SCALE:g}], got {self.hires_scale}")
-        for name in ("hires_width", "hires_height"):
+        if not 0.0 < self.hires_scale <= hires.MAX_SCALE:  # (A1111's API takes a downscale: int(width * scale))
+            raise ValueError(f"hires_scale must be in (0, {hires.MAX_SCALE:g}], got {self.hires_scale}")
+        for name in ("hires_width", "hires_height"):  # (any size, as A1111: the image is its latents' // 8 * 8)
             v = getattr(self, name)
             _check_int(v, name, 0, None)
-            if v % 8 or v > limit:
-                raise ValueError(f"{name} must be 0 or a multiple of 8 up to {limit}, got {v}")
+            if v > limit:
+                raise ValueError(f"{name} must be 0 or a size up to {limit}, got {v}")
         _check_int(self.hires_steps, "hires_steps", 0, MAX_STEPS)
         _check_float(self.hires_strength, "hires_strength")
         if not 0.0 <= self.hires_strength <= 1.0:
             raise ValueError(f"hires_strength must be in [0, 1], got {self.hires_strength}")
-        if not isinstance(self.hires_upscaler, str):
+        if self.hires_upscaler is not None and not isinstance(self.hires_upscaler, str):
             raise TypeError(f"hires_upscaler must be a string, got {type(self.hires_upscaler).__name__}")
-        hires.resolve_upscaler(self.hires_upscaler)
+        hires.resolve_upscaler(self.hires_upscaler)  # (None: Latent, written as no "Hires upscaler", A1111's API)
         if self.hires_sampler is not None and not isinstance(self.hires_sampler, str):
             raise TypeError(f"hires_sampler must be a string, got {type(self.hires_sampler).__name__}")
         if self.hires_sampler is not None or self.hires_schedule_type is not None:
@@ -313,6 +336,28 @@ class GenerationSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(GenerationSettings)}
+
+
+def plain(v):
+    """A number given as numpy's (np.int64, np.float32, np.bool_: what numpy code passes) or another
+    numbers.Integral / numbers.Real, as the Python int, float or bool it stands for, so checks, infotexts and
+    everything after see Python numbers (`Steps: 4`, not `np.int64(4)`); anything else as it is."""
+    if type(v) in (int, float, bool) or isinstance(v, (str, bytes)):
+        return v
+    np = sys.modules.get("numpy")  # (not imported here: a numpy scalar means numpy is loaded)
+    if np is not None and isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    return float(v) if isinstance(v, numbers.Real) else v
+
+
+def check_bool(v, name: str, none: bool = False):
+    """`v` as a Python bool (numpy's np.bool_ taken), or None where `none` allows it; TypeError naming `name`."""
+    v = plain(v)
+    if not isinstance(v, bool) and not (none and v is None):
+        raise TypeError(f"{name} must be True or False{' or None' * none}, got {v!r}")
+    return v
 
 
 def _check_str(v, name: str) -> None:

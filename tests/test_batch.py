@@ -376,8 +376,10 @@ def test_a1111_hires_fields_enable_hr_and_variation_seeds(tmp_path):
         {"prompt": "a", "hr_scale": 2, "hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler"},
         {"prompt": "a", "subseed": -1, "subseed_strength": 0.5},
         {"prompt": "a", "subseed": 5},
-        {"prompt": "a", "enable_hr": "maybe"}]))
-    a, b, c, e, f, g, h, i = read_job_file(path, d)
+        {"prompt": "a", "enable_hr": "maybe"},
+        {"prompt": "a", "enable_hr": True, "hr_scale": 1}]))
+    a, b, c, e, f, g, h, i, same = read_job_file(path, d)
+    assert same.settings.hires and same.settings.hires_scale == 1.0  # (A1111 1.6+: a same-size second pass)
     s = a.settings
     assert (s.hires_scale, s.hires_strength, s.hires_steps, s.hires_upscaler, s.hires_sampler, s.hires_schedule_type,
             s.hires_prompt, s.hires_negative_prompt) == (2.0, 0.4, 3, "Latent (bicubic)", "dpmpp_2m", "karras", "b",
@@ -511,7 +513,7 @@ def test_bad_hires_and_variation_fields_are_that_jobs_one_line_failure(tmp_path,
     status = {r["line"]: r["status"] for r in rows}
     assert status == {1: "done", **{n: "failed" for n in range(2, 11)}}, rows
     errors = [r["error"] for r in rows[1:]]
-    assert errors[0] == "hires_scale must be in [1, 8], got 9.0"
+    assert errors[0] == "hires_scale must be in (0, 8], got 9.0"
     assert errors[1].startswith("upscaler '4x-Nope': not one of A1111's built-in upscalers, and no such model in ")
     assert "broken.safetensors" in errors[2]
     assert errors[3].startswith("hires_prompt: its <lora:...> tags must be the prompt's")

@@ -94,7 +94,7 @@ CASES = {
                                        "--hires-upscaler garbage: {dir}/garbage.safetensors: not a valid safetensors"),
     "hires-upscaler-path-missing": (["--hires-upscaler", "{tmp}/none.pth"],
                                     "hires upscaler {tmp}/none.pth: no such file"),
-    "hires-scale": (["--hires-scale", "9"], "hires_scale must be in [1, 8], got 9.0"),
+    "hires-scale": (["--hires-scale", "9"], "hires_scale must be in (0, 8], got 9.0"),
     "hires-schedule-type": (["--hires-schedule-type", "nope"], "hires_schedule_type: unknown schedule type 'nope'"),
     "subseed-strength": (["--subseed-strength", "2"], "subseed_strength must be in [0, 1], got 2.0"),
     "subseed": (["--subseed", "-5"], "subseed must be at least 0, got -5"),

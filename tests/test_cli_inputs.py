@@ -89,8 +89,8 @@ def test_out_that_is_a_folder_named_png_and_no_empty_folder_after_a_failure(tmp_
     (["--cfg-scale", "nan"], "guidance_scale must be a finite number"),
     (["--cfg-scale", "inf"], "guidance_scale must be a finite number"),
     (["--strength", "nan", "--init-image", "x.png"], "strength must be a finite number"),
-    (["--strength", "1.5"], "--strength must be in [0, 1], got 1.5"),  # without --init-image too
-    (["--strength", "-0.5"], "--strength must be in [0, 1], got -0.5"),
+    (["--strength", "1.5"], "strength must be in [0, 1], got 1.5"),  # without --init-image too
+    (["--strength", "-0.5"], "strength must be in [0, 1], got -0.5"),
     (["--seed", str(2 ** 63 - 1), "--num-images", "2"], "seed + num_images must stay below 2**63"),
     (["--device", "mps"], "device 'mps' is not supported"),
     (["--device", "meta"], "device 'meta' is not supported"),

@@ -68,7 +68,6 @@ def test_bad_img2img_inputs(images, capsys):
     init, mask = str(images / "init.png"), str(images / "small_mask.png")
     _fails(["--init-image", init, "--strength", "1.5"], images, capsys, "strength must be in [0, 1]")
     _fails(["--init-image", init, "--strength", "-0.1"], images, capsys, "strength must be in [0, 1]")
-    _fails(["--init-image", init, "--mask", mask], images, capsys, "mask size 16x32 differs from the image size 32x32")
     _fails(["--init-image", str(images / "nope.png")], images, capsys, "--init-image")
     _fails(["--mask", mask], images, capsys, "a mask needs an init image")
 

@@ -146,9 +146,11 @@ def test_inpainting_model_hires():
 
 
 @pytest.mark.parametrize("kw,err,match", [
-    (dict(hires_scale=0.5), ValueError, "hires_scale must be in [1, 8], got 0.5"),
+    (dict(hires_scale=0), ValueError, "hires_scale must be in (0, 8], got 0"),
+    (dict(hires_scale=0.1), ValueError, "the hires fix would make a 0x0 image: each side must be 8..4096 px"),
+    (dict(enable_hires="yes"), TypeError, "enable_hires must be True or False, got 'yes'"),
     (dict(hires_scale=float("inf")), ValueError, "hires_scale must be a finite number"),
-    (dict(hires_width=100), ValueError, "hires_width must be 0 or a multiple of 8 up to 4096, got 100"),
+    (dict(hires_width=5000), ValueError, "hires_width must be 0 or a size up to 4096, got 5000"),
     (dict(hires_height=-8), ValueError, "hires_height must be at least 0"),
     (dict(hires_scale=2, hires_strength=1.5), ValueError, "hires_strength must be in [0, 1], got 1.5"),
     (dict(hires_scale=2, hires_upscaler="R-ESRGAN 4x+"), ValueError, "unknown hires upscaler 'R-ESRGAN 4x+'"),
@@ -196,13 +198,14 @@ def test_server_enable_hr():
         assert decode(r.json()["images"][0]).size == (128, 96) and meta["denoising_strength"] == 0.75
         params = parse_infotext(meta["infotexts"][0])[2]
         assert (params["Size"], params["Hires upscale"], params["Hires steps"], params["Denoising strength"]) == \
-            ("64x48", "2", "2", "0.75")
+            ("64x48", "2.0", "2", "0.75")  # (A1111's API: hr_scale a float, written as given)
         assert meta["warnings"] == [] and params["Hires sampler"] == "DDIM" and params["Sampler"] == "Euler"
         r = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": None, "hr_resize_x": 100, "hr_resize_y": 0,
                                                "hr_upscaler": "Nearest", "denoising_strength": 0.5})
         assert r.status_code == 200, r.text
-        assert decode(r.json()["images"][0]).size == (96, 72)  # 96 x (96 * 48 // 64): A1111's rule, to latents
-        assert info(r)["warnings"] == ["hr_resize_x 100: rounded down to 96 (a multiple of 8)"]
+        assert decode(r.json()["images"][0]).size == (96, 72)  # 100 x (100 * 48 // 64), to latents: A1111's rule
+        params = parse_infotext(info(r)["infotexts"][0])[2]
+        assert info(r)["warnings"] == [] and params["Hires resize"] == "100x0" and params["Hires upscaler"] == "Nearest"
         quiet = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": "Use same sampler",
                                                         "hr_scheduler": "Use same scheduler"}))
         assert quiet["warnings"] == []
@@ -217,17 +220,28 @@ def test_server_enable_hr():
         params = parse_infotext(info(r)["infotexts"][0])[2]
         assert params["Schedule type"] == "Exponential" and "Hires schedule type" not in params
         karras = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras"}))
-        assert parse_infotext(karras["infotexts"][0])[2]["Hires sampler"] == "DPM++ 2M Karras" and not karras["warnings"]
+        params = parse_infotext(karras["infotexts"][0])[2]  # (split, as A1111 1.9+ writes it)
+        assert (params["Hires sampler"], params["Hires schedule type"]) == ("DPM++ 2M", "Karras")
+        assert not karras["warnings"]
         bad = c.post("/sdapi/v1/txt2img", json={**req, "hr_sampler_name": "Nope"})
         assert bad.status_code == 422 and "hr_sampler_name: unknown sampler 'Nope'" in bad.json()["detail"]
-        same = info(c.post("/sdapi/v1/txt2img", json={**req, "hr_scale": 1, "hr_sampler_name": None}))
-        assert same["warnings"] == ["enable_hr with hr_scale 1 and no hr_resize_x/y: nothing to upscale, no hires pass"]
+        r = c.post("/sdapi/v1/txt2img", json={**req, "hr_scale": 1, "hr_sampler_name": None, "hr_upscaler": None})
+        same = info(r)  # (A1111 1.6+: a second pass at the same size; hr_upscaler unset: Latent, no key written)
+        params = parse_infotext(same["infotexts"][0])[2]
+        assert same["warnings"] == [] and decode(r.json()["images"][0]).size == (64, 48)
+        assert params["Hires upscale"] == "1.0" and params["Denoising strength"] == "0.75"
+        assert "Hires upscaler" not in params
+        first = info(c.post("/sdapi/v1/txt2img", json={**req, "enable_hr": False}))
+        assert first["seed"] == same["seed"] and r.json()["images"][0] != c.post(
+            "/sdapi/v1/txt2img", json={**req, "enable_hr": False}).json()["images"][0]
         for bad, match in [({"hr_upscaler": "ESRGAN_4x"}, "hr_upscaler: unknown upscaler 'ESRGAN_4x'"),
                            ({"width": 1600, "height": 1600}, "the hires fix would make a 3200x3200 image, above this "
                                                               "server's limit of 2048 px"),
                            ({"denoising_strength": 2}, "denoising_strength must be in [0, 1], got 2"),
                            ({"hr_second_pass_steps": 500}, "hr_second_pass_steps 500 is above this server's limit"),
-                           ({"hr_second_pass_steps": -1}, "hr_second_pass_steps must be at least 1, got -1")]:
+                           ({"hr_second_pass_steps": -1}, "hr_second_pass_steps must be at least 1, got -1"),
+                           ({"hr_resize_x": 5000}, "hr_resize_x must be 0 or a size up to this server's limit of 2048"),
+                           ({"hr_resize_x": -8}, "hr_resize_x must be 0 or a size")]:
             r = c.post("/sdapi/v1/txt2img", json={**req, **bad})
             assert r.status_code == 422 and match in json.dumps(r.json()), (bad, r.text)
 
@@ -378,3 +392,169 @@ def test_server_hr_checkpoint_name():
     assert params["Hires checkpoint"] == "random:tiny-inpainting" and params["Model"] == "random:tiny"
     assert same.json()["images"] == own.json()["images"]
     assert bad.status_code == 422 and "hr_checkpoint_name: unknown model 'nope.safetensors'" in bad.json()["detail"]
+
+
+# ---- the audit's findings (A1111 1.10's processing.py / images.py / upscaler.py, transcribed here) ----------------
+
+def a1111_resize_image(im, width, height, upscaler):
+    """A1111's images.resize_image(0, im, width, height, upscaler_name) with its built-in "None" / "Lanczos" / "Nearest"
+    (UpscalerNone/Lanczos/Nearest: Upscaler.upscale, do_upscale a PIL resize by the scale)."""
+    from PIL import Image
+
+    if upscaler == "None":
+        return im.resize((width, height), resample=Image.LANCZOS)
+    scale = max(width / im.width, height / im.height)
+    if scale > 1.0:  # Upscaler.upscale(img, scale)
+        dest_w, dest_h = int((im.width * scale) // 8 * 8), int((im.height * scale) // 8 * 8)
+        for i in range(3):
+            if im.width >= dest_w and im.height >= dest_h and (i > 0 or scale != 1):
+                break
+            shape = im.size
+            im = im.resize((int(im.width * scale), int(im.height * scale)),
+                           resample={"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}[upscaler])
+            if shape == im.size:
+                break
+        if im.width != dest_w or im.height != dest_h:
+            im = im.resize((int(dest_w), int(dest_h)), resample=Image.LANCZOS)
+    if im.width != width or im.height != height:
+        im = im.resize((width, height), resample=Image.LANCZOS)
+    return im
+
+
+@pytest.mark.parametrize("upscaler", ["Lanczos", "Nearest"])
+@pytest.mark.parametrize("target", [dict(hires_scale=1.3), dict(hires_width=100, hires_height=40),
+                                    dict(hires_scale=0.75)])
+def test_image_upscalers_resize_as_a1111(pipe, upscaler, target):
+    """"Lanczos" / "Nearest": A1111's chain (upscaled by the scale, Lanczos to that size floored to 8 px, Lanczos to
+    the target; below 1 one Lanczos resize) on the decoded first pass, encoded (the mean), cropped: x1.3 (83x62, not
+    a multiple of 8), a resize of another aspect (100x75 cropped to 96x40), a downscale."""
+    got = pipe.generate(**KW, seed=3, hires_strength=0, hires_upscaler=upscaler, **target)[0]
+    s = pipe.resolve(GenerationSettings(**SETTINGS, seed=3, **target), None)
+    cond, _ = pipe.encode_prompt([s.prompt], None)
+    x = pipe.denoise(pipe.prepare_latents(s, [3]), cond, None, s, progress=False)
+    to_x, to_y, tx, ty = a1111_target(64, 48, target.get("hires_scale", 1), target.get("hires_width", 0),
+                                      target.get("hires_height", 0))
+    up = a1111_resize_image(tensor_to_pil(pipe.decode(x))[0], to_x, to_y, upscaler)
+    z = pipe.encode_images(pil_to_tensor(up), None)
+    z = z[:, :, ty // 2:z.shape[2] - (ty + 1) // 2, tx // 2:z.shape[3] - (tx + 1) // 2]
+    want = tensor_to_pil(pipe.decode(z))[0]
+    assert got.size == want.size == ((to_x // 8 - tx) * 8, (to_y // 8 - ty) * 8)
+    assert np.asarray(got).tolist() == np.asarray(want).tolist()
+
+
+def test_hires_checkpoint_decodes_the_first_pass_with_the_first_model(pipe, monkeypatch):
+    """A1111 decodes the first pass (for an image upscaler) before loading the hires checkpoint: this pipeline's VAE
+    decodes it, the other's encodes the upscaled image and decodes the result."""
+    other = fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+    with torch.no_grad():
+        for p in other.vae.decoder.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a, name=name: calls.append(name))
+             for name, m in (("decoder", pipe.vae.decoder), ("decoder-b", other.vae.decoder),
+                             ("encoder", pipe.vae.encoder), ("encoder-b", other.vae.encoder))]
+    try:
+        got = pipe.generate(**KW, seed=5, hires_scale=1.5, hires_strength=0, hires_upscaler="Lanczos",
+                            hires_pipe=other)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == ["decoder", "encoder-b", "decoder-b"]
+    s = pipe.resolve(GenerationSettings(**SETTINGS, seed=5), None)
+    cond, _ = pipe.encode_prompt([s.prompt], None)
+    x = pipe.denoise(pipe.prepare_latents(s, [5]), cond, None, s, progress=False)
+    up = tensor_to_pil(pipe.decode(x))[0].resize((96, 72), resample=hires.IMAGE_RESAMPLE["Lanczos"])
+    want = tensor_to_pil(other.decode(other.encode_images(pil_to_tensor(up), None)))[0]
+    assert np.asarray(got).tolist() == np.asarray(want).tolist()
+
+
+def test_hires_resize_any_size(pipe, tmp_path):
+    """A hires width / height not a multiple of 8 is A1111's as given (its latents are the target // 8): 100 on a
+    64x48 first pass is 100x75 -> 96x72; in the settings, the infotext ("Hires resize: 100x0"), --infotext, the CLI."""
+    from fastsd.infotext_settings import settings_from_infotext
+
+    im = pipe.generate(**KW, seed=2, hires_width=100, hires_strength=0)[0]
+    assert im.size == (96, 72) and parse_infotext(im.info["parameters"])[2]["Hires resize"] == "100x0"
+    read, warnings = settings_from_infotext("a\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x128, Denoising strength: "
+                                            "0.5, Hires resize: 1004x0, Hires upscaler: Latent")
+    assert (read["hires_width"], read["hires_height"], warnings) == (1004, 0, [])
+    assert GenerationSettings(**read).hires_target().size == (1000, 2008)  # A1111: 1004x2008, latents 125x251
+    out = tmp_path / "r.png"
+    assert cli(["a cat", "--model", "random:tiny", "--steps", "2", "--width", "64", "--height", "48", "--seed", "2",
+                "--no-progress", "--hires-width", "100", "--hires-height", "44", "--hires-strength", "0",
+                "--out", str(out)]) == 0
+    from PIL import Image
+
+    with Image.open(out) as got:  # 100x75 cropped by (75 - 44) // 8 = 3 latent rows: 96x48
+        assert got.size == (96, 48) and parse_infotext(got.info["parameters"])[2]["Hires resize"] == "100x44"
+
+
+def test_enable_hires_runs_a_same_size_second_pass(pipe, monkeypatch, tmp_path):
+    """A1111 1.6+'s enable_hr at hr_scale 1 without a resize: a second pass at the same size (the stages by hand give
+    the same bits); written "Hires upscale: 1.0" and read back (also from A1111's text) as the switch; without it
+    scale 1 is no hires fix; a scale below 1 downscales (A1111's API takes it)."""
+    from fastsd.infotext_settings import settings_from_infotext
+
+    calls = _unet_calls(pipe, monkeypatch)
+    got = pipe.generate(**KW, seed=6, enable_hires=True, hires_steps=2, hires_strength=0.6)[0]
+    assert got.size == (64, 48) and calls == [(1, 4, 6, 8)] * 5
+    params = parse_infotext(got.info["parameters"])[2]
+    assert (params["Hires upscale"], params["Denoising strength"], params["Hires upscaler"]) == ("1.0", "0.6", "Latent")
+    calls.clear()
+    s = pipe.resolve(GenerationSettings(**SETTINGS, seed=6, enable_hires=True, hires_steps=2, hires_strength=0.6),
+                     None)
+    cond, _ = pipe.encode_prompt([s.prompt], None)
+    x = pipe.denoise(pipe.prepare_latents(s, [6]), cond, None, s, progress=False)
+    want = tensor_to_pil(pipe.decode(pipe.hires_pass(s, x, [6], cond, None, progress=False)))[0]
+    assert np.asarray(got).tolist() == np.asarray(want).tolist()
+    plain = pipe.generate(**KW, seed=6, hires_steps=2, hires_strength=0.6)[0]
+    assert "Hires" not in plain.info["parameters"] and not np.array_equal(np.asarray(plain), np.asarray(got))
+    read = settings_from_infotext(got.info["parameters"])[0]
+    assert read["enable_hires"] is True and read["hires_scale"] == 1.0
+    again = pipe.generate(**{**KW, **read, "progress": False})[0]
+    assert np.asarray(again).tolist() == np.asarray(got).tolist()
+    a1111 = "a\nSteps: 3, Sampler: Euler, Seed: 6, Size: 64x48, Denoising strength: 0.6, {}"
+    for keys in ("Hires upscale: 1.0", "Hires upscale: 1, Hires upscaler: Latent", "Hires steps: 2"):
+        assert settings_from_infotext(a1111.format(keys))[0]["enable_hires"] is True, keys
+    for text in ("a\nSteps: 3, Sampler: Euler, Seed: 6, Size: 64x48, Denoising strength: 0.6",  # img2img's
+                 a1111.format("Hires upscale: 2")):  # (the scale runs it)
+        assert "enable_hires" not in settings_from_infotext(text)[0]
+    out = tmp_path / "e.png"
+    assert cli(["a cat", "--model", "random:tiny", "--steps", "2", "--width", "64", "--height", "48", "--seed", "2",
+                "--no-progress", "--enable-hires", "--hires-steps", "1", "--out", str(out)]) == 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (64, 48) and parse_infotext(im.info["parameters"])[2]["Hires upscale"] == "1.0"
+    small = pipe.generate(**KW, seed=6, hires_scale=0.5, hires_strength=0.5)[0]
+    assert small.size == (32, 24) and parse_infotext(small.info["parameters"])[2]["Hires upscale"] == "0.5"
+
+
+def test_hires_infotext_keys_as_a1111_writes_them(pipe):
+    """No "Hires upscaler" when it was left unset (A1111's API: hr_upscaler None, Latent); "Hires upscale" as given
+    (the API's float 2.0, an int 2); the hires sampler split as A1111 1.9+ ("Hires sampler: DPM++ 2M, Hires schedule
+    type: Karras"), both forms read back; "ENSD" only when the first pass's sampler draws noise."""
+    from fastsd.infotext_settings import settings_from_infotext
+
+    kw = dict(KW, seed=2, hires_scale=2.0, hires_strength=0)
+    unset = pipe.generate(**kw, hires_upscaler=None)[0]
+    latent = pipe.generate(**kw)[0]
+    assert np.array_equal(np.asarray(unset), np.asarray(latent))
+    assert "Hires upscaler" not in unset.info["parameters"] and "Hires upscaler: Latent" in latent.info["parameters"]
+    assert "Hires upscale: 2.0," in latent.info["parameters"]
+    assert "Hires upscale: 2," in pipe.generate(**{**kw, "hires_scale": 2})[0].info["parameters"]
+    split = pipe.generate(**kw, hires_sampler="DPM++ 2M Karras")[0]
+    params = parse_infotext(split.info["parameters"])[2]
+    assert (params["Sampler"], params["Hires sampler"], params["Hires schedule type"]) == \
+        ("Euler", "DPM++ 2M", "Karras")
+    joint = split.info["parameters"].replace("Hires sampler: DPM++ 2M, Hires schedule type: Karras",
+                                             "Hires sampler: DPM++ 2M Karras")
+    assert "DPM++ 2M Karras" in joint
+    for text in (split.info["parameters"], joint):
+        read = settings_from_infotext(text)[0]
+        assert (read["hires_sampler"], read.get("hires_schedule_type")) == ("dpmpp_2m_karras", None)
+    same = parse_infotext(pipe.generate(**{**kw, "sampler": "DPM++ 2M Karras"})[0].info["parameters"])[2]
+    assert "Hires sampler" not in same and "Hires schedule type" not in same
+    ensd = dict(kw, eta_noise_seed_delta=31337)
+    assert "ENSD" not in pipe.generate(**ensd, hires_sampler="Euler a")[0].info["parameters"]
+    assert "ENSD: 31337" in pipe.generate(**{**ensd, "sampler": "euler_a"}, hires_sampler="Euler")[0].info["parameters"]

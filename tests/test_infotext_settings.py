@@ -229,3 +229,56 @@ def test_stdin_and_an_override_of_a_bad_value(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert main(["--infotext", "-", *TINY, "--out", str(tmp_path / "p.png")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --infotext -: empty, no infotext"
+
+
+@pytest.mark.parametrize("keys, want", [
+    ("Hires upscale: 1.0", {"hires_scale": 1.0, "enable_hires": True}),  # A1111 1.6+'s same-size second pass
+    ("Hires upscale: 1, Hires upscaler: Latent",
+     {"hires_scale": 1.0, "hires_upscaler": "Latent", "enable_hires": True}),
+    ("Hires steps: 5", {"hires_steps": 5, "enable_hires": True}),  # (no scale or size: the switch)
+    ("Hires upscale: 2.0", {"hires_scale": 2.0}),  # (the scale runs it)
+    ("Hires upscale: 0.5", {"hires_scale": 0.5}),  # (A1111's API takes a downscale)
+    ("Hires resize: 1004x0", {"hires_width": 1004, "hires_height": 0, "hires_scale": 1.0}),  # (any size, as A1111)
+    ("Hires sampler: DPM++ 2M, Hires schedule type: Karras, Hires upscale: 2",  # A1111 1.9+'s split form
+     {"hires_scale": 2.0, "hires_sampler": "dpmpp_2m_karras"}),
+    ("Hires sampler: DPM++ 2M Karras, Hires upscale: 2", {"hires_scale": 2.0, "hires_sampler": "dpmpp_2m_karras"}),
+    ("Hires sampler: DPM2 a, Hires schedule type: Automatic, Hires upscale: 2",  # (A1111's Karras, its discard)
+     {"hires_scale": 2.0, "hires_sampler": "dpm2_a", "hires_schedule_type": "karras"}),
+])
+def test_hires_keys_read_as_a1111s(keys, want):
+    kwargs, warnings = settings_from_infotext(f"a\nSteps: 4, Sampler: Euler, Seed: 1, Size: 64x128, Denoising "
+                                              f"strength: 0.5, {keys}")
+    got = {k: v for k, v in kwargs.items() if k.startswith("hires_") or k == "enable_hires"}
+    assert got == {**want, "hires_strength": 0.5} and warnings == []
+    GenerationSettings(**kwargs).validate()
+
+
+def test_settings_line_read_as_a1111s_pattern_in_linear_time(monkeypatch):
+    """fastsd.image._params gives A1111's re_param findall on any line (random lines of the characters that matter),
+    and reads a line of long runs with a number of pattern matches linear in its length (A1111's findall tries
+    every character of a run of key characters: 30 s for 40,000 of them)."""
+    import random
+    import re
+
+    import fastsd.image as fi
+
+    a1111 = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+    rnd = random.Random(5)
+    alphabet = ["a", "b", " ", "-", "/", ":", ",", '"', "\\", "\t", "1", "é"]
+    for _ in range(20000):
+        line = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 24)))
+        assert fi._params(line) == a1111.findall(line), line
+    assert fi._params(A1111.split("\n")[-1]) == a1111.findall(A1111.split("\n")[-1])
+    calls = []
+
+    class Counting:
+        def match(self, line, i):
+            calls.append(i)
+            return pattern.match(line, i)
+
+    pattern = fi._PARAM_RE
+    monkeypatch.setattr(fi, "_PARAM_RE", Counting())
+    for line in ("x" * 40000, "- " * 20000 + ":", " -a:" * 10000, "Steps: 3, " + "x y" * 13000):
+        calls.clear()
+        fi._params(line)
+        assert len(calls) <= len(line) // 2 + 2, (line[:12], len(calls))

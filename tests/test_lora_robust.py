@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_lora import assert_same_state, generate, state, tiny
+from test_lora import _lycoris, assert_same_state, generate, state, tiny
 
+from fastsd import lora
 from fastsd.lora import read_lora
 from fastsd.testing_lora import write_random_lora
 
@@ -165,3 +166,65 @@ def test_load_loras_takes_any_iterable_of_items_and_refuses_other_shapes(tmp_pat
         assert "\n" not in str(e.value) and shown in str(e.value), str(e.value)
     assert pipe.loras == []
     assert_same_state(pipe, state0)
+
+
+def test_numpy_weights_are_python_numbers(tmp_path):
+    """LoRA weights and keep_originals given as numpy's scalars merge as the Python numbers they stand for (the same
+    bits; pipe.loras and the infotext hold Python floats); a bool weight (np.bool_ too) is refused as before."""
+    pipe, ref = tiny(), tiny()
+    paths = [str(tmp_path / f"{i}.safetensors") for i in range(2)]
+    write_random_lora(paths[0], pipe, fmt="kohya_ldm", rank=4, seed=1)
+    write_random_lora(paths[1], pipe, fmt="kohya_ldm", rank=4, seed=2)
+    state0 = state(pipe)
+    ref.load_loras([(paths[0], 0.5), (paths[1], (1.0, 0.0))])
+    pipe.load_lora(paths[0], weight=np.float32(0.5))
+    pipe.load_loras([(paths[1], (np.float16(1.0), np.int64(0)))], keep_originals=np.True_)
+    assert_same_state(pipe, state(ref))
+    assert [(type(x.weight), type(x.weight[0]) if isinstance(x.weight, tuple) else None) for x in pipe.loras] == \
+        [(float, None), (tuple, float)] and _names(pipe) == [("0", 0.5), ("1", (1.0, 0.0))]
+    pipe.unload_loras()
+    assert_same_state(pipe, state0)
+    with pytest.raises(ValueError, match="LoRA weight must be a finite number or a"):
+        pipe.load_lora(paths[0], weight=np.True_)
+    with pytest.raises(TypeError, match="keep_originals must be True or False, got 1"):
+        pipe.load_lora(paths[0], keep_originals=np.int64(1))
+    assert pipe.loras == []
+    assert_same_state(pipe, state0)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "full"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_lycoris_merge_for_good_computes_each_change_once(tmp_path, monkeypatch, backend, kind):
+    """keep_originals=False checks first, changing no weight, the merges that may leave the range; a LyCORIS layer of
+    sane factors is ruled out by a bound on its change, so its change is computed once (not once to check and once
+    to merge), with the bits of a keep_originals=True load; one that overflows still fails before any weight
+    changes."""
+    from safetensors.torch import save_file
+
+    pipe, ref = tiny(backend), tiny(backend)
+    generate(pipe, steps=1)  # (cpu: weights packed)
+    state0 = state(pipe)
+    targets = [("unet", "input_blocks.1.0.in_layers.2"), ("unet", "input_blocks.1.1.proj_in"),
+               ("clip", "text_model.encoder.layers.0.mlp.fc1")]
+    if kind == "full":
+        g = torch.Generator().manual_seed(3)
+        sd = {("lora_unet_" if m == "unet" else "lora_te_") + n.replace(".", "_") + ".diff":
+              torch.randn(_models(pipe)[m].get_submodule(n).weight.shape, generator=g) * 0.1 for m, n in targets}
+    else:
+        sd, _ = _lycoris(pipe, kind, targets, torch.Generator().manual_seed(3))
+    good, huge = str(tmp_path / "good.safetensors"), str(tmp_path / "huge.safetensors")
+    save_file(sd, good)
+    if kind != "full":  # (a 'full' file's change can't leave fp32's range: its sums, checked as it is read, would)
+        last = [k for k in sd if k.startswith("lora_te_") and not k.endswith("alpha")]  # (products of 1e20s: inf)
+        save_file({**sd, **{k: torch.full_like(sd[k], 1e20) for k in last}}, huge)
+        with pytest.raises(ValueError, match="LoRA huge: lora_te_.* takes the layer's weights out of float32's"):
+            pipe.load_lora(huge, 1.0, keep_originals=False)
+        assert pipe.loras == []
+        assert_same_state(pipe, state0)
+    calls = []
+    real = lora.LoraLayer.delta
+    monkeypatch.setattr(lora.LoraLayer, "delta", lambda self, w: calls.append(self.key) or real(self, w))
+    pipe.load_lora(good, 0.7, keep_originals=False)
+    assert len(calls) == len(targets), calls
+    ref.load_lora(good, 0.7)
+    assert_same_state(pipe, state(ref))

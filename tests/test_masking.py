@@ -570,3 +570,89 @@ def test_server_resize_modes():
     for mode in (1, 2):  # (another init image: most values change, on random weights by a little)
         assert (outs[mode] != outs[0]).mean() > 0.5 and np.abs(outs[mode] - outs[0]).mean() > 0.5
     assert (outs[3] == outs[0]).all()
+
+
+def _grey_mask(size, seed=4) -> Image.Image:
+    """Random grey levels: any resampler other than the one asked for (or a resize to another size first) shows."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, size[::-1], dtype=np.uint8))
+
+
+OTHER_SIZES = [(40, 24), (96, 96), (128, 40)]  # smaller and of another aspect, larger, wider
+
+
+@pytest.mark.parametrize("size", OTHER_SIZES)
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_prepare_resizes_a_mask_of_another_size_as_a1111(size, mode):
+    """A mask whose size differs from the init image's is taken: the whole picture's mask is brought to the output
+    size by A1111's resize_image(resize_mode) as the image is, the same as that mask resized by hand beforehand; for
+    "only masked" it is stretched onto the init image first (A1111 fails there: its overlay's sizes differ)."""
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    mask = _grey_mask(size)
+    got = masking.prepare(image, mask, (64, 64), only_masked=False, padding=0, fill_content=True, resize_mode=mode)
+    want = masking.prepare(image, masking.resize_image(mode, mask, 64, 64), (64, 64), only_masked=False, padding=0,
+                           fill_content=True, resize_mode=mode)
+    assert got.mask.size == (64, 64) and got.mask.tobytes() == want.mask.tobytes()
+    assert got.image.tobytes() == want.image.tobytes() and got.overlay.tobytes() == want.overlay.tobytes()
+    if size[0] != size[1]:  # (the modes differ where the aspect ratios do)
+        assert got.mask.tobytes() != masking.resize_image((mode + 1) % 3, mask, 64, 64).tobytes()
+    got = masking.prepare(image, mask, (64, 64), only_masked=True, padding=4, fill_content=False)
+    want = masking.prepare(image, masking.resize_image(0, mask, 64, 48), (64, 64), only_masked=True, padding=4,
+                           fill_content=False)
+    assert (got.paste_to, got.mask.tobytes(), got.image.tobytes(), got.overlay.tobytes()) == \
+        (want.paste_to, want.mask.tobytes(), want.image.tobytes(), want.overlay.tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    import fastsd
+
+    return fastsd.load_pipeline("random:tiny", device="cpu", dtype="fp32", backend="torch")
+
+
+@pytest.mark.parametrize("size", OTHER_SIZES)
+@pytest.mark.parametrize("gen", [(64, 48), (48, 64)], ids=["image size", "other size"])
+@pytest.mark.parametrize("latent_mask", ["nearest", "bicubic"])
+def test_generate_takes_a_mask_of_another_size(tiny_pipe, size, gen, latent_mask):
+    """Pipeline.generate resizes a mask of another size than the init image to the generation size as the image
+    (A1111's resize_image "just resize", LANCZOS): the same image as that mask resized so by hand beforehand, not as
+    one stretched to the image's size first when the generation size is another."""
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    mask = _grey_mask(size)
+    kw = dict(steps=2, seed=1, strength=0.7, width=gen[0], height=gen[1], latent_mask=latent_mask, progress=False)
+    got = tiny_pipe.generate("a cat", image=image, mask=mask, **kw)[0]
+    want = tiny_pipe.generate("a cat", image=image, mask=masking.resize_image(0, mask, *gen), **kw)[0]
+    assert got.size == gen and got.tobytes() == want.tobytes()
+    plain = tiny_pipe.generate("a cat", image=image, **kw)[0]
+    assert got.tobytes() != plain.tobytes()  # (the mask did keep parts of the image)
+    if gen != image.size and latent_mask == "nearest":  # (bicubic's 8x6 latent mask of noise: often the same)
+        other = tiny_pipe.generate("a cat", image=image, mask=masking.resize_image(0, mask, *image.size), **kw)[0]
+        assert got.tobytes() != other.tobytes()
+
+
+def test_generate_refuses_an_empty_mask(tiny_pipe):
+    image = Image.new("RGB", (64, 64))
+    for bad in (Image.new("L", (0, 8)), Image.new("L", (8, 0))):
+        with pytest.raises(ValueError, match=rf"^mask is {bad.width}x{bad.height} pixels: an empty image$"):
+            tiny_pipe.generate("a cat", image=image, mask=bad, steps=1, progress=False)
+
+
+def test_cli_takes_a_mask_of_another_size(tmp_path):
+    """--mask of another size than --init-image: the image of that mask resized by hand to the generation size with
+    A1111's rule beforehand, on the diffusers-like path and on A1111's (--mask-blur 0: the blur would run at the
+    mask's own size, as A1111's) with the whole picture or only the masked box (the mask stretched onto the image)."""
+    from fastsd.generate import main
+
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "init.png")
+    mask = _grey_mask((40, 56))
+    mask.save(tmp_path / "other.png")
+    base = ["a cat", "--model", "random:tiny", "--steps", "2", "--seed", "1", "--no-progress", "--threads", "1",
+            "--init-image", str(tmp_path / "init.png")]
+    for name, extra, by_hand in (("plain", [], (64, 48)), ("whole", ["--mask-blur", "0"], (64, 48)),
+                                 ("only", ["--mask-blur", "0", "--inpaint-area", "only-masked"], (64, 48)),
+                                 ("resized", ["--width", "32", "--height", "40"], (32, 40))):
+        masking.resize_image(0, mask, *by_hand).save(tmp_path / "by_hand.png")
+        outs = []
+        for m in ("other.png", "by_hand.png"):
+            assert main([*base, *extra, "--mask", str(tmp_path / m), "--out", str(tmp_path / f"{name}_{m}")]) == 0
+            outs.append(Image.open(tmp_path / f"{name}_{m}"))
+        assert outs[0].size == outs[1].size and outs[0].tobytes() == outs[1].tobytes(), name

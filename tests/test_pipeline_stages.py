@@ -285,3 +285,39 @@ def test_paths_and_vaes_by_type(pipe, tmp_path):
         pipe.load_embeddings(None)
     with pytest.raises(TypeError, match="set_vae takes a built VAE"):
         pipe.set_vae(None)
+
+
+@pytest.mark.parametrize("ints,floats", [(np.int64, np.float32), (np.int32, np.float64), (np.uint16, np.float16)])
+@pytest.mark.parametrize("mode", ["txt2img", "hires", "img2img"])
+def test_numpy_numbers_give_the_python_numbers_image(pipe, ints, floats, mode):
+    """numpy's scalars for the settings (and progress / preview_every / tiled_vae) give the image and infotext of the
+    Python numbers they stand for: `Steps: 2`, not `np.int64(2)`."""
+    py = dict(steps=2, seed=3, width=64, height=64, num_images=2, guidance_scale=7.5, subseed=5, subseed_strength=0.25,
+              clip_skip=1)
+    if mode == "hires":
+        py.update(hires_scale=1.5, hires_steps=1, hires_strength=0.5, hires_width=0)
+    if mode == "img2img":
+        py.update(strength=0.75, initial_noise_multiplier=0.5)
+    image = Image.new("RGB", (64, 64), (90, 140, 30)) if mode == "img2img" else None
+    as_np = {k: ints(v) if type(v) is int else floats(v) for k, v in py.items()}
+    want = pipe.generate("a red cube", image=image, progress=False, **py)
+    got = pipe.generate("a red cube", image=image, progress=np.False_, preview_every=ints(1), tiled_vae=np.False_,
+                        **as_np)
+    assert [im.tobytes() for im in got] == [im.tobytes() for im in want]
+    assert [im.info["parameters"] for im in got] == [im.info["parameters"] for im in want]
+    assert "Steps: 2," in got[0].info["parameters"] and "np." not in got[0].info["parameters"]
+    with pytest.raises(TypeError, match="progress must be True or False, got 0"):
+        pipe.generate("a red cube", progress=ints(0), steps=1)
+    with pytest.raises(TypeError, match="steps must be an integer, got True"):
+        pipe.generate("a red cube", steps=np.True_)
+
+
+def test_strength_is_checked_and_ignored_in_txt2img(pipe):
+    """strength outside [0, 1] is refused without an init image too (one line naming it), and within it changes
+    nothing there: txt2img and its hires fix (whose second pass takes hires_strength) don't use it."""
+    for kw in ({}, dict(hires_scale=1.5, hires_steps=1)):
+        with pytest.raises(ValueError, match=re.escape("strength must be in [0, 1], got 5")):
+            pipe.generate("a red cube", strength=5, **KW, **kw)
+        a, b = (pipe.generate("a red cube", strength=st, **KW, **kw)[0] for st in (0.1, 0.9))
+        assert a.tobytes() == b.tobytes() and a.info["parameters"] == b.info["parameters"]
+        assert "Denoising strength: 0.7" in a.info["parameters"] if kw else "Denoising" not in a.info["parameters"]

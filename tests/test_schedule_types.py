@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastsd.denoisers import EpsDenoiser
-from fastsd.samplers import get_sampler
+from fastsd.samplers import A1111_NAMES, get_sampler
 from fastsd.schedule_types import (SCHEDULE_TYPES, check_sampler, resolve_schedule_type, schedule_label, sigma_table,
                                    typed_schedule)
 from fastsd.schedules import alphas_cumprod
@@ -282,3 +282,58 @@ def test_karras_names_and_types_agree(pipe):
     GenerationSettings(sampler="DPM++ 2M Karras", schedule_type="Karras").validate()
     assert torch.equal(pipe.schedule("dpmpp_2m_karras", 4, "karras").timesteps,
                        get_sampler("dpmpp_2m_karras").schedule(4).timesteps)
+
+
+@pytest.mark.parametrize("a1111", ["DPM2", "DPM2 a", "DPM2 Karras", "DPM2 a Karras", "DPM++ 3M SDE Karras"])
+def test_a1111_discard_samplers_on_karras_in_both_hires_passes(pipe, monkeypatch, a1111):
+    """A1111's DPM2 / DPM2 a (Automatic = Karras, and the old joint names) and DPM++ 3M SDE with Karras walk the Karras
+    levels of steps + 1 without the next-to-last (discard_next_to_last_sigma), in the first pass and in the hires
+    pass's tail (setup_img2img_steps: sigmas[n - t_enc - 1:]); fastsd's own `_karras` twins, asked for by name, keep
+    their diffusers schedules (KDPM2DiscreteScheduler(use_karras_sigmas=True))."""
+    from fastsd.a1111 import hires_scheduled, scheduled
+    from fastsd.pipeline import Pipeline
+
+    sampler, kind = scheduled(a1111, None, "scheduler", [])
+    assert kind == "karras" and not sampler.endswith("_karras")
+    assert hires_scheduled(a1111, None, "automatic", "hr_scheduler", []) == (sampler, "karras")
+    seen = []
+    denoise = Pipeline.denoise
+    monkeypatch.setattr(Pipeline, "denoise", lambda self, p, *a, **k: seen.append(p.schedule.sigmas.clone())
+                        or denoise(self, p, *a, **k))
+    im = pipe.generate("a cat", steps=4, width=64, height=48, guidance_scale=1.0, seed=2, progress=False,
+                       sampler=sampler, schedule_type=kind, hires_scale=1.5, hires_strength=0.45)[0]
+
+    def discard(n):
+        s = a1111_sigmas("karras", n + 1).double()
+        return torch.cat([s[:-2], s[-1:]])
+
+    n, t_enc = int(4 / 0.45), 4 - 1  # A1111's setup_img2img_steps with the hires steps given
+    torch.testing.assert_close(seen[0], discard(4), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(seen[1], discard(n)[n - t_enc - 1:], rtol=2e-6, atol=1e-7)
+    assert "Schedule type: Karras" in im.info["parameters"]
+    twin = sampler + "_karras"
+    for own in ("automatic", "karras"):
+        assert torch.equal(pipe.schedule(twin, 4, own).sigmas, get_sampler(twin).schedule(4).sigmas)
+    assert not torch.equal(pipe.schedule(sampler, 4, "karras").sigmas, get_sampler(twin).schedule(4).sigmas)
+
+
+@pytest.mark.parametrize("twin", ["dpm2_karras", "dpm2_a_karras", "dpmpp_3m_sde_karras"])
+def test_twins_without_an_a1111_name_read_back_as_themselves(pipe, twin):
+    """The DPM2 / DPM2 a / DPM++ 3M SDE Karras twins' own schedule is no A1111 one (A1111's drops a level): their
+    infotext names them by fastsd's name, read back as the twin (the same image), first pass and hires pass alike;
+    A1111's joint name reads as A1111's schedule."""
+    from fastsd.a1111 import scheduled
+    from fastsd.infotext_settings import settings_from_infotext
+
+    assert scheduled(A1111_NAMES[twin], None, "sampler", [], paste=True) == (twin.removesuffix("_karras"), "karras")
+    for kw in ({"sampler": twin}, {"sampler": twin, "schedule_type": "karras"},
+               {"sampler": "euler", "hires_sampler": twin, "hires_scale": 1.5, "hires_strength": 0.5}):
+        im = pipe.generate("a cat", steps=3, width=64, height=48, seed=3, progress=False, **kw)[0]
+        text = im.info["parameters"]
+        assert f"ampler: {twin}," in text and A1111_NAMES[twin] not in text
+        got, warnings = settings_from_infotext(text)
+        assert warnings == [] and (got.get("hires_sampler") or got["sampler"]) == twin
+        again = pipe.generate("a cat", width=64, height=48, progress=False, **{
+            k: got[k] for k in ("steps", "seed", "sampler", "hires_sampler", "hires_scale", "hires_strength",
+                                "schedule_type", "hires_schedule_type") if k in got})[0]
+        assert again.tobytes() == im.tobytes()

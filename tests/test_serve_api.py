@@ -6,6 +6,7 @@ import json
 import struct
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_lists_in_a1111_shapes(client):
     assert all("/" not in lo["path"] for lo in loras)  # names and file names, never the server's paths
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "random:tiny"
     idle = client.get("/sdapi/v1/progress").json()
-    assert set(idle) == {"progress", "eta_relative", "state", "current_image", "textinfo"}
+    assert set(idle) == {"progress", "eta_relative", "state", "current_image", "textinfo", "current_task"}
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
     assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
     # what clients call at start or as a health check (A1111's shapes)
@@ -107,7 +108,7 @@ def test_random_seed_n_iter_clip_skip_and_unhonoured_fields(client):
     notes = " | ".join(meta["warnings"])
     assert "sd_vae" not in notes and meta["sd_vae_name"] is None  # "Automatic": the model's own VAE (none near it)
     assert "enable_hr" not in notes and "hr_" not in notes
-    assert params[0]["Hires upscale"] == "2" and params[0]["Hires upscaler"] == "Latent"  # the wiki's hires fix ran
+    assert float(params[0]["Hires upscale"]) == 2 and params[0]["Hires upscaler"] == "Latent"  # the wiki's hires ran
     assert decode(r.json()["images"][0]).size == (128, 128) and params[0]["Size"] == "64x64"
     assert "some_extension_field" not in notes  # unknown fields are ignored, as A1111 does
 
@@ -315,7 +316,8 @@ def test_refresh_embeddings_reads_the_folder_again(tmp_path):
             assert r.status_code == 200 and r.json() is None
             listed = c.get("/sdapi/v1/embeddings").json()
             assert list(listed["loaded"]) == ["second"] and listed["loaded"]["second"]["vectors"] == 3
-            assert list(listed["skipped"]) == ["broken"]
+            assert listed["skipped"] == {}  # (unreadable: logged, not listed, as A1111)
+            assert "embedding broken skipped: broken.pt" in server.log_text()
             r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat, second"})
             assert r.status_code == 200, r.text
     finally:
@@ -393,7 +395,6 @@ BAD = [  # (endpoint, body or raw bytes, expected status, words the detail must 
     ("txt2img", {**SMALL, "prompt": "<lora:../../etc/passwd:1>"}, 422, "refused: LoRAs are chosen by name"),
     ("txt2img", {**SMALL, "prompt": "<lora:/etc/passwd>"}, 422, "refused: LoRAs are chosen by name"),
     ("txt2img", {**SMALL, "prompt": "<lora:missing:0.5>"}, 422, "unknown LoRA; this server has: detail, style"),
-    ("txt2img", {**SMALL, "override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 422, "unknown model"),
     ("img2img", {**SMALL}, 422, "init_images: img2img needs at least one base64 image"),
     ("img2img", {**SMALL, "init_images": ["@@not base64@@"]}, 422, "init_images[0] is not valid base64"),
     ("img2img", {**SMALL, "init_images": [base64.b64encode(b"GIF89a garbage").decode()]}, 422,
@@ -405,7 +406,8 @@ BAD = [  # (endpoint, body or raw bytes, expected status, words the detail must 
      "5000x5000 pixels, above this server's limit of 16777216 pixels"),
     ("img2img", {**SMALL, "denoising_strength": 1.5, "init_images": [png_b64(Image.new("RGB", (64, 64)))]}, 422,
      "denoising_strength must be in [0, 1]"),
-    ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers must be in 1..11"),
+    ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers must be an integer in 0..12, got 40"),
+    ("options", {"CLIP_stop_at_last_layers": -1}, 422, "CLIP_stop_at_last_layers must be an integer in 0..12, got -1"),
     ("txt2img", {**SMALL, "s_min_uncond": -1}, 422, "s_min_uncond must be >= 0"),
     ("options", {"skip_early_cond": 1.5}, 422, "skip_early_cond must be in [0, 1], got 1.5"),
     ("txt2img", {**SMALL, "override_settings": {"skip_early_cond": -0.5}}, 422,
@@ -488,9 +490,9 @@ def test_bad_input_from_a_server_hunt_is_a_422(client):
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a <lora:de\ntail:1> cat"})
     assert r.status_code == 422 and "\n" not in r.json()["detail"] and "de\\ntail" in r.json()["detail"], r.text
     for over, match in (({"CLIP_stop_at_last_layers": "abc"}, "override_settings.CLIP_stop_at_last_layers must be an "
-                                                               "integer in 1..11, got 'abc'"),
-                        ({"CLIP_stop_at_last_layers": 12}, "override_settings.CLIP_stop_at_last_layers must be"),
-                        ({"sd_model_checkpoint": "nope"}, "override_settings.sd_model_checkpoint: unknown model")):
+                                                               "integer in 0..2 (random:tiny's text encoder has 2 "
+                                                               "layers), got 'abc'"),
+                        ({"CLIP_stop_at_last_layers": 3}, "override_settings.CLIP_stop_at_last_layers must be")):
         r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": over})
         assert r.status_code == 422 and match in r.json()["detail"], r.text
 
@@ -515,3 +517,206 @@ def test_a_checkpoint_file_is_known_by_its_full_sha256_too(tmp_path):
     assert (entry.sha256, entry.hash, entry.title) == (digest, digest[:10], f"tiny.safetensors [{digest[:10]}]")
     assert entry.a1111()["sha256"] == digest and registry.entries[1].a1111()["sha256"] is None
     assert registry.find(digest) is entry and registry.find(digest[:10]) is entry
+
+
+def test_a_json_body_without_content_type_is_read_as_json(client):
+    """A1111's FastAPI 0.94 reads a body without a Content-Type as JSON (`requests.post(url, data=json.dumps(body))`
+    sends none), whatever FastAPI is installed here; text/plain and a form (which a web page may send cross-site
+    without a preflight) stay a 422, and so does a body without a Content-Type from a browser (an Origin header)."""
+    raw = json.dumps({**SMALL, "seed": 9}).encode()
+    r = client.post("/sdapi/v1/txt2img", content=raw)
+    assert "content-type" not in {k.lower() for k in r.request.headers}
+    assert r.status_code == 200 and info(r)["seed"] == 9, r.text
+    r = client.post("/sdapi/v1/txt2img", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and info(r)["seed"] == 9, r.text
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):
+        r = client.post("/sdapi/v1/txt2img", content=raw, headers={"Content-Type": kind})
+        assert r.status_code == 422 and "body: Input should be a valid dictionary" in r.json()["detail"], (kind, r.text)
+    # a browser's cross-site POST of a Blob with no type: no Content-Type, no preflight, but an Origin header
+    r = client.post("/sdapi/v1/options", content=b'{"CLIP_stop_at_last_layers": 2}',
+                    headers={"Origin": "http://example.com"})
+    assert r.status_code == 422 and "body: Input should be a valid dictionary" in r.json()["detail"], r.text
+    assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+
+
+def test_sd_model_hash_is_always_a_string(client):
+    """info.sd_model_hash is A1111's short hash of a checkpoint file (its infotext's "Model hash"), and "" for a
+    model with no single file (random:, a diffusers folder): a string, which clients such as sd-backend-client
+    require; the infotext then claims no "Model hash"."""
+    r = client.post("/sdapi/v1/txt2img", json=SMALL)
+    meta = info(r)
+    assert meta["sd_model_name"] == "random:tiny" and meta["sd_model_hash"] == ""
+    assert "Model hash" not in parse_infotext(meta["infotexts"][0])[2]
+
+
+def test_a_fraction_in_an_integer_field_is_truncated_as_a1111(client):
+    """A1111's pydantic v1 request models truncate a finite float in an int field (aiyabot sends
+    hr_second_pass_steps = steps / 2); NaN, inf and a numeric string with a fraction stay a 422 naming the field."""
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "steps": 2.5, "width": 64.9, "seed": 12.7, "batch_size": 1.5,
+                                               "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1.5})
+    assert r.status_code == 200, r.text
+    meta, params = info(r), r.json()["parameters"]
+    assert (meta["steps"], meta["width"], meta["seed"], meta["batch_size"]) == (2, 64, 12, 1)
+    assert params["hr_second_pass_steps"] == 1 and params["steps"] == 2
+    assert parse_infotext(meta["infotexts"][0])[2]["Hires steps"] == "1"
+    raw = '{"prompt": "a", "steps": NaN}'
+    r = client.post("/sdapi/v1/txt2img", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("steps: Input should be a finite number"), r.text
+    r = client.post("/sdapi/v1/txt2img", content=raw.replace("NaN", "1e400"),
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("steps: Input should be a finite number"), r.text
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "seed": "12.5"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("seed: Input should be a valid integer"), r.text
+
+
+def test_an_unknown_or_empty_checkpoint_override_runs_on_the_current_model(client):
+    """A1111's process_images drops an override_settings sd_model_checkpoint that names no checkpoint (unknown, "",
+    null) and runs on the current one; fastsd does the same and names an unknown one in info.warnings and its log.
+    POST /options keeps "" as "no change" and refuses an unknown name (as A1111's set_config)."""
+    for name, warned in (("v1-5-pruned-emaonly", True), ("/etc/passwd", True), ("", False), (None, False)):
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"sd_model_checkpoint": name}})
+        assert r.status_code == 200, (name, r.text)
+        meta = info(r)
+        assert parse_infotext(meta["infotexts"][0])[2]["Model"] == meta["sd_model_name"] == "random:tiny"
+        notes = [w for w in meta["warnings"] if "sd_model_checkpoint" in w]
+        assert notes == ([f"override_settings.sd_model_checkpoint {name!r}: not a model of this server (GET "
+                          "/sdapi/v1/sd-models lists them), ran on random:tiny"] if warned else []), notes
+    assert "override_settings.sd_model_checkpoint 'v1-5-pruned-emaonly': not a model" in main_server().log_text()
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "", "sd_vae": ""})
+    assert r.status_code == 200 and r.json()["applied"] == {} and r.json()["warnings"] == [], r.text
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == "random:tiny" and options["sd_vae"] == "Automatic"
+
+
+def test_clip_skip_0_is_1_and_12_is_the_first_layer_of_sd1s_text_encoder(client):
+    """A1111's CLIP_stop_at_last_layers: a slider 1..12; 0 (or 1) is the last layer; n > 1 is hidden_states[-n], so 12
+    on SD1's 12-layer text encoder is the first layer's output (through the final LayerNorm). A value above the
+    model's layers is a 422 naming them."""
+    import torch
+
+    from fastsd.config import CLIPConfig
+    from fastsd.models.clip import CLIPTextModel
+    from fastsd.serve.generation import clip_skip_for
+    from fastsd.settings import GenerationSettings
+
+    body = {**SMALL, "seed": 4}
+    one = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"CLIP_stop_at_last_layers": 1}})
+    zero = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"CLIP_stop_at_last_layers": 0}})
+    assert zero.status_code == 200 and info(zero)["clip_skip"] == 1, zero.text
+    assert zero.json()["images"] == one.json()["images"]
+    try:
+        r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0})
+        assert r.status_code == 200 and r.json()["applied"] == {"CLIP_stop_at_last_layers": 1}, r.text
+        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 12}).status_code == 200
+        r = client.post("/sdapi/v1/txt2img", json=body)  # random:tiny's text encoder has 2 layers
+        assert r.status_code == 422 and r.json()["detail"] == ("CLIP_stop_at_last_layers must be an integer in 0..2 "
+                                                               "(random:tiny's text encoder has 2 layers), got 12")
+    finally:
+        client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+    sd1 = SimpleNamespace(name="v1-5", pipe=SimpleNamespace(config=SimpleNamespace(clip=CLIPConfig())))
+    assert CLIPConfig().num_layers == 12 and clip_skip_for(12, sd1, "x") == 12 and clip_skip_for(0, sd1, "x") == 1
+    with pytest.raises(Exception, match=r"x must be an integer in 0\.\.12, got 13"):
+        clip_skip_for(13, sd1, "x")
+    GenerationSettings(clip_skip=12).validate()
+    cfg = CLIPConfig(hidden_size=32, intermediate_size=64, num_layers=12, num_heads=2)
+    torch.manual_seed(0)
+    clip = CLIPTextModel(cfg).eval()
+    ids = torch.tensor([[cfg.eos_token_id - 1, 5, cfg.eos_token_id]])
+    with torch.no_grad():
+        got, _ = clip(ids, clip_skip=12)
+        tm = clip.text_model
+        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding(torch.arange(3))[None]
+        want = tm.final_layer_norm(tm.encoder.layers[0](x))
+    assert torch.equal(got, want)
+
+
+def test_a_random_subseed_is_drawn_and_reported_as_a1111(client):
+    """A1111 draws subseed -1 (get_fixed_seed) whether or not a variation strength uses it: info.subseed and
+    all_subseeds hold the drawn number, and sending it back gives the same image."""
+    body = {**SMALL, "seed": 5, "batch_size": 2, "subseed": -1}
+    for strength in (0, 0.3):
+        r = client.post("/sdapi/v1/txt2img", json={**body, "subseed_strength": strength})
+        meta = info(r)
+        sub = meta["subseed"]
+        assert isinstance(sub, int) and 0 <= sub < 2**32 and meta["all_subseeds"] == [sub, sub + 1], meta
+        again = client.post("/sdapi/v1/txt2img", json={**body, "subseed_strength": strength, "subseed": sub})
+        assert again.json()["images"] == r.json()["images"] and info(again)["subseed"] == sub
+
+
+def test_firstphase_size_replaces_width_and_height_as_a1111(client):
+    """A1111's legacy firstphase_width/height (StableDiffusionProcessingTxt2Img.__post_init__): non-zero, they are the
+    first pass's size in place of width/height, enable_hr or not; the hires target is hr_scale of it. One without
+    the other is a 422 (A1111 would run a first pass of size 0)."""
+    body = {**SMALL, "width": 128, "height": 128, "firstphase_width": 64, "firstphase_height": 64}
+    r = client.post("/sdapi/v1/txt2img", json={**body, "enable_hr": True, "hr_scale": 2})
+    assert r.status_code == 200, r.text
+    meta, params = info(r), r.json()["parameters"]
+    assert decode(r.json()["images"][0]).size == (128, 128) and (meta["width"], meta["height"]) == (64, 64)
+    text = parse_infotext(meta["infotexts"][0])[2]
+    assert text["Size"] == "64x64" and float(text["Hires upscale"]) == 2
+    assert (params["width"], params["height"]) == (128, 128)  # (the request echoed as sent, as A1111)
+    assert any(w.startswith("firstphase_width/height 64x64: A1111's legacy first-pass size") for w in meta["warnings"])
+    r = client.post("/sdapi/v1/txt2img", json={**body, "firstphase_height": 72})
+    assert r.status_code == 200 and decode(r.json()["images"][0]).size == (64, 72), r.text
+    r = client.post("/sdapi/v1/txt2img", json={**body, "firstphase_height": 0})
+    assert r.status_code == 422 and r.json()["detail"].startswith("firstphase_width 64, firstphase_height 0: give "
+                                                                  "both"), r.text
+
+
+def test_the_infotext_field_fills_what_the_request_left_unset(client):
+    """A1111 1.8+'s `infotext` request field (Api.apply_infotext): parsed, it fills each field the request did not
+    set (prompt, seed, steps, cfg, size, sampler, hires fix, ...) and override_settings (Clip skip, ENSD, RNG); a
+    field the request sets wins. An image's infotext sent back makes that image again."""
+    body = {"prompt": "a dog", "negative_prompt": "cat", "steps": 2, "cfg_scale": 5.5, "width": 64, "height": 72,
+            "seed": 77, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "enable_hr": True, "hr_scale": 1.5,
+            "denoising_strength": 0.4, "override_settings": {"CLIP_stop_at_last_layers": 2,
+                                                            "eta_noise_seed_delta": 31337}}
+    first = client.post("/sdapi/v1/txt2img", json=body)
+    assert first.status_code == 200, first.text
+    text = info(first)["infotexts"][0]
+    again = client.post("/sdapi/v1/txt2img", json={"infotext": text})
+    assert again.status_code == 200, again.text
+    meta = info(again)
+    assert meta["infotexts"][0] == text and again.json()["images"] == first.json()["images"]
+    assert meta["warnings"] == [] and again.json()["parameters"]["prompt"] == "a dog"
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": text, "seed": 78, "prompt": "a fox", "enable_hr": False})
+    meta = info(r)
+    params = parse_infotext(meta["infotexts"][0])[2]
+    assert (meta["seed"], meta["prompt"], meta["steps"], meta["width"], meta["height"]) == (78, "a fox", 2, 64, 72)
+    assert params["Sampler"] == "DPM++ 2M Karras" and params["Clip skip"] == "2" and "Hires upscale" not in params
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": "a dog\nSteps: many, Seed: 3, Size: 64x64"})
+    assert r.status_code == 422 and r.json()["detail"] == "infotext: 'Steps: many': not an integer", r.text
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": "x" * 40001})
+    assert r.status_code == 422 and r.json()["detail"].startswith("infotext: 40001 characters, above the 40000"), r.text
+
+
+def test_samples_format_jpg_and_webp_as_a1111(client):
+    """A1111's samples_format / jpeg_quality options (POST /options or override_settings): the API's images are JPEG
+    or WEBP at that quality, with the infotext in the EXIF UserComment (A1111's encode_pil_to_base64), which
+    png-info reads back; the Extras tab's too. Another format is a 422 naming the option."""
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"samples_format": "jpg"}})
+    assert r.status_code == 200 and info(r)["warnings"] == [], r.text
+    b64 = r.json()["images"][0]
+    assert decode(b64).format == "JPEG"
+    got = client.post("/sdapi/v1/png-info", json={"image": b64}).json()
+    assert got["info"] == info(r)["infotexts"][0] and got["parameters"]["Steps"] == "1"
+    small = png_b64(Image.new("RGB", (16, 16), "teal"))
+    try:
+        r = client.post("/sdapi/v1/options", json={"samples_format": "WEBP", "jpeg_quality": 90})
+        assert r.status_code == 200 and r.json()["applied"] == {"samples_format": "WEBP", "jpeg_quality": 90}
+        options = client.get("/sdapi/v1/options").json()
+        assert (options["samples_format"], options["jpeg_quality"]) == ("WEBP", 90)
+        r = client.post("/sdapi/v1/txt2img", json=SMALL)
+        assert decode(r.json()["images"][0]).format == "WEBP"
+        r = client.post("/sdapi/v1/extra-single-image", json={"image": small, "upscaler_1": "Lanczos"})
+        assert r.status_code == 200 and decode(r.json()["image"]).format == "WEBP", r.text
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"samples_format": "png"}})
+        assert decode(r.json()["images"][0]).format == "PNG"
+    finally:
+        client.post("/sdapi/v1/options", json={"samples_format": "png", "jpeg_quality": 80})
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"samples_format": "gif"}})
+    assert r.status_code == 422 and r.json()["detail"] == ("override_settings.samples_format must be one of png, jpg, "
+                                                           "jpeg, webp (A1111's), got 'gif'")
+    r = client.post("/sdapi/v1/options", json={"jpeg_quality": 0})
+    assert r.status_code == 422 and r.json()["detail"] == "jpeg_quality must be an integer in 1..100, got 0"
+    assert client.get("/sdapi/v1/options").json()["samples_format"] == "png"

@@ -326,8 +326,9 @@ def test_page_errors_notes_and_the_progress_bar(page):
         page.unroute("**/internal/progress")
     # a server's warning is a note, not an error
     page.fill("#prompt", "a cat")
-    page.check("#hires")
-    fill(page, steps=1, width=64, height=64, hr_scale=1)
+    page.select_option("#sampler", "DDIM")
+    page.select_option("#scheduler", "Karras")
+    fill(page, steps=1, width=64, height=64)
     page.click("#generate")
     generated(page)
-    assert page.is_hidden("#error") and "note: enable_hr with hr_scale 1" in page.inner_text("#note")
+    assert page.is_hidden("#error") and "note: scheduler 'Karras': not supported with DDIM" in page.inner_text("#note")

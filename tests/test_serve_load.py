@@ -182,3 +182,29 @@ def test_shutdown_answers_the_running_request_503():
         assert "Traceback" not in server.log_text()
     finally:
         server.stop()
+
+
+def test_progress_has_a1111s_current_task_job_name_and_floor():
+    """A1111's progressapi: progress 0.01 + the done part from the job's start (a running job never reads 0, an idle
+    server's sign), state.job "scripts_txt2img" (its state.begin of the API), current_task the running task's id
+    (force_task_id, else one made as A1111's create_task_id), null when idle."""
+    import re
+
+    server = main_server()
+    with server.client() as c:
+        assert wait_idle(c)["current_task"] is None
+        for task, want in (("task(mine)", r"task\(mine\)"), (None, r"task\(txt2img-[A-Z0-9]{7}\)")):
+            def post():
+                with server.client() as own:
+                    own.post("/sdapi/v1/txt2img", json={**LONG, "force_task_id": task})
+
+            t = threading.Thread(target=post, daemon=True)
+            t.start()
+            p = wait_running(c, min_step=0)
+            st = p["state"]
+            assert st["job"] == "scripts_txt2img" and re.fullmatch(want, p["current_task"]), p
+            assert 0.01 <= p["progress"] <= 0.01 + (st["sampling_step"] + 1) / st["sampling_steps"], p
+            c.post("/sdapi/v1/interrupt")
+            t.join(timeout=60)
+            assert not t.is_alive()
+        assert wait_idle(c)["current_task"] is None

@@ -156,3 +156,19 @@ def test_serve_lora_merged_for_good_at_start(tmp_path):
                           "--no-progress", "--out", str(out)]) == 0
     with Image.open(out) as cli:
         assert np.array_equal(np.asarray(cli), plain)
+
+
+def test_embeddings_dir_is_checked_at_start_and_defaults_to_the_environment(monkeypatch, capsys, tmp_path):
+    """--embeddings-dir defaults to $FASTSD_EMBEDDINGS_DIR, as python -m fastsd.generate's and the server's other
+    folder flags do; the flag wins; a folder that isn't one is one `error:` line before any model work."""
+    from fastsd.serve import __main__
+    from fastsd.serve.__main__ import build_parser, main as serve_main
+
+    monkeypatch.setattr(__main__, "_serve", lambda state, sock, level: sock.close() or 0)  # never serve here
+    monkeypatch.delenv("FASTSD_EMBEDDINGS_DIR", raising=False)
+    assert build_parser().parse_args([]).embeddings_dir is None
+    monkeypatch.setenv("FASTSD_EMBEDDINGS_DIR", "/nonexistent/embeddings")
+    assert build_parser().parse_args([]).embeddings_dir == "/nonexistent/embeddings"
+    assert serve_main(["--port", "0", "--model", "random:tiny"]) == 2
+    assert capsys.readouterr().err == "error: --embeddings-dir /nonexistent/embeddings: not a folder\n"
+    assert build_parser().parse_args(["--embeddings-dir", str(tmp_path)]).embeddings_dir == str(tmp_path)

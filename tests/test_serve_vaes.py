@@ -89,10 +89,18 @@ def test_sd_vae_list_and_options_in_a1111_shape(client, state):
         r = client.post("/sdapi/v1/options", json={"sd_vae": "vae-ft-mse.safetensors"})
         assert r.status_code == 200 and r.json()["applied"] == {"sd_vae": "vae-ft-mse.safetensors"}
         assert client.get("/sdapi/v1/options").json()["sd_vae"] == "vae-ft-mse.safetensors"
-        r = client.post("/sdapi/v1/options", json={"sd_vae": "nope.safetensors"})
-        assert r.status_code == 422 and "sd_vae: unknown VAE 'nope.safetensors'" in r.json()["detail"]
-        assert "vae-ft-mse.safetensors" in r.json()["detail"] and str(state.vaes.folder) not in r.json()["detail"]
+        r = client.post("/sdapi/v1/options", json={"sd_vae": "eight.safetensors"})  # a file that can't drive it
+        assert r.status_code == 422 and "eight.safetensors" in r.json()["detail"]
+        assert str(state.vaes.folder) not in r.json()["detail"]
         assert client.get("/sdapi/v1/options").json()["sd_vae"] == "vae-ft-mse.safetensors"  # unchanged
+        # a name the server lacks is set, as A1111's opts.set: jobs then run the model's own VAE, warned (A1111's
+        # "Couldn't find VAE named X; using None instead")
+        r = client.post("/sdapi/v1/options", json={"sd_vae": "nope.safetensors"})
+        assert r.status_code == 200 and r.json()["applied"] == {"sd_vae": "nope.safetensors"}, r.text
+        assert r.json()["warnings"] == ["sd_vae: unknown VAE 'nope.safetensors', the model's own VAE used (as "
+                                        "A1111's None; GET /sdapi/v1/sd-vae lists this server's)"]
+        _, meta = txt2img(client)
+        assert meta["sd_vae_name"] is None and meta["warnings"] == r.json()["warnings"]
     finally:
         assert client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200
 
@@ -145,11 +153,8 @@ def test_a_file_is_read_once_while_it_is_kept(client, monkeypatch):
 
 @pytest.mark.parametrize("value,message", [
     ("eight.safetensors", "eight.safetensors"),  # 8 latent channels for a 4-channel UNet
-    ("broken.pt", "broken.pt"),
-    ("notes.txt", "unknown VAE 'notes.txt'"),
-    ("../VAE/vae-ft-mse.safetensors", "unknown VAE"),  # never a path
-    (3, "sd_vae must be a string")])
-def test_bad_vae_names_and_files_are_422s_and_change_nothing(client, state, value, message):
+    ("broken.pt", "broken.pt")])
+def test_bad_vae_files_are_422s_and_change_nothing(client, state, value, message):
     own, _ = txt2img(client)
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"sd_vae": value}})
     assert r.status_code == 422, r.text
@@ -157,6 +162,27 @@ def test_bad_vae_names_and_files_are_422s_and_change_nothing(client, state, valu
     assert message in detail and "\n" not in detail and str(state.vaes.folder) not in detail
     after, meta = txt2img(client)
     assert np.array_equal(after, own) and meta["sd_vae_name"] is None
+
+
+@pytest.mark.parametrize("value", ["notes.txt", "vae-ft-mse-840000-ema-pruned.safetensors",
+                                   "../VAE/vae-ft-mse.safetensors", 3])  # (never a path)
+def test_an_unknown_vae_runs_the_models_own_as_a1111_and_is_warned(client, state, value):
+    """A1111's resolve_vae for a name it lacks: "Couldn't find VAE named X; using None instead" (the checkpoint's
+    own VAE), the request answered; fastsd names it in info.warnings and its log. "" and null: the server's option."""
+    own, _ = txt2img(client)
+    got, meta = txt2img(client, override_settings={"sd_vae": value})
+    assert np.array_equal(got, own) and meta["sd_vae_name"] is None
+    assert meta["warnings"] == [f"override_settings.sd_vae: unknown VAE {value!r}, the model's own VAE used (as "
+                                "A1111's None; GET /sdapi/v1/sd-vae lists this server's)"]
+    try:
+        assert client.post("/sdapi/v1/options", json={"sd_vae": "vae-ft-mse.safetensors"}).status_code == 200
+        file_vae, _ = txt2img(client)
+        for empty in ("", None):
+            got, meta = txt2img(client, override_settings={"sd_vae": empty})
+            assert np.array_equal(got, file_vae) and meta["sd_vae_name"] == "vae-ft-mse.safetensors"
+            assert meta["warnings"] == []
+    finally:
+        client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"})
 
 
 def test_automatic_is_a1111s_vae_near_the_checkpoint(tmp_path):
@@ -209,14 +235,15 @@ def test_automatic_finds_the_vae_beside_a_served_model_file(tmp_path):
 
 
 def test_options_check_every_value_before_applying_any(folder):
-    """POST /options switched the model before refusing an unknown VAE (half applied), and took a VAE file that can't
+    """POST /options switched the model before refusing a broken VAE file (half applied), and took a VAE file that can't
     drive the model (every later request failed): now each value is checked first, the VAE file against the model
     it would run with, as override_settings checks it."""
     with started("--model", "random:tiny-inpainting", "--vae-dir", str(folder)) as st, in_process(st) as port, \
             httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
         before = c.get("/sdapi/v1/options").json()
-        for body, match in (({"sd_model_checkpoint": "random:tiny-inpainting", "sd_vae": "nope"}, "unknown VAE 'nope'"),
-                            ({"sd_vae": "broken.pt"}, "sd_vae: broken.pt"),
+        for body, match in (({"sd_model_checkpoint": "random:tiny-inpainting", "sd_vae": "broken.pt"},
+                             "sd_vae: broken.pt"),
+                            ({"sd_model_checkpoint": "nope", "sd_vae": "None"}, "unknown model 'nope'"),
                             ({"sd_vae": "eight.safetensors"}, "8 latent channels")):
             r = c.post("/sdapi/v1/options", json=body)
             assert r.status_code == 422 and match in r.json()["detail"], r.text

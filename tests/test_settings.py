@@ -77,3 +77,42 @@ def test_the_sampler_option_help_names_every_sampler():
     (field,) = [f for f in dataclasses.fields(GenerationSettings) if f.name == "sampler"]
     listed = field.metadata["help"].split(", ")
     assert all(name in listed for name in SAMPLERS), listed
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    """numpy's scalars (what numpy code passes) are the Python numbers they stand for, converted at once, so the
+    checks and everything after (the infotext) see int / float / bool; a bool (np.bool_ too) or a float where an
+    integer goes is refused as before."""
+    import numpy as np
+
+    s = GenerationSettings("a cat", steps=np.int64(4), guidance_scale=np.float32(7.5), seed=np.uint32(3),
+                           width=np.int32(64), height=np.int64(64), num_images=np.int8(2), strength=np.float16(0.5),
+                           hires_scale=np.float64(1.5), hires_steps=np.int64(2), s_min_uncond_all=np.True_,
+                           subseed_strength=np.float32(0.25))
+    s.validate()
+    names = ("steps", "guidance_scale", "seed", "width", "height", "num_images", "strength", "hires_scale",
+             "hires_steps", "s_min_uncond_all", "subseed_strength")
+    got = {k: (type(v), v) for k, v in s.kwargs().items() if k in names}
+    assert got == {"steps": (int, 4), "guidance_scale": (float, 7.5), "seed": (int, 3), "width": (int, 64),
+                   "height": (int, 64), "num_images": (int, 2), "strength": (float, 0.5), "hires_scale": (float, 1.5),
+                   "hires_steps": (int, 2), "s_min_uncond_all": (bool, True), "subseed_strength": (float, 0.25)}
+    assert type(s.replace(steps=np.int16(5)).steps) is int
+    for kw, match in ((dict(steps=np.True_), "steps must be an integer, got True"),
+                      (dict(steps=np.float32(4)), "steps must be an integer, got 4.0"),
+                      (dict(guidance_scale=np.False_), "guidance_scale must be a number, got False"),
+                      (dict(s_min_uncond_all=np.int64(1)), "s_min_uncond_all must be True or False, got 1"),
+                      (dict(guidance_scale=np.float32("nan")), "guidance_scale must be a finite number")):
+        with pytest.raises((TypeError, ValueError), match=re.escape(match)):
+            GenerationSettings("a cat", **kw).validate()
+
+
+@pytest.mark.parametrize("strength", [5, -0.1, 1.0001])
+def test_strength_is_checked_in_txt2img_too(strength):
+    """strength outside [0, 1] is a mistake whatever the mode, though txt2img does not use it (the hires fix has its
+    own, hires_strength)."""
+    for kw in ({}, dict(hires_scale=1.5)):
+        with pytest.raises(ValueError, match=re.escape(f"strength must be in [0, 1], got {strength}")):
+            GenerationSettings("a cat", strength=strength, **kw).validate()
+    GenerationSettings("a cat", strength=0.0, hires_scale=1.5, hires_strength=1.0).validate()
+    with pytest.raises(ValueError, match=re.escape(f"hires_strength must be in [0, 1], got {strength}")):
+        GenerationSettings("a cat", hires_scale=1.5, hires_strength=strength).validate()

@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="LoRA for jobs without a "
                    "'loras' field (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where LoRA names are looked up; none given: $FASTSD_LORA_DIR")
-    p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="upscaler models (ESRGAN, Real-ESRGAN .pth / "
-                   ".safetensors; A1111's models/ESRGAN) that --hires-upscaler and the jobs' hires_upscaler name by "
-                   "file name; none given: $FASTSD_UPSCALER_DIR")
+    p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="upscaler models (ESRGAN, Real-ESRGAN, "
+                   "SwinIR .pth / .safetensors; A1111's models/ESRGAN) that --hires-upscaler and the jobs' "
+                   "hires_upscaler name by file name; none given: $FASTSD_UPSCALER_DIR")
     p.add_argument("--batch", type=positive_int, default=1, help="up to N compatible jobs in one UNet call, where "
                    "measured identical and faster")
     p.add_argument("--always-batch", action="store_true", help="batch wherever identical, even when not faster")

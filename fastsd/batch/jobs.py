@@ -47,7 +47,7 @@ EXTRA = {f: f for f in ("hires_scale", "hires_width", "hires_height", "hires_ste
                         "hires_upscaler", "hires_sampler", "hires_prompt", "hires_negative_prompt", "subseed",
                         "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "s_min_uncond",
                         "s_min_uncond_all", "skip_early_cond", "eta_noise_seed_delta", "eta", "s_churn", "s_tmin",
-                        "s_tmax", "s_noise", "randn_source")}
+                        "s_tmax", "s_noise", "randn_source", "enable_hires")}
 EXTRA["hires_scheduler"] = "hires_schedule_type"  # (as scheduler -> schedule_type)
 FIELDS.update(EXTRA, enable_hr="enable_hr")
 HIRES = tuple(f for f in EXTRA.values() if f.startswith("hires_"))  # the settings fields of the hires fix
@@ -62,7 +62,7 @@ INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "h
               "seed_resize_from_w", "seed_resize_from_h", "eta_noise_seed_delta")
 FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond", "eta",
                 "s_churn", "s_tmin", "s_tmax", "s_noise")
-BOOL_FIELDS = ("enable_hr", "s_min_uncond_all")
+BOOL_FIELDS = ("enable_hr", "s_min_uncond_all", "enable_hires")
 NAME_FIELDS = {"scheduler": "a schedule type's name", "hires_scheduler": "a schedule type's name",
                "hires_sampler": "a sampler's name", "hires_upscaler": "an upscaler's name",
                "randn_source": "CPU, GPU or NV"}
@@ -107,6 +107,7 @@ class Defaults:
     s_tmax: float = 0.0
     s_noise: float = 1.0
     randn_source: str = "CPU"
+    enable_hires: bool = False
 
     def settings(self) -> GenerationSettings:
         """These defaults as settings (no prompt)."""
@@ -374,14 +375,15 @@ def _typed(rec: dict) -> dict:
 def _enable_hr(s: GenerationSettings, rec: dict) -> GenerationSettings:
     """A1111's enable_hr: false = no hires fix (the record's hires fields and the hires options are ignored, as A1111
     ignores hr_* without it); true = the hires fix, at A1111's hr_scale 2 where neither the record nor the options
-    give a scale or a size; not given: fastsd's rule (GenerationSettings.hires: a scale above 1 or a size)."""
+    give a scale or a size (a record's scale 1: a same-size second pass, as A1111 1.6+); not given: fastsd's rule
+    (GenerationSettings.hires: a scale other than 1, a size, or enable_hires)."""
     if "enable_hr" not in rec:
         return s
     if not rec["enable_hr"]:
-        return s.replace(**{f: SETTINGS[f].default for f in HIRES})
+        return s.replace(**{f: SETTINGS[f].default for f in HIRES}, enable_hires=False)
     if not s.hires and "hires_scale" not in rec:
-        return s.replace(hires_scale=2.0)
-    return s
+        s = s.replace(hires_scale=2.0)
+    return s.replace(enable_hires=True)
 
 
 def _resolved(s: GenerationSettings) -> GenerationSettings:
@@ -400,7 +402,8 @@ def _resolved(s: GenerationSettings) -> GenerationSettings:
         s = s.replace(hires_scale=1.0 if s.hires_width or s.hires_height else s.hires_scale,
                       hires_upscaler=builtin_upscaler(s.hires_upscaler) or s.hires_upscaler,
                       hires_sampler=None if sampler == s.sampler else sampler,
-                      hires_schedule_type=None if schedule == s.schedule_type else schedule)
+                      hires_schedule_type=None if schedule == s.schedule_type else schedule,
+                      enable_hires=not (s.hires_width or s.hires_height) and s.hires_scale == 1)  # (only when needed)
     return s if s.subseed_strength else s.replace(subseed=None)
 
 

@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a LoRA merged for good into every --model at start (repeatable; e.g. an LCM-LoRA): no copy of "
                    "the weights is kept, prompts need no tag for it, and --lora-dir LoRAs switch on top of it")
-    p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
+    p.add_argument("--embeddings-dir", default=os.environ.get("FASTSD_EMBEDDINGS_DIR"), help="folder of "
+                   "textual-inversion embeddings that prompts use by name (default $FASTSD_EMBEDDINGS_DIR)")
     p.add_argument("--upscaler-dir", default=os.environ.get("FASTSD_UPSCALER_DIR"), metavar="DIR",
-                   help="folder of upscaler models (ESRGAN, Real-ESRGAN .pth / .safetensors; A1111's models/ESRGAN) "
+                   help="folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR .pth / .safetensors; A1111's "
+                   "models/ESRGAN) "
                    "that hr_upscaler and the Extras tab name by file name; GET /sdapi/v1/upscalers lists them "
                    "(default $FASTSD_UPSCALER_DIR)")
     p.add_argument("--vae-dir", default=os.environ.get("FASTSD_VAE_DIR"), metavar="DIR",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ from fastapi.staticfiles import StaticFiles
 from fastsd.lora import lora_alias, lora_metadata
 from fastsd.samplers import SIGMA_DEFAULTS
 from fastsd.serve.auth import Auth
+from fastsd.serve.imageformat import DEFAULT as IMAGE_DEFAULTS
+from fastsd.serve.imageformat import check_format, encode_image
 from fastsd.serve.generation import a1111_names, build_plan, check_sampling_options, encode_png, png_info, run_plan
 from fastsd.serve.jobqueue import Cancelled, Job, JobQueue, QueueFull
 from fastsd.serve.limits import BadRequest, Limits
@@ -30,6 +34,7 @@ from fastsd.serve.upscalers import Upscalers, build_extras, build_extras_batch, 
 from fastsd.serve.vaes import Vaes
 
 STATIC = Path(__file__).with_name("static")
+TASK_CHARS = string.ascii_uppercase + string.digits  # A1111's create_task_id
 log = logging.getLogger("fastsd.serve")
 
 
@@ -55,6 +60,7 @@ class ServerState:
     vaes: Vaes = field(default_factory=lambda: Vaes(None))  # --vae-dir's files and the sd_vae option
     started: float = field(default_factory=time.time)
     cmd_flags: dict = field(default_factory=dict)  # GET /sdapi/v1/cmd-flags: the command line's, by A1111's names
+    image_format: dict = field(default_factory=lambda: dict(IMAGE_DEFAULTS))  # samples_format, jpeg_quality
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -88,6 +94,26 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class JsonByDefault:
+    """ASGI middleware: a POST to the API (/sdapi, /internal) that has no Content-Type header is read as JSON, as
+    A1111's FastAPI 0.94 reads it (`requests.post(url, data=json.dumps(body))` sends none); FastAPI 0.12x+ refuses
+    it by default (strict_content_type), so this does not depend on the FastAPI installed. Narrowly: text/plain or a
+    form (what a web page may send cross-site without a preflight) stays a 422, and so does a body without a
+    Content-Type that carries an Origin header (a browser's: a page's fetch of a Blob with no type sends none and no
+    preflight either); the scripts and clients this is for send no Origin."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and \
+                scope["path"].startswith(("/sdapi/", "/internal/")):
+            names = {k.lower() for k, _ in scope["headers"]}
+            if b"content-type" not in names and b"origin" not in names:
+                scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 class InternalErrors:
@@ -173,6 +199,7 @@ def build_app(state: ServerState) -> FastAPI:
                   redoc_url=None)  # Swagger/ReDoc pages load their scripts from a CDN; /openapi.json stays
     app.state.fastsd = state
     _install_error_handlers(app)
+    app.add_middleware(JsonByDefault)
     app.add_middleware(BodyLimit, max_body=state.limits.max_body)
     app.add_middleware(InternalErrors)  # outside BodyLimit (the last added is the outermost)
     guard = [Depends(state.auth)] if state.auth else []
@@ -199,8 +226,9 @@ def build_app(state: ServerState) -> FastAPI:
 def _generation_routes(api: APIRouter, state: ServerState) -> None:
     async def generate(kind: str, req, request: Request):
         plan = await run_in_threadpool(build_plan, req, kind, state)
+        task_id = req.force_task_id or f"task({kind}-{''.join(random.choices(TASK_CHARS, k=7))})"  # (A1111's)
         job = state.queue.submit(Job(kind, lambda job: run_plan(plan, job, state.networks, state.vaes),
-                                     plan.settings.steps, plan.n_iter, task_id=req.force_task_id))
+                                     plan.settings.steps, plan.n_iter, task_id=task_id))
         return await _wait(state, job, request)
 
     @api.post("/txt2img")
@@ -244,25 +272,35 @@ def _generation_routes(api: APIRouter, state: ServerState) -> None:
         return png_info(*await run_in_threadpool(state.limits.image_info, req.image, "image"))
 
 
+A1111_JOBS = {"txt2img": "scripts_txt2img", "img2img": "scripts_img2img"}  # its state.begin(job=...) of the API
+
+
 def _progress(state: ServerState, skip_image: bool) -> dict:
-    """A1111's ProgressResponse for the running job (progress 0..1 over all its iterations): its state's job_count
-    the job's iterations (n_iter), job_no the running one's index, job "Batch i out of n" with more than one (else
-    the job's kind), job_timestamp its start (%Y%m%d%H%M%S); fastsd adds "queued", the jobs waiting behind it."""
+    """A1111's ProgressResponse for the running job (progress 0.01 + 0..1 over all its iterations, at most 1, as
+    A1111's progressapi): its state's job_count the job's iterations (n_iter), job_no the running one's index, job
+    "Batch i out of n" with more than one (else A1111's name for the job, "scripts_txt2img"), job_timestamp its
+    start (%Y%m%d%H%M%S); current_task the running task's id (its force_task_id, else one made as A1111's
+    "task(txt2img-XXXXXXX)"), null when idle; fastsd adds "queued", the jobs waiting behind it."""
     job, waiting = state.queue.snapshot()
     st = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
           "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
           "queued": waiting, "fastsd": dict(state.queue.counts)}
     if job is None or job.started is None:
-        return {"progress": 0.0, "eta_relative": 0.0, "state": st, "current_image": None, "textinfo": None}
+        return {"progress": 0.0, "eta_relative": 0.0, "state": st, "current_image": None, "textinfo": None,
+                "current_task": None}
     done, elapsed = _done(job)
+    done = min(done + 0.01, 1.0)  # A1111's progressapi: 0.01 from the start (a running job never reads as idle)
     st.update(interrupted=job.stopped, skipped=job.skipped, job_count=job.iterations, job_no=job.iteration,
-              job=f"Batch {job.iteration + 1} out of {job.iterations}" if job.iterations > 1 else job.kind,
+              job=f"Batch {job.iteration + 1} out of {job.iterations}" if job.iterations > 1 else
+              A1111_JOBS.get(job.kind, job.kind),
               job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(time.time() - elapsed)),
               sampling_step=job.step, sampling_steps=job.steps)
     preview = job.preview
-    return {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": st,
-            "current_image": encode_png(preview) if preview is not None and not skip_image else None,
-            "textinfo": _textinfo(job)}
+    return {"progress": done, "eta_relative": elapsed / done - elapsed, "state": st,
+            "current_image": encode_image(preview, state.image_format["samples_format"],
+                                          state.image_format["jpeg_quality"])
+            if preview is not None and not skip_image else None,  # (A1111's encode_pil_to_base64)
+            "textinfo": _textinfo(job), "current_task": job.task_id}
 
 
 def _done(job: Job) -> tuple[float, float]:
@@ -341,16 +379,17 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/embeddings")
     async def embeddings():
-        """A1111's shape: "loaded" those the current model can use, "skipped" the others (shape and vectors
-        unknown: None; fastsd adds "error", why)."""
-        usable, skipped = state.networks.embedding_list(state.registry.current.pipe)
+        """A1111's shape: "loaded" those the current model can use, "skipped" those read but of another width (an
+        SD2 embedding), each as A1111's convert_embedding (shape: the width; vectors: their count); a file that
+        can't be read or used otherwise is not listed, as A1111 (the server's log names it at start and refresh)."""
+        usable, wide = state.networks.embedding_list(state.registry.current.pipe)
 
-        def item(shape, vectors, **more):
+        def item(vectors, shape):
             return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape,
-                    "vectors": vectors, **more}
+                    "vectors": vectors}
 
-        return {"loaded": {n: item(e.vectors.shape[1], e.vectors.shape[0]) for n, e in usable.items()},
-                "skipped": {n: item(None, None, error=why) for n, why in skipped.items()}}
+        return {"loaded": {n: item(*e.vectors.shape) for n, e in usable.items()},
+                "skipped": {n: item(*shape) for n, shape in wide.items()}}
 
     @api.get("/prompt-styles")
     async def prompt_styles():
@@ -407,31 +446,37 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
     async def get_options():
         cur = state.registry.current
         return {"sd_model_checkpoint": cur.title, "sd_checkpoint_hash": cur.sha256, "sd_vae": state.vaes.option,
-                "CLIP_stop_at_last_layers": state.clip_skip, "samples_format": "png", **state.sampling_options}
+                "CLIP_stop_at_last_layers": state.clip_skip, **state.image_format, **state.sampling_options}
 
     @api.post("/options")
     async def set_options(req: OptionsRequest):
-        """A1111 answers null; fastsd says what it applied and what it ignored."""
-        if req.CLIP_stop_at_last_layers is not None and not 1 <= req.CLIP_stop_at_last_layers <= 11:
-            raise BadRequest(f"CLIP_stop_at_last_layers must be in 1..11, got {req.CLIP_stop_at_last_layers}")
+        """A1111 answers null; fastsd says what it applied and what it ignored (and `warnings`). As A1111's set_config,
+        an unknown sd_model_checkpoint is refused; "" (and null) keeps the current one; an sd_vae name the server
+        lacks is set as A1111 sets it (jobs then run the model's own VAE, warned), "" keeps the current option."""
+        from fastsd.serve.generation import clip_skip_for
+
+        clip_skip = None if req.CLIP_stop_at_last_layers is None else clip_skip_for(req.CLIP_stop_at_last_layers, None,
+                                                                                     "CLIP_stop_at_last_layers")
         sampling = {k: getattr(req, k) for k in state.sampling_options if getattr(req, k) is not None}
         check_sampling_options(sampling)
+        image_format = check_format({"samples_format": req.samples_format, "jpeg_quality": req.jpeg_quality})
         # every value checked before any is applied: a model and the VAE file it would run with (as a request's
         # override_settings are)
-        model = state.registry.current if req.sd_model_checkpoint is None else state.registry.find(
-            req.sd_model_checkpoint)
-        vae = state.vaes.option if req.sd_vae is None else req.sd_vae
-        state.vaes.checked_path(vae, model, "sd_vae")
+        name, vae = req.sd_model_checkpoint or None, req.sd_vae or None
+        model = state.registry.current if name is None else state.registry.find(name)
+        warnings: list[str] = []
+        state.vaes.checked_path(state.vaes.option if vae is None else vae, model, "sd_vae", warnings)
         applied = {}
-        if req.sd_model_checkpoint is not None:
-            applied["sd_model_checkpoint"] = state.registry.switch(req.sd_model_checkpoint).title
-        if req.sd_vae is not None:
-            state.vaes.option = applied["sd_vae"] = req.sd_vae
-        if req.CLIP_stop_at_last_layers is not None:
-            state.clip_skip = applied["CLIP_stop_at_last_layers"] = req.CLIP_stop_at_last_layers
+        if name is not None:
+            applied["sd_model_checkpoint"] = state.registry.switch(name).title
+        if vae is not None:
+            state.vaes.option = applied["sd_vae"] = vae
+        if clip_skip is not None:
+            state.clip_skip = applied["CLIP_stop_at_last_layers"] = clip_skip
         state.sampling_options.update(sampling)
-        applied.update(sampling)
-        return {"applied": applied, "ignored": sorted(req.model_extra or {})}
+        state.image_format.update(image_format)
+        applied.update(sampling | image_format)
+        return {"applied": applied, "ignored": sorted(req.model_extra or {}), "warnings": warnings}
 
 
 def _ram() -> dict:

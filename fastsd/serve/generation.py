@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import math
 import random
 import re
@@ -25,10 +26,14 @@ from fastsd.lora import drop_tags, parse_prompt, strip_tags
 from fastsd.a1111 import hires_scheduled, image_infotext, scheduled
 from fastsd.schedule_types import split_joint
 from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS, SIGMA_DEFAULTS, SIGMA_TAKERS, takes_sigma_param
+from fastsd.serve.imageformat import encode_image, image_format
+from fastsd.serve.infotext import apply_infotext
 from fastsd.serve.jobqueue import Cancelled
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.schemas import Img2ImgRequest, Txt2ImgRequest
 from fastsd.settings import SEED_LIMIT, GenerationSettings, is_finite
+
+log = logging.getLogger("fastsd.serve")
 
 SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
 MAX_MASK_BLUR = 64  # px, each way
@@ -66,6 +71,8 @@ class Plan:
     styles: tuple[str, ...] = ()            # the request's style names (A1111's info "styles")
     vae: str | None = None                  # the VAE file the job runs with (sd_vae), None: the model's own
     hires_model: object = None              # hr_checkpoint_name's registry.ModelEntry, None: the model's own
+    subseed: int = -1                       # the subseed asked or drawn (info.subseed), used only with a strength
+    image_format: tuple[str, int] = ("png", 80)  # A1111's samples_format, jpeg_quality: the answer's images
 
 
 def a1111_names(message: str) -> str:
@@ -104,16 +111,12 @@ def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list
     resize = {}
     for field, ours in (("hr_resize_x", "hires_width"), ("hr_resize_y", "hires_height")):
         v = getattr(req, field)
-        if v < 0:
-            raise BadRequest(f"{field} must be 0 or a size, got {v}")
-        resize[ours] = _size(req, field, limits, warnings) if v else 0
+        if v < 0 or v > limits.max_side:  # (any size else, as A1111: the image is the latents' // 8 of it)
+            raise BadRequest(f"{field} must be 0 or a size up to this server's limit of {limits.max_side} px "
+                             f"(--max-size), got {v}")
+        resize[ours] = v
     if req.hr_second_pass_steps:  # (0: the first pass's steps)
         limits.check_steps(req.hr_second_pass_steps, "hr_second_pass_steps")
-    if req.hr_scale == 1 and not any(resize.values()):
-        warnings.append("enable_hr with hr_scale 1 and no hr_resize_x/y: nothing to upscale, no hires pass")
-        return {}
-    if req.firstphase_width or req.firstphase_height:
-        warnings.append("firstphase_width/height: A1111's old hires fields are not supported, ignored")
     name = _sampler_name(req) if req.hr_sampler_name in SAME_SAMPLER else req.hr_sampler_name  # "Hires sampler"
     # A1111's "Use same scheduler" (or none): the first pass's scheduler as its API set it (the request's, else
     # the joint sampler name's)
@@ -125,7 +128,7 @@ def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list
         raise BadRequest(f"hr_sampler_name: {e}") from None
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's txt2img default
     scale = 1.0 if any(resize.values()) else req.hr_scale  # (A1111 ignores hr_scale for a resize target)
-    return {"hires_scale": scale, **resize, "hires_steps": req.hr_second_pass_steps,
+    return {"enable_hires": True, "hires_scale": scale, **resize, "hires_steps": req.hr_second_pass_steps,
             "hires_strength": strength, "hires_upscaler": upscalers.hires(req.hr_upscaler),
             "hires_sampler": second if second != sampler else None, "hires_schedule_type": second_type,
             **_hires_prompts(req, limits)}
@@ -163,6 +166,25 @@ def _hires_prompts(req, limits: Limits) -> dict:
     except ValueError as e:  # a malformed tag
         raise BadRequest(f"hr_prompt: {e}") from None
     return {"hires_prompt": prompt, "hires_negative_prompt": negative}
+
+
+def _firstphase(req, warnings: list[str]) -> dict:
+    """A1111's legacy firstphase_width / firstphase_height (its StableDiffusionProcessingTxt2Img.__post_init__): when
+    either is non-zero they replace width / height, with or without enable_hr; the hires target is then hr_scale /
+    hr_resize_x/y of that size (calculate_target_resolution overwrites the width/height target __post_init__ set).
+    Only one of them given would be a first pass of size 0 there (a failure): a 422 here. Returns the request's
+    width / height as sent, for the echoed parameters."""
+    fw, fh = req.firstphase_width, req.firstphase_height
+    if not (fw or fh):
+        return {}
+    if fw <= 0 or fh <= 0:
+        raise BadRequest(f"firstphase_width {fw}, firstphase_height {fh}: give both as sizes (A1111's first-pass "
+                         "size replaces width and height), or neither")
+    asked = {"width": req.width, "height": req.height}
+    warnings.append(f"firstphase_width/height {fw}x{fh}: A1111's legacy first-pass size, run in place of width/height "
+                    f"{req.width}x{req.height}" + (" (the hires fix scales it)" if req.enable_hr else ""))
+    req.width, req.height = fw, fh
+    return asked
 
 
 def _seed_resize(req, limits: Limits, warnings: list[str]) -> dict:
@@ -214,21 +236,40 @@ def _overrides(req, server, warnings: list[str]):
     """(model entry, clip_skip, VAE file or None, the sampling options (ServerState.sampling_options)) from
     override_settings, else the server's options; the VAE file checked against the model (fastsd/serve/vaes.py)."""
     over = dict(req.override_settings or {})
-    model = server.registry.find(over.pop("sd_model_checkpoint"), "override_settings.sd_model_checkpoint") \
-        if "sd_model_checkpoint" in over else server.registry.current
-    clip_skip = over.pop("CLIP_stop_at_last_layers", server.clip_skip)
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= 11:  # (as POST /options)
-        raise BadRequest(f"override_settings.CLIP_stop_at_last_layers must be an integer in 1..11, got {clip_skip!r}")
-    field = "override_settings.sd_vae" if "sd_vae" in over else "sd_vae"
-    vae = server.vaes.checked_path(over.pop("sd_vae", server.vaes.option), model, field)
+    model, name = server.registry.current, over.pop("sd_model_checkpoint", None)
+    if name not in (None, ""):  # as A1111's process_images: a name that is no checkpoint's is dropped
+        found = server.registry.lookup(name)
+        if found is not None:
+            model = found
+        else:
+            note = (f"override_settings.sd_model_checkpoint {name!r:.200}: not a model of this server (GET "
+                    f"/sdapi/v1/sd-models lists them), ran on {model.title}")
+            log.warning("%s", note)
+            warnings.append(note)
+    clip_field = ("override_settings." if "CLIP_stop_at_last_layers" in over else "") + "CLIP_stop_at_last_layers"
+    clip_skip = clip_skip_for(over.pop("CLIP_stop_at_last_layers", server.clip_skip), model, clip_field)
+    asked = over.pop("sd_vae", None)  # "" and null: the server's option
+    field = "sd_vae" if asked in (None, "") else "override_settings.sd_vae"
+    vae = server.vaes.checked_path(server.vaes.option if asked in (None, "") else asked, model, field, warnings)
     sampling = {k: over.pop(k, v) for k, v in server.sampling_options.items()}
     try:
         check_sampling_options(sampling)
     except BadRequest as e:
         raise BadRequest(f"override_settings.{e}") from None
-    for key in sorted(over):
+    for key in sorted(set(over) - {"samples_format", "jpeg_quality"}):  # (those two: serve.imageformat's)
         warnings.append(f"override_settings.{key}: not supported, ignored")
     return model, clip_skip, vae, sampling
+
+
+def clip_skip_for(value, model, field: str) -> int:
+    """A1111's CLIP_stop_at_last_layers for `model` (a registry entry; None: any, A1111's slider 1..12): 0 runs as 1,
+    as A1111 (its `hidden_states[-n]` only for n > 1); at most the text encoder's layers (12 on SD1). BadRequest
+    naming `field` otherwise."""
+    top = 12 if model is None else model.pipe.config.clip.num_layers
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        why = "" if model is None or top == 12 else f" ({model.name}'s text encoder has {top} layers)"
+        raise BadRequest(f"{field} must be an integer in 0..{top}{why}, got {value!r}")
+    return max(value, 1)
 
 
 ETA_OPTIONS = ("eta_ancestral", "eta_ddim")  # A1111's options for the eta field (its samplers' defaults)
@@ -306,7 +347,9 @@ def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings
 def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     """Everything checked before the job is queued; BadRequest names the field."""
     limits: Limits = server.limits
-    warnings = req.unhonoured()
+    infotext_notes: list[str] = []
+    apply_infotext(req, kind, infotext_notes)  # (A1111 1.8+: fills the fields the request did not set)
+    warnings = req.unhonoured() + infotext_notes
     limits.check_prompt("prompt", req.prompt)
     limits.check_prompt("negative_prompt", req.negative_prompt)
     asked = _apply_styles(req, server.styles, warnings)
@@ -315,6 +358,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
         limits.check_prompt("negative_prompt", req.negative_prompt)
     limits.check_steps(req.steps)
     limits.check_images(req.batch_size, req.n_iter)
+    asked |= _firstphase(req, warnings) if kind == "txt2img" else {}
     size = {name: _size(req, name, limits, warnings) for name in ("width", "height")}
     if req.seed < -1:
         raise BadRequest(f"seed must be -1 (random) or at least 0, got {req.seed}")
@@ -326,9 +370,12 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
                          f"{SEED_LIMIT - images}")
     if req.subseed < -1:
         raise BadRequest(f"subseed must be -1 (random) or at least 0, got {req.subseed}")
+    # A1111's variation seed; -1: random, drawn always as A1111's get_fixed_seed (info.subseed reports it), used
+    # only with a strength
+    drawn = random.randrange(SEED_RANGE) if req.subseed == -1 else req.subseed
     subseed = None
-    if req.subseed_strength:  # A1111's variation seed; -1: random (only drawn when it is used)
-        subseed = random.randrange(SEED_RANGE) if req.subseed == -1 else req.subseed
+    if req.subseed_strength:
+        subseed = drawn
         if subseed + images > SEED_LIMIT:
             raise BadRequest(f"subseed {subseed} with {images} images would pass the largest seed, 2**63 - 1; use a "
                              f"subseed of at most {SEED_LIMIT - images}")
@@ -337,6 +384,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
                         f"{ETA[sampler]}")
     model, clip_skip, vae, sampling = _overrides(req, server, warnings)
+    fmt = image_format(server, req.override_settings)
     eta_option = {k: sampling.pop(k) for k in ETA_OPTIONS}["eta_ddim" if sampler == "ddim" else "eta_ancestral"]
     eta = (eta_option if req.eta is None else req.eta) if sampler in ETA_SAMPLERS else None  # (checked as a field)
     sigma = _sigma_params(req, sampler, sampling, warnings)
@@ -367,7 +415,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     return Plan(kind, model, s, req.n_iter, got.image, got.mask, loras, tuple(warnings), req.send_images, params,
                 got.overlay, got.paste_to, LATENT_FILL[req.inpainting_fill] if img2img and got.mask else "original",
                 "bicubic" if not img2img or req.mask_round else "bicubic-soft", extra, tuple(req.styles or ()), vae,
-                hires_model)
+                hires_model, drawn, fmt)
 
 
 # What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
@@ -452,7 +500,7 @@ def run_plan(plan: Plan, job, networks, vaes) -> dict:
         networks.apply(p, plan.loras)
         vaes.apply(p, plan.vae)
     s, images, stopped_at, skipped = plan.settings, [], None, []
-    if s.hires and s.hires_upscaler not in hires.UPSCALERS:  # a model of --upscaler-dir, loaded (and kept) now:
+    if s.hires and s.hires_upscaler not in (None, *hires.UPSCALERS):  # a model of --upscaler-dir, loaded (kept) now:
         try:  # a file broken since the request was checked is named by its file name, not the server's folder
             (hires_pipe or pipe).upscaler(s.hires_upscaler)
         except (CheckpointError, OSError, ValueError) as e:
@@ -494,6 +542,7 @@ def _left(what: str, it: int, step: int, kept: int) -> str:
 def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, int] | None,
              skipped: list[tuple[int, int, int]] = ()) -> dict:
     s, entry = plan.settings, plan.model
+    subseed = plan.subseed if s.subseed is None else s.subseed  # (A1111 reports it with no strength too)
     seeds = [s.image_seed(i) for i in range(s.num_images * plan.n_iter)]
     warnings = list(plan.warnings)
     warnings += [_left("skipped", *left) for left in skipped]
@@ -502,17 +551,20 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
     infotexts = [im.info.get("parameters", "") for im in images]
     info = {"prompt": s.prompt, "all_prompts": [s.prompt] * len(seeds), "negative_prompt": s.negative_prompt,
             "all_negative_prompts": [s.negative_prompt] * len(seeds), "seed": s.seed, "all_seeds": seeds,
-            "subseed": -1 if s.subseed is None else s.subseed,
-            "all_subseeds": [-1] * len(seeds) if s.subseed is None else [s.subseed + i for i in range(len(seeds))],
+            "subseed": subseed, "all_subseeds": [subseed + i for i in range(len(seeds))],
             "subseed_strength": s.subseed_strength, "width": s.width,
             "height": s.height, "sampler_name": A1111_NAMES.get(s.sampler, s.sampler), "cfg_scale": s.guidance_scale,
             "steps": s.steps, "batch_size": s.num_images, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": entry.name, "sd_model_hash": entry.hash, "sd_vae_name": entry.pipe.vae_name, "sd_vae_hash": entry.pipe.vae_hash(),
+            # A1111's short hash of a checkpoint file (the infotext's "Model hash"); "" for a model with no single
+            # file (random:, a diffusers folder), whose infotext has no "Model hash": always a string, as A1111's
+            "sd_model_name": entry.name, "sd_model_hash": entry.hash or "", "sd_vae_name": entry.pipe.vae_name,
+            "sd_vae_hash": entry.pipe.vae_hash(),
             "seed_resize_from_w": s.seed_resize_from_w or -1, "seed_resize_from_h": s.seed_resize_from_h or -1,
             "denoising_strength": s.strength if plan.kind == "img2img" else s.hires_strength if s.hires else None, "extra_generation_params": {},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": list(plan.styles), "job_timestamp":
             time.strftime("%Y%m%d%H%M%S"), "clip_skip": s.clip_skip, "is_using_inpainting_conditioning":
             plan.mask is not None and entry.pipe.config.unet.in_channels == 9, "version": "fastsd",
             "interrupted": stopped_at is not None, "warnings": warnings}
-    return {"images": [encode_png(im) for im in images] if plan.send_images else [], "parameters": plan.parameters,
+    return {"images": [encode_image(im, *plan.image_format) for im in images] if plan.send_images else [],
+            "parameters": plan.parameters,
             "info": json.dumps(info)}

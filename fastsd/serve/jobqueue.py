@@ -174,13 +174,12 @@ class JobQueue:
     def _work(self) -> None:
         while (job := self._next()) is not None:
             job.started = time.monotonic()
-            outcome = "finished"
+            outcome, ran, result, error = "finished", False, None, None
             try:
                 if job.future.set_running_or_notify_cancel():
-                    job.future.set_result(job.run(job))
+                    ran, result = True, job.run(job)
             except BaseException as e:  # handed to the waiting request, which answers for it; the worker goes on
-                outcome = "failed"
-                job.future.set_exception(e)
+                outcome, error = "failed", e
             if job.halted:
                 outcome = "cancelled" if job.cancelled else "interrupted"
             with self._cond:
@@ -189,6 +188,12 @@ class JobQueue:
                 if job.task_id is not None:
                     self._finished.append(job.task_id)
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - job.started)
+            # answered once the job is off the books: a client that asks about its task on receiving the answer finds
+            # it completed, not still running
+            if error is not None:
+                job.future.set_exception(error)
+            elif ran:
+                job.future.set_result(result)
             job.preview = None
             if self._after_job is not None:
                 self._after_job()

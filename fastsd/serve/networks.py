@@ -105,19 +105,23 @@ class Networks:
         self._empty = [n for n, p in self.embeddings().items() if os.path.getsize(p) == 0]  # not indexed (A1111)
         skipped_any = {}
         for pipe in pipes:
-            usable, skipped = {}, {n: "an empty file" for n in self._empty}
+            usable, skipped, wide = {}, {n: "an empty file" for n in self._empty}, {}
             for name in pipe.load_embeddings(self.embeddings_dir) if self.embeddings_dir else ():
                 try:
                     usable[name] = pipe.embeddings.get(name)  # kept by the pipeline: not read again
                 except Exception as e:  # whatever a file does to the reader, that file is skipped
-                    skipped[name] = file_names(str(e) or type(e).__name__, [pipe.embeddings.files[name]])
-            self._embeddings[id(pipe)] = usable, skipped
+                    path = pipe.embeddings.files[name]
+                    skipped[name] = file_names(str(e) or type(e).__name__, [path])
+                    if (shape := other_width(path, pipe.embeddings.width)) is not None:
+                        wide[name] = shape
+            self._embeddings[id(pipe)] = usable, skipped, wide
             skipped_any |= skipped
         return skipped_any
 
-    def embedding_list(self, pipe) -> tuple[dict, dict[str, str]]:
-        """({name: Embedding} usable with `pipe`, {name: why} skipped)."""
-        return self._embeddings.get(id(pipe), ({}, {}))
+    def embedding_list(self, pipe) -> tuple[dict, dict[str, tuple[int, int]]]:
+        """({name: Embedding} usable with `pipe`, {name: (vectors, width)} of those read but of another width than
+        its text encoder's: A1111's skipped embeddings; the other files that can't be used are only logged)."""
+        return self._embeddings.get(id(pipe), ({}, {}, {}))[::2]
 
     def check_embeddings(self, pipe, *prompts: str) -> list[str]:
         """BadRequest naming the file when the prompts name an embedding `pipe` can't use (found as the pipeline
@@ -131,6 +135,22 @@ class Networks:
                 raise BadRequest(file_names(str(e), pipe.embeddings.files.values())) from None
         words = set(re.findall(r"[\w\-.]+", " ".join(prompts)))
         return [f"embedding {n!r}: not loaded (an empty file); used as plain text" for n in self._empty if n in words]
+
+
+def other_width(path: str, width: int) -> tuple[int, int] | None:
+    """(vectors, width) of the embedding file at `path` when it reads as (vectors, D) with D != `width` (an SD2
+    embedding for an SD1 model: A1111 loads it and lists it as skipped), else None (unreadable or another fault)."""
+    from fastsd.embeddings import _vectors
+    from fastsd.tensorfile import read_safetensors, torch_load
+
+    try:
+        data = {k: ref.load() for k, ref in read_safetensors(path).items()} if path.endswith(".safetensors") \
+            else torch_load(path)
+        vec = _vectors(data, path)
+    except Exception:  # (unreadable: not A1111's skipped)
+        return None
+    vec = vec[None] if vec.ndim == 1 else vec
+    return (vec.shape[0], vec.shape[1]) if vec.ndim == 2 and vec.shape[0] and vec.shape[1] != width else None
 
 
 def file_identity(path: str) -> tuple[int, int, int] | None:

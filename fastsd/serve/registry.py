@@ -54,6 +54,10 @@ class Registry:
     def current(self) -> ModelEntry:
         return self._current
 
+    def lookup(self, name) -> ModelEntry | None:
+        """The model `name` names (title, model name, file name or hash; A1111's checkpoint_aliases), or None."""
+        return next((e for e in self.entries if isinstance(name, str) and name in e.names()), None)
+
     def find(self, name: str, what: str = "sd_model_checkpoint") -> ModelEntry:
         if not isinstance(name, str):
             raise BadRequest(f"{what} must be a string, got {type(name).__name__}")

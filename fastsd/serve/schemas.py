@@ -34,7 +34,20 @@ def unsendable(value, where: str) -> tuple[str, str] | None:
     return None
 
 
+INT_FIELDS = (int, int | None)  # the annotations a fraction is truncated for
+
+
 class _Body(BaseModel):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _truncate_fractions(cls, value, info: ValidationInfo):
+        """A finite float in an integer field is truncated (12.5 -> 12), as A1111's pydantic v1 models do (aiyabot
+        sends hr_second_pass_steps = steps / 2); NaN, inf and non-numbers are left to the field's check (a 422)."""
+        if isinstance(value, float) and math.isfinite(value) and cls.model_fields[info.field_name].annotation in \
+                INT_FIELDS:
+            return int(value)
+        return value
+
     @field_validator("*")
     @classmethod
     def _sendable(cls, value, info: ValidationInfo):
@@ -115,8 +128,6 @@ class _Request(_Body):
             notes.append(f"script_name {self.script_name!r}: scripts are not supported, ignored")
         if self.alwayson_scripts:
             notes.append(f"alwayson_scripts {sorted(self.alwayson_scripts)}: scripts are not supported, ignored")
-        if self.infotext:
-            notes.append("infotext: not parsed; the request's own fields are used")
         return notes
 
 
@@ -186,6 +197,8 @@ class OptionsRequest(_Body):
     s_tmax: float | None = None
     s_noise: float | None = None
     randn_source: str | None = None  # A1111's "Random number generator source": CPU, GPU or NV
+    samples_format: str | None = None  # A1111's format of the images answered: png, jpg, jpeg or webp
+    jpeg_quality: int | None = None  # A1111's quality of those JPEG / WEBP images, 1..100
 
 
 class ProgressRequest(_Body):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from fastsd import hires
+from fastsd.serve.imageformat import image_format
 from fastsd.serve.limits import BadRequest, Limits
 from fastsd.serve.networks import file_identity, file_names
 
@@ -97,11 +98,12 @@ class Upscalers:
             raise BadRequest(f"{field}: {why}")
         return path
 
-    def hires(self, name: str | None, field: str = "hr_upscaler") -> str:
+    def hires(self, name: str | None, field: str = "hr_upscaler") -> str | None:
         """txt2img's hr_upscaler as GenerationSettings' hires_upscaler: A1111's built-in names as they are (unset:
-        Latent, A1111's default), a model's name as its file."""
+        None, Latent as A1111's default, with no "Hires upscaler" in the infotext as A1111's), a model's name as
+        its file."""
         if not name:
-            return "Latent"
+            return None
         return hires.builtin_upscaler(name) or self.model_path(name, field, hires.UPSCALERS)
 
 
@@ -121,6 +123,7 @@ class ExtrasPlan:
     parameters: str | None                # the input's infotext, kept in the answer's PNG (A1111 keeps its texts)
     warnings: tuple[str, ...]
     pipe: object                          # the current model's pipeline: Pipeline.upscaler loads (and keeps) models
+    image_format: tuple[str, int] = ("png", 80)  # A1111's samples_format and jpeg_quality options
 
 
 def _extras_upscaler(name: str, field: str, upscalers: Upscalers) -> str | None:
@@ -151,7 +154,8 @@ def build_extras(req, server) -> ExtrasPlan:
         if hires.builtin_upscaler(req.upscaler_2) != "None" and req.extras_upscaler_2_visibility > 0:
             warnings.append(f"upscaler_2 {req.upscaler_2!r}: used only with an upscaler_1 (as A1111), ignored")
         req.image = ""
-        return ExtrasPlan(image, (), 1.0, image.size, None, 0.0, {}, parameters, tuple(warnings), None)
+        return ExtrasPlan(image, (), 1.0, image.size, None, 0.0, {}, parameters, tuple(warnings), None,
+                          image_format(server))
     second = _extras_upscaler(req.upscaler_2, "upscaler_2", server.upscalers)
     from fastsd.upscalers import extras_target
 
@@ -184,7 +188,7 @@ def build_extras(req, server) -> ExtrasPlan:
         info["Postprocess upscaler 2"] = hires.builtin_upscaler(req.upscaler_2) or req.upscaler_2
     req.image = ""  # the base64 text is not kept while the job waits
     return ExtrasPlan(image, tuple(ups), scale, dest, crop, req.extras_upscaler_2_visibility, info, parameters,
-                      tuple(warnings), server.registry.current.pipe)
+                      tuple(warnings), server.registry.current.pipe, image_format(server))
 
 
 def _infotext(image: Image.Image) -> str | None:
@@ -247,18 +251,16 @@ def _interruptible(model, job, stopped: list):
 
 def extras_response(image: Image.Image, plan: ExtrasPlan) -> dict:
     """A1111's answer: `html_info` its plaintext_to_html of the postprocessing infotext; the PNG carries the input's
-    infotext ("parameters") and that one ("postprocessing"), as A1111's API sends them."""
-    import base64
-    import io
-
-    from fastsd.image import format_params, png_writer
+    infotext ("parameters") and that one ("postprocessing"), as A1111's API sends them (a JPEG / WEBP, A1111's
+    samples_format: the input's infotext in its EXIF)."""
+    from fastsd.image import format_params
+    from fastsd.serve.imageformat import encode_image
 
     text = format_params(plan.info)
-    buf = io.BytesIO()
-    png_writer(image, plan.parameters, {"postprocessing": text})(buf)
     html_info = "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
-    return {"html_info": html_info, "image": base64.b64encode(buf.getvalue()).decode("ascii"),
-            "warnings": list(plan.warnings)}
+    return {"html_info": html_info, "warnings": list(plan.warnings),
+            "image": encode_image(image, *plan.image_format, infotext=plan.parameters or "",
+                                  texts={"postprocessing": text})}
 
 
 

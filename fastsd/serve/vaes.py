@@ -9,6 +9,7 @@ file's VAE built, so switching back and forth reads a file at most once per swit
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -18,6 +19,7 @@ from fastsd.serve.networks import file_identity, file_names
 AUTOMATIC, NONE = "Automatic", "None"
 VAE_EXTS = (".safetensors", ".ckpt", ".pt")  # A1111's models/VAE files
 NEAR_SUFFIXES = tuple(f".vae{e}" for e in VAE_EXTS)  # A1111's VAE beside a checkpoint: <stem>.vae.pt
+log = logging.getLogger("fastsd.serve")
 
 
 class Vaes:
@@ -58,23 +60,33 @@ class Vaes:
         self.path(value, None, field)
         return value
 
-    def path(self, value, entry, field: str) -> str | None:
-        """The file a job with sd_vae `value` runs with the model `entry` (None: the model's own VAE)."""
-        if not isinstance(value, str):
-            raise BadRequest(f"{field} must be a string, got {type(value).__name__}")
-        if value == NONE:
-            return None
-        have = self.files()
-        if value == AUTOMATIC:
-            return None if entry is None else self.near(entry, have)
-        if value in have:
-            return have[value]
-        stems = [p for n, p in have.items() if os.path.splitext(n)[0] == value]
-        if len(stems) == 1:
-            return stems[0]
-        listed = ", ".join(have) if have else ("no VAE files" if self.folder else "no VAE folder (--vae-dir)")
-        raise BadRequest(f"{field}: unknown VAE {value!r}; this server has: Automatic, None, {listed} "
-                         "(GET /sdapi/v1/sd-vae)")
+    def path(self, value, entry, field: str, warnings: list[str] | None = None) -> str | None:
+        """The file a job with sd_vae `value` runs with the model `entry` (None: the model's own VAE). An unknown
+        name (or not a string) is a BadRequest naming `field`; given `warnings`, A1111's fallback instead (its
+        resolve_vae: "Couldn't find VAE named X; using None instead"): the model's own VAE, the name in `warnings`
+        and in the log."""
+        if isinstance(value, str):
+            if value == NONE:
+                return None
+            have = self.files()
+            if value == AUTOMATIC:
+                return None if entry is None else self.near(entry, have)
+            if value in have:
+                return have[value]
+            stems = [p for n, p in have.items() if os.path.splitext(n)[0] == value]
+            if len(stems) == 1:
+                return stems[0]
+        if warnings is None:
+            if not isinstance(value, str):
+                raise BadRequest(f"{field} must be a string, got {type(value).__name__}")
+            listed = ", ".join(have) if have else ("no VAE files" if self.folder else "no VAE folder (--vae-dir)")
+            raise BadRequest(f"{field}: unknown VAE {value!r}; this server has: Automatic, None, {listed} "
+                             "(GET /sdapi/v1/sd-vae)")
+        note = (f"{field}: unknown VAE {value!r:.200}, the model's own VAE used (as A1111's None; GET "
+                "/sdapi/v1/sd-vae lists this server's)")
+        log.warning("%s", note)
+        warnings.append(note)
+        return None
 
     @staticmethod
     def near(entry, have: dict[str, str]) -> str | None:
@@ -90,13 +102,13 @@ class Vaes:
                 return beside
         return next((p for n, p in have.items() if n.startswith(stem)), None)
 
-    def checked_path(self, value, entry, field: str) -> str | None:
-        """`path` of sd_vae `value` for the model `entry`, its file checked to drive that model (keys, shapes, latent
-        channels): BadRequest naming `field` and the file otherwise."""
+    def checked_path(self, value, entry, field: str, warnings: list[str] | None = None) -> str | None:
+        """`path` of sd_vae `value` for the model `entry` (`warnings`: as `path`'s), its file checked to drive that
+        model (keys, shapes, latent channels): BadRequest naming `field` and the file otherwise."""
         from fastsd import CheckpointError
         from fastsd.vae_files import resolve_vae
 
-        path = self.path(value, entry, field)
+        path = self.path(value, entry, field, warnings)
         if path is not None:
             try:
                 resolve_vae(path, entry.pipe.config)
