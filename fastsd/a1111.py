@@ -22,6 +22,29 @@ SCHEDULED = {(name.removesuffix("_karras"), "karras"): name for name in SAMPLERS
 UNNAMED_TWINS = frozenset(n for n in DISCARD_PENULTIMATE if n.endswith("_karras"))
 
 
+def twins_as_a1111(s):
+    """GenerationSettings `s` with a (hires) sampler given by A1111's name of an UNNAMED_TWINS sampler ("DPM2 Karras",
+    "k_dpm_2_a_ka", ...) on its own or the Karras schedule as A1111 runs it: the sampler on the Karras type (its
+    next-to-last level dropped); fastsd's twin only by its own name (dpm2_karras). Names that can't be read are left
+    for validate's message."""
+    def pair(name, kind):
+        try:
+            canonical = resolve_sampler_name(name)
+            typed = resolve_schedule_type(kind or AUTOMATIC) in (AUTOMATIC, "karras")
+        except ValueError:
+            return None
+        if canonical in UNNAMED_TWINS and name.strip().lower() != canonical and typed:
+            return canonical.removesuffix("_karras"), "karras"
+        return None
+
+    if isinstance(s.sampler, str) and isinstance(s.schedule_type, str) and (got := pair(s.sampler, s.schedule_type)):
+        s = s.replace(sampler=got[0], schedule_type=got[1])
+    if isinstance(s.hires_sampler, str) and isinstance(s.hires_schedule_type, (str, type(None))) and \
+            (got := pair(s.hires_sampler, s.hires_schedule_type)):
+        s = s.replace(hires_sampler=got[0], hires_schedule_type=got[1])
+    return s
+
+
 def sampler_label(name: str) -> str:
     """The infotext's "Sampler" of a canonical sampler: A1111's name, fastsd's own for UNNAMED_TWINS."""
     return name if name in UNNAMED_TWINS else A1111_NAMES[name]

@@ -320,6 +320,14 @@ def apply_infotext(args: argparse.Namespace, given: set[str]) -> None:
         flags = [FIELDS[f].metadata.get("flag") or "--" + f.replace("_", "-") for f in e.fields]
         hint = f" ({' / '.join(flags)} on the command line overrides it)" if flags else ""
         raise ValueError(f"--infotext {args.infotext}: {e}{hint}") from None
+    if args.init_image is not None and (hires := [k for k in kwargs if k.startswith("hires_") or k == "enable_hires"]):
+        # A1111's img2img paste: no hires fix there; its "Denoising strength" is img2img's strength
+        if "hires_strength" in kwargs and "strength" not in given:
+            kwargs["strength"] = kwargs["hires_strength"]
+        for k in hires:
+            del kwargs[k]
+        notes.append("its hires fix is not run with --init-image (A1111's img2img has none); its denoising strength "
+                     "is img2img's")
     for name, value in kwargs.items():
         setattr(args, name, value)
     for note in notes:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from fastsd import backends, hires
-from fastsd.a1111 import hires_sampler_keys, sampler_label
+from fastsd.a1111 import hires_sampler_keys, sampler_label, twins_as_a1111
 from fastsd.conditioning import encode_prompts
 from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser, ScheduledContext
@@ -814,6 +814,7 @@ class Pipeline:
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
                                eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise,
                                randn_source, enable_hires)
+        s = twins_as_a1111(s)  # ("DPM2 Karras": A1111's, as the server and --infotext read it)
         _check_inputs(image, mask, latents, on_step, preview_every, infotext_extra)
         progress, allow_large = check_bool(progress, "progress"), check_bool(allow_large, "allow_large")
         tiled_vae, preview_every = check_bool(tiled_vae, "tiled_vae", none=True), plain(preview_every)

@@ -347,6 +347,8 @@ def plain(v):
     np = sys.modules.get("numpy")  # (not imported here: a numpy scalar means numpy is loaded)
     if np is not None and isinstance(v, np.bool_):
         return bool(v)
+    if np is not None and isinstance(v, np.floating) and v.dtype.itemsize < 8:
+        return float(str(v))  # (its shortest decimal: np.float32(7.3) is 7.3, not 7.300000190734863)
     if isinstance(v, numbers.Integral):
         return int(v)
     return float(v) if isinstance(v, numbers.Real) else v

@@ -194,6 +194,21 @@ def test_a1111_text_with_overrides_and_warnings(tmp_path, capsys):
         assert part in params, params
 
 
+def test_a_hires_infotext_with_an_init_image_is_img2img(tmp_path, capsys):
+    """A1111's img2img paste of a hires txt2img infotext: no hires fix there (it was "the hires fix is for txt2img"
+    here), its "Denoising strength" img2img's strength."""
+    src, init, out = tmp_path / "a1111.txt", tmp_path / "init.png", tmp_path / "o.png"
+    src.write_text(A1111.replace("<lora:detail:0.6>, ", "").replace("Size: 512x768", "Size: 64x64"))
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(init)
+    assert main(["--infotext", str(src), "--init-image", str(init), *TINY, "--steps", "2", "--out", str(out)]) == 0
+    assert "warning: --infotext: its hires fix is not run with --init-image (A1111's img2img has none); its " \
+           "denoising strength is img2img's" in capsys.readouterr().err
+    params = _text(out)[0]
+    assert "Denoising strength: 0.45" in params and "Hires" not in params and "Size: 64x64" in params, params
+    with Image.open(out) as im:
+        assert im.size == (64, 64)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda d: d / "missing.png", "missing.png: no such file"),
     (lambda d: d / "missing.txt", "missing.txt: no such file"),

@@ -337,3 +337,23 @@ def test_twins_without_an_a1111_name_read_back_as_themselves(pipe, twin):
             k: got[k] for k in ("steps", "seed", "sampler", "hires_sampler", "hires_scale", "hires_strength",
                                 "schedule_type", "hires_schedule_type") if k in got})[0]
         assert again.tobytes() == im.tobytes()
+
+
+@pytest.mark.parametrize("a1111, twin", [("DPM2 Karras", "dpm2_karras"), ("k_dpm_2_a_ka", "dpm2_a_karras"),
+                                         ("DPM++ 3M SDE Karras", "dpmpp_3m_sde_karras")])
+def test_a1111_joint_names_run_a1111s_schedule_everywhere(pipe, tmp_path, a1111, twin):
+    """A1111's name of such a twin means A1111's sampler in the Python API and batch jobs too (as on the server and
+    in --infotext): the sampler on the Karras type; the twin only by fastsd's name."""
+    from fastsd.batch.jobs import Defaults, read_job_file
+
+    base = twin.removesuffix("_karras")
+    kw = dict(steps=3, width=64, height=48, seed=3, progress=False)
+    named = pipe.generate("a cat", sampler=a1111, **kw)[0]
+    assert named.tobytes() == pipe.generate("a cat", sampler=base, schedule_type="karras", **kw)[0].tobytes()
+    assert named.tobytes() != pipe.generate("a cat", sampler=twin, **kw)[0].tobytes()
+    hires = pipe.generate("a cat", sampler="euler", hires_sampler=a1111, hires_scale=1.5, **kw)[0]
+    assert f"Hires sampler: {A1111_NAMES[base]}, Hires schedule type: Karras" in hires.info["parameters"]
+    jobs = tmp_path / "j.jsonl"
+    jobs.write_text(f'{{"prompt": "a", "sampler": "{a1111}"}}\n{{"prompt": "a", "sampler": "{twin}"}}\n')
+    a, b = (j.settings for j in read_job_file(jobs, Defaults(steps=2, width=64, height=64)))
+    assert (a.sampler, a.schedule_type, b.sampler, b.schedule_type) == (base, "karras", twin, "automatic")

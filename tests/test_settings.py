@@ -97,6 +97,9 @@ def test_numpy_numbers_are_taken_as_python_numbers():
                    "height": (int, 64), "num_images": (int, 2), "strength": (float, 0.5), "hires_scale": (float, 1.5),
                    "hires_steps": (int, 2), "s_min_uncond_all": (bool, True), "subseed_strength": (float, 0.25)}
     assert type(s.replace(steps=np.int16(5)).steps) is int
+    # a float32 / float16 is its shortest decimal (what was meant, and what the infotext then says), not its binary
+    assert s.replace(guidance_scale=np.float32(7.3), strength=np.float16(0.8)).kwargs()["guidance_scale"] == 7.3
+    assert s.replace(strength=np.float16(0.8)).strength == 0.8 and s.replace(strength=np.float64(0.1)).strength == 0.1
     for kw, match in ((dict(steps=np.True_), "steps must be an integer, got True"),
                       (dict(steps=np.float32(4)), "steps must be an integer, got 4.0"),
                       (dict(guidance_scale=np.False_), "guidance_scale must be a number, got False"),

@@ -391,8 +391,10 @@ def _resolved(s: GenerationSettings) -> GenerationSettings:
     batch key, id and manifest): sampler and schedule names canonical; the hires fields at their defaults where the
     hires fix doesn't run, its scale where a size replaces it (A1111 ignores hr_scale then), its built-in upscaler's
     name canonical, its sampler and schedule None where they are the first pass's; no variation seed at strength 0."""
+    from fastsd.a1111 import twins_as_a1111
     from fastsd.samplers import resolve_sampler_name
 
+    s = twins_as_a1111(s)  # ("DPM2 Karras": A1111's, as Pipeline.generate takes it)
     s = s.replace(sampler=resolve_sampler_name(s.sampler), schedule_type=resolve_schedule_type(s.schedule_type))
     if not s.hires:
         s = s.replace(**{f: SETTINGS[f].default for f in HIRES})

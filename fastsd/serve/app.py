@@ -228,7 +228,8 @@ def _generation_routes(api: APIRouter, state: ServerState) -> None:
         plan = await run_in_threadpool(build_plan, req, kind, state)
         task_id = req.force_task_id or f"task({kind}-{''.join(random.choices(TASK_CHARS, k=7))})"  # (A1111's)
         job = state.queue.submit(Job(kind, lambda job: run_plan(plan, job, state.networks, state.vaes),
-                                     plan.settings.steps, plan.n_iter, task_id=task_id))
+                                     plan.settings.steps, plan.n_iter, task_id=task_id,
+                                     image_format=plan.image_format))
         return await _wait(state, job, request)
 
     @api.post("/txt2img")
@@ -295,10 +296,10 @@ def _progress(state: ServerState, skip_image: bool) -> dict:
               A1111_JOBS.get(job.kind, job.kind),
               job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(time.time() - elapsed)),
               sampling_step=job.step, sampling_steps=job.steps)
-    preview = job.preview
+    preview = job.preview  # in the job's samples_format (its override_settings', as A1111 sets its opts for it)
+    fmt = job.image_format or (state.image_format["samples_format"], state.image_format["jpeg_quality"])
     return {"progress": done, "eta_relative": elapsed / done - elapsed, "state": st,
-            "current_image": encode_image(preview, state.image_format["samples_format"],
-                                          state.image_format["jpeg_quality"])
+            "current_image": encode_image(preview, *fmt)
             if preview is not None and not skip_image else None,  # (A1111's encode_pil_to_base64)
             "textinfo": _textinfo(job), "current_task": job.task_id}
 
@@ -455,15 +456,15 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
         lacks is set as A1111 sets it (jobs then run the model's own VAE, warned), "" keeps the current option."""
         from fastsd.serve.generation import clip_skip_for
 
-        clip_skip = None if req.CLIP_stop_at_last_layers is None else clip_skip_for(req.CLIP_stop_at_last_layers, None,
-                                                                                     "CLIP_stop_at_last_layers")
         sampling = {k: getattr(req, k) for k in state.sampling_options if getattr(req, k) is not None}
         check_sampling_options(sampling)
         image_format = check_format({"samples_format": req.samples_format, "jpeg_quality": req.jpeg_quality})
-        # every value checked before any is applied: a model and the VAE file it would run with (as a request's
-        # override_settings are)
+        # every value checked before any is applied: a model, the VAE file and clip skip it would run with (as a
+        # request's override_settings are)
         name, vae = req.sd_model_checkpoint or None, req.sd_vae or None
         model = state.registry.current if name is None else state.registry.find(name)
+        clip_skip = None if req.CLIP_stop_at_last_layers is None else clip_skip_for(req.CLIP_stop_at_last_layers, model,
+                                                                                     "CLIP_stop_at_last_layers")
         warnings: list[str] = []
         state.vaes.checked_path(state.vaes.option if vae is None else vae, model, "sd_vae", warnings)
         applied = {}

@@ -134,6 +134,27 @@ def _hires(req, sampler: str, schedule_type: str, limits: Limits, warnings: list
             **_hires_prompts(req, limits)}
 
 
+def _hires_sizes(s: GenerationSettings, limits: Limits) -> None:
+    """The hires fix's images within the server's limits (--max-size): the final one 8.. px a side, and the one the
+    first pass is upscaled to before A1111's crop (hr_resize_x x hr_resize_y of another aspect ratio than the first
+    pass: scaled to cover it, then cropped; an image upscaler makes and VAE-encodes that whole image, as A1111).
+    Left to GenerationSettings.validate when the scale is not one it takes (its own message)."""
+    if not s.hires or not (is_finite(s.hires_scale) and 0 < s.hires_scale <= hires.MAX_SCALE):
+        return
+    t = s.hires_target()
+    w, h = t.size
+    if min(w, h) < 8 or max(w, h) > limits.max_side:
+        raise BadRequest(f"the hires fix would make a {w}x{h} image: each side must be 8..{limits.max_side} px "
+                         f"(this server's limit, --max-size)" if min(w, h) < 8 else
+                         f"the hires fix would make a {w}x{h} image, above this server's limit of {limits.max_side} "
+                         "px (--max-size)")
+    if s.hires_width and s.hires_height and max(t.up_w, t.up_h) > limits.max_side:
+        raise BadRequest(f"the hires fix would upscale to {t.up_w}x{t.up_h} before its crop to {w}x{h} (hr_resize_x x "
+                         f"hr_resize_y {s.hires_width}x{s.hires_height} is of another aspect ratio than the first "
+                         f"pass's {s.width}x{s.height}: A1111 scales to cover it, then crops), above this server's "
+                         f"limit of {limits.max_side} px (--max-size)")
+
+
 def _hires_model(req, s: GenerationSettings, model, server):
     """A1111's hr_checkpoint_name: another of the server's models for the hires pass (by the names /sd-models lists;
     "Use same checkpoint", empty or the request's own model: None), checked against the request's (latents, LoRA
@@ -232,11 +253,22 @@ def _apply_styles(req, styles: dict, warnings: list[str]) -> dict:
     return asked
 
 
-def _overrides(req, server, warnings: list[str]):
+def _name_override(over: dict, key: str):
+    """override_settings' `key` (popped): a name, "" or null (the server's); anything else is surely a client's bug,
+    refused (as A1111 fails on it)."""
+    value = over.pop(key, None)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"override_settings.{key} must be a name (a string; \"\" or null: the server's), got "
+                         f"{value!r:.200}")
+    return value
+
+
+def _overrides(req, server, warnings: list[str], from_infotext: frozenset = frozenset()):
     """(model entry, clip_skip, VAE file or None, the sampling options (ServerState.sampling_options)) from
-    override_settings, else the server's options; the VAE file checked against the model (fastsd/serve/vaes.py)."""
+    override_settings, else the server's options; the VAE file checked against the model (fastsd/serve/vaes.py).
+    `from_infotext`: the override_settings keys the request's infotext filled (named so in messages)."""
     over = dict(req.override_settings or {})
-    model, name = server.registry.current, over.pop("sd_model_checkpoint", None)
+    model, name = server.registry.current, _name_override(over, "sd_model_checkpoint")
     if name not in (None, ""):  # as A1111's process_images: a name that is no checkpoint's is dropped
         found = server.registry.lookup(name)
         if found is not None:
@@ -246,9 +278,12 @@ def _overrides(req, server, warnings: list[str]):
                     f"/sdapi/v1/sd-models lists them), ran on {model.title}")
             log.warning("%s", note)
             warnings.append(note)
-    clip_field = ("override_settings." if "CLIP_stop_at_last_layers" in over else "") + "CLIP_stop_at_last_layers"
-    clip_skip = clip_skip_for(over.pop("CLIP_stop_at_last_layers", server.clip_skip), model, clip_field)
-    asked = over.pop("sd_vae", None)  # "" and null: the server's option
+    key = "CLIP_stop_at_last_layers"
+    clip_field = (f"the infotext's Clip skip (override_settings.{key})" if key in from_infotext
+                  else f"override_settings.{key}" if key in over
+                  else f"{key} (this server's option, set by POST /sdapi/v1/options; override_settings overrides it)")
+    clip_skip = clip_skip_for(over.pop(key, server.clip_skip), model, clip_field)
+    asked = _name_override(over, "sd_vae")  # "" and null: the server's option
     field = "sd_vae" if asked in (None, "") else "override_settings.sd_vae"
     vae = server.vaes.checked_path(server.vaes.option if asked in (None, "") else asked, model, field, warnings)
     sampling = {k: over.pop(k, v) for k, v in server.sampling_options.items()}
@@ -348,7 +383,9 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     """Everything checked before the job is queued; BadRequest names the field."""
     limits: Limits = server.limits
     infotext_notes: list[str] = []
+    sent = set(req.override_settings or {})
     apply_infotext(req, kind, infotext_notes)  # (A1111 1.8+: fills the fields the request did not set)
+    from_infotext = frozenset(set(req.override_settings or {}) - sent)
     warnings = req.unhonoured() + infotext_notes
     limits.check_prompt("prompt", req.prompt)
     limits.check_prompt("negative_prompt", req.negative_prompt)
@@ -383,7 +420,7 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     if req.eta is not None and sampler not in ETA_SAMPLERS and req.eta != ETA.get(sampler, req.eta):
         warnings.append(f"eta {req.eta}: not supported; {A1111_NAMES.get(sampler, sampler)} runs with eta "
                         f"{ETA[sampler]}")
-    model, clip_skip, vae, sampling = _overrides(req, server, warnings)
+    model, clip_skip, vae, sampling = _overrides(req, server, warnings, from_infotext)
     fmt = image_format(server, req.override_settings)
     eta_option = {k: sampling.pop(k) for k in ETA_OPTIONS}["eta_ddim" if sampler == "ddim" else "eta_ancestral"]
     eta = (eta_option if req.eta is None else req.eta) if sampler in ETA_SAMPLERS else None  # (checked as a field)
@@ -401,13 +438,11 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
                            subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings, server.upscalers),
                            **_seed_resize(req, limits, warnings), schedule_type=schedule_type,
                            s_min_uncond=req.s_min_uncond or 0.0, eta=eta, **sigma, **sampling)
+    _hires_sizes(s, limits)
     try:
         s.validate(has_image=img2img, has_mask=img2img and bool(req.mask), allow_large=True)  # (--max-size rules)
     except (TypeError, ValueError) as e:
         raise BadRequest(a1111_names(str(e))) from None
-    if s.hires and max(s.hires_target().size) > limits.max_side:
-        raise BadRequest(f"the hires fix would make a {'x'.join(map(str, s.hires_target().size))} image, above this "
-                         f"server's limit of {limits.max_side} px (--max-size)")
     hires_model = _hires_model(req, s, model, server)
     got, extra = _images(req, limits, (s.width, s.height), warnings) if img2img else (masking.Inpaint(None, None, None),
                                                                                       {})  # last
@@ -549,6 +584,7 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
     if stopped_at is not None:
         warnings.append(_left("interrupted", *stopped_at) + "; no further iteration ran")
     infotexts = [im.info.get("parameters", "") for im in images]
+    encoded = [encode_image(im, *plan.image_format, warnings=warnings) for im in images] if plan.send_images else []
     info = {"prompt": s.prompt, "all_prompts": [s.prompt] * len(seeds), "negative_prompt": s.negative_prompt,
             "all_negative_prompts": [s.negative_prompt] * len(seeds), "seed": s.seed, "all_seeds": seeds,
             "subseed": subseed, "all_subseeds": [subseed + i for i in range(len(seeds))],
@@ -565,6 +601,5 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
             time.strftime("%Y%m%d%H%M%S"), "clip_skip": s.clip_skip, "is_using_inpainting_conditioning":
             plan.mask is not None and entry.pipe.config.unet.in_channels == 9, "version": "fastsd",
             "interrupted": stopped_at is not None, "warnings": warnings}
-    return {"images": [encode_image(im, *plan.image_format) for im in images] if plan.send_images else [],
-            "parameters": plan.parameters,
+    return {"images": encoded, "parameters": plan.parameters,
             "info": json.dumps(info)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 import struct
 
 from PIL import Image
@@ -24,8 +25,11 @@ def check_format(options: dict, where: str = "") -> dict:
     fmt, quality = options.get("samples_format"), options.get("jpeg_quality")
     if fmt is not None and (not isinstance(fmt, str) or fmt.lower() not in FORMATS):
         raise BadRequest(f"{where}samples_format must be one of png, jpg, jpeg, webp (A1111's), got {fmt!r}")
+    asked = quality  # a finite fraction is truncated (50.5 -> 50), as the request fields' int values are
+    if isinstance(quality, float) and math.isfinite(quality) and abs(quality) < 2**63:
+        quality = int(quality)
     if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100):
-        raise BadRequest(f"{where}jpeg_quality must be an integer in 1..100, got {quality!r}")
+        raise BadRequest(f"{where}jpeg_quality must be an integer in 1..100, got {asked!r}")
     return {k: v for k, v in (("samples_format", fmt), ("jpeg_quality", quality)) if v is not None}
 
 
@@ -49,9 +53,11 @@ def user_comment_exif(text: str) -> bytes:
 
 
 def encode_image(image: Image.Image, samples_format: str = "png", jpeg_quality: int = 80, *,
-                 infotext: str | None = None, texts: dict[str, str] | None = None) -> str:
+                 infotext: str | None = None, texts: dict[str, str] | None = None,
+                 warnings: list[str] | None = None) -> str:
     """Base64 of `image` in A1111's `samples_format`: a PNG carries the infotext (default: the image's "parameters")
-    and `texts` in text chunks; a JPEG / WEBP the infotext in its EXIF UserComment (A1111 writes no other text)."""
+    and `texts` in text chunks; a JPEG / WEBP the infotext in its EXIF UserComment (A1111 writes no other text). An
+    infotext too long for the EXIF (64 KiB) is left out of the image: said in the log and, once, in `warnings`."""
     from fastsd.image import _png_text, png_writer
 
     kind = FORMATS[samples_format.lower()]
@@ -65,7 +71,11 @@ def encode_image(image: Image.Image, samples_format: str = "png", jpeg_quality: 
     try:
         rgb.save(buf, format=kind, exif=exif, quality=jpeg_quality)
     except ValueError as e:  # (a JPEG's EXIF holds at most 64 KiB: an infotext of huge prompts)
-        log.warning("image saved without its infotext in EXIF: %s", e)
+        note = (f"samples_format {samples_format}: the infotext ({len(text or '')} characters) is too long for the "
+                f"image's EXIF ({e}), left out of the image (info.infotexts has it; png keeps it)")
+        log.warning("%s", note)
+        if warnings is not None and note not in warnings:
+            warnings.append(note)
         buf = io.BytesIO()
         rgb.save(buf, format=kind, quality=jpeg_quality)
     return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -42,6 +42,7 @@ class Job:
     steps: int = 0                             # sampler steps per iteration (for progress)
     iterations: int = 1
     task_id: str | None = None                 # A1111's force_task_id: the client's name for its job
+    image_format: tuple[str, int] | None = None  # (samples_format, jpeg_quality) of its previews; None: the server's
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     # written by the worker thread, read by /progress
     iteration: int = 0

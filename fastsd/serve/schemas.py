@@ -42,9 +42,13 @@ class _Body(BaseModel):
     @classmethod
     def _truncate_fractions(cls, value, info: ValidationInfo):
         """A finite float in an integer field is truncated (12.5 -> 12), as A1111's pydantic v1 models do (aiyabot
-        sends hr_second_pass_steps = steps / 2); NaN, inf and non-numbers are left to the field's check (a 422)."""
+        sends hr_second_pass_steps = steps / 2); NaN, inf and non-numbers are left to the field's check (a 422); a
+        float of 2**63 or more is refused as given (1e+308, not its 309 digits)."""
         if isinstance(value, float) and math.isfinite(value) and cls.model_fields[info.field_name].annotation in \
                 INT_FIELDS:
+            if abs(value) >= 2**63:
+                raise PydanticCustomError("int_too_large", "Input should be an integer between -2**63 and 2**63, "
+                                          "got {got}", {"got": repr(value)})
             return int(value)
         return value
 

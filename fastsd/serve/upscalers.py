@@ -258,9 +258,10 @@ def extras_response(image: Image.Image, plan: ExtrasPlan) -> dict:
 
     text = format_params(plan.info)
     html_info = "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
-    return {"html_info": html_info, "warnings": list(plan.warnings),
-            "image": encode_image(image, *plan.image_format, infotext=plan.parameters or "",
-                                  texts={"postprocessing": text})}
+    warnings = list(plan.warnings)
+    encoded = encode_image(image, *plan.image_format, infotext=plan.parameters or "", texts={"postprocessing": text},
+                           warnings=warnings)
+    return {"html_info": html_info, "warnings": warnings, "image": encoded}
 
 
 
