@@ -323,9 +323,13 @@ class GenerationSettings:
             size = f"{n}" if n < 2**31 else "over 2**31"
             raise ValueError(f"hires_strength {self.hires_strength} with {run} steps needs a schedule of {size} steps "
                              f"(A1111's steps / strength), above {MAX_STEPS}: raise hires_strength or lower the steps")
-        w, h = self.hires_target().size
+        t = self.hires_target()
+        w, h = t.size
         if min(w, h) < 8 or max(w, h) > limit:
             raise ValueError(f"the hires fix would make a {w}x{h} image: each side must be 8..{limit} px")
+        if max(t.up_w, t.up_h) > limit:  # (a resize of another aspect: A1111 scales to cover it, then crops)
+            raise ValueError(f"the hires fix would upscale to {t.up_w}x{t.up_h} before its crop to {w}x{h} (A1111 "
+                             f"scales to cover the resize, then crops), above the limit of {limit} px a side")
 
     def replace(self, **changes) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)

@@ -161,6 +161,8 @@ def test_inpainting_model_hires():
     (dict(hires_scale=2, hires_strength=5e-324), ValueError,  # (was an OverflowError from int(inf))
      "hires_strength 5e-324 with 3 steps needs a schedule of over 2**31 steps"),
     (dict(width=4096, height=512, hires_scale=1.5), ValueError, "the hires fix would make a 6144x768 image"),
+    (dict(width=8, height=2048, hires_width=2048, hires_height=8), ValueError,  # (the cover, before the crop)
+     "the hires fix would upscale to 2048x524288 before its crop to 2048x8"),
 ])
 def test_bad_hires_settings_are_named(pipe, kw, err, match):
     with pytest.raises(err, match=re.escape(match)):

@@ -406,8 +406,10 @@ BAD = [  # (endpoint, body or raw bytes, expected status, words the detail must 
      "5000x5000 pixels, above this server's limit of 16777216 pixels"),
     ("img2img", {**SMALL, "denoising_strength": 1.5, "init_images": [png_b64(Image.new("RGB", (64, 64)))]}, 422,
      "denoising_strength must be in [0, 1]"),
-    ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers must be an integer in 0..12, got 40"),
-    ("options", {"CLIP_stop_at_last_layers": -1}, 422, "CLIP_stop_at_last_layers must be an integer in 0..12, got -1"),
+    ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers must be an integer in 0..2 "
+                                                        "(random:tiny's text encoder has 2 layers), got 40"),
+    ("options", {"CLIP_stop_at_last_layers": -1}, 422, "CLIP_stop_at_last_layers must be an integer in 0..2 "
+                                                        "(random:tiny's text encoder has 2 layers), got -1"),
     ("txt2img", {**SMALL, "s_min_uncond": -1}, 422, "s_min_uncond must be >= 0"),
     ("options", {"skip_early_cond": 1.5}, 422, "skip_early_cond must be in [0, 1], got 1.5"),
     ("txt2img", {**SMALL, "override_settings": {"skip_early_cond": -0.5}}, 422,
@@ -607,10 +609,10 @@ def test_clip_skip_0_is_1_and_12_is_the_first_layer_of_sd1s_text_encoder(client)
     try:
         r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0})
         assert r.status_code == 200 and r.json()["applied"] == {"CLIP_stop_at_last_layers": 1}, r.text
-        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 12}).status_code == 200
-        r = client.post("/sdapi/v1/txt2img", json=body)  # random:tiny's text encoder has 2 layers
+        r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 12})  # random:tiny has 2 layers
         assert r.status_code == 422 and r.json()["detail"] == ("CLIP_stop_at_last_layers must be an integer in 0..2 "
                                                                "(random:tiny's text encoder has 2 layers), got 12")
+        assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
     finally:
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
     sd1 = SimpleNamespace(name="v1-5", pipe=SimpleNamespace(config=SimpleNamespace(clip=CLIPConfig())))
@@ -720,3 +722,78 @@ def test_samples_format_jpg_and_webp_as_a1111(client):
     r = client.post("/sdapi/v1/options", json={"jpeg_quality": 0})
     assert r.status_code == 422 and r.json()["detail"] == "jpeg_quality must be an integer in 1..100, got 0"
     assert client.get("/sdapi/v1/options").json()["samples_format"] == "png"
+
+
+def test_a_fractional_jpeg_quality_is_truncated_in_options_and_override_settings(client):
+    """jpeg_quality 50.5: one rule for POST /options and override_settings (A1111 takes the number in both, untyped;
+    fastsd truncates it as its int request fields): 50, the same JPEG as 50; 0.5 is then out of range in both."""
+    jpg = {"samples_format": "jpg"}
+    fifty = client.post("/sdapi/v1/txt2img", json={**SMALL, "seed": 4,
+                                                   "override_settings": {**jpg, "jpeg_quality": 50}})
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "seed": 4, "override_settings": {**jpg,
+                                                                                        "jpeg_quality": 50.5}})
+    assert r.status_code == 200 and r.json()["images"] == fifty.json()["images"], r.text
+    try:
+        r = client.post("/sdapi/v1/options", json={**jpg, "jpeg_quality": 50.5})
+        assert r.status_code == 200 and r.json()["applied"] == {**jpg, "jpeg_quality": 50}, r.text
+        assert client.post("/sdapi/v1/txt2img", json={**SMALL, "seed": 4}).json()["images"] == fifty.json()["images"]
+    finally:
+        client.post("/sdapi/v1/options", json={"samples_format": "png", "jpeg_quality": 80})
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"jpeg_quality": 0.5}})
+    assert r.status_code == 422 and r.json()["detail"] == ("override_settings.jpeg_quality must be an integer in "
+                                                           "1..100, got 0.5"), r.text
+    r = client.post("/sdapi/v1/options", json={"jpeg_quality": 0.5})
+    assert r.status_code == 422 and r.json()["detail"] == "jpeg_quality must be an integer in 1..100, got 0", r.text
+
+
+def test_a_huge_float_in_an_integer_field_is_named_as_given(client):
+    """A float of 2**63 or more in an int field is refused as sent (1e+308), not as its 309-digit truncation."""
+    for field, value, shown in (("width", 1e308, "1e+308"), ("seed", 1e300, "1e+300"), ("steps", -1e30, "-1e+30")):
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, field: value})
+        assert r.status_code == 422 and r.json()["detail"] == (
+            f"{field}: Input should be an integer between -2**63 and 2**63, got {shown}"), r.text
+
+
+def test_clip_skip_above_the_models_layers_is_refused_at_options(client):
+    """POST /options checks CLIP_stop_at_last_layers against the model it would run (the current one, or the one
+    it switches to): random:tiny has 2 layers, so 12 is a 422 there (it was stored, then every request failed), as
+    in override_settings; an infotext's Clip skip is named as the infotext's."""
+    r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 12})
+    assert r.status_code == 422 and r.json()["detail"] == ("CLIP_stop_at_last_layers must be an integer in 0..2 "
+                                                           "(random:tiny's text encoder has 2 layers), got 12"), r.text
+    r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3, "sd_model_checkpoint": "random:tiny"})
+    assert r.status_code == 422 and "random:tiny's text encoder has 2 layers" in r.json()["detail"], r.text
+    assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+    assert client.post("/sdapi/v1/txt2img", json=SMALL).status_code == 200
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "infotext": "a cat\nSteps: 1, Clip skip: 12, Size: 64x64"})
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "the infotext's Clip skip (override_settings.CLIP_stop_at_last_layers) must be an integer in 0..2 "
+        "(random:tiny's text encoder has 2 layers), got 12"), r.text
+
+
+def test_a_checkpoint_or_vae_override_of_another_type_is_a_422(client):
+    """override_settings sd_model_checkpoint / sd_vae that is no string (a number, a list): a client's bug, a 422
+    naming the field (an unknown name, "" and null still fall back)."""
+    for key in ("sd_model_checkpoint", "sd_vae"):
+        for value in (5, ["a"], {"name": "random:tiny"}, True):
+            r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {key: value}})
+            assert r.status_code == 422 and r.json()["detail"] == (
+                f"override_settings.{key} must be a name (a string; \"\" or null: the server's), got {value!r}"), r.text
+
+
+def test_an_infotext_too_long_for_exif_is_named_in_the_warnings(client):
+    """A JPEG / WEBP answer whose infotext is past the EXIF's 64 KiB (UTF-16: 8000-emoji prompts) leaves it out of
+    the image: said once in info.warnings (and the log), not only the log."""
+    big = "\U0001F600" * 8000
+    body = {**SMALL, "prompt": big, "negative_prompt": big, "enable_hr": True, "hr_scale": 1,
+            "hr_prompt": big[:-1] + "x", "batch_size": 2, "override_settings": {"samples_format": "jpg"}}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    meta = info(r)
+    notes = [w for w in meta["warnings"] if "too long for the image's EXIF" in w]
+    assert notes == [f"samples_format jpg: the infotext ({len(meta['infotexts'][0])} characters) is too long for the "
+                     "image's EXIF (EXIF data is too long), left out of the image (info.infotexts has it; png keeps "
+                     "it)"], meta["warnings"]
+    assert client.post("/sdapi/v1/png-info", json={"image": r.json()["images"][0]}).json()["info"] == ""
+    r = client.post("/sdapi/v1/txt2img", json={**body, "batch_size": 1, "override_settings": {}})
+    assert r.status_code == 200 and info(r)["warnings"] == [], r.text

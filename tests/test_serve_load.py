@@ -208,3 +208,24 @@ def test_progress_has_a1111s_current_task_job_name_and_floor():
             t.join(timeout=60)
             assert not t.is_alive()
         assert wait_idle(c)["current_task"] is None
+
+
+def test_progress_current_image_is_in_the_requests_own_samples_format():
+    """/progress current_image in the running request's override_settings samples_format (A1111 sets its opts for
+    the request, and its progressapi encodes the preview with them), else the server's option (PNG)."""
+    server = main_server()
+    with server.client() as c:
+        wait_idle(c)
+        for over, kind in (({"samples_format": "jpg"}, "JPEG"), ({"samples_format": "webp"}, "WEBP"), ({}, "PNG")):
+            def post():
+                with server.client() as own:
+                    own.post("/sdapi/v1/txt2img", json={**LONG, "override_settings": over})
+
+            t = threading.Thread(target=post, daemon=True)
+            t.start()
+            p = wait_running(c, min_step=2)
+            assert decode(p["current_image"]).format == kind, over
+            c.post("/sdapi/v1/interrupt")
+            t.join(timeout=60)
+            assert not t.is_alive()
+        wait_idle(c)

@@ -51,6 +51,7 @@ class Plan:  # what the txt2img route reads of a plan before the job runs
         steps = 1
 
     n_iter = 1
+    image_format = ("png", 80)
 
 
 def fail(*args):

@@ -505,3 +505,51 @@ def test_interrupt_stops_a_models_pass_at_the_next_tile(state, folder):
     job, _ = job_stopping_at(1, "cancelled")
     with pytest.raises(Cancelled):
         run_extras(plan, job)
+
+
+@pytest.mark.parametrize("upscaler", ["Lanczos", "Latent", "RealESRGAN_x4plus"])
+def test_a_hires_cover_above_max_size_is_a_422(client, upscaler):
+    """hr_resize_x x hr_resize_y of another aspect ratio than the first pass: A1111 upscales to cover it (an image
+    upscaler makes and VAE-encodes that whole image), then crops. A 32x256 first pass to 256x32 covers 256x2048: a
+    422 naming --max-size before any work (it was a 200 after an image of 8x the server's limit on a side); a cover
+    within the limit runs (64x128 to 128x64: 128x256, cropped to 128x64)."""
+    body = {**SMALL, "width": 32, "height": 256, "enable_hr": True, "hr_resize_x": 256, "hr_resize_y": 32,
+            "hr_upscaler": upscaler, "hr_second_pass_steps": 1}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == ("the hires fix would upscale to 256x2048 before its crop to 256x32 (hr_resize_x x "
+                                  "hr_resize_y 256x32 is of another aspect ratio than the first pass's 32x256: A1111 "
+                                  "scales to cover it, then crops), above this server's limit of 256 px (--max-size)")
+    if upscaler != "Lanczos":
+        return
+    r = client.post("/sdapi/v1/txt2img", json={**body, "width": 64, "height": 128, "hr_resize_x": 128,
+                                               "hr_resize_y": 64})
+    assert r.status_code == 200 and decode(r.json()["images"][0]).size == (128, 64), r.text
+
+
+def test_hires_size_messages_quote_the_servers_limit(client):
+    """A hires target below 8 px or above --max-size is named with the server's limit (not the pipeline's 2**20
+    px, which the server lifts to check its own)."""
+    for extra, want in (({"hr_resize_x": 7}, "the hires fix would make a 0x0 image: each side must be 8..256 px "
+                                             "(this server's limit, --max-size)"),
+                        ({"hr_scale": 0.1}, "the hires fix would make a 0x0 image: each side must be 8..256 px"),
+                        ({"hr_scale": 5}, "the hires fix would make a 320x320 image, above this server's limit of "
+                                          "256 px (--max-size)")):
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, "enable_hr": True, **extra})
+        assert r.status_code == 422 and r.json()["detail"].startswith(want), (extra, r.text)
+        assert "1048576" not in r.json()["detail"]
+
+
+def test_a_stored_clip_skip_the_model_cant_take_is_named_as_the_servers_option(client, state):
+    """A CLIP_stop_at_last_layers option above the model's layers (POST /options refuses one for the current model,
+    but a server's option may predate a model switch): the 422 says the value is the server's option."""
+    saved, state.clip_skip = state.clip_skip, 12
+    try:
+        r = client.post("/sdapi/v1/txt2img", json=SMALL)
+    finally:
+        state.clip_skip = saved
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "CLIP_stop_at_last_layers (this server's option, set by POST /sdapi/v1/options; override_settings overrides "
+        "it) must be an integer in 0..2 (random:tiny's text encoder has 2 layers), got 12"), r.text
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"CLIP_stop_at_last_layers": 2}})
+    assert r.status_code == 200, r.text

@@ -453,7 +453,8 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
     async def set_options(req: OptionsRequest):
         """A1111 answers null; fastsd says what it applied and what it ignored (and `warnings`). As A1111's set_config,
         an unknown sd_model_checkpoint is refused; "" (and null) keeps the current one; an sd_vae name the server
-        lacks is set as A1111 sets it (jobs then run the model's own VAE, warned), "" keeps the current option."""
+        lacks is set as A1111 sets it (jobs then run the model's own VAE, warned), "" keeps the current option;
+        CLIP_stop_at_last_layers is checked against the text encoder of the model it would run with."""
         from fastsd.serve.generation import clip_skip_for
 
         sampling = {k: getattr(req, k) for k in state.sampling_options if getattr(req, k) is not None}

@@ -143,10 +143,11 @@ def _hires_sizes(s: GenerationSettings, limits: Limits) -> None:
         return
     t = s.hires_target()
     w, h = t.size
-    if min(w, h) < 8 or max(w, h) > limits.max_side:
+    if min(w, h) < 8:
         raise BadRequest(f"the hires fix would make a {w}x{h} image: each side must be 8..{limits.max_side} px "
-                         f"(this server's limit, --max-size)" if min(w, h) < 8 else
-                         f"the hires fix would make a {w}x{h} image, above this server's limit of {limits.max_side} "
+                         "(this server's limit, --max-size)")
+    if max(w, h) > limits.max_side:
+        raise BadRequest(f"the hires fix would make a {w}x{h} image, above this server's limit of {limits.max_side} "
                          "px (--max-size)")
     if s.hires_width and s.hires_height and max(t.up_w, t.up_h) > limits.max_side:
         raise BadRequest(f"the hires fix would upscale to {t.up_w}x{t.up_h} before its crop to {w}x{h} (hr_resize_x x "
