@@ -790,8 +790,9 @@ class Pipeline:
 
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
         any image can be made again alone; the hires_* keywords (and enable_hires) run A1111's hires fix
-        (`hires_pass`) after txt2img, the infotext keeping the first pass's size as A1111's; `masked_content` and `latent_mask` (inpainting)
-        as `prepare_latents`'; `infotext_extra` goes into each image's infotext (`infotext`); with `subseed_strength` > 0 its start noise is moved toward the noise of
+        (`hires_pass`) after txt2img, the infotext keeping the first pass's size as A1111's; `masked_content` and
+        `latent_mask` (inpainting) as `prepare_latents`'; `infotext_extra` goes into each image's infotext
+        (`infotext`); with `subseed_strength` > 0 its start noise is moved toward the noise of
         `subseed` + i (A1111's variation seed); `seed_resize_from_w` and `_h` (both > 0) draw it as at that size,
         centred in the real size's (A1111's seed resize, `_start_noise`); `schedule_type` other than "automatic"
         walks A1111's noise levels of that name (`schedule`), in both hires passes unless `hires_schedule_type` names the

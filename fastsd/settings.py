@@ -64,11 +64,10 @@ class GenerationSettings:
                                                             "not given"))
     subseed_strength: float = field(default=0.0, metadata=_opt("A1111 variation strength in [0, 1]: 0 = the seed's "
                                                                "image, 1 = the variation seed's"))
-    hires_scale: float = field(default=1.0, metadata=_opt("A1111 hires fix (txt2img): other than 1, the image made at "
-                                                          "width x height is upscaled by this (below 1: downscaled, as "
-                                                          "A1111's API takes) and refined by a second pass at that size "
-                                                          f"(0..{hires.MAX_SCALE:g}; 1 with --enable-hires: a second "
-                                                          "pass at the same size)"))
+    hires_scale: float = field(default=1.0, metadata=_opt(
+        "A1111 hires fix (txt2img): other than 1, the image made at width x height is upscaled by this (below 1: "
+        "downscaled, as A1111's API takes) and refined by a second pass at that size "
+        f"(0..{hires.MAX_SCALE:g}; 1 with --enable-hires: a second pass at the same size)"))
     hires_width: int = field(default=0, metadata=_opt("hires fix to this width instead of --hires-scale (A1111's "
                                                       "'Resize width to'; 0 = follow the height's ratio; with "
                                                       "--hires-height the image is scaled to cover both and cropped)"))

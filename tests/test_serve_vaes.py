@@ -165,7 +165,7 @@ def test_bad_vae_files_are_422s_and_change_nothing(client, state, value, message
 
 
 @pytest.mark.parametrize("value", ["notes.txt", "vae-ft-mse-840000-ema-pruned.safetensors",
-                                   "../VAE/vae-ft-mse.safetensors", 3])  # (never a path)
+                                   "../VAE/vae-ft-mse.safetensors"])  # (never a path; a non-string: a 422)
 def test_an_unknown_vae_runs_the_models_own_as_a1111_and_is_warned(client, state, value):
     """A1111's resolve_vae for a name it lacks: "Couldn't find VAE named X; using None instead" (the checkpoint's
     own VAE), the request answered; fastsd names it in info.warnings and its log. "" and null: the server's option."""

@@ -139,7 +139,8 @@ def test_server_takes_a1111s_variation_fields():
         rand = info(c.post("/sdapi/v1/txt2img", json={**req, "subseed": -1, "n_iter": 1}))
         assert rand["subseed"] >= 0 and rand["all_subseeds"] == [rand["subseed"], rand["subseed"] + 1]
         none = info(c.post("/sdapi/v1/txt2img", json={**req, "subseed_strength": 0, "n_iter": 1}))
-        assert none["subseed"] == -1 and "Variation seed" not in none["infotexts"][0]
+        # (A1111's Processed reports all_subseeds[0] whatever the strength: the subseed given)
+        assert none["subseed"] == 30 and "Variation seed" not in none["infotexts"][0]
         bad = c.post("/sdapi/v1/txt2img", json={**req, "subseed_strength": 3})
         assert bad.status_code == 422 and "subseed_strength must be in [0, 1]" in json.dumps(bad.json())
         bad = c.post("/sdapi/v1/txt2img", json={**req, "subseed": -2})
