@@ -36,6 +36,15 @@ class Embedding:
     hash: str  # A1111's short hash: sha256[:12] of the file (the infotext's "TI hashes")
 
 
+class OtherWidth(CheckpointError):
+    """An embedding that reads as (vectors, D) with D not the text encoder's width (an SD2 one for SD1: what A1111
+    loads and lists as skipped); `shape` is (vectors, D)."""
+
+    def __init__(self, message: str, shape: tuple[int, int]):
+        super().__init__(message)
+        self.shape = shape
+
+
 def read_embedding(path: str, name: str, width: int) -> Embedding:
     """One embedding file -> Embedding, checked against the text encoder's `width`."""
     if path.endswith(".safetensors"):
@@ -49,8 +58,8 @@ def read_embedding(path: str, name: str, width: int) -> Embedding:
         raise CheckpointError(f"{path}: an embedding of shape {tuple(vec.shape)}; expected (vectors, {width})")
     if vec.shape[1] != width:
         hint = " (a Stable Diffusion 2.x embedding)" if vec.shape[1] == 1024 else ""
-        raise CheckpointError(f"{path}: an embedding of width {vec.shape[1]}{hint}; this model's text encoder "
-                              f"takes {width}")
+        raise OtherWidth(f"{path}: an embedding of width {vec.shape[1]}{hint}; this model's text encoder takes "
+                         f"{width}", tuple(vec.shape))
     if vec.shape[0] > CHUNK_LENGTH:
         raise CheckpointError(f"{path}: {vec.shape[0]} vectors; an embedding must fit in one {CHUNK_LENGTH}-token "
                               "chunk")

@@ -74,15 +74,12 @@ def upscaler_label(name: str) -> str:
 def resize_image(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
     """A1111's images.resize_image (resize mode 0) with a built-in image upscaler (IMAGE_RESAMPLE): "None" one Lanczos
     resize; "Lanczos" / "Nearest", when width x height is larger, its Upscaler.upscale first (a resize by the scale,
-    then Lanczos to that size rounded down to 8 px: fastsd.upscalers.upscale_by); then Lanczos to width x height."""
-    from fastsd.upscalers import resample_pass, upscale_by
+    then Lanczos to that size rounded down to 8 px); then Lanczos to width x height (fastsd.upscalers.resize_with)."""
+    from fastsd.upscalers import resample_pass, resize_with
 
     scale = max(width / image.width, height / image.height)
-    if upscaler != "None" and scale > 1.0:
-        image = upscale_by(image, scale, resample_pass(IMAGE_RESAMPLE[upscaler], scale))
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    return image
+    return resize_with(image, width, height,
+                       None if upscaler == "None" else resample_pass(IMAGE_RESAMPLE[upscaler], scale))
 
 
 @dataclass(frozen=True)

@@ -197,14 +197,21 @@ class Upscaler:
         """A1111's images.resize_image (resize mode 0) with this upscaler: when (width, height) is larger than the
         image, `upscale_by` with the model (passes until it covers the scaled size rounded down to 8 px, then
         Lanczos to that size); then Lanczos to width x height."""
-        from PIL import Image
+        return resize_with(image, width, height, lambda im: self.run(im, tile=tile, overlap=overlap))
 
-        scale = max(width / image.width, height / image.height)
-        if scale > 1.0:
-            image = upscale_by(image, scale, lambda im: self.run(im, tile=tile, overlap=overlap))
-        if image.size != (width, height):
-            image = image.resize((width, height), resample=Image.LANCZOS)
-        return image
+
+def resize_with(image, width: int, height: int, one_pass=None):
+    """A1111's images.resize_image (resize mode 0) with an upscaler: when (width, height) is larger than the image,
+    `upscale_by` with `one_pass` (its do_upscale; None: A1111's "None", no upscale); then Lanczos to width x
+    height."""
+    from PIL import Image
+
+    scale = max(width / image.width, height / image.height)
+    if one_pass is not None and scale > 1.0:
+        image = upscale_by(image, scale, one_pass)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    return image
 
 
 def upscale_by(image, scale: float, one_pass, dest: tuple[int, int] | None = None):

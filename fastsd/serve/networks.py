@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 
+from fastsd.embeddings import OtherWidth
 from fastsd.files import files_by_stem
 from fastsd.lora import lora_by_name, list_loras, parse_prompt, weight_text
 from fastsd.serve.limits import BadRequest
@@ -110,10 +111,9 @@ class Networks:
                 try:
                     usable[name] = pipe.embeddings.get(name)  # kept by the pipeline: not read again
                 except Exception as e:  # whatever a file does to the reader, that file is skipped
-                    path = pipe.embeddings.files[name]
-                    skipped[name] = file_names(str(e) or type(e).__name__, [path])
-                    if (shape := other_width(path, pipe.embeddings.width)) is not None:
-                        wide[name] = shape
+                    skipped[name] = file_names(str(e) or type(e).__name__, [pipe.embeddings.files[name]])
+                    if isinstance(e, OtherWidth):
+                        wide[name] = e.shape
             self._embeddings[id(pipe)] = usable, skipped, wide
             skipped_any |= skipped
         return skipped_any
@@ -135,22 +135,6 @@ class Networks:
                 raise BadRequest(file_names(str(e), pipe.embeddings.files.values())) from None
         words = set(re.findall(r"[\w\-.]+", " ".join(prompts)))
         return [f"embedding {n!r}: not loaded (an empty file); used as plain text" for n in self._empty if n in words]
-
-
-def other_width(path: str, width: int) -> tuple[int, int] | None:
-    """(vectors, width) of the embedding file at `path` when it reads as (vectors, D) with D != `width` (an SD2
-    embedding for an SD1 model: A1111 loads it and lists it as skipped), else None (unreadable or another fault)."""
-    from fastsd.embeddings import _vectors
-    from fastsd.tensorfile import read_safetensors, torch_load
-
-    try:
-        data = {k: ref.load() for k, ref in read_safetensors(path).items()} if path.endswith(".safetensors") \
-            else torch_load(path)
-        vec = _vectors(data, path)
-    except Exception:  # (unreadable: not A1111's skipped)
-        return None
-    vec = vec[None] if vec.ndim == 1 else vec
-    return (vec.shape[0], vec.shape[1]) if vec.ndim == 2 and vec.shape[0] and vec.shape[1] != width else None
 
 
 def file_identity(path: str) -> tuple[int, int, int] | None:
