@@ -27,16 +27,25 @@ from fastsd.tensorfile import (
     TensorRef,
     check_regular_file,
     read_tensor_file,
+    safetensors_metadata,
     shown,
 )
 
 LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "clip": "cond_stage_model.transformer."}
 
 # Keys of a full LDM training checkpoint that are not model weights: the noise-schedule buffers,
-# EMA copies (A1111 loads the main weights, as we do), the VAE's training loss, CLIP's position ids.
+# EMA copies (A1111 loads the main weights, as we do), the VAE's training loss, CLIP's position ids; what other
+# tools leave and A1111 ignores: CLIP's logit scale and text projection (SD1 conditions on the last hidden
+# states; older ComfyUI saves hold both), the textual-inversion trainer's embedding_manager.
 IGNORED_LDM_KEYS = re.compile(
-    r"^(betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*|logvar|model_ema\..*"
-    r"|first_stage_model\.loss\..*|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids)$")
+    r"^(betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*|logvar|lvlb_weights"
+    r"|model_ema\..*|first_stage_model\.loss\..*|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids"
+    r"|cond_stage_model\.logit_scale|cond_stage_model\.transformer\.(text_model\.)?text_projection\.weight"
+    r"|embedding_manager\..*)$")
+
+# Keys ComfyUI saves to mark a model sampled otherwise than SD1's epsilon prediction on its training schedule.
+SAMPLING_MARKERS = {"v_pred": "a v-prediction model", "ztsnr": "a zero-terminal-SNR model"}
+EPSILON_ONLY = "fastsd samples epsilon-prediction models on SD1's training schedule only"
 
 # What a file is when it is not SD1.x: (a key pattern, the family's name).
 OTHER_FAMILIES = [
@@ -87,6 +96,12 @@ def from_ldm_file(path: str) -> Checkpoint:
     family = detect_family(keys)
     if family is not None:
         raise CheckpointError(f"{path}: this is {family}; fastsd loads Stable Diffusion 1.x checkpoints only")
+    marker = next((k for k in SAMPLING_MARKERS if k in refs), None)
+    if marker is not None:
+        raise CheckpointError(f"{path}: {SAMPLING_MARKERS[marker]} (its {marker!r} key, as ComfyUI marks one); "
+                              + EPSILON_ONLY)
+    _check_yaml_beside(path)
+    _check_modelspec(path)
     parts: dict[str, dict[str, TensorRef]] = {name: {} for name in LDM_PREFIXES}
     unexpected = []
     for k, ref in refs.items():
@@ -106,14 +121,14 @@ def from_ldm_file(path: str) -> Checkpoint:
         sample = ", ".join(shown(k) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights; "
                               f"{len(keys)} tensors such as {sample})")
-    for name in ("vae", "clip"):
-        if not parts[name]:
-            raise CheckpointError(f"{path}: has a UNet but no {name.upper()} weights ({LDM_PREFIXES[name]}*); "
-                                  "fastsd needs a full single-file checkpoint")
+    if not parts["clip"]:
+        raise CheckpointError(f"{path}: has a UNet but no CLIP weights ({LDM_PREFIXES['clip']}*); "
+                              "fastsd needs a full single-file checkpoint")
     if unexpected:
         raise CheckpointError(f"{path}: unexpected keys outside the SD1.x models: {_names(unexpected)}")
     try:
-        cfg = SDConfig(clip=convert.clip_config_from_ldm(parts["clip"]), vae=convert.vae_config_from_ldm(parts["vae"]),
+        vae = convert.vae_config_from_ldm(parts["vae"]) if parts["vae"] else VAEConfig()  # (none: --vae gives it)
+        cfg = SDConfig(clip=convert.clip_config_from_ldm(parts["clip"]), vae=vae,
                        unet=convert.unet_config_from_ldm(parts["unet"]))
     except KeyError as e:
         raise CheckpointError(f"{path}: not a Stable Diffusion 1.x checkpoint (missing {e.args[0]})") from None
@@ -137,9 +152,10 @@ def _check_ldm_shapes(path: str, cfg: SDConfig, keys: list[str]) -> None:
 
     conv_in = key("model.diffusion_model.input_blocks.0.0.weight")
     if cfg.unet.in_channels not in (4, 9):
+        kind = " (an InstructPix2Pix model)" if cfg.unet.in_channels == 8 else ""
         raise CheckpointError(f"{path}: {conv_in} has shape ({cfg.unet.model_channels}, {cfg.unet.in_channels}, ...): "
-                              f"{cfg.unet.in_channels} input channels; fastsd loads UNets of 4 (text-to-image) or "
-                              "9 (inpainting) input channels")
+                              f"{cfg.unet.in_channels} input channels{kind}; fastsd loads UNets of 4 (text-to-image) "
+                              "or 9 (inpainting) input channels")
     if cfg.clip.vocab_size < VOCAB_SIZE:
         raise CheckpointError(f"{path}: {key('embeddings.token_embedding.weight')} has {cfg.clip.vocab_size} rows; "
                               f"the SD1 CLIP tokenizer's ids need {VOCAB_SIZE}")
@@ -148,13 +164,79 @@ def _check_ldm_shapes(path: str, cfg: SDConfig, keys: list[str]) -> None:
                               f"rows; SD1 prompts are {MAX_LENGTH} tokens long")
 
 
+def _check_yaml_beside(path: str) -> None:
+    """A1111 reads the LDM config beside a checkpoint (NAME.yaml); one whose parameterization is not eps ("v": a
+    v-prediction model) would sample wrongly here: CheckpointError naming it."""
+    yaml = Path(path).with_suffix(".yaml")
+    try:
+        text = yaml.read_text(errors="replace") if yaml.is_file() and yaml.stat().st_size <= MAX_JSON_BYTES else ""
+    except OSError:  # (unreadable: A1111 would fail on it; the checkpoint itself is what fastsd reads)
+        return
+    m = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", text, re.M)
+    if m and m[1] != "eps":
+        raise CheckpointError(f"{yaml}: parameterization {m[1]!r} (a v-prediction model, A1111 reads this file "
+                              f"beside {Path(path).name}); " + EPSILON_ONLY)
+
+
+def _check_modelspec(path: str) -> None:
+    """The model-spec metadata of a .safetensors (kohya's sd-scripts write it): a prediction type other than
+    epsilon ("v": a v-parameterization fine-tune) would sample wrongly here: CheckpointError naming it."""
+    if not path.lower().endswith(".safetensors"):
+        return
+    pred = safetensors_metadata(path).get("modelspec.prediction_type", "")
+    if pred.strip().lower() not in ("", "epsilon", "eps"):
+        raise CheckpointError(f"{path}: its metadata says modelspec.prediction_type {pred[:40]!r} (a "
+                              "v-prediction model?); " + EPSILON_ONLY)
+
+
+def _check_scheduler(root: Path) -> None:
+    """A diffusers folder's scheduler_config.json, when there is one: a prediction type or a zero-terminal-SNR
+    schedule fastsd does not sample would give wrong images, so CheckpointError naming the field."""
+    path = root / "scheduler" / "scheduler_config.json"
+    data = _json(path) if os.path.lexists(path) else {}
+    if not isinstance(data, dict):
+        return
+    pred = data.get("prediction_type")
+    if pred not in (None, "epsilon"):
+        raise CheckpointError(f"{path}: prediction_type {_shown(pred)}; " + EPSILON_ONLY)
+    if data.get("rescale_betas_zero_snr"):
+        raise CheckpointError(f"{path}: rescale_betas_zero_snr true (a zero-terminal-SNR model); " + EPSILON_ONLY)
+
+
 def _folder_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, TensorRef]:
+    """A diffusers / transformers part's weights: one file, else shards listed by an index (diffusers' and
+    transformers' names, `variant` fp16 files after the plain ones)."""
     for stem in stems:
-        for ext in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
-            f = folder / (stem + ext)
-            if os.path.lexists(f):  # (a broken link, a loop, a folder or a FIFO is named by read_tensor_file)
-                return read_tensor_file(str(f))
+        for fmt in ("safetensors", "bin"):
+            for one, index in ((f"{stem}.{fmt}", f"{stem}.{fmt}.index.json"),
+                               (f"{stem}.fp16.{fmt}", f"{stem}.{fmt}.index.fp16.json")):
+                if os.path.lexists(folder / one):  # (a broken link, a FIFO, ... is named by read_tensor_file)
+                    return read_tensor_file(str(folder / one))
+                if os.path.lexists(folder / index):
+                    return _sharded_weights(folder / index)
     raise CheckpointError(f"{folder}: no weights file ({stems[0]}.safetensors or .bin)")
+
+
+def _sharded_weights(index: Path) -> dict[str, TensorRef]:
+    """The tensors of the shards an index.json's weight_map names, each where the map says (strict: a tensor the
+    map doesn't list, or lists in another shard, is named)."""
+    data = _json(index)
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(f, str) for f in wmap.values()):
+        raise CheckpointError(f"{index}: not a weights index (no weight_map of tensor names to shard files)")
+    refs: dict[str, TensorRef] = {}
+    for shard in sorted(set(wmap.values())):
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise CheckpointError(f"{index}: shard {shown(shard)} is not a file name in this folder")
+        for k, ref in read_tensor_file(str(index.parent / shard)).items():
+            if wmap.get(k) != shard:
+                raise CheckpointError(f"{index.parent / shard}: holds {shown(k)}, which the index "
+                                      + (f"puts in {shown(wmap[k])}" if k in wmap else "does not list"))
+            refs[k] = ref
+    missing = [k for k in wmap if k not in refs]
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} listed tensors are in no shard ({_names(missing)})")
+    return refs
 
 
 MAX_JSON_BYTES = 1 << 20  # model_index.json and config.json files are a few KiB
@@ -299,7 +381,8 @@ def check_unet_config(cfg: dict, path) -> None:
         raise bad("use_linear_projection", "expected false (SD1.x UNets project with 1x1 convolutions)")
     blocks = _levels(cfg, path, bad, "", "[320, 640, 1280, 1280]")
     if "in_channels" in cfg and not (_is_int(cfg["in_channels"]) and cfg["in_channels"] in (4, 9)):
-        raise bad("in_channels", "fastsd loads UNets of 4 (text-to-image) or 9 (inpainting) input channels")
+        kind = "an InstructPix2Pix model; " if cfg["in_channels"] == 8 else ""
+        raise bad("in_channels", kind + "fastsd loads UNets of 4 (text-to-image) or 9 (inpainting) input channels")
     positive("out_channels", MAX_CHANNELS)
     positive("layers_per_block", MAX_LAYERS)
     positive("cross_attention_dim", MAX_CHANNELS)
@@ -376,6 +459,7 @@ def from_diffusers_folder(path: str) -> Checkpoint:
             raise CheckpointError(f"{path}: a diffusers {cls} folder; fastsd loads Stable Diffusion 1.x only")
         raise CheckpointError(f"{path}: not a complete diffusers folder (missing {', '.join(d + '/' for d in missing)})")
     ucfg = _config(root / "unet" / "config.json", convert.unet_config_from_diffusers, check_unet_config)
+    _check_scheduler(root)
     ccfg = _config(root / "text_encoder" / "config.json", convert.clip_config_from_transformers, check_clip_config)
     if ucfg.context_dim != ccfg.hidden_size:
         raise CheckpointError(f"{path}: UNet cross-attention width {ucfg.context_dim} does not match the text "
@@ -497,6 +581,9 @@ def build_models(src: Checkpoint | SDConfig, *, dtype: torch.dtype, device: torc
         return models["clip"], models["vae"] if with_vae else None, models["unet"], cfg
     if not with_vae:
         del ctors["vae"]
+    elif not src.vae:
+        raise CheckpointError(f"{src.path or src.name}: has no VAE weights ({LDM_PREFIXES['vae']}*); give a VAE file "
+                              "with --vae / vae=")
     with torch.device("meta"):
         models = {n: cls(sub) for n, (cls, sub) in ctors.items()}
     found = {n: [p for p in mismatches(m, getattr(src, n)) if p] for n, m in models.items()}

@@ -47,7 +47,7 @@ class OtherWidth(CheckpointError):
 
 def read_embedding(path: str, name: str, width: int) -> Embedding:
     """One embedding file -> Embedding, checked against the text encoder's `width`."""
-    if path.endswith(".safetensors"):
+    if path.lower().endswith(".safetensors"):
         data = {k: ref.load() for k, ref in read_safetensors(path).items()}
     else:
         data = torch_load(path)

@@ -2,7 +2,8 @@
 
 `.safetensors` is read with plain file reads at the header's offsets (no mmap), straight into the
 tensor's own buffer, so loading holds the final model plus one tensor at most. `.ckpt`/`.pt`/`.bin`
-go through `torch.load(weights_only=True)` only, which refuses pickles that would run code.
+go through `torch.load(weights_only=True)` only, which refuses pickles that would run code (the few globals
+old training files name, Lightning's ModelCheckpoint and numpy scalars, unpickle to inert stand-ins).
 """
 from __future__ import annotations
 
@@ -222,7 +223,10 @@ def torch_load(path: str):
             if f.read(1) != b"\x80":  # a legacy torch file starts with a pickle protocol 2+ opcode
                 raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
+        except pickle.UnpicklingError as first:
+            sd = _load_with_stand_ins(path, mmap_ok, first)  # (a refusal too when it names another global)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = next((ln for ln in lines if "Unsupported" in ln or "global" in ln.lower()), lines[0] if lines else "")
@@ -236,6 +240,56 @@ def torch_load(path: str):
     if odd is not None:
         raise CheckpointError(f"{path}: {odd}; model files hold plain tensors of real numbers")
     return sd
+
+
+class StandIn:
+    """What a checkpoint's allowed non-tensor global unpickles to: nothing (arguments and state dropped)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class ParameterDictStandIn(dict):
+    """torch.nn.ParameterDict as its parameters, {name: Parameter}: what the original textual-inversion
+    trainer's embeddings hold in `string_to_param` (its module state is dropped, never its class built)."""
+
+    def __setstate__(self, state):
+        params = state.get("_parameters") if isinstance(state, dict) else None
+        self.update(params if isinstance(params, dict) else {})
+
+
+# Globals that old training checkpoints name besides tensors, as A1111's safe.py and ComfyUI allow them: PyTorch
+# Lightning 1.x keys its callbacks' state by the ModelCheckpoint class (sd-v1-4.ckpt, LDM's VAE checkpoints);
+# trainers keep numpy scalars and arrays (global_step, scores); the original textual-inversion trainer saves a
+# ParameterDict. Each unpickles to a stand-in above, never to the real class or function: nothing in the file runs.
+STAND_IN_GLOBALS = {name: StandIn for name in (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype", "numpy.dtypes.Float64DType",
+    "numpy.dtypes.Float32DType", "numpy.dtypes.Int64DType", "numpy.dtypes.Int32DType")}
+STAND_IN_GLOBALS["torch.nn.modules.container.ParameterDict"] = ParameterDictStandIn
+_stand_in_lock = threading.Lock()
+
+
+def _stand_in_classes() -> list[type]:
+    """A class per allowed global, named as the global (weights_only finds allowed globals by module and name)."""
+    classes = []
+    for full, base in STAND_IN_GLOBALS.items():
+        module, name = full.rsplit(".", 1)
+        classes.append(type(name, (base,), {"__module__": module, "__qualname__": name}))
+    return classes
+
+
+def _load_with_stand_ins(path: str, mmap_ok: bool, first: pickle.UnpicklingError):
+    """torch.load(weights_only=True) with STAND_IN_GLOBALS allowed (torch >= 2.5; else `first`, the refusal, stands)."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    if allow is None:
+        raise first
+    with _stand_in_lock, allow(_stand_in_classes()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
 
 
 def _odd_tensor(obj, where: str = "", depth: int = 0) -> str | None:
@@ -264,6 +318,9 @@ def read_pickle_checkpoint(path: str, wrappers: tuple[str, ...] = ("state_dict",
         sd = sd[wrapper]
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
+    inert = [k for k, v in sd.items() if isinstance(v, StandIn)]
+    if inert:
+        raise CheckpointError(f"{path}: {shown(inert[0])} holds a numpy value, not a tensor; model files hold tensors")
     bad_keys = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not isinstance(k, str)]
     if bad_keys:
         raise CheckpointError(f"{path}: not a valid state dict: tensor keys must be strings, "
@@ -274,8 +331,9 @@ def read_pickle_checkpoint(path: str, wrappers: tuple[str, ...] = ("state_dict",
 
 def read_tensor_file(path: str) -> dict[str, TensorRef]:
     check_regular_file(path)
-    if path.endswith(".safetensors"):
+    ext = os.path.splitext(path)[1].lower()  # (A1111 and ComfyUI compare extensions in lower case too)
+    if ext == ".safetensors":
         return read_safetensors(path)
-    if path.endswith((".ckpt", ".pt", ".pth", ".bin")):
+    if ext in (".ckpt", ".pt", ".pth", ".bin"):
         return read_pickle_checkpoint(path)
     raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, .ckpt, .pt, .pth or .bin)")

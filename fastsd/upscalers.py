@@ -98,7 +98,7 @@ def read_upscaler(path: str) -> UpscalerSource:
     from fastsd.tensorfile import CheckpointError, read_pickle_checkpoint, read_tensor_file, shown
 
     # (Real-ESRGAN's .pth wrappers, then a generic one)
-    refs = (read_tensor_file(path) if path.endswith(".safetensors") else
+    refs = (read_tensor_file(path) if path.lower().endswith(".safetensors") else
             read_pickle_checkpoint(path, ("params_ema", "params", "state_dict")))
     keys = list(refs)
     try:
