@@ -94,7 +94,7 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type", "Eta",
          "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
-         *DESCRIPTIVE}
+         "Conditional mask weight", *DESCRIPTIVE}  # (a 9-channel model's, always 1.0 in fastsd)
 
 
 def _read(key: str, value: str, fields: tuple[str, ...], parse: Callable[[str], object]):

@@ -106,7 +106,8 @@ def flatten(image: Image.Image) -> Image.Image:
 def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Image.Image:
     """A1111's images.resize_image with its default img2img upscaler (none: LANCZOS). 0 "just resize": stretched;
     1 "crop and resize": scaled to cover width x height, centred, the overflow cut; 2 "resize and fill": scaled to
-    fit inside, centred, the bands left stretched from the image's edge rows (or columns)."""
+    fit inside, centred, the bands left stretched from the image's edge rows (or columns); any other mode is 2 (A1111's
+    `else`: its 3, latent upscale, on a mask)."""
     if mode == 0:
         return image.resize((width, height), Image.LANCZOS)
     target, source = width / height, image.width / image.height
@@ -118,7 +119,7 @@ def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Imag
     out = Image.new(image.mode, (width, height))  # (A1111's canvas is RGB; the same values for a grey mask)
     top, left = height // 2 - h // 2, width // 2 - w // 2
     out.paste(scaled, (left, top))
-    if mode == 2 and target != source:
+    if mode != 1 and target != source:
         if target < source and top > 0:  # bands above and below: the first and the last row, stretched
             out.paste(scaled.resize((width, top), box=(0, 0, width, 0)), (0, 0))
             out.paste(scaled.resize((width, top), box=(0, h, width, h)), (0, top + h))
@@ -188,6 +189,7 @@ class Inpaint:
 
 
 MASKED_CONTENT_NAMES = {0: "fill", 1: None, 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
+RESIZE_MODES = (0, 1, 2, 3)  # A1111's resize_mode: just resize, crop and resize, resize and fill, latent upscale
 
 
 def infotext_params(got: Inpaint, *, blur_x: float, blur_y: float, invert: bool, padding: int, fill: int) -> dict:
@@ -208,10 +210,10 @@ def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], *, onl
     region around the mask (plus padding, grown to the aspect ratio of `size`) cut out of the image and the mask (a
     mask of another size stretched onto the image first) and brought to `size` ("resize and fill"); the overlay is
     the whole init image with the mask as it is; a blank mask: plain img2img of the whole image, no mask (A1111's
-    fallback). Else the image and the mask, whatever their sizes, each resized to `size` (A1111's `resize_mode`: 0
-    just resize, 1 crop and resize, 2 resize and fill) and the doubled mask's overlay. fill_content
-    (inpainting_fill other than 1): the image the model gets is `fill`ed under its mask; the overlay keeps the image
-    as it was."""
+    fallback, the image resized by `resize_mode`, kept as it is for 3: its latents are resized). Else the image and
+    the mask, whatever their sizes, each resized to `size` (A1111's `resize_mode`: 0 just resize, 1 crop and resize,
+    2 resize and fill) and the doubled mask's overlay. fill_content (inpainting_fill other than 1): the image the
+    model gets is `fill`ed under its mask; the overlay keeps the image as it was."""
     width, height = size
     if only_masked:
         if mask.size != image.size:  # A1111 takes the region in the mask's own pixels and crops the image with
@@ -220,8 +222,8 @@ def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], *, onl
             mask = resize_image(0, mask, *image.size)
         region = crop_region(mask, padding)
         if region is None:
-            return Inpaint(image.resize(size, Image.LANCZOS) if image.size != size else image, None, None,
-                           note=BLANK_MASK)
+            keep = image.size == size or resize_mode == 3  # (A1111: resized by resize_mode as plain img2img; 3 not)
+            return Inpaint(image if keep else resize_image(resize_mode, image, *size), None, None, note=BLANK_MASK)
         x1, y1, x2, y2 = region = expand_crop_region(region, width, height, image.width, image.height)
         overlay = overlay_of(image, mask, double=False)
         model_mask = resize_image(2, mask.crop(region), width, height).convert("L")

@@ -29,7 +29,7 @@ from fastsd.file_hashes import file_hash
 from fastsd.image import (check_mask, checked_8bit, format_infotext, latents_preview, mask_to_tensor, pil_to_tensor,
                           tensor_to_pil)
 from fastsd.lora import LoraSet, parse_prompt, strip_tags
-from fastsd.masking import binary_mask, resize_image
+from fastsd.masking import RESIZE_MODES, binary_mask, resize_image
 from fastsd.models.clip import CLIPTextModel
 from fastsd.models.taesd import NO_ENCODER, TAESD
 from fastsd.models.unet import UNet
@@ -46,6 +46,8 @@ from fastsd.tiling import tiled
 
 TILE_ABOVE = 1024  # pixels on a side above which the VAE runs tiled (automatic)
 MASKED_CONTENT = ("original", "latent noise", "latent nothing")  # prepare_latents' masked_content
+LATENT_RESIZE_MASK = ("resize_mode 3 (latent upscale) takes no mask unless the init image has the output size (A1111 "
+                      "fails on it: its fill and overlay are at the image's size, the mask at the output's)")
 # prepare_latents' latent_mask: how the mask comes to latent size. "nearest": the thresholded mask sampled
 # (diffusers' interpolate); "bicubic": the mask (as given: blurred, grey levels) shrunk by PIL's bicubic then
 # rounded (A1111's latmask with mask_round); "bicubic-soft": not rounded (A1111 with mask_round off).
@@ -382,6 +384,9 @@ class Pipeline:
                   "Variation seed strength": s.subseed_strength or None,
                   "Seed resize from": f"{s.seed_resize_from_w}x{s.seed_resize_from_h}" if s.seed_resize else None,
                   "Denoising strength": s.strength if img2img else None,
+                  # A1111 writes its inpainting_mask_weight option (1.0, fastsd's only) for every image of a
+                  # 9-channel model (its is_using_inpainting_conditioning: txt2img and img2img alike)
+                  "Conditional mask weight": 1.0 if self.config.unet.in_channels == 9 else None,
                   "Noise multiplier": (s.initial_noise_multiplier if img2img and s.initial_noise_multiplier != 1
                                        else None),
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
@@ -464,25 +469,31 @@ class Pipeline:
         return (s.num_images, self.config.unet.out_channels, s.height // f, s.width // f)
 
     @torch.no_grad()
-    def prepare_latents(self, s: GenerationSettings, seeds: list[int], *, image: Image.Image | None = None,
+    def prepare_latents(self, s: GenerationSettings, seeds: list[int], *,
+                        image: Image.Image | list[Image.Image] | None = None,
                         mask: Image.Image | None = None, latents: torch.Tensor | None = None,
                         tiled_vae: bool | None = None, masked_content: str = "original",
-                        latent_mask: str = "nearest") -> Prepared:
+                        latent_mask: str = "nearest", fill_seeds: list[int] | None = None,
+                        resize_mode: int = 0) -> Prepared:
         """The start of the loop for settings `s` (width/height resolved): the schedule, each image's seeded
-        generator, the start noise (or `latents`), and for img2img/inpainting the image latents and mask.
+        generator, the start noise (or `latents`), and for img2img/inpainting the image latents and mask (`image`:
+        one for every image, or a list of one per image, A1111's init_images; brought to the size by A1111's
+        `resize_mode`: 0 just resize, 1 crop and resize, 2 resize and fill, 3 encoded at its own size and its latents
+        resized, bilinear: A1111's "just resize (latent upscale)", which takes no mask).
         diffusers' draw order: the VAE posterior noise first, then the start noise. `masked_content` (A1111's
         "Masked content" in latent space): "latent noise" puts each seed's first normal draw (A1111's
-        create_random_tensors) in the image latents under the mask, "latent nothing" zeros; "original" keeps them.
-        `latent_mask`: one of LATENT_MASKS (diffusers' "nearest" or A1111's "bicubic")."""
+        create_random_tensors; of `fill_seeds`, default `seeds`) in the image latents under the mask, "latent
+        nothing" zeros; "original" keeps them. `latent_mask`: one of LATENT_MASKS (diffusers' "nearest" or A1111's
+        "bicubic")."""
         _check_masked_content(masked_content, latent_mask)
         shape = self.latent_shape(s)
         gens = seeded_generators(seeds, source=s.randn_source)
         sched = self.schedule(s.sampler, s.steps, s.schedule_type)
-        init, mask_t = self._image_tensors(s, image, mask)
+        init, mask_t = self._image_tensors(s, image, mask, resize_mode)
         inpaint_model = self.config.unet.in_channels == 9
         x0 = None  # the image latents: the posterior's mean, drawing nothing (A1111's sample draws from torch's global
         if init is not None:  # RNG, which no seed fixes), so the start noise is each seed's first draw, as txt2img's
-            x0 = self.encode_images(init.expand(s.num_images, -1, -1, -1), None, tiled_vae)
+            x0 = self._init_latents(s, init, tiled_vae)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -492,10 +503,10 @@ class Pipeline:
         gens = sampler_generators(s, seeds, gens)
         if init is not None and s.initial_noise_multiplier != 1.0:  # (A1111: img2img's start noise only)
             noise = noise * s.initial_noise_multiplier
-        lat_mask = None if mask_t is None else self._latent_mask(mask, mask_t, shape[2:], latent_mask)
+        lat_mask = None if mask_t is None else self._latent_mask(mask, mask_t, shape[2:], latent_mask, resize_mode)
         if x0 is not None and lat_mask is not None and masked_content != "original":
-            fill = first_draws(seeds, shape[1:], self.device, s.randn_source) if masked_content == "latent noise" \
-                else torch.zeros_like(x0)
+            fill = first_draws(fill_seeds or seeds, shape[1:], self.device, s.randn_source) \
+                if masked_content == "latent noise" else torch.zeros_like(x0)
             x0 = x0 * (1 - lat_mask) + fill * lat_mask
         full = None
         if x0 is None:
@@ -505,8 +516,11 @@ class Pipeline:
             x = x0 + noise * float(sched.sigmas[0])
         p = Prepared(x, sched, gens, x0=x0, full_sigmas=full, seeds=list(seeds))
         p.mask = lat_mask  # (1, 1, h, w) or None
-        if inpaint_model:
-            p.extra["c_concat"] = self._inpaint_concat(s, init, mask_t, tiled_vae)
+        if inpaint_model:  # (A1111 without mask_round: its conditioning mask keeps the grey levels too)
+            cond_mask = mask_t if latent_mask != "bicubic-soft" or mask is None else \
+                _grey_tensor(_at_size(mask.convert("L"), (s.width, s.height), resize_mode))
+            p.extra["c_concat"] = self._inpaint_concat(s, init if isinstance(init, torch.Tensor) else None, cond_mask,
+                                                       tiled_vae)  # (3: no mask, so the masked image is all zeros)
         return p
 
     def _start_noise(self, s: GenerationSettings, seeds: list[int], gens: list[Generator], shape
@@ -527,27 +541,49 @@ class Pipeline:
             small = variation_noise(small, first_draws(subseeds, size, self.device, s.randn_source), s.subseed_strength)
         return paste_centred(noise, small) if resized else small
 
-    def _image_tensors(self, s: GenerationSettings, image, mask):
+    def _image_tensors(self, s: GenerationSettings, image, mask, resize_mode: int = 0):
+        """(init images (B or 1, 3, H, W), mask (1, 1, H, W) or None) at the generation size; resize_mode 3: a list of
+        each init image at its own size (`_init_latents` resizes its latents)."""
         if image is None:
             return None, None
-        check_mask(image, mask)
         size = (s.width, s.height)
-        init = pil_to_tensor(_at_size(image, size))
-        return init, None if mask is None else mask_to_tensor(_at_size(mask, size))
+        images = image if isinstance(image, (list, tuple)) else [image]
+        check_mask(images[0], mask)
+        if len(images) not in (1, s.num_images):
+            raise ValueError(f"image: {len(images)} images for {s.num_images}: give one, or one per image")
+        if resize_mode == 3:
+            if mask is not None:
+                raise ValueError(LATENT_RESIZE_MASK)
+            return [pil_to_tensor(im) for im in images], None
+        init = torch.cat([pil_to_tensor(_at_size(im, size, resize_mode)) for im in images])
+        return init, None if mask is None else mask_to_tensor(_at_size(mask, size, resize_mode))
 
-    def _latent_mask(self, mask: Image.Image, mask_t: torch.Tensor, size: tuple[int, int], how: str) -> torch.Tensor:
+    def _init_latents(self, s: GenerationSettings, init, tiled_vae) -> torch.Tensor:
+        """The image latents of every image (the posterior's mean): `init` encoded, or each of a list (resize_mode 3)
+        encoded at its own size and its latents resized to the generation's, bilinear (A1111's latent upscale)."""
+        if isinstance(init, torch.Tensor):
+            return self.encode_images(init.expand(s.num_images, -1, -1, -1), None, tiled_vae)
+        f = self.config.vae.downscale
+        x0 = torch.cat([torch.nn.functional.interpolate(self.encode_images(t, None, tiled_vae),
+                                                        size=(s.height // f, s.width // f), mode="bilinear")
+                        for t in init])
+        return x0.expand(s.num_images, -1, -1, -1)
+
+    def _latent_mask(self, mask: Image.Image, mask_t: torch.Tensor, size: tuple[int, int], how: str,
+                     resize_mode: int = 0) -> torch.Tensor:
         """(1, 1, h, w) mask at latent size (see LATENT_MASKS)."""
         if how == "nearest":
             return torch.nn.functional.interpolate(mask_t, size=size).to(self.device)
-        grey = _at_size(mask.convert("L"), mask_t.shape[:1:-1])  # (as _image_tensors: to the generation size first)
+        grey = _at_size(mask.convert("L"), mask_t.shape[:1:-1], resize_mode)  # (as _image_tensors: that size first)
         a = np.asarray(grey.resize(size[::-1], Image.BICUBIC), dtype=np.float32) / 255.0
         return torch.from_numpy(np.around(a) if how == "bicubic" else a)[None, None].to(self.device)
 
     def _inpaint_concat(self, s, init, mask_t, tiled_vae) -> torch.Tensor:
         """9-channel UNet: [mask, masked-image latents] beside x; no mask = repaint everything. The mask channel is
-        the thresholded mask sampled to latent size, whatever `latent_mask` (diffusers' and A1111's both)."""
+        `mask_t` (the thresholded mask, diffusers' and A1111's; A1111's grey one without mask_round) sampled to latent
+        size, the masked image the image times 1 - mask (A1111's lerp at its inpainting_mask_weight 1)."""
         m = mask_t if mask_t is not None else torch.ones(1, 1, s.height, s.width)
-        masked = (init if init is not None else torch.zeros(1, 3, s.height, s.width)) * (m < 0.5)
+        masked = (init if init is not None else torch.zeros(1, 3, s.height, s.width)) * (1 - m)
         masked_lat = self.encode_images(masked, None, tiled_vae)
         shape = self.latent_shape(s)
         m_lat = torch.ones(1, 1, *shape[2:]) if mask_t is None else torch.nn.functional.interpolate(mask_t, shape[2:])
@@ -781,7 +817,8 @@ class Pipeline:
                  s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0, randn_source: str = "CPU",
                  enable_hires: bool = False, image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
-                 latent_mask: str = "nearest", infotext_extra: dict | None = None, progress: bool = True,
+                 latent_mask: str = "nearest", fill_seed: int | None = None, resize_mode: int = 0,
+                 infotext_extra: dict | None = None, progress: bool = True,
                  tiled_vae: bool | None = None,
                  on_step: OnStep | None = None, preview_every: int = 1, on_interrupt: str = "raise",
                  allow_large: bool = False, hires_pipe: "Pipeline | None" = None) -> list[Image.Image]:
@@ -791,10 +828,12 @@ class Pipeline:
         The settings keywords are `GenerationSettings`' fields. Image i of a batch uses seed + i (A1111), so
         any image can be made again alone; the hires_* keywords (and enable_hires) run A1111's hires fix
         (`hires_pass`) after txt2img, the infotext keeping the first pass's size as A1111's; `masked_content` and
-        `latent_mask` (inpainting) as `prepare_latents`'; `infotext_extra` goes into each image's infotext
-        (`infotext`); with `subseed_strength` > 0 its start noise is moved toward the noise of
-        `subseed` + i (A1111's variation seed); `seed_resize_from_w` and `_h` (both > 0) draw it as at that size,
-        centred in the real size's (A1111's seed resize, `_start_noise`); `schedule_type` other than "automatic"
+        `latent_mask` (inpainting) as `prepare_latents`' ("latent noise" from the seeds of a run of seed `fill_seed`
+        when given: A1111's server fills every n_iter iteration with its first one's); `resize_mode` (A1111's, 0-3)
+        how `image` (a list: one per image, A1111's init_images) and `mask` come to width x height; `infotext_extra`
+        goes into each image's infotext (`infotext`); with `subseed_strength` > 0 its start noise is moved toward the
+        noise of `subseed` + i (A1111's variation seed); `seed_resize_from_w` and `_h` (both > 0) draw it as at that
+        size, centred in the real size's (A1111's seed resize, `_start_noise`); `schedule_type` other than "automatic"
         walks A1111's noise levels of that name (`schedule`), in both hires passes unless `hires_schedule_type` names the
         second's (A1111's "Hires schedule type"); `hires_prompt` /
         `hires_negative_prompt` (A1111's hr_prompt, hr_negative_prompt) condition the hires pass where not empty. `latents` are unit-variance start noise
@@ -816,10 +855,13 @@ class Pipeline:
                                eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise,
                                randn_source, enable_hires)
         s = twins_as_a1111(s)  # ("DPM2 Karras": A1111's, as the server and --infotext read it)
+        batch = _init_images(image, num_images)  # (A1111's init_images: one, or one per image of the batch)
+        image = batch[0] if batch else None
         _check_inputs(image, mask, latents, on_step, preview_every, infotext_extra)
         progress, allow_large = check_bool(progress, "progress"), check_bool(allow_large, "allow_large")
         tiled_vae, preview_every = check_bool(tiled_vae, "tiled_vae", none=True), plain(preview_every)
-        image = None if image is None else checked_8bit(image, "image")  # (16-bit / float: scaled, not clipped)
+        batch = [checked_8bit(im, f"image[{i}]" if len(batch) > 1 else "image") for i, im in enumerate(batch)]
+        image = batch[0] if batch else None  # (16-bit / float: scaled, not clipped)
         mask = None if mask is None else binary_mask(checked_8bit(mask, "mask"), round_alpha=False)  # (an RGBA
         # mask with transparency is its alpha, as A1111's)
         check_mask(image, mask)
@@ -830,6 +872,11 @@ class Pipeline:
         if on_interrupt not in ("raise", "decode"):
             raise ValueError(f'on_interrupt must be "raise" or "decode", not {on_interrupt!r}')
         _check_masked_content(masked_content, latent_mask)
+        if fill_seed is not None and (isinstance(fill_seed, bool) or not isinstance(fill_seed, int) or fill_seed < 0):
+            raise ValueError(f"fill_seed must be a seed (an integer >= 0), got {fill_seed!r}")
+        if isinstance(resize_mode, bool) or resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of 0 (just resize), 1 (crop and resize), 2 (resize and fill), "
+                             f"3 (latent upscale), got {resize_mode!r}")
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)
         self._loras.check_prompt(s.prompt)
         if s.hires and Counter(parse_prompt(s.hires_prompts()[0])[1]) != Counter(parse_prompt(s.prompt)[1]):
@@ -845,6 +892,10 @@ class Pipeline:
                           stacklevel=2)
         s = self.resolve(s, image)
         s.validate(has_image=image is not None, has_mask=mask is not None, allow_large=allow_large)  # (the size)
+        if resize_mode == 3 and all(im.size == (s.width, s.height) for im in batch):
+            resize_mode = 0  # (nothing to resize: A1111's latent upscale is the identity then)
+        if resize_mode == 3 and mask is not None:
+            raise ValueError(LATENT_RESIZE_MASK)
         seeds = [s.image_seed(i) for i in range(s.num_images)]
         first_steps = prompt_steps(s.sampler, s.steps)  # (A1111's prompt editing counts these)
         negative = [s.negative_prompt] if self.runs_uncond(s) else None
@@ -855,8 +906,11 @@ class Pipeline:
                         or may_have_schedule(h_prompt) or may_have_schedule(h_negative)):
             hires_conds = hp.encode_prompt([h_prompt], [h_negative] if hp.runs_uncond(s) else None,
                                            s.clip_skip, steps=first_steps, hires_steps=s.hires_prompt_steps())
-        p = self.prepare_latents(s, seeds, image=image, mask=mask, latents=latents, tiled_vae=tiled_vae,
-                                 masked_content=masked_content, latent_mask=latent_mask)
+        fill_seeds = None if fill_seed is None else [s.replace(seed=fill_seed).image_seed(i) for i in range(len(seeds))]
+        p = self.prepare_latents(s, seeds, image=batch if len(batch) > 1 else image, mask=mask, latents=latents,
+                                 tiled_vae=tiled_vae,
+                                 masked_content=masked_content, latent_mask=latent_mask, fill_seeds=fill_seeds,
+                                 resize_mode=resize_mode)
         first = len(p.schedule)
         second = hires.second_pass_steps(s.hires_steps or s.steps, s.hires_strength)[1] \
             if s.hires and s.hires_strength > 0 else 0
@@ -908,10 +962,29 @@ class Pipeline:
         return other
 
 
-def _at_size(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """An init image or mask at the generation size (width, height): A1111's resize_image "just resize" (LANCZOS),
-    which A1111 gives the image and its mask alike, whatever the mask's size (diffusers' processors too)."""
-    return image if image.size == tuple(size) else resize_image(0, image, *size)
+def _at_size(image: Image.Image, size: tuple[int, int], resize_mode: int = 0) -> Image.Image:
+    """An init image or mask at the generation size (width, height): A1111's resize_image (its resize_mode, default 0
+    "just resize", LANCZOS), which A1111 gives the image and its mask alike, whatever the mask's size (diffusers'
+    processors too)."""
+    return image if image.size == tuple(size) else resize_image(resize_mode, image, *size)
+
+
+def _init_images(image, num_images) -> list:
+    """generate's `image` as a list (empty for None): a PIL image, or a list / tuple of one per image of the batch
+    (A1111's init_images; image i is image i's init image); TypeError / ValueError (one line) otherwise."""
+    if not isinstance(image, (list, tuple)):
+        return [] if image is None else [image]
+    if not image or any(not isinstance(im, Image.Image) for im in image):
+        raise TypeError("image must be a PIL image or a list of one per image of the batch, got "
+                        f"{[type(im).__name__ for im in image] if image else 'an empty list'}")
+    if len(image) != plain(num_images) and len(image) != 1:
+        raise ValueError(f"image: {len(image)} images for num_images {num_images}: give one, or one per image")
+    return list(image)
+
+
+def _grey_tensor(mask: Image.Image) -> torch.Tensor:
+    """An "L" mask -> (1, 1, H, W) float32 in [0, 1], its grey levels kept."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
 
 
 def _check_masked_content(masked_content: str, latent_mask: str = "nearest") -> None:

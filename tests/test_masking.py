@@ -77,8 +77,8 @@ def test_server_inpainting_as_a1111():
             assert (out[kept] == [200, 30, 30]).all()  # untouched: the init image's own pixels, not the VAE's
             assert np.abs(out[28:36, 28:36] - [200, 30, 30]).max() > 20  # repainted inside
             assert info(r)["warnings"] == []
-        r = c.post("/sdapi/v1/img2img", json={**body, "mask_blur": 65})
-        assert r.status_code == 422 and "mask_blur must be 0..64" in json.dumps(r.json())
+        r = c.post("/sdapi/v1/img2img", json={**body, "mask_blur": 513})
+        assert r.status_code == 422 and "mask_blur must be at most 512" in json.dumps(r.json())
         # the 9-channel inpainting model gets the same overlay
         r = c.post("/sdapi/v1/img2img", json={**body, "override_settings": {
             "sd_model_checkpoint": "random:tiny-inpainting"}})
@@ -481,7 +481,8 @@ def test_masked_content_replaces_the_masked_latents(content, monkeypatch):
 def test_latent_mask_is_a1111s_latmask(how):
     """latent_mask="bicubic" (the server's, A1111's way): the blurred mask shrunk to latent size as A1111's
     processing.py does (PIL's default resize of the RGB mask, / 255, np.around with mask_round; not rounded
-    without), where diffusers' "nearest" samples the thresholded mask; the 9-channel concat keeps the latter."""
+    without), where diffusers' "nearest" samples the thresholded mask; the 9-channel concat keeps the latter, but
+    without mask_round (A1111's torch.round is skipped then: tests/test_inpaint_a1111.py)."""
     import torch
 
     import fastsd
@@ -503,7 +504,8 @@ def test_latent_mask_is_a1111s_latmask(how):
     inpaint = fastsd.load_pipeline("random:tiny-inpainting", device="cpu", dtype="fp32", backend="torch")
     a = inpaint.prepare_latents(s, [5], image=image, mask=blurred, latent_mask=how).extra["c_concat"]
     b = inpaint.prepare_latents(s, [5], image=image, mask=blurred).extra["c_concat"]
-    assert torch.equal(a, b)  # A1111's 9-channel conditioning samples the rounded mask (nearest), as diffusers
+    assert torch.equal(a, b) == (how == "bicubic")  # A1111's 9-channel conditioning samples the rounded mask
+    # (nearest), as diffusers, unless mask_round is off
 
 
 def test_cli_a1111_inpainting(tmp_path, capsys):
@@ -554,22 +556,23 @@ def test_flatten_puts_rgba_over_white():
 
 
 def test_server_resize_modes():
-    """img2img's resize_mode as A1111's: 1 crops and resizes, 2 resizes and fills; 3 (latent upscale) warned."""
+    """img2img's resize_mode as A1111's: 1 crops and resizes, 2 resizes and fills, 3 resizes the latents (tests/
+    test_inpaint_a1111.py); another value runs as 2, warned."""
     init = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 96, 3), dtype=np.uint8))
     body = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 3, "denoising_strength": 0.25,
             "init_images": [png_b64(init)]}  # (A1111's img2img: 2 steps, from the 3rd level)
     server = main_server()
     outs = {}
     with server.client() as c:
-        for mode in (0, 1, 2, 3):
+        for mode in (0, 1, 2, 3, 7):
             r = c.post("/sdapi/v1/img2img", json={**body, "resize_mode": mode})
             assert r.status_code == 200, r.text
             outs[mode] = np.asarray(decode(r.json()["images"][0])).astype(int)
             notes = [w for w in info(r)["warnings"] if w.startswith("resize_mode")]
-            assert bool(notes) == (mode == 3), notes
+            assert bool(notes) == (mode == 7), notes
     for mode in (1, 2):  # (another init image: most values change, on random weights by a little)
         assert (outs[mode] != outs[0]).mean() > 0.5 and np.abs(outs[mode] - outs[0]).mean() > 0.5
-    assert (outs[3] == outs[0]).all()
+    assert (outs[7] == outs[2]).all() and (outs[3] != outs[0]).any()
 
 
 def _grey_mask(size, seed=4) -> Image.Image:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from serve_server import Server, decode, in_process, info, png_b64
 
 from fastsd import Interrupted
+from fastsd.config import TINY
 from fastsd.settings import SEED_LIMIT, GenerationSettings
 from fastsd.serve.generation import PNG_INFO_DEFAULTS
 
@@ -300,6 +301,7 @@ def test_run_plan_skip_moves_to_the_next_iteration():
 
     class Pipe:  # Pipeline.generate's contract: on_interrupt="decode" gives the images at the step left
         vae_name = None  # (the model's own VAE: for the answer's sd_vae_name / sd_vae_hash)
+        config = TINY  # (a 4-channel model: info.is_using_inpainting_conditioning)
 
         def vae_hash(self):
             return None
@@ -322,6 +324,7 @@ def test_run_plan_skip_moves_to_the_next_iteration():
     out = run_plan(plan, job, Networks(None, None), Vaes(None))
     meta = json.loads(out["info"])
     assert meta["infotexts"] == ["Seed: 10", "Seed: 11, half", "Seed: 12"] and meta["interrupted"] is False
+    assert meta["version"] == "fastsd" and meta["is_using_inpainting_conditioning"] is False
     assert meta["warnings"] == ["skipped at step 2 of iteration 2; its 1 image(s) are that step's prediction, "
                                 "not finished"]
     assert not job.halted  # the worker counts the job as finished, not interrupted

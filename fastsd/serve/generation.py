@@ -36,7 +36,7 @@ from fastsd.settings import SEED_LIMIT, GenerationSettings, is_finite
 log = logging.getLogger("fastsd.serve")
 
 SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
-MAX_MASK_BLUR = 64  # px, each way
+MAX_MASK_BLUR = 512  # px, each way (A1111's slider stops at 64, its API at nothing; the blur's cost grows with it)
 # A1111's inpainting_fill ("Masked content"): 0 fill, 1 original, 2 latent noise, 3 latent nothing (0, 2 and 3 fill
 # the image under the mask; 2 and 3 then replace its latents there: Pipeline.generate's masked_content)
 LATENT_FILL = {0: "original", 1: "original", 2: "latent noise", 3: "latent nothing"}
@@ -73,6 +73,8 @@ class Plan:
     hires_model: object = None              # hr_checkpoint_name's registry.ModelEntry, None: the model's own
     subseed: int = -1                       # the subseed asked or drawn (info.subseed), used only with a strength
     image_format: tuple[str, int] = ("png", 80)  # A1111's samples_format, jpeg_quality: the answer's images
+    more: tuple = ()                        # init images 2.. (masking.Inpaint): image i of a batch starts from init i
+    resize_mode: int = 0                    # Pipeline.generate's: 3 = A1111's latent upscale of the init image
 
 
 def a1111_names(message: str) -> str:
@@ -345,11 +347,14 @@ def _sigma_params(req, sampler: str, options: dict, warnings: list[str]) -> dict
 
 
 def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings: list[str]
-            ) -> tuple[masking.Inpaint, dict]:
-    """The init image (and mask) as the model gets them, made here (A1111's resize_mode 0-2, LANCZOS) so a job waiting
+            ) -> tuple[list[masking.Inpaint], dict, int]:
+    """The init images (and mask) as the model gets them, made here (A1111's resize_mode 0-3, LANCZOS) so a job waiting
     in the queue holds images, not base64 text; for a mask, A1111's inpainting: the mask blurred, "only masked"
     (inpaint_full_res, its default) or the whole picture, "fill" or "original" content, the overlay laid over each
-    result (and where, for "only masked"); and A1111's inpainting keys for the infotext."""
+    result (and where, for "only masked"); and A1111's inpainting keys for the infotext. One Inpaint per init image
+    (A1111's init_images: one per image of the batch); and the resize mode Pipeline.generate runs: 3 ("just resize
+    (latent upscale)": the image kept at its size, its latents resized) where no mask or crop took the image to the
+    size, else 0."""
     if not req.init_images:
         raise BadRequest("init_images: img2img needs at least one base64 image")
     if req.mask and req.inpaint_full_res and req.inpaint_full_res_padding < 0:
@@ -357,27 +362,74 @@ def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings
     if req.mask and req.inpainting_fill not in LATENT_FILL:
         raise BadRequest(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
                          f"got {req.inpainting_fill}")
-    image = masking.flatten(limits.decode_image(req.init_images[0], "init_images[0]"))  # RGBA over white (A1111)
-    resize_mode = req.resize_mode if req.resize_mode in (0, 1, 2) else 0  # (3, latent upscale: warned, as 0)
+    images = [masking.flatten(limits.decode_image(data, f"init_images[{i}]"))  # RGBA over white (A1111)
+              for i, data in enumerate(req.init_images)]
+    mode = req.resize_mode if req.resize_mode in masking.RESIZE_MODES else 2  # (A1111's resize_image: any other is 2)
     if req.mask:  # as A1111: binary (an RGBA mask's alpha), inverted, blurred; then cut/resized, filled, overlaid
         mask = masking.binary_mask(limits.decode_image(req.mask, "mask"), round_alpha=req.mask_round)
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
         blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x,
                                                                                              req.mask_blur_y)
-        if not (0 <= blur_x <= MAX_MASK_BLUR and 0 <= blur_y <= MAX_MASK_BLUR):
-            raise BadRequest(f"mask_blur must be 0..{MAX_MASK_BLUR} (A1111's slider), got {blur_x}, {blur_y} (x, y)")
+        if max(blur_x, blur_y) > MAX_MASK_BLUR:  # (as A1111, a blur <= 0 is none)
+            raise BadRequest(f"mask_blur must be at most {MAX_MASK_BLUR} (px; 0 or less: no blur), got {blur_x}, "
+                             f"{blur_y} (x, y)")
+        if req.inpaint_full_res and len({im.size for im in images}) > 1:
+            sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
+            raise BadRequest("init_images: with a mask and inpaint_full_res the images must have one size (A1111 "
+                             f"cuts one region out of each), got {sizes}")
         req.init_images, req.mask = None, None  # the base64 text is not kept while the job waits
-        got = masking.prepare(image, masking.blur(mask, blur_x, blur_y), size,
-                              only_masked=req.inpaint_full_res, padding=req.inpaint_full_res_padding,
-                              fill_content=req.inpainting_fill != 1, resize_mode=resize_mode)
-        if got.note:
-            warnings.append(got.note)
-        return got, masking.infotext_params(got, blur_x=blur_x, blur_y=blur_y, invert=bool(req.inpainting_mask_invert),
-                                            padding=req.inpaint_full_res_padding, fill=req.inpainting_fill)
+        if mode == 3 and not req.inpaint_full_res:
+            mode = _latent_resize_with_mask(images, size)
+        blurred = masking.blur(mask, blur_x, blur_y)
+        got = [masking.prepare(im, blurred, size, only_masked=req.inpaint_full_res,
+                               padding=req.inpaint_full_res_padding, fill_content=req.inpainting_fill != 1,
+                               resize_mode=mode) for im in images]
+        if got[0].note:
+            warnings.append(got[0].note)
+        extra = masking.infotext_params(got[0], blur_x=blur_x, blur_y=blur_y, invert=bool(req.inpainting_mask_invert),
+                                        padding=req.inpaint_full_res_padding, fill=req.inpainting_fill)
+        if got[0].mask is None and mode == 3:  # (a blank mask's fallback: plain img2img, its latents resized)
+            _encodable(images, limits)
+        return got, extra, mode if got[0].mask is None else 0
     req.init_images = None
-    return masking.Inpaint(masking.resize_image(resize_mode, image, *size) if image.size != size else image, None,
-                           None), {}
+    if mode == 3:
+        _encodable(images, limits)
+        return [masking.Inpaint(im, None, None) for im in images], {}, 3
+    return [masking.Inpaint(masking.resize_image(mode, im, *size) if im.size != size else im, None, None)
+            for im in images], {}, 0
+
+
+def _encodable(images: list, limits: Limits) -> None:
+    """resize_mode 3 encodes each init image at its own size (A1111's): BadRequest for one above --max-size."""
+    for i, im in enumerate(images):
+        if max(im.size) > limits.max_side:
+            raise BadRequest(f"init_images[{i}] is {im.width}x{im.height} pixels: resize_mode 3 (latent upscale) "
+                             f"encodes it at that size, above this server's limit of {limits.max_side} px (--max-size)")
+
+
+def _latent_resize_with_mask(images: list, size: tuple[int, int]) -> int:
+    """resize_mode 3 with a mask on the whole picture: A1111 fills and overlays the image at its own size against a
+    mask at width x height, which fails unless they are one size (then it is "just resize"): 0, or BadRequest."""
+    if any(im.size != size for im in images):
+        raise BadRequest(f"resize_mode 3 (latent upscale) with a mask needs inpaint_full_res or init images of the "
+                         f"output size {size[0]}x{size[1]} (A1111 fails on it), got {images[0].width}x"
+                         f"{images[0].height}")
+    return 0
+
+
+def _batch_size(req, warnings: list[str]) -> int:
+    """img2img's images per iteration: A1111's batch_size, or the number of init_images when there are several
+    (image i of the batch starts from init image i; more than batch_size are refused, as A1111 does)."""
+    count = len(req.init_images or ())
+    if count <= 1 or count == req.batch_size:
+        return req.batch_size
+    if count > req.batch_size:
+        raise BadRequest(f"init_images: {count} images for batch_size {req.batch_size}: one per image of the batch, "
+                         "at most batch_size (A1111: \"bad number of images passed\")")
+    warnings.append(f"batch_size {req.batch_size}: {count} init_images given, so {count} images per iteration (one "
+                    "per init image, as A1111)")
+    return count
 
 
 def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
@@ -434,8 +486,9 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     img2img = kind == "img2img"
     if img2img and req.initial_noise_multiplier is not None:  # (A1111: the request's, else the option's)
         sampling["initial_noise_multiplier"] = req.initial_noise_multiplier
+    batch_size = _batch_size(req, warnings) if img2img else req.batch_size
     s = GenerationSettings(prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler, seed, size["width"],
-                           size["height"], req.batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
+                           size["height"], batch_size, req.denoising_strength if img2img else 0.8, clip_skip,
                            subseed, req.subseed_strength, **_hires(req, sampler, schedule_type, limits, warnings, server.upscalers),
                            **_seed_resize(req, limits, warnings), schedule_type=schedule_type,
                            s_min_uncond=req.s_min_uncond or 0.0, eta=eta, **sigma, **sampling)
@@ -445,13 +498,14 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     except (TypeError, ValueError) as e:
         raise BadRequest(a1111_names(str(e))) from None
     hires_model = _hires_model(req, s, model, server)
-    got, extra = _images(req, limits, (s.width, s.height), warnings) if img2img else (masking.Inpaint(None, None, None),
-                                                                                      {})  # last
+    inits, extra, resize_mode = _images(req, limits, (s.width, s.height), warnings) if img2img else \
+        ([masking.Inpaint(None, None, None)], {}, 0)  # last
+    got = inits[0]
     params = req.model_dump() | asked  # init_images and mask are not echoed (A1111 sends them back only on request)
     return Plan(kind, model, s, req.n_iter, got.image, got.mask, loras, tuple(warnings), req.send_images, params,
                 got.overlay, got.paste_to, LATENT_FILL[req.inpainting_fill] if img2img and got.mask else "original",
                 "bicubic" if not img2img or req.mask_round else "bicubic-soft", extra, tuple(req.styles or ()), vae,
-                hires_model, drawn, fmt)
+                hires_model, drawn, fmt, tuple(inits[1:]), resize_mode)
 
 
 # What PIL puts in Image.info that is not a text of the file's (A1111's png-info leaves these out too).
@@ -557,12 +611,15 @@ def run_plan(plan: Plan, job, networks, vaes) -> dict:
         shift = it * s.num_images  # iteration it's images: seed + shift + i (and subseed + shift + i)
         subseed = None if s.subseed is None else s.subseed + shift
         got = pipe.generate(**s.replace(seed=s.image_seed(shift), subseed=subseed
-                                        ).kwargs(), image=plan.image,
+                                        ).kwargs(), image=[plan.image, *(m.image for m in plan.more)] if plan.more
+                            else plan.image, resize_mode=plan.resize_mode,
                             mask=plan.mask, masked_content=plan.masked_content,
-                            latent_mask=plan.latent_mask, infotext_extra=plan.infotext_extra, progress=False, on_step=on_step,
+                            latent_mask=plan.latent_mask, fill_seed=s.seed,  # (A1111: the 1st iteration's noise)
+                            infotext_extra=plan.infotext_extra, progress=False, on_step=on_step,
                             on_interrupt="decode", allow_large=True, hires_pipe=hires_pipe)
-        images += [masking.apply_overlay(im, plan.overlay, plan.paste_to) for im in got] if plan.overlay is not None \
-            else got
+        overlays = [(plan.overlay, plan.paste_to), *((m.overlay, m.paste_to) for m in plan.more)]
+        images += [masking.apply_overlay(im, *overlays[min(i, len(overlays) - 1)])
+                   if overlays[min(i, len(overlays) - 1)][0] is not None else im for i, im in enumerate(got)]
         if left_at:
             if job.stopped:
                 stopped_at = (it, left_at[0], len(got))
@@ -597,10 +654,11 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
             "sd_model_name": entry.name, "sd_model_hash": entry.hash or "", "sd_vae_name": entry.pipe.vae_name,
             "sd_vae_hash": entry.pipe.vae_hash(),
             "seed_resize_from_w": s.seed_resize_from_w or -1, "seed_resize_from_h": s.seed_resize_from_h or -1,
-            "denoising_strength": s.strength if plan.kind == "img2img" else s.hires_strength if s.hires else None, "extra_generation_params": {},
-            "index_of_first_image": 0, "infotexts": infotexts, "styles": list(plan.styles), "job_timestamp":
-            time.strftime("%Y%m%d%H%M%S"), "clip_skip": s.clip_skip, "is_using_inpainting_conditioning":
-            plan.mask is not None and entry.pipe.config.unet.in_channels == 9, "version": "fastsd",
+            "denoising_strength": s.strength if plan.kind == "img2img" else s.hires_strength if s.hires else None,
+            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
+            "styles": list(plan.styles), "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": s.clip_skip,
+            # (A1111: true for any run of a 9-channel model, txt2img too)
+            "is_using_inpainting_conditioning": entry.pipe.config.unet.in_channels == 9, "version": "fastsd",
             "interrupted": stopped_at is not None, "warnings": warnings}
     return {"images": encoded, "parameters": plan.parameters,
             "info": json.dumps(info)}

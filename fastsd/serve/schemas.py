@@ -172,11 +172,9 @@ class Img2ImgRequest(_Request):
 
     def unhonoured(self) -> list[str]:
         notes = super().unhonoured()
-        if self.resize_mode not in (0, 1, 2) and not (self.mask and self.inpaint_full_res):
-            notes.append(f"resize_mode {self.resize_mode}: 0 (just resize), 1 (crop and resize) and 2 (resize and "
-                         "fill) are supported; the image was just resized")
-        if self.init_images and len(self.init_images) > 1:
-            notes.append(f"init_images: {len(self.init_images)} given, the first one is used")
+        if self.resize_mode not in (0, 1, 2, 3):
+            notes.append(f"resize_mode {self.resize_mode}: A1111's are 0 (just resize), 1 (crop and resize), 2 (resize "
+                         "and fill) and 3 (latent upscale); run as 2, as A1111's resize_image does")
         if self.latent_mask:
             notes.append("latent_mask: not supported, ignored")
         if self.include_init_images:
