@@ -49,8 +49,8 @@ def test_jsonl_csv_txt_defaults_ids_and_seeds(tmp_path):
     assert c.loras == (("x", 0.5), ("y", 1.0))
     tagged = read_job_file(write(tmp_path / "t.jsonl", '{"prompt": "a <lora:z:0.3> cat", "loras": ["x"]}\n'), d)[0]
     assert tagged.loras == (("x", 1.0), ("z", 0.3)) and tagged.settings.prompt == "a <lora:z:0.3> cat"
-    pair = read_job_file(write(tmp_path / "p.jsonl", '{"prompt": "a <lora:z:1:0.5> cat", "loras": ["x:0.2:0.4", "w:1:1"]}\n'),
-                         d)[0]  # A1111's TE:UNET weights, in a tag and in the loras field
+    pair = read_job_file(write(tmp_path / "p.jsonl", '{"prompt": "a <lora:z:1:0.5> cat", '
+                               '"loras": ["x:0.2:0.4", "w:1:1"]}\n'), d)[0]  # A1111's TE:UNET weights, tag and field
     assert pair.loras == (("x", (0.2, 0.4)), ("w", 1.0), ("z", (1.0, 0.5)))
     assert pair.manifest_settings()["loras"] == ["x:0.2:0.4", "w:1", "z:1:0.5"]
     assert text_prompts(tagged) == ("a  cat", "")  # what the text encoder sees (as fastsd.serve)
@@ -205,7 +205,8 @@ def test_loras_by_a1111_alias(tmp_path):
 
 def test_plan_batches_groups_compatible_jobs():
     """Same size, steps, sampler, cfg, clip skip, LoRAs and prompt chunk count (prompt or negative) share a
-    batch, in the order of each group's first job, up to `batch` jobs."""
+    batch, in the order of each group's first job, up to `batch` jobs; the groups of one LoRA set run together (at
+    --batch 1 too: a file cycling through LoRA styles unloaded and merged weights at every job)."""
     from fastsd.batch.jobs import make_jobs, plan_batches, records_from_list
     from fastsd.tokenizer import Tokenizer
 
@@ -215,8 +216,11 @@ def test_plan_batches_groups_compatible_jobs():
             {"prompt": "g"}, {"prompt": "h", "sampler": "ddim"}, {"prompt": "i", "steps": 3}, {"prompt": "j"}]
     jobs = make_jobs(records_from_list(recs), SMALL)
     plan = [[j.settings.prompt[:1] for j in b] for b in plan_batches(jobs, 2, Tokenizer())]
-    assert plan == [["a", "c"], ["g", "j"], ["b"], ["a", "d"], ["e"], ["f"], ["h"], ["i"]]
-    assert plan_batches(jobs, 1, None) == [[j] for j in jobs]
+    assert plan == [["a", "c"], ["g", "j"], ["b"], ["a", "d"], ["e"], ["h"], ["i"], ["f"]]
+    assert plan_batches(jobs, 1, None) == [[j] for j in jobs if j.settings.prompt != "f"] + [[jobs[6]]]
+    styles = make_jobs(records_from_list([{"prompt": p, "loras": [s]} for p in "abc" for s in ("x", "y", "z")]), SMALL)
+    assert [b[0].loras[0][0] + b[0].settings.prompt for b in plan_batches(styles, 1, None)] == [
+        "xa", "xb", "xc", "ya", "yb", "yc", "za", "zb", "zc"]
 
 
 def test_batched_jobs_give_the_pngs_of_jobs_run_alone(tmp_path, capsys):
@@ -670,6 +674,21 @@ def test_an_edited_job_reusing_an_id_is_named_and_its_image_kept(tmp_path, capsy
     assert rows[0]["status"] == "done" and (tmp_path / "out" / "pic.png").read_bytes() == made
     run([{"prompt": "a red cat", "id": "pic"}], defaults=SMALL, out=out, **TINY)  # the same job again: nothing said
     assert "other settings" not in capsys.readouterr().err
+
+
+def test_a_failed_job_edited_under_its_id_runs_again(tmp_path, capsys):
+    """A job that failed at run time (a missing LoRA), then fixed in the job file under the same id: the rerun runs
+    it (was: skipped as failed for ever, exit 1, nothing said); an unchanged failed job stays skipped."""
+    out, loras = str(tmp_path / "out"), str(tmp_path)
+    jobs = [{"prompt": "a cat <lora:missing:1>", "id": "x"}, {"prompt": "a dog <lora:missing:1>", "id": "y"}]
+    rows = run(jobs, defaults=SMALL, out=out, lora_dir=loras, **TINY)
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    capsys.readouterr()
+    rows = run([{"prompt": "a cat", "id": "x"}, jobs[1]], defaults=SMALL, out=out, lora_dir=loras, **TINY)
+    assert [r["status"] for r in rows] == ["done", "failed"] and (tmp_path / "out" / "x.png").is_file()
+    err = capsys.readouterr().err
+    assert "line 1: job x failed before with other settings (loras ['missing:1'] then, [] now): it runs again" in err
+    assert [r["id"] for r in manifest(out)] == ["x", "y", "x"]
 
 
 def test_folders_from_the_environment_are_checked_as_the_options(tmp_path, capsys, monkeypatch):

@@ -95,17 +95,40 @@ def test_killed_actor_its_jobs_run_elsewhere_each_once(cluster, tmp_path, capsys
 
 
 def test_no_room_is_one_line_and_relative_paths_reach_the_workers(cluster, tmp_path, monkeypatch):
-    """A worker the whole cluster can't hold is refused up front (Ray would wait for ever), and folders given
-    relative to this process' folder reach workers whose folder is another (the cluster's) as absolute paths."""
+    """A worker the whole cluster can't hold is refused up front (Ray would wait for ever), and folders and files
+    given relative to this process' folder (options, and a job's LoRA and upscaler files) reach workers whose folder
+    is another (the cluster's) as absolute paths."""
     from test_batch import write_tiny_upscaler
 
     with pytest.raises(ValueError, match="no room for one worker of --cpus-per-worker 3"):
         run(["a cat"], model="random:tiny", out=str(tmp_path / "none"), defaults=SMALL, ray="auto",
             cpus_per_worker=3, progress=False)
     assert not (tmp_path / "none").exists()
+    import safetensors.torch
+    import torch
+    from PIL import Image
+
+    from fastsd.config import TINY
+    from fastsd.models.vae import AutoencoderKL
+
     (tmp_path / "ups").mkdir()
     write_tiny_upscaler(tmp_path / "ups" / "4x-Tiny.safetensors")
+    (tmp_path / "emb").mkdir()  # (and --embeddings-dir, --vae: added with them)
+    safetensors.torch.save_file({"emb_params": torch.ones(1, TINY.clip.hidden_size)}, str(tmp_path / "emb" / "owlish"
+                                                                                          ".safetensors"))
+    safetensors.torch.save_file({k: v.contiguous() for k, v in AutoencoderKL(TINY.vae).state_dict().items()},
+                                str(tmp_path / "myvae.safetensors"))
     monkeypatch.chdir(tmp_path)  # (the cluster's workers started in the folder before)
-    out = run([{"prompt": "an owl", "seed": 5, "hires_scale": 1.25, "hires_upscaler": "4x-Tiny"}], model="random:tiny",
-              out="rel", defaults=SMALL, ray="auto", workers=1, progress=False, upscaler_dir="ups")
-    assert [r["status"] for r in out] == ["done"], out
+    import fastsd
+    from fastsd.testing_lora import write_random_lora
+
+    write_random_lora("ups/ink.safetensors", fastsd.load_pipeline("random:tiny"), fmt="kohya_ldm", rank=4, seed=1)
+    jobs = [{"prompt": "an owlish owl", "seed": 5, "hires_scale": 1.25, "hires_upscaler": "4x-Tiny"},
+            {"prompt": "a cat", "seed": 6, "hires_scale": 1.25, "hires_upscaler": "ups/4x-Tiny.safetensors",
+             "loras": ["ups/ink.safetensors:0.5"]}]  # (job files relative to this folder: failed on the workers)
+    out = run(jobs, model="random:tiny", out="rel", defaults=SMALL, ray="auto", workers=1, progress=False,
+              upscaler_dir="ups", embeddings_dir="emb", vae="myvae.safetensors")
+    assert [r["status"] for r in out] == ["done", "done"], out
+    assert out[1]["settings"]["loras"] == ["ups/ink.safetensors:0.5"]  # (the manifest keeps the job as written)
+    with Image.open(tmp_path / "rel" / out[0]["file"]) as im:
+        assert 'TI hashes: "owlish: ' in im.text["parameters"] and "VAE: myvae" in im.text["parameters"]

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m fastsd.batch", formatter_class=HelpFormatter,
                        description="Many images from a job file, resumable; in this process or on a Ray "
                        "cluster. A field a job leaves out takes the option's value below.")
-    p.add_argument("jobs", help=".jsonl (one JSON object a line), .csv (with a header) or .txt (one prompt a line)")
+    p.add_argument("jobs", help=".jsonl (one JSON object a line), .csv (with a header), .txt (one prompt a line), "
+                   "or - (standard input: JSONL or one prompt a line)")
     p.add_argument("--model", help="as python -m fastsd.generate --model; none given: $FASTSD_MODEL, else the only "
                    "SD1.x model in the local HF cache")
     p.add_argument("--out", required=True, help="output folder: ID.png per job and manifest.jsonl")
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="LoRA for jobs without a "
                    "'loras' field (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where LoRA names are looked up; none given: $FASTSD_LORA_DIR")
+    p.add_argument("--vae", default=None, help="replace the model's VAE, as python -m fastsd.generate --vae (an LDM "
+                   "VAE file, a diffusers VAE folder, or taesd:PATH)")
+    p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings the prompts may name by file "
+                   "name, as python -m fastsd.generate; none given: $FASTSD_EMBEDDINGS_DIR")
     p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="upscaler models (ESRGAN, Real-ESRGAN, "
                    "SwinIR .pth / .safetensors; A1111's models/ESRGAN) that --hires-upscaler and the jobs' "
                    "hires_upscaler name by file name; none given: $FASTSD_UPSCALER_DIR")
@@ -60,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "host:6379 / ray://host:10001")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="Ray actors; none given: as many as fit the cluster")
-    p.add_argument("--cpus-per-worker", type=_resources(True), default=1, help="Ray CPUs per actor (its threads)")
-    p.add_argument("--gpus-per-worker", type=_resources(False), default=0, help="Ray GPUs per actor")
+    p.add_argument("--cpus-per-worker", type=_resources(True), default=None, help="Ray CPUs per actor (its threads); "
+                   "none given: 1")
+    p.add_argument("--gpus-per-worker", type=_resources(False), default=None, help="Ray GPUs per actor; none given: 0")
     p.add_argument("--device", default=None, help="cpu or cuda; none given: cuda when available")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="as python -m fastsd.generate")
     add_backend_arg(p)
@@ -72,10 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RAY_OPTIONS = ("workers", "cpus_per_worker", "gpus_per_worker")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     one_line_warnings()
+    ray_only = [f"--{n.replace('_', '-')}" for n in RAY_OPTIONS if getattr(args, n) is not None]
+    if args.ray is None and ray_only:  # (a run in this process has one worker: these would do nothing)
+        return fail(f"{ray_only[0]} is for Ray workers: add --ray (a cluster on this machine) or --ray ADDRESS")
     if args.ray is not None:
         from fastsd.batch.ray_pool import ray_missing
 
@@ -119,11 +131,12 @@ def _run(args: argparse.Namespace) -> int:
     summary: dict = {}
     try:
         rows = run(args.jobs, model=model, out=args.out, ray=args.ray, batch=args.batch, workers=args.workers,
-                   cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, defaults=defaults,
+                   cpus_per_worker=args.cpus_per_worker or 1, gpus_per_worker=args.gpus_per_worker or 0,
+                   defaults=defaults,
                    retry_failed=args.retry_failed, progress=not args.no_progress, device=args.device,
                    dtype=args.dtype, backend=args.backend, threads=args.threads, lora_dir=args.lora_dir,
                    upscaler_dir=args.upscaler_dir, always_batch=args.always_batch, allow_large=args.allow_large,
-                   summary=summary)
+                   summary=summary, vae=args.vae, embeddings_dir=args.embeddings_dir)
     except OutputWriteError as e:  # mid-run: what was recorded before stays
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""Job files -> jobs: JSONL, CSV with a header, or a prompts-only .txt; one job (one image) per record.
+"""Job files -> jobs: JSONL, CSV with a header, or a prompts-only .txt (or "-", standard input: JSONL or prompts);
+one job (one image) per record.
 
 A field a record leaves out takes the command line's default (`Defaults`). Each job gets a stable id: the
 record's `id`, or `LLLLL-<hash>` from its line number and its resolved settings, so the same file with the
@@ -13,7 +14,8 @@ follows the same rule with `--subseed`.
 
 The hires fix, variation seeds and seed resize are fields too: the hires fix's second pass runs per job (the worker),
 and a job with a variation seed never shares a batch (`batch_key`). A1111's API names are aliases (hr_scale,
-denoising_strength, ...), and its `enable_hr` switches the hires fix on or off.
+denoising_strength, ...), and its `enable_hr` switches the hires fix on or off; the keys of its txt2img payloads
+that change nothing in a one-image job (batch_size 1, send_images, ...) are taken and dropped.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
@@ -33,6 +36,7 @@ from fastsd.settings import FIELDS as SETTINGS
 from fastsd.settings import SEED_LIMIT, GenerationSettings
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
+STDIN = "-"  # the job file read from standard input: JSONL when its first line (not blank, not '#') starts with '{'
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_SIDE = 512  # as Pipeline.resolve
 
@@ -58,6 +62,15 @@ ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": 
            "hr_second_pass_steps": "hires_steps", "denoising_strength": "hires_strength",
            "hr_upscaler": "hires_upscaler", "hr_sampler_name": "hires_sampler", "hr_scheduler": "hires_scheduler",
            "hr_prompt": "hires_prompt", "hr_negative_prompt": "hires_negative_prompt"}
+# A1111's txt2img payload keys that change nothing in a one-image job at these values (as its clients send them), and
+# keys that never change the image (what A1111 does with the image afterwards): both taken and dropped
+A1111_NEUTRAL = {"batch_size": 1, "n_iter": 1, "restore_faces": False, "tiling": False, "styles": [],
+                 "override_settings": {}, "script_name": None, "script_args": [], "alwayson_scripts": {},
+                 "disable_extra_networks": False, "refiner_checkpoint": None}
+IMAGES_KEYS = ("batch_size", "n_iter")
+A1111_IGNORED = ("send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
+                 "override_settings_restore_afterwards", "force_task_id", "comments", "outpath_samples",
+                 "outpath_grids", "prompt_for_display")
 INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "hires_height", "hires_steps", "subseed",
               "seed_resize_from_w", "seed_resize_from_h", "eta_noise_seed_delta")
 FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond", "eta",
@@ -166,10 +179,15 @@ class JobFileError(ValueError):
 # ---- reading records ---------------------------------------------------------------------------------
 
 def read_job_file(path: str, defaults: Defaults, *, allow_large: bool = False) -> list[Job | BadJob]:
+    """The jobs of a .jsonl / .csv / .txt file, or of standard input for "-" (JSONL or one prompt a line)."""
+    if path == STDIN:
+        text = _read_stdin()
+        fmt = "jsonl" if next((t.lstrip()[:1] for t in _lines(text) if not _skipped(t)), "") == "{" else "txt"
+        return _file_jobs(path, text, fmt, defaults, allow_large)
     fmt = FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise JobFileError(f"{path}: unknown job file type; use .jsonl (one JSON object a line), .csv (with a "
-                           "header) or .txt (one prompt a line)")
+                           "header), .txt (one prompt a line) or - (standard input)")
     if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
         raise JobFileError(f"{path}: not a regular file (a FIFO, device or socket: reading it may never end)")
     try:
@@ -183,6 +201,18 @@ def read_job_file(path: str, defaults: Defaults, *, allow_large: bool = False) -
         raise JobFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise JobFileError(f"{path}: can't read ({e.strerror})") from None
+    return _file_jobs(path, text, fmt, defaults, allow_large)
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise JobFileError(f"{STDIN} (standard input): not UTF-8 text (byte {e.start})") from None
+
+
+def _file_jobs(path: str, text: str, fmt: str, defaults: Defaults, allow_large: bool) -> list[Job | BadJob]:
     records = {"jsonl": _jsonl_records, "csv": _csv_records, "txt": _txt_records}[fmt](text)
     try:
         jobs = make_jobs(records, defaults, allow_large=allow_large)
@@ -199,10 +229,15 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+def _skipped(line: str) -> bool:
+    """A blank line or a '#' comment (no JSON line starts with '#')."""
+    return not line.strip() or line.lstrip().startswith("#")
+
+
 def _jsonl_records(text: str):
-    """(line, record dict | error str, raw line) per non-blank line."""
+    """(line, record dict | error str, raw line) per line that is not blank or a '#' comment."""
     for n, raw in enumerate(_lines(text), 1):
-        if not raw.strip():
+        if _skipped(raw):
             continue
         try:
             rec = json.loads(raw)
@@ -228,6 +263,8 @@ def _csv_records(text: str):
         return
     except csv.Error as e:  # (a header cell above the csv module's field limit)
         raise JobFileError(f"invalid CSV header ({e})") from None
+    if twice := next((h for h in header if h and header.count(h) > 1), None):
+        raise JobFileError(f"the CSV header names {twice!r} twice")
     start = reader.line_num + 1
     while True:
         try:
@@ -252,10 +289,33 @@ def _csv_records(text: str):
 
 
 def _txt_records(text: str):
-    """One prompt a line; blank lines and lines starting with '#' are skipped."""
+    """One prompt a line; blank lines and lines starting with '#' are skipped; a line starting with '--' is one of
+    A1111's "Prompts from file or textbox" (`--prompt "a cat" --steps 30 --seed 5`)."""
     for n, raw in enumerate(_lines(text), 1):
-        if raw.strip() and not raw.lstrip().startswith("#"):
-            yield n, {"prompt": raw.strip()}, raw
+        if not _skipped(raw):
+            yield n, _a1111_line(raw) if raw.lstrip().startswith("--") else {"prompt": raw.strip()}, raw
+
+
+def _a1111_line(line: str) -> dict | str:
+    """A line of A1111's "Prompts from file or textbox" script as a record (its `cmdargs`: `--NAME VALUE` pairs, the
+    prompts running to the next `--`), or the one-line reason it is not one."""
+    import shlex
+
+    try:
+        args = shlex.split(line)
+    except ValueError as e:
+        return f"A1111 prompts-from-file line: {e}"
+    rec, pos = {}, 0
+    while pos < len(args):
+        if not args[pos].startswith("--") or pos + 1 >= len(args):
+            return f"A1111 prompts-from-file line: expected --NAME VALUE at {args[pos]!r}"
+        name, pos = args[pos][2:], pos + 1
+        end = pos + 1
+        if name in ("prompt", "negative_prompt"):
+            while end < len(args) and not args[end].startswith("--"):
+                end += 1
+        rec[name], pos = " ".join(args[pos:end]), end
+    return rec
 
 
 def records_from_list(items) -> list[tuple[int, dict | str, str]]:
@@ -274,7 +334,7 @@ def records_from_list(items) -> list[tuple[int, dict | str, str]]:
 def make_jobs(records, defaults: Defaults, *, allow_large: bool = False) -> list[Job | BadJob]:
     """Jobs in file order; a duplicate id makes the later record a BadJob."""
     jobs: list[Job | BadJob] = []
-    first_line: dict[str, int] = {}
+    first: dict[str, Job] = {}  # by the id in lower case: ids differing only in case name one file on macOS / Windows
     for index, (line, rec, raw) in enumerate(records):
         try:
             if isinstance(rec, str):
@@ -283,11 +343,12 @@ def make_jobs(records, defaults: Defaults, *, allow_large: bool = False) -> list
         except (ValueError, TypeError) as e:
             jobs.append(BadJob(_bad_id(line, raw), line, str(e).splitlines()[0], raw))
             continue
-        if job.id in first_line:
-            jobs.append(BadJob(_bad_id(line, raw), line, f"duplicate id {job.id!r} (first on line "
-                               f"{first_line[job.id]})", raw))
+        if (other := first.get(job.id.lower())) is not None:
+            case = "" if other.id == job.id else f" as {other.id!r}: one file on a case-insensitive file system"
+            jobs.append(BadJob(_bad_id(line, raw), line, f"duplicate id {job.id!r} (first on line {other.line}{case})",
+                               raw))
             continue
-        first_line[job.id] = line
+        first[job.id.lower()] = job
         jobs.append(job)
     return jobs
 
@@ -323,30 +384,34 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
     check_settings(s, allow_large)
     s = _resolved(s)
     _check_hires_loras(s)
-    content = json.dumps({**Job("", line, s, loras).manifest_settings(), "line": line}, sort_keys=True)
-    digest = hashlib.sha256(content.encode()).hexdigest()
-
-    def derived(option: str, given: int | None, hexes: str) -> int:  # --seed S: job i's is S + i; else the digest's
-        if given is None:
-            return int(hexes, 16)
-        if given + index >= SEED_LIMIT:
-            raise ValueError(f"--{option} {given} + this job's index {index} passes the largest seed, 2**63 - 1")
-        return given + index
-
-    seeds = {}
-    if s.seed is None:
-        seeds["seed"] = derived("seed", defaults.seed, digest[:8])
-    if s.subseed is None and s.subseed_strength > 0:
-        seeds["subseed"] = derived("subseed", defaults.subseed, digest[8:16])
-    if seeds:
-        s = s.replace(**seeds)  # (in range: `derived`)
+    digest = _digest(Job("", line, s, loras))
+    derived, given = {}, {}  # seeds: the digest's (stable across runs), or --seed S / --subseed S: job i's is S + i
+    for name, option, hexes in (("seed", defaults.seed, digest[:8]), ("subseed", defaults.subseed, digest[8:16])):
+        if getattr(s, name) is None and (name == "seed" or s.subseed_strength > 0):
+            if option is None:
+                derived[name] = int(hexes, 16)
+            elif option + index >= SEED_LIMIT:
+                raise ValueError(f"--{name} {option} + this job's index {index} passes the largest seed, 2**63 - 1")
+            else:
+                given[name] = option + index
+    if given:  # (part of the id: another --seed S makes other images, under other ids)
+        digest = _digest(Job("", line, s.replace(**given), loras))
+    s = s.replace(**derived, **given) if derived or given else s
     job_id = rec.get("id")
+    if isinstance(job_id, int) and not isinstance(job_id, bool) and job_id >= 0:  # ({"id": 5}: 5.png)
+        job_id = str(job_id)
     if job_id is None:
         job_id = f"{line:05d}-{digest[:10]}"
     elif not isinstance(job_id, str) or not ID_RE.fullmatch(job_id):
         raise ValueError(f"id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-' (it names the PNG), "
                          "not starting with '.', '_' or '-'")
     return Job(job_id, line, s, loras)
+
+
+def _digest(job: Job) -> str:
+    """The hash of a job's line and settings: its derived seeds and id."""
+    content = json.dumps({**job.manifest_settings(), "line": job.line}, sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def _typed(rec: dict) -> dict:
@@ -431,7 +496,7 @@ def _first(*values):
 
 def _canonical_fields(rec: dict) -> dict:
     out = {}
-    for key, v in rec.items():
+    for key, v in _without_a1111_extras(rec).items():
         if v is None:  # JSON null = not given
             continue
         name = ALIASES.get(key, key)
@@ -440,6 +505,31 @@ def _canonical_fields(rec: dict) -> dict:
         if name in out:
             raise ValueError(f"field {name!r} given twice (as {key!r} too)")
         out[name] = v
+    return out
+
+
+def _without_a1111_extras(rec: dict) -> dict:
+    """The record without the keys of A1111's txt2img payloads that change nothing in a one-image job at the values
+    they have there (A1111_NEUTRAL, A1111_IGNORED); another value is the record's one-line failure. A1111's old
+    sampler_index is the sampler where sampler_name is not given (its rule)."""
+    out = dict(rec)
+    for key in [k for k in out if k in A1111_NEUTRAL and out[k] is not None]:
+        v, neutral = out.pop(key), A1111_NEUTRAL[key]
+        if isinstance(neutral, bool):
+            same = _to_bool(v, key) == neutral if isinstance(v, (bool, str)) else False
+        elif isinstance(neutral, int):  # (JSON's 1 or 1.0, CSV's "1")
+            same = str(v).strip() == str(neutral) or type(v) in (int, float) and v == neutral
+        else:
+            same = v == neutral or (neutral is None and v == "")
+        if not same:
+            hint = "; one job is one image: give one line per image (seeds S, S+1, ...)" if key in IMAGES_KEYS else ""
+            raise ValueError(f"{key} {v!r}: fastsd.batch takes A1111's {key} only as {json.dumps(neutral)}{hint}")
+    for key in A1111_IGNORED:
+        out.pop(key, None)
+    if "sampler_index" in out:
+        index = out.pop("sampler_index")
+        if not any(out.get(k) is not None for k in ("sampler", "sampler_name")):
+            out["sampler"] = index
     return out
 
 
@@ -453,6 +543,8 @@ def _to_int(v, name: str) -> int:
             return int(v.strip())
         except ValueError:
             pass
+        if m := re.fullmatch(r"\s*([+-]?\d+)\.0*\s*", v):  # ("12.0": pandas' integer column with empty cells)
+            return int(m.group(1))
     if isinstance(v, int):
         return v
     raise TypeError(f"{name} must be an integer, got {v!r}")
@@ -563,9 +655,10 @@ def batch_key(job: Job, chunks: int) -> tuple:
             s.s_noise, s.randn_source, job.id if s.subseed_strength > 0 else None)
 
 
-def prompt_chunks(job: Job, tokenizer) -> int:
+def prompt_chunks(job: Job, tokenizer, embeddings=None) -> int:
     """75-token chunks of the prompt, and of the negative prompt when it is encoded (guided): the most of any text
-    their composable parts and prompt editing give (fastsd.prompt_schedule; Pipeline.encode_prompt pads to that)."""
+    their composable parts and prompt editing give (fastsd.prompt_schedule; Pipeline.encode_prompt pads to that);
+    with `embeddings` (the pipeline's), each textual inversion a text names takes its vectors' slots."""
     from fastsd.prompt_schedule import prompt_schedule, split_and
     from fastsd.samplers import prompt_steps
 
@@ -573,14 +666,23 @@ def prompt_chunks(job: Job, tokenizer) -> int:
     prompt, negative = text_prompts(job)
     parts = [t for t, _ in split_and(prompt)] + ([negative] if s.guided else [])
     texts = {t for p in parts for _, t in prompt_schedule(p, prompt_steps(s.sampler, s.steps))}
+    if embeddings is not None:
+        return max(tokenizer.encode_with_embeddings(t, embeddings)[0].shape[0] for t in texts)
     return max(tokenizer.encode_weighted(t)[0].shape[0] for t in texts)
 
 
 def plan_batches(jobs: list[Job], batch: int, tokenizer) -> list[list[Job]]:
-    """Jobs in groups of up to `batch` compatible ones, groups in the order of their first job."""
+    """Jobs in groups of up to `batch` compatible ones, groups in the order of their first job, those of one LoRA set
+    together (a worker changing its set unloads and merges weights: a file cycling through styles would do it at
+    every job)."""
     if batch <= 1:
-        return [[j] for j in jobs]
-    groups: dict[tuple, list[Job]] = {}
+        planned = [[j] for j in jobs]
+    else:
+        groups: dict[tuple, list[Job]] = {}
+        for j in jobs:
+            groups.setdefault(batch_key(j, prompt_chunks(j, tokenizer)), []).append(j)
+        planned = [g[i:i + batch] for g in groups.values() for i in range(0, len(g), batch)]
+    first: dict[tuple, int] = {}
     for j in jobs:
-        groups.setdefault(batch_key(j, prompt_chunks(j, tokenizer)), []).append(j)
-    return [g[i:i + batch] for g in groups.values() for i in range(0, len(g), batch)]
+        first.setdefault(j.loras, len(first))
+    return sorted(planned, key=lambda g: first[g[0].loras])  # (stable: file order within a set)

@@ -10,6 +10,8 @@ last manifest line says "done" and its file exists; a torn last line (a crash mi
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -50,6 +52,7 @@ class OutputFolder:
         from fastsd.files import check_writable_folder
 
         check_writable_folder(self.folder, f"--out {self.folder}")
+        self.created = not os.path.lexists(self.folder)
         try:
             os.makedirs(self.folder, exist_ok=True)
             self._lock_fd = os.open(os.path.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
@@ -80,6 +83,15 @@ class OutputFolder:
             if fd is not None:
                 os.close(fd)
         self._fd = self._lock_fd = None
+
+    def remove_if_unused(self) -> None:
+        """Close, and remove the folder when this run created it and wrote no result there (a run that failed or was
+        interrupted before its first job finished leaves no empty folder)."""
+        self.close()
+        if self.created and not os.path.exists(self.path):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.folder, LOCK))
+                os.rmdir(self.folder)
 
     def __enter__(self) -> "OutputFolder":
         return self.open()
@@ -144,7 +156,17 @@ class OutputFolder:
                     f.seek(size - 1)
                     if f.read(1) != b"\n":
                         data = "\n" + data
-        os.write(self._fd, data.encode("utf-8"))
+        _write_all(self._fd, data.encode("utf-8"))
         os.fsync(self._fd)
         self.rows[row["id"]] = row
         return row
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of `data` (os.write may write less, as when the disk fills mid-line: the rest is written or ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]

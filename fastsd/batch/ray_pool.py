@@ -105,13 +105,14 @@ class RayPool:
     """`run(batches)` yields (batch, results) as batches finish anywhere in the cluster."""
 
     def __init__(self, worker_kwargs: dict, *, workers: int | None = None, cpus_per_worker: float = 1,
-                 gpus_per_worker: float = 0, log=print):
-        """On the cluster this process is connected to (`connect`)."""
+                 gpus_per_worker: float = 0, log=print, prepare=None):
+        """On the cluster this process is connected to (`connect`). `prepare(job)`: the job as an actor gets it (the
+        batches yielded are the driver's own)."""
         import ray
 
         from fastsd.batch.worker import BatchWorker
 
-        self.log = log
+        self.log, self.prepare = log, prepare or (lambda job: job)
         res = ray.cluster_resources()
         fits = [res.get("CPU", 0) / cpus_per_worker]
         if gpus_per_worker:
@@ -172,7 +173,7 @@ class RayPool:
         for actor in list(w.load):
             while w.queue and w.load[actor] < IN_FLIGHT:
                 batch, deaths = w.queue.popleft()
-                w.inflight[actor.run.remote(batch)] = (actor, batch, deaths, w.seq)
+                w.inflight[actor.run.remote([self.prepare(j) for j in batch])] = (actor, batch, deaths, w.seq)
                 w.seq += 1
                 w.load[actor] += 1
 

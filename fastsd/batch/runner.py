@@ -18,6 +18,9 @@ from fastsd.batch.jobs import BadJob, Defaults, Job, make_jobs, plan_batches, re
 from fastsd.batch.manifest import MANIFEST, OutputFolder, OutputWriteError
 
 
+NOTES = 5  # lines of one kind about jobs before a count (Notes)
+
+
 class LocalExecutor:
     def __init__(self, worker_kwargs: dict, log):
         from fastsd.batch.worker import BatchWorker
@@ -44,25 +47,65 @@ def _absolute(path: str | None) -> str | None:
     return os.path.abspath(path) if path is not None and os.path.exists(path) else path
 
 
-def model_label(model: str) -> str:
-    """The model as the manifest records it: an absolute path for files and folders."""
-    return os.path.abspath(model) if os.path.exists(model) else model
+def _loras_for_workers(loras: tuple) -> tuple:
+    """LoRAs named by a file path (relative to this process' folder) with the path absolute."""
+    return tuple((_absolute(n) if os.sep in n or os.path.isfile(n) else n, w) for n, w in loras)
+
+
+def for_workers(job: Job) -> Job:
+    """The job as a Ray worker gets it: its LoRA and upscaler model files named by absolute paths (the worker's
+    folder is the cluster's; the driver keeps the job as written, for its manifest)."""
+    from fastsd.hires import builtin_upscaler
+
+    s, up = job.settings, job.settings.hires_upscaler
+    if isinstance(up, str) and builtin_upscaler(up) is None and os.path.isfile(up):
+        s = s.replace(hires_upscaler=os.path.abspath(up))
+    return replace(job, settings=s, loras=_loras_for_workers(job.loras))
+
+
+def _absolute_vae(vae: str | None) -> str | None:
+    """--vae with its path absolute (taesd:PATH too), for workers whose working folder is not this one."""
+    from fastsd.vae_files import TAESD_PREFIX
+
+    if vae is not None and vae.startswith(TAESD_PREFIX):
+        return TAESD_PREFIX + _absolute(vae[len(TAESD_PREFIX):])
+    return _absolute(vae)
+
+
+def _check_model(model: str, vae: str | None) -> None:
+    """The model found, and the VAE found and fitting it (headers only, as load_pipeline checks them)."""
+    from fastsd.checkpoint import Checkpoint, resolve
+    from fastsd.vae_files import resolve_vae
+
+    src = resolve(model)
+    if vae is not None:
+        resolve_vae(vae, src.config if isinstance(src, Checkpoint) else src)
+
+
+def model_label(model: str, vae: str | None = None) -> str:
+    """The model as the manifest records it: an absolute path for files and folders, and the --vae replacing its
+    VAE (a folder's manifest belongs to one: images of another VAE are not kept as this run's)."""
+    label = os.path.abspath(model) if os.path.exists(model) else model
+    return label if vae is None else f"{label} with VAE {_absolute_vae(vae)}"
 
 
 def check_run_options(defaults: Defaults, lora_dir: str | None, *, local: bool, device=None, dtype=None,
-                      backend: str = "auto", upscaler_dir: str | None = None) -> None:
+                      backend: str = "auto", upscaler_dir: str | None = None,
+                      embeddings_dir: str | None = None) -> None:
     """The options every job shares, checked before the output folder is created or a worker starts, so a mistake
     in them is a usage error (ValueError / TypeError / CheckpointError / BackendError, one line) rather than
-    every job recorded as failed: the LoRA and upscaler folders exist, the default LoRAs (--lora) are found there and
-    read as LoRA files with valid weights, the default hires upscaler (--hires-upscaler) is found and reads as one,
-    and, for a run in this process, the device, dtype and backend can be used here (a Ray run's devices are the
-    workers')."""
+    every job recorded as failed: the LoRA, upscaler and embeddings folders exist, the default LoRAs (--lora) are
+    found there and read as LoRA files with valid weights, the default hires upscaler (--hires-upscaler) is found
+    and reads as one, and, for a run in this process, the device, dtype and backend can be used here (a Ray run's
+    devices are the workers')."""
     from fastsd.batch.worker import check_loras, check_upscaler
+    from fastsd.generate import EMBEDDINGS_ENV
     from fastsd.lora import LORA_DIR_ENV
     from fastsd.upscalers import UPSCALER_DIR_ENV
 
     for flag, env, folder in (("--lora-dir", LORA_DIR_ENV, lora_dir),
-                              ("--upscaler-dir", UPSCALER_DIR_ENV, upscaler_dir)):
+                              ("--upscaler-dir", UPSCALER_DIR_ENV, upscaler_dir),
+                              ("--embeddings-dir", EMBEDDINGS_ENV, embeddings_dir)):
         if folder is None and os.environ.get(env):
             flag, folder = f"${env}", os.environ[env]
         if folder is not None and not os.path.isdir(folder):
@@ -83,32 +126,40 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
         cpus_per_worker: float = 1, gpus_per_worker: float = 0, defaults: Defaults | None = None,
         retry_failed: bool = False, progress: bool = True, device=None, dtype=None, backend: str = "auto",
         threads: int | None = None, lora_dir: str | None = None, upscaler_dir: str | None = None,
-        always_batch: bool = False, allow_large: bool = False, summary: dict | None = None) -> list[dict]:
+        always_batch: bool = False, allow_large: bool = False, summary: dict | None = None, vae: str | None = None,
+        embeddings_dir: str | None = None) -> list[dict]:
     """Run `jobs` (a .jsonl/.csv/.txt path, or a list of job dicts / prompts) with `model` into the folder
     `out`; returns the manifest rows of these jobs (the last row per job, in job order), including jobs
     finished by earlier runs. `ray`: None = this process; "local" / True = a new Ray cluster on this
     machine; "auto" = the running cluster; or a cluster address. `batch`: up to this many compatible jobs
     per UNet call, where measured identical and faster (fastsd.batch.worker). `lora_dir` / `upscaler_dir`: where
-    LoRA and upscaler model names are found (none given: $FASTSD_LORA_DIR / $FASTSD_UPSCALER_DIR). `summary`, when
-    given, is filled with counts and timings of this run."""
-    from fastsd.checkpoint import resolve
+    LoRA and upscaler model names are found (none given: $FASTSD_LORA_DIR / $FASTSD_UPSCALER_DIR). `vae`: as
+    --vae; `embeddings_dir`: the textual inversions prompts may name (none given: $FASTSD_EMBEDDINGS_DIR). `summary`,
+    when given, is filled with counts and timings of this run."""
+    from fastsd.generate import EMBEDDINGS_ENV
     from fastsd.lora import LORA_DIR_ENV
     from fastsd.upscalers import UPSCALER_DIR_ENV
 
     defaults = defaults or Defaults()
     defaults.validate(allow_large)
+    if ray in (None, False) and workers is not None:  # (this process has one worker)
+        raise ValueError("workers is for Ray workers: give ray='local' (a cluster on this machine) or an address")
     check_run_options(defaults, lora_dir, local=ray in (None, False), device=device, dtype=dtype, backend=backend,
-                      upscaler_dir=upscaler_dir)
+                      upscaler_dir=upscaler_dir, embeddings_dir=embeddings_dir)
     on_ray = ray not in (None, False)
     if on_ray:  # the workers' working folder is not this one: the paths checked here go to them absolute
         lora_dir = lora_dir or os.environ.get(LORA_DIR_ENV)
         upscaler_dir = upscaler_dir or os.environ.get(UPSCALER_DIR_ENV)
-        model, lora_dir, upscaler_dir = (_absolute(p) for p in (model, lora_dir, upscaler_dir))
-        defaults = replace(defaults, loras=tuple((_absolute(n) if os.sep in n else n, w) for n, w in defaults.loras))
+        embeddings_dir = embeddings_dir or os.environ.get(EMBEDDINGS_ENV)
+        model, lora_dir, upscaler_dir, embeddings_dir = (_absolute(p) for p in (model, lora_dir, upscaler_dir,
+                                                                               embeddings_dir))
+        vae = _absolute_vae(vae)
+        defaults = replace(defaults, loras=_loras_for_workers(defaults.loras))
     job_list = load_jobs(jobs, defaults, allow_large)
-    resolve(model)  # a wrong model fails here, before the output folder is created or a worker starts
+    _check_model(model, vae)  # a wrong model or VAE fails here, before the output folder is created or a worker starts
     worker_kwargs = dict(model=model, device=device, dtype=dtype, backend=backend, threads=threads,
-                         lora_dir=lora_dir, upscaler_dir=upscaler_dir, always_batch=always_batch)
+                         lora_dir=lora_dir, upscaler_dir=upscaler_dir, always_batch=always_batch, vae=vae,
+                         embeddings_dir=embeddings_dir)
     pool, owns_ray = None, False
     if on_ray:
         from fastsd.batch import ray_pool
@@ -122,9 +173,13 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
                 ray_pool.disconnect()
             raise
     try:
-        with OutputFolder(out, model_label(model)) as folder:
-            return _drive(job_list, folder, worker_kwargs, pool=pool, batch=batch, retry_failed=retry_failed,
-                          progress=progress, summary=summary if summary is not None else {})
+        with OutputFolder(out, model_label(model, vae)) as folder:
+            try:
+                return _drive(job_list, folder, worker_kwargs, pool=pool, batch=batch, retry_failed=retry_failed,
+                              progress=progress, summary=summary if summary is not None else {})
+            except BaseException:
+                folder.remove_if_unused()
+                raise
     finally:
         if owns_ray:
             ray_pool.disconnect()
@@ -134,25 +189,33 @@ def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, pool: dict | 
            progress: bool, summary: dict) -> list[dict]:
     from fastsd.batch.progress import Progress
 
-    def wanted(j) -> bool:
-        return not folder.is_done(j.id) and (retry_failed or not folder.has_failed(j.id))
+    def wanted(j) -> bool:  # (a failed job edited under its id is a new attempt: it runs again)
+        return not folder.is_done(j.id) and (retry_failed or not folder.has_failed(j.id) or edited(j) is not None)
 
-    todo = []
+    def edited(j) -> str | None:
+        return _changed(folder.rows[j.id], j) if isinstance(j, Job) and j.id in folder.rows else None
+
+    todo, notes = [], Notes()
     for j in job_list:
         if not isinstance(j, Job):
             continue
         if wanted(j):
             todo.append(j)
-        elif folder.is_done(j.id) and (why := _changed(folder.rows[j.id], j)):
-            print(f"fastsd.batch: line {j.line}: job {j.id} was made before with other settings ({why}); its image "
-                  "is kept: give the job another id (or use another --out) to make this one", file=sys.stderr)
+            if folder.has_failed(j.id) and not retry_failed and (why := edited(j)):
+                notes.say("failed before with other settings: they run again",
+                          f"line {j.line}: job {j.id} failed before with other settings ({why}): it runs again")
+        elif folder.is_done(j.id) and (why := edited(j)):
+            notes.say("made before with other settings: their images are kept",
+                      f"line {j.line}: job {j.id} was made before with other settings ({why}); its image is kept: "
+                      "give the job another id (or use another --out) to make this one")
     sets = {j.loras for j in todo}
     if len(sets) == 1 and () not in sets:  # one LoRA set for every job: merged for good (no copy of the weights)
-        worker_kwargs = {**worker_kwargs, "only_loras": sets.pop()}
+        worker_kwargs = {**worker_kwargs, "only_loras": sets.pop() if pool is None else _loras_for_workers(sets.pop())}
     bad = [j for j in job_list if isinstance(j, BadJob) and wanted(j)]
     for j in bad:  # recorded before the bar starts: they take no time, so they don't count in its rate
-        print(f"fastsd.batch: line {j.line}: {j.error}", file=sys.stderr)
+        notes.say("that can't run: the manifest has each one's reason", f"line {j.line}: {j.error}")
         folder.append({"id": j.id, "line": j.line, "status": "failed", "error": j.error})
+    notes.close()
     bar = Progress(len(job_list), len(job_list) - len(todo) - len(bad), failed=len(bad), enabled=progress)
     executor = None
     t0 = time.perf_counter()
@@ -163,7 +226,7 @@ def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, pool: dict | 
             else:
                 from fastsd.batch.ray_pool import RayPool
 
-                executor = RayPool(worker_kwargs, **pool, log=bar.log)
+                executor = RayPool(worker_kwargs, **pool, log=bar.log, prepare=for_workers)
             tokenizer = getattr(executor, "tokenizer", None) or _default_tokenizer()
             for jobs, results in executor.run(plan_batches(todo, batch, tokenizer)):
                 for job, r in zip(jobs, results):
@@ -174,6 +237,24 @@ def _drive(job_list, folder: OutputFolder, worker_kwargs: dict, *, pool: dict | 
         bar.close()
         summary.update(bar.counts(), seconds=time.perf_counter() - t0, left=sum(wanted(j) for j in todo))
     return [folder.rows[j.id] for j in job_list if j.id in folder.rows]
+
+
+class Notes:
+    """Lines about jobs on stderr, the first NOTES of a kind in full, then one count per kind (a rerun of thousands of
+    edited jobs says so in a few lines, not thousands)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def say(self, kind: str, line: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.counts[kind] <= NOTES:
+            print(f"fastsd.batch: {line}", file=sys.stderr)
+
+    def close(self) -> None:
+        for kind, n in self.counts.items():
+            if n > NOTES:
+                print(f"fastsd.batch: ... and {n - NOTES} more jobs {kind}", file=sys.stderr)
 
 
 def _changed(row: dict, job: Job) -> str | None:

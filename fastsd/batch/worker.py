@@ -29,15 +29,20 @@ MARGIN = 0.9  # a batch must take <= 0.9x the time of its jobs run one by one (a
 class BatchWorker:
     def __init__(self, model: str, *, device=None, dtype=None, backend: str = "auto", threads: int | None = None,
                  lora_dir: str | None = None, upscaler_dir: str | None = None, always_batch: bool = False,
-                 only_loras: tuple | None = None, log=None):
+                 only_loras: tuple | None = None, vae: str | None = None, embeddings_dir: str | None = None, log=None):
         """`only_loras`: the one LoRA set every job of the run uses (the runner knows), merged for good at its
         first use: no copy of the weights it replaces is kept, since nothing switches it out. `upscaler_dir`: where
-        a hires upscaler named by its model's name is found (none given: $FASTSD_UPSCALER_DIR)."""
+        a hires upscaler named by its model's name is found (none given: $FASTSD_UPSCALER_DIR). `vae`: as --vae;
+        `embeddings_dir`: the textual inversions prompts may name (none given: $FASTSD_EMBEDDINGS_DIR), as
+        python -m fastsd.generate."""
         from fastsd import load_pipeline
         from fastsd.cli import set_threads
+        from fastsd.generate import EMBEDDINGS_ENV
 
         self.threads = set_threads(threads)
-        self.pipe = load_pipeline(model, device=device, dtype=dtype, backend=backend)
+        self.pipe = load_pipeline(model, device=device, dtype=dtype, backend=backend, vae=vae)
+        if embeddings_dir := embeddings_dir or os.environ.get(EMBEDDINGS_ENV):
+            self.pipe.load_embeddings(embeddings_dir)
         self.lora_dir = lora_dir
         self.upscaler_dir = upscaler_dir
         self.always_batch = always_batch
@@ -58,9 +63,12 @@ class BatchWorker:
         """One result per job, in order: {"id", "ok": True, "png": bytes, "seconds"} or {"id", "ok": False,
         "error"}. Jobs are re-grouped by this worker's own tokenizer (its chunk counts decide batching)."""
         groups: dict[tuple, list[Job]] = {}
-        for j in jobs:
-            groups.setdefault(batch_key(j, prompt_chunks(j, self.pipe.tokenizer)), []).append(j)
         results = {}
+        for j in jobs:
+            try:  # (an embedding a prompt names is read here: a bad one fails its job alone)
+                groups.setdefault(batch_key(j, self._chunks(j)), []).append(j)
+            except Exception as e:  # noqa: BLE001
+                results[j.id] = _failed(j, e)
         for group in groups.values():
             for r in self._run_group(group):
                 results[r["id"]] = r
@@ -136,6 +144,8 @@ class BatchWorker:
         from fastsd.generate import find_hires_upscaler
 
         s = job.settings
+        if self.pipe.embeddings is not None:  # every embedding the prompts name read before any pass, as generate
+            self.pipe.embeddings.used([s.prompt, s.negative_prompt, *(s.hires_prompts() if s.hires else ())])
         if not s.hires:
             return s
         s = s.replace(hires_upscaler=find_hires_upscaler(s.hires_upscaler, self.upscaler_dir))
@@ -153,12 +163,15 @@ class BatchWorker:
                                                hires_steps=s.hires_prompt_steps())
         return self.pipe.hires_pass(s, x, [s.seed], cond, uncond, progress=False)
 
+    def _chunks(self, job: Job) -> int:
+        return prompt_chunks(job, self.pipe.tokenizer, self.pipe.embeddings)
+
     def batching_pays(self, jobs: list[Job]) -> bool:
         """Whether `jobs` (one batch key) may share a UNet call: measured once per shape (module doc)."""
         import torch
 
         s = jobs[0].settings
-        shape = (s.width, s.height, s.guided, prompt_chunks(jobs[0], self.pipe.tokenizer), len(jobs))
+        shape = (s.width, s.height, s.guided, self._chunks(jobs[0]), len(jobs))
         if shape not in self._probed:
             for _ in range(2):  # the second round is the one that counts
                 alone = [self._latents([j], 1, "euler") for j in jobs]
