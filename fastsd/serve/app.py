@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict
 
 from fastsd.lora import lora_alias, lora_metadata
 from fastsd.samplers import SIGMA_DEFAULTS
@@ -34,6 +35,17 @@ from fastsd.serve.upscalers import Upscalers, build_extras, build_extras_batch, 
 from fastsd.serve.vaes import Vaes
 
 STATIC = Path(__file__).with_name("static")
+
+
+class TaskRequest(BaseModel):
+    """fastsd's optional body of /interrupt and /skip: the task (a request's force_task_id) to stop; none: the
+    running request, whoever's (A1111's)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id_task: str | None = None
+
+
 TASK_CHARS = string.ascii_uppercase + string.digits  # A1111's create_task_id
 log = logging.getLogger("fastsd.serve")
 
@@ -253,15 +265,17 @@ def _generation_routes(api: APIRouter, state: ServerState) -> None:
         return await _wait(state, state.queue.submit(Job("extras", lambda job: run_extras_batch(plans, job))), request)
 
     @api.post("/interrupt")
-    async def interrupt():
-        state.queue.interrupt()
+    async def interrupt(req: TaskRequest | None = None):
+        """A1111's interrupt of the running request; with fastsd's `{"id_task": ID}` only if the running request is
+        that task (its force_task_id: the page stops its own job, never another client's)."""
+        state.queue.interrupt(req.id_task if req else None)
         return {}
 
     @api.post("/skip")
-    async def skip():
+    async def skip(req: TaskRequest | None = None):
         """A1111's skip (answered null, as A1111 does): the running request leaves its current iteration (its
-        images) and goes on with the next."""
-        state.queue.skip()
+        images) and goes on with the next; `{"id_task": ID}` as /interrupt's."""
+        state.queue.skip(req.id_task if req else None)
 
     @api.get("/progress")
     async def progress(skip_current_image: bool = False):

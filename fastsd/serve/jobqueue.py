@@ -105,18 +105,24 @@ class JobQueue:
         past jobs), at least 1."""
         return max(1, math.ceil(self._mean_seconds))
 
-    def interrupt(self) -> bool:
-        """Stop the running job at its next step (A1111's interrupt: queued jobs still run)."""
+    def interrupt(self, task_id: str | None = None) -> bool:
+        """Stop the running job at its next step (A1111's interrupt: queued jobs still run); with `task_id`, only if
+        the running job is that task."""
         with self._cond:
             job = self._running
+            if job is not None and task_id is not None and job.task_id != task_id:
+                job = None
             if job is not None:
                 job.interrupted = True
             return job is not None
 
-    def skip(self) -> bool:
-        """Stop the running job's current iteration at its next step; the job goes on with the next (A1111's skip)."""
+    def skip(self, task_id: str | None = None) -> bool:
+        """Stop the running job's current iteration at its next step; the job goes on with the next (A1111's skip);
+        with `task_id`, only if the running job is that task."""
         with self._cond:
             job = self._running
+            if job is not None and task_id is not None and job.task_id != task_id:
+                job = None
             if job is not None:
                 job.skipped = True
             return job is not None

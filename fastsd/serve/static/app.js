@@ -4,7 +4,12 @@
 const $ = (id) => document.getElementById(id);
 // task: the id of this page's job while it waits or runs (A1111's force_task_id), else null;
 // ready: the server's lists are loaded (Generate waits for them)
-const state = { initImage: null, polling: null, saved: 0, task: null, previewId: -1, ready: false };
+// saved: the images downloaded names count on (kept across reloads, as the gallery); shown: the lightbox's figure
+// abort: lets the page's generation request go (Interrupt while its job waits: the server then drops it)
+const state = { initImage: null, polling: null, saved: 0, task: null, previewId: -1, ready: false, shown: null,
+                abort: null, active: false };
+const STORE = { gallery: "fastsd-gallery", saved: "fastsd-saved" };  // localStorage keys
+const KEEP = { images: 24, chars: 4_000_000 };  // the gallery this browser keeps: newest first, within these
 
 function authHeader() {
   const v = $("auth").value;
@@ -12,8 +17,8 @@ function authHeader() {
   return { Authorization: v.includes(":") ? "Basic " + btoa(v) : "Bearer " + v };
 }
 
-async function api(path, body) {  // path: under /sdapi/v1/, or from the root when it starts with "/"
-  const opts = { headers: { "X-Fastsd-Page": "1", ...authHeader() } };  // no login dialog on a 401
+async function api(path, body, signal) {  // path: under /sdapi/v1/, or from the root when it starts with "/"
+  const opts = { headers: { "X-Fastsd-Page": "1", ...authHeader() }, signal };  // no login dialog on a 401
   if (body !== undefined) {
     opts.method = "POST";
     opts.headers["Content-Type"] = "application/json";
@@ -23,6 +28,7 @@ async function api(path, body) {  // path: under /sdapi/v1/, or from the root wh
   try {
     res = await fetch(path.startsWith("/") ? path : "/sdapi/v1/" + path, opts);
   } catch (e) {  // no answer at all (the browser says only "Failed to fetch")
+    if (signal?.aborted) throw e;  // the page let its request go (the server drops the job)
     throw new Error("cannot reach the server (is it running?)");
   }
   let data = null;
@@ -57,9 +63,9 @@ async function loadLists() {
   state.ready = false;
   setGenerate();
   try {
-    const [samplers, schedulers, models, options, loras, upscalers, vaes] = await Promise.all(
+    const [samplers, schedulers, models, options, loras, upscalers, vaes, styles] = await Promise.all(
       [api("samplers"), api("schedulers"), api("sd-models"), api("options"), api("loras"), api("upscalers"),
-       api("sd-vae")]);
+       api("sd-vae"), api("prompt-styles")]);
     fill($("sampler"), samplers, (s) => s.name, (s) => s.name);
     $("sampler").value = "Euler a";
     fill($("scheduler"), schedulers, (s) => s.label, (s) => s.label);
@@ -70,6 +76,8 @@ async function loadLists() {
     fill($("vae"), vaes, (v) => v.model_name, (v) => v.model_name);  // after A1111's Automatic and None
     $("vae").value = options.sd_vae;
     fill($("lora"), loras, (l) => l.name, (l) => l.name);
+    fill($("styles"), styles, (st) => st.name, (st) => st.name);  // A1111's styles (the server applies them)
+    $("styles-row").hidden = styles.length === 0;
     // the --upscaler-dir models after the built-in upscalers (the list's first three, None/Lanczos/Nearest: there)
     fill($("hr-upscaler"), upscalers.filter((u) => u.model_path !== null), (u) => u.name, (u) => u.name);
     state.ready = true;
@@ -92,7 +100,8 @@ function request() {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
     scheduler: $("scheduler").value, steps: num("steps"), cfg_scale: num("cfg"),
     seed: Number.isSafeInteger(Number(seed)) ? Number(seed) : seed, width: num("width"), height: num("height"),
-    batch_size: num("batch"), n_iter: 1,
+    batch_size: num("batch"), n_iter: num("count"),
+    styles: Array.from($("styles").selectedOptions, (o) => o.value),
     override_settings: { sd_model_checkpoint: $("model").value, sd_vae: $("vae").value },
   };
   if (state.initImage) {
@@ -111,7 +120,9 @@ async function pollProgress() {  // this page's own job (A1111's /internal/progr
   try {
     const p = await api("/internal/progress", { id_task: task, id_live_preview: state.previewId, live_preview: true });
     if (state.task !== task) return;  // the job ended meanwhile
-    $("interrupt").disabled = !p.active;
+    state.active = p.active;
+    $("interrupt").disabled = !p.active && !p.queued;  // waiting: Interrupt cancels the job
+    $("skip").disabled = !p.active;
     if (p.active) {
       $("progress").value = p.progress;
       $("status").textContent = `${p.textinfo} - ${Math.round(p.progress * 100)}%` +
@@ -128,29 +139,188 @@ async function pollProgress() {  // this page's own job (A1111's /internal/progr
   } catch (e) { /* the next poll tries again */ }
 }
 
+function imageType(b64) {  // the server answers in its samples_format: PNG, JPEG or WEBP
+  if (b64.startsWith("/9j/")) return ["image/jpeg", "jpg"];
+  if (b64.startsWith("UklGR")) return ["image/webp", "webp"];
+  return ["image/png", "png"];
+}
+
+function figureFor(entry) {  // entry: {b64, text (the infotext), name (the download's)}
+  const fig = document.createElement("figure");
+  fig.dataset.seed = entry.seed;
+  const img = document.createElement("img");
+  img.src = `data:${imageType(entry.b64)[0]};base64,${entry.b64}`;
+  img.alt = entry.text;
+  img.addEventListener("click", () => openLightbox(fig));
+  const cap = document.createElement("figcaption");
+  const pre = document.createElement("pre");
+  pre.className = "infotext";
+  pre.textContent = entry.text;
+  const a = document.createElement("a");
+  a.href = img.src;
+  a.download = entry.name;
+  a.textContent = "Download " + a.download;
+  const copy = button("Copy infotext", "copy", () => copyText(entry.text, copy));
+  const send = button("Send to img2img", "send", () => sendToImg2img(entry, img));
+  const row = document.createElement("div");
+  row.className = "row";
+  row.append(copy, send, a);
+  cap.append(pre, row);
+  fig.append(img, cap);
+  return fig;
+}
+
+function button(text, cls, onclick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = cls;
+  b.textContent = text;
+  b.addEventListener("click", onclick);
+  return b;
+}
+
 function addToGallery(images, info) {
-  const batch = document.createDocumentFragment();  // in seed order, before the earlier results
-  images.forEach((b64, i) => {
+  const entries = images.map((b64, i) => {
     const text = info.infotexts[i];
     // the seed as the infotext writes it (all_seeds, read as JS numbers, lose digits above 2**53)
-    const seed = text.split("\n").pop().match(/(?:^|, )Seed: (\d+)/)?.[1] ?? info.all_seeds[i];
-    const fig = document.createElement("figure");
-    const img = document.createElement("img");
-    img.src = "data:image/png;base64," + b64;
-    img.alt = text;
-    const cap = document.createElement("figcaption");
-    const pre = document.createElement("pre");
-    pre.className = "infotext";
-    pre.textContent = text;
-    const a = document.createElement("a");
-    a.href = img.src;
-    a.download = `${String(state.saved++).padStart(5, "0")}-${seed}.png`;
-    a.textContent = "Download " + a.download;
-    cap.append(pre, a);
-    fig.append(img, cap);
-    batch.append(fig);
+    const seed = text.split("\n").pop().match(/(?:^|, )Seed: (\d+)/)?.[1] ?? String(info.all_seeds[i]);
+    return { b64, text, seed, name: `${String(state.saved++).padStart(5, "0")}-${seed}.${imageType(b64)[1]}` };
   });
+  const batch = document.createDocumentFragment();  // in seed order, before the earlier results
+  for (const entry of entries) batch.append(figureFor(entry));
   $("gallery").prepend(batch);
+  $("gallery-bar").hidden = false;
+  saveGallery(entries);
+}
+
+function stored() {
+  try {
+    const list = JSON.parse(localStorage.getItem(STORE.gallery) || "[]");
+    return Array.isArray(list) ? list.filter((e) => e && typeof e.b64 === "string" && typeof e.text === "string") : [];
+  } catch (e) {
+    return [];  // storage off (a private window's policy) or a value this page did not write
+  }
+}
+
+function saveGallery(entries) {  // the newest first, within KEEP; the browser's quota drops the oldest too
+  let list = [...entries, ...stored()].slice(0, KEEP.images);
+  let chars = 0;
+  list = list.filter((e) => (chars += e.b64.length + e.text.length) <= KEEP.chars);
+  for (;;) {
+    try {
+      localStorage.setItem(STORE.gallery, JSON.stringify(list));
+      localStorage.setItem(STORE.saved, String(state.saved));
+      return;
+    } catch (e) {  // QuotaExceededError (or storage off): keep fewer
+      if (!list.length) return;
+      list.pop();
+    }
+  }
+}
+
+function restoreGallery() {  // the images of earlier visits, as they were shown
+  const list = stored();
+  for (const entry of list) $("gallery").append(figureFor(entry));
+  $("gallery-bar").hidden = list.length === 0;
+  try { state.saved = Math.max(Number(localStorage.getItem(STORE.saved)) || 0, list.length); } catch (e) { /* off */ }
+}
+
+function clearGallery() {
+  $("gallery").replaceChildren();
+  $("gallery-bar").hidden = true;
+  try {
+    localStorage.removeItem(STORE.gallery);
+  } catch (e) { /* storage off */ }
+}
+
+async function copyText(text, btn) {  // the clipboard API needs a secure context (127.0.0.1 is; a LAN address not)
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch (e) {
+    const area = Object.assign(document.createElement("textarea"), { value: text });
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  btn.textContent = "Copied";
+  setTimeout(() => { btn.textContent = "Copy infotext"; }, 1500);
+}
+
+function parseInfotext(text) {  // A1111's parse_generation_parameters, the keys the page has fields for
+  const lines = text.trim().split("\n");
+  const param = /\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g;
+  const params = {};
+  const last = lines[lines.length - 1] ?? "";
+  const found = [...last.matchAll(param)];
+  if (found.length >= 3) {
+    lines.pop();
+    for (const [, k, v] of found) params[k.trim()] = v.startsWith('"') ? JSON.parse(v) : v.trim();
+  }
+  const neg = lines.findIndex((l) => l.startsWith("Negative prompt:"));
+  const prompt = (neg < 0 ? lines : lines.slice(0, neg)).join("\n");
+  const negative = neg < 0 ? "" : lines.slice(neg).join("\n").slice("Negative prompt:".length).trim();
+  return { prompt, negative, params };
+}
+
+function setSelect(id, value) {  // only to an option the server listed
+  if (Array.from($(id).options).some((o) => o.value === value)) $(id).value = value;
+}
+
+function useParameters(text) {  // an infotext's values into the fields (A1111's paste / "send to"); false: none
+  const { prompt, negative, params } = parseInfotext(text);
+  if (!Object.keys(params).length) return false;
+  $("prompt").value = prompt;
+  $("negative").value = negative;
+  for (const [key, id] of [["Steps", "steps"], ["CFG scale", "cfg"], ["Seed", "seed"]]) {
+    if (params[key] !== undefined) $(id).value = params[key];
+  }
+  const size = /^(\d+)x(\d+)$/.exec(params.Size ?? "");
+  if (size) [$("width").value, $("height").value] = [size[1], size[2]];
+  if (params.Sampler) setSelect("sampler", params.Sampler);
+  setSelect("scheduler", params["Schedule type"] ?? "Automatic");
+  return true;
+}
+
+function setInitImage(dataUrl) {
+  state.initImage = dataUrl.split(",")[1];
+  $("init-preview").src = dataUrl;
+  $("init-preview").hidden = false;
+  setMode();
+}
+
+function sendToImg2img(entry, img) {  // A1111's "Send to img2img": the image and its parameters
+  useParameters(entry.text);
+  $("width").value = img.naturalWidth || $("width").value;  // img2img at the image's own size
+  $("height").value = img.naturalHeight || $("height").value;
+  $("init-image").value = "";
+  setInitImage(img.src);
+  $("prompt").scrollIntoView({ block: "nearest" });
+}
+
+function figures() {
+  return Array.from($("gallery").children);
+}
+
+function openLightbox(fig) {  // the full-size image; clicking it selects it (the seed button's)
+  for (const f of figures()) f.classList.toggle("selected", f === fig);
+  state.shown = fig;
+  const all = figures();
+  $("lightbox-img").src = fig.querySelector("img").src;
+  $("lightbox-img").classList.remove("full");
+  $("lightbox-count").textContent = `${all.indexOf(fig) + 1} / ${all.length}`;
+  if (!$("lightbox").open) $("lightbox").showModal();
+}
+
+function stepLightbox(by) {
+  const all = figures();
+  const i = all.indexOf(state.shown);
+  if (i >= 0 && all.length) openLightbox(all[(i + by + all.length) % all.length]);
+}
+
+function reuseSeed() {  // A1111's ♻: the selected image's seed, else the newest image's
+  const fig = $("gallery").querySelector("figure.selected") ?? $("gallery").querySelector("figure");
+  if (fig) $("seed").value = fig.dataset.seed;
 }
 
 function newTaskId() {  // A1111's form: task(random letters)
@@ -168,23 +338,26 @@ async function generate(ev) {
   $("progress").value = 0;
   $("status").textContent = "waiting";
   state.polling = setInterval(pollProgress, 250);
+  state.abort = new AbortController();
+  state.active = false;
   try {
-    const res = await api(state.initImage ? "img2img" : "txt2img", { ...request(), force_task_id: state.task });
+    const res = await api(state.initImage ? "img2img" : "txt2img", { ...request(), force_task_id: state.task },
+                          state.abort.signal);
     const info = JSON.parse(res.info);
     addToGallery(res.images, info);
     $("progress").value = 1;
     $("status").textContent = info.interrupted ? "interrupted" : `done: ${res.images.length} image(s)`;
     if (info.warnings.length) show("note", "note: " + info.warnings.join("; "));
   } catch (e) {
-    show("error", e.message);
+    if (!state.abort.signal.aborted) show("error", e.message);
     $("progress").value = 0;
-    $("status").textContent = "";
+    $("status").textContent = state.abort.signal.aborted ? "cancelled" : "";
   } finally {
     clearInterval(state.polling);
     state.polling = null;
     state.task = null;
     setGenerate();
-    $("interrupt").disabled = true;
+    $("interrupt").disabled = $("skip").disabled = true;
     $("preview").hidden = true;
   }
 }
@@ -201,18 +374,59 @@ function readInitImage() {
   const file = $("init-image").files[0];
   if (!file) return;
   const reader = new FileReader();
-  reader.onload = () => {
-    state.initImage = reader.result.split(",")[1];
-    $("init-preview").src = reader.result;
-    $("init-preview").hidden = false;
-    setMode();
-  };
+  reader.onload = () => setInitImage(reader.result);
   reader.readAsDataURL(file);
 }
 
+function dropped(e) {  // an image dropped on the img2img box: a file, or a gallery image (its data: URL)
+  e.preventDefault();
+  $("img2img-set").classList.remove("drop");
+  const file = Array.from(e.dataTransfer.files).find((f) => f.type.startsWith("image/"));
+  const url = e.dataTransfer.getData("text/uri-list") || e.dataTransfer.getData("text/plain");
+  if (file) {
+    const files = new DataTransfer();
+    files.items.add(file);
+    $("init-image").files = files.files;
+    readInitImage();
+  } else if (/^data:image\/[a-z]+;base64,/.test(url.trim())) {
+    $("init-image").value = "";
+    setInitImage(url.trim());
+  }
+}
+
 $("form").addEventListener("submit", generate);
-// the page's Interrupt is enabled only while its own job runs (/interrupt stops the running job, whoever's)
-$("interrupt").addEventListener("click", () => api("interrupt", {}).catch((e) => show("error", e.message)));
+$("read-params").addEventListener("click", () => {
+  if (!useParameters($("prompt").value)) show("note", "note: the prompt holds no infotext parameters to read");
+});
+$("img2img-set").addEventListener("dragover", (e) => { e.preventDefault(); $("img2img-set").classList.add("drop"); });
+$("img2img-set").addEventListener("dragleave", () => $("img2img-set").classList.remove("drop"));
+$("img2img-set").addEventListener("drop", dropped);
+// an image dropped anywhere else would replace the page (and its job) with the image: the browser's default
+for (const type of ["dragover", "drop"]) {
+  document.addEventListener(type, (e) => { if (e.dataTransfer?.types.includes("Files")) e.preventDefault(); });
+}
+// Interrupt and Skip are enabled while the page's own job runs, and name it: the server stops nobody else's
+for (const what of ["interrupt", "skip"]) {
+  $(what).addEventListener("click", () => {
+    if (state.task === null) return;
+    if (what === "interrupt" && !state.active) state.abort.abort();  // still waiting: the server drops it
+    else api(what, { id_task: state.task }).catch((e) => show("error", e.message));
+  });
+}
+$("seed-random").addEventListener("click", () => { $("seed").value = "-1"; });
+$("seed-reuse").addEventListener("click", reuseSeed);
+$("gallery-clear").addEventListener("click", clearGallery);
+$("lightbox-img").addEventListener("click", () => $("lightbox-img").classList.toggle("full"));
+$("lightbox-prev").addEventListener("click", () => stepLightbox(-1));
+$("lightbox-next").addEventListener("click", () => stepLightbox(1));
+$("lightbox-close").addEventListener("click", () => $("lightbox").close());
+$("lightbox").addEventListener("click", (e) => { if (e.target === $("lightbox")) $("lightbox").close(); });  // backdrop
+$("lightbox").addEventListener("keydown", (e) => {
+  if (e.key === "ArrowLeft" || e.key === "ArrowRight") {
+    e.preventDefault();
+    stepLightbox(e.key === "ArrowLeft" ? -1 : 1);
+  }
+});
 $("lora-add").addEventListener("click", () => {
   if ($("lora").value) $("prompt").value += ` <lora:${$("lora").value}:${num("lora-weight")}>`;
 });
@@ -233,6 +447,7 @@ window.addEventListener("beforeunload", (e) => {  // leaving cancels this page's
   }
 });
 document.addEventListener("keydown", (e) => {  // A1111's keys: Ctrl+Enter generates, Esc interrupts
+  if ($("lightbox").open) return;  // (its Esc closes it, nothing more)
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
     e.preventDefault();
     if (!$("generate").disabled) $("form").requestSubmit();
@@ -241,4 +456,5 @@ document.addEventListener("keydown", (e) => {  // A1111's keys: Ctrl+Enter gener
   }
 });
 setMode();
+restoreGallery();
 loadLists();
