@@ -10,6 +10,12 @@ const state = { initImage: null, polling: null, saved: 0, task: null, previewId:
                 abort: null, active: false };
 const STORE = { gallery: "fastsd-gallery", saved: "fastsd-saved" };  // localStorage keys
 const KEEP = { images: 24, chars: 4_000_000 };  // the gallery this browser keeps: newest first, within these
+// The inpainting mask (A1111's Inpaint / Inpaint upload): #mask-canvas has the init image's own pixels, its alpha the
+// mask (drawn in TINT, shown half transparent over the image). history: what made it, in order: strokes ({erase,
+// width: in image pixels, points}) and uploaded mask images ({upload: data URL as given, layer: a canvas}); undo
+// drops the last. stroke: the one being painted (its pointerId); empty: no pixel of the canvas is masked.
+const mask = { history: [], stroke: null, empty: true };
+const TINT = "#e11d48";
 
 function authHeader() {
   const v = $("auth").value;
@@ -107,6 +113,14 @@ function request() {
   if (state.initImage) {
     body.init_images = [state.initImage];
     body.denoising_strength = num("strength");
+    body.resize_mode = Number($("resize-mode").value);
+    const m = maskImage();
+    if (m) {  // A1111's inpainting: white = repaint; no mask painted: plain img2img
+      Object.assign(body, { mask: m, mask_blur: num("mask-blur"), inpainting_mask_invert: Number($("mask-mode").value),
+                            inpainting_fill: Number($("masked-content").value),
+                            inpaint_full_res: $("inpaint-area").value === "1",
+                            inpaint_full_res_padding: num("inpaint-padding") });
+    }
   } else if ($("hires").checked) {  // A1111's hires fix (txt2img only)
     Object.assign(body, { enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: num("hr-scale"),
                           hr_second_pass_steps: num("hr-steps"), denoising_strength: num("hr-strength"),
@@ -162,9 +176,10 @@ function figureFor(entry) {  // entry: {b64, text (the infotext), name (the down
   a.textContent = "Download " + a.download;
   const copy = button("Copy infotext", "copy", () => copyText(entry.text, copy));
   const send = button("Send to img2img", "send", () => sendToImg2img(entry, img));
+  const inpaint = button("Send to inpaint", "send-inpaint", () => sendToImg2img(entry, img, true));
   const row = document.createElement("div");
   row.className = "row";
-  row.append(copy, send, a);
+  row.append(copy, send, inpaint, a);
   cap.append(pre, row);
   fig.append(img, cap);
   return fig;
@@ -284,18 +299,219 @@ function useParameters(text) {  // an infotext's values into the fields (A1111's
 
 function setInitImage(dataUrl) {
   state.initImage = dataUrl.split(",")[1];
+  mask.history = [];  // a new image: no mask yet (the canvas takes the image's size once it is loaded)
   $("init-preview").src = dataUrl;
   $("init-preview").hidden = false;
+  $("mask-editor").hidden = false;
+  drawMask();
   setMode();
 }
 
-function sendToImg2img(entry, img) {  // A1111's "Send to img2img": the image and its parameters
+function clearInitImage() {
+  state.initImage = null;
+  mask.history = [];
+  $("init-image").value = "";
+  $("init-preview").hidden = true;
+  $("init-preview").removeAttribute("src");
+  $("mask-editor").hidden = true;
+  drawMask();
+  setMode();
+}
+
+// A1111's "Send to img2img" / "Send to inpaint": the image and its parameters; inpaint: the mask to paint in view
+function sendToImg2img(entry, img, inpaint = false) {
   useParameters(entry.text);
   $("width").value = img.naturalWidth || $("width").value;  // img2img at the image's own size
   $("height").value = img.naturalHeight || $("height").value;
   $("init-image").value = "";
   setInitImage(img.src);
-  $("prompt").scrollIntoView({ block: "nearest" });
+  (inpaint ? $("mask-stage") : $("prompt")).scrollIntoView({ block: "nearest" });
+}
+
+// ---- the inpainting mask ----
+
+function fitInitImage() {  // shown as wide as the box allows, within 480 px high; a small image scaled up to paint on
+  const img = $("init-preview");
+  if (!img.naturalWidth || $("mask-editor").hidden) return;
+  const room = $("mask-editor").clientWidth;
+  const width = Math.min(room, 480 * img.naturalWidth / img.naturalHeight, Math.max(img.naturalWidth, 320));
+  img.style.width = `${Math.max(1, Math.floor(width))}px`;
+}
+
+function sizeMaskCanvas() {  // the canvas has the init image's own pixels (CSS stretches it over the shown image)
+  const img = $("init-preview");
+  if (!img.naturalWidth) return;
+  fitInitImage();
+  const c = $("mask-canvas");
+  if (c.width !== img.naturalWidth || c.height !== img.naturalHeight) {
+    [c.width, c.height] = [img.naturalWidth, img.naturalHeight];
+    drawMask();
+  }
+}
+
+function maskContext() {
+  return $("mask-canvas").getContext("2d", { willReadFrequently: true });
+}
+
+function drawStroke(ctx, s, from = 0) {  // from: the first new point (a stroke being painted is drawn piece by piece)
+  const p = s.points;
+  ctx.save();
+  ctx.globalCompositeOperation = s.erase ? "destination-out" : "source-over";
+  ctx.fillStyle = ctx.strokeStyle = TINT;
+  ctx.lineWidth = s.width;
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.beginPath();
+  if (p.length === 1) {
+    ctx.arc(p[0][0], p[0][1], s.width / 2, 0, 2 * Math.PI);
+    ctx.fill();
+  } else {
+    ctx.moveTo(...p[Math.max(0, from - 1)]);
+    for (let i = Math.max(1, from); i < p.length; i++) ctx.lineTo(...p[i]);
+    ctx.stroke();
+  }
+  ctx.restore();
+}
+
+function drawMask() {  // the canvas from the history; then whether anything is masked
+  const c = $("mask-canvas");
+  const ctx = maskContext();
+  ctx.clearRect(0, 0, c.width, c.height);
+  for (const h of mask.history) {
+    if (h.upload) {  // an uploaded mask replaces what was painted before it
+      ctx.clearRect(0, 0, c.width, c.height);
+      ctx.drawImage(h.layer, 0, 0, c.width, c.height);
+    } else {
+      drawStroke(ctx, h);
+    }
+  }
+  maskChanged();
+}
+
+function maskPixels() {  // the canvas' alpha as 0 / 255 (A1111 thresholds the mask at 128 too)
+  const c = $("mask-canvas");
+  const data = maskContext().getImageData(0, 0, c.width, c.height);
+  let any = false;
+  const d = data.data;
+  for (let i = 0; i < d.length; i += 4) {
+    const v = d[i + 3] >= 128 ? 255 : 0;
+    any ||= v === 255;
+    d[i] = d[i + 1] = d[i + 2] = v;
+    d[i + 3] = 255;
+  }
+  return { data, any };
+}
+
+function maskChanged() {
+  mask.empty = state.initImage === null || !mask.history.length || !maskPixels().any;
+  $("inpaint-set").disabled = mask.empty;
+  $("mask-undo").disabled = !mask.history.length;
+  $("mask-clear").disabled = !mask.history.length;
+  setMode();
+}
+
+function maskImage() {  // the request's mask: a black and white PNG at the init image's size, or null (none painted)
+  if (mask.empty) return null;
+  const last = mask.history[mask.history.length - 1];
+  if (last.upload) return last.upload;  // an uploaded mask is sent as it is (A1111's Inpaint upload)
+  const { data } = maskPixels();
+  const out = Object.assign(document.createElement("canvas"), { width: data.width, height: data.height });
+  out.getContext("2d").putImageData(data, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+function undoMask() {
+  if (mask.stroke || !mask.history.length) return;
+  mask.history.pop();
+  drawMask();
+}
+
+function clearMask() {
+  if (mask.stroke) return;
+  mask.history = [];
+  drawMask();
+}
+
+function maskPoint(e) {  // a pointer's place in the image's own pixels (the canvas is shown scaled)
+  const c = $("mask-canvas");
+  const r = c.getBoundingClientRect();
+  return [(e.clientX - r.left) * c.width / r.width, (e.clientY - r.top) * c.height / r.height];
+}
+
+function brushCursor(e) {  // a circle the brush's size under the mouse (a finger hides it anyway)
+  const cur = $("brush-cursor");
+  if (!e || e.pointerType === "touch") {
+    cur.hidden = true;
+    return;
+  }
+  const c = $("mask-canvas");
+  const size = `${Number($("brush-size").value)}px`;
+  Object.assign(cur.style, { left: `${e.clientX - c.getBoundingClientRect().left}px`,
+                             top: `${e.clientY - c.getBoundingClientRect().top}px`, width: size, height: size });
+  cur.hidden = false;
+}
+
+function strokeStart(e) {
+  if (mask.stroke || (e.pointerType === "mouse" && e.button !== 0) || !$("init-preview").naturalWidth) return;
+  e.preventDefault();
+  sizeMaskCanvas();
+  const c = $("mask-canvas");
+  try { c.setPointerCapture(e.pointerId); } catch (err) { /* (a pointer the browser no longer tracks) */ }
+  const scale = c.width / c.getBoundingClientRect().width;  // the brush is sized on the screen
+  mask.stroke = { erase: $("mask-eraser").checked, width: Math.max(1, Number($("brush-size").value) * scale),
+                  points: [maskPoint(e)], pointerId: e.pointerId };
+  mask.history.push(mask.stroke);
+  drawStroke(maskContext(), mask.stroke);
+}
+
+function strokeMove(e) {
+  brushCursor(e);
+  const s = mask.stroke;
+  if (!s || e.pointerId !== s.pointerId) return;
+  e.preventDefault();
+  const from = s.points.length;
+  const all = e.getCoalescedEvents?.() ?? [];  // (the moves since the last event; none in a made-up event)
+  for (const ev of all.length ? all : [e]) s.points.push(maskPoint(ev));
+  if (s.points.length > from) drawStroke(maskContext(), s, from);
+}
+
+function strokeEnd(e) {
+  const s = mask.stroke;
+  if (!s || e.pointerId !== s.pointerId) return;
+  mask.stroke = null;
+  delete s.pointerId;
+  maskChanged();
+}
+
+function readMaskFile() {  // A1111's Inpaint upload: shown over the image, sent as it is
+  const file = $("mask-file").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    const img = new Image();
+    img.onload = () => {
+      sizeMaskCanvas();
+      const c = $("mask-canvas");
+      // the mask as the server reads it: its transparency when it has any, else its grey levels; stretched
+      const layer = Object.assign(document.createElement("canvas"), { width: c.width, height: c.height });
+      const ctx = layer.getContext("2d", { willReadFrequently: true });
+      ctx.drawImage(img, 0, 0, c.width, c.height);
+      const data = ctx.getImageData(0, 0, c.width, c.height);
+      const d = data.data;
+      let alpha = false;
+      for (let i = 3; i < d.length && !alpha; i += 4) alpha = d[i] < 255;
+      for (let i = 0; i < d.length; i += 4) {
+        d[i + 3] = alpha ? d[i + 3] : Math.round(0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2]);
+        [d[i], d[i + 1], d[i + 2]] = [0xe1, 0x1d, 0x48];  // TINT
+      }
+      ctx.putImageData(data, 0, 0);
+      mask.history.push({ upload: reader.result, layer });
+      $("mask-file").value = "";  // (the same file can be given again)
+      drawMask();
+    };
+    img.onerror = () => show("error", "the mask file is not an image the browser can read");
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
 }
 
 function figures() {
@@ -367,7 +583,8 @@ function setMode() {  // hires fix is txt2img's: off, with a note, while an init
   $("hires").disabled = img2img;
   $("hires-set").disabled = img2img || !$("hires").checked;  // (the legend's checkbox stays usable)
   $("hires-note").hidden = !img2img;
-  $("generate").textContent = img2img ? "Generate (img2img)" : "Generate (txt2img)";
+  $("resize-mode").disabled = !img2img;
+  $("generate").textContent = !img2img ? "Generate (txt2img)" : mask.empty ? "Generate (img2img)" : "Generate (inpaint)";
 }
 
 function readInitImage() {
@@ -432,12 +649,19 @@ $("lora-add").addEventListener("click", () => {
 });
 $("hires").addEventListener("change", setMode);
 $("init-image").addEventListener("change", readInitImage);
-$("init-clear").addEventListener("click", () => {
-  state.initImage = null;
-  $("init-image").value = "";
-  $("init-preview").hidden = true;
-  setMode();
-});
+$("init-clear").addEventListener("click", clearInitImage);
+$("init-preview").addEventListener("load", sizeMaskCanvas);
+new ResizeObserver(fitInitImage).observe($("mask-editor"));  // a narrower window (a phone turned): the image fits
+$("mask-canvas").addEventListener("pointerdown", strokeStart);
+$("mask-canvas").addEventListener("pointermove", strokeMove);
+$("mask-canvas").addEventListener("pointerup", strokeEnd);
+$("mask-canvas").addEventListener("pointercancel", strokeEnd);
+$("mask-canvas").addEventListener("lostpointercapture", strokeEnd);
+$("mask-canvas").addEventListener("pointerleave", () => brushCursor(null));
+$("mask-undo").addEventListener("click", undoMask);
+$("mask-clear").addEventListener("click", clearMask);
+$("mask-file").addEventListener("change", readMaskFile);
+$("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
 $("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
 $("auth").addEventListener("change", loadLists);
 window.addEventListener("beforeunload", (e) => {  // leaving cancels this page's job: the browser asks first
@@ -446,11 +670,20 @@ window.addEventListener("beforeunload", (e) => {  // leaving cancels this page's
     e.returnValue = true;
   }
 });
+function typing(el) {  // a field whose Ctrl+Z undoes typing
+  return el.isContentEditable || el.tagName === "TEXTAREA" ||
+    (el.tagName === "INPUT" && /^(text|number|password|search|email|url|tel)$/.test(el.type));
+}
+
 document.addEventListener("keydown", (e) => {  // A1111's keys: Ctrl+Enter generates, Esc interrupts
   if ($("lightbox").open) return;  // (its Esc closes it, nothing more)
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
     e.preventDefault();
     if (!$("generate").disabled) $("form").requestSubmit();
+  } else if ((e.key ?? "").toLowerCase() === "z" && (e.ctrlKey || e.metaKey) && !e.shiftKey && !e.altKey
+             && !typing(e.target) && !$("mask-editor").hidden) {  // A1111's Ctrl+Z on its mask; a text field's own undo stays
+    e.preventDefault();
+    undoMask();
   } else if (e.key === "Escape" && !$("interrupt").disabled) {
     $("interrupt").click();
   }
