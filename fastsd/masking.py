@@ -236,3 +236,76 @@ def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], *, onl
     if fill_content:
         model_image = fill(model_image, model_mask)
     return Inpaint(model_image, model_mask, overlay, paste_to)
+
+
+# ---- A1111's img2img request fields -> what the model gets (shared by fastsd.serve and fastsd.batch) -------------
+
+MAX_MASK_BLUR = 512  # px, each way (A1111's slider stops at 64, its API at nothing; the blur's cost grows with it)
+# A1111's inpainting_fill ("Masked content"): 0 fill, 1 original, 2 latent noise, 3 latent nothing (0, 2 and 3 fill
+# the image under the mask; 2 and 3 then replace its latents there: Pipeline.generate's masked_content)
+LATENT_FILL = {0: "original", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
+class Img2ImgError(ValueError):
+    """A1111 img2img fields that can't run together (one line); fastsd.serve answers it as a 422."""
+
+
+def check_inpaint_fields(f) -> None:
+    """A1111's inpainting fields of `f` (an object with its img2img request's attribute names: inpaint_full_res,
+    inpaint_full_res_padding, inpainting_fill), checked before any image is decoded: Img2ImgError."""
+    if f.inpaint_full_res and f.inpaint_full_res_padding < 0:
+        raise Img2ImgError(f"inpaint_full_res_padding must be at least 0 (px), got {f.inpaint_full_res_padding}")
+    if f.inpainting_fill not in LATENT_FILL:
+        raise Img2ImgError(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
+                           f"got {f.inpainting_fill}")
+
+
+def a1111_img2img(f, images: list[Image.Image], mask: Image.Image | None, size: tuple[int, int],
+                  warnings: list[str]) -> tuple[list[Inpaint], dict, int]:
+    """The init images (and mask) as the model gets them from A1111's img2img fields `f` (an object with its request's
+    attribute names: resize_mode, mask_blur, mask_blur_x, mask_blur_y, mask_round, inpainting_fill, inpaint_full_res,
+    inpaint_full_res_padding, inpainting_mask_invert; `check_inpaint_fields` first when there is a mask): each image
+    flattened over white (A1111), brought to `size` by resize_mode 0-3 (LANCZOS); for a mask, A1111's inpainting: the
+    mask read as A1111 (an RGBA mask's alpha), inverted, blurred, "only masked" (inpaint_full_res) or the whole picture,
+    "fill" or "original" content, the overlay laid over each result (and where, for "only masked"); and A1111's
+    inpainting keys for the infotext. One Inpaint per init image (A1111's init_images), and the resize mode
+    Pipeline.generate runs: 3 ("just resize (latent upscale)": the image kept at its size, its latents resized; its
+    caller checks that size) where no mask or crop took the image to the size, else 0. Img2ImgError (one line) for
+    fields that can't run; notes (a blank mask's fallback) go to `warnings`."""
+    images = [flatten(im) for im in images]  # RGBA over white (A1111)
+    mode = f.resize_mode if f.resize_mode in RESIZE_MODES else 2  # (A1111's resize_image: any other is 2)
+    if mask is not None:  # as A1111: binary (an RGBA mask's alpha), inverted, blurred; then cut/resized, filled, overlaid
+        mask = binary_mask(mask, round_alpha=f.mask_round)
+        if f.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        blur_x, blur_y = (f.mask_blur, f.mask_blur) if f.mask_blur is not None else (f.mask_blur_x, f.mask_blur_y)
+        if max(blur_x, blur_y) > MAX_MASK_BLUR:  # (as A1111, a blur <= 0 is none)
+            raise Img2ImgError(f"mask_blur must be at most {MAX_MASK_BLUR} (px; 0 or less: no blur), got {blur_x}, "
+                               f"{blur_y} (x, y)")
+        if f.inpaint_full_res and len({im.size for im in images}) > 1:
+            sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
+            raise Img2ImgError("init_images: with a mask and inpaint_full_res the images must have one size (A1111 "
+                               f"cuts one region out of each), got {sizes}")
+        if mode == 3 and not f.inpaint_full_res:
+            mode = _latent_resize_with_mask(images, size)
+        blurred = blur(mask, blur_x, blur_y)
+        got = [prepare(im, blurred, size, only_masked=f.inpaint_full_res, padding=f.inpaint_full_res_padding,
+                       fill_content=f.inpainting_fill != 1, resize_mode=mode) for im in images]
+        if got[0].note:
+            warnings.append(got[0].note)
+        extra = infotext_params(got[0], blur_x=blur_x, blur_y=blur_y, invert=bool(f.inpainting_mask_invert),
+                                padding=f.inpaint_full_res_padding, fill=f.inpainting_fill)
+        return got, extra, mode if got[0].mask is None else 0
+    if mode == 3:
+        return [Inpaint(im, None, None) for im in images], {}, 3
+    return [Inpaint(resize_image(mode, im, *size) if im.size != size else im, None, None) for im in images], {}, 0
+
+
+def _latent_resize_with_mask(images: list, size: tuple[int, int]) -> int:
+    """resize_mode 3 with a mask on the whole picture: A1111 fills and overlays the image at its own size against a
+    mask at width x height, which fails unless they are one size (then it is "just resize"): 0, or Img2ImgError."""
+    if any(im.size != size for im in images):
+        raise Img2ImgError(f"resize_mode 3 (latent upscale) with a mask needs inpaint_full_res or init images of the "
+                           f"output size {size[0]}x{size[1]} (A1111 fails on it), got {images[0].width}x"
+                           f"{images[0].height}")
+    return 0

@@ -76,10 +76,12 @@ def test_every_settings_option_is_a_job_default():
     from fastsd.batch.jobs import FIELDS as JOB_FIELDS
     from fastsd.settings import FIELDS
 
-    per_job = {f.name for f in dataclasses.fields(Defaults)} - {"loras"}
-    assert per_job == set(FIELDS) - {"prompt", "num_images", "strength", "initial_noise_multiplier"}  # (img2img's)
+    from fastsd.batch.jobs import IMG2IMG
+
+    per_job = {f.name for f in dataclasses.fields(Defaults)} - {"loras", "styles"} - set(IMG2IMG)
+    assert per_job == set(FIELDS) - {"prompt", "num_images"}
     assert per_job <= set(vars(build_parser().parse_args(["j.txt", "--out", "o"])))
-    assert per_job | {"prompt"} <= set(JOB_FIELDS.values())
+    assert per_job | {"prompt"} | set(IMG2IMG) <= set(JOB_FIELDS.values())
 
 
 def test_bad_lines_become_failed_jobs_with_line_and_reason(tmp_path):

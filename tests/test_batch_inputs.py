@@ -203,7 +203,7 @@ def test_a1111_payload_keys_that_change_nothing_are_taken():
     assert jobs[0].manifest_settings() == {**jobs[2].manifest_settings(), "sampler": "euler"}
     assert jobs[3].error == ("batch_size 4: fastsd.batch takes A1111's batch_size only as 1; one job is one image: "
                              "give one line per image (seeds S, S+1, ...)")
-    assert jobs[4].error == "styles ['anime']: fastsd.batch takes A1111's styles only as []"
+    assert jobs[4].error.startswith("styles ['anime']: no styles file; give --styles-file PATH")  # (a field now)
     assert jobs[5].error == "tiling True: fastsd.batch takes A1111's tiling only as false"
 
 

@@ -16,6 +16,12 @@ The hires fix, variation seeds and seed resize are fields too: the hires fix's s
 and a job with a variation seed never shares a batch (`batch_key`). A1111's API names are aliases (hr_scale,
 denoising_strength, ...), and its `enable_hr` switches the hires fix on or off; the keys of its txt2img payloads
 that change nothing in a one-image job (batch_size 1, send_images, ...) are taken and dropped.
+
+img2img and inpainting: `init_image` and `mask` (file paths; relative ones under the job file's folder) with A1111's
+img2img request fields (IMG2IMG, as fastsd.serve takes them; the worker maps them with the server's
+fastsd.masking.a1111_img2img); their content hashes are the job's settings (an edited image is a changed job).
+`styles` are applied to the prompts here (fastsd.styles, as the CLI's --style). `Img2ImgFolder` / `folder_records`:
+A1111's img2img batch from a folder (one job per image, its mask by file stem, its PNG info).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import os
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from fastsd.hires import builtin_upscaler
 from fastsd.schedule_types import AUTOMATIC, resolve_schedule_type
@@ -54,6 +60,13 @@ EXTRA = {f: f for f in ("hires_scale", "hires_width", "hires_height", "hires_ste
                         "s_tmax", "s_noise", "randn_source", "enable_hires")}
 EXTRA["hires_scheduler"] = "hires_schedule_type"  # (as scheduler -> schedule_type)
 FIELDS.update(EXTRA, enable_hr="enable_hr")
+# img2img and inpainting (A1111's img2img request fields, as fastsd.serve takes them: fastsd.masking.a1111_img2img) and
+# styles: the job's own, with the defaults of A1111's API (the server's; a test checks they are its schema's)
+IMG2IMG = {"resize_mode": 0, "mask_blur": None, "mask_blur_x": 4, "mask_blur_y": 4, "mask_round": True,
+           "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0}
+MASK_FIELDS = tuple(f for f in IMG2IMG if f != "resize_mode")  # (they change nothing without a mask)
+FIELDS.update({"init_image": "init_image", "mask": "mask", "strength": "strength",
+               "initial_noise_multiplier": "initial_noise_multiplier", "styles": "styles"}, **{f: f for f in IMG2IMG})
 HIRES = tuple(f for f in EXTRA.values() if f.startswith("hires_"))  # the settings fields of the hires fix
 ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": "cfg", "sampler_name": "sampler",
            "schedule_type": "scheduler", "hires_schedule_type": "hires_scheduler",
@@ -62,20 +75,24 @@ ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": 
            "hr_second_pass_steps": "hires_steps", "denoising_strength": "hires_strength",
            "hr_upscaler": "hires_upscaler", "hr_sampler_name": "hires_sampler", "hr_scheduler": "hires_scheduler",
            "hr_prompt": "hires_prompt", "hr_negative_prompt": "hires_negative_prompt"}
-# A1111's txt2img payload keys that change nothing in a one-image job at these values (as its clients send them), and
-# keys that never change the image (what A1111 does with the image afterwards): both taken and dropped
-A1111_NEUTRAL = {"batch_size": 1, "n_iter": 1, "restore_faces": False, "tiling": False, "styles": [],
+# A1111's txt2img / img2img payload keys that change nothing in a one-image job at these values (as its clients send
+# them), and keys that never change the image (what A1111 does with the image afterwards): both taken and dropped
+A1111_NEUTRAL = {"batch_size": 1, "n_iter": 1, "restore_faces": False, "tiling": False,
                  "override_settings": {}, "script_name": None, "script_args": [], "alwayson_scripts": {},
-                 "disable_extra_networks": False, "refiner_checkpoint": None}
+                 "disable_extra_networks": False, "refiner_checkpoint": None, "include_init_images": False}
 IMAGES_KEYS = ("batch_size", "n_iter")
 A1111_IGNORED = ("send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
                  "override_settings_restore_afterwards", "force_task_id", "comments", "outpath_samples",
-                 "outpath_grids", "prompt_for_display")
+                 "outpath_grids", "prompt_for_display",
+                 "image_cfg_scale", "latent_mask")  # (the last two: what the server ignores too, as its A1111 does here)
 INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "hires_height", "hires_steps", "subseed",
-              "seed_resize_from_w", "seed_resize_from_h", "eta_noise_seed_delta")
+              "seed_resize_from_w", "seed_resize_from_h", "eta_noise_seed_delta", "resize_mode", "mask_blur",
+              "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res_padding")
 FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond", "eta",
-                "s_churn", "s_tmin", "s_tmax", "s_noise")
+                "s_churn", "s_tmin", "s_tmax", "s_noise", "strength", "initial_noise_multiplier")
 BOOL_FIELDS = ("enable_hr", "s_min_uncond_all", "enable_hires")
+FLAG_FIELDS = ("mask_round", "inpaint_full_res", "inpainting_mask_invert")  # true / false, or A1111's 0 / 1
+PATH_FIELDS = ("init_image", "mask")
 NAME_FIELDS = {"scheduler": "a schedule type's name", "hires_scheduler": "a schedule type's name",
                "hires_sampler": "a sampler's name", "hires_upscaler": "an upscaler's name",
                "randn_source": "CPU, GPU or NV"}
@@ -121,23 +138,103 @@ class Defaults:
     s_noise: float = 1.0
     randn_source: str = "CPU"
     enable_hires: bool = False
+    # img2img (jobs with an init image): A1111's denoising strength (python -m fastsd.generate's default) and noise
+    # multiplier, its img2img fields (IMG2IMG), and the styles of jobs without a `styles` field
+    strength: float = 0.8
+    initial_noise_multiplier: float = 1.0
+    resize_mode: int = 0
+    mask_blur: int | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    styles: tuple[str, ...] = ()
 
     def settings(self) -> GenerationSettings:
         """These defaults as settings (no prompt)."""
-        return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "loras"})
+        return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in SETTINGS})
 
     def validate(self, allow_large: bool = False) -> None:
-        """ValueError / TypeError naming the option, as GenerationSettings.validate."""
+        """ValueError / TypeError naming the option, as GenerationSettings.validate (and the img2img fields as a
+        job's)."""
         check_settings(self.settings(), allow_large)
+        check_img2img(self.img2img(), "--")
+
+    def img2img(self) -> dict:
+        return {f: getattr(self, f) for f in IMG2IMG}
 
 
-def check_settings(s: GenerationSettings, allow_large: bool = False) -> None:
+def check_settings(s: GenerationSettings, allow_large: bool = False, *, has_image: bool = False,
+                   has_mask: bool = False) -> None:
     """GenerationSettings.validate, but for a hires upscaler that is not one of A1111's built-in names: a model
     file or a model's name in the upscaler folder, which the worker finds and loads (as it finds LoRAs), so a
     missing one is that job's failure."""
     if isinstance(s.hires_upscaler, str) and builtin_upscaler(s.hires_upscaler) is None:
         s = s.replace(hires_upscaler="Latent")
-    s.validate(allow_large=allow_large)
+    s.validate(allow_large=allow_large, has_image=has_image, has_mask=has_mask)
+
+
+def check_img2img(f: dict, prefix: str = "") -> None:
+    """A1111's img2img fields (IMG2IMG) as fastsd.serve checks them: resize_mode 0-3 (A1111 runs another as 2; here
+    surely a mistake), the inpainting ones as fastsd.masking.check_inpaint_fields, a mask blur of at most
+    masking.MAX_MASK_BLUR. ValueError naming the field (with `prefix` "--": the option)."""
+    from types import SimpleNamespace
+
+    from fastsd import masking
+
+    def named(msg: str) -> str:
+        return f"{prefix}{msg.replace('_', '-')}" if prefix else msg
+
+    if f["resize_mode"] not in masking.RESIZE_MODES:
+        raise ValueError(named(f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3 "
+                               f"(latent upscale), got {f['resize_mode']}"))
+    try:
+        masking.check_inpaint_fields(SimpleNamespace(**f))
+    except masking.Img2ImgError as e:
+        raise ValueError(named(str(e))) from None
+    for name in ("mask_blur", "mask_blur_x", "mask_blur_y"):
+        if f[name] is not None and f[name] > masking.MAX_MASK_BLUR:
+            raise ValueError(named(f"{name} must be at most {masking.MAX_MASK_BLUR} (px; 0 or less: no blur), got "
+                                   f"{f[name]}"))
+
+
+@dataclass(frozen=True)
+class Source:
+    """An init image or mask file a job names: its path (relative ones under the job file's folder, as resolved) and
+    the sha256 of its bytes (part of the job's settings: an edited image is a changed job). `data`: the bytes
+    themselves, given to a Ray worker (its folder is not this one)."""
+
+    path: str
+    sha256: str
+    size: tuple[int, int] = (0, 0)  # (width, height) upright, as load_image turns it
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What making jobs needs beyond their records: the folder relative init_image / mask paths are under (the job
+    file's; "" = the current one), and the styles file (--styles-file, else $FASTSD_STYLES: read at its first use)."""
+
+    base: str = ""
+    styles_path: str | None = None
+    styles_what: str = "--styles-file"
+    _styles: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def styles(self) -> dict:
+        from fastsd.styles import read_styles
+
+        if "styles" not in self._styles:
+            try:
+                self._styles["styles"] = read_styles(self.styles_path, self.styles_what)[0]
+            except ValueError as e:
+                self._styles["styles"] = e
+        got = self._styles["styles"]
+        if isinstance(got, Exception):
+            raise ValueError(str(got))
+        return got
 
 
 @dataclass(frozen=True)
@@ -146,6 +243,10 @@ class Job:
     line: int
     settings: GenerationSettings  # resolved: seed, width and height set, num_images 1
     loras: tuple[tuple[str, float | tuple[float, float]], ...] = ()  # weight: both models, or (text encoder, UNet)
+    init_image: Source | None = None  # img2img (settings.strength); with a mask, inpainting
+    mask: Source | None = None
+    img2img: tuple[tuple[str, object], ...] = ()  # A1111's img2img fields (IMG2IMG), all of them, for an init image
+    styles: tuple[str, ...] = ()  # the styles applied to the settings' prompts (A1111's)
 
     @property
     def file(self) -> str:
@@ -161,7 +262,27 @@ class Job:
                 "clip_skip": s.clip_skip, "loras": [f"{n}:{weight_text(w)}" for n, w in self.loras],
                 # (only when set: a job's id digests these, and ids of jobs without them stay as they were)
                 **({"scheduler": s.schedule_type} if s.schedule_type != AUTOMATIC else {}),
-                **{name: getattr(s, f) for name, f in EXTRA.items() if getattr(s, f) != SETTINGS[f].default}}
+                **{name: getattr(s, f) for name, f in EXTRA.items() if getattr(s, f) != SETTINGS[f].default},
+                **({"styles": list(self.styles)} if self.styles else {}), **self._img2img_settings()}
+
+    def _img2img_settings(self) -> dict:
+        """The image part of the settings (none for txt2img: ids of txt2img jobs are as before): the init image's and
+        mask's content hashes (an image edited under the same name is a changed job), the strength, and the A1111
+        img2img fields that are not A1111's defaults (the mask's only with a mask)."""
+        if self.init_image is None:
+            return {}
+        s, f = self.settings, dict(self.img2img)
+        out = {"init_image_sha256": self.init_image.sha256, "strength": s.strength}
+        if s.initial_noise_multiplier != 1:
+            out["initial_noise_multiplier"] = s.initial_noise_multiplier
+        if self.mask is not None:
+            out["mask_sha256"] = self.mask.sha256
+        out.update({k: v for k, v in f.items() if v != IMG2IMG[k] and (self.mask is not None or k not in MASK_FIELDS)})
+        return out
+
+    def sources(self) -> dict:
+        """The init image's and mask's paths, for the manifest row (outside its settings: the hashes are those)."""
+        return {k: src.path for k, src in (("init_image", self.init_image), ("mask", self.mask)) if src is not None}
 
 
 @dataclass(frozen=True)
@@ -178,12 +299,17 @@ class JobFileError(ValueError):
 
 # ---- reading records ---------------------------------------------------------------------------------
 
-def read_job_file(path: str, defaults: Defaults, *, allow_large: bool = False) -> list[Job | BadJob]:
-    """The jobs of a .jsonl / .csv / .txt file, or of standard input for "-" (JSONL or one prompt a line)."""
+def read_job_file(path: str, defaults: Defaults, *, allow_large: bool = False,
+                  ctx: JobContext | None = None) -> list[Job | BadJob]:
+    """The jobs of a .jsonl / .csv / .txt file, or of standard input for "-" (JSONL or one prompt a line); the
+    relative init_image / mask paths of a file's jobs are under the file's folder (standard input's: the current
+    one)."""
+    ctx = ctx or JobContext()
     if path == STDIN:
         text = _read_stdin()
         fmt = "jsonl" if next((t.lstrip()[:1] for t in _lines(text) if not _skipped(t)), "") == "{" else "txt"
-        return _file_jobs(path, text, fmt, defaults, allow_large)
+        return _file_jobs(path, text, fmt, defaults, allow_large, ctx)
+    ctx = replace(ctx, base=os.path.dirname(path))
     fmt = FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise JobFileError(f"{path}: unknown job file type; use .jsonl (one JSON object a line), .csv (with a "
@@ -201,7 +327,7 @@ def read_job_file(path: str, defaults: Defaults, *, allow_large: bool = False) -
         raise JobFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise JobFileError(f"{path}: can't read ({e.strerror})") from None
-    return _file_jobs(path, text, fmt, defaults, allow_large)
+    return _file_jobs(path, text, fmt, defaults, allow_large, ctx)
 
 
 def _read_stdin() -> str:
@@ -212,10 +338,11 @@ def _read_stdin() -> str:
         raise JobFileError(f"{STDIN} (standard input): not UTF-8 text (byte {e.start})") from None
 
 
-def _file_jobs(path: str, text: str, fmt: str, defaults: Defaults, allow_large: bool) -> list[Job | BadJob]:
+def _file_jobs(path: str, text: str, fmt: str, defaults: Defaults, allow_large: bool,
+               ctx: JobContext) -> list[Job | BadJob]:
     records = {"jsonl": _jsonl_records, "csv": _csv_records, "txt": _txt_records}[fmt](text)
     try:
-        jobs = make_jobs(records, defaults, allow_large=allow_large)
+        jobs = make_jobs(records, defaults, allow_large=allow_large, ctx=ctx)
     except JobFileError as e:
         raise JobFileError(f"{path}: {e}") from None
     if not jobs:
@@ -331,15 +458,17 @@ def records_from_list(items) -> list[tuple[int, dict | str, str]]:
 
 # ---- records -> jobs ---------------------------------------------------------------------------------
 
-def make_jobs(records, defaults: Defaults, *, allow_large: bool = False) -> list[Job | BadJob]:
+def make_jobs(records, defaults: Defaults, *, allow_large: bool = False,
+              ctx: JobContext | None = None) -> list[Job | BadJob]:
     """Jobs in file order; a duplicate id makes the later record a BadJob."""
+    ctx = ctx or JobContext()
     jobs: list[Job | BadJob] = []
     first: dict[str, Job] = {}  # by the id in lower case: ids differing only in case name one file on macOS / Windows
     for index, (line, rec, raw) in enumerate(records):
         try:
             if isinstance(rec, str):
                 raise ValueError(rec)
-            job = to_job(rec, line, index, defaults, allow_large=allow_large)
+            job = to_job(rec, line, index, defaults, allow_large=allow_large, ctx=ctx)
         except (ValueError, TypeError) as e:
             jobs.append(BadJob(_bad_id(line, raw), line, str(e).splitlines()[0], raw))
             continue
@@ -357,34 +486,55 @@ def _bad_id(line: int, raw: str) -> str:
     return f"{line:05d}-bad-{hashlib.sha256(raw.encode()).hexdigest()[:10]}"
 
 
-def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large: bool = False) -> Job:
+def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large: bool = False,
+           ctx: JobContext | None = None) -> Job:
     """One record -> a Job; ValueError / TypeError (one line, naming the field) when it can't be one."""
+    ctx = ctx or JobContext()
     rec = _typed(_canonical_fields(rec))
     for name in ("seed", "subseed"):
         if rec.get(name) == -1:  # A1111: random
             del rec[name]
     if "size" in rec:
         rec["width"], rec["height"] = _size(rec.pop("size"), rec)
-    loras = parse_loras(rec["loras"]) if "loras" in rec else defaults.loras
     if "prompt" not in rec:
         raise ValueError("no prompt")
+    if "mask" in rec and "init_image" not in rec:
+        raise ValueError("mask: a mask needs an init_image (the image to inpaint)")
+    if "init_image" not in rec and (img2img_only := next((k for k in (*IMG2IMG, "strength", "initial_noise_multiplier")
+                                                          if k in rec), None)):
+        raise ValueError(f"{img2img_only}: an img2img field, for a job with an init_image (the hires fix's strength "
+                         "is hires_strength)" if img2img_only == "strength" else
+                         f"{img2img_only}: an img2img field, for a job with an init_image")
+    image = _source(rec, "init_image", ctx, probe=True) if "init_image" in rec else None
+    mask = _source(rec, "mask", ctx) if "mask" in rec else None
+    styles = _styled(rec, defaults, ctx)
+    loras = parse_loras(rec["loras"]) if "loras" in rec else defaults.loras
     if isinstance(rec["prompt"], str):
         loras += prompt_loras(rec["prompt"])
-    extra = {f: rec.get(name, getattr(defaults, f)) for name, f in EXTRA.items()}
+    # an img2img job: no hires fix from the options (A1111's img2img has none; a record's own hires field fails it)
+    base = defaults if image is None else replace(defaults, **{f: SETTINGS[f].default for f in HIRES},
+                                                  enable_hires=False)
+    extra = {f: rec.get(name, getattr(base, f)) for name, f in EXTRA.items()}
     extra["subseed"] = rec.get("subseed")  # (--subseed S is S + index, below, as the seed)
+    if image is not None:
+        extra.update(strength=rec.get("strength", defaults.strength),
+                     initial_noise_multiplier=rec.get("initial_noise_multiplier", defaults.initial_noise_multiplier))
+    w, h = (DEFAULT_SIDE, DEFAULT_SIDE) if image is None else (image.size[0] // 8 * 8, image.size[1] // 8 * 8)
     s = GenerationSettings(
         prompt=rec["prompt"], negative_prompt=rec.get("negative_prompt", defaults.negative_prompt),
         steps=rec.get("steps", defaults.steps), guidance_scale=rec.get("cfg", defaults.guidance_scale),
         sampler=rec.get("sampler", defaults.sampler), seed=rec.get("seed"),
-        width=_first(rec.get("width"), defaults.width, DEFAULT_SIDE),
-        height=_first(rec.get("height"), defaults.height, DEFAULT_SIDE), num_images=1,
+        width=_first(rec.get("width"), defaults.width, w),  # (an init image's size, as python -m fastsd.generate)
+        height=_first(rec.get("height"), defaults.height, h), num_images=1,
         clip_skip=rec.get("clip_skip", defaults.clip_skip),
         schedule_type=rec.get("scheduler", defaults.schedule_type), **extra)
     s = _enable_hr(s, rec)
-    check_settings(s, allow_large)
+    check_settings(s, allow_large, has_image=image is not None, has_mask=mask is not None)
     s = _resolved(s)
     _check_hires_loras(s)
-    digest = _digest(Job("", line, s, loras))
+    parts = dict(init_image=image, mask=mask, img2img=_img2img_fields(rec, defaults, mask) if image else (),
+                 styles=styles)
+    digest = _digest(Job("", line, s, loras, **parts))
     derived, given = {}, {}  # seeds: the digest's (stable across runs), or --seed S / --subseed S: job i's is S + i
     for name, option, hexes in (("seed", defaults.seed, digest[:8]), ("subseed", defaults.subseed, digest[8:16])):
         if getattr(s, name) is None and (name == "seed" or s.subseed_strength > 0):
@@ -395,7 +545,7 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
             else:
                 given[name] = option + index
     if given:  # (part of the id: another --seed S makes other images, under other ids)
-        digest = _digest(Job("", line, s.replace(**given), loras))
+        digest = _digest(Job("", line, s.replace(**given), loras, **parts))
     s = s.replace(**derived, **given) if derived or given else s
     job_id = rec.get("id")
     if isinstance(job_id, int) and not isinstance(job_id, bool) and job_id >= 0:  # ({"id": 5}: 5.png)
@@ -405,7 +555,88 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
     elif not isinstance(job_id, str) or not ID_RE.fullmatch(job_id):
         raise ValueError(f"id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-' (it names the PNG), "
                          "not starting with '.', '_' or '-'")
-    return Job(job_id, line, s, loras)
+    return Job(job_id, line, s, loras, **parts)
+
+
+def _img2img_fields(rec: dict, defaults: Defaults, mask: Source | None) -> tuple:
+    """A1111's img2img fields of an img2img job (the record's, else the options'), checked as the server checks them
+    and written one way: without a mask the mask's at their defaults (they change nothing), a mask_blur as its x and
+    y (A1111's rule: mask_blur wins over mask_blur_x / _y)."""
+    f = {k: rec.get(k, getattr(defaults, k)) for k in IMG2IMG}
+    check_img2img(f)
+    if mask is None:
+        f.update({k: IMG2IMG[k] for k in MASK_FIELDS})
+    elif f["mask_blur"] is not None:
+        f.update(mask_blur_x=f["mask_blur"], mask_blur_y=f["mask_blur"], mask_blur=None)
+    f["inpainting_mask_invert"] = int(f["inpainting_mask_invert"])
+    return tuple((k, f[k]) for k in IMG2IMG)
+
+
+def _source(rec: dict, name: str, ctx: JobContext, probe: bool = False) -> Source:
+    """The file a record's init_image / mask names (relative: under ctx.base, the job file's folder), read for its
+    sha256; with `probe`, its size as the image is read (load_image: EXIF-turned) from its header. ValueError (one line,
+    load_image's) for a file that is missing or not an image."""
+    import io
+
+    from PIL import Image
+
+    from fastsd.image import INPUT_FORMATS, load_image
+
+    given = rec[name]
+    if not isinstance(given, str) or not given.strip():
+        raise TypeError(f"{name} must be an image file's path, got {given!r}")
+    path = os.path.join(ctx.base, os.path.expanduser(given))
+    if not os.path.isfile(path):
+        load_image(path, name)  # (its one-line reason: no such file, a folder, a FIFO...)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"{name} {path}: can't read ({e.strerror or e})") from None
+    size = (0, 0)
+    if probe:
+        try:
+            with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as im:
+                size = im.size[::-1] if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size  # (EXIF: turned)
+        except Exception:  # noqa: BLE001 - load_image says why, in its words
+            size = load_image(path, name).size
+    return Source(path, hashlib.sha256(data).hexdigest(), size)
+
+
+def _styled(rec: dict, defaults: Defaults, ctx: JobContext) -> tuple[str, ...]:
+    """The record's styles (its `styles` field, else --style's) applied to its prompts in place, A1111's way
+    (fastsd.styles, as python -m fastsd.generate --style: the hires prompts too when given), before its <lora:...>
+    tags are read; returns their names. ValueError for a name the styles file lacks, or no styles file."""
+    from fastsd.styles import STYLES_ENV, apply_styles
+
+    names = _style_names(rec["styles"]) if "styles" in rec else defaults.styles
+    if not names or not isinstance(rec["prompt"], str):
+        return names
+    if ctx.styles_path is None:
+        raise ValueError(f"styles {list(names)}: no styles file; give --styles-file PATH (a styles.csv or a folder of "
+                         f"them) or set ${STYLES_ENV}")
+    styles = ctx.styles()
+    if missing := next((n for n in names if n not in styles), None):
+        raise ValueError(f"styles: {missing!r}: no such style in {ctx.styles_what} {ctx.styles_path}")
+    negative = rec.get("negative_prompt", defaults.negative_prompt)
+    if isinstance(negative, str):
+        rec["prompt"], rec["negative_prompt"], _ = apply_styles(styles, list(names), rec["prompt"], negative)
+    for key, default, negative in (("hires_prompt", defaults.hires_prompt, False),
+                                   ("hires_negative_prompt", defaults.hires_negative_prompt, True)):
+        text = rec.get(key, default)
+        if text and isinstance(text, str):
+            rec[key] = apply_styles(styles, list(names), *(("", text) if negative else (text, "")))[
+                1 if negative else 0]
+    return names
+
+
+def _style_names(v) -> tuple[str, ...]:
+    """A1111's styles: a list of names, or one string of names separated by ';' (a CSV cell)."""
+    if isinstance(v, str):
+        v = [n.strip() for n in v.split(";") if n.strip()]
+    if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+        raise TypeError(f"styles must be a list of style names, got {v!r}")
+    return tuple(v)
 
 
 def _digest(job: Job) -> str:
@@ -431,6 +662,12 @@ def _typed(rec: dict) -> dict:
     for name in BOOL_FIELDS:
         if name in rec:
             rec[name] = _to_bool(rec[name], name)
+    for name in FLAG_FIELDS:  # (A1111's clients send true / false or 0 / 1)
+        if name in rec:
+            rec[name] = _to_flag(rec[name], name)
+    for name in PATH_FIELDS:
+        if name in rec and (not isinstance(rec[name], str) or not rec[name].strip()):
+            raise TypeError(f"{name} must be an image file's path, got {rec[name]!r}")
     for name, same in (("hires_sampler", SAME_SAMPLER), ("hires_scheduler", SAME_SCHEDULER)):
         if rec.get(name, "").strip().lower() == same.lower():
             del rec[name]
@@ -496,10 +733,13 @@ def _first(*values):
 
 def _canonical_fields(rec: dict) -> dict:
     out = {}
+    img2img = rec.get("init_image") is not None  # (A1111's denoising_strength: img2img's there, the hires pass's else)
     for key, v in _without_a1111_extras(rec).items():
         if v is None:  # JSON null = not given
             continue
-        name = ALIASES.get(key, key)
+        name = "strength" if key == "denoising_strength" and img2img else ALIASES.get(key, key)
+        if name == "init_images":
+            raise ValueError("init_images: fastsd.batch takes init_image, an image file's path (not A1111's base64)")
         if name not in FIELDS:
             raise ValueError(f"unknown field {key!r}; known: {', '.join(FIELDS)}")
         if name in out:
@@ -557,6 +797,17 @@ def _to_bool(v, name: str) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be true or false, got {v!r}")
     return v
+
+
+def _to_flag(v, name: str) -> bool:
+    """A1111's switches of img2img: true / false, or its 0 / 1 (JSON's or a CSV cell's)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("0", "1", "true", "false"):
+        return v.strip().lower() in ("1", "true")
+    raise TypeError(f"{name} must be true or false (or 1 / 0), got {v!r}")
 
 
 def _to_float(v, name: str) -> float:
@@ -647,12 +898,14 @@ def batch_key(job: Job, chunks: int) -> tuple:
     and the same number of 75-token prompt chunks (encode_prompt pads a batch to its longest prompt); the same hires
     fix (the worker runs its second pass per job, with the group's one upscaler) and seed resize (the batch's start
     noise is drawn with one). A job with a variation seed shares with none: the Pipeline moves image i of a batch
-    toward subseed + i (A1111's rule for the images of one run), not toward each job's own subseed."""
+    toward subseed + i (A1111's rule for the images of one run), not toward each job's own subseed. Nor does an
+    img2img job: its init image is VAE-encoded (torch's CPU convolutions sum differently at batch 1 and batch > 1,
+    as the decode's) and an inpainting job's mask is its own, so it runs alone, as Pipeline.generate."""
     s = job.settings
     return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras,
             tuple(getattr(s, f) for f in HIRES), s.seed_resize_from_w, s.seed_resize_from_h, s.s_min_uncond,
             s.s_min_uncond_all, s.skip_early_cond, s.eta_noise_seed_delta, s.eta, s.s_churn, s.s_tmin, s.s_tmax,
-            s.s_noise, s.randn_source, job.id if s.subseed_strength > 0 else None)
+            s.s_noise, s.randn_source, job.id if s.subseed_strength > 0 or job.init_image is not None else None)
 
 
 def prompt_chunks(job: Job, tokenizer, embeddings=None) -> int:
@@ -686,3 +939,99 @@ def plan_batches(jobs: list[Job], batch: int, tokenizer) -> list[list[Job]]:
     for j in jobs:
         first.setdefault(j.loras, len(first))
     return sorted(planned, key=lambda g: first[g[0].loras])  # (stable: file order within a set)
+
+
+# ---- A1111's img2img batch from a folder -------------------------------------------------------------
+
+PNG_INFO_PROPS = ("Prompt", "Negative prompt", "Seed", "CFG scale", "Sampler", "Steps")  # A1111's (but Model hash)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Img2ImgFolder:
+    """A1111's img2img "Batch" tab: one job per image of `folder` (natural order, as A1111 lists it; id = the file's
+    stem), its mask the file of the same stem in `masks` (A1111's "Inpaint batch mask directory"; a folder of one
+    mask: that mask for every image, as A1111), `prompt` every job's (the negative prompt: --negative-prompt), and
+    A1111's "PNG info" option: `png_info` the infotext keys taken from each input's (or from the file of its name in
+    `png_info_dir`) -- its Prompt and Negative prompt appended to the prompts, its Seed, CFG scale, Sampler and Steps
+    replacing them (an image without infotext: none)."""
+
+    folder: str
+    masks: str | None = None
+    prompt: str = ""
+    png_info: tuple[str, ...] = ()
+    png_info_dir: str | None = None
+
+    def check(self) -> None:
+        """ValueError (one line, naming the option) for a folder that isn't one, an unknown PNG info key."""
+        for flag, path in (("--img2img-dir", self.folder), ("--mask-dir", self.masks),
+                           ("--png-info-dir", self.png_info_dir)):
+            if path is not None and not os.path.isdir(path):
+                raise ValueError(f"{flag} {path}: " + ("not a folder" if os.path.exists(path) else "no such folder"))
+        if bad := next((k for k in self.png_info if k not in PNG_INFO_PROPS), None):
+            raise ValueError(f"--use-png-info: {bad!r} is not one of {', '.join(PNG_INFO_PROPS)}")
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a string, got {self.prompt!r}")
+
+
+def _natural(name: str) -> list:
+    """A1111's natural_sort_key: img2 before img10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _images_in(folder: str) -> list[str]:
+    return sorted((f for f in os.listdir(folder) if not f.startswith(".") and os.path.splitext(f)[1].lower()
+                   in IMAGE_EXTS and not os.path.isdir(os.path.join(folder, f))), key=_natural)
+
+
+def folder_records(spec: Img2ImgFolder, defaults: Defaults, notes=None) -> list[tuple[int, dict | str, str]]:
+    """(n, record or one-line error, raw) per image of spec.folder, n its place in the listing (the manifest's
+    "line"). `notes(line)`: what was left out (files that are not images, masks without an image)."""
+    from fastsd.image import parse_infotext
+    from fastsd.infotext_settings import read_infotext
+
+    spec.check()
+    say = notes or (lambda line: print(f"fastsd.batch: {line}", file=sys.stderr))
+    images = _images_in(spec.folder)
+    others = [f for f in os.listdir(spec.folder) if not f.startswith(".") and f not in images
+              and os.path.isfile(os.path.join(spec.folder, f))]
+    if others:
+        say(f"--img2img-dir {spec.folder}: {len(others)} files that are not images left out (such as {others[0]!r})")
+    if not images:
+        raise JobFileError(f"--img2img-dir {spec.folder}: no images in it ({', '.join(IMAGE_EXTS)})")
+    masks = _images_in(spec.masks) if spec.masks is not None else []
+    by_stem: dict[str, str] = {}
+    for m in masks:
+        by_stem.setdefault(os.path.splitext(m)[0], m)
+    stems = {os.path.splitext(f)[0] for f in images}
+    if len(masks) > 1 and (stray := [m for m in masks if os.path.splitext(m)[0] not in stems]):
+        say(f"--mask-dir {spec.masks}: {len(stray)} masks with no image of their name in --img2img-dir, left out "
+            f"(such as {stray[0]!r})")
+    out = []
+    for n, name in enumerate(images, 1):
+        stem = os.path.splitext(name)[0]
+        rec: dict = {"id": re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-") or "image",
+                     "init_image": os.path.join(spec.folder, name), "prompt": spec.prompt}
+        if spec.masks is not None:
+            mask = masks[0] if len(masks) == 1 else by_stem.get(stem)  # (A1111: one mask is every image's)
+            if mask is None:
+                out.append((n, f"{name}: no mask {stem}.* in --mask-dir {spec.masks}", name))
+                continue
+            rec["mask"] = os.path.join(spec.masks, mask)
+        if spec.png_info:
+            source = os.path.join(spec.png_info_dir, name) if spec.png_info_dir else rec["init_image"]
+            try:
+                prompt, negative, params = parse_infotext(read_infotext(source))
+            except ValueError:  # (no infotext, no such file: A1111 takes nothing then)
+                prompt, negative, params = "", "", {}
+            params.update({"Prompt": prompt, "Negative prompt": negative} if params or prompt else {})
+            got = {k: v for k, v in params.items() if k in spec.png_info}
+            if "Prompt" in got:
+                rec["prompt"] = " ".join(p for p in (spec.prompt, got["Prompt"]) if p)
+            if "Negative prompt" in got:
+                rec["negative_prompt"] = " ".join(p for p in (defaults.negative_prompt, got["Negative prompt"]) if p)
+            for key, field_name in (("Seed", "seed"), ("CFG scale", "cfg"), ("Sampler", "sampler"), ("Steps", "steps")):
+                if key in got:
+                    rec[field_name] = got[key]
+        out.append((n, rec, name))
+    return out

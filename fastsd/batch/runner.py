@@ -14,7 +14,8 @@ import sys
 import time
 from dataclasses import replace
 
-from fastsd.batch.jobs import BadJob, Defaults, Job, make_jobs, plan_batches, read_job_file, records_from_list
+from fastsd.batch.jobs import (BadJob, Defaults, Img2ImgFolder, Job, JobContext, folder_records, make_jobs,
+                               plan_batches, read_job_file, records_from_list)
 from fastsd.batch.manifest import MANIFEST, OutputFolder, OutputWriteError
 
 
@@ -36,11 +37,37 @@ class LocalExecutor:
         pass
 
 
-def load_jobs(jobs, defaults: Defaults, allow_large: bool = False) -> list[Job | BadJob]:
-    """A job file path, or a list of job dicts / prompt strings."""
+def load_jobs(jobs, defaults: Defaults, allow_large: bool = False, ctx: JobContext | None = None
+              ) -> list[Job | BadJob]:
+    """A job file path, a list of job dicts / prompt strings (their relative paths under the current folder), or an
+    Img2ImgFolder (A1111's img2img batch from a folder)."""
     if isinstance(jobs, (str, os.PathLike)):
-        return read_job_file(os.fspath(jobs), defaults, allow_large=allow_large)
-    return make_jobs(records_from_list(jobs), defaults, allow_large=allow_large)
+        return read_job_file(os.fspath(jobs), defaults, allow_large=allow_large, ctx=ctx)
+    if isinstance(jobs, Img2ImgFolder):
+        return make_jobs(folder_records(jobs, defaults), defaults, allow_large=allow_large, ctx=ctx)
+    return make_jobs(records_from_list(jobs), defaults, allow_large=allow_large, ctx=ctx)
+
+
+def styles_context(styles_file: str | None, defaults: Defaults) -> JobContext:
+    """The styles the jobs may name: --styles-file (read now: a mistake there is a usage error), else $FASTSD_STYLES
+    (read when a job names a style); --style's names (the jobs' default) checked against it."""
+    from fastsd.styles import STYLES_ENV, read_styles, style_path
+
+    path = style_path(styles_file)
+    what = "--styles-file" if styles_file else f"${STYLES_ENV}"
+    ctx = JobContext(styles_path=path, styles_what=what)
+    if styles_file is not None or defaults.styles:
+        if path is None:
+            raise ValueError(f"--style {defaults.styles[0]}: no styles file; give --styles-file PATH (a styles.csv or "
+                             f"a folder of them) or set ${STYLES_ENV}")
+        styles, notes = read_styles(path, what)
+        for note in notes:
+            print(f"fastsd.batch: warning: {note}", file=sys.stderr)
+        if missing := next((n for n in defaults.styles if n not in styles), None):
+            have = ", ".join(repr(n) for n in list(styles)[:20]) + (", ..." if len(styles) > 20 else "")
+            raise ValueError(f"--style {missing!r}: no such style in {what} {path} (it has: {have or 'none'})")
+        ctx._styles["styles"] = styles
+    return ctx
 
 
 def _absolute(path: str | None) -> str | None:
@@ -54,13 +81,23 @@ def _loras_for_workers(loras: tuple) -> tuple:
 
 def for_workers(job: Job) -> Job:
     """The job as a Ray worker gets it: its LoRA and upscaler model files named by absolute paths (the worker's
-    folder is the cluster's; the driver keeps the job as written, for its manifest)."""
+    folder is the cluster's; the driver keeps the job as written, for its manifest), its init image and mask as
+    their bytes (the worker checks their sha256: an image changed since the job was made fails it, in one line)."""
     from fastsd.hires import builtin_upscaler
 
     s, up = job.settings, job.settings.hires_upscaler
     if isinstance(up, str) and builtin_upscaler(up) is None and os.path.isfile(up):
         s = s.replace(hires_upscaler=os.path.abspath(up))
-    return replace(job, settings=s, loras=_loras_for_workers(job.loras))
+    sources = {}
+    for name in ("init_image", "mask"):
+        src = getattr(job, name)
+        if src is not None:
+            try:
+                with open(src.path, "rb") as f:
+                    sources[name] = replace(src, data=f.read())
+            except OSError:  # (gone since the job was made: the worker says so, reading its path)
+                pass
+    return replace(job, settings=s, loras=_loras_for_workers(job.loras), **sources)
 
 
 def _absolute_vae(vae: str | None) -> str | None:
@@ -127,7 +164,7 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
         retry_failed: bool = False, progress: bool = True, device=None, dtype=None, backend: str = "auto",
         threads: int | None = None, lora_dir: str | None = None, upscaler_dir: str | None = None,
         always_batch: bool = False, allow_large: bool = False, summary: dict | None = None, vae: str | None = None,
-        embeddings_dir: str | None = None) -> list[dict]:
+        embeddings_dir: str | None = None, styles_file: str | None = None) -> list[dict]:
     """Run `jobs` (a .jsonl/.csv/.txt path, or a list of job dicts / prompts) with `model` into the folder
     `out`; returns the manifest rows of these jobs (the last row per job, in job order), including jobs
     finished by earlier runs. `ray`: None = this process; "local" / True = a new Ray cluster on this
@@ -135,7 +172,9 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
     per UNet call, where measured identical and faster (fastsd.batch.worker). `lora_dir` / `upscaler_dir`: where
     LoRA and upscaler model names are found (none given: $FASTSD_LORA_DIR / $FASTSD_UPSCALER_DIR). `vae`: as
     --vae; `embeddings_dir`: the textual inversions prompts may name (none given: $FASTSD_EMBEDDINGS_DIR). `summary`,
-    when given, is filled with counts and timings of this run."""
+    when given, is filled with counts and timings of this run. `jobs` may be an Img2ImgFolder (A1111's img2img batch
+    from a folder); `styles_file`: the styles.csv (or folder) the jobs' `styles` and defaults.styles name (none
+    given: $FASTSD_STYLES)."""
     from fastsd.generate import EMBEDDINGS_ENV
     from fastsd.lora import LORA_DIR_ENV
     from fastsd.upscalers import UPSCALER_DIR_ENV
@@ -155,7 +194,7 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
                                                                                embeddings_dir))
         vae = _absolute_vae(vae)
         defaults = replace(defaults, loras=_loras_for_workers(defaults.loras))
-    job_list = load_jobs(jobs, defaults, allow_large)
+    job_list = load_jobs(jobs, defaults, allow_large, styles_context(styles_file, defaults))
     _check_model(model, vae)  # a wrong model or VAE fails here, before the output folder is created or a worker starts
     worker_kwargs = dict(model=model, device=device, dtype=dtype, backend=backend, threads=threads,
                          lora_dir=lora_dir, upscaler_dir=upscaler_dir, always_batch=always_batch, vae=vae,
@@ -287,7 +326,7 @@ def _record(folder: OutputFolder, job: Job, r: dict, bar) -> None:
         else:
             bar.log(f"fastsd.batch: job {job.id} (line {job.line}) failed: {r['error']}")
             row.update(status="failed", error=r["error"])
-        folder.append({**row, "settings": job.manifest_settings()})
+        folder.append({**row, **job.sources(), "settings": job.manifest_settings()})
     except OSError as e:
         if written is not None:
             with contextlib.suppress(OSError):

@@ -126,6 +126,8 @@ class BatchWorker:
         hires fix and the decode are per image (see module doc)."""
         from fastsd.image import png_writer, tensor_to_pil
 
+        if jobs[0].init_image is not None:  # (an img2img job is batched with none: batch_key)
+            return [self._img2img(j) for j in jobs]
         x, _ = self._latents(jobs)
         out = []
         for i, s in enumerate(j.settings for j in jobs):
@@ -135,6 +137,35 @@ class BatchWorker:
             png_writer(image, self.pipe.infotext(s))(buf)
             out.append(buf.getvalue())
         return out
+
+    def _img2img(self, job: Job) -> bytes:
+        """One img2img / inpainting job's PNG, as fastsd.serve runs A1111's img2img request: its init image and mask
+        read (the driver's bytes on Ray) and brought to the model by A1111's fields (fastsd.masking.a1111_img2img,
+        the server's mapping), Pipeline.generate, then the overlay laid over the result; the infotext A1111's
+        img2img one (Denoising strength, Mask blur, ...)."""
+        from types import SimpleNamespace
+
+        from fastsd import masking
+        from fastsd.image import png_writer
+
+        s, f = job.settings, SimpleNamespace(**dict(job.img2img))
+        image = read_source(job.init_image, "init_image")
+        mask = read_source(job.mask, "mask") if job.mask is not None else None
+        if mask is not None:
+            masking.check_inpaint_fields(f)
+        notes: list[str] = []
+        got, extra, mode = masking.a1111_img2img(f, [image], mask, (s.width, s.height), notes)
+        for note in notes:
+            self._log(f"fastsd.batch: job {job.id}: {note}")
+        im = self.pipe.generate(**s.kwargs(), image=got[0].image, mask=got[0].mask, resize_mode=mode,
+                                masked_content=masking.LATENT_FILL[f.inpainting_fill] if got[0].mask else "original",
+                                latent_mask="bicubic" if f.mask_round else "bicubic-soft", fill_seed=s.seed,
+                                infotext_extra=extra, progress=False, allow_large=True)[0]
+        if got[0].overlay is not None:
+            im = masking.apply_overlay(im, got[0].overlay, got[0].paste_to)
+        buf = io.BytesIO()
+        png_writer(im, im.info.get("parameters"))(buf)
+        return buf.getvalue()
 
     def job_settings(self, job: Job) -> GenerationSettings:
         """The job's settings as the pipeline runs them: its hires upscaler found as python -m fastsd.generate finds
@@ -205,6 +236,45 @@ class BatchWorker:
             self.pipe.unload_loras()
             raise
         self._loras = loras
+
+
+def read_source(src, what: str):
+    """A job's init image or mask (jobs.Source) as load_image reads a file (EXIF-turned, 8 bits): from the bytes the
+    driver sent (a Ray worker), else from its file; ValueError (one line) for one that can't be read or that changed
+    since the job was made (its sha256 is the job's settings: the manifest would name another image)."""
+    import hashlib
+    import warnings
+
+    from PIL import Image
+
+    from fastsd.image import INPUT_FORMATS, MAX_INPUT_PIXELS, checked_8bit, upright
+
+    data = src.data
+    if data is None:
+        try:
+            with open(src.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError(f"{what} {src.path}: can't read ({e.strerror or e})") from None
+    if hashlib.sha256(data).hexdigest() != src.sha256:
+        raise ValueError(f"{what} {src.path}: changed since the run started (run the same command again: the job "
+                         "is made with the new image)")
+    try:
+        with warnings.catch_warnings():  # (the size is checked here, as load_image does)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as im:
+                if im.width * im.height > MAX_INPUT_PIXELS:
+                    raise ValueError(f"{what} {src.path}: {im.width}x{im.height} pixels is above the limit of "
+                                     f"{MAX_INPUT_PIXELS} pixels")
+                im.load()
+                out = im.copy()
+    except ValueError as e:
+        if str(e).startswith(what):
+            raise
+        raise ValueError(f"{what} {src.path}: not a readable image ({str(e).splitlines()[0] or 'ValueError'})") from None
+    except Exception as e:  # noqa: BLE001 - PIL's many ways to fail on a damaged file
+        raise ValueError(f"{what} {src.path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return checked_8bit(upright(out), f"{what} {src.path}")
 
 
 def _lora_stem(name: str) -> str:

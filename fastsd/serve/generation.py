@@ -19,7 +19,7 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from fastsd import hires, masking
 from fastsd.lora import drop_tags, parse_prompt, strip_tags
@@ -36,10 +36,7 @@ from fastsd.settings import SEED_LIMIT, GenerationSettings, is_finite
 log = logging.getLogger("fastsd.serve")
 
 SEED_RANGE = 2**32  # seed -1: A1111 draws from this range
-MAX_MASK_BLUR = 512  # px, each way (A1111's slider stops at 64, its API at nothing; the blur's cost grows with it)
-# A1111's inpainting_fill ("Masked content"): 0 fill, 1 original, 2 latent noise, 3 latent nothing (0, 2 and 3 fill
-# the image under the mask; 2 and 3 then replace its latents there: Pipeline.generate's masked_content)
-LATENT_FILL = {0: "original", 1: "original", 2: "latent noise", 3: "latent nothing"}
+MAX_MASK_BLUR, LATENT_FILL = masking.MAX_MASK_BLUR, masking.LATENT_FILL  # (A1111's img2img mapping: fastsd.masking)
 
 # A1111's separate `scheduler` field (1.9+): read with `fastsd.a1111.scheduled` (shared with the CLI's --infotext)
 SAME_SAMPLER = (None, "", "Use same sampler")  # hr_sampler_name values that mean the first pass's (A1111's UI)
@@ -357,47 +354,18 @@ def _images(req: Img2ImgRequest, limits: Limits, size: tuple[int, int], warnings
     size, else 0."""
     if not req.init_images:
         raise BadRequest("init_images: img2img needs at least one base64 image")
-    if req.mask and req.inpaint_full_res and req.inpaint_full_res_padding < 0:
-        raise BadRequest(f"inpaint_full_res_padding must be at least 0 (px), got {req.inpaint_full_res_padding}")
-    if req.mask and req.inpainting_fill not in LATENT_FILL:
-        raise BadRequest(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
-                         f"got {req.inpainting_fill}")
-    images = [masking.flatten(limits.decode_image(data, f"init_images[{i}]"))  # RGBA over white (A1111)
-              for i, data in enumerate(req.init_images)]
-    mode = req.resize_mode if req.resize_mode in masking.RESIZE_MODES else 2  # (A1111's resize_image: any other is 2)
-    if req.mask:  # as A1111: binary (an RGBA mask's alpha), inverted, blurred; then cut/resized, filled, overlaid
-        mask = masking.binary_mask(limits.decode_image(req.mask, "mask"), round_alpha=req.mask_round)
-        if req.inpainting_mask_invert:
-            mask = ImageOps.invert(mask)
-        blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x,
-                                                                                             req.mask_blur_y)
-        if max(blur_x, blur_y) > MAX_MASK_BLUR:  # (as A1111, a blur <= 0 is none)
-            raise BadRequest(f"mask_blur must be at most {MAX_MASK_BLUR} (px; 0 or less: no blur), got {blur_x}, "
-                             f"{blur_y} (x, y)")
-        if req.inpaint_full_res and len({im.size for im in images}) > 1:
-            sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
-            raise BadRequest("init_images: with a mask and inpaint_full_res the images must have one size (A1111 "
-                             f"cuts one region out of each), got {sizes}")
+    try:  # (the mapping itself is masking.a1111_img2img, shared with fastsd.batch)
+        if req.mask:
+            masking.check_inpaint_fields(req)
+        images = [limits.decode_image(data, f"init_images[{i}]") for i, data in enumerate(req.init_images)]
+        mask = limits.decode_image(req.mask, "mask") if req.mask else None
         req.init_images, req.mask = None, None  # the base64 text is not kept while the job waits
-        if mode == 3 and not req.inpaint_full_res:
-            mode = _latent_resize_with_mask(images, size)
-        blurred = masking.blur(mask, blur_x, blur_y)
-        got = [masking.prepare(im, blurred, size, only_masked=req.inpaint_full_res,
-                               padding=req.inpaint_full_res_padding, fill_content=req.inpainting_fill != 1,
-                               resize_mode=mode) for im in images]
-        if got[0].note:
-            warnings.append(got[0].note)
-        extra = masking.infotext_params(got[0], blur_x=blur_x, blur_y=blur_y, invert=bool(req.inpainting_mask_invert),
-                                        padding=req.inpaint_full_res_padding, fill=req.inpainting_fill)
-        if got[0].mask is None and mode == 3:  # (a blank mask's fallback: plain img2img, its latents resized)
-            _encodable(images, limits)
-        return got, extra, mode if got[0].mask is None else 0
-    req.init_images = None
-    if mode == 3:
+        got, extra, mode = masking.a1111_img2img(req, images, mask, size, warnings)
+    except masking.Img2ImgError as e:
+        raise BadRequest(str(e)) from None
+    if mode == 3:  # (each image encoded at its own size)
         _encodable(images, limits)
-        return [masking.Inpaint(im, None, None) for im in images], {}, 3
-    return [masking.Inpaint(masking.resize_image(mode, im, *size) if im.size != size else im, None, None)
-            for im in images], {}, 0
+    return got, extra, mode
 
 
 def _encodable(images: list, limits: Limits) -> None:
@@ -406,16 +374,6 @@ def _encodable(images: list, limits: Limits) -> None:
         if max(im.size) > limits.max_side:
             raise BadRequest(f"init_images[{i}] is {im.width}x{im.height} pixels: resize_mode 3 (latent upscale) "
                              f"encodes it at that size, above this server's limit of {limits.max_side} px (--max-size)")
-
-
-def _latent_resize_with_mask(images: list, size: tuple[int, int]) -> int:
-    """resize_mode 3 with a mask on the whole picture: A1111 fills and overlays the image at its own size against a
-    mask at width x height, which fails unless they are one size (then it is "just resize"): 0, or BadRequest."""
-    if any(im.size != size for im in images):
-        raise BadRequest(f"resize_mode 3 (latent upscale) with a mask needs inpaint_full_res or init images of the "
-                         f"output size {size[0]}x{size[1]} (A1111 fails on it), got {images[0].width}x"
-                         f"{images[0].height}")
-    return 0
 
 
 def _batch_size(req, warnings: list[str]) -> int:
