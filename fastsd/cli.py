@@ -82,7 +82,8 @@ def fail(msg: str) -> int:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    kind = "fastsd" if getattr(category, "notice", False) else "warning"  # (a notice: fastsd.vae_files.AutomaticVAE)
+    print(f"{kind}: {message}", file=sys.stderr)
 
 
 def one_line_warnings() -> None:

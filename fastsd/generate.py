@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "in the local HF cache")
     p.add_argument("--vae", help="replace the model's VAE: an LDM VAE .safetensors/.ckpt (e.g. "
                    "vae-ft-mse-840000-ema-pruned), a diffusers VAE folder, or taesd:PATH (a TAESD decoder file, its "
-                   "encoder found beside it, or a diffusers AutoencoderTiny folder)")
+                   "encoder found beside it, or a diffusers AutoencoderTiny folder); 'none': the checkpoint's own. "
+                   "Default: A1111's \"Automatic\", a VAE file beside the model file (NAME.vae.pt / .vae.ckpt / "
+                   ".vae.safetensors), else the checkpoint's own")
     p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings (.pt/.safetensors/.bin, "
                    f"searched recursively): a prompt word equal to a file's name uses it; default ${EMBEDDINGS_ENV}")
     p.add_argument("--preview", default=None, help="a .png file rewritten (atomically) with a preview of the image "
@@ -335,6 +337,20 @@ def apply_infotext(args: argparse.Namespace, given: set[str]) -> None:
     args.infotext_text = text
 
 
+def infotext_vae(text: str | None, model: str) -> str | None:
+    """The VAE file beside the model file (as A1111 lists them) that the --infotext's "VAE" key names, said in one
+    line; None (A1111's "Automatic") when it names none or none is there (model_mismatch then says so)."""
+    from fastsd.image import parse_infotext
+    from fastsd.vae_files import vae_named_beside
+
+    name = parse_infotext(text)[2].get("VAE") if text is not None else None
+    path = vae_named_beside(model, name) if isinstance(name, str) and name.strip() else None
+    if path is not None:
+        print(f"fastsd: VAE {os.path.basename(path)} beside the model, as the --infotext names it; --vae none uses "
+              "the checkpoint's own", file=sys.stderr)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
@@ -381,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
         check_mask(image, mask)
         loras = lora_files(args, settings.prompt)
         threads = set_threads(args.threads)
-        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=args.vae,
+        vae = args.vae if args.vae is not None else infotext_vae(getattr(args, "infotext_text", None), model)
+        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=vae,
                              compile=args.compile)
         pipe.offload = args.offload
         if getattr(args, "infotext_text", None) is not None:

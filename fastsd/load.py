@@ -15,7 +15,7 @@ from fastsd import backends, cpuinfo
 from fastsd.checkpoint import Checkpoint, build_models, resolve
 from fastsd.pipeline import Pipeline
 from fastsd.settings import SEED_LIMIT, check_bool, plain
-from fastsd.vae_files import resolve_vae
+from fastsd.vae_files import AUTOMATIC, AutomaticVAE, automatic_note, automatic_vae, resolve_vae, vae_keyword
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -88,6 +88,9 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
 
     vae: what --vae takes (fastsd/vae_files.py): an LDM VAE file, a diffusers VAE folder, or taesd:PATH; it
     replaces the model's VAE, which is then not read at all. It is found and checked before the model loads.
+    None (or "automatic"): A1111's "Automatic": a checkpoint file's VAE file beside it (NAME.vae.pt / .vae.ckpt /
+    .vae.safetensors, `fastsd.vae_files.vae_near_checkpoint`) replaces its VAE the same way, said in one
+    AutomaticVAE warning; "none" (A1111's "None"): the checkpoint's own VAE.
     compile: torch.compile the UNet and VAE decoder (fastsd.kernels.compile: CUDA graphs on CUDA, Inductor's C++
     path on a CPU); the first call at each new shape pays the compile time."""
     if isinstance(source, os.PathLike):
@@ -108,7 +111,11 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
     backends.get(backend, device, dtype)  # an unknown or unavailable backend fails before any loading
     src = resolve(source)
     cfg = src.config if isinstance(src, Checkpoint) else src
-    vae_src = resolve_vae(vae, cfg) if vae is not None else None
+    automatic = vae is None or vae_keyword(vae) == AUTOMATIC
+    if automatic:  # A1111's "Automatic": a VAE file beside the checkpoint file, checked before any weight is read
+        vae_src = automatic_vae(src.path if isinstance(src, Checkpoint) else None, cfg)
+    else:
+        vae_src = resolve_vae(vae, cfg)  # (None for "none": the checkpoint's own)
     clip, kl, unet, cfg = build_models(src, dtype=dtype, device=device, seed=seed, with_vae=vae_src is None)
     tokenizer = None
     if isinstance(src, Checkpoint) and src.tokenizer is not None:
@@ -127,4 +134,6 @@ def load_pipeline(source: str, *, device: str | torch.device | None = None, dtyp
         from fastsd.kernels.compile import compile_pipeline
 
         compile_pipeline(pipe)
+    if automatic and vae_src is not None:
+        warnings.warn(AutomaticVAE(automatic_note(vae_src.name)), stacklevel=2)
     return pipe

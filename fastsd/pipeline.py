@@ -234,6 +234,8 @@ class Pipeline:
         from fastsd.vae_files import resolve_vae
 
         src = resolve_vae(spec, self.config)
+        if src is None:  # ("none": the checkpoint's own VAE, which a pipeline given another VAE never read)
+            raise ValueError("load_vae('none'): load the model again with vae='none' for the checkpoint's own VAE")
         self.set_vae(src.build(dtype=self.dtype, device=self.device), src.name, src.path)
 
     def check_can_encode(self, image: Image.Image | None, settings: GenerationSettings | None = None) -> None:

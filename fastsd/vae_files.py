@@ -15,6 +15,12 @@
 The VAE must make the UNet's latent channels, and a diffusers folder must use the model's latent scaling
 factor (an SDXL VAE folder says 0.13025). Loading is strict: missing, unexpected and wrong-shape keys are
 named. Every error is a one-line CheckpointError.
+
+A1111's "Automatic" VAE (its sd_vae option's default, modules/sd_vae.py): a checkpoint file NAME.safetensors with
+a VAE file beside it runs that VAE instead of its own: NAME.vae.pt, NAME.vae.ckpt, NAME.vae.safetensors first (the
+order of A1111's first find_vae_near_checkpoint), else, as A1111's later one, the first listed VAE file (the
+checkpoint folder's `*.vae.{pt,ckpt,safetensors}`, the server's --vae-dir files; A1111's natural sort by name)
+whose name starts with NAME (`vae_near_checkpoint`). `vae="none"` (A1111's "None") keeps the checkpoint's own.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ from fastsd.models.vae import AutoencoderKL
 from fastsd.tensorfile import CheckpointError, TensorRef, read_tensor_file
 
 TAESD_PREFIX = "taesd:"
+AUTOMATIC, NONE = "automatic", "none"  # vae= / --vae keywords (any case): A1111's sd_vae "Automatic" and "None"
+NEAR_SUFFIXES = (".vae.pt", ".vae.ckpt", ".vae.safetensors")  # A1111's VAE beside a checkpoint, in its order
 WEIGHT_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # safetensors first
 IGNORED = re.compile(r"^(loss|model_ema)\.")
 TAESD_KEY = re.compile(r"^((encoder|decoder)\.)?(layers\.)?\d+\.")
@@ -63,10 +71,100 @@ class VAESource:
         return fill(self.module(), self.refs, dtype=dtype, device=device).requires_grad_(False)
 
 
-def resolve_vae(spec: str, model: SDConfig) -> VAESource:
-    """Find what `spec` names (a file, a folder, or taesd:PATH) and check it fits `model`; reads headers only."""
+class AutomaticVAE(UserWarning):
+    """The note load_pipeline gives when a VAE file beside the checkpoint replaces its own (A1111's "Automatic");
+    fastsd's command lines print it as one `fastsd: ...` line (fastsd.cli.one_line_warnings)."""
+
+    notice = True
+
+
+def vae_keyword(spec) -> str | None:
+    """AUTOMATIC or NONE when `spec` is one of those words (any case; a file of that name is "./none"), else None."""
+    word = spec.strip().lower() if isinstance(spec, str) else None
+    return word if word in (AUTOMATIC, NONE) else None
+
+
+def natural_key(name: str) -> list:
+    """A1111's shared.natural_sort_key: digits compared as numbers, the rest without case."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def vaes_beside(checkpoint: str | None) -> dict[str, str]:
+    """{file name: path} of the VAE files A1111 lists from a checkpoint's folder: its `*.vae.pt` / `.vae.ckpt` /
+    `.vae.safetensors` files (extension in any case; hidden files and the checkpoint itself left out), in A1111's
+    natural order by name. {} for no file (a folder, random:...)."""
+    if not checkpoint or not os.path.isfile(checkpoint):
+        return {}
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    me = os.path.basename(checkpoint)
+    found = {f: os.path.join(os.path.dirname(checkpoint), f) for f in names
+             if f.lower().endswith(NEAR_SUFFIXES) and not f.startswith(".") and f != me
+             and os.path.isfile(os.path.join(folder, f))}
+    return {f: found[f] for f in sorted(found, key=natural_key)}
+
+
+def vae_near_checkpoint(checkpoint: str | None, listed: dict[str, str] | None = None) -> str | None:
+    """A1111's "Automatic" VAE of the checkpoint file `checkpoint`: NAME.vae.pt, .vae.ckpt, .vae.safetensors beside
+    it (NAME: its file name without the last extension, as A1111's), else the first by A1111's natural order of
+    the files beside it (`vaes_beside`) and `listed` ({file name: path}, the server's --vae-dir) whose name starts
+    with NAME; None without one, or for a model that is no file."""
+    if not checkpoint or not os.path.isfile(checkpoint):
+        return None
+    folder, stem = os.path.dirname(checkpoint), os.path.basename(checkpoint).rsplit(".", 1)[0]
+    for suffix in NEAR_SUFFIXES:
+        path = os.path.join(folder, stem + suffix)
+        if os.path.isfile(path) and not os.path.samefile(path, checkpoint):
+            return path
+    found = {**(listed or {}), **vaes_beside(checkpoint)}
+    return next((found[n] for n in sorted(found, key=natural_key) if n.startswith(stem)
+                 and not (os.path.exists(found[n]) and os.path.samefile(found[n], checkpoint))), None)
+
+
+def vae_named_beside(checkpoint: str | None, name: str) -> str | None:
+    """The file beside the checkpoint (`vaes_beside`) that an infotext's "VAE: NAME" names (its file name, or its
+    name without the extension), or None."""
+    beside = vaes_beside(checkpoint)
+    if name in beside:
+        return beside[name]
+    return next((p for n, p in beside.items() if os.path.splitext(n)[0] == name), None)
+
+
+def automatic_vae(checkpoint: str | None, model: SDConfig, listed: dict[str, str] | None = None) -> VAESource | None:
+    """The VAE A1111's "Automatic" runs the checkpoint file `checkpoint` with (`vae_near_checkpoint`), found and
+    checked to fit `model` (headers only); None when there is none. A file that does not fit: CheckpointError, one
+    line naming it and the way out."""
+    near = vae_near_checkpoint(checkpoint, listed)
+    if near is None:
+        return None
+    try:
+        return resolve_vae(near, model)
+    except (CheckpointError, OSError) as e:
+        raise CheckpointError(f"{str(e) or type(e).__name__} (the VAE file beside the model, which A1111's "
+                              "\"Automatic\" loads in place of the checkpoint's own: --vae none keeps the checkpoint's "
+                              "own, --vae FILE loads another)") from None
+
+
+def automatic_note(name: str, where: str = "beside the model") -> str:
+    """The one line saying a VAE file replaces the checkpoint's own by A1111's "Automatic" rule."""
+    return f"VAE {name} {where} (A1111's \"Automatic\"); --vae none uses the checkpoint's own"
+
+
+def resolve_vae(spec: str, model: SDConfig) -> VAESource | None:
+    """Find what `spec` names (a file, a folder, or taesd:PATH) and check it fits `model`; reads headers only.
+    "none" (NONE, A1111's "None": the checkpoint's own VAE) names nothing to load: None. "automatic" needs the
+    checkpoint (load_pipeline resolves it: `automatic_vae`)."""
     if not isinstance(spec, str):
         raise TypeError(f"vae must be a string (a file, a folder or taesd:PATH), got {type(spec).__name__}")
+    word = vae_keyword(spec)
+    if word == NONE:
+        return None
+    if word == AUTOMATIC:
+        raise CheckpointError(f"vae {spec!r} (A1111's \"Automatic\": the VAE file beside the checkpoint) is chosen "
+                              "with the checkpoint: give it to load_pipeline, or leave --vae out")
     taesd = spec == "taesd" or spec.startswith(TAESD_PREFIX)
     path = spec[len(TAESD_PREFIX):] if spec.startswith(TAESD_PREFIX) else ("" if taesd else spec)
     if not path and taesd:

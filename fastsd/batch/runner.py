@@ -109,19 +109,23 @@ def _absolute_vae(vae: str | None) -> str | None:
     return _absolute(vae)
 
 
-def _check_model(model: str, vae: str | None) -> None:
-    """The model found, and the VAE found and fitting it (headers only, as load_pipeline checks them)."""
+def _check_model(model: str, vae: str | None) -> str | None:
+    """The model found, and the VAE found and fitting it (headers only, as load_pipeline checks them): the VAE that
+    replaces the model's own in this run (`vae`, else A1111's "Automatic" file beside a checkpoint), or None."""
     from fastsd.checkpoint import Checkpoint, resolve
-    from fastsd.vae_files import resolve_vae
+    from fastsd.vae_files import AUTOMATIC, automatic_vae, resolve_vae, vae_keyword
 
     src = resolve(model)
-    if vae is not None:
-        resolve_vae(vae, src.config if isinstance(src, Checkpoint) else src)
+    cfg = src.config if isinstance(src, Checkpoint) else src
+    if vae is None or vae_keyword(vae) == AUTOMATIC:
+        near = automatic_vae(src.path if isinstance(src, Checkpoint) else None, cfg)
+        return None if near is None else near.path
+    return None if resolve_vae(vae, cfg) is None else vae
 
 
 def model_label(model: str, vae: str | None = None) -> str:
-    """The model as the manifest records it: an absolute path for files and folders, and the --vae replacing its
-    VAE (a folder's manifest belongs to one: images of another VAE are not kept as this run's)."""
+    """The model as the manifest records it: an absolute path for files and folders, and the VAE replacing its own
+    (--vae, or the file beside it: a folder's manifest belongs to one; images of another VAE are not this run's)."""
     label = os.path.abspath(model) if os.path.exists(model) else model
     return label if vae is None else f"{label} with VAE {_absolute_vae(vae)}"
 
@@ -195,7 +199,7 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
         vae = _absolute_vae(vae)
         defaults = replace(defaults, loras=_loras_for_workers(defaults.loras))
     job_list = load_jobs(jobs, defaults, allow_large, styles_context(styles_file, defaults))
-    _check_model(model, vae)  # a wrong model or VAE fails here, before the output folder is created or a worker starts
+    used_vae = _check_model(model, vae)  # a wrong model or VAE fails here, before the folder or a worker is made
     worker_kwargs = dict(model=model, device=device, dtype=dtype, backend=backend, threads=threads,
                          lora_dir=lora_dir, upscaler_dir=upscaler_dir, always_batch=always_batch, vae=vae,
                          embeddings_dir=embeddings_dir)
@@ -212,7 +216,7 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
                 ray_pool.disconnect()
             raise
     try:
-        with OutputFolder(out, model_label(model, vae)) as folder:
+        with OutputFolder(out, model_label(model, used_vae)) as folder:
             try:
                 return _drive(job_list, folder, worker_kwargs, pool=pool, batch=batch, retry_failed=retry_failed,
                               progress=progress, summary=summary if summary is not None else {})

@@ -172,10 +172,10 @@ def _start(args, limits: Limits, auth, sources: list[str]):
                         base=[(x.name, x.weight) for x in registry.entries[0].pipe.loras])
     for name, why in networks.load_embeddings([e.pipe for e in registry.entries]).items():
         print(f"warning: embedding {name} skipped: {why}", file=sys.stderr)
+    vaes = Vaes(args.vae_dir, [e.pipe.path for e in registry.entries if e.pipe.path and os.path.isfile(e.pipe.path)])
+    vaes.start(registry.entries)  # (A1111's "Automatic" VAE beside a model: checked and built now)
     return ServerState(registry, networks, limits, JobQueue(limits.max_queue, after_job=release_freed_memory), auth,
-                       styles=args.styles, upscalers=Upscalers(args.upscaler_dir),
-                       vaes=Vaes(args.vae_dir, [e.pipe.path for e in registry.entries
-                                                if e.pipe.path and os.path.isfile(e.pipe.path)]))
+                       styles=args.styles, upscalers=Upscalers(args.upscaler_dir), vaes=vaes)
 
 
 def _serve(state, sock: socket.socket, log_level: str) -> int:

@@ -81,7 +81,9 @@ def load_entries(sources: list[str], *, device, dtype, backend) -> list[ModelEnt
 
     entries = []
     for src in sources:
-        pipe = load_pipeline(src, device=device, dtype=dtype, backend=backend)
+        # (the checkpoint's own VAE: the sd_vae option's "Automatic" VAE beside it is swapped in by serve.vaes, which
+        # keeps the own for "None")
+        pipe = load_pipeline(src, device=device, dtype=dtype, backend=backend, vae="none")
         filename = pipe.name if pipe.path is None else os.path.basename(os.path.normpath(pipe.path))
         short = pipe.model_hash()  # (a file's: computed once, the full digest then comes from the hash cache)
         entries.append(ModelEntry(pipe.name, filename, short, pipe, sha256(pipe.path) if short else None))

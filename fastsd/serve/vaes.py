@@ -1,11 +1,12 @@
 """VAE files by name from `--vae-dir` (A1111's models/VAE), for A1111's `sd_vae` option: POST /sdapi/v1/options sets
 the server's, a request's `override_settings` its own; GET /sdapi/v1/sd-vae lists them. Values as A1111's: "Automatic"
-(a VAE whose file name starts with the checkpoint's file stem, as A1111's find_vae_near_checkpoint: in the folder, or
-beside the checkpoint as `<stem>.vae.safetensors` / `.ckpt` / `.pt`; else the checkpoint's own), "None" (the
-checkpoint's own), or a listed file's name (its stem too): the folder's files and, as A1111 lists them, the
-`<name>.vae.*` files beside a --model file. A name is never a path, and answers name files, not
-the server's folders. The worker swaps the VAE before each job (`apply`), keeping each model's own VAE and the last
-file's VAE built, so switching back and forth reads a file at most once per switch.
+(the default: a VAE beside the checkpoint file, `<stem>.vae.pt` / `.ckpt` / `.safetensors`, else, as A1111's
+find_vae_near_checkpoint, the first listed file whose name starts with the checkpoint's file stem; else the
+checkpoint's own: fastsd.vae_files.vae_near_checkpoint), "None" (the checkpoint's own), or a listed file's name (its
+stem too): the folder's files and, as A1111 lists them, the `<name>.vae.*` files beside a --model file. A name is
+never a path, and answers name files, not the server's folders. At start each model's Automatic VAE is checked and
+built (`start`); the worker swaps the VAE before each job (`apply`), keeping each model's own VAE and the last file's
+VAE built, so switching back and forth reads a file at most once per switch.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from fastsd.serve.networks import file_identity, file_names
 
 AUTOMATIC, NONE = "Automatic", "None"
 VAE_EXTS = (".safetensors", ".ckpt", ".pt")  # A1111's models/VAE files
-NEAR_SUFFIXES = tuple(f".vae{e}" for e in VAE_EXTS)  # A1111's VAE beside a checkpoint: <stem>.vae.pt
 log = logging.getLogger("fastsd.serve")
 
 
@@ -33,9 +33,10 @@ class Vaes:
 
     def files(self) -> dict[str, str]:
         """{file name: path} of the VAE files A1111 lists: the checkpoints' folders' `<name>.vae.*` files (here the
-        --model files' folders), then the VAE folder's, subfolders searched; read at each call, sorted by name; of
-        two files with one name the first found wins."""
+        --model files' folders), then the VAE folder's, subfolders searched; read at each call, in A1111's natural
+        order by name; of two files with one name the first found wins."""
         from fastsd.files import files_by_stem
+        from fastsd.vae_files import NEAR_SUFFIXES, natural_key
 
         found: dict[str, str] = {}
         for d in self.model_dirs:
@@ -44,7 +45,7 @@ class Vaes:
                     found.setdefault(f, os.path.join(d, f))
         for f, path in files_by_stem(self.folder, VAE_EXTS, by_name=True).items():
             found.setdefault(f, path)
-        return dict(sorted(found.items()))
+        return {f: found[f] for f in sorted(found, key=natural_key)}  # (A1111's natural order)
 
     def a1111(self) -> list[dict]:
         """A1111's /sd-vae: model_name the file name, filename its path inside the VAE folder (a file beside a
@@ -69,7 +70,7 @@ class Vaes:
             if value == NONE:
                 return None
             have = self.files()
-            if value == AUTOMATIC:
+            if value in (AUTOMATIC, "auto"):  # ("auto": A1111's is_automatic, for old configs)
                 return None if entry is None else self.near(entry, have)
             if value in have:
                 return have[value]
@@ -90,17 +91,41 @@ class Vaes:
 
     @staticmethod
     def near(entry, have: dict[str, str]) -> str | None:
-        """A1111's Automatic: a VAE beside the checkpoint (<stem>.vae.*), else one of the folder's whose file name
-        starts with the checkpoint's stem (the first by name); None for a folder or random model, or none found."""
-        path = getattr(entry.pipe, "path", None)
-        if not path or not os.path.isfile(path):
-            return None
-        stem = os.path.basename(path).rsplit(".", 1)[0]
-        for suffix in NEAR_SUFFIXES:
-            beside = os.path.join(os.path.dirname(path), stem + suffix)
-            if os.path.isfile(beside):
-                return beside
-        return next((p for n, p in have.items() if n.startswith(stem)), None)
+        """A1111's Automatic: a VAE beside the checkpoint (<stem>.vae.pt / .ckpt / .safetensors), else the first listed
+        one (`have`: beside the --model files and in the folder, A1111's natural order) whose file name starts with
+        the checkpoint's stem (fastsd.vae_files.vae_near_checkpoint); None for a folder or random model, or none."""
+        from fastsd.vae_files import vae_near_checkpoint
+
+        return vae_near_checkpoint(getattr(entry.pipe, "path", None), have)
+
+    def start(self, entries) -> None:
+        """At the server's start, before any job: each model's Automatic VAE (the option's default) checked, built
+        and swapped in, said in one line per model: a VAE file that does not fit its model stops the start with a
+        one-line CheckpointError naming it (as a bad --model), and no request waits for it to be read."""
+        import sys
+
+        from fastsd import CheckpointError
+        from fastsd.vae_files import automatic_note, resolve_vae
+
+        if self.option != AUTOMATIC:
+            return
+        have = self.files()
+        for entry in entries:
+            path = self.near(entry, have)
+            if path is None:
+                continue
+            beside = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(entry.pipe.path))
+            where = "beside the model" if beside else "in --vae-dir, named as the model"
+            try:
+                resolve_vae(path, entry.pipe.config)
+            except (CheckpointError, OSError, ValueError) as e:
+                raise CheckpointError(f"{str(e) or type(e).__name__} (the VAE file {where} {entry.filename}, which "
+                                      "A1111's \"Automatic\", the sd_vae option's default, loads in its place; move "
+                                      "it away to serve the checkpoint's own)") from None
+            self.apply(entry.pipe, path)
+            note = automatic_note(os.path.basename(path), where).replace(
+                "--vae none uses", 'sd_vae "None" (POST /sdapi/v1/options, override_settings) uses')
+            print(f"fastsd: {entry.filename}: {note}", file=sys.stderr)
 
     def checked_path(self, value, entry, field: str, warnings: list[str] | None = None) -> str | None:
         """`path` of sd_vae `value` for the model `entry` (`warnings`: as `path`'s), its file checked to drive that
