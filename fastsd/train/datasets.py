@@ -7,7 +7,8 @@
            itself with the labels file beside it. Held-out: the t10k files when present, else a fixed 10%.
   cifar10  CIFAR-10 "python version" batches given by path (the cifar-10-batches-py folder: data_batch_1..5,
            optional test_batch and batches.meta). Held-out: test_batch when present, else a fixed 10%.
-  folder   a folder of images, one subfolder per class (class = subfolder name, classes sorted by name).
+  folder   a folder of images, one subfolder per class (class = subfolder name, classes sorted by name), or a
+           folder of images alone (one class). Hidden files are skipped, EXIF Orientation is applied.
            Held-out: a fixed 10% of each class. Greyscale images give a 1-channel dataset, else RGB.
 
 Every dataset is returned as float32 arrays (N, C, H, W) in [-1, 1] with int64 labels.
@@ -80,10 +81,19 @@ def load_dataset(name: str, path: str | None = None, image_size: int | None = No
         ds = load_cifar10(path)
     else:
         ds = load_image_folder(path, image_size or 32, channels)
+    check_labels(ds)
     if image_size is not None and image_size != ds.image_size:
         check_data_memory(len(ds.train_x) + len(ds.test_x), ds.channels, image_size)
         ds.train_x, ds.test_x = resize(ds.train_x, image_size), resize(ds.test_x, image_size)
     return ds
+
+
+def check_labels(ds: Dataset) -> None:
+    """DatasetError when a label is not one of the dataset's classes (it would index past the class embedding)."""
+    for split, y in (("training", ds.train_y), ("held-out", ds.test_y)):
+        if len(y) and (y.min() < 0 or y.max() >= ds.num_classes):
+            raise DatasetError(f"{ds.name}: {split} labels run {y.min()}..{y.max()} but there are {ds.num_classes} "
+                               f"classes (0..{ds.num_classes - 1})")
 
 
 def available_memory() -> int | None:
@@ -273,16 +283,20 @@ def load_cifar10(path: str) -> Dataset:
         files = [path]
     parts = [_cifar_arrays(f) for f in files]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    names = [str(i) for i in range(10)]
-    meta = os.path.join(folder, "batches.meta")
-    if os.path.isfile(meta):
-        m = load_cifar_batch(meta).get("label_names")
-        if isinstance(m, list) and len(m) == 10:
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in m]
     test = os.path.join(folder, "test_batch")
-    if os.path.isfile(test) and os.path.abspath(test) not in map(os.path.abspath, files):
-        tx, ty = _cifar_arrays(test)
-        return Dataset("cifar10", x, y, tx, ty, names)
+    held = _cifar_arrays(test) if os.path.isfile(test) and os.path.abspath(test) not in map(os.path.abspath, files) \
+        else None
+    # CIFAR-10's 10 classes, or as many as the labels use (CIFAR-100's python files have 'fine_labels' 0..99)
+    n = max(10, int(max(y.max(initial=0), held[1].max(initial=0) if held else 0)) + 1)
+    names = [str(i) for i in range(n)]
+    for meta_file, key in (("batches.meta", "label_names"), ("meta", "fine_label_names")):
+        meta = os.path.join(folder, meta_file)
+        m = load_cifar_batch(meta).get(key) if os.path.isfile(meta) else None
+        if isinstance(m, list) and len(m) == n:
+            names = [v.decode() if isinstance(v, bytes) else str(v) for v in m]
+            break
+    if held:
+        return Dataset("cifar10", x, y, held[0], held[1], names)
     return _split_dataset("cifar10", x, y, names, 0.1)
 
 
@@ -290,13 +304,14 @@ def load_cifar10(path: str) -> Dataset:
 
 def read_image(path: str):
     """One image of a folder dataset, as PIL reads it: PNG, JPEG, WebP, BMP, GIF or TIFF only (checked by content,
-    not name), at most fastsd.image.MAX_INPUT_PIXELS pixels; 16-bit and float images scaled to 8 bits
-    (fastsd.image.to_8bit). DatasetError (one line naming the file) otherwise."""
+    not name), at most fastsd.image.MAX_INPUT_PIXELS pixels, turned upright as its EXIF Orientation says (a phone's
+    photo; fastsd.image.upright); 16-bit and float images scaled to 8 bits (fastsd.image.checked_8bit).
+    DatasetError (one line naming the file) otherwise."""
     import warnings
 
     from PIL import Image
 
-    from fastsd.image import INPUT_FORMATS, MAX_INPUT_PIXELS, to_8bit  # (whatever a file's name says: EPS runs gs)
+    from fastsd.image import INPUT_FORMATS, MAX_INPUT_PIXELS, checked_8bit, upright  # (EPS would run gs)
 
     try:
         with warnings.catch_warnings():  # the size is checked here, not by PIL's bomb warning
@@ -306,7 +321,7 @@ def read_image(path: str):
                     raise DatasetError(f"{path}: {im.width}x{im.height} pixels is above the limit of "
                                        f"{MAX_INPUT_PIXELS} pixels")
                 im.load()
-                return to_8bit(im.copy())
+                out = im.copy()
     except Image.UnidentifiedImageError:
         raise DatasetError(f"{path}: not a PNG, JPEG, WebP, BMP, GIF or TIFF image") from None
     except Image.DecompressionBombError as e:
@@ -316,38 +331,77 @@ def read_image(path: str):
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetError(f"{path}: not a readable image ({msg})") from None
+    try:
+        return checked_8bit(upright(out), path)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+
+
+def _image_files(folder: str) -> list[str]:
+    """The image files of one folder, by name and sorted; hidden ones (macOS's ._photo.jpg, .thumbnail.png)
+    skipped. DatasetError for a name that is not a readable file (a FIFO would block the read)."""
+    out = []
+    for f in sorted(os.listdir(folder)):
+        if f.startswith(".") or not f.lower().endswith(IMAGE_EXTS):
+            continue
+        p = os.path.join(folder, f)
+        if not os.path.isfile(p):
+            what = "a broken symbolic link" if os.path.islink(p) and not os.path.exists(p) else \
+                "not a regular file (a folder, FIFO or device)"
+            raise DatasetError(f"{p}: {what}; remove it or rename it")
+        out.append(p)
+    return out
+
+
+def _class_folders(path: str) -> tuple[list[str], list[list[str]]]:
+    """(class names, image files per class) of a folder dataset: one subfolder per class (hidden ones skipped), or,
+    when no subfolder holds images, the images in `path` itself as one class (diffusers' imagefolder layout).
+    DatasetError for a class folder without images or images beside the class folders (neither is trained on)."""
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    per_class = [_image_files(os.path.join(path, c)) for c in classes]
+    loose = _image_files(path)
+    if not any(per_class):
+        return ([os.path.basename(os.path.abspath(path))], [loose]) if loose else ([], [])
+    if loose:
+        raise DatasetError(f"--data-path {path}: {len(loose)} image(s) beside the class subfolders "
+                           f"({os.path.basename(loose[0])}, ...); move them into a class subfolder")
+    empty = [c for c, fs in zip(classes, per_class) if not fs]
+    if empty:
+        raise DatasetError(f"--data-path {path}: class folder {empty[0]!r} has no images" +
+                           (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else "") + "; remove it or add images")
+    return classes, per_class
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _square(im, mode: str | None, size: int):
+    """`im` in `mode` (None: "L" for a grey image, else "RGB"), resized (bicubic) to size x size."""
+    from PIL import Image
+
+    im = im.convert(mode or ("L" if im.mode in GREY_MODES else "RGB"))
+    return im if im.size == (size, size) else im.resize((size, size), Image.BICUBIC)
 
 
 def load_image_folder(path: str, image_size: int = 32, channels: int | None = None) -> Dataset:
-    from PIL import Image
-
     if not os.path.isdir(path):
         raise DatasetError(f"--data-path {path}: an image-folder dataset is a folder with one subfolder per class")
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
-    files, labels = [], []
-    for i, c in enumerate(classes):
-        for f in sorted(os.listdir(os.path.join(path, c))):
-            if f.lower().endswith(IMAGE_EXTS):
-                p = os.path.join(path, c, f)
-                if not os.path.isfile(p):  # a FIFO would block the read, a folder can't be opened
-                    raise DatasetError(f"{p}: not a regular file (a folder, FIFO or device); remove it or rename it")
-                files.append(p)
-                labels.append(i)
+    classes, per_class = _class_folders(path)
+    files = [f for fs in per_class for f in fs]
+    labels = [i for i, fs in enumerate(per_class) for _ in fs]
     if not files:
         raise DatasetError(f"--data-path {path}: no images in class subfolders (expected {path}/<class>/*.png)")
     check_data_memory(len(files), channels or 3, image_size)
-    images = [read_image(f) for f in files]
-    if channels is None:
-        channels = 1 if all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in images) else 3
-    if channels not in (1, 3):
+    if channels not in (None, 1, 3):
         raise DatasetError(f"channels must be 1 or 3, got {channels}")
-    mode = "L" if channels == 1 else "RGB"
+    # each image is made small as it is read (a folder of photos would not fit in memory at full size); grey ones
+    # stay grey until every image is seen, as the dataset is grey only when all of them are
+    small = [_square(read_image(f), {1: "L", 3: "RGB"}.get(channels), image_size) for f in files]
+    if channels is None:
+        channels = 1 if all(im.mode == "L" for im in small) else 3
     arrs = []
-    for im in images:
-        im = im.convert(mode)
-        if im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.BICUBIC)
-        a = np.asarray(im, dtype=np.uint8)
+    for im in small:
+        a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
         arrs.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
     x = _to_unit(np.stack(arrs), 255.0)
     y = np.asarray(labels, dtype=np.int64)

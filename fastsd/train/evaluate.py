@@ -31,9 +31,11 @@ import time
 import numpy as np
 import torch
 
-from fastsd.cli import ArgumentParser, HelpFormatter, add_run_sampling_args, float_in, int_in, parse_run_args, require
+from fastsd.cli import (ArgumentParser, HelpFormatter, add_run_sampling_args, float_in, int_in, parse_run_args,
+                        require, usage_error)
 
 HIDDEN = 64
+MIN_FD_HALF = 2  # a covariance needs two samples
 MAX_CLASSIFIER_TRAIN = 10000  # subsample big datasets (MNIST, CIFAR) for the scikit-learn classifier
 
 
@@ -120,6 +122,9 @@ def evaluate(run_dir: str, *, cfg_scales=(3.0,), sampler: str = "ddim", steps: i
     tc = run.train
     t0 = time.perf_counter()
     data = load_dataset(tc.dataset, tc.data_path, tc.image_size, tc.channels)
+    if len(data.test_x) < 2 * MIN_FD_HALF:
+        raise ValueError(f"the held-out split has {len(data.test_x)} image(s); the Frechet distance needs at least "
+                         f"{2 * MIN_FD_HALF} (two halves of {MIN_FD_HALF}): this dataset is too small to evaluate")
     clf = FeatureClassifier(seed).fit(data.train_x, data.train_y, seed)
     real_acc = float((clf.predict(data.test_x) == data.test_y).mean())
     real_feats = clf.features(data.test_x)
@@ -154,7 +159,7 @@ def evaluate(run_dir: str, *, cfg_scales=(3.0,), sampler: str = "ddim", steps: i
             k = min(n_per_class, 16)
             pick = torch.cat([x[c * n_per_class:c * n_per_class + k] for c in range(n_classes)]) \
                 if run.num_classes else x[:n_classes * k]
-            path = grid if len(scales) == 1 else grid.replace(".png", f"-cfg{scale:g}.png")
+            path = grid if len(scales) == 1 else "{0}-cfg{2:g}{1}".format(*os.path.splitext(grid), scale)
             save_png(make_grid(pick, k, scale=max(1, 32 // run.image_size)), path)
     return result
 
@@ -179,7 +184,8 @@ def markdown(result: dict) -> str:
         cells += [f"{r['fd']:.2f} ± {r['fd_std']:.2f}", f"{r['floor']:.2f} ± {r['floor_std']:.2f}",
                   f"{r['fd_full']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"FD: Frechet distance in the classifier's {HIDDEN}-unit hidden layer, {result['results'][0]['half_size']} "
+    lines += ["", f"FD: Frechet distance in the classifier's {HIDDEN}-unit hidden layer, "
+              f"{result['results'][0]['half_size']} "
               f"held-out images vs as many samples (mean ± std over {result['results'][0]['repeats']} "
               f"random splits); floor: the two real halves; full: all held-out vs all samples."]
     return "\n".join(lines)
@@ -201,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_run_args(parser, argv)
+    from fastsd.train.sample import output_problem
+
+    why = (args.json and output_problem("--json", args.json, "")) or \
+        (args.grid and output_problem("--grid", args.grid, ".png"))
+    if why:
+        usage_error(parser, why)  # before minutes of sampling, not a traceback after them
     from fastsd.train.datasets import DatasetError
     from fastsd.samplers import get_sampler
     from fastsd.files import atomic_write

@@ -43,6 +43,8 @@ def load_run(run_dir: str, *, ema: bool = True):
         all_t, _ = load_tensors(path)
         tensors = {k[len("model."):]: v for k, v in all_t.items() if k.startswith("model.")}
     load_weights(model, tensors, path)  # ValueError (one line) for weights of another model
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise ValueError(f"{path}: holds non-finite weights (a diverged run; train again with a lower --lr)")
     model.eval().requires_grad_(False)
     return model, run
 
@@ -142,14 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def output_problem(flag: str, path: str, ext: str) -> str | None:
+    """A one-line reason why the output file `path` (given as `flag`) can't be written, checked before any work:
+    wrong extension, a folder, or a missing parent folder. None when it may be written."""
+    if not path.lower().endswith(ext):  # (ext "" takes any name)
+        return f"{flag} {path}: expected a {ext} path"
+    if os.path.isdir(path):
+        return f"{flag} {path}: is a folder"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"{flag} {path}: folder {folder} does not exist"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_run_args(parser, argv)
-    if not args.out.lower().endswith(".png"):
-        usage_error(parser, f"--out {args.out}: expected a .png path")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        usage_error(parser, f"--out {args.out}: folder {folder} does not exist")
+    why = output_problem("--out", args.out, ".png")
+    if why:
+        usage_error(parser, why)
     from fastsd.image import save_png
     from fastsd.samplers import get_sampler
 

@@ -2,10 +2,10 @@
 
     python -m fastsd.train --dataset digits --conditional --out run/
 
-Epsilon-prediction DDPM training with a fastsd.schedules noise schedule (SD1.x's scaled_linear by default), on fastsd.models.unet.UNet with a
-small UNetConfig. Class conditioning goes through the UNet's cross-attention, as text does in SD: a learned
-embedding per class (plus a "null" class) is the one-token context. With --conditional, labels are
-replaced by the null class with probability --cond-drop (0.1), so the same model also predicts
+Epsilon-prediction DDPM training with a fastsd.schedules noise schedule (SD1.x's scaled_linear by default), on
+fastsd.models.unet.UNet with a small UNetConfig. Class conditioning goes through the UNet's cross-attention, as
+text does in SD: a learned embedding per class (plus a "null" class) is the one-token context. With
+--conditional, labels are replaced by the null class with probability --cond-drop (0.1), so the same model also predicts
 unconditionally and classifier-free guidance works at sampling time; without it every label is the
 null class (an unconditional model).
 
@@ -16,8 +16,9 @@ Run folder (--out):
                           step, loss history and timings sit in its metadata, so one atomic file is the state
   loss.png                the loss curve
 A run folder with a train_state.safetensors is resumed (same config; --steps may be raised); --fresh
-starts over. Files are written atomically (temp file, then rename), so an interrupted save leaves the
-previous checkpoint intact.
+starts over. Files are written atomically (temp file, then rename), config.json and model.safetensors before
+train_state.safetensors, which commits a checkpoint: an interrupted save leaves the previous one intact. A NaN
+loss or gradient stops the run (TrainingDiverged) before it reaches the weights; nothing is saved from it.
 """
 from __future__ import annotations
 
@@ -180,6 +181,15 @@ def _check_types(run: RunConfig) -> None:
         raise ValueError(f"unknown scheduler.beta_schedule {run.scheduler.beta_schedule!r}")
 
 
+class TrainingDiverged(Exception):
+    """The loss or the gradient turned non-finite at `step` (checked before the optimizer step, so the weights
+    stay finite and nothing is saved from the diverged step on)."""
+
+    def __init__(self, step: int, what: str, value: float):
+        super().__init__(f"training diverged: the {what} is {value} at step {step} (try a lower --lr)")
+        self.step = step
+
+
 def build_model(run: RunConfig):
     from fastsd.train.classcond import ClassConditionedUNet
 
@@ -302,14 +312,18 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         loss = torch.nn.functional.mse_loss(self.model(xt, t.float(), labels), noise)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(self.step + 1, "loss", value)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
+        if not math.isfinite(float(norm)):
+            raise TrainingDiverged(self.step + 1, "gradient norm", float(norm))
         self.opt.step()
         self.step += 1
         self.update_ema()
-        return float(loss.detach())
+        return value
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -333,11 +347,15 @@ class Trainer:
         return t
 
     def save(self, out: str) -> None:
+        """config.json, model.safetensors, then train_state.safetensors: each file is atomic and the state, written
+        last, commits the checkpoint (a process killed in between resumes from the previous state and writes
+        the same files again), so model.safetensors is never older than the state."""
         meta = {"step": self.step, "pos": self.pos, "losses": self.losses, "wall_seconds": self.wall,
                 "cpu_seconds": self.cpu, "param_groups": self.opt.state_dict()["param_groups"]}
-        save_tensors(os.path.join(out, STATE_FILE), self.state_tensors(), {"state": json.dumps(meta)})
+        atomic_write(os.path.join(out, CONFIG_FILE), lambda tmp: open(tmp, "w").write(self.run.to_json()))
         save_tensors(os.path.join(out, MODEL_FILE), self.ema.state_dict(),
                      {"step": str(self.step), "format": FORMAT})
+        save_tensors(os.path.join(out, STATE_FILE), self.state_tensors(), {"state": json.dumps(meta)})
 
     def load(self, out: str) -> None:
         """Restore the state saved in `out`. ValueError (one line, naming the file) for a missing, damaged or
@@ -445,8 +463,9 @@ def train(run: RunConfig, data: Dataset, out: str, *, resume: bool = True, progr
           trainer: Trainer | None = None, created: bool | None = None) -> dict:
     """Train (or resume) into folder `out`; returns a summary dict (also written to train_summary.json).
     `trainer`: one the caller already built (and loaded from `out`, to resume); `created`: the caller made `out`
-    for this run (default: whether it is missing now). A folder created for the run is removed again when it fails before its first checkpoint is written (nothing half-made is left behind);
-    a failure other than Ctrl-C / SIGTERM saves nothing, so the previous checkpoint stays as it was."""
+    for this run (default: whether it is missing now). A folder created for the run is removed again when it fails
+    before its first checkpoint is written (nothing half-made is left behind); a failure other than Ctrl-C /
+    SIGTERM (TrainingDiverged: a NaN loss) saves nothing, so the previous checkpoint stays as it was."""
     if created is None:
         created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
@@ -458,7 +477,9 @@ def train(run: RunConfig, data: Dataset, out: str, *, resume: bool = True, progr
             if resume and os.path.exists(os.path.join(out, STATE_FILE)):
                 trainer.load(out)
         resumed_from = trainer.step
-        atomic_write(os.path.join(out, CONFIG_FILE), lambda tmp: open(tmp, "w").write(run.to_json()))
+        # --fresh over an old run: its state goes just before the first save (until then the old run resumes as
+        # it was), so the new config.json never sits beside the old run's state
+        stale = [os.path.join(out, STATE_FILE)] if not resume and os.path.lexists(os.path.join(out, STATE_FILE)) else []
         cfg = run.train
         from tqdm.auto import tqdm
 
@@ -466,6 +487,15 @@ def train(run: RunConfig, data: Dataset, out: str, *, resume: bool = True, progr
         window: list[float] = []
         last_saved = trainer.step
         wall0, cpu0 = trainer.wall - time.perf_counter(), trainer.cpu - cpu_seconds()
+
+        def checkpoint():
+            nonlocal saved, last_saved
+            trainer.wall, trainer.cpu = wall0 + time.perf_counter(), cpu0 + cpu_seconds()
+            while stale:
+                os.unlink(stale.pop())
+            trainer.save(out)
+            saved, last_saved = True, trainer.step
+
         ok = False
         try:
             while trainer.step < cfg.steps:
@@ -476,9 +506,7 @@ def train(run: RunConfig, data: Dataset, out: str, *, resume: bool = True, progr
                     bar.set_postfix(loss=f"{trainer.losses[-1][1]:.4f}", lr=f"{trainer.lr_at(trainer.step - 1):.2e}")
                     window = []
                 if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
-                    trainer.wall, trainer.cpu = wall0 + time.perf_counter(), cpu0 + cpu_seconds()
-                    trainer.save(out)
-                    saved, last_saved = True, trainer.step
+                    checkpoint()
             ok = True
         except KeyboardInterrupt:
             ok = True  # Ctrl-C / SIGTERM: save below, the run resumes from there
@@ -488,7 +516,7 @@ def train(run: RunConfig, data: Dataset, out: str, *, resume: bool = True, progr
             if ok:
                 trainer.wall, trainer.cpu = wall0 + time.perf_counter(), cpu0 + cpu_seconds()
                 if trainer.step != last_saved or not os.path.exists(os.path.join(out, MODEL_FILE)):
-                    trainer.save(out)
+                    checkpoint()
                 saved = True
                 mode = "class-conditional" if run.num_classes else "unconditional"
                 plot_losses(trainer.losses, os.path.join(out, LOSS_PNG),
@@ -511,7 +539,8 @@ def train(run: RunConfig, data: Dataset, out: str, *, resume: bool = True, progr
         "torch_threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
     }
-    atomic_write(os.path.join(out, "train_summary.json"), lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=2)))
+    atomic_write(os.path.join(out, "train_summary.json"),
+                 lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=2)))
     return summary
 
 
@@ -606,11 +635,10 @@ def config_from_args(args: argparse.Namespace, data: Dataset, image_size: int | 
                      ema_decay=args.ema_decay, seed=args.seed, save_every=args.save_every, log_every=args.log_every)
     attn = None if args.attention_levels is None else tuple(bool(v) for v in args.attention_levels)
     if attn is not None:
-        levels = len(args.channel_mult) if args.channel_mult else len(default_unet_config(1, size).channel_mult)
-        if len(attn) != levels:
-            raise ValueError(f"--attention-levels has {len(attn)} entries but the UNet has {levels} levels "
-                             f"(--channel-mult {','.join(map(str, args.channel_mult or default_unet_config(1, size).channel_mult))}): "
-                             f"give one 0/1 per level")
+        mult = args.channel_mult or default_unet_config(1, size).channel_mult
+        if len(attn) != len(mult):
+            raise ValueError(f"--attention-levels has {len(attn)} entries but the UNet has {len(mult)} levels "
+                             f"(--channel-mult {','.join(map(str, mult))}): give one 0/1 per level")
     unet = default_unet_config(data.channels, size, model_channels=args.model_channels,
                                channel_mult=args.channel_mult, num_res_blocks=args.num_res_blocks,
                                attention_levels=attn, num_heads=args.num_heads, context_dim=args.context_dim,
@@ -662,6 +690,34 @@ def check_memory(run: RunConfig, n_images: int) -> None:
                          f"{run.unet.model_channels}) but {have / 2 ** 30:.1f} GiB is available: use smaller values")
 
 
+FREE_ON_RESUME = ("steps", "save_every", "log_every")  # TrainConfig fields a resumed run may change
+
+
+def changed_options(old: RunConfig, new: RunConfig) -> str:
+    """The options that differ between a run folder's config and this command's, as '--lr 0.002 there, 0.001 now'
+    ('' when none but FREE_ON_RESUME do)."""
+    pairs = [(f"--{f.name.replace('_', '-')}", getattr(old.train, f.name), getattr(new.train, f.name))
+             for f in dataclasses.fields(TrainConfig) if f.name not in FREE_ON_RESUME]
+    pairs += [(f"--{f.name.replace('_', '-')}", getattr(old.unet, f.name), getattr(new.unet, f.name))
+              for f in dataclasses.fields(UNetConfig)]
+    pairs += [("--schedule", old.scheduler, new.scheduler), ("classes", old.num_classes, new.num_classes)]
+
+    def show(v):
+        return ",".join(str(int(x)) for x in v) if isinstance(v, tuple) else getattr(v, "beta_schedule", v)
+
+    return "; ".join(f"{flag} {show(a)} there, {show(b)} now" for flag, a, b in pairs if a != b)
+
+
+def unused_option(args: argparse.Namespace) -> str | None:
+    """A one-line reason when an option the chosen dataset does not use is given (it would be ignored: with
+    --data-path but no --dataset, a run would train on digits)."""
+    if args.dataset == "digits" and args.data_path:
+        return "--data-path: the digits dataset is built in (scikit-learn's); for your images add --dataset folder"
+    if args.channels and args.dataset != "folder":
+        return f"--channels: only for --dataset folder ({args.dataset} has its own channels)"
+    return None
+
+
 def check_out(out: str) -> str | None:
     """A one-line reason why --out can't be a run folder (None when it may be): a file, under a file."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -690,6 +746,33 @@ def make_out(out: str) -> bool:
     return created
 
 
+def lock_out(out: str) -> int:
+    """An exclusive lock on the run folder (flock on the folder itself: no file is added), held until the fd is
+    closed, so two trainers never write one run; then the temp files of a killed save (`.fastsd-*.part`, a
+    minute old: not a sample/evaluate write in progress) are removed. ValueError (one line) when it is taken."""
+    import fcntl
+    import glob
+
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        raise ValueError(f"--out {out}: can't open it ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        busy = isinstance(e, BlockingIOError)
+        raise ValueError(f"--out {out}: " + ("another fastsd.train run is writing there" if busy else
+                                            f"can't lock it ({e.strerror or e})")) from None
+    for part in glob.glob(os.path.join(glob.escape(out), ".fastsd-*.part")):
+        try:
+            if time.time() - os.path.getmtime(part) > 60:
+                os.unlink(part)
+        except OSError:
+            pass
+    return fd
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())) or (
         isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
@@ -704,6 +787,18 @@ def _out_of_memory(e: BaseException, when: str) -> int:
     return 2
 
 
+def _kept(out: str) -> str:
+    """What a failed session left in `out`: the step of its checkpoint, or nothing."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.path.join(out, STATE_FILE), framework="pt") as f:
+            step = json.loads(f.metadata()["state"])["step"]
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return "nothing was saved"
+    return f"the checkpoint in {out} (step {step}) was kept"
+
+
 def _one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
@@ -712,7 +807,7 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    why = check_path(args.dataset, args.data_path) or check_out(args.out)
+    why = unused_option(args) or check_path(args.dataset, args.data_path) or check_out(args.out)
     if why:
         usage_error(parser, why)
     state = os.path.join(args.out, STATE_FILE)
@@ -734,24 +829,35 @@ def main(argv: list[str] | None = None) -> int:
             data.train_x, data.test_x = resize(data.train_x, run.image_size), resize(data.test_x, run.image_size)
         trainer = Trainer(run, data)
         if not args.fresh and os.path.lexists(state):
-            old = load_run_config(args.out)
-            free = {"steps": 0, "save_every": 0, "log_every": 0}  # may change between sessions
-            if dataclasses.replace(old.train, **free) != dataclasses.replace(run.train, **free) or \
-                    (old.unet, old.scheduler, old.num_classes) != (run.unet, run.scheduler, run.num_classes):
-                raise ValueError(f"{args.out} holds a run with other settings; use the same options (only --steps, "
-                                 f"--save-every, --log-every may change), another --out, or --fresh to start over")
+            changed = changed_options(load_run_config(args.out), run)
+            if changed:
+                raise ValueError(f"{args.out} holds a run with other settings ({changed}); use the same options (only "
+                                 f"--steps, --save-every, --log-every may change), another --out, or --fresh")
             trainer.load(args.out)  # a damaged or foreign state file is refused here, before anything is written
-            print(f"resuming {args.out} from its checkpoint", file=sys.stderr)
         created = make_out(args.out)
+        lock = lock_out(args.out)
+        if not args.fresh and os.path.lexists(state):
+            print(f"resuming {args.out} from its checkpoint", file=sys.stderr)
+            if trainer.step >= run.train.steps:
+                print(f"{args.out} is already at step {trainer.step} (--steps {run.train.steps}): nothing to train; "
+                      f"a larger --steps extends it", file=sys.stderr)
     except (DatasetError, ValueError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         return _out_of_memory(e, "preparing the run")
+    except KeyboardInterrupt:  # Ctrl-C while the data loads: nothing was written yet
+        if created:
+            shutil.rmtree(args.out, ignore_errors=True)
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
     import signal
     import threading
 
     def stop(signum, frame):  # SIGTERM (and SIGINT, even when started in the background) save, then stop
+        for sig in handlers:  # a second Ctrl-C must not break off that save (kill -9 still does, atomically)
+            signal.signal(sig, signal.SIG_IGN)
+        print(f"stopping: saving the checkpoint in {args.out}", file=sys.stderr)
         raise KeyboardInterrupt
 
     handlers = {}
@@ -763,12 +869,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; the checkpoint in {args.out} resumes the run", file=sys.stderr)
         return 130
+    except TrainingDiverged as e:
+        print(f"error: {e}; {_kept(args.out)}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as e:
         return _out_of_memory(e, "while training")
     except OSError as e:
         print(f"error: can't write the run to {args.out} ({e.strerror or _one_line(e)})", file=sys.stderr)
         return 2
     finally:
+        os.close(lock)
         for sig, h in handlers.items():
             signal.signal(sig, h)
     print(json.dumps(summary, indent=2))
