@@ -9,10 +9,15 @@ Formats (`.safetensors`; `.pt` / `.ckpt` only through torch.load(weights_only=Tr
 - diffusers / PEFT: `unet.<path>` / `text_encoder.<path>` + `.lora_A.weight` / `.lora_B.weight`,
   `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.down.weight`, and the first diffusers files'
   `<path>.processor.to_q_lora.down.weight`; PEFT's alphas come from the `lora_adapter_metadata` header that
-  diffusers writes (without it alpha = rank).
+  diffusers writes (without it alpha = rank);
+- ComfyUI's LoraSave: `diffusion_model.<LDM path>` / `text_encoders.clip_l.transformer.<path>` + lora_up / lora_down,
+  `diff_b` beside them (bias += weight * diff_b, no alpha), a norm layer's 1-d `diff` / `diff_b` (as LyCORIS 'norm');
+  the text encoder's embedding tables take changes too; CLIP's text_projection (SD1 never reads it) is not read.
 
 Names are mapped by rule: diffusers paths go through the loader's diffusers -> LDM rules (fastsd.convert), and
-every path is then compared with the model's own module names, `_` standing for `.`.
+every path is then compared with the model's own module names, `_` standing for `.`. `lora_te1_` names SD1's text
+encoder too (as A1111 and diffusers read it). A 4-channel change of an inpainting model's 9-channel first convolution
+is zero-padded to its 9 input channels, as A1111 does.
 
 - LyCORIS LoHa (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`) and LoKr (`lokr_w1` or `lokr_w1_a` / `_b`,
   `lokr_w2` or `lokr_w2_a` / `_b`) under the kohya names, as A1111 merges them, and the CP (Tucker) cores of
@@ -83,13 +88,16 @@ EXTRAS = (*BIAS_CHANGES, "dora_scale", "magnitude")  # a bias's change, DoRA's m
 PARTS += [(f".{k}", k) for k in HADA + LOKR + CORES]
 PARTS.append((".weight", "weight"))  # LyCORIS IA3's vector: read so only in files with IA3's `on_input` keys
 # <layer> = <prefix><path>: which model, and whether the path is kohya's (underscored) or dotted.
-PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("unet.", "unet"), ("text_encoder.", "clip"),
-            ("oft_unet_", "unet")]  # (kohya's OFT)
+# `lora_te1_`: SD1 files named as SDXL's first text encoder (A1111 and diffusers read them so; SDXL's have lora_te2_);
+# `diffusion_model.` / `text_encoders.clip_l.transformer.`: ComfyUI's (its LoraSave: LDM and transformers paths).
+PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("lora_te1_", "clip"), ("unet.", "unet"),
+            ("text_encoder.", "clip"), ("oft_unet_", "unet"),  # (kohya's OFT)
+            ("diffusion_model.", "unet"), ("text_encoders.clip_l.transformer.", "clip")]
 # The first diffusers LoRA files named attention processors, not layers (applied in order, each once).
 OLD_DIFFUSERS = [(r"\.processor\.to_(q|k|v|out)$", r".to_\1"), (r"\.to_out$", ".to_out.0"),
                  (r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj"), (r"self_attn\.to_out\.0$", "self_attn.out_proj")]
 # What some other kinds of network files hold, for the error message.
-OTHER_KINDS = [(r"^lora_te[12]_|^text_encoder_2\.|label_emb|add_embedding", "an SDXL LoRA"),
+OTHER_KINDS = [(r"^lora_te2_|^text_encoder_2\.|^text_encoders\.clip_g\.|label_emb|add_embedding", "an SDXL LoRA"),
                (r"^model\.diffusion_model\.|^first_stage_model\.", "a full model checkpoint, not a LoRA")]
 
 
@@ -116,11 +124,19 @@ class LoraLayer:
     bias: torch.Tensor | None = None  # (out,) fp32: the bias's change
     dora: torch.Tensor | None = None  # fp32 DoRA magnitudes: (out,) per output row, or (in,) per input column
     dora_form: str = ""  # "peft" (rows, weight inside), "rows" or "columns" (A1111: weight on the change)
+    bias_scale: float | None = None  # the bias change's scale where it is not `scale` (ComfyUI's diff_b: 1)
+    inputs: int = 0  # the change's input channels where fewer than the layer's: zero-padded (A1111's inpainting rule)
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """A LoCon-with-core / LoHa / LoKr / full / norm / OFT / IA3 update as a full fp32 tensor shaped like
         `weight`, the layer's weight as it is before this update (OFT and IA3 change it; the others only need its
-        shape)."""
+        shape). With `inputs`, the change of the first `inputs` input channels, zeros for the others."""
+        if self.inputs:
+            change = self._delta(weight[:, :self.inputs])
+            return nn.functional.pad(change, (0, 0, 0, 0, 0, weight.shape[1] - self.inputs))
+        return self._delta(weight)
+
+    def _delta(self, weight: torch.Tensor) -> torch.Tensor:
         f, shape = self.factors, tuple(weight.shape)
         if self.kind in ("oft", "ia3"):
             w, f = weight.float(), {k: t.to(weight.device) for k, t in f.items()}
@@ -238,20 +254,38 @@ NORMS = (nn.GroupNorm, nn.LayerNorm)  # the layers LyCORIS 'norm' changes (A1111
 def _layer_kind(module: nn.Module) -> str:
     """What a layer is, for messages (a backend's subclass named by the layer it is)."""
     return next(name for cls, name in ((nn.Linear, "linear layer"), (nn.Conv2d, "convolution"),
-                                       (nn.GroupNorm, "GroupNorm"), (nn.LayerNorm, "LayerNorm"), (nn.Module, "layer"))
+                                       (nn.GroupNorm, "GroupNorm"), (nn.LayerNorm, "LayerNorm"),
+                                       (nn.Embedding, "embedding table"), (nn.Module, "layer"))
                 if isinstance(module, cls))
 
 
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    """A layer's bias; None for one without (an embedding table has no bias attribute at all)."""
+    return getattr(module, "bias", None)
+
+
+def _put_bias(module: nn.Module, bias: torch.Tensor | None) -> None:
+    """Give a layer back its bias (nothing to do where it has it, or has none and is given none)."""
+    if bias is not _bias(module):
+        module.bias = bias
+
+
 def _index(model: nn.Module) -> dict[str, str]:
-    """The LoRA-able layers (Linear, Conv2d; GroupNorm, LayerNorm for LyCORIS 'norm') of a model: their name with
-    `_` for `.` -> their name."""
+    """The LoRA-able layers (Linear, Conv2d; GroupNorm, LayerNorm for LyCORIS 'norm'; the text encoder's token and
+    position embedding tables, which LyCORIS' and ComfyUI's extractions change) of a model: their name with `_` for
+    `.` -> their name."""
     return {n.replace(".", "_"): n for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d, *NORMS))}
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, *NORMS))}
+
+
+# CLIP's text projection (ComfyUI's extractions hold a change of it): SD1 reads the text encoder's hidden states and
+# never this projection (fastsd's CLIP has none, nor A1111's), so a change of it changes no image: not read.
+UNUSED = re.compile(r"(text_model[._])?text_projection")
 
 
 def _peft_scales(path: str) -> dict[str, dict]:
     """PEFT's LoraConfig per model ("unet"/"text_encoder") from diffusers' `lora_adapter_metadata` header."""
-    if not path.endswith(".safetensors"):
+    if not path.lower().endswith(".safetensors"):  # (A1111 compares extensions in lower case)
         return {}
     raw = safetensors_metadata(path).get("lora_adapter_metadata")
     try:
@@ -345,22 +379,30 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
     layers, unmatched, bad, seen = [], [], [], {}
     for layer, parts in groups.items():
         target = _target(layer)
+        if target and target[0] == "clip" and UNUSED.fullmatch(target[1]):
+            continue
         name = indexes[target[0]].get(_module_name(*target, rules)) if target else None
         if name is None:
             unmatched.append(layer)
             continue
         kind = _kind(path, layer, parts)
         module = models[target[0]].get_submodule(name)
+        if kind == "full" and isinstance(module, NORMS):  # a norm's whole change (ComfyUI's diff): as LyCORIS 'norm'
+            parts, kind = {{"diff": "w_norm", "diff_b": "b_norm"}.get(k, k): v for k, v in parts.items()}, "norm"
         shapes = {k: tuple(r.shape) for k, r in parts.items()}
+        inputs = 0  # the file's input channels, when its change is zero-padded to the layer's (A1111's inpainting rule)
         if (kind == "norm") != isinstance(module, NORMS):
             problem = (f"w_norm for a {_layer_kind(module)}, not a norm layer" if kind == "norm" else
                        f"{_suffix(next(iter(sorted(parts))))} for a {_layer_kind(module)} (a norm layer takes "
                        "LyCORIS' w_norm / b_norm)")
         else:
-            problem = (_shape_problem(module, shapes["down"], shapes["up"]) if kind == "lora"
-                       else _delta_shape_problem(module, kind, shapes)) or _extra_shape_problem(module, shapes)
-            if kind == "ia3" and not problem:  # which side the vector scales: on_input's value
-                problem = _ia3_side_problem(module, parts)
+            problem = _fit_problem(module, kind, shapes, parts)
+            w = tuple(module.weight.shape)
+            if problem and len(w) == 4 and w[1] == 9 and not _fit_problem(module, kind, shapes, parts,
+                                                                            (w[0], 4, *w[2:])):
+                inputs = 4  # a 4-channel model's change of an inpainting model's first convolution: the latent channels
+                problem = ("DoRA magnitudes for the first 4 of its 9 input channels" if {"dora_scale", "magnitude"} &
+                           set(parts) else None)
         if problem:
             bad.append(f"{layer}: {problem}")
             continue
@@ -369,12 +411,17 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
         seen[target[0], name] = layer
         made = (_layer(path, target, name, layer, parts, peft) if kind == "lora" else
                 _lycoris_layer(path, target, name, layer, kind, parts))
+        if inputs and kind == "lora":  # down's missing input channels as zeros
+            made = replace(made, down=nn.functional.pad(made.down, (0, 0, 0, 0, 0, w[1] - inputs)))
+        elif inputs:
+            made = replace(made, inputs=inputs)
         layers.append(_with_extras(path, made, parts, tuple(module.weight.shape)))
     if unmatched:
         raise CheckpointError(f"{path}: {len(unmatched)} LoRA layers match no layer of this SD1.x model: "
                               f"{_names(unmatched)}")
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} LoRA layers do not fit this model{_shape_hint(bad)}: {_names(bad, 3)}")
+        raise CheckpointError(f"{path}: {len(bad)} LoRA layers do not fit this model{_shape_hint(bad)}: "
+                              f"{_names(bad, 3)}")
     return LoraFile(path, Path(path).stem, tuple(layers))
 
 
@@ -409,6 +456,10 @@ def _kind(path: str, layer: str, parts: dict) -> str:
     missing or mixed. A bias's change goes with its kind's factors (lora_B.bias: LoRA; diff_b: full), LyCORIS' DoRA
     dora_scale with any kind's, PEFT's lora_magnitude_vector with lora_A / lora_B."""
     have = set(parts) - {"alpha", "dora_scale", "magnitude"}
+    if "diff_b" in have and have - {"diff", "diff_b"}:  # ComfyUI's bias change beside another kind's factors
+        have.discard("diff_b")
+    if len(biases := sorted(set(parts) & set(BIAS_CHANGES))) > 1:
+        raise CheckpointError(f"{path}: {layer} has two bias changes: {' and '.join(map(_suffix, biases))}")
     kinds = {"lora": {"down", "up", "mid", "up_bias"}, "loha": set(HADA) | {c for c in CORES if c.startswith("hada")},
              "lokr": set(LOKR) | {c for c in CORES if c.startswith("lokr")}, "full": {"diff", "diff_b"},
              "norm": {"w_norm", "b_norm"}, "oft": {"oft_blocks", "oft_diag", "rescale"}, "ia3": {"weight", "on_input"}}
@@ -446,6 +497,16 @@ def _kind(path: str, layer: str, parts: dict) -> str:
     return "locon_cp" if kind == "lora" and "mid" in have else kind
 
 
+def _fit_problem(module: nn.Module, kind: str, shapes: dict, parts: dict, w: tuple | None = None) -> str | None:
+    """Why a layer's tensors of these shapes can't change `module` (None when they can), its weight taken to have
+    shape `w` (default: its own)."""
+    problem = (_shape_problem(module, shapes["down"], shapes["up"], w) if kind == "lora"
+               else _delta_shape_problem(module, kind, shapes, w)) or _extra_shape_problem(module, shapes)
+    if kind == "ia3" and not problem:  # which side the vector scales: on_input's value
+        problem = _ia3_side_problem(module, parts)
+    return problem
+
+
 def _cp_shape(t: tuple, a: tuple, b: tuple) -> tuple | None:
     """The shape cp(t, a, b) makes, (out, in, kh, kw), when core t (r1, r2, kh, kw), a (r1, out), b (r2, in) fit
     one another; else None."""
@@ -453,9 +514,10 @@ def _cp_shape(t: tuple, a: tuple, b: tuple) -> tuple | None:
     return (a[1], b[1], *t[2:]) if ok else None
 
 
-def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | None:
-    """Why LoCon-with-core / LoHa / LoKr factors of these shapes can't update `module` (None when they can)."""
-    w = tuple(module.weight.shape)
+def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict, w: tuple | None = None) -> str | None:
+    """Why LoCon-with-core / LoHa / LoKr factors of these shapes can't update `module` (None when they can), its
+    weight taken to have shape `w` (default: its own)."""
+    w = w or tuple(module.weight.shape)
     numel = math.prod(w)
     shown = ("factors " + ", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if k != "alpha" and k not in EXTRAS)
              + f" vs layer {w}")
@@ -477,7 +539,8 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict) -> str | No
         return None if ok else shown
     if kind == "loha":
         ok = all(len(shapes[k]) >= 2 for k in HADA) and all(
-            _cp_shape(shapes[f"hada_t{i}"], shapes[f"hada_w{i}_a"], shapes[f"hada_w{i}_b"]) == w if f"hada_t{i}" in shapes
+            _cp_shape(shapes[f"hada_t{i}"], shapes[f"hada_w{i}_a"], shapes[f"hada_w{i}_b"]) == w
+            if f"hada_t{i}" in shapes
             else shapes[f"hada_w{i}_a"][1] == shapes[f"hada_w{i}_b"][0] and shapes[f"hada_w{i}_a"][0] == w[0]
             and math.prod(shapes[f"hada_w{i}_b"][1:]) * w[0] == numel for i in (1, 2))
         return None if ok else shown
@@ -520,7 +583,7 @@ def _extra_shape_problem(module: nn.Module, shapes: dict) -> str | None:
     """Why a layer's bias change or DoRA magnitudes of these shapes can't go with `module` (None when they can)."""
     w = tuple(module.weight.shape)
     for k in BIAS_CHANGES:
-        if k in shapes and module.bias is None:
+        if k in shapes and _bias(module) is None:
             return f"a bias change {_suffix(k)} {shapes[k]} for a layer without a bias"
         if k in shapes and shapes[k] != w[:1]:
             return f"bias change {_suffix(k)} {shapes[k]} vs layer bias {tuple(module.bias.shape)}"
@@ -559,6 +622,7 @@ def _with_extras(path: str, made: LoraLayer, parts: dict, w: tuple) -> LoraLayer
         raise CheckpointError(f"{path}: {made.key} holds NaN, infinite or absurdly large values")
     dora = next((k for k in ("dora_scale", "magnitude") if k in extra), None)
     return replace(made, bias=next((extra[k] for k in BIAS_CHANGES if k in extra), None),
+                   bias_scale=1.0 if "diff_b" in extra else None,  # (ComfyUI's, beside LoRA factors: no alpha)
                    dora=extra[dora].reshape(-1) if dora else None,
                    dora_form=_dora_form(dora, tuple(parts[dora].shape), w) if dora else "")
 
@@ -586,10 +650,10 @@ def _lycoris_layer(path: str, target: tuple[str, str], name: str, layer: str, ki
     return LoraLayer(target[0], name, layer, None, None, scale, kind, factors)
 
 
-def _shape_problem(module: nn.Module, down: tuple, up: tuple) -> str | None:
+def _shape_problem(module: nn.Module, down: tuple, up: tuple, w: tuple | None = None) -> str | None:
     """Why factors of these shapes can't update `module` (None when they can): down (r, in[, kh, kw]),
-    up (out, r[, 1, 1]); 1x1 convolutions and linears take either form."""
-    w = tuple(module.weight.shape)
+    up (out, r[, 1, 1]); 1x1 convolutions and linears take either form. `w`: the weight's shape (default: its own)."""
+    w = w or tuple(module.weight.shape)
     k = w[2:]
     ones = ((), (1, 1))
     ok = (len(down) >= 2 and len(up) >= 2 and down[1] == w[1] and up[0] == w[0] and up[1] == down[0]
@@ -622,6 +686,9 @@ def _check_kind(path: str, keys: list[str], unknown: list[str], groups: dict) ->
     if not any(set(g) - {"alpha"} for g in groups.values()):
         raise CheckpointError(f"{path}: not a LoRA (no lora_down/lora_up or lora_A/lora_B tensors; {len(keys)} "
                               f"tensors such as {_names(keys, 3)})")
+    if bundled := sorted({k.split(".")[1] for k in unknown if k.startswith("bundle_emb.") and k.count(".") > 1}):
+        raise CheckpointError(f"{path}: it bundles textual-inversion embeddings ({_names(bundled)}: bundle_emb.*), "
+                              "which fastsd does not read from a LoRA file (A1111 does); give them as embedding files")
     if unknown:
         raise CheckpointError(f"{path}: tensors of no LoRA layer: {_names(unknown)}")
 
@@ -774,7 +841,7 @@ def _check_merges(models: dict[str, nn.Module], by_layer: dict) -> None:
         module = models[model].get_submodule(name)
         check = any(may_leave_range(layer, multiplier, module.weight.dtype) for layer, multiplier, _ in merges)
         if check or any(layer.bias is not None for layer, _, _ in merges):  # (a packed layer: read as a dense copy)
-            _merged_layer(dense_weight(module) if check else None, module.bias, merges)
+            _merged_layer(dense_weight(module) if check else None, _bias(module), merges)
 
 
 class ZeroNorm(ValueError):
@@ -784,7 +851,8 @@ class ZeroNorm(ValueError):
 @torch.no_grad()
 def merged_bias(bias: torch.Tensor, layer: LoraLayer, multiplier: float) -> torch.Tensor:
     """bias + multiplier * scale * layer.bias in fp32, rounded once to bias's dtype (as merged_weight)."""
-    out = bias.float().add(layer.bias.to(bias.device), alpha=multiplier * layer.scale).to(bias.dtype)
+    scale = layer.scale if layer.bias_scale is None else layer.bias_scale
+    out = bias.float().add(layer.bias.to(bias.device), alpha=multiplier * scale).to(bias.dtype)
     if not torch.isfinite(out).all():
         raise ValueError(f"{layer.key} at weight {multiplier:g} takes the layer's bias out of "
                          f"{str(bias.dtype)[6:]}'s range (NaN or infinite)")
@@ -803,7 +871,7 @@ class LoadedLora:
         """A1111's LoRA hash (its infotext's "Lora hashes"): the first 12 hex digits of the sha256 of a
         .safetensors file's tensor data (after the header: the "addnet" hash) or of a whole .pt/.ckpt."""
         if self._hash is None:
-            start = read_header(self.path)[1] if self.path.endswith(".safetensors") else 0
+            start = read_header(self.path)[1] if self.path.lower().endswith(".safetensors") else 0
             self._hash = sha256(self.path, start)[:12]
         return self._hash
 
@@ -866,7 +934,7 @@ class LoraSet:
                 for key, merges in by_layer.items():
                     module = models[key[0]].get_submodule(key[1])
                     pipe.backend.plain_weights(module)
-                    prev = module.weight, module.bias
+                    prev = module.weight, _bias(module)
                     first = key not in self._originals
                     if keep_originals:
                         done.append((module, key, prev, first))
@@ -875,7 +943,7 @@ class LoraSet:
                     (merged, bias), form = prev, layout if prev[0].dim() == 4 else torch.contiguous_format
                     del prev  # (merged for good: the replaced weight goes with the layer's first merge)
                     merged, bias = _merged_layer(merged, bias, merges, form)
-                    if bias is not module.bias:  # (biases are plain tensors in every backend's layers)
+                    if bias is not _bias(module):  # (biases are plain tensors in every backend's layers)
                         module.bias = nn.Parameter(bias, requires_grad=False)
                     module.weight = nn.Parameter(merged, requires_grad=False)
                     changed += 1
@@ -883,7 +951,7 @@ class LoraSet:
                     pipe.backend.prepare_replaced(module)
             except BaseException as e:
                 for module, key, prev, first in reversed(done):
-                    module.bias = prev[1]
+                    _put_bias(module, prev[1])
                     pipe.backend.replace_weight(module, prev[0])
                     if first:
                         del self._originals[key]
@@ -920,7 +988,7 @@ class LoraSet:
             while self._originals:
                 key, (weight, bias) = next(iter(self._originals.items()))
                 module = models[key[0]].get_submodule(key[1])
-                module.bias = bias
+                _put_bias(module, bias)
                 pipe.backend.replace_weight(module, weight)
                 del self._originals[key]
 

@@ -421,7 +421,9 @@ HADA_KEYS = ("w1_a", "w1_b", "w2_a", "w2_b")
 TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # (diffusers' name: the kohya file's
 # LDM-named layers change that layer too, and a bad layer is refused before two names of one layer are)
 BAD = {
-    "sdxl": (_pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", (4, 768), (768, 4)), "SDXL LoRA"),
+    "sdxl": (_pair("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", (4, 1280), (1280, 4)), "SDXL LoRA"),
+    "bundled embeddings": (_pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", (4, 32), (32, 4))
+                           | {"bundle_emb.mytok.string_to_param.*": torch.randn(2, 32)}, "bundles textual-inversion"),
     "sd2": (_pair("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k", (4, 1024), (32, 4)),
             "Stable Diffusion 2.x"),
     "no layer": (_pair("lora_unet_input_blocks_1_1_transformer_blocks_3_attn1_to_q", (4, 32), (32, 4)),
