@@ -607,7 +607,7 @@ def test_sigkill_then_resume_does_every_job_once(tmp_path):
 
 
 def test_bad_input_from_a_batch_hunt(tmp_path, capsys):
-    """Found by a bad-input hunt of fastsd.batch: a job line nested 1000 deep (was a RecursionError traceback that
+    """Found by a bad-input hunt of fastsd.batch: a job line nested 100,000 deep (was a RecursionError traceback that
     stopped the batch), a valid JSON line or prompt holding U+2028 / a form feed (were split into two), a CSV quote
     left open (swallowed the rest of the file unreported), a --lora file that is no LoRA (every job failed instead
     of a usage error), a manifest with rows of wrong types (were internal errors)."""
@@ -615,7 +615,7 @@ def test_bad_input_from_a_batch_hunt(tmp_path, capsys):
     from safetensors.torch import save_file
 
     out = str(tmp_path / "out")
-    deep = '{"prompt": ' + "[" * 1000 + "]" * 1000 + "}"
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"  # (past any recursion limit: torch._dynamo raises it)
     jobs = write(tmp_path / "j.jsonl", deep + '\n{"prompt": "a cat\u2028on a mat", "id": "good"}\n')
     assert main([jobs, "--out", out, "--model", "random:tiny", "--width", "64", "--height", "64", "--steps", "1",
                  "--no-progress"]) == 1
