@@ -39,6 +39,26 @@ def fill(page, **fields):
         page.fill("#" + field.replace("_", "-"), str(value))
 
 
+def another_clients_job(server, **body) -> tuple[threading.Thread, dict]:
+    """Another client's long txt2img (150 steps, 8 iterations) in a thread, returned once it samples: (the thread,
+    {"r": its response once answered})."""
+    out = {}
+
+    def post():
+        with server.client() as c:
+            out["r"] = c.post("/sdapi/v1/txt2img", json={"prompt": "another client's job", "steps": 150, "n_iter": 8,
+                                                         "seed": 1, **body})
+
+    other = threading.Thread(target=post, daemon=True)
+    other.start()
+    with server.client() as c:
+        deadline = time.monotonic() + 120
+        while c.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+            assert time.monotonic() < deadline and other.is_alive()
+            time.sleep(0.05)
+    return other, out
+
+
 def generated(page, figures: int = 1) -> dict:
     """The infotext parameters of the newest image, once `figures` are in the gallery."""
     page.wait_for_selector(f"#gallery figure:nth-child({figures}) img", timeout=180_000)
@@ -203,20 +223,8 @@ def test_page_follows_its_own_job_behind_another_clients(page):
     tab = page
     open_page(tab, server)
     tab.evaluate(RECORD_PROGRESS)
-    out = {}
-
-    def other_client():
-        with server.client() as c:
-            out["r"] = c.post("/sdapi/v1/txt2img", json={"prompt": "another client's job", "steps": 150, "n_iter": 8,
-                                                         "width": 128, "height": 128, "seed": 1})
-
-    other = threading.Thread(target=other_client, daemon=True)
-    other.start()
+    other, out = another_clients_job(server, width=128, height=128)
     with server.client() as c:
-        deadline = time.monotonic() + 120
-        while c.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
-            assert time.monotonic() < deadline and other.is_alive()
-            time.sleep(0.05)
         tab.fill("#prompt", "my own job")
         fill(tab, steps=150, seed=3, width=64, height=64, batch=2)
         tab.click("#generate")

@@ -2,11 +2,10 @@
 the seed buttons, Skip and Interrupt naming the page's own job, the styles picker, the gallery kept across a
 reload (bounded), the lightbox, copying the infotext, "Send to img2img", and closing the tab cancelling the job."""
 import json
-import threading
 import time
 
 from serve_server import main_server, styles_server
-from test_serve_browser import fill, generated, open_page  # (skips as that file does)
+from test_serve_browser import another_clients_job, fill, generated, open_page  # (skips as that file does)
 
 from fastsd.image import parse_infotext
 
@@ -79,21 +78,8 @@ def test_interrupt_while_waiting_cancels_the_pages_job_only(page):
     server = main_server()
     open_page(page, server)
     interrupts = posted(page, "/interrupt")
-    out = {}
-
-    def other_client():
-        with server.client() as c:
-            out["r"] = c.post("/sdapi/v1/txt2img", json={"prompt": "another client's job", "steps": 150, "n_iter": 8,
-                                                         "width": 64, "height": 64, "seed": 1,
-                                                         "force_task_id": "task(other)"})
-
-    other = threading.Thread(target=other_client, daemon=True)
-    other.start()
+    other, out = another_clients_job(server, width=64, height=64, force_task_id="task(other)")
     with server.client() as c:
-        deadline = time.monotonic() + 120
-        while c.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
-            assert time.monotonic() < deadline and other.is_alive()
-            time.sleep(0.05)
         dropped = c.get("/sdapi/v1/progress").json()["state"]["fastsd"].get("dropped", 0)
         page.fill("#prompt", "my queued job")
         fill(page, **SMALL)

@@ -11,15 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastsd.train import sample, trainer as train
-from test_train_inputs import BASE, assert_one_error, run_cli, tree_digest
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_train_inputs import BASE, assert_one_error, one_thread, run_cli, tree_digest  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
