@@ -1063,6 +1063,7 @@ def test_cached_choice_follows_a_new_default_without_measuring(tmp_path, monkeyp
     non-default candidate needs, so the default wins either way round."""
     monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
     monkeypatch.setattr(cpu_tune, "machine_busy", lambda: False)
+    monkeypatch.setattr(cpu_tune, "reference_ms", lambda: 1.0)  # never slow (that check: test_cpu_tune_slow.py)
     measured = []
     monkeypatch.setattr(cpu_tune, "measure", lambda c: measured.append(set(c)) or {"native": 1.0, "sdpa": 0.95})
     path = tmp_path / "tune.json"
@@ -1078,6 +1079,7 @@ def test_tuner_measures_again_when_a_candidate_is_new(tmp_path, monkeypatch):
     """A choice cached before a candidate existed (an older fastsd's) is measured again with it."""
     monkeypatch.delenv("FASTSD_CPU_TUNE", raising=False)
     monkeypatch.setattr(cpu_tune, "machine_busy", lambda: False)
+    monkeypatch.setattr(cpu_tune, "reference_ms", lambda: 1.0)  # never slow (that check: test_cpu_tune_slow.py)
     times = {"a": 1.0, "b": 0.5, "c": 0.2}
     measured = []
     monkeypatch.setattr(cpu_tune, "measure", lambda c: measured.append(set(c)) or {k: times[k] for k in c})
