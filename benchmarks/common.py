@@ -28,7 +28,8 @@ ROW_FIELDS = (
     "timestamp", "command", "warmup", "times", "time_s", "it_s", "rss_baseline_bytes", "rss_peak_bytes",
     "rss_peak_run_bytes", "rss_isolated", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes",
     "isa", "cpu_capability", "cpu_flags", "native_bf16", "isa_env", "huge_pages", "cpu_tune", "cpu_tune_cached",
-    "cpu_env", "native_attention", "native_winograd", "memory_bytes", "openvino", "ov_precision",
+    "cpu_env", "native_attention", "native_winograd", "native_winograd_bf16", "memory_bytes", "openvino",
+    "ov_precision",
 )
 TIME_FIELDS = ("min", "median", "max", "n", "all")
 
@@ -55,12 +56,12 @@ def cpu_model() -> str:
 def isa_fields() -> dict[str, Any]:
     """The ISA this process runs with (restrictions included), the CPU-tuning state it starts from, the
     FASTSD_CPU_* settings in effect (e.g. FASTSD_CPU_WINOGRAD=4x4), whether the cpu backend's native
-    attention kernel and Winograd transforms run ("on", else why not), whether the Winograd weights get huge
-    pages (cpuinfo.huge_pages) and the RAM it may use (which decides
-    whether Winograd F(2x2) is offered): every result row carries them, since CPU numbers hold for one ISA and
-    one setting only."""
+    attention kernel, Winograd transforms and bf16 Winograd GEMMs run ("on", else why not), whether the
+    Winograd weights get huge pages (cpuinfo.huge_pages) and the RAM it may use (which decides whether
+    Winograd F(2x2) is offered): every result row carries them, since CPU numbers hold for one ISA and one
+    setting only."""
     from fastsd import cpuinfo
-    from fastsd.backends import cpu_attention_native, cpu_tune, cpu_winograd_native
+    from fastsd.backends import cpu_attention_native, cpu_tune, cpu_winograd_bf16, cpu_winograd_native
 
     d = cpuinfo.describe()
     return {"isa": cpuinfo.isa_label(), "cpu_capability": d["aten_capability"], "cpu_flags": d["cpu_flags"],
@@ -68,7 +69,8 @@ def isa_fields() -> dict[str, Any]:
             "cpu_tune": cpu_tune.mode(),
             "cpu_tune_cached": len(cpu_tune.tuner().entries()), "cpu_env": cpu_settings(),
             "native_attention": cpu_attention_native.unavailable() or "on",
-            "native_winograd": cpu_winograd_native.unavailable() or "on", "memory_bytes": cpuinfo.memory_bytes()}
+            "native_winograd": cpu_winograd_native.unavailable() or "on",
+            "native_winograd_bf16": cpu_winograd_bf16.unavailable() or "on", "memory_bytes": cpuinfo.memory_bytes()}
 
 
 def cpu_settings() -> dict[str, str]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .common import bench
 from fastsd.backends import (cpu_attention_fp32, cpu_attention_native, cpu_group_norm, cpu_winograd,
-                             cpu_winograd_native, reference)
+                             cpu_winograd_bf16, cpu_winograd_native, reference)
 from fastsd.backends.cpu import _group_norm_torch, feed_forward_chunked
 from fastsd.backends.cpu_attention import attention_chunked
 from fastsd.backends.cpu_attention_native import attention_native
@@ -115,21 +115,23 @@ def rows(repeat: int, all_dtypes: bool = False):
             xd = x.to(dtype).contiguous(memory_format=torch.channels_last)
             shape = f"{ksize}x{ksize} {cin}->{cout}, 2x{side}x{side}"
             yield from _packed_rows("conv", shape, dtype, conv, xd, ref, repeat)
-            offered = cpu_winograd.variant_for(conv, xd)
+            offered = cpu_winograd.variants_for(conv, xd)
             covered = cpu_winograd.covers(conv, xd)
-            for v in cpu_winograd.VARIANTS.values():  # each variant with enough tiles here; "*": the one offered
-                if covered and cpu_winograd.enough_tiles(xd, v):
-                    u = cpu_winograd.weight_transform(conv.weight, v)
-                    name = f"Winograd F({v.m}x{v.m})" + ("*" if v is offered else "")
+            for v in cpu_winograd.VARIANTS.values():  # each variant with enough tiles here; "*": those offered
+                if covered and cpu_winograd.enough_tiles(xd, v) and (not v.bf16 or dtype == torch.bfloat16):
+                    name = f"Winograd F({v.m}x{v.m})" + (" bf16 operands" if v.bf16 else "") + "*" * (v in offered)
                     lib = cpu_winograd_native.library()
-                    if lib is None:
-                        yield "conv", shape, NAMES[dtype], f"{name} native", None, cpu_winograd_native.unavailable()
-                    else:
-                        fn = lambda: cpu_winograd.in_fp32(functools.partial(cpu_winograd.conv3x3_native, lib),  # noqa: E731
-                                                          xd, u, conv.bias, v)
-                        yield "conv", shape, NAMES[dtype], f"{name} native", _ms(fn, repeat), _rel(fn(), ref)
-                    fn = lambda: cpu_winograd.in_fp32(cpu_winograd.conv3x3_torch, xd, u, conv.bias, v)  # noqa: E731
-                    yield "conv", shape, NAMES[dtype], f"{name} torch ops", _ms(fn, repeat), _rel(fn(), ref)
+                    why = cpu_winograd_native.unavailable() or (cpu_winograd_bf16.unavailable() if v.bf16 else None)
+                    if why is not None:
+                        yield "conv", shape, NAMES[dtype], f"{name} native", None, why
+                        continue
+                    u = cpu_winograd.weight_transform(conv.weight, v)
+                    fn = lambda: cpu_winograd.in_fp32(functools.partial(cpu_winograd.conv3x3_native, lib),  # noqa: E731
+                                                      xd, u, conv.bias, v)
+                    yield "conv", shape, NAMES[dtype], f"{name} native", _ms(fn, repeat), _rel(fn(), ref)
+                    if not v.bf16:  # (bf16 operands: native transforms only)
+                        fn = lambda: cpu_winograd.in_fp32(cpu_winograd.conv3x3_torch, xd, u, conv.bias, v)  # noqa: E731
+                        yield "conv", shape, NAMES[dtype], f"{name} torch ops", _ms(fn, repeat), _rel(fn(), ref)
     for m, kdim, n in LINEAR:
         for dtype in dtypes:
             lin = torch.nn.Linear(kdim, n).requires_grad_(False)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastsd import cpuinfo
 from fastsd.backends import (Backend, Ops, cpu_attention_fp32, cpu_attention_native, cpu_geglu, cpu_group_norm,
-                             cpu_native, cpu_winograd_native, reference)
+                             cpu_native, cpu_winograd_bf16, cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import VERSION as CHUNKED_VERSION, attention_chunked
 from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapped, large_blocks_in_heap,
                                      make_packable, make_plain, pack_as_last_run, release_freed_memory)
@@ -196,8 +196,11 @@ class CPUBackend(Backend):
             if dtypes & {torch.float32, torch.bfloat16}:
                 _warn_native(cpu_group_norm.unavailable(), "GroupNorm kernel", "GroupNorm")
                 _warn_native(cpu_geglu.unavailable(), "GEGLU kernel", "GEGLU")
-            if torch.float32 in dtypes:
+            bf16_winograd = torch.bfloat16 in dtypes and not cpuinfo.amx()  # offered to bf16 layers without AMX
+            if torch.float32 in dtypes or bf16_winograd:
                 _warn_native(cpu_winograd_native.unavailable(), "Winograd transforms", "Winograd convolutions")
+            if bf16_winograd and cpuinfo.native_bf16():
+                _warn_native(cpu_winograd_bf16.unavailable(), "bf16 Winograd GEMMs", "bf16 3x3 convolutions")
             # fp32 attention: fp32 models, and bf16 ones without AMX (their attention may run in fp32)
             fp32_attention = torch.float32 in dtypes or (torch.bfloat16 in dtypes and cpuinfo.native_bf16()
                                                          and not cpuinfo.amx())

@@ -233,10 +233,8 @@ class PackableConv2d(_Packable, nn.Conv2d):
         return w.view(*w.shape, 1, 1) if w.dim() == 2 else w  # the "linear" form's (K, C) -> (K, C, 1, 1)
 
     def _more_candidates(self, x: torch.Tensor, dense: torch.Tensor) -> dict:
-        v = cpu_winograd.variant_for(self, x)
-        if v is None:
-            return {}
-        return {v.name: lambda: cpu_winograd.conv3x3(x, self._winograd_weight(v, dense), self.bias, v)}
+        return {v.name: (lambda v=v: cpu_winograd.conv3x3(x, self._winograd_weight(v, dense), self.bias, v))
+                for v in cpu_winograd.variants_for(self, x)}
 
     def _winograd_weight(self, v: cpu_winograd.Variant, dense: torch.Tensor | None = None) -> torch.Tensor:
         if self._winograd is None:
@@ -264,7 +262,8 @@ class PackableConv2d(_Packable, nn.Conv2d):
     def _tune_key(self, x: torch.Tensor) -> str:
         """Op, shapes, threads, and for a layer with a Winograd candidate which transforms that runs (choices
         timed against the other are measured again)."""
-        winograd = f" winograd {cpu_winograd.implementation()}" if cpu_winograd.variant_for(self, x) else ""
+        variants = cpu_winograd.variants_for(self, x)
+        winograd = f" winograd {cpu_winograd.implementation(variants)}" if variants else ""
         linear = " linear" if "linear" in self._forms(x) else ""
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)  # (the "linear" form: 2-D)
         return (f"conv2d {str(self.weight.dtype)[6:]} w{shape} s{self.stride} p{self.padding} "

@@ -17,23 +17,25 @@ is below it (tests/test_cpu_paths.py bounds both).
 bf16 layers are offered it too on CPUs without AMX, computed the same way in fp32 from the bf16 input and rounded
 to bf16 once at the end (so with the error of oneDNN's bf16 convolution, which also sums in fp32): there a bf16
 GEMM runs at most about twice fp32's rate (AVX512-BF16's dot products), so a half to a quarter of the
-multiplications in fp32 can win; the tuner measures it per layer. bf16 operands in the GEMMs (transformed tiles
-and weights rounded) would add error beyond torch's own. With AMX the bf16 convolution is the faster (docs/cpu-path.md
-has both measurements).
+multiplications in fp32 can win; the tuner measures it per layer. Where bf16 is native they are also offered
+F(2x2) with bf16 operands in the GEMMs ("winograd2_bf16": transformed tiles and weight rounded to bf16, products
+summed in fp32, cpu_winograd_bf16.py): 1.7x torch's own bf16 error, within the kernels' 2x (F(4x4)'s would be ~9x).
+With AMX the bf16 convolution is the faster (docs/cpu-path.md has the measurements).
 
 It trades memory for time: the transformed weight is (m+2)^2/9 the weight's size (4x for F(4x4), 1.8x for
 F(2x2)), kept beside the weight (which stays for LoRA merges and state_dict) by a layer that `cpu_tune`
 measured faster this way at its shape (cpu_pack.PackableConv2d), offered only from MIN_TILES output tiles
 up (F(2x2) where F(4x4) has fewer: its transforms move more data per output, and at 32x32 and up F(4x4) is
 the faster of the two). F(2x2) is offered where the process may use >= F2_MIN_MEMORY of RAM (docs/cpu-path.md has the
-memory each setting took); FASTSD_CPU_WINOGRAD=all offers both anyway, =4x4 only F(4x4), =0 neither.
+memory each setting took); FASTSD_CPU_WINOGRAD=all offers both anyway, =4x4 only F(4x4), =fp32 no bf16 operands,
+=0 none.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass
 from fractions import Fraction as Fr
 
 import torch
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsd import cpuinfo
-from fastsd.backends import cpu_huge_pages, cpu_winograd_native
+from fastsd.backends import cpu_huge_pages, cpu_winograd_bf16, cpu_winograd_native
 
 ENV = "FASTSD_CPU_WINOGRAD"
 R = 3  # kernel
@@ -57,7 +59,7 @@ def _f64(rows) -> torch.Tensor:
     return torch.tensor([[float(v) for v in r] for r in rows], dtype=torch.float64)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Variant:
     """F(m x m, 3x3): its name among a layer's candidates and its transforms, flattened by kron."""
     name: str
@@ -65,6 +67,7 @@ class Variant:
     w_t: torch.Tensor  # (a*a, 9): a flattened 3x3 kernel (row-major) -> its transform
     in_t: torch.Tensor  # (a*a, a*a): a flattened a x a input tile -> its transform
     out_t: torch.Tensor  # (m*m, a*a): a transformed product -> the m x m output tile
+    bf16: bool = False  # the GEMMs' operands in bf16 (cpu_winograd_bf16), products in fp32
 
     @property
     def a(self) -> int:
@@ -72,9 +75,10 @@ class Variant:
         return self.m + R - 1
 
     @classmethod
-    def build(cls, name: str, bt, g, at) -> Variant:
+    def build(cls, name: str, bt, g, at, bf16: bool = False) -> Variant:
         bt, g, at = _f64(bt), _f64(g), _f64(at)
-        return cls(name, at.shape[0], torch.kron(g, g).float(), torch.kron(bt, bt).float(), torch.kron(at, at).float())
+        return cls(name, at.shape[0], torch.kron(g, g).float(), torch.kron(bt, bt).float(), torch.kron(at, at).float(),
+                   bf16)
 
 
 F4 = Variant.build(
@@ -84,21 +88,33 @@ F4 = Variant.build(
     g=[[Fr(1, 4), 0, 0], [Fr(-1, 6), Fr(-1, 6), Fr(-1, 6)], [Fr(-1, 6), Fr(1, 6), Fr(-1, 6)],
        [Fr(1, 24), Fr(1, 12), Fr(1, 6)], [Fr(1, 24), Fr(-1, 12), Fr(1, 6)], [0, 0, 1]],
     at=[[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])
-F2 = Variant.build(
-    "winograd2",
-    bt=[[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
-    g=[[1, 0, 0], [Fr(1, 2), Fr(1, 2), Fr(1, 2)], [Fr(1, 2), Fr(-1, 2), Fr(1, 2)], [0, 0, 1]],
-    at=[[1, 1, 1, 0], [0, 1, -1, -1]])
-VARIANTS = {v.name: v for v in (F4, F2)}
+F2_MATRICES = dict(bt=[[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+                   g=[[1, 0, 0], [Fr(1, 2), Fr(1, 2), Fr(1, 2)], [Fr(1, 2), Fr(-1, 2), Fr(1, 2)], [0, 0, 1]],
+                   at=[[1, 1, 1, 0], [0, 1, -1, -1]])
+F2 = Variant.build("winograd2", **F2_MATRICES)
+F2B = Variant.build("winograd2_bf16", **F2_MATRICES, bf16=True)
+VARIANTS = {v.name: v for v in (F4, F2, F2B)}
 
 
 def variant_for(conv: nn.Conv2d, x: torch.Tensor) -> Variant | None:
-    """The Winograd variant to try for `conv` on `x`, if any: a case this covers (fp32, or bf16 where oneDNN
+    """The Winograd variant in fp32 to try for `conv` on `x`, if any: a case this covers (fp32, or bf16 where oneDNN
     has no AMX; 3x3, stride 1, padding 1, no dilation or groups) with at least MIN_TILES output tiles per image,
     F(4x4) where it has them, else F(2x2); among the variants FASTSD_CPU_WINOGRAD allows (`offered`)."""
     if not covers(conv, x) or (x.dtype == torch.bfloat16 and cpuinfo.amx()):
         return None
-    return next((v for v in offered() if enough_tiles(x, v)), None)
+    return next((v for v in offered() if not v.bf16 and enough_tiles(x, v)), None)
+
+
+def variants_for(conv: nn.Conv2d, x: torch.Tensor) -> tuple[Variant, ...]:
+    """The Winograd variants to try for `conv` on `x`: variant_for's, and for a bf16 layer (without AMX) F(2x2) with
+    bf16 operands where it has MIN_TILES tiles, is offered, and its GEMMs and the native transforms run here."""
+    v = variant_for(conv, x)
+    fp32 = () if v is None else (v,)
+    if (x.dtype != torch.bfloat16 or not covers(conv, x) or cpuinfo.amx() or F2B not in offered()
+            or not enough_tiles(x, F2B) or cpu_winograd_bf16.library() is None
+            or cpu_winograd_native.library() is None):
+        return fp32
+    return (*fp32, F2B)
 
 
 def covers(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -114,14 +130,16 @@ def enough_tiles(x: torch.Tensor, v: Variant) -> bool:
 
 
 def offered() -> tuple[Variant, ...]:
-    """FASTSD_CPU_WINOGRAD: unset = F(4x4), and F(2x2) too where this process may use >= F2_MIN_MEMORY of RAM;
-    `all` = both; `4x4` = F(4x4) only (32x32 px and up: less memory); `0` = neither (the least memory)."""
+    """FASTSD_CPU_WINOGRAD: unset = F(4x4) and F(2x2) with bf16 operands, and F(2x2) in fp32 too where this process
+    may use >= F2_MIN_MEMORY of RAM; `all` = the three; `fp32` = unset's without bf16 operands (torch's own bf16
+    error); `4x4` = F(4x4) only (32x32 px and up); `0` = none (the least memory)."""
     setting = os.environ.get(ENV, "").strip().lower()
     if setting in ("0", "off", "no", "false"):
         return ()
-    if setting == "4x4" or (setting != "all" and (cpuinfo.memory_bytes() or 0) < F2_MIN_MEMORY):
+    if setting == "4x4":
         return (F4,)
-    return (F4, F2)
+    fp32 = (F4,) if setting != "all" and (cpuinfo.memory_bytes() or 0) < F2_MIN_MEMORY else (F4, F2)
+    return fp32 if setting == "fp32" else (*fp32, F2B)
 
 
 def tile_counts(h: int, w: int, v: Variant) -> tuple[int, int]:
@@ -136,7 +154,13 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
     tensor (docs/cpu-path.md: MKL's GEMMs of 64-256 rows run faster on it there, slower below), made by one GEMM
     over the weight transposed to (9, C, K) (a transposing copy of the larger result was the slow part). `out`, an
     earlier result of the same shape (a weight this one replaces), is written over: memory already in use, not
-    fresh pages to fault in; else the result is on huge pages (cpu_huge_pages)."""
+    fresh pages to fault in; else the result is on huge pages (cpu_huge_pages). A variant with bf16 operands gets
+    the fp32 transform rounded to bf16 and pair-interleaved, (a*a, ceil(C/2), K, 2) (cpu_winograd_bf16.pairs)."""
+    if v.bf16:
+        u = cpu_winograd_bf16.pairs(weight_transform(w, dataclasses.replace(v, bf16=False)))
+        if out is None or out.shape != u.shape or out.dtype != u.dtype:
+            out = cpu_huge_pages.empty(u.shape, u.dtype)
+        return out.copy_(u)
     k, c = w.shape[:2]
     shape = (v.a * v.a, c, k)
     if out is not None and (out.shape != shape or out.dtype != torch.float32):
@@ -159,9 +183,11 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant) -> torch.Tensor:
     """F.conv2d(x, w, bias, padding=1) for u = weight_transform(w, v); the result is channels_last, x's dtype (bf16:
-    computed in fp32). With the native transforms where they are available (cpu_winograd_native.py), else in torch
-    ops."""
+    computed in fp32, the GEMMs' operands in bf16 for a bf16 variant). With the native transforms where they are
+    available (cpu_winograd_native.py), else in torch ops (not for a bf16 variant: variants_for offers it with them)."""
     lib = cpu_winograd_native.library()
+    if v.bf16 and lib is None:
+        raise RuntimeError(f"{v.name} needs the native Winograd transforms: {cpu_winograd_native.unavailable()}")
     return in_fp32(conv3x3_torch if lib is None else functools.partial(conv3x3_native, lib), x, u, bias, v)
 
 
@@ -173,9 +199,11 @@ def in_fp32(run, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v:
     return run(x.float(), u, None if bias is None else bias.float(), v).to(x.dtype)
 
 
-def implementation() -> str:
-    """Which transforms conv3x3 runs here: part of the tuner's key for a convolution with a Winograd candidate."""
-    return "torch" if cpu_winograd_native.library() is None else f"native v{cpu_winograd_native.VERSION}"
+def implementation(variants: tuple[Variant, ...] = ()) -> str:
+    """Which transforms conv3x3 runs here (and bf16 GEMMs, for `variants` with a bf16 one): part of the tuner's key for
+    a convolution with Winograd candidates."""
+    gemms = f" bf16 gemm v{cpu_winograd_bf16.VERSION}" if any(v.bf16 for v in variants) else ""
+    return ("torch" if cpu_winograd_native.library() is None else f"native v{cpu_winograd_native.VERSION}") + gemms
 
 
 def _balanced(total: int, most: int) -> int:
@@ -193,7 +221,7 @@ def conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
     count, and reads each position's weight once) within CHUNK_BYTES too, or `pos_chunk`. The buffers are
     allocated once per call."""
     n, c, h, w = x.shape
-    k = u.shape[-1]
+    k = u.shape[2] if v.bf16 else u.shape[-1]  # (a bf16 variant's u: (a*a, C/2, K, 2))
     a = v.a
     th, tw = tile_counts(h, w, v)
     xh = x.permute(0, 2, 3, 1)
@@ -208,6 +236,8 @@ def conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
     most = n * min(step, th) * tw  # tiles in the largest chunk
     pos_step = pos_chunk or _balanced(a, CHUNK_BYTES // (a * most * c * size))
     prod_buf = torch.empty(a * a * most * k, dtype=x.dtype)
+    gemm = functools.partial(cpu_winograd_bf16.gemm, cpu_winograd_bf16.library()) if v.bf16 else \
+        (lambda t, u, prod: torch.bmm(t, u, out=prod))
     t_buf = torch.empty(min(pos_step, a) * a * most * c, dtype=x.dtype)
     for r in range(0, th, step):
         rows = min(step, th - r)
@@ -217,7 +247,7 @@ def conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
             ni = min(pos_step, a - i)
             t = t_buf[:ni * a * tiles * c].view(ni * a, tiles, c)
             cpu_winograd_native.input_transform(lib, xh, v, tw, r, rows, i, ni, t)
-            torch.bmm(t, u[i * a:(i + ni) * a], out=prod[i * a:(i + ni) * a])
+            gemm(t, u[i * a:(i + ni) * a], prod[i * a:(i + ni) * a])
         cpu_winograd_native.output_transform(lib, prod, v, bias, out, tw, r, rows)
     return out.permute(0, 3, 1, 2)
 

@@ -1,0 +1,198 @@
+"""Winograd F(2x2) with bf16 operands (fastsd/backends/cpu_winograd_bf16.py, cpu_winograd.F2B): its GEMMs against
+fp32 GEMMs of the same rounded operands, the convolution within twice torch's own bf16 error, where it is offered,
+and a packable layer that chose it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from fastsd import cpuinfo
+from fastsd.backends import cpu, cpu_pack, cpu_tune, cpu_winograd, cpu_winograd_bf16, cpu_winograd_native
+
+WHY = cpu_winograd_bf16.unavailable() or cpu_winograd_native.unavailable()
+needs_gemm = pytest.mark.skipif(WHY is not None, reason=f"bf16 Winograd GEMMs unavailable: {WHY}")
+F2B = cpu_winograd.F2B
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@needs_gemm
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 133, 71), (16, 64, 64), (2, 7, 1)])
+def test_gemm_is_fp32_on_the_rounded_operands(shape):
+    """prod = bf16(t) @ bf16(w) summed in fp32 for blocks and remainders of rows and columns, an odd reduction (a
+    padded pair), one column; both roundings of t give the same bits."""
+    p, m, c = shape
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(p, m, c, generator=g)
+    w = torch.randn(p, c, cpu_winograd_bf16.BLOCK_N + 3, generator=g)
+    ref = torch.bmm(t.bfloat16().double(), w.bfloat16().double())
+    lib = cpu_winograd_bf16.library()
+    outs = []
+    for cvt in (True, False):
+        prod = torch.full(ref.shape, float("nan"))
+        cpu_winograd_bf16.gemm(lib, t, cpu_winograd_bf16.pairs(w), prod, cvt)
+        assert _rel(prod, ref) < 1e-6
+        outs.append(prod)
+    assert torch.equal(*outs)
+    with pytest.raises(ValueError, match="contiguous fp32 t"):
+        cpu_winograd_bf16.gemm(lib, t.bfloat16(), cpu_winograd_bf16.pairs(w), outs[0])
+    with pytest.raises(ValueError, match="contiguous fp32 t"):
+        cpu_winograd_bf16.gemm(lib, t, w.bfloat16(), outs[0])  # not pair-interleaved
+
+
+def test_pairs_interleaves_the_reduction():
+    """(P, C, N) -> (P, C/2, N, 2) with C odd (a zero pair member), from a strided view."""
+    u = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    p = cpu_winograd_bf16.pairs(u.transpose(1, 2).contiguous().transpose(1, 2))
+    assert p.shape == (2, 2, 4, 2) and p.dtype == torch.bfloat16 and p.is_contiguous()
+    assert torch.equal(p[:, 1, :, 0], u[:, 2].bfloat16()) and torch.equal(p[:, 1, :, 1], torch.zeros(2, 4).bfloat16())
+    assert torch.equal(p[:, 0, :, 1], u[:, 1].bfloat16())
+
+
+CASES = [((2, 5, 9, 11), 7, True, True), ((1, 64, 32, 32), 48, True, True), ((2, 16, 8, 12), 16, False, False),
+         ((1, 320, 32, 32), 320, False, True), ((1, 96, 17, 15), 130, True, False)]
+
+
+@needs_gemm
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1]}")
+def test_conv_keeps_twice_torch_bf16_error(case, monkeypatch):
+    """Against an fp64 convolution of the fp32 data: within 2x torch's own bf16 convolution (it measures 1.4-1.7x;
+    F(2x2)'s transforms in fp32 take 1.0x), the result bf16 and channels_last, the same bits for every split of the
+    transformed positions and on a second call."""
+    shape, k, with_bias, nhwc = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+    w = torch.randn(k, shape[1], 3, 3, generator=g) / (3 * shape[1] ** 0.5)
+    b = torch.randn(k, generator=g) if with_bias else None
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16()
+    torch_err = _rel(torch.nn.functional.conv2d(xb, wb, bb, padding=1), ref)
+    u = cpu_winograd.weight_transform(wb, F2B)
+    assert u.dtype == torch.bfloat16 and u.shape == (16, (shape[1] + 1) // 2, k, 2)
+    y = cpu_winograd.conv3x3(xb, u, bb, F2B)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(y, ref) <= 2 * torch_err, (_rel(y, ref), torch_err)
+    assert torch.equal(y, cpu_winograd.conv3x3(xb, u, bb, F2B))
+    lib = cpu_winograd_native.library()
+    for pos_chunk in (1, 3):
+        assert torch.equal(y, cpu_winograd.in_fp32(lambda *a: cpu_winograd.conv3x3_native(lib, *a, pos_chunk=pos_chunk),
+                                                   xb, u, bb, F2B))
+
+
+def _offer_everything(monkeypatch):
+    """Both native libraries 'available' and no AMX, whatever this machine: where F2B is offered is a rule."""
+    monkeypatch.setattr(cpu_winograd_bf16, "library", lambda: object())
+    monkeypatch.setattr(cpu_winograd_native, "library", lambda: object())
+    monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="": False)
+    monkeypatch.setattr(cpuinfo, "memory_bytes", lambda: 64 << 30)
+
+
+def test_offered_to_bf16_layers_with_its_tiles(monkeypatch):
+    """A bf16 3x3 convolution is offered F(2x2) with bf16 operands beside the fp32 variant from 16x16 px (8x8 of
+    its tiles) up; never to an fp32 layer, with AMX, without either native library, or where FASTSD_CPU_WINOGRAD is
+    `fp32`, `4x4` or `0`."""
+    _offer_everything(monkeypatch)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = lambda side, dtype=torch.bfloat16: torch.zeros(1, 8, side, side, dtype=dtype)  # noqa: E731
+    F4, F2 = cpu_winograd.F4, cpu_winograd.F2
+    for setting, at32, at16 in (("", (F4, F2B), (F2, F2B)), ("all", (F4, F2B), (F2, F2B)), ("fp32", (F4,), (F2,)),
+                                ("4x4", (F4,), ()), ("0", (), ())):
+        monkeypatch.setenv("FASTSD_CPU_WINOGRAD", setting)
+        assert cpu_winograd.variants_for(conv, x(32)) == at32, setting
+        assert cpu_winograd.variants_for(conv, x(16)) == at16, setting
+        assert cpu_winograd.variants_for(conv, x(14)) == (), setting
+        assert F2B not in cpu_winograd.variants_for(conv, x(32, torch.float32)), setting
+    monkeypatch.setenv("FASTSD_CPU_WINOGRAD", "")
+    assert cpu_winograd.variants_for(torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), x(32)) == ()
+    monkeypatch.setattr(cpuinfo, "memory_bytes", lambda: 4 << 30)  # F(2x2) in fp32 not offered: its bf16 twin is
+    assert cpu_winograd.variants_for(conv, x(16)) == (F2B,)
+    for lib in (cpu_winograd_bf16, cpu_winograd_native):
+        with monkeypatch.context() as m:
+            m.setattr(lib, "library", lambda: None)
+            assert cpu_winograd.variants_for(conv, x(32)) == (F4,)
+    monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="": True)
+    assert cpu_winograd.variants_for(conv, x(32)) == ()
+
+
+def test_restricted_below_native_bf16_it_is_unavailable():
+    """Restricted to AVX2 (no native bf16: oneDNN has no bf16 micro-kernel there) the library is not built and a bf16
+    layer is offered no bf16 operands."""
+    code = ("import torch; from fastsd.backends import cpu_winograd as W, cpu_winograd_bf16 as B; "
+            "print(B.unavailable()); c = torch.nn.Conv2d(8, 8, 3, padding=1); "
+            "print(W.F2B in W.variants_for(c, torch.zeros(1, 8, 32, 32, dtype=torch.bfloat16)))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    why, offered = r.stdout.strip().splitlines()
+    assert why.startswith("needs native bf16") and offered == "False"
+
+
+@needs_gemm
+def test_bf16_layer_that_chose_it(monkeypatch):
+    """A packable bf16 3x3 convolution whose measured choice is F(2x2) with bf16 operands: within twice the plain bf16
+    layer's error, its state_dict bit for bit, the tuner's key naming the GEMMs' version, only that transformed weight
+    kept; a replaced weight (a LoRA merge) has its transform written over the old one's memory."""
+    if cpu_pack.packing_unavailable(torch.bfloat16):
+        pytest.skip(cpu_pack.packing_unavailable(torch.bfloat16))
+
+    class Choice:
+        def choose(self, key, candidates, default):
+            keys.append(key)
+            return F2B.name if F2B.name in candidates else default
+
+    keys = []
+    monkeypatch.setattr(cpu_tune, "tuner", Choice)
+    monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="": False)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 40, 3, padding=1).requires_grad_(False)
+    ref_conv = torch.nn.Conv2d(24, 40, 3, padding=1).requires_grad_(False).double()
+    ref_conv.load_state_dict(conv.state_dict())
+    conv = conv.bfloat16()
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    cpu.BACKEND.prepare(conv)
+    x = torch.randn(2, 24, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = ref_conv(x.double())
+        plain_err = _rel(torch.nn.functional.conv2d(x.bfloat16(), before["weight"], before["bias"], padding=1), ref)
+        y = conv(x.bfloat16())
+        assert y.dtype == torch.bfloat16 and _rel(y, ref) <= 2 * plain_err, (_rel(y, ref), plain_err)
+        assert set(conv._winograd) == {F2B.name} and not conv.weight.is_mkldnn
+        assert keys[-1].endswith(f" bf16 gemm v{cpu_winograd_bf16.VERSION}")
+        assert all(torch.equal(v, before[k]) for k, v in conv.state_dict().items())
+        ptr = conv._winograd[F2B.name].data_ptr()
+        new = torch.nn.Parameter(conv.weight * 2, requires_grad=False)
+        cpu.BACKEND.replace_weight(conv, new)
+        y2 = conv(x.bfloat16())
+        assert conv._winograd[F2B.name].data_ptr() == ptr  # written over, not allocated
+        assert torch.equal(y2, cpu_winograd.conv3x3(x.bfloat16(), cpu_winograd.weight_transform(new, F2B), conv.bias,
+                                                    F2B))
+    cpu.BACKEND.unprepare(conv)
+    assert type(conv) is torch.nn.Conv2d
+
+
+def test_that_fails_to_build_warns_once_at_prepare(monkeypatch):
+    """A bf16 model on a CPU with native bf16 and no AMX where the GEMMs can't be built (no compiler, faked): one
+    warning when the cpu backend prepares it, naming why; its layers are offered no bf16 operands."""
+    monkeypatch.setattr(cpu_winograd_bf16, "_library", lambda: (None, "no C++ compiler (g++ not found; set CXX)"))
+    monkeypatch.setattr(cpuinfo, "native_bf16", lambda cpuinfo="": True)
+    monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="": False)
+    cpu._warn_native.cache_clear()
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1)).requires_grad_(False).bfloat16()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for m in (model, torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1)).requires_grad_(False)):
+                cpu.BACKEND.prepare(m.bfloat16())
+        ours = [str(w.message) for w in caught if "bf16 Winograd GEMMs" in str(w.message)]
+        assert len(ours) == 1 and "no C++ compiler" in ours[0], ours
+        assert F2B not in cpu_winograd.variants_for(model[0], torch.zeros(1, 8, 32, 32, dtype=torch.bfloat16))
+    finally:
+        cpu._warn_native.cache_clear()
