@@ -11,6 +11,9 @@ Matching is A1111's: on token ids. The name is tokenized like the prompt; where 
 continue with a name's ids (the longest name first) the embedding takes that place, n vectors in n token
 slots (fastsd/tokenizer.py `encode_with_embeddings`), and fastsd/conditioning.py puts the vectors in place
 of those token embeddings (the model's weights are never touched).
+
+A LoRA file may bundle embeddings (A1111's `bundle_emb.NAME.*` keys, read by fastsd.lora): while that LoRA is loaded
+they are used as files are, under NAME (`Embeddings.set_bundled`), a file of the same name winning as in A1111.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ class Embedding:
     name: str
     vectors: torch.Tensor  # (n, D) float32
     path: str
-    hash: str  # A1111's short hash: sha256[:12] of the file (the infotext's "TI hashes")
+    hash: str  # the infotext's "TI hashes": A1111's short hash, sha256[:12] of the file; a bundled one's LoRA name
 
 
 class OtherWidth(CheckpointError):
@@ -51,20 +54,26 @@ def read_embedding(path: str, name: str, width: int) -> Embedding:
         data = {k: ref.load() for k, ref in read_safetensors(path).items()}
     else:
         data = torch_load(path)
-    vec = _vectors(data, path)
+    return Embedding(name, embedding_vectors(data, path, width), path, sha256(path)[:12])
+
+
+def embedding_vectors(data, where: str, width: int) -> torch.Tensor:
+    """The (vectors, `width`) float32 tensor of what an embedding file holds (a LoRA's bundled embedding too:
+    fastsd.lora), checked; CheckpointError starting with `where` (the file) otherwise."""
+    vec = _vectors(data, where)
     if vec.ndim == 1:
         vec = vec[None]
     if vec.ndim != 2 or vec.shape[0] == 0:
-        raise CheckpointError(f"{path}: an embedding of shape {tuple(vec.shape)}; expected (vectors, {width})")
+        raise CheckpointError(f"{where}: an embedding of shape {tuple(vec.shape)}; expected (vectors, {width})")
     if vec.shape[1] != width:
         hint = " (a Stable Diffusion 2.x embedding)" if vec.shape[1] == 1024 else ""
-        raise OtherWidth(f"{path}: an embedding of width {vec.shape[1]}{hint}; this model's text encoder takes "
+        raise OtherWidth(f"{where}: an embedding of width {vec.shape[1]}{hint}; this model's text encoder takes "
                          f"{width}", tuple(vec.shape))
     if vec.shape[0] > CHUNK_LENGTH:
-        raise CheckpointError(f"{path}: {vec.shape[0]} vectors; an embedding must fit in one {CHUNK_LENGTH}-token "
+        raise CheckpointError(f"{where}: {vec.shape[0]} vectors; an embedding must fit in one {CHUNK_LENGTH}-token "
                               "chunk")
-    _check_values(vec, path)
-    return Embedding(name, vec.detach().float().contiguous(), path, sha256(path)[:12])
+    _check_values(vec, where)
+    return vec.detach().float().contiguous()
 
 
 # The largest |value| taken in an embedding. A textual inversion is trained in place of token embeddings,
@@ -103,7 +112,7 @@ def _vectors(data, path: str) -> torch.Tensor:
             raise CheckpointError(f"{path}: emb_params holds a {type(data['emb_params']).__name__}; an embedding "
                                   "holds a tensor there")
         return data["emb_params"]
-    if "clip_l" in data or "clip_g" in data:
+    if "clip_g" in data:  # (a lone clip_l is one tensor, as A1111 reads it: OneTrainer's SD1 bundles hold that)
         raise CheckpointError(f"{path}: an SDXL embedding (clip_l / clip_g); fastsd runs Stable Diffusion 1.x")
     tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
     if len(data) == 1 and len(tensors) == 1:  # diffusers: {token: tensor}
@@ -129,11 +138,13 @@ def _name(path: str) -> str:
 
 
 class Embeddings:
-    """The embeddings a pipeline's prompts may name: files indexed by name, read on first use."""
+    """The embeddings a pipeline's prompts may name: files indexed by name, read on first use, and the embeddings
+    its loaded LoRAs bundle (`set_bundled`)."""
 
     def __init__(self, tokenizer, width: int):
         self.tokenizer, self.width = tokenizer, width
         self.files: dict[str, str] = {}  # name -> path
+        self.bundled: dict[str, Embedding] = {}  # name -> a loaded LoRA's bundled embedding (fastsd.lora)
         self._loaded: dict[str, Embedding] = {}
         self._lookup: dict[int, list[tuple[tuple[int, ...], str]]] = {}  # first id -> [(ids, name)], longest first
 
@@ -161,11 +172,36 @@ class Embeddings:
             added.add(name)
             self.files[name] = p
             self._loaded.pop(name, None)
-            rest = [e for e in self._lookup.get(ids[0], []) if e[1] != name]
-            self._lookup[ids[0]] = sorted(rest + [(tuple(ids), name)], key=lambda e: len(e[0]), reverse=True)
+            self._index(name, ids, True)
         return sorted(added)
 
+    def set_bundled(self, embeddings: list[Embedding]) -> None:
+        """Make `embeddings` (those the loaded LoRAs bundle, in load order) the bundled ones. As A1111: a name that
+        is a file's stays the file's (its embeddings folder wins), and of two LoRAs bundling one name the first
+        loaded wins."""
+        old, self.bundled = self.bundled, {}
+        for e in embeddings:
+            self.bundled.setdefault(e.name, e)
+        names = sorted((set(old) | set(self.bundled)) - set(self.files))
+        for name, ids in zip(names, self.tokenizer.encode_batch(names)):
+            if ids:
+                self._index(name, ids, name in self.bundled)
+
+    def forget_files(self) -> None:
+        """Forget the files indexed (to index a folder anew); the bundled embeddings stay."""
+        self.files, self._loaded, self._lookup = {}, {}, {}
+        bundled, self.bundled = list(self.bundled.values()), {}
+        self.set_bundled(bundled)
+
+    def _index(self, name: str, ids: list[int], present: bool) -> None:
+        """Put `name` (whose tokens are `ids`) in the lookup, or take it out."""
+        rest = [e for e in self._lookup.get(ids[0], []) if e[1] != name]
+        entries = rest + [(tuple(ids), name)] if present else rest
+        self._lookup[ids[0]] = sorted(entries, key=lambda e: len(e[0]), reverse=True)
+
     def get(self, name: str) -> Embedding:
+        if name not in self.files:
+            return self.bundled[name]
         if name not in self._loaded:
             self._loaded[name] = read_embedding(self.files[name], name, self.width)
         return self._loaded[name]
@@ -189,3 +225,10 @@ class Embeddings:
         """A1111's "TI hashes" value: "name: hash, name: hash" (':' and ',' taken out of names), or None."""
         used = self.used(texts)
         return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.hash}" for e in used) or None
+
+
+def pipeline_embeddings(pipe) -> Embeddings:
+    """pipe.embeddings, made (empty) first when the pipeline has none."""
+    if pipe.embeddings is None:
+        pipe.embeddings = Embeddings(pipe.tokenizer, pipe.config.clip.hidden_size)
+    return pipe.embeddings

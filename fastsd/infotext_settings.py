@@ -90,11 +90,11 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "Skip Early CFG": (("skip_early_cond",), _float),
     "ENSD": (("eta_noise_seed_delta",), _int),
     "Noise multiplier": (("initial_noise_multiplier",), _float),
+    "Conditional mask weight": (("inpainting_mask_weight",), _float),
     "RNG": (("randn_source",), _rng),
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type", "Eta",
-         "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
-         "Conditional mask weight", *DESCRIPTIVE}  # (a 9-channel model's, always 1.0 in fastsd)
+         "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise", *DESCRIPTIVE}
 
 
 def _read(key: str, value: str, fields: tuple[str, ...], parse: Callable[[str], object]):

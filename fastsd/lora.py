@@ -37,6 +37,11 @@ is zero-padded to its 9 input channels, as A1111 does.
   row (per input column when on_input). Both read the weight they change, so several files on one layer merge
   in load order, as A1111's.
 
+Textual-inversion embeddings a file bundles (A1111's `bundle_emb.NAME.<key>`: `string_to_param.*` as kohya's and
+HCP-Diffusion's bundling scripts write an A1111 .pt's, `emb_params`, or one tensor under any key such as OneTrainer's
+`clip_l`) are grouped by NAME as A1111's networks.py does, each read as an embedding file of NAME would be
+(fastsd.embeddings, checked against the text encoder), and usable in prompts while the LoRA is loaded.
+
 Merging: W <- W + weight * scale * up @ down, scale = alpha / rank (1 without alpha), in fp32 and rounded once
 to the model's dtype, so generating costs nothing extra. The file is read and checked whole (every layer found,
 every shape right) before a weight changes; the weights and biases a LoRA replaces are kept, so `unload` gives
@@ -56,6 +61,7 @@ from torch import nn
 
 from fastsd.backends.cpu_pack import dense_weight
 from fastsd.convert import UNDERSCORED_UNET_BLOCKS, rename_key, unet_rules
+from fastsd.embeddings import Embedding, embedding_vectors, pipeline_embeddings
 from fastsd.file_hashes import sha256
 from fastsd.settings import check_bool, plain
 from fastsd.tensorfile import CheckpointError, TensorRef, read_header, read_tensor_file, safetensors_metadata
@@ -96,6 +102,7 @@ PREFIXES = [("lora_unet_", "unet"), ("lora_te_", "clip"), ("lora_te1_", "clip"),
 # The first diffusers LoRA files named attention processors, not layers (applied in order, each once).
 OLD_DIFFUSERS = [(r"\.processor\.to_(q|k|v|out)$", r".to_\1"), (r"\.to_out$", ".to_out.0"),
                  (r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj"), (r"self_attn\.to_out\.0$", "self_attn.out_proj")]
+BUNDLE = "bundle_emb."  # A1111's keys of the textual-inversion embeddings a LoRA file bundles: bundle_emb.NAME.<key>
 # What some other kinds of network files hold, for the error message.
 OTHER_KINDS = [(r"^lora_te2_|^text_encoder_2\.|^text_encoders\.clip_g\.|label_emb|add_embedding", "an SDXL LoRA"),
                (r"^model\.diffusion_model\.|^first_stage_model\.", "a full model checkpoint, not a LoRA")]
@@ -215,6 +222,7 @@ class LoraFile:
     path: str
     name: str            # the file stem: A1111's name for it in <lora:NAME:WEIGHT>
     layers: tuple[LoraLayer, ...]
+    embeddings: tuple[tuple[str, torch.Tensor], ...] = ()  # the bundled embeddings: (NAME, checked vectors)
 
 
 # ---- reading and mapping -------------------------------------------------------------------------------
@@ -352,27 +360,51 @@ def _peft_scale(cfg: dict, path: str) -> float | None:
     return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
 
-def lora_layers(path: str) -> tuple[dict[str, TensorRef], dict[str, dict[str, TensorRef]]]:
-    """(the file's tensors, its LoRA layers {layer: {part: tensor}}) after checking, without a model, that it is a
-    LoRA of a kind fastsd merges; CheckpointError (one line, naming what the file is) otherwise."""
+def lora_layers(path: str) -> tuple[dict[str, dict[str, TensorRef]], dict[str, dict]]:
+    """(its LoRA layers {layer: {part: tensor}}, the embeddings it bundles {NAME: what an embedding file would hold})
+    after checking, without a model, that the file is a LoRA of a kind fastsd merges; CheckpointError (one line,
+    naming what the file is) otherwise."""
     refs = read_tensor_file(path)
     groups: dict[str, dict[str, TensorRef]] = {}
+    bundles: dict[str, dict] = {}
     unknown = []
     ia3 = any(key.endswith(".on_input") for key in refs)
     for key, ref in refs.items():
+        if key.startswith(BUNDLE):
+            _add_bundled(path, key, ref, bundles)
+            continue
         split = _split_key(key, ia3)
         if split is None:
             unknown.append(key)
         else:
             groups.setdefault(split[0], {})[split[1]] = ref
-    _check_kind(path, list(refs), unknown, groups)
-    return refs, groups
+    _check_kind(path, [k for k in refs if not k.startswith(BUNDLE)], unknown, groups, bool(bundles))
+    return groups, bundles
+
+
+def _add_bundled(path: str, key: str, ref: TensorRef, bundles: dict[str, dict]) -> None:
+    """A bundle_emb.NAME.<key> tensor into bundles[NAME], as A1111's networks.py groups them: `string_to_param.K`
+    into a string_to_param dict (an A1111 .pt's), any other <key> as it is."""
+    name, _, part = key[len(BUNDLE):].partition(".")
+    if not name or not part:
+        raise CheckpointError(f"{path}: {key}: a bundled embedding's tensors are named bundle_emb.NAME.<key>")
+    data = bundles.setdefault(name, {})
+    if part.startswith("string_to_param."):
+        data.setdefault("string_to_param", {})[part.partition(".")[2]] = ref
+    else:
+        data[part] = ref
+
+
+def _bundled_vectors(path: str, name: str, data: dict, width: int) -> torch.Tensor:
+    """The checked vectors of bundled embedding NAME (fastsd.embeddings' reading of an embedding file's contents)."""
+    loaded = {k: ({kk: r.load() for kk, r in v.items()} if isinstance(v, dict) else v.load()) for k, v in data.items()}
+    return embedding_vectors(loaded, f"{path}: bundle_emb.{name}", width)
 
 
 def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
     """Read a LoRA file and map every layer onto `models` ({"unet": UNet, "clip": CLIPTextModel}), checking
     names and shapes; CheckpointError (one line, naming what was found) when anything does not fit."""
-    refs, groups = lora_layers(path)
+    groups, bundles = lora_layers(path)
     peft = _peft_scales(path)
     indexes = {m: _index(models[m]) for m in models}
     rules = unet_rules(models["unet"].cfg)
@@ -422,7 +454,9 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} LoRA layers do not fit this model{_shape_hint(bad)}: "
                               f"{_names(bad, 3)}")
-    return LoraFile(path, Path(path).stem, tuple(layers))
+    width = models["clip"].cfg.hidden_size
+    embeddings = tuple((name, _bundled_vectors(path, name, data, width)) for name, data in bundles.items())
+    return LoraFile(path, Path(path).stem, tuple(layers), embeddings)
 
 
 def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dict, peft: dict) -> LoraLayer:
@@ -674,8 +708,9 @@ def _shape_hint(bad: list[str]) -> str:
     return ""
 
 
-def _check_kind(path: str, keys: list[str], unknown: list[str], groups: dict) -> None:
-    """CheckpointError for files that are no LoRA of a kind fastsd merges, naming what they are."""
+def _check_kind(path: str, keys: list[str], unknown: list[str], groups: dict, bundles: bool) -> None:
+    """CheckpointError for files that are no LoRA of a kind fastsd merges, naming what they are (`keys`: but the
+    bundled embeddings'; a file of those alone is taken, as A1111 takes it)."""
     for pattern, kind in OTHER_KINDS:
         rx = re.compile(pattern)
         found = next((k for k in keys if rx.search(k)), None)
@@ -683,12 +718,9 @@ def _check_kind(path: str, keys: list[str], unknown: list[str], groups: dict) ->
             raise CheckpointError(f"{path}: this is {kind} (keys such as {found}); fastsd merges Stable Diffusion 1.x "
                                   "LoRAs (lora_down/lora_up, LoCon, lora_A/lora_B, DoRA, LyCORIS LoHa, LoKr, full, "
                                   "norm, IA3, OFT and BOFT)")
-    if not any(set(g) - {"alpha"} for g in groups.values()):
+    if not bundles and not any(set(g) - {"alpha"} for g in groups.values()):
         raise CheckpointError(f"{path}: not a LoRA (no lora_down/lora_up or lora_A/lora_B tensors; {len(keys)} "
                               f"tensors such as {_names(keys, 3)})")
-    if bundled := sorted({k.split(".")[1] for k in unknown if k.startswith("bundle_emb.") and k.count(".") > 1}):
-        raise CheckpointError(f"{path}: it bundles textual-inversion embeddings ({_names(bundled)}: bundle_emb.*), "
-                              "which fastsd does not read from a LoRA file (A1111 does); give them as embedding files")
     if unknown:
         raise CheckpointError(f"{path}: tensors of no LoRA layer: {_names(unknown)}")
 
@@ -865,6 +897,7 @@ class LoadedLora:
     path: str
     weight: Weight
     layers: int
+    embeddings: tuple[Embedding, ...] = ()  # those it bundles (their "TI hashes" entry: this LoRA's name, as A1111)
     _hash: str | None = field(default=None, repr=False)
 
     def short_hash(self) -> str:
@@ -959,9 +992,13 @@ class LoraSet:
                     self._broken = (f"a LoRA load with keep_originals=False stopped ({type(e).__name__}) after "
                                     f"merging {changed} of {len(by_layer)} layers: load the model again")
                 raise
-        entries = [LoadedLora(name or lora.name, path, weight, len(lora.layers))
-                   for lora, (path, weight), name in zip(loras, items, names)]
+        entries = []
+        for lora, (path, weight), name in zip(loras, items, names):
+            name = name or lora.name
+            bundled = tuple(Embedding(n, vectors, path, name) for n, vectors in lora.embeddings)
+            entries.append(LoadedLora(name, path, weight, len(lora.layers), bundled))
         self.loaded.extend(entries)
+        self._publish_embeddings(pipe)
         if not keep_originals:  # the weights now are the model's own, with every LoRA merged so far
             self._originals.clear()
             self.base = list(self.loaded)
@@ -1003,6 +1040,13 @@ class LoraSet:
             if not self._originals:  # (the weights are the model's again: pipe.loras says so)
                 self._unload_stopped = None
                 self.loaded = list(self.base)
+                self._publish_embeddings(pipe)
+
+    def _publish_embeddings(self, pipe) -> None:
+        """Make the embeddings the loaded LoRAs bundle the ones pipe's prompts may name besides its files."""
+        bundled = [e for x in self.loaded for e in x.embeddings]
+        if bundled or pipe.embeddings is not None:
+            pipeline_embeddings(pipe).set_bundled(bundled)
 
     def check_prompt(self, prompt: str) -> None:
         """ValueError when the prompt's <lora:NAME:WEIGHT> tags ask for a LoRA that is not loaded so (or

@@ -259,13 +259,11 @@ class Pipeline:
     def load_embeddings(self, path: str) -> list[str]:
         """Make the textual-inversion embeddings of a folder (searched recursively, as A1111) or of one file
         usable in prompts by their file names (A1111's rule). Returns the names added."""
-        from fastsd.embeddings import Embeddings
+        from fastsd.embeddings import pipeline_embeddings
 
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"load_embeddings takes a file or folder path, got {type(path).__name__}")
-        if self.embeddings is None:
-            self.embeddings = Embeddings(self.tokenizer, self.config.clip.hidden_size)
-        return self.embeddings.add(path)
+        return pipeline_embeddings(self).add(path)
 
     # ---- backend ----------------------------------------------------------------------------------------
 
@@ -386,9 +384,9 @@ class Pipeline:
                   "Variation seed strength": s.subseed_strength or None,
                   "Seed resize from": f"{s.seed_resize_from_w}x{s.seed_resize_from_h}" if s.seed_resize else None,
                   "Denoising strength": s.strength if img2img else None,
-                  # A1111 writes its inpainting_mask_weight option (1.0, fastsd's only) for every image of a
-                  # 9-channel model (its is_using_inpainting_conditioning: txt2img and img2img alike)
-                  "Conditional mask weight": 1.0 if self.config.unet.in_channels == 9 else None,
+                  # A1111 writes its inpainting_mask_weight option for every image of a 9-channel model (its
+                  # is_using_inpainting_conditioning: txt2img and img2img alike), 1.0 too
+                  "Conditional mask weight": s.inpainting_mask_weight if self.config.unet.in_channels == 9 else None,
                   "Noise multiplier": (s.initial_noise_multiplier if img2img and s.initial_noise_multiplier != 1
                                        else None),
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
@@ -583,9 +581,11 @@ class Pipeline:
     def _inpaint_concat(self, s, init, mask_t, tiled_vae) -> torch.Tensor:
         """9-channel UNet: [mask, masked-image latents] beside x; no mask = repaint everything. The mask channel is
         `mask_t` (the thresholded mask, diffusers' and A1111's; A1111's grey one without mask_round) sampled to latent
-        size, the masked image the image times 1 - mask (A1111's lerp at its inpainting_mask_weight 1)."""
+        size, the masked image A1111's torch.lerp(image, image * (1 - mask), s.inpainting_mask_weight) (its
+        inpainting_image_conditioning; at weight 1 the image times 1 - mask)."""
         m = mask_t if mask_t is not None else torch.ones(1, 1, s.height, s.width)
-        masked = (init if init is not None else torch.zeros(1, 3, s.height, s.width)) * (1 - m)
+        image = init if init is not None else torch.zeros(1, 3, s.height, s.width)
+        masked = torch.lerp(image, image * (1 - m), s.inpainting_mask_weight)
         masked_lat = self.encode_images(masked, None, tiled_vae)
         shape = self.latent_shape(s)
         m_lat = torch.ones(1, 1, *shape[2:]) if mask_t is None else torch.nn.functional.interpolate(mask_t, shape[2:])
@@ -685,9 +685,15 @@ class Pipeline:
         fresh start noise of each image's seed at the new size. hires_strength 0: upscaled only."""
         t = s.hires_target()
         upscaler = hires.resolve_upscaler(s.hires_upscaler)
+        # an inpainting model below inpainting_mask_weight 1: conditioned on the upscaled picture (A1111's
+        # sample_hr_pass: the decoded latents, or the upscaled images as it hands them over, in [0, 1] where its
+        # encoder takes [-1, 1]), lerped toward blank as a mask of ones; else on txt2img's blank image
+        lerp = self.config.unet.in_channels == 9 and s.inpainting_mask_weight < 1 and s.hires_strength > 0
+        source = None
         if upscaler in hires.LATENT_MODES:
             mode, antialias = hires.LATENT_MODES[upscaler]
             x = torch.nn.functional.interpolate(x.float(), size=t.latent_size, mode=mode, antialias=antialias)
+            source = self.decode(x, tiled_vae) if lerp else None
         else:
             images = tensor_to_pil((first or self).decode(x, tiled_vae))
             if upscaler in hires.IMAGE_RESAMPLE:
@@ -695,7 +701,11 @@ class Pipeline:
             else:  # an upscaler model file (A1111's images.resize_image with it)
                 model = self.upscaler(upscaler)
                 images = [model.upscale(im, t.up_w, t.up_h) for im in images]
-            x = self.encode_images(torch.cat([pil_to_tensor(im) for im in images]), None, tiled_vae)
+            up = torch.cat([pil_to_tensor(im) for im in images])
+            x = self.encode_images(up, None, tiled_vae)
+            source = (up + 1) / 2 if lerp else None
+        c_concat = None if source is None else hires.crop(self._inpaint_concat(  # (cropped with the latents)
+            s.replace(width=source.shape[3], height=source.shape[2]), source, None, tiled_vae), t)
         x = hires.crop(x, t)
         if s.hires_strength == 0:
             return x
@@ -708,8 +718,8 @@ class Pipeline:
         noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
         p = Prepared(x + noise * float(sched.sigmas[0]), sched, sampler_generators(s2, seeds, gens), x0=x,
                      full_sigmas=full, seeds=list(seeds))
-        if self.config.unet.in_channels == 9:  # an inpainting model repaints everything (txt2img's conditioning)
-            p.extra["c_concat"] = self._inpaint_concat(s2, None, None, tiled_vae)
+        if self.config.unet.in_channels == 9:  # an inpainting model repaints everything
+            p.extra["c_concat"] = self._inpaint_concat(s2, None, None, tiled_vae) if c_concat is None else c_concat
         return self.denoise(p, cond, uncond, s2, on_step=on_step, progress=progress, preview_every=preview_every)
 
     def upscaler(self, path: str):
@@ -817,7 +827,8 @@ class Pipeline:
                  s_min_uncond_all: bool = False, skip_early_cond: float = 0.0, eta_noise_seed_delta: int = 0,
                  eta: float | None = None, initial_noise_multiplier: float = 1.0, s_churn: float = 0.0,
                  s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0, randn_source: str = "CPU",
-                 enable_hires: bool = False, image: Image.Image | None = None, mask: Image.Image | None = None,
+                 enable_hires: bool = False, inpainting_mask_weight: float = 1.0, image: Image.Image | None = None,
+                 mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", fill_seed: int | None = None, resize_mode: int = 0,
                  infotext_extra: dict | None = None, progress: bool = True,
@@ -855,7 +866,7 @@ class Pipeline:
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
                                eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise,
-                               randn_source, enable_hires)
+                               randn_source, enable_hires, inpainting_mask_weight)
         s = twins_as_a1111(s)  # ("DPM2 Karras": A1111's, as the server and --infotext read it)
         batch = _init_images(image, num_images)  # (A1111's init_images: one, or one per image of the batch)
         image = batch[0] if batch else None

@@ -136,6 +136,11 @@ class GenerationSettings:
     enable_hires: bool = field(default=False, metadata=_opt(
         "A1111's enable_hr: run the hires fix even at --hires-scale 1 without --hires-width/--hires-height (a second "
         "pass at the same size, as A1111 1.6+); a scale other than 1 or a size runs it anyway"))
+    inpainting_mask_weight: float = field(default=1.0, metadata=_opt(
+        "A1111's 'Inpainting conditioning mask strength' (its inpainting_mask_weight option) of an inpainting "
+        "(9-channel) model, in [0, 1]: the image it is conditioned on is torch.lerp(image, image * (1 - mask), this) "
+        "(img2img without a mask: the whole picture masked; the hires fix's second pass too); 1 = the masked area "
+        "blanked (the default), 0 = the whole image unmasked"))
 
     def __post_init__(self):  # numpy's numbers (np.int64, np.float32, np.bool_) as the Python ones they stand for
         for name in FIELDS:
@@ -226,6 +231,9 @@ class GenerationSettings:
             _check_float(self.eta, "eta")
             if not 0.0 <= self.eta <= 1.0:
                 raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        _check_float(self.inpainting_mask_weight, "inpainting_mask_weight")
+        if not 0.0 <= self.inpainting_mask_weight <= 1.0:
+            raise ValueError(f"inpainting_mask_weight must be in [0, 1], got {self.inpainting_mask_weight}")
         _check_float(self.initial_noise_multiplier, "initial_noise_multiplier")
         if self.initial_noise_multiplier < 0:
             raise ValueError(f"initial_noise_multiplier must be >= 0, got {self.initial_noise_multiplier}")

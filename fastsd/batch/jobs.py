@@ -57,7 +57,7 @@ EXTRA = {f: f for f in ("hires_scale", "hires_width", "hires_height", "hires_ste
                         "hires_upscaler", "hires_sampler", "hires_prompt", "hires_negative_prompt", "subseed",
                         "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "s_min_uncond",
                         "s_min_uncond_all", "skip_early_cond", "eta_noise_seed_delta", "eta", "s_churn", "s_tmin",
-                        "s_tmax", "s_noise", "randn_source", "enable_hires")}
+                        "s_tmax", "s_noise", "randn_source", "enable_hires", "inpainting_mask_weight")}
 EXTRA["hires_scheduler"] = "hires_schedule_type"  # (as scheduler -> schedule_type)
 FIELDS.update(EXTRA, enable_hr="enable_hr")
 # img2img and inpainting (A1111's img2img request fields, as fastsd.serve takes them: fastsd.masking.a1111_img2img) and
@@ -89,7 +89,8 @@ INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "h
               "seed_resize_from_w", "seed_resize_from_h", "eta_noise_seed_delta", "resize_mode", "mask_blur",
               "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res_padding")
 FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond", "eta",
-                "s_churn", "s_tmin", "s_tmax", "s_noise", "strength", "initial_noise_multiplier")
+                "s_churn", "s_tmin", "s_tmax", "s_noise", "strength", "initial_noise_multiplier",
+                "inpainting_mask_weight")
 BOOL_FIELDS = ("enable_hr", "s_min_uncond_all", "enable_hires")
 FLAG_FIELDS = ("mask_round", "inpaint_full_res", "inpainting_mask_invert")  # true / false, or A1111's 0 / 1
 PATH_FIELDS = ("init_image", "mask")
@@ -138,6 +139,7 @@ class Defaults:
     s_noise: float = 1.0
     randn_source: str = "CPU"
     enable_hires: bool = False
+    inpainting_mask_weight: float = 1.0
     # img2img (jobs with an init image): A1111's denoising strength (python -m fastsd.generate's default) and noise
     # multiplier, its img2img fields (IMG2IMG), and the styles of jobs without a `styles` field
     strength: float = 0.8
@@ -905,7 +907,8 @@ def batch_key(job: Job, chunks: int) -> tuple:
     return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras,
             tuple(getattr(s, f) for f in HIRES), s.seed_resize_from_w, s.seed_resize_from_h, s.s_min_uncond,
             s.s_min_uncond_all, s.skip_early_cond, s.eta_noise_seed_delta, s.eta, s.s_churn, s.s_tmin, s.s_tmax,
-            s.s_noise, s.randn_source, job.id if s.subseed_strength > 0 or job.init_image is not None else None)
+            s.s_noise, s.randn_source, s.inpainting_mask_weight,
+            job.id if s.subseed_strength > 0 or job.init_image is not None else None)
 
 
 def prompt_chunks(job: Job, tokenizer, embeddings=None) -> int:

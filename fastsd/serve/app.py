@@ -62,11 +62,12 @@ class ServerState:
     # the img2img noise multiplier (a request's initial_noise_multiplier wins); eta_ancestral / eta_ddim, the eta
     # field's value where a request gives none (for the samplers that take one); and sigma churn / tmin / tmax / noise,
     # which win over a request's fields unless at their defaults (A1111's Sampler.initialize); the noise's source
-    # (randn_source: fastsd's CPU by default, where A1111's is GPU)
+    # (randn_source: fastsd's CPU by default, where A1111's is GPU); an inpainting model's conditioning mask strength
+    # (inpainting_mask_weight)
     sampling_options: dict = field(default_factory=lambda: {"skip_early_cond": 0.0, "s_min_uncond_all": False,
                                                             "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
                                                             "eta_ancestral": 1.0, "eta_ddim": 0.0, **SIGMA_DEFAULTS,
-                                                            "randn_source": "CPU"})
+                                                            "randn_source": "CPU", "inpainting_mask_weight": 1.0})
     styles: dict = field(default_factory=dict)  # {name: fastsd.styles.PromptStyle} of --styles-file, read at start
     upscalers: Upscalers = field(default_factory=lambda: Upscalers(None))  # --upscaler-dir's models
     vaes: Vaes = field(default_factory=lambda: Vaes(None))  # --vae-dir's files and the sd_vae option
@@ -446,7 +447,8 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
 
         def reload(job) -> None:
             for pipe in pipes:
-                pipe.embeddings = None
+                if pipe.embeddings is not None:
+                    pipe.embeddings.forget_files()  # (the loaded LoRAs' bundled embeddings stay)
             for name, why in state.networks.load_embeddings(pipes).items():
                 log.warning("embedding %s skipped: %s", name, why)
 

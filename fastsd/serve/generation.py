@@ -311,9 +311,10 @@ ETA_OPTIONS = ("eta_ancestral", "eta_ddim")  # A1111's options for the eta field
 
 
 def check_sampling_options(options: dict) -> None:
-    """A1111's Skip Early CFG / NGMS all steps / ENSD / noise multiplier / RNG source options (GenerationSettings'
-    fields of their names) as GenerationSettings.validate checks them, its eta options, and its sigma churn / tmin /
-    tmax / noise options (numbers >= 0, whatever the sampler): BadRequest naming the option."""
+    """A1111's Skip Early CFG / NGMS all steps / ENSD / noise multiplier / RNG source / inpainting conditioning mask
+    strength options (GenerationSettings' fields of their names) as GenerationSettings.validate checks them, its eta
+    options, and its sigma churn / tmin / tmax / noise options (numbers >= 0, whatever the sampler): BadRequest
+    naming the option."""
     for key in (*ETA_OPTIONS, *SIGMA_DEFAULTS):
         v, top = options.get(key, 0.0), 1 if key in ETA_OPTIONS else math.inf
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (is_finite(v) and 0 <= v <= top):

@@ -199,6 +199,7 @@ class OptionsRequest(_Body):
     s_tmax: float | None = None
     s_noise: float | None = None
     randn_source: str | None = None  # A1111's "Random number generator source": CPU, GPU or NV
+    inpainting_mask_weight: float | None = None  # A1111's "Inpainting conditioning mask strength", in [0, 1]
     samples_format: str | None = None  # A1111's format of the images answered: png, jpg, jpeg or webp
     jpeg_quality: int | None = None  # A1111's quality of those JPEG / WEBP images, 1..100
 
