@@ -13,14 +13,11 @@ import torch
 
 from fastsd import cpuinfo
 from fastsd.backends import cpu, cpu_pack, cpu_tune, cpu_winograd, cpu_winograd_bf16, cpu_winograd_native
+from test_cpu_paths import _rel, _winograd_case
 
 WHY = cpu_winograd_bf16.unavailable() or cpu_winograd_native.unavailable()
 needs_gemm = pytest.mark.skipif(WHY is not None, reason=f"bf16 Winograd GEMMs unavailable: {WHY}")
 F2B = cpu_winograd.F2B
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @needs_gemm
@@ -62,16 +59,12 @@ CASES = [((2, 5, 9, 11), 7, True, True), ((1, 64, 32, 32), 48, True, True), ((2,
 
 @needs_gemm
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1]}")
-def test_conv_keeps_twice_torch_bf16_error(case, monkeypatch):
+def test_conv_keeps_twice_torch_bf16_error(case):
     """Against an fp64 convolution of the fp32 data: within 2x torch's own bf16 convolution (it measures 1.4-1.7x;
     F(2x2)'s transforms in fp32 take 1.0x), the result bf16 and channels_last, the same bits for every split of the
     transformed positions and on a second call."""
-    shape, k, with_bias, nhwc = case
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g)
-    x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
-    w = torch.randn(k, shape[1], 3, 3, generator=g) / (3 * shape[1] ** 0.5)
-    b = torch.randn(k, generator=g) if with_bias else None
+    shape, k = case[:2]
+    x, w, b, _ = _winograd_case(case, cpu_winograd.F2)
     ref = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
     xb, wb, bb = x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16()
     torch_err = _rel(torch.nn.functional.conv2d(xb, wb, bb, padding=1), ref)
