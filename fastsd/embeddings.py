@@ -177,11 +177,12 @@ class Embeddings:
 
     def set_bundled(self, embeddings: list[Embedding]) -> None:
         """Make `embeddings` (those the loaded LoRAs bundle, in load order) the bundled ones. As A1111: a name that
-        is a file's stays the file's (its embeddings folder wins), and of two LoRAs bundling one name the first
-        loaded wins."""
-        old, self.bundled = self.bundled, {}
+        is a file's stays the file's (its embeddings folder wins; `find`: unless the file can't be used), and of two
+        LoRAs bundling one name the first loaded wins."""
+        bundled: dict[str, Embedding] = {}
         for e in embeddings:
-            self.bundled.setdefault(e.name, e)
+            bundled.setdefault(e.name, e)
+        old, self.bundled = self.bundled, bundled  # (whole: the server lists them from another thread)
         names = sorted((set(old) | set(self.bundled)) - set(self.files))
         for name, ids in zip(names, self.tokenizer.encode_batch(names)):
             if ids:
@@ -210,7 +211,12 @@ class Embeddings:
         """The embedding whose name's ids start at ids[pos] (the longest), and how many ids it covers."""
         for name_ids, name in self._lookup.get(ids[pos], ()):
             if tuple(ids[pos:pos + len(name_ids)]) == name_ids:
-                return self.get(name), len(name_ids)
+                try:
+                    return self.get(name), len(name_ids)
+                except CheckpointError:
+                    if name not in self.bundled:  # (A1111: a file it could not load leaves the name to a LoRA's)
+                        raise
+                    return self.bundled[name], len(name_ids)
         return None
 
     def used(self, texts: list[str]) -> list[Embedding]:

@@ -68,9 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "in the local HF cache")
     p.add_argument("--vae", help="replace the model's VAE: an LDM VAE .safetensors/.ckpt (e.g. "
                    "vae-ft-mse-840000-ema-pruned), a diffusers VAE folder, or taesd:PATH (a TAESD decoder file, its "
-                   "encoder found beside it, or a diffusers AutoencoderTiny folder); 'none': the checkpoint's own. "
-                   "Default: A1111's \"Automatic\", a VAE file beside the model file (NAME.vae.pt / .vae.ckpt / "
-                   ".vae.safetensors), else the checkpoint's own")
+                   "encoder found beside it, or a diffusers AutoencoderTiny folder); a name that is no path: the file "
+                   "of that name or stem in --vae-dir or beside the model (A1111's sd_vae); 'none': the checkpoint's "
+                   "own. Default: A1111's \"Automatic\", a VAE file beside the model file (NAME.vae.pt / .vae.ckpt "
+                   "/ .vae.safetensors), else the first file of --vae-dir whose name starts with NAME, else the "
+                   "checkpoint's own")
+    p.add_argument("--vae-dir", default=None, metavar="DIR", help="folder of VAE files (.safetensors / .ckpt / .pt, "
+                   "subfolders searched; A1111's models/VAE) that --vae names by file name or stem and the "
+                   "\"Automatic\" VAE is looked for in (default $FASTSD_VAE_DIR)")
     p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings (.pt/.safetensors/.bin, "
                    f"searched recursively): a prompt word equal to a file's name uses it; default ${EMBEDDINGS_ENV}")
     p.add_argument("--preview", default=None, help="a .png file rewritten (atomically) with a preview of the image "
@@ -337,16 +342,21 @@ def apply_infotext(args: argparse.Namespace, given: set[str]) -> None:
     args.infotext_text = text
 
 
-def infotext_vae(text: str | None, model: str) -> str | None:
-    """The VAE file beside the model file (as A1111 lists them) that the --infotext's "VAE" key names, said in one
-    line; None (A1111's "Automatic") when it names none or none is there (model_mismatch then says so)."""
+def infotext_vae(text: str | None, model: str, folder: str | None = None) -> str | None:
+    """The VAE file beside the model file or in the VAE folder `folder` (as A1111 lists them: `listed_vaes`) that the
+    --infotext's "VAE" key names, said in one line; None (A1111's "Automatic") when it names none or none is there
+    (model_mismatch then says so)."""
     from fastsd.image import parse_infotext
-    from fastsd.vae_files import vae_named_beside
+    from fastsd.vae_files import listed_vaes, vae_by_name
 
     name = parse_infotext(text)[2].get("VAE") if text is not None else None
-    path = vae_named_beside(model, name) if isinstance(name, str) and name.strip() else None
+    if not (isinstance(name, str) and name.strip()):
+        return None
+    beside = os.path.dirname(os.path.abspath(model)) if os.path.isfile(model) else None
+    path = vae_by_name(name, listed_vaes(folder, [beside] if beside else []))
     if path is not None:
-        print(f"fastsd: VAE {os.path.basename(path)} beside the model, as the --infotext names it; --vae none uses "
+        where = "beside the model" if os.path.dirname(os.path.abspath(path)) == beside else "in --vae-dir"
+        print(f"fastsd: VAE {os.path.basename(path)} {where}, as the --infotext names it; --vae none uses "
               "the checkpoint's own", file=sys.stderr)
     return path
 
@@ -390,16 +400,21 @@ def run(args: argparse.Namespace) -> int:
     from fastsd import BackendError, CheckpointError, load_pipeline  # torch is imported from here on
     from fastsd.image import check_mask, load_image
     from fastsd.masking import apply_overlay
+    from fastsd.vae_files import AutomaticVAE, cli_vae, vae_folder
 
     try:
+        vae_dir = vae_folder(args.vae_dir)
+        vae = args.vae if args.vae is not None else infotext_vae(getattr(args, "infotext_text", None), model, vae_dir)
+        vae, vae_note = cli_vae(vae, model, vae_dir)
         image = load_image(args.init_image, "--init-image") if args.init_image else None
         mask = load_image(args.mask, "--mask") if args.mask else None
         check_mask(image, mask)
         loras = lora_files(args, settings.prompt)
         threads = set_threads(args.threads)
-        vae = args.vae if args.vae is not None else infotext_vae(getattr(args, "infotext_text", None), model)
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype, backend=args.backend, vae=vae,
                              compile=args.compile)
+        if vae_note is not None:  # (a file beside the model: load_pipeline said so)
+            warnings.warn(AutomaticVAE(vae_note), stacklevel=1)
         pipe.offload = args.offload
         if getattr(args, "infotext_text", None) is not None:
             from fastsd.infotext_settings import model_mismatch
@@ -413,7 +428,10 @@ def run(args: argparse.Namespace) -> int:
             pipe.load_embeddings(embeddings_dir)
         s = pipe.resolve(settings, image)
         if pipe.embeddings is not None:  # read the embeddings the prompts name now: a bad one fails before any work
-            pipe.embeddings.used([s.prompt, s.negative_prompt, *(s.hires_prompts() if s.hires else ())])
+            from fastsd.lora import strip_tags  # (a word only inside a <lora:...> tag names no embedding)
+
+            hires = s.hires_prompts() if s.hires else ()
+            pipe.embeddings.used([strip_tags(s.prompt), s.negative_prompt, *map(strip_tags, hires)])
         vae = f", vae {pipe.vae_name}" if pipe.vae_name else ""
         size = f"{s.width}x{s.height}" + (" -> {}x{} hires".format(*s.hires_target().size) if s.hires else "")
         print(run_summary(pipe, threads, f"{vae}, {size}, {s.steps} steps {s.sampler}, seed {s.seed}"),

@@ -91,6 +91,7 @@ SIMPLE: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "ENSD": (("eta_noise_seed_delta",), _int),
     "Noise multiplier": (("initial_noise_multiplier",), _float),
     "Conditional mask weight": (("inpainting_mask_weight",), _float),
+    "Extra noise": (("img2img_extra_noise",), _float),
     "RNG": (("randn_source",), _rng),
 }
 KNOWN = {*SIMPLE, "Sampler", "Schedule type", "Denoising strength", "Hires sampler", "Hires schedule type", "Eta",

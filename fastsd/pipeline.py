@@ -389,6 +389,9 @@ class Pipeline:
                   "Conditional mask weight": s.inpainting_mask_weight if self.config.unet.in_channels == 9 else None,
                   "Noise multiplier": (s.initial_noise_multiplier if img2img and s.initial_noise_multiplier != 1
                                        else None),
+                  # (A1111 writes it where a sample_img2img ran: img2img, or the hires fix's second pass)
+                  "Extra noise": (s.img2img_extra_noise if s.img2img_extra_noise > 0
+                                  and (img2img or (s.hires and s.hires_strength > 0)) else None),
                   "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
                   "Skip Early CFG": s.skip_early_cond if s.skip_early_cond and cfg else None,
                   "ENSD": s.eta_noise_seed_delta if s.eta_noise_seed_delta and draws_noise(s) else None,
@@ -413,7 +416,7 @@ class Pipeline:
         params.update(extra or {})
         prompt, params["Lora hashes"] = self._loras.infotext(s.prompt)
         if self.embeddings is not None:  # A1111's "TI hashes": name: sha256[:12] of each embedding the prompts use
-            params["TI hashes"] = self.embeddings.infotext([s.prompt, s.negative_prompt])
+            params["TI hashes"] = self.embeddings.infotext([strip_tags(s.prompt), s.negative_prompt])
         return format_infotext(prompt, s.negative_prompt, params)
 
     # ---- stage 1: text ----------------------------------------------------------------------------------
@@ -488,8 +491,10 @@ class Pipeline:
         _check_masked_content(masked_content, latent_mask)
         shape = self.latent_shape(s)
         gens = seeded_generators(seeds, source=s.randn_source)
-        sched = self.schedule(s.sampler, s.steps, s.schedule_type)
         init, mask_t = self._image_tensors(s, image, mask, resize_mode)
+        fixed = init is not None and s.img2img_fix_steps  # (A1111's setup_img2img_steps: all the steps, at the end
+        n, run = hires.second_pass_steps(s.steps, s.strength) if fixed else (s.steps, None)  # of a longer schedule)
+        sched = self.schedule(s.sampler, n, s.schedule_type)
         inpaint_model = self.config.unet.in_channels == 9
         x0 = None  # the image latents: the posterior's mean, drawing nothing (A1111's sample draws from torch's global
         if init is not None:  # RNG, which no seed fixes), so the start noise is each seed's first draw, as txt2img's
@@ -512,8 +517,9 @@ class Pipeline:
         if x0 is None:
             x = noise * sched.init_noise_sigma
         else:
-            full, sched = sched.sigmas, sched.tail(sched.img2img_start(s.strength))
-            x = x0 + noise * float(sched.sigmas[0])
+            full, sched = sched.sigmas, sched.tail(len(sched) - run * sched.order if fixed
+                                                   else sched.img2img_start(s.strength))
+            x = _extra_noise(x0 + noise * float(sched.sigmas[0]), noise, s)
         p = Prepared(x, sched, gens, x0=x0, full_sigmas=full, seeds=list(seeds))
         p.mask = lat_mask  # (1, 1, h, w) or None
         if inpaint_model:  # (A1111 without mask_round: its conditioning mask keeps the grey levels too)
@@ -589,7 +595,7 @@ class Pipeline:
         masked_lat = self.encode_images(masked, None, tiled_vae)
         shape = self.latent_shape(s)
         m_lat = torch.ones(1, 1, *shape[2:]) if mask_t is None else torch.nn.functional.interpolate(mask_t, shape[2:])
-        m_lat = m_lat.to(self.device)
+        m_lat = m_lat.to(self.device).expand(len(masked_lat), -1, -1, -1)  # (one mask for each image's latents)
         return torch.cat([m_lat, masked_lat], 1).expand(s.num_images, -1, -1, -1)
 
     # ---- stage 3: the sampling loop ---------------------------------------------------------------------
@@ -716,8 +722,8 @@ class Pipeline:
         full, sched = sched.sigmas, sched.tail(len(sched) - run * sched.order)
         gens = seeded_generators(seeds, source=s2.randn_source)
         noise = self._start_noise(s2, seeds, gens, tuple(x.shape))
-        p = Prepared(x + noise * float(sched.sigmas[0]), sched, sampler_generators(s2, seeds, gens), x0=x,
-                     full_sigmas=full, seeds=list(seeds))
+        p = Prepared(_extra_noise(x + noise * float(sched.sigmas[0]), noise, s), sched,
+                     sampler_generators(s2, seeds, gens), x0=x, full_sigmas=full, seeds=list(seeds))
         if self.config.unet.in_channels == 9:  # an inpainting model repaints everything
             p.extra["c_concat"] = self._inpaint_concat(s2, None, None, tiled_vae) if c_concat is None else c_concat
         return self.denoise(p, cond, uncond, s2, on_step=on_step, progress=progress, preview_every=preview_every)
@@ -827,8 +833,8 @@ class Pipeline:
                  s_min_uncond_all: bool = False, skip_early_cond: float = 0.0, eta_noise_seed_delta: int = 0,
                  eta: float | None = None, initial_noise_multiplier: float = 1.0, s_churn: float = 0.0,
                  s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0, randn_source: str = "CPU",
-                 enable_hires: bool = False, inpainting_mask_weight: float = 1.0, image: Image.Image | None = None,
-                 mask: Image.Image | None = None,
+                 enable_hires: bool = False, inpainting_mask_weight: float = 1.0, img2img_fix_steps: bool = False,
+                 img2img_extra_noise: float = 0.0, image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", fill_seed: int | None = None, resize_mode: int = 0,
                  infotext_extra: dict | None = None, progress: bool = True,
@@ -852,11 +858,13 @@ class Pipeline:
         `hires_negative_prompt` (A1111's hr_prompt, hr_negative_prompt) condition the hires pass where not empty. `latents` are unit-variance start noise
         (num_images, 4, H/8, W/8), scaled by the sampler's initial sigma exactly as diffusers does. strength is A1111's:
         int(min(strength, 0.999) * steps) + 1 steps, to the end (schedules.img2img_start_index), from the image's
-        posterior mean plus each seed's first draw (diffusers' img2img differs in both). `on_step(step, total, preview)` is called after
-        each step; `preview` is an image every `preview_every` steps and at the last, else None. An `Interrupted`
-        it raises stops the generation and comes through, or with `on_interrupt="decode"` the images of the
-        prediction at that step are returned (A1111's interrupt and skip). `allow_large` lifts the 4096 px limit
-        on a side (the CLI's --allow-large). `hires_pipe` (A1111's "Hires checkpoint"): another pipeline runs the
+        posterior mean plus each seed's first draw (diffusers' img2img differs in both); `img2img_fix_steps` runs all
+        `steps` at the end of a schedule of int(steps / min(strength, 0.999)) (A1111's option), `img2img_extra_noise`
+        adds that draw times it once more (img2img and the hires pass, `_extra_noise`).
+        `on_step(step, total, preview)` is called after each step; `preview` is an image every `preview_every` steps
+        and at the last, else None. An `Interrupted` it raises stops the generation and comes through, or with
+        `on_interrupt="decode"` the images of the prediction at that step are returned (A1111's interrupt and skip).
+        `allow_large` lifts the 4096 px limit on a side (the CLI's --allow-large). `hires_pipe` (A1111's "Hires checkpoint"): another pipeline runs the
         hires fix's second pass, as A1111 after loading that checkpoint: its text encoder for the hires prompts, its
         VAE and UNet after the upscale (an image upscaler's input is decoded by this pipeline's VAE, as A1111 decodes
         before the switch), its VAE for the final decode (its LoRAs and embeddings its own)."""
@@ -866,7 +874,8 @@ class Pipeline:
                                seed_resize_from_h, hires_sampler, schedule_type, hires_prompt, hires_negative_prompt,
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
                                eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise,
-                               randn_source, enable_hires, inpainting_mask_weight)
+                               randn_source, enable_hires, inpainting_mask_weight, img2img_fix_steps,
+                               img2img_extra_noise)
         s = twins_as_a1111(s)  # ("DPM2 Karras": A1111's, as the server and --infotext read it)
         batch = _init_images(image, num_images)  # (A1111's init_images: one, or one per image of the batch)
         image = batch[0] if batch else None
@@ -973,6 +982,13 @@ class Pipeline:
                              f"{mine[1]}, {mine[2]}, 1/{mine[3]})")
         other.check_can_encode(None, s)
         return other
+
+
+def _extra_noise(x: torch.Tensor, noise: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    """A1111's img2img_extra_noise (its sample_img2img, after the start noise: `xi += noise * img2img_extra_noise`,
+    the same noise, times initial_noise_multiplier in img2img; its timestep samplers' `* sqrt_alpha_cumprod` is the
+    same in k-space): the start latents `x` of img2img or a hires pass with `noise` added once more, times it."""
+    return x + noise * s.img2img_extra_noise if s.img2img_extra_noise > 0 else x
 
 
 def _at_size(image: Image.Image, size: tuple[int, int], resize_mode: int = 0) -> Image.Image:

@@ -141,6 +141,15 @@ class GenerationSettings:
         "(9-channel) model, in [0, 1]: the image it is conditioned on is torch.lerp(image, image * (1 - mask), this) "
         "(img2img without a mask: the whole picture masked; the hires fix's second pass too); 1 = the masked area "
         "blanked (the default), 0 = the whole image unmasked"))
+    img2img_fix_steps: bool = field(default=False, metadata=_opt(
+        "A1111's 'With img2img, do exactly the amount of steps the slider specifies' (img2img_fix_steps): img2img and "
+        "inpainting run all --steps steps, at the end of a schedule of int(steps / min(strength, 0.999)) steps, "
+        "instead of int(min(strength, 0.999) * steps) + 1 steps of a --steps schedule (the hires fix's second pass "
+        "always runs so, as A1111's)"))
+    img2img_extra_noise: float = field(default=0.0, metadata=_opt(
+        "A1111's 'Extra noise multiplier for img2img and hires fix' (img2img_extra_noise), in [0, 1]: the start "
+        "latents of img2img, inpainting and the hires fix's second pass get the start noise times this once more "
+        "(image + (sigma + this) * noise); 0 = off"))
 
     def __post_init__(self):  # numpy's numbers (np.int64, np.float32, np.bool_) as the Python ones they stand for
         for name in FIELDS:
@@ -234,6 +243,10 @@ class GenerationSettings:
         _check_float(self.inpainting_mask_weight, "inpainting_mask_weight")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:
             raise ValueError(f"inpainting_mask_weight must be in [0, 1], got {self.inpainting_mask_weight}")
+        check_bool(self.img2img_fix_steps, "img2img_fix_steps")
+        _check_float(self.img2img_extra_noise, "img2img_extra_noise")
+        if not 0.0 <= self.img2img_extra_noise <= 1.0:
+            raise ValueError(f"img2img_extra_noise must be in [0, 1], got {self.img2img_extra_noise}")
         _check_float(self.initial_noise_multiplier, "initial_noise_multiplier")
         if self.initial_noise_multiplier < 0:
             raise ValueError(f"initial_noise_multiplier must be >= 0, got {self.initial_noise_multiplier}")
@@ -258,6 +271,8 @@ class GenerationSettings:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if has_mask and not has_image:
             raise ValueError("a mask needs an init image (the image to inpaint)")
+        if has_image and self.img2img_fix_steps:
+            self._validate_fix_steps()
         if self.seed is not None:
             _check_int(self.seed, "seed", 0, None)
             if self.image_seed(self.num_images - 1) >= SEED_LIMIT:  # (the last image's: seed + i, or the seed)
@@ -292,6 +307,18 @@ class GenerationSettings:
         if (self.seed_resize_from_w > 0) != (self.seed_resize_from_h > 0):
             raise ValueError(f"seed_resize_from_w and seed_resize_from_h go together (both > 0, or both 0 = off), "
                              f"got {self.seed_resize_from_w} and {self.seed_resize_from_h}")
+
+    def _validate_fix_steps(self) -> None:
+        """img2img_fix_steps' schedule (`hires.second_pass_steps`, the hires fix's rule) must be one fastsd makes."""
+        if self.strength == 0:  # (A1111: a schedule of 0 steps, which its DDIM can't make and its k-diffusion runs
+            # none of: the image back as it is)
+            raise ValueError("img2img_fix_steps runs steps / strength steps: it needs a strength above 0")
+        n, run = hires.second_pass_steps(self.steps, self.strength)
+        if n > MAX_STEPS:
+            size = f"{n}" if n < 2**31 else "over 2**31"
+            raise ValueError(f"img2img_fix_steps: strength {self.strength} with {run} steps needs a schedule of {size} "
+                             f"steps (A1111's steps / strength), above {MAX_STEPS}: raise the strength or lower the "
+                             "steps")
 
     def _validate_hires(self, has_image: bool, limit: int) -> None:
         check_bool(self.enable_hires, "enable_hires")

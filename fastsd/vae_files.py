@@ -19,8 +19,12 @@ named. Every error is a one-line CheckpointError.
 A1111's "Automatic" VAE (its sd_vae option's default, modules/sd_vae.py): a checkpoint file NAME.safetensors with
 a VAE file beside it runs that VAE instead of its own: NAME.vae.pt, NAME.vae.ckpt, NAME.vae.safetensors first (the
 order of A1111's first find_vae_near_checkpoint), else, as A1111's later one, the first listed VAE file (the
-checkpoint folder's `*.vae.{pt,ckpt,safetensors}`, the server's --vae-dir files; A1111's natural sort by name)
+checkpoint folder's `*.vae.{pt,ckpt,safetensors}`, the --vae-dir files; A1111's natural sort by name)
 whose name starts with NAME (`vae_near_checkpoint`). `vae="none"` (A1111's "None") keeps the checkpoint's own.
+
+A1111's models/VAE is fastsd's --vae-dir (default $FASTSD_VAE_DIR; `vae_folder`) for generate, batch and the server
+alike: `listed_vaes` lists its files as A1111's refresh_vae_list does, `vae_by_name` finds the one its sd_vae option
+names, and `cli_vae` turns the command lines' --vae (a path, a listed file's name or stem, or Automatic) into a file.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ TAESD_PREFIX = "taesd:"
 AUTOMATIC, NONE = "automatic", "none"  # vae= / --vae keywords (any case): A1111's sd_vae "Automatic" and "None"
 NEAR_SUFFIXES = (".vae.pt", ".vae.ckpt", ".vae.safetensors")  # A1111's VAE beside a checkpoint, in its order
 WEIGHT_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # safetensors first
+VAE_EXTS = (".safetensors", ".ckpt", ".pt")  # A1111's models/VAE files
+VAE_DIR_ENV = "FASTSD_VAE_DIR"  # --vae-dir's default
 IGNORED = re.compile(r"^(loss|model_ema)\.")
 TAESD_KEY = re.compile(r"^((encoder|decoder)\.)?(layers\.)?\d+\.")
 
@@ -124,13 +130,74 @@ def vae_near_checkpoint(checkpoint: str | None, listed: dict[str, str] | None = 
                  and not (os.path.exists(found[n]) and os.path.samefile(found[n], checkpoint))), None)
 
 
-def vae_named_beside(checkpoint: str | None, name: str) -> str | None:
-    """The file beside the checkpoint (`vaes_beside`) that an infotext's "VAE: NAME" names (its file name, or its
-    name without the extension), or None."""
-    beside = vaes_beside(checkpoint)
-    if name in beside:
-        return beside[name]
-    return next((p for n, p in beside.items() if os.path.splitext(n)[0] == name), None)
+def listed_vaes(folder: str | None, model_dirs=()) -> dict[str, str]:
+    """{file name: path} of the VAE files A1111 lists (its refresh_vae_list's vae_dict): the checkpoints' folders'
+    `<name>.vae.*` files (here `model_dirs`, the model files' folders), then the VAE folder's (`folder`, --vae-dir),
+    subfolders searched; read at each call, in A1111's natural order by name; of two files with one name the first
+    found wins."""
+    from fastsd.files import files_by_stem
+
+    found: dict[str, str] = {}
+    for d in model_dirs:
+        for f in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+            if f.lower().endswith(NEAR_SUFFIXES) and not f.startswith("."):
+                found.setdefault(f, os.path.join(d, f))
+    for f, path in files_by_stem(folder, VAE_EXTS, by_name=True).items():
+        found.setdefault(f, path)
+    return {f: found[f] for f in sorted(found, key=natural_key)}  # (A1111's natural order)
+
+
+def vae_by_name(name: str, have: dict[str, str]) -> str | None:
+    """The listed file (`have`: `listed_vaes`) that the sd_vae value `name` names: its file name (A1111's vae_dict
+    key), or its name without the extension when one file alone has it; None otherwise."""
+    if name in have:
+        return have[name]
+    stems = [p for n, p in have.items() if os.path.splitext(n)[0] == name]
+    return stems[0] if len(stems) == 1 else None
+
+
+def vae_folder(folder: str | None, flag: str = "--vae-dir") -> str | None:
+    """The VAE folder (A1111's models/VAE): `folder` (given as `flag`), else $FASTSD_VAE_DIR, else None. One that is
+    no folder or can't be read: ValueError, one line."""
+    if folder is None and os.environ.get(VAE_DIR_ENV):
+        flag, folder = f"${VAE_DIR_ENV}", os.environ[VAE_DIR_ENV]
+    if folder is None:
+        return None
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
+    try:
+        os.listdir(folder)
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: can't be read ({e.strerror})") from None
+    return folder
+
+
+def cli_vae(spec: str | None, model: str, folder: str | None) -> tuple[str | None, str | None]:
+    """(vae, note): what the command lines' --vae `spec` (None: A1111's "Automatic") gives load_pipeline for the model
+    `model`, the VAE folder `folder` (`vae_folder`) listed with the VAE files beside a model file as the server lists
+    them (`listed_vaes`). "none", taesd:PATH and an existing file or folder: as they are. Automatic: the file
+    `vae_near_checkpoint` picks when it is another than the one beside the checkpoint that load_pipeline finds (and
+    says) itself, with `note`, the line that says so. Else a listed file's name or stem (A1111's sd_vae, as the
+    server's `vae_by_name`); a name none has is a ValueError, one line naming the listed files (where A1111's falls
+    back to None), but with no VAE folder and no file listed resolve_vae says "no such file or folder" as before."""
+    word = AUTOMATIC if spec is None else vae_keyword(spec)
+    if word == NONE or (word is None and (spec.startswith(TAESD_PREFIX) or os.path.exists(spec))):
+        return spec, None
+    checkpoint = model if os.path.isfile(model) else None
+    have = listed_vaes(folder, [os.path.dirname(os.path.abspath(checkpoint))] if checkpoint else [])
+    if word == AUTOMATIC:
+        near = vae_near_checkpoint(checkpoint, have)
+        if near is None or near == vae_near_checkpoint(checkpoint):
+            return spec, None
+        return near, automatic_note(os.path.basename(near), "in --vae-dir, named as the model")
+    found = vae_by_name(spec, have)
+    if found is not None or (folder is None and not have):
+        return found or spec, None
+    names = list(have)
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    where = f"the VAE folder {folder} or beside the model" if folder else "beside the model (no --vae-dir)"
+    raise ValueError(f"--vae {spec}: no such file or folder, and no VAE file of that name (file name or stem) in "
+                     f"{where}; listed: {shown or 'none'}")
 
 
 def automatic_vae(checkpoint: str | None, model: SDConfig, listed: dict[str, str] | None = None) -> VAESource | None:

@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "'loras' field (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where LoRA names are looked up; none given: $FASTSD_LORA_DIR")
     p.add_argument("--vae", default=None, help="replace the model's VAE, as python -m fastsd.generate --vae (an LDM "
-                   "VAE file, a diffusers VAE folder, or taesd:PATH)")
+                   "VAE file, a diffusers VAE folder, taesd:PATH, or a file of --vae-dir by name or stem)")
+    p.add_argument("--vae-dir", default=None, metavar="DIR", help="folder of VAE files (A1111's models/VAE) that --vae "
+                   "names and A1111's \"Automatic\" VAE is looked for in, as python -m fastsd.generate --vae-dir; "
+                   "none given: $FASTSD_VAE_DIR")
     p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings the prompts may name by file "
                    "name, as python -m fastsd.generate; none given: $FASTSD_EMBEDDINGS_DIR")
     p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="upscaler models (ESRGAN, Real-ESRGAN, "
@@ -186,7 +189,8 @@ def _run(args: argparse.Namespace) -> int:
                    retry_failed=args.retry_failed, progress=not args.no_progress, device=args.device,
                    dtype=args.dtype, backend=args.backend, threads=args.threads, lora_dir=args.lora_dir,
                    upscaler_dir=args.upscaler_dir, always_batch=args.always_batch, allow_large=args.allow_large,
-                   summary=summary, vae=args.vae, embeddings_dir=args.embeddings_dir, styles_file=args.styles_file)
+                   summary=summary, vae=args.vae, vae_dir=args.vae_dir,
+                   embeddings_dir=args.embeddings_dir, styles_file=args.styles_file)
     except OutputWriteError as e:  # mid-run: what was recorded before stays
         print(f"error: {e}", file=sys.stderr)
         return 1

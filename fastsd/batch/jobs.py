@@ -57,7 +57,8 @@ EXTRA = {f: f for f in ("hires_scale", "hires_width", "hires_height", "hires_ste
                         "hires_upscaler", "hires_sampler", "hires_prompt", "hires_negative_prompt", "subseed",
                         "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "s_min_uncond",
                         "s_min_uncond_all", "skip_early_cond", "eta_noise_seed_delta", "eta", "s_churn", "s_tmin",
-                        "s_tmax", "s_noise", "randn_source", "enable_hires", "inpainting_mask_weight")}
+                        "s_tmax", "s_noise", "randn_source", "enable_hires", "inpainting_mask_weight",
+                        "img2img_extra_noise")}
 EXTRA["hires_scheduler"] = "hires_schedule_type"  # (as scheduler -> schedule_type)
 FIELDS.update(EXTRA, enable_hr="enable_hr")
 # img2img and inpainting (A1111's img2img request fields, as fastsd.serve takes them: fastsd.masking.a1111_img2img) and
@@ -66,7 +67,8 @@ IMG2IMG = {"resize_mode": 0, "mask_blur": None, "mask_blur_x": 4, "mask_blur_y":
            "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0}
 MASK_FIELDS = tuple(f for f in IMG2IMG if f != "resize_mode")  # (they change nothing without a mask)
 FIELDS.update({"init_image": "init_image", "mask": "mask", "strength": "strength",
-               "initial_noise_multiplier": "initial_noise_multiplier", "styles": "styles"}, **{f: f for f in IMG2IMG})
+               "initial_noise_multiplier": "initial_noise_multiplier", "img2img_fix_steps": "img2img_fix_steps",
+               "styles": "styles"}, **{f: f for f in IMG2IMG})
 HIRES = tuple(f for f in EXTRA.values() if f.startswith("hires_"))  # the settings fields of the hires fix
 ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": "cfg", "sampler_name": "sampler",
            "schedule_type": "scheduler", "hires_schedule_type": "hires_scheduler",
@@ -90,8 +92,8 @@ INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "h
               "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res_padding")
 FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond", "eta",
                 "s_churn", "s_tmin", "s_tmax", "s_noise", "strength", "initial_noise_multiplier",
-                "inpainting_mask_weight")
-BOOL_FIELDS = ("enable_hr", "s_min_uncond_all", "enable_hires")
+                "inpainting_mask_weight", "img2img_extra_noise")
+BOOL_FIELDS = ("enable_hr", "s_min_uncond_all", "enable_hires", "img2img_fix_steps")
 FLAG_FIELDS = ("mask_round", "inpaint_full_res", "inpainting_mask_invert")  # true / false, or A1111's 0 / 1
 PATH_FIELDS = ("init_image", "mask")
 NAME_FIELDS = {"scheduler": "a schedule type's name", "hires_scheduler": "a schedule type's name",
@@ -140,10 +142,12 @@ class Defaults:
     randn_source: str = "CPU"
     enable_hires: bool = False
     inpainting_mask_weight: float = 1.0
-    # img2img (jobs with an init image): A1111's denoising strength (python -m fastsd.generate's default) and noise
-    # multiplier, its img2img fields (IMG2IMG), and the styles of jobs without a `styles` field
+    img2img_extra_noise: float = 0.0
+    # img2img (jobs with an init image): A1111's denoising strength (python -m fastsd.generate's default), noise
+    # multiplier and img2img_fix_steps, its img2img fields (IMG2IMG), and the styles of jobs without a `styles` field
     strength: float = 0.8
     initial_noise_multiplier: float = 1.0
+    img2img_fix_steps: bool = False
     resize_mode: int = 0
     mask_blur: int | None = None
     mask_blur_x: int = 4
@@ -277,6 +281,8 @@ class Job:
         out = {"init_image_sha256": self.init_image.sha256, "strength": s.strength}
         if s.initial_noise_multiplier != 1:
             out["initial_noise_multiplier"] = s.initial_noise_multiplier
+        if s.img2img_fix_steps:
+            out["img2img_fix_steps"] = True
         if self.mask is not None:
             out["mask_sha256"] = self.mask.sha256
         out.update({k: v for k, v in f.items() if v != IMG2IMG[k] and (self.mask is not None or k not in MASK_FIELDS)})
@@ -502,8 +508,8 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
         raise ValueError("no prompt")
     if "mask" in rec and "init_image" not in rec:
         raise ValueError("mask: a mask needs an init_image (the image to inpaint)")
-    if "init_image" not in rec and (img2img_only := next((k for k in (*IMG2IMG, "strength", "initial_noise_multiplier")
-                                                          if k in rec), None)):
+    if "init_image" not in rec and (img2img_only := next((k for k in (*IMG2IMG, "strength", "initial_noise_multiplier",
+                                                                      "img2img_fix_steps") if k in rec), None)):
         raise ValueError(f"{img2img_only}: an img2img field, for a job with an init_image (the hires fix's strength "
                          "is hires_strength)" if img2img_only == "strength" else
                          f"{img2img_only}: an img2img field, for a job with an init_image")
@@ -520,7 +526,8 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
     extra["subseed"] = rec.get("subseed")  # (--subseed S is S + index, below, as the seed)
     if image is not None:
         extra.update(strength=rec.get("strength", defaults.strength),
-                     initial_noise_multiplier=rec.get("initial_noise_multiplier", defaults.initial_noise_multiplier))
+                     initial_noise_multiplier=rec.get("initial_noise_multiplier", defaults.initial_noise_multiplier),
+                     img2img_fix_steps=rec.get("img2img_fix_steps", defaults.img2img_fix_steps))
     w, h = (DEFAULT_SIDE, DEFAULT_SIDE) if image is None else (image.size[0] // 8 * 8, image.size[1] // 8 * 8)
     s = GenerationSettings(
         prompt=rec["prompt"], negative_prompt=rec.get("negative_prompt", defaults.negative_prompt),
@@ -907,7 +914,7 @@ def batch_key(job: Job, chunks: int) -> tuple:
     return (s.width, s.height, s.steps, s.sampler, s.schedule_type, s.guidance_scale, s.clip_skip, chunks, job.loras,
             tuple(getattr(s, f) for f in HIRES), s.seed_resize_from_w, s.seed_resize_from_h, s.s_min_uncond,
             s.s_min_uncond_all, s.skip_early_cond, s.eta_noise_seed_delta, s.eta, s.s_churn, s.s_tmin, s.s_tmax,
-            s.s_noise, s.randn_source, s.inpainting_mask_weight,
+            s.s_noise, s.randn_source, s.inpainting_mask_weight, s.img2img_extra_noise,
             job.id if s.subseed_strength > 0 or job.init_image is not None else None)
 
 

@@ -168,20 +168,24 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
         retry_failed: bool = False, progress: bool = True, device=None, dtype=None, backend: str = "auto",
         threads: int | None = None, lora_dir: str | None = None, upscaler_dir: str | None = None,
         always_batch: bool = False, allow_large: bool = False, summary: dict | None = None, vae: str | None = None,
-        embeddings_dir: str | None = None, styles_file: str | None = None) -> list[dict]:
+        embeddings_dir: str | None = None, styles_file: str | None = None, vae_dir: str | None = None) -> list[dict]:
     """Run `jobs` (a .jsonl/.csv/.txt path, or a list of job dicts / prompts) with `model` into the folder
     `out`; returns the manifest rows of these jobs (the last row per job, in job order), including jobs
     finished by earlier runs. `ray`: None = this process; "local" / True = a new Ray cluster on this
     machine; "auto" = the running cluster; or a cluster address. `batch`: up to this many compatible jobs
     per UNet call, where measured identical and faster (fastsd.batch.worker). `lora_dir` / `upscaler_dir`: where
     LoRA and upscaler model names are found (none given: $FASTSD_LORA_DIR / $FASTSD_UPSCALER_DIR). `vae`: as
-    --vae; `embeddings_dir`: the textual inversions prompts may name (none given: $FASTSD_EMBEDDINGS_DIR). `summary`,
+    --vae, `vae_dir`: as --vae-dir (none given: $FASTSD_VAE_DIR); `embeddings_dir`: the textual inversions prompts
+    may name (none given: $FASTSD_EMBEDDINGS_DIR). `summary`,
     when given, is filled with counts and timings of this run. `jobs` may be an Img2ImgFolder (A1111's img2img batch
     from a folder); `styles_file`: the styles.csv (or folder) the jobs' `styles` and defaults.styles name (none
     given: $FASTSD_STYLES)."""
+    import warnings
+
     from fastsd.generate import EMBEDDINGS_ENV
     from fastsd.lora import LORA_DIR_ENV
     from fastsd.upscalers import UPSCALER_DIR_ENV
+    from fastsd.vae_files import AutomaticVAE, cli_vae, vae_folder
 
     defaults = defaults or Defaults()
     defaults.validate(allow_large)
@@ -189,6 +193,7 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
         raise ValueError("workers is for Ray workers: give ray='local' (a cluster on this machine) or an address")
     check_run_options(defaults, lora_dir, local=ray in (None, False), device=device, dtype=dtype, backend=backend,
                       upscaler_dir=upscaler_dir, embeddings_dir=embeddings_dir)
+    vae, vae_note = cli_vae(vae, model, vae_folder(vae_dir))  # (a name, or Automatic's file of the VAE folder)
     on_ray = ray not in (None, False)
     if on_ray:  # the workers' working folder is not this one: the paths checked here go to them absolute
         lora_dir = lora_dir or os.environ.get(LORA_DIR_ENV)
@@ -200,6 +205,8 @@ def run(jobs, *, model: str, out: str, ray: str | bool | None = None, batch: int
         defaults = replace(defaults, loras=_loras_for_workers(defaults.loras))
     job_list = load_jobs(jobs, defaults, allow_large, styles_context(styles_file, defaults))
     used_vae = _check_model(model, vae)  # a wrong model or VAE fails here, before the folder or a worker is made
+    if vae_note is not None:  # (a file beside the model: the worker's load_pipeline says so)
+        warnings.warn(AutomaticVAE(vae_note), stacklevel=2)
     worker_kwargs = dict(model=model, device=device, dtype=dtype, backend=backend, threads=threads,
                          lora_dir=lora_dir, upscaler_dir=upscaler_dir, always_batch=always_batch, vae=vae,
                          embeddings_dir=embeddings_dir)

@@ -61,17 +61,27 @@ class BatchWorker:
 
     def run(self, jobs: list[Job]) -> list[dict]:
         """One result per job, in order: {"id", "ok": True, "png": bytes, "seconds"} or {"id", "ok": False,
-        "error"}. Jobs are re-grouped by this worker's own tokenizer (its chunk counts decide batching)."""
-        groups: dict[tuple, list[Job]] = {}
-        results = {}
+        "error"}. Jobs are re-grouped by this worker's own tokenizer (its chunk counts decide batching), each LoRA
+        set's jobs counted with that set applied (the embeddings its files bundle are prompt words)."""
+        by_loras: dict[tuple, list[Job]] = {}
         for j in jobs:
-            try:  # (an embedding a prompt names is read here: a bad one fails its job alone)
-                groups.setdefault(batch_key(j, self._chunks(j)), []).append(j)
-            except Exception as e:  # noqa: BLE001
-                results[j.id] = _failed(j, e)
-        for group in groups.values():
-            for r in self._run_group(group):
-                results[r["id"]] = r
+            by_loras.setdefault(j.loras, []).append(j)
+        results = {}
+        for loras, some in by_loras.items():
+            try:
+                self._use_loras(loras)
+            except Exception as e:  # noqa: BLE001 - any failure becomes the jobs' recorded error, one line each
+                results |= {j.id: _failed(j, e) for j in some}
+                continue
+            groups: dict[tuple, list[Job]] = {}
+            for j in some:
+                try:  # (an embedding a prompt names is read here: a bad one fails its job alone)
+                    groups.setdefault(batch_key(j, self._chunks(j)), []).append(j)
+                except Exception as e:  # noqa: BLE001
+                    results[j.id] = _failed(j, e)
+            for group in groups.values():
+                for r in self._run_group(group):
+                    results[r["id"]] = r
         return [results[j.id] for j in jobs]
 
     def _run_group(self, jobs: list[Job]) -> list[dict]:

@@ -27,7 +27,7 @@ from fastsd.serve.imageformat import check_format, encode_image
 from fastsd.serve.generation import a1111_names, build_plan, check_sampling_options, encode_png, png_info, run_plan
 from fastsd.serve.jobqueue import Cancelled, Job, JobQueue, QueueFull
 from fastsd.serve.limits import BadRequest, Limits
-from fastsd.serve.networks import Networks
+from fastsd.serve.networks import Networks, file_names
 from fastsd.serve.registry import Registry
 from fastsd.serve.schemas import (ExtrasBatchImagesRequest, ExtrasSingleImageRequest, Img2ImgRequest, OptionsRequest,
                                   PNGInfoRequest, ProgressRequest, Txt2ImgRequest)
@@ -63,11 +63,12 @@ class ServerState:
     # field's value where a request gives none (for the samplers that take one); and sigma churn / tmin / tmax / noise,
     # which win over a request's fields unless at their defaults (A1111's Sampler.initialize); the noise's source
     # (randn_source: fastsd's CPU by default, where A1111's is GPU); an inpainting model's conditioning mask strength
-    # (inpainting_mask_weight)
+    # (inpainting_mask_weight); img2img's steps (img2img_fix_steps) and extra noise (img2img_extra_noise)
     sampling_options: dict = field(default_factory=lambda: {"skip_early_cond": 0.0, "s_min_uncond_all": False,
                                                             "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
                                                             "eta_ancestral": 1.0, "eta_ddim": 0.0, **SIGMA_DEFAULTS,
-                                                            "randn_source": "CPU", "inpainting_mask_weight": 1.0})
+                                                            "randn_source": "CPU", "inpainting_mask_weight": 1.0,
+                                                            "img2img_fix_steps": False, "img2img_extra_noise": 0.0})
     styles: dict = field(default_factory=dict)  # {name: fastsd.styles.PromptStyle} of --styles-file, read at start
     upscalers: Upscalers = field(default_factory=lambda: Upscalers(None))  # --upscaler-dir's models
     vaes: Vaes = field(default_factory=lambda: Vaes(None))  # --vae-dir's files and the sd_vae option
@@ -204,7 +205,8 @@ async def _wait(state: ServerState, job: Job, request: Request):
         raise
     except user_errors() as e:  # the pipeline refused what was asked (checked there, not here): still a 4xx
         log.info("job refused: %s: %s", type(e).__name__, e)
-        raise BadRequest(a1111_names(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+        message = file_names(str(e), state.networks.embeddings().values())  # (an embedding file by its name)
+        raise BadRequest(a1111_names(message or type(e).__name__)) from None
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -397,8 +399,12 @@ def _info_routes(api: APIRouter, state: ServerState) -> None:
     async def embeddings():
         """A1111's shape: "loaded" those the current model can use, "skipped" those read but of another width (an
         SD2 embedding), each as A1111's convert_embedding (shape: the width; vectors: their count); a file that
-        can't be read or used otherwise is not listed, as A1111 (the server's log names it at start and refresh)."""
-        usable, wide = state.networks.embedding_list(state.registry.current.pipe)
+        can't be read or used otherwise is not listed, as A1111 (the server's log names it at start and refresh).
+        "loaded" has the bundled embeddings of the LoRAs merged (the last request's), as A1111 registers them."""
+        pipe = state.registry.current.pipe
+        usable, wide = state.networks.embedding_list(pipe)
+        if pipe.embeddings is not None:
+            usable = {**{n: e for n, e in pipe.embeddings.bundled.items() if n not in usable}, **usable}
 
         def item(vectors, shape):
             return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape,

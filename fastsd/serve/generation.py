@@ -312,9 +312,9 @@ ETA_OPTIONS = ("eta_ancestral", "eta_ddim")  # A1111's options for the eta field
 
 def check_sampling_options(options: dict) -> None:
     """A1111's Skip Early CFG / NGMS all steps / ENSD / noise multiplier / RNG source / inpainting conditioning mask
-    strength options (GenerationSettings' fields of their names) as GenerationSettings.validate checks them, its eta
-    options, and its sigma churn / tmin / tmax / noise options (numbers >= 0, whatever the sampler): BadRequest
-    naming the option."""
+    strength / img2img fix steps / extra noise options (GenerationSettings' fields of their names) as
+    GenerationSettings.validate checks them, its eta options, and its sigma churn / tmin / tmax / noise options
+    (numbers >= 0, whatever the sampler): BadRequest naming the option."""
     for key in (*ETA_OPTIONS, *SIGMA_DEFAULTS):
         v, top = options.get(key, 0.0), 1 if key in ETA_OPTIONS else math.inf
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (is_finite(v) and 0 <= v <= top):
@@ -441,7 +441,9 @@ def build_plan(req: Txt2ImgRequest | Img2ImgRequest, kind: str, server) -> Plan:
     loras = server.networks.parse(prompt)
     hires_prompts = (strip_tags(req.hr_prompt or ""), req.hr_negative_prompt or "") \
         if kind == "txt2img" and req.enable_hr else ()
-    warnings += server.networks.check_embeddings(model.pipe, strip_tags(prompt), req.negative_prompt, *hires_prompts)
+    if not loras:  # (a request's LoRAs may bundle a name an unusable file has, as A1111: then its job's encode tells)
+        server.networks.check_embeddings(model.pipe, strip_tags(prompt), req.negative_prompt, *hires_prompts)
+    warnings += server.networks.empty_embeddings(strip_tags(prompt), req.negative_prompt, *hires_prompts)
     img2img = kind == "img2img"
     if img2img and req.initial_noise_multiplier is not None:  # (A1111: the request's, else the option's)
         sampling["initial_noise_multiplier"] = req.initial_noise_multiplier

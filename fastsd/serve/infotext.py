@@ -19,7 +19,7 @@ FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "st
 OPTIONS = {"clip_skip": "CLIP_stop_at_last_layers", "skip_early_cond": "skip_early_cond",
            "s_min_uncond_all": "s_min_uncond_all", "eta_noise_seed_delta": "eta_noise_seed_delta",
            "initial_noise_multiplier": "initial_noise_multiplier", "randn_source": "randn_source",
-           "inpainting_mask_weight": "inpainting_mask_weight"}
+           "inpainting_mask_weight": "inpainting_mask_weight", "img2img_extra_noise": "img2img_extra_noise"}
 # the infotext's names, taken as written (the request's own checks read them: A1111's paste fields)
 NAMES = {"Sampler": "sampler_name", "Schedule type": "scheduler", "Hires sampler": "hr_sampler_name",
          "Hires schedule type": "hr_scheduler", "Hires upscaler": "hr_upscaler",

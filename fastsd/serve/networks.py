@@ -123,9 +123,9 @@ class Networks:
         its text encoder's: A1111's skipped embeddings; the other files that can't be used are only logged)."""
         return self._embeddings.get(id(pipe), ({}, {}, {}))[::2]
 
-    def check_embeddings(self, pipe, *prompts: str) -> list[str]:
+    def check_embeddings(self, pipe, *prompts: str) -> None:
         """BadRequest naming the file when the prompts name an embedding `pipe` can't use (found as the pipeline
-        finds them); a warning line for each empty file they name (its word goes to CLIP as plain text)."""
+        finds them, with the LoRAs merged now: their bundled embeddings take a name an unusable file has)."""
         from fastsd import CheckpointError
 
         if pipe.embeddings is not None:
@@ -133,6 +133,9 @@ class Networks:
                 pipe.embeddings.used(list(prompts))
             except (CheckpointError, OSError, ValueError) as e:
                 raise BadRequest(file_names(str(e), pipe.embeddings.files.values())) from None
+
+    def empty_embeddings(self, *prompts: str) -> list[str]:
+        """A warning line for each empty embedding file the prompts name (its word goes to CLIP as plain text)."""
         words = set(re.findall(r"[\w\-.]+", " ".join(prompts)))
         return [f"embedding {n!r}: not loaded (an empty file); used as plain text" for n in self._empty if n in words]
 

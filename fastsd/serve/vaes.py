@@ -18,7 +18,6 @@ from fastsd.serve.limits import BadRequest
 from fastsd.serve.networks import file_identity, file_names
 
 AUTOMATIC, NONE = "Automatic", "None"
-VAE_EXTS = (".safetensors", ".ckpt", ".pt")  # A1111's models/VAE files
 log = logging.getLogger("fastsd.serve")
 
 
@@ -34,18 +33,10 @@ class Vaes:
     def files(self) -> dict[str, str]:
         """{file name: path} of the VAE files A1111 lists: the checkpoints' folders' `<name>.vae.*` files (here the
         --model files' folders), then the VAE folder's, subfolders searched; read at each call, in A1111's natural
-        order by name; of two files with one name the first found wins."""
-        from fastsd.files import files_by_stem
-        from fastsd.vae_files import NEAR_SUFFIXES, natural_key
+        order by name; of two files with one name the first found wins (fastsd.vae_files.listed_vaes)."""
+        from fastsd.vae_files import listed_vaes
 
-        found: dict[str, str] = {}
-        for d in self.model_dirs:
-            for f in sorted(os.listdir(d)) if os.path.isdir(d) else ():
-                if f.lower().endswith(NEAR_SUFFIXES) and not f.startswith("."):
-                    found.setdefault(f, os.path.join(d, f))
-        for f, path in files_by_stem(self.folder, VAE_EXTS, by_name=True).items():
-            found.setdefault(f, path)
-        return {f: found[f] for f in sorted(found, key=natural_key)}  # (A1111's natural order)
+        return listed_vaes(self.folder, self.model_dirs)
 
     def a1111(self) -> list[dict]:
         """A1111's /sd-vae: model_name the file name, filename its path inside the VAE folder (a file beside a
@@ -66,17 +57,17 @@ class Vaes:
         name (or not a string) is a BadRequest naming `field`; given `warnings`, A1111's fallback instead (its
         resolve_vae: "Couldn't find VAE named X; using None instead"): the model's own VAE, the name in `warnings`
         and in the log."""
+        from fastsd.vae_files import vae_by_name
+
         if isinstance(value, str):
             if value == NONE:
                 return None
             have = self.files()
             if value in (AUTOMATIC, "auto"):  # ("auto": A1111's is_automatic, for old configs)
                 return None if entry is None else self.near(entry, have)
-            if value in have:
-                return have[value]
-            stems = [p for n, p in have.items() if os.path.splitext(n)[0] == value]
-            if len(stems) == 1:
-                return stems[0]
+            found = vae_by_name(value, have)
+            if found is not None:
+                return found
         if warnings is None:
             if not isinstance(value, str):
                 raise BadRequest(f"{field} must be a string, got {type(value).__name__}")
