@@ -189,3 +189,18 @@ def test_that_fails_to_build_warns_once_at_prepare(monkeypatch):
         assert F2B not in cpu_winograd.variants_for(model[0], torch.zeros(1, 8, 32, 32, dtype=torch.bfloat16))
     finally:
         cpu._warn_native.cache_clear()
+
+
+@pytest.mark.parametrize("kc", [(7, 5), (48, 64), (1300, 6)], ids=lambda kc: f"{kc[0]}x{kc[1]}")
+def test_weight_transform_is_the_fp32_one_rounded_and_paired(kc, monkeypatch):
+    """F2B's transformed weight: F(2x2)'s fp32 transform rounded to bf16 and pair-interleaved, bit for bit (odd C: a
+    zero pair member; K past CONTIGUOUS_FROM_K; several chunks of channel pairs), written over `out` when given."""
+    k, c = kc
+    w = torch.randn(k, c, 3, 3, generator=torch.Generator().manual_seed(1)).bfloat16()
+    want = cpu_winograd_bf16.pairs(cpu_winograd.weight_transform(w, cpu_winograd.F2))
+    monkeypatch.setattr(cpu_winograd, "CHUNK_BYTES", 16 * k * 2 * 4)  # one channel pair per chunk
+    u = cpu_winograd.weight_transform(w, F2B)
+    assert u.dtype == torch.bfloat16 and u.is_contiguous() and torch.equal(u, want)
+    again = cpu_winograd.weight_transform(w * 2, F2B, out=u)
+    assert again.data_ptr() == u.data_ptr() and torch.equal(again, cpu_winograd_bf16.pairs(
+        cpu_winograd.weight_transform(w * 2, cpu_winograd.F2)))

@@ -157,10 +157,7 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
     fresh pages to fault in; else the result is on huge pages (cpu_huge_pages). A variant with bf16 operands gets
     the fp32 transform rounded to bf16 and pair-interleaved, (a*a, ceil(C/2), K, 2) (cpu_winograd_bf16.pairs)."""
     if v.bf16:
-        u = cpu_winograd_bf16.pairs(weight_transform(w, dataclasses.replace(v, bf16=False)))
-        if out is None or out.shape != u.shape or out.dtype != u.dtype:
-            out = cpu_huge_pages.empty(u.shape, u.dtype)
-        return out.copy_(u)
+        return _paired_transform(w, v, out)
     k, c = w.shape[:2]
     shape = (v.a * v.a, c, k)
     if out is not None and (out.shape != shape or out.dtype != torch.float32):
@@ -179,6 +176,26 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
     if base is None or not base.is_contiguous():
         base = cpu_huge_pages.empty((k, shape[0], c))
     return torch.matmul(v.w_t, flat, out=base).permute(1, 2, 0)
+
+
+def _paired_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None) -> torch.Tensor:
+    """weight_transform for a variant with bf16 operands: (a*a, ceil(C/2), K, 2) bf16, the fp32 transform rounded
+    once. One GEMM by the (a*a, 9) matrix per chunk of input-channel pairs, over the weight laid out (9, C/2, K, 2),
+    so its result has the pair-interleaved layout as it is (a transposing copy of the transformed weight, 1.8x the
+    weight, was most of the time a LoRA switch spent on it)."""
+    k, c = w.shape[:2]
+    x = w.detach().permute(2, 3, 1, 0).reshape(R * R, c, k)
+    if c % 2:
+        x = torch.cat([x, x.new_zeros(R * R, 1, k)], 1)
+    x = x.view(R * R, -1, 2, k).transpose(2, 3)  # (9, C/2, K, 2), a view
+    shape = (v.a * v.a, x.shape[1], k, 2)
+    if out is None or out.shape != shape or out.dtype != torch.bfloat16:
+        out = cpu_huge_pages.empty(shape, torch.bfloat16)
+    step = max(1, CHUNK_BYTES // (shape[0] * k * 2 * 4))  # channel pairs whose fp32 transform takes <= CHUNK_BYTES
+    for i in range(0, shape[1], step):
+        part = x[:, i:i + step].to(torch.float32, memory_format=torch.contiguous_format)
+        out[:, i:i + step].copy_(torch.mm(v.w_t, part.view(R * R, -1)).view(shape[0], -1, k, 2))
+    return out
 
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant) -> torch.Tensor:
