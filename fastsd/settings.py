@@ -237,16 +237,10 @@ class GenerationSettings:
         if self.randn_source not in RANDN_SOURCES:
             raise ValueError(f"randn_source must be one of {', '.join(RANDN_SOURCES)}, got {self.randn_source!r}")
         if self.eta is not None:
-            _check_float(self.eta, "eta")
-            if not 0.0 <= self.eta <= 1.0:
-                raise ValueError(f"eta must be in [0, 1], got {self.eta}")
-        _check_float(self.inpainting_mask_weight, "inpainting_mask_weight")
-        if not 0.0 <= self.inpainting_mask_weight <= 1.0:
-            raise ValueError(f"inpainting_mask_weight must be in [0, 1], got {self.inpainting_mask_weight}")
+            _check_fraction(self.eta, "eta")
+        _check_fraction(self.inpainting_mask_weight, "inpainting_mask_weight")
         check_bool(self.img2img_fix_steps, "img2img_fix_steps")
-        _check_float(self.img2img_extra_noise, "img2img_extra_noise")
-        if not 0.0 <= self.img2img_extra_noise <= 1.0:
-            raise ValueError(f"img2img_extra_noise must be in [0, 1], got {self.img2img_extra_noise}")
+        _check_fraction(self.img2img_extra_noise, "img2img_extra_noise")
         _check_float(self.initial_noise_multiplier, "initial_noise_multiplier")
         if self.initial_noise_multiplier < 0:
             raise ValueError(f"initial_noise_multiplier must be >= 0, got {self.initial_noise_multiplier}")
@@ -254,12 +248,8 @@ class GenerationSettings:
             _check_float(getattr(self, name), name)
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        _check_float(self.skip_early_cond, "skip_early_cond")
-        if not 0.0 <= self.skip_early_cond <= 1.0:
-            raise ValueError(f"skip_early_cond must be in [0, 1], got {self.skip_early_cond}")
-        _check_float(self.subseed_strength, "subseed_strength")
-        if not 0.0 <= self.subseed_strength <= 1.0:
-            raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength}")
+        _check_fraction(self.skip_early_cond, "skip_early_cond")
+        _check_fraction(self.subseed_strength, "subseed_strength")
         if self.subseed is not None:
             _check_int(self.subseed, "subseed", 0, None)
             if self.subseed + self.num_images > SEED_LIMIT:
@@ -331,9 +321,7 @@ class GenerationSettings:
             if v > limit:
                 raise ValueError(f"{name} must be 0 or a size up to {limit}, got {v}")
         _check_int(self.hires_steps, "hires_steps", 0, MAX_STEPS)
-        _check_float(self.hires_strength, "hires_strength")
-        if not 0.0 <= self.hires_strength <= 1.0:
-            raise ValueError(f"hires_strength must be in [0, 1], got {self.hires_strength}")
+        _check_fraction(self.hires_strength, "hires_strength")
         if self.hires_upscaler is not None and not isinstance(self.hires_upscaler, str):
             raise TypeError(f"hires_upscaler must be a string, got {type(self.hires_upscaler).__name__}")
         hires.resolve_upscaler(self.hires_upscaler)  # (None: Latent, written as no "Hires upscaler", A1111's API)
@@ -424,6 +412,13 @@ def is_finite(v: int | float) -> bool:
         return math.isfinite(v)
     except OverflowError:
         return False
+
+
+def _check_fraction(v, name: str) -> None:
+    """A number in [0, 1] (a strength, a weight); ValueError naming `name` otherwise."""
+    _check_float(v, name)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {v}")
 
 
 def _check_float(v, name: str) -> None:

@@ -85,10 +85,7 @@ class BatchWorker:
         return [results[j.id] for j in jobs]
 
     def _run_group(self, jobs: list[Job]) -> list[dict]:
-        try:
-            self._use_loras(jobs[0].loras)
-        except Exception as e:  # noqa: BLE001 - any failure becomes the jobs' recorded error, one line each
-            return [_failed(j, e) for j in jobs]
+        """One batch_key group, its LoRA set already applied (`run`)."""
         out, ready = [], []
         for j in jobs:  # each hires upscaler found and loaded before any pass: a bad one fails its jobs alone
             try:
