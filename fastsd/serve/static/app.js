@@ -16,6 +16,10 @@ const KEEP = { images: 24, chars: 4_000_000 };  // the gallery this browser keep
 // drops the last. stroke: the one being painted (its pointerId); empty: no pixel of the canvas is masked.
 const mask = { history: [], stroke: null, empty: true };
 const TINT = "#e11d48";
+// A1111's Settings > img2img options the page has fields for (#options-set): field id -> option name. A field shows
+// the server's option (GET /options); a request carries it in override_settings only when it differs from that
+const OPTIONS = { "fix-steps": "img2img_fix_steps", "extra-noise": "img2img_extra_noise",
+                  "mask-weight": "inpainting_mask_weight" };
 
 function authHeader() {
   const v = $("auth").value;
@@ -81,6 +85,11 @@ async function loadLists() {
     $("model").value = options.sd_model_checkpoint;
     fill($("vae"), vaes, (v) => v.model_name, (v) => v.model_name);  // after A1111's Automatic and None
     $("vae").value = options.sd_vae;
+    for (const [id, key] of Object.entries(OPTIONS)) {  // the server's value is the field's default
+      if (options[key] === undefined) continue;
+      if ($(id).type === "checkbox") $(id).defaultChecked = $(id).checked = options[key] === true;
+      else $(id).defaultValue = $(id).value = String(options[key]);
+    }
     fill($("lora"), loras, (l) => l.name, (l) => l.name);
     fill($("styles"), styles, (st) => st.name, (st) => st.name);  // A1111's styles (the server applies them)
     $("styles-row").hidden = styles.length === 0;
@@ -99,6 +108,21 @@ function num(id) {  // an empty field runs with its default (the seed's: -1, ran
   return Number($(id).value);
 }
 
+// the img2img options whose fields differ from the server's; as A1111's settings, they go with every request (extra
+// noise and mask weight reach the hires fix too; an empty field is the server's value)
+function changedOptions() {
+  const out = {};
+  for (const [id, key] of Object.entries(OPTIONS)) {
+    const el = $(id);
+    if (el.type === "checkbox") {
+      if (el.checked !== el.defaultChecked) out[key] = el.checked;
+    } else if (num(id) !== Number(el.defaultValue)) {
+      out[key] = Number(el.value);
+    }
+  }
+  return out;
+}
+
 function request() {
   num("seed");
   const seed = $("seed").value;  // above 2**53 a JS number loses digits: sent as text (the server reads it)
@@ -108,7 +132,7 @@ function request() {
     seed: Number.isSafeInteger(Number(seed)) ? Number(seed) : seed, width: num("width"), height: num("height"),
     batch_size: num("batch"), n_iter: num("count"),
     styles: Array.from($("styles").selectedOptions, (o) => o.value),
-    override_settings: { sd_model_checkpoint: $("model").value, sd_vae: $("vae").value },
+    override_settings: { sd_model_checkpoint: $("model").value, sd_vae: $("vae").value, ...changedOptions() },
   };
   if (state.initImage) {
     body.init_images = [state.initImage];
@@ -287,7 +311,8 @@ function useParameters(text) {  // an infotext's values into the fields (A1111's
   if (!Object.keys(params).length) return false;
   $("prompt").value = prompt;
   $("negative").value = negative;
-  for (const [key, id] of [["Steps", "steps"], ["CFG scale", "cfg"], ["Seed", "seed"]]) {
+  for (const [key, id] of [["Steps", "steps"], ["CFG scale", "cfg"], ["Seed", "seed"], ["Extra noise", "extra-noise"],
+                           ["Conditional mask weight", "mask-weight"]]) {  // (the last two: A1111's option keys)
     if (params[key] !== undefined) $(id).value = params[key];
   }
   const size = /^(\d+)x(\d+)$/.exec(params.Size ?? "");
