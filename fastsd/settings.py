@@ -150,6 +150,11 @@ class GenerationSettings:
         "A1111's 'Extra noise multiplier for img2img and hires fix' (img2img_extra_noise), in [0, 1]: the start "
         "latents of img2img, inpainting and the hires fix's second pass get the start noise times this once more "
         "(image + (sigma + this) * noise); 0 = off"))
+    img2img_color_correction: bool = field(default=False, metadata=_opt(
+        "A1111's 'Apply color correction to img2img results to match original colors' (img2img_color_correction): "
+        "each img2img and inpainting result's LAB histograms matched to its init image's (as the model gets it), "
+        "under the result's luminosity, before the inpainting overlay (fastsd.color_correction); txt2img ignores it, "
+        "and the infotext has no key for it, as A1111's"))
 
     def __post_init__(self):  # numpy's numbers (np.int64, np.float32, np.bool_) as the Python ones they stand for
         for name in FIELDS:
@@ -241,6 +246,7 @@ class GenerationSettings:
         _check_fraction(self.inpainting_mask_weight, "inpainting_mask_weight")
         check_bool(self.img2img_fix_steps, "img2img_fix_steps")
         _check_fraction(self.img2img_extra_noise, "img2img_extra_noise")
+        check_bool(self.img2img_color_correction, "img2img_color_correction")
         _check_float(self.initial_noise_multiplier, "initial_noise_multiplier")
         if self.initial_noise_multiplier < 0:
             raise ValueError(f"initial_noise_multiplier must be >= 0, got {self.initial_noise_multiplier}")

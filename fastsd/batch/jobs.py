@@ -68,6 +68,7 @@ IMG2IMG = {"resize_mode": 0, "mask_blur": None, "mask_blur_x": 4, "mask_blur_y":
 MASK_FIELDS = tuple(f for f in IMG2IMG if f != "resize_mode")  # (they change nothing without a mask)
 FIELDS.update({"init_image": "init_image", "mask": "mask", "strength": "strength",
                "initial_noise_multiplier": "initial_noise_multiplier", "img2img_fix_steps": "img2img_fix_steps",
+               "img2img_color_correction": "img2img_color_correction",
                "styles": "styles"}, **{f: f for f in IMG2IMG})
 HIRES = tuple(f for f in EXTRA.values() if f.startswith("hires_"))  # the settings fields of the hires fix
 ALIASES = {"negative": "negative_prompt", "cfg_scale": "cfg", "guidance_scale": "cfg", "sampler_name": "sampler",
@@ -93,7 +94,7 @@ INT_FIELDS = ("seed", "steps", "width", "height", "clip_skip", "hires_width", "h
 FLOAT_FIELDS = ("cfg", "hires_scale", "hires_strength", "subseed_strength", "s_min_uncond", "skip_early_cond", "eta",
                 "s_churn", "s_tmin", "s_tmax", "s_noise", "strength", "initial_noise_multiplier",
                 "inpainting_mask_weight", "img2img_extra_noise")
-BOOL_FIELDS = ("enable_hr", "s_min_uncond_all", "enable_hires", "img2img_fix_steps")
+BOOL_FIELDS = ("enable_hr", "s_min_uncond_all", "enable_hires", "img2img_fix_steps", "img2img_color_correction")
 FLAG_FIELDS = ("mask_round", "inpaint_full_res", "inpainting_mask_invert")  # true / false, or A1111's 0 / 1
 PATH_FIELDS = ("init_image", "mask")
 NAME_FIELDS = {"scheduler": "a schedule type's name", "hires_scheduler": "a schedule type's name",
@@ -144,10 +145,12 @@ class Defaults:
     inpainting_mask_weight: float = 1.0
     img2img_extra_noise: float = 0.0
     # img2img (jobs with an init image): A1111's denoising strength (python -m fastsd.generate's default), noise
-    # multiplier and img2img_fix_steps, its img2img fields (IMG2IMG), and the styles of jobs without a `styles` field
+    # multiplier, img2img_fix_steps and img2img_color_correction, its img2img fields (IMG2IMG), and the styles of jobs
+    # without a `styles` field
     strength: float = 0.8
     initial_noise_multiplier: float = 1.0
     img2img_fix_steps: bool = False
+    img2img_color_correction: bool = False
     resize_mode: int = 0
     mask_blur: int | None = None
     mask_blur_x: int = 4
@@ -283,6 +286,8 @@ class Job:
             out["initial_noise_multiplier"] = s.initial_noise_multiplier
         if s.img2img_fix_steps:
             out["img2img_fix_steps"] = True
+        if s.img2img_color_correction:
+            out["img2img_color_correction"] = True
         if self.mask is not None:
             out["mask_sha256"] = self.mask.sha256
         out.update({k: v for k, v in f.items() if v != IMG2IMG[k] and (self.mask is not None or k not in MASK_FIELDS)})
@@ -509,7 +514,8 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
     if "mask" in rec and "init_image" not in rec:
         raise ValueError("mask: a mask needs an init_image (the image to inpaint)")
     if "init_image" not in rec and (img2img_only := next((k for k in (*IMG2IMG, "strength", "initial_noise_multiplier",
-                                                                      "img2img_fix_steps") if k in rec), None)):
+                                                                      "img2img_fix_steps", "img2img_color_correction")
+                                                          if k in rec), None)):
         raise ValueError(f"{img2img_only}: an img2img field, for a job with an init_image (the hires fix's strength "
                          "is hires_strength)" if img2img_only == "strength" else
                          f"{img2img_only}: an img2img field, for a job with an init_image")
@@ -527,7 +533,9 @@ def to_job(rec: dict, line: int, index: int, defaults: Defaults, *, allow_large:
     if image is not None:
         extra.update(strength=rec.get("strength", defaults.strength),
                      initial_noise_multiplier=rec.get("initial_noise_multiplier", defaults.initial_noise_multiplier),
-                     img2img_fix_steps=rec.get("img2img_fix_steps", defaults.img2img_fix_steps))
+                     img2img_fix_steps=rec.get("img2img_fix_steps", defaults.img2img_fix_steps),
+                     img2img_color_correction=rec.get("img2img_color_correction",
+                                                      defaults.img2img_color_correction))
     w, h = (DEFAULT_SIDE, DEFAULT_SIDE) if image is None else (image.size[0] // 8 * 8, image.size[1] // 8 * 8)
     s = GenerationSettings(
         prompt=rec["prompt"], negative_prompt=rec.get("negative_prompt", defaults.negative_prompt),

@@ -63,12 +63,14 @@ class ServerState:
     # field's value where a request gives none (for the samplers that take one); and sigma churn / tmin / tmax / noise,
     # which win over a request's fields unless at their defaults (A1111's Sampler.initialize); the noise's source
     # (randn_source: fastsd's CPU by default, where A1111's is GPU); an inpainting model's conditioning mask strength
-    # (inpainting_mask_weight); img2img's steps (img2img_fix_steps) and extra noise (img2img_extra_noise)
+    # (inpainting_mask_weight); img2img's steps (img2img_fix_steps) and extra noise (img2img_extra_noise), and its
+    # colour correction (img2img_color_correction)
     sampling_options: dict = field(default_factory=lambda: {"skip_early_cond": 0.0, "s_min_uncond_all": False,
                                                             "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
                                                             "eta_ancestral": 1.0, "eta_ddim": 0.0, **SIGMA_DEFAULTS,
                                                             "randn_source": "CPU", "inpainting_mask_weight": 1.0,
-                                                            "img2img_fix_steps": False, "img2img_extra_noise": 0.0})
+                                                            "img2img_fix_steps": False, "img2img_extra_noise": 0.0,
+                                                            "img2img_color_correction": False})
     styles: dict = field(default_factory=dict)  # {name: fastsd.styles.PromptStyle} of --styles-file, read at start
     upscalers: Upscalers = field(default_factory=lambda: Upscalers(None))  # --upscaler-dir's models
     vaes: Vaes = field(default_factory=lambda: Vaes(None))  # --vae-dir's files and the sd_vae option

@@ -202,6 +202,7 @@ class OptionsRequest(_Body):
     inpainting_mask_weight: float | None = None  # A1111's "Inpainting conditioning mask strength", in [0, 1]
     img2img_fix_steps: bool | None = None  # A1111's "With img2img, do exactly the amount of steps the slider specifies"
     img2img_extra_noise: float | None = None  # A1111's "Extra noise multiplier for img2img and hires fix", in [0, 1]
+    img2img_color_correction: bool | None = None  # A1111's "Apply color correction to img2img results to match ..."
     samples_format: str | None = None  # A1111's format of the images answered: png, jpg, jpeg or webp
     jpeg_quality: int | None = None  # A1111's quality of those JPEG / WEBP images, 1..100
 
