@@ -46,8 +46,9 @@ def twins_as_a1111(s):
 
 
 def sampler_label(name: str) -> str:
-    """The infotext's "Sampler" of a canonical sampler: A1111's name, fastsd's own for UNNAMED_TWINS."""
-    return name if name in UNNAMED_TWINS else A1111_NAMES[name]
+    """A1111 1.9+'s sampler name of a canonical sampler (its "sampler_name"): without a schedule ("DPM++ 2M" for
+    dpmpp_2m_karras; `sampler_keys`), fastsd's own for UNNAMED_TWINS."""
+    return sampler_keys(resolve_sampler_name(name), AUTOMATIC)[0]
 
 
 def scheduled(name: str, scheduler: str | None, field: str, warnings: list[str], *, paste: bool = False
@@ -125,25 +126,62 @@ def hires_scheduled(name: str, scheduler: str | None, schedule_type: str, field:
     return second, second_type
 
 
+# the samplers whose own schedule (Pipeline.schedule's "automatic") is A1111's Automatic for them, a type
+OWN_TYPE = {"restart": "karras"}  # (Restart's own: Euler's Karras levels, typed_schedule("karras") bit for bit)
+
+
+def sampler_keys(sampler: str, schedule_type: str) -> tuple[str, str | None]:
+    """("Sampler", "Schedule type") of the infotext for a run of canonical `sampler` on `schedule_type`, as A1111
+    1.9+ writes them: its sampler name without a schedule ("DPM++ 2M") and the schedule's label: the type's, Karras
+    for a `_karras` twin ("DPM++ 2M Karras" is written "DPM++ 2M" + "Karras"), "Automatic" for the own schedule of
+    a sampler A1111 runs on no schedule type of its own (Euler, Euler a, DDIM, UniPC, ...: A1111 1.10 writes
+    "Automatic" there), Restart's Karras. None (no "Schedule type": fastsd's reader takes the sampler's own) for the
+    own schedule of a sampler whose A1111 Automatic is another one (A1111_AUTOMATIC: fastsd's plain dpmpp_2m runs
+    its diffusers twin's levels, which no A1111 label names) and for UNNAMED_TWINS (written by fastsd's name)."""
+    kind = resolve_schedule_type(schedule_type)
+    if sampler in UNNAMED_TWINS:
+        return sampler, None
+    if sampler.endswith("_karras"):
+        return A1111_NAMES[sampler.removesuffix("_karras")], "Karras"
+    if kind == AUTOMATIC:
+        if sampler in OWN_TYPE:
+            return A1111_NAMES[sampler], schedule_label(OWN_TYPE[sampler])
+        return A1111_NAMES[sampler], (None if sampler in A1111_AUTOMATIC else "Automatic")
+    return A1111_NAMES[sampler], schedule_label(kind)
+
+
+def sampler_fields(sampler: str, schedule_type: str, second: str | None = None,
+                   hires_schedule_type: str | None = None) -> dict[str, str | None]:
+    """The infotext's "Sampler", "Schedule type" and, with the hires fix's second pass (canonical `second`; its
+    schedule type `hires_schedule_type`, None: the first pass's), "Hires sampler" / "Hires schedule type" (None:
+    not written), as A1111 1.9+ writes them (`sampler_keys`): the hires ones where they are not the first pass's,
+    so `fastsd.infotext_settings` reads the run back. A second pass on a schedule with no label (`sampler_keys`'
+    None) after a first pass with one writes the first pass as no label reads ("Automatic" left out), or as the
+    joint name A1111 1.9+ still reads ("DPM++ 2M Karras"), and names the hires sampler."""
+    first, first_label = sampler_keys(sampler, schedule_type)
+    out = {"Sampler": first, "Schedule type": first_label, "Hires sampler": None, "Hires schedule type": None}
+    if second is None:
+        return out
+    name, label = sampler_keys(second, schedule_type if hires_schedule_type is None else hires_schedule_type)
+    if (name, label) == (first, first_label):
+        return out
+    out["Hires sampler"] = name if name != first else None
+    if label == first_label:
+        return out
+    if label is not None:
+        out["Hires schedule type"] = label
+        return out
+    out["Schedule type"] = None  # (the second pass reads the first's label where it has none of its own)
+    if first_label != "Automatic":
+        out["Sampler"], out["Hires sampler"] = f"{first} {first_label}", name
+    return out
+
+
 def hires_sampler_keys(sampler: str, schedule_type: str, second: str, hires_schedule_type: str | None
                        ) -> tuple[str | None, str | None]:
-    """("Hires sampler", "Hires schedule type") of the infotext, None where not written, as A1111 1.9+ writes them
-    split: the second pass's sampler (canonical `second`) where it is not the first pass's (`sampler`), a `_karras`
-    twin as its sampler + "Karras"; the second pass's schedule (`hires_schedule_type`, None: the first pass's
-    `schedule_type`) where it is not what the infotext says of the first pass ("Schedule type", or the joint name
-    of a `_karras` twin when no "Hires sampler" is written), so `scheduled` reads the run back."""
-    if second in UNNAMED_TWINS and hires_schedule_type is None:
-        return (second if second != sampler else None), None
-    twin = second.endswith("_karras")
-    kind = resolve_schedule_type(schedule_type if hires_schedule_type is None else hires_schedule_type)
-    label = "Karras" if twin else schedule_label(kind)
-    if label is None and hires_schedule_type is not None and resolve_schedule_type(schedule_type) != AUTOMATIC:
-        label = "Automatic"  # (the sampler's own asked for, the first pass typed)
-    first = schedule_label(schedule_type)
-    if second == sampler and sampler.endswith("_karras"):
-        first = "Karras"
-    name = A1111_NAMES[second.removesuffix("_karras") if twin else second] if second != sampler else None
-    return name, (label if label != first else None)
+    """("Hires sampler", "Hires schedule type") of `sampler_fields`."""
+    got = sampler_fields(sampler, schedule_type, second, hires_schedule_type)
+    return got["Hires sampler"], got["Hires schedule type"]
 
 
 # ---- the infotext in an image's metadata ---------------------------------------------------------------------

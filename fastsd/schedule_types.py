@@ -130,12 +130,13 @@ def _key(name: str) -> str:
 def split_joint(name: str) -> tuple[str, str | None]:
     """A1111 1.9+'s split of an old joint sampler name (its get_sampler_and_scheduler): a trailing " " + a schedule
     type's label, name or alias (any case) is the schedule: "DPM++ 2M SDE Exponential" -> ("DPM++ 2M SDE",
-    "Exponential"), "Euler a" -> ("Euler a", None)."""
+    "Exponential"), "Euler a" -> ("Euler a", None). The longest such suffix ("Euler SGM Uniform" -> ("Euler",
+    "SGM Uniform"), where A1111 takes " Uniform" and finds no sampler "Euler SGM")."""
     name = name.strip()
-    for t in SCHEDULE_TYPES.values():
-        for option in (t.label, t.name, *t.aliases):
-            if name.lower().endswith(" " + option.lower()):
-                return name[:-len(option) - 1].rstrip(), option
+    options = sorted((o for t in SCHEDULE_TYPES.values() for o in (t.label, t.name, *t.aliases)), key=len, reverse=True)
+    for option in options:
+        if name.lower().endswith(" " + option.lower()):
+            return name[:-len(option) - 1].rstrip(), option
     return name, None
 
 

@@ -240,7 +240,8 @@ def test_stdin_and_an_override_of_a_bad_value(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("a cat\nSteps: many, Sampler: Euler, Seed: 3, Size: 64x64"))
     out = tmp_path / "o.png"
     assert main(["--infotext", "-", *TINY, "--steps", "2", "--out", str(out)]) == 0  # the bad Steps never read
-    assert "Steps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 3, Size: 64x64" in _text(out)[0]
+    assert "Steps: 2, Sampler: Euler, Schedule type: Automatic, CFG scale: 7.5, Seed: 3, Size: 64x64" in \
+        _text(out)[0]
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert main(["--infotext", "-", *TINY, "--out", str(tmp_path / "p.png")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --infotext -: empty, no infotext"

@@ -207,7 +207,8 @@ def test_infotext_round_trips(tiny):
                        guidance_scale=5.5, sampler="DPM++ 2M Karras", seed=42, width=32, height=32, progress=False)[0]
     prompt, neg, params = parse_infotext(im.info["parameters"])
     assert prompt == "a (red:1.2) fox, forest\nsecond line" and neg == "ugly, blurry"
-    assert params["Steps"] == "2" and params["Sampler"] == "DPM++ 2M Karras" and params["CFG scale"] == "5.5"
+    assert params["Steps"] == "2" and params["Sampler"] == "DPM++ 2M" and params["CFG scale"] == "5.5"
+    assert params["Schedule type"] == "Karras"  # (A1111 1.9+'s split of "DPM++ 2M Karras")
     assert params["Seed"] == "42" and params["Size"] == "32x32" and params["Model"] == pipe.name
     assert params["RNG"] == "CPU"  # (A1111 reads a missing key as its GPU RNG)
 

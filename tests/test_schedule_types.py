@@ -188,7 +188,7 @@ def test_pipeline_runs_the_type_and_writes_a1111s_infotext(pipe):
     again = pipe.generate(**base, schedule_type="align_your_steps")[0]
     assert np.array_equal(np.asarray(ays), np.asarray(again)) and not np.array_equal(np.asarray(ays), np.asarray(plain))
     assert "Sampler: Euler, Schedule type: Align Your Steps, CFG scale" in ays.info["parameters"]
-    assert "Schedule type" not in plain.info["parameters"]
+    assert "Sampler: Euler, Schedule type: Automatic, CFG scale" in plain.info["parameters"]  # (A1111 1.10's)
     # the schedule the pipeline walks is the type's (Pipeline.schedule, also the hires pass's)
     assert torch.equal(pipe.schedule("euler", 4, "align_your_steps").sigmas, typed_schedule("align_your_steps", 4).sigmas)
     assert torch.equal(pipe.schedule("euler", 4).sigmas, get_sampler("euler").schedule(4).sigmas)

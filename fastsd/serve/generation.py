@@ -23,7 +23,7 @@ from PIL import Image
 
 from fastsd import hires, masking
 from fastsd.lora import drop_tags, parse_prompt, strip_tags
-from fastsd.a1111 import hires_scheduled, image_infotext, scheduled
+from fastsd.a1111 import hires_scheduled, image_infotext, sampler_label, scheduled
 from fastsd.schedule_types import split_joint
 from fastsd.samplers import A1111_NAMES, ETA_SAMPLERS, SIGMA_DEFAULTS, SIGMA_TAKERS, takes_sigma_param
 from fastsd.serve.imageformat import encode_image, image_format
@@ -608,7 +608,7 @@ def response(plan: Plan, images: list[Image.Image], stopped_at: tuple[int, int, 
             "all_negative_prompts": [s.negative_prompt] * len(seeds), "seed": s.seed, "all_seeds": seeds,
             "subseed": subseed, "all_subseeds": [subseed + i for i in range(len(seeds))],
             "subseed_strength": s.subseed_strength, "width": s.width,
-            "height": s.height, "sampler_name": A1111_NAMES.get(s.sampler, s.sampler), "cfg_scale": s.guidance_scale,
+            "height": s.height, "sampler_name": sampler_label(s.sampler), "cfg_scale": s.guidance_scale,
             "steps": s.steps, "batch_size": s.num_images, "restore_faces": False, "face_restoration_model": None,
             # A1111's short hash of a checkpoint file (the infotext's "Model hash"); "" for a model with no single
             # file (random:, a diffusers folder), whose infotext has no "Model hash": always a string, as A1111's
