@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastsd import backends, hires
-from fastsd.a1111 import hires_sampler_keys, sampler_label, twins_as_a1111
+from fastsd import backends, color_correction, hires
+from fastsd.a1111 import sampler_fields, twins_as_a1111
 from fastsd.conditioning import encode_prompts
 from fastsd.config import SDConfig
 from fastsd.denoisers import CFGDenoiser, EpsDenoiser, KnownRegionDenoiser, ScheduledContext
@@ -38,8 +38,7 @@ from fastsd.philox import PhiloxGenerator
 from fastsd.prompt_schedule import may_have_schedule, prompt_schedule, split_and
 from fastsd.samplers import (CHURN_SAMPLERS, ETA_SAMPLERS, S_NOISE_SAMPLERS, SAMPLERS, SIGMA_KEYS,
                              brownian_noise_sampler, get_sampler, prompt_steps, sigma_params)
-from fastsd.schedule_types import (AUTOMATIC, DISCARD_PENULTIMATE, resolve_schedule_type, schedule_label,
-                                   typed_schedule)
+from fastsd.schedule_types import AUTOMATIC, DISCARD_PENULTIMATE, resolve_schedule_type, typed_schedule
 from fastsd.schedules import Schedule, alphas_cumprod
 from fastsd.settings import GenerationSettings, check_bool, plain
 from fastsd.tiling import tiled
@@ -375,8 +374,10 @@ class Pipeline:
         extra_generation_params, e.g. its inpainting keys) after the settings' keys, before the LoRA and embedding
         hashes (None values left out)."""
         cfg = self.runs_uncond(s)  # (the options of the unconditional batch apply)
-        params = {"Steps": s.steps, "Sampler": sampler_label(get_sampler(s.sampler).name),
-                  "Schedule type": schedule_label(s.schedule_type), "CFG scale": s.guidance_scale,
+        second = get_sampler(s.hires_sampler or s.sampler).name if s.hires else None
+        names = sampler_fields(get_sampler(s.sampler).name, s.schedule_type, second, s.hires_schedule_type)  # (1.9+'s)
+        params = {"Steps": s.steps, "Sampler": names["Sampler"],
+                  "Schedule type": names["Schedule type"], "CFG scale": s.guidance_scale,
                   "Seed": s.image_seed(index), "Size": f"{s.width}x{s.height}", "Model hash": self.model_hash(),
                   "Model": self.name,
                   "VAE hash": self.vae_hash(), "VAE": self.vae_name,
@@ -401,12 +402,9 @@ class Pipeline:
                   "NGMS all steps": True if s.s_min_uncond and s.s_min_uncond_all and cfg else None}
         if s.hires:  # A1111's keys (its "Denoising strength" is the second pass's)
             resize = s.hires_width or s.hires_height
-            second_name, second_type = hires_sampler_keys(get_sampler(s.sampler).name, s.schedule_type,
-                                                          get_sampler(s.hires_sampler or s.sampler).name,
-                                                          s.hires_schedule_type)
             hp, hn = s.hires_prompts()
             params.update({"Denoising strength": s.hires_strength,
-                           "Hires sampler": second_name, "Hires schedule type": second_type,
+                           "Hires sampler": names["Hires sampler"], "Hires schedule type": names["Hires schedule type"],
                            "Hires prompt": hp if hp != s.prompt else None,
                            "Hires negative prompt": hn if hn != s.negative_prompt else None,
                            "Hires upscale": None if resize else s.hires_scale,  # (as given: A1111's API's 2.0)
@@ -834,7 +832,8 @@ class Pipeline:
                  eta: float | None = None, initial_noise_multiplier: float = 1.0, s_churn: float = 0.0,
                  s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0, randn_source: str = "CPU",
                  enable_hires: bool = False, inpainting_mask_weight: float = 1.0, img2img_fix_steps: bool = False,
-                 img2img_extra_noise: float = 0.0, image: Image.Image | None = None, mask: Image.Image | None = None,
+                 img2img_extra_noise: float = 0.0, img2img_color_correction: bool = False,
+                 image: Image.Image | None = None, mask: Image.Image | None = None,
                  latents: torch.Tensor | None = None, masked_content: str = "original",
                  latent_mask: str = "nearest", fill_seed: int | None = None, resize_mode: int = 0,
                  infotext_extra: dict | None = None, progress: bool = True,
@@ -860,7 +859,8 @@ class Pipeline:
         int(min(strength, 0.999) * steps) + 1 steps, to the end (schedules.img2img_start_index), from the image's
         posterior mean plus each seed's first draw (diffusers' img2img differs in both); `img2img_fix_steps` runs all
         `steps` at the end of a schedule of int(steps / min(strength, 0.999)) (A1111's option), `img2img_extra_noise`
-        adds that draw times it once more (img2img and the hires pass, `_extra_noise`).
+        adds that draw times it once more (img2img and the hires pass, `_extra_noise`); `img2img_color_correction`
+        gives each img2img result its init image's colours (`_color_corrected`).
         `on_step(step, total, preview)` is called after each step; `preview` is an image every `preview_every` steps
         and at the last, else None. An `Interrupted` it raises stops the generation and comes through, or with
         `on_interrupt="decode"` the images of the prediction at that step are returned (A1111's interrupt and skip).
@@ -875,7 +875,7 @@ class Pipeline:
                                hires_schedule_type, s_min_uncond, s_min_uncond_all, skip_early_cond,
                                eta_noise_seed_delta, eta, initial_noise_multiplier, s_churn, s_tmin, s_tmax, s_noise,
                                randn_source, enable_hires, inpainting_mask_weight, img2img_fix_steps,
-                               img2img_extra_noise)
+                               img2img_extra_noise, img2img_color_correction)
         s = twins_as_a1111(s)  # ("DPM2 Karras": A1111's, as the server and --infotext read it)
         batch = _init_images(image, num_images)  # (A1111's init_images: one, or one per image of the batch)
         image = batch[0] if batch else None
@@ -955,6 +955,8 @@ class Pipeline:
                 raise
             x = stop.latents
         images = tensor_to_pil(last.decode(x, tiled_vae))
+        if s.img2img_color_correction and batch:
+            images = _color_corrected(images, batch, (s.width, s.height), resize_mode)
         if hp is not self:  # A1111's short title of the hires checkpoint: "name [hash]"
             hash_ = hp.model_hash()
             title = f"{hp.name} [{hash_}]" if hash_ else hp.name
@@ -989,6 +991,16 @@ def _extra_noise(x: torch.Tensor, noise: torch.Tensor, s: GenerationSettings) ->
     the same noise, times initial_noise_multiplier in img2img; its timestep samplers' `* sqrt_alpha_cumprod` is the
     same in k-space): the start latents `x` of img2img or a hires pass with `noise` added once more, times it."""
     return x + noise * s.img2img_extra_noise if s.img2img_extra_noise > 0 else x
+
+
+def _color_corrected(images: list[Image.Image], inits: list[Image.Image], size: tuple[int, int],
+                     resize_mode: int) -> list[Image.Image]:
+    """A1111's img2img_color_correction: result i corrected toward init image i (the only one for all, when one)
+    as the VAE encodes it (at the generation size by `resize_mode`; mode 3 at its own size, as A1111 keeps it), before
+    any inpainting overlay (the caller's, as A1111's apply_overlay comes after)."""
+    targets = [color_correction.correction_target(im if resize_mode == 3 else _at_size(im, size, resize_mode))
+               for im in inits]
+    return [color_correction.apply_correction(targets[min(i, len(targets) - 1)], im) for i, im in enumerate(images)]
 
 
 def _at_size(image: Image.Image, size: tuple[int, int], resize_mode: int = 0) -> Image.Image:
