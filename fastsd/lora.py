@@ -33,14 +33,21 @@ is zero-padded to its 9 input channels, as A1111 does.
 - OFT as A1111's network_oft: kohya's (`oft_unet_<path>` + `oft_blocks`, `alpha` the constraint) and LyCORIS'
   (`oft_blocks`, optional `rescale`; the first versions' `oft_diag`) on linears and convolutions, BOFT (4-d
   `oft_blocks`) too: W <- W + weight * (W' - W), W' = W with its rows turned by orthogonal blocks (_oft_delta).
-  LyCORIS IA3 (`weight`, `on_input`) on linears as A1111's network_ia3: W <- W + weight * W * w, w per output
-  row (per input column when on_input). Both read the weight they change, so several files on one layer merge
-  in load order, as A1111's.
+  LyCORIS IA3 (`weight`, `on_input`) as A1111's network_ia3: W <- W + weight * W * w, w per output row (per input
+  column when on_input); on convolutions (w (1, C, 1, 1), which A1111's broadcast fails on) per output / input
+  channel, as LyCORIS defines it. LyCORIS GLoRA in its first layout (`a1.weight` (r, in), `a2.weight` (in, r),
+  `b1.weight` (r, in), `b2.weight` (out, r), `alpha`) as A1111's network_glora: W <- W + weight * (b2 b1 + W a2 a1),
+  at scale 1 (A1111 reads no alpha for it); on 1x1 convolutions too (flattened, as LyCORIS; A1111 fails there);
+  LyCORIS 3's layout, which A1111 can't merge, is refused. These three read the weight they change, so several
+  files on one layer merge in load order, as A1111's.
+- A layer's `scale` tensor (A1111's network.py) replaces its alpha / dim, for every kind but OFT (A1111 fixes OFT's
+  at 1). kohya's DyLoRA files are plain LoRA files (their rows saved whole): merged at full rank, A1111's default.
 
 Textual-inversion embeddings a file bundles (A1111's `bundle_emb.NAME.<key>`: `string_to_param.*` as kohya's and
 HCP-Diffusion's bundling scripts write an A1111 .pt's, `emb_params`, or one tensor under any key such as OneTrainer's
 `clip_l`) are grouped by NAME as A1111's networks.py does, each read as an embedding file of NAME would be
-(fastsd.embeddings, checked against the text encoder), and usable in prompts while the LoRA is loaded.
+(fastsd.embeddings, checked against the text encoder), and usable in prompts while the LoRA is loaded. One of
+another width (an SD2 one) is skipped with a warning, the rest of the file loaded, as A1111 skips it.
 
 Merging: W <- W + weight * scale * up @ down, scale = alpha / rank (1 without alpha), in fp32 and rounded once
 to the model's dtype, so generating costs nothing extra. The file is read and checked whole (every layer found,
@@ -53,6 +60,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -61,7 +69,7 @@ from torch import nn
 
 from fastsd.backends.cpu_pack import dense_weight
 from fastsd.convert import UNDERSCORED_UNET_BLOCKS, rename_key, unet_rules
-from fastsd.embeddings import Embedding, embedding_vectors, pipeline_embeddings
+from fastsd.embeddings import Embedding, OtherWidth, embedding_vectors, pipeline_embeddings
 from fastsd.file_hashes import sha256
 from fastsd.settings import check_bool, plain
 from fastsd.tensorfile import CheckpointError, TensorRef, read_header, read_tensor_file, safetensors_metadata
@@ -85,13 +93,15 @@ PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.wei
          (".dora_scale", "dora_scale"), (".lora_magnitude_vector", "magnitude"),  # DoRA: LyCORIS / kohya, PEFT
          (".w_norm", "w_norm"), (".b_norm", "b_norm"),  # LyCORIS 'norm' (train_norm): a norm layer's scale, bias
          (".oft_blocks", "oft_blocks"), (".oft_diag", "oft_diag"), (".rescale", "rescale"),  # OFT / BOFT
-         (".on_input", "on_input")]  # LyCORIS IA3 (with `weight`, below)
+         (".on_input", "on_input"),  # LyCORIS IA3 (with `weight`, below)
+         (".scale", "scale")]  # A1111's network.py: a layer's scale, in place of alpha / dim (not for OFT)
+GLORA = ("a1", "a2", "b1", "b2", "bm")  # LyCORIS GLoRA's factors (`a1.weight` ...; `bm`: LyCORIS 3's Tucker core)
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # LyCORIS LoHa's factors
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # LyCORIS LoKr's (whole or a @ b)
 CORES = ("hada_t1", "hada_t2", "lokr_t2")  # LyCORIS' CP (Tucker) cores of a convolution's factors
 BIAS_CHANGES = ("up_bias", "diff_b", "b_norm")  # a bias's change (LoRA, full, norm)
 EXTRAS = (*BIAS_CHANGES, "dora_scale", "magnitude")  # a bias's change, DoRA's magnitudes: beside the factors
-PARTS += [(f".{k}", k) for k in HADA + LOKR + CORES]
+PARTS += [(f".{k}", k) for k in HADA + LOKR + CORES] + [(f".{k}.weight", f"glora_{k}") for k in GLORA]
 PARTS.append((".weight", "weight"))  # LyCORIS IA3's vector: read so only in files with IA3's `on_input` keys
 # <layer> = <prefix><path>: which model, and whether the path is kohya's (underscored) or dotted.
 # `lora_te1_`: SD1 files named as SDXL's first text encoder (A1111 and diffusers read them so; SDXL's have lora_te2_);
@@ -114,8 +124,8 @@ class LoraLayer:
     delta = up @ down; LyCORIS LoHa: (w1_a @ w1_b) * (w2_a @ w2_b), elementwise; LoKr: kron(w1, w2), each
     factor whole or as a @ b; LoCon with a CP core (`lora_mid`, kind "locon_cp"): up, mid's convolution, down;
     a LoHa product or LoKr's w2 with a core t: cp(t, a, b) (`factors`, with down and up None); LyCORIS 'full':
-    delta = diff, scale 1 (A1111: no alpha); OFT / BOFT and IA3: a change of the weight itself (`_oft_delta`,
-    `_ia3_delta`), scale 1.
+    delta = diff, scale 1 (A1111: no alpha); OFT / BOFT, IA3 and GLoRA: a change of the weight itself (`_oft_delta`,
+    `_ia3_delta`, `_glora_delta`), scale 1. A file's `<layer>.scale` replaces any kind's scale but OFT's (A1111).
 
     Any kind's layer may also change the bias, bias += weight * scale * `bias` (PEFT's lora_B.bias; LyCORIS
     'full''s diff_b, scale 1), and be weight-decomposed (DoRA, `dora`: see merged_weight)."""
@@ -126,7 +136,7 @@ class LoraLayer:
     down: torch.Tensor | None  # (r, in) or (r, in, kh, kw); fp32, or the file's fp16 / bf16
     up: torch.Tensor | None    # (out, r) or (out, r, 1, 1)
     scale: float
-    kind: str = "lora"   # "lora", "locon_cp", "loha", "lokr", "full", "norm", "oft" or "ia3"
+    kind: str = "lora"   # "lora", "locon_cp", "loha", "lokr", "full", "norm", "oft", "ia3" or "glora"
     factors: dict = field(default_factory=dict)  # the others' tensors by their key suffix (hada_w1_a, lokr_w1, ...)
     bias: torch.Tensor | None = None  # (out,) fp32: the bias's change
     dora: torch.Tensor | None = None  # fp32 DoRA magnitudes: (out,) per output row, or (in,) per input column
@@ -145,9 +155,9 @@ class LoraLayer:
 
     def _delta(self, weight: torch.Tensor) -> torch.Tensor:
         f, shape = self.factors, tuple(weight.shape)
-        if self.kind in ("oft", "ia3"):
+        if self.kind in ("oft", "ia3", "glora"):  # (changes that read the weight)
             w, f = weight.float(), {k: t.to(weight.device) for k, t in f.items()}
-            return _oft_delta(f, w) if self.kind == "oft" else _ia3_delta(f, w)
+            return {"oft": _oft_delta, "ia3": _ia3_delta, "glora": _glora_delta}[self.kind](f, w)
         if self.kind in ("full", "norm"):
             return f["diff" if self.kind == "full" else "w_norm"].reshape(shape)
         if self.kind == "locon_cp":  # delta[o, c] = sum over n, m of up[o, n] mid[n, m] down[m, c] (per kernel tap)
@@ -206,9 +216,17 @@ def _oft_delta(f: dict, w: torch.Tensor) -> torch.Tensor:
 
 def _ia3_delta(f: dict, w: torch.Tensor) -> torch.Tensor:
     """A1111's network_ia3 change of a linear's weight w: w * v, v scaling each output row (each input column when
-    `on_input`)."""
-    v = f["weight"].reshape(-1)
-    return w * (v if bool(f["on_input"].reshape(-1)[0]) else v[:, None])
+    `on_input`); a convolution's (v (1, C, 1, 1)) likewise per output (input) channel, as LyCORIS' IA3 defines it
+    (A1111's broadcast fails there: it skips the layer)."""
+    shape = [1] * w.dim()
+    shape[1 if bool(f["on_input"].reshape(-1)[0]) else 0] = -1
+    return w * f["weight"].reshape(shape)
+
+
+def _glora_delta(f: dict, w: torch.Tensor) -> torch.Tensor:
+    """A1111's network_glora change of weight w (a linear's, or a 1x1 convolution's flattened): b2 b1 + (w a2) a1."""
+    a1, a2, b1, b2 = (_flat(f[f"glora_{k}"]) for k in ("a1", "a2", "b1", "b2"))
+    return (b2 @ b1 + (_flat(w) @ a2) @ a1).reshape(w.shape)
 
 
 def _cp(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -455,8 +473,13 @@ def read_lora(path: str, models: dict[str, nn.Module]) -> LoraFile:
         raise CheckpointError(f"{path}: {len(bad)} LoRA layers do not fit this model{_shape_hint(bad)}: "
                               f"{_names(bad, 3)}")
     width = models["clip"].cfg.hidden_size
-    embeddings = tuple((name, _bundled_vectors(path, name, data, width)) for name, data in bundles.items())
-    return LoraFile(path, Path(path).stem, tuple(layers), embeddings)
+    embeddings = []
+    for name, data in bundles.items():
+        try:
+            embeddings.append((name, _bundled_vectors(path, name, data, width)))
+        except OtherWidth as e:  # (A1111's networks.py puts it among the skipped embeddings; the LoRA loads)
+            warnings.warn(f"{e}: that embedding is skipped, the rest of the LoRA is loaded (as A1111)", stacklevel=3)
+    return LoraFile(path, Path(path).stem, tuple(layers), tuple(embeddings))
 
 
 def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dict, peft: dict) -> LoraLayer:
@@ -464,11 +487,10 @@ def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dic
     rank = down.shape[0]
     if rank == 0:
         raise CheckpointError(f"{path}: {layer} has rank 0 (empty factors)")
-    if "alpha" in parts:
-        alpha = parts["alpha"].load()
-        if alpha.numel() != 1:
-            raise CheckpointError(f"{path}: {layer}.alpha has shape {tuple(alpha.shape)}, not one number")
-        scale = float(alpha) / rank
+    if "scale" in parts:  # (A1111's network.py: a layer's `scale` replaces alpha / dim)
+        scale = _one_number(path, layer, parts, "scale")
+    elif "alpha" in parts:
+        scale = _one_number(path, layer, parts, "alpha") / rank
     else:
         cfg = peft.get("unet" if target[0] == "unet" else "text_encoder", {})
         scale = None if layer.startswith("lora_") else _peft_scale(cfg, target[1])  # kohya files have no PEFT config
@@ -477,6 +499,14 @@ def _layer(path: str, target: tuple[str, str], name: str, layer: str, parts: dic
             and torch.isfinite(up.sum(dtype=torch.float32))):  # sums: fast
         raise CheckpointError(f"{path}: {layer} holds NaN, infinite or absurdly large values")
     return LoraLayer(target[0], name, layer, down, up, scale)
+
+
+def _one_number(path: str, layer: str, parts: dict, part: str) -> float:
+    """A layer's `alpha` or `scale` (a tensor of one number, of any shape); CheckpointError otherwise."""
+    t = parts[part].load()
+    if t.numel() != 1:
+        raise CheckpointError(f"{path}: {layer}.{part} has shape {tuple(t.shape)}, not one number")
+    return float(t)
 
 
 def _factor(t: torch.Tensor) -> torch.Tensor:
@@ -489,14 +519,15 @@ def _kind(path: str, layer: str, parts: dict) -> str:
     """"lora", "locon_cp", "loha", "lokr", "full" or "norm" from a layer's tensors; CheckpointError naming what is
     missing or mixed. A bias's change goes with its kind's factors (lora_B.bias: LoRA; diff_b: full), LyCORIS' DoRA
     dora_scale with any kind's, PEFT's lora_magnitude_vector with lora_A / lora_B."""
-    have = set(parts) - {"alpha", "dora_scale", "magnitude"}
+    have = set(parts) - {"alpha", "scale", "dora_scale", "magnitude"}
     if "diff_b" in have and have - {"diff", "diff_b"}:  # ComfyUI's bias change beside another kind's factors
         have.discard("diff_b")
     if len(biases := sorted(set(parts) & set(BIAS_CHANGES))) > 1:
         raise CheckpointError(f"{path}: {layer} has two bias changes: {' and '.join(map(_suffix, biases))}")
     kinds = {"lora": {"down", "up", "mid", "up_bias"}, "loha": set(HADA) | {c for c in CORES if c.startswith("hada")},
              "lokr": set(LOKR) | {c for c in CORES if c.startswith("lokr")}, "full": {"diff", "diff_b"},
-             "norm": {"w_norm", "b_norm"}, "oft": {"oft_blocks", "oft_diag", "rescale"}, "ia3": {"weight", "on_input"}}
+             "norm": {"w_norm", "b_norm"}, "oft": {"oft_blocks", "oft_diag", "rescale"}, "ia3": {"weight", "on_input"},
+             "glora": {f"glora_{k}" for k in GLORA}}
     kind = next((k for k, names in kinds.items() if have and have <= names), None)
     if kind is None and have:
         raise CheckpointError(f"{path}: {layer} mixes factors of different kinds: {', '.join(sorted(have))}")
@@ -514,15 +545,18 @@ def _kind(path: str, layer: str, parts: dict) -> str:
         if {"oft_blocks", "oft_diag"} <= have:
             raise CheckpointError(f"{path}: {layer} has both oft_blocks and oft_diag (one OFT layer has one)")
         complete, needed = bool(have & {"oft_blocks", "oft_diag"}), "oft_blocks or oft_diag"
+    elif kind == "glora":  # (A1111's network_glora takes a layer only with its alpha, which it does not use)
+        complete = {"glora_a1", "glora_a2", "glora_b1", "glora_b2"} <= have and "alpha" in parts
+        needed = "a1.weight, a2.weight, b1.weight, b2.weight and alpha"
     else:
         required = {"lora": {"down", "up"}, "loha": set(HADA), "full": {"diff"}, "norm": {"w_norm"},
                     "ia3": {"weight", "on_input"}}[kind]
         complete, needed = required <= have, " and ".join(sorted(required))
     if not complete:
         name = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "full": "LyCORIS 'full'",
-                "norm": "LyCORIS 'norm'", "oft": "OFT", "ia3": "LyCORIS IA3"}[kind]
-        raise CheckpointError(f"{path}: {layer} has {' and '.join(sorted(parts))} but not every factor of a {name} "
-                              f"({needed})")
+                "norm": "LyCORIS 'norm'", "oft": "OFT", "ia3": "LyCORIS IA3", "glora": "LyCORIS GLoRA"}[kind]
+        raise CheckpointError(f"{path}: {layer} has {' and '.join(map(_suffix, sorted(parts)))} but not every factor "
+                              f"of a {name} ({needed})")
     if {"dora_scale", "magnitude"} <= set(parts):
         raise CheckpointError(f"{path}: {layer} has two DoRA magnitudes, dora_scale and lora_magnitude_vector")
     if "magnitude" in parts and (kind != "lora" or "mid" in have):
@@ -553,17 +587,21 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict, w: tuple | 
     weight taken to have shape `w` (default: its own)."""
     w = w or tuple(module.weight.shape)
     numel = math.prod(w)
-    shown = ("factors " + ", ".join(f"{k} {v}" for k, v in sorted(shapes.items()) if k != "alpha" and k not in EXTRAS)
+    shown = ("factors " + ", ".join(f"{_suffix(k) if k.startswith('glora') else k} {v}"
+                                    for k, v in sorted(shapes.items()) if k not in ("alpha", "scale", *EXTRAS))
              + f" vs layer {w}")
     if kind == "norm":  # w_norm: the norm's scale, (C,)
         return None if shapes["w_norm"] == w else shown
     if kind == "oft":
         return _oft_shape_problem(w, shapes, shown)
     if kind == "ia3":  # a vector over the rows or the columns (which, on_input tells: checked when it is read)
-        if len(w) != 2:
-            return f"IA3 weight {shapes['weight']} for a {_layer_kind(module)} (A1111 merges IA3 into linear layers)"
-        ok = math.prod(shapes["on_input"]) == 1 and math.prod(shapes["weight"]) in w
+        v = shapes["weight"]
+        if len(w) == 4 and (len(v) != 4 or v[0] != 1 or v[2:] != (1, 1)):
+            return f"IA3 weight {v} for a convolution (LyCORIS writes a convolution's as (1, C, 1, 1))"
+        ok = math.prod(shapes["on_input"]) == 1 and math.prod(shapes["weight"]) in w[:2]
         return None if ok else shown
+    if kind == "glora":
+        return _glora_shape_problem(w, shapes, shown)
     if kind == "full":  # diff: the weight's shape (a linear's or a 1x1 convolution's with or without a 1x1 kernel)
         diff, ones = shapes["diff"], ((), (1, 1))
         return None if diff == w or (diff[:2] == w[:2] and diff[2:] in ones and w[2:] in ones) else shown
@@ -590,6 +628,31 @@ def _delta_shape_problem(module: nn.Module, kind: str, shapes: dict, w: tuple | 
             dims.append((a[0], math.prod(b[1:])) if len(a) == 2 and len(b) >= 2 and a[1] == b[0] else None)
     ok = None not in dims and dims[0][0] * dims[1][0] == w[0] and dims[0][1] * dims[1][1] * w[0] == numel
     return None if ok else shown
+
+
+def _glora_shape_problem(w: tuple, shapes: dict, shown: str) -> str | None:
+    """Why GLoRA factors of these shapes can't change a weight of shape w (None when they can). A1111's network_glora
+    reads the first LyCORIS layout, a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r), change b2 b1 + W a2 a1, on a
+    linear (fastsd: or a 1x1 convolution, its factors (..., 1, 1), as LyCORIS made them); LyCORIS 3's layout (a1 (in,
+    r), a2 (r, in), b1 (out, r), b2 (r, in), change b1 b2 + W a1 a2, and its Tucker core `bm`) does not fit A1111's
+    products, which fail on it (A1111 skips the layer): refused so."""
+    ones = ((), (1, 1))
+    if "glora_bm" in shapes:
+        return "GLoRA with a Tucker core bm.weight (LyCORIS 3), which A1111 does not merge"
+    flat = {k[6:]: shapes[k][:2] if len(shapes[k]) >= 2 and shapes[k][2:] in ones else None
+            for k in shapes if k.startswith("glora_")}
+    if w[2:] not in ones:
+        return f"GLoRA on a {w[2]}x{w[3]} convolution (A1111 merges GLoRA into linear layers, LyCORIS into 1x1 ones)"
+    if None in flat.values():
+        return shown
+    out, inp, r = w[0], w[1], flat["a1"][0]
+    if (flat["a1"], flat["a2"], flat["b1"], flat["b2"]) == ((r, inp), (inp, r), (r, inp), (out, r)):
+        return None
+    r = flat["a1"][-1]
+    if (flat["a1"], flat["a2"], flat["b1"], flat["b2"]) == ((inp, r), (r, inp), (out, r), (r, inp)):
+        return ("GLoRA in LyCORIS 3's layout (a1.weight (in, r), b1.weight (out, r)), whose products A1111's "
+                "network_glora can't form (it skips such layers): not merged")
+    return shown
 
 
 def _ia3_side_problem(module: nn.Module, parts: dict) -> str | None:
@@ -656,17 +719,18 @@ def _with_extras(path: str, made: LoraLayer, parts: dict, w: tuple) -> LoraLayer
         raise CheckpointError(f"{path}: {made.key} holds NaN, infinite or absurdly large values")
     dora = next((k for k in ("dora_scale", "magnitude") if k in extra), None)
     return replace(made, bias=next((extra[k] for k in BIAS_CHANGES if k in extra), None),
-                   bias_scale=1.0 if "diff_b" in extra else None,  # (ComfyUI's, beside LoRA factors: no alpha)
+                   bias_scale=1.0 if {"diff_b", "b_norm"} & set(extra) else None,  # (A1111's ex_bias: no scale)
                    dora=extra[dora].reshape(-1) if dora else None,
                    dora_form=_dora_form(dora, tuple(parts[dora].shape), w) if dora else "")
 
 
 def _lycoris_layer(path: str, target: tuple[str, str], name: str, layer: str, kind: str, parts: dict) -> LoraLayer:
-    """A LoCon-with-core / LoHa / LoKr / full / norm / OFT / IA3 layer; scale = alpha / dim
+    """A LoCon-with-core / LoHa / LoKr / full / norm / OFT / IA3 / GLoRA layer; scale = alpha / dim
     as A1111 (dim: down's rows; hada_w1_b's; LoKr: lokr_w2_b's, else lokr_w1_b's), 1 without an alpha or a dim
-    (full, norm, OFT, IA3 have none)."""
+    (full, norm, OFT, IA3, GLoRA have none: A1111 merges GLoRA at 1 whatever its alpha), the file's `scale` where
+    it has one (but for OFT, as A1111)."""
     factors = {k: ref.load().float() for k, ref in parts.items()
-               if (k != "alpha" or kind == "oft") and k not in EXTRAS}  # (OFT's alpha: its constraint)
+               if (k != "alpha" or kind == "oft") and k != "scale" and k not in EXTRAS}  # (OFT's alpha: its constraint)
     empty = next((k for k, t in factors.items() if t.numel() == 0), None)
     if empty is not None:
         raise CheckpointError(f"{path}: {layer}.{empty} is empty, shape {tuple(factors[empty].shape)}")
@@ -674,11 +738,10 @@ def _lycoris_layer(path: str, target: tuple[str, str], name: str, layer: str, ki
            factors["lokr_w2_b"].shape[0] if "lokr_w2_b" in factors else
            factors["lokr_w1_b"].shape[0] if "lokr_w1_b" in factors else None)
     scale = 1.0
-    if "alpha" in parts and dim:
-        alpha = parts["alpha"].load()
-        if alpha.numel() != 1:
-            raise CheckpointError(f"{path}: {layer}.alpha has shape {tuple(alpha.shape)}, not one number")
-        scale = float(alpha) / dim
+    if "scale" in parts and kind != "oft":  # (A1111's NetworkModuleOFT sets its scale to 1 whatever the file says)
+        scale = _one_number(path, layer, parts, "scale")
+    elif "alpha" in parts and dim:
+        scale = _one_number(path, layer, parts, "alpha") / dim
     if not (abs(scale) <= FP32_MAX and all(torch.isfinite(t.sum()) for t in factors.values())):
         raise CheckpointError(f"{path}: {layer} holds NaN, infinite or absurdly large values")
     return LoraLayer(target[0], name, layer, None, None, scale, kind, factors)
@@ -717,8 +780,8 @@ def _check_kind(path: str, keys: list[str], unknown: list[str], groups: dict, bu
         if found is not None:
             raise CheckpointError(f"{path}: this is {kind} (keys such as {found}); fastsd merges Stable Diffusion 1.x "
                                   "LoRAs (lora_down/lora_up, LoCon, lora_A/lora_B, DoRA, LyCORIS LoHa, LoKr, full, "
-                                  "norm, IA3, OFT and BOFT)")
-    if not bundles and not any(set(g) - {"alpha"} for g in groups.values()):
+                                  "norm, IA3, GLoRA, OFT and BOFT)")
+    if not bundles and not any(set(g) - {"alpha", "scale"} for g in groups.values()):
         raise CheckpointError(f"{path}: not a LoRA (no lora_down/lora_up or lora_A/lora_B tensors; {len(keys)} "
                               f"tensors such as {_names(keys, 3)})")
     if unknown:

@@ -7,6 +7,7 @@ Formats: "kohya_ldm" (`lora_unet_input_blocks_1_1_proj_in.lora_down.weight`, LDM
 factors: down (r, in, k, k), up (out, r, 1, 1). The diffusers paths come from diffusers' own converter
 (`diffusers_names`), never from fastsd's rules, so a test of those rules has an independent reference.
 DoRA magnitudes (PEFT's `lora_magnitude_vector`, kohya / LyCORIS `dora_scale`) and PEFT's `lora_B.bias` on request.
+Single layers of LyCORIS' GLoRA and IA3 (`glora_factors`, `ia3_factors`) under kohya names (`kohya_key`).
 """
 from __future__ import annotations
 
@@ -128,3 +129,35 @@ def write_random_lora(path: str, pipe, *, fmt: str, rank: int = 4, alpha: float 
         meta = {"lora_adapter_metadata": json.dumps(cfg)}
     save_file(sd, path, metadata=meta)
     return len(targets)
+
+
+def kohya_key(model: str, name: str) -> str:
+    """The kohya (LDM path) name of fastsd layer `name` of `model` ("unet" / "clip"): lora_unet_<path> / lora_te_<path>,
+    to which a file appends `.lora_down.weight`, `.alpha`, ..."""
+    return ("lora_unet_" if model == "unet" else "lora_te_") + name.replace(".", "_")
+
+
+def glora_factors(weight: torch.Tensor, rank: int, g: torch.Generator, *, layout: str = "first",
+                  alpha: float | None = None, strength: float = 0.2) -> dict[str, torch.Tensor]:
+    """Random LyCORIS GLoRA tensors for a layer of `weight` (a linear's, or a 1x1 convolution's: 4-d (..., 1, 1)
+    factors, as LyCORIS' Conv2d modules hold them), by their key suffix (`a1.weight`, ...; `alpha` when given).
+    layout "first" (LyCORIS' first GLoRA, the one A1111's network_glora reads): a1 (r, in), a2 (in, r), b1 (r, in),
+    b2 (out, r); "lycoris3" (LyCORIS 3's glora.py): a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in)."""
+    out, inp = weight.shape[:2]
+    shapes = ({"a1": (rank, inp), "a2": (inp, rank), "b1": (rank, inp), "b2": (out, rank)} if layout == "first" else
+              {"a1": (inp, rank), "a2": (rank, inp), "b1": (out, rank), "b2": (rank, inp)})
+    ones = (1, 1) if weight.dim() == 4 else ()
+    sd = {f"{k}.weight": torch.randn(*shape, *ones, generator=g) * strength / shape[1] ** 0.5
+          for k, shape in shapes.items()}
+    if alpha is not None:
+        sd["alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def ia3_factors(weight: torch.Tensor, g: torch.Generator, *, on_input: bool = False,
+                strength: float = 0.3) -> dict[str, torch.Tensor]:
+    """Random LyCORIS IA3 tensors for a layer of `weight`: `weight` (C,) for a linear, (1, C, 1, 1) for a
+    convolution (C its output channels, or input ones when on_input), `on_input` as LyCORIS writes it."""
+    c = weight.shape[1 if on_input else 0]
+    v = torch.randn(c, generator=g) * strength
+    return {"weight": v.reshape(1, c, 1, 1) if weight.dim() == 4 else v, "on_input": torch.tensor(int(on_input))}

@@ -422,8 +422,8 @@ TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  #
 # LDM-named layers change that layer too, and a bad layer is refused before two names of one layer are)
 BAD = {
     "sdxl": (_pair("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", (4, 1280), (1280, 4)), "SDXL LoRA"),
-    "bundled sd2 embedding": ({"bundle_emb.mytok.string_to_param.*": torch.randn(2, 1024)},
-                              re.escape("bundle_emb.mytok: an embedding of width 1024 (a Stable Diffusion 2.x")),
+    "bundled broken embedding": ({"bundle_emb.mytok.string_to_param.*": torch.full((2, 128), float("nan"))},
+                                 re.escape("bundle_emb.mytok: an embedding with NaN")),  # (SD2's: skipped, formats2)
     "sd2": (_pair("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k", (4, 1024), (32, 4)),
             "Stable Diffusion 2.x"),
     "no layer": (_pair("lora_unet_input_blocks_1_1_transformer_blocks_3_attn1_to_q", (4, 32), (32, 4)),
