@@ -2,8 +2,9 @@
 
     python -m fastsd.benchmarks.cpu_paths [--repeat 5] [--threads 2]
 
-Rows: attention (SDPA vs fastsd/backends/cpu_attention.py and cpu_attention_native.py, bf16; SDPA and the
-native kernel in fp32, head dims <= 160, and the micro-kernel of the ISA in effect, cpu_attention_fp32.py), convolution
+Rows: attention (SDPA vs fastsd/backends/cpu_attention.py and cpu_attention_native.py, bf16 in both its layouts,
+native and native_t; SDPA and the native kernel in fp32, head dims <= 160, and the micro-kernel of the ISA in
+effect, cpu_attention_fp32.py), convolution
 and linear (plain F.conv2d / F.linear vs weights
 prepacked as fastsd/backends/cpu_pack.py packs them; fp32 3x3 convolutions also as Winograd F(4x4) and F(2x2),
 fastsd/backends/cpu_winograd.py, where each has enough tiles, with its native transforms and in torch ops; * marks
@@ -98,6 +99,8 @@ def rows(repeat: int, all_dtypes: bool = False):
             yield ("attention", shape, "bf16", "chunked", _ms(lambda: attention_chunked(qb, kb, vb), repeat),
                    _rel(attention_chunked(qb, kb, vb), refb))
             yield _native_row(shape, cpu_attention_native.unavailable(), (qb, kb, vb), refb, repeat)
+            yield _native_row(shape, cpu_attention_native.unavailable(), (qb, kb, vb), refb, repeat,
+                              functools.partial(attention_native, keys_rows=True), "native_t")
         else:
             yield "attention", shape, "bf16", "chunked", None, no_bf16
         yield ("attention", shape, "fp32", "SDPA", _ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat), 0.0)

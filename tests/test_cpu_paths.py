@@ -3,6 +3,7 @@ choices) against the plain-torch reference that --backend torch runs. The whole 
 in subprocesses restricted to AVX2 and to AVX-512 without BF16 (test_cpu_paths_restricted), whatever this
 machine's ISA."""
 import copy
+import functools
 import inspect
 import os
 import subprocess
@@ -72,32 +73,40 @@ needs_native = pytest.mark.skipif(NATIVE_WHY is not None or not cpuinfo.native_b
 
 
 @needs_native
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_native_bf16_attention_is_as_accurate_as_torch(shape):
+@pytest.mark.parametrize("keys_rows", [False, True], ids=["native", "native_t"])
+@pytest.mark.parametrize("shape", SHAPES + [(1, 3, 40, 600, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_native_bf16_attention_is_as_accurate_as_torch(shape, keys_rows):
     """SDPA's roundings (p and the output rounded once each): its error, not just within 2x of it; strided
-    (B, L, H, D) views in, odd key counts, query counts that don't fill a block."""
+    (B, L, H, D) views in, odd key counts, query counts that don't fill a block; for native_t keys past one chunk
+    of its online softmax (600, two and a bit)."""
     B, H, Lq, Lk, D = shape
     qb, kb, vb = (t.bfloat16() for t in _qkv(B, H, Lq, Lk, D))
     ref = reference.attention(qb.float(), kb.float(), vb.float())
-    out = cpu_attention_native.attention_native(qb, kb, vb)
+    attend = functools.partial(cpu_attention_native.attention_native, keys_rows=keys_rows)
+    out = attend(qb, kb, vb)
     assert out.shape == qb.shape and out.dtype == torch.bfloat16
     rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
     assert rel(out) <= 1.15 * rel(reference.attention(qb, kb, vb)), (rel(out), rel(reference.attention(qb, kb, vb)))
-    contiguous = cpu_attention_native.attention_native(qb.contiguous(), kb.contiguous(), vb.contiguous(), scale=0.3)
-    assert torch.equal(contiguous, cpu_attention_native.attention_native(qb, kb, vb, scale=0.3))  # strides only
+    contiguous = attend(qb.contiguous(), kb.contiguous(), vb.contiguous(), scale=0.3)
+    assert torch.equal(contiguous, attend(qb, kb, vb, scale=0.3))  # strides only
     assert not torch.equal(contiguous, out)  # the scale is used
     # p rounded to bf16 by integer rounding (a CPU without AVX512-BF16's conversion): the same bits
     lib = cpu_attention_native._library()[0]
-    assert torch.equal(cpu_attention_native._run(lib, qb, kb, vb, None, bf16_cvt=False), out)
+    assert torch.equal(cpu_attention_native._run(lib, qb, kb, vb, None, bf16_cvt=False, keys_rows=keys_rows), out)
 
 
 @needs_native
-def test_native_attention_keeps_sharp_logits_accurate():
-    q, k, v = _qkv(1, 2, 256, 255, 40, sharpness=60.0, seed=3)
-    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
-    ref = reference.attention(qb.float(), kb.float(), vb.float())
-    rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert rel(cpu_attention_native.attention_native(qb, kb, vb)) <= 1.15 * rel(reference.attention(qb, kb, vb))
+@pytest.mark.parametrize("keys_rows", [False, True], ids=["native", "native_t"])
+def test_native_attention_keeps_sharp_logits_accurate(keys_rows):
+    """Logits with std ~60; for native_t over 3001 keys (12 chunks): a later chunk's larger maximum rescales
+    what the earlier ones summed."""
+    for shape in [(1, 2, 256, 255, 40), (1, 2, 100, 3001, 40)]:
+        q, k, v = _qkv(*shape, sharpness=60.0, seed=3)
+        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+        ref = reference.attention(qb.float(), kb.float(), vb.float())
+        rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+        out = cpu_attention_native.attention_native(qb, kb, vb, keys_rows=keys_rows)
+        assert rel(out) <= 1.15 * rel(reference.attention(qb, kb, vb)), shape
 
 
 needs_native_fp32 = pytest.mark.skipif(NATIVE_WHY is not None or not cpu_attention_native.avx512(),
@@ -547,6 +556,22 @@ def test_attention_dispatch_on_cpu():
         assert torch.equal(cpu.attention(wide, wide, wide), reference.attention(wide, wide, wide))
     qg = q.clone().requires_grad_()  # autograd on: reference ops (the chunked path writes into out= buffers)
     assert torch.equal(cpu.attention(qg, k, v), ref)
+
+
+@needs_native
+def test_native_t_is_the_bf16_default_for_many_keys_without_amx(monkeypatch):
+    """FASTSD_CPU_TUNE=0 here (the defaults): keys along the rows for the 64x64 self-attention's kind of shape
+    (a head dim not in whole 16-float vectors, many keys) without AMX; native with AMX, for D 80, for few keys."""
+    monkeypatch.setattr(cpu, "NATIVE_T_MIN_KEYS", 300)
+    cases = [((1, 2, 64, 300, 40), True), ((1, 2, 64, 299, 40), False), ((1, 2, 64, 300, 80), False)]
+    for amx in (False, True):
+        monkeypatch.setattr(cpuinfo, "amx", lambda cpuinfo="", amx=amx: amx)
+        for shape, many in cases:
+            q, k, v = (t.bfloat16() for t in _qkv(*shape))
+            native, native_t = (cpu_attention_native.attention_native(q, k, v, keys_rows=t) for t in (False, True))
+            assert not torch.equal(native, native_t)  # distinguishable
+            with torch.no_grad():
+                assert torch.equal(cpu.attention(q, k, v), native_t if many and not amx else native), (shape, amx)
 
 
 def _tiny_inputs():

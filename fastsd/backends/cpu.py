@@ -40,6 +40,7 @@ from fastsd.backends.cpu_pack import (PACKED, drop_spares, keep_temporaries_mapp
 from fastsd.backends.cpu_tune import tuner
 
 FF_CHUNK_TOKENS = 2048  # tokens per feed-forward chunk (1024 and 2048 were best of 256..2048 tried)
+NATIVE_T_MIN_KEYS = 2048  # keys from which native_t is the bf16 attention default without AMX (measured at 4096)
 
 
 def attention(q, k, v, *, scale=None, causal=False):
@@ -96,18 +97,26 @@ def _attention_bf16(q, k, v, scale):
     native = q.shape[-1] % 2 == 0 and cpu_attention_native.unavailable() is None
     amx = cpuinfo.amx()
     key = (f"attention bf16 q{tuple(q.shape)} k{tuple(k.shape)} t{torch.get_num_threads()} "
-           f"chunked v{CHUNKED_VERSION}" + (f" native v{cpu_attention_native.VERSION}" if native else "")
+           f"chunked v{CHUNKED_VERSION}" + (f" native v{cpu_attention_native.VERSION}"
+                                            f" native_t v{cpu_attention_native.VERSION_T}" if native else "")
            + ("" if amx else f" fp32 {_fp32_tag(_fp32_kernel_names(q.shape[-1]))}".rstrip()))
     candidates = {"chunked": lambda: attention_chunked(q, k, v, scale=scale),
                   "sdpa": lambda: reference.attention(q, k, v, scale=scale)}
     if native:
         candidates["native"] = lambda: cpu_attention_native.attention_native(q, k, v, scale=scale)
+        candidates["native_t"] = lambda: cpu_attention_native.attention_native(q, k, v, scale=scale, keys_rows=True)
     if not amx:  # without AMX a bf16 GEMM runs at 0.65-2x fp32's (docs/cpu-path.md)
         candidates["fp32"] = lambda: _bf16_attention_in_fp32(q, k, v, scale)
     # the native kernel with AMX too, since its row strides stopped sharing cache sets; without it, with AMX SDPA
     # (its flash kernel's GEMMs run on AMX tiles; docs/cpu-path.md)
-    default = "native" if native else "sdpa" if amx else "chunked"
+    default = _native_bf16_default(q.shape[-1], k.shape[-2], amx) if native else "sdpa" if amx else "chunked"
     return candidates[tuner().choose(key, candidates, default=default)]()
+
+
+def _native_bf16_default(d: int, keys: int, amx: bool) -> str:
+    """Keys along the rows (native_t) for many keys and a head dim that whole 16-float vectors don't cover (the
+    64x64 self-attention: D 40, 4096 keys), measured faster there without AMX (docs/cpu-path.md); else native."""
+    return "native_t" if not amx and d % 16 and keys >= NATIVE_T_MIN_KEYS else "native"
 
 
 def _bf16_attention_in_fp32(q, k, v, scale):

@@ -8,6 +8,7 @@
 // summed over blocks of keys), out = O / sum, rounded once to bf16: the roundings of PyTorch's own flash attention, without
 // its online-softmax rescaling (all of a block's scores fit in cache). k^T and v are laid out once per call as
 // the micro-kernel takes them: for bf16 pair-interleaved along the reduction ("VNNI").
+// bf16 also with keys along the rows (attention_t, below): the cpu backend's tuner picks one per shape.
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -243,12 +244,185 @@ int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, 
   return 0;
 }
 
+// ---- bf16 with keys along the rows ("native_t"): per (head, block of up to 128 query rows), for each chunk of
+// block_n keys: S^T = k q^T (keys x queries, fp32: k as it is, q^T pair-interleaved), its column maxima, the
+// terms p^T = 2^(c (s - max)) with their fp32 column sums (16 queries a vector: no horizontal reductions), p^T
+// rounded once to bf16 pair-interleaved along the keys, O^T += v^T p^T (d x queries). A chunk whose maximum
+// exceeds the earlier ones' rescales O^T and the sums first (online softmax, as PyTorch's flash attention). The
+// head dim is a GEMM's row count here, not its vector width: d = 40 wastes no padded columns (p v in whole
+// 16-float vectors computes 48). out = O / sum, transposed back, rounded once to bf16.
+
+// 2^x for x <= 0, floored at 2^-64 as softmax_row: the degree-3 polynomial (the terms go to bf16); scalef
+// multiplies by 2^floor(x) itself
+inline __m512 exp2_bf16_terms(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-64.f));
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF);  // x - floor(x)
+  namespace k = fastsd_exp2;
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(k::B3), f, _mm512_set1_ps(k::B2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::B1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k::B0));
+  return _mm512_scalef_ps(p, x);
+}
+
+// keys 2j (e0) and 2j+1 (e1) of 16 queries rounded to bf16 as the 16 pairs [q][2] (VNNI B rows): AVX512-BF16's
+// conversion of both and one permutation (CVT), or integer rounding to nearest even into each 32-bit lane
+__attribute__((target("avx512bf16"))) inline __m512i pairs_cvt(__m512 e0, __m512 e1) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+}
+inline __m512i rounded_bits(__m512 e) {  // fp32 bits rounded to nearest even at bit 16
+  const __m512i u = _mm512_castps_si512(e);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+}
+template <bool CVT>
+inline __m512i pairs(__m512 e0, __m512 e1) {
+  if constexpr (CVT) {
+    return pairs_cvt(e0, e1);
+  } else {
+    return _mm512_or_si512(_mm512_srli_epi32(rounded_bits(e0), 16),
+                           _mm512_and_si512(rounded_bits(e1), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+}
+
+constexpr int64_t T_MAX_ROWS = 128;  // query rows a block (8 vectors of maxima and sums in registers)
+
+// one chunk of nv valid keys (nb, even, with its padding): column maxima of S^T (np queries), rescaling of the
+// sums and O^T (d rows) when they grow (not for the first chunk), the terms p^T as VNNI pairs
+template <bool CVT>
+void chunk_terms(const float* st, uint16_t* pt, float* ot, int64_t nv, int64_t nb, int64_t np, int64_t d, float c,
+                 bool first, __m512* mx, __m512* sum) {
+  const __m512 vc = _mm512_set1_ps(c);
+  __m512 nmc[T_MAX_ROWS / 16];
+  for (int64_t t = 0; t < np / 16; ++t) {
+    __m512 m = mx[t];
+    for (int64_t j = 0; j < nv; ++j) m = _mm512_max_ps(m, _mm512_loadu_ps(st + j * np + t * 16));
+    if (!first) {
+      const __m512 f = exp2_bf16_terms(_mm512_mul_ps(_mm512_sub_ps(mx[t], m), vc));
+      sum[t] = _mm512_mul_ps(sum[t], f);
+      for (int64_t col = 0; col < d; ++col) {
+        float* o = ot + col * np + t * 16;
+        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), f));
+      }
+    }
+    mx[t] = m;
+    nmc[t] = _mm512_mul_ps(m, _mm512_set1_ps(-c));
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nb; j += 2) {
+    const float* s0 = st + j * np;
+    for (int64_t t = 0; t < np / 16; ++t) {
+      const __m512 e0 = j < nv ? exp2_bf16_terms(_mm512_fmadd_ps(_mm512_loadu_ps(s0 + t * 16), vc, nmc[t])) : zero;
+      const __m512 e1 =
+          j + 1 < nv ? exp2_bf16_terms(_mm512_fmadd_ps(_mm512_loadu_ps(s0 + np + t * 16), vc, nmc[t])) : zero;
+      sum[t] = _mm512_add_ps(sum[t], _mm512_add_ps(e0, e1));
+      _mm512_storeu_si512(pt + j * np + t * 32, pairs<CVT>(e0, e1));
+    }
+  }
+}
+
+int attention_t(const View<uint16_t>& Q, const View<uint16_t>& K, const View<uint16_t>& V, uint16_t* out, int64_t o_sb,
+                int64_t o_sh, int64_t o_sl, int64_t b, int64_t heads, int64_t lq, int64_t lk, int64_t d, float scale,
+                int64_t block_m, int64_t block_n, int threads, bool bf16_cvt) {
+  using T = uint16_t;
+  if (d % 2 || lk < 1 || block_m < 16 || block_m % 16 || block_m > T_MAX_ROWS || block_n < 2 || block_n % 2 ||
+      threads < 1) {
+    g_error = "bad arguments (head dim must be even for bf16, at least one key, block sizes)";
+    return 1;
+  }
+  const int64_t n = b * heads, lkp = (lk + 1) / 2 * 2;
+  const int64_t ldv = lkp + 2 * KPAD;  // v^T's row stride, off a multiple of 4 KiB (the d rows p v reads at once)
+  std::vector<T> vt(static_cast<size_t>(n * d * ldv));
+  std::atomic<bool> failed{false};
+  std::string error;
+  const auto fail = [&](const char* what) {
+#pragma omp critical
+    {
+      if (!failed.exchange(true)) error = what;
+    }
+  };
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {  // v^T as [d][ldv], padding zero
+    T* vp = vt.data() + i * d * ldv;
+    for (int64_t j = 0; j < lk; ++j) {
+      const T* vr = V.row(i, heads, j);
+      for (int64_t col = 0; col < d; ++col) vp[col * ldv + j] = vr[col];
+    }
+    for (int64_t col = 0; col < d; ++col) std::fill(vp + col * ldv + lk, vp + (col + 1) * ldv, T(0));
+  }
+  const int64_t blocks = (lq + block_m - 1) / block_m;
+  const bool cvt = bf16_cvt && __builtin_cpu_supports("avx512bf16");
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> st, ot;
+    std::vector<T> qt, pt;
+    try {  // nothing may leave a parallel region by an exception
+      st.resize(static_cast<size_t>(block_n * block_m));
+      ot.resize(static_cast<size_t>(d * block_m));
+      qt.resize(static_cast<size_t>(d * block_m));
+      pt.resize(static_cast<size_t>(block_n * block_m));
+    } catch (const std::exception& e) {
+      fail(e.what());
+    }
+    auto block = [&](int64_t it) {
+      const int64_t i = it / blocks, r0 = (it % blocks) * block_m, m = std::min(block_m, lq - r0);
+      const int64_t np = (m + 15) / 16 * 16;  // query columns, padded to whole vectors with zero queries
+      for (int64_t r = 0; r < np; ++r) {  // q^T as [d/2][np][2]
+        const T* qr = r < m ? Q.row(i, heads, r0 + r) : nullptr;
+        for (int64_t col = 0; col < d; ++col) qt[(col / 2) * np * 2 + r * 2 + col % 2] = qr ? qr[col] : T(0);
+      }
+      const float c = scale * 1.4426950408889634f;  // exp(scale (s - max)) = 2^(c (s - max))
+      __m512 mx[T_MAX_ROWS / 16], sum[T_MAX_ROWS / 16];
+      for (int64_t t = 0; t < np / 16; ++t) mx[t] = _mm512_set1_ps(-FLT_MAX), sum[t] = _mm512_setzero_ps();
+      const bf16* vti = reinterpret_cast<const bf16*>(vt.data() + i * d * ldv);
+      for (int64_t j = 0; j < lkp; j += block_n) {
+        const int64_t nb = std::min(block_n, lkp - j), nv = std::min(nb, lk - j);
+        at::native::cpublas::brgemm(nv, np, d, K.sl, np, np, false, reinterpret_cast<const bf16*>(K.row(i, heads, j)),
+                                    reinterpret_cast<const bf16*>(qt.data()), st.data(), true);
+        if (cvt) {
+          chunk_terms<true>(st.data(), pt.data(), ot.data(), nv, nb, np, d, c, j == 0, mx, sum);
+        } else {
+          chunk_terms<false>(st.data(), pt.data(), ot.data(), nv, nb, np, d, c, j == 0, mx, sum);
+        }
+        at::native::cpublas::brgemm(d, np, nb, ldv, np, np, j > 0, vti + j, reinterpret_cast<const bf16*>(pt.data()),
+                                    ot.data(), true);
+      }
+      alignas(64) float inv[T_MAX_ROWS];
+      for (int64_t t = 0; t < np / 16; ++t) _mm512_store_ps(inv + t * 16, _mm512_div_ps(_mm512_set1_ps(1.f), sum[t]));
+      for (int64_t r = 0; r < m; ++r) {
+        T* dst = out + (i / heads) * o_sb + (i % heads) * o_sh + (r0 + r) * o_sl;
+        for (int64_t col = 0; col < d; ++col) dst[col] = round_bf16(ot[col * np + r] * inv[r]);
+      }
+    };
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < n * blocks; ++it) {
+      if (failed) continue;
+      try {
+        block(it);
+      } catch (const std::exception& e) {
+        fail(e.what());
+      }
+    }
+    try {
+      at::native::cpublas::brgemm_release(true);
+    } catch (const std::exception&) {
+    }
+  }
+  if (failed) {
+    g_error = error.substr(0, error.find('\n'));
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" const char* fastsd_attention_error() { return g_error.c_str(); }
 
 // q (b, h, lq, d), k and v (b, h, lk, d), out (b, h, lq, d), all bf16 (bf16 != 0; 2: p rounded to bf16 by integer
-// rounding even where the CPU has AVX512-BF16's conversion, the same result: for tests) or all fp32: any strides with
+// rounding even where the CPU has AVX512-BF16's conversion, the same result: for tests; 3 and 4: the same two with
+// keys along the rows, attention_t, block_m a multiple of 16 up to 128, block_n even) or all fp32: any strides with
 // the last dimension contiguous; d even for bf16. Returns 0, or 1 with the reason in fastsd_attention_error();
 // no C++ exception crosses into the caller (ctypes) or out of a parallel region.
 extern "C" int fastsd_attention(int bf16, const void* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const void* k,
@@ -259,6 +433,12 @@ extern "C" int fastsd_attention(int bf16, const void* q, int64_t q_sb, int64_t q
   try {  // the allocation of the k^T / v layouts may throw
     if (bf16) {
       using U = uint16_t;
+      if (bf16 >= 3) {
+        const View<U> Q{static_cast<const U*>(q), q_sb, q_sh, q_sl}, K{static_cast<const U*>(k), k_sb, k_sh, k_sl},
+            V{static_cast<const U*>(v), v_sb, v_sh, v_sl};
+        return attention_t(Q, K, V, static_cast<U*>(out), o_sb, o_sh, o_sl, b, heads, lq, lk, d, scale, block_m,
+                           block_n, threads, bf16 == 3);
+      }
       return attention<U>(static_cast<const U*>(q), q_sb, q_sh, q_sl, static_cast<const U*>(k), k_sb, k_sh, k_sl,
                           static_cast<const U*>(v), v_sb, v_sh, v_sl, static_cast<U*>(out), o_sb, o_sh, o_sl, b,
                           heads, lq, lk, d, scale, block_m, block_n, threads, bf16 != 2);

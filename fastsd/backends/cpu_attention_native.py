@@ -1,5 +1,6 @@
 """Attention on a CPU as one native kernel (cpu_attention_native.cpp): bf16 where bf16 is native, fp32 on
-AVX-512.
+AVX-512. bf16 comes in two layouts the cpu backend's tuner chooses between: queries along the rows ("native")
+and keys along the rows ("native_t", `keys_rows=True`: no head dim padded to whole vectors, an online softmax).
 
 PyTorch has no CPU bf16 GEMM with an fp32 output in Python (cpu_attention.py spends two extra GEMMs making
 up for that); ATen's C++ `cpublas::brgemm` (oneDNN's micro-kernel) has one. So the kernel is C++, compiled
@@ -23,7 +24,9 @@ from fastsd.backends import cpu_native
 SOURCE = Path(__file__).with_suffix(".cpp")
 ENV = cpu_native.ENV
 VERSION = 2  # part of the tuner's key: choices timed against another version are measured again
+VERSION_T = 1  # the same for the bf16 kernel with keys along the rows (attention_t in the C++, "native_t")
 BLOCK_M, BLOCK_N = 64, 512  # query rows per block, keys per q k^T micro-kernel call (best of 32-128 x 256-1024)
+BLOCK_M_T, BLOCK_N_T = 64, 256  # the same for native_t (keys per chunk of its online softmax)
 FP32_MAX_HEAD_DIM = 160  # fp32 beyond (the VAE's 512): 2.2x SDPA's fp32 error (q k^T's long sums), SDPA kept
 # AVX-512 (every CPU this runs on: native bf16 implies it), not the ISA in effect: the library cached for one CPU
 # runs on any other with these flags; bf16 instructions only in the conversion of p to bf16, which checks the CPU
@@ -73,9 +76,10 @@ def fp32_unavailable() -> str | None:
     return unavailable()
 
 
-def _run(lib: ctypes.CDLL, q, k, v, scale: float | None, bf16_cvt: bool = True) -> torch.Tensor:
+def _run(lib: ctypes.CDLL, q, k, v, scale: float | None, bf16_cvt: bool = True, keys_rows: bool = False
+         ) -> torch.Tensor:
     """bf16_cvt=False: p rounded to bf16 by integer rounding even where the CPU has the conversion instruction
-    (the path of a CPU without it; the same result)."""
+    (the path of a CPU without it; the same result). keys_rows: the bf16 kernel with keys along the rows."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     bf16 = q.dtype == torch.bfloat16
@@ -90,8 +94,11 @@ def _run(lib: ctypes.CDLL, q, k, v, scale: float | None, bf16_cvt: bool = True) 
     for t in (q, k, v, out):
         args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
     scale = d ** -0.5 if scale is None else scale
-    mode = (1 if bf16_cvt else 2) if bf16 else 0
-    rc = lib.fastsd_attention(mode, *args, b, h, lq, lk, d, scale, BLOCK_M, BLOCK_N, torch.get_num_threads())
+    if keys_rows and not bf16:
+        raise ValueError("native attention with keys along the rows takes bf16 only")
+    mode = (1 if bf16_cvt else 2) + (2 if keys_rows else 0) if bf16 else 0
+    blocks = (BLOCK_M_T, BLOCK_N_T) if keys_rows else (BLOCK_M, BLOCK_N)
+    rc = lib.fastsd_attention(mode, *args, b, h, lq, lk, d, scale, *blocks, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native attention failed: {lib.fastsd_attention_error().decode(errors='replace')}")
     return out
@@ -108,14 +115,20 @@ def _self_test(lib: ctypes.CDLL) -> None:
         q, k, v = (torch.randn(2, n, 3, 40, generator=g).transpose(1, 2).to(dtype) for n in (BLOCK_M + 5, 77, 77))
         ref = sdpa(q.to(wide), k.to(wide), v.to(wide))
         rel = lambda o: ((o.to(wide) - ref).norm() / ref.norm()).item()  # noqa: E731
-        ours, torch_err = rel(_run(lib, q, k, v, None)), rel(sdpa(q, k, v))
-        if not ours <= 2 * torch_err:
-            raise RuntimeError(f"the {str(dtype)[6:]} self-test failed (error {ours:.2e}, SDPA's {torch_err:.2e})")
+        torch_err = rel(sdpa(q, k, v))
+        for keys_rows in (False, True) if dtype == torch.bfloat16 else (False,):
+            ours = rel(_run(lib, q, k, v, None, keys_rows=keys_rows))
+            if not ours <= 2 * torch_err:
+                raise RuntimeError(f"the {str(dtype)[6:]}{' keys-rows' if keys_rows else ''} self-test failed "
+                                   f"(error {ours:.2e}, SDPA's {torch_err:.2e})")
 
 
-def attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-    """q (B, H, Lq, D), k/v (B, H, Lk, D), bf16 (D even) or fp32 -> (B, H, Lq, D), non-causal; any strides."""
+def attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                     keys_rows: bool = False) -> torch.Tensor:
+    """q (B, H, Lq, D), k/v (B, H, Lk, D), bf16 (D even) or fp32 -> (B, H, Lq, D), non-causal; any strides.
+    keys_rows (bf16): S^T = k q^T a chunk of keys at a time with an online softmax, O^T = v^T p^T: no head dim
+    padded to whole vectors (40 computes 48 otherwise), the softmax down columns of 16 queries."""
     lib, why = _library()
     if lib is None:
         raise RuntimeError(f"native attention unavailable: {why}")
-    return _run(lib, q, k, v, scale)
+    return _run(lib, q, k, v, scale, keys_rows=keys_rows)

@@ -193,7 +193,7 @@ def _paired_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None) -> 
         out = cpu_huge_pages.empty(shape, torch.bfloat16)
     step = max(1, CHUNK_BYTES // (shape[0] * k * 2 * 4))  # channel pairs whose fp32 transform takes <= CHUNK_BYTES
     for i in range(0, shape[1], step):
-        part = x[:, i:i + step].to(torch.float32, memory_format=torch.contiguous_format)
+        part = x[:, i:i + step].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         out[:, i:i + step].copy_(torch.mm(v.w_t, part.view(R * R, -1)).view(shape[0], -1, k, 2))
     return out
 
