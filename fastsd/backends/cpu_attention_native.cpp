@@ -15,7 +15,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -26,6 +25,7 @@
 #include <vector>
 
 #include "cpu_exp2.h"
+#include "cpu_items.h"
 #include "cpu_vec.h"  // (compiled for AVX-512 here: fastsd_vec::Vec is __m512)
 
 namespace {
@@ -152,14 +152,6 @@ int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, 
   const auto kt_at = [&](int64_t c, int64_t j) { return (c / pair) * ldk * pair + j * pair + c % pair; };
   const auto vv_at = [&](int64_t j, int64_t c) { return (j / pair) * dv * pair + c * pair + j % pair; };
   std::vector<T> kt(static_cast<size_t>(n * d * ldk)), vv(static_cast<size_t>(n * lkp * dv));
-  std::atomic<bool> failed{false};
-  std::string error;
-  const auto fail = [&](const char* what) {
-#pragma omp critical
-    {
-      if (!failed.exchange(true)) error = what;
-    }
-  };
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     T* kp = kt.data() + i * d * ldk;
@@ -178,67 +170,51 @@ int attention(const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, 
   const int64_t blocks = (lq + block_m - 1) / block_m;
   const int64_t lds = lkp + PAD, ldp = lkp + 2 * PAD;  // the scores' and p's row strides
   const bool cvt = E::vnni && bf16_cvt && __builtin_cpu_supports("avx512bf16");
-#pragma omp parallel num_threads(threads)
-  {
+  struct Scratch {
     std::vector<float> s_buf, o_buf, part, sums;
     std::vector<T> p_buf;
-    try {  // nothing may leave a parallel region by an exception
-      s_buf.resize(static_cast<size_t>(block_m * lds));
-      o_buf.resize(static_cast<size_t>(block_m * dv));
-      part.resize(static_cast<size_t>(block_m * dv));
-      sums.resize(static_cast<size_t>(block_m));
-      p_buf.resize(static_cast<size_t>(block_m * ldp));
-    } catch (const std::exception& e) {
-      fail(e.what());
+  };
+  const auto make = [&] {
+    const auto floats = [](int64_t count) { return std::vector<float>(static_cast<size_t>(count)); };
+    return Scratch{floats(block_m * lds), floats(block_m * dv), floats(block_m * dv), floats(block_m),
+                   std::vector<T>(static_cast<size_t>(block_m * ldp))};
+  };
+  const auto block = [&](int64_t it, Scratch& scratch) {
+    auto& [s_buf, o_buf, part, sums, p_buf] = scratch;
+    const int64_t i = it / blocks, r0 = (it % blocks) * block_m, m = std::min(block_m, lq - r0);
+    const T* kp = kt.data() + i * d * ldk;
+    const T* vp = vv.data() + i * lkp * dv;
+    const B* qa = reinterpret_cast<const B*>(Q.row(i, heads, r0));
+    for (int64_t j = 0; j < lkp; j += block_n) {  // S = q k^T, fp32
+      at::native::cpublas::brgemm(m, std::min(block_n, lkp - j), d, Q.sl, ldk, lds, false, qa,
+                                  reinterpret_cast<const B*>(kp + j * pair), s_buf.data() + j, E::vnni);
     }
-    auto block = [&](int64_t it) {
-      const int64_t i = it / blocks, r0 = (it % blocks) * block_m, m = std::min(block_m, lq - r0);
-      const T* kp = kt.data() + i * d * ldk;
-      const T* vp = vv.data() + i * lkp * dv;
-      const B* qa = reinterpret_cast<const B*>(Q.row(i, heads, r0));
-      for (int64_t j = 0; j < lkp; j += block_n) {  // S = q k^T, fp32
-        at::native::cpublas::brgemm(m, std::min(block_n, lkp - j), d, Q.sl, ldk, lds, false, qa,
-                                    reinterpret_cast<const B*>(kp + j * pair), s_buf.data() + j, E::vnni);
-      }
-      const float c = scale * 1.4426950408889634f;  // exp(scale (s - max)) = 2^(c (s - max))
-      for (int64_t r = 0; r < m; ++r) {
-        const float* s = s_buf.data() + r * lds;
-        T* p = p_buf.data() + r * ldp;
-        sums[r] = cvt ? softmax_row<T, true>(s, p, lk, lkp, c) : softmax_row<T, false>(s, p, lk, lkp, c);
-      }
-      const int64_t pv_keys = E::vnni ? lkp : PV_KEYS_FP32;
-      for (int64_t j = 0; j < lkp; j += pv_keys) {  // O = p v, fp32
-        float* dst = j == 0 ? o_buf.data() : part.data();
-        at::native::cpublas::brgemm(m, dv, std::min(pv_keys, lkp - j), ldp, dv, dv, false,
-                                    reinterpret_cast<const B*>(p_buf.data() + j),
-                                    reinterpret_cast<const B*>(vp + j * dv), dst, E::vnni);
-        if (j > 0) {
-          for (int64_t e = 0; e < m * dv; ++e) o_buf[e] += part[e];
-        }
-      }
-      for (int64_t r = 0; r < m; ++r) {
-        const float inv = 1.f / sums[r];
-        const float* o = o_buf.data() + r * dv;
-        T* dst = out + (i / heads) * o_sb + (i % heads) * o_sh + (r0 + r) * o_sl;
-        for (int64_t col = 0; col < d; ++col) dst[col] = E::from_float(o[col] * inv);
-      }
-    };
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < n * blocks; ++it) {
-      if (failed) continue;
-      try {
-        block(it);
-      } catch (const std::exception& e) {
-        fail(e.what());
+    const float c = scale * 1.4426950408889634f;  // exp(scale (s - max)) = 2^(c (s - max))
+    for (int64_t r = 0; r < m; ++r) {
+      const float* s = s_buf.data() + r * lds;
+      T* p = p_buf.data() + r * ldp;
+      sums[r] = cvt ? softmax_row<T, true>(s, p, lk, lkp, c) : softmax_row<T, false>(s, p, lk, lkp, c);
+    }
+    const int64_t pv_keys = E::vnni ? lkp : PV_KEYS_FP32;
+    for (int64_t j = 0; j < lkp; j += pv_keys) {  // O = p v, fp32
+      float* dst = j == 0 ? o_buf.data() : part.data();
+      at::native::cpublas::brgemm(m, dv, std::min(pv_keys, lkp - j), ldp, dv, dv, false,
+                                  reinterpret_cast<const B*>(p_buf.data() + j),
+                                  reinterpret_cast<const B*>(vp + j * dv), dst, E::vnni);
+      if (j > 0) {
+        for (int64_t e = 0; e < m * dv; ++e) o_buf[e] += part[e];
       }
     }
-    try {
-      at::native::cpublas::brgemm_release(E::vnni);
-    } catch (const std::exception&) {
+    for (int64_t r = 0; r < m; ++r) {
+      const float inv = 1.f / sums[r];
+      const float* o = o_buf.data() + r * dv;
+      T* dst = out + (i / heads) * o_sb + (i % heads) * o_sh + (r0 + r) * o_sl;
+      for (int64_t col = 0; col < d; ++col) dst[col] = E::from_float(o[col] * inv);
     }
-  }
-  if (failed) {
-    g_error = error.substr(0, error.find('\n'));
+  };
+  std::string error;
+  if (!fastsd_items::run(n * blocks, threads, E::vnni, make, block, error)) {
+    g_error = error;
     return 1;
   }
   return 0;
@@ -334,14 +310,6 @@ int attention_t(const View<uint16_t>& Q, const View<uint16_t>& K, const View<uin
   const int64_t n = b * heads, lkp = (lk + 1) / 2 * 2;
   const int64_t ldv = lkp + 2 * KPAD;  // v^T's row stride, off a multiple of 4 KiB (the d rows p v reads at once)
   std::vector<T> vt(static_cast<size_t>(n * d * ldv));
-  std::atomic<bool> failed{false};
-  std::string error;
-  const auto fail = [&](const char* what) {
-#pragma omp critical
-    {
-      if (!failed.exchange(true)) error = what;
-    }
-  };
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {  // v^T as [d][ldv], padding zero
     T* vp = vt.data() + i * d * ldv;
@@ -353,64 +321,49 @@ int attention_t(const View<uint16_t>& Q, const View<uint16_t>& K, const View<uin
   }
   const int64_t blocks = (lq + block_m - 1) / block_m;
   const bool cvt = bf16_cvt && __builtin_cpu_supports("avx512bf16");
-#pragma omp parallel num_threads(threads)
-  {
+  struct Scratch {
     std::vector<float> st, ot;
     std::vector<T> qt, pt;
-    try {  // nothing may leave a parallel region by an exception
-      st.resize(static_cast<size_t>(block_n * block_m));
-      ot.resize(static_cast<size_t>(d * block_m));
-      qt.resize(static_cast<size_t>(d * block_m));
-      pt.resize(static_cast<size_t>(block_n * block_m));
-    } catch (const std::exception& e) {
-      fail(e.what());
+  };
+  const auto make = [&] {
+    const auto vec = [](auto zero, int64_t count) { return std::vector<decltype(zero)>(static_cast<size_t>(count)); };
+    return Scratch{vec(0.f, block_n * block_m), vec(0.f, d * block_m), vec(T(0), d * block_m),
+                   vec(T(0), block_n * block_m)};
+  };
+  const auto block = [&](int64_t it, Scratch& scratch) {
+    auto& [st, ot, qt, pt] = scratch;
+    const int64_t i = it / blocks, r0 = (it % blocks) * block_m, m = std::min(block_m, lq - r0);
+    const int64_t np = (m + 15) / 16 * 16;  // query columns, padded to whole vectors with zero queries
+    for (int64_t r = 0; r < np; ++r) {  // q^T as [d/2][np][2]
+      const T* qr = r < m ? Q.row(i, heads, r0 + r) : nullptr;
+      for (int64_t col = 0; col < d; ++col) qt[(col / 2) * np * 2 + r * 2 + col % 2] = qr ? qr[col] : T(0);
     }
-    auto block = [&](int64_t it) {
-      const int64_t i = it / blocks, r0 = (it % blocks) * block_m, m = std::min(block_m, lq - r0);
-      const int64_t np = (m + 15) / 16 * 16;  // query columns, padded to whole vectors with zero queries
-      for (int64_t r = 0; r < np; ++r) {  // q^T as [d/2][np][2]
-        const T* qr = r < m ? Q.row(i, heads, r0 + r) : nullptr;
-        for (int64_t col = 0; col < d; ++col) qt[(col / 2) * np * 2 + r * 2 + col % 2] = qr ? qr[col] : T(0);
+    const float c = scale * 1.4426950408889634f;  // exp(scale (s - max)) = 2^(c (s - max))
+    __m512 mx[T_MAX_ROWS / 16], sum[T_MAX_ROWS / 16];
+    for (int64_t t = 0; t < np / 16; ++t) mx[t] = _mm512_set1_ps(-FLT_MAX), sum[t] = _mm512_setzero_ps();
+    const bf16* vti = reinterpret_cast<const bf16*>(vt.data() + i * d * ldv);
+    for (int64_t j = 0; j < lkp; j += block_n) {
+      const int64_t nb = std::min(block_n, lkp - j), nv = std::min(nb, lk - j);
+      at::native::cpublas::brgemm(nv, np, d, K.sl, np, np, false, reinterpret_cast<const bf16*>(K.row(i, heads, j)),
+                                  reinterpret_cast<const bf16*>(qt.data()), st.data(), true);
+      if (cvt) {
+        chunk_terms<true>(st.data(), pt.data(), ot.data(), nv, nb, np, d, c, j == 0, mx, sum);
+      } else {
+        chunk_terms<false>(st.data(), pt.data(), ot.data(), nv, nb, np, d, c, j == 0, mx, sum);
       }
-      const float c = scale * 1.4426950408889634f;  // exp(scale (s - max)) = 2^(c (s - max))
-      __m512 mx[T_MAX_ROWS / 16], sum[T_MAX_ROWS / 16];
-      for (int64_t t = 0; t < np / 16; ++t) mx[t] = _mm512_set1_ps(-FLT_MAX), sum[t] = _mm512_setzero_ps();
-      const bf16* vti = reinterpret_cast<const bf16*>(vt.data() + i * d * ldv);
-      for (int64_t j = 0; j < lkp; j += block_n) {
-        const int64_t nb = std::min(block_n, lkp - j), nv = std::min(nb, lk - j);
-        at::native::cpublas::brgemm(nv, np, d, K.sl, np, np, false, reinterpret_cast<const bf16*>(K.row(i, heads, j)),
-                                    reinterpret_cast<const bf16*>(qt.data()), st.data(), true);
-        if (cvt) {
-          chunk_terms<true>(st.data(), pt.data(), ot.data(), nv, nb, np, d, c, j == 0, mx, sum);
-        } else {
-          chunk_terms<false>(st.data(), pt.data(), ot.data(), nv, nb, np, d, c, j == 0, mx, sum);
-        }
-        at::native::cpublas::brgemm(d, np, nb, ldv, np, np, j > 0, vti + j, reinterpret_cast<const bf16*>(pt.data()),
-                                    ot.data(), true);
-      }
-      alignas(64) float inv[T_MAX_ROWS];
-      for (int64_t t = 0; t < np / 16; ++t) _mm512_store_ps(inv + t * 16, _mm512_div_ps(_mm512_set1_ps(1.f), sum[t]));
-      for (int64_t r = 0; r < m; ++r) {
-        T* dst = out + (i / heads) * o_sb + (i % heads) * o_sh + (r0 + r) * o_sl;
-        for (int64_t col = 0; col < d; ++col) dst[col] = round_bf16(ot[col * np + r] * inv[r]);
-      }
-    };
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < n * blocks; ++it) {
-      if (failed) continue;
-      try {
-        block(it);
-      } catch (const std::exception& e) {
-        fail(e.what());
-      }
+      at::native::cpublas::brgemm(d, np, nb, ldv, np, np, j > 0, vti + j, reinterpret_cast<const bf16*>(pt.data()),
+                                  ot.data(), true);
     }
-    try {
-      at::native::cpublas::brgemm_release(true);
-    } catch (const std::exception&) {
+    alignas(64) float inv[T_MAX_ROWS];
+    for (int64_t t = 0; t < np / 16; ++t) _mm512_store_ps(inv + t * 16, _mm512_div_ps(_mm512_set1_ps(1.f), sum[t]));
+    for (int64_t r = 0; r < m; ++r) {
+      T* dst = out + (i / heads) * o_sb + (i % heads) * o_sh + (r0 + r) * o_sl;
+      for (int64_t col = 0; col < d; ++col) dst[col] = round_bf16(ot[col * np + r] * inv[r]);
     }
-  }
-  if (failed) {
-    g_error = error.substr(0, error.find('\n'));
+  };
+  std::string error;
+  if (!fastsd_items::run(n * blocks, threads, true, make, block, error)) {
+    g_error = error;
     return 1;
   }
   return 0;

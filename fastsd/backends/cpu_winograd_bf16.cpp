@@ -13,12 +13,13 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
+
+#include "cpu_items.h"
 
 namespace {
 
@@ -57,50 +58,25 @@ int gemm(const float* t, const uint16_t* u, float* prod, int64_t positions, int6
   const int64_t cp = (c + 1) / 2 * 2;  // the reduction padded to pairs
   const int64_t blocks = (m + block_m - 1) / block_m;
   const auto convert = cvt ? to_bf16_cvt : to_bf16_int;
-  std::atomic<bool> failed{false};
-  std::string error;
-  const auto fail = [&](const char* what) {
-#pragma omp critical
-    {
-      if (!failed.exchange(true)) error = what;
+  const auto make = [&] { return std::vector<uint16_t>(static_cast<size_t>(block_m * cp)); };
+  const auto item = [&](int64_t it, std::vector<uint16_t>& a) {
+    const int64_t p = it / blocks, r0 = (it % blocks) * block_m, rows = std::min(block_m, m - r0);
+    const float* src = t + (p * m + r0) * c;
+    for (int64_t r = 0; r < rows; ++r) {
+      convert(src + r * c, a.data() + r * cp, c);
+      if (cp != c) a[r * cp + c] = 0;
+    }
+    const uint16_t* up = u + p * cp * n;
+    float* dst = prod + (p * m + r0) * n;
+    for (int64_t j = 0; j < n; j += block_n) {
+      at::native::cpublas::brgemm(rows, std::min(block_n, n - j), cp, cp, n, n, false,
+                                  reinterpret_cast<const bf16*>(a.data()),
+                                  reinterpret_cast<const bf16*>(up + j * 2), dst + j, true);
     }
   };
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<uint16_t> a;
-    try {  // nothing may leave a parallel region by an exception
-      a.resize(static_cast<size_t>(block_m * cp));
-    } catch (const std::exception& e) {
-      fail(e.what());
-    }
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < positions * blocks; ++it) {
-      if (failed) continue;
-      const int64_t p = it / blocks, r0 = (it % blocks) * block_m, rows = std::min(block_m, m - r0);
-      const float* src = t + (p * m + r0) * c;
-      for (int64_t r = 0; r < rows; ++r) {
-        convert(src + r * c, a.data() + r * cp, c);
-        if (cp != c) a[r * cp + c] = 0;
-      }
-      const uint16_t* up = u + p * cp * n;
-      float* dst = prod + (p * m + r0) * n;
-      try {
-        for (int64_t j = 0; j < n; j += block_n) {
-          at::native::cpublas::brgemm(rows, std::min(block_n, n - j), cp, cp, n, n, false,
-                                      reinterpret_cast<const bf16*>(a.data()),
-                                      reinterpret_cast<const bf16*>(up + j * 2), dst + j, true);
-        }
-      } catch (const std::exception& e) {
-        fail(e.what());
-      }
-    }
-    try {
-      at::native::cpublas::brgemm_release(true);
-    } catch (const std::exception&) {
-    }
-  }
-  if (failed) {
-    g_error = error.substr(0, error.find('\n'));
+  std::string error;
+  if (!fastsd_items::run(positions * blocks, threads, true, make, item, error)) {
+    g_error = error;
     return 1;
   }
   return 0;
