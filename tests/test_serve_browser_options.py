@@ -16,7 +16,7 @@ from test_serve_browser_inpaint import bodies, init_file, load_init
 
 SMALL = {"steps": 2, "width": 64, "height": 64, "seed": 11}
 BASE = {"sd_model_checkpoint", "sd_vae"}  # what every request's override_settings has
-OPTION_KEYS = {"img2img_fix_steps", "img2img_extra_noise", "inpainting_mask_weight"}
+OPTION_KEYS = {"img2img_fix_steps", "img2img_extra_noise", "inpainting_mask_weight", "img2img_color_correction"}
 
 
 def img2img_page(page, tmp_path):
@@ -107,6 +107,25 @@ def test_each_option_changes_the_request_and_the_result(page, tmp_path):
     assert page.is_hidden("#error")
 
 
+def test_color_correction_checkbox(page, tmp_path):
+    """A1111's "Apply color correction to img2img results to match original colors": off as the server's option;
+    checked, it goes in override_settings and changes the image (no infotext key, as A1111's)."""
+    img2img_page(page, tmp_path)
+    sent = bodies(page)
+    assert not page.is_checked("#color-correction")
+    page.click("#generate")
+    generated(page)
+    plain = newest_pixels(page)
+    assert set(sent[-1]["override_settings"]) == BASE
+    page.check("#color-correction")
+    page.click("#generate")
+    params = generated(page, 2)
+    assert {k: v for k, v in sent[-1]["override_settings"].items() if k not in BASE} == {
+        "img2img_color_correction": True}
+    assert not any("olor" in k for k in params) and (newest_pixels(page) != plain).any()
+    assert page.is_hidden("#error")
+
+
 def test_infotext_brings_the_options_back(page, tmp_path):
     img2img_page(page, tmp_path)
     sent = bodies(page)
@@ -171,4 +190,5 @@ def test_the_fields_show_the_servers_options(page, tmp_path):
         finally:
             c.post("/sdapi/v1/options", json={"img2img_extra_noise": 0.0, "img2img_fix_steps": False})
         assert {k: c.get("/sdapi/v1/options").json()[k] for k in OPTION_KEYS} == {
-            "img2img_fix_steps": False, "img2img_extra_noise": 0.0, "inpainting_mask_weight": 1.0}
+            "img2img_fix_steps": False, "img2img_extra_noise": 0.0, "inpainting_mask_weight": 1.0,
+            "img2img_color_correction": False}

@@ -19,7 +19,7 @@ const TINT = "#e11d48";
 // A1111's Settings > img2img options the page has fields for (#options-set): field id -> option name. A field shows
 // the server's option (GET /options); a request carries it in override_settings only when it differs from that
 const OPTIONS = { "fix-steps": "img2img_fix_steps", "extra-noise": "img2img_extra_noise",
-                  "mask-weight": "inpainting_mask_weight" };
+                  "mask-weight": "inpainting_mask_weight", "color-correction": "img2img_color_correction" };
 
 function authHeader() {
   const v = $("auth").value;
