@@ -177,13 +177,6 @@ def sampler_fields(sampler: str, schedule_type: str, second: str | None = None,
     return out
 
 
-def hires_sampler_keys(sampler: str, schedule_type: str, second: str, hires_schedule_type: str | None
-                       ) -> tuple[str | None, str | None]:
-    """("Hires sampler", "Hires schedule type") of `sampler_fields`."""
-    got = sampler_fields(sampler, schedule_type, second, hires_schedule_type)
-    return got["Hires sampler"], got["Hires schedule type"]
-
-
 # ---- the infotext in an image's metadata ---------------------------------------------------------------------
 
 EXIF_IFD = 0x8769
