@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fastsd import backends, cpuinfo, load_pipeline
 from fastsd.backends import (cpu, cpu_attention_fp32, cpu_attention_native, cpu_geglu, cpu_group_norm, cpu_pack, cpu_tune,
-                             cpu_winograd, cpu_winograd_native, reference)
+                             cpu_winograd, cpu_winograd_bf16, cpu_winograd_native, reference)
 from fastsd.backends.cpu_attention import attention_chunked, rowmax_bf16
 from fastsd.backends.cpu_pack import PackableConv2d, PackableLinear, make_packable, make_plain
 from fastsd.models import layers
@@ -352,8 +352,8 @@ def test_native_geglu_refuses_what_it_cannot_run():
 
 
 def test_native_build_key_covers_the_headers_a_source_includes():
-    """A change to cpu_exp2.h or cpu_vec.h (included by the native sources) must rebuild them: its text is part of
-    the key."""
+    """A change to cpu_exp2.h, cpu_vec.h or cpu_winograd_transforms.h (included by the native sources) must rebuild
+    them: its text is part of the key."""
     from fastsd.backends import cpu_native
     header = (cpu_group_norm.SOURCE.parent / "cpu_exp2.h").read_bytes()
     for source in (cpu_group_norm.SOURCE, cpu_geglu.SOURCE, cpu_attention_native.SOURCE,
@@ -361,7 +361,9 @@ def test_native_build_key_covers_the_headers_a_source_includes():
         assert header in cpu_native.sources(source)
     vec = (cpu_group_norm.SOURCE.parent / "cpu_vec.h").read_bytes()  # the attention kernels' vector type
     assert all(vec in cpu_native.sources(s) for s in (cpu_attention_native.SOURCE, cpu_attention_fp32.SOURCE))
-    assert cpu_native.sources(cpu_winograd_native.SOURCE) == [cpu_winograd_native.SOURCE.read_bytes()]
+    transforms = (cpu_group_norm.SOURCE.parent / "cpu_winograd_transforms.h").read_bytes()  # shared by both
+    assert cpu_native.sources(cpu_winograd_native.SOURCE) == [cpu_winograd_native.SOURCE.read_bytes(), transforms]
+    assert transforms in cpu_native.sources(cpu_winograd_bf16.SOURCE)
 
 
 def test_native_group_norm_refuses_what_it_cannot_run():

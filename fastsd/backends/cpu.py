@@ -209,7 +209,7 @@ class CPUBackend(Backend):
             if torch.float32 in dtypes or bf16_winograd:
                 _warn_native(cpu_winograd_native.unavailable(), "Winograd transforms", "Winograd convolutions")
             if bf16_winograd and cpuinfo.native_bf16():
-                _warn_native(cpu_winograd_bf16.unavailable(), "bf16 Winograd GEMMs", "bf16 3x3 convolutions")
+                _warn_native(cpu_winograd_bf16.unavailable(), "bf16 Winograd convolution", "bf16 3x3 convolutions")
             # fp32 attention: fp32 models, and bf16 ones without AMX (their attention may run in fp32)
             fp32_attention = torch.float32 in dtypes or (torch.bfloat16 in dtypes and cpuinfo.native_bf16()
                                                          and not cpuinfo.amx())

@@ -1,5 +1,5 @@
 // Work items over OpenMP threads for the native pieces that call ATen's brgemm micro-kernel (the attention
-// kernels, the bf16 Winograd GEMMs): each thread makes its scratch (`make()`, which may throw), runs
+// kernels, the bf16 Winograd convolution): each thread makes its scratch (`make()`, which may throw), runs
 // `body(item, scratch)` for its share of the items (schedule static), and releases the micro-kernel's state.
 // Nothing leaves the parallel region by an exception: the first one's message, first line, goes to `error`.
 #pragma once

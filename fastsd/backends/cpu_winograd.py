@@ -107,12 +107,11 @@ def variant_for(conv: nn.Conv2d, x: torch.Tensor) -> Variant | None:
 
 def variants_for(conv: nn.Conv2d, x: torch.Tensor) -> tuple[Variant, ...]:
     """The Winograd variants to try for `conv` on `x`: variant_for's, and for a bf16 layer (without AMX) F(2x2) with
-    bf16 operands where it has MIN_TILES tiles, is offered, and its GEMMs and the native transforms run here."""
+    bf16 operands where it has MIN_TILES tiles, is offered, and its native convolution runs here."""
     v = variant_for(conv, x)
     fp32 = () if v is None else (v,)
     if (x.dtype != torch.bfloat16 or not covers(conv, x) or cpuinfo.amx() or F2B not in offered()
-            or not enough_tiles(x, F2B) or cpu_winograd_bf16.library() is None
-            or cpu_winograd_native.library() is None):
+            or not enough_tiles(x, F2B) or cpu_winograd_bf16.library() is None):
         return fp32
     return (*fp32, F2B)
 
@@ -155,7 +154,7 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
     over the weight transposed to (9, C, K) (a transposing copy of the larger result was the slow part). `out`, an
     earlier result of the same shape (a weight this one replaces), is written over: memory already in use, not
     fresh pages to fault in; else the result is on huge pages (cpu_huge_pages). A variant with bf16 operands gets
-    the fp32 transform rounded to bf16 and pair-interleaved, (a*a, ceil(C/2), K, 2) (cpu_winograd_bf16.pairs)."""
+    the fp32 transform rounded to bf16 and pair-interleaved by blocks of output channels (_paired_transform)."""
     if v.bf16:
         return _paired_transform(w, v, out)
     k, c = w.shape[:2]
@@ -179,32 +178,40 @@ def weight_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None = Non
 
 
 def _paired_transform(w: torch.Tensor, v: Variant, out: torch.Tensor | None) -> torch.Tensor:
-    """weight_transform for a variant with bf16 operands: (a*a, ceil(C/2), K, 2) bf16, the fp32 transform rounded
-    once. One GEMM by the (a*a, 9) matrix per chunk of input-channel pairs, over the weight laid out (9, C/2, K, 2),
-    so its result has the pair-interleaved layout as it is (a transposing copy of the transformed weight, 1.8x the
-    weight, was most of the time a LoRA switch spent on it)."""
+    """weight_transform for a variant with bf16 operands: the fp32 transform rounded once to bf16, in the layout
+    cpu_winograd_bf16.conv reads (`cpu_winograd_bf16.layout`): (a*a, C2 * K), C2 = C rounded up to even; per
+    position, for each block of cpu_winograd_bf16.BLOCK_N output channels (the last one narrower) its (C2/2, width,
+    2) pair-interleaved panel, contiguous. One GEMM by the (a*a, 9) matrix per block, over the weight's block laid
+    out (9, C2/2, width, 2), so its result has the layout as it is (a transposing copy of the transformed weight,
+    1.8x the weight, was most of the time a LoRA switch spent on it)."""
     k, c = w.shape[:2]
     x = w.detach().permute(2, 3, 1, 0).reshape(R * R, c, k)
     if c % 2:
         x = torch.cat([x, x.new_zeros(R * R, 1, k)], 1)
-    x = x.view(R * R, -1, 2, k).transpose(2, 3)  # (9, C/2, K, 2), a view
-    shape = (v.a * v.a, x.shape[1], k, 2)
+    c2 = x.shape[1]
+    x = x.view(R * R, c2 // 2, 2, k)
+    shape = (v.a * v.a, c2 * k)
     if out is None or out.shape != shape or out.dtype != torch.bfloat16:
         out = cpu_huge_pages.empty(shape, torch.bfloat16)
-    step = max(1, CHUNK_BYTES // (shape[0] * k * 2 * 4))  # channel pairs whose fp32 transform takes <= CHUNK_BYTES
-    for i in range(0, shape[1], step):
-        part = x[:, i:i + step].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        out[:, i:i + step].copy_(torch.mm(v.w_t, part.view(R * R, -1)).view(shape[0], -1, k, 2))
+    step = cpu_winograd_bf16.BLOCK_N
+    for j in range(0, k, step):
+        part = x[..., j:j + step].transpose(2, 3).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        out[:, j * c2:(j + part.shape[2]) * c2].copy_(torch.mm(v.w_t, part.view(R * R, -1)))
     return out
 
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v: Variant) -> torch.Tensor:
     """F.conv2d(x, w, bias, padding=1) for u = weight_transform(w, v); the result is channels_last, x's dtype (bf16:
-    computed in fp32, the GEMMs' operands in bf16 for a bf16 variant). With the native transforms where they are
-    available (cpu_winograd_native.py), else in torch ops (not for a bf16 variant: variants_for offers it with them)."""
+    computed in fp32, the GEMMs' operands in bf16 for a bf16 variant). A bf16 variant (bf16 x) in one native call
+    (cpu_winograd_bf16.py); the others with the native transforms where they are available
+    (cpu_winograd_native.py), else in torch ops."""
+    if v.bf16:
+        lib = cpu_winograd_bf16.library()
+        if lib is None or x.dtype != torch.bfloat16:
+            raise RuntimeError(f"{v.name} takes bf16 input and its native convolution: "
+                               f"{cpu_winograd_bf16.unavailable() or x.dtype}")
+        return cpu_winograd_bf16.conv(lib, x, u, bias)
     lib = cpu_winograd_native.library()
-    if v.bf16 and lib is None:
-        raise RuntimeError(f"{v.name} needs the native Winograd transforms: {cpu_winograd_native.unavailable()}")
     return in_fp32(conv3x3_torch if lib is None else functools.partial(conv3x3_native, lib), x, u, bias, v)
 
 
@@ -217,9 +224,9 @@ def in_fp32(run, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, v:
 
 
 def implementation(variants: tuple[Variant, ...] = ()) -> str:
-    """Which transforms conv3x3 runs here (and bf16 GEMMs, for `variants` with a bf16 one): part of the tuner's key for
-    a convolution with Winograd candidates."""
-    gemms = f" bf16 gemm v{cpu_winograd_bf16.VERSION}" if any(v.bf16 for v in variants) else ""
+    """Which transforms conv3x3 runs here (and the bf16 convolution, for `variants` with a bf16 one): part of the
+    tuner's key for a convolution with Winograd candidates."""
+    gemms = f" bf16 conv v{cpu_winograd_bf16.VERSION}" if any(v.bf16 for v in variants) else ""
     return ("torch" if cpu_winograd_native.library() is None else f"native v{cpu_winograd_native.VERSION}") + gemms
 
 
@@ -238,7 +245,7 @@ def conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
     count, and reads each position's weight once) within CHUNK_BYTES too, or `pos_chunk`. The buffers are
     allocated once per call."""
     n, c, h, w = x.shape
-    k = u.shape[2] if v.bf16 else u.shape[-1]  # (a bf16 variant's u: (a*a, C/2, K, 2))
+    k = u.shape[-1]
     a = v.a
     th, tw = tile_counts(h, w, v)
     xh = x.permute(0, 2, 3, 1)
@@ -253,8 +260,6 @@ def conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
     most = n * min(step, th) * tw  # tiles in the largest chunk
     pos_step = pos_chunk or _balanced(a, CHUNK_BYTES // (a * most * c * size))
     prod_buf = torch.empty(a * a * most * k, dtype=x.dtype)
-    gemm = functools.partial(cpu_winograd_bf16.gemm, cpu_winograd_bf16.library()) if v.bf16 else \
-        (lambda t, u, prod: torch.bmm(t, u, out=prod))
     t_buf = torch.empty(min(pos_step, a) * a * most * c, dtype=x.dtype)
     for r in range(0, th, step):
         rows = min(step, th - r)
@@ -264,7 +269,7 @@ def conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
             ni = min(pos_step, a - i)
             t = t_buf[:ni * a * tiles * c].view(ni * a, tiles, c)
             cpu_winograd_native.input_transform(lib, xh, v, tw, r, rows, i, ni, t)
-            gemm(t, u[i * a:(i + ni) * a], prod[i * a:(i + ni) * a])
+            torch.bmm(t, u[i * a:(i + ni) * a], out=prod[i * a:(i + ni) * a])
         cpu_winograd_native.output_transform(lib, prod, v, bias, out, tw, r, rows)
     return out.permute(0, 3, 1, 2)
 
