@@ -124,15 +124,16 @@ def rows(repeat: int, all_dtypes: bool = False):
                 if covered and cpu_winograd.enough_tiles(xd, v) and (not v.bf16 or dtype == torch.bfloat16):
                     name = f"Winograd F({v.m}x{v.m})" + (" bf16 operands" if v.bf16 else "") + "*" * (v in offered)
                     lib = cpu_winograd_native.library()
-                    why = cpu_winograd_native.unavailable() or (cpu_winograd_bf16.unavailable() if v.bf16 else None)
+                    why = cpu_winograd_bf16.unavailable() if v.bf16 else cpu_winograd_native.unavailable()
                     if why is not None:
                         yield "conv", shape, NAMES[dtype], f"{name} native", None, why
                         continue
                     u = cpu_winograd.weight_transform(conv.weight, v)
-                    fn = lambda: cpu_winograd.in_fp32(functools.partial(cpu_winograd.conv3x3_native, lib),  # noqa: E731
-                                                      xd, u, conv.bias, v)
+                    fn = (lambda: cpu_winograd.conv3x3(xd, u, conv.bias, v)) if v.bf16 else (  # noqa: E731
+                        lambda: cpu_winograd.in_fp32(functools.partial(cpu_winograd.conv3x3_native, lib), xd, u,
+                                                     conv.bias, v))
                     yield "conv", shape, NAMES[dtype], f"{name} native", _ms(fn, repeat), _rel(fn(), ref)
-                    if not v.bf16:  # (bf16 operands: native transforms only)
+                    if not v.bf16:  # (bf16 operands: its one native call only)
                         fn = lambda: cpu_winograd.in_fp32(cpu_winograd.conv3x3_torch, xd, u, conv.bias, v)  # noqa: E731
                         yield "conv", shape, NAMES[dtype], f"{name} torch ops", _ms(fn, repeat), _rel(fn(), ref)
     for m, kdim, n in LINEAR:
